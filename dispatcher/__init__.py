@@ -1,0 +1,3 @@
+"""
+dispatcher: a networked job dispatcher built on Twisted.
+"""

@@ -1,0 +1,261 @@
+"""
+The ini file, read once into one frozen value.
+
+Every key has a default, so the daemon runs with no file at all; every key
+of a file is checked, and a wrong one is an error that names the file, the
+section, the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import configparser
+import importlib
+import re
+from typing import Any, Callable, Mapping, Optional
+
+import attrs
+
+
+class ConfigError(Exception):
+    """
+    A configuration that the daemon cannot run with; the message is one
+    line that says where and what is wrong.
+    """
+
+
+@attrs.frozen
+class ServerConfig:
+    """
+    C{[server]}: where and how the HTTP API listens.
+    """
+
+    listen: str = "tcp:8080:interface=127.0.0.1"
+    max_body_bytes: int = 1048576
+    access_log: bool = True
+
+
+@attrs.frozen
+class DispatcherConfig:
+    """
+    C{[dispatcher]}: where the data lives, and how long a stop waits.
+    """
+
+    data_dir: str = "var"
+    shutdown_grace: float = 30.0
+
+
+@attrs.frozen
+class ExecutorConfig:
+    """
+    C{[executor]}: what runs on this host at once.
+    """
+
+    slots: int = 8
+    threads: int = 8
+
+
+@attrs.frozen
+class FetchConfig:
+    """
+    C{[fetch]}: the limits on fetching a job's inputs.
+    """
+
+    timeout: float = 300.0
+    retries: int = 3
+    retry_delay: float = 1.0
+    max_bytes: int = 1073741824
+
+
+@attrs.frozen
+class TaskRef:
+    """
+    A task name bound to the function that runs it.
+    """
+
+    name: str
+    target: str
+    function: Callable[..., Any] = attrs.field(eq=False, repr=False)
+
+
+@attrs.frozen
+class Config:
+    """
+    The whole configuration of a daemon.
+    """
+
+    path: Optional[str] = None
+    server: ServerConfig = ServerConfig()
+    dispatcher: DispatcherConfig = DispatcherConfig()
+    executor: ExecutorConfig = ExecutorConfig()
+    fetch: FetchConfig = FetchConfig()
+    tasks: Mapping[str, TaskRef] = attrs.field(factory=dict)
+
+
+def _integer(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise ValueError(f"expected an integer of at least {minimum}")
+        if value < minimum:
+            raise ValueError(f"expected an integer of at least {minimum}")
+        return value
+
+    return parse
+
+
+def _seconds(minimum: float, above: bool = False) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        bound = "above" if above else "of at least"
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError(f"expected a number of seconds {bound} {minimum:g}")
+        if value != value or value in (float("inf"),) or value < minimum or (
+            above and value == minimum
+        ):
+            raise ValueError(f"expected a number of seconds {bound} {minimum:g}")
+        return value
+
+    return parse
+
+
+def _boolean(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "yes", "true", "on"):
+        return True
+    if lowered in ("0", "no", "false", "off"):
+        return False
+    raise ValueError("expected one of yes, no, true, false, on, off, 1, 0")
+
+
+def _endpoint(text: str) -> str:
+    # Checked for shape here; the endpoint parser itself runs in makeService,
+    # where a bad description is reported with the same words.
+    if not text.strip():
+        raise ValueError("expected a Twisted endpoint description such as tcp:8080")
+    return text.strip()
+
+
+def _directory(text: str) -> str:
+    if not text.strip():
+        raise ValueError("expected a directory path")
+    return text.strip()
+
+
+_SECTIONS: Mapping[str, tuple[type, Mapping[str, Callable[[str], Any]]]] = {
+    "server": (
+        ServerConfig,
+        {
+            "listen": _endpoint,
+            "max_body_bytes": _integer(1024),
+            "access_log": _boolean,
+        },
+    ),
+    "dispatcher": (
+        DispatcherConfig,
+        {"data_dir": _directory, "shutdown_grace": _seconds(0)},
+    ),
+    "executor": (ExecutorConfig, {"slots": _integer(0), "threads": _integer(1)}),
+    "fetch": (
+        FetchConfig,
+        {
+            "timeout": _seconds(0, above=True),
+            "retries": _integer(0),
+            "retry_delay": _seconds(0),
+            "max_bytes": _integer(1),
+        },
+    ),
+}
+
+_TASK_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,100}$")
+_TASK_TARGET = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+
+
+def resolve_task(target: str) -> Callable[..., Any]:
+    """
+    Import C{package.module:function} and return the function.
+    """
+    module_name, _, attribute = target.partition(":")
+    module = importlib.import_module(module_name)
+    value: Any = module
+    for part in attribute.split("."):
+        value = getattr(value, part)
+    if not callable(value):
+        raise TypeError(f"{target} is not callable")
+    return value
+
+
+def parse_config(text: str, path: str = "<string>") -> Config:
+    """
+    Read the text of an ini file into a L{Config}, or raise L{ConfigError}.
+    """
+    parser = configparser.ConfigParser(
+        interpolation=None, strict=True, empty_lines_in_values=False
+    )
+    parser.optionxform = str  # type: ignore[assignment,method-assign]
+    try:
+        parser.read_string(text, source=path)
+    except configparser.Error as e:
+        raise ConfigError(f"{path}: {' '.join(str(e).split())}")
+
+    def fail(section: str, key: str, value: str, allowed: str) -> ConfigError:
+        return ConfigError(f"{path}: [{section}] {key} = {value!r}: {allowed}")
+
+    values: dict[str, Any] = {"path": path}
+    tasks: dict[str, TaskRef] = {}
+    for section in parser.sections():
+        if section == "tasks":
+            for name, target in parser.items(section):
+                if not _TASK_NAME.match(name):
+                    raise fail(
+                        section,
+                        name,
+                        target,
+                        "a task name may hold letters, digits, '_', '.' and '-'",
+                    )
+                if not _TASK_TARGET.match(target):
+                    raise fail(
+                        section, name, target, "expected package.module:function"
+                    )
+                try:
+                    function = resolve_task(target)
+                except Exception as e:
+                    raise fail(
+                        section,
+                        name,
+                        target,
+                        f"cannot load it ({type(e).__name__}: {e})",
+                    )
+                tasks[name] = TaskRef(name, target, function)
+            continue
+        if section not in _SECTIONS:
+            known = ", ".join(f"[{s}]" for s in (*_SECTIONS, "tasks"))
+            raise ConfigError(f"{path}: [{section}]: unknown section; known: {known}")
+        kind, keys = _SECTIONS[section]
+        fields = {}
+        for key, raw in parser.items(section):
+            if key not in keys:
+                raise fail(
+                    section, key, raw, f"unknown key; known: {', '.join(keys)}"
+                )
+            try:
+                fields[key] = keys[key](raw)
+            except ValueError as e:
+                raise fail(section, key, raw, str(e))
+        values[section] = kind(**fields)
+    return Config(tasks=tasks, **values)
+
+
+def load_config(path: str) -> Config:
+    """
+    Read the ini file at C{path} into a L{Config}, or raise L{ConfigError}.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the configuration: {e.strerror}")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text: {e}")
+    return parse_config(text, path)

@@ -1,0 +1,141 @@
+"""
+The interfaces between the parts of the daemon: the store, the process
+spawner, the input stager and the executors.
+"""
+
+from zope.interface import Attribute, Interface
+
+
+class IJobStore(Interface):
+    """
+    Where jobs, attempts and leases live.  Every method returns a Deferred
+    and does its blocking work off the reactor thread.  Writes fire only
+    after their transaction is durably committed.
+    """
+
+    def open():
+        """
+        Create or migrate the schema.  Fires when the store is ready.
+        """
+
+    def close():
+        """
+        Finish every write already asked for, then close.  Fires when done.
+        """
+
+    def submit(specs, now):
+        """
+        Store new jobs from a list of L{JobSpec}s, all or nothing; fires
+        with the list of new L{Job}s, queued, in the same order.
+        """
+
+    def get(job_id):
+        """
+        Fire with the L{Job} of that id, or fail with L{UnknownJob}.
+        """
+
+    def list_jobs(state=None, labels=(), limit=100, cursor=None):
+        """
+        Fire with C{(jobs, next_cursor)}: jobs in submission order after
+        C{cursor}, filtered by state and by labels (C{(key, value)} pairs,
+        a value of C{None} meaning the key is present).
+        """
+
+    def count_by_state():
+        """
+        Fire with a dict mapping every L{JobState} to its number of jobs.
+        """
+
+    def claim(holder, capacity, now, lease_seconds):
+        """
+        Lease up to C{capacity} queued jobs to C{holder}, in one
+        transaction, oldest first; fire with the list of L{Lease}s.  Each
+        job gets a new attempt and becomes C{staging} (it has inputs) or
+        C{running}.
+        """
+
+    def record_process(lease, pid, start_ticks, boot_id):
+        """
+        Remember which process group runs an attempt, so that a restart can
+        tell it from another process that reused the id.
+        """
+
+    def mark_running(lease, now):
+        """
+        A staged job starts running.  Fails with L{StaleLease} if the
+        lease is no longer current.
+        """
+
+    def finish(lease, outcome, now):
+        """
+        Record how an attempt ended and fire with the job; a job whose
+        cancel was asked for while it ran ends cancelled.  Fails with
+        L{StaleLease} if the lease is no longer current.
+        """
+
+    def release(lease, now, reason):
+        """
+        Give an attempt up without spending it: the attempt is recorded as
+        ended with C{reason} and the job goes back to C{queued}.  Fire with
+        the job.
+        """
+
+    def cancel(job_id, now):
+        """
+        Cancel a job.  Fire with C{(job, lease)}: C{lease} is C{None} when
+        the job was cancelled at once, or the current lease of a job that
+        runs, which its holder must now stop.  Fails with
+        L{InvalidTransition} for a finished job and L{UnknownJob}.
+        """
+
+    def recover(holder, now):
+        """
+        At start-up: every attempt that C{holder} held when the daemon last
+        stopped ended with it.  Record each as lost, end its job, and fire
+        with the list of L{LostAttempt}s (with their process identities).
+        """
+
+
+class IProcessSpawner(Interface):
+    """
+    Starts command jobs as processes, each in its own session and process
+    group, and tells when they end.
+    """
+
+    def spawn(argv, env, cwd, stdout_path, stderr_path):
+        """
+        Start C{argv} (no shell) in C{cwd} with exactly the environment
+        C{env}, stdout and stderr to those files.  Fire with an
+        L{IRunningProcess}.
+        """
+
+
+class IRunningProcess(Interface):
+    """
+    A process started by an L{IProcessSpawner}.
+    """
+
+    pid = Attribute("The process id, which is also its process group id.")
+    start_ticks = Attribute("Its start time in clock ticks since boot.")
+    boot_id = Attribute("The kernel boot id when it started.")
+    ended = Attribute(
+        "A Deferred that fires with the exit code (negative: the signal) "
+        "when the process has exited and its group has been killed."
+    )
+
+    def signal_group(signum):
+        """
+        Send C{signum} to the whole process group, while it still exists.
+        """
+
+
+class IInputStager(Interface):
+    """
+    Fetches a job's inputs before it runs.
+    """
+
+    def stage_inputs(inputs, workdir):
+        """
+        Fetch every L{InputSpec} into C{workdir}; fire with C{None}, or
+        fail with L{StagingError} naming the input and why.
+        """

@@ -1,0 +1,367 @@
+"""
+The values of the domain: job specs, jobs, attempts and leases, the job
+states and the transitions allowed between them, ids and times.
+
+Everything here is a frozen value; nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+import datetime
+import enum
+import os
+import threading
+import time
+import uuid
+from typing import Any, Mapping, Optional
+
+import attrs
+
+
+class JobState(str, enum.Enum):
+    """
+    Where a job stands.
+
+    ``pending`` jobs wait for a time or for other jobs, ``queued`` jobs wait
+    for capacity, ``staging`` jobs hold a slot while their inputs are
+    fetched, ``running`` jobs run; the last three are final.
+    """
+
+    PENDING = "pending"
+    QUEUED = "queued"
+    STAGING = "staging"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def final(self) -> bool:
+        """
+        Whether a job in this state is finished.
+        """
+        return self in FINAL_STATES
+
+    @property
+    def active(self) -> bool:
+        """
+        Whether a job in this state holds a lease (and with it a slot).
+        """
+        return self in (JobState.STAGING, JobState.RUNNING)
+
+
+FINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
+
+# The allowed transitions.  A finished job changes state only through an
+# explicit retry, which the scheduling rules add; an active job goes back to
+# queued when the daemon stops it without spending its attempt.
+TRANSITIONS: Mapping[JobState, frozenset[JobState]] = {
+    JobState.PENDING: frozenset({JobState.QUEUED, JobState.CANCELLED}),
+    JobState.QUEUED: frozenset(
+        {JobState.STAGING, JobState.RUNNING, JobState.CANCELLED, JobState.PENDING}
+    ),
+    JobState.STAGING: frozenset(
+        {
+            JobState.RUNNING,
+            JobState.FAILED,
+            JobState.CANCELLED,
+            JobState.QUEUED,
+        }
+    ),
+    JobState.RUNNING: frozenset(
+        {
+            JobState.SUCCEEDED,
+            JobState.FAILED,
+            JobState.CANCELLED,
+            JobState.QUEUED,
+        }
+    ),
+    JobState.SUCCEEDED: frozenset(),
+    JobState.FAILED: frozenset(),
+    JobState.CANCELLED: frozenset(),
+}
+
+
+def may_transition(source: JobState, target: JobState) -> bool:
+    """
+    Whether a job may go from C{source} to C{target}.
+    """
+    return target in TRANSITIONS[source]
+
+
+class InvalidTransition(Exception):
+    """
+    A change of state that the job's current state does not allow.
+    """
+
+    def __init__(self, job_id: str, source: JobState, target: JobState) -> None:
+        super().__init__(
+            f"job {job_id} is {source.value} and cannot become {target.value}"
+        )
+        self.job_id = job_id
+        self.source = source
+        self.target = target
+
+
+class UnknownJob(KeyError):
+    """
+    No job has this id.
+    """
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(job_id)
+        self.job_id = job_id
+
+    def __str__(self) -> str:
+        return f"no job has the id {self.job_id!r}"
+
+
+class StaleLease(Exception):
+    """
+    A write for an attempt whose fencing token is no longer current; it
+    changed nothing.
+    """
+
+    def __init__(self, job_id: str, token: int) -> None:
+        super().__init__(f"lease {token} of job {job_id} is no longer current")
+        self.job_id = job_id
+        self.token = token
+
+
+@attrs.frozen
+class InputSpec:
+    """
+    One input file of a job: fetched from C{url} to C{path} (relative to the
+    job's working directory) before the job starts, and checked against
+    C{sha256} when it is given.
+    """
+
+    url: str
+    path: str
+    sha256: Optional[str] = None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"url": self.url, "path": self.path}
+        if self.sha256 is not None:
+            out["sha256"] = self.sha256
+        return out
+
+
+@attrs.frozen
+class JobSpec:
+    """
+    What a client asked for: a command (argv) or a task name with its
+    arguments, and what goes with it.  Validated before it gets here.
+    """
+
+    command: Optional[tuple[str, ...]] = None
+    task: Optional[str] = None
+    args: tuple[Any, ...] = ()
+    kwargs: Mapping[str, Any] = attrs.field(factory=dict)
+    name: Optional[str] = None
+    env: Mapping[str, str] = attrs.field(factory=dict)
+    labels: Mapping[str, str] = attrs.field(factory=dict)
+    inputs: tuple[InputSpec, ...] = ()
+
+    @property
+    def kind(self) -> str:
+        """
+        C{"command"} or C{"task"}.
+        """
+        return "command" if self.command is not None else "task"
+
+    def to_json(self) -> dict[str, Any]:
+        """
+        The spec as stored and as shown: only the fields that were given.
+        """
+        out: dict[str, Any] = {}
+        if self.command is not None:
+            out["command"] = list(self.command)
+            if self.env:
+                out["env"] = dict(self.env)
+        else:
+            out["task"] = self.task
+            out["args"] = list(self.args)
+            out["kwargs"] = dict(self.kwargs)
+        if self.inputs:
+            out["inputs"] = [i.to_json() for i in self.inputs]
+        return out
+
+    @classmethod
+    def from_json(
+        cls, data: Mapping[str, Any], name: Optional[str], labels: Mapping[str, str]
+    ) -> "JobSpec":
+        """
+        Rebuild a stored spec (the inverse of L{to_json}).
+        """
+        command = data.get("command")
+        return cls(
+            command=tuple(command) if command is not None else None,
+            task=data.get("task"),
+            args=tuple(data.get("args", ())),
+            kwargs=dict(data.get("kwargs", {})),
+            name=name,
+            env=dict(data.get("env", {})),
+            labels=dict(labels),
+            inputs=tuple(InputSpec(**i) for i in data.get("inputs", ())),
+        )
+
+
+@attrs.frozen
+class Attempt:
+    """
+    One try at running a job, by one holder.
+    """
+
+    number: int
+    holder: str
+    started_at: float
+    finished_at: Optional[float] = None
+    exit_code: Optional[int] = None
+    error: Optional[str] = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "number": self.number,
+            "holder": self.holder,
+            "started_at": format_time(self.started_at),
+            "finished_at": format_time(self.finished_at),
+            "exit_code": self.exit_code,
+            "error": self.error,
+        }
+
+
+@attrs.frozen
+class Lease:
+    """
+    The right to run one attempt of one job, until C{expires_at}.
+
+    The fencing C{token} grows with every lease the store grants; a write
+    that carries a token that is no longer the job's current one changes
+    nothing.
+    """
+
+    job_id: str
+    attempt: int
+    token: int
+    holder: str
+    expires_at: float
+    spec: JobSpec
+
+
+@attrs.frozen
+class Job:
+    """
+    A job as the store holds it.
+    """
+
+    id: str
+    state: JobState
+    spec: JobSpec
+    created_at: float
+    started_at: Optional[float] = None
+    finished_at: Optional[float] = None
+    exit_code: Optional[int] = None
+    result: Any = None
+    error: Optional[str] = None
+    wait_reason: Optional[str] = None
+    attempts: tuple[Attempt, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        """
+        The job as the API shows it.
+        """
+        out: dict[str, Any] = {
+            "id": self.id,
+            "state": self.state.value,
+            "name": self.spec.name,
+            "labels": dict(self.spec.labels),
+            "created_at": format_time(self.created_at),
+            "started_at": format_time(self.started_at),
+            "finished_at": format_time(self.finished_at),
+            "exit_code": self.exit_code,
+            "result": self.result,
+            "error": self.error,
+            "wait_reason": self.wait_reason,
+            "attempts": [a.to_json() for a in self.attempts],
+        }
+        out.update(self.spec.to_json())
+        return out
+
+
+@attrs.frozen
+class Outcome:
+    """
+    How an attempt ended, as its holder reports it.
+    """
+
+    state: JobState
+    exit_code: Optional[int] = None
+    result: Any = None
+    error: Optional[str] = None
+
+    @classmethod
+    def from_exit_code(cls, code: int) -> "Outcome":
+        """
+        The outcome of a process that exited with C{code} (negative for a
+        signal, as Python's subprocess reports it).
+        """
+        if code == 0:
+            return cls(JobState.SUCCEEDED, exit_code=0)
+        if code < 0:
+            return cls(
+                JobState.FAILED, exit_code=code, error=f"killed by signal {-code}"
+            )
+        return cls(JobState.FAILED, exit_code=code, error=f"exited with code {code}")
+
+
+def format_time(when: Optional[float]) -> Optional[str]:
+    """
+    An RFC 3339 UTC time with microseconds, or C{None}.
+    """
+    if when is None:
+        return None
+    moment = datetime.datetime.fromtimestamp(when, datetime.timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+class JobIds:
+    """
+    UUIDv7 job ids (RFC 9562): a millisecond timestamp, then a counter that
+    keeps ids made in the same millisecond in order, then random bits that
+    keep ids of different hosts apart.
+    """
+
+    def __init__(self, clock=time.time) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._last_ms = -1
+        self._counter = 0
+
+    def new(self) -> str:
+        """
+        A new id, later than every id this object made before.
+        """
+        with self._lock:
+            ms = int(self._clock() * 1000)
+            if ms <= self._last_ms:
+                # Same millisecond (or the clock stepped back): count on
+                # from the last id so order still holds.
+                ms = self._last_ms
+                self._counter += 1
+                if self._counter > 0xFFF:
+                    ms += 1
+                    self._counter = 0
+            else:
+                self._counter = int.from_bytes(os.urandom(2), "big") & 0x3FF
+            self._last_ms = ms
+            counter = self._counter
+        rand = int.from_bytes(os.urandom(8), "big") & ((1 << 62) - 1)
+        value = (
+            (ms & ((1 << 48) - 1)) << 80
+            | 0x7 << 76
+            | counter << 64
+            | 0b10 << 62
+            | rand
+        )
+        return str(uuid.UUID(int=value))
