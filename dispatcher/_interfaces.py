@@ -23,10 +23,11 @@ class IJobStore(Interface):
         Finish every write already asked for, then close.  Fires when done.
         """
 
-    def submit(specs, now):
+    def submit(specs, now, ids):
         """
-        Store new jobs from a list of L{JobSpec}s, all or nothing; fires
-        with the list of new L{Job}s, queued, in the same order.
+        Store new jobs from a list of L{JobSpec}s with their new ids, all
+        or nothing; fires with the list of new L{Job}s, queued, in the same
+        order.
         """
 
     def get(job_id):

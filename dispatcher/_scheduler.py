@@ -1,0 +1,114 @@
+"""
+The scheduler decides which holder should claim how many queued jobs, and
+when.  It does no I/O: the store claims, the executors run.
+
+It keeps a compact cache: how many jobs are queued (an estimate that is
+never below the truth) and how many slots each holder has free.  A claim
+that comes back short tells it the queue is empty.  Nothing polls: a job
+becoming queued and a slot becoming free are the only events that lead to
+a claim.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+
+
+@attrs.frozen
+class Claim:
+    """
+    A decision: C{holder} should claim up to C{count} jobs, as of C{now}.
+    """
+
+    holder: str
+    count: int
+    now: float
+
+
+class Scheduler:
+    """
+    Match queued jobs to free capacity.
+
+    @param clock: an C{IReactorTime}; its C{seconds()} is the time claims
+        are made at.
+    """
+
+    def __init__(self, clock: Any) -> None:
+        self._clock = clock
+        self._queued = 0
+        self._free: dict[str, int] = {}
+
+    @property
+    def queued(self) -> int:
+        """
+        The estimate of queued jobs not yet claimed.
+        """
+        return self._queued
+
+    def free(self, holder: str) -> int:
+        """
+        Free slots of C{holder}, not counting claims in flight.
+        """
+        return self._free.get(holder, 0)
+
+    def add_holder(self, holder: str, capacity: int) -> None:
+        """
+        C{holder} can run C{capacity} jobs at once.
+        """
+        self._free[holder] = self._free.get(holder, 0) + capacity
+
+    def remove_holder(self, holder: str) -> None:
+        """
+        C{holder} takes no more jobs.
+        """
+        self._free.pop(holder, None)
+
+    def jobs_queued(self, count: int = 1) -> None:
+        """
+        C{count} more jobs are queued.
+        """
+        self._queued += count
+
+    def slots_freed(self, holder: str, count: int = 1) -> None:
+        """
+        C{holder} finished with C{count} jobs.
+        """
+        if holder in self._free:
+            self._free[holder] += count
+
+    def next_claims(self) -> list[Claim]:
+        """
+        What to claim now; the slots and jobs named are reserved until
+        L{claimed} reports how the claim went.
+        """
+        claims = []
+        now = self._clock.seconds()
+        for holder, free in self._free.items():
+            if self._queued <= 0:
+                break
+            count = min(free, self._queued)
+            if count > 0:
+                self._free[holder] -= count
+                self._queued -= count
+                claims.append(Claim(holder, count, now))
+        return claims
+
+    def claim_failed(self, claim: Claim) -> None:
+        """
+        A claim did not happen at all: its reservation is returned whole.
+        """
+        self.slots_freed(claim.holder, claim.count)
+        self._queued += claim.count
+
+    def claimed(self, claim: Claim, got: int) -> None:
+        """
+        A claim for C{claim.count} jobs got C{got}.  Fewer means the queue
+        was empty when the claim committed: the estimate goes to zero, and
+        later events count up from there.
+        """
+        unused = claim.count - got
+        if unused > 0:
+            self.slots_freed(claim.holder, unused)
+            self._queued = 0
