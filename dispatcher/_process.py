@@ -1,0 +1,418 @@
+"""
+Command jobs as processes, started through the spawner helper.
+
+Starting a process from the daemon walks every open file descriptor in the
+reactor thread, and the daemon may hold thousands of sockets.  So the
+daemon starts one small helper (L{dispatcher._spawner}) when the service
+starts and asks it, over a pipe, to start jobs: each in its own session and
+process group, with stray members of the group killed when the job's
+leader exits.
+"""
+
+import itertools
+import json
+import os
+import signal
+import sys
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.protocol import ProcessProtocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from dispatcher._interfaces import IProcessSpawner, IRunningProcess
+from dispatcher._spawner import read_boot_id, read_stat
+
+# The helper is run as a file, not with -m: -m would import the dispatcher
+# package, and with it Twisted, into a process that needs only the standard
+# library.  -I keeps the environment and the current directory from adding
+# to its path, -S skips site-packages.
+_HELPER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_spawner.py")
+
+# Indices in the fields of /proc/<pid>/stat (see read_stat).
+_START_TICKS = 21
+_PROCESS_GROUP = 4
+
+
+class SpawnError(Exception):
+    """
+    A process could not be started.  The message says why, in words a user
+    can act on (C{"no such file: foo (not found in PATH=/usr/bin:/bin)"}).
+    """
+
+
+class ProcessLost(Exception):
+    """
+    The spawner helper died while a process ran, so how the process ends can
+    no longer be known; its process group was killed.
+    """
+
+
+@implementer(IRunningProcess)
+class RunningProcess:
+    """
+    A process started by a L{ProcessSpawner}: the leader of its own session
+    and process group.
+
+    @ivar pid: its process id, which is also its process group id.
+    @ivar start_ticks: its start time in clock ticks since boot (field 22 of
+        C{/proc/<pid>/stat}).
+    @ivar boot_id: the kernel boot id when it started.
+    @ivar ended: a Deferred that fires with the exit code (minus the signal
+        number if a signal killed it) once the process has exited and the
+        rest of its group has been killed; or fails with L{ProcessLost}.
+    """
+
+    def __init__(self, pid, start_ticks, boot_id, send_signal):
+        """
+        @param pid: the process id.
+        @param start_ticks: its start time in clock ticks since boot.
+        @param boot_id: the kernel boot id.
+        @param send_signal: called with a signal number to signal the group;
+            only the helper knows whether the leader is still unreaped, and
+            so whether the group id is still this process's.
+        """
+        self.pid = pid
+        self.start_ticks = start_ticks
+        self.boot_id = boot_id
+        self.ended = Deferred()
+        self._send_signal = send_signal
+        self._result = None
+        self._waiting = []
+        self._kill_calls = []
+
+    def __repr__(self):
+        return f"<RunningProcess pid={self.pid}>"
+
+    def signal_group(self, signum):
+        """
+        Send C{signum} to the whole process group, unless the process has
+        already ended.
+
+        @param signum: a signal number, such as C{signal.SIGTERM}.
+        """
+        if self._result is None:
+            self._send_signal(signum)
+
+    def terminate(self, grace, clock):
+        """
+        Ask the process group to stop with C{SIGTERM}, and kill it with
+        C{SIGKILL} if it has not ended C{grace} seconds later.
+
+        @param grace: seconds between C{SIGTERM} and C{SIGKILL}.
+        @param clock: the L{IReactorTime} that measures the grace.
+
+        @return: a Deferred that fires with the exit code, like L{ended}.
+        """
+        if self._result is not None:
+            return self._when_ended()
+        self.signal_group(signal.SIGTERM)
+        self._kill_calls.append(
+            clock.callLater(grace, self.signal_group, signal.SIGKILL)
+        )
+        return self._when_ended()
+
+    def _when_ended(self):
+        # A fresh Deferred, so that callbacks added to C{ended} by others do
+        # not change what this one fires with.
+        if isinstance(self._result, Failure):
+            return fail(self._result)
+        if self._result is not None:
+            return succeed(self._result)
+        waiting = Deferred()
+        self._waiting.append(waiting)
+        return waiting
+
+    def _end(self, result):
+        """
+        The process has ended with C{result}: an exit code, or a L{Failure}.
+        """
+        if self._result is not None:
+            return
+        self._result = result
+        for call in self._kill_calls:
+            if call.active():
+                call.cancel()
+        self._kill_calls = []
+        waiting, self._waiting = [self.ended] + self._waiting, []
+        for d in waiting:
+            if isinstance(result, Failure):
+                d.errback(result)
+            else:
+                d.callback(result)
+
+
+class _Helper(ProcessProtocol):
+    """
+    One run of the spawner helper: the requests it has not answered yet and
+    the processes it watches.
+    """
+
+    _log = Logger()
+
+    def __init__(self, on_end):
+        self._on_end = on_end
+        self._ids = itertools.count(1)
+        self._spawning = {}
+        self._running = {}
+        self._buffers = {1: b"", 2: b""}
+        self.stopping = False
+        self.exited = Deferred()
+
+    def spawn(self, argv, env, cwd, stdout_path, stderr_path):
+        job_id = next(self._ids)
+        try:
+            request = dict(
+                op="spawn",
+                id=job_id,
+                argv=[os.fspath(arg) for arg in argv],
+                env={os.fspath(k): os.fspath(v) for k, v in env.items()},
+                cwd=os.fspath(cwd),
+                stdout=os.fspath(stdout_path),
+                stderr=os.fspath(stderr_path),
+            )
+        except (TypeError, AttributeError) as e:
+            return fail(SpawnError(f"argv, env, cwd and paths must be strings: {e}"))
+
+        def cancel(d):
+            # The request cannot be taken back; a process started for a
+            # spawn nobody waits for any more is killed when it is reported.
+            self._spawning[job_id] = None
+
+        spawned = Deferred(cancel)
+        self._spawning[job_id] = spawned
+        self._send(request)
+        return spawned
+
+    def stop(self):
+        """
+        Close the helper's stdin, which tells it to exit; fire when it has.
+        """
+        self.stopping = True
+        self.transport.closeStdin()
+        return self.exited
+
+    def _send(self, message):
+        if self.stopping or self.exited.called:
+            # Its stdin is closed.  Spawns cannot get here (the spawner
+            # sends them only to a live helper); signals for processes left
+            # running at stop can.
+            self._log.warn(
+                "not sent, the process spawner helper has stopped: {message}",
+                message=message,
+            )
+            return
+        self.transport.write(json.dumps(message).encode("ascii") + b"\n")
+
+    def childDataReceived(self, childFD, data):
+        lines = (self._buffers.get(childFD, b"") + data).split(b"\n")
+        self._buffers[childFD] = lines.pop()
+        for line in lines:
+            if childFD == 1:
+                self._reply_received(line)
+            elif line.strip():
+                self._log.warn(
+                    "process spawner helper says: {line}",
+                    line=line.decode("utf-8", "replace"),
+                )
+
+    def _reply_received(self, line):
+        try:
+            reply = json.loads(line)
+            op = reply["op"]
+            job_id = reply["id"]
+        except (ValueError, KeyError, TypeError):
+            self._log.error("bad reply from the process spawner helper: {line!r}", line=line)
+            return
+        if op == "spawned":
+            self._spawned(job_id, reply)
+        elif op == "exited":
+            process = self._running.pop(job_id, None)
+            if process is not None:
+                process._end(reply["code"])
+        elif op == "error":
+            if job_id in self._spawning:
+                spawned = self._spawning.pop(job_id)
+                if spawned is not None:
+                    spawned.errback(SpawnError(reply["error"]))
+            else:
+                self._log.warn(
+                    "the process spawner helper refused request {job_id}: {error}",
+                    job_id=job_id,
+                    error=reply["error"],
+                )
+
+    def _spawned(self, job_id, reply):
+        spawned = self._spawning.pop(job_id, None)
+        process = RunningProcess(
+            reply["pid"],
+            reply["start_ticks"],
+            reply["boot_id"],
+            lambda signum: self._send(dict(op="signal", id=job_id, signal=signum)),
+        )
+        self._running[job_id] = process
+        if spawned is None:
+            process.signal_group(signal.SIGKILL)
+        else:
+            spawned.callback(process)
+
+    def processEnded(self, reason):
+        if self.stopping:
+            why = "the process spawner stopped"
+        else:
+            why = f"the process spawner helper exited unexpectedly ({reason.value})"
+            self._log.error(
+                "process spawner helper exited unexpectedly: {reason}",
+                reason=reason.value,
+            )
+        spawning, self._spawning = self._spawning, {}
+        for spawned in spawning.values():
+            if spawned is not None:
+                spawned.errback(SpawnError(f"{why}; the process was not started"))
+        if not self.stopping:
+            # Nobody is left to tell when these end, or to kill their
+            # strays; rather than leave them running untracked, end them.
+            running, self._running = self._running, {}
+            for process in running.values():
+                kill_group_if_ours(
+                    process.pid, process.start_ticks, process.boot_id, signal.SIGKILL
+                )
+                process._end(
+                    Failure(
+                        ProcessLost(
+                            f"{why} while process {process.pid} ran; "
+                            f"its process group was killed"
+                        )
+                    )
+                )
+        self._on_end(self)
+        self.exited.callback(None)
+
+
+@implementer(IProcessSpawner)
+class ProcessSpawner(Service):
+    """
+    Starts command jobs through a helper process, which it starts with the
+    service.  If the helper dies, the spawns it had not answered fail, the
+    processes it watched are killed and their L{RunningProcess.ended} fails
+    with L{ProcessLost}, and a new helper is started at the next spawn.
+    """
+
+    _log = Logger()
+
+    def __init__(self, reactor):
+        """
+        @param reactor: an L{IReactorProcess}, to start the helper with.
+        """
+        self._reactor = reactor
+        self._helper = None
+
+    def startService(self):
+        """
+        Start the helper.
+        """
+        super().startService()
+        self._start_helper()
+
+    def stopService(self):
+        """
+        Tell the helper to exit.  Processes still running are left running
+        and their L{RunningProcess.ended} never fires: whoever starts the
+        daemon again decides about them.
+
+        @return: a Deferred that fires when the helper has exited.
+        """
+        super().stopService()
+        if self._helper is None:
+            return succeed(None)
+        return self._helper.stop()
+
+    def spawn(self, argv, env, cwd, stdout_path, stderr_path):
+        """
+        Start C{argv} (no shell) in its own session and process group.
+
+        @param argv: the program and its arguments; a program name with no
+            C{/} is looked for in C{env}'s C{PATH}.
+        @param env: exactly the environment it gets.
+        @param cwd: its working directory.
+        @param stdout_path: the file its stdout is appended to (created if
+            need be).
+        @param stderr_path: the file its stderr is appended to.
+
+        @return: a Deferred that fires with a L{RunningProcess} once the
+            program is running, or fails with L{SpawnError}.
+        """
+        if not self.running:
+            return fail(SpawnError("the process spawner is not running"))
+        if self._helper is None:
+            self._log.info("starting a new process spawner helper")
+            try:
+                self._start_helper()
+            except OSError as e:
+                return fail(SpawnError(f"cannot start the process spawner helper: {e}"))
+        return self._helper.spawn(argv, env, cwd, stdout_path, stderr_path)
+
+    def _start_helper(self):
+        helper = _Helper(self._helper_ended)
+        self._reactor.spawnProcess(
+            helper,
+            sys.executable,
+            [sys.executable, "-I", "-S", _HELPER],
+            env={},
+            childFDs={0: "w", 1: "r", 2: "r"},
+        )
+        self._helper = helper
+
+    def _helper_ended(self, helper):
+        if helper is self._helper:
+            self._helper = None
+
+
+def process_identity(pid):
+    """
+    Tell which process has id C{pid} now, to compare with what was recorded
+    when a job started: pids get reused.
+
+    @param pid: a process id.
+
+    @return: C{(start_ticks, boot_id)}, or C{None} if there is no such process.
+    """
+    fields = read_stat(pid)
+    if fields is None:
+        return None
+    return int(fields[_START_TICKS]), read_boot_id()
+
+
+def kill_group_if_ours(pid, start_ticks, boot_id, signum):
+    """
+    Signal the process group that a job led, but only if process C{pid} is
+    still that job: same start time, same boot, still its group's leader.
+    Used when the daemon starts again after a crash, to end the jobs it lost.
+
+    A group whose leader has already exited and been reaped is not signalled:
+    nothing then tells its members from those of a newer group with the same
+    id.
+
+    @param pid: the pid recorded when the job started.
+    @param start_ticks: the start time recorded then.
+    @param boot_id: the boot id recorded then.
+    @param signum: the signal to send.
+
+    @return: whether the group was signalled.
+    """
+    fields = read_stat(pid)
+    if fields is None:
+        return False
+    if (
+        int(fields[_START_TICKS]) != int(start_ticks)
+        or read_boot_id() != boot_id
+        or int(fields[_PROCESS_GROUP]) != int(pid)
+    ):
+        return False
+    try:
+        os.killpg(pid, signum)
+    except ProcessLookupError:
+        return False
+    return True

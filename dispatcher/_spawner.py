@@ -1,0 +1,366 @@
+"""
+The spawner helper: a small process that starts command jobs for the daemon.
+
+Starting a process from the daemon itself means walking every one of its
+open file descriptors (thousands of sockets) in the reactor thread.  This
+helper holds only a few, so it starts jobs quickly.  The daemon starts it
+once and talks to it over its stdin and stdout, one JSON object a line.
+
+Requests::
+
+    {"op": "spawn", "id": N, "argv": [...], "env": {...}, "cwd": "...",
+     "stdout": "path", "stderr": "path"}
+    {"op": "signal", "id": N, "signal": 15}
+
+Replies::
+
+    {"op": "spawned", "id": N, "pid": P, "start_ticks": T, "boot_id": B}
+    {"op": "error", "id": N, "error": "no such file: foo"}
+    {"op": "exited", "id": N, "code": C}
+
+Each job leads its own session and process group.  When a job's leader
+exits, what is left of its group is killed before its exit is reported, so
+a job's stray background processes die with it.  C{C} is the exit status,
+or minus the signal that killed the leader.  When stdin closes the helper
+exits and leaves running jobs alone: a restarted daemon decides about them.
+
+It imports only the standard library, to start fast and hold few files.
+"""
+
+import errno
+import json
+import os
+import selectors
+import signal
+import sys
+
+# How a job's stdout and stderr files are opened: appended to, so that the
+# output of an earlier attempt is kept.
+_OUTPUT_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_APPEND
+_OUTPUT_MODE = 0o644
+
+# Field 22 of /proc/<pid>/stat, counted from 1.
+_START_TICKS = 21
+# Field 5: the process group id.
+_PROCESS_GROUP = 4
+
+
+def read_boot_id():
+    """
+    Read the kernel's boot id, which changes at every boot.
+
+    @return: the boot id, a UUID as text.
+    @rtype: C{str}
+    """
+    with open("/proc/sys/kernel/random/boot_id") as f:
+        return f.read().strip()
+
+
+def read_stat(pid):
+    """
+    Read C{/proc/<pid>/stat}.
+
+    @param pid: a process id.
+    @type pid: C{int}
+
+    @return: the fields as text, indexed from 0 (field 22, the start time in
+        clock ticks since boot, is C{[21]}); or C{None} if there is no such
+        process.  A zombie still has its fields.
+    @rtype: C{list} of C{str} or C{None}
+    """
+    try:
+        with open(f"/proc/{int(pid)}/stat", "rb") as f:
+            data = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    # The command name (field 2) is in parentheses and may itself hold
+    # spaces and parentheses; it is the only field that can.
+    open_paren = data.index(b" (")
+    close_paren = data.rindex(b")")
+    fields = [data[:open_paren], data[open_paren + 2 : close_paren]]
+    fields.extend(data[close_paren + 2 :].split())
+    return [field.decode("utf-8", "replace") for field in fields]
+
+
+class _Refused(Exception):
+    """
+    A request cannot be carried out; the message says why, in words.
+    """
+
+
+def _resolve(name, env):
+    """
+    Find the program to run for C{argv[0]} as C{execvp} would, but in the
+    job's C{PATH}: C{posix_spawnp} would search the helper's own.
+    """
+    if "/" in name:
+        return name
+    if not name:
+        raise _Refused("no such file: the program name is empty")
+    search = env.get("PATH", os.defpath)
+    denied = None
+    for directory in search.split(os.pathsep):
+        # An empty entry means the working directory, as for execvp.
+        candidate = os.path.join(directory or ".", name)
+        if os.path.isfile(candidate):
+            if os.access(candidate, os.X_OK):
+                return candidate
+            denied = denied or candidate
+    if denied is not None:
+        raise _Refused(f"permission denied: {denied} is not executable")
+    raise _Refused(f"no such file: {name} (not found in PATH={search})")
+
+
+def _explain(error, executable, stdout, stderr):
+    """
+    Say why C{posix_spawn} failed.  The error number alone does not tell
+    whether the program or one of the output files was at fault, so look.
+    """
+    code = error.errno
+    outputs = (("stdout", stdout), ("stderr", stderr))
+    if code == errno.ENOENT:
+        if not os.path.lexists(executable):
+            return f"no such file: {executable}"
+        for label, path in outputs:
+            if not os.path.isdir(os.path.dirname(path) or "."):
+                return f"no such directory for the {label} file: {path}"
+        return (
+            f"no such file: the interpreter or loader that {executable} "
+            f"names (its #! line)"
+        )
+    if code == errno.EACCES:
+        if os.path.isdir(executable):
+            return f"permission denied: {executable} is a directory"
+        if not os.access(executable, os.X_OK):
+            return f"permission denied: {executable} is not executable"
+        return (
+            f"permission denied: cannot execute {executable} or open "
+            f"{stdout} or {stderr}"
+        )
+    if code == errno.ENOEXEC:
+        return (
+            f"not a program: {executable} is neither a binary for this system "
+            f"nor a script with a #! line"
+        )
+    for label, path in outputs:
+        if code == errno.EISDIR and os.path.isdir(path):
+            return f"the {label} file is a directory: {path}"
+    return f"cannot start {executable}: {error.strerror}"
+
+
+class _Spawner:
+    """
+    The helper's state: the jobs started and not yet reaped, and the
+    replies not yet written.
+    """
+
+    def __init__(self, replies_fd):
+        self._replies_fd = replies_fd
+        self._replies = []
+        self._pid_of = {}
+        self._id_of = {}
+        self._boot_id = read_boot_id()
+        # Signals this helper ignores would stay ignored in its jobs across
+        # exec (Python ignores SIGPIPE and SIGXFSZ); jobs get the defaults.
+        self._default_signals = [
+            number
+            for number in signal.valid_signals()
+            if number not in (signal.SIGKILL, signal.SIGSTOP)
+            and signal.getsignal(number) == signal.SIG_IGN
+        ]
+
+    def received(self, line):
+        """
+        Carry out one request line.
+        """
+        job_id = None
+        try:
+            request = json.loads(line)
+            job_id = request.get("id")
+            op = request.get("op")
+            if op == "spawn":
+                self._spawn(job_id, request)
+            elif op == "signal":
+                self._signal(job_id, request)
+            else:
+                raise _Refused(f"unknown op {op!r}: expected 'spawn' or 'signal'")
+        except _Refused as e:
+            self._reply(op="error", id=job_id, error=str(e))
+        except (ValueError, TypeError, AttributeError, KeyError) as e:
+            self._reply(op="error", id=job_id, error=f"malformed request: {e!r}")
+
+    def _spawn(self, job_id, request):
+        argv = request["argv"]
+        env = request["env"]
+        cwd = request["cwd"]
+        stdout = request["stdout"]
+        stderr = request["stderr"]
+        if not isinstance(job_id, int) or job_id in self._pid_of:
+            raise _Refused(f"the id must be a new integer, not {job_id!r}")
+        if not argv or not all(isinstance(arg, str) for arg in argv):
+            raise _Refused(f"argv must be a non-empty list of strings, not {argv!r}")
+        if not isinstance(env, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in env.items()
+        ):
+            raise _Refused("env must map strings to strings")
+        try:
+            # posix_spawn has no working directory of its own: the job
+            # inherits ours.  The helper is single-threaded, so changing it
+            # for the moment of the spawn is safe.
+            os.chdir(cwd)
+        except (OSError, ValueError, TypeError) as e:
+            raise _Refused(f"bad cwd {cwd}: {getattr(e, 'strerror', None) or e}")
+        try:
+            executable = _resolve(argv[0], env)
+            pid = os.posix_spawn(
+                executable,
+                argv,
+                env,
+                file_actions=[
+                    (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
+                    (os.POSIX_SPAWN_OPEN, 1, stdout, _OUTPUT_FLAGS, _OUTPUT_MODE),
+                    (os.POSIX_SPAWN_OPEN, 2, stderr, _OUTPUT_FLAGS, _OUTPUT_MODE),
+                ],
+                # Its own session and so its own process group, which it
+                # leads: the group can be signalled as a whole, and a
+                # terminal's signals do not reach it.
+                setsid=True,
+                setsigdef=self._default_signals,
+            )
+        except OSError as e:
+            raise _Refused(_explain(e, executable, stdout, stderr))
+        except (ValueError, TypeError) as e:
+            raise _Refused(f"cannot start {argv[0]}: {e}")
+        finally:
+            # Hold no job's directory busy.
+            os.chdir("/")
+        # Not yet reaped, so /proc still has it even if it has exited.
+        start_ticks = int(read_stat(pid)[_START_TICKS])
+        self._pid_of[job_id] = pid
+        self._id_of[pid] = job_id
+        self._reply(
+            op="spawned",
+            id=job_id,
+            pid=pid,
+            start_ticks=start_ticks,
+            boot_id=self._boot_id,
+        )
+
+    def _signal(self, job_id, request):
+        # Once the leader is reaped its pid may belong to someone else: only
+        # jobs still in the table are signalled.
+        pid = self._pid_of.get(job_id)
+        if pid is None:
+            return
+        try:
+            os.killpg(pid, request["signal"])
+        except ProcessLookupError:
+            pass
+        except (OSError, ValueError, OverflowError) as e:
+            raise _Refused(f"cannot send signal {request['signal']!r}: {e}")
+
+    def reap(self):
+        """
+        Report every job whose leader has exited, after killing what is left
+        of its process group.
+        """
+        while True:
+            try:
+                # WNOWAIT leaves the leader a zombie, which keeps its pid and
+                # so its group id from being reused while we kill the group.
+                info = os.waitid(
+                    os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT
+                )
+            except ChildProcessError:
+                return
+            if info is None:
+                return
+            pid = info.si_pid
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            _, status = os.waitpid(pid, 0)
+            job_id = self._id_of.pop(pid, None)
+            if job_id is not None:
+                del self._pid_of[job_id]
+                self._reply(
+                    op="exited", id=job_id, code=os.waitstatus_to_exitcode(status)
+                )
+
+    def _reply(self, **message):
+        self._replies.append(json.dumps(message, separators=(",", ":")))
+
+    def flush(self):
+        """
+        Write the replies so far, all at once.
+        """
+        if not self._replies:
+            return
+        data = ("\n".join(self._replies) + "\n").encode("utf-8")
+        self._replies = []
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._replies_fd, view) :]
+
+
+def _wake(signum, frame):
+    # Only here so that SIGCHLD is caught, which writes to the wakeup fd.
+    pass
+
+
+def main(requests_fd=0, replies_fd=1):
+    """
+    Serve requests from C{requests_fd} until it closes.
+
+    @param requests_fd: where requests are read from.
+    @param replies_fd: where replies are written to.
+    """
+    os.chdir("/")
+    # A Ctrl-C at the daemon's terminal reaches this process too; the
+    # daemon then stops and closes our stdin, which is how we should end.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    spawner = _Spawner(replies_fd)
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_r, False)
+    os.set_blocking(wake_w, False)
+    signal.signal(signal.SIGCHLD, _wake)
+    signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+    # poll, not epoll: two descriptors, one fewer file, and it also accepts
+    # a regular file or /dev/null as stdin.
+    selector = selectors.PollSelector()
+    selector.register(requests_fd, selectors.EVENT_READ, "requests")
+    selector.register(wake_r, selectors.EVENT_READ, "children")
+    pending = b""
+    try:
+        while True:
+            for key, _ in selector.select():
+                if key.data == "children":
+                    while True:
+                        try:
+                            if not os.read(wake_r, 4096):
+                                break
+                        except BlockingIOError:
+                            break
+                    spawner.reap()
+                    continue
+                data = os.read(requests_fd, 65536)
+                if not data:
+                    # Report the exits already seen, then leave the jobs
+                    # running: a restarted daemon decides about them.
+                    spawner.reap()
+                    spawner.flush()
+                    return
+                lines = (pending + data).split(b"\n")
+                pending = lines.pop()
+                for line in lines:
+                    if line.strip():
+                        spawner.received(line)
+            spawner.flush()
+    except BrokenPipeError:
+        # The daemon is gone; so is anyone to report to.
+        return
+
+
+if __name__ == "__main__":
+    sys.exit(main())

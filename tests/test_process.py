@@ -1,0 +1,393 @@
+"""
+Tests for L{dispatcher._process} and its helper, with real processes.
+"""
+
+import os
+import signal
+import time
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, reactor, task
+from twisted.internet.task import Clock
+from zope.interface.verify import verifyObject
+
+from dispatcher._interfaces import IProcessSpawner, IRunningProcess
+from dispatcher._process import (
+    ProcessLost,
+    ProcessSpawner,
+    SpawnError,
+    kill_group_if_ours,
+    process_identity,
+)
+from dispatcher._spawner import read_boot_id, read_stat
+
+PATH = {"PATH": "/usr/bin:/bin"}
+
+
+def is_alive(pid):
+    """
+    Whether process C{pid} exists and has not exited; a zombie has exited,
+    even if nobody has reaped it yet.
+    """
+    fields = read_stat(pid)
+    return fields is not None and fields[2] != "Z"
+
+
+def helper_pid_of(process):
+    """
+    The pid of the spawner helper that started C{process}: its parent.
+    """
+    return int(read_stat(process.pid)[3])
+
+
+async def eventually(predicate, timeout=5.0):
+    """
+    Wait, without blocking the reactor, until C{predicate()} is true.
+    """
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{predicate} still false after {timeout}s")
+        await task.deferLater(reactor, 0.01, lambda: None)
+
+
+class Jobs:
+    """
+    Starts processes through a spawner, with their output in a temporary
+    directory, and remembers them so that teardown can kill what is left.
+    """
+
+    def __init__(self, spawner, directory):
+        self.spawner = spawner
+        self.directory = directory
+        self.started = []
+
+    def spawn(self, argv, env=PATH, cwd=None, name="job"):
+        d = self.spawner.spawn(
+            argv,
+            env,
+            str(cwd or self.directory),
+            str(self.directory / f"{name}.out"),
+            str(self.directory / f"{name}.err"),
+        )
+        d.addCallback(self._started)
+        return d
+
+    def _started(self, process):
+        self.started.append(process)
+        return process
+
+    def output(self, name="job"):
+        """
+        The stdout and stderr of the job called C{name}.
+        """
+        return (
+            (self.directory / f"{name}.out").read_text(),
+            (self.directory / f"{name}.err").read_text(),
+        )
+
+    async def read_pid(self, filename):
+        """
+        Wait for a job to write a pid to C{filename}, and return it.
+        """
+        path = self.directory / filename
+        await eventually(lambda: path.exists() and path.read_text().endswith("\n"))
+        return int(path.read_text())
+
+
+@pytest_twisted.async_yield_fixture
+async def jobs(tmp_path):
+    spawner = ProcessSpawner(reactor)
+    spawner.startService()
+    jobs = Jobs(spawner, tmp_path)
+    yield jobs
+    for process in jobs.started:
+        process.signal_group(signal.SIGKILL)
+    await defer.DeferredList([p.ended for p in jobs.started], consumeErrors=True)
+    await spawner.stopService()
+    assert reactor.getDelayedCalls() == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_interfaces(jobs):
+    """
+    The spawner and the processes it starts provide their interfaces.
+    """
+    process = await jobs.spawn(["true"])
+    assert verifyObject(IProcessSpawner, jobs.spawner)
+    assert verifyObject(IRunningProcess, process)
+    await process.ended
+
+
+@pytest_twisted.ensureDeferred
+async def test_exit_code_zero(jobs):
+    """
+    A process that succeeds ends with exit code 0.
+    """
+    process = await jobs.spawn(["true"])
+    assert await process.ended == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_exit_code_nonzero(jobs):
+    """
+    A process that fails ends with its exit status.
+    """
+    process = await jobs.spawn(["sh", "-c", "exit 3"])
+    assert await process.ended == 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_killed_by_signal(jobs):
+    """
+    A process killed by a signal ends with minus the signal number.
+    """
+    process = await jobs.spawn(["sh", "-c", "kill -KILL $$"])
+    assert await process.ended == -signal.SIGKILL
+
+
+@pytest_twisted.ensureDeferred
+async def test_output_files(jobs):
+    """
+    stdout and stderr are appended to their files, which are created if
+    need be.
+    """
+    (jobs.directory / "job.out").write_text("earlier\n")
+    process = await jobs.spawn(["sh", "-c", "echo out; echo err >&2"])
+    assert await process.ended == 0
+    assert jobs.output() == ("earlier\nout\n", "err\n")
+
+
+@pytest_twisted.ensureDeferred
+async def test_stdin_is_dev_null(jobs):
+    """
+    A process reads end of file from its stdin.
+    """
+    process = await jobs.spawn(["sh", "-c", "cat; echo done"])
+    assert await process.ended == 0
+    assert jobs.output() == ("done\n", "")
+
+
+@pytest_twisted.ensureDeferred
+async def test_environment_is_exact(jobs):
+    """
+    A process gets exactly the environment given, nothing of the daemon's.
+    """
+    env = {"ONLY": "this", "OTHER": "two words"}
+    process = await jobs.spawn(["/usr/bin/env"], env=env)
+    assert await process.ended == 0
+    stdout, _ = jobs.output()
+    assert sorted(stdout.splitlines()) == ["ONLY=this", "OTHER=two words"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_program_found_in_job_path(jobs):
+    """
+    A program name without a slash is looked for in the job's PATH.
+    """
+    bin_dir = jobs.directory / "bin"
+    bin_dir.mkdir()
+    program = bin_dir / "greet"
+    program.write_text("#!/bin/sh\necho hello\n")
+    program.chmod(0o755)
+    process = await jobs.spawn(["greet"], env={"PATH": str(bin_dir)})
+    assert await process.ended == 0
+    assert jobs.output() == ("hello\n", "")
+    with pytest.raises(SpawnError, match="no such file: greet"):
+        await jobs.spawn(["greet"], env=PATH)
+
+
+@pytest_twisted.ensureDeferred
+async def test_cwd(jobs):
+    """
+    A process runs in the working directory given.
+    """
+    workdir = jobs.directory / "work"
+    workdir.mkdir()
+    process = await jobs.spawn(["pwd"], cwd=workdir)
+    assert await process.ended == 0
+    stdout, _ = jobs.output()
+    assert stdout == os.path.realpath(workdir) + "\n"
+
+
+@pytest_twisted.ensureDeferred
+async def test_missing_executable(jobs):
+    """
+    Starting a program that does not exist fails with a SpawnError naming
+    it, and the spawner goes on working.
+    """
+    with pytest.raises(SpawnError, match="no such file: no-such-program-4242"):
+        await jobs.spawn(["no-such-program-4242"])
+    with pytest.raises(SpawnError, match="no such file: /nonexistent/program"):
+        await jobs.spawn(["/nonexistent/program"])
+    process = await jobs.spawn(["true"])
+    assert await process.ended == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_not_executable(jobs):
+    """
+    Starting a file that is not executable fails with a SpawnError saying
+    permission is denied.
+    """
+    path = jobs.directory / "data.txt"
+    path.write_text("not a program\n")
+    with pytest.raises(SpawnError, match=f"permission denied: {path}"):
+        await jobs.spawn([str(path)])
+
+
+@pytest_twisted.ensureDeferred
+async def test_bad_cwd(jobs):
+    """
+    Starting a process in a directory that does not exist fails with a
+    SpawnError naming the directory.
+    """
+    missing = jobs.directory / "missing"
+    with pytest.raises(SpawnError, match=f"bad cwd {missing}"):
+        await jobs.spawn(["true"], cwd=missing)
+
+
+@pytest_twisted.ensureDeferred
+async def test_signal_group_reaches_grandchild(jobs):
+    """
+    signal_group signals every process of the group, not only its leader.
+    """
+    # The leader ignores SIGUSR1 but its background child does not; the
+    # leader's wait then reports the child killed by SIGUSR1.
+    process = await jobs.spawn(
+        ["sh", "-c", 'sleep 100 & echo $! > child.pid; trap "" USR1; echo > ready; wait $!']
+    )
+    child = await jobs.read_pid("child.pid")
+    await eventually((jobs.directory / "ready").exists)
+    process.signal_group(signal.SIGUSR1)
+    assert await process.ended == 128 + signal.SIGUSR1
+    await eventually(lambda: not is_alive(child))
+
+
+@pytest_twisted.ensureDeferred
+async def test_background_child_killed_when_leader_exits(jobs):
+    """
+    A background process left behind by a job is killed when the job's
+    leader exits.
+    """
+    process = await jobs.spawn(["sh", "-c", "sleep 100 & echo $! > child.pid"])
+    assert await process.ended == 0
+    child = await jobs.read_pid("child.pid")
+    await eventually(lambda: not is_alive(child))
+
+
+@pytest_twisted.ensureDeferred
+async def test_terminate(jobs):
+    """
+    terminate() ends a process with SIGTERM and then cancels its SIGKILL.
+    """
+    clock = Clock()
+    process = await jobs.spawn(["sleep", "100"])
+    assert await process.terminate(10, clock) == -signal.SIGTERM
+    assert clock.getDelayedCalls() == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_terminate_escalates(jobs):
+    """
+    terminate() kills with SIGKILL a process that ignores SIGTERM, once the
+    grace period is over.
+    """
+    clock = Clock()
+    process = await jobs.spawn(["sh", "-c", 'trap "" TERM; echo > ready; sleep 100'])
+    await eventually((jobs.directory / "ready").exists)
+    ended = process.terminate(10, clock)
+    clock.advance(9)
+    assert len(clock.getDelayedCalls()) == 1
+    clock.advance(1)
+    assert await ended == -signal.SIGKILL
+    assert await process.terminate(10, clock) == -signal.SIGKILL
+    assert clock.getDelayedCalls() == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_process_identity(jobs):
+    """
+    process_identity tells a running process's start time and boot, and
+    None for a pid nobody has.
+    """
+    process = await jobs.spawn(["sleep", "100"])
+    assert process_identity(process.pid) == (process.start_ticks, process.boot_id)
+    assert process.boot_id == read_boot_id()
+    with open("/proc/sys/kernel/pid_max") as f:
+        assert process_identity(int(f.read()) + 1) is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_kill_group_if_ours(jobs):
+    """
+    kill_group_if_ours signals a group only if its leader's start time and
+    the boot id are the ones recorded.
+    """
+    process = await jobs.spawn(["sleep", "100"])
+    pid, ticks, boot = process.pid, process.start_ticks, process.boot_id
+    assert not kill_group_if_ours(pid, ticks + 1, boot, signal.SIGKILL)
+    assert not kill_group_if_ours(pid, ticks, "another-boot", signal.SIGKILL)
+    assert is_alive(pid)
+    assert kill_group_if_ours(pid, ticks, boot, signal.SIGKILL)
+    assert await process.ended == -signal.SIGKILL
+    assert not kill_group_if_ours(pid, ticks, boot, signal.SIGKILL)
+
+
+@pytest_twisted.ensureDeferred
+async def test_many_concurrent_spawns(jobs):
+    """
+    Many processes started at once all start and report their exit.
+    """
+    processes = await defer.gatherResults([jobs.spawn(["true"]) for _ in range(200)])
+    assert len({p.pid for p in processes}) == 200
+    codes = await defer.gatherResults([p.ended for p in processes])
+    assert codes == [0] * 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_helper_dies(jobs):
+    """
+    When the helper dies, its unanswered spawns fail, its processes are
+    killed and reported lost, and the next spawn starts a new helper.
+    """
+    running = await jobs.spawn(["sleep", "100"])
+    helper = helper_pid_of(running)
+    # Stopped, it cannot answer the next spawn before it is killed.
+    os.kill(helper, signal.SIGSTOP)
+    unanswered = jobs.spawn(["true"])
+    os.kill(helper, signal.SIGKILL)
+    with pytest.raises(SpawnError, match="exited unexpectedly"):
+        await unanswered
+    with pytest.raises(ProcessLost):
+        await running.ended
+    await eventually(lambda: not is_alive(running.pid))
+    after = await jobs.spawn(["sleep", "100"])
+    assert helper_pid_of(after) != helper
+    after.signal_group(signal.SIGTERM)
+    assert await after.ended == -signal.SIGTERM
+
+
+@pytest_twisted.ensureDeferred
+async def test_stop(tmp_path):
+    """
+    Stopping the service ends the helper, leaves running processes alone
+    and no delayed calls behind, and later spawns fail.
+    """
+    spawner = ProcessSpawner(reactor)
+    spawner.startService()
+    jobs = Jobs(spawner, tmp_path)
+    process = await jobs.spawn(["sleep", "100"])
+    helper = helper_pid_of(process)
+    try:
+        await spawner.stopService()
+        assert read_stat(helper) is None
+        assert is_alive(process.pid)
+        assert reactor.getDelayedCalls() == []
+        with pytest.raises(SpawnError, match="not running"):
+            await jobs.spawn(["true"])
+    finally:
+        kill_group_if_ours(
+            process.pid, process.start_ticks, process.boot_id, signal.SIGKILL
+        )
