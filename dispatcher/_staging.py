@@ -1,0 +1,678 @@
+"""
+Staging a job's inputs: each L{InputSpec} is fetched over HTTP(S) with treq
+into the job's working directory before the job runs.
+
+A body streams from the connection to a temporary file beside its target in
+batches written by a thread pool, so a file larger than memory never sits in
+memory; the file is renamed into place only when the whole body arrived,
+within the size limit and with the expected sha256.  Transient failures
+(connection errors, timeouts, 5xx, 408 and 429 answers) are retried with an
+exponential back-off.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import random
+import secrets
+from typing import Any, Callable, Optional, Sequence
+
+from hyperlink import DecodedURL
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
+from twisted.internet.error import ConnectError, ConnectionRefusedError, DNSLookupError
+from twisted.internet.error import TimeoutError as ConnectTimeoutError
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+from twisted.web.client import (
+    RequestNotSent,
+    RequestTransmissionFailed,
+    ResponseDone,
+    ResponseFailed,
+    ResponseNeverReceived,
+)
+from twisted.web.http import PotentialDataLoss
+from twisted.web.iweb import UNKNOWN_LENGTH
+from zope.interface import implementer
+
+from ._config import FetchConfig
+from ._interfaces import IInputStager
+from ._model import InputSpec
+
+log = Logger()
+
+# The body is written in batches of about this size: big enough that the
+# thread hand-off costs little, small enough to keep memory flat.
+_BATCH_BYTES = 256 * 1024
+
+# When this much of a body is buffered or being written, the connection is
+# paused until the writes catch up.
+_HIGH_WATER_BYTES = 4 * _BATCH_BYTES
+
+# Statuses that say "try again later" rather than "this will never work".
+_RETRY_STATUSES = frozenset({408, 429})
+
+
+class StagingError(Exception):
+    """
+    An input could not be staged.
+
+    @ivar index: the position of the input in the job's list of inputs.
+    @ivar url: the URL it was fetched from.
+    @ivar path: where it was to be written, relative to the job's working
+        directory.
+    @ivar reason: what went wrong, in words a user can act on.
+    """
+
+    def __init__(self, index: int, url: str, path: str, reason: str) -> None:
+        super().__init__(index, url, path, reason)
+        self.index = index
+        self.url = url
+        self.path = path
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"input {self.index} ({self.url} -> {self.path}): {self.reason}"
+
+
+class _TryFailed(Exception):
+    """
+    One try at fetching an input failed; C{retry} tells whether another try
+    may succeed.
+    """
+
+    def __init__(self, reason: str, retry: bool) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retry = retry
+
+
+@implementer(IInputStager)
+class InputStager:
+    """
+    Fetches a job's inputs over HTTP or HTTPS into its working directory.
+
+    @param client: a C{treq.client.HTTPClient} (or an object with its
+        C{get}, such as C{treq.testing.StubTreq}); whoever made it owns its
+        connection pool and closes it.
+    @param clock: the L{IReactorTime} that times out fetches and spaces
+        retries.
+    @param config: the L{FetchConfig} limits: C{timeout} for one try at one
+        input (connect, headers and body), C{retries} after the first try,
+        the first back-off C{retry_delay}, and C{max_bytes} per input.
+    @param threadpool: the L{ThreadPool} every file-system call runs in.
+    @param reactor: the reactor the thread pool reports back to.
+    """
+
+    def __init__(
+        self,
+        client: Any,
+        clock: IReactorTime,
+        config: FetchConfig,
+        threadpool: ThreadPool,
+        reactor: Any,
+    ) -> None:
+        self._client = client
+        self._clock = clock
+        self._config = config
+        self._threadpool = threadpool
+        self._reactor = reactor
+        self._random = random.Random()
+
+    def stage_inputs(self, inputs: Sequence[InputSpec], workdir: str) -> Deferred:
+        """
+        Fetch every input into C{workdir}, one after the other.
+
+        @param inputs: the L{InputSpec}s of a job.
+        @param workdir: the job's working directory; each input lands at
+            C{workdir/path}, with its parent directories created.
+        @return: a L{Deferred} that fires with C{None} when every input is in
+            place, or fails with L{StagingError} for the first input that
+            could not be fetched.  Cancelling it stops the fetch in progress
+            and removes its temporary file.
+        """
+        return Deferred.fromCoroutine(self._stage_all(list(inputs), workdir))
+
+    async def _stage_all(self, inputs: list[InputSpec], workdir: str) -> None:
+        for index, spec in enumerate(inputs):
+            await self._stage_one(index, spec, workdir)
+
+    async def _stage_one(self, index: int, spec: InputSpec, workdir: str) -> None:
+        def error(reason: str) -> StagingError:
+            return StagingError(index, spec.url, spec.path, reason)
+
+        url = _check_url(spec.url)
+        if isinstance(url, str):
+            raise error(url)
+        path_problem = _check_path(spec.path)
+        if path_problem is not None:
+            raise error(path_problem)
+
+        tries = self._config.retries + 1
+        started = self._clock.seconds()
+        log.info(
+            "staging input {index} from {url} to {path}",
+            index=index,
+            url=spec.url,
+            path=spec.path,
+        )
+        for number in range(1, tries + 1):
+            try:
+                size = await self._try_with_timeout(url, spec, workdir)
+            except CancelledError:
+                log.info("staging input {index} cancelled", index=index)
+                raise
+            except _TryFailed as e:
+                if not e.retry:
+                    where = f" (on try {number} of {tries})" if number > 1 else ""
+                    raise error(e.reason + where)
+                if number == tries:
+                    raise error(
+                        f"{e.reason}; gave up after {_tries(number)}"
+                        f" ([fetch] retries = {self._config.retries})"
+                    )
+                base = self._config.retry_delay * 2 ** (number - 1)
+                # Jitter keeps the jobs that failed together against one
+                # server from all coming back to it at the same moment.
+                delay = base * self._random.uniform(0.5, 1.0)
+                log.warn(
+                    "input {index} ({url}): {reason}; retrying in {delay:.2f} s"
+                    " (try {number} of {tries})",
+                    index=index,
+                    url=spec.url,
+                    reason=e.reason,
+                    delay=delay,
+                    number=number,
+                    tries=tries,
+                )
+                await deferLater(self._clock, delay)
+            except Exception as e:
+                # A bug of ours still fails as this input, not as a mystery.
+                log.failure(
+                    "input {index} ({url}): unexpected error", index=index, url=spec.url
+                )
+                raise error(f"unexpected error: {type(e).__name__}: {e}")
+            else:
+                log.info(
+                    "staged input {index} to {path}: {size} bytes in {seconds:.3f} s",
+                    index=index,
+                    path=spec.path,
+                    size=size,
+                    seconds=self._clock.seconds() - started,
+                )
+                return
+
+    async def _try_with_timeout(
+        self, url: DecodedURL, spec: InputSpec, workdir: str
+    ) -> int:
+        """
+        One try, cancelled if it takes longer than C{[fetch] timeout}.
+        """
+        attempt = Deferred.fromCoroutine(self._try_once(url, spec, workdir))
+        timed_out = False
+
+        def time_out() -> None:
+            nonlocal timed_out
+            timed_out = True
+            attempt.cancel()
+
+        timeout = self._config.timeout
+        timer = self._clock.callLater(timeout, time_out)
+        try:
+            return await attempt
+        except Exception:
+            # Whatever the cancellation made the try fail with (a cancelled
+            # connection attempt, a lost connection), the cause was the time.
+            if timed_out:
+                raise _TryFailed(
+                    f"timed out after {timeout:g} s ([fetch] timeout)", retry=True
+                )
+            raise
+        finally:
+            if timer.active():
+                timer.cancel()
+
+    async def _try_once(self, url: DecodedURL, spec: InputSpec, workdir: str) -> int:
+        """
+        Fetch the body once into a temporary file and rename it into place;
+        fire with the number of bytes, or fail with L{_TryFailed}.
+        """
+        part = _PartFile(self._in_thread, workdir, spec.path)
+        try:
+            try:
+                await part.open()
+            except OSError as e:
+                raise _TryFailed(_os_reason(e, spec.path), retry=False)
+            except _OutsideWorkdir as e:
+                raise _TryFailed(str(e), retry=False)
+
+            try:
+                response = await self._client.get(url, unbuffered=True)
+            except Exception as e:
+                if _cancelled(e):
+                    raise CancelledError() from e
+                raise _request_failed(e, url)
+
+            code = response.code
+            if not 200 <= code < 300:
+                _drop_body(response)
+                phrase = _text(response.phrase)
+                raise _TryFailed(
+                    f"the server answered HTTP {code} {phrase}".rstrip(),
+                    retry=code >= 500 or code in _RETRY_STATUSES,
+                )
+            limit = self._config.max_bytes
+            if response.length is not UNKNOWN_LENGTH and response.length > limit:
+                _drop_body(response)
+                raise _TryFailed(
+                    f"the server announced {response.length} bytes, larger than"
+                    f" the limit of {limit} bytes ([fetch] max_bytes)",
+                    retry=False,
+                )
+
+            writer = _BodyWriter(part, limit, spec.path)
+            response.deliverBody(writer)
+            await writer.done
+
+            digest = part.hexdigest()
+            if spec.sha256 is not None and digest != spec.sha256.lower():
+                raise _TryFailed(
+                    f"sha256 mismatch: expected {spec.sha256.lower()}, got {digest}",
+                    retry=False,
+                )
+            try:
+                await part.commit()
+            except OSError as e:
+                raise _TryFailed(_os_reason(e, spec.path), retry=False)
+            return part.size
+        except BaseException:
+            # Queued behind any write still running, so the file is closed
+            # and removed only once no thread uses it.
+            await part.discard()
+            raise
+
+    def _in_thread(self, f: Callable[..., Any], *args: Any) -> Deferred:
+        return deferToThreadPool(self._reactor, self._threadpool, f, *args)
+
+
+def _tries(n: int) -> str:
+    return "1 try" if n == 1 else f"{n} tries"
+
+
+def _check_url(text: str) -> DecodedURL | str:
+    """
+    The URL to fetch, or the reason it cannot be fetched.
+    """
+    try:
+        url = DecodedURL.from_text(text)
+    except Exception as e:
+        return f"not a valid URL ({e})"
+    scheme = url.scheme.lower()
+    if not scheme:
+        return "the URL has no scheme; only http and https URLs can be fetched"
+    if scheme not in ("http", "https"):
+        return f"only http and https URLs can be fetched, not {scheme}"
+    if not url.host:
+        return "the URL has no host"
+    return url.replace(scheme=scheme)
+
+
+def _check_path(path: str) -> Optional[str]:
+    """
+    Why C{path} cannot be a place in a working directory, or C{None}.
+    """
+    # Paths were checked when the job was submitted; this is the second
+    # line of defence, and cheap because it looks only at the text.
+    if not path:
+        return "the path is empty; it must name a file in the working directory"
+    if os.path.isabs(path):
+        return "the path must be relative to the working directory"
+    normal = os.path.normpath(path)
+    if normal == os.curdir or normal == os.pardir or normal.startswith(os.pardir + os.sep):
+        return "the path must name a file inside the working directory"
+    return None
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bytes):
+        return value.decode("latin-1")
+    return str(value or "")
+
+
+def _os_reason(e: OSError, path: str) -> str:
+    detail = e.strerror or str(e)
+    return f"cannot write {path} in the working directory: {detail}"
+
+
+def _cancelled(e: Exception) -> bool:
+    """
+    Whether C{e} is what cancelling a request fails with: the agent wraps
+    the cancellation of a request in flight in one of its own errors.
+    """
+    if isinstance(e, CancelledError):
+        return True
+    reasons = getattr(e, "reasons", None) or []
+    return any(
+        isinstance(reason, Failure) and reason.check(CancelledError)
+        for reason in reasons
+    )
+
+
+def _request_failed(e: Exception, url: DecodedURL) -> _TryFailed:
+    """
+    Classify an error from the request (before the response headers).
+    """
+    where = f"{url.host}:{url.port}"
+    if isinstance(e, DNSLookupError):
+        return _TryFailed(f"cannot resolve the host name {url.host!r}", retry=True)
+    if isinstance(e, ConnectionRefusedError):
+        return _TryFailed(f"cannot connect to {where}: connection refused", retry=True)
+    if isinstance(e, (ConnectError, ConnectTimeoutError)):
+        return _TryFailed(f"cannot connect to {where}: {e}", retry=True)
+    if isinstance(e, (ResponseNeverReceived, RequestTransmissionFailed)):
+        tls = _tls_problem(e.reasons)
+        if tls is not None:
+            return _TryFailed(f"TLS with {where} failed: {tls}", retry=False)
+        return _TryFailed(
+            f"{where} closed the connection before it answered", retry=True
+        )
+    if isinstance(e, ResponseFailed):
+        return _TryFailed(f"the connection to {where} broke during the answer", retry=True)
+    if isinstance(e, RequestNotSent):
+        return _TryFailed(f"the request to {where} could not be sent", retry=True)
+    return _TryFailed(f"{type(e).__name__}: {e}", retry=False)
+
+
+def _tls_problem(reasons: Sequence[Failure]) -> Optional[str]:
+    """
+    The TLS error among C{reasons}, if any: a certificate that does not
+    verify will not verify on the next try either.
+    """
+    try:
+        from OpenSSL.SSL import Error as TLSError
+    except ImportError:
+        return None
+    for reason in reasons:
+        if reason.check(TLSError):
+            return reason.getErrorMessage()
+    return None
+
+
+class _Dropper(Protocol):
+    """
+    Takes the body of an answer we do not want and closes the connection
+    rather than read it.
+    """
+
+    def connectionMade(self) -> None:
+        self.transport.stopProducing()
+
+    def connectionLost(self, reason: Failure = None) -> None:
+        pass
+
+
+def _drop_body(response: Any) -> None:
+    # An unbuffered response left unread would hold its connection paused
+    # for ever; closing it is cheaper than reading a body we ignore.
+    response.deliverBody(_Dropper())
+
+
+class _OutsideWorkdir(Exception):
+    """
+    The target of an input resolves (through a symbolic link) to a place
+    outside the working directory.
+    """
+
+
+class _PartFile:
+    """
+    The temporary file a body is written to, beside its target.
+
+    Every file-system call runs through C{run} (the thread pool), one at a
+    time and in the order asked, so a clean-up asked for while a write is
+    still in a thread waits for that write.  The sha256 of what was written
+    is computed in the same thread as the writes.
+
+    @ivar size: the number of bytes written.
+    """
+
+    def __init__(
+        self, run: Callable[..., Deferred], workdir: str, path: str
+    ) -> None:
+        self._run = run
+        self._workdir = workdir
+        self._target = os.path.join(workdir, os.path.normpath(path))
+        self._temp: Optional[str] = None
+        self._file: Any = None
+        self._sha256 = hashlib.sha256()
+        self._tail: Deferred = succeed(None)
+        self.size = 0
+
+    def _queue(self, f: Callable[..., Any], *args: Any) -> Deferred:
+        result: Deferred = Deferred()
+
+        def step(_: object) -> Deferred:
+            try:
+                d = self._run(f, *args)
+            except BaseException:
+                d = fail()
+            d.addBoth(_settle, result)
+            # The queue goes on whatever became of this operation.
+            return d.addErrback(lambda _: None)
+
+        self._tail.addBoth(step)
+        return result
+
+    def open(self) -> Deferred:
+        """
+        Create the parent directories and the temporary file.
+        """
+        return self._queue(self._open)
+
+    def write(self, chunks: list[bytes]) -> Deferred:
+        """
+        Append C{chunks} to the file.
+        """
+        return self._queue(self._write, chunks)
+
+    def hexdigest(self) -> str:
+        """
+        The sha256 of what was written, once no write is in progress.
+        """
+        return self._sha256.hexdigest()
+
+    def commit(self) -> Deferred:
+        """
+        Make the file durable and rename it to its target.
+        """
+        return self._queue(self._commit)
+
+    def discard(self) -> Deferred:
+        """
+        Close and remove the temporary file, if there is one.
+        """
+        return self._queue(self._discard)
+
+    # The methods below run in the thread pool.
+
+    def _open(self) -> None:
+        root = os.path.realpath(self._workdir)
+        parent = os.path.dirname(self._target)
+
+        def check() -> None:
+            # The text of the path was checked; a symbolic link on the way
+            # could still lead out of the working directory.
+            real = os.path.realpath(parent)
+            if os.path.commonpath([root, real]) != root:
+                raise _OutsideWorkdir(
+                    "the path leads outside the working directory"
+                    " through a symbolic link"
+                )
+
+        check()
+        os.makedirs(parent, exist_ok=True)
+        check()
+        name = f".{os.path.basename(self._target)}.{secrets.token_hex(6)}.part"
+        temp = os.path.join(parent, name)
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+        self._temp = temp
+        self._file = os.fdopen(fd, "wb")
+
+    def _write(self, chunks: list[bytes]) -> None:
+        for chunk in chunks:
+            self._file.write(chunk)
+            self._sha256.update(chunk)
+            self.size += len(chunk)
+
+    def _commit(self) -> None:
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        self._file = None
+        os.replace(self._temp, self._target)
+        self._temp = None
+        # The rename is durable only once its directory is.
+        fd = os.open(os.path.dirname(self._target), os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        except OSError as e:
+            if e.errno not in (errno.EINVAL, errno.EROFS):
+                raise
+        finally:
+            os.close(fd)
+
+    def _discard(self) -> None:
+        if self._file is not None:
+            try:
+                self._file.close()
+            except OSError:
+                pass
+            self._file = None
+        if self._temp is not None:
+            try:
+                os.unlink(self._temp)
+            except FileNotFoundError:
+                pass
+            self._temp = None
+
+
+def _settle(result: Any, d: Deferred) -> None:
+    # The caller may have stopped waiting (cancelled d); the operation ran
+    # all the same and the queue goes on.
+    if not d.called:
+        if isinstance(result, Failure):
+            d.errback(result)
+        else:
+            d.callback(result)
+
+
+class _BodyWriter(Protocol):
+    """
+    Receives a response body and hands it to a L{_PartFile} in batches,
+    pausing the connection while too much is buffered or being written.
+
+    @ivar done: fires with C{None} once the whole body is written, or fails
+        with L{_TryFailed}; cancelling it closes the connection.
+    """
+
+    def __init__(self, part: _PartFile, max_bytes: int, path: str) -> None:
+        self.done: Deferred = Deferred(lambda d: self._fail(CancelledError()))
+        self._part = part
+        self._max_bytes = max_bytes
+        self._path = path
+        self._received = 0
+        self._chunks: list[bytes] = []
+        self._buffered = 0
+        self._writing = 0
+        self._paused = False
+        self._ended = False
+        self._failed = False
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._failed:
+            return
+        self._received += len(data)
+        if self._received > self._max_bytes:
+            self._fail(
+                _TryFailed(
+                    f"the body is larger than the limit of {self._max_bytes}"
+                    " bytes ([fetch] max_bytes)",
+                    retry=False,
+                )
+            )
+            return
+        self._chunks.append(data)
+        self._buffered += len(data)
+        if not self._writing and self._buffered >= _BATCH_BYTES:
+            self._write()
+        if not self._paused and self._buffered + self._writing >= _HIGH_WATER_BYTES:
+            self._paused = True
+            self.transport.pauseProducing()
+
+    def connectionLost(self, reason: Failure = None) -> None:
+        if self._failed:
+            return
+        if reason is not None and not reason.check(ResponseDone, PotentialDataLoss):
+            self._fail(
+                _TryFailed(
+                    f"the connection broke after {self._received} bytes of the body",
+                    retry=True,
+                )
+            )
+            return
+        # PotentialDataLoss: the server sent neither a length nor chunks,
+        # so the end of the connection is the end of the body.
+        self._ended = True
+        if not self._writing:
+            if self._chunks:
+                self._write()
+            else:
+                self.done.callback(None)
+
+    def _write(self) -> None:
+        chunks, self._chunks = self._chunks, []
+        self._writing, self._buffered = self._buffered, 0
+        self._part.write(chunks).addBoth(self._written)
+
+    def _written(self, result: Any) -> None:
+        self._writing = 0
+        if self._failed:
+            return
+        if isinstance(result, Failure):
+            e = result.value
+            reason = (
+                _os_reason(e, self._path)
+                if isinstance(e, OSError)
+                else f"cannot write {self._path}: {result.getErrorMessage()}"
+            )
+            self._fail(_TryFailed(reason, retry=False))
+            return
+        if self._chunks and (self._ended or self._buffered >= _BATCH_BYTES):
+            self._write()
+        elif self._ended:
+            self.done.callback(None)
+            return
+        if self._paused and self._buffered + self._writing < _HIGH_WATER_BYTES:
+            self._paused = False
+            self.transport.resumeProducing()
+
+    def _fail(self, error: BaseException) -> None:
+        if self._failed:
+            return
+        self._failed = True
+        self._chunks = []
+        if not self._ended:
+            # Stop reading at once: the rest of the body is unwanted.
+            abort = getattr(self.transport, "abortConnection", None)
+            if abort is not None:
+                abort()
+            else:
+                self.transport.stopProducing()
+        if not self.done.called:
+            self.done.errback(error)
