@@ -1,0 +1,309 @@
+"""
+The JSON HTTP API, version 1, as one twisted.web resource.
+
+Handlers are coroutines; the resource turns their answers and their
+L{ApiError}s into JSON responses, and cancels them when the client goes.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Awaitable, Callable, Mapping, Optional
+
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
+
+from ._model import InvalidTransition, JobState, UnknownJob
+from ._openapi import openapi_document
+from ._validation import ApiError, parse_job_spec
+
+log = Logger()
+
+MAX_LIST_LIMIT = 1000
+DEFAULT_LIST_LIMIT = 100
+
+
+class Answer:
+    """
+    What a handler answers: a status, a JSON-able body (or bytes with their
+    content type), and headers.
+    """
+
+    def __init__(
+        self,
+        status: int,
+        body: Any,
+        headers: Optional[Mapping[str, str]] = None,
+        content_type: str = "application/json",
+    ) -> None:
+        self.status = status
+        self.body = body
+        self.headers = dict(headers or {})
+        self.content_type = content_type
+
+
+def _encode(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode("utf-8")
+
+
+def _json_body(request: Any) -> Any:
+    ctype = request.getHeader(b"content-type")
+    media = (ctype or b"").split(b";", 1)[0].strip().lower()
+    if media != b"application/json":
+        raise ApiError(
+            415,
+            "unsupported_media_type",
+            "send the body as Content-Type: application/json",
+            None,
+        )
+    raw = request.content.read()
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ApiError(400, "malformed_json", f"the body is not valid JSON: {e}", None)
+
+
+def _query(request: Any, name: str) -> Optional[str]:
+    values = request.args.get(name.encode("ascii"))
+    if not values:
+        return None
+    try:
+        return values[-1].decode("utf-8")
+    except UnicodeDecodeError:
+        raise ApiError(400, "invalid_query", f"{name}: not UTF-8", name)
+
+
+class DispatcherAPI(Resource):
+    """
+    The whole API.
+
+    @param dispatcher: the L{Dispatcher} it fronts.
+    @param tasks: the configured tasks, by name.
+    @param reactor: for file reads on C{io_pool}.
+    @param io_pool: the pool that reads logs.
+    """
+
+    isLeaf = True
+
+    def __init__(
+        self, dispatcher: Any, tasks: Mapping[str, Any], reactor: Any, io_pool: Any
+    ) -> None:
+        Resource.__init__(self)
+        self._dispatcher = dispatcher
+        self._tasks = tasks
+        self._reactor = reactor
+        self._io_pool = io_pool
+        self._openapi = _encode(openapi_document())
+
+    def render(self, request: Any) -> Any:
+        segments = [s.decode("utf-8", "replace") for s in request.postpath]
+        if segments and segments[-1] == "" and len(segments) > 1:
+            segments = segments[:-1]
+        method = request.method.decode("ascii", "replace").upper()
+        try:
+            handler, allowed, args = self._route(segments, method)
+        except ApiError as e:
+            self._write_error(request, e)
+            return NOT_DONE_YET
+        if handler is None:
+            request.setHeader(b"allow", ", ".join(allowed).encode("ascii"))
+            self._write_error(
+                request,
+                ApiError(
+                    405,
+                    "method_not_allowed",
+                    f"{method} is not allowed here; allowed: {', '.join(allowed)}",
+                ),
+            )
+            return NOT_DONE_YET
+        d = Deferred.fromCoroutine(handler(request, *args))
+        finished = request.notifyFinish()
+        finished.addErrback(lambda _: d.cancel())
+        d.addCallbacks(self._write_answer, self._write_failure,
+                       callbackArgs=(request,), errbackArgs=(request,))
+        return NOT_DONE_YET
+
+    def _route(
+        self, segments: list[str], method: str
+    ) -> tuple[Optional[Callable[..., Awaitable[Answer]]], list[str], tuple]:
+        routes: dict[str, Callable[..., Awaitable[Answer]]]
+        args: tuple = ()
+        if segments == ["healthz"]:
+            routes = {"GET": self.health}
+        elif segments == ["v1", "openapi.json"]:
+            routes = {"GET": self.openapi}
+        elif segments == ["v1", "jobs"]:
+            routes = {"GET": self.list_jobs, "POST": self.submit}
+        elif len(segments) == 3 and segments[:2] == ["v1", "jobs"]:
+            routes, args = {"GET": self.get_job}, (segments[2],)
+        elif len(segments) == 4 and segments[:2] == ["v1", "jobs"] and segments[3] == "cancel":
+            routes, args = {"POST": self.cancel}, (segments[2],)
+        elif len(segments) == 4 and segments[:2] == ["v1", "jobs"] and segments[3] == "log":
+            routes, args = {"GET": self.read_log}, (segments[2],)
+        else:
+            raise ApiError(404, "not_found", f"no such resource: /{'/'.join(segments)}")
+        if method == "HEAD" and "GET" in routes:
+            method = "GET"
+        return routes.get(method), sorted(routes), args
+
+    # Writing answers
+
+    def _write_answer(self, answer: Answer, request: Any) -> None:
+        if request.finished or request._disconnected:
+            return
+        request.setResponseCode(answer.status)
+        for name, value in answer.headers.items():
+            request.setHeader(name.encode("ascii"), value.encode("utf-8"))
+        if isinstance(answer.body, bytes):
+            body = answer.body
+        else:
+            body = _encode(answer.body)
+        request.setHeader(b"content-type", answer.content_type.encode("ascii"))
+        request.setHeader(b"content-length", str(len(body)).encode("ascii"))
+        if request.method != b"HEAD":
+            request.write(body)
+        request.finish()
+
+    def _write_error(self, request: Any, error: ApiError) -> None:
+        self._write_answer(Answer(error.status, error.to_json()), request)
+
+    def _write_failure(self, failure: Failure, request: Any) -> None:
+        if failure.check(CancelledError):
+            return
+        if failure.check(ApiError):
+            self._write_error(request, failure.value)
+            return
+        log.failure("request {method} {uri} failed", failure,
+                    method=request.method, uri=request.uri)
+        self._write_error(
+            request,
+            ApiError(500, "internal_error", "the dispatcher failed to answer; see its log"),
+        )
+
+    # Handlers
+
+    async def health(self, request: Any) -> Answer:
+        return Answer(200, {"status": "ok"})
+
+    async def openapi(self, request: Any) -> Answer:
+        return Answer(200, self._openapi)
+
+    async def submit(self, request: Any) -> Answer:
+        body = _json_body(request)
+        spec = parse_job_spec(body, self._tasks)
+        (job,) = await self._dispatcher.submit([spec])
+        return Answer(201, job.to_json(), {"Location": f"/v1/jobs/{job.id}"})
+
+    async def _job(self, job_id: str) -> Any:
+        try:
+            return await self._dispatcher.get(job_id)
+        except UnknownJob:
+            raise ApiError(404, "not_found", f"no job has the id {job_id!r}", "id")
+
+    async def get_job(self, request: Any, job_id: str) -> Answer:
+        job = await self._job(job_id)
+        return Answer(200, job.to_json())
+
+    async def list_jobs(self, request: Any) -> Answer:
+        for name in request.args:
+            if name not in (b"state", b"label", b"limit", b"cursor"):
+                key = name.decode("utf-8", "replace")
+                raise ApiError(
+                    400,
+                    "invalid_query",
+                    f"{key}: unknown query parameter; allowed: state, label, limit, cursor",
+                    key,
+                )
+        state = None
+        text = _query(request, "state")
+        if text is not None:
+            try:
+                state = JobState(text)
+            except ValueError:
+                allowed = ", ".join(s.value for s in JobState)
+                raise ApiError(
+                    400, "invalid_query", f"state: {text!r} is not one of {allowed}", "state"
+                )
+        labels = []
+        for raw in request.args.get(b"label", []):
+            label = raw.decode("utf-8", "replace")
+            key, sep, value = label.partition("=")
+            if not key:
+                raise ApiError(
+                    400, "invalid_query", "label: expected key=value or key", "label"
+                )
+            labels.append((key, value if sep else None))
+        limit = DEFAULT_LIST_LIMIT
+        text = _query(request, "limit")
+        if text is not None:
+            if not text.isdigit() or not 1 <= int(text) <= MAX_LIST_LIMIT:
+                raise ApiError(
+                    400,
+                    "invalid_query",
+                    f"limit: expected an integer from 1 to {MAX_LIST_LIMIT}",
+                    "limit",
+                )
+            limit = int(text)
+        cursor = None
+        text = _query(request, "cursor")
+        if text is not None:
+            if not text.isdigit():
+                raise ApiError(
+                    400,
+                    "invalid_query",
+                    "cursor: not a cursor this server gave out",
+                    "cursor",
+                )
+            cursor = int(text)
+        jobs, next_cursor = await self._dispatcher.list_jobs(
+            state=state, labels=labels, limit=limit, cursor=cursor
+        )
+        return Answer(
+            200,
+            {
+                "jobs": [job.to_json() for job in jobs],
+                "next_cursor": None if next_cursor is None else str(next_cursor),
+            },
+        )
+
+    async def cancel(self, request: Any, job_id: str) -> Answer:
+        try:
+            job, done = await self._dispatcher.cancel(job_id)
+        except UnknownJob:
+            raise ApiError(404, "not_found", f"no job has the id {job_id!r}", "id")
+        except InvalidTransition as e:
+            raise ApiError(
+                409,
+                "conflict",
+                f"job {job_id} is already {e.source.value}; only a job that has not "
+                "finished can be cancelled",
+                "id",
+            )
+        return Answer(200 if done else 202, job.to_json())
+
+    async def read_log(self, request: Any, job_id: str) -> Answer:
+        stream = _query(request, "stream") or "stdout"
+        if stream not in ("stdout", "stderr"):
+            raise ApiError(
+                400, "invalid_query", "stream: expected stdout or stderr", "stream"
+            )
+        job = await self._job(job_id)
+        path = self._dispatcher.log_path(job, stream)
+        data = b""
+        if path is not None:
+            data = await deferToThreadPool(
+                self._reactor, self._io_pool, _read_file, path
+            )
+        return Answer(200, data, content_type="text/plain; charset=utf-8")
+
+
+def _read_file(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        return b""

@@ -1,0 +1,139 @@
+"""
+The daemon's service tree: everything a running dispatcher is made of, put
+together from one L{Config}, started and stopped in order.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any, Optional
+
+from treq.client import HTTPClient
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+from twisted.web.client import Agent, HTTPConnectionPool
+
+from ._api import DispatcherAPI
+from ._config import Config
+from ._dispatcher import Dispatcher
+from ._execution import DaemonThreadPool, LocalExecutor
+from ._http import DispatcherSite
+from ._process import ProcessSpawner, kill_group_if_ours
+from ._sqlite import SQLiteJobStore
+from ._staging import InputStager
+
+log = Logger()
+
+DATABASE_NAME = "dispatcher.sqlite3"
+
+
+class DaemonService(MultiService):
+    """
+    A whole dispatcher: store, executor, spawner, input stager and the HTTP
+    API, started in that order (the API listens only once the store is open
+    and the previous run's leftovers are settled) and stopped in reverse.
+
+    @param reactor: the reactor; nothing else here imports one.
+    @param config: the configuration.
+    @param endpoint: the C{IStreamServerEndpoint} the API listens on.
+    """
+
+    def __init__(self, reactor: Any, config: Config, endpoint: Any) -> None:
+        MultiService.__init__(self)
+        self._reactor = reactor
+        self.config = config
+        self._endpoint = endpoint
+        data_dir = config.dispatcher.data_dir
+        self.io_pool = ThreadPool(1, 4, name="dispatcher-io")
+        self.task_pool = DaemonThreadPool(
+            0, config.executor.threads, name="dispatcher-tasks"
+        )
+        self.fetch_pool = ThreadPool(1, 4, name="dispatcher-fetch")
+        self.http_pool = HTTPConnectionPool(reactor, persistent=True)
+        client = HTTPClient(Agent(reactor, pool=self.http_pool))
+        self.store = SQLiteJobStore(os.path.join(data_dir, DATABASE_NAME), reactor)
+        self.spawner = ProcessSpawner(reactor)
+        stager = InputStager(client, reactor, config.fetch, self.fetch_pool, reactor)
+        executor = LocalExecutor(
+            reactor,
+            f"local@{socket.gethostname()}",
+            data_dir,
+            self.spawner,
+            stager,
+            config.tasks,
+            self.task_pool,
+            self.io_pool,
+        )
+        self.dispatcher = Dispatcher(
+            reactor,
+            self.store,
+            executor,
+            config.executor.slots,
+            self.io_pool,
+            config.dispatcher.shutdown_grace,
+            process_killer=_kill_leftover,
+        )
+        api = DispatcherAPI(self.dispatcher, config.tasks, reactor, self.io_pool)
+        self.site = DispatcherSite(
+            api, config.server.max_body_bytes, access_log=config.server.access_log
+        )
+        self.port: Any = None
+        self.ready: Deferred = Deferred()
+        self._starting: Optional[Deferred] = None
+
+    def startService(self) -> None:
+        Service.startService(self)
+        self._starting = ensureDeferred(self._start())
+        self._starting.addErrback(self._failed_to_start)
+
+    async def _start(self) -> None:
+        for pool in (self.io_pool, self.task_pool, self.fetch_pool):
+            pool.start()
+        self.spawner.startService()
+        await self.dispatcher.start()
+        self.dispatcher.startService()
+        self.port = await self._endpoint.listen(self.site)
+        log.info("dispatcher listening on {address}", address=_address(self.port))
+        self.ready.callback(self.port)
+
+    def _failed_to_start(self, failure: Any) -> None:
+        log.failure("the dispatcher could not start", failure)
+        if not self.ready.called:
+            self.ready.errback(failure)
+        if self._reactor.running:
+            self._reactor.stop()
+
+    def stopService(self) -> Deferred:
+        Service.stopService(self)
+        return ensureDeferred(self._stop())
+
+    async def _stop(self) -> None:
+        if self._starting is not None and not self._starting.called:
+            self._starting.cancel()
+        if self.port is not None:
+            # Accept nothing new first; running jobs get the grace period.
+            await self.port.stopListening()
+        if self.dispatcher.running:
+            await self.dispatcher.stopService()
+        elif self.store._writer is not None:
+            await self.store.close()
+        await self.spawner.stopService()
+        await self.http_pool.closeCachedConnections()
+        self.io_pool.stop()
+        self.fetch_pool.stop()
+        self.task_pool.stop_without_waiting()
+        log.info("dispatcher stopped")
+
+
+def _address(port: Any) -> str:
+    host = port.getHost()
+    return f"{getattr(host, 'host', '')}:{getattr(host, 'port', '')}"
+
+
+def _kill_leftover(pid: int, start_ticks: Any, boot_id: Any) -> bool:
+    import signal
+
+    return kill_group_if_ours(pid, start_ticks, boot_id, signal.SIGKILL)

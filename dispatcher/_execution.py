@@ -1,0 +1,335 @@
+"""
+Running leased jobs on this host: command jobs as processes through the
+spawner, task jobs as functions on a bounded thread pool.
+
+The local executor is one lease holder; it knows nothing of HTTP, and the
+remote worker reuses it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import traceback
+from typing import Any, Callable, Mapping, Optional
+
+import attrs
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+
+from ._config import TaskRef
+from ._model import JobSpec, JobState, Lease, Outcome
+
+log = Logger()
+
+# The environment every command starts from; the job's own env is merged
+# over it.  Never the daemon's own environment: it may hold secrets.
+BASE_ENVIRONMENT: Mapping[str, str] = {
+    "PATH": "/usr/local/bin:/usr/bin:/bin",
+    "LANG": "C.UTF-8",
+}
+
+
+class TaskContext:
+    """
+    What a task function gets as its first argument.
+
+    @ivar job_id: the job's id.
+    @ivar attempt: the attempt number, 1 for the first.
+    @ivar labels: the job's labels.
+    @ivar workdir: the job's working directory (its inputs are there).
+    """
+
+    def __init__(
+        self, job_id: str, attempt: int, labels: Mapping[str, str], workdir: str
+    ) -> None:
+        self.job_id = job_id
+        self.attempt = attempt
+        self.labels = dict(labels)
+        self.workdir = workdir
+        self._cancelled = threading.Event()
+
+    @property
+    def cancelled(self) -> bool:
+        """
+        Whether the job was cancelled; a long task should check this and
+        return early.
+        """
+        return self._cancelled.is_set()
+
+    def wait_cancelled(self, timeout: Optional[float] = None) -> bool:
+        """
+        Block up to C{timeout} seconds until the job is cancelled; return
+        whether it was.  Use it instead of C{time.sleep} in a task.
+        """
+        return self._cancelled.wait(timeout)
+
+    def cancel(self) -> None:
+        """
+        Ask the task to stop.
+        """
+        self._cancelled.set()
+
+
+def _daemon_thread(*args: Any, **kwargs: Any) -> threading.Thread:
+    return threading.Thread(*args, daemon=True, **kwargs)
+
+
+class DaemonThreadPool(ThreadPool):
+    """
+    A thread pool whose threads do not keep the process alive: a task that
+    never returns must not hang the daemon's exit.
+    """
+
+    threadFactory = staticmethod(_daemon_thread)  # type: ignore[assignment]
+
+    def stop_without_waiting(self) -> None:
+        """
+        Stop the pool without joining its threads: idle ones quit now, busy
+        ones when their function returns, or with the process.
+        """
+        self.joined = True
+        self.started = False
+        self._team.quit()
+
+
+def _call_task(
+    function: Callable[..., Any],
+    context: TaskContext,
+    args: tuple[Any, ...],
+    kwargs: Mapping[str, Any],
+    stderr_path: str,
+) -> Outcome:
+    # Runs in a task thread.  A result must survive the trip through JSON,
+    # so it is checked here, where a failure can still be told in words.
+    try:
+        value = function(context, *args, **kwargs)
+        json.dumps(value)
+    except TypeError as e:
+        if "JSON serializable" in str(e):
+            return Outcome(
+                JobState.FAILED,
+                error=f"the task returned a value that is not JSON: {e}",
+            )
+        return _task_exception(stderr_path)
+    except BaseException:
+        return _task_exception(stderr_path)
+    return Outcome(JobState.SUCCEEDED, result=value)
+
+
+def _task_exception(stderr_path: str) -> Outcome:
+    text = traceback.format_exc()
+    try:
+        with open(stderr_path, "a", encoding="utf-8") as f:
+            f.write(text)
+    except OSError:
+        pass
+    last = text.strip().splitlines()[-1]
+    return Outcome(JobState.FAILED, error=f"the task raised {last}")
+
+
+@attrs.define
+class RunningJob:
+    """
+    A lease the local executor is working on.
+    """
+
+    lease: Lease
+    done: Deferred
+    process: Any = None
+    context: Optional[TaskContext] = None
+    interrupted: bool = False
+
+
+class LocalExecutor:
+    """
+    Runs leased jobs on this host.
+
+    @param reactor: provides C{IReactorTime}.
+    @param holder: this executor's holder name in leases.
+    @param data_dir: the daemon's data directory; jobs run under
+        C{data_dir/jobs}.
+    @param spawner: an L{IProcessSpawner} for command jobs.
+    @param stager: an L{IInputStager} for inputs.
+    @param tasks: the task names and their functions.
+    @param task_pool: the bounded pool task functions run on.
+    @param io_pool: the pool for file-system work.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        holder: str,
+        data_dir: str,
+        spawner: Any,
+        stager: Any,
+        tasks: Mapping[str, TaskRef],
+        task_pool: ThreadPool,
+        io_pool: ThreadPool,
+        kill_grace: float = 5.0,
+    ) -> None:
+        self._reactor = reactor
+        self.holder = holder
+        self._jobs_dir = os.path.join(data_dir, "jobs")
+        self._spawner = spawner
+        self._stager = stager
+        self._tasks = tasks
+        self._task_pool = task_pool
+        self._io_pool = io_pool
+        self.kill_grace = kill_grace
+        self.running: dict[str, RunningJob] = {}
+
+    def job_dir(self, job_id: str) -> str:
+        """
+        The directory of one job: its working directory and its logs.
+        """
+        # UUIDv7 ids start with the time: the first eight digits change
+        # every 65 seconds, which keeps directories to a sane size.
+        return os.path.join(self._jobs_dir, job_id[:8], job_id)
+
+    def workdir(self, job_id: str) -> str:
+        """
+        Where a job's process runs and its inputs land.
+        """
+        return os.path.join(self.job_dir(job_id), "work")
+
+    def log_path(self, job_id: str, attempt: int, stream: str) -> str:
+        """
+        The file holding one stream (C{stdout}/C{stderr}) of one attempt.
+        """
+        return os.path.join(self.job_dir(job_id), f"attempt-{attempt}", stream)
+
+    def run(
+        self,
+        lease: Lease,
+        mark_running: Callable[[Lease], Deferred],
+        record_process: Callable[[Lease, Any], Deferred],
+    ) -> RunningJob:
+        """
+        Start working on C{lease}: stage its inputs, tell C{mark_running},
+        run it, and fire C{RunningJob.done} with its L{Outcome}.  Failures
+        of our own making (staging, spawning) are outcomes too.
+        """
+        running = RunningJob(lease, Deferred())
+        self.running[lease.job_id] = running
+
+        async def work() -> Outcome:
+            spec = lease.spec
+            workdir = self.workdir(lease.job_id)
+            attempt_dir = os.path.dirname(self.log_path(lease.job_id, lease.attempt, "x"))
+            await deferToThreadPool(
+                self._reactor, self._io_pool, _make_dirs, workdir, attempt_dir
+            )
+            if spec.inputs:
+                try:
+                    await self._stager.stage_inputs(spec.inputs, workdir)
+                except Exception as e:
+                    return Outcome(JobState.FAILED, error=f"staging failed: {e}")
+                if running.interrupted:
+                    return Outcome(JobState.FAILED, error="stopped before it ran")
+                await mark_running(lease)
+            if spec.command is not None:
+                return await self._run_command(running, spec, workdir, record_process)
+            return await self._run_task(running, spec, workdir)
+
+        def finished(result: Any) -> Any:
+            del self.running[lease.job_id]
+            if isinstance(result, Failure):
+                log.failure("job {job_id} failed in the executor", result,
+                            job_id=lease.job_id)
+                result = Outcome(
+                    JobState.FAILED,
+                    error=f"internal error: {result.getErrorMessage()}",
+                )
+            running.done.callback(result)
+
+        ensureDeferred(work()).addBoth(finished)
+        return running
+
+    async def _run_command(
+        self,
+        running: RunningJob,
+        spec: JobSpec,
+        workdir: str,
+        record_process: Callable[[Lease, Any], Deferred],
+    ) -> Outcome:
+        lease = running.lease
+        env = dict(BASE_ENVIRONMENT)
+        env["HOME"] = workdir
+        env.update(spec.env)
+        env["DISPATCHER_JOB_ID"] = lease.job_id
+        env["DISPATCHER_ATTEMPT"] = str(lease.attempt)
+        assert spec.command is not None
+        try:
+            process = await self._spawner.spawn(
+                list(spec.command),
+                env,
+                workdir,
+                self.log_path(lease.job_id, lease.attempt, "stdout"),
+                self.log_path(lease.job_id, lease.attempt, "stderr"),
+            )
+        except Exception as e:
+            return Outcome(JobState.FAILED, error=f"could not start the command: {e}")
+        running.process = process
+        try:
+            await record_process(lease, process)
+        except Exception:
+            # The attempt lost its lease while starting (a cancel that
+            # raced it is told apart by the store when it finishes).
+            log.failure("recording the process of job {job_id} failed",
+                        job_id=lease.job_id)
+        if running.interrupted or running.context is not None:
+            process.terminate(self.kill_grace, self._reactor)
+        code = await process.ended
+        return Outcome.from_exit_code(code)
+
+    async def _run_task(
+        self, running: RunningJob, spec: JobSpec, workdir: str
+    ) -> Outcome:
+        lease = running.lease
+        ref = self._tasks.get(spec.task or "")
+        if ref is None:
+            return Outcome(
+                JobState.FAILED,
+                error=f"the task {spec.task!r} is not configured on this host",
+            )
+        context = TaskContext(lease.job_id, lease.attempt, spec.labels, workdir)
+        if running.context is not None and running.context.cancelled:
+            context.cancel()
+        running.context = context
+        return await deferToThreadPool(
+            self._reactor,
+            self._task_pool,
+            _call_task,
+            ref.function,
+            context,
+            spec.args,
+            spec.kwargs,
+            self.log_path(lease.job_id, lease.attempt, "stderr"),
+        )
+
+    def stop(self, job_id: str) -> None:
+        """
+        Stop a running job: its process group gets SIGTERM, then SIGKILL
+        after the kill grace; a task is asked to stop through its context.
+        """
+        running = self.running.get(job_id)
+        if running is None:
+            return
+        if running.process is not None:
+            running.process.terminate(self.kill_grace, self._reactor)
+        elif running.context is not None:
+            running.context.cancel()
+        else:
+            # Not started yet: mark it, and the start stops it at once.
+            running.context = TaskContext(job_id, running.lease.attempt, {}, "")
+            running.context.cancel()
+
+
+def _make_dirs(*paths: str) -> None:
+    for path in paths:
+        os.makedirs(path, exist_ok=True)

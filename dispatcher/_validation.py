@@ -1,0 +1,220 @@
+"""
+Turning a submitted JSON body into a L{JobSpec}, or into an error that
+names the field, says what was wrong and what is allowed.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import re
+from typing import Any, Mapping, NoReturn, Optional
+
+from ._model import InputSpec, JobSpec
+
+
+class ApiError(Exception):
+    """
+    A request the API refuses: the HTTP status, a stable code, a message
+    for a person and the field at fault (or C{None}).
+    """
+
+    def __init__(
+        self, status: int, code: str, message: str, field: Optional[str] = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.field = field
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "error": {"code": self.code, "message": self.message, "field": self.field}
+        }
+
+
+def invalid(field: str, message: str) -> NoReturn:
+    raise ApiError(400, "invalid_field", f"{field}: {message}", field)
+
+
+JOB_FIELDS = frozenset(
+    {"command", "task", "args", "kwargs", "name", "env", "labels", "inputs"}
+)
+INPUT_FIELDS = frozenset({"url", "path", "sha256"})
+MAX_NAME = 200
+MAX_LABEL = 200
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
+_RESERVED_ENV = ("DISPATCHER_",)
+
+
+def _string(value: Any, field: str, allow_empty: bool = True) -> str:
+    if not isinstance(value, str):
+        invalid(field, f"expected a string, got {_kind(value)}")
+    if "\x00" in value:
+        invalid(field, "must not contain a NUL character")
+    if not allow_empty and not value:
+        invalid(field, "must not be empty")
+    return value
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"
+
+
+def _string_map(value: Any, field: str, max_length: Optional[int] = None) -> dict[str, str]:
+    if not isinstance(value, dict):
+        invalid(field, f"expected an object of strings, got {_kind(value)}")
+    out = {}
+    for key, item in value.items():
+        _string(key, field, allow_empty=False)
+        if max_length is not None and len(key) > max_length:
+            invalid(f"{field}.{key}", f"a key may be at most {max_length} characters")
+        text = _string(item, f"{field}.{key}")
+        if max_length is not None and len(text) > max_length:
+            invalid(f"{field}.{key}", f"a value may be at most {max_length} characters")
+        out[key] = text
+    return out
+
+
+def _input(value: Any, field: str) -> InputSpec:
+    if not isinstance(value, dict):
+        invalid(field, f"expected an object with url and path, got {_kind(value)}")
+    for key in value:
+        if key not in INPUT_FIELDS:
+            raise ApiError(
+                400,
+                "unknown_field",
+                f"{field}.{key}: unknown field; allowed: url, path, sha256",
+                f"{field}.{key}",
+            )
+    for key in ("url", "path"):
+        if key not in value:
+            raise ApiError(
+                400, "missing_field", f"{field}.{key}: required", f"{field}.{key}"
+            )
+    url = _string(value["url"], f"{field}.url", allow_empty=False)
+    if not (url.startswith("http://") or url.startswith("https://")):
+        invalid(f"{field}.url", "only http:// and https:// URLs can be fetched")
+    path = _string(value["path"], f"{field}.path", allow_empty=False)
+    if path.startswith("/"):
+        invalid(f"{field}.path", "must be relative to the job's working directory")
+    parts = path.split("/")
+    if ".." in parts:
+        invalid(f"{field}.path", "must not contain '..'")
+    normal = posixpath.normpath(path)
+    if normal in (".", "") or path.endswith("/"):
+        invalid(f"{field}.path", "must name a file")
+    sha256 = None
+    if value.get("sha256") is not None:
+        sha256 = _string(value["sha256"], f"{field}.sha256")
+        if not _SHA256.match(sha256):
+            invalid(f"{field}.sha256", "expected 64 hexadecimal digits")
+        sha256 = sha256.lower()
+    return InputSpec(url=url, path=normal, sha256=sha256)
+
+
+def parse_job_spec(body: Any, tasks: Mapping[str, Any], prefix: str = "") -> JobSpec:
+    """
+    Check one submitted job and build its spec.
+
+    @param body: the decoded JSON value.
+    @param tasks: the configured task names.
+    @param prefix: put before field names (for jobs inside a batch).
+    @raise ApiError: naming the first field at fault.
+    """
+    if not isinstance(body, dict):
+        invalid(prefix.rstrip(".") or "body", f"expected a JSON object, got {_kind(body)}")
+    for key in body:
+        if key not in JOB_FIELDS:
+            raise ApiError(
+                400,
+                "unknown_field",
+                f"{prefix}{key}: unknown field; allowed: {', '.join(sorted(JOB_FIELDS))}",
+                f"{prefix}{key}",
+            )
+    has_command = body.get("command") is not None
+    has_task = body.get("task") is not None
+    if has_command == has_task:
+        raise ApiError(
+            400,
+            "missing_field" if not has_command else "invalid_field",
+            f"{prefix}command: give exactly one of command (an argv list) or task",
+            f"{prefix}command",
+        )
+    spec: dict[str, Any] = {}
+    if has_command:
+        command = body["command"]
+        if not isinstance(command, list) or not command:
+            invalid(f"{prefix}command", "expected a non-empty array of strings (argv)")
+        spec["command"] = tuple(
+            _string(arg, f"{prefix}command[{i}]", allow_empty=(i > 0))
+            for i, arg in enumerate(command)
+        )
+        for key in ("args", "kwargs"):
+            if key in body:
+                invalid(f"{prefix}{key}", "only task jobs take args and kwargs")
+        if "env" in body:
+            env = _string_map(body["env"], f"{prefix}env")
+            for key in env:
+                if not _ENV_NAME.match(key):
+                    invalid(f"{prefix}env.{key}", "not a valid environment variable name")
+                if key.startswith(_RESERVED_ENV):
+                    invalid(f"{prefix}env.{key}", "names starting DISPATCHER_ are reserved")
+            spec["env"] = env
+    else:
+        task = _string(body["task"], f"{prefix}task", allow_empty=False)
+        if task not in tasks:
+            known = ", ".join(sorted(tasks)) or "none are configured"
+            raise ApiError(
+                400,
+                "unknown_task",
+                f"{prefix}task: no task named {task!r}; known: {known}",
+                f"{prefix}task",
+            )
+        spec["task"] = task
+        if "env" in body:
+            invalid(f"{prefix}env", "only command jobs take env")
+        args = body.get("args", [])
+        if not isinstance(args, list):
+            invalid(f"{prefix}args", f"expected an array, got {_kind(args)}")
+        kwargs = body.get("kwargs", {})
+        if not isinstance(kwargs, dict):
+            invalid(f"{prefix}kwargs", f"expected an object, got {_kind(kwargs)}")
+        for key in kwargs:
+            if not key.isidentifier():
+                invalid(f"{prefix}kwargs.{key}", "not a valid Python argument name")
+        spec["args"] = tuple(args)
+        spec["kwargs"] = kwargs
+    if body.get("name") is not None:
+        name = _string(body["name"], f"{prefix}name")
+        if len(name) > MAX_NAME:
+            invalid(f"{prefix}name", f"may be at most {MAX_NAME} characters")
+        spec["name"] = name
+    if "labels" in body:
+        spec["labels"] = _string_map(body["labels"], f"{prefix}labels", MAX_LABEL)
+    if "inputs" in body:
+        inputs = body["inputs"]
+        if not isinstance(inputs, list):
+            invalid(f"{prefix}inputs", f"expected an array, got {_kind(inputs)}")
+        parsed = tuple(_input(item, f"{prefix}inputs[{i}]") for i, item in enumerate(inputs))
+        seen: dict[str, int] = {}
+        for i, item in enumerate(parsed):
+            if item.path in seen:
+                invalid(
+                    f"{prefix}inputs[{i}].path",
+                    f"the same path as inputs[{seen[item.path]}]",
+                )
+            seen[item.path] = i
+        spec["inputs"] = parsed
+    return JobSpec(**spec)

@@ -1,0 +1,123 @@
+"""
+Fixtures shared by the tests: a real daemon on an ephemeral port, and a
+treq client with its own connection pool.
+"""
+
+import json
+import os
+
+import attrs
+import pytest
+import pytest_twisted
+import treq
+from treq.client import HTTPClient
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import serverFromString
+from twisted.web.client import Agent, HTTPConnectionPool
+
+from dispatcher._config import parse_config
+from dispatcher._daemon import DaemonService
+
+TEST_TASKS = """
+[tasks]
+add = tests.tasks:add
+describe = tests.tasks:describe
+block = tests.tasks:block
+wait_for_cancel = tests.tasks:wait_for_cancel
+fail = tests.tasks:fail
+not_json = tests.tasks:not_json
+read_input = tests.tasks:read_input
+"""
+
+
+def sleep(seconds):
+    """A Deferred that fires after real seconds: only for waiting on real
+    processes, never to order logic."""
+    d = Deferred()
+    reactor.callLater(seconds, d.callback, None)
+    return d
+
+
+class Daemon:
+    """A running DaemonService and a client for its API."""
+
+    def __init__(self, service, client):
+        self.service = service
+        self.client = client
+        port = service.port.getHost().port
+        self.url = f"http://127.0.0.1:{port}"
+
+    async def request(self, method, path, body=None, headers=None, raw=None):
+        hdrs = {"Content-Type": ["application/json"]}
+        if headers:
+            hdrs.update(headers)
+        data = raw if raw is not None else (
+            None if body is None else json.dumps(body).encode())
+        response = await self.client.request(
+            method, self.url + path, data=data, headers=hdrs)
+        content = await response.content()
+        return response, content
+
+    async def json(self, method, path, body=None, **kw):
+        response, content = await self.request(method, path, body, **kw)
+        return response.code, json.loads(content)
+
+    async def submit(self, body):
+        code, job = await self.json("POST", "/v1/jobs", body)
+        assert code == 201, job
+        return job
+
+    async def wait(self, job_id, states=("succeeded", "failed", "cancelled"),
+                   timeout=20.0):
+        """Poll a job until it reaches one of states (real processes run in
+        real time)."""
+        waited = 0.0
+        while True:
+            code, job = await self.json("GET", f"/v1/jobs/{job_id}")
+            assert code == 200, job
+            if job["state"] in states:
+                return job
+            if waited > timeout:
+                raise AssertionError(f"job stayed {job['state']}: {job}")
+            await sleep(0.02)
+            waited += 0.02
+
+
+@pytest.fixture
+def client():
+    pool = HTTPConnectionPool(reactor, persistent=False)
+    yield HTTPClient(Agent(reactor, pool=pool))
+    pytest_twisted.blockon(pool.closeCachedConnections())
+
+
+@pytest.fixture
+def make_daemon(tmp_path, client):
+    """Start daemons with extra ini text; all are stopped at teardown."""
+    services = []
+
+    async def make(ini="", data_dir=None):
+        config = parse_config(TEST_TASKS + ini, "test.ini")
+        config = attrs.evolve(
+            config,
+            dispatcher=attrs.evolve(
+                config.dispatcher,
+                data_dir=str(data_dir or tmp_path / "data"),
+            ),
+        )
+        endpoint = serverFromString(reactor, "tcp:0:interface=127.0.0.1")
+        service = DaemonService(reactor, config, endpoint)
+        service.startService()
+        services.append(service)
+        await service.ready
+        return Daemon(service, client)
+
+    yield make
+    for service in services:
+        if service.running:
+            pytest_twisted.blockon(service.stopService())
+
+
+@pytest.fixture
+def daemon(make_daemon):
+    return pytest_twisted.blockon(Deferred.fromCoroutine(make_daemon()))

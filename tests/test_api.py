@@ -1,0 +1,268 @@
+"""
+The HTTP API against a real daemon on an ephemeral port: submission,
+reads, listing, errors, body limits and the OpenAPI document.
+"""
+
+import json
+import re
+import socket
+
+import jsonschema
+import pytest
+import pytest_twisted
+from openapi_spec_validator import validate
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import ClientFactory, Protocol
+
+from dispatcher._openapi import openapi_document
+
+TIME = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
+UUID7 = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
+
+
+def schema(name):
+    doc = openapi_document()
+    return {"$ref": f"#/components/schemas/{name}", "components": doc["components"]}
+
+
+def check(instance, name):
+    jsonschema.validate(instance, schema(name))
+
+
+async def count_jobs(daemon):
+    code, page = await daemon.json("GET", "/v1/jobs?limit=1000")
+    return len(page["jobs"])
+
+
+@pytest_twisted.ensureDeferred
+async def test_submit_command(make_daemon):
+    """A command job is answered 201 with the job and its Location, once stored."""
+    daemon = await make_daemon("[executor]\nslots = 0\n")
+    response, content = await daemon.request(
+        "POST", "/v1/jobs", {"command": ["echo", "hi"], "name": "greet",
+                             "labels": {"team": "ice"}, "env": {"A": "1"}})
+    assert response.code == 201
+    job = json.loads(content)
+    check(job, "Job")
+    assert UUID7.match(job["id"])
+    assert response.headers.getRawHeaders("location") == [f"/v1/jobs/{job['id']}"]
+    assert job["state"] == "queued"
+    assert job["name"] == "greet"
+    assert job["labels"] == {"team": "ice"}
+    assert job["command"] == ["echo", "hi"]
+    assert job["env"] == {"A": "1"}
+    assert TIME.match(job["created_at"])
+    assert job["wait_reason"] == "waiting for a free slot"
+    assert job["attempts"] == []
+    code, again = await daemon.json("GET", f"/v1/jobs/{job['id']}")
+    assert code == 200 and again == job
+
+
+@pytest.mark.parametrize(
+    "body, code, field",
+    [
+        ({}, "missing_field", "command"),
+        ({"command": ["a"], "task": "add"}, "invalid_field", "command"),
+        ({"command": "echo hi"}, "invalid_field", "command"),
+        ({"command": []}, "invalid_field", "command"),
+        ({"command": ["echo", 3]}, "invalid_field", "command[1]"),
+        ({"command": ["echo\x00"]}, "invalid_field", "command[0]"),
+        ({"command": ["a"], "colour": "red"}, "unknown_field", "colour"),
+        ({"task": "nope"}, "unknown_task", "task"),
+        ({"task": "add", "args": {}}, "invalid_field", "args"),
+        ({"task": "add", "env": {}}, "invalid_field", "env"),
+        ({"command": ["a"], "args": [1]}, "invalid_field", "args"),
+        ({"command": ["a"], "env": {"A": 1}}, "invalid_field", "env.A"),
+        ({"command": ["a"], "env": {"DISPATCHER_JOB_ID": "x"}}, "invalid_field",
+         "env.DISPATCHER_JOB_ID"),
+        ({"command": ["a"], "labels": ["x"]}, "invalid_field", "labels"),
+        ({"command": ["a"], "name": 5}, "invalid_field", "name"),
+        ({"command": ["a"], "inputs": [{"url": "http://x/a", "path": "../a"}]},
+         "invalid_field", "inputs[0].path"),
+        ({"command": ["a"], "inputs": [{"url": "http://x/a", "path": "/etc/a"}]},
+         "invalid_field", "inputs[0].path"),
+        ({"command": ["a"], "inputs": [{"url": "http://x/a", "path": "a\x00b"}]},
+         "invalid_field", "inputs[0].path"),
+        ({"command": ["a"], "inputs": [{"url": "file:///etc/passwd", "path": "a"}]},
+         "invalid_field", "inputs[0].url"),
+        ({"command": ["a"], "inputs": [{"url": "http://x/a", "path": "a",
+                                         "sha256": "xyz"}]},
+         "invalid_field", "inputs[0].sha256"),
+        ({"command": ["a"], "inputs": [{"url": "http://x/a"}]},
+         "missing_field", "inputs[0].path"),
+        ({"command": ["a"], "inputs": [{"url": "http://x/a", "path": "a", "x": 1}]},
+         "unknown_field", "inputs[0].x"),
+        ([1, 2], "invalid_field", "body"),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_bad_submissions(daemon, body, code, field):
+    """A wrong submission is a 400 naming the field, and stores nothing."""
+    status, error = await daemon.json("POST", "/v1/jobs", body)
+    assert status == 400, error
+    check(error, "Error")
+    assert error["error"]["code"] == code
+    assert error["error"]["field"] == field
+    assert field.split("[")[0].split(".")[0] in error["error"]["message"] or field == "body"
+    assert await count_jobs(daemon) == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_malformed_json(daemon):
+    """A body that is not JSON is a 400 malformed_json error."""
+    response, content = await daemon.request("POST", "/v1/jobs", raw=b"{nope")
+    assert response.code == 400
+    assert json.loads(content)["error"]["code"] == "malformed_json"
+    assert await count_jobs(daemon) == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_wrong_content_type(daemon):
+    """A body that is not declared application/json is a 415."""
+    response, content = await daemon.request(
+        "POST", "/v1/jobs", {"command": ["true"]},
+        headers={"Content-Type": ["text/plain"]})
+    assert response.code == 415
+    assert json.loads(content)["error"]["code"] == "unsupported_media_type"
+    response, content = await daemon.request(
+        "POST", "/v1/jobs", {"command": ["true"]},
+        headers={"Content-Type": ["application/json; charset=utf-8"]})
+    assert response.code == 201
+
+
+@pytest_twisted.ensureDeferred
+async def test_not_found_and_method(daemon):
+    """Unknown paths and jobs are JSON 404s; a wrong method is a JSON 405 with Allow."""
+    code, error = await daemon.json("GET", "/v1/nothing")
+    assert code == 404 and error["error"]["code"] == "not_found"
+    code, error = await daemon.json("GET", "/v1/jobs/0190-nope")
+    assert code == 404 and error["error"]["field"] == "id"
+    response, content = await daemon.request("DELETE", "/v1/jobs")
+    assert response.code == 405
+    assert response.headers.getRawHeaders("allow") == ["GET, POST"]
+    assert json.loads(content)["error"]["code"] == "method_not_allowed"
+    code, error = await daemon.json("POST", "/v1/jobs/x/cancel")
+    assert code == 404
+
+
+async def raw_exchange(port, data):
+    """Send raw bytes to the server and collect everything it answers until it
+    closes the connection."""
+    done = Deferred()
+    received = []
+
+    class Raw(Protocol):
+        def connectionMade(self):
+            self.transport.write(data)
+
+        def dataReceived(self, chunk):
+            received.append(chunk)
+
+        def connectionLost(self, reason):
+            done.callback(b"".join(received))
+
+    factory = ClientFactory.forProtocol(Raw)
+    reactor.connectTCP("127.0.0.1", port, factory)
+    return await done
+
+
+@pytest_twisted.ensureDeferred
+async def test_body_too_large(make_daemon):
+    """A body over max_body_bytes is a 413, declared or chunked, and stores nothing."""
+    daemon = await make_daemon("[server]\nmax_body_bytes = 2048\n")
+    big = json.dumps({"command": ["echo", "x" * 5000]}).encode()
+    response, content = await daemon.request("POST", "/v1/jobs", raw=big)
+    assert response.code == 413
+    assert json.loads(content)["error"]["code"] == "body_too_large"
+    port = daemon.service.port.getHost().port
+    chunks = b"".join(
+        b"%x\r\n%s\r\n" % (len(big[i:i + 1000]), big[i:i + 1000])
+        for i in range(0, len(big), 1000)
+    ) + b"0\r\n\r\n"
+    answer = await raw_exchange(
+        port,
+        b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n" + chunks,
+    )
+    assert answer.startswith(b"HTTP/1.1 413 ")
+    assert b'"body_too_large"' in answer
+    small = json.dumps({"command": ["true"]}).encode()
+    answer = await raw_exchange(
+        port,
+        b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+        + b"%x\r\n%s\r\n0\r\n\r\n" % (len(small), small),
+    )
+    assert answer.startswith(b"HTTP/1.1 201 ")
+    assert await count_jobs(daemon) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_list_pages_and_filters(make_daemon):
+    """Listing pages with next_cursor, filters by state and label, and checks
+    its query."""
+    daemon = await make_daemon("[executor]\nslots = 0\n")
+    ids = []
+    for i in range(5):
+        job = await daemon.submit({"command": ["true"], "labels": {"n": str(i % 2)}})
+        ids.append(job["id"])
+    code, page = await daemon.json("GET", "/v1/jobs?limit=2")
+    assert [j["id"] for j in page["jobs"]] == ids[:2]
+    seen = [j["id"] for j in page["jobs"]]
+    cursor = page["next_cursor"]
+    while cursor:
+        code, page = await daemon.json("GET", f"/v1/jobs?limit=2&cursor={cursor}")
+        seen += [j["id"] for j in page["jobs"]]
+        cursor = page["next_cursor"]
+    assert seen == ids
+    code, page = await daemon.json("GET", "/v1/jobs?label=n=1")
+    assert [j["id"] for j in page["jobs"]] == [ids[1], ids[3]]
+    code, page = await daemon.json("GET", "/v1/jobs?state=queued&label=n=0")
+    assert len(page["jobs"]) == 3
+    code, page = await daemon.json("GET", "/v1/jobs?state=running")
+    assert page["jobs"] == []
+    for query, field in [("state=sleeping", "state"), ("limit=0", "limit"),
+                         ("limit=abc", "limit"), ("cursor=zz", "cursor"),
+                         ("colour=red", "colour")]:
+        code, error = await daemon.json("GET", f"/v1/jobs?{query}")
+        assert code == 400 and error["error"]["field"] == field, query
+
+
+@pytest_twisted.ensureDeferred
+async def test_cancel_queued(make_daemon):
+    """Cancelling a queued job is immediate (200); cancelling it again is 409."""
+    daemon = await make_daemon("[executor]\nslots = 0\n")
+    job = await daemon.submit({"command": ["true"]})
+    code, cancelled = await daemon.json("POST", f"/v1/jobs/{job['id']}/cancel")
+    assert code == 200
+    assert cancelled["state"] == "cancelled"
+    assert cancelled["finished_at"] is not None
+    code, error = await daemon.json("POST", f"/v1/jobs/{job['id']}/cancel")
+    assert code == 409 and error["error"]["code"] == "conflict"
+    code, error = await daemon.json("POST", "/v1/jobs/missing/cancel")
+    assert code == 404
+
+
+@pytest_twisted.ensureDeferred
+async def test_health_and_openapi(daemon):
+    """/healthz answers ok, and /v1/openapi.json is a valid OpenAPI 3.1 document
+    listing every route the server serves."""
+    code, health = await daemon.json("GET", "/healthz")
+    assert code == 200 and health == {"status": "ok"}
+    code, doc = await daemon.json("GET", "/v1/openapi.json")
+    assert code == 200
+    validate(doc)
+    assert doc["openapi"] == "3.1.0"
+    assert set(doc["paths"]) == {
+        "/healthz", "/v1/openapi.json", "/v1/jobs", "/v1/jobs/{id}",
+        "/v1/jobs/{id}/cancel", "/v1/jobs/{id}/log",
+    }
+    # Every documented operation is served (not 404 or 405).
+    for path, operations in doc["paths"].items():
+        for method in operations:
+            response, _ = await daemon.request(
+                method.upper(), path.replace("{id}", "x"), {"command": ["true"]})
+            assert response.code not in (405,), (method, path)
+            if "{id}" not in path:
+                assert response.code != 404, (method, path)

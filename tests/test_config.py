@@ -1,0 +1,94 @@
+"""
+Reading the ini file: defaults, every key, and errors that name the file,
+section, key and value.
+"""
+
+import re
+
+import pytest
+
+from dispatcher._config import Config, ConfigError, load_config, parse_config
+
+
+def test_defaults():
+    """With no file, the daemon listens on loopback 8080 and keeps data in var."""
+    config = Config()
+    assert config.server.listen == "tcp:8080:interface=127.0.0.1"
+    assert config.dispatcher.data_dir == "var"
+    assert config.executor.slots == 8
+
+
+def test_example_file_holds_the_defaults():
+    """etc/dispatcher.ini, uncommented, names every key with its default."""
+    lines = []
+    for line in open("etc/dispatcher.ini"):
+        if re.match(r"^# [a-z_]+ = ", line) and "wordcount" not in line:
+            lines.append(line[2:])
+        elif line.startswith("["):
+            lines.append(line)
+    config = parse_config("".join(lines), "example")
+    assert config == Config(path="example")
+    # And every key of every section is in the example.
+    from dispatcher._config import _SECTIONS
+    text = "".join(lines)
+    for section, (_, keys) in _SECTIONS.items():
+        for key in keys:
+            assert f"{key} = " in text, (section, key)
+
+
+def test_values_are_read():
+    """Every section's keys are parsed into the frozen value."""
+    config = parse_config(
+        "[server]\nlisten = tcp:9000\nmax_body_bytes = 4096\naccess_log = no\n"
+        "[dispatcher]\ndata_dir = /tmp/x\nshutdown_grace = 2.5\n"
+        "[executor]\nslots = 0\nthreads = 3\n"
+        "[fetch]\ntimeout = 10\nretries = 0\nretry_delay = 0.5\nmax_bytes = 100\n"
+        "[tasks]\nadd = tests.tasks:add\n",
+        "x.ini",
+    )
+    assert config.server.listen == "tcp:9000"
+    assert config.server.max_body_bytes == 4096
+    assert config.server.access_log is False
+    assert config.dispatcher.shutdown_grace == 2.5
+    assert config.executor.slots == 0 and config.executor.threads == 3
+    assert config.fetch.max_bytes == 100 and config.fetch.retry_delay == 0.5
+    assert config.tasks["add"].function(None, 1, 2) == 3
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("[executor]\nslots = many\n",
+         "x.ini: [executor] slots = 'many': expected an integer of at least 0"),
+        ("[executor]\nthreads = 0\n",
+         "x.ini: [executor] threads = '0': expected an integer of at least 1"),
+        ("[executor]\ncolour = red\n",
+         "x.ini: [executor] colour = 'red': unknown key; known: slots, threads"),
+        ("[nope]\na = b\n", "x.ini: [nope]: unknown section; known:"),
+        ("[server]\naccess_log = maybe\n",
+         "x.ini: [server] access_log = 'maybe': expected one of"),
+        ("[fetch]\ntimeout = 0\n",
+         "x.ini: [fetch] timeout = '0': expected a number of seconds above 0"),
+        ("[tasks]\nx = not a target\n",
+         "x.ini: [tasks] x = 'not a target': expected package.module:function"),
+        ("[tasks]\nx = no_such_module_xyz:f\n",
+         "x.ini: [tasks] x = 'no_such_module_xyz:f': cannot load it (ModuleNotFoundError"),
+        ("[tasks]\nx = tests.tasks:missing\n",
+         "x.ini: [tasks] x = 'tests.tasks:missing': cannot load it (AttributeError"),
+        ("[executor]\nslots = 1\nslots = 2\n", "x.ini: While reading from 'x.ini'"),
+        ("slots = 1\n", "x.ini: File contains no section headers."),
+    ],
+)
+def test_errors_name_the_place(text, message):
+    """A wrong section, key or value is one line naming file, section, key and
+    value, and what is allowed."""
+    with pytest.raises(ConfigError) as e:
+        parse_config(text, "x.ini")
+    assert str(e.value).startswith(message)
+    assert "\n" not in str(e.value)
+
+
+def test_missing_file(tmp_path):
+    """A file that cannot be read is an error naming it."""
+    with pytest.raises(ConfigError, match="nope.ini: cannot read"):
+        load_config(str(tmp_path / "nope.ini"))

@@ -1,0 +1,194 @@
+"""
+Jobs running end to end in a real daemon: real processes through the
+spawner, real task threads.
+"""
+
+import os
+import time
+
+import pytest_twisted
+from twisted.internet.defer import ensureDeferred, gatherResults
+
+from .conftest import sleep
+
+
+@pytest_twisted.ensureDeferred
+async def test_command_succeeds_with_output(daemon):
+    """A command job runs, its stdout is its log, and it ends succeeded with exit 0."""
+    job = await daemon.submit({"command": ["sh", "-c", "echo out; echo err >&2"]})
+    done = await daemon.wait(job["id"])
+    assert done["state"] == "succeeded", done
+    assert done["exit_code"] == 0
+    assert done["started_at"] and done["finished_at"]
+    (attempt,) = done["attempts"]
+    assert attempt["number"] == 1 and attempt["exit_code"] == 0
+    assert attempt["holder"].startswith("local@")
+    response, out = await daemon.request("GET", f"/v1/jobs/{job['id']}/log")
+    assert response.code == 200 and out == b"out\n"
+    assert response.headers.getRawHeaders("content-type")[0].startswith("text/plain")
+    _, err = await daemon.request("GET", f"/v1/jobs/{job['id']}/log?stream=stderr")
+    assert err == b"err\n"
+    code, error = await daemon.json("GET", f"/v1/jobs/{job['id']}/log?stream=other")
+    assert code == 400 and error["error"]["field"] == "stream"
+
+
+@pytest_twisted.ensureDeferred
+async def test_command_fails_and_signals(daemon):
+    """A non-zero exit fails the job with that code; a signal gives its negative."""
+    job = await daemon.submit({"command": ["sh", "-c", "exit 3"]})
+    done = await daemon.wait(job["id"])
+    assert done["state"] == "failed"
+    assert done["exit_code"] == 3
+    assert "3" in done["error"]
+    job = await daemon.submit({"command": ["sh", "-c", "kill -9 $$"]})
+    done = await daemon.wait(job["id"])
+    assert done["state"] == "failed" and done["exit_code"] == -9
+    assert "signal 9" in done["error"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_command_not_found(daemon):
+    """A command that cannot start fails the job with a reason naming it."""
+    job = await daemon.submit({"command": ["no-such-program-xyz"]})
+    done = await daemon.wait(job["id"])
+    assert done["state"] == "failed"
+    assert "no-such-program-xyz" in done["error"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_clean_environment(daemon, monkeypatch):
+    """A command sees a clean base environment, its own env and the job's ids,
+    never the daemon's environment."""
+    os.environ["DISPATCHER_TEST_SECRET"] = "leak"
+    try:
+        job = await daemon.submit({"command": ["env"], "env": {"MINE": "yes"}})
+        done = await daemon.wait(job["id"])
+    finally:
+        del os.environ["DISPATCHER_TEST_SECRET"]
+    _, out = await daemon.request("GET", f"/v1/jobs/{job['id']}/log")
+    env = dict(line.split("=", 1) for line in out.decode().splitlines())
+    assert "DISPATCHER_TEST_SECRET" not in env
+    assert env["MINE"] == "yes"
+    assert env["DISPATCHER_JOB_ID"] == job["id"]
+    assert env["DISPATCHER_ATTEMPT"] == "1"
+    assert env["PATH"] == "/usr/local/bin:/usr/bin:/bin"
+    assert env["HOME"].endswith(os.path.join(job["id"], "work"))
+    assert done["state"] == "succeeded"
+
+
+@pytest_twisted.ensureDeferred
+async def test_log_while_running_and_cancel_kills_tree(daemon, tmp_path):
+    """The log can be read while the job runs, and cancel kills the job's whole
+    process tree and records it cancelled."""
+    pidfile = tmp_path / "grandchild"
+    job = await daemon.submit({"command": [
+        "sh", "-c",
+        f"sleep 300 & echo $! > {pidfile}; echo started; wait"]})
+    for _ in range(500):
+        _, out = await daemon.request("GET", f"/v1/jobs/{job['id']}/log")
+        if out == b"started\n" and pidfile.exists() and pidfile.read_text().strip():
+            break
+        await sleep(0.01)
+    assert out == b"started\n"
+    grandchild = int(pidfile.read_text())
+    os.kill(grandchild, 0)
+    code, answer = await daemon.json("POST", f"/v1/jobs/{job['id']}/cancel")
+    assert code == 202 and answer["state"] == "running"
+    done = await daemon.wait(job["id"])
+    assert done["state"] == "cancelled"
+    assert done["exit_code"] == -15
+    for _ in range(200):
+        try:
+            os.kill(grandchild, 0)
+        except ProcessLookupError:
+            break
+        await sleep(0.01)
+    else:
+        raise AssertionError("the grandchild survived the cancel")
+
+
+@pytest_twisted.ensureDeferred
+async def test_task_result_and_context(daemon):
+    """A task runs on the task pool with a context, and its return value is the
+    job's result."""
+    job = await daemon.submit({"task": "add", "args": [2, 3]})
+    done = await daemon.wait(job["id"])
+    assert done["state"] == "succeeded" and done["result"] == 5
+    assert done["exit_code"] is None
+    job = await daemon.submit({"task": "describe", "args": [1], "kwargs": {"k": "v"},
+                               "labels": {"a": "b"}})
+    done = await daemon.wait(job["id"])
+    result = done["result"]
+    assert result["job_id"] == job["id"] and result["attempt"] == 1
+    assert result["labels"] == {"a": "b"}
+    assert result["args"] == [1] and result["kwargs"] == {"k": "v"}
+    assert "dispatcher-tasks" in result["thread"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_task_failures(daemon):
+    """A task that raises or returns a value that is not JSON fails with words;
+    the traceback is its stderr log."""
+    job = await daemon.submit({"task": "fail", "args": ["boom"]})
+    done = await daemon.wait(job["id"])
+    assert done["state"] == "failed"
+    assert "ValueError: boom" in done["error"]
+    _, err = await daemon.request("GET", f"/v1/jobs/{job['id']}/log?stream=stderr")
+    assert b"Traceback" in err and b"boom" in err
+    job = await daemon.submit({"task": "not_json"})
+    done = await daemon.wait(job["id"])
+    assert done["state"] == "failed" and "not JSON" in done["error"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_cancel_task(daemon):
+    """Cancelling a running task sets its context's flag; it ends cancelled."""
+    job = await daemon.submit({"task": "wait_for_cancel", "args": [30]})
+    await daemon.wait(job["id"], states=("running",))
+    code, _ = await daemon.json("POST", f"/v1/jobs/{job['id']}/cancel")
+    assert code == 202
+    done = await daemon.wait(job["id"])
+    assert done["state"] == "cancelled"
+    assert done["result"] == "cancelled"
+
+
+@pytest_twisted.ensureDeferred
+async def test_five_blocking_tasks_run_together(make_daemon):
+    """Five tasks that each block for one second, with five threads, finish
+    together in about one second, while the API keeps answering."""
+    daemon = await make_daemon("[executor]\nthreads = 5\nslots = 5\n")
+    started = time.monotonic()
+    jobs = await gatherResults([
+        ensureDeferred(daemon.submit({"task": "block", "args": [1]}))
+        for _ in range(5)])
+    answered = []
+    while True:
+        t = time.monotonic()
+        code, _ = await daemon.json("GET", "/healthz")
+        answered.append(time.monotonic() - t)
+        states = [(await daemon.json("GET", f"/v1/jobs/{j['id']}"))[1]["state"]
+                  for j in jobs]
+        if all(s == "succeeded" for s in states):
+            break
+        await sleep(0.02)
+    elapsed = time.monotonic() - started
+    assert elapsed < 1.8, elapsed
+    assert max(answered) < 0.5
+
+
+@pytest_twisted.ensureDeferred
+async def test_slots_bound_concurrency(make_daemon, tmp_path):
+    """No more jobs run at once than [executor] slots; the rest wait queued
+    and run as slots free."""
+    daemon = await make_daemon("[executor]\nslots = 2\n")
+    marker = tmp_path / "running"
+    marker.mkdir()
+    script = (f"touch {marker}/$DISPATCHER_JOB_ID; "
+              f"n=$(ls {marker} | wc -l); echo $n; sleep 0.2; "
+              f"rm {marker}/$DISPATCHER_JOB_ID")
+    jobs = [await daemon.submit({"command": ["sh", "-c", script]}) for _ in range(6)]
+    for job in jobs:
+        done = await daemon.wait(job["id"])
+        assert done["state"] == "succeeded"
+        _, out = await daemon.request("GET", f"/v1/jobs/{job['id']}/log")
+        assert int(out) <= 2
