@@ -8,14 +8,17 @@ L{ApiError}s into JSON responses, and cancels them when the client goes.
 from __future__ import annotations
 
 import json
+import os
 from typing import Any, Awaitable, Callable, Mapping, Optional
 
 from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IPullProducer
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
+from zope.interface import implementer
 
 from ._model import InvalidTransition, JobState, UnknownJob
 from ._openapi import openapi_document
@@ -44,6 +47,83 @@ class Answer:
         self.body = body
         self.headers = dict(headers or {})
         self.content_type = content_type
+
+
+class FileAnswer(Answer):
+    """
+    A 200 answer whose body is a file's bytes from C{offset} to the size the
+    file had when the answer began (a log may grow meanwhile).
+    """
+
+    def __init__(self, path: Optional[str], offset: int, size: int) -> None:
+        Answer.__init__(self, 200, b"", content_type="text/plain; charset=utf-8")
+        self.path = path
+        self.offset = offset
+        self.size = size
+
+
+@implementer(IPullProducer)
+class _FileProducer:
+    """
+    Sends a file region to a request a chunk at a time, as the connection
+    asks for more, with every read on the I/O pool.
+    """
+
+    chunk = 65536
+
+    def __init__(self, request: Any, answer: FileAnswer, reactor: Any, pool: Any) -> None:
+        self._request = request
+        self._path = answer.path
+        self._offset = answer.offset
+        self._end = answer.offset + answer.size
+        self._reactor = reactor
+        self._pool = pool
+        self._reading = False
+        self._stopped = False
+
+    def start(self) -> None:
+        self._request.registerProducer(self, False)
+
+    def resumeProducing(self) -> None:
+        if self._reading or self._stopped:
+            return
+        if self._offset >= self._end:
+            self._done()
+            return
+        self._reading = True
+        size = min(self.chunk, self._end - self._offset)
+        d = deferToThreadPool(
+            self._reactor, self._pool, _read_region, self._path, self._offset, size
+        )
+        d.addCallbacks(self._read, self._failed)
+
+    def _read(self, data: bytes) -> None:
+        self._reading = False
+        if self._stopped:
+            return
+        if not data:
+            # The file shrank: end the body short; the client sees it.
+            self._request.unregisterProducer()
+            self._request.loseConnection()
+            self._stopped = True
+            return
+        self._offset += len(data)
+        self._request.write(data)
+
+    def _failed(self, failure: Failure) -> None:
+        self._reading = False
+        log.failure("reading {path} failed", failure, path=self._path)
+        self._stopped = True
+        self._request.unregisterProducer()
+        self._request.loseConnection()
+
+    def _done(self) -> None:
+        self._stopped = True
+        self._request.unregisterProducer()
+        self._request.finish()
+
+    def stopProducing(self) -> None:
+        self._stopped = True
 
 
 def _encode(value: Any) -> bytes:
@@ -154,6 +234,14 @@ class DispatcherAPI(Resource):
 
     def _write_answer(self, answer: Answer, request: Any) -> None:
         if request.finished or request._disconnected:
+            return
+        if isinstance(answer, FileAnswer):
+            request.setHeader(b"content-type", answer.content_type.encode("ascii"))
+            request.setHeader(b"content-length", str(answer.size).encode("ascii"))
+            if request.method == b"HEAD" or answer.size == 0:
+                request.finish()
+                return
+            _FileProducer(request, answer, self._reactor, self._io_pool).start()
             return
         request.setResponseCode(answer.status)
         for name, value in answer.headers.items():
@@ -286,24 +374,44 @@ class DispatcherAPI(Resource):
         return Answer(200 if done else 202, job.to_json())
 
     async def read_log(self, request: Any, job_id: str) -> Answer:
+        for name in request.args:
+            if name not in (b"stream", b"offset"):
+                key = name.decode("utf-8", "replace")
+                raise ApiError(
+                    400,
+                    "invalid_query",
+                    f"{key}: unknown query parameter; allowed: stream, offset",
+                    key,
+                )
         stream = _query(request, "stream") or "stdout"
         if stream not in ("stdout", "stderr"):
             raise ApiError(
                 400, "invalid_query", "stream: expected stdout or stderr", "stream"
             )
+        text = _query(request, "offset") or "0"
+        if not text.isdigit():
+            raise ApiError(
+                400, "invalid_query", "offset: expected a byte offset from 0 up", "offset"
+            )
+        offset = int(text)
         job = await self._job(job_id)
         path = self._dispatcher.log_path(job, stream)
-        data = b""
+        size = 0
         if path is not None:
-            data = await deferToThreadPool(
-                self._reactor, self._io_pool, _read_file, path
+            size = await deferToThreadPool(
+                self._reactor, self._io_pool, _file_size, path
             )
-        return Answer(200, data, content_type="text/plain; charset=utf-8")
+        return FileAnswer(path, offset, max(0, size - offset))
 
 
-def _read_file(path: str) -> bytes:
+def _file_size(path: str) -> int:
     try:
-        with open(path, "rb") as f:
-            return f.read()
+        return os.stat(path).st_size
     except FileNotFoundError:
-        return b""
+        return 0
+
+
+def _read_region(path: str, offset: int, size: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read(size)

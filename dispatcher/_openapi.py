@@ -281,12 +281,20 @@ def openapi_document() -> dict[str, Any]:
                             "in": "query",
                             "schema": {"enum": ["stdout", "stderr"], "default": "stdout"},
                         },
+                        {
+                            "name": "offset",
+                            "in": "query",
+                            "description": "Skip this many bytes: poll with the size "
+                            "already read to follow a running job.",
+                            "schema": {"type": "integer", "minimum": 0, "default": 0},
+                        },
                     ],
                     "responses": {
                         "200": {
                             "description": "The text so far.",
                             "content": {"text/plain": {"schema": {"type": "string"}}},
                         },
+                        "400": _error_response("A query parameter is wrong."),
                         "404": _error_response("No such job."),
                     },
                 }

@@ -159,6 +159,7 @@ class _Helper(ProcessProtocol):
         self._running = {}
         self._buffers = {1: b"", 2: b""}
         self.stopping = False
+        self.dead = False
         self.exited = Deferred()
 
     def spawn(self, argv, env, cwd, stdout_path, stderr_path):
@@ -195,13 +196,15 @@ class _Helper(ProcessProtocol):
         return self.exited
 
     def _send(self, message):
-        if self.stopping or self.exited.called:
+        if self.stopping or self.dead:
             # Its stdin is closed.  Spawns cannot get here (the spawner
             # sends them only to a live helper); signals for processes left
             # running at stop can.
             self._log.warn(
-                "not sent, the process spawner helper has stopped: {message}",
-                message=message,
+                "cannot send {op} request {job_id}: the process spawner "
+                "helper has stopped",
+                op=message["op"],
+                job_id=message["id"],
             )
             return
         self.transport.write(json.dumps(message).encode("ascii") + b"\n")
@@ -259,6 +262,10 @@ class _Helper(ProcessProtocol):
             spawned.callback(process)
 
     def processEnded(self, reason):
+        # First of all, so that the callbacks fired below, which may well
+        # spawn again, find no helper and start a new one.
+        self.dead = True
+        self._on_end(self)
         if self.stopping:
             why = "the process spawner stopped"
         else:
@@ -287,7 +294,6 @@ class _Helper(ProcessProtocol):
                         )
                     )
                 )
-        self._on_end(self)
         self.exited.callback(None)
 
 

@@ -3,10 +3,16 @@ Jobs running end to end in a real daemon: real processes through the
 spawner, real task threads.
 """
 
+import hashlib
 import os
 import time
 
+import pytest
 import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.endpoints import serverFromString
+from twisted.web.server import Site
+from twisted.web.static import File
 from twisted.internet.defer import ensureDeferred, gatherResults
 
 from .conftest import sleep
@@ -192,3 +198,72 @@ async def test_slots_bound_concurrency(make_daemon, tmp_path):
         assert done["state"] == "succeeded"
         _, out = await daemon.request("GET", f"/v1/jobs/{job['id']}/log")
         assert int(out) <= 2
+
+
+@pytest.fixture
+def file_server(tmp_path):
+    """A real local HTTP server of files, on an ephemeral port."""
+    root = tmp_path / "served"
+    root.mkdir()
+    (root / "data.txt").write_bytes(b"payload\n")
+    site = Site(File(str(root)))
+    port = pytest_twisted.blockon(
+        serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(site))
+    yield f"http://127.0.0.1:{port.getHost().port}"
+    pytest_twisted.blockon(port.stopListening())
+
+
+@pytest_twisted.ensureDeferred
+async def test_inputs_are_staged_before_the_job(daemon, file_server):
+    """Inputs are fetched into the job's working directory, checked, and the job
+    then runs with them."""
+    digest = hashlib.sha256(b"payload\n").hexdigest()
+    job = await daemon.submit({
+        "command": ["cat", "in/data.txt"],
+        "inputs": [{"url": f"{file_server}/data.txt", "path": "in/data.txt",
+                    "sha256": digest}]})
+    done = await daemon.wait(job["id"])
+    assert done["state"] == "succeeded", done
+    _, out = await daemon.request("GET", f"/v1/jobs/{job['id']}/log")
+    assert out == b"payload\n"
+    job = await daemon.submit({
+        "task": "read_input", "args": ["x.txt"],
+        "inputs": [{"url": f"{file_server}/data.txt", "path": "x.txt"}]})
+    done = await daemon.wait(job["id"])
+    assert done["result"] == "payload\n"
+
+
+@pytest_twisted.ensureDeferred
+async def test_staging_failure_names_the_input(daemon, file_server):
+    """A failed input fails the job, before it runs, with an error that names the
+    input and says why."""
+    job = await daemon.submit({
+        "command": ["touch", "ran"],
+        "inputs": [{"url": f"{file_server}/data.txt", "path": "a.txt"},
+                   {"url": f"{file_server}/data.txt", "path": "b.txt",
+                    "sha256": "0" * 64}]})
+    done = await daemon.wait(job["id"])
+    assert done["state"] == "failed"
+    assert "input 1" in done["error"] and "b.txt" in done["error"]
+    assert "sha256" in done["error"]
+    assert done["attempts"][0]["error"] == done["error"]
+    workdir = daemon.service.dispatcher.executor.workdir(job["id"])
+    assert not os.path.exists(os.path.join(workdir, "ran"))
+
+
+@pytest_twisted.ensureDeferred
+async def test_large_log_and_offset(daemon):
+    """A large log streams whole, and offset returns only what follows it."""
+    job = await daemon.submit({"command": ["head", "-c", "3000000", "/dev/zero"]})
+    await daemon.wait(job["id"])
+    response, out = await daemon.request("GET", f"/v1/jobs/{job['id']}/log")
+    assert len(out) == 3000000
+    _, tail = await daemon.request("GET", f"/v1/jobs/{job['id']}/log?offset=2999990")
+    assert tail == b"\0" * 10
+    _, nothing = await daemon.request("GET", f"/v1/jobs/{job['id']}/log?offset=9999999")
+    assert nothing == b""
+    code, error = await daemon.json("GET", f"/v1/jobs/{job['id']}/log?offset=-1")
+    assert code == 400 and error["error"]["field"] == "offset"
+    queued = await daemon.submit({"task": "add", "args": [1, 1]})
+    _, empty = await daemon.request("GET", f"/v1/jobs/{queued['id']}/log?stream=stderr")
+    assert empty == b""
