@@ -1,0 +1,53 @@
+"""
+Model values: ids, times, transitions and outcomes.
+"""
+
+import uuid
+
+from dispatcher._model import (
+    FINAL_STATES,
+    JobIds,
+    JobState,
+    Outcome,
+    format_time,
+    may_transition,
+)
+
+
+def test_ids_are_uuid7_and_ordered():
+    """Ids are version-7 UUIDs, unique, and sort in the order they were made,
+    within one millisecond and across a clock that steps back."""
+    now = [1_800_000_000.0]
+    ids = JobIds(lambda: now[0])
+    made = [ids.new() for _ in range(5000)]
+    now[0] -= 10
+    made += [ids.new() for _ in range(10)]
+    now[0] += 20
+    made += [ids.new() for _ in range(10)]
+    assert len(set(made)) == len(made)
+    assert made == sorted(made)
+    for text in made[:10]:
+        assert uuid.UUID(text).version == 7
+    first = uuid.UUID(made[0]).int >> 80
+    assert first == 1_800_000_000_000
+
+
+def test_times_are_rfc3339_utc_with_microseconds():
+    """Times show as RFC 3339 UTC with six fractional digits."""
+    assert format_time(0.5) == "1970-01-01T00:00:00.500000Z"
+    assert format_time(None) is None
+
+
+def test_final_states_change_only_by_retry():
+    """No transition leaves a final state; active states can go back to queued."""
+    for state in FINAL_STATES:
+        assert not any(may_transition(state, t) for t in JobState)
+    assert may_transition(JobState.RUNNING, JobState.QUEUED)
+    assert not may_transition(JobState.QUEUED, JobState.SUCCEEDED)
+
+
+def test_outcome_from_exit_code():
+    """Exit 0 succeeds; other codes and signals fail with words."""
+    assert Outcome.from_exit_code(0).state is JobState.SUCCEEDED
+    assert Outcome.from_exit_code(2).error == "exited with code 2"
+    assert Outcome.from_exit_code(-9).error == "killed by signal 9"
