@@ -20,7 +20,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 
-from ._model import InvalidTransition, JobState, UnknownJob
+from ._model import InvalidTransition, JobState, StoreClosed, UnknownJob
 from ._openapi import openapi_document
 from ._validation import ApiError, parse_job_spec
 
@@ -264,6 +264,12 @@ class DispatcherAPI(Resource):
             return
         if failure.check(ApiError):
             self._write_error(request, failure.value)
+            return
+        if failure.check(StoreClosed):
+            self._write_error(
+                request,
+                ApiError(503, "shutting_down", "the dispatcher is stopping; try again"),
+            )
             return
         log.failure("request {method} {uri} failed", failure,
                     method=request.method, uri=request.uri)

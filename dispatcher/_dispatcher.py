@@ -133,9 +133,10 @@ class Dispatcher(Service):
             waits = []
             for running in list(self.executor.running.values()):
                 running.interrupted = True
-                if running.process is None:
+                if running.context is not None:
                     # A task thread cannot be killed: give its lease back
                     # now, and let its late result fall on a stale lease.
+                    running.context.cancel()
                     waits.append(self._release(running))
                 else:
                     self.executor.stop(running.lease.job_id)

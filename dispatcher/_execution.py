@@ -15,7 +15,7 @@ import traceback
 from typing import Any, Callable, Mapping, Optional
 
 import attrs
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -142,6 +142,8 @@ class RunningJob:
     done: Deferred
     process: Any = None
     context: Optional[TaskContext] = None
+    staging: Optional[Deferred] = None
+    stopping: bool = False
     interrupted: bool = False
 
 
@@ -224,14 +226,20 @@ class LocalExecutor:
             await deferToThreadPool(
                 self._reactor, self._io_pool, _make_dirs, workdir, attempt_dir
             )
-            if spec.inputs:
+            if spec.inputs and not running.stopping:
+                running.staging = self._stager.stage_inputs(spec.inputs, workdir)
                 try:
-                    await self._stager.stage_inputs(spec.inputs, workdir)
+                    await running.staging
+                except CancelledError:
+                    pass
                 except Exception as e:
                     return Outcome(JobState.FAILED, error=f"staging failed: {e}")
-                if running.interrupted:
-                    return Outcome(JobState.FAILED, error="stopped before it ran")
-                await mark_running(lease)
+                finally:
+                    running.staging = None
+                if not running.stopping:
+                    await mark_running(lease)
+            if running.stopping:
+                return Outcome(JobState.FAILED, error="stopped before it started")
             if spec.command is not None:
                 return await self._run_command(running, spec, workdir, record_process)
             return await self._run_task(running, spec, workdir)
@@ -275,15 +283,13 @@ class LocalExecutor:
         except Exception as e:
             return Outcome(JobState.FAILED, error=f"could not start the command: {e}")
         running.process = process
+        if running.stopping:
+            process.terminate(self.kill_grace, self._reactor)
         try:
             await record_process(lease, process)
         except Exception:
-            # The attempt lost its lease while starting (a cancel that
-            # raced it is told apart by the store when it finishes).
             log.failure("recording the process of job {job_id} failed",
                         job_id=lease.job_id)
-        if running.interrupted or running.context is not None:
-            process.terminate(self.kill_grace, self._reactor)
         code = await process.ended
         return Outcome.from_exit_code(code)
 
@@ -298,8 +304,6 @@ class LocalExecutor:
                 error=f"the task {spec.task!r} is not configured on this host",
             )
         context = TaskContext(lease.job_id, lease.attempt, spec.labels, workdir)
-        if running.context is not None and running.context.cancelled:
-            context.cancel()
         running.context = context
         return await deferToThreadPool(
             self._reactor,
@@ -320,13 +324,14 @@ class LocalExecutor:
         running = self.running.get(job_id)
         if running is None:
             return
+        # Whatever stage the job is at, the flag stops the next one from
+        # starting; the current one is stopped here.
+        running.stopping = True
+        if running.staging is not None:
+            running.staging.cancel()
         if running.process is not None:
             running.process.terminate(self.kill_grace, self._reactor)
         elif running.context is not None:
-            running.context.cancel()
-        else:
-            # Not started yet: mark it, and the start stops it at once.
-            running.context = TaskContext(job_id, running.lease.attempt, {}, "")
             running.context.cancel()
 
 

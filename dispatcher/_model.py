@@ -128,6 +128,13 @@ class StaleLease(Exception):
         self.token = token
 
 
+class StoreClosed(Exception):
+    """
+    The store is closing or closed (the daemon is stopping); nothing was
+    written.
+    """
+
+
 @attrs.frozen
 class InputSpec:
     """

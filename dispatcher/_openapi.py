@@ -196,6 +196,7 @@ def openapi_document() -> dict[str, Any]:
                         "400": _error_response("A field is wrong; it is named."),
                         "413": _error_response("The body is over [server] max_body_bytes."),
                         "415": _error_response("The body is not application/json."),
+                        "503": _error_response("The dispatcher is stopping; nothing was stored."),
                     },
                 },
                 "get": {

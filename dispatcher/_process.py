@@ -402,12 +402,17 @@ def kill_group_if_ours(pid, start_ticks, boot_id, signum):
     id.
 
     @param pid: the pid recorded when the job started.
-    @param start_ticks: the start time recorded then.
-    @param boot_id: the boot id recorded then.
+    @param start_ticks: the start time recorded then; with C{None}, nothing
+        is signalled.
+    @param boot_id: the boot id recorded then; with C{None}, nothing is
+        signalled.
     @param signum: the signal to send.
 
     @return: whether the group was signalled.
     """
+    if start_ticks is None or boot_id is None:
+        # Nothing recorded to tell this job from whoever has its pid now.
+        return False
     fields = read_stat(pid)
     if fields is None:
         return False

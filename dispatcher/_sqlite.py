@@ -35,6 +35,7 @@ from ._model import (
     Lease,
     Outcome,
     StaleLease,
+    StoreClosed,
     UnknownJob,
     may_transition,
 )
@@ -229,7 +230,7 @@ class SQLiteJobStore:
 
     def _write(self, operation: Callable[..., Any], *args: Any) -> Deferred:
         if self._closing is not None:
-            return fail(RuntimeError("the store is closing"))
+            return fail(StoreClosed("the dispatcher is stopping"))
         d: Deferred = Deferred()
         self._pending.append((operation, args, d))
         if not self._flushing:

@@ -266,3 +266,11 @@ async def test_health_and_openapi(daemon):
             assert response.code not in (405,), (method, path)
             if "{id}" not in path:
                 assert response.code != 404, (method, path)
+
+
+@pytest_twisted.ensureDeferred
+async def test_submit_while_stopping(daemon):
+    """A submission that arrives after the store closed is a 503 and stores nothing."""
+    await daemon.service.store.close()
+    code, error = await daemon.json("POST", "/v1/jobs", {"command": ["true"]})
+    assert code == 503 and error["error"]["code"] == "shutting_down"

@@ -267,3 +267,47 @@ async def test_large_log_and_offset(daemon):
     queued = await daemon.submit({"task": "add", "args": [1, 1]})
     _, empty = await daemon.request("GET", f"/v1/jobs/{queued['id']}/log?stream=stderr")
     assert empty == b""
+
+
+@pytest.fixture
+def hanging_server():
+    """A local server that accepts a request and never answers."""
+    from twisted.internet.protocol import Factory, Protocol
+
+    class Hang(Protocol):
+        def dataReceived(self, data):
+            pass
+
+    connections = []
+
+    class Track(Factory):
+        protocol = Hang
+
+        def buildProtocol(self, addr):
+            p = Factory.buildProtocol(self, addr)
+            connections.append(p)
+            return p
+
+    port = pytest_twisted.blockon(
+        serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(Track()))
+    yield f"http://127.0.0.1:{port.getHost().port}"
+    for p in connections:
+        if p.transport is not None:
+            p.transport.abortConnection()
+    pytest_twisted.blockon(port.stopListening())
+
+
+@pytest_twisted.ensureDeferred
+async def test_cancel_during_staging(daemon, hanging_server):
+    """Cancelling a job while its inputs are fetched stops the fetch and the job
+    never runs."""
+    job = await daemon.submit({
+        "command": ["touch", "ran"],
+        "inputs": [{"url": f"{hanging_server}/slow", "path": "slow"}]})
+    await daemon.wait(job["id"], states=("staging",))
+    code, answer = await daemon.json("POST", f"/v1/jobs/{job['id']}/cancel")
+    assert code == 202 and answer["state"] == "staging"
+    done = await daemon.wait(job["id"], timeout=5)
+    assert done["state"] == "cancelled"
+    workdir = daemon.service.dispatcher.executor.workdir(job["id"])
+    assert not os.path.exists(os.path.join(workdir, "ran"))

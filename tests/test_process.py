@@ -98,6 +98,8 @@ class Jobs:
 
 @pytest_twisted.async_yield_fixture
 async def jobs(tmp_path):
+    # Only the calls this test leaves count, not those of earlier tests.
+    earlier = set(reactor.getDelayedCalls())
     spawner = ProcessSpawner(reactor)
     spawner.startService()
     jobs = Jobs(spawner, tmp_path)
@@ -106,7 +108,7 @@ async def jobs(tmp_path):
         process.signal_group(signal.SIGKILL)
     await defer.DeferredList([p.ended for p in jobs.started], consumeErrors=True)
     await spawner.stopService()
-    assert reactor.getDelayedCalls() == []
+    assert set(reactor.getDelayedCalls()) - earlier == set()
 
 
 @pytest_twisted.ensureDeferred
@@ -167,6 +169,29 @@ async def test_stdin_is_dev_null(jobs):
     process = await jobs.spawn(["sh", "-c", "cat; echo done"])
     assert await process.ended == 0
     assert jobs.output() == ("done\n", "")
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_other_descriptors(jobs):
+    """
+    A process inherits no file descriptors but its stdin, stdout and stderr.
+    """
+    process = await jobs.spawn(["sh", "-c", "ls /proc/$$/fd"])
+    assert await process.ended == 0
+    stdout, _ = jobs.output()
+    assert sorted(stdout.split()) == ["0", "1", "2"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_signals_not_ignored(jobs):
+    """
+    A process starts with no signal ignored, although Python ignores
+    SIGPIPE and SIGXFSZ and the helper ignores SIGINT.
+    """
+    process = await jobs.spawn(["sh", "-c", "grep SigIgn /proc/$$/status"])
+    assert await process.ended == 0
+    stdout, _ = jobs.output()
+    assert int(stdout.split()[1], 16) == 0
 
 
 @pytest_twisted.ensureDeferred
@@ -329,6 +354,7 @@ async def test_kill_group_if_ours(jobs):
     pid, ticks, boot = process.pid, process.start_ticks, process.boot_id
     assert not kill_group_if_ours(pid, ticks + 1, boot, signal.SIGKILL)
     assert not kill_group_if_ours(pid, ticks, "another-boot", signal.SIGKILL)
+    assert not kill_group_if_ours(pid, None, None, signal.SIGKILL)
     assert is_alive(pid)
     assert kill_group_if_ours(pid, ticks, boot, signal.SIGKILL)
     assert await process.ended == -signal.SIGKILL
@@ -375,6 +401,7 @@ async def test_stop(tmp_path):
     Stopping the service ends the helper, leaves running processes alone
     and no delayed calls behind, and later spawns fail.
     """
+    earlier = set(reactor.getDelayedCalls())
     spawner = ProcessSpawner(reactor)
     spawner.startService()
     jobs = Jobs(spawner, tmp_path)
@@ -384,7 +411,7 @@ async def test_stop(tmp_path):
         await spawner.stopService()
         assert read_stat(helper) is None
         assert is_alive(process.pid)
-        assert reactor.getDelayedCalls() == []
+        assert set(reactor.getDelayedCalls()) - earlier == set()
         with pytest.raises(SpawnError, match="not running"):
             await jobs.spawn(["true"])
     finally:

@@ -1,0 +1,85 @@
+"""
+The dispatcher under benchmark: the real service, built as
+C{twistd dispatcher --config FILE} builds it, plus a bench-only
+reactor-hold monitor (see L{bench.monitor}) on its own loopback port.
+
+    python -m bench.daemon --port N --monitor-port N --data-dir DIR
+                           [--slots N] [--threads N]
+
+This is the only place of the benchmark that touches the global reactor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+if not __package__:  # run as a file: make "bench" importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from twisted.logger import globalLogBeginner, textFileLogObserver
+
+CONFIG = """\
+[server]
+listen = tcp:{port}:interface=127.0.0.1
+access_log = no
+
+[dispatcher]
+data_dir = {data_dir}
+shutdown_grace = 2
+
+[executor]
+slots = {slots}
+threads = {threads}
+
+[tasks]
+noop = bench.tasks:noop
+block = bench.tasks:block
+"""
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--monitor-port", type=int, required=True)
+    parser.add_argument("--data-dir", required=True)
+    parser.add_argument("--slots", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=8)
+    args = parser.parse_args(argv)
+
+    os.makedirs(args.data_dir, exist_ok=True)
+    config_path = os.path.join(args.data_dir, "bench.ini")
+    with open(config_path, "w", encoding="utf-8") as f:
+        f.write(
+            CONFIG.format(
+                port=args.port,
+                data_dir=os.path.join(args.data_dir, "var"),
+                slots=args.slots,
+                threads=args.threads,
+            )
+        )
+    log_file = open(os.path.join(args.data_dir, "daemon.log"), "a", encoding="utf-8")
+    globalLogBeginner.beginLoggingTo(
+        [textFileLogObserver(log_file)], redirectStandardIO=False
+    )
+
+    from twisted.internet import reactor
+
+    from bench.monitor import install_monitor
+    from dispatcher.tap import Options, makeService
+
+    # What twistd does with the plugin: parse the options, make the
+    # service, start it, and stop it before the reactor shuts down.
+    options = Options()
+    options.parseOptions(["--config", config_path])
+    service = makeService(options)
+    install_monitor(reactor, args.monitor_port)
+    service.privilegedStartService()
+    service.startService()
+    reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
+    reactor.run()
+
+
+if __name__ == "__main__":
+    main()
