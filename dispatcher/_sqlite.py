@@ -380,7 +380,11 @@ class SQLiteJobStore:
         lease_seconds: float,
     ) -> list[Lease]:
         rows = conn.execute(
+            # Without INDEXED BY the planner, lacking statistics, walks the
+            # state index and sorts every queued job: 100 times slower with
+            # ten thousand queued.
             "SELECT seq, id, name, labels, spec, attempt_count FROM jobs"
+            " INDEXED BY jobs_queued"
             " WHERE state = 'queued' ORDER BY priority DESC, seq LIMIT ?",
             (capacity,),
         ).fetchall()
