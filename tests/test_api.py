@@ -274,3 +274,22 @@ async def test_submit_while_stopping(daemon):
     await daemon.service.store.close()
     code, error = await daemon.json("POST", "/v1/jobs", {"command": ["true"]})
     assert code == 503 and error["error"]["code"] == "shutting_down"
+
+
+@pytest_twisted.ensureDeferred
+async def test_content_type_is_not_parsed_as_email(daemon, monkeypatch):
+    """A POST does not go through Twisted's form parsing (which builds an
+    email message per request to read its Content-Type); form bodies are not
+    decoded into request.args either."""
+    from twisted.web import http
+
+    def refuse(line):
+        raise AssertionError("_parseContentType was called")
+
+    monkeypatch.setattr(http, "_parseContentType", refuse)
+    code, job = await daemon.json("POST", "/v1/jobs", {"command": ["true"]})
+    assert code == 201
+    response, content = await daemon.request(
+        "POST", "/v1/jobs", raw=b"command=true",
+        headers={"Content-Type": ["application/x-www-form-urlencoded"]})
+    assert response.code == 415
