@@ -54,7 +54,12 @@ class DaemonService(MultiService):
         self.fetch_pool = ThreadPool(1, 4, name="dispatcher-fetch")
         self.http_pool = HTTPConnectionPool(reactor, persistent=True)
         client = HTTPClient(Agent(reactor, pool=self.http_pool))
-        self.store = SQLiteJobStore(os.path.join(data_dir, DATABASE_NAME), reactor)
+        self.store = SQLiteJobStore(
+            os.path.join(data_dir, DATABASE_NAME),
+            reactor,
+            queues={name: q.max_running for name, q in config.queues.items()},
+            idempotency_ttl=config.dispatcher.idempotency_ttl,
+        )
         self.spawner = ProcessSpawner(reactor)
         stager = InputStager(client, reactor, config.fetch, self.fetch_pool, reactor)
         executor = LocalExecutor(
@@ -66,6 +71,7 @@ class DaemonService(MultiService):
             config.tasks,
             self.task_pool,
             self.io_pool,
+            kill_grace=config.executor.kill_grace,
         )
         self.dispatcher = Dispatcher(
             reactor,
@@ -76,7 +82,14 @@ class DaemonService(MultiService):
             config.dispatcher.shutdown_grace,
             process_killer=_kill_leftover,
         )
-        api = DispatcherAPI(self.dispatcher, config.tasks, reactor, self.io_pool)
+        api = DispatcherAPI(
+            self.dispatcher,
+            config.tasks,
+            reactor,
+            self.io_pool,
+            queues=config.queues,
+            max_array=config.dispatcher.max_array,
+        )
         self.site = DispatcherSite(
             api, config.server.max_body_bytes, access_log=config.server.access_log
         )
