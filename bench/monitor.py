@@ -7,11 +7,15 @@ how late each call fires.  A call can only be late because the reactor was
 busy with something else, so the largest lateness is the longest stretch
 the reactor thread was held: by one callback, or by everything one reactor
 iteration did before it came back to its timers.
+
+It also times the garbage collector's passes (C{gc.callbacks}), which stop
+every thread, so that a long hold can be told apart from a long collection.
 """
 
 from __future__ import annotations
 
 import cProfile
+import gc
 import json
 import time
 from typing import Any, Callable, Optional
@@ -47,12 +51,16 @@ class ReactorHoldMonitor:
         self._max = 0.0
         self._max_at = 0.0
         self._ticks = 0
+        self._gc_started = 0.0
+        self._gc_max = [0.0, 0.0, 0.0]
+        self._gc_count = [0, 0, 0]
 
     def start(self) -> None:
         """
         Begin the chain of calls.
         """
         self._reset_at = self._now()
+        gc.callbacks.append(self._gc_phase)
         self._schedule()
 
     def stop(self) -> None:
@@ -62,6 +70,18 @@ class ReactorHoldMonitor:
         if self._call is not None and self._call.active():
             self._call.cancel()
         self._call = None
+        if self._gc_phase in gc.callbacks:
+            gc.callbacks.remove(self._gc_phase)
+
+    def _gc_phase(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._gc_started = self._now()
+            return
+        generation = info["generation"]
+        self._gc_count[generation] += 1
+        self._gc_max[generation] = max(
+            self._gc_max[generation], self._now() - self._gc_started
+        )
 
     def _schedule(self) -> None:
         self._due = self._now() + self._interval
@@ -99,12 +119,16 @@ class ReactorHoldMonitor:
             "p99_ms": round(percentile(99) * 1000, 3),
             "over_10ms": sum(1 for s in samples if s > 0.010),
             "over_50ms": sum(1 for s in samples if s > 0.050),
+            "gc_collections": list(self._gc_count),
+            "gc_max_ms": [round(m * 1000, 3) for m in self._gc_max],
         }
         if reset:
             self._samples = []
             self._max = 0.0
             self._max_at = 0.0
             self._ticks = 0
+            self._gc_max = [0.0, 0.0, 0.0]
+            self._gc_count = [0, 0, 0]
             self._reset_at = self._now()
         return result
 

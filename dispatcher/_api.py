@@ -13,7 +13,7 @@ import os
 from typing import Any, Awaitable, Callable, Mapping, Optional
 
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.interfaces import IPullProducer
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -70,11 +70,11 @@ class FileAnswer(Answer):
         self.size = size
 
 
-@implementer(IPullProducer)
+@implementer(IPushProducer)
 class _FileProducer:
     """
-    Sends a file region to a request a chunk at a time, as the connection
-    asks for more, with every read on the I/O pool.
+    Sends a file region to a request, one chunk read on the I/O pool at a
+    time, pausing while the connection's buffer is full.
     """
 
     chunk = 65536
@@ -87,16 +87,20 @@ class _FileProducer:
         self._reactor = reactor
         self._pool = pool
         self._reading = False
+        self._paused = False
         self._stopped = False
 
     def start(self) -> None:
-        self._request.registerProducer(self, False)
+        self._request.registerProducer(self, True)
+        self._read_next()
 
-    def resumeProducing(self) -> None:
-        if self._reading or self._stopped:
+    def _read_next(self) -> None:
+        if self._reading or self._paused or self._stopped:
             return
         if self._offset >= self._end:
-            self._done()
+            self._stopped = True
+            self._request.unregisterProducer()
+            self._request.finish()
             return
         self._reading = True
         size = min(self.chunk, self._end - self._offset)
@@ -111,24 +115,30 @@ class _FileProducer:
             return
         if not data:
             # The file shrank: end the body short; the client sees it.
-            self._request.unregisterProducer()
-            self._request.loseConnection()
-            self._stopped = True
+            self._abort()
             return
         self._offset += len(data)
+        # Writing may pause us (the buffer is full); the next read waits
+        # for resumeProducing then.
         self._request.write(data)
+        self._read_next()
 
     def _failed(self, failure: Failure) -> None:
         self._reading = False
         log.failure("reading {path} failed", failure, path=self._path)
+        self._abort()
+
+    def _abort(self) -> None:
         self._stopped = True
         self._request.unregisterProducer()
         self._request.loseConnection()
 
-    def _done(self) -> None:
-        self._stopped = True
-        self._request.unregisterProducer()
-        self._request.finish()
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        self._read_next()
 
     def stopProducing(self) -> None:
         self._stopped = True
