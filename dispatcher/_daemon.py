@@ -40,11 +40,16 @@ class DaemonService(MultiService):
     @param reactor: the reactor; nothing else here imports one.
     @param config: the configuration.
     @param endpoint: the C{IStreamServerEndpoint} the API listens on.
+    @param clock: the C{IReactorTime} of job times, waits, timeouts and
+        back-offs; the reactor by default (tests give a C{Clock}).
     """
 
-    def __init__(self, reactor: Any, config: Config, endpoint: Any) -> None:
+    def __init__(
+        self, reactor: Any, config: Config, endpoint: Any, clock: Any = None
+    ) -> None:
         MultiService.__init__(self)
         self._reactor = reactor
+        clock = clock if clock is not None else reactor
         self.config = config
         self._endpoint = endpoint
         data_dir = config.dispatcher.data_dir
@@ -73,6 +78,7 @@ class DaemonService(MultiService):
             self.task_pool,
             self.io_pool,
             kill_grace=config.executor.kill_grace,
+            clock=clock,
         )
         self.dispatcher = Dispatcher(
             reactor,
@@ -82,6 +88,7 @@ class DaemonService(MultiService):
             self.io_pool,
             config.dispatcher.shutdown_grace,
             process_killer=_kill_leftover,
+            clock=clock,
         )
         api = DispatcherAPI(
             self.dispatcher,
@@ -90,6 +97,7 @@ class DaemonService(MultiService):
             self.io_pool,
             queues=config.queues,
             max_array=config.dispatcher.max_array,
+            clock=clock,
         )
         self.site = DispatcherSite(
             api, config.server.max_body_bytes, access_log=config.server.access_log
