@@ -46,12 +46,6 @@ def main(argv=None) -> None:
     parser.add_argument("--data-dir", required=True)
     parser.add_argument("--slots", type=int, default=8)
     parser.add_argument("--threads", type=int, default=8)
-    parser.add_argument(
-        "--gc-freeze",
-        action="store_true",
-        help="experiment: gc.freeze() once the daemon serves, so full "
-        "collections skip everything made at start-up",
-    )
     args = parser.parse_args(argv)
 
     os.makedirs(args.data_dir, exist_ok=True)
@@ -83,10 +77,6 @@ def main(argv=None) -> None:
     install_monitor(reactor, args.monitor_port)
     service.privilegedStartService()
     service.startService()
-    if args.gc_freeze:
-        import gc
-
-        service.ready.addCallback(lambda _: gc.freeze())
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     reactor.run()
 

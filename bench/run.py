@@ -2,12 +2,12 @@
 The dispatcher's benchmark, in one run: the daemon and a stock twisted.web
 baseline, each server alone on core 0, the load on core 1.
 
-    .venv/bin/python bench/run.py [--quick] [--out DIR] [--profile] [--gc-freeze]
+    .venv/bin/python bench/run.py [--quick] [--out DIR] [--profile]
 
 Writes DIR/<timestamp>.json and DIR/latest.json (default DIR: bench/results),
-prints a markdown table, and (a full run only, not --quick nor --gc-freeze)
-puts that table in docs/benchmarks.md between its markers.  See
-docs/benchmarks.md for what each measure is.
+prints a markdown table, and (a full run only, not --quick) puts that table
+in docs/benchmarks.md between its markers.  See docs/benchmarks.md for what
+each measure is.
 """
 
 from __future__ import annotations
@@ -207,8 +207,6 @@ class Server:
     monitor on a second loopback port.
     """
 
-    extra_daemon_args: list[str] = []
-
     def __init__(self, processes: Processes, kind: str, workdir: Path, slots: int = 8,
                  threads: int = 8) -> None:
         self.processes = processes
@@ -228,8 +226,7 @@ class Server:
             argv = ["-m", "bench.daemon", "--port", str(self.port),
                     "--monitor-port", str(self.monitor_port),
                     "--data-dir", str(self.workdir),
-                    "--slots", str(self.slots), "--threads", str(self.threads),
-                    *self.extra_daemon_args]
+                    "--slots", str(self.slots), "--threads", str(self.threads)]
         else:
             argv = ["-m", "bench.baseline_server", str(self.port),
                     "--monitor-port", str(self.monitor_port),
@@ -726,8 +723,7 @@ def markdown(results: dict[str, Any]) -> str:
     s = results["settings"]
     r = results["measures"]
     lines = [
-        f"Run of {m['date']}{' (--quick)' if s['quick'] else ''}"
-        f"{' (--gc-freeze)' if s.get('gc_freeze') else ''}: {m['cpu']}, "
+        f"Run of {m['date']}{' (--quick)' if s['quick'] else ''}: {m['cpu']}, "
         f"{m['cores']} cores, {m['ram_gib']} GiB RAM, Linux {m['kernel']}, "
         f"Python {m['python']}, Twisted {m['twisted']}, {m['wrk']}; data dir on "
         f"{m['data_dir_filesystem']}. Server on core {SERVER_CORE}, load on core "
@@ -828,9 +824,6 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="a short smoke run (does not touch docs/benchmarks.md)")
     parser.add_argument("--out", default=str(BENCH / "results"),
                         help="where the JSON results go (default: bench/results)")
-    parser.add_argument("--gc-freeze", action="store_true",
-                        help="experiment: the daemon calls gc.freeze() once it serves "
-                             "(does not touch docs/benchmarks.md)")
     parser.add_argument("--profile", action="store_true",
                         help="also cProfile the daemon's reactor thread under the "
                              "50-connection submit load and print its top functions")
@@ -848,11 +841,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     os.sched_setaffinity(0, {LOAD_CORE})
 
     quick = args.quick
-    if args.gc_freeze:
-        Server.extra_daemon_args = ["--gc-freeze"]
     settings = {
         "quick": quick,
-        "gc_freeze": args.gc_freeze,
         "submit_seconds": 3 if quick else 10,
         "submit_rounds": 1 if quick else 3,
         "connections": [1, 50],
@@ -954,7 +944,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         for row in measures["profile_submit_daemon_50c"]["profile_top"]:
             print(f"  {row['tottime_s']:8.3f}s {row['cumtime_s']:8.3f}s "
                   f"{row['calls']:>9} {row['function']}")
-    if not quick and not args.gc_freeze:
+    if not quick:
         write_docs(table)
         print(f"bench: wrote {DOCS.relative_to(ROOT)}", file=sys.stderr)
     print(f"bench: wrote {out / (stamp + '.json')} and latest.json "
