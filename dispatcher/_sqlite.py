@@ -500,7 +500,7 @@ class SQLiteJobStore:
                 conn.execute("DELETE FROM idempotency WHERE key = ?", (idempotency.key,))
         changed: list[tuple[str, JobState]] = []
         in_batch: dict[str, JobState] = {}
-        seqs = []
+        jobs: list[Job] = []
         for index, (spec, job_id) in enumerate(zip(specs, ids)):
             deps = _resolve_dependencies(conn, spec, index, in_batch)
             unmet = [d for d, state in deps.items() if state is not JobState.SUCCEEDED]
@@ -548,7 +548,6 @@ class SQLiteJobStore:
                     cancelled_by,
                 ),
             )
-            seqs.append(cursor.lastrowid)
             if spec.labels:
                 conn.executemany(
                     "INSERT INTO job_labels (key, value, seq) VALUES (?, ?, ?)",
@@ -561,13 +560,24 @@ class SQLiteJobStore:
                 )
             in_batch[job_id] = state
             changed.append((job_id, state))
+            jobs.append(
+                Job(
+                    id=job_id,
+                    state=state,
+                    spec=spec,
+                    created_at=now,
+                    finished_at=finished_at,
+                    error=error,
+                    wait_reason=wait_reason,
+                    cancelled_by=cancelled_by,
+                )
+            )
         if idempotency is not None:
             conn.execute(
                 "INSERT INTO idempotency (key, digest, shape, job_ids, created_at)"
                 " VALUES (?, ?, ?, ?, ?)",
                 (idempotency.key, idempotency.digest, "", _dumps(ids), now),
             )
-        jobs = [_get_job(conn, job_id) for job_id in ids]
         wake = [s.not_before for s in specs if s.not_before is not None and s.not_before > now]
         return Written(Submitted(jobs, replayed=False), tuple(changed),
                        min(wake) if wake else None)
@@ -871,7 +881,7 @@ class SQLiteJobStore:
         if state not in (JobState.FAILED, JobState.CANCELLED):
             raise InvalidTransition(job_id, state, JobState.QUEUED)
         changed: list[tuple[str, JobState]] = []
-        _requeue(conn, job_id, now, changed)
+        wakes = [_requeue(conn, job_id, now, changed)]
         if dependents:
             stack = [job_id]
             while stack:
@@ -880,9 +890,12 @@ class SQLiteJobStore:
                     "SELECT id FROM jobs WHERE cancelled_by = ? AND state = 'cancelled'",
                     (cause,),
                 ).fetchall():
-                    _requeue(conn, dependent, now, changed)
+                    wakes.append(_requeue(conn, dependent, now, changed))
                     stack.append(dependent)
-        return Written(_get_job(conn, job_id, self._limits), tuple(changed))
+        due = [w for w in wakes if w is not None]
+        return Written(
+            _get_job(conn, job_id, self._limits), tuple(changed), min(due) if due else None
+        )
 
     def promote_due(self, now: float) -> Deferred:
         """
@@ -1067,7 +1080,7 @@ def _after_final(
 
 def _requeue(
     conn: sqlite3.Connection, job_id: str, now: float, changed: list[tuple[str, JobState]]
-) -> None:
+) -> Optional[float]:
     """
     Put a finished job back in line with a fresh budget: queued, or pending
     while jobs it depends on have not succeeded.  A dependency that failed
@@ -1083,15 +1096,23 @@ def _requeue(
             raise DependencyNotRetried(job_id, dependency, JobState(state))
         if state != JobState.SUCCEEDED.value:
             unmet.append(dependency)
-    target, reason = _waiting(unmet, None, now)
+    # A job cancelled before its not_before still waits for it; a job that
+    # ran is past its not_before (or its last back-off) already.
+    (not_before,) = conn.execute(
+        "SELECT not_before FROM jobs WHERE id = ?", (job_id,)
+    ).fetchone()
+    target, reason = _waiting(unmet, not_before, now)
     conn.execute(
-        "UPDATE jobs SET state = ?, wait_reason = ?, waiting_on = ?, not_before = NULL,"
+        "UPDATE jobs SET state = ?, wait_reason = ?, waiting_on = ?,"
         " attempts_spent = 0, cancel_requested = 0, cancelled_by = NULL,"
         " started_at = NULL, finished_at = NULL, exit_code = NULL, result = NULL,"
         " error = NULL WHERE id = ?",
         (target.value, reason, len(unmet), job_id),
     )
     changed.append((job_id, target))
+    if target is JobState.PENDING and not unmet and not_before is not None:
+        return not_before
+    return None
 
 
 def _spec_from_row(row: Sequence[Any]) -> JobSpec:
