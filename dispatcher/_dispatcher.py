@@ -160,15 +160,15 @@ class Dispatcher(Service):
 
     # What the API asks
 
-    async def submit(
+    def submit(
         self,
         submissions: Sequence[Submission],
         idempotency: Optional[IdempotencyKey] = None,
-    ) -> Submitted:
+    ) -> Deferred:
         """
         Store the jobs of one request, all or nothing; an array becomes its
-        members, and batch indexes in C{depends_on} become ids.  Fires once
-        they are durable.
+        members, and batch indexes in C{depends_on} become ids.  Fires with
+        the L{Submitted} jobs once they are durable.
         """
         specs = []
         ids = []
@@ -191,7 +191,10 @@ class Dispatcher(Service):
                     specs.append(attrs.evolve(spec, array_id=array_id, array_index=index))
                     ids.append(self.ids.new())
                 names.append(array_id)
-        written = await self.store.submit(specs, self._clock.seconds(), ids, idempotency)
+        d = self.store.submit(specs, self._clock.seconds(), ids, idempotency)
+        return d.addCallback(self._submitted)
+
+    def _submitted(self, written: Written) -> Submitted:
         self._apply(written)
         return written.value
 

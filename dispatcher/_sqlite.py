@@ -226,7 +226,6 @@ MIGRATIONS: Sequence[str] = (
     CREATE INDEX jobs_due ON jobs (not_before) WHERE state = 'pending' AND waiting_on = 0;
     CREATE INDEX jobs_array ON jobs (array_id) WHERE array_id IS NOT NULL;
     CREATE INDEX jobs_cancelled_by ON jobs (cancelled_by) WHERE cancelled_by IS NOT NULL;
-    CREATE INDEX jobs_queue_state ON jobs (queue, state);
     CREATE TABLE dependencies (
         depends_on TEXT NOT NULL,
         job_id TEXT NOT NULL,
@@ -236,7 +235,6 @@ MIGRATIONS: Sequence[str] = (
     CREATE TABLE idempotency (
         key TEXT PRIMARY KEY,
         digest TEXT NOT NULL,
-        shape TEXT NOT NULL,
         job_ids TEXT NOT NULL,
         created_at REAL NOT NULL
     );
@@ -502,15 +500,18 @@ class SQLiteJobStore:
         in_batch: dict[str, JobState] = {}
         jobs: list[Job] = []
         for index, (spec, job_id) in enumerate(zip(specs, ids)):
-            deps = _resolve_dependencies(conn, spec, index, in_batch)
-            unmet = [d for d, state in deps.items() if state is not JobState.SUCCEEDED]
-            dead = next(
-                (d for d, state in deps.items()
-                 if state in (JobState.FAILED, JobState.CANCELLED)),
-                None,
-            )
-            error = cancelled_by = None
-            finished_at = None
+            error = cancelled_by = finished_at = None
+            dead = None
+            if spec.depends_on:
+                deps = _resolve_dependencies(conn, spec, index, in_batch)
+                unmet = [d for d, st in deps.items() if st is not JobState.SUCCEEDED]
+                dead = next(
+                    (d for d, st in deps.items()
+                     if st in (JobState.FAILED, JobState.CANCELLED)),
+                    None,
+                )
+            else:
+                deps, unmet = {}, []
             if dead is not None:
                 state = JobState.CANCELLED
                 verb = "failed" if deps[dead] is JobState.FAILED else "was cancelled"
@@ -518,8 +519,10 @@ class SQLiteJobStore:
                 cancelled_by = dead
                 finished_at = now
                 wait_reason = None
-            else:
+            elif unmet or spec.not_before is not None:
                 state, wait_reason = _waiting(unmet, spec.not_before, now)
+            else:
+                state, wait_reason = JobState.QUEUED, _QUEUED_REASON
             cursor = conn.execute(
                 "INSERT INTO jobs (id, state, name, labels, spec, created_at,"
                 " finished_at, error, wait_reason, priority, queue, max_attempts,"
@@ -574,9 +577,9 @@ class SQLiteJobStore:
             )
         if idempotency is not None:
             conn.execute(
-                "INSERT INTO idempotency (key, digest, shape, job_ids, created_at)"
-                " VALUES (?, ?, ?, ?, ?)",
-                (idempotency.key, idempotency.digest, "", _dumps(ids), now),
+                "INSERT INTO idempotency (key, digest, job_ids, created_at)"
+                " VALUES (?, ?, ?, ?)",
+                (idempotency.key, idempotency.digest, _dumps(ids), now),
             )
         wake = [s.not_before for s in specs if s.not_before is not None and s.not_before > now]
         return Written(Submitted(jobs, replayed=False), tuple(changed),

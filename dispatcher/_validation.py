@@ -198,8 +198,7 @@ def parse_submission(
         (where C{depends_on} may not hold integers).
     @raise ApiError: naming the first field at fault.
     """
-    spec = parse_job_spec(body, tasks, prefix)
-    fields: dict[str, Any] = {}
+    fields = _job_fields(body, tasks, prefix)
     queue_name = "default"
     if body.get("queue") is not None:
         queue_name = _string(body["queue"], f"{prefix}queue", allow_empty=False)
@@ -266,13 +265,13 @@ def parse_submission(
     array = None
     if body.get("array") is not None:
         array = _integer(body["array"], f"{prefix}array", 1, max_array)
-    return Submission(attrs.evolve(spec, **fields), array, tuple(batch_deps))
+    return Submission(JobSpec(**fields), array, tuple(batch_deps))
 
 
-def parse_job_spec(body: Any, tasks: Mapping[str, Any], prefix: str = "") -> JobSpec:
+def _job_fields(body: Any, tasks: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """
-    Check what a submitted job runs and build its spec (without its
-    scheduling fields: see L{parse_submission}).
+    Check what a submitted job runs; return those fields of its L{JobSpec}
+    (the scheduling fields are L{parse_submission}'s).
 
     @param body: the decoded JSON value.
     @param tasks: the configured task names.
@@ -363,4 +362,4 @@ def parse_job_spec(body: Any, tasks: Mapping[str, Any], prefix: str = "") -> Job
                 )
             seen[item.path] = i
         spec["inputs"] = parsed
-    return JobSpec(**spec)
+    return spec
