@@ -7,6 +7,7 @@ L{ApiError}s into JSON responses, and cancels them when the client goes.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from typing import Any, Awaitable, Callable, Mapping, Optional
@@ -22,7 +23,14 @@ from zope.interface import implementer
 
 from ._model import InvalidTransition, JobState, StoreClosed, UnknownJob
 from ._openapi import openapi_document
-from ._validation import ApiError, parse_job_spec
+from ._config import QueueConfig
+from ._sqlite import (
+    DependencyNotRetried,
+    IdempotencyConflict,
+    IdempotencyKey,
+    UnknownDependency,
+)
+from ._validation import ApiError, Submission, parse_submission
 
 log = Logger()
 
@@ -175,16 +183,29 @@ class DispatcherAPI(Resource):
     @param tasks: the configured tasks, by name.
     @param reactor: for file reads on C{io_pool}.
     @param io_pool: the pool that reads logs.
+    @param queues: the configured queues, by name.
+    @param max_array: the most jobs one request may make.
+    @param clock: the time C{delay} counts from.
     """
 
     isLeaf = True
 
     def __init__(
-        self, dispatcher: Any, tasks: Mapping[str, Any], reactor: Any, io_pool: Any
+        self,
+        dispatcher: Any,
+        tasks: Mapping[str, Any],
+        reactor: Any,
+        io_pool: Any,
+        queues: Optional[Mapping[str, Any]] = None,
+        max_array: int = 10000,
+        clock: Any = None,
     ) -> None:
         Resource.__init__(self)
         self._dispatcher = dispatcher
         self._tasks = tasks
+        self._queues = queues if queues is not None else {"default": QueueConfig("default")}
+        self._max_array = max_array
+        self._clock = clock if clock is not None else reactor
         self._reactor = reactor
         self._io_pool = io_pool
         self._openapi = _encode(openapi_document())
@@ -228,10 +249,16 @@ class DispatcherAPI(Resource):
             routes = {"GET": self.openapi}
         elif segments == ["v1", "jobs"]:
             routes = {"GET": self.list_jobs, "POST": self.submit}
+        elif segments == ["v1", "jobs", "batch"]:
+            routes = {"POST": self.submit_batch}
+        elif segments == ["v1", "queues"]:
+            routes = {"GET": self.list_queues}
         elif len(segments) == 3 and segments[:2] == ["v1", "jobs"]:
             routes, args = {"GET": self.get_job}, (segments[2],)
         elif len(segments) == 4 and segments[:2] == ["v1", "jobs"] and segments[3] == "cancel":
             routes, args = {"POST": self.cancel}, (segments[2],)
+        elif len(segments) == 4 and segments[:2] == ["v1", "jobs"] and segments[3] == "retry":
+            routes, args = {"POST": self.retry}, (segments[2],)
         elif len(segments) == 4 and segments[:2] == ["v1", "jobs"] and segments[3] == "log":
             routes, args = {"GET": self.read_log}, (segments[2],)
         else:
@@ -296,11 +323,139 @@ class DispatcherAPI(Resource):
     async def openapi(self, request: Any) -> Answer:
         return Answer(200, self._openapi)
 
+    def _idempotency(self, request: Any, body: Any) -> Optional[IdempotencyKey]:
+        raw = request.getHeader(b"idempotency-key")
+        if raw is None:
+            return None
+        try:
+            key = raw.decode("ascii")
+        except UnicodeDecodeError:
+            key = ""
+        if not 1 <= len(key) <= 255 or not key.isprintable():
+            raise ApiError(
+                400,
+                "invalid_header",
+                "Idempotency-Key: expected 1 to 255 printable ASCII characters",
+                "Idempotency-Key",
+            )
+        canonical = json.dumps(
+            [request.path.decode("utf-8", "replace"), body],
+            sort_keys=True,
+            separators=(",", ":"),
+        )
+        return IdempotencyKey(key, hashlib.sha256(canonical.encode("utf-8")).hexdigest())
+
+    async def _store(
+        self, request: Any, body: Any, submissions: list[Submission], single: bool
+    ) -> Answer:
+        key = self._idempotency(request, body)
+        try:
+            submitted = await self._dispatcher.submit(submissions, key)
+        except IdempotencyConflict as e:
+            raise ApiError(409, "idempotency_conflict", str(e), "Idempotency-Key")
+        except UnknownDependency as e:
+            field = f"depends_on[{e.position}]"
+            if not single:
+                field = f"jobs[{e.job_index}].{field}"
+            raise ApiError(
+                400, "unknown_dependency", f"{field}: {e}", field
+            )
+        status = 200 if submitted.replayed else 201
+        if single:
+            (job,) = submitted.jobs
+            return Answer(status, job.to_json(), {"Location": f"/v1/jobs/{job.id}"})
+        return Answer(status, {"jobs": [job.to_json() for job in submitted.jobs]})
+
+    def _submission(self, body: Any, prefix: str = "", index: Optional[int] = None) -> Submission:
+        return parse_submission(
+            body,
+            self._tasks,
+            self._queues,
+            self._clock.seconds(),
+            self._max_array,
+            prefix,
+            index,
+        )
+
     async def submit(self, request: Any) -> Answer:
         body = _json_body(request)
-        spec = parse_job_spec(body, self._tasks)
-        (job,) = await self._dispatcher.submit([spec])
-        return Answer(201, job.to_json(), {"Location": f"/v1/jobs/{job.id}"})
+        submission = self._submission(body)
+        return await self._store(request, body, [submission], submission.array is None)
+
+    async def submit_batch(self, request: Any) -> Answer:
+        body = _json_body(request)
+        if not isinstance(body, dict):
+            raise ApiError(400, "invalid_field", "body: expected {\"jobs\": [...]}", "body")
+        for key in body:
+            if key != "jobs":
+                raise ApiError(
+                    400, "unknown_field", f"{key}: unknown field; allowed: jobs", key
+                )
+        jobs = body.get("jobs")
+        if not isinstance(jobs, list) or not jobs:
+            raise ApiError(
+                400, "invalid_field", "jobs: expected a non-empty array of jobs", "jobs"
+            )
+        if len(jobs) > self._max_array:
+            raise ApiError(
+                400,
+                "invalid_field",
+                f"jobs: at most {self._max_array} jobs in one batch "
+                "([dispatcher] max_array)",
+                "jobs",
+            )
+        submissions = [
+            self._submission(item, f"jobs[{i}].", i) for i, item in enumerate(jobs)
+        ]
+        total = sum(s.array or 1 for s in submissions)
+        if total > self._max_array:
+            raise ApiError(
+                400,
+                "invalid_field",
+                f"jobs: the batch makes {total} jobs, more than {self._max_array} "
+                "([dispatcher] max_array)",
+                "jobs",
+            )
+        return await self._store(request, body, submissions, single=False)
+
+    async def retry(self, request: Any, job_id: str) -> Answer:
+        dependents = False
+        if request.content.read(1):
+            request.content.seek(0)
+            body = _json_body(request)
+            if not isinstance(body, dict):
+                raise ApiError(400, "invalid_field", "body: expected an object", "body")
+            for key in body:
+                if key != "dependents":
+                    raise ApiError(
+                        400,
+                        "unknown_field",
+                        f"{key}: unknown field; allowed: dependents",
+                        key,
+                    )
+            dependents = body.get("dependents", False)
+            if not isinstance(dependents, bool):
+                raise ApiError(
+                    400, "invalid_field", "dependents: expected true or false", "dependents"
+                )
+        try:
+            job = await self._dispatcher.retry(job_id, dependents)
+        except UnknownJob:
+            raise ApiError(404, "not_found", f"no job has the id {job_id!r}", "id")
+        except InvalidTransition as e:
+            raise ApiError(
+                409,
+                "conflict",
+                f"job {job_id} is {e.source.value}; only a failed or cancelled job "
+                "can be retried",
+                "id",
+            )
+        except DependencyNotRetried as e:
+            raise ApiError(409, "conflict", str(e), "id")
+        return Answer(200, job.to_json())
+
+    async def list_queues(self, request: Any) -> Answer:
+        return Answer(200, {"queues": await self._dispatcher.queues()})
 
     async def _job(self, job_id: str) -> Any:
         try:

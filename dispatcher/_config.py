@@ -42,6 +42,8 @@ class DispatcherConfig:
 
     data_dir: str = "var"
     shutdown_grace: float = 30.0
+    idempotency_ttl: float = 86400.0
+    max_array: int = 10000
 
 
 @attrs.frozen
@@ -52,6 +54,7 @@ class ExecutorConfig:
 
     slots: int = 8
     threads: int = 8
+    kill_grace: float = 5.0
 
 
 @attrs.frozen
@@ -64,6 +67,19 @@ class FetchConfig:
     retries: int = 3
     retry_delay: float = 1.0
     max_bytes: int = 1073741824
+
+
+@attrs.frozen
+class QueueConfig:
+    """
+    C{[queue:NAME]}: a queue's limit of running jobs (0: none) and the
+    defaults its jobs get.
+    """
+
+    name: str
+    max_running: int = 0
+    priority: int = 0
+    timeout: Optional[float] = None
 
 
 @attrs.frozen
@@ -89,6 +105,9 @@ class Config:
     executor: ExecutorConfig = ExecutorConfig()
     fetch: FetchConfig = FetchConfig()
     tasks: Mapping[str, TaskRef] = attrs.field(factory=dict)
+    queues: Mapping[str, QueueConfig] = attrs.field(
+        factory=lambda: {"default": QueueConfig("default")}
+    )
 
 
 def _integer(minimum: int) -> Callable[[str], int]:
@@ -118,6 +137,19 @@ def _seconds(minimum: float, above: bool = False) -> Callable[[str], float]:
         return value
 
     return parse
+
+
+def _any_integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError("expected an integer")
+
+
+def _optional_seconds(text: str) -> Optional[float]:
+    if not text.strip() or text.strip().lower() == "none":
+        return None
+    return _seconds(0, above=True)(text)
 
 
 def _boolean(text: str) -> bool:
@@ -154,9 +186,17 @@ _SECTIONS: Mapping[str, tuple[type, Mapping[str, Callable[[str], Any]]]] = {
     ),
     "dispatcher": (
         DispatcherConfig,
-        {"data_dir": _directory, "shutdown_grace": _seconds(0)},
+        {
+            "data_dir": _directory,
+            "shutdown_grace": _seconds(0),
+            "idempotency_ttl": _seconds(0, above=True),
+            "max_array": _integer(1),
+        },
     ),
-    "executor": (ExecutorConfig, {"slots": _integer(0), "threads": _integer(1)}),
+    "executor": (
+        ExecutorConfig,
+        {"slots": _integer(0), "threads": _integer(1), "kill_grace": _seconds(0)},
+    ),
     "fetch": (
         FetchConfig,
         {
@@ -167,6 +207,13 @@ _SECTIONS: Mapping[str, tuple[type, Mapping[str, Callable[[str], Any]]]] = {
         },
     ),
 }
+
+_QUEUE_KEYS: Mapping[str, Callable[[str], Any]] = {
+    "max_running": _integer(0),
+    "priority": _any_integer,
+    "timeout": _optional_seconds,
+}
+QUEUE_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,100}$")
 
 _TASK_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,100}$")
 _TASK_TARGET = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
@@ -204,7 +251,27 @@ def parse_config(text: str, path: str = "<string>") -> Config:
 
     values: dict[str, Any] = {"path": path}
     tasks: dict[str, TaskRef] = {}
+    queues: dict[str, QueueConfig] = {"default": QueueConfig("default")}
     for section in parser.sections():
+        if section.startswith("queue:"):
+            name = section[len("queue:"):]
+            if not QUEUE_NAME.match(name):
+                raise ConfigError(
+                    f"{path}: [{section}]: a queue name may hold letters, digits, "
+                    "'_', '.' and '-'"
+                )
+            fields = {}
+            for key, raw in parser.items(section):
+                if key not in _QUEUE_KEYS:
+                    raise fail(
+                        section, key, raw, f"unknown key; known: {', '.join(_QUEUE_KEYS)}"
+                    )
+                try:
+                    fields[key] = _QUEUE_KEYS[key](raw)
+                except ValueError as e:
+                    raise fail(section, key, raw, str(e))
+            queues[name] = QueueConfig(name, **fields)
+            continue
         if section == "tasks":
             for name, target in parser.items(section):
                 if not _TASK_NAME.match(name):
@@ -230,7 +297,7 @@ def parse_config(text: str, path: str = "<string>") -> Config:
                 tasks[name] = TaskRef(name, target, function)
             continue
         if section not in _SECTIONS:
-            known = ", ".join(f"[{s}]" for s in (*_SECTIONS, "tasks"))
+            known = ", ".join(f"[{s}]" for s in (*_SECTIONS, "tasks", "queue:NAME"))
             raise ConfigError(f"{path}: [{section}]: unknown section; known: {known}")
         kind, keys = _SECTIONS[section]
         fields = {}
@@ -244,7 +311,7 @@ def parse_config(text: str, path: str = "<string>") -> Config:
             except ValueError as e:
                 raise fail(section, key, raw, str(e))
         values[section] = kind(**fields)
-    return Config(tasks=tasks, **values)
+    return Config(tasks=tasks, queues=queues, **values)
 
 
 def load_config(path: str) -> Config:

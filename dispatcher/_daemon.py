@@ -40,11 +40,16 @@ class DaemonService(MultiService):
     @param reactor: the reactor; nothing else here imports one.
     @param config: the configuration.
     @param endpoint: the C{IStreamServerEndpoint} the API listens on.
+    @param clock: the C{IReactorTime} of job times, waits, timeouts and
+        back-offs; the reactor by default (tests give a C{Clock}).
     """
 
-    def __init__(self, reactor: Any, config: Config, endpoint: Any) -> None:
+    def __init__(
+        self, reactor: Any, config: Config, endpoint: Any, clock: Any = None
+    ) -> None:
         MultiService.__init__(self)
         self._reactor = reactor
+        clock = clock if clock is not None else reactor
         self.config = config
         self._endpoint = endpoint
         data_dir = config.dispatcher.data_dir
@@ -55,7 +60,12 @@ class DaemonService(MultiService):
         self.fetch_pool = ThreadPool(1, 4, name="dispatcher-fetch")
         self.http_pool = HTTPConnectionPool(reactor, persistent=True)
         client = HTTPClient(Agent(reactor, pool=self.http_pool))
-        self.store = SQLiteJobStore(os.path.join(data_dir, DATABASE_NAME), reactor)
+        self.store = SQLiteJobStore(
+            os.path.join(data_dir, DATABASE_NAME),
+            reactor,
+            queues={name: q.max_running for name, q in config.queues.items()},
+            idempotency_ttl=config.dispatcher.idempotency_ttl,
+        )
         self.spawner = ProcessSpawner(reactor)
         stager = InputStager(client, reactor, config.fetch, self.fetch_pool, reactor)
         executor = LocalExecutor(
@@ -67,6 +77,8 @@ class DaemonService(MultiService):
             config.tasks,
             self.task_pool,
             self.io_pool,
+            kill_grace=config.executor.kill_grace,
+            clock=clock,
         )
         self.dispatcher = Dispatcher(
             reactor,
@@ -76,8 +88,17 @@ class DaemonService(MultiService):
             self.io_pool,
             config.dispatcher.shutdown_grace,
             process_killer=_kill_leftover,
+            clock=clock,
         )
-        api = DispatcherAPI(self.dispatcher, config.tasks, reactor, self.io_pool)
+        api = DispatcherAPI(
+            self.dispatcher,
+            config.tasks,
+            reactor,
+            self.io_pool,
+            queues=config.queues,
+            max_array=config.dispatcher.max_array,
+            clock=clock,
+        )
         self.site = DispatcherSite(
             api, config.server.max_body_bytes, access_log=config.server.access_log
         )

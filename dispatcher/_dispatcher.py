@@ -3,27 +3,27 @@ The dispatcher: one path for a job, from submission to its recorded end.
 
 It joins the store, the event stream, the scheduler and the local executor:
 the scheduler decides, the store claims and records, the executor runs.
+Time comes from an injected clock: pending jobs wake on it, timeouts and
+back-offs run on it.
 """
 
 from __future__ import annotations
 
 from typing import Any, Optional, Sequence
 
+import attrs
 from twisted.application.service import Service
-from twisted.internet.defer import (
-    Deferred,
-    DeferredList,
-    ensureDeferred,
-    maybeDeferred,
-)
+from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ._events import JobEvent, JobEvents
 from ._execution import LocalExecutor, RunningJob
-from ._model import Job, JobIds, JobSpec, JobState, Lease, Outcome, StaleLease
+from ._model import Job, JobIds, JobState, Lease, Outcome, StaleLease
 from ._scheduler import Claim, Scheduler
+from ._sqlite import Claimed, IdempotencyKey, Submitted, Written
+from ._validation import Submission
 
 log = Logger()
 
@@ -31,19 +31,25 @@ log = Logger()
 # expiry only has to outlast any job; it is renewed by nothing.
 LOCAL_LEASE_SECONDS = 365 * 24 * 3600.0
 
+# How often forgotten idempotency keys are purged.
+PURGE_INTERVAL = 3600.0
+
 
 class Dispatcher(Service):
     """
     Accepts jobs, hands them to free capacity, and records how they end.
 
-    @param reactor: provides C{IReactorTime}; its C{seconds()} is the time
-        every record is stamped with.
+    @param reactor: the reactor the store's threads report to.
     @param store: an L{IJobStore}.
     @param executor: the L{LocalExecutor} of this host.
     @param slots: how many jobs the executor runs at once (0: none).
     @param io_pool: the pool for file-system work.
     @param shutdown_grace: how long a stop waits for running jobs before
         it stops them and puts them back in the queue.
+    @param process_killer: C{(pid, start_ticks, boot_id) -> bool}, run on
+        C{io_pool} at start-up for each attempt lost in a crash.
+    @param clock: the C{IReactorTime} every record is stamped with and
+        every wait runs on; the reactor by default.
     """
 
     def __init__(
@@ -55,8 +61,10 @@ class Dispatcher(Service):
         io_pool: Any,
         shutdown_grace: float,
         process_killer: Any = None,
+        clock: Any = None,
     ) -> None:
         self._reactor = reactor
+        self._clock = clock if clock is not None else reactor
         self.store = store
         self.executor = executor
         self._slots = slots
@@ -64,10 +72,12 @@ class Dispatcher(Service):
         self._grace = shutdown_grace
         self._process_killer = process_killer
         self.events = JobEvents()
-        self.scheduler = Scheduler(reactor)
-        self.ids = JobIds(reactor.seconds)
+        self.scheduler = Scheduler(self._clock)
+        self.ids = JobIds(self._clock.seconds)
         self._recorded: dict[str, Deferred] = {}
         self._accepting = False
+        self._wake_call: Any = None
+        self._purge_call: Any = None
         self.events.subscribe(self._job_changed)
 
     # Life cycle
@@ -78,9 +88,8 @@ class Dispatcher(Service):
         running queued jobs.  The daemon serves only after this.
         """
         await self.store.open()
-        now = self._reactor.seconds()
-        lost = await self.store.recover(self.executor.holder, now)
-        for attempt in lost:
+        written = await self.store.recover(self.executor.holder, self._clock.seconds())
+        for attempt in written.value:
             killed = False
             if self._process_killer is not None and attempt.pid is not None:
                 killed = await deferToThreadPool(
@@ -93,8 +102,7 @@ class Dispatcher(Service):
                 )
             log.warn(
                 "job {job_id} attempt {attempt} was running when the dispatcher "
-                "stopped; recorded as lost (its leftover processes "
-                "{what})",
+                "stopped; recorded as lost (its leftover processes {what})",
                 job_id=attempt.job_id,
                 attempt=attempt.attempt,
                 what="were killed" if killed else "were gone",
@@ -103,6 +111,9 @@ class Dispatcher(Service):
         self.scheduler.jobs_queued(counts[JobState.QUEUED])
         self.scheduler.add_holder(self.executor.holder, self._slots)
         self._accepting = True
+        self._schedule_wake(await self.store.next_due())
+        self._purge_call = self._clock.callLater(PURGE_INTERVAL, self._purge)
+        self._apply(written)
         self._pump()
 
     def stopService(self) -> Deferred:
@@ -111,6 +122,9 @@ class Dispatcher(Service):
 
     async def _stop(self) -> None:
         self._accepting = False
+        for call in (self._wake_call, self._purge_call):
+            if call is not None and call.active():
+                call.cancel()
         self.scheduler.remove_holder(self.executor.holder)
         if self._recorded:
             log.info(
@@ -119,8 +133,8 @@ class Dispatcher(Service):
                 count=len(self._recorded),
             )
             all_recorded = DeferredList(list(self._recorded.values()))
-            timer = Deferred()
-            call = self._reactor.callLater(self._grace, timer.callback, None)
+            timer: Deferred = Deferred()
+            call = self._clock.callLater(self._grace, timer.callback, None)
             await DeferredList([all_recorded, timer], fireOnOneCallback=True)
             if call.active():
                 call.cancel()
@@ -146,20 +160,43 @@ class Dispatcher(Service):
 
     # What the API asks
 
-    def submit(self, specs: Sequence[JobSpec]) -> Deferred:
+    def submit(
+        self,
+        submissions: Sequence[Submission],
+        idempotency: Optional[IdempotencyKey] = None,
+    ) -> Deferred:
         """
-        Store new jobs; fires with them once they are durable.
+        Store the jobs of one request, all or nothing; an array becomes its
+        members, and batch indexes in C{depends_on} become ids.  Fires with
+        the L{Submitted} jobs once they are durable.
         """
-        now = self._reactor.seconds()
-        ids = [self.ids.new() for _ in specs]
-        d = self.store.submit(list(specs), now, ids)
+        specs = []
+        ids = []
+        names: list[str] = []
+        for submission in submissions:
+            spec = submission.spec
+            if submission.batch_dependencies:
+                depends = list(spec.depends_on)
+                for position, index in submission.batch_dependencies:
+                    depends[position] = names[index]
+                spec = attrs.evolve(spec, depends_on=tuple(depends))
+            if submission.array is None:
+                job_id = self.ids.new()
+                specs.append(spec)
+                ids.append(job_id)
+                names.append(job_id)
+            else:
+                array_id = self.ids.new()
+                for index in range(submission.array):
+                    specs.append(attrs.evolve(spec, array_id=array_id, array_index=index))
+                    ids.append(self.ids.new())
+                names.append(array_id)
+        d = self.store.submit(specs, self._clock.seconds(), ids, idempotency)
+        return d.addCallback(self._submitted)
 
-        def stored(jobs: list[Job]) -> list[Job]:
-            for job in jobs:
-                self.events.publish_job(job)
-            return jobs
-
-        return d.addCallback(stored)
+    def _submitted(self, written: Written) -> Submitted:
+        self._apply(written)
+        return written.value
 
     def get(self, job_id: str) -> Deferred:
         return self.store.get(job_id)
@@ -172,13 +209,38 @@ class Dispatcher(Service):
         Cancel a job; returns the job and whether it is already cancelled
         (C{False}: its holder is stopping it now).
         """
-        job, lease = await self.store.cancel(job_id, self._reactor.seconds())
+        written = await self.store.cancel(job_id, self._clock.seconds())
+        self._apply(written)
+        job, lease = written.value
         if lease is None:
-            self.events.publish_job(job)
             return job, True
         if lease.holder == self.executor.holder:
             self.executor.stop(job_id)
         return job, False
+
+    async def retry(self, job_id: str, dependents: bool) -> Job:
+        """
+        Put a failed or cancelled job back in line with a fresh budget.
+        """
+        written = await self.store.retry(job_id, self._clock.seconds(), dependents)
+        self._apply(written)
+        return written.value
+
+    async def queues(self) -> dict[str, Any]:
+        """
+        Per queue: jobs by state, and running jobs against the limit.
+        """
+        counts = await self.store.queue_counts()
+        limits = self.store.queue_limits
+        out = {}
+        for queue, states in sorted(counts.items()):
+            running = states[JobState.RUNNING] + states[JobState.STAGING]
+            out[queue] = {
+                "counts": {state.value: n for state, n in states.items()},
+                "running": running,
+                "max_running": limits.get(queue) or None,
+            }
+        return out
 
     def log_path(self, job: Job, stream: str) -> Optional[str]:
         """
@@ -189,6 +251,35 @@ class Dispatcher(Service):
         return self.executor.log_path(job.id, job.attempts[-1].number, stream)
 
     # The one path
+
+    def _apply(self, written: Written) -> None:
+        """
+        Tell the event stream what a write changed, and wake up when the
+        next pending job it touched becomes due.
+        """
+        for job_id, state in written.changed:
+            self.events.publish(JobEvent(job_id, state))
+        self._schedule_wake(written.wake_at)
+
+    def _schedule_wake(self, when: Optional[float]) -> None:
+        if when is None or not self._accepting:
+            return
+        if self._wake_call is not None and self._wake_call.active():
+            if self._wake_call.getTime() <= when:
+                return
+            self._wake_call.cancel()
+        delay = max(0.0, when - self._clock.seconds())
+        self._wake_call = self._clock.callLater(delay, self._wake)
+
+    def _wake(self) -> None:
+        d = self.store.promote_due(self._clock.seconds())
+        d.addCallbacks(self._apply, lambda f: log.failure("waking due jobs failed", f))
+
+    def _purge(self) -> None:
+        d = self.store.purge_idempotency(self._clock.seconds())
+        d.addErrback(lambda f: log.failure("purging idempotency keys failed", f))
+        if self._accepting:
+            self._purge_call = self._clock.callLater(PURGE_INTERVAL, self._purge)
 
     def _job_changed(self, event: JobEvent) -> None:
         if event.state is JobState.QUEUED:
@@ -213,9 +304,9 @@ class Dispatcher(Service):
         log.failure("claiming jobs failed", failure)
         self.scheduler.claim_failed(claim)
 
-    def _claimed(self, leases: list[Lease], claim: Claim) -> None:
-        self.scheduler.claimed(claim, len(leases))
-        for lease in leases:
+    def _claimed(self, claimed: Claimed, claim: Claim) -> None:
+        self.scheduler.claimed(claim, len(claimed.leases), claimed.blocked)
+        for lease in claimed.leases:
             state = JobState.STAGING if lease.spec.inputs else JobState.RUNNING
             self.events.publish(JobEvent(lease.job_id, state))
             self._run(lease)
@@ -225,10 +316,8 @@ class Dispatcher(Service):
         self._recorded[lease.job_id] = recorded
 
         def mark_running(lease: Lease) -> Deferred:
-            d = self.store.mark_running(lease, self._reactor.seconds())
-            return d.addCallback(
-                lambda _: self.events.publish(JobEvent(lease.job_id, JobState.RUNNING))
-            )
+            d = self.store.mark_running(lease, self._clock.seconds())
+            return d.addCallback(self._apply)
 
         def record_process(lease: Lease, process: Any) -> Deferred:
             return self.store.record_process(
@@ -242,16 +331,16 @@ class Dispatcher(Service):
         lease = running.lease
         if lease.job_id not in self._recorded:
             # Released at shutdown while its thread still ran.
-            return maybeDeferred(lambda: None)
+            return succeed(None)
         if running.interrupted:
             return self._release(running)
-        d = self.store.finish(lease, outcome, self._reactor.seconds())
+        d = self.store.finish(lease, outcome, self._clock.seconds())
         return self._after_record(d, running)
 
     def _release(self, running: RunningJob) -> Deferred:
         d = self.store.release(
             running.lease,
-            self._reactor.seconds(),
+            self._clock.seconds(),
             "stopped by the dispatcher's shutdown; the job goes back to the queue",
         )
         return self._after_record(d, running)
@@ -259,9 +348,6 @@ class Dispatcher(Service):
     def _after_record(self, d: Deferred, running: RunningJob) -> Deferred:
         lease = running.lease
         recorded = self._recorded.pop(lease.job_id, None)
-
-        def done(job: Job) -> None:
-            self.events.publish_job(job)
 
         def failed(failure: Failure) -> None:
             if failure.check(StaleLease):
@@ -281,5 +367,5 @@ class Dispatcher(Service):
                 recorded.callback(None)
             self._pump()
 
-        return d.addCallbacks(done, failed).addBoth(finally_)
+        return d.addCallbacks(self._apply, failed).addBoth(finally_)
 

@@ -15,7 +15,9 @@ import traceback
 from typing import Any, Callable, Mapping, Optional
 
 import attrs
-from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import TimeoutError as DeferredTimeout
+from twisted.internet.defer import ensureDeferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -42,15 +44,25 @@ class TaskContext:
     @ivar attempt: the attempt number, 1 for the first.
     @ivar labels: the job's labels.
     @ivar workdir: the job's working directory (its inputs are there).
+    @ivar array_id: the array the job belongs to, or C{None}.
+    @ivar array_index: its index in the array (0 to N-1), or C{None}.
     """
 
     def __init__(
-        self, job_id: str, attempt: int, labels: Mapping[str, str], workdir: str
+        self,
+        job_id: str,
+        attempt: int,
+        labels: Mapping[str, str],
+        workdir: str,
+        array_id: Optional[str] = None,
+        array_index: Optional[int] = None,
     ) -> None:
         self.job_id = job_id
         self.attempt = attempt
         self.labels = dict(labels)
         self.workdir = workdir
+        self.array_id = array_id
+        self.array_index = array_index
         self._cancelled = threading.Event()
 
     @property
@@ -145,6 +157,7 @@ class RunningJob:
     staging: Optional[Deferred] = None
     stopping: bool = False
     interrupted: bool = False
+    timed_out: bool = False
 
 
 class LocalExecutor:
@@ -160,6 +173,8 @@ class LocalExecutor:
     @param tasks: the task names and their functions.
     @param task_pool: the bounded pool task functions run on.
     @param io_pool: the pool for file-system work.
+    @param clock: the C{IReactorTime} of timeouts and kill grace periods.
+    @param kill_grace: seconds between SIGTERM and SIGKILL.
     """
 
     def __init__(
@@ -173,8 +188,10 @@ class LocalExecutor:
         task_pool: ThreadPool,
         io_pool: ThreadPool,
         kill_grace: float = 5.0,
+        clock: Any = None,
     ) -> None:
         self._reactor = reactor
+        self._clock = clock if clock is not None else reactor
         self.holder = holder
         self._jobs_dir = os.path.join(data_dir, "jobs")
         self._spawner = spawner
@@ -271,6 +288,9 @@ class LocalExecutor:
         env.update(spec.env)
         env["DISPATCHER_JOB_ID"] = lease.job_id
         env["DISPATCHER_ATTEMPT"] = str(lease.attempt)
+        if spec.array_id is not None:
+            env["DISPATCHER_ARRAY_ID"] = spec.array_id
+            env["DISPATCHER_ARRAY_INDEX"] = str(spec.array_index)
         assert spec.command is not None
         try:
             process = await self._spawner.spawn(
@@ -284,14 +304,40 @@ class LocalExecutor:
             return Outcome(JobState.FAILED, error=f"could not start the command: {e}")
         running.process = process
         if running.stopping:
-            process.terminate(self.kill_grace, self._reactor)
+            self._terminate(process)
+        timer = None
+        if spec.timeout is not None:
+
+            def time_out() -> None:
+                running.timed_out = True
+                self._terminate(process)
+
+            timer = self._clock.callLater(spec.timeout, time_out)
         try:
             await record_process(lease, process)
         except Exception:
             log.failure("recording the process of job {job_id} failed",
                         job_id=lease.job_id)
-        code = await process.ended
+        try:
+            code = await process.ended
+        except Exception as e:
+            return Outcome(JobState.FAILED, error=f"lost: {e}")
+        finally:
+            if timer is not None and timer.active():
+                timer.cancel()
+        if running.timed_out:
+            return Outcome(
+                JobState.FAILED,
+                exit_code=code,
+                error=f"timed out after {spec.timeout:g} s",
+            )
         return Outcome.from_exit_code(code)
+
+    def _terminate(self, process: Any) -> None:
+        d = process.terminate(self.kill_grace, self._clock)
+        d.addErrback(
+            lambda f: log.failure("stopping process {pid} failed", f, pid=process.pid)
+        )
 
     async def _run_task(
         self, running: RunningJob, spec: JobSpec, workdir: str
@@ -303,9 +349,16 @@ class LocalExecutor:
                 JobState.FAILED,
                 error=f"the task {spec.task!r} is not configured on this host",
             )
-        context = TaskContext(lease.job_id, lease.attempt, spec.labels, workdir)
+        context = TaskContext(
+            lease.job_id,
+            lease.attempt,
+            spec.labels,
+            workdir,
+            spec.array_id,
+            spec.array_index,
+        )
         running.context = context
-        return await deferToThreadPool(
+        call = deferToThreadPool(
             self._reactor,
             self._task_pool,
             _call_task,
@@ -315,6 +368,21 @@ class LocalExecutor:
             spec.kwargs,
             self.log_path(lease.job_id, lease.attempt, "stderr"),
         )
+        if spec.timeout is None:
+            return await call
+        # A thread cannot be stopped: past the timeout the attempt ends, the
+        # context says cancelled, and whatever the function returns later is
+        # dropped (a cancelled Deferred ignores its late result).
+        call.addTimeout(spec.timeout, self._clock)
+        try:
+            return await call
+        except DeferredTimeout:
+            context.cancel()
+            return Outcome(
+                JobState.FAILED,
+                error=f"timed out after {spec.timeout:g} s; the task's thread "
+                "runs on until the function returns, and its result is discarded",
+            )
 
     def stop(self, job_id: str) -> None:
         """
@@ -330,7 +398,7 @@ class LocalExecutor:
         if running.staging is not None:
             running.staging.cancel()
         if running.process is not None:
-            running.process.terminate(self.kill_grace, self._reactor)
+            self._terminate(running.process)
         elif running.context is not None:
             running.context.cancel()
 

@@ -158,7 +158,8 @@ class InputSpec:
 class JobSpec:
     """
     What a client asked for: a command (argv) or a task name with its
-    arguments, and what goes with it.  Validated before it gets here.
+    arguments, and how it is to be scheduled.  Validated before it gets
+    here; queue defaults are already applied.
     """
 
     command: Optional[tuple[str, ...]] = None
@@ -169,6 +170,15 @@ class JobSpec:
     env: Mapping[str, str] = attrs.field(factory=dict)
     labels: Mapping[str, str] = attrs.field(factory=dict)
     inputs: tuple[InputSpec, ...] = ()
+    priority: int = 0
+    queue: str = "default"
+    timeout: Optional[float] = None
+    max_attempts: int = 1
+    retry_delay: float = 1.0
+    not_before: Optional[float] = None
+    depends_on: tuple[str, ...] = ()
+    array_id: Optional[str] = None
+    array_index: Optional[int] = None
 
     @property
     def kind(self) -> str:
@@ -179,7 +189,31 @@ class JobSpec:
 
     def to_json(self) -> dict[str, Any]:
         """
-        The spec as stored and as shown: only the fields that were given.
+        The spec as stored and as shown.
+        """
+        out: dict[str, Any] = {}
+        if self.command is not None:
+            out["command"] = list(self.command)
+            out["env"] = dict(self.env)
+        else:
+            out["task"] = self.task
+            out["args"] = list(self.args)
+            out["kwargs"] = dict(self.kwargs)
+        out["inputs"] = [i.to_json() for i in self.inputs]
+        out["priority"] = self.priority
+        out["queue"] = self.queue
+        out["timeout"] = self.timeout
+        out["max_attempts"] = self.max_attempts
+        out["retry_delay"] = self.retry_delay
+        out["not_before"] = format_time(self.not_before)
+        out["depends_on"] = list(self.depends_on)
+        out["array_id"] = self.array_id
+        out["array_index"] = self.array_index
+        return out
+
+    def to_stored(self) -> dict[str, Any]:
+        """
+        The fields kept as JSON in the store (the others have columns).
         """
         out: dict[str, Any] = {}
         if self.command is not None:
@@ -192,14 +226,14 @@ class JobSpec:
             out["kwargs"] = dict(self.kwargs)
         if self.inputs:
             out["inputs"] = [i.to_json() for i in self.inputs]
+        if self.depends_on:
+            out["depends_on"] = list(self.depends_on)
         return out
 
     @classmethod
-    def from_json(
-        cls, data: Mapping[str, Any], name: Optional[str], labels: Mapping[str, str]
-    ) -> "JobSpec":
+    def from_stored(cls, data: Mapping[str, Any], **columns: Any) -> "JobSpec":
         """
-        Rebuild a stored spec (the inverse of L{to_json}).
+        Rebuild a stored spec from its JSON (L{to_stored}) and its columns.
         """
         command = data.get("command")
         return cls(
@@ -207,10 +241,10 @@ class JobSpec:
             task=data.get("task"),
             args=tuple(data.get("args", ())),
             kwargs=dict(data.get("kwargs", {})),
-            name=name,
             env=dict(data.get("env", {})),
-            labels=dict(labels),
             inputs=tuple(InputSpec(**i) for i in data.get("inputs", ())),
+            depends_on=tuple(data.get("depends_on", ())),
+            **columns,
         )
 
 
@@ -273,6 +307,7 @@ class Job:
     error: Optional[str] = None
     wait_reason: Optional[str] = None
     attempts: tuple[Attempt, ...] = ()
+    cancelled_by: Optional[str] = None
 
     def to_json(self) -> dict[str, Any]:
         """
@@ -291,6 +326,7 @@ class Job:
             "error": self.error,
             "wait_reason": self.wait_reason,
             "attempts": [a.to_json() for a in self.attempts],
+            "worker": self.attempts[-1].holder if self.attempts else None,
         }
         out.update(self.spec.to_json())
         return out

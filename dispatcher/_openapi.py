@@ -79,6 +79,49 @@ def openapi_document() -> dict[str, Any]:
             },
             "labels": _STRING_MAP,
             "inputs": {"type": "array", "items": input_schema},
+            "priority": {
+                "type": "integer",
+                "minimum": -1000000,
+                "maximum": 1000000,
+                "description": "Higher runs first; first in, first out within a "
+                "priority. Default: the queue's priority (0).",
+            },
+            "queue": {
+                "type": "string",
+                "description": "A queue from [queue:NAME]; default 'default'.",
+            },
+            "timeout": {
+                "type": "number",
+                "exclusiveMinimum": 0,
+                "description": "Seconds of wall time; past it the process group "
+                "gets SIGTERM, then SIGKILL after [executor] kill_grace.",
+            },
+            "max_attempts": {"type": "integer", "minimum": 1, "maximum": 100},
+            "retry_delay": {
+                "type": "number",
+                "minimum": 0,
+                "description": "Seconds before the first retry; doubled for each "
+                "further one, with jitter.",
+            },
+            "not_before": {"type": "string", "format": "date-time"},
+            "delay": {
+                "type": "number",
+                "minimum": 0,
+                "description": "Seconds from now; instead of not_before.",
+            },
+            "depends_on": {
+                "type": "array",
+                "maxItems": 1000,
+                "items": {"type": ["string", "integer"]},
+                "description": "Job ids or array ids (all members) that must "
+                "succeed first; in a batch, an integer names an earlier job of it.",
+            },
+            "array": {
+                "type": "integer",
+                "minimum": 1,
+                "description": "Make this many jobs of the spec; each gets "
+                "array_index and DISPATCHER_ARRAY_INDEX.",
+            },
         },
         "oneOf": [{"required": ["command"]}, {"required": ["task"]}],
     }
@@ -122,6 +165,19 @@ def openapi_document() -> dict[str, Any]:
             "args": {"type": "array"},
             "kwargs": {"type": "object"},
             "inputs": {"type": "array", "items": input_schema},
+            "priority": {"type": "integer"},
+            "queue": {"type": "string"},
+            "timeout": {"type": ["number", "null"]},
+            "max_attempts": {"type": "integer"},
+            "retry_delay": {"type": "number"},
+            "not_before": _TIME,
+            "depends_on": {"type": "array", "items": {"type": "string"}},
+            "array_id": {"type": ["string", "null"]},
+            "array_index": {"type": ["integer", "null"]},
+            "worker": {
+                "type": ["string", "null"],
+                "description": "The holder of the current or last attempt.",
+            },
         },
     }
     error_schema = {
@@ -138,6 +194,21 @@ def openapi_document() -> dict[str, Any]:
                 },
             }
         },
+    }
+    jobs_body = {
+        "description": "The jobs, in order.",
+        "content": {
+            "application/json": {"schema": {"$ref": "#/components/schemas/JobList"}}
+        },
+    }
+    idempotency_key = {
+        "name": "Idempotency-Key",
+        "in": "header",
+        "required": False,
+        "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+        "description": "The same key with a JSON-equal body answers 200 with the "
+        "original jobs instead of making more; with another body, 409. Kept for "
+        "[dispatcher] idempotency_ttl seconds.",
     }
     return {
         "openapi": "3.1.0",
@@ -174,7 +245,9 @@ def openapi_document() -> dict[str, Any]:
             },
             "/v1/jobs": {
                 "post": {
-                    "summary": "Submit a job; answered once it is durably stored.",
+                    "summary": "Submit a job (or, with array, several); answered "
+                    "once durably stored.",
+                    "parameters": [idempotency_key],
                     "requestBody": {
                         "required": True,
                         "content": {
@@ -184,8 +257,33 @@ def openapi_document() -> dict[str, Any]:
                         },
                     },
                     "responses": {
+                        "200": {
+                            "description": "A replay of an earlier request with the "
+                            "same Idempotency-Key: its job (or jobs).",
+                            "content": {
+                                "application/json": {
+                                    "schema": {
+                                        "oneOf": [
+                                            {"$ref": "#/components/schemas/Job"},
+                                            {"$ref": "#/components/schemas/JobList"},
+                                        ]
+                                    }
+                                }
+                            },
+                        },
                         "201": {
-                            **_job_response("The job, queued."),
+                            "description": "The job (queued, or pending while it "
+                            "waits), or {\"jobs\": [...]} for an array.",
+                            "content": {
+                                "application/json": {
+                                    "schema": {
+                                        "oneOf": [
+                                            {"$ref": "#/components/schemas/Job"},
+                                            {"$ref": "#/components/schemas/JobList"},
+                                        ]
+                                    }
+                                }
+                            },
                             "headers": {
                                 "Location": {
                                     "schema": {"type": "string"},
@@ -194,6 +292,7 @@ def openapi_document() -> dict[str, Any]:
                             },
                         },
                         "400": _error_response("A field is wrong; it is named."),
+                        "409": _error_response("The Idempotency-Key was used with another body."),
                         "413": _error_response("The body is over [server] max_body_bytes."),
                         "415": _error_response("The body is not application/json."),
                         "503": _error_response("The dispatcher is stopping; nothing was stored."),
@@ -249,6 +348,98 @@ def openapi_document() -> dict[str, Any]:
                         "400": _error_response("A query parameter is wrong."),
                     },
                 },
+            },
+            "/v1/jobs/batch": {
+                "post": {
+                    "summary": "Submit several jobs, all or nothing.",
+                    "parameters": [idempotency_key],
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            "application/json": {
+                                "schema": {
+                                    "type": "object",
+                                    "additionalProperties": False,
+                                    "required": ["jobs"],
+                                    "properties": {
+                                        "jobs": {
+                                            "type": "array",
+                                            "minItems": 1,
+                                            "items": {
+                                                "$ref": "#/components/schemas/JobSubmission"
+                                            },
+                                        }
+                                    },
+                                }
+                            }
+                        },
+                    },
+                    "responses": {
+                        "200": {**jobs_body, "description": "A replay (Idempotency-Key)."},
+                        "201": jobs_body,
+                        "400": _error_response("A field is wrong; it is named, as jobs[i].field."),
+                        "409": _error_response("The Idempotency-Key was used with another body."),
+                        "413": _error_response("The body is over [server] max_body_bytes."),
+                        "415": _error_response("The body is not application/json."),
+                    },
+                }
+            },
+            "/v1/queues": {
+                "get": {
+                    "summary": "Per queue: jobs by state, and running jobs against the limit.",
+                    "responses": {
+                        "200": {
+                            "description": "The queues.",
+                            "content": {
+                                "application/json": {
+                                    "schema": {
+                                        "type": "object",
+                                        "required": ["queues"],
+                                        "properties": {
+                                            "queues": {
+                                                "type": "object",
+                                                "additionalProperties": {
+                                                    "$ref": "#/components/schemas/Queue"
+                                                },
+                                            }
+                                        },
+                                    }
+                                }
+                            },
+                        }
+                    },
+                }
+            },
+            "/v1/jobs/{id}/retry": {
+                "post": {
+                    "summary": "Put a failed or cancelled job back in line with a "
+                    "fresh budget of attempts; its attempts stay in its history.",
+                    "parameters": [_JOB_ID],
+                    "requestBody": {
+                        "required": False,
+                        "content": {
+                            "application/json": {
+                                "schema": {
+                                    "type": "object",
+                                    "additionalProperties": False,
+                                    "properties": {
+                                        "dependents": {
+                                            "type": "boolean",
+                                            "description": "Also retry the jobs "
+                                            "cancelled because of this one.",
+                                        }
+                                    },
+                                }
+                            }
+                        },
+                    },
+                    "responses": {
+                        "200": _job_response("The job, queued (or pending)."),
+                        "404": _error_response("No such job."),
+                        "409": _error_response("The job is not failed or cancelled, "
+                                               "or a job it depends on must be retried first."),
+                    },
+                }
             },
             "/v1/jobs/{id}": {
                 "get": {
@@ -307,6 +498,25 @@ def openapi_document() -> dict[str, Any]:
                 "Job": job_schema,
                 "Attempt": attempt_schema,
                 "Error": error_schema,
+                "JobList": {
+                    "type": "object",
+                    "required": ["jobs"],
+                    "properties": {
+                        "jobs": {"type": "array", "items": {"$ref": "#/components/schemas/Job"}}
+                    },
+                },
+                "Queue": {
+                    "type": "object",
+                    "required": ["counts", "running", "max_running"],
+                    "properties": {
+                        "counts": {
+                            "type": "object",
+                            "additionalProperties": {"type": "integer"},
+                        },
+                        "running": {"type": "integer"},
+                        "max_running": {"type": ["integer", "null"]},
+                    },
+                },
             }
         },
     }

@@ -39,6 +39,7 @@ class Scheduler:
         self._clock = clock
         self._queued = 0
         self._free: dict[str, int] = {}
+        self._blocked = False
 
     @property
     def queued(self) -> int:
@@ -77,6 +78,10 @@ class Scheduler:
         """
         if holder in self._free:
             self._free[holder] += count
+        if self._blocked:
+            # Jobs wait behind a queue's limit, and the job that ended may
+            # have been one of that queue's: look again.
+            self._queued = max(self._queued, 1)
 
     def next_claims(self) -> list[Claim]:
         """
@@ -102,13 +107,17 @@ class Scheduler:
         self.slots_freed(claim.holder, claim.count)
         self._queued += claim.count
 
-    def claimed(self, claim: Claim, got: int) -> None:
+    def claimed(self, claim: Claim, got: int, blocked: bool = False) -> None:
         """
-        A claim for C{claim.count} jobs got C{got}.  Fewer means the queue
-        was empty when the claim committed: the estimate goes to zero, and
-        later events count up from there.
+        A claim for C{claim.count} jobs got C{got}.  Fewer means no eligible
+        job was left when the claim committed: the estimate goes to zero,
+        and later events count up from there.  C{blocked} says queued jobs
+        wait behind a queue's limit of running jobs; a slot freed later
+        looks again.
         """
+        self._blocked = blocked
         unused = claim.count - got
         if unused > 0:
-            self.slots_freed(claim.holder, unused)
+            if claim.holder in self._free:
+                self._free[claim.holder] += unused
             self._queued = 0

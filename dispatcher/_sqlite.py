@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import sqlite3
 import threading
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import attrs
 from twisted.internet.defer import Deferred, fail, succeed
@@ -37,6 +38,7 @@ from ._model import (
     StaleLease,
     StoreClosed,
     UnknownJob,
+    format_time,
     may_transition,
 )
 
@@ -47,6 +49,101 @@ class StoreVersionError(Exception):
     """
     The database was written by a newer dispatcher than this one.
     """
+
+
+class IdempotencyConflict(Exception):
+    """
+    An idempotency key already used with a different request.
+    """
+
+    def __init__(self, key: str) -> None:
+        super().__init__(
+            f"the Idempotency-Key {key!r} was already used with a different request"
+        )
+        self.key = key
+
+
+class UnknownDependency(Exception):
+    """
+    A C{depends_on} entry names no job and no array.
+    """
+
+    def __init__(self, job_index: int, position: int, name: str) -> None:
+        super().__init__(f"no job or array has the id {name!r}")
+        self.job_index = job_index
+        self.position = position
+        self.name = name
+
+
+class DependencyNotRetried(Exception):
+    """
+    A job cannot be retried while a job it depends on has failed or was
+    cancelled: that one must be retried first.
+    """
+
+    def __init__(self, job_id: str, dependency: str, state: JobState) -> None:
+        super().__init__(
+            f"job {job_id} depends on {dependency}, which is {state.value}; "
+            "retry that one first (with dependents: true to bring this one back)"
+        )
+        self.job_id = job_id
+        self.dependency = dependency
+
+
+@attrs.frozen
+class IdempotencyKey:
+    """
+    A client's Idempotency-Key and the digest of the request it came with.
+    """
+
+    key: str
+    digest: str
+
+
+@attrs.frozen
+class Written:
+    """
+    What a write did: its answer, the jobs whose state it changed (for the
+    event stream), and the earliest time a pending job it touched becomes
+    due.
+    """
+
+    value: Any
+    changed: tuple[tuple[str, JobState], ...] = ()
+    wake_at: Optional[float] = None
+
+
+@attrs.frozen
+class Submitted:
+    """
+    The jobs a submission made, or (C{replayed}) the ones an earlier request
+    with the same idempotency key made.
+    """
+
+    jobs: list[Job]
+    replayed: bool = False
+
+
+@attrs.frozen
+class Claimed:
+    """
+    The leases a claim got, and whether queued jobs wait behind a queue's
+    limit of running jobs.
+    """
+
+    leases: list[Lease]
+    blocked: bool = False
+
+
+def jittered_backoff(delay: float, spent: int) -> float:
+    """
+    The wait before retry number C{spent}: C{delay} doubled for each
+    earlier failure, capped at an hour (or C{delay}, if longer), times a
+    random factor between 0.5 and 1.5 so that jobs that failed together do
+    not come back together.
+    """
+    base = min(delay * 2 ** (spent - 1), max(delay, 3600.0))
+    return base * random.uniform(0.5, 1.5)
 
 
 @attrs.frozen
@@ -113,11 +210,36 @@ MIGRATIONS: Sequence[str] = (
         PRIMARY KEY (job_id, number)
     );
     """,
-)
-
-_JOB_COLUMNS = (
-    "seq, id, state, name, labels, spec, created_at, started_at, finished_at,"
-    " exit_code, result, error, wait_reason"
+    """
+    ALTER TABLE jobs ADD COLUMN queue TEXT NOT NULL DEFAULT 'default';
+    ALTER TABLE jobs ADD COLUMN max_attempts INTEGER NOT NULL DEFAULT 1;
+    ALTER TABLE jobs ADD COLUMN attempts_spent INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE jobs ADD COLUMN retry_delay REAL NOT NULL DEFAULT 1.0;
+    ALTER TABLE jobs ADD COLUMN timeout REAL;
+    ALTER TABLE jobs ADD COLUMN not_before REAL;
+    ALTER TABLE jobs ADD COLUMN waiting_on INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE jobs ADD COLUMN array_id TEXT;
+    ALTER TABLE jobs ADD COLUMN array_index INTEGER;
+    ALTER TABLE jobs ADD COLUMN cancelled_by TEXT;
+    DROP INDEX jobs_queued;
+    CREATE INDEX jobs_queued ON jobs (queue, priority DESC, seq) WHERE state = 'queued';
+    CREATE INDEX jobs_due ON jobs (not_before) WHERE state = 'pending' AND waiting_on = 0;
+    CREATE INDEX jobs_array ON jobs (array_id) WHERE array_id IS NOT NULL;
+    CREATE INDEX jobs_cancelled_by ON jobs (cancelled_by) WHERE cancelled_by IS NOT NULL;
+    CREATE TABLE dependencies (
+        depends_on TEXT NOT NULL,
+        job_id TEXT NOT NULL,
+        PRIMARY KEY (depends_on, job_id)
+    ) WITHOUT ROWID;
+    CREATE INDEX dependencies_job ON dependencies (job_id);
+    CREATE TABLE idempotency (
+        key TEXT PRIMARY KEY,
+        digest TEXT NOT NULL,
+        job_ids TEXT NOT NULL,
+        created_at REAL NOT NULL
+    );
+    CREATE INDEX idempotency_age ON idempotency (created_at);
+    """,
 )
 
 _QUEUED_REASON = "waiting for a free slot"
@@ -136,10 +258,31 @@ class SQLiteJobStore:
     @param path: the database file.
     @param reactor: the reactor the Deferreds fire in.
     @param readers: how many reader threads (and connections) to keep.
+    @param queues: the queue names and their limits of running jobs (0: no
+        limit); C{default} is always there.
+    @param idempotency_ttl: seconds an idempotency key is kept.
+    @param backoff: the wait before a retry, from the retry delay and the
+        number of attempts spent.
     """
 
-    def __init__(self, path: str, reactor: Any, readers: int = 2) -> None:
+    def __init__(
+        self,
+        path: str,
+        reactor: Any,
+        readers: int = 2,
+        queues: Optional[Mapping[str, int]] = None,
+        idempotency_ttl: float = 86400.0,
+        backoff: Callable[[float, int], float] = jittered_backoff,
+    ) -> None:
         self._path = path
+        # Queue names, in the order they take turns, and their limits of
+        # running jobs (0: none).
+        self._limits: dict[str, int] = dict(queues or {"default": 0})
+        self._limits.setdefault("default", 0)
+        self._queues = sorted(self._limits)
+        self._turn = 0
+        self._idempotency_ttl = idempotency_ttl
+        self._backoff = backoff
         self._reactor = reactor
         self._writer_pool = ThreadPool(1, 1, name="store-writer")
         self._reader_pool = ThreadPool(1, readers, name="store-reader")
@@ -151,7 +294,15 @@ class SQLiteJobStore:
         self._flushing = False
         self._closing: Optional[Deferred] = None
         self._next_token = 1
+        self._shut = False
         self.batches = 0
+
+    @property
+    def queue_limits(self) -> Mapping[str, int]:
+        """
+        Each queue's limit of running jobs (0: none).
+        """
+        return dict(self._limits)
 
     # Life cycle
 
@@ -210,6 +361,10 @@ class SQLiteJobStore:
         return d
 
     def _shutdown(self) -> None:
+        if self._shut:
+            return
+        self._shut = True
+
         def close_all() -> None:
             if self._writer is not None:
                 self._writer.close()
@@ -312,25 +467,88 @@ class SQLiteJobStore:
 
     # The interface
 
-    def submit(self, specs: Sequence[JobSpec], now: float, ids: Sequence[str]) -> Deferred:
-        return self._write(self._submit, list(specs), now, list(ids))
+    def submit(
+        self,
+        specs: Sequence[JobSpec],
+        now: float,
+        ids: Sequence[str],
+        idempotency: Optional[IdempotencyKey] = None,
+    ) -> Deferred:
+        return self._write(self._submit, list(specs), now, list(ids), idempotency)
 
     def _submit(
-        self, conn: sqlite3.Connection, specs: list[JobSpec], now: float, ids: list[str]
-    ) -> list[Job]:
-        jobs = []
-        for spec, job_id in zip(specs, ids):
+        self,
+        conn: sqlite3.Connection,
+        specs: list[JobSpec],
+        now: float,
+        ids: list[str],
+        idempotency: Optional[IdempotencyKey],
+    ) -> Written:
+        if idempotency is not None:
+            row = conn.execute(
+                "SELECT digest, job_ids, created_at FROM idempotency WHERE key = ?",
+                (idempotency.key,),
+            ).fetchone()
+            if row is not None and row[2] >= now - self._idempotency_ttl:
+                if row[0] != idempotency.digest:
+                    raise IdempotencyConflict(idempotency.key)
+                jobs = [_get_job(conn, job_id) for job_id in json.loads(row[1])]
+                return Written(Submitted(jobs, replayed=True))
+            if row is not None:
+                conn.execute("DELETE FROM idempotency WHERE key = ?", (idempotency.key,))
+        changed: list[tuple[str, JobState]] = []
+        in_batch: dict[str, JobState] = {}
+        jobs: list[Job] = []
+        for index, (spec, job_id) in enumerate(zip(specs, ids)):
+            error = cancelled_by = finished_at = None
+            dead = None
+            if spec.depends_on:
+                deps = _resolve_dependencies(conn, spec, index, in_batch)
+                unmet = [d for d, st in deps.items() if st is not JobState.SUCCEEDED]
+                dead = next(
+                    (d for d, st in deps.items()
+                     if st in (JobState.FAILED, JobState.CANCELLED)),
+                    None,
+                )
+            else:
+                deps, unmet = {}, []
+            if dead is not None:
+                state = JobState.CANCELLED
+                verb = "failed" if deps[dead] is JobState.FAILED else "was cancelled"
+                error = f"cancelled because its dependency {dead} {verb}"
+                cancelled_by = dead
+                finished_at = now
+                wait_reason = None
+            elif unmet or spec.not_before is not None:
+                state, wait_reason = _waiting(unmet, spec.not_before, now)
+            else:
+                state, wait_reason = JobState.QUEUED, _QUEUED_REASON
             cursor = conn.execute(
                 "INSERT INTO jobs (id, state, name, labels, spec, created_at,"
-                " wait_reason) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                " finished_at, error, wait_reason, priority, queue, max_attempts,"
+                " retry_delay, timeout, not_before, waiting_on, array_id, array_index,"
+                " cancelled_by)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     job_id,
-                    JobState.QUEUED.value,
+                    state.value,
                     spec.name,
                     _dumps(dict(spec.labels)),
-                    _dumps(spec.to_json()),
+                    _dumps(spec.to_stored()),
                     now,
-                    _QUEUED_REASON,
+                    finished_at,
+                    error,
+                    wait_reason,
+                    spec.priority,
+                    spec.queue,
+                    spec.max_attempts,
+                    spec.retry_delay,
+                    spec.timeout,
+                    spec.not_before,
+                    len(unmet),
+                    spec.array_id,
+                    spec.array_index,
+                    cancelled_by,
                 ),
             )
             if spec.labels:
@@ -338,19 +556,37 @@ class SQLiteJobStore:
                     "INSERT INTO job_labels (key, value, seq) VALUES (?, ?, ?)",
                     [(k, v, cursor.lastrowid) for k, v in spec.labels.items()],
                 )
+            if deps:
+                conn.executemany(
+                    "INSERT INTO dependencies (depends_on, job_id) VALUES (?, ?)",
+                    [(d, job_id) for d in deps],
+                )
+            in_batch[job_id] = state
+            changed.append((job_id, state))
             jobs.append(
                 Job(
                     id=job_id,
-                    state=JobState.QUEUED,
+                    state=state,
                     spec=spec,
                     created_at=now,
-                    wait_reason=_QUEUED_REASON,
+                    finished_at=finished_at,
+                    error=error,
+                    wait_reason=wait_reason,
+                    cancelled_by=cancelled_by,
                 )
             )
-        return jobs
+        if idempotency is not None:
+            conn.execute(
+                "INSERT INTO idempotency (key, digest, job_ids, created_at)"
+                " VALUES (?, ?, ?, ?)",
+                (idempotency.key, idempotency.digest, _dumps(ids), now),
+            )
+        wake = [s.not_before for s in specs if s.not_before is not None and s.not_before > now]
+        return Written(Submitted(jobs, replayed=False), tuple(changed),
+                       min(wake) if wake else None)
 
     def get(self, job_id: str) -> Deferred:
-        return self._read(_get_job, job_id)
+        return self._read(_get_job, job_id, self._limits)
 
     def list_jobs(
         self,
@@ -359,16 +595,28 @@ class SQLiteJobStore:
         limit: int = 100,
         cursor: Optional[int] = None,
     ) -> Deferred:
-        return self._read(_list_jobs, state, tuple(labels), limit, cursor)
+        return self._read(_list_jobs, state, tuple(labels), limit, cursor, self._limits)
 
     def count_by_state(self) -> Deferred:
         return self._read(_count_by_state)
+
+    def queue_counts(self) -> Deferred:
+        """
+        Fire with C{{queue: {state: count}}} for every configured queue.
+        """
+        return self._read(_queue_counts, tuple(self._queues))
+
+    def next_due(self) -> Deferred:
+        """
+        Fire with the earliest time a pending job becomes due, or C{None}.
+        """
+        return self._read(_next_due)
 
     def claim(
         self, holder: str, capacity: int, now: float, lease_seconds: float
     ) -> Deferred:
         if capacity <= 0:
-            return succeed([])
+            return succeed(Claimed([], blocked=False))
         return self._write(self._claim, holder, capacity, now, lease_seconds)
 
     def _claim(
@@ -378,24 +626,56 @@ class SQLiteJobStore:
         capacity: int,
         now: float,
         lease_seconds: float,
-    ) -> list[Lease]:
-        rows = conn.execute(
-            # Without INDEXED BY the planner, lacking statistics, walks the
-            # state index and sorts every queued job: 100 times slower with
-            # ten thousand queued.
-            "SELECT seq, id, name, labels, spec, attempt_count FROM jobs"
-            " INDEXED BY jobs_queued"
-            " WHERE state = 'queued' ORDER BY priority DESC, seq LIMIT ?",
-            (capacity,),
-        ).fetchall()
+    ) -> Claimed:
+        running = dict(
+            conn.execute(
+                "SELECT queue, COUNT(*) FROM jobs"
+                " WHERE state IN ('staging', 'running') GROUP BY queue"
+            ).fetchall()
+        )
+        heads: dict[str, list[tuple]] = {}
+        for queue in self._queues:
+            limit = self._limits.get(queue, 0)
+            room = capacity if not limit else min(capacity, limit - running.get(queue, 0))
+            if room <= 0:
+                continue
+            # Without INDEXED BY the planner, lacking statistics, may walk
+            # the state index and sort every queued job: a hundred times
+            # slower with ten thousand queued.
+            rows = conn.execute(
+                "SELECT seq, id, name, labels, spec, priority, queue, max_attempts,"
+                " retry_delay, timeout, not_before, array_id, array_index,"
+                " attempt_count FROM jobs INDEXED BY jobs_queued"
+                " WHERE state = 'queued' AND queue = ?"
+                " ORDER BY priority DESC, seq LIMIT ?",
+                (queue, room),
+            ).fetchall()
+            if rows:
+                heads[queue] = rows[::-1]
+        # Highest priority first; among equal priorities the queues take
+        # turns, starting after the queue served last.
+        order = self._queues[self._turn:] + self._queues[: self._turn]
+        chosen = []
+        taken: dict[str, int] = {}
+        while heads and len(chosen) < capacity:
+            best = max(rows[-1][5] for rows in heads.values())
+            queue = next(q for q in order if q in heads and heads[q][-1][5] == best)
+            chosen.append(heads[queue].pop())
+            taken[queue] = taken.get(queue, 0) + 1
+            if not heads[queue]:
+                del heads[queue]
+            at = self._queues.index(queue)
+            self._turn = (at + 1) % len(self._queues)
+            order = self._queues[self._turn:] + self._queues[: self._turn]
         leases = []
         expires = now + lease_seconds
-        for seq, job_id, name, labels, spec_text, attempt_count in rows:
-            spec = JobSpec.from_json(json.loads(spec_text), name, json.loads(labels))
+        for row in chosen:
+            seq, job_id = row[0], row[1]
+            spec = _spec_from_row(row[2:13])
             state = JobState.STAGING if spec.inputs else JobState.RUNNING
             token = self._next_token
             self._next_token += 1
-            number = attempt_count + 1
+            number = row[13] + 1
             conn.execute(
                 "UPDATE jobs SET state = ?, attempt_count = ?, lease_token = ?,"
                 " lease_holder = ?, lease_expires = ?, wait_reason = NULL,"
@@ -409,7 +689,15 @@ class SQLiteJobStore:
                 (job_id, number, token, holder, now),
             )
             leases.append(Lease(job_id, number, token, holder, expires, spec))
-        return leases
+        blocked = False
+        for queue, limit in self._limits.items():
+            if limit and running.get(queue, 0) + taken.get(queue, 0) >= limit:
+                if conn.execute(
+                    "SELECT 1 FROM jobs WHERE state = 'queued' AND queue = ? LIMIT 1",
+                    (queue,),
+                ).fetchone():
+                    blocked = True
+        return Claimed(leases, blocked)
 
     def record_process(
         self, lease: Lease, pid: int, start_ticks: Optional[int], boot_id: Optional[str]
@@ -433,7 +721,7 @@ class SQLiteJobStore:
     def mark_running(self, lease: Lease, now: float) -> Deferred:
         return self._write(self._mark_running, lease, now)
 
-    def _mark_running(self, conn: sqlite3.Connection, lease: Lease, now: float) -> None:
+    def _mark_running(self, conn: sqlite3.Connection, lease: Lease, now: float) -> Written:
         state = _check_lease(conn, lease)
         if state is not JobState.STAGING:
             raise InvalidTransition(lease.job_id, state, JobState.RUNNING)
@@ -441,50 +729,86 @@ class SQLiteJobStore:
             "UPDATE jobs SET state = 'running', started_at = ? WHERE id = ?",
             (now, lease.job_id),
         )
+        return Written(None, ((lease.job_id, JobState.RUNNING),))
 
     def finish(self, lease: Lease, outcome: Outcome, now: float) -> Deferred:
         return self._write(self._finish, lease, outcome, now)
 
     def _finish(
         self, conn: sqlite3.Connection, lease: Lease, outcome: Outcome, now: float
-    ) -> Job:
+    ) -> Written:
         state = _check_lease(conn, lease)
-        (cancel_requested,) = conn.execute(
-            "SELECT cancel_requested FROM jobs WHERE id = ?", (lease.job_id,)
+        cancel_requested, spent, max_attempts, retry_delay = conn.execute(
+            "SELECT cancel_requested, attempts_spent, max_attempts, retry_delay"
+            " FROM jobs WHERE id = ?",
+            (lease.job_id,),
         ).fetchone()
-        target = outcome.state
         error = outcome.error
         if cancel_requested:
             target = JobState.CANCELLED
             error = "cancelled while it ran" + (f" ({error})" if error else "")
-        if not may_transition(state, target):
-            raise InvalidTransition(lease.job_id, state, target)
+        else:
+            target = outcome.state
         conn.execute(
             "UPDATE attempts SET finished_at = ?, exit_code = ?, error = ?"
             " WHERE token = ?",
             (now, outcome.exit_code, error, lease.token),
         )
+        spent += 1
+        result = None if outcome.result is None else _dumps(outcome.result)
+        if target is JobState.FAILED and spent < max_attempts:
+            return self._retry_later(
+                conn, lease.job_id, state, spent, retry_delay, now, error,
+                outcome.exit_code, result,
+            )
+        if not may_transition(state, target):
+            raise InvalidTransition(lease.job_id, state, target)
         conn.execute(
             "UPDATE jobs SET state = ?, finished_at = ?, exit_code = ?, result = ?,"
-            " error = ?, lease_token = NULL, lease_holder = NULL,"
-            " lease_expires = NULL WHERE id = ?",
-            (
-                target.value,
-                now,
-                outcome.exit_code,
-                None if outcome.result is None else _dumps(outcome.result),
-                error,
-                lease.job_id,
-            ),
+            " error = ?, attempts_spent = ?, wait_reason = NULL, lease_token = NULL,"
+            " lease_holder = NULL, lease_expires = NULL WHERE id = ?",
+            (target.value, now, outcome.exit_code, result, error, spent, lease.job_id),
         )
-        return _get_job(conn, lease.job_id)
+        changed = [(lease.job_id, target)]
+        wake = _after_final(conn, lease.job_id, target, now, changed)
+        return Written(_get_job(conn, lease.job_id, self._limits), tuple(changed), wake)
+
+    def _retry_later(
+        self,
+        conn: sqlite3.Connection,
+        job_id: str,
+        state: JobState,
+        spent: int,
+        retry_delay: float,
+        now: float,
+        error: Optional[str],
+        exit_code: Optional[int],
+        result: Optional[str],
+    ) -> Written:
+        delay = self._backoff(retry_delay, spent)
+        if delay > 0:
+            target, due = JobState.PENDING, now + delay
+            reason = f"attempt {spent} failed; retrying at {format_time(due)}"
+        else:
+            target, due = JobState.QUEUED, None
+            reason = _QUEUED_REASON
+        if not may_transition(state, JobState.QUEUED):
+            raise InvalidTransition(job_id, state, target)
+        conn.execute(
+            "UPDATE jobs SET state = ?, not_before = ?, wait_reason = ?, error = ?,"
+            " exit_code = ?, result = ?, attempts_spent = ?, started_at = NULL,"
+            " lease_token = NULL, lease_holder = NULL, lease_expires = NULL"
+            " WHERE id = ?",
+            (target.value, due, reason, error, exit_code, result, spent, job_id),
+        )
+        return Written(_get_job(conn, job_id, self._limits), ((job_id, target),), due)
 
     def release(self, lease: Lease, now: float, reason: str) -> Deferred:
         return self._write(self._release, lease, now, reason)
 
     def _release(
         self, conn: sqlite3.Connection, lease: Lease, now: float, reason: str
-    ) -> Job:
+    ) -> Written:
         state = _check_lease(conn, lease)
         (cancel_requested,) = conn.execute(
             "SELECT cancel_requested FROM jobs WHERE id = ?", (lease.job_id,)
@@ -500,24 +824,26 @@ class SQLiteJobStore:
         if not may_transition(state, target):
             raise InvalidTransition(lease.job_id, state, target)
         # The attempt stays in the history, but a released attempt is not
-        # spent: the budget counts attempts that ended on their own.
+        # spent: attempts_spent counts attempts that ended on their own.
         conn.execute(
             "UPDATE jobs SET state = ?, wait_reason = ?, started_at = NULL,"
             " finished_at = ?, lease_token = NULL, lease_holder = NULL,"
             " lease_expires = NULL WHERE id = ?",
             (target.value, wait_reason, finished, lease.job_id),
         )
-        return _get_job(conn, lease.job_id)
+        changed = [(lease.job_id, target)]
+        wake = None
+        if target is JobState.CANCELLED:
+            wake = _after_final(conn, lease.job_id, target, now, changed)
+        return Written(_get_job(conn, lease.job_id, self._limits), tuple(changed), wake)
 
     def cancel(self, job_id: str, now: float) -> Deferred:
         return self._write(self._cancel, job_id, now)
 
-    def _cancel(
-        self, conn: sqlite3.Connection, job_id: str, now: float
-    ) -> tuple[Job, Optional[Lease]]:
+    def _cancel(self, conn: sqlite3.Connection, job_id: str, now: float) -> Written:
         row = conn.execute(
-            "SELECT state, lease_token, lease_holder, lease_expires, attempt_count,"
-            " name, labels, spec FROM jobs WHERE id = ?",
+            "SELECT state, lease_token, lease_holder, lease_expires, attempt_count"
+            " FROM jobs WHERE id = ?",
             (job_id,),
         ).fetchone()
         if row is None:
@@ -527,29 +853,92 @@ class SQLiteJobStore:
             raise InvalidTransition(job_id, state, JobState.CANCELLED)
         if state.active:
             conn.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
-            token, holder, expires, attempt, name, labels, spec = row[1:]
-            lease = Lease(
-                job_id,
-                attempt,
-                token,
-                holder,
-                expires,
-                JobSpec.from_json(json.loads(spec), name, json.loads(labels)),
-            )
-            return _get_job(conn, job_id), lease
+            token, holder, expires, attempt = row[1:]
+            job = _get_job(conn, job_id, self._limits)
+            lease = Lease(job_id, attempt, token, holder, expires, job.spec)
+            return Written((job, lease))
         conn.execute(
             "UPDATE jobs SET state = 'cancelled', finished_at = ?, wait_reason = NULL,"
             " error = 'cancelled before it ran' WHERE id = ?",
             (now, job_id),
         )
-        return _get_job(conn, job_id), None
+        changed = [(job_id, JobState.CANCELLED)]
+        wake = _after_final(conn, job_id, JobState.CANCELLED, now, changed)
+        return Written((_get_job(conn, job_id, self._limits), None), tuple(changed), wake)
+
+    def retry(self, job_id: str, now: float, dependents: bool) -> Deferred:
+        """
+        Put a failed or cancelled job back in line with a fresh budget of
+        attempts (and, with C{dependents}, the jobs cancelled because of
+        it); its attempts stay in its history.
+        """
+        return self._write(self._retry, job_id, now, dependents)
+
+    def _retry(
+        self, conn: sqlite3.Connection, job_id: str, now: float, dependents: bool
+    ) -> Written:
+        row = conn.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise UnknownJob(job_id)
+        state = JobState(row[0])
+        if state not in (JobState.FAILED, JobState.CANCELLED):
+            raise InvalidTransition(job_id, state, JobState.QUEUED)
+        changed: list[tuple[str, JobState]] = []
+        wakes = [_requeue(conn, job_id, now, changed)]
+        if dependents:
+            stack = [job_id]
+            while stack:
+                cause = stack.pop()
+                for (dependent,) in conn.execute(
+                    "SELECT id FROM jobs WHERE cancelled_by = ? AND state = 'cancelled'",
+                    (cause,),
+                ).fetchall():
+                    wakes.append(_requeue(conn, dependent, now, changed))
+                    stack.append(dependent)
+        due = [w for w in wakes if w is not None]
+        return Written(
+            _get_job(conn, job_id, self._limits), tuple(changed), min(due) if due else None
+        )
+
+    def promote_due(self, now: float) -> Deferred:
+        """
+        Queue every pending job whose time has come; the answer's wake time
+        is when the next one is due.
+        """
+        return self._write(self._promote_due, now)
+
+    def _promote_due(self, conn: sqlite3.Connection, now: float) -> Written:
+        due = conn.execute(
+            "SELECT id FROM jobs INDEXED BY jobs_due"
+            " WHERE state = 'pending' AND waiting_on = 0 AND not_before <= ?",
+            (now,),
+        ).fetchall()
+        changed = []
+        for (job_id,) in due:
+            conn.execute(
+                "UPDATE jobs SET state = 'queued', wait_reason = ? WHERE id = ?",
+                (_QUEUED_REASON, job_id),
+            )
+            changed.append((job_id, JobState.QUEUED))
+        return Written(None, tuple(changed), _next_due(conn))
+
+    def purge_idempotency(self, now: float) -> Deferred:
+        """
+        Forget idempotency keys older than their time to live.
+        """
+        return self._write(self._purge_idempotency, now)
+
+    def _purge_idempotency(self, conn: sqlite3.Connection, now: float) -> Written:
+        cursor = conn.execute(
+            "DELETE FROM idempotency WHERE created_at < ?",
+            (now - self._idempotency_ttl,),
+        )
+        return Written(cursor.rowcount)
 
     def recover(self, holder: str, now: float) -> Deferred:
         return self._write(self._recover, holder, now)
 
-    def _recover(
-        self, conn: sqlite3.Connection, holder: str, now: float
-    ) -> list[LostAttempt]:
+    def _recover(self, conn: sqlite3.Connection, holder: str, now: float) -> Written:
         rows = conn.execute(
             "SELECT a.job_id, a.number, a.token, a.pid, a.start_ticks, a.boot_id"
             " FROM jobs j JOIN attempts a ON a.token = j.lease_token"
@@ -558,18 +947,18 @@ class SQLiteJobStore:
         ).fetchall()
         lost = [LostAttempt(*row) for row in rows]
         reason = "lost: the dispatcher stopped while this attempt ran"
+        changed: list[tuple[str, JobState]] = []
+        wakes = []
         for attempt in lost:
-            conn.execute(
-                "UPDATE attempts SET finished_at = ?, error = ? WHERE token = ?",
-                (now, reason, attempt.token),
+            lease = Lease(attempt.job_id, attempt.attempt, attempt.token, holder, 0.0,
+                          JobSpec())
+            written = self._finish(
+                conn, lease, Outcome(JobState.FAILED, error=reason), now
             )
-            conn.execute(
-                "UPDATE jobs SET state = CASE WHEN cancel_requested THEN 'cancelled'"
-                " ELSE 'failed' END, finished_at = ?, error = ?, lease_token = NULL,"
-                " lease_holder = NULL, lease_expires = NULL WHERE id = ?",
-                (now, reason, attempt.job_id),
-            )
-        return lost
+            changed.extend(written.changed)
+            if written.wake_at is not None:
+                wakes.append(written.wake_at)
+        return Written(lost, tuple(changed), min(wakes) if wakes else None)
 
 
 def _statements(script: str) -> list[str]:
@@ -587,14 +976,196 @@ def _check_lease(conn: sqlite3.Connection, lease: Lease) -> JobState:
     return JobState(row[0])
 
 
-def _job_from_row(row: Sequence[Any], attempts: tuple[Attempt, ...]) -> Job:
+def _waiting(
+    unmet: Sequence[str], not_before: Optional[float], now: float
+) -> tuple[JobState, str]:
+    """
+    The state and wait reason of a job that has not run: pending while it
+    waits for jobs or a time, else queued.
+    """
+    if unmet:
+        shown = ", ".join(unmet[:3]) + (f" and {len(unmet) - 3} more" if len(unmet) > 3 else "")
+        return JobState.PENDING, f"waiting for {len(unmet)} job(s) to succeed: {shown}"
+    if not_before is not None and not_before > now:
+        return JobState.PENDING, f"waiting until {format_time(not_before)}"
+    return JobState.QUEUED, _QUEUED_REASON
+
+
+def _resolve_dependencies(
+    conn: sqlite3.Connection,
+    spec: JobSpec,
+    index: int,
+    in_batch: Mapping[str, JobState],
+) -> dict[str, JobState]:
+    """
+    The jobs a new job depends on, with their states: job ids, earlier jobs
+    of the same request, or array ids (all their members).
+    """
+    found: dict[str, JobState] = {}
+    for position, name in enumerate(spec.depends_on):
+        if name in in_batch:
+            found[name] = in_batch[name]
+            continue
+        row = conn.execute("SELECT state FROM jobs WHERE id = ?", (name,)).fetchone()
+        if row is not None:
+            found[name] = JobState(row[0])
+            continue
+        members = conn.execute(
+            "SELECT id, state FROM jobs WHERE array_id = ?", (name,)
+        ).fetchall()
+        if not members:
+            raise UnknownDependency(index, position, name)
+        for member, state in members:
+            found[member] = JobState(state)
+    return found
+
+
+def _after_final(
+    conn: sqlite3.Connection,
+    job_id: str,
+    state: JobState,
+    now: float,
+    changed: list[tuple[str, JobState]],
+) -> Optional[float]:
+    """
+    A job reached a final state: its pending dependents either move on (it
+    succeeded) or are cancelled, and theirs in turn (it did not).  Returns
+    the earliest time a dependent it freed becomes due.
+    """
+    if state is JobState.SUCCEEDED:
+        wakes = []
+        for dependent, waiting_on, not_before in conn.execute(
+            "SELECT j.id, j.waiting_on, j.not_before FROM dependencies d"
+            " JOIN jobs j ON j.id = d.job_id"
+            " WHERE d.depends_on = ? AND j.state = 'pending'",
+            (job_id,),
+        ).fetchall():
+            waiting_on -= 1
+            if waiting_on > 0:
+                unmet = [
+                    r[0] for r in conn.execute(
+                        "SELECT d.depends_on FROM dependencies d JOIN jobs j"
+                        " ON j.id = d.depends_on WHERE d.job_id = ?"
+                        " AND j.state != 'succeeded' AND j.id != ?",
+                        (dependent, job_id),
+                    )
+                ]
+                target, reason = _waiting(unmet, not_before, now)
+            else:
+                target, reason = _waiting((), not_before, now)
+            conn.execute(
+                "UPDATE jobs SET waiting_on = ?, state = ?, wait_reason = ? WHERE id = ?",
+                (waiting_on, target.value, reason, dependent),
+            )
+            if target is JobState.QUEUED:
+                changed.append((dependent, target))
+            elif waiting_on == 0 and not_before is not None:
+                wakes.append(not_before)
+        return min(wakes) if wakes else None
+    stack = [(job_id, "failed" if state is JobState.FAILED else "was cancelled")]
+    while stack:
+        cause, verb = stack.pop()
+        for (dependent,) in conn.execute(
+            "SELECT j.id FROM dependencies d JOIN jobs j ON j.id = d.job_id"
+            " WHERE d.depends_on = ? AND j.state = 'pending'",
+            (cause,),
+        ).fetchall():
+            conn.execute(
+                "UPDATE jobs SET state = 'cancelled', finished_at = ?, error = ?,"
+                " wait_reason = NULL, cancelled_by = ? WHERE id = ?",
+                (now, f"cancelled because its dependency {cause} {verb}", cause,
+                 dependent),
+            )
+            changed.append((dependent, JobState.CANCELLED))
+            stack.append((dependent, "was cancelled"))
+    return None
+
+
+def _requeue(
+    conn: sqlite3.Connection, job_id: str, now: float, changed: list[tuple[str, JobState]]
+) -> Optional[float]:
+    """
+    Put a finished job back in line with a fresh budget: queued, or pending
+    while jobs it depends on have not succeeded.  A dependency that failed
+    or was cancelled must be retried first.
+    """
+    unmet = []
+    for dependency, state in conn.execute(
+        "SELECT j.id, j.state FROM dependencies d JOIN jobs j ON j.id = d.depends_on"
+        " WHERE d.job_id = ?",
+        (job_id,),
+    ).fetchall():
+        if state in (JobState.FAILED.value, JobState.CANCELLED.value):
+            raise DependencyNotRetried(job_id, dependency, JobState(state))
+        if state != JobState.SUCCEEDED.value:
+            unmet.append(dependency)
+    # A job cancelled before its not_before still waits for it; a job that
+    # ran is past its not_before (or its last back-off) already.
+    (not_before,) = conn.execute(
+        "SELECT not_before FROM jobs WHERE id = ?", (job_id,)
+    ).fetchone()
+    target, reason = _waiting(unmet, not_before, now)
+    conn.execute(
+        "UPDATE jobs SET state = ?, wait_reason = ?, waiting_on = ?,"
+        " attempts_spent = 0, cancel_requested = 0, cancelled_by = NULL,"
+        " started_at = NULL, finished_at = NULL, exit_code = NULL, result = NULL,"
+        " error = NULL WHERE id = ?",
+        (target.value, reason, len(unmet), job_id),
+    )
+    changed.append((job_id, target))
+    if target is JobState.PENDING and not unmet and not_before is not None:
+        return not_before
+    return None
+
+
+def _spec_from_row(row: Sequence[Any]) -> JobSpec:
+    (
+        name,
+        labels,
+        spec,
+        priority,
+        queue,
+        max_attempts,
+        retry_delay,
+        timeout,
+        not_before,
+        array_id,
+        array_index,
+    ) = row
+    return JobSpec.from_stored(
+        json.loads(spec),
+        name=name,
+        labels=json.loads(labels),
+        priority=priority,
+        queue=queue,
+        max_attempts=max_attempts,
+        retry_delay=retry_delay,
+        timeout=timeout,
+        not_before=not_before,
+        array_id=array_id,
+        array_index=array_index,
+    )
+
+
+_JOB_COLUMNS = (
+    "seq, id, state, name, labels, spec, priority, queue, max_attempts,"
+    " retry_delay, timeout, not_before, array_id, array_index, created_at,"
+    " started_at, finished_at, exit_code, result, error, wait_reason, cancelled_by"
+)
+
+
+def _job_from_row(
+    row: Sequence[Any],
+    attempts: tuple[Attempt, ...],
+    full_queues: Mapping[str, int],
+) -> Job:
     (
         _seq,
         job_id,
         state,
-        name,
-        labels,
-        spec,
+        *spec_columns,
+    ) = row[:14]
+    (
         created_at,
         started_at,
         finished_at,
@@ -602,11 +1173,18 @@ def _job_from_row(row: Sequence[Any], attempts: tuple[Attempt, ...]) -> Job:
         result,
         error,
         wait_reason,
-    ) = row
+        cancelled_by,
+    ) = row[14:]
+    spec = _spec_from_row(spec_columns)
+    if state == JobState.QUEUED.value and spec.queue in full_queues:
+        wait_reason = (
+            f"queue {spec.queue} is at its limit of {full_queues[spec.queue]} "
+            "running jobs"
+        )
     return Job(
         id=job_id,
         state=JobState(state),
-        spec=JobSpec.from_json(json.loads(spec), name, json.loads(labels)),
+        spec=spec,
         created_at=created_at,
         started_at=started_at,
         finished_at=finished_at,
@@ -615,7 +1193,21 @@ def _job_from_row(row: Sequence[Any], attempts: tuple[Attempt, ...]) -> Job:
         error=error,
         wait_reason=wait_reason,
         attempts=attempts,
+        cancelled_by=cancelled_by,
     )
+
+
+def _full_queues(conn: sqlite3.Connection, limits: Mapping[str, int]) -> dict[str, int]:
+    limited = {q: n for q, n in limits.items() if n}
+    if not limited:
+        return {}
+    running = dict(
+        conn.execute(
+            "SELECT queue, COUNT(*) FROM jobs"
+            " WHERE state IN ('staging', 'running') GROUP BY queue"
+        ).fetchall()
+    )
+    return {q: n for q, n in limited.items() if running.get(q, 0) >= n}
 
 
 def _attempts_of(
@@ -634,13 +1226,16 @@ def _attempts_of(
     return found
 
 
-def _get_job(conn: sqlite3.Connection, job_id: str) -> Job:
+def _get_job(
+    conn: sqlite3.Connection, job_id: str, limits: Mapping[str, int] = {}
+) -> Job:
     row = conn.execute(
         f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,)
     ).fetchone()
     if row is None:
         raise UnknownJob(job_id)
-    return _job_from_row(row, tuple(_attempts_of(conn, [job_id])[job_id]))
+    full = _full_queues(conn, limits) if row[2] == JobState.QUEUED.value else {}
+    return _job_from_row(row, tuple(_attempts_of(conn, [job_id])[job_id]), full)
 
 
 def _list_jobs(
@@ -649,6 +1244,7 @@ def _list_jobs(
     labels: tuple[tuple[str, Optional[str]], ...],
     limit: int,
     cursor: Optional[int],
+    limits: Mapping[str, int],
 ) -> tuple[list[Job], Optional[int]]:
     where = ["seq > ?"]
     params: list[Any] = [cursor or 0]
@@ -673,7 +1269,8 @@ def _list_jobs(
     more = len(rows) > limit
     rows = rows[:limit]
     attempts = _attempts_of(conn, [row[1] for row in rows])
-    jobs = [_job_from_row(row, tuple(attempts[row[1]])) for row in rows]
+    full = _full_queues(conn, limits)
+    jobs = [_job_from_row(row, tuple(attempts[row[1]]), full) for row in rows]
     next_cursor = rows[-1][0] if more else None
     return jobs, next_cursor
 
@@ -685,3 +1282,22 @@ def _count_by_state(conn: sqlite3.Connection) -> dict[JobState, int]:
     ):
         counts[JobState(state)] = count
     return counts
+
+
+def _queue_counts(
+    conn: sqlite3.Connection, queues: Sequence[str]
+) -> dict[str, dict[JobState, int]]:
+    counts = {q: {state: 0 for state in JobState} for q in queues}
+    for queue, state, count in conn.execute(
+        "SELECT queue, state, COUNT(*) FROM jobs GROUP BY queue, state"
+    ):
+        counts.setdefault(queue, {s: 0 for s in JobState})[JobState(state)] = count
+    return counts
+
+
+def _next_due(conn: sqlite3.Connection) -> Optional[float]:
+    (due,) = conn.execute(
+        "SELECT MIN(not_before) FROM jobs INDEXED BY jobs_due"
+        " WHERE state = 'pending' AND waiting_on = 0"
+    ).fetchone()
+    return due

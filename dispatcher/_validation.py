@@ -5,9 +5,12 @@ names the field, says what was wrong and what is allowed.
 
 from __future__ import annotations
 
+import datetime
 import posixpath
 import re
 from typing import Any, Mapping, NoReturn, Optional
+
+import attrs
 
 from ._model import InputSpec, JobSpec
 
@@ -38,8 +41,16 @@ def invalid(field: str, message: str) -> NoReturn:
 
 
 JOB_FIELDS = frozenset(
-    {"command", "task", "args", "kwargs", "name", "env", "labels", "inputs"}
+    {
+        "command", "task", "args", "kwargs", "name", "env", "labels", "inputs",
+        "priority", "queue", "timeout", "max_attempts", "retry_delay",
+        "not_before", "delay", "depends_on", "array",
+    }
 )
+MAX_PRIORITY = 1_000_000
+MAX_ATTEMPTS = 100
+MAX_DEPENDENCIES = 1000
+MAX_SECONDS = 366 * 86400.0
 INPUT_FIELDS = frozenset({"url", "path", "sha256"})
 MAX_NAME = 200
 MAX_LABEL = 200
@@ -124,9 +135,143 @@ def _input(value: Any, field: str) -> InputSpec:
     return InputSpec(url=url, path=normal, sha256=sha256)
 
 
-def parse_job_spec(body: Any, tasks: Mapping[str, Any], prefix: str = "") -> JobSpec:
+@attrs.frozen
+class Submission:
     """
-    Check one submitted job and build its spec.
+    One validated job of a request: its spec, and how many jobs to make of
+    it (C{array}, or C{None} for one plain job).  C{depends_on} entries that
+    are integers name earlier jobs of the same batch.
+    """
+
+    spec: JobSpec
+    array: Optional[int] = None
+    batch_dependencies: tuple[tuple[int, int], ...] = ()
+
+
+def _integer(value: Any, field: str, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        invalid(field, f"expected an integer from {low} to {high}, got {_kind(value)}")
+    if not low <= value <= high:
+        invalid(field, f"expected an integer from {low} to {high}, got {value}")
+    return value
+
+
+def _seconds(value: Any, field: str, low: float, above: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        invalid(field, f"expected a number of seconds, got {_kind(value)}")
+    if value != value or value > MAX_SECONDS or value < low or (above and value == low):
+        bound = "above" if above else "from"
+        invalid(field, f"expected a number of seconds {bound} {low:g} up to {MAX_SECONDS:g}")
+    return float(value)
+
+
+def _parse_time(value: Any, field: str) -> float:
+    text = _string(value, field)
+    try:
+        moment = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        invalid(field, "expected an RFC 3339 time such as 2026-11-25T13:00:00Z")
+    if moment.tzinfo is None:
+        invalid(field, "the time needs a zone: end it with Z or an offset such as +01:00")
+    return moment.timestamp()
+
+
+def parse_submission(
+    body: Any,
+    tasks: Mapping[str, Any],
+    queues: Mapping[str, Any],
+    now: float,
+    max_array: int,
+    prefix: str = "",
+    batch_index: Optional[int] = None,
+) -> Submission:
+    """
+    Check one submitted job and build its L{Submission}.
+
+    @param body: the decoded JSON value.
+    @param tasks: the configured task names.
+    @param queues: the configured queues (L{QueueConfig} by name).
+    @param now: the time C{delay} counts from.
+    @param max_array: the largest C{array} allowed.
+    @param prefix: put before field names (for jobs inside a batch).
+    @param batch_index: this job's place in a batch, or C{None} outside one
+        (where C{depends_on} may not hold integers).
+    @raise ApiError: naming the first field at fault.
+    """
+    fields = _job_fields(body, tasks, prefix)
+    queue_name = "default"
+    if body.get("queue") is not None:
+        queue_name = _string(body["queue"], f"{prefix}queue", allow_empty=False)
+        if queue_name not in queues:
+            raise ApiError(
+                400,
+                "unknown_queue",
+                f"{prefix}queue: no queue named {queue_name!r}; known: "
+                f"{', '.join(sorted(queues))}",
+                f"{prefix}queue",
+            )
+    queue = queues[queue_name]
+    fields["queue"] = queue_name
+    fields["priority"] = queue.priority
+    fields["timeout"] = queue.timeout
+    if body.get("priority") is not None:
+        fields["priority"] = _integer(
+            body["priority"], f"{prefix}priority", -MAX_PRIORITY, MAX_PRIORITY
+        )
+    if body.get("timeout") is not None:
+        fields["timeout"] = _seconds(body["timeout"], f"{prefix}timeout", 0, above=True)
+    if body.get("max_attempts") is not None:
+        fields["max_attempts"] = _integer(
+            body["max_attempts"], f"{prefix}max_attempts", 1, MAX_ATTEMPTS
+        )
+    if body.get("retry_delay") is not None:
+        fields["retry_delay"] = _seconds(body["retry_delay"], f"{prefix}retry_delay", 0)
+    if body.get("not_before") is not None and body.get("delay") is not None:
+        invalid(f"{prefix}delay", "give not_before or delay, not both")
+    if body.get("not_before") is not None:
+        fields["not_before"] = _parse_time(body["not_before"], f"{prefix}not_before")
+    if body.get("delay") is not None:
+        fields["not_before"] = now + _seconds(body["delay"], f"{prefix}delay", 0)
+    depends: list[str] = []
+    batch_deps: list[tuple[int, int]] = []
+    if body.get("depends_on") is not None:
+        value = body["depends_on"]
+        field = f"{prefix}depends_on"
+        if not isinstance(value, list):
+            invalid(field, f"expected an array of job ids, got {_kind(value)}")
+        if len(value) > MAX_DEPENDENCIES:
+            invalid(field, f"at most {MAX_DEPENDENCIES} entries")
+        for i, item in enumerate(value):
+            if isinstance(item, int) and not isinstance(item, bool):
+                if batch_index is None:
+                    invalid(
+                        f"{field}[{i}]",
+                        "an index names an earlier job of the same batch; use a job id here",
+                    )
+                if not 0 <= item < batch_index:
+                    raise ApiError(
+                        400,
+                        "invalid_field",
+                        f"{field}[{i}]: {item} is not an earlier job of this batch "
+                        f"(this is job {batch_index}); a job may depend only on earlier "
+                        "ones, so no cycle can form",
+                        f"{field}[{i}]",
+                    )
+                batch_deps.append((i, item))
+                depends.append("")
+            else:
+                depends.append(_string(item, f"{field}[{i}]", allow_empty=False))
+        fields["depends_on"] = tuple(depends)
+    array = None
+    if body.get("array") is not None:
+        array = _integer(body["array"], f"{prefix}array", 1, max_array)
+    return Submission(JobSpec(**fields), array, tuple(batch_deps))
+
+
+def _job_fields(body: Any, tasks: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """
+    Check what a submitted job runs; return those fields of its L{JobSpec}
+    (the scheduling fields are L{parse_submission}'s).
 
     @param body: the decoded JSON value.
     @param tasks: the configured task names.
@@ -217,4 +362,4 @@ def parse_job_spec(body: Any, tasks: Mapping[str, Any], prefix: str = "") -> Job
                 )
             seen[item.path] = i
         spec["inputs"] = parsed
-    return JobSpec(**spec)
+    return spec

@@ -68,6 +68,11 @@ class Daemon:
         assert code == 201, job
         return job
 
+    async def batch(self, jobs, **kw):
+        code, answer = await self.json("POST", "/v1/jobs/batch", {"jobs": jobs}, **kw)
+        assert code == 201, answer
+        return answer["jobs"]
+
     async def wait(self, job_id, states=("succeeded", "failed", "cancelled"),
                    timeout=20.0):
         """Poll a job until it reaches one of states (real processes run in
@@ -96,7 +101,7 @@ def make_daemon(tmp_path, client):
     """Start daemons with extra ini text; all are stopped at teardown."""
     services = []
 
-    async def make(ini="", data_dir=None):
+    async def make(ini="", data_dir=None, clock=None):
         config = parse_config(TEST_TASKS + ini, "test.ini")
         config = attrs.evolve(
             config,
@@ -106,16 +111,22 @@ def make_daemon(tmp_path, client):
             ),
         )
         endpoint = serverFromString(reactor, "tcp:0:interface=127.0.0.1")
-        service = DaemonService(reactor, config, endpoint)
+        service = DaemonService(reactor, config, endpoint, clock=clock)
         service.startService()
-        services.append(service)
+        services.append((service, clock))
         await service.ready
         return Daemon(service, client)
 
     yield make
-    for service in services:
+    for service, clock in services:
         if service.running:
-            pytest_twisted.blockon(service.stopService())
+            stopped = service.stopService()
+            # With a test clock, the grace period and kill grace pass only
+            # when the clock moves.
+            while clock is not None and not stopped.called:
+                clock.advance(60)
+                pytest_twisted.blockon(sleep(0.01))
+            pytest_twisted.blockon(stopped)
 
 
 @pytest.fixture

@@ -19,6 +19,7 @@ def describe(context, *args, **kwargs):
         "args": list(args),
         "kwargs": kwargs,
         "thread": threading.current_thread().name,
+        "array_index": context.array_index,
     }
 
 

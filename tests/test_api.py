@@ -256,7 +256,8 @@ async def test_health_and_openapi(daemon):
     assert doc["openapi"] == "3.1.0"
     assert set(doc["paths"]) == {
         "/healthz", "/v1/openapi.json", "/v1/jobs", "/v1/jobs/{id}",
-        "/v1/jobs/{id}/cancel", "/v1/jobs/{id}/log",
+        "/v1/jobs/{id}/cancel", "/v1/jobs/{id}/log", "/v1/jobs/batch",
+        "/v1/jobs/{id}/retry", "/v1/queues",
     }
     # Every documented operation is served (not 404 or 405).
     for path, operations in doc["paths"].items():

@@ -24,16 +24,18 @@ def test_example_file_holds_the_defaults():
     for line in open("etc/dispatcher.ini"):
         if re.match(r"^# [a-z_]+ = ", line) and "wordcount" not in line:
             lines.append(line[2:])
-        elif line.startswith("["):
-            lines.append(line)
+        elif line.startswith("[") or line.startswith("# [queue:"):
+            lines.append(line.lstrip("# "))
     config = parse_config("".join(lines), "example")
     assert config == Config(path="example")
     # And every key of every section is in the example.
-    from dispatcher._config import _SECTIONS
+    from dispatcher._config import _QUEUE_KEYS, _SECTIONS
     text = "".join(lines)
     for section, (_, keys) in _SECTIONS.items():
         for key in keys:
             assert f"{key} = " in text, (section, key)
+    for key in _QUEUE_KEYS:
+        assert f"{key} = " in text, key
 
 
 def test_values_are_read():

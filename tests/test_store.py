@@ -24,7 +24,15 @@ from dispatcher._model import (
     StaleLease,
     UnknownJob,
 )
-from dispatcher._sqlite import MIGRATIONS, SQLiteJobStore, StoreVersionError
+from dispatcher._sqlite import (
+    MIGRATIONS,
+    DependencyNotRetried,
+    IdempotencyConflict,
+    IdempotencyKey,
+    SQLiteJobStore,
+    StoreVersionError,
+    UnknownDependency,
+)
 
 ids = JobIds()
 
@@ -33,16 +41,42 @@ def spec(i=0, **kw):
     return JobSpec(command=("echo", str(i)), **kw)
 
 
+def no_jitter(delay, spent):
+    return delay * 2 ** (spent - 1)
+
+
 @pytest.fixture
-def store(tmp_path):
-    s = SQLiteJobStore(str(tmp_path / "db.sqlite3"), reactor)
-    pytest_twisted.blockon(s.open())
-    yield s
-    pytest_twisted.blockon(s.close())
+def make_store(tmp_path):
+    made = []
+
+    async def make(name="db.sqlite3", **kw):
+        kw.setdefault("backoff", no_jitter)
+        s = SQLiteJobStore(str(tmp_path / name), reactor, **kw)
+        made.append(s)
+        await s.open()
+        return s
+
+    yield make
+    for s in made:
+        pytest_twisted.blockon(s.close())
+
+
+@pytest.fixture
+def store(make_store):
+    return pytest_twisted.blockon(ensureDeferred(make_store()))
 
 
 async def submit(store, *specs, now=100.0):
-    return await store.submit(list(specs), now, [ids.new() for _ in specs])
+    written = await store.submit(list(specs), now, [ids.new() for _ in specs])
+    return written.value.jobs
+
+
+async def claim(store, holder, capacity, now, seconds=60):
+    return (await store.claim(holder, capacity, now, seconds)).leases
+
+
+async def finish(store, lease, outcome, now):
+    return (await store.finish(lease, outcome, now)).value
 
 
 def test_interface(store):
@@ -120,7 +154,7 @@ async def test_claim_oldest_first_and_fencing(store):
     """A claim leases the oldest queued jobs with growing tokens; a write with a
     stale token changes nothing."""
     jobs = await submit(store, spec(0), spec(1), spec(2))
-    leases = await store.claim("h", 2, 200.0, 60)
+    leases = await claim(store, "h", 2, 200.0)
     assert [l.job_id for l in leases] == [jobs[0].id, jobs[1].id]
     assert leases[0].token < leases[1].token
     assert leases[0].attempt == 1
@@ -131,24 +165,24 @@ async def test_claim_oldest_first_and_fencing(store):
     assert running.attempts[0].holder == "h"
     stale = attrs.evolve(leases[0], token=999)
     with pytest.raises(StaleLease):
-        await store.finish(stale, Outcome(JobState.SUCCEEDED, exit_code=0), 300.0)
+        await finish(store, stale, Outcome(JobState.SUCCEEDED, exit_code=0), 300.0)
     assert (await store.get(jobs[0].id)).state is JobState.RUNNING
-    done = await store.finish(leases[0], Outcome.from_exit_code(3), 300.0)
+    done = await finish(store, leases[0], Outcome.from_exit_code(3), 300.0)
     assert done.state is JobState.FAILED
     assert done.exit_code == 3
     assert done.error == "exited with code 3"
     assert done.attempts[0].finished_at == 300.0
     with pytest.raises(StaleLease):
-        await store.finish(leases[0], Outcome.from_exit_code(0), 301.0)
-    assert (await store.claim("h", 5, 400.0, 60))[0].job_id == jobs[2].id
-    assert await store.claim("h", 5, 400.0, 60) == []
+        await finish(store, leases[0], Outcome.from_exit_code(0), 301.0)
+    assert (await claim(store, "h", 5, 400.0))[0].job_id == jobs[2].id
+    assert await claim(store, "h", 5, 400.0) == []
 
 
 @pytest_twisted.ensureDeferred
 async def test_inputs_stage_first(store):
     """A job with inputs is claimed into staging, then marked running."""
     (job,) = await submit(store, spec(inputs=(InputSpec("http://x/y", "y"),)))
-    (lease,) = await store.claim("h", 1, 1.0, 60)
+    (lease,) = await claim(store, "h", 1, 1.0)
     assert (await store.get(job.id)).state is JobState.STAGING
     await store.mark_running(lease, 2.0)
     got = await store.get(job.id)
@@ -162,13 +196,13 @@ async def test_cancel(store):
     """Cancel is immediate for a queued job, two-step for a running one, and
     refused for a finished one."""
     queued, running = await submit(store, spec(0), spec(1))
-    (lease,) = await store.claim("h", 1, 1.0, 60)
+    (lease,) = await claim(store, "h", 1, 1.0)
     assert lease.job_id == queued.id
-    job, none = await store.cancel(running.id, 2.0)
+    job, none = (await store.cancel(running.id, 2.0)).value
     assert none is None and job.state is JobState.CANCELLED
-    job, held = await store.cancel(queued.id, 2.0)
+    job, held = (await store.cancel(queued.id, 2.0)).value
     assert job.state is JobState.RUNNING and held.token == lease.token
-    ended = await store.finish(lease, Outcome.from_exit_code(-15), 3.0)
+    ended = await finish(store, lease, Outcome.from_exit_code(-15), 3.0)
     assert ended.state is JobState.CANCELLED
     assert ended.exit_code == -15
     with pytest.raises(InvalidTransition):
@@ -181,11 +215,11 @@ async def test_cancel(store):
 async def test_release_requeues(store):
     """A released attempt stays in the history and the job is queued again."""
     (job,) = await submit(store, spec())
-    (lease,) = await store.claim("h", 1, 1.0, 60)
-    back = await store.release(lease, 2.0, "stopped")
+    (lease,) = await claim(store, "h", 1, 1.0)
+    back = (await store.release(lease, 2.0, "stopped")).value
     assert back.state is JobState.QUEUED
     assert back.attempts[0].error == "stopped"
-    (again,) = await store.claim("h", 1, 3.0, 60)
+    (again,) = await claim(store, "h", 1, 3.0)
     assert again.attempt == 2 and again.token > lease.token
 
 
@@ -205,7 +239,7 @@ async def test_list_pagination_and_filters(store):
     assert [j.id for j in odd] == [first[1].id, first[3].id]
     has, _ = await store.list_jobs(labels=[("k", None)])
     assert len(has) == 5
-    await store.claim("h", 1, 1.0, 60)
+    await claim(store, "h", 1, 1.0)
     running, _ = await store.list_jobs(state=JobState.RUNNING)
     assert [j.id for j in running] == [first[0].id]
     counts = await store.count_by_state()
@@ -217,10 +251,10 @@ async def test_recover(store):
     """At start-up, attempts this holder left running are recorded as lost with
     their process identity, and other holders' are left alone."""
     await submit(store, spec(0), spec(1))
-    (mine,) = await store.claim("me", 1, 1.0, 60)
-    (theirs,) = await store.claim("other", 1, 1.0, 60)
+    (mine,) = await claim(store, "me", 1, 1.0)
+    (theirs,) = await claim(store, "other", 1, 1.0)
     await store.record_process(mine, 1234, 5678, "boot")
-    lost = await store.recover("me", 9.0)
+    lost = (await store.recover("me", 9.0)).value
     assert [(l.job_id, l.pid, l.start_ticks, l.boot_id) for l in lost] == [
         (mine.job_id, 1234, 5678, "boot")
     ]
@@ -242,3 +276,229 @@ async def test_newer_schema_refused(tmp_path):
         await s.open()
     s._writer_pool.stop()
     s._reader_pool.stop()
+
+
+# Scheduling rules
+
+
+@pytest_twisted.ensureDeferred
+async def test_priority_then_fifo(store):
+    """Higher priority is claimed first; within a priority, first in first out."""
+    jobs = await submit(store, spec(0), spec(1, priority=5), spec(2), spec(3, priority=5))
+    leases = await claim(store, "h", 4, 1.0)
+    assert [l.job_id for l in leases] == [jobs[1].id, jobs[3].id, jobs[0].id, jobs[2].id]
+
+
+@pytest_twisted.ensureDeferred
+async def test_queue_limit_blocks_only_its_queue(make_store):
+    """A queue at its limit never holds other queues up, and says so in the
+    wait reason of its queued jobs."""
+    store = await make_store(queues={"default": 0, "gpu": 1})
+    gpu = await submit(store, spec(0, queue="gpu"), spec(1, queue="gpu"))
+    other = await submit(store, spec(2))
+    first = await store.claim("h", 3, 1.0, 60)
+    assert sorted(l.job_id for l in first.leases) == sorted([gpu[0].id, other[0].id])
+    assert first.blocked
+    waiting = await store.get(gpu[1].id)
+    assert waiting.wait_reason == "queue gpu is at its limit of 1 running jobs"
+    again = await store.claim("h", 3, 2.0, 60)
+    assert again.leases == [] and again.blocked
+    gpu_lease = next(l for l in first.leases if l.job_id == gpu[0].id)
+    await finish(store, gpu_lease, Outcome.from_exit_code(0), 3.0)
+    (next_gpu,) = await claim(store, "h", 3, 4.0)
+    assert next_gpu.job_id == gpu[1].id
+
+
+@pytest_twisted.ensureDeferred
+async def test_queues_take_turns(make_store):
+    """Among jobs of equal priority the queues take turns, so a busy queue
+    cannot starve another."""
+    store = await make_store(queues={"default": 0, "a": 0, "b": 0})
+    busy = await submit(store, *[spec(i, queue="a") for i in range(10)])
+    quiet = await submit(store, spec(99, queue="b"))
+    leases = await claim(store, "h", 2, 1.0)
+    assert {l.job_id for l in leases} == {busy[0].id, quiet[0].id}
+
+
+@pytest_twisted.ensureDeferred
+async def test_retry_with_backoff(store):
+    """A failed attempt with attempts left waits in pending for its back-off,
+    saying so, then is queued again; the last failure is final."""
+    (job,) = await submit(store, spec(max_attempts=3, retry_delay=10.0))
+    (lease,) = await claim(store, "h", 1, 100.0)
+    written = await store.finish(lease, Outcome.from_exit_code(1), 101.0)
+    assert written.value.state is JobState.PENDING
+    assert written.wake_at == 111.0
+    assert "attempt 1 failed; retrying at" in written.value.wait_reason
+    assert (await store.promote_due(110.9)).changed == ()
+    promoted = await store.promote_due(111.0)
+    assert promoted.changed == ((job.id, JobState.QUEUED),)
+    (lease2,) = await claim(store, "h", 1, 112.0)
+    assert lease2.attempt == 2
+    written = await store.finish(lease2, Outcome.from_exit_code(1), 113.0)
+    assert written.wake_at == 133.0  # doubled
+    await store.promote_due(133.0)
+    (lease3,) = await claim(store, "h", 1, 134.0)
+    final = await finish(store, lease3, Outcome.from_exit_code(2), 135.0)
+    assert final.state is JobState.FAILED and final.exit_code == 2
+    assert [a.number for a in final.attempts] == [1, 2, 3]
+
+
+@pytest_twisted.ensureDeferred
+async def test_not_before(store):
+    """A job with not_before waits in pending until then."""
+    (job,) = await submit(store, spec(not_before=500.0), now=100.0)
+    assert job.state is JobState.PENDING
+    assert job.wait_reason.startswith("waiting until 1970-01-01T00:08:20")
+    assert await store.next_due() == 500.0
+    assert await claim(store, "h", 1, 200.0) == []
+    await store.promote_due(500.0)
+    assert len(await claim(store, "h", 1, 501.0)) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_dependencies(store):
+    """A job waits until all its dependencies succeed; when one fails, it and
+    its own dependents are cancelled with errors naming the cause."""
+    a, b = await submit(store, spec(0), spec(1))
+    (c,) = await submit(store, spec(2, depends_on=(a.id, b.id)))
+    (d,) = await submit(store, spec(3, depends_on=(c.id,)))
+    assert c.state is JobState.PENDING and "2 job(s)" in c.wait_reason
+    la, lb = await claim(store, "h", 5, 1.0)
+    written = await store.finish(la, Outcome.from_exit_code(0), 2.0)
+    assert written.changed == ((a.id, JobState.SUCCEEDED),)
+    waiting = await store.get(c.id)
+    assert waiting.state is JobState.PENDING and b.id in waiting.wait_reason
+    written = await store.finish(lb, Outcome.from_exit_code(1), 3.0)
+    assert (c.id, JobState.CANCELLED) in written.changed
+    assert (d.id, JobState.CANCELLED) in written.changed
+    cancelled = await store.get(c.id)
+    assert cancelled.error == f"cancelled because its dependency {b.id} failed"
+    assert (await store.get(d.id)).error == (
+        f"cancelled because its dependency {c.id} was cancelled")
+
+
+@pytest_twisted.ensureDeferred
+async def test_dependency_success_queues(store):
+    """When the last dependency succeeds the dependent is queued."""
+    (a,) = await submit(store, spec(0))
+    (b,) = await submit(store, spec(1, depends_on=(a.id,)))
+    (la,) = await claim(store, "h", 5, 1.0)
+    written = await store.finish(la, Outcome.from_exit_code(0), 2.0)
+    assert (b.id, JobState.QUEUED) in written.changed
+    (lb,) = await claim(store, "h", 5, 3.0)
+    assert lb.job_id == b.id
+
+
+@pytest_twisted.ensureDeferred
+async def test_dependency_on_dead_job_and_unknown(store):
+    """Depending on a job that already failed cancels at once; an unknown id
+    is refused and nothing is stored."""
+    (a,) = await submit(store, spec(0))
+    await store.cancel(a.id, 1.0)
+    (b,) = await submit(store, spec(1, depends_on=(a.id,)))
+    assert b.state is JobState.CANCELLED and a.id in b.error
+    with pytest.raises(UnknownDependency) as e:
+        await submit(store, spec(2), spec(3, depends_on=(a.id, "nope")))
+    assert (e.value.job_index, e.value.position, e.value.name) == (1, 1, "nope")
+    jobs, _ = await store.list_jobs()
+    assert len(jobs) == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_array_dependency(store):
+    """depends_on may name an array id: all of its members."""
+    members = [spec(i, array_id="arr", array_index=i) for i in range(3)]
+    await submit(store, *members)
+    (after,) = await submit(store, spec(9, depends_on=("arr",)))
+    assert "3 job(s)" in after.wait_reason
+
+
+@pytest_twisted.ensureDeferred
+async def test_idempotency(make_store):
+    """The same key and body replays the original jobs; another body is a
+    conflict; concurrent duplicates make one job; keys expire."""
+    store = await make_store(idempotency_ttl=100.0)
+    key = IdempotencyKey("k", "digest-1")
+    one = store.submit([spec(0)], 1.0, [ids.new()], key)
+    two = store.submit([spec(0)], 1.0, [ids.new()], key)
+    first, second = await one, await two
+    assert not first.value.replayed and second.value.replayed
+    assert [j.id for j in second.value.jobs] == [j.id for j in first.value.jobs]
+    with pytest.raises(IdempotencyConflict):
+        await store.submit([spec(1)], 2.0, [ids.new()], IdempotencyKey("k", "digest-2"))
+    later = await store.submit([spec(0)], 200.0, [ids.new()], key)
+    assert not later.value.replayed
+    jobs, _ = await store.list_jobs()
+    assert len(jobs) == 2
+    assert (await store.purge_idempotency(400.0)).value == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_retry_with_dependents(store):
+    """Retrying a failed job with dependents requeues it and brings its
+    cancelled dependents back to pending; attempt numbers keep growing."""
+    (a,) = await submit(store, spec(0))
+    (b,) = await submit(store, spec(1, depends_on=(a.id,)))
+    (la,) = await claim(store, "h", 1, 1.0)
+    await store.finish(la, Outcome.from_exit_code(1), 2.0)
+    with pytest.raises(DependencyNotRetried):
+        await store.retry(b.id, 3.0, False)
+    written = await store.retry(a.id, 3.0, True)
+    assert written.value.state is JobState.QUEUED
+    assert (b.id, JobState.PENDING) in written.changed
+    with pytest.raises(InvalidTransition):
+        await store.retry(a.id, 3.0, False)
+    (again,) = await claim(store, "h", 1, 4.0)
+    assert again.attempt == 2
+    await store.finish(again, Outcome.from_exit_code(0), 5.0)
+    assert (await store.get(b.id)).state is JobState.QUEUED
+
+
+@pytest_twisted.ensureDeferred
+async def test_recover_retries_when_attempts_remain(store):
+    """An attempt lost in a crash counts; the job is retried if attempts remain."""
+    (job,) = await submit(store, spec(max_attempts=2, retry_delay=0.0))
+    await claim(store, "me", 1, 1.0)
+    written = await store.recover("me", 2.0)
+    assert written.changed == ((job.id, JobState.QUEUED),)
+    (lease,) = await claim(store, "me", 1, 3.0)
+    assert lease.attempt == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_queue_counts(make_store):
+    """Queue counts cover every configured queue, by state."""
+    store = await make_store(queues={"default": 0, "gpu": 2})
+    await submit(store, spec(0, queue="gpu"), spec(1), spec(2))
+    await claim(store, "h", 2, 1.0)
+    counts = await store.queue_counts()
+    assert counts["gpu"][JobState.RUNNING] == 1
+    assert counts["default"][JobState.RUNNING] == 1
+    assert counts["default"][JobState.QUEUED] == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_migration_from_version_1(tmp_path):
+    """A database of schema version 1 is migrated and keeps its jobs."""
+    path = str(tmp_path / "old.sqlite3")
+    conn = sqlite3.connect(path)
+    for statement in MIGRATIONS[0].split(";"):
+        if statement.strip():
+            conn.execute(statement)
+    conn.execute("PRAGMA user_version = 1")
+    conn.execute(
+        "INSERT INTO jobs (id, state, name, labels, spec, created_at) VALUES"
+        " ('old', 'queued', NULL, '{}', '{\"command\":[\"true\"]}', 1.0)")
+    conn.commit()
+    conn.close()
+    store = SQLiteJobStore(path, reactor)
+    await store.open()
+    job = await store.get("old")
+    assert job.spec.queue == "default" and job.spec.max_attempts == 1
+    (lease,) = await claim(store, "h", 1, 2.0)
+    assert lease.job_id == "old"
+    await store.close()
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+    conn.close()

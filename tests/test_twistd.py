@@ -32,8 +32,10 @@ def test_plugin_is_found():
 class Twistd:
     """A `twistd -n dispatcher` process in a directory of its own."""
 
-    def __init__(self, workdir, ini="", program="twistd"):
+    def __init__(self, workdir, ini="", program="twistd",
+                 listen="tcp:0:interface=127.0.0.1"):
         self.workdir = workdir
+        self.listen = listen
         self.config = os.path.join(workdir, "dispatcher.ini")
         with open(self.config, "w") as f:
             f.write(ini)
@@ -49,7 +51,7 @@ class Twistd:
             args += ["-n", "--pidfile", "", "dispatcher"]
         else:
             args += ["--log-format", "text", "dispatcher"]
-        args += ["--config", self.config, "--listen", "tcp:0:interface=127.0.0.1",
+        args += ["--config", self.config, "--listen", self.listen,
                  "--data-dir", os.path.join(self.workdir, "data")]
         logpath = os.path.join(self.workdir, "out.log")
         offset = os.path.getsize(logpath) if os.path.exists(logpath) else 0
