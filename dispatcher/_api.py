@@ -163,6 +163,8 @@ def _json_body(request: Any) -> Any:
         return json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
         raise ApiError(400, "malformed_json", f"the body is not valid JSON: {e}", None)
+    except RecursionError:
+        raise ApiError(400, "malformed_json", "the body is nested too deeply", None)
 
 
 def _query(request: Any, name: str) -> Optional[str]:

@@ -5,6 +5,7 @@ together from one L{Config}, started and stopped in order.
 
 from __future__ import annotations
 
+import fcntl
 import gc
 import os
 import socket
@@ -13,6 +14,7 @@ from typing import Any, Optional
 from treq.client import HTTPClient
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 from twisted.web.client import Agent, HTTPConnectionPool
@@ -29,6 +31,12 @@ from ._staging import InputStager
 log = Logger()
 
 DATABASE_NAME = "dispatcher.sqlite3"
+
+
+class DataDirInUse(Exception):
+    """
+    Another dispatcher holds the data directory.
+    """
 
 
 class DaemonService(MultiService):
@@ -103,6 +111,7 @@ class DaemonService(MultiService):
             api, config.server.max_body_bytes, access_log=config.server.access_log
         )
         self.port: Any = None
+        self._lock_fd: Optional[int] = None
         self.ready: Deferred = Deferred()
         self._starting: Optional[Deferred] = None
 
@@ -114,6 +123,10 @@ class DaemonService(MultiService):
     async def _start(self) -> None:
         for pool in (self.io_pool, self.task_pool, self.fetch_pool):
             pool.start()
+        holder = await deferToThreadPool(
+            self._reactor, self.io_pool, self._lock_data_dir
+        )
+        self.dispatcher.executor.holder = holder
         self.spawner.startService()
         await self.dispatcher.start()
         self.dispatcher.startService()
@@ -125,6 +138,46 @@ class DaemonService(MultiService):
         gc.freeze()
         log.info("dispatcher listening on {address}", address=_address(self.port))
         self.ready.callback(self.port)
+
+    def _lock_data_dir(self) -> str:
+        """
+        Take the data directory for this daemon alone, and return the
+        holder name its local leases carry.  Runs on the I/O pool.
+
+        Two daemons on one data directory would each take the other's
+        running jobs for lost; the lock (held until the process ends, even
+        by SIGKILL) refuses the second.  The holder name is kept in the data
+        directory so that a new host name (a recreated container, say) still
+        recovers the jobs the last run left.
+        """
+        data_dir = self.config.dispatcher.data_dir
+        os.makedirs(data_dir, exist_ok=True)
+        fd = os.open(os.path.join(data_dir, "lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            other = os.read(fd, 100).decode("ascii", "replace").strip()
+            os.close(fd)
+            raise DataDirInUse(
+                f"the data directory {data_dir} is in use by another dispatcher "
+                f"(pid {other or 'unknown'}); stop it, or give this one another "
+                "--data-dir"
+            )
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode("ascii"))
+        self._lock_fd = fd
+        path = os.path.join(data_dir, "holder")
+        try:
+            with open(path, encoding="utf-8") as f:
+                return f.read().strip()
+        except FileNotFoundError:
+            holder = f"local@{socket.gethostname()}"
+            with open(path + ".new", "w", encoding="utf-8") as f:
+                f.write(holder + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(path + ".new", path)
+            return holder
 
     def _failed_to_start(self, failure: Any) -> None:
         log.failure("the dispatcher could not start", failure)
@@ -145,13 +198,16 @@ class DaemonService(MultiService):
             await self.port.stopListening()
         if self.dispatcher.running:
             await self.dispatcher.stopService()
-        elif self.store._writer is not None:
+        else:
             await self.store.close()
         await self.spawner.stopService()
         await self.http_pool.closeCachedConnections()
         self.io_pool.stop()
         self.fetch_pool.stop()
         self.task_pool.stop_without_waiting()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
         log.info("dispatcher stopped")
 
 

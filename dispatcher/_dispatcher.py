@@ -20,7 +20,7 @@ from twisted.python.failure import Failure
 
 from ._events import JobEvent, JobEvents
 from ._execution import LocalExecutor, RunningJob
-from ._model import Job, JobIds, JobState, Lease, Outcome, StaleLease
+from ._model import Job, JobIds, JobState, Lease, Outcome, StaleLease, StoreClosed
 from ._scheduler import Claim, Scheduler
 from ._sqlite import Claimed, IdempotencyKey, Submitted, Written
 from ._validation import Submission
@@ -78,6 +78,8 @@ class Dispatcher(Service):
         self._accepting = False
         self._wake_call: Any = None
         self._purge_call: Any = None
+        self._claims: set[Deferred] = set()
+        self._releases: list[Deferred] = []
         self.events.subscribe(self._job_changed)
 
     # Life cycle
@@ -126,6 +128,10 @@ class Dispatcher(Service):
             if call is not None and call.active():
                 call.cancel()
         self.scheduler.remove_holder(self.executor.holder)
+        # Claims already asked for commit before anything else: their jobs
+        # either start (and get the grace period) or go straight back.
+        await DeferredList(list(self._claims), consumeErrors=True)
+        await DeferredList(self._releases, consumeErrors=True)
         if self._recorded:
             log.info(
                 "waiting up to {grace} s for {count} running jobs",
@@ -192,7 +198,7 @@ class Dispatcher(Service):
                     ids.append(self.ids.new())
                 names.append(array_id)
         d = self.store.submit(specs, self._clock.seconds(), ids, idempotency)
-        return d.addCallback(self._submitted)
+        return _shielded(d.addCallback(self._submitted))
 
     def _submitted(self, written: Written) -> Submitted:
         self._apply(written)
@@ -204,27 +210,30 @@ class Dispatcher(Service):
     def list_jobs(self, **kwargs: Any) -> Deferred:
         return self.store.list_jobs(**kwargs)
 
-    async def cancel(self, job_id: str) -> tuple[Job, bool]:
+    def cancel(self, job_id: str) -> Deferred:
         """
-        Cancel a job; returns the job and whether it is already cancelled
+        Cancel a job; fires with the job and whether it is already cancelled
         (C{False}: its holder is stopping it now).
         """
-        written = await self.store.cancel(job_id, self._clock.seconds())
-        self._apply(written)
-        job, lease = written.value
-        if lease is None:
-            return job, True
-        if lease.holder == self.executor.holder:
-            self.executor.stop(job_id)
-        return job, False
+        d = self.store.cancel(job_id, self._clock.seconds())
 
-    async def retry(self, job_id: str, dependents: bool) -> Job:
+        def cancelled(written: Written) -> tuple[Job, bool]:
+            self._apply(written)
+            job, lease = written.value
+            if lease is None:
+                return job, True
+            if lease.holder == self.executor.holder:
+                self.executor.stop(job_id)
+            return job, False
+
+        return _shielded(d.addCallback(cancelled))
+
+    def retry(self, job_id: str, dependents: bool) -> Deferred:
         """
         Put a failed or cancelled job back in line with a fresh budget.
         """
-        written = await self.store.retry(job_id, self._clock.seconds(), dependents)
-        self._apply(written)
-        return written.value
+        d = self.store.retry(job_id, self._clock.seconds(), dependents)
+        return _shielded(d.addCallback(self._submitted))
 
     async def queues(self) -> dict[str, Any]:
         """
@@ -273,7 +282,14 @@ class Dispatcher(Service):
 
     def _wake(self) -> None:
         d = self.store.promote_due(self._clock.seconds())
-        d.addCallbacks(self._apply, lambda f: log.failure("waking due jobs failed", f))
+
+        def failed(failure: Failure) -> None:
+            if failure.check(StoreClosed):
+                return
+            log.failure("waking due jobs failed; trying again in 5 s", failure)
+            self._schedule_wake(self._clock.seconds() + 5.0)
+
+        d.addCallbacks(self._apply, failed)
 
     def _purge(self) -> None:
         d = self.store.purge_idempotency(self._clock.seconds())
@@ -293,19 +309,35 @@ class Dispatcher(Service):
             d = self.store.claim(
                 claim.holder, claim.count, claim.now, LOCAL_LEASE_SECONDS
             )
+            self._claims.add(d)
             d.addCallbacks(
                 self._claimed,
                 self._claim_failed,
                 callbackArgs=(claim,),
                 errbackArgs=(claim,),
             )
+            d.addBoth(lambda _, d=d: self._claims.discard(d))
 
     def _claim_failed(self, failure: Failure, claim: Claim) -> None:
-        log.failure("claiming jobs failed", failure)
         self.scheduler.claim_failed(claim)
+        if failure.check(StoreClosed):
+            return
+        log.failure("claiming jobs failed; trying again in a second", failure)
+        self._clock.callLater(1.0, self._pump)
 
     def _claimed(self, claimed: Claimed, claim: Claim) -> None:
         self.scheduler.claimed(claim, len(claimed.leases), claimed.blocked)
+        if not self._accepting:
+            # The claim committed as the stop began: give the jobs back
+            # unspent rather than start them behind the stop's back.
+            for lease in claimed.leases:
+                d = self.store.release(
+                    lease,
+                    self._clock.seconds(),
+                    "the dispatcher was stopping; the job goes back to the queue",
+                )
+                self._releases.append(d)
+            return
         for lease in claimed.leases:
             state = JobState.STAGING if lease.spec.inputs else JobState.RUNNING
             self.events.publish(JobEvent(lease.job_id, state))
@@ -369,3 +401,20 @@ class Dispatcher(Service):
 
         return d.addCallbacks(self._apply, failed).addBoth(finally_)
 
+
+def _shielded(d: Deferred) -> Deferred:
+    """
+    A Deferred with C{d}'s result whose cancelling does not reach C{d}.
+
+    A client that goes away cancels its request's work; a write the store
+    has already taken commits all the same, and the follow-ups chained on
+    C{d} (events, timers, stopping a process) must run with it.
+    """
+    shield: Deferred = Deferred()
+
+    def deliver(result: Any) -> None:
+        if not shield.called:
+            shield.callback(result)
+
+    d.addBoth(deliver)
+    return shield

@@ -201,6 +201,7 @@ class LocalExecutor:
         self._io_pool = io_pool
         self.kill_grace = kill_grace
         self.running: dict[str, RunningJob] = {}
+        self._lingering: dict[str, Deferred] = {}
 
     def job_dir(self, job_id: str) -> str:
         """
@@ -270,6 +271,8 @@ class LocalExecutor:
                     JobState.FAILED,
                     error=f"internal error: {result.getErrorMessage()}",
                 )
+            if running.stopping:
+                result = attrs.evolve(result, stopped=True)
             running.done.callback(result)
 
         ensureDeferred(work()).addBoth(finished)
@@ -358,6 +361,13 @@ class LocalExecutor:
             spec.array_index,
         )
         running.context = context
+        lingering = self._lingering.get(lease.job_id)
+        if lingering is not None:
+            # An earlier attempt timed out but its thread still runs the
+            # function: never run the same job twice at once.
+            waiter: Deferred = Deferred()
+            lingering.addBoth(lambda r: (waiter.callback(None), r)[1])
+            await waiter
         call = deferToThreadPool(
             self._reactor,
             self._task_pool,
@@ -372,12 +382,21 @@ class LocalExecutor:
             return await call
         # A thread cannot be stopped: past the timeout the attempt ends, the
         # context says cancelled, and whatever the function returns later is
-        # dropped (a cancelled Deferred ignores its late result).
-        call.addTimeout(spec.timeout, self._clock)
+        # dropped.  The thread's own Deferred is kept until it returns.
+        outcome: Deferred = Deferred()
+
+        def deliver(result: Any) -> None:
+            if not outcome.called:
+                outcome.callback(result)
+
+        call.addBoth(deliver)
+        outcome.addTimeout(spec.timeout, self._clock)
         try:
-            return await call
+            return await outcome
         except DeferredTimeout:
             context.cancel()
+            self._lingering[lease.job_id] = call
+            call.addBoth(lambda _: self._lingering.pop(lease.job_id, None))
             return Outcome(
                 JobState.FAILED,
                 error=f"timed out after {spec.timeout:g} s; the task's thread "

@@ -43,9 +43,9 @@ class BoundedRequest(Request):
         limit = self._limit()
         if limit is not None and length is not None and length > limit:
             self._refuse(limit)
-            self.content = io.BytesIO()
-            return
-        Request.gotLength(self, length)
+        # Bodies are bounded, so memory holds them; Twisted would otherwise
+        # spool large or chunked ones to a temporary file, on the reactor.
+        self.content = io.BytesIO()
 
     def handleContentChunk(self, data: bytes) -> None:
         if self._refused:
@@ -56,7 +56,7 @@ class BoundedRequest(Request):
             self._refuse(limit)
             self.content = io.BytesIO()
             return
-        Request.handleContentChunk(self, data)
+        self.content.write(data)
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         if self._refused:

@@ -335,13 +335,16 @@ class Job:
 @attrs.frozen
 class Outcome:
     """
-    How an attempt ended, as its holder reports it.
+    How an attempt ended, as its holder reports it; C{stopped} says the
+    holder stopped it (a cancel, a shutdown) rather than it ending on its
+    own.
     """
 
     state: JobState
     exit_code: Optional[int] = None
     result: Any = None
     error: Optional[str] = None
+    stopped: bool = False
 
     @classmethod
     def from_exit_code(cls, code: int) -> "Outcome":

@@ -21,8 +21,10 @@ Replies::
 Each job leads its own session and process group.  When a job's leader
 exits, what is left of its group is killed before its exit is reported, so
 a job's stray background processes die with it.  C{C} is the exit status,
-or minus the signal that killed the leader.  When stdin closes the helper
-exits and leaves running jobs alone: a restarted daemon decides about them.
+or minus the signal that killed the leader.  When stdin closes, the daemon
+is gone (an orderly stop has ended every job before): the helper kills the
+process group of every job still running, so that none runs on unwatched
+while the daemon is down or its next start runs it again, and exits.
 
 It imports only the standard library, to start fast and hold few files.
 """
@@ -257,6 +259,17 @@ class _Spawner:
         except (OSError, ValueError, OverflowError) as e:
             raise _Refused(f"cannot send signal {request['signal']!r}: {e}")
 
+    def kill_all(self):
+        """
+        SIGKILL the group of every job whose leader is not reaped yet (so
+        its id cannot have been reused).
+        """
+        for pid in self._pid_of.values():
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
     def reap(self):
         """
         Report every job whose leader has exited, after killing what is left
@@ -344,9 +357,8 @@ def main(requests_fd=0, replies_fd=1):
                     continue
                 data = os.read(requests_fd, 65536)
                 if not data:
-                    # Report the exits already seen, then leave the jobs
-                    # running: a restarted daemon decides about them.
                     spawner.reap()
+                    spawner.kill_all()
                     spawner.flush()
                     return
                 lines = (pending + data).split(b"\n")

@@ -364,6 +364,11 @@ class SQLiteJobStore:
         if self._shut:
             return
         self._shut = True
+        if not self._writer_pool.started:
+            # Never opened: nothing to finish.
+            assert self._closing is not None
+            self._closing.callback(None)
+            return
 
         def close_all() -> None:
             if self._writer is not None:
@@ -448,6 +453,9 @@ class SQLiteJobStore:
     # Reads
 
     def _read(self, operation: Callable[..., Any], *args: Any) -> Deferred:
+        if self._closing is not None:
+            # A stopped pool would drop the work and leave the caller hanging.
+            return fail(StoreClosed("the dispatcher is stopping"))
         return deferToThreadPool(
             self._reactor, self._reader_pool, self._read_in_thread, operation, args
         )
@@ -744,9 +752,14 @@ class SQLiteJobStore:
             (lease.job_id,),
         ).fetchone()
         error = outcome.error
-        if cancel_requested:
+        result = None if outcome.result is None else _dumps(outcome.result)
+        if cancel_requested and (outcome.stopped or outcome.state is not JobState.SUCCEEDED):
+            # A job that succeeded before the cancel reached it keeps its
+            # success; one the cancel stopped is cancelled, its late result
+            # dropped.
             target = JobState.CANCELLED
             error = "cancelled while it ran" + (f" ({error})" if error else "")
+            result = None
         else:
             target = outcome.state
         conn.execute(
@@ -755,7 +768,6 @@ class SQLiteJobStore:
             (now, outcome.exit_code, error, lease.token),
         )
         spent += 1
-        result = None if outcome.result is None else _dumps(outcome.result)
         if target is JobState.FAILED and spent < max_attempts:
             return self._retry_later(
                 conn, lease.job_id, state, spent, retry_delay, now, error,
@@ -884,7 +896,10 @@ class SQLiteJobStore:
         if state not in (JobState.FAILED, JobState.CANCELLED):
             raise InvalidTransition(job_id, state, JobState.QUEUED)
         changed: list[tuple[str, JobState]] = []
-        wakes = [_requeue(conn, job_id, now, changed)]
+        # Everything coming back, first: a dependent may also wait on
+        # another job that comes back with it, which then counts as unmet
+        # rather than as failed.
+        returning = [job_id]
         if dependents:
             stack = [job_id]
             while stack:
@@ -893,8 +908,10 @@ class SQLiteJobStore:
                     "SELECT id FROM jobs WHERE cancelled_by = ? AND state = 'cancelled'",
                     (cause,),
                 ).fetchall():
-                    wakes.append(_requeue(conn, dependent, now, changed))
+                    returning.append(dependent)
                     stack.append(dependent)
+        coming_back = frozenset(returning)
+        wakes = [_requeue(conn, j, now, changed, coming_back) for j in returning]
         due = [w for w in wakes if w is not None]
         return Written(
             _get_job(conn, job_id, self._limits), tuple(changed), min(due) if due else None
@@ -1082,7 +1099,11 @@ def _after_final(
 
 
 def _requeue(
-    conn: sqlite3.Connection, job_id: str, now: float, changed: list[tuple[str, JobState]]
+    conn: sqlite3.Connection,
+    job_id: str,
+    now: float,
+    changed: list[tuple[str, JobState]],
+    coming_back: frozenset[str] = frozenset(),
 ) -> Optional[float]:
     """
     Put a finished job back in line with a fresh budget: queued, or pending
@@ -1095,6 +1116,9 @@ def _requeue(
         " WHERE d.job_id = ?",
         (job_id,),
     ).fetchall():
+        if dependency in coming_back:
+            unmet.append(dependency)
+            continue
         if state in (JobState.FAILED.value, JobState.CANCELLED.value):
             raise DependencyNotRetried(job_id, dependency, JobState(state))
         if state != JobState.SUCCEEDED.value:

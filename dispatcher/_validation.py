@@ -173,6 +173,12 @@ def _parse_time(value: Any, field: str) -> float:
         invalid(field, "expected an RFC 3339 time such as 2026-11-25T13:00:00Z")
     if moment.tzinfo is None:
         invalid(field, "the time needs a zone: end it with Z or an offset such as +01:00")
+    try:
+        moment.astimezone(datetime.timezone.utc)
+    except OverflowError:
+        invalid(field, "the time is out of range")
+    if not 1970 <= moment.astimezone(datetime.timezone.utc).year <= 9998:
+        invalid(field, "the time is out of range (1970 to 9998)")
     return moment.timestamp()
 
 

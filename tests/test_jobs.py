@@ -155,7 +155,7 @@ async def test_cancel_task(daemon):
     assert code == 202
     done = await daemon.wait(job["id"])
     assert done["state"] == "cancelled"
-    assert done["result"] == "cancelled"
+    assert done["result"] is None  # a cancelled job keeps no result
 
 
 @pytest_twisted.ensureDeferred
@@ -311,3 +311,24 @@ async def test_cancel_during_staging(daemon, hanging_server):
     assert done["state"] == "cancelled"
     workdir = daemon.service.dispatcher.executor.workdir(job["id"])
     assert not os.path.exists(os.path.join(workdir, "ran"))
+
+
+@pytest_twisted.ensureDeferred
+async def test_client_gone_mid_submit_still_runs(daemon):
+    """A submission whose client went away while it committed still runs:
+    cancelling the request does not undo what follows the commit."""
+    from twisted.internet.defer import CancelledError
+
+    from dispatcher._model import JobSpec
+    from dispatcher._validation import Submission
+
+    d = daemon.service.dispatcher.submit([Submission(JobSpec(task="add", args=(1, 2)))])
+    d.cancel()
+    with pytest.raises(CancelledError):
+        await d
+    for _ in range(500):
+        code, page = await daemon.json("GET", "/v1/jobs")
+        if page["jobs"] and page["jobs"][0]["state"] == "succeeded":
+            break
+        await sleep(0.01)
+    assert page["jobs"][0]["result"] == 3

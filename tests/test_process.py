@@ -25,6 +25,13 @@ from dispatcher._spawner import read_boot_id, read_stat
 PATH = {"PATH": "/usr/bin:/bin"}
 
 
+def sleep(seconds):
+    """Real time, only to wait for a real process to end."""
+    from twisted.internet.task import deferLater
+
+    return deferLater(reactor, seconds, lambda: None)
+
+
 def is_alive(pid):
     """
     Whether process C{pid} exists and has not exited; a zombie has exited,
@@ -401,8 +408,9 @@ async def test_helper_dies(jobs):
 @pytest_twisted.ensureDeferred
 async def test_stop(tmp_path):
     """
-    Stopping the service ends the helper, leaves running processes alone
-    and no delayed calls behind, and later spawns fail.
+    Stopping the service ends the helper, which kills the processes still
+    running (the daemon is going away, so nothing would watch them), leaves
+    no delayed calls behind, and later spawns fail.
     """
     earlier = set(reactor.getDelayedCalls())
     spawner = ProcessSpawner(reactor)
@@ -413,7 +421,11 @@ async def test_stop(tmp_path):
     try:
         await spawner.stopService()
         assert read_stat(helper) is None
-        assert is_alive(process.pid)
+        for _ in range(200):
+            if not is_alive(process.pid):
+                break
+            await sleep(0.01)
+        assert not is_alive(process.pid)
         assert set(reactor.getDelayedCalls()) - earlier == set()
         with pytest.raises(SpawnError, match="not running"):
             await jobs.spawn(["true"])

@@ -502,3 +502,37 @@ async def test_migration_from_version_1(tmp_path):
     conn = sqlite3.connect(path)
     assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
     conn.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_retry_dependents_across_a_diamond(store):
+    """Retrying with dependents brings back a job whose other dependency comes
+    back with it, instead of refusing."""
+    (a,) = await submit(store, spec(0))
+    (b,) = await submit(store, spec(1, depends_on=(a.id,)))
+    (c,) = await submit(store, spec(2, depends_on=(a.id,)))
+    (e,) = await submit(store, spec(3, depends_on=(b.id,)))
+    (d,) = await submit(store, spec(4, depends_on=(c.id, e.id)))
+    (la,) = await claim(store, "h", 1, 1.0)
+    await store.finish(la, Outcome.from_exit_code(1), 2.0)
+    assert (await store.get(d.id)).state is JobState.CANCELLED
+    written = await store.retry(a.id, 3.0, True)
+    states = dict(written.changed)
+    assert states[a.id] is JobState.QUEUED
+    for job in (b, c, d, e):
+        assert states[job.id] is JobState.PENDING
+
+
+@pytest_twisted.ensureDeferred
+async def test_success_before_cancel_is_kept(store):
+    """A job that succeeded on its own before a cancel reached it stays
+    succeeded; one the cancel stopped is cancelled without its result."""
+    a, b = await submit(store, spec(0), spec(1))
+    la, lb = await claim(store, "h", 2, 1.0)
+    await store.cancel(a.id, 2.0)
+    await store.cancel(b.id, 2.0)
+    kept = await finish(store, la, Outcome(JobState.SUCCEEDED, exit_code=0), 3.0)
+    assert kept.state is JobState.SUCCEEDED
+    stopped = await finish(
+        store, lb, Outcome(JobState.SUCCEEDED, result=1, stopped=True), 3.0)
+    assert stopped.state is JobState.CANCELLED and stopped.result is None

@@ -21,6 +21,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
 
 
+def alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def test_plugin_is_found():
     """twistd finds the dispatcher plugin through getPlugins(IServiceMaker)."""
     makers = {p.tapname: p for p in getPlugins(IServiceMaker)}
@@ -139,8 +147,9 @@ def test_bad_config_stops_startup(tmp_path):
 
 
 def test_kill_and_restart_keeps_every_acknowledged_job(twistd, tmp_path):
-    """After SIGKILL and a restart, every job that got a 201 is there, and the
-    job that was running is recorded as lost, its process group killed."""
+    """After SIGKILL and a restart, every job that got a 201 is there, the job
+    that was running is recorded as lost, and its process did not outlive
+    the daemon."""
     daemon = twistd("[executor]\nslots = 1\n")
     daemon.start()
     pidfile = tmp_path / "pid"
@@ -160,16 +169,15 @@ def test_kill_and_restart_keeps_every_acknowledged_job(twistd, tmp_path):
         time.sleep(0.02)
     job_pid = int(pidfile.read_text())
     assert daemon.kill(signal.SIGKILL) == -signal.SIGKILL
-    os.kill(job_pid, 0)  # the job's process outlived the daemon
 
     daemon.start()
     lost = daemon.wait(running["id"], ("failed",))
     assert "lost" in lost["error"]
     assert "lost" in lost["attempts"][0]["error"]
+    # The spawner helper kills what runs when the daemon dies: nothing runs
+    # on unwatched (a zombie waiting for init counts as ended).
     for _ in range(200):
-        try:
-            os.kill(job_pid, 0)
-        except ProcessLookupError:
+        if not alive(job_pid):
             break
         time.sleep(0.02)
     else:
@@ -244,3 +252,22 @@ def test_plain_install_gives_the_plugin(tmp_path):
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
     assert help_text.returncode == 0, help_text.stderr
     assert "--data-dir" in help_text.stdout
+
+
+def test_second_daemon_on_same_data_dir_refuses(twistd, tmp_path):
+    """A second daemon on the same data directory refuses to start, saying
+    why, and the first keeps its running job."""
+    first = twistd()
+    first.start()
+    code, job = first.request("POST", "/v1/jobs", {"command": ["sleep", "300"]})
+    first.wait(job["id"], ("running",))
+    second = subprocess.run(
+        [os.path.join(BIN, "twistd"), "-n", "--pidfile", "", "dispatcher",
+         "--listen", "tcp:0:interface=127.0.0.1", "--data-dir",
+         os.path.join(str(tmp_path), "data")],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60,
+        env=dict(os.environ, PYTHONPATH=ROOT))
+    assert "is in use by another dispatcher" in second.stdout + second.stderr
+    code, still = first.request("GET", f"/v1/jobs/{job['id']}")
+    assert still["state"] == "running"
+    assert open(os.path.join(str(tmp_path), "data", "holder")).read().startswith("local@")
