@@ -443,7 +443,7 @@ class DispatcherAPI(Resource):
         try:
             job = await self._dispatcher.retry(job_id, dependents)
         except UnknownJob:
-            raise ApiError(404, "not_found", f"no job has the id {job_id!r}", "id")
+            raise _no_such_job(job_id)
         except InvalidTransition as e:
             raise ApiError(
                 409,
@@ -463,7 +463,7 @@ class DispatcherAPI(Resource):
         try:
             return await self._dispatcher.get(job_id)
         except UnknownJob:
-            raise ApiError(404, "not_found", f"no job has the id {job_id!r}", "id")
+            raise _no_such_job(job_id)
 
     async def get_job(self, request: Any, job_id: str) -> Answer:
         job = await self._job(job_id)
@@ -535,7 +535,7 @@ class DispatcherAPI(Resource):
         try:
             job, done = await self._dispatcher.cancel(job_id)
         except UnknownJob:
-            raise ApiError(404, "not_found", f"no job has the id {job_id!r}", "id")
+            raise _no_such_job(job_id)
         except InvalidTransition as e:
             raise ApiError(
                 409,
@@ -575,6 +575,10 @@ class DispatcherAPI(Resource):
                 self._reactor, self._io_pool, _file_size, path
             )
         return FileAnswer(path, offset, max(0, size - offset))
+
+
+def _no_such_job(job_id: str) -> ApiError:
+    return ApiError(404, "not_found", f"no job has the id {job_id!r}", "id")
 
 
 def _file_size(path: str) -> int:

@@ -249,6 +249,19 @@ def parse_config(text: str, path: str = "<string>") -> Config:
     def fail(section: str, key: str, value: str, allowed: str) -> ConfigError:
         return ConfigError(f"{path}: [{section}] {key} = {value!r}: {allowed}")
 
+    def parse_keys(
+        section: str, keys: Mapping[str, Callable[[str], Any]]
+    ) -> dict[str, Any]:
+        fields = {}
+        for key, raw in parser.items(section):
+            if key not in keys:
+                raise fail(section, key, raw, f"unknown key; known: {', '.join(keys)}")
+            try:
+                fields[key] = keys[key](raw)
+            except ValueError as e:
+                raise fail(section, key, raw, str(e))
+        return fields
+
     values: dict[str, Any] = {"path": path}
     tasks: dict[str, TaskRef] = {}
     queues: dict[str, QueueConfig] = {"default": QueueConfig("default")}
@@ -260,17 +273,7 @@ def parse_config(text: str, path: str = "<string>") -> Config:
                     f"{path}: [{section}]: a queue name may hold letters, digits, "
                     "'_', '.' and '-'"
                 )
-            fields = {}
-            for key, raw in parser.items(section):
-                if key not in _QUEUE_KEYS:
-                    raise fail(
-                        section, key, raw, f"unknown key; known: {', '.join(_QUEUE_KEYS)}"
-                    )
-                try:
-                    fields[key] = _QUEUE_KEYS[key](raw)
-                except ValueError as e:
-                    raise fail(section, key, raw, str(e))
-            queues[name] = QueueConfig(name, **fields)
+            queues[name] = QueueConfig(name, **parse_keys(section, _QUEUE_KEYS))
             continue
         if section == "tasks":
             for name, target in parser.items(section):
@@ -300,17 +303,7 @@ def parse_config(text: str, path: str = "<string>") -> Config:
             known = ", ".join(f"[{s}]" for s in (*_SECTIONS, "tasks", "queue:NAME"))
             raise ConfigError(f"{path}: [{section}]: unknown section; known: {known}")
         kind, keys = _SECTIONS[section]
-        fields = {}
-        for key, raw in parser.items(section):
-            if key not in keys:
-                raise fail(
-                    section, key, raw, f"unknown key; known: {', '.join(keys)}"
-                )
-            try:
-                fields[key] = keys[key](raw)
-            except ValueError as e:
-                raise fail(section, key, raw, str(e))
-        values[section] = kind(**fields)
+        values[section] = kind(**parse_keys(section, keys))
     return Config(tasks=tasks, queues=queues, **values)
 
 
