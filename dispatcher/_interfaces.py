@@ -69,16 +69,17 @@ class IJobStore(Interface):
 
     def finish(lease, outcome, now):
         """
-        Record how an attempt ended and fire with the job; a job whose
-        cancel was asked for while it ran ends cancelled.  Fails with
-        L{StaleLease} if the lease is no longer current.
+        Record how an attempt ended (retried, or final, releasing or
+        cancelling its dependents); a job whose cancel was asked for while
+        it ran ends cancelled.  Fires with a L{Written} of what changed.
+        Fails with L{StaleLease} if the lease is no longer current.
         """
 
     def release(lease, now, reason):
         """
         Give an attempt up without spending it: the attempt is recorded as
         ended with C{reason} and the job goes back to C{queued}.  Fire with
-        the job.
+        a L{Written} of what changed.
         """
 
     def cancel(job_id, now):

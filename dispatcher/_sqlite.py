@@ -783,7 +783,7 @@ class SQLiteJobStore:
         )
         changed = [(lease.job_id, target)]
         wake = _after_final(conn, lease.job_id, target, now, changed)
-        return Written(_get_job(conn, lease.job_id, self._limits), tuple(changed), wake)
+        return Written(None, tuple(changed), wake)
 
     def _retry_later(
         self,
@@ -813,7 +813,7 @@ class SQLiteJobStore:
             " WHERE id = ?",
             (target.value, due, reason, error, exit_code, result, spent, job_id),
         )
-        return Written(_get_job(conn, job_id, self._limits), ((job_id, target),), due)
+        return Written(None, ((job_id, target),), due)
 
     def release(self, lease: Lease, now: float, reason: str) -> Deferred:
         return self._write(self._release, lease, now, reason)
@@ -847,7 +847,7 @@ class SQLiteJobStore:
         wake = None
         if target is JobState.CANCELLED:
             wake = _after_final(conn, lease.job_id, target, now, changed)
-        return Written(_get_job(conn, lease.job_id, self._limits), tuple(changed), wake)
+        return Written(None, tuple(changed), wake)
 
     def cancel(self, job_id: str, now: float) -> Deferred:
         return self._write(self._cancel, job_id, now)

@@ -136,8 +136,8 @@ class Scheduling(RuleBasedStateMachine):
         else:
             # The holder stops it and reports the end.
             held = self.leases.pop(job_id)
-            ended = block(self.store.finish(held, Outcome.from_exit_code(-15), self.now))
-            assert ended.value.state is JobState.CANCELLED
+            block(self.store.finish(held, Outcome.from_exit_code(-15), self.now))
+            assert self._job(job_id).state is JobState.CANCELLED
             self.final[job_id] = JobState.CANCELLED
         self._note_finished()
 

@@ -76,7 +76,8 @@ async def claim(store, holder, capacity, now, seconds=60):
 
 
 async def finish(store, lease, outcome, now):
-    return (await store.finish(lease, outcome, now)).value
+    await store.finish(lease, outcome, now)
+    return await store.get(lease.job_id)
 
 
 def test_interface(store):
@@ -216,7 +217,8 @@ async def test_release_requeues(store):
     """A released attempt stays in the history and the job is queued again."""
     (job,) = await submit(store, spec())
     (lease,) = await claim(store, "h", 1, 1.0)
-    back = (await store.release(lease, 2.0, "stopped")).value
+    await store.release(lease, 2.0, "stopped")
+    back = await store.get(job.id)
     assert back.state is JobState.QUEUED
     assert back.attempts[0].error == "stopped"
     (again,) = await claim(store, "h", 1, 3.0)
@@ -327,9 +329,10 @@ async def test_retry_with_backoff(store):
     (job,) = await submit(store, spec(max_attempts=3, retry_delay=10.0))
     (lease,) = await claim(store, "h", 1, 100.0)
     written = await store.finish(lease, Outcome.from_exit_code(1), 101.0)
-    assert written.value.state is JobState.PENDING
+    waiting = await store.get(job.id)
+    assert waiting.state is JobState.PENDING
     assert written.wake_at == 111.0
-    assert "attempt 1 failed; retrying at" in written.value.wait_reason
+    assert "attempt 1 failed; retrying at" in waiting.wait_reason
     assert (await store.promote_due(110.9)).changed == ()
     promoted = await store.promote_due(111.0)
     assert promoted.changed == ((job.id, JobState.QUEUED),)
