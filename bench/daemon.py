@@ -4,7 +4,10 @@ C{twistd dispatcher --config FILE} builds it, plus a bench-only
 reactor-hold monitor (see L{bench.monitor}) on its own loopback port.
 
     python -m bench.daemon --port N --monitor-port N --data-dir DIR
-                           [--slots N] [--threads N]
+                           [--slots N] [--threads N] [--backlog N]
+
+It listens with a backlog of 4096 (Twisted's default is 50), so that
+thousands of clients may connect at once.
 
 This is the only place of the benchmark that touches the global reactor.
 """
@@ -22,7 +25,7 @@ from twisted.logger import globalLogBeginner, textFileLogObserver
 
 CONFIG = """\
 [server]
-listen = tcp:{port}:interface=127.0.0.1
+listen = tcp:{port}:interface=127.0.0.1:backlog={backlog}
 access_log = no
 
 [dispatcher]
@@ -46,6 +49,7 @@ def main(argv=None) -> None:
     parser.add_argument("--data-dir", required=True)
     parser.add_argument("--slots", type=int, default=8)
     parser.add_argument("--threads", type=int, default=8)
+    parser.add_argument("--backlog", type=int, default=4096)
     args = parser.parse_args(argv)
 
     os.makedirs(args.data_dir, exist_ok=True)
@@ -57,6 +61,7 @@ def main(argv=None) -> None:
                 data_dir=os.path.join(args.data_dir, "var"),
                 slots=args.slots,
                 threads=args.threads,
+                backlog=args.backlog,
             )
         )
     log_file = open(os.path.join(args.data_dir, "daemon.log"), "a", encoding="utf-8")

@@ -53,6 +53,7 @@ class ReactorHoldMonitor:
         self._ticks = 0
         self._gc_started = 0.0
         self._gc_max = [0.0, 0.0, 0.0]
+        self._gc_total = [0.0, 0.0, 0.0]
         self._gc_count = [0, 0, 0]
 
     def start(self) -> None:
@@ -78,10 +79,10 @@ class ReactorHoldMonitor:
             self._gc_started = self._now()
             return
         generation = info["generation"]
+        took = self._now() - self._gc_started
         self._gc_count[generation] += 1
-        self._gc_max[generation] = max(
-            self._gc_max[generation], self._now() - self._gc_started
-        )
+        self._gc_total[generation] += took
+        self._gc_max[generation] = max(self._gc_max[generation], took)
 
     def _schedule(self) -> None:
         self._due = self._now() + self._interval
@@ -121,6 +122,7 @@ class ReactorHoldMonitor:
             "over_50ms": sum(1 for s in samples if s > 0.050),
             "gc_collections": list(self._gc_count),
             "gc_max_ms": [round(m * 1000, 3) for m in self._gc_max],
+            "gc_total_ms": [round(t * 1000, 1) for t in self._gc_total],
         }
         if reset:
             self._samples = []
@@ -128,6 +130,7 @@ class ReactorHoldMonitor:
             self._max_at = 0.0
             self._ticks = 0
             self._gc_max = [0.0, 0.0, 0.0]
+            self._gc_total = [0.0, 0.0, 0.0]
             self._gc_count = [0, 0, 0]
             self._reset_at = self._now()
         return result
