@@ -514,8 +514,7 @@ def summarize_py_spy(path: Path, limit: int = 15) -> dict[str, Any]:
     From py-spy's raw (collapsed) stacks: the share of samples of each
     thread; of each line on top of the stack (own time), overall and in
     the busiest threads; and of each function anywhere on it (with
-    callees).  py-spy counts a thread that waits for the GIL as busy in
-    the frame it waits in.
+    callees).  Threads py-spy sees as idle are not sampled.
     """
     threads: dict[str, int] = {}
     own: dict[str, int] = {}
@@ -603,6 +602,9 @@ def profiled(processes: Processes, server: Server, name: str) -> Any:
 
 
 def spy_summary(spy: Any) -> Optional[dict[str, Any]]:
+    """
+    What L{profiled} found, if it profiled.
+    """
     return getattr(spy, "summary", None)
 
 
@@ -1275,6 +1277,9 @@ def mb(kib: float) -> float:
 
 
 def _median(values: list[float]) -> float:
+    """
+    The median, or NaN for no values.
+    """
     return statistics.median(values) if values else float("nan")
 
 
@@ -1410,6 +1415,9 @@ def verdict(row: Optional[dict[str, Any]]) -> str:
 
 
 def _waited(results: dict[str, Any]) -> str:
+    """
+    How long the run waited for the file system, in words, if it did.
+    """
     waited = results.get("waited_for_file_system_s", 0)
     return f" (after waiting {waited} s for it to settle)" if waited else ""
 
