@@ -386,13 +386,7 @@ class DispatcherAPI(Resource):
 
     async def submit_batch(self, request: Any) -> Answer:
         body = _json_body(request)
-        if not isinstance(body, dict):
-            raise ApiError(400, "invalid_field", "body: expected {\"jobs\": [...]}", "body")
-        for key in body:
-            if key != "jobs":
-                raise ApiError(
-                    400, "unknown_field", f"{key}: unknown field; allowed: jobs", key
-                )
+        _check_fields(body, ("jobs",), 'expected {"jobs": [...]}')
         jobs = body.get("jobs")
         if not isinstance(jobs, list) or not jobs:
             raise ApiError(
@@ -425,16 +419,7 @@ class DispatcherAPI(Resource):
         if request.content.read(1):
             request.content.seek(0)
             body = _json_body(request)
-            if not isinstance(body, dict):
-                raise ApiError(400, "invalid_field", "body: expected an object", "body")
-            for key in body:
-                if key != "dependents":
-                    raise ApiError(
-                        400,
-                        "unknown_field",
-                        f"{key}: unknown field; allowed: dependents",
-                        key,
-                    )
+            _check_fields(body, ("dependents",), "expected an object")
             dependents = body.get("dependents", False)
             if not isinstance(dependents, bool):
                 raise ApiError(
@@ -575,6 +560,22 @@ class DispatcherAPI(Resource):
                 self._reactor, self._io_pool, _file_size, path
             )
         return FileAnswer(path, offset, max(0, size - offset))
+
+
+def _check_fields(body: Any, allowed: tuple[str, ...], expected: str) -> None:
+    """
+    Refuse a body that is not an object or has a field not in C{allowed}.
+    """
+    if not isinstance(body, dict):
+        raise ApiError(400, "invalid_field", f"body: {expected}", "body")
+    for key in body:
+        if key not in allowed:
+            raise ApiError(
+                400,
+                "unknown_field",
+                f"{key}: unknown field; allowed: {', '.join(allowed)}",
+                key,
+            )
 
 
 def _no_such_job(job_id: str) -> ApiError:
