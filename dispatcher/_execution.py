@@ -15,7 +15,7 @@ import traceback
 from typing import Any, Callable, Mapping, Optional
 
 import attrs
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import Deferred, DeferredList, FirstError
 from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.internet.defer import ensureDeferred
 from twisted.internet.threads import deferToThreadPool
@@ -155,6 +155,7 @@ class RunningJob:
     process: Any = None
     context: Optional[TaskContext] = None
     staging: Optional[Deferred] = None
+    abort: Optional[Deferred] = None
     stopping: bool = False
     interrupted: bool = False
     timed_out: bool = False
@@ -245,13 +246,24 @@ class LocalExecutor:
                 self._reactor, self._io_pool, _make_dirs, workdir, attempt_dir
             )
             if spec.inputs and not running.stopping:
-                running.staging = self._stager.stage_inputs(spec.inputs, workdir)
+                staging = self._stager.stage_inputs(spec.inputs, workdir)
+                running.staging = staging
+                # A stop ends the wait at once, whatever the fetch in flight
+                # does with its cancellation.
+                running.abort = Deferred()
                 try:
-                    await running.staging
-                except CancelledError:
-                    pass
-                except Exception as e:
-                    return Outcome(JobState.FAILED, error=f"staging failed: {e}")
+                    await DeferredList(
+                        [staging, running.abort],
+                        fireOnOneCallback=True,
+                        fireOnOneErrback=True,
+                        consumeErrors=True,
+                    )
+                except FirstError as e:
+                    if not running.stopping:
+                        return Outcome(
+                            JobState.FAILED,
+                            error=f"staging failed: {e.subFailure.getErrorMessage()}",
+                        )
                 finally:
                     running.staging = None
                 if not running.stopping:
@@ -416,6 +428,8 @@ class LocalExecutor:
         running.stopping = True
         if running.staging is not None:
             running.staging.cancel()
+        if running.abort is not None and not running.abort.called:
+            running.abort.callback(None)
         if running.process is not None:
             self._terminate(running.process)
         elif running.context is not None:
