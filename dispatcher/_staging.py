@@ -137,13 +137,33 @@ class InputStager:
             could not be fetched.  Cancelling it stops the fetch in progress
             and removes its temporary file.
         """
-        return Deferred.fromCoroutine(self._stage_all(list(inputs), workdir))
+        stopped: list[bool] = []
+        inner = Deferred.fromCoroutine(self._stage_all(list(inputs), workdir, stopped))
 
-    async def _stage_all(self, inputs: list[InputSpec], workdir: str) -> None:
+        def cancel(outer: Deferred) -> None:
+            # Also stop between tries: a cancelled try may look like a
+            # connection error, and must not be retried.
+            stopped.append(True)
+            inner.cancel()
+
+        outer: Deferred = Deferred(cancel)
+
+        def deliver(result: Any) -> None:
+            if not outer.called:
+                outer.callback(result)
+
+        inner.addBoth(deliver)
+        return outer
+
+    async def _stage_all(
+        self, inputs: list[InputSpec], workdir: str, stopped: list[bool]
+    ) -> None:
         for index, spec in enumerate(inputs):
-            await self._stage_one(index, spec, workdir)
+            await self._stage_one(index, spec, workdir, stopped)
 
-    async def _stage_one(self, index: int, spec: InputSpec, workdir: str) -> None:
+    async def _stage_one(
+        self, index: int, spec: InputSpec, workdir: str, stopped: list[bool] = []
+    ) -> None:
         def error(reason: str) -> StagingError:
             return StagingError(index, spec.url, spec.path, reason)
 
@@ -163,12 +183,16 @@ class InputStager:
             path=spec.path,
         )
         for number in range(1, tries + 1):
+            if stopped:
+                raise CancelledError()
             try:
                 size = await self._try_with_timeout(url, spec, workdir)
             except CancelledError:
                 log.info("staging input {index} cancelled", index=index)
                 raise
             except _TryFailed as e:
+                if stopped:
+                    raise CancelledError()
                 if not e.retry:
                     where = f" (on try {number} of {tries})" if number > 1 else ""
                     raise error(e.reason + where)
