@@ -408,7 +408,7 @@ class LocalExecutor:
         except DeferredTimeout:
             context.cancel()
             self._lingering[lease.job_id] = call
-            call.addBoth(lambda _: self._lingering.pop(lease.job_id, None))
+            call.addBoth(lambda result: (self._lingering.pop(lease.job_id, None), result)[1])
             return Outcome(
                 JobState.FAILED,
                 error=f"timed out after {spec.timeout:g} s; the task's thread "

@@ -197,11 +197,14 @@ def test_kill_and_restart_keeps_every_acknowledged_job(twistd, tmp_path):
 def test_sigterm_requeues_after_grace(twistd):
     """On SIGTERM a running job gets the grace period, then is stopped and put
     back to queued without spending its attempt; the daemon exits cleanly."""
-    daemon = twistd("[dispatcher]\nshutdown_grace = 0.5\n")
+    daemon = twistd("[dispatcher]\nshutdown_grace = 3\n[executor]\nslots = 2\n")
     daemon.start()
     code, job = daemon.request("POST", "/v1/jobs", {"command": ["sleep", "300"]})
-    code, quick = daemon.request("POST", "/v1/jobs", {"command": ["sleep", "0.1"]})
+    code, quick = daemon.request("POST", "/v1/jobs", {"command": ["sleep", "0.5"]})
+    # Both run when the stop begins: the quick one ends within the grace
+    # period, the long one is stopped at its end.
     daemon.wait(job["id"], ("running",))
+    daemon.wait(quick["id"], ("running", "succeeded"))
     started = time.monotonic()
     daemon.stop_gracefully()
     assert time.monotonic() - started < 10
