@@ -155,6 +155,55 @@ class InputSpec:
 
 
 @attrs.frozen
+class Resources:
+    """
+    Resources a job needs, or a holder offers: CPUs (fractions allowed),
+    memory in MiB and GPUs.  A job that asks for nothing needs one slot and
+    nothing else.
+    """
+
+    cpus: float = 0.0
+    memory_mb: int = 0
+    gpus: int = 0
+
+    def __add__(self, other: "Resources") -> "Resources":
+        return Resources(
+            self.cpus + other.cpus, self.memory_mb + other.memory_mb, self.gpus + other.gpus
+        )
+
+    def __sub__(self, other: "Resources") -> "Resources":
+        return Resources(
+            self.cpus - other.cpus, self.memory_mb - other.memory_mb, self.gpus - other.gpus
+        )
+
+    def covers(self, need: "Resources") -> bool:
+        """
+        Whether this much is at least C{need} in every resource.
+        """
+        # A small tolerance: fractions of CPUs added and taken away again
+        # must not leave 3.9999999 where 4 was.
+        return (
+            self.cpus + 1e-9 >= need.cpus
+            and self.memory_mb >= need.memory_mb
+            and self.gpus >= need.gpus
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {"cpus": self.cpus, "memory_mb": self.memory_mb, "gpus": self.gpus}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "Resources":
+        return cls(
+            float(data.get("cpus", 0.0)),
+            int(data.get("memory_mb", 0)),
+            int(data.get("gpus", 0)),
+        )
+
+
+NO_RESOURCES = Resources()
+
+
+@attrs.frozen
 class JobSpec:
     """
     What a client asked for: a command (argv) or a task name with its
@@ -179,6 +228,8 @@ class JobSpec:
     depends_on: tuple[str, ...] = ()
     array_id: Optional[str] = None
     array_index: Optional[int] = None
+    resources: Resources = NO_RESOURCES
+    requirements: Mapping[str, str] = attrs.field(factory=dict)
 
     @property
     def kind(self) -> str:
@@ -209,6 +260,8 @@ class JobSpec:
         out["depends_on"] = list(self.depends_on)
         out["array_id"] = self.array_id
         out["array_index"] = self.array_index
+        out["resources"] = self.resources.to_json()
+        out["requirements"] = dict(self.requirements)
         return out
 
     def to_stored(self) -> dict[str, Any]:
@@ -228,6 +281,10 @@ class JobSpec:
             out["inputs"] = [i.to_json() for i in self.inputs]
         if self.depends_on:
             out["depends_on"] = list(self.depends_on)
+        if self.resources != NO_RESOURCES:
+            out["resources"] = self.resources.to_json()
+        if self.requirements:
+            out["requirements"] = dict(self.requirements)
         return out
 
     @classmethod
@@ -244,6 +301,10 @@ class JobSpec:
             env=dict(data.get("env", {})),
             inputs=tuple(InputSpec(**i) for i in data.get("inputs", ())),
             depends_on=tuple(data.get("depends_on", ())),
+            resources=Resources.from_json(data["resources"])
+            if "resources" in data
+            else NO_RESOURCES,
+            requirements=dict(data.get("requirements", {})),
             **columns,
         )
 
@@ -288,6 +349,89 @@ class Lease:
     holder: str
     expires_at: float
     spec: JobSpec
+
+
+def lease_to_json(lease: Lease) -> dict[str, Any]:
+    """
+    A lease as the dispatcher hands it to a remote worker: everything the
+    worker needs to run the attempt, and the fencing token its every write
+    must carry.
+    """
+    spec = lease.spec
+    wire = spec.to_stored()
+    wire.update(
+        name=spec.name,
+        labels=dict(spec.labels),
+        timeout=spec.timeout,
+        array_id=spec.array_id,
+        array_index=spec.array_index,
+    )
+    wire.pop("depends_on", None)
+    return {
+        "job_id": lease.job_id,
+        "attempt": lease.attempt,
+        "token": lease.token,
+        "holder": lease.holder,
+        "expires_at": format_time(lease.expires_at),
+        "spec": wire,
+    }
+
+
+def lease_from_json(data: Mapping[str, Any], expires_at: float) -> Lease:
+    """
+    The L{Lease} a worker got in L{lease_to_json}'s form; C{expires_at} is
+    on the worker's own clock (the dispatcher's times are not comparable).
+    """
+    wire = data["spec"]
+    spec = JobSpec.from_stored(
+        wire,
+        name=wire.get("name"),
+        labels=dict(wire.get("labels", {})),
+        timeout=wire.get("timeout"),
+        array_id=wire.get("array_id"),
+        array_index=wire.get("array_index"),
+    )
+    return Lease(
+        data["job_id"], data["attempt"], data["token"], data["holder"], expires_at, spec
+    )
+
+
+@attrs.frozen
+class Offer:
+    """
+    What one lease holder (the local executor or a remote worker) can run:
+    its slots, its resources, its labels and the task names it knows.
+
+    A job fits a holder when the holder's labels meet the job's
+    requirements, it knows the job's task, and its resources, less what its
+    running jobs use, cover what the job asks for.
+    """
+
+    holder: str
+    slots: int
+    resources: Resources = NO_RESOURCES
+    labels: Mapping[str, str] = attrs.field(factory=dict)
+    tasks: frozenset[str] = frozenset()
+
+    def refuses(self, spec: JobSpec) -> Optional[str]:
+        """
+        Why this holder could never run C{spec}, even idle; C{None} if it
+        could.
+        """
+        if spec.task is not None and spec.task not in self.tasks:
+            return f"does not know the task {spec.task!r}"
+        for key, value in spec.requirements.items():
+            if self.labels.get(key) != value:
+                return f"lacks the label {key}={value}"
+        need = spec.resources
+        have = self.resources
+        if need.cpus > have.cpus + 1e-9:
+            return f"has {have.cpus:g} CPUs, not {need.cpus:g}"
+        if need.memory_mb > have.memory_mb:
+            return f"has {have.memory_mb} MiB of memory, not {need.memory_mb}"
+        if need.gpus > have.gpus:
+            return f"has {have.gpus} GPUs, not {need.gpus}"
+        return None
 
 
 @attrs.frozen

@@ -12,7 +12,7 @@ from typing import Any, Mapping, NoReturn, Optional
 
 import attrs
 
-from ._model import InputSpec, JobSpec
+from ._model import InputSpec, JobSpec, Resources
 
 
 class ApiError(Exception):
@@ -44,9 +44,13 @@ JOB_FIELDS = frozenset(
     {
         "command", "task", "args", "kwargs", "name", "env", "labels", "inputs",
         "priority", "queue", "timeout", "max_attempts", "retry_delay",
-        "not_before", "delay", "depends_on", "array",
+        "not_before", "delay", "depends_on", "array", "resources", "requirements",
     }
 )
+RESOURCE_FIELDS = ("cpus", "memory_mb", "gpus")
+MAX_CPUS = 1_000_000
+MAX_MEMORY_MB = 1 << 40
+MAX_GPUS = 100_000
 MAX_PRIORITY = 1_000_000
 MAX_ATTEMPTS = 100
 MAX_DEPENDENCIES = 1000
@@ -368,4 +372,31 @@ def _job_fields(body: Any, tasks: Mapping[str, Any], prefix: str = "") -> dict[s
                 )
             seen[item.path] = i
         spec["inputs"] = parsed
+    if body.get("resources") is not None:
+        spec["resources"] = _resources(body["resources"], f"{prefix}resources")
+    if "requirements" in body:
+        spec["requirements"] = _string_map(
+            body["requirements"], f"{prefix}requirements", MAX_LABEL
+        )
     return spec
+
+
+def _resources(value: Any, field: str) -> Resources:
+    if not isinstance(value, dict):
+        invalid(field, f"expected an object with cpus, memory_mb, gpus; got {_kind(value)}")
+    for key in value:
+        if key not in RESOURCE_FIELDS:
+            raise ApiError(
+                400,
+                "unknown_field",
+                f"{field}.{key}: unknown field; allowed: {', '.join(RESOURCE_FIELDS)}",
+                f"{field}.{key}",
+            )
+    cpus = value.get("cpus", 0)
+    if isinstance(cpus, bool) or not isinstance(cpus, (int, float)) or not (
+        0 <= cpus <= MAX_CPUS
+    ):
+        invalid(f"{field}.cpus", f"expected a number from 0 to {MAX_CPUS}")
+    memory = _integer(value.get("memory_mb", 0), f"{field}.memory_mb", 0, MAX_MEMORY_MB)
+    gpus = _integer(value.get("gpus", 0), f"{field}.gpus", 0, MAX_GPUS)
+    return Resources(float(cpus), memory, gpus)
