@@ -449,7 +449,11 @@ class Dispatcher(Service):
         if running.interrupted:
             return self._release(running)
         d = self.store.finish(lease, outcome, self._clock.seconds())
-        return self._after_record(d, running)
+        # The slot is free once the job has ended: the next claim goes to
+        # the store behind this finish, so both share one commit.
+        self.scheduler.slots_freed(lease.holder)
+        self._pump()
+        return self._after_record(d, running, freed=True)
 
     def _release(self, running: RunningJob) -> Deferred:
         d = self.store.release(
@@ -459,7 +463,9 @@ class Dispatcher(Service):
         )
         return self._after_record(d, running)
 
-    def _after_record(self, d: Deferred, running: RunningJob) -> Deferred:
+    def _after_record(
+        self, d: Deferred, running: RunningJob, freed: bool = False
+    ) -> Deferred:
         lease = running.lease
         recorded = self._recorded.pop(lease.job_id, None)
 
@@ -476,7 +482,8 @@ class Dispatcher(Service):
                             job_id=lease.job_id)
 
         def finally_(_: Any) -> None:
-            self.scheduler.slots_freed(lease.holder)
+            if not freed:
+                self.scheduler.slots_freed(lease.holder)
             if recorded is not None:
                 recorded.callback(None)
             self._pump()

@@ -43,7 +43,9 @@ class TaskContext:
     @ivar job_id: the job's id.
     @ivar attempt: the attempt number, 1 for the first.
     @ivar labels: the job's labels.
-    @ivar workdir: the job's working directory (its inputs are there).
+    @ivar workdir: the job's working directory (its inputs are there); it
+        is made when a task first asks for it, so that tasks that never
+        touch a file cost no directories.
     @ivar array_id: the array the job belongs to, or C{None}.
     @ivar array_index: its index in the array (0 to N-1), or C{None}.
     """
@@ -60,10 +62,15 @@ class TaskContext:
         self.job_id = job_id
         self.attempt = attempt
         self.labels = dict(labels)
-        self.workdir = workdir
+        self._workdir = workdir
         self.array_id = array_id
         self.array_index = array_index
         self._cancelled = threading.Event()
+
+    @property
+    def workdir(self) -> str:
+        os.makedirs(self._workdir, exist_ok=True)
+        return self._workdir
 
     @property
     def cancelled(self) -> bool:
@@ -136,6 +143,7 @@ def _call_task(
 def _task_exception(stderr_path: str) -> Outcome:
     text = traceback.format_exc()
     try:
+        os.makedirs(os.path.dirname(stderr_path), exist_ok=True)
         with open(stderr_path, "a", encoding="utf-8") as f:
             f.write(text)
     except OSError:
@@ -242,9 +250,10 @@ class LocalExecutor:
             spec = lease.spec
             workdir = self.workdir(lease.job_id)
             attempt_dir = os.path.dirname(self.log_path(lease.job_id, lease.attempt, "x"))
-            await deferToThreadPool(
-                self._reactor, self._io_pool, _make_dirs, workdir, attempt_dir
-            )
+            if spec.command is not None or spec.inputs:
+                await deferToThreadPool(
+                    self._reactor, self._io_pool, _make_dirs, workdir, attempt_dir
+                )
             if spec.inputs and not running.stopping:
                 staging = self._stager.stage_inputs(spec.inputs, workdir)
                 running.staging = staging
