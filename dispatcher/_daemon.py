@@ -32,6 +32,7 @@ from ._staging import InputStager
 log = Logger()
 
 DATABASE_NAME = "dispatcher.sqlite3"
+ACCESS_LOG_NAME = "access.log"
 
 
 class ConnectionFreezer:
@@ -176,7 +177,12 @@ class DaemonService(MultiService):
             clock=clock,
         )
         self.site = DispatcherSite(
-            api, config.server.max_body_bytes, access_log=config.server.access_log
+            api,
+            config.server.max_body_bytes,
+            access_log_path=os.path.abspath(os.path.join(data_dir, ACCESS_LOG_NAME))
+            if config.server.access_log
+            else None,
+            reactor=reactor,
         )
         self.freezer = ConnectionFreezer(reactor)
         self.port: Any = None
