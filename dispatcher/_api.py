@@ -14,6 +14,7 @@ from typing import Any, Awaitable, Callable, Mapping, Optional
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IPushProducer
+from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -35,6 +36,8 @@ from ._validation import ApiError, Submission, parse_submission
 log = Logger()
 
 MAX_LIST_LIMIT = 1000
+# Jobs of a batch checked in one go on the reactor thread.
+BATCH_SLICE = 250
 DEFAULT_LIST_LIMIT = 100
 
 
@@ -452,9 +455,14 @@ class DispatcherAPI(Resource):
                 "([dispatcher] max_array)",
                 "jobs",
             )
-        submissions = [
-            self._submission(item, f"jobs[{i}].", i) for i, item in enumerate(jobs)
-        ]
+        submissions = []
+        for i, item in enumerate(jobs):
+            if i and not i % BATCH_SLICE:
+                # A large batch is checked a slice at a time, letting other
+                # requests and timers run in between: checking 10,000 jobs
+                # at once would hold the reactor for a tenth of a second.
+                await deferLater(self._reactor, 0)
+            submissions.append(self._submission(item, f"jobs[{i}].", i))
         total = sum(s.array or 1 for s in submissions)
         if total > self._max_array:
             raise ApiError(
