@@ -5,6 +5,7 @@ reactor-hold monitor (see L{bench.monitor}) on its own loopback port.
 
     python -m bench.daemon --port N --monitor-port N --data-dir DIR
                            [--slots N] [--threads N] [--backlog N]
+                           [--access-log]
 
 It listens with a backlog of 4096 (Twisted's default is 50), so that
 thousands of clients may connect at once.
@@ -26,7 +27,7 @@ from twisted.logger import globalLogBeginner, textFileLogObserver
 CONFIG = """\
 [server]
 listen = tcp:{port}:interface=127.0.0.1:backlog={backlog}
-access_log = no
+access_log = {access_log}
 
 [dispatcher]
 data_dir = {data_dir}
@@ -50,6 +51,8 @@ def main(argv=None) -> None:
     parser.add_argument("--slots", type=int, default=8)
     parser.add_argument("--threads", type=int, default=8)
     parser.add_argument("--backlog", type=int, default=4096)
+    parser.add_argument("--access-log", action="store_true",
+                        help="write the access log, as the daemon does by default")
     args = parser.parse_args(argv)
 
     os.makedirs(args.data_dir, exist_ok=True)
@@ -62,6 +65,7 @@ def main(argv=None) -> None:
                 slots=args.slots,
                 threads=args.threads,
                 backlog=args.backlog,
+                access_log="yes" if args.access_log else "no",
             )
         )
     log_file = open(os.path.join(args.data_dir, "daemon.log"), "a", encoding="utf-8")

@@ -229,9 +229,11 @@ class Server:
     """
 
     def __init__(self, processes: Processes, kind: str, workdir: Path, slots: int = 8,
-                 threads: int = 8, store: Optional[Path] = None) -> None:
+                 threads: int = 8, store: Optional[Path] = None,
+                 access_log: bool = False) -> None:
         self.processes = processes
         self.kind = kind
+        self.access_log = access_log
         self.workdir = workdir
         self.slots = slots
         self.threads = threads
@@ -265,6 +267,8 @@ class Server:
                     "--monitor-port", str(self.monitor_port),
                     "--data-dir", str(self.workdir),
                     "--slots", str(self.slots), "--threads", str(self.threads)]
+            if self.access_log:
+                argv.append("--access-log")
         else:
             argv = ["-m", "bench.baseline_server", str(self.port),
                     "--monitor-port", str(self.monitor_port),
@@ -625,16 +629,19 @@ def queue_counts(client: Client) -> dict[str, int]:
 def measure_submit(processes: Processes, tmp: Path, kind: str, connections: int,
                    seconds: float, profile: bool = False, round_: int = 0,
                    variant: Optional[str] = None, idle: int = 0,
-                   store: Optional[Path] = None, store_jobs: int = 0) -> dict[str, Any]:
+                   store: Optional[Path] = None, store_jobs: int = 0,
+                   access_log: bool = False) -> dict[str, Any]:
     """
     (a) Durable single-job submits/s; the daemon runs with no slots, so
     the jobs stay queued and only submission is measured.  Variants: with
     C{idle} idle keep-alive connections open meanwhile (g), or on a copy
-    of a prepared C{store} of C{store_jobs} queued jobs (h).
+    of a prepared C{store} of C{store_jobs} queued jobs (h), or with the
+    default access log on (a').
     """
     variant = variant or kind
     name = f"submit-{variant}-{connections}c-{round_}" + ("-profile" if profile else "")
-    with Server(processes, kind, tmp / name, slots=0, store=store) as server, \
+    with Server(processes, kind, tmp / name, slots=0, store=store,
+                access_log=access_log) as server, \
             IdleConnections(server.port, idle) as idlers:
         result: dict[str, Any] = {}
         if kind == "daemon":
@@ -1518,6 +1525,10 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append(submit_row(c, "baseline", b))
         lines.append(ratio_row(c, "ratio", d, b))
         i, q = r.get(f"submit_idle_{c}c"), r.get(f"submit_queued_{c}c")
+        logged = r.get(f"submit_logged_{c}c")
+        if logged is not None:
+            lines.append(submit_row(c, "(a') dispatcher with its access log", logged))
+            lines.append(ratio_row(c, "(a') ratio to the dispatcher", logged, d))
         if i is not None:
             lines.append(submit_row(c, f"(g) dispatcher, {idle} idle connections open", i))
             lines.append(ratio_row(c, "(g) ratio to the dispatcher", i, d))
@@ -1877,6 +1888,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                         ("baseline", "baseline", {}), ("daemon", "daemon", {})]
                     if c == c_max:
                         variants += [
+                            ("logged", "daemon", {"access_log": True}),
                             ("idle", "daemon", {"idle": settings["idle_connections"]}),
                             ("queued", "daemon", {"store": queued_store,
                                                   "store_jobs": settings["queued_jobs"]})]
@@ -1972,6 +1984,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             }
     pairs = (("submit_idle_to_daemon", f"submit_idle_{c_max}c", f"submit_daemon_{c_max}c",
               "requests_per_s"),
+             ("submit_logged_to_daemon", f"submit_logged_{c_max}c",
+              f"submit_daemon_{c_max}c", "requests_per_s"),
              ("submit_queued_to_daemon", f"submit_queued_{c_max}c", f"submit_daemon_{c_max}c",
               "requests_per_s"),
              ("claims_queued_to_seeded", "claims_queued", "claims_seeded",

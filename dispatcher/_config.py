@@ -23,13 +23,37 @@ class ConfigError(Exception):
     """
 
 
+# The listen backlog the daemon asks for when the endpoint names none:
+# Twisted's default of 50 refuses connections when hundreds of clients
+# connect at once (they retry a second later).  Linux caps it at
+# net.core.somaxconn (4096 since 5.4).
+DEFAULT_BACKLOG = 4096
+_BACKLOG_TYPES = ("tcp", "tcp6", "unix", "ssl")
+_BACKLOG_ARGUMENT = re.compile(r"(?<!\\):backlog=")
+
+
+def with_default_backlog(description: str) -> str:
+    """
+    A server endpoint description with C{backlog=}L{DEFAULT_BACKLOG} added
+    when it is of a type that takes a backlog and gives none.
+    """
+    kind = description.split(":", 1)[0].strip().lower()
+    if kind not in _BACKLOG_TYPES or _BACKLOG_ARGUMENT.search(description):
+        return description
+    return f"{description}:backlog={DEFAULT_BACKLOG}"
+
+
 @attrs.frozen
 class ServerConfig:
     """
-    C{[server]}: where and how the HTTP API listens.
+    C{[server]}: where and how the HTTP API listens, and whether it writes
+    an access log (C{DATA_DIR/access.log}).  C{listen} gets the default
+    backlog whenever it is set without one, from the file or C{--listen}.
     """
 
-    listen: str = "tcp:8080:interface=127.0.0.1"
+    listen: str = attrs.field(
+        default="tcp:8080:interface=127.0.0.1", converter=with_default_backlog
+    )
     max_body_bytes: int = 1048576
     access_log: bool = True
 

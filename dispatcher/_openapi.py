@@ -196,10 +196,20 @@ def openapi_document() -> dict[str, Any]:
         },
     }
     jobs_body = {
-        "description": "The jobs, in order.",
+        "description": "The jobs, in order: each one's id and state, or each "
+        "whole with Prefer: return=representation.",
         "content": {
-            "application/json": {"schema": {"$ref": "#/components/schemas/JobList"}}
+            "application/json": {"schema": {"$ref": "#/components/schemas/SubmittedJobs"}}
         },
+    }
+    prefer = {
+        "name": "Prefer",
+        "in": "header",
+        "required": False,
+        "schema": {"type": "string"},
+        "description": "return=representation (RFC 7240): answer every job a request "
+        "makes whole, as GET /v1/jobs/{id} shows it, rather than its id, state and "
+        "place in its array. A request that makes one job gets it whole anyway.",
     }
     idempotency_key = {
         "name": "Idempotency-Key",
@@ -247,7 +257,7 @@ def openapi_document() -> dict[str, Any]:
                 "post": {
                     "summary": "Submit a job (or, with array, several); answered "
                     "once durably stored.",
-                    "parameters": [idempotency_key],
+                    "parameters": [idempotency_key, prefer],
                     "requestBody": {
                         "required": True,
                         "content": {
@@ -265,7 +275,7 @@ def openapi_document() -> dict[str, Any]:
                                     "schema": {
                                         "oneOf": [
                                             {"$ref": "#/components/schemas/Job"},
-                                            {"$ref": "#/components/schemas/JobList"},
+                                            {"$ref": "#/components/schemas/SubmittedJobs"},
                                         ]
                                     }
                                 }
@@ -279,7 +289,7 @@ def openapi_document() -> dict[str, Any]:
                                     "schema": {
                                         "oneOf": [
                                             {"$ref": "#/components/schemas/Job"},
-                                            {"$ref": "#/components/schemas/JobList"},
+                                            {"$ref": "#/components/schemas/SubmittedJobs"},
                                         ]
                                     }
                                 }
@@ -352,7 +362,7 @@ def openapi_document() -> dict[str, Any]:
             "/v1/jobs/batch": {
                 "post": {
                     "summary": "Submit several jobs, all or nothing.",
-                    "parameters": [idempotency_key],
+                    "parameters": [idempotency_key, prefer],
                     "requestBody": {
                         "required": True,
                         "content": {
@@ -503,6 +513,32 @@ def openapi_document() -> dict[str, Any]:
                     "required": ["jobs"],
                     "properties": {
                         "jobs": {"type": "array", "items": {"$ref": "#/components/schemas/Job"}}
+                    },
+                },
+                "JobSummary": {
+                    "type": "object",
+                    "required": ["id", "state"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "id": {"type": "string"},
+                        "state": {"enum": [s.value for s in JobState]},
+                        "array_id": {"type": "string"},
+                        "array_index": {"type": "integer"},
+                    },
+                },
+                "SubmittedJobs": {
+                    "type": "object",
+                    "required": ["jobs"],
+                    "properties": {
+                        "jobs": {
+                            "type": "array",
+                            "items": {
+                                "anyOf": [
+                                    {"$ref": "#/components/schemas/JobSummary"},
+                                    {"$ref": "#/components/schemas/Job"},
+                                ]
+                            },
+                        }
                     },
                 },
                 "Queue": {

@@ -47,6 +47,13 @@ JOB_FIELDS = frozenset(
         "not_before", "delay", "depends_on", "array", "resources", "requirements",
     }
 )
+# The fields parse_submission reads; _job_fields reads the others.
+SCHEDULING_FIELDS = frozenset(
+    {
+        "priority", "queue", "timeout", "max_attempts", "retry_delay",
+        "not_before", "delay", "depends_on", "array",
+    }
+)
 RESOURCE_FIELDS = ("cpus", "memory_mb", "gpus")
 MAX_CPUS = 1_000_000
 MAX_MEMORY_MB = 1 << 40
@@ -209,6 +216,13 @@ def parse_submission(
     @raise ApiError: naming the first field at fault.
     """
     fields = _job_fields(body, tasks, prefix)
+    if body.keys().isdisjoint(SCHEDULING_FIELDS):
+        # The common case, checked at once: a job that says nothing of its
+        # scheduling gets its queue's defaults.
+        queue = queues["default"]
+        return Submission(
+            JobSpec(**fields, priority=queue.priority, timeout=queue.timeout)
+        )
     queue_name = "default"
     if body.get("queue") is not None:
         queue_name = _string(body["queue"], f"{prefix}queue", allow_empty=False)
@@ -290,14 +304,14 @@ def _job_fields(body: Any, tasks: Mapping[str, Any], prefix: str = "") -> dict[s
     """
     if not isinstance(body, dict):
         invalid(prefix.rstrip(".") or "body", f"expected a JSON object, got {_kind(body)}")
-    for key in body:
-        if key not in JOB_FIELDS:
-            raise ApiError(
-                400,
-                "unknown_field",
-                f"{prefix}{key}: unknown field; allowed: {', '.join(sorted(JOB_FIELDS))}",
-                f"{prefix}{key}",
-            )
+    if not body.keys() <= JOB_FIELDS:
+        key = next(key for key in body if key not in JOB_FIELDS)
+        raise ApiError(
+            400,
+            "unknown_field",
+            f"{prefix}{key}: unknown field; allowed: {', '.join(sorted(JOB_FIELDS))}",
+            f"{prefix}{key}",
+        )
     has_command = body.get("command") is not None
     has_task = body.get("task") is not None
     if has_command == has_task:
@@ -312,10 +326,11 @@ def _job_fields(body: Any, tasks: Mapping[str, Any], prefix: str = "") -> dict[s
         command = body["command"]
         if not isinstance(command, list) or not command:
             invalid(f"{prefix}command", "expected a non-empty array of strings (argv)")
-        spec["command"] = tuple(
-            _string(arg, f"{prefix}command[{i}]", allow_empty=(i > 0))
-            for i, arg in enumerate(command)
-        )
+        if not (command[0] and all(type(arg) is str and "\x00" not in arg for arg in command)):
+            # Find the argument at fault, to name it.
+            for i, arg in enumerate(command):
+                _string(arg, f"{prefix}command[{i}]", allow_empty=(i > 0))
+        spec["command"] = tuple(command)
         for key in ("args", "kwargs"):
             if key in body:
                 invalid(f"{prefix}{key}", "only task jobs take args and kwargs")

@@ -68,7 +68,9 @@ class Daemon:
         assert code == 201, job
         return job
 
-    async def batch(self, jobs, **kw):
+    async def batch(self, jobs, full=False, **kw):
+        if full:
+            kw.setdefault("headers", {})["Prefer"] = ["return=representation"]
         code, answer = await self.json("POST", "/v1/jobs/batch", {"jobs": jobs}, **kw)
         assert code == 201, answer
         return answer["jobs"]

@@ -294,3 +294,26 @@ async def test_content_type_is_not_parsed_as_email(daemon, monkeypatch):
         "POST", "/v1/jobs", raw=b"command=true",
         headers={"Content-Type": ["application/x-www-form-urlencoded"]})
     assert response.code == 415
+
+
+@pytest_twisted.ensureDeferred
+async def test_access_log_is_buffered_in_the_data_dir(make_daemon, tmp_path):
+    """Each request gets a Combined Log Format line in DATA_DIR/access.log,
+    written within a second of it and when the daemon stops; with
+    access_log = no there is no such file."""
+    from .conftest import sleep
+
+    daemon = await make_daemon()
+    path = tmp_path / "data" / "access.log"
+    await daemon.json("GET", "/healthz")
+    await sleep(1.3)
+    lines = path.read_text().splitlines()
+    assert len(lines) == 1
+    assert re.match(r'^"127\.0\.0\.1" - - \[[^]]+\] "GET /healthz HTTP/1\.1" 200 \d+ ', lines[0])
+    await daemon.json("GET", "/v1/queues")
+    await daemon.service.stopService()
+    assert len(path.read_text().splitlines()) == 2
+    quiet = await make_daemon("[server]\naccess_log = no\n", data_dir=tmp_path / "quiet")
+    await quiet.json("GET", "/healthz")
+    await quiet.service.stopService()
+    assert not (tmp_path / "quiet" / "access.log").exists()

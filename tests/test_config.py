@@ -13,7 +13,7 @@ from dispatcher._config import Config, ConfigError, load_config, parse_config
 def test_defaults():
     """With no file, the daemon listens on loopback 8080 and keeps data in var."""
     config = Config()
-    assert config.server.listen == "tcp:8080:interface=127.0.0.1"
+    assert config.server.listen == "tcp:8080:interface=127.0.0.1:backlog=4096"
     assert config.dispatcher.data_dir == "var"
     assert config.executor.slots == 8
 
@@ -48,13 +48,30 @@ def test_values_are_read():
         "[tasks]\nadd = tests.tasks:add\n",
         "x.ini",
     )
-    assert config.server.listen == "tcp:9000"
+    assert config.server.listen == "tcp:9000:backlog=4096"
     assert config.server.max_body_bytes == 4096
     assert config.server.access_log is False
     assert config.dispatcher.shutdown_grace == 2.5
     assert config.executor.slots == 0 and config.executor.threads == 3
     assert config.fetch.max_bytes == 100 and config.fetch.retry_delay == 0.5
     assert config.tasks["add"].function(None, 1, 2) == 3
+
+
+def test_listen_gets_a_backlog_unless_it_names_one():
+    """An endpoint that takes a backlog and names none gets 4096, from the
+    file and from --listen alike; one that names it, or another kind of
+    endpoint, is left as given."""
+    from dispatcher.tap import Options
+
+    assert parse_config("[server]\nlisten = unix:/tmp/d.sock\n").server.listen == (
+        "unix:/tmp/d.sock:backlog=4096")
+    given = "tcp:9000:interface=127.0.0.1:backlog=64"
+    assert parse_config(f"[server]\nlisten = {given}\n").server.listen == given
+    assert parse_config("[server]\nlisten = systemd:domain=INET:index=0\n").server.listen == (
+        "systemd:domain=INET:index=0")
+    options = Options()
+    options.parseOptions(["--listen", "tcp6:9000"])
+    assert options.config.server.listen == "tcp6:9000:backlog=4096"
 
 
 @pytest.mark.parametrize(

@@ -212,7 +212,7 @@ async def test_batch_all_or_nothing_with_indexes(daemon):
         {"task": "describe", "depends_on": [0]},
         {"command": ["true"], "array": 2, "depends_on": [1]},
         {"task": "describe", "depends_on": [2]},
-    ])
+    ], full=True)
     assert len(jobs) == 5
     assert jobs[1]["depends_on"] == [jobs[0]["id"]]
     assert jobs[2]["depends_on"] == [jobs[1]["id"]]
@@ -235,6 +235,34 @@ async def test_batch_all_or_nothing_with_indexes(daemon):
         assert code == 400 and error["error"]["field"] == field, error
     code, page = await daemon.json("GET", "/v1/jobs?limit=1000")
     assert len(page["jobs"]) == before
+
+
+@pytest_twisted.ensureDeferred
+async def test_batch_answers_ids_unless_asked_for_more(make_daemon):
+    """A batch answers each job's id and state (and place in its array) in
+    order; with Prefer: return=representation it answers each job whole, as
+    GET shows it."""
+    daemon = await make_daemon("[executor]\nslots = 0\n")
+    jobs = await daemon.batch([
+        {"command": ["true"], "labels": {"n": "0"}},
+        {"command": ["true"], "array": 2},
+        {"command": ["true"], "delay": 3600},
+    ])
+    assert [sorted(j) for j in jobs] == [
+        ["id", "state"], ["array_id", "array_index", "id", "state"],
+        ["array_id", "array_index", "id", "state"], ["id", "state"]]
+    assert [j["state"] for j in jobs] == ["queued", "queued", "queued", "pending"]
+    assert [j.get("array_index") for j in jobs] == [None, 0, 1, None]
+    code, first = await daemon.json("GET", f"/v1/jobs/{jobs[0]['id']}")
+    assert code == 200 and first["labels"] == {"n": "0"}
+    response, content = await daemon.request(
+        "POST", "/v1/jobs/batch", {"jobs": [{"command": ["true"], "name": "x"}]},
+        headers={"Prefer": ["respond-async, return=representation"]})
+    (whole,) = json.loads(content)["jobs"]
+    assert response.code == 201
+    assert response.headers.getRawHeaders("preference-applied") == ["return=representation"]
+    code, again = await daemon.json("GET", f"/v1/jobs/{whole['id']}")
+    assert again == whole
 
 
 @pytest_twisted.ensureDeferred
