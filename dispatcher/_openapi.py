@@ -11,6 +11,15 @@ from ._model import JobState
 
 _TIME = {"type": ["string", "null"], "format": "date-time"}
 _STRING_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
+# Submitted labels and requirements: keys of 1 to 200 characters, values of
+# at most 200 (dispatcher._validation.MAX_LABEL).
+_LABEL_MAP = {
+    "type": "object",
+    "propertyNames": {"minLength": 1, "maxLength": 200},
+    "additionalProperties": {"type": "string", "maxLength": 200},
+}
+_WORKER_PATHS = ("/v1/leases", "/v1/leases/heartbeat", "/v1/leases/results", "/v1/leases/log")
+_OPEN_PATHS = ("/healthz", "/v1/openapi.json")
 
 
 def _error_response(description: str) -> dict[str, Any]:
@@ -20,6 +29,54 @@ def _error_response(description: str) -> dict[str, Any]:
             "application/json": {"schema": {"$ref": "#/components/schemas/Error"}}
         },
     }
+
+
+def _json_response(description: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json_request(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"required": True, "content": {"application/json": {"schema": schema}}}
+
+
+def _unauthorized(description: str) -> dict[str, Any]:
+    return {
+        **_error_response(description),
+        "headers": {
+            "WWW-Authenticate": {
+                "schema": {"const": 'Bearer realm="dispatcher"'},
+            }
+        },
+    }
+
+
+def _secure(paths: dict[str, Any]) -> None:
+    """
+    Mark every operation with the token it needs, as
+    C{DispatcherAPI._authorize} decides it: by path.
+    """
+    for path, operations in paths.items():
+        for operation in operations.values():
+            responses = operation["responses"]
+            if path in _WORKER_PATHS:
+                operation["security"] = [{"bearer": []}]
+                responses["401"] = _unauthorized(
+                    "The workers' token ([workers] token_file) is missing or wrong."
+                )
+                responses["403"] = _error_response(
+                    "workers_disabled: this dispatcher has no [workers] token_file."
+                )
+            elif path in _OPEN_PATHS:
+                operation["security"] = []
+            else:
+                operation["security"] = [{}, {"bearer": []}]
+                responses["401"] = _unauthorized(
+                    "[api] token_file is set and its token is missing or wrong."
+                )
 
 
 def _job_response(description: str) -> dict[str, Any]:
@@ -44,6 +101,18 @@ def openapi_document() -> dict[str, Any]:
     """
     The document, as a JSON-able dict.
     """
+    resources_schema = {
+        "type": "object",
+        "additionalProperties": False,
+        "description": "CPUs, memory and GPUs, each 0 when not given.",
+        "properties": {
+            "cpus": {"type": "number", "minimum": 0, "maximum": 1000000,
+                     "description": "Fractions allowed."},
+            "memory_mb": {"type": "integer", "minimum": 0, "maximum": 1 << 40,
+                          "description": "MiB."},
+            "gpus": {"type": "integer", "minimum": 0, "maximum": 100000},
+        },
+    }
     input_schema = {
         "type": "object",
         "additionalProperties": False,
@@ -77,8 +146,18 @@ def openapi_document() -> dict[str, Any]:
                 "description": "Command jobs only; merged over a clean base "
                 "environment (PATH, LANG, HOME).",
             },
-            "labels": _STRING_MAP,
+            "labels": _LABEL_MAP,
             "inputs": {"type": "array", "items": input_schema},
+            "resources": {
+                **_ref("Resources"),
+                "description": "What the job needs of its holder while it runs, "
+                "besides one slot; a job that asks for nothing needs one slot only.",
+            },
+            "requirements": {
+                **_LABEL_MAP,
+                "description": "Worker labels that must equal these; a job runs "
+                "only on a worker that has them all.",
+            },
             "priority": {
                 "type": "integer",
                 "minimum": -1000000,
@@ -142,6 +221,7 @@ def openapi_document() -> dict[str, Any]:
         "required": [
             "id", "state", "name", "labels", "created_at", "started_at",
             "finished_at", "exit_code", "result", "error", "wait_reason", "attempts",
+            "worker", "resources", "requirements",
         ],
         "properties": {
             "id": {"type": "string"},
@@ -157,7 +237,13 @@ def openapi_document() -> dict[str, Any]:
             },
             "result": {"description": "Task jobs: the function's return value."},
             "error": {"type": ["string", "null"]},
-            "wait_reason": {"type": ["string", "null"]},
+            "wait_reason": {
+                "type": ["string", "null"],
+                "description": "Why a pending or queued job waits: for jobs to "
+                "succeed, for a time, for a free slot, or, when no holder could "
+                "ever run it, why (\"no worker is connected ...\", \"no connected "
+                "worker can take it: ...\").",
+            },
             "attempts": {"type": "array", "items": attempt_schema},
             "command": {"type": "array", "items": {"type": "string"}},
             "env": _STRING_MAP,
@@ -174,9 +260,15 @@ def openapi_document() -> dict[str, Any]:
             "depends_on": {"type": "array", "items": {"type": "string"}},
             "array_id": {"type": ["string", "null"]},
             "array_index": {"type": ["integer", "null"]},
+            "resources": {
+                **_ref("Resources"),
+                "required": ["cpus", "memory_mb", "gpus"],
+            },
+            "requirements": _STRING_MAP,
             "worker": {
                 "type": ["string", "null"],
-                "description": "The holder of the current or last attempt.",
+                "description": "The holder of the job's latest attempt: a remote "
+                "worker's name or the local executor's; null before the first.",
             },
         },
     }
@@ -193,6 +285,179 @@ def openapi_document() -> dict[str, Any]:
                     "field": {"type": ["string", "null"]},
                 },
             }
+        },
+    }
+    worker_schema = {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["name", "slots"],
+        "description": "The worker, as it describes itself in every request; "
+        "the latest description counts.",
+        "properties": {
+            "name": {"type": "string", "minLength": 1, "maxLength": 200,
+                     "description": "Unique per worker process."},
+            "slots": {"type": "integer", "minimum": 1, "maximum": 100000,
+                      "description": "How many jobs it runs at once."},
+            **resources_schema["properties"],
+            "labels": {**_STRING_MAP,
+                       "description": "Matched against jobs' requirements."},
+            "tasks": {"type": "array", "items": {"type": "string"},
+                      "description": "The task names it can run; default none."},
+        },
+    }
+    lease_item = {
+        "type": "object",
+        "required": ["job_id", "token"],
+        "properties": {
+            "job_id": {"type": "string", "minLength": 1, "maxLength": 200},
+            "token": {"type": "integer", "minimum": 1, "maximum": 2**63 - 1,
+                      "description": "The lease's fencing token."},
+        },
+    }
+    lease_spec = {
+        "type": "object",
+        "required": ["name", "labels", "timeout", "array_id", "array_index"],
+        "description": "What to run. env, inputs, resources and requirements "
+        "are left out when empty.",
+        "properties": {
+            "command": {"type": "array", "items": {"type": "string"}},
+            "env": _STRING_MAP,
+            "task": {"type": "string"},
+            "args": {"type": "array"},
+            "kwargs": {"type": "object"},
+            "inputs": {"type": "array", "items": input_schema,
+                       "description": "The worker stages them itself."},
+            "resources": _ref("Resources"),
+            "requirements": _STRING_MAP,
+            "name": {"type": ["string", "null"]},
+            "labels": _STRING_MAP,
+            "timeout": {"type": ["number", "null"]},
+            "array_id": {"type": ["string", "null"]},
+            "array_index": {"type": ["integer", "null"]},
+        },
+        "oneOf": [
+            {"required": ["command"]},
+            {"required": ["task", "args", "kwargs"]},
+        ],
+    }
+    lease_schema = {
+        "type": "object",
+        "required": ["job_id", "attempt", "token", "holder", "expires_at", "spec"],
+        "properties": {
+            "job_id": {"type": "string"},
+            "attempt": {"type": "integer", "minimum": 1},
+            "token": {"type": "integer", "minimum": 1,
+                      "description": "The fencing token every write about the "
+                      "lease carries."},
+            "holder": {"type": "string"},
+            "expires_at": {"type": "string", "format": "date-time",
+                           "description": "On the dispatcher's clock; the worker "
+                           "heartbeats every heartbeat_seconds instead of "
+                           "comparing clocks."},
+            "spec": lease_spec,
+        },
+    }
+    timing = {
+        "lease_seconds": {"type": "number",
+                          "description": "A lease lives this long after the "
+                          "last heartbeat that named it."},
+        "heartbeat_seconds": {"type": "number",
+                              "description": "How often to heartbeat."},
+    }
+    refusal_schema = {
+        "type": "object",
+        "required": ["job_id", "token", "ok", "status", "reason", "message"],
+        "description": "The lease is not current: nothing was written; the "
+        "worker stops the job (if it runs) and forgets the lease.",
+        "properties": {
+            "job_id": {"type": "string"},
+            "token": {"type": "integer"},
+            "ok": {"const": False},
+            "status": {"const": 409},
+            "reason": {"enum": ["cancelled", "expired", "reported", "superseded"]},
+            "message": {"type": "string"},
+        },
+    }
+    heartbeat_answer = {
+        "type": "object",
+        "required": ["leases", "lease_seconds", "heartbeat_seconds"],
+        "properties": {
+            "leases": {
+                "type": "array",
+                "description": "One answer per lease sent, in order.",
+                "items": {
+                    "oneOf": [
+                        {
+                            "type": "object",
+                            "required": ["job_id", "token", "ok", "expires_at"],
+                            "properties": {
+                                "job_id": {"type": "string"},
+                                "token": {"type": "integer"},
+                                "ok": {"const": True},
+                                "expires_at": {"type": "string", "format": "date-time"},
+                            },
+                        },
+                        _ref("LeaseRefusal"),
+                    ]
+                },
+            },
+            **timing,
+        },
+    }
+    results_answer = {
+        "type": "object",
+        "required": ["results"],
+        "properties": {
+            "results": {
+                "type": "array",
+                "description": "One answer per result sent, in order.",
+                "items": {
+                    "oneOf": [
+                        {
+                            "type": "object",
+                            "required": ["job_id", "token", "ok"],
+                            "properties": {
+                                "job_id": {"type": "string"},
+                                "token": {"type": "integer"},
+                                "ok": {"const": True},
+                            },
+                        },
+                        _ref("LeaseRefusal"),
+                    ]
+                },
+            }
+        },
+    }
+    # Free capacity has no lower bound: after a restart a worker's running
+    # leases count against an offer of nothing until it calls again.
+    free_schema = {
+        "type": "object",
+        "required": ["slots", "cpus", "memory_mb", "gpus"],
+        "properties": {
+            "slots": {"type": "integer", "minimum": 0},
+            "cpus": {"type": "number"},
+            "memory_mb": {"type": "integer"},
+            "gpus": {"type": "integer"},
+        },
+    }
+    connected_worker = {
+        "type": "object",
+        "required": [
+            "name", "slots", "resources", "labels", "tasks", "free", "running",
+            "waiting_for_work", "last_contact",
+        ],
+        "properties": {
+            "name": {"type": "string"},
+            "slots": {"type": "integer", "minimum": 0},
+            "resources": {**_ref("Resources"), "required": ["cpus", "memory_mb", "gpus"]},
+            "labels": _STRING_MAP,
+            "tasks": {"type": "array", "items": {"type": "string"}},
+            "free": free_schema,
+            "running": {"type": "array", "items": {"type": "string"},
+                        "description": "The ids of the jobs it holds leases on."},
+            "waiting_for_work": {"type": "boolean",
+                                 "description": "It has a long-poll open."},
+            "last_contact": {"type": "string", "format": "date-time"},
         },
     }
     jobs_body = {
@@ -220,12 +485,22 @@ def openapi_document() -> dict[str, Any]:
         "original jobs instead of making more; with another body, 409. Kept for "
         "[dispatcher] idempotency_ttl seconds.",
     }
-    return {
+    worker_errors = {
+        "400": _error_response("A field is wrong; it is named."),
+        "413": _error_response("The body is over [server] max_body_bytes."),
+        "415": _error_response("The body is not application/json."),
+    }
+    document = {
         "openapi": "3.1.0",
         "info": {
             "title": "dispatcher",
             "version": "1",
-            "description": "Submit jobs, follow them, cancel them, read their logs.",
+            "description": "Submit jobs, follow them, cancel them, read their logs; "
+            "remote workers lease jobs under /v1/leases (docs/worker-protocol.md). "
+            "With [api] token_file set, every endpoint but /healthz, "
+            "/v1/openapi.json and /v1/leases needs 'Authorization: Bearer <token>' "
+            "with its token; /v1/leases endpoints always need the workers' token "
+            "([workers] token_file).",
         },
         "paths": {
             "/healthz": {
@@ -501,11 +776,210 @@ def openapi_document() -> dict[str, Any]:
                     },
                 }
             },
+            "/v1/workers": {
+                "get": {
+                    "summary": "The workers heard from within a lease's life, or "
+                    "waiting for work, by name.",
+                    "responses": {
+                        "200": _json_response("The workers.", _ref("WorkerList")),
+                    },
+                }
+            },
+            "/v1/leases": {
+                "post": {
+                    "summary": "Ask for work (a long-poll): answered as soon as a "
+                    "job is leased, or with no leases when the wait ends.",
+                    "requestBody": _json_request({
+                        "type": "object",
+                        "additionalProperties": False,
+                        "required": ["worker"],
+                        "properties": {
+                            "worker": _ref("Worker"),
+                            "max_jobs": {
+                                "type": "integer",
+                                "minimum": 1,
+                                "description": "How many jobs it can start now, up "
+                                "to its slots (the default); the dispatcher caps it "
+                                "further by the worker's free slots and resources.",
+                            },
+                            "wait": {
+                                "type": "number",
+                                "minimum": 0,
+                                "maximum": 60,
+                                "default": 30,
+                                "description": "Seconds to hold the request open "
+                                "when nothing fits.",
+                            },
+                        },
+                    }),
+                    "responses": {
+                        "200": _json_response(
+                            "The leases granted (maybe none).",
+                            {
+                                "type": "object",
+                                "required": ["leases", "lease_seconds", "heartbeat_seconds"],
+                                "properties": {
+                                    "leases": {"type": "array", "items": _ref("Lease")},
+                                    **timing,
+                                },
+                            },
+                        ),
+                        **worker_errors,
+                    },
+                }
+            },
+            "/v1/leases/heartbeat": {
+                "post": {
+                    "summary": "Renew leases, and hear which ones ended (a cancel, "
+                    "an expiry).",
+                    "requestBody": _json_request({
+                        "type": "object",
+                        "additionalProperties": False,
+                        "required": ["worker", "leases"],
+                        "properties": {
+                            "worker": _ref("Worker"),
+                            "leases": {
+                                "type": "array",
+                                "maxItems": 10000,
+                                "items": {
+                                    **lease_item,
+                                    "properties": {
+                                        **lease_item["properties"],
+                                        "running": {
+                                            "type": "boolean",
+                                            "default": False,
+                                            "description": "The job has started: "
+                                            "a staging job becomes running.",
+                                        },
+                                    },
+                                },
+                            },
+                        },
+                    }),
+                    "responses": {
+                        "200": _json_response("One answer per lease.", heartbeat_answer),
+                        "409": _json_response("Every lease was refused.", heartbeat_answer),
+                        **worker_errors,
+                    },
+                }
+            },
+            "/v1/leases/results": {
+                "post": {
+                    "summary": "Report how attempts ended; answered once the "
+                    "accepted ones are stored.",
+                    "requestBody": _json_request({
+                        "type": "object",
+                        "additionalProperties": False,
+                        "required": ["worker", "results"],
+                        "properties": {
+                            "worker": _ref("Worker"),
+                            "results": {
+                                "type": "array",
+                                "maxItems": 10000,
+                                "items": {
+                                    **lease_item,
+                                    "required": ["job_id", "token", "state"],
+                                    "properties": {
+                                        **lease_item["properties"],
+                                        "state": {"enum": ["succeeded", "failed"]},
+                                        "exit_code": {
+                                            "type": ["integer", "null"],
+                                            "minimum": -255,
+                                            "maximum": 255,
+                                        },
+                                        "result": {"description": "A task's return value."},
+                                        "error": {"type": ["string", "null"]},
+                                        "stopped": {
+                                            "type": "boolean",
+                                            "default": False,
+                                            "description": "The worker stopped it "
+                                            "(a cancel).",
+                                        },
+                                    },
+                                },
+                            },
+                        },
+                    }),
+                    "responses": {
+                        "200": _json_response("One answer per result.", results_answer),
+                        "409": _json_response("Every result was refused.", results_answer),
+                        **worker_errors,
+                    },
+                }
+            },
+            "/v1/leases/log": {
+                "post": {
+                    "summary": "Write a chunk of an attempt's log at an offset; a "
+                    "resent chunk is written over.",
+                    "parameters": [
+                        {"name": "job_id", "in": "query", "required": True,
+                         "schema": {"type": "string", "minLength": 1, "maxLength": 200}},
+                        {"name": "token", "in": "query", "required": True,
+                         "schema": {"type": "integer", "minimum": 1}},
+                        {"name": "stream", "in": "query", "required": True,
+                         "schema": {"enum": ["stdout", "stderr"]}},
+                        {"name": "offset", "in": "query", "required": True,
+                         "description": "Where the chunk goes in the stream; at "
+                         "most its current size.",
+                         "schema": {"type": "integer", "minimum": 0}},
+                    ],
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            # Raw bytes (OpenAPI 3.1: no schema).
+                            "application/octet-stream": {}
+                        },
+                    },
+                    "responses": {
+                        "200": _json_response(
+                            "Written.",
+                            {
+                                "type": "object",
+                                "required": ["size"],
+                                "properties": {
+                                    "size": {"type": "integer", "minimum": 0,
+                                             "description": "The stream's size now."},
+                                },
+                            },
+                        ),
+                        "400": _error_response(
+                            "A query parameter is wrong, or (offset_past_end) the "
+                            "offset is past the end of the stream; the message says "
+                            "where to send from."
+                        ),
+                        "409": _error_response(
+                            "stale_lease: the token is not the job's current lease."
+                        ),
+                        "413": worker_errors["413"],
+                    },
+                }
+            },
         },
         "components": {
+            "securitySchemes": {
+                "bearer": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "/v1/leases endpoints: the content of [workers] "
+                    "token_file. The others (but /healthz and /v1/openapi.json): "
+                    "the content of [api] token_file, when it is set.",
+                }
+            },
             "schemas": {
                 "JobSubmission": submit_schema,
                 "Job": job_schema,
+                "Resources": resources_schema,
+                "Worker": worker_schema,
+                "Lease": lease_schema,
+                "LeaseRefusal": refusal_schema,
+                "WorkerList": {
+                    "type": "object",
+                    "required": ["workers", "lease_seconds", "heartbeat_seconds"],
+                    "properties": {
+                        "workers": {"type": "array", "items": connected_worker},
+                        **timing,
+                    },
+                },
                 "Attempt": attempt_schema,
                 "Error": error_schema,
                 "JobList": {
@@ -556,3 +1030,5 @@ def openapi_document() -> dict[str, Any]:
             }
         },
     }
+    _secure(document["paths"])
+    return document

@@ -257,8 +257,10 @@ async def test_health_and_openapi(daemon):
     assert set(doc["paths"]) == {
         "/healthz", "/v1/openapi.json", "/v1/jobs", "/v1/jobs/{id}",
         "/v1/jobs/{id}/cancel", "/v1/jobs/{id}/log", "/v1/jobs/batch",
-        "/v1/jobs/{id}/retry", "/v1/queues",
+        "/v1/jobs/{id}/retry", "/v1/queues", "/v1/workers", "/v1/leases",
+        "/v1/leases/heartbeat", "/v1/leases/results", "/v1/leases/log",
     }
+    assert doc["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
     # Every documented operation is served (not 404 or 405).
     for path, operations in doc["paths"].items():
         for method in operations:
@@ -267,6 +269,74 @@ async def test_health_and_openapi(daemon):
             assert response.code not in (405,), (method, path)
             if "{id}" not in path:
                 assert response.code != 404, (method, path)
+
+
+@pytest_twisted.ensureDeferred
+async def test_security_as_documented(make_daemon, tmp_path):
+    """With both token files set, a request without a token is refused (a
+    documented 401 with its WWW-Authenticate) by exactly the operations the
+    document gives a security requirement, and the API token opens every one
+    but the worker endpoints."""
+    api_token, worker_token = "api-token-0123456789abc", "worker-token-0123456789"
+    (tmp_path / "api.token").write_text(api_token)
+    (tmp_path / "worker.token").write_text(worker_token)
+    daemon = await make_daemon(
+        f"[executor]\nslots = 0\n[api]\ntoken_file = {tmp_path / 'api.token'}\n"
+        f"[workers]\ntoken_file = {tmp_path / 'worker.token'}\n")
+    doc = openapi_document()
+    for path, operations in doc["paths"].items():
+        for method, operation in operations.items():
+            url = path.replace("{id}", "x")
+            response, content = await daemon.request(
+                method.upper(), url, {"command": ["true"]})
+            if operation["security"] == []:
+                assert response.code == 200, (method, path)
+                continue
+            assert response.code == 401, (method, path)
+            error = json.loads(content)
+            jsonschema.validate(error, {
+                **operation["responses"]["401"]["content"]["application/json"]["schema"],
+                "components": doc["components"],
+            })
+            assert response.headers.getRawHeaders("www-authenticate") == [
+                'Bearer realm="dispatcher"']
+            response, _ = await daemon.request(
+                method.upper(), url, {"command": ["true"]},
+                headers={"Authorization": [f"Bearer {api_token}"]})
+            needs_workers_token = operation["security"] == [{"bearer": []}]
+            assert (response.code == 401) == needs_workers_token, (method, path)
+
+
+@pytest_twisted.ensureDeferred
+async def test_resources_and_requirements(make_daemon):
+    """A job shows its resources (zeros where not asked for) and its
+    requirements, as the Job schema says; the JobSubmission schema accepts
+    and refuses what the server does."""
+    daemon = await make_daemon("[executor]\nslots = 0\n")
+    body = {"command": ["true"], "resources": {"gpus": 1}, "requirements": {"site": "a"}}
+    jsonschema.validate(body, schema("JobSubmission"))
+    job = await daemon.submit(body)
+    check(job, "Job")
+    assert job["resources"] == {"cpus": 0, "memory_mb": 0, "gpus": 1}
+    assert job["requirements"] == {"site": "a"}
+    job = await daemon.submit({"command": ["true"]})
+    check(job, "Job")
+    assert job["resources"] == {"cpus": 0, "memory_mb": 0, "gpus": 0}
+    assert job["requirements"] == {}
+    for wrong, field in [
+        ({"resources": {"tpus": 1}}, "resources.tpus"),
+        ({"resources": {"memory_mb": 1.5}}, "resources.memory_mb"),
+        ({"resources": {"cpus": -1}}, "resources.cpus"),
+        ({"resources": {"gpus": 100001}}, "resources.gpus"),
+        ({"requirements": {"site": 1}}, "requirements.site"),
+        ({"requirements": {"": "a"}}, "requirements"),
+    ]:
+        body = {"command": ["true"], **wrong}
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(body, schema("JobSubmission"))
+        code, error = await daemon.json("POST", "/v1/jobs", body)
+        assert code == 400 and error["error"]["field"] == field, error
+    assert await count_jobs(daemon) == 2
 
 
 @pytest_twisted.ensureDeferred

@@ -4,7 +4,10 @@ would: tokens, long-polls, matchmaking, heartbeats, expiry, cancels,
 results, logs and restarts.  Time is a Clock; the HTTP is real.
 """
 
+import json
+
 import attrs
+import jsonschema
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
@@ -14,6 +17,7 @@ from twisted.internet.task import Clock
 
 from dispatcher._config import parse_config
 from dispatcher._daemon import DaemonService
+from dispatcher._openapi import openapi_document
 
 from .conftest import TEST_TASKS, sleep
 
@@ -77,6 +81,31 @@ async def report(daemon, who, items):
     return await call(daemon, "/v1/leases/results", {"worker": who, "results": items})
 
 
+DOCUMENT = openapi_document()
+
+
+def _against(schema, instance):
+    jsonschema.validate(instance, {**schema, "components": DOCUMENT["components"]})
+
+
+def answered_as_documented(path, method, status, answer):
+    """Fail unless the JSON answer is what the OpenAPI document gives for
+    this status of this operation (an undocumented status fails too)."""
+    response = DOCUMENT["paths"][path][method]["responses"][str(status)]
+    _against(response["content"]["application/json"]["schema"], answer)
+    return answer
+
+
+async def documented_call(daemon, path, body, token=TOKEN):
+    """POST a body the document accepts; fail unless the answer is as
+    documented."""
+    request = DOCUMENT["paths"][path]["post"]["requestBody"]
+    _against(request["content"]["application/json"]["schema"], body)
+    code, answer = await call(daemon, path, body, token)
+    answered_as_documented(path, "post", code, answer)
+    return code, answer
+
+
 def result(granted, state="succeeded", exit_code=0, **kw):
     return {
         "job_id": granted["job_id"],
@@ -90,7 +119,7 @@ def result(granted, state="succeeded", exit_code=0, **kw):
 @pytest_twisted.ensureDeferred
 async def test_worker_endpoints_need_the_token(make_daemon, make_pure, tmp_path):
     closed = await make_daemon("[executor]\nslots = 0\n", data_dir=tmp_path / "closed")
-    code, answer = await call(closed, "/v1/leases", {"worker": worker("a")})
+    code, answer = await documented_call(closed, "/v1/leases", {"worker": worker("a")})
     assert code == 403 and answer["error"]["code"] == "workers_disabled"
     daemon = await make_pure()
     for token in ("wrong-token-0123456789", ""):
@@ -388,3 +417,94 @@ async def test_listening_beyond_loopback_needs_both_tokens(tmp_path, token_file)
             port = await service.ready
             assert port.getHost().host == "0.0.0.0"
         await service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_worker_endpoints_answer_as_the_openapi_document_says(make_pure):
+    """Every answer of the worker endpoints and GET /v1/workers, accepted or
+    refused, matches its schema in the OpenAPI document, and the requests a
+    worker sends are ones the document accepts."""
+    daemon = await make_pure()
+    who = worker("w", slots=4, cpus=4, labels={"site": "a"}, tasks=["add"])
+    full = await daemon.submit({
+        "command": ["true"], "env": {"A": "1"}, "name": "full", "labels": {"k": "v"},
+        "inputs": [{"url": "http://127.0.0.1:9/x", "path": "x"}],
+        "resources": {"cpus": 1.5, "memory_mb": 100}, "requirements": {"site": "a"},
+    })
+    task = await daemon.submit({"task": "add", "args": [1, 2]})
+    plain = await daemon.submit({"command": ["true"]})
+    unfit = await daemon.submit({"command": ["true"], "requirements": {"site": "b"}})
+    code, answer = await documented_call(daemon, "/v1/leases", {"worker": who, "wait": 0})
+    assert code == 200
+    by_id = {g["job_id"]: g for g in answer["leases"]}
+    assert set(by_id) == {full["id"], task["id"], plain["id"]}
+    spec = by_id[full["id"]]["spec"]
+    assert spec["resources"] == {"cpus": 1.5, "memory_mb": 100, "gpus": 0}
+    assert spec["requirements"] == {"site": "a"} and spec["env"] == {"A": "1"}
+    # Empty parts are left out, as the document says.
+    assert not {"env", "inputs", "resources", "requirements"} & set(by_id[plain["id"]]["spec"])
+    code, job = await daemon.json("GET", f"/v1/jobs/{unfit['id']}")
+    answered_as_documented("/v1/jobs/{id}", "get", code, job)
+    assert job["wait_reason"].startswith("no connected worker can take it")
+    code, job = await daemon.json("GET", f"/v1/jobs/{full['id']}")
+    answered_as_documented("/v1/jobs/{id}", "get", code, job)
+    assert job["worker"] == "w" and job["requirements"] == {"site": "a"}
+
+    granted = [by_id[full["id"]], by_id[task["id"]], by_id[plain["id"]]]
+    stale = {"job_id": plain["id"], "token": 999999}
+    code, answer = await documented_call(daemon, "/v1/leases/heartbeat", {
+        "worker": who,
+        "leases": [{"job_id": g["job_id"], "token": g["token"], "running": True}
+                   for g in granted] + [stale],
+    })
+    assert code == 200 and [a["ok"] for a in answer["leases"]] == [True, True, True, False]
+
+    headers = {"Authorization": [f"Bearer {TOKEN}"],
+               "Content-Type": ["application/octet-stream"]}
+    log = f"/v1/leases/log?job_id={plain['id']}&stream=stderr&token="
+    for query, body, status in [
+        (f"{granted[2]['token']}&offset=0", b"oops\n", 200),
+        (f"{granted[2]['token']}&offset=9", b"x", 400),
+        (f"{granted[2]['token']}&offset=-1", b"x", 400),
+        ("999999&offset=0", b"x", 409),
+    ]:
+        code, answer = await daemon.json("POST", log + query, raw=body, headers=headers)
+        assert code == status, (query, answer)
+        answered_as_documented("/v1/leases/log", "post", code, answer)
+    assert answer["error"]["code"] == "stale_lease"
+
+    code, listed = await daemon.json("GET", "/v1/workers")
+    answered_as_documented("/v1/workers", "get", code, listed)
+    (shown,) = listed["workers"]
+    assert sorted(shown["running"]) == sorted(g["job_id"] for g in granted)
+    assert shown["free"] == {"slots": 1, "cpus": 2.5, "memory_mb": 900, "gpus": 0}
+
+    code, answer = await documented_call(daemon, "/v1/leases/results", {
+        "worker": who,
+        "results": [
+            result(granted[0], stopped=False, error=None, result=None),
+            result(granted[1], exit_code=None, result=3),
+            result(granted[2], state="failed", exit_code=-9, error="killed by signal 9"),
+        ] + [dict(stale, state="succeeded")],
+    })
+    assert code == 200 and [a["ok"] for a in answer["results"]] == [True, True, True, False]
+    # Everything sent now is refused: the whole answer is a 409 of the same shape.
+    code, answer = await documented_call(daemon, "/v1/leases/results",
+                                         {"worker": who, "results": [result(granted[0])]})
+    assert code == 409 and answer["results"][0]["reason"] == "reported"
+    code, answer = await documented_call(daemon, "/v1/leases/heartbeat", {
+        "worker": who, "leases": [{"job_id": g["job_id"], "token": g["token"]}
+                                  for g in granted]})
+    assert code == 409 and {a["reason"] for a in answer["leases"]} == {"reported"}
+
+    code, answer = await documented_call(daemon, "/v1/leases", {"worker": who},
+                                         token="wrong-token-0123456789")
+    assert code == 401
+    code, answer = await call(daemon, "/v1/leases", {"worker": dict(who, slots=0)})
+    answered_as_documented("/v1/leases", "post", code, answer)
+    assert code == 400 and answer["error"]["field"] == "worker.slots"
+    response, content = await daemon.request(
+        "POST", "/v1/leases/results", {"worker": who, "results": []},
+        headers={"Authorization": [f"Bearer {TOKEN}"], "Content-Type": ["text/plain"]})
+    assert response.code == 415
+    answered_as_documented("/v1/leases/results", "post", 415, json.loads(content))
