@@ -70,6 +70,29 @@ class FetchConfig:
 
 
 @attrs.frozen
+class WorkersConfig:
+    """
+    C{[workers]}: remote workers.  Without a token file the worker
+    endpoints are closed.
+    """
+
+    token_file: Optional[str] = None
+    token: Optional[str] = attrs.field(default=None, repr=False)
+    lease_seconds: float = 30.0
+
+
+@attrs.frozen
+class ApiConfig:
+    """
+    C{[api]}: who may submit.  With a token file every job endpoint needs
+    its bearer token.
+    """
+
+    token_file: Optional[str] = None
+    token: Optional[str] = attrs.field(default=None, repr=False)
+
+
+@attrs.frozen
 class QueueConfig:
     """
     C{[queue:NAME]}: a queue's limit of running jobs (0: none) and the
@@ -104,6 +127,8 @@ class Config:
     dispatcher: DispatcherConfig = DispatcherConfig()
     executor: ExecutorConfig = ExecutorConfig()
     fetch: FetchConfig = FetchConfig()
+    workers: WorkersConfig = WorkersConfig()
+    api: ApiConfig = ApiConfig()
     tasks: Mapping[str, TaskRef] = attrs.field(factory=dict)
     queues: Mapping[str, QueueConfig] = attrs.field(
         factory=lambda: {"default": QueueConfig("default")}
@@ -169,6 +194,30 @@ def _endpoint(text: str) -> str:
     return text.strip()
 
 
+def _token_file(text: str) -> Optional[str]:
+    # Empty: no token file (the endpoints it guards stay as they are).
+    return text.strip() or None
+
+
+def read_token(path: str) -> str:
+    """
+    The bearer token in the file at C{path} (surrounding white space
+    stripped); C{ValueError} saying why it cannot serve as one.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            token = f.read().strip()
+    except OSError as e:
+        raise ValueError(f"cannot read the token file: {e.strerror}")
+    except UnicodeDecodeError:
+        raise ValueError("the token file is not UTF-8 text")
+    if len(token) < 16:
+        raise ValueError("the token file must hold a token of at least 16 characters")
+    if any(c.isspace() for c in token):
+        raise ValueError("the token must not contain white space")
+    return token
+
+
 def _directory(text: str) -> str:
     if not text.strip():
         raise ValueError("expected a directory path")
@@ -206,6 +255,11 @@ _SECTIONS: Mapping[str, tuple[type, Mapping[str, Callable[[str], Any]]]] = {
             "max_bytes": _integer(1),
         },
     ),
+    "workers": (
+        WorkersConfig,
+        {"token_file": _token_file, "lease_seconds": _seconds(1)},
+    ),
+    "api": (ApiConfig, {"token_file": _token_file}),
 }
 
 _QUEUE_KEYS: Mapping[str, Callable[[str], Any]] = {
@@ -303,7 +357,13 @@ def parse_config(text: str, path: str = "<string>") -> Config:
             known = ", ".join(f"[{s}]" for s in (*_SECTIONS, "tasks", "queue:NAME"))
             raise ConfigError(f"{path}: [{section}]: unknown section; known: {known}")
         kind, keys = _SECTIONS[section]
-        values[section] = kind(**parse_keys(section, keys))
+        fields = parse_keys(section, keys)
+        if fields.get("token_file"):
+            try:
+                fields["token"] = read_token(fields["token_file"])
+            except ValueError as e:
+                raise fail(section, "token_file", fields["token_file"], str(e))
+        values[section] = kind(**fields)
     return Config(tasks=tasks, queues=queues, **values)
 
 

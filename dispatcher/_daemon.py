@@ -97,6 +97,8 @@ class DaemonService(MultiService):
             config.dispatcher.shutdown_grace,
             process_killer=_kill_leftover,
             clock=clock,
+            tasks=frozenset(config.tasks),
+            lease_seconds=config.workers.lease_seconds,
         )
         api = DispatcherAPI(
             self.dispatcher,

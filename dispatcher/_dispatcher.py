@@ -20,10 +20,23 @@ from twisted.python.failure import Failure
 
 from ._events import JobEvent, JobEvents
 from ._execution import LocalExecutor, RunningJob
-from ._model import Job, JobIds, JobState, Lease, Outcome, StaleLease, StoreClosed
+from ._host import detect_resources
+from ._model import (
+    NO_RESOURCES,
+    Job,
+    JobIds,
+    JobState,
+    Lease,
+    Offer,
+    Outcome,
+    Resources,
+    StaleLease,
+    StoreClosed,
+)
 from ._scheduler import Claim, Scheduler
 from ._sqlite import Claimed, IdempotencyKey, Submitted, Written
 from ._validation import Submission
+from ._workers import WorkerHub, placement
 
 log = Logger()
 
@@ -50,6 +63,11 @@ class Dispatcher(Service):
         C{io_pool} at start-up for each attempt lost in a crash.
     @param clock: the C{IReactorTime} every record is stamped with and
         every wait runs on; the reactor by default.
+    @param resources: what the local executor offers jobs that ask for
+        resources; this host's, detected, by default.
+    @param tasks: the task names the local executor knows (C{None}: any).
+    @param lease_seconds: how long a remote worker's lease lives without a
+        heartbeat.
     """
 
     def __init__(
@@ -62,6 +80,9 @@ class Dispatcher(Service):
         shutdown_grace: float,
         process_killer: Any = None,
         clock: Any = None,
+        resources: Optional[Resources] = None,
+        tasks: Optional[frozenset[str]] = None,
+        lease_seconds: float = 30.0,
     ) -> None:
         self._reactor = reactor
         self._clock = clock if clock is not None else reactor
@@ -80,6 +101,12 @@ class Dispatcher(Service):
         self._purge_call: Any = None
         self._claims: set[Deferred] = set()
         self._releases: list[Deferred] = []
+        self._resources = resources if resources is not None else detect_resources()
+        self._tasks = tasks
+        self.local_offer = Offer(executor.holder, slots, self._resources, {}, tasks)
+        self.hub = WorkerHub(
+            store, self.scheduler, self._clock, lease_seconds, self._apply, self._pump
+        )
         self.events.subscribe(self._job_changed)
 
     # Life cycle
@@ -109,9 +136,17 @@ class Dispatcher(Service):
                 attempt=attempt.attempt,
                 what="were killed" if killed else "were gone",
             )
+        resumed = await self.store.resume_leases(
+            self.executor.holder, self._clock.seconds(), self.hub.lease_seconds
+        )
+        self.hub.resume(resumed.value)
         counts = await self.store.count_by_state()
         self.scheduler.jobs_queued(counts[JobState.QUEUED])
+        self.local_offer = Offer(
+            self.executor.holder, self._slots, self._resources, {}, self._tasks
+        )
         self.scheduler.add_holder(self.executor.holder, self._slots)
+        self.hub.accepting = True
         self._accepting = True
         self._schedule_wake(await self.store.next_due())
         self._purge_call = self._clock.callLater(PURGE_INTERVAL, self._purge)
@@ -130,7 +165,9 @@ class Dispatcher(Service):
         self.scheduler.remove_holder(self.executor.holder)
         # Claims already asked for commit before anything else: their jobs
         # either start (and get the grace period) or go straight back.
+        # Remote workers' leases stay live: a restart resumes them.
         await DeferredList(list(self._claims), consumeErrors=True)
+        await self.hub.stop()
         await DeferredList(self._releases, consumeErrors=True)
         if self._recorded:
             log.info(
@@ -200,15 +237,36 @@ class Dispatcher(Service):
         d = self.store.submit(specs, self._clock.seconds(), ids, idempotency)
         return _shielded(d.addCallback(self._submitted))
 
-    def _submitted(self, written: Written) -> Submitted:
+    def _submitted(self, written: Written) -> Any:
         self._apply(written)
-        return written.value
+        value = written.value
+        if isinstance(value, Submitted):
+            return attrs.evolve(value, jobs=[self._explain(job) for job in value.jobs])
+        return self._explain(value)
 
     def get(self, job_id: str) -> Deferred:
-        return self.store.get(job_id)
+        return self.store.get(job_id).addCallback(self._explain)
 
     def list_jobs(self, **kwargs: Any) -> Deferred:
-        return self.store.list_jobs(**kwargs)
+        def explained(page: tuple[list[Job], Any]) -> tuple[list[Job], Any]:
+            jobs, cursor = page
+            return [self._explain(job) for job in jobs], cursor
+
+        return self.store.list_jobs(**kwargs).addCallback(explained)
+
+    def _explain(self, job: Job) -> Job:
+        """
+        A queued job that no holder could ever take says so in its wait
+        reason.
+        """
+        if job.state is not JobState.QUEUED:
+            return job
+        offers = [self.local_offer] if self._slots > 0 else []
+        offers.extend(worker.offer for worker in self.hub.connected())
+        reason = placement(job.spec, offers)
+        if reason is None:
+            return job
+        return attrs.evolve(job, wait_reason=reason)
 
     def cancel(self, job_id: str) -> Deferred:
         """
@@ -224,6 +282,8 @@ class Dispatcher(Service):
                 return job, True
             if lease.holder == self.executor.holder:
                 self.executor.stop(job_id)
+            else:
+                self.hub.cancel_requested(job_id)
             return job, False
 
         return _shielded(d.addCallback(cancelled))
@@ -306,9 +366,23 @@ class Dispatcher(Service):
         if not self._accepting:
             return
         for claim in self.scheduler.next_claims():
-            d = self.store.claim(
-                claim.holder, claim.count, claim.now, LOCAL_LEASE_SECONDS
-            )
+            if claim.holder == self.executor.holder:
+                offer = self.local_offer
+                used = NO_RESOURCES
+                for running in self.executor.running.values():
+                    used = used + running.lease.spec.resources
+                free = offer.resources - used
+                lease_seconds = LOCAL_LEASE_SECONDS
+            else:
+                found = self.hub.offer(claim.holder)
+                if found is None:
+                    self.scheduler.claim_failed(claim)
+                    self.scheduler.remove_holder(claim.holder)
+                    continue
+                offer = found
+                free = self.hub.free(claim.holder)
+                lease_seconds = self.hub.lease_seconds
+            d = self.store.claim(offer, claim.count, claim.now, lease_seconds, free)
             self._claims.add(d)
             d.addCallbacks(
                 self._claimed,
@@ -326,7 +400,16 @@ class Dispatcher(Service):
         self._clock.callLater(1.0, self._pump)
 
     def _claimed(self, claimed: Claimed, claim: Claim) -> None:
-        self.scheduler.claimed(claim, len(claimed.leases), claimed.blocked)
+        self.scheduler.claimed(
+            claim, len(claimed.leases), claimed.blocked, claimed.skipped
+        )
+        for lease in claimed.leases:
+            state = JobState.STAGING if lease.spec.inputs else JobState.RUNNING
+            self.events.publish(JobEvent(lease.job_id, state))
+        if claim.holder != self.executor.holder:
+            self.hub.claimed(claim.holder, claimed.leases)
+            self._pump()
+            return
         if not self._accepting:
             # The claim committed as the stop began: give the jobs back
             # unspent rather than start them behind the stop's back.
@@ -339,9 +422,8 @@ class Dispatcher(Service):
                 self._releases.append(d)
             return
         for lease in claimed.leases:
-            state = JobState.STAGING if lease.spec.inputs else JobState.RUNNING
-            self.events.publish(JobEvent(lease.job_id, state))
             self._run(lease)
+        self._pump()
 
     def _run(self, lease: Lease) -> None:
         recorded: Deferred = Deferred()

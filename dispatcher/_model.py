@@ -400,7 +400,8 @@ def lease_from_json(data: Mapping[str, Any], expires_at: float) -> Lease:
 class Offer:
     """
     What one lease holder (the local executor or a remote worker) can run:
-    its slots, its resources, its labels and the task names it knows.
+    its slots, its resources, its labels and the task names it knows
+    (C{None}: any).
 
     A job fits a holder when the holder's labels meet the job's
     requirements, it knows the job's task, and its resources, less what its
@@ -411,14 +412,14 @@ class Offer:
     slots: int
     resources: Resources = NO_RESOURCES
     labels: Mapping[str, str] = attrs.field(factory=dict)
-    tasks: frozenset[str] = frozenset()
+    tasks: Optional[frozenset[str]] = None
 
     def refuses(self, spec: JobSpec) -> Optional[str]:
         """
         Why this holder could never run C{spec}, even idle; C{None} if it
         could.
         """
-        if spec.task is not None and spec.task not in self.tasks:
+        if spec.task is not None and self.tasks is not None and spec.task not in self.tasks:
             return f"does not know the task {spec.task!r}"
         for key, value in spec.requirements.items():
             if self.labels.get(key) != value:

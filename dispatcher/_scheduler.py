@@ -4,9 +4,12 @@ when.  It does no I/O: the store claims, the executors run.
 
 It keeps a compact cache: how many jobs are queued (an estimate that is
 never below the truth) and how many slots each holder has free.  A claim
-that comes back short tells it the queue is empty.  Nothing polls: a job
-becoming queued and a slot becoming free are the only events that lead to
-a claim.
+that comes back short tells it the queue is empty, or, when the store
+passed over jobs that did not fit that holder, that the holder has nothing
+to take until a job is queued or one of its own slots frees.  Each holder
+has at most one claim in flight, so a claim always sees what the holder's
+earlier claims took.  Nothing polls: a job becoming queued and a slot
+becoming free are the only events that lead to a claim.
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ class Scheduler:
         self._clock = clock
         self._queued = 0
         self._free: dict[str, int] = {}
+        self._dry: set[str] = set()
+        self._in_flight: set[str] = set()
         self._blocked = False
 
     @property
@@ -60,17 +65,27 @@ class Scheduler:
         """
         self._free[holder] = self._free.get(holder, 0) + capacity
 
+    def set_free(self, holder: str, free: int) -> None:
+        """
+        C{holder} has C{free} slots free now (a remote worker asking for
+        work says how many).
+        """
+        self._free[holder] = free
+        self._dry.discard(holder)
+
     def remove_holder(self, holder: str) -> None:
         """
         C{holder} takes no more jobs.
         """
         self._free.pop(holder, None)
+        self._dry.discard(holder)
 
     def jobs_queued(self, count: int = 1) -> None:
         """
         C{count} more jobs are queued.
         """
         self._queued += count
+        self._dry.clear()
 
     def slots_freed(self, holder: str, count: int = 1) -> None:
         """
@@ -78,6 +93,7 @@ class Scheduler:
         """
         if holder in self._free:
             self._free[holder] += count
+        self._dry.discard(holder)
         if self._blocked:
             # Jobs wait behind a queue's limit, and the job that ended may
             # have been one of that queue's: look again.
@@ -93,10 +109,13 @@ class Scheduler:
         for holder, free in self._free.items():
             if self._queued <= 0:
                 break
+            if holder in self._dry or holder in self._in_flight:
+                continue
             count = min(free, self._queued)
             if count > 0:
                 self._free[holder] -= count
                 self._queued -= count
+                self._in_flight.add(holder)
                 claims.append(Claim(holder, count, now))
         return claims
 
@@ -104,20 +123,30 @@ class Scheduler:
         """
         A claim did not happen at all: its reservation is returned whole.
         """
+        self._in_flight.discard(claim.holder)
         self.slots_freed(claim.holder, claim.count)
         self._queued += claim.count
 
-    def claimed(self, claim: Claim, got: int, blocked: bool = False) -> None:
+    def claimed(
+        self, claim: Claim, got: int, blocked: bool = False, skipped: int = 0
+    ) -> None:
         """
         A claim for C{claim.count} jobs got C{got}.  Fewer means no eligible
-        job was left when the claim committed: the estimate goes to zero,
-        and later events count up from there.  C{blocked} says queued jobs
-        wait behind a queue's limit of running jobs; a slot freed later
-        looks again.
+        job was left when the claim committed.  If the store passed over
+        C{skipped} jobs that did not fit the holder, they wait for another
+        holder: only this holder rests until a job is queued or one of its
+        slots frees.  Otherwise the estimate goes to zero, and later events
+        count up from there.  C{blocked} says queued jobs wait behind a
+        queue's limit of running jobs; a slot freed later looks again.
         """
+        self._in_flight.discard(claim.holder)
         self._blocked = blocked
         unused = claim.count - got
         if unused > 0:
             if claim.holder in self._free:
                 self._free[claim.holder] += unused
-            self._queued = 0
+            if skipped:
+                self._queued += unused
+                self._dry.add(claim.holder)
+            else:
+                self._queued = 0

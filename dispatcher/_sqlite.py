@@ -34,7 +34,9 @@ from ._model import (
     JobSpec,
     JobState,
     Lease,
+    Offer,
     Outcome,
+    Resources,
     StaleLease,
     StoreClosed,
     UnknownJob,
@@ -127,12 +129,31 @@ class Submitted:
 @attrs.frozen
 class Claimed:
     """
-    The leases a claim got, and whether queued jobs wait behind a queue's
-    limit of running jobs.
+    The leases a claim got, whether queued jobs wait behind a queue's limit
+    of running jobs, and how many queued jobs it passed over because they
+    did not fit the holder.
     """
 
     leases: list[Lease]
     blocked: bool = False
+    skipped: int = 0
+
+
+# How many queued jobs a claim passes over (they do not fit the holder)
+# before it gives up: a bound on one claim's work.
+MAX_SKIPPED = 1000
+
+
+@attrs.frozen
+class ResumedLease:
+    """
+    A remote worker's lease found at start-up: the lease, the job's state
+    (C{staging} or C{running}), and whether a cancel waits for it.
+    """
+
+    lease: Lease
+    state: JobState
+    cancel_requested: bool
 
 
 def jittered_backoff(delay: float, spent: int) -> float:
@@ -621,17 +642,30 @@ class SQLiteJobStore:
         return self._read(_next_due)
 
     def claim(
-        self, holder: str, capacity: int, now: float, lease_seconds: float
+        self,
+        offer: Offer,
+        capacity: int,
+        now: float,
+        lease_seconds: float,
+        free: Optional[Resources] = None,
     ) -> Deferred:
+        """
+        Lease to C{offer.holder} up to C{capacity} queued jobs that fit it,
+        highest priority first; C{free} is what its resources are less what
+        its running jobs use (all of C{offer.resources} if not given).
+        """
         if capacity <= 0:
             return succeed(Claimed([], blocked=False))
-        return self._write(self._claim, holder, capacity, now, lease_seconds)
+        if free is None:
+            free = offer.resources
+        return self._write(self._claim, offer, capacity, free, now, lease_seconds)
 
     def _claim(
         self,
         conn: sqlite3.Connection,
-        holder: str,
+        offer: Offer,
         capacity: int,
+        free: Resources,
         now: float,
         lease_seconds: float,
     ) -> Claimed:
@@ -641,45 +675,66 @@ class SQLiteJobStore:
                 " WHERE state IN ('staging', 'running') GROUP BY queue"
             ).fetchall()
         )
-        heads: dict[str, list[tuple]] = {}
+        # Each queue's head, read lazily in priority order: jobs that do not
+        # fit this holder are passed over, so how far to read is not known
+        # in advance.
+        cursors: dict[str, Any] = {}
+        heads: dict[str, tuple] = {}
+        room: dict[str, int] = {}
         for queue in self._queues:
             limit = self._limits.get(queue, 0)
-            room = capacity if not limit else min(capacity, limit - running.get(queue, 0))
-            if room <= 0:
+            room[queue] = capacity if not limit else min(capacity, limit - running.get(queue, 0))
+            if room[queue] <= 0:
                 continue
             # Without INDEXED BY the planner, lacking statistics, may walk
             # the state index and sort every queued job: a hundred times
             # slower with ten thousand queued.
-            rows = conn.execute(
+            cursor = conn.execute(
                 "SELECT seq, id, name, labels, spec, priority, queue, max_attempts,"
                 " retry_delay, timeout, not_before, array_id, array_index,"
                 " attempt_count FROM jobs INDEXED BY jobs_queued"
                 " WHERE state = 'queued' AND queue = ?"
-                " ORDER BY priority DESC, seq LIMIT ?",
-                (queue, room),
-            ).fetchall()
-            if rows:
-                heads[queue] = rows[::-1]
+                " ORDER BY priority DESC, seq",
+                (queue,),
+            )
+            row = cursor.fetchone()
+            if row is not None:
+                cursors[queue] = cursor
+                heads[queue] = row
         # Highest priority first; among equal priorities the queues take
         # turns, starting after the queue served last.
         order = self._queues[self._turn:] + self._queues[: self._turn]
-        chosen = []
+        chosen: list[tuple[tuple, JobSpec]] = []
         taken: dict[str, int] = {}
-        while heads and len(chosen) < capacity:
-            best = max(rows[-1][5] for rows in heads.values())
-            queue = next(q for q in order if q in heads and heads[q][-1][5] == best)
-            chosen.append(heads[queue].pop())
-            taken[queue] = taken.get(queue, 0) + 1
-            if not heads[queue]:
+        skipped = 0
+        while heads and len(chosen) < capacity and skipped < MAX_SKIPPED:
+            best = max(row[5] for row in heads.values())
+            queue = next(q for q in order if q in heads and heads[q][5] == best)
+            row = heads[queue]
+            following = cursors[queue].fetchone()
+            if following is None:
                 del heads[queue]
+            else:
+                heads[queue] = following
+            spec = _spec_from_row(row[2:13])
+            if offer.refuses(spec) is not None or not free.covers(spec.resources):
+                skipped += 1
+                continue
+            chosen.append((row, spec))
+            free = free - spec.resources
+            taken[queue] = taken.get(queue, 0) + 1
+            if taken[queue] >= room[queue]:
+                heads.pop(queue, None)
             at = self._queues.index(queue)
             self._turn = (at + 1) % len(self._queues)
             order = self._queues[self._turn:] + self._queues[: self._turn]
+        for cursor in cursors.values():
+            cursor.close()
         leases = []
         expires = now + lease_seconds
-        for row in chosen:
+        holder = offer.holder
+        for row, spec in chosen:
             seq, job_id = row[0], row[1]
-            spec = _spec_from_row(row[2:13])
             state = JobState.STAGING if spec.inputs else JobState.RUNNING
             token = self._next_token
             self._next_token += 1
@@ -705,7 +760,43 @@ class SQLiteJobStore:
                     (queue,),
                 ).fetchone():
                     blocked = True
-        return Claimed(leases, blocked)
+        return Claimed(leases, blocked, skipped)
+
+    def resume_leases(self, local_holder: str, now: float, lease_seconds: float) -> Deferred:
+        """
+        At start-up: every lease held by a remote worker lives on, its
+        expiry moved to C{now + lease_seconds} (the dispatcher's downtime
+        must not count against a worker that kept working).  Fires with the
+        L{Written} list of L{ResumedLease}s.
+        """
+        return self._write(self._resume_leases, local_holder, now, lease_seconds)
+
+    def _resume_leases(
+        self, conn: sqlite3.Connection, local_holder: str, now: float, lease_seconds: float
+    ) -> Written:
+        expires = now + lease_seconds
+        rows = conn.execute(
+            "SELECT id, name, labels, spec, priority, queue, max_attempts,"
+            " retry_delay, timeout, not_before, array_id, array_index,"
+            " attempt_count, lease_token, lease_holder, state, cancel_requested"
+            " FROM jobs INDEXED BY jobs_holder"
+            " WHERE lease_token IS NOT NULL AND lease_holder != ?",
+            (local_holder,),
+        ).fetchall()
+        conn.execute(
+            "UPDATE jobs SET lease_expires = ?"
+            " WHERE lease_token IS NOT NULL AND lease_holder != ?",
+            (expires, local_holder),
+        )
+        resumed = [
+            ResumedLease(
+                Lease(row[0], row[12], row[13], row[14], expires, _spec_from_row(row[1:12])),
+                JobState(row[15]),
+                bool(row[16]),
+            )
+            for row in rows
+        ]
+        return Written(resumed)
 
     def record_process(
         self, lease: Lease, pid: int, start_ticks: Optional[int], boot_id: Optional[str]

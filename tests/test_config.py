@@ -22,7 +22,7 @@ def test_example_file_holds_the_defaults():
     """etc/dispatcher.ini, uncommented, names every key with its default."""
     lines = []
     for line in open("etc/dispatcher.ini"):
-        if re.match(r"^# [a-z_]+ = ", line) and "wordcount" not in line:
+        if re.match(r"^# [a-z_]+ =( |$)", line) and "wordcount" not in line:
             lines.append(line[2:])
         elif line.startswith("[") or line.startswith("# [queue:"):
             lines.append(line.lstrip("# "))
@@ -33,7 +33,7 @@ def test_example_file_holds_the_defaults():
     text = "".join(lines)
     for section, (_, keys) in _SECTIONS.items():
         for key in keys:
-            assert f"{key} = " in text, (section, key)
+            assert f"{key} =" in text, (section, key)
     for key in _QUEUE_KEYS:
         assert f"{key} = " in text, key
 

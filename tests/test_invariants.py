@@ -21,7 +21,7 @@ from hypothesis.stateful import (
 )
 from twisted.internet import reactor
 
-from dispatcher._model import FINAL_STATES, JobIds, JobSpec, JobState, Outcome
+from dispatcher._model import FINAL_STATES, JobIds, JobSpec, JobState, Offer, Outcome
 from dispatcher._model import InvalidTransition, StaleLease
 from dispatcher._sqlite import DependencyNotRetried, SQLiteJobStore
 
@@ -94,7 +94,7 @@ class Scheduling(RuleBasedStateMachine):
     def claim(self, n):
         queued_before = [self._job(j) for j in self.jobs]
         eligible = [j for j in queued_before if j.state is JobState.QUEUED]
-        claimed = block(self.store.claim(HOLDER, n, self.now, 3600)).leases
+        claimed = block(self.store.claim(Offer(HOLDER, 1), n, self.now, 3600)).leases
         assert len(claimed) == min(n, len(eligible))
         # Highest priority first, first in first out within a priority.
         order = sorted(eligible, key=lambda j: (-j.spec.priority, self.jobs.index(j.id)))

@@ -20,6 +20,7 @@ from dispatcher._model import (
     JobIds,
     JobSpec,
     JobState,
+    Offer,
     Outcome,
     StaleLease,
     UnknownJob,
@@ -72,7 +73,7 @@ async def submit(store, *specs, now=100.0):
 
 
 async def claim(store, holder, capacity, now, seconds=60):
-    return (await store.claim(holder, capacity, now, seconds)).leases
+    return (await store.claim(Offer(holder, capacity), capacity, now, seconds)).leases
 
 
 async def finish(store, lease, outcome, now):
@@ -298,12 +299,12 @@ async def test_queue_limit_blocks_only_its_queue(make_store):
     store = await make_store(queues={"default": 0, "gpu": 1})
     gpu = await submit(store, spec(0, queue="gpu"), spec(1, queue="gpu"))
     other = await submit(store, spec(2))
-    first = await store.claim("h", 3, 1.0, 60)
+    first = await store.claim(Offer("h", 3), 3, 1.0, 60)
     assert sorted(l.job_id for l in first.leases) == sorted([gpu[0].id, other[0].id])
     assert first.blocked
     waiting = await store.get(gpu[1].id)
     assert waiting.wait_reason == "queue gpu is at its limit of 1 running jobs"
-    again = await store.claim("h", 3, 2.0, 60)
+    again = await store.claim(Offer("h", 3), 3, 2.0, 60)
     assert again.leases == [] and again.blocked
     gpu_lease = next(l for l in first.leases if l.job_id == gpu[0].id)
     await finish(store, gpu_lease, Outcome.from_exit_code(0), 3.0)

@@ -1,0 +1,545 @@
+"""
+The dispatcher's side of remote workers (docs/worker-protocol.md).
+
+A worker is a lease holder like the local executor: its claims go through
+the same scheduler and the same C{store.claim}.  What is its own is here:
+who is connected and what they offer, their open long-polls, the expiry of
+their leases on the dispatcher's clock, and the answers to their
+heartbeats and reports.
+
+Lease expiry is kept in memory: a heartbeat renews without a disk write.
+The store keeps which leases are live, so a restarted dispatcher gives
+every one of them a fresh C{lease_seconds} (L{SQLiteJobStore.resume_leases})
+and downtime alone never expires a worker's job.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any, Callable, Iterable, Mapping, Optional
+
+import attrs
+from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from ._model import (
+    NO_RESOURCES,
+    JobSpec,
+    JobState,
+    Lease,
+    Offer,
+    Outcome,
+    Resources,
+    StaleLease,
+    StoreClosed,
+    format_time,
+)
+
+log = Logger()
+
+# How many ended leases keep the reason they ended, for the answer to a
+# late heartbeat ("cancelled", "expired"); older ones are "superseded".
+REMEMBERED_ENDINGS = 100_000
+
+# The longest a worker's long-poll is held open.
+MAX_WAIT = 60.0
+
+
+@attrs.define
+class RemoteLease:
+    """
+    A lease a worker holds: when it expires (dispatcher clock), whether its
+    job still stages, and whether a cancel waits to be told.
+    """
+
+    lease: Lease
+    expires: float
+    staging: bool
+    cancel: bool = False
+
+
+@attrs.define(eq=False)
+class Poll:
+    """
+    A worker's open request for work.
+    """
+
+    answer: Deferred
+    count: int
+    timer: Any = None
+    expired: bool = False
+
+
+@attrs.define
+class Worker:
+    """
+    A worker as last heard from.
+    """
+
+    offer: Offer
+    last_contact: float
+    jobs: set[str] = attrs.field(factory=set)
+    poll: Optional[Poll] = None
+
+    def used(self, leases: Mapping[str, RemoteLease]) -> Resources:
+        total = NO_RESOURCES
+        for job_id in self.jobs:
+            remote = leases.get(job_id)
+            if remote is not None:
+                total = total + remote.lease.spec.resources
+        return total
+
+
+class WorkerHub:
+    """
+    Remote workers and their leases.
+
+    @param store: the L{IJobStore}.
+    @param scheduler: the L{Scheduler} the dispatcher claims through.
+    @param clock: the dispatcher's C{IReactorTime}.
+    @param lease_seconds: how long a lease lives without a heartbeat.
+    @param apply: the dispatcher's C{_apply}, told of every write.
+    @param pump: the dispatcher's C{_pump}, which claims for free holders.
+    """
+
+    def __init__(
+        self,
+        store: Any,
+        scheduler: Any,
+        clock: Any,
+        lease_seconds: float,
+        apply: Callable[[Any], None],
+        pump: Callable[[], None],
+    ) -> None:
+        self._store = store
+        self._scheduler = scheduler
+        self._clock = clock
+        self.lease_seconds = lease_seconds
+        self.heartbeat_seconds = lease_seconds / 3.0
+        self._apply = apply
+        self._pump = pump
+        self.workers: dict[str, Worker] = {}
+        self.leases: dict[str, RemoteLease] = {}
+        self._endings: OrderedDict[int, str] = OrderedDict()
+        self._reaper: Any = None
+        self._writes: set[Deferred] = set()
+        self.accepting = False
+
+    # What the dispatcher asks
+
+    def resume(self, resumed: Iterable[Any]) -> None:
+        """
+        Take over the live leases a previous run left (L{ResumedLease}s).
+        """
+        now = self._clock.seconds()
+        for item in resumed:
+            lease = item.lease
+            self.leases[lease.job_id] = RemoteLease(
+                lease,
+                lease.expires_at,
+                item.state is JobState.STAGING,
+                cancel=item.cancel_requested,
+            )
+            worker = self.workers.get(lease.holder)
+            if worker is None:
+                # Known only by name until it calls again.
+                worker = Worker(Offer(lease.holder, 0), now)
+                self.workers[lease.holder] = worker
+            worker.jobs.add(lease.job_id)
+        self._arm_reaper()
+
+    def offer(self, holder: str) -> Optional[Offer]:
+        worker = self.workers.get(holder)
+        return None if worker is None else worker.offer
+
+    def free(self, holder: str) -> Resources:
+        worker = self.workers[holder]
+        return worker.offer.resources - worker.used(self.leases)
+
+    def connected(self) -> list[Worker]:
+        """
+        The workers heard from within a lease's life, or waiting for work.
+        """
+        now = self._clock.seconds()
+        return [
+            w
+            for w in self.workers.values()
+            if w.poll is not None or now - w.last_contact <= self.lease_seconds
+        ]
+
+    def cancel_requested(self, job_id: str) -> None:
+        """
+        A client cancelled a job a worker runs: it hears at its next
+        contact.
+        """
+        remote = self.leases.get(job_id)
+        if remote is not None:
+            remote.cancel = True
+
+    def stop(self) -> Deferred:
+        """
+        The dispatcher stops: answer every open poll with nothing, leave
+        the leases live (a restart resumes them), and wait for the writes
+        in flight.
+        """
+        self.accepting = False
+        if self._reaper is not None and self._reaper.active():
+            self._reaper.cancel()
+        for worker in self.workers.values():
+            if worker.poll is not None:
+                self._end_poll(worker, [])
+        return DeferredList(list(self._writes), consumeErrors=True)
+
+    # What workers ask
+
+    def contact(self, offer: Offer) -> Worker:
+        """
+        A worker called: remember what it offers and when.
+        """
+        now = self._clock.seconds()
+        worker = self.workers.get(offer.holder)
+        if worker is None:
+            worker = self.workers[offer.holder] = Worker(offer, now)
+        else:
+            worker.offer = offer
+            worker.last_contact = now
+        return worker
+
+    def poll(self, offer: Offer, max_jobs: int, wait: float) -> Deferred:
+        """
+        A worker asks for up to C{max_jobs} jobs; fire with the leases it
+        got, as soon as it gets any, or with none after C{wait} seconds.
+        Cancelling the result (the worker hung up) gives back whatever a
+        claim still in flight brings.
+        """
+        worker = self.contact(offer)
+        if worker.poll is not None:
+            # A worker has one poll open: the new one replaces the old.
+            self._end_poll(worker, [])
+        count = max(0, min(max_jobs, offer.slots - len(worker.jobs)))
+
+        def hung_up(_: Deferred) -> None:
+            if worker.poll is poll:
+                self._close_poll(worker)
+
+        poll = Poll(Deferred(hung_up), count)
+        worker.poll = poll
+        poll.timer = self._clock.callLater(
+            min(wait, MAX_WAIT), self._poll_timed_out, worker, poll
+        )
+        if not self.accepting:
+            self._end_poll(worker, [])
+            return poll.answer
+        if count > 0:
+            self._scheduler.set_free(offer.holder, count)
+            self._pump()
+        return poll.answer
+
+    def _poll_timed_out(self, worker: Worker, poll: Poll) -> None:
+        if worker.poll is poll:
+            self._end_poll(worker, [])
+
+    def _close_poll(self, worker: Worker) -> None:
+        poll = worker.poll
+        worker.poll = None
+        self._scheduler.remove_holder(worker.offer.holder)
+        if poll is not None and poll.timer is not None and poll.timer.active():
+            poll.timer.cancel()
+
+    def _end_poll(self, worker: Worker, leases: list[Lease]) -> None:
+        poll = worker.poll
+        self._close_poll(worker)
+        if poll is not None and not poll.answer.called:
+            poll.answer.callback(leases)
+
+    def claimed(self, holder: str, leases: list[Lease]) -> None:
+        """
+        A claim for C{holder} committed: hand the leases to its open poll,
+        or give them back unspent if it hung up meanwhile.
+        """
+        worker = self.workers.get(holder)
+        if worker is None or worker.poll is None or not self.accepting:
+            for lease in leases:
+                self._track(
+                    self._store.release(
+                        lease,
+                        self._clock.seconds(),
+                        "its worker was gone before it got the job; back to the queue",
+                    ).addCallback(self._apply)
+                )
+            return
+        if not leases:
+            return
+        now = self._clock.seconds()
+        for lease in leases:
+            self.leases[lease.job_id] = RemoteLease(
+                lease, now + self.lease_seconds, bool(lease.spec.inputs)
+            )
+            worker.jobs.add(lease.job_id)
+        self._arm_reaper()
+        self._end_poll(worker, leases)
+
+    def heartbeat(self, offer: Offer, items: list[tuple[str, int, bool]]) -> Deferred:
+        """
+        Renew the leases a worker names, as C{(job_id, token, running)};
+        fire with one answer per item.
+        """
+        self.contact(offer)
+        now = self._clock.seconds()
+        answers: list[dict[str, Any]] = []
+        writes: list[Deferred] = []
+        for job_id, token, running in items:
+            remote = self._current(job_id, token, offer.holder)
+            if remote is None:
+                answers.append(self._refusal(job_id, token))
+                continue
+            if remote.cancel:
+                self._end_lease(remote, "cancelled")
+                writes.append(
+                    self._finish(
+                        remote.lease,
+                        Outcome(
+                            JobState.FAILED,
+                            error="stopped on its worker",
+                            stopped=True,
+                        ),
+                    )
+                )
+                answers.append(self._refusal(job_id, token))
+                continue
+            remote.expires = now + self.lease_seconds
+            if running and remote.staging:
+                remote.staging = False
+                writes.append(self._mark_running(remote.lease))
+            answers.append(
+                {
+                    "job_id": job_id,
+                    "token": token,
+                    "ok": True,
+                    "expires_at": format_time(remote.expires),
+                }
+            )
+        d = DeferredList(writes, consumeErrors=True) if writes else succeed(None)
+        return d.addCallback(lambda _: answers)
+
+    def report(self, offer: Offer, results: list[tuple[str, int, Outcome]]) -> Deferred:
+        """
+        Record how attempts ended, as C{(job_id, token, outcome)}; fire
+        with one answer per item, once the accepted ones are durable.
+        """
+        self.contact(offer)
+        answers: list[Any] = []
+        writes: list[Deferred] = []
+        for job_id, token, outcome in results:
+            remote = self._current(job_id, token, offer.holder)
+            if remote is None:
+                answers.append(self._refusal(job_id, token))
+                continue
+            self._end_lease(remote, "reported")
+            ok = {"job_id": job_id, "token": token, "ok": True}
+            d = self._finish(remote.lease, outcome)
+
+            def recorded(stale: bool, ok: dict = ok, job_id: str = job_id,
+                         token: int = token) -> dict[str, Any]:
+                return self._refusal(job_id, token) if stale else ok
+
+            d.addCallback(recorded)
+            writes.append(d)
+            answers.append(d)
+
+        def gathered(_: Any) -> list[dict[str, Any]]:
+            return [a.result if isinstance(a, Deferred) else a for a in answers]
+
+        return DeferredList(writes, fireOnOneErrback=True, consumeErrors=True).addCallback(
+            gathered
+        )
+
+    def current(self, job_id: str, token: int, holder: str) -> bool:
+        """
+        Whether C{token} is the current lease of C{job_id}, held by
+        C{holder}.
+        """
+        return self._current(job_id, token, holder) is not None
+
+    def refusal(self, job_id: str, token: int) -> dict[str, Any]:
+        return self._refusal(job_id, token)
+
+    # Leases ending
+
+    def _current(self, job_id: str, token: int, holder: str) -> Optional[RemoteLease]:
+        remote = self.leases.get(job_id)
+        if remote is None or remote.lease.token != token or remote.lease.holder != holder:
+            return None
+        return remote
+
+    def _refusal(self, job_id: str, token: int) -> dict[str, Any]:
+        reason = self._endings.get(token, "superseded")
+        messages = {
+            "cancelled": "the job was cancelled; stop it",
+            "expired": "the lease expired without a heartbeat; the job went back "
+            "to the queue; stop it",
+            "reported": "its result is already recorded",
+            "superseded": "this lease is no longer the job's current one; stop it",
+        }
+        return {
+            "job_id": job_id,
+            "token": token,
+            "ok": False,
+            "status": 409,
+            "reason": reason,
+            "message": messages[reason],
+        }
+
+    def _end_lease(self, remote: RemoteLease, reason: str) -> None:
+        lease = remote.lease
+        del self.leases[lease.job_id]
+        worker = self.workers.get(lease.holder)
+        if worker is not None:
+            worker.jobs.discard(lease.job_id)
+        self._endings[lease.token] = reason
+        while len(self._endings) > REMEMBERED_ENDINGS:
+            self._endings.popitem(last=False)
+
+    def _finish(self, lease: Lease, outcome: Outcome) -> Deferred:
+        """
+        Record the end of a lease; fire with whether it was stale.
+        """
+        d = self._store.finish(lease, outcome, self._clock.seconds())
+
+        def done(written: Any) -> bool:
+            self._apply(written)
+            return False
+
+        def failed(failure: Failure) -> Any:
+            if failure.check(StaleLease):
+                return True
+            return failure
+
+        d.addCallbacks(done, failed)
+        d.addBoth(self._slot_freed, lease.holder)
+        return self._track(d)
+
+    def _slot_freed(self, result: Any, holder: str) -> Any:
+        self._scheduler.slots_freed(holder, 0)
+        self._pump()
+        return result
+
+    def _mark_running(self, lease: Lease) -> Deferred:
+        d = self._store.mark_running(lease, self._clock.seconds())
+        d.addCallback(self._apply)
+        d.addErrback(
+            lambda f: None
+            if f.check(StaleLease, StoreClosed)
+            else log.failure("marking job {job_id} running failed", f, job_id=lease.job_id)
+        )
+        return self._track(d)
+
+    def _track(self, d: Deferred) -> Deferred:
+        self._writes.add(d)
+
+        def untrack(result: Any) -> Any:
+            self._writes.discard(d)
+            return result
+
+        return d.addBoth(untrack)
+
+    def _arm_reaper(self) -> None:
+        """
+        Wake at the earliest expiry.  Renewals only move expiries later, so
+        a wake-up that finds nothing due just sets the next one.
+        """
+        if not self.leases or (self._reaper is not None and self._reaper.active()):
+            return
+        earliest = min(remote.expires for remote in self.leases.values())
+        self._reaper = self._clock.callLater(
+            max(0.0, earliest - self._clock.seconds()), self._reap
+        )
+
+    def _reap(self) -> None:
+        now = self._clock.seconds()
+        for remote in [r for r in self.leases.values() if r.expires <= now]:
+            lease = remote.lease
+            log.warn(
+                "the lease of job {job_id} attempt {attempt} on worker {holder} "
+                "expired: no heartbeat for {seconds:g} s",
+                job_id=lease.job_id,
+                attempt=lease.attempt,
+                holder=lease.holder,
+                seconds=self.lease_seconds,
+            )
+            self._end_lease(remote, "expired")
+            d = self._finish(
+                lease,
+                Outcome(
+                    JobState.FAILED,
+                    error=f"lost: its worker {lease.holder} sent no heartbeat for "
+                    f"{self.lease_seconds:g} s",
+                ),
+            )
+            d.addErrback(
+                lambda f, lease=lease: None
+                if f.check(StoreClosed)
+                else log.failure("recording the expiry of job {job_id} failed", f,
+                                 job_id=lease.job_id)
+            )
+        self._forget_idle(now)
+        self._arm_reaper()
+
+    def _forget_idle(self, now: float) -> None:
+        for name, worker in list(self.workers.items()):
+            if (
+                worker.poll is None
+                and not worker.jobs
+                and now - worker.last_contact > 10 * self.lease_seconds
+            ):
+                del self.workers[name]
+
+    # What people see
+
+    def describe(self) -> list[dict[str, Any]]:
+        """
+        The connected workers, for C{GET /v1/workers}.
+        """
+        out = []
+        for worker in sorted(self.connected(), key=lambda w: w.offer.holder):
+            offer = worker.offer
+            free = offer.resources - worker.used(self.leases)
+            out.append(
+                {
+                    "name": offer.holder,
+                    "slots": offer.slots,
+                    "resources": offer.resources.to_json(),
+                    "labels": dict(offer.labels),
+                    "tasks": sorted(offer.tasks or ()),
+                    "free": {
+                        "slots": max(0, offer.slots - len(worker.jobs)),
+                        **free.to_json(),
+                    },
+                    "running": sorted(worker.jobs),
+                    "waiting_for_work": worker.poll is not None,
+                    "last_contact": format_time(worker.last_contact),
+                }
+            )
+        return out
+
+
+def placement(spec: JobSpec, offers: list[Offer]) -> Optional[str]:
+    """
+    Why no holder in C{offers} could ever run C{spec}, or C{None} when one
+    could.
+    """
+    if not offers:
+        return (
+            "no worker is connected and this dispatcher runs no jobs itself "
+            "([executor] slots = 0)"
+        )
+    reasons = []
+    for offer in offers:
+        reason = offer.refuses(spec)
+        if reason is None:
+            return None
+        reasons.append(f"{offer.holder} {reason}")
+    shown = "; ".join(reasons[:3])
+    more = f"; and {len(reasons) - 3} more" if len(reasons) > 3 else ""
+    return f"no connected worker can take it: {shown}{more}"
