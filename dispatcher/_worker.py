@@ -459,6 +459,7 @@ class HeldLease:
     @ivar tell_running: its job has started after staging, and the
         dispatcher has not yet acknowledged a heartbeat saying so.
     @ivar offsets: bytes of each stream the dispatcher has.
+    @ivar given_up: streams the dispatcher refused (not sent any more).
     @ivar outcome: how the attempt ended, once it has.
     @ivar forgotten: the dispatcher no longer knows this lease: nothing more
         is sent about it.
@@ -470,6 +471,7 @@ class HeldLease:
     running: Optional[RunningJob] = None
     tell_running: bool = False
     offsets: dict[str, int] = attrs.field(factory=lambda: dict.fromkeys(STREAMS, 0))
+    given_up: set[str] = attrs.field(factory=set)
     shipping: DeferredLock = attrs.field(factory=DeferredLock)
     outcome: Optional[Outcome] = None
     forgotten: bool = False
@@ -754,6 +756,8 @@ class RemoteWorker(Service):
             self._poll_backoff.reset()
             self._learn_timing(answer)
             leases = answer.get("leases") or ()
+            if leases:
+                log.info("{count} jobs leased", count=len(leases))
             for item in leases:
                 self._start(item)
             if not leases and self._clock.seconds() - asked_at < 1.0:
@@ -947,6 +951,11 @@ class RemoteWorker(Service):
             if result.get("ok"):
                 if held.job_id in told:
                     held.tell_running = False
+            elif result.get("reason") == "reported" and held.outcome is not None:
+                # Its result got through, but this answer came before the
+                # report's own.
+                held.forgotten = True
+                self._drop(held)
             else:
                 self._forget(
                     held,
@@ -978,7 +987,7 @@ class RemoteWorker(Service):
         try:
             for stream in STREAMS:
                 path = self._executor.log_path(held.job_id, held.lease.attempt, stream)
-                while not held.forgotten:
+                while not held.forgotten and stream not in held.given_up:
                     offset = held.offsets[stream]
                     chunk = await self._read_chunk(path, offset, LOG_CHUNK_BYTES)
                     if not chunk:
@@ -1001,6 +1010,16 @@ class RemoteWorker(Service):
                     except LeaseGone as e:
                         self._forget(held, "stale_lease", str(e))
                         return True
+                    except DispatcherRefused as e:
+                        # Retrying what the dispatcher refuses would hold the
+                        # result up for ever: the rest of this stream is lost.
+                        log.error(
+                            "job {job_id}: the dispatcher refused its {stream} at "
+                            "{offset} ({error}); the rest of it is not sent",
+                            job_id=held.job_id, stream=stream, offset=offset, error=e,
+                        )
+                        held.given_up.add(stream)
+                        break
                     except DispatcherError as e:
                         log.info(
                             "job {job_id}: shipping its {stream} failed ({error})",

@@ -746,3 +746,18 @@ def test_an_empty_token_file_and_a_bad_config_are_refused(tmp_path, token_file):
         parse("--url", "http://h", "--token-file", token_file, "--slots", "1",
               "--config", str(ini))
     assert str(e.value).startswith(f"{ini}: [fetch] timeout = 'soon': expected")
+
+
+def test_a_refused_log_does_not_hold_the_result_up():
+    """A log chunk the dispatcher refuses outright (a 400 without a size)
+    is not retried for ever: the stream is given up and the result goes."""
+    h = Harness()
+    h.worker.startService()
+    h.grant(lease(1))
+    h.logs["job-1/attempt-1/stdout"] = b"abc"
+    h.executor.finish("job-1")
+    h.answer(h.one("/v1/leases/log"), {"error": {
+        "code": "offset_past_end", "message": "send from 0", "field": "offset"}},
+        code=400)
+    assert len(h.pending("/v1/leases/results")) == 1
+    assert h.pending("/v1/leases/log") == []
