@@ -5,15 +5,22 @@ resource detection and its options.
 """
 
 import json
+import os
 import random
+import signal
+import socket
 import subprocess
+import sys
+import time
 
 import attrs
 import pytest
 from treq.testing import StubTreq
+from twisted.application.service import IServiceMaker
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import Clock
+from twisted.plugin import getPlugins
 from twisted.python import usage
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
@@ -35,6 +42,8 @@ from dispatcher._worker import (
     parse_meminfo,
 )
 from dispatcher.worker_tap import Options
+
+from .conftest import TEST_TASKS, sleep
 
 TOKEN = "s3cret-token-0123456789"
 URL = "http://dispatcher.test:8080"
@@ -761,3 +770,111 @@ def test_a_refused_log_does_not_hold_the_result_up():
         code=400)
     assert len(h.pending("/v1/leases/results")) == 1
     assert h.pending("/v1/leases/log") == []
+
+
+# Real worker processes
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.dirname(sys.executable)
+
+
+class WorkerProcess:
+    """A `dispatcher worker` process, logging to a file."""
+
+    def __init__(self, tmp_path, url, token_file, slots=2, name="w-e2e",
+                 ini=TEST_TASKS):
+        self.dir = tmp_path / name
+        self.dir.mkdir()
+        self.config = self.dir / "worker.ini"
+        self.config.write_text(ini)
+        self.logfile = self.dir / "worker.log"
+        self.name = name
+        self.args = [
+            os.path.join(BIN, "dispatcher"), "worker", "--url", url,
+            "--token-file", str(token_file), "--slots", str(slots),
+            "--config", str(self.config), "--name", name,
+            "--data-dir", str(self.dir / "data"), "--cpus", "2", "--memory", "1024",
+            "--gpus", "0", "--grace", "5"]
+        self.process = None
+
+    def start(self):
+        with open(self.logfile, "ab") as log:
+            self.process = subprocess.Popen(
+                self.args, cwd=str(self.dir), env=dict(os.environ, PYTHONPATH=ROOT),
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        return self
+
+    def output(self):
+        return self.logfile.read_text()
+
+    def stop(self, timeout=30):
+        """SIGTERM, and the exit status (blocking: only for a worker with no
+        dispatcher in this process to talk to)."""
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=timeout)
+
+    async def stop_async(self, timeout=30):
+        """SIGTERM, waiting without blocking the reactor (the worker may be
+        talking to a dispatcher in this process)."""
+        self.process.send_signal(signal.SIGTERM)
+        waited = 0.0
+        while self.process.poll() is None:
+            assert waited < timeout, self.output()
+            await sleep(0.05)
+            waited += 0.05
+        return self.process.returncode
+
+    def kill(self):
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+@pytest.fixture
+def workers():
+    """Worker processes, killed at teardown if a test left them running."""
+    started = []
+    yield started
+    for worker in started:
+        worker.kill()
+
+
+def wait_for(predicate, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_worker_plugin_is_found():
+    """twistd finds the dispatcher-worker plugin next to the dispatcher."""
+    makers = {p.tapname: p for p in getPlugins(IServiceMaker)}
+    assert makers["dispatcher-worker"].module == "dispatcher.worker_tap"
+    assert makers["dispatcher-worker"].options().__module__ == "dispatcher.worker_tap"
+
+
+def test_worker_command_refuses_bad_options_in_one_line(tmp_path):
+    """`dispatcher worker` with a wrong option exits 2 and says what is
+    wrong in one line, before any reactor starts."""
+    done = subprocess.run(
+        [os.path.join(BIN, "dispatcher"), "worker", "--url", "http://h",
+         "--token-file", str(tmp_path / "none"), "--slots", "1"],
+        capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.splitlines()[0] == (
+        f"dispatcher worker: --token-file {tmp_path / 'none'}: cannot read it: "
+        "No such file or directory")
+
+
+def test_worker_process_backs_off_and_stops_on_sigterm(tmp_path, token_file, workers):
+    """A real worker whose dispatcher is unreachable keeps retrying with
+    back-off and exits cleanly on SIGTERM."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    worker = WorkerProcess(tmp_path, f"http://127.0.0.1:{port}", token_file)
+    workers.append(worker.start())
+    wait_for(lambda: worker.output().count("asking for work failed") >= 3)
+    assert "Connection was refused" in worker.output()
+    assert worker.stop() in (0, -signal.SIGTERM)
+    assert f"worker {worker.name} stopped" in worker.output()
