@@ -406,6 +406,10 @@ class DispatcherClient:
         except CancelledError:
             raise
         except Exception as e:
+            reasons = getattr(e, "reasons", None)
+            if reasons and all(r.check(CancelledError) for r in reasons):
+                # The Agent wraps a cancel of a request in flight.
+                raise CancelledError() from e
             raise DispatcherUnavailable(f"{url.to_text()}: {_describe(e)}") from e
         try:
             answer = json.loads(content)
@@ -745,6 +749,8 @@ class RemoteWorker(Service):
             except CancelledError:
                 return
             except DispatcherError as e:
+                if not self._accepting:
+                    return
                 delay = self._poll_backoff.next_delay()
                 _log_error(e, "asking for work", delay)
                 await self._sleep(delay)

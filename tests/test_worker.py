@@ -15,6 +15,7 @@ import time
 
 import attrs
 import pytest
+import pytest_twisted
 from treq.testing import StubTreq
 from twisted.application.service import IServiceMaker
 from twisted.internet.defer import Deferred, fail, succeed
@@ -878,3 +879,106 @@ def test_worker_process_backs_off_and_stops_on_sigterm(tmp_path, token_file, wor
     assert "Connection was refused" in worker.output()
     assert worker.stop() in (0, -signal.SIGTERM)
     assert f"worker {worker.name} stopped" in worker.output()
+
+
+# End to end: a real dispatcher and real worker processes
+
+async def remote_daemon(make_daemon, tmp_path, token_file):
+    """A dispatcher that runs nothing itself and takes workers."""
+    return await make_daemon(
+        f"[executor]\nslots = 0\n\n[workers]\ntoken_file = {token_file}\n"
+        "lease_seconds = 6\n")
+
+
+@pytest_twisted.ensureDeferred
+async def test_command_and_task_jobs_run_on_a_worker(
+        make_daemon, tmp_path, token_file, workers):
+    """A command job and a task job submitted to a dispatcher with no slots
+    of its own run on a worker process, succeed, and show their output
+    through GET /v1/jobs/{id}/log."""
+    daemon = await remote_daemon(make_daemon, tmp_path, token_file)
+    worker = WorkerProcess(tmp_path, daemon.url, token_file, name="node-a")
+    workers.append(worker.start())
+    command = await daemon.submit({"command": [
+        "sh", "-c", "echo out $DISPATCHER_JOB_ID; echo err >&2"]})
+    task = await daemon.submit({"task": "add", "args": [2, 3]})
+    done = await daemon.wait(command["id"])
+    assert done["state"] == "succeeded", (done, worker.output())
+    assert done["exit_code"] == 0
+    assert done["worker"] == "node-a"
+    response, content = await daemon.request("GET", f"/v1/jobs/{command['id']}/log")
+    assert content.decode() == f"out {command['id']}\n"
+    response, content = await daemon.request(
+        "GET", f"/v1/jobs/{command['id']}/log?stream=stderr")
+    assert content.decode() == "err\n"
+    done = await daemon.wait(task["id"])
+    assert done["state"] == "succeeded", (done, worker.output())
+    assert done["result"] == 5
+    assert done["worker"] == "node-a"
+    assert await worker.stop_async() in (0, -signal.SIGTERM)
+    assert "worker node-a stopped" in worker.output()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_task_that_fails_on_a_worker_shows_its_traceback(
+        make_daemon, tmp_path, token_file, workers):
+    """A task that raises fails with the exception in its error, and its
+    traceback is the job's stderr log, as on the daemon's own host."""
+    daemon = await remote_daemon(make_daemon, tmp_path, token_file)
+    worker = WorkerProcess(tmp_path, daemon.url, token_file, name="node-b")
+    workers.append(worker.start())
+    job = await daemon.submit({"task": "fail", "args": ["no luck"]})
+    done = await daemon.wait(job["id"])
+    assert done["state"] == "failed"
+    assert "ValueError: no luck" in done["error"]
+    response, content = await daemon.request(
+        "GET", f"/v1/jobs/{job['id']}/log?stream=stderr")
+    assert "Traceback" in content.decode() and "no luck" in content.decode()
+    await worker.stop_async()
+
+
+@pytest_twisted.ensureDeferred
+async def test_several_jobs_come_in_one_lease_answer(
+        make_daemon, tmp_path, token_file, workers):
+    """Jobs queued before a worker connects are all leased in its first
+    answer, up to its slots, and run at the same time."""
+    daemon = await remote_daemon(make_daemon, tmp_path, token_file)
+    jobs = await daemon.batch([
+        {"command": ["sh", "-c", f"echo {n}; sleep 0.5"]} for n in range(3)])
+    worker = WorkerProcess(tmp_path, daemon.url, token_file, slots=3, name="node-c")
+    workers.append(worker.start())
+    for n, job in enumerate(jobs):
+        done = await daemon.wait(job["id"])
+        assert done["state"] == "succeeded", (done, worker.output())
+        response, content = await daemon.request("GET", f"/v1/jobs/{job['id']}/log")
+        assert content.decode() == f"{n}\n"
+    assert "3 jobs leased" in worker.output()
+    starts = sorted(job["started_at"] for job in [
+        (await daemon.json("GET", f"/v1/jobs/{j['id']}"))[1] for j in jobs])
+    finishes = sorted(job["finished_at"] for job in [
+        (await daemon.json("GET", f"/v1/jobs/{j['id']}"))[1] for j in jobs])
+    # All three ran at once: the last started before the first finished.
+    assert starts[-1] < finishes[0]
+    await worker.stop_async()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_worker_with_a_wrong_token_runs_nothing(
+        make_daemon, tmp_path, token_file, workers):
+    """A worker whose token the dispatcher refuses logs the refusal and
+    gets no job; the job stays queued."""
+    daemon = await remote_daemon(make_daemon, tmp_path, token_file)
+    wrong = tmp_path / "wrong-token"
+    wrong.write_text("not-the-right-token-at-all\n")
+    worker = WorkerProcess(tmp_path, daemon.url, wrong, name="node-d")
+    workers.append(worker.start())
+    job = await daemon.submit({"command": ["true"]})
+    waited = 0.0
+    while "refused asking for work" not in worker.output():
+        assert waited < 20, worker.output()
+        await sleep(0.05)
+        waited += 0.05
+    assert "401" in worker.output()
+    code, now = await daemon.json("GET", f"/v1/jobs/{job['id']}")
+    assert now["state"] == "queued"
+    await worker.stop_async()
