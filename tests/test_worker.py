@@ -4,6 +4,7 @@ shutdown on a test clock against an in-memory dispatcher (StubTreq), its
 resource detection and its options.
 """
 
+import hashlib
 import json
 import os
 import random
@@ -18,13 +19,16 @@ import pytest
 import pytest_twisted
 from treq.testing import StubTreq
 from twisted.application.service import IServiceMaker
+from twisted.internet import reactor
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import Clock
 from twisted.plugin import getPlugins
 from twisted.python import usage
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET
+from twisted.web.server import NOT_DONE_YET, Site
+from twisted.web.static import File
 
 from dispatcher._execution import RunningJob
 from dispatcher._model import JobSpec, JobState, Lease, Outcome, lease_to_json
@@ -981,4 +985,41 @@ async def test_a_worker_with_a_wrong_token_runs_nothing(
     assert "401" in worker.output()
     code, now = await daemon.json("GET", f"/v1/jobs/{job['id']}")
     assert now["state"] == "queued"
+    await worker.stop_async()
+
+
+@pytest.fixture
+def file_server(tmp_path):
+    """A real local HTTP server of files, on an ephemeral port."""
+    root = tmp_path / "served"
+    root.mkdir()
+    (root / "data.txt").write_bytes(b"payload\n")
+    port = pytest_twisted.blockon(
+        serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(Site(File(str(root)))))
+    yield f"http://127.0.0.1:{port.getHost().port}"
+    pytest_twisted.blockon(port.stopListening())
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_worker_stages_inputs_on_its_own_host(
+        make_daemon, tmp_path, token_file, workers, file_server):
+    """A job with inputs is leased in staging; the worker fetches them into
+    the job's directory on its host, tells the dispatcher it runs, and the
+    job reads them."""
+    daemon = await remote_daemon(make_daemon, tmp_path, token_file)
+    worker = WorkerProcess(tmp_path, daemon.url, token_file, name="node-e")
+    workers.append(worker.start())
+    digest = hashlib.sha256(b"payload\n").hexdigest()
+    job = await daemon.submit({
+        "command": ["sh", "-c", "cat in/data.txt; sleep 1"],
+        "inputs": [{"url": f"{file_server}/data.txt", "path": "in/data.txt",
+                    "sha256": digest}]})
+    running = await daemon.wait(job["id"], states=("running", "succeeded", "failed"))
+    assert running["state"] == "running", (running, worker.output())
+    done = await daemon.wait(job["id"])
+    assert done["state"] == "succeeded", (done, worker.output())
+    _, out = await daemon.request("GET", f"/v1/jobs/{job['id']}/log")
+    assert out == b"payload\n"
+    staged = list((tmp_path / "node-e" / "data" / "jobs").glob("*/*/work/in/data.txt"))
+    assert [p.read_bytes() for p in staged] == [b"payload\n"]
     await worker.stop_async()
