@@ -40,7 +40,7 @@ from twisted.web.client import _HTTP11ClientFactory
 
 from ._config import Config
 from ._execution import DaemonThreadPool, LocalExecutor, RunningJob
-from ._model import Lease, Outcome, lease_from_json
+from ._model import JobState, Lease, Outcome, lease_from_json
 from ._process import ProcessSpawner
 from ._staging import InputStager
 
@@ -596,11 +596,13 @@ class RemoteWorker(Service):
         those still running, and go on for up to C{flush_seconds} trying to
         deliver the results of the jobs that ended.
 
-        The jobs stopped here are not reported: their leases run out and
-        the dispatcher queues them again while attempts remain.  A report
-        (failed, stopped) would spend the attempt on a job that did nothing
-        wrong; the silence loses nothing.  Their logs are shipped all the
-        same.
+        The jobs stopped here are not reported (unless they succeeded before
+        the stop reached them): their leases run out and the dispatcher
+        queues them again while attempts remain, as it does for a worker
+        that died.  A report could only say "failed", which the job did not,
+        or "stopped", which the protocol reads as a cancel; either way the
+        attempt counts, as it does on expiry, so silence loses nothing but
+        the wait for the lease.  Their logs are shipped all the same.
 
         @return: a Deferred that fires when the worker has let go of
             everything.
@@ -833,6 +835,11 @@ class RemoteWorker(Service):
         if held.forgotten:
             self._drop(held)
             return
+        if held.abandoned and outcome.state is JobState.SUCCEEDED:
+            # It finished on its own before the stop reached it: the work is
+            # done, and is reported like any other (the stop was no cancel).
+            held.abandoned = False
+            outcome = attrs.evolve(outcome, stopped=False)
         held.outcome = outcome
         self._guard(self._finish(held), f"finishing job {held.job_id}")
 

@@ -595,6 +595,24 @@ def test_stop_gives_running_jobs_a_grace_then_stops_them_unreported():
     assert h.clock.getDelayedCalls() == []
 
 
+def test_a_job_that_succeeds_as_the_stop_reaches_it_is_reported():
+    """A job stopped at the end of the grace that ends in success all the
+    same (it finished before the signal landed) keeps its success: its
+    result is reported, and not as stopped."""
+    h = Harness(grace=1.0)
+    h.worker.startService()
+    h.grant(lease(1))
+    stopped = h.worker.stopService()
+    h.advance(1.0)
+    assert h.executor.stopped == ["job-1"]
+    h.executor.finish("job-1", Outcome(JobState.SUCCEEDED, exit_code=0, stopped=True))
+    report = h.one("/v1/leases/results")
+    assert report.json["results"][0]["state"] == "succeeded"
+    assert report.json["results"][0]["stopped"] is False
+    h.answer(report, {"results": [{"job_id": "job-1", "token": 101, "ok": True}]})
+    assert stopped.called
+
+
 def test_stop_without_jobs_is_immediate_and_leaves_no_timers():
     """An idle worker stops at once: the open lease request is given up and
     nothing is left on the clock."""
