@@ -24,7 +24,6 @@ from twisted.application.service import MultiService, Service
 from twisted.internet.defer import (
     CancelledError,
     Deferred,
-    DeferredList,
     DeferredLock,
     ensureDeferred,
     succeed,

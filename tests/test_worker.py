@@ -540,6 +540,26 @@ def test_results_are_kept_until_acknowledged_and_sent_together():
     assert h.worker.held == {}
 
 
+def test_a_heartbeat_saying_reported_acknowledges_a_result():
+    """When a heartbeat's answer says a lease's result is already recorded
+    (its report's own answer is still on the way), the result counts as
+    acknowledged: its slot is free and it is not sent again."""
+    h = Harness(slots=1)
+    h.worker.startService()
+    h.grant(lease(1), heartbeat_seconds=5.0)
+    h.executor.finish("job-1")
+    report = h.one("/v1/leases/results")
+    h.advance(5.0)
+    h.answer(h.one("/v1/leases/heartbeat"), {"leases": [
+        {"job_id": "job-1", "token": 101, "ok": False, "status": 409,
+         "reason": "reported", "message": "its result is already recorded"}]})
+    assert h.worker.held == {}
+    assert h.one("/v1/leases").json["max_jobs"] == 1
+    unavailable(h, report)
+    h.advance(30, step=0.5)
+    assert h.pending("/v1/leases/results") == []
+
+
 def test_results_refused_as_a_whole_are_dropped():
     """A 409 answer (every item refused) is read item by item like a 200:
     the refused results are dropped, not retried."""
