@@ -10,7 +10,7 @@ from typing import Any, Callable, Optional
 from hyperlink import DecodedURL
 from twisted.python import usage
 
-from ._config import Config, ConfigError, load_config
+from ._config import Config, ConfigError, load_config, read_token
 from ._worker import (
     WorkerDescription,
     WorkerSettings,
@@ -25,28 +25,15 @@ DEFAULT_DATA_DIR = "dispatcher-worker-data"
 
 def read_token_file(path: str) -> str:
     """
-    The bearer token in the file at C{path}, surrounding white space
-    stripped.
+    The bearer token in the file at C{path}, read as the dispatcher reads
+    its own copy.
 
     @raise usage.UsageError: the file cannot be read or holds no token.
     """
     try:
-        with open(path, encoding="utf-8") as f:
-            token = f.read().strip()
-    except OSError as e:
-        raise usage.UsageError(f"--token-file {path}: cannot read it: {e.strerror}")
-    except UnicodeDecodeError:
-        raise usage.UsageError(f"--token-file {path}: not UTF-8 text")
-    if not token:
-        raise usage.UsageError(
-            f"--token-file {path}: the file is empty; it must hold the "
-            "dispatcher's [workers] token"
-        )
-    if any(c.isspace() for c in token):
-        raise usage.UsageError(
-            f"--token-file {path}: the token must be one word, without white space"
-        )
-    return token
+        return read_token(path)
+    except ValueError as e:
+        raise usage.UsageError(f"--token-file {path}: {e}")
 
 
 def _number(

@@ -774,7 +774,7 @@ def test_options_build_the_settings(token_file, tmp_path):
     (["--url", "http://h", "--token-file", "TOKEN", "--slots", "1",
       "--label", "a=1", "--label", "a=2"], "--label: a is given twice"),
     (["--url", "http://h", "--token-file", "/nonexistent/token", "--slots", "1"],
-     "--token-file /nonexistent/token: cannot read it: No such file or directory"),
+     "--token-file /nonexistent/token: cannot read the token file: No such file or directory"),
 ])
 def test_option_errors_say_what_is_wrong(token_file, args, message):
     """Each mistake is a UsageError naming the option, the value and what
@@ -790,7 +790,7 @@ def test_an_empty_token_file_and_a_bad_config_are_refused(tmp_path, token_file):
     naming the file (and the section and key)."""
     empty = tmp_path / "empty"
     empty.write_text("\n")
-    with pytest.raises(usage.UsageError, match="the file is empty"):
+    with pytest.raises(usage.UsageError, match="at least 16 characters"):
         parse("--url", "http://h", "--token-file", str(empty), "--slots", "1")
     ini = tmp_path / "bad.ini"
     ini.write_text("[fetch]\ntimeout = soon\n")
@@ -905,8 +905,8 @@ def test_worker_command_refuses_bad_options_in_one_line(tmp_path):
         capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert done.stderr.splitlines()[0] == (
-        f"dispatcher worker: --token-file {tmp_path / 'none'}: cannot read it: "
-        "No such file or directory")
+        f"dispatcher worker: --token-file {tmp_path / 'none'}: cannot read the "
+        "token file: No such file or directory")
 
 
 def test_worker_process_backs_off_and_stops_on_sigterm(tmp_path, token_file, workers):
