@@ -825,7 +825,7 @@ class WorkerProcess:
     """A `dispatcher worker` process, logging to a file."""
 
     def __init__(self, tmp_path, url, token_file, slots=2, name="w-e2e",
-                 ini=TEST_TASKS):
+                 ini=TEST_TASKS, program=("dispatcher", "worker")):
         self.dir = tmp_path / name
         self.dir.mkdir()
         self.config = self.dir / "worker.ini"
@@ -833,7 +833,7 @@ class WorkerProcess:
         self.logfile = self.dir / "worker.log"
         self.name = name
         self.args = [
-            os.path.join(BIN, "dispatcher"), "worker", "--url", url,
+            os.path.join(BIN, program[0]), *program[1:], "--url", url,
             "--token-file", str(token_file), "--slots", str(slots),
             "--config", str(self.config), "--name", name,
             "--data-dir", str(self.dir / "data"), "--cpus", "2", "--memory", "1024",
@@ -909,13 +909,20 @@ def test_worker_command_refuses_bad_options_in_one_line(tmp_path):
         "token file: No such file or directory")
 
 
-def test_worker_process_backs_off_and_stops_on_sigterm(tmp_path, token_file, workers):
-    """A real worker whose dispatcher is unreachable keeps retrying with
+@pytest.mark.parametrize("program", [
+    ("dispatcher", "worker"),
+    ("twistd", "-n", "--pidfile", "", "dispatcher-worker"),
+])
+def test_worker_process_backs_off_and_stops_on_sigterm(
+        tmp_path, token_file, workers, program):
+    """A real worker (the console script, or the twistd plugin as a
+    supervisor runs it) whose dispatcher is unreachable keeps retrying with
     back-off and exits cleanly on SIGTERM."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    worker = WorkerProcess(tmp_path, f"http://127.0.0.1:{port}", token_file)
+    worker = WorkerProcess(tmp_path, f"http://127.0.0.1:{port}", token_file,
+                           program=program)
     workers.append(worker.start())
     wait_for(lambda: worker.output().count("asking for work failed") >= 3)
     assert "Connection was refused" in worker.output()
