@@ -764,7 +764,11 @@ class RemoteWorker(Service):
             self._learn_timing(answer)
             leases = answer.get("leases") or ()
             if leases:
-                log.info("{count} jobs leased", count=len(leases))
+                log.info(
+                    "{count} {jobs} leased in one answer",
+                    count=len(leases),
+                    jobs="job" if len(leases) == 1 else "jobs",
+                )
             for item in leases:
                 self._start(item)
             if not leases and self._clock.seconds() - asked_at < 1.0:

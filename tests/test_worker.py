@@ -1001,7 +1001,7 @@ async def test_several_jobs_come_in_one_lease_answer(
         assert done["state"] == "succeeded", (done, worker.output())
         response, content = await daemon.request("GET", f"/v1/jobs/{job['id']}/log")
         assert content.decode() == f"{n}\n"
-    assert "3 jobs leased" in worker.output()
+    assert "3 jobs leased in one answer" in worker.output()
     starts = sorted(job["started_at"] for job in [
         (await daemon.json("GET", f"/v1/jobs/{j['id']}"))[1] for j in jobs])
     finishes = sorted(job["finished_at"] for job in [
