@@ -647,8 +647,8 @@ class RemoteWorker(Service):
         pending = self._reports_pending()
         if pending:
             log.warn(
-                "stopping with {count} results the dispatcher has not "
-                "acknowledged: {job_ids}",
+                "stopping before the dispatcher acknowledged the last output "
+                "or the result of {count} jobs: {job_ids}",
                 count=len(pending),
                 job_ids=sorted(h.job_id for h in pending),
             )
@@ -666,10 +666,10 @@ class RemoteWorker(Service):
         return [h for h in self.held.values() if h.running is not None and not h.ended]
 
     def _reports_pending(self) -> list[HeldLease]:
+        # Ended jobs whose last output or result the dispatcher has not
+        # acknowledged yet (a job stopped by the shutdown ships its output).
         return [
-            h
-            for h in self.held.values()
-            if h.outcome is not None and not h.forgotten and not h.abandoned
+            h for h in self.held.values() if h.outcome is not None and not h.forgotten
         ]
 
     def _all_settled(self) -> Deferred:

@@ -605,6 +605,8 @@ def test_stop_gives_running_jobs_a_grace_then_stops_them_unreported():
     assert h.executor.stopped == ["job-2"]
     h.logs["job-2/attempt-1/stderr"] = b"Terminated\n"
     h.executor.finish("job-2", Outcome(JobState.FAILED, exit_code=-15, stopped=True))
+    # Its last output goes before the worker stops.
+    assert not stopped.called
     h.answer(h.one("/v1/leases/log"), {"size": 11})
     assert stopped.called
     later = h.dispatcher.calls[h.dispatcher.calls.index(poll) + 1:]
