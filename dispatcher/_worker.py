@@ -360,6 +360,10 @@ class DispatcherClient:
                 size = _size_of(answer)
                 if size is not None:
                     raise LogOffsetMismatch(size)
+                if _error_field(answer) == "offset" and offset > 0:
+                    # Refused for its offset, without saying what it has:
+                    # from the start is always a place to write.
+                    raise LogOffsetMismatch(0)
             raise _error_for(status, answer)
 
         return self._timed(send(), REQUEST_TIMEOUT_SECONDS)
@@ -425,6 +429,11 @@ def _size_of(answer: Any) -> Optional[int]:
         if isinstance(where, dict) and isinstance(where.get("size"), int):
             return where["size"]
     return None
+
+
+def _error_field(answer: Any) -> Optional[str]:
+    error = answer.get("error") if isinstance(answer, dict) else None
+    return error.get("field") if isinstance(error, dict) else None
 
 
 def _error_for(status: int, answer: Any) -> DispatcherError:

@@ -811,10 +811,28 @@ def test_a_refused_log_does_not_hold_the_result_up():
     h.logs["job-1/attempt-1/stdout"] = b"abc"
     h.executor.finish("job-1")
     h.answer(h.one("/v1/leases/log"), {"error": {
-        "code": "offset_past_end", "message": "send from 0", "field": "offset"}},
-        code=400)
+        "code": "invalid_field", "message": "no", "field": "stream"}}, code=400)
     assert len(h.pending("/v1/leases/results")) == 1
     assert h.pending("/v1/leases/log") == []
+
+
+def test_an_offset_refused_without_a_size_is_resent_from_the_start():
+    """A 400 on the offset that does not say the dispatcher's size makes the
+    worker resend the stream from 0, which is always allowed."""
+    h = Harness()
+    h.worker.startService()
+    h.grant(lease(1))
+    h.logs["job-1/attempt-1/stdout"] = b"abc"
+    h.advance(5.0)
+    h.answer(h.one("/v1/leases/log"), {"size": 3})
+    h.logs["job-1/attempt-1/stdout"] += b"def"
+    h.executor.finish("job-1")
+    log = h.one("/v1/leases/log")
+    assert log.query["offset"] == "3"
+    h.answer(log, {"error": {"code": "offset_past_end", "message": "send from 0",
+                             "field": "offset"}}, code=400)
+    log = h.one("/v1/leases/log")
+    assert (log.query["offset"], log.body) == ("0", b"abcdef")
 
 
 # Real worker processes
