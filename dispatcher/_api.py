@@ -31,6 +31,7 @@ from ._sqlite import (
     UnknownDependency,
 )
 from ._validation import ApiError, Submission, parse_submission
+from ._worker_api import WorkerEndpoints, check_token
 
 log = Logger()
 
@@ -188,6 +189,9 @@ class DispatcherAPI(Resource):
     @param queues: the configured queues, by name.
     @param max_array: the most jobs one request may make.
     @param clock: the time C{delay} counts from.
+    @param workers: the L{WorkerEndpoints}, or C{None} (no remote workers).
+    @param api_token: the bearer token every job endpoint requires, or
+        C{None} (open; allowed only on loopback).
     """
 
     isLeaf = True
@@ -201,8 +205,12 @@ class DispatcherAPI(Resource):
         queues: Optional[Mapping[str, Any]] = None,
         max_array: int = 10000,
         clock: Any = None,
+        workers: Optional[WorkerEndpoints] = None,
+        api_token: Optional[str] = None,
     ) -> None:
         Resource.__init__(self)
+        self._workers = workers
+        self._api_token = api_token
         self._dispatcher = dispatcher
         self._tasks = tasks
         self._queues = queues if queues is not None else {"default": QueueConfig("default")}
@@ -219,6 +227,7 @@ class DispatcherAPI(Resource):
         method = request.method.decode("ascii", "replace").upper()
         try:
             handler, allowed, args = self._route(segments, method)
+            self._authorize(request, segments)
         except ApiError as e:
             self._write_error(request, e)
             return NOT_DONE_YET
@@ -263,11 +272,41 @@ class DispatcherAPI(Resource):
             routes, args = {"POST": self.retry}, (segments[2],)
         elif len(segments) == 4 and segments[:2] == ["v1", "jobs"] and segments[3] == "log":
             routes, args = {"GET": self.read_log}, (segments[2],)
+        elif segments == ["v1", "workers"]:
+            routes = {"GET": self.list_workers}
+        elif segments == ["v1", "leases"]:
+            routes = {"POST": self.lease}
+        elif segments == ["v1", "leases", "heartbeat"]:
+            routes = {"POST": self.heartbeat}
+        elif segments == ["v1", "leases", "results"]:
+            routes = {"POST": self.report_results}
+        elif segments == ["v1", "leases", "log"]:
+            routes = {"POST": self.write_log}
         else:
             raise ApiError(404, "not_found", f"no such resource: /{'/'.join(segments)}")
         if method == "HEAD" and "GET" in routes:
             method = "GET"
         return routes.get(method), sorted(routes), args
+
+    def _authorize(self, request: Any, segments: list[str]) -> None:
+        """
+        Worker endpoints need the workers' token; every other endpoint but
+        the health check and the API document needs the submitters' token,
+        when one is set.
+        """
+        if segments[:2] == ["v1", "leases"]:
+            if self._workers is None:
+                raise ApiError(
+                    403,
+                    "workers_disabled",
+                    "this dispatcher takes no remote workers; set [workers] token_file",
+                )
+            self._workers.authorize(request)
+        elif self._api_token is not None and segments not in (
+            ["healthz"],
+            ["v1", "openapi.json"],
+        ):
+            check_token(request, self._api_token, "API")
 
     # Writing answers
 
@@ -440,6 +479,36 @@ class DispatcherAPI(Resource):
         except DependencyNotRetried as e:
             raise ApiError(409, "conflict", str(e), "id")
         return Answer(200, job.to_json())
+
+    async def list_workers(self, request: Any) -> Answer:
+        hub = self._dispatcher.hub
+        return Answer(
+            200,
+            {
+                "workers": hub.describe(),
+                "lease_seconds": hub.lease_seconds,
+                "heartbeat_seconds": hub.heartbeat_seconds,
+            },
+        )
+
+    async def lease(self, request: Any) -> Answer:
+        assert self._workers is not None
+        return Answer(*await self._workers.lease(request, _json_body(request)))
+
+    async def heartbeat(self, request: Any) -> Answer:
+        assert self._workers is not None
+        return Answer(*await self._workers.heartbeat(request, _json_body(request)))
+
+    async def report_results(self, request: Any) -> Answer:
+        assert self._workers is not None
+        return Answer(*await self._workers.results(request, _json_body(request)))
+
+    async def write_log(self, request: Any) -> Answer:
+        assert self._workers is not None
+        query = {
+            name: _query(request, name) for name in ("job_id", "token", "stream", "offset")
+        }
+        return Answer(*await self._workers.write_log(request, query))
 
     async def list_queues(self, request: Any) -> Answer:
         return Answer(200, {"queues": await self._dispatcher.queues()})

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import fcntl
 import gc
+import ipaddress
 import os
 import socket
 from typing import Any, Optional
@@ -27,6 +28,7 @@ from ._http import DispatcherSite
 from ._process import ProcessSpawner, kill_group_if_ours
 from ._sqlite import SQLiteJobStore
 from ._staging import InputStager
+from ._worker_api import WorkerEndpoints
 
 log = Logger()
 
@@ -37,6 +39,28 @@ class DataDirInUse(Exception):
     """
     Another dispatcher holds the data directory.
     """
+
+
+class OpenToTheNetwork(Exception):
+    """
+    The API would listen beyond loopback without the tokens that make that
+    safe.
+    """
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    return True
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False
 
 
 class DaemonService(MultiService):
@@ -50,14 +74,22 @@ class DaemonService(MultiService):
     @param endpoint: the C{IStreamServerEndpoint} the API listens on.
     @param clock: the C{IReactorTime} of job times, waits, timeouts and
         back-offs; the reactor by default (tests give a C{Clock}).
+    @param stop_reactor: whether a failed start stops the reactor (so that
+        twistd exits).
     """
 
     def __init__(
-        self, reactor: Any, config: Config, endpoint: Any, clock: Any = None
+        self,
+        reactor: Any,
+        config: Config,
+        endpoint: Any,
+        clock: Any = None,
+        stop_reactor: bool = True,
     ) -> None:
         MultiService.__init__(self)
         self._reactor = reactor
         clock = clock if clock is not None else reactor
+        self._stop_reactor = stop_reactor
         self.config = config
         self._endpoint = endpoint
         data_dir = config.dispatcher.data_dir
@@ -100,6 +132,15 @@ class DaemonService(MultiService):
             tasks=frozenset(config.tasks),
             lease_seconds=config.workers.lease_seconds,
         )
+        workers = None
+        if config.workers.token is not None:
+            workers = WorkerEndpoints(
+                self.dispatcher.hub,
+                config.workers.token,
+                executor.log_path,
+                reactor,
+                self.io_pool,
+            )
         api = DispatcherAPI(
             self.dispatcher,
             config.tasks,
@@ -108,6 +149,8 @@ class DaemonService(MultiService):
             queues=config.queues,
             max_array=config.dispatcher.max_array,
             clock=clock,
+            workers=workers,
+            api_token=config.api.token,
         )
         self.site = DispatcherSite(
             api, config.server.max_body_bytes, access_log=config.server.access_log
@@ -122,7 +165,33 @@ class DaemonService(MultiService):
         self._starting = ensureDeferred(self._start())
         self._starting.addErrback(self._failed_to_start)
 
+    def _check_exposure(self, host: Optional[str]) -> None:
+        """
+        Refuse to serve on an address other machines reach unless both
+        tokens are set: open, this API runs any command for anyone.
+        """
+        if host is None or _is_loopback(host):
+            return
+        missing = []
+        if self.config.api.token is None:
+            missing.append("[api] token_file")
+        if self.config.workers.token is None:
+            missing.append("[workers] token_file")
+        if missing:
+            where = host or "every interface"
+            raise OpenToTheNetwork(
+                f"the API would listen on {where}, which other machines can reach, "
+                "and it runs commands for whoever calls it: set "
+                f"{' and '.join(missing)} (see etc/dispatcher.ini), or listen on "
+                "127.0.0.1"
+            )
+
     async def _start(self) -> None:
+        # What the endpoint says it binds is checked before anything runs;
+        # the address it did bind, once it listens.
+        interface = getattr(self._endpoint, "_interface", None)
+        if interface == "" or (isinstance(interface, str) and _is_ip(interface)):
+            self._check_exposure(interface)
         for pool in (self.io_pool, self.task_pool, self.fetch_pool):
             pool.start()
         holder = await deferToThreadPool(
@@ -133,6 +202,12 @@ class DaemonService(MultiService):
         await self.dispatcher.start()
         self.dispatcher.startService()
         self.port = await self._endpoint.listen(self.site)
+        try:
+            self._check_exposure(getattr(self.port.getHost(), "host", None))
+        except OpenToTheNetwork:
+            await self.port.stopListening()
+            self.port = None
+            raise
         # What start-up built lives as long as the daemon: moving it out of
         # the collector's sight keeps full collections (which hold the
         # reactor for tens of milliseconds) short.
@@ -185,7 +260,7 @@ class DaemonService(MultiService):
         log.failure("the dispatcher could not start", failure)
         if not self.ready.called:
             self.ready.errback(failure)
-        if self._reactor.running:
+        if self._stop_reactor and self._reactor.running:
             self._reactor.stop()
 
     def stopService(self) -> Deferred:

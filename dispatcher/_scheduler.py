@@ -59,6 +59,12 @@ class Scheduler:
         """
         return self._free.get(holder, 0)
 
+    def claiming(self, holder: str) -> bool:
+        """
+        Whether a claim for C{holder} is in flight.
+        """
+        return holder in self._in_flight
+
     def add_holder(self, holder: str, capacity: int) -> None:
         """
         C{holder} can run C{capacity} jobs at once.

@@ -237,8 +237,13 @@ class WorkerHub:
         return poll.answer
 
     def _poll_timed_out(self, worker: Worker, poll: Poll) -> None:
-        if worker.poll is poll:
-            self._end_poll(worker, [])
+        if worker.poll is not poll:
+            return
+        if self._scheduler.claiming(worker.offer.holder):
+            # A claim for it is in flight: its answer ends the poll.
+            poll.expired = True
+            return
+        self._end_poll(worker, [])
 
     def _close_poll(self, worker: Worker) -> None:
         poll = worker.poll
@@ -270,6 +275,8 @@ class WorkerHub:
                 )
             return
         if not leases:
+            if worker.poll.expired:
+                self._end_poll(worker, [])
             return
         now = self._clock.seconds()
         for lease in leases:

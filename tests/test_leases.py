@@ -1,0 +1,390 @@
+"""
+The dispatcher's side of remote workers, spoken to over HTTP as a worker
+would: tokens, long-polls, matchmaking, heartbeats, expiry, cancels,
+results, logs and restarts.  Time is a Clock; the HTTP is real.
+"""
+
+import attrs
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.defer import ensureDeferred
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.task import Clock
+
+from dispatcher._config import parse_config
+from dispatcher._daemon import DaemonService
+
+from .conftest import TEST_TASKS, sleep
+
+TOKEN = "worker-token-0123456789"
+API_TOKEN = "api-token-0123456789abc"
+
+
+def worker(name, slots=2, cpus=2, memory_mb=1000, gpus=0, labels=None, tasks=()):
+    return {
+        "name": name,
+        "slots": slots,
+        "cpus": cpus,
+        "memory_mb": memory_mb,
+        "gpus": gpus,
+        "labels": labels or {},
+        "tasks": list(tasks),
+    }
+
+
+@pytest.fixture
+def token_file(tmp_path):
+    path = tmp_path / "worker.token"
+    path.write_text(TOKEN + "\n")
+    return path
+
+
+@pytest.fixture
+def make_pure(make_daemon, token_file):
+    """A dispatcher that runs nothing itself and takes workers."""
+
+    async def make(extra="", clock=None, data_dir=None):
+        ini = f"[executor]\nslots = 0\n[workers]\ntoken_file = {token_file}\n" + extra
+        return await make_daemon(ini, clock=clock, data_dir=data_dir)
+
+    return make
+
+
+async def call(daemon, path, body, token=TOKEN):
+    return await daemon.json(
+        "POST", path, body, headers={"Authorization": [f"Bearer {token}"]}
+    )
+
+
+async def lease(daemon, who, max_jobs=None, wait=0):
+    body = {"worker": who, "wait": wait}
+    if max_jobs is not None:
+        body["max_jobs"] = max_jobs
+    code, answer = await call(daemon, "/v1/leases", body)
+    assert code == 200, answer
+    return answer["leases"]
+
+
+async def heartbeat(daemon, who, leases, running=False):
+    items = [
+        {"job_id": l["job_id"], "token": l["token"], "running": running} for l in leases
+    ]
+    return await call(daemon, "/v1/leases/heartbeat", {"worker": who, "leases": items})
+
+
+async def report(daemon, who, items):
+    return await call(daemon, "/v1/leases/results", {"worker": who, "results": items})
+
+
+def result(granted, state="succeeded", exit_code=0, **kw):
+    return {
+        "job_id": granted["job_id"],
+        "token": granted["token"],
+        "state": state,
+        "exit_code": exit_code,
+        **kw,
+    }
+
+
+@pytest_twisted.ensureDeferred
+async def test_worker_endpoints_need_the_token(make_daemon, make_pure, tmp_path):
+    closed = await make_daemon("[executor]\nslots = 0\n", data_dir=tmp_path / "closed")
+    code, answer = await call(closed, "/v1/leases", {"worker": worker("a")})
+    assert code == 403 and answer["error"]["code"] == "workers_disabled"
+    daemon = await make_pure()
+    for token in ("wrong-token-0123456789", ""):
+        code, answer = await call(daemon, "/v1/leases", {"worker": worker("a")}, token)
+        assert code == 401 and answer["error"]["field"] == "Authorization"
+    code, answer = await call(daemon, "/v1/leases", {"worker": worker("a"), "wait": 0})
+    assert code == 200 and answer["leases"] == []
+    assert answer["lease_seconds"] == 30 and answer["heartbeat_seconds"] == 10
+
+
+@pytest_twisted.ensureDeferred
+async def test_bad_worker_descriptions_are_400_naming_the_field(make_pure):
+    daemon = await make_pure()
+    cases = [
+        ({"worker": {"name": "a"}}, "worker.slots"),
+        ({"worker": dict(worker("a"), slots=0)}, "worker.slots"),
+        ({"worker": dict(worker("a"), cpus="many")}, "worker.cpus"),
+        ({"worker": dict(worker("a"), labels={"k": 1})}, "worker.labels"),
+        ({"worker": dict(worker("a"), colour="red")}, "worker.colour"),
+        ({"worker": worker("a"), "max_jobs": 3}, "max_jobs"),
+        ({"worker": worker("a"), "wait": 61}, "wait"),
+    ]
+    for body, field in cases:
+        code, answer = await call(daemon, "/v1/leases", body)
+        assert code == 400 and answer["error"]["field"] == field, (body, answer)
+
+
+@pytest_twisted.ensureDeferred
+async def test_jobs_go_to_the_workers_that_fit_them(make_pure):
+    daemon = await make_pure()
+    small = worker("small", slots=4, cpus=2, labels={"site": "a"})
+    big = worker("big", slots=4, cpus=8, gpus=1, labels={"site": "b"})
+    # Both have called once, so both count as connected.
+    assert await lease(daemon, small) == []
+    assert await lease(daemon, big) == []
+    wide = await daemon.submit({"command": ["true"], "resources": {"cpus": 4}})
+    local = await daemon.submit({"command": ["true"], "requirements": {"site": "a"}})
+    nowhere = await daemon.submit({"command": ["true"], "resources": {"gpus": 2}})
+    plain = await daemon.submit({"command": ["true"], "priority": 5})
+    assert "no connected worker can take it" in nowhere["wait_reason"]
+    assert "has 1 GPUs, not 2" in nowhere["wait_reason"]
+    got = await lease(daemon, small, max_jobs=4)
+    # The highest priority first; the 4-CPU job and the GPU job pass it by.
+    assert [g["job_id"] for g in got] == [plain["id"], local["id"]]
+    assert got[0]["holder"] == "small" and got[0]["spec"]["command"] == ["true"]
+    got = await lease(daemon, big, max_jobs=4)
+    assert [g["job_id"] for g in got] == [wide["id"]]
+    job = await daemon.wait(wide["id"], ("running",))
+    assert job["worker"] == "big"
+    code, listed = await daemon.json("GET", "/v1/workers")
+    by_name = {w["name"]: w for w in listed["workers"]}
+    assert by_name["big"]["running"] == [wide["id"]]
+    assert by_name["big"]["free"] == {"slots": 3, "cpus": 4.0, "memory_mb": 1000, "gpus": 1}
+    assert by_name["small"]["free"]["slots"] == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_worker_gets_only_what_its_resources_hold_at_once(make_pure):
+    daemon = await make_pure()
+    who = worker("w", slots=4, cpus=4)
+    jobs = [
+        await daemon.submit({"command": ["true"], "resources": {"cpus": 3}})
+        for _ in range(2)
+    ]
+    got = await lease(daemon, who, max_jobs=4)
+    assert [g["job_id"] for g in got] == [jobs[0]["id"]]
+    # Its running job still holds 3 of the 4 CPUs.
+    assert await lease(daemon, who, max_jobs=3) == []
+    code, answer = await report(daemon, who, [result(got[0])])
+    assert code == 200 and answer["results"][0]["ok"] is True
+    got = await lease(daemon, who, max_jobs=4)
+    assert [g["job_id"] for g in got] == [jobs[1]["id"]]
+
+
+@pytest_twisted.ensureDeferred
+async def test_task_jobs_go_to_workers_that_know_the_task(make_pure):
+    daemon = await make_pure()
+    job = await daemon.submit({"task": "add", "args": [1, 2]})
+    assert await lease(daemon, worker("plain")) == []
+    got = await lease(daemon, worker("tasks", tasks=["add"]))
+    assert [g["job_id"] for g in got] == [job["id"]]
+    assert got[0]["spec"]["task"] == "add" and got[0]["spec"]["args"] == [1, 2]
+    code, answer = await report(daemon, worker("tasks", tasks=["add"]),
+                                [result(got[0], exit_code=None, result=3)])
+    assert code == 200
+    done = await daemon.wait(job["id"])
+    assert done["state"] == "succeeded" and done["result"] == 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_long_poll_answers_when_a_job_comes_or_the_wait_ends(make_pure):
+    clock = Clock()
+    daemon = await make_pure(clock=clock)
+    who = worker("w")
+    poll = ensureDeferred(lease(daemon, who, wait=30))
+    await sleep(0.05)
+    assert not poll.called
+    job = await daemon.submit({"command": ["true"]})
+    got = await poll
+    assert [g["job_id"] for g in got] == [job["id"]]
+    poll = ensureDeferred(lease(daemon, who, wait=30))
+    await sleep(0.05)
+    assert not poll.called
+    clock.advance(30)
+    assert await poll == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_lease_without_heartbeat_expires_and_its_writes_are_refused(make_pure):
+    clock = Clock()
+    daemon = await make_pure(clock=clock)
+    who = worker("w")
+    job = await daemon.submit({"command": ["true"], "max_attempts": 2, "retry_delay": 0})
+    (granted,) = await lease(daemon, who)
+    clock.advance(20)
+    code, answer = await heartbeat(daemon, who, [granted])
+    assert code == 200 and answer["leases"][0]["ok"] is True
+    clock.advance(20)  # 20 s since the heartbeat: still alive
+    assert (await daemon.json("GET", f"/v1/jobs/{job['id']}"))[1]["state"] == "running"
+    clock.advance(11)
+    after = await daemon.wait(job["id"], ("queued",))
+    assert "sent no heartbeat for 30 s" in after["attempts"][0]["error"]
+    code, answer = await heartbeat(daemon, who, [granted])
+    assert code == 409
+    assert answer["leases"][0]["reason"] == "expired"
+    code, answer = await report(daemon, who, [result(granted)])
+    assert code == 409 and answer["results"][0]["ok"] is False
+    # The second and last attempt expires too: the job fails.
+    (second,) = await lease(daemon, worker("other"))
+    assert second["attempt"] == 2 and second["token"] > granted["token"]
+    clock.advance(31)
+    final = await daemon.wait(job["id"], ("failed",))
+    assert len(final["attempts"]) == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_cancel_reaches_the_worker_at_its_next_heartbeat(make_pure):
+    daemon = await make_pure()
+    who = worker("w")
+    job = await daemon.submit({"command": ["sleep", "100"]})
+    (granted,) = await lease(daemon, who)
+    code, answer = await daemon.json("POST", f"/v1/jobs/{job['id']}/cancel")
+    assert code == 202 or code == 200, answer
+    code, answer = await heartbeat(daemon, who, [granted])
+    assert code == 409 and answer["leases"][0]["reason"] == "cancelled"
+    done = await daemon.wait(job["id"])
+    assert done["state"] == "cancelled"
+
+
+@pytest_twisted.ensureDeferred
+async def test_results_in_one_request_and_logs_shipped_by_offset(make_pure):
+    daemon = await make_pure()
+    who = worker("w", slots=2)
+    jobs = [await daemon.submit({"command": ["x"]}) for _ in range(2)]
+    got = await lease(daemon, who, max_jobs=2)
+    first = got[0]
+    headers = {"Authorization": [f"Bearer {TOKEN}"],
+               "Content-Type": ["application/octet-stream"]}
+    path = f"/v1/leases/log?job_id={first['job_id']}&token={first['token']}&stream=stdout"
+    response, body = await daemon.request("POST", path + "&offset=0", raw=b"hello ",
+                                          headers=headers)
+    assert response.code == 200, body
+    # A resend of the same bytes is harmless; a gap is refused.
+    response, body = await daemon.request("POST", path + "&offset=0", raw=b"hello ",
+                                          headers=headers)
+    assert response.code == 200
+    response, body = await daemon.request("POST", path + "&offset=9", raw=b"x",
+                                          headers=headers)
+    assert response.code == 400 and b"send from 6" in body
+    response, body = await daemon.request("POST", path + "&offset=6", raw=b"world\n",
+                                          headers=headers)
+    assert response.code == 200
+    stale = path.replace(f"token={first['token']}", "token=999999")
+    response, body = await daemon.request("POST", stale + "&offset=0", raw=b"x",
+                                          headers=headers)
+    assert response.code == 409
+    code, answer = await report(daemon, who, [
+        result(got[0]),
+        result(got[1], state="failed", exit_code=3, error="exited with code 3"),
+    ])
+    assert code == 200 and [a["ok"] for a in answer["results"]] == [True, True]
+    response, log = await daemon.request("GET", f"/v1/jobs/{first['job_id']}/log")
+    assert log == b"hello world\n"
+    states = {j["id"]: (await daemon.wait(j["id"]))["state"] for j in jobs}
+    assert sorted(states.values()) == ["failed", "succeeded"]
+    # A resent report (its answer was lost) is refused, and says why.
+    code, answer = await report(daemon, who, [result(got[0])])
+    assert code == 409 and answer["results"][0]["reason"] == "reported"
+
+
+@pytest_twisted.ensureDeferred
+async def test_staged_jobs_become_running_on_the_workers_word(make_pure):
+    daemon = await make_pure()
+    who = worker("w")
+    job = await daemon.submit({
+        "command": ["true"],
+        "inputs": [{"url": "http://127.0.0.1:9/x", "path": "x"}],
+    })
+    (granted,) = await lease(daemon, who)
+    assert (await daemon.wait(job["id"], ("staging",)))["state"] == "staging"
+    code, answer = await heartbeat(daemon, who, [granted], running=True)
+    assert code == 200
+    assert (await daemon.wait(job["id"], ("running",)))["state"] == "running"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_restart_keeps_remote_leases_alive(make_pure, tmp_path):
+    clock = Clock()
+    clock.advance(1000)
+    data = tmp_path / "keep"
+    daemon = await make_pure(clock=clock, data_dir=data)
+    who = worker("w")
+    job = await daemon.submit({"command": ["sleep", "100"]})
+    (granted,) = await lease(daemon, who)
+    clock.advance(25)
+    await daemon.service.stopService()
+    # The dispatcher was down for longer than a lease lives.
+    clock.advance(120)
+    daemon = await make_pure(clock=clock, data_dir=data)
+    clock.advance(25)
+    code, answer = await heartbeat(daemon, who, [granted])
+    assert code == 200 and answer["leases"][0]["ok"] is True
+    code, answer = await report(daemon, who, [result(granted)])
+    assert code == 200
+    done = await daemon.wait(job["id"])
+    assert done["state"] == "succeeded" and len(done["attempts"]) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_worker_that_hangs_up_loses_no_job(make_pure):
+    daemon = await make_pure()
+    poll = ensureDeferred(lease(daemon, worker("gone"), wait=30))
+    await sleep(0.05)
+    poll.cancel()
+    await sleep(0.05)
+    job = await daemon.submit({"command": ["true"]})
+    await sleep(0.05)
+    got = await lease(daemon, worker("here"))
+    assert [g["job_id"] for g in got] == [job["id"]]
+
+
+@pytest_twisted.ensureDeferred
+async def test_api_token_guards_the_job_endpoints(make_daemon, tmp_path):
+    path = tmp_path / "api.token"
+    path.write_text(API_TOKEN)
+    daemon = await make_daemon(f"[api]\ntoken_file = {path}\n")
+    code, answer = await daemon.json("GET", "/v1/jobs")
+    assert code == 401
+    code, answer = await daemon.json(
+        "GET", "/v1/jobs", headers={"Authorization": [f"Bearer {API_TOKEN}"]})
+    assert code == 200
+    code, answer = await daemon.json("GET", "/healthz")
+    assert code == 200
+
+
+def test_a_token_file_that_cannot_serve_is_a_config_error(tmp_path):
+    from dispatcher._config import ConfigError
+
+    short = tmp_path / "short"
+    short.write_text("abc")
+    with pytest.raises(ConfigError) as e:
+        parse_config(f"[workers]\ntoken_file = {short}\n", "x.ini")
+    assert str(e.value).startswith(f"x.ini: [workers] token_file = '{short}'")
+    assert "at least 16 characters" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        parse_config(f"[api]\ntoken_file = {tmp_path / 'missing'}\n", "x.ini")
+    assert "cannot read the token file" in str(e.value)
+
+
+@pytest_twisted.ensureDeferred
+async def test_listening_beyond_loopback_needs_both_tokens(tmp_path, token_file):
+    api = tmp_path / "api.token"
+    api.write_text(API_TOKEN)
+    for ini, refused in [
+        ("", True),
+        (f"[workers]\ntoken_file = {token_file}\n", True),
+        (f"[workers]\ntoken_file = {token_file}\n[api]\ntoken_file = {api}\n", False),
+    ]:
+        config = parse_config(TEST_TASKS + "[executor]\nslots = 0\n" + ini, "t.ini")
+        config = attrs.evolve(
+            config,
+            dispatcher=attrs.evolve(config.dispatcher, data_dir=str(tmp_path / "d")),
+        )
+        service = DaemonService(
+            reactor, config, serverFromString(reactor, "tcp:0"), stop_reactor=False
+        )
+        service.startService()
+        if refused:
+            with pytest.raises(Exception) as e:
+                await service.ready
+            assert "which other machines can reach" in str(e.value)
+            assert "[api] token_file" in str(e.value)
+            assert service.port is None
+        else:
+            port = await service.ready
+            assert port.getHost().host == "0.0.0.0"
+        await service.stopService()
