@@ -984,6 +984,13 @@ async def test_command_and_task_jobs_run_on_a_worker(
     assert done["state"] == "succeeded", (done, worker.output())
     assert done["result"] == 5
     assert done["worker"] == "node-a"
+    # The dispatcher knows the worker as it described itself.
+    code, listed = await daemon.json("GET", "/v1/workers")
+    assert code == 200, listed
+    [described] = [w for w in listed["workers"] if w["name"] == "node-a"]
+    assert described["slots"] == 2
+    assert described["resources"] == {"cpus": 2.0, "memory_mb": 1024, "gpus": 0}
+    assert "add" in described["tasks"]
     assert await worker.stop_async() in (0, -signal.SIGTERM)
     assert "worker node-a stopped" in worker.output()
 
