@@ -1095,3 +1095,29 @@ async def test_a_worker_stages_inputs_on_its_own_host(
     staged = list((tmp_path / "node-e" / "data" / "jobs").glob("*/*/work/in/data.txt"))
     assert [p.read_bytes() for p in staged] == [b"payload\n"]
     await worker.stop_async()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_remote_jobs_output_shows_while_it_runs(
+        make_daemon, tmp_path, token_file, workers):
+    """A running job's output reaches GET /v1/jobs/{id}/log with the
+    worker's heartbeats, before the job ends."""
+    daemon = await remote_daemon(make_daemon, tmp_path, token_file)
+    worker = WorkerProcess(tmp_path, daemon.url, token_file, name="node-f")
+    workers.append(worker.start())
+    job = await daemon.submit({"command": ["sh", "-c", "echo early; sleep 30"]})
+    waited = 0.0
+    while True:
+        _, out = await daemon.request("GET", f"/v1/jobs/{job['id']}/log")
+        if out == b"early\n":
+            break
+        assert waited < 15, (out, worker.output())
+        await sleep(0.1)
+        waited += 0.1
+    code, now = await daemon.json("GET", f"/v1/jobs/{job['id']}")
+    assert now["state"] == "running"
+    code, _ = await daemon.json("POST", f"/v1/jobs/{job['id']}/cancel")
+    assert code == 202
+    done = await daemon.wait(job["id"])
+    assert done["state"] == "cancelled", (done, worker.output())
+    await worker.stop_async()
