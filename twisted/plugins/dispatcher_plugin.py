@@ -6,3 +6,10 @@ dispatcher = ServiceMaker(
     "A networked job dispatcher: jobs over HTTP, run as processes or tasks.",
     "dispatcher",
 )
+
+dispatcher_worker = ServiceMaker(
+    "dispatcher-worker",
+    "dispatcher.worker_tap",
+    "A remote worker: pulls jobs from a dispatcher over HTTP and runs them here.",
+    "dispatcher-worker",
+)

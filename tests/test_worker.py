@@ -1,0 +1,1123 @@
+"""
+The remote worker: its back-off, leases, heartbeats, logs, results and
+shutdown on a test clock against an in-memory dispatcher (StubTreq), its
+resource detection and its options.
+"""
+
+import hashlib
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import attrs
+import pytest
+import pytest_twisted
+from treq.testing import StubTreq
+from twisted.application.service import IServiceMaker
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.task import Clock
+from twisted.plugin import getPlugins
+from twisted.python import usage
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Site
+from twisted.web.static import File
+
+from dispatcher._execution import RunningJob
+from dispatcher._model import JobSpec, JobState, Lease, Outcome, lease_to_json
+from dispatcher._worker import (
+    Backoff,
+    DispatcherClient,
+    DispatcherRefused,
+    DispatcherUnavailable,
+    LeaseGone,
+    LogOffsetMismatch,
+    RemoteWorker,
+    WorkerDescription,
+    count_gpus,
+    detect_cpus,
+    detect_gpus,
+    parse_meminfo,
+)
+from dispatcher.worker_tap import Options
+
+from .conftest import TEST_TASKS, sleep
+
+TOKEN = "s3cret-token-0123456789"
+URL = "http://dispatcher.test:8080"
+
+
+# An in-memory dispatcher
+
+@attrs.define
+class Call:
+    """One request the worker made, answered when the test says so."""
+
+    path: str
+    query: dict
+    headers: dict
+    body: bytes
+    at: float
+    request: object
+    answered: bool = False
+
+    @property
+    def json(self):
+        return json.loads(self.body)
+
+
+class FakeDispatcher(Resource):
+    """Records every POST and holds it open until answered."""
+
+    isLeaf = True
+
+    def __init__(self, clock):
+        super().__init__()
+        self.clock = clock
+        self.calls = []
+
+    def render_POST(self, request):
+        call = Call(
+            request.path.decode(),
+            {k.decode(): v[0].decode() for k, v in request.args.items()},
+            {k.decode().lower(): v[0].decode()
+             for k, v in request.requestHeaders.getAllRawHeaders()},
+            request.content.read(),
+            self.clock.seconds(),
+            request,
+        )
+        self.calls.append(call)
+        # A request the worker gave up on needs no answer.
+        request.notifyFinish().addErrback(lambda _: setattr(call, "answered", True))
+        return NOT_DONE_YET
+
+
+class FakeExecutor:
+    """Runs nothing: the test ends each job when it wants."""
+
+    kill_grace = 5.0
+
+    def __init__(self):
+        self.runs = {}
+        self.mark_running = {}
+        self.stopped = []
+
+    def run(self, lease, mark_running, record_process):
+        running = RunningJob(lease, Deferred())
+        self.runs[lease.job_id] = running
+        self.mark_running[lease.job_id] = mark_running
+        return running
+
+    def stop(self, job_id):
+        self.stopped.append(job_id)
+
+    def log_path(self, job_id, attempt, stream):
+        return f"{job_id}/attempt-{attempt}/{stream}"
+
+    def finish(self, job_id, outcome=Outcome(JobState.SUCCEEDED, exit_code=0)):
+        self.runs[job_id].done.callback(outcome)
+
+
+class Harness:
+    """A RemoteWorker on a Clock, talking to a FakeDispatcher."""
+
+    def __init__(self, slots=2, **kwargs):
+        self.clock = Clock()
+        self.dispatcher = FakeDispatcher(self.clock)
+        self.stub = StubTreq(self.dispatcher)
+        self.client = DispatcherClient(self.stub, URL, TOKEN, self.clock)
+        self.executor = FakeExecutor()
+        self.logs = {}
+        self.description = WorkerDescription(
+            "w1", slots, 4.0, 2048, 0, {"site": "a"}, ("add",))
+        self.worker = RemoteWorker(
+            self.client, self.executor, self.description, self.clock,
+            self.read_chunk, rng=random.Random(3), **kwargs)
+
+    def read_chunk(self, path, offset, size):
+        return succeed(self.logs.get(path, b"")[offset:offset + size])
+
+    def pending(self, path=None):
+        return [c for c in self.dispatcher.calls
+                if not c.answered and (path is None or c.path == path)]
+
+    def one(self, path):
+        calls = self.pending(path)
+        assert len(calls) == 1, [(c.path, c.body) for c in self.pending()]
+        return calls[0]
+
+    def answer(self, call, body, code=200):
+        call.answered = True
+        request = call.request
+        request.setResponseCode(code)
+        request.setHeader(b"content-type", b"application/json")
+        request.write(json.dumps(body).encode())
+        request.finish()
+        self.stub.flush()
+
+    def grant(self, *leases, heartbeat_seconds=5.0):
+        self.answer(self.one("/v1/leases"), {
+            "leases": [lease_to_json(lease) for lease in leases],
+            "lease_seconds": 15.0, "heartbeat_seconds": heartbeat_seconds})
+
+    def advance(self, seconds, step=0.01):
+        """Move the clock in small steps, flushing the in-memory wire (a
+        microsecond more, so that sums of steps reach a call due at the end)."""
+        end = self.clock.seconds() + seconds + 1e-6
+        while self.clock.seconds() < end - 1e-9:
+            self.clock.advance(min(step, end - self.clock.seconds()))
+            self.stub.flush()
+
+
+def lease(n, command=("true",), **spec):
+    return Lease(f"job-{n}", 1, 100 + n, "w1", 0.0, JobSpec(command=command, **spec))
+
+
+def unavailable(h, call):
+    h.answer(call, {"error": {"code": "shutting_down", "message": "stopping",
+                              "field": None}}, code=503)
+
+
+# Back-off
+
+def test_backoff_doubles_with_jitter_up_to_the_cap():
+    """Each delay lies between half and all of 0.5 s doubled per failure,
+    capped at 30 s; capped delays still differ, and a reset starts over."""
+    backoff = Backoff(rng=random.Random(1))
+    delays = [backoff.next_delay() for _ in range(12)]
+    for n, delay in enumerate(delays):
+        ceiling = min(30.0, 0.5 * 2 ** n)
+        assert ceiling / 2 <= delay <= ceiling
+    assert max(delays) <= 30.0
+    assert len(set(delays[-4:])) == 4
+    backoff.reset()
+    assert backoff.next_delay() <= 0.5
+
+
+def test_worker_backs_off_with_jitter_while_the_dispatcher_is_down():
+    """A worker whose lease requests fail waits longer after each failure
+    (with jitter), asks once at a time, and asks at once again after a
+    success."""
+    h = Harness()
+    h.worker.startService()
+    gaps = []
+    for n in range(7):
+        call = h.one("/v1/leases")
+        unavailable(h, call)
+        assert h.pending("/v1/leases") == []
+        while not h.pending("/v1/leases"):
+            h.advance(0.01)
+        gaps.append(h.one("/v1/leases").at - call.at)
+    for n, gap in enumerate(gaps):
+        ceiling = min(30.0, 0.5 * 2 ** n)
+        assert ceiling / 2 - 0.011 <= gap <= ceiling + 0.011, gaps
+    # Jitter: the gaps are not a fixed fraction of their ceilings.
+    assert len({round(gap / min(30.0, 0.5 * 2 ** n), 2)
+                for n, gap in enumerate(gaps)}) > 1
+    # A success resets it: the next failure waits half a second at most.
+    h.answer(h.one("/v1/leases"), {"leases": [], "lease_seconds": 30.0,
+                                   "heartbeat_seconds": 10.0})
+    h.advance(1.0)
+    call = h.one("/v1/leases")
+    unavailable(h, call)
+    h.advance(0.5)
+    assert h.one("/v1/leases").at - call.at <= 0.51
+
+
+def test_a_refused_token_is_logged_and_retried():
+    """A 401 is a DispatcherRefused (which the worker logs as an error) and
+    the worker backs off and asks again rather than dying with its jobs."""
+    h = Harness()
+    h.worker.startService()
+    h.answer(h.one("/v1/leases"), {"error": {"code": "unauthorized",
+             "message": "wrong token", "field": None}}, code=401)
+    h.advance(0.6)
+    assert len(h.pending("/v1/leases")) == 1
+
+
+# The client
+
+def test_client_sends_the_token_and_the_description():
+    """A lease request is a JSON POST to /v1/leases with the bearer token,
+    the worker's description, max_jobs and wait."""
+    h = Harness(slots=3)
+    h.worker.startService()
+    call = h.one("/v1/leases")
+    assert call.headers["authorization"] == f"Bearer {TOKEN}"
+    assert call.headers["content-type"] == "application/json"
+    assert call.json == {
+        "worker": {"name": "w1", "slots": 3, "cpus": 4.0, "memory_mb": 2048,
+                   "gpus": 0, "labels": {"site": "a"}, "tasks": ["add"]},
+        "max_jobs": 3, "wait": 30.0}
+
+
+@pytest.mark.parametrize("base", [
+    "http://h:8080", "http://h:8080/", "http://h/prefix", "http://h/prefix/"])
+def test_client_urls_keep_a_path_prefix(base):
+    """Endpoint URLs go under the base URL, with or without a trailing slash
+    or a path of its own."""
+    client = DispatcherClient(None, base, TOKEN, Clock())
+    prefix = base.rstrip("/")
+    assert client.url("v1", "leases").to_text() == prefix + "/v1/leases"
+
+
+def test_client_maps_connection_errors_and_timeouts():
+    """A refused connection and a request with no answer in time are both
+    DispatcherUnavailable: the worker retries either."""
+    clock = Clock()
+
+    class Refusing:
+        def request(self, *args, **kwargs):
+            return fail(ConnectionRefusedError())
+
+    class Silent:
+        def request(self, *args, **kwargs):
+            return Deferred()
+
+    errors = []
+    desc = WorkerDescription("w", 1, 1.0, 1, 0)
+    DispatcherClient(Refusing(), URL, TOKEN, clock).report(desc, []).addErrback(
+        errors.append)
+    d = DispatcherClient(Silent(), URL, TOKEN, clock).heartbeat(desc, [])
+    d.addErrback(errors.append)
+    clock.advance(29)
+    assert len(errors) == 1
+    clock.advance(2)
+    assert [e.type for e in errors] == [DispatcherUnavailable, DispatcherUnavailable]
+    assert "refused" in str(errors[0].value).lower()
+    assert "no answer within 30 s" in str(errors[1].value)
+
+
+def test_client_log_answers():
+    """append_log sends raw bytes with its query; a 400 with size is a
+    LogOffsetMismatch, a 409 a LeaseGone, a 403 a DispatcherRefused."""
+    h = Harness()
+    results = []
+    for _ in range(4):
+        h.client.append_log("job-1", 7, "stdout", 5, b"abc").addBoth(results.append)
+    calls = h.pending("/v1/leases/log")
+    assert calls[0].query == {"job_id": "job-1", "token": "7", "stream": "stdout",
+                              "offset": "5"}
+    assert calls[0].body == b"abc"
+    assert calls[0].headers["content-type"] == "application/octet-stream"
+    h.answer(calls[0], {"size": 8})
+    h.answer(calls[1], {"error": {"code": "invalid_field", "message": "past the end",
+                                  "field": "offset", "size": 2}}, code=400)
+    h.answer(calls[2], {"error": {"code": "stale_lease", "message": "gone",
+                                  "field": None}}, code=409)
+    h.answer(calls[3], {"error": {"code": "workers_disabled", "message": "no",
+                                  "field": None}}, code=403)
+    assert results[0] == 8
+    assert results[1].check(LogOffsetMismatch) and results[1].value.size == 2
+    assert results[2].check(LeaseGone)
+    assert results[3].check(DispatcherRefused) and results[3].value.status == 403
+
+
+# Leases
+
+def test_long_poll_is_not_busy_and_several_jobs_come_at_once():
+    """The worker holds one lease request open (no polling while it waits),
+    starts every job of an answer, and asks only for its free slots."""
+    h = Harness(slots=3)
+    h.worker.startService()
+    h.advance(40, step=1)
+    assert len(h.dispatcher.calls) == 1
+    h.grant(lease(1), lease(2, command=("echo", "hi"), env={"A": "1"}))
+    assert sorted(h.executor.runs) == ["job-1", "job-2"]
+    rebuilt = h.executor.runs["job-2"].lease
+    assert rebuilt.token == 102 and rebuilt.spec.command == ("echo", "hi")
+    assert rebuilt.spec.env == {"A": "1"}
+    assert h.one("/v1/leases").json["max_jobs"] == 1
+
+
+def test_a_full_worker_does_not_ask_until_a_slot_is_free():
+    """With every slot leased, no lease request goes out; an acknowledged
+    result frees the slot and the worker asks again."""
+    h = Harness(slots=1)
+    h.worker.startService()
+    h.grant(lease(1))
+    h.advance(2)
+    assert h.pending("/v1/leases") == []
+    h.executor.finish("job-1")
+    h.answer(h.one("/v1/leases/results"),
+             {"results": [{"job_id": "job-1", "token": 101, "ok": True}]})
+    assert h.one("/v1/leases").json["max_jobs"] == 1
+
+
+def test_an_instant_empty_answer_does_not_spin():
+    """An empty answer that comes back at once (it should come only when
+    the wait ends) is followed by a pause, not another request at once."""
+    h = Harness()
+    h.worker.startService()
+    h.answer(h.one("/v1/leases"), {"leases": [], "lease_seconds": 30.0,
+                                   "heartbeat_seconds": 10.0})
+    assert h.pending("/v1/leases") == []
+    h.advance(1.0)
+    assert len(h.pending("/v1/leases")) == 1
+
+
+# Heartbeats
+
+def test_heartbeats_keep_leases_alive_and_tell_a_staged_start_at_once():
+    """Heartbeats go every heartbeat_seconds with every held lease; a job
+    that starts after staging is told at once with running: true, and the
+    flag is dropped once a heartbeat carrying it is acknowledged."""
+    h = Harness()
+    h.worker.startService()
+    h.grant(lease(1), lease(2), heartbeat_seconds=5.0)
+    h.advance(4.9)
+    assert h.pending("/v1/leases/heartbeat") == []
+    h.advance(0.2)
+    beat = h.one("/v1/leases/heartbeat")
+    assert beat.json["worker"]["name"] == "w1"
+    assert beat.json["leases"] == [{"job_id": "job-1", "token": 101},
+                                   {"job_id": "job-2", "token": 102}]
+    h.answer(beat, {"leases": [{"job_id": "job-1", "token": 101, "ok": True},
+                               {"job_id": "job-2", "token": 102, "ok": True}]})
+    # job-1 finished staging: the dispatcher hears of it now, not in 5 s.
+    h.executor.mark_running["job-1"](h.executor.runs["job-1"].lease)
+    beat = h.one("/v1/leases/heartbeat")
+    assert beat.json["leases"][0] == {"job_id": "job-1", "token": 101, "running": True}
+    # That one fails; the next still says running.
+    unavailable(h, beat)
+    h.advance(0.5)
+    beat = h.one("/v1/leases/heartbeat")
+    assert beat.json["leases"][0]["running"] is True
+    h.answer(beat, {"leases": [{"job_id": "job-1", "token": 101, "ok": True},
+                               {"job_id": "job-2", "token": 102, "ok": True}]})
+    h.advance(5.0)
+    beat = h.one("/v1/leases/heartbeat")
+    assert "running" not in beat.json["leases"][0]
+
+
+def test_heartbeat_retries_never_wait_longer_than_a_period():
+    """While the dispatcher is down, heartbeats back off but never past
+    heartbeat_seconds, so a dispatcher that comes back hears from the worker
+    before its leases run out."""
+    h = Harness()
+    h.worker.startService()
+    h.grant(lease(1), heartbeat_seconds=2.0)
+    h.advance(2.0)
+    last = None
+    for _ in range(10):
+        call = h.one("/v1/leases/heartbeat")
+        if last is not None:
+            assert call.at - last <= 2.0 + 0.011
+        last = call.at
+        unavailable(h, call)
+        while not h.pending("/v1/leases/heartbeat"):
+            h.advance(0.05, step=0.05)
+
+
+def test_a_refused_heartbeat_item_stops_the_job_and_drops_its_result():
+    """On ok: false the job is stopped and its lease forgotten: no more
+    heartbeats, logs or results for it, and its slot comes back once it has
+    stopped."""
+    h = Harness(slots=2)
+    h.worker.startService()
+    h.grant(lease(1), lease(2))
+    h.advance(5.0)
+    h.answer(h.one("/v1/leases/heartbeat"), {"leases": [
+        {"job_id": "job-1", "token": 101, "ok": False, "status": 409,
+         "reason": "cancelled", "message": "cancelled by a client"},
+        {"job_id": "job-2", "token": 102, "ok": True}]})
+    assert h.executor.stopped == ["job-1"]
+    # Its slot is still taken while it stops.
+    assert h.pending("/v1/leases") == []
+    h.logs["job-1/attempt-1/stdout"] = b"bye\n"
+    h.executor.finish("job-1", Outcome(JobState.FAILED, exit_code=-15, stopped=True))
+    assert h.one("/v1/leases").json["max_jobs"] == 1
+    h.advance(5.0)
+    beat = h.one("/v1/leases/heartbeat")
+    assert beat.json["leases"] == [{"job_id": "job-2", "token": 102}]
+    h.answer(beat, {"leases": [{"job_id": "job-2", "token": 102, "ok": True}]})
+    h.advance(30, step=0.5)
+    assert h.pending("/v1/leases/results") == []
+    assert h.pending("/v1/leases/log") == []
+    assert all(c.query.get("job_id") != "job-1" for c in h.dispatcher.calls)
+
+
+def test_a_refused_item_for_another_token_changes_nothing():
+    """An ok: false for a token the worker does not hold (an older lease of
+    the same job, say) changes nothing."""
+    h = Harness()
+    h.worker.startService()
+    h.grant(lease(1))
+    h.advance(5.0)
+    h.answer(h.one("/v1/leases/heartbeat"), {"leases": [
+        {"job_id": "job-1", "token": 99, "ok": False, "status": 409,
+         "reason": "superseded", "message": ""}]})
+    assert h.executor.stopped == []
+    assert "job-1" in h.worker.held
+
+
+# Logs and results
+
+def test_logs_go_each_heartbeat_and_before_the_result():
+    """A running job's new output is shipped with each heartbeat from where
+    the dispatcher's copy ends; at the end, the rest of both streams goes
+    before the result."""
+    h = Harness()
+    h.worker.startService()
+    h.grant(lease(1))
+    h.logs["job-1/attempt-1/stdout"] = b"hello\n"
+    h.advance(5.0)
+    log = h.one("/v1/leases/log")
+    assert (log.query["stream"], log.query["offset"], log.body) == ("stdout", "0", b"hello\n")
+    h.answer(log, {"size": 6})
+    h.answer(h.one("/v1/leases/heartbeat"),
+             {"leases": [{"job_id": "job-1", "token": 101, "ok": True}]})
+    h.logs["job-1/attempt-1/stdout"] += b"world\n"
+    h.logs["job-1/attempt-1/stderr"] = b"warn\n"
+    h.executor.finish("job-1")
+    log = h.one("/v1/leases/log")
+    assert (log.query["stream"], log.query["offset"], log.body) == ("stdout", "6", b"world\n")
+    assert h.pending("/v1/leases/results") == []
+    h.answer(log, {"size": 12})
+    log = h.one("/v1/leases/log")
+    assert (log.query["stream"], log.query["offset"], log.body) == ("stderr", "0", b"warn\n")
+    h.answer(log, {"size": 5})
+    report = h.one("/v1/leases/results")
+    assert report.json["results"] == [{
+        "job_id": "job-1", "token": 101, "state": "succeeded", "exit_code": 0,
+        "result": None, "error": None, "stopped": False}]
+
+
+def test_a_log_offset_past_the_end_is_resent_from_the_dispatchers_size():
+    """A 400 with size (the dispatcher lost the end of the stream, say after
+    a restart) makes the worker resend from that size."""
+    h = Harness()
+    h.worker.startService()
+    h.grant(lease(1))
+    h.logs["job-1/attempt-1/stdout"] = b"abcdef"
+    h.advance(5.0)
+    h.answer(h.one("/v1/leases/log"), {"size": 6})
+    h.logs["job-1/attempt-1/stdout"] += b"ghi"
+    h.executor.finish("job-1")
+    log = h.one("/v1/leases/log")
+    assert log.query["offset"] == "6"
+    h.answer(log, {"error": {"code": "invalid_field", "message": "offset past the end",
+                             "field": "offset", "size": 2}}, code=400)
+    log = h.one("/v1/leases/log")
+    assert (log.query["offset"], log.body) == ("2", b"cdefghi")
+
+
+def test_results_are_kept_until_acknowledged_and_sent_together():
+    """Results that could not be delivered are retried with back-off; those
+    that pile up meanwhile go in one request; an acknowledged or refused
+    result is never sent again, one the answer does not mention is."""
+    h = Harness(slots=3)
+    h.worker.startService()
+    h.grant(lease(1), lease(2), lease(3))
+    h.executor.finish("job-1")
+    first = h.one("/v1/leases/results")
+    assert [r["job_id"] for r in first.json["results"]] == ["job-1"]
+    h.executor.finish("job-2", Outcome(JobState.FAILED, exit_code=3,
+                                       error="exited with code 3"))
+    h.executor.finish("job-3", Outcome(JobState.SUCCEEDED, result={"n": 1}))
+    unavailable(h, first)
+    h.advance(0.5)
+    again = h.one("/v1/leases/results")
+    assert [r["job_id"] for r in again.json["results"]] == ["job-1", "job-2", "job-3"]
+    assert again.json["results"][1]["exit_code"] == 3
+    assert again.json["results"][2]["result"] == {"n": 1}
+    h.answer(again, {"results": [
+        {"job_id": "job-1", "token": 101, "ok": True},
+        {"job_id": "job-2", "token": 102, "ok": False, "status": 409,
+         "reason": "expired"}]}, code=200)
+    last = h.one("/v1/leases/results")
+    assert [r["job_id"] for r in last.json["results"]] == ["job-3"]
+    h.answer(last, {"results": [{"job_id": "job-3", "token": 103, "ok": True}]})
+    h.advance(60, step=1)
+    assert h.pending("/v1/leases/results") == []
+    assert h.worker.held == {}
+
+
+def test_a_heartbeat_saying_reported_acknowledges_a_result():
+    """When a heartbeat's answer says a lease's result is already recorded
+    (its report's own answer is still on the way), the result counts as
+    acknowledged: its slot is free and it is not sent again."""
+    h = Harness(slots=1)
+    h.worker.startService()
+    h.grant(lease(1), heartbeat_seconds=5.0)
+    h.executor.finish("job-1")
+    report = h.one("/v1/leases/results")
+    h.advance(5.0)
+    h.answer(h.one("/v1/leases/heartbeat"), {"leases": [
+        {"job_id": "job-1", "token": 101, "ok": False, "status": 409,
+         "reason": "reported", "message": "its result is already recorded"}]})
+    assert h.worker.held == {}
+    assert h.one("/v1/leases").json["max_jobs"] == 1
+    unavailable(h, report)
+    h.advance(30, step=0.5)
+    assert h.pending("/v1/leases/results") == []
+
+
+def test_results_refused_as_a_whole_are_dropped():
+    """A 409 answer (every item refused) is read item by item like a 200:
+    the refused results are dropped, not retried."""
+    h = Harness()
+    h.worker.startService()
+    h.grant(lease(1))
+    h.executor.finish("job-1")
+    h.answer(h.one("/v1/leases/results"), {"results": [
+        {"job_id": "job-1", "token": 101, "ok": False, "status": 409,
+         "reason": "superseded"}]}, code=409)
+    h.advance(60, step=1)
+    assert h.pending("/v1/leases/results") == []
+    assert h.worker.held == {}
+
+
+# Stopping
+
+def test_stop_gives_running_jobs_a_grace_then_stops_them_unreported():
+    """A stopping worker asks for nothing more, keeps heartbeating, reports
+    the jobs that end within the grace, stops the others after it and does
+    not report them (their leases run out), but ships their logs."""
+    h = Harness(slots=3, grace=20.0)
+    h.worker.startService()
+    h.grant(lease(1), lease(2))
+    poll = h.one("/v1/leases")
+    stopped = h.worker.stopService()
+    h.stub.flush()
+    assert not stopped.called
+    # The open lease request is given up (the dispatcher gives back what it
+    # would have granted on it).
+    assert poll.answered
+    h.advance(5.0)
+    h.answer(h.one("/v1/leases/heartbeat"), {"leases": [
+        {"job_id": "job-1", "token": 101, "ok": True},
+        {"job_id": "job-2", "token": 102, "ok": True}]})
+    h.executor.finish("job-1")
+    h.answer(h.one("/v1/leases/results"),
+             {"results": [{"job_id": "job-1", "token": 101, "ok": True}]})
+    assert h.executor.stopped == []
+    h.advance(15.0, step=0.5)
+    for beat in h.pending("/v1/leases/heartbeat"):
+        h.answer(beat, {"leases": [{"job_id": "job-2", "token": 102, "ok": True}]})
+    assert h.executor.stopped == ["job-2"]
+    h.logs["job-2/attempt-1/stderr"] = b"Terminated\n"
+    h.executor.finish("job-2", Outcome(JobState.FAILED, exit_code=-15, stopped=True))
+    # Its last output goes before the worker stops.
+    assert not stopped.called
+    h.answer(h.one("/v1/leases/log"), {"size": 11})
+    assert stopped.called
+    later = h.dispatcher.calls[h.dispatcher.calls.index(poll) + 1:]
+    assert [c for c in later if c.path == "/v1/leases"] == []
+    reported = [r["job_id"] for c in h.dispatcher.calls
+                if c.path == "/v1/leases/results" for r in c.json["results"]]
+    assert reported == ["job-1"]
+    assert h.clock.getDelayedCalls() == []
+
+
+def test_a_job_that_succeeds_as_the_stop_reaches_it_is_reported():
+    """A job stopped at the end of the grace that ends in success all the
+    same (it finished before the signal landed) keeps its success: its
+    result is reported, and not as stopped."""
+    h = Harness(grace=1.0)
+    h.worker.startService()
+    h.grant(lease(1))
+    stopped = h.worker.stopService()
+    h.advance(1.0)
+    assert h.executor.stopped == ["job-1"]
+    h.executor.finish("job-1", Outcome(JobState.SUCCEEDED, exit_code=0, stopped=True))
+    report = h.one("/v1/leases/results")
+    assert report.json["results"][0]["state"] == "succeeded"
+    assert report.json["results"][0]["stopped"] is False
+    h.answer(report, {"results": [{"job_id": "job-1", "token": 101, "ok": True}]})
+    assert stopped.called
+
+
+def test_stop_without_jobs_is_immediate_and_leaves_no_timers():
+    """An idle worker stops at once: the open lease request is given up and
+    nothing is left on the clock."""
+    h = Harness()
+    h.worker.startService()
+    unavailable(h, h.one("/v1/leases"))
+    stopped = h.worker.stopService()
+    assert stopped.called
+    assert h.clock.getDelayedCalls() == []
+
+
+def test_stop_waits_a_bounded_time_for_unacknowledged_results():
+    """Results not yet acknowledged get flush_seconds of retries at stop,
+    then the worker stops all the same."""
+    h = Harness(flush_seconds=10.0)
+    h.worker.startService()
+    h.grant(lease(1))
+    h.executor.finish("job-1")
+    unavailable(h, h.one("/v1/leases/results"))
+    stopped = h.worker.stopService()
+    h.advance(9.0, step=0.25)
+    for call in h.pending("/v1/leases/results"):
+        unavailable(h, call)
+    assert not stopped.called
+    h.advance(1.5, step=0.25)
+    for call in h.pending():
+        unavailable(h, call)
+    assert stopped.called
+    assert h.clock.getDelayedCalls() == []
+
+
+# What the host offers
+
+MEMINFO = """\
+MemTotal:       16301012 kB
+MemFree:         1000000 kB
+MemAvailable:    8000000 kB
+"""
+
+NVIDIA_SMI = """\
+GPU 0: NVIDIA A100-SXM4-40GB (UUID: GPU-1)
+  MIG 1g.5gb      Device  0: (UUID: MIG-1)
+  MIG 1g.5gb      Device  1: (UUID: MIG-2)
+GPU 1: NVIDIA A100-SXM4-40GB (UUID: GPU-2)
+"""
+
+
+def test_memory_is_read_from_meminfo_in_mib():
+    """MemTotal in kB becomes MiB; a text without it is an error."""
+    assert parse_meminfo(MEMINFO) == 16301012 // 1024
+    with pytest.raises(ValueError, match="no MemTotal"):
+        parse_meminfo("MemFree: 1 kB\n")
+    with pytest.raises(ValueError, match="cannot read"):
+        parse_meminfo("MemTotal: lots\n")
+
+
+def test_gpus_are_counted_from_nvidia_smi():
+    """nvidia-smi -L lists one GPU per 'GPU N:' line (MIG lines are parts);
+    no nvidia-smi, or one that fails, means no GPUs."""
+    assert count_gpus(NVIDIA_SMI) == 2
+    assert detect_gpus(which=lambda name: None) == 0
+
+    def run(argv, **kwargs):
+        assert argv == ["/usr/bin/nvidia-smi", "-L"]
+        return subprocess.CompletedProcess(argv, 0, NVIDIA_SMI, "")
+
+    assert detect_gpus(which=lambda name: "/usr/bin/nvidia-smi", run=run) == 2
+
+    def broken(argv, **kwargs):
+        return subprocess.CompletedProcess(argv, 9, "", "NVIDIA-SMI has failed")
+
+    assert detect_gpus(which=lambda name: "/usr/bin/nvidia-smi", run=broken) == 0
+
+
+def test_cpus_are_the_affinity_mask():
+    """The CPUs offered are those the process may run on."""
+    assert detect_cpus(lambda pid: {0, 2, 5}) == 3
+    assert detect_cpus() >= 1
+
+
+# Options
+
+@pytest.fixture
+def token_file(tmp_path):
+    path = tmp_path / "token"
+    path.write_text(TOKEN + "\n")
+    return str(path)
+
+
+def parse(*args):
+    options = Options()
+    options.parseOptions(list(args))
+    return options
+
+
+def test_options_build_the_settings(token_file, tmp_path):
+    """Given options are used as they are, the others detected; the config
+    file's [tasks] and [fetch] are read and it needs no daemon section."""
+    ini = tmp_path / "worker.ini"
+    ini.write_text("[tasks]\nadd = tests.tasks:add\n\n[fetch]\ntimeout = 7\n")
+    options = parse("--url", "http://10.0.0.1:8080", "--token-file", token_file,
+                    "--slots", "3", "--config", str(ini), "--name", "node7",
+                    "--cpus", "2.5", "--memory", "1000", "--gpus", "1",
+                    "--label", "site=a", "--label", "disk=ssd",
+                    "--data-dir", str(tmp_path / "wd"))
+    settings = options.settings
+    assert settings.token == TOKEN
+    assert settings.url == "http://10.0.0.1:8080"
+    assert settings.description == WorkerDescription(
+        "node7", 3, 2.5, 1000, 1, {"site": "a", "disk": "ssd"}, ("add",))
+    assert settings.config.fetch.timeout == 7
+    assert settings.data_dir == str(tmp_path / "wd")
+    detected = parse("--url", "http://h", "--token-file", token_file,
+                     "--slots", "1").settings
+    assert detected.description.cpus >= 1
+    assert detected.description.memory_mb > 0
+    assert detected.description.name.endswith(f"-{__import__('os').getpid()}")
+    assert detected.data_dir == "dispatcher-worker-data"
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "--url is required"),
+    (["--url", "http://h"], "--token-file is required"),
+    (["--url", "http://h", "--token-file", "TOKEN"], "--slots is required"),
+    (["--url", "ftp://h", "--token-file", "TOKEN", "--slots", "1"],
+     "--url: expected the dispatcher's http:// or https:// URL"),
+    (["--url", "http://h", "--token-file", "TOKEN", "--slots", "0"],
+     "--slots: expected an integer of at least 1, not '0'"),
+    (["--url", "http://h", "--token-file", "TOKEN", "--slots", "two"],
+     "--slots: expected an integer of at least 1, not 'two'"),
+    (["--url", "http://h", "--token-file", "TOKEN", "--slots", "1", "--memory", "1.5G"],
+     "--memory: expected an integer number of MiB of at least 1, not '1.5G'"),
+    (["--url", "http://h", "--token-file", "TOKEN", "--slots", "1", "--cpus", "0"],
+     "--cpus: expected a number of CPUs above 0, not '0'"),
+    (["--url", "http://h", "--token-file", "TOKEN", "--slots", "1", "--gpus", "-1"],
+     "--gpus: expected an integer of at least 0, not '-1'"),
+    (["--url", "http://h", "--token-file", "TOKEN", "--slots", "1", "--label", "site"],
+     "--label: expected KEY=VALUE, not 'site'"),
+    (["--url", "http://h", "--token-file", "TOKEN", "--slots", "1",
+      "--label", "a=1", "--label", "a=2"], "--label: a is given twice"),
+    (["--url", "http://h", "--token-file", "/nonexistent/token", "--slots", "1"],
+     "--token-file /nonexistent/token: cannot read the token file: No such file or directory"),
+])
+def test_option_errors_say_what_is_wrong(token_file, args, message):
+    """Each mistake is a UsageError naming the option, the value and what
+    is allowed."""
+    args = [token_file if a == "TOKEN" else a for a in args]
+    with pytest.raises(usage.UsageError) as e:
+        parse(*args)
+    assert str(e.value).startswith(message)
+
+
+def test_an_empty_token_file_and_a_bad_config_are_refused(tmp_path, token_file):
+    """An empty token file, and a config file with a wrong key, are errors
+    naming the file (and the section and key)."""
+    empty = tmp_path / "empty"
+    empty.write_text("\n")
+    with pytest.raises(usage.UsageError, match="at least 16 characters"):
+        parse("--url", "http://h", "--token-file", str(empty), "--slots", "1")
+    ini = tmp_path / "bad.ini"
+    ini.write_text("[fetch]\ntimeout = soon\n")
+    with pytest.raises(usage.UsageError) as e:
+        parse("--url", "http://h", "--token-file", token_file, "--slots", "1",
+              "--config", str(ini))
+    assert str(e.value).startswith(f"{ini}: [fetch] timeout = 'soon': expected")
+
+
+def test_a_refused_log_does_not_hold_the_result_up():
+    """A log chunk the dispatcher refuses outright (a 400 without a size)
+    is not retried for ever: the stream is given up and the result goes."""
+    h = Harness()
+    h.worker.startService()
+    h.grant(lease(1))
+    h.logs["job-1/attempt-1/stdout"] = b"abc"
+    h.executor.finish("job-1")
+    h.answer(h.one("/v1/leases/log"), {"error": {
+        "code": "invalid_field", "message": "no", "field": "stream"}}, code=400)
+    assert len(h.pending("/v1/leases/results")) == 1
+    assert h.pending("/v1/leases/log") == []
+
+
+def test_an_offset_refused_without_a_size_is_resent_from_the_start():
+    """A 400 on the offset that does not say the dispatcher's size makes the
+    worker resend the stream from 0, which is always allowed."""
+    h = Harness()
+    h.worker.startService()
+    h.grant(lease(1))
+    h.logs["job-1/attempt-1/stdout"] = b"abc"
+    h.advance(5.0)
+    h.answer(h.one("/v1/leases/log"), {"size": 3})
+    h.logs["job-1/attempt-1/stdout"] += b"def"
+    h.executor.finish("job-1")
+    log = h.one("/v1/leases/log")
+    assert log.query["offset"] == "3"
+    h.answer(log, {"error": {"code": "offset_past_end", "message": "send from 0",
+                             "field": "offset"}}, code=400)
+    log = h.one("/v1/leases/log")
+    assert (log.query["offset"], log.body) == ("0", b"abcdef")
+
+
+# Real worker processes
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.dirname(sys.executable)
+
+
+class WorkerProcess:
+    """A `dispatcher worker` process, logging to a file."""
+
+    def __init__(self, tmp_path, url, token_file, slots=2, name="w-e2e",
+                 ini=TEST_TASKS, program=("dispatcher", "worker")):
+        self.dir = tmp_path / name
+        self.dir.mkdir()
+        self.config = self.dir / "worker.ini"
+        self.config.write_text(ini)
+        self.logfile = self.dir / "worker.log"
+        self.name = name
+        self.args = [
+            os.path.join(BIN, program[0]), *program[1:], "--url", url,
+            "--token-file", str(token_file), "--slots", str(slots),
+            "--config", str(self.config), "--name", name,
+            "--data-dir", str(self.dir / "data"), "--cpus", "2", "--memory", "1024",
+            "--gpus", "0", "--grace", "5"]
+        self.process = None
+
+    def start(self):
+        with open(self.logfile, "ab") as log:
+            self.process = subprocess.Popen(
+                self.args, cwd=str(self.dir), env=dict(os.environ, PYTHONPATH=ROOT),
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        return self
+
+    def output(self):
+        return self.logfile.read_text()
+
+    def stop(self, timeout=30):
+        """SIGTERM, and the exit status (blocking: only for a worker with no
+        dispatcher in this process to talk to)."""
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=timeout)
+
+    async def stop_async(self, timeout=30):
+        """SIGTERM, waiting without blocking the reactor (the worker may be
+        talking to a dispatcher in this process)."""
+        self.process.send_signal(signal.SIGTERM)
+        waited = 0.0
+        while self.process.poll() is None:
+            assert waited < timeout, self.output()
+            await sleep(0.05)
+            waited += 0.05
+        return self.process.returncode
+
+    def kill(self):
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+@pytest.fixture
+def workers():
+    """Worker processes, killed at teardown if a test left them running."""
+    started = []
+    yield started
+    for worker in started:
+        worker.kill()
+
+
+def wait_for(predicate, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_worker_plugin_is_found():
+    """twistd finds the dispatcher-worker plugin next to the dispatcher."""
+    makers = {p.tapname: p for p in getPlugins(IServiceMaker)}
+    assert makers["dispatcher-worker"].module == "dispatcher.worker_tap"
+    assert makers["dispatcher-worker"].options().__module__ == "dispatcher.worker_tap"
+
+
+def test_worker_command_refuses_bad_options_in_one_line(tmp_path):
+    """`dispatcher worker` with a wrong option exits 2 and says what is
+    wrong in one line, before any reactor starts."""
+    done = subprocess.run(
+        [os.path.join(BIN, "dispatcher"), "worker", "--url", "http://h",
+         "--token-file", str(tmp_path / "none"), "--slots", "1"],
+        capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.splitlines()[0] == (
+        f"dispatcher worker: --token-file {tmp_path / 'none'}: cannot read the "
+        "token file: No such file or directory")
+
+
+@pytest.mark.parametrize("program", [
+    ("dispatcher", "worker"),
+    ("twistd", "-n", "--pidfile", "", "dispatcher-worker"),
+])
+def test_worker_process_backs_off_and_stops_on_sigterm(
+        tmp_path, token_file, workers, program):
+    """A real worker (the console script, or the twistd plugin as a
+    supervisor runs it) whose dispatcher is unreachable keeps retrying with
+    back-off and exits cleanly on SIGTERM."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    worker = WorkerProcess(tmp_path, f"http://127.0.0.1:{port}", token_file,
+                           program=program)
+    workers.append(worker.start())
+    wait_for(lambda: worker.output().count("asking for work failed") >= 2)
+    assert "Connection was refused" in worker.output()
+    assert worker.stop() in (0, -signal.SIGTERM)
+    assert f"worker {worker.name} stopped" in worker.output()
+
+
+# End to end: a real dispatcher and real worker processes
+
+async def remote_daemon(make_daemon, tmp_path, token_file):
+    """A dispatcher that runs nothing itself and takes workers."""
+    return await make_daemon(
+        f"[executor]\nslots = 0\n\n[workers]\ntoken_file = {token_file}\n"
+        "lease_seconds = 6\n")
+
+
+@pytest_twisted.ensureDeferred
+async def test_command_and_task_jobs_run_on_a_worker(
+        make_daemon, tmp_path, token_file, workers):
+    """A command job and a task job submitted to a dispatcher with no slots
+    of its own run on a worker process, succeed, and show their output
+    through GET /v1/jobs/{id}/log."""
+    daemon = await remote_daemon(make_daemon, tmp_path, token_file)
+    worker = WorkerProcess(tmp_path, daemon.url, token_file, name="node-a")
+    workers.append(worker.start())
+    command = await daemon.submit({"command": [
+        "sh", "-c", "echo out $DISPATCHER_JOB_ID; echo err >&2"]})
+    task = await daemon.submit({"task": "add", "args": [2, 3]})
+    done = await daemon.wait(command["id"])
+    assert done["state"] == "succeeded", (done, worker.output())
+    assert done["exit_code"] == 0
+    assert done["worker"] == "node-a"
+    response, content = await daemon.request("GET", f"/v1/jobs/{command['id']}/log")
+    assert content.decode() == f"out {command['id']}\n"
+    response, content = await daemon.request(
+        "GET", f"/v1/jobs/{command['id']}/log?stream=stderr")
+    assert content.decode() == "err\n"
+    done = await daemon.wait(task["id"])
+    assert done["state"] == "succeeded", (done, worker.output())
+    assert done["result"] == 5
+    assert done["worker"] == "node-a"
+    # The dispatcher knows the worker as it described itself.
+    code, listed = await daemon.json("GET", "/v1/workers")
+    assert code == 200, listed
+    [described] = [w for w in listed["workers"] if w["name"] == "node-a"]
+    assert described["slots"] == 2
+    assert described["resources"] == {"cpus": 2.0, "memory_mb": 1024, "gpus": 0}
+    assert "add" in described["tasks"]
+    assert await worker.stop_async() in (0, -signal.SIGTERM)
+    assert "worker node-a stopped" in worker.output()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_task_that_fails_on_a_worker_shows_its_traceback(
+        make_daemon, tmp_path, token_file, workers):
+    """A task that raises fails with the exception in its error, and its
+    traceback is the job's stderr log, as on the daemon's own host."""
+    daemon = await remote_daemon(make_daemon, tmp_path, token_file)
+    worker = WorkerProcess(tmp_path, daemon.url, token_file, name="node-b")
+    workers.append(worker.start())
+    job = await daemon.submit({"task": "fail", "args": ["no luck"]})
+    done = await daemon.wait(job["id"])
+    assert done["state"] == "failed"
+    assert "ValueError: no luck" in done["error"]
+    response, content = await daemon.request(
+        "GET", f"/v1/jobs/{job['id']}/log?stream=stderr")
+    assert "Traceback" in content.decode() and "no luck" in content.decode()
+    await worker.stop_async()
+
+
+@pytest_twisted.ensureDeferred
+async def test_several_jobs_come_in_one_lease_answer(
+        make_daemon, tmp_path, token_file, workers):
+    """Jobs queued before a worker connects are all leased in its first
+    answer, up to its slots, and run at the same time."""
+    daemon = await remote_daemon(make_daemon, tmp_path, token_file)
+    jobs = await daemon.batch([
+        {"command": ["sh", "-c", f"echo {n}; sleep 0.5"]} for n in range(3)])
+    worker = WorkerProcess(tmp_path, daemon.url, token_file, slots=3, name="node-c")
+    workers.append(worker.start())
+    for n, job in enumerate(jobs):
+        done = await daemon.wait(job["id"])
+        assert done["state"] == "succeeded", (done, worker.output())
+        response, content = await daemon.request("GET", f"/v1/jobs/{job['id']}/log")
+        assert content.decode() == f"{n}\n"
+    assert "3 jobs leased in one answer" in worker.output()
+    starts = sorted(job["started_at"] for job in [
+        (await daemon.json("GET", f"/v1/jobs/{j['id']}"))[1] for j in jobs])
+    finishes = sorted(job["finished_at"] for job in [
+        (await daemon.json("GET", f"/v1/jobs/{j['id']}"))[1] for j in jobs])
+    # All three ran at once: the last started before the first finished.
+    assert starts[-1] < finishes[0]
+    await worker.stop_async()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_worker_with_a_wrong_token_runs_nothing(
+        make_daemon, tmp_path, token_file, workers):
+    """A worker whose token the dispatcher refuses logs the refusal and
+    gets no job; the job stays queued."""
+    daemon = await remote_daemon(make_daemon, tmp_path, token_file)
+    wrong = tmp_path / "wrong-token"
+    wrong.write_text("not-the-right-token-at-all\n")
+    worker = WorkerProcess(tmp_path, daemon.url, wrong, name="node-d")
+    workers.append(worker.start())
+    job = await daemon.submit({"command": ["true"]})
+    waited = 0.0
+    while "refused asking for work" not in worker.output():
+        assert waited < 20, worker.output()
+        await sleep(0.05)
+        waited += 0.05
+    assert "401" in worker.output()
+    code, now = await daemon.json("GET", f"/v1/jobs/{job['id']}")
+    assert now["state"] == "queued"
+    await worker.stop_async()
+
+
+@pytest.fixture
+def file_server(tmp_path):
+    """A real local HTTP server of files, on an ephemeral port."""
+    root = tmp_path / "served"
+    root.mkdir()
+    (root / "data.txt").write_bytes(b"payload\n")
+    port = pytest_twisted.blockon(
+        serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(Site(File(str(root)))))
+    yield f"http://127.0.0.1:{port.getHost().port}"
+    pytest_twisted.blockon(port.stopListening())
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_worker_stages_inputs_on_its_own_host(
+        make_daemon, tmp_path, token_file, workers, file_server):
+    """A job with inputs is leased in staging; the worker fetches them into
+    the job's directory on its host, tells the dispatcher it runs, and the
+    job reads them."""
+    daemon = await remote_daemon(make_daemon, tmp_path, token_file)
+    worker = WorkerProcess(tmp_path, daemon.url, token_file, name="node-e")
+    workers.append(worker.start())
+    digest = hashlib.sha256(b"payload\n").hexdigest()
+    job = await daemon.submit({
+        "command": ["sh", "-c", "cat in/data.txt; sleep 1"],
+        "inputs": [{"url": f"{file_server}/data.txt", "path": "in/data.txt",
+                    "sha256": digest}]})
+    running = await daemon.wait(job["id"], states=("running", "succeeded", "failed"))
+    assert running["state"] == "running", (running, worker.output())
+    done = await daemon.wait(job["id"])
+    assert done["state"] == "succeeded", (done, worker.output())
+    _, out = await daemon.request("GET", f"/v1/jobs/{job['id']}/log")
+    assert out == b"payload\n"
+    staged = list((tmp_path / "node-e" / "data" / "jobs").glob("*/*/work/in/data.txt"))
+    assert [p.read_bytes() for p in staged] == [b"payload\n"]
+    await worker.stop_async()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_remote_jobs_output_shows_while_it_runs(
+        make_daemon, tmp_path, token_file, workers):
+    """A running job's output reaches GET /v1/jobs/{id}/log with the
+    worker's heartbeats, before the job ends."""
+    daemon = await remote_daemon(make_daemon, tmp_path, token_file)
+    worker = WorkerProcess(tmp_path, daemon.url, token_file, name="node-f")
+    workers.append(worker.start())
+    job = await daemon.submit({"command": ["sh", "-c", "echo early; sleep 30"]})
+    waited = 0.0
+    while True:
+        _, out = await daemon.request("GET", f"/v1/jobs/{job['id']}/log")
+        if out == b"early\n":
+            break
+        assert waited < 15, (out, worker.output())
+        await sleep(0.1)
+        waited += 0.1
+    code, now = await daemon.json("GET", f"/v1/jobs/{job['id']}")
+    assert now["state"] == "running"
+    code, _ = await daemon.json("POST", f"/v1/jobs/{job['id']}/cancel")
+    assert code == 202
+    done = await daemon.wait(job["id"])
+    assert done["state"] == "cancelled", (done, worker.output())
+    await worker.stop_async()
