@@ -9,7 +9,7 @@ back-offs run on it.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import attrs
 from twisted.application.service import Service
@@ -240,33 +240,45 @@ class Dispatcher(Service):
     def _submitted(self, written: Written) -> Any:
         self._apply(written)
         value = written.value
+        explain = self._explainer()
         if isinstance(value, Submitted):
-            return attrs.evolve(value, jobs=[self._explain(job) for job in value.jobs])
-        return self._explain(value)
+            return attrs.evolve(value, jobs=[explain(job) for job in value.jobs])
+        return explain(value)
 
     def get(self, job_id: str) -> Deferred:
-        return self.store.get(job_id).addCallback(self._explain)
+        return self.store.get(job_id).addCallback(self._explainer())
 
     def list_jobs(self, **kwargs: Any) -> Deferred:
         def explained(page: tuple[list[Job], Any]) -> tuple[list[Job], Any]:
             jobs, cursor = page
-            return [self._explain(job) for job in jobs], cursor
+            explain = self._explainer()
+            return [explain(job) for job in jobs], cursor
 
         return self.store.list_jobs(**kwargs).addCallback(explained)
 
-    def _explain(self, job: Job) -> Job:
+    def _explainer(self) -> Callable[[Job], Job]:
         """
-        A queued job that no holder could ever take says so in its wait
-        reason.
+        A function that gives a queued job that no holder could ever take a
+        wait reason saying so; the holders are looked at once, and jobs
+        that need the same are judged once.
         """
-        if job.state is not JobState.QUEUED:
-            return job
         offers = [self.local_offer] if self._slots > 0 else []
         offers.extend(worker.offer for worker in self.hub.connected())
-        reason = placement(job.spec, offers)
-        if reason is None:
-            return job
-        return attrs.evolve(job, wait_reason=reason)
+        reasons: dict[Any, Optional[str]] = {}
+
+        def explain(job: Job) -> Job:
+            if job.state is not JobState.QUEUED:
+                return job
+            spec = job.spec
+            needs = (spec.task, spec.resources, tuple(sorted(spec.requirements.items())))
+            if needs not in reasons:
+                reasons[needs] = placement(spec, offers)
+            reason = reasons[needs]
+            if reason is None or reason == job.wait_reason:
+                return job
+            return attrs.evolve(job, wait_reason=reason)
+
+        return explain
 
     def cancel(self, job_id: str) -> Deferred:
         """

@@ -283,6 +283,12 @@ def openapi_document() -> dict[str, Any]:
                     "code": {"type": "string"},
                     "message": {"type": "string"},
                     "field": {"type": ["string", "null"]},
+                    "size": {
+                        "type": "integer",
+                        "minimum": 0,
+                        "description": "offset_past_end only: the stream's size; "
+                        "send from there.",
+                    },
                 },
             }
         },

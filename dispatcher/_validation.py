@@ -22,18 +22,24 @@ class ApiError(Exception):
     """
 
     def __init__(
-        self, status: int, code: str, message: str, field: Optional[str] = None
+        self,
+        status: int,
+        code: str,
+        message: str,
+        field: Optional[str] = None,
+        details: Optional[Mapping[str, Any]] = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.field = field
+        self.details = dict(details or {})
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "error": {"code": self.code, "message": self.message, "field": self.field}
-        }
+        error = {"code": self.code, "message": self.message, "field": self.field}
+        error.update(self.details)
+        return {"error": error}
 
 
 def invalid(field: str, message: str) -> NoReturn:

@@ -67,8 +67,10 @@ def parse_worker(value: Any) -> Offer:
     """
     The L{Offer} of a worker description (the C{worker} field).
     """
+    if value is None:
+        raise ApiError(400, "missing_field", "worker: required: the worker's description", "worker")
     if not isinstance(value, dict):
-        raise ApiError(400, "missing_field", "worker: expected the worker's description", "worker")
+        invalid("worker", "expected an object describing the worker")
     for key in value:
         if key not in WORKER_FIELDS:
             raise ApiError(
@@ -220,6 +222,7 @@ class WorkerEndpoints:
                 f"offset: {offset} is past the end of the stream ({have} bytes); "
                 f"send from {have}",
                 "offset",
+                {"size": have},
             )
         return 200, {"size": size}
 

@@ -19,7 +19,7 @@ from collections import OrderedDict
 from typing import Any, Callable, Iterable, Mapping, Optional
 
 import attrs
-from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.defer import Deferred, DeferredList, FirstError, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -81,6 +81,9 @@ class Worker:
     last_contact: float
     jobs: set[str] = attrs.field(factory=set)
     poll: Optional[Poll] = None
+    # False for a worker known only from the leases a restart resumed: what
+    # it offers is unknown until it calls.
+    heard: bool = True
 
     def used(self, leases: Mapping[str, RemoteLease]) -> Resources:
         total = NO_RESOURCES
@@ -144,7 +147,7 @@ class WorkerHub:
             worker = self.workers.get(lease.holder)
             if worker is None:
                 # Known only by name until it calls again.
-                worker = Worker(Offer(lease.holder, 0), now)
+                worker = Worker(Offer(lease.holder, 0), now, heard=False)
                 self.workers[lease.holder] = worker
             worker.jobs.add(lease.job_id)
         self._arm_reaper()
@@ -165,7 +168,8 @@ class WorkerHub:
         return [
             w
             for w in self.workers.values()
-            if w.poll is not None or now - w.last_contact <= self.lease_seconds
+            if w.heard
+            and (w.poll is not None or now - w.last_contact <= self.lease_seconds)
         ]
 
     def cancel_requested(self, job_id: str) -> None:
@@ -204,6 +208,7 @@ class WorkerHub:
         else:
             worker.offer = offer
             worker.last_contact = now
+            worker.heard = True
         return worker
 
     def poll(self, offer: Offer, max_jobs: int, wait: float) -> Deferred:
@@ -358,9 +363,12 @@ class WorkerHub:
         def gathered(_: Any) -> list[dict[str, Any]]:
             return [a.result if isinstance(a, Deferred) else a for a in answers]
 
-        return DeferredList(writes, fireOnOneErrback=True, consumeErrors=True).addCallback(
-            gathered
-        )
+        def first_failure(failure: Failure) -> Failure:
+            failure.trap(FirstError)
+            return failure.value.subFailure
+
+        d = DeferredList(writes, fireOnOneErrback=True, consumeErrors=True)
+        return d.addCallbacks(gathered, first_failure)
 
     def current(self, job_id: str, token: int, holder: str) -> bool:
         """
