@@ -887,7 +887,7 @@ def openapi_document() -> dict[str, Any]:
                                     "required": ["job_id", "token", "state"],
                                     "properties": {
                                         **lease_item["properties"],
-                                        "state": {"enum": ["succeeded", "failed"]},
+                                        "state": {"enum": ["succeeded", "failed", "released"]},
                                         "exit_code": {
                                             "type": ["integer", "null"],
                                             "minimum": -255,

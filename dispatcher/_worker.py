@@ -604,13 +604,12 @@ class RemoteWorker(Service):
         those still running, and go on for up to C{flush_seconds} trying to
         deliver the results of the jobs that ended.
 
-        The jobs stopped here are not reported (unless they succeeded before
-        the stop reached them): their leases run out and the dispatcher
-        queues them again while attempts remain, as it does for a worker
-        that died.  A report could only say "failed", which the job did not,
-        or "stopped", which the protocol reads as a cancel; either way the
-        attempt counts, as it does on expiry, so silence loses nothing but
-        the wait for the lease.  Their logs are shipped all the same.
+        The jobs stopped here are reported as C{released} (unless they
+        succeeded before the stop reached them): the dispatcher puts them
+        back in the queue at once without spending their attempt, as the
+        daemon does with its own jobs on SIGTERM.  Their logs are shipped
+        first.  If the release cannot be delivered, their leases run out and
+        the dispatcher queues them again (the attempt then counts).
 
         @return: a Deferred that fires when the worker has let go of
             everything.
@@ -637,8 +636,7 @@ class RemoteWorker(Service):
         if still:
             log.warn(
                 "stopping {count} jobs still running after the grace period: "
-                "{job_ids}; their results are not reported, so their leases "
-                "run out and the dispatcher queues them again",
+                "{job_ids}; they are given back to the dispatcher's queue",
                 count=len(still),
                 job_ids=sorted(h.job_id for h in still),
             )
@@ -864,7 +862,7 @@ class RemoteWorker(Service):
                 await self._sleep(backoff.next_delay())
         except CancelledError:
             return
-        if held.forgotten or held.abandoned:
+        if held.forgotten:
             self._drop(held)
             return
         self.unreported[held.job_id] = held
@@ -1064,6 +1062,8 @@ class RemoteWorker(Service):
 
     def _report(self) -> None:
         if self._reporting is None and self.unreported and not self._stopped:
+            # (A stopping worker still reports: it is how its abandoned
+            # jobs go back unspent.)
             d = self._guard(self._send_results(), "reporting results")
             self._reporting = d
             d.addBoth(self._reported)
@@ -1112,7 +1112,9 @@ def _result_json(held: HeldLease) -> dict[str, Any]:
     return {
         "job_id": held.job_id,
         "token": held.lease.token,
-        "state": outcome.state.value,
+        # A job the worker's own shutdown stopped goes back to the queue,
+        # its attempt not spent.
+        "state": "released" if held.abandoned else outcome.state.value,
         "exit_code": outcome.exit_code,
         "result": outcome.result,
         "error": outcome.error,

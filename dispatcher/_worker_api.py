@@ -180,8 +180,8 @@ class WorkerEndpoints:
         for i, item in enumerate(items):
             field = f"results[{i}]"
             state = item.get("state")
-            if state not in ("succeeded", "failed"):
-                invalid(f"{field}.state", "expected succeeded or failed")
+            if state not in ("succeeded", "failed", "released"):
+                invalid(f"{field}.state", "expected succeeded, failed or released")
             exit_code = item.get("exit_code")
             if exit_code is not None:
                 _number(exit_code, f"{field}.exit_code", -255, 255, True)
@@ -191,9 +191,12 @@ class WorkerEndpoints:
             stopped = item.get("stopped", False)
             if not isinstance(stopped, bool):
                 invalid(f"{field}.stopped", "expected true or false")
-            outcome = Outcome(
-                JobState(state), exit_code, item.get("result"), error, stopped
-            )
+            if state == "released":
+                outcome = None
+            else:
+                outcome = Outcome(
+                    JobState(state), exit_code, item.get("result"), error, stopped
+                )
             parsed.append((item["job_id"], item["token"], outcome))
         answers = await self._hub.report(offer, parsed)
         return _all_refused(answers), {"results": answers}

@@ -335,10 +335,14 @@ class WorkerHub:
         d = DeferredList(writes, consumeErrors=True) if writes else succeed(None)
         return d.addCallback(lambda _: answers)
 
-    def report(self, offer: Offer, results: list[tuple[str, int, Outcome]]) -> Deferred:
+    def report(
+        self, offer: Offer, results: list[tuple[str, int, Optional[Outcome]]]
+    ) -> Deferred:
         """
-        Record how attempts ended, as C{(job_id, token, outcome)}; fire
-        with one answer per item, once the accepted ones are durable.
+        Record how attempts ended, as C{(job_id, token, outcome)}; an
+        outcome of C{None} gives the job back unspent (the worker stopped it
+        on its own shutdown).  Fire with one answer per item, once the
+        accepted ones are durable.
         """
         self.contact(offer)
         answers: list[Any] = []
@@ -416,11 +420,19 @@ class WorkerHub:
         while len(self._endings) > REMEMBERED_ENDINGS:
             self._endings.popitem(last=False)
 
-    def _finish(self, lease: Lease, outcome: Outcome) -> Deferred:
+    def _finish(self, lease: Lease, outcome: Optional[Outcome]) -> Deferred:
         """
-        Record the end of a lease; fire with whether it was stale.
+        Record the end of a lease (C{None}: given back unspent); fire with
+        whether it was stale.
         """
-        d = self._store.finish(lease, outcome, self._clock.seconds())
+        if outcome is None:
+            d = self._store.release(
+                lease,
+                self._clock.seconds(),
+                f"its worker {lease.holder} stopped; the job goes back to the queue",
+            )
+        else:
+            d = self._store.finish(lease, outcome, self._clock.seconds())
 
         def done(written: Any) -> bool:
             self._apply(written)

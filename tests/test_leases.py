@@ -508,3 +508,21 @@ async def test_worker_endpoints_answer_as_the_openapi_document_says(make_pure):
         headers={"Authorization": [f"Bearer {TOKEN}"], "Content-Type": ["text/plain"]})
     assert response.code == 415
     answered_as_documented("/v1/leases/results", "post", 415, json.loads(content))
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_released_job_goes_back_unspent(make_pure):
+    daemon = await make_pure()
+    who = worker("w")
+    job = await daemon.submit({"command": ["sleep", "100"]})
+    (granted,) = await lease(daemon, who)
+    code, answer = await report(daemon, who, [{
+        "job_id": granted["job_id"], "token": granted["token"], "state": "released"}])
+    assert code == 200 and answer["results"][0]["ok"] is True
+    back = await daemon.wait(job["id"], ("queued",))
+    assert "its worker w stopped" in back["attempts"][0]["error"]
+    # Not spent: the one allowed attempt is still there to run.
+    (again,) = await lease(daemon, worker("other"))
+    assert again["attempt"] == 2
+    code, answer = await report(daemon, worker("other"), [result(again)])
+    assert (await daemon.wait(job["id"]))["state"] == "succeeded"

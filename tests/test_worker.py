@@ -577,10 +577,10 @@ def test_results_refused_as_a_whole_are_dropped():
 
 # Stopping
 
-def test_stop_gives_running_jobs_a_grace_then_stops_them_unreported():
+def test_stop_gives_running_jobs_a_grace_then_releases_them():
     """A stopping worker asks for nothing more, keeps heartbeating, reports
-    the jobs that end within the grace, stops the others after it and does
-    not report them (their leases run out), but ships their logs."""
+    the jobs that end within the grace, stops the others after it, ships
+    their logs and gives them back as released (their attempt unspent)."""
     h = Harness(slots=3, grace=20.0)
     h.worker.startService()
     h.grant(lease(1), lease(2))
@@ -608,12 +608,14 @@ def test_stop_gives_running_jobs_a_grace_then_stops_them_unreported():
     # Its last output goes before the worker stops.
     assert not stopped.called
     h.answer(h.one("/v1/leases/log"), {"size": 11})
+    assert not stopped.called
+    release = h.one("/v1/leases/results")
+    assert [(r["job_id"], r["state"]) for r in release.json["results"]] == [
+        ("job-2", "released")]
+    h.answer(release, {"results": [{"job_id": "job-2", "token": 102, "ok": True}]})
     assert stopped.called
     later = h.dispatcher.calls[h.dispatcher.calls.index(poll) + 1:]
     assert [c for c in later if c.path == "/v1/leases"] == []
-    reported = [r["job_id"] for c in h.dispatcher.calls
-                if c.path == "/v1/leases/results" for r in c.json["results"]]
-    assert reported == ["job-1"]
     assert h.clock.getDelayedCalls() == []
 
 
