@@ -65,7 +65,10 @@ class TaskContext:
         self._workdir = workdir
         self.array_id = array_id
         self.array_index = array_index
-        self._cancelled = threading.Event()
+        # The event is made only for a task that waits on it: most never do,
+        # and an Event costs a lock and a condition.
+        self._cancelled = False
+        self._event: Optional[threading.Event] = None
 
     @property
     def workdir(self) -> str:
@@ -78,20 +81,32 @@ class TaskContext:
         Whether the job was cancelled; a long task should check this and
         return early.
         """
-        return self._cancelled.is_set()
+        return self._cancelled
 
     def wait_cancelled(self, timeout: Optional[float] = None) -> bool:
         """
         Block up to C{timeout} seconds until the job is cancelled; return
         whether it was.  Use it instead of C{time.sleep} in a task.
         """
-        return self._cancelled.wait(timeout)
+        with _EVENTS_LOCK:
+            if self._event is None:
+                self._event = threading.Event()
+                if self._cancelled:
+                    self._event.set()
+            event = self._event
+        return event.wait(timeout)
 
     def cancel(self) -> None:
         """
         Ask the task to stop.
         """
-        self._cancelled.set()
+        with _EVENTS_LOCK:
+            self._cancelled = True
+            if self._event is not None:
+                self._event.set()
+
+
+_EVENTS_LOCK = threading.Lock()
 
 
 def _daemon_thread(*args: Any, **kwargs: Any) -> threading.Thread:
@@ -218,19 +233,19 @@ class LocalExecutor:
         """
         # UUIDv7 ids start with the time: the first eight digits change
         # every 65 seconds, which keeps directories to a sane size.
-        return os.path.join(self._jobs_dir, job_id[:8], job_id)
+        return f"{self._jobs_dir}/{job_id[:8]}/{job_id}"
 
     def workdir(self, job_id: str) -> str:
         """
         Where a job's process runs and its inputs land.
         """
-        return os.path.join(self.job_dir(job_id), "work")
+        return f"{self.job_dir(job_id)}/work"
 
     def log_path(self, job_id: str, attempt: int, stream: str) -> str:
         """
         The file holding one stream (C{stdout}/C{stderr}) of one attempt.
         """
-        return os.path.join(self.job_dir(job_id), f"attempt-{attempt}", stream)
+        return f"{self.job_dir(job_id)}/attempt-{attempt}/{stream}"
 
     def run(
         self,
@@ -245,6 +260,7 @@ class LocalExecutor:
         """
         running = RunningJob(lease, Deferred())
         self.running[lease.job_id] = running
+        spec = lease.spec
 
         async def work() -> Outcome:
             spec = lease.spec
@@ -296,6 +312,20 @@ class LocalExecutor:
                 result = attrs.evolve(result, stopped=True)
             running.done.callback(result)
 
+        if (
+            spec.task is not None
+            and not spec.inputs
+            and spec.timeout is None
+            and lease.job_id not in self._lingering
+        ):
+            # The common task job (no inputs, no timeout) needs none of the
+            # steps above: straight to its thread.
+            started = self._start_task(running, spec, self.workdir(lease.job_id))
+            if isinstance(started, Outcome):
+                finished(started)
+            else:
+                started.addBoth(finished)
+            return running
         ensureDeferred(work()).addBoth(finished)
         return running
 
@@ -367,21 +397,6 @@ class LocalExecutor:
         self, running: RunningJob, spec: JobSpec, workdir: str
     ) -> Outcome:
         lease = running.lease
-        ref = self._tasks.get(spec.task or "")
-        if ref is None:
-            return Outcome(
-                JobState.FAILED,
-                error=f"the task {spec.task!r} is not configured on this host",
-            )
-        context = TaskContext(
-            lease.job_id,
-            lease.attempt,
-            spec.labels,
-            workdir,
-            spec.array_id,
-            spec.array_index,
-        )
-        running.context = context
         lingering = self._lingering.get(lease.job_id)
         if lingering is not None:
             # An earlier attempt timed out but its thread still runs the
@@ -389,18 +404,11 @@ class LocalExecutor:
             waiter: Deferred = Deferred()
             lingering.addBoth(lambda r: (waiter.callback(None), r)[1])
             await waiter
-        call = deferToThreadPool(
-            self._reactor,
-            self._task_pool,
-            _call_task,
-            ref.function,
-            context,
-            spec.args,
-            spec.kwargs,
-            self.log_path(lease.job_id, lease.attempt, "stderr"),
-        )
-        if spec.timeout is None:
-            return await call
+        call = self._start_task(running, spec, workdir)
+        if isinstance(call, Outcome) or spec.timeout is None:
+            return await call if isinstance(call, Deferred) else call
+        context = running.context
+        assert context is not None
         # A thread cannot be stopped: past the timeout the attempt ends, the
         # context says cancelled, and whatever the function returns later is
         # dropped.  The thread's own Deferred is kept until it returns.
@@ -423,6 +431,40 @@ class LocalExecutor:
                 error=f"timed out after {spec.timeout:g} s; the task's thread "
                 "runs on until the function returns, and its result is discarded",
             )
+
+    def _start_task(
+        self, running: RunningJob, spec: JobSpec, workdir: str
+    ) -> "Outcome | Deferred":
+        """
+        Call the task's function on the task pool: a Deferred of its
+        L{Outcome}, or the outcome at once if it cannot start.
+        """
+        lease = running.lease
+        ref = self._tasks.get(spec.task or "")
+        if ref is None:
+            return Outcome(
+                JobState.FAILED,
+                error=f"the task {spec.task!r} is not configured on this host",
+            )
+        context = TaskContext(
+            lease.job_id,
+            lease.attempt,
+            spec.labels,
+            workdir,
+            spec.array_id,
+            spec.array_index,
+        )
+        running.context = context
+        return deferToThreadPool(
+            self._reactor,
+            self._task_pool,
+            _call_task,
+            ref.function,
+            context,
+            spec.args,
+            spec.kwargs,
+            self.log_path(lease.job_id, lease.attempt, "stderr"),
+        )
 
     def stop(self, job_id: str) -> None:
         """
