@@ -18,6 +18,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from ._deferreds import shielded
 from ._events import JobEvent, JobEvents
 from ._execution import LocalExecutor, RunningJob
 from ._host import detect_resources
@@ -235,7 +236,7 @@ class Dispatcher(Service):
                     ids.append(self.ids.new())
                 names.append(array_id)
         d = self.store.submit(specs, self._clock.seconds(), ids, idempotency)
-        return _shielded(d.addCallback(self._submitted))
+        return shielded(d.addCallback(self._submitted))
 
     def _submitted(self, written: Written) -> Any:
         self._apply(written)
@@ -298,14 +299,14 @@ class Dispatcher(Service):
                 self.hub.cancel_requested(job_id)
             return job, False
 
-        return _shielded(d.addCallback(cancelled))
+        return shielded(d.addCallback(cancelled))
 
     def retry(self, job_id: str, dependents: bool) -> Deferred:
         """
         Put a failed or cancelled job back in line with a fresh budget.
         """
         d = self.store.retry(job_id, self._clock.seconds(), dependents)
-        return _shielded(d.addCallback(self._submitted))
+        return shielded(d.addCallback(self._submitted))
 
     async def queues(self) -> dict[str, Any]:
         """
@@ -501,21 +502,3 @@ class Dispatcher(Service):
             self._pump()
 
         return d.addCallbacks(self._apply, failed).addBoth(finally_)
-
-
-def _shielded(d: Deferred) -> Deferred:
-    """
-    A Deferred with C{d}'s result whose cancelling does not reach C{d}.
-
-    A client that goes away cancels its request's work; a write the store
-    has already taken commits all the same, and the follow-ups chained on
-    C{d} (events, timers, stopping a process) must run with it.
-    """
-    shield: Deferred = Deferred()
-
-    def deliver(result: Any) -> None:
-        if not shield.called:
-            shield.callback(result)
-
-    d.addBoth(deliver)
-    return shield

@@ -24,6 +24,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from ._config import TaskRef
+from ._deferreds import shielded
 from ._model import JobSpec, JobState, Lease, Outcome
 
 log = Logger()
@@ -412,13 +413,7 @@ class LocalExecutor:
         # A thread cannot be stopped: past the timeout the attempt ends, the
         # context says cancelled, and whatever the function returns later is
         # dropped.  The thread's own Deferred is kept until it returns.
-        outcome: Deferred = Deferred()
-
-        def deliver(result: Any) -> None:
-            if not outcome.called:
-                outcome.callback(result)
-
-        call.addBoth(deliver)
+        outcome = shielded(call)
         outcome.addTimeout(spec.timeout, self._clock)
         try:
             return await outcome

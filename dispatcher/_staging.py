@@ -42,6 +42,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH
 from zope.interface import implementer
 
 from ._config import FetchConfig
+from ._deferreds import shielded
 from ._interfaces import IInputStager
 from ._model import InputSpec
 
@@ -146,14 +147,7 @@ class InputStager:
             stopped.append(True)
             inner.cancel()
 
-        outer: Deferred = Deferred(cancel)
-
-        def deliver(result: Any) -> None:
-            if not outer.called:
-                outer.callback(result)
-
-        inner.addBoth(deliver)
-        return outer
+        return shielded(inner, cancel)
 
     async def _stage_all(
         self, inputs: list[InputSpec], workdir: str, stopped: list[bool]

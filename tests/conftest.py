@@ -4,12 +4,10 @@ treq client with its own connection pool.
 """
 
 import json
-import os
 
 import attrs
 import pytest
 import pytest_twisted
-import treq
 from treq.client import HTTPClient
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred

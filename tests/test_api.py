@@ -5,7 +5,6 @@ reads, listing, errors, body limits and the OpenAPI document.
 
 import json
 import re
-import socket
 
 import jsonschema
 import pytest

@@ -5,7 +5,6 @@ succeeds, none is lost, none ever runs twice at once.
 """
 
 import json
-import os
 import signal
 import socket
 import threading

@@ -6,7 +6,6 @@ queue endpoints.  Time runs on a Clock wherever a rule is about time.
 
 import json
 
-import pytest
 import pytest_twisted
 from twisted.internet.defer import ensureDeferred, gatherResults
 from twisted.internet.task import Clock

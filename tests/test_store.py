@@ -3,7 +3,6 @@ The SQLite job store: durability, group commit, claims, fencing, cancel,
 listing, recovery and migrations.
 """
 
-import os
 import sqlite3
 
 import attrs
