@@ -165,7 +165,9 @@ def test_a_stopped_worker_loses_its_job_and_its_late_writes(
     worker's attempt."""
     gates = tmp_path / "gates"
     gates.mkdir()
-    workers = {name: start_worker(dispatcher.url, name, 1) for name in ("w1", "w2")}
+    # Two slots each: the stopped worker keeps a long-poll open for its
+    # free slot, which must not swallow the job it lost.
+    workers = {name: start_worker(dispatcher.url, name, 2) for name in ("w1", "w2")}
     job = submit(dispatcher, {
         "command": gated(gates, "attempt $DISPATCHER_ATTEMPT", "end $DISPATCHER_ATTEMPT"),
         "max_attempts": 2})
