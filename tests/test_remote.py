@@ -34,6 +34,7 @@ def poll(condition, timeout=15.0, what="the condition"):
 
 @pytest.fixture
 def token_file(tmp_path):
+    """The workers' token, as the dispatcher and the workers read it."""
     path = tmp_path / "worker.token"
     path.write_text(TOKEN + "\n")
     return path
@@ -92,6 +93,7 @@ def log_of(daemon, job_id):
 
 
 def read_pid(path):
+    """The process id a job wrote to path, once it has."""
     text = poll(lambda: path.exists() and path.read_text().strip(),
                 what=f"a pid in {path}")
     return int(text)
@@ -183,9 +185,11 @@ def test_a_stopped_worker_loses_its_job_and_its_late_writes(
         (gates / "1").touch()
         poll(lambda: attempt_log(first.dir / "data", job["id"], 1) == "attempt 1\nend 1\n",
              what="the first attempt to end")
-        moved = poll(lambda: (lambda j: j["worker"] == second.name
-                              and j["state"] == "running" and j)(
-            get(dispatcher, job["id"])), what="the job to move")
+        def moved_to_second():
+            now = get(dispatcher, job["id"])
+            return now["worker"] == second.name and now["state"] == "running" and now
+
+        moved = poll(moved_to_second, what="the job to move")
         assert [a["holder"] for a in moved["attempts"]] == [first.name, second.name]
         lost = moved["attempts"][0]
         assert f"its worker {first.name} sent no heartbeat" in lost["error"]
@@ -226,7 +230,7 @@ def test_a_killed_workers_job_is_retried_elsewhere(
         dispatcher, start_worker, tmp_path):
     """A worker killed with SIGKILL mid-job takes its job's processes with
     it, and after its lease runs out the job runs again on another worker."""
-    workers = {name: start_worker(dispatcher.url, name, 1) for name in ("k1", "k2")}
+    workers = {name: start_worker(dispatcher.url, name, 2) for name in ("k1", "k2")}
     pids = tmp_path / "pids"
     pids.mkdir()
     job = submit(dispatcher, {"command": [
@@ -279,7 +283,8 @@ def test_a_restarted_dispatcher_keeps_its_workers_jobs(
     for longer than a lease, and restarted on the same data dir and port,
     takes the worker back: the job that ended while it was down has its
     result recorded, the one that went on running succeeds after the
-    restart, each with its one attempt and its whole output."""
+    restart, each with its one attempt and its whole output, and the
+    worker takes new work."""
     gates = tmp_path / "gates"
     gates.mkdir()
     (gates / "during").mkdir()
@@ -318,3 +323,7 @@ def test_a_restarted_dispatcher_keeps_its_workers_jobs(
         assert done["worker"] == "r1"
         assert log_of(dispatcher, job["id"]) == "start\nend\n"
         assert f"job {job['id']} attempt 1: result recorded" in worker.output()
+    # And it takes new work from the restarted dispatcher.
+    after = submit(dispatcher, {"command": ["true"]})
+    done = dispatcher.wait(after["id"], ("succeeded", "failed", "cancelled"))
+    assert (done["state"], done["worker"]) == ("succeeded", "r1"), worker.output()
