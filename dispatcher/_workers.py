@@ -496,6 +496,13 @@ class WorkerHub:
                 seconds=self.lease_seconds,
             )
             self._end_lease(remote, "expired")
+            worker = self.workers.get(lease.holder)
+            if worker is not None and worker.poll is not None:
+                # A worker that let a lease run out is presumed stopped or
+                # cut off, and its open poll with it: left open, it would
+                # swallow the job again, and each job it got would run out
+                # in turn.  A live worker just asks again.
+                self._end_poll(worker, [])
             d = self._finish(
                 lease,
                 Outcome(

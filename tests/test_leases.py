@@ -256,6 +256,33 @@ async def test_a_lease_without_heartbeat_expires_and_its_writes_are_refused(make
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_worker_whose_lease_expires_gets_no_work_until_it_calls_again(make_pure):
+    """A worker that lets a lease run out is presumed stopped or cut off:
+    its open long-poll is answered with nothing, so the job it lost goes to
+    a live worker instead of into the same silent connection (where it
+    would burn another attempt)."""
+    clock = Clock()
+    daemon = await make_pure(clock=clock)
+    frozen, live = worker("frozen", slots=2), worker("live", slots=1)
+    job = await daemon.submit({"command": ["true"], "max_attempts": 2, "retry_delay": 0})
+    (granted,) = await lease(daemon, frozen, max_jobs=1)
+    # The frozen worker still has a long-poll open for its other slot.
+    stale = ensureDeferred(lease(daemon, frozen, max_jobs=1, wait=60))
+    await sleep(0.05)
+    clock.advance(20)
+    waiting = ensureDeferred(lease(daemon, live, wait=60))
+    await sleep(0.05)
+    clock.advance(11)
+    assert await stale == []
+    (moved,) = await waiting
+    assert (moved["job_id"], moved["attempt"], moved["holder"]) == (job["id"], 2, "live")
+    # Once it calls again it is given work as before.
+    other = await daemon.submit({"command": ["true"]})
+    (got,) = await lease(daemon, frozen)
+    assert got["job_id"] == other["id"]
+
+
+@pytest_twisted.ensureDeferred
 async def test_cancel_reaches_the_worker_at_its_next_heartbeat(make_pure):
     daemon = await make_pure()
     who = worker("w")
