@@ -561,7 +561,9 @@ class RemoteWorker(Service):
         self._random = rng if rng is not None else random.Random()
         self._poll_backoff = Backoff(rng=self._random)
         self._beat_backoff = Backoff(rng=self._random)
-        self._report_backoff = Backoff(rng=self._random)
+        # Results and their last output wait at most 10 s between tries: a
+        # dispatcher back from an outage hears of ended jobs soon.
+        self._report_backoff = Backoff(maximum=10.0, rng=self._random)
         self.lease_seconds = DEFAULT_LEASE_SECONDS
         self.heartbeat_seconds = DEFAULT_HEARTBEAT_SECONDS
         self.held: dict[str, HeldLease] = {}
@@ -856,7 +858,7 @@ class RemoteWorker(Service):
     async def _finish(self, held: HeldLease) -> None:
         # The last log bytes go first: once the result is recorded the
         # lease is no longer current, and neither is its log.
-        backoff = Backoff(rng=self._random)
+        backoff = Backoff(maximum=10.0, rng=self._random)
         try:
             while not held.forgotten and not await self._ship_logs(held):
                 await self._sleep(backoff.next_delay())
