@@ -143,6 +143,16 @@ class Dispatcher(Service):
         self.hub.resume(resumed.value)
         counts = await self.store.count_by_state()
         self.scheduler.jobs_queued(counts[JobState.QUEUED])
+        limits = self.store.queue_limits
+        for queue, states in sorted((await self.store.queue_counts()).items()):
+            waiting = states[JobState.QUEUED] + states[JobState.PENDING]
+            if queue not in limits and waiting:
+                log.warn(
+                    "{count} jobs wait in queue {queue}, which the configuration "
+                    "no longer names: they run once [queue:{queue}] is back",
+                    count=waiting,
+                    queue=queue,
+                )
         self.local_offer = Offer(
             self.executor.holder, self._slots, self._resources, {}, self._tasks
         )
@@ -266,11 +276,18 @@ class Dispatcher(Service):
         offers = [self.local_offer] if self._slots > 0 else []
         offers.extend(worker.offer for worker in self.hub.connected())
         reasons: dict[Any, Optional[str]] = {}
+        queues = self.store.queue_limits
 
         def explain(job: Job) -> Job:
             if job.state is not JobState.QUEUED:
                 return job
             spec = job.spec
+            if spec.queue not in queues:
+                return attrs.evolve(
+                    job,
+                    wait_reason=f"its queue {spec.queue} is not in the configuration; "
+                    f"it runs once [queue:{spec.queue}] is back",
+                )
             needs = (spec.task, spec.resources, tuple(sorted(spec.requirements.items())))
             if needs not in reasons:
                 reasons[needs] = placement(spec, offers)

@@ -365,3 +365,20 @@ async def test_task_context_has_array_and_attempt(daemon):
         done = await daemon.wait(member["id"])
         assert done["result"]["array_index"] == member["array_index"]
         assert done["result"]["attempt"] == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_queue_dropped_from_the_config_says_why_its_jobs_wait(make_daemon, tmp_path):
+    """Jobs of a queue that a restart's configuration no longer names stay
+    queued (nothing is lost) and say why; when the queue is back they run."""
+    data = tmp_path / "kept"
+    daemon = await make_daemon("[executor]\nslots = 0\n[queue:gpu]\n", data_dir=data)
+    job = await daemon.submit({"command": ["true"], "queue": "gpu"})
+    await daemon.service.stopService()
+    daemon = await make_daemon("", data_dir=data)
+    code, waiting = await daemon.json("GET", f"/v1/jobs/{job['id']}")
+    assert waiting["state"] == "queued"
+    assert waiting["wait_reason"].startswith("its queue gpu is not in the configuration")
+    await daemon.service.stopService()
+    daemon = await make_daemon("[queue:gpu]\n", data_dir=data)
+    assert (await daemon.wait(job["id"]))["state"] == "succeeded"
