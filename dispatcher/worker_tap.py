@@ -11,14 +11,8 @@ from hyperlink import DecodedURL
 from twisted.python import usage
 
 from ._config import Config, ConfigError, load_config, read_token
-from ._worker import (
-    WorkerDescription,
-    WorkerSettings,
-    default_name,
-    detect_cpus,
-    detect_gpus,
-    detect_memory_mb,
-)
+from ._host import detect_cpus, detect_gpus, detect_memory_mb
+from ._worker import WorkerDescription, WorkerSettings, default_name
 
 DEFAULT_DATA_DIR = "dispatcher-worker-data"
 

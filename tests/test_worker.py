@@ -41,11 +41,8 @@ from dispatcher._worker import (
     LogOffsetMismatch,
     RemoteWorker,
     WorkerDescription,
-    count_gpus,
-    detect_cpus,
-    detect_gpus,
-    parse_meminfo,
 )
+from dispatcher._host import count_gpus, detect_cpus, detect_gpus, parse_meminfo
 from dispatcher.worker_tap import Options
 
 from .conftest import TEST_TASKS, sleep
