@@ -12,23 +12,19 @@ import os
 import socket
 from typing import Any, Optional
 
-from treq.client import HTTPClient
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
-from twisted.python.threadpool import ThreadPool
-from twisted.web.client import Agent, HTTPConnectionPool
 
 from ._api import DispatcherAPI
 from ._config import Config
 from ._dispatcher import Dispatcher
-from ._execution import DaemonThreadPool, LocalExecutor
+from ._host import JobHost
 from ._http import DispatcherSite
-from ._process import ProcessSpawner, kill_group_if_ours
+from ._process import kill_group_if_ours
 from ._sqlite import SQLiteJobStore
-from ._staging import InputStager
 from ._worker_api import WorkerEndpoints
 
 log = Logger()
@@ -161,32 +157,25 @@ class DaemonService(MultiService):
         self.config = config
         self._endpoint = endpoint
         data_dir = config.dispatcher.data_dir
-        self.io_pool = ThreadPool(1, 4, name="dispatcher-io")
-        self.task_pool = DaemonThreadPool(
-            0, config.executor.threads, name="dispatcher-tasks"
+        # Staging runs on the reactor's time: a test clock must not stall a
+        # real fetch.
+        self.host = JobHost(
+            reactor,
+            f"local@{socket.gethostname()}",
+            data_dir,
+            config,
+            clock,
+            reactor,
+            "dispatcher",
         )
-        self.fetch_pool = ThreadPool(1, 4, name="dispatcher-fetch")
-        self.http_pool = HTTPConnectionPool(reactor, persistent=True)
-        client = HTTPClient(Agent(reactor, pool=self.http_pool))
+        self.io_pool = self.host.io_pool
+        self.spawner = self.host.spawner
+        executor = self.host.executor
         self.store = SQLiteJobStore(
             os.path.join(data_dir, DATABASE_NAME),
             reactor,
             queues={name: q.max_running for name, q in config.queues.items()},
             idempotency_ttl=config.dispatcher.idempotency_ttl,
-        )
-        self.spawner = ProcessSpawner(reactor)
-        stager = InputStager(client, reactor, config.fetch, self.fetch_pool, reactor)
-        executor = LocalExecutor(
-            reactor,
-            f"local@{socket.gethostname()}",
-            data_dir,
-            self.spawner,
-            stager,
-            config.tasks,
-            self.task_pool,
-            self.io_pool,
-            kill_grace=config.executor.kill_grace,
-            clock=clock,
         )
         self.dispatcher = Dispatcher(
             reactor,
@@ -266,13 +255,12 @@ class DaemonService(MultiService):
         interface = getattr(self._endpoint, "_interface", None)
         if interface == "" or (isinstance(interface, str) and _is_ip(interface)):
             self._check_exposure(interface)
-        for pool in (self.io_pool, self.task_pool, self.fetch_pool):
-            pool.start()
+        self.host.start_pools()
         holder = await deferToThreadPool(
             self._reactor, self.io_pool, self._lock_data_dir
         )
         self.dispatcher.executor.holder = holder
-        self.spawner.startService()
+        self.host.start_spawner()
         await self.dispatcher.start()
         self.dispatcher.startService()
         self.port = await self._endpoint.listen(self.site)
@@ -353,11 +341,7 @@ class DaemonService(MultiService):
             await self.dispatcher.stopService()
         else:
             await self.store.close()
-        await self.spawner.stopService()
-        await self.http_pool.closeCachedConnections()
-        self.io_pool.stop()
-        self.fetch_pool.stop()
-        self.task_pool.stop_without_waiting()
+        await self.host.stop()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None

@@ -10,9 +10,15 @@ import shutil
 import subprocess
 from typing import Any, Callable, Iterable, Optional
 
+from treq.client import HTTPClient
 from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+from twisted.web.client import Agent, HTTPConnectionPool
 
+from ._execution import DaemonThreadPool, LocalExecutor
 from ._model import Resources
+from ._process import ProcessSpawner
+from ._staging import InputStager
 
 log = Logger()
 
@@ -104,3 +110,69 @@ def detect_resources() -> Resources:
     except ValueError:
         memory = 0
     return Resources(float(detect_cpus()), memory, detect_gpus())
+
+
+class JobHost:
+    """
+    What runs jobs on this host, shared by the daemon and the remote
+    worker: the I/O, task and fetch thread pools, the HTTP connection pool
+    inputs are fetched through, the spawner helper, the input stager and
+    the L{LocalExecutor} that joins them.
+
+    @param reactor: the reactor.
+    @param holder: the executor's holder name (the daemon may set
+        C{executor.holder} again once it has read the data directory).
+    @param data_dir: where jobs run and their logs go.
+    @param config: the L{Config} (C{[executor]}, C{[fetch]}, C{[tasks]}).
+    @param clock: the C{IReactorTime} of timeouts and kill grace periods.
+    @param stager_clock: the C{IReactorTime} of fetch timeouts and retries.
+    @param prefix: the start of the thread pools' names.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        holder: str,
+        data_dir: str,
+        config: Any,
+        clock: Any,
+        stager_clock: Any,
+        prefix: str,
+    ) -> None:
+        self.io_pool = ThreadPool(1, 4, name=f"{prefix}-io")
+        self.task_pool = DaemonThreadPool(0, config.executor.threads, name=f"{prefix}-tasks")
+        self.fetch_pool = ThreadPool(1, 4, name=f"{prefix}-fetch")
+        self.http_pool = HTTPConnectionPool(reactor, persistent=True)
+        self.http = HTTPClient(Agent(reactor, pool=self.http_pool))
+        self.spawner = ProcessSpawner(reactor)
+        stager = InputStager(self.http, stager_clock, config.fetch, self.fetch_pool, reactor)
+        self.executor = LocalExecutor(
+            reactor,
+            holder,
+            data_dir,
+            self.spawner,
+            stager,
+            config.tasks,
+            self.task_pool,
+            self.io_pool,
+            kill_grace=config.executor.kill_grace,
+            clock=clock,
+        )
+
+    def start_pools(self) -> None:
+        for pool in (self.io_pool, self.task_pool, self.fetch_pool):
+            pool.start()
+
+    def start_spawner(self) -> None:
+        self.spawner.startService()
+
+    async def stop(self) -> None:
+        """
+        Stop the spawner helper, close connections and let the pools go (a
+        task thread that never returns does not hold the exit up).
+        """
+        await self.spawner.stopService()
+        await self.http_pool.closeCachedConnections()
+        self.io_pool.stop()
+        self.fetch_pool.stop()
+        self.task_pool.stop_without_waiting()

@@ -17,7 +17,6 @@ from typing import Any, Callable, Mapping, Optional
 
 import attrs
 from hyperlink import DecodedURL
-from treq.client import HTTPClient
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import (
     CancelledError,
@@ -31,15 +30,12 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.python.threadpool import ThreadPool
-from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.client import _HTTP11ClientFactory
 
 from ._config import Config
-from ._execution import DaemonThreadPool, LocalExecutor, RunningJob
+from ._execution import RunningJob
+from ._host import JobHost
 from ._model import JobState, Lease, Outcome, lease_from_json
-from ._process import ProcessSpawner
-from ._staging import InputStager
 
 log = Logger()
 
@@ -1109,29 +1105,23 @@ class WorkerService(MultiService):
         self._reactor = reactor
         self.settings = settings
         config = settings.config
-        self.io_pool = ThreadPool(1, 4, name="worker-io")
-        self.task_pool = DaemonThreadPool(0, config.executor.threads, name="worker-tasks")
-        self.fetch_pool = ThreadPool(1, 4, name="worker-fetch")
-        self.http_pool = HTTPConnectionPool(reactor, persistent=True)
+        self.host = JobHost(
+            reactor,
+            settings.description.name,
+            settings.data_dir,
+            config,
+            clock,
+            clock,
+            "worker",
+        )
+        self.io_pool = self.host.io_pool
+        self.http_pool = self.host.http_pool
         self.http_pool._factory = _QuietClientFactory
         # The long-poll, a heartbeat, a log chunk and a report may all be
         # under way at once.
         self.http_pool.maxPersistentPerHost = 4
-        http = HTTPClient(Agent(reactor, pool=self.http_pool))
-        self.spawner = ProcessSpawner(reactor)
-        stager = InputStager(http, clock, config.fetch, self.fetch_pool, reactor)
-        self.executor = LocalExecutor(
-            reactor,
-            settings.description.name,
-            settings.data_dir,
-            self.spawner,
-            stager,
-            config.tasks,
-            self.task_pool,
-            self.io_pool,
-            kill_grace=config.executor.kill_grace,
-            clock=clock,
-        )
+        http = self.host.http
+        self.executor = self.host.executor
 
         def read_chunk(path: str, offset: int, size: int) -> Deferred:
             return deferToThreadPool(
@@ -1149,10 +1139,9 @@ class WorkerService(MultiService):
 
     def startService(self) -> None:
         Service.startService(self)
-        for pool in (self.io_pool, self.task_pool, self.fetch_pool):
-            pool.start()
+        self.host.start_pools()
         os.makedirs(self.settings.data_dir, exist_ok=True)
-        self.spawner.startService()
+        self.host.start_spawner()
         self.worker.startService()
 
     def stopService(self) -> Deferred:
@@ -1161,8 +1150,4 @@ class WorkerService(MultiService):
 
     async def _stop(self) -> None:
         await self.worker.stopService()
-        await self.spawner.stopService()
-        await self.http_pool.closeCachedConnections()
-        self.io_pool.stop()
-        self.fetch_pool.stop()
-        self.task_pool.stop_without_waiting()
+        await self.host.stop()
