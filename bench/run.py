@@ -2151,7 +2151,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             step("noop_tasks_remote", lambda: measure_end_to_end(
                 processes, tmp, "noop-tasks-remote", {"task": "noop"}, settings["noop_jobs"],
                 slots=settings["remote_worker_slots"], threads=settings["remote_worker_slots"],
-                workers=settings["remote_workers"]))
+                workers=settings["remote_workers"], timeout=600.0))
         if "commands" in only:
             step("true_commands", lambda: measure_end_to_end(
                 processes, tmp, "true-commands", {"command": ["true"]},
