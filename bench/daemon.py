@@ -5,10 +5,12 @@ reactor-hold monitor (see L{bench.monitor}) on its own loopback port.
 
     python -m bench.daemon --port N --monitor-port N --data-dir DIR
                            [--slots N] [--threads N] [--backlog N]
-                           [--access-log]
+                           [--access-log] [--workers-token-file FILE]
 
 It listens with a backlog of 4096 (Twisted's default is 50), so that
-thousands of clients may connect at once.
+thousands of clients may connect at once.  With C{--workers-token-file} it
+takes remote workers (C{[workers] token_file}); with C{--slots 0} as well it
+is a pure dispatcher that runs nothing itself.
 
 This is the only place of the benchmark that touches the global reactor.
 """
@@ -40,6 +42,11 @@ threads = {threads}
 [tasks]
 noop = bench.tasks:noop
 block = bench.tasks:block
+{workers}"""
+
+WORKERS = """
+[workers]
+token_file = {token_file}
 """
 
 
@@ -53,6 +60,8 @@ def main(argv=None) -> None:
     parser.add_argument("--backlog", type=int, default=4096)
     parser.add_argument("--access-log", action="store_true",
                         help="write the access log, as the daemon does by default")
+    parser.add_argument("--workers-token-file", default=None,
+                        help="take remote workers that send the token in this file")
     args = parser.parse_args(argv)
 
     os.makedirs(args.data_dir, exist_ok=True)
@@ -66,6 +75,8 @@ def main(argv=None) -> None:
                 threads=args.threads,
                 backlog=args.backlog,
                 access_log="yes" if args.access_log else "no",
+                workers=(WORKERS.format(token_file=args.workers_token_file)
+                         if args.workers_token_file else ""),
             )
         )
     log_file = open(os.path.join(args.data_dir, "daemon.log"), "a", encoding="utf-8")

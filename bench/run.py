@@ -230,10 +230,11 @@ class Server:
 
     def __init__(self, processes: Processes, kind: str, workdir: Path, slots: int = 8,
                  threads: int = 8, store: Optional[Path] = None,
-                 access_log: bool = False) -> None:
+                 access_log: bool = False, workers_token: Optional[Path] = None) -> None:
         self.processes = processes
         self.kind = kind
         self.access_log = access_log
+        self.workers_token = workers_token
         self.workdir = workdir
         self.slots = slots
         self.threads = threads
@@ -269,6 +270,8 @@ class Server:
                     "--slots", str(self.slots), "--threads", str(self.threads)]
             if self.access_log:
                 argv.append("--access-log")
+            if self.workers_token is not None:
+                argv += ["--workers-token-file", str(self.workers_token)]
         else:
             argv = ["-m", "bench.baseline_server", str(self.port),
                     "--monitor-port", str(self.monitor_port),
@@ -458,6 +461,136 @@ def _read_one_response(s: socket.socket) -> None:
         body += chunk
 
 
+# Remote workers
+
+# A worker stands for another host: it runs on the load core, so that it
+# takes nothing from the dispatcher's core (the local executor's task
+# threads, by contrast, share core 0 with the daemon).
+WORKER_CORE = LOAD_CORE
+# The workers' bearer token (at least 16 characters); loopback only.
+WORKER_TOKEN = "bench-worker-token-4f1c2a9e7d"
+WORKER_CONFIG = """\
+[executor]
+threads = {threads}
+
+[tasks]
+noop = bench.tasks:noop
+block = bench.tasks:block
+"""
+LEASE_ANSWER = re.compile(r"\] (\d+) jobs? leased in one answer")
+
+
+class RemoteWorkers:
+    """
+    C{count} real worker processes, C{dispatcher worker --url ...
+    --token-file ... --slots N --config FILE} as an operator starts them,
+    each with C{slots} slots and as many task threads, pulling jobs from
+    C{server} (which must take workers: see L{Server}'s C{workers_token}),
+    pinned to L{WORKER_CORE}.  Each logs to its own file, where
+    L{lease_answers} finds how many jobs each lease answer carried.
+    """
+
+    def __init__(self, processes: Processes, server: Server, token: Path, workdir: Path,
+                 count: int, slots: int) -> None:
+        self.processes = processes
+        self.server = server
+        self.token = token
+        self.workdir = workdir
+        self.count = count
+        self.slots = slots
+        self.children: list[subprocess.Popen] = []
+        self.names: list[str] = []
+        self._outputs: list[Any] = []
+        self._logs: list[str] = []
+        self.ready_s: Optional[float] = None
+
+    def __enter__(self) -> "RemoteWorkers":
+        script = Path(PYTHON).with_name("dispatcher")
+        command = ([str(script)] if script.exists() else
+                   [PYTHON, "-c", "from dispatcher._cli import main; main()"])
+        t0 = time.monotonic()
+        for i in range(self.count):
+            name = f"bench-worker-{i + 1}"
+            home = self.workdir / name
+            home.mkdir(parents=True, exist_ok=True)
+            config = home / "worker.ini"
+            config.write_text(WORKER_CONFIG.format(threads=self.slots), encoding="utf-8")
+            output = open(home / "worker.log", "wb")
+            self._outputs.append(output)
+            self.names.append(name)
+            self.children.append(self.processes.start(
+                ["taskset", "-c", str(WORKER_CORE), *command, "worker",
+                 "--url", f"http://{HOST}:{self.server.port}",
+                 "--token-file", str(self.token), "--slots", str(self.slots),
+                 "--config", str(config), "--name", name,
+                 "--data-dir", str(home / "data"), "--grace", "5"],
+                cwd=ROOT, stdout=output, stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONPATH": str(ROOT)}))
+        self._wait_connected()
+        self.ready_s = time.monotonic() - t0
+        for child in self.children:
+            affinity = os.sched_getaffinity(child.pid)
+            if affinity != {WORKER_CORE}:
+                raise BenchError(f"a worker runs on cores {affinity}, not {WORKER_CORE}")
+        return self
+
+    def _wait_connected(self, timeout: float = 30.0) -> None:
+        """
+        Until every worker has its long-poll open (C{GET /v1/workers}).
+        """
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for child in self.children:
+                if child.poll() is not None:
+                    raise BenchError(f"a worker exited at start: {self._tail()}")
+            status, answer = self.server.client.json("GET", "/v1/workers")
+            if status != 200:
+                raise BenchError(f"GET /v1/workers: {status} {answer}")
+            waiting = {w["name"] for w in answer["workers"] if w["waiting_for_work"]}
+            if waiting >= set(self.names):
+                return
+            time.sleep(0.05)
+        raise BenchError(f"the workers did not connect in {timeout:g}s: {self._tail()}")
+
+    def _tail(self) -> str:
+        text = ""
+        for output in self._outputs:
+            output.flush()
+            text += Path(output.name).read_text(errors="replace")[-1000:]
+        return text or "(no output)"
+
+    def cpu_seconds(self) -> float:
+        """
+        CPU time (user and system) all the workers have used so far.
+        """
+        tick = os.sysconf("SC_CLK_TCK")
+        total = 0.0
+        for child in self.children:
+            with open(f"/proc/{child.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+        return total
+
+    def lease_answers(self) -> list[int]:
+        """
+        How many jobs each non-empty lease answer carried, every worker's
+        in turn (from their logs; complete once they stopped).
+        """
+        sizes = []
+        for text in self._logs:
+            sizes += [int(m.group(1)) for m in LEASE_ANSWER.finditer(text)]
+        return sizes
+
+    def __exit__(self, *exc: Any) -> None:
+        for child in self.children:
+            code = self.processes.stop(child)
+            if code not in (0, None) and exc[0] is None:
+                print(f"bench: a worker exited with {code}: {self._tail()}", file=sys.stderr)
+        for output in self._outputs:
+            output.close()
+            self._logs.append(Path(output.name).read_text(errors="replace"))
+
+
 def raise_open_file_limit(needed: int) -> dict[str, int]:
     """
     Raise this process's soft limit of open files towards its hard limit;
@@ -476,17 +609,17 @@ def raise_open_file_limit(needed: int) -> dict[str, int]:
 
 class PySpy:
     """
-    py-spy sampling the server process (every thread, native frames
-    left out) for the duration of a C{with} block, on the load core.
+    py-spy sampling process C{pid} (the server, or a remote worker;
+    every thread, native frames left out) for the duration of a C{with} block, on the load core.
     Only with C{--py-spy}: sampling costs the load core some time, and it
     reads the daemon's memory while the daemon runs (C{--nonblocking}), so
     the numbers of a profiled run are not the ones to quote.
     """
 
-    def __init__(self, processes: Processes, server: "Server", path: Path,
+    def __init__(self, processes: Processes, pid: int, path: Path,
                  rate: int = 100) -> None:
         self.processes = processes
-        self.server = server
+        self.pid = pid
         self.path = path
         self.rate = rate
         self.summary: Optional[dict[str, Any]] = None
@@ -494,7 +627,7 @@ class PySpy:
     def __enter__(self) -> "PySpy":
         tool = shutil.which("py-spy") or str(Path(PYTHON).with_name("py-spy"))
         self.child = self.processes.start(
-            ["taskset", "-c", str(LOAD_CORE), tool, "record", "-p", str(self.server.child.pid),
+            ["taskset", "-c", str(LOAD_CORE), tool, "record", "-p", str(self.pid),
              "--threads", "--nonblocking", "-r", str(self.rate), "-f", "raw",
              "-o", str(self.path)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -602,7 +735,7 @@ def profiled(processes: Processes, server: Server, name: str) -> Any:
     """
     if PY_SPY_DIR is None or server.kind != "daemon":
         return contextlib.nullcontext()
-    return PySpy(processes, server, PY_SPY_DIR / f"{name}.txt")
+    return PySpy(processes, server.child.pid, PY_SPY_DIR / f"{name}.txt")
 
 
 def spy_summary(spy: Any) -> Optional[dict[str, Any]]:
@@ -971,15 +1104,31 @@ def finished_times(client: Client, state: str) -> list[float]:
 
 def measure_end_to_end(processes: Processes, tmp: Path, name: str, body: Any, count: int,
                        slots: int, threads: int, concurrency: int = 50,
-                       timeout: float = 180.0, idle: int = 0) -> dict[str, Any]:
+                       timeout: float = 180.0, idle: int = 0,
+                       workers: int = 0) -> dict[str, Any]:
     """
     (b, c) Jobs from the first submit until the last one has succeeded;
     the end is the last job's own C{finished_at}, not the moment a poll
     noticed it.  With C{idle}, that many idle keep-alive connections are
-    opened first and held throughout (g).
+    opened first and held throughout (g).  With C{workers}, the daemon is a
+    pure dispatcher (C{slots = 0}) and that many L{RemoteWorkers} of
+    C{slots} slots and C{threads} task threads each run the jobs (i).
     """
-    with Server(processes, "daemon", tmp / name, slots=slots, threads=threads) as server, \
-            IdleConnections(server.port, idle) as idlers:
+    token: Optional[Path] = None
+    if workers:
+        token = tmp / name / "worker.token"
+        token.parent.mkdir(parents=True, exist_ok=True)
+        token.write_text(WORKER_TOKEN + "\n", encoding="utf-8")
+    with contextlib.ExitStack() as stack:
+        server = stack.enter_context(Server(
+            processes, "daemon", tmp / name, slots=0 if workers else slots,
+            threads=threads, workers_token=token))
+        idlers = stack.enter_context(IdleConnections(server.port, idle))
+        remote: Optional[RemoteWorkers] = None
+        if workers:
+            assert token is not None
+            remote = stack.enter_context(RemoteWorkers(
+                processes, server, token, tmp / name, workers, slots))
         client = server.client
         idle_info: dict[str, Any] = {}
         if idle:
@@ -989,15 +1138,29 @@ def measure_end_to_end(processes: Processes, tmp: Path, name: str, body: Any, co
         server.monitor("reset")
         deadline = time.monotonic() + timeout
         cpu = CpuUse(server.child.pid).start()
-        with profiled(processes, server, name) as spy:
+        worker_cpu0 = remote.cpu_seconds() if remote else 0.0
+        with profiled(processes, server, name) as spy, contextlib.ExitStack() as spies:
+            worker_spies = []
+            if remote is not None and PY_SPY_DIR is not None:
+                worker_spies = [spies.enter_context(PySpy(
+                    processes, child.pid, PY_SPY_DIR / f"{name}-{worker}.txt"))
+                    for child, worker in zip(remote.children, remote.names)]
             first_submit = time.time()
+            t0 = time.monotonic()
             submitted = submit_concurrently(client, lambda i: body, count, concurrency,
                                             deadline)
             all_submitted = time.time()
             submit_cpu = cpu.stop()
+            seen_workers = None
+            if remote is not None:
+                # What the dispatcher sees of its workers while they work.
+                status, seen_workers = client.json("GET", "/v1/workers")
             polls = wait_all_finished(client, deadline, 0.1)
         seen_done = time.time()
         total_cpu = cpu.stop()
+        if remote is not None:
+            total_cpu["workers_process_pct"] = round(
+                100 * (remote.cpu_seconds() - worker_cpu0) / (time.monotonic() - t0), 1)
         hold = server.monitor("read")
         if idle:
             idle_info["still_open_after"] = idlers.still_open()
@@ -1034,6 +1197,27 @@ def measure_end_to_end(processes: Processes, tmp: Path, name: str, body: Any, co
     }
     if idle:
         result["idle"] = idle_info
+    if remote is not None:
+        result["slots"] = 0
+        answers = remote.lease_answers()
+        sizes: dict[str, int] = {}
+        for n in sorted(answers):
+            sizes[str(n)] = sizes.get(str(n), 0) + 1
+        result["remote"] = {
+            "workers": workers,
+            "worker_slots": slots,
+            "worker_threads": slots,
+            "worker_core": WORKER_CORE,
+            "workers_ready_s": round(remote.ready_s or 0.0, 3),
+            "lease_answers": len(answers),
+            "jobs_leased": sum(answers),
+            "jobs_per_lease_answer": round(sum(answers) / len(answers), 2) if answers else None,
+            "lease_answer_sizes": sizes,
+            "seen_after_submitting": (seen_workers or {}).get("workers"),
+        }
+        for worker_spy, worker in zip(worker_spies, remote.names):
+            if spy_summary(worker_spy):
+                result.setdefault("py_spy_workers", {})[worker] = spy_summary(worker_spy)
     if spy_summary(spy):
         result["py_spy"] = spy_summary(spy)
     return result
@@ -1348,6 +1532,17 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         v = get(name, "jobs_per_s")
         add(f"{label} >= {floor:,} jobs/s", v, f"{v:,.0f} jobs/s" if v else "",
             v is not None and v >= floor)
+    v, local = get("noop_tasks_remote", "jobs_per_s"), get("noop_tasks", "jobs_per_s")
+    if v is not None:
+        workers = r["noop_tasks_remote"]["remote"]
+        label = (f"no-op task jobs through {workers['workers']} remote worker"
+                 f"{'s' if workers['workers'] > 1 else ''} of {workers['worker_slots']} slots, "
+                 "next to the local executor's")
+        shown = f"{v:,.0f} jobs/s" + (f", {v / local:.2f} x the local executor's "
+                                      f"({local:,.0f} jobs/s)" if local else "")
+        # Issue 5 asks for the figure, not for a bound.
+        rows.append({"target": label, "value": v, "measured": shown, "met": None,
+                     "no_target": True})
     v = get("start_latency", "from_201_ms", "p50")
     add("submit-to-start p50 <= 2 ms", v, f"{v:.1f} ms" if v else "", v is not None and v <= 2)
     v = get("start_latency", "from_201_ms", "p99")
@@ -1416,6 +1611,8 @@ def pretty(text: str) -> str:
 
 
 def verdict(row: Optional[dict[str, Any]]) -> str:
+    if row is not None and row.get("no_target"):
+        return "no target"
     if row is None or row["met"] is None:
         return "not measured"
     return "met" if row["met"] else "**missed**"
@@ -1561,6 +1758,26 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append(
             f"| (b') the same with {bs['jobs']:,} jobs | **{bs['jobs_per_s']:,.0f} jobs/s** | | "
             f"{bs['elapsed_s']:.1f} s; submitting took {bs['submit_s']:.1f} s | {hold(bs)} |")
+    if "noop_tasks_remote" in r:
+        bw = r["noop_tasks_remote"]
+        w = bw["remote"]
+        vs = (f"{ratio(bw['jobs_per_s'], r['noop_tasks']['jobs_per_s'])} × (b) of this run"
+              if "noop_tasks" in r else "")
+        sizes = ", ".join(f"{n}: {k:,}" for n, k in sorted(
+            w["lease_answer_sizes"].items(), key=lambda kv: int(kv[0])))
+        lines.append(
+            f"| (i) the same as (b) through {w['workers']} remote worker"
+            f"{'s' if w['workers'] > 1 else ''} (`dispatcher worker --slots "
+            f"{w['worker_slots']}`, {w['worker_threads']} task threads, on core "
+            f"{w['worker_core']}), the dispatcher with `slots = 0` | "
+            f"**{bw['jobs_per_s']:,.0f} jobs/s** | no target: {vs} | "
+            f"{bw['elapsed_s']:.1f} s; submitting took {bw['submit_s']:.1f} s "
+            f"({bw['submits_per_s']:,.0f}/s); {w['lease_answers']:,} lease answers, "
+            f"{w['jobs_per_lease_answer']} jobs each on average (jobs: answers {sizes}); "
+            f"dispatcher process {bw['cpu']['server_process_pct']:.0f} % of a core, "
+            f"worker{'s' if w['workers'] > 1 else ''} "
+            f"{bw['cpu']['workers_process_pct']:.0f} %, core {LOAD_CORE} "
+            f"{bw['cpu']['load_core_busy_pct']:.0f} % busy | {hold(bw)} |")
     if "noop_tasks_idle" in r:
         bi = r["noop_tasks_idle"]
         vs = (f"; {ratio(bi['jobs_per_s'], r['noop_tasks']['jobs_per_s'])} × (b)"
@@ -1715,6 +1932,9 @@ def print_profiles(measures: dict[str, Any]) -> None:
              if isinstance(m, dict) and "py_spy" in m]
     for name, runs in measures.get("rounds", {}).items():
         found += [(f"{name} round {i + 1}", x) for i, x in enumerate(runs) if "py_spy" in x]
+    for name, m in list(found):
+        for worker, p in m.get("py_spy_workers", {}).items():
+            found.append((f"{name}, {worker}", {"py_spy": p}))
     for name, m in found:
         p = m["py_spy"]
         print(f"\npy-spy, {name}: {p['samples']} samples (100/s, active threads only)")
@@ -1733,8 +1953,8 @@ def print_profiles(measures: dict[str, Any]) -> None:
 
 # The run
 
-STEPS = ("submit", "batch", "noop", "noop_small", "noop_idle", "commands", "commands_idle",
-         "latency", "blocking", "claims")
+STEPS = ("submit", "batch", "noop", "noop_small", "noop_idle", "noop_remote", "commands",
+         "commands_idle", "latency", "blocking", "claims")
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -1788,6 +2008,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         "batch_concurrency": 4,
         "noop_jobs": 2_000 if quick else 20_000,
         "noop_jobs_small": 0 if quick else 2_000,
+        "remote_workers": 1,
+        "remote_worker_slots": 8,
         "true_jobs": 300 if quick else 2_000,
         "latency_jobs": 50 if quick else 300,
         "idle_connections": 2_000 if quick else 10_000,
@@ -1923,6 +2145,13 @@ def main(argv: Optional[list[str]] = None) -> int:
             step("noop_tasks_idle", lambda: measure_end_to_end(
                 processes, tmp, "noop-tasks-idle", {"task": "noop"}, settings["noop_jobs"],
                 slots=8, threads=8, idle=settings["idle_connections"]))
+        if "noop_remote" in only:
+            # The same jobs, submitted the same way, as (b), so that the
+            # ratio to (b) is the cost of the remote path.
+            step("noop_tasks_remote", lambda: measure_end_to_end(
+                processes, tmp, "noop-tasks-remote", {"task": "noop"}, settings["noop_jobs"],
+                slots=settings["remote_worker_slots"], threads=settings["remote_worker_slots"],
+                workers=settings["remote_workers"], timeout=600.0))
         if "commands" in only:
             step("true_commands", lambda: measure_end_to_end(
                 processes, tmp, "true-commands", {"command": ["true"]},
@@ -1991,6 +2220,7 @@ def main(argv: Optional[list[str]] = None) -> int:
              ("claims_queued_to_seeded", "claims_queued", "claims_seeded",
               "left_queued_per_s"),
              ("noop_idle_to_noop", "noop_tasks_idle", "noop_tasks", "jobs_per_s"),
+             ("noop_remote_to_noop", "noop_tasks_remote", "noop_tasks", "jobs_per_s"),
              ("commands_idle_to_commands", "true_commands_idle", "true_commands",
               "jobs_per_s"))
     for key, a, b, field in pairs:

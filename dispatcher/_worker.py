@@ -786,11 +786,21 @@ class RemoteWorker(Service):
         self.unreported[held.job_id] = held
         self._report()
 
-    def _drop(self, held: HeldLease) -> None:
+    def _drop(self, held: HeldLease, wake: bool = True) -> None:
+        """
+        Free C{held}'s slot.  With C{wake} false the lease loop is not told
+        yet: the caller frees more slots and then calls L{_slots_freed}.
+        """
         if self.held.get(held.job_id) is held:
             del self.held[held.job_id]
         if self.unreported.get(held.job_id) is held:
             del self.unreported[held.job_id]
+        if wake:
+            self._slots_freed()
+
+    def _slots_freed(self) -> None:
+        # The lease loop resumes inside this call and asks at once for
+        # every slot free by then.
         if self._slot_waiter is not None and not self._slot_waiter.called:
             self._slot_waiter.callback(None)
         waiters, self._settled_waiters = self._settled_waiters, []
@@ -1002,6 +1012,7 @@ class RemoteWorker(Service):
                 await self._sleep(delay)
                 continue
             self._report_backoff.reset()
+            dropped = False
             for result in answer.get("results") or ():
                 held = self._matching(result)
                 if held is None or self.unreported.get(held.job_id) is not held:
@@ -1021,7 +1032,13 @@ class RemoteWorker(Service):
                         reason=result.get("reason") or result.get("status"),
                     )
                 held.forgotten = True
-                self._drop(held)
+                # Every slot of the answer is freed before the lease loop
+                # hears of it: woken at the first, it would ask for one job
+                # and hold the others idle until that answer came back.
+                self._drop(held, wake=False)
+                dropped = True
+            if dropped:
+                self._slots_freed()
 
 
 def _result_json(held: HeldLease) -> dict[str, Any]:

@@ -348,6 +348,27 @@ def test_a_full_worker_does_not_ask_until_a_slot_is_free():
     assert h.one("/v1/leases").json["max_jobs"] == 1
 
 
+def test_one_report_answer_frees_all_its_slots_before_the_next_ask():
+    """When one answer acknowledges several results, the next lease request
+    asks for every slot it freed, not for the first one alone."""
+    h = Harness(slots=3)
+    h.worker.startService()
+    h.grant(lease(1), lease(2), lease(3))
+    h.executor.finish("job-1")
+    first = h.one("/v1/leases/results")
+    h.executor.finish("job-2")
+    h.executor.finish("job-3")
+    h.answer(first, {"results": [{"job_id": "job-1", "token": 101, "ok": True}]})
+    # The freed slot is asked for and filled; the worker is full again.
+    h.grant(lease(4))
+    second = h.one("/v1/leases/results")
+    assert [r["job_id"] for r in second.json["results"]] == ["job-2", "job-3"]
+    assert h.pending("/v1/leases") == []
+    h.answer(second, {"results": [{"job_id": f"job-{n}", "token": 100 + n, "ok": True}
+                                  for n in (2, 3)]})
+    assert h.one("/v1/leases").json["max_jobs"] == 2
+
+
 def test_an_instant_empty_answer_does_not_spin():
     """An empty answer that comes back at once (it should come only when
     the wait ends) is followed by a pause, not another request at once."""
