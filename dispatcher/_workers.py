@@ -204,6 +204,9 @@ class WorkerHub:
         now = self._clock.seconds()
         worker = self.workers.get(offer.holder)
         if worker is None:
+            # A new name: a good moment to forget the long gone (the reaper
+            # does too, but runs only while leases are out).
+            self._forget_idle(now)
             worker = self.workers[offer.holder] = Worker(offer, now)
         else:
             worker.offer = offer
