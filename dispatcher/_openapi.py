@@ -849,6 +849,7 @@ def openapi_document() -> dict[str, Any]:
                                 "maxItems": 10000,
                                 "items": {
                                     **lease_item,
+                                    "additionalProperties": False,
                                     "properties": {
                                         **lease_item["properties"],
                                         "running": {
@@ -884,6 +885,7 @@ def openapi_document() -> dict[str, Any]:
                                 "maxItems": 10000,
                                 "items": {
                                     **lease_item,
+                                    "additionalProperties": False,
                                     "required": ["job_id", "token", "state"],
                                     "properties": {
                                         **lease_item["properties"],

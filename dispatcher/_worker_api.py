@@ -100,13 +100,30 @@ def parse_worker(value: Any) -> Offer:
     )
 
 
-def _items(body: Mapping[str, Any], key: str) -> list[Any]:
+HEARTBEAT_ITEM = ("job_id", "token", "running")
+RESULT_ITEM = ("job_id", "token", "state", "exit_code", "result", "error", "stopped")
+
+
+def _items(body: Mapping[str, Any], key: str, allowed: tuple[str, ...]) -> list[Any]:
     items = body.get(key)
     if not isinstance(items, list) or len(items) > MAX_ITEMS:
         invalid(key, f"expected an array of at most {MAX_ITEMS} items")
     for i, item in enumerate(items):
         if not isinstance(item, dict):
             invalid(f"{key}[{i}]", "expected an object")
+        for name in item:
+            if name not in allowed:
+                raise ApiError(
+                    400,
+                    "unknown_field",
+                    f"{key}[{i}].{name}: unknown field; allowed: {', '.join(allowed)}",
+                    f"{key}[{i}].{name}",
+                )
+        for name in ("job_id", "token"):
+            if name not in item:
+                raise ApiError(
+                    400, "missing_field", f"{key}[{i}].{name}: required", f"{key}[{i}].{name}"
+                )
         _string(item.get("job_id"), f"{key}[{i}].job_id")
         _number(item.get("token"), f"{key}[{i}].token", 1, 2**63 - 1, True)
     return items
@@ -162,7 +179,7 @@ class WorkerEndpoints:
     async def heartbeat(self, request: Any, body: Any) -> tuple[int, Any]:
         _fields(body, ("worker", "leases"))
         offer = parse_worker(body.get("worker"))
-        items = _items(body, "leases")
+        items = _items(body, "leases", HEARTBEAT_ITEM)
         parsed = []
         for i, item in enumerate(items):
             running = item.get("running", False)
@@ -175,7 +192,7 @@ class WorkerEndpoints:
     async def results(self, request: Any, body: Any) -> tuple[int, Any]:
         _fields(body, ("worker", "results"))
         offer = parse_worker(body.get("worker"))
-        items = _items(body, "results")
+        items = _items(body, "results", RESULT_ITEM)
         parsed = []
         for i, item in enumerate(items):
             field = f"results[{i}]"

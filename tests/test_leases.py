@@ -553,3 +553,16 @@ async def test_a_released_job_goes_back_unspent(make_pure):
     assert again["attempt"] == 2
     code, answer = await report(daemon, worker("other"), [result(again)])
     assert (await daemon.wait(job["id"]))["state"] == "succeeded"
+
+
+@pytest_twisted.ensureDeferred
+async def test_unknown_or_missing_item_fields_are_400(make_pure):
+    daemon = await make_pure()
+    who = worker("w")
+    code, answer = await call(daemon, "/v1/leases/heartbeat", {
+        "worker": who, "leases": [{"job_id": "x", "token": 1, "colour": "red"}]})
+    assert code == 400 and answer["error"]["field"] == "leases[0].colour"
+    code, answer = await call(daemon, "/v1/leases/results", {
+        "worker": who, "results": [{"job_id": "x", "state": "succeeded"}]})
+    assert code == 400 and answer["error"]["code"] == "missing_field"
+    assert answer["error"]["field"] == "results[0].token"
