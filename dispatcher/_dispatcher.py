@@ -143,16 +143,13 @@ class Dispatcher(Service):
         self.hub.resume(resumed.value)
         counts = await self.store.count_by_state()
         self.scheduler.jobs_queued(counts[JobState.QUEUED])
-        limits = self.store.queue_limits
-        for queue, states in sorted((await self.store.queue_counts()).items()):
-            waiting = states[JobState.QUEUED] + states[JobState.PENDING]
-            if queue not in limits and waiting:
-                log.warn(
-                    "{count} jobs wait in queue {queue}, which the configuration "
-                    "no longer names: they run once [queue:{queue}] is back",
-                    count=waiting,
-                    queue=queue,
-                )
+        for queue, waiting in sorted((await self.store.unconfigured_queues()).items()):
+            log.warn(
+                "{count} jobs wait in queue {queue}, which the configuration "
+                "no longer names: they run once [queue:{queue}] is back",
+                count=waiting,
+                queue=queue,
+            )
         self.local_offer = Offer(
             self.executor.holder, self._slots, self._resources, {}, self._tasks
         )

@@ -694,6 +694,15 @@ class SQLiteJobStore:
         """
         return self._read(_queue_counts, tuple(self._queues))
 
+    def unconfigured_queues(self) -> Deferred:
+        """
+        Fire with C{{queue: queued jobs}} for the queues that hold queued
+        jobs but are not configured.  It seeks from queue name to queue
+        name along the queued index, so a million queued jobs cost what a
+        handful of queues do.
+        """
+        return self._read(_unconfigured_queues, frozenset(self._queues))
+
     def next_due(self) -> Deferred:
         """
         Fire with the earliest time a pending job becomes due, or C{None}.
@@ -1467,6 +1476,29 @@ def _queue_counts(
     ):
         counts.setdefault(queue, {s: 0 for s in JobState})[JobState(state)] = count
     return counts
+
+
+def _unconfigured_queues(
+    conn: sqlite3.Connection, configured: frozenset[str]
+) -> dict[str, int]:
+    found: dict[str, int] = {}
+    row = conn.execute(
+        "SELECT MIN(queue) FROM jobs INDEXED BY jobs_queued WHERE state = 'queued'"
+    ).fetchone()
+    while row is not None and row[0] is not None:
+        queue = row[0]
+        if queue not in configured:
+            (found[queue],) = conn.execute(
+                "SELECT COUNT(*) FROM jobs INDEXED BY jobs_queued"
+                " WHERE state = 'queued' AND queue = ?",
+                (queue,),
+            ).fetchone()
+        row = conn.execute(
+            "SELECT MIN(queue) FROM jobs INDEXED BY jobs_queued"
+            " WHERE state = 'queued' AND queue > ?",
+            (queue,),
+        ).fetchone()
+    return found
 
 
 def _next_due(conn: sqlite3.Connection) -> Optional[float]:

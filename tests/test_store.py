@@ -539,3 +539,21 @@ async def test_success_before_cancel_is_kept(store):
     stopped = await finish(
         store, lb, Outcome(JobState.SUCCEEDED, result=1, stopped=True), 3.0)
     assert stopped.state is JobState.CANCELLED and stopped.result is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_unconfigured_queues_are_found_by_seeking(tmp_path):
+    """Queued jobs of queues the configuration does not name are counted,
+    queue by queue; configured ones are left out."""
+    store = SQLiteJobStore(str(tmp_path / "q.sqlite3"), reactor,
+                           queues={"default": 0, "a": 0, "b": 0, "z": 0})
+    await store.open()
+    specs = [JobSpec(command=("true",), queue=q) for q in "aabbbzz"] + [
+        JobSpec(command=("true",), queue="default")]
+    await store.submit(specs, 1.0, [f"id-{i}" for i in range(len(specs))])
+    await store.close()
+    narrower = SQLiteJobStore(str(tmp_path / "q.sqlite3"), reactor,
+                              queues={"default": 0, "a": 0})
+    await narrower.open()
+    assert await narrower.unconfigured_queues() == {"b": 3, "z": 2}
+    await narrower.close()
