@@ -115,22 +115,35 @@ def _string_map(value: Any, field: str, max_length: Optional[int] = None) -> dic
     return out
 
 
-def _input(value: Any, field: str) -> InputSpec:
-    if not isinstance(value, dict):
-        invalid(field, f"expected an object with url and path, got {_kind(value)}")
+def check_fields(
+    value: Mapping[str, Any],
+    field: str,
+    allowed: "tuple[str, ...] | frozenset[str]",
+    required: tuple[str, ...] = (),
+) -> None:
+    """
+    Refuse an object (at C{field}) with a key not in C{allowed}
+    (C{unknown_field}) or without one of C{required} (C{missing_field}).
+    """
     for key in value:
-        if key not in INPUT_FIELDS:
+        if key not in allowed:
             raise ApiError(
                 400,
                 "unknown_field",
-                f"{field}.{key}: unknown field; allowed: url, path, sha256",
+                f"{field}.{key}: unknown field; allowed: {', '.join(sorted(allowed))}",
                 f"{field}.{key}",
             )
-    for key in ("url", "path"):
+    for key in required:
         if key not in value:
             raise ApiError(
                 400, "missing_field", f"{field}.{key}: required", f"{field}.{key}"
             )
+
+
+def _input(value: Any, field: str) -> InputSpec:
+    if not isinstance(value, dict):
+        invalid(field, f"expected an object with url and path, got {_kind(value)}")
+    check_fields(value, field, INPUT_FIELDS, ("url", "path"))
     url = _string(value["url"], f"{field}.url", allow_empty=False)
     if not (url.startswith("http://") or url.startswith("https://")):
         invalid(f"{field}.url", "only http:// and https:// URLs can be fetched")
@@ -405,14 +418,7 @@ def _job_fields(body: Any, tasks: Mapping[str, Any], prefix: str = "") -> dict[s
 def _resources(value: Any, field: str) -> Resources:
     if not isinstance(value, dict):
         invalid(field, f"expected an object with cpus, memory_mb, gpus; got {_kind(value)}")
-    for key in value:
-        if key not in RESOURCE_FIELDS:
-            raise ApiError(
-                400,
-                "unknown_field",
-                f"{field}.{key}: unknown field; allowed: {', '.join(RESOURCE_FIELDS)}",
-                f"{field}.{key}",
-            )
+    check_fields(value, field, RESOURCE_FIELDS)
     cpus = value.get("cpus", 0)
     if isinstance(cpus, bool) or not isinstance(cpus, (int, float)) or not (
         0 <= cpus <= MAX_CPUS

@@ -21,7 +21,7 @@ from ._model import (
     Resources,
     lease_to_json,
 )
-from ._validation import ApiError, invalid
+from ._validation import ApiError, check_fields, invalid
 
 MAX_NAME = 200
 MAX_ITEMS = 10000
@@ -71,17 +71,7 @@ def parse_worker(value: Any) -> Offer:
         raise ApiError(400, "missing_field", "worker: required: the worker's description", "worker")
     if not isinstance(value, dict):
         invalid("worker", "expected an object describing the worker")
-    for key in value:
-        if key not in WORKER_FIELDS:
-            raise ApiError(
-                400,
-                "unknown_field",
-                f"worker.{key}: unknown field; allowed: {', '.join(WORKER_FIELDS)}",
-                f"worker.{key}",
-            )
-    if "name" not in value or "slots" not in value:
-        field = "worker.name" if "name" not in value else "worker.slots"
-        raise ApiError(400, "missing_field", f"{field}: required", field)
+    check_fields(value, "worker", WORKER_FIELDS, ("name", "slots"))
     name = _string(value["name"], "worker.name")
     slots = _number(value["slots"], "worker.slots", 1, 100_000, True)
     cpus = _number(value.get("cpus", 0), "worker.cpus", 0, 1_000_000, False)
@@ -111,19 +101,7 @@ def _items(body: Mapping[str, Any], key: str, allowed: tuple[str, ...]) -> list[
     for i, item in enumerate(items):
         if not isinstance(item, dict):
             invalid(f"{key}[{i}]", "expected an object")
-        for name in item:
-            if name not in allowed:
-                raise ApiError(
-                    400,
-                    "unknown_field",
-                    f"{key}[{i}].{name}: unknown field; allowed: {', '.join(allowed)}",
-                    f"{key}[{i}].{name}",
-                )
-        for name in ("job_id", "token"):
-            if name not in item:
-                raise ApiError(
-                    400, "missing_field", f"{key}[{i}].{name}: required", f"{key}[{i}].{name}"
-                )
+        check_fields(item, f"{key}[{i}]", allowed, ("job_id", "token"))
         _string(item.get("job_id"), f"{key}[{i}].job_id")
         _number(item.get("token"), f"{key}[{i}].token", 1, 2**63 - 1, True)
     return items

@@ -29,6 +29,18 @@ read_input = tests.tasks:read_input
 """
 
 
+# The workers' bearer token of the tests that run remote workers.
+WORKER_TOKEN = "worker-token-0123456789"
+
+
+@pytest.fixture
+def token_file(tmp_path):
+    """The workers' token, as the dispatcher and the workers read it."""
+    path = tmp_path / "worker.token"
+    path.write_text(WORKER_TOKEN + "\n")
+    return path
+
+
 def sleep(seconds):
     """A Deferred that fires after real seconds: only for waiting on real
     processes, never to order logic."""

@@ -19,9 +19,9 @@ from dispatcher._config import parse_config
 from dispatcher._daemon import DaemonService
 from dispatcher._openapi import openapi_document
 
-from .conftest import TEST_TASKS, sleep
+from .conftest import TEST_TASKS, WORKER_TOKEN, sleep
 
-TOKEN = "worker-token-0123456789"
+TOKEN = WORKER_TOKEN
 API_TOKEN = "api-token-0123456789abc"
 
 
@@ -35,13 +35,6 @@ def worker(name, slots=2, cpus=2, memory_mb=1000, gpus=0, labels=None, tasks=())
         "labels": labels or {},
         "tasks": list(tasks),
     }
-
-
-@pytest.fixture
-def token_file(tmp_path):
-    path = tmp_path / "worker.token"
-    path.write_text(TOKEN + "\n")
-    return path
 
 
 @pytest.fixture

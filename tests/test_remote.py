@@ -14,10 +14,11 @@ import urllib.request
 
 import pytest
 
+from .conftest import WORKER_TOKEN
 from .test_twistd import Twistd, alive
 from .test_worker import WorkerProcess
 
-TOKEN = "e2e-worker-token-0123456789"
+TOKEN = WORKER_TOKEN
 LEASE_SECONDS = 2
 
 
@@ -30,14 +31,6 @@ def poll(condition, timeout=15.0, what="the condition"):
             return value
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.05)
-
-
-@pytest.fixture
-def token_file(tmp_path):
-    """The workers' token, as the dispatcher and the workers read it."""
-    path = tmp_path / "worker.token"
-    path.write_text(TOKEN + "\n")
-    return path
 
 
 @pytest.fixture
