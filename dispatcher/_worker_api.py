@@ -14,6 +14,7 @@ from typing import Any, Mapping, Optional
 
 from twisted.internet.threads import deferToThreadPool
 
+from ._deferreds import shielded
 from ._model import (
     JobState,
     Offer,
@@ -164,7 +165,9 @@ class WorkerEndpoints:
             if not isinstance(running, bool):
                 invalid(f"leases[{i}].running", "expected true or false")
             parsed.append((item["job_id"], item["token"], running))
-        answers = await self._hub.heartbeat(offer, parsed)
+        # A worker that hangs up must not cancel the writes: the leases a
+        # heartbeat ends (a cancel told) have ended in memory already.
+        answers = await shielded(self._hub.heartbeat(offer, parsed))
         return _all_refused(answers), {"leases": answers, **self._timing()}
 
     async def results(self, request: Any, body: Any) -> tuple[int, Any]:
@@ -193,7 +196,9 @@ class WorkerEndpoints:
                     JobState(state), exit_code, item.get("result"), error, stopped
                 )
             parsed.append((item["job_id"], item["token"], outcome))
-        answers = await self._hub.report(offer, parsed)
+        # Not cancelled with the request: the reported leases have ended in
+        # memory, and a resend would be refused as reported.
+        answers = await shielded(self._hub.report(offer, parsed))
         return _all_refused(answers), {"results": answers}
 
     async def write_log(self, request: Any, query: Mapping[str, Optional[str]]) -> tuple[int, Any]:

@@ -559,3 +559,40 @@ async def test_unknown_or_missing_item_fields_are_400(make_pure):
         "worker": who, "results": [{"job_id": "x", "state": "succeeded"}]})
     assert code == 400 and answer["error"]["code"] == "missing_field"
     assert answer["error"]["field"] == "results[0].token"
+
+
+@pytest.mark.parametrize("path", ["/v1/leases/heartbeat", "/v1/leases/results"])
+def test_a_worker_that_hangs_up_does_not_cancel_its_writes(path):
+    """A request whose worker hangs up while what it reported is being
+    written leaves the writes alone: their leases have already ended in
+    memory, so cancelled writes would leave the jobs unrecorded for good."""
+    from twisted.internet.defer import CancelledError, Deferred
+
+    from dispatcher._worker_api import WorkerEndpoints
+
+    cancelled = []
+    writes = Deferred(lambda d: cancelled.append(d))
+
+    class Hub:
+        lease_seconds = 30.0
+        heartbeat_seconds = 10.0
+
+        def report(self, offer, results):
+            return writes
+
+        def heartbeat(self, offer, items):
+            return writes
+
+    endpoints = WorkerEndpoints(Hub(), TOKEN, None, None, None)
+    if path.endswith("results"):
+        handler = endpoints.results
+        body = {"worker": worker("w"), "results": [
+            {"job_id": "j", "token": 1, "state": "succeeded", "exit_code": 0}]}
+    else:
+        handler = endpoints.heartbeat
+        body = {"worker": worker("w"), "leases": [{"job_id": "j", "token": 1}]}
+    answer = ensureDeferred(handler(None, body))
+    answer.addErrback(lambda f: f.trap(CancelledError))
+    answer.cancel()
+    assert cancelled == []
+    writes.callback([])
