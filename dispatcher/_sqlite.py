@@ -758,9 +758,8 @@ class SQLiteJobStore:
             # the state index and sort every queued job: a hundred times
             # slower with ten thousand queued.
             cursor = conn.execute(
-                "SELECT seq, id, name, labels, spec, priority, queue, max_attempts,"
-                " retry_delay, timeout, not_before, array_id, array_index,"
-                " attempt_count FROM jobs INDEXED BY jobs_queued"
+                f"SELECT seq, id, {_SPEC_COLUMNS}, attempt_count"
+                " FROM jobs INDEXED BY jobs_queued"
                 " WHERE state = 'queued' AND queue = ?"
                 " ORDER BY priority DESC, seq",
                 (queue,),
@@ -844,10 +843,8 @@ class SQLiteJobStore:
     ) -> Written:
         expires = now + lease_seconds
         rows = conn.execute(
-            "SELECT id, name, labels, spec, priority, queue, max_attempts,"
-            " retry_delay, timeout, not_before, array_id, array_index,"
-            " attempt_count, lease_token, lease_holder, state, cancel_requested"
-            " FROM jobs INDEXED BY jobs_holder"
+            f"SELECT id, {_SPEC_COLUMNS}, attempt_count, lease_token,"
+            " lease_holder, state, cancel_requested FROM jobs INDEXED BY jobs_holder"
             " WHERE lease_token IS NOT NULL AND lease_holder != ?",
             (local_holder,),
         ).fetchall()
@@ -1301,6 +1298,13 @@ def _requeue(
     return None
 
 
+# The columns L{_spec_from_row} reads, in its order.
+_SPEC_COLUMNS = (
+    "name, labels, spec, priority, queue, max_attempts, retry_delay, timeout,"
+    " not_before, array_id, array_index"
+)
+
+
 def _spec_from_row(row: Sequence[Any]) -> JobSpec:
     (
         name,
@@ -1331,9 +1335,8 @@ def _spec_from_row(row: Sequence[Any]) -> JobSpec:
 
 
 _JOB_COLUMNS = (
-    "seq, id, state, name, labels, spec, priority, queue, max_attempts,"
-    " retry_delay, timeout, not_before, array_id, array_index, created_at,"
-    " started_at, finished_at, exit_code, result, error, wait_reason, cancelled_by"
+    f"seq, id, state, {_SPEC_COLUMNS}, created_at, started_at, finished_at,"
+    " exit_code, result, error, wait_reason, cancelled_by"
 )
 
 
