@@ -42,6 +42,15 @@ log = Logger()
 # late heartbeat ("cancelled", "expired"); older ones are "superseded".
 REMEMBERED_ENDINGS = 100_000
 
+# Why a lease's token is no longer current, as a worker is told.
+REFUSALS = {
+    "cancelled": "the job was cancelled; stop it",
+    "expired": "the lease expired without a heartbeat; the job went back to the "
+    "queue; stop it",
+    "reported": "its result is already recorded",
+    "superseded": "this lease is no longer the job's current one; stop it",
+}
+
 # The longest a worker's long-poll is held open.
 MAX_WAIT = 60.0
 
@@ -305,9 +314,9 @@ class WorkerHub:
         answers: list[dict[str, Any]] = []
         writes: list[Deferred] = []
         for job_id, token, running in items:
-            remote = self._current(job_id, token, offer.holder)
+            remote = self.current(job_id, token, offer.holder)
             if remote is None:
-                answers.append(self._refusal(job_id, token))
+                answers.append(self.refusal(job_id, token))
                 continue
             if remote.cancel:
                 self._end_lease(remote, "cancelled")
@@ -321,7 +330,7 @@ class WorkerHub:
                         ),
                     )
                 )
-                answers.append(self._refusal(job_id, token))
+                answers.append(self.refusal(job_id, token))
                 continue
             remote.expires = now + self.lease_seconds
             if running and remote.staging:
@@ -351,9 +360,9 @@ class WorkerHub:
         answers: list[Any] = []
         writes: list[Deferred] = []
         for job_id, token, outcome in results:
-            remote = self._current(job_id, token, offer.holder)
+            remote = self.current(job_id, token, offer.holder)
             if remote is None:
-                answers.append(self._refusal(job_id, token))
+                answers.append(self.refusal(job_id, token))
                 continue
             self._end_lease(remote, "reported")
             ok = {"job_id": job_id, "token": token, "ok": True}
@@ -361,7 +370,7 @@ class WorkerHub:
 
             def recorded(stale: bool, ok: dict = ok, job_id: str = job_id,
                          token: int = token) -> dict[str, Any]:
-                return self._refusal(job_id, token) if stale else ok
+                return self.refusal(job_id, token) if stale else ok
 
             d.addCallback(recorded)
             writes.append(d)
@@ -377,41 +386,35 @@ class WorkerHub:
         d = DeferredList(writes, fireOnOneErrback=True, consumeErrors=True)
         return d.addCallbacks(gathered, first_failure)
 
-    def current(self, job_id: str, token: int, holder: str) -> bool:
+    def current(
+        self, job_id: str, token: int, holder: Optional[str] = None
+    ) -> Optional[RemoteLease]:
         """
-        Whether C{token} is the current lease of C{job_id}, held by
-        C{holder}.
+        The lease of C{job_id} if C{token} is its current one (and, when
+        given, C{holder} holds it); C{None} otherwise.
         """
-        return self._current(job_id, token, holder) is not None
-
-    def refusal(self, job_id: str, token: int) -> dict[str, Any]:
-        return self._refusal(job_id, token)
-
-    # Leases ending
-
-    def _current(self, job_id: str, token: int, holder: str) -> Optional[RemoteLease]:
         remote = self.leases.get(job_id)
-        if remote is None or remote.lease.token != token or remote.lease.holder != holder:
+        if remote is None or remote.lease.token != token:
+            return None
+        if holder is not None and remote.lease.holder != holder:
             return None
         return remote
 
-    def _refusal(self, job_id: str, token: int) -> dict[str, Any]:
+    def refusal(self, job_id: str, token: int) -> dict[str, Any]:
+        """
+        The answer to a write whose lease is not current, saying why.
+        """
         reason = self._endings.get(token, "superseded")
-        messages = {
-            "cancelled": "the job was cancelled; stop it",
-            "expired": "the lease expired without a heartbeat; the job went back "
-            "to the queue; stop it",
-            "reported": "its result is already recorded",
-            "superseded": "this lease is no longer the job's current one; stop it",
-        }
         return {
             "job_id": job_id,
             "token": token,
             "ok": False,
             "status": 409,
             "reason": reason,
-            "message": messages[reason],
+            "message": REFUSALS[reason],
         }
+
+    # Leases ending
 
     def _end_lease(self, remote: RemoteLease, reason: str) -> None:
         lease = remote.lease
