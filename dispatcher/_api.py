@@ -31,7 +31,7 @@ from ._sqlite import (
     IdempotencyKey,
     UnknownDependency,
 )
-from ._validation import ApiError, Submission, parse_submission
+from ._validation import ApiError, Submission, check_body, parse_submission
 from ._worker_api import WorkerEndpoints, check_token
 
 log = Logger()
@@ -480,7 +480,7 @@ class DispatcherAPI(Resource):
 
     async def submit_batch(self, request: Any) -> Answer:
         body = _json_body(request)
-        _check_fields(body, ("jobs",), 'expected {"jobs": [...]}')
+        check_body(body, ("jobs",), 'expected {"jobs": [...]}')
         jobs = body.get("jobs")
         if not isinstance(jobs, list) or not jobs:
             raise ApiError(
@@ -520,7 +520,7 @@ class DispatcherAPI(Resource):
         if request.content.read(1):
             request.content.seek(0)
             body = _json_body(request)
-            _check_fields(body, ("dependents",), "expected an object")
+            check_body(body, ("dependents",), "expected an object")
             dependents = body.get("dependents", False)
             if not isinstance(dependents, bool):
                 raise ApiError(
@@ -691,22 +691,6 @@ class DispatcherAPI(Resource):
                 self._reactor, self._io_pool, _file_size, path
             )
         return FileAnswer(path, offset, max(0, size - offset))
-
-
-def _check_fields(body: Any, allowed: tuple[str, ...], expected: str) -> None:
-    """
-    Refuse a body that is not an object or has a field not in C{allowed}.
-    """
-    if not isinstance(body, dict):
-        raise ApiError(400, "invalid_field", f"body: {expected}", "body")
-    for key in body:
-        if key not in allowed:
-            raise ApiError(
-                400,
-                "unknown_field",
-                f"{key}: unknown field; allowed: {', '.join(allowed)}",
-                key,
-            )
 
 
 def _no_such_job(job_id: str) -> ApiError:

@@ -104,11 +104,18 @@ class Dispatcher(Service):
         self._releases: list[Deferred] = []
         self._resources = resources if resources is not None else detect_resources()
         self._tasks = tasks
-        self.local_offer = Offer(executor.holder, slots, self._resources, {}, tasks)
         self.hub = WorkerHub(
             store, self.scheduler, self._clock, lease_seconds, self._apply, self._pump
         )
         self.events.subscribe(self._job_changed)
+
+    @property
+    def local_offer(self) -> Offer:
+        """
+        What the local executor offers, under its holder name (which start-up
+        may read from the data directory).
+        """
+        return Offer(self.executor.holder, self._slots, self._resources, {}, self._tasks)
 
     # Life cycle
 
@@ -150,9 +157,6 @@ class Dispatcher(Service):
                 count=waiting,
                 queue=queue,
             )
-        self.local_offer = Offer(
-            self.executor.holder, self._slots, self._resources, {}, self._tasks
-        )
         self.scheduler.add_holder(self.executor.holder, self._slots)
         self.hub.accepting = True
         self._accepting = True

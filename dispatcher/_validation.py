@@ -115,6 +115,23 @@ def _string_map(value: Any, field: str, max_length: Optional[int] = None) -> dic
     return out
 
 
+def check_body(body: Any, allowed: tuple[str, ...], expected: str) -> None:
+    """
+    Refuse a request body that is not an object (C{expected} says what it
+    should be) or has a field not in C{allowed}.
+    """
+    if not isinstance(body, dict):
+        raise ApiError(400, "invalid_field", f"body: {expected}", "body")
+    for key in body:
+        if key not in allowed:
+            raise ApiError(
+                400,
+                "unknown_field",
+                f"{key}: unknown field; allowed: {', '.join(allowed)}",
+                key,
+            )
+
+
 def check_fields(
     value: Mapping[str, Any],
     field: str,

@@ -22,7 +22,7 @@ from ._model import (
     Resources,
     lease_to_json,
 )
-from ._validation import ApiError, check_fields, invalid
+from ._validation import ApiError, check_body, check_fields, invalid
 
 MAX_NAME = 200
 MAX_ITEMS = 10000
@@ -148,7 +148,7 @@ class WorkerEndpoints:
         }
 
     async def lease(self, request: Any, body: Any) -> tuple[int, Any]:
-        _fields(body, ("worker", "max_jobs", "wait"))
+        check_body(body, ("worker", "max_jobs", "wait"), "expected an object")
         offer = parse_worker(body.get("worker"))
         max_jobs = _number(body.get("max_jobs", offer.slots), "max_jobs", 1, offer.slots, True)
         wait = _number(body.get("wait", 30), "wait", 0, 60, False)
@@ -156,7 +156,7 @@ class WorkerEndpoints:
         return 200, {"leases": [lease_to_json(lease) for lease in leases], **self._timing()}
 
     async def heartbeat(self, request: Any, body: Any) -> tuple[int, Any]:
-        _fields(body, ("worker", "leases"))
+        check_body(body, ("worker", "leases"), "expected an object")
         offer = parse_worker(body.get("worker"))
         items = _items(body, "leases", HEARTBEAT_ITEM)
         parsed = []
@@ -171,7 +171,7 @@ class WorkerEndpoints:
         return _all_refused(answers), {"leases": answers, **self._timing()}
 
     async def results(self, request: Any, body: Any) -> tuple[int, Any]:
-        _fields(body, ("worker", "results"))
+        check_body(body, ("worker", "results"), "expected an object")
         offer = parse_worker(body.get("worker"))
         items = _items(body, "results", RESULT_ITEM)
         parsed = []
@@ -208,8 +208,9 @@ class WorkerEndpoints:
         stream = query.get("stream")
         if stream not in STREAMS:
             invalid("stream", "expected stdout or stderr")
-        remote = self._hub.leases.get(job_id)
-        if remote is None or remote.lease.token != token:
+        # The query names no worker: the token alone says whose it is.
+        remote = self._hub.current(job_id, token)
+        if remote is None:
             refusal = self._hub.refusal(job_id, token)
             raise ApiError(409, "stale_lease", f"token: {refusal['message']}", "token")
         path = self._log_path(job_id, remote.lease.attempt, stream)
@@ -231,16 +232,6 @@ class WorkerEndpoints:
 
     def describe(self) -> list[dict[str, Any]]:
         return self._hub.describe()
-
-
-def _fields(body: Any, allowed: tuple[str, ...]) -> None:
-    if not isinstance(body, dict):
-        raise ApiError(400, "invalid_field", "body: expected an object", "body")
-    for key in body:
-        if key not in allowed:
-            raise ApiError(
-                400, "unknown_field", f"{key}: unknown field; allowed: {', '.join(allowed)}", key
-            )
 
 
 def _query_integer(text: Optional[str], name: str, low: int = 1) -> int:
