@@ -9,6 +9,7 @@ back-offs run on it.
 
 from __future__ import annotations
 
+import operator
 from typing import Any, Callable, Optional, Sequence
 
 import attrs
@@ -254,7 +255,10 @@ class Dispatcher(Service):
         value = written.value
         explain = self._explainer()
         if isinstance(value, Submitted):
-            return attrs.evolve(value, jobs=[explain(job) for job in value.jobs])
+            jobs = [explain(job) for job in value.jobs]
+            if all(map(operator.is_, jobs, value.jobs)):
+                return value
+            return attrs.evolve(value, jobs=jobs)
         return explain(value)
 
     def get(self, job_id: str) -> Deferred:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import enum
+import math
 import os
 import threading
 import time
@@ -505,14 +506,36 @@ class Outcome:
         return cls(JobState.FAILED, exit_code=code, error=f"exited with code {code}")
 
 
+# The last whole second format_time formatted, and its text: every job a
+# submission answers shows its creation time, and strftime was a tenth of
+# a single submit's time on the reactor thread.  One tuple, replaced whole,
+# so threads may share it.
+_last_second: tuple[int, str] = (0, "1970-01-01T00:00:00")
+
+
 def format_time(when: Optional[float]) -> Optional[str]:
     """
-    An RFC 3339 UTC time with microseconds, or C{None}.
+    An RFC 3339 UTC time with microseconds, or C{None}: what
+    C{datetime.fromtimestamp(when, utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")}
+    gives, rounded the same way.
     """
+    global _last_second
     if when is None:
         return None
-    moment = datetime.datetime.fromtimestamp(when, datetime.timezone.utc)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    fraction, whole = math.modf(when)
+    second = int(whole)
+    micro = round(fraction * 1e6)
+    if micro >= 1_000_000:
+        second += 1
+        micro -= 1_000_000
+    elif micro < 0:
+        second -= 1
+        micro += 1_000_000
+    last = _last_second
+    if last[0] != second:
+        moment = datetime.datetime.fromtimestamp(second, datetime.timezone.utc)
+        last = _last_second = (second, moment.strftime("%Y-%m-%dT%H:%M:%S"))
+    return f"{last[1]}.{micro:06d}Z"
 
 
 class JobIds:

@@ -2,7 +2,10 @@
 Model values: ids, times, transitions and outcomes.
 """
 
+import datetime
 import uuid
+
+from hypothesis import given, strategies as st
 
 from dispatcher._model import (
     FINAL_STATES,
@@ -36,6 +39,17 @@ def test_times_are_rfc3339_utc_with_microseconds():
     """Times show as RFC 3339 UTC with six fractional digits."""
     assert format_time(0.5) == "1970-01-01T00:00:00.500000Z"
     assert format_time(None) is None
+
+
+@given(st.floats(min_value=-2e9, max_value=4e9) | st.integers(0, 4 * 10**15).map(lambda n: n / 2e6))
+def test_times_round_as_datetime_does(when):
+    """The formatted time is what datetime's strftime gives, to the rounded
+    microsecond, across second boundaries, half microseconds and times
+    before 1970."""
+    expected = datetime.datetime.fromtimestamp(when, datetime.timezone.utc).strftime(
+        "%Y-%m-%dT%H:%M:%S.%fZ"
+    )
+    assert format_time(when) == expected
 
 
 def test_final_states_change_only_by_retry():
