@@ -2,8 +2,9 @@
 The SQLite job store: the default, embedded store.
 
 One writer thread owns the only writing connection and commits in groups:
-every write asked for while a transaction is being committed waits for the
-next one, which takes all of them at once, each in its own savepoint so a
+every write asked for while a transaction is being committed (or in the
+same reactor iteration as the first) waits for the next one, which takes
+all of them at once, each in its own savepoint so a
 failing write changes nothing while its neighbours commit.  Every write's
 Deferred fires only after the commit that holds it.  Reads run on a small
 pool of WAL reader connections.  No SQLite call runs on the reactor thread.
@@ -460,7 +461,13 @@ class SQLiteJobStore:
         d: Deferred = Deferred()
         self._pending.append((operation, args, d))
         if not self._flushing:
-            self._flush()
+            # The group starts at the end of this reactor iteration, so
+            # that every request read in it joins.  Started at once, it
+            # took only the first of the requests that came in together
+            # after the last commit's answers went out, and every other
+            # commit under load held a single job.
+            self._flushing = True
+            self._reactor.callLater(0, self._flush)
         return d
 
     def _flush(self) -> None:
@@ -498,7 +505,8 @@ class SQLiteJobStore:
         return results
 
     def _flushed(self, outcome: Any, deferreds: list[Deferred]) -> None:
-        self._flushing = False
+        # Still flushing while the callbacks run: a write one of them asks
+        # for joins the next group, which starts once they are done.
         if isinstance(outcome, Failure):
             # The commit itself failed (a full disk, say): nothing of the
             # batch was written, and every writer hears so.
@@ -511,6 +519,7 @@ class SQLiteJobStore:
                     d.callback(value)
                 else:
                     d.errback(value)
+        self._flushing = False
         if self._pending:
             self._flush()
         elif self._closing is not None and not self._closing.called:
