@@ -267,7 +267,9 @@ class LocalExecutor:
             spec = lease.spec
             workdir = self.workdir(lease.job_id)
             attempt_dir = os.path.dirname(self.log_path(lease.job_id, lease.attempt, "x"))
-            if spec.command is not None or spec.inputs:
+            # The spawner makes a command's directories as it starts it;
+            # inputs need the working directory before that.
+            if spec.inputs:
                 await deferToThreadPool(
                     self._reactor, self._io_pool, _make_dirs, workdir, attempt_dir
                 )

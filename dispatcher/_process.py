@@ -342,9 +342,9 @@ class ProcessSpawner(Service):
         @param argv: the program and its arguments; a program name with no
             C{/} is looked for in C{env}'s C{PATH}.
         @param env: exactly the environment it gets.
-        @param cwd: its working directory.
+        @param cwd: its working directory (made if need be).
         @param stdout_path: the file its stdout is appended to (created if
-            need be).
+            need be, and its directory too).
         @param stderr_path: the file its stderr is appended to.
 
         @return: a Deferred that fires with a L{RunningProcess} once the

@@ -18,7 +18,8 @@ Replies::
     {"op": "error", "id": N, "error": "no such file: foo"}
     {"op": "exited", "id": N, "code": C}
 
-Each job leads its own session and process group.  When a job's leader
+The working directory and the directories of the two output files are
+made if need be.  Each job leads its own session and process group.  When a job's leader
 exits, what is left of its group is killed before its exit is reported, so
 a job's stray background processes die with it.  C{C} is the exit status,
 or minus the signal that killed the leader.  When stdin closes, the daemon
@@ -203,6 +204,18 @@ class _Spawner:
             isinstance(k, str) and isinstance(v, str) for k, v in env.items()
         ):
             raise _Refused("env must map strings to strings")
+        for directory in dict.fromkeys(
+            (cwd, os.path.dirname(stdout), os.path.dirname(stderr))
+        ):
+            # Made here rather than by the daemon, which would have to hand
+            # the work to a thread before every spawn.
+            try:
+                os.makedirs(directory, exist_ok=True)
+            except (OSError, ValueError, TypeError) as e:
+                raise _Refused(
+                    f"cannot make the directory {directory}: "
+                    f"{getattr(e, 'strerror', None) or e}"
+                )
         try:
             # posix_spawn has no working directory of its own: the job
             # inherits ours.  The helper is single-threaded, so changing it

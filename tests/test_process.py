@@ -273,14 +273,30 @@ async def test_not_executable(jobs):
 
 
 @pytest_twisted.ensureDeferred
+async def test_missing_directories_are_made(jobs):
+    """
+    A working directory and output directories that do not exist yet are
+    made before the process starts in them.
+    """
+    workdir = jobs.directory / "new" / "work"
+    logs = jobs.directory / "new" / "logs"
+    process = await jobs.spawner.spawn(
+        ["pwd"], PATH, str(workdir), str(logs / "out"), str(logs / "err")
+    ).addCallback(jobs._started)
+    assert await process.ended == 0
+    assert (logs / "out").read_text() == os.path.realpath(workdir) + "\n"
+
+
+@pytest_twisted.ensureDeferred
 async def test_bad_cwd(jobs):
     """
-    Starting a process in a directory that does not exist fails with a
+    Starting a process in a directory that cannot be made fails with a
     SpawnError naming the directory.
     """
-    missing = jobs.directory / "missing"
-    with pytest.raises(SpawnError, match=f"bad cwd {missing}"):
-        await jobs.spawn(["true"], cwd=missing)
+    (jobs.directory / "file").write_text("")
+    impossible = jobs.directory / "file" / "work"
+    with pytest.raises(SpawnError, match=f"cannot make the directory {impossible}"):
+        await jobs.spawn(["true"], cwd=impossible)
 
 
 @pytest_twisted.ensureDeferred
