@@ -248,6 +248,16 @@ class Dispatcher(Service):
                     ids.append(self.ids.new())
                 names.append(array_id)
         d = self.store.submit(specs, self._clock.seconds(), ids, idempotency)
+        ready = sum(1 for spec in specs if not spec.depends_on and spec.not_before is None)
+        if ready:
+            # Claim for them now: the claim joins the submission's commit
+            # and runs after it in the same transaction, so a job meant
+            # for a free slot starts one commit sooner.  They are counted
+            # again when the commit reports them queued; the scheduler's
+            # count may be high, never low, and a claim that comes back
+            # short sets it right.
+            self.scheduler.jobs_queued(ready)
+            self._pump()
         return shielded(d.addCallback(self._submitted))
 
     def _submitted(self, written: Written) -> Any:
@@ -436,7 +446,7 @@ class Dispatcher(Service):
 
     def _claimed(self, claimed: Claimed, claim: Claim) -> None:
         self.scheduler.claimed(
-            claim, len(claimed.leases), claimed.blocked, claimed.skipped
+            claim, len(claimed.leases), claimed.blocked, claimed.skipped, claimed.drained
         )
         for lease in claimed.leases:
             state = JobState.STAGING if lease.spec.inputs else JobState.RUNNING

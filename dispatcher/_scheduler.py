@@ -134,7 +134,12 @@ class Scheduler:
         self._queued += claim.count
 
     def claimed(
-        self, claim: Claim, got: int, blocked: bool = False, skipped: int = 0
+        self,
+        claim: Claim,
+        got: int,
+        blocked: bool = False,
+        skipped: int = 0,
+        drained: bool = False,
     ) -> None:
         """
         A claim for C{claim.count} jobs got C{got}.  Fewer means no eligible
@@ -144,6 +149,8 @@ class Scheduler:
         slots frees.  Otherwise the estimate goes to zero, and later events
         count up from there.  C{blocked} says queued jobs wait behind a
         queue's limit of running jobs; a slot freed later looks again.
+        C{drained} says the claim got what it asked for and no job was left
+        queued: the estimate goes to zero as well.
         """
         self._in_flight.discard(claim.holder)
         self._blocked = blocked
@@ -156,3 +163,5 @@ class Scheduler:
                 self._dry.add(claim.holder)
             else:
                 self._queued = 0
+        elif drained:
+            self._queued = 0

@@ -134,13 +134,15 @@ class Submitted:
 class Claimed:
     """
     The leases a claim got, whether queued jobs wait behind a queue's limit
-    of running jobs, and how many queued jobs it passed over because they
-    did not fit the holder.
+    of running jobs, how many queued jobs it passed over because they did
+    not fit the holder, and whether it saw the end of every queue it read
+    (C{drained}: no job was left queued there when it committed).
     """
 
     leases: list[Lease]
     blocked: bool = False
     skipped: int = 0
+    drained: bool = False
 
 
 # How many queued jobs a claim passes over (they do not fit the holder)
@@ -783,6 +785,8 @@ class SQLiteJobStore:
         chosen: list[tuple[tuple, JobSpec]] = []
         taken: dict[str, int] = {}
         skipped = 0
+        # A queue left for want of room may still hold jobs.
+        left = False
         while heads and len(chosen) < capacity and skipped < MAX_SKIPPED:
             best = max(row[5] for row in heads.values())
             queue = next(q for q in order if q in heads and heads[q][5] == best)
@@ -799,8 +803,9 @@ class SQLiteJobStore:
             chosen.append((row, spec))
             free = free - spec.resources
             taken[queue] = taken.get(queue, 0) + 1
-            if taken[queue] >= room[queue]:
-                heads.pop(queue, None)
+            if taken[queue] >= room[queue] and queue in heads:
+                del heads[queue]
+                left = True
             at = self._queues.index(queue)
             self._turn = (at + 1) % len(self._queues)
             order = self._queues[self._turn:] + self._queues[: self._turn]
@@ -836,7 +841,8 @@ class SQLiteJobStore:
                     (queue,),
                 ).fetchone():
                     blocked = True
-        return Claimed(leases, blocked, skipped)
+        drained = not heads and not left and not skipped
+        return Claimed(leases, blocked, skipped, drained)
 
     def resume_leases(self, local_holder: str, now: float, lease_seconds: float) -> Deferred:
         """

@@ -132,6 +132,20 @@ async def test_task_result_and_context(daemon):
 
 
 @pytest_twisted.ensureDeferred
+async def test_free_slot_claims_in_the_submission_commit(daemon):
+    """A job submitted while a slot is free is claimed in the transaction that
+    stores it, and no needless claim follows: storing, starting and finishing
+    a task take two commits."""
+    store = daemon.service.store
+    for n in range(3):
+        before = store.batches
+        job = await daemon.submit({"task": "add", "args": [n, 1]})
+        done = await daemon.wait(job["id"])
+        assert done["result"] == n + 1
+        assert store.batches - before == 2
+
+
+@pytest_twisted.ensureDeferred
 async def test_task_failures(daemon):
     """A task that raises or returns a value that is not JSON fails with words;
     the traceback is its stderr log."""

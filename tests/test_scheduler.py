@@ -37,6 +37,24 @@ def test_short_claim_empties_the_estimate():
     assert s.next_claims() == [Claim("h", 1, 0.0)]
 
 
+def test_drained_claim_empties_the_estimate():
+    """A claim that got all it asked for but saw the queue end sets the
+    estimate (counted high, say twice for the same jobs) to zero; one that
+    did not see the end leaves it."""
+    s = Scheduler(Clock())
+    s.add_holder("h", 4)
+    s.jobs_queued(2)
+    (claim,) = s.next_claims()
+    s.jobs_queued(2)
+    s.claimed(claim, 2)
+    assert s.queued == 2
+    s.slots_freed("h", 2)
+    (claim,) = s.next_claims()
+    s.jobs_queued(1)
+    s.claimed(claim, 2, drained=True)
+    assert s.queued == 0 and s.next_claims() == []
+
+
 def test_failed_claim_returns_everything():
     """A claim that failed gives back its slots and its jobs."""
     s = Scheduler(Clock())

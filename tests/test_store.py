@@ -139,6 +139,20 @@ async def test_group_waits_for_the_iteration(store):
 
 
 @pytest_twisted.ensureDeferred
+async def test_claim_says_when_it_drained_the_queue(store):
+    """A claim that took the last queued jobs says it drained the queue; one
+    that left a job, or passed over one that did not fit, does not."""
+    await submit(store, spec(1), spec(2), spec(3))
+    first = await store.claim(Offer("h", 2), 2, 200.0, 60)
+    assert len(first.leases) == 2 and not first.drained
+    last = await store.claim(Offer("h", 2), 1, 200.0, 60)
+    assert len(last.leases) == 1 and last.drained
+    await submit(store, spec(4, requirements={"site": "x"}))
+    unfit = await store.claim(Offer("h", 2), 1, 200.0, 60)
+    assert unfit.leases == [] and unfit.skipped == 1 and not unfit.drained
+
+
+@pytest_twisted.ensureDeferred
 async def test_failed_write_changes_nothing_beside_others(store):
     """A write that fails inside a group rolls back alone; its neighbours commit."""
     job_id = ids.new()
