@@ -470,7 +470,7 @@ class DispatcherAPI(Resource):
                 raise ApiError(400, "unknown_dependency", f"{field}: {e}", field)
             return failure
 
-        d = self._dispatcher.submit(submissions, key)
+        d = self._dispatcher.submit(submissions, key, explain=single or full)
         return d.addCallbacks(answer, refused)
 
     def _submission(self, body: Any, prefix: str = "", index: Optional[int] = None) -> Submission:

@@ -99,6 +99,7 @@ class Dispatcher(Service):
         self.ids = JobIds(self._clock.seconds)
         self._recorded: dict[str, Deferred] = {}
         self._accepting = False
+        self._applying = False
         self._wake_call: Any = None
         self._purge_call: Any = None
         self._claims: set[Deferred] = set()
@@ -220,11 +221,14 @@ class Dispatcher(Service):
         self,
         submissions: Sequence[Submission],
         idempotency: Optional[IdempotencyKey] = None,
+        explain: bool = True,
     ) -> Deferred:
         """
         Store the jobs of one request, all or nothing; an array becomes its
         members, and batch indexes in C{depends_on} become ids.  Fires with
-        the L{Submitted} jobs once they are durable.
+        the L{Submitted} jobs once they are durable, their wait reasons as
+        the holders connected now see them unless C{explain} is false (an
+        answer that shows no wait reason need not pay for them).
         """
         specs = []
         ids = []
@@ -258,11 +262,13 @@ class Dispatcher(Service):
             # short sets it right.
             self.scheduler.jobs_queued(ready)
             self._pump()
-        return shielded(d.addCallback(self._submitted))
+        return shielded(d.addCallback(self._submitted, explain))
 
-    def _submitted(self, written: Written) -> Any:
+    def _submitted(self, written: Written, explain_jobs: bool = True) -> Any:
         self._apply(written)
         value = written.value
+        if not explain_jobs:
+            return value
         explain = self._explainer()
         if isinstance(value, Submitted):
             jobs = [explain(job) for job in value.jobs]
@@ -371,8 +377,16 @@ class Dispatcher(Service):
         Tell the event stream what a write changed, and wake up when the
         next pending job it touched becomes due.
         """
-        for job_id, state in written.changed:
-            self.events.publish(JobEvent(job_id, state))
+        # One pump for the whole write, not one per job it queued: a
+        # batch queues thousands.
+        self._applying = True
+        try:
+            for job_id, state in written.changed:
+                self.events.publish(JobEvent(job_id, state))
+        finally:
+            self._applying = False
+        if any(state is JobState.QUEUED for _, state in written.changed):
+            self._pump()
         self._schedule_wake(written.wake_at)
 
     def _schedule_wake(self, when: Optional[float]) -> None:
@@ -405,7 +419,8 @@ class Dispatcher(Service):
     def _job_changed(self, event: JobEvent) -> None:
         if event.state is JobState.QUEUED:
             self.scheduler.jobs_queued(1)
-            self._pump()
+            if not self._applying:
+                self._pump()
 
     def _pump(self) -> None:
         if not self._accepting:
