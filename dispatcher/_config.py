@@ -61,13 +61,15 @@ class ServerConfig:
 @attrs.frozen
 class DispatcherConfig:
     """
-    C{[dispatcher]}: where the data lives, and how long a stop waits.
+    C{[dispatcher]}: where the data lives, how long a stop waits, and how
+    soon a change of a job's run state reaches the disk.
     """
 
     data_dir: str = "var"
     shutdown_grace: float = 30.0
     idempotency_ttl: float = 86400.0
     max_array: int = 10000
+    sync_interval: float = 1.0
 
 
 @attrs.frozen
@@ -264,6 +266,7 @@ _SECTIONS: Mapping[str, tuple[type, Mapping[str, Callable[[str], Any]]]] = {
             "shutdown_grace": _seconds(0),
             "idempotency_ttl": _seconds(0, above=True),
             "max_array": _integer(1),
+            "sync_interval": _seconds(0),
         },
     ),
     "executor": (

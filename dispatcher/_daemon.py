@@ -176,6 +176,7 @@ class DaemonService(MultiService):
             reactor,
             queues={name: q.max_running for name, q in config.queues.items()},
             idempotency_ttl=config.dispatcher.idempotency_ttl,
+            sync_interval=config.dispatcher.sync_interval,
         )
         self.dispatcher = Dispatcher(
             reactor,

@@ -1,6 +1,10 @@
 """
 The SQLite job store: the default, embedded store.
 
+Submissions, cancels and retries sync to the disk before their answer;
+commits of run-state changes alone (claims, starts, ends) sync within
+C{sync_interval}, or with the next commit that does.
+
 One writer thread owns the only writing connection and commits in groups:
 every write asked for while a transaction is being committed (or in the
 same reactor iteration as the first) waits for the next one, which takes
@@ -24,6 +28,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import attrs
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -332,6 +337,13 @@ class SQLiteJobStore:
     @param idempotency_ttl: seconds an idempotency key is kept.
     @param backoff: the wait before a retry, from the retry delay and the
         number of attempts spent.
+    @param sync_interval: seconds a commit of nothing but run-state changes
+        (claims, starts, ends, releases, wake-ups) may wait to reach the
+        disk; 0 syncs every commit.  Submissions, cancels and retries, which
+        a client is told are done, always sync before their answer, and the
+        sync of one makes every earlier commit durable as well.
+    @param clock: the clock that times those syncs (the reactor's if not
+        given).
     """
 
     def __init__(
@@ -342,6 +354,8 @@ class SQLiteJobStore:
         queues: Optional[Mapping[str, int]] = None,
         idempotency_ttl: float = 86400.0,
         backoff: Callable[[float, int], float] = jittered_backoff,
+        sync_interval: float = 1.0,
+        clock: Any = None,
     ) -> None:
         self._path = path
         # Queue names, in the order they take turns, and their limits of
@@ -359,8 +373,16 @@ class SQLiteJobStore:
         self._readers_local = threading.local()
         self._reader_connections: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
-        self._pending: list[tuple[Callable[..., Any], tuple[Any, ...], Deferred]] = []
+        self._pending: list[tuple[Callable[..., Any], tuple[Any, ...], Deferred, bool]] = []
         self._flushing = False
+        self._sync_interval = sync_interval
+        self._clock = clock if clock is not None else reactor
+        self._syncer: Optional[LoopingCall] = None
+        # The writer thread's own: the connection's synchronous setting,
+        # and whether a commit since the last sync has not reached the disk.
+        self._synchronous_full = True
+        self._unsynced = False
+        self.syncs = 0
         self._closing: Optional[Deferred] = None
         self._next_token = 1
         self._shut = False
@@ -378,9 +400,53 @@ class SQLiteJobStore:
     def open(self) -> Deferred:
         self._writer_pool.start()
         self._reader_pool.start()
-        return deferToThreadPool(
-            self._reactor, self._writer_pool, self._open_in_thread
-        )
+        d = deferToThreadPool(self._reactor, self._writer_pool, self._open_in_thread)
+        if self._sync_interval > 0:
+
+            def start_syncing(result: Any) -> Any:
+                self._syncer = LoopingCall(self.sync)
+                self._syncer.clock = self._clock
+                self._syncer.start(self._sync_interval, now=False).addErrback(
+                    lambda f: log.failure("syncing the store stopped", f)
+                )
+                return result
+
+            d.addCallback(start_syncing)
+        return d
+
+    @property
+    def unsynced(self) -> bool:
+        """
+        Whether a commit has not reached the disk yet (one of run-state
+        changes alone, since the last sync).
+        """
+        return self._unsynced
+
+    def sync(self) -> Deferred:
+        """
+        Make every commit so far durable; fires once it is.  Run every
+        C{sync_interval} seconds, and as the store closes.
+        """
+        if self._closing is not None and self._shut:
+            return succeed(None)
+        return deferToThreadPool(self._reactor, self._writer_pool, self._sync_in_thread)
+
+    def _sync_in_thread(self) -> None:
+        # Runs on the writer thread between groups: no commit is under way.
+        if not self._unsynced or self._writer is None:
+            return
+        try:
+            fd = os.open(self._path + "-wal", os.O_RDONLY)
+        except FileNotFoundError:
+            # Checkpointed and gone: the database file holds it all.
+            self._unsynced = False
+            return
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self._unsynced = False
+        self.syncs += 1
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(
@@ -439,7 +505,11 @@ class SQLiteJobStore:
             self._closing.callback(None)
             return
 
+        if self._syncer is not None and self._syncer.running:
+            self._syncer.stop()
+
         def close_all() -> None:
+            self._sync_in_thread()
             if self._writer is not None:
                 self._writer.close()
                 self._writer = None
@@ -458,10 +528,29 @@ class SQLiteJobStore:
     # The writer and its group commit
 
     def _write(self, operation: Callable[..., Any], *args: Any) -> Deferred:
+        """
+        Run C{operation(conn, *args)} in the next group; fires after a
+        commit that syncs to the disk.
+        """
+        return self._queue_write(operation, args, True)
+
+    def _write_run_state(self, operation: Callable[..., Any], *args: Any) -> Deferred:
+        """
+        Like L{_write}, for a change of run state only: a power loss within
+        C{sync_interval} of its commit may undo it, and the job then runs
+        again, as one that was running when the power went does.  A crash
+        of the daemon alone undoes nothing: the commit is in the kernel's
+        hands.
+        """
+        return self._queue_write(operation, args, self._sync_interval <= 0)
+
+    def _queue_write(
+        self, operation: Callable[..., Any], args: tuple[Any, ...], durable: bool
+    ) -> Deferred:
         if self._closing is not None:
             return fail(StoreClosed("the dispatcher is stopping"))
         d: Deferred = Deferred()
-        self._pending.append((operation, args, d))
+        self._pending.append((operation, args, d, durable))
         if not self._flushing:
             # The group starts at the end of this reactor iteration, so
             # that every request read in it joins.  Started at once, it
@@ -475,16 +564,22 @@ class SQLiteJobStore:
     def _flush(self) -> None:
         batch, self._pending = self._pending, []
         self._flushing = True
-        work = [(operation, args) for operation, args, _ in batch]
-        d = deferToThreadPool(self._reactor, self._writer_pool, self._commit, work)
-        d.addBoth(self._flushed, [deferred for _, _, deferred in batch])
+        work = [(operation, args) for operation, args, _, _ in batch]
+        durable = any(durable for _, _, _, durable in batch)
+        d = deferToThreadPool(self._reactor, self._writer_pool, self._commit, work, durable)
+        d.addBoth(self._flushed, [deferred for _, _, deferred, _ in batch])
 
     def _commit(
-        self, work: list[tuple[Callable[..., Any], tuple[Any, ...]]]
+        self, work: list[tuple[Callable[..., Any], tuple[Any, ...]]], durable: bool = True
     ) -> list[tuple[bool, Any]]:
         conn = self._writer
         assert conn is not None
         results: list[tuple[bool, Any]] = []
+        if durable != self._synchronous_full:
+            # In WAL mode FULL syncs the log at every commit; NORMAL leaves
+            # it to the next FULL commit, the next sync or a checkpoint.
+            conn.execute(f"PRAGMA synchronous = {'FULL' if durable else 'NORMAL'}")
+            self._synchronous_full = durable
         conn.execute("BEGIN IMMEDIATE")
         try:
             for operation, args in work:
@@ -503,6 +598,7 @@ class SQLiteJobStore:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
+        self._unsynced = not durable
         self.batches += 1
         return results
 
@@ -737,7 +833,7 @@ class SQLiteJobStore:
             return succeed(Claimed([], blocked=False))
         if free is None:
             free = offer.resources
-        return self._write(self._claim, offer, capacity, free, now, lease_seconds)
+        return self._write_run_state(self._claim, offer, capacity, free, now, lease_seconds)
 
     def _claim(
         self,
@@ -851,7 +947,7 @@ class SQLiteJobStore:
         must not count against a worker that kept working).  Fires with the
         L{Written} list of L{ResumedLease}s.
         """
-        return self._write(self._resume_leases, local_holder, now, lease_seconds)
+        return self._write_run_state(self._resume_leases, local_holder, now, lease_seconds)
 
     def _resume_leases(
         self, conn: sqlite3.Connection, local_holder: str, now: float, lease_seconds: float
@@ -881,7 +977,7 @@ class SQLiteJobStore:
     def record_process(
         self, lease: Lease, pid: int, start_ticks: Optional[int], boot_id: Optional[str]
     ) -> Deferred:
-        return self._write(self._record_process, lease, pid, start_ticks, boot_id)
+        return self._write_run_state(self._record_process, lease, pid, start_ticks, boot_id)
 
     def _record_process(
         self,
@@ -898,7 +994,7 @@ class SQLiteJobStore:
         )
 
     def mark_running(self, lease: Lease, now: float) -> Deferred:
-        return self._write(self._mark_running, lease, now)
+        return self._write_run_state(self._mark_running, lease, now)
 
     def _mark_running(self, conn: sqlite3.Connection, lease: Lease, now: float) -> Written:
         state = _check_lease(conn, lease)
@@ -911,7 +1007,7 @@ class SQLiteJobStore:
         return Written(None, ((lease.job_id, JobState.RUNNING),))
 
     def finish(self, lease: Lease, outcome: Outcome, now: float) -> Deferred:
-        return self._write(self._finish, lease, outcome, now)
+        return self._write_run_state(self._finish, lease, outcome, now)
 
     def _finish(
         self, conn: sqlite3.Connection, lease: Lease, outcome: Outcome, now: float
@@ -987,7 +1083,7 @@ class SQLiteJobStore:
         return Written(None, ((job_id, target),), due)
 
     def release(self, lease: Lease, now: float, reason: str) -> Deferred:
-        return self._write(self._release, lease, now, reason)
+        return self._write_run_state(self._release, lease, now, reason)
 
     def _release(
         self, conn: sqlite3.Connection, lease: Lease, now: float, reason: str
@@ -1093,7 +1189,7 @@ class SQLiteJobStore:
         Queue every pending job whose time has come; the answer's wake time
         is when the next one is due.
         """
-        return self._write(self._promote_due, now)
+        return self._write_run_state(self._promote_due, now)
 
     def _promote_due(self, conn: sqlite3.Connection, now: float) -> Written:
         due = conn.execute(
@@ -1114,7 +1210,7 @@ class SQLiteJobStore:
         """
         Forget idempotency keys older than their time to live.
         """
-        return self._write(self._purge_idempotency, now)
+        return self._write_run_state(self._purge_idempotency, now)
 
     def _purge_idempotency(self, conn: sqlite3.Connection, now: float) -> Written:
         cursor = conn.execute(
@@ -1124,7 +1220,7 @@ class SQLiteJobStore:
         return Written(cursor.rowcount)
 
     def recover(self, holder: str, now: float) -> Deferred:
-        return self._write(self._recover, holder, now)
+        return self._write_run_state(self._recover, holder, now)
 
     def _recover(self, conn: sqlite3.Connection, holder: str, now: float) -> Written:
         rows = conn.execute(

@@ -42,7 +42,7 @@ def test_values_are_read():
     """Every section's keys are parsed into the frozen value."""
     config = parse_config(
         "[server]\nlisten = tcp:9000\nmax_body_bytes = 4096\naccess_log = no\n"
-        "[dispatcher]\ndata_dir = /tmp/x\nshutdown_grace = 2.5\n"
+        "[dispatcher]\ndata_dir = /tmp/x\nshutdown_grace = 2.5\nsync_interval = 0\n"
         "[executor]\nslots = 0\nthreads = 3\n"
         "[fetch]\ntimeout = 10\nretries = 0\nretry_delay = 0.5\nmax_bytes = 100\n"
         "[tasks]\nadd = tests.tasks:add\n",
@@ -52,6 +52,7 @@ def test_values_are_read():
     assert config.server.max_body_bytes == 4096
     assert config.server.access_log is False
     assert config.dispatcher.shutdown_grace == 2.5
+    assert config.dispatcher.sync_interval == 0
     assert config.executor.slots == 0 and config.executor.threads == 3
     assert config.fetch.max_bytes == 100 and config.fetch.retry_delay == 0.5
     assert config.tasks["add"].function(None, 1, 2) == 3
@@ -86,6 +87,8 @@ def test_listen_gets_a_backlog_unless_it_names_one():
         ("[nope]\na = b\n", "x.ini: [nope]: unknown section; known:"),
         ("[server]\naccess_log = maybe\n",
          "x.ini: [server] access_log = 'maybe': expected one of"),
+        ("[dispatcher]\nsync_interval = -1\n",
+         "x.ini: [dispatcher] sync_interval = '-1': expected a number of seconds of at least 0"),
         ("[fetch]\ntimeout = 0\n",
          "x.ini: [fetch] timeout = '0': expected a number of seconds above 0"),
         ("[tasks]\nx = not a target\n",

@@ -10,7 +10,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import ensureDeferred, gatherResults
-from twisted.internet.task import deferLater
+from twisted.internet.task import Clock, deferLater
 from zope.interface.verify import verifyObject
 
 from dispatcher._interfaces import IJobStore
@@ -150,6 +150,59 @@ async def test_claim_says_when_it_drained_the_queue(store):
     await submit(store, spec(4, requirements={"site": "x"}))
     unfit = await store.claim(Offer("h", 2), 1, 200.0, 60)
     assert unfit.leases == [] and unfit.skipped == 1 and not unfit.drained
+
+
+def synchronous(store):
+    """The writer connection's synchronous setting: 2 is FULL, 1 NORMAL."""
+    return store._writer.execute("PRAGMA synchronous").fetchone()[0]
+
+
+@pytest_twisted.ensureDeferred
+async def test_only_run_state_commits_wait_for_their_sync(make_store):
+    """A commit that holds a submission syncs before it is answered; one of
+    run-state changes alone (a claim, an end) does not, and sync() makes
+    it durable.  With sync_interval = 0 every commit syncs."""
+    store = await make_store("deferred.sqlite3", sync_interval=3600)
+    (job,) = await submit(store, spec(1))
+    assert synchronous(store) == 2 and not store.unsynced
+    (lease,) = await claim(store, "h", 1, 200.0)
+    assert synchronous(store) == 1 and store.unsynced
+    await store.finish(lease, Outcome(JobState.SUCCEEDED, exit_code=0), 201.0)
+    assert store.unsynced
+    await store.sync()
+    assert not store.unsynced and store.syncs == 1
+    # A submission's commit syncs what came before it too.
+    await submit(store, spec(2))
+    (lease,) = await claim(store, "h", 1, 300.0)
+    assert store.unsynced
+    await submit(store, spec(3))
+    assert not store.unsynced and synchronous(store) == 2
+    await store.sync()
+    assert store.syncs == 1  # nothing was left to sync
+
+    always = await make_store("always.sqlite3", sync_interval=0)
+    await submit(always, spec(1))
+    await claim(always, "h", 1, 200.0)
+    assert synchronous(always) == 2 and not always.unsynced
+
+
+@pytest_twisted.ensureDeferred
+async def test_run_state_is_synced_within_the_interval(make_store):
+    """A run-state commit left unsynced is synced by the store's own timer,
+    once its interval has passed."""
+    clock = Clock()
+    store = await make_store("timer.sqlite3", sync_interval=2.0, clock=clock)
+    await submit(store, spec(1))
+    await claim(store, "h", 1, 200.0)
+    clock.advance(1.9)
+    assert store.unsynced and store.syncs == 0
+    clock.advance(0.1)
+    # The sync runs on the writer thread, in real time.
+    for _ in range(500):
+        if not store.unsynced:
+            break
+        await deferLater(reactor, 0.01)
+    assert not store.unsynced and store.syncs == 1
 
 
 @pytest_twisted.ensureDeferred
