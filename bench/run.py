@@ -1023,13 +1023,15 @@ def parse_time(text: str) -> float:
 
 
 def submit_concurrently(client: Client, bodies: Callable[[int], Any], count: int,
-                        concurrency: int, deadline: float) -> dict[str, Any]:
+                        concurrency: int, deadline: float, batch: int = 0) -> dict[str, Any]:
     """
     POST C{count} jobs from C{concurrency} threads, each on its own
-    keep-alive connection; returns the ids and how the answers went.
+    keep-alive connection, one a request or, with C{batch}, that many a
+    request to C{/v1/jobs/batch}; returns the ids and how the answers went.
     """
     lock = threading.Lock()
-    next_index = iter(range(count))
+    per_request = batch or 1
+    next_index = iter(range(0, count, per_request))
     ids: list[Optional[str]] = [None] * count
     statuses: dict[int, int] = {}
     errors: list[str] = []
@@ -1041,6 +1043,17 @@ def submit_concurrently(client: Client, bodies: Callable[[int], Any], count: int
                     index = next(next_index, None)
                 if index is None:
                     return
+                if batch:
+                    end = min(count, index + batch)
+                    status, answer = client.json(
+                        "POST", "/v1/jobs/batch",
+                        {"jobs": [bodies(i) for i in range(index, end)]})
+                    with lock:
+                        statuses[status] = statuses.get(status, 0) + 1
+                    if status == 201:
+                        for i, job in zip(range(index, end), answer["jobs"]):
+                            ids[i] = job["id"]
+                    continue
                 status, job = client.json("POST", "/v1/jobs", bodies(index))
                 with lock:
                     statuses[status] = statuses.get(status, 0) + 1
@@ -1105,9 +1118,10 @@ def finished_times(client: Client, state: str) -> list[float]:
 def measure_end_to_end(processes: Processes, tmp: Path, name: str, body: Any, count: int,
                        slots: int, threads: int, concurrency: int = 50,
                        timeout: float = 180.0, idle: int = 0,
-                       workers: int = 0) -> dict[str, Any]:
+                       workers: int = 0, batch: int = 0) -> dict[str, Any]:
     """
     (b, c) Jobs from the first submit until the last one has succeeded;
+    with C{batch}, they are submitted that many a request (b'').
     the end is the last job's own C{finished_at}, not the moment a poll
     noticed it.  With C{idle}, that many idle keep-alive connections are
     opened first and held throughout (g).  With C{workers}, the daemon is a
@@ -1148,7 +1162,7 @@ def measure_end_to_end(processes: Processes, tmp: Path, name: str, body: Any, co
             first_submit = time.time()
             t0 = time.monotonic()
             submitted = submit_concurrently(client, lambda i: body, count, concurrency,
-                                            deadline)
+                                            deadline, batch)
             all_submitted = time.time()
             submit_cpu = cpu.stop()
             seen_workers = None
@@ -1180,6 +1194,7 @@ def measure_end_to_end(processes: Processes, tmp: Path, name: str, body: Any, co
         "slots": slots,
         "threads": threads,
         "client_concurrency": concurrency,
+        "batch": batch,
         "submit_statuses": submitted["statuses"],
         "submit_s": round(all_submitted - first_submit, 3),
         "submits_per_s": round(count / (all_submitted - first_submit), 1),
@@ -1524,6 +1539,8 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     add("batch submission >= 100,000 jobs/s", v, f"{v:,.0f} jobs/s" if v else "",
         v is not None and v >= 100_000)
     for name, label, floor in (("noop_tasks", "no-op task jobs", 5000),
+                               ("noop_tasks_batched", "no-op task jobs submitted in "
+                                f"batches of {s['batch_size']:,}", 5000),
                                ("noop_tasks_idle", f"no-op task jobs, {idle} idle "
                                 "connections open", 5000),
                                ("true_commands", "`true` command jobs", 500),
@@ -1753,6 +1770,19 @@ def markdown(results: dict[str, Any]) -> str:
             f"({b_['submits_per_s']:,.0f}/s, dispatcher process "
             f"{b_['cpu_while_submitting']['server_process_pct']:.0f} % of a core){vs} | "
             f"{hold(b_)} |")
+    if "noop_tasks_batched" in r:
+        bb = r["noop_tasks_batched"]
+        batched_goal = goal(f"no-op task jobs submitted in batches of {bb['batch']:,} >=")
+        vs = (f"; {ratio(bb['jobs_per_s'], r['noop_tasks']['jobs_per_s'])} × (b)"
+              if "noop_tasks" in r else "")
+        lines.append(
+            f"| (b'') the same as (b), submitted {bb['batch']:,} jobs a request "
+            f"(`POST /v1/jobs/batch`) from {bb['client_concurrency']} client connections | "
+            f"**{bb['jobs_per_s']:,.0f} jobs/s** | "
+            f"{batched_goal} | "
+            f"{bb['elapsed_s']:.1f} s; submitting took {bb['submit_s']:.1f} s "
+            f"({bb['submits_per_s']:,.0f} jobs/s){vs}; dispatcher process "
+            f"{bb['cpu']['server_process_pct']:.0f} % of a core | {hold(bb)} |")
     if "noop_tasks_small" in r:
         bs = r["noop_tasks_small"]
         lines.append(
@@ -1953,7 +1983,7 @@ def print_profiles(measures: dict[str, Any]) -> None:
 
 # The run
 
-STEPS = ("submit", "batch", "noop", "noop_small", "noop_idle", "noop_remote", "commands",
+STEPS = ("submit", "batch", "noop", "noop_batch", "noop_small", "noop_idle", "noop_remote", "commands",
          "commands_idle", "latency", "blocking", "claims")
 
 
@@ -2141,6 +2171,11 @@ def main(argv: Optional[list[str]] = None) -> int:
             step("noop_tasks", lambda: measure_end_to_end(
                 processes, tmp, "noop-tasks", {"task": "noop"}, settings["noop_jobs"],
                 slots=8, threads=8))
+        if "noop_batch" in only:
+            step("noop_tasks_batched", lambda: measure_end_to_end(
+                processes, tmp, "noop-tasks-batched", {"task": "noop"}, settings["noop_jobs"],
+                slots=8, threads=8, concurrency=settings["batch_concurrency"],
+                batch=settings["batch_size"]))
         if "noop_small" in only and settings["noop_jobs_small"]:
             step("noop_tasks_small", lambda: measure_end_to_end(
                 processes, tmp, "noop-tasks-small", {"task": "noop"},
