@@ -23,6 +23,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 
+from ._json import decode, encode
 from ._model import InvalidTransition, JobState, StoreClosed, UnknownJob
 from ._openapi import openapi_document
 from ._config import QueueConfig
@@ -150,12 +151,7 @@ class _FileProducer:
         self._stopped = True
 
 
-# json.dumps makes a new encoder for every call given options; one will do.
-_json_encoder = json.JSONEncoder(separators=(",", ":")).encode
-
-
-def _encode(value: Any) -> bytes:
-    return _json_encoder(value).encode("utf-8")
+_encode = encode
 
 
 def _wants_full_jobs(request: Any) -> bool:
@@ -199,7 +195,7 @@ def _json_body(request: Any) -> Any:
         )
     raw = request.content.read()
     try:
-        return json.loads(raw)
+        return decode(raw)
     except (ValueError, UnicodeDecodeError) as e:
         raise ApiError(400, "malformed_json", f"the body is not valid JSON: {e}", None)
     except RecursionError:

@@ -36,6 +36,7 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from ._interfaces import IJobStore
+from ._json import encode_sorted
 from ._model import (
     Attempt,
     InvalidTransition,
@@ -281,9 +282,9 @@ def _dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), sort_keys=True)
 
 
-# What _dumps does, without making a new encoder each call (json.dumps does
-# when given options): a submit encodes two values per job.
-_stored_json = json.JSONEncoder(separators=(",", ":"), sort_keys=True).encode
+# How a job's spec and labels are stored (a submit encodes two values per
+# job, on the writer thread).
+_stored_json = encode_sorted
 
 _INSERTED_COLUMNS = (
     "seq", "id", "state", "name", "labels", "spec", "created_at", "finished_at",

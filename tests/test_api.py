@@ -109,10 +109,13 @@ async def test_bad_submissions(daemon, body, code, field):
 
 @pytest_twisted.ensureDeferred
 async def test_malformed_json(daemon):
-    """A body that is not JSON is a 400 malformed_json error."""
-    response, content = await daemon.request("POST", "/v1/jobs", raw=b"{nope")
-    assert response.code == 400
-    assert json.loads(content)["error"]["code"] == "malformed_json"
+    """A body that is not JSON, or holds NaN or Infinity (which JSON has
+    not), is a 400 malformed_json error."""
+    for raw in (b"{nope", b'{"task": "add", "args": [NaN, 1]}',
+                b'{"task": "add", "args": [1, -Infinity]}'):
+        response, content = await daemon.request("POST", "/v1/jobs", raw=raw)
+        assert response.code == 400, raw
+        assert json.loads(content)["error"]["code"] == "malformed_json"
     assert await count_jobs(daemon) == 0
 
 

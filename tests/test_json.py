@@ -1,0 +1,42 @@
+"""
+JSON out through orjson, with the standard library's values.
+"""
+
+import json
+
+import pytest
+from hypothesis import given, strategies as st
+
+from dispatcher._json import decode, encode, encode_sorted
+
+values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda children: st.lists(children) | st.dictionaries(st.text(), children),
+    max_leaves=20,
+)
+
+
+@given(values)
+def test_same_values_as_json(value):
+    """Whatever JSON value goes out reads back as what the standard library
+    would have written, integers beyond 64 bits included."""
+    assert json.loads(encode(value)) == json.loads(json.dumps(value))
+    assert json.loads(encode_sorted(value)) == json.loads(json.dumps(value))
+
+
+def test_what_orjson_cannot_write_goes_to_json():
+    """A huge integer stays exact and a key that is not a string becomes one,
+    as json.dumps does; the sorted form sorts."""
+    assert encode({"n": 2**80}) == b'{"n":1208925819614629174706176}'
+    assert encode({1: "a"}) == b'{"1":"a"}'
+    assert encode_sorted({"b": 1, "a": {"d": 2, "c": 3}}) == '{"a":{"c":3,"d":2},"b":1}'
+    assert encode("\u00e9") == '"\u00e9"'.encode("utf-8")
+
+
+def test_decode_keeps_integers_and_refuses_nan():
+    """Reading keeps a large integer exact and refuses NaN and Infinity."""
+    assert decode(b"[123456789012345678901234567890]") == [123456789012345678901234567890]
+    for text in (b"NaN", b"[Infinity]", b'{"a": -Infinity}'):
+        with pytest.raises(ValueError):
+            decode(text)
