@@ -2048,7 +2048,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         # 11 s of a claims round (1 s warm-up, 10 s window) cannot run it
         # out at this machine's claim rates (about 2,400 jobs/s since 34c04ca
         # made one commit per cycle; 20,000 ran out).
-        "seeded_jobs": 20_000 if quick else 50_000,
+        "seeded_jobs": 50_000 if quick else 200_000,
         "claims_seconds": 2 if quick else 10,
         "claims_rounds": args.rounds or (1 if quick else 3),
     }
