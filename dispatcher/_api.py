@@ -151,9 +151,6 @@ class _FileProducer:
         self._stopped = True
 
 
-_encode = encode
-
-
 def _wants_full_jobs(request: Any) -> bool:
     """
     Whether a batch submission asked for the whole jobs in its answer
@@ -252,7 +249,7 @@ class DispatcherAPI(Resource):
         self._clock = clock if clock is not None else reactor
         self._reactor = reactor
         self._io_pool = io_pool
-        self._openapi = _encode(openapi_document())
+        self._openapi = encode(openapi_document())
 
     def render(self, request: Any) -> Any:
         segments = [s.decode("utf-8", "replace") for s in request.postpath]
@@ -369,7 +366,7 @@ class DispatcherAPI(Resource):
         if isinstance(answer.body, bytes):
             body = answer.body
         else:
-            body = _encode(answer.body)
+            body = encode(answer.body)
         request.setHeader(b"content-type", answer.content_type.encode("ascii"))
         request.setHeader(b"content-length", str(len(body)).encode("ascii"))
         if request.method != b"HEAD":

@@ -99,7 +99,6 @@ class Dispatcher(Service):
         self.ids = JobIds(self._clock.seconds)
         self._recorded: dict[str, Deferred] = {}
         self._accepting = False
-        self._applying = False
         self._wake_call: Any = None
         self._purge_call: Any = None
         self._claims: set[Deferred] = set()
@@ -377,14 +376,10 @@ class Dispatcher(Service):
         Tell the event stream what a write changed, and wake up when the
         next pending job it touched becomes due.
         """
-        # One pump for the whole write, not one per job it queued: a
-        # batch queues thousands.
-        self._applying = True
-        try:
-            for job_id, state in written.changed:
-                self.events.publish(JobEvent(job_id, state))
-        finally:
-            self._applying = False
+        for job_id, state in written.changed:
+            self.events.publish(JobEvent(job_id, state))
+        # One pump for the whole write, not one per job it queued (a batch
+        # queues thousands): every queued event comes through here.
         if any(state is JobState.QUEUED for _, state in written.changed):
             self._pump()
         self._schedule_wake(written.wake_at)
@@ -417,10 +412,9 @@ class Dispatcher(Service):
             self._purge_call = self._clock.callLater(PURGE_INTERVAL, self._purge)
 
     def _job_changed(self, event: JobEvent) -> None:
+        # _apply, which publishes every queued event, pumps once after them.
         if event.state is JobState.QUEUED:
             self.scheduler.jobs_queued(1)
-            if not self._applying:
-                self._pump()
 
     def _pump(self) -> None:
         if not self._accepting:

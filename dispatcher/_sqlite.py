@@ -282,10 +282,6 @@ def _dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), sort_keys=True)
 
 
-# How a job's spec and labels are stored (a submit encodes two values per
-# job, on the writer thread).
-_stored_json = encode_sorted
-
 _INSERTED_COLUMNS = (
     "seq", "id", "state", "name", "labels", "spec", "created_at", "finished_at",
     "error", "wait_reason", "priority", "queue", "max_attempts", "retry_delay",
@@ -731,8 +727,8 @@ class SQLiteJobStore:
                     job_id,
                     state.value,
                     spec.name,
-                    _stored_json(spec.labels) if spec.labels else "{}",
-                    _stored_json(spec.to_stored()),
+                    encode_sorted(spec.labels) if spec.labels else "{}",
+                    encode_sorted(spec.to_stored()),
                     now,
                     finished_at,
                     error,
