@@ -56,6 +56,7 @@ class ServerConfig:
     )
     max_body_bytes: int = 1048576
     access_log: bool = True
+    idle_timeout: float = 60.0
 
 
 @attrs.frozen
@@ -257,6 +258,7 @@ _SECTIONS: Mapping[str, tuple[type, Mapping[str, Callable[[str], Any]]]] = {
             "listen": _endpoint,
             "max_body_bytes": _integer(1024),
             "access_log": _boolean,
+            "idle_timeout": _seconds(0, above=True),
         },
     ),
     "dispatcher": (

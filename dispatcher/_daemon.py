@@ -22,7 +22,7 @@ from ._api import DispatcherAPI
 from ._config import Config
 from ._dispatcher import Dispatcher
 from ._host import JobHost
-from ._http import DispatcherSite
+from ._http import HTTPFactory
 from ._process import kill_group_if_ours
 from ._sqlite import SQLiteJobStore
 from ._worker_api import WorkerEndpoints
@@ -210,13 +210,14 @@ class DaemonService(MultiService):
             workers=workers,
             api_token=config.api.token,
         )
-        self.site = DispatcherSite(
-            api,
+        self.site = HTTPFactory(
+            api.render,
             config.server.max_body_bytes,
+            reactor,
             access_log_path=os.path.abspath(os.path.join(data_dir, ACCESS_LOG_NAME))
             if config.server.access_log
             else None,
-            reactor=reactor,
+            idle_timeout=config.server.idle_timeout,
         )
         self.freezer = ConnectionFreezer(reactor)
         self.port: Any = None

@@ -1,0 +1,409 @@
+"""
+The API's HTTP/1.1 server (dispatcher._http): framing, persistence,
+pipelining, refusals, idle connections and read-ahead, against a
+StringTransport and a Clock, and over a real socket.
+"""
+
+import json
+
+import pytest
+import pytest_twisted
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, serverFromString
+from twisted.internet.protocol import Protocol
+from twisted.internet.task import Clock
+from twisted.internet.error import ConnectionDone
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+
+from dispatcher._http import MAX_HEAD_BYTES, MAX_READ_AHEAD, HTTPFactory
+
+
+class Recorder:
+    """
+    A handler that keeps each request and answers it at once with what it
+    saw, or leaves it pending when C{hold} is set.
+    """
+
+    def __init__(self, hold=False):
+        self.requests = []
+        self.hold = hold
+
+    def __call__(self, request):
+        self.requests.append(request)
+        if not self.hold:
+            answer(request)
+
+
+def answer(request, status=200):
+    body = json.dumps({
+        "method": request.method.decode(),
+        "uri": request.uri.decode(),
+        "postpath": [s.decode() for s in request.postpath],
+        "body": request.content.read().decode(),
+    }).encode()
+    request.setResponseCode(status)
+    request.setHeader(b"content-type", b"application/json")
+    request.setHeader(b"content-length", b"%d" % len(body))
+    request.write(body)
+    request.finish()
+
+
+def connect(handler, max_body=1000, clock=None, idle_timeout=60.0, log=None):
+    clock = clock or Clock()
+    factory = HTTPFactory(handler, max_body, clock, access_log_path=log,
+                          idle_timeout=idle_timeout)
+    factory.startFactory()
+    channel = factory.buildProtocol(None)
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    return channel, transport, clock
+
+
+def responses(raw):
+    """
+    Split what the server wrote into (status, headers, body) answers, by
+    their Content-Length (or chunked framing).
+    """
+    out = []
+    while raw:
+        head, _, raw = raw.partition(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        status = int(lines[0].split(b" ")[1])
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(b": ")
+            headers[name.lower()] = value
+        if status == 100:
+            out.append((100, headers, b""))
+            continue
+        if headers.get(b"transfer-encoding") == b"chunked":
+            body = b""
+            while True:
+                size, _, raw = raw.partition(b"\r\n")
+                size = int(size, 16)
+                body += raw[:size]
+                raw = raw[size + 2:]
+                if not size:
+                    break
+        elif b"content-length" in headers:
+            n = int(headers[b"content-length"])
+            body, raw = raw[:n], raw[n:]
+        else:
+            body, raw = raw, b""
+        out.append((status, headers, body))
+    return out
+
+
+def post(path, body, extra=b"", version=b"HTTP/1.1"):
+    return (b"POST %s %s\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n%s\r\n%s" % (path, version, len(body), extra, body))
+
+
+def chunked(body, size=3):
+    return b"".join(b"%x\r\n%s\r\n" % (len(body[i:i + size]), body[i:i + size])
+                    for i in range(0, len(body), size)) + b"0\r\n\r\n"
+
+
+def test_persistent_connection_and_request_parts():
+    """Requests follow each other on one HTTP/1.1 connection; path, query,
+    percent-escapes and body reach the handler; the answer carries Date and
+    the handler's headers."""
+    handler = Recorder()
+    channel, transport, _ = connect(handler)
+    channel.dataReceived(post(b"/v1/jobs", b'{"a":1}'))
+    channel.dataReceived(b"GET /v1/jobs/a%2Fb?state=queued&label=x&label=y HTTP/1.1\r\n"
+                         b"Host: x\r\n\r\n")
+    (s1, h1, b1), (s2, h2, b2) = responses(transport.value())
+    assert s1 == s2 == 200
+    assert b"date" in h1 and h1[b"content-type"] == b"application/json"
+    assert json.loads(b1)["body"] == '{"a":1}'
+    assert json.loads(b2)["postpath"] == ["v1", "jobs", "a/b"]
+    request = handler.requests[1]
+    assert request.path == b"/v1/jobs/a%2Fb"
+    assert request.args == {b"state": [b"queued"], b"label": [b"x", b"y"]}
+    assert request.getHeader(b"Host") == b"x"
+    assert request.getHeader(b"missing") is None
+    assert not transport.disconnecting
+
+
+def test_connection_close_and_http10():
+    """Connection: close, and HTTP/1.0 without keep-alive, close after the
+    answer; HTTP/1.0 with keep-alive stays open and says so."""
+    channel, transport, _ = connect(Recorder())
+    channel.dataReceived(b"GET /a HTTP/1.1\r\nConnection: close\r\n\r\n")
+    ((status, headers, _),) = responses(transport.value())
+    assert headers[b"connection"] == b"close" and transport.disconnecting
+
+    channel, transport, _ = connect(Recorder())
+    channel.dataReceived(b"GET /a HTTP/1.0\r\n\r\n")
+    assert transport.value().startswith(b"HTTP/1.0 200 OK\r\n")
+    assert transport.disconnecting
+
+    channel, transport, _ = connect(Recorder())
+    channel.dataReceived(b"GET /a HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n")
+    ((_, headers, _),) = responses(transport.value())
+    assert headers[b"connection"] == b"keep-alive"
+    assert not transport.disconnecting
+
+
+def test_pipelined_requests_are_answered_in_order():
+    """Requests sent together are handed over one at a time: the next only
+    after the answer to the one before is finished."""
+    handler = Recorder(hold=True)
+    channel, transport, _ = connect(handler)
+    channel.dataReceived(post(b"/1", b"a") + b"GET /2 HTTP/1.1\r\n\r\n" + post(b"/3", b"c"))
+    assert [r.uri for r in handler.requests] == [b"/1"]
+    answer(handler.requests[0])
+    assert [r.uri for r in handler.requests] == [b"/1", b"/2"]
+    answer(handler.requests[1])
+    answer(handler.requests[2])
+    got = [json.loads(b)["uri"] for _, _, b in responses(transport.value())]
+    assert got == ["/1", "/2", "/3"]
+
+
+def test_chunked_request_body():
+    """A chunked body (with chunk extensions and trailers) arrives whole."""
+    handler = Recorder()
+    channel, transport, _ = connect(handler)
+    body = b'{"command": ["true"]}'
+    framed = chunked(body).replace(b"\r\n", b";ext=1\r\n", 1)
+    channel.dataReceived(b"POST /c HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+                         + framed[:-2] + b"X-Trailer: 1\r\n\r\n" + post(b"/d", b"x"))
+    (_, _, b1), (_, _, b2) = responses(transport.value())
+    assert json.loads(b1)["body"] == body.decode()
+    assert json.loads(b2)["body"] == "x"
+
+
+def test_expect_100_continue():
+    """A request that expects 100-continue gets it before its body, unless
+    its body is refused outright."""
+    handler = Recorder()
+    channel, transport, _ = connect(handler, max_body=10)
+    channel.dataReceived(b"POST /a HTTP/1.1\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n")
+    assert transport.value() == b"HTTP/1.1 100 Continue\r\n\r\n"
+    channel.dataReceived(b"ok")
+    assert [s for s, _, _ in responses(transport.value())] == [100, 200]
+    channel, transport, _ = connect(handler, max_body=10)
+    channel.dataReceived(b"POST /a HTTP/1.1\r\nContent-Length: 20\r\nExpect: 100-continue\r\n\r\n")
+    assert transport.value().startswith(b"HTTP/1.1 413 ")
+
+
+@pytest.mark.parametrize(
+    "raw, status, code",
+    [
+        (b"POST /a HTTP/1.1\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\nok",
+         400, "bad_request"),
+        (b"POST /a HTTP/1.1\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok",
+         400, "bad_request"),
+        (b"POST /a HTTP/1.1\r\nContent-Length: -2\r\n\r\n", 400, "bad_request"),
+        (b"POST /a HTTP/1.1\r\nContent-Length: 0x10\r\n\r\n", 400, "bad_request"),
+        (b"POST /a HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", 501,
+         "not_implemented"),
+        (b"GET /a HTTP/2.0\r\n\r\n", 505, "version_not_supported"),
+        (b"GET /a\r\n\r\n", 400, "bad_request"),
+        (b"GET  /a HTTP/1.1\r\n\r\n", 400, "bad_request"),
+        (b"G(T /a HTTP/1.1\r\n\r\n", 400, "bad_request"),
+        (b"GET a HTTP/1.1\r\n\r\n", 400, "bad_request"),
+        (b"GET /a HTTP/1.1\r\nHost : x\r\n\r\n", 400, "bad_request"),
+        (b"GET /a HTTP/1.1\r\nHost: x\r\n folded\r\n\r\n", 400, "bad_request"),
+        (b"GET /a HTTP/1.1\r\nNo-Colon\r\n\r\n", 400, "bad_request"),
+        (b"GET /a HTTP/1.1\r\nX: a\rb\r\n\r\n", 400, "bad_request"),
+        (b"POST /a HTTP/1.1\r\nContent-Length: 1001\r\n\r\n", 413, "body_too_large"),
+        (b"POST /a HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n" + chunked(b"x" * 1001, 500),
+         413, "body_too_large"),
+        (b"POST /a HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", 400, "bad_request"),
+        (b"POST /a HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nokX\r\n", 400,
+         "bad_request"),
+        (b"GET /a HTTP/1.1\r\n" + b"X: y\r\n" * 101 + b"\r\n", 431, "head_too_large"),
+        (b"GET /" + b"a" * MAX_HEAD_BYTES + b" HTTP/1.1\r\n", 431, "head_too_large"),
+    ],
+)
+def test_refusals(raw, status, code):
+    """What this server cannot read unambiguously is refused with a JSON
+    error, before the handler sees anything, and the connection closes
+    (so nothing after it is taken for a request)."""
+    handler = Recorder()
+    channel, transport, _ = connect(handler)
+    channel.dataReceived(raw + b"GET /after HTTP/1.1\r\n\r\n")
+    ((got, headers, body),) = responses(transport.value())
+    assert got == status
+    assert json.loads(body)["error"]["code"] == code
+    assert headers[b"connection"] == b"close"
+    assert transport.disconnecting
+    assert handler.requests == []
+
+
+def test_bare_line_feeds_and_leading_empty_lines():
+    """Lines may end in a bare LF, and empty lines before a request are
+    skipped (RFC 9112, 2.2)."""
+    handler = Recorder()
+    channel, transport, _ = connect(handler)
+    channel.dataReceived(b"\r\nPOST /a HTTP/1.1\nContent-Length: 2\n\nok"
+                         b"GET /b HTTP/1.1\r\nHost: x\n\r\n")
+    assert [json.loads(b)["uri"] for _, _, b in responses(transport.value())] == ["/a", "/b"]
+    assert json.loads(responses(transport.value())[0][2])["body"] == "ok"
+
+
+@settings(max_examples=200, deadline=None)
+@given(cuts=st.lists(st.integers(min_value=0, max_value=400), max_size=12))
+def test_any_split_of_the_stream_reads_the_same(cuts):
+    """However the bytes of pipelined requests are split across reads, the
+    same requests come out with the same bodies."""
+    stream = (post(b"/1", b'{"x": 1}') + b"GET /2?q=1 HTTP/1.1\r\nHost: y\r\n\r\n"
+              + b"POST /3 HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+              + chunked(b"abcdefghij") + post(b"/4", b""))
+    handler = Recorder()
+    channel, transport, _ = connect(handler)
+    last = 0
+    for cut in sorted(set(c % len(stream) for c in cuts)) + [len(stream)]:
+        channel.dataReceived(stream[last:cut])
+        last = cut
+    got = [(r.uri, r.content.getvalue()) for r in handler.requests]
+    assert got == [(b"/1", b'{"x": 1}'), (b"/2?q=1", b""), (b"/3", b"abcdefghij"), (b"/4", b"")]
+    assert not transport.disconnecting
+
+
+def test_answers_without_a_length_are_chunked_or_close_delimited():
+    """An answer written before its length is known is chunked to an
+    HTTP/1.1 client, and ends with the connection to an HTTP/1.0 one; a
+    HEAD answer has no body; an answer with no body says Content-Length 0."""
+    def streaming(request):
+        request.write(b"abc")
+        request.write(b"def")
+        request.finish()
+
+    channel, transport, _ = connect(streaming)
+    channel.dataReceived(b"GET /a HTTP/1.1\r\n\r\n")
+    ((status, headers, body),) = responses(transport.value())
+    assert headers[b"transfer-encoding"] == b"chunked" and body == b"abcdef"
+    assert not transport.disconnecting
+
+    channel, transport, _ = connect(streaming)
+    channel.dataReceived(b"GET /a HTTP/1.0\r\n\r\n")
+    assert transport.value().endswith(b"\r\n\r\nabcdef")
+    assert transport.disconnecting
+
+    channel, transport, _ = connect(Recorder())
+    channel.dataReceived(b"HEAD /a HTTP/1.1\r\n\r\n")
+    head = transport.value()
+    assert head.endswith(b"\r\n\r\n") and b"Content-Length: " in head
+
+    def empty(request):
+        request.setResponseCode(202)
+        request.finish()
+
+    channel, transport, _ = connect(empty)
+    channel.dataReceived(b"POST /a HTTP/1.1\r\n\r\n")
+    ((status, headers, body),) = responses(transport.value())
+    assert status == 202 and headers[b"content-length"] == b"0"
+
+
+def test_idle_connections_close_after_the_timeout():
+    """A connection with nothing in progress closes idle_timeout seconds
+    after its last activity; one waiting for an answer does not."""
+    handler = Recorder(hold=True)
+    channel, transport, clock = connect(handler, idle_timeout=60)
+    clock.advance(30)
+    channel.dataReceived(b"GET /a HTTP/1.1\r\n\r\n")
+    clock.advance(40)
+    assert not transport.disconnecting  # the request is in progress
+    clock.advance(100)
+    assert not transport.disconnecting
+    answer(handler.requests[0])
+    clock.advance(59)
+    assert not transport.disconnecting
+    clock.advance(2)
+    assert transport.disconnecting
+    channel.connectionLost(Failure(ConnectionDone()))
+    assert clock.getDelayedCalls() == []
+
+
+def test_read_ahead_is_bounded():
+    """While an answer is pending, the connection is read until
+    MAX_READ_AHEAD bytes wait, then paused until the answer is out."""
+    handler = Recorder(hold=True)
+    channel, transport, _ = connect(handler)
+    channel.dataReceived(b"GET /a HTTP/1.1\r\n\r\n")
+    channel.dataReceived(post(b"/b", b"x" * 500) * (MAX_READ_AHEAD // 500))
+    assert transport.producerState == "paused"
+    answer(handler.requests[0])
+    assert transport.producerState == "producing"
+    assert len(handler.requests) == 2
+
+
+def test_lost_connection_fails_notify_finish():
+    """When the client goes before its answer, notifyFinish fails and the
+    late answer is dropped."""
+    handler = Recorder(hold=True)
+    channel, transport, _ = connect(handler)
+    channel.dataReceived(b"GET /a HTTP/1.1\r\n\r\n")
+    request = handler.requests[0]
+    failures = []
+    request.notifyFinish().addErrback(failures.append)
+    channel.connectionLost(Failure(ConnectionDone()))
+    assert len(failures) == 1
+    answer(request)
+    assert transport.value() == b""
+
+
+def test_access_log_line(tmp_path):
+    """Each answered request gets a Combined Log Format line."""
+    path = tmp_path / "access.log"
+    clock = Clock()
+    clock.advance(86400 * 365)
+    channel, transport, _ = connect(Recorder(), clock=clock, log=str(path))
+    channel.dataReceived(b'GET /a?b=1 HTTP/1.1\r\nUser-Agent: t "q"\r\nReferer: r\r\n\r\n')
+    channel.factory.stopFactory()
+    (line,) = path.read_text().splitlines()
+    length = len(responses(transport.value())[0][2])
+    assert line == (f'"192.168.1.1" - - [01/Jan/1971:00:00:00 +0000] "GET /a?b=1 HTTP/1.1" 200 {length} '
+                    '"r" "t \\"q\\""')
+
+
+class _Exchange(Protocol):
+    def __init__(self, data):
+        self.data = data
+        self.received = b""
+        self.done = Deferred()
+
+    def connectionMade(self):
+        self.transport.write(self.data)
+
+    def dataReceived(self, data):
+        self.received += data
+
+    def connectionLost(self, reason):
+        self.done.callback(self.received)
+
+
+@pytest_twisted.ensureDeferred
+async def test_over_a_real_socket():
+    """Pipelined requests over TCP, answered later, come back in order; the
+    server closes after the one that asks it to."""
+    pending = []
+
+    def handler(request):
+        reactor.callLater(0.01 if request.uri == b"/1" else 0, answer, request)
+        pending.append(request)
+
+    factory = HTTPFactory(handler, 1000, reactor)
+    port = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(factory)
+    try:
+        exchange = _Exchange(post(b"/1", b"a") + post(b"/2", b"b")
+                             + b"GET /3 HTTP/1.1\r\nConnection: close\r\n\r\n")
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
+        await endpoint.connect(_factory(exchange))
+        raw = await exchange.done
+    finally:
+        await port.stopListening()
+    assert [json.loads(b)["uri"] for _, _, b in responses(raw)] == ["/1", "/2", "/3"]
+
+
+def _factory(protocol):
+    from twisted.internet.protocol import Factory
+
+    return Factory.forProtocol(lambda: protocol)
