@@ -273,7 +273,7 @@ class Dispatcher(Service):
             jobs = [explain(job) for job in value.jobs]
             if all(map(operator.is_, jobs, value.jobs)):
                 return value
-            return attrs.evolve(value, jobs=jobs)
+            return Submitted(jobs, value.replayed)
         return explain(value)
 
     def get(self, job_id: str) -> Deferred:
@@ -303,10 +303,9 @@ class Dispatcher(Service):
                 return job
             spec = job.spec
             if spec.queue not in queues:
-                return attrs.evolve(
-                    job,
-                    wait_reason=f"its queue {spec.queue} is not in the configuration; "
-                    f"it runs once [queue:{spec.queue}] is back",
+                return job.waiting(
+                    f"its queue {spec.queue} is not in the configuration; "
+                    f"it runs once [queue:{spec.queue}] is back"
                 )
             needs = (spec.task, spec.resources, tuple(sorted(spec.requirements.items())))
             if needs not in reasons:
@@ -314,7 +313,7 @@ class Dispatcher(Service):
             reason = reasons[needs]
             if reason is None or reason == job.wait_reason:
                 return job
-            return attrs.evolve(job, wait_reason=reason)
+            return job.waiting(reason)
 
         return explain
 

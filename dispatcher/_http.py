@@ -59,6 +59,7 @@ MAX_READ_AHEAD = 65536
 
 # A field name is a token (RFC 9110, section 5.6.2).
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_HEADER_LINES = re.compile(rb"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\r\n\x00]*\r\n)*")
 _CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
 
 _STATUS_LINES: dict[tuple[bytes, int], bytes] = {}
@@ -392,38 +393,37 @@ class HTTPChannel(Protocol):
                 self._buffer = b""
                 return False
             buffer = self._buffer = stripped
-        # The head ends at the first empty line; a bare LF ends lines too
-        # (RFC 9112, 2.2).
+        # The head ends at the first empty line.
         end = buffer.find(b"\n\r\n")
         skip = 3
         bare = buffer.find(b"\n\n", 0, end if end >= 0 else len(buffer))
         if bare >= 0:
             end, skip = bare, 2
-        if end < 0:
-            if len(buffer) > MAX_HEAD_BYTES:
-                raise BadRequest(
-                    431,
-                    "head_too_large",
-                    f"the request line and headers exceed {MAX_HEAD_BYTES} bytes",
-                )
-            return False
-        if end > MAX_HEAD_BYTES:
+        if end < 0 or end > MAX_HEAD_BYTES:
+            if end < 0 and len(buffer) <= MAX_HEAD_BYTES:
+                return False
             raise BadRequest(
                 431,
                 "head_too_large",
                 f"the request line and headers exceed {MAX_HEAD_BYTES} bytes",
             )
-        head = buffer[:end]
+        head = buffer[:end + 1]
         self._buffer = buffer[end + skip:]
-        lines = head.split(b"\n")
-        if len(lines) > MAX_HEADERS + 1:
-            raise BadRequest(
-                431, "head_too_large", f"more than {MAX_HEADERS} header lines"
-            )
-        line = lines[0]
-        if line[-1:] == b"\r":
-            line = line[:-1]
-        parts = line.split(b" ")
+        if head.count(b"\n") != head.count(b"\r\n") or head.count(b"\r") != head.count(
+            b"\n"
+        ):
+            # A bare LF ends lines too (RFC 9112, 2.2); a CR alone is not
+            # allowed anywhere.
+            head = b"\r\n".join(line[:-1] if line[-1:] == b"\r" else line
+                                 for line in head.split(b"\n"))
+            if head.count(b"\r") != head.count(b"\n"):
+                raise BadRequest(400, "bad_request", "a CR not followed by LF")
+        # The whole head checked at once: every header line a token, a
+        # colon and a value with no NUL.
+        first = head.find(b"\r\n")
+        if _HEADER_LINES.fullmatch(head, first + 2) is None:
+            raise BadRequest(400, "bad_request", "malformed header line")
+        parts = head[:first].split(b" ")
         if len(parts) != 3:
             raise BadRequest(400, "bad_request", "malformed request line")
         method, uri, version = parts
@@ -433,21 +433,20 @@ class HTTPChannel(Protocol):
             raise BadRequest(
                 505, "version_not_supported", "only HTTP/1.1 and HTTP/1.0 are served"
             )
-        if not method or _TOKEN.fullmatch(method) is None:
+        if _TOKEN.fullmatch(method) is None:
             raise BadRequest(400, "bad_request", "malformed request method")
         if uri[:1] != b"/":
             uri = self._origin_form(uri)
         headers: dict[bytes, bytes] = {}
-        for line in lines[1:]:
-            if line[-1:] == b"\r":
-                line = line[:-1]
-            name, colon, value = line.partition(b":")
-            if not colon or _TOKEN.fullmatch(name) is None:
-                raise BadRequest(400, "bad_request", "malformed header line")
+        lines = head[first + 2:-2].split(b"\r\n") if len(head) > first + 2 else ()
+        if len(lines) > MAX_HEADERS:
+            raise BadRequest(
+                431, "head_too_large", f"more than {MAX_HEADERS} header lines"
+            )
+        for line in lines:
+            name, _, value = line.partition(b":")
             name = name.lower()
             value = value.strip(b" \t")
-            if b"\r" in value or b"\x00" in value:
-                raise BadRequest(400, "bad_request", f"malformed {name.decode()} header")
             if name in headers:
                 if name == b"content-length":
                     if value != headers[name]:

@@ -454,6 +454,18 @@ class Job:
     attempts: tuple[Attempt, ...] = ()
     cancelled_by: Optional[str] = None
 
+    def waiting(self, reason: Optional[str]) -> "Job":
+        """
+        This job with another wait reason.  (C{attrs.evolve} does the
+        same, three times slower, and every answer to a submission made
+        while no holder could run it pays for it.)
+        """
+        return Job(
+            self.id, self.state, self.spec, self.created_at, self.started_at,
+            self.finished_at, self.exit_code, self.result, self.error, reason,
+            self.attempts, self.cancelled_by,
+        )
+
     def to_json(self) -> dict[str, Any]:
         """
         The job as the API shows it.

@@ -318,6 +318,46 @@ def _insert_jobs(conn: sqlite3.Connection, rows: Sequence[tuple[Any, ...]]) -> N
 
 
 _INSERT_LABEL = "INSERT INTO job_labels (key, value, seq) VALUES (?, ?, ?)"
+_MAX_SEQ = "SELECT COALESCE(MAX(seq), 0) FROM jobs"
+
+
+def _job_row(
+    seq: int,
+    job_id: str,
+    state: JobState,
+    spec: JobSpec,
+    now: float,
+    finished_at: Optional[float],
+    error: Optional[str],
+    wait_reason: Optional[str],
+    unmet: int,
+    cancelled_by: Optional[str],
+) -> tuple[Any, ...]:
+    """
+    A new job's row, in L{_INSERTED_COLUMNS} order.
+    """
+    return (
+        seq,
+        job_id,
+        state.value,
+        spec.name,
+        encode_sorted(spec.labels) if spec.labels else "{}",
+        encode_sorted(spec.to_stored()),
+        now,
+        finished_at,
+        error,
+        wait_reason,
+        spec.priority,
+        spec.queue,
+        spec.max_attempts,
+        spec.retry_delay,
+        spec.timeout,
+        spec.not_before,
+        unmet,
+        spec.array_id,
+        spec.array_index,
+        cancelled_by,
+    )
 
 
 @implementer(IJobStore)
@@ -579,17 +619,23 @@ class SQLiteJobStore:
             self._synchronous_full = durable
         conn.execute("BEGIN IMMEDIATE")
         try:
-            for operation, args in work:
-                conn.execute("SAVEPOINT operation")
-                try:
-                    value = operation(conn, *args)
-                except Exception:
-                    conn.execute("ROLLBACK TO operation")
-                    conn.execute("RELEASE operation")
-                    results.append((False, Failure()))
-                else:
-                    conn.execute("RELEASE operation")
-                    results.append((True, value))
+            i = 0
+            while i < len(work):
+                # Submissions that can fail only if SQLite does go in
+                # together: one savepoint and one insert for all of them.
+                # A group under load holds dozens, and a savepoint, a
+                # sequence query and a one-row insert of each were a third
+                # of the writer's time per submission.
+                j = i
+                while j < len(work) and self._plain_submission(*work[j]):
+                    j += 1
+                if j - i > 1:
+                    results.extend(self._submit_together(conn, work[i:j]))
+                    i = j
+                    continue
+                operation, args = work[i]
+                results.append(self._apply_one(conn, operation, args))
+                i += 1
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
@@ -597,6 +643,86 @@ class SQLiteJobStore:
             raise
         self._unsynced = not durable
         self.batches += 1
+        return results
+
+    @staticmethod
+    def _apply_one(
+        conn: sqlite3.Connection, operation: Callable[..., Any], args: tuple[Any, ...]
+    ) -> tuple[bool, Any]:
+        """
+        Run one write in its own savepoint: if it fails, what it did is
+        undone and the rest of its group goes on.
+        """
+        conn.execute("SAVEPOINT operation")
+        try:
+            value = operation(conn, *args)
+        except Exception:
+            conn.execute("ROLLBACK TO operation")
+            conn.execute("RELEASE operation")
+            return (False, Failure())
+        conn.execute("RELEASE operation")
+        return (True, value)
+
+    def _plain_submission(self, operation: Callable[..., Any], args: tuple[Any, ...]) -> bool:
+        """
+        Whether a write is a submission that nothing but SQLite itself can
+        refuse: no idempotency key to check, no dependency to look up.
+        """
+        if getattr(operation, "__func__", None) is not SQLiteJobStore._submit:
+            return False
+        specs, _, _, idempotency = args
+        return idempotency is None and not any(spec.depends_on for spec in specs)
+
+    def _submit_together(
+        self,
+        conn: sqlite3.Connection,
+        work: list[tuple[Callable[..., Any], tuple[Any, ...]]],
+    ) -> list[tuple[bool, Any]]:
+        """
+        Store several plain submissions in one savepoint and one insert;
+        should that fail, each is stored again on its own, so that only
+        the one SQLite refuses fails.
+        """
+        conn.execute("SAVEPOINT together")
+        try:
+            (seq,) = conn.execute(_MAX_SEQ).fetchone()
+            rows: list[tuple[Any, ...]] = []
+            label_rows: list[tuple[str, str, int]] = []
+            results: list[tuple[bool, Any]] = []
+            for _, (specs, now, ids, _) in work:
+                changed = []
+                jobs = []
+                wake = None
+                for spec, job_id in zip(specs, ids):
+                    if spec.not_before is not None:
+                        state, wait_reason = _waiting([], spec.not_before, now)
+                        if spec.not_before > now and (wake is None or spec.not_before < wake):
+                            wake = spec.not_before
+                    else:
+                        state, wait_reason = JobState.QUEUED, _QUEUED_REASON
+                    seq += 1
+                    rows.append(
+                        _job_row(seq, job_id, state, spec, now, None, None, wait_reason, 0,
+                                 None)
+                    )
+                    if spec.labels:
+                        label_rows.extend((k, v, seq) for k, v in spec.labels.items())
+                    changed.append((job_id, state))
+                    jobs.append(
+                        Job(id=job_id, state=state, spec=spec, created_at=now,
+                            wait_reason=wait_reason)
+                    )
+                results.append(
+                    (True, Written(Submitted(jobs, replayed=False), tuple(changed), wake))
+                )
+            _insert_jobs(conn, rows)
+            if label_rows:
+                conn.executemany(_INSERT_LABEL, label_rows)
+        except Exception:
+            conn.execute("ROLLBACK TO together")
+            conn.execute("RELEASE together")
+            return [self._apply_one(conn, operation, args) for operation, args in work]
+        conn.execute("RELEASE together")
         return results
 
     def _flushed(self, outcome: Any, deferreds: list[Deferred]) -> None:
@@ -683,7 +809,7 @@ class SQLiteJobStore:
         # write runs inside this transaction.
         rows: list[tuple[Any, ...]] = []
         label_rows: list[tuple[str, str, int]] = []
-        (seq,) = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM jobs").fetchone()
+        (seq,) = conn.execute(_MAX_SEQ).fetchone()
 
         def insert_rows() -> None:
             if rows:
@@ -722,28 +848,8 @@ class SQLiteJobStore:
                 state, wait_reason = JobState.QUEUED, _QUEUED_REASON
             seq += 1
             rows.append(
-                (
-                    seq,
-                    job_id,
-                    state.value,
-                    spec.name,
-                    encode_sorted(spec.labels) if spec.labels else "{}",
-                    encode_sorted(spec.to_stored()),
-                    now,
-                    finished_at,
-                    error,
-                    wait_reason,
-                    spec.priority,
-                    spec.queue,
-                    spec.max_attempts,
-                    spec.retry_delay,
-                    spec.timeout,
-                    spec.not_before,
-                    len(unmet),
-                    spec.array_id,
-                    spec.array_index,
-                    cancelled_by,
-                )
+                _job_row(seq, job_id, state, spec, now, finished_at, error, wait_reason,
+                         len(unmet), cancelled_by)
             )
             if spec.labels:
                 label_rows.extend((k, v, seq) for k, v in spec.labels.items())

@@ -33,6 +33,7 @@ from dispatcher._sqlite import (
     SQLiteJobStore,
     StoreVersionError,
     UnknownDependency,
+    Written,
 )
 
 ids = JobIds()
@@ -136,6 +137,52 @@ async def test_group_waits_for_the_iteration(store):
     await third
     await fourth
     assert store.batches - before == 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_plain_submissions_of_a_group_are_stored_together(store):
+    """Submissions with no idempotency key and no dependency are inserted
+    together; the others of the group keep their own savepoint, and each
+    answer holds its own jobs in the order they were asked for."""
+    first_id, later_id, array_ids = ids.new(), ids.new(), [ids.new(), ids.new()]
+    asked = [
+        store.submit([spec(1, labels={"a": "1"})], 1.0, [first_id]),
+        store.submit([spec(2), spec(3)], 1.0, array_ids),
+        store.submit([spec(4)], 1.0, [ids.new()], IdempotencyKey("k", "d")),
+        store.submit([spec(5, depends_on=(first_id,))], 1.0, [ids.new()]),
+        store.submit([spec(6, not_before=50.0)], 1.0, [later_id]),
+    ]
+    before = store.batches
+    written = [await d for d in asked]
+    assert store.batches - before == 1
+    assert [[job.id for job in w.value.jobs] for w in written][:2] == [[first_id], array_ids]
+    assert written[0].value.jobs[0].spec.labels == {"a": "1"}
+    assert written[3].value.jobs[0].state is JobState.PENDING
+    assert written[4].value.jobs[0].state is JobState.PENDING
+    assert written[4].wake_at == 50.0
+    stored = [(await store.get(w.value.jobs[0].id)).spec.command[1] for w in written]
+    assert stored == ["1", "2", "4", "5", "6"]
+    page, _ = await store.list_jobs(labels=[("a", "1")])
+    assert [job.id for job in page] == [first_id]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_refused_insert_fails_only_its_own_submission(store):
+    """When SQLite refuses one of the submissions stored together (here an
+    id already taken), the others are stored all the same."""
+    taken = ids.new()
+    await store.submit([spec(1)], 1.0, [taken])
+    fresh = ids.new(), ids.new()
+    asked = [
+        store.submit([spec(2)], 1.0, [fresh[0]]),
+        store.submit([spec(3)], 1.0, [taken]),
+        store.submit([spec(4)], 1.0, [fresh[1]]),
+    ]
+    results = [await d.addErrback(lambda f: [f]) for d in asked]
+    assert isinstance(results[0], Written) and isinstance(results[2], Written)
+    assert results[1][0].check(sqlite3.IntegrityError)
+    assert [(await store.get(i)).spec.command[1] for i in fresh] == ["2", "4"]
+    assert (await store.get(taken)).spec.command[1] == "1"
 
 
 @pytest_twisted.ensureDeferred
