@@ -94,7 +94,10 @@ def main(argv=None) -> None:
     options = Options()
     options.parseOptions(["--config", config_path])
     service = makeService(options)
-    install_monitor(reactor, args.monitor_port)
+    monitor = install_monitor(reactor, args.monitor_port)
+    # The store's commits so far, in every snapshot: how many jobs a commit
+    # holds is what the writer thread's cost per job turns on.
+    monitor.counters["store_commits"] = lambda: service.store.batches
     service.privilegedStartService()
     service.startService()
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)

@@ -55,6 +55,8 @@ class ReactorHoldMonitor:
         self._gc_max = [0.0, 0.0, 0.0]
         self._gc_total = [0.0, 0.0, 0.0]
         self._gc_count = [0, 0, 0]
+        # Extra figures read at each snapshot, by name.
+        self.counters: dict[str, Callable[[], Any]] = {}
 
     def start(self) -> None:
         """
@@ -124,6 +126,8 @@ class ReactorHoldMonitor:
             "gc_max_ms": [round(m * 1000, 3) for m in self._gc_max],
             "gc_total_ms": [round(t * 1000, 1) for t in self._gc_total],
         }
+        for name, read in self.counters.items():
+            result[name] = read()
         if reset:
             self._samples = []
             self._max = 0.0

@@ -186,6 +186,29 @@ async def test_a_refused_insert_fails_only_its_own_submission(store):
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_failed_write_leaves_the_rest_of_its_group(store):
+    """A group's writes share one savepoint; when one fails (a finish on a
+    stale lease) what it did is undone and the others of the group are
+    committed as if each had been alone."""
+    await submit(store, spec(1), spec(2))
+    claimed = await store.claim(Offer("h", 2), 2, 200.0, 60)
+    good, other = claimed.leases
+    stale = attrs.evolve(other, token=other.token + 1000)
+    before = store.batches
+    asked = [
+        store.finish(good, Outcome(JobState.SUCCEEDED, exit_code=0), 201.0),
+        store.finish(stale, Outcome(JobState.SUCCEEDED, exit_code=0), 201.0),
+        store.submit([spec(3)], 201.0, [ids.new()]),
+    ]
+    results = [await d.addErrback(lambda f: [f]) for d in asked]
+    assert store.batches - before == 1
+    assert results[1][0].check(StaleLease)
+    assert (await store.get(good.job_id)).state is JobState.SUCCEEDED
+    assert (await store.get(other.job_id)).state is JobState.RUNNING
+    assert (await store.get(results[2].value.jobs[0].id)).state is JobState.QUEUED
+
+
+@pytest_twisted.ensureDeferred
 async def test_claim_says_when_it_drained_the_queue(store):
     """A claim that took the last queued jobs says it drained the queue; one
     that left a job, or passed over one that did not fit, does not."""
