@@ -26,6 +26,7 @@ from twisted.python.threadpool import ThreadPool
 from ._config import TaskRef
 from ._deferreds import shielded
 from ._model import JobSpec, JobState, Lease, Outcome
+from ._threads import TaskThreads
 
 log = Logger()
 
@@ -110,28 +111,6 @@ class TaskContext:
 _EVENTS_LOCK = threading.Lock()
 
 
-def _daemon_thread(*args: Any, **kwargs: Any) -> threading.Thread:
-    return threading.Thread(*args, daemon=True, **kwargs)
-
-
-class DaemonThreadPool(ThreadPool):
-    """
-    A thread pool whose threads do not keep the process alive: a task that
-    never returns must not hang the daemon's exit.
-    """
-
-    threadFactory = staticmethod(_daemon_thread)  # type: ignore[assignment]
-
-    def stop_without_waiting(self) -> None:
-        """
-        Stop the pool without joining its threads: idle ones quit now, busy
-        ones when their function returns, or with the process.
-        """
-        self.joined = True
-        self.started = False
-        self._team.quit()
-
-
 def _call_task(
     function: Callable[..., Any],
     context: TaskContext,
@@ -210,7 +189,7 @@ class LocalExecutor:
         spawner: Any,
         stager: Any,
         tasks: Mapping[str, TaskRef],
-        task_pool: ThreadPool,
+        task_pool: TaskThreads,
         io_pool: ThreadPool,
         kill_grace: float = 5.0,
         clock: Any = None,
@@ -452,9 +431,7 @@ class LocalExecutor:
             spec.array_index,
         )
         running.context = context
-        return deferToThreadPool(
-            self._reactor,
-            self._task_pool,
+        return self._task_pool.defer(
             _call_task,
             ref.function,
             context,

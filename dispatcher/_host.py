@@ -15,7 +15,8 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 from twisted.web.client import Agent, HTTPConnectionPool
 
-from ._execution import DaemonThreadPool, LocalExecutor
+from ._execution import LocalExecutor
+from ._threads import TaskThreads
 from ._model import Resources
 from ._process import ProcessSpawner
 from ._staging import InputStager
@@ -140,7 +141,7 @@ class JobHost:
         prefix: str,
     ) -> None:
         self.io_pool = ThreadPool(1, 4, name=f"{prefix}-io")
-        self.task_pool = DaemonThreadPool(0, config.executor.threads, name=f"{prefix}-tasks")
+        self.task_pool = TaskThreads(reactor, config.executor.threads, name=f"{prefix}-tasks")
         self.fetch_pool = ThreadPool(1, 4, name=f"{prefix}-fetch")
         self.http_pool = HTTPConnectionPool(reactor, persistent=True)
         self.http = HTTPClient(Agent(reactor, pool=self.http_pool))

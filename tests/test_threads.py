@@ -1,0 +1,105 @@
+"""
+The task pool (dispatcher._threads): results and errors on the reactor
+thread, the bound on concurrent calls, batched wake-ups, and stopping.
+"""
+
+import threading
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.defer import gatherResults
+
+from dispatcher._threads import TaskThreads
+
+
+@pytest.fixture
+def pool():
+    pool = TaskThreads(reactor, 3, "test-tasks")
+    pool.start()
+    yield pool
+    pool.stop_without_waiting()
+
+
+@pytest_twisted.ensureDeferred
+async def test_results_and_errors_come_back_on_the_reactor_thread(pool):
+    seen = []
+
+    def where(d):
+        return d.addBoth(lambda r: (seen.append(threading.current_thread()), r)[1])
+
+    assert await where(pool.defer(lambda a, b: a + b, 2, 3)) == 5
+    with pytest.raises(ZeroDivisionError):
+        await where(pool.defer(lambda: 1 / 0))
+    assert seen == [threading.main_thread()] * 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_at_most_size_calls_run_at_once(pool):
+    """Calls beyond the pool's size wait for a free thread."""
+    lock = threading.Lock()
+    running = [0]
+    most = [0]
+    gate = threading.Event()
+
+    def call(i):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        gate.wait(5)
+        with lock:
+            running[0] -= 1
+        return i
+
+    calls = [pool.defer(call, i) for i in range(10)]
+    reactor.callLater(0.05, gate.set)
+    assert await gatherResults(calls) == list(range(10))
+    assert most[0] == 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_results_that_come_together_wake_the_reactor_once(pool, monkeypatch):
+    """Results that arrive before the reactor collects them share one
+    callFromThread."""
+    wakes = []
+    real = reactor.callFromThread
+    monkeypatch.setattr(reactor, "callFromThread",
+                        lambda f, *a: (wakes.append(f), real(f, *a)))
+    calls = [pool.defer(lambda i=i: i) for i in range(5)]
+    # The reactor thread is held here until all five have returned.
+    finished = threading.Event()
+    for _ in range(5000):
+        with pool._lock:
+            if len(pool._done) == 5:
+                finished.set()
+                break
+        finished.wait(0.001)
+    assert finished.is_set()
+    assert await gatherResults(calls) == [0, 1, 2, 3, 4]
+    assert len(wakes) == 1
+
+
+def test_stop_waits_and_stop_without_waiting_does_not():
+    pool = TaskThreads(reactor, 2, "test-stop")
+    pool.start()
+    done = []
+    pool.defer(lambda: done.append(1))
+    pool.stop()
+    assert done == [1]
+    assert not any(t.is_alive() for t in threading.enumerate() if t.name.startswith("test-stop"))
+    with pytest.raises(RuntimeError):
+        pool.defer(lambda: None)
+
+    hung = TaskThreads(reactor, 1, "test-hung")
+    hung.start()
+    forever = threading.Event()
+    hung.defer(forever.wait)
+    hung.stop_without_waiting()  # returns although the call never does
+    busy = [t for t in threading.enumerate() if t.name.startswith("test-hung")]
+    assert busy and all(t.daemon for t in busy)
+    forever.set()
+
+
+def test_a_pool_needs_a_thread():
+    with pytest.raises(ValueError):
+        TaskThreads(reactor, 0, "none")
