@@ -29,10 +29,8 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 import attrs
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import LoopingCall
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from ._interfaces import IJobStore
@@ -53,6 +51,7 @@ from ._model import (
     format_time,
     may_transition,
 )
+from ._threads import TaskThreads
 
 log = Logger()
 
@@ -404,8 +403,8 @@ class SQLiteJobStore:
         self._idempotency_ttl = idempotency_ttl
         self._backoff = backoff
         self._reactor = reactor
-        self._writer_pool = ThreadPool(1, 1, name="store-writer")
-        self._reader_pool = ThreadPool(1, readers, name="store-reader")
+        self._writer_pool = TaskThreads(reactor, 1, name="store-writer")
+        self._reader_pool = TaskThreads(reactor, readers, name="store-reader")
         self._writer: Optional[sqlite3.Connection] = None
         self._readers_local = threading.local()
         self._reader_connections: list[sqlite3.Connection] = []
@@ -437,7 +436,7 @@ class SQLiteJobStore:
     def open(self) -> Deferred:
         self._writer_pool.start()
         self._reader_pool.start()
-        d = deferToThreadPool(self._reactor, self._writer_pool, self._open_in_thread)
+        d = self._writer_pool.defer(self._open_in_thread)
         if self._sync_interval > 0:
 
             def start_syncing(result: Any) -> Any:
@@ -466,7 +465,7 @@ class SQLiteJobStore:
         """
         if self._closing is not None and self._shut:
             return succeed(None)
-        return deferToThreadPool(self._reactor, self._writer_pool, self._sync_in_thread)
+        return self._writer_pool.defer(self._sync_in_thread)
 
     def _sync_in_thread(self) -> None:
         # Runs on the writer thread between groups: no commit is under way.
@@ -560,7 +559,7 @@ class SQLiteJobStore:
             assert self._closing is not None
             self._closing.callback(None)
 
-        deferToThreadPool(self._reactor, self._writer_pool, close_all).addBoth(closed)
+        self._writer_pool.defer(close_all).addBoth(closed)
 
     # The writer and its group commit
 
@@ -603,7 +602,7 @@ class SQLiteJobStore:
         self._flushing = True
         work = [(operation, args) for operation, args, _, _ in batch]
         durable = any(durable for _, _, _, durable in batch)
-        d = deferToThreadPool(self._reactor, self._writer_pool, self._commit, work, durable)
+        d = self._writer_pool.defer(self._commit, work, durable)
         d.addBoth(self._flushed, [deferred for _, _, deferred, _ in batch])
 
     def _commit(
@@ -764,8 +763,8 @@ class SQLiteJobStore:
         if self._closing is not None:
             # A stopped pool would drop the work and leave the caller hanging.
             return fail(StoreClosed("the dispatcher is stopping"))
-        return deferToThreadPool(
-            self._reactor, self._reader_pool, self._read_in_thread, operation, args
+        return self._reader_pool.defer(
+            self._read_in_thread, operation, args
         )
 
     def _read_in_thread(self, operation: Callable[..., Any], args: tuple) -> Any:
