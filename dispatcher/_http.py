@@ -35,16 +35,17 @@ import re
 import time
 from email.utils import formatdate
 from typing import Any, Callable, Optional
-from urllib.parse import parse_qs, unquote_to_bytes
+from urllib.parse import unquote_to_bytes
 
 from twisted.internet import error
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.http import RESPONSES
+from zope.interface import implementer
+from twisted.web.http import RESPONSES, parse_qs
 
 from ._json import encode
 
@@ -56,6 +57,8 @@ MAX_HEADERS = 100
 # Bytes of the next pipelined requests read ahead while one is answered;
 # past this the connection stops being read until the answer is out.
 MAX_READ_AHEAD = 65536
+# Seconds a closing connection may take to send what it still holds.
+ABORT_TIMEOUT = 15.0
 
 # A field name is a token (RFC 9110, section 5.6.2).
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
@@ -174,7 +177,7 @@ class Request:
     @property
     def args(self) -> dict[bytes, list[bytes]]:
         if self._args is None:
-            self._args = parse_qs(self._query, keep_blank_values=True)
+            self._args = parse_qs(self._query, 1)
         return self._args
 
     def getHeader(self, name: bytes) -> Optional[bytes]:
@@ -258,13 +261,22 @@ class Request:
         self.channel.request_done(self)
 
     def registerProducer(self, producer: Any, streaming: bool) -> None:
-        self.channel.transport.registerProducer(producer, streaming)
+        """
+        Have C{producer} (a push producer) paused while the connection's
+        send buffer is full.
+        """
+        if not streaming:
+            raise ValueError("only push (streaming) producers are supported")
+        channel = self.channel
+        channel._producer = producer
+        if channel._writes_paused:
+            producer.pauseProducing()
 
     def unregisterProducer(self) -> None:
-        self.channel.transport.unregisterProducer()
+        self.channel._producer = None
 
     def loseConnection(self) -> None:
-        self.channel.transport.loseConnection()
+        self.channel.close()
 
     def _connection_lost(self, reason: Failure) -> None:
         self._disconnected = True
@@ -294,22 +306,38 @@ def _quote(value: bytes) -> str:
 _HEAD, _BODY, _CHUNK_SIZE_LINE, _CHUNK_DATA, _TRAILERS, _ANSWERING, _CLOSED = range(7)
 
 
+@implementer(IPushProducer)
 class HTTPChannel(Protocol):
     """
-    One client connection: parses requests one after the other, hands each
-    to the factory's C{handler}, and reads no further than
-    C{MAX_READ_AHEAD} bytes ahead while an answer is pending.
+    One client connection: parses requests one after the other and hands
+    each to the factory's C{handler}.
+
+    It reads no further than C{MAX_READ_AHEAD} bytes ahead while an answer
+    is pending, and takes no new request while the transport's send buffer
+    is full (it is the transport's producer, and passes pauses on to an
+    answer's own producer): a client that sends without reading gets
+    nothing buffered for it beyond that.  A connection being closed is
+    aborted if the client has not taken what was written within
+    C{ABORT_TIMEOUT} seconds.
     """
 
     factory: "HTTPFactory"
     persistent = True
     _request: Optional[Request] = None
     _timer: Any = None
-    _paused = False
+    _abort_timer: Any = None
+    _producer: Any = None
     _parsing = False
+    # Whether the transport's send buffer is full, and whether reading is
+    # paused (for that, or for read-ahead).
+    _writes_paused = False
+    _reads_paused = False
 
     def __init__(self) -> None:
+        # Unparsed input is _buffer[_pos:]: parsing moves the offset, and
+        # the buffer is cut once per read, not once per request or chunk.
         self._buffer = b""
+        self._pos = 0
         self._state = _HEAD
         self._last = 0.0
         self._client = "-"
@@ -317,6 +345,7 @@ class HTTPChannel(Protocol):
     def connectionMade(self) -> None:
         peer = self.transport.getPeer()
         self._client = str(getattr(peer, "host", "-"))
+        self.transport.registerProducer(self, True)
         timeout = self.factory.idle_timeout
         if timeout is not None:
             self._last = self.factory.reactor.seconds()
@@ -338,18 +367,62 @@ class HTTPChannel(Protocol):
             self._timer = self.factory.reactor.callLater(left, self._idle_check)
             return
         self._timer = None
+        self.close()
+
+    def close(self) -> None:
+        """
+        Close once what was written is out; abort if that takes longer
+        than C{ABORT_TIMEOUT} seconds (the client does not read).
+        """
         self._state = _CLOSED
         self.transport.loseConnection()
+        if self._abort_timer is None:
+            self._abort_timer = self.factory.reactor.callLater(
+                ABORT_TIMEOUT, self.transport.abortConnection
+            )
+
+    # The transport's producer
+
+    def pauseProducing(self) -> None:
+        self._writes_paused = True
+        if self._producer is not None:
+            self._producer.pauseProducing()
+        self._update_reading()
+
+    def resumeProducing(self) -> None:
+        self._writes_paused = False
+        if self._producer is not None:
+            self._producer.resumeProducing()
+        self._update_reading()
+        if self._request is None:
+            self._parse()
+
+    def stopProducing(self) -> None:
+        if self._producer is not None:
+            self._producer.stopProducing()
+
+    def _update_reading(self) -> None:
+        pause = self._writes_paused or (
+            self._request is not None
+            and len(self._buffer) - self._pos > MAX_READ_AHEAD
+        )
+        if pause and not self._reads_paused:
+            self._reads_paused = True
+            self.transport.pauseProducing()
+        elif not pause and self._reads_paused:
+            self._reads_paused = False
+            self.transport.resumeProducing()
 
     def dataReceived(self, data: bytes) -> None:
         if self._state == _CLOSED:
             return
         self._last = self.factory.reactor.seconds()
+        if self._pos:
+            self._buffer = self._buffer[self._pos:]
+            self._pos = 0
         self._buffer = self._buffer + data if self._buffer else data
         if self._request is not None:
-            if len(self._buffer) > MAX_READ_AHEAD and not self._paused:
-                self._paused = True
-                self.transport.pauseProducing()
+            self._update_reading()
             return
         self._parse()
 
@@ -358,13 +431,20 @@ class HTTPChannel(Protocol):
             return
         self._parsing = True
         try:
-            while self._request is None and self._state != _CLOSED:
+            while (
+                self._request is None
+                and not self._writes_paused
+                and self._state != _CLOSED
+            ):
                 if not self._step():
                     break
         except BadRequest as e:
             self._refuse(e)
         finally:
             self._parsing = False
+        if self._pos and self._state != _CLOSED:
+            self._buffer = self._buffer[self._pos:]
+            self._pos = 0
 
     # The parse, one step at a time: each returns whether to go on.
 
@@ -384,31 +464,30 @@ class HTTPChannel(Protocol):
 
     def _read_head(self) -> bool:
         buffer = self._buffer
-        if not buffer:
-            return False
+        pos = self._pos
+        size = len(buffer)
         # Empty lines before a request are allowed (RFC 9112, 2.2).
-        if buffer[:1] in (b"\r", b"\n"):
-            stripped = buffer.lstrip(b"\r\n")
-            if not stripped:
-                self._buffer = b""
-                return False
-            buffer = self._buffer = stripped
+        while pos < size and buffer[pos] in (13, 10):
+            pos += 1
+        self._pos = pos
+        if pos >= size:
+            return False
         # The head ends at the first empty line.
-        end = buffer.find(b"\n\r\n")
+        end = buffer.find(b"\n\r\n", pos)
         skip = 3
-        bare = buffer.find(b"\n\n", 0, end if end >= 0 else len(buffer))
+        bare = buffer.find(b"\n\n", pos, end if end >= 0 else size)
         if bare >= 0:
             end, skip = bare, 2
-        if end < 0 or end > MAX_HEAD_BYTES:
-            if end < 0 and len(buffer) <= MAX_HEAD_BYTES:
+        if end < 0 or end - pos > MAX_HEAD_BYTES:
+            if end < 0 and size - pos <= MAX_HEAD_BYTES:
                 return False
             raise BadRequest(
                 431,
                 "head_too_large",
                 f"the request line and headers exceed {MAX_HEAD_BYTES} bytes",
             )
-        head = buffer[:end + 1]
-        self._buffer = buffer[end + skip:]
+        head = buffer[pos:end + 1]
+        self._pos = end + skip
         if head.count(b"\n") != head.count(b"\r\n") or head.count(b"\r") != head.count(
             b"\n"
         ):
@@ -498,6 +577,10 @@ class HTTPChannel(Protocol):
                     "not_implemented",
                     "only the chunked transfer coding is understood",
                 )
+            if version == b"HTTP/1.0":
+                # Faulty framing for HTTP/1.0 (RFC 9112, 6.1): read it,
+                # answer, and close.
+                self.persistent = False
             self._chunks: list[bytes] = []
             self._received = 0
             self._continue()
@@ -524,28 +607,30 @@ class HTTPChannel(Protocol):
 
     def _read_body(self) -> bool:
         length = self._length
-        buffer = self._buffer
-        if len(buffer) < length:
+        pos = self._pos
+        if len(self._buffer) - pos < length:
             return False
-        if length:
-            body, self._buffer = buffer[:length], buffer[length:]
-        else:
-            body = b""
+        body = self._buffer[pos:pos + length] if length else b""
+        self._pos = pos + length
         self._dispatch(body)
         return True
 
     def _read_chunk_size(self) -> bool:
-        end = self._buffer.find(b"\n")
+        buffer = self._buffer
+        pos = self._pos
+        end = buffer.find(b"\r\n", pos, pos + 1026)
         if end < 0:
-            if len(self._buffer) > 1024:
+            if len(buffer) - pos > 1024:
                 raise BadRequest(400, "bad_request", "malformed chunk size line")
             return False
-        line, self._buffer = self._buffer[:end], self._buffer[end + 1:]
-        size = line.rstrip(b"\r").partition(b";")[0].strip(b" \t")
-        if _CHUNK_SIZE.fullmatch(size) is None:
+        line = buffer[pos:end]
+        self._pos = end + 2
+        size = line.partition(b";")[0].strip(b" \t")
+        if _CHUNK_SIZE.fullmatch(size) is None or b"\n" in line or b"\r" in line:
             raise BadRequest(400, "bad_request", "malformed chunk size line")
         self._length = int(size, 16)
         if self._length == 0:
+            self._trailers = 0
             self._state = _TRAILERS
             return True
         limit = self.factory.max_body_bytes
@@ -557,32 +642,32 @@ class HTTPChannel(Protocol):
     def _read_chunk_data(self) -> bool:
         length = self._length
         buffer = self._buffer
-        if len(buffer) < length + 1:
+        pos = self._pos
+        if len(buffer) - pos < length + 2:
             return False
-        if buffer[length:length + 2] == b"\r\n":
-            skip = 2
-        elif buffer[length:length + 1] == b"\n":
-            skip = 1
-        elif len(buffer) < length + 2:
-            return False
-        else:
+        if buffer[pos + length:pos + length + 2] != b"\r\n":
             raise BadRequest(400, "bad_request", "a chunk is not followed by CRLF")
-        self._chunks.append(buffer[:length])
+        self._chunks.append(buffer[pos:pos + length])
         self._received += length
-        self._buffer = buffer[length + skip:]
+        self._pos = pos + length + 2
         self._state = _CHUNK_SIZE_LINE
         return True
 
     def _read_trailers(self) -> bool:
         # Trailer fields are read and dropped, up to the empty line.
+        buffer = self._buffer
         while True:
-            end = self._buffer.find(b"\n")
+            pos = self._pos
+            end = buffer.find(b"\r\n", pos)
             if end < 0:
-                if len(self._buffer) > MAX_HEAD_BYTES:
+                if len(buffer) - pos + self._trailers > MAX_HEAD_BYTES:
                     raise BadRequest(431, "head_too_large", "trailers too large")
                 return False
-            line, self._buffer = self._buffer[:end], self._buffer[end + 1:]
-            if line in (b"", b"\r"):
+            self._trailers += end + 2 - pos
+            if self._trailers > MAX_HEAD_BYTES:
+                raise BadRequest(431, "head_too_large", "trailers too large")
+            self._pos = end + 2
+            if end == pos:
                 break
         body = b"".join(self._chunks)
         self._chunks = []
@@ -600,36 +685,36 @@ class HTTPChannel(Protocol):
         except Exception:
             # The handler answers its own errors; this is a bug.
             log.failure("answering {uri} failed", uri=request.uri)
-            if not request._started:
-                request.setResponseCode(500)
-                body = _error_body("internal_error", "the dispatcher failed to answer")
-                request.setHeader(b"content-type", b"application/json")
-                request.setHeader(b"content-length", b"%d" % len(body))
-                request.write(body)
+            if request._started:
+                # Half an answer must not pass for a whole one.
+                self._state = _CLOSED
+                self.transport.abortConnection()
+                return
+            request.setResponseCode(500)
+            body = _error_body("internal_error", "the dispatcher failed to answer")
+            request.setHeader(b"content-type", b"application/json")
+            request.setHeader(b"content-length", b"%d" % len(body))
             self.persistent = False
+            request.write(body)
             request.finish()
 
     def request_done(self, request: Request) -> None:
         """
         The answer to C{request} is out: log it, then read on or close.
         """
-        log = self.factory.log_file
-        if log is not None:
-            log.write(request.log_line(self._client, self.factory.clock.stamp()))
-        if request is not self._request:
-            return
-        self._request = None
-        self._last = self.factory.reactor.seconds()
-        if not self.persistent:
-            self._state = _CLOSED
-            self.transport.loseConnection()
-            return
-        self._state = _HEAD
-        if self._paused:
-            self._paused = False
-            self.transport.resumeProducing()
-        if self._buffer:
-            self._parse()
+        if request is self._request:
+            self._request = None
+            self._last = self.factory.reactor.seconds()
+            if not self.persistent:
+                self.close()
+            else:
+                self._state = _HEAD
+                if self._reads_paused:
+                    self._update_reading()
+                if self._pos < len(self._buffer):
+                    self._parse()
+        if self.factory.log_file is not None:
+            self.factory.log(request, self._client)
 
     def _refuse(self, e: BadRequest) -> None:
         body = _error_body(e.code, e.message)
@@ -640,18 +725,21 @@ class HTTPChannel(Protocol):
             b"Connection: close\r\n\r\n" % len(body)
             + body
         )
-        self._state = _CLOSED
         self._buffer = b""
-        self.transport.loseConnection()
+        self._pos = 0
+        self.close()
 
     def connectionLost(self, reason: Optional[Failure] = None) -> None:
         if reason is None:
             reason = Failure(error.ConnectionDone("the connection closed"))
         self._state = _CLOSED
         self._buffer = b""
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+        self._pos = 0
+        self._producer = None
+        for timer in (self._timer, self._abort_timer):
+            if timer is not None and timer.active():
+                timer.cancel()
+        self._timer = self._abort_timer = None
         request, self._request = self._request, None
         if request is not None and not request.finished:
             request._connection_lost(reason)
@@ -704,6 +792,7 @@ class HTTPFactory(Factory):
         self.log_file: Optional[Any] = None
         self._flush_interval = flush_interval
         self._flusher: Optional[LoopingCall] = None
+        self._log_failed_at = float("-inf")
 
     def buildProtocol(self, addr: Any) -> HTTPChannel:
         channel = HTTPChannel()
@@ -717,14 +806,44 @@ class HTTPFactory(Factory):
             self.access_log_path, "a", buffering=self.buffer_size, encoding="utf-8",
             newline="\n",
         )
-        self._flusher = LoopingCall(self.log_file.flush)
+        self._flusher = LoopingCall(self._flush_log)
         self._flusher.clock = self.reactor
         self._flusher.start(self._flush_interval, now=False)
+
+    def log(self, request: Request, client: str) -> None:
+        """
+        Write C{request}'s line to the access log, if there is one.  A
+        log that cannot be written (a full disk) is reported and does not
+        stop the request.
+        """
+        if self.log_file is None:
+            return
+        try:
+            self.log_file.write(request.log_line(client, self.clock.stamp()))
+        except Exception:
+            self._log_failed()
+
+    def _flush_log(self) -> None:
+        try:
+            if self.log_file is not None:
+                self.log_file.flush()
+        except Exception:
+            self._log_failed()
+
+    def _log_failed(self) -> None:
+        now = self.reactor.seconds()
+        if now - self._log_failed_at >= 60:
+            # At most once a minute: a full disk fails every line.
+            self._log_failed_at = now
+            log.failure("writing the access log {path} failed", path=self.access_log_path)
 
     def stopFactory(self) -> None:
         if self._flusher is not None and self._flusher.running:
             self._flusher.stop()
         self._flusher = None
         if self.log_file is not None:
-            self.log_file.close()
-            self.log_file = None
+            log_file, self.log_file = self.log_file, None
+            try:
+                log_file.close()
+            except Exception:
+                self._log_failed()

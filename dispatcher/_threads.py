@@ -18,7 +18,10 @@ import threading
 from typing import Any, Callable
 
 from twisted.internet.defer import Deferred
+from twisted.logger import Logger
 from twisted.python.failure import Failure
+
+log = Logger()
 
 _STOP = object()
 
@@ -79,9 +82,11 @@ class TaskThreads:
                 outcome = (d, True, function(*args))
             except BaseException:
                 outcome = (d, False, Failure())
+            # An idle thread keeps nothing of its last call alive.
             del item, function, args
             with self._lock:
                 self._done.append(outcome)
+                del outcome
                 if self._delivering:
                     continue
                 self._delivering = True
@@ -92,10 +97,15 @@ class TaskThreads:
             done, self._done = self._done, []
             self._delivering = False
         for d, ok, value in done:
-            if ok:
-                d.callback(value)
-            else:
-                d.errback(value)
+            try:
+                if ok:
+                    d.callback(value)
+                else:
+                    d.errback(value)
+            except Exception:
+                # A Deferred fired already (by its owner, say): the other
+                # results of the batch still go out.
+                log.failure("delivering a {name} result failed", name=self.name)
 
     def _quit(self) -> list[threading.Thread]:
         threads, self._threads = self._threads, []

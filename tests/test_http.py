@@ -19,7 +19,7 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
-from dispatcher._http import MAX_HEAD_BYTES, MAX_READ_AHEAD, HTTPFactory
+from dispatcher._http import ABORT_TIMEOUT, MAX_HEAD_BYTES, MAX_READ_AHEAD, HTTPFactory
 
 
 class Recorder:
@@ -333,6 +333,139 @@ def test_read_ahead_is_bounded():
     answer(handler.requests[0])
     assert transport.producerState == "producing"
     assert len(handler.requests) == 2
+
+
+def test_a_full_send_buffer_stops_new_requests():
+    """While the transport's send buffer is full (it pauses the channel, its
+    producer), no new request is taken and reading stops; an answer's own
+    producer is paused with it; all goes on once the buffer drains."""
+    handler = Recorder()
+    channel, transport, _ = connect(handler)
+    assert transport.producer is channel
+    channel.pauseProducing()
+    assert transport.producerState == "paused"
+    channel.dataReceived(b"GET /a HTTP/1.1\r\n\r\nGET /b HTTP/1.1\r\n\r\n")
+    assert handler.requests == []
+    channel.resumeProducing()
+    assert [r.uri for r in handler.requests] == [b"/a", b"/b"]
+    assert transport.producerState == "producing"
+
+    class Producer:
+        paused = 0
+        resumed = 0
+
+        def pauseProducing(self):
+            self.paused += 1
+
+        def resumeProducing(self):
+            self.resumed += 1
+
+        def stopProducing(self):
+            pass
+
+    producer = Producer()
+    streamed = Recorder(hold=True)
+    channel, transport, _ = connect(streamed)
+    channel.dataReceived(b"GET /log HTTP/1.1\r\n\r\n")
+    streamed.requests[0].registerProducer(producer, True)
+    channel.pauseProducing()
+    channel.resumeProducing()
+    assert (producer.paused, producer.resumed) == (1, 1)
+    streamed.requests[0].unregisterProducer()
+    with pytest.raises(ValueError):
+        streamed.requests[0].registerProducer(producer, False)
+
+
+def test_a_closing_connection_is_aborted_if_the_client_does_not_read():
+    """A connection closed after its answer (or a refusal, or idling) is
+    aborted ABORT_TIMEOUT seconds later if it has not gone by then."""
+    channel, transport, clock = connect(Recorder())
+    aborted = []
+    transport.abortConnection = lambda: aborted.append(True)
+    channel.dataReceived(b"GET /a HTTP/1.1\r\nConnection: close\r\n\r\n")
+    assert transport.disconnecting and not aborted
+    clock.advance(ABORT_TIMEOUT)
+    assert aborted == [True]
+
+
+def test_query_strings_stay_bytes():
+    """The query is read as bytes, percent-escapes and all, whatever they
+    encode; a name without a value is left out, as twisted.web does."""
+    handler = Recorder()
+    channel, _, _ = connect(handler)
+    channel.dataReceived(b"GET /a?label=x%C3%A9&raw=\xff&flag&e= HTTP/1.1\r\n\r\n")
+    assert handler.requests[0].args == {b"label": [b"x\xc3\xa9"], b"raw": [b"\xff"],
+                                        b"e": [b""]}
+
+
+def test_many_tiny_chunks_in_one_read():
+    """A body of many one-byte chunks arriving in one read is put together
+    once: each chunk moves an offset, the buffer is cut once a read."""
+    handler = Recorder()
+    channel, _, _ = connect(handler, max_body=100000)
+    body = bytes(range(97, 123)) * 1000
+    channel.dataReceived(b"POST /c HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+                         + chunked(body, 1))
+    assert handler.requests[0].content.getvalue() == body
+    assert channel._buffer == b"" and channel._pos == 0
+
+
+def test_chunked_http10_request_closes_after_its_answer():
+    """Transfer-Encoding on HTTP/1.0 is faulty framing (RFC 9112, 6.1): the
+    request is read and answered, then the connection closes."""
+    handler = Recorder()
+    channel, transport, _ = connect(handler)
+    channel.dataReceived(b"POST /a HTTP/1.0\r\nConnection: keep-alive\r\n"
+                         b"Transfer-Encoding: chunked\r\n\r\n" + chunked(b"abc"))
+    assert handler.requests[0].content.getvalue() == b"abc"
+    assert transport.disconnecting
+
+
+def test_a_handler_that_fails_gets_a_500_or_an_abort():
+    """A handler that raises before answering gets a 500 JSON error and the
+    connection closes; one that raises halfway through a streamed answer
+    has its connection aborted, so the half is not taken for the whole."""
+    def fails(request):
+        raise RuntimeError("bug")
+
+    channel, transport, _ = connect(fails)
+    channel.dataReceived(b"GET /a HTTP/1.1\r\n\r\n")
+    ((status, headers, body),) = responses(transport.value())
+    assert status == 500 and json.loads(body)["error"]["code"] == "internal_error"
+    assert transport.disconnecting
+
+    def halfway(request):
+        request.write(b"abc")
+        raise RuntimeError("bug")
+
+    channel, transport, _ = connect(halfway)
+    aborted = []
+    transport.abortConnection = lambda: aborted.append(True)
+    channel.dataReceived(b"GET /a HTTP/1.1\r\n\r\n")
+    assert aborted == [True]
+    assert not transport.value().endswith(b"0\r\n\r\n")
+
+
+def test_an_access_log_that_cannot_be_written_does_not_stop_requests(tmp_path):
+    """A failing access log (a full disk) is reported; requests go on."""
+    handler = Recorder()
+    channel, transport, _ = connect(handler, log=str(tmp_path / "access.log"))
+
+    class Full:
+        def write(self, line):
+            raise OSError(28, "No space left on device")
+
+        def flush(self):
+            raise OSError(28, "No space left on device")
+
+        def close(self):
+            pass
+
+    channel.factory.log_file = Full()
+    channel.dataReceived(b"GET /a HTTP/1.1\r\n\r\nGET /b HTTP/1.1\r\n\r\n")
+    assert [s for s, _, _ in responses(transport.value())] == [200, 200]
+    channel.factory._flush_log()
+    channel.factory.stopFactory()
 
 
 def test_lost_connection_fails_notify_finish():
