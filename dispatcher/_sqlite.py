@@ -421,6 +421,8 @@ class SQLiteJobStore:
         self.syncs = 0
         self._closing: Optional[Deferred] = None
         self._next_token = 1
+        # Whether any job may have dependents (the writer thread's own).
+        self._dependencies = True
         self._shut = False
         self.batches = 0
 
@@ -517,6 +519,9 @@ class SQLiteJobStore:
             )
         (top,) = conn.execute("SELECT COALESCE(MAX(token), 0) FROM attempts").fetchone()
         self._next_token = top + 1
+        (self._dependencies,) = conn.execute(
+            "SELECT EXISTS (SELECT 1 FROM dependencies)"
+        ).fetchone()
         self._writer = conn
 
     def close(self) -> Deferred:
@@ -865,6 +870,7 @@ class SQLiteJobStore:
             if spec.labels:
                 label_rows.extend((k, v, seq) for k, v in spec.labels.items())
             if deps:
+                self._dependencies = True
                 conn.executemany(
                     "INSERT INTO dependencies (depends_on, job_id) VALUES (?, ?)",
                     [(d, job_id) for d in deps],
@@ -958,12 +964,13 @@ class SQLiteJobStore:
         now: float,
         lease_seconds: float,
     ) -> Claimed:
+        # Running jobs count only against a queue's limit.
         running = dict(
             conn.execute(
                 "SELECT queue, COUNT(*) FROM jobs"
                 " WHERE state IN ('staging', 'running') GROUP BY queue"
             ).fetchall()
-        )
+        ) if any(self._limits.values()) else {}
         # Each queue's head, read lazily in priority order: jobs that do not
         # fit this holder are passed over, so how far to read is not known
         # in advance.
@@ -1169,7 +1176,13 @@ class SQLiteJobStore:
             (target.value, now, outcome.exit_code, result, error, spent, lease.job_id),
         )
         changed = [(lease.job_id, target)]
-        wake = _after_final(conn, lease.job_id, target, now, changed)
+        # Until a job has depended on another, no job has dependents to
+        # free or cancel (the query was a twentieth of a no-op job's time).
+        wake = (
+            _after_final(conn, lease.job_id, target, now, changed)
+            if self._dependencies
+            else None
+        )
         return Written(None, tuple(changed), wake)
 
     def _retry_later(

@@ -209,6 +209,23 @@ async def test_a_failed_write_leaves_the_rest_of_its_group(store):
 
 
 @pytest_twisted.ensureDeferred
+async def test_dependents_are_freed_after_a_restart(make_store):
+    """A finish looks for dependents only once some job has depended on
+    another; a store reopened over jobs with dependencies still frees
+    them."""
+    first = await make_store()
+    (a,) = await submit(first, spec(1))
+    (b,) = await submit(first, spec(2, depends_on=(a.id,)))
+    await first.close()
+    again = await make_store()
+    claimed = await again.claim(Offer("h", 1), 1, 200.0, 60)
+    assert [lease.job_id for lease in claimed.leases] == [a.id]
+    written = await again.finish(claimed.leases[0], Outcome(JobState.SUCCEEDED), 201.0)
+    assert (b.id, JobState.QUEUED) in written.changed
+    assert (await again.get(b.id)).state is JobState.QUEUED
+
+
+@pytest_twisted.ensureDeferred
 async def test_claim_says_when_it_drained_the_queue(store):
     """A claim that took the last queued jobs says it drained the queue; one
     that left a job, or passed over one that did not fit, does not."""
