@@ -15,7 +15,7 @@ import traceback
 from typing import Any, Callable, Mapping, Optional
 
 import attrs
-from twisted.internet.defer import Deferred, DeferredList, FirstError
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, FirstError
 from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.internet.defer import ensureDeferred
 from twisted.internet.threads import deferToThreadPool
@@ -283,6 +283,13 @@ class LocalExecutor:
 
         def finished(result: Any) -> Any:
             del self.running[lease.job_id]
+            if (
+                isinstance(result, Failure)
+                and result.check(CancelledError)
+                and running.stopping
+            ):
+                # Its thread never took it: the pool stopped first.
+                result = Outcome(JobState.FAILED, error="stopped before it started")
             if isinstance(result, Failure):
                 log.failure("job {job_id} failed in the executor", result,
                             job_id=lease.job_id)

@@ -17,7 +17,7 @@ import queue
 import threading
 from typing import Any, Callable
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -108,23 +108,36 @@ class TaskThreads:
                 log.failure("delivering a {name} result failed", name=self.name)
 
     def _quit(self) -> list[threading.Thread]:
+        """
+        Stop taking calls; a call that has not started by now never will
+        (its Deferred fails with C{CancelledError}); idle threads quit.
+        """
         threads, self._threads = self._threads, []
         self.started = False
+        dropped = []
+        while True:
+            try:
+                item = self._calls.get_nowait()
+            except queue.Empty:
+                break
+            if item is not _STOP:
+                dropped.append(item[0])
         for _ in threads:
             self._calls.put(_STOP)
+        for d in dropped:
+            d.errback(CancelledError(f"the {self.name} pool stopped before the call began"))
         return threads
 
     def stop(self) -> None:
         """
-        Stop, once the calls asked for so far have run.
+        Stop, once the calls running now have returned.
         """
         for thread in self._quit():
             thread.join()
 
     def stop_without_waiting(self) -> None:
         """
-        Stop without joining the threads: idle ones quit once the calls
-        before them have run, busy ones when their function returns, or
-        with the process.
+        Stop without joining the threads: idle ones quit now, busy ones
+        when their function returns, or with the process.
         """
         self._quit()

@@ -8,7 +8,7 @@ import threading
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.defer import gatherResults
+from twisted.internet.defer import CancelledError, gatherResults
 
 from dispatcher._threads import TaskThreads
 
@@ -83,8 +83,10 @@ def test_stop_waits_and_stop_without_waiting_does_not():
     pool = TaskThreads(reactor, 2, "test-stop")
     pool.start()
     done = []
-    pool.defer(lambda: done.append(1))
-    pool.stop()
+    began = threading.Event()
+    pool.defer(lambda: (began.set(), threading.Event().wait(0.05), done.append(1)))
+    assert began.wait(5)
+    pool.stop()  # joins: the running call finishes first
     assert done == [1]
     assert not any(t.is_alive() for t in threading.enumerate() if t.name.startswith("test-stop"))
     with pytest.raises(RuntimeError):
@@ -98,6 +100,29 @@ def test_stop_waits_and_stop_without_waiting_does_not():
     busy = [t for t in threading.enumerate() if t.name.startswith("test-hung")]
     assert busy and all(t.daemon for t in busy)
     forever.set()
+
+
+@pytest_twisted.ensureDeferred
+async def test_calls_not_begun_when_the_pool_stops_never_run():
+    """Stopping drops the calls still waiting for a thread (their Deferreds
+    fail with CancelledError); the running one finishes."""
+    pool = TaskThreads(reactor, 1, "test-drop")
+    pool.start()
+    gate = threading.Event()
+    ran = []
+    running = pool.defer(lambda: (gate.wait(5), ran.append("first"))[1])
+    waiting = [pool.defer(ran.append, i) for i in range(3)]
+    for _ in range(5000):  # until the first call holds the thread
+        if pool._calls.qsize() == 3:
+            break
+        threading.Event().wait(0.001)
+    pool.stop_without_waiting()
+    gate.set()
+    for d in waiting:
+        with pytest.raises(CancelledError):
+            await d
+    await running
+    assert ran == ["first"]
 
 
 def test_a_pool_needs_a_thread():
