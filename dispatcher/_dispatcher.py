@@ -481,18 +481,17 @@ class Dispatcher(Service):
     def _run(self, lease: Lease) -> None:
         recorded: Deferred = Deferred()
         self._recorded[lease.job_id] = recorded
-
-        def mark_running(lease: Lease) -> Deferred:
-            d = self.store.mark_running(lease, self._clock.seconds())
-            return d.addCallback(self._apply)
-
-        def record_process(lease: Lease, process: Any) -> Deferred:
-            return self.store.record_process(
-                lease, process.pid, process.start_ticks, process.boot_id
-            )
-
-        running = self.executor.run(lease, mark_running, record_process)
+        running = self.executor.run(lease, self._mark_running, self._record_process)
         running.done.addCallback(self._ended, running)
+
+    def _mark_running(self, lease: Lease) -> Deferred:
+        d = self.store.mark_running(lease, self._clock.seconds())
+        return d.addCallback(self._apply)
+
+    def _record_process(self, lease: Lease, process: Any) -> Deferred:
+        return self.store.record_process(
+            lease, process.pid, process.start_ticks, process.boot_id
+        )
 
     def _ended(self, outcome: Outcome, running: RunningJob) -> Deferred:
         lease = running.lease

@@ -242,6 +242,41 @@ class LocalExecutor:
         self.running[lease.job_id] = running
         spec = lease.spec
 
+        def finished(result: Any) -> Any:
+            del self.running[lease.job_id]
+            if (
+                isinstance(result, Failure)
+                and result.check(CancelledError)
+                and running.stopping
+            ):
+                # Its thread never took it: the pool stopped first.
+                result = Outcome(JobState.FAILED, error="stopped before it started")
+            if isinstance(result, Failure):
+                log.failure("job {job_id} failed in the executor", result,
+                            job_id=lease.job_id)
+                result = Outcome(
+                    JobState.FAILED,
+                    error=f"internal error: {result.getErrorMessage()}",
+                )
+            if running.stopping:
+                result = attrs.evolve(result, stopped=True)
+            running.done.callback(result)
+
+        if (
+            spec.task is not None
+            and not spec.inputs
+            and spec.timeout is None
+            and lease.job_id not in self._lingering
+        ):
+            # The common task job (no inputs, no timeout) needs none of the
+            # steps above: straight to its thread.
+            started = self._start_task(running, spec, self.workdir(lease.job_id))
+            if isinstance(started, Outcome):
+                finished(started)
+            else:
+                started.addBoth(finished)
+            return running
+
         async def work() -> Outcome:
             spec = lease.spec
             workdir = self.workdir(lease.job_id)
@@ -281,40 +316,6 @@ class LocalExecutor:
                 return await self._run_command(running, spec, workdir, record_process)
             return await self._run_task(running, spec, workdir)
 
-        def finished(result: Any) -> Any:
-            del self.running[lease.job_id]
-            if (
-                isinstance(result, Failure)
-                and result.check(CancelledError)
-                and running.stopping
-            ):
-                # Its thread never took it: the pool stopped first.
-                result = Outcome(JobState.FAILED, error="stopped before it started")
-            if isinstance(result, Failure):
-                log.failure("job {job_id} failed in the executor", result,
-                            job_id=lease.job_id)
-                result = Outcome(
-                    JobState.FAILED,
-                    error=f"internal error: {result.getErrorMessage()}",
-                )
-            if running.stopping:
-                result = attrs.evolve(result, stopped=True)
-            running.done.callback(result)
-
-        if (
-            spec.task is not None
-            and not spec.inputs
-            and spec.timeout is None
-            and lease.job_id not in self._lingering
-        ):
-            # The common task job (no inputs, no timeout) needs none of the
-            # steps above: straight to its thread.
-            started = self._start_task(running, spec, self.workdir(lease.job_id))
-            if isinstance(started, Outcome):
-                finished(started)
-            else:
-                started.addBoth(finished)
-            return running
         ensureDeferred(work()).addBoth(finished)
         return running
 
