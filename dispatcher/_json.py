@@ -16,6 +16,7 @@ would make it a float; L{decode} refuses C{NaN} and C{Infinity}.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import orjson
@@ -67,3 +68,24 @@ def decode(data: bytes | str) -> Any:
     if data.startswith("\ufeff"):
         raise ValueError("a JSON text must not begin with a byte order mark")
     return _decoder.decode(data)
+
+
+# A run of 19 digits or more may be an integer beyond 64 bits, which
+# orjson would read as a float.
+_LONG_NUMBER = re.compile(r"\d{19}")
+
+
+def decode_stored(text: str) -> Any:
+    """
+    The value of JSON this program wrote (a stored spec, labels, a result):
+    read by orjson, about four times faster than C{json}, unless it may
+    hold an integer orjson cannot keep exact.
+    """
+    if _LONG_NUMBER.search(text) is None:
+        try:
+            return orjson.loads(text)
+        except orjson.JSONDecodeError:
+            # What orjson does not read at all (the NaN that json writes
+            # for a task's result, say) is json's.
+            pass
+    return json.loads(text)

@@ -34,7 +34,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ._interfaces import IJobStore
-from ._json import encode_sorted
+from ._json import decode_stored, encode_sorted
 from ._model import (
     Attempt,
     InvalidTransition,
@@ -1564,9 +1564,9 @@ def _spec_from_row(row: Sequence[Any]) -> JobSpec:
         array_index,
     ) = row
     return JobSpec.from_stored(
-        json.loads(spec),
+        decode_stored(spec),
         name=name,
-        labels=json.loads(labels),
+        labels=decode_stored(labels) if labels != "{}" else {},
         priority=priority,
         queue=queue,
         max_attempts=max_attempts,
@@ -1619,7 +1619,7 @@ def _job_from_row(
         started_at=started_at,
         finished_at=finished_at,
         exit_code=exit_code,
-        result=None if result is None else json.loads(result),
+        result=None if result is None else decode_stored(result),
         error=error,
         wait_reason=wait_reason,
         attempts=attempts,
