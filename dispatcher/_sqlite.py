@@ -1004,9 +1004,13 @@ class SQLiteJobStore:
         skipped = 0
         # A queue left for want of room may still hold jobs.
         left = False
+        several = len(self._queues) > 1
         while heads and len(chosen) < capacity and skipped < MAX_SKIPPED:
-            best = max(row[5] for row in heads.values())
-            queue = next(q for q in order if q in heads and heads[q][5] == best)
+            if len(heads) == 1:
+                (queue,) = heads
+            else:
+                best = max(row[5] for row in heads.values())
+                queue = next(q for q in order if q in heads and heads[q][5] == best)
             row = heads[queue]
             following = cursors[queue].fetchone()
             if following is None:
@@ -1023,33 +1027,40 @@ class SQLiteJobStore:
             if taken[queue] >= room[queue] and queue in heads:
                 del heads[queue]
                 left = True
-            at = self._queues.index(queue)
-            self._turn = (at + 1) % len(self._queues)
-            order = self._queues[self._turn:] + self._queues[: self._turn]
+            if several:
+                at = self._queues.index(queue)
+                self._turn = (at + 1) % len(self._queues)
+                order = self._queues[self._turn:] + self._queues[: self._turn]
         for cursor in cursors.values():
             cursor.close()
         leases = []
         expires = now + lease_seconds
         holder = offer.holder
+        updates = []
+        attempts = []
         for row, spec in chosen:
             seq, job_id = row[0], row[1]
-            state = JobState.STAGING if spec.inputs else JobState.RUNNING
             token = self._next_token
             self._next_token += 1
             number = row[13] + 1
-            conn.execute(
+            if spec.inputs:
+                updates.append(("staging", number, token, holder, expires, None, seq))
+            else:
+                updates.append(("running", number, token, holder, expires, now, seq))
+            attempts.append((job_id, number, token, holder, now))
+            leases.append(Lease(job_id, number, token, holder, expires, spec))
+        if chosen:
+            conn.executemany(
                 "UPDATE jobs SET state = ?, attempt_count = ?, lease_token = ?,"
                 " lease_holder = ?, lease_expires = ?, wait_reason = NULL,"
-                " started_at = CASE WHEN ? = 'running' THEN ? ELSE NULL END"
-                " WHERE seq = ?",
-                (state.value, number, token, holder, expires, state.value, now, seq),
+                " started_at = ? WHERE seq = ?",
+                updates,
             )
-            conn.execute(
+            conn.executemany(
                 "INSERT INTO attempts (job_id, number, token, holder, started_at)"
                 " VALUES (?, ?, ?, ?, ?)",
-                (job_id, number, token, holder, now),
+                attempts,
             )
-            leases.append(Lease(job_id, number, token, holder, expires, spec))
         blocked = False
         for queue, limit in self._limits.items():
             if limit and running.get(queue, 0) + taken.get(queue, 0) >= limit:
