@@ -226,6 +226,45 @@ async def test_dependents_are_freed_after_a_restart(make_store):
 
 
 @pytest_twisted.ensureDeferred
+async def test_successes_of_a_group_are_recorded_together(store):
+    """Successes next to each other in a group share one read and two
+    updates, with the same outcome as one by one: attempts closed, results
+    and attempt counts kept; one whose cancel was asked meanwhile sends the
+    group down the one-by-one path, and still succeeds."""
+    await submit(store, spec(1), spec(2), spec(3))
+    claimed = await store.claim(Offer("h", 3), 3, 200.0, 60)
+    a, b, c = claimed.leases
+    together = []
+    real = store._finish_together
+    store._finish_together = lambda conn, work: (together.append(len(work)), real(conn, work))[1]
+    before = store.batches
+    done = [
+        store.finish(a, Outcome(JobState.SUCCEEDED, exit_code=0, result={"n": 1}), 201.0),
+        store.finish(b, Outcome(JobState.SUCCEEDED, exit_code=0), 202.0),
+    ]
+    written = [await d for d in done]
+    assert store.batches - before == 1 and together == [2]
+    assert [w.changed for w in written] == [((a.job_id, JobState.SUCCEEDED),),
+                                            ((b.job_id, JobState.SUCCEEDED),)]
+    job = await store.get(a.job_id)
+    assert job.state is JobState.SUCCEEDED and job.result == {"n": 1}
+    assert job.finished_at == 201.0 and job.attempts[-1].finished_at == 201.0
+    assert (await store.get(b.job_id)).attempts[-1].exit_code == 0
+
+    # A cancel asked for while c ran, then c and a stale end in one group.
+    await store.cancel(c.job_id, 203.0)
+    stale = attrs.evolve(a, token=a.token + 1000)
+    done = [
+        store.finish(c, Outcome(JobState.SUCCEEDED, exit_code=0), 204.0),
+        store.finish(stale, Outcome(JobState.SUCCEEDED, exit_code=0), 204.0),
+    ]
+    results = [await d.addErrback(lambda f: [f]) for d in done]
+    assert results[0].changed == ((c.job_id, JobState.SUCCEEDED),)
+    assert results[1][0].check(StaleLease)
+    assert (await store.get(c.job_id)).state is JobState.SUCCEEDED
+
+
+@pytest_twisted.ensureDeferred
 async def test_claim_says_when_it_drained_the_queue(store):
     """A claim that took the last queued jobs says it drained the queue; one
     that left a job, or passed over one that did not fit, does not."""
