@@ -27,7 +27,7 @@ import threading
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import attrs
-from twisted.internet.defer import CancelledError, Deferred, fail, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -359,12 +359,6 @@ def _job_row(
     )
 
 
-# Seconds between background checkpoints, and the log size in pages at
-# which the writer checkpoints itself.
-CHECKPOINT_INTERVAL = 0.25
-WRITER_CHECKPOINT_PAGES = 10000
-
-
 class _Replay(Exception):
     """
     A group's shared path met a case it leaves to the writes one by one.
@@ -426,10 +420,6 @@ class SQLiteJobStore:
         self._sync_interval = sync_interval
         self._clock = clock if clock is not None else reactor
         self._syncer: Optional[LoopingCall] = None
-        self._checkpointer: Optional[LoopingCall] = None
-        self._checkpointing = False
-        self._checkpointed_at = 0
-        self.checkpoints = 0
         # The writer thread's own: the connection's synchronous setting,
         # and whether a commit since the last sync has not reached the disk.
         self._synchronous_full = True
@@ -466,48 +456,7 @@ class SQLiteJobStore:
                 return result
 
             d.addCallback(start_syncing)
-
-        def start_checkpointing(result: Any) -> Any:
-            self._checkpointer = LoopingCall(self._checkpoint)
-            self._checkpointer.clock = self._clock
-            self._checkpointer.start(CHECKPOINT_INTERVAL, now=False)
-            return result
-
-        d.addCallback(start_checkpointing)
         return d
-
-    def _checkpoint(self) -> None:
-        """
-        Copy what the log holds into the database file, on a reader
-        thread, if anything was committed since the last time.
-
-        SQLite would otherwise do it in the commit that crosses a thousand
-        pages of log, on the writer thread, with a sync of the database
-        file: every write of that group, and every job waiting for one,
-        waited for it (no-op jobs ran about 5 % faster without).  A passive
-        checkpoint takes no lock that stops the writer.  The writer's own
-        checkpoints stay as a backstop, at ten times the default log size.
-        """
-        if self._checkpointing or self._closing is not None:
-            return
-        at = self.batches
-        if at == self._checkpointed_at:
-            return
-        self._checkpointing = True
-
-        def done(result: Any) -> None:
-            self._checkpointing = False
-            if isinstance(result, Failure):
-                if not result.check(CancelledError):
-                    log.failure("checkpointing the store failed", result)
-                return
-            self._checkpointed_at = at
-            self.checkpoints += 1
-
-        self._reader_pool.defer(self._checkpoint_in_thread).addBoth(done)
-
-    def _checkpoint_in_thread(self) -> None:
-        self._reader().execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
     @property
     def unsynced(self) -> bool:
@@ -574,9 +523,6 @@ class SQLiteJobStore:
                 path=self._path,
                 version=number + 1,
             )
-        # Checkpoints run in the background (see _checkpoint); this is the
-        # backstop should they fall behind.
-        conn.execute(f"PRAGMA wal_autocheckpoint = {WRITER_CHECKPOINT_PAGES}")
         (top,) = conn.execute("SELECT COALESCE(MAX(token), 0) FROM attempts").fetchone()
         self._next_token = top + 1
         (self._dependencies,) = conn.execute(
@@ -608,8 +554,6 @@ class SQLiteJobStore:
 
         if self._syncer is not None and self._syncer.running:
             self._syncer.stop()
-        if self._checkpointer is not None and self._checkpointer.running:
-            self._checkpointer.stop()
 
         def close_all() -> None:
             self._sync_in_thread()
@@ -907,20 +851,13 @@ class SQLiteJobStore:
             self._read_in_thread, operation, args
         )
 
-    def _reader(self) -> sqlite3.Connection:
-        """
-        This reader thread's connection.
-        """
+    def _read_in_thread(self, operation: Callable[..., Any], args: tuple) -> Any:
         conn = getattr(self._readers_local, "conn", None)
         if conn is None:
             conn = self._connect()
             self._readers_local.conn = conn
             with self._readers_lock:
                 self._reader_connections.append(conn)
-        return conn
-
-    def _read_in_thread(self, operation: Callable[..., Any], args: tuple) -> Any:
-        conn = self._reader()
         conn.execute("BEGIN")
         try:
             return operation(conn, *args)

@@ -3,7 +3,6 @@ The SQLite job store: durability, group commit, claims, fencing, cancel,
 listing, recovery and migrations.
 """
 
-import shutil
 import sqlite3
 
 import attrs
@@ -31,8 +30,6 @@ from dispatcher._sqlite import (
     DependencyNotRetried,
     IdempotencyConflict,
     IdempotencyKey,
-    CHECKPOINT_INTERVAL,
-    WRITER_CHECKPOINT_PAGES,
     SQLiteJobStore,
     StoreVersionError,
     UnknownDependency,
@@ -265,35 +262,6 @@ async def test_successes_of_a_group_are_recorded_together(store):
     assert results[0].changed == ((c.job_id, JobState.SUCCEEDED),)
     assert results[1][0].check(StaleLease)
     assert (await store.get(c.job_id)).state is JobState.SUCCEEDED
-
-
-@pytest_twisted.ensureDeferred
-async def test_the_log_is_checkpointed_off_the_writer_thread(make_store):
-    """The log is copied into the database by a passive checkpoint on a
-    reader thread, every CHECKPOINT_INTERVAL seconds when something was
-    committed; the writer checkpoints itself only past a far larger log."""
-    clock = Clock()
-    store = await make_store(clock=clock)
-    assert store._writer.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == (
-        WRITER_CHECKPOINT_PAGES
-    )
-    clock.advance(CHECKPOINT_INTERVAL)
-    assert store.checkpoints == 0  # nothing committed yet
-    (job,) = await submit(store, spec(1))
-    clock.advance(CHECKPOINT_INTERVAL)
-    for _ in range(200):
-        if store.checkpoints:
-            break
-        await deferLater(reactor, 0.01)
-    assert store.checkpoints == 1
-    # The database file alone now holds the job.
-    shutil.copyfile(store._path, store._path + ".copy")  # without its log
-    copy = sqlite3.connect(store._path + ".copy")
-    assert copy.execute("SELECT id FROM jobs").fetchall() == [(job.id,)]
-    copy.close()
-    clock.advance(CHECKPOINT_INTERVAL)
-    await deferLater(reactor, 0.05)
-    assert store.checkpoints == 1  # nothing new to copy
 
 
 @pytest_twisted.ensureDeferred
