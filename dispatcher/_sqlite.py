@@ -688,24 +688,24 @@ class SQLiteJobStore:
         conn.execute("SAVEPOINT together")
         try:
             results: list[tuple[bool, Any]] = []
+            shared = (
+                (self._plain_submission, self._submit_plain),
+                (self._plain_success, self._finish_together),
+            )
             i = 0
             while i < len(work):
-                j = i
-                while j < len(work) and self._plain_submission(*work[j]):
-                    j += 1
-                if j - i > 1:
-                    results.extend((True, w) for w in self._submit_plain(conn, work[i:j]))
-                    i = j
-                    continue
-                while j < len(work) and self._plain_success(*work[j]):
-                    j += 1
-                if j - i > 1:
-                    results.extend((True, w) for w in self._finish_together(conn, work[i:j]))
-                    i = j
-                    continue
-                operation, args = work[i]
-                results.append((True, operation(conn, *args)))
-                i += 1
+                for alike, together in shared:
+                    j = i
+                    while j < len(work) and alike(*work[j]):
+                        j += 1
+                    if j - i > 1:
+                        results.extend((True, w) for w in together(conn, work[i:j]))
+                        i = j
+                        break
+                else:
+                    operation, args = work[i]
+                    results.append((True, operation(conn, *args)))
+                    i += 1
         except Exception:
             conn.execute("ROLLBACK TO together")
             conn.execute("RELEASE together")

@@ -265,6 +265,26 @@ async def test_successes_of_a_group_are_recorded_together(store):
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_submission_then_successes_share_without_a_replay(store):
+    """A submission followed by successes: the successes are recorded
+    together, and nothing of the group is replayed."""
+    await submit(store, spec(1), spec(2))
+    a, b = (await store.claim(Offer("h", 2), 2, 200.0, 60)).leases
+    replayed = []
+    real = store._apply_one
+    store._apply_one = lambda conn, op, args: (replayed.append(op), real(conn, op, args))[1]
+    asked = [
+        store.submit([spec(3)], 201.0, [ids.new()]),
+        store.finish(a, Outcome(JobState.SUCCEEDED), 201.0),
+        store.finish(b, Outcome(JobState.SUCCEEDED), 201.0),
+    ]
+    for d in asked:
+        await d
+    assert replayed == []
+    assert (await store.get(b.job_id)).state is JobState.SUCCEEDED
+
+
+@pytest_twisted.ensureDeferred
 async def test_claim_says_when_it_drained_the_queue(store):
     """A claim that took the last queued jobs says it drained the queue; one
     that left a job, or passed over one that did not fit, does not."""
