@@ -156,7 +156,9 @@ class DaemonService(MultiService):
         self._stop_reactor = stop_reactor
         self.config = config
         self._endpoint = endpoint
-        data_dir = config.dispatcher.data_dir
+        # Absolute: the spawner helper starts commands from its own
+        # working directory (/), where a relative path means nothing.
+        data_dir = os.path.abspath(config.dispatcher.data_dir)
         # Staging runs on the reactor's time: a test clock must not stall a
         # real fetch.
         self.host = JobHost(

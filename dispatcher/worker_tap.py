@@ -5,6 +5,8 @@ only worker code that touches the global reactor.
 
 from __future__ import annotations
 
+import os
+
 from typing import Any, Callable, Optional
 
 from hyperlink import DecodedURL
@@ -148,7 +150,8 @@ class Options(usage.Options):
             url=url,
             token=token,
             description=description,
-            data_dir=self["data-dir"],
+            # Absolute: the spawner helper runs from /.
+            data_dir=os.path.abspath(self["data-dir"]),
             config=config,
             grace=grace,
         )

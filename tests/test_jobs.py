@@ -346,3 +346,17 @@ async def test_client_gone_mid_submit_still_runs(daemon):
             break
         await sleep(0.01)
     assert page["jobs"][0]["result"] == 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_relative_data_dir_runs_commands(make_daemon, tmp_path, monkeypatch):
+    """The default data_dir (var) is relative to where the daemon starts;
+    commands run all the same (the spawner helper works from /)."""
+    monkeypatch.chdir(tmp_path)
+    daemon = await make_daemon(data_dir="var")
+    code, job = await daemon.json("POST", "/v1/jobs", {"command": ["echo", "hi"]})
+    assert code == 201
+    done = await daemon.wait(job["id"])
+    assert done["state"] == "succeeded", done["error"]
+    assert done["exit_code"] == 0
+    assert (tmp_path / "var" / "jobs").is_dir()

@@ -772,7 +772,8 @@ def test_options_build_the_settings(token_file, tmp_path):
     assert detected.description.cpus >= 1
     assert detected.description.memory_mb > 0
     assert detected.description.name.endswith(f"-{__import__('os').getpid()}")
-    assert detected.data_dir == "dispatcher-worker-data"
+    # Made absolute (the spawner helper works from /).
+    assert detected.data_dir == os.path.abspath("dispatcher-worker-data")
 
 
 @pytest.mark.parametrize("args, message", [
