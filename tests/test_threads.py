@@ -95,7 +95,9 @@ def test_stop_waits_and_stop_without_waiting_does_not():
     hung = TaskThreads(reactor, 1, "test-hung")
     hung.start()
     forever = threading.Event()
-    hung.defer(forever.wait)
+    hung_began = threading.Event()
+    hung.defer(lambda: (hung_began.set(), forever.wait(5)))
+    assert hung_began.wait(5)
     hung.stop_without_waiting()  # returns although the call never does
     busy = [t for t in threading.enumerate() if t.name.startswith("test-hung")]
     assert busy and all(t.daemon for t in busy)
