@@ -1543,6 +1543,9 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                                 f"batches of {s['batch_size']:,}", 5000),
                                ("noop_tasks_idle", f"no-op task jobs, {idle} idle "
                                 "connections open", 5000),
+                               ("noop_tasks_batched_idle", "no-op task jobs submitted in "
+                                f"batches of {s['batch_size']:,}, {idle} idle connections "
+                                "open", 5000),
                                ("true_commands", "`true` command jobs", 500),
                                ("true_commands_idle", f"`true` command jobs, {idle} idle "
                                 "connections open", 500)):
@@ -1818,6 +1821,17 @@ def markdown(results: dict[str, Any]) -> str:
             f"{goal(f'no-op task jobs, {idle} idle connections open >=')} | "
             f"{bi['elapsed_s']:.1f} s; submitting took {bi['submit_s']:.1f} s{vs}; "
             f"{bi['idle']['still_open_after']:,} still open at the end | {hold(bi)} |")
+    if "noop_tasks_batched_idle" in r:
+        bj = r["noop_tasks_batched_idle"]
+        vs = (f"; {ratio(bj['jobs_per_s'], r['noop_tasks_batched']['jobs_per_s'])} × (b'')"
+              if "noop_tasks_batched" in r else "")
+        batched_idle = (f"no-op task jobs submitted in batches of {bj['batch']:,}, "
+                        f"{idle} idle connections open >=")
+        lines.append(
+            f"| (g) the same as (b'') with {bj['idle']['connections']:,} idle connections "
+            f"open | **{bj['jobs_per_s']:,.0f} jobs/s** | {goal(batched_idle)} | "
+            f"{bj['elapsed_s']:.1f} s; submitting took {bj['submit_s']:.1f} s{vs}; "
+            f"{bj['idle']['still_open_after']:,} still open at the end | {hold(bj)} |")
     if "true_commands" in r:
         c_ = r["true_commands"]
         lines.append(
@@ -1983,7 +1997,8 @@ def print_profiles(measures: dict[str, Any]) -> None:
 
 # The run
 
-STEPS = ("submit", "batch", "noop", "noop_batch", "noop_small", "noop_idle", "noop_remote", "commands",
+STEPS = ("submit", "batch", "noop", "noop_batch", "noop_small", "noop_idle", "noop_batch_idle",
+         "noop_remote", "commands",
          "commands_idle", "latency", "blocking", "claims")
 
 
@@ -2184,6 +2199,12 @@ def main(argv: Optional[list[str]] = None) -> int:
             step("noop_tasks_idle", lambda: measure_end_to_end(
                 processes, tmp, "noop-tasks-idle", {"task": "noop"}, settings["noop_jobs"],
                 slots=8, threads=8, idle=settings["idle_connections"]))
+        if "noop_batch_idle" in only:
+            step("noop_tasks_batched_idle", lambda: measure_end_to_end(
+                processes, tmp, "noop-tasks-batched-idle", {"task": "noop"},
+                settings["noop_jobs"], slots=8, threads=8,
+                concurrency=settings["batch_concurrency"], batch=settings["batch_size"],
+                idle=settings["idle_connections"]))
         if "noop_remote" in only:
             # The same jobs, submitted the same way, as (b), so that the
             # ratio to (b) is the cost of the remote path.
