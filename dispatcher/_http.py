@@ -44,8 +44,8 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import implementer
 from twisted.web.http import RESPONSES, parse_qs
+from zope.interface import implementer
 
 from ._json import encode
 
@@ -60,12 +60,20 @@ MAX_READ_AHEAD = 65536
 # Seconds a closing connection may take to send what it still holds.
 ABORT_TIMEOUT = 15.0
 
-# A field name is a token (RFC 9110, section 5.6.2).
-_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_HEADER_LINES = re.compile(rb"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\r\n\x00]*\r\n)*")
+# A method and a field name are tokens (RFC 9110, section 5.6.2).
+_TOKEN_CHARS = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+_TOKEN = re.compile(_TOKEN_CHARS)
+_HEADER_LINES = re.compile(rb"(?:" + _TOKEN_CHARS + rb":[^\r\n\x00]*\r\n)*")
 _CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
 
 _STATUS_LINES: dict[tuple[bytes, int], bytes] = {}
+
+
+def _bodiless(code: int) -> bool:
+    """
+    Whether an answer with this status has no body (RFC 9110, 6.4.1).
+    """
+    return code in (204, 304) or 100 <= code < 200
 
 
 def _status_line(version: bytes, code: int) -> bytes:
@@ -208,9 +216,7 @@ class Request:
     def _head(self) -> bytes:
         self._started = True
         headers = self.responseHeaders
-        if b"content-length" not in headers and not (
-            self.code in (204, 304) or 100 <= self.code < 200
-        ):
+        if b"content-length" not in headers and not _bodiless(self.code):
             if self.clientproto == b"HTTP/1.1":
                 self._chunked = True
                 headers[b"transfer-encoding"] = b"chunked"
@@ -247,9 +253,7 @@ class Request:
         if self.finished or self._disconnected:
             return
         if not self._started:
-            if b"content-length" not in self.responseHeaders and not (
-                self.code in (204, 304) or 100 <= self.code < 200
-            ):
+            if b"content-length" not in self.responseHeaders and not _bodiless(self.code):
                 self.responseHeaders[b"content-length"] = b"0"
             self.channel.transport.write(self._head())
         elif self._chunked and self.method != b"HEAD":
@@ -793,11 +797,6 @@ class HTTPFactory(Factory):
         self._flush_interval = flush_interval
         self._flusher: Optional[LoopingCall] = None
         self._log_failed_at = float("-inf")
-
-    def buildProtocol(self, addr: Any) -> HTTPChannel:
-        channel = HTTPChannel()
-        channel.factory = self
-        return channel
 
     def startFactory(self) -> None:
         if self.access_log_path is None:
