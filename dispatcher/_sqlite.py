@@ -318,24 +318,35 @@ def _insert_jobs(conn: sqlite3.Connection, rows: Sequence[tuple[Any, ...]]) -> N
 
 _INSERT_LABEL = "INSERT INTO job_labels (key, value, seq) VALUES (?, ?, ?)"
 _MAX_SEQ = "SELECT COALESCE(MAX(seq), 0) FROM jobs"
+# An attempt's end, and a job's at its final state.
+_END_ATTEMPT = "UPDATE attempts SET finished_at = ?, exit_code = ?, error = ? WHERE token = ?"
+_END_JOB = (
+    "UPDATE jobs SET state = ?, finished_at = ?, exit_code = ?, result = ?,"
+    " error = ?, attempts_spent = ?, wait_reason = NULL, lease_token = NULL,"
+    " lease_holder = NULL, lease_expires = NULL WHERE id = ?"
+)
 
 
-def _job_row(
+def _add_job(
+    rows: list[tuple[Any, ...]],
+    label_rows: list[tuple[str, str, int]],
     seq: int,
     job_id: str,
     state: JobState,
     spec: JobSpec,
     now: float,
-    finished_at: Optional[float],
-    error: Optional[str],
     wait_reason: Optional[str],
-    unmet: int,
-    cancelled_by: Optional[str],
-) -> tuple[Any, ...]:
+    unmet: int = 0,
+    finished_at: Optional[float] = None,
+    error: Optional[str] = None,
+    cancelled_by: Optional[str] = None,
+) -> Job:
     """
-    A new job's row, in L{_INSERTED_COLUMNS} order.
+    Add a new job's row (and its labels' rows) to those to insert, and
+    return the job.
     """
-    return (
+    # In _INSERTED_COLUMNS order.
+    rows.append((
         seq,
         job_id,
         state.value,
@@ -356,6 +367,18 @@ def _job_row(
         spec.array_id,
         spec.array_index,
         cancelled_by,
+    ))
+    if spec.labels:
+        label_rows.extend((k, v, seq) for k, v in spec.labels.items())
+    return Job(
+        id=job_id,
+        state=state,
+        spec=spec,
+        created_at=now,
+        finished_at=finished_at,
+        error=error,
+        wait_reason=wait_reason,
+        cancelled_by=cancelled_by,
     )
 
 
@@ -763,19 +786,12 @@ class SQLiteJobStore:
             result = None if outcome.result is None else _dumps(outcome.result)
             attempts.append((now, outcome.exit_code, outcome.error, lease.token))
             jobs.append(
-                (now, outcome.exit_code, result, outcome.error, row[3] + 1, lease.job_id)
+                ("succeeded", now, outcome.exit_code, result, outcome.error, row[3] + 1,
+                 lease.job_id)
             )
             written.append(Written(None, ((lease.job_id, JobState.SUCCEEDED),)))
-        conn.executemany(
-            "UPDATE attempts SET finished_at = ?, exit_code = ?, error = ? WHERE token = ?",
-            attempts,
-        )
-        conn.executemany(
-            "UPDATE jobs SET state = 'succeeded', finished_at = ?, exit_code = ?, result = ?,"
-            " error = ?, attempts_spent = ?, wait_reason = NULL, lease_token = NULL,"
-            " lease_holder = NULL, lease_expires = NULL WHERE id = ?",
-            jobs,
-        )
+        conn.executemany(_END_ATTEMPT, attempts)
+        conn.executemany(_END_JOB, jobs)
         return written
 
     def _submit_plain(
@@ -804,16 +820,10 @@ class SQLiteJobStore:
                 else:
                     state, wait_reason = JobState.QUEUED, _QUEUED_REASON
                 seq += 1
-                rows.append(
-                    _job_row(seq, job_id, state, spec, now, None, None, wait_reason, 0, None)
-                )
-                if spec.labels:
-                    label_rows.extend((k, v, seq) for k, v in spec.labels.items())
-                changed.append((job_id, state))
                 jobs.append(
-                    Job(id=job_id, state=state, spec=spec, created_at=now,
-                        wait_reason=wait_reason)
+                    _add_job(rows, label_rows, seq, job_id, state, spec, now, wait_reason)
                 )
+                changed.append((job_id, state))
             written.append(Written(Submitted(jobs, replayed=False), tuple(changed), wake))
         _insert_jobs(conn, rows)
         if label_rows:
@@ -847,9 +857,7 @@ class SQLiteJobStore:
         if self._closing is not None:
             # A stopped pool would drop the work and leave the caller hanging.
             return fail(StoreClosed("the dispatcher is stopping"))
-        return self._reader_pool.defer(
-            self._read_in_thread, operation, args
-        )
+        return self._reader_pool.defer(self._read_in_thread, operation, args)
 
     def _read_in_thread(self, operation: Callable[..., Any], args: tuple) -> Any:
         conn = getattr(self._readers_local, "conn", None)
@@ -942,12 +950,10 @@ class SQLiteJobStore:
             else:
                 state, wait_reason = JobState.QUEUED, _QUEUED_REASON
             seq += 1
-            rows.append(
-                _job_row(seq, job_id, state, spec, now, finished_at, error, wait_reason,
-                         len(unmet), cancelled_by)
+            jobs.append(
+                _add_job(rows, label_rows, seq, job_id, state, spec, now, wait_reason,
+                         len(unmet), finished_at, error, cancelled_by)
             )
-            if spec.labels:
-                label_rows.extend((k, v, seq) for k, v in spec.labels.items())
             if deps:
                 self._dependencies = True
                 conn.executemany(
@@ -956,18 +962,6 @@ class SQLiteJobStore:
                 )
             in_batch[job_id] = state
             changed.append((job_id, state))
-            jobs.append(
-                Job(
-                    id=job_id,
-                    state=state,
-                    spec=spec,
-                    created_at=now,
-                    finished_at=finished_at,
-                    error=error,
-                    wait_reason=wait_reason,
-                    cancelled_by=cancelled_by,
-                )
-            )
         insert_rows()
         if idempotency is not None:
             conn.execute(
@@ -1248,11 +1242,7 @@ class SQLiteJobStore:
         retried = target is JobState.FAILED and spent + 1 < max_attempts
         if not may_transition(state, JobState.QUEUED if retried else target):
             raise InvalidTransition(lease.job_id, state, target)
-        conn.execute(
-            "UPDATE attempts SET finished_at = ?, exit_code = ?, error = ?"
-            " WHERE token = ?",
-            (now, outcome.exit_code, error, lease.token),
-        )
+        conn.execute(_END_ATTEMPT, (now, outcome.exit_code, error, lease.token))
         spent += 1
         if retried:
             return self._retry_later(
@@ -1260,9 +1250,7 @@ class SQLiteJobStore:
                 outcome.exit_code, result,
             )
         conn.execute(
-            "UPDATE jobs SET state = ?, finished_at = ?, exit_code = ?, result = ?,"
-            " error = ?, attempts_spent = ?, wait_reason = NULL, lease_token = NULL,"
-            " lease_holder = NULL, lease_expires = NULL WHERE id = ?",
+            _END_JOB,
             (target.value, now, outcome.exit_code, result, error, spent, lease.job_id),
         )
         changed = [(lease.job_id, target)]
