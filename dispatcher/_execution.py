@@ -269,7 +269,7 @@ class LocalExecutor:
             and lease.job_id not in self._lingering
         ):
             # The common task job (no inputs, no timeout) needs none of the
-            # steps above: straight to its thread.
+            # steps of work() below: straight to its thread.
             started = self._start_task(running, spec, self.workdir(lease.job_id))
             if isinstance(started, Outcome):
                 finished(started)

@@ -16,10 +16,10 @@ from twisted.python.threadpool import ThreadPool
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from ._execution import LocalExecutor
-from ._threads import TaskThreads
 from ._model import Resources
 from ._process import ProcessSpawner
 from ._staging import InputStager
+from ._threads import TaskThreads
 
 log = Logger()
 

@@ -6,7 +6,6 @@ only worker code that touches the global reactor.
 from __future__ import annotations
 
 import os
-
 from typing import Any, Callable, Optional
 
 from hyperlink import DecodedURL
