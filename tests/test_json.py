@@ -51,3 +51,13 @@ def test_stored_json_reads_back_exactly(value):
     assert decode_stored("[-9223372036854775809, 2]") == [-9223372036854775809, 2]
     nan = decode_stored('{"x": NaN}')["x"]
     assert nan != nan
+
+
+def test_decode_takes_utf8_only():
+    """A body is UTF-8 without a byte order mark; anything else is refused
+    as not JSON (the API answers 400 malformed_json)."""
+    assert decode('{"a": "é"}'.encode("utf-8")) == {"a": "é"}
+    with pytest.raises(ValueError):
+        decode(b'\xef\xbb\xbf{"a": 1}')
+    with pytest.raises(ValueError):  # UnicodeDecodeError is a ValueError
+        decode('{"a": 1}'.encode("utf-16"))
