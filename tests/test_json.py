@@ -61,3 +61,24 @@ def test_decode_takes_utf8_only():
         decode(b'\xef\xbb\xbf{"a": 1}')
     with pytest.raises(ValueError):  # UnicodeDecodeError is a ValueError
         decode('{"a": 1}'.encode("utf-16"))
+
+
+@given(values)
+def test_decode_reads_as_json_does(value):
+    """decode() gives what json.loads gives for any JSON text, though orjson
+    reads most of them: huge integers stay exact, and the text of a value
+    json writes with ASCII escapes reads the same."""
+    for text in (json.dumps(value), json.dumps(value, ensure_ascii=False)):
+        assert decode(text.encode("utf-8")) == json.loads(text)
+
+
+def test_decode_falls_back_to_json_where_orjson_refuses():
+    """Where orjson refuses or differs, json decides: a number too large for
+    a float is infinite, a lone surrogate escape is kept, and bad JSON is a
+    ValueError either way."""
+    assert decode(b"[1e400]") == [float("inf")]
+    assert decode(b'["\\ud800"]') == ["\ud800"]
+    assert decode(b"[18446744073709551616]") == [18446744073709551616]
+    for text in (b"[1,]", b"{", b"\xff"):
+        with pytest.raises(ValueError):
+            decode(text)
