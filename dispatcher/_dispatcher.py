@@ -31,12 +31,13 @@ from ._model import (
     Lease,
     Offer,
     Outcome,
+    PlainJobs,
     Resources,
     StaleLease,
     StoreClosed,
 )
 from ._scheduler import Claim, Scheduler
-from ._sqlite import Claimed, IdempotencyKey, Submitted, Written
+from ._sqlite import Claimed, IdempotencyKey, Submitted, SubmittedIds, Written
 from ._validation import Submission
 from ._workers import WorkerHub, placement
 
@@ -262,6 +263,21 @@ class Dispatcher(Service):
             self.scheduler.jobs_queued(ready)
             self._pump()
         return shielded(d.addCallback(self._submitted, explain))
+
+    def submit_plain(
+        self, jobs: PlainJobs, idempotency: Optional[IdempotencyKey] = None
+    ) -> Deferred:
+        """
+        Store L{PlainJobs}, all or nothing; fires with their L{SubmittedIds}
+        once they are durable (or with the L{Submitted} jobs of an earlier
+        request with the same idempotency key).
+        """
+        ids = self.ids.new_many(len(jobs))
+        d = self.store.submit_plain(jobs, self._clock.seconds(), ids, idempotency)
+        # Claimed for at once, as submit() does.
+        self.scheduler.jobs_queued(len(ids))
+        self._pump()
+        return shielded(d.addCallback(self._submitted, False))
 
     def _submitted(self, written: Written, explain_jobs: bool = True) -> Any:
         self._apply(written)

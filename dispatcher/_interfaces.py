@@ -30,6 +30,13 @@ class IJobStore(Interface):
         order.
         """
 
+    def submit_plain(jobs, now, ids, idempotency=None):
+        """
+        Store L{PlainJobs} with their new ids, all or nothing, as L{submit}
+        would store their specs; fires with their ids (L{SubmittedIds}) once
+        they are durable.
+        """
+
     def get(job_id):
         """
         Fire with the L{Job} of that id, or fail with L{UnknownJob}.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import enum
+import json
 import math
 import os
 import threading
@@ -310,6 +311,41 @@ class JobSpec:
 
 
 @attrs.frozen
+class PlainJobs:
+    """
+    Jobs of one request that say only what they run (a command, or a task
+    with its arguments) and take the default queue's defaults: the common
+    bulk submission.  Each job is kept as its stored form, the JSON text of
+    L{JobSpec.to_stored} that the store writes, not as a L{JobSpec}: making
+    a thousand specs, only to write them out again, was most of a large
+    batch's time.
+    """
+
+    stored: list[str]
+    priority: int = 0
+    timeout: Optional[float] = None
+    queue: str = "default"
+    max_attempts: int = 1
+    retry_delay: float = 1.0
+
+    def __len__(self) -> int:
+        return len(self.stored)
+
+    def specs(self) -> list[JobSpec]:
+        """
+        The same jobs as L{JobSpec}s.
+        """
+        columns = {
+            "priority": self.priority,
+            "timeout": self.timeout,
+            "queue": self.queue,
+            "max_attempts": self.max_attempts,
+            "retry_delay": self.retry_delay,
+        }
+        return [JobSpec.from_stored(json.loads(text), **columns) for text in self.stored]
+
+
+@attrs.frozen
 class Attempt:
     """
     One try at running a job, by one holder.
@@ -582,35 +618,52 @@ class JobIds:
         """
         A new id, later than every id this object made before.
         """
+        return self.new_many(1)[0]
+
+    def new_many(self, count: int) -> list[str]:
+        """
+        C{count} new ids, in order, each later than every id this object
+        made before.
+        """
         with self._lock:
             ms = int(self._clock() * 1000)
-            if self._offset >= len(self._random):
-                self._random = os.urandom(10 * self._RANDOM_IDS)
+            need = 8 * count + 2
+            if self._offset + need > len(self._random):
+                self._random = os.urandom(max(need, 10 * self._RANDOM_IDS))
                 self._offset = 0
-            bits, offset = self._random, self._offset
-            self._offset = offset + 10
+            start = self._offset
+            self._offset = start + need
+            bits = self._random[start:start + need]
             if ms <= self._last_ms:
                 # Same millisecond (or the clock stepped back): count on
                 # from the last id so order still holds.
                 ms = self._last_ms
-                self._counter += 1
-                if self._counter > 0xFFF:
-                    ms += 1
-                    self._counter = 0
+                counter = self._counter
             else:
-                self._counter = int.from_bytes(
-                    bits[offset + 8:offset + 10], "big"
-                ) & 0x3FF
+                counter = (int.from_bytes(bits[-2:], "big") & 0x3FF) - 1
+            ids = []
+            # The random bits of every id, as hex, in one go; each id is
+            # then sliced out, the text of str(uuid.UUID(int=value)) built
+            # without the UUID or its 128-bit integer.
+            random_hex = bits[:-2].hex()
+            stamp = ""
+            shown = -1
+            for i in range(0, 16 * count, 16):
+                counter += 1
+                if counter > 0xFFF:
+                    ms += 1
+                    counter = 0
+                if ms != shown:
+                    shown = ms
+                    text = f"{ms & 0xFFFFFFFFFFFF:012x}"
+                    stamp = f"{text[:8]}-{text[8:]}-7"
+                r = random_hex[i:i + 16]
+                ids.append(f"{stamp}{counter:03x}-{_VARIANT[r[0]]}{r[1:4]}-{r[4:]}")
             self._last_ms = ms
-            counter = self._counter
-        rand = int.from_bytes(bits[offset:offset + 8], "big") & ((1 << 62) - 1)
-        value = (
-            (ms & ((1 << 48) - 1)) << 80
-            | 0x7 << 76
-            | counter << 64
-            | 0b10 << 62
-            | rand
-        )
-        # What str(uuid.UUID(int=value)) gives, without building the UUID.
-        h = f"{value:032x}"
-        return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+            self._counter = counter
+        return ids
+
+
+# The first hex digit of an id's last 64 bits: the variant (0b10) and the
+# next two random bits.
+_VARIANT = {digit: "89ab"[int(digit, 16) & 3] for digit in "0123456789abcdef"}

@@ -44,6 +44,7 @@ from ._model import (
     Lease,
     Offer,
     Outcome,
+    PlainJobs,
     Resources,
     StaleLease,
     StoreClosed,
@@ -133,6 +134,16 @@ class Submitted:
 
     jobs: list[Job]
     replayed: bool = False
+
+
+@attrs.frozen
+class SubmittedIds:
+    """
+    The ids of the jobs a submission of L{PlainJobs} made, in order: all
+    queued, as the answer to a batch shows them.
+    """
+
+    ids: list[str]
 
 
 @attrs.frozen
@@ -380,6 +391,42 @@ def _add_job(
         wait_reason=wait_reason,
         cancelled_by=cancelled_by,
     )
+
+
+def _add_plain_jobs(
+    conn: sqlite3.Connection, seq: int, jobs: PlainJobs, now: float, ids: list[str]
+) -> Written:
+    """
+    Insert L{PlainJobs}, queued, numbered after C{seq}: one C{executemany}
+    of rows built straight from their stored specs.
+    """
+    present = [
+        column in _PLAIN_COLUMNS or (column == "timeout" and jobs.timeout is not None)
+        for column in _INSERTED_COLUMNS
+    ]
+    # In _INSERTED_COLUMNS order.
+    fixed = (JobState.QUEUED.value, "{}")
+    rest: tuple[Any, ...] = (
+        _QUEUED_REASON, jobs.priority, jobs.queue, jobs.max_attempts, jobs.retry_delay
+    )
+    if jobs.timeout is not None:
+        rest += (jobs.timeout,)
+    rows = [
+        (number, job_id, *fixed, stored, now, *rest)
+        for number, job_id, stored in zip(itertools.count(seq + 1), ids, jobs.stored)
+    ]
+    conn.executemany(_insert_job_statement(tuple(present)), rows)
+    return Written(
+        SubmittedIds(ids), tuple(zip(ids, itertools.repeat(JobState.QUEUED)))
+    )
+
+
+# The columns a plain job's row has a value in (and "timeout", if its queue
+# has one).
+_PLAIN_COLUMNS = frozenset({
+    "seq", "id", "state", "labels", "spec", "created_at", "wait_reason", "priority",
+    "queue", "max_attempts", "retry_delay",
+})
 
 
 class _Replay(Exception):
@@ -685,7 +732,10 @@ class SQLiteJobStore:
         Whether a write is a submission that nothing but SQLite itself can
         refuse: no idempotency key to check, no dependency to look up.
         """
-        if getattr(operation, "__func__", None) is not SQLiteJobStore._submit:
+        function = getattr(operation, "__func__", None)
+        if function is SQLiteJobStore._submit_plain_jobs:
+            return args[3] is None
+        if function is not SQLiteJobStore._submit:
             return False
         specs, _, _, idempotency = args
         return idempotency is None and not any(spec.depends_on for spec in specs)
@@ -808,7 +858,11 @@ class SQLiteJobStore:
         rows: list[tuple[Any, ...]] = []
         label_rows: list[tuple[str, str, int]] = []
         written: list[Written] = []
-        for _, (specs, now, ids, _) in work:
+        for operation, (specs, now, ids, _) in work:
+            if isinstance(specs, PlainJobs):
+                written.append(_add_plain_jobs(conn, seq, specs, now, ids))
+                seq += len(ids)
+                continue
             changed = []
             jobs = []
             wake = None
@@ -883,6 +937,72 @@ class SQLiteJobStore:
     ) -> Deferred:
         return self._write(self._submit, list(specs), now, list(ids), idempotency)
 
+    def submit_plain(
+        self,
+        jobs: PlainJobs,
+        now: float,
+        ids: Sequence[str],
+        idempotency: Optional[IdempotencyKey] = None,
+    ) -> Deferred:
+        """
+        Store L{PlainJobs} with their new ids, all or nothing; fires with
+        L{SubmittedIds}, or with the L{Submitted} jobs of an earlier request
+        with the same idempotency key.
+        """
+        return self._write(self._submit_plain_jobs, jobs, now, list(ids), idempotency)
+
+    def _submit_plain_jobs(
+        self,
+        conn: sqlite3.Connection,
+        jobs: PlainJobs,
+        now: float,
+        ids: list[str],
+        idempotency: Optional[IdempotencyKey],
+    ) -> Written:
+        replayed = self._replayed(conn, idempotency, now)
+        if replayed is not None:
+            return replayed
+        (seq,) = conn.execute(_MAX_SEQ).fetchone()
+        written = _add_plain_jobs(conn, seq, jobs, now, ids)
+        self._remember(conn, idempotency, ids, now)
+        return written
+
+    def _replayed(
+        self, conn: sqlite3.Connection, idempotency: Optional[IdempotencyKey], now: float
+    ) -> Optional[Written]:
+        """
+        What an earlier request with the same idempotency key made, if it
+        is still remembered; an expired key is forgotten.
+        """
+        if idempotency is None:
+            return None
+        row = conn.execute(
+            "SELECT digest, job_ids, created_at FROM idempotency WHERE key = ?",
+            (idempotency.key,),
+        ).fetchone()
+        if row is not None and row[2] >= now - self._idempotency_ttl:
+            if row[0] != idempotency.digest:
+                raise IdempotencyConflict(idempotency.key)
+            jobs = [_get_job(conn, job_id) for job_id in json.loads(row[1])]
+            return Written(Submitted(jobs, replayed=True))
+        if row is not None:
+            conn.execute("DELETE FROM idempotency WHERE key = ?", (idempotency.key,))
+        return None
+
+    @staticmethod
+    def _remember(
+        conn: sqlite3.Connection,
+        idempotency: Optional[IdempotencyKey],
+        ids: list[str],
+        now: float,
+    ) -> None:
+        if idempotency is not None:
+            conn.execute(
+                "INSERT INTO idempotency (key, digest, job_ids, created_at)"
+                " VALUES (?, ?, ?, ?)",
+                (idempotency.key, idempotency.digest, _dumps(ids), now),
+            )
+
     def _submit(
         self,
         conn: sqlite3.Connection,
@@ -891,18 +1011,9 @@ class SQLiteJobStore:
         ids: list[str],
         idempotency: Optional[IdempotencyKey],
     ) -> Written:
-        if idempotency is not None:
-            row = conn.execute(
-                "SELECT digest, job_ids, created_at FROM idempotency WHERE key = ?",
-                (idempotency.key,),
-            ).fetchone()
-            if row is not None and row[2] >= now - self._idempotency_ttl:
-                if row[0] != idempotency.digest:
-                    raise IdempotencyConflict(idempotency.key)
-                jobs = [_get_job(conn, job_id) for job_id in json.loads(row[1])]
-                return Written(Submitted(jobs, replayed=True))
-            if row is not None:
-                conn.execute("DELETE FROM idempotency WHERE key = ?", (idempotency.key,))
+        replayed = self._replayed(conn, idempotency, now)
+        if replayed is not None:
+            return replayed
         changed: list[tuple[str, JobState]] = []
         in_batch: dict[str, JobState] = {}
         jobs: list[Job] = []
@@ -963,12 +1074,7 @@ class SQLiteJobStore:
             in_batch[job_id] = state
             changed.append((job_id, state))
         insert_rows()
-        if idempotency is not None:
-            conn.execute(
-                "INSERT INTO idempotency (key, digest, job_ids, created_at)"
-                " VALUES (?, ?, ?, ?)",
-                (idempotency.key, idempotency.digest, _dumps(ids), now),
-            )
+        self._remember(conn, idempotency, ids, now)
         wake = [s.not_before for s in specs if s.not_before is not None and s.not_before > now]
         return Written(Submitted(jobs, replayed=False), tuple(changed),
                        min(wake) if wake else None)

@@ -11,8 +11,9 @@ import re
 from typing import Any, Mapping, NoReturn, Optional
 
 import attrs
+import orjson
 
-from ._model import InputSpec, JobSpec, Resources
+from ._model import InputSpec, JobSpec, PlainJobs, Resources
 
 
 class ApiError(Exception):
@@ -326,6 +327,65 @@ def parse_submission(
     if body.get("array") is not None:
         array = _integer(body["array"], f"{prefix}array", 1, max_array)
     return Submission(JobSpec(**fields), array, tuple(batch_deps))
+
+
+_TASK_FIELDS = frozenset({"task", "args", "kwargs"})
+
+
+def plain_jobs(items: list[Any], tasks: Mapping[str, Any], queue: Any) -> Optional[PlainJobs]:
+    """
+    The jobs of a batch as L{PlainJobs}, if every one is plain: a command
+    and nothing else, or a configured task with nothing but its C{args} and
+    C{kwargs}; else C{None}, and the batch is L{parse_submission}'s, which
+    names any field at fault.  Each plain job is checked as
+    L{parse_submission} would check it, and kept as the JSON text its
+    L{JobSpec.to_stored} gives.
+
+    @param items: the decoded jobs of the batch.
+    @param tasks: the configured task names.
+    @param queue: the default queue's L{QueueConfig}, whose defaults the
+        jobs take.
+    """
+    stored = []
+    dumps = orjson.dumps
+    for item in items:
+        if type(item) is not dict:
+            return None
+        command = item.get("command")
+        try:
+            if command is not None:
+                if len(item) != 1 or type(command) is not list or not command[0]:
+                    return None
+                # join refuses any argument that is not a string.
+                if "\x00" in "".join(command):
+                    return None
+                stored.append(dumps(item).decode())
+            elif "task" in item and item.keys() <= _TASK_FIELDS:
+                task = item["task"]
+                args = item.get("args", [])
+                kwargs = item.get("kwargs", {})
+                if (
+                    type(task) is not str
+                    or task not in tasks
+                    or type(args) is not list
+                    or type(kwargs) is not dict
+                    or not all(key.isidentifier() for key in kwargs)
+                ):
+                    return None
+                stored.append(
+                    dumps(
+                        {"args": args, "kwargs": kwargs, "task": task},
+                        option=orjson.OPT_SORT_KEYS,
+                    ).decode()
+                )
+            else:
+                return None
+        except (TypeError, IndexError):
+            # A command of no arguments, or of something not a string; a
+            # value orjson cannot write (an integer beyond 64 bits, a lone
+            # surrogate) in a task's arguments.
+            return None
+    return PlainJobs(stored, priority=queue.priority, timeout=queue.timeout)
 
 
 def _job_fields(body: Any, tasks: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -35,6 +35,34 @@ def test_ids_are_uuid7_and_ordered():
     assert first == 1_800_000_000_000
 
 
+def test_ids_made_together_are_those_made_one_by_one():
+    """new_many() gives ids in the same order and form as new(): version-7,
+    RFC 4122 variant, the text str(UUID) gives, later than every id made
+    before, also past the 4,096 a millisecond holds and across a clock that
+    steps back."""
+    now = [1_800_000_000.0]
+    ids = JobIds(lambda: now[0])
+    made = [ids.new()] + ids.new_many(5000) + [ids.new()]
+    now[0] -= 10
+    made += ids.new_many(3)
+    now[0] += 20
+    made += ids.new_many(3) + [ids.new()]
+    assert len(set(made)) == len(made) == 5009
+    assert made == sorted(made)
+    for text in made:
+        value = uuid.UUID(text)
+        assert str(value) == text
+        assert value.version == 7
+        assert value.variant == uuid.RFC_4122
+    stamps = [uuid.UUID(text).int >> 80 for text in made]
+    assert stamps[0] == 1_800_000_000_000
+    # 5,000 ids do not fit one millisecond's counter: later ones borrow the
+    # next millisecond rather than wrap.
+    assert stamps[5001] > stamps[0]
+    assert stamps[-1] == 1_800_000_010_000
+    assert ids.new_many(0) == []
+
+
 def test_times_are_rfc3339_utc_with_microseconds():
     """Times show as RFC 3339 UTC with six fractional digits."""
     assert format_time(0.5) == "1970-01-01T00:00:00.500000Z"

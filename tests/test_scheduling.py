@@ -10,6 +10,10 @@ import pytest_twisted
 from twisted.internet.defer import ensureDeferred, gatherResults
 from twisted.internet.task import Clock
 
+from dispatcher._config import QueueConfig
+from dispatcher._json import encode_sorted
+from dispatcher._validation import parse_submission, plain_jobs
+
 from .conftest import sleep
 
 QUEUES = """
@@ -18,6 +22,11 @@ max_running = 1
 priority = 7
 timeout = 100
 """
+
+
+async def count_jobs(daemon):
+    code, page = await daemon.json("GET", "/v1/jobs?limit=1000")
+    return len(page["jobs"])
 
 
 def at(seconds):
@@ -262,6 +271,80 @@ async def test_batch_answers_ids_unless_asked_for_more(make_daemon):
     assert response.headers.getRawHeaders("preference-applied") == ["return=representation"]
     code, again = await daemon.json("GET", f"/v1/jobs/{whole['id']}")
     assert again == whole
+
+
+PLAIN = [
+    {"command": ["echo", "\u00e9", "x y"]},
+    {"task": "add", "args": [1, 2]},
+    {"task": "describe", "kwargs": {"b": 1, "a": [2, {"z": 1, "y": 2}]}},
+    {"task": "describe"},
+]
+# Jobs that are not plain, or not valid: each goes the general way.
+NOT_PLAIN = [
+    {"command": ["true"], "name": "x"},
+    {"command": ["true"], "task": None},
+    {"command": ["true"], "env": {}},
+    {"task": "add", "args": [1, 2], "priority": 1},
+    {"command": ["echo", 3]},
+    {"command": []},
+    {"command": [""]},
+    {"command": ["true", "a\x00"]},
+    {"command": "true"},
+    {"task": "nope"},
+    {"task": "add", "args": {}},
+    {"task": "add", "kwargs": {"1x": 1}},
+    {"task": "add", "args": [2**70]},
+    ["true"],
+]
+
+
+def test_plain_jobs_are_the_jobs_parse_submission_makes():
+    """plain_jobs() takes a batch only if every job in it is plain, and then
+    stores what parse_submission() would: the same specs, with the default
+    queue's priority and timeout."""
+    queue = QueueConfig("default", priority=3, timeout=50.0)
+    tasks = {"add": None, "describe": None}
+    plain = plain_jobs(PLAIN, tasks, queue)
+    assert plain is not None
+    expected = [parse_submission(body, tasks, {"default": queue}, 0.0, 10).spec
+                for body in PLAIN]
+    assert plain.specs() == expected
+    assert plain.stored == [encode_sorted(spec.to_stored()) for spec in expected]
+    for body in NOT_PLAIN:
+        assert plain_jobs(PLAIN + [body], tasks, queue) is None, body
+
+
+@pytest_twisted.ensureDeferred
+async def test_plain_batches_are_stored_as_any_other(make_daemon):
+    """A batch of plain jobs, which takes a shorter way to the store, makes
+    the same jobs as the general way does (here taken by asking for the
+    jobs whole), with the default queue's defaults; a job in it that is
+    almost plain has its field named, and nothing is stored."""
+    daemon = await make_daemon(
+        "[executor]\nslots = 0\n[queue:default]\npriority = 3\ntimeout = 50\n")
+    plain = await daemon.batch(PLAIN * 2)
+    assert [sorted(job) for job in plain] == [["id", "state"]] * 8
+    assert {job["state"] for job in plain} == {"queued"}
+    whole = await daemon.batch(PLAIN * 2, full=True)
+    ids = [job["id"] for job in plain + whole]
+    assert ids == sorted(ids) and len(set(ids)) == 16
+    for short, general in zip(plain, whole):
+        code, stored = await daemon.json("GET", f"/v1/jobs/{short['id']}")
+        assert code == 200
+        assert (stored["priority"], stored["timeout"]) == (3, 50.0)
+        for key in ("id", "created_at"):
+            del stored[key], general[key]
+        assert stored == general
+    for body, field in [
+        ([{"command": ["true"]}, {"command": ["echo", 3]}], "jobs[1].command[1]"),
+        ([{"command": ["true"]}, {"task": "nope"}], "jobs[1].task"),
+        ([{"command": ["true", "a\x00"]}], "jobs[0].command[1]"),
+        ([{"command": []}], "jobs[0].command"),
+        ([{"task": "add", "kwargs": {"1x": 1}}], "jobs[0].kwargs.1x"),
+    ]:
+        code, error = await daemon.json("POST", "/v1/jobs/batch", {"jobs": body})
+        assert code == 400 and error["error"]["field"] == field, error
+    assert await count_jobs(daemon) == 16
 
 
 @pytest_twisted.ensureDeferred

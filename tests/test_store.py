@@ -22,6 +22,7 @@ from dispatcher._model import (
     JobState,
     Offer,
     Outcome,
+    PlainJobs,
     StaleLease,
     UnknownJob,
 )
@@ -32,6 +33,7 @@ from dispatcher._sqlite import (
     IdempotencyKey,
     SQLiteJobStore,
     StoreVersionError,
+    SubmittedIds,
     UnknownDependency,
     Written,
 )
@@ -164,6 +166,42 @@ async def test_plain_submissions_of_a_group_are_stored_together(store):
     assert stored == ["1", "2", "4", "5", "6"]
     page, _ = await store.list_jobs(labels=[("a", "1")])
     assert [job.id for job in page] == [first_id]
+
+
+@pytest_twisted.ensureDeferred
+async def test_plain_jobs_join_the_submissions_stored_together(store):
+    """PlainJobs are stored with the plain submissions next to them, in one
+    insert, numbered in the order asked; their answer is their ids; a
+    refused insert fails only its own; with an idempotency key they are
+    stored alone, and a replay answers the jobs first made."""
+    first, plain_ids, last = ids.new(), [ids.new(), ids.new()], ids.new()
+    plain = PlainJobs(['{"command":["true","p0"]}', '{"command":["true","p1"]}'],
+                      priority=2, timeout=9.0)
+    asked = [
+        store.submit([spec(1)], 1.0, [first]),
+        store.submit_plain(plain, 1.0, plain_ids),
+        store.submit([spec(3)], 1.0, [last]),
+        store.submit_plain(plain, 1.0, [first, ids.new()]),
+    ]
+    before = store.batches
+    results = [await d.addErrback(lambda f: [f]) for d in asked]
+    assert store.batches - before == 1
+    assert results[1].value == SubmittedIds(plain_ids)
+    assert results[1].changed == tuple((i, JobState.QUEUED) for i in plain_ids)
+    assert results[3][0].check(sqlite3.IntegrityError)
+    page, _ = await store.list_jobs()
+    assert [job.id for job in page] == [first, *plain_ids, last]
+    assert [job.spec.command[1] for job in page] == ["1", "p0", "p1", "3"]
+    made = page[1]
+    assert (made.state, made.spec.priority, made.spec.timeout, made.spec.queue) == (
+        JobState.QUEUED, 2, 9.0, "default")
+    assert made.wait_reason == "waiting for a free slot"
+    key = IdempotencyKey("plain", "digest")
+    again = [ids.new(), ids.new()]
+    once = await store.submit_plain(plain, 2.0, again, key)
+    assert once.value == SubmittedIds(again)
+    replay = await store.submit_plain(plain, 3.0, [ids.new(), ids.new()], key)
+    assert replay.value.replayed and [job.id for job in replay.value.jobs] == again
 
 
 @pytest_twisted.ensureDeferred
