@@ -98,6 +98,7 @@ def main(argv=None) -> None:
     # The store's commits so far, in every snapshot: how many jobs a commit
     # holds is what the writer thread's cost per job turns on.
     monitor.counters["store_commits"] = lambda: service.store.batches
+    monitor.counters["store_durable_commits"] = lambda: service.store.durable_batches
     service.privilegedStartService()
     service.startService()
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)

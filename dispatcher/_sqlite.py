@@ -500,7 +500,9 @@ class SQLiteJobStore:
         # Whether any job may have dependents (the writer thread's own).
         self._dependencies = True
         self._shut = False
+        # Commits, and those of them that synced the disk.
         self.batches = 0
+        self.durable_batches = 0
 
     @property
     def queue_limits(self) -> Mapping[str, int]:
@@ -707,6 +709,7 @@ class SQLiteJobStore:
             raise
         self._unsynced = not durable
         self.batches += 1
+        self.durable_batches += durable
         return results
 
     @staticmethod
