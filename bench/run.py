@@ -163,10 +163,19 @@ class CpuUse:
         return out
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
+def free_ports(count: int) -> list[int]:
+    """
+    C{count} distinct free ports: each is held until all are chosen (two
+    ports chosen one after the other were once the same, and the daemon
+    could not start).
+    """
+    with contextlib.ExitStack() as stack:
+        ports = []
+        for _ in range(count):
+            s = stack.enter_context(socket.socket())
+            s.bind((HOST, 0))
+            ports.append(s.getsockname()[1])
+        return ports
 
 
 # A small HTTP client (one keep-alive connection a thread)
@@ -239,8 +248,7 @@ class Server:
         self.slots = slots
         self.threads = threads
         self.store = store
-        self.port = free_port()
-        self.monitor_port = free_port()
+        self.port, self.monitor_port = free_ports(2)
         self.child: Optional[subprocess.Popen] = None
         self.client = Client(self.port)
         self.ready_s: Optional[float] = None
