@@ -184,6 +184,22 @@ def _job_summary(job: Any) -> dict[str, Any]:
     return out
 
 
+def _queued_summaries(ids: list[str]) -> bytes:
+    """
+    C{{"jobs": [{"id": ..., "state": "queued"}, ...]}} for these ids, as
+    JSON: written with one join (ids need no escaping), where a dict for
+    each job and their encoding were a tenth of a plain batch's time on the
+    reactor thread.
+    """
+    if not ids:
+        return b'{"jobs":[]}'
+    return (
+        '{"jobs":[{"id":"'
+        + '","state":"queued"},{"id":"'.join(ids)
+        + '","state":"queued"}]}'
+    ).encode("ascii")
+
+
 def _json_body(request: Any) -> Any:
     ctype = request.getHeader(b"content-type")
     media = (ctype or b"").split(b";", 1)[0].strip().lower()
@@ -441,9 +457,7 @@ class DispatcherAPI(Resource):
 
         def answer(submitted: Submitted | SubmittedIds) -> Answer:
             if isinstance(submitted, SubmittedIds):
-                return Answer(
-                    201, {"jobs": [{"id": job_id, "state": "queued"} for job_id in submitted.ids]}
-                )
+                return Answer(201, _queued_summaries(submitted.ids))
             status = 200 if submitted.replayed else 201
             if single:
                 (job,) = submitted.jobs

@@ -658,7 +658,7 @@ class JobIds:
                     text = f"{ms & 0xFFFFFFFFFFFF:012x}"
                     stamp = f"{text[:8]}-{text[8:]}-7"
                 r = random_hex[i:i + 16]
-                ids.append(f"{stamp}{counter:03x}-{_VARIANT[r[0]]}{r[1:4]}-{r[4:]}")
+                ids.append(f"{stamp}{_COUNTERS[counter]}-{_VARIANT[r[0]]}{r[1:4]}-{r[4:]}")
             self._last_ms = ms
             self._counter = counter
         return ids
@@ -667,3 +667,5 @@ class JobIds:
 # The first hex digit of an id's last 64 bits: the variant (0b10) and the
 # next two random bits.
 _VARIANT = {digit: "89ab"[int(digit, 16) & 3] for digit in "0123456789abcdef"}
+# Every counter as its three hex digits.
+_COUNTERS = [f"{counter:03x}" for counter in range(0x1000)]
