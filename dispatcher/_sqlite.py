@@ -27,6 +27,7 @@ import threading
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import attrs
+import orjson
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -397,28 +398,51 @@ def _add_plain_jobs(
     conn: sqlite3.Connection, seq: int, jobs: PlainJobs, now: float, ids: list[str]
 ) -> Written:
     """
-    Insert L{PlainJobs}, queued, numbered after C{seq}: one C{executemany}
-    of rows built straight from their stored specs.
+    Insert L{PlainJobs}, queued, numbered after C{seq}: one statement that
+    reads each job's id and stored spec from one JSON array, the other
+    columns being the same for all (where SQLite has JSON functions; else
+    one C{executemany} of rows).
     """
-    present = [
-        column in _PLAIN_COLUMNS or (column == "timeout" and jobs.timeout is not None)
-        for column in _INSERTED_COLUMNS
-    ]
-    # In _INSERTED_COLUMNS order.
-    fixed = (JobState.QUEUED.value, "{}")
+    timeout = jobs.timeout is not None
     rest: tuple[Any, ...] = (
         _QUEUED_REASON, jobs.priority, jobs.queue, jobs.max_attempts, jobs.retry_delay
     )
-    if jobs.timeout is not None:
+    if timeout:
         rest += (jobs.timeout,)
-    rows = [
-        (number, job_id, *fixed, stored, now, *rest)
-        for number, job_id, stored in zip(itertools.count(seq + 1), ids, jobs.stored)
-    ]
-    conn.executemany(_insert_job_statement(tuple(present)), rows)
+    if JSON_ROWS:
+        # Binding a row's eleven values from Python was a third of the
+        # writer's time for a plain batch; SQLite reads the JSON faster.
+        pairs = orjson.dumps(list(zip(ids, jobs.stored))).decode()
+        conn.execute(_INSERT_PLAIN_JSON[timeout], (seq, pairs, now, *rest))
+    else:
+        present = [
+            column in _PLAIN_COLUMNS or (column == "timeout" and timeout)
+            for column in _INSERTED_COLUMNS
+        ]
+        # In _INSERTED_COLUMNS order.
+        fixed = (JobState.QUEUED.value, "{}")
+        rows = [
+            (number, job_id, *fixed, stored, now, *rest)
+            for number, job_id, stored in zip(itertools.count(seq + 1), ids, jobs.stored)
+        ]
+        conn.executemany(_insert_job_statement(tuple(present)), rows)
     return Written(
         SubmittedIds(ids), tuple(zip(ids, itertools.repeat(JobState.QUEUED)))
     )
+
+
+# Whether SQLite has its JSON functions built in (3.38 and later).
+JSON_ROWS = sqlite3.sqlite_version_info >= (3, 38, 0)
+# Plain jobs from a JSON array of [id, stored spec] pairs, numbered after
+# ?1; the second statement sets a timeout as well.
+_INSERT_PLAIN_JSON = tuple(
+    "INSERT INTO jobs (seq, id, spec, state, labels, created_at, wait_reason,"
+    f" priority, queue, max_attempts, retry_delay{', timeout' if timeout else ''})"
+    " SELECT ?1 + 1 + key, json_extract(value, '$[0]'), json_extract(value, '$[1]'),"
+    f" 'queued', '{{}}', ?3, ?4, ?5, ?6, ?7, ?8{', ?9' if timeout else ''}"
+    " FROM json_each(?2)"
+    for timeout in (False, True)
+)
 
 
 # The columns a plain job's row has a value in (and "timeout", if its queue

@@ -13,6 +13,7 @@ from twisted.internet.defer import ensureDeferred, gatherResults
 from twisted.internet.task import Clock, deferLater
 from zope.interface.verify import verifyObject
 
+from dispatcher import _sqlite
 from dispatcher._interfaces import IJobStore
 from dispatcher._model import (
     InputSpec,
@@ -168,12 +169,18 @@ async def test_plain_submissions_of_a_group_are_stored_together(store):
     assert [job.id for job in page] == [first_id]
 
 
+@pytest.mark.parametrize("json_rows", [True, False])
 @pytest_twisted.ensureDeferred
-async def test_plain_jobs_join_the_submissions_stored_together(store):
+async def test_plain_jobs_join_the_submissions_stored_together(store, monkeypatch, json_rows):
     """PlainJobs are stored with the plain submissions next to them, in one
     insert, numbered in the order asked; their answer is their ids; a
     refused insert fails only its own; with an idempotency key they are
-    stored alone, and a replay answers the jobs first made."""
+    stored alone, and a replay answers the jobs first made.  The same with
+    rows read from JSON by SQLite and with rows bound from Python (for an
+    SQLite without JSON functions)."""
+    if json_rows and not _sqlite.JSON_ROWS:
+        pytest.skip(f"SQLite {sqlite3.sqlite_version} has no JSON functions built in")
+    monkeypatch.setattr(_sqlite, "JSON_ROWS", json_rows)
     first, plain_ids, last = ids.new(), [ids.new(), ids.new()], ids.new()
     plain = PlainJobs(['{"command":["true","p0"]}', '{"command":["true","p1"]}'],
                       priority=2, timeout=9.0)
@@ -196,6 +203,11 @@ async def test_plain_jobs_join_the_submissions_stored_together(store):
     assert (made.state, made.spec.priority, made.spec.timeout, made.spec.queue) == (
         JobState.QUEUED, 2, 9.0, "default")
     assert made.wait_reason == "waiting for a free slot"
+    odd = PlainJobs(['{"args":["\\u0000 \u00e9 \\"q\\"",1.5e300],"kwargs":{},"task":"t"}'])
+    (odd_id,) = (await store.submit_plain(odd, 1.5, [ids.new()])).value.ids
+    stored = await store.get(odd_id)
+    assert stored.spec.args == ("\u0000 \u00e9 \"q\"", 1.5e300)
+    assert (stored.spec.timeout, stored.spec.priority, stored.created_at) == (None, 0, 1.5)
     key = IdempotencyKey("plain", "digest")
     again = [ids.new(), ids.new()]
     once = await store.submit_plain(plain, 2.0, again, key)
