@@ -71,6 +71,10 @@ MAX_DEPENDENCIES = 1000
 MAX_SECONDS = 366 * 86400.0
 INPUT_FIELDS = frozenset({"url", "path", "sha256"})
 MAX_NAME = 200
+# How deep a task's arguments may nest arrays and objects: what is taken in
+# must be written back out in answers (orjson writes 255 levels; json,
+# which writes the rest, recurses on the reactor thread's stack).
+MAX_NESTING = 100
 MAX_LABEL = 200
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
@@ -370,6 +374,8 @@ def plain_jobs(items: list[Any], tasks: Mapping[str, Any], queue: Any) -> Option
                     or type(args) is not list
                     or type(kwargs) is not dict
                     or not all(key.isidentifier() for key in kwargs)
+                    or _too_deep(args)
+                    or _too_deep(kwargs)
                 ):
                     return None
                 stored.append(
@@ -460,6 +466,9 @@ def _job_fields(body: Any, tasks: Mapping[str, Any], prefix: str = "") -> dict[s
         for key in kwargs:
             if not key.isidentifier():
                 invalid(f"{prefix}kwargs.{key}", "not a valid Python argument name")
+        for key, value in (("args", args), ("kwargs", kwargs)):
+            if _too_deep(value):
+                invalid(f"{prefix}{key}", f"arrays and objects nested more than {MAX_NESTING} deep")
         spec["args"] = tuple(args)
         spec["kwargs"] = kwargs
     if body.get("name") is not None:
@@ -490,6 +499,22 @@ def _job_fields(body: Any, tasks: Mapping[str, Any], prefix: str = "") -> dict[s
             body["requirements"], f"{prefix}requirements", MAX_LABEL
         )
     return spec
+
+
+def _too_deep(value: Any) -> bool:
+    """
+    Whether C{value} (an array or object: the first level) nests arrays and
+    objects more than L{MAX_NESTING} deep.
+    """
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_NESTING:
+            return True
+        for child in item.values() if type(item) is dict else item:
+            if type(child) is list or type(child) is dict:
+                stack.append((child, depth + 1))
+    return False
 
 
 def _resources(value: Any, field: str) -> Resources:

@@ -14,6 +14,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import ClientFactory, Protocol
 
+from dispatcher._api import Answer
 from dispatcher._openapi import openapi_document
 
 TIME = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
@@ -117,6 +118,54 @@ async def test_malformed_json(daemon):
         assert response.code == 400, raw
         assert json.loads(content)["error"]["code"] == "malformed_json"
     assert await count_jobs(daemon) == 0
+
+
+def nested(depth):
+    """A JSON array nested `depth` deep, as text."""
+    return "[" * depth + "]" * depth
+
+
+@pytest_twisted.ensureDeferred
+async def test_deeply_nested_arguments(daemon):
+    """A task's arguments nest at most 100 deep: deeper is a 400 naming the
+    field, singly or in a batch, however deep (orjson reads 1,024 levels,
+    json fewer), and nothing is stored; 100 deep is stored and shown."""
+    for depth in (101, 970, 1100, 5000):
+        for path, raw, field in [
+            ("/v1/jobs", f'{{"task": "add", "args": {nested(depth)}}}', "args"),
+            ("/v1/jobs", f'{{"task": "add", "kwargs": {{"a": {nested(depth - 1)}}}}}',
+             "kwargs"),
+            ("/v1/jobs/batch", f'{{"jobs": [{{"task": "add", "args": {nested(depth)}}}]}}',
+             "jobs[0].args"),
+        ]:
+            response, content = await daemon.request("POST", path, raw=raw.encode())
+            error = json.loads(content)["error"]
+            assert response.code == 400, (depth, path)
+            if depth <= 1024:
+                assert error["field"] == field, (depth, error)
+            else:
+                assert error["code"] in ("invalid_field", "malformed_json"), error
+    assert await count_jobs(daemon) == 0
+    job = await daemon.submit({"task": "describe", "args": json.loads(nested(100))})
+    code, shown = await daemon.json("GET", f"/v1/jobs/{job['id']}")
+    assert code == 200 and shown["args"] == json.loads(nested(100))
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_answer_that_cannot_be_written_is_a_500(daemon, monkeypatch):
+    """A failure while an answer is written (here, a body that cannot be
+    encoded) answers 500 with the JSON error, and the connection is not
+    left waiting."""
+    api = daemon.service.site.handler.__self__
+
+    async def broken(request):
+        return Answer(200, {"value": object()}, {"Location": "/nowhere"})
+
+    monkeypatch.setattr(api, "health", broken)
+    response, content = await daemon.request("GET", "/healthz")
+    assert response.code == 500
+    assert json.loads(content)["error"]["code"] == "internal_error"
+    assert not response.headers.hasHeader("location")
 
 
 @pytest_twisted.ensureDeferred
