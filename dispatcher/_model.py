@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime
 import enum
-import json
 import math
 import os
 import threading
@@ -17,6 +16,8 @@ import time
 from typing import Any, Mapping, Optional
 
 import attrs
+
+from ._json import decode_stored
 
 
 class JobState(str, enum.Enum):
@@ -324,9 +325,10 @@ class PlainJobs:
     stored: list[str]
     priority: int = 0
     timeout: Optional[float] = None
-    queue: str = "default"
-    max_attempts: int = 1
-    retry_delay: float = 1.0
+    # A spec's own defaults.
+    queue: str = attrs.fields(JobSpec).queue.default
+    max_attempts: int = attrs.fields(JobSpec).max_attempts.default
+    retry_delay: float = attrs.fields(JobSpec).retry_delay.default
 
     def __len__(self) -> int:
         return len(self.stored)
@@ -342,7 +344,7 @@ class PlainJobs:
             "max_attempts": self.max_attempts,
             "retry_delay": self.retry_delay,
         }
-        return [JobSpec.from_stored(json.loads(text), **columns) for text in self.stored]
+        return [JobSpec.from_stored(decode_stored(text), **columns) for text in self.stored]
 
 
 @attrs.frozen

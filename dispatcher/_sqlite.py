@@ -400,8 +400,8 @@ def _add_plain_jobs(
     """
     Insert L{PlainJobs}, queued, numbered after C{seq}: one statement that
     reads each job's id and stored spec from one JSON array, the other
-    columns being the same for all (where SQLite has JSON functions; else
-    one C{executemany} of rows).
+    columns being the same for all (where SQLite has its JSON functions,
+    L{JSON_ROWS}; else one C{executemany} of rows).
     """
     timeout = jobs.timeout is not None
     rest: tuple[Any, ...] = (
@@ -431,8 +431,21 @@ def _add_plain_jobs(
     )
 
 
-# Whether SQLite has its JSON functions built in (3.38 and later).
-JSON_ROWS = sqlite3.sqlite_version_info >= (3, 38, 0)
+def _has_json_functions() -> bool:
+    # Built in from SQLite 3.38; before, and in a build that leaves them
+    # out, only if compiled in.
+    conn = sqlite3.connect(":memory:")
+    try:
+        conn.execute("SELECT json_extract(value, '$[0]') FROM json_each('[[1]]')")
+    except sqlite3.OperationalError:
+        return False
+    finally:
+        conn.close()
+    return True
+
+
+# Whether this SQLite has the JSON functions _add_plain_jobs reads rows with.
+JSON_ROWS = _has_json_functions()
 # Plain jobs from a JSON array of [id, stored spec] pairs, numbered after
 # ?1; the second statement sets a timeout as well.
 _INSERT_PLAIN_JSON = tuple(
@@ -885,7 +898,7 @@ class SQLiteJobStore:
         rows: list[tuple[Any, ...]] = []
         label_rows: list[tuple[str, str, int]] = []
         written: list[Written] = []
-        for operation, (specs, now, ids, _) in work:
+        for _, (specs, now, ids, _) in work:
             if isinstance(specs, PlainJobs):
                 written.append(_add_plain_jobs(conn, seq, specs, now, ids))
                 seq += len(ids)

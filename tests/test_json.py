@@ -63,13 +63,32 @@ def test_decode_takes_utf8_only():
         decode('{"a": 1}'.encode("utf-16"))
 
 
+def same(a, b):
+    """Equal as JSON values, types included (1, 1.0 and True differ, and
+    so do 0.0 and -0.0)."""
+    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+
+
 @given(values)
 def test_decode_reads_as_json_does(value):
     """decode() gives what json.loads gives for any JSON text, though orjson
     reads most of them: huge integers stay exact, and the text of a value
     json writes with ASCII escapes reads the same."""
     for text in (json.dumps(value), json.dumps(value, ensure_ascii=False)):
-        assert decode(text.encode("utf-8")) == json.loads(text)
+        assert same(decode(text.encode("utf-8")), json.loads(text))
+
+
+@given(st.text(alphabet='[]{}",:0123456789.eE+- \\uaflnrst', max_size=40))
+def test_decode_takes_what_json_takes(text):
+    """Near-JSON text: decode() refuses what json.loads refuses, and reads
+    what it reads as the same value, types included."""
+    try:
+        expected = json.loads(text)
+    except ValueError:
+        with pytest.raises(ValueError):
+            decode(text.encode("utf-8"))
+    else:
+        assert same(decode(text.encode("utf-8")), expected)
 
 
 def test_decode_falls_back_to_json_where_orjson_refuses():

@@ -7,6 +7,7 @@ queue endpoints.  Time runs on a Clock wherever a rule is about time.
 import json
 
 import pytest_twisted
+from hypothesis import given, settings, strategies as st
 from twisted.internet.defer import ensureDeferred, gatherResults
 from twisted.internet.task import Clock
 
@@ -312,6 +313,43 @@ def test_plain_jobs_are_the_jobs_parse_submission_makes():
     assert plain.stored == [encode_sorted(spec.to_stored()) for spec in expected]
     for body in NOT_PLAIN:
         assert plain_jobs(PLAIN + [body], tasks, queue) is None, body
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=5),
+    lambda children: st.lists(children, max_size=3)
+    | st.dictionaries(st.text(max_size=3), children, max_size=3),
+    max_leaves=8,
+)
+argv_items = st.text(max_size=4) | st.sampled_from(["", "a\x00", "\u00e9"]) | json_values
+near_plain = st.one_of(
+    st.fixed_dictionaries({"command": st.lists(argv_items, max_size=3) | json_values}),
+    st.fixed_dictionaries(
+        {"task": st.sampled_from(["add", "describe", "nope"]) | json_values},
+        optional={
+            "args": st.lists(json_values, max_size=3) | json_values,
+            "kwargs": st.dictionaries(st.sampled_from(["a", "b_2", "1x", "", "é"]),
+                                      json_values, max_size=3) | json_values,
+        },
+    ),
+).flatmap(lambda job: st.sampled_from([{}] * 5 + [{"name": "n"}, {"priority": 1}, {"env": {}}])
+          .map(lambda extra: {**job, **extra}))
+
+
+@settings(max_examples=300)
+@given(near_plain)
+def test_a_job_plain_jobs_takes_is_the_one_parse_submission_makes(body):
+    """Any job plain_jobs() takes, parse_submission() takes too, as the same
+    spec with the same stored text: the shorter path skips no check."""
+    queue = QueueConfig("default", priority=3, timeout=50.0)
+    tasks = {"add": None, "describe": None}
+    plain = plain_jobs([body], tasks, queue)
+    if plain is None:
+        return
+    spec = parse_submission(body, tasks, {"default": queue}, 0.0, 10).spec
+    assert plain.specs() == [spec]
+    assert plain.stored == [encode_sorted(spec.to_stored())]
 
 
 @pytest_twisted.ensureDeferred

@@ -184,6 +184,28 @@ async def test_plain_jobs_join_the_submissions_stored_together(store, monkeypatc
     first, plain_ids, last = ids.new(), [ids.new(), ids.new()], ids.new()
     plain = PlainJobs(['{"command":["true","p0"]}', '{"command":["true","p1"]}'],
                       priority=2, timeout=9.0)
+    # A group that fails nowhere is stored in one insert, never replayed.
+    replayed = []
+    apply_one = store._apply_one
+    monkeypatch.setattr(store, "_apply_one", lambda *a: replayed.append(a) or apply_one(*a))
+    together = [ids.new(), [ids.new(), ids.new()], ids.new(), [ids.new()]]
+    one_by_one = PlainJobs(['{"command":["true","q"]}'])
+    asked = [
+        store.submit([spec(10)], 1.0, [together[0]]),
+        store.submit_plain(plain, 1.0, together[1]),
+        store.submit([spec(11)], 1.0, [together[2]]),
+        store.submit_plain(one_by_one, 1.0, together[3]),
+    ]
+    before = store.batches
+    for d in asked:
+        await d
+    assert store.batches - before == 1 and replayed == []
+    page, _ = await store.list_jobs()
+    assert [job.id for job in page] == [together[0], *together[1], together[2], *together[3]]
+    assert [job.spec.command[1] for job in page] == ["10", "p0", "p1", "11", "q"]
+    seqs = store._writer.execute(
+        "SELECT seq FROM jobs ORDER BY seq").fetchall()
+    assert [seq for (seq,) in seqs] == [1, 2, 3, 4, 5]
     asked = [
         store.submit([spec(1)], 1.0, [first]),
         store.submit_plain(plain, 1.0, plain_ids),
@@ -192,11 +214,12 @@ async def test_plain_jobs_join_the_submissions_stored_together(store, monkeypatc
     ]
     before = store.batches
     results = [await d.addErrback(lambda f: [f]) for d in asked]
-    assert store.batches - before == 1
+    assert store.batches - before == 1 and len(replayed) == 4
     assert results[1].value == SubmittedIds(plain_ids)
     assert results[1].changed == tuple((i, JobState.QUEUED) for i in plain_ids)
     assert results[3][0].check(sqlite3.IntegrityError)
     page, _ = await store.list_jobs()
+    page = page[5:]
     assert [job.id for job in page] == [first, *plain_ids, last]
     assert [job.spec.command[1] for job in page] == ["1", "p0", "p1", "3"]
     made = page[1]
