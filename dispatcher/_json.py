@@ -83,7 +83,8 @@ def decode(data: bytes | str) -> Any:
 # A run of 19 digits or more may be an integer beyond 64 bits, which
 # orjson would read as a float.
 _LONG_NUMBER = re.compile(r"\d{19}")
-_LONG_DIGITS = re.compile(rb"\d{19}")
+# The same, for the bytes of a request.
+_LONG_DIGITS = re.compile(_LONG_NUMBER.pattern.encode("ascii"))
 
 
 def decode_stored(text: str) -> Any:
