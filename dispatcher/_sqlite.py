@@ -738,7 +738,21 @@ class SQLiteJobStore:
             self._synchronous_full = durable
         conn.execute("BEGIN IMMEDIATE")
         try:
-            results = self._run_together(conn, work)
+            try:
+                results = self._run_together(conn, work)
+            except Exception:
+                # The group is the whole transaction: undo it all and run
+                # each write in its own savepoint, so that only the one
+                # that failed fails.  (A savepoint around the group cost
+                # every page the group changed a copy in the sub-journal,
+                # and past 64 KiB a temporary file, most groups under load.
+                # Writes seldom fail; a write is undone whole or not at all
+                # either way.  What a replayed write did outside the
+                # database is harmless to do twice: it takes fresh lease
+                # tokens, and moves the queues' turn on.)
+                conn.execute("ROLLBACK")
+                conn.execute("BEGIN IMMEDIATE")
+                results = [self._apply_one(conn, operation, args) for operation, args in work]
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
@@ -786,44 +800,33 @@ class SQLiteJobStore:
         work: list[tuple[Callable[..., Any], tuple[Any, ...]]],
     ) -> list[tuple[bool, Any]]:
         """
-        Run a group's writes in one savepoint; if one fails, undo them all
-        and run each in its own savepoint, so that only the one that failed
-        fails.  (A savepoint for each write was a tenth of the writer's
-        time for a job; writes seldom fail, and a write is undone whole or
-        not at all either way.  What a replayed write did outside the
-        database is harmless to do twice: it takes fresh lease tokens, and
-        moves the queues' turn on.)
+        Run a group's writes one after the other (a savepoint for each was
+        a tenth of the writer's time for a job); the first that fails
+        raises, and L{_commit} replays the group one write at a time.
 
         Plain submissions next to each other are stored with one insert,
         and plain successes next to each other with one read and two
         updates.
         """
-        conn.execute("SAVEPOINT together")
-        try:
-            results: list[tuple[bool, Any]] = []
-            shared = (
-                (self._plain_submission, self._submit_plain),
-                (self._plain_success, self._finish_together),
-            )
-            i = 0
-            while i < len(work):
-                for alike, together in shared:
-                    j = i
-                    while j < len(work) and alike(*work[j]):
-                        j += 1
-                    if j - i > 1:
-                        results.extend((True, w) for w in together(conn, work[i:j]))
-                        i = j
-                        break
-                else:
-                    operation, args = work[i]
-                    results.append((True, operation(conn, *args)))
-                    i += 1
-        except Exception:
-            conn.execute("ROLLBACK TO together")
-            conn.execute("RELEASE together")
-            return [self._apply_one(conn, operation, args) for operation, args in work]
-        conn.execute("RELEASE together")
+        results: list[tuple[bool, Any]] = []
+        shared = (
+            (self._plain_submission, self._submit_plain),
+            (self._plain_success, self._finish_together),
+        )
+        i = 0
+        while i < len(work):
+            for alike, together in shared:
+                j = i
+                while j < len(work) and alike(*work[j]):
+                    j += 1
+                if j - i > 1:
+                    results.extend((True, w) for w in together(conn, work[i:j]))
+                    i = j
+                    break
+            else:
+                operation, args = work[i]
+                results.append((True, operation(conn, *args)))
+                i += 1
         return results
 
     def _plain_success(self, operation: Callable[..., Any], args: tuple[Any, ...]) -> bool:
