@@ -146,7 +146,10 @@ class MonitorControl(LineOnlyReceiver):
 
       - C{read}: the monitor's window so far;
       - C{reset}: the same, then a new window begins;
-      - C{profile_start}: cProfile the reactor thread from now on;
+      - C{profile_start [cpu]}: cProfile the reactor thread from now on,
+        in wall-clock time, or with C{cpu} in the thread's own CPU time
+        (C{time.thread_time}: a system call for every function call and
+        return, so the cheapest functions look dearer than they are);
       - C{profile_stop PATH}: stop it and write its stats to PATH.
     """
 
@@ -161,7 +164,10 @@ class MonitorControl(LineOnlyReceiver):
             elif command == "reset":
                 answer = factory.monitor.snapshot(reset=True)
             elif command == "profile_start":
-                factory.profile = cProfile.Profile()
+                factory.profile = (
+                    cProfile.Profile(time.thread_time) if argument == "cpu"
+                    else cProfile.Profile()
+                )
                 factory.profile.enable()
                 answer = {"profiling": True}
             elif command == "profile_stop":

@@ -540,3 +540,69 @@ def _factory(protocol):
     from twisted.internet.protocol import Factory
 
     return Factory.forProtocol(lambda: protocol)
+
+
+@pytest_twisted.ensureDeferred
+async def test_answers_go_straight_to_the_socket_and_stay_in_order():
+    """A small answer is sent at once, without registering the connection
+    for writing; one larger than the socket takes is queued behind what was
+    sent, and the answers that follow come after it, whole and in order."""
+    big = bytes(range(256)) * (64 * 1024)  # 16 MiB
+    seen = {}
+
+    def handler(request):
+        request.setHeader(b"content-type", b"application/octet-stream")
+        if request.uri == b"/big":
+            # Two writes, the second queued behind the first's remainder.
+            request.write(big[:1000])
+            request.write(big[1000:])
+            request.finish()
+            return
+        answer(request)
+        transport = request.channel.transport
+        seen["shape"] = {name: type(getattr(transport, name, None)) for name in SHAPE}
+        seen[request.uri] = (
+            transport in reactor.getWriters(),
+            transport._tempDataLen,
+            len(transport.dataBuffer) - transport.offset,
+        )
+
+    factory = HTTPFactory(handler, 1000, reactor)
+    port = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(factory)
+    try:
+        exchange = _Exchange(post(b"/1", b"a") + b"GET /big HTTP/1.1\r\n\r\n"
+                             + b"GET /3 HTTP/1.1\r\nConnection: close\r\n\r\n")
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
+        await endpoint.connect(_factory(exchange))
+        raw = await exchange.done
+    finally:
+        await port.stopListening()
+    (_, _, first), (_, _, body), (_, _, last) = responses(raw)
+    assert json.loads(first)["uri"] == "/1"
+    assert body == big
+    assert json.loads(last)["uri"] == "/3"
+    # Sent at once: not registered for writing, nothing left queued.
+    assert seen[b"/1"] == (False, 0, 0)
+    assert seen["shape"] == SHAPE
+
+
+# What dispatcher._http.send reads of a live tcp.Server, and its types.
+SHAPE = {"dataBuffer": bytes, "offset": int, "_tempDataLen": int, "_tempDataBuffer": list,
+         "_writeDisconnected": bool, "TLS": bool, "disconnecting": int, "connected": int}
+
+
+def test_the_tcp_transport_has_the_shape_send_reads():
+    """dispatcher._http.send reads tcp.Server's write buffer; if Twisted
+    changes how FileDescriptor queues writes, this fails first."""
+    import inspect
+
+    from twisted.internet import abstract, tcp
+
+    write = inspect.getsource(abstract.FileDescriptor.write)
+    do_write = inspect.getsource(abstract.FileDescriptor.doWrite)
+    for name in ("_tempDataBuffer", "_tempDataLen", "_writeDisconnected"):
+        assert name in write, name
+    for name in ("self.dataBuffer", "self.offset", "self._tempDataLen"):
+        assert name in do_write, name
+    assert issubclass(tcp.Server, abstract.FileDescriptor)
+    assert "self.socket" in inspect.getsource(tcp.Connection.writeSomeData)
