@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import attrs
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, succeed
+from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -46,6 +46,10 @@ log = Logger()
 # Local leases are recovered at restart rather than by expiry, so their
 # expiry only has to outlast any job; it is renewed by nothing.
 LOCAL_LEASE_SECONDS = 365 * 24 * 3600.0
+
+# The longest a local job's end waits for the ends of the others running
+# beside it, so that they are recorded together (see Dispatcher._ended).
+END_GATHER = 0.001
 
 # How often forgotten idempotency keys are purged.
 PURGE_INTERVAL = 3600.0
@@ -99,6 +103,11 @@ class Dispatcher(Service):
         self.scheduler = Scheduler(self._clock)
         self.ids = JobIds(self._clock.seconds)
         self._recorded: dict[str, Deferred] = {}
+        # Local jobs that have ended, with when, waiting to be recorded
+        # together; and the timer that records them at the latest.
+        self._ending: list[tuple[Outcome, RunningJob, float]] = []
+        self._ending_call: Any = None
+        self.end_gather = END_GATHER
         self._accepting = False
         self._wake_call: Any = None
         self._purge_call: Any = None
@@ -173,6 +182,8 @@ class Dispatcher(Service):
 
     async def _stop(self) -> None:
         self._accepting = False
+        # Ends waiting for company are recorded now.
+        self._record_ends()
         for call in (self._wake_call, self._purge_call):
             if call is not None and call.active():
                 call.cancel()
@@ -509,19 +520,48 @@ class Dispatcher(Service):
             lease, process.pid, process.start_ticks, process.boot_id
         )
 
-    def _ended(self, outcome: Outcome, running: RunningJob) -> Deferred:
+    def _ended(self, outcome: Outcome, running: RunningJob) -> None:
+        """
+        A local job has ended: record it once every local job running has
+        ended too, or after C{end_gather} seconds (L{END_GATHER}) at the
+        latest.
+
+        Each end frees a slot, and the claim for it joins the end's commit;
+        jobs that start together mostly end close together.  Recorded as
+        they came in, the first ends of a round went to the store alone and
+        the rest waited for that commit to make the next: eight slots of
+        no-op tasks made a commit for every four jobs, and each commit cost
+        a tenth of a millisecond of the one core.  Waiting for the others
+        halves the commits.  The wait is on real time, not the injected
+        clock: it is not part of a job's semantics, and C{finished_at} is
+        the time the job ended.
+        """
         lease = running.lease
         if lease.job_id not in self._recorded:
             # Released at shutdown while its thread still ran.
-            return succeed(None)
+            return
         if running.interrupted:
-            return self._release(running)
-        d = self.store.finish(lease, outcome, self._clock.seconds())
-        # The slot is free once the job has ended: the next claim goes to
-        # the store behind this finish, so both share one commit.
-        self.scheduler.slots_freed(lease.holder)
+            self._release(running)
+            return
+        self._ending.append((outcome, running, self._clock.seconds()))
+        if len(self._ending) >= len(self._recorded):
+            self._record_ends()
+        elif self._ending_call is None:
+            self._ending_call = self._reactor.callLater(self.end_gather, self._record_ends)
+
+    def _record_ends(self) -> None:
+        if self._ending_call is not None and self._ending_call.active():
+            self._ending_call.cancel()
+        self._ending_call = None
+        ending, self._ending = self._ending, []
+        for outcome, running, now in ending:
+            lease = running.lease
+            d = self.store.finish(lease, outcome, now)
+            # The slot is free once the job has ended: the next claim goes
+            # to the store behind the ends, so all share one commit.
+            self.scheduler.slots_freed(lease.holder)
+            self._after_record(d, running, freed=True)
         self._pump()
-        return self._after_record(d, running, freed=True)
 
     def _release(self, running: RunningJob) -> Deferred:
         d = self.store.release(

@@ -146,6 +146,56 @@ async def test_free_slot_claims_in_the_submission_commit(daemon):
 
 
 @pytest_twisted.ensureDeferred
+async def test_ends_of_jobs_running_together_share_one_commit(make_daemon):
+    """A local job that ends while others run waits for them (up to
+    end_gather) and all are recorded in one commit, with each one's own end
+    time; until then each still shows running."""
+    daemon = await make_daemon("[executor]\nslots = 3\nthreads = 3\n")
+    dispatcher = daemon.service.dispatcher
+    dispatcher.end_gather = 60.0  # only the last end can record them
+    store = daemon.service.store
+    jobs = [await daemon.submit({"task": "wait_for_cancel", "args": [60]})
+            for _ in range(3)]
+    for job in jobs:
+        await daemon.wait(job["id"], states=("running",))
+    for job in jobs[:2]:
+        code, _ = await daemon.json("POST", f"/v1/jobs/{job['id']}/cancel")
+        assert code == 202
+    while len(dispatcher._ending) < 2:
+        await sleep(0.01)
+    for job in jobs:
+        _, seen = await daemon.json("GET", f"/v1/jobs/{job['id']}")
+        assert seen["state"] == "running"
+    await sleep(0.05)
+    before = store.batches
+    code, _ = await daemon.json("POST", f"/v1/jobs/{jobs[2]['id']}/cancel")
+    assert code == 202
+    done = [await daemon.wait(job["id"]) for job in jobs]
+    assert [job["state"] for job in done] == ["cancelled"] * 3
+    # The cancel's own commit, then one for the three ends.
+    assert store.batches - before == 2
+    # Each keeps the time it ended, not the time of the commit.
+    assert done[0]["finished_at"] < done[2]["finished_at"]
+    assert done[1]["finished_at"] < done[2]["finished_at"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_end_does_not_wait_for_a_long_job(make_daemon):
+    """With a job running for a minute beside it, a short job is recorded
+    after end_gather, not when the long one ends."""
+    daemon = await make_daemon("[executor]\nslots = 2\nthreads = 2\n")
+    long = await daemon.submit({"task": "wait_for_cancel", "args": [60]})
+    await daemon.wait(long["id"], states=("running",))
+    short = await daemon.submit({"task": "add", "args": [1, 2]})
+    done = await daemon.wait(short["id"])
+    assert done["state"] == "succeeded" and done["result"] == 3
+    _, seen = await daemon.json("GET", f"/v1/jobs/{long['id']}")
+    assert seen["state"] == "running"
+    await daemon.json("POST", f"/v1/jobs/{long['id']}/cancel")
+    assert (await daemon.wait(long["id"]))["state"] == "cancelled"
+
+
+@pytest_twisted.ensureDeferred
 async def test_task_failures(daemon):
     """A task that raises or returns a value that is not JSON fails with words;
     the traceback is its stderr log."""
