@@ -302,8 +302,8 @@ class DispatcherAPI(Resource):
             # coroutine's start and resumption were a tenth of a single
             # submit's time on the reactor thread.
             d = Deferred.fromCoroutine(result) if iscoroutine(result) else result
-        finished = request.notifyFinish()
-        finished.addErrback(lambda _: d.cancel())
+        # A client that goes away cancels what its request still waits for.
+        request.when_lost(d.cancel)
         # A failure while writing the answer (an answer that cannot be
         # encoded, say) is answered as any other: nothing is sent before
         # the body is encoded.

@@ -12,7 +12,8 @@ reads a request's head in one piece, hands the API an object with the part
 of twisted.web's request interface it uses (C{method}, C{uri}, C{path},
 C{postpath}, C{args}, C{content}, C{getHeader}, C{setHeader},
 C{setResponseCode}, C{write}, C{finish}, C{notifyFinish},
-C{registerProducer}, C{loseConnection}), and writes the answer's head in one
+C{registerProducer}, C{loseConnection}; and C{when_lost}, a lighter
+C{notifyFinish}), and writes the answer's head in one
 piece.
 
 What it does of HTTP/1.1 (RFC 9112): persistent connections (HTTP/1.0 ones
@@ -202,6 +203,7 @@ class Request:
     _sent = 0
     _args: Optional[dict] = None
     _finish_waiters: Optional[list] = None
+    _lost_callbacks: Optional[list] = None
 
     def __init__(
         self,
@@ -257,6 +259,20 @@ class Request:
             self._finish_waiters.append(d)
         return d
 
+    def when_lost(self, callback: Callable[[], Any]) -> None:
+        """
+        Call C{callback()} if the connection is lost before the answer is
+        out: L{notifyFinish}'s errback without a Deferred for every request.
+        """
+        if self.finished:
+            return
+        if self._disconnected:
+            callback()
+            return
+        if self._lost_callbacks is None:
+            self._lost_callbacks = []
+        self._lost_callbacks.append(callback)
+
     def _head(self) -> bytes:
         self._started = True
         headers = self.responseHeaders
@@ -304,6 +320,7 @@ class Request:
             send(self.channel.transport, b"0\r\n\r\n")
         self.finished = True
         waiters, self._finish_waiters = self._finish_waiters, None
+        self._lost_callbacks = None
         for d in waiters or ():
             d.callback(None)
         self.channel.request_done(self)
@@ -331,6 +348,9 @@ class Request:
         waiters, self._finish_waiters = self._finish_waiters, None
         for d in waiters or ():
             d.errback(reason)
+        callbacks, self._lost_callbacks = self._lost_callbacks, None
+        for callback in callbacks or ():
+            callback()
 
     def log_line(self, client: str, stamp: str) -> str:
         """

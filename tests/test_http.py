@@ -469,18 +469,39 @@ def test_an_access_log_that_cannot_be_written_does_not_stop_requests(tmp_path):
 
 
 def test_lost_connection_fails_notify_finish():
-    """When the client goes before its answer, notifyFinish fails and the
-    late answer is dropped."""
+    """When the client goes before its answer, notifyFinish fails, when_lost
+    callbacks run (at once if registered after), and the late answer is
+    dropped."""
     handler = Recorder(hold=True)
     channel, transport, _ = connect(handler)
     channel.dataReceived(b"GET /a HTTP/1.1\r\n\r\n")
     request = handler.requests[0]
     failures = []
+    lost = []
     request.notifyFinish().addErrback(failures.append)
+    request.when_lost(lambda: lost.append("first"))
     channel.connectionLost(Failure(ConnectionDone()))
     assert len(failures) == 1
+    assert lost == ["first"]
+    request.when_lost(lambda: lost.append("late"))
+    assert lost == ["first", "late"]
     answer(request)
     assert transport.value() == b""
+
+
+def test_when_lost_is_not_called_once_the_answer_is_out():
+    """A connection lost after the answer was finished calls no when_lost
+    callback."""
+    handler = Recorder(hold=True)
+    channel, transport, _ = connect(handler)
+    channel.dataReceived(b"GET /a HTTP/1.1\r\n\r\n")
+    request = handler.requests[0]
+    lost = []
+    request.when_lost(lambda: lost.append(1))
+    answer(request)
+    channel.connectionLost(Failure(ConnectionDone()))
+    request.when_lost(lambda: lost.append(2))
+    assert lost == []
 
 
 def test_access_log_line(tmp_path):
