@@ -51,6 +51,9 @@ LOCAL_LEASE_SECONDS = 365 * 24 * 3600.0
 # beside it, so that they are recorded together (see Dispatcher._ended).
 END_GATHER = 0.001
 
+# The most kinds of need an explainer remembers its verdict on.
+MAX_REASONS = 1024
+
 # How often forgotten idempotency keys are purged.
 PURGE_INTERVAL = 3600.0
 
@@ -102,12 +105,17 @@ class Dispatcher(Service):
         self.events = JobEvents()
         self.scheduler = Scheduler(self._clock)
         self.ids = JobIds(self._clock.seconds)
-        self._recorded: dict[str, Deferred] = {}
+        # Local jobs running, until their end (or release) goes to the
+        # store; those records not yet committed; who waits for all.
+        self._recorded: set[str] = set()
+        self._recording = 0
+        self._recorded_waiters: list[Deferred] = []
         # Local jobs that have ended, with when, waiting to be recorded
         # together; and the timer that records them at the latest.
         self._ending: list[tuple[Outcome, RunningJob, float]] = []
         self._ending_call: Any = None
         self.end_gather = END_GATHER
+        self._local_explainer: Optional[tuple[Any, Callable[[Job], Job]]] = None
         self._accepting = False
         self._wake_call: Any = None
         self._purge_call: Any = None
@@ -200,10 +208,9 @@ class Dispatcher(Service):
                 grace=self._grace,
                 count=len(self._recorded),
             )
-            all_recorded = DeferredList(list(self._recorded.values()))
             timer: Deferred = Deferred()
             call = self._clock.callLater(self._grace, timer.callback, None)
-            await DeferredList([all_recorded, timer], fireOnOneCallback=True)
+            await DeferredList([self._all_recorded(), timer], fireOnOneCallback=True)
             if call.active():
                 call.cancel()
         if self._recorded:
@@ -222,7 +229,7 @@ class Dispatcher(Service):
                     waits.append(self._release(running))
                 else:
                     self.executor.stop(running.lease.job_id)
-            waits.extend(self._recorded.values())
+            waits.append(self._all_recorded())
             await DeferredList(waits)
         await self.store.close()
 
@@ -318,10 +325,20 @@ class Dispatcher(Service):
         """
         A function that gives a queued job that no holder could ever take a
         wait reason saying so; the holders are looked at once, and jobs
-        that need the same are judged once.
+        that need the same are judged once.  While no remote worker has
+        ever called, the holders are this host alone, and one function
+        serves every call (making it was a twentieth of a single
+        submission's time on the reactor thread).
         """
-        offers = [self.local_offer] if self._slots > 0 else []
-        offers.extend(worker.offer for worker in self.hub.connected())
+        if not self.hub.workers:
+            key = (self.executor.holder, self._slots)
+            if self._local_explainer is None or self._local_explainer[0] != key:
+                self._local_explainer = (key, self._make_explainer([]))
+            return self._local_explainer[1]
+        return self._make_explainer([worker.offer for worker in self.hub.connected()])
+
+    def _make_explainer(self, remote: list[Offer]) -> Callable[[Job], Job]:
+        offers = ([self.local_offer] if self._slots > 0 else []) + remote
         reasons: dict[Any, Optional[str]] = {}
         queues = self.store.queue_limits
 
@@ -335,9 +352,11 @@ class Dispatcher(Service):
                     f"it runs once [queue:{spec.queue}] is back"
                 )
             needs = (spec.task, spec.resources, tuple(sorted(spec.requirements.items())))
-            if needs not in reasons:
-                reasons[needs] = placement(spec, offers)
-            reason = reasons[needs]
+            reason = reasons.get(needs, False)
+            if reason is False:
+                if len(reasons) >= MAX_REASONS:
+                    reasons.clear()
+                reason = reasons[needs] = placement(spec, offers)
             if reason is None or reason == job.wait_reason:
                 return job
             return job.waiting(reason)
@@ -505,9 +524,20 @@ class Dispatcher(Service):
             self._run(lease)
         self._pump()
 
+    def _all_recorded(self) -> Deferred:
+        """
+        Fires once every local job has ended and its end (or release) has
+        been committed or has failed.
+        """
+        d: Deferred = Deferred()
+        if self._recorded or self._recording:
+            self._recorded_waiters.append(d)
+        else:
+            d.callback(None)
+        return d
+
     def _run(self, lease: Lease) -> None:
-        recorded: Deferred = Deferred()
-        self._recorded[lease.job_id] = recorded
+        self._recorded.add(lease.job_id)
         running = self.executor.run(lease, self._mark_running, self._record_process)
         running.done.addCallback(self._ended, running)
 
@@ -575,7 +605,8 @@ class Dispatcher(Service):
         self, d: Deferred, running: RunningJob, freed: bool = False
     ) -> Deferred:
         lease = running.lease
-        recorded = self._recorded.pop(lease.job_id, None)
+        self._recorded.discard(lease.job_id)
+        self._recording += 1
 
         def failed(failure: Failure) -> None:
             if failure.check(StaleLease):
@@ -592,8 +623,11 @@ class Dispatcher(Service):
         def finally_(_: Any) -> None:
             if not freed:
                 self.scheduler.slots_freed(lease.holder)
-            if recorded is not None:
-                recorded.callback(None)
+            self._recording -= 1
+            if not self._recorded and not self._recording and self._recorded_waiters:
+                waiters, self._recorded_waiters = self._recorded_waiters, []
+                for waiter in waiters:
+                    waiter.callback(None)
             self._pump()
 
         return d.addCallbacks(self._apply, failed).addBoth(finally_)
