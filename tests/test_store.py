@@ -863,3 +863,43 @@ async def test_unconfigured_queues_are_found_by_seeking(tmp_path):
     await narrower.open()
     assert await narrower.unconfigured_queues() == {"b": 3, "z": 2}
     await narrower.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_first_claim_gets_the_spec_as_stored(store):
+    """The spec a job's first claim hands out (kept from its submission) is
+    the one read back from its row: every field, whatever the job says."""
+    specs = [
+        JobSpec(task="t", args=(1, [2, {"a": None}]), kwargs={"k": {"n": [1.5]}},
+                name="n", labels={"b": "2", "a": "1"}, priority=3, queue="default",
+                max_attempts=4, retry_delay=0.5, timeout=9.0, not_before=50.0),
+        JobSpec(command=("echo", "x"), env={"A": "1"},
+                inputs=(InputSpec("http://h/f", "f", "0" * 64),),
+                resources=_sqlite.Resources(cpus=0.5, memory_mb=10),
+                requirements={"zone": "a"}),
+        spec(7),
+    ]
+    jobs = await submit(store, *specs)
+    assert len(store._fresh_specs) == 3
+    offer = Offer("h", 3, _sqlite.Resources(cpus=4, memory_mb=100), {"zone": "a"})
+    claimed = await store.claim(offer, 3, 200.0, 60, offer.resources)
+    by_id = {lease.job_id: lease.spec for lease in claimed.leases}
+    assert set(by_id) == {job.id for job in jobs}
+    assert store._fresh_specs == {}
+    conn = sqlite3.connect(store._path)
+    for job, original in zip(jobs, specs):
+        row = conn.execute(f"SELECT {_sqlite._SPEC_COLUMNS} FROM jobs WHERE id = ?",
+                           (job.id,)).fetchone()
+        assert by_id[job.id] == _sqlite._spec_from_row(row) == original
+    conn.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_specs_kept_for_claims_are_bounded(store, monkeypatch):
+    """The specs kept for first claims are dropped all at once at the bound;
+    a claim then reads the spec from the row."""
+    monkeypatch.setattr(_sqlite, "MAX_FRESH_SPECS", 2)
+    jobs = await submit(store, spec(1), spec(2), spec(3))
+    assert list(store._fresh_specs) == [jobs[2].id]
+    leases = await claim(store, "h", 3, 200.0)
+    assert [lease.spec for lease in leases] == [spec(1), spec(2), spec(3)]
