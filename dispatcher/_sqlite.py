@@ -288,9 +288,6 @@ MIGRATIONS: Sequence[str] = (
 
 _QUEUED_REASON = "waiting for a free slot"
 
-# The most specs of submitted jobs kept for their first claim.
-MAX_FRESH_SPECS = 65536
-
 
 def _dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), sort_keys=True)
@@ -539,9 +536,6 @@ class SQLiteJobStore:
         self._next_token = 1
         # Whether any job may have dependents (the writer thread's own).
         self._dependencies = True
-        # The specs of jobs submitted since start-up and not yet claimed,
-        # by id (the writer thread's own; see _keep_spec).
-        self._fresh_specs: dict[str, JobSpec] = {}
         self._shut = False
         # Commits, and those of them that synced the disk.
         self.batches = 0
@@ -787,21 +781,6 @@ class SQLiteJobStore:
         conn.execute("RELEASE operation")
         return (True, value)
 
-    def _keep_spec(self, job_id: str, spec: JobSpec) -> None:
-        """
-        Keep a job's spec, as it is being stored, for its first claim: read
-        back from its row, it took a twentieth of a no-op job's time on the
-        writer thread.  The stored spec is this one, and nothing changes
-        the columns it comes from before a job's first claim; a claim takes
-        the spec out.  Specs of jobs cancelled before they ran, or of
-        submissions a failed group undid, stay until the whole lot is
-        dropped at L{MAX_FRESH_SPECS}.
-        """
-        fresh = self._fresh_specs
-        if len(fresh) >= MAX_FRESH_SPECS:
-            fresh.clear()
-        fresh[job_id] = spec
-
     def _plain_submission(self, operation: Callable[..., Any], args: tuple[Any, ...]) -> bool:
         """
         Whether a write is a submission that nothing but SQLite itself can
@@ -941,7 +920,6 @@ class SQLiteJobStore:
                 jobs.append(
                     _add_job(rows, label_rows, seq, job_id, state, spec, now, wait_reason)
                 )
-                self._keep_spec(job_id, spec)
                 changed.append((job_id, state))
             written.append(Written(Submitted(jobs, replayed=False), tuple(changed), wake))
         _insert_jobs(conn, rows)
@@ -1130,8 +1108,6 @@ class SQLiteJobStore:
                 _add_job(rows, label_rows, seq, job_id, state, spec, now, wait_reason,
                          len(unmet), finished_at, error, cancelled_by)
             )
-            if finished_at is None:
-                self._keep_spec(job_id, spec)
             if deps:
                 self._dependencies = True
                 conn.executemany(
@@ -1247,7 +1223,6 @@ class SQLiteJobStore:
         order = self._queues[self._turn:] + self._queues[: self._turn]
         chosen: list[tuple[tuple, JobSpec]] = []
         taken: dict[str, int] = {}
-        fresh = self._fresh_specs
         skipped = 0
         # A queue left for want of room may still hold jobs.
         left = False
@@ -1264,14 +1239,11 @@ class SQLiteJobStore:
                 del heads[queue]
             else:
                 heads[queue] = following
-            spec = fresh.get(row[1])
-            if spec is None:
-                spec = _spec_from_row(row[2:13])
+            spec = _spec_from_row(row[2:13])
             if offer.refuses(spec) is not None or not free.covers(spec.resources):
                 skipped += 1
                 continue
             chosen.append((row, spec))
-            fresh.pop(row[1], None)
             free = free - spec.resources
             taken[queue] = taken.get(queue, 0) + 1
             if taken[queue] >= room[queue] and queue in heads:
