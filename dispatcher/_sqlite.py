@@ -284,9 +284,19 @@ MIGRATIONS: Sequence[str] = (
     );
     CREATE INDEX idempotency_age ON idempotency (created_at);
     """,
+    # Only start-up looked jobs up by their lease holder, and the jobs that
+    # hold a lease are the staging and running ones, which jobs_state
+    # finds; keeping this index cost every claim and every end a move in
+    # it (about a tenth of the writer's SQLite time for a no-op job).
+    """
+    DROP INDEX jobs_holder;
+    """,
 )
 
 _QUEUED_REASON = "waiting for a free slot"
+
+# The jobs that hold a lease: only staging and running ones do.
+_LEASED = "state IN ('staging', 'running') AND lease_token IS NOT NULL"
 
 
 def _dumps(value: Any) -> str:
@@ -1309,13 +1319,13 @@ class SQLiteJobStore:
         expires = now + lease_seconds
         rows = conn.execute(
             f"SELECT id, {_SPEC_COLUMNS}, attempt_count, lease_token,"
-            " lease_holder, state, cancel_requested FROM jobs INDEXED BY jobs_holder"
-            " WHERE lease_token IS NOT NULL AND lease_holder != ?",
+            f" lease_holder, state, cancel_requested FROM jobs INDEXED BY jobs_state"
+            f" WHERE {_LEASED} AND lease_holder != ?",
             (local_holder,),
         ).fetchall()
         conn.execute(
-            "UPDATE jobs SET lease_expires = ?"
-            " WHERE lease_token IS NOT NULL AND lease_holder != ?",
+            "UPDATE jobs INDEXED BY jobs_state SET lease_expires = ?"
+            f" WHERE {_LEASED} AND lease_holder != ?",
             (expires, local_holder),
         )
         resumed = [
@@ -1585,8 +1595,9 @@ class SQLiteJobStore:
     def _recover(self, conn: sqlite3.Connection, holder: str, now: float) -> Written:
         rows = conn.execute(
             "SELECT a.job_id, a.number, a.token, a.pid, a.start_ticks, a.boot_id"
-            " FROM jobs j JOIN attempts a ON a.token = j.lease_token"
-            " WHERE j.lease_token IS NOT NULL AND j.lease_holder = ?",
+            " FROM jobs j INDEXED BY jobs_state JOIN attempts a ON a.token = j.lease_token"
+            " WHERE j.state IN ('staging', 'running') AND j.lease_token IS NOT NULL"
+            " AND j.lease_holder = ?",
             (holder,),
         ).fetchall()
         lost = [LostAttempt(*row) for row in rows]

@@ -6,6 +6,7 @@ on.
 """
 
 import os
+import sqlite3
 import tempfile
 
 import pytest
@@ -194,6 +195,20 @@ class Scheduling(RuleBasedStateMachine):
             assert len(live) <= 1
             assert bool(live) == job.state.active
             assert (job_id in self.leases) == job.state.active
+
+    @invariant()
+    def only_staging_and_running_jobs_hold_a_lease(self):
+        # Start-up finds leased jobs through the state index on this.
+        conn = sqlite3.connect(self.path)
+        try:
+            for state, token, holder in conn.execute(
+                "SELECT state, lease_token, lease_holder FROM jobs"
+            ):
+                leased = state in ("staging", "running")
+                assert (token is not None) == leased, (state, token)
+                assert (holder is not None) == leased, (state, holder)
+        finally:
+            conn.close()
 
 
 TestScheduling = Scheduling.TestCase
