@@ -2069,9 +2069,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         "queued_jobs": 100_000 if quick else 1_000_000,
         # The short queue (h) compares the long one with: enough that the
         # 11 s of a claims round (1 s warm-up, 10 s window) cannot run it
-        # out at this machine's claim rates (about 2,400 jobs/s since 34c04ca
-        # made one commit per cycle; 20,000 ran out).
-        "seeded_jobs": 50_000 if quick else 200_000,
+        # out at this machine's claim rates (about 2,400 jobs/s after
+        # 34c04ca, when 20,000 ran out; 17,300 jobs/s at 2026-11-26 04:21,
+        # when 200,000 did).
+        "seeded_jobs": 50_000 if quick else 400_000,
         "claims_seconds": 2 if quick else 10,
         "claims_rounds": args.rounds or (1 if quick else 3),
     }
