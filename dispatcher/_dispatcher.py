@@ -10,11 +10,20 @@ back-offs run on it.
 from __future__ import annotations
 
 import operator
+import sqlite3
+from functools import partial
 from typing import Any, Callable, Optional, Sequence
 
 import attrs
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    DeferredList,
+    ensureDeferred,
+    fail,
+)
+from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -50,6 +59,11 @@ LOCAL_LEASE_SECONDS = 365 * 24 * 3600.0
 # The longest a local job's end waits for the ends of the others running
 # beside it, so that they are recorded together (see Dispatcher._ended).
 END_GATHER = 0.001
+
+# How long after a failed commit a job's end is written again (doubling
+# each time, up to the most).
+RECORD_RETRY_FIRST = 1.0
+RECORD_RETRY_MAX = 60.0
 
 # The most kinds of need an explainer remembers its verdict on.
 MAX_REASONS = 1024
@@ -115,6 +129,9 @@ class Dispatcher(Service):
         self._ending: list[tuple[Outcome, RunningJob, float]] = []
         self._ending_call: Any = None
         self.end_gather = END_GATHER
+        self.record_retry_delay = RECORD_RETRY_FIRST
+        # The waits before writing a failed end again.
+        self._retrying: set[Deferred] = set()
         self._local_explainer: Optional[tuple[Any, Callable[[Job], Job]]] = None
         self._accepting = False
         self._wake_call: Any = None
@@ -190,8 +207,11 @@ class Dispatcher(Service):
 
     async def _stop(self) -> None:
         self._accepting = False
-        # Ends waiting for company are recorded now.
+        # Ends waiting for company are recorded now; ends waiting to be
+        # written again after a failed commit are given up.
         self._record_ends()
+        for retry in list(self._retrying):
+            retry.cancel()
         for call in (self._wake_call, self._purge_call):
             if call is not None and call.active():
                 call.cancel()
@@ -524,6 +544,11 @@ class Dispatcher(Service):
             self._run(lease)
         self._pump()
 
+    def _record_again(self, write: Callable[[], Deferred]) -> Deferred:
+        if not self._accepting:
+            return fail(StoreClosed("the dispatcher stopped before the end was recorded"))
+        return write()
+
     def _all_recorded(self) -> Deferred:
         """
         Fires once every local job has ended and its end (or release) has
@@ -586,29 +611,43 @@ class Dispatcher(Service):
         ending, self._ending = self._ending, []
         for outcome, running, now in ending:
             lease = running.lease
-            d = self.store.finish(lease, outcome, now)
+            write = partial(self.store.finish, lease, outcome, now)
+            d = write()
             # The slot is free once the job has ended: the next claim goes
             # to the store behind the ends, so all share one commit.
             self.scheduler.slots_freed(lease.holder)
-            self._after_record(d, running, freed=True)
+            self._after_record(d, write, running, freed=True)
         self._pump()
 
     def _release(self, running: RunningJob) -> Deferred:
-        d = self.store.release(
+        write = partial(
+            self.store.release,
             running.lease,
             self._clock.seconds(),
             "stopped by the dispatcher's shutdown; the job goes back to the queue",
         )
-        return self._after_record(d, running)
+        return self._after_record(write(), write, running)
 
     def _after_record(
-        self, d: Deferred, running: RunningJob, freed: bool = False
+        self,
+        d: Deferred,
+        write: Callable[[], Deferred],
+        running: RunningJob,
+        freed: bool = False,
     ) -> Deferred:
+        """
+        Follow the write C{d} of a job's end (or release), made by
+        C{write()}.  If the store could not commit it (a full disk, say),
+        it is written again after 1, 2, 4 ... up to 60 s while the
+        dispatcher runs, so that the end is not lost; a stop gives up, and
+        the next start records the attempt as lost.
+        """
         lease = running.lease
         self._recorded.discard(lease.job_id)
         self._recording += 1
+        tries = [0]
 
-        def failed(failure: Failure) -> None:
+        def failed(failure: Failure) -> Optional[Deferred]:
             if failure.check(StaleLease):
                 log.info(
                     "job {job_id} attempt {attempt} ended on a lease that is no "
@@ -616,9 +655,34 @@ class Dispatcher(Service):
                     job_id=lease.job_id,
                     attempt=lease.attempt,
                 )
-            else:
+                return None
+            if failure.check(StoreClosed, CancelledError):
+                log.warn(
+                    "the end of job {job_id} attempt {attempt} was not recorded "
+                    "before the dispatcher stopped; the next start records the "
+                    "attempt as lost",
+                    job_id=lease.job_id,
+                    attempt=lease.attempt,
+                )
+                return None
+            if not failure.check(sqlite3.Error, OSError) or not self._accepting:
                 log.failure("recording the end of job {job_id} failed", failure,
                             job_id=lease.job_id)
+                return None
+            delay = min(RECORD_RETRY_MAX, self.record_retry_delay * 2 ** tries[0])
+            tries[0] += 1
+            log.warn(
+                "recording the end of job {job_id} failed ({error}); trying "
+                "again in {delay:g} s",
+                job_id=lease.job_id,
+                error=failure.getErrorMessage(),
+                delay=delay,
+            )
+            again: Deferred = deferLater(self._clock, delay, self._record_again, write)
+            # A stop cancels the wait (see _stop).
+            self._retrying.add(again)
+            again.addBoth(lambda result: (self._retrying.discard(again), result)[1])
+            return again.addCallbacks(self._apply, failed)
 
         def finally_(_: Any) -> None:
             if not freed:

@@ -410,3 +410,89 @@ async def test_a_relative_data_dir_runs_commands(make_daemon, tmp_path, monkeypa
     assert done["state"] == "succeeded", done["error"]
     assert done["exit_code"] == 0
     assert (tmp_path / "var" / "jobs").is_dir()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_end_the_store_could_not_commit_is_written_again(daemon, monkeypatch):
+    """A job's end that fails to commit (a full disk) is written again, with
+    a growing delay, until it lands: the job ends with its result."""
+    import sqlite3
+
+    dispatcher = daemon.service.dispatcher
+    dispatcher.record_retry_delay = 0.01
+    store = daemon.service.store
+    real = store.finish
+    failures = []
+
+    def finish(lease, outcome, now):
+        if len(failures) < 3:
+            failures.append(now)
+            from twisted.internet.defer import fail
+            return fail(sqlite3.OperationalError("database or disk is full"))
+        return real(lease, outcome, now)
+
+    monkeypatch.setattr(store, "finish", finish)
+    job = await daemon.submit({"task": "add", "args": [2, 3]})
+    done = await daemon.wait(job["id"])
+    assert done["state"] == "succeeded" and done["result"] == 5
+    assert len(failures) == 3
+    # The end time is the job's, not that of the write that landed.
+    assert abs(done_finished(done) - failures[0]) < 0.001
+
+
+def done_finished(job):
+    from datetime import datetime
+
+    return datetime.fromisoformat(job["finished_at"].replace("Z", "+00:00")).timestamp()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stop_does_not_wait_for_an_end_that_cannot_be_written(make_daemon, monkeypatch):
+    """While the store keeps failing a job's end, a stop gives up on it
+    rather than hang; the next start records the attempt as lost."""
+    import sqlite3
+
+    from twisted.internet.defer import fail
+
+    daemon = await make_daemon()
+    # Long enough that the stop comes during a wait: it must not sit it out.
+    daemon.service.dispatcher.record_retry_delay = 600.0
+    store = daemon.service.store
+    monkeypatch.setattr(
+        store, "finish",
+        lambda lease, outcome, now: fail(sqlite3.OperationalError("disk I/O error")))
+    job = await daemon.submit({"task": "add", "args": [1, 1]})
+    while not daemon.service.dispatcher._retrying:
+        await sleep(0.01)
+    data = daemon.service.config.dispatcher.data_dir
+    await daemon.service.stopService()
+    again = await make_daemon(data_dir=data)
+    done = await again.wait(job["id"])
+    assert done["state"] == "failed" and "lost" in done["error"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_submission_whose_commit_fails_is_a_500_and_stores_nothing(daemon, monkeypatch):
+    """A commit that fails (a full disk) answers the submission 500 and
+    leaves no job behind; the next commit works as ever."""
+    import sqlite3
+
+    store = daemon.service.store
+    real = store._commit
+    broken = []
+
+    def commit(work, durable=True):
+        if not broken:
+            broken.append(len(work))
+            real([], durable)  # the writer stays usable
+            raise sqlite3.OperationalError("database or disk is full")
+        return real(work, durable)
+
+    monkeypatch.setattr(store, "_commit", commit)
+    code, answer = await daemon.json("POST", "/v1/jobs", {"command": ["true"]})
+    assert code == 500 and answer["error"]["code"] == "internal_error"
+    assert broken
+    code, page = await daemon.json("GET", "/v1/jobs")
+    assert code == 200 and page["jobs"] == []
+    job = await daemon.submit({"command": ["true"]})
+    assert (await daemon.wait(job["id"]))["state"] == "succeeded"
