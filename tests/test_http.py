@@ -468,14 +468,19 @@ def test_an_access_log_that_cannot_be_written_does_not_stop_requests(tmp_path):
     channel.factory.stopFactory()
 
 
+def held_request():
+    """A connection with one GET read and left unanswered."""
+    handler = Recorder(hold=True)
+    channel, transport, _ = connect(handler)
+    channel.dataReceived(b"GET /a HTTP/1.1\r\n\r\n")
+    return channel, transport, handler.requests[0]
+
+
 def test_lost_connection_fails_notify_finish():
     """When the client goes before its answer, notifyFinish fails, when_lost
     callbacks run (at once if registered after), and the late answer is
     dropped."""
-    handler = Recorder(hold=True)
-    channel, transport, _ = connect(handler)
-    channel.dataReceived(b"GET /a HTTP/1.1\r\n\r\n")
-    request = handler.requests[0]
+    channel, transport, request = held_request()
     failures = []
     lost = []
     request.notifyFinish().addErrback(failures.append)
@@ -492,10 +497,7 @@ def test_lost_connection_fails_notify_finish():
 def test_when_lost_is_not_called_once_the_answer_is_out():
     """A connection lost after the answer was finished calls no when_lost
     callback."""
-    handler = Recorder(hold=True)
-    channel, transport, _ = connect(handler)
-    channel.dataReceived(b"GET /a HTTP/1.1\r\n\r\n")
-    request = handler.requests[0]
+    channel, _, request = held_request()
     lost = []
     request.when_lost(lambda: lost.append(1))
     answer(request)
@@ -544,17 +546,23 @@ async def test_over_a_real_socket():
         reactor.callLater(0.01 if request.uri == b"/1" else 0, answer, request)
         pending.append(request)
 
+    raw = await exchange_over_tcp(handler, post(b"/1", b"a") + post(b"/2", b"b")
+                                  + b"GET /3 HTTP/1.1\r\nConnection: close\r\n\r\n")
+    assert [json.loads(b)["uri"] for _, _, b in responses(raw)] == ["/1", "/2", "/3"]
+
+
+async def exchange_over_tcp(handler, data):
+    """Serve C{handler} on a real loopback port, send C{data} from a real
+    client, and return all it received until the server closed."""
     factory = HTTPFactory(handler, 1000, reactor)
     port = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(factory)
     try:
-        exchange = _Exchange(post(b"/1", b"a") + post(b"/2", b"b")
-                             + b"GET /3 HTTP/1.1\r\nConnection: close\r\n\r\n")
+        exchange = _Exchange(data)
         endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
         await endpoint.connect(_factory(exchange))
-        raw = await exchange.done
+        return await exchange.done
     finally:
         await port.stopListening()
-    assert [json.loads(b)["uri"] for _, _, b in responses(raw)] == ["/1", "/2", "/3"]
 
 
 def _factory(protocol):
@@ -588,16 +596,8 @@ async def test_answers_go_straight_to_the_socket_and_stay_in_order():
             len(transport.dataBuffer) - transport.offset,
         )
 
-    factory = HTTPFactory(handler, 1000, reactor)
-    port = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(factory)
-    try:
-        exchange = _Exchange(post(b"/1", b"a") + b"GET /big HTTP/1.1\r\n\r\n"
-                             + b"GET /3 HTTP/1.1\r\nConnection: close\r\n\r\n")
-        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
-        await endpoint.connect(_factory(exchange))
-        raw = await exchange.done
-    finally:
-        await port.stopListening()
+    raw = await exchange_over_tcp(handler, post(b"/1", b"a") + b"GET /big HTTP/1.1\r\n\r\n"
+                                  + b"GET /3 HTTP/1.1\r\nConnection: close\r\n\r\n")
     (_, _, first), (_, _, body), (_, _, last) = responses(raw)
     assert json.loads(first)["uri"] == "/1"
     assert body == big
