@@ -414,17 +414,21 @@ class HeldLease:
         return self.running is not None and self.running.done.called
 
 
-def read_chunk_blocking(path: str, offset: int, size: int) -> bytes:
+def read_chunks_blocking(pieces: list[tuple[str, int, int]]) -> list[bytes]:
     """
-    Up to C{size} bytes of the file at C{path} from C{offset}; nothing for
-    a file that does not exist (yet).  Blocks: run it on a thread pool.
+    For each C{(path, offset, size)}, up to C{size} bytes of the file at
+    C{path} from C{offset}; nothing for a file that does not exist (yet).
+    Blocks: run it on a thread pool.
     """
-    try:
-        with open(path, "rb") as f:
-            f.seek(offset)
-            return f.read(size)
-    except FileNotFoundError:
-        return b""
+    chunks = []
+    for path, offset, size in pieces:
+        try:
+            with open(path, "rb") as f:
+                f.seek(offset)
+                chunks.append(f.read(size))
+        except FileNotFoundError:
+            chunks.append(b"")
+    return chunks
 
 
 class RemoteWorker(Service):
@@ -444,8 +448,9 @@ class RemoteWorker(Service):
     @param description: the L{WorkerDescription} sent with every request.
     @param clock: the C{IReactorTime} of heartbeats, back-offs and the
         shutdown grace.
-    @param read_chunk: C{(path, offset, size) -> Deferred[bytes]}: reads a
-        piece of a log file off the reactor thread.
+    @param read_chunks: C{[(path, offset, size), ...] -> Deferred[[bytes,
+        ...]]}: reads pieces of log files off the reactor thread, in one
+        trip (L{read_chunks_blocking}).
     @param grace: seconds a stopping worker waits for running jobs before it
         stops them.
     @param flush_seconds: seconds a stopping worker goes on trying to
@@ -460,7 +465,7 @@ class RemoteWorker(Service):
         executor: Any,
         description: WorkerDescription,
         clock: Any,
-        read_chunk: Callable[[str, int, int], Deferred],
+        read_chunks: Callable[[list[tuple[str, int, int]]], Deferred],
         grace: float = 30.0,
         flush_seconds: float = 10.0,
         rng: Optional[random.Random] = None,
@@ -470,7 +475,7 @@ class RemoteWorker(Service):
         self._executor = executor
         self.description = description
         self._clock = clock
-        self._read_chunk = read_chunk
+        self._read_chunks = read_chunks
         self._grace = grace
         self._flush_seconds = flush_seconds
         self._poll_wait = poll_wait
@@ -925,6 +930,10 @@ class RemoteWorker(Service):
 
     # Logs
 
+    async def _read_chunk(self, path: str, offset: int) -> bytes:
+        (chunk,) = await self._read_chunks([(path, offset, LOG_CHUNK_BYTES)])
+        return chunk
+
     async def _ship_logs(self, held: HeldLease) -> bool:
         """
         Send what the attempt's log files hold beyond what the dispatcher
@@ -936,13 +945,22 @@ class RemoteWorker(Service):
             return True
         await held.shipping.acquire()
         try:
-            for stream in STREAMS:
-                path = self._executor.log_path(held.job_id, held.lease.attempt, stream)
-                while not held.forgotten and stream not in held.given_up:
+            streams = [s for s in STREAMS if s not in held.given_up]
+            paths = {
+                stream: self._executor.log_path(held.job_id, held.lease.attempt, stream)
+                for stream in streams
+            }
+            # Every stream's next piece in one trip off the reactor thread:
+            # most attempts (every task that did not fail) have no log, and
+            # a trip for each stream, at every heartbeat and at every end,
+            # was a worker's dearest part of a no-op job.
+            firsts = await self._read_chunks(
+                [(paths[stream], held.offsets[stream], LOG_CHUNK_BYTES) for stream in streams]
+            )
+            for stream, chunk in zip(streams, firsts):
+                path = paths[stream]
+                while chunk and not held.forgotten and stream not in held.given_up:
                     offset = held.offsets[stream]
-                    chunk = await self._read_chunk(path, offset, LOG_CHUNK_BYTES)
-                    if not chunk:
-                        break
                     try:
                         await self._client.append_log(
                             held.job_id, held.lease.token, stream, offset, chunk
@@ -957,6 +975,7 @@ class RemoteWorker(Service):
                             )
                             return False
                         held.offsets[stream] = e.size
+                        chunk = await self._read_chunk(path, e.size)
                         continue
                     except LeaseGone as e:
                         self._forget(held, "stale_lease", str(e))
@@ -982,6 +1001,7 @@ class RemoteWorker(Service):
                     held.offsets[stream] = offset + len(chunk)
                     if len(chunk) < LOG_CHUNK_BYTES:
                         break
+                    chunk = await self._read_chunk(path, held.offsets[stream])
             return True
         finally:
             held.shipping.release()
@@ -1140,17 +1160,15 @@ class WorkerService(MultiService):
         http = self.host.http
         self.executor = self.host.executor
 
-        def read_chunk(path: str, offset: int, size: int) -> Deferred:
-            return deferToThreadPool(
-                reactor, self.io_pool, read_chunk_blocking, path, offset, size
-            )
+        def read_chunks(pieces: list[tuple[str, int, int]]) -> Deferred:
+            return deferToThreadPool(reactor, self.io_pool, read_chunks_blocking, pieces)
 
         self.worker = RemoteWorker(
             DispatcherClient(http, settings.url, settings.token, clock),
             self.executor,
             settings.description,
             clock,
-            read_chunk,
+            read_chunks,
             grace=settings.grace,
         )
 

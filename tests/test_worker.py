@@ -136,10 +136,13 @@ class Harness:
             "w1", slots, 4.0, 2048, 0, {"site": "a"}, ("add",))
         self.worker = RemoteWorker(
             self.client, self.executor, self.description, self.clock,
-            self.read_chunk, rng=random.Random(3), **kwargs)
+            self.read_chunks, rng=random.Random(3), **kwargs)
+        self.reads = 0
 
-    def read_chunk(self, path, offset, size):
-        return succeed(self.logs.get(path, b"")[offset:offset + size])
+    def read_chunks(self, pieces):
+        self.reads += 1
+        return succeed([self.logs.get(path, b"")[offset:offset + size]
+                        for path, offset, size in pieces])
 
     def pending(self, path=None):
         return [c for c in self.dispatcher.calls
@@ -506,6 +509,20 @@ def test_logs_go_each_heartbeat_and_before_the_result():
     assert report.json["results"] == [{
         "job_id": "job-1", "token": 101, "state": "succeeded", "exit_code": 0,
         "result": None, "error": None, "stopped": False}]
+
+
+def test_a_job_without_output_reads_both_streams_in_one_trip():
+    """At a job's end both streams are read off the reactor thread in one
+    trip; with nothing in them the result goes at once."""
+    h = Harness()
+    h.worker.startService()
+    h.grant(lease(1))
+    before = h.reads
+    h.executor.finish("job-1")
+    assert h.reads - before == 1
+    assert h.pending("/v1/leases/log") == []
+    report = h.one("/v1/leases/results")
+    assert report.json["results"][0]["state"] == "succeeded"
 
 
 def test_a_log_offset_past_the_end_is_resent_from_the_dispatchers_size():
