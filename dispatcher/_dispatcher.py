@@ -16,14 +16,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import attrs
 from twisted.application.service import Service
-from twisted.internet.defer import (
-    CancelledError,
-    Deferred,
-    DeferredList,
-    ensureDeferred,
-    fail,
-)
-from twisted.internet.task import deferLater
+from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -130,8 +123,8 @@ class Dispatcher(Service):
         self._ending_call: Any = None
         self.end_gather = END_GATHER
         self.record_retry_delay = RECORD_RETRY_FIRST
-        # The waits before writing a failed end again.
-        self._retrying: set[Deferred] = set()
+        # The waits before writing a failed end again, and their timers.
+        self._retrying: dict[Deferred, Any] = {}
         self._local_explainer: Optional[tuple[Any, Callable[[Job], Job]]] = None
         self._accepting = False
         self._wake_call: Any = None
@@ -210,8 +203,10 @@ class Dispatcher(Service):
         # Ends waiting for company are recorded now; ends waiting to be
         # written again after a failed commit are given up.
         self._record_ends()
-        for retry in list(self._retrying):
-            retry.cancel()
+        for again, call in list(self._retrying.items()):
+            del self._retrying[again]
+            call.cancel()
+            again.errback(StoreClosed("the dispatcher stopped before the end was recorded"))
         for call in (self._wake_call, self._purge_call):
             if call is not None and call.active():
                 call.cancel()
@@ -544,10 +539,9 @@ class Dispatcher(Service):
             self._run(lease)
         self._pump()
 
-    def _record_again(self, write: Callable[[], Deferred]) -> Deferred:
-        if not self._accepting:
-            return fail(StoreClosed("the dispatcher stopped before the end was recorded"))
-        return write()
+    def _write_again(self, again: Deferred, write: Callable[[], Deferred]) -> None:
+        del self._retrying[again]
+        write().chainDeferred(again)
 
     def _all_recorded(self) -> Deferred:
         """
@@ -645,7 +639,8 @@ class Dispatcher(Service):
         lease = running.lease
         self._recorded.discard(lease.job_id)
         self._recording += 1
-        tries = [0]
+        # The next wait before writing it again (a list: set in failed).
+        delays = [self.record_retry_delay]
 
         def failed(failure: Failure) -> Optional[Deferred]:
             if failure.check(StaleLease):
@@ -656,7 +651,7 @@ class Dispatcher(Service):
                     attempt=lease.attempt,
                 )
                 return None
-            if failure.check(StoreClosed, CancelledError):
+            if failure.check(StoreClosed):
                 log.warn(
                     "the end of job {job_id} attempt {attempt} was not recorded "
                     "before the dispatcher stopped; the next start records the "
@@ -669,8 +664,8 @@ class Dispatcher(Service):
                 log.failure("recording the end of job {job_id} failed", failure,
                             job_id=lease.job_id)
                 return None
-            delay = min(RECORD_RETRY_MAX, self.record_retry_delay * 2 ** tries[0])
-            tries[0] += 1
+            delay = delays[0]
+            delays[0] = min(RECORD_RETRY_MAX, delay * 2)
             log.warn(
                 "recording the end of job {job_id} failed ({error}); trying "
                 "again in {delay:g} s",
@@ -678,10 +673,11 @@ class Dispatcher(Service):
                 error=failure.getErrorMessage(),
                 delay=delay,
             )
-            again: Deferred = deferLater(self._clock, delay, self._record_again, write)
-            # A stop cancels the wait (see _stop).
-            self._retrying.add(again)
-            again.addBoth(lambda result: (self._retrying.discard(again), result)[1])
+            again: Deferred = Deferred()
+            # A stop ends the wait (see _stop); a write under way finishes.
+            self._retrying[again] = self._clock.callLater(
+                delay, self._write_again, again, write
+            )
             return again.addCallbacks(self._apply, failed)
 
         def finally_(_: Any) -> None:

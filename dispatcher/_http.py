@@ -85,8 +85,9 @@ def send(transport: Any, data: bytes) -> None:
     single submission's time.  What the socket does not take at once goes
     through C{transport.write}, after what was sent: the order holds.
 
-    This reads C{tcp.Server}'s private buffer attributes (C{dataBuffer},
-    C{offset}, C{_tempDataLen}, C{_writeDisconnected}); the Twisted range in
+    This reads C{tcp.Server}'s private attributes (C{dataBuffer}, C{offset},
+    C{_tempDataLen}, C{_writeDisconnected}, C{_aborting}: what an aborted
+    connection is sent must stay unsent); the Twisted range in
     C{pyproject.toml} is closed above, and C{tests/test_http.py} fails when
     they change shape.
     """
@@ -95,6 +96,7 @@ def send(transport: Any, data: bytes) -> None:
         or transport.TLS
         or not transport.connected
         or transport.disconnecting
+        or transport._aborting
         or transport._writeDisconnected
         or transport._tempDataLen
         or len(transport.dataBuffer) > transport.offset

@@ -760,7 +760,10 @@ class SQLiteJobStore:
                 # either way.  What a replayed write did outside the
                 # database is harmless to do twice: it takes fresh lease
                 # tokens, and moves the queues' turn on.)
-                conn.execute("ROLLBACK")
+                # (Some errors, a full disk among them, have SQLite roll
+                # the transaction back itself.)
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
                 conn.execute("BEGIN IMMEDIATE")
                 results = [self._apply_one(conn, operation, args) for operation, args in work]
             conn.execute("COMMIT")

@@ -609,7 +609,8 @@ async def test_answers_go_straight_to_the_socket_and_stay_in_order():
 
 # What dispatcher._http.send reads of a live tcp.Server, and its types.
 SHAPE = {"dataBuffer": bytes, "offset": int, "_tempDataLen": int, "_tempDataBuffer": list,
-         "_writeDisconnected": bool, "TLS": bool, "disconnecting": int, "connected": int}
+         "_writeDisconnected": bool, "TLS": bool, "disconnecting": int, "connected": int,
+         "_aborting": bool}
 
 
 def test_the_tcp_transport_has_the_shape_send_reads():
@@ -627,3 +628,4 @@ def test_the_tcp_transport_has_the_shape_send_reads():
         assert name in do_write, name
     assert issubclass(tcp.Server, abstract.FileDescriptor)
     assert "self.socket" in inspect.getsource(tcp.Connection.writeSomeData)
+    assert "self._aborting = True" in inspect.getsource(tcp.Connection.abortConnection)

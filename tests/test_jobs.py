@@ -472,27 +472,73 @@ async def test_a_stop_does_not_wait_for_an_end_that_cannot_be_written(make_daemo
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_submission_whose_commit_fails_is_a_500_and_stores_nothing(daemon, monkeypatch):
-    """A commit that fails (a full disk) answers the submission 500 and
+async def test_a_submission_whose_commit_fails_is_a_500_and_stores_nothing(daemon):
+    """A COMMIT that fails (a full disk) answers the submission 500 and
     leaves no job behind; the next commit works as ever."""
     import sqlite3
 
     store = daemon.service.store
-    real = store._commit
-    broken = []
 
-    def commit(work, durable=True):
-        if not broken:
-            broken.append(len(work))
-            real([], durable)  # the writer stays usable
-            raise sqlite3.OperationalError("database or disk is full")
-        return real(work, durable)
+    class FullDisk:
+        """The writer's connection, whose next COMMIT fails."""
 
-    monkeypatch.setattr(store, "_commit", commit)
-    code, answer = await daemon.json("POST", "/v1/jobs", {"command": ["true"]})
-    assert code == 500 and answer["error"]["code"] == "internal_error"
-    assert broken
-    code, page = await daemon.json("GET", "/v1/jobs")
-    assert code == 200 and page["jobs"] == []
-    job = await daemon.submit({"command": ["true"]})
-    assert (await daemon.wait(job["id"]))["state"] == "succeeded"
+        def __init__(self, conn):
+            self.conn = conn
+            self.failed = 0
+
+        def execute(self, sql, *args):
+            if sql == "COMMIT" and not self.failed:
+                self.failed += 1
+                raise sqlite3.OperationalError("database or disk is full")
+            return self.conn.execute(sql, *args)
+
+        def __getattr__(self, name):
+            return getattr(self.conn, name)
+
+    real = store._writer
+    store._writer = full = FullDisk(real)
+    try:
+        code, answer = await daemon.json("POST", "/v1/jobs", {"command": ["true"]})
+        assert code == 500 and answer["error"]["code"] == "internal_error"
+        assert full.failed == 1
+        code, page = await daemon.json("GET", "/v1/jobs")
+        assert code == 200 and page["jobs"] == []
+        job = await daemon.submit({"command": ["true"]})
+        assert (await daemon.wait(job["id"]))["state"] == "succeeded"
+    finally:
+        store._writer = real
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_end_is_written_again_for_as_long_as_it_takes(make_daemon, monkeypatch):
+    """The wait between writes of a failed end stops doubling at a minute,
+    and a thousand failures later the end still lands."""
+    import sqlite3
+
+    from twisted.internet.defer import fail
+    from twisted.internet.task import Clock
+
+    clock = Clock()
+    clock.advance(1_800_000_000)
+    daemon = await make_daemon(clock=clock)
+    store = daemon.service.store
+    real = store.finish
+    waits = []
+
+    def finish(lease, outcome, now):
+        waits.append(clock.seconds())
+        if len(waits) <= 1100:
+            return fail(sqlite3.OperationalError("database or disk is full"))
+        return real(lease, outcome, now)
+
+    monkeypatch.setattr(store, "finish", finish)
+    job = await daemon.submit({"task": "add", "args": [2, 2]})
+    while not waits:
+        await sleep(0.01)
+    while len(waits) <= 1100:
+        clock.advance(1)
+    gaps = [b - a for a, b in zip(waits, waits[1:])]
+    assert gaps[:7] == [1, 2, 4, 8, 16, 32, 60]
+    assert set(gaps[7:]) == {60}
+    done = await daemon.wait(job["id"])
+    assert done["state"] == "succeeded" and done["result"] == 4
