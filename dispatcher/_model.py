@@ -451,6 +451,9 @@ class Offer:
     resources: Resources = NO_RESOURCES
     labels: Mapping[str, str] = attrs.field(factory=dict)
     tasks: Optional[frozenset[str]] = None
+    # A remote worker process's own random id, when it sends one: two
+    # processes under one holder name tell themselves apart by it.
+    instance: Optional[str] = None
 
     def refuses(self, spec: JobSpec) -> Optional[str]:
         """

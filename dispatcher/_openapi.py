@@ -309,6 +309,10 @@ def openapi_document() -> dict[str, Any]:
                        "description": "Matched against jobs' requirements."},
             "tasks": {"type": "array", "items": {"type": "string"},
                       "description": "The task names it can run; default none."},
+            "instance": {"type": "string", "minLength": 1, "maxLength": 200,
+                         "description": "The worker process's own random id; a "
+                         "second process calling under the same name within a "
+                         "lease's life is logged and shown as name_shared."},
         },
     }
     lease_item = {
@@ -450,7 +454,7 @@ def openapi_document() -> dict[str, Any]:
         "type": "object",
         "required": [
             "name", "slots", "resources", "labels", "tasks", "free", "running",
-            "waiting_for_work", "last_contact",
+            "waiting_for_work", "last_contact", "name_shared",
         ],
         "properties": {
             "name": {"type": "string"},
@@ -464,6 +468,10 @@ def openapi_document() -> dict[str, Any]:
             "waiting_for_work": {"type": "boolean",
                                  "description": "It has a long-poll open."},
             "last_contact": {"type": "string", "format": "date-time"},
+            "name_shared": {"type": "boolean",
+                            "description": "Another worker process (another "
+                            "instance) called under this name within the last "
+                            "lease_seconds: give each its own name."},
         },
     }
     jobs_body = {

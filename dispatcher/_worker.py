@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import secrets
 import socket
 from typing import Any, Callable, Mapping, Optional
 
@@ -74,6 +75,8 @@ class WorkerDescription:
     @ivar gpus: GPUs it offers in all.
     @ivar labels: what a job's C{requirements} are matched against.
     @ivar tasks: the task names its configuration knows.
+    @ivar instance: this process's own random id, so that the dispatcher
+        can tell two processes given the same name apart.
     """
 
     name: str
@@ -83,6 +86,7 @@ class WorkerDescription:
     gpus: int
     labels: Mapping[str, str] = attrs.field(factory=dict)
     tasks: tuple[str, ...] = ()
+    instance: str = attrs.field(factory=lambda: secrets.token_hex(8), eq=False)
 
     def to_json(self) -> dict[str, Any]:
         """
@@ -96,6 +100,7 @@ class WorkerDescription:
             "gpus": self.gpus,
             "labels": dict(self.labels),
             "tasks": list(self.tasks),
+            "instance": self.instance,
         }
 
 

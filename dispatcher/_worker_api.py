@@ -27,7 +27,7 @@ from ._validation import ApiError, check_body, check_fields, invalid
 MAX_NAME = 200
 MAX_ITEMS = 10000
 STREAMS = ("stdout", "stderr")
-WORKER_FIELDS = ("name", "slots", "cpus", "memory_mb", "gpus", "labels", "tasks")
+WORKER_FIELDS = ("name", "slots", "cpus", "memory_mb", "gpus", "labels", "tasks", "instance")
 
 
 def check_token(request: Any, token: Optional[str], what: str) -> None:
@@ -86,8 +86,16 @@ def parse_worker(value: Any) -> Offer:
     tasks = value.get("tasks", [])
     if not isinstance(tasks, list) or not all(isinstance(t, str) for t in tasks):
         invalid("worker.tasks", "expected an array of task names")
+    instance = value.get("instance")
+    if instance is not None:
+        instance = _string(instance, "worker.instance")
     return Offer(
-        name, slots, Resources(float(cpus), memory, gpus), dict(labels), frozenset(tasks)
+        name,
+        slots,
+        Resources(float(cpus), memory, gpus),
+        dict(labels),
+        frozenset(tasks),
+        instance,
     )
 
 

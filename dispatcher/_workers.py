@@ -54,6 +54,9 @@ REFUSALS = {
 # The longest a worker's long-poll is held open.
 MAX_WAIT = 60.0
 
+# How often two processes sharing a worker name are logged, at most.
+DUPLICATE_LOG_INTERVAL = 60.0
+
 
 @attrs.define
 class RemoteLease:
@@ -93,6 +96,10 @@ class Worker:
     # False for a worker known only from the leases a restart resumed: what
     # it offers is unknown until it calls.
     heard: bool = True
+    # Until when another process was last heard under the same name, and
+    # when that was last logged.
+    shared_until: float = float("-inf")
+    shared_logged: float = float("-inf")
 
     def used(self, leases: Mapping[str, RemoteLease]) -> Resources:
         total = NO_RESOURCES
@@ -218,10 +225,40 @@ class WorkerHub:
             self._forget_idle(now)
             worker = self.workers[offer.holder] = Worker(offer, now)
         else:
+            self._check_instance(worker, offer, now)
             worker.offer = offer
             worker.last_contact = now
             worker.heard = True
         return worker
+
+    def _check_instance(self, worker: Worker, offer: Offer, now: float) -> None:
+        """
+        Warn when a second worker process calls under a name whose first
+        was heard from within a lease's life (a restart of the same worker
+        comes later, or from the same process).  Both go on working: their
+        leases stay fenced by token, but they share the name's slots and
+        take each other's long-polls.  Logged at most once a minute a name;
+        C{GET /v1/workers} shows it while it lasts.
+        """
+        before = worker.offer.instance
+        if (
+            before is None
+            or offer.instance is None
+            or before == offer.instance
+            or now - worker.last_contact > self.lease_seconds
+        ):
+            return
+        worker.shared_until = now + self.lease_seconds
+        if now - worker.shared_logged >= DUPLICATE_LOG_INTERVAL:
+            worker.shared_logged = now
+            log.warn(
+                "two worker processes call themselves {name} (instances "
+                "{first} and {second}): they share its slots and take each "
+                "other's long-polls; give each its own --name",
+                name=offer.holder,
+                first=before,
+                second=offer.instance,
+            )
 
     def poll(self, offer: Offer, max_jobs: int, wait: float) -> Deferred:
         """
@@ -559,6 +596,7 @@ class WorkerHub:
                     "running": sorted(worker.jobs),
                     "waiting_for_work": worker.poll is not None,
                     "last_contact": format_time(worker.last_contact),
+                    "name_shared": worker.shared_until >= self._clock.seconds(),
                 }
             )
         return out

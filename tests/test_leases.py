@@ -596,3 +596,60 @@ def test_a_worker_that_hangs_up_does_not_cancel_its_writes(path):
     answer.cancel()
     assert cancelled == []
     writes.callback([])
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_processes_under_one_worker_name_are_told_apart(make_pure):
+    """A second worker process (another instance) calling under a name heard
+    from within a lease's life is logged once a minute and shown as
+    name_shared; the same process calling again, or a restart after the
+    lease's life, is not."""
+    from twisted.logger import globalLogPublisher
+
+    clock = Clock()
+    clock.advance(1_800_000_000)
+    daemon = await make_pure(clock=clock)
+    warnings = []
+
+    def observe(event):
+        if "share its slots" in event.get("log_format", ""):
+            warnings.append(event)
+
+    async def contact(daemon, who):
+        code, answer = await heartbeat(daemon, who, [])
+        assert code == 200, answer
+
+    def shared():
+        return {w["name"]: w["name_shared"] for w in listed["workers"]}
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        first = {**worker("w"), "instance": "a" * 16}
+        second = {**worker("w"), "instance": "b" * 16}
+        await contact(daemon, first)
+        await contact(daemon, first)
+        code, listed = await daemon.json("GET", "/v1/workers")
+        assert code == 200 and shared() == {"w": False} and warnings == []
+        await contact(daemon, second)
+        await contact(daemon, first)
+        await contact(daemon, second)
+        code, listed = await daemon.json("GET", "/v1/workers")
+        answered_as_documented("/v1/workers", "get", code, listed)
+        assert shared() == {"w": True}
+        assert len(warnings) == 1
+        assert {warnings[0]["first"], warnings[0]["second"]} == {"a" * 16, "b" * 16}
+        # A minute later it is logged again; after a lease's life without
+        # the other, a new instance is a restart.
+        clock.advance(61)
+        await contact(daemon, first)
+        await contact(daemon, second)
+        assert len(warnings) == 2
+        clock.advance(31)
+        restarted = {**worker("w"), "instance": "c" * 16}
+        await contact(daemon, restarted)
+        clock.advance(31)
+        await contact(daemon, restarted)
+        code, listed = await daemon.json("GET", "/v1/workers")
+        assert shared() == {"w": False} and len(warnings) == 2
+    finally:
+        globalLogPublisher.removeObserver(observe)

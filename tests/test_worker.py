@@ -252,9 +252,12 @@ def test_client_sends_the_token_and_the_description():
     call = h.one("/v1/leases")
     assert call.headers["authorization"] == f"Bearer {TOKEN}"
     assert call.headers["content-type"] == "application/json"
+    instance = h.description.instance
+    assert len(instance) == 16 and instance != Harness().description.instance
     assert call.json == {
         "worker": {"name": "w1", "slots": 3, "cpus": 4.0, "memory_mb": 2048,
-                   "gpus": 0, "labels": {"site": "a"}, "tasks": ["add"]},
+                   "gpus": 0, "labels": {"site": "a"}, "tasks": ["add"],
+                   "instance": instance},
         "max_jobs": 3, "wait": 30.0}
 
 
