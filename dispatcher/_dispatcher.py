@@ -539,10 +539,6 @@ class Dispatcher(Service):
             self._run(lease)
         self._pump()
 
-    def _write_again(self, again: Deferred, write: Callable[[], Deferred]) -> None:
-        del self._retrying[again]
-        write().chainDeferred(again)
-
     def _all_recorded(self) -> Deferred:
         """
         Fires once every local job has ended and its end (or release) has
@@ -691,3 +687,7 @@ class Dispatcher(Service):
             self._pump()
 
         return d.addCallbacks(self._apply, failed).addBoth(finally_)
+
+    def _write_again(self, again: Deferred, write: Callable[[], Deferred]) -> None:
+        del self._retrying[again]
+        write().chainDeferred(again)

@@ -751,7 +751,8 @@ class SQLiteJobStore:
             try:
                 results = self._run_together(conn, work)
             except Exception:
-                # The group is the whole transaction: undo it all and run
+                # The group is the whole transaction: undo it all (unless
+                # SQLite already has, as it does for a full disk) and run
                 # each write in its own savepoint, so that only the one
                 # that failed fails.  (A savepoint around the group cost
                 # every page the group changed a copy in the sub-journal,
@@ -760,8 +761,6 @@ class SQLiteJobStore:
                 # either way.  What a replayed write did outside the
                 # database is harmless to do twice: it takes fresh lease
                 # tokens, and moves the queues' turn on.)
-                # (Some errors, a full disk among them, have SQLite roll
-                # the transaction back itself.)
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 conn.execute("BEGIN IMMEDIATE")
@@ -1322,7 +1321,7 @@ class SQLiteJobStore:
         expires = now + lease_seconds
         rows = conn.execute(
             f"SELECT id, {_SPEC_COLUMNS}, attempt_count, lease_token,"
-            f" lease_holder, state, cancel_requested FROM jobs INDEXED BY jobs_state"
+            " lease_holder, state, cancel_requested FROM jobs INDEXED BY jobs_state"
             f" WHERE {_LEASED} AND lease_holder != ?",
             (local_holder,),
         ).fetchall()
@@ -1599,8 +1598,7 @@ class SQLiteJobStore:
         rows = conn.execute(
             "SELECT a.job_id, a.number, a.token, a.pid, a.start_ticks, a.boot_id"
             " FROM jobs j INDEXED BY jobs_state JOIN attempts a ON a.token = j.lease_token"
-            " WHERE j.state IN ('staging', 'running') AND j.lease_token IS NOT NULL"
-            " AND j.lease_holder = ?",
+            f" WHERE {_LEASED} AND j.lease_holder = ?",
             (holder,),
         ).fetchall()
         lost = [LostAttempt(*row) for row in rows]

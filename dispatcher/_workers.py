@@ -579,6 +579,7 @@ class WorkerHub:
         The connected workers, for C{GET /v1/workers}.
         """
         out = []
+        now = self._clock.seconds()
         for worker in sorted(self.connected(), key=lambda w: w.offer.holder):
             offer = worker.offer
             free = offer.resources - worker.used(self.leases)
@@ -596,7 +597,7 @@ class WorkerHub:
                     "running": sorted(worker.jobs),
                     "waiting_for_work": worker.poll is not None,
                     "last_contact": format_time(worker.last_contact),
-                    "name_shared": worker.shared_until >= self._clock.seconds(),
+                    "name_shared": worker.shared_until >= now,
                 }
             )
         return out
