@@ -87,7 +87,7 @@ def main(argv=None) -> None:
     from twisted.internet import reactor
 
     from bench.monitor import install_monitor
-    from dispatcher.tap import Options, makeService
+    from dispatcher.app.tap import Options, makeService
 
     # What twistd does with the plugin: parse the options, make the
     # service, start it, and stop it before the reactor shuts down.

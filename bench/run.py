@@ -515,7 +515,7 @@ class RemoteWorkers:
     def __enter__(self) -> "RemoteWorkers":
         script = Path(PYTHON).with_name("dispatcher")
         command = ([str(script)] if script.exists() else
-                   [PYTHON, "-c", "from dispatcher._cli import main; main()"])
+                   [PYTHON, "-c", "from dispatcher.app._cli import main; main()"])
         t0 = time.monotonic()
         for i in range(self.count):
             name = f"bench-worker-{i + 1}"

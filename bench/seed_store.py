@@ -36,10 +36,10 @@ def seed(path: str, count: int, body: dict) -> dict:
     C{path}.
     """
     from bench import tasks as bench_tasks
-    from dispatcher._config import QueueConfig, TaskRef
-    from dispatcher._model import JobIds
-    from dispatcher._sqlite import SQLiteJobStore
-    from dispatcher._validation import parse_submission
+    from dispatcher.config._ini import QueueConfig, TaskRef
+    from dispatcher.model._jobs import JobIds
+    from dispatcher.store._sqlite import SQLiteJobStore
+    from dispatcher.wire._submission import parse_submission
 
     if os.path.exists(path):
         raise SystemExit(f"seed_store: {path} exists; give a new file")

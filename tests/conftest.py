@@ -14,8 +14,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.web.client import Agent, HTTPConnectionPool
 
-from dispatcher._config import parse_config
-from dispatcher._daemon import DaemonService
+from dispatcher.config._ini import parse_config
+from dispatcher.app._daemon import DaemonService
 
 TEST_TASKS = """
 [tasks]

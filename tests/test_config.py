@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from dispatcher._config import Config, ConfigError, load_config, parse_config
+from dispatcher.config._ini import Config, ConfigError, load_config, parse_config
 
 
 def test_defaults():
@@ -29,7 +29,7 @@ def test_example_file_holds_the_defaults():
     config = parse_config("".join(lines), "example")
     assert config == Config(path="example")
     # And every key of every section is in the example.
-    from dispatcher._config import _QUEUE_KEYS, _SECTIONS
+    from dispatcher.config._ini import _QUEUE_KEYS, _SECTIONS
     text = "".join(lines)
     for section, (_, keys) in _SECTIONS.items():
         for key in keys:
@@ -62,7 +62,7 @@ def test_listen_gets_a_backlog_unless_it_names_one():
     """An endpoint that takes a backlog and names none gets 4096, from the
     file and from --listen alike; one that names it, or another kind of
     endpoint, is left as given."""
-    from dispatcher.tap import Options
+    from dispatcher.app.tap import Options
 
     assert parse_config("[server]\nlisten = unix:/tmp/d.sock\n").server.listen == (
         "unix:/tmp/d.sock:backlog=4096")

@@ -7,7 +7,7 @@ import gc
 
 from twisted.internet.testing import MemoryReactorClock
 
-from dispatcher._daemon import ConnectionFreezer
+from dispatcher.app._daemon import ConnectionFreezer
 
 
 def test_connections_are_frozen_once_per_growth():

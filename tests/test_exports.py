@@ -6,16 +6,23 @@ import dispatcher
 
 
 def test_public_names():
-    """The package exports exactly its public names, each importable, and the
-    plugin file imports nothing of the package."""
-    assert sorted(dispatcher.__all__) == sorted(
-        name for name in vars(dispatcher)
-        if not name.startswith("_") and name not in ("annotations",)
-        and not isinstance(getattr(dispatcher, name), type(dispatcher)))
+    """The package exports exactly its public names, each importable from
+    where it is defined, and the plugin file imports nothing of the package."""
+    assert sorted(dispatcher.__all__) == sorted(dispatcher._HOMES)
     for name in dispatcher.__all__:
-        assert getattr(dispatcher, name).__module__.startswith("dispatcher.")
+        assert getattr(dispatcher, name).__module__ == dispatcher._HOMES[name]
+    assert set(dir(dispatcher)) >= set(dispatcher.__all__)
     source = open("twisted/plugins/dispatcher_plugin.py").read()
     assert "import dispatcher" not in source and "from dispatcher" not in source
+
+
+def test_unknown_name():
+    """A name the package does not export is an AttributeError, as for any
+    module."""
+    import pytest
+
+    with pytest.raises(AttributeError, match="no_such_name"):
+        dispatcher.no_such_name
 
 
 def test_interfaces_are_provided(tmp_path):
@@ -24,7 +31,7 @@ def test_interfaces_are_provided(tmp_path):
     from twisted.python.threadpool import ThreadPool
     from zope.interface.verify import verifyObject
 
-    from dispatcher._config import FetchConfig
+    from dispatcher.config._ini import FetchConfig
 
     verifyObject(dispatcher.IJobStore,
                  dispatcher.SQLiteJobStore(str(tmp_path / "db"), reactor))

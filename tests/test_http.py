@@ -1,5 +1,5 @@
 """
-The API's HTTP/1.1 server (dispatcher._http): framing, persistence,
+The API's HTTP/1.1 server (dispatcher.http._protocol): framing, persistence,
 pipelining, refusals, idle connections and read-ahead, against a
 StringTransport and a Clock, and over a real socket.
 """
@@ -19,7 +19,7 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
-from dispatcher._http import ABORT_TIMEOUT, MAX_HEAD_BYTES, MAX_READ_AHEAD, HTTPFactory
+from dispatcher.http._protocol import ABORT_TIMEOUT, MAX_HEAD_BYTES, MAX_READ_AHEAD, HTTPFactory
 
 
 class Recorder:
@@ -607,14 +607,14 @@ async def test_answers_go_straight_to_the_socket_and_stay_in_order():
     assert seen["shape"] == SHAPE
 
 
-# What dispatcher._http.send reads of a live tcp.Server, and its types.
+# What dispatcher.http._protocol.send reads of a live tcp.Server, and its types.
 SHAPE = {"dataBuffer": bytes, "offset": int, "_tempDataLen": int, "_tempDataBuffer": list,
          "_writeDisconnected": bool, "TLS": bool, "disconnecting": int, "connected": int,
          "_aborting": bool}
 
 
 def test_the_tcp_transport_has_the_shape_send_reads():
-    """dispatcher._http.send reads tcp.Server's write buffer; if Twisted
+    """dispatcher.http._protocol.send reads tcp.Server's write buffer; if Twisted
     changes how FileDescriptor queues writes, this fails first."""
     import inspect
 

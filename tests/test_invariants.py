@@ -22,9 +22,9 @@ from hypothesis.stateful import (
 )
 from twisted.internet import reactor
 
-from dispatcher._model import FINAL_STATES, JobIds, JobSpec, JobState, Offer, Outcome
-from dispatcher._model import InvalidTransition, StaleLease
-from dispatcher._sqlite import DependencyNotRetried, SQLiteJobStore
+from dispatcher.model._jobs import FINAL_STATES, JobIds, JobSpec, JobState, Offer, Outcome
+from dispatcher.model._jobs import InvalidTransition, StaleLease
+from dispatcher.store._sqlite import DependencyNotRetried, SQLiteJobStore
 
 HOLDER = "local@test"
 ids = JobIds()

@@ -383,8 +383,8 @@ async def test_client_gone_mid_submit_still_runs(daemon):
     cancelling the request does not undo what follows the commit."""
     from twisted.internet.defer import CancelledError
 
-    from dispatcher._model import JobSpec
-    from dispatcher._validation import Submission
+    from dispatcher.model._jobs import JobSpec
+    from dispatcher.wire._submission import Submission
 
     d = daemon.service.dispatcher.submit([Submission(JobSpec(task="add", args=(1, 2)))])
     d.cancel()

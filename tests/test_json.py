@@ -7,7 +7,7 @@ import json
 import pytest
 from hypothesis import given, strategies as st
 
-from dispatcher._json import decode, decode_stored, encode, encode_sorted
+from dispatcher.wire._json import decode, decode_stored, encode, encode_sorted
 
 values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)

@@ -15,9 +15,9 @@ from twisted.internet.defer import ensureDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.task import Clock
 
-from dispatcher._config import parse_config
-from dispatcher._daemon import DaemonService
-from dispatcher._openapi import openapi_document
+from dispatcher.config._ini import parse_config
+from dispatcher.app._daemon import DaemonService
+from dispatcher.api._openapi import openapi_document
 
 from .conftest import TEST_TASKS, WORKER_TOKEN, sleep
 
@@ -396,7 +396,7 @@ async def test_api_token_guards_the_job_endpoints(make_daemon, tmp_path):
 
 
 def test_a_token_file_that_cannot_serve_is_a_config_error(tmp_path):
-    from dispatcher._config import ConfigError
+    from dispatcher.config._ini import ConfigError
 
     short = tmp_path / "short"
     short.write_text("abc")
@@ -568,7 +568,7 @@ def test_a_worker_that_hangs_up_does_not_cancel_its_writes(path):
     memory, so cancelled writes would leave the jobs unrecorded for good."""
     from twisted.internet.defer import CancelledError, Deferred
 
-    from dispatcher._worker_api import WorkerEndpoints
+    from dispatcher.api._workers import WorkerEndpoints
 
     cancelled = []
     writes = Deferred(lambda d: cancelled.append(d))

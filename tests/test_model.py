@@ -7,7 +7,7 @@ import uuid
 
 from hypothesis import given, strategies as st
 
-from dispatcher._model import (
+from dispatcher.model._jobs import (
     FINAL_STATES,
     JobIds,
     JobState,

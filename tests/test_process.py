@@ -1,5 +1,5 @@
 """
-Tests for L{dispatcher._process} and its helper, with real processes.
+Tests for L{dispatcher.execution._process} and its helper, with real processes.
 """
 
 import os
@@ -12,15 +12,15 @@ from twisted.internet import defer, reactor, task
 from twisted.internet.task import Clock
 from zope.interface.verify import verifyObject
 
-from dispatcher._interfaces import IProcessSpawner, IRunningProcess
-from dispatcher._process import (
+from dispatcher.execution._interfaces import IProcessSpawner, IRunningProcess
+from dispatcher.execution._process import (
     ProcessLost,
     ProcessSpawner,
     SpawnError,
     kill_group_if_ours,
     process_identity,
 )
-from dispatcher._spawner import read_boot_id, read_stat
+from dispatcher.execution._spawner import read_boot_id, read_stat
 
 PATH = {"PATH": "/usr/bin:/bin"}
 

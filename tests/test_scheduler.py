@@ -4,9 +4,9 @@ The scheduler's decisions, with a Clock and no I/O, and the event stream.
 
 from twisted.internet.task import Clock
 
-from dispatcher._events import JobEvent, JobEvents
-from dispatcher._model import JobState
-from dispatcher._scheduler import Claim, Scheduler
+from dispatcher.core._events import JobEvent, JobEvents
+from dispatcher.model._jobs import JobState
+from dispatcher.core._scheduler import Claim, Scheduler
 
 
 def test_claims_meet_queued_jobs_and_free_slots():

@@ -11,9 +11,9 @@ from hypothesis import given, settings, strategies as st
 from twisted.internet.defer import ensureDeferred, gatherResults
 from twisted.internet.task import Clock
 
-from dispatcher._config import QueueConfig
-from dispatcher._json import encode_sorted
-from dispatcher._validation import parse_submission, plain_jobs
+from dispatcher.config._ini import QueueConfig
+from dispatcher.wire._json import encode_sorted
+from dispatcher.wire._submission import parse_submission, plain_jobs
 
 from .conftest import sleep
 

@@ -1,5 +1,5 @@
 """
-Tests for L{dispatcher._staging}: the logic with C{StubTreq} and a C{Clock},
+Tests for L{dispatcher.execution._staging}: the logic with C{StubTreq} and a C{Clock},
 and the promises users rely on against a real local HTTP server.
 """
 
@@ -36,10 +36,10 @@ from twisted.web.pages import notFound
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from dispatcher._config import FetchConfig
-from dispatcher._interfaces import IInputStager
-from dispatcher._model import InputSpec
-from dispatcher._staging import (
+from dispatcher.config._ini import FetchConfig
+from dispatcher.execution._interfaces import IInputStager
+from dispatcher.model._jobs import InputSpec
+from dispatcher.execution._staging import (
     _BATCH_BYTES,
     _HIGH_WATER_BYTES,
     InputStager,

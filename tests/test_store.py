@@ -13,9 +13,9 @@ from twisted.internet.defer import ensureDeferred, gatherResults
 from twisted.internet.task import Clock, deferLater
 from zope.interface.verify import verifyObject
 
-from dispatcher import _sqlite
-from dispatcher._interfaces import IJobStore
-from dispatcher._model import (
+from dispatcher.store import _sqlite as _sqlite
+from dispatcher.store._interface import IJobStore
+from dispatcher.model._jobs import (
     InputSpec,
     InvalidTransition,
     JobIds,
@@ -27,7 +27,7 @@ from dispatcher._model import (
     StaleLease,
     UnknownJob,
 )
-from dispatcher._sqlite import (
+from dispatcher.store._sqlite import (
     MIGRATIONS,
     DependencyNotRetried,
     IdempotencyConflict,

@@ -33,8 +33,8 @@ def test_plugin_is_found():
     """twistd finds the dispatcher plugin through getPlugins(IServiceMaker)."""
     makers = {p.tapname: p for p in getPlugins(IServiceMaker)}
     assert "dispatcher" in makers
-    assert makers["dispatcher"].module == "dispatcher.tap"
-    assert makers["dispatcher"].options().__module__ == "dispatcher.tap"
+    assert makers["dispatcher"].module == "dispatcher.app.tap"
+    assert makers["dispatcher"].options().__module__ == "dispatcher.app.tap"
 
 
 class Twistd:

@@ -30,9 +30,9 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 from twisted.web.static import File
 
-from dispatcher._execution import RunningJob
-from dispatcher._model import JobSpec, JobState, Lease, Outcome, lease_to_json
-from dispatcher._worker import (
+from dispatcher.execution._executor import RunningJob
+from dispatcher.model._jobs import JobSpec, JobState, Lease, Outcome, lease_to_json
+from dispatcher.workers._agent import (
     Backoff,
     DispatcherClient,
     DispatcherRefused,
@@ -42,8 +42,8 @@ from dispatcher._worker import (
     RemoteWorker,
     WorkerDescription,
 )
-from dispatcher._host import count_gpus, detect_cpus, detect_gpus, parse_meminfo
-from dispatcher.worker_tap import Options
+from dispatcher.execution._host import count_gpus, detect_cpus, detect_gpus, parse_meminfo
+from dispatcher.app.worker_tap import Options
 
 from .conftest import TEST_TASKS, sleep
 
@@ -953,8 +953,8 @@ def wait_for(predicate, timeout=20.0):
 def test_worker_plugin_is_found():
     """twistd finds the dispatcher-worker plugin next to the dispatcher."""
     makers = {p.tapname: p for p in getPlugins(IServiceMaker)}
-    assert makers["dispatcher-worker"].module == "dispatcher.worker_tap"
-    assert makers["dispatcher-worker"].options().__module__ == "dispatcher.worker_tap"
+    assert makers["dispatcher-worker"].module == "dispatcher.app.worker_tap"
+    assert makers["dispatcher-worker"].options().__module__ == "dispatcher.app.worker_tap"
 
 
 def test_worker_command_refuses_bad_options_in_one_line(tmp_path):

@@ -15,11 +15,11 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 from twisted.web.client import Agent, HTTPConnectionPool
 
-from ._execution import LocalExecutor
-from ._model import Resources
-from ._process import ProcessSpawner
-from ._staging import InputStager
-from ._threads import TaskThreads
+from dispatcher.execution._executor import LocalExecutor
+from dispatcher.model._jobs import Resources
+from dispatcher.execution._process import ProcessSpawner
+from dispatcher.execution._staging import InputStager
+from dispatcher._threads import TaskThreads
 
 log = Logger()
 

@@ -11,7 +11,7 @@ from typing import Callable, Optional
 import attrs
 from twisted.logger import Logger
 
-from ._model import Job, JobState
+from dispatcher.model._jobs import Job, JobState
 
 log = Logger()
 

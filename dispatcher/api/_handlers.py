@@ -24,11 +24,11 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 
-from ._json import decode, encode
-from ._model import InvalidTransition, JobState, PlainJobs, StoreClosed, UnknownJob
-from ._openapi import openapi_document
-from ._config import QueueConfig
-from ._sqlite import (
+from dispatcher.wire._json import decode, encode
+from dispatcher.model._jobs import InvalidTransition, JobState, PlainJobs, StoreClosed, UnknownJob
+from dispatcher.api._openapi import openapi_document
+from dispatcher.config._ini import QueueConfig
+from dispatcher.store._sqlite import (
     DependencyNotRetried,
     IdempotencyConflict,
     IdempotencyKey,
@@ -36,8 +36,8 @@ from ._sqlite import (
     SubmittedIds,
     UnknownDependency,
 )
-from ._validation import ApiError, Submission, check_body, parse_submission, plain_jobs
-from ._worker_api import WorkerEndpoints, check_token
+from dispatcher.wire._submission import ApiError, Submission, check_body, parse_submission, plain_jobs
+from dispatcher.api._workers import WorkerEndpoints, check_token
 
 log = Logger()
 

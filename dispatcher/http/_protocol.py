@@ -48,7 +48,7 @@ from twisted.python.failure import Failure
 from twisted.web.http import RESPONSES, parse_qs
 from zope.interface import implementer
 
-from ._json import encode
+from dispatcher.wire._json import encode
 
 log = Logger()
 

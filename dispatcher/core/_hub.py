@@ -23,7 +23,7 @@ from twisted.internet.defer import Deferred, DeferredList, FirstError, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from ._model import (
+from dispatcher.model._jobs import (
     NO_RESOURCES,
     JobSpec,
     JobState,

@@ -34,9 +34,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ._interfaces import IJobStore
-from ._json import decode_stored, encode_sorted
-from ._model import (
+from dispatcher.store._interface import IJobStore
+from dispatcher.wire._json import decode_stored, encode_sorted
+from dispatcher.model._jobs import (
     Attempt,
     InvalidTransition,
     Job,
@@ -53,7 +53,7 @@ from ._model import (
     format_time,
     may_transition,
 )
-from ._threads import TaskThreads
+from dispatcher._threads import TaskThreads
 
 log = Logger()
 

@@ -17,7 +17,7 @@ from typing import Any, Mapping, Optional
 
 import attrs
 
-from ._json import decode_stored
+from dispatcher.wire._json import decode_stored
 
 
 class JobState(str, enum.Enum):

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._model import JobState
+from dispatcher.model._jobs import JobState
 
 _TIME = {"type": ["string", "null"], "format": "date-time"}
 _STRING_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
 # Submitted labels and requirements: keys of 1 to 200 characters, values of
-# at most 200 (dispatcher._validation.MAX_LABEL).
+# at most 200 (dispatcher.wire._submission.MAX_LABEL).
 _LABEL_MAP = {
     "type": "object",
     "propertyNames": {"minLength": 1, "maxLength": 200},

@@ -11,9 +11,9 @@ from typing import Any, Callable, Optional
 from hyperlink import DecodedURL
 from twisted.python import usage
 
-from ._config import Config, ConfigError, load_config, read_token
-from ._host import detect_cpus, detect_gpus, detect_memory_mb
-from ._worker import WorkerDescription, WorkerSettings, default_name
+from dispatcher.config._ini import Config, ConfigError, load_config, read_token
+from dispatcher.execution._host import detect_cpus, detect_gpus, detect_memory_mb
+from dispatcher.workers._agent import WorkerDescription, WorkerSettings, default_name
 
 DEFAULT_DATA_DIR = "dispatcher-worker-data"
 
@@ -163,6 +163,6 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> Any:
     if reactor is None:
         from twisted.internet import reactor  # type: ignore[no-redef]
 
-    from ._worker import WorkerService
+    from dispatcher.workers._agent import WorkerService
 
     return WorkerService(reactor, options.settings)

@@ -41,10 +41,10 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import UNKNOWN_LENGTH
 from zope.interface import implementer
 
-from ._config import FetchConfig
-from ._deferreds import shielded
-from ._interfaces import IInputStager
-from ._model import InputSpec
+from dispatcher.config._ini import FetchConfig
+from dispatcher._deferreds import shielded
+from dispatcher.execution._interfaces import IInputStager
+from dispatcher.model._jobs import InputSpec
 
 log = Logger()
 

@@ -33,7 +33,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if command != "worker":
         sys.stderr.write(f"dispatcher: unknown command {command!r}\n\n{USAGE}")
         raise SystemExit(2)
-    from .worker_tap import Options
+    from dispatcher.app.worker_tap import Options
 
     # The options are checked here first, so that a mistake is one clear
     # line rather than the error above the whole of twist's usage.

@@ -18,14 +18,14 @@ from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
-from ._api import DispatcherAPI
-from ._config import Config
-from ._dispatcher import Dispatcher
-from ._host import JobHost
-from ._http import HTTPFactory
-from ._process import kill_group_if_ours
-from ._sqlite import SQLiteJobStore
-from ._worker_api import WorkerEndpoints
+from dispatcher.api._handlers import DispatcherAPI
+from dispatcher.config._ini import Config
+from dispatcher.core._dispatcher import Dispatcher
+from dispatcher.execution._host import JobHost
+from dispatcher.http._protocol import HTTPFactory
+from dispatcher.execution._process import kill_group_if_ours
+from dispatcher.store._sqlite import SQLiteJobStore
+from dispatcher.api._workers import WorkerEndpoints
 
 log = Logger()
 

@@ -1,9 +1,8 @@
 """
-The interfaces between the parts of the daemon: the store, the process
-spawner, the input stager and the executors.
+The interface every job store implements.
 """
 
-from zope.interface import Attribute, Interface
+from zope.interface import Interface
 
 
 class IJobStore(Interface):
@@ -102,49 +101,4 @@ class IJobStore(Interface):
         At start-up: every attempt that C{holder} held when the daemon last
         stopped ended with it.  Record each as lost, end its job, and fire
         with the list of L{LostAttempt}s (with their process identities).
-        """
-
-
-class IProcessSpawner(Interface):
-    """
-    Starts command jobs as processes, each in its own session and process
-    group, and tells when they end.
-    """
-
-    def spawn(argv, env, cwd, stdout_path, stderr_path):
-        """
-        Start C{argv} (no shell) in C{cwd} with exactly the environment
-        C{env}, stdout and stderr to those files.  Fire with an
-        L{IRunningProcess}.
-        """
-
-
-class IRunningProcess(Interface):
-    """
-    A process started by an L{IProcessSpawner}.
-    """
-
-    pid = Attribute("The process id, which is also its process group id.")
-    start_ticks = Attribute("Its start time in clock ticks since boot.")
-    boot_id = Attribute("The kernel boot id when it started.")
-    ended = Attribute(
-        "A Deferred that fires with the exit code (negative: the signal) "
-        "when the process has exited and its group has been killed."
-    )
-
-    def signal_group(signum):
-        """
-        Send C{signum} to the whole process group, while it still exists.
-        """
-
-
-class IInputStager(Interface):
-    """
-    Fetches a job's inputs before it runs.
-    """
-
-    def stage_inputs(inputs, workdir):
-        """
-        Fetch every L{InputSpec} into C{workdir}; fire with C{None}, or
-        fail with L{StagingError} naming the input and why.
         """

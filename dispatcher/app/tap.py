@@ -10,7 +10,7 @@ from typing import Any
 import attrs
 from twisted.python import usage
 
-from ._config import Config, ConfigError, load_config
+from dispatcher.config._ini import Config, ConfigError, load_config
 
 
 class Options(usage.Options):
@@ -49,7 +49,7 @@ def makeService(options: Options) -> Any:
     from twisted.internet import reactor
     from twisted.internet.endpoints import serverFromString
 
-    from ._daemon import DaemonService
+    from dispatcher.app._daemon import DaemonService
 
     config = options.config
     try:

@@ -13,7 +13,7 @@ from typing import Any, Mapping, NoReturn, Optional
 import attrs
 import orjson
 
-from ._model import InputSpec, JobSpec, PlainJobs, Resources
+from dispatcher.model._jobs import InputSpec, JobSpec, PlainJobs, Resources
 
 
 class ApiError(Exception):

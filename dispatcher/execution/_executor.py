@@ -23,10 +23,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from ._config import TaskRef
-from ._deferreds import shielded
-from ._model import JobSpec, JobState, Lease, Outcome
-from ._threads import TaskThreads
+from dispatcher.config._ini import TaskRef
+from dispatcher._deferreds import shielded
+from dispatcher.model._jobs import JobSpec, JobState, Lease, Outcome
+from dispatcher._threads import TaskThreads
 
 log = Logger()
 

@@ -3,7 +3,7 @@ The remote worker: a process on another host that pulls jobs from a
 dispatcher over HTTP with fenced leases (docs/worker-protocol.md) and runs
 them with the same L{LocalExecutor} the daemon uses.
 
-Nothing here touches the global reactor; L{dispatcher.worker_tap} builds the
+Nothing here touches the global reactor; L{dispatcher.app.worker_tap} builds the
 service with it.
 """
 
@@ -33,10 +33,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import _HTTP11ClientFactory
 
-from ._config import Config
-from ._execution import RunningJob
-from ._host import JobHost
-from ._model import JobState, Lease, Outcome, lease_from_json
+from dispatcher.config._ini import Config
+from dispatcher.execution._executor import RunningJob
+from dispatcher.execution._host import JobHost
+from dispatcher.model._jobs import JobState, Lease, Outcome, lease_from_json
 
 log = Logger()
 

@@ -14,15 +14,15 @@ from typing import Any, Mapping, Optional
 
 from twisted.internet.threads import deferToThreadPool
 
-from ._deferreds import shielded
-from ._model import (
+from dispatcher._deferreds import shielded
+from dispatcher.model._jobs import (
     JobState,
     Offer,
     Outcome,
     Resources,
     lease_to_json,
 )
-from ._validation import ApiError, check_body, check_fields, invalid
+from dispatcher.wire._submission import ApiError, check_body, check_fields, invalid
 
 MAX_NAME = 200
 MAX_ITEMS = 10000

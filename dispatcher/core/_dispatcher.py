@@ -21,11 +21,11 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from ._deferreds import shielded
-from ._events import JobEvent, JobEvents
-from ._execution import LocalExecutor, RunningJob
-from ._host import detect_resources
-from ._model import (
+from dispatcher._deferreds import shielded
+from dispatcher.core._events import JobEvent, JobEvents
+from dispatcher.execution._executor import LocalExecutor, RunningJob
+from dispatcher.execution._host import detect_resources
+from dispatcher.model._jobs import (
     NO_RESOURCES,
     Job,
     JobIds,
@@ -38,10 +38,10 @@ from ._model import (
     StaleLease,
     StoreClosed,
 )
-from ._scheduler import Claim, Scheduler
-from ._sqlite import Claimed, IdempotencyKey, Submitted, SubmittedIds, Written
-from ._validation import Submission
-from ._workers import WorkerHub, placement
+from dispatcher.core._scheduler import Claim, Scheduler
+from dispatcher.store._sqlite import Claimed, IdempotencyKey, Submitted, SubmittedIds, Written
+from dispatcher.wire._submission import Submission
+from dispatcher.core._hub import WorkerHub, placement
 
 log = Logger()
 

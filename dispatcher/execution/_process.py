@@ -3,7 +3,7 @@ Command jobs as processes, started through the spawner helper.
 
 Starting a process from the daemon walks every open file descriptor in the
 reactor thread, and the daemon may hold thousands of sockets.  So the
-daemon starts one small helper (L{dispatcher._spawner}) when the service
+daemon starts one small helper (L{dispatcher.execution._spawner}) when the service
 starts and asks it, over a pipe, to start jobs: each in its own session and
 process group, with stray members of the group killed when the job's
 leader exits.
@@ -22,8 +22,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from dispatcher._interfaces import IProcessSpawner, IRunningProcess
-from dispatcher._spawner import read_boot_id, read_stat
+from dispatcher.execution._interfaces import IProcessSpawner, IRunningProcess
+from dispatcher.execution._spawner import read_boot_id, read_stat
 
 # The helper is run as a file, not with -m: -m would import the dispatcher
 # package, and with it Twisted, into a process that needs only the standard

@@ -1,0 +1,7 @@
+"""
+Putting it together: the daemon's service, the twistd plugins' options and
+service makers (the only code that touches the global reactor), and the
+C{dispatcher} command.
+
+May import anything in the package.
+"""
