@@ -419,7 +419,7 @@ async def test_an_end_the_store_could_not_commit_is_written_again(daemon, monkey
     import sqlite3
 
     dispatcher = daemon.service.dispatcher
-    dispatcher.record_retry_delay = 0.01
+    dispatcher.recorder.retry_first = 0.01
     store = daemon.service.store
     real = store.finish
     failures = []
@@ -456,13 +456,13 @@ async def test_a_stop_does_not_wait_for_an_end_that_cannot_be_written(make_daemo
 
     daemon = await make_daemon()
     # Long enough that the stop comes during a wait: it must not sit it out.
-    daemon.service.dispatcher.record_retry_delay = 600.0
+    daemon.service.dispatcher.recorder.retry_first = 600.0
     store = daemon.service.store
     monkeypatch.setattr(
         store, "finish",
         lambda lease, outcome, now: fail(sqlite3.OperationalError("disk I/O error")))
     job = await daemon.submit({"task": "add", "args": [1, 1]})
-    while not daemon.service.dispatcher._retrying:
+    while not daemon.service.dispatcher.recorder.waiting:
         await sleep(0.01)
     data = daemon.service.config.dispatcher.data_dir
     await daemon.service.stopService()
