@@ -175,3 +175,30 @@ async def test_a_remote_result_that_fails_otherwise_waits_for_a_resend(make_pure
     code, done = await daemon.json("GET", f"/v1/jobs/{job['id']}")
     assert done["state"] == "succeeded" and done["result"] == 5
     assert len(calls) == 2 and landed == [job["id"]]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_cancel_asked_while_a_result_is_written_again_ends_nothing_twice(make_pure):
+    """A cancel asked for while a worker's result is being written again
+    does not end the lease a second time: the worker's heartbeat is still
+    answered ok, and the one end written is the result (a success that came
+    before the cancel reached the job keeps it)."""
+    clock = Clock()
+    daemon = await make_pure(clock=clock)
+    who = worker("w", tasks=["add"])
+    job = await daemon.submit({"task": "add", "args": [2, 3]})
+    calls, landed = failing_finish(daemon.service.store, clock, job["id"], 1)
+    (granted,) = await lease(daemon, who)
+    first = ensureDeferred(report(daemon, who, [result(granted, exit_code=None, result=5)]))
+    await until(lambda: calls)
+    code, _ = await daemon.json("POST", f"/v1/jobs/{job['id']}/cancel")
+    assert code == 202
+    code, answer = await heartbeat(daemon, who, [granted])
+    assert code == 200 and answer["leases"][0]["ok"] is True, answer
+    clock.advance(1)
+    code, answer = await first
+    assert code == 200 and answer["results"][0]["ok"] is True
+    code, done = await daemon.json("GET", f"/v1/jobs/{job['id']}")
+    assert done["state"] == "succeeded" and done["result"] == 5
+    assert len(done["attempts"]) == 1
+    assert len(calls) == 2 and landed == [job["id"]]

@@ -29,6 +29,7 @@ from twisted.internet.defer import Deferred, DeferredList, FirstError, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from dispatcher.core._recorder import Recorder
 from dispatcher.model._jobs import (
     NO_RESOURCES,
     JobSpec,
@@ -140,7 +141,7 @@ class WorkerHub:
         scheduler: Any,
         clock: Any,
         lease_seconds: float,
-        recorder: Any,
+        recorder: Recorder,
         capacity_changed: Callable[[], None],
     ) -> None:
         self._scheduler = scheduler
