@@ -1,8 +1,10 @@
 """
 The dispatcher: one path for a job, from submission to its recorded end.
 
-It joins the store, the event stream, the scheduler and the local executor:
-the scheduler decides, the store claims and records, the executor runs.
+It joins the store, the event stream, the scheduler, the recorder, the
+local executor and the worker hub: the scheduler decides, the store claims,
+the executor (or a worker) runs, and the recorder writes how each attempt
+ended, again and again if a commit fails, before anything acts on it.
 Time comes from an injected clock: pending jobs wake on it, timeouts and
 back-offs run on it.
 """
