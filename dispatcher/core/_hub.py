@@ -528,7 +528,9 @@ class WorkerHub:
         remote.ending = None
         waiting, remote.waiting = remote.waiting or [], None
         remote.expires = self._clock.seconds() + self.lease_seconds
-        self._arm_reaper()
+        if self.accepting:
+            # (A stopped hub leaves no timer behind: a restart resumes.)
+            self._arm_reaper()
         for d in waiting:
             d.errback(failure)
 
@@ -604,6 +606,13 @@ class WorkerHub:
                 holder=lease.holder,
                 seconds=self.lease_seconds,
             )
+            worker = self.workers.get(lease.holder)
+            if worker is not None and worker.poll is not None:
+                # A worker that let a lease run out is presumed stopped or
+                # cut off, and its open poll with it: left open, it would
+                # swallow the job again, and each job it got would run out
+                # in turn.  A live worker just asks again.
+                self._end_poll(worker, [])
             self._end(
                 remote,
                 "expired",
@@ -613,13 +622,6 @@ class WorkerHub:
                     f"{self.lease_seconds:g} s",
                 ),
             )
-            worker = self.workers.get(lease.holder)
-            if worker is not None and worker.poll is not None:
-                # A worker that let a lease run out is presumed stopped or
-                # cut off, and its open poll with it: left open, it would
-                # swallow the job again, and each job it got would run out
-                # in turn.  A live worker just asks again.
-                self._end_poll(worker, [])
         self._forget_idle(now)
         self._arm_reaper()
 
