@@ -595,8 +595,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"{s['submit_seconds']:g} s a round, {s['submit_rounds']} round(s), each round "
         "taking the rows in turn; each row is its median round (the range of all rounds in "
         "brackets). The daemon has `slots = 0`, so every job stays queued; each round "
-        "starts a fresh daemon. Ratio: to the baseline, and for the last two rows to the "
-        "plain dispatcher, of the same run.",
+        "starts a fresh daemon. Ratio: to the baseline, and for the (a'), (g) and (h) rows "
+        "to the plain dispatcher, of the same run.",
         "",
         "| Connections | | Requests/s | p50 ms | p99 ms | 201s | Other status | "
         "Server CPU % | Daemon RSS MB (peak) | Reactor hold ms: max (p99; longest GC) |",
