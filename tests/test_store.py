@@ -36,6 +36,7 @@ from dispatcher.store._sqlite import (
     StoreVersionError,
     SubmittedIds,
     UnknownDependency,
+    WriteRefused,
     Written,
 )
 
@@ -217,7 +218,7 @@ async def test_plain_jobs_join_the_submissions_stored_together(store, monkeypatc
     assert store.batches - before == 1 and len(replayed) == 4
     assert results[1].value == SubmittedIds(plain_ids)
     assert results[1].changed == tuple((i, JobState.QUEUED) for i in plain_ids)
-    assert results[3][0].check(sqlite3.IntegrityError)
+    assert results[3][0].check(WriteRefused)
     page, _ = await store.list_jobs()
     page = page[5:]
     assert [job.id for job in page] == [first, *plain_ids, last]
@@ -253,7 +254,7 @@ async def test_a_refused_insert_fails_only_its_own_submission(store):
     ]
     results = [await d.addErrback(lambda f: [f]) for d in asked]
     assert isinstance(results[0], Written) and isinstance(results[2], Written)
-    assert results[1][0].check(sqlite3.IntegrityError)
+    assert results[1][0].check(WriteRefused)
     assert [(await store.get(i)).spec.command[1] for i in fresh] == ["2", "4"]
     assert (await store.get(taken)).spec.command[1] == "1"
 
@@ -345,7 +346,7 @@ async def test_a_submission_then_successes_share_without_a_replay(store):
     a, b = (await store.claim(Offer("h", 2), 2, 200.0, 60)).leases
     replayed = []
     real = store._apply_one
-    store._apply_one = lambda conn, op, args: (replayed.append(op), real(conn, op, args))[1]
+    store._apply_one = lambda conn, write: (replayed.append(write), real(conn, write))[1]
     asked = [
         store.submit([spec(3)], 201.0, [ids.new()]),
         store.finish(a, Outcome(JobState.SUCCEEDED), 201.0),
@@ -432,7 +433,7 @@ async def test_failed_write_changes_nothing_beside_others(store):
     duplicate = store.submit([spec(2), spec(3)], 1.0, [ids.new(), job_id])
     third = store.submit([spec(4)], 1.0, [ids.new()])
     await first
-    with pytest.raises(sqlite3.IntegrityError):
+    with pytest.raises(WriteRefused):
         await duplicate
     await third
     jobs, _ = await store.list_jobs(limit=100)
