@@ -24,7 +24,8 @@ from twisted.internet import reactor
 
 from dispatcher.model._jobs import FINAL_STATES, JobIds, JobSpec, JobState, Offer, Outcome
 from dispatcher.model._jobs import InvalidTransition, StaleLease
-from dispatcher.store._sqlite import DependencyNotRetried, SQLiteJobStore
+from dispatcher.store._results import DependencyNotRetried
+from dispatcher.store._sqlite import SQLiteJobStore
 
 HOLDER = "local@test"
 ids = JobIds()

@@ -29,7 +29,9 @@ MAX_SKIPPED = 1000
 Row = TypeVar("Row")
 
 
-@attrs.frozen
+# Not frozen: made once per claim, on the hot path, where a frozen class's
+# slower construction showed.
+@attrs.define
 class Choice(Generic[Row]):
     """
     What L{choose_jobs} chose.
@@ -116,7 +118,7 @@ def choose_jobs(
         row = next(rows, None)
         if row is not None:
             heads[queue] = row
-    order = list(queues[turn:]) + list(queues[:turn])
+    order = [*queues[turn:], *queues[:turn]]
     chosen: list[tuple[Row, JobSpec]] = []
     taken: dict[str, int] = {}
     skipped = 0
@@ -148,6 +150,6 @@ def choose_jobs(
         if several:
             # Among equal priorities the next turn is the next queue's.
             turn = (queues.index(queue) + 1) % len(queues)
-            order = list(queues[turn:]) + list(queues[:turn])
+            order = [*queues[turn:], *queues[:turn]]
     drained = not heads and not left and not skipped
     return Choice(chosen, taken, skipped, drained, turn)

@@ -26,7 +26,6 @@ import sqlite3
 import threading
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
-import attrs
 import orjson
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import LoopingCall
