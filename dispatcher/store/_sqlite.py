@@ -476,6 +476,9 @@ class SQLiteJobStore:
     # Life cycle
 
     def open(self) -> Deferred:
+        """
+        See L{IJobStore.open}.
+        """
         self._writer_pool.start()
         self._reader_pool.start()
         d = self._writer_pool.defer(self._open_in_thread)
@@ -880,6 +883,9 @@ class SQLiteJobStore:
         ids: Sequence[str],
         idempotency: Optional[IdempotencyKey] = None,
     ) -> Deferred:
+        """
+        See L{IJobStore.submit}.
+        """
         return self._write(Submit(list(specs), now, list(ids), idempotency))
 
     def submit_plain(
@@ -1025,6 +1031,9 @@ class SQLiteJobStore:
                        min(wake) if wake else None)
 
     def get(self, job_id: str) -> Deferred:
+        """
+        See L{IJobStore.get}.
+        """
         return self._read(_get_job, job_id, self._limits)
 
     def list_jobs(
@@ -1034,9 +1043,15 @@ class SQLiteJobStore:
         limit: int = 100,
         cursor: Optional[int] = None,
     ) -> Deferred:
+        """
+        See L{IJobStore.list_jobs}.
+        """
         return self._read(_list_jobs, state, tuple(labels), limit, cursor, self._limits)
 
     def count_by_state(self) -> Deferred:
+        """
+        See L{IJobStore.count_by_state}.
+        """
         return self._read(_count_by_state)
 
     def queue_counts(self) -> Deferred:
@@ -1197,6 +1212,9 @@ class SQLiteJobStore:
     def record_process(
         self, lease: Lease, pid: int, start_ticks: Optional[int], boot_id: Optional[str]
     ) -> Deferred:
+        """
+        See L{IJobStore.record_process}.
+        """
         return self._write(RecordProcess(lease, pid, start_ticks, boot_id))
 
     def _record_process(
@@ -1214,6 +1232,9 @@ class SQLiteJobStore:
         )
 
     def mark_running(self, lease: Lease, now: float) -> Deferred:
+        """
+        See L{IJobStore.mark_running}.
+        """
         return self._write(MarkRunning(lease, now))
 
     def _mark_running(self, conn: sqlite3.Connection, lease: Lease, now: float) -> Written:
@@ -1227,6 +1248,9 @@ class SQLiteJobStore:
         return Written(None, ((lease.job_id, JobState.RUNNING),))
 
     def finish(self, lease: Lease, outcome: Outcome, now: float) -> Deferred:
+        """
+        See L{IJobStore.finish}.
+        """
         return self._write(Finish(lease, outcome, now))
 
     def _finish(
@@ -1309,6 +1333,9 @@ class SQLiteJobStore:
         return Written(None, ((job_id, target),), due)
 
     def release(self, lease: Lease, now: float, reason: str) -> Deferred:
+        """
+        See L{IJobStore.release}.
+        """
         return self._write(Release(lease, now, reason))
 
     def _release(
@@ -1343,6 +1370,9 @@ class SQLiteJobStore:
         return Written(None, tuple(changed), wake)
 
     def cancel(self, job_id: str, now: float) -> Deferred:
+        """
+        See L{IJobStore.cancel}.
+        """
         return self._write(Cancel(job_id, now))
 
     def _cancel(self, conn: sqlite3.Connection, job_id: str, now: float) -> Written:
@@ -1446,6 +1476,9 @@ class SQLiteJobStore:
         return Written(cursor.rowcount)
 
     def recover(self, holder: str, now: float) -> Deferred:
+        """
+        See L{IJobStore.recover}.
+        """
         return self._write(Recover(holder, now))
 
     def _recover(self, conn: sqlite3.Connection, holder: str, now: float) -> Written:
