@@ -52,6 +52,7 @@ from dispatcher.store._results import (
     Written,
 )
 from dispatcher.store._writes import (
+    DURABLE,
     Cancel,
     Claim,
     Finish,
@@ -465,6 +466,23 @@ class SQLiteJobStore:
         # Commits, and those of them that synced the disk.
         self.batches = 0
         self.durable_batches = 0
+        # The operation that applies each kind of write, with the write's
+        # fields as its arguments.
+        self._operations: dict[type, Callable[..., Any]] = {
+            Submit: self._submit,
+            SubmitPlain: self._submit_plain_jobs,
+            Claim: self._claim,
+            ResumeLeases: self._resume_leases,
+            RecordProcess: self._record_process,
+            MarkRunning: self._mark_running,
+            Finish: self._finish,
+            Release: self._release,
+            Cancel: self._cancel,
+            Retry: self._retry,
+            PromoteDue: self._promote_due,
+            PurgeIdempotency: self._purge_idempotency,
+            Recover: self._recover,
+        }
 
     @property
     def queue_limits(self) -> Mapping[str, int]:
@@ -640,7 +658,7 @@ class SQLiteJobStore:
         batch, self._pending = self._pending, []
         self._flushing = True
         work = [write for write, _ in batch]
-        durable = self._sync_interval <= 0 or any(write.durable for write in work)
+        durable = self._sync_interval <= 0 or any(type(write) in DURABLE for write in work)
         d = self._writer_pool.defer(self._commit, work, durable)
         d.addBoth(self._flushed, [deferred for _, deferred in batch])
 
@@ -694,7 +712,7 @@ class SQLiteJobStore:
         """
         conn.execute("SAVEPOINT operation")
         try:
-            value = write.run(self, conn)
+            value = self._operations[type(write)](conn, *write)
         except Exception as e:
             conn.execute("ROLLBACK TO operation")
             conn.execute("RELEASE operation")
@@ -747,7 +765,8 @@ class SQLiteJobStore:
                     i = j
                     break
             else:
-                results.append((True, work[i].run(self, conn)))
+                write = work[i]
+                results.append((True, self._operations[type(write)](conn, *write)))
                 i += 1
         return results
 
