@@ -430,3 +430,21 @@ async def test_a_write_sqlite_cannot_do_is_commit_failed_alone(store):
     assert (await store.get(lease.job_id)).state is JobState.RUNNING
     await store.finish(lease, Outcome.from_exit_code(0), 4.0)
     assert (await store.get(lease.job_id)).state is JobState.SUCCEEDED
+
+
+def test_every_write_command_has_its_operation(tmp_path):
+    """Each kind of write command is applied by one operation of the store,
+    whose arguments after the connection are the command's fields, in
+    order: a command unpacks into them."""
+    import inspect
+    import typing
+
+    from dispatcher.store import _writes
+
+    s = SQLiteJobStore(str(tmp_path / "db.sqlite3"), reactor)
+    kinds = typing.get_args(_writes.Write)
+    assert set(kinds) == set(s._operations)
+    assert _writes.DURABLE <= set(kinds)
+    for kind in kinds:
+        parameters = list(inspect.signature(s._operations[kind]).parameters)
+        assert parameters[1:] == list(kind._fields), kind

@@ -24,7 +24,7 @@ import os
 import random
 import sqlite3
 import threading
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import orjson
 from twisted.internet.defer import Deferred, fail, succeed
@@ -66,6 +66,7 @@ from dispatcher.store._writes import (
     Retry,
     Submit,
     SubmitPlain,
+    Write,
 )
 from dispatcher.wire._json import decode_stored, encode_sorted
 from dispatcher.model._jobs import (
@@ -370,13 +371,6 @@ _PLAIN_COLUMNS = frozenset({
     "seq", "id", "state", "labels", "spec", "created_at", "wait_reason", "priority",
     "queue", "max_attempts", "retry_delay",
 })
-
-
-# Any of the writer's commands (see dispatcher.store._writes).
-Write = Union[
-    Submit, SubmitPlain, Claim, ResumeLeases, RecordProcess, MarkRunning, Finish, Release,
-    Cancel, Retry, PromoteDue, PurgeIdempotency, Recover,
-]
 
 
 def _store_error(error: Exception) -> StoreError:

@@ -13,7 +13,7 @@ its operation's arguments: the writer applies thousands a second.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Sequence
+from typing import NamedTuple, Optional, Sequence, Union
 
 from dispatcher.model._jobs import JobSpec, JobState, Lease, Offer, Outcome, PlainJobs, Resources
 from dispatcher.store._results import IdempotencyKey
@@ -175,3 +175,9 @@ class Recover(NamedTuple):
 # change run state alone, and may reach the disk within the store's
 # sync interval.
 DURABLE = frozenset({Submit, SubmitPlain, Cancel, Retry})
+
+# Any of the commands.
+Write = Union[
+    Submit, SubmitPlain, Claim, ResumeLeases, RecordProcess, MarkRunning, Finish, Release,
+    Cancel, Retry, PromoteDue, PurgeIdempotency, Recover,
+]
