@@ -16,7 +16,13 @@ from twisted.internet.task import Clock, deferLater
 
 from dispatcher.model._jobs import JobState, Offer, Outcome, PlainJobs, StaleLease
 from dispatcher.store import _sqlite as _sqlite
-from dispatcher.store._results import CommitFailed, IdempotencyKey, SubmittedIds, WriteRefused
+from dispatcher.store._results import (
+    CommitFailed,
+    IdempotencyKey,
+    ReadFailed,
+    SubmittedIds,
+    WriteRefused,
+)
 from dispatcher.store._sqlite import MIGRATIONS, SQLiteJobStore, StoreVersionError
 from tests.store_contract import claim, ids, no_jitter, spec, submit
 
@@ -448,3 +454,20 @@ def test_every_write_command_has_its_operation(tmp_path):
     for kind in kinds:
         parameters = list(inspect.signature(s._operations[kind]).parameters)
         assert parameters[1:] == list(kind._fields), kind
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_read_sqlite_cannot_do_is_read_failed(store, monkeypatch):
+    """A read that SQLite fails fails with the store's ReadFailed, with
+    SQLite's message, and the next read works."""
+    (job,) = await submit(store, spec())
+    real = _sqlite._get_job
+
+    def failing(conn, job_id, limits={}):
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(_sqlite, "_get_job", failing)
+    with pytest.raises(ReadFailed, match="disk I/O error"):
+        await store.get(job.id)
+    monkeypatch.setattr(_sqlite, "_get_job", real)
+    assert (await store.get(job.id)).id == job.id

@@ -29,7 +29,9 @@ class IJobStore(Interface):
       - for writes, L{CommitFailed} when the write could not be committed
         (a full disk): asking for the same write again later may succeed;
         and L{WriteRefused} when the store's own rules refuse it (an id
-        already taken).
+        already taken);
+      - for reads, L{ReadFailed} when the store could not read (reading
+        again later may succeed).
 
     Most writes fire with a L{Written}: its C{value} is the write's answer
     (said below), C{changed} the C{(job id, state)} of every job whose

@@ -3,8 +3,8 @@ What the methods of L{IJobStore} fire with and fail with: the values and
 errors every store shares, whatever it keeps its jobs in.
 
 The dispatcher and the API see these, never a database's own types: a
-store translates its driver's errors into L{CommitFailed} or
-L{WriteRefused}.
+store translates its driver's errors into L{CommitFailed},
+L{WriteRefused} or L{ReadFailed}.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from dispatcher.model._jobs import Job, JobState, Lease
 class StoreError(Exception):
     """
     A failure of the store itself, not a refusal of the request: the base
-    of L{CommitFailed} and L{WriteRefused}.
+    of L{CommitFailed}, L{WriteRefused} and L{ReadFailed}.
     """
 
 
@@ -34,6 +34,13 @@ class CommitFailed(StoreError):
 
     The message is the store's own (C{"database or disk is full"}); the
     driver's exception is the C{__cause__}.
+    """
+
+
+class ReadFailed(StoreError):
+    """
+    A read could not be done (an I/O error, a database another process
+    holds locked); reading again later may succeed.
     """
 
 

@@ -42,6 +42,7 @@ from dispatcher.store._results import (
     IdempotencyConflict,
     IdempotencyKey,
     LostAttempt,
+    ReadFailed,
     ResumedLease,
     StoreVersionError,
     Submitted,
@@ -875,17 +876,20 @@ class SQLiteJobStore:
         return self._reader_pool.defer(self._read_in_thread, operation, args)
 
     def _read_in_thread(self, operation: Callable[..., Any], args: tuple) -> Any:
-        conn = getattr(self._readers_local, "conn", None)
-        if conn is None:
-            conn = self._connect()
-            self._readers_local.conn = conn
-            with self._readers_lock:
-                self._reader_connections.append(conn)
-        conn.execute("BEGIN")
         try:
-            return operation(conn, *args)
-        finally:
-            conn.execute("COMMIT")
+            conn = getattr(self._readers_local, "conn", None)
+            if conn is None:
+                conn = self._connect()
+                self._readers_local.conn = conn
+                with self._readers_lock:
+                    self._reader_connections.append(conn)
+            conn.execute("BEGIN")
+            try:
+                return operation(conn, *args)
+            finally:
+                conn.execute("COMMIT")
+        except (sqlite3.Error, OSError) as e:
+            raise ReadFailed(str(e)) from e
 
     # The interface
 
