@@ -20,10 +20,12 @@ from dispatcher.store._results import (
     CommitFailed,
     IdempotencyKey,
     ReadFailed,
+    StoreVersionError,
     SubmittedIds,
     WriteRefused,
 )
-from dispatcher.store._sqlite import MIGRATIONS, SQLiteJobStore, StoreVersionError
+from dispatcher.store._schema import MIGRATIONS
+from dispatcher.store._sqlite import SQLiteJobStore
 from tests.store_contract import claim, ids, no_jitter, spec, submit
 
 
