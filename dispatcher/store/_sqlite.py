@@ -622,7 +622,9 @@ class SQLiteJobStore:
         refuse: no idempotency key to check, no dependency to look up.
         """
         kind = type(write)
-        return (kind is Submit or kind is SubmitPlain) and write.plain  # type: ignore[union-attr]
+        if kind is SubmitPlain:
+            return write.idempotency is None  # type: ignore[union-attr]
+        return kind is Submit and write.plain  # type: ignore[union-attr]
 
     def _plain_success(self, write: Write) -> bool:
         """

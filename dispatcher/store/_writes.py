@@ -48,14 +48,6 @@ class SubmitPlain(NamedTuple):
     ids: Sequence[str]
     idempotency: Optional[IdempotencyKey]
 
-    @property
-    def plain(self) -> bool:
-        """
-        Whether nothing but the database itself can refuse it: no
-        idempotency key to check.
-        """
-        return self.idempotency is None
-
 
 class Claim(NamedTuple):
     """
