@@ -308,7 +308,9 @@ class _Replay(Exception):
 class SQLiteJobStore:
     """
     L{IJobStore} on one SQLite file, in WAL mode with C{synchronous=FULL}:
-    a committed job survives power loss, not only a killed process.
+    a committed job survives power loss, not only a killed process.  The
+    interface documents the methods it declares; each queues a typed
+    write command (L{dispatcher.store._writes}) or runs a read.
 
     @param path: the database file.
     @param reactor: the reactor the Deferreds fire in.
@@ -401,9 +403,6 @@ class SQLiteJobStore:
     # Life cycle
 
     def open(self) -> Deferred:
-        """
-        See L{IJobStore.open}.
-        """
         self._writer_pool.start()
         self._reader_pool.start()
         d = self._writer_pool.defer(self._open_in_thread)
@@ -801,9 +800,6 @@ class SQLiteJobStore:
         ids: Sequence[str],
         idempotency: Optional[IdempotencyKey] = None,
     ) -> Deferred:
-        """
-        See L{IJobStore.submit}.
-        """
         return self._write(Submit(list(specs), now, list(ids), idempotency))
 
     def submit_plain(
@@ -949,9 +945,6 @@ class SQLiteJobStore:
                        min(wake) if wake else None)
 
     def get(self, job_id: str) -> Deferred:
-        """
-        See L{IJobStore.get}.
-        """
         return self._read(_get_job, job_id, self._limits)
 
     def list_jobs(
@@ -961,15 +954,9 @@ class SQLiteJobStore:
         limit: int = 100,
         cursor: Optional[int] = None,
     ) -> Deferred:
-        """
-        See L{IJobStore.list_jobs}.
-        """
         return self._read(_list_jobs, state, tuple(labels), limit, cursor, self._limits)
 
     def count_by_state(self) -> Deferred:
-        """
-        See L{IJobStore.count_by_state}.
-        """
         return self._read(_count_by_state)
 
     def queue_counts(self) -> Deferred:
@@ -1130,9 +1117,6 @@ class SQLiteJobStore:
     def record_process(
         self, lease: Lease, pid: int, start_ticks: Optional[int], boot_id: Optional[str]
     ) -> Deferred:
-        """
-        See L{IJobStore.record_process}.
-        """
         return self._write(RecordProcess(lease, pid, start_ticks, boot_id))
 
     def _record_process(
@@ -1150,9 +1134,6 @@ class SQLiteJobStore:
         )
 
     def mark_running(self, lease: Lease, now: float) -> Deferred:
-        """
-        See L{IJobStore.mark_running}.
-        """
         return self._write(MarkRunning(lease, now))
 
     def _mark_running(self, conn: sqlite3.Connection, lease: Lease, now: float) -> Written:
@@ -1166,9 +1147,6 @@ class SQLiteJobStore:
         return Written(None, ((lease.job_id, JobState.RUNNING),))
 
     def finish(self, lease: Lease, outcome: Outcome, now: float) -> Deferred:
-        """
-        See L{IJobStore.finish}.
-        """
         return self._write(Finish(lease, outcome, now))
 
     def _finish(
@@ -1251,9 +1229,6 @@ class SQLiteJobStore:
         return Written(None, ((job_id, target),), due)
 
     def release(self, lease: Lease, now: float, reason: str) -> Deferred:
-        """
-        See L{IJobStore.release}.
-        """
         return self._write(Release(lease, now, reason))
 
     def _release(
@@ -1288,9 +1263,6 @@ class SQLiteJobStore:
         return Written(None, tuple(changed), wake)
 
     def cancel(self, job_id: str, now: float) -> Deferred:
-        """
-        See L{IJobStore.cancel}.
-        """
         return self._write(Cancel(job_id, now))
 
     def _cancel(self, conn: sqlite3.Connection, job_id: str, now: float) -> Written:
@@ -1394,9 +1366,6 @@ class SQLiteJobStore:
         return Written(cursor.rowcount)
 
     def recover(self, holder: str, now: float) -> Deferred:
-        """
-        See L{IJobStore.recover}.
-        """
         return self._write(Recover(holder, now))
 
     def _recover(self, conn: sqlite3.Connection, holder: str, now: float) -> Written:
