@@ -7,11 +7,11 @@ running jobs gives none; a job the holder could not run (a task it does not
 know, a label it lacks) or that does not fit its free resources is passed
 over, and at most L{MAX_SKIPPED} are passed over in one claim.
 
-It lives among the model's values, not in the dispatcher's core, because a
-store applies it inside the transaction that takes the jobs (which the
-store may import, and the core's modules it may not): a store's query
-gives each queue's queued jobs in order, read lazily, and L{choose_jobs}
-decides over them.  It does no I/O of its own.
+It lives in the model, not in the dispatcher's core, because a store
+applies it inside the transaction that takes the jobs, and a store may
+import the model but not the core: a store's query gives each queue's
+queued jobs in order, read lazily, and L{choose_jobs} decides over them.
+It does no I/O of its own.
 """
 
 from __future__ import annotations
