@@ -6,12 +6,12 @@ store (its C{finish} made to fail as a full disk fails it), and a Clock for
 the waits between writes.
 """
 
-import errno
-
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, ensureDeferred, fail
 from twisted.internet.task import Clock
+
+from dispatcher.store._results import CommitFailed
 
 from .test_leases import (  # noqa: F401 (make_pure is a fixture)
     heartbeat,
@@ -25,8 +25,8 @@ from .test_leases import (  # noqa: F401 (make_pure is a fixture)
 
 
 def full_disk():
-    """The failure of a store whose disk is full."""
-    return fail(OSError(errno.ENOSPC, "No space left on device"))
+    """The failure of a store whose disk is full: its commit failed."""
+    return fail(CommitFailed("database or disk is full"))
 
 
 async def until(condition, timeout=10.0):

@@ -28,7 +28,7 @@ from dispatcher.wire._json import decode, encode
 from dispatcher.model._jobs import InvalidTransition, JobState, PlainJobs, StoreClosed, UnknownJob
 from dispatcher.api._openapi import openapi_document
 from dispatcher.config._ini import QueueConfig
-from dispatcher.store._sqlite import (
+from dispatcher.store._results import (
     DependencyNotRetried,
     IdempotencyConflict,
     IdempotencyKey,

@@ -12,7 +12,6 @@ back-offs run on it.
 from __future__ import annotations
 
 import operator
-import sqlite3
 from typing import Any, Callable, Optional, Sequence
 
 import attrs
@@ -41,7 +40,14 @@ from dispatcher.model._jobs import (
 )
 from dispatcher.core._recorder import Recorder
 from dispatcher.core._scheduler import Claim, Scheduler
-from dispatcher.store._sqlite import Claimed, IdempotencyKey, Submitted, SubmittedIds, Written
+from dispatcher.store._results import (
+    Claimed,
+    CommitFailed,
+    IdempotencyKey,
+    Submitted,
+    SubmittedIds,
+    Written,
+)
 from dispatcher.wire._submission import Submission
 from dispatcher.core._hub import WorkerHub, placement
 
@@ -119,9 +125,9 @@ class Dispatcher(Service):
         self._ending: list[tuple[Outcome, RunningJob, float]] = []
         self._ending_call: Any = None
         self.end_gather = END_GATHER
-        # A failed commit of an end is the store's own failure when it is
-        # one of these: SQLite's, or the disk's.
-        self.recorder = Recorder(store, self._clock, self._apply, (sqlite3.Error, OSError))
+        # A failed commit of an end is written again when the store says
+        # the commit failed (its disk, its database), not the write.
+        self.recorder = Recorder(store, self._clock, self._apply, (CommitFailed,))
         self._local_explainer: Optional[tuple[Any, Callable[[Job], Job]]] = None
         self._accepting = False
         self._wake_call: Any = None
