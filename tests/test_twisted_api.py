@@ -1,0 +1,77 @@
+"""
+What the package relies on Twisted to do, through its public API, checked
+here so that a Twisted release that changes it fails in this file first
+(pyproject.toml leaves the Twisted range open above).
+"""
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import globalLogPublisher
+from twisted.web.client import Agent, HTTPConnectionPool, URI
+from twisted.web.error import SchemeNotSupported
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+from treq.client import HTTPClient
+
+from dispatcher.execution._http_client import QuietEndpointFactory, quiet_http_client
+
+
+class Hello(Resource):
+    isLeaf = True
+
+    def render_GET(self, request):
+        return b"hello"
+
+
+@pytest.fixture
+def site_url():
+    """A real local HTTP server, on an ephemeral port."""
+    port = pytest_twisted.blockon(
+        serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(Site(Hello())))
+    yield f"http://127.0.0.1:{port.getHost().port}/"
+    pytest_twisted.blockon(port.stopListening())
+
+
+async def _factory_lines(make_client, url):
+    """The "Starting/Stopping factory" lines logged while a client fetches
+    url twice and closes its connections."""
+    lines = []
+
+    def observe(event):
+        if "factory" in (event.get("log_format") or "").lower():
+            lines.append(event["log_format"])
+
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    client = make_client(reactor, pool)
+    globalLogPublisher.addObserver(observe)
+    try:
+        for _ in range(2):
+            response = await client.get(url)
+            assert await response.content() == b"hello"
+        await pool.closeCachedConnections()
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    return lines
+
+
+@pytest_twisted.ensureDeferred
+async def test_client_connections_are_not_logged(site_url):
+    """The host's HTTP client fetches through connections that log nothing
+    as they open and close; a stock Agent logs a line for each (what the
+    quiet client is for)."""
+    assert await _factory_lines(quiet_http_client, site_url) == []
+    stock = await _factory_lines(
+        lambda reactor, pool: HTTPClient(Agent(reactor, pool=pool)), site_url)
+    assert "Starting factory {factory!r}" in stock
+
+
+def test_quiet_endpoints_take_http_and_https_only():
+    """The quiet endpoint factory makes endpoints for http and https URLs
+    (TLS for https) and refuses other schemes, as the stock Agent does."""
+    factory = QuietEndpointFactory(reactor)
+    assert factory.endpointForURI(URI.fromBytes(b"http://example.org/")) is not None
+    assert factory.endpointForURI(URI.fromBytes(b"https://example.org:8443/")) is not None
+    with pytest.raises(SchemeNotSupported):
+        factory.endpointForURI(URI.fromBytes(b"ftp://example.org/"))
