@@ -15,7 +15,25 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 from treq.client import HTTPClient
 
+from dispatcher.app._daemon import planned_interface
 from dispatcher.execution._http_client import QuietEndpointFactory, quiet_http_client
+
+
+@pytest.mark.parametrize("description, interface", [
+    ("tcp:8080", ""),
+    ("tcp:0:interface=127.0.0.1", "127.0.0.1"),
+    ("tcp:0:interface=0.0.0.0:backlog=4096", "0.0.0.0"),
+    ("tcp6:0:interface=\\:\\:1", "::1"),
+    ("tcp6:0", "::"),
+    ("tcp:0:interface=localhost", None),
+    ("unix:/tmp/dispatcher-test.sock", None),
+    ("no-such-kind:1", None),
+])
+def test_the_planned_interface_is_read_from_a_dry_run(description, interface):
+    """An endpoint description's interface is found by letting the endpoint
+    listen on a MemoryReactor, without binding anything; what cannot be told
+    before binding is None."""
+    assert planned_interface(description) == interface
 
 
 class Hello(Resource):

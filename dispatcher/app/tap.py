@@ -49,14 +49,35 @@ def makeService(options: Options) -> Any:
     from twisted.internet import reactor
     from twisted.internet.endpoints import serverFromString
 
-    from dispatcher.app._daemon import DaemonService
+    from dispatcher.app._daemon import (
+        DaemonService,
+        OpenToTheNetwork,
+        check_exposure,
+        planned_interface,
+    )
+    from dispatcher.app._heap import HeapFreezer
 
     config = options.config
+    where = (
+        f"{config.path}: [server] listen"
+        if config.path and not options["listen"]
+        else "--listen"
+    )
     try:
         endpoint = serverFromString(reactor, config.server.listen)
     except Exception as e:
-        where = f"{config.path}: [server] listen" if config.path else "--listen"
         raise usage.UsageError(
             f"{where} = {config.server.listen!r}: not a Twisted endpoint ({e})"
         )
-    return DaemonService(reactor, config, endpoint)
+    # Refused before anything starts (no job of the last run is taken up
+    # by a daemon that then will not serve); the daemon checks the address
+    # it did bind as well.
+    try:
+        check_exposure(planned_interface(config.server.listen), config)
+    except OpenToTheNetwork as e:
+        raise usage.UsageError(f"{where} = {config.server.listen!r}: {e}")
+    service = DaemonService(reactor, config, endpoint)
+    if config.dispatcher.gc_freeze:
+        # Only here: the process is the dispatcher alone.
+        HeapFreezer(reactor).setServiceParent(service)
+    return service
