@@ -15,7 +15,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 from treq.client import HTTPClient
 
-from dispatcher.app._daemon import planned_interface
+from dispatcher.app._exposure import planned_interface
 from dispatcher.execution._http_client import QuietEndpointFactory, quiet_http_client
 
 
@@ -27,13 +27,20 @@ from dispatcher.execution._http_client import QuietEndpointFactory, quiet_http_c
     ("tcp6:0", "::"),
     ("tcp:0:interface=localhost", None),
     ("unix:/tmp/dispatcher-test.sock", None),
-    ("no-such-kind:1", None),
 ])
 def test_the_planned_interface_is_read_from_a_dry_run(description, interface):
     """An endpoint description's interface is found by letting the endpoint
     listen on a MemoryReactor, without binding anything; what cannot be told
     before binding is None."""
     assert planned_interface(description) == interface
+
+
+@pytest.mark.parametrize("description", ["no-such-kind:1", "tcp:http", "tcp:1:bogus=1"])
+def test_a_description_that_does_not_parse_raises(description):
+    """A description Twisted cannot parse raises from the dry run, so that
+    the options can say so before anything starts."""
+    with pytest.raises(Exception):
+        planned_interface(description)
 
 
 class Hello(Resource):

@@ -6,7 +6,6 @@ together from one L{Config}, started and stopped in order.
 from __future__ import annotations
 
 import fcntl
-import ipaddress
 import os
 import socket
 from typing import Any, Optional
@@ -17,6 +16,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from dispatcher.api._handlers import DispatcherAPI
+from dispatcher.app._exposure import OpenToTheNetwork, check_exposure
 from dispatcher.config._ini import Config
 from dispatcher.core._dispatcher import Dispatcher
 from dispatcher.execution._host import JobHost
@@ -35,86 +35,6 @@ class DataDirInUse(Exception):
     """
     Another dispatcher holds the data directory.
     """
-
-
-class OpenToTheNetwork(Exception):
-    """
-    The API would listen beyond loopback without the tokens that make that
-    safe.
-    """
-
-
-def check_exposure(host: Optional[str], config: Config) -> None:
-    """
-    Refuse to serve on an address other machines reach unless both tokens
-    are set: open, this API runs any command for anyone.
-
-    @param host: the address listened on (C{""}: every interface), or
-        L{None} when not known.
-    @raise OpenToTheNetwork: C{host} is neither unknown nor loopback, and
-        a token is missing.
-    """
-    if host is None or _is_loopback(host):
-        return
-    missing = []
-    if config.api.token is None:
-        missing.append("[api] token_file")
-    if config.workers.token is None:
-        missing.append("[workers] token_file")
-    if missing:
-        where = host or "every interface"
-        raise OpenToTheNetwork(
-            f"the API would listen on {where}, which other machines can reach, "
-            "and it runs commands for whoever calls it: set "
-            f"{' and '.join(missing)} (see etc/dispatcher.ini), or listen on "
-            "127.0.0.1"
-        )
-
-
-def planned_interface(description: str) -> Optional[str]:
-    """
-    The interface a server endpoint description would listen on, found
-    before anything listens: C{""} for every interface, an IP address, or
-    L{None} when it cannot be told (a host name, a UNIX socket, a
-    descriptor handed over by systemd, an endpoint plugin that binds in its
-    own way, a description that does not parse).
-
-    The endpoint is built on a L{MemoryReactor} and asked to listen there;
-    the reactor's record of the C{listenTCP} or C{listenSSL} call (public
-    C{IReactorTCP}/C{IReactorSSL} arguments) names the interface.  An
-    endpoint object keeps it only in a private attribute.
-    """
-    from twisted.internet.endpoints import serverFromString
-    from twisted.internet.protocol import Factory
-    from twisted.internet.testing import MemoryReactor
-
-    dry = MemoryReactor()
-    try:
-        listening = serverFromString(dry, description).listen(Factory())
-    except Exception:
-        return None
-    listening.addErrback(lambda failure: None)
-    interfaces = [interface for _port, _factory, _backlog, interface in dry.tcpServers]
-    interfaces += [interface for _port, _factory, _context, _backlog, interface in dry.sslServers]
-    for interface in interfaces:
-        if interface == "" or _is_ip(interface):
-            return interface
-    return None
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return False
-    return True
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
-    except ValueError:
-        return False
 
 
 class DaemonService(MultiService):

@@ -10,6 +10,7 @@ from typing import Any
 import attrs
 from twisted.python import usage
 
+from dispatcher.app._exposure import OpenToTheNetwork, check_exposure, planned_interface
 from dispatcher.config._ini import Config, ConfigError, load_config
 
 
@@ -39,6 +40,23 @@ class Options(usage.Options):
                 config,
                 dispatcher=attrs.evolve(config.dispatcher, data_dir=self["data-dir"]),
             )
+        self.where = (
+            f"{config.path}: [server] listen"
+            if config.path and not self["listen"]
+            else "--listen"
+        )
+        listen = config.server.listen
+        try:
+            interface = planned_interface(listen)
+        except Exception as e:
+            raise usage.UsageError(f"{self.where} = {listen!r}: not a Twisted endpoint ({e})")
+        # Refused here, before anything starts (a daemon that will not serve
+        # must not take up the last run's jobs first); the daemon checks the
+        # address it did bind as well.
+        try:
+            check_exposure(interface, config)
+        except OpenToTheNetwork as e:
+            raise usage.UsageError(f"{self.where} = {listen!r}: {e}")
         self.config = config
 
 
@@ -49,33 +67,16 @@ def makeService(options: Options) -> Any:
     from twisted.internet import reactor
     from twisted.internet.endpoints import serverFromString
 
-    from dispatcher.app._daemon import (
-        DaemonService,
-        OpenToTheNetwork,
-        check_exposure,
-        planned_interface,
-    )
+    from dispatcher.app._daemon import DaemonService
     from dispatcher.app._heap import HeapFreezer
 
     config = options.config
-    where = (
-        f"{config.path}: [server] listen"
-        if config.path and not options["listen"]
-        else "--listen"
-    )
     try:
         endpoint = serverFromString(reactor, config.server.listen)
     except Exception as e:
         raise usage.UsageError(
-            f"{where} = {config.server.listen!r}: not a Twisted endpoint ({e})"
+            f"{options.where} = {config.server.listen!r}: not a Twisted endpoint ({e})"
         )
-    # Refused before anything starts (no job of the last run is taken up
-    # by a daemon that then will not serve); the daemon checks the address
-    # it did bind as well.
-    try:
-        check_exposure(planned_interface(config.server.listen), config)
-    except OpenToTheNetwork as e:
-        raise usage.UsageError(f"{where} = {config.server.listen!r}: {e}")
     service = DaemonService(reactor, config, endpoint)
     if config.dispatcher.gc_freeze:
         # Only here: the process is the dispatcher alone.
