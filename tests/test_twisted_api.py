@@ -14,6 +14,9 @@ from twisted.web.error import SchemeNotSupported
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 from treq.client import HTTPClient
+from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.web.iweb import IAgentEndpointFactory
+from zope.interface.verify import verifyObject
 
 from dispatcher.app._exposure import planned_interface
 from dispatcher.execution._http_client import QuietEndpointFactory, quiet_http_client
@@ -96,7 +99,8 @@ def test_quiet_endpoints_take_http_and_https_only():
     """The quiet endpoint factory makes endpoints for http and https URLs
     (TLS for https) and refuses other schemes, as the stock Agent does."""
     factory = QuietEndpointFactory(reactor)
-    assert factory.endpointForURI(URI.fromBytes(b"http://example.org/")) is not None
-    assert factory.endpointForURI(URI.fromBytes(b"https://example.org:8443/")) is not None
+    verifyObject(IAgentEndpointFactory, factory)
+    for url in (b"http://example.org/", b"https://example.org:8443/"):
+        verifyObject(IStreamClientEndpoint, factory.endpointForURI(URI.fromBytes(url)))
     with pytest.raises(SchemeNotSupported):
         factory.endpointForURI(URI.fromBytes(b"ftp://example.org/"))

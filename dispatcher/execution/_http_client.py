@@ -13,7 +13,7 @@ from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
 from twisted.web.error import SchemeNotSupported
-from twisted.web.iweb import IAgentEndpointFactory, IPolicyForHTTPS
+from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
 
@@ -31,6 +31,9 @@ class _QuietEndpoint:
         self._endpoint = endpoint
 
     def connect(self, protocolFactory: Any) -> Any:
+        """
+        Connect C{protocolFactory}, which logs nothing of it.
+        """
         protocolFactory.noisy = False
         return self._endpoint.connect(protocolFactory)
 
@@ -51,7 +54,6 @@ class QuietEndpointFactory:
         self._tls_policy = (
             tls_policy if tls_policy is not None else BrowserLikePolicyForHTTPS()
         )
-        assert IPolicyForHTTPS.providedBy(self._tls_policy)
 
     def endpointForURI(self, uri: Any) -> Any:
         """
