@@ -7,6 +7,8 @@ here so that a Twisted release that changes it fails in this file first
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import ClientFactory, Protocol, ServerFactory
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import globalLogPublisher
 from twisted.web.client import Agent, HTTPConnectionPool, URI
@@ -95,12 +97,37 @@ async def test_client_connections_are_not_logged(site_url):
     assert "Starting factory {factory!r}" in stock
 
 
-def test_quiet_endpoints_take_http_and_https_only():
-    """The quiet endpoint factory makes endpoints for http and https URLs
-    (TLS for https) and refuses other schemes, as the stock Agent does."""
+class FirstBytes(Protocol):
+    """Keeps the first bytes a client sends."""
+
+    def dataReceived(self, data):
+        self.factory.first.callback(data)
+        self.transport.loseConnection()
+
+
+@pytest_twisted.ensureDeferred
+async def test_quiet_endpoints_take_http_and_https_only():
+    """The quiet endpoint factory makes endpoints for http and https URLs,
+    the https ones speaking TLS (a ClientHello first), and refuses other
+    schemes, as the stock Agent does."""
     factory = QuietEndpointFactory(reactor)
     verifyObject(IAgentEndpointFactory, factory)
-    for url in (b"http://example.org/", b"https://example.org:8443/"):
-        verifyObject(IStreamClientEndpoint, factory.endpointForURI(URI.fromBytes(url)))
+    server = ServerFactory.forProtocol(FirstBytes)
+    server.first = Deferred()
+    port = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(server)
+    try:
+        url = f"https://127.0.0.1:{port.getHost().port}/".encode()
+        endpoint = factory.endpointForURI(URI.fromBytes(url))
+        verifyObject(IStreamClientEndpoint, endpoint)
+        client = await endpoint.connect(ClientFactory.forProtocol(Protocol))
+        # Plain TCP would send nothing until asked to: give up after 10 s.
+        first = await server.first.addTimeout(10, reactor)
+        # A TLS record of type handshake (22), version 3.x.
+        assert first[:2] == b"\x16\x03"
+        client.transport.abortConnection()
+    finally:
+        await port.stopListening()
+    verifyObject(IStreamClientEndpoint,
+                 factory.endpointForURI(URI.fromBytes(b"http://example.org/")))
     with pytest.raises(SchemeNotSupported):
         factory.endpointForURI(URI.fromBytes(b"ftp://example.org/"))
