@@ -71,8 +71,8 @@ def test_listen_gets_a_backlog_unless_it_names_one():
     assert parse_config("[server]\nlisten = systemd:domain=INET:index=0\n").server.listen == (
         "systemd:domain=INET:index=0")
     options = Options()
-    options.parseOptions(["--listen", "tcp6:9000"])
-    assert options.config.server.listen == "tcp6:9000:backlog=4096"
+    options.parseOptions(["--listen", "tcp6:9000:interface=\\:\\:1"])
+    assert options.config.server.listen == "tcp6:9000:interface=\\:\\:1:backlog=4096"
 
 
 @pytest.mark.parametrize(

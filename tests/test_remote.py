@@ -189,8 +189,12 @@ def test_a_stopped_worker_loses_its_job_and_its_late_writes(
         assert lost["exit_code"] is None
     finally:
         first.process.send_signal(signal.SIGCONT)
-    # Its heartbeat or its result (whichever goes first) is refused.
+    # Its heartbeat, its late output or its result (whichever reaches the
+    # dispatcher first: the order of the requests a worker had queued while
+    # stopped is the connection pool's) is refused.
     refusal = (f"job {job['id']} attempt 1: the lease is no longer current (expired",
+               f"job {job['id']} attempt 1: the lease is no longer current (stale_lease: "
+               "token: the lease expired",
                f"job {job['id']} attempt 1: result refused (expired")
     poll(lambda: any(line in first.output() for line in refusal),
          what="the first worker to hear its lease is gone")

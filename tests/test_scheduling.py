@@ -90,18 +90,23 @@ async def test_timeout_kills_the_process_group(make_daemon, tmp_path):
     clock = at(1000)
     daemon = await make_daemon("[executor]\nkill_grace = 10\n", clock=clock)
     job = await daemon.submit({"command": [
-        "sh", "-c", "trap '' TERM; echo ready; while :; do sleep 0.05; done"],
+        "sh", "-c", "trap 'echo TERM' TERM; echo ready; while :; do sleep 0.05; done"],
         "timeout": 30})
     await daemon.wait(job["id"], states=("running",))
-    while (await daemon.request("GET", f"/v1/jobs/{job['id']}/log"))[1] != b"ready\n":
-        await sleep(0.01)
+
+    async def output_is(text):
+        while (await daemon.request("GET", f"/v1/jobs/{job['id']}/log"))[1] != text:
+            await sleep(0.01)
+
+    await output_is(b"ready\n")
     await armed(clock, 1030)
     clock.advance(29)
-    await sleep(0.1)
+    # Not yet due: the timeout is still waiting, nothing was sent.
+    await armed(clock, 1030)
     assert (await daemon.json("GET", f"/v1/jobs/{job['id']}"))[1]["state"] == "running"
-    clock.advance(1)  # SIGTERM, which the job ignores
+    clock.advance(1)  # SIGTERM, which the job notes and outlives
+    await output_is(b"ready\nTERM\n")
     await armed(clock, 1040)
-    await sleep(0.1)
     assert (await daemon.json("GET", f"/v1/jobs/{job['id']}"))[1]["state"] == "running"
     clock.advance(10)  # SIGKILL
     done = await daemon.wait(job["id"])
@@ -114,7 +119,7 @@ async def test_timeout_kills_the_process_group(make_daemon, tmp_path):
 async def test_task_timeout_discards_late_result(make_daemon):
     """A task past its timeout fails at once; its late result is discarded."""
     clock = at(1000)
-    daemon = await make_daemon(clock=clock)
+    daemon = await make_daemon("[executor]\nthreads = 1\n", clock=clock)
     job = await daemon.submit({"task": "wait_for_cancel", "args": [30], "timeout": 5})
     await daemon.wait(job["id"], states=("running",))
     await armed(clock, 1005)
@@ -123,7 +128,11 @@ async def test_task_timeout_discards_late_result(make_daemon):
     assert done["state"] == "failed"
     assert done["error"].startswith("timed out after 5 s")
     assert done["result"] is None
-    await sleep(0.1)  # the task sees its context cancelled and returns
+    # The task sees its context cancelled and returns "cancelled": once the
+    # only task thread has run the next job, that late result has come back
+    # too, and nothing recorded it.
+    after = await daemon.submit({"task": "add", "args": [1, 1]})
+    assert (await daemon.wait(after["id"]))["result"] == 2
     assert (await daemon.json("GET", f"/v1/jobs/{job['id']}"))[1]["result"] is None
 
 
@@ -162,7 +171,8 @@ async def test_delay_and_not_before(make_daemon):
     fixed = await daemon.submit({"task": "add", "args": [2, 2],
                                  "not_before": "2027-01-15T10:00:00+01:00"})
     clock.advance(59)
-    await sleep(0.05)
+    # The wake-up for it is still to come, so nothing has promoted it.
+    await armed(clock, 1_800_000_060)
     assert (await daemon.json("GET", f"/v1/jobs/{later['id']}"))[1]["state"] == "pending"
     clock.advance(1)
     assert (await daemon.wait(later["id"]))["result"] == 3

@@ -9,6 +9,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, gatherResults
+from twisted.internet.task import deferLater
 
 from dispatcher._threads import TaskThreads
 
@@ -52,7 +53,13 @@ async def test_at_most_size_calls_run_at_once(pool):
         return i
 
     calls = [pool.defer(call, i) for i in range(10)]
-    reactor.callLater(0.05, gate.set)
+    # The gate opens once the pool is full (three calls in), whenever that is.
+    for _ in range(1000):
+        with lock:
+            if running[0] >= 3:
+                break
+        await deferLater(reactor, 0.005)
+    gate.set()
     assert await gatherResults(calls) == list(range(10))
     assert most[0] == 3
 

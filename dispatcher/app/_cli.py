@@ -1,13 +1,15 @@
 """
 The C{dispatcher} command: C{dispatcher worker ...} runs a remote worker in
-the foreground, logging to stderr, as C{twist dispatcher-worker ...} does.
+the foreground, logging text to stderr, as C{twistd -n dispatcher-worker}
+does with its own log options.
 """
 
 from __future__ import annotations
 
 import sys
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
+from twisted.internet.defer import Deferred
 from twisted.python import usage
 
 USAGE = """\
@@ -35,8 +37,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         raise SystemExit(2)
     from dispatcher.app.worker_tap import Options
 
-    # The options are checked here first, so that a mistake is one clear
-    # line rather than the error above the whole of twist's usage.
+    # The options are checked before any reactor or log starts, so that a
+    # mistake is one clear line.
     options = Options()
     try:
         options.parseOptions(rest)
@@ -45,8 +47,44 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             f"dispatcher worker: {e}\nRun 'dispatcher worker --help' for the options.\n"
         )
         raise SystemExit(2)
-    from twisted.application.twist._twist import Twist
+    run_worker(options)
 
-    Twist.main(
-        ["dispatcher", "--log-file", "+", "--log-format", "text", "dispatcher-worker", *rest]
+
+def run_worker(options: Any) -> None:
+    """
+    Run the worker that C{options} (parsed L{dispatcher.app.worker_tap.Options})
+    describe until the reactor stops (SIGTERM or SIGINT), then exit.
+
+    What C{twist} does with a plugin, with public Twisted alone: log text at
+    level info and above to stderr, start the service, and stop it (waiting
+    for its Deferred) before the reactor shuts down.
+    """
+    from twisted.logger import (
+        FilteringLogObserver,
+        LogLevel,
+        LogLevelFilterPredicate,
+        globalLogBeginner,
+        textFileLogObserver,
     )
+
+    from twisted.internet.task import react
+
+    from dispatcher.app.worker_tap import makeService
+
+    globalLogBeginner.beginLoggingTo(
+        [
+            FilteringLogObserver(
+                textFileLogObserver(sys.stderr),
+                [LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)],
+            )
+        ]
+    )
+
+    def start(reactor: Any) -> Deferred:
+        service = makeService(options, reactor)
+        service.startService()
+        reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
+        # Never fires: the worker runs until a signal stops the reactor.
+        return Deferred()
+
+    react(start)

@@ -6,19 +6,17 @@ together from one L{Config}, started and stopped in order.
 from __future__ import annotations
 
 import fcntl
-import gc
-import ipaddress
 import os
 import socket
 from typing import Any, Optional
 
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred, ensureDeferred
-from twisted.internet.task import LoopingCall
+from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, maybeDeferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from dispatcher.api._handlers import DispatcherAPI
+from dispatcher.app._exposure import OpenToTheNetwork, check_exposure
 from dispatcher.config._ini import Config
 from dispatcher.core._dispatcher import Dispatcher
 from dispatcher.execution._host import JobHost
@@ -33,98 +31,10 @@ DATABASE_NAME = "dispatcher.sqlite3"
 ACCESS_LOG_NAME = "access.log"
 
 
-class ConnectionFreezer:
-    """
-    Keeps full garbage collections short while many clients stay connected.
-
-    Start-up freezes what it built (C{gc.freeze}), but connections come
-    later: each full collection walks every open connection's objects,
-    about 6 microseconds a connection, so 10,000 idle keep-alive clients
-    held the reactor for 60 ms or more several times a second.  Whenever
-    the number of open connections (the reactor's readers) has grown by
-    C{threshold} since the last freeze, the young garbage is collected and
-    everything alive is frozen too.  Checks are frequent and cheap, so that
-    a full collection never finds more than about C{threshold} unfrozen
-    connections, even while thousands arrive.
-
-    Nothing is lost by freezing a connection: a closed connection's objects
-    hold no reference cycle, so they are freed when it closes, frozen or
-    not.  Garbage in reference cycles that waits in the oldest generation
-    at a freeze is kept for good; that is bounded by what one full
-    collection would have found, once per growth of C{threshold}
-    connections.
-
-    @param reactor: an C{IReactorFDSet} and C{IReactorTime}.
-    @param interval: seconds between checks.
-    @param threshold: new connections that make a freeze worth it.
-    """
-
-    def __init__(self, reactor: Any, interval: float = 0.25, threshold: int = 1000) -> None:
-        self._reactor = reactor
-        self._threshold = threshold
-        self._loop = LoopingCall(self.check)
-        self._loop.clock = reactor
-        self._interval = interval
-        self._frozen_at = 0
-        self.freezes = 0
-
-    def _open(self) -> int:
-        return len(self._reactor.getReaders())
-
-    def start(self) -> None:
-        self._frozen_at = self._open()
-        self._loop.start(self._interval, now=False)
-
-    def stop(self) -> None:
-        if self._loop.running:
-            self._loop.stop()
-
-    def check(self) -> None:
-        """
-        Freeze if the connections have grown enough.
-        """
-        now = self._open()
-        if now < self._frozen_at:
-            # Frozen connections that closed were freed; count growth from
-            # here.
-            self._frozen_at = now
-        elif now - self._frozen_at >= self._threshold:
-            gc.collect(1)
-            gc.freeze()
-            self._frozen_at = now
-            self.freezes += 1
-            log.debug(
-                "{connections} connections open: frozen out of the collector's sight",
-                connections=now,
-            )
-
-
 class DataDirInUse(Exception):
     """
     Another dispatcher holds the data directory.
     """
-
-
-class OpenToTheNetwork(Exception):
-    """
-    The API would listen beyond loopback without the tokens that make that
-    safe.
-    """
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return False
-    return True
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
-    except ValueError:
-        return False
 
 
 class DaemonService(MultiService):
@@ -132,6 +42,12 @@ class DaemonService(MultiService):
     A whole dispatcher: store, executor, spawner, input stager and the HTTP
     API, started in that order (the API listens only once the store is open
     and the previous run's leftovers are settled) and stopped in reverse.
+    Services added to it (C{setServiceParent}) start once the API listens
+    and stop first.
+
+    It refuses to serve beyond loopback without both tokens (see
+    L{check_exposure}), on the address the port did bind; C{twistd}'s
+    options check the address the endpoint names before anything starts.
 
     @param reactor: the reactor; nothing else here imports one.
     @param config: the configuration.
@@ -221,7 +137,6 @@ class DaemonService(MultiService):
             else None,
             idle_timeout=config.server.idle_timeout,
         )
-        self.freezer = ConnectionFreezer(reactor)
         self.port: Any = None
         self._lock_fd: Optional[int] = None
         self.ready: Deferred = Deferred()
@@ -232,33 +147,7 @@ class DaemonService(MultiService):
         self._starting = ensureDeferred(self._start())
         self._starting.addErrback(self._failed_to_start)
 
-    def _check_exposure(self, host: Optional[str]) -> None:
-        """
-        Refuse to serve on an address other machines reach unless both
-        tokens are set: open, this API runs any command for anyone.
-        """
-        if host is None or _is_loopback(host):
-            return
-        missing = []
-        if self.config.api.token is None:
-            missing.append("[api] token_file")
-        if self.config.workers.token is None:
-            missing.append("[workers] token_file")
-        if missing:
-            where = host or "every interface"
-            raise OpenToTheNetwork(
-                f"the API would listen on {where}, which other machines can reach, "
-                "and it runs commands for whoever calls it: set "
-                f"{' and '.join(missing)} (see etc/dispatcher.ini), or listen on "
-                "127.0.0.1"
-            )
-
     async def _start(self) -> None:
-        # What the endpoint says it binds is checked before anything runs;
-        # the address it did bind, once it listens.
-        interface = getattr(self._endpoint, "_interface", None)
-        if interface == "" or (isinstance(interface, str) and _is_ip(interface)):
-            self._check_exposure(interface)
         self.host.start_pools()
         holder = await deferToThreadPool(
             self._reactor, self.io_pool, self._lock_data_dir
@@ -269,17 +158,16 @@ class DaemonService(MultiService):
         self.dispatcher.startService()
         self.port = await self._endpoint.listen(self.site)
         try:
-            self._check_exposure(getattr(self.port.getHost(), "host", None))
+            # The address it did bind: what the endpoint was told is known
+            # only to twistd's options (see tap.makeService), which check it
+            # before anything runs.
+            check_exposure(getattr(self.port.getHost(), "host", None), self.config)
         except OpenToTheNetwork:
             await self.port.stopListening()
             self.port = None
             raise
-        # What start-up built lives as long as the daemon: moving it out of
-        # the collector's sight keeps full collections (which hold the
-        # reactor for tens of milliseconds) short.
-        gc.collect()
-        gc.freeze()
-        self.freezer.start()
+        for child in list(self):
+            child.startService()
         log.info("dispatcher listening on {address}", address=_address(self.port))
         self.ready.callback(self.port)
 
@@ -337,7 +225,10 @@ class DaemonService(MultiService):
     async def _stop(self) -> None:
         if self._starting is not None and not self._starting.called:
             self._starting.cancel()
-        self.freezer.stop()
+        await DeferredList(
+            [maybeDeferred(child.stopService) for child in reversed(list(self)) if child.running],
+            consumeErrors=True,
+        )
         if self.port is not None:
             # Accept nothing new first; running jobs get the grace period.
             await self.port.stopListening()

@@ -10,6 +10,7 @@ from typing import Any
 import attrs
 from twisted.python import usage
 
+from dispatcher.app._exposure import OpenToTheNetwork, check_exposure, planned_interface
 from dispatcher.config._ini import Config, ConfigError, load_config
 
 
@@ -39,6 +40,23 @@ class Options(usage.Options):
                 config,
                 dispatcher=attrs.evolve(config.dispatcher, data_dir=self["data-dir"]),
             )
+        self.where = (
+            f"{config.path}: [server] listen"
+            if config.path and not self["listen"]
+            else "--listen"
+        )
+        listen = config.server.listen
+        try:
+            interface = planned_interface(listen)
+        except Exception as e:
+            raise usage.UsageError(f"{self.where} = {listen!r}: not a Twisted endpoint ({e})")
+        # Refused here, before anything starts (a daemon that will not serve
+        # must not take up the last run's jobs first); the daemon checks the
+        # address it did bind as well.
+        try:
+            check_exposure(interface, config)
+        except OpenToTheNetwork as e:
+            raise usage.UsageError(f"{self.where} = {listen!r}: {e}")
         self.config = config
 
 
@@ -50,13 +68,17 @@ def makeService(options: Options) -> Any:
     from twisted.internet.endpoints import serverFromString
 
     from dispatcher.app._daemon import DaemonService
+    from dispatcher.app._heap import HeapFreezer
 
     config = options.config
     try:
         endpoint = serverFromString(reactor, config.server.listen)
     except Exception as e:
-        where = f"{config.path}: [server] listen" if config.path else "--listen"
         raise usage.UsageError(
-            f"{where} = {config.server.listen!r}: not a Twisted endpoint ({e})"
+            f"{options.where} = {config.server.listen!r}: not a Twisted endpoint ({e})"
         )
-    return DaemonService(reactor, config, endpoint)
+    service = DaemonService(reactor, config, endpoint)
+    if config.dispatcher.gc_freeze:
+        # Only here: the process is the dispatcher alone.
+        HeapFreezer(reactor).setServiceParent(service)
+    return service

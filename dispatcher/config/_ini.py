@@ -62,8 +62,9 @@ class ServerConfig:
 @attrs.frozen
 class DispatcherConfig:
     """
-    C{[dispatcher]}: where the data lives, how long a stop waits, and how
-    soon a change of a job's run state reaches the disk.
+    C{[dispatcher]}: where the data lives, how long a stop waits, how
+    soon a change of a job's run state reaches the disk, and whether
+    C{twistd dispatcher} freezes its heap out of the collector's sight.
     """
 
     data_dir: str = "var"
@@ -71,6 +72,7 @@ class DispatcherConfig:
     idempotency_ttl: float = 86400.0
     max_array: int = 10000
     sync_interval: float = 1.0
+    gc_freeze: bool = False
 
 
 @attrs.frozen
@@ -269,6 +271,7 @@ _SECTIONS: Mapping[str, tuple[type, Mapping[str, Callable[[str], Any]]]] = {
             "idempotency_ttl": _seconds(0, above=True),
             "max_array": _integer(1),
             "sync_interval": _seconds(0),
+            "gc_freeze": _boolean,
         },
     ),
     "executor": (

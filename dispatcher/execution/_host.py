@@ -10,12 +10,12 @@ import shutil
 import subprocess
 from typing import Any, Callable, Iterable, Optional
 
-from treq.client import HTTPClient
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.client import HTTPConnectionPool
 
 from dispatcher.execution._executor import LocalExecutor
+from dispatcher.execution._http_client import quiet_http_client
 from dispatcher.model._jobs import Resources
 from dispatcher.execution._process import ProcessSpawner
 from dispatcher.execution._staging import InputStager
@@ -144,7 +144,7 @@ class JobHost:
         self.task_pool = TaskThreads(reactor, config.executor.threads, name=f"{prefix}-tasks")
         self.fetch_pool = ThreadPool(1, 4, name=f"{prefix}-fetch")
         self.http_pool = HTTPConnectionPool(reactor, persistent=True)
-        self.http = HTTPClient(Agent(reactor, pool=self.http_pool))
+        self.http = quiet_http_client(reactor, self.http_pool)
         self.spawner = ProcessSpawner(reactor)
         stager = InputStager(self.http, stager_clock, config.fetch, self.fetch_pool, reactor)
         self.executor = LocalExecutor(

@@ -31,7 +31,6 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import _HTTP11ClientFactory
 
 from dispatcher.config._ini import Config
 from dispatcher.execution._executor import RunningJob
@@ -1123,12 +1122,6 @@ class WorkerSettings:
     grace: float = 30.0
 
 
-class _QuietClientFactory(_HTTP11ClientFactory):
-    # Each new connection would log two lines ("Starting factory ...");
-    # a worker that retries every few seconds would log little else.
-    noisy = False
-
-
 class WorkerService(MultiService):
     """
     A whole worker process: thread pools, the spawner helper, the input
@@ -1158,7 +1151,6 @@ class WorkerService(MultiService):
         )
         self.io_pool = self.host.io_pool
         self.http_pool = self.host.http_pool
-        self.http_pool._factory = _QuietClientFactory
         # The long-poll, a heartbeat, a log chunk and a report may all be
         # under way at once.
         self.http_pool.maxPersistentPerHost = 4
