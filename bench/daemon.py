@@ -41,6 +41,7 @@ access_log = {access_log}
 [dispatcher]
 data_dir = {data_dir}
 shutdown_grace = 2
+gc_freeze = yes
 
 [executor]
 slots = {slots}
