@@ -35,6 +35,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from dispatcher.store._interface import IJobStore
+from dispatcher.wire._forms import spec_from_stored, spec_to_stored
 from dispatcher.wire._json import decode_stored, encode_sorted
 from dispatcher.model._jobs import (
     Attempt,
@@ -374,7 +375,7 @@ def _add_job(
         state.value,
         spec.name,
         encode_sorted(spec.labels) if spec.labels else "{}",
-        encode_sorted(spec.to_stored()),
+        encode_sorted(spec_to_stored(spec)),
         now,
         finished_at,
         error,
@@ -1802,7 +1803,7 @@ def _spec_from_row(row: Sequence[Any]) -> JobSpec:
         array_id,
         array_index,
     ) = row
-    return JobSpec.from_stored(
+    return spec_from_stored(
         decode_stored(spec),
         name=name,
         labels=decode_stored(labels) if labels != "{}" else {},
