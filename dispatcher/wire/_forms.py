@@ -143,38 +143,49 @@ def job_view(job: Job) -> JobView:
     """
     spec = job.spec
     attempts = job.attempts
-    if spec.command is not None:
-        kind = {"command": list(spec.command), "env": dict(spec.env)}
-    else:
-        kind = {"task": spec.task, "args": list(spec.args), "kwargs": dict(spec.kwargs)}
-    return JobView(
-        id=job.id,
-        state=job.state,
-        name=spec.name,
-        labels=dict(spec.labels),
-        created_at=format_time(job.created_at),
-        started_at=format_time(job.started_at),
-        finished_at=format_time(job.finished_at),
-        exit_code=job.exit_code,
-        result=job.result,
-        error=job.error,
-        wait_reason=job.wait_reason,
-        attempts=[_attempt_view(a) for a in attempts],
-        worker=attempts[-1].holder if attempts else None,
-        inputs=[_input_view(i) for i in spec.inputs],
-        priority=spec.priority,
-        queue=spec.queue,
-        timeout=spec.timeout,
-        max_attempts=spec.max_attempts,
-        retry_delay=spec.retry_delay,
-        not_before=format_time(spec.not_before),
-        depends_on=list(spec.depends_on),
-        array_id=spec.array_id,
-        array_index=spec.array_index,
-        resources=_resources_view(spec.resources),
-        requirements=dict(spec.requirements),
-        **kind,
+    view = JobView(
+        job.id,
+        job.state,
+        spec.name,
+        dict(spec.labels),
+        format_time(job.created_at),
+        format_time(job.started_at),
+        format_time(job.finished_at),
+        job.exit_code,
+        job.result,
+        job.error,
+        job.wait_reason,
+        [_attempt_view(a) for a in attempts] if attempts else [],
+        attempts[-1].holder if attempts else None,
     )
+    # Set after: a view is made for every answer that shows a job, and
+    # keywords for the kind's fields cost a dict each time.
+    if spec.command is not None:
+        view.command = list(spec.command)
+        view.env = dict(spec.env)
+    else:
+        view.task = spec.task
+        view.args = list(spec.args)
+        view.kwargs = dict(spec.kwargs)
+    if spec.inputs:
+        view.inputs = [_input_view(i) for i in spec.inputs]
+    view.priority = spec.priority
+    view.queue = spec.queue
+    view.timeout = spec.timeout
+    view.max_attempts = spec.max_attempts
+    view.retry_delay = spec.retry_delay
+    if spec.not_before is not None:
+        view.not_before = format_time(spec.not_before)
+    if spec.depends_on:
+        view.depends_on = list(spec.depends_on)
+    view.array_id = spec.array_id
+    view.array_index = spec.array_index
+    resources = spec.resources
+    if resources is not NO_RESOURCES:
+        view.resources = ResourcesView(resources.cpus, resources.memory_mb, resources.gpus)
+    if spec.requirements:
+        view.requirements = dict(spec.requirements)
+    return view
 
 
 def job_summary(job: Job) -> JobSummary:

@@ -11,6 +11,7 @@ be configured), each stated in the schema too (L{SUBMISSION_RULES}).
 from __future__ import annotations
 
 import datetime
+import functools
 import posixpath
 import re
 import types
@@ -25,6 +26,7 @@ from msgspec import UNSET
 from dispatcher.model._jobs import InputSpec, JobSpec, PlainJobs, Resources
 from dispatcher.wire._types import (
     MAX_NESTING,
+    NO_NUL,
     PATTERN_MESSAGES,
     RESERVED_ENV,
     Batch,
@@ -256,8 +258,12 @@ def _step(kind: Any, value: Any, token: str | int) -> tuple[Any, Any]:
         kind = _unwrap(kind, value, list)
         return get_args(kind)[0], value[token] if isinstance(value, list) else None
     kind = _unwrap(kind, value, dict)
-    hints = get_type_hints(kind, include_extras=True)
-    return hints[token], value.get(token) if isinstance(value, dict) else None
+    return _hints(kind)[token], value.get(token) if isinstance(value, dict) else None
+
+
+@functools.lru_cache(maxsize=None)
+def _hints(kind: Any) -> dict[str, Any]:
+    return get_type_hints(kind, include_extras=True)
 
 
 def refusal(
@@ -391,6 +397,9 @@ def _job_fields(body: JobSubmission, tasks: Mapping[str, Any], prefix: str = "")
         command = body.command
         if not command[0]:
             invalid(f"{prefix}command[0]", "the program must not be empty")
+        if "\x00" in "".join(command):
+            i = next(i for i, arg in enumerate(command) if "\x00" in arg)
+            invalid(f"{prefix}command[{i}]", PATTERN_MESSAGES[NO_NUL])
         spec["command"] = tuple(command)
         for key in ("args", "kwargs"):
             if getattr(body, key) is not UNSET:
@@ -589,7 +598,7 @@ def plain_jobs(items: list[Any], tasks: Mapping[str, Any], queue: Any) -> Option
         try:
             if command is not None:
                 if (
-                    item.task is not None or not command[0]
+                    item.task is not None or not command[0] or "\x00" in "".join(command)
                     or item.args is not unset or item.kwargs is not unset
                 ):
                     return None

@@ -158,8 +158,12 @@ class InputFile(_In):
     sha256: Optional[Annotated[str, Meta(pattern=SHA256)]] = None
 
 
+# An argument of a command: checked for NUL by the submission's checks (a
+# join and one search over the whole argv), not by a pattern per argument,
+# which was most of a plain batch's decoding time.
+Argument = Annotated[str, Meta(extra_json_schema={"pattern": NO_NUL})]
 Command = Annotated[
-    list[Text],
+    list[Argument],
     Meta(
         min_length=1,
         description="argv; never run through a shell. The program (the first) "
