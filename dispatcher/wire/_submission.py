@@ -79,16 +79,13 @@ def invalid(field: str, message: str) -> NoReturn:
 # The rules of a submission that msgspec does not check, as JSON Schema:
 # merged into the components of the document, and checked by
 # _job_fields and parse_submission below.
+_A_COMMAND = {"required": ["command"], "properties": {"command": {"type": "array"}}}
+_A_TASK = {"required": ["task"], "properties": {"task": {"type": "string"}}}
 _COMMAND_JOB = {
-    "required": ["command"],
-    "properties": {"command": {"type": "array"}},
-    "not": {"anyOf": [{"required": ["args"]}, {"required": ["kwargs"]}]},
+    **_A_COMMAND,
+    "not": {"anyOf": [_A_TASK, {"required": ["args"]}, {"required": ["kwargs"]}]},
 }
-_TASK_JOB = {
-    "required": ["task"],
-    "properties": {"task": {"type": "string"}},
-    "not": {"required": ["env"]},
-}
+_TASK_JOB = {**_A_TASK, "not": {"anyOf": [_A_COMMAND, {"required": ["env"]}]}}
 _NOT_BOTH_TIMES = {
     "not": {
         "required": ["not_before", "delay"],

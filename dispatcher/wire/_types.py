@@ -168,7 +168,11 @@ Command = Annotated[
         min_length=1,
         description="argv; never run through a shell. The program (the first) "
         "is not empty.",
-        extra_json_schema={"prefixItems": [{"minLength": 1}]},
+        # (In JSON Schema 2020-12, items covers only what follows
+        # prefixItems: the program's schema is whole here.)
+        extra_json_schema={
+            "prefixItems": [{"type": "string", "minLength": 1, "pattern": NO_NUL}]
+        },
     ),
 ]
 TaskName = Annotated[str, Meta(min_length=1, pattern=NO_NUL, description="A name from [tasks].")]
