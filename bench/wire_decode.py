@@ -113,6 +113,7 @@ def main() -> None:
             old.parse_submission(item, TASKS, QUEUES, 0.0, MAX_ARRAY, f"jobs[{i}].", i)
 
     def new_batch(raw: bytes) -> None:
+        # As the handler does: the plain decode fails, the full one names.
         batch = decode_batch(raw)
         assert isinstance(batch, Batch)
         for i, item in enumerate(batch.jobs):
