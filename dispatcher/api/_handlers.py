@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 from inspect import iscoroutine
-from typing import Any, Awaitable, Callable, Mapping, Optional
+from typing import Any, Mapping, Optional
 
 import attrs
 from twisted.internet.defer import CancelledError, Deferred, fail
@@ -39,6 +39,7 @@ from dispatcher.wire._types import (
     JobSubmission,
     QueueList,
     RetryRequest,
+    WorkerList,
 )
 from dispatcher.model._jobs import InvalidTransition, JobState, PlainJobs, StoreClosed, UnknownJob
 from dispatcher.api._openapi import openapi_document
@@ -586,14 +587,7 @@ class DispatcherAPI(Resource):
 
     async def list_workers(self, request: Any) -> Answer:
         hub = self._dispatcher.hub
-        return Answer(
-            200,
-            {
-                "workers": hub.describe(),
-                "lease_seconds": hub.lease_seconds,
-                "heartbeat_seconds": hub.heartbeat_seconds,
-            },
-        )
+        return Answer(200, WorkerList(hub.describe(), hub.lease_seconds, hub.heartbeat_seconds))
 
     async def lease(self, request: Any) -> Answer:
         assert self._workers is not None
@@ -615,7 +609,7 @@ class DispatcherAPI(Resource):
         return Answer(*await self._workers.write_log(request, query))
 
     async def list_queues(self, request: Any) -> Answer:
-        return Answer(200, {"queues": await self._dispatcher.queues()})
+        return Answer(200, QueueList(await self._dispatcher.queues()))
 
     async def _job(self, job_id: str) -> Any:
         try:

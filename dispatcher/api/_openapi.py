@@ -10,7 +10,7 @@ configuration sets.
 from __future__ import annotations
 
 import copy
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Iterable, Optional
 
 import msgspec
 

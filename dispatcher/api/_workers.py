@@ -20,10 +20,13 @@ from dispatcher.wire._forms import lease_grant
 from dispatcher.wire._submission import ApiError, decode, invalid
 from dispatcher.wire._types import (
     MAX_NAME,
+    HeartbeatAnswer,
     HeartbeatRequest,
     LeaseAnswer,
     LeaseRequest,
+    LeaseStatus,
     LogWritten,
+    ResultsAnswer,
     ResultsRequest,
     WorkerOffer,
 )
@@ -104,12 +107,6 @@ class WorkerEndpoints:
             )
         check_token(request, self._token, "workers'")
 
-    def _timing(self) -> dict[str, float]:
-        return {
-            "lease_seconds": self._hub.lease_seconds,
-            "heartbeat_seconds": self._hub.heartbeat_seconds,
-        }
-
     async def lease(self, request: Any, raw: bytes) -> tuple[int, Any]:
         body = decode(raw, LeaseRequest)
         offer = offer_of(body.worker)
@@ -130,7 +127,11 @@ class WorkerEndpoints:
         # A worker that hangs up must not cancel the writes: the leases a
         # heartbeat ends (a cancel told) have ended in memory already.
         answers = await shielded(self._hub.heartbeat(offer, parsed))
-        return _all_refused(answers), {"leases": answers, **self._timing()}
+        return _all_refused(answers), HeartbeatAnswer(
+            [LeaseStatus(**a) for a in answers],
+            self._hub.lease_seconds,
+            self._hub.heartbeat_seconds,
+        )
 
     async def results(self, request: Any, raw: bytes) -> tuple[int, Any]:
         body = decode(raw, ResultsRequest)
@@ -147,7 +148,7 @@ class WorkerEndpoints:
         # Not cancelled with the request: the reported leases have ended in
         # memory, and a resend would be refused as reported.
         answers = await shielded(self._hub.report(offer, parsed))
-        return _all_refused(answers), {"results": answers}
+        return _all_refused(answers), ResultsAnswer([LeaseStatus(**a) for a in answers])
 
     async def write_log(self, request: Any, query: Mapping[str, Optional[str]]) -> tuple[int, Any]:
         job_id = _string(query.get("job_id"), "job_id")
