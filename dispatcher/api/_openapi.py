@@ -10,6 +10,7 @@ configuration sets.
 from __future__ import annotations
 
 import copy
+import re
 from typing import Any, Iterable, Optional
 
 import msgspec
@@ -61,8 +62,26 @@ def _operation(route: Route) -> dict[str, Any]:
     return operation
 
 
+# Epytext markup of the types' docstrings, which become the schemas'
+# descriptions: C{x} and L{x} are shown as `x`.
+_MARKUP = re.compile(r"[CL]\{([^}]*)\}")
+
+
+def _plain_descriptions(value: Any) -> None:
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if key == "description" and isinstance(item, str):
+                value[key] = _MARKUP.sub(r"`\1`", " ".join(item.split()))
+            else:
+                _plain_descriptions(item)
+    elif isinstance(value, list):
+        for item in value:
+            _plain_descriptions(item)
+
+
 def _components(routes: Iterable[Route]) -> dict[str, Any]:
     _, schemas = msgspec.json.schema_components(list(types_of(tuple(routes))), ref_template=_REF)
+    _plain_descriptions(schemas)
     for name, rules in SUBMISSION_RULES.items():
         if name in schemas:
             schemas[name].update(copy.deepcopy(rules))
