@@ -10,7 +10,9 @@ reactor-hold monitor (see L{bench.monitor}) on its own loopback port.
 It listens with a backlog of 4096 (Twisted's default is 50), so that
 thousands of clients may connect at once.  With C{--workers-token-file} it
 takes remote workers (C{[workers] token_file}); with C{--slots 0} as well it
-is a pure dispatcher that runs nothing itself.
+is a pure dispatcher that runs nothing itself.  Its ini file is written in
+one place, L{write_config} from L{CONFIG}: a key the benchmark's daemon
+should have goes there.
 
 This is the only place of the benchmark that touches the global reactor.
 """
@@ -26,6 +28,11 @@ if not __package__:  # run as a file: make "bench" importable
 
 from twisted.logger import globalLogBeginner, textFileLogObserver
 
+from bench.tasks import TASKS_SECTION
+
+# The daemon's whole configuration in the benchmark: every key the
+# benchmark sets is here, and nowhere else (L{write_config} writes it; the
+# method in docs/benchmarks.md shows it).
 CONFIG = """\
 [server]
 listen = tcp:{port}:interface=127.0.0.1:backlog={backlog}
@@ -39,15 +46,55 @@ shutdown_grace = 2
 slots = {slots}
 threads = {threads}
 
-[tasks]
-noop = bench.tasks:noop
-block = bench.tasks:block
-{workers}"""
+""" + TASKS_SECTION + "{workers}"
 
 WORKERS = """
 [workers]
 token_file = {token_file}
 """
+
+
+def config_text(port, data_dir, slots, threads, backlog=4096, access_log=False,
+                workers_token_file=None) -> str:
+    """
+    The ini file the daemon is started from: L{CONFIG} filled in.
+
+    @param access_log: whether the daemon writes its access log (it does
+        by default; the benchmark turns it off but in (a')).
+    @param workers_token_file: with a path, the daemon takes remote
+        workers that send the token in that file.
+    """
+    return CONFIG.format(
+        port=port,
+        data_dir=data_dir,
+        slots=slots,
+        threads=threads,
+        backlog=backlog,
+        access_log="yes" if access_log else "no",
+        workers=(WORKERS.format(token_file=workers_token_file)
+                 if workers_token_file else ""),
+    )
+
+
+def write_config(args) -> str:
+    """
+    Write the daemon's ini file into its data directory, from the command
+    line's C{args}; returns its path.  The one place the benchmark's daemon
+    configuration is written.
+    """
+    os.makedirs(args.data_dir, exist_ok=True)
+    config_path = os.path.join(args.data_dir, "bench.ini")
+    with open(config_path, "w", encoding="utf-8") as f:
+        f.write(config_text(
+            port=args.port,
+            data_dir=os.path.join(args.data_dir, "var"),
+            slots=args.slots,
+            threads=args.threads,
+            backlog=args.backlog,
+            access_log=args.access_log,
+            workers_token_file=args.workers_token_file,
+        ))
+    return config_path
 
 
 def main(argv=None) -> None:
@@ -64,21 +111,7 @@ def main(argv=None) -> None:
                         help="take remote workers that send the token in this file")
     args = parser.parse_args(argv)
 
-    os.makedirs(args.data_dir, exist_ok=True)
-    config_path = os.path.join(args.data_dir, "bench.ini")
-    with open(config_path, "w", encoding="utf-8") as f:
-        f.write(
-            CONFIG.format(
-                port=args.port,
-                data_dir=os.path.join(args.data_dir, "var"),
-                slots=args.slots,
-                threads=args.threads,
-                backlog=args.backlog,
-                access_log="yes" if args.access_log else "no",
-                workers=(WORKERS.format(token_file=args.workers_token_file)
-                         if args.workers_token_file else ""),
-            )
-        )
+    config_path = write_config(args)
     log_file = open(os.path.join(args.data_dir, "daemon.log"), "a", encoding="utf-8")
     globalLogBeginner.beginLoggingTo(
         [textFileLogObserver(log_file)], redirectStandardIO=False

@@ -46,15 +46,8 @@ class ReactorHoldMonitor:
         self._now = now
         self._call: Any = None
         self._due = 0.0
-        self._reset_at = now()
-        self._samples: list[float] = []
-        self._max = 0.0
-        self._max_at = 0.0
-        self._ticks = 0
         self._gc_started = 0.0
-        self._gc_max = [0.0, 0.0, 0.0]
-        self._gc_total = [0.0, 0.0, 0.0]
-        self._gc_count = [0, 0, 0]
+        self._new_window()
         # Extra figures read at each snapshot, by name.
         self.counters: dict[str, Callable[[], Any]] = {}
 
@@ -129,15 +122,21 @@ class ReactorHoldMonitor:
         for name, read in self.counters.items():
             result[name] = read()
         if reset:
-            self._samples = []
-            self._max = 0.0
-            self._max_at = 0.0
-            self._ticks = 0
-            self._gc_max = [0.0, 0.0, 0.0]
-            self._gc_total = [0.0, 0.0, 0.0]
-            self._gc_count = [0, 0, 0]
-            self._reset_at = self._now()
+            self._new_window()
         return result
+
+    def _new_window(self) -> None:
+        """
+        Forget what was seen so far: a new window begins now.
+        """
+        self._reset_at = self._now()
+        self._samples: list[float] = []
+        self._max = 0.0
+        self._max_at = 0.0
+        self._ticks = 0
+        self._gc_max = [0.0, 0.0, 0.0]
+        self._gc_total = [0.0, 0.0, 0.0]
+        self._gc_count = [0, 0, 0]
 
 
 class MonitorControl(LineOnlyReceiver):

@@ -1,8 +1,16 @@
 """
-Task functions the benchmark daemon configures in C{[tasks]}.
+Task functions the benchmark's daemon and remote workers configure in
+C{[tasks]} (L{TASKS_SECTION}).
 """
 
 import time
+
+# The [tasks] section of every ini file the benchmark writes.
+TASKS_SECTION = """\
+[tasks]
+noop = bench.tasks:noop
+block = bench.tasks:block
+"""
 
 
 def noop(context):

@@ -38,3 +38,24 @@ def test_interfaces_are_provided(tmp_path):
     verifyObject(dispatcher.IProcessSpawner, dispatcher.ProcessSpawner(reactor))
     verifyObject(dispatcher.IInputStager,
                  dispatcher.InputStager(None, reactor, FetchConfig(), ThreadPool(), reactor))
+
+
+def test_the_store_interface_declares_every_call_on_a_store():
+    """Every method or attribute that the dispatcher, the worker hub, the
+    API or the daemon reaches on a store is declared by IJobStore, so that
+    a store written against the interface alone serves them."""
+    import ast
+    import pathlib
+
+    from dispatcher.store._interface import IJobStore
+
+    package = pathlib.Path(dispatcher.__file__).parent
+    used = set()
+    for layer in ("core", "api", "app"):
+        for path in (package / layer).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute):
+                    if node.value.attr in ("store", "_store"):
+                        used.add(node.attr)
+    assert {"claim", "finish", "submit_plain", "queue_limits"} <= used
+    assert used - set(IJobStore.names(all=True)) == set()

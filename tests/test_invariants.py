@@ -6,6 +6,7 @@ on.
 """
 
 import os
+import pathlib
 import sqlite3
 import tempfile
 
@@ -20,11 +21,12 @@ from hypothesis.stateful import (
     precondition,
     rule,
 )
-from twisted.internet import reactor
 
 from dispatcher.model._jobs import FINAL_STATES, JobIds, JobSpec, JobState, Offer, Outcome
 from dispatcher.model._jobs import InvalidTransition, StaleLease
-from dispatcher.store._sqlite import DependencyNotRetried, SQLiteJobStore
+from dispatcher.store._results import DependencyNotRetried
+from tests.store_contract import no_jitter
+from tests.test_store_contract import STORES, sqlite_store
 
 HOLDER = "local@test"
 ids = JobIds()
@@ -37,11 +39,13 @@ def block(d):
 class Scheduling(RuleBasedStateMachine):
     """The store under random operations, against what must always hold."""
 
+    # The store under test: a factory of tests/test_store_contract.py.
+    factory = staticmethod(sqlite_store)
+
     @initialize()
     def open(self):
         base = "/dev/shm" if os.path.isdir("/dev/shm") else None
         self.dir = tempfile.mkdtemp(dir=base)
-        self.path = os.path.join(self.dir, "db.sqlite3")
         self.now = 1000.0
         self.store = self._open()
         self.jobs = []  # ids in submission order
@@ -51,8 +55,7 @@ class Scheduling(RuleBasedStateMachine):
         self.specs = {}
 
     def _open(self):
-        store = SQLiteJobStore(
-            self.path, reactor, backoff=lambda delay, spent: delay * 2 ** (spent - 1))
+        store = self.factory(pathlib.Path(self.dir), "db", backoff=no_jitter)
         block(store.open())
         return store
 
@@ -196,10 +199,16 @@ class Scheduling(RuleBasedStateMachine):
             assert bool(live) == job.state.active
             assert (job_id in self.leases) == job.state.active
 
+
+
+class SQLiteScheduling(Scheduling):
+    """The SQLite store under the same operations, and what must hold of
+    its rows."""
+
     @invariant()
     def only_staging_and_running_jobs_hold_a_lease(self):
         # Start-up finds leased jobs through the state index on this.
-        conn = sqlite3.connect(self.path)
+        conn = sqlite3.connect(os.path.join(self.dir, "db.sqlite3"))
         try:
             for state, token, holder in conn.execute(
                 "SELECT state, lease_token, lease_holder FROM jobs"
@@ -211,10 +220,19 @@ class Scheduling(RuleBasedStateMachine):
             conn.close()
 
 
-TestScheduling = Scheduling.TestCase
-TestScheduling.settings = settings(
+SETTINGS = settings(
     max_examples=100,
     stateful_step_count=30,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
+
+# The SQLite store with its own invariant; any other store of the contract
+# under the common ones.
+TestSQLiteScheduling = SQLiteScheduling.TestCase
+TestSQLiteScheduling.settings = SETTINGS
+for _name, _factory in STORES.items():
+    if _name != "sqlite":
+        _machine = type(f"Scheduling_{_name}", (Scheduling,), {"factory": staticmethod(_factory)})
+        globals()[f"TestScheduling_{_name}"] = _machine.TestCase
+        _machine.TestCase.settings = SETTINGS

@@ -413,31 +413,43 @@ async def test_a_relative_data_dir_runs_commands(make_daemon, tmp_path, monkeypa
 
 
 @pytest_twisted.ensureDeferred
-async def test_an_end_the_store_could_not_commit_is_written_again(daemon, monkeypatch):
-    """A job's end that fails to commit (a full disk) is written again, with
-    a growing delay, until it lands: the job ends with its result."""
-    import sqlite3
+async def test_an_end_the_store_could_not_commit_is_written_again(make_daemon, monkeypatch):
+    """A job's end that fails to commit (a full disk) is written again after
+    1, 2 and 4 s, until it lands: the job ends with its result, at the time
+    it ended rather than that of the write that landed."""
+    from twisted.internet.defer import fail
+    from twisted.internet.task import Clock
 
-    dispatcher = daemon.service.dispatcher
-    dispatcher.record_retry_delay = 0.01
+    from dispatcher.store._results import CommitFailed
+
+    clock = Clock()
+    clock.advance(1_800_000_000)
+    daemon = await make_daemon(clock=clock)
     store = daemon.service.store
     real = store.finish
     failures = []
 
     def finish(lease, outcome, now):
         if len(failures) < 3:
-            failures.append(now)
-            from twisted.internet.defer import fail
-            return fail(sqlite3.OperationalError("database or disk is full"))
+            failures.append((now, clock.seconds()))
+            return fail(CommitFailed("database or disk is full"))
         return real(lease, outcome, now)
 
     monkeypatch.setattr(store, "finish", finish)
     job = await daemon.submit({"task": "add", "args": [2, 3]})
+    while not failures:
+        await sleep(0.01)
+    clock.advance(1)
+    clock.advance(2)
+    assert len(failures) == 3
+    _, seen = await daemon.json("GET", f"/v1/jobs/{job['id']}")
+    assert seen["state"] == "running"
+    clock.advance(4)
     done = await daemon.wait(job["id"])
     assert done["state"] == "succeeded" and done["result"] == 5
-    assert len(failures) == 3
+    assert [at for _, at in failures] == [1_800_000_000, 1_800_000_001, 1_800_000_003]
     # The end time is the job's, not that of the write that landed.
-    assert abs(done_finished(done) - failures[0]) < 0.001
+    assert done_finished(done) == 1_800_000_000
 
 
 def done_finished(job):
@@ -450,19 +462,19 @@ def done_finished(job):
 async def test_a_stop_does_not_wait_for_an_end_that_cannot_be_written(make_daemon, monkeypatch):
     """While the store keeps failing a job's end, a stop gives up on it
     rather than hang; the next start records the attempt as lost."""
-    import sqlite3
-
     from twisted.internet.defer import fail
+
+    from dispatcher.store._results import CommitFailed
 
     daemon = await make_daemon()
     # Long enough that the stop comes during a wait: it must not sit it out.
-    daemon.service.dispatcher.record_retry_delay = 600.0
+    daemon.service.dispatcher.recorder.retry_first = 600.0
     store = daemon.service.store
     monkeypatch.setattr(
         store, "finish",
-        lambda lease, outcome, now: fail(sqlite3.OperationalError("disk I/O error")))
+        lambda lease, outcome, now: fail(CommitFailed("disk I/O error")))
     job = await daemon.submit({"task": "add", "args": [1, 1]})
-    while not daemon.service.dispatcher._retrying:
+    while not daemon.service.dispatcher.recorder.waiting:
         await sleep(0.01)
     data = daemon.service.config.dispatcher.data_dir
     await daemon.service.stopService()
@@ -513,10 +525,10 @@ async def test_a_submission_whose_commit_fails_is_a_500_and_stores_nothing(daemo
 async def test_an_end_is_written_again_for_as_long_as_it_takes(make_daemon, monkeypatch):
     """The wait between writes of a failed end stops doubling at a minute,
     and a thousand failures later the end still lands."""
-    import sqlite3
-
     from twisted.internet.defer import fail
     from twisted.internet.task import Clock
+
+    from dispatcher.store._results import CommitFailed
 
     clock = Clock()
     clock.advance(1_800_000_000)
@@ -528,7 +540,7 @@ async def test_an_end_is_written_again_for_as_long_as_it_takes(make_daemon, monk
     def finish(lease, outcome, now):
         waits.append(clock.seconds())
         if len(waits) <= 1100:
-            return fail(sqlite3.OperationalError("database or disk is full"))
+            return fail(CommitFailed("database or disk is full"))
         return real(lease, outcome, now)
 
     monkeypatch.setattr(store, "finish", finish)

@@ -138,3 +138,21 @@ def test_worker_process_imports_no_server_code():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout.split()
     assert [m for m in loaded if _layer(m) in ("api", "store", "core", "http")] == []
+
+
+def test_only_the_store_imports_sqlite3():
+    """No module outside the store imports sqlite3: the dispatcher and the
+    API know a store by its interface and its errors alone."""
+    found = []
+    for path in PACKAGE.rglob("*.py"):
+        if path.relative_to(PACKAGE).parts[0] == "store":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                names = [node.module or ""]
+            if any(name.split(".")[0] == "sqlite3" for name in names):
+                found.append(str(path.relative_to(PACKAGE)))
+    assert found == []

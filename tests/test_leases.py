@@ -19,7 +19,7 @@ from dispatcher.config._ini import parse_config
 from dispatcher.app._daemon import DaemonService
 from dispatcher.api._openapi import openapi_document
 
-from .conftest import TEST_TASKS, WORKER_TOKEN, sleep
+from .conftest import TEST_TASKS, WORKER_TOKEN
 
 TOKEN = WORKER_TOKEN
 API_TOKEN = "api-token-0123456789abc"
@@ -72,6 +72,19 @@ async def heartbeat(daemon, who, leases, running=False):
 
 async def report(daemon, who, items):
     return await call(daemon, "/v1/leases/results", {"worker": who, "results": items})
+
+
+async def until_waiting_for_work(daemon, name, waiting=True):
+    """Wait until C{GET /v1/workers} shows the worker C{name} with a
+    long-poll open (or, with C{waiting} false, none): the condition a test
+    waits for before it moves a fake clock, instead of a sleep."""
+    for _ in range(5000):
+        code, answer = await daemon.json("GET", "/v1/workers")
+        assert code == 200, answer
+        if any(w["name"] == name and w["waiting_for_work"] == waiting
+               for w in answer["workers"]):
+            return
+    raise AssertionError(f"{name} never showed waiting_for_work {waiting}")
 
 
 DOCUMENT = openapi_document()
@@ -208,15 +221,17 @@ async def test_a_long_poll_answers_when_a_job_comes_or_the_wait_ends(make_pure):
     daemon = await make_pure(clock=clock)
     who = worker("w")
     poll = ensureDeferred(lease(daemon, who, wait=30))
-    await sleep(0.05)
+    await until_waiting_for_work(daemon, "w")
     assert not poll.called
     job = await daemon.submit({"command": ["true"]})
     got = await poll
     assert [g["job_id"] for g in got] == [job["id"]]
     poll = ensureDeferred(lease(daemon, who, wait=30))
-    await sleep(0.05)
+    await until_waiting_for_work(daemon, "w")
+    clock.advance(29.9)
+    await until_waiting_for_work(daemon, "w")
     assert not poll.called
-    clock.advance(30)
+    clock.advance(0.1)
     assert await poll == []
 
 
@@ -261,10 +276,10 @@ async def test_a_worker_whose_lease_expires_gets_no_work_until_it_calls_again(ma
     (granted,) = await lease(daemon, frozen, max_jobs=1)
     # The frozen worker still has a long-poll open for its other slot.
     stale = ensureDeferred(lease(daemon, frozen, max_jobs=1, wait=60))
-    await sleep(0.05)
+    await until_waiting_for_work(daemon, "frozen")
     clock.advance(20)
     waiting = ensureDeferred(lease(daemon, live, wait=60))
-    await sleep(0.05)
+    await until_waiting_for_work(daemon, "live")
     clock.advance(11)
     assert await stale == []
     (moved,) = await waiting
@@ -372,12 +387,12 @@ async def test_a_restart_keeps_remote_leases_alive(make_pure, tmp_path):
 async def test_a_worker_that_hangs_up_loses_no_job(make_pure):
     daemon = await make_pure()
     poll = ensureDeferred(lease(daemon, worker("gone"), wait=30))
-    await sleep(0.05)
+    await until_waiting_for_work(daemon, "gone")
     poll.cancel()
-    await sleep(0.05)
+    poll.addErrback(lambda f: None)
+    await until_waiting_for_work(daemon, "gone", waiting=False)
     job = await daemon.submit({"command": ["true"]})
-    await sleep(0.05)
-    got = await lease(daemon, worker("here"))
+    got = await lease(daemon, worker("here"), wait=10)
     assert [g["job_id"] for g in got] == [job["id"]]
 
 
@@ -564,8 +579,8 @@ async def test_unknown_or_missing_item_fields_are_400(make_pure):
 @pytest.mark.parametrize("path", ["/v1/leases/heartbeat", "/v1/leases/results"])
 def test_a_worker_that_hangs_up_does_not_cancel_its_writes(path):
     """A request whose worker hangs up while what it reported is being
-    written leaves the writes alone: their leases have already ended in
-    memory, so cancelled writes would leave the jobs unrecorded for good."""
+    written leaves the writes alone: the results are good, and a resend
+    joins the writes under way."""
     from twisted.internet.defer import CancelledError, Deferred
 
     from dispatcher.api._workers import WorkerEndpoints

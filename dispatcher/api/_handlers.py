@@ -45,7 +45,7 @@ from dispatcher.model._jobs import InvalidTransition, JobState, PlainJobs, Store
 from dispatcher.api._openapi import openapi_document
 from dispatcher.api._routes import API, WORKERS, Route, Router
 from dispatcher.config._ini import QueueConfig
-from dispatcher.store._sqlite import (
+from dispatcher.store._results import (
     DependencyNotRetried,
     IdempotencyConflict,
     IdempotencyKey,

@@ -1,8 +1,10 @@
 """
 The dispatcher: one path for a job, from submission to its recorded end.
 
-It joins the store, the event stream, the scheduler and the local executor:
-the scheduler decides, the store claims and records, the executor runs.
+It joins the store, the event stream, the scheduler, the recorder, the
+local executor and the worker hub: the scheduler decides, the store claims,
+the executor (or a worker) runs, and the recorder writes how each attempt
+ended, again and again if a commit fails, before anything acts on it.
 Time comes from an injected clock: pending jobs wake on it, timeouts and
 back-offs run on it.
 """
@@ -10,8 +12,6 @@ back-offs run on it.
 from __future__ import annotations
 
 import operator
-import sqlite3
-from functools import partial
 from typing import Any, Callable, Optional, Sequence
 
 import attrs
@@ -38,8 +38,16 @@ from dispatcher.model._jobs import (
     StaleLease,
     StoreClosed,
 )
+from dispatcher.core._recorder import Recorder
 from dispatcher.core._scheduler import Claim, Scheduler
-from dispatcher.store._sqlite import Claimed, IdempotencyKey, Submitted, SubmittedIds, Written
+from dispatcher.store._results import (
+    Claimed,
+    CommitFailed,
+    IdempotencyKey,
+    Submitted,
+    SubmittedIds,
+    Written,
+)
 from dispatcher.wire._submission import Submission
 from dispatcher.core._hub import WorkerHub, placement
 
@@ -52,11 +60,6 @@ LOCAL_LEASE_SECONDS = 365 * 24 * 3600.0
 # The longest a local job's end waits for the ends of the others running
 # beside it, so that they are recorded together (see Dispatcher._ended).
 END_GATHER = 0.001
-
-# How long after a failed commit a job's end is written again (doubling
-# each time, up to the most).
-RECORD_RETRY_FIRST = 1.0
-RECORD_RETRY_MAX = 60.0
 
 # The most kinds of need an explainer remembers its verdict on.
 MAX_REASONS = 1024
@@ -113,8 +116,8 @@ class Dispatcher(Service):
         self.scheduler = Scheduler(self._clock)
         self.ids = JobIds(self._clock.seconds)
         # Local jobs running, until their end (or release) goes to the
-        # store; those records not yet committed; who waits for all.
-        self._recorded: set[str] = set()
+        # recorder; those ends not yet committed; who waits for all.
+        self._running: set[str] = set()
         self._recording = 0
         self._recorded_waiters: list[Deferred] = []
         # Local jobs that have ended, with when, waiting to be recorded
@@ -122,9 +125,9 @@ class Dispatcher(Service):
         self._ending: list[tuple[Outcome, RunningJob, float]] = []
         self._ending_call: Any = None
         self.end_gather = END_GATHER
-        self.record_retry_delay = RECORD_RETRY_FIRST
-        # The waits before writing a failed end again, and their timers.
-        self._retrying: dict[Deferred, Any] = {}
+        # A failed commit of an end is written again when the store says
+        # the commit failed (its disk, its database), not the write.
+        self.recorder = Recorder(store, self._clock, self._apply, (CommitFailed,))
         self._local_explainer: Optional[tuple[Any, Callable[[Job], Job]]] = None
         self._accepting = False
         self._wake_call: Any = None
@@ -134,7 +137,7 @@ class Dispatcher(Service):
         self._resources = resources if resources is not None else detect_resources()
         self._tasks = tasks
         self.hub = WorkerHub(
-            store, self.scheduler, self._clock, lease_seconds, self._apply, self._pump
+            self.scheduler, self._clock, lease_seconds, self.recorder, self.capacity_changed
         )
         self.events.subscribe(self._job_changed)
 
@@ -187,6 +190,7 @@ class Dispatcher(Service):
                 queue=queue,
             )
         self.scheduler.add_holder(self.executor.holder, self._slots)
+        self.recorder.start()
         self.hub.accepting = True
         self._accepting = True
         self._schedule_wake(await self.store.next_due())
@@ -203,10 +207,7 @@ class Dispatcher(Service):
         # Ends waiting for company are recorded now; ends waiting to be
         # written again after a failed commit are given up.
         self._record_ends()
-        for again, call in list(self._retrying.items()):
-            del self._retrying[again]
-            call.cancel()
-            again.errback(StoreClosed("the dispatcher stopped before the end was recorded"))
+        self.recorder.stop()
         for call in (self._wake_call, self._purge_call):
             if call is not None and call.active():
                 call.cancel()
@@ -217,22 +218,22 @@ class Dispatcher(Service):
         await DeferredList(list(self._claims), consumeErrors=True)
         await self.hub.stop()
         await DeferredList(self._releases, consumeErrors=True)
-        if self._recorded:
+        if self._running:
             log.info(
                 "waiting up to {grace} s for {count} running jobs",
                 grace=self._grace,
-                count=len(self._recorded),
+                count=len(self._running),
             )
             timer: Deferred = Deferred()
             call = self._clock.callLater(self._grace, timer.callback, None)
             await DeferredList([self._all_recorded(), timer], fireOnOneCallback=True)
             if call.active():
                 call.cancel()
-        if self._recorded:
+        if self._running:
             log.warn(
                 "stopping {count} jobs still running after the grace period; "
                 "they go back to the queue",
-                count=len(self._recorded),
+                count=len(self._running),
             )
             waits = []
             for running in list(self.executor.running.values()):
@@ -471,6 +472,13 @@ class Dispatcher(Service):
         if self._accepting:
             self._purge_call = self._clock.callLater(PURGE_INTERVAL, self._purge)
 
+    def capacity_changed(self) -> None:
+        """
+        A holder's free capacity changed (a slot freed, a worker asked for
+        work): claim queued jobs for every holder that has room now.
+        """
+        self._pump()
+
     def _job_changed(self, event: JobEvent) -> None:
         # _apply, which publishes every queued event, pumps once after them.
         if event.state is JobState.QUEUED:
@@ -528,7 +536,7 @@ class Dispatcher(Service):
             # The claim committed as the stop began: give the jobs back
             # unspent rather than start them behind the stop's back.
             for lease in claimed.leases:
-                d = self.store.release(
+                d = self.recorder.release(
                     lease,
                     self._clock.seconds(),
                     "the dispatcher was stopping; the job goes back to the queue",
@@ -545,20 +553,19 @@ class Dispatcher(Service):
         been committed or has failed.
         """
         d: Deferred = Deferred()
-        if self._recorded or self._recording:
+        if self._running or self._recording:
             self._recorded_waiters.append(d)
         else:
             d.callback(None)
         return d
 
     def _run(self, lease: Lease) -> None:
-        self._recorded.add(lease.job_id)
+        self._running.add(lease.job_id)
         running = self.executor.run(lease, self._mark_running, self._record_process)
         running.done.addCallback(self._ended, running)
 
     def _mark_running(self, lease: Lease) -> Deferred:
-        d = self.store.mark_running(lease, self._clock.seconds())
-        return d.addCallback(self._apply)
+        return self.recorder.mark_running(lease, self._clock.seconds())
 
     def _record_process(self, lease: Lease, process: Any) -> Deferred:
         return self.store.record_process(
@@ -582,14 +589,14 @@ class Dispatcher(Service):
         the time the job ended.
         """
         lease = running.lease
-        if lease.job_id not in self._recorded:
+        if lease.job_id not in self._running:
             # Released at shutdown while its thread still ran.
             return
         if running.interrupted:
             self._release(running)
             return
         self._ending.append((outcome, running, self._clock.seconds()))
-        if len(self._ending) >= len(self._recorded):
+        if len(self._ending) >= len(self._running):
             self._record_ends()
         elif self._ending_call is None:
             self._ending_call = self._reactor.callLater(self.end_gather, self._record_ends)
@@ -599,95 +606,44 @@ class Dispatcher(Service):
             self._ending_call.cancel()
         self._ending_call = None
         ending, self._ending = self._ending, []
+        finish = self.recorder.finish
         for outcome, running, now in ending:
             lease = running.lease
-            write = partial(self.store.finish, lease, outcome, now)
-            d = write()
+            d = finish(lease, outcome, now)
             # The slot is free once the job has ended: the next claim goes
-            # to the store behind the ends, so all share one commit.
+            # to the store behind the ends, so all share one commit.  (The
+            # store orders the claim after them; and it takes only queued
+            # jobs, so an end still being written is never handed out.)
             self.scheduler.slots_freed(lease.holder)
-            self._after_record(d, write, running, freed=True)
+            self._follow(d, lease, True)
         self._pump()
 
     def _release(self, running: RunningJob) -> Deferred:
-        write = partial(
-            self.store.release,
+        d = self.recorder.release(
             running.lease,
             self._clock.seconds(),
             "stopped by the dispatcher's shutdown; the job goes back to the queue",
         )
-        return self._after_record(write(), write, running)
+        return self._follow(d, running.lease, False)
 
-    def _after_record(
-        self,
-        d: Deferred,
-        write: Callable[[], Deferred],
-        running: RunningJob,
-        freed: bool = False,
-    ) -> Deferred:
+    def _follow(self, d: Deferred, lease: Lease, freed: bool) -> Deferred:
         """
-        Follow the write C{d} of a job's end (or release), made by
-        C{write()}.  If the store could not commit it (a full disk, say),
-        it is written again after 1, 2, 4 ... up to 60 s while the
-        dispatcher runs, so that the end is not lost; a stop gives up, and
-        the next start records the attempt as lost.
+        Count the end (or release) C{d} of a local job, recorded by the
+        L{Recorder} (which writes it again until it lands, while the
+        dispatcher runs), until it has committed or failed for good.
         """
-        lease = running.lease
-        self._recorded.discard(lease.job_id)
+        self._running.discard(lease.job_id)
         self._recording += 1
-        # The next wait before writing it again (a list: set in failed).
-        delays = [self.record_retry_delay]
+        return d.addBoth(self._recorded, lease.holder, freed)
 
-        def failed(failure: Failure) -> Optional[Deferred]:
-            if failure.check(StaleLease):
-                log.info(
-                    "job {job_id} attempt {attempt} ended on a lease that is no "
-                    "longer current; its result is dropped",
-                    job_id=lease.job_id,
-                    attempt=lease.attempt,
-                )
-                return None
-            if failure.check(StoreClosed):
-                log.warn(
-                    "the end of job {job_id} attempt {attempt} was not recorded "
-                    "before the dispatcher stopped; the next start records the "
-                    "attempt as lost",
-                    job_id=lease.job_id,
-                    attempt=lease.attempt,
-                )
-                return None
-            if not failure.check(sqlite3.Error, OSError) or not self._accepting:
-                log.failure("recording the end of job {job_id} failed", failure,
-                            job_id=lease.job_id)
-                return None
-            delay = delays[0]
-            delays[0] = min(RECORD_RETRY_MAX, delay * 2)
-            log.warn(
-                "recording the end of job {job_id} failed ({error}); trying "
-                "again in {delay:g} s",
-                job_id=lease.job_id,
-                error=failure.getErrorMessage(),
-                delay=delay,
-            )
-            again: Deferred = Deferred()
-            # A stop ends the wait (see _stop); a write under way finishes.
-            self._retrying[again] = self._clock.callLater(
-                delay, self._write_again, again, write
-            )
-            return again.addCallbacks(self._apply, failed)
-
-        def finally_(_: Any) -> None:
-            if not freed:
-                self.scheduler.slots_freed(lease.holder)
-            self._recording -= 1
-            if not self._recorded and not self._recording and self._recorded_waiters:
-                waiters, self._recorded_waiters = self._recorded_waiters, []
-                for waiter in waiters:
-                    waiter.callback(None)
-            self._pump()
-
-        return d.addCallbacks(self._apply, failed).addBoth(finally_)
-
-    def _write_again(self, again: Deferred, write: Callable[[], Deferred]) -> None:
-        del self._retrying[again]
-        write().chainDeferred(again)
+    def _recorded(self, result: Any, holder: str, freed: bool) -> None:
+        # A failure is the recorder's to log; the next start settles an end
+        # that never landed.
+        if not freed:
+            self.scheduler.slots_freed(holder)
+        self._recording -= 1
+        if not self._running and not self._recording and self._recorded_waiters:
+            waiters, self._recorded_waiters = self._recorded_waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
+        self._pump()

@@ -11,6 +11,12 @@ Lease expiry is kept in memory: a heartbeat renews without a disk write.
 The store keeps which leases are live, so a restarted dispatcher gives
 every one of them a fresh C{lease_seconds} (L{SQLiteJobStore.resume_leases})
 and downtime alone never expires a worker's job.
+
+A lease's end (a result, an expiry, a cancel told) goes through the
+L{Recorder}, which writes it again until it commits.  Until then the hub
+keeps the lease and its slot: a reported lease stays current (a heartbeat
+is answered C{ok}, a resent report waits for the same write), an expired
+or cancelled one is refused with its reason, and no expiry runs on it.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from twisted.internet.defer import Deferred, DeferredList, FirstError, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from dispatcher.core._recorder import Recorder
 from dispatcher.model._jobs import (
     NO_RESOURCES,
     JobSpec,
@@ -70,6 +77,12 @@ class RemoteLease:
     expires: float
     staging: bool
     cancel: bool = False
+    # Why it ended ("reported", "expired", "cancelled"), from the moment
+    # that is decided until the end has committed and the lease is
+    # forgotten; and the reports waiting for a result's commit (the first
+    # and any resend).
+    ending: Optional[str] = None
+    waiting: Optional[list[Deferred]] = None
 
 
 @attrs.define(eq=False)
@@ -115,30 +128,29 @@ class WorkerHub:
     """
     Remote workers and their leases.
 
-    @param store: the L{IJobStore}.
     @param scheduler: the L{Scheduler} the dispatcher claims through.
     @param clock: the dispatcher's C{IReactorTime}.
     @param lease_seconds: how long a lease lives without a heartbeat.
-    @param apply: the dispatcher's C{_apply}, told of every write.
-    @param pump: the dispatcher's C{_pump}, which claims for free holders.
+    @param recorder: the L{Recorder} every end of a lease is written through.
+    @param capacity_changed: called when a worker's free capacity changed
+        (it asked for work, or a lease's end committed), so that jobs are
+        claimed for it.
     """
 
     def __init__(
         self,
-        store: Any,
         scheduler: Any,
         clock: Any,
         lease_seconds: float,
-        apply: Callable[[Any], None],
-        pump: Callable[[], None],
+        recorder: Recorder,
+        capacity_changed: Callable[[], None],
     ) -> None:
-        self._store = store
         self._scheduler = scheduler
         self._clock = clock
         self.lease_seconds = lease_seconds
         self.heartbeat_seconds = lease_seconds / 3.0
-        self._apply = apply
-        self._pump = pump
+        self._recorder = recorder
+        self._capacity_changed = capacity_changed
         self.workers: dict[str, Worker] = {}
         self.leases: dict[str, RemoteLease] = {}
         self._endings: OrderedDict[int, str] = OrderedDict()
@@ -288,7 +300,7 @@ class WorkerHub:
             return poll.answer
         if count > 0:
             self._scheduler.set_free(offer.holder, count)
-            self._pump()
+            self._capacity_changed()
         return poll.answer
 
     def _poll_timed_out(self, worker: Worker, poll: Poll) -> None:
@@ -321,13 +333,13 @@ class WorkerHub:
         worker = self.workers.get(holder)
         if worker is None or worker.poll is None or not self.accepting:
             for lease in leases:
-                self._track(
-                    self._store.release(
-                        lease,
-                        self._clock.seconds(),
-                        "its worker was gone before it got the job; back to the queue",
-                    ).addCallback(self._apply)
+                d = self._recorder.release(
+                    lease,
+                    self._clock.seconds(),
+                    "its worker was gone before it got the job; back to the queue",
                 )
+                # A failure is the recorder's to log; a restart settles it.
+                self._track(d.addErrback(lambda _: None))
             return
         if not leases:
             if worker.poll.expired:
@@ -345,7 +357,8 @@ class WorkerHub:
     def heartbeat(self, offer: Offer, items: list[tuple[str, int, bool]]) -> Deferred:
         """
         Renew the leases a worker names, as C{(job_id, token, running)};
-        fire with one answer per item.
+        fire with one answer per item.  A lease whose result is being
+        recorded is still the worker's: it is renewed as any other.
         """
         self.contact(offer)
         now = self._clock.seconds()
@@ -356,22 +369,20 @@ class WorkerHub:
             if remote is None:
                 answers.append(self.refusal(job_id, token))
                 continue
-            if remote.cancel:
-                self._end_lease(remote, "cancelled")
-                writes.append(
-                    self._finish(
-                        remote.lease,
-                        Outcome(
-                            JobState.FAILED,
-                            error="stopped on its worker",
-                            stopped=True,
-                        ),
-                    )
+            if remote.cancel and remote.ending is None:
+                # Told at once, whether or not the end has committed yet:
+                # the lease is refused as cancelled from now on.  (Waiting
+                # for a write the store keeps failing would hold back the
+                # heartbeat of the worker's other leases.)
+                self._end(
+                    remote,
+                    "cancelled",
+                    Outcome(JobState.FAILED, error="stopped on its worker", stopped=True),
                 )
                 answers.append(self.refusal(job_id, token))
                 continue
             remote.expires = now + self.lease_seconds
-            if running and remote.staging:
+            if running and remote.staging and remote.ending is None:
                 remote.staging = False
                 writes.append(self._mark_running(remote.lease))
             answers.append(
@@ -393,25 +404,28 @@ class WorkerHub:
         outcome of C{None} gives the job back unspent (the worker stopped it
         on its own shutdown).  Fire with one answer per item, once the
         accepted ones are durable.
+
+        A result whose commit fails is written again until it lands, and
+        its answer waits for that; a resent report of a result still being
+        written waits for the same write (the first outcome is the one
+        recorded).  Until the commit the lease stays current and holds its
+        slot; after it, a resend is refused as C{reported}.
         """
         self.contact(offer)
         answers: list[Any] = []
-        writes: list[Deferred] = []
+        waits: list[Deferred] = []
         for job_id, token, outcome in results:
             remote = self.current(job_id, token, offer.holder)
             if remote is None:
                 answers.append(self.refusal(job_id, token))
                 continue
-            self._end_lease(remote, "reported")
-            ok = {"job_id": job_id, "token": token, "ok": True}
-            d = self._finish(remote.lease, outcome)
-
-            def recorded(stale: bool, ok: dict = ok, job_id: str = job_id,
-                         token: int = token) -> dict[str, Any]:
-                return self.refusal(job_id, token) if stale else ok
-
-            d.addCallback(recorded)
-            writes.append(d)
+            d: Deferred = Deferred()
+            if remote.ending is None:
+                self._end(remote, "reported", outcome, d)
+            else:
+                assert remote.waiting is not None
+                remote.waiting.append(d)
+            waits.append(d)
             answers.append(d)
 
         def gathered(_: Any) -> list[dict[str, Any]]:
@@ -421,7 +435,7 @@ class WorkerHub:
             failure.trap(FirstError)
             return failure.value.subFailure
 
-        d = DeferredList(writes, fireOnOneErrback=True, consumeErrors=True)
+        d = DeferredList(waits, fireOnOneErrback=True, consumeErrors=True)
         return d.addCallbacks(gathered, first_failure)
 
     def current(
@@ -436,13 +450,24 @@ class WorkerHub:
             return None
         if holder is not None and remote.lease.holder != holder:
             return None
+        if remote.ending is not None and remote.ending != "reported":
+            # Expired or cancelled, its end not yet committed.
+            return None
         return remote
 
     def refusal(self, job_id: str, token: int) -> dict[str, Any]:
         """
         The answer to a write whose lease is not current, saying why.
         """
-        reason = self._endings.get(token, "superseded")
+        remote = self.leases.get(job_id)
+        if (
+            remote is not None
+            and remote.lease.token == token
+            and remote.ending not in (None, "reported")
+        ):
+            reason = remote.ending
+        else:
+            reason = self._endings.get(token, "superseded")
         return {
             "job_id": job_id,
             "token": token,
@@ -454,51 +479,87 @@ class WorkerHub:
 
     # Leases ending
 
-    def _end_lease(self, remote: RemoteLease, reason: str) -> None:
+    def _end(
+        self,
+        remote: RemoteLease,
+        reason: str,
+        outcome: Optional[Outcome],
+        waiter: Optional[Deferred] = None,
+    ) -> None:
+        """
+        The lease of C{remote} ended, for C{reason}, with C{outcome}
+        (C{None}: given back unspent): record it through the recorder; the
+        lease is forgotten and its slot freed once that has committed, and
+        C{waiter} then fires with the report's answer.
+        """
+        remote.ending = reason
+        remote.waiting = [] if waiter is None else [waiter]
         lease = remote.lease
-        del self.leases[lease.job_id]
+        now = self._clock.seconds()
+        if outcome is None:
+            d = self._recorder.release(
+                lease, now, f"its worker {lease.holder} stopped; the job goes back to the queue"
+            )
+        else:
+            d = self._recorder.finish(lease, outcome, now)
+        d.addCallbacks(
+            self._recorded, self._not_recorded, callbackArgs=(remote,), errbackArgs=(remote,)
+        )
+        self._track(d)
+
+    def _recorded(self, written: Any, remote: RemoteLease) -> None:
+        ok = {"job_id": remote.lease.job_id, "token": remote.lease.token, "ok": True}
+        self._forget(remote, remote.ending or "reported", ok)
+
+    def _not_recorded(self, failure: Failure, remote: RemoteLease) -> None:
+        """
+        The end of C{remote} failed for good (the recorder logged why).
+        """
+        if failure.check(StaleLease):
+            self._forget(remote, "superseded", None)
+            return
+        if remote.ending != "reported":
+            # An expiry or a cancel the store refused: the lease is over in
+            # memory all the same; a restart settles what the store holds.
+            self._forget(remote, remote.ending or "superseded", None)
+            return
+        # The result is not recorded (the dispatcher is stopping, or the
+        # store failed in a way it does not write again): the lease stays
+        # the worker's, with a fresh life, and a resend writes it again.
+        remote.ending = None
+        waiting, remote.waiting = remote.waiting or [], None
+        remote.expires = self._clock.seconds() + self.lease_seconds
+        if self.accepting:
+            # (A stopped hub leaves no timer behind: a restart resumes.)
+            self._arm_reaper()
+        for d in waiting:
+            d.errback(failure)
+
+    def _forget(
+        self, remote: RemoteLease, reason: str, answer: Optional[dict[str, Any]]
+    ) -> None:
+        """
+        The end of C{remote} committed (or failed for good): forget the
+        lease, remember why it ended, free its slot, and answer the reports
+        that wait (C{answer}, or the refusal that now applies).
+        """
+        lease = remote.lease
+        if self.leases.get(lease.job_id) is remote:
+            del self.leases[lease.job_id]
         worker = self.workers.get(lease.holder)
         if worker is not None:
             worker.jobs.discard(lease.job_id)
         self._endings[lease.token] = reason
         while len(self._endings) > REMEMBERED_ENDINGS:
             self._endings.popitem(last=False)
-
-    def _finish(self, lease: Lease, outcome: Optional[Outcome]) -> Deferred:
-        """
-        Record the end of a lease (C{None}: given back unspent); fire with
-        whether it was stale.
-        """
-        if outcome is None:
-            d = self._store.release(
-                lease,
-                self._clock.seconds(),
-                f"its worker {lease.holder} stopped; the job goes back to the queue",
-            )
-        else:
-            d = self._store.finish(lease, outcome, self._clock.seconds())
-
-        def done(written: Any) -> bool:
-            self._apply(written)
-            return False
-
-        def failed(failure: Failure) -> Any:
-            if failure.check(StaleLease):
-                return True
-            return failure
-
-        d.addCallbacks(done, failed)
-        d.addBoth(self._slot_freed, lease.holder)
-        return self._track(d)
-
-    def _slot_freed(self, result: Any, holder: str) -> Any:
-        self._scheduler.slots_freed(holder, 0)
-        self._pump()
-        return result
+        waiting, remote.waiting = remote.waiting or [], None
+        for d in waiting:
+            d.callback(answer if answer is not None else self.refusal(lease.job_id, lease.token))
+        self._scheduler.slots_freed(lease.holder, 0)
+        self._capacity_changed()
 
     def _mark_running(self, lease: Lease) -> Deferred:
-        d = self._store.mark_running(lease, self._clock.seconds())
-        d.addCallback(self._apply)
+        d = self._recorder.mark_running(lease, self._clock.seconds())
         d.addErrback(
             lambda f: None
             if f.check(StaleLease, StoreClosed)
@@ -522,14 +583,21 @@ class WorkerHub:
         """
         if not self.leases or (self._reaper is not None and self._reaper.active()):
             return
-        earliest = min(remote.expires for remote in self.leases.values())
+        # A lease whose end is being recorded does not expire.
+        earliest = min(
+            (remote.expires for remote in self.leases.values() if remote.ending is None),
+            default=None,
+        )
+        if earliest is None:
+            return
         self._reaper = self._clock.callLater(
             max(0.0, earliest - self._clock.seconds()), self._reap
         )
 
     def _reap(self) -> None:
         now = self._clock.seconds()
-        for remote in [r for r in self.leases.values() if r.expires <= now]:
+        due = [r for r in self.leases.values() if r.expires <= now and r.ending is None]
+        for remote in due:
             lease = remote.lease
             log.warn(
                 "the lease of job {job_id} attempt {attempt} on worker {holder} "
@@ -539,7 +607,6 @@ class WorkerHub:
                 holder=lease.holder,
                 seconds=self.lease_seconds,
             )
-            self._end_lease(remote, "expired")
             worker = self.workers.get(lease.holder)
             if worker is not None and worker.poll is not None:
                 # A worker that let a lease run out is presumed stopped or
@@ -547,19 +614,14 @@ class WorkerHub:
                 # swallow the job again, and each job it got would run out
                 # in turn.  A live worker just asks again.
                 self._end_poll(worker, [])
-            d = self._finish(
-                lease,
+            self._end(
+                remote,
+                "expired",
                 Outcome(
                     JobState.FAILED,
                     error=f"lost: its worker {lease.holder} sent no heartbeat for "
                     f"{self.lease_seconds:g} s",
                 ),
-            )
-            d.addErrback(
-                lambda f, lease=lease: None
-                if f.check(StoreClosed)
-                else log.failure("recording the expiry of job {job_id} failed", f,
-                                 job_id=lease.job_id)
             )
         self._forget_idle(now)
         self._arm_reaper()

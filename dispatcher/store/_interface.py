@@ -1,51 +1,123 @@
 """
 The interface every job store implements.
+
+The values its methods fire with and the errors they fail with are in
+L{dispatcher.store._results}; the jobs, specs, leases and outcomes are the
+model's (L{dispatcher.model._jobs}).  Which queued jobs a claim takes is
+decided by L{dispatcher.model._claims.choose_jobs}, so that every store
+claims alike.  A store is checked against this interface by
+C{tests/store_contract.py}.
 """
 
-from zope.interface import Interface
+from zope.interface import Attribute, Interface
 
 
 class IJobStore(Interface):
     """
-    Where jobs, attempts and leases live.  Every method returns a Deferred
-    and does its blocking work off the reactor thread.  Writes fire only
-    after their transaction is durably committed.
+    Where jobs, attempts and leases live.
+
+    Every method but L{queue_limits} returns a Deferred and does its
+    blocking work off the reactor thread.  Writes fire only after their
+    transaction has committed: a submission, a cancel or a retry only once
+    it is durable on disk; a change of run state (a claim, a start, an
+    end, a release, a wake-up) may reach the disk a little later, and a
+    power loss in between makes the job run again.  A write that fails
+    changes nothing.
+
+    Failures every method may give:
+      - L{StoreClosed} once L{close} has been called;
+      - for writes, L{CommitFailed} when the write could not be committed
+        (a full disk): asking for the same write again later may succeed;
+        and L{WriteRefused} when the store's own rules refuse it (an id
+        already taken);
+      - for reads, L{ReadFailed} when the store could not read (reading
+        again later may succeed).
+
+    Most writes fire with a L{Written}: its C{value} is the write's answer
+    (said below), C{changed} the C{(job id, state)} of every job whose
+    state it changed, for the event stream, and C{wake_at} the earliest
+    time a pending job it made or freed becomes due, for the dispatcher's
+    timer.
     """
+
+    queue_limits = Attribute(
+        """
+        A mapping of every configured queue name to its limit of jobs
+        staging or running at once (0: no limit); C{default} is always
+        there.
+        """
+    )
+
+    # Life cycle
 
     def open():
         """
-        Create or migrate the schema.  Fires when the store is ready.
+        Create or migrate the schema.  Fires when the store is ready; fails
+        with L{StoreVersionError} if a newer dispatcher wrote it.
         """
 
     def close():
         """
-        Finish every write already asked for, then close.  Fires when done.
+        Finish every write already asked for, make it durable, then close.
+        Fires when done; calling it again fires when the first close is
+        done.
         """
 
-    def submit(specs, now, ids):
+    # Submissions
+
+    def submit(specs, now, ids, idempotency=None):
         """
-        Store new jobs from a list of L{JobSpec}s with their new ids, all
-        or nothing; fires with the list of new L{Job}s, queued, in the same
-        order.
+        Store new jobs, all or nothing, and fire once they are durable.
+
+        Each job is queued, or pending while it waits for the jobs of its
+        C{depends_on} to succeed or for its C{not_before}; a job that
+        depends on a job that failed or was cancelled is stored cancelled.
+        A C{depends_on} entry names a stored job, an earlier job of the
+        same submission, or an array (all its members).
+
+        @param specs: the L{JobSpec}s.
+        @param now: the submission time (C{created_at}).
+        @param ids: the new jobs' ids, one for each spec.
+        @param idempotency: an L{IdempotencyKey}, or C{None}.  A key seen
+            within the store's time to live with the same digest replays
+            the earlier answer and stores nothing; with another digest it
+            fails with L{IdempotencyConflict}.
+        @return: a Deferred firing with a L{Written} whose value is
+            L{Submitted} (its jobs in the order of C{specs}; C{replayed}
+            for a replay) and whose C{wake_at} is the earliest future
+            C{not_before}.  Fails with L{UnknownDependency} (naming the
+            job and the entry) when a C{depends_on} entry names nothing.
         """
 
     def submit_plain(jobs, now, ids, idempotency=None):
         """
-        Store L{PlainJobs} with their new ids, all or nothing, as L{submit}
-        would store their specs; fires with their ids (L{SubmittedIds}) once
-        they are durable.
+        Store L{PlainJobs} (checked jobs of one queue with no dependencies
+        and no C{not_before}: all queued) with their new ids, all or
+        nothing, as L{submit} would store their specs.
+
+        @return: a Deferred firing once they are durable with a L{Written}
+            whose value is L{SubmittedIds}, or, for a replayed
+            C{idempotency} key, the L{Submitted} jobs of the earlier
+            request.  Fails with L{IdempotencyConflict} as L{submit} does.
         """
+
+    # Reads
 
     def get(job_id):
         """
-        Fire with the L{Job} of that id, or fail with L{UnknownJob}.
+        Fire with the L{Job} of that id (its attempts, and for a queued job
+        of a queue at its limit a wait reason saying so), or fail with
+        L{UnknownJob}.
         """
 
     def list_jobs(state=None, labels=(), limit=100, cursor=None):
         """
-        Fire with C{(jobs, next_cursor)}: jobs in submission order after
-        C{cursor}, filtered by state and by labels (C{(key, value)} pairs,
-        a value of C{None} meaning the key is present).
+        Fire with C{(jobs, next_cursor)}: up to C{limit} L{Job}s in
+        submission order after C{cursor}, filtered by C{state} (a
+        L{JobState} or C{None}) and by C{labels} (C{(key, value)} pairs, all
+        of which must match, a value of C{None} meaning the key is
+        present).  C{next_cursor} is C{None} on the last page; a cursor
+        stays valid while jobs are added.
         """
 
     def count_by_state():
@@ -53,52 +125,152 @@ class IJobStore(Interface):
         Fire with a dict mapping every L{JobState} to its number of jobs.
         """
 
-    def claim(holder, capacity, now, lease_seconds):
+    def queue_counts():
         """
-        Lease up to C{capacity} queued jobs to C{holder}, in one
-        transaction, oldest first; fire with the list of L{Lease}s.  Each
-        job gets a new attempt and becomes C{staging} (it has inputs) or
-        C{running}.
+        Fire with C{{queue: {JobState: count}}} for every configured queue
+        (all states, zeros included) and any other queue that holds jobs.
+        """
+
+    def unconfigured_queues():
+        """
+        Fire with C{{queue: number of queued jobs}} for the queues that
+        hold queued jobs but are not configured (left by an earlier
+        configuration; nothing claims from them).
+        """
+
+    def next_due():
+        """
+        Fire with the earliest C{not_before} of a pending job that waits
+        for nothing else (a delayed start or a retry's back-off), or
+        C{None}.
+        """
+
+    # Claims and attempts
+
+    def claim(offer, capacity, now, lease_seconds, free=None):
+        """
+        Lease queued jobs to C{offer.holder} in one transaction, as
+        L{dispatcher.model._claims.choose_jobs} chooses them: up to
+        C{capacity}, highest priority first and oldest first within one,
+        queues taking turns among equal priorities, none from a queue at
+        its limit of running jobs, passing over (at most
+        L{dispatcher.model._claims.MAX_SKIPPED}) jobs that C{offer}
+        refuses or that do not fit C{free}.
+
+        Each job taken gets a new attempt, numbered on from its last, and
+        a lease with a token greater than any before; it becomes
+        C{staging} (it has inputs) or C{running} (its C{started_at} is
+        C{now}).
+
+        @param offer: the holder's L{Offer}.
+        @param capacity: the most jobs to take; 0 or less takes none.
+        @param now: the claim's time.
+        @param lease_seconds: the leases expire at C{now + lease_seconds}.
+        @param free: the holder's L{Resources} less what its running jobs
+            use (all of C{offer.resources} if C{None}).
+        @return: a Deferred firing with L{Claimed}: the L{Lease}s, whether
+            queued jobs wait behind a queue's limit, how many were passed
+            over, and whether every queue read was read to its end.
+        """
+
+    def resume_leases(local_holder, now, lease_seconds):
+        """
+        At start-up: every lease held by a holder other than
+        C{local_holder} (a remote worker) lives on, its expiry moved to
+        C{now + lease_seconds}.
+
+        @return: a Deferred firing with a L{Written} whose value is the
+            list of L{ResumedLease}s.
         """
 
     def record_process(lease, pid, start_ticks, boot_id):
         """
         Remember which process group runs an attempt, so that a restart can
-        tell it from another process that reused the id.
+        tell it from another process that reused the id.  Fires with
+        C{None}; fails with L{StaleLease} if the lease is no longer
+        current, L{UnknownJob} if there is no such job.
         """
 
     def mark_running(lease, now):
         """
-        A staged job starts running.  Fails with L{StaleLease} if the
-        lease is no longer current.
+        A staged job starts running (its C{started_at} is C{now}).  Fires
+        with a L{Written} of the change; fails with L{StaleLease} if the
+        lease is no longer current, and L{InvalidTransition} if the job is
+        not staging.
         """
 
     def finish(lease, outcome, now):
         """
-        Record how an attempt ended (retried, or final, releasing or
-        cancelling its dependents); a job whose cancel was asked for while
-        it ran ends cancelled.  Fires with a L{Written} of what changed.
-        Fails with L{StaleLease} if the lease is no longer current.
+        Record how an attempt ended, from its L{Outcome}.
+
+        A failed attempt with attempts left sends the job back: pending
+        until its back-off has passed (C{wake_at}), or queued.  A final
+        state frees the job's pending dependents (it succeeded: those that
+        wait for nothing else are queued) or cancels them and theirs in
+        turn (it did not).  A job whose cancel was asked for while it ran
+        ends cancelled, unless it succeeded on its own.
+
+        @return: a Deferred firing with a L{Written} of what changed.
+            Fails with L{StaleLease} if the lease is no longer current,
+            L{UnknownJob}, or L{InvalidTransition}.
         """
 
     def release(lease, now, reason):
         """
         Give an attempt up without spending it: the attempt is recorded as
-        ended with C{reason} and the job goes back to C{queued}.  Fire with
-        a L{Written} of what changed.
+        ended with C{reason} and the job goes back to C{queued} (or ends
+        C{cancelled} if a cancel waits for it).  Fires with a L{Written} of
+        what changed; fails with L{StaleLease} if the lease is no longer
+        current.
         """
+
+    # Requests on jobs
 
     def cancel(job_id, now):
         """
-        Cancel a job.  Fire with C{(job, lease)}: C{lease} is C{None} when
-        the job was cancelled at once, or the current lease of a job that
-        runs, which its holder must now stop.  Fails with
-        L{InvalidTransition} for a finished job and L{UnknownJob}.
+        Cancel a job, durably.  Fire with a L{Written} whose value is
+        C{(job, lease)}: C{lease} is C{None} when the job was cancelled at
+        once (with its pending dependents), or the current L{Lease} of a
+        job that is staging or running, whose holder must now stop it (its
+        end then records it cancelled).  Fails with L{InvalidTransition}
+        for a finished job and L{UnknownJob}.
+        """
+
+    def retry(job_id, now, dependents):
+        """
+        Put a failed or cancelled job back in line, durably, with a fresh
+        budget of attempts (its attempts stay in its history): queued, or
+        pending while jobs it depends on have not succeeded.  With
+        C{dependents}, the jobs cancelled because of it (and theirs) come
+        back too.
+
+        @return: a Deferred firing with a L{Written} whose value is the
+            job's L{Job}.  Fails with L{UnknownJob}, L{InvalidTransition}
+            for a job that is not failed or cancelled, and
+            L{DependencyNotRetried} when a job it depends on failed or was
+            cancelled and does not come back with it.
+        """
+
+    # Housekeeping
+
+    def promote_due(now):
+        """
+        Queue every pending job whose C{not_before} has come and that waits
+        for nothing else.  Fires with a L{Written} of the jobs queued,
+        whose C{wake_at} is when the next one is due (or C{None}).
+        """
+
+    def purge_idempotency(now):
+        """
+        Forget idempotency keys older than their time to live.  Fires with
+        a L{Written} whose value is how many were forgotten.
         """
 
     def recover(holder, now):
         """
-        At start-up: every attempt that C{holder} held when the daemon last
-        stopped ended with it.  Record each as lost, end its job, and fire
-        with the list of L{LostAttempt}s (with their process identities).
+        At start-up: every attempt that C{holder} (this dispatcher's own
+        executor) held when the daemon last stopped ended with it.  Record
+        each as failed and lost (retried if it has attempts left, as
+        L{finish} does), and fire with a L{Written} whose value is the
+        list of L{LostAttempt}s, with their process identities.
         """

@@ -26,7 +26,6 @@ import sqlite3
 import threading
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
-import attrs
 import orjson
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import LoopingCall
@@ -34,7 +33,42 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from dispatcher.model._claims import choose_jobs, queues_at_limit, room_in_queues
 from dispatcher.store._interface import IJobStore
+from dispatcher.store._results import (
+    Claimed,
+    CommitFailed,
+    DependencyNotRetried,
+    IdempotencyConflict,
+    IdempotencyKey,
+    LostAttempt,
+    ReadFailed,
+    ResumedLease,
+    StoreError,
+    Submitted,
+    SubmittedIds,
+    UnknownDependency,
+    WriteRefused,
+    Written,
+)
+from dispatcher.store._schema import migrate
+from dispatcher.store._writes import (
+    DURABLE,
+    Cancel,
+    Claim,
+    Finish,
+    MarkRunning,
+    PromoteDue,
+    PurgeIdempotency,
+    RecordProcess,
+    Recover,
+    Release,
+    ResumeLeases,
+    Retry,
+    Submit,
+    SubmitPlain,
+    Write,
+)
 from dispatcher.wire._forms import spec_from_stored, spec_to_stored
 from dispatcher.wire._json import decode_stored, encode_sorted
 from dispatcher.model._jobs import (
@@ -59,127 +93,6 @@ from dispatcher._threads import TaskThreads
 log = Logger()
 
 
-class StoreVersionError(Exception):
-    """
-    The database was written by a newer dispatcher than this one.
-    """
-
-
-class IdempotencyConflict(Exception):
-    """
-    An idempotency key already used with a different request.
-    """
-
-    def __init__(self, key: str) -> None:
-        super().__init__(
-            f"the Idempotency-Key {key!r} was already used with a different request"
-        )
-        self.key = key
-
-
-class UnknownDependency(Exception):
-    """
-    A C{depends_on} entry names no job and no array.
-    """
-
-    def __init__(self, job_index: int, position: int, name: str) -> None:
-        super().__init__(f"no job or array has the id {name!r}")
-        self.job_index = job_index
-        self.position = position
-        self.name = name
-
-
-class DependencyNotRetried(Exception):
-    """
-    A job cannot be retried while a job it depends on has failed or was
-    cancelled: that one must be retried first.
-    """
-
-    def __init__(self, job_id: str, dependency: str, state: JobState) -> None:
-        super().__init__(
-            f"job {job_id} depends on {dependency}, which is {state.value}; "
-            "retry that one first (with dependents: true to bring this one back)"
-        )
-        self.job_id = job_id
-        self.dependency = dependency
-
-
-@attrs.frozen
-class IdempotencyKey:
-    """
-    A client's Idempotency-Key and the digest of the request it came with.
-    """
-
-    key: str
-    digest: str
-
-
-@attrs.frozen
-class Written:
-    """
-    What a write did: its answer, the jobs whose state it changed (for the
-    event stream), and the earliest time a pending job it touched becomes
-    due.
-    """
-
-    value: Any
-    changed: tuple[tuple[str, JobState], ...] = ()
-    wake_at: Optional[float] = None
-
-
-@attrs.frozen
-class Submitted:
-    """
-    The jobs a submission made, or (C{replayed}) the ones an earlier request
-    with the same idempotency key made.
-    """
-
-    jobs: list[Job]
-    replayed: bool = False
-
-
-@attrs.frozen
-class SubmittedIds:
-    """
-    The ids of the jobs a submission of L{PlainJobs} made, in order: all
-    queued, as the answer to a batch shows them.
-    """
-
-    ids: list[str]
-
-
-@attrs.frozen
-class Claimed:
-    """
-    The leases a claim got, whether queued jobs wait behind a queue's limit
-    of running jobs, how many queued jobs it passed over because they did
-    not fit the holder, and whether it saw the end of every queue it read
-    (C{drained}: no job was left queued there when it committed).
-    """
-
-    leases: list[Lease]
-    blocked: bool = False
-    skipped: int = 0
-    drained: bool = False
-
-
-# How many queued jobs a claim passes over (they do not fit the holder)
-# before it gives up: a bound on one claim's work.
-MAX_SKIPPED = 1000
-
-
-@attrs.frozen
-class ResumedLease:
-    """
-    A remote worker's lease found at start-up: the lease, the job's state
-    (C{staging} or C{running}), and whether a cancel waits for it.
-    """
-
-    lease: Lease
-    state: JobState
-    cancel_requested: bool
-
-
 def jittered_backoff(delay: float, spent: int) -> float:
     """
     The wait before retry number C{spent}: C{delay} doubled for each
@@ -190,109 +103,6 @@ def jittered_backoff(delay: float, spent: int) -> float:
     base = min(delay * 2 ** (spent - 1), max(delay, 3600.0))
     return base * random.uniform(0.5, 1.5)
 
-
-@attrs.frozen
-class LostAttempt:
-    """
-    An attempt that was running when the daemon last stopped, with what is
-    known of its process.
-    """
-
-    job_id: str
-    attempt: int
-    token: int
-    pid: Optional[int]
-    start_ticks: Optional[int]
-    boot_id: Optional[str]
-
-
-# Each entry is one schema version; a database at version N has had the
-# first N applied.  Never edit an entry that has shipped: add another.
-MIGRATIONS: Sequence[str] = (
-    """
-    CREATE TABLE jobs (
-        seq INTEGER PRIMARY KEY,
-        id TEXT NOT NULL UNIQUE,
-        state TEXT NOT NULL,
-        name TEXT,
-        labels TEXT NOT NULL,
-        spec TEXT NOT NULL,
-        priority INTEGER NOT NULL DEFAULT 0,
-        created_at REAL NOT NULL,
-        started_at REAL,
-        finished_at REAL,
-        exit_code INTEGER,
-        result TEXT,
-        error TEXT,
-        wait_reason TEXT,
-        attempt_count INTEGER NOT NULL DEFAULT 0,
-        cancel_requested INTEGER NOT NULL DEFAULT 0,
-        lease_token INTEGER,
-        lease_holder TEXT,
-        lease_expires REAL
-    );
-    CREATE INDEX jobs_queued ON jobs (priority DESC, seq) WHERE state = 'queued';
-    CREATE INDEX jobs_state ON jobs (state, seq);
-    CREATE INDEX jobs_holder ON jobs (lease_holder) WHERE lease_token IS NOT NULL;
-    CREATE TABLE job_labels (
-        key TEXT NOT NULL,
-        value TEXT NOT NULL,
-        seq INTEGER NOT NULL,
-        PRIMARY KEY (key, value, seq)
-    ) WITHOUT ROWID;
-    CREATE TABLE attempts (
-        job_id TEXT NOT NULL,
-        number INTEGER NOT NULL,
-        token INTEGER NOT NULL UNIQUE,
-        holder TEXT NOT NULL,
-        started_at REAL NOT NULL,
-        finished_at REAL,
-        exit_code INTEGER,
-        error TEXT,
-        pid INTEGER,
-        start_ticks INTEGER,
-        boot_id TEXT,
-        PRIMARY KEY (job_id, number)
-    );
-    """,
-    """
-    ALTER TABLE jobs ADD COLUMN queue TEXT NOT NULL DEFAULT 'default';
-    ALTER TABLE jobs ADD COLUMN max_attempts INTEGER NOT NULL DEFAULT 1;
-    ALTER TABLE jobs ADD COLUMN attempts_spent INTEGER NOT NULL DEFAULT 0;
-    ALTER TABLE jobs ADD COLUMN retry_delay REAL NOT NULL DEFAULT 1.0;
-    ALTER TABLE jobs ADD COLUMN timeout REAL;
-    ALTER TABLE jobs ADD COLUMN not_before REAL;
-    ALTER TABLE jobs ADD COLUMN waiting_on INTEGER NOT NULL DEFAULT 0;
-    ALTER TABLE jobs ADD COLUMN array_id TEXT;
-    ALTER TABLE jobs ADD COLUMN array_index INTEGER;
-    ALTER TABLE jobs ADD COLUMN cancelled_by TEXT;
-    DROP INDEX jobs_queued;
-    CREATE INDEX jobs_queued ON jobs (queue, priority DESC, seq) WHERE state = 'queued';
-    CREATE INDEX jobs_due ON jobs (not_before) WHERE state = 'pending' AND waiting_on = 0;
-    CREATE INDEX jobs_array ON jobs (array_id) WHERE array_id IS NOT NULL;
-    CREATE INDEX jobs_cancelled_by ON jobs (cancelled_by) WHERE cancelled_by IS NOT NULL;
-    CREATE TABLE dependencies (
-        depends_on TEXT NOT NULL,
-        job_id TEXT NOT NULL,
-        PRIMARY KEY (depends_on, job_id)
-    ) WITHOUT ROWID;
-    CREATE INDEX dependencies_job ON dependencies (job_id);
-    CREATE TABLE idempotency (
-        key TEXT PRIMARY KEY,
-        digest TEXT NOT NULL,
-        job_ids TEXT NOT NULL,
-        created_at REAL NOT NULL
-    );
-    CREATE INDEX idempotency_age ON idempotency (created_at);
-    """,
-    # Only start-up looked jobs up by their lease holder, and the jobs that
-    # hold a lease are the staging and running ones, which jobs_state
-    # finds; keeping this index cost every claim and every end a move in
-    # it (about a tenth of the writer's SQLite time for a no-op job).
-    """
-    DROP INDEX jobs_holder;
-    """,
-)
 
 _QUEUED_REASON = "waiting for a free slot"
 
@@ -477,6 +287,18 @@ _PLAIN_COLUMNS = frozenset({
 })
 
 
+def _store_error(error: Exception) -> StoreError:
+    """
+    The store's own error for what SQLite (or the file system) raised
+    while writing: L{WriteRefused} for a broken constraint (the same write
+    would be refused again), else L{CommitFailed}.
+    """
+    kind = WriteRefused if isinstance(error, sqlite3.IntegrityError) else CommitFailed
+    failed = kind(str(error))
+    failed.__cause__ = error
+    return failed
+
+
 class _Replay(Exception):
     """
     A group's shared path met a case it leaves to the writes one by one.
@@ -487,7 +309,9 @@ class _Replay(Exception):
 class SQLiteJobStore:
     """
     L{IJobStore} on one SQLite file, in WAL mode with C{synchronous=FULL}:
-    a committed job survives power loss, not only a killed process.
+    a committed job survives power loss, not only a killed process.  The
+    interface documents the methods it declares; each queues a typed
+    write command (L{dispatcher.store._writes}) or runs a read.
 
     @param path: the database file.
     @param reactor: the reactor the Deferreds fire in.
@@ -523,6 +347,7 @@ class SQLiteJobStore:
         self._limits: dict[str, int] = dict(queues or {"default": 0})
         self._limits.setdefault("default", 0)
         self._queues = sorted(self._limits)
+        self._limited = any(self._limits.values())
         self._turn = 0
         self._idempotency_ttl = idempotency_ttl
         self._backoff = backoff
@@ -533,7 +358,7 @@ class SQLiteJobStore:
         self._readers_local = threading.local()
         self._reader_connections: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
-        self._pending: list[tuple[Callable[..., Any], tuple[Any, ...], Deferred, bool]] = []
+        self._pending: list[tuple[Write, Deferred]] = []
         self._flushing = False
         self._sync_interval = sync_interval
         self._clock = clock if clock is not None else reactor
@@ -551,6 +376,23 @@ class SQLiteJobStore:
         # Commits, and those of them that synced the disk.
         self.batches = 0
         self.durable_batches = 0
+        # The operation that applies each kind of write, with the write's
+        # fields as its arguments.
+        self._operations: dict[type, Callable[..., Any]] = {
+            Submit: self._submit,
+            SubmitPlain: self._submit_plain_jobs,
+            Claim: self._claim,
+            ResumeLeases: self._resume_leases,
+            RecordProcess: self._record_process,
+            MarkRunning: self._mark_running,
+            Finish: self._finish,
+            Release: self._release,
+            Cancel: self._cancel,
+            Retry: self._retry,
+            PromoteDue: self._promote_due,
+            PurgeIdempotency: self._purge_idempotency,
+            Recover: self._recover,
+        }
 
     @property
     def queue_limits(self) -> Mapping[str, int]:
@@ -625,24 +467,11 @@ class SQLiteJobStore:
         directory = os.path.dirname(os.path.abspath(self._path))
         os.makedirs(directory, exist_ok=True)
         conn = self._connect()
-        (version,) = conn.execute("PRAGMA user_version").fetchone()
-        if version > len(MIGRATIONS):
+        try:
+            migrate(conn, self._path)
+        except BaseException:
             conn.close()
-            raise StoreVersionError(
-                f"{self._path} has schema version {version}, newer than the "
-                f"{len(MIGRATIONS)} this dispatcher knows; run a newer dispatcher"
-            )
-        for number in range(version, len(MIGRATIONS)):
-            conn.execute("BEGIN IMMEDIATE")
-            for statement in _statements(MIGRATIONS[number]):
-                conn.execute(statement)
-            conn.execute(f"PRAGMA user_version = {number + 1}")
-            conn.execute("COMMIT")
-            log.info(
-                "store {path} migrated to schema version {version}",
-                path=self._path,
-                version=number + 1,
-            )
+            raise
         (top,) = conn.execute("SELECT COALESCE(MAX(token), 0) FROM attempts").fetchone()
         self._next_token = top + 1
         (self._dependencies,) = conn.execute(
@@ -694,30 +523,21 @@ class SQLiteJobStore:
 
     # The writer and its group commit
 
-    def _write(self, operation: Callable[..., Any], *args: Any) -> Deferred:
+    def _write(self, write: Write) -> Deferred:
         """
-        Run C{operation(conn, *args)} in the next group; fires after a
-        commit that syncs to the disk.
+        Apply C{write} in the next group; fires after the commit that holds
+        it.  That commit syncs to the disk first if the write is durable
+        (submissions, cancels, retries: a client is told they are done).
+        A change of run state alone (a claim, a start, an end) does not
+        wait for the sync: a power loss within C{sync_interval} of its
+        commit may undo it, and the job then runs again, as one that was
+        running when the power went does.  A crash of the daemon alone
+        undoes nothing: the commit is in the kernel's hands.
         """
-        return self._queue_write(operation, args, True)
-
-    def _write_run_state(self, operation: Callable[..., Any], *args: Any) -> Deferred:
-        """
-        Like L{_write}, for a change of run state only: a power loss within
-        C{sync_interval} of its commit may undo it, and the job then runs
-        again, as one that was running when the power went does.  A crash
-        of the daemon alone undoes nothing: the commit is in the kernel's
-        hands.
-        """
-        return self._queue_write(operation, args, self._sync_interval <= 0)
-
-    def _queue_write(
-        self, operation: Callable[..., Any], args: tuple[Any, ...], durable: bool
-    ) -> Deferred:
         if self._closing is not None:
             return fail(StoreClosed("the dispatcher is stopping"))
         d: Deferred = Deferred()
-        self._pending.append((operation, args, d, durable))
+        self._pending.append((write, d))
         if not self._flushing:
             # The group starts at the end of this reactor iteration, so
             # that every request read in it joins.  Started at once, it
@@ -731,86 +551,90 @@ class SQLiteJobStore:
     def _flush(self) -> None:
         batch, self._pending = self._pending, []
         self._flushing = True
-        work = [(operation, args) for operation, args, _, _ in batch]
-        durable = any(durable for _, _, _, durable in batch)
+        work = [write for write, _ in batch]
+        durable = self._sync_interval <= 0 or any(type(write) in DURABLE for write in work)
         d = self._writer_pool.defer(self._commit, work, durable)
-        d.addBoth(self._flushed, [deferred for _, _, deferred, _ in batch])
+        d.addBoth(self._flushed, [deferred for _, deferred in batch])
 
-    def _commit(
-        self, work: list[tuple[Callable[..., Any], tuple[Any, ...]]], durable: bool = True
-    ) -> list[tuple[bool, Any]]:
+    def _commit(self, work: list[Write], durable: bool = True) -> list[tuple[bool, Any]]:
         conn = self._writer
         assert conn is not None
         results: list[tuple[bool, Any]] = []
-        if durable != self._synchronous_full:
-            # In WAL mode FULL syncs the log at every commit; NORMAL leaves
-            # it to the next FULL commit, the next sync or a checkpoint.
-            conn.execute(f"PRAGMA synchronous = {'FULL' if durable else 'NORMAL'}")
-            self._synchronous_full = durable
-        conn.execute("BEGIN IMMEDIATE")
         try:
+            if durable != self._synchronous_full:
+                # In WAL mode FULL syncs the log at every commit; NORMAL
+                # leaves it to the next FULL commit, the next sync or a
+                # checkpoint.
+                conn.execute(f"PRAGMA synchronous = {'FULL' if durable else 'NORMAL'}")
+                self._synchronous_full = durable
+            conn.execute("BEGIN IMMEDIATE")
             try:
-                results = self._run_together(conn, work)
-            except Exception:
-                # The group is the whole transaction: undo it all (unless
-                # SQLite already has, as it does for a full disk) and run
-                # each write in its own savepoint, so that only the one
-                # that failed fails.  (A savepoint around the group cost
-                # every page the group changed a copy in the sub-journal,
-                # and past 64 KiB a temporary file, most groups under load.
-                # Writes seldom fail; a write is undone whole or not at all
-                # either way.  What a replayed write did outside the
-                # database is harmless to do twice: it takes fresh lease
-                # tokens, and moves the queues' turn on.)
+                try:
+                    results = self._run_together(conn, work)
+                except Exception:
+                    # The group is the whole transaction: undo it all
+                    # (unless SQLite already has, as it does for a full
+                    # disk) and run each write in its own savepoint, so
+                    # that only the one that failed fails.  (A savepoint
+                    # around the group cost every page the group changed a
+                    # copy in the sub-journal, and past 64 KiB a temporary
+                    # file, most groups under load.  Writes seldom fail; a
+                    # write is undone whole or not at all either way.  What
+                    # a replayed write did outside the database is harmless
+                    # to do twice: it takes fresh lease tokens, and moves
+                    # the queues' turn on.)
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    conn.execute("BEGIN IMMEDIATE")
+                    results = [self._apply_one(conn, write) for write in work]
+                conn.execute("COMMIT")
+            except BaseException:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
-                conn.execute("BEGIN IMMEDIATE")
-                results = [self._apply_one(conn, operation, args) for operation, args in work]
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
+                raise
+        except (sqlite3.Error, OSError) as e:
+            raise _store_error(e) from e
         self._unsynced = not durable
         self.batches += 1
         self.durable_batches += durable
         return results
 
-    @staticmethod
-    def _apply_one(
-        conn: sqlite3.Connection, operation: Callable[..., Any], args: tuple[Any, ...]
-    ) -> tuple[bool, Any]:
+    def _apply_one(self, conn: sqlite3.Connection, write: Write) -> tuple[bool, Any]:
         """
         Run one write in its own savepoint: if it fails, what it did is
         undone and the rest of its group goes on.
         """
         conn.execute("SAVEPOINT operation")
         try:
-            value = operation(conn, *args)
-        except Exception:
+            value = self._operations[type(write)](conn, *write)
+        except Exception as e:
             conn.execute("ROLLBACK TO operation")
             conn.execute("RELEASE operation")
+            if isinstance(e, (sqlite3.Error, OSError)):
+                return (False, Failure(_store_error(e)))
             return (False, Failure())
         conn.execute("RELEASE operation")
         return (True, value)
 
-    def _plain_submission(self, operation: Callable[..., Any], args: tuple[Any, ...]) -> bool:
+    def _plain_submission(self, write: Write) -> bool:
         """
         Whether a write is a submission that nothing but SQLite itself can
         refuse: no idempotency key to check, no dependency to look up.
         """
-        function = getattr(operation, "__func__", None)
-        if function is SQLiteJobStore._submit_plain_jobs:
-            return args[3] is None
-        if function is not SQLiteJobStore._submit:
-            return False
-        specs, _, _, idempotency = args
-        return idempotency is None and not any(spec.depends_on for spec in specs)
+        kind = type(write)
+        if kind is SubmitPlain:
+            return write.idempotency is None  # type: ignore[union-attr]
+        return kind is Submit and write.plain  # type: ignore[union-attr]
+
+    def _plain_success(self, write: Write) -> bool:
+        """
+        Whether a write is the end of an attempt that succeeded on its own,
+        while no job has dependents to free.
+        """
+        return type(write) is Finish and write.success and not self._dependencies
 
     def _run_together(
-        self,
-        conn: sqlite3.Connection,
-        work: list[tuple[Callable[..., Any], tuple[Any, ...]]],
+        self, conn: sqlite3.Connection, work: list[Write]
     ) -> list[tuple[bool, Any]]:
         """
         Run a group's writes one after the other (a savepoint for each was
@@ -830,44 +654,26 @@ class SQLiteJobStore:
         while i < len(work):
             for alike, together in shared:
                 j = i
-                while j < len(work) and alike(*work[j]):
+                while j < len(work) and alike(work[j]):
                     j += 1
                 if j - i > 1:
                     results.extend((True, w) for w in together(conn, work[i:j]))
                     i = j
                     break
             else:
-                operation, args = work[i]
-                results.append((True, operation(conn, *args)))
+                write = work[i]
+                results.append((True, self._operations[type(write)](conn, *write)))
                 i += 1
         return results
 
-    def _plain_success(self, operation: Callable[..., Any], args: tuple[Any, ...]) -> bool:
-        """
-        Whether a write is the end of an attempt that succeeded on its own,
-        while no job has dependents to free.
-        """
-        if getattr(operation, "__func__", None) is not SQLiteJobStore._finish:
-            return False
-        outcome = args[1]
-        return (
-            outcome.state is JobState.SUCCEEDED
-            and not outcome.stopped
-            and not self._dependencies
-        )
-
-    def _finish_together(
-        self,
-        conn: sqlite3.Connection,
-        work: list[tuple[Callable[..., Any], tuple[Any, ...]]],
-    ) -> list[Written]:
+    def _finish_together(self, conn: sqlite3.Connection, work: list[Finish]) -> list[Written]:
         """
         Record several plain successes with one read and two updates, as
         L{_finish} would one by one.  Anything L{_finish} would treat
         otherwise (a stale lease, a cancel asked for meanwhile) raises
         L{_Replay}, and the group is replayed one write at a time.
         """
-        leases = [args[0] for _, args in work]
+        leases = [write.lease for write in work]
         marks = ",".join("?" * len(leases))
         rows = {
             row[0]: row[1:]
@@ -880,7 +686,8 @@ class SQLiteJobStore:
         attempts = []
         jobs = []
         written = []
-        for _, (lease, outcome, now) in work:
+        for write in work:
+            lease, outcome, now = write.lease, write.outcome, write.now
             row = rows.pop(lease.job_id, None)
             if (
                 row is None
@@ -901,9 +708,7 @@ class SQLiteJobStore:
         return written
 
     def _submit_plain(
-        self,
-        conn: sqlite3.Connection,
-        work: list[tuple[Callable[..., Any], tuple[Any, ...]]],
+        self, conn: sqlite3.Connection, work: list[Submit | SubmitPlain]
     ) -> list[Written]:
         """
         Store several plain submissions with one sequence query and one
@@ -914,11 +719,13 @@ class SQLiteJobStore:
         rows: list[tuple[Any, ...]] = []
         label_rows: list[tuple[str, str, int]] = []
         written: list[Written] = []
-        for _, (specs, now, ids, _) in work:
-            if isinstance(specs, PlainJobs):
-                written.append(_add_plain_jobs(conn, seq, specs, now, ids))
+        for write in work:
+            now, ids = write.now, write.ids
+            if type(write) is SubmitPlain:
+                written.append(_add_plain_jobs(conn, seq, write.jobs, now, ids))
                 seq += len(ids)
                 continue
+            specs = write.specs  # type: ignore[union-attr]
             changed = []
             jobs = []
             wake = None
@@ -970,17 +777,20 @@ class SQLiteJobStore:
         return self._reader_pool.defer(self._read_in_thread, operation, args)
 
     def _read_in_thread(self, operation: Callable[..., Any], args: tuple) -> Any:
-        conn = getattr(self._readers_local, "conn", None)
-        if conn is None:
-            conn = self._connect()
-            self._readers_local.conn = conn
-            with self._readers_lock:
-                self._reader_connections.append(conn)
-        conn.execute("BEGIN")
         try:
-            return operation(conn, *args)
-        finally:
-            conn.execute("COMMIT")
+            conn = getattr(self._readers_local, "conn", None)
+            if conn is None:
+                conn = self._connect()
+                self._readers_local.conn = conn
+                with self._readers_lock:
+                    self._reader_connections.append(conn)
+            conn.execute("BEGIN")
+            try:
+                return operation(conn, *args)
+            finally:
+                conn.execute("COMMIT")
+        except (sqlite3.Error, OSError) as e:
+            raise ReadFailed(str(e)) from e
 
     # The interface
 
@@ -991,7 +801,7 @@ class SQLiteJobStore:
         ids: Sequence[str],
         idempotency: Optional[IdempotencyKey] = None,
     ) -> Deferred:
-        return self._write(self._submit, list(specs), now, list(ids), idempotency)
+        return self._write(Submit(list(specs), now, list(ids), idempotency))
 
     def submit_plain(
         self,
@@ -1005,7 +815,7 @@ class SQLiteJobStore:
         L{SubmittedIds}, or with the L{Submitted} jobs of an earlier request
         with the same idempotency key.
         """
-        return self._write(self._submit_plain_jobs, jobs, now, list(ids), idempotency)
+        return self._write(SubmitPlain(jobs, now, list(ids), idempotency))
 
     def _submit_plain_jobs(
         self,
@@ -1188,7 +998,7 @@ class SQLiteJobStore:
             return succeed(Claimed([], blocked=False))
         if free is None:
             free = offer.resources
-        return self._write_run_state(self._claim, offer, capacity, free, now, lease_seconds)
+        return self._write(Claim(offer, capacity, free, now, lease_seconds))
 
     def _claim(
         self,
@@ -1205,69 +1015,33 @@ class SQLiteJobStore:
                 "SELECT queue, COUNT(*) FROM jobs"
                 " WHERE state IN ('staging', 'running') GROUP BY queue"
             ).fetchall()
-        ) if any(self._limits.values()) else {}
-        # Each queue's head, read lazily in priority order: jobs that do not
-        # fit this holder are passed over, so how far to read is not known
-        # in advance.
-        cursors: dict[str, Any] = {}
-        heads: dict[str, tuple] = {}
-        room: dict[str, int] = {}
-        for queue in self._queues:
-            limit = self._limits.get(queue, 0)
-            room[queue] = capacity if not limit else min(capacity, limit - running.get(queue, 0))
-            if room[queue] <= 0:
-                continue
-            # Without INDEXED BY the planner, lacking statistics, may walk
-            # the state index and sort every queued job: a hundred times
-            # slower with ten thousand queued.
-            cursor = conn.execute(
+        ) if self._limited else {}
+        room = room_in_queues(self._queues, self._limits, running, capacity)
+        # Each queue's queued jobs, read lazily in priority order: jobs that
+        # do not fit this holder are passed over, so how far to read is not
+        # known in advance.  Without INDEXED BY the planner, lacking
+        # statistics, may walk the state index and sort every queued job: a
+        # hundred times slower with ten thousand queued.
+        cursors = {
+            queue: conn.execute(
                 f"SELECT seq, id, {_SPEC_COLUMNS}, attempt_count"
                 " FROM jobs INDEXED BY jobs_queued"
                 " WHERE state = 'queued' AND queue = ?"
                 " ORDER BY priority DESC, seq",
                 (queue,),
             )
-            row = cursor.fetchone()
-            if row is not None:
-                cursors[queue] = cursor
-                heads[queue] = row
-        # Highest priority first; among equal priorities the queues take
-        # turns, starting after the queue served last.
-        order = self._queues[self._turn:] + self._queues[: self._turn]
-        chosen: list[tuple[tuple, JobSpec]] = []
-        taken: dict[str, int] = {}
-        skipped = 0
-        # A queue left for want of room may still hold jobs.
-        left = False
-        several = len(self._queues) > 1
-        while heads and len(chosen) < capacity and skipped < MAX_SKIPPED:
-            if len(heads) == 1:
-                (queue,) = heads
-            else:
-                best = max(row[5] for row in heads.values())
-                queue = next(q for q in order if q in heads and heads[q][5] == best)
-            row = heads[queue]
-            following = cursors[queue].fetchone()
-            if following is None:
-                del heads[queue]
-            else:
-                heads[queue] = following
-            spec = _spec_from_row(row[2:13])
-            if offer.refuses(spec) is not None or not free.covers(spec.resources):
-                skipped += 1
-                continue
-            chosen.append((row, spec))
-            free = free - spec.resources
-            taken[queue] = taken.get(queue, 0) + 1
-            if taken[queue] >= room[queue] and queue in heads:
-                del heads[queue]
-                left = True
-            if several:
-                at = self._queues.index(queue)
-                self._turn = (at + 1) % len(self._queues)
-                order = self._queues[self._turn:] + self._queues[: self._turn]
+            for queue in self._queues
+            if room[queue] > 0
+        }
+        choice = choose_jobs(
+            cursors, room, self._queues, self._turn, offer, free, capacity,
+            _ROW_PRIORITY, _claimed_spec,
+        )
+        self._turn = choice.turn
         for cursor in cursors.values():
             cursor.close()
+        chosen = choice.chosen
+        taken = choice.taken
         leases = []
         expires = now + lease_seconds
         holder = offer.holder
@@ -1297,15 +1071,15 @@ class SQLiteJobStore:
                 attempts,
             )
         blocked = False
-        for queue, limit in self._limits.items():
-            if limit and running.get(queue, 0) + taken.get(queue, 0) >= limit:
+        if self._limited:
+            after = {q: running.get(q, 0) + taken.get(q, 0) for q in self._limits}
+            for queue in queues_at_limit(self._limits, after):
                 if conn.execute(
                     "SELECT 1 FROM jobs WHERE state = 'queued' AND queue = ? LIMIT 1",
                     (queue,),
                 ).fetchone():
                     blocked = True
-        drained = not heads and not left and not skipped
-        return Claimed(leases, blocked, skipped, drained)
+        return Claimed(leases, blocked, choice.skipped, choice.drained)
 
     def resume_leases(self, local_holder: str, now: float, lease_seconds: float) -> Deferred:
         """
@@ -1314,7 +1088,7 @@ class SQLiteJobStore:
         must not count against a worker that kept working).  Fires with the
         L{Written} list of L{ResumedLease}s.
         """
-        return self._write_run_state(self._resume_leases, local_holder, now, lease_seconds)
+        return self._write(ResumeLeases(local_holder, now, lease_seconds))
 
     def _resume_leases(
         self, conn: sqlite3.Connection, local_holder: str, now: float, lease_seconds: float
@@ -1344,7 +1118,7 @@ class SQLiteJobStore:
     def record_process(
         self, lease: Lease, pid: int, start_ticks: Optional[int], boot_id: Optional[str]
     ) -> Deferred:
-        return self._write_run_state(self._record_process, lease, pid, start_ticks, boot_id)
+        return self._write(RecordProcess(lease, pid, start_ticks, boot_id))
 
     def _record_process(
         self,
@@ -1361,7 +1135,7 @@ class SQLiteJobStore:
         )
 
     def mark_running(self, lease: Lease, now: float) -> Deferred:
-        return self._write_run_state(self._mark_running, lease, now)
+        return self._write(MarkRunning(lease, now))
 
     def _mark_running(self, conn: sqlite3.Connection, lease: Lease, now: float) -> Written:
         state = _check_lease(conn, lease)
@@ -1374,7 +1148,7 @@ class SQLiteJobStore:
         return Written(None, ((lease.job_id, JobState.RUNNING),))
 
     def finish(self, lease: Lease, outcome: Outcome, now: float) -> Deferred:
-        return self._write_run_state(self._finish, lease, outcome, now)
+        return self._write(Finish(lease, outcome, now))
 
     def _finish(
         self, conn: sqlite3.Connection, lease: Lease, outcome: Outcome, now: float
@@ -1456,7 +1230,7 @@ class SQLiteJobStore:
         return Written(None, ((job_id, target),), due)
 
     def release(self, lease: Lease, now: float, reason: str) -> Deferred:
-        return self._write_run_state(self._release, lease, now, reason)
+        return self._write(Release(lease, now, reason))
 
     def _release(
         self, conn: sqlite3.Connection, lease: Lease, now: float, reason: str
@@ -1490,7 +1264,7 @@ class SQLiteJobStore:
         return Written(None, tuple(changed), wake)
 
     def cancel(self, job_id: str, now: float) -> Deferred:
-        return self._write(self._cancel, job_id, now)
+        return self._write(Cancel(job_id, now))
 
     def _cancel(self, conn: sqlite3.Connection, job_id: str, now: float) -> Written:
         row = conn.execute(
@@ -1524,7 +1298,7 @@ class SQLiteJobStore:
         attempts (and, with C{dependents}, the jobs cancelled because of
         it); its attempts stay in its history.
         """
-        return self._write(self._retry, job_id, now, dependents)
+        return self._write(Retry(job_id, now, dependents))
 
     def _retry(
         self, conn: sqlite3.Connection, job_id: str, now: float, dependents: bool
@@ -1562,7 +1336,7 @@ class SQLiteJobStore:
         Queue every pending job whose time has come; the answer's wake time
         is when the next one is due.
         """
-        return self._write_run_state(self._promote_due, now)
+        return self._write(PromoteDue(now))
 
     def _promote_due(self, conn: sqlite3.Connection, now: float) -> Written:
         due = conn.execute(
@@ -1583,7 +1357,7 @@ class SQLiteJobStore:
         """
         Forget idempotency keys older than their time to live.
         """
-        return self._write_run_state(self._purge_idempotency, now)
+        return self._write(PurgeIdempotency(now))
 
     def _purge_idempotency(self, conn: sqlite3.Connection, now: float) -> Written:
         cursor = conn.execute(
@@ -1593,7 +1367,7 @@ class SQLiteJobStore:
         return Written(cursor.rowcount)
 
     def recover(self, holder: str, now: float) -> Deferred:
-        return self._write_run_state(self._recover, holder, now)
+        return self._write(Recover(holder, now))
 
     def _recover(self, conn: sqlite3.Connection, holder: str, now: float) -> Written:
         rows = conn.execute(
@@ -1616,10 +1390,6 @@ class SQLiteJobStore:
             if written.wake_at is not None:
                 wakes.append(written.wake_at)
         return Written(lost, tuple(changed), min(wakes) if wakes else None)
-
-
-def _statements(script: str) -> list[str]:
-    return [s.strip() for s in script.split(";") if s.strip()]
 
 
 def _check_lease(conn: sqlite3.Connection, lease: Lease) -> JobState:
@@ -1789,6 +1559,14 @@ _SPEC_COLUMNS = (
 )
 
 
+# A claim's candidate rows: seq, id, the spec's columns, attempt_count.
+_ROW_PRIORITY = operator.itemgetter(5)
+
+
+def _claimed_spec(row: Sequence[Any]) -> JobSpec:
+    return _spec_from_row(row[2:13])
+
+
 def _spec_from_row(row: Sequence[Any]) -> JobSpec:
     (
         name,
@@ -1877,7 +1655,7 @@ def _full_queues(conn: sqlite3.Connection, limits: Mapping[str, int]) -> dict[st
             " WHERE state IN ('staging', 'running') GROUP BY queue"
         ).fetchall()
     )
-    return {q: n for q, n in limited.items() if running.get(q, 0) >= n}
+    return queues_at_limit(limited, running)
 
 
 def _attempts_of(

@@ -1,0 +1,200 @@
+"""
+The recorder: the one path by which an attempt's end reaches the store,
+whoever held it (this host's executor or a remote worker).
+
+An end (or a release, or a staged job starting) is written to the store;
+what the write changed is applied (events, wake-ups, claims) only once it
+has committed.  An end the store could not commit (a full disk, an I/O
+error) is written again, after 1 s, then 2, 4 ... up to 60 s, until it
+lands: a result is never dropped because one commit failed.  Its holder
+keeps the attempt in memory until then (see L{Dispatcher} and
+L{WorkerHub}), so nothing is handed out or answered twice meanwhile.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from dispatcher.model._jobs import Lease, Outcome, StaleLease, StoreClosed
+
+log = Logger()
+
+# How long after a failed commit an end is written again (doubling each
+# time, up to the most).
+RECORD_RETRY_FIRST = 1.0
+RECORD_RETRY_MAX = 60.0
+
+
+class _Write:
+    """
+    One write of an attempt's end: the store operation, its arguments, and
+    the wait before it is tried again if it fails to commit.
+    """
+
+    __slots__ = ("operation", "args", "lease", "delay")
+
+    def __init__(
+        self, operation: Callable[..., Deferred], args: tuple[Any, ...], lease: Lease
+    ) -> None:
+        self.operation = operation
+        self.args = args
+        self.lease = lease
+        self.delay: Optional[float] = None
+
+
+class Recorder:
+    """
+    Writes how attempts end, writes again what failed to commit, and applies
+    what was written once it has committed.
+
+    @param store: the L{IJobStore}.
+    @param clock: the C{IReactorTime} the waits before writing again run on.
+    @param applied: told of every L{Written} that committed, before the
+        caller hears of it (the dispatcher publishes its events, wakes
+        pending jobs and claims for what it queued).
+    @param retry_on: the failures of a write that are the store's (its disk,
+        its database): an end that fails with one is written again while
+        the recorder runs; any other failure is final.
+    @ivar retry_first: the first wait before writing a failed end again.
+    @ivar retry_max: the longest wait.
+    """
+
+    def __init__(
+        self,
+        store: Any,
+        clock: Any,
+        applied: Callable[[Any], None],
+        retry_on: tuple[type[BaseException], ...],
+        retry_first: float = RECORD_RETRY_FIRST,
+        retry_max: float = RECORD_RETRY_MAX,
+    ) -> None:
+        self._store = store
+        self._clock = clock
+        self._applied = applied
+        self._retry_on = retry_on
+        self.retry_first = retry_first
+        self.retry_max = retry_max
+        self._running = True
+        # The ends waiting to be written again, and the timers that will.
+        self._waits: dict[Deferred, Any] = {}
+
+    @property
+    def waiting(self) -> int:
+        """
+        How many ends failed to commit and wait to be written again.
+        """
+        return len(self._waits)
+
+    def start(self) -> None:
+        """
+        Write failed ends again from now on (the default).
+        """
+        self._running = True
+
+    def stop(self) -> None:
+        """
+        Give up the ends that wait to be written again (each fails with
+        L{StoreClosed}), and write none again from now on.  A write under
+        way finishes.
+        """
+        self._running = False
+        for again, call in list(self._waits.items()):
+            del self._waits[again]
+            call.cancel()
+            again.errback(StoreClosed("the dispatcher stopped before the end was recorded"))
+
+    # What holders ask
+
+    def finish(self, lease: Lease, outcome: Outcome, now: float) -> Deferred:
+        """
+        Record that the attempt of C{lease} ended with C{outcome} at C{now}.
+        Fires with the L{Written} once it has committed and been applied;
+        fails with L{StaleLease} if the lease is no longer current, with
+        L{StoreClosed} if the dispatcher stopped first, or with a failure
+        that is not the store's.
+        """
+        write = self._store.finish
+        return self._follow(write(lease, outcome, now), write, (lease, outcome, now), lease)
+
+    def release(self, lease: Lease, now: float, reason: str) -> Deferred:
+        """
+        Give the attempt of C{lease} up unspent, for C{reason}; fires (or
+        fails) as L{finish} does.
+        """
+        write = self._store.release
+        return self._follow(write(lease, now, reason), write, (lease, now, reason), lease)
+
+    def mark_running(self, lease: Lease, now: float) -> Deferred:
+        """
+        The staged job of C{lease} has started.  Fires with the L{Written}
+        once applied; a failure is the caller's (the job runs either way,
+        and its end is what must land).
+        """
+        return self._store.mark_running(lease, now).addCallback(self._landed)
+
+    # Following a write
+
+    def _follow(
+        self,
+        d: Deferred,
+        operation: Callable[..., Deferred],
+        args: tuple[Any, ...],
+        lease: Lease,
+    ) -> Deferred:
+        return d.addCallbacks(
+            self._landed, self._failed, errbackArgs=(_Write(operation, args, lease),)
+        )
+
+    def _landed(self, written: Any) -> Any:
+        self._applied(written)
+        return written
+
+    def _failed(self, failure: Failure, write: _Write) -> Any:
+        lease = write.lease
+        if failure.check(StaleLease):
+            log.info(
+                "job {job_id} attempt {attempt} ended on a lease that is no "
+                "longer current; its result is dropped",
+                job_id=lease.job_id,
+                attempt=lease.attempt,
+            )
+            return failure
+        if failure.check(StoreClosed):
+            log.warn(
+                "the end of job {job_id} attempt {attempt} was not recorded "
+                "before the dispatcher stopped; the next start settles it (an "
+                "attempt that ran here is recorded as lost, a worker's lease "
+                "resumes and its worker reports again)",
+                job_id=lease.job_id,
+                attempt=lease.attempt,
+            )
+            return failure
+        if not failure.check(*self._retry_on) or not self._running:
+            log.failure(
+                "recording the end of job {job_id} attempt {attempt} failed",
+                failure,
+                job_id=lease.job_id,
+                attempt=lease.attempt,
+            )
+            return failure
+        delay = self.retry_first if write.delay is None else write.delay
+        write.delay = min(self.retry_max, delay * 2)
+        log.warn(
+            "recording the end of job {job_id} attempt {attempt} failed "
+            "({error}); trying again in {delay:g} s",
+            job_id=lease.job_id,
+            attempt=lease.attempt,
+            error=failure.getErrorMessage(),
+            delay=delay,
+        )
+        again: Deferred = Deferred()
+        self._waits[again] = self._clock.callLater(delay, self._write_again, again, write)
+        return again.addCallbacks(self._landed, self._failed, errbackArgs=(write,))
+
+    def _write_again(self, again: Deferred, write: _Write) -> None:
+        del self._waits[again]
+        write.operation(*write.args).chainDeferred(again)

@@ -1,0 +1,195 @@
+"""
+What the methods of L{IJobStore} fire with and fail with: the values and
+errors every store shares, whatever it keeps its jobs in.
+
+The dispatcher and the API see these, never a database's own types: a
+store translates its driver's errors into L{CommitFailed},
+L{WriteRefused} or L{ReadFailed}.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import attrs
+
+from dispatcher.model._jobs import Job, JobState, Lease
+
+
+# Errors
+
+
+class StoreError(Exception):
+    """
+    A failure of the store itself, not a refusal of the request: the base
+    of L{CommitFailed}, L{WriteRefused} and L{ReadFailed}.
+    """
+
+
+class CommitFailed(StoreError):
+    """
+    A write could not be committed (a full disk, an I/O error, a database
+    another process holds locked): nothing of it was stored, and the same
+    write asked for again later may succeed.
+
+    The message is the store's own (C{"database or disk is full"}); the
+    driver's exception is the C{__cause__}.
+    """
+
+
+class ReadFailed(StoreError):
+    """
+    A read could not be done (an I/O error, a database another process
+    holds locked); reading again later may succeed.
+    """
+
+
+class WriteRefused(StoreError):
+    """
+    The store's own rules refused a write (a job id already taken): nothing
+    of it was stored, and the same write would be refused again.
+    """
+
+
+class StoreVersionError(Exception):
+    """
+    The database was written by a newer dispatcher than this one.
+    """
+
+
+class IdempotencyConflict(Exception):
+    """
+    An idempotency key already used with a different request.
+    """
+
+    def __init__(self, key: str) -> None:
+        super().__init__(
+            f"the Idempotency-Key {key!r} was already used with a different request"
+        )
+        self.key = key
+
+
+class UnknownDependency(Exception):
+    """
+    A C{depends_on} entry names no job and no array.
+
+    @ivar job_index: which job of the submission (from 0).
+    @ivar position: which entry of its C{depends_on} (from 0).
+    @ivar name: the id it gave.
+    """
+
+    def __init__(self, job_index: int, position: int, name: str) -> None:
+        super().__init__(f"no job or array has the id {name!r}")
+        self.job_index = job_index
+        self.position = position
+        self.name = name
+
+
+class DependencyNotRetried(Exception):
+    """
+    A job cannot be retried while a job it depends on has failed or was
+    cancelled: that one must be retried first.
+    """
+
+    def __init__(self, job_id: str, dependency: str, state: JobState) -> None:
+        super().__init__(
+            f"job {job_id} depends on {dependency}, which is {state.value}; "
+            "retry that one first (with dependents: true to bring this one back)"
+        )
+        self.job_id = job_id
+        self.dependency = dependency
+
+
+# Values
+
+
+@attrs.frozen
+class IdempotencyKey:
+    """
+    A client's Idempotency-Key and the digest of the request it came with.
+    """
+
+    key: str
+    digest: str
+
+
+@attrs.frozen
+class Written:
+    """
+    What a write did: its answer, the jobs whose state it changed (for the
+    event stream), and the earliest time a pending job it touched becomes
+    due.
+
+    @ivar value: the answer (each write's own: see L{IJobStore}).
+    @ivar changed: C{(job id, new state)} for every job whose state the
+        write changed, in the order they changed.
+    @ivar wake_at: when the earliest pending job this write made or freed
+        becomes due (C{None}: none does), for the dispatcher's timer.
+    """
+
+    value: Any
+    changed: tuple[tuple[str, JobState], ...] = ()
+    wake_at: Optional[float] = None
+
+
+@attrs.frozen
+class Submitted:
+    """
+    The jobs a submission made, or (C{replayed}) the ones an earlier request
+    with the same idempotency key made.
+    """
+
+    jobs: list[Job]
+    replayed: bool = False
+
+
+@attrs.frozen
+class SubmittedIds:
+    """
+    The ids of the jobs a submission of L{PlainJobs} made, in order: all
+    queued, as the answer to a batch shows them.
+    """
+
+    ids: list[str]
+
+
+@attrs.frozen
+class Claimed:
+    """
+    The leases a claim got, whether queued jobs wait behind a queue's limit
+    of running jobs, how many queued jobs it passed over because they did
+    not fit the holder, and whether it saw the end of every queue it read
+    (C{drained}: no job was left queued there when it committed).
+    """
+
+    leases: list[Lease]
+    blocked: bool = False
+    skipped: int = 0
+    drained: bool = False
+
+
+@attrs.frozen
+class ResumedLease:
+    """
+    A remote worker's lease found at start-up: the lease, the job's state
+    (C{staging} or C{running}), and whether a cancel waits for it.
+    """
+
+    lease: Lease
+    state: JobState
+    cancel_requested: bool
+
+
+@attrs.frozen
+class LostAttempt:
+    """
+    An attempt that was running when the daemon last stopped, with what is
+    known of its process.
+    """
+
+    job_id: str
+    attempt: int
+    token: int
+    pid: Optional[int]
+    start_ticks: Optional[int]
+    boot_id: Optional[str]

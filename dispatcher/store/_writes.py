@@ -1,0 +1,175 @@
+"""
+The SQLite store's write commands: one small class per kind of write, as
+the group-commit writer queues them.
+
+A command is a value: what to write, its fields in the order of the
+store's operation for it.  L{DURABLE} names the kinds whose commit must
+reach the disk before their answer.  The writer
+tells by a command's class which operation applies it, and which writes it
+may store together (plain submissions, plain successes).  They are
+C{NamedTuple}s, not attrs classes, so that a command unpacks straight into
+its operation's arguments: the writer applies thousands a second.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Sequence, Union
+
+from dispatcher.model._jobs import JobSpec, JobState, Lease, Offer, Outcome, PlainJobs, Resources
+from dispatcher.store._results import IdempotencyKey
+
+
+class Submit(NamedTuple):
+    """
+    Store new jobs from their specs, all or nothing.
+    """
+
+    specs: Sequence[JobSpec]
+    now: float
+    ids: Sequence[str]
+    idempotency: Optional[IdempotencyKey]
+
+    @property
+    def plain(self) -> bool:
+        """
+        Whether nothing but the database itself can refuse it: no
+        idempotency key to check, no dependency to look up.
+        """
+        return self.idempotency is None and not any(spec.depends_on for spec in self.specs)
+
+
+class SubmitPlain(NamedTuple):
+    """
+    Store L{PlainJobs}, all or nothing.
+    """
+
+    jobs: PlainJobs
+    now: float
+    ids: Sequence[str]
+    idempotency: Optional[IdempotencyKey]
+
+
+class Claim(NamedTuple):
+    """
+    Lease queued jobs to a holder.
+    """
+
+    offer: Offer
+    capacity: int
+    free: Resources
+    now: float
+    lease_seconds: float
+
+
+class ResumeLeases(NamedTuple):
+    """
+    Extend the leases of remote holders at start-up.
+    """
+
+    local_holder: str
+    now: float
+    lease_seconds: float
+
+
+class RecordProcess(NamedTuple):
+    """
+    Remember the process group that runs an attempt.
+    """
+
+    lease: Lease
+    pid: int
+    start_ticks: Optional[int]
+    boot_id: Optional[str]
+
+
+class MarkRunning(NamedTuple):
+    """
+    A staged job starts running.
+    """
+
+    lease: Lease
+    now: float
+
+
+class Finish(NamedTuple):
+    """
+    Record how an attempt ended.
+    """
+
+    lease: Lease
+    outcome: Outcome
+    now: float
+
+    @property
+    def success(self) -> bool:
+        """
+        Whether the attempt succeeded on its own (no cancel stopped it).
+        """
+        return self.outcome.state is JobState.SUCCEEDED and not self.outcome.stopped
+
+
+class Release(NamedTuple):
+    """
+    Give an attempt up without spending it.
+    """
+
+    lease: Lease
+    now: float
+    reason: str
+
+
+class Cancel(NamedTuple):
+    """
+    Cancel a job (at once, or by asking its holder).
+    """
+
+    job_id: str
+    now: float
+
+
+class Retry(NamedTuple):
+    """
+    Put a failed or cancelled job back in line.
+    """
+
+    job_id: str
+    now: float
+    dependents: bool
+
+
+class PromoteDue(NamedTuple):
+    """
+    Queue the pending jobs whose time has come.
+    """
+
+    now: float
+
+
+class PurgeIdempotency(NamedTuple):
+    """
+    Forget idempotency keys past their time to live.
+    """
+
+    now: float
+
+
+class Recover(NamedTuple):
+    """
+    Record the attempts a holder left running as lost.
+    """
+
+    holder: str
+    now: float
+
+
+# The writes a client is told are done (submissions, cancels, retries):
+# their commit syncs to the disk before they are answered.  The others
+# change run state alone, and may reach the disk within the store's
+# sync interval.
+DURABLE = frozenset({Submit, SubmitPlain, Cancel, Retry})
+
+# Any of the commands.
+Write = Union[
+    Submit, SubmitPlain, Claim, ResumeLeases, RecordProcess, MarkRunning, Finish, Release,
+    Cancel, Retry, PromoteDue, PurgeIdempotency, Recover,
+]

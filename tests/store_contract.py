@@ -1,0 +1,814 @@
+"""
+The job store contract: what every L{IJobStore} must do, written against
+the interface alone, so that each store (SQLite today, PostgreSQL next)
+passes the same suite.
+
+A test module runs it by importing these tests and defining a
+C{make_store} fixture: C{await make_store(name="db", **options)} opens a
+store and returns it, where C{options} may hold C{queues} (queue name to
+limit of running jobs), C{idempotency_ttl} and C{backoff}; asking again
+for the same C{name} after closing it opens the same jobs, and every store
+it made is closed at teardown (see C{tests/test_store_contract.py}).
+
+Time is always given (C{now}); nothing here sleeps.
+"""
+
+import attrs
+import pytest
+import pytest_twisted
+from twisted.internet.defer import ensureDeferred
+from zope.interface.verify import verifyObject
+
+from dispatcher.model._jobs import (
+    InputSpec,
+    InvalidTransition,
+    JobIds,
+    JobSpec,
+    JobState,
+    Offer,
+    Outcome,
+    PlainJobs,
+    Resources,
+    StaleLease,
+    StoreClosed,
+    UnknownJob,
+)
+from dispatcher.store._interface import IJobStore
+from dispatcher.store._results import (
+    Claimed,
+    DependencyNotRetried,
+    IdempotencyConflict,
+    IdempotencyKey,
+    ResumedLease,
+    Submitted,
+    SubmittedIds,
+    UnknownDependency,
+    WriteRefused,
+    Written,
+)
+
+ids = JobIds()
+
+
+def spec(i=0, **kw):
+    """A command job told apart by C{i}."""
+    return JobSpec(command=("echo", str(i)), **kw)
+
+
+def no_jitter(delay, spent):
+    """The back-off without its random factor, for exact wake times."""
+    return delay * 2 ** (spent - 1)
+
+
+@pytest.fixture
+def store(make_store):
+    """A store opened with the default options."""
+    return pytest_twisted.blockon(ensureDeferred(make_store()))
+
+
+async def submit(store, *specs, now=100.0):
+    written = await store.submit(list(specs), now, [ids.new() for _ in specs])
+    return written.value.jobs
+
+
+async def claim(store, holder, capacity, now, seconds=60):
+    return (await store.claim(Offer(holder, capacity), capacity, now, seconds)).leases
+
+
+async def finish(store, lease, outcome, now):
+    await store.finish(lease, outcome, now)
+    return await store.get(lease.job_id)
+
+
+
+def test_interface(store):
+    """The SQLite store provides the whole store interface."""
+    assert verifyObject(IJobStore, store)
+
+
+@pytest_twisted.ensureDeferred
+async def test_submit_then_get(store):
+    """A submitted job is stored queued and read back with its spec and labels."""
+    (job,) = await submit(store, spec(labels={"team": "ice"}, name="n"))
+    got = await store.get(job.id)
+    assert got.state is JobState.QUEUED
+    assert got.spec.command == ("echo", "0")
+    assert got.spec.labels == {"team": "ice"}
+    assert got.spec.name == "n"
+    assert got.wait_reason == "waiting for a free slot"
+    assert got.created_at == 100.0
+
+
+@pytest_twisted.ensureDeferred
+async def test_unknown_job(store):
+    """Reading a job that does not exist fails with UnknownJob."""
+    with pytest.raises(UnknownJob):
+        await store.get("nope")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_refused_insert_fails_only_its_own_submission(store):
+    """When SQLite refuses one of the submissions stored together (here an
+    id already taken), the others are stored all the same."""
+    taken = ids.new()
+    await store.submit([spec(1)], 1.0, [taken])
+    fresh = ids.new(), ids.new()
+    asked = [
+        store.submit([spec(2)], 1.0, [fresh[0]]),
+        store.submit([spec(3)], 1.0, [taken]),
+        store.submit([spec(4)], 1.0, [fresh[1]]),
+    ]
+    results = [await d.addErrback(lambda f: [f]) for d in asked]
+    assert isinstance(results[0], Written) and isinstance(results[2], Written)
+    assert results[1][0].check(WriteRefused)
+    assert [(await store.get(i)).spec.command[1] for i in fresh] == ["2", "4"]
+    assert (await store.get(taken)).spec.command[1] == "1"
+
+
+@pytest_twisted.ensureDeferred
+async def test_dependents_are_freed_after_a_restart(make_store):
+    """A finish looks for dependents only once some job has depended on
+    another; a store reopened over jobs with dependencies still frees
+    them."""
+    first = await make_store()
+    (a,) = await submit(first, spec(1))
+    (b,) = await submit(first, spec(2, depends_on=(a.id,)))
+    await first.close()
+    again = await make_store()
+    claimed = await again.claim(Offer("h", 1), 1, 200.0, 60)
+    assert [lease.job_id for lease in claimed.leases] == [a.id]
+    written = await again.finish(claimed.leases[0], Outcome(JobState.SUCCEEDED), 201.0)
+    assert (b.id, JobState.QUEUED) in written.changed
+    assert (await again.get(b.id)).state is JobState.QUEUED
+
+
+@pytest_twisted.ensureDeferred
+async def test_claim_says_when_it_drained_the_queue(store):
+    """A claim that took the last queued jobs says it drained the queue; one
+    that left a job, or passed over one that did not fit, does not."""
+    await submit(store, spec(1), spec(2), spec(3))
+    first = await store.claim(Offer("h", 2), 2, 200.0, 60)
+    assert len(first.leases) == 2 and not first.drained
+    last = await store.claim(Offer("h", 2), 1, 200.0, 60)
+    assert len(last.leases) == 1 and last.drained
+    await submit(store, spec(4, requirements={"site": "x"}))
+    unfit = await store.claim(Offer("h", 2), 1, 200.0, 60)
+    assert unfit.leases == [] and unfit.skipped == 1 and not unfit.drained
+
+
+@pytest_twisted.ensureDeferred
+async def test_failed_write_changes_nothing_beside_others(store):
+    """A write that fails inside a group rolls back alone; its neighbours commit."""
+    job_id = ids.new()
+    first = store.submit([spec(1)], 1.0, [job_id])
+    duplicate = store.submit([spec(2), spec(3)], 1.0, [ids.new(), job_id])
+    third = store.submit([spec(4)], 1.0, [ids.new()])
+    await first
+    with pytest.raises(WriteRefused):
+        await duplicate
+    await third
+    jobs, _ = await store.list_jobs(limit=100)
+    assert [j.spec.command[1] for j in jobs] == ["1", "4"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_durable_after_reopen(make_store):
+    """Whatever a store has acknowledged (a submission, a claim, an end, a
+    cancel, a retry) is there when it is opened again."""
+    first = await make_store()
+    done, failed, waiting, running = await submit(first, spec(0), spec(1), spec(2), spec(3))
+    leases = await claim(first, "h", 4, 1.0)
+    by_job = {lease.job_id: lease for lease in leases}
+    await first.finish(by_job[done.id], Outcome.from_exit_code(0), 2.0)
+    await first.finish(by_job[failed.id], Outcome.from_exit_code(1), 2.0)
+    await first.release(by_job[waiting.id], 2.0, "given back")
+    await first.cancel(running.id, 2.0)
+    await first.retry(failed.id, 3.0, False)
+    await first.close()
+    again = await make_store()
+    assert (await again.get(done.id)).state is JobState.SUCCEEDED
+    assert (await again.get(failed.id)).state is JobState.QUEUED
+    assert [a.number for a in (await again.get(failed.id)).attempts] == [1]
+    assert (await again.get(waiting.id)).attempts[0].error == "given back"
+    # A cancel asked for while a job runs waits for its end.
+    written = await again.finish(by_job[running.id], Outcome.from_exit_code(-15), 4.0)
+    assert written.changed == ((running.id, JobState.CANCELLED),)
+    # Tokens keep growing across a reopen: an old lease is never current.
+    (lease,) = await claim(again, "h", 1, 5.0)
+    assert lease.token > max(l.token for l in leases)
+
+
+@pytest_twisted.ensureDeferred
+async def test_claim_oldest_first_and_fencing(store):
+    """A claim leases the oldest queued jobs with growing tokens; a write with a
+    stale token changes nothing."""
+    jobs = await submit(store, spec(0), spec(1), spec(2))
+    leases = await claim(store, "h", 2, 200.0)
+    assert [l.job_id for l in leases] == [jobs[0].id, jobs[1].id]
+    assert leases[0].token < leases[1].token
+    assert leases[0].attempt == 1
+    assert leases[0].expires_at == 260.0
+    running = await store.get(jobs[0].id)
+    assert running.state is JobState.RUNNING
+    assert running.started_at == 200.0
+    assert running.attempts[0].holder == "h"
+    stale = attrs.evolve(leases[0], token=999)
+    with pytest.raises(StaleLease):
+        await finish(store, stale, Outcome(JobState.SUCCEEDED, exit_code=0), 300.0)
+    assert (await store.get(jobs[0].id)).state is JobState.RUNNING
+    done = await finish(store, leases[0], Outcome.from_exit_code(3), 300.0)
+    assert done.state is JobState.FAILED
+    assert done.exit_code == 3
+    assert done.error == "exited with code 3"
+    assert done.attempts[0].finished_at == 300.0
+    with pytest.raises(StaleLease):
+        await finish(store, leases[0], Outcome.from_exit_code(0), 301.0)
+    assert (await claim(store, "h", 5, 400.0))[0].job_id == jobs[2].id
+    assert await claim(store, "h", 5, 400.0) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_inputs_stage_first(store):
+    """A job with inputs is claimed into staging, then marked running."""
+    (job,) = await submit(store, spec(inputs=(InputSpec("http://x/y", "y"),)))
+    (lease,) = await claim(store, "h", 1, 1.0)
+    assert (await store.get(job.id)).state is JobState.STAGING
+    await store.mark_running(lease, 2.0)
+    got = await store.get(job.id)
+    assert got.state is JobState.RUNNING
+    assert got.started_at == 2.0
+    assert got.spec.inputs == (InputSpec("http://x/y", "y"),)
+
+
+@pytest_twisted.ensureDeferred
+async def test_cancel(store):
+    """Cancel is immediate for a queued job, two-step for a running one, and
+    refused for a finished one."""
+    queued, running = await submit(store, spec(0), spec(1))
+    (lease,) = await claim(store, "h", 1, 1.0)
+    assert lease.job_id == queued.id
+    job, none = (await store.cancel(running.id, 2.0)).value
+    assert none is None and job.state is JobState.CANCELLED
+    job, held = (await store.cancel(queued.id, 2.0)).value
+    assert job.state is JobState.RUNNING and held.token == lease.token
+    ended = await finish(store, lease, Outcome.from_exit_code(-15), 3.0)
+    assert ended.state is JobState.CANCELLED
+    assert ended.exit_code == -15
+    with pytest.raises(InvalidTransition):
+        await store.cancel(queued.id, 4.0)
+    with pytest.raises(UnknownJob):
+        await store.cancel("nope", 4.0)
+
+
+@pytest_twisted.ensureDeferred
+async def test_release_requeues(store):
+    """A released attempt stays in the history and the job is queued again."""
+    (job,) = await submit(store, spec())
+    (lease,) = await claim(store, "h", 1, 1.0)
+    await store.release(lease, 2.0, "stopped")
+    back = await store.get(job.id)
+    assert back.state is JobState.QUEUED
+    assert back.attempts[0].error == "stopped"
+    (again,) = await claim(store, "h", 1, 3.0)
+    assert again.attempt == 2 and again.token > lease.token
+
+
+@pytest_twisted.ensureDeferred
+async def test_list_pagination_and_filters(store):
+    """Listing pages in submission order with a cursor that holds under new
+    inserts, and filters by state and label."""
+    first = await submit(store, *[spec(i, labels={"k": str(i % 2)}) for i in range(5)])
+    page, cursor = await store.list_jobs(limit=2)
+    assert [j.id for j in page] == [j.id for j in first[:2]]
+    await submit(store, spec(9))
+    page2, cursor2 = await store.list_jobs(limit=2, cursor=cursor)
+    assert [j.id for j in page2] == [j.id for j in first[2:4]]
+    page3, cursor3 = await store.list_jobs(limit=2, cursor=cursor2)
+    assert len(page3) == 2 and cursor3 is None
+    odd, _ = await store.list_jobs(labels=[("k", "1")])
+    assert [j.id for j in odd] == [first[1].id, first[3].id]
+    has, _ = await store.list_jobs(labels=[("k", None)])
+    assert len(has) == 5
+    await claim(store, "h", 1, 1.0)
+    running, _ = await store.list_jobs(state=JobState.RUNNING)
+    assert [j.id for j in running] == [first[0].id]
+    counts = await store.count_by_state()
+    assert counts[JobState.RUNNING] == 1 and counts[JobState.QUEUED] == 5
+
+
+@pytest_twisted.ensureDeferred
+async def test_recover(store):
+    """At start-up, attempts this holder left running are recorded as lost with
+    their process identity, and other holders' are left alone."""
+    await submit(store, spec(0), spec(1))
+    (mine,) = await claim(store, "me", 1, 1.0)
+    (theirs,) = await claim(store, "other", 1, 1.0)
+    await store.record_process(mine, 1234, 5678, "boot")
+    lost = (await store.recover("me", 9.0)).value
+    assert [(l.job_id, l.pid, l.start_ticks, l.boot_id) for l in lost] == [
+        (mine.job_id, 1234, 5678, "boot")
+    ]
+    job = await store.get(mine.job_id)
+    assert job.state is JobState.FAILED
+    assert "lost" in job.attempts[0].error
+    assert (await store.get(theirs.job_id)).state is JobState.RUNNING
+
+
+@pytest_twisted.ensureDeferred
+async def test_priority_then_fifo(store):
+    """Higher priority is claimed first; within a priority, first in first out."""
+    jobs = await submit(store, spec(0), spec(1, priority=5), spec(2), spec(3, priority=5))
+    leases = await claim(store, "h", 4, 1.0)
+    assert [l.job_id for l in leases] == [jobs[1].id, jobs[3].id, jobs[0].id, jobs[2].id]
+
+
+@pytest_twisted.ensureDeferred
+async def test_queue_limit_blocks_only_its_queue(make_store):
+    """A queue at its limit never holds other queues up, and says so in the
+    wait reason of its queued jobs."""
+    store = await make_store(queues={"default": 0, "gpu": 1})
+    gpu = await submit(store, spec(0, queue="gpu"), spec(1, queue="gpu"))
+    other = await submit(store, spec(2))
+    first = await store.claim(Offer("h", 3), 3, 1.0, 60)
+    assert sorted(l.job_id for l in first.leases) == sorted([gpu[0].id, other[0].id])
+    assert first.blocked
+    waiting = await store.get(gpu[1].id)
+    assert waiting.wait_reason == "queue gpu is at its limit of 1 running jobs"
+    again = await store.claim(Offer("h", 3), 3, 2.0, 60)
+    assert again.leases == [] and again.blocked
+    gpu_lease = next(l for l in first.leases if l.job_id == gpu[0].id)
+    await finish(store, gpu_lease, Outcome.from_exit_code(0), 3.0)
+    (next_gpu,) = await claim(store, "h", 3, 4.0)
+    assert next_gpu.job_id == gpu[1].id
+
+
+@pytest_twisted.ensureDeferred
+async def test_queues_take_turns(make_store):
+    """Among jobs of equal priority the queues take turns, so a busy queue
+    cannot starve another."""
+    store = await make_store(queues={"default": 0, "a": 0, "b": 0})
+    busy = await submit(store, *[spec(i, queue="a") for i in range(10)])
+    quiet = await submit(store, spec(99, queue="b"))
+    leases = await claim(store, "h", 2, 1.0)
+    assert {l.job_id for l in leases} == {busy[0].id, quiet[0].id}
+
+
+@pytest_twisted.ensureDeferred
+async def test_retry_with_backoff(store):
+    """A failed attempt with attempts left waits in pending for its back-off,
+    saying so, then is queued again; the last failure is final."""
+    (job,) = await submit(store, spec(max_attempts=3, retry_delay=10.0))
+    (lease,) = await claim(store, "h", 1, 100.0)
+    written = await store.finish(lease, Outcome.from_exit_code(1), 101.0)
+    waiting = await store.get(job.id)
+    assert waiting.state is JobState.PENDING
+    assert written.wake_at == 111.0
+    assert "attempt 1 failed; retrying at" in waiting.wait_reason
+    assert (await store.promote_due(110.9)).changed == ()
+    promoted = await store.promote_due(111.0)
+    assert promoted.changed == ((job.id, JobState.QUEUED),)
+    (lease2,) = await claim(store, "h", 1, 112.0)
+    assert lease2.attempt == 2
+    written = await store.finish(lease2, Outcome.from_exit_code(1), 113.0)
+    assert written.wake_at == 133.0  # doubled
+    await store.promote_due(133.0)
+    (lease3,) = await claim(store, "h", 1, 134.0)
+    final = await finish(store, lease3, Outcome.from_exit_code(2), 135.0)
+    assert final.state is JobState.FAILED and final.exit_code == 2
+    assert [a.number for a in final.attempts] == [1, 2, 3]
+
+
+@pytest_twisted.ensureDeferred
+async def test_not_before(store):
+    """A job with not_before waits in pending until then."""
+    (job,) = await submit(store, spec(not_before=500.0), now=100.0)
+    assert job.state is JobState.PENDING
+    assert job.wait_reason.startswith("waiting until 1970-01-01T00:08:20")
+    assert await store.next_due() == 500.0
+    assert await claim(store, "h", 1, 200.0) == []
+    await store.promote_due(500.0)
+    assert len(await claim(store, "h", 1, 501.0)) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_dependencies(store):
+    """A job waits until all its dependencies succeed; when one fails, it and
+    its own dependents are cancelled with errors naming the cause."""
+    a, b = await submit(store, spec(0), spec(1))
+    (c,) = await submit(store, spec(2, depends_on=(a.id, b.id)))
+    (d,) = await submit(store, spec(3, depends_on=(c.id,)))
+    assert c.state is JobState.PENDING and "2 job(s)" in c.wait_reason
+    la, lb = await claim(store, "h", 5, 1.0)
+    written = await store.finish(la, Outcome.from_exit_code(0), 2.0)
+    assert written.changed == ((a.id, JobState.SUCCEEDED),)
+    waiting = await store.get(c.id)
+    assert waiting.state is JobState.PENDING and b.id in waiting.wait_reason
+    written = await store.finish(lb, Outcome.from_exit_code(1), 3.0)
+    assert (c.id, JobState.CANCELLED) in written.changed
+    assert (d.id, JobState.CANCELLED) in written.changed
+    cancelled = await store.get(c.id)
+    assert cancelled.error == f"cancelled because its dependency {b.id} failed"
+    assert (await store.get(d.id)).error == (
+        f"cancelled because its dependency {c.id} was cancelled")
+
+
+@pytest_twisted.ensureDeferred
+async def test_dependency_success_queues(store):
+    """When the last dependency succeeds the dependent is queued."""
+    (a,) = await submit(store, spec(0))
+    (b,) = await submit(store, spec(1, depends_on=(a.id,)))
+    (la,) = await claim(store, "h", 5, 1.0)
+    written = await store.finish(la, Outcome.from_exit_code(0), 2.0)
+    assert (b.id, JobState.QUEUED) in written.changed
+    (lb,) = await claim(store, "h", 5, 3.0)
+    assert lb.job_id == b.id
+
+
+@pytest_twisted.ensureDeferred
+async def test_dependency_on_dead_job_and_unknown(store):
+    """Depending on a job that already failed cancels at once; an unknown id
+    is refused and nothing is stored."""
+    (a,) = await submit(store, spec(0))
+    await store.cancel(a.id, 1.0)
+    (b,) = await submit(store, spec(1, depends_on=(a.id,)))
+    assert b.state is JobState.CANCELLED and a.id in b.error
+    with pytest.raises(UnknownDependency) as e:
+        await submit(store, spec(2), spec(3, depends_on=(a.id, "nope")))
+    assert (e.value.job_index, e.value.position, e.value.name) == (1, 1, "nope")
+    jobs, _ = await store.list_jobs()
+    assert len(jobs) == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_array_dependency(store):
+    """depends_on may name an array id: all of its members."""
+    members = [spec(i, array_id="arr", array_index=i) for i in range(3)]
+    await submit(store, *members)
+    (after,) = await submit(store, spec(9, depends_on=("arr",)))
+    assert "3 job(s)" in after.wait_reason
+
+
+@pytest_twisted.ensureDeferred
+async def test_idempotency(make_store):
+    """The same key and body replays the original jobs; another body is a
+    conflict; concurrent duplicates make one job; keys expire."""
+    store = await make_store(idempotency_ttl=100.0)
+    key = IdempotencyKey("k", "digest-1")
+    one = store.submit([spec(0)], 1.0, [ids.new()], key)
+    two = store.submit([spec(0)], 1.0, [ids.new()], key)
+    first, second = await one, await two
+    assert not first.value.replayed and second.value.replayed
+    assert [j.id for j in second.value.jobs] == [j.id for j in first.value.jobs]
+    with pytest.raises(IdempotencyConflict):
+        await store.submit([spec(1)], 2.0, [ids.new()], IdempotencyKey("k", "digest-2"))
+    later = await store.submit([spec(0)], 200.0, [ids.new()], key)
+    assert not later.value.replayed
+    jobs, _ = await store.list_jobs()
+    assert len(jobs) == 2
+    assert (await store.purge_idempotency(400.0)).value == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_retry_with_dependents(store):
+    """Retrying a failed job with dependents requeues it and brings its
+    cancelled dependents back to pending; attempt numbers keep growing."""
+    (a,) = await submit(store, spec(0))
+    (b,) = await submit(store, spec(1, depends_on=(a.id,)))
+    (la,) = await claim(store, "h", 1, 1.0)
+    await store.finish(la, Outcome.from_exit_code(1), 2.0)
+    with pytest.raises(DependencyNotRetried):
+        await store.retry(b.id, 3.0, False)
+    written = await store.retry(a.id, 3.0, True)
+    assert written.value.state is JobState.QUEUED
+    assert (b.id, JobState.PENDING) in written.changed
+    with pytest.raises(InvalidTransition):
+        await store.retry(a.id, 3.0, False)
+    (again,) = await claim(store, "h", 1, 4.0)
+    assert again.attempt == 2
+    await store.finish(again, Outcome.from_exit_code(0), 5.0)
+    assert (await store.get(b.id)).state is JobState.QUEUED
+
+
+@pytest_twisted.ensureDeferred
+async def test_recover_retries_when_attempts_remain(store):
+    """An attempt lost in a crash counts; the job is retried if attempts remain."""
+    (job,) = await submit(store, spec(max_attempts=2, retry_delay=0.0))
+    await claim(store, "me", 1, 1.0)
+    written = await store.recover("me", 2.0)
+    assert written.changed == ((job.id, JobState.QUEUED),)
+    (lease,) = await claim(store, "me", 1, 3.0)
+    assert lease.attempt == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_queue_counts(make_store):
+    """Queue counts cover every configured queue, by state."""
+    store = await make_store(queues={"default": 0, "gpu": 2})
+    await submit(store, spec(0, queue="gpu"), spec(1), spec(2))
+    await claim(store, "h", 2, 1.0)
+    counts = await store.queue_counts()
+    assert counts["gpu"][JobState.RUNNING] == 1
+    assert counts["default"][JobState.RUNNING] == 1
+    assert counts["default"][JobState.QUEUED] == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_retry_dependents_across_a_diamond(store):
+    """Retrying with dependents brings back a job whose other dependency comes
+    back with it, instead of refusing."""
+    (a,) = await submit(store, spec(0))
+    (b,) = await submit(store, spec(1, depends_on=(a.id,)))
+    (c,) = await submit(store, spec(2, depends_on=(a.id,)))
+    (e,) = await submit(store, spec(3, depends_on=(b.id,)))
+    (d,) = await submit(store, spec(4, depends_on=(c.id, e.id)))
+    (la,) = await claim(store, "h", 1, 1.0)
+    await store.finish(la, Outcome.from_exit_code(1), 2.0)
+    assert (await store.get(d.id)).state is JobState.CANCELLED
+    written = await store.retry(a.id, 3.0, True)
+    states = dict(written.changed)
+    assert states[a.id] is JobState.QUEUED
+    for job in (b, c, d, e):
+        assert states[job.id] is JobState.PENDING
+
+
+@pytest_twisted.ensureDeferred
+async def test_success_before_cancel_is_kept(store):
+    """A job that succeeded on its own before a cancel reached it stays
+    succeeded; one the cancel stopped is cancelled without its result."""
+    a, b = await submit(store, spec(0), spec(1))
+    la, lb = await claim(store, "h", 2, 1.0)
+    await store.cancel(a.id, 2.0)
+    await store.cancel(b.id, 2.0)
+    kept = await finish(store, la, Outcome(JobState.SUCCEEDED, exit_code=0), 3.0)
+    assert kept.state is JobState.SUCCEEDED
+    stopped = await finish(
+        store, lb, Outcome(JobState.SUCCEEDED, result=1, stopped=True), 3.0)
+    assert stopped.state is JobState.CANCELLED and stopped.result is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_unconfigured_queues_are_found_by_seeking(make_store):
+    """Queued jobs of queues the configuration does not name (any more) are
+    counted, queue by queue; configured ones are left out."""
+    store = await make_store(queues={"default": 0, "a": 0, "b": 0, "z": 0})
+    specs = [JobSpec(command=("true",), queue=q) for q in "aabbbzz"] + [
+        JobSpec(command=("true",), queue="default")]
+    await store.submit(specs, 1.0, [ids.new() for _ in specs])
+    assert await store.unconfigured_queues() == {}
+    await store.close()
+    narrower = await make_store(queues={"default": 0, "a": 0})
+    assert await narrower.unconfigured_queues() == {"b": 3, "z": 2}
+    assert narrower.queue_limits == {"default": 0, "a": 0}
+
+
+# Beyond the store's first tests: the rest of the interface.
+
+
+@pytest_twisted.ensureDeferred
+async def test_submit_plain(store):
+    """Plain jobs are stored queued with their ids and the batch's queue
+    settings, and read back as any job; a replayed key answers the jobs
+    first made, another digest is a conflict."""
+    plain = PlainJobs(['{"command":["true","p0"]}', '{"task":"t","args":[1],"kwargs":{}}'],
+                      priority=3, timeout=5.0)
+    made = [ids.new(), ids.new()]
+    written = await store.submit_plain(plain, 7.0, made)
+    assert written.value == SubmittedIds(made)
+    assert written.changed == ((made[0], JobState.QUEUED), (made[1], JobState.QUEUED))
+    first, second = [await store.get(i) for i in made]
+    assert first.state is JobState.QUEUED and first.created_at == 7.0
+    assert first.spec.command == ("true", "p0") and first.spec.priority == 3
+    assert first.spec.timeout == 5.0 and first.spec.queue == "default"
+    assert second.spec.task == "t" and second.spec.args == (1,)
+    key = IdempotencyKey("plain-key", "d1")
+    once = await store.submit_plain(plain, 8.0, [ids.new(), ids.new()], key)
+    replay = await store.submit_plain(plain, 9.0, [ids.new(), ids.new()], key)
+    assert isinstance(replay.value, Submitted) and replay.value.replayed
+    assert [job.id for job in replay.value.jobs] == once.value.ids
+    with pytest.raises(IdempotencyConflict):
+        await store.submit_plain(plain, 9.0, [ids.new(), ids.new()],
+                                 IdempotencyKey("plain-key", "d2"))
+    assert (await store.count_by_state())[JobState.QUEUED] == 4
+
+
+@pytest_twisted.ensureDeferred
+async def test_count_by_state_names_every_state(store):
+    """The counts name every state, with zeros, and follow the jobs."""
+    counts = await store.count_by_state()
+    assert counts == {state: 0 for state in JobState}
+    await submit(store, spec(0), spec(1), spec(2, not_before=500.0))
+    await claim(store, "h", 1, 101.0)
+    counts = await store.count_by_state()
+    assert (counts[JobState.RUNNING], counts[JobState.QUEUED], counts[JobState.PENDING]) == (
+        1, 1, 1)
+
+
+@pytest_twisted.ensureDeferred
+async def test_list_filters_combine(store):
+    """State and label filters combine; several labels must all match; a
+    page past the last job is empty."""
+    jobs = await submit(store, spec(0, labels={"a": "1", "b": "x"}),
+                        spec(1, labels={"a": "1"}), spec(2, labels={"b": "x"}))
+    both, cursor = await store.list_jobs(labels=[("a", "1"), ("b", None)])
+    assert [j.id for j in both] == [jobs[0].id] and cursor is None
+    await claim(store, "h", 1, 101.0)
+    queued_a, _ = await store.list_jobs(state=JobState.QUEUED, labels=[("a", "1")])
+    assert [j.id for j in queued_a] == [jobs[1].id]
+    page, cursor = await store.list_jobs(limit=3)
+    assert len(page) == 3 and cursor is None
+    _, cursor = await store.list_jobs(limit=1)
+    rest, _ = await store.list_jobs(limit=10, cursor=cursor)
+    assert [j.id for j in rest] == [jobs[1].id, jobs[2].id]
+
+
+@pytest_twisted.ensureDeferred
+async def test_claim_nothing_for_no_capacity(store):
+    """A claim for no capacity takes nothing and leaves the jobs queued."""
+    (job,) = await submit(store, spec())
+    claimed = await store.claim(Offer("h", 0), 0, 101.0, 60)
+    assert isinstance(claimed, Claimed) and claimed.leases == []
+    assert (await store.get(job.id)).state is JobState.QUEUED
+
+
+@pytest_twisted.ensureDeferred
+async def test_claim_fits_resources_and_requirements(store):
+    """A claim takes only the jobs that fit the holder's free resources and
+    whose requirements its labels meet, counting those it passed over;
+    without C{free} the offer's whole resources count."""
+    big, small, picky, fits = await submit(
+        store,
+        spec(0, resources=Resources(cpus=4)),
+        spec(1, resources=Resources(cpus=1, memory_mb=100)),
+        spec(2, requirements={"gpu": "a100"}),
+        spec(3, resources=Resources(cpus=1)),
+    )
+    offer = Offer("h", 4, Resources(cpus=2, memory_mb=1000))
+    claimed = await store.claim(offer, 4, 101.0, 60, free=Resources(cpus=1, memory_mb=1000))
+    assert [l.job_id for l in claimed.leases] == [small.id]
+    assert claimed.skipped == 3 and not claimed.drained
+    whole = await store.claim(offer, 4, 102.0, 60)
+    assert [l.job_id for l in whole.leases] == [fits.id]
+    labelled = Offer("g", 4, Resources(cpus=8, memory_mb=1000), labels={"gpu": "a100"})
+    rest = await store.claim(labelled, 4, 103.0, 60)
+    assert sorted(l.job_id for l in rest.leases) == sorted([big.id, picky.id])
+    assert all(l.holder == "g" and l.expires_at == 163.0 for l in rest.leases)
+
+
+@pytest_twisted.ensureDeferred
+async def test_mark_running_needs_a_current_staging_lease(store):
+    """Only a staging job on its current lease may start running; a stale
+    lease or a running job is refused and nothing changes."""
+    (job,) = await submit(store, spec(inputs=(InputSpec("http://x/y", "y"),)))
+    (lease,) = await claim(store, "h", 1, 101.0)
+    with pytest.raises(StaleLease):
+        await store.mark_running(attrs.evolve(lease, token=lease.token + 100), 102.0)
+    assert (await store.get(job.id)).state is JobState.STAGING
+    written = await store.mark_running(lease, 102.0)
+    assert written.changed == ((job.id, JobState.RUNNING),)
+    with pytest.raises(InvalidTransition):
+        await store.mark_running(lease, 103.0)
+
+
+@pytest_twisted.ensureDeferred
+async def test_record_process_is_fenced(store):
+    """A process is recorded for the current lease only."""
+    (job,) = await submit(store, spec())
+    (lease,) = await claim(store, "me", 1, 101.0)
+    with pytest.raises(StaleLease):
+        await store.record_process(attrs.evolve(lease, token=lease.token + 1), 1, 2, "b")
+    with pytest.raises(UnknownJob):
+        await store.record_process(attrs.evolve(lease, job_id="nope"), 1, 2, "b")
+    await store.record_process(lease, 42, None, None)
+    (lost,) = (await store.recover("me", 102.0)).value
+    assert (lost.job_id, lost.token, lost.pid, lost.start_ticks, lost.boot_id) == (
+        job.id, lease.token, 42, None, None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_release_of_a_job_whose_cancel_waits_cancels_it(store):
+    """Releasing a job whose cancel was asked for while it ran ends it
+    cancelled, and its pending dependents with it."""
+    (job,) = await submit(store, spec(0))
+    (dependent,) = await submit(store, spec(1, depends_on=(job.id,)))
+    (lease,) = await claim(store, "h", 1, 101.0)
+    (_, held) = (await store.cancel(job.id, 102.0)).value
+    assert held.token == lease.token
+    written = await store.release(lease, 103.0, "stopping")
+    assert written.changed == ((job.id, JobState.CANCELLED),
+                               (dependent.id, JobState.CANCELLED))
+    with pytest.raises(StaleLease):
+        await store.release(lease, 104.0, "again")
+
+
+@pytest_twisted.ensureDeferred
+async def test_cancel_a_pending_job_cancels_its_dependents(store):
+    """Cancelling a pending job cancels it at once, and the jobs waiting
+    for it, naming it."""
+    (later,) = await submit(store, spec(0, not_before=900.0))
+    (dependent,) = await submit(store, spec(1, depends_on=(later.id,)))
+    written = await store.cancel(later.id, 101.0)
+    job, lease = written.value
+    assert lease is None and job.state is JobState.CANCELLED
+    assert (dependent.id, JobState.CANCELLED) in written.changed
+    assert (await store.get(dependent.id)).cancelled_by == later.id
+
+
+@pytest_twisted.ensureDeferred
+async def test_finish_refuses_an_unknown_job(store):
+    """An end for a job the store does not hold fails with UnknownJob."""
+    (job,) = await submit(store, spec())
+    (lease,) = await claim(store, "h", 1, 101.0)
+    with pytest.raises(UnknownJob):
+        await store.finish(attrs.evolve(lease, job_id="nope"), Outcome.from_exit_code(0), 102.0)
+
+
+@pytest_twisted.ensureDeferred
+async def test_promote_due_says_when_the_next_is_due(store):
+    """Promoting queues the jobs whose time has come and says when the next
+    pending one is due; next_due agrees."""
+    early, late = await submit(store, spec(0, not_before=200.0), spec(1, not_before=300.0))
+    assert await store.next_due() == 200.0
+    written = await store.promote_due(250.0)
+    assert written.changed == ((early.id, JobState.QUEUED),) and written.wake_at == 300.0
+    assert await store.next_due() == 300.0
+    written = await store.promote_due(300.0)
+    assert written.changed == ((late.id, JobState.QUEUED),) and written.wake_at is None
+    assert await store.next_due() is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_purge_forgets_only_expired_keys(make_store):
+    """Purging forgets the keys past their time to live and keeps the
+    others: a kept key still replays."""
+    store = await make_store(idempotency_ttl=100.0)
+    old, new = IdempotencyKey("old", "d"), IdempotencyKey("new", "d")
+    await store.submit([spec(0)], 10.0, [ids.new()], old)
+    kept = await store.submit([spec(1)], 90.0, [ids.new()], new)
+    assert (await store.purge_idempotency(150.0)).value == 1
+    replay = await store.submit([spec(1)], 150.0, [ids.new()], new)
+    assert replay.value.replayed and replay.value.jobs[0].id == kept.value.jobs[0].id
+    assert (await store.purge_idempotency(150.0)).value == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_resume_leases_of_remote_holders(make_store):
+    """At start-up the leases of other holders live on, their expiry moved
+    on, with the job's state and whether a cancel waits; the local
+    holder's are left to recover."""
+    first = await make_store()
+    staged, running, mine = await submit(
+        first, spec(0, inputs=(InputSpec("http://x/y", "y"),)), spec(1), spec(2))
+    (staged_lease,) = await claim(first, "worker-a", 1, 101.0)
+    (running_lease,) = await claim(first, "worker-b", 1, 101.0)
+    await claim(first, "local", 1, 101.0)
+    await first.cancel(running.id, 102.0)
+    await first.close()
+    again = await make_store()
+    written = await again.resume_leases("local", 500.0, 30.0)
+    resumed = sorted(written.value, key=lambda r: r.lease.holder)
+    assert all(isinstance(r, ResumedLease) for r in resumed)
+    assert [(r.lease.job_id, r.lease.token, r.lease.expires_at, r.state, r.cancel_requested)
+            for r in resumed] == [
+        (staged.id, staged_lease.token, 530.0, JobState.STAGING, False),
+        (running.id, running_lease.token, 530.0, JobState.RUNNING, True),
+    ]
+    assert resumed[0].lease.spec.inputs == (InputSpec("http://x/y", "y"),)
+    # The resumed lease is current: its start and end are recorded.
+    await again.mark_running(resumed[0].lease, 501.0)
+    await again.finish(resumed[0].lease, Outcome.from_exit_code(0), 501.0)
+    assert (await again.get(staged.id)).state is JobState.SUCCEEDED
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_closed_store_refuses_work(make_store):
+    """Once closed, a store fails reads and writes with StoreClosed, and a
+    second close fires too."""
+    store = await make_store()
+    await submit(store, spec())
+    await store.close()
+    with pytest.raises(StoreClosed):
+        await store.submit([spec()], 1.0, [ids.new()])
+    with pytest.raises(StoreClosed):
+        await store.get("anything")
+    await store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_writes_asked_together_all_land(store):
+    """Writes asked for at once (submissions, a claim, ends, a cancel) each
+    get their own answer, as if asked one by one."""
+    a, b, c = await submit(store, spec(0), spec(1), spec(2))
+    la, lb = await claim(store, "h", 2, 101.0)
+    asked = [
+        store.submit([spec(3)], 102.0, [ids.new()]),
+        store.finish(la, Outcome.from_exit_code(0), 102.0),
+        store.finish(lb, Outcome.from_exit_code(1), 102.0),
+        store.cancel(c.id, 102.0),
+        store.claim(Offer("h", 5), 5, 102.0, 60),
+    ]
+    results = [await d for d in asked]
+    assert all(isinstance(r, (Written, Claimed)) for r in results)
+    assert results[1].changed == ((a.id, JobState.SUCCEEDED),)
+    assert results[2].changed == ((b.id, JobState.FAILED),)
+    assert results[3].value[0].state is JobState.CANCELLED
+    assert [l.job_id for l in results[4].leases] == [results[0].value.jobs[0].id]

@@ -1,0 +1,204 @@
+"""
+A remote worker's result goes through the same recorder as a local end: a
+commit that fails is written again until it lands, and until then the
+worker's lease stays its own.  A real daemon on loopback, the real SQLite
+store (its C{finish} made to fail as a full disk fails it), and a Clock for
+the waits between writes.
+"""
+
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, ensureDeferred, fail
+from twisted.internet.task import Clock
+
+from dispatcher.store._results import CommitFailed
+
+from .test_leases import (  # noqa: F401 (make_pure is a fixture)
+    heartbeat,
+    lease,
+    make_pure,
+    report,
+    result,
+    until_waiting_for_work,
+    worker,
+)
+
+
+def full_disk():
+    """The failure of a store whose disk is full: its commit failed."""
+    return fail(CommitFailed("database or disk is full"))
+
+
+async def until(condition, timeout=10.0):
+    """Wait, on the real reactor, until condition() is true: for what a real
+    request or a real commit does, never to let a fake clock's time pass."""
+    waited = 0.0
+    while not condition():
+        assert waited < timeout, "timed out waiting for the condition"
+        d = Deferred()
+        reactor.callLater(0.002, d.callback, None)
+        await d
+        waited += 0.002
+
+
+def failing_finish(store, clock, job_id, failures, error=full_disk):
+    """Make the store's finish of C{job_id} fail C{failures} times, then
+    write; return the clock's time at each call and the writes of it that
+    went through."""
+    real = store.finish
+    calls, landed = [], []
+
+    def finish(lease, outcome, now):
+        if lease.job_id != job_id:
+            return real(lease, outcome, now)
+        calls.append(clock.seconds())
+        if len(calls) <= failures:
+            return error()
+        landed.append(lease.job_id)
+        return real(lease, outcome, now)
+
+    store.finish = finish
+    return calls, landed
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_remote_result_whose_commit_fails_is_written_again_until_it_lands(make_pure):
+    """A worker's result whose commit fails six times is written again after
+    1, 2, 4 ... 32 s and lands once, with its value; meanwhile the job is not
+    handed out again, its lease does not expire, a heartbeat is answered ok,
+    and the worker's resend of the same report waits for the same write."""
+    clock = Clock()
+    clock.advance(1_800_000_000)
+    daemon = await make_pure(clock=clock)
+    hub = daemon.service.dispatcher.hub
+    who = worker("w", slots=1, tasks=["add"])
+    job = await daemon.submit({"task": "add", "args": [2, 3]})
+    calls, landed = failing_finish(daemon.service.store, clock, job["id"], 6)
+    (granted,) = await lease(daemon, who)
+    first = ensureDeferred(report(daemon, who, [result(granted, exit_code=None, result=5)]))
+    await until(lambda: calls)
+
+    # While it is written again: the lease is still the worker's...
+    code, answer = await heartbeat(daemon, who, [granted])
+    assert code == 200 and answer["leases"][0]["ok"] is True, answer
+    # ...a resend joins the write under way rather than being refused...
+    second = ensureDeferred(report(daemon, who, [result(granted, exit_code=None, result=5)]))
+    await until(lambda: len(hub.leases[job["id"]].waiting) == 2)
+    # ...and the job stays running: another worker gets the next job, not it.
+    other = ensureDeferred(lease(daemon, worker("other", tasks=["add"]), wait=60))
+    await until_waiting_for_work(daemon, "other")
+    later = await daemon.submit({"task": "add", "args": [1, 1]})
+    assert [g["job_id"] for g in await other] == [later["id"]]
+    code, seen = await daemon.json("GET", f"/v1/jobs/{job['id']}")
+    assert seen["state"] == "running"
+    assert not first.called and not second.called
+
+    # Past the lease's life without a heartbeat: no expiry while it is written.
+    for delay in (1, 2, 4, 8, 16, 32):
+        assert not first.called
+        clock.advance(delay)
+    code, answer = await first
+    assert code == 200 and answer["results"] == [
+        {"job_id": job["id"], "token": granted["token"], "ok": True}]
+    code, answer = await second
+    assert code == 200 and answer["results"][0]["ok"] is True
+    assert [b - a for a, b in zip(calls, calls[1:])] == [1, 2, 4, 8, 16, 32]
+    assert landed == [job["id"]]
+
+    code, done = await daemon.json("GET", f"/v1/jobs/{job['id']}")
+    assert done["state"] == "succeeded" and done["result"] == 5
+    (attempt,) = done["attempts"]
+    assert attempt["holder"] == "w" and attempt["finished_at"] and not attempt["error"]
+    # Recorded now: a resend or a heartbeat hears it is, and the slot is free.
+    code, answer = await report(daemon, who, [result(granted, exit_code=None, result=5)])
+    assert code == 409 and answer["results"][0]["reason"] == "reported"
+    code, answer = await heartbeat(daemon, who, [granted])
+    assert code == 409 and answer["leases"][0]["reason"] == "reported"
+    assert job["id"] not in hub.leases and not hub.workers["w"].jobs
+    assert landed == [job["id"]]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_remote_result_still_unwritten_at_a_stop_is_taken_at_the_next_start(
+    make_pure, tmp_path
+):
+    """A stop gives up a result it is writing again: the report is answered
+    503, the lease outlives the stop, and the worker's resend to the next
+    start records the result."""
+    clock = Clock()
+    clock.advance(1_800_000_000)
+    data = tmp_path / "keep"
+    daemon = await make_pure(clock=clock, data_dir=data)
+    who = worker("w", tasks=["add"])
+    job = await daemon.submit({"task": "add", "args": [2, 3]})
+    calls, landed = failing_finish(daemon.service.store, clock, job["id"], 1_000_000)
+    (granted,) = await lease(daemon, who)
+    first = ensureDeferred(report(daemon, who, [result(granted, exit_code=None, result=5)]))
+    await until(lambda: calls)
+    assert daemon.service.dispatcher.recorder.waiting == 1
+    stopped = daemon.service.stopService()
+    code, answer = await first
+    assert code == 503 and answer["error"]["code"] == "shutting_down", answer
+    await stopped
+    assert landed == []
+
+    daemon = await make_pure(clock=clock, data_dir=data)
+    code, answer = await report(daemon, who, [result(granted, exit_code=None, result=5)])
+    assert code == 200 and answer["results"][0]["ok"] is True, answer
+    code, done = await daemon.json("GET", f"/v1/jobs/{job['id']}")
+    assert done["state"] == "succeeded" and done["result"] == 5
+    assert len(done["attempts"]) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_remote_result_that_fails_otherwise_waits_for_a_resend(make_pure):
+    """A result whose write fails with an error that is not the store's is
+    not written again: the report is a 500, the lease stays the worker's,
+    and its resend records the result."""
+    clock = Clock()
+    daemon = await make_pure(clock=clock)
+
+    def broken():
+        return fail(ValueError("a bug, not a full disk"))
+
+    who = worker("w", tasks=["add"])
+    job = await daemon.submit({"task": "add", "args": [2, 3]})
+    calls, landed = failing_finish(daemon.service.store, clock, job["id"], 1, broken)
+    (granted,) = await lease(daemon, who)
+    code, answer = await report(daemon, who, [result(granted, exit_code=None, result=5)])
+    assert code == 500 and answer["error"]["code"] == "internal_error"
+    assert daemon.service.dispatcher.recorder.waiting == 0
+    code, answer = await heartbeat(daemon, who, [granted])
+    assert code == 200 and answer["leases"][0]["ok"] is True
+    code, answer = await report(daemon, who, [result(granted, exit_code=None, result=5)])
+    assert code == 200 and answer["results"][0]["ok"] is True
+    code, done = await daemon.json("GET", f"/v1/jobs/{job['id']}")
+    assert done["state"] == "succeeded" and done["result"] == 5
+    assert len(calls) == 2 and landed == [job["id"]]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_cancel_asked_while_a_result_is_written_again_ends_nothing_twice(make_pure):
+    """A cancel asked for while a worker's result is being written again
+    does not end the lease a second time: the worker's heartbeat is still
+    answered ok, and the one end written is the result (a success that came
+    before the cancel reached the job keeps it)."""
+    clock = Clock()
+    daemon = await make_pure(clock=clock)
+    who = worker("w", tasks=["add"])
+    job = await daemon.submit({"task": "add", "args": [2, 3]})
+    calls, landed = failing_finish(daemon.service.store, clock, job["id"], 1)
+    (granted,) = await lease(daemon, who)
+    first = ensureDeferred(report(daemon, who, [result(granted, exit_code=None, result=5)]))
+    await until(lambda: calls)
+    code, _ = await daemon.json("POST", f"/v1/jobs/{job['id']}/cancel")
+    assert code == 202
+    code, answer = await heartbeat(daemon, who, [granted])
+    assert code == 200 and answer["leases"][0]["ok"] is True, answer
+    clock.advance(1)
+    code, answer = await first
+    assert code == 200 and answer["results"][0]["ok"] is True
+    code, done = await daemon.json("GET", f"/v1/jobs/{job['id']}")
+    assert done["state"] == "succeeded" and done["result"] == 5
+    assert len(done["attempts"]) == 1
+    assert len(calls) == 2 and landed == [job["id"]]
