@@ -177,3 +177,18 @@ def test_a_job_view_is_what_the_document_says():
         assert kind <= set(view)
         assert not ({"command", "env", "task", "args", "kwargs"} - kind) & set(view)
     assert isinstance(job_view(Job("i", JobState.QUEUED, spec, 0.0)), JobView)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_number_in_a_query_is_ascii_digits(daemon):
+    """A query number written with other digits than ASCII ones (a
+    superscript two, which str.isdigit takes and int refuses) is a 400
+    naming the parameter, not a 500."""
+    job = await daemon.submit({"command": ["true"]})
+    for path, field in [
+        ("/v1/jobs?limit=%C2%B2", "limit"),
+        ("/v1/jobs?cursor=%C2%B2", "cursor"),
+        (f"/v1/jobs/{job['id']}/log?offset=%C2%B2", "offset"),
+    ]:
+        code, error = await daemon.json("GET", path)
+        assert code == 400 and error["error"]["field"] == field, (path, error)

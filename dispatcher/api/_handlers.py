@@ -653,7 +653,7 @@ class DispatcherAPI(Resource):
         limit = DEFAULT_LIST_LIMIT
         text = _query(request, "limit")
         if text is not None:
-            if not text.isdigit() or not 1 <= int(text) <= MAX_LIST_LIMIT:
+            if not _decimal(text) or not 1 <= int(text) <= MAX_LIST_LIMIT:
                 raise ApiError(
                     400,
                     "invalid_query",
@@ -664,7 +664,7 @@ class DispatcherAPI(Resource):
         cursor = None
         text = _query(request, "cursor")
         if text is not None:
-            if not text.isdigit():
+            if not _decimal(text):
                 raise ApiError(
                     400,
                     "invalid_query",
@@ -714,7 +714,7 @@ class DispatcherAPI(Resource):
                 400, "invalid_query", "stream: expected stdout or stderr", "stream"
             )
         text = _query(request, "offset") or "0"
-        if not text.isdigit():
+        if not _decimal(text):
             raise ApiError(
                 400, "invalid_query", "offset: expected a byte offset from 0 up", "offset"
             )
@@ -727,6 +727,14 @@ class DispatcherAPI(Resource):
                 self._reactor, self._io_pool, _file_size, path
             )
         return FileAnswer(path, offset, max(0, size - offset))
+
+
+def _decimal(text: str) -> bool:
+    """
+    Whether C{text} is ASCII decimal digits: C{str.isdigit} takes "²",
+    which C{int} refuses.
+    """
+    return text.isascii() and text.isdigit()
 
 
 def _no_such_job(job_id: str) -> ApiError:
