@@ -44,7 +44,7 @@ async def test_submit_command(make_daemon):
                              "labels": {"team": "ice"}, "env": {"A": "1"}})
     assert response.code == 201
     job = json.loads(content)
-    check(job, "Job")
+    check(job, "JobView")
     assert UUID7.match(job["id"])
     assert response.headers.getRawHeaders("location") == [f"/v1/jobs/{job['id']}"]
     assert job["state"] == "queued"
@@ -367,11 +367,11 @@ async def test_resources_and_requirements(make_daemon):
     body = {"command": ["true"], "resources": {"gpus": 1}, "requirements": {"site": "a"}}
     jsonschema.validate(body, schema("JobSubmission"))
     job = await daemon.submit(body)
-    check(job, "Job")
+    check(job, "JobView")
     assert job["resources"] == {"cpus": 0, "memory_mb": 0, "gpus": 1}
     assert job["requirements"] == {"site": "a"}
     job = await daemon.submit({"command": ["true"]})
-    check(job, "Job")
+    check(job, "JobView")
     assert job["resources"] == {"cpus": 0, "memory_mb": 0, "gpus": 0}
     assert job["requirements"] == {}
     for wrong, field in [

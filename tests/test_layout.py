@@ -32,10 +32,7 @@ ALLOWED = {
 SHARED = {"_deferreds", "_threads"}
 
 # Imports that break the rules today, each with the change that removes it.
-KNOWN = {
-    # The model's JSON forms (to_json, from_stored) move to wire.
-    ("model", "wire"),
-}
+KNOWN: set[tuple[str, str]] = set()
 
 
 def _imports(path: pathlib.Path) -> set[str]:

@@ -143,7 +143,7 @@ async def test_bad_worker_descriptions_are_400_naming_the_field(make_pure):
         ({"worker": {"name": "a"}}, "worker.slots"),
         ({"worker": dict(worker("a"), slots=0)}, "worker.slots"),
         ({"worker": dict(worker("a"), cpus="many")}, "worker.cpus"),
-        ({"worker": dict(worker("a"), labels={"k": 1})}, "worker.labels"),
+        ({"worker": dict(worker("a"), labels={"k": 1})}, "worker.labels.k"),
         ({"worker": dict(worker("a"), colour="red")}, "worker.colour"),
         ({"worker": worker("a"), "max_jobs": 3}, "max_jobs"),
         ({"worker": worker("a"), "wait": 61}, "wait"),

@@ -13,6 +13,7 @@ from twisted.internet.task import Clock
 
 from dispatcher.config._ini import QueueConfig
 from dispatcher.wire._json import encode_sorted
+from dispatcher.wire._forms import plain_specs, spec_to_stored
 from dispatcher.wire._submission import parse_submission, plain_jobs
 
 from .conftest import sleep
@@ -293,7 +294,6 @@ PLAIN = [
 # Jobs that are not plain, or not valid: each goes the general way.
 NOT_PLAIN = [
     {"command": ["true"], "name": "x"},
-    {"command": ["true"], "task": None},
     {"command": ["true"], "env": {}},
     {"task": "add", "args": [1, 2], "priority": 1},
     {"command": ["echo", 3]},
@@ -319,10 +319,14 @@ def test_plain_jobs_are_the_jobs_parse_submission_makes():
     assert plain is not None
     expected = [parse_submission(body, tasks, {"default": queue}, 0.0, 10).spec
                 for body in PLAIN]
-    assert plain.specs() == expected
-    assert plain.stored == [encode_sorted(spec.to_stored()) for spec in expected]
+    assert plain_specs(plain) == expected
+    assert plain.stored == [encode_sorted(spec_to_stored(spec)) for spec in expected]
     for body in NOT_PLAIN:
         assert plain_jobs(PLAIN + [body], tasks, queue) is None, body
+    # A null field is the field left out (the wire type's default): plain.
+    null_task = {"command": ["true"], "task": None}
+    assert plain_specs(plain_jobs([null_task], tasks, queue)) == [
+        parse_submission(null_task, tasks, {"default": queue}, 0.0, 10).spec]
 
 
 json_values = st.recursive(
@@ -358,8 +362,8 @@ def test_a_job_plain_jobs_takes_is_the_one_parse_submission_makes(body):
     if plain is None:
         return
     spec = parse_submission(body, tasks, {"default": queue}, 0.0, 10).spec
-    assert plain.specs() == [spec]
-    assert plain.stored == [encode_sorted(spec.to_stored())]
+    assert plain_specs(plain) == [spec]
+    assert plain.stored == [encode_sorted(spec_to_stored(spec))]
 
 
 @pytest_twisted.ensureDeferred

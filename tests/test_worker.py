@@ -31,7 +31,10 @@ from twisted.web.server import NOT_DONE_YET, Site
 from twisted.web.static import File
 
 from dispatcher.execution._executor import RunningJob
-from dispatcher.model._jobs import JobSpec, JobState, Lease, Outcome, lease_to_json
+import msgspec
+
+from dispatcher.model._jobs import JobSpec, JobState, Lease, Outcome
+from dispatcher.wire._forms import lease_grant
 from dispatcher.workers._agent import (
     Backoff,
     DispatcherClient,
@@ -164,7 +167,7 @@ class Harness:
 
     def grant(self, *leases, heartbeat_seconds=5.0):
         self.answer(self.one("/v1/leases"), {
-            "leases": [lease_to_json(lease) for lease in leases],
+            "leases": [msgspec.to_builtins(lease_grant(lease)) for lease in leases],
             "lease_seconds": 15.0, "heartbeat_seconds": heartbeat_seconds})
 
     def advance(self, seconds, step=0.01):

@@ -1,8 +1,11 @@
 """
 The JSON HTTP API, version 1, as one twisted.web resource.
 
-Handlers are coroutines; the resource turns their answers and their
-L{ApiError}s into JSON responses, and cancels them when the client goes.
+The route table (L{dispatcher.api._routes}) says which handler serves a
+method and path, and who may call it; handlers read bodies into wire types
+(L{dispatcher.wire}) and answer wire types.  The resource turns their
+answers and their L{ApiError}s into JSON responses, and cancels them when
+the client goes.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import hashlib
 import json
 import os
 from inspect import iscoroutine
-from typing import Any, Awaitable, Callable, Mapping, Optional
+from typing import Any, Mapping, Optional
 
 import attrs
 from twisted.internet.defer import CancelledError, Deferred, fail
@@ -24,9 +27,23 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 
-from dispatcher.wire._json import decode, encode
+from dispatcher.wire._json import decode as decode_json, encode
+from dispatcher.wire._forms import job_summary, job_view
+from dispatcher.wire._types import (
+    DEFAULT_LIST_LIMIT,
+    MAX_IDEMPOTENCY_KEY,
+    MAX_LIST_LIMIT,
+    Batch,
+    Health,
+    JobPage,
+    JobSubmission,
+    QueueList,
+    RetryRequest,
+    WorkerList,
+)
 from dispatcher.model._jobs import InvalidTransition, JobState, PlainJobs, StoreClosed, UnknownJob
 from dispatcher.api._openapi import openapi_document
+from dispatcher.api._routes import API, WORKERS, Route, Router
 from dispatcher.config._ini import QueueConfig
 from dispatcher.store._results import (
     DependencyNotRetried,
@@ -36,17 +53,23 @@ from dispatcher.store._results import (
     SubmittedIds,
     UnknownDependency,
 )
-from dispatcher.wire._submission import ApiError, Submission, check_body, parse_submission, plain_jobs
+from dispatcher.wire._submission import (
+    ApiError,
+    Submission,
+    check_batch_size,
+    decode,
+    decode_batch,
+    parse_submission,
+    plain_jobs,
+)
 from dispatcher.api._workers import WorkerEndpoints, check_token
 
 log = Logger()
 
-MAX_LIST_LIMIT = 1000
 # Jobs of a batch checked in one go on the reactor thread (plain ones, see
 # plain_jobs, take a third of the time or less).
 BATCH_SLICE = 250
 PLAIN_SLICE = 2500
-DEFAULT_LIST_LIMIT = 100
 
 
 class Answer:
@@ -171,19 +194,6 @@ def _wants_full_jobs(request: Any) -> bool:
     return False
 
 
-def _job_summary(job: Any) -> dict[str, Any]:
-    """
-    What a request that makes several jobs answers for each unless asked
-    for more: its id and
-    state, and its place in an array if it has one.
-    """
-    out = {"id": job.id, "state": job.state.value}
-    if job.spec.array_id is not None:
-        out["array_id"] = job.spec.array_id
-        out["array_index"] = job.spec.array_index
-    return out
-
-
 def _queued_summaries(ids: list[str]) -> bytes:
     """
     C{{"jobs": [{"id": ..., "state": "queued"}, ...]}} for these ids, as
@@ -200,7 +210,11 @@ def _queued_summaries(ids: list[str]) -> bytes:
     ).encode("ascii")
 
 
-def _json_body(request: Any) -> Any:
+def _json_body(request: Any) -> bytes:
+    """
+    The bytes of a request's JSON body, refused (415) unless it is declared
+    C{application/json}.
+    """
     ctype = request.getHeader(b"content-type")
     media = (ctype or b"").split(b";", 1)[0].strip().lower()
     if media != b"application/json":
@@ -210,13 +224,7 @@ def _json_body(request: Any) -> Any:
             "send the body as Content-Type: application/json",
             None,
         )
-    raw = request.content.read()
-    try:
-        return decode(raw)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ApiError(400, "malformed_json", f"the body is not valid JSON: {e}", None)
-    except RecursionError:
-        raise ApiError(400, "malformed_json", "the body is nested too deeply", None)
+    return request.content.read()
 
 
 def _query(request: Any, name: str) -> Optional[str]:
@@ -243,6 +251,7 @@ class DispatcherAPI(Resource):
     @param workers: the L{WorkerEndpoints}, or C{None} (no remote workers).
     @param api_token: the bearer token every job endpoint requires, or
         C{None} (open; allowed only on loopback).
+    @param max_body_bytes: C{[server] max_body_bytes}, for the document.
     """
 
     isLeaf = True
@@ -258,6 +267,7 @@ class DispatcherAPI(Resource):
         clock: Any = None,
         workers: Optional[WorkerEndpoints] = None,
         api_token: Optional[str] = None,
+        max_body_bytes: Optional[int] = None,
     ) -> None:
         Resource.__init__(self)
         self._workers = workers
@@ -269,7 +279,15 @@ class DispatcherAPI(Resource):
         self._clock = clock if clock is not None else reactor
         self._reactor = reactor
         self._io_pool = io_pool
-        self._openapi = encode(openapi_document())
+        self._router = Router()
+        self._openapi = encode(
+            openapi_document(
+                max_array=max_array,
+                max_body_bytes=max_body_bytes,
+                tasks=tasks,
+                queues=self._queues,
+            )
+        )
 
     def render(self, request: Any) -> Any:
         segments = [s.decode("utf-8", "replace") for s in request.postpath]
@@ -277,12 +295,12 @@ class DispatcherAPI(Resource):
             segments = segments[:-1]
         method = request.method.decode("ascii", "replace").upper()
         try:
-            handler, allowed, args = self._route(segments, method)
-            self._authorize(request, segments)
+            route, allowed, args = self._route(segments, method)
+            self._authorize(request, route)
         except ApiError as e:
             self._write_error(request, e)
             return NOT_DONE_YET
-        if handler is None:
+        if route.method != method and not (method == "HEAD" and route.method == "GET"):
             request.setHeader(b"allow", ", ".join(allowed).encode("ascii"))
             self._write_error(
                 request,
@@ -294,7 +312,7 @@ class DispatcherAPI(Resource):
             )
             return NOT_DONE_YET
         try:
-            result = handler(request, *args)
+            result = getattr(self, route.handler)(request, *args)
         except Exception:
             d = fail()
         else:
@@ -310,52 +328,28 @@ class DispatcherAPI(Resource):
         d.addCallback(self._write_answer, request).addErrback(self._write_failure, request)
         return NOT_DONE_YET
 
-    def _route(
-        self, segments: list[str], method: str
-    ) -> tuple[Optional[Callable[..., Awaitable[Answer]]], list[str], tuple]:
-        routes: dict[str, Callable[..., Awaitable[Answer]]]
-        args: tuple = ()
-        if segments == ["healthz"]:
-            routes = {"GET": self.health}
-        elif segments == ["v1", "openapi.json"]:
-            routes = {"GET": self.openapi}
-        elif segments == ["v1", "jobs"]:
-            routes = {"GET": self.list_jobs, "POST": self.submit}
-        elif segments == ["v1", "jobs", "batch"]:
-            routes = {"POST": self.submit_batch}
-        elif segments == ["v1", "queues"]:
-            routes = {"GET": self.list_queues}
-        elif len(segments) == 3 and segments[:2] == ["v1", "jobs"]:
-            routes, args = {"GET": self.get_job}, (segments[2],)
-        elif len(segments) == 4 and segments[:2] == ["v1", "jobs"] and segments[3] == "cancel":
-            routes, args = {"POST": self.cancel}, (segments[2],)
-        elif len(segments) == 4 and segments[:2] == ["v1", "jobs"] and segments[3] == "retry":
-            routes, args = {"POST": self.retry}, (segments[2],)
-        elif len(segments) == 4 and segments[:2] == ["v1", "jobs"] and segments[3] == "log":
-            routes, args = {"GET": self.read_log}, (segments[2],)
-        elif segments == ["v1", "workers"]:
-            routes = {"GET": self.list_workers}
-        elif segments == ["v1", "leases"]:
-            routes = {"POST": self.lease}
-        elif segments == ["v1", "leases", "heartbeat"]:
-            routes = {"POST": self.heartbeat}
-        elif segments == ["v1", "leases", "results"]:
-            routes = {"POST": self.report_results}
-        elif segments == ["v1", "leases", "log"]:
-            routes = {"POST": self.write_log}
-        else:
+    def _route(self, segments: list[str], method: str) -> tuple[Route, list[str], tuple]:
+        """
+        The route of a request (another method's at its path when it has
+        none of its own, for the 405), the methods its path allows, and
+        the path's parameters.
+        """
+        found = self._router.match(segments)
+        if found is None:
             raise ApiError(404, "not_found", f"no such resource: /{'/'.join(segments)}")
+        routes, args = found
         if method == "HEAD" and "GET" in routes:
             method = "GET"
-        return routes.get(method), sorted(routes), args
+        route = routes.get(method) or next(iter(routes.values()))
+        return route, sorted(routes), args
 
-    def _authorize(self, request: Any, segments: list[str]) -> None:
+    def _authorize(self, request: Any, route: Route) -> None:
         """
-        Worker endpoints need the workers' token; every other endpoint but
-        the health check and the API document needs the submitters' token,
-        when one is set.
+        Check the token the route needs: the workers' for worker
+        endpoints, the submitters' (when one is set) for the others but the
+        open ones.
         """
-        if segments[:2] == ["v1", "leases"]:
+        if route.auth == WORKERS:
             if self._workers is None:
                 raise ApiError(
                     403,
@@ -363,10 +357,7 @@ class DispatcherAPI(Resource):
                     "this dispatcher takes no remote workers; set [workers] token_file",
                 )
             self._workers.authorize(request)
-        elif self._api_token is not None and segments not in (
-            ["healthz"],
-            ["v1", "openapi.json"],
-        ):
+        elif route.auth == API and self._api_token is not None:
             check_token(request, self._api_token, "API")
 
     # Writing answers
@@ -418,12 +409,16 @@ class DispatcherAPI(Resource):
     # Handlers
 
     async def health(self, request: Any) -> Answer:
-        return Answer(200, {"status": "ok"})
+        return Answer(200, Health("ok"))
 
     async def openapi(self, request: Any) -> Answer:
         return Answer(200, self._openapi)
 
-    def _idempotency(self, request: Any, body: Any) -> Optional[IdempotencyKey]:
+    def _idempotency(self, request: Any, body: bytes) -> Optional[IdempotencyKey]:
+        """
+        The request's C{Idempotency-Key}, with the hash of its path and its
+        body's JSON value (so that a JSON-equal body is the same request).
+        """
         raw = request.getHeader(b"idempotency-key")
         if raw is None:
             return None
@@ -431,15 +426,16 @@ class DispatcherAPI(Resource):
             key = raw.decode("ascii")
         except UnicodeDecodeError:
             key = ""
-        if not 1 <= len(key) <= 255 or not key.isprintable():
+        if not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY or not key.isprintable():
             raise ApiError(
                 400,
                 "invalid_header",
-                "Idempotency-Key: expected 1 to 255 printable ASCII characters",
+                f"Idempotency-Key: expected 1 to {MAX_IDEMPOTENCY_KEY} printable ASCII "
+                "characters",
                 "Idempotency-Key",
             )
         canonical = json.dumps(
-            [request.path.decode("utf-8", "replace"), body],
+            [request.path.decode("utf-8", "replace"), decode_json(body)],
             sort_keys=True,
             separators=(",", ":"),
         )
@@ -448,7 +444,7 @@ class DispatcherAPI(Resource):
     def _store(
         self,
         request: Any,
-        body: Any,
+        body: bytes,
         submissions: list[Submission] | PlainJobs,
         single: bool,
         full: bool,
@@ -461,16 +457,16 @@ class DispatcherAPI(Resource):
             status = 200 if submitted.replayed else 201
             if single:
                 (job,) = submitted.jobs
-                return Answer(status, job.to_json(), {"Location": f"/v1/jobs/{job.id}"})
+                return Answer(status, job_view(job), {"Location": f"/v1/jobs/{job.id}"})
             if full:
                 return Answer(
                     status,
-                    {"jobs": [job.to_json() for job in submitted.jobs]},
+                    {"jobs": [job_view(job) for job in submitted.jobs]},
                     {"Preference-Applied": "return=representation"},
                 )
             # Showing every job whole was most of a large batch's time, on
             # the reactor thread, and the client has the specs it sent.
-            return Answer(status, {"jobs": [_job_summary(job) for job in submitted.jobs]})
+            return Answer(status, {"jobs": [job_summary(job) for job in submitted.jobs]})
 
         def refused(failure: Failure) -> Failure:
             if failure.check(IdempotencyConflict):
@@ -503,37 +499,31 @@ class DispatcherAPI(Resource):
         )
 
     def submit(self, request: Any) -> Deferred:
-        body = _json_body(request)
-        submission = self._submission(body)
+        raw = _json_body(request)
+        submission = self._submission(decode(raw, JobSubmission))
         return self._store(
             request,
-            body,
+            raw,
             [submission],
             submission.array is None,
             full=_wants_full_jobs(request),
         )
 
     async def submit_batch(self, request: Any) -> Answer:
-        body = _json_body(request)
-        check_body(body, ("jobs",), 'expected {"jobs": [...]}')
-        jobs = body.get("jobs")
-        if not isinstance(jobs, list) or not jobs:
-            raise ApiError(
-                400, "invalid_field", "jobs: expected a non-empty array of jobs", "jobs"
-            )
-        if len(jobs) > self._max_array:
-            raise ApiError(
-                400,
-                "invalid_field",
-                f"jobs: at most {self._max_array} jobs in one batch "
-                "([dispatcher] max_array)",
-                "jobs",
-            )
+        raw = _json_body(request)
         full = _wants_full_jobs(request)
-        if not full:
+        # Decoded as plain jobs first (four fields a job), and as a full
+        # Batch only if one is not; a Prefer: return=representation needs
+        # every job whole, which only the full path makes.
+        batch = decode(raw, Batch) if full else decode_batch(raw)
+        jobs = batch.jobs
+        check_batch_size(len(jobs), self._max_array)
+        if not isinstance(batch, Batch):
             plain = await self._plain_jobs(jobs)
             if plain is not None:
-                return await self._store(request, body, plain, single=False, full=False)
+                return await self._store(request, raw, plain, single=False, full=False)
+            # A plain job that a check refused: the full path names it.
+            jobs = decode(raw, Batch).jobs
         submissions = []
         for i, item in enumerate(jobs):
             if i and not i % BATCH_SLICE:
@@ -551,7 +541,7 @@ class DispatcherAPI(Resource):
                 "([dispatcher] max_array)",
                 "jobs",
             )
-        return await self._store(request, body, submissions, single=False, full=full)
+        return await self._store(request, raw, submissions, single=False, full=full)
 
     async def _plain_jobs(self, jobs: list[Any]) -> Optional[PlainJobs]:
         """
@@ -578,13 +568,7 @@ class DispatcherAPI(Resource):
         dependents = False
         if request.content.read(1):
             request.content.seek(0)
-            body = _json_body(request)
-            check_body(body, ("dependents",), "expected an object")
-            dependents = body.get("dependents", False)
-            if not isinstance(dependents, bool):
-                raise ApiError(
-                    400, "invalid_field", "dependents: expected true or false", "dependents"
-                )
+            dependents = decode(_json_body(request), RetryRequest).dependents
         try:
             job = await self._dispatcher.retry(job_id, dependents)
         except UnknownJob:
@@ -599,18 +583,11 @@ class DispatcherAPI(Resource):
             )
         except DependencyNotRetried as e:
             raise ApiError(409, "conflict", str(e), "id")
-        return Answer(200, job.to_json())
+        return Answer(200, job_view(job))
 
     async def list_workers(self, request: Any) -> Answer:
         hub = self._dispatcher.hub
-        return Answer(
-            200,
-            {
-                "workers": hub.describe(),
-                "lease_seconds": hub.lease_seconds,
-                "heartbeat_seconds": hub.heartbeat_seconds,
-            },
-        )
+        return Answer(200, WorkerList(hub.describe(), hub.lease_seconds, hub.heartbeat_seconds))
 
     async def lease(self, request: Any) -> Answer:
         assert self._workers is not None
@@ -632,7 +609,7 @@ class DispatcherAPI(Resource):
         return Answer(*await self._workers.write_log(request, query))
 
     async def list_queues(self, request: Any) -> Answer:
-        return Answer(200, {"queues": await self._dispatcher.queues()})
+        return Answer(200, QueueList(await self._dispatcher.queues()))
 
     async def _job(self, job_id: str) -> Any:
         try:
@@ -642,7 +619,7 @@ class DispatcherAPI(Resource):
 
     async def get_job(self, request: Any, job_id: str) -> Answer:
         job = await self._job(job_id)
-        return Answer(200, job.to_json())
+        return Answer(200, job_view(job))
 
     async def list_jobs(self, request: Any) -> Answer:
         for name in request.args:
@@ -676,7 +653,7 @@ class DispatcherAPI(Resource):
         limit = DEFAULT_LIST_LIMIT
         text = _query(request, "limit")
         if text is not None:
-            if not text.isdigit() or not 1 <= int(text) <= MAX_LIST_LIMIT:
+            if not _decimal(text) or not 1 <= int(text) <= MAX_LIST_LIMIT:
                 raise ApiError(
                     400,
                     "invalid_query",
@@ -687,7 +664,7 @@ class DispatcherAPI(Resource):
         cursor = None
         text = _query(request, "cursor")
         if text is not None:
-            if not text.isdigit():
+            if not _decimal(text):
                 raise ApiError(
                     400,
                     "invalid_query",
@@ -700,10 +677,10 @@ class DispatcherAPI(Resource):
         )
         return Answer(
             200,
-            {
-                "jobs": [job.to_json() for job in jobs],
-                "next_cursor": None if next_cursor is None else str(next_cursor),
-            },
+            JobPage(
+                [job_view(job) for job in jobs],
+                None if next_cursor is None else str(next_cursor),
+            ),
         )
 
     async def cancel(self, request: Any, job_id: str) -> Answer:
@@ -719,7 +696,7 @@ class DispatcherAPI(Resource):
                 "finished can be cancelled",
                 "id",
             )
-        return Answer(200 if done else 202, job.to_json())
+        return Answer(200 if done else 202, job_view(job))
 
     async def read_log(self, request: Any, job_id: str) -> Answer:
         for name in request.args:
@@ -737,7 +714,7 @@ class DispatcherAPI(Resource):
                 400, "invalid_query", "stream: expected stdout or stderr", "stream"
             )
         text = _query(request, "offset") or "0"
-        if not text.isdigit():
+        if not _decimal(text):
             raise ApiError(
                 400, "invalid_query", "offset: expected a byte offset from 0 up", "offset"
             )
@@ -750,6 +727,14 @@ class DispatcherAPI(Resource):
                 self._reactor, self._io_pool, _file_size, path
             )
         return FileAnswer(path, offset, max(0, size - offset))
+
+
+def _decimal(text: str) -> bool:
+    """
+    Whether C{text} is ASCII decimal digits: C{str.isdigit} takes "²",
+    which C{int} refuses.
+    """
+    return text.isascii() and text.isdigit()
 
 
 def _no_such_job(job_id: str) -> ApiError:

@@ -15,19 +15,23 @@ from typing import Any, Mapping, Optional
 from twisted.internet.threads import deferToThreadPool
 
 from dispatcher._deferreds import shielded
-from dispatcher.model._jobs import (
-    JobState,
-    Offer,
-    Outcome,
-    Resources,
-    lease_to_json,
+from dispatcher.model._jobs import JobState, Offer, Outcome, Resources
+from dispatcher.wire._forms import lease_grant
+from dispatcher.wire._submission import ApiError, decode, invalid
+from dispatcher.wire._types import (
+    MAX_NAME,
+    HeartbeatAnswer,
+    HeartbeatRequest,
+    LeaseAnswer,
+    LeaseRequest,
+    LeaseStatus,
+    LogWritten,
+    ResultsAnswer,
+    ResultsRequest,
+    WorkerOffer,
 )
-from dispatcher.wire._submission import ApiError, check_body, check_fields, invalid
 
-MAX_NAME = 200
-MAX_ITEMS = 10000
 STREAMS = ("stdout", "stderr")
-WORKER_FIELDS = ("name", "slots", "cpus", "memory_mb", "gpus", "labels", "tasks", "instance")
 
 
 def check_token(request: Any, token: Optional[str], what: str) -> None:
@@ -50,70 +54,24 @@ def check_token(request: Any, token: Optional[str], what: str) -> None:
         )
 
 
-def _number(value: Any, field: str, low: float, high: float, integer: bool) -> Any:
-    kind = int if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kind) or not low <= value <= high:
-        noun = "an integer" if integer else "a number"
-        invalid(field, f"expected {noun} from {low:g} to {high:g}")
-    return value
-
-
 def _string(value: Any, field: str) -> str:
     if not isinstance(value, str) or not value or len(value) > MAX_NAME or "\x00" in value:
         invalid(field, f"expected a string of 1 to {MAX_NAME} characters")
     return value
 
 
-def parse_worker(value: Any) -> Offer:
+def offer_of(worker: WorkerOffer) -> Offer:
     """
-    The L{Offer} of a worker description (the C{worker} field).
+    The L{Offer} of a worker's description.
     """
-    if value is None:
-        raise ApiError(400, "missing_field", "worker: required: the worker's description", "worker")
-    if not isinstance(value, dict):
-        invalid("worker", "expected an object describing the worker")
-    check_fields(value, "worker", WORKER_FIELDS, ("name", "slots"))
-    name = _string(value["name"], "worker.name")
-    slots = _number(value["slots"], "worker.slots", 1, 100_000, True)
-    cpus = _number(value.get("cpus", 0), "worker.cpus", 0, 1_000_000, False)
-    memory = _number(value.get("memory_mb", 0), "worker.memory_mb", 0, 1 << 40, True)
-    gpus = _number(value.get("gpus", 0), "worker.gpus", 0, 100_000, True)
-    labels = value.get("labels", {})
-    if not isinstance(labels, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in labels.items()
-    ):
-        invalid("worker.labels", "expected an object of strings")
-    tasks = value.get("tasks", [])
-    if not isinstance(tasks, list) or not all(isinstance(t, str) for t in tasks):
-        invalid("worker.tasks", "expected an array of task names")
-    instance = value.get("instance")
-    if instance is not None:
-        instance = _string(instance, "worker.instance")
     return Offer(
-        name,
-        slots,
-        Resources(float(cpus), memory, gpus),
-        dict(labels),
-        frozenset(tasks),
-        instance,
+        worker.name,
+        worker.slots,
+        Resources(float(worker.cpus), worker.memory_mb, worker.gpus),
+        worker.labels,
+        frozenset(worker.tasks),
+        worker.instance,
     )
-
-
-HEARTBEAT_ITEM = ("job_id", "token", "running")
-RESULT_ITEM = ("job_id", "token", "state", "exit_code", "result", "error", "stopped")
-
-
-def _items(body: Mapping[str, Any], key: str, allowed: tuple[str, ...]) -> list[Any]:
-    items = body.get(key)
-    if not isinstance(items, list) or len(items) > MAX_ITEMS:
-        invalid(key, f"expected an array of at most {MAX_ITEMS} items")
-    for i, item in enumerate(items):
-        if not isinstance(item, dict):
-            invalid(f"{key}[{i}]", "expected an object")
-        check_fields(item, f"{key}[{i}]", allowed, ("job_id", "token"))
-        _string(item.get("job_id"), f"{key}[{i}].job_id")
-        _number(item.get("token"), f"{key}[{i}].token", 1, 2**63 - 1, True)
-    return items
 
 
 def _all_refused(answers: list[dict[str, Any]]) -> int:
@@ -149,65 +107,48 @@ class WorkerEndpoints:
             )
         check_token(request, self._token, "workers'")
 
-    def _timing(self) -> dict[str, float]:
-        return {
-            "lease_seconds": self._hub.lease_seconds,
-            "heartbeat_seconds": self._hub.heartbeat_seconds,
-        }
+    async def lease(self, request: Any, raw: bytes) -> tuple[int, Any]:
+        body = decode(raw, LeaseRequest)
+        offer = offer_of(body.worker)
+        max_jobs = offer.slots if body.max_jobs is None else body.max_jobs
+        if max_jobs > offer.slots:
+            invalid("max_jobs", f"expected an integer from 1 to {offer.slots} (worker.slots)")
+        leases = await self._hub.poll(offer, max_jobs, float(body.wait))
+        return 200, LeaseAnswer(
+            [lease_grant(lease) for lease in leases],
+            self._hub.lease_seconds,
+            self._hub.heartbeat_seconds,
+        )
 
-    async def lease(self, request: Any, body: Any) -> tuple[int, Any]:
-        check_body(body, ("worker", "max_jobs", "wait"), "expected an object")
-        offer = parse_worker(body.get("worker"))
-        max_jobs = _number(body.get("max_jobs", offer.slots), "max_jobs", 1, offer.slots, True)
-        wait = _number(body.get("wait", 30), "wait", 0, 60, False)
-        leases = await self._hub.poll(offer, max_jobs, float(wait))
-        return 200, {"leases": [lease_to_json(lease) for lease in leases], **self._timing()}
-
-    async def heartbeat(self, request: Any, body: Any) -> tuple[int, Any]:
-        check_body(body, ("worker", "leases"), "expected an object")
-        offer = parse_worker(body.get("worker"))
-        items = _items(body, "leases", HEARTBEAT_ITEM)
-        parsed = []
-        for i, item in enumerate(items):
-            running = item.get("running", False)
-            if not isinstance(running, bool):
-                invalid(f"leases[{i}].running", "expected true or false")
-            parsed.append((item["job_id"], item["token"], running))
+    async def heartbeat(self, request: Any, raw: bytes) -> tuple[int, Any]:
+        body = decode(raw, HeartbeatRequest)
+        offer = offer_of(body.worker)
+        parsed = [(item.job_id, item.token, item.running) for item in body.leases]
         # A worker that hangs up must not cancel the writes: the leases a
         # heartbeat ends (a cancel told) have ended in memory already.
         answers = await shielded(self._hub.heartbeat(offer, parsed))
-        return _all_refused(answers), {"leases": answers, **self._timing()}
+        return _all_refused(answers), HeartbeatAnswer(
+            [LeaseStatus(**a) for a in answers],
+            self._hub.lease_seconds,
+            self._hub.heartbeat_seconds,
+        )
 
-    async def results(self, request: Any, body: Any) -> tuple[int, Any]:
-        check_body(body, ("worker", "results"), "expected an object")
-        offer = parse_worker(body.get("worker"))
-        items = _items(body, "results", RESULT_ITEM)
+    async def results(self, request: Any, raw: bytes) -> tuple[int, Any]:
+        body = decode(raw, ResultsRequest)
+        offer = offer_of(body.worker)
         parsed = []
-        for i, item in enumerate(items):
-            field = f"results[{i}]"
-            state = item.get("state")
-            if state not in ("succeeded", "failed", "released"):
-                invalid(f"{field}.state", "expected succeeded, failed or released")
-            exit_code = item.get("exit_code")
-            if exit_code is not None:
-                _number(exit_code, f"{field}.exit_code", -255, 255, True)
-            error = item.get("error")
-            if error is not None and not isinstance(error, str):
-                invalid(f"{field}.error", "expected a string or null")
-            stopped = item.get("stopped", False)
-            if not isinstance(stopped, bool):
-                invalid(f"{field}.stopped", "expected true or false")
-            if state == "released":
+        for item in body.results:
+            if item.state == "released":
                 outcome = None
             else:
                 outcome = Outcome(
-                    JobState(state), exit_code, item.get("result"), error, stopped
+                    JobState(item.state), item.exit_code, item.result, item.error, item.stopped
                 )
-            parsed.append((item["job_id"], item["token"], outcome))
+            parsed.append((item.job_id, item.token, outcome))
         # Not cancelled with the request: the reported leases have ended in
         # memory, and a resend would be refused as reported.
         answers = await shielded(self._hub.report(offer, parsed))
-        return _all_refused(answers), {"results": answers}
+        return _all_refused(answers), ResultsAnswer([LeaseStatus(**a) for a in answers])
 
     async def write_log(self, request: Any, query: Mapping[str, Optional[str]]) -> tuple[int, Any]:
         job_id = _string(query.get("job_id"), "job_id")
@@ -236,7 +177,7 @@ class WorkerEndpoints:
                 "offset",
                 {"size": have},
             )
-        return 200, {"size": size}
+        return 200, LogWritten(size)
 
     def describe(self) -> list[dict[str, Any]]:
         return self._hub.describe()

@@ -127,6 +127,7 @@ class DaemonService(MultiService):
             clock=clock,
             workers=workers,
             api_token=config.api.token,
+            max_body_bytes=config.server.max_body_bytes,
         )
         self.site = HTTPFactory(
             api.render,

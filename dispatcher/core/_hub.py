@@ -42,6 +42,7 @@ from dispatcher.model._jobs import (
     StoreClosed,
     format_time,
 )
+from dispatcher.wire._forms import resources_json
 
 log = Logger()
 
@@ -649,12 +650,12 @@ class WorkerHub:
                 {
                     "name": offer.holder,
                     "slots": offer.slots,
-                    "resources": offer.resources.to_json(),
+                    "resources": resources_json(offer.resources),
                     "labels": dict(offer.labels),
                     "tasks": sorted(offer.tasks or ()),
                     "free": {
                         "slots": max(0, offer.slots - len(worker.jobs)),
-                        **free.to_json(),
+                        **resources_json(free),
                     },
                     "running": sorted(worker.jobs),
                     "waiting_for_work": worker.poll is not None,

@@ -17,8 +17,6 @@ from typing import Any, Mapping, Optional
 
 import attrs
 
-from dispatcher.wire._json import decode_stored
-
 
 class JobState(str, enum.Enum):
     """
@@ -149,13 +147,6 @@ class InputSpec:
     path: str
     sha256: Optional[str] = None
 
-    def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"url": self.url, "path": self.path}
-        if self.sha256 is not None:
-            out["sha256"] = self.sha256
-        return out
-
-
 @attrs.frozen
 class Resources:
     """
@@ -189,18 +180,6 @@ class Resources:
             and self.memory_mb >= need.memory_mb
             and self.gpus >= need.gpus
         )
-
-    def to_json(self) -> dict[str, Any]:
-        return {"cpus": self.cpus, "memory_mb": self.memory_mb, "gpus": self.gpus}
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> "Resources":
-        return cls(
-            float(data.get("cpus", 0.0)),
-            int(data.get("memory_mb", 0)),
-            int(data.get("gpus", 0)),
-        )
-
 
 NO_RESOURCES = Resources()
 
@@ -240,84 +219,13 @@ class JobSpec:
         """
         return "command" if self.command is not None else "task"
 
-    def to_json(self) -> dict[str, Any]:
-        """
-        The spec as stored and as shown.
-        """
-        out: dict[str, Any] = {}
-        if self.command is not None:
-            out["command"] = list(self.command)
-            out["env"] = dict(self.env)
-        else:
-            out["task"] = self.task
-            out["args"] = list(self.args)
-            out["kwargs"] = dict(self.kwargs)
-        out["inputs"] = [i.to_json() for i in self.inputs]
-        out["priority"] = self.priority
-        out["queue"] = self.queue
-        out["timeout"] = self.timeout
-        out["max_attempts"] = self.max_attempts
-        out["retry_delay"] = self.retry_delay
-        out["not_before"] = format_time(self.not_before)
-        out["depends_on"] = list(self.depends_on)
-        out["array_id"] = self.array_id
-        out["array_index"] = self.array_index
-        out["resources"] = self.resources.to_json()
-        out["requirements"] = dict(self.requirements)
-        return out
-
-    def to_stored(self) -> dict[str, Any]:
-        """
-        The fields kept as JSON in the store (the others have columns).
-        """
-        out: dict[str, Any] = {}
-        if self.command is not None:
-            out["command"] = list(self.command)
-            if self.env:
-                out["env"] = dict(self.env)
-        else:
-            out["task"] = self.task
-            out["args"] = list(self.args)
-            out["kwargs"] = dict(self.kwargs)
-        if self.inputs:
-            out["inputs"] = [i.to_json() for i in self.inputs]
-        if self.depends_on:
-            out["depends_on"] = list(self.depends_on)
-        if self.resources != NO_RESOURCES:
-            out["resources"] = self.resources.to_json()
-        if self.requirements:
-            out["requirements"] = dict(self.requirements)
-        return out
-
-    @classmethod
-    def from_stored(cls, data: Mapping[str, Any], **columns: Any) -> "JobSpec":
-        """
-        Rebuild a stored spec from its JSON (L{to_stored}) and its columns.
-        """
-        command = data.get("command")
-        return cls(
-            command=tuple(command) if command is not None else None,
-            task=data.get("task"),
-            args=tuple(data.get("args", ())),
-            kwargs=dict(data.get("kwargs", {})),
-            env=dict(data.get("env", {})),
-            inputs=tuple(InputSpec(**i) for i in data.get("inputs", ())),
-            depends_on=tuple(data.get("depends_on", ())),
-            resources=Resources.from_json(data["resources"])
-            if "resources" in data
-            else NO_RESOURCES,
-            requirements=dict(data.get("requirements", {})),
-            **columns,
-        )
-
-
 @attrs.frozen
 class PlainJobs:
     """
     Jobs of one request that say only what they run (a command, or a task
     with its arguments) and take the default queue's defaults: the common
     bulk submission.  Each job is kept as its stored form, the JSON text of
-    L{JobSpec.to_stored} that the store writes, not as a L{JobSpec}: making
+    L{dispatcher.wire} gives it, that the store writes, not as a L{JobSpec}: making
     a thousand specs, only to write them out again, was most of a large
     batch's time.
     """
@@ -333,19 +241,6 @@ class PlainJobs:
     def __len__(self) -> int:
         return len(self.stored)
 
-    def specs(self) -> list[JobSpec]:
-        """
-        The same jobs as L{JobSpec}s.
-        """
-        columns = {
-            "priority": self.priority,
-            "timeout": self.timeout,
-            "queue": self.queue,
-            "max_attempts": self.max_attempts,
-            "retry_delay": self.retry_delay,
-        }
-        return [JobSpec.from_stored(decode_stored(text), **columns) for text in self.stored]
-
 
 @attrs.frozen
 class Attempt:
@@ -359,17 +254,6 @@ class Attempt:
     finished_at: Optional[float] = None
     exit_code: Optional[int] = None
     error: Optional[str] = None
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "number": self.number,
-            "holder": self.holder,
-            "started_at": format_time(self.started_at),
-            "finished_at": format_time(self.finished_at),
-            "exit_code": self.exit_code,
-            "error": self.error,
-        }
-
 
 @attrs.frozen
 class Lease:
@@ -387,51 +271,6 @@ class Lease:
     holder: str
     expires_at: float
     spec: JobSpec
-
-
-def lease_to_json(lease: Lease) -> dict[str, Any]:
-    """
-    A lease as the dispatcher hands it to a remote worker: everything the
-    worker needs to run the attempt, and the fencing token its every write
-    must carry.
-    """
-    spec = lease.spec
-    wire = spec.to_stored()
-    wire.update(
-        name=spec.name,
-        labels=dict(spec.labels),
-        timeout=spec.timeout,
-        array_id=spec.array_id,
-        array_index=spec.array_index,
-    )
-    wire.pop("depends_on", None)
-    return {
-        "job_id": lease.job_id,
-        "attempt": lease.attempt,
-        "token": lease.token,
-        "holder": lease.holder,
-        "expires_at": format_time(lease.expires_at),
-        "spec": wire,
-    }
-
-
-def lease_from_json(data: Mapping[str, Any], expires_at: float) -> Lease:
-    """
-    The L{Lease} a worker got in L{lease_to_json}'s form; C{expires_at} is
-    on the worker's own clock (the dispatcher's times are not comparable).
-    """
-    wire = data["spec"]
-    spec = JobSpec.from_stored(
-        wire,
-        name=wire.get("name"),
-        labels=dict(wire.get("labels", {})),
-        timeout=wire.get("timeout"),
-        array_id=wire.get("array_id"),
-        array_index=wire.get("array_index"),
-    )
-    return Lease(
-        data["job_id"], data["attempt"], data["token"], data["holder"], expires_at, spec
-    )
 
 
 @attrs.frozen
@@ -506,29 +345,6 @@ class Job:
             self.finished_at, self.exit_code, self.result, self.error, reason,
             self.attempts, self.cancelled_by,
         )
-
-    def to_json(self) -> dict[str, Any]:
-        """
-        The job as the API shows it.
-        """
-        out: dict[str, Any] = {
-            "id": self.id,
-            "state": self.state.value,
-            "name": self.spec.name,
-            "labels": dict(self.spec.labels),
-            "created_at": format_time(self.created_at),
-            "started_at": format_time(self.started_at),
-            "finished_at": format_time(self.finished_at),
-            "exit_code": self.exit_code,
-            "result": self.result,
-            "error": self.error,
-            "wait_reason": self.wait_reason,
-            "attempts": [a.to_json() for a in self.attempts],
-            "worker": self.attempts[-1].holder if self.attempts else None,
-        }
-        out.update(self.spec.to_json())
-        return out
-
 
 @attrs.frozen
 class Outcome:

@@ -69,6 +69,7 @@ from dispatcher.store._writes import (
     SubmitPlain,
     Write,
 )
+from dispatcher.wire._forms import spec_from_stored, spec_to_stored
 from dispatcher.wire._json import decode_stored, encode_sorted
 from dispatcher.model._jobs import (
     Attempt,
@@ -184,7 +185,7 @@ def _add_job(
         state.value,
         spec.name,
         encode_sorted(spec.labels) if spec.labels else "{}",
-        encode_sorted(spec.to_stored()),
+        encode_sorted(spec_to_stored(spec)),
         now,
         finished_at,
         error,
@@ -1580,7 +1581,7 @@ def _spec_from_row(row: Sequence[Any]) -> JobSpec:
         array_id,
         array_index,
     ) = row
-    return JobSpec.from_stored(
+    return spec_from_stored(
         decode_stored(spec),
         name=name,
         labels=decode_stored(labels) if labels != "{}" else {},

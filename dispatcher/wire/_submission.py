@@ -1,19 +1,42 @@
 """
-Turning a submitted JSON body into a L{JobSpec}, or into an error that
-names the field, says what was wrong and what is allowed.
+Reading a request body into the wire types of L{dispatcher.wire._types},
+and a submitted job into a L{JobSpec}; or into an error that names the
+field, says what was wrong and what is allowed.
+
+msgspec checks what the types declare while it decodes; the rules here are
+the ones a type cannot hold (one field against another, a name that must
+be configured), each stated in the schema too (L{SUBMISSION_RULES}).
 """
 
 from __future__ import annotations
 
 import datetime
+import functools
 import posixpath
 import re
-from typing import Any, Mapping, NoReturn, Optional
+import types
+from typing import Annotated, Any, Callable, Mapping, NoReturn, Optional, TypeVar, Union
+from typing import get_args, get_origin, get_type_hints
 
 import attrs
+import msgspec
 import orjson
+from msgspec import UNSET
 
 from dispatcher.model._jobs import InputSpec, JobSpec, PlainJobs, Resources
+from dispatcher.wire._types import (
+    MAX_NESTING,
+    NO_NUL,
+    PATTERN_MESSAGES,
+    RESERVED_ENV,
+    Batch,
+    BatchJob,
+    JobSubmission,
+    PlainBatch,
+    PlainJob,
+)
+
+T = TypeVar("T")
 
 
 class ApiError(Exception):
@@ -38,154 +61,278 @@ class ApiError(Exception):
         self.details = dict(details or {})
 
     def to_json(self) -> dict[str, Any]:
+        """
+        The error as the API answers it (the L{Error} wire type).
+        """
         error = {"code": self.code, "message": self.message, "field": self.field}
         error.update(self.details)
         return {"error": error}
 
 
 def invalid(field: str, message: str) -> NoReturn:
+    """
+    Refuse the value of C{field} (a 400 C{invalid_field}).
+    """
     raise ApiError(400, "invalid_field", f"{field}: {message}", field)
 
 
-JOB_FIELDS = frozenset(
-    {
-        "command", "task", "args", "kwargs", "name", "env", "labels", "inputs",
-        "priority", "queue", "timeout", "max_attempts", "retry_delay",
-        "not_before", "delay", "depends_on", "array", "resources", "requirements",
+# The rules of a submission that msgspec does not check, as JSON Schema:
+# merged into the components of the document, and checked by
+# _job_fields and parse_submission below.
+_A_COMMAND = {"required": ["command"], "properties": {"command": {"type": "array"}}}
+_A_TASK = {"required": ["task"], "properties": {"task": {"type": "string"}}}
+_COMMAND_JOB = {
+    **_A_COMMAND,
+    "not": {"anyOf": [_A_TASK, {"required": ["args"]}, {"required": ["kwargs"]}]},
+}
+_TASK_JOB = {**_A_TASK, "not": {"anyOf": [_A_COMMAND, {"required": ["env"]}]}}
+_NOT_BOTH_TIMES = {
+    "not": {
+        "required": ["not_before", "delay"],
+        "properties": {"not_before": {"type": "string"}, "delay": {"type": "number"}},
     }
-)
-# The fields parse_submission reads; _job_fields reads the others.
-SCHEDULING_FIELDS = frozenset(
-    {
-        "priority", "queue", "timeout", "max_attempts", "retry_delay",
-        "not_before", "delay", "depends_on", "array",
+}
+SUBMISSION_RULES: dict[str, dict[str, Any]] = {
+    name: {
+        "description": "Exactly one of command (with env) or task (with args and "
+        "kwargs); not_before or delay, not both.",
+        "oneOf": [_COMMAND_JOB, _TASK_JOB],
+        **_NOT_BOTH_TIMES,
     }
-)
-RESOURCE_FIELDS = ("cpus", "memory_mb", "gpus")
-MAX_CPUS = 1_000_000
-MAX_MEMORY_MB = 1 << 40
-MAX_GPUS = 100_000
-MAX_PRIORITY = 1_000_000
-MAX_ATTEMPTS = 100
-MAX_DEPENDENCIES = 1000
-MAX_SECONDS = 366 * 86400.0
-INPUT_FIELDS = frozenset({"url", "path", "sha256"})
-MAX_NAME = 200
-# How deep a task's arguments may nest arrays and objects: what is taken in
-# must be written back out in answers (orjson writes 255 levels; json,
-# which writes the rest, recurses on the reactor thread's stack).
-MAX_NESTING = 100
-MAX_LABEL = 200
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
-_RESERVED_ENV = ("DISPATCHER_",)
+    for name in ("JobSubmission", "BatchJob")
+}
+SUBMISSION_RULES["PlainJob"] = {"oneOf": [_COMMAND_JOB, _TASK_JOB]}
 
 
-def _string(value: Any, field: str, allow_empty: bool = True) -> str:
-    if not isinstance(value, str):
-        invalid(field, f"expected a string, got {_kind(value)}")
-    if "\x00" in value:
-        invalid(field, "must not contain a NUL character")
-    if not allow_empty and not value:
-        invalid(field, "must not be empty")
-    return value
+# Decoding
+
+_decoders: dict[Any, msgspec.json.Decoder] = {}
+_AT = re.compile(r"^(?P<text>.*?)(?: - at `(?P<path>[^`]*)`(?: in `(?P<inner>[^`]*)`)?)?$", re.S)
+_TOKEN = re.compile(r"\.([A-Za-z_][A-Za-z0-9_]*)|\[(\d+|\.\.\.)\]")
+_WORDS = {
+    "str": "a string",
+    "int": "an integer",
+    "float": "a number",
+    "bool": "true or false",
+    "array": "an array",
+    "object": "an object",
+    "null": "null",
+}
 
 
-def _kind(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    return "an object"
+def decode(raw: bytes, kind: type[T], prefix: str = "") -> T:
+    """
+    The request body C{raw} as a value of the wire type C{kind}.
+
+    @raise ApiError: C{malformed_json} if it is not JSON, else a 400 that
+        names the field at fault.
+    """
+    decoder = _decoders.get(kind)
+    if decoder is None:
+        decoder = _decoders[kind] = msgspec.json.Decoder(kind)
+    try:
+        return decoder.decode(raw)
+    except msgspec.ValidationError as e:
+        raise refusal(str(e), lambda: msgspec.json.decode(raw), kind, prefix) from None
+    except msgspec.DecodeError as e:
+        raise ApiError(400, "malformed_json", f"the body is not valid JSON: {e}", None) from None
+    except RecursionError:
+        raise _too_deep_body(raw, prefix) from None
 
 
-def _string_map(value: Any, field: str, max_length: Optional[int] = None) -> dict[str, str]:
-    if not isinstance(value, dict):
-        invalid(field, f"expected an object of strings, got {_kind(value)}")
-    out = {}
-    for key, item in value.items():
-        _string(key, field, allow_empty=False)
-        if max_length is not None and len(key) > max_length:
-            invalid(f"{field}.{key}", f"a key may be at most {max_length} characters")
-        text = _string(item, f"{field}.{key}")
-        if max_length is not None and len(text) > max_length:
-            invalid(f"{field}.{key}", f"a value may be at most {max_length} characters")
-        out[key] = text
+def _too_deep_body(raw: bytes, prefix: str) -> ApiError:
+    """
+    The error for a body nested deeper than msgspec follows (which stops
+    at the interpreter's recursion limit): orjson, which follows 1,024
+    levels without recursing in Python, reads it, and the field whose
+    value nests too deep is named (the first C{args} or C{kwargs} on the
+    way down).
+    """
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return ApiError(400, "malformed_json", "the body is nested too deeply", None)
+    stack: list[tuple[Any, list[str | int]]] = [(value, [])]
+    while stack:
+        item, path = stack.pop()
+        if len(path) > MAX_NESTING:
+            for i, token in enumerate(path):
+                if token in ("args", "kwargs"):
+                    path = path[: i + 1]
+                    break
+            field = _field(prefix, path) or "body"
+            return ApiError(
+                400,
+                "invalid_field",
+                f"{field}: arrays and objects nested more than {MAX_NESTING} deep",
+                field,
+            )
+        if type(item) is dict:
+            stack.extend((child, path + [key]) for key, child in item.items())
+        elif type(item) is list:
+            stack.extend((child, path + [i]) for i, child in enumerate(item))
+    return ApiError(400, "malformed_json", "the body is nested too deeply", None)
+
+
+def convert(value: Any, kind: type[T], prefix: str = "") -> T:
+    """
+    An already decoded JSON value as a value of the wire type C{kind}.
+
+    @raise ApiError: a 400 that names the field at fault.
+    """
+    try:
+        return msgspec.convert(value, kind, strict=True)
+    except msgspec.ValidationError as e:
+        raise refusal(str(e), lambda: value, kind, prefix) from None
+
+
+def _tokens(path: str) -> list[str | int]:
+    out: list[str | int] = []
+    for name, index in _TOKEN.findall(path[1:]):
+        out.append(name if name else ("..." if index == "..." else int(index)))
     return out
 
 
-def check_body(body: Any, allowed: tuple[str, ...], expected: str) -> None:
+def _field(prefix: str, tokens: list[str | int]) -> str:
+    text = prefix.rstrip(".")
+    for token in tokens:
+        if isinstance(token, int):
+            text += f"[{token}]"
+        else:
+            text = f"{text}.{token}" if text else str(token)
+    return text
+
+
+def _say(text: str) -> str:
     """
-    Refuse a request body that is not an object (C{expected} says what it
-    should be) or has a field not in C{allowed}.
+    msgspec's words for what was wrong, as this API says it.
     """
-    if not isinstance(body, dict):
-        raise ApiError(400, "invalid_field", f"body: {expected}", "body")
-    for key in body:
-        if key not in allowed:
-            raise ApiError(
-                400,
-                "unknown_field",
-                f"{key}: unknown field; allowed: {', '.join(allowed)}",
-                key,
+    for pattern, message in PATTERN_MESSAGES.items():
+        if f"'{pattern}'" in text or repr(pattern) in text:
+            return message
+    def words(match: "re.Match[str]") -> str:
+        return " or ".join(_WORDS.get(part, part) for part in match.group(1).split(" | "))
+
+    text = re.sub(r"`([^`]*)`", words, text)
+    return text[:1].lower() + text[1:]
+
+
+def _unwrap(kind: Any, value: Any = None, want: Optional[type] = None) -> Any:
+    """
+    C{kind} without C{Annotated} and with the member of a union that fits
+    C{value} (or is a C{want}: C{dict} or C{list}).
+    """
+    while True:
+        origin = get_origin(kind)
+        if origin is Annotated:
+            kind = get_args(kind)[0]
+        elif origin is Union or origin is types.UnionType:
+            target = want or (dict if isinstance(value, dict) else list if isinstance(value, list) else None)
+            for member in get_args(kind):
+                inner = _unwrap(member)
+                base = get_origin(inner) or inner
+                if target is dict and (base is dict or _is_struct(inner)):
+                    kind = member
+                    break
+                if target is list and base is list:
+                    kind = member
+                    break
+            else:
+                return kind
+        else:
+            return kind
+
+
+def _is_struct(kind: Any) -> bool:
+    return isinstance(kind, type) and issubclass(kind, msgspec.Struct)
+
+
+def _step(kind: Any, value: Any, token: str | int) -> tuple[Any, Any]:
+    """
+    The type and value one step down a path.
+    """
+    if isinstance(token, int):
+        kind = _unwrap(kind, value, list)
+        return get_args(kind)[0], value[token] if isinstance(value, list) else None
+    kind = _unwrap(kind, value, dict)
+    return _hints(kind)[token], value.get(token) if isinstance(value, dict) else None
+
+
+@functools.lru_cache(maxsize=None)
+def _hints(kind: Any) -> dict[str, Any]:
+    return get_type_hints(kind, include_extras=True)
+
+
+def refusal(
+    message: str, load: Callable[[], Any], kind: Any, prefix: str = ""
+) -> ApiError:
+    """
+    The L{ApiError} for msgspec's C{message} about a value of C{kind}.
+    C{load} gives the value (decoded anew: only a refused request pays) when
+    the message does not name the entry of an object at fault.
+    """
+    parsed = _AT.match(message)
+    assert parsed is not None
+    text = parsed.group("text")
+    path = parsed.group("inner") if parsed.group("inner") else parsed.group("path") or "$"
+    tokens = _tokens(path)
+    key_at_fault = parsed.group("inner") is not None
+    try:
+        if "..." in tokens or key_at_fault:
+            return _find_entry(text, load(), kind, tokens, key_at_fault, prefix)
+        if text.startswith("Object contains unknown field"):
+            name = text.split("`")[1]
+            field = _field(prefix, tokens + [name])
+            where = kind
+            for token in tokens:
+                where, _ = _step(where, None, token)
+            allowed = ", ".join(sorted(_unwrap(where, want=dict).__struct_fields__))
+            return ApiError(
+                400, "unknown_field", f"{field}: unknown field; allowed: {allowed}", field
             )
+    except (KeyError, IndexError, TypeError, AttributeError, ValueError, RecursionError):
+        # The value or its type could not be followed down the path: the
+        # field is named as msgspec named it.
+        tokens = [t for t in tokens if t != "..."]
+    if text.startswith("Object missing required field"):
+        field = _field(prefix, tokens + [text.split("`")[1]])
+        return ApiError(400, "missing_field", f"{field}: required", field)
+    field = _field(prefix, tokens) or "body"
+    return ApiError(400, "invalid_field", f"{field}: {_say(text)}", field)
 
 
-def check_fields(
-    value: Mapping[str, Any],
-    field: str,
-    allowed: "tuple[str, ...] | frozenset[str]",
-    required: tuple[str, ...] = (),
-) -> None:
+def _find_entry(
+    text: str, value: Any, kind: Any, tokens: list[str | int], key_at_fault: bool, prefix: str
+) -> ApiError:
     """
-    Refuse an object (at C{field}) with a key not in C{allowed}
-    (C{unknown_field}) or without one of C{required} (C{missing_field}).
+    Name the entry of an object at fault, which msgspec leaves out of its
+    path (C{$.env[...]}): each entry is checked again, in order.
     """
-    for key in value:
-        if key not in allowed:
-            raise ApiError(
-                400,
-                "unknown_field",
-                f"{field}.{key}: unknown field; allowed: {', '.join(sorted(allowed))}",
-                f"{field}.{key}",
-            )
-    for key in required:
-        if key not in value:
-            raise ApiError(
-                400, "missing_field", f"{field}.{key}: required", f"{field}.{key}"
-            )
+    where = list(tokens)
+    done: list[str | int] = []
+    while where and where[0] != "...":
+        token = where.pop(0)
+        kind, value = _step(kind, value, token)
+        done.append(token)
+    kind = _unwrap(kind, value, dict)
+    key_type, value_type = get_args(kind)
+    base = _field(prefix, done)
+    for key, item in value.items():
+        # An empty key is named by its object.
+        name = f"{base}.{key}" if base and key else base or key
+        try:
+            msgspec.convert(key, key_type, strict=True)
+        except msgspec.ValidationError as e:
+            return ApiError(400, "invalid_field", f"{name}: {_say(str(e).split(' - at')[0])}", name)
+        if not key_at_fault:
+            try:
+                msgspec.convert(item, value_type, strict=True)
+            except msgspec.ValidationError as e:
+                return refusal(str(e), lambda: item, value_type, name)
+    raise ValueError("no entry is at fault")
 
 
-def _input(value: Any, field: str) -> InputSpec:
-    if not isinstance(value, dict):
-        invalid(field, f"expected an object with url and path, got {_kind(value)}")
-    check_fields(value, field, INPUT_FIELDS, ("url", "path"))
-    url = _string(value["url"], f"{field}.url", allow_empty=False)
-    if not (url.startswith("http://") or url.startswith("https://")):
-        invalid(f"{field}.url", "only http:// and https:// URLs can be fetched")
-    path = _string(value["path"], f"{field}.path", allow_empty=False)
-    if path.startswith("/"):
-        invalid(f"{field}.path", "must be relative to the job's working directory")
-    parts = path.split("/")
-    if ".." in parts:
-        invalid(f"{field}.path", "must not contain '..'")
-    normal = posixpath.normpath(path)
-    if normal in (".", "") or path.endswith("/"):
-        invalid(f"{field}.path", "must name a file")
-    sha256 = None
-    if value.get("sha256") is not None:
-        sha256 = _string(value["sha256"], f"{field}.sha256")
-        if not _SHA256.match(sha256):
-            invalid(f"{field}.sha256", "expected 64 hexadecimal digits")
-        sha256 = sha256.lower()
-    return InputSpec(url=url, path=normal, sha256=sha256)
-
+# Checks msgspec does not make
 
 @attrs.frozen
 class Submission:
@@ -198,307 +345,6 @@ class Submission:
     spec: JobSpec
     array: Optional[int] = None
     batch_dependencies: tuple[tuple[int, int], ...] = ()
-
-
-def _integer(value: Any, field: str, low: int, high: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        invalid(field, f"expected an integer from {low} to {high}, got {_kind(value)}")
-    if not low <= value <= high:
-        invalid(field, f"expected an integer from {low} to {high}, got {value}")
-    return value
-
-
-def _seconds(value: Any, field: str, low: float, above: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        invalid(field, f"expected a number of seconds, got {_kind(value)}")
-    if value != value or value > MAX_SECONDS or value < low or (above and value == low):
-        bound = "above" if above else "from"
-        invalid(field, f"expected a number of seconds {bound} {low:g} up to {MAX_SECONDS:g}")
-    return float(value)
-
-
-def _parse_time(value: Any, field: str) -> float:
-    text = _string(value, field)
-    try:
-        moment = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        invalid(field, "expected an RFC 3339 time such as 2026-11-25T13:00:00Z")
-    if moment.tzinfo is None:
-        invalid(field, "the time needs a zone: end it with Z or an offset such as +01:00")
-    try:
-        moment.astimezone(datetime.timezone.utc)
-    except OverflowError:
-        invalid(field, "the time is out of range")
-    if not 1970 <= moment.astimezone(datetime.timezone.utc).year <= 9998:
-        invalid(field, "the time is out of range (1970 to 9998)")
-    return moment.timestamp()
-
-
-def parse_submission(
-    body: Any,
-    tasks: Mapping[str, Any],
-    queues: Mapping[str, Any],
-    now: float,
-    max_array: int,
-    prefix: str = "",
-    batch_index: Optional[int] = None,
-) -> Submission:
-    """
-    Check one submitted job and build its L{Submission}.
-
-    @param body: the decoded JSON value.
-    @param tasks: the configured task names.
-    @param queues: the configured queues (L{QueueConfig} by name).
-    @param now: the time C{delay} counts from.
-    @param max_array: the largest C{array} allowed.
-    @param prefix: put before field names (for jobs inside a batch).
-    @param batch_index: this job's place in a batch, or C{None} outside one
-        (where C{depends_on} may not hold integers).
-    @raise ApiError: naming the first field at fault.
-    """
-    fields = _job_fields(body, tasks, prefix)
-    if body.keys().isdisjoint(SCHEDULING_FIELDS):
-        # The common case, checked at once: a job that says nothing of its
-        # scheduling gets its queue's defaults.
-        queue = queues["default"]
-        return Submission(
-            JobSpec(**fields, priority=queue.priority, timeout=queue.timeout)
-        )
-    queue_name = "default"
-    if body.get("queue") is not None:
-        queue_name = _string(body["queue"], f"{prefix}queue", allow_empty=False)
-        if queue_name not in queues:
-            raise ApiError(
-                400,
-                "unknown_queue",
-                f"{prefix}queue: no queue named {queue_name!r}; known: "
-                f"{', '.join(sorted(queues))}",
-                f"{prefix}queue",
-            )
-    queue = queues[queue_name]
-    fields["queue"] = queue_name
-    fields["priority"] = queue.priority
-    fields["timeout"] = queue.timeout
-    if body.get("priority") is not None:
-        fields["priority"] = _integer(
-            body["priority"], f"{prefix}priority", -MAX_PRIORITY, MAX_PRIORITY
-        )
-    if body.get("timeout") is not None:
-        fields["timeout"] = _seconds(body["timeout"], f"{prefix}timeout", 0, above=True)
-    if body.get("max_attempts") is not None:
-        fields["max_attempts"] = _integer(
-            body["max_attempts"], f"{prefix}max_attempts", 1, MAX_ATTEMPTS
-        )
-    if body.get("retry_delay") is not None:
-        fields["retry_delay"] = _seconds(body["retry_delay"], f"{prefix}retry_delay", 0)
-    if body.get("not_before") is not None and body.get("delay") is not None:
-        invalid(f"{prefix}delay", "give not_before or delay, not both")
-    if body.get("not_before") is not None:
-        fields["not_before"] = _parse_time(body["not_before"], f"{prefix}not_before")
-    if body.get("delay") is not None:
-        fields["not_before"] = now + _seconds(body["delay"], f"{prefix}delay", 0)
-    depends: list[str] = []
-    batch_deps: list[tuple[int, int]] = []
-    if body.get("depends_on") is not None:
-        value = body["depends_on"]
-        field = f"{prefix}depends_on"
-        if not isinstance(value, list):
-            invalid(field, f"expected an array of job ids, got {_kind(value)}")
-        if len(value) > MAX_DEPENDENCIES:
-            invalid(field, f"at most {MAX_DEPENDENCIES} entries")
-        for i, item in enumerate(value):
-            if isinstance(item, int) and not isinstance(item, bool):
-                if batch_index is None:
-                    invalid(
-                        f"{field}[{i}]",
-                        "an index names an earlier job of the same batch; use a job id here",
-                    )
-                if not 0 <= item < batch_index:
-                    raise ApiError(
-                        400,
-                        "invalid_field",
-                        f"{field}[{i}]: {item} is not an earlier job of this batch "
-                        f"(this is job {batch_index}); a job may depend only on earlier "
-                        "ones, so no cycle can form",
-                        f"{field}[{i}]",
-                    )
-                batch_deps.append((i, item))
-                depends.append("")
-            else:
-                depends.append(_string(item, f"{field}[{i}]", allow_empty=False))
-        fields["depends_on"] = tuple(depends)
-    array = None
-    if body.get("array") is not None:
-        array = _integer(body["array"], f"{prefix}array", 1, max_array)
-    return Submission(JobSpec(**fields), array, tuple(batch_deps))
-
-
-_TASK_FIELDS = frozenset({"task", "args", "kwargs"})
-
-
-def plain_jobs(items: list[Any], tasks: Mapping[str, Any], queue: Any) -> Optional[PlainJobs]:
-    """
-    The jobs of a batch as L{PlainJobs}, if every one is plain: a command
-    and nothing else, or a configured task with nothing but its C{args} and
-    C{kwargs}; else C{None}, and the batch is L{parse_submission}'s, which
-    names any field at fault.  Each plain job is checked as
-    L{parse_submission} would check it, and kept as the JSON text its
-    L{JobSpec.to_stored} gives.
-
-    @param items: the decoded jobs of the batch.
-    @param tasks: the configured task names.
-    @param queue: the default queue's L{QueueConfig}, whose defaults the
-        jobs take.
-    """
-    stored = []
-    dumps = orjson.dumps
-    for item in items:
-        if type(item) is not dict:
-            return None
-        command = item.get("command")
-        try:
-            if command is not None:
-                if len(item) != 1 or type(command) is not list or not command[0]:
-                    return None
-                # join refuses any argument that is not a string.
-                if "\x00" in "".join(command):
-                    return None
-                stored.append(dumps(item).decode())
-            elif "task" in item and item.keys() <= _TASK_FIELDS:
-                task = item["task"]
-                args = item.get("args", [])
-                kwargs = item.get("kwargs", {})
-                if (
-                    type(task) is not str
-                    or task not in tasks
-                    or type(args) is not list
-                    or type(kwargs) is not dict
-                    or not all(key.isidentifier() for key in kwargs)
-                    or _too_deep(args)
-                    or _too_deep(kwargs)
-                ):
-                    return None
-                stored.append(
-                    dumps(
-                        {"args": args, "kwargs": kwargs, "task": task},
-                        option=orjson.OPT_SORT_KEYS,
-                    ).decode()
-                )
-            else:
-                return None
-        except (TypeError, IndexError):
-            # A command of no arguments, or of something not a string; a
-            # value orjson cannot write (an integer beyond 64 bits, a lone
-            # surrogate) in a task's arguments.
-            return None
-    return PlainJobs(stored, priority=queue.priority, timeout=queue.timeout)
-
-
-def _job_fields(body: Any, tasks: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """
-    Check what a submitted job runs; return those fields of its L{JobSpec}
-    (the scheduling fields are L{parse_submission}'s).
-
-    @param body: the decoded JSON value.
-    @param tasks: the configured task names.
-    @param prefix: put before field names (for jobs inside a batch).
-    @raise ApiError: naming the first field at fault.
-    """
-    if not isinstance(body, dict):
-        invalid(prefix.rstrip(".") or "body", f"expected a JSON object, got {_kind(body)}")
-    if not body.keys() <= JOB_FIELDS:
-        key = next(key for key in body if key not in JOB_FIELDS)
-        raise ApiError(
-            400,
-            "unknown_field",
-            f"{prefix}{key}: unknown field; allowed: {', '.join(sorted(JOB_FIELDS))}",
-            f"{prefix}{key}",
-        )
-    has_command = body.get("command") is not None
-    has_task = body.get("task") is not None
-    if has_command == has_task:
-        raise ApiError(
-            400,
-            "missing_field" if not has_command else "invalid_field",
-            f"{prefix}command: give exactly one of command (an argv list) or task",
-            f"{prefix}command",
-        )
-    spec: dict[str, Any] = {}
-    if has_command:
-        command = body["command"]
-        if not isinstance(command, list) or not command:
-            invalid(f"{prefix}command", "expected a non-empty array of strings (argv)")
-        if not (command[0] and all(type(arg) is str and "\x00" not in arg for arg in command)):
-            # Find the argument at fault, to name it.
-            for i, arg in enumerate(command):
-                _string(arg, f"{prefix}command[{i}]", allow_empty=(i > 0))
-        spec["command"] = tuple(command)
-        for key in ("args", "kwargs"):
-            if key in body:
-                invalid(f"{prefix}{key}", "only task jobs take args and kwargs")
-        if "env" in body:
-            env = _string_map(body["env"], f"{prefix}env")
-            for key in env:
-                if not _ENV_NAME.match(key):
-                    invalid(f"{prefix}env.{key}", "not a valid environment variable name")
-                if key.startswith(_RESERVED_ENV):
-                    invalid(f"{prefix}env.{key}", "names starting DISPATCHER_ are reserved")
-            spec["env"] = env
-    else:
-        task = _string(body["task"], f"{prefix}task", allow_empty=False)
-        if task not in tasks:
-            known = ", ".join(sorted(tasks)) or "none are configured"
-            raise ApiError(
-                400,
-                "unknown_task",
-                f"{prefix}task: no task named {task!r}; known: {known}",
-                f"{prefix}task",
-            )
-        spec["task"] = task
-        if "env" in body:
-            invalid(f"{prefix}env", "only command jobs take env")
-        args = body.get("args", [])
-        if not isinstance(args, list):
-            invalid(f"{prefix}args", f"expected an array, got {_kind(args)}")
-        kwargs = body.get("kwargs", {})
-        if not isinstance(kwargs, dict):
-            invalid(f"{prefix}kwargs", f"expected an object, got {_kind(kwargs)}")
-        for key in kwargs:
-            if not key.isidentifier():
-                invalid(f"{prefix}kwargs.{key}", "not a valid Python argument name")
-        for key, value in (("args", args), ("kwargs", kwargs)):
-            if _too_deep(value):
-                invalid(f"{prefix}{key}", f"arrays and objects nested more than {MAX_NESTING} deep")
-        spec["args"] = tuple(args)
-        spec["kwargs"] = kwargs
-    if body.get("name") is not None:
-        name = _string(body["name"], f"{prefix}name")
-        if len(name) > MAX_NAME:
-            invalid(f"{prefix}name", f"may be at most {MAX_NAME} characters")
-        spec["name"] = name
-    if "labels" in body:
-        spec["labels"] = _string_map(body["labels"], f"{prefix}labels", MAX_LABEL)
-    if "inputs" in body:
-        inputs = body["inputs"]
-        if not isinstance(inputs, list):
-            invalid(f"{prefix}inputs", f"expected an array, got {_kind(inputs)}")
-        parsed = tuple(_input(item, f"{prefix}inputs[{i}]") for i, item in enumerate(inputs))
-        seen: dict[str, int] = {}
-        for i, item in enumerate(parsed):
-            if item.path in seen:
-                invalid(
-                    f"{prefix}inputs[{i}].path",
-                    f"the same path as inputs[{seen[item.path]}]",
-                )
-            seen[item.path] = i
-        spec["inputs"] = parsed
-    if body.get("resources") is not None:
-        spec["resources"] = _resources(body["resources"], f"{prefix}resources")
-    if "requirements" in body:
-        spec["requirements"] = _string_map(
-            body["requirements"], f"{prefix}requirements", MAX_LABEL
-        )
-    return spec
 
 
 def _too_deep(value: Any) -> bool:
@@ -517,15 +363,259 @@ def _too_deep(value: Any) -> bool:
     return False
 
 
-def _resources(value: Any, field: str) -> Resources:
-    if not isinstance(value, dict):
-        invalid(field, f"expected an object with cpus, memory_mb, gpus; got {_kind(value)}")
-    check_fields(value, field, RESOURCE_FIELDS)
-    cpus = value.get("cpus", 0)
-    if isinstance(cpus, bool) or not isinstance(cpus, (int, float)) or not (
-        0 <= cpus <= MAX_CPUS
+def _parse_time(text: str, field: str) -> float:
+    # The pattern of the type has checked the form, the zone and the year.
+    try:
+        moment = datetime.datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+        utc = moment.astimezone(datetime.timezone.utc)
+    except (ValueError, OverflowError):
+        invalid(field, "not a time of the calendar (a day past the month's end?)")
+    if not 1970 <= utc.year <= 9998:
+        invalid(field, "the time is out of range (1970 to 9998)")
+    return moment.timestamp()
+
+
+def _job_fields(body: JobSubmission, tasks: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """
+    Check what a submitted job runs; return those fields of its L{JobSpec}
+    (the scheduling fields are L{parse_submission}'s).
+    """
+    has_command = body.command is not None
+    has_task = body.task is not None
+    if has_command == has_task:
+        raise ApiError(
+            400,
+            "missing_field" if not has_command else "invalid_field",
+            f"{prefix}command: give exactly one of command (an argv list) or task",
+            f"{prefix}command",
+        )
+    spec: dict[str, Any] = {}
+    if has_command:
+        command = body.command
+        if not command[0]:
+            invalid(f"{prefix}command[0]", "the program must not be empty")
+        if "\x00" in "".join(command):
+            i = next(i for i, arg in enumerate(command) if "\x00" in arg)
+            invalid(f"{prefix}command[{i}]", PATTERN_MESSAGES[NO_NUL])
+        spec["command"] = tuple(command)
+        for key in ("args", "kwargs"):
+            if getattr(body, key) is not UNSET:
+                invalid(f"{prefix}{key}", "only task jobs take args and kwargs")
+        if body.env is not UNSET:
+            for key in body.env:
+                if key.startswith(RESERVED_ENV):
+                    invalid(f"{prefix}env.{key}", f"names starting {RESERVED_ENV} are reserved")
+            spec["env"] = body.env
+    else:
+        task = body.task
+        if task not in tasks:
+            known = ", ".join(sorted(tasks)) or "none are configured"
+            raise ApiError(
+                400,
+                "unknown_task",
+                f"{prefix}task: no task named {task!r}; known: {known}",
+                f"{prefix}task",
+            )
+        spec["task"] = task
+        if body.env is not UNSET:
+            invalid(f"{prefix}env", "only command jobs take env")
+        args = [] if body.args is UNSET else body.args
+        kwargs = {} if body.kwargs is UNSET else body.kwargs
+        for key, value in (("args", args), ("kwargs", kwargs)):
+            if _too_deep(value):
+                invalid(f"{prefix}{key}", f"arrays and objects nested more than {MAX_NESTING} deep")
+        spec["args"] = tuple(args)
+        spec["kwargs"] = kwargs
+    if body.name is not None:
+        spec["name"] = body.name
+    if body.labels:
+        spec["labels"] = body.labels
+    if body.inputs:
+        seen: dict[str, int] = {}
+        inputs = []
+        for i, item in enumerate(body.inputs):
+            path = posixpath.normpath(item.path)
+            if path in seen:
+                invalid(f"{prefix}inputs[{i}].path", f"the same path as inputs[{seen[path]}]")
+            seen[path] = i
+            sha256 = None if item.sha256 is None else item.sha256.lower()
+            inputs.append(InputSpec(url=item.url, path=path, sha256=sha256))
+        spec["inputs"] = tuple(inputs)
+    if body.resources is not None:
+        r = body.resources
+        spec["resources"] = Resources(float(r.cpus), r.memory_mb, r.gpus)
+    if body.requirements:
+        spec["requirements"] = body.requirements
+    return spec
+
+
+def parse_submission(
+    body: Any,
+    tasks: Mapping[str, Any],
+    queues: Mapping[str, Any],
+    now: float,
+    max_array: int,
+    prefix: str = "",
+    batch_index: Optional[int] = None,
+) -> Submission:
+    """
+    Check one submitted job and build its L{Submission}.
+
+    @param body: the L{JobSubmission} (or L{BatchJob}), or its decoded JSON.
+    @param tasks: the configured task names.
+    @param queues: the configured queues (L{QueueConfig} by name).
+    @param now: the time C{delay} counts from.
+    @param max_array: the largest C{array} allowed.
+    @param prefix: put before field names (for jobs inside a batch).
+    @param batch_index: this job's place in a batch, or C{None} outside one
+        (where C{depends_on} may not hold integers).
+    @raise ApiError: naming the first field at fault.
+    """
+    if not isinstance(body, JobSubmission):
+        body = convert(body, JobSubmission if batch_index is None else BatchJob, prefix)
+    fields = _job_fields(body, tasks, prefix)
+    if (
+        body.queue is None and body.priority is None and body.timeout is None
+        and body.max_attempts is None and body.retry_delay is None
+        and body.not_before is None and body.delay is None
+        and body.depends_on is None and body.array is None
     ):
-        invalid(f"{field}.cpus", f"expected a number from 0 to {MAX_CPUS}")
-    memory = _integer(value.get("memory_mb", 0), f"{field}.memory_mb", 0, MAX_MEMORY_MB)
-    gpus = _integer(value.get("gpus", 0), f"{field}.gpus", 0, MAX_GPUS)
-    return Resources(float(cpus), memory, gpus)
+        # The common case, at once: a job that says nothing of its
+        # scheduling gets its queue's defaults.
+        queue = queues["default"]
+        return Submission(JobSpec(**fields, priority=queue.priority, timeout=queue.timeout))
+    queue_name = "default" if body.queue is None else body.queue
+    if queue_name not in queues:
+        raise ApiError(
+            400,
+            "unknown_queue",
+            f"{prefix}queue: no queue named {queue_name!r}; known: {', '.join(sorted(queues))}",
+            f"{prefix}queue",
+        )
+    queue = queues[queue_name]
+    fields["queue"] = queue_name
+    fields["priority"] = queue.priority if body.priority is None else body.priority
+    fields["timeout"] = queue.timeout if body.timeout is None else float(body.timeout)
+    if body.max_attempts is not None:
+        fields["max_attempts"] = body.max_attempts
+    if body.retry_delay is not None:
+        fields["retry_delay"] = float(body.retry_delay)
+    if body.not_before is not None and body.delay is not None:
+        invalid(f"{prefix}delay", "give not_before or delay, not both")
+    if body.not_before is not None:
+        fields["not_before"] = _parse_time(body.not_before, f"{prefix}not_before")
+    if body.delay is not None:
+        fields["not_before"] = now + body.delay
+    batch_deps: list[tuple[int, int]] = []
+    if body.depends_on is not None:
+        field = f"{prefix}depends_on"
+        depends: list[str] = []
+        for i, item in enumerate(body.depends_on):
+            if type(item) is int:
+                if batch_index is None:
+                    invalid(
+                        f"{field}[{i}]",
+                        "an index names an earlier job of the same batch; use a job id here",
+                    )
+                if item >= batch_index:
+                    raise ApiError(
+                        400,
+                        "invalid_field",
+                        f"{field}[{i}]: {item} is not an earlier job of this batch "
+                        f"(this is job {batch_index}); a job may depend only on earlier "
+                        "ones, so no cycle can form",
+                        f"{field}[{i}]",
+                    )
+                batch_deps.append((i, item))
+                depends.append("")
+            else:
+                depends.append(item)
+        fields["depends_on"] = tuple(depends)
+    array = body.array
+    if array is not None and array > max_array:
+        invalid(
+            f"{prefix}array",
+            f"expected an integer from 1 to {max_array} ([dispatcher] max_array), got {array}",
+        )
+    return Submission(JobSpec(**fields), array, tuple(batch_deps))
+
+
+def check_batch_size(count: int, max_array: int) -> None:
+    """
+    Refuse a batch of more than C{max_array} jobs.
+    """
+    if count > max_array:
+        raise ApiError(
+            400,
+            "invalid_field",
+            f"jobs: at most {max_array} jobs in one batch ([dispatcher] max_array)",
+            "jobs",
+        )
+
+
+def decode_batch(raw: bytes) -> Union[PlainBatch, Batch]:
+    """
+    A batch's body: as a L{PlainBatch} when every job in it is plain (the
+    common bulk submission, decoded into four fields a job), else as a
+    L{Batch}, whose errors name the field at fault.
+    """
+    try:
+        return _plain_batch.decode(raw)
+    except (msgspec.ValidationError, msgspec.DecodeError, RecursionError):
+        return decode(raw, Batch)
+
+
+_plain_batch = msgspec.json.Decoder(PlainBatch)
+
+
+def plain_jobs(items: list[Any], tasks: Mapping[str, Any], queue: Any) -> Optional[PlainJobs]:
+    """
+    The jobs of a batch as L{PlainJobs}, if every one is plain: a command
+    and nothing else, or a configured task with nothing but its C{args} and
+    C{kwargs}; else C{None}, and the batch is L{parse_submission}'s, which
+    names any field at fault.  Each plain job is checked as
+    L{parse_submission} would check it, and kept as the JSON text its
+    stored form gives.
+
+    @param items: the L{PlainJob}s of the batch (or their decoded JSON).
+    @param tasks: the configured task names.
+    @param queue: the default queue's L{QueueConfig}, whose defaults the
+        jobs take.
+    """
+    if items and type(items[0]) is not PlainJob:
+        try:
+            items = msgspec.convert(items, list[PlainJob], strict=True)
+        except msgspec.ValidationError:
+            return None
+    stored = []
+    dumps = orjson.dumps
+    unset = UNSET
+    for item in items:
+        command = item.command
+        try:
+            if command is not None:
+                if (
+                    item.task is not None or not command[0] or "\x00" in "".join(command)
+                    or item.args is not unset or item.kwargs is not unset
+                ):
+                    return None
+                stored.append(dumps({"command": command}).decode())
+            elif item.task is not None:
+                task = item.task
+                args = [] if item.args is unset else item.args
+                kwargs = {} if item.kwargs is unset else item.kwargs
+                if task not in tasks or _too_deep(args) or _too_deep(kwargs):
+                    return None
+                stored.append(
+                    dumps(
+                        {"args": args, "kwargs": kwargs, "task": task},
+                        option=orjson.OPT_SORT_KEYS,
+                    ).decode()
+                )
+            else:
+                return None
+        except TypeError:
+            # A value orjson cannot write (an integer beyond 64 bits) in a
+            # task's arguments: the full path stores it.
+            return None
+    return PlainJobs(stored, priority=queue.priority, timeout=queue.timeout)

@@ -17,6 +17,7 @@ import socket
 from typing import Any, Callable, Mapping, Optional
 
 import attrs
+import msgspec
 from hyperlink import DecodedURL
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import (
@@ -35,7 +36,18 @@ from twisted.python.failure import Failure
 from dispatcher.config._ini import Config
 from dispatcher.execution._executor import RunningJob
 from dispatcher.execution._host import JobHost
-from dispatcher.model._jobs import JobState, Lease, Outcome, lease_from_json
+from dispatcher.model._jobs import JobState, Lease, Outcome
+from dispatcher.wire._forms import lease_from_grant
+from dispatcher.wire._json import encode
+from dispatcher.wire._types import (
+    HeartbeatItem,
+    HeartbeatRequest,
+    LeaseGrant,
+    LeaseRequest,
+    ResultItem,
+    ResultsRequest,
+    WorkerOffer,
+)
 
 log = Logger()
 
@@ -87,20 +99,20 @@ class WorkerDescription:
     tasks: tuple[str, ...] = ()
     instance: str = attrs.field(factory=lambda: secrets.token_hex(8), eq=False)
 
-    def to_json(self) -> dict[str, Any]:
+    def offer(self) -> WorkerOffer:
         """
         The description as the protocol's C{"worker"} object.
         """
-        return {
-            "name": self.name,
-            "slots": self.slots,
-            "cpus": self.cpus,
-            "memory_mb": self.memory_mb,
-            "gpus": self.gpus,
-            "labels": dict(self.labels),
-            "tasks": list(self.tasks),
-            "instance": self.instance,
-        }
+        return WorkerOffer(
+            name=self.name,
+            slots=self.slots,
+            cpus=self.cpus,
+            memory_mb=self.memory_mb,
+            gpus=self.gpus,
+            labels=dict(self.labels),
+            tasks=list(self.tasks),
+            instance=self.instance,
+        )
 
 
 def default_name() -> str:
@@ -227,27 +239,27 @@ class DispatcherClient:
         Ask for up to C{max_jobs} leases, letting the dispatcher hold the
         request up to C{wait} seconds.  Fires with the answer's JSON.
         """
-        body = {"worker": worker.to_json(), "max_jobs": max_jobs, "wait": wait}
+        body = LeaseRequest(worker.offer(), max_jobs, wait)
         return self._json(
             self.url("v1", "leases"), body, wait + POLL_MARGIN_SECONDS, ()
         )
 
-    def heartbeat(self, worker: WorkerDescription, items: list[dict[str, Any]]) -> Deferred:
+    def heartbeat(self, worker: WorkerDescription, items: list[HeartbeatItem]) -> Deferred:
         """
         Renew leases; fires with the answer's JSON, whose C{leases} say for
         each item whether it is still current.
         """
-        body = {"worker": worker.to_json(), "leases": items}
+        body = HeartbeatRequest(worker.offer(), items)
         return self._json(
             self.url("v1", "leases", "heartbeat"), body, REQUEST_TIMEOUT_SECONDS, (409,)
         )
 
-    def report(self, worker: WorkerDescription, results: list[dict[str, Any]]) -> Deferred:
+    def report(self, worker: WorkerDescription, results: list[ResultItem]) -> Deferred:
         """
         Report how attempts ended; fires with the answer's JSON, whose
         C{results} say for each item whether it was recorded.
         """
-        body = {"worker": worker.to_json(), "results": results}
+        body = ResultsRequest(worker.offer(), results)
         return self._json(
             self.url("v1", "leases", "results"), body, REQUEST_TIMEOUT_SECONDS, (409,)
         )
@@ -291,14 +303,12 @@ class DispatcherClient:
     def _json(
         self,
         url: DecodedURL,
-        body: Mapping[str, Any],
+        body: Any,
         timeout: float,
         also_ok: tuple[int, ...],
     ) -> Deferred:
         async def send() -> Any:
-            status, answer = await self._post(
-                url, json.dumps(body).encode("utf-8"), "application/json"
-            )
+            status, answer = await self._post(url, encode(body), "application/json")
             if (status == 200 or status in also_ok) and isinstance(answer, dict) and (
                 status == 200 or "error" not in answer
             ):
@@ -722,7 +732,10 @@ class RemoteWorker(Service):
 
     def _start(self, item: Any) -> None:
         try:
-            lease = lease_from_json(item, self._clock.seconds() + self.lease_seconds)
+            lease = lease_from_grant(
+                msgspec.convert(item, LeaseGrant, strict=True),
+                self._clock.seconds() + self.lease_seconds,
+            )
         except Exception:
             log.failure("cannot read a lease the dispatcher sent: {item!r}", item=item)
             return
@@ -887,10 +900,7 @@ class RemoteWorker(Service):
         told = {h.job_id for h in live if h.tell_running}
         items = []
         for held in live:
-            item: dict[str, Any] = {"job_id": held.job_id, "token": held.lease.token}
-            if held.job_id in told:
-                item["running"] = True
-            items.append(item)
+            items.append(HeartbeatItem(held.job_id, held.lease.token, held.job_id in told))
             if not held.ended:
                 self._guard(self._ship_logs(held), f"shipping job {held.job_id}'s log")
         try:
@@ -1028,7 +1038,7 @@ class RemoteWorker(Service):
             batch = list(self.unreported.values())
             try:
                 answer = await self._client.report(
-                    self.description, [_result_json(h) for h in batch]
+                    self.description, [_result_item(h) for h in batch]
                 )
             except DispatcherError as e:
                 delay = self._report_backoff.next_delay()
@@ -1065,20 +1075,20 @@ class RemoteWorker(Service):
                 self._slots_freed()
 
 
-def _result_json(held: HeldLease) -> dict[str, Any]:
+def _result_item(held: HeldLease) -> ResultItem:
     outcome = held.outcome
     assert outcome is not None
-    return {
-        "job_id": held.job_id,
-        "token": held.lease.token,
+    return ResultItem(
+        held.job_id,
+        held.lease.token,
         # A job the worker's own shutdown stopped goes back to the queue,
         # its attempt not spent.
-        "state": "released" if held.abandoned else outcome.state.value,
-        "exit_code": outcome.exit_code,
-        "result": outcome.result,
-        "error": outcome.error,
-        "stopped": outcome.stopped,
-    }
+        "released" if held.abandoned else outcome.state.value,
+        outcome.exit_code,
+        outcome.result,
+        outcome.error,
+        outcome.stopped,
+    )
 
 
 def _log_error(error: Exception, what: str, delay: float) -> None:

@@ -1,0 +1,391 @@
+"""
+The API's routes, declared once: method, path, handler, who may call it,
+what it takes and what it answers with which status.  The table drives the
+routing and the authentication of L{DispatcherAPI} and the paths of the
+OpenAPI document (L{dispatcher.api._openapi}).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional
+
+import attrs
+
+from dispatcher.model._jobs import JobState
+from dispatcher.wire._types import (
+    DEFAULT_LIST_LIMIT,
+    MAX_IDEMPOTENCY_KEY,
+    MAX_LIST_LIMIT,
+    MAX_NAME,
+    MAX_TOKEN,
+    Batch,
+    Error,
+    Health,
+    HeartbeatAnswer,
+    HeartbeatRequest,
+    JobPage,
+    JobSubmission,
+    JobSummary,
+    JobView,
+    LeaseAnswer,
+    LeaseRequest,
+    LogWritten,
+    QueueList,
+    ResultsAnswer,
+    ResultsRequest,
+    RetryRequest,
+    WorkerList,
+)
+
+# Who may call a route.
+OPEN = "open"
+API = "api"
+WORKERS = "workers"
+
+# A request body of raw bytes rather than JSON.
+OCTETS = "application/octet-stream"
+
+
+@attrs.frozen
+class Response:
+    """
+    One status a route answers: what it means and its body (a wire type,
+    a JSON Schema, or C{None} for the L{Error} body), with headers.
+    """
+
+    description: str
+    body: Any = Error
+    content_type: str = "application/json"
+    headers: Mapping[str, Any] = attrs.field(factory=dict)
+
+
+@attrs.frozen
+class Route:
+    """
+    One operation of the API.
+
+    @ivar handler: the name of the L{DispatcherAPI} method that serves it;
+        it is called with the request and the path's parameters in order.
+    @ivar request: the body's wire type, L{OCTETS}, or C{None} (no body).
+    """
+
+    method: str
+    path: str
+    operation_id: str
+    handler: str
+    summary: str
+    auth: str
+    responses: Mapping[int, Response]
+    request: Any = None
+    request_required: bool = True
+    parameters: tuple[Mapping[str, Any], ...] = ()
+
+    @property
+    def segments(self) -> tuple[str, ...]:
+        """
+        The path's segments; C{{name}} ones are parameters.
+        """
+        return tuple(self.path.strip("/").split("/"))
+
+    def statuses(self) -> dict[int, Response]:
+        """
+        Every status the route can answer: its own, and those its body,
+        its authentication and the server add.
+        """
+        out = dict(self.responses)
+        if self.request is not None:
+            out.setdefault(400, Response("A field is wrong; it is named."))
+            out.setdefault(413, Response("The body is over [server] max_body_bytes."))
+            if self.request is not OCTETS:
+                out.setdefault(415, Response("The body is not application/json."))
+        if self.parameters and any(p["in"] == "query" for p in self.parameters):
+            out.setdefault(400, Response("A query parameter is wrong; it is named."))
+        if self.auth == API:
+            out[401] = _unauthorized("[api] token_file is set and its token is missing or wrong.")
+        elif self.auth == WORKERS:
+            out[401] = _unauthorized("The workers' token ([workers] token_file) is missing or wrong.")
+            out[403] = Response("workers_disabled: this dispatcher has no [workers] token_file.")
+        if self.auth != OPEN:
+            out.setdefault(503, Response("The dispatcher is stopping; nothing was changed."))
+        out[500] = Response("The dispatcher failed to answer; see its log.")
+        return dict(sorted(out.items()))
+
+
+def _unauthorized(description: str) -> Response:
+    return Response(
+        description, headers={"WWW-Authenticate": {"schema": {"const": 'Bearer realm="dispatcher"'}}}
+    )
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+# Schemas of answers that are one of two wire types.
+SUBMITTED_JOBS = {
+    "type": "object",
+    "required": ["jobs"],
+    "description": "The jobs, in order: each one's id and state, or each whole "
+    "with Prefer: return=representation.",
+    "properties": {"jobs": {"type": "array", "items": {"anyOf": [_ref("JobSummary"), _ref("JobView")]}}},
+}
+_JOB_OR_JOBS = {"oneOf": [_ref("JobView"), _ref("SubmittedJobs")]}
+
+JOB_ID = {
+    "name": "id",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string"},
+    "description": "The job's id (a UUIDv7).",
+}
+PREFER = {
+    "name": "Prefer",
+    "in": "header",
+    "required": False,
+    "schema": {"type": "string"},
+    "description": "return=representation (RFC 7240): answer every job a request "
+    "makes whole, as GET /v1/jobs/{id} shows it, rather than its id, state and "
+    "place in its array. A request that makes one job gets it whole anyway.",
+}
+IDEMPOTENCY_KEY = {
+    "name": "Idempotency-Key",
+    "in": "header",
+    "required": False,
+    "schema": {"type": "string", "minLength": 1, "maxLength": MAX_IDEMPOTENCY_KEY,
+               "pattern": "^[ -~]*$"},
+    "description": "The same key with a JSON-equal body answers 200 with the "
+    "original jobs instead of making more; with another body, 409. Kept for "
+    "[dispatcher] idempotency_ttl seconds.",
+}
+_NO_SUCH_JOB = Response("No such job.")
+_REPLAY = "A replay of an earlier request with the same Idempotency-Key."
+_CONFLICT_KEY = Response("The Idempotency-Key was used with another body.")
+
+
+ROUTES: tuple[Route, ...] = (
+    Route(
+        "GET", "/healthz", "health", "health", "Whether the daemon serves.", OPEN,
+        {200: Response("It does.", Health)},
+    ),
+    Route(
+        "GET", "/v1/openapi.json", "openapi", "openapi", "This document.", OPEN,
+        {200: Response("The OpenAPI document.", {"type": "object"})},
+    ),
+    Route(
+        "POST", "/v1/jobs", "submitJob", "submit",
+        "Submit a job (or, with array, several); answered once durably stored.", API,
+        {
+            200: Response(_REPLAY, _JOB_OR_JOBS),
+            201: Response(
+                "The job (queued, or pending while it waits), or {\"jobs\": [...]} "
+                "for an array.",
+                _JOB_OR_JOBS,
+                headers={"Location": {"schema": {"type": "string"}, "description": "/v1/jobs/{id}"}},
+            ),
+            409: _CONFLICT_KEY,
+        },
+        request=JobSubmission,
+        parameters=(IDEMPOTENCY_KEY, PREFER),
+    ),
+    Route(
+        "GET", "/v1/jobs", "listJobs", "list_jobs",
+        "List jobs in submission order, a page at a time.", API,
+        {200: Response("A page of jobs.", JobPage)},
+        parameters=(
+            {"name": "state", "in": "query", "schema": {"enum": [s.value for s in JobState]}},
+            {
+                "name": "label",
+                "in": "query",
+                "description": "key=value (or key: has the label); repeat to AND.",
+                "schema": {"type": "array", "items": {"type": "string", "pattern": "^[^=]"}},
+                "style": "form",
+                "explode": True,
+            },
+            {
+                "name": "limit",
+                "in": "query",
+                "schema": {"type": "integer", "minimum": 1, "maximum": MAX_LIST_LIMIT,
+                           "default": DEFAULT_LIST_LIMIT},
+            },
+            {
+                "name": "cursor",
+                "in": "query",
+                "description": "next_cursor of the previous page.",
+                "schema": {"type": "string", "pattern": "^[0-9]+$"},
+            },
+        ),
+    ),
+    Route(
+        "POST", "/v1/jobs/batch", "submitBatch", "submit_batch",
+        "Submit several jobs, all or nothing.", API,
+        {
+            200: Response(_REPLAY, _ref("SubmittedJobs")),
+            201: Response("The jobs.", _ref("SubmittedJobs")),
+            400: Response("A field is wrong; it is named, as jobs[i].field."),
+            409: _CONFLICT_KEY,
+        },
+        request=Batch,
+        parameters=(IDEMPOTENCY_KEY, PREFER),
+    ),
+    Route(
+        "GET", "/v1/queues", "listQueues", "list_queues",
+        "Per queue: jobs by state, and running jobs against the limit.", API,
+        {200: Response("The queues.", QueueList)},
+    ),
+    Route(
+        "GET", "/v1/jobs/{id}", "getJob", "get_job", "One job.", API,
+        {200: Response("The job.", JobView), 404: _NO_SUCH_JOB},
+        parameters=(JOB_ID,),
+    ),
+    Route(
+        "POST", "/v1/jobs/{id}/cancel", "cancelJob", "cancel",
+        "Cancel a job; a running process is killed with its process group.", API,
+        {
+            200: Response("Cancelled.", JobView),
+            202: Response("Running: it is being stopped.", JobView),
+            404: _NO_SUCH_JOB,
+            409: Response("The job has already finished."),
+        },
+        parameters=(JOB_ID,),
+    ),
+    Route(
+        "POST", "/v1/jobs/{id}/retry", "retryJob", "retry",
+        "Put a failed or cancelled job back in line with a fresh budget of "
+        "attempts; its attempts stay in its history.", API,
+        {
+            200: Response("The job, queued (or pending).", JobView),
+            404: _NO_SUCH_JOB,
+            409: Response("The job is not failed or cancelled, or a job it depends "
+                          "on must be retried first."),
+        },
+        request=RetryRequest,
+        request_required=False,
+        parameters=(JOB_ID,),
+    ),
+    Route(
+        "GET", "/v1/jobs/{id}/log", "readJobLog", "read_log",
+        "The output of the job's latest attempt; works while it runs.", API,
+        {
+            200: Response("The text so far.", {"type": "string"}, "text/plain"),
+            404: _NO_SUCH_JOB,
+        },
+        parameters=(
+            JOB_ID,
+            {"name": "stream", "in": "query",
+             "schema": {"enum": ["stdout", "stderr"], "default": "stdout"}},
+            {"name": "offset", "in": "query",
+             "description": "Skip this many bytes: poll with the size already read "
+             "to follow a running job.",
+             "schema": {"type": "integer", "minimum": 0, "default": 0}},
+        ),
+    ),
+    Route(
+        "GET", "/v1/workers", "listWorkers", "list_workers",
+        "The workers heard from within a lease's life, or waiting for work.", API,
+        {200: Response("The workers.", WorkerList)},
+    ),
+    Route(
+        "POST", "/v1/leases", "lease", "lease",
+        "Ask for work (a long-poll): answered as soon as a job is leased, or with "
+        "no leases when the wait ends.", WORKERS,
+        {
+            200: Response("The leases granted (maybe none).", LeaseAnswer),
+            400: Response("A field is wrong; it is named (max_jobs: more than "
+                          "worker.slots)."),
+        },
+        request=LeaseRequest,
+    ),
+    Route(
+        "POST", "/v1/leases/heartbeat", "heartbeat", "heartbeat",
+        "Renew leases, and hear which ones ended (a cancel, an expiry).", WORKERS,
+        {
+            200: Response("One answer per lease.", HeartbeatAnswer),
+            409: Response("Every lease was refused.", HeartbeatAnswer),
+        },
+        request=HeartbeatRequest,
+    ),
+    Route(
+        "POST", "/v1/leases/results", "reportResults", "report_results",
+        "Report how attempts ended; answered once the accepted ones are stored.", WORKERS,
+        {
+            200: Response("One answer per result.", ResultsAnswer),
+            409: Response("Every result was refused.", ResultsAnswer),
+        },
+        request=ResultsRequest,
+    ),
+    Route(
+        "POST", "/v1/leases/log", "writeJobLog", "write_log",
+        "Write a chunk of an attempt's log at an offset; a resent chunk is written over.",
+        WORKERS,
+        {
+            200: Response("Written.", LogWritten),
+            400: Response("A query parameter is wrong, or (offset_past_end) the offset "
+                          "is past the end of the stream; the message says where to "
+                          "send from."),
+            409: Response("stale_lease: the token is not the job's current lease."),
+        },
+        request=OCTETS,
+        parameters=(
+            {"name": "job_id", "in": "query", "required": True,
+             "schema": {"type": "string", "minLength": 1, "maxLength": MAX_NAME}},
+            {"name": "token", "in": "query", "required": True,
+             "schema": {"type": "integer", "minimum": 1, "maximum": MAX_TOKEN}},
+            {"name": "stream", "in": "query", "required": True,
+             "schema": {"enum": ["stdout", "stderr"]}},
+            {"name": "offset", "in": "query", "required": True,
+             "description": "Where the chunk goes in the stream; at most its current size.",
+             "schema": {"type": "integer", "minimum": 0}},
+        ),
+    ),
+)
+
+
+class Router:
+    """
+    Finds the L{Route} of a request's method and path segments.
+    """
+
+    def __init__(self, routes: tuple[Route, ...] = ROUTES) -> None:
+        self._static: dict[tuple[str, ...], dict[str, Route]] = {}
+        self._templates: list[tuple[tuple[str, ...], dict[str, Route]]] = []
+        for route in routes:
+            segments = route.segments
+            if any(s.startswith("{") for s in segments):
+                for template, methods in self._templates:
+                    if template == segments:
+                        methods[route.method] = route
+                        break
+                else:
+                    self._templates.append((segments, {route.method: route}))
+            else:
+                self._static.setdefault(segments, {})[route.method] = route
+
+    def match(self, segments: list[str]) -> Optional[tuple[dict[str, Route], tuple[str, ...]]]:
+        """
+        The routes of a path, by method, and the path's parameters; C{None}
+        if no route has this path.
+        """
+        methods = self._static.get(tuple(segments))
+        if methods is not None:
+            return methods, ()
+        for template, methods in self._templates:
+            if len(template) == len(segments) and all(
+                t.startswith("{") or t == s for t, s in zip(template, segments)
+            ):
+                return methods, tuple(s for t, s in zip(template, segments) if t.startswith("{"))
+        return None
+
+
+def types_of(routes: tuple[Route, ...] = ROUTES) -> list[Any]:
+    """
+    The wire types the routes take and answer, for the document's
+    components.
+    """
+    found: list[Any] = [JobSummary, JobView, Error]
+    for route in routes:
+        if isinstance(route.request, type):
+            found.append(route.request)
+        for response in route.responses.values():
+            if isinstance(response.body, type):
+                found.append(response.body)
+    return list(dict.fromkeys(found))

@@ -1,0 +1,263 @@
+"""
+The JSON forms of the model's values: a job as the API shows it, a spec
+as the store keeps it, a lease as a worker gets it.  The model has no
+JSON; these functions are the one place its values meet the wire types of
+L{dispatcher.wire._types}.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from msgspec import UNSET
+
+from dispatcher.model._jobs import (
+    NO_RESOURCES,
+    Attempt,
+    InputSpec,
+    Job,
+    JobSpec,
+    Lease,
+    PlainJobs,
+    Resources,
+    format_time,
+)
+from dispatcher.wire._json import decode_stored
+from dispatcher.wire._types import (
+    AttemptView,
+    InputView,
+    JobSummary,
+    JobView,
+    LeaseGrant,
+    LeaseSpec,
+    ResourcesView,
+)
+
+
+def input_json(spec: InputSpec) -> dict[str, Any]:
+    """
+    An input file as stored: C{sha256} left out when not given.
+    """
+    out: dict[str, Any] = {"url": spec.url, "path": spec.path}
+    if spec.sha256 is not None:
+        out["sha256"] = spec.sha256
+    return out
+
+
+def resources_json(resources: Resources) -> dict[str, Any]:
+    """
+    Resources as stored and shown: all three.
+    """
+    return {"cpus": resources.cpus, "memory_mb": resources.memory_mb, "gpus": resources.gpus}
+
+
+def resources_from_json(data: Mapping[str, Any]) -> Resources:
+    """
+    The L{Resources} of L{resources_json}'s form (a missing one is 0).
+    """
+    return Resources(
+        float(data.get("cpus", 0.0)), int(data.get("memory_mb", 0)), int(data.get("gpus", 0))
+    )
+
+
+def spec_to_stored(spec: JobSpec) -> dict[str, Any]:
+    """
+    The fields of a spec kept as JSON in the store (the others have
+    columns); empty ones are left out.
+    """
+    out: dict[str, Any] = {}
+    if spec.command is not None:
+        out["command"] = list(spec.command)
+        if spec.env:
+            out["env"] = dict(spec.env)
+    else:
+        out["task"] = spec.task
+        out["args"] = list(spec.args)
+        out["kwargs"] = dict(spec.kwargs)
+    if spec.inputs:
+        out["inputs"] = [input_json(i) for i in spec.inputs]
+    if spec.depends_on:
+        out["depends_on"] = list(spec.depends_on)
+    if spec.resources != NO_RESOURCES:
+        out["resources"] = resources_json(spec.resources)
+    if spec.requirements:
+        out["requirements"] = dict(spec.requirements)
+    return out
+
+
+def spec_from_stored(data: Mapping[str, Any], **columns: Any) -> JobSpec:
+    """
+    Rebuild a stored spec from its JSON (L{spec_to_stored}) and its columns.
+    """
+    command = data.get("command")
+    return JobSpec(
+        command=tuple(command) if command is not None else None,
+        task=data.get("task"),
+        args=tuple(data.get("args", ())),
+        kwargs=dict(data.get("kwargs", {})),
+        env=dict(data.get("env", {})),
+        inputs=tuple(InputSpec(**i) for i in data.get("inputs", ())),
+        depends_on=tuple(data.get("depends_on", ())),
+        resources=resources_from_json(data["resources"]) if "resources" in data else NO_RESOURCES,
+        requirements=dict(data.get("requirements", {})),
+        **columns,
+    )
+
+
+def plain_specs(plain: PlainJobs) -> list[JobSpec]:
+    """
+    The jobs of L{PlainJobs} as L{JobSpec}s.
+    """
+    columns = {
+        "priority": plain.priority,
+        "timeout": plain.timeout,
+        "queue": plain.queue,
+        "max_attempts": plain.max_attempts,
+        "retry_delay": plain.retry_delay,
+    }
+    return [spec_from_stored(decode_stored(text), **columns) for text in plain.stored]
+
+
+def _input_view(spec: InputSpec) -> InputView:
+    return InputView(spec.url, spec.path, UNSET if spec.sha256 is None else spec.sha256)
+
+
+def _resources_view(resources: Resources) -> ResourcesView:
+    return ResourcesView(resources.cpus, resources.memory_mb, resources.gpus)
+
+
+def _attempt_view(attempt: Attempt) -> AttemptView:
+    return AttemptView(
+        attempt.number,
+        attempt.holder,
+        format_time(attempt.started_at),
+        format_time(attempt.finished_at),
+        attempt.exit_code,
+        attempt.error,
+    )
+
+
+def job_view(job: Job) -> JobView:
+    """
+    A job as the API shows it.
+    """
+    spec = job.spec
+    attempts = job.attempts
+    view = JobView(
+        job.id,
+        job.state,
+        spec.name,
+        dict(spec.labels),
+        format_time(job.created_at),
+        format_time(job.started_at),
+        format_time(job.finished_at),
+        job.exit_code,
+        job.result,
+        job.error,
+        job.wait_reason,
+        [_attempt_view(a) for a in attempts] if attempts else [],
+        attempts[-1].holder if attempts else None,
+    )
+    # Set after: a view is made for every answer that shows a job, and
+    # keywords for the kind's fields cost a dict each time.
+    if spec.command is not None:
+        view.command = list(spec.command)
+        view.env = dict(spec.env)
+    else:
+        view.task = spec.task
+        view.args = list(spec.args)
+        view.kwargs = dict(spec.kwargs)
+    if spec.inputs:
+        view.inputs = [_input_view(i) for i in spec.inputs]
+    view.priority = spec.priority
+    view.queue = spec.queue
+    view.timeout = spec.timeout
+    view.max_attempts = spec.max_attempts
+    view.retry_delay = spec.retry_delay
+    if spec.not_before is not None:
+        view.not_before = format_time(spec.not_before)
+    if spec.depends_on:
+        view.depends_on = list(spec.depends_on)
+    view.array_id = spec.array_id
+    view.array_index = spec.array_index
+    resources = spec.resources
+    if resources is not NO_RESOURCES:
+        view.resources = ResourcesView(resources.cpus, resources.memory_mb, resources.gpus)
+    if spec.requirements:
+        view.requirements = dict(spec.requirements)
+    return view
+
+
+def job_summary(job: Job) -> JobSummary:
+    """
+    What a request that makes several jobs answers for each unless asked
+    for more: its id and state, and its place in an array if it has one.
+    """
+    if job.spec.array_id is None:
+        return JobSummary(job.id, job.state)
+    return JobSummary(job.id, job.state, job.spec.array_id, job.spec.array_index)
+
+
+def lease_grant(lease: Lease) -> LeaseGrant:
+    """
+    A lease as the dispatcher hands it to a remote worker.
+    """
+    spec = lease.spec
+    wire = LeaseSpec(
+        name=spec.name,
+        labels=dict(spec.labels),
+        timeout=spec.timeout,
+        array_id=spec.array_id,
+        array_index=spec.array_index,
+    )
+    if spec.command is not None:
+        wire.command = list(spec.command)
+        if spec.env:
+            wire.env = dict(spec.env)
+    else:
+        wire.task = spec.task
+        wire.args = list(spec.args)
+        wire.kwargs = dict(spec.kwargs)
+    if spec.inputs:
+        wire.inputs = [_input_view(i) for i in spec.inputs]
+    if spec.resources != NO_RESOURCES:
+        wire.resources = _resources_view(spec.resources)
+    if spec.requirements:
+        wire.requirements = dict(spec.requirements)
+    return LeaseGrant(
+        lease.job_id, lease.attempt, lease.token, lease.holder, format_time(lease.expires_at), wire
+    )
+
+
+def _unset(value: Any, default: Any) -> Any:
+    return default if value is UNSET else value
+
+
+def lease_from_grant(grant: LeaseGrant, expires_at: float) -> Lease:
+    """
+    The L{Lease} a worker got as a L{LeaseGrant}; C{expires_at} is on the
+    worker's own clock (the dispatcher's times are not comparable).
+    """
+    wire = grant.spec
+    command = _unset(wire.command, None)
+    resources = _unset(wire.resources, None)
+    spec = JobSpec(
+        command=tuple(command) if command is not None else None,
+        task=_unset(wire.task, None),
+        args=tuple(_unset(wire.args, ())),
+        kwargs=dict(_unset(wire.kwargs, {})),
+        env=dict(_unset(wire.env, {})),
+        inputs=tuple(
+            InputSpec(i.url, i.path, _unset(i.sha256, None)) for i in _unset(wire.inputs, ())
+        ),
+        resources=NO_RESOURCES
+        if resources is None
+        else Resources(resources.cpus, resources.memory_mb, resources.gpus),
+        requirements=dict(_unset(wire.requirements, {})),
+        name=wire.name,
+        labels=dict(wire.labels),
+        timeout=wire.timeout,
+        array_id=wire.array_id,
+        array_index=wire.array_index,
+    )
+    return Lease(grant.job_id, grant.attempt, grant.token, grant.holder, expires_at, spec)

@@ -1,0 +1,663 @@
+"""
+Every JSON shape of the API and of the worker protocol, declared once, as
+msgspec C{Struct}s.
+
+Why msgspec: a C{Struct} is both the check and the codec.  Decoding the
+bytes of a request straight into a C{Struct} checks the types, the
+ranges, the lengths and the patterns declared here in one C pass, with an
+error that gives the path of the value at fault (C{$.jobs[3].env}); the
+same C{Struct}s encode answers and give the JSON Schema of the OpenAPI
+document (C{msgspec.json.schema_components}).  A small submission decodes
+and checks in about a microsecond, as fast as the hand-written checks it
+replaces (docs/wire.md has the measurement).  attrs with cattrs was the
+other fit; it checks in Python, several times slower, and has no schema
+of its own.
+
+Each limit is one constant here: the C{Meta} of a type reads it, so the
+check and the schema cannot drift.  A rule that msgspec cannot check (a
+relation between fields, a rule on a value that needs the configuration)
+is checked in L{dispatcher.wire._submission}, and is stated in the
+schema with C{extra_json_schema} next to the type it constrains, from the
+same constant.  Limits that depend on the configuration (C{max_array},
+the configured queues and tasks) are filled into the document when it is
+served (L{dispatcher.api._openapi}).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Optional, Union
+
+import msgspec
+from msgspec import UNSET, Meta, Struct, UnsetType
+
+from dispatcher.model._jobs import JobState
+
+# Limits.
+MAX_CPUS = 1_000_000
+MAX_MEMORY_MB = 1 << 40
+MAX_GPUS = 100_000
+MAX_PRIORITY = 1_000_000
+MAX_ATTEMPTS = 100
+MAX_DEPENDENCIES = 1000
+MAX_SECONDS = 366 * 86400.0
+MAX_NAME = 200
+MAX_LABEL = 200
+# How deep a task's arguments may nest arrays and objects: what is taken in
+# must be written back out in answers, and decoders recurse.
+MAX_NESTING = 100
+MAX_SLOTS = 100_000
+MAX_ITEMS = 10_000
+MAX_TOKEN = 2**63 - 1
+MAX_WAIT = 60.0
+DEFAULT_WAIT = 30.0
+MAX_EXIT_CODE = 255
+MAX_IDEMPOTENCY_KEY = 255
+MAX_LIST_LIMIT = 1000
+DEFAULT_LIST_LIMIT = 100
+
+# Patterns, each with what a person is told when a value does not match.
+NO_NUL = "^[^\x00]*$"
+ENV_NAME = "^[A-Za-z_][A-Za-z0-9_]*$"
+RESERVED_ENV = "DISPATCHER_"
+IDENTIFIER = "^[_A-Za-z][_A-Za-z0-9]*$"
+HTTP_URL = "^https?://[^\x00]*$"
+SHA256 = "^[0-9a-fA-F]{64}$"
+# A relative path (no leading /) naming a file (not ending in /, some part
+# neither empty nor "."), with no ".." part and no NUL.
+INPUT_PATH = (
+    r"^(?!/)(?!(?:.*/)?\.\.(?:/|$))(?=(?:.*/)?(?:[^/.]|\.[^/]))[^\x00]*[^/\x00]$"
+)
+# An RFC 3339 time with its zone (Z or an offset), from 1970 to 9998.
+ZONED_TIME = (
+    r"^(?:19[7-9]\d|[2-8]\d{3}|9[0-8]\d\d|99[0-8]\d|999[0-8])-(?:0[1-9]|1[0-2])"
+    r"-(?:0[1-9]|[12]\d|3[01])[Tt ](?:[01]\d|2[0-3]):[0-5]\d:[0-5]\d(?:\.\d{1,6})?"
+    r"(?:[Zz]|[+-](?:[01]\d|2[0-3]):[0-5]\d)$"
+)
+
+PATTERN_MESSAGES = {
+    NO_NUL: "must not contain a NUL character",
+    ENV_NAME: "not a valid environment variable name",
+    IDENTIFIER: "not a valid Python argument name (ASCII letters, digits, _)",
+    HTTP_URL: "only http:// and https:// URLs can be fetched",
+    SHA256: "expected 64 hexadecimal digits",
+    INPUT_PATH: "must be a relative path (no leading /) naming a file (not ending "
+    "in /), with no '..' part",
+    ZONED_TIME: "expected an RFC 3339 time with its zone, such as "
+    "2026-11-25T13:00:00Z or 2026-11-25T14:00:00+01:00 (1970 to 9998)",
+}
+
+# Strings.
+Text = Annotated[str, Meta(pattern=NO_NUL)]
+NonEmpty = Annotated[str, Meta(min_length=1, pattern=NO_NUL)]
+ShortName = Annotated[str, Meta(min_length=1, max_length=MAX_NAME, pattern=NO_NUL)]
+LabelKey = Annotated[str, Meta(min_length=1, max_length=MAX_LABEL, pattern=NO_NUL)]
+LabelValue = Annotated[str, Meta(max_length=MAX_LABEL, pattern=NO_NUL)]
+LabelMap = dict[LabelKey, LabelValue]
+EnvName = Annotated[
+    str,
+    Meta(
+        pattern=ENV_NAME,
+        extra_json_schema={"not": {"pattern": f"^{RESERVED_ENV}"}},
+        description=f"An environment variable name; names starting {RESERVED_ENV} "
+        "are reserved.",
+    ),
+]
+Identifier = Annotated[str, Meta(pattern=IDENTIFIER)]
+Seconds = Annotated[float, Meta(ge=0, le=MAX_SECONDS)]
+Time = Annotated[str, Meta(extra_json_schema={"format": "date-time"})]
+
+# Integers and numbers.
+Priority = Annotated[int, Meta(ge=-MAX_PRIORITY, le=MAX_PRIORITY)]
+Cpus = Annotated[float, Meta(ge=0, le=MAX_CPUS, description="Fractions allowed.")]
+MemoryMb = Annotated[int, Meta(ge=0, le=MAX_MEMORY_MB, description="MiB.")]
+Gpus = Annotated[int, Meta(ge=0, le=MAX_GPUS)]
+Token = Annotated[int, Meta(ge=1, le=MAX_TOKEN, description="The lease's fencing token.")]
+
+
+class _In(Struct, forbid_unknown_fields=True):
+    """
+    A shape a client or a worker sends: an unknown field is refused.
+    """
+
+
+class _Out(Struct):
+    """
+    A shape the dispatcher answers; a reader ignores fields it does not
+    know, so that answers may grow.
+    """
+
+
+# Submissions
+
+class Resources(_In):
+    """
+    CPUs, memory and GPUs, each 0 when not given.
+    """
+
+    cpus: Cpus = 0.0
+    memory_mb: MemoryMb = 0
+    gpus: Gpus = 0
+
+
+class InputFile(_In):
+    """
+    An input file of a job: fetched from C{url} to C{path} (relative to
+    the job's working directory) before the job starts, and checked
+    against C{sha256} when given.
+    """
+
+    url: Annotated[str, Meta(min_length=1, pattern=HTTP_URL)]
+    path: Annotated[
+        str,
+        Meta(
+            pattern=INPUT_PATH,
+            description="Relative to the job's working directory; names a file; "
+            "no '..' part.",
+        ),
+    ]
+    sha256: Optional[Annotated[str, Meta(pattern=SHA256)]] = None
+
+
+# An argument of a command: checked for NUL by the submission's checks (a
+# join and one search over the whole argv), not by a pattern per argument,
+# which was most of a plain batch's decoding time.
+Argument = Annotated[str, Meta(extra_json_schema={"pattern": NO_NUL})]
+Command = Annotated[
+    list[Argument],
+    Meta(
+        min_length=1,
+        description="argv; never run through a shell. The program (the first) "
+        "is not empty.",
+        # (In JSON Schema 2020-12, items covers only what follows
+        # prefixItems: the program's schema is whole here.)
+        extra_json_schema={
+            "prefixItems": [{"type": "string", "minLength": 1, "pattern": NO_NUL}]
+        },
+    ),
+]
+TaskName = Annotated[str, Meta(min_length=1, pattern=NO_NUL, description="A name from [tasks].")]
+
+
+class JobSubmission(_In):
+    """
+    One job as a client submits it: exactly one of C{command} or C{task},
+    and how it is to be scheduled.  A C{null} scheduling field means its
+    default.
+    """
+
+    command: Optional[Command] = None
+    task: Optional[TaskName] = None
+    args: Union[list[Any], UnsetType] = UNSET
+    kwargs: Union[dict[Identifier, Any], UnsetType] = UNSET
+    name: Optional[Annotated[str, Meta(max_length=MAX_NAME, pattern=NO_NUL)]] = None
+    env: Union[
+        Annotated[
+            dict[EnvName, Text],
+            Meta(description="Command jobs only; merged over a clean base "
+                 "environment (PATH, LANG, HOME)."),
+        ],
+        UnsetType,
+    ] = UNSET
+    labels: LabelMap = {}
+    inputs: list[InputFile] = []
+    resources: Optional[Resources] = None
+    requirements: Annotated[
+        LabelMap,
+        Meta(description="Worker labels that must equal these; a job runs only on "
+             "a worker that has them all."),
+    ] = {}
+    priority: Optional[
+        Annotated[Priority, Meta(description="Higher runs first. Default: the queue's.")]
+    ] = None
+    queue: Optional[
+        Annotated[NonEmpty, Meta(description="A queue from [queue:NAME]; default 'default'.")]
+    ] = None
+    timeout: Optional[
+        Annotated[float, Meta(gt=0, le=MAX_SECONDS, description="Seconds of wall time.")]
+    ] = None
+    max_attempts: Optional[Annotated[int, Meta(ge=1, le=MAX_ATTEMPTS)]] = None
+    retry_delay: Optional[Seconds] = None
+    not_before: Optional[
+        Annotated[str, Meta(pattern=ZONED_TIME, extra_json_schema={"format": "date-time"})]
+    ] = None
+    delay: Optional[
+        Annotated[Seconds, Meta(description="Seconds from now; instead of not_before.")]
+    ] = None
+    depends_on: Optional[
+        Annotated[
+            list[NonEmpty],
+            Meta(max_length=MAX_DEPENDENCIES,
+                 description="Job ids or array ids that must succeed first."),
+        ]
+    ] = None
+    array: Optional[
+        Annotated[int, Meta(ge=1, description="Make this many jobs of the spec "
+                            "(at most [dispatcher] max_array).")]
+    ] = None
+
+
+class BatchJob(JobSubmission):
+    """
+    A job of a batch: as L{JobSubmission}, and C{depends_on} may name an
+    earlier job of the same batch by its index.
+    """
+
+    depends_on: Optional[
+        Annotated[
+            list[Union[NonEmpty, Annotated[int, Meta(ge=0)]]],
+            Meta(max_length=MAX_DEPENDENCIES,
+                 description="Job ids, array ids, or the index of an earlier job "
+                 "of this batch."),
+        ]
+    ] = None
+
+
+class Batch(_In):
+    """
+    Several jobs, stored all or nothing.
+    """
+
+    jobs: Annotated[
+        list[BatchJob], Meta(min_length=1, description="At most [dispatcher] max_array.")
+    ]
+
+
+class PlainJob(_In):
+    """
+    A job of a batch that says only what it runs: the common bulk
+    submission, decoded first and stored as it came
+    (L{dispatcher.wire._submission.plain_jobs}).  Its fields are
+    L{JobSubmission}'s.
+    """
+
+    command: Optional[Command] = None
+    task: Optional[TaskName] = None
+    args: Union[list[Any], UnsetType] = UNSET
+    kwargs: Union[dict[Identifier, Any], UnsetType] = UNSET
+
+
+class PlainBatch(_In):
+    """
+    A batch of L{PlainJob}s only.
+    """
+
+    jobs: Annotated[list[PlainJob], Meta(min_length=1)]
+
+
+class RetryRequest(_In):
+    """
+    How to retry a job.
+    """
+
+    dependents: Annotated[
+        bool, Meta(description="Also retry the jobs cancelled because of this one.")
+    ] = False
+
+
+# What is shown
+
+class ResourcesView(_Out):
+    """
+    Resources, all three given.
+    """
+
+    cpus: float
+    memory_mb: int
+    gpus: int
+
+
+class InputView(_Out, omit_defaults=True):
+    """
+    An input file as stored and shown.
+    """
+
+    url: str
+    path: str
+    sha256: Union[str, UnsetType] = UNSET
+
+
+class AttemptView(_Out):
+    """
+    One try at running a job.
+    """
+
+    number: Annotated[int, Meta(ge=1)]
+    holder: str
+    started_at: Optional[Time]
+    finished_at: Optional[Time]
+    exit_code: Optional[int]
+    error: Optional[str]
+
+
+class JobView(_Out):
+    """
+    A job as the API shows it.  A command job has C{command} and C{env}, a
+    task job C{task}, C{args} and C{kwargs}.
+    """
+
+    id: str
+    state: JobState
+    name: Optional[str]
+    labels: dict[str, str]
+    created_at: Time
+    started_at: Optional[Time]
+    finished_at: Optional[Time]
+    exit_code: Optional[
+        Annotated[int, Meta(description="Negative: the signal that killed it.")]
+    ]
+    result: Annotated[Any, Meta(description="Task jobs: the function's return value.")]
+    error: Optional[str]
+    wait_reason: Optional[
+        Annotated[str, Meta(description="Why a pending or queued job waits.")]
+    ]
+    attempts: list[AttemptView]
+    worker: Optional[
+        Annotated[str, Meta(description="The holder of the job's latest attempt.")]
+    ]
+    command: Union[list[str], UnsetType] = UNSET
+    env: Union[dict[str, str], UnsetType] = UNSET
+    task: Union[str, UnsetType] = UNSET
+    args: Union[list[Any], UnsetType] = UNSET
+    kwargs: Union[dict[str, Any], UnsetType] = UNSET
+    inputs: list[InputView] = msgspec.field(default_factory=list)
+    priority: int = 0
+    queue: str = "default"
+    timeout: Optional[float] = None
+    max_attempts: int = 1
+    retry_delay: float = 1.0
+    not_before: Optional[Time] = None
+    depends_on: list[str] = msgspec.field(default_factory=list)
+    array_id: Optional[str] = None
+    array_index: Optional[int] = None
+    resources: ResourcesView = msgspec.field(default_factory=lambda: ResourcesView(0.0, 0, 0))
+    requirements: dict[str, str] = msgspec.field(default_factory=dict)
+
+
+class JobSummary(_Out, omit_defaults=True):
+    """
+    A job a request made, unless the whole job was asked for: its id and
+    state, and its place in its array if it has one.
+    """
+
+    id: str
+    state: JobState
+    array_id: Union[str, UnsetType] = UNSET
+    array_index: Union[int, UnsetType] = UNSET
+
+
+class JobPage(_Out):
+    """
+    A page of jobs.
+    """
+
+    jobs: list[JobView]
+    next_cursor: Annotated[
+        Optional[str], Meta(description="Give it as cursor for the next page.")
+    ]
+
+
+class Health(_Out):
+    """
+    The daemon serves.
+    """
+
+    status: Literal["ok"]
+
+
+class QueueView(_Out):
+    """
+    One queue: its jobs by state, its running jobs against its limit.
+    """
+
+    counts: dict[str, int]
+    running: int
+    max_running: Optional[int]
+
+
+class QueueList(_Out):
+    """
+    The queues by name.
+    """
+
+    queues: dict[str, QueueView]
+
+
+class ErrorDetail(_Out, omit_defaults=True):
+    """
+    What was wrong: a stable code, a message for a person, the field at
+    fault (or C{null}).
+    """
+
+    code: str
+    message: str
+    field: Optional[str]
+    size: Union[
+        Annotated[int, Meta(ge=0, description="offset_past_end only: the stream's "
+                            "size; send from there.")],
+        UnsetType,
+    ] = UNSET
+
+
+class Error(_Out):
+    """
+    Every error answer.
+    """
+
+    error: ErrorDetail
+
+
+# The worker protocol (docs/worker-protocol.md)
+
+class WorkerOffer(_In):
+    """
+    A worker, as it describes itself in every request; the latest
+    description counts.
+    """
+
+    name: Annotated[ShortName, Meta(description="Unique per worker process.")]
+    slots: Annotated[int, Meta(ge=1, le=MAX_SLOTS, description="Jobs it runs at once.")]
+    cpus: Cpus = 0.0
+    memory_mb: MemoryMb = 0
+    gpus: Gpus = 0
+    labels: Annotated[
+        dict[str, str], Meta(description="Matched against jobs' requirements.")
+    ] = {}
+    tasks: Annotated[list[str], Meta(description="The task names it can run.")] = []
+    instance: Optional[
+        Annotated[ShortName, Meta(description="The worker process's own random id.")]
+    ] = None
+
+
+class LeaseRequest(_In):
+    """
+    Ask for work (a long-poll).
+    """
+
+    worker: WorkerOffer
+    max_jobs: Optional[
+        Annotated[int, Meta(ge=1, description="How many jobs it can start now, up "
+                            "to its slots (the default).")]
+    ] = None
+    wait: Annotated[
+        float, Meta(ge=0, le=MAX_WAIT, description="Seconds to hold the request "
+                    "open when nothing fits.")
+    ] = DEFAULT_WAIT
+
+
+class HeartbeatItem(_In, omit_defaults=True):
+    """
+    A lease the worker holds (C{running} is sent only when true).
+    """
+
+    job_id: ShortName
+    token: Token
+    running: Annotated[
+        bool, Meta(description="The job has started: a staging job becomes running.")
+    ] = False
+
+
+class HeartbeatRequest(_In):
+    """
+    Renew leases.
+    """
+
+    worker: WorkerOffer
+    leases: Annotated[list[HeartbeatItem], Meta(max_length=MAX_ITEMS)]
+
+
+class ResultItem(_In):
+    """
+    How an attempt ended (C{released}: given back unrun).
+    """
+
+    job_id: ShortName
+    token: Token
+    state: Literal["succeeded", "failed", "released"]
+    exit_code: Optional[Annotated[int, Meta(ge=-MAX_EXIT_CODE, le=MAX_EXIT_CODE)]] = None
+    result: Annotated[Any, Meta(description="A task's return value.")] = None
+    error: Optional[str] = None
+    stopped: Annotated[bool, Meta(description="The worker stopped it (a cancel).")] = False
+
+
+class ResultsRequest(_In):
+    """
+    Report how attempts ended.
+    """
+
+    worker: WorkerOffer
+    results: Annotated[list[ResultItem], Meta(max_length=MAX_ITEMS)]
+
+
+class LeaseSpec(_Out):
+    """
+    What a lease runs.  C{env}, C{inputs}, C{resources} and
+    C{requirements} are left out when empty.
+    """
+
+    name: Optional[str]
+    labels: dict[str, str]
+    timeout: Optional[float]
+    array_id: Optional[str]
+    array_index: Optional[int]
+    command: Union[list[str], UnsetType] = UNSET
+    env: Union[dict[str, str], UnsetType] = UNSET
+    task: Union[str, UnsetType] = UNSET
+    args: Union[list[Any], UnsetType] = UNSET
+    kwargs: Union[dict[str, Any], UnsetType] = UNSET
+    inputs: Union[list[InputView], UnsetType] = UNSET
+    resources: Union[ResourcesView, UnsetType] = UNSET
+    requirements: Union[dict[str, str], UnsetType] = UNSET
+
+
+class LeaseGrant(_Out):
+    """
+    A lease as a worker gets it: everything it needs to run the attempt,
+    and the fencing token its every write must carry.
+    """
+
+    job_id: str
+    attempt: Annotated[int, Meta(ge=1)]
+    token: Token
+    holder: str
+    expires_at: Annotated[
+        Time, Meta(description="On the dispatcher's clock; the worker heartbeats "
+                   "every heartbeat_seconds instead of comparing clocks.")
+    ]
+    spec: LeaseSpec
+
+
+class LeaseAnswer(_Out):
+    """
+    The leases granted (maybe none), and the timing to keep.
+    """
+
+    leases: list[LeaseGrant]
+    lease_seconds: Annotated[
+        float, Meta(description="A lease lives this long after the last heartbeat.")
+    ]
+    heartbeat_seconds: Annotated[float, Meta(description="How often to heartbeat.")]
+
+
+class LeaseStatus(_Out, omit_defaults=True):
+    """
+    The answer for one lease of a heartbeat or a report: C{ok} with the
+    new expiry (a heartbeat), or refused (the lease is not current:
+    nothing was written; the worker stops the job and forgets the lease).
+    """
+
+    job_id: str
+    token: int
+    ok: bool
+    expires_at: Union[Time, UnsetType] = UNSET
+    status: Union[Literal[409], UnsetType] = UNSET
+    reason: Union[Literal["cancelled", "expired", "reported", "superseded"], UnsetType] = UNSET
+    message: Union[str, UnsetType] = UNSET
+
+
+class HeartbeatAnswer(_Out):
+    """
+    One answer per lease sent, in order.
+    """
+
+    leases: list[LeaseStatus]
+    lease_seconds: float
+    heartbeat_seconds: float
+
+
+class ResultsAnswer(_Out):
+    """
+    One answer per result sent, in order.
+    """
+
+    results: list[LeaseStatus]
+
+
+class LogWritten(_Out):
+    """
+    A log chunk was written.
+    """
+
+    size: Annotated[int, Meta(ge=0, description="The stream's size now.")]
+
+
+class FreeCapacity(_Out):
+    """
+    What a worker has free; no lower bound, since after a restart running
+    leases count against an offer of nothing until the worker calls again.
+    """
+
+    slots: int
+    cpus: float
+    memory_mb: int
+    gpus: int
+
+
+class WorkerView(_Out):
+    """
+    A worker heard from within a lease's life.
+    """
+
+    name: str
+    slots: int
+    resources: ResourcesView
+    labels: dict[str, str]
+    tasks: list[str]
+    free: FreeCapacity
+    running: Annotated[list[str], Meta(description="The ids of the jobs it holds.")]
+    waiting_for_work: bool
+    last_contact: Time
+    name_shared: Annotated[
+        bool, Meta(description="Another process called under this name within "
+                   "lease_seconds: give each its own name.")
+    ]
+
+
+class WorkerList(_Out):
+    """
+    The workers, and the timing they keep.
+    """
+
+    workers: list[WorkerView]
+    lease_seconds: float
+    heartbeat_seconds: float
+
