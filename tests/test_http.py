@@ -256,19 +256,30 @@ def test_leading_empty_lines_are_skipped_and_bare_line_feeds_refused():
 
 
 @settings(max_examples=200, deadline=None)
-@given(cuts=st.lists(st.integers(min_value=0, max_value=400), max_size=12))
-def test_any_split_of_the_stream_reads_the_same(cuts):
-    """However the bytes of pipelined requests are split across reads, the
-    same requests come out with the same bodies."""
+@given(cuts=st.lists(st.integers(min_value=0, max_value=400), max_size=12),
+       later=st.booleans())
+def test_any_split_of_the_stream_reads_the_same(cuts, later):
+    """However the bytes of pipelined requests are split across reads, and
+    whether each is answered at once or after more was read, the same
+    requests come out with the same bodies, and the answers in order."""
     stream = (post(b"/1", b'{"x": 1}') + b"GET /2?q=1 HTTP/1.1\r\nHost: y\r\n\r\n"
               + b"POST /3 HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
               + chunked(b"abcdefghij") + post(b"/4", b""))
-    handler = Recorder()
+    handler = Recorder(hold=later)
     channel, transport, _ = connect(handler)
     last = 0
+    answered = 0
     for cut in sorted(set(c % len(stream) for c in cuts)) + [len(stream)]:
         channel.dataReceived(stream[last:cut])
         last = cut
+        if later and len(handler.requests) > answered:
+            answer(handler.requests[answered])
+            answered += 1
+    while later and len(handler.requests) > answered:
+        answer(handler.requests[answered])
+        answered += 1
+    assert [json.loads(b)["uri"] for _, _, b in responses(transport.value())] == [
+        "/1", "/2?q=1", "/3", "/4"]
     got = [(r.uri, r.content.getvalue()) for r in handler.requests]
     assert got == [(b"/1", b'{"x": 1}'), (b"/2?q=1", b""), (b"/3", b"abcdefghij"), (b"/4", b"")]
     assert not transport.disconnecting

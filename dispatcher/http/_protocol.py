@@ -412,7 +412,8 @@ class HTTPChannel(Protocol):
     """
 
     factory: "HTTPFactory"
-    persistent = True
+    # Whether the connection may stay open after the request being read.
+    _keep_alive = True
     _request: Optional[Request] = None
     _timer: Any = None
     _abort_timer: Any = None
@@ -667,15 +668,24 @@ class HTTPChannel(Protocol):
     # llhttp's callbacks
 
     def on_message_begin(self) -> None:
+        """
+        llhttp: the first byte of a request line.
+        """
         if self._phase == _IDLE:
             self._phase = _HEAD
             self._since = self._last
 
     def on_url(self, url: bytes) -> None:
+        """
+        llhttp: (a piece of) the request target.
+        """
         # llhttp may give the target in pieces, split where reads were.
         self._url = self._url + url if self._url else url
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        """
+        llhttp: a header field (or a trailer field, dropped).
+        """
         if self._phase == _BODY:
             # A trailer field: read (within the framing bound) and dropped.
             return
@@ -695,6 +705,10 @@ class HTTPChannel(Protocol):
         headers[name] = value
 
     def on_headers_complete(self) -> None:
+        """
+        llhttp: the end of the head.  The checks llhttp leaves to a
+        server, and the 100 Continue.
+        """
         parser = self._parser
         headers = self._headers
         version = parser.get_http_version()
@@ -715,7 +729,8 @@ class HTTPChannel(Protocol):
         url = self._url
         if url[:1] != b"/":
             self._url = self._origin_form(url)
-        self.persistent = parser.should_keep_alive()
+        # Connection is read as a list of tokens, by llhttp.
+        self._keep_alive = parser.should_keep_alive()
         coding = headers.get(b"transfer-encoding")
         expected = False
         if coding is not None:
@@ -729,7 +744,7 @@ class HTTPChannel(Protocol):
             if version == "1.0":
                 # Faulty framing for HTTP/1.0 (RFC 9112, 6.1): read it,
                 # answer, and close.
-                self.persistent = False
+                self._keep_alive = False
             self._chunked = expected = True
         else:
             length = headers.get(b"content-length")
@@ -767,6 +782,9 @@ class HTTPChannel(Protocol):
         return uri
 
     def on_chunk_header(self) -> None:
+        """
+        llhttp: a chunk's size line; counted against C{MAX_CHUNKS}.
+        """
         self._chunks += 1
         # The last, empty chunk is announced too.
         if self._chunks > MAX_CHUNKS + 1:
@@ -776,12 +794,19 @@ class HTTPChannel(Protocol):
             ))
 
     def on_body(self, data: bytes) -> None:
+        """
+        llhttp: a piece of the body, kept as a piece: joined once, at the
+        end, so that a body in many small reads costs no more than one.
+        """
         self._body.append(data)
         self._body_size += len(data)
         if self._body_size > self.factory.max_body_bytes:
             self._refuse_in_callback(_too_large(self.factory.max_body_bytes))
 
     def on_message_complete(self) -> None:
+        """
+        llhttp: the end of the request: it waits its turn in C{_ready}.
+        """
         body = self._body
         request = Request(
             self,
@@ -791,7 +816,7 @@ class HTTPChannel(Protocol):
             self._headers,
             body[0] if len(body) == 1 else b"".join(body),
         )
-        if not self.persistent:
+        if not self._keep_alive:
             request.persistent = False
         # The body is whole: no 100 Continue is owed for it any more.
         self._continue_due = False
