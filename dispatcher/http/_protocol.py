@@ -83,6 +83,10 @@ MAX_CHUNKS = 16384
 # (its size line, extensions and CRLFs), bounded so that extensions and
 # trailers cannot grow without end.
 CHUNK_FRAMING_BYTES = 64
+# The most bytes given to llhttp at once: it cannot stop between requests,
+# so this bounds how many requests one call makes, and how far past
+# MAX_HEAD_BYTES a head that starts inside a piece may go unnoticed.
+FEED_BYTES = 4096
 # Bytes of the next pipelined requests read ahead while one is answered;
 # past this the connection stops being read until the answer is out.
 MAX_READ_AHEAD = 65536
@@ -600,11 +604,12 @@ class HTTPChannel(Protocol):
         Parse C{data}, up to the end of the first piece that completes a
         request; hold the rest.
 
-        It is fed in pieces of at most C{MAX_HEAD_BYTES} + 1 bytes, so
-        that a head is known to be too large before more of it is parsed:
-        exactly when it starts a piece (as a request after an idle
-        connection or an answer does), within twice the limit when it
-        starts after another request in the same piece.
+        It is fed in pieces of at most C{FEED_BYTES}, and a head no more
+        than one byte past C{MAX_HEAD_BYTES}, so that a head is known to be
+        too large before more of it is parsed (exactly when it starts a
+        piece, as a request after an idle connection or an answer does;
+        within C{FEED_BYTES} when it starts after another request in the
+        same piece), and one piece makes at most a few hundred requests.
         """
         parser = self._parser
         size = len(data)
@@ -612,13 +617,13 @@ class HTTPChannel(Protocol):
         while pos < size:
             phase = self._phase
             if phase == _BODY:
-                room = MAX_HEAD_BYTES + 1
+                room = FEED_BYTES
             else:
                 if phase == _IDLE:
                     # Empty lines before a request are part of its head.
                     self._phase = _HEAD
                     self._since = self._last
-                room = MAX_HEAD_BYTES + 1 - self._head_seen
+                room = min(FEED_BYTES, MAX_HEAD_BYTES + 1 - self._head_seen)
             piece = data if pos == 0 and size <= room else data[pos:pos + room]
             length = len(piece)
             if phase != _BODY:
