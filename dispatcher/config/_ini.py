@@ -47,7 +47,8 @@ def with_default_backlog(description: str) -> str:
 class ServerConfig:
     """
     C{[server]}: where and how the HTTP API listens, and whether it writes
-    an access log (C{DATA_DIR/access.log}).  C{listen} gets the default
+    an access log (C{DATA_DIR/access.log}); how long a connection may idle,
+    and a request's head and body take.  C{listen} gets the default
     backlog whenever it is set without one, from the file or C{--listen}.
     """
 
@@ -57,6 +58,8 @@ class ServerConfig:
     max_body_bytes: int = 1048576
     access_log: bool = True
     idle_timeout: float = 60.0
+    head_timeout: float = 30.0
+    body_timeout: float = 60.0
 
 
 @attrs.frozen
@@ -261,6 +264,8 @@ _SECTIONS: Mapping[str, tuple[type, Mapping[str, Callable[[str], Any]]]] = {
             "max_body_bytes": _integer(1024),
             "access_log": _boolean,
             "idle_timeout": _seconds(0, above=True),
+            "head_timeout": _seconds(0, above=True),
+            "body_timeout": _seconds(0, above=True),
         },
     ),
     "dispatcher": (
