@@ -50,3 +50,12 @@ def test_a_worker_counts_only_the_leases_it_holds():
     worker = Worker(Offer("w", 2, Resources(cpus=3.0)), 0.0, jobs={"a", "gone"})
     assert list(worker.held(leases)) == [mine]
     assert free_resources(worker.offer.resources, worker.held(leases)) == Resources(cpus=2.0)
+
+
+def test_a_worker_has_free_the_slots_its_jobs_leave():
+    """A worker's free slots are its slots less the jobs it holds, and never
+    fewer than none when it calls again with fewer slots than jobs."""
+    worker = Worker(Offer("w", 3), 0.0, jobs={"a"})
+    assert worker.free_slots == 2
+    worker.offer = Offer("w", 0)
+    assert worker.free_slots == 0

@@ -3,8 +3,10 @@ A holder's capacity: what it offers, less what the jobs it holds leases on
 ask for.  The local executor and a remote worker are both holders, and a
 claim for either takes only the jobs that fit what this says is free.
 
-(Free slots are the L{Scheduler}'s to count: it hands them out and takes
-them back as claims and ends come and go.)
+(Free slots are counted where they are handed out: the L{Scheduler}
+counts the local executor's as claims and ends come and go; a worker says
+how many it wants in each long-poll, bounded by its slots less the jobs it
+holds, L{Worker.free_slots}.)
 """
 
 from __future__ import annotations

@@ -114,6 +114,14 @@ class Worker:
     shared_until: float = float("-inf")
     shared_logged: float = float("-inf")
 
+    @property
+    def free_slots(self) -> int:
+        """
+        How many more jobs it could take: its slots less the jobs it holds
+        (none, if it now offers fewer than it holds).
+        """
+        return max(0, self.offer.slots - len(self.jobs))
+
     def held(self, leases: Mapping[str, RemoteLease]) -> Iterator[Lease]:
         """
         The leases of C{leases} that this worker holds.
@@ -290,7 +298,7 @@ class WorkerHub:
         if worker.poll is not None:
             # A worker has one poll open: the new one replaces the old.
             self._end_poll(worker, [])
-        count = max(0, min(max_jobs, offer.slots - len(worker.jobs)))
+        count = max(0, min(max_jobs, worker.free_slots))
 
         def hung_up(_: Deferred) -> None:
             if worker.poll is poll:
@@ -660,7 +668,7 @@ class WorkerHub:
                     "labels": dict(offer.labels),
                     "tasks": sorted(offer.tasks or ()),
                     "free": {
-                        "slots": max(0, offer.slots - len(worker.jobs)),
+                        "slots": worker.free_slots,
                         **resources_json(free),
                     },
                     "running": sorted(worker.jobs),
