@@ -26,7 +26,6 @@ from dispatcher.core._events import JobEvent, JobEvents
 from dispatcher.execution._executor import LocalExecutor, RunningJob
 from dispatcher.execution._host import detect_resources
 from dispatcher.model._jobs import (
-    NO_RESOURCES,
     Job,
     JobIds,
     JobState,
@@ -35,9 +34,10 @@ from dispatcher.model._jobs import (
     Outcome,
     PlainJobs,
     Resources,
-    StaleLease,
     StoreClosed,
 )
+from dispatcher.core._capacity import free_resources
+from dispatcher.core._reasons import explainer
 from dispatcher.core._recorder import Recorder
 from dispatcher.core._scheduler import Claim, Scheduler
 from dispatcher.store._results import (
@@ -49,7 +49,7 @@ from dispatcher.store._results import (
     Written,
 )
 from dispatcher.wire._submission import Submission
-from dispatcher.core._hub import WorkerHub, placement
+from dispatcher.core._hub import WorkerHub
 
 log = Logger()
 
@@ -61,11 +61,10 @@ LOCAL_LEASE_SECONDS = 365 * 24 * 3600.0
 # beside it, so that they are recorded together (see Dispatcher._ended).
 END_GATHER = 0.001
 
-# The most kinds of need an explainer remembers its verdict on.
-MAX_REASONS = 1024
-
 # How often forgotten idempotency keys are purged.
 PURGE_INTERVAL = 3600.0
+
+_LEASE = operator.attrgetter("lease")
 
 
 class Dispatcher(Service):
@@ -355,29 +354,7 @@ class Dispatcher(Service):
 
     def _make_explainer(self, remote: list[Offer]) -> Callable[[Job], Job]:
         offers = ([self.local_offer] if self._slots > 0 else []) + remote
-        reasons: dict[Any, Optional[str]] = {}
-        queues = self.store.queue_limits
-
-        def explain(job: Job) -> Job:
-            if job.state is not JobState.QUEUED:
-                return job
-            spec = job.spec
-            if spec.queue not in queues:
-                return job.waiting(
-                    f"its queue {spec.queue} is not in the configuration; "
-                    f"it runs once [queue:{spec.queue}] is back"
-                )
-            needs = (spec.task, spec.resources, tuple(sorted(spec.requirements.items())))
-            reason = reasons.get(needs, False)
-            if reason is False:
-                if len(reasons) >= MAX_REASONS:
-                    reasons.clear()
-                reason = reasons[needs] = placement(spec, offers)
-            if reason is None or reason == job.wait_reason:
-                return job
-            return job.waiting(reason)
-
-        return explain
+        return explainer(offers, self.store.queue_limits)
 
     def cancel(self, job_id: str) -> Deferred:
         """
@@ -490,10 +467,14 @@ class Dispatcher(Service):
         for claim in self.scheduler.next_claims():
             if claim.holder == self.executor.holder:
                 offer = self.local_offer
-                used = NO_RESOURCES
-                for running in self.executor.running.values():
-                    used = used + running.lease.spec.resources
-                free = offer.resources - used
+                running = self.executor.running
+                # (Claims mostly come as the last jobs have ended: nothing
+                # held, nothing to add up.)
+                free = (
+                    free_resources(offer.resources, map(_LEASE, running.values()))
+                    if running
+                    else offer.resources
+                )
                 lease_seconds = LOCAL_LEASE_SECONDS
             else:
                 found = self.hub.offer(claim.holder)

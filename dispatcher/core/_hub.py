@@ -22,17 +22,16 @@ or cancelled one is refused with its reason, and no expiry runs on it.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Callable, Iterable, Mapping, Optional
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
 
 import attrs
 from twisted.internet.defer import Deferred, DeferredList, FirstError, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from dispatcher.core._capacity import free_resources
 from dispatcher.core._recorder import Recorder
 from dispatcher.model._jobs import (
-    NO_RESOURCES,
-    JobSpec,
     JobState,
     Lease,
     Offer,
@@ -115,13 +114,22 @@ class Worker:
     shared_until: float = float("-inf")
     shared_logged: float = float("-inf")
 
-    def used(self, leases: Mapping[str, RemoteLease]) -> Resources:
-        total = NO_RESOURCES
+    @property
+    def free_slots(self) -> int:
+        """
+        How many more jobs it could take: its slots less the jobs it holds
+        (none, if it now offers fewer than it holds).
+        """
+        return max(0, self.offer.slots - len(self.jobs))
+
+    def held(self, leases: Mapping[str, RemoteLease]) -> Iterator[Lease]:
+        """
+        The leases of C{leases} that this worker holds.
+        """
         for job_id in self.jobs:
             remote = leases.get(job_id)
             if remote is not None:
-                total = total + remote.lease.spec.resources
-        return total
+                yield remote.lease
 
 
 class WorkerHub:
@@ -186,8 +194,14 @@ class WorkerHub:
         return None if worker is None else worker.offer
 
     def free(self, holder: str) -> Resources:
+        """
+        What the worker C{holder} has free: its resources less what the
+        jobs it holds leases on ask for.
+        """
         worker = self.workers[holder]
-        return worker.offer.resources - worker.used(self.leases)
+        if not worker.jobs:
+            return worker.offer.resources
+        return free_resources(worker.offer.resources, worker.held(self.leases))
 
     def connected(self) -> list[Worker]:
         """
@@ -284,7 +298,7 @@ class WorkerHub:
         if worker.poll is not None:
             # A worker has one poll open: the new one replaces the old.
             self._end_poll(worker, [])
-        count = max(0, min(max_jobs, offer.slots - len(worker.jobs)))
+        count = max(0, min(max_jobs, worker.free_slots))
 
         def hung_up(_: Deferred) -> None:
             if worker.poll is poll:
@@ -645,7 +659,7 @@ class WorkerHub:
         now = self._clock.seconds()
         for worker in sorted(self.connected(), key=lambda w: w.offer.holder):
             offer = worker.offer
-            free = offer.resources - worker.used(self.leases)
+            free = self.free(offer.holder)
             out.append(
                 {
                     "name": offer.holder,
@@ -654,7 +668,7 @@ class WorkerHub:
                     "labels": dict(offer.labels),
                     "tasks": sorted(offer.tasks or ()),
                     "free": {
-                        "slots": max(0, offer.slots - len(worker.jobs)),
+                        "slots": worker.free_slots,
                         **resources_json(free),
                     },
                     "running": sorted(worker.jobs),
@@ -665,23 +679,3 @@ class WorkerHub:
             )
         return out
 
-
-def placement(spec: JobSpec, offers: list[Offer]) -> Optional[str]:
-    """
-    Why no holder in C{offers} could ever run C{spec}, or C{None} when one
-    could.
-    """
-    if not offers:
-        return (
-            "no worker is connected and this dispatcher runs no jobs itself "
-            "([executor] slots = 0)"
-        )
-    reasons = []
-    for offer in offers:
-        reason = offer.refuses(spec)
-        if reason is None:
-            return None
-        reasons.append(f"{offer.holder} {reason}")
-    shown = "; ".join(reasons[:3])
-    more = f"; and {len(reasons) - 3} more" if len(reasons) > 3 else ""
-    return f"no connected worker can take it: {shown}{more}"

@@ -1,0 +1,101 @@
+"""
+Wait reasons the holders give: why a queued job waits although it is
+queued.
+
+The store gives a job the reasons it knows when it writes it (its
+dependencies, its C{not_before}, its queue's limit of running jobs).  What
+only the dispatcher knows is who could run it: a job that no holder
+connected now could ever take (a task none knows, a label none has, more
+CPUs than any offers) or whose queue the configuration no longer names
+would wait in silence.  An L{explainer} says so when a job is shown.
+
+Pure functions over values (L{Offer}s, L{JobSpec}s, L{Job}s): no clock,
+no I/O, no reactor.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Container, Optional, Sequence
+
+from dispatcher.model._jobs import Job, JobSpec, JobState, Offer
+
+# The most kinds of need an explainer remembers its verdict on.
+MAX_REASONS = 1024
+
+# How many holders' refusals a reason names before it counts the rest.
+SHOWN_REFUSALS = 3
+
+
+def unplaceable(spec: JobSpec, offers: Sequence[Offer]) -> Optional[str]:
+    """
+    Why no holder in C{offers} could ever run C{spec}, even idle, or
+    C{None} when one could.
+    """
+    if not offers:
+        return (
+            "no worker is connected and this dispatcher runs no jobs itself "
+            "([executor] slots = 0)"
+        )
+    reasons = []
+    for offer in offers:
+        reason = offer.refuses(spec)
+        if reason is None:
+            return None
+        reasons.append(f"{offer.holder} {reason}")
+    shown = "; ".join(reasons[:SHOWN_REFUSALS])
+    more = (
+        f"; and {len(reasons) - SHOWN_REFUSALS} more"
+        if len(reasons) > SHOWN_REFUSALS
+        else ""
+    )
+    return f"no connected worker can take it: {shown}{more}"
+
+
+def unconfigured_queue(queue: str) -> str:
+    """
+    The wait reason of a job whose queue the configuration no longer names.
+    """
+    return (
+        f"its queue {queue} is not in the configuration; "
+        f"it runs once [queue:{queue}] is back"
+    )
+
+
+def explainer(
+    offers: Sequence[Offer],
+    queues: Container[str],
+    max_reasons: int = MAX_REASONS,
+) -> Callable[[Job], Job]:
+    """
+    A function that gives a queued job the wait reason the holders in
+    C{offers} and the configured C{queues} (their names) give it: its queue
+    is not configured, or no holder could ever take it (L{unplaceable}).
+    Any other job comes back as it is, the very object, and so does one
+    whose reason is already the one it has.
+
+    Jobs that need the same (task, resources, requirements) are judged
+    once: the verdicts are remembered, up to C{max_reasons} kinds of need
+    at a time, so one function may serve many calls while C{offers} stays
+    true.
+    """
+    # A closure, not a class with __call__: it runs for every job of every
+    # answer that shows jobs, and a closure's call is the cheapest.
+    verdicts: dict[Any, Optional[str]] = {}
+
+    def explain(job: Job) -> Job:
+        if job.state is not JobState.QUEUED:
+            return job
+        spec = job.spec
+        if spec.queue not in queues:
+            return job.waiting(unconfigured_queue(spec.queue))
+        needs = (spec.task, spec.resources, tuple(sorted(spec.requirements.items())))
+        reason = verdicts.get(needs, False)
+        if reason is False:
+            if len(verdicts) >= max_reasons:
+                verdicts.clear()
+            reason = verdicts[needs] = unplaceable(spec, offers)
+        if reason is None or reason == job.wait_reason:
+            return job
+        return job.waiting(reason)
+
+    return explain
