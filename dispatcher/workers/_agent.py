@@ -295,8 +295,7 @@ class RemoteWorker(Service):
             log.warn(
                 "stopping {count} jobs still running after the grace period: "
                 "{job_ids}; they are given back to the dispatcher's queue",
-                count=len(still),
-                job_ids=sorted(h.job_id for h in still),
+                **_naming(still),
             )
             for held in still:
                 held.abandoned = True
@@ -314,8 +313,7 @@ class RemoteWorker(Service):
             log.warn(
                 "stopping before the dispatcher acknowledged the last output "
                 "or the result of {count} jobs: {job_ids}",
-                count=len(pending),
-                job_ids=sorted(h.job_id for h in pending),
+                **_naming(pending),
             )
         self._stopped = True
         if self._beat_call is not None and self._beat_call.active():
@@ -714,6 +712,14 @@ class RemoteWorker(Service):
                 dropped = True
             if dropped:
                 self._slots_freed()
+
+
+def _naming(held: list[HeldLease]) -> dict[str, Any]:
+    """
+    The fields of a log event about several leases: C{count} and the
+    sorted C{job_ids}.
+    """
+    return {"count": len(held), "job_ids": sorted(h.job_id for h in held)}
 
 
 def _refusal(status: LeaseStatus) -> str:

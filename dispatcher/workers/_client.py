@@ -139,28 +139,14 @@ class DispatcherClient:
         Renew leases; fires with the L{HeartbeatAnswer}, whose C{leases} say
         for each item whether it is still current.
         """
-        body = HeartbeatRequest(worker, items)
-        return self._exchange(
-            self.url("v1", "leases", "heartbeat"),
-            body,
-            HeartbeatAnswer,
-            REQUEST_TIMEOUT_SECONDS,
-            (409,),
-        )
+        return self._per_lease("heartbeat", HeartbeatRequest(worker, items), HeartbeatAnswer)
 
     def report(self, worker: WorkerOffer, results: list[ResultItem]) -> Deferred:
         """
         Report how attempts ended; fires with the L{ResultsAnswer}, whose
         C{results} say for each item whether it was recorded.
         """
-        body = ResultsRequest(worker, results)
-        return self._exchange(
-            self.url("v1", "leases", "results"),
-            body,
-            ResultsAnswer,
-            REQUEST_TIMEOUT_SECONDS,
-            (409,),
-        )
+        return self._per_lease("results", ResultsRequest(worker, results), ResultsAnswer)
 
     def append_log(
         self, job_id: str, token: int, stream: str, offset: int, data: bytes
@@ -194,6 +180,15 @@ class DispatcherClient:
             raise _error_for(status, error)
 
         return self._timed(send(), REQUEST_TIMEOUT_SECONDS)
+
+    def _per_lease(self, endpoint: str, body: Any, answer: type[Answer]) -> Deferred:
+        """
+        POST C{body} to an endpoint that answers lease by lease, where a
+        409 (every lease refused) is an answer too.
+        """
+        return self._exchange(
+            self.url("v1", "leases", endpoint), body, answer, REQUEST_TIMEOUT_SECONDS, (409,)
+        )
 
     def _exchange(
         self,
