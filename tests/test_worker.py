@@ -15,6 +15,7 @@ import sys
 import time
 
 import attrs
+import msgspec
 import pytest
 import pytest_twisted
 from treq.testing import StubTreq
@@ -35,7 +36,18 @@ from dispatcher.execution._executor import RunningJob
 from dispatcher.model._jobs import JobSpec, JobState, Lease, Outcome
 from dispatcher.wire._forms import lease_grant
 from dispatcher.wire._json import encode
-from dispatcher.wire._types import HeartbeatAnswer, LeaseAnswer, LeaseStatus, ResultsAnswer
+from dispatcher.wire._types import (
+    Error,
+    ErrorDetail,
+    HeartbeatAnswer,
+    HeartbeatRequest,
+    LeaseAnswer,
+    LeaseRequest,
+    LeaseStatus,
+    LogWritten,
+    ResultsAnswer,
+    ResultsRequest,
+)
 from dispatcher.workers._agent import Backoff, RemoteWorker, WorkerDescription
 from dispatcher.workers._client import (
     DispatcherClient,
@@ -72,8 +84,17 @@ class Call:
         return json.loads(self.body)
 
 
+# What each endpoint takes, as the dispatcher decodes it.
+REQUESTS = {
+    "/v1/leases": LeaseRequest,
+    "/v1/leases/heartbeat": HeartbeatRequest,
+    "/v1/leases/results": ResultsRequest,
+}
+
+
 class FakeDispatcher(Resource):
-    """Records every POST and holds it open until answered."""
+    """Records every POST and holds it open until answered; a JSON body
+    must be what the real dispatcher takes there, or the test fails."""
 
     isLeaf = True
 
@@ -81,6 +102,7 @@ class FakeDispatcher(Resource):
         super().__init__()
         self.clock = clock
         self.calls = []
+        self.refused = []
 
     def render_POST(self, request):
         call = Call(
@@ -92,6 +114,11 @@ class FakeDispatcher(Resource):
             self.clock.seconds(),
             request,
         )
+        if call.path in REQUESTS:
+            try:
+                msgspec.json.decode(call.body, type=REQUESTS[call.path])
+            except msgspec.ValidationError as e:
+                self.refused.append((call.path, str(e)))
         self.calls.append(call)
         # A request the worker gave up on needs no answer.
         request.notifyFinish().addErrback(lambda _: setattr(call, "answered", True))
@@ -124,10 +151,23 @@ class FakeExecutor:
         self.runs[job_id].done.callback(outcome)
 
 
+@pytest.fixture(autouse=True)
+def harnesses(monkeypatch):
+    """Every Harness a test makes; after the test, none of their fake
+    dispatchers may have had a request the real one refuses."""
+    made = []
+    monkeypatch.setattr(Harness, "made", made, raising=False)
+    yield made
+    assert [h.dispatcher.refused for h in made if h.dispatcher.refused] == []
+
+
 class Harness:
     """A RemoteWorker on a Clock, talking to a FakeDispatcher."""
 
+    made = []
+
     def __init__(self, slots=2, **kwargs):
+        self.made.append(self)
         self.clock = Clock()
         self.dispatcher = FakeDispatcher(self.clock)
         self.stub = StubTreq(self.dispatcher)
@@ -212,9 +252,13 @@ def refused(n, reason, token=None):
                        message=REFUSALS[reason])
 
 
+def error(code, message, field=None, **extra):
+    """An error answer, as the dispatcher writes them."""
+    return Error(ErrorDetail(code, message, field, **extra))
+
+
 def unavailable(h, call):
-    h.answer(call, {"error": {"code": "shutting_down", "message": "stopping",
-                              "field": None}}, code=503)
+    h.answer(call, error("shutting_down", "stopping"), code=503)
 
 
 # Back-off
@@ -254,8 +298,7 @@ def test_worker_backs_off_with_jitter_while_the_dispatcher_is_down():
     assert len({round(gap / min(30.0, 0.5 * 2 ** n), 2)
                 for n, gap in enumerate(gaps)}) > 1
     # A success resets it: the next failure waits half a second at most.
-    h.answer(h.one("/v1/leases"), {"leases": [], "lease_seconds": 30.0,
-                                   "heartbeat_seconds": 10.0})
+    h.answer(h.one("/v1/leases"), LeaseAnswer([], 30.0, 10.0))
     h.advance(1.0)
     call = h.one("/v1/leases")
     unavailable(h, call)
@@ -268,8 +311,8 @@ def test_a_refused_token_is_logged_and_retried():
     the worker backs off and asks again rather than dying with its jobs."""
     h = Harness()
     h.worker.startService()
-    h.answer(h.one("/v1/leases"), {"error": {"code": "unauthorized",
-             "message": "wrong token", "field": None}}, code=401)
+    h.answer(h.one("/v1/leases"), error("unauthorized", "wrong token",
+                                        "Authorization"), code=401)
     h.advance(0.6)
     assert len(h.pending("/v1/leases")) == 1
 
@@ -342,13 +385,11 @@ def test_client_log_answers():
                               "offset": "5"}
     assert calls[0].body == b"abc"
     assert calls[0].headers["content-type"] == "application/octet-stream"
-    h.answer(calls[0], {"size": 8})
-    h.answer(calls[1], {"error": {"code": "invalid_field", "message": "past the end",
-                                  "field": "offset", "size": 2}}, code=400)
-    h.answer(calls[2], {"error": {"code": "stale_lease", "message": "gone",
-                                  "field": None}}, code=409)
-    h.answer(calls[3], {"error": {"code": "workers_disabled", "message": "no",
-                                  "field": None}}, code=403)
+    h.answer(calls[0], LogWritten(8))
+    h.answer(calls[1], error("offset_past_end", "past the end", "offset", size=2),
+             code=400)
+    h.answer(calls[2], error("stale_lease", "gone", "token"), code=409)
+    h.answer(calls[3], error("workers_disabled", "no"), code=403)
     assert results[0] == 8
     assert results[1].check(LogOffsetMismatch) and results[1].value.size == 2
     assert results[2].check(LeaseGone)
@@ -430,8 +471,7 @@ def test_an_instant_empty_answer_does_not_spin():
     the wait ends) is followed by a pause, not another request at once."""
     h = Harness()
     h.worker.startService()
-    h.answer(h.one("/v1/leases"), {"leases": [], "lease_seconds": 30.0,
-                                   "heartbeat_seconds": 10.0})
+    h.answer(h.one("/v1/leases"), LeaseAnswer([], 30.0, 10.0))
     assert h.pending("/v1/leases") == []
     h.advance(1.0)
     assert len(h.pending("/v1/leases")) == 1
@@ -538,7 +578,7 @@ def test_logs_go_each_heartbeat_and_before_the_result():
     h.advance(5.0)
     log = h.one("/v1/leases/log")
     assert (log.query["stream"], log.query["offset"], log.body) == ("stdout", "0", b"hello\n")
-    h.answer(log, {"size": 6})
+    h.answer(log, LogWritten(6))
     h.beat(h.one("/v1/leases/heartbeat"), current(1))
     h.logs["job-1/attempt-1/stdout"] += b"world\n"
     h.logs["job-1/attempt-1/stderr"] = b"warn\n"
@@ -546,10 +586,10 @@ def test_logs_go_each_heartbeat_and_before_the_result():
     log = h.one("/v1/leases/log")
     assert (log.query["stream"], log.query["offset"], log.body) == ("stdout", "6", b"world\n")
     assert h.pending("/v1/leases/results") == []
-    h.answer(log, {"size": 12})
+    h.answer(log, LogWritten(12))
     log = h.one("/v1/leases/log")
     assert (log.query["stream"], log.query["offset"], log.body) == ("stderr", "0", b"warn\n")
-    h.answer(log, {"size": 5})
+    h.answer(log, LogWritten(5))
     report = h.one("/v1/leases/results")
     assert report.json["results"] == [{
         "job_id": "job-1", "token": 101, "state": "succeeded", "exit_code": 0,
@@ -578,13 +618,13 @@ def test_a_log_offset_past_the_end_is_resent_from_the_dispatchers_size():
     h.grant(lease(1))
     h.logs["job-1/attempt-1/stdout"] = b"abcdef"
     h.advance(5.0)
-    h.answer(h.one("/v1/leases/log"), {"size": 6})
+    h.answer(h.one("/v1/leases/log"), LogWritten(6))
     h.logs["job-1/attempt-1/stdout"] += b"ghi"
     h.executor.finish("job-1")
     log = h.one("/v1/leases/log")
     assert log.query["offset"] == "6"
-    h.answer(log, {"error": {"code": "invalid_field", "message": "offset past the end",
-                             "field": "offset", "size": 2}}, code=400)
+    h.answer(log, error("offset_past_end", "offset past the end", "offset", size=2),
+             code=400)
     log = h.one("/v1/leases/log")
     assert (log.query["offset"], log.body) == ("2", b"cdefghi")
 
@@ -677,7 +717,7 @@ def test_stop_gives_running_jobs_a_grace_then_releases_them():
     h.executor.finish("job-2", Outcome(JobState.FAILED, exit_code=-15, stopped=True))
     # Its last output goes before the worker stops.
     assert not stopped.called
-    h.answer(h.one("/v1/leases/log"), {"size": 11})
+    h.answer(h.one("/v1/leases/log"), LogWritten(11))
     assert not stopped.called
     release = h.one("/v1/leases/results")
     assert [(r["job_id"], r["state"]) for r in release.json["results"]] == [
@@ -883,8 +923,7 @@ def test_a_refused_log_does_not_hold_the_result_up():
     h.grant(lease(1))
     h.logs["job-1/attempt-1/stdout"] = b"abc"
     h.executor.finish("job-1")
-    h.answer(h.one("/v1/leases/log"), {"error": {
-        "code": "invalid_field", "message": "no", "field": "stream"}}, code=400)
+    h.answer(h.one("/v1/leases/log"), error("invalid_field", "no", "stream"), code=400)
     assert len(h.pending("/v1/leases/results")) == 1
     assert h.pending("/v1/leases/log") == []
 
@@ -897,13 +936,12 @@ def test_an_offset_refused_without_a_size_is_resent_from_the_start():
     h.grant(lease(1))
     h.logs["job-1/attempt-1/stdout"] = b"abc"
     h.advance(5.0)
-    h.answer(h.one("/v1/leases/log"), {"size": 3})
+    h.answer(h.one("/v1/leases/log"), LogWritten(3))
     h.logs["job-1/attempt-1/stdout"] += b"def"
     h.executor.finish("job-1")
     log = h.one("/v1/leases/log")
     assert log.query["offset"] == "3"
-    h.answer(log, {"error": {"code": "offset_past_end", "message": "send from 0",
-                             "field": "offset"}}, code=400)
+    h.answer(log, error("offset_past_end", "send from 0", "offset"), code=400)
     log = h.one("/v1/leases/log")
     assert (log.query["offset"], log.body) == ("0", b"abcdef")
 
