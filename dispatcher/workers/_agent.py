@@ -145,8 +145,8 @@ class HeldLease:
     @ivar outcome: how the attempt ended, once it has.
     @ivar forgotten: the dispatcher no longer knows this lease: nothing more
         is sent about it.
-    @ivar abandoned: stopped by the worker's own shutdown: its result is not
-        reported and the lease is left to expire.
+    @ivar abandoned: stopped by the worker's own shutdown: it is reported
+        as C{released}, its attempt unspent.
     """
 
     lease: Lease
@@ -159,10 +159,16 @@ class HeldLease:
 
     @property
     def job_id(self) -> str:
+        """
+        The id of the lease's job.
+        """
         return self.lease.job_id
 
     @property
     def ended(self) -> bool:
+        """
+        Its job has run and stopped.
+        """
         return self.running is not None and self.running.done.called
 
 
