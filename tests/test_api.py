@@ -290,9 +290,13 @@ async def test_cancel_queued(make_daemon):
     assert cancelled["state"] == "cancelled"
     assert cancelled["finished_at"] is not None
     code, error = await daemon.json("POST", f"/v1/jobs/{job['id']}/cancel")
-    assert code == 409 and error["error"]["code"] == "conflict"
+    assert code == 409 and error["error"] == {
+        "code": "conflict",
+        "message": f"job {job['id']} is already cancelled; only a job that has not "
+        "finished can be cancelled",
+        "field": "id"}
     code, error = await daemon.json("POST", "/v1/jobs/missing/cancel")
-    assert code == 404
+    assert code == 404 and error["error"]["field"] == "id"
 
 
 @pytest_twisted.ensureDeferred

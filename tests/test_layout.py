@@ -131,7 +131,7 @@ def test_worker_process_imports_no_server_code():
     import sys
 
     code = (
-        "import sys, dispatcher.app.worker_tap, dispatcher.workers._agent;"
+        "import sys, dispatcher.app.worker_tap, dispatcher.workers._service;"
         "print('\\n'.join(m for m in sys.modules if m.startswith('dispatcher.')))"
     )
     loaded = subprocess.run(

@@ -444,7 +444,10 @@ async def test_retry_endpoint(daemon):
     assert [a["number"] for a in done["attempts"]] == [1, 2, 3, 4]
     running = await daemon.submit({"task": "wait_for_cancel", "args": [30]})
     code, error = await daemon.json("POST", f"/v1/jobs/{running['id']}/retry")
-    assert code == 409
+    assert code == 409 and error["error"]["field"] == "id"
+    assert error["error"]["message"] in (
+        f"job {running['id']} is {state}; only a failed or cancelled job can be retried"
+        for state in ("queued", "running"))
     code, error = await daemon.json("POST", f"/v1/jobs/{running['id']}/retry",
                                     {"dependents": "yes"})
     assert code == 400 and error["error"]["field"] == "dependents"

@@ -15,6 +15,7 @@ import sys
 import time
 
 import attrs
+import msgspec
 import pytest
 import pytest_twisted
 from treq.testing import StubTreq
@@ -30,20 +31,30 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 from twisted.web.static import File
 
+from dispatcher.core._hub import REFUSALS
 from dispatcher.execution._executor import RunningJob
-import msgspec
-
 from dispatcher.model._jobs import JobSpec, JobState, Lease, Outcome
 from dispatcher.wire._forms import lease_grant
-from dispatcher.workers._agent import (
-    Backoff,
+from dispatcher.wire._json import encode
+from dispatcher.wire._types import (
+    Error,
+    ErrorDetail,
+    HeartbeatAnswer,
+    HeartbeatRequest,
+    LeaseAnswer,
+    LeaseRequest,
+    LeaseStatus,
+    LogWritten,
+    ResultsAnswer,
+    ResultsRequest,
+)
+from dispatcher.workers._agent import Backoff, RemoteWorker, WorkerDescription
+from dispatcher.workers._client import (
     DispatcherClient,
     DispatcherRefused,
     DispatcherUnavailable,
     LeaseGone,
     LogOffsetMismatch,
-    RemoteWorker,
-    WorkerDescription,
 )
 from dispatcher.execution._host import count_gpus, detect_cpus, detect_gpus, parse_meminfo
 from dispatcher.app.worker_tap import Options
@@ -73,8 +84,17 @@ class Call:
         return json.loads(self.body)
 
 
+# What each endpoint takes, as the dispatcher decodes it.
+REQUESTS = {
+    "/v1/leases": LeaseRequest,
+    "/v1/leases/heartbeat": HeartbeatRequest,
+    "/v1/leases/results": ResultsRequest,
+}
+
+
 class FakeDispatcher(Resource):
-    """Records every POST and holds it open until answered."""
+    """Records every POST and holds it open until answered; a JSON body
+    must be what the real dispatcher takes there, or the test fails."""
 
     isLeaf = True
 
@@ -82,6 +102,7 @@ class FakeDispatcher(Resource):
         super().__init__()
         self.clock = clock
         self.calls = []
+        self.refused = []
 
     def render_POST(self, request):
         call = Call(
@@ -93,6 +114,11 @@ class FakeDispatcher(Resource):
             self.clock.seconds(),
             request,
         )
+        if call.path in REQUESTS:
+            try:
+                msgspec.json.decode(call.body, type=REQUESTS[call.path])
+            except msgspec.ValidationError as e:
+                self.refused.append((call.path, str(e)))
         self.calls.append(call)
         # A request the worker gave up on needs no answer.
         request.notifyFinish().addErrback(lambda _: setattr(call, "answered", True))
@@ -125,10 +151,23 @@ class FakeExecutor:
         self.runs[job_id].done.callback(outcome)
 
 
+@pytest.fixture(autouse=True)
+def harnesses(monkeypatch):
+    """Every Harness a test makes; after the test, none of their fake
+    dispatchers may have had a request the real one refuses."""
+    made = []
+    monkeypatch.setattr(Harness, "made", made, raising=False)
+    yield made
+    assert [h.dispatcher.refused for h in made if h.dispatcher.refused] == []
+
+
 class Harness:
     """A RemoteWorker on a Clock, talking to a FakeDispatcher."""
 
+    made = []
+
     def __init__(self, slots=2, **kwargs):
+        self.made.append(self)
         self.clock = Clock()
         self.dispatcher = FakeDispatcher(self.clock)
         self.stub = StubTreq(self.dispatcher)
@@ -141,6 +180,8 @@ class Harness:
             self.client, self.executor, self.description, self.clock,
             self.read_chunks, rng=random.Random(3), **kwargs)
         self.reads = 0
+        self.lease_seconds = 15.0
+        self.heartbeat_seconds = 10.0
 
     def read_chunks(self, pieces):
         self.reads += 1
@@ -161,14 +202,26 @@ class Harness:
         request = call.request
         request.setResponseCode(code)
         request.setHeader(b"content-type", b"application/json")
-        request.write(json.dumps(body).encode())
+        request.write(encode(body))
         request.finish()
         self.stub.flush()
 
     def grant(self, *leases, heartbeat_seconds=5.0):
-        self.answer(self.one("/v1/leases"), {
-            "leases": [msgspec.to_builtins(lease_grant(lease)) for lease in leases],
-            "lease_seconds": 15.0, "heartbeat_seconds": heartbeat_seconds})
+        # Every later answer keeps the timing this one gives, as the
+        # dispatcher's do.
+        self.heartbeat_seconds = heartbeat_seconds
+        self.answer(self.one("/v1/leases"), LeaseAnswer(
+            [lease_grant(lease) for lease in leases], self.lease_seconds,
+            heartbeat_seconds))
+
+    def beat(self, call, *statuses, code=200):
+        """Answer a heartbeat with one status per lease."""
+        self.answer(call, HeartbeatAnswer(
+            list(statuses), self.lease_seconds, self.heartbeat_seconds), code)
+
+    def results(self, call, *statuses, code=200):
+        """Answer a report with one status per result."""
+        self.answer(call, ResultsAnswer(list(statuses)), code)
 
     def advance(self, seconds, step=0.01):
         """Move the clock in small steps, flushing the in-memory wire (a
@@ -183,9 +236,29 @@ def lease(n, command=("true",), **spec):
     return Lease(f"job-{n}", 1, 100 + n, "w1", 0.0, JobSpec(command=command, **spec))
 
 
+def current(n):
+    """A heartbeat's answer for job-n's lease: still current, renewed."""
+    return LeaseStatus(f"job-{n}", 100 + n, True, expires_at="2026-11-25T13:00:15Z")
+
+
+def recorded(n):
+    """A report's answer for job-n's result: recorded."""
+    return LeaseStatus(f"job-{n}", 100 + n, True)
+
+
+def refused(n, reason, token=None):
+    """The answer for a lease of job-n that is no longer current."""
+    return LeaseStatus(f"job-{n}", token or 100 + n, False, status=409, reason=reason,
+                       message=REFUSALS[reason])
+
+
+def error(code, message, field=None, **extra):
+    """An error answer, as the dispatcher writes them."""
+    return Error(ErrorDetail(code, message, field, **extra))
+
+
 def unavailable(h, call):
-    h.answer(call, {"error": {"code": "shutting_down", "message": "stopping",
-                              "field": None}}, code=503)
+    h.answer(call, error("shutting_down", "stopping"), code=503)
 
 
 # Back-off
@@ -225,8 +298,7 @@ def test_worker_backs_off_with_jitter_while_the_dispatcher_is_down():
     assert len({round(gap / min(30.0, 0.5 * 2 ** n), 2)
                 for n, gap in enumerate(gaps)}) > 1
     # A success resets it: the next failure waits half a second at most.
-    h.answer(h.one("/v1/leases"), {"leases": [], "lease_seconds": 30.0,
-                                   "heartbeat_seconds": 10.0})
+    h.answer(h.one("/v1/leases"), LeaseAnswer([], 30.0, 10.0))
     h.advance(1.0)
     call = h.one("/v1/leases")
     unavailable(h, call)
@@ -239,8 +311,8 @@ def test_a_refused_token_is_logged_and_retried():
     the worker backs off and asks again rather than dying with its jobs."""
     h = Harness()
     h.worker.startService()
-    h.answer(h.one("/v1/leases"), {"error": {"code": "unauthorized",
-             "message": "wrong token", "field": None}}, code=401)
+    h.answer(h.one("/v1/leases"), error("unauthorized", "wrong token",
+                                        "Authorization"), code=401)
     h.advance(0.6)
     assert len(h.pending("/v1/leases")) == 1
 
@@ -288,7 +360,7 @@ def test_client_maps_connection_errors_and_timeouts():
             return Deferred()
 
     errors = []
-    desc = WorkerDescription("w", 1, 1.0, 1, 0)
+    desc = WorkerDescription("w", 1, 1.0, 1, 0).offer()
     DispatcherClient(Refusing(), URL, TOKEN, clock).report(desc, []).addErrback(
         errors.append)
     d = DispatcherClient(Silent(), URL, TOKEN, clock).heartbeat(desc, [])
@@ -313,17 +385,35 @@ def test_client_log_answers():
                               "offset": "5"}
     assert calls[0].body == b"abc"
     assert calls[0].headers["content-type"] == "application/octet-stream"
-    h.answer(calls[0], {"size": 8})
-    h.answer(calls[1], {"error": {"code": "invalid_field", "message": "past the end",
-                                  "field": "offset", "size": 2}}, code=400)
-    h.answer(calls[2], {"error": {"code": "stale_lease", "message": "gone",
-                                  "field": None}}, code=409)
-    h.answer(calls[3], {"error": {"code": "workers_disabled", "message": "no",
-                                  "field": None}}, code=403)
+    h.answer(calls[0], LogWritten(8))
+    h.answer(calls[1], error("offset_past_end", "past the end", "offset", size=2),
+             code=400)
+    h.answer(calls[2], error("stale_lease", "gone", "token"), code=409)
+    h.answer(calls[3], error("workers_disabled", "no"), code=403)
     assert results[0] == 8
     assert results[1].check(LogOffsetMismatch) and results[1].value.size == 2
     assert results[2].check(LeaseGone)
     assert results[3].check(DispatcherRefused) and results[3].value.status == 403
+
+
+
+def test_client_refuses_an_answer_the_protocol_does_not_allow():
+    """A 200 whose body is not the endpoint's answer (a field missing, a
+    lease cut short) is a DispatcherUnavailable that says what was wrong:
+    the worker retries it as it would a server error, and never acts on
+    half an answer."""
+    h = Harness()
+    errors = []
+    offer = h.description.offer()
+    h.client.heartbeat(offer, []).addErrback(errors.append)
+    h.client.lease(offer, 1, 0.0).addErrback(errors.append)
+    h.answer(h.one("/v1/leases/heartbeat"), {"leases": [], "lease_seconds": 15.0})
+    h.answer(h.one("/v1/leases"), {"leases": [{"job_id": "job-1", "token": 101}],
+                                   "lease_seconds": 15.0, "heartbeat_seconds": 5.0})
+    assert [e.type for e in errors] == [DispatcherUnavailable, DispatcherUnavailable]
+    assert "HeartbeatAnswer" in str(errors[0].value)
+    assert "heartbeat_seconds" in str(errors[0].value)
+    assert "$.leases[0]" in str(errors[1].value)
 
 
 # Leases
@@ -352,8 +442,7 @@ def test_a_full_worker_does_not_ask_until_a_slot_is_free():
     h.advance(2)
     assert h.pending("/v1/leases") == []
     h.executor.finish("job-1")
-    h.answer(h.one("/v1/leases/results"),
-             {"results": [{"job_id": "job-1", "token": 101, "ok": True}]})
+    h.results(h.one("/v1/leases/results"), recorded(1))
     assert h.one("/v1/leases").json["max_jobs"] == 1
 
 
@@ -367,14 +456,13 @@ def test_one_report_answer_frees_all_its_slots_before_the_next_ask():
     first = h.one("/v1/leases/results")
     h.executor.finish("job-2")
     h.executor.finish("job-3")
-    h.answer(first, {"results": [{"job_id": "job-1", "token": 101, "ok": True}]})
+    h.results(first, recorded(1))
     # The freed slot is asked for and filled; the worker is full again.
     h.grant(lease(4))
     second = h.one("/v1/leases/results")
     assert [r["job_id"] for r in second.json["results"]] == ["job-2", "job-3"]
     assert h.pending("/v1/leases") == []
-    h.answer(second, {"results": [{"job_id": f"job-{n}", "token": 100 + n, "ok": True}
-                                  for n in (2, 3)]})
+    h.results(second, recorded(2), recorded(3))
     assert h.one("/v1/leases").json["max_jobs"] == 2
 
 
@@ -383,8 +471,7 @@ def test_an_instant_empty_answer_does_not_spin():
     the wait ends) is followed by a pause, not another request at once."""
     h = Harness()
     h.worker.startService()
-    h.answer(h.one("/v1/leases"), {"leases": [], "lease_seconds": 30.0,
-                                   "heartbeat_seconds": 10.0})
+    h.answer(h.one("/v1/leases"), LeaseAnswer([], 30.0, 10.0))
     assert h.pending("/v1/leases") == []
     h.advance(1.0)
     assert len(h.pending("/v1/leases")) == 1
@@ -406,8 +493,7 @@ def test_heartbeats_keep_leases_alive_and_tell_a_staged_start_at_once():
     assert beat.json["worker"]["name"] == "w1"
     assert beat.json["leases"] == [{"job_id": "job-1", "token": 101},
                                    {"job_id": "job-2", "token": 102}]
-    h.answer(beat, {"leases": [{"job_id": "job-1", "token": 101, "ok": True},
-                               {"job_id": "job-2", "token": 102, "ok": True}]})
+    h.beat(beat, current(1), current(2))
     # job-1 finished staging: the dispatcher hears of it now, not in 5 s.
     h.executor.mark_running["job-1"](h.executor.runs["job-1"].lease)
     beat = h.one("/v1/leases/heartbeat")
@@ -417,8 +503,7 @@ def test_heartbeats_keep_leases_alive_and_tell_a_staged_start_at_once():
     h.advance(0.5)
     beat = h.one("/v1/leases/heartbeat")
     assert beat.json["leases"][0]["running"] is True
-    h.answer(beat, {"leases": [{"job_id": "job-1", "token": 101, "ok": True},
-                               {"job_id": "job-2", "token": 102, "ok": True}]})
+    h.beat(beat, current(1), current(2))
     h.advance(5.0)
     beat = h.one("/v1/leases/heartbeat")
     assert "running" not in beat.json["leases"][0]
@@ -451,10 +536,7 @@ def test_a_refused_heartbeat_item_stops_the_job_and_drops_its_result():
     h.worker.startService()
     h.grant(lease(1), lease(2))
     h.advance(5.0)
-    h.answer(h.one("/v1/leases/heartbeat"), {"leases": [
-        {"job_id": "job-1", "token": 101, "ok": False, "status": 409,
-         "reason": "cancelled", "message": "cancelled by a client"},
-        {"job_id": "job-2", "token": 102, "ok": True}]})
+    h.beat(h.one("/v1/leases/heartbeat"), refused(1, "cancelled"), current(2))
     assert h.executor.stopped == ["job-1"]
     # Its slot is still taken while it stops.
     assert h.pending("/v1/leases") == []
@@ -464,7 +546,7 @@ def test_a_refused_heartbeat_item_stops_the_job_and_drops_its_result():
     h.advance(5.0)
     beat = h.one("/v1/leases/heartbeat")
     assert beat.json["leases"] == [{"job_id": "job-2", "token": 102}]
-    h.answer(beat, {"leases": [{"job_id": "job-2", "token": 102, "ok": True}]})
+    h.beat(beat, current(2))
     h.advance(30, step=0.5)
     assert h.pending("/v1/leases/results") == []
     assert h.pending("/v1/leases/log") == []
@@ -478,9 +560,7 @@ def test_a_refused_item_for_another_token_changes_nothing():
     h.worker.startService()
     h.grant(lease(1))
     h.advance(5.0)
-    h.answer(h.one("/v1/leases/heartbeat"), {"leases": [
-        {"job_id": "job-1", "token": 99, "ok": False, "status": 409,
-         "reason": "superseded", "message": ""}]})
+    h.beat(h.one("/v1/leases/heartbeat"), refused(1, "superseded", token=99))
     assert h.executor.stopped == []
     assert "job-1" in h.worker.held
 
@@ -498,19 +578,18 @@ def test_logs_go_each_heartbeat_and_before_the_result():
     h.advance(5.0)
     log = h.one("/v1/leases/log")
     assert (log.query["stream"], log.query["offset"], log.body) == ("stdout", "0", b"hello\n")
-    h.answer(log, {"size": 6})
-    h.answer(h.one("/v1/leases/heartbeat"),
-             {"leases": [{"job_id": "job-1", "token": 101, "ok": True}]})
+    h.answer(log, LogWritten(6))
+    h.beat(h.one("/v1/leases/heartbeat"), current(1))
     h.logs["job-1/attempt-1/stdout"] += b"world\n"
     h.logs["job-1/attempt-1/stderr"] = b"warn\n"
     h.executor.finish("job-1")
     log = h.one("/v1/leases/log")
     assert (log.query["stream"], log.query["offset"], log.body) == ("stdout", "6", b"world\n")
     assert h.pending("/v1/leases/results") == []
-    h.answer(log, {"size": 12})
+    h.answer(log, LogWritten(12))
     log = h.one("/v1/leases/log")
     assert (log.query["stream"], log.query["offset"], log.body) == ("stderr", "0", b"warn\n")
-    h.answer(log, {"size": 5})
+    h.answer(log, LogWritten(5))
     report = h.one("/v1/leases/results")
     assert report.json["results"] == [{
         "job_id": "job-1", "token": 101, "state": "succeeded", "exit_code": 0,
@@ -539,13 +618,13 @@ def test_a_log_offset_past_the_end_is_resent_from_the_dispatchers_size():
     h.grant(lease(1))
     h.logs["job-1/attempt-1/stdout"] = b"abcdef"
     h.advance(5.0)
-    h.answer(h.one("/v1/leases/log"), {"size": 6})
+    h.answer(h.one("/v1/leases/log"), LogWritten(6))
     h.logs["job-1/attempt-1/stdout"] += b"ghi"
     h.executor.finish("job-1")
     log = h.one("/v1/leases/log")
     assert log.query["offset"] == "6"
-    h.answer(log, {"error": {"code": "invalid_field", "message": "offset past the end",
-                             "field": "offset", "size": 2}}, code=400)
+    h.answer(log, error("offset_past_end", "offset past the end", "offset", size=2),
+             code=400)
     log = h.one("/v1/leases/log")
     assert (log.query["offset"], log.body) == ("2", b"cdefghi")
 
@@ -569,13 +648,10 @@ def test_results_are_kept_until_acknowledged_and_sent_together():
     assert [r["job_id"] for r in again.json["results"]] == ["job-1", "job-2", "job-3"]
     assert again.json["results"][1]["exit_code"] == 3
     assert again.json["results"][2]["result"] == {"n": 1}
-    h.answer(again, {"results": [
-        {"job_id": "job-1", "token": 101, "ok": True},
-        {"job_id": "job-2", "token": 102, "ok": False, "status": 409,
-         "reason": "expired"}]}, code=200)
+    h.results(again, recorded(1), refused(2, "expired"))
     last = h.one("/v1/leases/results")
     assert [r["job_id"] for r in last.json["results"]] == ["job-3"]
-    h.answer(last, {"results": [{"job_id": "job-3", "token": 103, "ok": True}]})
+    h.results(last, recorded(3))
     h.advance(60, step=1)
     assert h.pending("/v1/leases/results") == []
     assert h.worker.held == {}
@@ -591,9 +667,7 @@ def test_a_heartbeat_saying_reported_acknowledges_a_result():
     h.executor.finish("job-1")
     report = h.one("/v1/leases/results")
     h.advance(5.0)
-    h.answer(h.one("/v1/leases/heartbeat"), {"leases": [
-        {"job_id": "job-1", "token": 101, "ok": False, "status": 409,
-         "reason": "reported", "message": "its result is already recorded"}]})
+    h.beat(h.one("/v1/leases/heartbeat"), refused(1, "reported"))
     assert h.worker.held == {}
     assert h.one("/v1/leases").json["max_jobs"] == 1
     unavailable(h, report)
@@ -608,9 +682,7 @@ def test_results_refused_as_a_whole_are_dropped():
     h.worker.startService()
     h.grant(lease(1))
     h.executor.finish("job-1")
-    h.answer(h.one("/v1/leases/results"), {"results": [
-        {"job_id": "job-1", "token": 101, "ok": False, "status": 409,
-         "reason": "superseded"}]}, code=409)
+    h.results(h.one("/v1/leases/results"), refused(1, "superseded"), code=409)
     h.advance(60, step=1)
     assert h.pending("/v1/leases/results") == []
     assert h.worker.held == {}
@@ -633,27 +705,24 @@ def test_stop_gives_running_jobs_a_grace_then_releases_them():
     # would have granted on it).
     assert poll.answered
     h.advance(5.0)
-    h.answer(h.one("/v1/leases/heartbeat"), {"leases": [
-        {"job_id": "job-1", "token": 101, "ok": True},
-        {"job_id": "job-2", "token": 102, "ok": True}]})
+    h.beat(h.one("/v1/leases/heartbeat"), current(1), current(2))
     h.executor.finish("job-1")
-    h.answer(h.one("/v1/leases/results"),
-             {"results": [{"job_id": "job-1", "token": 101, "ok": True}]})
+    h.results(h.one("/v1/leases/results"), recorded(1))
     assert h.executor.stopped == []
     h.advance(15.0, step=0.5)
     for beat in h.pending("/v1/leases/heartbeat"):
-        h.answer(beat, {"leases": [{"job_id": "job-2", "token": 102, "ok": True}]})
+        h.beat(beat, current(2))
     assert h.executor.stopped == ["job-2"]
     h.logs["job-2/attempt-1/stderr"] = b"Terminated\n"
     h.executor.finish("job-2", Outcome(JobState.FAILED, exit_code=-15, stopped=True))
     # Its last output goes before the worker stops.
     assert not stopped.called
-    h.answer(h.one("/v1/leases/log"), {"size": 11})
+    h.answer(h.one("/v1/leases/log"), LogWritten(11))
     assert not stopped.called
     release = h.one("/v1/leases/results")
     assert [(r["job_id"], r["state"]) for r in release.json["results"]] == [
         ("job-2", "released")]
-    h.answer(release, {"results": [{"job_id": "job-2", "token": 102, "ok": True}]})
+    h.results(release, recorded(2))
     assert stopped.called
     later = h.dispatcher.calls[h.dispatcher.calls.index(poll) + 1:]
     assert [c for c in later if c.path == "/v1/leases"] == []
@@ -674,7 +743,7 @@ def test_a_job_that_succeeds_as_the_stop_reaches_it_is_reported():
     report = h.one("/v1/leases/results")
     assert report.json["results"][0]["state"] == "succeeded"
     assert report.json["results"][0]["stopped"] is False
-    h.answer(report, {"results": [{"job_id": "job-1", "token": 101, "ok": True}]})
+    h.results(report, recorded(1))
     assert stopped.called
 
 
@@ -854,8 +923,7 @@ def test_a_refused_log_does_not_hold_the_result_up():
     h.grant(lease(1))
     h.logs["job-1/attempt-1/stdout"] = b"abc"
     h.executor.finish("job-1")
-    h.answer(h.one("/v1/leases/log"), {"error": {
-        "code": "invalid_field", "message": "no", "field": "stream"}}, code=400)
+    h.answer(h.one("/v1/leases/log"), error("invalid_field", "no", "stream"), code=400)
     assert len(h.pending("/v1/leases/results")) == 1
     assert h.pending("/v1/leases/log") == []
 
@@ -868,13 +936,12 @@ def test_an_offset_refused_without_a_size_is_resent_from_the_start():
     h.grant(lease(1))
     h.logs["job-1/attempt-1/stdout"] = b"abc"
     h.advance(5.0)
-    h.answer(h.one("/v1/leases/log"), {"size": 3})
+    h.answer(h.one("/v1/leases/log"), LogWritten(3))
     h.logs["job-1/attempt-1/stdout"] += b"def"
     h.executor.finish("job-1")
     log = h.one("/v1/leases/log")
     assert log.query["offset"] == "3"
-    h.answer(log, {"error": {"code": "offset_past_end", "message": "send from 0",
-                             "field": "offset"}}, code=400)
+    h.answer(log, error("offset_past_end", "send from 0", "offset"), code=400)
     log = h.one("/v1/leases/log")
     assert (log.query["offset"], log.body) == ("0", b"abcdef")
 

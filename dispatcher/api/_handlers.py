@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 from inspect import iscoroutine
-from typing import Any, Mapping, Optional
+from typing import Any, Awaitable, Mapping, Optional
 
 import attrs
 from twisted.internet.defer import CancelledError, Deferred, fail
@@ -570,16 +570,10 @@ class DispatcherAPI(Resource):
             request.content.seek(0)
             dependents = decode(_json_body(request), RetryRequest).dependents
         try:
-            job = await self._dispatcher.retry(job_id, dependents)
-        except UnknownJob:
-            raise _no_such_job(job_id)
-        except InvalidTransition as e:
-            raise ApiError(
-                409,
-                "conflict",
-                f"job {job_id} is {e.source.value}; only a failed or cancelled job "
-                "can be retried",
-                "id",
+            job = await _transition(
+                job_id,
+                self._dispatcher.retry(job_id, dependents),
+                "{state}; only a failed or cancelled job can be retried",
             )
         except DependencyNotRetried as e:
             raise ApiError(409, "conflict", str(e), "id")
@@ -684,18 +678,11 @@ class DispatcherAPI(Resource):
         )
 
     async def cancel(self, request: Any, job_id: str) -> Answer:
-        try:
-            job, done = await self._dispatcher.cancel(job_id)
-        except UnknownJob:
-            raise _no_such_job(job_id)
-        except InvalidTransition as e:
-            raise ApiError(
-                409,
-                "conflict",
-                f"job {job_id} is already {e.source.value}; only a job that has not "
-                "finished can be cancelled",
-                "id",
-            )
+        job, done = await _transition(
+            job_id,
+            self._dispatcher.cancel(job_id),
+            "already {state}; only a job that has not finished can be cancelled",
+        )
         return Answer(200 if done else 202, job_view(job))
 
     async def read_log(self, request: Any, job_id: str) -> Answer:
@@ -739,6 +726,22 @@ def _decimal(text: str) -> bool:
 
 def _no_such_job(job_id: str) -> ApiError:
     return ApiError(404, "not_found", f"no job has the id {job_id!r}", "id")
+
+
+async def _transition(job_id: str, change: Awaitable[Any], refusal: str) -> Any:
+    """
+    What C{change}, a transition of job C{job_id}, gives: a 404 if there is
+    no such job, a 409 if the job's state does not allow it, saying
+    C{refusal} with the job's C{{state}}.
+    """
+    try:
+        return await change
+    except UnknownJob:
+        raise _no_such_job(job_id)
+    except InvalidTransition as e:
+        raise ApiError(
+            409, "conflict", f"job {job_id} is {refusal.format(state=e.source.value)}", "id"
+        )
 
 
 def _file_size(path: str) -> int:

@@ -124,8 +124,9 @@ class WorkerEndpoints:
         body = decode(raw, HeartbeatRequest)
         offer = offer_of(body.worker)
         parsed = [(item.job_id, item.token, item.running) for item in body.leases]
-        # A worker that hangs up must not cancel the writes: the leases a
-        # heartbeat ends (a cancel told) have ended in memory already.
+        # A worker that hangs up must not cancel the writes this waits for
+        # (a staged job marked running): the lease stopped staging in memory
+        # already, and the store must hear it too.
         answers = await shielded(self._hub.heartbeat(offer, parsed))
         return _all_refused(answers), HeartbeatAnswer(
             [LeaseStatus(**a) for a in answers],
@@ -145,8 +146,14 @@ class WorkerEndpoints:
                     JobState(item.state), item.exit_code, item.result, item.error, item.stopped
                 )
             parsed.append((item.job_id, item.token, outcome))
-        # Not cancelled with the request: the reported leases have ended in
-        # memory, and a resend would be refused as reported.
+        # Not cancelled with the request: the hub records each result
+        # whatever becomes of this connection (a failed commit is written
+        # again, and a lease ends in memory only once its end has
+        # committed), and the Deferreds it answers through are its own to
+        # fire.  A worker that hung up resends: while the write is under
+        # way the resend waits for the same write and is answered as this
+        # would have been; once it has committed, the resend is refused as
+        # reported.
         answers = await shielded(self._hub.report(offer, parsed))
         return _all_refused(answers), ResultsAnswer([LeaseStatus(**a) for a in answers])
 

@@ -13,7 +13,8 @@ from twisted.python import usage
 
 from dispatcher.config._ini import Config, ConfigError, load_config, read_token
 from dispatcher.execution._host import detect_cpus, detect_gpus, detect_memory_mb
-from dispatcher.workers._agent import WorkerDescription, WorkerSettings, default_name
+from dispatcher.workers._agent import WorkerDescription
+from dispatcher.workers._service import WorkerSettings, default_name
 
 DEFAULT_DATA_DIR = "dispatcher-worker-data"
 
@@ -163,6 +164,6 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> Any:
     if reactor is None:
         from twisted.internet import reactor  # type: ignore[no-redef]
 
-    from dispatcher.workers._agent import WorkerService
+    from dispatcher.workers._service import WorkerService
 
     return WorkerService(reactor, options.settings)

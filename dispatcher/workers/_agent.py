@@ -1,7 +1,8 @@
 """
-The remote worker: a process on another host that pulls jobs from a
-dispatcher over HTTP with fenced leases (docs/worker-protocol.md) and runs
-them with the same L{LocalExecutor} the daemon uses.
+The remote worker's agent: a service that pulls jobs from a dispatcher
+over HTTP with fenced leases (docs/worker-protocol.md), runs them with the
+same L{LocalExecutor} the daemon uses, keeps their leases alive with
+heartbeats, has their logs shipped and reports their results.
 
 Nothing here touches the global reactor; L{dispatcher.app.worker_tap} builds the
 service with it.
@@ -9,67 +10,43 @@ service with it.
 
 from __future__ import annotations
 
-import json
-import os
 import random
 import secrets
-import socket
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Union
 
 import attrs
-import msgspec
-from hyperlink import DecodedURL
-from twisted.application.service import MultiService, Service
-from twisted.internet.defer import (
-    CancelledError,
-    Deferred,
-    DeferredLock,
-    ensureDeferred,
-    succeed,
-)
-from twisted.internet.defer import TimeoutError as DeferredTimeout
+from twisted.application.service import Service
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, succeed
 from twisted.internet.task import deferLater
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from dispatcher.config._ini import Config
 from dispatcher.execution._executor import RunningJob
-from dispatcher.execution._host import JobHost
 from dispatcher.model._jobs import JobState, Lease, Outcome
 from dispatcher.wire._forms import lease_from_grant
-from dispatcher.wire._json import encode
 from dispatcher.wire._types import (
+    HeartbeatAnswer,
     HeartbeatItem,
-    HeartbeatRequest,
+    LeaseAnswer,
     LeaseGrant,
-    LeaseRequest,
+    LeaseStatus,
     ResultItem,
-    ResultsRequest,
     WorkerOffer,
 )
+from dispatcher.workers._client import (
+    POLL_WAIT_SECONDS,
+    DispatcherClient,
+    DispatcherError,
+    DispatcherRefused,
+)
+from dispatcher.workers._logs import LogShipper, ShippedLog
 
 log = Logger()
-
-# The streams of an attempt, in the order they are shipped.
-STREAMS = ("stdout", "stderr")
-
-# The most log bytes one request carries.
-LOG_CHUNK_BYTES = 256 * 1024
 
 # What a worker assumes until the dispatcher's first answer says otherwise
 # (the protocol's defaults).
 DEFAULT_LEASE_SECONDS = 30.0
 DEFAULT_HEARTBEAT_SECONDS = 10.0
-
-# Seconds the dispatcher may hold a lease request open (the protocol's
-# default), and how much longer the worker waits for its answer before it
-# takes the connection for dead.
-POLL_WAIT_SECONDS = 30.0
-POLL_MARGIN_SECONDS = 15.0
-
-# Seconds any other request may take.
-REQUEST_TIMEOUT_SECONDS = 30.0
 
 
 # What the worker offers
@@ -115,13 +92,6 @@ class WorkerDescription:
         )
 
 
-def default_name() -> str:
-    """
-    A worker name unique on this host: the host name and the process id.
-    """
-    return f"{socket.gethostname()}-{os.getpid()}"
-
-
 # Waiting between tries
 
 class Backoff:
@@ -158,236 +128,7 @@ class Backoff:
         self.failures = 0
 
 
-# Talking to the dispatcher
-
-class DispatcherError(Exception):
-    """
-    A request to the dispatcher did not get a usable answer.
-    """
-
-
-class DispatcherUnavailable(DispatcherError):
-    """
-    The dispatcher could not be reached, timed out or answered with a
-    server error (it may be restarting): try again later.
-    """
-
-
-class DispatcherRefused(DispatcherError):
-    """
-    The dispatcher refused the request itself (a 4xx other than the
-    protocol's per-lease answers): a wrong token, workers disabled, or a
-    request this worker should not have made.
-
-    @ivar status: the HTTP status.
-    @ivar code: the error's C{code}, or C{None}.
-    """
-
-    def __init__(self, status: int, code: Optional[str], message: str) -> None:
-        super().__init__(f"{status} {code or ''}: {message}".replace(" :", ":"))
-        self.status = status
-        self.code = code
-
-
-class LeaseGone(DispatcherError):
-    """
-    A write about a lease was refused because its token is no longer
-    current (C{409 stale_lease}).
-    """
-
-
-class LogOffsetMismatch(DispatcherError):
-    """
-    A log chunk was sent at an offset past what the dispatcher has; it has
-    C{size} bytes, and the worker resends from there.
-    """
-
-    def __init__(self, size: int) -> None:
-        super().__init__(f"the dispatcher has {size} bytes of this stream")
-        self.size = size
-
-
-class DispatcherClient:
-    """
-    The worker's side of the HTTP protocol: one method per endpoint, JSON
-    in and out, every failure one of the L{DispatcherError}s.
-
-    @param http: a C{treq.client.HTTPClient} (or C{treq.testing.StubTreq}).
-    @param url: the dispatcher's base URL, such as C{http://host:8080}.
-    @param token: the bearer token of C{[workers] token_file}.
-    @param clock: the C{IReactorTime} that times requests out.
-    """
-
-    def __init__(self, http: Any, url: str, token: str, clock: Any) -> None:
-        self._http = http
-        self._base = DecodedURL.from_text(url)
-        self._token = token
-        self._clock = clock
-
-    def url(self, *segments: str) -> DecodedURL:
-        """
-        The URL of an endpoint under the base URL (which may have a path of
-        its own, behind a proxy).
-        """
-        base = self._base
-        if base.path and base.path[-1] == "":
-            base = base.replace(path=base.path[:-1])
-        return base.child(*segments)
-
-    def lease(self, worker: WorkerDescription, max_jobs: int, wait: float) -> Deferred:
-        """
-        Ask for up to C{max_jobs} leases, letting the dispatcher hold the
-        request up to C{wait} seconds.  Fires with the answer's JSON.
-        """
-        body = LeaseRequest(worker.offer(), max_jobs, wait)
-        return self._json(
-            self.url("v1", "leases"), body, wait + POLL_MARGIN_SECONDS, ()
-        )
-
-    def heartbeat(self, worker: WorkerDescription, items: list[HeartbeatItem]) -> Deferred:
-        """
-        Renew leases; fires with the answer's JSON, whose C{leases} say for
-        each item whether it is still current.
-        """
-        body = HeartbeatRequest(worker.offer(), items)
-        return self._json(
-            self.url("v1", "leases", "heartbeat"), body, REQUEST_TIMEOUT_SECONDS, (409,)
-        )
-
-    def report(self, worker: WorkerDescription, results: list[ResultItem]) -> Deferred:
-        """
-        Report how attempts ended; fires with the answer's JSON, whose
-        C{results} say for each item whether it was recorded.
-        """
-        body = ResultsRequest(worker.offer(), results)
-        return self._json(
-            self.url("v1", "leases", "results"), body, REQUEST_TIMEOUT_SECONDS, (409,)
-        )
-
-    def append_log(
-        self, job_id: str, token: int, stream: str, offset: int, data: bytes
-    ) -> Deferred:
-        """
-        Write C{data} at C{offset} of one stream of an attempt's log.  Fires
-        with the stream's size afterwards; fails with L{LogOffsetMismatch}
-        or L{LeaseGone}.
-        """
-        url = (
-            self.url("v1", "leases", "log")
-            .add("job_id", job_id)
-            .add("token", str(token))
-            .add("stream", stream)
-            .add("offset", str(offset))
-        )
-
-        async def send() -> int:
-            status, answer = await self._post(
-                url, data, "application/octet-stream"
-            )
-            if status == 200 and isinstance(answer, dict) and isinstance(
-                answer.get("size"), int
-            ):
-                return answer["size"]
-            if status == 400:
-                size = _size_of(answer)
-                if size is not None:
-                    raise LogOffsetMismatch(size)
-                if _error_field(answer) == "offset" and offset > 0:
-                    # Refused for its offset, without saying what it has:
-                    # from the start is always a place to write.
-                    raise LogOffsetMismatch(0)
-            raise _error_for(status, answer)
-
-        return self._timed(send(), REQUEST_TIMEOUT_SECONDS)
-
-    def _json(
-        self,
-        url: DecodedURL,
-        body: Any,
-        timeout: float,
-        also_ok: tuple[int, ...],
-    ) -> Deferred:
-        async def send() -> Any:
-            status, answer = await self._post(url, encode(body), "application/json")
-            if (status == 200 or status in also_ok) and isinstance(answer, dict) and (
-                status == 200 or "error" not in answer
-            ):
-                return answer
-            raise _error_for(status, answer)
-
-        return self._timed(send(), timeout)
-
-    def _timed(self, coroutine: Any, timeout: float) -> Deferred:
-        d = Deferred.fromCoroutine(coroutine)
-        d.addTimeout(timeout, self._clock)
-
-        def timed_out(failure: Failure) -> None:
-            failure.trap(DeferredTimeout)
-            raise DispatcherUnavailable(f"no answer within {timeout:g} s")
-
-        return d.addErrback(timed_out)
-
-    async def _post(self, url: DecodedURL, data: bytes, content_type: str) -> tuple[int, Any]:
-        headers = {
-            "Authorization": [f"Bearer {self._token}"],
-            "Content-Type": [content_type],
-            "Accept": ["application/json"],
-        }
-        try:
-            response = await self._http.request("POST", url, data=data, headers=headers)
-            content = await response.content()
-        except CancelledError:
-            raise
-        except Exception as e:
-            reasons = getattr(e, "reasons", None)
-            if reasons and all(r.check(CancelledError) for r in reasons):
-                # The Agent wraps a cancel of a request in flight.
-                raise CancelledError() from e
-            raise DispatcherUnavailable(f"{url.to_text()}: {_describe(e)}") from e
-        try:
-            answer = json.loads(content)
-        except ValueError:
-            answer = None
-        return response.code, answer
-
-
-def _size_of(answer: Any) -> Optional[int]:
-    # The protocol puts "size" in the error body; either level is read.
-    if not isinstance(answer, dict):
-        return None
-    for where in (answer, answer.get("error")):
-        if isinstance(where, dict) and isinstance(where.get("size"), int):
-            return where["size"]
-    return None
-
-
-def _error_field(answer: Any) -> Optional[str]:
-    error = answer.get("error") if isinstance(answer, dict) else None
-    return error.get("field") if isinstance(error, dict) else None
-
-
-def _error_for(status: int, answer: Any) -> DispatcherError:
-    error = answer.get("error") if isinstance(answer, dict) else None
-    code = error.get("code") if isinstance(error, dict) else None
-    message = error.get("message") if isinstance(error, dict) else None
-    if status >= 500 or answer is None and status not in (401, 403):
-        return DispatcherUnavailable(
-            f"the dispatcher answered {status}"
-            + (f" ({code}: {message})" if code else " without a JSON body")
-        )
-    if status == 409:
-        return LeaseGone(message or code or "the lease is no longer current")
-    return DispatcherRefused(status, code, message or "no message")
-
-
-def _describe(e: Exception) -> str:
-    reasons = getattr(e, "reasons", None)
-    if reasons:
-        return "; ".join(r.getErrorMessage() for r in reasons)
-    return str(e) or type(e).__name__
-
-
-# The worker
+# Leases held
 
 @attrs.define(eq=False)
 class HeldLease:
@@ -400,49 +141,35 @@ class HeldLease:
     @ivar running: what the executor runs for it.
     @ivar tell_running: its job has started after staging, and the
         dispatcher has not yet acknowledged a heartbeat saying so.
-    @ivar offsets: bytes of each stream the dispatcher has.
-    @ivar given_up: streams the dispatcher refused (not sent any more).
+    @ivar shipped: how much of its log the dispatcher has.
     @ivar outcome: how the attempt ended, once it has.
     @ivar forgotten: the dispatcher no longer knows this lease: nothing more
         is sent about it.
-    @ivar abandoned: stopped by the worker's own shutdown: its result is not
-        reported and the lease is left to expire.
+    @ivar abandoned: stopped by the worker's own shutdown: it is reported
+        as C{released}, its attempt unspent.
     """
 
     lease: Lease
     running: Optional[RunningJob] = None
     tell_running: bool = False
-    offsets: dict[str, int] = attrs.field(factory=lambda: dict.fromkeys(STREAMS, 0))
-    given_up: set[str] = attrs.field(factory=set)
-    shipping: DeferredLock = attrs.field(factory=DeferredLock)
+    shipped: ShippedLog = attrs.field(factory=ShippedLog)
     outcome: Optional[Outcome] = None
     forgotten: bool = False
     abandoned: bool = False
 
     @property
     def job_id(self) -> str:
+        """
+        The id of the lease's job.
+        """
         return self.lease.job_id
 
     @property
     def ended(self) -> bool:
+        """
+        Its job has run and stopped.
+        """
         return self.running is not None and self.running.done.called
-
-
-def read_chunks_blocking(pieces: list[tuple[str, int, int]]) -> list[bytes]:
-    """
-    For each C{(path, offset, size)}, up to C{size} bytes of the file at
-    C{path} from C{offset}; nothing for a file that does not exist (yet).
-    Blocks: run it on a thread pool.
-    """
-    chunks = []
-    for path, offset, size in pieces:
-        try:
-            with open(path, "rb") as f:
-                f.seek(offset)
-                chunks.append(f.read(size))
-        except FileNotFoundError:
-            chunks.append(b"")
-    return chunks
 
 
 class RemoteWorker(Service):
@@ -464,7 +191,7 @@ class RemoteWorker(Service):
         shutdown grace.
     @param read_chunks: C{[(path, offset, size), ...] -> Deferred[[bytes,
         ...]]}: reads pieces of log files off the reactor thread, in one
-        trip (L{read_chunks_blocking}).
+        trip (L{dispatcher.workers._logs.read_chunks_blocking}).
     @param grace: seconds a stopping worker waits for running jobs before it
         stops them.
     @param flush_seconds: seconds a stopping worker goes on trying to
@@ -489,7 +216,7 @@ class RemoteWorker(Service):
         self._executor = executor
         self.description = description
         self._clock = clock
-        self._read_chunks = read_chunks
+        self._logs = LogShipper(client, executor.log_path, read_chunks, self._forget)
         self._grace = grace
         self._flush_seconds = flush_seconds
         self._poll_wait = poll_wait
@@ -574,8 +301,7 @@ class RemoteWorker(Service):
             log.warn(
                 "stopping {count} jobs still running after the grace period: "
                 "{job_ids}; they are given back to the dispatcher's queue",
-                count=len(still),
-                job_ids=sorted(h.job_id for h in still),
+                **_naming(still),
             )
             for held in still:
                 held.abandoned = True
@@ -593,8 +319,7 @@ class RemoteWorker(Service):
             log.warn(
                 "stopping before the dispatcher acknowledged the last output "
                 "or the result of {count} jobs: {job_ids}",
-                count=len(pending),
-                job_ids=sorted(h.job_id for h in pending),
+                **_naming(pending),
             )
         self._stopped = True
         if self._beat_call is not None and self._beat_call.active():
@@ -666,6 +391,11 @@ class RemoteWorker(Service):
         d.addBoth(lambda result: (self._sleeps.discard(d), result)[1])
         return d
 
+    @property
+    def _offer(self) -> WorkerOffer:
+        # The latest description counts: it goes with every request.
+        return self.description.offer()
+
     # Asking for work
 
     @property
@@ -688,7 +418,7 @@ class RemoteWorker(Service):
                     self._slot_waiter = None
                 continue
             asked_at = self._clock.seconds()
-            self._polling = self._client.lease(self.description, free, self._poll_wait)
+            self._polling = self._client.lease(self._offer, free, self._poll_wait)
             try:
                 answer = await self._polling
             except CancelledError:
@@ -706,7 +436,7 @@ class RemoteWorker(Service):
                 log.info("the dispatcher answers again")
             self._poll_backoff.reset()
             self._learn_timing(answer)
-            leases = answer.get("leases") or ()
+            leases = answer.leases
             if leases:
                 log.info(
                     "{count} {jobs} leased in one answer",
@@ -720,24 +450,19 @@ class RemoteWorker(Service):
                 # one that comes at once must not turn into a busy loop.
                 await self._sleep(self._random.uniform(0.5, 1.0))
 
-    def _learn_timing(self, answer: Mapping[str, Any]) -> None:
-        lease_seconds = answer.get("lease_seconds")
-        heartbeat_seconds = answer.get("heartbeat_seconds")
-        if isinstance(lease_seconds, (int, float)) and lease_seconds > 0:
-            self.lease_seconds = float(lease_seconds)
-        if isinstance(heartbeat_seconds, (int, float)) and heartbeat_seconds > 0:
-            self.heartbeat_seconds = float(heartbeat_seconds)
+    def _learn_timing(self, answer: Union[LeaseAnswer, HeartbeatAnswer]) -> None:
+        if answer.lease_seconds > 0:
+            self.lease_seconds = answer.lease_seconds
+        if answer.heartbeat_seconds > 0:
+            self.heartbeat_seconds = answer.heartbeat_seconds
 
     # Running
 
-    def _start(self, item: Any) -> None:
+    def _start(self, grant: LeaseGrant) -> None:
         try:
-            lease = lease_from_grant(
-                msgspec.convert(item, LeaseGrant, strict=True),
-                self._clock.seconds() + self.lease_seconds,
-            )
+            lease = lease_from_grant(grant, self._clock.seconds() + self.lease_seconds)
         except Exception:
-            log.failure("cannot read a lease the dispatcher sent: {item!r}", item=item)
+            log.failure("cannot read a lease the dispatcher sent: {grant!r}", grant=grant)
             return
         if lease.job_id in self.held:
             log.warn(
@@ -798,7 +523,7 @@ class RemoteWorker(Service):
         # lease is no longer current, and neither is its log.
         backoff = Backoff(maximum=10.0, rng=self._random)
         try:
-            while not held.forgotten and not await self._ship_logs(held):
+            while not held.forgotten and not await self._logs.ship(held):
                 await self._sleep(backoff.next_delay())
         except CancelledError:
             return
@@ -848,7 +573,7 @@ class RemoteWorker(Service):
         )
         if not held.ended:
             self._executor.stop(held.job_id)
-        elif not held.shipping.locked:
+        elif not held.shipped.lock.locked:
             # Otherwise _finish drops it when its shipping returns.
             self._drop(held)
 
@@ -902,9 +627,9 @@ class RemoteWorker(Service):
         for held in live:
             items.append(HeartbeatItem(held.job_id, held.lease.token, held.job_id in told))
             if not held.ended:
-                self._guard(self._ship_logs(held), f"shipping job {held.job_id}'s log")
+                self._guard(self._logs.ship(held), f"shipping job {held.job_id}'s log")
         try:
-            answer = await self._client.heartbeat(self.description, items)
+            answer = await self._client.heartbeat(self._offer, items)
         except DispatcherError as e:
             # Never longer than a heartbeat period: a dispatcher that
             # comes back must hear from this worker before its leases
@@ -914,14 +639,14 @@ class RemoteWorker(Service):
             return delay
         self._beat_backoff.reset()
         self._learn_timing(answer)
-        for result in answer.get("leases") or ():
+        for result in answer.leases:
             held = self._matching(result)
             if held is None:
                 continue
-            if result.get("ok"):
+            if result.ok:
                 if held.job_id in told:
                     held.tell_running = False
-            elif result.get("reason") == "reported" and held.outcome is not None:
+            elif result.reason == "reported" and held.outcome is not None:
                 # Its result got through, but this answer came before the
                 # report's own.
                 held.forgotten = True
@@ -929,96 +654,16 @@ class RemoteWorker(Service):
             else:
                 self._forget(
                     held,
-                    str(result.get("reason") or result.get("status") or "refused"),
-                    str(result.get("message") or ""),
+                    _refusal(result),
+                    result.message or "",
                 )
         return self.heartbeat_seconds
 
-    def _matching(self, item: Any) -> Optional[HeldLease]:
-        if not isinstance(item, dict):
-            return None
-        held = self.held.get(str(item.get("job_id")))
-        if held is None or held.lease.token != item.get("token"):
+    def _matching(self, status: LeaseStatus) -> Optional[HeldLease]:
+        held = self.held.get(status.job_id)
+        if held is None or held.lease.token != status.token:
             return None
         return held
-
-    # Logs
-
-    async def _read_chunk(self, path: str, offset: int) -> bytes:
-        (chunk,) = await self._read_chunks([(path, offset, LOG_CHUNK_BYTES)])
-        return chunk
-
-    async def _ship_logs(self, held: HeldLease) -> bool:
-        """
-        Send what the attempt's log files hold beyond what the dispatcher
-        has.  Return whether that got through (a lease that is gone counts:
-        there is nothing more to send).
-        """
-        if held.shipping.locked and not held.ended:
-            # One shipment at a time; the next heartbeat sends the rest.
-            return True
-        await held.shipping.acquire()
-        try:
-            streams = [s for s in STREAMS if s not in held.given_up]
-            paths = {
-                stream: self._executor.log_path(held.job_id, held.lease.attempt, stream)
-                for stream in streams
-            }
-            # Every stream's next piece in one trip off the reactor thread:
-            # most attempts (every task that did not fail) have no log, and
-            # a trip for each stream, at every heartbeat and at every end,
-            # was a worker's dearest part of a no-op job.
-            firsts = await self._read_chunks(
-                [(paths[stream], held.offsets[stream], LOG_CHUNK_BYTES) for stream in streams]
-            )
-            for stream, chunk in zip(streams, firsts):
-                path = paths[stream]
-                while chunk and not held.forgotten and stream not in held.given_up:
-                    offset = held.offsets[stream]
-                    try:
-                        await self._client.append_log(
-                            held.job_id, held.lease.token, stream, offset, chunk
-                        )
-                    except LogOffsetMismatch as e:
-                        if e.size >= offset:
-                            log.warn(
-                                "job {job_id}: the dispatcher refused {stream} at "
-                                "{offset} but has {size} bytes",
-                                job_id=held.job_id, stream=stream, offset=offset,
-                                size=e.size,
-                            )
-                            return False
-                        held.offsets[stream] = e.size
-                        chunk = await self._read_chunk(path, e.size)
-                        continue
-                    except LeaseGone as e:
-                        self._forget(held, "stale_lease", str(e))
-                        return True
-                    except DispatcherRefused as e:
-                        # Retrying what the dispatcher refuses would hold the
-                        # result up for ever: the rest of this stream is lost.
-                        log.error(
-                            "job {job_id}: the dispatcher refused its {stream} at "
-                            "{offset} ({error}); the rest of it is not sent",
-                            job_id=held.job_id, stream=stream, offset=offset, error=e,
-                        )
-                        held.given_up.add(stream)
-                        break
-                    except DispatcherError as e:
-                        log.info(
-                            "job {job_id}: shipping its {stream} failed ({error})",
-                            job_id=held.job_id,
-                            stream=stream,
-                            error=e,
-                        )
-                        return False
-                    held.offsets[stream] = offset + len(chunk)
-                    if len(chunk) < LOG_CHUNK_BYTES:
-                        break
-                    chunk = await self._read_chunk(path, held.offsets[stream])
-            return True
-        finally:
-            held.shipping.release()
 
     # Results
 
@@ -1038,7 +683,7 @@ class RemoteWorker(Service):
             batch = list(self.unreported.values())
             try:
                 answer = await self._client.report(
-                    self.description, [_result_item(h) for h in batch]
+                    self._offer, [_result_item(h) for h in batch]
                 )
             except DispatcherError as e:
                 delay = self._report_backoff.next_delay()
@@ -1047,11 +692,11 @@ class RemoteWorker(Service):
                 continue
             self._report_backoff.reset()
             dropped = False
-            for result in answer.get("results") or ():
+            for result in answer.results:
                 held = self._matching(result)
                 if held is None or self.unreported.get(held.job_id) is not held:
                     continue
-                if result.get("ok"):
+                if result.ok:
                     log.info(
                         "job {job_id} attempt {attempt}: result recorded",
                         job_id=held.job_id,
@@ -1063,7 +708,7 @@ class RemoteWorker(Service):
                         "({reason}); dropped",
                         job_id=held.job_id,
                         attempt=held.lease.attempt,
-                        reason=result.get("reason") or result.get("status"),
+                        reason=_refusal(result),
                     )
                 held.forgotten = True
                 # Every slot of the answer is freed before the lease loop
@@ -1073,6 +718,21 @@ class RemoteWorker(Service):
                 dropped = True
             if dropped:
                 self._slots_freed()
+
+
+def _naming(held: list[HeldLease]) -> dict[str, Any]:
+    """
+    The fields of a log event about several leases: C{count} and the
+    sorted C{job_ids}.
+    """
+    return {"count": len(held), "job_ids": sorted(h.job_id for h in held)}
+
+
+def _refusal(status: LeaseStatus) -> str:
+    """
+    Why the dispatcher refused a lease, as its answer says.
+    """
+    return status.reason or (str(status.status) if status.status else "refused")
 
 
 def _result_item(held: HeldLease) -> ResultItem:
@@ -1106,90 +766,3 @@ def _log_error(error: Exception, what: str, delay: float) -> None:
             error=error,
             delay=delay,
         )
-
-
-# The whole worker process
-
-@attrs.frozen
-class WorkerSettings:
-    """
-    Everything a worker process is made from, as its options give it.
-
-    @ivar url: the dispatcher's base URL.
-    @ivar token: the bearer token.
-    @ivar description: what the worker offers.
-    @ivar data_dir: where job working directories and logs live.
-    @ivar config: the L{Config} its C{[tasks]}, C{[fetch]} and
-        C{[executor]} (C{threads}, C{kill_grace}) come from.
-    @ivar grace: seconds a stop waits for running jobs.
-    """
-
-    url: str
-    token: str = attrs.field(repr=False)
-    description: WorkerDescription
-    data_dir: str
-    config: Config = Config()
-    grace: float = 30.0
-
-
-class WorkerService(MultiService):
-    """
-    A whole worker process: thread pools, the spawner helper, the input
-    stager, the executor and the L{RemoteWorker}, started in that order and
-    stopped in reverse.
-
-    @param reactor: the reactor; nothing else here imports one.
-    @param settings: the L{WorkerSettings}.
-    @param clock: the C{IReactorTime} of heartbeats, back-offs, timeouts and
-        grace periods; the reactor by default.
-    """
-
-    def __init__(self, reactor: Any, settings: WorkerSettings, clock: Any = None) -> None:
-        MultiService.__init__(self)
-        clock = clock if clock is not None else reactor
-        self._reactor = reactor
-        self.settings = settings
-        config = settings.config
-        self.host = JobHost(
-            reactor,
-            settings.description.name,
-            settings.data_dir,
-            config,
-            clock,
-            clock,
-            "worker",
-        )
-        self.io_pool = self.host.io_pool
-        self.http_pool = self.host.http_pool
-        # The long-poll, a heartbeat, a log chunk and a report may all be
-        # under way at once.
-        self.http_pool.maxPersistentPerHost = 4
-        http = self.host.http
-        self.executor = self.host.executor
-
-        def read_chunks(pieces: list[tuple[str, int, int]]) -> Deferred:
-            return deferToThreadPool(reactor, self.io_pool, read_chunks_blocking, pieces)
-
-        self.worker = RemoteWorker(
-            DispatcherClient(http, settings.url, settings.token, clock),
-            self.executor,
-            settings.description,
-            clock,
-            read_chunks,
-            grace=settings.grace,
-        )
-
-    def startService(self) -> None:
-        Service.startService(self)
-        self.host.start_pools()
-        os.makedirs(self.settings.data_dir, exist_ok=True)
-        self.host.start_spawner()
-        self.worker.startService()
-
-    def stopService(self) -> Deferred:
-        Service.stopService(self)
-        return ensureDeferred(self._stop())
-
-    async def _stop(self) -> None:
-        await self.worker.stopService()
-        await self.host.stop()

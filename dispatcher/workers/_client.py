@@ -1,0 +1,295 @@
+"""
+The worker's client of the worker protocol (docs/worker-protocol.md): one
+method per endpoint, the request and the answer each a wire type of
+L{dispatcher.wire._types}, every failure one of the L{DispatcherError}s.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, TypeVar
+
+import msgspec
+from hyperlink import DecodedURL
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import TimeoutError as DeferredTimeout
+from twisted.python.failure import Failure
+
+from dispatcher.wire._json import encode
+from dispatcher.wire._types import (
+    Error,
+    HeartbeatAnswer,
+    HeartbeatItem,
+    HeartbeatRequest,
+    LeaseAnswer,
+    LeaseRequest,
+    LogWritten,
+    ResultItem,
+    ResultsAnswer,
+    ResultsRequest,
+    WorkerOffer,
+)
+
+# Seconds the dispatcher may hold a lease request open (the protocol's
+# default), and how much longer the worker waits for its answer before it
+# takes the connection for dead.
+POLL_WAIT_SECONDS = 30.0
+POLL_MARGIN_SECONDS = 15.0
+
+# Seconds any other request may take.
+REQUEST_TIMEOUT_SECONDS = 30.0
+
+Answer = TypeVar("Answer")
+
+
+class DispatcherError(Exception):
+    """
+    A request to the dispatcher did not get a usable answer.
+    """
+
+
+class DispatcherUnavailable(DispatcherError):
+    """
+    The dispatcher could not be reached, timed out, answered with a server
+    error (it may be restarting), or answered with a body the protocol does
+    not allow: try again later.
+    """
+
+
+class DispatcherRefused(DispatcherError):
+    """
+    The dispatcher refused the request itself (a 4xx other than the
+    protocol's per-lease answers): a wrong token, workers disabled, or a
+    request this worker should not have made.
+
+    @ivar status: the HTTP status.
+    @ivar code: the error's C{code}, or C{None}.
+    """
+
+    def __init__(self, status: int, code: Optional[str], message: str) -> None:
+        super().__init__(f"{status} {code or ''}: {message}".replace(" :", ":"))
+        self.status = status
+        self.code = code
+
+
+class LeaseGone(DispatcherError):
+    """
+    A write about a lease was refused because its token is no longer
+    current (C{409 stale_lease}).
+    """
+
+
+class LogOffsetMismatch(DispatcherError):
+    """
+    A log chunk was sent at an offset past what the dispatcher has; it has
+    C{size} bytes, and the worker resends from there.
+    """
+
+    def __init__(self, size: int) -> None:
+        super().__init__(f"the dispatcher has {size} bytes of this stream")
+        self.size = size
+
+
+# The decoders of every answer the worker reads, built once.
+_answers: dict[type, msgspec.json.Decoder] = {
+    kind: msgspec.json.Decoder(kind)
+    for kind in (LeaseAnswer, HeartbeatAnswer, ResultsAnswer, LogWritten, Error)
+}
+
+
+class DispatcherClient:
+    """
+    The worker's side of the HTTP protocol: one method per endpoint, each
+    firing with the endpoint's answer as its wire type, every failure one
+    of the L{DispatcherError}s.
+
+    @param http: a C{treq.client.HTTPClient} (or C{treq.testing.StubTreq}).
+    @param url: the dispatcher's base URL, such as C{http://host:8080}.
+    @param token: the bearer token of C{[workers] token_file}.
+    @param clock: the C{IReactorTime} that times requests out.
+    """
+
+    def __init__(self, http: Any, url: str, token: str, clock: Any) -> None:
+        self._http = http
+        self._base = DecodedURL.from_text(url)
+        self._token = token
+        self._clock = clock
+
+    def url(self, *segments: str) -> DecodedURL:
+        """
+        The URL of an endpoint under the base URL (which may have a path of
+        its own, behind a proxy).
+        """
+        base = self._base
+        if base.path and base.path[-1] == "":
+            base = base.replace(path=base.path[:-1])
+        return base.child(*segments)
+
+    def lease(self, worker: WorkerOffer, max_jobs: int, wait: float) -> Deferred:
+        """
+        Ask for up to C{max_jobs} leases, letting the dispatcher hold the
+        request up to C{wait} seconds.  Fires with the L{LeaseAnswer}.
+        """
+        body = LeaseRequest(worker, max_jobs, wait)
+        return self._exchange(
+            self.url("v1", "leases"), body, LeaseAnswer, wait + POLL_MARGIN_SECONDS, ()
+        )
+
+    def heartbeat(self, worker: WorkerOffer, items: list[HeartbeatItem]) -> Deferred:
+        """
+        Renew leases; fires with the L{HeartbeatAnswer}, whose C{leases} say
+        for each item whether it is still current.
+        """
+        return self._per_lease("heartbeat", HeartbeatRequest(worker, items), HeartbeatAnswer)
+
+    def report(self, worker: WorkerOffer, results: list[ResultItem]) -> Deferred:
+        """
+        Report how attempts ended; fires with the L{ResultsAnswer}, whose
+        C{results} say for each item whether it was recorded.
+        """
+        return self._per_lease("results", ResultsRequest(worker, results), ResultsAnswer)
+
+    def append_log(
+        self, job_id: str, token: int, stream: str, offset: int, data: bytes
+    ) -> Deferred:
+        """
+        Write C{data} at C{offset} of one stream of an attempt's log.  Fires
+        with the stream's size afterwards; fails with L{LogOffsetMismatch}
+        or L{LeaseGone}.
+        """
+        url = (
+            self.url("v1", "leases", "log")
+            .add("job_id", job_id)
+            .add("token", str(token))
+            .add("stream", stream)
+            .add("offset", str(offset))
+        )
+
+        async def send() -> int:
+            status, content = await self._post(url, data, "application/octet-stream")
+            if status == 200:
+                written: LogWritten = _read(status, content, LogWritten)
+                return written.size
+            error = _error_of(content)
+            if status == 400 and error is not None:
+                if error.size is not msgspec.UNSET:
+                    raise LogOffsetMismatch(error.size)
+                if error.field == "offset" and offset > 0:
+                    # Refused for its offset, without saying what it has:
+                    # from the start is always a place to write.
+                    raise LogOffsetMismatch(0)
+            raise _error_for(status, error)
+
+        return self._timed(send(), REQUEST_TIMEOUT_SECONDS)
+
+    def _per_lease(self, endpoint: str, body: Any, answer: type[Answer]) -> Deferred:
+        """
+        POST C{body} to an endpoint that answers lease by lease, where a
+        409 (every lease refused) is an answer too.
+        """
+        return self._exchange(
+            self.url("v1", "leases", endpoint), body, answer, REQUEST_TIMEOUT_SECONDS, (409,)
+        )
+
+    def _exchange(
+        self,
+        url: DecodedURL,
+        body: Any,
+        answer: type[Answer],
+        timeout: float,
+        also_ok: tuple[int, ...],
+    ) -> Deferred:
+        """
+        POST C{body} as JSON and fire with the answer as C{answer}: a 200
+        must be one; a status of C{also_ok} is one if it reads as one (a
+        409 whose every lease was refused), and an error otherwise.
+        """
+
+        async def send() -> Answer:
+            status, content = await self._post(url, encode(body), "application/json")
+            if status == 200:
+                return _read(status, content, answer)
+            if status in also_ok:
+                try:
+                    return _answers[answer].decode(content)
+                except (msgspec.DecodeError, msgspec.ValidationError):
+                    pass
+            raise _error_for(status, _error_of(content))
+
+        return self._timed(send(), timeout)
+
+    def _timed(self, coroutine: Any, timeout: float) -> Deferred:
+        d = Deferred.fromCoroutine(coroutine)
+        d.addTimeout(timeout, self._clock)
+
+        def timed_out(failure: Failure) -> None:
+            failure.trap(DeferredTimeout)
+            raise DispatcherUnavailable(f"no answer within {timeout:g} s")
+
+        return d.addErrback(timed_out)
+
+    async def _post(self, url: DecodedURL, data: bytes, content_type: str) -> tuple[int, bytes]:
+        headers = {
+            "Authorization": [f"Bearer {self._token}"],
+            "Content-Type": [content_type],
+            "Accept": ["application/json"],
+        }
+        try:
+            response = await self._http.request("POST", url, data=data, headers=headers)
+            content = await response.content()
+        except CancelledError:
+            raise
+        except Exception as e:
+            reasons = getattr(e, "reasons", None)
+            if reasons and all(r.check(CancelledError) for r in reasons):
+                # The Agent wraps a cancel of a request in flight.
+                raise CancelledError() from e
+            raise DispatcherUnavailable(f"{url.to_text()}: {_describe(e)}") from e
+        return response.code, content
+
+
+def _read(status: int, content: bytes, answer: type[Answer]) -> Answer:
+    """
+    C{content} as the wire type C{answer}; a body the protocol does not
+    allow there is the dispatcher's fault, as a server error is.
+    """
+    try:
+        return _answers[answer].decode(content)
+    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        raise DispatcherUnavailable(
+            f"the dispatcher answered {status} with a body that is not a "
+            f"{answer.__name__}: {e}"
+        ) from e
+
+
+def _error_of(content: bytes) -> Optional[Any]:
+    """
+    The L{ErrorDetail} of an error answer, or C{None} if C{content} is not
+    one (a proxy's page, say).
+    """
+    try:
+        return _answers[Error].decode(content).error
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+
+
+def _error_for(status: int, error: Optional[Any]) -> DispatcherError:
+    if status >= 500 or error is None and status not in (401, 403):
+        return DispatcherUnavailable(
+            f"the dispatcher answered {status}"
+            + (
+                f" ({error.code}: {error.message})"
+                if error is not None
+                else " without an error body"
+            )
+        )
+    message = error.message if error is not None else None
+    if status == 409:
+        return LeaseGone(message or "the lease is no longer current")
+    return DispatcherRefused(status, error.code if error else None, message or "no message")
+
+
+def _describe(e: Exception) -> str:
+    reasons = getattr(e, "reasons", None)
+    if reasons:
+        return "; ".join(r.getErrorMessage() for r in reasons)
+    return str(e) or type(e).__name__

@@ -1,0 +1,113 @@
+"""
+The whole worker process as a service: its settings, and the thread pools,
+spawner helper, input stager, executor and agent it is made of.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+import attrs
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.threads import deferToThreadPool
+
+from dispatcher.config._ini import Config
+from dispatcher.execution._host import JobHost
+from dispatcher.workers._agent import RemoteWorker, WorkerDescription
+from dispatcher.workers._client import DispatcherClient
+from dispatcher.workers._logs import read_chunks_blocking
+
+
+def default_name() -> str:
+    """
+    A worker name unique on this host: the host name and the process id.
+    """
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+@attrs.frozen
+class WorkerSettings:
+    """
+    Everything a worker process is made from, as its options give it.
+
+    @ivar url: the dispatcher's base URL.
+    @ivar token: the bearer token.
+    @ivar description: what the worker offers.
+    @ivar data_dir: where job working directories and logs live.
+    @ivar config: the L{Config} its C{[tasks]}, C{[fetch]} and
+        C{[executor]} (C{threads}, C{kill_grace}) come from.
+    @ivar grace: seconds a stop waits for running jobs.
+    """
+
+    url: str
+    token: str = attrs.field(repr=False)
+    description: WorkerDescription
+    data_dir: str
+    config: Config = Config()
+    grace: float = 30.0
+
+
+class WorkerService(MultiService):
+    """
+    A whole worker process: thread pools, the spawner helper, the input
+    stager, the executor and the L{RemoteWorker}, started in that order and
+    stopped in reverse.
+
+    @param reactor: the reactor; nothing else here imports one.
+    @param settings: the L{WorkerSettings}.
+    @param clock: the C{IReactorTime} of heartbeats, back-offs, timeouts and
+        grace periods; the reactor by default.
+    """
+
+    def __init__(self, reactor: Any, settings: WorkerSettings, clock: Any = None) -> None:
+        MultiService.__init__(self)
+        clock = clock if clock is not None else reactor
+        self._reactor = reactor
+        self.settings = settings
+        config = settings.config
+        self.host = JobHost(
+            reactor,
+            settings.description.name,
+            settings.data_dir,
+            config,
+            clock,
+            clock,
+            "worker",
+        )
+        self.io_pool = self.host.io_pool
+        self.http_pool = self.host.http_pool
+        # The long-poll, a heartbeat, a log chunk and a report may all be
+        # under way at once.
+        self.http_pool.maxPersistentPerHost = 4
+        http = self.host.http
+        self.executor = self.host.executor
+
+        def read_chunks(pieces: list[tuple[str, int, int]]) -> Deferred:
+            return deferToThreadPool(reactor, self.io_pool, read_chunks_blocking, pieces)
+
+        self.worker = RemoteWorker(
+            DispatcherClient(http, settings.url, settings.token, clock),
+            self.executor,
+            settings.description,
+            clock,
+            read_chunks,
+            grace=settings.grace,
+        )
+
+    def startService(self) -> None:
+        Service.startService(self)
+        self.host.start_pools()
+        os.makedirs(self.settings.data_dir, exist_ok=True)
+        self.host.start_spawner()
+        self.worker.startService()
+
+    def stopService(self) -> Deferred:
+        Service.stopService(self)
+        return ensureDeferred(self._stop())
+
+    async def _stop(self) -> None:
+        await self.worker.stopService()
+        await self.host.stop()
