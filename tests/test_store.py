@@ -474,3 +474,41 @@ async def test_a_read_sqlite_cannot_do_is_read_failed(store, monkeypatch):
         await store.get(job.id)
     monkeypatch.setattr(_sqlite, "get_job", real)
     assert (await store.get(job.id)).id == job.id
+
+
+def test_the_column_table_is_the_schema_and_a_job_reads_back_as_made(tmp_path):
+    """Every column of the rows' column table is a column of the migrated
+    jobs table, and a job with every stored field set, inserted from the
+    row the table makes, reads back (as a spec, and as a job) as it was
+    made."""
+    from dispatcher.model._jobs import InputSpec, JobSpec, Resources
+    from dispatcher.store import _rows
+    from dispatcher.store._schema import migrate
+
+    path = str(tmp_path / "rows.sqlite3")
+    conn = sqlite3.connect(path, isolation_level=None)
+    migrate(conn, path)
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(jobs)")}
+    assert {c.name for c in _rows.JOB_COLUMNS} <= columns
+    made = JobSpec(
+        command=("echo", "hi"), name="n", env={"A": "1"}, labels={"k": "v"},
+        inputs=(InputSpec("http://x/a", "a", "0" * 64),), priority=5, queue="q",
+        timeout=3.0, max_attempts=3, retry_delay=2.0, not_before=5.0, depends_on=("d",),
+        array_id="arr", array_index=2, resources=Resources(cpus=1.5, memory_mb=10, gpus=1),
+        requirements={"os": "linux"},
+    )
+    row, job = _rows.new_job(
+        made, seq=7, id="j", state=JobState.CANCELLED, created_at=1.0, finished_at=2.0,
+        error="e", wait_reason=None, waiting_on=1, cancelled_by="d",
+    )
+    conn.execute(
+        f"INSERT INTO jobs ({', '.join(_rows.INSERTED_COLUMNS)})"
+        f" VALUES ({', '.join('?' * len(row))})",
+        row,
+    )
+    (spec_row,) = conn.execute(f"SELECT {_rows.SPEC_COLUMNS} FROM jobs").fetchall()
+    assert _rows.spec_from_row(spec_row) == made
+    (view_row,) = conn.execute(f"SELECT {_rows.VIEW_COLUMNS} FROM jobs").fetchall()
+    assert _rows.job_from_row(view_row, (), {}) == job
+    assert job.cancelled_by == "d" and job.finished_at == 2.0 and job.spec is made
+    conn.close()

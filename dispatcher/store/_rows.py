@@ -17,7 +17,6 @@ more than the unrolled function (a new job's row, each submission).
 
 from __future__ import annotations
 
-import operator
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import attrs
@@ -45,33 +44,33 @@ class Column:
     @ivar inserted: whether a new job's row sets it (else it starts NULL,
         or at its default).
     @ivar viewed: whether a job is read back with it (L{job_from_row}).
-    @ivar to_stored: what turns the field's value into the column's, if
-        the column does not hold the value as it is.
-    @ivar from_stored: what turns the column's value back into the field's.
+    @ivar to_stored: the expression that turns the field's value (C{{0}})
+        into the column's, if the column does not hold the value as it is.
+    @ivar from_stored: the expression that turns the column's value
+        (C{{0}}) back into the field's.
+
+    The expressions are written into the compiled functions (a call of a
+    converter for each column cost a new job a twentieth of its time);
+    they may name what L{_NAMES} holds.
     """
 
     name: str
     holds: str
     inserted: bool = True
     viewed: bool = True
-    to_stored: Optional[Callable[[Any], Any]] = None
-    from_stored: Optional[Callable[[Any], Any]] = None
+    to_stored: str = "{0}"
+    from_stored: str = "{0}"
 
 
-def _labels_to_stored(labels: Mapping[str, str]) -> str:
-    return encode_sorted(labels) if labels else "{}"
-
-
-def _labels_from_stored(labels: str) -> Mapping[str, str]:
-    return decode_stored(labels) if labels != "{}" else {}
-
-
-def _spec_to_stored(spec: JobSpec) -> str:
-    return encode_sorted(spec_to_stored(spec))
-
-
-def _result_from_stored(result: Optional[str]) -> Any:
-    return None if result is None else decode_stored(result)
+# What the columns' expressions may name.
+_NAMES: dict[str, Any] = {
+    "Job": Job,
+    "JobState": JobState,
+    "spec_from_stored": spec_from_stored,
+    "decode_stored": decode_stored,
+    "encode_sorted": encode_sorted,
+    "spec_to_stored": spec_to_stored,
+}
 
 
 # The job's columns, in the order the SELECT and INSERT lists name them.
@@ -80,11 +79,21 @@ def _result_from_stored(result: Optional[str]) -> Any:
 JOB_COLUMNS: tuple[Column, ...] = (
     Column("seq", ROW),
     Column("id", JOB),
-    Column("state", JOB, to_stored=operator.attrgetter("value"), from_stored=JobState),
+    Column("state", JOB, to_stored="{0}.value", from_stored="JobState({0})"),
     Column("name", SPEC),
-    Column("labels", SPEC, to_stored=_labels_to_stored, from_stored=_labels_from_stored),
+    Column(
+        "labels",
+        SPEC,
+        to_stored="(encode_sorted({0}) if {0} else '{{}}')",
+        from_stored="(decode_stored({0}) if {0} != '{{}}' else {{}})",
+    ),
     # The spec's fields that have no column, as JSON (wire/_forms.py).
-    Column("spec", STORED, to_stored=_spec_to_stored, from_stored=decode_stored),
+    Column(
+        "spec",
+        STORED,
+        to_stored="encode_sorted(spec_to_stored({0}))",
+        from_stored="decode_stored({0})",
+    ),
     Column("priority", SPEC),
     Column("queue", SPEC),
     Column("max_attempts", SPEC),
@@ -97,7 +106,9 @@ JOB_COLUMNS: tuple[Column, ...] = (
     Column("started_at", JOB, inserted=False),
     Column("finished_at", JOB),
     Column("exit_code", JOB, inserted=False),
-    Column("result", JOB, inserted=False, from_stored=_result_from_stored),
+    Column(
+        "result", JOB, inserted=False, from_stored="(None if {0} is None else decode_stored({0}))"
+    ),
     Column("error", JOB),
     Column("wait_reason", JOB),
     # How many of the jobs it depends on have not succeeded yet.
@@ -135,70 +146,61 @@ def view_position(name: str) -> int:
     return [c.name for c in _VIEWED].index(name)
 
 
-def _compile(source: str, name: str, namespace: dict[str, Any]) -> Callable[..., Any]:
+def _compile(source: str, name: str) -> Callable[..., Any]:
     code = compile(source, f"<dispatcher.store._rows {name}>", "exec")
-    namespace["__name__"] = __name__
+    namespace = dict(_NAMES, __name__=__name__)
     exec(code, namespace)
     function = namespace[name]
     function.__source__ = source
     return function
 
 
-def _read(column: Column, namespace: dict[str, Any]) -> str:
+def _read(column: Column) -> str:
     # The expression that turns the column's value (a local of its name)
     # into its field's.
-    if column.from_stored is None:
-        return column.name
-    namespace[f"_from_{column.name}"] = column.from_stored
-    return f"_from_{column.name}({column.name})"
+    return column.from_stored.format(column.name)
 
 
 def _spec_reader() -> Callable[[Sequence[Any]], JobSpec]:
-    namespace: dict[str, Any] = {"spec_from_stored": spec_from_stored}
     (stored,) = [c for c in _SPEC_PART if c.holds == STORED]
     keywords = ", ".join(
-        f"{c.name}={_read(c, namespace)}" for c in _SPEC_PART if c.holds == SPEC
+        f"{c.name}={_read(c)}" for c in _SPEC_PART if c.holds == SPEC
     )
     source = (
         "def spec_from_row(row):\n"
         f"    {', '.join(c.name for c in _SPEC_PART)}, = row\n"
-        f"    return spec_from_stored({_read(stored, namespace)}, {keywords})\n"
+        f"    return spec_from_stored({_read(stored)}, {keywords})\n"
     )
-    return _compile(source, "spec_from_row", namespace)
+    return _compile(source, "spec_from_row")
 
 
 def _job_maker() -> Callable[..., Job]:
     # The job from a viewed row, given its spec, attempts and wait reason.
-    namespace: dict[str, Any] = {"Job": Job}
     # The wait reason is the caller's: a full queue changes it.
     given = [c for c in _VIEWED if c.holds == JOB and c.name != "wait_reason"]
     names = [c.name if c in given else "_" for c in _VIEWED]
-    keywords = ", ".join(f"{c.name}={_read(c, namespace)}" for c in given)
+    keywords = ", ".join(f"{c.name}={_read(c)}" for c in given)
     source = (
         "def make_job(row, spec, attempts, wait_reason):\n"
         f"    {', '.join(names)}, = row\n"
         "    return Job(spec=spec, attempts=attempts, wait_reason=wait_reason,"
         f" {keywords})\n"
     )
-    return _compile(source, "make_job", namespace)
+    return _compile(source, "make_job")
 
 
 def _new_job_maker() -> Callable[..., tuple[tuple[Any, ...], Job]]:
-    namespace: dict[str, Any] = {"Job": Job}
     values = []
     for c in _INSERTED:
         value = f"spec.{c.name}" if c.holds == SPEC else "spec" if c.holds == STORED else c.name
-        if c.to_stored is not None:
-            namespace[f"_to_{c.name}"] = c.to_stored
-            value = f"_to_{c.name}({value})"
-        values.append(value)
+        values.append(c.to_stored.format(value))
     given = [c.name for c in _INSERTED if c.holds in (JOB, ROW)]
     fields = ", ".join(f"{c.name}={c.name}" for c in _INSERTED if c.holds == JOB)
     source = (
         f"def new_job(spec, *, {', '.join(given)}):\n"
         f"    return ({', '.join(values)},), Job(spec=spec, {fields})\n"
     )
-    return _compile(source, "new_job", namespace)
+    return _compile(source, "new_job")
 
 
 spec_from_row: Callable[[Sequence[Any]], JobSpec] = _spec_reader()
