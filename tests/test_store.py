@@ -15,7 +15,7 @@ from twisted.internet.defer import ensureDeferred, gatherResults
 from twisted.internet.task import Clock, deferLater
 
 from dispatcher.model._jobs import JobState, Offer, Outcome, PlainJobs, StaleLease
-from dispatcher.store import _operations, _sqlite
+from dispatcher.store import _sqlite, _submissions
 from dispatcher.store._results import (
     CommitFailed,
     IdempotencyKey,
@@ -119,9 +119,9 @@ async def test_plain_jobs_join_the_submissions_stored_together(store, monkeypatc
     stored alone, and a replay answers the jobs first made.  The same with
     rows read from JSON by SQLite and with rows bound from Python (for an
     SQLite without JSON functions)."""
-    if json_rows and not _operations.JSON_ROWS:
+    if json_rows and not _submissions.JSON_ROWS:
         pytest.skip(f"SQLite {sqlite3.sqlite_version} has no JSON functions built in")
-    monkeypatch.setattr(_operations, "JSON_ROWS", json_rows)
+    monkeypatch.setattr(_submissions, "JSON_ROWS", json_rows)
     first, plain_ids, last = ids.new(), [ids.new(), ids.new()], ids.new()
     plain = PlainJobs(['{"command":["true","p0"]}', '{"command":["true","p1"]}'],
                       priority=2, timeout=9.0)

@@ -12,7 +12,14 @@ from typing import Any, Mapping, Optional, Sequence
 
 from dispatcher.model._claims import queues_at_limit
 from dispatcher.model._jobs import Attempt, Job, JobState, UnknownJob
-from dispatcher.store._rows import ATTEMPT_COLUMNS, VIEW_COLUMNS, VIEW_ID, VIEW_SEQ, VIEW_STATE, job_from_row
+from dispatcher.store._rows import (
+    ATTEMPT_COLUMNS,
+    VIEW_COLUMNS,
+    VIEW_ID,
+    VIEW_SEQ,
+    VIEW_STATE,
+    job_from_row,
+)
 
 
 def _full_queues(conn: sqlite3.Connection, limits: Mapping[str, int]) -> dict[str, int]:
