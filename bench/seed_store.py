@@ -39,6 +39,7 @@ def seed(path: str, count: int, body: dict) -> dict:
     from dispatcher.config._ini import QueueConfig, TaskRef
     from dispatcher.model._jobs import JobIds
     from dispatcher.store._sqlite import SQLiteJobStore
+    from dispatcher.store._writes import Submit
     from dispatcher.wire._submission import parse_submission
 
     if os.path.exists(path):
@@ -47,8 +48,7 @@ def seed(path: str, count: int, body: dict) -> dict:
     store = SQLiteJobStore(path, reactor=None)
     # What open() runs on the store's writer thread: create the file and
     # apply every migration.  No reactor is needed for it.
-    store._open_in_thread()
-    conn = store._writer
+    conn = store._open_in_thread()
     tasks = {
         "noop": TaskRef("noop", "bench.tasks:noop", bench_tasks.noop),
         "block": TaskRef("block", "bench.tasks:block", bench_tasks.block),
@@ -58,7 +58,7 @@ def seed(path: str, count: int, body: dict) -> dict:
     now = time.time()
     submission = parse_submission(body, tasks, queues, now, count)
     conn.execute("BEGIN IMMEDIATE")
-    store._submit(conn, [submission.spec], now, [ids.new()], None)
+    store._operations[Submit](conn, [submission.spec], now, [ids.new()], None)
     conn.execute("COMMIT")
 
     cursor = conn.execute("SELECT * FROM jobs WHERE seq = 1")

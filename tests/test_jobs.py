@@ -509,8 +509,8 @@ async def test_a_submission_whose_commit_fails_is_a_500_and_stores_nothing(daemo
         def __getattr__(self, name):
             return getattr(self.conn, name)
 
-    real = store._writer
-    store._writer = full = FullDisk(real)
+    real = store._writer.connection
+    store._writer.connection = full = FullDisk(real)
     try:
         code, answer = await daemon.json("POST", "/v1/jobs", {"command": ["true"]})
         assert code == 500 and answer["error"]["code"] == "internal_error"
@@ -520,7 +520,7 @@ async def test_a_submission_whose_commit_fails_is_a_500_and_stores_nothing(daemo
         job = await daemon.submit({"command": ["true"]})
         assert (await daemon.wait(job["id"]))["state"] == "succeeded"
     finally:
-        store._writer = real
+        store._writer.connection = real
 
 
 @pytest_twisted.ensureDeferred

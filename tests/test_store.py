@@ -15,7 +15,7 @@ from twisted.internet.defer import ensureDeferred, gatherResults
 from twisted.internet.task import Clock, deferLater
 
 from dispatcher.model._jobs import JobState, Offer, Outcome, PlainJobs, StaleLease
-from dispatcher.store import _sqlite as _sqlite
+from dispatcher.store import _sqlite, _submissions
 from dispatcher.store._results import (
     CommitFailed,
     IdempotencyKey,
@@ -119,16 +119,17 @@ async def test_plain_jobs_join_the_submissions_stored_together(store, monkeypatc
     stored alone, and a replay answers the jobs first made.  The same with
     rows read from JSON by SQLite and with rows bound from Python (for an
     SQLite without JSON functions)."""
-    if json_rows and not _sqlite.JSON_ROWS:
+    if json_rows and not _submissions.JSON_ROWS:
         pytest.skip(f"SQLite {sqlite3.sqlite_version} has no JSON functions built in")
-    monkeypatch.setattr(_sqlite, "JSON_ROWS", json_rows)
+    monkeypatch.setattr(_submissions, "JSON_ROWS", json_rows)
     first, plain_ids, last = ids.new(), [ids.new(), ids.new()], ids.new()
     plain = PlainJobs(['{"command":["true","p0"]}', '{"command":["true","p1"]}'],
                       priority=2, timeout=9.0)
     # A group that fails nowhere is stored in one insert, never replayed.
     replayed = []
-    apply_one = store._apply_one
-    monkeypatch.setattr(store, "_apply_one", lambda *a: replayed.append(a) or apply_one(*a))
+    apply_one = store._writer._apply_one
+    monkeypatch.setattr(
+        store._writer, "_apply_one", lambda *a: replayed.append(a) or apply_one(*a))
     together = [ids.new(), [ids.new(), ids.new()], ids.new(), [ids.new()]]
     one_by_one = PlainJobs(['{"command":["true","q"]}'])
     asked = [
@@ -144,7 +145,7 @@ async def test_plain_jobs_join_the_submissions_stored_together(store, monkeypatc
     page, _ = await store.list_jobs()
     assert [job.id for job in page] == [together[0], *together[1], together[2], *together[3]]
     assert [job.spec.command[1] for job in page] == ["10", "p0", "p1", "11", "q"]
-    seqs = store._writer.execute(
+    seqs = store._writer.connection.execute(
         "SELECT seq FROM jobs ORDER BY seq").fetchall()
     assert [seq for (seq,) in seqs] == [1, 2, 3, 4, 5]
     asked = [
@@ -213,8 +214,9 @@ async def test_successes_of_a_group_are_recorded_together(store):
     claimed = await store.claim(Offer("h", 3), 3, 200.0, 60)
     a, b, c = claimed.leases
     together = []
-    real = store._finish_together
-    store._finish_together = lambda conn, work: (together.append(len(work)), real(conn, work))[1]
+    alike, real = store._writer._shared[1]
+    store._writer._shared[1] = (
+        alike, lambda conn, work: (together.append(len(work)), real(conn, work))[1])
     before = store.batches
     done = [
         store.finish(a, Outcome(JobState.SUCCEEDED, exit_code=0, result={"n": 1}), 201.0),
@@ -249,8 +251,8 @@ async def test_a_submission_then_successes_share_without_a_replay(store):
     await submit(store, spec(1), spec(2))
     a, b = (await store.claim(Offer("h", 2), 2, 200.0, 60)).leases
     replayed = []
-    real = store._apply_one
-    store._apply_one = lambda conn, write: (replayed.append(write), real(conn, write))[1]
+    real = store._writer._apply_one
+    store._writer._apply_one = lambda conn, write: (replayed.append(write), real(conn, write))[1]
     asked = [
         store.submit([spec(3)], 201.0, [ids.new()]),
         store.finish(a, Outcome(JobState.SUCCEEDED), 201.0),
@@ -264,7 +266,7 @@ async def test_a_submission_then_successes_share_without_a_replay(store):
 
 def synchronous(store):
     """The writer connection's synchronous setting: 2 is FULL, 1 NORMAL."""
-    return store._writer.execute("PRAGMA synchronous").fetchone()[0]
+    return store._writer.connection.execute("PRAGMA synchronous").fetchone()[0]
 
 
 @pytest_twisted.ensureDeferred
@@ -325,8 +327,7 @@ async def test_newer_schema_refused(tmp_path):
     s = SQLiteJobStore(path, reactor)
     with pytest.raises(StoreVersionError, match="newer"):
         await s.open()
-    s._writer_pool.stop()
-    s._reader_pool.stop()
+    await s.close()
 
 
 # Scheduling rules
@@ -400,14 +401,14 @@ async def test_a_commit_that_fails_is_commit_failed(store):
     store's CommitFailed, whose message and cause are SQLite's; nothing of
     the group is stored, and the next commit works."""
     error = sqlite3.OperationalError("database or disk is full")
-    real = store._writer
-    store._writer = FailingConnection(real, lambda sql: sql == "COMMIT", error)
+    real = store._writer.connection
+    store._writer.connection = FailingConnection(real, lambda sql: sql == "COMMIT", error)
     try:
         asked = [store.submit([spec(1)], 1.0, [ids.new()]),
                  store.submit([spec(2)], 1.0, [ids.new()])]
         results = [await d.addErrback(lambda f: [f]) for d in asked]
     finally:
-        store._writer = real
+        store._writer.connection = real
     for (failure,) in results:
         assert failure.check(CommitFailed)
         assert failure.getErrorMessage() == "database or disk is full"
@@ -423,8 +424,8 @@ async def test_a_write_sqlite_cannot_do_is_commit_failed_alone(store):
     fails with CommitFailed, and the rest of its group commits."""
     await submit(store, spec(1))
     (lease,) = await claim(store, "h", 1, 2.0)
-    real = store._writer
-    store._writer = FailingConnection(
+    real = store._writer.connection
+    store._writer.connection = FailingConnection(
         real, lambda sql: sql.startswith("UPDATE attempts SET finished_at"),
         sqlite3.OperationalError("disk I/O error"))
     try:
@@ -432,7 +433,7 @@ async def test_a_write_sqlite_cannot_do_is_commit_failed_alone(store):
                  store.submit([spec(2)], 3.0, [ids.new()])]
         results = [await d.addErrback(lambda f: [f]) for d in asked]
     finally:
-        store._writer = real
+        store._writer.connection = real
     assert results[0][0].check(CommitFailed)
     assert (await store.get(results[1].value.jobs[0].id)).state is JobState.QUEUED
     assert (await store.get(lease.job_id)).state is JobState.RUNNING
@@ -463,13 +464,51 @@ async def test_a_read_sqlite_cannot_do_is_read_failed(store, monkeypatch):
     """A read that SQLite fails fails with the store's ReadFailed, with
     SQLite's message, and the next read works."""
     (job,) = await submit(store, spec())
-    real = _sqlite._get_job
+    real = _sqlite.get_job
 
     def failing(conn, job_id, limits={}):
         raise sqlite3.OperationalError("disk I/O error")
 
-    monkeypatch.setattr(_sqlite, "_get_job", failing)
+    monkeypatch.setattr(_sqlite, "get_job", failing)
     with pytest.raises(ReadFailed, match="disk I/O error"):
         await store.get(job.id)
-    monkeypatch.setattr(_sqlite, "_get_job", real)
+    monkeypatch.setattr(_sqlite, "get_job", real)
     assert (await store.get(job.id)).id == job.id
+
+
+def test_the_column_table_is_the_schema_and_a_job_reads_back_as_made(tmp_path):
+    """Every column of the rows' column table is a column of the migrated
+    jobs table, and a job with every stored field set, inserted from the
+    row the table makes, reads back (as a spec, and as a job) as it was
+    made."""
+    from dispatcher.model._jobs import InputSpec, JobSpec, Resources
+    from dispatcher.store import _rows
+    from dispatcher.store._schema import migrate
+
+    path = str(tmp_path / "rows.sqlite3")
+    conn = sqlite3.connect(path, isolation_level=None)
+    migrate(conn, path)
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(jobs)")}
+    assert {c.name for c in _rows.JOB_COLUMNS} <= columns
+    made = JobSpec(
+        command=("echo", "hi"), name="n", env={"A": "1"}, labels={"k": "v"},
+        inputs=(InputSpec("http://x/a", "a", "0" * 64),), priority=5, queue="q",
+        timeout=3.0, max_attempts=3, retry_delay=2.0, not_before=5.0, depends_on=("d",),
+        array_id="arr", array_index=2, resources=Resources(cpus=1.5, memory_mb=10, gpus=1),
+        requirements={"os": "linux"},
+    )
+    row, job = _rows.new_job(
+        made, seq=7, id="j", state=JobState.CANCELLED, created_at=1.0, finished_at=2.0,
+        error="e", wait_reason=None, waiting_on=1, cancelled_by="d",
+    )
+    conn.execute(
+        f"INSERT INTO jobs ({', '.join(_rows.INSERTED_COLUMNS)})"
+        f" VALUES ({', '.join('?' * len(row))})",
+        row,
+    )
+    (spec_row,) = conn.execute(f"SELECT {_rows.SPEC_COLUMNS} FROM jobs").fetchall()
+    assert _rows.spec_from_row(spec_row) == made
+    (view_row,) = conn.execute(f"SELECT {_rows.VIEW_COLUMNS} FROM jobs").fetchall()
+    assert _rows.job_from_row(view_row, (), {}) == job
+    assert job.cancelled_by == "d" and job.finished_at == 2.0 and job.spec is made
+    conn.close()

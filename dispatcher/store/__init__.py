@@ -1,8 +1,12 @@
 """
 Where jobs live: the L{IJobStore} interface (C{_interface}), the values
-and errors its methods give (C{_results}), and the SQLite store: its
-schema and migrations (C{_schema}), the group-commit writer, operations
-and queries (C{_sqlite}) and the writer's typed commands (C{_writes}).
+and errors its methods give (C{_results}), and the SQLite store
+(C{_sqlite}, which opens the file and delegates to the rest): its schema
+and migrations (C{_schema}), the group-commit writer (C{_writer}) and its
+typed write commands (C{_writes}), the write operations (C{_operations}:
+submissions in C{_submissions}, claims and ends in C{_leases}, what a job
+waits for in C{_waits}), the reads (C{_queries}), and the jobs table's
+columns with how a row maps to and from a job (C{_rows}).
 Which jobs a claim takes is the model's claim policy
 (L{dispatcher.model._claims}), which every store applies.
 

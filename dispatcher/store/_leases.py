@@ -1,0 +1,421 @@
+"""
+The SQLite store's operations on leases and attempts: a claim (which jobs
+it takes is the model's claim policy), a lease resumed at start-up, an
+attempt's process and start, its end (L{finish}, and a run of plain
+successes at once: L{finish_together}), an attempt given up, and the
+attempts a holder lost.
+"""
+
+from __future__ import annotations
+
+import operator
+import sqlite3
+from typing import TYPE_CHECKING, Any, Optional, Sequence
+
+from dispatcher.model._claims import choose_jobs, queues_at_limit, room_in_queues
+from dispatcher.model._jobs import (
+    InvalidTransition,
+    JobSpec,
+    JobState,
+    Lease,
+    Offer,
+    Outcome,
+    Resources,
+    StaleLease,
+    UnknownJob,
+    format_time,
+    may_transition,
+)
+from dispatcher.store._queries import running_by_queue
+from dispatcher.store._results import Claimed, LostAttempt, ResumedLease, Written
+from dispatcher.store._rows import (
+    SPEC_COLUMNS,
+    SPEC_WIDTH,
+    spec_from_row,
+    spec_position,
+    stored_json,
+)
+from dispatcher.store._waits import QUEUED_REASON, after_final
+from dispatcher.store._writer import Replay
+from dispatcher.store._writes import Finish
+
+if TYPE_CHECKING:
+    from dispatcher.store._operations import WriterState
+
+
+# The jobs that hold a lease: only staging and running ones do.
+_LEASED = "state IN ('staging', 'running') AND lease_token IS NOT NULL"
+
+# An attempt's end, and a job's at its final state.
+_END_ATTEMPT = "UPDATE attempts SET finished_at = ?, exit_code = ?, error = ? WHERE token = ?"
+_END_JOB = (
+    "UPDATE jobs SET state = ?, finished_at = ?, exit_code = ?, result = ?,"
+    " error = ?, attempts_spent = ?, wait_reason = NULL, lease_token = NULL,"
+    " lease_holder = NULL, lease_expires = NULL WHERE id = ?"
+)
+
+
+# What an end reads of the job, after its state and lease token.
+_ENDING = (
+    "SELECT state, lease_token, cancel_requested, attempts_spent, max_attempts,"
+    " retry_delay FROM jobs WHERE id = ?"
+)
+_LEASE_STATE = "SELECT state, lease_token FROM jobs WHERE id = ?"
+
+
+def _leased_row(conn: sqlite3.Connection, lease: Lease, query: str) -> tuple[Any, ...]:
+    """
+    The row C{query} (which selects the job's state and lease token first)
+    reads of the lease's job, once the lease is found to be the job's own:
+    else L{UnknownJob} or L{StaleLease}.
+    """
+    row = conn.execute(query, (lease.job_id,)).fetchone()
+    if row is None:
+        raise UnknownJob(lease.job_id)
+    if row[1] != lease.token:
+        raise StaleLease(lease.job_id, lease.token)
+    return row
+
+
+def _check_lease(conn: sqlite3.Connection, lease: Lease) -> JobState:
+    return JobState(_leased_row(conn, lease, _LEASE_STATE)[0])
+
+
+# A claim's candidate rows: seq, id, the spec's columns, attempt_count.
+_CLAIMED_PRIORITY = operator.itemgetter(2 + spec_position("priority"))
+_CLAIMED_ATTEMPTS = 2 + SPEC_WIDTH
+
+
+def _claimed_spec(row: Sequence[Any]) -> JobSpec:
+    return spec_from_row(row[2:_CLAIMED_ATTEMPTS])
+
+
+def claim(
+    writer: WriterState,
+    conn: sqlite3.Connection,
+    offer: Offer,
+    capacity: int,
+    free: Resources,
+    now: float,
+    lease_seconds: float,
+) -> Claimed:
+    """
+    Lease to C{offer.holder} up to C{capacity} queued jobs that fit in
+    C{free}, as the claim policy picks them (L{Claim}).
+    """
+    # Running jobs count only against a queue's limit.
+    running = running_by_queue(conn) if writer.limited else {}
+    room = room_in_queues(writer.queues, writer.limits, running, capacity)
+    # Each queue's queued jobs, read lazily in priority order: jobs that
+    # do not fit this holder are passed over, so how far to read is not
+    # known in advance.  Without INDEXED BY the planner, lacking
+    # statistics, may walk the state index and sort every queued job: a
+    # hundred times slower with ten thousand queued.
+    cursors = {
+        queue: conn.execute(
+            f"SELECT seq, id, {SPEC_COLUMNS}, attempt_count"
+            " FROM jobs INDEXED BY jobs_queued"
+            " WHERE state = 'queued' AND queue = ?"
+            " ORDER BY priority DESC, seq",
+            (queue,),
+        )
+        for queue in writer.queues
+        if room[queue] > 0
+    }
+    choice = choose_jobs(
+        cursors, room, writer.queues, writer.turn, offer, free, capacity,
+        _CLAIMED_PRIORITY, _claimed_spec,
+    )
+    writer.turn = choice.turn
+    for cursor in cursors.values():
+        cursor.close()
+    chosen = choice.chosen
+    taken = choice.taken
+    leases = []
+    expires = now + lease_seconds
+    holder = offer.holder
+    updates = []
+    attempts = []
+    for row, spec in chosen:
+        seq, job_id = row[0], row[1]
+        token = writer.next_token
+        writer.next_token += 1
+        number = row[_CLAIMED_ATTEMPTS] + 1
+        if spec.inputs:
+            updates.append(("staging", number, token, holder, expires, None, seq))
+        else:
+            updates.append(("running", number, token, holder, expires, now, seq))
+        attempts.append((job_id, number, token, holder, now))
+        leases.append(Lease(job_id, number, token, holder, expires, spec))
+    if chosen:
+        conn.executemany(
+            "UPDATE jobs SET state = ?, attempt_count = ?, lease_token = ?,"
+            " lease_holder = ?, lease_expires = ?, wait_reason = NULL,"
+            " started_at = ? WHERE seq = ?",
+            updates,
+        )
+        conn.executemany(
+            "INSERT INTO attempts (job_id, number, token, holder, started_at)"
+            " VALUES (?, ?, ?, ?, ?)",
+            attempts,
+        )
+    blocked = False
+    if writer.limited:
+        after = {q: running.get(q, 0) + taken.get(q, 0) for q in writer.limits}
+        for queue in queues_at_limit(writer.limits, after):
+            if conn.execute(
+                "SELECT 1 FROM jobs WHERE state = 'queued' AND queue = ? LIMIT 1",
+                (queue,),
+            ).fetchone():
+                blocked = True
+    return Claimed(leases, blocked, choice.skipped, choice.drained)
+
+
+def resume_leases(
+    writer: WriterState,
+    conn: sqlite3.Connection,
+    local_holder: str,
+    now: float,
+    lease_seconds: float,
+) -> Written:
+    """
+    Move the expiry of every lease a remote holder has to C{now +
+    lease_seconds} (L{ResumeLeases}).
+    """
+    expires = now + lease_seconds
+    rows = conn.execute(
+        f"SELECT id, {SPEC_COLUMNS}, attempt_count, lease_token,"
+        " lease_holder, state, cancel_requested FROM jobs INDEXED BY jobs_state"
+        f" WHERE {_LEASED} AND lease_holder != ?",
+        (local_holder,),
+    ).fetchall()
+    conn.execute(
+        "UPDATE jobs INDEXED BY jobs_state SET lease_expires = ?"
+        f" WHERE {_LEASED} AND lease_holder != ?",
+        (expires, local_holder),
+    )
+    resumed = []
+    for row in rows:
+        attempt, token, holder, state, cancel_requested = row[1 + SPEC_WIDTH:]
+        spec = spec_from_row(row[1:1 + SPEC_WIDTH])
+        resumed.append(ResumedLease(
+            Lease(row[0], attempt, token, holder, expires, spec),
+            JobState(state),
+            bool(cancel_requested),
+        ))
+    return Written(resumed)
+
+
+def record_process(
+    writer: WriterState,
+    conn: sqlite3.Connection,
+    lease: Lease,
+    pid: int,
+    start_ticks: Optional[int],
+    boot_id: Optional[str],
+) -> None:
+    """
+    Remember the process that runs an attempt (L{RecordProcess}).
+    """
+    _check_lease(conn, lease)
+    conn.execute(
+        "UPDATE attempts SET pid = ?, start_ticks = ?, boot_id = ? WHERE token = ?",
+        (pid, start_ticks, boot_id, lease.token),
+    )
+
+
+def mark_running(
+    writer: WriterState, conn: sqlite3.Connection, lease: Lease, now: float
+) -> Written:
+    """
+    A staged job starts running (L{MarkRunning}).
+    """
+    state = _check_lease(conn, lease)
+    if state is not JobState.STAGING:
+        raise InvalidTransition(lease.job_id, state, JobState.RUNNING)
+    conn.execute(
+        "UPDATE jobs SET state = 'running', started_at = ? WHERE id = ?",
+        (now, lease.job_id),
+    )
+    return Written(None, ((lease.job_id, JobState.RUNNING),))
+
+
+def finish(
+    writer: WriterState, conn: sqlite3.Connection, lease: Lease, outcome: Outcome, now: float
+) -> Written:
+    """
+    Record how an attempt ended (L{Finish}): the job ends, or waits for its
+    next attempt; its dependents move on or are cancelled.
+    """
+    row = _leased_row(conn, lease, _ENDING)
+    state = JobState(row[0])
+    cancel_requested, spent, max_attempts, retry_delay = row[2:]
+    error = outcome.error
+    result = None if outcome.result is None else stored_json(outcome.result)
+    if cancel_requested and (outcome.stopped or outcome.state is not JobState.SUCCEEDED):
+        # A job that succeeded before the cancel reached it keeps its
+        # success; one the cancel stopped is cancelled, its late result
+        # dropped.
+        target = JobState.CANCELLED
+        error = "cancelled while it ran" + (f" ({error})" if error else "")
+        result = None
+    else:
+        target = outcome.state
+    retried = target is JobState.FAILED and spent + 1 < max_attempts
+    if not may_transition(state, JobState.QUEUED if retried else target):
+        raise InvalidTransition(lease.job_id, state, target)
+    conn.execute(_END_ATTEMPT, (now, outcome.exit_code, error, lease.token))
+    spent += 1
+    if retried:
+        return _retry_later(writer, conn, lease.job_id, state, spent, retry_delay, now, error,
+            outcome.exit_code, result,
+        )
+    conn.execute(
+        _END_JOB,
+        (target.value, now, outcome.exit_code, result, error, spent, lease.job_id),
+    )
+    changed = [(lease.job_id, target)]
+    # Until a job has depended on another, no job has dependents to
+    # free or cancel (the query was a twentieth of a no-op job's time).
+    wake = (
+        after_final(conn, lease.job_id, target, now, changed)
+        if writer.dependencies
+        else None
+    )
+    return Written(None, tuple(changed), wake)
+
+
+def _retry_later(
+    writer: WriterState,
+    conn: sqlite3.Connection,
+    job_id: str,
+    state: JobState,
+    spent: int,
+    retry_delay: float,
+    now: float,
+    error: Optional[str],
+    exit_code: Optional[int],
+    result: Optional[str],
+) -> Written:
+    delay = writer.backoff(retry_delay, spent)
+    if delay > 0:
+        target, due = JobState.PENDING, now + delay
+        reason = f"attempt {spent} failed; retrying at {format_time(due)}"
+    else:
+        target, due = JobState.QUEUED, None
+        reason = QUEUED_REASON
+    if not may_transition(state, JobState.QUEUED):
+        raise InvalidTransition(job_id, state, target)
+    conn.execute(
+        "UPDATE jobs SET state = ?, not_before = ?, wait_reason = ?, error = ?,"
+        " exit_code = ?, result = ?, attempts_spent = ?, started_at = NULL,"
+        " lease_token = NULL, lease_holder = NULL, lease_expires = NULL"
+        " WHERE id = ?",
+        (target.value, due, reason, error, exit_code, result, spent, job_id),
+    )
+    return Written(None, ((job_id, target),), due)
+
+
+def finish_together(
+    writer: WriterState, conn: sqlite3.Connection, work: list[Finish]
+) -> list[Written]:
+    """
+    Record several plain successes with one read and two updates, as
+    L{finish} would one by one.  Anything L{finish} would treat
+    otherwise (a stale lease, a cancel asked for meanwhile) raises
+    L{Replay}, and the group is replayed one write at a time.
+    """
+    leases = [write.lease for write in work]
+    marks = ",".join("?" * len(leases))
+    rows = {
+        row[0]: row[1:]
+        for row in conn.execute(
+            f"SELECT id, state, lease_token, cancel_requested, attempts_spent"
+            f" FROM jobs WHERE id IN ({marks})",
+            [lease.job_id for lease in leases],
+        )
+    }
+    attempts = []
+    jobs = []
+    written = []
+    for write in work:
+        lease, outcome, now = write.lease, write.outcome, write.now
+        row = rows.pop(lease.job_id, None)
+        if (
+            row is None
+            or row[1] != lease.token
+            or row[2]
+            or not may_transition(JobState(row[0]), JobState.SUCCEEDED)
+        ):
+            raise Replay()
+        result = None if outcome.result is None else stored_json(outcome.result)
+        attempts.append((now, outcome.exit_code, outcome.error, lease.token))
+        jobs.append(
+            ("succeeded", now, outcome.exit_code, result, outcome.error, row[3] + 1,
+             lease.job_id)
+        )
+        written.append(Written(None, ((lease.job_id, JobState.SUCCEEDED),)))
+    conn.executemany(_END_ATTEMPT, attempts)
+    conn.executemany(_END_JOB, jobs)
+    return written
+
+
+def release(
+    writer: WriterState, conn: sqlite3.Connection, lease: Lease, now: float, reason: str
+) -> Written:
+    """
+    Give an attempt up without spending it (L{Release}): the job is queued
+    again, or cancelled if a cancel was asked for.
+    """
+    state = _check_lease(conn, lease)
+    (cancel_requested,) = conn.execute(
+        "SELECT cancel_requested FROM jobs WHERE id = ?", (lease.job_id,)
+    ).fetchone()
+    conn.execute(
+        "UPDATE attempts SET finished_at = ?, error = ? WHERE token = ?",
+        (now, reason, lease.token),
+    )
+    if cancel_requested:
+        target, wait_reason, finished = JobState.CANCELLED, None, now
+    else:
+        target, wait_reason, finished = JobState.QUEUED, QUEUED_REASON, None
+    if not may_transition(state, target):
+        raise InvalidTransition(lease.job_id, state, target)
+    # The attempt stays in the history, but a released attempt is not
+    # spent: attempts_spent counts attempts that ended on their own.
+    conn.execute(
+        "UPDATE jobs SET state = ?, wait_reason = ?, started_at = NULL,"
+        " finished_at = ?, lease_token = NULL, lease_holder = NULL,"
+        " lease_expires = NULL WHERE id = ?",
+        (target.value, wait_reason, finished, lease.job_id),
+    )
+    changed = [(lease.job_id, target)]
+    wake = None
+    if target is JobState.CANCELLED:
+        wake = after_final(conn, lease.job_id, target, now, changed)
+    return Written(None, tuple(changed), wake)
+
+
+def recover(writer: WriterState, conn: sqlite3.Connection, holder: str, now: float) -> Written:
+    """
+    Record as lost the attempts C{holder} left running (L{Recover}).
+    """
+    rows = conn.execute(
+        "SELECT a.job_id, a.number, a.token, a.pid, a.start_ticks, a.boot_id"
+        " FROM jobs j INDEXED BY jobs_state JOIN attempts a ON a.token = j.lease_token"
+        f" WHERE {_LEASED} AND j.lease_holder = ?",
+        (holder,),
+    ).fetchall()
+    lost = [LostAttempt(*row) for row in rows]
+    reason = "lost: the dispatcher stopped while this attempt ran"
+    changed: list[tuple[str, JobState]] = []
+    wakes = []
+    for attempt in lost:
+        lease = Lease(attempt.job_id, attempt.attempt, attempt.token, holder, 0.0,
+                      JobSpec())
+        written = finish(writer, conn, lease, Outcome(JobState.FAILED, error=reason), now
+        )
+        changed.extend(written.changed)
+        if written.wake_at is not None:
+            wakes.append(written.wake_at)
+    return Written(lost, tuple(changed), min(wakes) if wakes else None)

@@ -1,0 +1,250 @@
+"""
+The SQLite store's write operations: one function for each kind of write
+command (L{dispatcher.store._writes}), whose arguments are what the
+operations keep between writes (L{WriterState}), the writer's connection
+and the command's fields; and the shared paths that store a run of plain
+submissions, or of plain successes, at once.
+
+They run on the writer thread, inside the group's transaction
+(L{dispatcher.store._writer}).  Submissions are in
+L{dispatcher.store._submissions}, claims, ends and the other changes of
+an attempt in L{dispatcher.store._leases}, what a job waits for in
+L{dispatcher.store._waits}; cancels, retries, promotions and the purge of
+idempotency keys are here.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+import sqlite3
+from typing import Any, Callable, Mapping
+
+import attrs
+
+from dispatcher.model._jobs import InvalidTransition, JobState, Lease, UnknownJob
+from dispatcher.store._leases import (
+    claim,
+    finish,
+    finish_together,
+    mark_running,
+    record_process,
+    recover,
+    release,
+    resume_leases,
+)
+from dispatcher.store._queries import get_job, next_due
+from dispatcher.store._results import Written
+from dispatcher.store._submissions import submit, submit_plain, submit_together
+from dispatcher.store._waits import QUEUED_REASON, after_final, requeue
+from dispatcher.store._writer import SharedPath
+from dispatcher.store._writes import (
+    Cancel,
+    Claim,
+    Finish,
+    MarkRunning,
+    PromoteDue,
+    PurgeIdempotency,
+    RecordProcess,
+    Recover,
+    Release,
+    ResumeLeases,
+    Retry,
+    Submit,
+    SubmitPlain,
+    Write,
+)
+
+
+def jittered_backoff(delay: float, spent: int) -> float:
+    """
+    The wait before retry number C{spent}: C{delay} doubled for each
+    earlier failure, capped at an hour (or C{delay}, if longer), times a
+    random factor between 0.5 and 1.5 so that jobs that failed together do
+    not come back together.
+    """
+    base = min(delay * 2 ** (spent - 1), max(delay, 3600.0))
+    return base * random.uniform(0.5, 1.5)
+
+
+@attrs.define
+class WriterState:
+    """
+    What the operations keep between writes, on the writer thread.
+
+    @ivar limits: each queue's limit of running jobs (0: none).
+    @ivar idempotency_ttl: seconds an idempotency key is kept.
+    @ivar backoff: the wait before a retry, from the retry delay and the
+        number of attempts spent.
+    @ivar queues: the queue names, in the order they take turns.
+    @ivar limited: whether any queue has a limit.
+    @ivar turn: whose turn it is among C{queues}, for the next claim.
+    @ivar next_token: the next lease token.
+    @ivar dependencies: whether any job may have dependents.
+    """
+
+    limits: Mapping[str, int]
+    idempotency_ttl: float
+    backoff: Callable[[float, int], float]
+    queues: list[str] = attrs.field(init=False)
+    limited: bool = attrs.field(init=False)
+    turn: int = 0
+    next_token: int = 1
+    dependencies: bool = True
+
+    def __attrs_post_init__(self) -> None:
+        self.queues = sorted(self.limits)
+        self.limited = any(self.limits.values())
+
+    def load(self, conn: sqlite3.Connection) -> None:
+        """
+        Take the next lease token, and whether any job has dependents,
+        from the database on C{conn}.
+        """
+        (top,) = conn.execute("SELECT COALESCE(MAX(token), 0) FROM attempts").fetchone()
+        self.next_token = top + 1
+        (self.dependencies,) = conn.execute(
+            "SELECT EXISTS (SELECT 1 FROM dependencies)"
+        ).fetchone()
+
+
+def cancel(writer: WriterState, conn: sqlite3.Connection, job_id: str, now: float) -> Written:
+    """
+    Cancel a job (L{Cancel}): at once if it is not running, else by asking
+    its holder; the answer is the job and, if it runs, its lease.
+    """
+    row = conn.execute(
+        "SELECT state, lease_token, lease_holder, lease_expires, attempt_count"
+        " FROM jobs WHERE id = ?",
+        (job_id,),
+    ).fetchone()
+    if row is None:
+        raise UnknownJob(job_id)
+    state = JobState(row[0])
+    if state.final:
+        raise InvalidTransition(job_id, state, JobState.CANCELLED)
+    if state.active:
+        conn.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
+        token, holder, expires, attempt = row[1:]
+        job = get_job(conn, job_id, writer.limits)
+        lease = Lease(job_id, attempt, token, holder, expires, job.spec)
+        return Written((job, lease))
+    conn.execute(
+        "UPDATE jobs SET state = 'cancelled', finished_at = ?, wait_reason = NULL,"
+        " error = 'cancelled before it ran' WHERE id = ?",
+        (now, job_id),
+    )
+    changed = [(job_id, JobState.CANCELLED)]
+    wake = after_final(conn, job_id, JobState.CANCELLED, now, changed)
+    return Written((get_job(conn, job_id, writer.limits), None), tuple(changed), wake)
+
+
+def retry(
+    writer: WriterState, conn: sqlite3.Connection, job_id: str, now: float, dependents: bool
+) -> Written:
+    """
+    Put a failed or cancelled job back in line (L{Retry}), and with
+    C{dependents} the jobs cancelled because of it.
+    """
+    row = conn.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    if row is None:
+        raise UnknownJob(job_id)
+    state = JobState(row[0])
+    if state not in (JobState.FAILED, JobState.CANCELLED):
+        raise InvalidTransition(job_id, state, JobState.QUEUED)
+    changed: list[tuple[str, JobState]] = []
+    # Everything coming back, first: a dependent may also wait on
+    # another job that comes back with it, which then counts as unmet
+    # rather than as failed.
+    returning = [job_id]
+    if dependents:
+        stack = [job_id]
+        while stack:
+            cause = stack.pop()
+            for (dependent,) in conn.execute(
+                "SELECT id FROM jobs WHERE cancelled_by = ? AND state = 'cancelled'",
+                (cause,),
+            ).fetchall():
+                returning.append(dependent)
+                stack.append(dependent)
+    coming_back = frozenset(returning)
+    wakes = [requeue(conn, j, now, changed, coming_back) for j in returning]
+    due = [w for w in wakes if w is not None]
+    return Written(
+        get_job(conn, job_id, writer.limits), tuple(changed), min(due) if due else None
+    )
+
+
+def promote_due(writer: WriterState, conn: sqlite3.Connection, now: float) -> Written:
+    """
+    Queue the pending jobs whose time has come (L{PromoteDue}).
+    """
+    due = conn.execute(
+        "SELECT id FROM jobs INDEXED BY jobs_due"
+        " WHERE state = 'pending' AND waiting_on = 0 AND not_before <= ?",
+        (now,),
+    ).fetchall()
+    changed = []
+    for (job_id,) in due:
+        conn.execute(
+            "UPDATE jobs SET state = 'queued', wait_reason = ? WHERE id = ?",
+            (QUEUED_REASON, job_id),
+        )
+        changed.append((job_id, JobState.QUEUED))
+    return Written(None, tuple(changed), next_due(conn))
+
+
+def purge_idempotency(writer: WriterState, conn: sqlite3.Connection, now: float) -> Written:
+    """
+    Forget the idempotency keys past their time to live
+    (L{PurgeIdempotency}).
+    """
+    cursor = conn.execute(
+        "DELETE FROM idempotency WHERE created_at < ?",
+        (now - writer.idempotency_ttl,),
+    )
+    return Written(cursor.rowcount)
+
+
+# The operation that applies each kind of write command.
+OPERATIONS: Mapping[type, Callable[..., Any]] = {
+    Submit: submit,
+    SubmitPlain: submit_plain,
+    Claim: claim,
+    ResumeLeases: resume_leases,
+    RecordProcess: record_process,
+    MarkRunning: mark_running,
+    Finish: finish,
+    Release: release,
+    Cancel: cancel,
+    Retry: retry,
+    PromoteDue: promote_due,
+    PurgeIdempotency: purge_idempotency,
+    Recover: recover,
+}
+
+
+def shared_paths(writer: WriterState) -> list[SharedPath]:
+    """
+    The writer's shared paths: plain submissions next to each other are
+    stored with one insert (L{submit_together}), and plain successes next
+    to each other with one read and two updates (L{finish_together}).
+    """
+
+    def plain_submission(write: Write) -> bool:
+        # Nothing but SQLite itself can refuse it: no idempotency key to
+        # check, no dependency to look up.
+        kind = type(write)
+        if kind is SubmitPlain:
+            return write.idempotency is None  # type: ignore[union-attr]
+        return kind is Submit and write.plain  # type: ignore[union-attr]
+
+    def plain_success(write: Write) -> bool:
+        # The end of an attempt that succeeded on its own, while no job has
+        # dependents to free.
+        return type(write) is Finish and write.success and not writer.dependencies
+
+    return [
+        (plain_submission, functools.partial(submit_together, writer)),
+        (plain_success, functools.partial(finish_together, writer)),
+    ]

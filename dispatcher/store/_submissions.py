@@ -1,0 +1,373 @@
+"""
+The SQLite store's submissions: new jobs from their specs (L{submit}),
+plain jobs (L{submit_plain}), a run of plain submissions stored at once
+(L{submit_together}), and the idempotency keys that make a repeated
+request answer what the first made.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import json
+import operator
+import sqlite3
+from typing import TYPE_CHECKING, Any, Optional, Sequence
+
+import orjson
+
+from dispatcher.model._jobs import Job, JobSpec, JobState, PlainJobs
+from dispatcher.store._queries import get_job
+from dispatcher.store._results import (
+    IdempotencyConflict,
+    IdempotencyKey,
+    Submitted,
+    SubmittedIds,
+    Written,
+)
+from dispatcher.store._rows import INSERTED_COLUMNS, new_job, stored_json
+from dispatcher.store._waits import QUEUED_REASON, resolve_dependencies, waiting
+from dispatcher.store._writes import Submit, SubmitPlain
+
+if TYPE_CHECKING:
+    from dispatcher.store._operations import WriterState
+
+
+_NO_VALUES = (None,) * len(INSERTED_COLUMNS)
+
+
+@functools.lru_cache(maxsize=64)
+def _insert_job_statement(present: tuple[bool, ...]) -> str:
+    columns = list(itertools.compress(INSERTED_COLUMNS, present))
+    return (
+        f"INSERT INTO jobs ({', '.join(columns)})"
+        f" VALUES ({', '.join('?' * len(columns))})"
+    )
+
+
+def _insert_jobs(conn: sqlite3.Connection, rows: Sequence[tuple[Any, ...]]) -> None:
+    """
+    Insert job rows (tuples in L{INSERTED_COLUMNS} order), one C{executemany}
+    for all the rows that have values in the same columns.
+
+    Each INSERT names only the columns that have a value; the others
+    default to NULL.  Python 3.11's sqlite3 binds a None about ten times
+    slower than a number (it looks for an adapter first, and fails twice),
+    and a plain job has eight.
+    """
+    shapes: dict[tuple[bool, ...], list[tuple[Any, ...]]] = {}
+    for row in rows:
+        present = tuple(map(operator.is_not, row, _NO_VALUES))
+        shapes.setdefault(present, []).append(tuple(itertools.compress(row, present)))
+    for present, values in shapes.items():
+        conn.executemany(_insert_job_statement(present), values)
+
+
+_INSERT_LABEL = "INSERT INTO job_labels (key, value, seq) VALUES (?, ?, ?)"
+_MAX_SEQ = "SELECT COALESCE(MAX(seq), 0) FROM jobs"
+
+
+def _add_job(
+    rows: list[tuple[Any, ...]],
+    label_rows: list[tuple[str, str, int]],
+    seq: int,
+    job_id: str,
+    state: JobState,
+    spec: JobSpec,
+    now: float,
+    wait_reason: Optional[str],
+    unmet: int = 0,
+    finished_at: Optional[float] = None,
+    error: Optional[str] = None,
+    cancelled_by: Optional[str] = None,
+) -> Job:
+    """
+    Add a new job's row (and its labels' rows) to those to insert, and
+    return the job.
+    """
+    row, job = new_job(
+        spec,
+        seq=seq,
+        id=job_id,
+        state=state,
+        created_at=now,
+        finished_at=finished_at,
+        error=error,
+        wait_reason=wait_reason,
+        waiting_on=unmet,
+        cancelled_by=cancelled_by,
+    )
+    rows.append(row)
+    if spec.labels:
+        label_rows.extend((k, v, seq) for k, v in spec.labels.items())
+    return job
+
+
+def _has_json_functions() -> bool:
+    # Built in from SQLite 3.38; before, and in a build that leaves them
+    # out, only if compiled in.
+    conn = sqlite3.connect(":memory:")
+    try:
+        conn.execute("SELECT json_extract(value, '$[0]') FROM json_each('[[1]]')")
+    except sqlite3.OperationalError:
+        return False
+    finally:
+        conn.close()
+    return True
+
+
+# Whether this SQLite has the JSON functions _add_plain_jobs reads rows with.
+JSON_ROWS = _has_json_functions()
+
+
+# What a plain job's row holds besides its number, id and stored spec: the
+# same for all the jobs of a request (the L{PlainJobs} fields have columns
+# of their names), and a timeout only where their queue has one.
+_PLAIN_SHARED = (
+    "state", "labels", "created_at", "wait_reason", "priority", "queue", "max_attempts",
+    "retry_delay", "timeout",
+)
+
+
+def _plain_insert(timeout: bool, json_rows: bool) -> str:
+    """
+    The statement that inserts plain jobs: from a JSON array of [id, stored
+    spec] pairs (?2), numbered after ?1, or one row at a time; the columns
+    all share come next (?3 on).
+    """
+    shared = _PLAIN_SHARED if timeout else _PLAIN_SHARED[:-1]
+    columns = ", ".join(("seq", "id", "spec", *shared))
+    if json_rows:
+        values = ", ".join(f"?{3 + i}" for i in range(len(shared)))
+        return (
+            f"INSERT INTO jobs ({columns})"
+            " SELECT ?1 + 1 + key, json_extract(value, '$[0]'), json_extract(value, '$[1]'),"
+            f" {values} FROM json_each(?2)"
+        )
+    return f"INSERT INTO jobs ({columns}) VALUES ({', '.join('?' * (3 + len(shared)))})"
+
+
+# By whether the jobs have a timeout, then whether rows are read from JSON.
+_INSERT_PLAIN = {
+    (timeout, json_rows): _plain_insert(timeout, json_rows)
+    for timeout in (False, True)
+    for json_rows in (False, True)
+}
+
+
+def _add_plain_jobs(
+    conn: sqlite3.Connection, seq: int, jobs: PlainJobs, now: float, ids: list[str]
+) -> Written:
+    """
+    Insert L{PlainJobs}, queued, numbered after C{seq}: one statement that
+    reads each job's id and stored spec from one JSON array, the other
+    columns being the same for all (where SQLite has its JSON functions,
+    L{JSON_ROWS}; else one C{executemany} of rows).
+    """
+    timeout = jobs.timeout is not None
+    # In _PLAIN_SHARED order.
+    shared: tuple[Any, ...] = (
+        JobState.QUEUED.value, "{}", now, QUEUED_REASON, jobs.priority, jobs.queue,
+        jobs.max_attempts, jobs.retry_delay,
+    )
+    if timeout:
+        shared += (jobs.timeout,)
+    if JSON_ROWS:
+        # Binding a row's eleven values from Python was a third of the
+        # writer's time for a plain batch; SQLite reads the JSON faster.
+        pairs = orjson.dumps(list(zip(ids, jobs.stored))).decode()
+        conn.execute(_INSERT_PLAIN[timeout, True], (seq, pairs, *shared))
+    else:
+        rows = [
+            (number, job_id, stored, *shared)
+            for number, job_id, stored in zip(itertools.count(seq + 1), ids, jobs.stored)
+        ]
+        conn.executemany(_INSERT_PLAIN[timeout, False], rows)
+    return Written(
+        SubmittedIds(ids), tuple(zip(ids, itertools.repeat(JobState.QUEUED)))
+    )
+
+
+def submit(
+    writer: WriterState,
+    conn: sqlite3.Connection,
+    specs: list[JobSpec],
+    now: float,
+    ids: list[str],
+    idempotency: Optional[IdempotencyKey],
+) -> Written:
+    """
+    Store new jobs from their specs, all or nothing (L{Submit}): queued, pending on
+    their dependencies or start time, or cancelled at once for a dependency
+    that failed; or answer what an earlier request with the same
+    idempotency key made.
+    """
+    replayed = _replayed(writer, conn, idempotency, now)
+    if replayed is not None:
+        return replayed
+    changed: list[tuple[str, JobState]] = []
+    in_batch: dict[str, JobState] = {}
+    jobs: list[Job] = []
+    # Rows are gathered and inserted with executemany (one statement per
+    # job was most of a large batch's time on the writer thread), so
+    # each job's seq is given here rather than left to SQLite: no other
+    # write runs inside this transaction.
+    rows: list[tuple[Any, ...]] = []
+    label_rows: list[tuple[str, str, int]] = []
+    (seq,) = conn.execute(_MAX_SEQ).fetchone()
+
+    def insert_rows() -> None:
+        if rows:
+            _insert_jobs(conn, rows)
+            rows.clear()
+        if label_rows:
+            conn.executemany(_INSERT_LABEL, label_rows)
+            label_rows.clear()
+
+    for index, (spec, job_id) in enumerate(zip(specs, ids)):
+        error = cancelled_by = finished_at = None
+        dead = None
+        if spec.depends_on:
+            # A dependency may be an array of this batch, found by a
+            # query: its members must be in the table first.
+            insert_rows()
+            deps = resolve_dependencies(conn, spec, index, in_batch)
+            unmet = [d for d, st in deps.items() if st is not JobState.SUCCEEDED]
+            dead = next(
+                (d for d, st in deps.items()
+                 if st in (JobState.FAILED, JobState.CANCELLED)),
+                None,
+            )
+        else:
+            deps, unmet = {}, []
+        if dead is not None:
+            state = JobState.CANCELLED
+            verb = "failed" if deps[dead] is JobState.FAILED else "was cancelled"
+            error = f"cancelled because its dependency {dead} {verb}"
+            cancelled_by = dead
+            finished_at = now
+            wait_reason = None
+        elif unmet or spec.not_before is not None:
+            state, wait_reason = waiting(unmet, spec.not_before, now)
+        else:
+            state, wait_reason = JobState.QUEUED, QUEUED_REASON
+        seq += 1
+        jobs.append(
+            _add_job(rows, label_rows, seq, job_id, state, spec, now, wait_reason,
+                     len(unmet), finished_at, error, cancelled_by)
+        )
+        if deps:
+            writer.dependencies = True
+            conn.executemany(
+                "INSERT INTO dependencies (depends_on, job_id) VALUES (?, ?)",
+                [(d, job_id) for d in deps],
+            )
+        in_batch[job_id] = state
+        changed.append((job_id, state))
+    insert_rows()
+    _remember(conn, idempotency, ids, now)
+    wake = [s.not_before for s in specs if s.not_before is not None and s.not_before > now]
+    return Written(Submitted(jobs, replayed=False), tuple(changed),
+                   min(wake) if wake else None)
+
+
+def submit_plain(
+    writer: WriterState,
+    conn: sqlite3.Connection,
+    jobs: PlainJobs,
+    now: float,
+    ids: list[str],
+    idempotency: Optional[IdempotencyKey],
+) -> Written:
+    """
+    Store L{PlainJobs}, queued, all or nothing (L{SubmitPlain}); or answer
+    what an earlier request with the same idempotency key made.
+    """
+    replayed = _replayed(writer, conn, idempotency, now)
+    if replayed is not None:
+        return replayed
+    (seq,) = conn.execute(_MAX_SEQ).fetchone()
+    written = _add_plain_jobs(conn, seq, jobs, now, ids)
+    _remember(conn, idempotency, ids, now)
+    return written
+
+
+def submit_together(
+    writer: WriterState, conn: sqlite3.Connection, work: list[Submit | SubmitPlain]
+) -> list[Written]:
+    """
+    Store several plain submissions with one sequence query and one
+    insert (a one-row insert, a query and a savepoint for each were a
+    third of the writer's time per submission).
+    """
+    (seq,) = conn.execute(_MAX_SEQ).fetchone()
+    rows: list[tuple[Any, ...]] = []
+    label_rows: list[tuple[str, str, int]] = []
+    written: list[Written] = []
+    for write in work:
+        now, ids = write.now, write.ids
+        if type(write) is SubmitPlain:
+            written.append(_add_plain_jobs(conn, seq, write.jobs, now, ids))
+            seq += len(ids)
+            continue
+        specs = write.specs  # type: ignore[union-attr]
+        changed = []
+        jobs = []
+        wake = None
+        for spec, job_id in zip(specs, ids):
+            if spec.not_before is not None:
+                state, wait_reason = waiting([], spec.not_before, now)
+                if spec.not_before > now and (wake is None or spec.not_before < wake):
+                    wake = spec.not_before
+            else:
+                state, wait_reason = JobState.QUEUED, QUEUED_REASON
+            seq += 1
+            jobs.append(
+                _add_job(rows, label_rows, seq, job_id, state, spec, now, wait_reason)
+            )
+            changed.append((job_id, state))
+        written.append(Written(Submitted(jobs, replayed=False), tuple(changed), wake))
+    _insert_jobs(conn, rows)
+    if label_rows:
+        conn.executemany(_INSERT_LABEL, label_rows)
+    return written
+
+
+def _replayed(
+    writer: WriterState,
+    conn: sqlite3.Connection,
+    idempotency: Optional[IdempotencyKey],
+    now: float,
+) -> Optional[Written]:
+    """
+    What an earlier request with the same idempotency key made, if it
+    is still remembered; an expired key is forgotten.
+    """
+    if idempotency is None:
+        return None
+    row = conn.execute(
+        "SELECT digest, job_ids, created_at FROM idempotency WHERE key = ?",
+        (idempotency.key,),
+    ).fetchone()
+    if row is not None and row[2] >= now - writer.idempotency_ttl:
+        if row[0] != idempotency.digest:
+            raise IdempotencyConflict(idempotency.key)
+        jobs = [get_job(conn, job_id) for job_id in json.loads(row[1])]
+        return Written(Submitted(jobs, replayed=True))
+    if row is not None:
+        conn.execute("DELETE FROM idempotency WHERE key = ?", (idempotency.key,))
+    return None
+
+
+def _remember(
+    conn: sqlite3.Connection,
+    idempotency: Optional[IdempotencyKey],
+    ids: list[str],
+    now: float,
+) -> None:
+    if idempotency is not None:
+        conn.execute(
+            "INSERT INTO idempotency (key, digest, job_ids, created_at)"
+            " VALUES (?, ?, ?, ?)",
+            (idempotency.key, idempotency.digest, stored_json(ids), now),
+        )
