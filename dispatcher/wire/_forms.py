@@ -137,6 +137,24 @@ def _attempt_view(attempt: Attempt) -> AttemptView:
     )
 
 
+def _set_work(target: Any, spec: JobSpec, always_env: bool) -> None:
+    """
+    Set what a job runs on a L{JobView} or a L{LeaseSpec}: its command and
+    environment (an empty one only if C{always_env}), or its task and
+    arguments; and its inputs, if it has any.
+    """
+    if spec.command is not None:
+        target.command = list(spec.command)
+        if always_env or spec.env:
+            target.env = dict(spec.env)
+    else:
+        target.task = spec.task
+        target.args = list(spec.args)
+        target.kwargs = dict(spec.kwargs)
+    if spec.inputs:
+        target.inputs = [_input_view(i) for i in spec.inputs]
+
+
 def job_view(job: Job) -> JobView:
     """
     A job as the API shows it.
@@ -160,15 +178,7 @@ def job_view(job: Job) -> JobView:
     )
     # Set after: a view is made for every answer that shows a job, and
     # keywords for the kind's fields cost a dict each time.
-    if spec.command is not None:
-        view.command = list(spec.command)
-        view.env = dict(spec.env)
-    else:
-        view.task = spec.task
-        view.args = list(spec.args)
-        view.kwargs = dict(spec.kwargs)
-    if spec.inputs:
-        view.inputs = [_input_view(i) for i in spec.inputs]
+    _set_work(view, spec, always_env=True)
     view.priority = spec.priority
     view.queue = spec.queue
     view.timeout = spec.timeout
@@ -210,16 +220,7 @@ def lease_grant(lease: Lease) -> LeaseGrant:
         array_id=spec.array_id,
         array_index=spec.array_index,
     )
-    if spec.command is not None:
-        wire.command = list(spec.command)
-        if spec.env:
-            wire.env = dict(spec.env)
-    else:
-        wire.task = spec.task
-        wire.args = list(spec.args)
-        wire.kwargs = dict(spec.kwargs)
-    if spec.inputs:
-        wire.inputs = [_input_view(i) for i in spec.inputs]
+    _set_work(wire, spec, always_env=False)
     if spec.resources != NO_RESOURCES:
         wire.resources = _resources_view(spec.resources)
     if spec.requirements:
