@@ -663,6 +663,28 @@ SHAPE = {"dataBuffer": bytes, "offset": int, "_tempDataLen": int, "_tempDataBuff
          "_aborting": bool}
 
 
+def test_write_through_falls_back_when_twisted_changes(monkeypatch):
+    """A factory asked to write through uses transport.write alone when
+    tcp.Server lacks what the write-through reads, rather than failing
+    every answer."""
+    from dispatcher.http import _writethrough
+
+    assert HTTPFactory(Recorder(), 1024, Clock(), write_through=True).send is _writethrough.send
+    monkeypatch.setitem(_writethrough.SHAPE, "_no_such_buffer", bytes)
+    assert HTTPFactory(Recorder(), 1024, Clock(), write_through=True).send is _writethrough.write
+
+
+def test_the_chunk_bound_grows_with_the_body_limit():
+    """The most chunks a body may have is max_body_bytes / MIN_CHUNK_BYTES,
+    and never below MAX_CHUNKS, so a large body limit can be used with
+    chunks of ordinary size."""
+    from dispatcher.http._protocol import MIN_CHUNK_BYTES
+
+    assert HTTPFactory(Recorder(), 1024, Clock()).max_chunks == MAX_CHUNKS
+    big = 64 * 1024 * 1024
+    assert HTTPFactory(Recorder(), big, Clock()).max_chunks == big // MIN_CHUNK_BYTES
+
+
 def test_the_tcp_transport_has_the_shape_send_reads():
     """dispatcher.http._writethrough.send reads tcp.Server's write buffer; if
     Twisted changes how FileDescriptor queues writes, this fails first."""
@@ -843,7 +865,8 @@ def test_a_head_held_behind_an_answer_is_timed_from_the_answer():
 
 def test_the_number_of_chunks_is_bounded():
     """A body of a million one-byte chunks is refused (413) after
-    MAX_CHUNKS of them, early in the stream and for little CPU."""
+    max_body_bytes / MIN_CHUNK_BYTES of them, early in the stream and for
+    little CPU."""
     import time
 
     handler = Recorder()
@@ -857,7 +880,7 @@ def test_the_number_of_chunks_is_bounded():
         fed += 65536
     spent = time.process_time() - started
     ((status, _, body),) = responses(transport.value())
-    assert status == 413 and str(MAX_CHUNKS) in json.loads(body)["error"]["message"]
+    assert status == 413 and str(channel.factory.max_chunks) in json.loads(body)["error"]["message"]
     assert fed <= 8 * MAX_CHUNKS + 65536
     assert spent < 1.0
     assert handler.requests == []

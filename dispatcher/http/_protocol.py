@@ -33,7 +33,8 @@ sizes and extensions, both C{Content-Length} and C{Transfer-Encoding}, two
 lengths: 400); an HTTP/1.1 request without one C{Host} (400); a head over
 C{MAX_HEAD_BYTES}, empty lines before it included, or with more than
 C{MAX_HEADERS} fields (431); a body over C{max_body_bytes}, or in more than
-C{MAX_CHUNKS} chunks (413); a transfer coding other than chunked (501);
+C{max_body_bytes / MIN_CHUNK_BYTES} chunks, and never fewer than
+C{MAX_CHUNKS} (413); a transfer coding other than chunked (501);
 versions other than 1.0 and 1.1 (505); a head not whole within
 C{head_timeout} seconds of its first byte, a body not whole within
 C{body_timeout} seconds of its head (408).  Idle connections close after
@@ -75,10 +76,12 @@ log = Logger()
 # them), and the most header lines.
 MAX_HEAD_BYTES = 16384
 MAX_HEADERS = 100
-# The most chunks of a chunked request body: a body of max_body_bytes
-# (1 MiB by default) in chunks of 64 bytes or more.  Each chunk costs a few
+# The most chunks of a chunked request body: a body of max_body_bytes in
+# chunks of MIN_CHUNK_BYTES or more on average, and never fewer than
+# MAX_CHUNKS (a 1 MiB body in 64-byte chunks).  Each chunk costs a few
 # Python calls; a million one-byte chunks would cost seconds of a core.
 MAX_CHUNKS = 16384
+MIN_CHUNK_BYTES = 64
 # What a chunked body may carry on the wire beyond its data, per chunk
 # (its size line, extensions and CRLFs), bounded so that extensions and
 # trailers cannot grow without end.
@@ -788,14 +791,15 @@ class HTTPChannel(Protocol):
 
     def on_chunk_header(self) -> None:
         """
-        llhttp: a chunk's size line; counted against C{MAX_CHUNKS}.
+        llhttp: a chunk's size line; counted against the factory's
+        C{max_chunks}.
         """
         self._chunks += 1
         # The last, empty chunk is announced too.
-        if self._chunks > MAX_CHUNKS + 1:
+        if self._chunks > self.factory.max_chunks + 1:
             self._refuse_in_callback(BadRequest(
                 413, "body_too_large",
-                f"the chunked request body has more than {MAX_CHUNKS} chunks",
+                f"the chunked request body has more than {self.factory.max_chunks} chunks",
             ))
 
     def on_body(self, data: bytes) -> None:
@@ -999,10 +1003,15 @@ class HTTPFactory(Factory):
         timeouts = [t for t in (idle_timeout, head_timeout, body_timeout) if t is not None]
         # How often a connection's timer looks, at most.
         self._shortest_timeout = min(timeouts) if timeouts else None
+        self.max_chunks = max(MAX_CHUNKS, max_body_bytes // MIN_CHUNK_BYTES)
         self._chunked_wire_limit = (
-            max_body_bytes + MAX_CHUNKS * CHUNK_FRAMING_BYTES + MAX_HEAD_BYTES
+            max_body_bytes + self.max_chunks * CHUNK_FRAMING_BYTES + MAX_HEAD_BYTES
         )
-        self.send = _writethrough.send if write_through else _writethrough.write
+        self.send = (
+            _writethrough.send
+            if write_through and _writethrough.supported()
+            else _writethrough.write
+        )
         self.access_log_path = access_log_path
         self.clock = _Clock(reactor.seconds)
         self.log_file: Optional[Any] = None
