@@ -49,6 +49,17 @@ def sleep(seconds):
     return d
 
 
+async def until(condition, timeout=10.0):
+    """Wait, on the real reactor, until condition() is true: for what a real
+    request or a real commit does, never to let a fake clock's time pass.
+    Fails after timeout seconds rather than hanging."""
+    waited = 0.0
+    while not condition():
+        assert waited < timeout, "timed out waiting for the condition"
+        await sleep(0.002)
+        waited += 0.002
+
+
 class Daemon:
     """A running DaemonService and a client for its API."""
 

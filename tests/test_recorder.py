@@ -7,12 +7,12 @@ the waits between writes.
 """
 
 import pytest_twisted
-from twisted.internet import reactor
-from twisted.internet.defer import Deferred, ensureDeferred, fail
+from twisted.internet.defer import ensureDeferred, fail
 from twisted.internet.task import Clock
 
 from dispatcher.store._results import CommitFailed
 
+from .conftest import until
 from .test_leases import (  # noqa: F401 (make_pure is a fixture)
     heartbeat,
     lease,
@@ -27,18 +27,6 @@ from .test_leases import (  # noqa: F401 (make_pure is a fixture)
 def full_disk():
     """The failure of a store whose disk is full: its commit failed."""
     return fail(CommitFailed("database or disk is full"))
-
-
-async def until(condition, timeout=10.0):
-    """Wait, on the real reactor, until condition() is true: for what a real
-    request or a real commit does, never to let a fake clock's time pass."""
-    waited = 0.0
-    while not condition():
-        assert waited < timeout, "timed out waiting for the condition"
-        d = Deferred()
-        reactor.callLater(0.002, d.callback, None)
-        await d
-        waited += 0.002
 
 
 def failing_finish(store, clock, job_id, failures, error=full_disk):
