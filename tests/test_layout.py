@@ -18,13 +18,13 @@ PACKAGE = pathlib.Path(dispatcher.__file__).parent
 # subpackages' docstrings say the same in words.
 ALLOWED = {
     "model": set(),
-    "config": {"model"},
-    "wire": {"model", "config"},
-    "store": {"model", "wire", "config"},
+    "config": set(),
+    "wire": {"model"},
+    "store": {"model", "wire"},
     "execution": {"model", "config"},
-    "core": {"model", "config", "wire", "store", "execution"},
+    "core": {"model", "wire", "store", "execution"},
     "http": {"wire"},
-    "api": {"model", "config", "wire", "store", "core", "http"},
+    "api": {"model", "config", "wire", "store"},
     "workers": {"model", "config", "wire", "execution"},
     "app": {"model", "config", "wire", "store", "execution", "core", "http", "api", "workers"},
 }

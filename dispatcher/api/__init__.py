@@ -1,8 +1,10 @@
 """
 The HTTP API: routes, handlers, authentication, the worker endpoints and
 the OpenAPI document.  It parses requests with L{dispatcher.wire}, calls
-L{dispatcher.core}, and answers.
+the dispatcher and the worker hub of L{dispatcher.core} it is given, and
+answers through the request objects of L{dispatcher.http} it is handed
+(it needs neither module itself).
 
 May import: L{dispatcher.model}, L{dispatcher.config}, L{dispatcher.wire},
-L{dispatcher.store}, L{dispatcher.core}, L{dispatcher.http}.
+L{dispatcher.store}.
 """

@@ -9,6 +9,6 @@ free), L{_recorder} (the one writer of ends), L{_hub} (remote workers and
 their leases), L{_reasons} (why a queued job waits for a holder),
 L{_events} (who is told of changes).
 
-May import: L{dispatcher.model}, L{dispatcher.config}, L{dispatcher.wire},
-L{dispatcher.store}, L{dispatcher.execution}.
+May import: L{dispatcher.model}, L{dispatcher.wire}, L{dispatcher.store},
+L{dispatcher.execution}.
 """

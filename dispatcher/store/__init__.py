@@ -11,5 +11,5 @@ Which jobs a claim takes is the model's claim policy
 (L{dispatcher.model._claims}), which every store applies.
 
 The only package that speaks SQL or imports C{sqlite3}.  May import:
-L{dispatcher.model}, L{dispatcher.wire}, L{dispatcher.config}.
+L{dispatcher.model}, L{dispatcher.wire}.
 """

@@ -3,5 +3,5 @@ The JSON contract, declared once: what a client and a worker may send and
 what they are answered, the JSON codec, and the checks that turn a request
 body into model values.
 
-May import: L{dispatcher.model}, L{dispatcher.config}.
+May import: L{dispatcher.model}.
 """
