@@ -561,7 +561,7 @@ class DispatcherAPI(Resource):
         if len(slices) == 1:
             return slices[0]
         return attrs.evolve(
-            slices[0], stored=[text for plain in slices for text in plain.stored]
+            slices[0], work=[job for plain in slices for job in plain.work]
         )
 
     async def retry(self, request: Any, job_id: str) -> Answer:
