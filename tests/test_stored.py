@@ -1,9 +1,11 @@
 """
 What the store keeps as JSON (L{dispatcher.store._stored}): one text for a
 value, read back exactly; the same text for a job however it was
-submitted; rows written by earlier versions still read back.
+submitted; rows written by earlier versions still read back; and the
+digest a request's idempotency key is remembered with.
 """
 
+import hashlib
 import json
 import sqlite3
 
@@ -19,6 +21,7 @@ from dispatcher.store._stored import (
     decode_stored,
     encode_stored,
     plain_stored,
+    request_digest,
     spec_from_stored,
     spec_to_stored,
 )
@@ -91,10 +94,24 @@ def test_plain_jobs_texts_are_their_specs_texts():
     assert plain_stored(plain) == [encode_stored(spec_to_stored(s)) for s in plain.specs()]
 
 
+def test_request_digest():
+    """The digest is the SHA-256 of the path and the value in the stored
+    form: the same for a JSON-equal body, another for another path or
+    value."""
+    body = {"jobs": [{"command": ["echo", "\u00e9"]}], "a": 1e-05}
+    digest = request_digest("/v1/jobs/batch", body)
+    assert digest == hashlib.sha256(
+        encode_stored(["/v1/jobs/batch", body]).encode("utf-8")).hexdigest()
+    reordered = json.loads('{"a": 0.00001, "jobs": [{"command": ["echo", "\\u00e9"]}]}')
+    assert request_digest("/v1/jobs/batch", reordered) == digest
+    assert request_digest("/v1/jobs", body) != digest
+    assert request_digest("/v1/jobs/batch", {**body, "a": 2e-05}) != digest
+
+
 def test_the_stored_form_is_the_stores_own():
     """The store's rows and stored form import nothing of the wire package,
     so a change to the API contract cannot change a stored row."""
-    for name in ("_stored.py", "_rows.py", "_submissions.py"):
+    for name in ("_stored.py", "_rows.py", "_submissions.py", "_leases.py"):
         imported = _imports(PACKAGE / "store" / name)
         assert not [m for m in imported if m.startswith("dispatcher.wire")], name
 
@@ -144,9 +161,10 @@ async def test_plain_and_full_submissions_store_one_text(make_store, tmp_path, m
 
 @pytest_twisted.ensureDeferred
 async def test_rows_written_by_json_dumps_read_back(make_store, tmp_path):
-    """A database whose JSON columns an earlier version wrote with
-    json.dumps (ASCII escapes, a NaN result, a huge integer) reads back
-    the same jobs."""
+    """A job's spec, labels and result are stored in the one stored form;
+    a database whose JSON columns an earlier version wrote with json.dumps
+    (ASCII escapes, a NaN result, a huge integer) reads back the same
+    jobs."""
     store = await make_store()
     spec = JobSpec(task="t", args=("\u00e9", 2**70), kwargs={"k": "\u2603"},
                    labels={"team": "\u00e9t\u00e9"})
@@ -157,6 +175,10 @@ async def test_rows_written_by_json_dumps_read_back(make_store, tmp_path):
     await store.close()
     old = json.dumps
     with sqlite3.connect(tmp_path / "db.sqlite3") as conn:
+        # Written now: in the one stored form.
+        assert conn.execute("SELECT spec, labels, result FROM jobs").fetchone() == (
+            encode_stored(spec_to_stored(spec)), encode_stored(spec.labels),
+            encode_stored({"r": "\u00e9"}))
         conn.execute(
             "UPDATE jobs SET spec = ?, labels = ?, result = ? WHERE id = ?",
             (

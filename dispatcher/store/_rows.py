@@ -17,7 +17,6 @@ more than the unrolled function (a new job's row, each submission).
 
 from __future__ import annotations
 
-import json
 from typing import Any, Callable, Mapping, Sequence
 
 import attrs
@@ -135,14 +134,6 @@ VIEW_COLUMNS = ", ".join(c.name for c in _VIEWED)
 INSERTED_COLUMNS: tuple[str, ...] = tuple(c.name for c in _INSERTED)
 # The columns an attempt is read back with, in L{Attempt}'s order.
 ATTEMPT_COLUMNS = ", ".join(f.name for f in attrs.fields(Attempt))
-
-
-def stored_json(value: Any) -> str:
-    """
-    The JSON text a value is stored as (a result, a list of ids): compact,
-    keys sorted.
-    """
-    return json.dumps(value, separators=(",", ":"), sort_keys=True)
 
 
 def spec_position(name: str) -> int:

@@ -3,7 +3,8 @@ What the store keeps as JSON, defined here and nowhere else: the one
 text a JSON value is stored as (L{encode_stored}) and how it is read back
 (L{decode_stored}); a spec's fields that have no column
 (L{spec_to_stored}, L{spec_from_stored}) and the texts of L{PlainJobs}
-(L{plain_stored}).
+(L{plain_stored}); and the digest of a request an idempotency key is
+remembered with (L{request_digest}).
 
 The API's forms are the wire package's; this one is the store's own, so a
 change to the API contract cannot change a stored row.  What a database
@@ -13,6 +14,7 @@ standard library's form (C{\\u} escapes, C{NaN}), read back the same.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from typing import Any, Mapping
@@ -62,6 +64,15 @@ def decode_stored(text: str) -> Any:
         except orjson.JSONDecodeError:
             pass
     return json.loads(text)
+
+
+def request_digest(path: str, value: Any) -> str:
+    """
+    The digest an idempotency key is remembered with: the SHA-256 of the
+    request's path and its body's JSON value in the stored form, so that
+    two bodies with the same JSON value are the same request.
+    """
+    return hashlib.sha256(encode_stored([path, value]).encode("utf-8")).hexdigest()
 
 
 def _input_stored(spec: InputSpec) -> dict[str, Any]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import json
 import operator
 import sqlite3
 from typing import TYPE_CHECKING, Any, Optional, Sequence
@@ -25,8 +24,8 @@ from dispatcher.store._results import (
     SubmittedIds,
     Written,
 )
-from dispatcher.store._rows import INSERTED_COLUMNS, new_job, stored_json
-from dispatcher.store._stored import plain_stored
+from dispatcher.store._rows import INSERTED_COLUMNS, new_job
+from dispatcher.store._stored import decode_stored, encode_stored, plain_stored
 from dispatcher.store._waits import QUEUED_REASON, resolve_dependencies, waiting
 from dispatcher.store._writes import Submit, SubmitPlain
 
@@ -354,7 +353,7 @@ def _replayed(
     if row is not None and row[2] >= now - writer.idempotency_ttl:
         if row[0] != idempotency.digest:
             raise IdempotencyConflict(idempotency.key)
-        jobs = [get_job(conn, job_id) for job_id in json.loads(row[1])]
+        jobs = [get_job(conn, job_id) for job_id in decode_stored(row[1])]
         return Written(Submitted(jobs, replayed=True))
     if row is not None:
         conn.execute("DELETE FROM idempotency WHERE key = ?", (idempotency.key,))
@@ -371,5 +370,5 @@ def _remember(
         conn.execute(
             "INSERT INTO idempotency (key, digest, job_ids, created_at)"
             " VALUES (?, ?, ?, ?)",
-            (idempotency.key, idempotency.digest, stored_json(ids), now),
+            (idempotency.key, idempotency.digest, encode_stored(ids), now),
         )
