@@ -569,7 +569,7 @@ async def test_submit_plain(store):
     """Plain jobs are stored queued with their ids and the batch's queue
     settings, and read back as any job; a replayed key answers the jobs
     first made, another digest is a conflict."""
-    plain = PlainJobs(['{"command":["true","p0"]}', '{"task":"t","args":[1],"kwargs":{}}'],
+    plain = PlainJobs([["true", "p0"], ("t", [1], {})],
                       priority=3, timeout=5.0)
     made = [ids.new(), ids.new()]
     written = await store.submit_plain(plain, 7.0, made)

@@ -1,5 +1,7 @@
 """
-JSON out through orjson, with the standard library's values.
+The API's JSON codec: out through msgspec, in through orjson, with the
+standard library's values.  (The store's own JSON is
+C{tests/test_stored.py}'s.)
 """
 
 import json
@@ -7,7 +9,7 @@ import json
 import pytest
 from hypothesis import given, strategies as st
 
-from dispatcher.wire._json import decode, decode_stored, encode, encode_sorted
+from dispatcher.wire._json import decode, encode
 
 values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
@@ -22,15 +24,13 @@ def test_same_values_as_json(value):
     """Whatever JSON value goes out reads back as what the standard library
     would have written, integers beyond 64 bits included."""
     assert json.loads(encode(value)) == json.loads(json.dumps(value))
-    assert json.loads(encode_sorted(value)) == json.loads(json.dumps(value))
 
 
 def test_what_orjson_cannot_write_goes_to_json():
     """A huge integer stays exact and a key that is not a string becomes one,
-    as json.dumps does; the sorted form sorts."""
+    as json.dumps does."""
     assert encode({"n": 2**80}) == b'{"n":1208925819614629174706176}'
     assert encode({1: "a"}) == b'{"1":"a"}'
-    assert encode_sorted({"b": 1, "a": {"d": 2, "c": 3}}) == '{"a":{"c":3,"d":2},"b":1}'
     assert encode("\u00e9") == '"\u00e9"'.encode("utf-8")
 
 
@@ -40,17 +40,6 @@ def test_decode_keeps_integers_and_refuses_nan():
     for text in (b"NaN", b"[Infinity]", b'{"a": -Infinity}'):
         with pytest.raises(ValueError):
             decode(text)
-
-
-@given(values)
-def test_stored_json_reads_back_exactly(value):
-    """What the store writes, decode_stored reads back as json would, huge
-    integers included (they go to json, not orjson)."""
-    text = encode_sorted(value)
-    assert decode_stored(text) == json.loads(text)
-    assert decode_stored("[-9223372036854775809, 2]") == [-9223372036854775809, 2]
-    nan = decode_stored('{"x": NaN}')["x"]
-    assert nan != nan
 
 
 def test_decode_takes_utf8_only():

@@ -123,7 +123,7 @@ async def test_plain_jobs_join_the_submissions_stored_together(store, monkeypatc
         pytest.skip(f"SQLite {sqlite3.sqlite_version} has no JSON functions built in")
     monkeypatch.setattr(_submissions, "JSON_ROWS", json_rows)
     first, plain_ids, last = ids.new(), [ids.new(), ids.new()], ids.new()
-    plain = PlainJobs(['{"command":["true","p0"]}', '{"command":["true","p1"]}'],
+    plain = PlainJobs([["true", "p0"], ["true", "p1"]],
                       priority=2, timeout=9.0)
     # A group that fails nowhere is stored in one insert, never replayed.
     replayed = []
@@ -131,7 +131,7 @@ async def test_plain_jobs_join_the_submissions_stored_together(store, monkeypatc
     monkeypatch.setattr(
         store._writer, "_apply_one", lambda *a: replayed.append(a) or apply_one(*a))
     together = [ids.new(), [ids.new(), ids.new()], ids.new(), [ids.new()]]
-    one_by_one = PlainJobs(['{"command":["true","q"]}'])
+    one_by_one = PlainJobs([["true", "q"]])
     asked = [
         store.submit([spec(10)], 1.0, [together[0]]),
         store.submit_plain(plain, 1.0, together[1]),
@@ -168,10 +168,10 @@ async def test_plain_jobs_join_the_submissions_stored_together(store, monkeypatc
     assert (made.state, made.spec.priority, made.spec.timeout, made.spec.queue) == (
         JobState.QUEUED, 2, 9.0, "default")
     assert made.wait_reason == "waiting for a free slot"
-    odd = PlainJobs(['{"args":["\\u0000 \u00e9 \\"q\\"",1.5e300],"kwargs":{},"task":"t"}'])
+    odd = PlainJobs([("t", ["\u0000 \u00e9 \"q\"", 1.5e300, 2**70], {})])
     (odd_id,) = (await store.submit_plain(odd, 1.5, [ids.new()])).value.ids
     stored = await store.get(odd_id)
-    assert stored.spec.args == ("\u0000 \u00e9 \"q\"", 1.5e300)
+    assert stored.spec.args == ("\u0000 \u00e9 \"q\"", 1.5e300, 2**70)
     assert (stored.spec.timeout, stored.spec.priority, stored.created_at) == (None, 0, 1.5)
     key = IdempotencyKey("plain", "digest")
     again = [ids.new(), ids.new()]

@@ -10,8 +10,6 @@ the client goes.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from inspect import iscoroutine
 from typing import Any, Awaitable, Mapping, Optional
@@ -45,6 +43,7 @@ from dispatcher.model._jobs import InvalidTransition, JobState, PlainJobs, Store
 from dispatcher.api._openapi import openapi_document
 from dispatcher.api._routes import API, WORKERS, Route, Router
 from dispatcher.config._ini import QueueConfig
+from dispatcher.store._stored import request_digest
 from dispatcher.store._results import (
     DependencyNotRetried,
     IdempotencyConflict,
@@ -434,12 +433,9 @@ class DispatcherAPI(Resource):
                 "characters",
                 "Idempotency-Key",
             )
-        canonical = json.dumps(
-            [request.path.decode("utf-8", "replace"), decode_json(body)],
-            sort_keys=True,
-            separators=(",", ":"),
+        return IdempotencyKey(
+            key, request_digest(request.path.decode("utf-8", "replace"), decode_json(body))
         )
-        return IdempotencyKey(key, hashlib.sha256(canonical.encode("utf-8")).hexdigest())
 
     def _store(
         self,
@@ -561,7 +557,7 @@ class DispatcherAPI(Resource):
         if len(slices) == 1:
             return slices[0]
         return attrs.evolve(
-            slices[0], stored=[text for plain in slices for text in plain.stored]
+            slices[0], work=[job for plain in slices for job in plain.work]
         )
 
     async def retry(self, request: Any, job_id: str) -> Answer:

@@ -224,13 +224,16 @@ class PlainJobs:
     """
     Jobs of one request that say only what they run (a command, or a task
     with its arguments) and take the default queue's defaults: the common
-    bulk submission.  Each job is kept as its stored form, the JSON text of
-    L{dispatcher.wire} gives it, that the store writes, not as a L{JobSpec}: making
-    a thousand specs, only to write them out again, was most of a large
-    batch's time.
+    bulk submission.  Each job is kept as what it runs, not as a
+    L{JobSpec}: making a thousand specs, only for the store to write them
+    out again, was most of a large batch's time.
+
+    @ivar work: one entry a job: a command job's argv, as a C{list} of
+        strings; a task job's C{(task, args, kwargs)}, as a C{tuple} of a
+        string, a list and a dict.  L{specs} gives the jobs' specs.
     """
 
-    stored: list[str]
+    work: list[Any]
     priority: int = 0
     timeout: Optional[float] = None
     # A spec's own defaults.
@@ -239,7 +242,25 @@ class PlainJobs:
     retry_delay: float = attrs.fields(JobSpec).retry_delay.default
 
     def __len__(self) -> int:
-        return len(self.stored)
+        return len(self.work)
+
+    def specs(self) -> list[JobSpec]:
+        """
+        The jobs as L{JobSpec}s.
+        """
+        columns = {
+            "priority": self.priority,
+            "timeout": self.timeout,
+            "queue": self.queue,
+            "max_attempts": self.max_attempts,
+            "retry_delay": self.retry_delay,
+        }
+        return [
+            JobSpec(command=tuple(job), **columns)
+            if type(job) is list
+            else JobSpec(task=job[0], args=tuple(job[1]), kwargs=dict(job[2]), **columns)
+            for job in self.work
+        ]
 
 
 @attrs.frozen

@@ -33,8 +33,8 @@ from dispatcher.store._rows import (
     SPEC_WIDTH,
     spec_from_row,
     spec_position,
-    stored_json,
 )
+from dispatcher.store._stored import encode_stored
 from dispatcher.store._waits import QUEUED_REASON, after_final
 from dispatcher.store._writer import Replay
 from dispatcher.store._writes import Finish
@@ -251,7 +251,7 @@ def finish(
     state = JobState(row[0])
     cancel_requested, spent, max_attempts, retry_delay = row[2:]
     error = outcome.error
-    result = None if outcome.result is None else stored_json(outcome.result)
+    result = None if outcome.result is None else encode_stored(outcome.result)
     if cancel_requested and (outcome.stopped or outcome.state is not JobState.SUCCEEDED):
         # A job that succeeded before the cancel reached it keeps its
         # success; one the cancel stopped is cancelled, its late result
@@ -348,7 +348,7 @@ def finish_together(
             or not may_transition(JobState(row[0]), JobState.SUCCEEDED)
         ):
             raise Replay()
-        result = None if outcome.result is None else stored_json(outcome.result)
+        result = None if outcome.result is None else encode_stored(outcome.result)
         attempts.append((now, outcome.exit_code, outcome.error, lease.token))
         jobs.append(
             ("succeeded", now, outcome.exit_code, result, outcome.error, row[3] + 1,

@@ -17,14 +17,17 @@ more than the unrolled function (a new job's row, each submission).
 
 from __future__ import annotations
 
-import json
 from typing import Any, Callable, Mapping, Sequence
 
 import attrs
 
 from dispatcher.model._jobs import Attempt, Job, JobSpec, JobState
-from dispatcher.wire._forms import spec_from_stored, spec_to_stored
-from dispatcher.wire._json import decode_stored, encode_sorted
+from dispatcher.store._stored import (
+    decode_stored,
+    encode_stored,
+    spec_from_stored,
+    spec_to_stored,
+)
 
 # What a column holds: a field of the job's spec, the rest of the spec as
 # JSON, a field of the job, or something of the row alone.
@@ -69,7 +72,7 @@ _NAMES: dict[str, Any] = {
     "JobState": JobState,
     "spec_from_stored": spec_from_stored,
     "decode_stored": decode_stored,
-    "encode_sorted": encode_sorted,
+    "encode_stored": encode_stored,
     "spec_to_stored": spec_to_stored,
 }
 
@@ -85,14 +88,14 @@ JOB_COLUMNS: tuple[Column, ...] = (
     Column(
         "labels",
         SPEC,
-        to_stored="(encode_sorted({0}) if {0} else '{{}}')",
+        to_stored="(encode_stored({0}) if {0} else '{{}}')",
         from_stored="(decode_stored({0}) if {0} != '{{}}' else {{}})",
     ),
-    # The spec's fields that have no column, as JSON (wire/_forms.py).
+    # The spec's fields that have no column, as JSON (store/_stored.py).
     Column(
         "spec",
         STORED,
-        to_stored="encode_sorted(spec_to_stored({0}))",
+        to_stored="encode_stored(spec_to_stored({0}))",
         from_stored="decode_stored({0})",
     ),
     Column("priority", SPEC),
@@ -131,14 +134,6 @@ VIEW_COLUMNS = ", ".join(c.name for c in _VIEWED)
 INSERTED_COLUMNS: tuple[str, ...] = tuple(c.name for c in _INSERTED)
 # The columns an attempt is read back with, in L{Attempt}'s order.
 ATTEMPT_COLUMNS = ", ".join(f.name for f in attrs.fields(Attempt))
-
-
-def stored_json(value: Any) -> str:
-    """
-    The JSON text a value is stored as (a result, a list of ids): compact,
-    keys sorted.
-    """
-    return json.dumps(value, separators=(",", ":"), sort_keys=True)
 
 
 def spec_position(name: str) -> int:

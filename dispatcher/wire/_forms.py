@@ -1,13 +1,14 @@
 """
-The JSON forms of the model's values: a job as the API shows it, a spec
-as the store keeps it, a lease as a worker gets it.  The model has no
-JSON; these functions are the one place its values meet the wire types of
-L{dispatcher.wire._types}.
+The API's forms of the model's values: a job as the API shows it, a lease
+as a worker gets it, resources as a worker's description shows them.  The
+model has no JSON; these functions are the one place its values meet the
+wire types of L{dispatcher.wire._types}.  (What the store keeps is the
+store's own form, L{dispatcher.store._stored}.)
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any
 
 from msgspec import UNSET
 
@@ -18,11 +19,9 @@ from dispatcher.model._jobs import (
     Job,
     JobSpec,
     Lease,
-    PlainJobs,
     Resources,
     format_time,
 )
-from dispatcher.wire._json import decode_stored
 from dispatcher.wire._types import (
     AttemptView,
     InputView,
@@ -34,88 +33,11 @@ from dispatcher.wire._types import (
 )
 
 
-def input_json(spec: InputSpec) -> dict[str, Any]:
-    """
-    An input file as stored: C{sha256} left out when not given.
-    """
-    out: dict[str, Any] = {"url": spec.url, "path": spec.path}
-    if spec.sha256 is not None:
-        out["sha256"] = spec.sha256
-    return out
-
-
 def resources_json(resources: Resources) -> dict[str, Any]:
     """
-    Resources as stored and shown: all three.
+    Resources as a worker's description shows them: all three.
     """
     return {"cpus": resources.cpus, "memory_mb": resources.memory_mb, "gpus": resources.gpus}
-
-
-def resources_from_json(data: Mapping[str, Any]) -> Resources:
-    """
-    The L{Resources} of L{resources_json}'s form (a missing one is 0).
-    """
-    return Resources(
-        float(data.get("cpus", 0.0)), int(data.get("memory_mb", 0)), int(data.get("gpus", 0))
-    )
-
-
-def spec_to_stored(spec: JobSpec) -> dict[str, Any]:
-    """
-    The fields of a spec kept as JSON in the store (the others have
-    columns); empty ones are left out.
-    """
-    out: dict[str, Any] = {}
-    if spec.command is not None:
-        out["command"] = list(spec.command)
-        if spec.env:
-            out["env"] = dict(spec.env)
-    else:
-        out["task"] = spec.task
-        out["args"] = list(spec.args)
-        out["kwargs"] = dict(spec.kwargs)
-    if spec.inputs:
-        out["inputs"] = [input_json(i) for i in spec.inputs]
-    if spec.depends_on:
-        out["depends_on"] = list(spec.depends_on)
-    if spec.resources != NO_RESOURCES:
-        out["resources"] = resources_json(spec.resources)
-    if spec.requirements:
-        out["requirements"] = dict(spec.requirements)
-    return out
-
-
-def spec_from_stored(data: Mapping[str, Any], **columns: Any) -> JobSpec:
-    """
-    Rebuild a stored spec from its JSON (L{spec_to_stored}) and its columns.
-    """
-    command = data.get("command")
-    return JobSpec(
-        command=tuple(command) if command is not None else None,
-        task=data.get("task"),
-        args=tuple(data.get("args", ())),
-        kwargs=dict(data.get("kwargs", {})),
-        env=dict(data.get("env", {})),
-        inputs=tuple(InputSpec(**i) for i in data.get("inputs", ())),
-        depends_on=tuple(data.get("depends_on", ())),
-        resources=resources_from_json(data["resources"]) if "resources" in data else NO_RESOURCES,
-        requirements=dict(data.get("requirements", {})),
-        **columns,
-    )
-
-
-def plain_specs(plain: PlainJobs) -> list[JobSpec]:
-    """
-    The jobs of L{PlainJobs} as L{JobSpec}s.
-    """
-    columns = {
-        "priority": plain.priority,
-        "timeout": plain.timeout,
-        "queue": plain.queue,
-        "max_attempts": plain.max_attempts,
-        "retry_delay": plain.retry_delay,
-    }
-    return [spec_from_stored(decode_stored(text), **columns) for text in plain.stored]
 
 
 def _input_view(spec: InputSpec) -> InputView:

@@ -3,10 +3,10 @@ JSON out: compact, fast, and the same values as the standard library's.
 
 Answers are written by msgspec, which writes the wire types
 (L{dispatcher.wire._types}) as well as plain values, about ten times
-faster than C{json}; stored jobs by orjson, sorted.  What they cannot
-write the way C{json} does (keys that are not strings, integers beyond 64
-bits for orjson) is handed to C{json}, so a value never changes on its
-way out.  Two differences remain: a non-ASCII character is written as
+faster than C{json}.  What it cannot write the way C{json} does (keys
+that are not strings) is handed to C{json}, so a value never changes on
+its way out.  (What the store keeps is the store's own form,
+L{dispatcher.store._stored}.)  Two differences remain: a non-ASCII character is written as
 UTF-8, not escaped, and a NaN or an infinity (which the API does not take
 in) as C{null}, where C{json} would write C{NaN}, which is not JSON.
 
@@ -26,9 +26,6 @@ import msgspec
 import orjson
 
 _compact = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
-_compact_sorted = json.JSONEncoder(
-    separators=(",", ":"), ensure_ascii=False, sort_keys=True
-).encode
 
 
 _encode = msgspec.json.Encoder().encode
@@ -42,16 +39,6 @@ def encode(value: Any) -> bytes:
         return _encode(value)
     except TypeError:
         return _compact(value).encode("utf-8")
-
-
-def encode_sorted(value: Any) -> str:
-    """
-    C{value} as compact JSON with sorted keys: the form the store keeps.
-    """
-    try:
-        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode("utf-8")
-    except TypeError:
-        return _compact_sorted(value)
 
 
 def _refuse_constant(name: str) -> Any:
@@ -87,22 +74,4 @@ def decode(data: bytes | str) -> Any:
 
 # A run of 19 digits or more may be an integer beyond 64 bits, which
 # orjson would read as a float.
-_LONG_NUMBER = re.compile(r"\d{19}")
-# The same, for the bytes of a request.
-_LONG_DIGITS = re.compile(_LONG_NUMBER.pattern.encode("ascii"))
-
-
-def decode_stored(text: str) -> Any:
-    """
-    The value of JSON this program wrote (a stored spec, labels, a result):
-    read by orjson, about four times faster than C{json}, unless it may
-    hold an integer orjson cannot keep exact.
-    """
-    if _LONG_NUMBER.search(text) is None:
-        try:
-            return orjson.loads(text)
-        except orjson.JSONDecodeError:
-            # What orjson does not read at all (the NaN that json writes
-            # for a task's result, say) is json's.
-            pass
-    return json.loads(text)
+_LONG_DIGITS = re.compile(rb"\d{19}")

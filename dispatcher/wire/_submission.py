@@ -574,8 +574,8 @@ def plain_jobs(items: list[Any], tasks: Mapping[str, Any], queue: Any) -> Option
     and nothing else, or a configured task with nothing but its C{args} and
     C{kwargs}; else C{None}, and the batch is L{parse_submission}'s, which
     names any field at fault.  Each plain job is checked as
-    L{parse_submission} would check it, and kept as the JSON text its
-    stored form gives.
+    L{parse_submission} would check it, and kept as what it runs
+    (L{PlainJobs.work}).
 
     @param items: the L{PlainJob}s of the batch (or their decoded JSON).
     @param tasks: the configured task names.
@@ -587,35 +587,24 @@ def plain_jobs(items: list[Any], tasks: Mapping[str, Any], queue: Any) -> Option
             items = msgspec.convert(items, list[PlainJob], strict=True)
         except msgspec.ValidationError:
             return None
-    stored = []
-    dumps = orjson.dumps
+    work: list[Any] = []
     unset = UNSET
     for item in items:
         command = item.command
-        try:
-            if command is not None:
-                if (
-                    item.task is not None or not command[0] or "\x00" in "".join(command)
-                    or item.args is not unset or item.kwargs is not unset
-                ):
-                    return None
-                stored.append(dumps({"command": command}).decode())
-            elif item.task is not None:
-                task = item.task
-                args = [] if item.args is unset else item.args
-                kwargs = {} if item.kwargs is unset else item.kwargs
-                if task not in tasks or _too_deep(args) or _too_deep(kwargs):
-                    return None
-                stored.append(
-                    dumps(
-                        {"args": args, "kwargs": kwargs, "task": task},
-                        option=orjson.OPT_SORT_KEYS,
-                    ).decode()
-                )
-            else:
+        if command is not None:
+            if (
+                item.task is not None or not command[0] or "\x00" in "".join(command)
+                or item.args is not unset or item.kwargs is not unset
+            ):
                 return None
-        except TypeError:
-            # A value orjson cannot write (an integer beyond 64 bits) in a
-            # task's arguments: the full path stores it.
+            work.append(command)
+        elif item.task is not None:
+            task = item.task
+            args = [] if item.args is unset else item.args
+            kwargs = {} if item.kwargs is unset else item.kwargs
+            if task not in tasks or _too_deep(args) or _too_deep(kwargs):
+                return None
+            work.append((task, args, kwargs))
+        else:
             return None
-    return PlainJobs(stored, priority=queue.priority, timeout=queue.timeout)
+    return PlainJobs(work, priority=queue.priority, timeout=queue.timeout)

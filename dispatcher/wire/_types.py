@@ -265,7 +265,7 @@ class Batch(_In):
 class PlainJob(_In):
     """
     A job of a batch that says only what it runs: the common bulk
-    submission, decoded first and stored as it came
+    submission, decoded first and handed to the store as what it runs
     (L{dispatcher.wire._submission.plain_jobs}).  Its fields are
     L{JobSubmission}'s.
     """
