@@ -20,7 +20,7 @@ ALLOWED = {
     "model": set(),
     "config": set(),
     "wire": {"model"},
-    "store": {"model", "wire"},
+    "store": {"model"},
     "execution": {"model", "config"},
     "core": {"model", "wire", "store", "execution"},
     "http": {"wire"},

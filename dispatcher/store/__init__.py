@@ -12,5 +12,6 @@ Which jobs a claim takes is the model's claim policy
 (L{dispatcher.model._claims}), which every store applies.
 
 The only package that speaks SQL or imports C{sqlite3}.  May import:
-L{dispatcher.model}, L{dispatcher.wire}.
+L{dispatcher.model}: the form a job is stored in is the store's own
+(C{_stored}), not the API's.
 """
