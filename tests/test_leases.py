@@ -292,6 +292,8 @@ async def test_a_worker_whose_lease_expires_gets_no_work_until_it_calls_again(ma
 
 @pytest_twisted.ensureDeferred
 async def test_cancel_reaches_the_worker_at_its_next_heartbeat(make_pure):
+    """A cancelled job's worker is told at its next heartbeat, in the
+    protocol's words, and its later log writes are refused the same way."""
     daemon = await make_pure()
     who = worker("w")
     job = await daemon.submit({"command": ["sleep", "100"]})
@@ -299,9 +301,18 @@ async def test_cancel_reaches_the_worker_at_its_next_heartbeat(make_pure):
     code, answer = await daemon.json("POST", f"/v1/jobs/{job['id']}/cancel")
     assert code == 202 or code == 200, answer
     code, answer = await heartbeat(daemon, who, [granted])
-    assert code == 409 and answer["leases"][0]["reason"] == "cancelled"
+    assert code == 409 and answer["leases"] == [{
+        "job_id": job["id"], "token": granted["token"], "ok": False, "status": 409,
+        "reason": "cancelled", "message": "the job was cancelled; stop it"}]
     done = await daemon.wait(job["id"])
     assert done["state"] == "cancelled"
+    code, answer = await daemon.json(
+        "POST",
+        f"/v1/leases/log?job_id={job['id']}&token={granted['token']}&stream=stdout&offset=0",
+        raw=b"x", headers={"Authorization": [f"Bearer {TOKEN}"],
+                           "Content-Type": ["application/octet-stream"]})
+    assert code == 409 and answer["error"]["code"] == "stale_lease"
+    assert answer["error"]["message"] == "token: the job was cancelled; stop it"
 
 
 @pytest_twisted.ensureDeferred
@@ -606,7 +617,10 @@ def test_a_worker_that_hangs_up_does_not_cancel_its_writes(path):
     else:
         handler = endpoints.heartbeat
         body = {"worker": worker("w"), "leases": [{"job_id": "j", "token": 1}]}
-    answer = ensureDeferred(handler(None, body))
+    # The handler waits on the hub's writes (a body it could not read
+    # would fail before it reached them, and prove nothing).
+    answer = ensureDeferred(handler(None, json.dumps(body).encode()))
+    assert not answer.called
     answer.addErrback(lambda f: f.trap(CancelledError))
     answer.cancel()
     assert cancelled == []

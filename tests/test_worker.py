@@ -31,10 +31,10 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 from twisted.web.static import File
 
-from dispatcher.core._hub import REFUSALS
 from dispatcher.execution._executor import RunningJob
 from dispatcher.model._jobs import JobSpec, JobState, Lease, Outcome
-from dispatcher.wire._forms import lease_grant
+from dispatcher.model._workers import LeaseEnd
+from dispatcher.wire._forms import REFUSALS, lease_grant
 from dispatcher.wire._json import encode
 from dispatcher.wire._types import (
     Error,
@@ -249,7 +249,7 @@ def recorded(n):
 def refused(n, reason, token=None):
     """The answer for a lease of job-n that is no longer current."""
     return LeaseStatus(f"job-{n}", token or 100 + n, False, status=409, reason=reason,
-                       message=REFUSALS[reason])
+                       message=REFUSALS[LeaseEnd(reason)])
 
 
 def error(code, message, field=None, **extra):

@@ -26,7 +26,7 @@ from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 
 from dispatcher.wire._json import decode as decode_json, encode
-from dispatcher.wire._forms import job_summary, job_view
+from dispatcher.wire._forms import job_summary, job_view, worker_view
 from dispatcher.wire._types import (
     DEFAULT_LIST_LIMIT,
     MAX_IDEMPOTENCY_KEY,
@@ -577,7 +577,8 @@ class DispatcherAPI(Resource):
 
     async def list_workers(self, request: Any) -> Answer:
         hub = self._dispatcher.hub
-        return Answer(200, WorkerList(hub.describe(), hub.lease_seconds, hub.heartbeat_seconds))
+        workers = [worker_view(w) for w in hub.describe()]
+        return Answer(200, WorkerList(workers, hub.lease_seconds, hub.heartbeat_seconds))
 
     async def lease(self, request: Any) -> Answer:
         assert self._workers is not None

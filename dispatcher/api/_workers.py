@@ -3,7 +3,9 @@ The HTTP endpoints remote workers call (docs/worker-protocol.md), and the
 bearer-token checks of the whole API.
 
 They are handlers of L{DispatcherAPI}, which routes to them; what they
-decide is the L{WorkerHub}'s.
+decide is the L{WorkerHub}'s, which answers with model values
+(L{LeaseVerdict}s); these handlers turn them into the protocol's wire
+types and choose the HTTP status.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from twisted.internet.threads import deferToThreadPool
 
 from dispatcher._deferreds import shielded
 from dispatcher.model._jobs import JobState, Offer, Outcome, Resources
-from dispatcher.wire._forms import lease_grant
+from dispatcher.model._workers import LeaseVerdict
+from dispatcher.wire._forms import REFUSALS, lease_grant, lease_status
 from dispatcher.wire._submission import ApiError, decode, invalid
 from dispatcher.wire._types import (
     MAX_NAME,
@@ -24,7 +27,6 @@ from dispatcher.wire._types import (
     HeartbeatRequest,
     LeaseAnswer,
     LeaseRequest,
-    LeaseStatus,
     LogWritten,
     ResultsAnswer,
     ResultsRequest,
@@ -74,8 +76,14 @@ def offer_of(worker: WorkerOffer) -> Offer:
     )
 
 
-def _all_refused(answers: list[dict[str, Any]]) -> int:
-    return 409 if answers and not any(a["ok"] for a in answers) else 200
+def _status(verdicts: list[LeaseVerdict]) -> int:
+    """
+    The HTTP status of a heartbeat's or a report's answer: C{409} when
+    every item was refused, C{200} otherwise (and for none).
+    """
+    if verdicts and not any(v.ok for v in verdicts):
+        return 409
+    return 200
 
 
 class WorkerEndpoints:
@@ -127,9 +135,9 @@ class WorkerEndpoints:
         # A worker that hangs up must not cancel the writes this waits for
         # (a staged job marked running): the lease stopped staging in memory
         # already, and the store must hear it too.
-        answers = await shielded(self._hub.heartbeat(offer, parsed))
-        return _all_refused(answers), HeartbeatAnswer(
-            [LeaseStatus(**a) for a in answers],
+        verdicts = await shielded(self._hub.heartbeat(offer, parsed))
+        return _status(verdicts), HeartbeatAnswer(
+            [lease_status(v) for v in verdicts],
             self._hub.lease_seconds,
             self._hub.heartbeat_seconds,
         )
@@ -154,8 +162,8 @@ class WorkerEndpoints:
         # way the resend waits for the same write and is answered as this
         # would have been; once it has committed, the resend is refused as
         # reported.
-        answers = await shielded(self._hub.report(offer, parsed))
-        return _all_refused(answers), ResultsAnswer([LeaseStatus(**a) for a in answers])
+        verdicts = await shielded(self._hub.report(offer, parsed))
+        return _status(verdicts), ResultsAnswer([lease_status(v) for v in verdicts])
 
     async def write_log(self, request: Any, query: Mapping[str, Optional[str]]) -> tuple[int, Any]:
         job_id = _string(query.get("job_id"), "job_id")
@@ -167,8 +175,8 @@ class WorkerEndpoints:
         # The query names no worker: the token alone says whose it is.
         remote = self._hub.current(job_id, token)
         if remote is None:
-            refusal = self._hub.refusal(job_id, token)
-            raise ApiError(409, "stale_lease", f"token: {refusal['message']}", "token")
+            reason = self._hub.refusal(job_id, token)
+            raise ApiError(409, "stale_lease", f"token: {REFUSALS[reason]}", "token")
         path = self._log_path(job_id, remote.lease.attempt, stream)
         data = request.content.read()
         size = await deferToThreadPool(
@@ -185,9 +193,6 @@ class WorkerEndpoints:
                 {"size": have},
             )
         return 200, LogWritten(size)
-
-    def describe(self) -> list[dict[str, Any]]:
-        return self._hub.describe()
 
 
 def _query_integer(text: Optional[str], name: str, low: int = 1) -> int:

@@ -45,7 +45,6 @@ from dispatcher.store._results import (
     CommitFailed,
     IdempotencyKey,
     Submitted,
-    SubmittedIds,
     Written,
 )
 from dispatcher.wire._submission import Submission
@@ -301,7 +300,7 @@ class Dispatcher(Service):
         self, jobs: PlainJobs, idempotency: Optional[IdempotencyKey] = None
     ) -> Deferred:
         """
-        Store L{PlainJobs}, all or nothing; fires with their L{SubmittedIds}
+        Store L{PlainJobs}, all or nothing; fires with their L{dispatcher.store._results.SubmittedIds}
         once they are durable (or with the L{Submitted} jobs of an earlier
         request with the same idempotency key).
         """

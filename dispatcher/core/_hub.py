@@ -17,12 +17,15 @@ L{Recorder}, which writes it again until it commits.  Until then the hub
 keeps the lease and its slot: a reported lease stays current (a heartbeat
 is answered C{ok}, a resent report waits for the same write), an expired
 or cancelled one is refused with its reason, and no expiry runs on it.
+
+The hub answers with model values (L{LeaseVerdict}, L{ConnectedWorker});
+the API turns them into the protocol's wire types and HTTP statuses.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Union
 
 import attrs
 from twisted.internet.defer import Deferred, DeferredList, FirstError, succeed
@@ -39,24 +42,14 @@ from dispatcher.model._jobs import (
     Resources,
     StaleLease,
     StoreClosed,
-    format_time,
 )
-from dispatcher.wire._forms import resources_json
+from dispatcher.model._workers import ConnectedWorker, LeaseEnd, LeaseVerdict
 
 log = Logger()
 
 # How many ended leases keep the reason they ended, for the answer to a
-# late heartbeat ("cancelled", "expired"); older ones are "superseded".
+# late heartbeat (cancelled, expired); older ones are superseded.
 REMEMBERED_ENDINGS = 100_000
-
-# Why a lease's token is no longer current, as a worker is told.
-REFUSALS = {
-    "cancelled": "the job was cancelled; stop it",
-    "expired": "the lease expired without a heartbeat; the job went back to the "
-    "queue; stop it",
-    "reported": "its result is already recorded",
-    "superseded": "this lease is no longer the job's current one; stop it",
-}
 
 # The longest a worker's long-poll is held open.
 MAX_WAIT = 60.0
@@ -76,11 +69,10 @@ class RemoteLease:
     expires: float
     staging: bool
     cancel: bool = False
-    # Why it ended ("reported", "expired", "cancelled"), from the moment
-    # that is decided until the end has committed and the lease is
-    # forgotten; and the reports waiting for a result's commit (the first
-    # and any resend).
-    ending: Optional[str] = None
+    # Why it ended (reported, expired, cancelled), from the moment that is
+    # decided until the end has committed and the lease is forgotten; and
+    # the reports waiting for a result's commit (the first and any resend).
+    ending: Optional[LeaseEnd] = None
     waiting: Optional[list[Deferred]] = None
 
 
@@ -161,7 +153,7 @@ class WorkerHub:
         self._capacity_changed = capacity_changed
         self.workers: dict[str, Worker] = {}
         self.leases: dict[str, RemoteLease] = {}
-        self._endings: OrderedDict[int, str] = OrderedDict()
+        self._endings: OrderedDict[int, LeaseEnd] = OrderedDict()
         self._reaper: Any = None
         self._writes: set[Deferred] = set()
         self.accepting = False
@@ -371,17 +363,18 @@ class WorkerHub:
     def heartbeat(self, offer: Offer, items: list[tuple[str, int, bool]]) -> Deferred:
         """
         Renew the leases a worker names, as C{(job_id, token, running)};
-        fire with one answer per item.  A lease whose result is being
-        recorded is still the worker's: it is renewed as any other.
+        fire with one L{LeaseVerdict} per item, carrying the new expiry.  A
+        lease whose result is being recorded is still the worker's: it is
+        renewed as any other.
         """
         self.contact(offer)
         now = self._clock.seconds()
-        answers: list[dict[str, Any]] = []
+        answers: list[LeaseVerdict] = []
         writes: list[Deferred] = []
         for job_id, token, running in items:
             remote = self.current(job_id, token, offer.holder)
             if remote is None:
-                answers.append(self.refusal(job_id, token))
+                answers.append(LeaseVerdict(job_id, token, self.refusal(job_id, token)))
                 continue
             if remote.cancel and remote.ending is None:
                 # Told at once, whether or not the end has committed yet:
@@ -390,23 +383,16 @@ class WorkerHub:
                 # heartbeat of the worker's other leases.)
                 self._end(
                     remote,
-                    "cancelled",
+                    LeaseEnd.CANCELLED,
                     Outcome(JobState.FAILED, error="stopped on its worker", stopped=True),
                 )
-                answers.append(self.refusal(job_id, token))
+                answers.append(LeaseVerdict(job_id, token, self.refusal(job_id, token)))
                 continue
-            remote.expires = now + self.lease_seconds
+            expires = remote.expires = now + self.lease_seconds
             if running and remote.staging and remote.ending is None:
                 remote.staging = False
                 writes.append(self._mark_running(remote.lease))
-            answers.append(
-                {
-                    "job_id": job_id,
-                    "token": token,
-                    "ok": True,
-                    "expires_at": format_time(remote.expires),
-                }
-            )
+            answers.append(LeaseVerdict(job_id, token, None, expires))
         d = DeferredList(writes, consumeErrors=True) if writes else succeed(None)
         return d.addCallback(lambda _: answers)
 
@@ -416,8 +402,8 @@ class WorkerHub:
         """
         Record how attempts ended, as C{(job_id, token, outcome)}; an
         outcome of C{None} gives the job back unspent (the worker stopped it
-        on its own shutdown).  Fire with one answer per item, once the
-        accepted ones are durable.
+        on its own shutdown).  Fire with one L{LeaseVerdict} per item, once
+        the accepted ones are durable.
 
         A result whose commit fails is written again until it lands, and
         its answer waits for that; a resent report of a result still being
@@ -426,23 +412,23 @@ class WorkerHub:
         slot; after it, a resend is refused as C{reported}.
         """
         self.contact(offer)
-        answers: list[Any] = []
+        answers: list[Union[LeaseVerdict, Deferred]] = []
         waits: list[Deferred] = []
         for job_id, token, outcome in results:
             remote = self.current(job_id, token, offer.holder)
             if remote is None:
-                answers.append(self.refusal(job_id, token))
+                answers.append(LeaseVerdict(job_id, token, self.refusal(job_id, token)))
                 continue
             d: Deferred = Deferred()
             if remote.ending is None:
-                self._end(remote, "reported", outcome, d)
+                self._end(remote, LeaseEnd.REPORTED, outcome, d)
             else:
                 assert remote.waiting is not None
                 remote.waiting.append(d)
             waits.append(d)
             answers.append(d)
 
-        def gathered(_: Any) -> list[dict[str, Any]]:
+        def gathered(_: Any) -> list[LeaseVerdict]:
             return [a.result if isinstance(a, Deferred) else a for a in answers]
 
         def first_failure(failure: Failure) -> Failure:
@@ -464,39 +450,32 @@ class WorkerHub:
             return None
         if holder is not None and remote.lease.holder != holder:
             return None
-        if remote.ending is not None and remote.ending != "reported":
+        if remote.ending is not None and remote.ending is not LeaseEnd.REPORTED:
             # Expired or cancelled, its end not yet committed.
             return None
         return remote
 
-    def refusal(self, job_id: str, token: int) -> dict[str, Any]:
+    def refusal(self, job_id: str, token: int) -> LeaseEnd:
         """
-        The answer to a write whose lease is not current, saying why.
+        Why a write whose lease is not current (L{current} gave C{None}) is
+        refused.
         """
         remote = self.leases.get(job_id)
         if (
             remote is not None
             and remote.lease.token == token
-            and remote.ending not in (None, "reported")
+            and remote.ending is not None
+            and remote.ending is not LeaseEnd.REPORTED
         ):
-            reason = remote.ending
-        else:
-            reason = self._endings.get(token, "superseded")
-        return {
-            "job_id": job_id,
-            "token": token,
-            "ok": False,
-            "status": 409,
-            "reason": reason,
-            "message": REFUSALS[reason],
-        }
+            return remote.ending
+        return self._endings.get(token, LeaseEnd.SUPERSEDED)
 
     # Leases ending
 
     def _end(
         self,
         remote: RemoteLease,
-        reason: str,
+        reason: LeaseEnd,
         outcome: Optional[Outcome],
         waiter: Optional[Deferred] = None,
     ) -> None:
@@ -504,7 +483,7 @@ class WorkerHub:
         The lease of C{remote} ended, for C{reason}, with C{outcome}
         (C{None}: given back unspent): record it through the recorder; the
         lease is forgotten and its slot freed once that has committed, and
-        C{waiter} then fires with the report's answer.
+        C{waiter} then fires with the report's L{LeaseVerdict}.
         """
         remote.ending = reason
         remote.waiting = [] if waiter is None else [waiter]
@@ -522,20 +501,20 @@ class WorkerHub:
         self._track(d)
 
     def _recorded(self, written: Any, remote: RemoteLease) -> None:
-        ok = {"job_id": remote.lease.job_id, "token": remote.lease.token, "ok": True}
-        self._forget(remote, remote.ending or "reported", ok)
+        ok = LeaseVerdict(remote.lease.job_id, remote.lease.token)
+        self._forget(remote, remote.ending or LeaseEnd.REPORTED, ok)
 
     def _not_recorded(self, failure: Failure, remote: RemoteLease) -> None:
         """
         The end of C{remote} failed for good (the recorder logged why).
         """
         if failure.check(StaleLease):
-            self._forget(remote, "superseded", None)
+            self._forget(remote, LeaseEnd.SUPERSEDED, None)
             return
-        if remote.ending != "reported":
+        if remote.ending is not LeaseEnd.REPORTED:
             # An expiry or a cancel the store refused: the lease is over in
             # memory all the same; a restart settles what the store holds.
-            self._forget(remote, remote.ending or "superseded", None)
+            self._forget(remote, remote.ending or LeaseEnd.SUPERSEDED, None)
             return
         # The result is not recorded (the dispatcher is stopping, or the
         # store failed in a way it does not write again): the lease stays
@@ -550,7 +529,7 @@ class WorkerHub:
             d.errback(failure)
 
     def _forget(
-        self, remote: RemoteLease, reason: str, answer: Optional[dict[str, Any]]
+        self, remote: RemoteLease, reason: LeaseEnd, answer: Optional[LeaseVerdict]
     ) -> None:
         """
         The end of C{remote} committed (or failed for good): forget the
@@ -567,8 +546,11 @@ class WorkerHub:
         while len(self._endings) > REMEMBERED_ENDINGS:
             self._endings.popitem(last=False)
         waiting, remote.waiting = remote.waiting or [], None
+        if answer is None and waiting:
+            refused = self.refusal(lease.job_id, lease.token)
+            answer = LeaseVerdict(lease.job_id, lease.token, refused)
         for d in waiting:
-            d.callback(answer if answer is not None else self.refusal(lease.job_id, lease.token))
+            d.callback(answer)
         self._scheduler.slots_freed(lease.holder, 0)
         self._capacity_changed()
 
@@ -630,7 +612,7 @@ class WorkerHub:
                 self._end_poll(worker, [])
             self._end(
                 remote,
-                "expired",
+                LeaseEnd.EXPIRED,
                 Outcome(
                     JobState.FAILED,
                     error=f"lost: its worker {lease.holder} sent no heartbeat for "
@@ -651,31 +633,20 @@ class WorkerHub:
 
     # What people see
 
-    def describe(self) -> list[dict[str, Any]]:
+    def describe(self) -> list[ConnectedWorker]:
         """
-        The connected workers, for C{GET /v1/workers}.
+        The connected workers, by name, for C{GET /v1/workers}.
         """
-        out = []
         now = self._clock.seconds()
-        for worker in sorted(self.connected(), key=lambda w: w.offer.holder):
-            offer = worker.offer
-            free = self.free(offer.holder)
-            out.append(
-                {
-                    "name": offer.holder,
-                    "slots": offer.slots,
-                    "resources": resources_json(offer.resources),
-                    "labels": dict(offer.labels),
-                    "tasks": sorted(offer.tasks or ()),
-                    "free": {
-                        "slots": worker.free_slots,
-                        **resources_json(free),
-                    },
-                    "running": sorted(worker.jobs),
-                    "waiting_for_work": worker.poll is not None,
-                    "last_contact": format_time(worker.last_contact),
-                    "name_shared": worker.shared_until >= now,
-                }
+        return [
+            ConnectedWorker(
+                worker.offer,
+                worker.free_slots,
+                self.free(worker.offer.holder),
+                tuple(sorted(worker.jobs)),
+                worker.poll is not None,
+                worker.last_contact,
+                worker.shared_until >= now,
             )
-        return out
-
+            for worker in sorted(self.connected(), key=lambda w: w.offer.holder)
+        ]

@@ -1,7 +1,9 @@
 """
 The domain's values: job states and their transitions, job specs, jobs,
-attempts, leases, outcomes, resources, worker offers and job ids; and the
-claim policy (C{_claims}): which queued jobs a holder gets.
+attempts, leases, outcomes, resources, worker offers and job ids; what the
+dispatcher decides about remote workers' leases and shows of the workers
+(C{_workers}); and the claim policy (C{_claims}): which queued jobs a
+holder gets.
 
 Pure values and the rules on them, with no I/O and no reactor.  May import: nothing of the package.
 """

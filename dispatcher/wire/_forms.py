@@ -1,9 +1,10 @@
 """
 The API's forms of the model's values: a job as the API shows it, a lease
-as a worker gets it, resources as a worker's description shows them.  The
-model has no JSON; these functions are the one place its values meet the
-wire types of L{dispatcher.wire._types}.  (What the store keeps is the
-store's own form, L{dispatcher.store._stored}.)
+as a worker gets it, the verdict on a worker's heartbeat or report item, a
+worker as C{GET /v1/workers} shows it, resources as a worker's description
+shows them.  The model has no JSON; these functions are the one place its
+values meet the wire types of L{dispatcher.wire._types}.  (What the store
+keeps is the store's own form, L{dispatcher.store._stored}.)
 """
 
 from __future__ import annotations
@@ -22,15 +23,29 @@ from dispatcher.model._jobs import (
     Resources,
     format_time,
 )
+from dispatcher.model._workers import ConnectedWorker, LeaseEnd, LeaseVerdict
 from dispatcher.wire._types import (
     AttemptView,
+    FreeCapacity,
     InputView,
     JobSummary,
     JobView,
     LeaseGrant,
     LeaseSpec,
+    LeaseStatus,
     ResourcesView,
+    WorkerView,
 )
+
+# Why a worker's write about a lease is refused, as the worker reads it
+# (docs/worker-protocol.md).
+REFUSALS = {
+    LeaseEnd.CANCELLED: "the job was cancelled; stop it",
+    LeaseEnd.EXPIRED: "the lease expired without a heartbeat; the job went back to the "
+    "queue; stop it",
+    LeaseEnd.REPORTED: "its result is already recorded",
+    LeaseEnd.SUPERSEDED: "this lease is no longer the job's current one; stop it",
+}
 
 
 def resources_json(resources: Resources) -> dict[str, Any]:
@@ -149,6 +164,47 @@ def lease_grant(lease: Lease) -> LeaseGrant:
         wire.requirements = dict(spec.requirements)
     return LeaseGrant(
         lease.job_id, lease.attempt, lease.token, lease.holder, format_time(lease.expires_at), wire
+    )
+
+
+def lease_status(verdict: LeaseVerdict) -> LeaseStatus:
+    """
+    One item of the answer to a heartbeat or a report: C{ok} (with the new
+    expiry, for a heartbeat), or refused with its reason and the message
+    the worker logs.
+    """
+    reason = verdict.refused
+    if reason is not None:
+        return LeaseStatus(
+            verdict.job_id,
+            verdict.token,
+            False,
+            status=409,
+            reason=reason.value,
+            message=REFUSALS[reason],
+        )
+    if verdict.expires is None:
+        return LeaseStatus(verdict.job_id, verdict.token, True)
+    return LeaseStatus(verdict.job_id, verdict.token, True, format_time(verdict.expires))
+
+
+def worker_view(worker: ConnectedWorker) -> WorkerView:
+    """
+    A connected worker as C{GET /v1/workers} shows it.
+    """
+    offer = worker.offer
+    free = worker.free
+    return WorkerView(
+        offer.holder,
+        offer.slots,
+        _resources_view(offer.resources),
+        dict(offer.labels),
+        sorted(offer.tasks or ()),
+        FreeCapacity(worker.free_slots, free.cpus, free.memory_mb, free.gpus),
+        list(worker.running),
+        worker.waiting_for_work,
+        format_time(worker.last_contact),
+        worker.name_shared,
     )
 
 

@@ -1,0 +1,73 @@
+"""
+What the dispatcher decides about remote workers and their leases, as
+values: why a lease ended, the verdict on a worker's write about a lease,
+and a connected worker as people see it.
+
+The worker hub (L{dispatcher.core._hub}) makes them; the API turns them
+into the worker protocol's wire types (L{dispatcher.wire._forms}) and
+chooses the HTTP status.  Nothing here knows JSON or HTTP.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Optional
+
+import attrs
+
+from dispatcher.model._jobs import Offer, Resources
+
+
+class LeaseEnd(str, enum.Enum):
+    """
+    Why a lease ended, and so why a write that names its token is refused.
+    """
+
+    # A client cancelled the job.
+    CANCELLED = "cancelled"
+    # No heartbeat came within the lease's life.
+    EXPIRED = "expired"
+    # Its holder reported how the attempt ended.
+    REPORTED = "reported"
+    # Any other reason the token is not the job's current one, including a
+    # restart that forgot why.
+    SUPERSEDED = "superseded"
+
+
+@attrs.frozen
+class LeaseVerdict:
+    """
+    The answer to one item of a worker's heartbeat or report: accepted, or
+    refused because the lease ended (C{refused}).  An accepted heartbeat
+    carries the lease's new expiry on the dispatcher's clock (C{expires}).
+    """
+
+    job_id: str
+    token: int
+    refused: Optional[LeaseEnd] = None
+    expires: Optional[float] = None
+
+    @property
+    def ok(self) -> bool:
+        """
+        Whether the item was accepted.
+        """
+        return self.refused is None
+
+
+@attrs.frozen
+class ConnectedWorker:
+    """
+    A worker heard from within a lease's life, or waiting for work: what it
+    offers, what it has free, the jobs it holds (by id, sorted), whether its
+    long-poll is open, when it was last heard from (dispatcher clock), and
+    whether another process called under its name within a lease's life.
+    """
+
+    offer: Offer
+    free_slots: int
+    free: Resources
+    running: tuple[str, ...]
+    waiting_for_work: bool
+    last_contact: float
+    name_shared: bool
