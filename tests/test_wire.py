@@ -5,6 +5,7 @@ on what is refused.
 """
 
 import json
+import os
 
 import jsonschema
 import msgspec
@@ -192,3 +193,202 @@ async def test_a_number_in_a_query_is_ascii_digits(daemon):
     ]:
         code, error = await daemon.json("GET", path)
         assert code == 400 and error["error"]["field"] == field, (path, error)
+
+
+def _auth_routes_401(document):
+    return {
+        (path, method): "401" in operation["responses"]
+        for path, operations in document["paths"].items()
+        for method, operation in operations.items()
+        if operation["security"] != []
+    }
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_whole_number_float_is_an_integer_where_one_is_declared(
+    make_daemon, token_file
+):
+    """A float with no fraction (3.0), which JSON Schema counts an integer,
+    is taken where the document declares an integer (array, priority, a
+    batch job's max_attempts, a worker's slots, max_jobs), while a task's
+    arguments keep their floats as sent and a string or a fraction is
+    still refused."""
+    daemon = await make_daemon(f"[executor]\nslots = 0\n[workers]\ntoken_file = {token_file}\n")
+    code, document = await daemon.json("GET", "/v1/openapi.json")
+    body = {"command": ["true"], "array": 3.0, "priority": 1.0}
+    _validator(document, "JobSubmission").validate(body)
+    code, answer = await daemon.json("POST", "/v1/jobs", body)
+    assert code == 201 and len(answer["jobs"]) == 3, answer
+    code, job = await daemon.json("GET", f"/v1/jobs/{answer['jobs'][0]['id']}")
+    assert job["priority"] == 1 and type(job["priority"]) is int
+    batch = {"jobs": [{"command": ["true"]}] * 3 + [{"command": ["true"], "max_attempts": 2.0}]}
+    _validator(document, "Batch").validate(batch)
+    code, answer = await daemon.json("POST", "/v1/jobs/batch", batch)
+    assert code == 201, answer
+    code, job = await daemon.json(
+        "POST", "/v1/jobs",
+        {"task": "add", "args": [3.0, 1], "kwargs": {"x": 3.0}, "priority": 2.0},
+    )
+    assert code == 201, job
+    assert job["args"] == [3.0, 1] and type(job["args"][0]) is float
+    assert type(job["kwargs"]["x"]) is float and job["priority"] == 2
+    for bad in ({"priority": "3"}, {"priority": 1.5}, {"array": 0.0}):
+        code, error = await daemon.json("POST", "/v1/jobs", {"command": ["true"], **bad})
+        assert code == 400 and error["error"]["field"] == next(iter(bad)), error
+    lease = {"worker": {"name": "w", "slots": 2.0}, "max_jobs": 1.0, "wait": 0}
+    _validator(document, "LeaseRequest").validate(lease)
+    code, answer = await daemon.json(
+        "POST", "/v1/leases", lease,
+        headers={"Authorization": [f"Bearer {token_file.read_text().strip()}"]},
+    )
+    assert code == 200 and len(answer["leases"]) == 1, answer
+
+
+@pytest.mark.parametrize("paths, field", [
+    (["x", "x/y"], "inputs[0].path"),
+    (["a/b/c", "a/b"], "inputs[1].path"),
+    (["./d/x", "d"], "inputs[1].path"),
+])
+@pytest_twisted.ensureDeferred
+async def test_an_input_path_that_is_a_directory_of_another_is_refused(
+    make_daemon, paths, field
+):
+    """An input whose path is a directory of another input's path (staging
+    would need it to be a file and a directory) is a 400 naming the
+    parent, alone and in a batch, and nothing is stored."""
+    daemon = await make_daemon("[executor]\nslots = 0\n")
+    inputs = [{"url": f"http://h/{i}", "path": p} for i, p in enumerate(paths)]
+    code, error = await daemon.json("POST", "/v1/jobs", {"command": ["true"], "inputs": inputs})
+    assert code == 400 and error["error"]["field"] == field, error
+    code, error = await daemon.json(
+        "POST", "/v1/jobs/batch", {"jobs": [{"command": ["true"], "inputs": inputs}]})
+    assert code == 400 and error["error"]["field"] == f"jobs[0].{field}", error
+    code, page = await daemon.json("GET", "/v1/jobs")
+    assert page["jobs"] == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_inputs_side_by_side_are_taken(make_daemon):
+    """Inputs whose paths share a prefix but not a directory (x and xy/z,
+    x-y and x/z's sibling) are stored."""
+    daemon = await make_daemon("[executor]\nslots = 0\n")
+    inputs = [{"url": "http://h/1", "path": p} for p in ("x", "xy/z", "x-y", "d/x", "d/y")]
+    code, job = await daemon.json("POST", "/v1/jobs", {"command": ["true"], "inputs": inputs})
+    assert code == 201, job
+
+
+def test_rules_the_schema_cannot_express_are_described():
+    """The rules checked after decoding that JSON Schema cannot express
+    (nesting of args and kwargs, input paths against each other, a batch's
+    total of jobs) are said in the fields' descriptions and in the 400 of
+    the operations that take them."""
+    document = openapi_document()
+    schemas = document["components"]["schemas"]
+    for name in ("JobSubmission", "BatchJob"):
+        for key in ("args", "kwargs"):
+            described = json.dumps(schemas[name]["properties"][key])
+            assert "nest at most 100 deep" in described, (name, key)
+    for name in ("JobSubmission", "BatchJob"):
+        assert "directory of another" in json.dumps(schemas[name]["properties"]["inputs"])
+    assert "made in all" in schemas["Batch"]["properties"]["jobs"]["description"]
+    single = document["paths"]["/v1/jobs"]["post"]["responses"]["400"]["description"]
+    batch = document["paths"]["/v1/jobs/batch"]["post"]["responses"]["400"]["description"]
+    for text in (single, batch):
+        assert "100 deep" in text and "directory of another" in text
+    assert "max_array jobs in all" in batch
+
+
+@pytest_twisted.ensureDeferred
+async def test_query_parameters_unknown_or_repeated_are_refused(make_daemon, token_file):
+    """An unknown query parameter, or a single-valued one given twice, is a
+    400 naming it on every route with query parameters (label may repeat),
+    and the 400 of each such route says so."""
+    daemon = await make_daemon(f"[executor]\nslots = 0\n[workers]\ntoken_file = {token_file}\n")
+    job = await daemon.submit({"command": ["true"], "labels": {"a": "1", "b": "2"}})
+    worker = {"Authorization": [f"Bearer {token_file.read_text().strip()}"],
+              "Content-Type": ["application/octet-stream"]}
+    log = "/v1/leases/log?job_id=j&token=1&stream=stdout&offset=0"
+    for method, path, field, headers in [
+        ("GET", "/v1/jobs?foo=1", "foo", None),
+        ("GET", "/v1/jobs?state=queued&state=running", "state", None),
+        ("GET", "/v1/jobs?limit=1&limit=2", "limit", None),
+        ("GET", "/v1/jobs?cursor=1&cursor=1", "cursor", None),
+        ("GET", f"/v1/jobs/{job['id']}/log?stream=stdout&stream=stderr", "stream", None),
+        ("GET", f"/v1/jobs/{job['id']}/log?offset=0&offset=1", "offset", None),
+        ("GET", f"/v1/jobs/{job['id']}/log?x=1", "x", None),
+        ("POST", log + "&x=1", "x", worker),
+        ("POST", log + "&offset=0", "offset", worker),
+    ]:
+        response, content = await daemon.request(method, path, headers=headers, raw=b"")
+        error = json.loads(content)
+        assert response.code == 400 and error["error"]["field"] == field, (path, error)
+        assert error["error"]["code"] == "invalid_query"
+    code, page = await daemon.json("GET", "/v1/jobs?label=a%3D1&label=b%3D2")
+    assert code == 200 and [j["id"] for j in page["jobs"]] == [job["id"]]
+    document = openapi_document()
+    for path, operations in document["paths"].items():
+        for operation in operations.values():
+            if any(p["in"] == "query" for p in operation.get("parameters", ())):
+                text = operation["responses"]["400"]["description"]
+                assert "not listed for the operation is refused" in text, path
+                assert "given twice" in text, path
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_lone_surrogate_escape_is_named_as_such(daemon):
+    """A string with a lone UTF-16 surrogate escape is malformed JSON with a
+    message that says so (msgspec calls it truncated), while a body that is
+    cut short is still called truncated."""
+    response, content = await daemon.request(
+        "POST", "/v1/jobs", raw=b'{"command": ["true"], "name": "\\ud800"}')
+    error = json.loads(content)["error"]
+    assert response.code == 400 and error["code"] == "malformed_json"
+    assert "truncated" not in error["message"] and "surrogate" in error["message"]
+    response, content = await daemon.request(
+        "POST", "/v1/jobs", raw=b'{"command": ["true"], "name": "\\\\ud800')
+    error = json.loads(content)["error"]
+    assert response.code == 400 and "truncated" in error["message"]
+
+
+def test_a_job_view_takes_its_defaults_from_the_spec():
+    """Each scheduling default a job view shows when not given is the
+    spec's own default (written once, in the model)."""
+    view = JobView("i", JobState.QUEUED, None, {}, "t", None, None, None, None, None, None,
+                   [], None)
+    spec = JobSpec()
+    for name in ("priority", "queue", "timeout", "max_attempts", "retry_delay",
+                 "array_id", "array_index"):
+        assert getattr(view, name) == getattr(spec, name), name
+    resources = spec.resources
+    assert (view.resources.cpus, view.resources.memory_mb, view.resources.gpus) == (
+        resources.cpus, resources.memory_mb, resources.gpus)
+
+
+def test_every_route_with_a_token_documents_its_401():
+    """Every operation that needs a token documents a 401 (the unauthorized
+    code, which the README's errors name too)."""
+    document = openapi_document()
+    found = _auth_routes_401(document)
+    assert found and all(found.values()), found
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    errors = readme.split("### Errors", 1)[1].split("\n#", 1)[0]
+    assert "`unauthorized`" in errors and "`401`" in errors
+
+
+def test_whole_floats_are_made_integers_once_per_field_of_a_batch():
+    """Every job of a large batch sending its integer fields as whole
+    floats is decoded (each field made an integer across the batch at
+    once), with the floats of its arguments as sent; a float with a
+    fraction in the same place is refused, naming the job."""
+    from dispatcher.wire._submission import ApiError, decode
+    from dispatcher.wire._types import Batch
+    jobs = [{"task": "add", "args": [1.0], "priority": 1.0, "max_attempts": 2.0,
+             "depends_on": [0.0] if i else None} for i in range(1000)]
+    batch = decode(json.dumps({"jobs": jobs}).encode(), Batch)
+    assert {(j.priority, j.max_attempts) for j in batch.jobs} == {(1, 2)}
+    assert type(batch.jobs[0].priority) is int and type(batch.jobs[0].args[0]) is float
+    assert batch.jobs[1].depends_on == [0] and type(batch.jobs[1].depends_on[0]) is int
+    jobs[7]["max_attempts"] = 2.5
+    with pytest.raises(ApiError) as e:
+        decode(json.dumps({"jobs": jobs}).encode(), Batch)
+    assert e.value.field == "jobs[7].max_attempts"

@@ -226,10 +226,34 @@ def _json_body(request: Any) -> bytes:
     return request.content.read()
 
 
+def _only_query(request: Any, *allowed: str) -> None:
+    """
+    Refuse a query parameter the route does not take (the 400 of every
+    route with query parameters says so: L{QUERY_RULES}).
+    """
+    for name in request.args:
+        key = name.decode("utf-8", "replace")
+        if key not in allowed:
+            raise ApiError(
+                400,
+                "invalid_query",
+                f"{key}: unknown query parameter; allowed: {', '.join(allowed)}",
+                key,
+            )
+
+
 def _query(request: Any, name: str) -> Optional[str]:
+    """
+    The one value of the query parameter C{name}, or C{None}; given twice,
+    it is refused rather than one of its values silently taken.
+    """
     values = request.args.get(name.encode("ascii"))
     if not values:
         return None
+    if len(values) > 1:
+        raise ApiError(
+            400, "invalid_query", f"{name}: given {len(values)} times; give it once", name
+        )
     try:
         return values[-1].decode("utf-8")
     except UnicodeDecodeError:
@@ -594,6 +618,7 @@ class DispatcherAPI(Resource):
 
     async def write_log(self, request: Any) -> Answer:
         assert self._workers is not None
+        _only_query(request, "job_id", "token", "stream", "offset")
         query = {
             name: _query(request, name) for name in ("job_id", "token", "stream", "offset")
         }
@@ -613,15 +638,7 @@ class DispatcherAPI(Resource):
         return Answer(200, job_view(job))
 
     async def list_jobs(self, request: Any) -> Answer:
-        for name in request.args:
-            if name not in (b"state", b"label", b"limit", b"cursor"):
-                key = name.decode("utf-8", "replace")
-                raise ApiError(
-                    400,
-                    "invalid_query",
-                    f"{key}: unknown query parameter; allowed: state, label, limit, cursor",
-                    key,
-                )
+        _only_query(request, "state", "label", "limit", "cursor")
         state = None
         text = _query(request, "state")
         if text is not None:
@@ -683,15 +700,7 @@ class DispatcherAPI(Resource):
         return Answer(200 if done else 202, job_view(job))
 
     async def read_log(self, request: Any, job_id: str) -> Answer:
-        for name in request.args:
-            if name not in (b"stream", b"offset"):
-                key = name.decode("utf-8", "replace")
-                raise ApiError(
-                    400,
-                    "invalid_query",
-                    f"{key}: unknown query parameter; allowed: stream, offset",
-                    key,
-                )
+        _only_query(request, "stream", "offset")
         stream = _query(request, "stream") or "stdout"
         if stream not in ("stdout", "stderr"):
             raise ApiError(

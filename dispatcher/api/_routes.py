@@ -17,6 +17,7 @@ from dispatcher.wire._types import (
     MAX_IDEMPOTENCY_KEY,
     MAX_LIST_LIMIT,
     MAX_NAME,
+    MAX_NESTING,
     MAX_TOKEN,
     Batch,
     Error,
@@ -99,7 +100,9 @@ class Route:
             if self.request is not OCTETS:
                 out.setdefault(415, Response("The body is not application/json."))
         if self.parameters and any(p["in"] == "query" for p in self.parameters):
-            out.setdefault(400, Response("A query parameter is wrong; it is named."))
+            out.setdefault(
+                400, Response(f"A query parameter is wrong; it is named. {QUERY_RULES}")
+            )
         if self.auth == API:
             out[401] = _unauthorized("[api] token_file is set and its token is missing or wrong.")
         elif self.auth == WORKERS:
@@ -109,6 +112,20 @@ class Route:
             out.setdefault(503, Response("The dispatcher is stopping; nothing was changed."))
         out[500] = Response("The dispatcher failed to answer; see its log.")
         return dict(sorted(out.items()))
+
+
+# What OpenAPI cannot say of query parameters (it has no way to forbid
+# others or a repeat): said in the 400 of every route that takes them.
+QUERY_RULES = (
+    "A parameter not listed for the operation is refused (400 invalid_query), "
+    "and so is one given twice, unless it is an array (label)."
+)
+# The rules of a submission the schema describes but cannot express.
+_SUBMISSION_400 = (
+    "A field is wrong; it is named{where}. Besides what the schema states, "
+    "refused: args or kwargs nested more than {nesting} deep; two inputs to one "
+    "path, or an input's path that is a directory of another's (inputs[i].path)"
+)
 
 
 def _unauthorized(description: str) -> Response:
@@ -182,6 +199,7 @@ ROUTES: tuple[Route, ...] = (
                 _JOB_OR_JOBS,
                 headers={"Location": {"schema": {"type": "string"}, "description": "/v1/jobs/{id}"}},
             ),
+            400: Response(_SUBMISSION_400.format(where="", nesting=MAX_NESTING) + "."),
             409: _CONFLICT_KEY,
         },
         request=JobSubmission,
@@ -221,7 +239,11 @@ ROUTES: tuple[Route, ...] = (
         {
             200: Response(_REPLAY, _ref("SubmittedJobs")),
             201: Response("The jobs.", _ref("SubmittedJobs")),
-            400: Response("A field is wrong; it is named, as jobs[i].field."),
+            400: Response(
+                _SUBMISSION_400.format(where=", as jobs[i].field", nesting=MAX_NESTING)
+                + "; jobs making more than [dispatcher] max_array jobs in all, a job "
+                "with array counting as that many (jobs)."
+            ),
             409: _CONFLICT_KEY,
         },
         request=Batch,
@@ -321,7 +343,7 @@ ROUTES: tuple[Route, ...] = (
             200: Response("Written.", LogWritten),
             400: Response("A query parameter is wrong, or (offset_past_end) the offset "
                           "is past the end of the stream; the message says where to "
-                          "send from."),
+                          f"send from. {QUERY_RULES}"),
             409: Response("stale_lease: the token is not the job's current lease."),
         },
         request=OCTETS,

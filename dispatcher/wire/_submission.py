@@ -4,8 +4,17 @@ and a submitted job into a L{JobSpec}; or into an error that names the
 field, says what was wrong and what is allowed.
 
 msgspec checks what the types declare while it decodes; the rules here are
-the ones a type cannot hold (one field against another, a name that must
-be configured), each stated in the schema too (L{SUBMISSION_RULES}).
+the ones a type cannot hold.  Those JSON Schema can express are stated in
+the schema too (L{SUBMISSION_RULES}: one of command or task, not both
+times; the configured tasks and queues and C{max_array} are filled in when
+the document is served).  Three it cannot express are only described, in
+the field's description and in the 400 answer of the operations
+concerned: C{args} and C{kwargs} nest at most L{MAX_NESTING} deep; no two
+inputs of a job go to one path, and none to a directory of another's; a
+batch makes at most C{max_array} jobs in all, arrays counted.
+
+A whole-number float (C{3.0}) where an integer is declared is taken as
+that integer, as JSON Schema counts it one (L{decode}).
 """
 
 from __future__ import annotations
@@ -119,10 +128,23 @@ _WORDS = {
     "null": "null",
 }
 
+# How many integer fields of a body may be sent as whole-number floats (each
+# field once for every job of a batch): a body with more is refused as
+# msgspec refuses it, so a refused body costs a bounded number of decodes.
+MAX_WHOLE_FLOAT_FIXES = 32
+_UNREAD = object()
+# msgspec's words for a float where an integer (maybe of a union) is declared.
+_INT_GOT_FLOAT = re.compile(
+    r"^Expected `(?:[^`]*\| )?int(?: \|[^`]*)?`, got `float` - at `(\$[^`]*)`$"
+)
+
 
 def decode(raw: bytes, kind: type[T], prefix: str = "") -> T:
     """
-    The request body C{raw} as a value of the wire type C{kind}.
+    The request body C{raw} as a value of the wire type C{kind}.  A float
+    with no fraction where C{kind} declares an integer is taken as that
+    integer (JSON Schema counts C{3.0} an integer); nowhere else is a
+    value changed.
 
     @raise ApiError: C{malformed_json} if it is not JSON, else a 400 that
         names the field at fault.
@@ -133,11 +155,91 @@ def decode(raw: bytes, kind: type[T], prefix: str = "") -> T:
     try:
         return decoder.decode(raw)
     except msgspec.ValidationError as e:
-        raise refusal(str(e), lambda: msgspec.json.decode(raw), kind, prefix) from None
+        error = e
     except msgspec.DecodeError as e:
-        raise ApiError(400, "malformed_json", f"the body is not valid JSON: {e}", None) from None
+        raise ApiError(400, "malformed_json", _malformed(raw, str(e)), None) from None
     except RecursionError:
         raise _too_deep_body(raw, prefix) from None
+    # Only a body the strict decode refused gets here, so what follows
+    # costs a well-formed body nothing.
+    value: Any = _UNREAD
+    try:
+        for _ in range(MAX_WHOLE_FLOAT_FIXES):
+            path = _whole_float_path(str(error))
+            if path is None:
+                break
+            if value is _UNREAD:
+                value = msgspec.json.decode(raw)
+            if not _whole_floats_to_ints(value, path):
+                break
+            try:
+                return decoder.decode(msgspec.json.encode(value))
+            except msgspec.ValidationError as e:
+                error = e
+    except RecursionError:
+        raise _too_deep_body(raw, prefix) from None
+    load = (lambda: msgspec.json.decode(raw)) if value is _UNREAD else (lambda: value)
+    raise refusal(str(error), load, kind, prefix) from None
+
+
+def _whole_float_path(message: str) -> Optional[list[Optional[str]]]:
+    """
+    The path (with every array index as C{None}: the same field of every
+    item) of the float msgspec refused where an integer is declared, or
+    C{None} if that is not what C{message} says.
+    """
+    match = _INT_GOT_FLOAT.match(message)
+    if match is None or "[...]" in match.group(1):
+        return None
+    return [None if isinstance(t, int) else t for t in _tokens(match.group(1))]
+
+
+def _whole_floats_to_ints(value: Any, path: list[Any]) -> bool:
+    """
+    Replace, in the decoded body C{value}, each whole-number float at
+    C{path} (C{None}: any index of an array) by its integer; whether one
+    was replaced.  Only a place msgspec said takes an integer is
+    touched, so a task's arguments (any JSON) keep their floats.
+    """
+    found = False
+    places = [value]
+    for token in path[:-1]:
+        if token is None:
+            places = [item for place in places if type(place) is list for item in place]
+        else:
+            places = [place[token] for place in places if type(place) is dict and token in place]
+    last = path[-1] if path else None
+    for place in places:
+        keys = range(len(place)) if last is None and type(place) is list else (
+            [last] if type(place) is dict and last in place else [])
+        for key in keys:
+            item = place[key]
+            if type(item) is float and item.is_integer():
+                place[key] = int(item)
+                found = True
+    return found
+
+
+# A \\u escape of a high surrogate (one not escaped itself).
+_HIGH_SURROGATE = re.compile(rb"(?<!\\)(?:\\\\)*\\u[dD][89abAB][0-9a-fA-F]{2}")
+
+
+def _malformed(raw: bytes, message: str) -> str:
+    """
+    What is wrong with a body that is not JSON, in true words: msgspec says
+    a string holding a lone surrogate escape (C{"\\ud800"}) was truncated.
+    """
+    if message == "Input data was truncated" and _HIGH_SURROGATE.search(raw):
+        try:
+            orjson.loads(raw)
+        except orjson.JSONDecodeError as e:
+            if "surrogate" in e.msg:
+                return (
+                    f"the body is not valid JSON: {e.msg} (at character {e.pos}): a \\u escape "
+                    "of a UTF-16 surrogate (D800-DFFF) must be a high and low pair; "
+                    "alone it is not valid UTF-8 text"
+                )
+    return f"the body is not valid JSON: {message}"
 
 
 def _too_deep_body(raw: bytes, prefix: str) -> ApiError:
@@ -440,6 +542,20 @@ def _job_fields(body: JobSubmission, tasks: Mapping[str, Any], prefix: str = "")
             seen[path] = i
             sha256 = None if item.sha256 is None else item.sha256.lower()
             inputs.append(InputSpec(url=item.url, path=path, sha256=sha256))
+        # Staging writes each input as a file: a path that is a directory
+        # of another input's would have to be both.  (One input, the
+        # common case, cannot clash: it pays nothing.)
+        for i, item in enumerate(inputs if len(inputs) > 1 else ()):
+            parent = item.path
+            while "/" in parent:
+                parent = parent.rpartition("/")[0]
+                if parent in seen:
+                    j = seen[parent]
+                    invalid(
+                        f"{prefix}inputs[{j}].path",
+                        f"{parent!r} is a directory of inputs[{i}].path ({item.path!r}); "
+                        "an input's path names a file",
+                    )
         spec["inputs"] = tuple(inputs)
     if body.resources is not None:
         r = body.resources

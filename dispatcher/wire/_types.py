@@ -16,21 +16,24 @@ of its own.
 Each limit is one constant here: the C{Meta} of a type reads it, so the
 check and the schema cannot drift.  A rule that msgspec cannot check (a
 relation between fields, a rule on a value that needs the configuration)
-is checked in L{dispatcher.wire._submission}, and is stated in the
-schema with C{extra_json_schema} next to the type it constrains, from the
-same constant.  Limits that depend on the configuration (C{max_array},
-the configured queues and tasks) are filled into the document when it is
-served (L{dispatcher.api._openapi}).
+is checked in L{dispatcher.wire._submission}; where JSON Schema can
+express it, it is stated in the schema next to the type it constrains,
+from the same constant, and where it cannot (the nesting of a task's
+arguments, two inputs to one path, a batch's total of jobs), it is said
+in the field's description.  Limits that depend on the configuration
+(C{max_array}, the configured queues and tasks) are filled into the
+document when it is served (L{dispatcher.api._openapi}).
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Optional, Union
 
+import attrs
 import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType
 
-from dispatcher.model._jobs import JobState
+from dispatcher.model._jobs import NO_RESOURCES, JobSpec, JobState
 
 # Limits.
 MAX_CPUS = 1_000_000
@@ -175,6 +178,18 @@ Command = Annotated[
         },
     ),
 ]
+# Checked after decoding (JSON Schema cannot bound nesting): said here.
+_NESTING = (
+    f"Arrays and objects in it nest at most {MAX_NESTING} deep (not expressible "
+    "in JSON Schema; a deeper value is refused with a 400)."
+)
+TaskArgs = Annotated[
+    list[Any], Meta(description=f"Task jobs only: the positional arguments. {_NESTING}")
+]
+TaskKwargs = Annotated[
+    dict[Identifier, Any],
+    Meta(description=f"Task jobs only: the keyword arguments. {_NESTING}"),
+]
 TaskName = Annotated[str, Meta(min_length=1, pattern=NO_NUL, description="A name from [tasks].")]
 
 
@@ -187,8 +202,8 @@ class JobSubmission(_In):
 
     command: Optional[Command] = None
     task: Optional[TaskName] = None
-    args: Union[list[Any], UnsetType] = UNSET
-    kwargs: Union[dict[Identifier, Any], UnsetType] = UNSET
+    args: Union[TaskArgs, UnsetType] = UNSET
+    kwargs: Union[TaskKwargs, UnsetType] = UNSET
     name: Optional[Annotated[str, Meta(max_length=MAX_NAME, pattern=NO_NUL)]] = None
     env: Union[
         Annotated[
@@ -199,7 +214,12 @@ class JobSubmission(_In):
         UnsetType,
     ] = UNSET
     labels: LabelMap = {}
-    inputs: list[InputFile] = []
+    inputs: Annotated[
+        list[InputFile],
+        Meta(description="No two go to one path, and none to a directory of "
+             "another's path (staging writes each as a file); not expressible in "
+             "JSON Schema, refused with a 400 naming inputs[i].path."),
+    ] = []
     resources: Optional[Resources] = None
     requirements: Annotated[
         LabelMap,
@@ -258,7 +278,11 @@ class Batch(_In):
     """
 
     jobs: Annotated[
-        list[BatchJob], Meta(min_length=1, description="At most [dispatcher] max_array.")
+        list[BatchJob],
+        Meta(min_length=1, description="At most [dispatcher] max_array jobs, and "
+             "at most max_array made in all, a job with array counting as that "
+             "many (the sum is not expressible in JSON Schema; refused with a 400 "
+             "naming jobs)."),
     ]
 
 
@@ -272,8 +296,8 @@ class PlainJob(_In):
 
     command: Optional[Command] = None
     task: Optional[TaskName] = None
-    args: Union[list[Any], UnsetType] = UNSET
-    kwargs: Union[dict[Identifier, Any], UnsetType] = UNSET
+    args: Union[TaskArgs, UnsetType] = UNSET
+    kwargs: Union[TaskKwargs, UnsetType] = UNSET
 
 
 class PlainBatch(_In):
@@ -329,6 +353,9 @@ class AttemptView(_Out):
     error: Optional[str]
 
 
+_SPEC = attrs.fields(JobSpec)
+
+
 class JobView(_Out):
     """
     A job as the API shows it.  A command job has C{command} and C{env}, a
@@ -360,16 +387,21 @@ class JobView(_Out):
     args: Union[list[Any], UnsetType] = UNSET
     kwargs: Union[dict[str, Any], UnsetType] = UNSET
     inputs: list[InputView] = msgspec.field(default_factory=list)
-    priority: int = 0
-    queue: str = "default"
-    timeout: Optional[float] = None
-    max_attempts: int = 1
-    retry_delay: float = 1.0
+    # A spec's own defaults, written once, in the model.
+    priority: int = _SPEC.priority.default
+    queue: str = _SPEC.queue.default
+    timeout: Optional[float] = _SPEC.timeout.default
+    max_attempts: int = _SPEC.max_attempts.default
+    retry_delay: float = _SPEC.retry_delay.default
     not_before: Optional[Time] = None
     depends_on: list[str] = msgspec.field(default_factory=list)
-    array_id: Optional[str] = None
-    array_index: Optional[int] = None
-    resources: ResourcesView = msgspec.field(default_factory=lambda: ResourcesView(0.0, 0, 0))
+    array_id: Optional[str] = _SPEC.array_id.default
+    array_index: Optional[int] = _SPEC.array_index.default
+    resources: ResourcesView = msgspec.field(
+        default_factory=lambda: ResourcesView(
+            NO_RESOURCES.cpus, NO_RESOURCES.memory_mb, NO_RESOURCES.gpus
+        )
+    )
     requirements: dict[str, str] = msgspec.field(default_factory=dict)
 
 
