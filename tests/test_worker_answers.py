@@ -31,7 +31,7 @@ def test_each_refusal_reads_as_the_protocol_says():
     messages = {
         LeaseEnd.CANCELLED: "the job was cancelled; stop it",
         LeaseEnd.EXPIRED: "the lease expired without a heartbeat; the job went back to "
-        "the queue; stop it",
+        "the queue, or failed if it had no attempt left; stop it",
         LeaseEnd.REPORTED: "its result is already recorded",
         LeaseEnd.SUPERSEDED: "this lease is no longer the job's current one; stop it",
     }

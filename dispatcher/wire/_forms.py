@@ -42,7 +42,7 @@ from dispatcher.wire._types import (
 REFUSALS = {
     LeaseEnd.CANCELLED: "the job was cancelled; stop it",
     LeaseEnd.EXPIRED: "the lease expired without a heartbeat; the job went back to the "
-    "queue; stop it",
+    "queue, or failed if it had no attempt left; stop it",
     LeaseEnd.REPORTED: "its result is already recorded",
     LeaseEnd.SUPERSEDED: "this lease is no longer the job's current one; stop it",
 }
