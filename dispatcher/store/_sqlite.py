@@ -52,6 +52,7 @@ from dispatcher.store._queries import (
 )
 from dispatcher.store._results import Claimed, IdempotencyKey, ReadFailed
 from dispatcher.store._schema import migrate
+from dispatcher.store._stored import plain_stored
 from dispatcher.store._writer import GroupWriter
 
 __all__ = ["SQLiteJobStore", "jittered_backoff"]
@@ -251,7 +252,9 @@ class SQLiteJobStore:
         L{SubmittedIds}, or with the L{Submitted} jobs of an earlier request
         with the same idempotency key.
         """
-        return self._write(writes.SubmitPlain(jobs, now, list(ids), idempotency))
+        return self._write(
+            writes.SubmitPlain(jobs, now, list(ids), idempotency, plain_stored(jobs))
+        )
 
     def get(self, job_id: str) -> Deferred:
         return self._read(get_job, job_id, self._limits)

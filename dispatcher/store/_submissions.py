@@ -25,7 +25,7 @@ from dispatcher.store._results import (
     Written,
 )
 from dispatcher.store._rows import INSERTED_COLUMNS, new_job
-from dispatcher.store._stored import decode_stored, encode_stored, plain_stored
+from dispatcher.store._stored import decode_stored, encode_stored
 from dispatcher.store._waits import QUEUED_REASON, resolve_dependencies, waiting
 from dispatcher.store._writes import Submit, SubmitPlain
 
@@ -156,11 +156,17 @@ _INSERT_PLAIN = {
 
 
 def _add_plain_jobs(
-    conn: sqlite3.Connection, seq: int, jobs: PlainJobs, now: float, ids: list[str]
+    conn: sqlite3.Connection,
+    seq: int,
+    jobs: PlainJobs,
+    now: float,
+    ids: Sequence[str],
+    stored: Sequence[str],
 ) -> Written:
     """
-    Insert L{PlainJobs}, queued, numbered after C{seq}: one statement that
-    reads each job's id and stored spec from one JSON array, the other
+    Insert L{PlainJobs}, queued, numbered after C{seq}, with their specs'
+    C{stored} texts: one statement that reads each job's id and stored spec
+    from one JSON array, the other
     columns being the same for all (where SQLite has its JSON functions,
     L{JSON_ROWS}; else one C{executemany} of rows).
     """
@@ -172,7 +178,6 @@ def _add_plain_jobs(
     )
     if timeout:
         shared += (jobs.timeout,)
-    stored = plain_stored(jobs)
     if JSON_ROWS:
         # Binding a row's eleven values from Python was a third of the
         # writer's time for a plain batch; SQLite reads the JSON faster.
@@ -279,6 +284,7 @@ def submit_plain(
     now: float,
     ids: list[str],
     idempotency: Optional[IdempotencyKey],
+    stored: Sequence[str],
 ) -> Written:
     """
     Store L{PlainJobs}, queued, all or nothing (L{SubmitPlain}); or answer
@@ -288,7 +294,7 @@ def submit_plain(
     if replayed is not None:
         return replayed
     (seq,) = conn.execute(_MAX_SEQ).fetchone()
-    written = _add_plain_jobs(conn, seq, jobs, now, ids)
+    written = _add_plain_jobs(conn, seq, jobs, now, ids, stored)
     _remember(conn, idempotency, ids, now)
     return written
 
@@ -308,7 +314,7 @@ def submit_together(
     for write in work:
         now, ids = write.now, write.ids
         if type(write) is SubmitPlain:
-            written.append(_add_plain_jobs(conn, seq, write.jobs, now, ids))
+            written.append(_add_plain_jobs(conn, seq, write.jobs, now, ids, write.stored))
             seq += len(ids)
             continue
         specs = write.specs  # type: ignore[union-attr]

@@ -40,13 +40,16 @@ class Submit(NamedTuple):
 
 class SubmitPlain(NamedTuple):
     """
-    Store L{PlainJobs}, all or nothing.
+    Store L{PlainJobs}, all or nothing, with their specs' stored texts
+    (made before the write is queued, so that the one writer thread does
+    not spend its time encoding them).
     """
 
     jobs: PlainJobs
     now: float
     ids: Sequence[str]
     idempotency: Optional[IdempotencyKey]
+    stored: Sequence[str]
 
 
 class Claim(NamedTuple):
