@@ -11,6 +11,7 @@ from hypothesis import given, strategies as st
 
 from dispatcher.wire._json import decode, encode
 
+# Every JSON value, as the standard library reads it (other tests use it too).
 values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
     | st.text(),

@@ -11,7 +11,7 @@ import sqlite3
 
 import pytest
 import pytest_twisted
-from hypothesis import given, strategies as st
+from hypothesis import given
 from twisted.internet import reactor
 
 from dispatcher.model._jobs import InputSpec, JobSpec, JobState, Outcome, PlainJobs, Resources
@@ -26,14 +26,9 @@ from dispatcher.store._stored import (
     spec_to_stored,
 )
 from tests.store_contract import claim, ids, no_jitter
+from tests.test_json import values
 from tests.test_layout import PACKAGE, _imports
 
-values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text(),
-    lambda children: st.lists(children) | st.dictionaries(st.text(), children),
-    max_leaves=20,
-)
 
 
 @given(values)
