@@ -49,6 +49,21 @@ def failing_finish(store, clock, job_id, failures, error=full_disk):
     return calls, landed
 
 
+async def report_failing(daemon, clock, failures, slots=8):
+    """Submit an `add` job, make its result's commit fail C{failures} times,
+    lease it to worker "w" and report its result, without waiting for the
+    answer; fire once the first commit has been tried, with the job, the
+    worker, its lease, the report's answer to come, and failing_finish's
+    lists."""
+    who = worker("w", slots=slots, tasks=["add"])
+    job = await daemon.submit({"task": "add", "args": [2, 3]})
+    calls, landed = failing_finish(daemon.service.store, clock, job["id"], failures)
+    (granted,) = await lease(daemon, who)
+    first = ensureDeferred(report(daemon, who, [result(granted, exit_code=None, result=5)]))
+    await until(lambda: calls)
+    return job, who, granted, first, calls, landed
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_remote_result_whose_commit_fails_is_written_again_until_it_lands(make_pure):
     """A worker's result whose commit fails six times is written again after
@@ -59,12 +74,7 @@ async def test_a_remote_result_whose_commit_fails_is_written_again_until_it_land
     clock.advance(1_800_000_000)
     daemon = await make_pure(clock=clock)
     hub = daemon.service.dispatcher.hub
-    who = worker("w", slots=1, tasks=["add"])
-    job = await daemon.submit({"task": "add", "args": [2, 3]})
-    calls, landed = failing_finish(daemon.service.store, clock, job["id"], 6)
-    (granted,) = await lease(daemon, who)
-    first = ensureDeferred(report(daemon, who, [result(granted, exit_code=None, result=5)]))
-    await until(lambda: calls)
+    job, who, granted, first, calls, landed = await report_failing(daemon, clock, 6, slots=1)
 
     # While it is written again: the lease is still the worker's...
     code, answer = await heartbeat(daemon, who, [granted])
@@ -117,12 +127,7 @@ async def test_a_remote_result_still_unwritten_at_a_stop_is_taken_at_the_next_st
     clock.advance(1_800_000_000)
     data = tmp_path / "keep"
     daemon = await make_pure(clock=clock, data_dir=data)
-    who = worker("w", tasks=["add"])
-    job = await daemon.submit({"task": "add", "args": [2, 3]})
-    calls, landed = failing_finish(daemon.service.store, clock, job["id"], 1_000_000)
-    (granted,) = await lease(daemon, who)
-    first = ensureDeferred(report(daemon, who, [result(granted, exit_code=None, result=5)]))
-    await until(lambda: calls)
+    job, who, granted, first, calls, landed = await report_failing(daemon, clock, 1_000_000)
     assert daemon.service.dispatcher.recorder.waiting == 1
     stopped = daemon.service.stopService()
     code, answer = await first
@@ -173,12 +178,7 @@ async def test_a_cancel_asked_while_a_result_is_written_again_ends_nothing_twice
     before the cancel reached the job keeps it)."""
     clock = Clock()
     daemon = await make_pure(clock=clock)
-    who = worker("w", tasks=["add"])
-    job = await daemon.submit({"task": "add", "args": [2, 3]})
-    calls, landed = failing_finish(daemon.service.store, clock, job["id"], 1)
-    (granted,) = await lease(daemon, who)
-    first = ensureDeferred(report(daemon, who, [result(granted, exit_code=None, result=5)]))
-    await until(lambda: calls)
+    job, who, granted, first, calls, landed = await report_failing(daemon, clock, 1)
     code, _ = await daemon.json("POST", f"/v1/jobs/{job['id']}/cancel")
     assert code == 202
     code, answer = await heartbeat(daemon, who, [granted])

@@ -12,11 +12,9 @@ import sqlite3
 import pytest
 import pytest_twisted
 from hypothesis import given
-from twisted.internet import reactor
 
 from dispatcher.model._jobs import InputSpec, JobSpec, JobState, Outcome, PlainJobs, Resources
 from dispatcher.store import _submissions
-from dispatcher.store._sqlite import SQLiteJobStore
 from dispatcher.store._stored import (
     decode_stored,
     encode_stored,
@@ -25,9 +23,10 @@ from dispatcher.store._stored import (
     spec_from_stored,
     spec_to_stored,
 )
-from tests.store_contract import claim, ids, no_jitter
+from tests.store_contract import claim, ids
 from tests.test_json import values
 from tests.test_layout import PACKAGE, _imports
+from tests.test_store import make_store  # noqa: F401 (a fixture)
 
 
 
@@ -109,22 +108,6 @@ def test_the_stored_form_is_the_stores_own():
     for name in ("_stored.py", "_rows.py", "_submissions.py", "_leases.py"):
         imported = _imports(PACKAGE / "store" / name)
         assert not [m for m in imported if m.startswith("dispatcher.wire")], name
-
-
-@pytest.fixture
-def make_store(tmp_path):
-    """Open SQLite stores in the test's directory; all closed at teardown."""
-    made = []
-
-    async def make(name="db.sqlite3"):
-        s = SQLiteJobStore(str(tmp_path / name), reactor, backoff=no_jitter)
-        made.append(s)
-        await s.open()
-        return s
-
-    yield make
-    for s in made:
-        pytest_twisted.blockon(s.close())
 
 
 @pytest.mark.parametrize("json_rows", [True, False])

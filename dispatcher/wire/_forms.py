@@ -48,13 +48,6 @@ REFUSALS = {
 }
 
 
-def resources_json(resources: Resources) -> dict[str, Any]:
-    """
-    Resources as a worker's description shows them: all three.
-    """
-    return {"cpus": resources.cpus, "memory_mb": resources.memory_mb, "gpus": resources.gpus}
-
-
 def _input_view(spec: InputSpec) -> InputView:
     return InputView(spec.url, spec.path, UNSET if spec.sha256 is None else spec.sha256)
 
