@@ -5,10 +5,11 @@ together from one L{Config}, started and stopped in order.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import socket
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, maybeDeferred
@@ -313,6 +314,33 @@ class DaemonService(MultiService):
             os.close(self._lock_fd)
             self._lock_fd = None
         log.info("dispatcher stopped")
+
+
+@contextlib.contextmanager
+def hold_data_dir(data_dir: str) -> Iterator[None]:
+    """
+    Hold the data directory's lock, as a running daemon does, for an
+    operator's command that must not run beside one (a restore).
+
+    @raise DataDirInUse: a dispatcher holds it.
+    @raise DataDirUnusable: it is not a directory this process may write in.
+    """
+    try:
+        fd = os.open(os.path.join(data_dir, "lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise DataDirUnusable(_unusable(data_dir, e)) from e
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            other = os.read(fd, 100).decode("ascii", "replace").strip()
+            raise DataDirInUse(
+                f"the data directory {data_dir} is in use by a dispatcher (pid "
+                f"{other or 'unknown'}); stop it first"
+            )
+        yield
+    finally:
+        os.close(fd)
 
 
 def _unusable(data_dir: str, error: OSError) -> str:

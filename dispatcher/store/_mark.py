@@ -201,15 +201,23 @@ def database_mark(conn: sqlite3.Connection) -> Optional[Mark]:
     return Mark(row[0], row[1])
 
 
-def check_commits(conn: sqlite3.Connection, path: str, mark_file: MarkFile) -> Optional[str]:
+def check_commits(
+    conn: sqlite3.Connection,
+    path: str,
+    mark_file: MarkFile,
+    read: Optional[tuple[bool, Optional[Mark]]] = None,
+) -> Optional[str]:
     """
     Compare the database's last commit with the mark file.
+
+    @param read: what C{mark_file.read()} gave, if it was read already
+        (while a daemon runs, before the database's snapshot was taken).
 
     @return: a warning to log if the mark cannot be told (missing, or not
         a whole record), else L{None}.
     @raise CommitsLost: the database lacks commits the mark saw made.
     """
-    exists, mark = mark_file.read()
+    exists, mark = read if read is not None else mark_file.read()
     if not exists:
         held = database_mark(conn)
         if held is not None and held.seq:
@@ -251,19 +259,21 @@ def _when(at: float) -> str:
 
 def sync_database(path: str) -> None:
     """
-    Sync the database file and its write-ahead log to the disk: what the
-    database holds once opened (after a crash, what the kernel held) is
-    durable, and a mark of it may be written.
+    Sync the database's write-ahead log to the disk: what the database
+    holds once opened (after a crash, what the kernel held) is durable, and
+    a mark of it may be written.  (The database file itself is synced by
+    every checkpoint.  It must not be opened here: closing any descriptor
+    of it drops the POSIX locks SQLite's connections in this process hold
+    on it, and another process would then take the database for unused.)
     """
-    for name in (path, path + "-wal"):
-        try:
-            fd = os.open(name, os.O_RDONLY)
-        except FileNotFoundError:
-            continue
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    try:
+        fd = os.open(path + "-wal", os.O_RDONLY)
+    except FileNotFoundError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def start_marking(conn: sqlite3.Connection, path: str, mark_file: MarkFile) -> Mark:
