@@ -63,8 +63,12 @@ EXPLAINED = (CannotStart, OpenToTheNetwork, StoreUnusable)
 class DaemonService(MultiService):
     """
     A whole dispatcher: store, executor, spawner, input stager and the HTTP
-    API, started in that order (the API listens only once the store is open
-    and the previous run's leftovers are settled) and stopped in reverse.
+    API, started in that order and stopped in reverse.  The API's port is
+    bound first, after the data directory's lock, so that a daemon that
+    cannot serve takes up none of the last run's jobs; it accepts
+    connections only once the store is open and the previous run's
+    leftovers are settled.  A start that fails logs one line for a cause
+    its message explains (L{EXPLAINED}), a traceback for any other.
     Services added to it (C{setServiceParent}) start once the API listens
     and stop first.
 
