@@ -1,11 +1,13 @@
 """
 The C{dispatcher} command: C{dispatcher worker ...} runs a remote worker in
 the foreground, logging text to stderr, as C{twistd -n dispatcher-worker}
-does with its own log options.
+does with its own log options; C{dispatcher store ...} checks, backs up and
+restores a dispatcher's store.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any, Optional, Sequence
 
@@ -14,10 +16,13 @@ from twisted.python import usage
 
 USAGE = """\
 Usage: dispatcher worker --url URL --token-file FILE --slots N [options]
+       dispatcher store check|backup|restore|reset-mark [--data-dir DIR] ...
 
 Commands:
   worker   Pull jobs from a dispatcher over HTTP and run them on this host.
            'dispatcher worker --help' lists its options.
+  store    Check a store, back it up (while the dispatcher runs), restore a
+           backup.  'dispatcher store --help' tells more.
 
 The dispatcher itself runs with 'twistd -n dispatcher' (or 'twist dispatcher').
 """
@@ -32,6 +37,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         sys.stdout.write(USAGE)
         raise SystemExit(0 if args else 2)
     command, rest = args[0], args[1:]
+    if command == "store":
+        raise SystemExit(store_main(rest))
     if command != "worker":
         sys.stderr.write(f"dispatcher: unknown command {command!r}\n\n{USAGE}")
         raise SystemExit(2)
@@ -88,3 +95,96 @@ def run_worker(options: Any) -> None:
         return Deferred()
 
     react(start)
+
+
+STORE_HELP = """\
+Check, back up and restore a dispatcher's store (DIR/dispatcher.sqlite3).
+
+  check       Check it as the dispatcher does at its start (SQLite's
+              quick_check, and that it holds every commit its mark file
+              says was made); --full matches every index with its table too.
+              Safe while the dispatcher runs.  Exits 1 if it is not fit.
+  backup FILE Copy it to FILE with SQLite's backup API, safe while the
+              dispatcher runs, and check the copy.
+  restore FILE
+              Put the backup FILE in its place (the old files are kept
+              beside it, named *.before-restore-TIME), so that the
+              dispatcher starts on it.  Refused while a dispatcher runs.
+  reset-mark  Accept what a store that lost commits still holds, so that
+              the dispatcher starts on it.  Refused while a dispatcher runs.
+"""
+
+
+def store_main(argv: Sequence[str]) -> int:
+    """
+    C{dispatcher store ...}: returns the exit status (0: done, 1: the
+    store is not fit or the command failed, 2: a usage error).  Every
+    outcome is one line: on stdout when done, on stderr when not.
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="dispatcher store",
+        description=STORE_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help)
+        where = sub.add_mutually_exclusive_group()
+        where.add_argument(
+            "--data-dir", "-d", help="the data directory (default: the ini file's, or ./var)"
+        )
+        where.add_argument("--config", "-c", help="the ini file naming the data directory")
+        return sub
+
+    check = command("check", "check the store")
+    check.add_argument("--full", action="store_true", help="run integrity_check too")
+    command("backup", "back the store up").add_argument("file")
+    command("restore", "restore a backup").add_argument("file")
+    command("reset-mark", "accept what the store holds")
+    options = parser.parse_args(list(argv))
+
+    from dispatcher.app._daemon import DATABASE_NAME, DataDirInUse, hold_data_dir
+    from dispatcher.store._maintenance import (
+        backup_store,
+        check_store,
+        reset_mark,
+        restore_store,
+    )
+    from dispatcher.store._results import StoreUnusable
+
+    try:
+        data_dir = _data_dir(options.data_dir, options.config)
+    except Exception as e:
+        sys.stderr.write(f"dispatcher store {options.command}: {e}\n")
+        return 2
+    path = os.path.join(data_dir, DATABASE_NAME)
+    try:
+        if options.command == "check":
+            report = check_store(path, full=options.full)
+        elif options.command == "backup":
+            report = backup_store(path, options.file)
+        else:
+            with hold_data_dir(data_dir):
+                if options.command == "restore":
+                    report = restore_store(path, options.file)
+                else:
+                    report = reset_mark(path)
+    except (StoreUnusable, DataDirInUse, OSError) as e:
+        sys.stderr.write(f"dispatcher store {options.command}: {e}\n")
+        return 1
+    sys.stdout.write(f"{report.summary()}\n")
+    return 0
+
+
+def _data_dir(data_dir: Optional[str], config: Optional[str]) -> str:
+    from dispatcher.config._ini import Config, ConfigError, load_config
+
+    if data_dir:
+        return data_dir
+    try:
+        return (load_config(config) if config else Config()).dispatcher.data_dir
+    except ConfigError as e:
+        raise ValueError(str(e))

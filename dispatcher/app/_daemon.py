@@ -5,13 +5,16 @@ together from one L{Config}, started and stopped in order.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import socket
-from typing import Any, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, maybeDeferred
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
@@ -22,6 +25,7 @@ from dispatcher.core._dispatcher import Dispatcher
 from dispatcher.execution._host import JobHost
 from dispatcher.http._protocol import HTTPFactory
 from dispatcher.execution._process import kill_group_if_ours
+from dispatcher.store._results import StoreUnusable
 from dispatcher.store._sqlite import SQLiteJobStore
 from dispatcher.api._workers import WorkerEndpoints
 
@@ -31,17 +35,40 @@ DATABASE_NAME = "dispatcher.sqlite3"
 ACCESS_LOG_NAME = "access.log"
 
 
-class DataDirInUse(Exception):
+class CannotStart(Exception):
+    """
+    The daemon cannot start for a reason its message names in one line
+    (with the file or address, and what to do): no traceback is needed.
+    """
+
+
+class DataDirInUse(CannotStart):
     """
     Another dispatcher holds the data directory.
     """
 
 
+class DataDirUnusable(CannotStart):
+    """
+    The data directory cannot be made, or is not a directory this process
+    may write in.
+    """
+
+
+# The causes of a failed start that their message explains in full; any
+# other exception is a defect, and its traceback is logged.
+EXPLAINED = (CannotStart, OpenToTheNetwork, StoreUnusable)
+
+
 class DaemonService(MultiService):
     """
     A whole dispatcher: store, executor, spawner, input stager and the HTTP
-    API, started in that order (the API listens only once the store is open
-    and the previous run's leftovers are settled) and stopped in reverse.
+    API, started in that order and stopped in reverse.  The API's port is
+    bound first, after the data directory's lock, so that a daemon that
+    cannot serve takes up none of the last run's jobs; it accepts
+    connections only once the store is open and the previous run's
+    leftovers are settled.  A start that fails logs one line for a cause
+    its message explains (L{EXPLAINED}), a traceback for any other.
     Services added to it (C{setServiceParent}) start once the API listens
     and stop first.
 
@@ -56,6 +83,9 @@ class DaemonService(MultiService):
         back-offs; the reactor by default (tests give a C{Clock}).
     @param stop_reactor: whether a failed start stops the reactor (so that
         twistd exits).
+    @param on_failed_start: called (before the reactor stops) when the
+        start fails; C{twistd}'s service sets the process's exit status
+        with it (see L{dispatcher.app._exit}).
     """
 
     def __init__(
@@ -65,11 +95,13 @@ class DaemonService(MultiService):
         endpoint: Any,
         clock: Any = None,
         stop_reactor: bool = True,
+        on_failed_start: Optional[Callable[[], None]] = None,
     ) -> None:
         MultiService.__init__(self)
         self._reactor = reactor
         clock = clock if clock is not None else reactor
         self._stop_reactor = stop_reactor
+        self._on_failed_start = on_failed_start
         self.config = config
         self._endpoint = endpoint
         # Absolute: the spawner helper starts commands from its own
@@ -158,11 +190,23 @@ class DaemonService(MultiService):
         holder = await deferToThreadPool(
             self._reactor, self.io_pool, self._lock_data_dir
         )
-        self.dispatcher.executor.holder = holder
-        self.host.start_spawner()
-        await self.dispatcher.start()
-        self.dispatcher.startService()
-        self.port = await self._endpoint.listen(self.site)
+        # The port is taken before the store opens and the last run's jobs
+        # are taken up: a daemon that cannot serve (the port is taken, the
+        # address is refused) must not start jobs it then has to stop.  It
+        # accepts nothing until the store is ready: connections wait in the
+        # listen backlog.
+        try:
+            self.port = await self._endpoint.listen(self.site)
+        except CannotListenError as e:
+            why = getattr(e.socketError, "strerror", None) or e.socketError
+            raise CannotStart(
+                f"cannot listen on {e.interface or '*'}:{e.port} "
+                f"({self.config.server.listen!r}): {why}; stop what listens "
+                "there, or give another --listen ([server] listen)"
+            ) from e
+        paused = IPushProducer(self.port, None)
+        if paused is not None:
+            paused.pauseProducing()
         try:
             # The address it did bind: what the endpoint was told is known
             # only to twistd's options (see tap.makeService), which check it
@@ -172,6 +216,12 @@ class DaemonService(MultiService):
             await self.port.stopListening()
             self.port = None
             raise
+        self.dispatcher.executor.holder = holder
+        self.host.start_spawner()
+        await self.dispatcher.start()
+        self.dispatcher.startService()
+        if paused is not None:
+            paused.resumeProducing()
         for child in list(self):
             child.startService()
         log.info("dispatcher listening on {address}", address=_address(self.port))
@@ -189,8 +239,11 @@ class DaemonService(MultiService):
         recovers the jobs the last run left.
         """
         data_dir = self.config.dispatcher.data_dir
-        os.makedirs(data_dir, exist_ok=True)
-        fd = os.open(os.path.join(data_dir, "lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            os.makedirs(data_dir, exist_ok=True)
+            fd = os.open(os.path.join(data_dir, "lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise DataDirUnusable(_unusable(data_dir, e)) from e
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -209,20 +262,38 @@ class DaemonService(MultiService):
             with open(path, encoding="utf-8") as f:
                 return f.read().strip()
         except FileNotFoundError:
-            holder = f"local@{socket.gethostname()}"
+            pass
+        except OSError as e:
+            raise DataDirUnusable(_unusable(data_dir, e)) from e
+        holder = f"local@{socket.gethostname()}"
+        try:
             with open(path + ".new", "w", encoding="utf-8") as f:
                 f.write(holder + "\n")
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(path + ".new", path)
-            return holder
+        except OSError as e:
+            raise DataDirUnusable(_unusable(data_dir, e)) from e
+        return holder
 
     def _failed_to_start(self, failure: Any) -> None:
-        log.failure("the dispatcher could not start", failure)
+        if failure.check(*EXPLAINED):
+            # An expected cause, told in full by its message: one line an
+            # operator reads, no traceback.
+            log.critical(
+                "the dispatcher could not start: {reason}", reason=str(failure.value)
+            )
+        else:
+            log.failure("the dispatcher could not start", failure)
         if not self.ready.called:
             self.ready.errback(failure)
-        if self._stop_reactor and self._reactor.running:
-            self._reactor.stop()
+        if self._on_failed_start is not None:
+            self._on_failed_start()
+        if self._stop_reactor:
+            if self._reactor.running:
+                self._reactor.stop()
+            else:
+                self._reactor.callWhenRunning(self._reactor.stop)
 
     def stopService(self) -> Deferred:
         Service.stopService(self)
@@ -247,6 +318,46 @@ class DaemonService(MultiService):
             os.close(self._lock_fd)
             self._lock_fd = None
         log.info("dispatcher stopped")
+
+
+@contextlib.contextmanager
+def hold_data_dir(data_dir: str) -> Iterator[None]:
+    """
+    Hold the data directory's lock, as a running daemon does, for an
+    operator's command that must not run beside one (a restore).
+
+    @raise DataDirInUse: a dispatcher holds it.
+    @raise DataDirUnusable: it is not a directory this process may write in.
+    """
+    try:
+        fd = os.open(os.path.join(data_dir, "lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise DataDirUnusable(_unusable(data_dir, e)) from e
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            other = os.read(fd, 100).decode("ascii", "replace").strip()
+            raise DataDirInUse(
+                f"the data directory {data_dir} is in use by a dispatcher (pid "
+                f"{other or 'unknown'}); stop it first"
+            )
+        yield
+    finally:
+        os.close(fd)
+
+
+def _unusable(data_dir: str, error: OSError) -> str:
+    if isinstance(error, FileExistsError) and not os.path.isdir(data_dir):
+        what = f"{data_dir} is not a directory"
+    else:
+        where = error.filename if error.filename is not None else data_dir
+        what = f"{where}: {error.strerror or error}"
+    return (
+        f"the data directory {data_dir} cannot be used: {what}; give a "
+        "--data-dir ([dispatcher] data_dir) that is a directory this user may "
+        "write in"
+    )
 
 
 def _address(port: Any) -> str:

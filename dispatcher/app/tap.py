@@ -68,6 +68,7 @@ def makeService(options: Options) -> Any:
     from twisted.internet.endpoints import serverFromString
 
     from dispatcher.app._daemon import DaemonService
+    from dispatcher.app._exit import ExitStatus
     from dispatcher.app._heap import HeapFreezer
 
     config = options.config
@@ -77,7 +78,10 @@ def makeService(options: Options) -> Any:
         raise usage.UsageError(
             f"{options.where} = {config.server.listen!r}: not a Twisted endpoint ({e})"
         )
-    service = DaemonService(reactor, config, endpoint)
+    # A start that fails stops the reactor and makes twistd (or twist)
+    # exit 1 rather than 0, so that a supervisor or a script sees it.
+    exit_status = ExitStatus()
+    service = DaemonService(reactor, config, endpoint, on_failed_start=exit_status.fail)
     if config.dispatcher.gc_freeze:
         # Only here: the process is the dispatcher alone.
         HeapFreezer(reactor).setServiceParent(service)

@@ -51,9 +51,30 @@ class WriteRefused(StoreError):
     """
 
 
-class StoreVersionError(Exception):
+class StoreUnusable(Exception):
+    """
+    The store cannot be opened: its message names the file, what is wrong
+    with it and what to do, in one line.
+    """
+
+
+class StoreVersionError(StoreUnusable):
     """
     The database was written by a newer dispatcher than this one.
+    """
+
+
+class StoreDamaged(StoreUnusable):
+    """
+    The database file is damaged (SQLite's C{quick_check} found faults, or
+    it is not a database at all).
+    """
+
+
+class CommitsLost(StoreUnusable):
+    """
+    The database holds fewer commits than its mark file says were made:
+    its write-ahead log lost commits that clients were told were done.
     """
 
 

@@ -101,6 +101,16 @@ MIGRATIONS: Sequence[str] = (
     """
     DROP INDEX jobs_holder;
     """,
+    # Every commit bumps the one row's sequence number, which the mark
+    # file beside the database is checked against (see _mark).
+    """
+    CREATE TABLE commits (
+        one INTEGER PRIMARY KEY CHECK (one = 1),
+        seq INTEGER NOT NULL,
+        at REAL NOT NULL
+    );
+    INSERT INTO commits (one, seq, at) VALUES (1, 0, 0);
+    """,
 )
 
 

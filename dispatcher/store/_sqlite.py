@@ -21,6 +21,7 @@ import threading
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.logger import Logger
 from zope.interface import implementer
 
 from dispatcher._threads import TaskThreads
@@ -50,12 +51,28 @@ from dispatcher.store._queries import (
     queue_counts,
     unconfigured_queues,
 )
-from dispatcher.store._results import Claimed, IdempotencyKey, ReadFailed
+from dispatcher.store._mark import (
+    MarkFile,
+    check_commits,
+    damaged,
+    is_damage,
+    quick_check,
+    start_marking,
+)
+from dispatcher.store._results import (
+    Claimed,
+    IdempotencyKey,
+    ReadFailed,
+    StoreDamaged,
+    StoreUnusable,
+)
 from dispatcher.store._schema import migrate
 from dispatcher.store._stored import plain_stored
 from dispatcher.store._writer import GroupWriter
 
 __all__ = ["SQLiteJobStore", "jittered_backoff"]
+
+log = Logger()
 
 
 @implementer(IJobStore)
@@ -81,6 +98,11 @@ class SQLiteJobStore:
         sync of one makes every earlier commit durable as well.
     @param clock: the clock that times those syncs (the reactor's if not
         given).
+
+    Opening checks the file first (L{dispatcher.store._mark}): SQLite's
+    C{quick_check} must find no damage, and the database must hold every
+    commit its mark file (C{path + ".mark"}) says was made; else the open
+    fails with L{StoreDamaged} or L{CommitsLost}, before anything writes.
     """
 
     def __init__(
@@ -112,6 +134,7 @@ class SQLiteJobStore:
             shared_paths(self._state),
             sync_interval,
             clock if clock is not None else reactor,
+            mark=MarkFile(path),
         )
         self._write = self._writer.write
         self._reader_pool = TaskThreads(reactor, readers, name="store-reader")
@@ -182,12 +205,35 @@ class SQLiteJobStore:
         Open the writing connection, bring the schema up to date and load
         what the operations keep between writes; on the writer thread.
         """
-        directory = os.path.dirname(os.path.abspath(self._path))
-        os.makedirs(directory, exist_ok=True)
-        conn = self._connect()
+        path = self._path
+        directory = os.path.dirname(os.path.abspath(path))
         try:
-            migrate(conn, self._path)
+            os.makedirs(directory, exist_ok=True)
+            conn = self._connect()
+        except sqlite3.Error as e:
+            if is_damage(e):
+                raise StoreDamaged(damaged(path, str(e))) from e
+            raise StoreUnusable(f"the store {path} cannot be opened: {e}") from e
+        except OSError as e:
+            raise StoreUnusable(f"the store {path} cannot be opened: {e}") from e
+        try:
+            # Checked before anything writes: a write would overwrite what
+            # is left of a write-ahead log SQLite's recovery cut short.
+            quick_check(conn, path)
+            warning = check_commits(conn, path, self._writer.mark)
+            if warning is not None:
+                log.warn("{warning}; a new mark starts now", warning=warning)
+            migrate(conn, path)
             self._state.load(conn)
+            self._writer.last_commit = start_marking(conn, path, self._writer.mark)
+        except sqlite3.Error as e:
+            conn.close()
+            if is_damage(e):
+                raise StoreDamaged(damaged(path, str(e))) from e
+            raise StoreUnusable(f"the store {path} cannot be opened: {e}") from e
+        except OSError as e:
+            conn.close()
+            raise StoreUnusable(f"the store {path} cannot be opened: {e}") from e
         except BaseException:
             conn.close()
             raise

@@ -30,6 +30,7 @@ from twisted.python.failure import Failure
 
 from dispatcher._threads import TaskThreads
 from dispatcher.model._jobs import StoreClosed
+from dispatcher.store._mark import BUMP, Mark, MarkFile
 from dispatcher.store._results import CommitFailed, StoreError, WriteRefused
 from dispatcher.store._writes import DURABLE, Write
 
@@ -76,7 +77,12 @@ class GroupWriter:
     @param sync_interval: seconds a commit of run-state changes alone may
         wait to reach the disk; 0 syncs every commit.
     @param clock: the clock that times those syncs.
+    @param mark: the mark file each commit's sequence number is checked
+        against at the next start (see L{dispatcher.store._mark}); none,
+        no numbering.
 
+    @ivar mark: the mark file, if any.
+    @ivar last_commit: the last commit's L{Mark}.
     @ivar connection: the writing connection, once L{start} has opened it.
     @ivar batches: how many groups were committed.
     @ivar durable_batches: how many of those synced the disk.
@@ -91,6 +97,7 @@ class GroupWriter:
         shared: Sequence[SharedPath],
         sync_interval: float,
         clock: Any,
+        mark: Optional[MarkFile] = None,
     ) -> None:
         self._path = path
         self._reactor = reactor
@@ -112,6 +119,10 @@ class GroupWriter:
         self.durable_batches = 0
         self._closing: Optional[Deferred] = None
         self._shut = False
+        # The writer thread's own: the last commit's number and time (the
+        # open sets them from the database).
+        self.mark = mark
+        self.last_commit = Mark(0, 0.0)
 
     @property
     def started(self) -> bool:
@@ -147,6 +158,12 @@ class GroupWriter:
         return self._threads.defer(self._sync_in_thread)
 
     def _sync_in_thread(self) -> None:
+        self._sync_log()
+        if self.mark is not None and self.connection is not None:
+            # After the log's sync: the mark never runs ahead of the disk.
+            self.mark.write(self.last_commit, sync=True)
+
+    def _sync_log(self) -> None:
         # Runs on the writer thread between groups: no commit is under way.
         if not self.unsynced or self.connection is None:
             return
@@ -203,6 +220,8 @@ class GroupWriter:
             if self.connection is not None:
                 self.connection.close()
                 self.connection = None
+            if self.mark is not None:
+                self.mark.close()
 
         def closed(result: Any) -> None:
             self._threads.stop()
@@ -275,6 +294,9 @@ class GroupWriter:
                         conn.execute("ROLLBACK")
                     conn.execute("BEGIN IMMEDIATE")
                     results = [self._apply_one(conn, write) for write in work]
+                if self.mark is not None:
+                    made = Mark(self.last_commit.seq + 1, self._clock.seconds())
+                    conn.execute(BUMP, (made.seq, made.at))
                 conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:
@@ -285,6 +307,20 @@ class GroupWriter:
         self.unsynced = not durable
         self.batches += 1
         self.durable_batches += durable
+        if self.mark is not None:
+            self.last_commit = made
+            if durable:
+                # On the disk now: mark it (written, not synced; after a
+                # crash of the daemon alone the kernel still holds it,
+                # and the periodic sync makes it durable).
+                try:
+                    self.mark.write(made)
+                except OSError as e:
+                    log.warn(
+                        "the store's mark file {path} could not be written: {error}",
+                        path=self.mark.path,
+                        error=e,
+                    )
         return results
 
     def _apply_one(self, conn: sqlite3.Connection, write: Write) -> tuple[bool, Any]:
