@@ -6,6 +6,7 @@ worker go back to the queue unspent (issue 14, findings 1 and 3).
 """
 
 import pytest
+import pytest_twisted
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
@@ -15,6 +16,7 @@ from dispatcher.model._jobs import JobSpec, JobState, Lease, Offer, Outcome
 from dispatcher.store._results import ResumedLease
 
 from .conftest import run_clock
+from .test_leases import call, lease, make_pure, worker  # noqa: F401 (a fixture)
 
 LEASE_SECONDS = 30.0
 
@@ -278,3 +280,35 @@ def test_resumed_leases_of_a_shared_name_are_not_released():
     h.beat(instance="b" * 16)
     h.hub.poll(h.offer("b" * 16), 1, 30, [])
     assert h.released() == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_claim_whose_answer_a_crash_lost_is_released_after_the_restart(
+        make_pure, tmp_path):
+    """A dispatcher that committed a claim and stopped before its answer
+    reached the worker resumes the lease at its restart; the worker's first
+    request for work does not list it, so the job goes back to the queue
+    unspent, and with max_attempts = 1 it is leased again and succeeds."""
+    clock = Clock()
+    clock.advance(1000)
+    data = tmp_path / "keep"
+    daemon = await make_pure(clock=clock, data_dir=data)
+    who = {**worker("w", slots=1), "instance": "a" * 16}
+    job = await daemon.submit({"command": ["true"], "max_attempts": 1})
+    (granted,) = await lease(daemon, who)
+    await daemon.service.stopService()
+    daemon = await make_pure(clock=clock, data_dir=data)
+    # The same request for work gets the job back, as soon as the release
+    # has committed.
+    code, answer = await call(daemon, "/v1/leases", {"worker": who, "wait": 5, "held": []})
+    assert code == 200, answer
+    (again,) = answer["leases"]
+    assert (again["job_id"], again["attempt"]) == (job["id"], 2)
+    assert granted["token"] < again["token"]
+    code, answer = await call(daemon, "/v1/leases/results", {"worker": who, "results": [
+        {"job_id": again["job_id"], "token": again["token"], "state": "succeeded",
+         "exit_code": 0}]})
+    assert code == 200, answer
+    done = await daemon.wait(job["id"])
+    assert done["state"] == "succeeded" and len(done["attempts"]) == 2
+    assert "does not hold its lease" in done["attempts"][0]["error"]
