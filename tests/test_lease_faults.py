@@ -57,7 +57,8 @@ def test_jobs_that_end_while_the_dispatcher_is_stopped_succeed(
     jobs = [submit(stalling, {"command": gated(gates, "start", "end"), "max_attempts": 1})
             for _ in range(4)]
     for job in jobs:
-        stalling.wait(job["id"], ("running",))
+        running = stalling.wait(job["id"], ("running", "succeeded", "failed"))
+        assert running["state"] == "running", (running, worker.output())
     # Every job has started on the worker.
     poll(lambda: worker.output().count("attempt 1 leased") == 4, what="four leases")
     stalling.process.send_signal(signal.SIGSTOP)
@@ -78,8 +79,9 @@ def test_jobs_that_end_while_the_dispatcher_is_stopped_succeed(
         assert [(a["holder"], a["exit_code"]) for a in done["attempts"]] == [("s1", 0)]
         assert f"job {job['id']} attempt 1: result recorded" in worker.output()
     text = open(tmp_path / "out.log").read()
-    [stall] = re.findall(r"the dispatcher did not run for ([\d.]+) s", text)
-    assert float(stall) >= 2 * STALL_LEASE_SECONDS - 1, text
+    # (A loaded machine may add short stalls of its own.)
+    stalls = re.findall(r"the dispatcher did not run for ([\d.]+) s", text)
+    assert max(map(float, stalls), default=0) >= 2 * STALL_LEASE_SECONDS - 1, text
     assert "no heartbeat" not in text
 
 
