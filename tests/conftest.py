@@ -49,6 +49,16 @@ def sleep(seconds):
     return d
 
 
+def run_clock(clock, seconds, step=0.5):
+    """Let seconds pass on a fake clock as they pass for a reactor that is
+    running: in steps shorter than the worker hub's stall watchdog tick, so
+    that no timer fires late.  (One clock.advance past a due timer is a
+    stall: the dispatcher could not run meanwhile.)"""
+    end = clock.seconds() + seconds
+    while clock.seconds() < end:
+        clock.advance(min(step, end - clock.seconds()))
+
+
 async def until(condition, timeout=10.0):
     """Wait, on the real reactor, until condition() is true: for what a real
     request or a real commit does, never to let a fake clock's time pass.

@@ -19,7 +19,7 @@ from dispatcher.config._ini import parse_config
 from dispatcher.app._daemon import DaemonService
 from dispatcher.api._openapi import openapi_document
 
-from .conftest import TEST_TASKS, WORKER_TOKEN
+from .conftest import TEST_TASKS, WORKER_TOKEN, run_clock
 
 TOKEN = WORKER_TOKEN
 API_TOKEN = "api-token-0123456789abc"
@@ -242,12 +242,12 @@ async def test_a_lease_without_heartbeat_expires_and_its_writes_are_refused(make
     who = worker("w")
     job = await daemon.submit({"command": ["true"], "max_attempts": 2, "retry_delay": 0})
     (granted,) = await lease(daemon, who)
-    clock.advance(20)
+    run_clock(clock, 20)
     code, answer = await heartbeat(daemon, who, [granted])
     assert code == 200 and answer["leases"][0]["ok"] is True
-    clock.advance(20)  # 20 s since the heartbeat: still alive
+    run_clock(clock, 20)  # 20 s since the heartbeat: still alive
     assert (await daemon.json("GET", f"/v1/jobs/{job['id']}"))[1]["state"] == "running"
-    clock.advance(11)
+    run_clock(clock, 11)
     after = await daemon.wait(job["id"], ("queued",))
     assert "sent no heartbeat for 30 s" in after["attempts"][0]["error"]
     code, answer = await heartbeat(daemon, who, [granted])
@@ -258,7 +258,7 @@ async def test_a_lease_without_heartbeat_expires_and_its_writes_are_refused(make
     # The second and last attempt expires too: the job fails.
     (second,) = await lease(daemon, worker("other"))
     assert second["attempt"] == 2 and second["token"] > granted["token"]
-    clock.advance(31)
+    run_clock(clock, 31)
     final = await daemon.wait(job["id"], ("failed",))
     assert len(final["attempts"]) == 2
 
@@ -277,10 +277,10 @@ async def test_a_worker_whose_lease_expires_gets_no_work_until_it_calls_again(ma
     # The frozen worker still has a long-poll open for its other slot.
     stale = ensureDeferred(lease(daemon, frozen, max_jobs=1, wait=60))
     await until_waiting_for_work(daemon, "frozen")
-    clock.advance(20)
+    run_clock(clock, 20)
     waiting = ensureDeferred(lease(daemon, live, wait=60))
     await until_waiting_for_work(daemon, "live")
-    clock.advance(11)
+    run_clock(clock, 11)
     assert await stale == []
     (moved,) = await waiting
     assert (moved["job_id"], moved["attempt"], moved["holder"]) == (job["id"], 2, "live")
@@ -380,12 +380,12 @@ async def test_a_restart_keeps_remote_leases_alive(make_pure, tmp_path):
     who = worker("w")
     job = await daemon.submit({"command": ["sleep", "100"]})
     (granted,) = await lease(daemon, who)
-    clock.advance(25)
+    run_clock(clock, 25)
     await daemon.service.stopService()
     # The dispatcher was down for longer than a lease lives.
     clock.advance(120)
     daemon = await make_pure(clock=clock, data_dir=data)
-    clock.advance(25)
+    run_clock(clock, 25)
     code, answer = await heartbeat(daemon, who, [granted])
     assert code == 200 and answer["leases"][0]["ok"] is True
     code, answer = await report(daemon, who, [result(granted)])

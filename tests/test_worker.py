@@ -321,7 +321,7 @@ def test_a_refused_token_is_logged_and_retried():
 
 def test_client_sends_the_token_and_the_description():
     """A lease request is a JSON POST to /v1/leases with the bearer token,
-    the worker's description, max_jobs and wait."""
+    the worker's description, max_jobs, wait and the leases it holds."""
     h = Harness(slots=3)
     h.worker.startService()
     call = h.one("/v1/leases")
@@ -333,7 +333,7 @@ def test_client_sends_the_token_and_the_description():
         "worker": {"name": "w1", "slots": 3, "cpus": 4.0, "memory_mb": 2048,
                    "gpus": 0, "labels": {"site": "a"}, "tasks": ["add"],
                    "instance": instance},
-        "max_jobs": 3, "wait": 30.0}
+        "max_jobs": 3, "wait": 30.0, "held": []}
 
 
 @pytest.mark.parametrize("base", [
@@ -464,6 +464,41 @@ def test_one_report_answer_frees_all_its_slots_before_the_next_ask():
     assert h.pending("/v1/leases") == []
     h.results(second, recorded(2), recorded(3))
     assert h.one("/v1/leases").json["max_jobs"] == 2
+
+
+def test_each_lease_request_lists_the_leases_held():
+    """Every lease request lists the leases the worker holds, from the
+    answer that granted them until their result is acknowledged; after a
+    lease request whose answer was lost, the next one lists none of what it
+    would have granted."""
+    h = Harness(slots=3)
+    h.worker.startService()
+    assert h.one("/v1/leases").json["held"] == []
+    h.grant(lease(1), lease(2))
+    assert h.one("/v1/leases").json["held"] == [
+        {"job_id": "job-1", "token": 101}, {"job_id": "job-2", "token": 102}]
+    # The answer to this one is lost on the way.
+    unavailable(h, h.one("/v1/leases"))
+    h.advance(0.6)
+    h.executor.finish("job-1")
+    assert h.one("/v1/leases").json["held"] == [
+        {"job_id": "job-1", "token": 101}, {"job_id": "job-2", "token": 102}]
+    h.results(h.one("/v1/leases/results"), recorded(1))
+    h.answer(h.one("/v1/leases"), LeaseAnswer([], 30.0, 10.0))
+    h.advance(1.0)
+    assert h.one("/v1/leases").json["held"] == [{"job_id": "job-2", "token": 102}]
+
+
+def test_a_dispatcher_that_does_not_know_held_is_asked_without_it():
+    """A dispatcher from before the held field refuses it as unknown: the
+    worker says so once and asks again at once without it."""
+    h = Harness()
+    h.worker.startService()
+    h.answer(h.one("/v1/leases"), error(
+        "unknown_field", "held: not a field of this request", "held"), code=400)
+    assert "held" not in h.one("/v1/leases").json
+    h.grant(lease(1))
+    assert "held" not in h.one("/v1/leases").json
 
 
 def test_an_instant_empty_answer_does_not_spin():

@@ -14,6 +14,7 @@ import hmac
 import os
 from typing import Any, Mapping, Optional
 
+from msgspec import UNSET
 from twisted.internet.threads import deferToThreadPool
 
 from dispatcher._deferreds import shielded
@@ -121,7 +122,8 @@ class WorkerEndpoints:
         max_jobs = offer.slots if body.max_jobs is None else body.max_jobs
         if max_jobs > offer.slots:
             invalid("max_jobs", f"expected an integer from 1 to {offer.slots} (worker.slots)")
-        leases = await self._hub.poll(offer, max_jobs, float(body.wait))
+        held = None if body.held is UNSET else [(h.job_id, h.token) for h in body.held]
+        leases = await self._hub.poll(offer, max_jobs, float(body.wait), held)
         return 200, LeaseAnswer(
             [lease_grant(lease) for lease in leases],
             self._hub.lease_seconds,

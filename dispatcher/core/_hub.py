@@ -57,12 +57,19 @@ MAX_WAIT = 60.0
 # How often two processes sharing a worker name are logged, at most.
 DUPLICATE_LOG_INTERVAL = 60.0
 
+# The period of the stall watchdog while leases are out (a quarter of
+# lease_seconds when that is shorter).  A timer of the hub that fires more
+# than this late finds the dispatcher stalled.
+STALL_TICK = 1.0
+
 
 @attrs.define
 class RemoteLease:
     """
     A lease a worker holds: when it expires (dispatcher clock), whether its
-    job still stages, and whether a cancel waits to be told.
+    job still stages, whether a cancel waits to be told, and which worker
+    process it was granted to (C{instance}; unknown when a restart
+    C{resumed} it).
     """
 
     lease: Lease
@@ -74,6 +81,8 @@ class RemoteLease:
     # the reports waiting for a result's commit (the first and any resend).
     ending: Optional[LeaseEnd] = None
     waiting: Optional[list[Deferred]] = None
+    instance: Optional[str] = None
+    resumed: bool = False
 
 
 @attrs.define(eq=False)
@@ -86,6 +95,8 @@ class Poll:
     count: int
     timer: Any = None
     expired: bool = False
+    # The worker process that asked (its offer's instance).
+    instance: Optional[str] = None
 
 
 @attrs.define
@@ -157,6 +168,11 @@ class WorkerHub:
         self._reaper: Any = None
         self._writes: set[Deferred] = set()
         self.accepting = False
+        # The stall watchdog: its timer, its period, and when a timer of
+        # the hub last ran (see _stalled).
+        self._watchdog: Any = None
+        self.stall_tick = min(STALL_TICK, lease_seconds / 4.0)
+        self._ran = float("-inf")
 
     # What the dispatcher asks
 
@@ -172,6 +188,7 @@ class WorkerHub:
                 lease.expires_at,
                 item.state is JobState.STAGING,
                 cancel=item.cancel_requested,
+                resumed=True,
             )
             worker = self.workers.get(lease.holder)
             if worker is None:
@@ -223,8 +240,9 @@ class WorkerHub:
         in flight.
         """
         self.accepting = False
-        if self._reaper is not None and self._reaper.active():
-            self._reaper.cancel()
+        for timer in (self._reaper, self._watchdog):
+            if timer is not None and timer.active():
+                timer.cancel()
         for worker in self.workers.values():
             if worker.poll is not None:
                 self._end_poll(worker, [])
@@ -279,14 +297,25 @@ class WorkerHub:
                 second=offer.instance,
             )
 
-    def poll(self, offer: Offer, max_jobs: int, wait: float) -> Deferred:
+    def poll(
+        self,
+        offer: Offer,
+        max_jobs: int,
+        wait: float,
+        held: Optional[Iterable[tuple[str, int]]] = None,
+    ) -> Deferred:
         """
         A worker asks for up to C{max_jobs} jobs; fire with the leases it
         got, as soon as it gets any, or with none after C{wait} seconds.
         Cancelling the result (the worker hung up) gives back whatever a
-        claim still in flight brings.
+        claim still in flight brings.  C{held} lists the leases the worker
+        process holds, as C{(job_id, token)} (C{None}: it does not say);
+        those it was granted and does not list never reached it, and go
+        back to the queue unspent (L{_release_unheld}).
         """
         worker = self.contact(offer)
+        if held is not None and self.accepting:
+            self._release_unheld(worker, offer.instance, held)
         if worker.poll is not None:
             # A worker has one poll open: the new one replaces the old.
             self._end_poll(worker, [])
@@ -296,7 +325,7 @@ class WorkerHub:
             if worker.poll is poll:
                 self._close_poll(worker)
 
-        poll = Poll(Deferred(hung_up), count)
+        poll = Poll(Deferred(hung_up), count, instance=offer.instance)
         worker.poll = poll
         poll.timer = self._clock.callLater(
             min(wait, MAX_WAIT), self._poll_timed_out, worker, poll
@@ -308,6 +337,71 @@ class WorkerHub:
             self._scheduler.set_free(offer.holder, count)
             self._capacity_changed()
         return poll.answer
+
+    def _release_unheld(
+        self, worker: Worker, instance: Optional[str], held: Iterable[tuple[str, int]]
+    ) -> None:
+        """
+        A worker process (C{instance}) asks for work listing the leases it
+        holds (C{held}).  Its requests for work go one at a time: this one
+        was sent after the answer to the one before had come, or had been
+        given up on.  So a lease granted to this same process before this
+        request arrived, which it does not list, never reached it (the
+        answer was lost on the way, or its connection was gone as it was
+        written): it goes back to the queue at once, its attempt not
+        counted, instead of running out its life as an orphan and failing.
+
+        (A heartbeat is no such proof: one may be sent while the answer
+        granting a lease is still on its way.)  A lease a restart resumed
+        counts as granted to whichever process of its holder asks first
+        after the restart, its connection to the old dispatcher being gone,
+        unless two processes are known to share the name; listed, it is
+        that process's from then on.  A worker that gives no instance
+        releases nothing.
+        """
+        if instance is None:
+            return
+        listed = set(held)
+        now = self._clock.seconds()
+        lost = []
+        for job_id in sorted(worker.jobs):
+            remote = self.leases.get(job_id)
+            if remote is None or remote.ending is not None:
+                continue
+            if (job_id, remote.lease.token) in listed:
+                if remote.resumed:
+                    remote.instance, remote.resumed = instance, False
+                continue
+            if remote.resumed:
+                if worker.shared_until >= now:
+                    continue
+            elif remote.instance != instance:
+                continue
+            lost.append(remote)
+        for remote in lost:
+            lease = remote.lease
+            log.warn(
+                "job {job_id} attempt {attempt}: worker {holder} asks for work "
+                "without listing its lease{since}: the lease never reached it, or "
+                "the process that held it is gone; the job goes back to the "
+                "queue, the attempt not counted",
+                job_id=lease.job_id,
+                attempt=lease.attempt,
+                holder=lease.holder,
+                since=" (its first request since the dispatcher restarted)"
+                if remote.resumed
+                else "",
+            )
+            # Its slot is free at once: the worker does not hold the job,
+            # and this request asks for work in its place.
+            worker.jobs.discard(lease.job_id)
+            self._end(
+                remote,
+                LeaseEnd.SUPERSEDED,
+                None,
+                released=f"its worker {lease.holder} does not hold its lease (the "
+                "answer granting it was lost); back to the queue, not counted",
+            )
 
     def _poll_timed_out(self, worker: Worker, poll: Poll) -> None:
         if worker.poll is not poll:
@@ -354,7 +448,10 @@ class WorkerHub:
         now = self._clock.seconds()
         for lease in leases:
             self.leases[lease.job_id] = RemoteLease(
-                lease, now + self.lease_seconds, bool(lease.spec.inputs)
+                lease,
+                now + self.lease_seconds,
+                bool(lease.spec.inputs),
+                instance=worker.poll.instance,
             )
             worker.jobs.add(lease.job_id)
         self._arm_reaper()
@@ -478,11 +575,13 @@ class WorkerHub:
         reason: LeaseEnd,
         outcome: Optional[Outcome],
         waiter: Optional[Deferred] = None,
+        released: Optional[str] = None,
     ) -> None:
         """
         The lease of C{remote} ended, for C{reason}, with C{outcome}
-        (C{None}: given back unspent): record it through the recorder; the
-        lease is forgotten and its slot freed once that has committed, and
+        (C{None}: given back unspent, C{released} saying why when it is not
+        the worker's own stop): record it through the recorder; the lease
+        is forgotten and its slot freed once that has committed, and
         C{waiter} then fires with the report's L{LeaseVerdict}.
         """
         remote.ending = reason
@@ -491,7 +590,9 @@ class WorkerHub:
         now = self._clock.seconds()
         if outcome is None:
             d = self._recorder.release(
-                lease, now, f"its worker {lease.holder} stopped; the job goes back to the queue"
+                lease,
+                now,
+                released or f"its worker {lease.holder} stopped; the job goes back to the queue",
             )
         else:
             d = self._recorder.finish(lease, outcome, now)
@@ -575,9 +676,13 @@ class WorkerHub:
     def _arm_reaper(self) -> None:
         """
         Wake at the earliest expiry.  Renewals only move expiries later, so
-        a wake-up that finds nothing due just sets the next one.
+        a wake-up that finds nothing due just sets the next one.  The stall
+        watchdog runs as long as leases are out.
         """
-        if not self.leases or (self._reaper is not None and self._reaper.active()):
+        if not self.leases:
+            return
+        self._arm_watchdog()
+        if self._reaper is not None and self._reaper.active():
             return
         # A lease whose end is being recorded does not expire.
         earliest = min(
@@ -591,6 +696,8 @@ class WorkerHub:
         )
 
     def _reap(self) -> None:
+        if self._stalled(self._reaper.getTime()):
+            return
         now = self._clock.seconds()
         due = [r for r in self.leases.values() if r.expires <= now and r.ending is None]
         for remote in due:
@@ -621,6 +728,70 @@ class WorkerHub:
             )
         self._forget_idle(now)
         self._arm_reaper()
+
+    # Stalls
+
+    def _arm_watchdog(self) -> None:
+        if self._watchdog is None or not self._watchdog.active():
+            # Nothing ran the watchdog while no lease was out: time starts
+            # counting now.
+            self._ran = self._clock.seconds()
+            self._watchdog = self._clock.callLater(self.stall_tick, self._watch)
+
+    def _watch(self) -> None:
+        """
+        The watchdog's tick: notice a stall, and tick again while leases are
+        out.
+        """
+        self._stalled(self._watchdog.getTime())
+        if self.leases:
+            # (Unless a stall's re-arming of the reaper armed it already.)
+            self._arm_watchdog()
+
+    def _stalled(self, due: float) -> bool:
+        """
+        A timer of the hub that was due at C{due} runs now.  If it runs more
+        than a watchdog tick late, the dispatcher could not run meanwhile
+        (stopped, swapped out, a long pause or a blocking call), and the
+        heartbeats and results its workers sent meanwhile wait unread in
+        its sockets: push every live lease's expiry later by that time, so
+        that the time the dispatcher could not run does not count against
+        any lease; and re-arm the reaper, so that what waits in the sockets
+        is read before anything expires (the reactor runs due timers before
+        it polls for I/O).  True if it found a stall.
+
+        The watchdog ticks while leases are out, so no stall goes unseen
+        for longer than a tick; the time counted is the time since the
+        later of C{due} and the last run of any timer of the hub, during
+        which the reactor certainly did not run (a stall that began before
+        that is counted short by less than a tick).  No lease is left to
+        expire within a tick of the dispatcher's waking, the time it takes
+        to read its sockets again (a worker that retried on a new connection
+        waits to be accepted first).
+        """
+        now = self._clock.seconds()
+        stalled = now - max(due, self._ran)
+        self._ran = now
+        if stalled <= self.stall_tick:
+            return False
+        extended = 0
+        floor = now + self.stall_tick
+        for remote in self.leases.values():
+            if remote.ending is None:
+                remote.expires = max(remote.expires + stalled, floor)
+                extended += 1
+        log.warn(
+            "the dispatcher did not run for {seconds:.1f} s (stopped, swapped "
+            "out or blocked): {count} remote leases extended by that much, so "
+            "that the heartbeats and results sent meanwhile are read before "
+            "any lease expires",
+            seconds=stalled,
+            count=extended,
+        )
+        if self._reaper is not None and self._reaper.active():
+            self._reaper.cancel()
+        self._arm_reaper()
+        return True
 
     def _forget_idle(self, now: float) -> None:
         for name, worker in list(self.workers.items()):

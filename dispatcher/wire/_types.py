@@ -500,6 +500,15 @@ class WorkerOffer(_In):
     ] = None
 
 
+class LeaseHeld(_In):
+    """
+    A lease the worker holds, as a request for work lists it.
+    """
+
+    job_id: ShortName
+    token: Token
+
+
 class LeaseRequest(_In):
     """
     Ask for work (a long-poll).
@@ -514,6 +523,20 @@ class LeaseRequest(_In):
         float, Meta(ge=0, le=MAX_WAIT, description="Seconds to hold the request "
                     "open when nothing fits.")
     ] = DEFAULT_WAIT
+    # Left out rather than null when not sent: a dispatcher older than the
+    # field refuses it by name, and the worker then asks without it.
+    held: Union[
+        Annotated[
+            list[LeaseHeld],
+            Meta(
+                max_length=MAX_ITEMS,
+                description="Every lease the worker process holds: one granted "
+                "to it and not listed never reached it, and goes back to the "
+                "queue unspent (absent: it does not say, nothing is released).",
+            ),
+        ],
+        UnsetType,
+    ] = UNSET
 
 
 class HeartbeatItem(_In, omit_defaults=True):

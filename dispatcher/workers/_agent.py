@@ -29,6 +29,7 @@ from dispatcher.wire._types import (
     HeartbeatItem,
     LeaseAnswer,
     LeaseGrant,
+    LeaseHeld,
     LeaseStatus,
     ResultItem,
     WorkerOffer,
@@ -241,6 +242,9 @@ class RemoteWorker(Service):
         self._reporting: Optional[Deferred] = None
         self._sleeps: set[Deferred] = set()
         self._asking: Optional[Deferred] = None
+        # Whether requests for work list the leases held (a dispatcher older
+        # than that field refuses it; then they go without).
+        self._send_held = True
 
     # Starting and stopping
 
@@ -418,7 +422,9 @@ class RemoteWorker(Service):
                     self._slot_waiter = None
                 continue
             asked_at = self._clock.seconds()
-            self._polling = self._client.lease(self._offer, free, self._poll_wait)
+            self._polling = self._client.lease(
+                self._offer, free, self._poll_wait, self._held_items()
+            )
             try:
                 answer = await self._polling
             except CancelledError:
@@ -426,6 +432,14 @@ class RemoteWorker(Service):
             except DispatcherError as e:
                 if not self._accepting:
                     return
+                if self._send_held and _refuses_held(e):
+                    log.warn(
+                        "the dispatcher does not know the held field: asking for "
+                        "work without it (a lease answer lost on the way then runs "
+                        "out its life on the dispatcher; upgrade the dispatcher)"
+                    )
+                    self._send_held = False
+                    continue
                 delay = self._poll_backoff.next_delay()
                 _log_error(e, "asking for work", delay)
                 await self._sleep(delay)
@@ -449,6 +463,18 @@ class RemoteWorker(Service):
                 # An empty answer should come only when the wait ends;
                 # one that comes at once must not turn into a busy loop.
                 await self._sleep(self._random.uniform(0.5, 1.0))
+
+    def _held_items(self) -> Optional[list[LeaseHeld]]:
+        """
+        Every lease this process holds, for a request for work.  The
+        requests for work go one at a time, each after the answer to the one
+        before has been read (its leases are held by then) or given up on,
+        so a lease the dispatcher granted that is not listed here never
+        reached this worker, and the dispatcher gives it back unspent.
+        """
+        if not self._send_held:
+            return None
+        return [LeaseHeld(h.job_id, h.lease.token) for h in self.held.values()]
 
     def _learn_timing(self, answer: Union[LeaseAnswer, HeartbeatAnswer]) -> None:
         if answer.lease_seconds > 0:
@@ -726,6 +752,18 @@ def _naming(held: list[HeldLease]) -> dict[str, Any]:
     sorted C{job_ids}.
     """
     return {"count": len(held), "job_ids": sorted(h.job_id for h in held)}
+
+
+def _refuses_held(error: Exception) -> bool:
+    """
+    Whether C{error} is a dispatcher's refusal of a request for work's
+    C{held} field (it predates the field).
+    """
+    return (
+        isinstance(error, DispatcherRefused)
+        and error.code == "unknown_field"
+        and error.field == "held"
+    )
 
 
 def _refusal(status: LeaseStatus) -> str:

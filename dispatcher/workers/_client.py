@@ -21,6 +21,7 @@ from dispatcher.wire._types import (
     HeartbeatItem,
     HeartbeatRequest,
     LeaseAnswer,
+    LeaseHeld,
     LeaseRequest,
     LogWritten,
     ResultItem,
@@ -63,12 +64,16 @@ class DispatcherRefused(DispatcherError):
 
     @ivar status: the HTTP status.
     @ivar code: the error's C{code}, or C{None}.
+    @ivar field: the field the error names, or C{None}.
     """
 
-    def __init__(self, status: int, code: Optional[str], message: str) -> None:
+    def __init__(
+        self, status: int, code: Optional[str], message: str, field: Optional[str] = None
+    ) -> None:
         super().__init__(f"{status} {code or ''}: {message}".replace(" :", ":"))
         self.status = status
         self.code = code
+        self.field = field
 
 
 class LeaseGone(DispatcherError):
@@ -124,12 +129,19 @@ class DispatcherClient:
             base = base.replace(path=base.path[:-1])
         return base.child(*segments)
 
-    def lease(self, worker: WorkerOffer, max_jobs: int, wait: float) -> Deferred:
+    def lease(
+        self,
+        worker: WorkerOffer,
+        max_jobs: int,
+        wait: float,
+        held: Optional[list[LeaseHeld]] = None,
+    ) -> Deferred:
         """
         Ask for up to C{max_jobs} leases, letting the dispatcher hold the
-        request up to C{wait} seconds.  Fires with the L{LeaseAnswer}.
+        request up to C{wait} seconds, listing the leases the worker holds
+        (C{held}; C{None} sends no list).  Fires with the L{LeaseAnswer}.
         """
-        body = LeaseRequest(worker, max_jobs, wait)
+        body = LeaseRequest(worker, max_jobs, wait, msgspec.UNSET if held is None else held)
         return self._exchange(
             self.url("v1", "leases"), body, LeaseAnswer, wait + POLL_MARGIN_SECONDS, ()
         )
@@ -285,7 +297,12 @@ def _error_for(status: int, error: Optional[Any]) -> DispatcherError:
     message = error.message if error is not None else None
     if status == 409:
         return LeaseGone(message or "the lease is no longer current")
-    return DispatcherRefused(status, error.code if error else None, message or "no message")
+    return DispatcherRefused(
+        status,
+        error.code if error else None,
+        message or "no message",
+        error.field if error else None,
+    )
 
 
 def _describe(e: Exception) -> str:

@@ -1,0 +1,314 @@
+"""
+The worker hub's lease bookkeeping on a Clock, with a fake scheduler and
+recorder: what a stalled dispatcher does with leases whose expiry passed
+while it could not run, and how leases whose grant never reached their
+worker go back to the queue unspent (issue 14, findings 1 and 3).
+"""
+
+import pytest
+import pytest_twisted
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import Clock
+from twisted.logger import globalLogPublisher
+
+from dispatcher.core._hub import WorkerHub
+from dispatcher.model._jobs import JobSpec, JobState, Lease, Offer, Outcome
+from dispatcher.store._results import ResumedLease
+
+from .conftest import run_clock
+from .test_leases import call, lease, make_pure, worker  # noqa: F401 (a fixture)
+
+LEASE_SECONDS = 30.0
+
+
+class FakeScheduler:
+    """Remembers the free slots each holder's long-poll asks for."""
+
+    def __init__(self):
+        self.free = {}
+
+    def set_free(self, holder, free):
+        self.free[holder] = free
+
+    def remove_holder(self, holder):
+        self.free.pop(holder, None)
+
+    def claiming(self, holder):
+        return False
+
+    def slots_freed(self, holder, count=1):
+        pass
+
+
+class FakeRecorder:
+    """Records every end of a lease; a finish answers when the test says
+    (finishing), or at once."""
+
+    def __init__(self):
+        self.finished = []
+        self.released = []
+        self.finishing = None
+
+    def finish(self, lease, outcome, now):
+        self.finished.append((lease, outcome, now))
+        return self.finishing if self.finishing is not None else succeed(None)
+
+    def release(self, lease, now, reason):
+        self.released.append((lease, now, reason))
+        return succeed(None)
+
+    def mark_running(self, lease, now):
+        return succeed(None)
+
+
+class Hub:
+    """A WorkerHub on a Clock, with helpers that speak for a worker."""
+
+    def __init__(self, start=1000.0, lists=True):
+        self.clock = Clock()
+        self.clock.advance(start)
+        self.scheduler = FakeScheduler()
+        self.recorder = FakeRecorder()
+        self.hub = WorkerHub(
+            self.scheduler, self.clock, LEASE_SECONDS, self.recorder, lambda: None
+        )
+        self.hub.accepting = True
+        self.tokens = iter(range(100, 1000))
+        # What the worker process "a" holds, and whether its requests for
+        # work list it (the stall tests speak as a worker that does not).
+        self.held = []
+        self.lists = lists
+
+    def offer(self, instance="a" * 16, slots=2):
+        return Offer("w", slots, instance=instance)
+
+    def grant(self, job_id, instance="a" * 16, slots=2):
+        """A long-poll of the worker process instance (listing what it
+        holds), answered with a new lease on job_id."""
+        held = (list(self.held),) if self.lists else ()
+        answer = self.hub.poll(self.offer(instance, slots), 1, 30, *held)
+        lease = Lease(job_id, 1, next(self.tokens), "w", 0.0, JobSpec(command=("true",)))
+        self.hub.claimed("w", [lease])
+        assert answer.called and answer.result == [lease]
+        self.held.append((job_id, lease.token))
+        return lease
+
+    def beat(self, *leases, instance="a" * 16):
+        d = self.hub.heartbeat(
+            self.offer(instance), [(l.job_id, l.token, False) for l in leases]
+        )
+        return [v.ok for v in d.result]
+
+    def expired(self):
+        return [lease.job_id for lease, outcome, _ in self.recorder.finished
+                if "sent no heartbeat" in (outcome.error or "")]
+
+    def released(self):
+        return [lease.job_id for lease, _, _ in self.recorder.released]
+
+
+@pytest.fixture
+def warnings():
+    """The hub's warnings about stalls, as they are logged."""
+    seen = []
+
+    def observe(event):
+        if "did not run for" in event.get("log_format", ""):
+            seen.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    yield seen
+    globalLogPublisher.removeObserver(observe)
+
+
+def test_a_stall_past_every_expiry_expires_nothing(warnings):
+    """A dispatcher that could not run for 60 s (its clock jumps past every
+    lease's expiry at once) expires no lease: it logs one warning naming
+    the stall and the leases extended; a heartbeat read after the stall
+    renews its lease, and a lease that gets none after the stall expires
+    once the life it had left when the stall began has passed."""
+    h = Hub(lists=False)
+    a, b = h.grant("a"), h.grant("b")
+    run_clock(h.clock, 20)
+    assert h.beat(a, b) == [True, True]
+    start = h.clock.seconds()
+    h.clock.advance(60)
+    assert h.expired() == []
+    [warning] = warnings
+    # The watchdog's tick was due a second after the stall began.
+    assert warning["seconds"] == pytest.approx(59) and warning["count"] == 2
+    assert h.beat(a) == [True]
+    # b had 30 s left when the stall began; the second before the
+    # watchdog's tick counts against it.
+    run_clock(h.clock, 28.5)
+    assert h.expired() == []
+    assert h.beat(a) == [True]
+    run_clock(h.clock, 1)
+    assert h.expired() == ["b"]
+    assert h.clock.seconds() - start == pytest.approx(89.5)
+    assert len(warnings) == 1
+
+
+def test_a_reaper_that_fires_late_sees_the_stall_first(warnings):
+    """When the reaper is due before the watchdog's next tick, the reaper
+    finds the stall: the lease at its last second when the stall began is
+    given at least a tick after the dispatcher wakes, so that a heartbeat
+    waiting in its sockets is read first; the watchdog firing in the same
+    turn does not count the stall again."""
+    h = Hub(lists=False)
+    a = h.grant("a")
+    # The watchdog ticks at whole seconds; a's expiry is at a half, and the
+    # stall begins just after a tick, before it.
+    run_clock(h.clock, 10.5)
+    assert h.beat(a) == [True]
+    run_clock(h.clock, 29.7)
+    h.clock.advance(30)
+    assert h.expired() == []
+    [warning] = warnings
+    assert warning["seconds"] == pytest.approx(29.7) and warning["count"] == 1
+    run_clock(h.clock, 0.9)
+    assert h.expired() == []
+    assert h.beat(a) == [True]
+    run_clock(h.clock, 29.5)
+    assert h.expired() == []
+    run_clock(h.clock, 1)
+    assert h.expired() == ["a"]
+
+
+def test_a_timer_late_by_less_than_a_tick_is_no_stall(warnings):
+    """Time that passes while the reactor runs timers at most a tick late
+    counts against leases as it always did: a lease without heartbeat
+    expires after lease_seconds, and no stall is logged."""
+    h = Hub(lists=False)
+    h.grant("a")
+    run_clock(h.clock, 29.9, step=0.95)
+    assert h.expired() == []
+    run_clock(h.clock, 0.95, step=0.95)
+    assert h.expired() == ["a"]
+    assert warnings == []
+    # With no lease out, the watchdog stops ticking.
+    run_clock(h.clock, 2)
+    assert h.clock.getDelayedCalls() == []
+
+
+def test_a_lease_its_worker_does_not_list_goes_back_unspent():
+    """A lease granted to a worker process whose next request for work
+    does not list it never reached it: it goes back to the queue unspent,
+    and the slot it took is asked for again in that same request."""
+    h = Hub()
+    kept, lost = h.grant("kept"), h.grant("lost")
+    assert h.scheduler.free == {}
+    h.hub.poll(h.offer(), 2, 30, [("kept", kept.token)])
+    assert h.released() == ["lost"]
+    [(lease, _, reason)] = h.recorder.released
+    assert lease.token == lost.token
+    assert "does not hold its lease" in reason and "not counted" in reason
+    assert h.scheduler.free == {"w": 1}
+    assert sorted(h.hub.leases) == ["kept"]
+    # A late write about it is refused.
+    assert h.beat(lost) == [False]
+
+
+def test_only_a_later_request_for_work_of_the_same_process_proves_a_loss():
+    """A lease is kept when the request for work lists it, when it comes
+    from another process under the same name, when it lists nothing (an
+    older worker), when it is a heartbeat (which may be sent while the
+    answer granting a lease is on its way), and while the lease's result is
+    being written."""
+    h = Hub()
+    a = h.grant("a")
+    h.hub.poll(h.offer(), 1, 30, [("a", a.token)])
+    h.hub.poll(h.offer("b" * 16), 1, 30, [])
+    h.hub.poll(h.offer(), 1, 30, None)
+    assert h.beat(instance="a" * 16) == []
+    # A worker without an instance releases nothing either.
+    h.hub.poll(h.offer(None), 1, 30, [])
+    assert h.released() == []
+    # Its result is reported and its write has not committed: the worker
+    # has let go of it, and the lease is no longer its to lose.
+    h.recorder.finishing = Deferred()
+    h.hub.report(h.offer(), [("a", a.token, Outcome(JobState.SUCCEEDED, exit_code=0))])
+    h.hub.poll(h.offer(), 1, 30, [])
+    assert h.released() == []
+    h.recorder.finishing.callback(None)
+    assert h.hub.leases == {}
+
+
+def test_a_lease_listed_with_another_token_is_not_held():
+    """A lease listed under an older token of the same job (the worker still
+    holds an earlier attempt) is not the one granted: the new one goes back
+    unspent."""
+    h = Hub()
+    a = h.grant("a")
+    h.hub.poll(h.offer(), 1, 30, [("a", a.token - 1)])
+    assert h.released() == ["a"]
+
+
+def test_resumed_leases_are_settled_at_the_holders_first_request_for_work():
+    """After a restart (the dispatcher crashed after committing a claim and
+    before its answer went out), the holder's first request for work
+    releases, unspent, the resumed leases it does not list, and makes
+    those it lists its own: another process under the name cannot release
+    them later, the same process can."""
+    h = Hub()
+
+    def resumed(job_id, token):
+        lease = Lease(job_id, 1, token, "w", h.clock.seconds() + LEASE_SECONDS,
+                      JobSpec(command=("true",)))
+        return ResumedLease(lease, JobState.RUNNING, False)
+
+    h.hub.resume([resumed("lost", 7), resumed("kept", 8)])
+    h.hub.poll(h.offer(), 2, 30, [("kept", 8)])
+    assert h.released() == ["lost"]
+    assert "does not hold its lease" in h.recorder.released[0][2]
+    assert h.scheduler.free == {"w": 1}
+    h.hub.poll(h.offer("b" * 16), 2, 30, [])
+    assert h.released() == ["lost"]
+    h.hub.poll(h.offer(), 2, 30, [])
+    assert h.released() == ["lost", "kept"]
+
+
+def test_resumed_leases_of_a_shared_name_are_not_released():
+    """While two processes are known to call under one name, a resumed
+    lease could be either's: a request for work that does not list it
+    releases nothing."""
+    h = Hub()
+    lease = Lease("j", 1, 7, "w", h.clock.seconds() + LEASE_SECONDS,
+                  JobSpec(command=("true",)))
+    h.hub.resume([ResumedLease(lease, JobState.RUNNING, False)])
+    h.beat(instance="a" * 16)
+    h.beat(instance="b" * 16)
+    h.hub.poll(h.offer("b" * 16), 1, 30, [])
+    assert h.released() == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_claim_whose_answer_a_crash_lost_is_released_after_the_restart(
+        make_pure, tmp_path):
+    """A dispatcher that committed a claim and stopped before its answer
+    reached the worker resumes the lease at its restart; the worker's first
+    request for work does not list it, so the job goes back to the queue
+    unspent, and with max_attempts = 1 it is leased again and succeeds."""
+    clock = Clock()
+    clock.advance(1000)
+    data = tmp_path / "keep"
+    daemon = await make_pure(clock=clock, data_dir=data)
+    who = {**worker("w", slots=1), "instance": "a" * 16}
+    job = await daemon.submit({"command": ["true"], "max_attempts": 1})
+    (granted,) = await lease(daemon, who)
+    await daemon.service.stopService()
+    daemon = await make_pure(clock=clock, data_dir=data)
+    # The same request for work gets the job back, as soon as the release
+    # has committed.
+    code, answer = await call(daemon, "/v1/leases", {"worker": who, "wait": 5, "held": []})
+    assert code == 200, answer
+    (again,) = answer["leases"]
+    assert (again["job_id"], again["attempt"]) == (job["id"], 2)
+    assert granted["token"] < again["token"]
+    code, answer = await call(daemon, "/v1/leases/results", {"worker": who, "results": [
+        {"job_id": again["job_id"], "token": again["token"], "state": "succeeded",
+         "exit_code": 0}]})
+    assert code == 200, answer
+    done = await daemon.wait(job["id"])
+    assert done["state"] == "succeeded" and len(done["attempts"]) == 2
+    assert "does not hold its lease" in done["attempts"][0]["error"]
