@@ -437,7 +437,9 @@ class Dispatcher(Service):
         def failed(failure: Failure) -> None:
             if failure.check(StoreClosed):
                 return
-            log.failure("waking due jobs failed; trying again in 5 s", failure)
+            if not failure.check(CommitFailed):
+                # A failed commit the store logs itself, once a minute.
+                log.failure("waking due jobs failed; trying again in 5 s", failure)
             self._schedule_wake(self._clock.seconds() + 5.0)
 
         d.addCallbacks(self._apply, failed)
@@ -498,7 +500,10 @@ class Dispatcher(Service):
         self.scheduler.claim_failed(claim)
         if failure.check(StoreClosed):
             return
-        log.failure("claiming jobs failed; trying again in a second", failure)
+        if not failure.check(CommitFailed):
+            # A failed commit (a full disk) the store logs itself, once a
+            # minute: a traceback every second here said nothing more.
+            log.failure("claiming jobs failed; trying again in a second", failure)
         self._clock.callLater(1.0, self._pump)
 
     def _claimed(self, claimed: Claimed, claim: Claim) -> None:
