@@ -338,7 +338,9 @@ class Dispatcher(Service):
     def _explainer(self) -> Callable[[Job], Job]:
         """
         A function that gives a queued job that no holder could ever take a
-        wait reason saying so; the holders are looked at once, and jobs
+        wait reason saying so, and a running job whose end waits to be
+        written (L{Recorder.unrecorded}) one saying that; the holders are
+        looked at once, and jobs
         that need the same are judged once.  While no remote worker has
         ever called, the holders are this host alone, and one function
         serves every call (making it was a twentieth of a single
@@ -348,8 +350,27 @@ class Dispatcher(Service):
             key = (self.executor.holder, self._slots)
             if self._local_explainer is None or self._local_explainer[0] != key:
                 self._local_explainer = (key, self._make_explainer([]))
-            return self._local_explainer[1]
-        return self._make_explainer([worker.offer for worker in self.hub.connected()])
+            explain = self._local_explainer[1]
+        else:
+            explain = self._make_explainer([worker.offer for worker in self.hub.connected()])
+        unrecorded = self.recorder.unrecorded
+        if not unrecorded:
+            return explain
+
+        def unrecorded_end(job: Job) -> Job:
+            # The store still shows the job running: its end's commit
+            # failed (a full disk) and is written again.
+            waiting = unrecorded.get(job.id)
+            if (
+                waiting is not None
+                and job.state in (JobState.RUNNING, JobState.STAGING)
+                and job.attempts
+                and job.attempts[-1].number == waiting.attempt
+            ):
+                return job.waiting(waiting.wait_reason)
+            return explain(job)
+
+        return unrecorded_end
 
     def _make_explainer(self, remote: list[Offer]) -> Callable[[Job], Job]:
         offers = ([self.local_offer] if self._slots > 0 else []) + remote
