@@ -359,9 +359,16 @@ class LocalExecutor:
             timer = self._clock.callLater(spec.timeout, time_out)
         try:
             await record_process(lease, process)
-        except Exception:
-            log.failure("recording the process of job {job_id} failed",
-                        job_id=lease.job_id)
+        except Exception as e:
+            # A store write that failed (a full disk): one line, not a
+            # traceback; the job runs on all the same.
+            log.warn(
+                "recording the process of job {job_id} failed ({error}); should the "
+                "dispatcher crash while it runs, a restart cannot find its leftover "
+                "processes",
+                job_id=lease.job_id,
+                error=str(e) or type(e).__name__,
+            )
         try:
             code = await process.ended
         except Exception as e:
