@@ -154,6 +154,15 @@ class Dispatcher(Service):
         Open the store, settle what a previous run left, and begin
         running queued jobs.  The daemon serves only after this.
         """
+        moved = await deferToThreadPool(
+            self._reactor, self._io_pool, self.executor.move_old_job_dirs
+        )
+        if moved:
+            log.info(
+                "moved {count} job directories from jobs/<time>/ to the spread "
+                "layout jobs/<time>/<time>/<time>/<random>/ (once)",
+                count=moved,
+            )
         await self.store.open()
         written = await self.store.recover(self.executor.holder, self._clock.seconds())
         for attempt in written.value:
