@@ -265,3 +265,27 @@ async def test_a_daemon_on_a_full_disk_answers_507_and_loses_nothing(
     code, page = await daemon.json("GET", "/v1/jobs?limit=100")
     assert [j["id"] for j in page["jobs"]] == acknowledged
     assert len(lines(logged, "the store commits again")) == 1
+
+
+def test_a_trouble_that_comes_and_goes_gets_a_line_each_way_a_minute_at_most():
+    """Throttle: the first time a trouble comes is logged at once, the next
+    times within the minute are counted and told with the next line, its end
+    is told once after a line said it was on, and a trouble that keeps coming
+    and going (a nearly full disk) is told no more than that."""
+    from dispatcher._throttle import Throttle
+
+    clock = Clock()
+    trouble = Throttle(clock)
+    assert trouble.cleared() is None
+    assert trouble.happened(2) == 2
+    assert trouble.cleared() == 0
+    for _ in range(10):
+        clock.advance(1)
+        assert trouble.happened() is None
+        assert trouble.cleared() is None
+    clock.advance(60)
+    assert trouble.happened() == 11
+    assert trouble.happened(3) is None
+    assert trouble.on
+    assert trouble.cleared() == 3
+    assert not trouble.on
