@@ -444,10 +444,17 @@ async def test_an_end_the_store_could_not_commit_is_written_again(make_daemon, m
     clock.advance(2)
     assert len(failures) == 3
     _, seen = await daemon.json("GET", f"/v1/jobs/{job['id']}")
+    # The store still holds it running; the answer says its end waits.
     assert seen["state"] == "running"
+    assert seen["wait_reason"] == (
+        f"ended (succeeded) at {seen['started_at']}; recording the end waits for "
+        "the store: database or disk is full; trying again at "
+        "2027-01-15T08:00:07.000000Z"
+    )
     clock.advance(4)
     done = await daemon.wait(job["id"])
     assert done["state"] == "succeeded" and done["result"] == 5
+    assert done["wait_reason"] is None
     assert [at for _, at in failures] == [1_800_000_000, 1_800_000_001, 1_800_000_003]
     # The end time is the job's, not that of the write that landed.
     assert done_finished(done) == 1_800_000_000
@@ -485,35 +492,44 @@ async def test_a_stop_does_not_wait_for_an_end_that_cannot_be_written(make_daemo
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_submission_whose_commit_fails_is_a_500_and_stores_nothing(daemon):
-    """A COMMIT that fails (a full disk) answers the submission 500 and
-    leaves no job behind; the next commit works as ever."""
+async def test_a_submission_whose_commit_fails_for_a_full_disk_is_a_507(daemon):
+    """A COMMIT that fails because the disk is full answers the submission
+    507 insufficient_storage and leaves no job behind; one that fails
+    otherwise (an I/O error) is a 500; the next commit works as ever."""
     import sqlite3
 
     store = daemon.service.store
 
-    class FullDisk:
-        """The writer's connection, whose next COMMIT fails."""
+    class FailingCommit:
+        """The writer's connection, whose next COMMIT fails with error."""
 
-        def __init__(self, conn):
+        def __init__(self, conn, error):
             self.conn = conn
+            self.error = error
             self.failed = 0
 
         def execute(self, sql, *args):
             if sql == "COMMIT" and not self.failed:
                 self.failed += 1
-                raise sqlite3.OperationalError("database or disk is full")
+                raise self.error
             return self.conn.execute(sql, *args)
 
         def __getattr__(self, name):
             return getattr(self.conn, name)
 
     real = store._writer.connection
-    store._writer.connection = full = FullDisk(real)
     try:
-        code, answer = await daemon.json("POST", "/v1/jobs", {"command": ["true"]})
-        assert code == 500 and answer["error"]["code"] == "internal_error"
-        assert full.failed == 1
+        for error, status, code in [
+            (sqlite3.OperationalError("database or disk is full"), 507,
+             "insufficient_storage"),
+            (sqlite3.OperationalError("disk I/O error"), 500, "internal_error"),
+        ]:
+            store._writer.connection = failing = FailingCommit(real, error)
+            answer_code, answer = await daemon.json("POST", "/v1/jobs", {"command": ["true"]})
+            assert answer_code == status and answer["error"]["code"] == code, answer
+            assert answer["error"]["field"] is None
+            assert failing.failed == 1
+            store._writer.connection = real
         code, page = await daemon.json("GET", "/v1/jobs")
         assert code == 200 and page["jobs"] == []
         job = await daemon.submit({"command": ["true"]})

@@ -10,6 +10,7 @@ import pytest_twisted
 from twisted.internet.defer import ensureDeferred, fail
 from twisted.internet.task import Clock
 
+from dispatcher.model._jobs import StoreClosed
 from dispatcher.store._results import CommitFailed
 
 from .conftest import until
@@ -190,3 +191,69 @@ async def test_a_cancel_asked_while_a_result_is_written_again_ends_nothing_twice
     assert done["state"] == "succeeded" and done["result"] == 5
     assert len(done["attempts"]) == 1
     assert len(calls) == 2 and landed == [job["id"]]
+
+
+def test_an_end_waiting_to_be_written_is_kept_with_why_until_it_lands():
+    """An end whose commit failed is kept in Recorder.unrecorded, with the
+    state it ended in, when, the store's error and when it is written again,
+    as the job's wait reason says; while it is being written again it has no
+    next time, and once it lands it is gone.  A release that waits says it
+    was given back; a stop forgets them all."""
+    from twisted.internet.defer import Deferred
+
+    from dispatcher.core._recorder import Recorder
+    from dispatcher.model._jobs import JobSpec, Lease, Outcome
+
+    clock = Clock()
+    clock.advance(1_800_000_000)
+    writes = []
+
+    class Store:
+        """Fails every write twice with a full disk, then lets it land."""
+
+        def _write(self, *args):
+            writes.append(args)
+            if sum(1 for w in writes if w[0] is args[0]) <= 2:
+                return full_disk()
+            self.pending = Deferred()
+            return self.pending
+
+        def finish(self, lease, outcome, now):
+            return self._write(lease, outcome, now)
+
+        def release(self, lease, now, reason):
+            return self._write(lease, now, reason)
+
+    applied = []
+    recorder = Recorder(Store(), clock, applied.append, (CommitFailed,))
+    lease = Lease("job-1", 2, 7, "local", 0.0, JobSpec(command=("true",)))
+    landed = []
+    recorder.finish(lease, Outcome.from_exit_code(0), clock.seconds()).addCallback(
+        landed.append)
+    (waiting,) = recorder.unrecorded.values()
+    assert recorder.unrecorded["job-1"].attempt == 2
+    assert waiting.wait_reason == (
+        "ended (succeeded) at 2027-01-15T08:00:00.000000Z; recording the end waits "
+        "for the store: database or disk is full; trying again at "
+        "2027-01-15T08:00:01.000000Z"
+    )
+    clock.advance(1)
+    # Failed again: the next try is 2 s on.
+    assert recorder.unrecorded["job-1"].retry_at == 1_800_000_003
+    clock.advance(2)
+    # Being written: no next time while it is.
+    assert recorder.unrecorded["job-1"].retry_at is None
+    assert recorder.unrecorded["job-1"].wait_reason.endswith(
+        "waits for the store: database or disk is full")
+    recorder._store.pending.callback("written")
+    assert landed == ["written"] and applied == ["written"]
+    assert recorder.unrecorded == {}
+
+    other = Lease("job-2", 1, 8, "local", 0.0, JobSpec(command=("true",)))
+    given_back = recorder.release(other, clock.seconds(), "shutdown")
+    given_back.addErrback(lambda f: f.trap(StoreClosed))
+    assert recorder.unrecorded["job-2"].wait_reason.startswith(
+        "given back at 2027-01-15T08:00:03.000000Z; recording the end waits")
+    recorder.stop()
+    assert recorder.unrecorded == {}
+    assert not clock.getDelayedCalls()

@@ -137,7 +137,7 @@ def test_jobs_go_to_the_workers_whose_resources_and_labels_fit(
 def attempt_log(data_dir, job_id, attempt, stream="stdout"):
     """An attempt's log file under a data dir (the dispatcher's or a
     worker's), as text."""
-    [path] = data_dir.glob(f"jobs/*/{job_id}/attempt-{attempt}/{stream}")
+    [path] = data_dir.glob(f"jobs/*/*/*/*/{job_id}/attempt-{attempt}/{stream}")
     return path.read_text()
 
 

@@ -1240,7 +1240,7 @@ async def test_a_worker_stages_inputs_on_its_own_host(
     assert done["state"] == "succeeded", (done, worker.output())
     _, out = await daemon.request("GET", f"/v1/jobs/{job['id']}/log")
     assert out == b"payload\n"
-    staged = list((tmp_path / "node-e" / "data" / "jobs").glob("*/*/work/in/data.txt"))
+    staged = list((tmp_path / "node-e" / "data" / "jobs").glob("*/*/*/*/*/work/in/data.txt"))
     assert [p.read_bytes() for p in staged] == [b"payload\n"]
     await worker.stop_async()
 

@@ -10,6 +10,7 @@ the client goes.
 
 from __future__ import annotations
 
+import errno
 import os
 from inspect import iscoroutine
 from typing import Any, Awaitable, Mapping, Optional
@@ -25,6 +26,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 
+from dispatcher._throttle import Throttle
 from dispatcher.wire._json import decode as decode_json, encode
 from dispatcher.wire._forms import job_summary, job_view, worker_view
 from dispatcher.wire._types import (
@@ -48,6 +50,7 @@ from dispatcher.store._results import (
     DependencyNotRetried,
     IdempotencyConflict,
     IdempotencyKey,
+    StorageFull,
     Submitted,
     SubmittedIds,
     UnknownDependency,
@@ -64,6 +67,9 @@ from dispatcher.wire._submission import (
 from dispatcher.api._workers import WorkerEndpoints, check_token
 
 log = Logger()
+
+# The errno values of a disk that takes no more (a log chunk a worker sent).
+NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 # Jobs of a batch checked in one go on the reactor thread (plain ones, see
 # plain_jobs, take a third of the time or less).
@@ -275,6 +281,8 @@ class DispatcherAPI(Resource):
     @param api_token: the bearer token every job endpoint requires, or
         C{None} (open; allowed only on loopback).
     @param max_body_bytes: C{[server] max_body_bytes}, for the document.
+    @ivar stopping: whether the daemon is stopping: every new request is
+        then answered C{503 shutting_down} (see L{stop_serving}).
     """
 
     isLeaf = True
@@ -302,6 +310,10 @@ class DispatcherAPI(Resource):
         self._clock = clock if clock is not None else reactor
         self._reactor = reactor
         self._io_pool = io_pool
+        self.stopping = False
+        # 507s for a full disk that the store did not log (a log chunk
+        # that could not be written), logged at most once a minute.
+        self._disk_trouble = Throttle(reactor)
         self._router = Router()
         self._openapi = encode(
             openapi_document(
@@ -312,7 +324,27 @@ class DispatcherAPI(Resource):
             )
         )
 
+    def stop_serving(self) -> None:
+        """
+        Answer every request from now on C{503 shutting_down}, and close
+        its connection after the answer: the daemon is stopping, and keeps
+        listening (so that clients hear why, rather than have their
+        connections refused) until its running jobs are handled.
+        """
+        self.stopping = True
+
     def render(self, request: Any) -> Any:
+        if self.stopping:
+            request.persistent = False
+            self._write_error(
+                request,
+                ApiError(
+                    503,
+                    "shutting_down",
+                    "the dispatcher is stopping; try again once it is back",
+                ),
+            )
+            return NOT_DONE_YET
         segments = [s.decode("utf-8", "replace") for s in request.postpath]
         if segments and segments[-1] == "" and len(segments) > 1:
             segments = segments[:-1]
@@ -421,6 +453,22 @@ class DispatcherAPI(Resource):
                 request,
                 ApiError(503, "shutting_down", "the dispatcher is stopping; try again"),
             )
+            return
+        if failure.check(StorageFull):
+            # The store logs it, once a minute with how many failed.
+            self._write_error(request, _insufficient_storage(failure.getErrorMessage()))
+            return
+        if failure.check(OSError) and failure.value.errno in NO_SPACE:
+            count = self._disk_trouble.happened()
+            if count is not None:
+                log.error(
+                    "writing to the dispatcher's disk failed ({error}): {count} "
+                    "requests answered 507 since the last line (logged at most "
+                    "once a minute)",
+                    error=failure.getErrorMessage(),
+                    count=count,
+                )
+            self._write_error(request, _insufficient_storage(failure.getErrorMessage()))
             return
         log.failure("request {method} {uri} failed", failure,
                     method=request.method, uri=request.uri)
@@ -728,6 +776,15 @@ def _decimal(text: str) -> bool:
     which C{int} refuses.
     """
     return text.isascii() and text.isdigit()
+
+
+def _insufficient_storage(error: str) -> ApiError:
+    return ApiError(
+        507,
+        "insufficient_storage",
+        f"the dispatcher's disk took no more ({error}); nothing was stored; "
+        "try again once it has room",
+    )
 
 
 def _no_such_job(job_id: str) -> ApiError:

@@ -68,6 +68,8 @@ class Route:
     @ivar handler: the name of the L{DispatcherAPI} method that serves it;
         it is called with the request and the path's parameters in order.
     @ivar request: the body's wire type, L{OCTETS}, or C{None} (no body).
+    @ivar writes: whether it stores something (a full disk refuses it with
+        C{507}).
     """
 
     method: str
@@ -80,6 +82,7 @@ class Route:
     request: Any = None
     request_required: bool = True
     parameters: tuple[Mapping[str, Any], ...] = ()
+    writes: bool = False
 
     @property
     def segments(self) -> tuple[str, ...]:
@@ -108,11 +111,23 @@ class Route:
         elif self.auth == WORKERS:
             out[401] = _unauthorized("The workers' token ([workers] token_file) is missing or wrong.")
             out[403] = Response("workers_disabled: this dispatcher has no [workers] token_file.")
-        if self.auth != OPEN:
-            out.setdefault(503, Response("The dispatcher is stopping; nothing was changed."))
+        out.setdefault(503, Response(SHUTTING_DOWN))
+        if self.writes:
+            out.setdefault(507, Response(INSUFFICIENT_STORAGE))
         out[500] = Response("The dispatcher failed to answer; see its log.")
         return dict(sorted(out.items()))
 
+
+# The answers every route may give while the daemon stops, and every route
+# that stores something while its disk is full.
+SHUTTING_DOWN = (
+    "shutting_down: the dispatcher is stopping (SIGTERM; it answers this until "
+    "its running jobs are handled, then stops listening); nothing was changed."
+)
+INSUFFICIENT_STORAGE = (
+    "insufficient_storage: the dispatcher's disk is full (or failed the write); "
+    "nothing was stored. Try again once it has room."
+)
 
 # What OpenAPI cannot say of query parameters (it has no way to forbid
 # others or a repeat): said in the 400 of every route that takes them.
@@ -204,6 +219,7 @@ ROUTES: tuple[Route, ...] = (
         },
         request=JobSubmission,
         parameters=(IDEMPOTENCY_KEY, PREFER),
+        writes=True,
     ),
     Route(
         "GET", "/v1/jobs", "listJobs", "list_jobs",
@@ -248,6 +264,7 @@ ROUTES: tuple[Route, ...] = (
         },
         request=Batch,
         parameters=(IDEMPOTENCY_KEY, PREFER),
+        writes=True,
     ),
     Route(
         "GET", "/v1/queues", "listQueues", "list_queues",
@@ -269,6 +286,7 @@ ROUTES: tuple[Route, ...] = (
             409: Response("The job has already finished."),
         },
         parameters=(JOB_ID,),
+        writes=True,
     ),
     Route(
         "POST", "/v1/jobs/{id}/retry", "retryJob", "retry",
@@ -283,6 +301,7 @@ ROUTES: tuple[Route, ...] = (
         request=RetryRequest,
         request_required=False,
         parameters=(JOB_ID,),
+        writes=True,
     ),
     Route(
         "GET", "/v1/jobs/{id}/log", "readJobLog", "read_log",
@@ -358,6 +377,7 @@ ROUTES: tuple[Route, ...] = (
              "description": "Where the chunk goes in the stream; at most its current size.",
              "schema": {"type": "integer", "minimum": 0}},
         ),
+        writes=True,
     ),
 )
 

@@ -149,7 +149,7 @@ class DaemonService(MultiService):
                 reactor,
                 self.io_pool,
             )
-        api = DispatcherAPI(
+        self.api = api = DispatcherAPI(
             self.dispatcher,
             config.tasks,
             reactor,
@@ -302,17 +302,22 @@ class DaemonService(MultiService):
     async def _stop(self) -> None:
         if self._starting is not None and not self._starting.called:
             self._starting.cancel()
+        # Take nothing new first, but say so: every new request (a health
+        # check too) is answered 503 shutting_down while running jobs get
+        # the grace period.  Closing the port now had clients' connections
+        # refused, which reads as a dispatcher that is down, not stopping.
+        self.api.stop_serving()
         await DeferredList(
             [maybeDeferred(child.stopService) for child in reversed(list(self)) if child.running],
             consumeErrors=True,
         )
-        if self.port is not None:
-            # Accept nothing new first; running jobs get the grace period.
-            await self.port.stopListening()
         if self.dispatcher.running:
             await self.dispatcher.stopService()
         else:
             await self.store.close()
+        if self.port is not None:
+            # Last: the running jobs are handled and the store closed.
+            await self.port.stopListening()
         await self.host.stop()
         if self._lock_fd is not None:
             os.close(self._lock_fd)

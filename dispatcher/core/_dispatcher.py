@@ -154,6 +154,15 @@ class Dispatcher(Service):
         Open the store, settle what a previous run left, and begin
         running queued jobs.  The daemon serves only after this.
         """
+        moved = await deferToThreadPool(
+            self._reactor, self._io_pool, self.executor.move_old_job_dirs
+        )
+        if moved:
+            log.info(
+                "moved {count} job directories from jobs/<time>/ to the spread "
+                "layout jobs/<time>/<time>/<time>/<random>/ (once)",
+                count=moved,
+            )
         await self.store.open()
         written = await self.store.recover(self.executor.holder, self._clock.seconds())
         for attempt in written.value:
@@ -338,7 +347,9 @@ class Dispatcher(Service):
     def _explainer(self) -> Callable[[Job], Job]:
         """
         A function that gives a queued job that no holder could ever take a
-        wait reason saying so; the holders are looked at once, and jobs
+        wait reason saying so, and a running job whose end waits to be
+        written (L{Recorder.unrecorded}) one saying that; the holders are
+        looked at once, and jobs
         that need the same are judged once.  While no remote worker has
         ever called, the holders are this host alone, and one function
         serves every call (making it was a twentieth of a single
@@ -348,8 +359,27 @@ class Dispatcher(Service):
             key = (self.executor.holder, self._slots)
             if self._local_explainer is None or self._local_explainer[0] != key:
                 self._local_explainer = (key, self._make_explainer([]))
-            return self._local_explainer[1]
-        return self._make_explainer([worker.offer for worker in self.hub.connected()])
+            explain = self._local_explainer[1]
+        else:
+            explain = self._make_explainer([worker.offer for worker in self.hub.connected()])
+        unrecorded = self.recorder.unrecorded
+        if not unrecorded:
+            return explain
+
+        def unrecorded_end(job: Job) -> Job:
+            # The store still shows the job running: its end's commit
+            # failed (a full disk) and is written again.
+            waiting = unrecorded.get(job.id)
+            if (
+                waiting is not None
+                and job.state in (JobState.RUNNING, JobState.STAGING)
+                and job.attempts
+                and job.attempts[-1].number == waiting.attempt
+            ):
+                return job.waiting(waiting.wait_reason)
+            return explain(job)
+
+        return unrecorded_end
 
     def _make_explainer(self, remote: list[Offer]) -> Callable[[Job], Job]:
         offers = ([self.local_offer] if self._slots > 0 else []) + remote
@@ -437,7 +467,9 @@ class Dispatcher(Service):
         def failed(failure: Failure) -> None:
             if failure.check(StoreClosed):
                 return
-            log.failure("waking due jobs failed; trying again in 5 s", failure)
+            if not failure.check(CommitFailed):
+                # A failed commit the store logs itself, once a minute.
+                log.failure("waking due jobs failed; trying again in 5 s", failure)
             self._schedule_wake(self._clock.seconds() + 5.0)
 
         d.addCallbacks(self._apply, failed)
@@ -498,7 +530,10 @@ class Dispatcher(Service):
         self.scheduler.claim_failed(claim)
         if failure.check(StoreClosed):
             return
-        log.failure("claiming jobs failed; trying again in a second", failure)
+        if not failure.check(CommitFailed):
+            # A failed commit (a full disk) the store logs itself, once a
+            # minute: a traceback every second here said nothing more.
+            log.failure("claiming jobs failed; trying again in a second", failure)
         self._clock.callLater(1.0, self._pump)
 
     def _claimed(self, claimed: Claimed, claim: Claim) -> None:

@@ -9,6 +9,10 @@ connected now could ever take (a task none knows, a label none has, more
 CPUs than any offers) or whose queue the configuration no longer names
 would wait in silence.  An L{explainer} says so when a job is shown.
 
+A job whose end is waiting to be written (its commit failed: a full
+disk) is still C{running} in the store; L{end_not_recorded} is the reason
+it is shown with meanwhile, so that it does not look healthy.
+
 Pure functions over values (L{Offer}s, L{JobSpec}s, L{Job}s): no clock,
 no I/O, no reactor.
 """
@@ -17,7 +21,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Container, Optional, Sequence
 
-from dispatcher.model._jobs import Job, JobSpec, JobState, Offer
+from dispatcher.model._jobs import Job, JobSpec, JobState, Offer, format_time
 
 # The most kinds of need an explainer remembers its verdict on.
 MAX_REASONS = 1024
@@ -49,6 +53,23 @@ def unplaceable(spec: JobSpec, offers: Sequence[Offer]) -> Optional[str]:
         else ""
     )
     return f"no connected worker can take it: {shown}{more}"
+
+
+def end_not_recorded(
+    ended: Optional[JobState], at: float, error: str, retry_at: Optional[float]
+) -> str:
+    """
+    The wait reason of a job whose attempt ended (C{ended}: its state; or
+    C{None}: it was given back unspent) at C{at}, but whose end the store
+    has not committed yet: it failed with C{error}, and is written again at
+    C{retry_at}.
+    """
+    what = "given back" if ended is None else f"ended ({ended.value})"
+    again = "" if retry_at is None else f"; trying again at {format_time(retry_at)}"
+    return (
+        f"{what} at {format_time(at)}; recording the end waits for the store: "
+        f"{error}{again}"
+    )
 
 
 def unconfigured_queue(queue: str) -> str:

@@ -8,18 +8,22 @@ has committed.  An end the store could not commit (a full disk, an I/O
 error) is written again, after 1 s, then 2, 4 ... up to 60 s, until it
 lands: a result is never dropped because one commit failed.  Its holder
 keeps the attempt in memory until then (see L{Dispatcher} and
-L{WorkerHub}), so nothing is handed out or answered twice meanwhile.
+L{WorkerHub}), so nothing is handed out or answered twice meanwhile, and
+the recorder keeps what waits (L{Recorder.unrecorded}) so that the job is
+shown waiting for it rather than running.
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
+import attrs
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from dispatcher.model._jobs import Lease, Outcome, StaleLease, StoreClosed
+from dispatcher.core._reasons import end_not_recorded
+from dispatcher.model._jobs import JobState, Lease, Outcome, StaleLease, StoreClosed
 
 log = Logger()
 
@@ -29,21 +33,54 @@ RECORD_RETRY_FIRST = 1.0
 RECORD_RETRY_MAX = 60.0
 
 
+@attrs.frozen
+class UnrecordedEnd:
+    """
+    An attempt's end that failed to commit and waits to be written again.
+
+    @ivar attempt: the attempt's number.
+    @ivar ended: the state it ended in, or C{None}: it was given back.
+    @ivar at: when it ended.
+    @ivar error: why its last commit failed.
+    @ivar retry_at: when it is written again (C{None}: it is being written).
+    """
+
+    attempt: int
+    ended: Optional[JobState]
+    at: float
+    error: str
+    retry_at: Optional[float]
+
+    @property
+    def wait_reason(self) -> str:
+        """
+        What the job is shown waiting for meanwhile.
+        """
+        return end_not_recorded(self.ended, self.at, self.error, self.retry_at)
+
+
 class _Write:
     """
     One write of an attempt's end: the store operation, its arguments, and
     the wait before it is tried again if it fails to commit.
     """
 
-    __slots__ = ("operation", "args", "lease", "delay")
+    __slots__ = ("operation", "args", "lease", "delay", "ended", "at")
 
     def __init__(
-        self, operation: Callable[..., Deferred], args: tuple[Any, ...], lease: Lease
+        self,
+        operation: Callable[..., Deferred],
+        args: tuple[Any, ...],
+        lease: Lease,
+        ended: Optional[JobState],
+        at: float,
     ) -> None:
         self.operation = operation
         self.args = args
         self.lease = lease
         self.delay: Optional[float] = None
+        self.ended = ended
+        self.at = at
 
 
 class Recorder:
@@ -61,6 +98,8 @@ class Recorder:
         the recorder runs; any other failure is final.
     @ivar retry_first: the first wait before writing a failed end again.
     @ivar retry_max: the longest wait.
+    @ivar unrecorded: by job id, the L{UnrecordedEnd} of every end that
+        failed to commit and has not landed since.
     """
 
     def __init__(
@@ -81,6 +120,7 @@ class Recorder:
         self._running = True
         # The ends waiting to be written again, and the timers that will.
         self._waits: dict[Deferred, Any] = {}
+        self.unrecorded: dict[str, UnrecordedEnd] = {}
 
     @property
     def waiting(self) -> int:
@@ -102,6 +142,7 @@ class Recorder:
         way finishes.
         """
         self._running = False
+        self.unrecorded.clear()
         for again, call in list(self._waits.items()):
             del self._waits[again]
             call.cancel()
@@ -118,7 +159,10 @@ class Recorder:
         that is not the store's.
         """
         write = self._store.finish
-        return self._follow(write(lease, outcome, now), write, (lease, outcome, now), lease)
+        return self._follow(
+            write(lease, outcome, now),
+            _Write(write, (lease, outcome, now), lease, outcome.state, now),
+        )
 
     def release(self, lease: Lease, now: float, reason: str) -> Deferred:
         """
@@ -126,7 +170,9 @@ class Recorder:
         fails) as L{finish} does.
         """
         write = self._store.release
-        return self._follow(write(lease, now, reason), write, (lease, now, reason), lease)
+        return self._follow(
+            write(lease, now, reason), _Write(write, (lease, now, reason), lease, None, now)
+        )
 
     def mark_running(self, lease: Lease, now: float) -> Deferred:
         """
@@ -138,22 +184,27 @@ class Recorder:
 
     # Following a write
 
-    def _follow(
-        self,
-        d: Deferred,
-        operation: Callable[..., Deferred],
-        args: tuple[Any, ...],
-        lease: Lease,
-    ) -> Deferred:
-        return d.addCallbacks(
-            self._landed, self._failed, errbackArgs=(_Write(operation, args, lease),)
-        )
+    def _follow(self, d: Deferred, write: _Write) -> Deferred:
+        return d.addCallbacks(self._landed, self._failed, errbackArgs=(write,))
 
     def _landed(self, written: Any) -> Any:
         self._applied(written)
         return written
 
+    def _landed_again(self, written: Any, write: _Write) -> Any:
+        self._forget(write)
+        self._applied(written)
+        return written
+
+    def _forget(self, write: _Write) -> None:
+        lease = write.lease
+        waiting = self.unrecorded.get(lease.job_id)
+        if waiting is not None and waiting.attempt == lease.attempt:
+            del self.unrecorded[lease.job_id]
+
     def _failed(self, failure: Failure, write: _Write) -> Any:
+        if not failure.check(*self._retry_on) or not self._running:
+            self._forget(write)
         lease = write.lease
         if failure.check(StaleLease):
             log.info(
@@ -191,10 +242,22 @@ class Recorder:
             error=failure.getErrorMessage(),
             delay=delay,
         )
+        self.unrecorded[lease.job_id] = UnrecordedEnd(
+            lease.attempt,
+            write.ended,
+            write.at,
+            failure.getErrorMessage(),
+            self._clock.seconds() + delay,
+        )
         again: Deferred = Deferred()
         self._waits[again] = self._clock.callLater(delay, self._write_again, again, write)
-        return again.addCallbacks(self._landed, self._failed, errbackArgs=(write,))
+        return again.addCallbacks(
+            self._landed_again, self._failed, callbackArgs=(write,), errbackArgs=(write,)
+        )
 
     def _write_again(self, again: Deferred, write: _Write) -> None:
         del self._waits[again]
+        waiting = self.unrecorded.get(write.lease.job_id)
+        if waiting is not None and waiting.attempt == write.lease.attempt:
+            self.unrecorded[write.lease.job_id] = attrs.evolve(waiting, retry_at=None)
         write.operation(*write.args).chainDeferred(again)

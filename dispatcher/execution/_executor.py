@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import threading
 import traceback
 from typing import Any, Callable, Mapping, Optional
@@ -36,6 +37,80 @@ BASE_ENVIRONMENT: Mapping[str, str] = {
     "PATH": "/usr/local/bin:/usr/bin:/bin",
     "LANG": "C.UTF-8",
 }
+
+
+def job_path(job_id: str) -> str:
+    """
+    Where a job's directory goes under C{data_dir/jobs}:
+    C{<id[:4]>/<id[4:6]>/<id[6:8]>/<id[-2:]>/<id>}.
+
+    A UUIDv7 id (C{TTTTTTTT-TTTT-7CCC-VRRR-RRRRRRRRRRRR}) starts with 48
+    bits of milliseconds, then a counter and random bits.  Its first four
+    hex digits change every 49.7 days (about 7 entries a year at the top,
+    735 in a century), the next two every 4.7 hours (256 in each), the next
+    two every 65.5 seconds (256 in each); the last two are random, so the
+    jobs of one 65.5 s span (458,000 at 7,000 jobs/s sustained, or a whole
+    batch made in one millisecond) spread over 256 directories, about 1,800
+    each.  The old layout, C{<id[:8]>/<id>}, put every job of 65.5 s in
+    one directory: 50,000 and more under load.
+    """
+    return f"{job_id[:4]}/{job_id[4:6]}/{job_id[6:8]}/{job_id[-2:]}/{job_id}"
+
+
+# A directory of the old layout, C{jobs/<id[:8]>/<id>}: eight hex digits
+# (the new layout's top directories have four).
+_OLD_BUCKET = re.compile(r"[0-9a-f]{8}")
+
+
+def move_old_job_dirs(jobs_dir: str) -> int:
+    """
+    Move every job directory of the old layout (C{jobs/<id[:8]>/<id>}) to
+    where L{job_path} puts it, and remove the emptied old directories; the
+    number moved.  Blocking: run at start-up on the I/O pool, before any
+    job runs or any log is read.
+
+    Moved once rather than looked up in both places: every path of a job
+    (its logs read by the API, the log chunks a remote worker sends at an
+    offset into the file it began, the working directory of a job run
+    again after a crash) is then one rule, with no lookup of two places on
+    every read.  Each move is one rename within the file system; a start
+    cut short leaves the rest where they were, and the next start moves
+    them.
+    """
+    try:
+        buckets = [
+            entry.path
+            for entry in os.scandir(jobs_dir)
+            if _OLD_BUCKET.fullmatch(entry.name) and entry.is_dir(follow_symlinks=False)
+        ]
+    except FileNotFoundError:
+        return 0
+    moved = 0
+    made: set[str] = set()
+    for bucket in sorted(buckets):
+        for name in sorted(os.listdir(bucket)):
+            target = os.path.join(jobs_dir, job_path(name))
+            parent = os.path.dirname(target)
+            if parent not in made:
+                os.makedirs(parent, exist_ok=True)
+                made.add(parent)
+            try:
+                os.rename(os.path.join(bucket, name), target)
+            except OSError as e:
+                log.warn(
+                    "could not move job directory {source} to {target} ({error}); "
+                    "it stays where it is",
+                    source=os.path.join(bucket, name),
+                    target=target,
+                    error=e.strerror or str(e),
+                )
+                continue
+            moved += 1
+        try:
+            os.rmdir(bucket)
+        except OSError:
+            pass
+    return moved
 
 
 class TaskContext:
@@ -209,11 +284,17 @@ class LocalExecutor:
 
     def job_dir(self, job_id: str) -> str:
         """
-        The directory of one job: its working directory and its logs.
+        The directory of one job: its working directory and its logs (see
+        L{job_path} for how jobs spread over directories).
         """
-        # UUIDv7 ids start with the time: the first eight digits change
-        # every 65 seconds, which keeps directories to a sane size.
-        return f"{self._jobs_dir}/{job_id[:8]}/{job_id}"
+        return f"{self._jobs_dir}/{job_path(job_id)}"
+
+    def move_old_job_dirs(self) -> int:
+        """
+        Move the job directories of the old layout into the new one
+        (L{move_old_job_dirs}); blocking, for the I/O pool at start-up.
+        """
+        return move_old_job_dirs(self._jobs_dir)
 
     def workdir(self, job_id: str) -> str:
         """
@@ -359,9 +440,16 @@ class LocalExecutor:
             timer = self._clock.callLater(spec.timeout, time_out)
         try:
             await record_process(lease, process)
-        except Exception:
-            log.failure("recording the process of job {job_id} failed",
-                        job_id=lease.job_id)
+        except Exception as e:
+            # A store write that failed (a full disk): one line, not a
+            # traceback; the job runs on all the same.
+            log.warn(
+                "recording the process of job {job_id} failed ({error}); should the "
+                "dispatcher crash while it runs, a restart cannot find its leftover "
+                "processes",
+                job_id=lease.job_id,
+                error=str(e) or type(e).__name__,
+            )
         try:
             code = await process.ended
         except Exception as e:

@@ -44,6 +44,7 @@ C{idle_timeout} seconds.
 from __future__ import annotations
 
 import io
+import sys
 import time
 from collections import deque
 from email.utils import formatdate
@@ -1053,9 +1054,16 @@ class HTTPFactory(Factory):
     def _log_failed(self) -> None:
         now = self.reactor.seconds()
         if now - self._log_failed_at >= 60:
-            # At most once a minute: a full disk fails every line.
+            # At most once a minute, and one line: a full disk fails every
+            # line, and a traceback says no more than its message.
             self._log_failed_at = now
-            log.failure("writing the access log {path} failed", path=self.access_log_path)
+            error = sys.exc_info()[1]
+            log.error(
+                "writing the access log {path} failed ({error}); its lines are lost "
+                "until it can be written (logged at most once a minute)",
+                path=self.access_log_path,
+                error=str(error) or type(error).__name__,
+            )
 
     def stopFactory(self) -> None:
         if self._flusher is not None and self._flusher.running:

@@ -3,8 +3,8 @@ What the methods of L{IJobStore} fire with and fail with: the values and
 errors every store shares, whatever it keeps its jobs in.
 
 The dispatcher and the API see these, never a database's own types: a
-store translates its driver's errors into L{CommitFailed},
-L{WriteRefused} or L{ReadFailed}.
+store translates its driver's errors into L{CommitFailed} (L{StorageFull}
+when its disk took no more), L{WriteRefused} or L{ReadFailed}.
 """
 
 from __future__ import annotations
@@ -34,6 +34,17 @@ class CommitFailed(StoreError):
 
     The message is the store's own (C{"database or disk is full"}); the
     driver's exception is the C{__cause__}.
+    """
+
+
+class StorageFull(CommitFailed):
+    """
+    A write could not be committed because the store's disk took no more:
+    it is full (C{SQLITE_FULL}, C{ENOSPC}, a quota's C{EDQUOT}), or it
+    refused the write with an I/O error a full disk gives as well (a write
+    or a sync that failed, a shared-memory file that could not grow).
+    Nothing of it was stored; the same write may succeed once the disk has
+    room.  The API answers it C{507 insufficient_storage}.
     """
 
 

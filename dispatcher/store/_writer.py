@@ -13,14 +13,26 @@ A commit that holds a durable write (L{DURABLE}: one a client is told is
 done) syncs to the disk before its answer; one of run-state changes alone
 syncs within C{sync_interval}, or with the next commit that does.
 
+A failed commit is logged at most once a minute, with how many writes
+failed meanwhile (a full disk fails every write until it is freed), and
+once more when commits write again.  The sync loop also watches the
+write-ahead log: SQLite's own checkpoints fail in silence (a full disk, a
+database file that cannot be written), so a log past L{WAL_WATCH} bytes is
+checkpointed here, and a failure said.  Neither a failed sync nor a failed
+checkpoint stops the loop: each is tried again at its next turn.  A
+commit that waits more than C{lock_warning} seconds for the database's
+write lock (another process holds it) says so.
+
 The writer knows commands and connections, not jobs: what a command does
 is the operation it is given for the command's class.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import sqlite3
+import time
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 from twisted.internet.defer import Deferred, fail, succeed
@@ -29,9 +41,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from dispatcher._threads import TaskThreads
+from dispatcher._throttle import Throttle
 from dispatcher.model._jobs import StoreClosed
 from dispatcher.store._mark import BUMP, Mark, MarkFile
-from dispatcher.store._results import CommitFailed, StoreError, WriteRefused
+from dispatcher.store._results import CommitFailed, StorageFull, StoreError, WriteRefused
 from dispatcher.store._writes import DURABLE, Write
 
 log = Logger()
@@ -44,6 +57,68 @@ Operation = Callable[..., Any]
 SharedPath = tuple[Callable[[Write], bool], Callable[[sqlite3.Connection, list], list]]
 
 
+# The write-ahead log's size past which the sync loop checkpoints it itself
+# and says if that fails.  SQLite checkpoints at commits once the log holds
+# 1000 pages (4 MiB); a log far past that means those checkpoints fail (a
+# full disk, a database file that cannot be written) or a reader holds
+# them back.  The log is also cut back to this size once a checkpoint has
+# taken all of it.
+WAL_WATCH = 64 * 1024 * 1024
+
+# How long a commit waits for the database's write lock (another process
+# holds it) before that is logged, and how long in all before it fails.
+LOCK_WARNING = 5.0
+LOCK_TIMEOUT = 30.0
+
+# How often the write-ahead log is watched when commits are never left to
+# sync later (sync_interval = 0).
+WATCH_INTERVAL = 1.0
+
+# SQLite's result codes (sqlite3.Error.sqlite_errorcode) that say the disk
+# took no more: a full disk (SQLITE_FULL), and the I/O errors a full disk
+# gives as well: a failed write (SQLite reports ENOSPC on a write as
+# SQLITE_FULL, but a short write on some file systems as this), a failed
+# fsync (thin-provisioned and network storage fail it when out of space),
+# and the shared-memory index that could not grow.
+SQLITE_BUSY = 5
+SQLITE_FULL = 13
+_IOERR = 10
+FULL_CODES = frozenset(
+    {
+        SQLITE_FULL,
+        _IOERR | (3 << 8),  # SQLITE_IOERR_WRITE
+        _IOERR | (4 << 8),  # SQLITE_IOERR_FSYNC
+        _IOERR | (5 << 8),  # SQLITE_IOERR_DIR_FSYNC
+        _IOERR | (19 << 8),  # SQLITE_IOERR_SHMSIZE
+    }
+)
+# The errno values of a file system that takes no more.
+FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+def storage_full(error: BaseException) -> bool:
+    """
+    Whether C{error}, raised by SQLite or the file system, says the disk
+    took no more (see L{FULL_CODES}, L{FULL_ERRNOS}).
+    """
+    if isinstance(error, OSError):
+        return error.errno in FULL_ERRNOS
+    if isinstance(error, sqlite3.Error):
+        code = getattr(error, "sqlite_errorcode", None)
+        if code is not None:
+            return code in FULL_CODES
+        # Made by hand (in a test, say): SQLite's own message.
+        return str(error) == "database or disk is full"
+    return False
+
+
+def _busy(error: sqlite3.Error) -> bool:
+    code = getattr(error, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF == SQLITE_BUSY
+    return str(error) == "database is locked"
+
+
 class Replay(Exception):
     """
     A group's shared path met a case it leaves to the writes one by one.
@@ -54,9 +129,16 @@ def store_error(error: Exception) -> StoreError:
     """
     The store's own error for what SQLite (or the file system) raised
     while writing: L{WriteRefused} for a broken constraint (the same write
-    would be refused again), else L{CommitFailed}.
+    would be refused again), L{StorageFull} when the disk took no more,
+    else L{CommitFailed}.
     """
-    kind = WriteRefused if isinstance(error, sqlite3.IntegrityError) else CommitFailed
+    kind: type[StoreError]
+    if isinstance(error, sqlite3.IntegrityError):
+        kind = WriteRefused
+    elif storage_full(error):
+        kind = StorageFull
+    else:
+        kind = CommitFailed
     failed = kind(str(error))
     failed.__cause__ = error
     return failed
@@ -76,10 +158,19 @@ class GroupWriter:
         tried in order.
     @param sync_interval: seconds a commit of run-state changes alone may
         wait to reach the disk; 0 syncs every commit.
-    @param clock: the clock that times those syncs.
+    @param clock: the clock that times those syncs, the watch of the
+        write-ahead log and how often troubles are logged.
     @param mark: the mark file each commit's sequence number is checked
         against at the next start (see L{dispatcher.store._mark}); none,
         no numbering.
+    @param fsync: what syncs the write-ahead log's file descriptor.
+    @ivar fsync: the same, which a test may replace.
+    @ivar lock_warning: seconds a commit waits for the write lock before
+        it is logged (L{LOCK_WARNING}).
+    @ivar lock_timeout: seconds in all a commit waits for it before it
+        fails (L{LOCK_TIMEOUT}).
+    @ivar wal_watch: the write-ahead log's size in bytes past which the
+        sync loop checkpoints it (L{WAL_WATCH}).
 
     @ivar mark: the mark file, if any.
     @ivar last_commit: the last commit's L{Mark}.
@@ -98,8 +189,21 @@ class GroupWriter:
         sync_interval: float,
         clock: Any,
         mark: Optional[MarkFile] = None,
+        fsync: Callable[[int], None] = os.fsync,
     ) -> None:
         self._path = path
+        self.fsync = fsync
+        self.lock_warning = LOCK_WARNING
+        self.lock_timeout = LOCK_TIMEOUT
+        self.wal_watch = WAL_WATCH
+        # Troubles logged at most once a minute each, with how often they
+        # came meanwhile.
+        self._commit_trouble = Throttle(clock)
+        self._sync_trouble = Throttle(clock)
+        self._checkpoint_trouble = Throttle(clock)
+        # Set on the writer thread by each commit: whether it changed rows
+        # (a commit that changes none succeeds on a full disk too).
+        self._commit_wrote = False
         self._reactor = reactor
         self._operations = operations
         self._shared = shared
@@ -134,20 +238,29 @@ class GroupWriter:
     def start(self, open_connection: Callable[[], sqlite3.Connection]) -> Deferred:
         """
         Start the writer thread and open the writing connection on it with
-        C{open_connection}; then sync every C{sync_interval} seconds.
+        C{open_connection}; then sync every C{sync_interval} seconds (and
+        watch the write-ahead log), until L{close}.
         """
         self._threads.start()
 
+        def open_writer() -> sqlite3.Connection:
+            conn = open_connection()
+            # A commit waits for the write lock this long before the wait
+            # is logged; then (see _begin) the rest of lock_timeout.
+            conn.execute(f"PRAGMA busy_timeout = {int(self.lock_warning * 1000)}")
+            conn.execute(f"PRAGMA journal_size_limit = {int(self.wal_watch)}")
+            return conn
+
         def opened(conn: sqlite3.Connection) -> None:
             self.connection = conn
-            if self._sync_interval > 0:
-                self._syncer = LoopingCall(self.sync)
-                self._syncer.clock = self._clock
-                self._syncer.start(self._sync_interval, now=False).addErrback(
-                    lambda f: log.failure("syncing the store stopped", f)
-                )
+            self._syncer = LoopingCall(self._watch)
+            self._syncer.clock = self._clock
+            interval = self._sync_interval if self._sync_interval > 0 else WATCH_INTERVAL
+            # _watch never fails: a failed sync or checkpoint is logged and
+            # tried again at the next turn, and the loop runs until close.
+            self._syncer.start(interval, now=False)
 
-        return self._threads.defer(open_connection).addCallback(opened)
+        return self._threads.defer(open_writer).addCallback(opened)
 
     def sync(self) -> Deferred:
         """
@@ -156,6 +269,91 @@ class GroupWriter:
         if self._closing is not None and self._shut:
             return succeed(None)
         return self._threads.defer(self._sync_in_thread)
+
+    def _watch(self) -> Deferred:
+        """
+        One turn of the sync loop: sync, and checkpoint a write-ahead log
+        grown past C{wal_watch}; log what failed (at most once a minute
+        each) and what works again.  Never fails.
+        """
+        if self._closing is not None:
+            return succeed(None)
+        d = self._threads.defer(self._watch_in_thread)
+        d.addCallbacks(self._watched, self._watch_failed)
+        return d
+
+    def _watch_in_thread(self) -> tuple[Optional[Exception], Optional[Exception], int]:
+        # On the writer thread, between groups.
+        sync_error: Optional[Exception] = None
+        try:
+            self._sync_in_thread()
+        except OSError as e:
+            # unsynced stays true: the next turn syncs.
+            sync_error = e
+        checkpoint_error: Optional[Exception] = None
+        size = self._wal_size()
+        if size > self.wal_watch and self.connection is not None:
+            try:
+                self.connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            except sqlite3.Error as e:
+                checkpoint_error = e
+        return sync_error, checkpoint_error, size
+
+    def _wal_size(self) -> int:
+        try:
+            return os.stat(self._path + "-wal").st_size
+        except OSError:
+            return 0
+
+    def _watched(self, found: tuple[Optional[Exception], Optional[Exception], int]) -> None:
+        sync_error, checkpoint_error, size = found
+        if sync_error is None:
+            count = self._sync_trouble.cleared()
+            if count is not None:
+                log.info(
+                    "syncing the store works again ({count} more syncs failed since "
+                    "the last line)",
+                    count=count,
+                )
+        else:
+            count = self._sync_trouble.happened()
+            if count is not None:
+                log.error(
+                    "syncing the store's write-ahead log {path} failed ({error}); "
+                    "claims, starts and ends committed since the last sync are not "
+                    "yet durable; trying again every turn ({count} failed since "
+                    "the last line; logged at most once a minute)",
+                    path=self._path + "-wal",
+                    error=_describe(sync_error),
+                    count=count,
+                )
+        if checkpoint_error is None:
+            count = self._checkpoint_trouble.cleared()
+            if count is not None:
+                log.info(
+                    "checkpointing the store works again ({count} more checkpoints "
+                    "failed since the last line)",
+                    count=count,
+                )
+        else:
+            count = self._checkpoint_trouble.happened()
+            if count is not None:
+                log.error(
+                    "checkpointing the store {path} failed ({error}): its write-ahead "
+                    "log is {size} MiB and grows until a checkpoint succeeds; trying "
+                    "again every turn ({count} failed since the last line; logged at "
+                    "most once a minute)",
+                    path=self._path,
+                    error=_describe(checkpoint_error),
+                    size=size // (1024 * 1024),
+                    count=count,
+                )
+
+    def _watch_failed(self, failure: Failure) -> None:
+        # Not a sync or a checkpoint failing (those are results): the
+        # writer thread itself.  Logged, and the loop goes on.
+        if self._sync_trouble.happened() is not None:
+            log.failure("watching the store failed; trying again at the next turn", failure)
 
     def _sync_in_thread(self) -> None:
         self._sync_log()
@@ -174,7 +372,7 @@ class GroupWriter:
             self.unsynced = False
             return
         try:
-            os.fsync(fd)
+            self.fsync(fd)
         finally:
             os.close(fd)
         self.unsynced = False
@@ -216,12 +414,23 @@ class GroupWriter:
             self._syncer.stop()
 
         def close_all() -> None:
-            self._sync_in_thread()
-            if self.connection is not None:
-                self.connection.close()
-                self.connection = None
-            if self.mark is not None:
-                self.mark.close()
+            try:
+                self._sync_in_thread()
+            except OSError as e:
+                # The connection is closed all the same (SQLite syncs the
+                # log as it closes); said, for what may not be durable.
+                self._reactor.callFromThread(
+                    log.error,
+                    "syncing the store as it closed failed ({error}): the last "
+                    "run-state changes may not be durable",
+                    error=_describe(e),
+                )
+            finally:
+                if self.connection is not None:
+                    self.connection.close()
+                    self.connection = None
+                if self.mark is not None:
+                    self.mark.close()
 
         def closed(result: Any) -> None:
             self._threads.stop()
@@ -274,7 +483,8 @@ class GroupWriter:
                 # checkpoint.
                 conn.execute(f"PRAGMA synchronous = {'FULL' if durable else 'NORMAL'}")
                 self._synchronous_full = durable
-            conn.execute("BEGIN IMMEDIATE")
+            changes = conn.total_changes
+            self._begin(conn)
             try:
                 try:
                     results = self._run_together(conn, work)
@@ -292,7 +502,7 @@ class GroupWriter:
                     # the queues' turn on.)
                     if conn.in_transaction:
                         conn.execute("ROLLBACK")
-                    conn.execute("BEGIN IMMEDIATE")
+                    self._begin(conn)
                     results = [self._apply_one(conn, write) for write in work]
                 if self.mark is not None:
                     made = Mark(self.last_commit.seq + 1, self._clock.seconds())
@@ -304,6 +514,7 @@ class GroupWriter:
                 raise
         except (sqlite3.Error, OSError) as e:
             raise store_error(e) from e
+        self._commit_wrote = conn.total_changes != changes
         self.unsynced = not durable
         self.batches += 1
         self.durable_batches += durable
@@ -322,6 +533,41 @@ class GroupWriter:
                         error=e,
                     )
         return results
+
+    def _begin(self, conn: sqlite3.Connection) -> None:
+        """
+        Begin the group's transaction, taking the database's write lock.
+        Another process holding it (a backup, an operator's C{sqlite3}
+        shell) is waited for C{lock_warning} seconds, then logged, then
+        waited for up to C{lock_timeout} in all before the commit fails.
+        """
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            return
+        except sqlite3.OperationalError as e:
+            if not _busy(e):
+                raise
+        started = time.monotonic() - self.lock_warning
+        self._reactor.callFromThread(
+            log.warn,
+            "the store's database {path} has been locked by another process for "
+            "{waited:g} s; writes wait for it, up to {limit:g} s",
+            path=self._path,
+            waited=self.lock_warning,
+            limit=self.lock_timeout,
+        )
+        rest = max(0.0, self.lock_timeout - self.lock_warning)
+        conn.execute(f"PRAGMA busy_timeout = {int(rest * 1000)}")
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        finally:
+            conn.execute(f"PRAGMA busy_timeout = {int(self.lock_warning * 1000)}")
+        self._reactor.callFromThread(
+            log.info,
+            "the store's database {path} was unlocked after {waited:.1f} s",
+            path=self._path,
+            waited=time.monotonic() - started,
+        )
 
     def _apply_one(self, conn: sqlite3.Connection, write: Write) -> tuple[bool, Any]:
         """
@@ -376,10 +622,20 @@ class GroupWriter:
         if isinstance(outcome, Failure):
             # The commit itself failed (a full disk, say): nothing of the
             # batch was written, and every writer hears so.
-            log.failure("store commit failed", outcome)
+            self._commit_failed(outcome, len(deferreds))
             for d in deferreds:
                 d.errback(outcome)
         else:
+            failed: Optional[Failure] = None
+            count = 0
+            for _, value in outcome:
+                if isinstance(value, Failure) and value.check(CommitFailed):
+                    failed = value
+                    count += 1
+            if failed is not None:
+                self._commit_failed(failed, count)
+            elif self._commit_wrote:
+                self._commits_again()
             for d, (ok, value) in zip(deferreds, outcome):
                 if ok:
                     d.callback(value)
@@ -391,8 +647,53 @@ class GroupWriter:
         elif self._closing is not None and not self._closing.called:
             self._shutdown()
 
+    def _commit_failed(self, failure: Failure, writes: int) -> None:
+        """
+        C{writes} writes failed to commit with C{failure}: say so, at most
+        once a minute, with how many failed meanwhile.  (A full disk fails
+        every write until it has room: a line with a traceback for each
+        was a log that grew by 10 KB a second on the disk that was full.)
+        """
+        count = self._commit_trouble.happened(writes)
+        if count is None:
+            return
+        if failure.check(StorageFull):
+            log.error(
+                "the store's disk took no more ({error}): {count} writes failed "
+                "since the last line; submissions are answered 507 until it has "
+                "room, ends of jobs are written again (logged at most once a minute)",
+                error=failure.getErrorMessage(),
+                count=count,
+            )
+        elif failure.check(CommitFailed):
+            log.error(
+                "the store could not commit ({error}): {count} writes failed since "
+                "the last line (logged at most once a minute)",
+                error=failure.getErrorMessage(),
+                count=count,
+            )
+        else:
+            log.failure("store commit failed", failure)
+
+    def _commits_again(self) -> None:
+        count = self._commit_trouble.cleared()
+        if count is not None:
+            log.info(
+                "the store commits again ({count} more writes failed since the last line)",
+                count=count,
+            )
+
     def run(self, function: Callable[..., Any], *args: Any) -> Deferred:
         """
         Run C{function(*args)} on the writer thread, between groups.
         """
         return self._threads.defer(function, *args)
+
+
+def _describe(error: BaseException) -> str:
+    """
+    An error as a log line tells it: its message, and its errno's name.
+    """
+    if isinstance(error, OSError) and error.errno is not None:
+        return f"{errno.errorcode.get(error.errno, error.errno)}: {error.strerror}"
+    return str(error)
