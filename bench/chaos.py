@@ -799,6 +799,15 @@ SCENARIOS = [
 ]
 BY_NAME = {s.name: s for s in SCENARIOS}
 
+# How a table's count that broke a promise reads in words.
+BROKEN = {
+    "lost": "lost", "duplicated": "jobs ran to success twice or more",
+    "overlaps": "runs started while another run of their job was alive",
+    "succeeded_recorded_failed": "jobs recorded failed after a run exited 0",
+    "stuck": "jobs not final by the deadline",
+    "phantom": "jobs recorded succeeded with no run that exited 0",
+}
+
 # What a refusal to start must say for the damage to count as detected.
 NAMES_DAMAGE = re.compile(
     r"corrupt|damage|malformed|integrity|quick_check|lost|high.water|not a database",
@@ -937,6 +946,7 @@ def run_scenario(scenario: Scenario, timing: Timing, base: Path) -> dict[str, An
         settle_runs(rig, timing.long + 2)
         counts = L.tally(rig.load.acknowledged, jobs, rig.runs())
         row.update(attrs.asdict(counts))
+        row["details"] = details(counts, jobs, rig.runs(), fault.start)
         row["recovery_submit"] = rig.load.first_ack_after(fault.end)
         row["recovery_finish"] = L.first_finish_after(jobs.values(), fault.end,
                                                       fault.affected)
@@ -944,7 +954,7 @@ def run_scenario(scenario: Scenario, timing: Timing, base: Path) -> dict[str, An
         row["answers_during_fault"] = rig.load.outcomes(fault.start, fault.end)
         row["notes"].append("submit answers during the fault: "
                             + describe(row["answers_during_fault"]))
-        failures = counts.failures()
+        failures = [f"{getattr(counts, name)} {BROKEN[name]}" for name in counts.failures()]
         if counts.acknowledged == 0:
             failures.append("no job acknowledged")
         if row["recovery_finish"] is None:
@@ -995,6 +1005,34 @@ def refused(scenario: Scenario, rig: Rig, fault: Fault) -> dict[str, Any]:
         result["verdict"] = "FAIL"
         result["failures"] = [f"the daemon did not serve again ({how})"]
     return result
+
+
+def details(counts: L.Tally, jobs: dict[str, Any], runs: list[L.Run],
+            origin: float) -> dict[str, Any]:
+    """
+    For each job given as an example of a broken promise: its attempts as
+    the dispatcher recorded them and its runs as the ledger has them,
+    times in seconds from the fault's start.
+    """
+    def at(t: Optional[float]) -> Optional[float]:
+        return None if t is None else round(t - origin, 2)
+
+    found: dict[str, Any] = {}
+    for job_id in sorted({j for ids in counts.examples.values() for j in ids}):
+        job = jobs.get(job_id)
+        found[job_id] = {
+            "state": job.get("state") if isinstance(job, dict) else job,
+            "attempts": [
+                {"number": a.get("number"), "holder": a.get("holder"),
+                 "started": at(L.timestamp(a.get("started_at"))),
+                 "finished": at(L.timestamp(a.get("finished_at"))),
+                 "exit_code": a.get("exit_code"), "error": a.get("error")}
+                for a in (job.get("attempts", []) if isinstance(job, dict) else [])],
+            "runs": [{"attempt": r.attempt, "pid": r.pid, "started": at(r.started),
+                      "ended": at(r.ended), "held": r.held}
+                     for r in runs if r.job == job_id],
+        }
+    return found
 
 
 def describe(counts: dict[str, int]) -> str:
@@ -1083,7 +1121,10 @@ right outcome is that the daemon refuses to start, with a non-zero exit
 and a line naming the damage: that is **DETECTED**; a daemon that starts on
 a damaged database fails the scenario whatever it then loses. **ERROR** is
 a failure of the suite itself; a scenario that did not run is not in the
-table.
+table. For a few of the jobs behind each count that is not 0,
+`docs/reliability.json` holds their attempts as the dispatcher recorded
+them and their runs as the ledger has them (`details`, times in seconds
+from the start of the fault).
 
 The scenarios:
 
@@ -1106,9 +1147,6 @@ def page(results: dict[str, Any]) -> str:
     notes = []
     for row in results["scenarios"]:
         lines = list(row.get("failures", [])) + list(row.get("notes", []))
-        examples = row.get("examples") or {}
-        for name, ids in examples.items():
-            lines.append(f"{name}: e.g. {', '.join(ids)}")
         notes.append(f"- **{row['scenario']}** ({row['verdict']}): "
                      + ("; ".join(lines) if lines else "nothing to note") + ".")
     return METHOD.substitute(
