@@ -7,6 +7,7 @@ here, and its ledger script is run for real under sh and flock.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
@@ -134,3 +135,15 @@ def test_the_table_shows_what_was_not_measured_as_a_dash() -> None:
     text = L.table([{"scenario": "damage-wal", "verdict": "DETECTED", "acknowledged": 12}],
                    markdown=True)
     assert "| damage-wal | DETECTED | 12 | — | — |" in text
+
+
+def test_the_page_is_the_report_of_its_json() -> None:
+    """docs/reliability.md is exactly what bench/chaos.py writes from
+    docs/reliability.json with today's method text, so its table is always
+    a run's."""
+    from bench import chaos
+
+    results = json.loads(chaos.DOCS_JSON.read_text(encoding="utf-8"))
+    assert chaos.DOCS.read_text(encoding="utf-8") == chaos.page(results), (
+        "docs/reliability.md differs from what bench/chaos.py writes: change the "
+        "method in bench/chaos.py, then run `.venv/bin/python -m bench.chaos --report`")
