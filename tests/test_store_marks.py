@@ -150,6 +150,30 @@ async def test_a_damaged_file_refuses_to_open(tmp_path):
 
 
 @pytest_twisted.ensureDeferred
+async def test_damage_inside_a_rows_text_refuses_to_open(tmp_path):
+    """Bytes flipped inside a job's JSON text leave the file's structure
+    whole, so quick_check passes them; the check at open still finds the
+    row, and says how many rows of which table are damaged."""
+    path = str(tmp_path / "db.sqlite3")
+    ids = await fill(path, 20)
+    conn = sqlite3.connect(path)
+    spec_text = conn.execute("SELECT spec FROM jobs WHERE id = ?", (ids[7],)).fetchone()[0]
+    # The same length, so that the page's layout stays as it was.
+    broken = bytes(b ^ 0xFF for b in spec_text[:8].encode()).decode("latin-1")
+    conn.execute("UPDATE jobs SET spec = ? WHERE id = ?", (broken + spec_text[8:], ids[7]))
+    conn.commit()
+    assert conn.execute("PRAGMA quick_check").fetchone()[0] == "ok"
+    conn.close()
+    store = SQLiteJobStore(path, reactor)
+    with pytest.raises(StoreDamaged) as e:
+        await store.open()
+    await store.close()
+    assert "1 rows of jobs hold text that is not the JSON written" in str(e.value)
+    with pytest.raises(StoreDamaged):
+        check_store(path)
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_backup_made_while_the_store_writes_restores(tmp_path):
     """A backup taken while the store is open and writing holds every job
     committed before it; restoring it keeps the old files aside, and the

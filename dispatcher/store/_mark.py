@@ -22,8 +22,10 @@ What it detects: after the daemon dies (C{kill -9}, a crash) the kernel
 still holds every write, so any acknowledged commit the database lacks is
 found.  After a power cut, the commits older than the last periodic sync
 (C{sync_interval}), and every durable one whose mark write reached the
-disk.  What it cannot: damage inside a row's text that leaves the file's
-structure whole (SQLite keeps no checksums of its own).
+disk.  Damage inside a row's text leaves the file's structure whole, so
+C{quick_check} passes it; the check then finds the rows whose JSON text no
+longer parses.  What it cannot find: damage that leaves valid text (SQLite
+keeps no checksums of its own).
 """
 
 from __future__ import annotations
@@ -165,10 +167,39 @@ def quick_check(conn: sqlite3.Connection, path: str) -> None:
     """
     try:
         findings = [row[0] for row in conn.execute(f"PRAGMA quick_check({FINDINGS})")]
+        if findings == ["ok"]:
+            findings = _unreadable_rows(conn)
     except sqlite3.DatabaseError as e:
         raise StoreDamaged(damaged(path, str(e))) from e
-    if findings != ["ok"]:
+    if findings and findings != ["ok"]:
         raise StoreDamaged(damaged(path, "; ".join(findings)))
+
+
+# The columns that hold JSON text, by table.  Damage inside a row's text
+# leaves the file's structure whole, so quick_check passes it; but flipped
+# bytes in JSON almost always break its syntax, which SQLite's json_valid
+# finds in C at about 0.3 s a million jobs (inverting the last 64 bytes of
+# 100 random pages of a store: quick_check found 45, this the other 55).
+_JSON_COLUMNS = {
+    "jobs": ("labels", "spec", "result"),
+    "idempotency": ("job_ids",),
+}
+
+
+def _unreadable_rows(conn: sqlite3.Connection) -> list[str]:
+    """
+    Findings about rows whose JSON text is not JSON: none on a whole store.
+    """
+    tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    findings = []
+    for table, columns in _JSON_COLUMNS.items():
+        if table not in tables:
+            continue
+        broken = " OR ".join(f"({c} IS NOT NULL AND NOT json_valid({c}))" for c in columns)
+        count = conn.execute(f"SELECT count(*) FROM {table} WHERE {broken}").fetchone()[0]
+        if count:
+            findings.append(f"{count} rows of {table} hold text that is not the JSON written")
+    return findings
 
 
 def damaged(path: str, what: str) -> str:
