@@ -764,8 +764,10 @@ class RemoteWorker(Service):
         Send one heartbeat for every live lease; return the seconds until
         the next one.
         """
-        # A fenced lease is not renewed: its job has been stopped, and its
-        # result (or the dispatcher's refusal) settles it.
+        # A worker waking from a freeze may run this before its fence
+        # timer: fence first.  A fenced lease is not renewed (its job has
+        # been stopped, and its result says so).
+        self._check_fences()
         live = [h for h in self._live() if not h.fenced]
         if not live:
             return None
