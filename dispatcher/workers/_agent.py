@@ -694,7 +694,6 @@ class RemoteWorker(Service):
         self._fence_call = self._clock.callLater(delay, self._check_fences)
 
     def _check_fences(self) -> None:
-        self._fence_call = None
         now = self._fence_clock()
         for held in self._fencing():
             if now >= held.fence_at - self._stop_grace(held):
