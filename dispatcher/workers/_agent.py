@@ -232,6 +232,7 @@ class RemoteWorker(Service):
         self._client = client
         self._fence_clock = fence_clock if fence_clock is not None else clock.seconds
         self._fence_call: Any = None
+        self._fence_due = float("inf")
         self._executor = executor
         self.description = description
         self._clock = clock
@@ -544,7 +545,7 @@ class RemoteWorker(Service):
         )
         held.running.done.addCallback(self._ended, held)
         self._ensure_heartbeats()
-        self._arm_fence()
+        self._arm_fence(fence_at - self._stop_grace(held))
 
     def _ended(self, outcome: Outcome, held: HeldLease) -> None:
         process = held.running.process if held.running is not None else None
@@ -676,21 +677,33 @@ class RemoteWorker(Service):
             if not h.fenced and not h.forgotten and not h.ended and h.running is not None
         ]
 
-    def _arm_fence(self) -> None:
+    def _arm_fence(self, due: Optional[float] = None) -> None:
         """
-        Wake when the earliest job must start stopping.  The reactor's
-        timers run on the wall clock, which may be set: the wake-up checks
-        the fence clock, and sets the next one.
+        Wake by C{due} (on the fence clock), or, without it, when the
+        earliest job must start stopping.  A wake-up already set no later
+        is kept: renewals only move fences later, so a wake-up that comes
+        early just finds nothing due and sets the next (one pass over the
+        leases a fence period, not one a job start or a heartbeat).  The
+        reactor's timers run on the wall clock, which may be set: the
+        wake-up checks the fence clock.
         """
-        if self._fence_call is not None and self._fence_call.active():
-            self._fence_call.cancel()
-        self._fence_call = None
         if self._stopped:
             return
-        due = [h.fence_at - self._stop_grace(h) for h in self._fencing()]
-        if not due:
-            return
-        delay = max(0.0, min(due) - self._fence_clock())
+        armed = self._fence_call is not None and self._fence_call.active()
+        if due is None:
+            if armed:
+                self._fence_call.cancel()
+            dues = [h.fence_at - self._stop_grace(h) for h in self._fencing()]
+            if not dues:
+                self._fence_call = None
+                return
+            due = min(dues)
+        elif armed:
+            if self._fence_due <= due:
+                return
+            self._fence_call.cancel()
+        self._fence_due = due
+        delay = max(0.0, due - self._fence_clock())
         self._fence_call = self._clock.callLater(delay, self._check_fences)
 
     def _check_fences(self) -> None:
@@ -835,7 +848,6 @@ class RemoteWorker(Service):
                     renewed.append(held.job_id)
         if renewed:
             self._executor.set_deadline(renewed, at)
-        self._arm_fence()
 
     def _matching(self, status: LeaseStatus) -> Optional[HeldLease]:
         held = self.held.get(status.job_id)
