@@ -95,6 +95,14 @@ def test_listen_gets_a_backlog_unless_it_names_one():
          "x.ini: [server] body_timeout = 'abc': expected a number of seconds above 0"),
         ("[fetch]\ntimeout = 0\n",
          "x.ini: [fetch] timeout = '0': expected a number of seconds above 0"),
+        ("[workers]\nfence_margin = 0\n",
+         "x.ini: [workers] fence_margin = '0': expected a number of seconds above 0"),
+        ("[workers]\nlease_seconds = 6\nfence_margin = 4\n",
+         "x.ini: [workers] fence_margin = '4': expected a number of seconds above 0 "
+         "and below 4 (two thirds of lease_seconds = 6"),
+        ("[workers]\nfence_margin = 25\n",
+         "x.ini: [workers] fence_margin = '25': expected a number of seconds above 0 "
+         "and below 20"),
         ("[tasks]\nx = not a target\n",
          "x.ini: [tasks] x = 'not a target': expected package.module:function"),
         ("[tasks]\nx = no_such_module_xyz:f\n",
@@ -112,6 +120,20 @@ def test_errors_name_the_place(text, message):
         parse_config(text, "x.ini")
     assert str(e.value).startswith(message)
     assert "\n" not in str(e.value)
+
+
+def test_fence_margin_is_read_or_left_to_the_dispatcher():
+    """[workers] fence_margin is read in seconds; left out or empty, it is
+    None and the dispatcher's default for the lease applies."""
+    from dispatcher.model._workers import default_fence_margin
+
+    assert parse_config("[workers]\nfence_margin = 1.5\n").workers.fence_margin == 1.5
+    assert parse_config("[workers]\nfence_margin =\n").workers.fence_margin is None
+    assert Config().workers.fence_margin is None
+    assert default_fence_margin(30) == 6.0
+    assert default_fence_margin(60) == 12.0
+    assert default_fence_margin(4) == pytest.approx(4 / 3)
+    assert default_fence_margin(9) == 2.0
 
 
 def test_missing_file(tmp_path):

@@ -682,3 +682,35 @@ async def test_two_processes_under_one_worker_name_are_told_apart(make_pure):
         assert shared() == {"w": False} and len(warnings) == 2
     finally:
         globalLogPublisher.removeObserver(observe)
+
+
+@pytest_twisted.ensureDeferred
+async def test_answers_tell_workers_when_to_fence_themselves(make_pure):
+    """Lease and heartbeat answers carry fence_seconds: the lease less the
+    [workers] fence_margin, counted from when the worker sent the request;
+    a long-poll that granted late counts the time it was held, so that the
+    worker's deadline is still the margin before the lease's expiry."""
+    clock = Clock()
+    daemon = await make_pure("lease_seconds = 10\nfence_margin = 3\n", clock=clock)
+    who = worker("w")
+    poll = ensureDeferred(call(daemon, "/v1/leases", {"worker": who, "wait": 30}))
+    await until_waiting_for_work(daemon, "w")
+    clock.advance(4)
+    await daemon.submit({"command": ["true"]})
+    code, answer = await poll
+    (granted,) = answer["leases"]
+    # Granted 4 s after the request came: expiry at 4 + 10, less 3.
+    assert answer["fence_seconds"] == 11
+    clock.advance(2)
+    code, answer = await heartbeat(daemon, who, [granted])
+    assert answer["leases"][0]["ok"] is True
+    assert answer["fence_seconds"] == 7 and answer["lease_seconds"] == 10
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_default_fence_margin_is_a_fifth_of_the_lease(make_pure):
+    """Without [workers] fence_margin a worker fences itself a fifth of the
+    lease (at least 2 s) before its expiry: 24 s of a 30 s lease."""
+    daemon = await make_pure()
+    code, answer = await call(daemon, "/v1/leases", {"worker": worker("w"), "wait": 0})
+    assert answer["fence_seconds"] == 24 and answer["lease_seconds"] == 30

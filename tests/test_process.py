@@ -2,8 +2,12 @@
 Tests for L{dispatcher.execution._process} and its helper, with real processes.
 """
 
+import json
 import os
+import select
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -14,13 +18,14 @@ from zope.interface.verify import verifyObject
 
 from dispatcher.execution._interfaces import IProcessSpawner, IRunningProcess
 from dispatcher.execution._process import (
+    _HELPER,
     ProcessLost,
     ProcessSpawner,
     SpawnError,
     kill_group_if_ours,
     process_identity,
 )
-from dispatcher.execution._spawner import read_boot_id, read_stat
+from dispatcher.execution._spawner import deadline_clock, read_boot_id, read_stat
 
 PATH = {"PATH": "/usr/bin:/bin"}
 
@@ -70,13 +75,14 @@ class Jobs:
         self.directory = directory
         self.started = []
 
-    def spawn(self, argv, env=PATH, cwd=None, name="job"):
+    def spawn(self, argv, env=PATH, cwd=None, name="job", deadline=None):
         d = self.spawner.spawn(
             argv,
             env,
             str(cwd or self.directory),
             str(self.directory / f"{name}.out"),
             str(self.directory / f"{name}.err"),
+            deadline=deadline,
         )
         d.addCallback(self._started)
         return d
@@ -449,3 +455,139 @@ async def test_stop(tmp_path):
         kill_group_if_ours(
             process.pid, process.start_ticks, process.boot_id, signal.SIGKILL
         )
+
+
+# Deadlines, kept by the helper itself
+
+class RawHelper:
+    """
+    The spawner helper as a bare subprocess, spoken to in JSON lines, with
+    nobody but the test to talk to it: what keeps a deadline is the helper,
+    not a reactor in the process that asked for it.
+    """
+
+    def __init__(self, directory):
+        self.directory = directory
+        self.process = subprocess.Popen(
+            [sys.executable, "-I", "-S", _HELPER],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env={},
+        )
+        self.replies = []
+
+    def send(self, **request):
+        self.process.stdin.write(json.dumps(request).encode() + b"\n")
+        self.process.stdin.flush()
+
+    def spawn(self, job_id, argv, **extra):
+        self.send(
+            op="spawn", id=job_id, argv=argv, env=PATH, cwd=str(self.directory),
+            stdout=str(self.directory / f"{job_id}.out"),
+            stderr=str(self.directory / f"{job_id}.err"), **extra)
+        return self.reply(lambda r: r["id"] == job_id and r["op"] == "spawned")
+
+    def reply(self, match, timeout=10.0):
+        """The first reply matching C{match}, waiting for it up to C{timeout}."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for reply in self.replies:
+                if match(reply):
+                    self.replies.remove(reply)
+                    return reply
+            left = deadline - time.monotonic()
+            assert left > 0, f"no matching reply; got {self.replies}"
+            ready, _, _ = select.select([self.process.stdout], [], [], left)
+            if ready:
+                line = self.process.stdout.readline()
+                assert line, "the helper exited"
+                self.replies.append(json.loads(line))
+
+    def exited(self, job_id, timeout=10.0):
+        return self.reply(lambda r: r["id"] == job_id and r["op"] == "exited", timeout)
+
+    def close(self):
+        self.process.stdin.close()
+        self.process.wait(10)
+        self.process.stdout.close()
+
+
+@pytest.fixture
+def raw_helper(tmp_path):
+    helper = RawHelper(tmp_path)
+    yield helper
+    helper.close()
+
+
+def test_a_job_past_its_deadline_is_killed_and_reported(raw_helper):
+    """
+    The helper kills a job whose deadline passes (its whole process group,
+    with SIGKILL) and reports its exit as killed at its deadline, while a
+    job whose deadline was moved later, and one without any, run on.
+    """
+    start = deadline_clock()
+    fenced = raw_helper.spawn(1, ["sleep", "30"], deadline=start + 0.5)
+    extended = raw_helper.spawn(2, ["sleep", "30"], deadline=start + 0.5)
+    free = raw_helper.spawn(3, ["sleep", "30"])
+    raw_helper.send(op="deadline", ids=[2, 99], at=start + 60)
+    exited = raw_helper.exited(1)
+    assert exited == {"op": "exited", "id": 1, "code": -signal.SIGKILL, "deadline": True}
+    assert deadline_clock() >= start + 0.5
+    assert not is_alive(fenced["pid"])
+    assert is_alive(extended["pid"]) and is_alive(free["pid"])
+    # A deadline moved earlier, to a time already past, kills at once.
+    raw_helper.send(op="deadline", ids=[2], at=deadline_clock() - 1)
+    assert raw_helper.exited(2)["deadline"] is True
+    raw_helper.send(op="signal", id=3, signal=signal.SIGTERM)
+    assert raw_helper.exited(3) == {"op": "exited", "id": 3, "code": -signal.SIGTERM}
+
+
+def test_a_deadline_taken_away_kills_nothing(raw_helper):
+    """
+    A deadline of null takes a job's deadline away; a stray process the job
+    left in its group dies with it at its deadline.
+    """
+    start = deadline_clock()
+    kept = raw_helper.spawn(1, ["sleep", "30"], deadline=start + 0.3)
+    raw_helper.send(op="deadline", ids=[1], at=None)
+    stray_file = raw_helper.directory / "stray.pid"
+    group = raw_helper.spawn(
+        2, ["sh", "-c", f"sleep 30 & echo $! > {stray_file}; wait"],
+        deadline=start + 0.6)
+    assert raw_helper.exited(2)["deadline"] is True
+    stray = int(stray_file.read_text())
+    assert not is_alive(stray) and not is_alive(group["pid"])
+    time.sleep(0.2)
+    assert is_alive(kept["pid"])
+    raw_helper.send(op="signal", id=1, signal=signal.SIGKILL)
+    assert "deadline" not in raw_helper.exited(1)
+
+
+def test_a_bad_deadline_is_refused_in_words(raw_helper):
+    """
+    A deadline that is not a number is refused, and the job is not started.
+    """
+    raw_helper.send(op="spawn", id=1, argv=["true"], env=PATH,
+                    cwd=str(raw_helper.directory), stdout="/dev/null",
+                    stderr="/dev/null", deadline="soon")
+    reply = raw_helper.reply(lambda r: r["id"] == 1)
+    assert reply["op"] == "error"
+    assert "a deadline must be a number of seconds" in reply["error"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_spawner_deadlines_kill_and_say_so(jobs):
+    """
+    Through the ProcessSpawner, a process spawned with a deadline that
+    set_deadline moves earlier is killed by the helper and says it was
+    killed at its deadline; one moved later is not.
+    """
+    later = deadline_clock() + 60
+    doomed = await jobs.spawn(["sleep", "30"], deadline=later)
+    spared = await jobs.spawn(["sleep", "30"], deadline=deadline_clock() + 0.3)
+    jobs.spawner.set_deadline([spared], later)
+    jobs.spawner.set_deadline([doomed], deadline_clock() + 0.2)
+    assert await doomed.ended == -signal.SIGKILL
+    assert doomed.killed_at_deadline
+    await sleep(0.3)
+    assert is_alive(spared.pid) and not spared.killed_at_deadline

@@ -134,15 +134,23 @@ class FakeExecutor:
         self.runs = {}
         self.mark_running = {}
         self.stopped = []
+        self.graces = []
+        self.deadlines = {}
 
-    def run(self, lease, mark_running, record_process):
-        running = RunningJob(lease, Deferred())
+    def run(self, lease, mark_running, record_process, deadline=None):
+        running = RunningJob(lease, Deferred(), deadline=deadline)
         self.runs[lease.job_id] = running
         self.mark_running[lease.job_id] = mark_running
+        self.deadlines[lease.job_id] = deadline
         return running
 
-    def stop(self, job_id):
+    def set_deadline(self, job_ids, at):
+        for job_id in job_ids:
+            self.deadlines[job_id] = at
+
+    def stop(self, job_id, grace=None):
         self.stopped.append(job_id)
+        self.graces.append(grace)
 
     def log_path(self, job_id, attempt, stream):
         return f"{job_id}/attempt-{attempt}/{stream}"
@@ -182,6 +190,8 @@ class Harness:
         self.reads = 0
         self.lease_seconds = 15.0
         self.heartbeat_seconds = 10.0
+        # 0: the answers say nothing of it (an older dispatcher).
+        self.fence_seconds = 0.0
 
     def read_chunks(self, pieces):
         self.reads += 1
@@ -206,18 +216,20 @@ class Harness:
         request.finish()
         self.stub.flush()
 
-    def grant(self, *leases, heartbeat_seconds=5.0):
+    def grant(self, *leases, heartbeat_seconds=5.0, fence_seconds=None):
         # Every later answer keeps the timing this one gives, as the
         # dispatcher's do.
         self.heartbeat_seconds = heartbeat_seconds
         self.answer(self.one("/v1/leases"), LeaseAnswer(
             [lease_grant(lease) for lease in leases], self.lease_seconds,
-            heartbeat_seconds))
+            heartbeat_seconds,
+            self.fence_seconds if fence_seconds is None else fence_seconds))
 
     def beat(self, call, *statuses, code=200):
         """Answer a heartbeat with one status per lease."""
         self.answer(call, HeartbeatAnswer(
-            list(statuses), self.lease_seconds, self.heartbeat_seconds), code)
+            list(statuses), self.lease_seconds, self.heartbeat_seconds,
+            self.fence_seconds), code)
 
     def results(self, call, *statuses, code=200):
         """Answer a report with one status per result."""
@@ -549,6 +561,8 @@ def test_heartbeat_retries_never_wait_longer_than_a_period():
     heartbeat_seconds, so a dispatcher that comes back hears from the worker
     before its leases run out."""
     h = Harness()
+    # Long enough that the job is not fenced while the dispatcher is down.
+    h.lease_seconds = 60.0
     h.worker.startService()
     h.grant(lease(1), heartbeat_seconds=2.0)
     h.advance(2.0)
@@ -730,6 +744,9 @@ def test_stop_gives_running_jobs_a_grace_then_releases_them():
     the jobs that end within the grace, stops the others after it, ships
     their logs and gives them back as released (their attempt unspent)."""
     h = Harness(slots=3, grace=20.0)
+    # A lease long enough that the unanswered heartbeats below do not
+    # reach job-2's fence.
+    h.lease_seconds = 60.0
     h.worker.startService()
     h.grant(lease(1), lease(2))
     poll = h.one("/v1/leases")
@@ -948,6 +965,167 @@ def test_an_empty_token_file_and_a_bad_config_are_refused(tmp_path, token_file):
         parse("--url", "http://h", "--token-file", token_file, "--slots", "1",
               "--config", str(ini))
     assert str(e.value).startswith(f"{ini}: [fetch] timeout = 'soon': expected")
+
+
+# Self-fencing
+
+class FenceClock:
+    """The worker's fence clock, moved by the test apart from the reactor's
+    Clock: a worker process frozen for a while finds it later on waking,
+    while its timers have not run yet."""
+
+    def __init__(self, clock):
+        self.clock = clock
+        self.frozen_for = 0.0
+
+    def __call__(self):
+        return self.clock.seconds() + self.frozen_for
+
+
+def fencing_harness(**kwargs):
+    """A Harness whose dispatcher gives 15 s leases and a 5 s fence margin,
+    and whose worker reads its fence off a FenceClock."""
+    fence_clock = FenceClock(None)
+    h = Harness(fence_clock=fence_clock, **kwargs)
+    fence_clock.clock = h.clock
+    h.fence_clock = fence_clock
+    h.fence_seconds = 10.0
+    return h
+
+
+def test_a_worker_that_hears_nothing_stops_its_job_before_its_lease_can_expire():
+    """A job whose lease no heartbeat has renewed for fence_seconds, counted
+    from when the last acknowledged heartbeat was SENT, gets SIGTERM a short
+    grace before that and is killed at it (the spawner helper holds the same
+    deadline); its lease is renewed no more, and its result says why."""
+    h = fencing_harness()
+    h.worker.startService()
+    h.grant(lease(1))
+    # Granted on a request sent at 0: the helper kills it at 10 unless renewed.
+    assert h.executor.deadlines["job-1"] == 10.0
+    h.advance(5.0)
+    beat = h.one("/v1/leases/heartbeat")
+    h.advance(1.0)
+    h.beat(beat, current(1))
+    # Sent at 5, answered at 6: renewed to 5 + 10, not 6 + 10.
+    assert h.executor.deadlines["job-1"] == pytest.approx(15.0)
+    # From here the dispatcher cannot be reached.
+    h.advance(5.0)
+    unavailable(h, h.one("/v1/leases/heartbeat"))
+    # SIGTERM comes 2.5 s before the fence (half of what lies between the
+    # next heartbeat and the fence), SIGKILL at the fence.
+    h.advance(1.4)
+    assert h.executor.stopped == []
+    h.advance(0.2)
+    assert h.executor.stopped == ["job-1"]
+    assert h.executor.graces == [pytest.approx(2.5, abs=0.02)]
+    fenced_at = h.clock.seconds()
+    h.executor.finish("job-1", Outcome(JobState.FAILED, exit_code=-9))
+    report = h.one("/v1/leases/results")
+    (item,) = report.json["results"]
+    assert (item["job_id"], item["state"], item["exit_code"]) == ("job-1", "failed", -9)
+    assert item["error"].startswith(
+        "stopped by its worker: no heartbeat was acknowledged for 10 s")
+    h.results(report, refused(1, "expired"))
+    # Nothing renews it any more, and its slot is free again.
+    h.advance(20, step=0.5)
+    assert all("job-1" not in c.body.decode() for c in h.dispatcher.calls
+               if c.path == "/v1/leases/heartbeat" and c.at > fenced_at)
+    assert h.worker.free_slots == 2
+
+
+def test_heartbeats_that_get_through_keep_the_fence_away():
+    """A worker whose heartbeats are acknowledged never stops its job, and
+    one late heartbeat, retried in time, does not either."""
+    h = fencing_harness()
+    h.worker.startService()
+    h.grant(lease(1))
+    for _ in range(6):
+        h.advance(5.0)
+        h.beat(h.one("/v1/leases/heartbeat"), current(1))
+    # One heartbeat fails; the retry, within the period, gets through.
+    h.advance(5.0)
+    unavailable(h, h.one("/v1/leases/heartbeat"))
+    h.advance(2.0)
+    h.beat(h.one("/v1/leases/heartbeat"), current(1))
+    h.advance(5.0)
+    h.beat(h.one("/v1/leases/heartbeat"), current(1))
+    assert h.executor.stopped == []
+    h.executor.finish("job-1")
+    h.results(h.one("/v1/leases/results"), recorded(1))
+    h.worker.stopService()
+    assert h.clock.getDelayedCalls() == []
+
+
+def test_a_frozen_worker_renews_nothing_when_it_wakes_past_the_fence():
+    """A worker process frozen past its fence (SIGSTOP), whose heartbeat was
+    acknowledged while it slept, does not renew the lease on waking: the
+    spawner helper has killed the job, and the worker reports it fenced even
+    when the job's end is read before its own timer runs."""
+    h = fencing_harness()
+    h.worker.startService()
+    h.grant(lease(1))
+    h.advance(5.0)
+    beat = h.one("/v1/leases/heartbeat")
+    # The worker freezes for 14 s; the dispatcher's answer waits in the
+    # socket, then the helper's report of the kill.
+    h.fence_clock.frozen_for = 14.0
+    h.beat(beat, current(1))
+    assert h.executor.deadlines["job-1"] == 10.0
+    assert h.executor.stopped == ["job-1"]
+    h.executor.finish("job-1", Outcome(JobState.FAILED, exit_code=-9))
+    (item,) = h.one("/v1/leases/results").json["results"]
+    assert item["state"] == "failed"
+    assert "no heartbeat was acknowledged" in item["error"]
+
+
+def test_a_job_killed_at_its_deadline_while_the_worker_slept_is_reported_fenced():
+    """A job whose end (killed by the helper at its deadline) is read before
+    the worker's own fence timer has run is reported as stopped by its
+    worker, not as a job killed by a signal."""
+    h = fencing_harness()
+    h.worker.startService()
+    h.grant(lease(1))
+    h.fence_clock.frozen_for = 11.0
+    h.executor.finish("job-1", Outcome(JobState.FAILED, exit_code=-9))
+    (item,) = h.one("/v1/leases/results").json["results"]
+    assert "stopped by its worker" in item["error"]
+
+
+def test_a_job_that_succeeded_before_its_fence_keeps_its_success():
+    """A job that ended in success before its fence (the worker was frozen
+    when it did) is reported as succeeded: it ran once, to its end."""
+    h = fencing_harness()
+    h.worker.startService()
+    h.grant(lease(1))
+    h.fence_clock.frozen_for = 11.0
+    h.executor.finish("job-1", Outcome(JobState.SUCCEEDED, exit_code=0))
+    (item,) = h.one("/v1/leases/results").json["results"]
+    assert item["state"] == "succeeded" and item["error"] is None
+
+
+def test_a_lease_read_after_its_fence_is_not_started_but_given_back():
+    """A lease whose answer the worker reads only after its fence has passed
+    (it was frozen with a long-poll open) is not run: it goes back as
+    released."""
+    h = fencing_harness()
+    h.worker.startService()
+    h.fence_clock.frozen_for = 30.0
+    h.grant(lease(1))
+    assert h.executor.runs == {}
+    (item,) = h.one("/v1/leases/results").json["results"]
+    assert (item["job_id"], item["state"]) == ("job-1", "released")
+
+
+def test_a_long_poll_counts_its_wait_from_when_it_was_sent():
+    """The fence of a lease granted on a long-poll is counted from when the
+    poll was sent, with the fence_seconds the dispatcher gives for it (which
+    counts the time it held the poll)."""
+    h = fencing_harness()
+    h.worker.startService()
+    h.advance(20.0)
+    h.grant(lease(1), fence_seconds=29.0)
+    assert h.executor.deadlines["job-1"] == pytest.approx(29.0)
 
 
 def test_a_refused_log_does_not_hold_the_result_up():

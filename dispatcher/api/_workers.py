@@ -122,12 +122,14 @@ class WorkerEndpoints:
         max_jobs = offer.slots if body.max_jobs is None else body.max_jobs
         if max_jobs > offer.slots:
             invalid("max_jobs", f"expected an integer from 1 to {offer.slots} (worker.slots)")
+        received = self._hub.now()
         held = None if body.held is UNSET else [(h.job_id, h.token) for h in body.held]
         leases = await self._hub.poll(offer, max_jobs, float(body.wait), held)
         return 200, LeaseAnswer(
             [lease_grant(lease) for lease in leases],
             self._hub.lease_seconds,
             self._hub.heartbeat_seconds,
+            self._hub.fence_after(received, [lease.job_id for lease in leases]),
         )
 
     async def heartbeat(self, request: Any, raw: bytes) -> tuple[int, Any]:
@@ -142,6 +144,8 @@ class WorkerEndpoints:
             [lease_status(v) for v in verdicts],
             self._hub.lease_seconds,
             self._hub.heartbeat_seconds,
+            # Renewed at their receipt, to a full lease_seconds.
+            self._hub.fence_seconds,
         )
 
     async def results(self, request: Any, raw: bytes) -> tuple[int, Any]:

@@ -139,6 +139,7 @@ class DaemonService(MultiService):
             clock=clock,
             tasks=frozenset(config.tasks),
             lease_seconds=config.workers.lease_seconds,
+            fence_margin=config.workers.fence_margin,
         )
         workers = None
         if config.workers.token is not None:

@@ -111,6 +111,10 @@ class WorkersConfig:
     token_file: Optional[str] = None
     token: Optional[str] = attrs.field(default=None, repr=False)
     lease_seconds: float = 30.0
+    # Seconds by which a worker that hears nothing stops its job before the
+    # dispatcher's lease runs out (docs/worker-protocol.md, "Self-fencing");
+    # None: the dispatcher's default for the lease_seconds.
+    fence_margin: Optional[float] = None
 
 
 @attrs.frozen
@@ -294,7 +298,11 @@ _SECTIONS: Mapping[str, tuple[type, Mapping[str, Callable[[str], Any]]]] = {
     ),
     "workers": (
         WorkersConfig,
-        {"token_file": _token_file, "lease_seconds": _seconds(1)},
+        {
+            "token_file": _token_file,
+            "lease_seconds": _seconds(1),
+            "fence_margin": _optional_seconds,
+        },
     ),
     "api": (ApiConfig, {"token_file": _token_file}),
 }
@@ -401,7 +409,32 @@ def parse_config(text: str, path: str = "<string>") -> Config:
             except ValueError as e:
                 raise fail(section, "token_file", fields["token_file"], str(e))
         values[section] = kind(**fields)
+        if section == "workers":
+            _check_fence_margin(values[section], parser, fail)
     return Config(tasks=tasks, queues=queues, **values)
+
+
+def _check_fence_margin(
+    workers: WorkersConfig, parser: Any, fail: Callable[..., ConfigError]
+) -> None:
+    """
+    A margin must leave a worker's deadline after its next heartbeat (a
+    third of the lease), or a worker that misses nothing still stops its
+    jobs: below two thirds of C{lease_seconds}.
+    """
+    margin = workers.fence_margin
+    if margin is None:
+        return
+    limit = workers.lease_seconds * 2.0 / 3.0
+    if margin >= limit:
+        raise fail(
+            "workers",
+            "fence_margin",
+            parser.get("workers", "fence_margin"),
+            f"expected a number of seconds above 0 and below {limit:g} (two "
+            f"thirds of lease_seconds = {workers.lease_seconds:g}, so that a "
+            f"worker's deadline comes after its next heartbeat)",
+        )
 
 
 def load_config(path: str) -> Config:

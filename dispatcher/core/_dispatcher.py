@@ -86,6 +86,8 @@ class Dispatcher(Service):
     @param tasks: the task names the local executor knows (C{None}: any).
     @param lease_seconds: how long a remote worker's lease lives without a
         heartbeat.
+    @param fence_margin: how long before its lease runs out a worker that
+        hears nothing has stopped the job (C{None}: the default).
     """
 
     def __init__(
@@ -101,6 +103,7 @@ class Dispatcher(Service):
         resources: Optional[Resources] = None,
         tasks: Optional[frozenset[str]] = None,
         lease_seconds: float = 30.0,
+        fence_margin: Optional[float] = None,
     ) -> None:
         self._reactor = reactor
         self._clock = clock if clock is not None else reactor
@@ -135,7 +138,12 @@ class Dispatcher(Service):
         self._resources = resources if resources is not None else detect_resources()
         self._tasks = tasks
         self.hub = WorkerHub(
-            self.scheduler, self._clock, lease_seconds, self.recorder, self.capacity_changed
+            self.scheduler,
+            self._clock,
+            lease_seconds,
+            self.recorder,
+            self.capacity_changed,
+            fence_margin,
         )
         self.events.subscribe(self._job_changed)
 

@@ -43,7 +43,12 @@ from dispatcher.model._jobs import (
     StaleLease,
     StoreClosed,
 )
-from dispatcher.model._workers import ConnectedWorker, LeaseEnd, LeaseVerdict
+from dispatcher.model._workers import (
+    ConnectedWorker,
+    LeaseEnd,
+    LeaseVerdict,
+    default_fence_margin,
+)
 
 log = Logger()
 
@@ -146,6 +151,10 @@ class WorkerHub:
     @param capacity_changed: called when a worker's free capacity changed
         (it asked for work, or a lease's end committed), so that jobs are
         claimed for it.
+    @param fence_margin: how long before a lease runs out its worker has
+        stopped the job when it hears nothing (C{None}: the default for
+        C{lease_seconds}); workers are told C{fence_seconds}, the lease
+        less this margin (docs/worker-protocol.md, "Self-fencing").
     """
 
     def __init__(
@@ -155,11 +164,19 @@ class WorkerHub:
         lease_seconds: float,
         recorder: Recorder,
         capacity_changed: Callable[[], None],
+        fence_margin: Optional[float] = None,
     ) -> None:
         self._scheduler = scheduler
         self._clock = clock
         self.lease_seconds = lease_seconds
         self.heartbeat_seconds = lease_seconds / 3.0
+        if fence_margin is None:
+            fence_margin = default_fence_margin(lease_seconds)
+        self.fence_margin = fence_margin
+        # A heartbeat renews at its receipt, to now + lease_seconds: a
+        # worker that counts this from when it sent the heartbeat has
+        # stopped the job by the margin before the lease can run out.
+        self.fence_seconds = lease_seconds - fence_margin
         self._recorder = recorder
         self._capacity_changed = capacity_changed
         self.workers: dict[str, Worker] = {}
@@ -223,6 +240,31 @@ class WorkerHub:
             if w.heard
             and (w.poll is not None or now - w.last_contact <= self.lease_seconds)
         ]
+
+    def now(self) -> float:
+        """
+        The time on the dispatcher's clock, to measure an answer's timing
+        against (L{fence_after}).
+        """
+        return self._clock.seconds()
+
+    def fence_after(self, received: float, job_ids: Iterable[str]) -> float:
+        """
+        The C{fence_seconds} of an answer to a request received at
+        C{received} that granted the leases of C{job_ids}: the seconds from
+        that request until its worker must have stopped their jobs
+        unrenewed, the margin before the earliest of their expiries.  A
+        long-poll grants long after its receipt, which this counts; with no
+        lease, the plain C{fence_seconds}.
+        """
+        expiries = [
+            remote.expires
+            for remote in (self.leases.get(job_id) for job_id in job_ids)
+            if remote is not None
+        ]
+        if not expiries:
+            return self.fence_seconds
+        return max(0.0, min(expiries) - self.fence_margin - received)
 
     def cancel_requested(self, job_id: str) -> None:
         """

@@ -237,6 +237,9 @@ class RunningJob:
     stopping: bool = False
     interrupted: bool = False
     timed_out: bool = False
+    # When the spawner helper kills its process (a remote worker's fence),
+    # on the spawner's deadline clock; None: never.
+    deadline: Optional[float] = None
 
 
 class LocalExecutor:
@@ -313,13 +316,20 @@ class LocalExecutor:
         lease: Lease,
         mark_running: Callable[[Lease], Deferred],
         record_process: Callable[[Lease, Any], Deferred],
+        deadline: Optional[float] = None,
     ) -> RunningJob:
         """
         Start working on C{lease}: stage its inputs, tell C{mark_running},
         run it, and fire C{RunningJob.done} with its L{Outcome}.  Failures
         of our own making (staging, spawning) are outcomes too.
+
+        @param deadline: C{None}, or when the spawner helper kills a
+            command's process group (a time on the spawner's deadline
+            clock), given to the helper with the spawn itself; see
+            L{set_deadline}.  A task has no process to kill: its deadline
+            is its caller's to keep (L{stop}).
         """
-        running = RunningJob(lease, Deferred())
+        running = RunningJob(lease, Deferred(), deadline=deadline)
         self.running[lease.job_id] = running
         spec = lease.spec
 
@@ -417,17 +427,26 @@ class LocalExecutor:
             env["DISPATCHER_ARRAY_ID"] = spec.array_id
             env["DISPATCHER_ARRAY_INDEX"] = str(spec.array_index)
         assert spec.command is not None
+        paths = (
+            self.log_path(lease.job_id, lease.attempt, "stdout"),
+            self.log_path(lease.job_id, lease.attempt, "stderr"),
+        )
+        deadline = running.deadline
         try:
-            process = await self._spawner.spawn(
-                list(spec.command),
-                env,
-                workdir,
-                self.log_path(lease.job_id, lease.attempt, "stdout"),
-                self.log_path(lease.job_id, lease.attempt, "stderr"),
-            )
+            if deadline is None:
+                process = await self._spawner.spawn(
+                    list(spec.command), env, workdir, *paths
+                )
+            else:
+                process = await self._spawner.spawn(
+                    list(spec.command), env, workdir, *paths, deadline=deadline
+                )
         except Exception as e:
             return Outcome(JobState.FAILED, error=f"could not start the command: {e}")
         running.process = process
+        if running.deadline != deadline:
+            # Moved while the spawn was under way.
+            self._spawner.set_deadline([process], running.deadline)
         if running.stopping:
             self._terminate(process)
         timer = None
@@ -465,8 +484,8 @@ class LocalExecutor:
             )
         return Outcome.from_exit_code(code)
 
-    def _terminate(self, process: Any) -> None:
-        d = process.terminate(self.kill_grace, self._clock)
+    def _terminate(self, process: Any, grace: Optional[float] = None) -> None:
+        d = process.terminate(self.kill_grace if grace is None else grace, self._clock)
         d.addErrback(
             lambda f: log.failure("stopping process {pid} failed", f, pid=process.pid)
         )
@@ -536,10 +555,28 @@ class LocalExecutor:
             self.log_path(lease.job_id, lease.attempt, "stderr"),
         )
 
-    def stop(self, job_id: str) -> None:
+    def set_deadline(self, job_ids: list[str], at: Optional[float]) -> None:
+        """
+        Move the deadline of the running jobs C{job_ids} to C{at}: the
+        spawner helper kills their process groups then (one message for
+        them all), and a command not started yet gets it with its spawn.
+        """
+        processes = []
+        for job_id in job_ids:
+            running = self.running.get(job_id)
+            if running is None:
+                continue
+            running.deadline = at
+            if running.process is not None:
+                processes.append(running.process)
+        if processes:
+            self._spawner.set_deadline(processes, at)
+
+    def stop(self, job_id: str, grace: Optional[float] = None) -> None:
         """
         Stop a running job: its process group gets SIGTERM, then SIGKILL
-        after the kill grace; a task is asked to stop through its context.
+        after C{grace} seconds (the kill grace by default); a task is asked
+        to stop through its context.
         """
         running = self.running.get(job_id)
         if running is None:
@@ -552,7 +589,7 @@ class LocalExecutor:
         if running.abort is not None and not running.abort.called:
             running.abort.callback(None)
         if running.process is not None:
-            self._terminate(running.process)
+            self._terminate(running.process, grace)
         elif running.context is not None:
             running.context.cancel()
 

@@ -12,11 +12,19 @@ class IProcessSpawner(Interface):
     group, and tells when they end.
     """
 
-    def spawn(argv, env, cwd, stdout_path, stderr_path):
+    def spawn(argv, env, cwd, stdout_path, stderr_path, deadline=None):
         """
         Start C{argv} (no shell) in C{cwd} with exactly the environment
         C{env}, stdout and stderr to those files.  Fire with an
-        L{IRunningProcess}.
+        L{IRunningProcess}.  With a C{deadline} (a time on
+        L{dispatcher.execution._spawner.deadline_clock}), the process group
+        is killed when it passes, by a process other than the caller's.
+        """
+
+    def set_deadline(processes, at):
+        """
+        Move the deadline of several running processes to C{at} (C{None}:
+        none).
         """
 
 
@@ -31,6 +39,9 @@ class IRunningProcess(Interface):
     ended = Attribute(
         "A Deferred that fires with the exit code (negative: the signal) "
         "when the process has exited and its group has been killed."
+    )
+    killed_at_deadline = Attribute(
+        "Whether it was killed because its deadline passed."
     )
 
     def signal_group(signum):

@@ -63,7 +63,13 @@ class RunningProcess:
     @ivar ended: a Deferred that fires with the exit code (minus the signal
         number if a signal killed it) once the process has exited and the
         rest of its group has been killed; or fails with L{ProcessLost}.
+    @ivar killed_at_deadline: the helper killed it because its deadline
+        (L{ProcessSpawner.set_deadline}) passed.
     """
+
+    killed_at_deadline = False
+    # The helper's id of the process.
+    spawn_id = None
 
     def __init__(self, pid, start_ticks, boot_id, send_signal):
         """
@@ -162,7 +168,7 @@ class _Helper(ProcessProtocol):
         self.dead = False
         self.exited = Deferred()
 
-    def spawn(self, argv, env, cwd, stdout_path, stderr_path):
+    def spawn(self, argv, env, cwd, stdout_path, stderr_path, deadline=None):
         job_id = next(self._ids)
         try:
             request = dict(
@@ -176,6 +182,8 @@ class _Helper(ProcessProtocol):
             )
         except (TypeError, AttributeError) as e:
             return fail(SpawnError(f"argv, env, cwd and paths must be strings: {e}"))
+        if deadline is not None:
+            request["deadline"] = deadline
 
         def cancel(d):
             # The request cannot be taken back; a process started for a
@@ -186,6 +194,18 @@ class _Helper(ProcessProtocol):
         self._spawning[job_id] = spawned
         self._send(request)
         return spawned
+
+    def set_deadline(self, processes, at):
+        """
+        Move the deadline of those of C{processes} this helper started.
+        """
+        ids = [
+            process.spawn_id
+            for process in processes
+            if self._running.get(process.spawn_id) is process
+        ]
+        if ids:
+            self._send(dict(op="deadline", id=None, ids=ids, at=at))
 
     def stop(self):
         """
@@ -234,6 +254,8 @@ class _Helper(ProcessProtocol):
         elif op == "exited":
             process = self._running.pop(job_id, None)
             if process is not None:
+                if reply.get("deadline"):
+                    process.killed_at_deadline = True
                 process._end(reply["code"])
         elif op == "error":
             if job_id in self._spawning:
@@ -255,6 +277,7 @@ class _Helper(ProcessProtocol):
             reply["boot_id"],
             lambda signum: self._send(dict(op="signal", id=job_id, signal=signum)),
         )
+        process.spawn_id = job_id
         self._running[job_id] = process
         if spawned is None:
             process.signal_group(signal.SIGKILL)
@@ -335,7 +358,7 @@ class ProcessSpawner(Service):
             return succeed(None)
         return self._helper.stop()
 
-    def spawn(self, argv, env, cwd, stdout_path, stderr_path):
+    def spawn(self, argv, env, cwd, stdout_path, stderr_path, deadline=None):
         """
         Start C{argv} (no shell) in its own session and process group.
 
@@ -346,6 +369,10 @@ class ProcessSpawner(Service):
         @param stdout_path: the file its stdout is appended to (created if
             need be, and its directory too).
         @param stderr_path: the file its stderr is appended to.
+        @param deadline: C{None}, or a time on
+            L{dispatcher.execution._spawner.deadline_clock} at which the
+            helper kills the process group with C{SIGKILL}, whatever this
+            process is doing then (L{set_deadline} moves it).
 
         @return: a Deferred that fires with a L{RunningProcess} once the
             program is running, or fails with L{SpawnError}.
@@ -358,7 +385,20 @@ class ProcessSpawner(Service):
                 self._start_helper()
             except OSError as e:
                 return fail(SpawnError(f"cannot start the process spawner helper: {e}"))
-        return self._helper.spawn(argv, env, cwd, stdout_path, stderr_path)
+        return self._helper.spawn(argv, env, cwd, stdout_path, stderr_path, deadline)
+
+    def set_deadline(self, processes, at):
+        """
+        Move the deadline of C{processes} to C{at}, in one message to the
+        helper: a remote worker renews all its leases with one heartbeat.
+
+        @param processes: L{RunningProcess}es this spawner started; those
+            that have ended, or whose helper has died, are left out.
+        @param at: a time on L{dispatcher.execution._spawner.deadline_clock},
+            or C{None} for no deadline.
+        """
+        if self._helper is not None and processes:
+            self._helper.set_deadline(processes, at)
 
     def _start_helper(self):
         helper = _Helper(self._helper_ended)

@@ -10,13 +10,28 @@ Requests::
 
     {"op": "spawn", "id": N, "argv": [...], "env": {...}, "cwd": "...",
      "stdout": "path", "stderr": "path"}
+    {"op": "spawn", ..., "deadline": D}
     {"op": "signal", "id": N, "signal": 15}
+    {"op": "deadline", "ids": [N, ...], "at": D}
 
 Replies::
 
     {"op": "spawned", "id": N, "pid": P, "start_ticks": T, "boot_id": B}
     {"op": "error", "id": N, "error": "no such file: foo"}
     {"op": "exited", "id": N, "code": C}
+    {"op": "exited", "id": N, "code": -9, "deadline": true}
+
+A deadline is a time on L{deadline_clock} (C{CLOCK_BOOTTIME}, one clock for
+every process of the host, which also counts time the host spent
+suspended).  A job given one is killed, its whole process group with
+C{SIGKILL}, once the deadline passes, and its exit says so.  The remote
+worker gives each job the time by which it must have stopped unless its
+lease is renewed, and moves it later at each renewal: the deadline holds
+even while the worker's own process is frozen, since this process keeps
+it.  A C{deadline} request moves the deadlines of several jobs at once (one
+heartbeat renews them all), to any time, earlier or later; C{null} takes
+them away.  Ids the helper no longer runs are ignored.  The daemon's own
+jobs have no deadline and cost nothing here.
 
 The working directory and the directories of the two output files are
 made if need be.  Each job leads its own session and process group.  When a job's leader
@@ -36,6 +51,7 @@ import os
 import selectors
 import signal
 import sys
+import time
 
 # How a job's stdout and stderr files are opened: appended to, so that the
 # output of an earlier attempt is kept.
@@ -44,6 +60,23 @@ _OUTPUT_MODE = 0o644
 
 # Field 22 of /proc/<pid>/stat, counted from 1: the start time.
 _START_TICKS = 21
+
+# The longest the helper sleeps while a job has a deadline.  poll() counts
+# its timeout on CLOCK_MONOTONIC, which stands still while the host is
+# suspended; waking at least this often notices a deadline that passed
+# during a suspension soon after the host resumes.
+_LONGEST_SLEEP = 1.0
+
+
+def deadline_clock():
+    """
+    The clock of job deadlines: seconds of C{CLOCK_BOOTTIME}, the same in
+    every process of the host, never set back, and counting time the host
+    spent suspended (which C{CLOCK_MONOTONIC} does not).
+
+    @rtype: C{float}
+    """
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
 
 
 def read_boot_id():
@@ -160,6 +193,10 @@ class _Spawner:
         self._replies = []
         self._pid_of = {}
         self._id_of = {}
+        # Job id -> deadline, for the jobs that have one; and the ids killed
+        # at theirs, until their exit is reported.
+        self._deadlines = {}
+        self._past_deadline = set()
         self._boot_id = read_boot_id()
         # Signals this helper ignores would stay ignored in its jobs across
         # exec (Python ignores SIGPIPE and SIGXFSZ); jobs get the defaults.
@@ -183,8 +220,12 @@ class _Spawner:
                 self._spawn(job_id, request)
             elif op == "signal":
                 self._signal(job_id, request)
+            elif op == "deadline":
+                self._set_deadlines(request)
             else:
-                raise _Refused(f"unknown op {op!r}: expected 'spawn' or 'signal'")
+                raise _Refused(
+                    f"unknown op {op!r}: expected 'spawn', 'signal' or 'deadline'"
+                )
         except _Refused as e:
             self._reply(op="error", id=job_id, error=str(e))
         except (ValueError, TypeError, AttributeError, KeyError) as e:
@@ -204,6 +245,9 @@ class _Spawner:
             isinstance(k, str) and isinstance(v, str) for k, v in env.items()
         ):
             raise _Refused("env must map strings to strings")
+        deadline = request.get("deadline")
+        if deadline is not None:
+            deadline = _deadline(deadline)
         for directory in dict.fromkeys(
             (cwd, os.path.dirname(stdout), os.path.dirname(stderr))
         ):
@@ -251,6 +295,10 @@ class _Spawner:
         start_ticks = int(read_stat(pid)[_START_TICKS])
         self._pid_of[job_id] = pid
         self._id_of[pid] = job_id
+        if deadline is not None:
+            # Kept from the moment the job exists: a worker frozen right
+            # after asking for it must not leave it without one.
+            self._deadlines[job_id] = deadline
         self._reply(
             op="spawned",
             id=job_id,
@@ -271,6 +319,49 @@ class _Spawner:
             pass
         except (OSError, ValueError, OverflowError) as e:
             raise _Refused(f"cannot send signal {request['signal']!r}: {e}")
+
+    def _set_deadlines(self, request):
+        at = request["at"]
+        if at is not None:
+            at = _deadline(at)
+        ids = request["ids"]
+        if not isinstance(ids, list):
+            raise _Refused(f"ids must be a list of job ids, not {ids!r}")
+        for job_id in ids:
+            if job_id not in self._pid_of or job_id in self._past_deadline:
+                # Ended, or killed already: too late to move.
+                continue
+            if at is None:
+                self._deadlines.pop(job_id, None)
+            else:
+                self._deadlines[job_id] = at
+
+    def next_deadline(self):
+        """
+        Seconds until the earliest deadline (0 if one has passed), or
+        C{None} when no job has one.
+        """
+        if not self._deadlines:
+            return None
+        return max(0.0, min(self._deadlines.values()) - deadline_clock())
+
+    def enforce_deadlines(self):
+        """
+        SIGKILL the process group of every job whose deadline has passed;
+        its exit is reported when its leader is reaped.
+        """
+        if not self._deadlines:
+            return
+        now = deadline_clock()
+        for job_id, at in list(self._deadlines.items()):
+            if at > now:
+                continue
+            del self._deadlines[job_id]
+            self._past_deadline.add(job_id)
+            try:
+                os.killpg(self._pid_of[job_id], signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
     def kill_all(self):
         """
@@ -308,9 +399,14 @@ class _Spawner:
             job_id = self._id_of.pop(pid, None)
             if job_id is not None:
                 del self._pid_of[job_id]
-                self._reply(
-                    op="exited", id=job_id, code=os.waitstatus_to_exitcode(status)
-                )
+                code = os.waitstatus_to_exitcode(status)
+                if self._deadlines:
+                    self._deadlines.pop(job_id, None)
+                if job_id in self._past_deadline:
+                    self._past_deadline.discard(job_id)
+                    self._reply(op="exited", id=job_id, code=code, deadline=True)
+                else:
+                    self._reply(op="exited", id=job_id, code=code)
 
     def _reply(self, **message):
         self._replies.append(json.dumps(message, separators=(",", ":")))
@@ -326,6 +422,12 @@ class _Spawner:
         view = memoryview(data)
         while view:
             view = view[os.write(self._replies_fd, view) :]
+
+
+def _deadline(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise _Refused(f"a deadline must be a number of seconds, not {value!r}")
+    return float(value)
 
 
 def _wake(signum, frame):
@@ -358,7 +460,10 @@ def main(requests_fd=0, replies_fd=1):
     pending = b""
     try:
         while True:
-            for key, _ in selector.select():
+            timeout = spawner.next_deadline()
+            if timeout is not None:
+                timeout = min(timeout, _LONGEST_SLEEP)
+            for key, _ in selector.select(timeout):
                 if key.data == "children":
                     while True:
                         try:
@@ -379,6 +484,9 @@ def main(requests_fd=0, replies_fd=1):
                 for line in lines:
                     if line.strip():
                         spawner.received(line)
+            # After the requests: a deadline moved later by a request that
+            # came in before it passed counts.
+            spawner.enforce_deadlines()
             spawner.flush()
     except BrokenPipeError:
         # The daemon is gone; so is anyone to report to.

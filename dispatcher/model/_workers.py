@@ -34,6 +34,17 @@ class LeaseEnd(str, enum.Enum):
     SUPERSEDED = "superseded"
 
 
+def default_fence_margin(lease_seconds: float) -> float:
+    """
+    The dispatcher's default C{[workers] fence_margin}: how long before a
+    lease runs out its worker, hearing nothing, has stopped the job.  A
+    fifth of the lease, at least 2 s (a host too loaded to kill a process
+    within that has other troubles), but never more than a third, so that a
+    worker's deadline is still a heartbeat period after its next heartbeat.
+    """
+    return min(max(2.0, lease_seconds / 5.0), lease_seconds / 3.0)
+
+
 @attrs.frozen
 class LeaseVerdict:
     """

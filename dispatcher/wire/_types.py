@@ -621,6 +621,18 @@ class LeaseGrant(_Out):
     spec: LeaseSpec
 
 
+FenceSeconds = Annotated[
+    float,
+    Meta(
+        ge=0,
+        description="Seconds from when the worker sent this request until "
+        "it must have stopped the jobs whose leases the answer granted or "
+        "renewed, unless a later request renews them: the dispatcher's "
+        "fence margin before their expiry (0: not given).",
+    ),
+]
+
+
 class LeaseAnswer(_Out):
     """
     The leases granted (maybe none), and the timing to keep.
@@ -631,6 +643,7 @@ class LeaseAnswer(_Out):
         float, Meta(description="A lease lives this long after the last heartbeat.")
     ]
     heartbeat_seconds: Annotated[float, Meta(description="How often to heartbeat.")]
+    fence_seconds: FenceSeconds = 0.0
 
 
 class LeaseStatus(_Out, omit_defaults=True):
@@ -657,6 +670,7 @@ class HeartbeatAnswer(_Out):
     leases: list[LeaseStatus]
     lease_seconds: float
     heartbeat_seconds: float
+    fence_seconds: FenceSeconds = 0.0
 
 
 class ResultsAnswer(_Out):

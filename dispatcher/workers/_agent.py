@@ -23,6 +23,7 @@ from twisted.python.failure import Failure
 
 from dispatcher.execution._executor import RunningJob
 from dispatcher.model._jobs import JobState, Lease, Outcome
+from dispatcher.model._workers import default_fence_margin
 from dispatcher.wire._forms import lease_from_grant
 from dispatcher.wire._types import (
     HeartbeatAnswer,
@@ -148,6 +149,13 @@ class HeldLease:
         is sent about it.
     @ivar abandoned: stopped by the worker's own shutdown: it is reported
         as C{released}, its attempt unspent.
+    @ivar fence_at: when its job must have stopped unless a heartbeat sent
+        before then renews the lease, on the worker's fence clock (the
+        spawner helper's deadline clock).
+    @ivar fence_seconds: the dispatcher's C{fence_seconds} of the answer
+        that last renewed it.
+    @ivar fenced: the worker stopped its job at C{fence_at}, having heard
+        nothing: it is renewed no more, and its result says so.
     """
 
     lease: Lease
@@ -157,6 +165,9 @@ class HeldLease:
     outcome: Optional[Outcome] = None
     forgotten: bool = False
     abandoned: bool = False
+    fence_at: float = float("inf")
+    fence_seconds: float = 0.0
+    fenced: bool = False
 
     @property
     def job_id(self) -> str:
@@ -199,6 +210,11 @@ class RemoteWorker(Service):
         deliver results that are not yet acknowledged.
     @param rng: the random source of the back-off jitter.
     @param poll_wait: the long-poll's C{wait}, in seconds.
+    @param fence_clock: C{() -> float}: the clock of the jobs' fences
+        (docs/worker-protocol.md, "Self-fencing"), the one the spawner
+        helper keeps deadlines on
+        (L{dispatcher.execution._spawner.deadline_clock}); C{clock}'s
+        C{seconds} by default.
     """
 
     def __init__(
@@ -212,8 +228,12 @@ class RemoteWorker(Service):
         flush_seconds: float = 10.0,
         rng: Optional[random.Random] = None,
         poll_wait: float = POLL_WAIT_SECONDS,
+        fence_clock: Optional[Callable[[], float]] = None,
     ) -> None:
         self._client = client
+        self._fence_clock = fence_clock if fence_clock is not None else clock.seconds
+        self._fence_call: Any = None
+        self._fence_due = float("inf")
         self._executor = executor
         self.description = description
         self._clock = clock
@@ -328,6 +348,8 @@ class RemoteWorker(Service):
         self._stopped = True
         if self._beat_call is not None and self._beat_call.active():
             self._beat_call.cancel()
+        if self._fence_call is not None and self._fence_call.active():
+            self._fence_call.cancel()
         for d in [*self._sleeps, self._beating, self._reporting]:
             if d is not None and not d.called:
                 d.cancel()
@@ -422,6 +444,7 @@ class RemoteWorker(Service):
                     self._slot_waiter = None
                 continue
             asked_at = self._clock.seconds()
+            sent = self._fence_clock()
             self._polling = self._client.lease(
                 self._offer, free, self._poll_wait, self._held_items()
             )
@@ -457,8 +480,13 @@ class RemoteWorker(Service):
                     count=len(leases),
                     jobs="job" if len(leases) == 1 else "jobs",
                 )
+            if answer.fence_seconds <= 0:
+                # A dispatcher that does not say counts nothing for the
+                # wait: from now is the best guess left.
+                sent = self._fence_clock()
+            fence_at = sent + self._fence_seconds(answer)
             for item in leases:
-                self._start(item)
+                self._start(item, fence_at)
             if not leases and self._clock.seconds() - asked_at < 1.0:
                 # An empty answer should come only when the wait ends;
                 # one that comes at once must not turn into a busy loop.
@@ -482,9 +510,22 @@ class RemoteWorker(Service):
         if answer.heartbeat_seconds > 0:
             self.heartbeat_seconds = answer.heartbeat_seconds
 
+    def _fence_seconds(self, answer: Union[LeaseAnswer, HeartbeatAnswer]) -> float:
+        """
+        The answer's C{fence_seconds}; from a dispatcher that gives none,
+        the lease less the default margin.
+        """
+        if answer.fence_seconds > 0:
+            return answer.fence_seconds
+        return self.lease_seconds - default_fence_margin(self.lease_seconds)
+
     # Running
 
-    def _start(self, grant: LeaseGrant) -> None:
+    def _start(self, grant: LeaseGrant, fence_at: float) -> None:
+        """
+        Run the job of C{grant}, which must have stopped by C{fence_at} (on
+        the fence clock) unless a heartbeat renews it.
+        """
         try:
             lease = lease_from_grant(grant, self._clock.seconds() + self.lease_seconds)
         except Exception:
@@ -497,8 +538,12 @@ class RemoteWorker(Service):
                 job_id=lease.job_id,
             )
             return
-        held = HeldLease(lease)
+        now = self._fence_clock()
+        held = HeldLease(lease, fence_at=fence_at, fence_seconds=fence_at - now)
         self.held[lease.job_id] = held
+        if fence_at <= now:
+            self._too_late(held, now)
+            return
         log.info(
             "job {job_id} attempt {attempt} leased (token {token})",
             job_id=lease.job_id,
@@ -521,11 +566,26 @@ class RemoteWorker(Service):
             # worker dies.
             return succeed(None)
 
-        held.running = self._executor.run(lease, mark_running, record_process)
+        held.running = self._executor.run(
+            lease, mark_running, record_process, deadline=fence_at
+        )
         held.running.done.addCallback(self._ended, held)
         self._ensure_heartbeats()
+        self._arm_fence(fence_at - self._stop_grace(held))
 
     def _ended(self, outcome: Outcome, held: HeldLease) -> None:
+        process = held.running.process if held.running is not None else None
+        if not held.fenced and not held.forgotten and (
+            self._fence_clock() >= held.fence_at
+            or getattr(process, "killed_at_deadline", False)
+        ):
+            # Its end came before the worker's own timer (the process was
+            # frozen, and the spawner helper kept the deadline).
+            self._fence(held)
+        if held.fenced and outcome.state is not JobState.SUCCEEDED:
+            outcome = Outcome(
+                JobState.FAILED, exit_code=outcome.exit_code, error=_fence_error(held)
+            )
         log.info(
             "job {job_id} attempt {attempt} ended: {state}{error}",
             job_id=held.job_id,
@@ -603,6 +663,103 @@ class RemoteWorker(Service):
             # Otherwise _finish drops it when its shipping returns.
             self._drop(held)
 
+    # Self-fencing
+
+    def _too_late(self, held: HeldLease, now: float) -> None:
+        """
+        A lease whose answer was read only after its fence had passed (the
+        worker was frozen, or its answer held up): its job is not started,
+        and it is given back unspent.
+        """
+        log.warn(
+            "job {job_id} attempt {attempt}: its lease came {late:.1f} s past "
+            "the time by which its job would have had to stop; it is not "
+            "started, and given back",
+            job_id=held.job_id,
+            attempt=held.lease.attempt,
+            late=now - held.fence_at,
+        )
+        held.fenced = True
+        held.abandoned = True
+        held.outcome = Outcome(JobState.FAILED, error="never started: its lease came too late")
+        self._guard(self._finish(held), f"giving back job {held.job_id}")
+
+    def _stop_grace(self, held: HeldLease) -> float:
+        """
+        How long before its fence a job gets C{SIGTERM} (its C{SIGKILL}
+        comes at the fence): the kill grace, but no more than half of what
+        lies between the next heartbeat and the fence, so that a worker
+        whose heartbeats get through never sends it.
+        """
+        room = (held.fence_seconds - self.heartbeat_seconds) / 2.0
+        grace = getattr(self._executor, "kill_grace", 5.0)
+        return max(0.0, min(grace, room))
+
+    def _fencing(self) -> list[HeldLease]:
+        # The leases whose jobs still run (or stage) and may need fencing.
+        return [
+            h
+            for h in self.held.values()
+            if not h.fenced and not h.forgotten and not h.ended and h.running is not None
+        ]
+
+    def _arm_fence(self, due: Optional[float] = None) -> None:
+        """
+        Wake by C{due} (on the fence clock), or, without it, when the
+        earliest job must start stopping.  A wake-up already set no later
+        is kept: renewals only move fences later, so a wake-up that comes
+        early just finds nothing due and sets the next (one pass over the
+        leases a fence period, not one a job start or a heartbeat).  The
+        reactor's timers run on the wall clock, which may be set: the
+        wake-up checks the fence clock.
+        """
+        if self._stopped:
+            return
+        armed = self._fence_call is not None and self._fence_call.active()
+        if due is None:
+            if armed:
+                self._fence_call.cancel()
+            dues = [h.fence_at - self._stop_grace(h) for h in self._fencing()]
+            if not dues:
+                self._fence_call = None
+                return
+            due = min(dues)
+        elif armed:
+            if self._fence_due <= due:
+                return
+            self._fence_call.cancel()
+        self._fence_due = due
+        delay = max(0.0, due - self._fence_clock())
+        self._fence_call = self._clock.callLater(delay, self._check_fences)
+
+    def _check_fences(self) -> None:
+        now = self._fence_clock()
+        for held in self._fencing():
+            if now >= held.fence_at - self._stop_grace(held):
+                self._fence(held)
+        self._arm_fence()
+
+    def _fence(self, held: HeldLease) -> None:
+        """
+        No heartbeat renewed C{held} in time: stop its job (C{SIGTERM} now,
+        C{SIGKILL} at its fence, when the spawner helper kills it anyway),
+        renew it no more, and report it failed.
+        """
+        if held.fenced:
+            return
+        held.fenced = True
+        now = self._fence_clock()
+        log.warn(
+            "job {job_id} attempt {attempt}: no heartbeat was acknowledged "
+            "for {silent:.1f} s; stopping it, so that it never runs beside "
+            "another attempt once its lease runs out",
+            job_id=held.job_id,
+            attempt=held.lease.attempt,
+            silent=now - (held.fence_at - held.fence_seconds),
+        )
+        if not held.ended:
+            self._executor.stop(held.job_id, grace=max(0.0, held.fence_at - now))
+
     # Heartbeats
 
     def _live(self) -> list[HeldLease]:
@@ -645,7 +802,11 @@ class RemoteWorker(Service):
         Send one heartbeat for every live lease; return the seconds until
         the next one.
         """
-        live = self._live()
+        # A worker waking from a freeze may run this before its fence
+        # timer: fence first.  A fenced lease is not renewed (its job has
+        # been stopped, and its result says so).
+        self._check_fences()
+        live = [h for h in self._live() if not h.fenced]
         if not live:
             return None
         told = {h.job_id for h in live if h.tell_running}
@@ -654,6 +815,7 @@ class RemoteWorker(Service):
             items.append(HeartbeatItem(held.job_id, held.lease.token, held.job_id in told))
             if not held.ended:
                 self._guard(self._logs.ship(held), f"shipping job {held.job_id}'s log")
+        sent = self._fence_clock()
         try:
             answer = await self._client.heartbeat(self._offer, items)
         except DispatcherError as e:
@@ -665,6 +827,7 @@ class RemoteWorker(Service):
             return delay
         self._beat_backoff.reset()
         self._learn_timing(answer)
+        self._renew(answer, sent)
         for result in answer.leases:
             held = self._matching(result)
             if held is None:
@@ -684,6 +847,33 @@ class RemoteWorker(Service):
                     result.message or "",
                 )
         return self.heartbeat_seconds
+
+    def _renew(self, answer: HeartbeatAnswer, sent: float) -> None:
+        """
+        Move the fence of every lease the answer renewed to C{sent} (when
+        the heartbeat went) plus its C{fence_seconds}, here and in the
+        spawner helper, in one message for them all.  A lease whose fence
+        passed while the answer was on its way is not renewed: its job has
+        been killed.
+        """
+        fence = self._fence_seconds(answer)
+        at = sent + fence
+        now = self._fence_clock()
+        renewed = []
+        for result in answer.leases:
+            held = self._matching(result)
+            if held is None or not result.ok or held.fenced:
+                continue
+            if now >= held.fence_at:
+                self._fence(held)
+                continue
+            if at > held.fence_at:
+                held.fence_at = at
+                held.fence_seconds = fence
+                if not held.ended:
+                    renewed.append(held.job_id)
+        if renewed:
+            self._executor.set_deadline(renewed, at)
 
     def _matching(self, status: LeaseStatus) -> Optional[HeldLease]:
         held = self.held.get(status.job_id)
@@ -771,6 +961,17 @@ def _refusal(status: LeaseStatus) -> str:
     Why the dispatcher refused a lease, as its answer says.
     """
     return status.reason or (str(status.status) if status.status else "refused")
+
+
+def _fence_error(held: HeldLease) -> str:
+    """
+    The error of an attempt its worker stopped at its fence.
+    """
+    return (
+        f"stopped by its worker: no heartbeat was acknowledged for "
+        f"{held.fence_seconds:.3g} s, so its lease may have run out and the "
+        f"job been given to another worker"
+    )
 
 
 def _result_item(held: HeldLease) -> ResultItem:

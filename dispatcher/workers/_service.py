@@ -16,6 +16,7 @@ from twisted.internet.threads import deferToThreadPool
 
 from dispatcher.config._ini import Config
 from dispatcher.execution._host import JobHost
+from dispatcher.execution._spawner import deadline_clock
 from dispatcher.workers._agent import RemoteWorker, WorkerDescription
 from dispatcher.workers._client import DispatcherClient
 from dispatcher.workers._logs import read_chunks_blocking
@@ -60,9 +61,18 @@ class WorkerService(MultiService):
     @param settings: the L{WorkerSettings}.
     @param clock: the C{IReactorTime} of heartbeats, back-offs, timeouts and
         grace periods; the reactor by default.
+    @param fence_clock: C{() -> float}, the clock the jobs' fences are
+        counted on, which must be the spawner helper's
+        (L{deadline_clock}, the default), since the helper kills at them.
     """
 
-    def __init__(self, reactor: Any, settings: WorkerSettings, clock: Any = None) -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        settings: WorkerSettings,
+        clock: Any = None,
+        fence_clock: Any = deadline_clock,
+    ) -> None:
         MultiService.__init__(self)
         clock = clock if clock is not None else reactor
         self._reactor = reactor
@@ -95,6 +105,7 @@ class WorkerService(MultiService):
             clock,
             read_chunks,
             grace=settings.grace,
+            fence_clock=fence_clock,
         )
 
     def startService(self) -> None:
