@@ -30,6 +30,7 @@ keeps no checksums of its own).
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import time
@@ -189,6 +190,9 @@ _JSON_COLUMNS = {
 def _unreadable_rows(conn: sqlite3.Connection) -> list[str]:
     """
     Findings about rows whose JSON text is not JSON: none on a whole store.
+    SQLite's C{json_valid} sifts in C; the rows it refuses are read again
+    with Python's C{json}, which also takes the C{NaN} and C{Infinity} that
+    earlier versions wrote with C{json.dumps}.
     """
     tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     findings = []
@@ -196,10 +200,25 @@ def _unreadable_rows(conn: sqlite3.Connection) -> list[str]:
         if table not in tables:
             continue
         broken = " OR ".join(f"({c} IS NOT NULL AND NOT json_valid({c}))" for c in columns)
-        count = conn.execute(f"SELECT count(*) FROM {table} WHERE {broken}").fetchone()[0]
+        texts = ", ".join(f"CAST({c} AS BLOB)" for c in columns)
+        count = sum(
+            1
+            for row in conn.execute(f"SELECT {texts} FROM {table} WHERE {broken}")
+            if not all(_parses(text) for text in row)
+        )
         if count:
             findings.append(f"{count} rows of {table} hold text that is not the JSON written")
     return findings
+
+
+def _parses(text: Optional[bytes]) -> bool:
+    if text is None:
+        return True
+    try:
+        json.loads(text.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return False
+    return True
 
 
 def damaged(path: str, what: str) -> str:
