@@ -1057,6 +1057,29 @@ def test_heartbeats_that_get_through_keep_the_fence_away():
     assert h.clock.getDelayedCalls() == []
 
 
+def test_a_heartbeat_lost_on_its_connection_is_sent_again_within_a_period():
+    """A heartbeat that gets no answer (its connection silently broke: a
+    partition healed, a proxy dropped it) is given up after a heartbeat
+    period and sent again, so the next one renews the lease before the
+    fence; waiting the whole request timeout would fence a job whose
+    dispatcher is reachable again."""
+    h = fencing_harness()
+    h.worker.startService()
+    h.grant(lease(1), heartbeat_seconds=4.0)
+    h.advance(4.0)
+    h.beat(h.one("/v1/leases/heartbeat"), current(1))
+    # Renewed to 4 + 10; the next heartbeat, at 8, gets no answer ever.
+    h.advance(4.0)
+    lost = h.one("/v1/leases/heartbeat")
+    h.advance(2.6)
+    again = [c for c in h.pending("/v1/leases/heartbeat") if c is not lost]
+    assert len(again) == 1
+    h.beat(again[0], current(1))
+    h.advance(6.0)
+    assert h.executor.stopped == []
+    assert h.executor.deadlines["job-1"] > 20.0
+
+
 def test_a_frozen_worker_renews_nothing_when_it_wakes_past_the_fence():
     """A worker process frozen past its fence (SIGSTOP), whose heartbeat was
     acknowledged while it slept, does not renew the lease on waking: the

@@ -817,7 +817,14 @@ class RemoteWorker(Service):
                 self._guard(self._logs.ship(held), f"shipping job {held.job_id}'s log")
         sent = self._fence_clock()
         try:
-            answer = await self._client.heartbeat(self._offer, items)
+            # A heartbeat not answered within half a period (the dispatcher
+            # answers one without a disk write) is given up and sent again
+            # on a new connection: one lost on a connection that silently
+            # broke (a partition that healed, a proxy that dropped it) must
+            # not hold back the next ones until the fence stops every job.
+            answer = await self._client.heartbeat(
+                self._offer, items, timeout=max(1.0, self.heartbeat_seconds / 2)
+            )
         except DispatcherError as e:
             # Never longer than a heartbeat period: a dispatcher that
             # comes back must hear from this worker before its leases

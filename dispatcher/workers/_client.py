@@ -146,12 +146,20 @@ class DispatcherClient:
             self.url("v1", "leases"), body, LeaseAnswer, wait + POLL_MARGIN_SECONDS, ()
         )
 
-    def heartbeat(self, worker: WorkerOffer, items: list[HeartbeatItem]) -> Deferred:
+    def heartbeat(
+        self,
+        worker: WorkerOffer,
+        items: list[HeartbeatItem],
+        timeout: float = REQUEST_TIMEOUT_SECONDS,
+    ) -> Deferred:
         """
         Renew leases; fires with the L{HeartbeatAnswer}, whose C{leases} say
-        for each item whether it is still current.
+        for each item whether it is still current, or fails with
+        L{DispatcherUnavailable} after C{timeout} seconds without one.
         """
-        return self._per_lease("heartbeat", HeartbeatRequest(worker, items), HeartbeatAnswer)
+        return self._per_lease(
+            "heartbeat", HeartbeatRequest(worker, items), HeartbeatAnswer, timeout
+        )
 
     def report(self, worker: WorkerOffer, results: list[ResultItem]) -> Deferred:
         """
@@ -193,13 +201,19 @@ class DispatcherClient:
 
         return self._timed(send(), REQUEST_TIMEOUT_SECONDS)
 
-    def _per_lease(self, endpoint: str, body: Any, answer: type[Answer]) -> Deferred:
+    def _per_lease(
+        self,
+        endpoint: str,
+        body: Any,
+        answer: type[Answer],
+        timeout: float = REQUEST_TIMEOUT_SECONDS,
+    ) -> Deferred:
         """
         POST C{body} to an endpoint that answers lease by lease, where a
         409 (every lease refused) is an answer too.
         """
         return self._exchange(
-            self.url("v1", "leases", endpoint), body, answer, REQUEST_TIMEOUT_SECONDS, (409,)
+            self.url("v1", "leases", endpoint), body, answer, timeout, (409,)
         )
 
     def _exchange(
