@@ -701,13 +701,13 @@ def damage_database(rig: Rig) -> Fault:
     page_size = struct.unpack(">H", data[16:18])[0]
     page_size = 65536 if page_size == 1 else page_size
     pages = len(data) // page_size
-    page = max(1, pages // 2)
-    # The last bytes of a b-tree page are cell content whenever it holds a
-    # row at all.
+    page = rows_page(data, page_size)
+    # The last bytes of a table's leaf page are the content of its first
+    # cell: damage to a row, not to free space no reader ever looks at.
     offset = (page + 1) * page_size - 64
     flip(database, offset, 64)
-    note = (f"inverted 64 bytes at offset {offset} (page {page + 1} of {pages}) of "
-            f"{DATABASE}")
+    note = (f"inverted 64 bytes at offset {offset} (page {page + 1} of {pages}, "
+            f"a leaf of rows) of {DATABASE}")
     wal = rig.data_dir / (DATABASE + "-wal")
     if wal.exists() and wal.stat().st_size:
         note += f"; a WAL of {wal.stat().st_size} bytes was left beside it"
@@ -716,6 +716,23 @@ def damage_database(rig: Rig) -> Fault:
     fault.end = time.time()
     restart(rig, fault)
     return fault
+
+
+def rows_page(data: bytes, page_size: int) -> int:
+    """The index (from 0) of the table leaf page holding rows nearest the
+    middle of the database file C{data}: a page whose damage hits data."""
+    pages = len(data) // page_size
+    leaves = []
+    for page in range(1, pages):
+        header = data[page * page_size:page * page_size + 8]
+        cells = struct.unpack(">H", header[3:5])[0]
+        content = struct.unpack(">H", header[5:7])[0] or 65536
+        # 0x0D: a leaf of a table b-tree; its cells fill the page's end.
+        if header[0] == 0x0D and cells and page_size - content >= 64:
+            leaves.append(page)
+    if not leaves:
+        return max(1, pages // 2)
+    return min(leaves, key=lambda page: abs(page - pages // 2))
 
 
 def wal_frames(data: bytes) -> tuple[int, int]:

@@ -168,9 +168,34 @@ async def test_damage_inside_a_rows_text_refuses_to_open(tmp_path):
     with pytest.raises(StoreDamaged) as e:
         await store.open()
     await store.close()
-    assert "1 rows of jobs hold text that is not the JSON written" in str(e.value)
+    assert "1 rows of jobs hold damaged text" in str(e.value)
     with pytest.raises(StoreDamaged):
         check_store(path)
+
+
+@pytest_twisted.ensureDeferred
+async def test_damage_inside_a_rows_plain_text_refuses_to_open(tmp_path):
+    """Flipped bytes in text that is not JSON (an attempt's holder) are not
+    UTF-8 any more: the check at open finds the row, where a read of the
+    job would fail later."""
+    path = str(tmp_path / "db.sqlite3")
+    store = await opened(path)
+    await submit(store, spec(1))
+    await claim(store, "holder-one", 1, 2.0)
+    await store.close()
+    conn = sqlite3.connect(path)
+    (holder,) = conn.execute("SELECT CAST(holder AS BLOB) FROM attempts").fetchone()
+    # "holder-o" inverted: the "-" becomes a lead byte, "o" a continuation.
+    broken = bytes(b ^ 0xFF for b in holder[:8]) + holder[8:]
+    conn.execute("UPDATE attempts SET holder = CAST(? AS TEXT)", (broken,))
+    conn.commit()
+    assert conn.execute("PRAGMA quick_check").fetchone()[0] == "ok"
+    conn.close()
+    store = SQLiteJobStore(path, reactor)
+    with pytest.raises(StoreDamaged) as e:
+        await store.open()
+    await store.close()
+    assert "1 rows of attempts hold damaged text" in str(e.value)
 
 
 @pytest_twisted.ensureDeferred
