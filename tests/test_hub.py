@@ -82,12 +82,14 @@ class Hub:
     def offer(self, instance="a" * 16, slots=2):
         return Offer("w", slots, instance=instance)
 
-    def grant(self, job_id, instance="a" * 16, slots=2):
+    def grant(self, job_id, instance="a" * 16, slots=2, max_attempts=3):
         """A long-poll of the worker process instance (listing what it
-        holds), answered with a new lease on job_id."""
+        holds), answered with a new lease on attempt 1 of job_id (not its
+        last, unless max_attempts is 1)."""
         held = (list(self.held),) if self.lists else ()
         answer = self.hub.poll(self.offer(instance, slots), 1, 30, *held)
-        lease = Lease(job_id, 1, next(self.tokens), "w", 0.0, JobSpec(command=("true",)))
+        spec = JobSpec(command=("true",), max_attempts=max_attempts)
+        lease = Lease(job_id, 1, next(self.tokens), "w", 0.0, spec)
         self.hub.claimed("w", [lease])
         assert answer.called and answer.result == [lease]
         self.held.append((job_id, lease.token))
@@ -105,6 +107,13 @@ class Hub:
 
     def released(self):
         return [lease.job_id for lease, _, _ in self.recorder.released]
+
+    def reported(self, lease, outcome):
+        d = self.hub.report(self.offer(), [(lease.job_id, lease.token, outcome)])
+        return [v.ok for v in d.result]
+
+    def finished(self):
+        return [(lease.job_id, outcome.state) for lease, outcome, _ in self.recorder.finished]
 
 
 @pytest.fixture
@@ -312,3 +321,48 @@ async def test_a_claim_whose_answer_a_crash_lost_is_released_after_the_restart(
     done = await daemon.wait(job["id"])
     assert done["state"] == "succeeded" and len(done["attempts"]) == 2
     assert "does not hold its lease" in done["attempts"][0]["error"]
+
+
+def test_a_last_attempt_waits_for_its_silent_worker_and_takes_its_result():
+    """A job's last attempt whose lease runs out is not recorded lost at
+    once: nothing else can run beside it, and its worker may be cut off
+    with a success in hand.  It waits last_attempt_grace more, shown by the
+    hub as a silent worker; a result that comes meanwhile is recorded as it
+    came."""
+    h = Hub()
+    lease = h.grant("a", max_attempts=1)
+    run_clock(h.clock, 31)
+    assert h.finished() == []
+    ((attempt, reason),) = h.hub.silent().values()
+    assert attempt == 1 and "its worker w has been silent since" in reason
+    run_clock(h.clock, h.hub.last_attempt_grace - 5)
+    assert h.finished() == []
+    assert h.reported(lease, Outcome(JobState.SUCCEEDED, exit_code=0)) == [True]
+    assert h.finished() == [("a", JobState.SUCCEEDED)]
+    assert h.hub.silent() == {}
+
+
+def test_a_last_attempt_whose_worker_stays_silent_is_lost_after_the_grace():
+    """A last attempt whose worker says nothing through the grace is
+    recorded lost then, as any expired lease; a heartbeat within the grace
+    renews the lease as usual; an attempt with attempts left expires at
+    once; and a grace of 0 waits for nothing."""
+    h = Hub()
+    silent, beating, retried = (
+        h.grant("silent", max_attempts=1),
+        h.grant("beating", max_attempts=1, slots=3),
+        h.grant("retried", max_attempts=2, slots=3),
+    )
+    run_clock(h.clock, 31)
+    assert h.expired() == ["retried"]
+    assert set(h.hub.silent()) == {"silent", "beating"}
+    assert h.beat(beating) == [True]
+    assert set(h.hub.silent()) == {"silent"}
+    run_clock(h.clock, h.hub.last_attempt_grace)
+    assert h.expired() == ["retried", "silent"]
+    assert h.beat(beating) == [True]
+    h = Hub()
+    h.hub.last_attempt_grace = 0
+    h.grant("now", max_attempts=1)
+    run_clock(h.clock, 31)
+    assert h.expired() == ["now"]

@@ -255,12 +255,18 @@ async def test_a_lease_without_heartbeat_expires_and_its_writes_are_refused(make
     assert answer["leases"][0]["reason"] == "expired"
     code, answer = await report(daemon, who, [result(granted)])
     assert code == 409 and answer["results"][0]["ok"] is False
-    # The second and last attempt expires too: the job fails.
+    # The second and last attempt expires too; it waits a minute more for
+    # its silent worker, shown by its wait reason, then the job fails.
     (second,) = await lease(daemon, worker("other"))
     assert second["attempt"] == 2 and second["token"] > granted["token"]
     run_clock(clock, 31)
+    waiting = (await daemon.json("GET", f"/v1/jobs/{job['id']}"))[1]
+    assert waiting["state"] == "running"
+    assert "its worker other has been silent since" in waiting["wait_reason"]
+    run_clock(clock, 60)
     final = await daemon.wait(job["id"], ("failed",))
     assert len(final["attempts"]) == 2
+    assert "sent no heartbeat for 30 s" in final["attempts"][1]["error"]
 
 
 @pytest_twisted.ensureDeferred

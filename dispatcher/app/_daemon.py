@@ -140,6 +140,7 @@ class DaemonService(MultiService):
             tasks=frozenset(config.tasks),
             lease_seconds=config.workers.lease_seconds,
             fence_margin=config.workers.fence_margin,
+            last_attempt_grace=config.workers.last_attempt_grace,
         )
         workers = None
         if config.workers.token is not None:

@@ -115,6 +115,10 @@ class WorkersConfig:
     # dispatcher's lease runs out (docs/worker-protocol.md, "Self-fencing");
     # None: the dispatcher's default for the lease_seconds.
     fence_margin: Optional[float] = None
+    # Seconds more than its lease a job's last attempt waits for its silent
+    # worker's result before it is recorded lost; 0: none; None: the
+    # dispatcher's default (a minute, or two leases if longer).
+    last_attempt_grace: Optional[float] = None
 
 
 @attrs.frozen
@@ -213,6 +217,12 @@ def _optional_seconds(text: str) -> Optional[float]:
     return _seconds(0, above=True)(text)
 
 
+def _optional_seconds_from_zero(text: str) -> Optional[float]:
+    if not text.strip() or text.strip().lower() == "none":
+        return None
+    return _seconds(0)(text)
+
+
 def _boolean(text: str) -> bool:
     lowered = text.strip().lower()
     if lowered in ("1", "yes", "true", "on"):
@@ -302,6 +312,7 @@ _SECTIONS: Mapping[str, tuple[type, Mapping[str, Callable[[str], Any]]]] = {
             "token_file": _token_file,
             "lease_seconds": _seconds(1),
             "fence_margin": _optional_seconds,
+            "last_attempt_grace": _optional_seconds_from_zero,
         },
     ),
     "api": (ApiConfig, {"token_file": _token_file}),

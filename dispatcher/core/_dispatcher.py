@@ -88,6 +88,8 @@ class Dispatcher(Service):
         heartbeat.
     @param fence_margin: how long before its lease runs out a worker that
         hears nothing has stopped the job (C{None}: the default).
+    @param last_attempt_grace: how much longer a job's last attempt waits
+        for its silent worker's result (C{None}: the default).
     """
 
     def __init__(
@@ -104,6 +106,7 @@ class Dispatcher(Service):
         tasks: Optional[frozenset[str]] = None,
         lease_seconds: float = 30.0,
         fence_margin: Optional[float] = None,
+        last_attempt_grace: Optional[float] = None,
     ) -> None:
         self._reactor = reactor
         self._clock = clock if clock is not None else reactor
@@ -144,6 +147,7 @@ class Dispatcher(Service):
             self.recorder,
             self.capacity_changed,
             fence_margin,
+            last_attempt_grace,
         )
         self.events.subscribe(self._job_changed)
 
@@ -370,24 +374,31 @@ class Dispatcher(Service):
             explain = self._local_explainer[1]
         else:
             explain = self._make_explainer([worker.offer for worker in self.hub.connected()])
+        # Running jobs the store cannot tell about: an end whose commit
+        # failed (a full disk) and is written again, and a last attempt
+        # that waits for its silent worker.  By job id: attempt, reason.
         unrecorded = self.recorder.unrecorded
-        if not unrecorded:
+        silent = self.hub.silent() if self.hub.leases else {}
+        if not unrecorded and not silent:
             return explain
+        waits = dict(silent)
+        waits.update(
+            (job_id, (waiting.attempt, waiting.wait_reason))
+            for job_id, waiting in unrecorded.items()
+        )
 
-        def unrecorded_end(job: Job) -> Job:
-            # The store still shows the job running: its end's commit
-            # failed (a full disk) and is written again.
-            waiting = unrecorded.get(job.id)
+        def running_wait(job: Job) -> Job:
+            waiting = waits.get(job.id)
             if (
                 waiting is not None
                 and job.state in (JobState.RUNNING, JobState.STAGING)
                 and job.attempts
-                and job.attempts[-1].number == waiting.attempt
+                and job.attempts[-1].number == waiting[0]
             ):
-                return job.waiting(waiting.wait_reason)
+                return job.waiting(waiting[1])
             return explain(job)
 
-        return unrecorded_end
+        return running_wait
 
     def _make_explainer(self, remote: list[Offer]) -> Callable[[Job], Job]:
         offers = ([self.local_offer] if self._slots > 0 else []) + remote

@@ -33,6 +33,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from dispatcher.core._capacity import free_resources
+from dispatcher.core._reasons import silent_worker
 from dispatcher.core._recorder import Recorder
 from dispatcher.model._jobs import (
     JobState,
@@ -48,6 +49,7 @@ from dispatcher.model._workers import (
     LeaseEnd,
     LeaseVerdict,
     default_fence_margin,
+    default_last_attempt_grace,
 )
 
 log = Logger()
@@ -88,6 +90,9 @@ class RemoteLease:
     waiting: Optional[list[Deferred]] = None
     instance: Optional[str] = None
     resumed: bool = False
+    # A last attempt whose lease ran out waits for its worker's word until
+    # C{expires} again (see WorkerHub._reap): since when it is silent.
+    silent_since: Optional[float] = None
 
 
 @attrs.define(eq=False)
@@ -155,6 +160,9 @@ class WorkerHub:
         stopped the job when it hears nothing (C{None}: the default for
         C{lease_seconds}); workers are told C{fence_seconds}, the lease
         less this margin (docs/worker-protocol.md, "Self-fencing").
+    @param last_attempt_grace: how much longer than its lease a job's
+        last attempt waits for its silent worker's result before it is
+        recorded lost (C{None}: L{default_last_attempt_grace}).
     """
 
     def __init__(
@@ -165,6 +173,7 @@ class WorkerHub:
         recorder: Recorder,
         capacity_changed: Callable[[], None],
         fence_margin: Optional[float] = None,
+        last_attempt_grace: Optional[float] = None,
     ) -> None:
         self._scheduler = scheduler
         self._clock = clock
@@ -177,6 +186,9 @@ class WorkerHub:
         # worker that counts this from when it sent the heartbeat has
         # stopped the job by the margin before the lease can run out.
         self.fence_seconds = lease_seconds - fence_margin
+        if last_attempt_grace is None:
+            last_attempt_grace = default_last_attempt_grace(lease_seconds)
+        self.last_attempt_grace = last_attempt_grace
         self._recorder = recorder
         self._capacity_changed = capacity_changed
         self.workers: dict[str, Worker] = {}
@@ -528,6 +540,7 @@ class WorkerHub:
                 answers.append(LeaseVerdict(job_id, token, self.refusal(job_id, token)))
                 continue
             expires = remote.expires = now + self.lease_seconds
+            remote.silent_since = None
             if running and remote.staging and remote.ending is None:
                 remote.staging = False
                 writes.append(self._mark_running(remote.lease))
@@ -744,6 +757,8 @@ class WorkerHub:
         due = [r for r in self.leases.values() if r.expires <= now and r.ending is None]
         for remote in due:
             lease = remote.lease
+            if self._wait_for_silent(remote, now):
+                continue
             log.warn(
                 "the lease of job {job_id} attempt {attempt} on worker {holder} "
                 "expired: no heartbeat for {seconds:g} s",
@@ -770,6 +785,58 @@ class WorkerHub:
             )
         self._forget_idle(now)
         self._arm_reaper()
+
+    def _wait_for_silent(self, remote: RemoteLease, now: float) -> bool:
+        """
+        Whether the lease of C{remote}, which ran out now, waits longer for
+        its worker instead of ending.
+
+        Once a job's last attempt is over, no other attempt can run beside
+        it, so nothing is won by ending it the moment its lease runs out:
+        its worker may be cut off (a partition, a proxy, a dispatcher it
+        could not reach), and its job may have succeeded meanwhile.  Its
+        lease waits C{last_attempt_grace} more for the worker's word: a
+        result is then recorded as it came, and a heartbeat renews it.  The
+        worker has stopped a job still running at its fence all the same
+        (docs/worker-protocol.md, "Self-fencing"), and reports it so.  A job
+        with attempts left goes back to the queue at once: waiting would
+        delay every retry of a worker that died.  (After an explicit retry
+        the attempt numbers run past C{max_attempts}: such a job waits too.)
+        """
+        lease = remote.lease
+        if (
+            remote.silent_since is not None
+            or self.last_attempt_grace <= 0
+            or lease.attempt < lease.spec.max_attempts
+        ):
+            return False
+        remote.silent_since = remote.expires - self.lease_seconds
+        remote.expires = now + self.last_attempt_grace
+        log.warn(
+            "the lease of job {job_id} attempt {attempt} on worker {holder} ran "
+            "out (no heartbeat for {seconds:g} s); as its last attempt it waits "
+            "{grace:g} s more for its worker's result before it is recorded lost",
+            job_id=lease.job_id,
+            attempt=lease.attempt,
+            holder=lease.holder,
+            seconds=self.lease_seconds,
+            grace=self.last_attempt_grace,
+        )
+        return True
+
+    def silent(self) -> dict[str, tuple[int, str]]:
+        """
+        The jobs whose last attempt waits for a silent worker: by job id,
+        the attempt and its wait reason.
+        """
+        return {
+            job_id: (
+                remote.lease.attempt,
+                silent_worker(remote.lease.holder, remote.silent_since, remote.expires),
+            )
+            for job_id, remote in self.leases.items()
+            if remote.silent_since is not None and remote.ending is None
+        }
 
     # Stalls
 

@@ -72,6 +72,20 @@ def end_not_recorded(
     )
 
 
+def silent_worker(holder: str, since: Optional[float], until: float) -> str:
+    """
+    The wait reason of a job whose last attempt's lease ran out, and which
+    waits for its worker C{holder}, silent since C{since}, until C{until}
+    before it is recorded lost.
+    """
+    heard = "" if since is None else f" since {format_time(since)}"
+    return (
+        f"its worker {holder} has been silent{heard}; as its last attempt it "
+        f"waits for the worker's result until {format_time(until)}, then it "
+        "is recorded lost"
+    )
+
+
 def unconfigured_queue(queue: str) -> str:
     """
     The wait reason of a job whose queue the configuration no longer names.

@@ -45,6 +45,18 @@ def default_fence_margin(lease_seconds: float) -> float:
     return min(max(2.0, lease_seconds / 5.0), lease_seconds / 3.0)
 
 
+def default_last_attempt_grace(lease_seconds: float) -> float:
+    """
+    The dispatcher's default C{[workers] last_attempt_grace}: how much
+    longer than its lease a job's last attempt waits for a silent worker's
+    result before it is recorded lost.  A minute, or two leases if that is
+    longer: enough for a worker cut off for a lease or so to get its result
+    through once it can (a report sent into a broken connection waits its
+    30 s timeout before it is sent again).
+    """
+    return max(60.0, 2.0 * lease_seconds)
+
+
 @attrs.frozen
 class LeaseVerdict:
     """
