@@ -136,6 +136,21 @@ def test_fence_margin_is_read_or_left_to_the_dispatcher():
     assert default_fence_margin(9) == 2.0
 
 
+def test_last_attempt_grace_is_read_or_left_to_the_dispatcher():
+    """[workers] last_attempt_grace is read in seconds, 0 included (no
+    wait); left out, the dispatcher waits a minute or two leases; a
+    negative value stops start-up naming the key."""
+    from dispatcher.model._workers import default_last_attempt_grace
+
+    assert parse_config("[workers]\nlast_attempt_grace = 0\n").workers.last_attempt_grace == 0
+    assert parse_config("[workers]\nlast_attempt_grace = 90\n").workers.last_attempt_grace == 90
+    assert Config().workers.last_attempt_grace is None
+    assert default_last_attempt_grace(30) == 60.0
+    assert default_last_attempt_grace(45) == 90.0
+    with pytest.raises(ConfigError, match=r"\[workers\] last_attempt_grace = '-1'"):
+        parse_config("[workers]\nlast_attempt_grace = -1\n")
+
+
 def test_missing_file(tmp_path):
     """A file that cannot be read is an error naming it."""
     with pytest.raises(ConfigError, match="nope.ini: cannot read"):
