@@ -139,7 +139,26 @@ class StartFailure(Exception):
     seconds: float
 
 
-class Daemon:
+class Managed:
+    """A process of the rig: its main process, which may be signalled or
+    killed on its own (its spawner helper notices and acts on its own)."""
+
+    process: Optional[subprocess.Popen] = None
+
+    def signal(self, signum: int) -> None:
+        """Send a signal to its main process alone (not its spawner)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signum)
+
+    def kill(self) -> None:
+        """SIGKILL, and reap it."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGCONT)
+            self.process.kill()
+            self.process.wait(30)
+
+
+class Daemon(Managed):
     """A C{twistd -n dispatcher} on a fixed loopback port, restartable."""
 
     def __init__(self, workdir: Path, port: int, data_dir: Path, ini: str) -> None:
@@ -188,24 +207,13 @@ class Daemon:
             f.seek(offset)
             return f.read().decode(errors="replace")
 
-    def signal(self, signum: int) -> None:
-        """Send a signal to its main process alone (not its spawner)."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signum)
-
-    def kill(self) -> None:
-        """SIGKILL, and reap it."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGCONT)
-            self.process.kill()
-            self.process.wait(30)
 
     @property
     def serving(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
 
-class Worker:
+class Worker(Managed):
     """A C{dispatcher worker} process, restartable under the same name."""
 
     def __init__(self, workdir: Path, name: str, url: str, token_file: Path) -> None:
@@ -226,16 +234,6 @@ class Worker:
                 args, cwd=str(self.dir), stdout=log, stderr=subprocess.STDOUT,
                 env=dict(os.environ, PYTHONPATH=str(ROOT)), start_new_session=True)
 
-    def signal(self, signum: int) -> None:
-        """Send a signal to its main process alone (not its spawner)."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signum)
-
-    def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGCONT)
-            self.process.kill()
-            self.process.wait(30)
 
 
 # HTTP

@@ -149,6 +149,18 @@ async def test_a_damaged_file_refuses_to_open(tmp_path):
         check_store(path)
 
 
+async def refused_with_whole_pages(conn, path):
+    """Close conn on a store whose pages quick_check finds whole, and the
+    message with which the store at path refuses to open."""
+    assert conn.execute("PRAGMA quick_check").fetchone()[0] == "ok"
+    conn.close()
+    store = SQLiteJobStore(path, reactor)
+    with pytest.raises(StoreDamaged) as e:
+        await store.open()
+    await store.close()
+    return str(e.value)
+
+
 @pytest_twisted.ensureDeferred
 async def test_damage_inside_a_rows_text_refuses_to_open(tmp_path):
     """Bytes flipped inside a job's JSON text leave the file's structure
@@ -162,13 +174,7 @@ async def test_damage_inside_a_rows_text_refuses_to_open(tmp_path):
     broken = bytes(b ^ 0xFF for b in spec_text[:8].encode()).decode("latin-1")
     conn.execute("UPDATE jobs SET spec = ? WHERE id = ?", (broken + spec_text[8:], ids[7]))
     conn.commit()
-    assert conn.execute("PRAGMA quick_check").fetchone()[0] == "ok"
-    conn.close()
-    store = SQLiteJobStore(path, reactor)
-    with pytest.raises(StoreDamaged) as e:
-        await store.open()
-    await store.close()
-    assert "1 rows of jobs hold damaged text" in str(e.value)
+    assert "1 rows of jobs hold damaged text" in await refused_with_whole_pages(conn, path)
     with pytest.raises(StoreDamaged):
         check_store(path)
 
@@ -189,13 +195,7 @@ async def test_damage_inside_a_rows_plain_text_refuses_to_open(tmp_path):
     broken = bytes(b ^ 0xFF for b in holder[:8]) + holder[8:]
     conn.execute("UPDATE attempts SET holder = CAST(? AS TEXT)", (broken,))
     conn.commit()
-    assert conn.execute("PRAGMA quick_check").fetchone()[0] == "ok"
-    conn.close()
-    store = SQLiteJobStore(path, reactor)
-    with pytest.raises(StoreDamaged) as e:
-        await store.open()
-    await store.close()
-    assert "1 rows of attempts hold damaged text" in str(e.value)
+    assert "1 rows of attempts hold damaged text" in await refused_with_whole_pages(conn, path)
 
 
 @pytest_twisted.ensureDeferred
