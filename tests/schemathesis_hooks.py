@@ -9,6 +9,7 @@ given below, and keep a lease request from long-polling.
 import posixpath
 
 import schemathesis
+from schemathesis.core import NOT_SET
 
 # [dispatcher] max_array of the daemon under test.
 MAX_ARRAY = 50
@@ -80,7 +81,16 @@ def before_call(context, case, kwargs):
     C{worker.slots} (one field against another: a rule the 400 of the
     operation describes, which the schema cannot express) is lowered to
     the slots; the coverage phase does not pass through L{filter_body}.
+
+    A POST without a body (a cancel, a retry) says C{Content-Type:
+    application/json} as its 415 requires: OpenAPI describes no body's
+    media type, so schemathesis sends none.
     """
+    if case.operation.method.upper() == "POST" and case.body is NOT_SET:
+        if case.headers is None:
+            case.headers = {}
+        if not any(name.lower() == "content-type" for name in case.headers):
+            case.headers["Content-Type"] = "application/json"
     if case.operation.path != "/v1/leases" or not isinstance(case.body, dict):
         return
     body = case.body

@@ -233,7 +233,7 @@ async def test_body_too_large(make_daemon):
     ) + b"0\r\n\r\n"
     answer = await raw_exchange(
         port,
-        b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"POST /v1/jobs HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
         b"Transfer-Encoding: chunked\r\n\r\n" + chunks,
     )
     assert answer.startswith(b"HTTP/1.1 413 ")
@@ -241,7 +241,7 @@ async def test_body_too_large(make_daemon):
     small = json.dumps({"command": ["true"]}).encode()
     answer = await raw_exchange(
         port,
-        b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"POST /v1/jobs HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
         b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
         + b"%x\r\n%s\r\n0\r\n\r\n" % (len(small), small),
     )

@@ -43,6 +43,7 @@ from dispatcher.wire._types import (
 )
 from dispatcher.model._jobs import InvalidTransition, JobState, PlainJobs, StoreClosed, UnknownJob
 from dispatcher.api._openapi import openapi_document
+from dispatcher.api._hosts import HostPolicy
 from dispatcher.api._routes import API, WORKERS, Route, Router
 from dispatcher.config._ini import QueueConfig
 from dispatcher.store._stored import request_digest
@@ -215,20 +216,33 @@ def _queued_summaries(ids: list[str]) -> bytes:
     ).encode("ascii")
 
 
-def _json_body(request: Any) -> bytes:
+def _check_json(request: Any) -> None:
     """
-    The bytes of a request's JSON body, refused (415) unless it is declared
-    C{application/json}.
+    Refuse (415) a POST that is not declared C{application/json}, with a
+    body or without: a cross-site form can send only C{text/plain},
+    C{multipart/form-data} and C{application/x-www-form-urlencoded}
+    without the browser asking first (a CORS preflight, which the API does
+    not answer), so no form can act.
     """
     ctype = request.getHeader(b"content-type")
-    media = (ctype or b"").split(b";", 1)[0].strip().lower()
-    if media != b"application/json":
-        raise ApiError(
-            415,
-            "unsupported_media_type",
-            "send the body as Content-Type: application/json",
-            None,
-        )
+    if ctype is not None and ctype[:16].lower() == b"application/json" and (
+        len(ctype) == 16 or ctype[16:17] in b"; \t"
+    ):
+        return
+    raise ApiError(
+        415,
+        "unsupported_media_type",
+        "send the request with Content-Type: application/json (a request "
+        "without a body too)",
+        "Content-Type",
+    )
+
+
+def _json_body(request: Any) -> bytes:
+    """
+    The bytes of a request's JSON body, its C{Content-Type} checked by
+    L{DispatcherAPI.render} (L{_check_json}).
+    """
     return request.content.read()
 
 
@@ -281,6 +295,8 @@ class DispatcherAPI(Resource):
     @param api_token: the bearer token every job endpoint requires, or
         C{None} (open; allowed only on loopback).
     @param max_body_bytes: C{[server] max_body_bytes}, for the document.
+    @param allowed_hosts: C{[server] allowed_hosts} (see L{HostPolicy});
+        the address the daemon listens on is added by L{listening_on}.
     @ivar stopping: whether the daemon is stopping: every new request is
         then answered C{503 shutting_down} (see L{stop_serving}).
     """
@@ -299,8 +315,10 @@ class DispatcherAPI(Resource):
         workers: Optional[WorkerEndpoints] = None,
         api_token: Optional[str] = None,
         max_body_bytes: Optional[int] = None,
+        allowed_hosts: Optional[tuple[str, ...]] = None,
     ) -> None:
         Resource.__init__(self)
+        self._hosts = HostPolicy(allowed_hosts)
         self._workers = workers
         self._api_token = api_token
         self._dispatcher = dispatcher
@@ -324,6 +342,13 @@ class DispatcherAPI(Resource):
             )
         )
 
+    def listening_on(self, host: Optional[str], port: Optional[int]) -> None:
+        """
+        Answer requests to the address the daemon did bind (see
+        L{HostPolicy.listening_on}).
+        """
+        self._hosts.listening_on(host, port)
+
     def stop_serving(self) -> None:
         """
         Answer every request from now on C{503 shutting_down}, and close
@@ -334,6 +359,13 @@ class DispatcherAPI(Resource):
         self.stopping = True
 
     def render(self, request: Any) -> Any:
+        try:
+            # Before anything else, the unknown paths' 404 included: a page
+            # that rebinds a name to this host learns nothing.
+            self._hosts.check(request)
+        except ApiError as e:
+            self._write_error(request, e)
+            return NOT_DONE_YET
         if self.stopping:
             request.persistent = False
             self._write_error(
@@ -352,6 +384,8 @@ class DispatcherAPI(Resource):
         try:
             route, allowed, args = self._route(segments, method)
             self._authorize(request, route)
+            if route.json_post and route.method == method:
+                _check_json(request)
         except ApiError as e:
             self._write_error(request, e)
             return NOT_DONE_YET

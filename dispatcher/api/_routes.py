@@ -85,6 +85,15 @@ class Route:
     writes: bool = False
 
     @property
+    def json_post(self) -> bool:
+        """
+        Whether it is a POST that must say C{Content-Type: application/json},
+        with a body or without (all but the worker's log upload, of
+        L{OCTETS} under the workers' bearer token, which no form can send).
+        """
+        return self.method == "POST" and self.request is not OCTETS
+
+    @property
     def segments(self) -> tuple[str, ...]:
         """
         The path's segments; C{{name}} ones are parameters.
@@ -100,8 +109,8 @@ class Route:
         if self.request is not None:
             out.setdefault(400, Response("A field is wrong; it is named."))
             out.setdefault(413, Response("The body is over [server] max_body_bytes."))
-            if self.request is not OCTETS:
-                out.setdefault(415, Response("The body is not application/json."))
+        if self.json_post:
+            out.setdefault(415, Response(NOT_JSON))
         if self.parameters and any(p["in"] == "query" for p in self.parameters):
             out.setdefault(
                 400, Response(f"A query parameter is wrong; it is named. {QUERY_RULES}")
@@ -111,6 +120,8 @@ class Route:
         elif self.auth == WORKERS:
             out[401] = _unauthorized("The workers' token ([workers] token_file) is missing or wrong.")
             out[403] = Response("workers_disabled: this dispatcher has no [workers] token_file.")
+        out[400] = _also(out.get(400), INVALID_HOST)
+        out[403] = _also(out.get(403), FORBIDDEN_ORIGIN)
         out.setdefault(503, Response(SHUTTING_DOWN))
         if self.writes:
             out.setdefault(507, Response(INSUFFICIENT_STORAGE))
@@ -128,6 +139,31 @@ INSUFFICIENT_STORAGE = (
     "insufficient_storage: the dispatcher's disk is full (or failed the write); "
     "nothing was stored. Try again once it has room."
 )
+
+# The refusals of every route against DNS rebinding and cross-site
+# requests (dispatcher.api._hosts), and of every POST but the log upload.
+INVALID_HOST = (
+    "invalid_host: the Host header is not a name this dispatcher answers to "
+    "(the loopback names, the address it listens on, [server] allowed_hosts)."
+)
+FORBIDDEN_ORIGIN = (
+    "forbidden_origin: the Origin header (a browser's page) is not the Host "
+    "asked for, nor one of [server] allowed_hosts, or it is null."
+)
+NOT_JSON = (
+    "unsupported_media_type: the request (with a body or without) does not "
+    "say Content-Type: application/json."
+)
+
+
+def _also(response: Optional[Response], refusal: str) -> Response:
+    """
+    C{response} (an L{Error} answer, or none) saying C{refusal} too.
+    """
+    if response is None:
+        return Response(refusal)
+    return attrs.evolve(response, description=f"{response.description} Or {refusal}")
+
 
 # What OpenAPI cannot say of query parameters (it has no way to forbid
 # others or a repeat): said in the 400 of every route that takes them.

@@ -162,6 +162,7 @@ class DaemonService(MultiService):
             workers=workers,
             api_token=config.api.token,
             max_body_bytes=config.server.max_body_bytes,
+            allowed_hosts=config.server.allowed_hosts,
         )
         self.site = HTTPFactory(
             api.render,
@@ -218,6 +219,8 @@ class DaemonService(MultiService):
             await self.port.stopListening()
             self.port = None
             raise
+        bound = self.port.getHost()
+        self.api.listening_on(getattr(bound, "host", None), getattr(bound, "port", None))
         self.dispatcher.executor.holder = holder
         self.host.start_spawner()
         await self.dispatcher.start()

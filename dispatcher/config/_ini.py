@@ -60,6 +60,9 @@ class ServerConfig:
     idle_timeout: float = 60.0
     head_timeout: float = 30.0
     body_timeout: float = 60.0
+    # The Host names the API answers to besides the loopback names and the
+    # address it listens on ("*": any); None: those alone.
+    allowed_hosts: Optional[tuple[str, ...]] = None
 
 
 @attrs.frozen
@@ -264,6 +267,38 @@ def read_token(path: str) -> str:
     return token
 
 
+# One entry of [server] allowed_hosts: a DNS name or IPv4 address, or an
+# IPv6 address in brackets, with an optional port.
+_HOST_ENTRY = re.compile(
+    r"^(?:[a-z0-9](?:[a-z0-9\-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9\-]{0,61}[a-z0-9])?)*"
+    r"|\[[0-9a-f:.]+\])(?::([0-9]{1,5}))?$"
+)
+
+
+def host_list(text: str) -> Optional[tuple[str, ...]]:
+    """
+    C{[server] allowed_hosts}: host names, each with or without a port,
+    separated by commas or white space, lower-cased; or C{*} alone (any
+    Host); empty: C{None} (none besides the defaults).  C{ValueError}
+    names the first entry that is not one.
+    """
+    entries = [e for e in re.split(r"[,\s]+", text.strip().lower()) if e]
+    if not entries:
+        return None
+    if entries == ["*"]:
+        return ("*",)
+    for entry in entries:
+        match = _HOST_ENTRY.match(entry)
+        port = match.group(1) if match else None
+        if match is None or (port is not None and not 1 <= int(port) <= 65535):
+            raise ValueError(
+                f"{entry!r} is not a host name, IPv4 address or [IPv6] address with an "
+                "optional :port from 1 to 65535 (or * alone, for any Host); separate "
+                "them with commas or spaces"
+            )
+    return tuple(dict.fromkeys(entries))
+
+
 def _directory(text: str) -> str:
     if not text.strip():
         raise ValueError("expected a directory path")
@@ -280,6 +315,7 @@ _SECTIONS: Mapping[str, tuple[type, Mapping[str, Callable[[str], Any]]]] = {
             "idle_timeout": _seconds(0, above=True),
             "head_timeout": _seconds(0, above=True),
             "body_timeout": _seconds(0, above=True),
+            "allowed_hosts": host_list,
         },
     ),
     "dispatcher": (
