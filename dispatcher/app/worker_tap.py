@@ -54,7 +54,7 @@ def _url(text: str) -> str:
     if url is None or url.scheme not in ("http", "https") or not url.host:
         raise usage.UsageError(
             f"--url: expected the dispatcher's http:// or https:// URL, such as "
-            f"http://dispatch.example:8080, not {text!r}"
+            f"https://dispatch.example:8443, not {text!r}"
         )
     if url.query or url.fragment:
         raise usage.UsageError(f"--url: expected a URL without a query or fragment, not {text!r}")
@@ -144,7 +144,7 @@ class Options(usage.Options):
     ]
 
     optParameters = [
-        ["url", None, None, "The dispatcher's base URL, such as http://dispatch.example:8080 (required)."],
+        ["url", None, None, "The dispatcher's base URL, such as https://dispatch.example:8443 (required; http:// to another host needs --insecure)."],
         ["token-file", None, None, "A file holding the dispatcher's [workers] token (required)."],
         ["slots", None, None, "How many jobs to run at once (required)."],
         ["config", "c", None, "An ini file in the daemon's format; a worker reads [tasks], "
