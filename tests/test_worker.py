@@ -899,19 +899,19 @@ def test_options_build_the_settings(token_file, tmp_path):
     file's [tasks] and [fetch] are read and it needs no daemon section."""
     ini = tmp_path / "worker.ini"
     ini.write_text("[tasks]\nadd = tests.tasks:add\n\n[fetch]\ntimeout = 7\n")
-    options = parse("--url", "http://10.0.0.1:8080", "--token-file", token_file,
+    options = parse("--url", "https://10.0.0.1:8443", "--token-file", token_file,
                     "--slots", "3", "--config", str(ini), "--name", "node7",
                     "--cpus", "2.5", "--memory", "1000", "--gpus", "1",
                     "--label", "site=a", "--label", "disk=ssd",
                     "--data-dir", str(tmp_path / "wd"))
     settings = options.settings
     assert settings.token == TOKEN
-    assert settings.url == "http://10.0.0.1:8080"
+    assert settings.url == "https://10.0.0.1:8443"
     assert settings.description == WorkerDescription(
         "node7", 3, 2.5, 1000, 1, {"site": "a", "disk": "ssd"}, ("add",))
     assert settings.config.fetch.timeout == 7
     assert settings.data_dir == str(tmp_path / "wd")
-    detected = parse("--url", "http://h", "--token-file", token_file,
+    detected = parse("--url", "https://h", "--token-file", token_file,
                      "--slots", "1").settings
     assert detected.description.cpus >= 1
     assert detected.description.memory_mb > 0
@@ -922,25 +922,25 @@ def test_options_build_the_settings(token_file, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     ([], "--url is required"),
-    (["--url", "http://h"], "--token-file is required"),
-    (["--url", "http://h", "--token-file", "TOKEN"], "--slots is required"),
+    (["--url", "https://h"], "--token-file is required"),
+    (["--url", "https://h", "--token-file", "TOKEN"], "--slots is required"),
     (["--url", "ftp://h", "--token-file", "TOKEN", "--slots", "1"],
      "--url: expected the dispatcher's http:// or https:// URL"),
-    (["--url", "http://h", "--token-file", "TOKEN", "--slots", "0"],
+    (["--url", "https://h", "--token-file", "TOKEN", "--slots", "0"],
      "--slots: expected an integer of at least 1, not '0'"),
-    (["--url", "http://h", "--token-file", "TOKEN", "--slots", "two"],
+    (["--url", "https://h", "--token-file", "TOKEN", "--slots", "two"],
      "--slots: expected an integer of at least 1, not 'two'"),
-    (["--url", "http://h", "--token-file", "TOKEN", "--slots", "1", "--memory", "1.5G"],
+    (["--url", "https://h", "--token-file", "TOKEN", "--slots", "1", "--memory", "1.5G"],
      "--memory: expected an integer number of MiB of at least 1, not '1.5G'"),
-    (["--url", "http://h", "--token-file", "TOKEN", "--slots", "1", "--cpus", "0"],
+    (["--url", "https://h", "--token-file", "TOKEN", "--slots", "1", "--cpus", "0"],
      "--cpus: expected a number of CPUs above 0, not '0'"),
-    (["--url", "http://h", "--token-file", "TOKEN", "--slots", "1", "--gpus", "-1"],
+    (["--url", "https://h", "--token-file", "TOKEN", "--slots", "1", "--gpus", "-1"],
      "--gpus: expected an integer of at least 0, not '-1'"),
-    (["--url", "http://h", "--token-file", "TOKEN", "--slots", "1", "--label", "site"],
+    (["--url", "https://h", "--token-file", "TOKEN", "--slots", "1", "--label", "site"],
      "--label: expected KEY=VALUE, not 'site'"),
-    (["--url", "http://h", "--token-file", "TOKEN", "--slots", "1",
+    (["--url", "https://h", "--token-file", "TOKEN", "--slots", "1",
       "--label", "a=1", "--label", "a=2"], "--label: a is given twice"),
-    (["--url", "http://h", "--token-file", "/nonexistent/token", "--slots", "1"],
+    (["--url", "https://h", "--token-file", "/nonexistent/token", "--slots", "1"],
      "--token-file /nonexistent/token: cannot read the token file: No such file or directory"),
 ])
 def test_option_errors_say_what_is_wrong(token_file, args, message):
@@ -958,11 +958,11 @@ def test_an_empty_token_file_and_a_bad_config_are_refused(tmp_path, token_file):
     empty = tmp_path / "empty"
     empty.write_text("\n")
     with pytest.raises(usage.UsageError, match="at least 16 characters"):
-        parse("--url", "http://h", "--token-file", str(empty), "--slots", "1")
+        parse("--url", "https://h", "--token-file", str(empty), "--slots", "1")
     ini = tmp_path / "bad.ini"
     ini.write_text("[fetch]\ntimeout = soon\n")
     with pytest.raises(usage.UsageError) as e:
-        parse("--url", "http://h", "--token-file", token_file, "--slots", "1",
+        parse("--url", "https://h", "--token-file", token_file, "--slots", "1",
               "--config", str(ini))
     assert str(e.value).startswith(f"{ini}: [fetch] timeout = 'soon': expected")
 
@@ -1267,7 +1267,7 @@ def test_worker_command_refuses_bad_options_in_one_line(tmp_path):
     """`dispatcher worker` with a wrong option exits 2 and says what is
     wrong in one line, before any reactor starts."""
     done = subprocess.run(
-        [os.path.join(BIN, "dispatcher"), "worker", "--url", "http://h",
+        [os.path.join(BIN, "dispatcher"), "worker", "--url", "https://h",
          "--token-file", str(tmp_path / "none"), "--slots", "1"],
         capture_output=True, text=True, timeout=60)
     assert done.returncode == 2

@@ -5,7 +5,9 @@ only worker code that touches the global reactor.
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 from typing import Any, Callable, Optional
 
 from hyperlink import DecodedURL
@@ -52,11 +54,74 @@ def _url(text: str) -> str:
     if url is None or url.scheme not in ("http", "https") or not url.host:
         raise usage.UsageError(
             f"--url: expected the dispatcher's http:// or https:// URL, such as "
-            f"http://dispatch.example:8080, not {text!r}"
+            f"https://dispatch.example:8443, not {text!r}"
         )
     if url.query or url.fragment:
         raise usage.UsageError(f"--url: expected a URL without a query or fragment, not {text!r}")
     return text
+
+
+def _is_loopback(host: str) -> bool:
+    """
+    Whether C{host} names this machine without a network in between: a
+    loopback address (C{127.0.0.0/8}, C{::1}) or C{localhost}.  Other
+    names are not resolved: what a name resolves to can change.
+    """
+    if host.lower() in ("localhost", "localhost.") or host.lower().endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_transport(url: str, insecure: bool) -> None:
+    """
+    Refuse a plain C{http://} URL to another host unless C{insecure}: the
+    worker token would cross the network in clear, and whoever is on the
+    path could hand the worker any command to run.
+    """
+    parsed = DecodedURL.from_text(url)
+    if parsed.scheme == "http" and not insecure and not _is_loopback(parsed.host):
+        raise usage.UsageError(
+            f"--url {url}: http:// to a host that is not this one sends the worker "
+            f"token in clear and lets anyone on the path give this worker commands; "
+            f"use the dispatcher's https:// URL (see docs/workers.md), or pass "
+            f"--insecure on a network you trust"
+        )
+
+
+_PEM_CERTIFICATE = re.compile(
+    rb"-----BEGIN CERTIFICATE-----\r?\n.+?\r?\n-----END CERTIFICATE-----", re.DOTALL
+)
+
+
+def read_ca_file(path: str) -> tuple[bytes, ...]:
+    """
+    The PEM certificates in the file at C{path}, each checked to parse.
+
+    @raise usage.UsageError: the file cannot be read or holds no
+        certificate that parses.
+    """
+    from twisted.internet.ssl import Certificate
+
+    try:
+        with open(path, "rb") as f:
+            content = f.read()
+    except OSError as e:
+        raise usage.UsageError(f"--ca-file {path}: cannot read it ({e.strerror})")
+    blocks = _PEM_CERTIFICATE.findall(content)
+    if not blocks:
+        raise usage.UsageError(
+            f"--ca-file {path}: expected one or more PEM certificates "
+            f"(-----BEGIN CERTIFICATE-----), found none"
+        )
+    for block in blocks:
+        try:
+            Certificate.loadPEM(block)
+        except Exception as e:
+            raise usage.UsageError(f"--ca-file {path}: a certificate does not parse ({e})")
+    return tuple(blocks)
 
 
 class Options(usage.Options):
@@ -70,11 +135,16 @@ class Options(usage.Options):
     synopsis = (
         "Usage: dispatcher worker (or twistd -n dispatcher-worker) --url URL --token-file FILE --slots N [--config FILE] [--name NAME] "
         "[--cpus N] [--memory MIB] [--gpus N] [--label KEY=VALUE ...] "
-        "[--data-dir DIR] [--grace SECONDS]"
+        "[--data-dir DIR] [--grace SECONDS] [--ca-file FILE] [--insecure]"
     )
 
+    optFlags = [
+        ["insecure", None, "Allow an http:// --url to another host (the token and "
+         "the jobs then travel in clear)."],
+    ]
+
     optParameters = [
-        ["url", None, None, "The dispatcher's base URL, such as http://dispatch.example:8080 (required)."],
+        ["url", None, None, "The dispatcher's base URL, such as https://dispatch.example:8443 (required; http:// to another host needs --insecure)."],
         ["token-file", None, None, "A file holding the dispatcher's [workers] token (required)."],
         ["slots", None, None, "How many jobs to run at once (required)."],
         ["config", "c", None, "An ini file in the daemon's format; a worker reads [tasks], "
@@ -85,6 +155,8 @@ class Options(usage.Options):
         ["gpus", None, None, "GPUs offered (default: the count of nvidia-smi -L, 0 without it)."],
         ["data-dir", "d", DEFAULT_DATA_DIR, "Where job working directories and logs are kept."],
         ["grace", None, "30", "Seconds a stop (SIGTERM) waits for running jobs before stopping them."],
+        ["ca-file", None, None, "PEM certificates to trust for an https:// --url instead of "
+         "the system's CAs (a private CA, or the dispatcher's self-signed certificate)."],
     ]
 
     def __init__(self) -> None:
@@ -108,6 +180,8 @@ class Options(usage.Options):
             if not self[required]:
                 raise usage.UsageError(f"--{required} is required")
         url = _url(self["url"])
+        _check_transport(url, bool(self["insecure"]))
+        ca_certificates = read_ca_file(self["ca-file"]) if self["ca-file"] else None
         token = read_token_file(self["token-file"])
         slots = _number("slots", self["slots"], int, 1, "an integer of at least 1")
         grace = _number("grace", self["grace"], float, 0, "a number of seconds of at least 0")
@@ -154,6 +228,7 @@ class Options(usage.Options):
             data_dir=os.path.abspath(self["data-dir"]),
             config=config,
             grace=grace,
+            ca_certificates=ca_certificates,
         )
 
 

@@ -76,9 +76,16 @@ class QuietEndpointFactory:
         return _QuietEndpoint(endpoint)
 
 
-def quiet_http_client(reactor: Any, pool: HTTPConnectionPool) -> HTTPClient:
+def quiet_http_client(
+    reactor: Any, pool: HTTPConnectionPool, tls_policy: Any = None
+) -> HTTPClient:
     """
     A treq L{HTTPClient} whose connections come from C{pool} and are not
     logged one by one.
+
+    @param tls_policy: the C{IPolicyForHTTPS} of C{https} connections; by
+        default L{BrowserLikePolicyForHTTPS} (the system's trusted CAs).
     """
-    return HTTPClient(Agent.usingEndpointFactory(reactor, QuietEndpointFactory(reactor), pool))
+    return HTTPClient(
+        Agent.usingEndpointFactory(reactor, QuietEndpointFactory(reactor, tls_policy), pool)
+    )

@@ -60,7 +60,11 @@ from httptools import (
 )
 from twisted.internet import error
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IPushProducer, IReactorTime
+from twisted.internet.interfaces import (
+    IProtocolNegotiationFactory,
+    IPushProducer,
+    IReactorTime,
+)
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -953,10 +957,17 @@ class HTTPChannel(Protocol):
             request._connection_lost(reason)
 
 
+@implementer(IProtocolNegotiationFactory)
 class HTTPFactory(Factory):
     """
     Makes an L{HTTPChannel} for each connection and holds what they share:
     the handler, the limits, and the access log.
+
+    Behind a TLS endpoint (C{ssl:}) it offers ALPN C{http/1.1}, the one
+    protocol it speaks: Twisted's TLS server answers every client that
+    offers ALPN (curl, browsers) with the protocols the wrapped factory
+    names, and with none named it failed the handshake with an
+    C{internal error} alert.
 
     The access log gets one line per request in the Combined Log Format,
     in the file C{access_log_path} (or none).  It is written through a
@@ -982,6 +993,13 @@ class HTTPFactory(Factory):
 
     protocol = HTTPChannel
     buffer_size = 65536
+
+    def acceptableProtocols(self) -> list[bytes]:
+        """
+        The ALPN protocols a TLS connection may settle on: HTTP/1.1 alone
+        (a client offering only C{h2} is refused in the handshake).
+        """
+        return [b"http/1.1"]
 
     def __init__(
         self,

@@ -10,6 +10,8 @@ from typing import Any, Optional, TypeVar
 
 import msgspec
 from hyperlink import DecodedURL
+from OpenSSL import SSL
+from service_identity import VerificationError
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.python.failure import Failure
@@ -319,8 +321,35 @@ def _error_for(status: int, error: Optional[Any]) -> DispatcherError:
     )
 
 
+# What a worker that does not trust the dispatcher's certificate is told to
+# do about it.
+_UNTRUSTED_HINT = (
+    "give the CA that signed it (or the self-signed certificate) with "
+    "--ca-file, or install it in the system's trusted CAs"
+)
+
+
+def _describe_reason(reason: Failure) -> str:
+    """
+    One reason a request failed, in words; a TLS certificate the worker does
+    not trust says so and what to do, where OpenSSL says only C{certificate
+    verify failed}.
+    """
+    if reason.check(VerificationError):
+        return (
+            f"the dispatcher's TLS certificate was not trusted: it does not name "
+            f"the URL's host ({reason.getErrorMessage()})"
+        )
+    if reason.check(SSL.Error) and "certificate verify failed" in str(reason.value):
+        return (
+            f"the dispatcher's TLS certificate was not trusted (certificate "
+            f"verify failed); {_UNTRUSTED_HINT}"
+        )
+    return reason.getErrorMessage()
+
+
 def _describe(e: Exception) -> str:
     reasons = getattr(e, "reasons", None)
     if reasons:
-        return "; ".join(r.getErrorMessage() for r in reasons)
+        return "; ".join(_describe_reason(r) for r in reasons)
     return str(e) or type(e).__name__

@@ -7,19 +7,39 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Any
+from typing import Any, Optional
 
 import attrs
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.ssl import Certificate, trustRootFromCertificates
 from twisted.internet.threads import deferToThreadPool
+from twisted.web.client import BrowserLikePolicyForHTTPS, HTTPConnectionPool
 
 from dispatcher.config._ini import Config
 from dispatcher.execution._host import JobHost
+from dispatcher.execution._http_client import quiet_http_client
 from dispatcher.execution._spawner import deadline_clock
 from dispatcher.workers._agent import RemoteWorker, WorkerDescription
 from dispatcher.workers._client import DispatcherClient
 from dispatcher.workers._logs import read_chunks_blocking
+
+
+def dispatcher_tls_policy(
+    ca_certificates: Optional[tuple[bytes, ...]],
+) -> BrowserLikePolicyForHTTPS:
+    """
+    How a worker checks an C{https} dispatcher: as a browser does (the
+    certificate must chain to a trusted CA and name the URL's host), trusting
+    the system's CAs, or only C{ca_certificates} (PEM) when given.
+    """
+    if ca_certificates is None:
+        return BrowserLikePolicyForHTTPS()
+    return BrowserLikePolicyForHTTPS(
+        trustRoot=trustRootFromCertificates(
+            [Certificate.loadPEM(pem) for pem in ca_certificates]
+        )
+    )
 
 
 def default_name() -> str:
@@ -41,6 +61,9 @@ class WorkerSettings:
     @ivar config: the L{Config} its C{[tasks]}, C{[fetch]} and
         C{[executor]} (C{threads}, C{kill_grace}) come from.
     @ivar grace: seconds a stop waits for running jobs.
+    @ivar ca_certificates: the PEM certificates an C{https} dispatcher's
+        certificate is checked against instead of the system's trusted
+        CAs, or C{None} for those.
     """
 
     url: str
@@ -49,6 +72,7 @@ class WorkerSettings:
     data_dir: str
     config: Config = Config()
     grace: float = 30.0
+    ca_certificates: Optional[tuple[bytes, ...]] = None
 
 
 class WorkerService(MultiService):
@@ -88,11 +112,18 @@ class WorkerService(MultiService):
             "worker",
         )
         self.io_pool = self.host.io_pool
-        self.http_pool = self.host.http_pool
+        # The dispatcher's connections have a pool of their own: they are
+        # checked with the worker's trust (--ca-file), and an Agent's pool
+        # shares connections by scheme, host and port alone, so a shared
+        # one could hand an input fetch's connection to the dispatcher's
+        # client or the other way round.
+        self.dispatcher_pool = HTTPConnectionPool(reactor, persistent=True)
         # The long-poll, a heartbeat, a log chunk and a report may all be
         # under way at once.
-        self.http_pool.maxPersistentPerHost = 4
-        http = self.host.http
+        self.dispatcher_pool.maxPersistentPerHost = 4
+        http = quiet_http_client(
+            reactor, self.dispatcher_pool, dispatcher_tls_policy(settings.ca_certificates)
+        )
         self.executor = self.host.executor
 
         def read_chunks(pieces: list[tuple[str, int, int]]) -> Deferred:
@@ -121,4 +152,5 @@ class WorkerService(MultiService):
 
     async def _stop(self) -> None:
         await self.worker.stopService()
+        await self.dispatcher_pool.closeCachedConnections()
         await self.host.stop()
