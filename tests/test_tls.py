@@ -24,7 +24,8 @@ from dispatcher.app.worker_tap import Options
 
 from .conftest import TEST_TASKS, WORKER_TOKEN
 from .test_twistd import BIN, Twistd
-from .test_worker import WorkerProcess
+from .test_remote import poll
+from .test_worker import WorkerProcess, workers  # noqa: F401 (a fixture)
 
 CURL = shutil.which("curl")
 
@@ -111,26 +112,6 @@ def tls_dispatcher(tmp_path_factory):
     dispatcher.token_file = token_file
     yield dispatcher
     dispatcher.daemon.stop()
-
-
-@pytest.fixture
-def workers():
-    """Worker processes, killed at teardown."""
-    started = []
-    yield started
-    for worker in started:
-        worker.kill()
-
-
-def poll(condition, timeout=15.0, what="the condition"):
-    """Call condition() until it returns something true; return that."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def test_curl_speaks_http_1_1_over_alpn_to_an_ssl_listener(tls_dispatcher):
