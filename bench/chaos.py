@@ -52,6 +52,7 @@ if not __package__:  # run as a file: make "bench" importable
 
 from bench import chaos_ledger as L
 from bench.chaos_proxy import BLACKHOLE, DELAY, PASS, RESET, Proxy
+from bench.machine import cpu_model
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -913,14 +914,8 @@ def git(*args: str) -> str:
 
 def machine() -> dict[str, Any]:
     """What the run ran on, and which commit."""
-    cpu = "unknown"
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
     return {
-        "cpu": cpu, "cores": os.cpu_count(), "kernel": platform.release(),
+        "cpu": cpu_model(), "cores": os.cpu_count(), "kernel": platform.release(),
         "python": platform.python_version(), "host": platform.node(),
     }
 

@@ -32,6 +32,17 @@ SETTLE_S = 180
 SETTLE_EVERY_S = 20
 
 
+def cpu_model() -> str:
+    """
+    The CPU's model name as the kernel gives it, or C{unknown}.
+    """
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
 def machine() -> dict[str, Any]:
     """
     What the run runs on: CPU, cores, memory, kernel, Python, Twisted, wrk,
@@ -39,12 +50,7 @@ def machine() -> dict[str, Any]:
     """
     import twisted
 
-    cpu = "unknown"
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+    cpu = cpu_model()
     ram_kib = 0
     with open("/proc/meminfo") as f:
         for line in f:

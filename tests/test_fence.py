@@ -19,44 +19,27 @@ import time
 import pytest
 
 from .conftest import TEST_TASKS
-from .test_remote import get, poll, read_pid, submit
-from .test_twistd import Twistd, alive
-from .test_worker import WorkerProcess
+from .test_remote import get, poll, pure_twistd, read_pid, submit
+from .test_remote import start_worker  # noqa: F401 (a fixture)
+from .test_twistd import alive
 
 LEASE_SECONDS = 4
 FENCE_MARGIN = 2
+
+
+# Workers with a short kill grace, so that a fenced job dies quickly.
+FENCE_INI = TEST_TASKS + "\n[executor]\nkill_grace = 0.5\n"
 
 
 @pytest.fixture
 def dispatcher(tmp_path, token_file):
     """A started twistd dispatcher that runs nothing itself and gives
     workers 4 s leases with a 2 s fence margin; killed at teardown."""
-    daemon = Twistd(
-        str(tmp_path),
-        f"[executor]\nslots = 0\n\n[workers]\ntoken_file = {token_file}\n"
+    daemon = pure_twistd(
+        tmp_path, token_file,
         f"lease_seconds = {LEASE_SECONDS}\nfence_margin = {FENCE_MARGIN}\n")
-    daemon.start()
     yield daemon
     daemon.stop()
-
-
-@pytest.fixture
-def start_worker(tmp_path, token_file):
-    """Start one-slot worker processes with a short kill grace; all are
-    continued and killed at teardown."""
-    started = []
-
-    def start(url, name):
-        worker = WorkerProcess(tmp_path, url, token_file, slots=1, name=name,
-                               ini=TEST_TASKS + "\n[executor]\nkill_grace = 0.5\n")
-        started.append(worker.start())
-        return worker
-
-    yield start
-    for worker in started:
-        if worker.process.poll() is None:
-            worker.process.send_signal(signal.SIGCONT)
-        worker.kill()
 
 
 def ledger_job(tmp_path):
@@ -84,12 +67,12 @@ def run_first_attempt_on(dispatcher, start_worker, tmp_path, url, name):
     wait until the job runs there; then start a second worker for the next
     attempt.  Return the job, the two workers, the ledger, the pids
     directory and the first attempt's pid."""
-    first = start_worker(url, name)
+    first = start_worker(url, name, ini=FENCE_INI)
     body, ledger, pids = ledger_job(tmp_path)
     job = submit(dispatcher, body)
     pid = read_pid(pids / "1")
     assert get(dispatcher, job["id"])["worker"] == name
-    second = start_worker(dispatcher.url, "spare")
+    second = start_worker(dispatcher.url, "spare", ini=FENCE_INI)
     return job, first, second, ledger, pids, pid
 
 

@@ -33,15 +33,21 @@ def poll(condition, timeout=15.0, what="the condition"):
         time.sleep(0.05)
 
 
+def pure_twistd(tmp_path, token_file, workers):
+    """A started twistd dispatcher that runs nothing itself and takes
+    workers, with C{workers} added to its [workers] section."""
+    daemon = Twistd(
+        str(tmp_path),
+        f"[executor]\nslots = 0\n\n[workers]\ntoken_file = {token_file}\n{workers}")
+    daemon.start()
+    return daemon
+
+
 @pytest.fixture
 def dispatcher(tmp_path, token_file):
     """A started twistd dispatcher that runs nothing itself, takes workers
     and gives them short leases; killed at teardown."""
-    daemon = Twistd(
-        str(tmp_path),
-        f"[executor]\nslots = 0\n\n[workers]\ntoken_file = {token_file}\n"
-        f"lease_seconds = {LEASE_SECONDS}\n")
-    daemon.start()
+    daemon = pure_twistd(tmp_path, token_file, f"lease_seconds = {LEASE_SECONDS}\n")
     yield daemon
     daemon.stop()
 
