@@ -378,7 +378,7 @@ class Dispatcher(Service):
         # failed (a full disk) and is written again, and a last attempt
         # that waits for its silent worker.  By job id: attempt, reason.
         unrecorded = self.recorder.unrecorded
-        silent = self.hub.silent() if self.hub.leases else {}
+        silent = self.hub.silent()
         if not unrecorded and not silent:
             return explain
         waits = dict(silent)

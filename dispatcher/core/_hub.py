@@ -193,6 +193,9 @@ class WorkerHub:
         self._capacity_changed = capacity_changed
         self.workers: dict[str, Worker] = {}
         self.leases: dict[str, RemoteLease] = {}
+        # The leases of last attempts waiting for their silent workers (a
+        # few, if any): what job reads look up, without a scan of them all.
+        self._silent: dict[str, RemoteLease] = {}
         self._endings: OrderedDict[int, LeaseEnd] = OrderedDict()
         self._reaper: Any = None
         self._writes: set[Deferred] = set()
@@ -540,7 +543,9 @@ class WorkerHub:
                 answers.append(LeaseVerdict(job_id, token, self.refusal(job_id, token)))
                 continue
             expires = remote.expires = now + self.lease_seconds
-            remote.silent_since = None
+            if remote.silent_since is not None:
+                remote.silent_since = None
+                del self._silent[job_id]
             if running and remote.staging and remote.ending is None:
                 remote.staging = False
                 writes.append(self._mark_running(remote.lease))
@@ -695,6 +700,8 @@ class WorkerHub:
         lease = remote.lease
         if self.leases.get(lease.job_id) is remote:
             del self.leases[lease.job_id]
+        if self._silent.get(lease.job_id) is remote:
+            del self._silent[lease.job_id]
         worker = self.workers.get(lease.holder)
         if worker is not None:
             worker.jobs.discard(lease.job_id)
@@ -812,6 +819,7 @@ class WorkerHub:
             return False
         remote.silent_since = remote.expires - self.lease_seconds
         remote.expires = now + self.last_attempt_grace
+        self._silent[lease.job_id] = remote
         log.warn(
             "the lease of job {job_id} attempt {attempt} on worker {holder} ran "
             "out (no heartbeat for {seconds:g} s); as its last attempt it waits "
@@ -834,8 +842,8 @@ class WorkerHub:
                 remote.lease.attempt,
                 silent_worker(remote.lease.holder, remote.silent_since, remote.expires),
             )
-            for job_id, remote in self.leases.items()
-            if remote.silent_since is not None and remote.ending is None
+            for job_id, remote in self._silent.items()
+            if remote.ending is None
         }
 
     # Stalls
