@@ -18,6 +18,7 @@ from twisted.internet.task import Clock
 from dispatcher.config._ini import parse_config
 from dispatcher.app._daemon import DaemonService
 from dispatcher.api._openapi import openapi_document
+from dispatcher.wire._types import MAX_ITEMS
 
 from .conftest import TEST_TASKS, WORKER_TOKEN, run_clock
 
@@ -720,3 +721,38 @@ async def test_the_default_fence_margin_is_a_fifth_of_the_lease(make_pure):
     daemon = await make_pure()
     code, answer = await call(daemon, "/v1/leases", {"worker": worker("w"), "wait": 0})
     assert answer["fence_seconds"] == 24 and answer["lease_seconds"] == 30
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_hostile_held_list_is_refused_and_changes_nothing(make_pure):
+    """A request for work whose held list is malformed (a wrong type, a
+    token out of range, a lone surrogate or a NUL in a job id, more items
+    than allowed) is a 400 naming the field, and the worker's live lease
+    is not released; another worker listing this worker's lease with the
+    right token releases nothing of either."""
+    daemon = await make_pure()
+    who = worker("w", slots=2, tasks=())
+    who["instance"] = "a" * 16
+    job = await daemon.submit({"command": ["true"]})
+    (granted,) = await lease(daemon, who, max_jobs=1)
+    held = {"job_id": granted["job_id"], "token": granted["token"]}
+    for bad, field in [
+        ("nope", "held"),
+        ([{"job_id": granted["job_id"], "token": 0}], "held[0].token"),
+        ([{"job_id": granted["job_id"], "token": "1"}], "held[0].token"),
+        ([{"job_id": "\ud800", "token": 1}], None),
+        ([{"job_id": "a\x00b", "token": 1}], "held[0].job_id"),
+        ([{"job_id": "j", "token": 1}] * (MAX_ITEMS + 1), "held"),
+    ]:
+        code, answer = await call(
+            daemon, "/v1/leases", {"worker": who, "wait": 0, "held": bad})
+        assert code == 400, (bad if len(str(bad)) < 200 else field, answer)
+        if field is not None:
+            assert answer["error"]["field"] == field
+    other = dict(worker("other"), instance="b" * 16)
+    code, answer = await call(
+        daemon, "/v1/leases", {"worker": other, "wait": 0, "held": [held]})
+    assert code == 200 and answer["leases"] == []
+    code, answer = await heartbeat(daemon, who, [granted])
+    assert code == 200 and answer["leases"][0]["ok"] is True
+    assert (await daemon.json("GET", f"/v1/jobs/{job['id']}"))[1]["state"] == "running"
