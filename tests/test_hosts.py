@@ -97,8 +97,13 @@ def test_loopback_names_at_any_port_and_the_listen_address_are_answered():
         assert refusal(policy, Host=host) is None, host
     for host in ("attacker.example", "attacker.example:8080", "10.0.0.5:8081",
                  "10.0.0.6:8080", "localhost.attacker.example", "localhost:x",
-                 "127.0.0.1.nip.io:8080", "[::1", ""):
-        assert refusal(policy, Host=host) == (400, "invalid_host"), host
+                 "127.0.0.1.nip.io:8080", "[::1", "",
+                 # Hostile: control bytes, a user part, a huge port or name,
+                 # a name beyond ASCII, a trailing dot, a path.
+                 "localhost\x00", "localhost\r\nX: y", "evil@localhost",
+                 "localhost:99999999999999999999", "localhost:-1", "a" * 100_000,
+                 "l\u00f3calhost", "localhost.", "localhost/x"):
+        assert refusal(policy, Host=host) == (400, "invalid_host"), host[:50]
 
 
 def test_every_interface_answers_any_address_but_no_other_name():
