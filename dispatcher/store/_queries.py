@@ -82,15 +82,20 @@ def list_jobs(
     limit: int,
     cursor: Optional[int],
     limits: Mapping[str, int],
+    owner: Optional[str] = None,
 ) -> tuple[list[Job], Optional[int]]:
     """
     A page of at most C{limit} jobs after the cursor C{cursor}, in the
-    order they were submitted, of the state C{state} and with every label
-    C{labels} names (a key, or a key and its value); and the cursor of the
-    next page, if there is one.
+    order they were submitted, of the state C{state}, with every label
+    C{labels} names (a key, or a key and its value) and of the owner
+    C{owner} (if given); and the cursor of the next page, if there is one.
     """
     where = ["seq > ?"]
     params: list[Any] = [cursor or 0]
+    if owner is not None:
+        # Read along jobs_owner (owner, seq): the owner's jobs in order.
+        where.append("owner = ?")
+        params.append(owner)
     if state is not None:
         where.append("state = ?")
         params.append(state.value)
@@ -131,16 +136,21 @@ def count_by_state(conn: sqlite3.Connection) -> dict[JobState, int]:
 
 
 def queue_counts(
-    conn: sqlite3.Connection, queues: Sequence[str]
+    conn: sqlite3.Connection, queues: Sequence[str], owner: Optional[str] = None
 ) -> dict[str, dict[JobState, int]]:
     """
     C{{queue: {state: count}}} for every queue of C{queues}, and for any
-    other queue that holds jobs.
+    other queue that holds jobs; only C{owner}'s jobs, if it is given.
     """
     counts = {q: {state: 0 for state in JobState} for q in queues}
-    for queue, state, count in conn.execute(
-        "SELECT queue, state, COUNT(*) FROM jobs GROUP BY queue, state"
-    ):
+    if owner is None:
+        rows = conn.execute("SELECT queue, state, COUNT(*) FROM jobs GROUP BY queue, state")
+    else:
+        rows = conn.execute(
+            "SELECT queue, state, COUNT(*) FROM jobs WHERE owner = ? GROUP BY queue, state",
+            (owner,),
+        )
+    for queue, state, count in rows:
         counts.setdefault(queue, {s: 0 for s in JobState})[JobState(state)] = count
     return counts
 
