@@ -892,6 +892,21 @@ async def test_queue_counts_of_one_owner(make_store):
 
 
 @pytest_twisted.ensureDeferred
+async def test_which_jobs_an_owner_owns(store):
+    """Of a list of ids, those of one owner's jobs are told apart from
+    another's, from jobs without an owner and from ids of no job, however
+    many are asked about at once."""
+    ann = (await store.submit([spec(i) for i in range(600)], 1.0,
+                              [ids.new() for _ in range(600)], owner="ann")).value.jobs
+    (bob,) = (await store.submit([spec(0)], 1.0, [ids.new()], owner="bob")).value.jobs
+    (nobody,) = await submit(store, spec(1))
+    asked = [bob.id, nobody.id, "missing"] + [j.id for j in ann]
+    assert await store.owned(asked, "ann") == {j.id for j in ann}
+    assert await store.owned(asked, "bob") == {bob.id}
+    assert await store.owned([], "bob") == frozenset()
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_cancel_limited_to_an_owner(store):
     """A cancel limited to one owner takes another owner's job for one that
     does not exist and changes nothing; its own, or any without the limit,

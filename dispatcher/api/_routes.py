@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, Mapping, Optional
 
 import attrs
+import msgspec
 
 from dispatcher.model._jobs import JobState
 from dispatcher.wire._types import (
@@ -31,6 +32,7 @@ from dispatcher.wire._types import (
     LeaseAnswer,
     LeaseRequest,
     LogWritten,
+    PrincipalName,
     QueueList,
     ResultsAnswer,
     ResultsRequest,
@@ -225,7 +227,9 @@ IDEMPOTENCY_KEY = {
     "original jobs instead of making more; with another body, 409. Kept for "
     "[dispatcher] idempotency_ttl seconds.",
 }
-_NO_SUCH_JOB = Response("No such job.")
+_NO_SUCH_JOB = Response(
+    "No such job; or another's, to a submitter, which sees its own jobs alone."
+)
 _REPLAY = "A replay of an earlier request with the same Idempotency-Key."
 _CONFLICT_KEY = Response("The Idempotency-Key was used with another body.")
 
@@ -259,7 +263,7 @@ ROUTES: tuple[Route, ...] = (
     ),
     Route(
         "GET", "/v1/jobs", "listJobs", "list_jobs",
-        "List jobs in submission order, a page at a time.", API,
+        "List jobs in submission order, a page at a time (a submitter's own alone).", API,
         {200: Response("A page of jobs.", JobPage)},
         parameters=(
             {"name": "state", "in": "query", "schema": {"enum": [s.value for s in JobState]}},
@@ -270,6 +274,13 @@ ROUTES: tuple[Route, ...] = (
                 "schema": {"type": "array", "items": {"type": "string", "pattern": "^[^=]"}},
                 "style": "form",
                 "explode": True,
+            },
+            {
+                "name": "owner",
+                "in": "query",
+                "description": "Only the jobs this principal submitted. A submitter "
+                "sees its own jobs alone: another name lists nothing.",
+                "schema": msgspec.json.schema(PrincipalName),
             },
             {
                 "name": "limit",
@@ -304,7 +315,8 @@ ROUTES: tuple[Route, ...] = (
     ),
     Route(
         "GET", "/v1/queues", "listQueues", "list_queues",
-        "Per queue: jobs by state, and running jobs against the limit.", API,
+        "Per queue: jobs by state, and running jobs against the limit (a "
+        "submitter's own jobs alone).", API,
         {200: Response("The queues.", QueueList)},
     ),
     Route(
@@ -358,7 +370,8 @@ ROUTES: tuple[Route, ...] = (
     ),
     Route(
         "GET", "/v1/workers", "listWorkers", "list_workers",
-        "The workers heard from within a lease's life, or waiting for work.", API,
+        "The workers heard from within a lease's life, or waiting for work (to a "
+        "submitter, the jobs they hold of its own alone).", API,
         {200: Response("The workers.", WorkerList)},
     ),
     Route(

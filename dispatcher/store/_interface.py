@@ -127,6 +127,12 @@ class IJobStore(Interface):
         stays valid while jobs are added.
         """
 
+    def owned(job_ids, owner):
+        """
+        Fire with the C{frozenset} of those of C{job_ids} whose owner is
+        C{owner} (ids of no job are left out).
+        """
+
     def count_by_state():
         """
         Fire with a dict mapping every L{JobState} to its number of jobs.

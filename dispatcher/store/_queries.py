@@ -123,6 +123,28 @@ def list_jobs(
     return jobs, next_cursor
 
 
+# Ids looked up at once by L{owned}: under SQLite's smallest limit of
+# bound values (999 before 3.32).
+_IDS_AT_ONCE = 500
+
+
+def owned(conn: sqlite3.Connection, job_ids: Sequence[str], owner: str) -> frozenset[str]:
+    """
+    Those of C{job_ids} that C{owner} owns.
+    """
+    found: set[str] = set()
+    for start in range(0, len(job_ids), _IDS_AT_ONCE):
+        chunk = job_ids[start:start + _IDS_AT_ONCE]
+        found.update(
+            row[0]
+            for row in conn.execute(
+                f"SELECT id FROM jobs WHERE owner = ? AND id IN ({','.join('?' * len(chunk))})",
+                (owner, *chunk),
+            )
+        )
+    return frozenset(found)
+
+
 def count_by_state(conn: sqlite3.Connection) -> dict[JobState, int]:
     """
     How many jobs are in each state.

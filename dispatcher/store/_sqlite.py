@@ -48,6 +48,7 @@ from dispatcher.store._queries import (
     get_job,
     list_jobs,
     next_due,
+    owned,
     queue_counts,
     unconfigured_queues,
 )
@@ -321,6 +322,9 @@ class SQLiteJobStore:
         return self._read(
             list_jobs, state, tuple(labels), limit, cursor, self._limits, owner
         )
+
+    def owned(self, job_ids: Sequence[str], owner: str) -> Deferred:
+        return self._read(owned, list(job_ids), owner)
 
     def count_by_state(self) -> Deferred:
         return self._read(count_by_state)

@@ -34,6 +34,7 @@ import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType
 
 from dispatcher.model._jobs import NO_RESOURCES, JobSpec, JobState
+from dispatcher.model._principals import MAX_PRINCIPAL_NAME, PRINCIPAL_NAME, PRINCIPAL_NAME_RULE
 
 # Limits.
 MAX_CPUS = 1_000_000
@@ -70,6 +71,10 @@ SHA256 = "^[0-9a-fA-F]{64}$"
 INPUT_PATH = (
     r"^(?!/)(?!(?:.*/)?\.\.(?:/|$))(?=(?:.*/)?(?:[^/.]|\.[^/]))[^\x00]*[^/\x00]$"
 )
+# A principal's name (a job's owner): the model's rule, as JSON Schema
+# (ECMA) says it.  (Python's $ would also take a trailing newline; the
+# model's own check, valid_name, does not.)
+PRINCIPAL = "^" + PRINCIPAL_NAME.pattern.removesuffix(r"\Z") + "$"
 # An RFC 3339 time with its zone (Z or an offset), from 1970 to 9998.
 ZONED_TIME = (
     r"^(?:19[7-9]\d|[2-8]\d{3}|9[0-8]\d\d|99[0-8]\d|999[0-8])-(?:0[1-9]|1[0-2])"
@@ -87,6 +92,7 @@ PATTERN_MESSAGES = {
     "in /), with no '..' part",
     ZONED_TIME: "expected an RFC 3339 time with its zone, such as "
     "2026-11-25T13:00:00Z or 2026-11-25T14:00:00+01:00 (1970 to 9998)",
+    PRINCIPAL: f"not a principal's name ({PRINCIPAL_NAME_RULE})",
 }
 
 # Strings.
@@ -108,6 +114,11 @@ EnvName = Annotated[
 Identifier = Annotated[str, Meta(pattern=IDENTIFIER)]
 Seconds = Annotated[float, Meta(ge=0, le=MAX_SECONDS)]
 Time = Annotated[str, Meta(extra_json_schema={"format": "date-time"})]
+PrincipalName = Annotated[
+    str,
+    Meta(min_length=1, max_length=MAX_PRINCIPAL_NAME, pattern=PRINCIPAL,
+         description="A principal's name: a credential's, or a local account's."),
+]
 
 # Integers and numbers.
 Priority = Annotated[int, Meta(ge=-MAX_PRIORITY, le=MAX_PRIORITY)]
@@ -380,6 +391,13 @@ class JobView(_Out):
     attempts: list[AttemptView]
     worker: Optional[
         Annotated[str, Meta(description="The holder of the job's latest attempt.")]
+    ]
+    owner: Optional[
+        Annotated[
+            PrincipalName,
+            Meta(description="The principal that submitted it; null for a job "
+                 "stored before jobs had owners."),
+        ]
     ]
     command: Union[list[str], UnsetType] = UNSET
     env: Union[dict[str, str], UnsetType] = UNSET
