@@ -1,8 +1,9 @@
 """
 Every job has an owner, the principal that submitted it: shown in the job,
-filterable with C{?owner=}, and enforced against a real daemon.  A
-submitter sees, cancels, retries and reads the logs of its own jobs alone,
-and another's job is a 404 exactly like a missing one; a reader sees all.
+filterable with C{?owner=}, and enforced, against a real daemon with real
+credentials.  A submitter sees, cancels, retries and reads the logs of its
+own jobs alone, and another's job is a 404 exactly like a missing one; a
+reader sees all.
 """
 
 import json
@@ -12,55 +13,45 @@ import pytest
 import pytest_twisted
 from twisted.internet.defer import Deferred
 
-from dispatcher.model._principals import Principal, Role
 from dispatcher.store._schema import MIGRATIONS
 
 from .test_leases import lease, worker
 
-# The principals the requests of these tests come from, by the name the
-# X-Test-Principal header gives (see as_principals).
-PRINCIPALS = {
-    p.name: p
-    for p in (
-        Principal("ann", Role.SUBMITTER),
-        Principal("bob", Role.SUBMITTER),
-        Principal("rita", Role.READER),
-        Principal("root", Role.ADMIN),
-    )
-}
+# The credentials these tests make, by name: two submitters and a reader.
+# "admin" is the daemon's own, made on its first start.
+ROLES = {"ann": "submitter", "bob": "submitter", "rita": "reader"}
 
 
-def as_principals(daemon):
+async def with_credentials(daemon):
     """
-    Give each request to C{daemon} the principal its X-Test-Principal
-    header names, as the API's authentication does before a handler runs
-    (C{request.principal}); a request without it has none.
+    Make the credentials of ROLES on C{daemon}, as its admin, and keep
+    their tokens (C{daemon.tokens}, by name; the admin's too).
     """
-    handler = daemon.service.site.handler
-
-    def with_principal(request):
-        name = request.getHeader(b"x-test-principal")
-        if name is not None:
-            request.principal = PRINCIPALS[name.decode()]
-        return handler(request)
-
-    daemon.service.site.handler = with_principal
+    daemon.tokens = {"admin": daemon.token}
+    for name, role in ROLES.items():
+        code, made = await daemon.json("POST", "/v1/credentials", {"name": name, "role": role})
+        assert code == 201, made
+        daemon.tokens[name] = made["token"]
     return daemon
 
 
 async def call(daemon, who, method, path, body=None, headers=None, raw=None):
-    """A request as C{who}: its status and its JSON body."""
+    """A request with the credential of C{who}: its status and its JSON body."""
     response, content = await daemon.request(
-        method, path, body, headers={"X-Test-Principal": [who], **(headers or {})}, raw=raw)
+        method, path, body,
+        headers={"Authorization": [f"Bearer {daemon.tokens[who]}"], **(headers or {})},
+        raw=raw)
     return response.code, json.loads(content) if content else None
 
 
 @pytest.fixture
 def daemon(make_daemon):
-    """A daemon that runs nothing (jobs stay queued), its requests as the
-    principals of PRINCIPALS."""
-    made = pytest_twisted.blockon(Deferred.fromCoroutine(make_daemon("[executor]\nslots = 0\n")))
-    return as_principals(made)
+    """A daemon that runs nothing (jobs stay queued), with the credentials
+    of ROLES."""
+    async def make():
+        return await with_credentials(await make_daemon("[executor]\nslots = 0\n"))
+
+    return pytest_twisted.blockon(Deferred.fromCoroutine(make()))
 
 
 async def submit(daemon, who, body):
@@ -73,7 +64,7 @@ async def submit(daemon, who, body):
 async def test_every_job_shows_the_principal_that_submitted_it(daemon):
     """A job's owner is its submitter's name, however it was submitted (one
     job, an array, a batch of full or of plain jobs), and every view of it
-    shows it; a request no authentication has seen is an admin's."""
+    shows it; the daemon's own admin credential is named admin."""
     one = await submit(daemon, "ann", {"command": ["true"]})
     assert one["owner"] == "ann"
     code, array = await call(daemon, "bob", "POST", "/v1/jobs",
@@ -83,18 +74,18 @@ async def test_every_job_shows_the_principal_that_submitted_it(daemon):
     code, plain = await call(daemon, "ann", "POST", "/v1/jobs/batch",
                              {"jobs": [{"command": ["true"]}, {"task": "add", "args": [1, 2]}]})
     assert code == 201
-    code, full = await call(daemon, "root", "POST", "/v1/jobs/batch",
+    code, full = await call(daemon, "rita", "POST", "/v1/jobs/batch",
+                            {"jobs": [{"command": ["true"], "name": "n"}]})
+    assert code == 403
+    code, full = await call(daemon, "admin", "POST", "/v1/jobs/batch",
                             {"jobs": [{"command": ["true"], "name": "n"}]})
     assert code == 201
-    nobody = await daemon.submit({"command": ["true"]})
-    assert nobody["owner"] == "admin"
     for job_id, owner in [(one["id"], "ann"), (array["jobs"][1]["id"], "bob"),
-                          (plain["jobs"][1]["id"], "ann"), (full["jobs"][0]["id"], "root")]:
-        code, job = await call(daemon, "root", "GET", f"/v1/jobs/{job_id}")
+                          (plain["jobs"][1]["id"], "ann"), (full["jobs"][0]["id"], "admin")]:
+        code, job = await call(daemon, "admin", "GET", f"/v1/jobs/{job_id}")
         assert code == 200 and job["owner"] == owner
     code, page = await call(daemon, "rita", "GET", "/v1/jobs")
-    assert [j["owner"] for j in page["jobs"]] == [
-        "ann", "bob", "bob", "ann", "ann", "root", "admin"]
+    assert [j["owner"] for j in page["jobs"]] == ["ann", "bob", "bob", "ann", "ann", "admin"]
 
 
 @pytest_twisted.ensureDeferred
@@ -111,7 +102,7 @@ async def test_a_list_filters_by_owner(daemon):
         return [j["id"] for j in page["jobs"]]
 
     assert await listed("rita", "?owner=bob") == theirs
-    assert await listed("root", "?owner=ann&limit=2") == mine[:2]
+    assert await listed("admin", "?owner=ann&limit=2") == mine[:2]
     assert await listed("rita") == mine + theirs
     assert await listed("ann") == mine
     assert await listed("ann", "?owner=ann&state=queued") == mine
@@ -163,7 +154,7 @@ async def test_another_submitters_job_is_answered_as_a_missing_one(daemon):
 async def test_a_submitters_queue_counts_are_its_own(make_daemon):
     """GET /v1/queues counts a submitter's own jobs alone, every queue
     still named; a reader's counts are everyone's."""
-    daemon = as_principals(await make_daemon(
+    daemon = await with_credentials(await make_daemon(
         "[executor]\nslots = 0\n[queue:gpu]\nmax_running = 1\n"))
     await submit(daemon, "ann", {"command": ["true"], "queue": "gpu"})
     await submit(daemon, "bob", {"command": ["true"]})
@@ -207,8 +198,8 @@ async def test_depending_on_another_submitters_job_is_refused_as_an_unknown_one(
     mine = await submit(daemon, "ann", {"command": ["true"]})
     after = await submit(daemon, "ann", {"command": ["true"], "depends_on": [mine["id"]]})
     assert after["state"] == "pending"
-    admins = await submit(daemon, "root", {"command": ["true"], "depends_on": [bob["id"]]})
-    assert admins["state"] == "pending" and admins["owner"] == "root"
+    admins = await submit(daemon, "admin", {"command": ["true"], "depends_on": [bob["id"]]})
+    assert admins["state"] == "pending" and admins["owner"] == "admin"
 
 
 @pytest.mark.parametrize("path, body", [
@@ -241,7 +232,7 @@ async def test_idempotency_keys_are_each_principals_own(daemon, path, body):
 async def test_a_submitter_sees_the_jobs_workers_hold_of_its_own(make_daemon, token_file):
     """GET /v1/workers shows a submitter only its own jobs among those a
     worker holds; a reader sees them all."""
-    daemon = as_principals(await make_daemon(
+    daemon = await with_credentials(await make_daemon(
         f"[executor]\nslots = 0\n[workers]\ntoken_file = {token_file}\n"))
     ann = await submit(daemon, "ann", {"command": ["true"]})
     bob = await submit(daemon, "bob", {"command": ["true"]})
@@ -275,7 +266,8 @@ async def test_jobs_stored_before_owners_have_none(make_daemon, tmp_path):
         " VALUES ('0190b1d2-0000-7000-8000-00000000beef', 'failed', NULL, '{}',"
         " '{\"command\":[\"true\"]}', 1.0, 2.0, 'e')")
     conn.close()
-    daemon = as_principals(await make_daemon("[executor]\nslots = 0\n", data_dir=data))
+    daemon = await with_credentials(
+        await make_daemon("[executor]\nslots = 0\n", data_dir=data))
     old = "0190b1d2-0000-7000-8000-00000000beef"
     code, job = await call(daemon, "rita", "GET", f"/v1/jobs/{old}")
     assert code == 200 and job["owner"] is None and job["state"] == "failed"
@@ -285,7 +277,7 @@ async def test_jobs_stored_before_owners_have_none(make_daemon, tmp_path):
     assert code == 404
     code, page = await call(daemon, "ann", "GET", "/v1/jobs")
     assert page["jobs"] == []
-    code, retried = await call(daemon, "root", "POST", f"/v1/jobs/{old}/retry")
+    code, retried = await call(daemon, "admin", "POST", f"/v1/jobs/{old}/retry")
     assert code == 200 and retried["owner"] is None
 
 
@@ -293,7 +285,7 @@ def test_the_document_shows_the_owner_and_its_filter():
     """The OpenAPI document shows every job's owner (a principal's name, or
     null) and GET /v1/jobs's owner filter, both from the one wire type."""
     from dispatcher.api._openapi import openapi_document
-    from dispatcher.wire._types import PRINCIPAL
+    from dispatcher.model._principals import PRINCIPAL_NAME_PATTERN as PRINCIPAL
 
     document = openapi_document()
     view = document["components"]["schemas"]["JobView"]

@@ -34,7 +34,13 @@ import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType
 
 from dispatcher.model._jobs import NO_RESOURCES, JobSpec, JobState
-from dispatcher.model._principals import MAX_PRINCIPAL_NAME, PRINCIPAL_NAME, PRINCIPAL_NAME_RULE
+from dispatcher.model._principals import (
+    MAX_PRINCIPAL_NAME,
+    MAX_WORKER_NAMES,
+    PRINCIPAL_NAME_PATTERN,
+    PRINCIPAL_NAME_RULE,
+    Role,
+)
 
 # Limits.
 MAX_CPUS = 1_000_000
@@ -71,10 +77,6 @@ SHA256 = "^[0-9a-fA-F]{64}$"
 INPUT_PATH = (
     r"^(?!/)(?!(?:.*/)?\.\.(?:/|$))(?=(?:.*/)?(?:[^/.]|\.[^/]))[^\x00]*[^/\x00]$"
 )
-# A principal's name (a job's owner): the model's rule, as JSON Schema
-# (ECMA) says it.  (Python's $ would also take a trailing newline; the
-# model's own check, valid_name, does not.)
-PRINCIPAL = "^" + PRINCIPAL_NAME.pattern.removesuffix(r"\Z") + "$"
 # An RFC 3339 time with its zone (Z or an offset), from 1970 to 9998.
 ZONED_TIME = (
     r"^(?:19[7-9]\d|[2-8]\d{3}|9[0-8]\d\d|99[0-8]\d|999[0-8])-(?:0[1-9]|1[0-2])"
@@ -92,7 +94,6 @@ PATTERN_MESSAGES = {
     "in /), with no '..' part",
     ZONED_TIME: "expected an RFC 3339 time with its zone, such as "
     "2026-11-25T13:00:00Z or 2026-11-25T14:00:00+01:00 (1970 to 9998)",
-    PRINCIPAL: f"not a principal's name ({PRINCIPAL_NAME_RULE})",
 }
 
 # Strings.
@@ -114,11 +115,6 @@ EnvName = Annotated[
 Identifier = Annotated[str, Meta(pattern=IDENTIFIER)]
 Seconds = Annotated[float, Meta(ge=0, le=MAX_SECONDS)]
 Time = Annotated[str, Meta(extra_json_schema={"format": "date-time"})]
-PrincipalName = Annotated[
-    str,
-    Meta(min_length=1, max_length=MAX_PRINCIPAL_NAME, pattern=PRINCIPAL,
-         description="A principal's name: a credential's, or a local account's."),
-]
 
 # Integers and numbers.
 Priority = Annotated[int, Meta(ge=-MAX_PRIORITY, le=MAX_PRIORITY)]
@@ -748,3 +744,75 @@ class WorkerList(_Out):
     lease_seconds: float
     heartbeat_seconds: float
 
+
+
+# Credentials (docs/security.md)
+
+PrincipalName = Annotated[
+    str,
+    Meta(
+        pattern=PRINCIPAL_NAME_PATTERN,
+        min_length=1,
+        max_length=MAX_PRINCIPAL_NAME,
+        description=f"A credential's name, and the owner of the jobs it submits: {PRINCIPAL_NAME_RULE}.",
+    ),
+]
+
+
+class CredentialRequest(_In):
+    """
+    A credential to make.
+    """
+
+    name: PrincipalName
+    role: Role
+    worker_names: Optional[
+        Annotated[
+            list[PrincipalName],
+            Meta(
+                min_length=1,
+                max_length=MAX_WORKER_NAMES,
+                description="For a worker credential: the worker names it may act "
+                "under (by default its own name alone).",
+            ),
+        ]
+    ] = None
+
+
+class CredentialView(_Out):
+    """
+    A credential as kept: never its token.
+    """
+
+    name: str
+    role: Role
+    worker_names: Optional[list[str]]
+    created_at: Time
+
+
+class CredentialCreated(CredentialView):
+    """
+    A credential just made, with its token: shown this once, and kept
+    nowhere but as a hash.
+    """
+
+    token: str
+
+
+class CredentialList(_Out):
+    """
+    The credentials of the credentials file, in the order they were made
+    (the token files' are not listed).
+    """
+
+    credentials: list[CredentialView]
+
+
+class Identity(_Out):
+    """
+    Who the caller is to this dispatcher.
+    """
+
+    name: str
+    role: Role
+    worker_names: Optional[list[str]]
