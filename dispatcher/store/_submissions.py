@@ -174,10 +174,10 @@ def _add_plain_jobs(
 ) -> Written:
     """
     Insert L{PlainJobs}, queued, numbered after C{seq}, owned by C{owner},
-    with their specs' C{stored} texts: one statement that reads each job's id and stored spec
-    from one JSON array, the other
-    columns being the same for all (where SQLite has its JSON functions,
-    L{JSON_ROWS}; else one C{executemany} of rows).
+    with their specs' C{stored} texts: one statement that reads each job's
+    id and stored spec from one JSON array, the other columns being the
+    same for all (where SQLite has its JSON functions, L{JSON_ROWS}; else
+    one C{executemany} of rows).
     """
     timeout = jobs.timeout is not None
     # In _PLAIN_SHARED order.
