@@ -812,3 +812,190 @@ async def test_writes_asked_together_all_land(store):
     assert results[2].changed == ((b.id, JobState.FAILED),)
     assert results[3].value[0].state is JobState.CANCELLED
     assert [l.job_id for l in results[4].leases] == [results[0].value.jobs[0].id]
+
+
+# Owners
+
+
+@pytest_twisted.ensureDeferred
+async def test_every_job_keeps_its_owner(store):
+    """The owner a submission gives is every job's it makes, by each way
+    of submitting (specs, an array's members, plain jobs, submissions
+    stored together); a job submitted without one has none."""
+    (one,) = (await store.submit([spec(0)], 1.0, [ids.new()], owner="ann")).value.jobs
+    members = [spec(i, array_id="arr", array_index=i) for i in range(3)]
+    array = (await store.submit(members, 1.0, [ids.new() for _ in members],
+                                owner="bob")).value.jobs
+    plain_ids = [ids.new(), ids.new()]
+    await store.submit_plain(PlainJobs([["true"], ["false"]]), 1.0, plain_ids, owner="cy")
+    together = [
+        store.submit([spec(5)], 1.0, [ids.new()], owner="dee"),
+        store.submit_plain(PlainJobs([["true"]]), 1.0, [ids.new()], owner="eve"),
+        store.submit([spec(6)], 1.0, [ids.new()]),
+    ]
+    dee, eve, nobody = [await d for d in together]
+    assert one.owner == "ann" and [j.owner for j in array] == ["bob"] * 3
+    assert (await store.get(one.id)).owner == "ann"
+    assert {(await store.get(j.id)).owner for j in array} == {"bob"}
+    assert [(await store.get(i)).owner for i in plain_ids] == ["cy", "cy"]
+    assert (await store.get(dee.value.jobs[0].id)).owner == "dee"
+    assert (await store.get(eve.value.ids[0])).owner == "eve"
+    assert (await store.get(nobody.value.jobs[0].id)).owner is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_list_jobs_by_owner(store):
+    """Listing by owner gives that owner's jobs alone, in submission order,
+    a page at a time, with the other filters too."""
+    made: dict = {"ann": [], "bob": []}
+    odd_ann = []
+    for i in range(6):
+        owner = "ann" if i % 3 else "bob"
+        (job,) = (await store.submit([spec(i, labels={"k": str(i % 2)})], 1.0, [ids.new()],
+                                     owner=owner)).value.jobs
+        made[owner].append(job.id)
+        if owner == "ann" and i % 2:
+            odd_ann.append(job.id)
+    page, cursor = await store.list_jobs(owner="ann", limit=3)
+    assert [j.id for j in page] == made["ann"][:3] and cursor is not None
+    rest, cursor = await store.list_jobs(owner="ann", limit=3, cursor=cursor)
+    assert [j.id for j in rest] == made["ann"][3:] and cursor is None
+    bob, _ = await store.list_jobs(owner="bob")
+    assert [j.id for j in bob] == made["bob"] and {j.owner for j in bob} == {"bob"}
+    odd, _ = await store.list_jobs(owner="ann", labels=[("k", "1")])
+    assert [j.id for j in odd] == odd_ann and len(odd_ann) == 2
+    await claim(store, "h", 1, 2.0)
+    running, _ = await store.list_jobs(owner="bob", state=JobState.RUNNING)
+    assert [j.id for j in running] == [made["bob"][0]]
+    assert (await store.list_jobs(owner="ann", state=JobState.RUNNING))[0] == []
+    assert (await store.list_jobs(owner="cy"))[0] == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_queue_counts_of_one_owner(make_store):
+    """Queue counts for an owner count its jobs alone, every configured
+    queue still named."""
+    store = await make_store(queues={"default": 0, "gpu": 2})
+    await store.submit([spec(0, queue="gpu"), spec(1)], 1.0, [ids.new(), ids.new()],
+                       owner="ann")
+    await store.submit([spec(2), spec(3)], 1.0, [ids.new(), ids.new()], owner="bob")
+    await store.submit([spec(4)], 1.0, [ids.new()], owner="bob")
+    await claim(store, "h", 4, 2.0)
+    ann = await store.queue_counts("ann")
+    assert ann["gpu"][JobState.RUNNING] == 1 and ann["default"][JobState.RUNNING] == 1
+    assert ann["default"][JobState.QUEUED] == 0
+    bob = await store.queue_counts("bob")
+    assert bob["gpu"] == {state: 0 for state in JobState}
+    assert bob["default"][JobState.RUNNING] == 2 and bob["default"][JobState.QUEUED] == 1
+    assert (await store.queue_counts("cy"))["default"] == {state: 0 for state in JobState}
+    assert (await store.queue_counts())["default"][JobState.RUNNING] == 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_which_jobs_an_owner_owns(store):
+    """Of a list of ids, those of one owner's jobs are told apart from
+    another's, from jobs without an owner and from ids of no job, however
+    many are asked about at once."""
+    ann = (await store.submit([spec(i) for i in range(600)], 1.0,
+                              [ids.new() for _ in range(600)], owner="ann")).value.jobs
+    (bob,) = (await store.submit([spec(0)], 1.0, [ids.new()], owner="bob")).value.jobs
+    (nobody,) = await submit(store, spec(1))
+    asked = [bob.id, nobody.id, "missing"] + [j.id for j in ann]
+    assert await store.owned(asked, "ann") == {j.id for j in ann}
+    assert await store.owned(asked, "bob") == {bob.id}
+    assert await store.owned([], "bob") == frozenset()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_cancel_limited_to_an_owner(store):
+    """A cancel limited to one owner takes another owner's job for one that
+    does not exist and changes nothing; its own, or any without the limit,
+    it cancels."""
+    (ann,) = (await store.submit([spec(0)], 1.0, [ids.new()], owner="ann")).value.jobs
+    (bob,) = (await store.submit([spec(1)], 1.0, [ids.new()], owner="bob")).value.jobs
+    with pytest.raises(UnknownJob) as refused:
+        await store.cancel(ann.id, 2.0, owner="bob")
+    with pytest.raises(UnknownJob) as missing:
+        await store.cancel("missing", 2.0, owner="bob")
+    assert str(refused.value) == str(missing.value).replace("missing", ann.id)
+    assert (await store.get(ann.id)).state is JobState.QUEUED
+    job, lease = (await store.cancel(bob.id, 2.0, owner="bob")).value
+    assert job.state is JobState.CANCELLED and lease is None
+    job, _ = (await store.cancel(ann.id, 2.0)).value
+    assert job.state is JobState.CANCELLED
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_retry_limited_to_an_owner(store):
+    """A retry limited to one owner takes another owner's job for one that
+    does not exist and changes nothing, and brings back only that owner's
+    dependents with its own job; without the limit, all of them."""
+    (a,) = (await store.submit([spec(0)], 1.0, [ids.new()], owner="ann")).value.jobs
+    (mine,) = (await store.submit([spec(1, depends_on=(a.id,))], 1.0, [ids.new()],
+                                  owner="ann")).value.jobs
+    (theirs,) = (await store.submit([spec(2, depends_on=(a.id,))], 1.0, [ids.new()],
+                                    owner="root")).value.jobs
+    (lease,) = await claim(store, "h", 1, 2.0)
+    await store.finish(lease, Outcome.from_exit_code(1), 3.0)
+    with pytest.raises(UnknownJob):
+        await store.retry(a.id, 4.0, True, owner="bob")
+    assert (await store.get(a.id)).state is JobState.FAILED
+    written = await store.retry(a.id, 4.0, True, owner="ann")
+    assert dict(written.changed) == {a.id: JobState.QUEUED, mine.id: JobState.PENDING}
+    assert (await store.get(theirs.id)).state is JobState.CANCELLED
+    (again,) = await claim(store, "h", 1, 5.0)
+    await store.finish(again, Outcome.from_exit_code(1), 6.0)
+    written = await store.retry(a.id, 7.0, True)
+    assert set(dict(written.changed)) == {a.id, mine.id, theirs.id}
+
+
+@pytest_twisted.ensureDeferred
+async def test_dependencies_limited_to_an_owner(store):
+    """A submission that may name only its owner's jobs is refused a job or
+    an array of another owner as one naming nothing is, and stores
+    nothing; its owner's own it may name, and without the limit any."""
+    (ann,) = (await store.submit([spec(0)], 1.0, [ids.new()], owner="ann")).value.jobs
+    members = [spec(i, array_id="ann-array", array_index=i) for i in range(2)]
+    await store.submit(members, 1.0, [ids.new(), ids.new()], owner="ann")
+    before = await store.count_by_state()
+    for name in (ann.id, "ann-array", "missing"):
+        with pytest.raises(UnknownDependency) as refused:
+            await store.submit([spec(1), spec(2, depends_on=(name,))], 1.0,
+                               [ids.new(), ids.new()], owner="bob", sees_all=False)
+        assert (refused.value.job_index, refused.value.position) == (1, 0)
+        assert str(refused.value) == f"no job or array has the id {name!r}"
+    assert await store.count_by_state() == before
+    (own,) = (await store.submit([spec(3, depends_on=(ann.id, "ann-array"))], 1.0,
+                                 [ids.new()], owner="ann", sees_all=False)).value.jobs
+    assert "3 job(s)" in own.wait_reason
+    (admin,) = (await store.submit([spec(4, depends_on=(ann.id,))], 1.0, [ids.new()],
+                                   owner="root")).value.jobs
+    assert admin.state is JobState.PENDING
+
+
+@pytest_twisted.ensureDeferred
+async def test_idempotency_keys_are_each_owners_own(store):
+    """Two owners sending the same key each get their own jobs, by either
+    way of submitting; a replay answers its owner's jobs alone, and another
+    owner's body under the same key is no conflict."""
+    key = IdempotencyKey("k", "digest-1")
+    ann = await store.submit([spec(0)], 1.0, [ids.new()], key, owner="ann")
+    bob = await store.submit([spec(0)], 1.0, [ids.new()], key, owner="bob")
+    assert not bob.value.replayed
+    assert bob.value.jobs[0].id != ann.value.jobs[0].id
+    again = await store.submit([spec(0)], 2.0, [ids.new()], key, owner="bob")
+    assert again.value.replayed and again.value.jobs == bob.value.jobs
+    other = await store.submit([spec(1)], 2.0, [ids.new()], IdempotencyKey("k", "digest-2"),
+                               owner="cy")
+    assert not other.value.replayed and other.value.jobs[0].owner == "cy"
+    with pytest.raises(IdempotencyConflict):
+        await store.submit([spec(1)], 2.0, [ids.new()], IdempotencyKey("k", "digest-2"),
+                           owner="ann")
+    plain = PlainJobs([["true"]])
+    plain_key = IdempotencyKey("p", "digest-3")
+    first = await store.submit_plain(plain, 3.0, [ids.new()], plain_key, owner="ann")
+    second = await store.submit_plain(plain, 3.0, [ids.new()], plain_key, owner="bob")
+    assert isinstance(second.value, SubmittedIds) and second.value != first.value
+    replay = await store.submit_plain(plain, 4.0, [ids.new()], plain_key, owner="ann")
+    assert [j.id for j in replay.value.jobs] == first.value.ids
+    assert (await store.count_by_state())[JobState.QUEUED] == 5

@@ -362,6 +362,67 @@ async def test_migration_from_version_1(tmp_path):
 
 
 @pytest_twisted.ensureDeferred
+async def test_migration_to_owners(tmp_path):
+    """A database of schema version 4 is migrated to owners: its jobs have
+    none (null, and read as such) and stay listed to whoever sees every
+    job, and the idempotency keys it kept belong to no principal, so that
+    an owner's same key makes new jobs."""
+    path = str(tmp_path / "v4.sqlite3")
+    conn = sqlite3.connect(path, isolation_level=None)
+    for migration in MIGRATIONS[:4]:
+        for statement in migration.split(";"):
+            if statement.strip():
+                conn.execute(statement)
+    conn.execute("PRAGMA user_version = 4")
+    conn.execute(
+        "INSERT INTO jobs (id, state, name, labels, spec, created_at) VALUES"
+        " ('old', 'queued', NULL, '{}', '{\"command\":[\"true\"]}', 1.0)")
+    conn.execute(
+        "INSERT INTO idempotency (key, digest, job_ids, created_at)"
+        " VALUES ('k', 'd', '[\"old\"]', 1.0)")
+    conn.close()
+    store = SQLiteJobStore(path, reactor)
+    await store.open()
+    old = await store.get("old")
+    assert old.owner is None
+    assert [j.id for j in (await store.list_jobs())[0]] == ["old"]
+    assert (await store.list_jobs(owner="admin"))[0] == []
+    made = await store.submit([spec(1)], 2.0, [ids.new()], IdempotencyKey("k", "d"),
+                              owner="admin")
+    assert not made.value.replayed and made.value.jobs[0].owner == "admin"
+    await store.close()
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) == 5
+    assert conn.execute("SELECT owner, key FROM idempotency ORDER BY owner").fetchall() == [
+        ("", "k"), ("admin", "k")]
+    conn.close()
+
+
+def test_an_owners_list_reads_along_its_index(tmp_path):
+    """A page of one owner's jobs reads the owner's index in submission
+    order, from the cursor on, rather than every job or a sort; with a
+    state too, an index in submission order still."""
+    from dispatcher.store._rows import VIEW_COLUMNS
+    from dispatcher.store._schema import migrate
+
+    path = str(tmp_path / "plan.sqlite3")
+    conn = sqlite3.connect(path, isolation_level=None)
+    migrate(conn, path)
+
+    def plan(where):
+        return " / ".join(row[-1] for row in conn.execute(
+            f"EXPLAIN QUERY PLAN SELECT {VIEW_COLUMNS} FROM jobs WHERE {where}"
+            " ORDER BY seq LIMIT 101", (0, "ann")))
+
+    owner = plan("seq > ? AND owner = ?")
+    assert "USING INDEX jobs_owner (owner=? AND seq>?)" in owner, owner
+    with_state = plan("seq > ? AND owner = ? AND state = 'failed'")
+    assert "USING INDEX" in with_state and "seq>?" in with_state, with_state
+    assert "TEMP B-TREE" not in owner + with_state
+    conn.close()
+
+
+@pytest_twisted.ensureDeferred
 async def test_the_file_is_in_wal_mode(tmp_path):
     """The database file is left in WAL mode, which the readers beside the
     writer rely on."""
@@ -499,7 +560,7 @@ def test_the_column_table_is_the_schema_and_a_job_reads_back_as_made(tmp_path):
     )
     row, job = _rows.new_job(
         made, seq=7, id="j", state=JobState.CANCELLED, created_at=1.0, finished_at=2.0,
-        error="e", wait_reason=None, waiting_on=1, cancelled_by="d",
+        error="e", wait_reason=None, waiting_on=1, cancelled_by="d", owner="ann",
     )
     conn.execute(
         f"INSERT INTO jobs ({', '.join(_rows.INSERTED_COLUMNS)})"
@@ -511,4 +572,5 @@ def test_the_column_table_is_the_schema_and_a_job_reads_back_as_made(tmp_path):
     (view_row,) = conn.execute(f"SELECT {_rows.VIEW_COLUMNS} FROM jobs").fetchall()
     assert _rows.job_from_row(view_row, (), {}) == job
     assert job.cancelled_by == "d" and job.finished_at == 2.0 and job.spec is made
+    assert job.owner == "ann"
     conn.close()

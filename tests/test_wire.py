@@ -354,7 +354,7 @@ def test_a_job_view_takes_its_defaults_from_the_spec():
     """Each scheduling default a job view shows when not given is the
     spec's own default (written once, in the model)."""
     view = JobView("i", JobState.QUEUED, None, {}, "t", None, None, None, None, None, None,
-                   [], None)
+                   [], None, None)
     spec = JobSpec()
     for name in ("priority", "queue", "timeout", "max_attempts", "retry_delay",
                  "array_id", "array_index"):

@@ -6,6 +6,12 @@ method and path, and who may call it; handlers read bodies into wire types
 (L{dispatcher.wire}) and answer wire types.  The resource turns their
 answers and their L{ApiError}s into JSON responses, and cancels them when
 the client goes.
+
+Every job has an owner, the principal that submitted it.  A principal
+that does not see every job (a submitter) sees, cancels, retries and reads
+the logs of its own jobs alone: another's job is answered as a missing one
+is (C{404 not_found}, the same words), so that its existence does not
+show, and its lists and queue counts hold its own jobs only.
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ from dispatcher.wire._types import (
 )
 from dispatcher.model._jobs import format_time
 from dispatcher.model._jobs import InvalidTransition, JobState, PlainJobs, StoreClosed, UnknownJob
+from dispatcher.model._principals import PRINCIPAL_NAME_RULE, valid_name
 from dispatcher.api._openapi import openapi_document
 from dispatcher.api._hosts import HostPolicy
 from dispatcher.api._routes import Route, Router
@@ -253,6 +260,14 @@ def _json_body(request: Any) -> bytes:
     L{DispatcherAPI.render} (L{_check_json}).
     """
     return request.content.read()
+
+
+def _own_only(principal: Principal) -> Optional[str]:
+    """
+    The owner whose jobs alone C{principal} may see and change: its own
+    name, or C{None} if it sees every job.
+    """
+    return None if principal.sees_all else principal.name
 
 
 def _only_query(request: Any, *allowed: str) -> None:
@@ -639,6 +654,7 @@ class DispatcherAPI(Resource):
         full: bool,
     ) -> Deferred:
         key = self._idempotency(request, body)
+        principal = request.principal
 
         def answer(submitted: Submitted | SubmittedIds) -> Answer:
             if isinstance(submitted, SubmittedIds):
@@ -672,10 +688,18 @@ class DispatcherAPI(Resource):
                 raise ApiError(400, "unknown_dependency", f"{field}: {e}", field)
             return failure
 
+        # The key is the owner's own: the store looks it up among the
+        # owner's keys.
         if isinstance(submissions, PlainJobs):
-            d = self._dispatcher.submit_plain(submissions, key)
+            d = self._dispatcher.submit_plain(submissions, key, principal.name)
         else:
-            d = self._dispatcher.submit(submissions, key, explain=single or full)
+            d = self._dispatcher.submit(
+                submissions,
+                key,
+                explain=single or full,
+                owner=principal.name,
+                sees_all=principal.sees_all,
+            )
         return d.addCallbacks(answer, refused)
 
     def _submission(self, body: Any, prefix: str = "", index: Optional[int] = None) -> Submission:
@@ -763,7 +787,7 @@ class DispatcherAPI(Resource):
         try:
             job = await _transition(
                 job_id,
-                self._dispatcher.retry(job_id, dependents),
+                self._dispatcher.retry(job_id, dependents, _own_only(request.principal)),
                 "{state}; only a failed or cancelled job can be retried",
             )
         except DependencyNotRetried as e:
@@ -774,7 +798,18 @@ class DispatcherAPI(Resource):
 
     async def list_workers(self, request: Any) -> Answer:
         hub = self._dispatcher.hub
-        workers = [worker_view(w) for w in hub.describe()]
+        described = hub.describe()
+        mine = _own_only(request.principal)
+        if mine is not None:
+            # The ids of another's jobs would show that they exist: a
+            # worker shows such a principal the jobs it holds of its own.
+            held = [job_id for worker in described for job_id in worker.running]
+            own = await self._dispatcher.store.owned(held, mine) if held else frozenset()
+            described = [
+                attrs.evolve(w, running=tuple(j for j in w.running if j in own))
+                for w in described
+            ]
+        workers = [worker_view(w) for w in described]
         return Answer(200, WorkerList(workers, hub.lease_seconds, hub.heartbeat_seconds))
 
     async def lease(self, request: Any) -> Answer:
@@ -798,20 +833,28 @@ class DispatcherAPI(Resource):
         return Answer(*await self._workers.write_log(request, query))
 
     async def list_queues(self, request: Any) -> Answer:
-        return Answer(200, QueueList(await self._dispatcher.queues()))
+        owner = _own_only(request.principal)
+        return Answer(200, QueueList(await self._dispatcher.queues(owner)))
 
-    async def _job(self, job_id: str) -> Any:
+    async def _job(self, request: Any, job_id: str) -> Any:
+        """
+        The job C{job_id}, if the request's principal may see it; a 404
+        for another owner's job, as for a missing one.
+        """
         try:
-            return await self._dispatcher.get(job_id)
+            job = await self._dispatcher.get(job_id)
         except UnknownJob:
             raise _no_such_job(job_id)
+        if not request.principal.owns(job.owner):
+            raise _no_such_job(job_id)
+        return job
 
     async def get_job(self, request: Any, job_id: str) -> Answer:
-        job = await self._job(job_id)
+        job = await self._job(request, job_id)
         return Answer(200, job_view(job))
 
     async def list_jobs(self, request: Any) -> Answer:
-        _only_query(request, "state", "label", "limit", "cursor")
+        _only_query(request, "state", "label", "owner", "limit", "cursor")
         state = None
         text = _query(request, "state")
         if text is not None:
@@ -853,8 +896,20 @@ class DispatcherAPI(Resource):
                     "cursor",
                 )
             cursor = int(text)
+        owner = _query(request, "owner")
+        if owner is not None and not valid_name(owner):
+            raise ApiError(
+                400, "invalid_query", f"owner: expected a principal's name: {PRINCIPAL_NAME_RULE}",
+                "owner",
+            )
+        mine = _own_only(request.principal)
+        if mine is not None:
+            if owner is not None and owner != mine:
+                # Another's jobs: none it may see.
+                return Answer(200, JobPage([], None))
+            owner = mine
         jobs, next_cursor = await self._dispatcher.list_jobs(
-            state=state, labels=labels, limit=limit, cursor=cursor
+            state=state, labels=labels, limit=limit, cursor=cursor, owner=owner
         )
         return Answer(
             200,
@@ -867,7 +922,7 @@ class DispatcherAPI(Resource):
     async def cancel(self, request: Any, job_id: str) -> Answer:
         job, done = await _transition(
             job_id,
-            self._dispatcher.cancel(job_id),
+            self._dispatcher.cancel(job_id, _own_only(request.principal)),
             "already {state}; only a job that has not finished can be cancelled",
         )
         log.info("{principal} cancelled {job_id}", principal=request.principal.name,
@@ -887,7 +942,7 @@ class DispatcherAPI(Resource):
                 400, "invalid_query", "offset: expected a byte offset from 0 up", "offset"
             )
         offset = int(text)
-        job = await self._job(job_id)
+        job = await self._job(request, job_id)
         path = self._dispatcher.log_path(job, stream)
         size = 0
         if path is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, Mapping, Optional
 
 import attrs
+import msgspec
 
 from dispatcher.model._jobs import JobState
 from dispatcher.model._principals import ALLOWED, Access
@@ -36,6 +37,7 @@ from dispatcher.wire._types import (
     LeaseAnswer,
     LeaseRequest,
     LogWritten,
+    PrincipalName,
     QueueList,
     ResultsAnswer,
     ResultsRequest,
@@ -242,7 +244,9 @@ IDEMPOTENCY_KEY = {
     "original jobs instead of making more; with another body, 409. Kept for "
     "[dispatcher] idempotency_ttl seconds.",
 }
-_NO_SUCH_JOB = Response("No such job.")
+_NO_SUCH_JOB = Response(
+    "No such job; or another's, to a submitter, which sees its own jobs alone."
+)
 _REPLAY = "A replay of an earlier request with the same Idempotency-Key."
 _CONFLICT_KEY = Response("The Idempotency-Key was used with another body.")
 
@@ -276,7 +280,7 @@ ROUTES: tuple[Route, ...] = (
     ),
     Route(
         "GET", "/v1/jobs", "listJobs", "list_jobs",
-        "List jobs in submission order, a page at a time.", READ,
+        "List jobs in submission order, a page at a time (a submitter's own alone).", READ,
         {200: Response("A page of jobs.", JobPage)},
         parameters=(
             {"name": "state", "in": "query", "schema": {"enum": [s.value for s in JobState]}},
@@ -287,6 +291,13 @@ ROUTES: tuple[Route, ...] = (
                 "schema": {"type": "array", "items": {"type": "string", "pattern": "^[^=]"}},
                 "style": "form",
                 "explode": True,
+            },
+            {
+                "name": "owner",
+                "in": "query",
+                "description": "Only the jobs this principal submitted. A submitter "
+                "sees its own jobs alone: another name lists nothing.",
+                "schema": msgspec.json.schema(PrincipalName),
             },
             {
                 "name": "limit",
@@ -321,7 +332,8 @@ ROUTES: tuple[Route, ...] = (
     ),
     Route(
         "GET", "/v1/queues", "listQueues", "list_queues",
-        "Per queue: jobs by state, and running jobs against the limit.", READ,
+        "Per queue: jobs by state, and running jobs against the limit (a "
+        "submitter's own jobs alone).", READ,
         {200: Response("The queues.", QueueList)},
     ),
     Route(
@@ -375,7 +387,8 @@ ROUTES: tuple[Route, ...] = (
     ),
     Route(
         "GET", "/v1/workers", "listWorkers", "list_workers",
-        "The workers heard from within a lease's life, or waiting for work.", READ,
+        "The workers heard from within a lease's life, or waiting for work (to a "
+        "submitter, the jobs they hold of its own alone).", READ,
         {200: Response("The workers.", WorkerList)},
     ),
     Route(

@@ -275,13 +275,17 @@ class Dispatcher(Service):
         submissions: Sequence[Submission],
         idempotency: Optional[IdempotencyKey] = None,
         explain: bool = True,
+        owner: Optional[str] = None,
+        sees_all: bool = True,
     ) -> Deferred:
         """
-        Store the jobs of one request, all or nothing; an array becomes its
-        members, and batch indexes in C{depends_on} become ids.  Fires with
-        the L{Submitted} jobs once they are durable, their wait reasons as
-        the holders connected now see them unless C{explain} is false (an
-        answer that shows no wait reason need not pay for them).
+        Store the jobs of one request, all or nothing, owned by C{owner};
+        an array becomes its members, and batch indexes in C{depends_on}
+        become ids.  Fires with the L{Submitted} jobs once they are
+        durable, their wait reasons as the holders connected now see them
+        unless C{explain} is false (an answer that shows no wait reason
+        need not pay for them).  Unless C{sees_all}, C{depends_on} may name
+        only C{owner}'s jobs (see L{IJobStore.submit}).
         """
         specs = []
         ids = []
@@ -304,7 +308,7 @@ class Dispatcher(Service):
                     specs.append(attrs.evolve(spec, array_id=array_id, array_index=index))
                     ids.append(self.ids.new())
                 names.append(array_id)
-        d = self.store.submit(specs, self._clock.seconds(), ids, idempotency)
+        d = self.store.submit(specs, self._clock.seconds(), ids, idempotency, owner, sees_all)
         ready = sum(1 for spec in specs if not spec.depends_on and spec.not_before is None)
         if ready:
             # Claim for them now: the claim joins the submission's commit
@@ -318,15 +322,19 @@ class Dispatcher(Service):
         return shielded(d.addCallback(self._submitted, explain))
 
     def submit_plain(
-        self, jobs: PlainJobs, idempotency: Optional[IdempotencyKey] = None
+        self,
+        jobs: PlainJobs,
+        idempotency: Optional[IdempotencyKey] = None,
+        owner: Optional[str] = None,
     ) -> Deferred:
         """
-        Store L{PlainJobs}, all or nothing; fires with their L{dispatcher.store._results.SubmittedIds}
-        once they are durable (or with the L{Submitted} jobs of an earlier
-        request with the same idempotency key).
+        Store L{PlainJobs}, all or nothing, owned by C{owner}; fires with
+        their L{dispatcher.store._results.SubmittedIds} once they are
+        durable (or with the L{Submitted} jobs of an earlier request of the
+        same owner with the same idempotency key).
         """
         ids = self.ids.new_many(len(jobs))
-        d = self.store.submit_plain(jobs, self._clock.seconds(), ids, idempotency)
+        d = self.store.submit_plain(jobs, self._clock.seconds(), ids, idempotency, owner)
         # Claimed for at once, as submit() does.
         self.scheduler.jobs_queued(len(ids))
         self._pump()
@@ -404,12 +412,13 @@ class Dispatcher(Service):
         offers = ([self.local_offer] if self._slots > 0 else []) + remote
         return explainer(offers, self.store.queue_limits)
 
-    def cancel(self, job_id: str) -> Deferred:
+    def cancel(self, job_id: str, owner: Optional[str] = None) -> Deferred:
         """
         Cancel a job; fires with the job and whether it is already cancelled
-        (C{False}: its holder is stopping it now).
+        (C{False}: its holder is stopping it now).  Given C{owner}, a job
+        of another owner fails with L{UnknownJob}, as a missing one does.
         """
-        d = self.store.cancel(job_id, self._clock.seconds())
+        d = self.store.cancel(job_id, self._clock.seconds(), owner)
 
         def cancelled(written: Written) -> tuple[Job, bool]:
             self._apply(written)
@@ -424,18 +433,21 @@ class Dispatcher(Service):
 
         return shielded(d.addCallback(cancelled))
 
-    def retry(self, job_id: str, dependents: bool) -> Deferred:
+    def retry(self, job_id: str, dependents: bool, owner: Optional[str] = None) -> Deferred:
         """
         Put a failed or cancelled job back in line with a fresh budget.
+        Given C{owner}, a job of another owner fails with L{UnknownJob}, and
+        only C{owner}'s dependents come back with it.
         """
-        d = self.store.retry(job_id, self._clock.seconds(), dependents)
+        d = self.store.retry(job_id, self._clock.seconds(), dependents, owner)
         return shielded(d.addCallback(self._submitted))
 
-    async def queues(self) -> dict[str, Any]:
+    async def queues(self, owner: Optional[str] = None) -> dict[str, Any]:
         """
-        Per queue: jobs by state, and running jobs against the limit.
+        Per queue: jobs by state, and running jobs against the limit; only
+        C{owner}'s jobs, if it is given.
         """
-        counts = await self.store.queue_counts()
+        counts = await self.store.queue_counts(owner)
         limits = self.store.queue_limits
         out = {}
         for queue, states in sorted(counts.items()):

@@ -340,6 +340,10 @@ class Offer:
 class Job:
     """
     A job as the store holds it.
+
+    @ivar owner: the name of the principal that submitted it
+        (L{dispatcher.model._principals.Principal}); C{None} for a job
+        stored before jobs had owners.
     """
 
     id: str
@@ -354,6 +358,7 @@ class Job:
     wait_reason: Optional[str] = None
     attempts: tuple[Attempt, ...] = ()
     cancelled_by: Optional[str] = None
+    owner: Optional[str] = None
 
     def waiting(self, reason: Optional[str]) -> "Job":
         """
@@ -364,7 +369,7 @@ class Job:
         return Job(
             self.id, self.state, self.spec, self.created_at, self.started_at,
             self.finished_at, self.exit_code, self.result, self.error, reason,
-            self.attempts, self.cancelled_by,
+            self.attempts, self.cancelled_by, self.owner,
         )
 
 @attrs.frozen

@@ -65,7 +65,7 @@ class IJobStore(Interface):
 
     # Submissions
 
-    def submit(specs, now, ids, idempotency=None):
+    def submit(specs, now, ids, idempotency=None, owner=None, sees_all=True):
         """
         Store new jobs, all or nothing, and fire once they are durable.
 
@@ -81,7 +81,13 @@ class IJobStore(Interface):
         @param idempotency: an L{IdempotencyKey}, or C{None}.  A key seen
             within the store's time to live with the same digest replays
             the earlier answer and stores nothing; with another digest it
-            fails with L{IdempotencyConflict}.
+            fails with L{IdempotencyConflict}.  A key is its owner's own:
+            the same key from another owner is another key.
+        @param owner: the name of the principal that submits them, the
+            jobs' C{owner} (C{None}: none).
+        @param sees_all: whether C{depends_on} may name any owner's jobs;
+            if not, an entry naming a job or an array of another owner
+            fails as one that names nothing does.
         @return: a Deferred firing with a L{Written} whose value is
             L{Submitted} (its jobs in the order of C{specs}; C{replayed}
             for a replay) and whose C{wake_at} is the earliest future
@@ -89,7 +95,7 @@ class IJobStore(Interface):
             job and the entry) when a C{depends_on} entry names nothing.
         """
 
-    def submit_plain(jobs, now, ids, idempotency=None):
+    def submit_plain(jobs, now, ids, idempotency=None, owner=None):
         """
         Store L{PlainJobs} (checked jobs of one queue with no dependencies
         and no C{not_before}: all queued) with their new ids, all or
@@ -99,6 +105,7 @@ class IJobStore(Interface):
             whose value is L{SubmittedIds}, or, for a replayed
             C{idempotency} key, the L{Submitted} jobs of the earlier
             request.  Fails with L{IdempotencyConflict} as L{submit} does.
+            C{owner} and the idempotency key's scope are as for L{submit}.
         """
 
     # Reads
@@ -110,14 +117,20 @@ class IJobStore(Interface):
         L{UnknownJob}.
         """
 
-    def list_jobs(state=None, labels=(), limit=100, cursor=None):
+    def list_jobs(state=None, labels=(), limit=100, cursor=None, owner=None):
         """
         Fire with C{(jobs, next_cursor)}: up to C{limit} L{Job}s in
         submission order after C{cursor}, filtered by C{state} (a
-        L{JobState} or C{None}) and by C{labels} (C{(key, value)} pairs, all
+        L{JobState} or C{None}), by C{labels} (C{(key, value)} pairs, all
         of which must match, a value of C{None} meaning the key is
-        present).  C{next_cursor} is C{None} on the last page; a cursor
+        present) and by C{owner} (a principal's name, or C{None}: any).  C{next_cursor} is C{None} on the last page; a cursor
         stays valid while jobs are added.
+        """
+
+    def owned(job_ids, owner):
+        """
+        Fire with the C{frozenset} of those of C{job_ids} whose owner is
+        C{owner} (ids of no job are left out).
         """
 
     def count_by_state():
@@ -125,10 +138,11 @@ class IJobStore(Interface):
         Fire with a dict mapping every L{JobState} to its number of jobs.
         """
 
-    def queue_counts():
+    def queue_counts(owner=None):
         """
         Fire with C{{queue: {JobState: count}}} for every configured queue
-        (all states, zeros included) and any other queue that holds jobs.
+        (all states, zeros included) and any other queue that holds jobs;
+        only the jobs of C{owner}, if it is given.
         """
 
     def unconfigured_queues():
@@ -226,23 +240,26 @@ class IJobStore(Interface):
 
     # Requests on jobs
 
-    def cancel(job_id, now):
+    def cancel(job_id, now, owner=None):
         """
         Cancel a job, durably.  Fire with a L{Written} whose value is
         C{(job, lease)}: C{lease} is C{None} when the job was cancelled at
         once (with its pending dependents), or the current L{Lease} of a
         job that is staging or running, whose holder must now stop it (its
         end then records it cancelled).  Fails with L{InvalidTransition}
-        for a finished job and L{UnknownJob}.
+        for a finished job and L{UnknownJob}; given C{owner}, with
+        L{UnknownJob} for a job of another owner as well, changing nothing.
         """
 
-    def retry(job_id, now, dependents):
+    def retry(job_id, now, dependents, owner=None):
         """
         Put a failed or cancelled job back in line, durably, with a fresh
         budget of attempts (its attempts stay in its history): queued, or
         pending while jobs it depends on have not succeeded.  With
         C{dependents}, the jobs cancelled because of it (and theirs) come
-        back too.
+        back too.  Given C{owner}, a job of another owner fails with
+        L{UnknownJob}, changing nothing, and only C{owner}'s dependents
+        come back.
 
         @return: a Deferred firing with a L{Written} whose value is the
             job's L{Job}.  Fails with L{UnknownJob}, L{InvalidTransition}

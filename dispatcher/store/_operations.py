@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 import random
 import sqlite3
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Optional
 
 import attrs
 
@@ -108,24 +108,39 @@ class WriterState:
         ).fetchone()
 
 
-def cancel(writer: WriterState, conn: sqlite3.Connection, job_id: str, now: float) -> Written:
+def _not_owned(row_owner: Optional[str], owner: Optional[str]) -> bool:
+    """
+    Whether a write limited to C{owner}'s jobs (C{None}: to none) must
+    take a job of C{row_owner} for one that does not exist.
+    """
+    return owner is not None and row_owner != owner
+
+
+def cancel(
+    writer: WriterState,
+    conn: sqlite3.Connection,
+    job_id: str,
+    now: float,
+    owner: Optional[str] = None,
+) -> Written:
     """
     Cancel a job (L{Cancel}): at once if it is not running, else by asking
-    its holder; the answer is the job and, if it runs, its lease.
+    its holder; the answer is the job and, if it runs, its lease.  If
+    C{owner} is given, another owner's job is L{UnknownJob}.
     """
     row = conn.execute(
-        "SELECT state, lease_token, lease_holder, lease_expires, attempt_count"
+        "SELECT state, lease_token, lease_holder, lease_expires, attempt_count, owner"
         " FROM jobs WHERE id = ?",
         (job_id,),
     ).fetchone()
-    if row is None:
+    if row is None or _not_owned(row[5], owner):
         raise UnknownJob(job_id)
     state = JobState(row[0])
     if state.final:
         raise InvalidTransition(job_id, state, JobState.CANCELLED)
     if state.active:
         conn.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
-        token, holder, expires, attempt = row[1:]
+        token, holder, expires, attempt = row[1:5]
         job = get_job(conn, job_id, writer.limits)
         lease = Lease(job_id, attempt, token, holder, expires, job.spec)
         return Written((job, lease))
@@ -140,14 +155,21 @@ def cancel(writer: WriterState, conn: sqlite3.Connection, job_id: str, now: floa
 
 
 def retry(
-    writer: WriterState, conn: sqlite3.Connection, job_id: str, now: float, dependents: bool
+    writer: WriterState,
+    conn: sqlite3.Connection,
+    job_id: str,
+    now: float,
+    dependents: bool,
+    owner: Optional[str] = None,
 ) -> Written:
     """
     Put a failed or cancelled job back in line (L{Retry}), and with
-    C{dependents} the jobs cancelled because of it.
+    C{dependents} the jobs cancelled because of it.  If C{owner} is given,
+    another owner's job is L{UnknownJob}, and only that owner's dependents
+    come back (the others stay cancelled).
     """
-    row = conn.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
-    if row is None:
+    row = conn.execute("SELECT state, owner FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    if row is None or _not_owned(row[1], owner):
         raise UnknownJob(job_id)
     state = JobState(row[0])
     if state not in (JobState.FAILED, JobState.CANCELLED):
@@ -161,10 +183,12 @@ def retry(
         stack = [job_id]
         while stack:
             cause = stack.pop()
-            for (dependent,) in conn.execute(
-                "SELECT id FROM jobs WHERE cancelled_by = ? AND state = 'cancelled'",
+            for dependent, dependent_owner in conn.execute(
+                "SELECT id, owner FROM jobs WHERE cancelled_by = ? AND state = 'cancelled'",
                 (cause,),
             ).fetchall():
+                if _not_owned(dependent_owner, owner):
+                    continue
                 returning.append(dependent)
                 stack.append(dependent)
     coming_back = frozenset(returning)

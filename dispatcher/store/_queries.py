@@ -82,15 +82,20 @@ def list_jobs(
     limit: int,
     cursor: Optional[int],
     limits: Mapping[str, int],
+    owner: Optional[str] = None,
 ) -> tuple[list[Job], Optional[int]]:
     """
     A page of at most C{limit} jobs after the cursor C{cursor}, in the
-    order they were submitted, of the state C{state} and with every label
-    C{labels} names (a key, or a key and its value); and the cursor of the
-    next page, if there is one.
+    order they were submitted, of the state C{state}, with every label
+    C{labels} names (a key, or a key and its value) and of the owner
+    C{owner} (if given); and the cursor of the next page, if there is one.
     """
     where = ["seq > ?"]
     params: list[Any] = [cursor or 0]
+    if owner is not None:
+        # Read along jobs_owner (owner, seq): the owner's jobs in order.
+        where.append("owner = ?")
+        params.append(owner)
     if state is not None:
         where.append("state = ?")
         params.append(state.value)
@@ -118,6 +123,28 @@ def list_jobs(
     return jobs, next_cursor
 
 
+# Ids looked up at once by L{owned}: under SQLite's smallest limit of
+# bound values (999 before 3.32).
+_IDS_AT_ONCE = 500
+
+
+def owned(conn: sqlite3.Connection, job_ids: Sequence[str], owner: str) -> frozenset[str]:
+    """
+    Those of C{job_ids} that C{owner} owns.
+    """
+    found: set[str] = set()
+    for start in range(0, len(job_ids), _IDS_AT_ONCE):
+        chunk = job_ids[start:start + _IDS_AT_ONCE]
+        found.update(
+            row[0]
+            for row in conn.execute(
+                f"SELECT id FROM jobs WHERE owner = ? AND id IN ({','.join('?' * len(chunk))})",
+                (owner, *chunk),
+            )
+        )
+    return frozenset(found)
+
+
 def count_by_state(conn: sqlite3.Connection) -> dict[JobState, int]:
     """
     How many jobs are in each state.
@@ -131,16 +158,21 @@ def count_by_state(conn: sqlite3.Connection) -> dict[JobState, int]:
 
 
 def queue_counts(
-    conn: sqlite3.Connection, queues: Sequence[str]
+    conn: sqlite3.Connection, queues: Sequence[str], owner: Optional[str] = None
 ) -> dict[str, dict[JobState, int]]:
     """
     C{{queue: {state: count}}} for every queue of C{queues}, and for any
-    other queue that holds jobs.
+    other queue that holds jobs; only C{owner}'s jobs, if it is given.
     """
     counts = {q: {state: 0 for state in JobState} for q in queues}
-    for queue, state, count in conn.execute(
-        "SELECT queue, state, COUNT(*) FROM jobs GROUP BY queue, state"
-    ):
+    if owner is None:
+        rows = conn.execute("SELECT queue, state, COUNT(*) FROM jobs GROUP BY queue, state")
+    else:
+        rows = conn.execute(
+            "SELECT queue, state, COUNT(*) FROM jobs WHERE owner = ? GROUP BY queue, state",
+            (owner,),
+        )
+    for queue, state, count in rows:
         counts.setdefault(queue, {s: 0 for s in JobState})[JobState(state)] = count
     return counts
 

@@ -118,6 +118,8 @@ JOB_COLUMNS: tuple[Column, ...] = (
     # How many of the jobs it depends on have not succeeded yet.
     Column("waiting_on", ROW, viewed=False),
     Column("cancelled_by", JOB),
+    # The principal that submitted it (NULL: stored before jobs had owners).
+    Column("owner", JOB),
 )
 
 _SPEC_PART = [c for c in JOB_COLUMNS if c.holds in (SPEC, STORED)]

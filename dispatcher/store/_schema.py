@@ -111,6 +111,35 @@ MIGRATIONS: Sequence[str] = (
     );
     INSERT INTO commits (one, seq, at) VALUES (1, 0, 0);
     """,
+    # Every job has an owner: the name of the principal that submitted it
+    # (issue 15).  Jobs stored before have none (NULL, shown as null): no
+    # one submitted them under a name, so only the principals that see
+    # every job (admins, readers) see them, and no submitter does.  The
+    # index serves ?owner= and a submitter's own lists, in seq order.
+    #
+    # Idempotency keys are an owner's own: two owners' same key makes each
+    # its own jobs.  The table is made again (a key was its primary key);
+    # the keys kept from before belong to no one ('') and answer no
+    # principal, so a request first sent before the upgrade and sent again
+    # after it makes its jobs again (keys live a day:
+    # [dispatcher] idempotency_ttl).
+    """
+    ALTER TABLE jobs ADD COLUMN owner TEXT;
+    CREATE INDEX jobs_owner ON jobs (owner, seq) WHERE owner IS NOT NULL;
+    CREATE TABLE idempotency_owned (
+        owner TEXT NOT NULL,
+        key TEXT NOT NULL,
+        digest TEXT NOT NULL,
+        job_ids TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        PRIMARY KEY (owner, key)
+    );
+    INSERT INTO idempotency_owned (owner, key, digest, job_ids, created_at)
+        SELECT '', key, digest, job_ids, created_at FROM idempotency;
+    DROP TABLE idempotency;
+    ALTER TABLE idempotency_owned RENAME TO idempotency;
+    CREATE INDEX idempotency_age ON idempotency (created_at);
+    """,
 )
 
 

@@ -48,6 +48,7 @@ from dispatcher.store._queries import (
     get_job,
     list_jobs,
     next_due,
+    owned,
     queue_counts,
     unconfigured_queues,
 )
@@ -283,8 +284,12 @@ class SQLiteJobStore:
         now: float,
         ids: Sequence[str],
         idempotency: Optional[IdempotencyKey] = None,
+        owner: Optional[str] = None,
+        sees_all: bool = True,
     ) -> Deferred:
-        return self._write(writes.Submit(list(specs), now, list(ids), idempotency))
+        return self._write(
+            writes.Submit(list(specs), now, list(ids), idempotency, owner, sees_all)
+        )
 
     def submit_plain(
         self,
@@ -292,6 +297,7 @@ class SQLiteJobStore:
         now: float,
         ids: Sequence[str],
         idempotency: Optional[IdempotencyKey] = None,
+        owner: Optional[str] = None,
     ) -> Deferred:
         """
         Store L{PlainJobs} with their new ids, all or nothing; fires with
@@ -299,7 +305,7 @@ class SQLiteJobStore:
         with the same idempotency key.
         """
         return self._write(
-            writes.SubmitPlain(jobs, now, list(ids), idempotency, plain_stored(jobs))
+            writes.SubmitPlain(jobs, now, list(ids), idempotency, plain_stored(jobs), owner)
         )
 
     def get(self, job_id: str) -> Deferred:
@@ -311,17 +317,23 @@ class SQLiteJobStore:
         labels: Iterable[tuple[str, Optional[str]]] = (),
         limit: int = 100,
         cursor: Optional[int] = None,
+        owner: Optional[str] = None,
     ) -> Deferred:
-        return self._read(list_jobs, state, tuple(labels), limit, cursor, self._limits)
+        return self._read(
+            list_jobs, state, tuple(labels), limit, cursor, self._limits, owner
+        )
+
+    def owned(self, job_ids: Sequence[str], owner: str) -> Deferred:
+        return self._read(owned, list(job_ids), owner)
 
     def count_by_state(self) -> Deferred:
         return self._read(count_by_state)
 
-    def queue_counts(self) -> Deferred:
+    def queue_counts(self, owner: Optional[str] = None) -> Deferred:
         """
         Fire with C{{queue: {state: count}}} for every configured queue.
         """
-        return self._read(queue_counts, tuple(self._state.queues))
+        return self._read(queue_counts, tuple(self._state.queues), owner)
 
     def unconfigured_queues(self) -> Deferred:
         """
@@ -378,16 +390,18 @@ class SQLiteJobStore:
     def release(self, lease: Lease, now: float, reason: str) -> Deferred:
         return self._write(writes.Release(lease, now, reason))
 
-    def cancel(self, job_id: str, now: float) -> Deferred:
-        return self._write(writes.Cancel(job_id, now))
+    def cancel(self, job_id: str, now: float, owner: Optional[str] = None) -> Deferred:
+        return self._write(writes.Cancel(job_id, now, owner))
 
-    def retry(self, job_id: str, now: float, dependents: bool) -> Deferred:
+    def retry(
+        self, job_id: str, now: float, dependents: bool, owner: Optional[str] = None
+    ) -> Deferred:
         """
         Put a failed or cancelled job back in line with a fresh budget of
         attempts (and, with C{dependents}, the jobs cancelled because of
         it); its attempts stay in its history.
         """
-        return self._write(writes.Retry(job_id, now, dependents))
+        return self._write(writes.Retry(job_id, now, dependents, owner))
 
     def promote_due(self, now: float) -> Deferred:
         """

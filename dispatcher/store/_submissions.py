@@ -3,6 +3,11 @@ The SQLite store's submissions: new jobs from their specs (L{submit}),
 plain jobs (L{submit_plain}), a run of plain submissions stored at once
 (L{submit_together}), and the idempotency keys that make a repeated
 request answer what the first made.
+
+Every new job is stored with its owner, the name of the principal that
+submitted it: one more value bound in the statement that inserts it.  An
+idempotency key is its owner's own (two owners' same key makes each its
+own jobs).
 """
 
 from __future__ import annotations
@@ -80,6 +85,7 @@ def _add_job(
     finished_at: Optional[float] = None,
     error: Optional[str] = None,
     cancelled_by: Optional[str] = None,
+    owner: Optional[str] = None,
 ) -> Job:
     """
     Add a new job's row (and its labels' rows) to those to insert, and
@@ -96,6 +102,7 @@ def _add_job(
         wait_reason=wait_reason,
         waiting_on=unmet,
         cancelled_by=cancelled_by,
+        owner=owner,
     )
     rows.append(row)
     if spec.labels:
@@ -122,10 +129,11 @@ JSON_ROWS = _has_json_functions()
 
 # What a plain job's row holds besides its number, id and stored spec: the
 # same for all the jobs of a request (the L{PlainJobs} fields have columns
-# of their names), and a timeout only where their queue has one.
+# of their names, and the owner is the request's), and a timeout only
+# where their queue has one.
 _PLAIN_SHARED = (
     "state", "labels", "created_at", "wait_reason", "priority", "queue", "max_attempts",
-    "retry_delay", "timeout",
+    "retry_delay", "owner", "timeout",
 )
 
 
@@ -162,19 +170,20 @@ def _add_plain_jobs(
     now: float,
     ids: Sequence[str],
     stored: Sequence[str],
+    owner: Optional[str],
 ) -> Written:
     """
-    Insert L{PlainJobs}, queued, numbered after C{seq}, with their specs'
-    C{stored} texts: one statement that reads each job's id and stored spec
-    from one JSON array, the other
-    columns being the same for all (where SQLite has its JSON functions,
-    L{JSON_ROWS}; else one C{executemany} of rows).
+    Insert L{PlainJobs}, queued, numbered after C{seq}, owned by C{owner},
+    with their specs' C{stored} texts: one statement that reads each job's
+    id and stored spec from one JSON array, the other columns being the
+    same for all (where SQLite has its JSON functions, L{JSON_ROWS}; else
+    one C{executemany} of rows).
     """
     timeout = jobs.timeout is not None
     # In _PLAIN_SHARED order.
     shared: tuple[Any, ...] = (
         JobState.QUEUED.value, "{}", now, QUEUED_REASON, jobs.priority, jobs.queue,
-        jobs.max_attempts, jobs.retry_delay,
+        jobs.max_attempts, jobs.retry_delay, owner,
     )
     if timeout:
         shared += (jobs.timeout,)
@@ -201,14 +210,18 @@ def submit(
     now: float,
     ids: list[str],
     idempotency: Optional[IdempotencyKey],
+    owner: Optional[str] = None,
+    sees_all: bool = True,
 ) -> Written:
     """
-    Store new jobs from their specs, all or nothing (L{Submit}): queued, pending on
-    their dependencies or start time, or cancelled at once for a dependency
-    that failed; or answer what an earlier request with the same
-    idempotency key made.
+    Store new jobs from their specs, all or nothing (L{Submit}), owned by
+    C{owner}: queued, pending on their dependencies or start time, or
+    cancelled at once for a dependency that failed; or answer what an
+    earlier request of the same owner with the same idempotency key made.
+    Unless C{sees_all}, a C{depends_on} entry naming another owner's job
+    is refused as one naming no job is.
     """
-    replayed = _replayed(writer, conn, idempotency, now)
+    replayed = _replayed(writer, conn, idempotency, now, owner)
     if replayed is not None:
         return replayed
     changed: list[tuple[str, JobState]] = []
@@ -237,7 +250,9 @@ def submit(
             # A dependency may be an array of this batch, found by a
             # query: its members must be in the table first.
             insert_rows()
-            deps = resolve_dependencies(conn, spec, index, in_batch)
+            deps = resolve_dependencies(
+                conn, spec, index, in_batch, None if sees_all else owner
+            )
             unmet = [d for d, st in deps.items() if st is not JobState.SUCCEEDED]
             dead = next(
                 (d for d, st in deps.items()
@@ -260,7 +275,7 @@ def submit(
         seq += 1
         jobs.append(
             _add_job(rows, label_rows, seq, job_id, state, spec, now, wait_reason,
-                     len(unmet), finished_at, error, cancelled_by)
+                     len(unmet), finished_at, error, cancelled_by, owner)
         )
         if deps:
             writer.dependencies = True
@@ -271,7 +286,7 @@ def submit(
         in_batch[job_id] = state
         changed.append((job_id, state))
     insert_rows()
-    _remember(conn, idempotency, ids, now)
+    _remember(conn, idempotency, ids, now, owner)
     wake = [s.not_before for s in specs if s.not_before is not None and s.not_before > now]
     return Written(Submitted(jobs, replayed=False), tuple(changed),
                    min(wake) if wake else None)
@@ -285,17 +300,19 @@ def submit_plain(
     ids: list[str],
     idempotency: Optional[IdempotencyKey],
     stored: Sequence[str],
+    owner: Optional[str] = None,
 ) -> Written:
     """
-    Store L{PlainJobs}, queued, all or nothing (L{SubmitPlain}); or answer
-    what an earlier request with the same idempotency key made.
+    Store L{PlainJobs}, queued, all or nothing (L{SubmitPlain}), owned by
+    C{owner}; or answer what an earlier request of the same owner with the
+    same idempotency key made.
     """
-    replayed = _replayed(writer, conn, idempotency, now)
+    replayed = _replayed(writer, conn, idempotency, now, owner)
     if replayed is not None:
         return replayed
     (seq,) = conn.execute(_MAX_SEQ).fetchone()
-    written = _add_plain_jobs(conn, seq, jobs, now, ids, stored)
-    _remember(conn, idempotency, ids, now)
+    written = _add_plain_jobs(conn, seq, jobs, now, ids, stored, owner)
+    _remember(conn, idempotency, ids, now, owner)
     return written
 
 
@@ -314,10 +331,13 @@ def submit_together(
     for write in work:
         now, ids = write.now, write.ids
         if type(write) is SubmitPlain:
-            written.append(_add_plain_jobs(conn, seq, write.jobs, now, ids, write.stored))
+            written.append(
+                _add_plain_jobs(conn, seq, write.jobs, now, ids, write.stored, write.owner)
+            )
             seq += len(ids)
             continue
         specs = write.specs  # type: ignore[union-attr]
+        owner = write.owner
         changed = []
         jobs = []
         wake = None
@@ -330,7 +350,8 @@ def submit_together(
                 state, wait_reason = JobState.QUEUED, QUEUED_REASON
             seq += 1
             jobs.append(
-                _add_job(rows, label_rows, seq, job_id, state, spec, now, wait_reason)
+                _add_job(rows, label_rows, seq, job_id, state, spec, now, wait_reason,
+                         owner=owner)
             )
             changed.append((job_id, state))
         written.append(Written(Submitted(jobs, replayed=False), tuple(changed), wake))
@@ -345,16 +366,18 @@ def _replayed(
     conn: sqlite3.Connection,
     idempotency: Optional[IdempotencyKey],
     now: float,
+    owner: Optional[str],
 ) -> Optional[Written]:
     """
-    What an earlier request with the same idempotency key made, if it
-    is still remembered; an expired key is forgotten.
+    What an earlier request of C{owner} with the same idempotency key
+    made, if it is still remembered; an expired key is forgotten.
     """
     if idempotency is None:
         return None
+    scope = _key_owner(owner)
     row = conn.execute(
-        "SELECT digest, job_ids, created_at FROM idempotency WHERE key = ?",
-        (idempotency.key,),
+        "SELECT digest, job_ids, created_at FROM idempotency WHERE owner = ? AND key = ?",
+        (scope, idempotency.key),
     ).fetchone()
     if row is not None and row[2] >= now - writer.idempotency_ttl:
         if row[0] != idempotency.digest:
@@ -362,7 +385,9 @@ def _replayed(
         jobs = [get_job(conn, job_id) for job_id in decode_stored(row[1])]
         return Written(Submitted(jobs, replayed=True))
     if row is not None:
-        conn.execute("DELETE FROM idempotency WHERE key = ?", (idempotency.key,))
+        conn.execute(
+            "DELETE FROM idempotency WHERE owner = ? AND key = ?", (scope, idempotency.key)
+        )
     return None
 
 
@@ -371,10 +396,19 @@ def _remember(
     idempotency: Optional[IdempotencyKey],
     ids: list[str],
     now: float,
+    owner: Optional[str],
 ) -> None:
     if idempotency is not None:
         conn.execute(
-            "INSERT INTO idempotency (key, digest, job_ids, created_at)"
-            " VALUES (?, ?, ?, ?)",
-            (idempotency.key, idempotency.digest, encode_stored(ids), now),
+            "INSERT INTO idempotency (owner, key, digest, job_ids, created_at)"
+            " VALUES (?, ?, ?, ?, ?)",
+            (_key_owner(owner), idempotency.key, idempotency.digest, encode_stored(ids),
+             now),
         )
+
+
+def _key_owner(owner: Optional[str]) -> str:
+    # Whose keys a request's key is looked up among: jobs stored without
+    # an owner share the keys of no one (which those kept from before
+    # owners also belong to: see the schema's migration 5).
+    return "" if owner is None else owner

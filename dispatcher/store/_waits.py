@@ -37,26 +37,33 @@ def resolve_dependencies(
     spec: JobSpec,
     index: int,
     in_batch: Mapping[str, JobState],
+    owner: Optional[str] = None,
 ) -> dict[str, JobState]:
     """
     The jobs a new job depends on, with their states: job ids, earlier jobs
-    of the same request, or array ids (all their members).
+    of the same request, or array ids (all their members).  If C{owner} is
+    given, only that owner's jobs count: another's job or array is
+    L{UnknownDependency}, as a name that names nothing is, so that its
+    existence does not show.
     """
     found: dict[str, JobState] = {}
     for position, name in enumerate(spec.depends_on):
         if name in in_batch:
             found[name] = in_batch[name]
             continue
-        row = conn.execute("SELECT state FROM jobs WHERE id = ?", (name,)).fetchone()
+        row = conn.execute("SELECT state, owner FROM jobs WHERE id = ?", (name,)).fetchone()
         if row is not None:
+            if owner is not None and row[1] != owner:
+                raise UnknownDependency(index, position, name)
             found[name] = JobState(row[0])
             continue
+        # An array's members all have the owner that submitted it.
         members = conn.execute(
-            "SELECT id, state FROM jobs WHERE array_id = ?", (name,)
+            "SELECT id, state, owner FROM jobs WHERE array_id = ?", (name,)
         ).fetchall()
-        if not members:
+        if not members or (owner is not None and members[0][2] != owner):
             raise UnknownDependency(index, position, name)
-        for member, state in members:
+        for member, state, _ in members:
             found[member] = JobState(state)
     return found
 

@@ -21,13 +21,16 @@ from dispatcher.store._results import IdempotencyKey
 
 class Submit(NamedTuple):
     """
-    Store new jobs from their specs, all or nothing.
+    Store new jobs from their specs, all or nothing, owned by C{owner};
+    unless C{sees_all}, their C{depends_on} may name only C{owner}'s jobs.
     """
 
     specs: Sequence[JobSpec]
     now: float
     ids: Sequence[str]
     idempotency: Optional[IdempotencyKey]
+    owner: Optional[str] = None
+    sees_all: bool = True
 
     @property
     def plain(self) -> bool:
@@ -40,9 +43,9 @@ class Submit(NamedTuple):
 
 class SubmitPlain(NamedTuple):
     """
-    Store L{PlainJobs}, all or nothing, with their specs' stored texts
-    (made before the write is queued, so that the one writer thread does
-    not spend its time encoding them).
+    Store L{PlainJobs}, all or nothing, owned by C{owner}, with their
+    specs' stored texts (made before the write is queued, so that the one
+    writer thread does not spend its time encoding them).
     """
 
     jobs: PlainJobs
@@ -50,6 +53,7 @@ class SubmitPlain(NamedTuple):
     ids: Sequence[str]
     idempotency: Optional[IdempotencyKey]
     stored: Sequence[str]
+    owner: Optional[str] = None
 
 
 class Claim(NamedTuple):
@@ -123,21 +127,25 @@ class Release(NamedTuple):
 
 class Cancel(NamedTuple):
     """
-    Cancel a job (at once, or by asking its holder).
+    Cancel a job (at once, or by asking its holder); if C{owner} is given,
+    only a job of that owner.
     """
 
     job_id: str
     now: float
+    owner: Optional[str] = None
 
 
 class Retry(NamedTuple):
     """
-    Put a failed or cancelled job back in line.
+    Put a failed or cancelled job back in line; if C{owner} is given, only
+    a job of that owner, and only its dependents of that owner with it.
     """
 
     job_id: str
     now: float
     dependents: bool
+    owner: Optional[str] = None
 
 
 class PromoteDue(NamedTuple):

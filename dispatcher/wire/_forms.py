@@ -105,6 +105,7 @@ def job_view(job: Job) -> JobView:
         job.wait_reason,
         [_attempt_view(a) for a in attempts] if attempts else [],
         attempts[-1].holder if attempts else None,
+        job.owner,
     )
     # Set after: a view is made for every answer that shows a job, and
     # keywords for the kind's fields cost a dict each time.

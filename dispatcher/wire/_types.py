@@ -388,6 +388,13 @@ class JobView(_Out):
     worker: Optional[
         Annotated[str, Meta(description="The holder of the job's latest attempt.")]
     ]
+    owner: Optional[
+        Annotated[
+            PrincipalName,
+            Meta(description="The principal that submitted it; null for a job "
+                 "stored before jobs had owners."),
+        ]
+    ]
     command: Union[list[str], UnsetType] = UNSET
     env: Union[dict[str, str], UnsetType] = UNSET
     task: Union[str, UnsetType] = UNSET
