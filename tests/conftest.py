@@ -4,6 +4,7 @@ treq client with its own connection pool.
 """
 
 import json
+import os
 
 import attrs
 import pytest
@@ -70,6 +71,16 @@ async def until(condition, timeout=10.0):
         waited += 0.002
 
 
+def admin_token(data_dir):
+    """The admin token a daemon made on its first start in data_dir, or
+    None (a configured credential, or authentication off)."""
+    try:
+        with open(os.path.join(data_dir, "admin.token")) as f:
+            return f.read().strip()
+    except FileNotFoundError:
+        return None
+
+
 class Daemon:
     """A running DaemonService and a client for its API."""
 
@@ -78,9 +89,12 @@ class Daemon:
         self.client = client
         port = service.port.getHost().port
         self.url = f"http://127.0.0.1:{port}"
+        self.token = admin_token(service.config.dispatcher.data_dir)
 
     async def request(self, method, path, body=None, headers=None, raw=None):
         hdrs = {"Content-Type": ["application/json"]}
+        if self.token is not None:
+            hdrs["Authorization"] = [f"Bearer {self.token}"]
         if headers:
             hdrs.update(headers)
         data = raw if raw is not None else (

@@ -234,7 +234,8 @@ async def test_body_too_large(make_daemon):
     answer = await raw_exchange(
         port,
         b"POST /v1/jobs HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
-        b"Transfer-Encoding: chunked\r\n\r\n" + chunks,
+        + b"Authorization: Bearer %s\r\n" % daemon.token.encode()
+        + b"Transfer-Encoding: chunked\r\n\r\n" + chunks,
     )
     assert answer.startswith(b"HTTP/1.1 413 ")
     assert b'"body_too_large"' in answer
@@ -242,7 +243,8 @@ async def test_body_too_large(make_daemon):
     answer = await raw_exchange(
         port,
         b"POST /v1/jobs HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
-        b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+        + b"Authorization: Bearer %s\r\n" % daemon.token.encode()
+        + b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
         + b"%x\r\n%s\r\n0\r\n\r\n" % (len(small), small),
     )
     assert answer.startswith(b"HTTP/1.1 201 ")
@@ -314,34 +316,45 @@ async def test_health_and_openapi(daemon):
         "/v1/jobs/{id}/cancel", "/v1/jobs/{id}/log", "/v1/jobs/batch",
         "/v1/jobs/{id}/retry", "/v1/queues", "/v1/workers", "/v1/leases",
         "/v1/leases/heartbeat", "/v1/leases/results", "/v1/leases/log",
+        "/v1/me", "/v1/credentials", "/v1/credentials/{name}",
     }
     assert doc["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
     # Every documented operation is served (not 404 or 405).
     for path, operations in doc["paths"].items():
         for method in operations:
             response, _ = await daemon.request(
-                method.upper(), path.replace("{id}", "x"), {"command": ["true"]})
+                method.upper(), path.replace("{id}", "x").replace("{name}", "x"),
+                {"command": ["true"]})
             assert response.code not in (405,), (method, path)
-            if "{id}" not in path:
+            if "{" not in path:
                 assert response.code != 404, (method, path)
 
 
 @pytest_twisted.ensureDeferred
 async def test_security_as_documented(make_daemon, tmp_path):
-    """With both token files set, a request without a token is refused (a
-    documented 401 with its WWW-Authenticate) by exactly the operations the
-    document gives a security requirement, and the API token opens every one
-    but the worker endpoints."""
+    """Each operation answers as the document says, for every role: without
+    a credential exactly the operations with a security requirement are a
+    401 (with its WWW-Authenticate, and an error of the documented shape);
+    with a credential of each role (the token files' included) an operation
+    is a 403 exactly when its x-roles leave the role out."""
     api_token, worker_token = "api-token-0123456789abc", "worker-token-0123456789"
     (tmp_path / "api.token").write_text(api_token)
     (tmp_path / "worker.token").write_text(worker_token)
     daemon = await make_daemon(
         f"[executor]\nslots = 0\n[api]\ntoken_file = {tmp_path / 'api.token'}\n"
         f"[workers]\ntoken_file = {tmp_path / 'worker.token'}\n")
+    daemon.token = api_token
+    tokens = {"admin": api_token, "worker": worker_token}
+    for role in ("submitter", "reader"):
+        code, made = await daemon.json("POST", "/v1/credentials",
+                                       {"name": f"a-{role}", "role": role})
+        assert code == 201, made
+        tokens[role] = made["token"]
     doc = openapi_document()
     for path, operations in doc["paths"].items():
         for method, operation in operations.items():
-            url = path.replace("{id}", "x")
+            url = path.replace("{id}", "x").replace("{name}", "nobody-here")
+            daemon.token = None
             response, content = await daemon.request(
                 method.upper(), url, {"command": ["true"]})
             if operation["security"] == []:
@@ -355,11 +368,14 @@ async def test_security_as_documented(make_daemon, tmp_path):
             })
             assert response.headers.getRawHeaders("www-authenticate") == [
                 'Bearer realm="dispatcher"']
-            response, _ = await daemon.request(
-                method.upper(), url, {"command": ["true"]},
-                headers={"Authorization": [f"Bearer {api_token}"]})
-            needs_workers_token = operation["security"] == [{"bearer": []}]
-            assert (response.code == 401) == needs_workers_token, (method, path)
+            for role, token in tokens.items():
+                daemon.token = token
+                response, content = await daemon.request(
+                    method.upper(), url, {"command": ["true"]})
+                assert response.code != 401, (method, path, role)
+                forbidden = role not in operation["x-roles"]
+                assert (response.code == 403) == forbidden, (method, path, role, content)
+                assert str(response.code) in operation["responses"], (method, path, role)
 
 
 @pytest_twisted.ensureDeferred

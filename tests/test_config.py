@@ -65,7 +65,9 @@ def test_listen_gets_a_backlog_unless_it_names_one():
     from dispatcher.app.tap import Options
 
     assert parse_config("[server]\nlisten = unix:/tmp/d.sock\n").server.listen == (
-        "unix:/tmp/d.sock:backlog=4096")
+        "unix:/tmp/d.sock:mode=600:backlog=4096")
+    assert parse_config("[server]\nlisten = unix:/tmp/d.sock:mode=660\n").server.listen == (
+        "unix:/tmp/d.sock:mode=660:backlog=4096")
     given = "tcp:9000:interface=127.0.0.1:backlog=64"
     assert parse_config(f"[server]\nlisten = {given}\n").server.listen == given
     assert parse_config("[server]\nlisten = systemd:domain=INET:index=0\n").server.listen == (

@@ -51,8 +51,9 @@ def test_the_server_and_its_document_agree(tmp_path):
                 "--workers", "1",
                 "--no-shrink",
                 "--suppress-health-check", "all",
-                # The workers' token; the API has none set, and ignores it.
-                "--header", f"Authorization: Bearer {WORKER_TOKEN}",
+                # The admin token the daemon made: an admin may call every
+                # operation, the worker endpoints too.
+                "--header", f"Authorization: Bearer {daemon.token}",
                 "--request-timeout", "10",
             ],
             cwd=str(tmp_path),

@@ -152,14 +152,15 @@ def test_origins():
 
 
 def call(daemon, method, path, body=None, **headers):
-    """A request with exactly these headers (Host given or not); the status
-    and the decoded JSON answer."""
+    """A request with exactly these headers (Host given or not) and the
+    daemon's admin token; the status and the decoded JSON answer."""
     port = int(daemon.url.rsplit(":", 1)[1])
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     try:
         data = None if body is None else json.dumps(body).encode()
-        connection.request(method, path, body=data,
-                           headers={k.replace("_", "-"): v for k, v in headers.items()})
+        headers = {k.replace("_", "-"): v for k, v in headers.items()}
+        headers.setdefault("Authorization", f"Bearer {daemon.token}")
+        connection.request(method, path, body=data, headers=headers)
         response = connection.getresponse()
         return response.status, json.loads(response.read() or b"null")
     finally:

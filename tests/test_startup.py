@@ -164,20 +164,21 @@ def test_a_damaged_database_exits_nonzero(tmp_path):
 @pytest.mark.parametrize("program", ["twistd", "twist"])
 def test_refusing_to_listen_beyond_loopback_exits_without_running_jobs(
         tmp_path, program):
-    """An address the options cannot tell (interface=0 binds every interface)
-    is refused once bound: exit 1 at once, one line naming it, and a job the
-    last run left queued did not start."""
-    daemon = Twistd(str(tmp_path), "[executor]\nslots = 0\n")
+    """With authentication off, an address the options cannot tell
+    (interface=0 binds every interface) is refused once bound: exit 1 at
+    once, one line naming it, and a job the last run left queued did not
+    start."""
+    daemon = Twistd(str(tmp_path), "[executor]\nslots = 0\n[api]\nauthentication = off\n")
     daemon.start()
     code, job = daemon.request("POST", "/v1/jobs", {"command": ["sleep", "300"]})
     assert code == 201
     daemon.stop_gracefully()
     code, output, seconds = run_daemon(
         str(tmp_path), str(tmp_path / "data"), listen="tcp:0:interface=0",
-        ini="[executor]\nslots = 2\n", program=program)
+        ini="[executor]\nslots = 2\n[api]\nauthentication = off\n", program=program)
     assert code == 1 and seconds < QUICK, (code, seconds, output)
-    one_line(output, "the API would listen on 0.0.0.0", "[api] token_file")
-    again = Twistd(str(tmp_path), "[executor]\nslots = 0\n")
+    one_line(output, "the API would listen on 0.0.0.0", "authentication = off")
+    again = Twistd(str(tmp_path), "[executor]\nslots = 0\n[api]\nauthentication = off\n")
     again.start()
     try:
         code, after = again.request("GET", f"/v1/jobs/{job['id']}")

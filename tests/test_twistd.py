@@ -82,14 +82,27 @@ class Twistd:
             time.sleep(0.05)
         raise AssertionError("twistd did not start listening")
 
-    def request(self, method, path, body=None):
+    @property
+    def token(self):
+        """The admin token the daemon made on its first start, if it did."""
+        try:
+            with open(os.path.join(self.workdir, "data", "admin.token")) as f:
+                return f.read().strip()
+        except FileNotFoundError:
+            return None
+
+    def request(self, method, path, body=None, token=None):
         data = None if body is None else json.dumps(body).encode()
+        headers = {"Content-Type": "application/json"}
+        # token="": no credential at all.
+        token = self.token if token is None else token
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
         req = urllib.request.Request(
-            self.url + path, data=data, method=method,
-            headers={"Content-Type": "application/json"})
+            self.url + path, data=data, method=method, headers=headers)
         try:
             with urllib.request.urlopen(req, timeout=10) as response:
-                return response.status, json.loads(response.read())
+                return response.status, json.loads(response.read() or b"null")
         except urllib.error.HTTPError as e:
             return e.code, json.loads(e.read())
 

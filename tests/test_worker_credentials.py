@@ -8,7 +8,6 @@ bounded.
 """
 
 import os
-import secrets
 import stat
 
 import pytest
@@ -18,11 +17,10 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 
-from dispatcher.api._handlers import DispatcherAPI
 from dispatcher.app._daemon import LEASE_KEY_NAME, CannotStart, DaemonService
 from dispatcher.core._hub import WorkerHub
 from dispatcher.model._jobs import Offer
-from dispatcher.model._principals import Principal, Role
+from dispatcher.model._principals import Role
 from dispatcher.model._workers import TooManyWorkerNames
 from dispatcher.wire._tokens import KEY_BYTES, MAC_BYTES, NO_TOKEN, LeaseTokens, new_key
 from dispatcher.wire._types import (
@@ -44,32 +42,11 @@ LOG = "/v1/leases/log"
 OCTETS = {"Content-Type": ["application/octet-stream"]}
 
 
-@pytest.fixture
-def credentials(monkeypatch):
-    """Make a worker credential: C{make(name, *worker_names)} gives its
-    bearer token, which the dispatcher then takes for the principal of that
-    name, a worker that may act under those names alone (under any name
-    when none are given)."""
-    known = {}
-    authorize = DispatcherAPI._authorize
-
-    def authenticate(self, request, route):
-        raw = request.getHeader(b"authorization") or b""
-        given = raw.partition(b" ")[2].strip().decode("ascii", "replace")
-        if given in known:
-            request.principal = known[given]
-            return
-        authorize(self, request, route)
-
-    monkeypatch.setattr(DispatcherAPI, "_authorize", authenticate)
-
-    def make(name, *worker_names):
-        token = secrets.token_urlsafe(24)
-        known[token] = Principal(
-            name, Role.WORKER, frozenset(worker_names) if worker_names else None)
-        return token
-
-    return make
+def credential(daemon, name, *worker_names):
+    """Make a worker credential of C{daemon} as C{dispatcher token create
+    NAME --role worker --worker-name ...} does, and give its bearer token:
+    the principal C{name}, which may act under C{worker_names} alone."""
+    return daemon.service.credentials.create(name, Role.WORKER, worker_names)
 
 
 @pytest.fixture
@@ -114,12 +91,12 @@ def forged(granted, counter=None, mac=None):
 # Worker names
 
 @pytest_twisted.ensureDeferred
-async def test_a_credential_acts_only_under_its_own_worker_names(make_pure, credentials):
+async def test_a_credential_acts_only_under_its_own_worker_names(make_pure):
     """A request for work, a heartbeat or a report under a worker name the
     credential may not use is a 403 naming worker.name, and the dispatcher
     neither hears of that worker nor changes a job."""
     daemon = await make_pure()
-    node_b = credentials("node-b-cred", "node-b")
+    node_b = credential(daemon, "node-b-cred", "node-b")
     job = await daemon.submit({"command": ["true"]})
     for path, body in [
         ("/v1/leases", {"worker": worker("node-a"), "wait": 0}),
@@ -141,14 +118,14 @@ async def test_a_credential_acts_only_under_its_own_worker_names(make_pure, cred
 
 
 @pytest_twisted.ensureDeferred
-async def test_no_credential_reports_for_another_workers_lease(make_pure, credentials):
+async def test_no_credential_reports_for_another_workers_lease(make_pure):
     """A credential that knows another worker's lease (its job and token)
     cannot end it: a result under that worker's name is a 403, and under
     its own name every write (heartbeat, result, release) is refused as
     stale (409); the job stays the holder's, which then reports it."""
     daemon = await make_pure()
-    node_a = credentials("node-a-cred", "node-a")
-    node_b = credentials("node-b-cred", "node-b")
+    node_a = credential(daemon, "node-a-cred", "node-a")
+    node_b = credential(daemon, "node-b-cred", "node-b")
     job = await daemon.submit({"command": ["sleep", "100"]})
     (granted,) = await lease_as(daemon, worker("node-a"), node_a)
     code, answer = await call(daemon, "/v1/leases/results",
@@ -183,13 +160,13 @@ async def lease_as(daemon, who, credential, max_jobs=None):
 
 
 @pytest_twisted.ensureDeferred
-async def test_only_the_holder_writes_its_jobs_log(make_pure, credentials):
+async def test_only_the_holder_writes_its_jobs_log(make_pure):
     """A log chunk for a lease is written only for a credential that may
     act as the lease's holder: another credential, even with the right
     token, gets a 409 and the log is as the holder wrote it."""
     daemon = await make_pure()
-    node_a = credentials("node-a-cred", "node-a")
-    node_b = credentials("node-b-cred", "node-b")
+    node_a = credential(daemon, "node-a-cred", "node-a")
+    node_b = credential(daemon, "node-b-cred", "node-b")
     job = await daemon.submit({"command": ["sleep", "100"]})
     (granted,) = await lease_as(daemon, worker("node-a"), node_a)
     code, answer = await append_log(daemon, granted, b"mine\n", node_a)
@@ -384,7 +361,7 @@ async def test_a_description_beyond_the_bounds_is_400_naming_the_field(make_pure
 
 @pytest_twisted.ensureDeferred
 async def test_worker_names_are_bounded_per_credential_and_in_all(
-        make_pure, credentials, logged):
+        make_pure, logged):
     """A credential may have [workers] max_names_per_credential worker names
     connected, and all together max_names: a new name beyond is a 429
     naming worker.name that changes nothing, while the names already
@@ -395,8 +372,8 @@ async def test_worker_names_are_bounded_per_credential_and_in_all(
     clock.advance(1000)
     daemon = await make_pure(
         "max_names_per_credential = 3\nmax_names = 5\n", clock=clock)
-    fleet = credentials("fleet")
-    other = credentials("other")
+    fleet = credential(daemon, "fleet", "a1", "a2", "a3", "a4")
+    other = credential(daemon, "other", "b1", "b2", "b3")
     for name in ("a1", "a2", "a3"):
         await contact(daemon, name, fleet)
     code, answer = await call(daemon, "/v1/leases", {"worker": worker("a4"), "wait": 0}, fleet)

@@ -34,17 +34,23 @@ from dispatcher.wire._types import (
     MAX_IDEMPOTENCY_KEY,
     MAX_LIST_LIMIT,
     Batch,
+    CredentialCreated,
+    CredentialList,
+    CredentialRequest,
+    CredentialView,
     Health,
+    Identity,
     JobPage,
     JobSubmission,
     QueueList,
     RetryRequest,
     WorkerList,
 )
+from dispatcher.model._jobs import format_time
 from dispatcher.model._jobs import InvalidTransition, JobState, PlainJobs, StoreClosed, UnknownJob
 from dispatcher.api._openapi import openapi_document
 from dispatcher.api._hosts import HostPolicy
-from dispatcher.api._routes import API, WORKERS, Route, Router
+from dispatcher.api._routes import Route, Router
 from dispatcher.config._ini import QueueConfig
 from dispatcher.store._stored import request_digest
 from dispatcher.store._results import (
@@ -65,7 +71,10 @@ from dispatcher.wire._submission import (
     parse_submission,
     plain_jobs,
 )
-from dispatcher.api._workers import WorkerEndpoints, check_token
+from dispatcher.api._workers import WorkerEndpoints
+from dispatcher.api._auth import Gate
+from dispatcher.model._principals import Principal, Role
+from dispatcher.store._credentials import CredentialError, CredentialFile
 
 log = Logger()
 
@@ -292,8 +301,10 @@ class DispatcherAPI(Resource):
     @param max_array: the most jobs one request may make.
     @param clock: the time C{delay} counts from.
     @param workers: the L{WorkerEndpoints}, or C{None} (no remote workers).
-    @param api_token: the bearer token every job endpoint requires, or
-        C{None} (open; allowed only on loopback).
+    @param credentials: the named credentials and the token files' (see
+        L{dispatcher.api._auth}); none at all when C{None}.
+    @param authentication_required: C{False} lets every caller in as an
+        admin (C{[api] authentication = off}, loopback only).
     @param max_body_bytes: C{[server] max_body_bytes}, for the document.
     @param allowed_hosts: C{[server] allowed_hosts} (see L{HostPolicy});
         the address the daemon listens on is added by L{listening_on}.
@@ -313,14 +324,14 @@ class DispatcherAPI(Resource):
         max_array: int = 10000,
         clock: Any = None,
         workers: Optional[WorkerEndpoints] = None,
-        api_token: Optional[str] = None,
+        credentials: Optional[CredentialFile] = None,
+        authentication_required: bool = True,
         max_body_bytes: Optional[int] = None,
         allowed_hosts: Optional[tuple[str, ...]] = None,
     ) -> None:
         Resource.__init__(self)
         self._hosts = HostPolicy(allowed_hosts)
         self._workers = workers
-        self._api_token = api_token
         self._dispatcher = dispatcher
         self._tasks = tasks
         self._queues = queues if queues is not None else {"default": QueueConfig("default")}
@@ -333,6 +344,15 @@ class DispatcherAPI(Resource):
         # that could not be written), logged at most once a minute.
         self._disk_trouble = Throttle(reactor)
         self._router = Router()
+        self._credentials = credentials
+        self._gate = Gate(
+            credentials if credentials is not None else CredentialFile(None),
+            self._hosts,
+            self._router,
+            reactor,
+            required=authentication_required,
+            own_uid=os.getuid(),
+        )
         self._openapi = encode(
             openapi_document(
                 max_array=max_array,
@@ -358,14 +378,32 @@ class DispatcherAPI(Resource):
         """
         self.stopping = True
 
-    def render(self, request: Any) -> Any:
+    def check_head(self, channel: Any, method: bytes, uri: bytes, headers: Any) -> Any:
+        """
+        The HTTP server's head check (L{HTTPFactory}'s C{head_check}): the
+        request's L{Principal}, or the L{ApiError} refusing it (a Host or
+        Origin not allowed, no valid credential, a role that may not).
+        """
         try:
-            # Before anything else, the unknown paths' 404 included: a page
-            # that rebinds a name to this host learns nothing.
-            self._hosts.check(request)
+            return self._gate.check(
+                method, uri.partition(b"?")[0], headers, channel.peer_uid(), channel.client
+            )
         except ApiError as e:
-            self._write_error(request, e)
-            return NOT_DONE_YET
+            return e
+
+    def render(self, request: Any) -> Any:
+        if request.principal is None:
+            # No head check ran (a server without one): the same checks,
+            # before anything else, the unknown paths' 404 included, so that
+            # a page that rebinds a name to this host learns nothing.
+            verdict = self.check_head(request.channel, request.method, request.uri,
+                                      request.requestHeaders)
+            if isinstance(verdict, ApiError):
+                for name, value in getattr(verdict, "headers", {}).items():
+                    request.setHeader(name, value)
+                self._write_error(request, verdict)
+                return NOT_DONE_YET
+            request.principal = verdict
         if self.stopping:
             request.persistent = False
             self._write_error(
@@ -383,7 +421,6 @@ class DispatcherAPI(Resource):
         method = request.method.decode("ascii", "replace").upper()
         try:
             route, allowed, args = self._route(segments, method)
-            self._authorize(request, route)
             if route.json_post and route.method == method:
                 _check_json(request)
         except ApiError as e:
@@ -432,23 +469,6 @@ class DispatcherAPI(Resource):
         route = routes.get(method) or next(iter(routes.values()))
         return route, sorted(routes), args
 
-    def _authorize(self, request: Any, route: Route) -> None:
-        """
-        Check the token the route needs: the workers' for worker
-        endpoints, the submitters' (when one is set) for the others but the
-        open ones.
-        """
-        if route.auth == WORKERS:
-            if self._workers is None:
-                raise ApiError(
-                    403,
-                    "workers_disabled",
-                    "this dispatcher takes no remote workers; set [workers] token_file",
-                )
-            self._workers.authorize(request)
-        elif route.auth == API and self._api_token is not None:
-            check_token(request, self._api_token, "API")
-
     # Writing answers
 
     def _write_answer(self, answer: Answer, request: Any) -> None:
@@ -461,6 +481,10 @@ class DispatcherAPI(Resource):
                 request.finish()
                 return
             _FileProducer(request, answer, self._reactor, self._io_pool).start()
+            return
+        if answer.status == 204:
+            request.setResponseCode(204)
+            request.finish()
             return
         # Encoded first: if it fails, nothing of this answer is set.
         body = answer.body if isinstance(answer.body, bytes) else encode(answer.body)
@@ -512,6 +536,71 @@ class DispatcherAPI(Resource):
         )
 
     # Handlers
+
+    async def who_am_i(self, request: Any) -> Answer:
+        principal = request.principal
+        names = principal.worker_names
+        return Answer(
+            200, Identity(principal.name, principal.role, None if names is None else sorted(names))
+        )
+
+    def _credential_file(self) -> CredentialFile:
+        if self._credentials is None:
+            raise ApiError(
+                409, "conflict", "this dispatcher keeps no credentials file", None
+            )
+        return self._credentials
+
+    async def list_credentials(self, request: Any) -> Answer:
+        credentials = await deferToThreadPool(
+            self._reactor, self._io_pool, self._credential_file().credentials
+        )
+        return Answer(200, CredentialList([_credential_view(c) for c in credentials]))
+
+    async def create_credential(self, request: Any) -> Answer:
+        body = decode(_json_body(request), CredentialRequest)
+        if body.worker_names is not None and body.role is not Role.WORKER:
+            raise ApiError(
+                400, "invalid_field",
+                "worker_names: only a worker credential lists worker names",
+                "worker_names",
+            )
+        credentials = self._credential_file()
+        try:
+            token = await deferToThreadPool(
+                self._reactor, self._io_pool, credentials.create,
+                body.name, body.role, body.worker_names,
+            )
+        except CredentialError as e:
+            if "exists" in str(e):
+                raise ApiError(409, "conflict", f"name: {e}", "name")
+            raise
+        made = credentials.named(body.name)
+        log.info(
+            "{principal} made the credential {name} ({role})",
+            principal=request.principal.name, name=body.name, role=body.role.value,
+        )
+        view = _credential_view(
+            next(c for c in credentials.credentials() if c.principal.name == body.name)
+        )
+        assert made is not None
+        return Answer(
+            201,
+            CredentialCreated(view.name, view.role, view.worker_names, view.created_at, token),
+            headers={"Location": f"/v1/credentials/{body.name}"},
+        )
+
+    async def revoke_credential(self, request: Any, name: str) -> Answer:
+        revoked = await deferToThreadPool(
+            self._reactor, self._io_pool, self._credential_file().revoke, name
+        )
+        if not revoked:
+            raise ApiError(404, "not_found", f"no credential named {name!r}", "name")
+        log.info(
+            "{principal} revoked the credential {name}",
+            principal=request.principal.name, name=name,
+        )
+        return Answer(204, b"")
 
     async def health(self, request: Any) -> Answer:
         return Answer(200, Health("ok"))
@@ -802,6 +891,17 @@ class DispatcherAPI(Resource):
                 self._reactor, self._io_pool, _file_size, path
             )
         return FileAnswer(path, offset, max(0, size - offset))
+
+
+def _credential_view(credential: Any) -> CredentialView:
+    principal = credential.principal
+    names = principal.worker_names
+    return CredentialView(
+        principal.name,
+        principal.role,
+        None if names is None else sorted(names),
+        format_time(credential.created),
+    )
 
 
 def _decimal(text: str) -> bool:

@@ -124,7 +124,12 @@ class HostPolicy:
         request without C{Host} (HTTP/1.0; HTTP/1.1 requires it) comes from
         no browser and passes.
         """
-        headers = request.requestHeaders
+        self.check_headers(request.requestHeaders)
+
+    def check_headers(self, headers: Any) -> None:
+        """
+        L{check} on a request's headers (lowercase names to values).
+        """
         host = headers.get(b"host")
         if host is not None and not self._any_host and not self._allows(host, self._any_ip):
             text = host.decode("ascii", "replace")

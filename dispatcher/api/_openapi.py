@@ -15,7 +15,8 @@ from typing import Any, Iterable, Optional
 
 import msgspec
 
-from dispatcher.api._routes import API, OCTETS, OPEN, ROUTES, SUBMITTED_JOBS, WORKERS, Route, types_of
+from dispatcher.api._routes import OCTETS, OPEN, ROUTES, SUBMITTED_JOBS, Route, types_of
+from dispatcher.model._principals import ALLOWED
 from dispatcher.wire._submission import SUBMISSION_RULES
 
 _REF = "#/components/schemas/{name}"
@@ -52,13 +53,11 @@ def _operation(route: Route) -> dict[str, Any]:
             answer["headers"] = copy.deepcopy(dict(response.headers))
         responses[str(status)] = answer
     operation["responses"] = responses
-    if route.auth == OPEN:
+    if route.auth is OPEN:
         operation["security"] = []
-    elif route.auth == WORKERS:
-        operation["security"] = [{"bearer": []}]
     else:
-        assert route.auth == API
-        operation["security"] = [{}, {"bearer": []}]
+        operation["security"] = [{"bearer": []}]
+        operation["x-roles"] = sorted(r.value for r in ALLOWED[route.auth])
     return operation
 
 
@@ -142,10 +141,10 @@ def openapi_document(
             "version": "1",
             "description": "Submit jobs, follow them, cancel them, read their logs; "
             "remote workers lease jobs under /v1/leases (docs/worker-protocol.md). "
-            "With [api] token_file set, every endpoint but /healthz, "
-            "/v1/openapi.json and /v1/leases needs 'Authorization: Bearer <token>' "
-            "with its token; /v1/leases endpoints always need the workers' token "
-            "([workers] token_file). Errors are {\"error\": {\"code\", \"message\", "
+            "Every endpoint but /healthz and /v1/openapi.json needs a credential: "
+            "'Authorization: Bearer <token>' (dispatcher token create), or, on a "
+            "UNIX socket, the caller's account. Each operation's x-roles lists the "
+            "roles that may call it (docs/security.md). Errors are {\"error\": {\"code\", \"message\", "
             "\"field\"}}; a 400 names the field at fault, as jobs[3].env.X.",
         },
         "paths": paths,
@@ -154,10 +153,14 @@ def openapi_document(
                 "bearer": {
                     "type": "http",
                     "scheme": "bearer",
-                    "description": "/v1/leases endpoints: the content of [workers] "
-                    "token_file. The others (but /healthz and /v1/openapi.json): "
-                    "the content of [api] token_file, when it is set.",
-                }
+                    "description": "A credential's token (dispatcher token create, "
+                    "POST /v1/credentials, DATA_DIR/admin.token), or the content of "
+                    "[api] token_file (an admin) or [workers] token_file (a worker). "
+                    "On a UNIX socket listener the caller's account stands for a "
+                    "token (SO_PEERCRED; OpenAPI has no scheme for it): root and the "
+                    "daemon's own account are admins, another account is the "
+                    "credential of its name.",
+                },
             },
             "schemas": schemas,
         },

@@ -12,6 +12,7 @@ from typing import Any, Mapping, Optional
 import attrs
 
 from dispatcher.model._jobs import JobState
+from dispatcher.model._principals import ALLOWED, Access
 from dispatcher.wire._types import (
     DEFAULT_LIST_LIMIT,
     MAX_IDEMPOTENCY_KEY,
@@ -20,10 +21,14 @@ from dispatcher.wire._types import (
     MAX_NESTING,
     LEASE_TOKEN,
     Batch,
+    CredentialCreated,
+    CredentialList,
+    CredentialRequest,
     Error,
     Health,
     HeartbeatAnswer,
     HeartbeatRequest,
+    Identity,
     JobPage,
     JobSubmission,
     JobSummary,
@@ -38,10 +43,13 @@ from dispatcher.wire._types import (
     WorkerList,
 )
 
-# Who may call a route.
-OPEN = "open"
-API = "api"
-WORKERS = "workers"
+# Who may call a route (the roles of each: dispatcher.model._principals).
+OPEN = Access.OPEN
+IDENTIFIED = Access.IDENTIFIED
+READ = Access.READ
+SUBMIT = Access.SUBMIT
+WORK = Access.WORK
+ADMINISTER = Access.ADMINISTER
 
 # A request body of raw bytes rather than JSON.
 OCTETS = "application/octet-stream"
@@ -89,7 +97,7 @@ class Route:
         """
         Whether it is a POST that must say C{Content-Type: application/json},
         with a body or without (all but the worker's log upload, of
-        L{OCTETS} under the workers' bearer token, which no form can send).
+        L{OCTETS} under a worker's bearer token, which no form can send).
         """
         return self.method == "POST" and self.request is not OCTETS
 
@@ -115,13 +123,10 @@ class Route:
             out.setdefault(
                 400, Response(f"A query parameter is wrong; it is named. {QUERY_RULES}")
             )
-        if self.auth == API:
-            out[401] = _unauthorized("[api] token_file is set and its token is missing or wrong.")
-        elif self.auth == WORKERS:
-            out[401] = _unauthorized("The workers' token ([workers] token_file) is missing or wrong.")
-            out[403] = _also(
-                out.get(403), "workers_disabled: this dispatcher has no [workers] token_file."
-            )
+        if self.auth is not OPEN:
+            out[401] = _unauthorized(UNAUTHORIZED)
+            roles = ", ".join(sorted(r.value for r in ALLOWED[self.auth]))
+            out[403] = _also(out.get(403), FORBIDDEN.format(roles=roles))
         out[400] = _also(out.get(400), INVALID_HOST)
         out[403] = _also(out.get(403), FORBIDDEN_ORIGIN)
         out.setdefault(503, Response(SHUTTING_DOWN))
@@ -141,6 +146,16 @@ INSUFFICIENT_STORAGE = (
     "insufficient_storage: the dispatcher's disk is full (or failed the write); "
     "nothing was stored. Try again once it has room."
 )
+
+# The refusals of every route that needs a credential (dispatcher.api._auth),
+# answered on the request's head, before its body is read.
+UNAUTHORIZED = (
+    "unauthorized: no credential came (Authorization: Bearer <token>, or a "
+    "UNIX socket's account), or one this dispatcher does not know (revoked, "
+    "mistyped). Without a valid credential every path but the open ones is "
+    "answered this, an unknown one too."
+)
+FORBIDDEN = "forbidden: the caller's role may not call this; it needs one of: {roles}."
 
 # The refusals of every route against DNS rebinding and cross-site
 # requests (dispatcher.api._hosts), and of every POST but the log upload.
@@ -252,7 +267,7 @@ ROUTES: tuple[Route, ...] = (
     ),
     Route(
         "POST", "/v1/jobs", "submitJob", "submit",
-        "Submit a job (or, with array, several); answered once durably stored.", API,
+        "Submit a job (or, with array, several); answered once durably stored.", SUBMIT,
         {
             200: Response(_REPLAY, _JOB_OR_JOBS),
             201: Response(
@@ -270,7 +285,7 @@ ROUTES: tuple[Route, ...] = (
     ),
     Route(
         "GET", "/v1/jobs", "listJobs", "list_jobs",
-        "List jobs in submission order, a page at a time.", API,
+        "List jobs in submission order, a page at a time.", READ,
         {200: Response("A page of jobs.", JobPage)},
         parameters=(
             {"name": "state", "in": "query", "schema": {"enum": [s.value for s in JobState]}},
@@ -298,7 +313,7 @@ ROUTES: tuple[Route, ...] = (
     ),
     Route(
         "POST", "/v1/jobs/batch", "submitBatch", "submit_batch",
-        "Submit several jobs, all or nothing.", API,
+        "Submit several jobs, all or nothing.", SUBMIT,
         {
             200: Response(_REPLAY, _ref("SubmittedJobs")),
             201: Response("The jobs.", _ref("SubmittedJobs")),
@@ -315,17 +330,17 @@ ROUTES: tuple[Route, ...] = (
     ),
     Route(
         "GET", "/v1/queues", "listQueues", "list_queues",
-        "Per queue: jobs by state, and running jobs against the limit.", API,
+        "Per queue: jobs by state, and running jobs against the limit.", READ,
         {200: Response("The queues.", QueueList)},
     ),
     Route(
-        "GET", "/v1/jobs/{id}", "getJob", "get_job", "One job.", API,
+        "GET", "/v1/jobs/{id}", "getJob", "get_job", "One job.", READ,
         {200: Response("The job.", JobView), 404: _NO_SUCH_JOB},
         parameters=(JOB_ID,),
     ),
     Route(
         "POST", "/v1/jobs/{id}/cancel", "cancelJob", "cancel",
-        "Cancel a job; a running process is killed with its process group.", API,
+        "Cancel a job; a running process is killed with its process group.", SUBMIT,
         {
             200: Response("Cancelled.", JobView),
             202: Response("Running: it is being stopped.", JobView),
@@ -338,7 +353,7 @@ ROUTES: tuple[Route, ...] = (
     Route(
         "POST", "/v1/jobs/{id}/retry", "retryJob", "retry",
         "Put a failed or cancelled job back in line with a fresh budget of "
-        "attempts; its attempts stay in its history.", API,
+        "attempts; its attempts stay in its history.", SUBMIT,
         {
             200: Response("The job, queued (or pending).", JobView),
             404: _NO_SUCH_JOB,
@@ -352,7 +367,7 @@ ROUTES: tuple[Route, ...] = (
     ),
     Route(
         "GET", "/v1/jobs/{id}/log", "readJobLog", "read_log",
-        "The output of the job's latest attempt; works while it runs.", API,
+        "The output of the job's latest attempt; works while it runs.", READ,
         {
             200: Response("The text so far.", {"type": "string"}, "text/plain"),
             404: _NO_SUCH_JOB,
@@ -369,13 +384,13 @@ ROUTES: tuple[Route, ...] = (
     ),
     Route(
         "GET", "/v1/workers", "listWorkers", "list_workers",
-        "The workers heard from within a lease's life, or waiting for work.", API,
+        "The workers heard from within a lease's life, or waiting for work.", READ,
         {200: Response("The workers.", WorkerList)},
     ),
     Route(
         "POST", "/v1/leases", "lease", "lease",
         "Ask for work (a long-poll): answered as soon as a job is leased, or with "
-        "no leases when the wait ends.", WORKERS,
+        "no leases when the wait ends.", WORK,
         {
             200: Response("The leases granted (maybe none).", LeaseAnswer),
             400: Response("A field is wrong; it is named (max_jobs: more than "
@@ -387,7 +402,7 @@ ROUTES: tuple[Route, ...] = (
     ),
     Route(
         "POST", "/v1/leases/heartbeat", "heartbeat", "heartbeat",
-        "Renew leases, and hear which ones ended (a cancel, an expiry).", WORKERS,
+        "Renew leases, and hear which ones ended (a cancel, an expiry).", WORK,
         {
             200: Response("One answer per lease.", HeartbeatAnswer),
             403: Response(WORKER_NAME_FORBIDDEN),
@@ -398,7 +413,7 @@ ROUTES: tuple[Route, ...] = (
     ),
     Route(
         "POST", "/v1/leases/results", "reportResults", "report_results",
-        "Report how attempts ended; answered once the accepted ones are stored.", WORKERS,
+        "Report how attempts ended; answered once the accepted ones are stored.", WORK,
         {
             200: Response("One answer per result.", ResultsAnswer),
             403: Response(WORKER_NAME_FORBIDDEN),
@@ -410,7 +425,7 @@ ROUTES: tuple[Route, ...] = (
     Route(
         "POST", "/v1/leases/log", "writeJobLog", "write_log",
         "Write a chunk of an attempt's log at an offset; a resent chunk is written over.",
-        WORKERS,
+        WORK,
         {
             200: Response("Written.", LogWritten),
             400: Response("A query parameter is wrong, or (offset_past_end) the offset "
@@ -431,6 +446,42 @@ ROUTES: tuple[Route, ...] = (
             {"name": "offset", "in": "query", "required": True,
              "description": "Where the chunk goes in the stream; at most its current size.",
              "schema": {"type": "integer", "minimum": 0}},
+        ),
+        writes=True,
+    ),
+    Route(
+        "GET", "/v1/me", "whoAmI", "who_am_i",
+        "Who the caller is to this dispatcher: its name (the owner of the jobs it "
+        "submits) and role.", IDENTIFIED,
+        {200: Response("The caller.", Identity)},
+    ),
+    Route(
+        "GET", "/v1/credentials", "listCredentials", "list_credentials",
+        "The named credentials (never their tokens).", ADMINISTER,
+        {200: Response("The credentials.", CredentialList)},
+    ),
+    Route(
+        "POST", "/v1/credentials", "createCredential", "create_credential",
+        "Make a credential; its token is in this answer alone.", ADMINISTER,
+        {
+            201: Response("The credential, with its token.", CredentialCreated),
+            409: Response("conflict: a credential of this name exists."),
+        },
+        request=CredentialRequest,
+        writes=True,
+    ),
+    Route(
+        "DELETE", "/v1/credentials/{name}", "revokeCredential", "revoke_credential",
+        "Revoke a credential: its token is refused from the next request on.",
+        ADMINISTER,
+        {
+            204: Response("Revoked.", None),
+            404: Response("No credential of this name (the token files' cannot be "
+                          "revoked here: remove the file from the configuration)."),
+        },
+        parameters=(
+            {"name": "name", "in": "path", "required": True, "schema": {"type": "string"},
+             "description": "The credential's name."},
         ),
         writes=True,
     ),

@@ -51,9 +51,10 @@ log = Logger()
 
 STREAMS = ("stdout", "stderr")
 
-# The principal of a request that the API's authentication did not name:
-# the shared [workers] token_file token, which may use any worker name.
-SHARED_WORKERS = Principal("workers", Role.WORKER)
+# The principal of a request no authentication named (a handler called
+# without the API's head check): as the [workers] token_file token's, any
+# worker name.
+SHARED_WORKERS = Principal("workers-token-file", Role.WORKER)
 
 _LEASE_TOKEN = re.compile(LEASE_TOKEN)
 

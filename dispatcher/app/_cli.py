@@ -17,12 +17,15 @@ from twisted.python import usage
 USAGE = """\
 Usage: dispatcher worker --url URL --token-file FILE --slots N [options]
        dispatcher store check|backup|restore|reset-mark [--data-dir DIR] ...
+       dispatcher token create|ls|revoke [--config FILE | --data-dir DIR] ...
 
 Commands:
   worker   Pull jobs from a dispatcher over HTTP and run them on this host.
            'dispatcher worker --help' lists its options.
   store    Check a store, back it up (while the dispatcher runs), restore a
            backup.  'dispatcher store --help' tells more.
+  token    Make, list and revoke the credentials callers send, while the
+           dispatcher runs.  'dispatcher token --help' tells more.
 
 The dispatcher itself runs with 'twistd -n dispatcher' (or 'twist dispatcher').
 """
@@ -39,6 +42,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     command, rest = args[0], args[1:]
     if command == "store":
         raise SystemExit(store_main(rest))
+    if command == "token":
+        raise SystemExit(token_main(rest))
     if command != "worker":
         sys.stderr.write(f"dispatcher: unknown command {command!r}\n\n{USAGE}")
         raise SystemExit(2)
@@ -176,6 +181,98 @@ def store_main(argv: Sequence[str]) -> int:
         sys.stderr.write(f"dispatcher store {options.command}: {e}\n")
         return 1
     sys.stdout.write(f"{report.summary()}\n")
+    return 0
+
+
+TOKEN_HELP = """\
+Make, list and revoke the credentials a dispatcher accepts (kept, hashed,
+in DIR/credentials.json), while it runs: a change counts from its next
+request on.
+
+  create NAME --role ROLE [--worker-name W ...]
+              Make a credential and print its token, alone on the last line
+              (shown this once; only its hash is kept).  Roles: admin
+              (everything), submitter (submit; see, cancel and retry its own
+              jobs), reader (see every job), worker (the worker protocol,
+              under its worker names: --worker-name, by default NAME).
+  ls          List the credentials: name, role, worker names, when made.
+  revoke NAME Revoke a credential: its token is refused from now on.
+"""
+
+
+def token_main(argv: Sequence[str]) -> int:
+    """
+    C{dispatcher token ...}: returns the exit status (0: done, 1: refused
+    or failed, 2: a usage error).
+    """
+    import argparse
+    import datetime
+
+    from dispatcher.store._credentials import CredentialError, CredentialFile, check_role
+
+    parser = argparse.ArgumentParser(
+        prog="dispatcher token",
+        description=TOKEN_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help)
+        where = sub.add_mutually_exclusive_group()
+        where.add_argument(
+            "--data-dir", "-d", help="the data directory (default: the ini file's, or ./var)"
+        )
+        where.add_argument("--config", "-c", help="the ini file naming the data directory")
+        return sub
+
+    create = command("create", "make a credential")
+    create.add_argument("name")
+    create.add_argument("--role", "-r", required=True,
+                        help="admin, submitter, reader or worker")
+    create.add_argument("--worker-name", "-w", action="append", dest="worker_names",
+                        help="a worker name it may act under (workers; repeat)")
+    command("ls", "list the credentials")
+    command("revoke", "revoke a credential").add_argument("name")
+    options = parser.parse_args(list(argv))
+    try:
+        data_dir = _data_dir(options.data_dir, options.config)
+    except Exception as e:
+        sys.stderr.write(f"dispatcher token {options.command}: {e}\n")
+        return 2
+    credentials = CredentialFile(data_dir)
+    try:
+        if options.command == "create":
+            role = check_role(options.role)
+            os.makedirs(data_dir, mode=0o700, exist_ok=True)
+            token = credentials.create(options.name, role, options.worker_names)
+            sys.stdout.write(
+                f"made the credential {options.name} ({role.value}); its token, "
+                "shown this once:\n"
+                f"{token}\n"
+            )
+        elif options.command == "ls":
+            for credential in credentials.credentials():
+                principal = credential.principal
+                made = datetime.datetime.fromtimestamp(
+                    credential.created, datetime.timezone.utc
+                ).strftime("%Y-%m-%dT%H:%M:%SZ")
+                names = principal.worker_names
+                sys.stdout.write(
+                    f"{principal.name}\t{principal.role.value}\t"
+                    f"{','.join(sorted(names)) if names is not None else '-'}\t{made}\n"
+                )
+        else:
+            if not credentials.revoke(options.name):
+                sys.stderr.write(
+                    f"dispatcher token revoke: no credential named {options.name!r} "
+                    f"in {credentials.path}\n"
+                )
+                return 1
+            sys.stdout.write(f"revoked the credential {options.name}\n")
+    except (CredentialError, OSError) as e:
+        sys.stderr.write(f"dispatcher token {options.command}: {e}\n")
+        return 1
     return 0
 
 

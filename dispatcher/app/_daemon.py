@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterator, Optional
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, maybeDeferred
+from twisted.internet.address import UNIXAddress
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.threads import deferToThreadPool
@@ -20,6 +21,8 @@ from twisted.logger import Logger
 
 from dispatcher.api._handlers import DispatcherAPI
 from dispatcher.app._exposure import OpenToTheNetwork, check_exposure
+from dispatcher.model._principals import Principal, Role
+from dispatcher.store._credentials import CredentialError, CredentialFile, make_admin_token
 from dispatcher.config._ini import Config
 from dispatcher.core._dispatcher import Dispatcher
 from dispatcher.execution._host import JobHost
@@ -75,8 +78,10 @@ class DaemonService(MultiService):
     Services added to it (C{setServiceParent}) start once the API listens
     and stop first.
 
-    It refuses to serve beyond loopback without both tokens (see
-    L{check_exposure}), on the address the port did bind; C{twistd}'s
+    Every caller needs a credential (L{dispatcher.api._auth}); on a first
+    start with none it makes an admin token in C{DATA_DIR/admin.token}.
+    With C{[api] authentication = off} it refuses to serve beyond loopback
+    (see L{check_exposure}), on the address the port did bind; C{twistd}'s
     options check the address the endpoint names before anything starts.
 
     @param reactor: the reactor; nothing else here imports one.
@@ -147,19 +152,26 @@ class DaemonService(MultiService):
             max_worker_names_per_credential=config.workers.max_names_per_credential,
             max_worker_names=config.workers.max_names,
         )
+        # Credentials: the data directory's named tokens, and the token
+        # files' (an admin, and a worker that may use any worker name).
+        fixed = []
+        if config.api.token is not None:
+            fixed.append((Principal("api-token-file", Role.ADMIN), config.api.token))
+        if config.workers.token is not None:
+            fixed.append((Principal("workers-token-file", Role.WORKER), config.workers.token))
+        self.credentials = CredentialFile(data_dir, fixed)
+        self._data_dir = data_dir
         # Keyed at start, before the API accepts a request.
         self.lease_tokens = LeaseTokens()
-        workers = None
-        if config.workers.token is not None:
-            workers = WorkerEndpoints(
-                self.dispatcher.hub,
-                config.workers.token,
-                executor.log_path,
-                reactor,
-                self.io_pool,
-                self.lease_tokens,
-                config.workers.max_jobs_per_poll,
-            )
+        workers = WorkerEndpoints(
+            self.dispatcher.hub,
+            config.workers.token,
+            executor.log_path,
+            reactor,
+            self.io_pool,
+            self.lease_tokens,
+            config.workers.max_jobs_per_poll,
+        )
         self.api = api = DispatcherAPI(
             self.dispatcher,
             config.tasks,
@@ -169,7 +181,8 @@ class DaemonService(MultiService):
             max_array=config.dispatcher.max_array,
             clock=clock,
             workers=workers,
-            api_token=config.api.token,
+            credentials=self.credentials,
+            authentication_required=config.api.authentication,
             max_body_bytes=config.server.max_body_bytes,
             allowed_hosts=config.server.allowed_hosts,
         )
@@ -186,6 +199,7 @@ class DaemonService(MultiService):
             # Answers straight to the socket: a measured win, at the price
             # of reading Twisted's private API (dispatcher.http._writethrough).
             write_through=True,
+            head_check=api.check_head,
         )
         self.port: Any = None
         self._lock_fd: Optional[int] = None
@@ -207,6 +221,7 @@ class DaemonService(MultiService):
                 self._reactor, self.io_pool, read_lease_key, self.config.dispatcher.data_dir
             )
         )
+        await deferToThreadPool(self._reactor, self.io_pool, self._first_credential)
         # The port is taken before the store opens and the last run's jobs
         # are taken up: a daemon that cannot serve (the port is taken, the
         # address is refused) must not start jobs it then has to stop.  It
@@ -234,6 +249,17 @@ class DaemonService(MultiService):
             self.port = None
             raise
         bound = self.port.getHost()
+        if self.config.server.socket_group is not None and isinstance(bound, UNIXAddress):
+            # The endpoint made it with its mode; the group it lets in.
+            try:
+                os.chown(bound.name, -1, self.config.server.socket_group)
+            except OSError as e:
+                await self.port.stopListening()
+                self.port = None
+                raise CannotStart(
+                    f"cannot give the socket {bound.name!r} the group "
+                    f"{self.config.server.socket_group} ([server] socket_group): {e.strerror}"
+                ) from e
         self.api.listening_on(getattr(bound, "host", None), getattr(bound, "port", None))
         self.dispatcher.executor.holder = holder
         self.host.start_spawner()
@@ -245,6 +271,38 @@ class DaemonService(MultiService):
             child.startService()
         log.info("dispatcher listening on {address}", address=_address(self.port))
         self.ready.callback(self.port)
+
+    def _first_credential(self) -> None:
+        """
+        On a start with no admin credential, make an admin token in
+        C{DATA_DIR/admin.token}: the API needs a credential from its first
+        request, loopback included.  Runs on the I/O pool.
+        """
+        if not self.config.api.authentication:
+            log.warn(
+                "[api] authentication = off: every caller that reaches the API "
+                "is an admin"
+            )
+            return
+        try:
+            made = make_admin_token(self._data_dir, self.credentials)
+            count = len(self.credentials.credentials())
+        except CredentialError as e:
+            raise CannotStart(str(e)) from e
+        if made is not None:
+            log.info(
+                "made an admin credential; its token is in {path} (mode 0600): "
+                "send it as 'Authorization: Bearer <token>', and make others with "
+                "'dispatcher token create'",
+                path=made,
+            )
+        else:
+            log.info(
+                "credentials required: {count} in {path}{files}",
+                count=count,
+                path=self.credentials.path,
+                files=" and token files" if self.config.api.token or self.config.workers.token else "",
+            )
 
     def _lock_data_dir(self) -> str:
         """

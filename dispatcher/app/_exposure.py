@@ -12,37 +12,30 @@ from typing import Any, Optional
 
 class OpenToTheNetwork(Exception):
     """
-    The API would listen beyond loopback without the tokens that make that
-    safe.
+    The API would listen beyond loopback with authentication off.
     """
 
 
 def check_exposure(host: Optional[str], config: Any) -> None:
     """
-    Refuse to serve on an address other machines reach unless both tokens
-    are set: open, this API runs any command for anyone.
+    Refuse to serve on an address other machines reach with C{[api]
+    authentication = off}: so, this API runs any command for anyone.
 
     @param host: the address listened on (C{""}: every interface), or
         L{None} when not known.
-    @param config: the L{dispatcher.config.Config} whose tokens count.
+    @param config: the L{dispatcher.config.Config}.
     @raise OpenToTheNetwork: C{host} is neither unknown nor loopback, and
-        a token is missing.
+        authentication is off.
     """
-    if host is None or _is_loopback(host):
+    if host is None or _is_loopback(host) or config.api.authentication:
         return
-    missing = []
-    if config.api.token is None:
-        missing.append("[api] token_file")
-    if config.workers.token is None:
-        missing.append("[workers] token_file")
-    if missing:
-        where = host or "every interface"
-        raise OpenToTheNetwork(
-            f"the API would listen on {where}, which other machines can reach, "
-            "and it runs commands for whoever calls it: set "
-            f"{' and '.join(missing)} (see etc/dispatcher.ini), or listen on "
-            "127.0.0.1"
-        )
+    where = host or "every interface"
+    raise OpenToTheNetwork(
+        f"the API would listen on {where}, which other machines can reach, "
+        "with [api] authentication = off: it would run commands for whoever "
+        "calls it; set authentication = required (the default), or listen on "
+        "127.0.0.1"
+    )
 
 
 def planned_interface(description: str) -> Optional[str]:

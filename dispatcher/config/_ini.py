@@ -32,12 +32,19 @@ _BACKLOG_TYPES = ("tcp", "tcp6", "unix", "ssl")
 _BACKLOG_ARGUMENT = re.compile(r"(?<!\\):backlog=")
 
 
+_MODE_ARGUMENT = re.compile(r"(?<!\\):mode=")
+
+
 def with_default_backlog(description: str) -> str:
     """
     A server endpoint description with C{backlog=}L{DEFAULT_BACKLOG} added
-    when it is of a type that takes a backlog and gives none.
+    when it is of a type that takes a backlog and gives none, and, for a
+    UNIX socket, C{mode=600} when it gives no mode: Twisted's default,
+    0666, lets every local account connect.
     """
     kind = description.split(":", 1)[0].strip().lower()
+    if kind == "unix" and not _MODE_ARGUMENT.search(description):
+        description = f"{description}:mode=600"
     if kind not in _BACKLOG_TYPES or _BACKLOG_ARGUMENT.search(description):
         return description
     return f"{description}:backlog={DEFAULT_BACKLOG}"
@@ -55,6 +62,9 @@ class ServerConfig:
     listen: str = attrs.field(
         default="tcp:8080:interface=127.0.0.1", converter=with_default_backlog
     )
+    # The group a UNIX socket listener is given (its mode, from the
+    # endpoint's mode=, then lets that group connect), as a gid.
+    socket_group: Optional[int] = None
     max_body_bytes: int = 1048576
     access_log: bool = True
     idle_timeout: float = 60.0
@@ -134,12 +144,15 @@ class WorkersConfig:
 @attrs.frozen
 class ApiConfig:
     """
-    C{[api]}: who may submit.  With a token file every job endpoint needs
-    its bearer token.
+    C{[api]}: who may call.  Credentials are named tokens in the data
+    directory (C{dispatcher token}); a token file adds one admin token.
+    C{authentication = off} lets every caller in, as an admin (loopback
+    only).
     """
 
     token_file: Optional[str] = None
     token: Optional[str] = attrs.field(default=None, repr=False)
+    authentication: bool = True
 
 
 @attrs.frozen
@@ -250,6 +263,29 @@ def _endpoint(text: str) -> str:
     return text.strip()
 
 
+def _group(text: str) -> Optional[int]:
+    import grp
+
+    name = text.strip()
+    if not name:
+        return None
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        if name.isdigit():
+            return int(name)
+        raise ValueError("expected the name (or number) of a group of this host")
+
+
+def _authentication(text: str) -> bool:
+    value = text.strip().lower()
+    if value == "required":
+        return True
+    if value == "off":
+        return False
+    raise ValueError("expected required or off")
+
+
 def _token_file(text: str) -> Optional[str]:
     # Empty: no token file (the endpoints it guards stay as they are).
     return text.strip() or None
@@ -323,6 +359,7 @@ _SECTIONS: Mapping[str, tuple[type, Mapping[str, Callable[[str], Any]]]] = {
             "head_timeout": _seconds(0, above=True),
             "body_timeout": _seconds(0, above=True),
             "allowed_hosts": host_list,
+            "socket_group": _group,
         },
     ),
     "dispatcher": (
@@ -361,7 +398,7 @@ _SECTIONS: Mapping[str, tuple[type, Mapping[str, Callable[[str], Any]]]] = {
             "max_names": _integer(1),
         },
     ),
-    "api": (ApiConfig, {"token_file": _token_file}),
+    "api": (ApiConfig, {"token_file": _token_file, "authentication": _authentication}),
 }
 
 _QUEUE_KEYS: Mapping[str, Callable[[str], Any]] = {

@@ -44,6 +44,8 @@ C{idle_timeout} seconds.
 from __future__ import annotations
 
 import io
+import socket
+import struct
 import sys
 import time
 from collections import deque
@@ -74,6 +76,7 @@ from zope.interface import implementer
 
 from dispatcher.http import _writethrough
 from dispatcher.wire._json import encode
+from dispatcher.wire._submission import ApiError
 
 log = Logger()
 
@@ -173,13 +176,36 @@ class _Clock:
 class BadRequest(Exception):
     """
     A request this server refuses before the API sees it.
+
+    @ivar body: the answer's JSON body, when not the plain error of
+        C{code} and C{message} (a head check's L{ApiError}, with its field).
+    @ivar headers: header lines the answer carries besides its framing.
     """
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(
+        self, status: int, code: str, message: str, body: Optional[bytes] = None,
+        headers: bytes = b"",
+    ) -> None:
         Exception.__init__(self, message)
         self.status = status
         self.code = code
         self.message = message
+        self.body = body
+        self.headers = headers
+
+
+def _refusal_of(error: ApiError) -> BadRequest:
+    """
+    The L{BadRequest} answering a head check's refusal.
+    """
+    extra = getattr(error, "headers", {})
+    return BadRequest(
+        error.status,
+        error.code,
+        error.message,
+        encode(error.to_json()),
+        b"".join(_canonical(name) + b": " + value + b"\r\n" for name, value in extra.items()),
+    )
 
 
 def _error_body(code: str, message: str) -> bytes:
@@ -205,6 +231,8 @@ class Request:
     _args: Optional[dict] = None
     _finish_waiters: Optional[list] = None
     _lost_callbacks: Optional[list] = None
+    # What the factory's head check said of the request: the API's caller.
+    principal: Any = None
 
     def __init__(
         self,
@@ -459,6 +487,7 @@ class HTTPChannel(Protocol):
         self._new_message()
 
     def _new_message(self) -> None:
+        self._verdict = None
         self._url = b""
         self._headers: dict[bytes, bytes] = {}
         self._header_count = 0
@@ -479,6 +508,35 @@ class HTTPChannel(Protocol):
         step = factory._shortest_timeout
         if step is not None:
             self._timer = factory.reactor.callLater(step, self._check_time)
+
+    _peer_uid: Any = False
+
+    def peer_uid(self) -> Optional[int]:
+        """
+        The account of the process at the other end of a UNIX socket, as
+        the kernel tells it (C{SO_PEERCRED}, taken when it connected), or
+        C{None} on any other transport.
+        """
+        if self._peer_uid is False:
+            uid = None
+            try:
+                handle = self.transport.getHandle()
+                if handle.family == socket.AF_UNIX:
+                    raw = handle.getsockopt(
+                        socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")
+                    )
+                    uid = struct.unpack("3i", raw)[1]
+            except (AttributeError, OSError):
+                uid = None
+            self._peer_uid = uid
+        return self._peer_uid
+
+    @property
+    def client(self) -> str:
+        """
+        The client's address, as the access log shows it.
+        """
+        return self._client
 
     # Time
 
@@ -773,6 +831,15 @@ class HTTPChannel(Protocol):
             self._refuse_in_callback(_bad(
                 "a request that asks to switch protocols may not have a body"
             ))
+        check = self.factory.head_check
+        if check is not None:
+            # Before the body is read and a 100 Continue invites one: a
+            # caller without a credential sends nothing more (the
+            # refusal closes the connection).
+            verdict = check(self, parser.get_method(), self._url, headers)
+            if isinstance(verdict, ApiError):
+                self._refuse_in_callback(_refusal_of(verdict))
+            self._verdict = verdict
         if expected and version == "1.1" and (
             headers.get(b"expect", b"").lower() == b"100-continue"
         ):
@@ -832,6 +899,7 @@ class HTTPChannel(Protocol):
         )
         if not self._keep_alive:
             request.persistent = False
+        request.principal = self._verdict
         # The body is whole: no 100 Continue is owed for it any more.
         self._continue_due = False
         self._ready.append(request)
@@ -931,10 +999,11 @@ class HTTPChannel(Protocol):
             self._ready.append(refusal)
 
     def _refuse(self, e: BadRequest) -> None:
-        body = _error_body(e.code, e.message)
+        body = e.body if e.body is not None else _error_body(e.code, e.message)
         version = b"HTTP/1.0" if self._version == b"HTTP/1.0" else b"HTTP/1.1"
         self.transport.write(
             _status_line(version, e.status)
+            + e.headers
             + b"Content-Type: application/json\r\nContent-Length: %d\r\n"
             b"Connection: close\r\n\r\n" % len(body)
             + body
@@ -989,6 +1058,11 @@ class HTTPFactory(Factory):
         nothing is queued (L{dispatcher.http._writethrough}, which reads
         Twisted's private API); C{False} writes through C{transport.write}
         only.
+    @param head_check: called with the channel, the method, the target and
+        the headers of each request once its head is read, before its body
+        is (and before a C{100 Continue}): an L{ApiError} it returns is
+        answered at once and the connection closed; anything else becomes
+        the request's C{principal}.
     """
 
     protocol = HTTPChannel
@@ -1012,8 +1086,10 @@ class HTTPFactory(Factory):
         head_timeout: Optional[float] = 30.0,
         body_timeout: Optional[float] = 60.0,
         write_through: bool = False,
+        head_check: Optional[Callable[["HTTPChannel", bytes, bytes, dict], Any]] = None,
     ) -> None:
         self.handler = handler
+        self.head_check = head_check
         self.max_body_bytes = max_body_bytes
         self.reactor = reactor
         self.idle_timeout = idle_timeout

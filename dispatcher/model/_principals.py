@@ -39,6 +39,8 @@ class Access(str, enum.Enum):
 
     # Anyone: the health check and the API's document.
     OPEN = "open"
+    # Any principal: who am I.
+    IDENTIFIED = "identified"
     # Read jobs, queues and workers: a submitter reads its own jobs only.
     READ = "read"
     # Submit, cancel and retry.
@@ -52,6 +54,7 @@ class Access(str, enum.Enum):
 # The roles each access allows.
 ALLOWED: dict[Access, frozenset[Role]] = {
     Access.OPEN: frozenset(Role),
+    Access.IDENTIFIED: frozenset(Role),
     Access.READ: frozenset({Role.ADMIN, Role.READER, Role.SUBMITTER}),
     Access.SUBMIT: frozenset({Role.ADMIN, Role.SUBMITTER}),
     Access.WORK: frozenset({Role.ADMIN, Role.WORKER}),
@@ -61,7 +64,10 @@ ALLOWED: dict[Access, frozenset[Role]] = {
 # A principal's name: what a job's owner and a credential are called.
 # Local account names (SO_PEERCRED) fit it too.
 MAX_PRINCIPAL_NAME = 64
-PRINCIPAL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.@-]{0,63}\Z")
+PRINCIPAL_NAME_PATTERN = "^[A-Za-z0-9_][A-Za-z0-9_.@-]{0,63}$"
+_PRINCIPAL_NAME = re.compile(PRINCIPAL_NAME_PATTERN)
+# The most worker names one worker credential may list.
+MAX_WORKER_NAMES = 256
 PRINCIPAL_NAME_RULE = (
     f"1 to {MAX_PRINCIPAL_NAME} characters: letters, digits, _ . @ -, "
     "not starting with . @ or -"
@@ -72,7 +78,7 @@ def valid_name(name: str) -> bool:
     """
     Whether C{name} may name a principal.
     """
-    return PRINCIPAL_NAME.match(name) is not None
+    return _PRINCIPAL_NAME.fullmatch(name) is not None
 
 
 @attrs.frozen

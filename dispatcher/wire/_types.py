@@ -34,6 +34,13 @@ import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType
 
 from dispatcher.model._jobs import NO_RESOURCES, JobSpec, JobState
+from dispatcher.model._principals import (
+    MAX_PRINCIPAL_NAME,
+    MAX_WORKER_NAMES,
+    PRINCIPAL_NAME_PATTERN,
+    PRINCIPAL_NAME_RULE,
+    Role,
+)
 
 # Limits.
 MAX_CPUS = 1_000_000
@@ -759,3 +766,75 @@ class WorkerList(_Out):
     lease_seconds: float
     heartbeat_seconds: float
 
+
+
+# Credentials (docs/security.md)
+
+PrincipalName = Annotated[
+    str,
+    Meta(
+        pattern=PRINCIPAL_NAME_PATTERN,
+        min_length=1,
+        max_length=MAX_PRINCIPAL_NAME,
+        description=f"A credential's name, and the owner of the jobs it submits: {PRINCIPAL_NAME_RULE}.",
+    ),
+]
+
+
+class CredentialRequest(_In):
+    """
+    A credential to make.
+    """
+
+    name: PrincipalName
+    role: Role
+    worker_names: Optional[
+        Annotated[
+            list[PrincipalName],
+            Meta(
+                min_length=1,
+                max_length=MAX_WORKER_NAMES,
+                description="For a worker credential: the worker names it may act "
+                "under (by default its own name alone).",
+            ),
+        ]
+    ] = None
+
+
+class CredentialView(_Out):
+    """
+    A credential as kept: never its token.
+    """
+
+    name: str
+    role: Role
+    worker_names: Optional[list[str]]
+    created_at: Time
+
+
+class CredentialCreated(CredentialView):
+    """
+    A credential just made, with its token: shown this once, and kept
+    nowhere but as a hash.
+    """
+
+    token: str
+
+
+class CredentialList(_Out):
+    """
+    The credentials of the credentials file, in the order they were made
+    (the token files' are not listed).
+    """
+
+    credentials: list[CredentialView]
+
+
+class Identity(_Out):
+    """
+    Who the caller is to this dispatcher.
+    """
+
+    name: str
+    role: Role
+    worker_names: Optional[list[str]]
