@@ -33,16 +33,22 @@ def free_port():
         return s.getsockname()[1]
 
 
-def post(url, body, key):
+def post(url, body, key, token):
     request = urllib.request.Request(
         url, data=json.dumps(body).encode(), method="POST",
-        headers={"Content-Type": "application/json", "Idempotency-Key": key})
-    with urllib.request.urlopen(request, timeout=10) as response:
-        return response.status, json.loads(response.read())
+        headers={"Content-Type": "application/json", "Idempotency-Key": key,
+                 "Authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        # An answer, not a lost connection: the test fails on it.
+        return e.code, json.loads(e.read() or b"null")
 
 
-def get(url):
-    with urllib.request.urlopen(url, timeout=30) as response:
+def get(url, token):
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(request, timeout=30) as response:
         return json.loads(response.read())
 
 
@@ -55,6 +61,7 @@ def test_acknowledged_jobs_survive_kill_and_restart(tmp_path):
     daemon = Twistd(str(tmp_path), "[executor]\nslots = 8\nkill_grace = 1\n",
                     listen=f"tcp:{port}:interface=127.0.0.1")
     daemon.start()
+    token = daemon.token
     url = f"http://127.0.0.1:{port}"
     acknowledged = {}
     lock = threading.Lock()
@@ -69,7 +76,7 @@ def test_acknowledged_jobs_survive_kill_and_restart(tmp_path):
                 try:
                     # The key makes a retried submission safe: an answer lost
                     # in a crash never makes a second job.
-                    status, job = post(url + "/v1/jobs", body, f"job-{i}")
+                    status, job = post(url + "/v1/jobs", body, f"job-{i}", token)
                 except (urllib.error.URLError, ConnectionError, OSError):
                     time.sleep(0.02)
                     continue
@@ -97,7 +104,7 @@ def test_acknowledged_jobs_survive_kill_and_restart(tmp_path):
         while True:
             seen, states, cursor = set(), {}, ""
             while True:
-                page = get(f"{url}/v1/jobs?limit=1000{cursor}")
+                page = get(f"{url}/v1/jobs?limit=1000{cursor}", token)
                 for job in page["jobs"]:
                     seen.add(job["id"])
                     states[job["id"]] = job

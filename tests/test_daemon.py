@@ -153,10 +153,13 @@ async def test_twistd_freezes_the_heap_only_when_configured(tmp_path, unfrozen):
 ])
 def test_twistd_refuses_to_listen_beyond_loopback_before_starting(
         tmp_path, listen, refused):
-    """twistd's options refuse an endpoint that other machines reach while a
-    token is missing, naming where it was set, the address and the keys to
-    set, before any part of the daemon starts."""
-    ini = f"[server]\nlisten = {listen}\n"
+    """twistd's options refuse an endpoint that other machines reach while
+    authentication is off, naming where it was set, the address and the key
+    to change, before any part of the daemon starts; with authentication
+    required (the default) every address is taken."""
+    assert isinstance(_tap_service(tmp_path, f"[server]\nlisten = {listen}\n", listen=None),
+                      DaemonService)
+    ini = f"[server]\nlisten = {listen}\n[api]\nauthentication = off\n"
     if refused is None:
         assert isinstance(_tap_service(tmp_path, ini, listen=None), DaemonService)
         return
@@ -167,9 +170,9 @@ def test_twistd_refuses_to_listen_beyond_loopback_before_starting(
     given = repr(listen)[:-1]
     assert message.startswith(f"{tmp_path / 't.ini'}: [server] listen = {given}")
     assert f"would listen on {refused}," in message
-    assert "[api] token_file and [workers] token_file" in message
+    assert "authentication = off" in message
     with pytest.raises(usage.UsageError) as e:
-        _tap_service(tmp_path, listen=listen)
+        _tap_service(tmp_path, "[api]\nauthentication = off\n", listen=listen)
     assert str(e.value).startswith(f"--listen = {given}")
     assert not (tmp_path / "d").exists()
 

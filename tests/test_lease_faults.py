@@ -171,7 +171,8 @@ def lossy_proxy(tmp_path, token_file):
 
 
 async def job_view(client, daemon, job_id):
-    response = await client.get(f"{daemon.url}/v1/jobs/{job_id}")
+    response = await client.get(f"{daemon.url}/v1/jobs/{job_id}",
+                                headers={"Authorization": [f"Bearer {daemon.token}"]})
     assert response.code == 200
     return json.loads(await response.content())
 
@@ -188,7 +189,8 @@ async def test_a_lease_answer_lost_on_the_way_costs_no_attempt(
     daemon, url, swallowed = lossy_proxy
     worker = start_worker(url, "p1", 1)
     response = await client.post(
-        f"{daemon.url}/v1/jobs", json={"command": ["true"], "max_attempts": 1})
+        f"{daemon.url}/v1/jobs", json={"command": ["true"], "max_attempts": 1},
+        headers={"Authorization": [f"Bearer {daemon.token}"]})
     assert response.code == 201
     job = json.loads(await response.content())
     submitted = time.monotonic()

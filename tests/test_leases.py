@@ -127,13 +127,19 @@ def result(granted, state="succeeded", exit_code=0, **kw):
 
 @pytest_twisted.ensureDeferred
 async def test_worker_endpoints_need_the_token(make_daemon, make_pure, tmp_path):
-    closed = await make_daemon("[executor]\nslots = 0\n", data_dir=tmp_path / "closed")
-    code, answer = await documented_call(closed, "/v1/leases", {"worker": worker("a")})
-    assert code == 403 and answer["error"]["code"] == "workers_disabled"
+    """Without a worker credential a lease is refused: 401 with none or a
+    wrong one, 403 for a caller of another role (a reader); the workers'
+    token is a worker's."""
     daemon = await make_pure()
     for token in ("wrong-token-0123456789", ""):
         code, answer = await call(daemon, "/v1/leases", {"worker": worker("a")}, token)
         assert code == 401 and answer["error"]["field"] == "Authorization"
+    admin = await make_daemon("[executor]\nslots = 0\n", data_dir=tmp_path / "other")
+    code, made = await admin.json("POST", "/v1/credentials", {"name": "r", "role": "reader"})
+    assert code == 201
+    code, answer = await documented_call(admin, "/v1/leases", {"worker": worker("a")},
+                                         made["token"])
+    assert code == 403 and answer["error"]["code"] == "forbidden"
     code, answer = await call(daemon, "/v1/leases", {"worker": worker("a"), "wait": 0})
     assert code == 200 and answer["leases"] == []
     assert answer["lease_seconds"] == 30 and answer["heartbeat_seconds"] == 10
@@ -445,13 +451,12 @@ def test_a_token_file_that_cannot_serve_is_a_config_error(tmp_path):
 
 
 @pytest_twisted.ensureDeferred
-async def test_listening_beyond_loopback_needs_both_tokens(tmp_path, token_file):
-    api = tmp_path / "api.token"
-    api.write_text(API_TOKEN)
+async def test_listening_beyond_loopback_needs_authentication(tmp_path):
+    """On every interface the daemon starts with authentication required
+    (the default) and refuses to with [api] authentication = off."""
     for ini, refused in [
-        ("", True),
-        (f"[workers]\ntoken_file = {token_file}\n", True),
-        (f"[workers]\ntoken_file = {token_file}\n[api]\ntoken_file = {api}\n", False),
+        ("[api]\nauthentication = off\n", True),
+        ("", False),
     ]:
         config = parse_config(TEST_TASKS + "[executor]\nslots = 0\n" + ini, "t.ini")
         config = attrs.evolve(
@@ -466,7 +471,7 @@ async def test_listening_beyond_loopback_needs_both_tokens(tmp_path, token_file)
             with pytest.raises(Exception) as e:
                 await service.ready
             assert "which other machines can reach" in str(e.value)
-            assert "[api] token_file" in str(e.value)
+            assert "authentication = off" in str(e.value)
             assert service.port is None
         else:
             port = await service.ready

@@ -87,7 +87,9 @@ def get(daemon, job_id):
 
 def log_of(daemon, job_id):
     """The latest attempt's stdout, as text (the log endpoint is not JSON)."""
-    with urllib.request.urlopen(f"{daemon.url}/v1/jobs/{job_id}/log", timeout=10) as r:
+    request = urllib.request.Request(f"{daemon.url}/v1/jobs/{job_id}/log",
+                                     headers={"Authorization": f"Bearer {daemon.token}"})
+    with urllib.request.urlopen(request, timeout=10) as r:
         return r.read().decode()
 
 

@@ -16,12 +16,14 @@ import pytest
 from .test_twistd import twistd  # noqa: F401 (a fixture)
 
 
-def ask(url, method="GET", body=None):
+def ask(url, method="GET", body=None, token=None):
     """One request on a fresh connection: its status, its JSON body and its
     Connection header."""
     data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(
-        url, data=data, method=method, headers={"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    req = urllib.request.Request(url, data=data, method=method, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=10) as response:
             return response.status, json.loads(response.read()), response.headers["Connection"]
@@ -54,7 +56,7 @@ def test_sigterm_answers_503_during_the_grace_period(twistd, tmp_path):  # noqa:
         ("GET", f"/v1/jobs/{job['id']}", None),
         ("GET", "/healthz", None),
     ]:
-        code, answer, connection = ask(daemon.url + path, method, body)
+        code, answer, connection = ask(daemon.url + path, method, body, daemon.token)
         assert code == 503, (path, answer)
         assert answer["error"]["code"] == "shutting_down"
         assert connection == "close"

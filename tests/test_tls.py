@@ -82,11 +82,12 @@ class TLSDispatcher:
         self.url = f"https://localhost:{self.port}"
 
     def curl(self, *args):
-        """curl against the dispatcher, trusting its certificate: the
-        completed process."""
+        """curl against the dispatcher, trusting its certificate, with the
+        admin token: the completed process."""
         return subprocess.run(
             [CURL, "-sS", "--resolve", f"localhost:{self.port}:127.0.0.1",
-             "--cacert", self.cert, "--max-time", "10", *args],
+             "--cacert", self.cert, "--max-time", "10",
+             "-H", f"Authorization: Bearer {self.daemon.token}", *args],
             capture_output=True, text=True, timeout=20)
 
     def request(self, method, path, body=None):

@@ -150,7 +150,7 @@ def twistd(tmp_path):
 @pytest.mark.parametrize("ini, message", [
     ("[executor]\nslots = lots\n",
      "[executor] slots = 'lots': expected an integer of at least 0"),
-    ("[server]\nlisten = tcp:0\n",
+    ("[server]\nlisten = tcp:0\n[api]\nauthentication = off\n",
      "[server] listen = 'tcp:0:backlog=4096': the API would listen on every interface"),
     ("[server]\nlisten = tcp:http\n",
      "[server] listen = 'tcp:http:backlog=4096': not a Twisted endpoint"),

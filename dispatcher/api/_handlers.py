@@ -644,7 +644,9 @@ class DispatcherAPI(Resource):
 
         def answer(submitted: Submitted | SubmittedIds) -> Answer:
             if isinstance(submitted, SubmittedIds):
+                _audit_submit(request, submitted.ids, False)
                 return Answer(201, _queued_summaries(submitted.ids))
+            _audit_submit(request, [job.id for job in submitted.jobs], submitted.replayed)
             status = 200 if submitted.replayed else 201
             if single:
                 (job,) = submitted.jobs
@@ -768,6 +770,8 @@ class DispatcherAPI(Resource):
             )
         except DependencyNotRetried as e:
             raise ApiError(409, "conflict", str(e), "id")
+        log.info("{principal} retried {job_id}", principal=request.principal.name,
+                 job_id=job_id)
         return Answer(200, job_view(job))
 
     async def list_workers(self, request: Any) -> Answer:
@@ -868,6 +872,8 @@ class DispatcherAPI(Resource):
             self._dispatcher.cancel(job_id),
             "already {state}; only a job that has not finished can be cancelled",
         )
+        log.info("{principal} cancelled {job_id}", principal=request.principal.name,
+                 job_id=job_id)
         return Answer(200 if done else 202, job_view(job))
 
     async def read_log(self, request: Any, job_id: str) -> Answer:
@@ -891,6 +897,23 @@ class DispatcherAPI(Resource):
                 self._reactor, self._io_pool, _file_size, path
             )
         return FileAnswer(path, offset, max(0, size - offset))
+
+
+def _audit_submit(request: Any, ids: list[str], replayed: bool) -> None:
+    """
+    One info line per submission, naming its principal and its jobs (the
+    first and how many, for a batch or an array).
+    """
+    if not ids:
+        return
+    log.info(
+        "{principal} submitted {what}{replay}",
+        principal=request.principal.name,
+        what=ids[0] if len(ids) == 1 else f"{len(ids)} jobs ({ids[0]}...{ids[-1]})",
+        replay=" (a replay: nothing new)" if replayed else "",
+        job_ids=ids if len(ids) == 1 else None,
+        count=len(ids),
+    )
 
 
 def _credential_view(credential: Any) -> CredentialView:
