@@ -7,8 +7,12 @@ hold (leases in one poll, worker names, the size of a description) is
 bounded.
 """
 
+import json
 import os
 import stat
+import subprocess
+import urllib.error
+import urllib.request
 
 import pytest
 import pytest_twisted
@@ -36,7 +40,9 @@ from bench import name_flood
 from .conftest import run_clock
 from .test_hub import FakeRecorder, FakeScheduler
 from .test_leases import TOKEN, call, lease, make_pure, result, worker  # noqa: F401
-from .test_twistd import Twistd
+from .test_remote import get, log_of, poll, submit
+from .test_twistd import BIN, ROOT, Twistd
+from .test_worker import WorkerProcess, wait_for, workers  # noqa: F401 (a fixture)
 
 LOG = "/v1/leases/log"
 OCTETS = {"Content-Type": ["application/octet-stream"]}
@@ -376,23 +382,26 @@ async def test_worker_names_are_bounded_per_credential_and_in_all(
     other = credential(daemon, "other", "b1", "b2", "b3")
     for name in ("a1", "a2", "a3"):
         await contact(daemon, name, fleet)
-    code, answer = await call(daemon, "/v1/leases", {"worker": worker("a4"), "wait": 0}, fleet)
+    # (Heartbeats: a request for work would wait on the test's clock.  The
+    # flood below is refused its requests for work.)
+    code, answer = await call(daemon, "/v1/leases/heartbeat",
+                              {"worker": worker("a4"), "leases": []}, fleet)
     assert code == 429, answer
     assert answer["error"] == {
         "code": "too_many_worker_names", "field": "worker.name",
         "message": "worker.name: 'a4' is refused: credential fleet already has 3 worker "
         "names connected ([workers] max_names_per_credential); reuse a name, or wait "
         "until a worker gone silent is forgotten (a lease's life after its last contact)"}
-    for path, body in [("/v1/leases/heartbeat", {"worker": worker("a4"), "leases": []}),
-                       ("/v1/leases/results", {"worker": worker("a4"), "results": []})]:
-        code, answer = await call(daemon, path, body, fleet)
-        assert code == 429, answer
+    code, answer = await call(daemon, "/v1/leases/results",
+                              {"worker": worker("a4"), "results": []}, fleet)
+    assert code == 429, answer
     hub = daemon.service.dispatcher.hub
     assert sorted(hub.workers) == ["a1", "a2", "a3"]
     await contact(daemon, "a1", fleet)
     await contact(daemon, "b1", other)
     await contact(daemon, "b2", other)
-    code, answer = await call(daemon, "/v1/leases", {"worker": worker("b3"), "wait": 0}, other)
+    code, answer = await call(daemon, "/v1/leases/heartbeat",
+                              {"worker": worker("b3"), "leases": []}, other)
     assert code == 429 and "the dispatcher already has 5 worker names" in answer["error"]["message"]
     first_heard = [e for e in logged if "heard from for the first time" in e.get("log_format", "")]
     assert [(e["name"], e["credential"]) for e in first_heard] == [
@@ -462,3 +471,96 @@ def test_a_flood_of_fake_worker_names_does_not_grow_memory_without_bound(tmp_pat
     assert measured["accepted"] == 256 and measured["refused"] == 2000 - 256
     assert measured["other"] == 0
     assert measured["rss_after_kib"] - measured["rss_before_kib"] < 64 * 1024, measured
+
+
+# End to end: a real twistd, real `dispatcher worker` processes, credentials
+# made with `dispatcher token create`
+
+def make_worker_credential(daemon, tmp_path, name, *worker_names):
+    """Make a worker credential of the running C{daemon} with the CLI, and
+    write its token (the last line of the output) to a file a worker reads."""
+    args = [os.path.join(BIN, "dispatcher"), "token", "create", name, "--role", "worker",
+            "--data-dir", os.path.join(daemon.workdir, "data")]
+    for worker_name in worker_names:
+        args += ["--worker-name", worker_name]
+    made = subprocess.run(args, capture_output=True, text=True, timeout=30,
+                          env=dict(os.environ, PYTHONPATH=ROOT))
+    assert made.returncode == 0, made.stderr
+    path = tmp_path / f"{name}.token"
+    path.write_text(made.stdout.splitlines()[-1] + "\n")
+    return path
+
+
+def worker_call(daemon, path, body, token):
+    """POST a worker request with C{token}: the status and the answer."""
+    request = urllib.request.Request(
+        daemon.url + path, data=json.dumps(body).encode(), method="POST",
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_workers_with_credentials_of_their_own(tmp_path, workers):
+    """A real twistd dispatcher and real worker processes, each with its own
+    credential made by `dispatcher token create`: a worker started under a
+    name its credential does not list is refused (403, logged by the worker)
+    and runs nothing; node-a runs a job under its unguessable lease, and
+    another credential can neither report it under node-a's name (403) nor
+    write its log or its result with a guessed token (409), so the job ends
+    as node-a reported it, with node-a's output; node-b then runs one under
+    its own name."""
+    daemon = Twistd(str(tmp_path), "[executor]\nslots = 0\n")
+    daemon.start()
+    try:
+        a_token = make_worker_credential(daemon, tmp_path, "node-a-cred", "node-a")
+        b_token = make_worker_credential(daemon, tmp_path, "node-b-cred", "node-b")
+        b = b_token.read_text().strip()
+        stray = WorkerProcess(tmp_path, daemon.url, b_token, slots=1, name="node-x")
+        workers.append(stray.start())
+        wait_for(lambda: "403 forbidden" in stray.output())
+        assert "credential node-b-cred may not act as worker 'node-x'" in stray.output()
+
+        job = submit(daemon, {"command": ["sh", "-c", "echo from-node-a; sleep 2"]})
+        node_a = WorkerProcess(tmp_path, daemon.url, a_token, slots=1, name="node-a")
+        workers.append(node_a.start())
+        running = poll(lambda: (lambda j: j if j["state"] == "running" else None)(
+            get(daemon, job["id"])), what="the job to run on node-a")
+        assert running["worker"] == "node-a"
+        guess = "1." + "A" * 22
+        code, answer = worker_call(daemon, "/v1/leases/results", {
+            "worker": {"name": "node-a", "slots": 1},
+            "results": [{"job_id": job["id"], "token": guess, "state": "succeeded"}]}, b)
+        assert code == 403 and answer["error"]["field"] == "worker.name", answer
+        code, answer = worker_call(daemon, "/v1/leases/results", {
+            "worker": {"name": "node-b", "slots": 1},
+            "results": [{"job_id": job["id"], "token": guess, "state": "succeeded"}]}, b)
+        assert code == 409 and answer["results"][0]["reason"] == "superseded", answer
+        request = urllib.request.Request(
+            f"{daemon.url}/v1/leases/log?job_id={job['id']}&token={guess}"
+            "&stream=stdout&offset=0",
+            data=b"forged\n", method="POST",
+            headers={"Content-Type": "application/octet-stream",
+                     "Authorization": f"Bearer {b}"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=10)
+        assert refused.value.code == 409
+        done = poll(lambda: (lambda j: j if j["state"] in ("succeeded", "failed") else None)(
+            get(daemon, job["id"])), what="node-a's result")
+        assert done["state"] == "succeeded" and done["attempts"][0]["holder"] == "node-a"
+        assert log_of(daemon, job["id"]) == "from-node-a\n"
+        assert "(token" not in node_a.output()
+
+        node_b = WorkerProcess(tmp_path, daemon.url, b_token, slots=1, name="node-b")
+        workers.append(node_b.start())
+        second = submit(daemon, {"command": ["true"]})
+        done = poll(lambda: (lambda j: j if j["state"] == "succeeded" else None)(
+            get(daemon, second["id"])), what="a job on node-a or node-b")
+        assert done["attempts"][0]["holder"] in ("node-a", "node-b")
+        code, listed = daemon.request("GET", "/v1/workers")
+        assert sorted(w["name"] for w in listed["workers"]) == ["node-a", "node-b"]
+        assert "403 forbidden" in stray.output() and "leased" not in stray.output()
+    finally:
+        daemon.stop()
