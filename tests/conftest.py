@@ -179,3 +179,31 @@ def make_daemon(tmp_path, client):
 @pytest.fixture
 def daemon(make_daemon):
     return pytest_twisted.blockon(Deferred.fromCoroutine(make_daemon()))
+
+
+_EXIT_STATUS = []
+
+
+def pytest_sessionfinish(session, exitstatus):
+    _EXIT_STATUS.append(int(exitstatus))
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    """A test that fails before it stops its daemon leaves the daemon's
+    thread pools running, and Python then waits for them for ever after the
+    report: CI would hang to its limit instead of failing.  Exit with the
+    session's status once everything is reported, naming what was left."""
+    import sys
+    import threading
+
+    left = [t for t in threading.enumerate()
+            if t is not threading.main_thread() and not t.daemon and t.is_alive()]
+    if not left or not _EXIT_STATUS:
+        return
+    sys.stderr.write(
+        f"conftest: {len(left)} threads left running ({', '.join(sorted({t.name for t in left})[:5])}"
+        "...): exiting without waiting for them\n")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(_EXIT_STATUS[0])

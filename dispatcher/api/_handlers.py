@@ -74,7 +74,7 @@ from dispatcher.wire._submission import (
 from dispatcher.api._workers import WorkerEndpoints
 from dispatcher.api._auth import Gate
 from dispatcher.model._principals import Principal, Role
-from dispatcher.store._credentials import CredentialError, CredentialFile
+from dispatcher.store._credentials import CredentialExists, CredentialFile
 
 log = Logger()
 
@@ -571,10 +571,8 @@ class DispatcherAPI(Resource):
                 self._reactor, self._io_pool, credentials.create,
                 body.name, body.role, body.worker_names,
             )
-        except CredentialError as e:
-            if "exists" in str(e):
-                raise ApiError(409, "conflict", f"name: {e}", "name")
-            raise
+        except CredentialExists as e:
+            raise ApiError(409, "conflict", f"name: {e}", "name")
         made = credentials.named(body.name)
         log.info(
             "{principal} made the credential {name} ({role})",

@@ -51,6 +51,12 @@ class CredentialError(Exception):
     """
 
 
+class CredentialExists(CredentialError):
+    """
+    A credential of that name exists.
+    """
+
+
 @attrs.frozen
 class Credential:
     """
@@ -253,7 +259,7 @@ class CredentialFile:
             taken = {c.principal.name for c in credentials}
             taken.update(p.name for p in self._fixed.values())
             if name in taken:
-                raise CredentialError(
+                raise CredentialExists(
                     f"a credential named {name!r} exists; revoke it first, or choose another name"
                 )
             credentials.append(

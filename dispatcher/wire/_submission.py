@@ -111,6 +111,11 @@ SUBMISSION_RULES: dict[str, dict[str, Any]] = {
     for name in ("JobSubmission", "BatchJob")
 }
 SUBMISSION_RULES["PlainJob"] = {"oneOf": [_COMMAND_JOB, _TASK_JOB]}
+# Only a worker credential lists worker names.
+SUBMISSION_RULES["CredentialRequest"] = {
+    "if": {"properties": {"role": {"not": {"const": "worker"}}}},
+    "then": {"properties": {"worker_names": {"type": "null"}}},
+}
 
 
 # Decoding
