@@ -20,7 +20,7 @@ from dispatcher.wire._types import (
     MAX_LIST_LIMIT,
     MAX_NAME,
     MAX_NESTING,
-    MAX_TOKEN,
+    LEASE_TOKEN,
     Batch,
     CredentialCreated,
     CredentialList,
@@ -168,6 +168,15 @@ INVALID_HOST = (
 FORBIDDEN_ORIGIN = (
     "forbidden_origin: the Origin header (a browser's page) is not the Host "
     "asked for, nor one of [server] allowed_hosts, or it is null."
+)
+# The worker protocol's refusals of a worker name (docs/worker-protocol.md).
+WORKER_NAME_FORBIDDEN = (
+    "forbidden: the credential may not act under worker.name; nothing was changed."
+)
+TOO_MANY_WORKER_NAMES = (
+    "too_many_worker_names: worker.name is new, and its credential (or the "
+    "dispatcher in all) has as many worker names connected as it may keep "
+    "([workers] max_names_per_credential, max_names); nothing was changed."
 )
 NOT_JSON = (
     "unsupported_media_type: the request (with a body or without) does not "
@@ -399,6 +408,8 @@ ROUTES: tuple[Route, ...] = (
             200: Response("The leases granted (maybe none).", LeaseAnswer),
             400: Response("A field is wrong; it is named (max_jobs: more than "
                           "worker.slots)."),
+            403: Response(WORKER_NAME_FORBIDDEN),
+            429: Response(TOO_MANY_WORKER_NAMES),
         },
         request=LeaseRequest,
     ),
@@ -407,7 +418,9 @@ ROUTES: tuple[Route, ...] = (
         "Renew leases, and hear which ones ended (a cancel, an expiry).", WORK,
         {
             200: Response("One answer per lease.", HeartbeatAnswer),
+            403: Response(WORKER_NAME_FORBIDDEN),
             409: Response("Every lease was refused.", HeartbeatAnswer),
+            429: Response(TOO_MANY_WORKER_NAMES),
         },
         request=HeartbeatRequest,
     ),
@@ -416,7 +429,9 @@ ROUTES: tuple[Route, ...] = (
         "Report how attempts ended; answered once the accepted ones are stored.", WORK,
         {
             200: Response("One answer per result.", ResultsAnswer),
+            403: Response(WORKER_NAME_FORBIDDEN),
             409: Response("Every result was refused.", ResultsAnswer),
+            429: Response(TOO_MANY_WORKER_NAMES),
         },
         request=ResultsRequest,
     ),
@@ -429,14 +444,16 @@ ROUTES: tuple[Route, ...] = (
             400: Response("A query parameter is wrong, or (offset_past_end) the offset "
                           "is past the end of the stream; the message says where to "
                           f"send from. {QUERY_RULES}"),
-            409: Response("stale_lease: the token is not the job's current lease."),
+            409: Response("stale_lease: the token is not the job's current lease, "
+                          "or the credential may not act as the worker that holds it."),
         },
         request=OCTETS,
         parameters=(
             {"name": "job_id", "in": "query", "required": True,
              "schema": {"type": "string", "minLength": 1, "maxLength": MAX_NAME}},
             {"name": "token", "in": "query", "required": True,
-             "schema": {"type": "integer", "minimum": 1, "maximum": MAX_TOKEN}},
+             "description": "The lease's token, as its grant gave it.",
+             "schema": {"type": "string", "pattern": LEASE_TOKEN}},
             {"name": "stream", "in": "query", "required": True,
              "schema": {"enum": ["stdout", "stderr"]}},
             {"name": "offset", "in": "query", "required": True,
