@@ -624,7 +624,7 @@ def test_a_worker_that_hangs_up_does_not_cancel_its_writes(path):
         def heartbeat(self, offer, items, credential):
             return writes
 
-    endpoints = WorkerEndpoints(Hub(), TOKEN, None, None, None, LeaseTokens(new_key()))
+    endpoints = WorkerEndpoints(Hub(), None, None, None, LeaseTokens(new_key()))
     if path.endswith("results"):
         handler = endpoints.results
         body = {"worker": worker("w"), "results": [

@@ -1,6 +1,7 @@
 """
-The HTTP endpoints remote workers call (docs/worker-protocol.md), and the
-bearer-token checks of the whole API.
+The HTTP endpoints remote workers call (docs/worker-protocol.md); who may
+call them is the head check's (L{dispatcher.api._auth}), under which names
+is decided here.
 
 They are handlers of L{DispatcherAPI}, which routes to them; what they
 decide is the L{WorkerHub}'s, which answers with model values
@@ -16,7 +17,6 @@ store see only the fencing counters inside.
 
 from __future__ import annotations
 
-import hmac
 import os
 import re
 from typing import Any, Mapping, Optional
@@ -87,26 +87,6 @@ def _too_many_names(e: TooManyWorkerNames) -> ApiError:
     return ApiError(429, "too_many_worker_names", str(e), "worker.name")
 
 
-def check_token(request: Any, token: Optional[str], what: str) -> None:
-    """
-    Refuse (401) a request whose C{Authorization: Bearer} token is not
-    C{token}; compared in constant time.
-    """
-    assert token is not None
-    raw = request.getHeader(b"authorization") or b""
-    scheme, _, given = raw.partition(b" ")
-    if scheme.lower() != b"bearer" or not hmac.compare_digest(
-        given.strip(), token.encode("utf-8")
-    ):
-        request.setHeader(b"www-authenticate", b'Bearer realm="dispatcher"')
-        raise ApiError(
-            401,
-            "unauthorized",
-            f"send the {what} token as 'Authorization: Bearer <token>'",
-            "Authorization",
-        )
-
-
 def _string(value: Any, field: str) -> str:
     if not isinstance(value, str) or not value or len(value) > MAX_NAME or "\x00" in value:
         invalid(field, f"expected a string of 1 to {MAX_NAME} characters")
@@ -142,7 +122,6 @@ class WorkerEndpoints:
     The worker endpoints.
 
     @param hub: the dispatcher's L{WorkerHub}.
-    @param token: the workers' bearer token, or C{None} (closed).
     @param log_path: C{(job_id, attempt, stream) -> path} of a log file.
     @param reactor: for file writes on C{io_pool}.
     @param io_pool: the pool that writes logs.
@@ -153,7 +132,6 @@ class WorkerEndpoints:
     def __init__(
         self,
         hub: Any,
-        token: Optional[str],
         log_path: Any,
         reactor: Any,
         io_pool: Any,
@@ -161,7 +139,6 @@ class WorkerEndpoints:
         max_jobs_per_poll: int = 64,
     ) -> None:
         self._hub = hub
-        self._token = token
         self._log_path = log_path
         self._reactor = reactor
         self._io_pool = io_pool
@@ -170,15 +147,6 @@ class WorkerEndpoints:
         # Log chunks refused to a credential that may not act as the
         # lease's holder: a warning at most once a minute.
         self._foreign_logs = Throttle(reactor)
-
-    def authorize(self, request: Any) -> None:
-        if self._token is None:
-            raise ApiError(
-                403,
-                "workers_disabled",
-                "this dispatcher takes no remote workers; set [workers] token_file",
-            )
-        check_token(request, self._token, "workers'")
 
     async def lease(self, request: Any, raw: bytes) -> tuple[int, Any]:
         body = decode(raw, LeaseRequest)

@@ -165,7 +165,6 @@ class DaemonService(MultiService):
         self.lease_tokens = LeaseTokens()
         workers = WorkerEndpoints(
             self.dispatcher.hub,
-            config.workers.token,
             executor.log_path,
             reactor,
             self.io_pool,
