@@ -305,6 +305,29 @@ def test_a_credential_file_change_is_seen_at_the_next_check(tmp_path):
     assert daemon_side.authenticate(token.encode()) is None
 
 
+def test_a_remembered_token_is_forgotten_when_the_file_is_edited_in_place(tmp_path):
+    """A token that matched (and is remembered, so as not to hash it on
+    every request) stops matching at the next check once the credentials
+    file is edited in place to drop it, without the rename the command
+    makes."""
+    credentials = CredentialFile(str(tmp_path))
+    kept = credentials.create("kept", Role.READER)
+    dropped = credentials.create("dropped", Role.SUBMITTER)
+    for _ in range(2):
+        assert credentials.authenticate(dropped.encode()).name == "dropped"
+        assert credentials.authenticate(kept.encode()).name == "kept"
+    path = tmp_path / "credentials.json"
+    data = json.loads(path.read_text())
+    data["credentials"] = [c for c in data["credentials"] if c["name"] != "dropped"]
+    inode = path.stat().st_ino
+    with open(path, "r+") as f:
+        f.truncate(0)
+        f.write(json.dumps(data))
+    assert path.stat().st_ino == inode
+    assert credentials.authenticate(dropped.encode()) is None
+    assert credentials.authenticate(kept.encode()).name == "kept"
+
+
 def unix_call(path, url_path, user=None, token=None):
     """curl over a UNIX socket, as user: (status, JSON answer), or None if
     it could not connect."""

@@ -514,7 +514,12 @@ def path_segments(path: bytes) -> list[str]:
     it into a route would skip the route's check (C{POST /v1/%63redentials}
     by a submitter made an admin credential).
     """
-    segments = [unquote_to_bytes(s).decode("utf-8", "replace") for s in path[1:].split(b"/")]
+    if b"%" in path:
+        segments = [unquote_to_bytes(s).decode("utf-8", "replace") for s in path[1:].split(b"/")]
+    else:
+        # The same segments (a "/" is never part of a UTF-8 sequence),
+        # without a call per segment: this runs on every request's head.
+        segments = path[1:].decode("utf-8", "replace").split("/")
     if len(segments) > 1 and segments[-1] == "":
         segments.pop()
     return segments
