@@ -33,26 +33,34 @@ TOKEN = os.environ.get("DISPATCHER_CONTRACT_TOKEN", "")
 NO_CREDENTIAL = "none"
 
 
-def role_verdict(caller: str, roles: Optional[list], status: int) -> Optional[str]:
+def role_verdict(caller: str, roles: Optional[list], status: int,
+                 field: Optional[str] = None) -> Optional[str]:
     """
-    What is wrong with answering C{status} to C{caller} (a role, or
-    L{NO_CREDENTIAL}) on an operation that C{roles} may call (its
-    C{x-roles}; C{None} for an open one, C{security: []}), or C{None}.
+    What is wrong with answering C{status} (an error naming C{field}) to
+    C{caller} (a role, or L{NO_CREDENTIAL}) on an operation that C{roles}
+    may call (its C{x-roles}; C{None} for an open one, C{security: []}),
+    or C{None}.
 
     Without a credential a secured operation answers 401 and nothing else
     (not its 404, nor a 400 for its body: the head is refused first); a
-    role it leaves out gets 403 and nothing else; a role it names is never
-    refused for who it is (401, 403), and an open operation refuses no one.
+    role it leaves out gets the head check's 403 (its field
+    C{Authorization}) and nothing else; a role it names is never refused
+    for who it is (401, or that 403), and an open operation refuses no
+    one.  Another 403 is no refusal of the role: a worker credential
+    naming a worker that is not its own (C{worker.name}), which the
+    operation documents.
     """
+    for_role = status == 401 or (status == 403 and field == "Authorization")
     if roles is None or (caller != NO_CREDENTIAL and caller in roles):
-        if status in (401, 403):
+        if for_role:
             who = "anyone" if roles is None else f"{caller} (x-roles {', '.join(roles)})"
-            return f"refused {who} with {status}"
+            return f"refused {who} with {status} ({field})"
         return None
-    expected = 401 if caller == NO_CREDENTIAL else 403
-    if status != expected:
-        who = "no credential" if caller == NO_CREDENTIAL else f"{caller}, not in x-roles {', '.join(roles)}"
-        return f"answered {status} to {who}; expected {expected}"
+    if caller == NO_CREDENTIAL:
+        return None if status == 401 else f"answered {status} to no credential; expected 401"
+    if status != 403 or not for_role:
+        return (f"answered {status} ({field}) to {caller}, not in x-roles "
+                f"{', '.join(roles)}; expected 403 (Authorization)")
     return None
 
 
@@ -89,7 +97,7 @@ class RolesEnforced:
             return
         raw = operation.definition.raw
         roles = None if raw.get("security") == [] else list(raw.get("x-roles", []))
-        problem = role_verdict(caller, roles, response.status_code)
+        problem = role_verdict(caller, roles, response.status_code, _error_field(response))
         if problem is not None:
             raise AssertionError(f"{operation.label} {problem}")
         if caller == CALLER:
@@ -101,6 +109,17 @@ class RolesEnforced:
             raise AssertionError(
                 f"never judged for {CALLER}: {', '.join(sorted(missed))}"
             )
+
+
+def _error_field(response) -> Optional[str]:
+    """
+    The C{field} of an error answer, if it is one.
+    """
+    try:
+        error = json.loads(response.content)["error"]
+        return error.get("field")
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return None
 
 
 def _input_paths_clash(inputs):

@@ -145,27 +145,31 @@ def test_the_server_and_its_document_agree(served, caller, tmp_path):
     assert f"Tested: {len(served_routes)}" in result.stdout
 
 
-@pytest.mark.parametrize("caller, roles, status, wrong", [
-    ("submitter", ["admin", "submitter"], 201, False),
-    ("submitter", ["admin", "submitter"], 404, False),
-    ("submitter", ["admin", "submitter"], 403, True),
-    ("submitter", ["admin", "submitter"], 401, True),
-    ("reader", ["admin", "submitter"], 403, False),
-    ("reader", ["admin", "submitter"], 201, True),
-    ("reader", ["admin", "submitter"], 400, True),
-    ("reader", ["admin", "submitter"], 404, True),
-    ("worker", ["admin", "reader", "submitter"], 401, True),
-    (NO_CREDENTIAL, ["admin", "reader", "submitter", "worker"], 401, False),
-    (NO_CREDENTIAL, ["admin", "reader", "submitter", "worker"], 200, True),
-    (NO_CREDENTIAL, ["admin"], 403, True),
-    (NO_CREDENTIAL, ["admin"], 404, True),
-    (NO_CREDENTIAL, None, 200, False),
-    (NO_CREDENTIAL, None, 401, True),
-    ("reader", None, 403, True),
+@pytest.mark.parametrize("caller, roles, status, field, wrong", [
+    ("submitter", ["admin", "submitter"], 201, None, False),
+    ("submitter", ["admin", "submitter"], 404, "id", False),
+    ("submitter", ["admin", "submitter"], 403, "Authorization", True),
+    ("submitter", ["admin", "submitter"], 401, "Authorization", True),
+    ("worker", ["admin", "worker"], 403, "worker.name", False),
+    ("reader", ["admin", "submitter"], 403, "Authorization", False),
+    ("reader", ["admin", "submitter"], 403, "worker.name", True),
+    ("reader", ["admin", "submitter"], 201, None, True),
+    ("reader", ["admin", "submitter"], 400, "command", True),
+    ("reader", ["admin", "submitter"], 404, "id", True),
+    ("worker", ["admin", "reader", "submitter"], 401, "Authorization", True),
+    (NO_CREDENTIAL, ["admin", "reader", "submitter", "worker"], 401, "Authorization", False),
+    (NO_CREDENTIAL, ["admin", "reader", "submitter", "worker"], 200, None, True),
+    (NO_CREDENTIAL, ["admin"], 403, "Authorization", True),
+    (NO_CREDENTIAL, ["admin"], 404, None, True),
+    (NO_CREDENTIAL, None, 200, None, False),
+    (NO_CREDENTIAL, None, 401, "Authorization", True),
+    ("reader", None, 403, "Authorization", True),
 ])
-def test_the_role_check_fails_a_wrong_answer(caller, roles, status, wrong):
+def test_the_role_check_fails_a_wrong_answer(caller, roles, status, field, wrong):
     """The hooks' role check (RolesEnforced) finds fault with a refusal of
-    a role x-roles names, with anything but 403 to a role it leaves out,
-    with anything but 401 without a credential, and with a refusal on an
-    open operation; and with nothing else."""
-    assert (role_verdict(caller, roles, status) is not None) is wrong
+    a role x-roles names, with anything but the head check's 403 to a role
+    it leaves out, with anything but 401 without a credential, and with a
+    refusal on an open operation; and with nothing else (a worker
+    credential's 403 for a worker name not its own is no refusal of its
+    role)."""
+    assert (role_verdict(caller, roles, status, field) is not None) is wrong
