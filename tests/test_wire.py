@@ -378,6 +378,18 @@ def test_every_route_with_a_token_documents_its_401():
     assert "`unauthorized`" in errors and "`401`" in errors
 
 
+def test_worker_names_with_another_role_is_refused_by_the_document_too():
+    """The document's CredentialRequest refuses worker_names with any role
+    but worker, as POST /v1/credentials does (400 worker_names), and takes
+    it with role worker, or null with any role."""
+    validator = _validator(openapi_document(), "CredentialRequest")
+    for role in ("admin", "submitter", "reader"):
+        assert list(validator.iter_errors({"name": "c", "role": role, "worker_names": ["w"]}))
+        validator.validate({"name": "c", "role": role, "worker_names": None})
+        validator.validate({"name": "c", "role": role})
+    validator.validate({"name": "c", "role": "worker", "worker_names": ["w", "w2"]})
+
+
 def test_whole_floats_are_made_integers_once_per_field_of_a_batch():
     """Every job of a large batch sending its integer fields as whole
     floats is decoded (each field made an integer across the batch at
