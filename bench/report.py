@@ -76,7 +76,7 @@ each measure's threads' shares and top frames, and keeps the raw stacks in
 the daemon, so a profiled run's numbers are not the ones to quote. Nothing here is part of
 the test suite.
 
-What authentication costs, (j) alone (about $auth_minutes minutes):
+What authentication costs, (j) alone (2 to 3 minutes):
 
 ```sh
 flock /tmp/bench.lock .venv/bin/python bench/run.py --only auth [--rounds N]
@@ -325,18 +325,7 @@ def method(steps: tuple[str, ...]) -> str:
         auth_connections=max(full["connections"]),
         auth_rounds=f"{full['auth_rounds']} ({quick['auth_rounds']})",
         auth_ratio=f"{M.AUTH_RATIO:.2f}",
-        auth_minutes=_auth_minutes(full),
     )
-
-
-def _auth_minutes(settings: dict[str, Any]) -> str:
-    """
-    Roughly how long (j) alone takes: each round, a daemon's start and
-    wrk's window twice, and twice the no-op jobs at about 4,000 a second
-    (this machine's rate, with the start and the polling).
-    """
-    per_round = 2 * (settings["submit_seconds"] + 2) + 2 * (settings["noop_jobs"] / 4000 + 3)
-    return f"{per_round * settings['auth_rounds'] / 60:.0f}"
 
 
 # The targets
