@@ -126,6 +126,10 @@ def test_no_100_continue_and_no_body_before_authentication(daemon):
     answer = raw(daemon, head + b"Authorization: Bearer %s\r\n\r\n" % daemon.token.encode(),
                  read_until_close=False)
     assert answer.startswith(b"HTTP/1.1 100 Continue"), answer
+    # A stranger learns nothing from the body's size either: 401, not 413.
+    answer = raw(daemon, b"POST /v1/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                 b"Content-Type: application/json\r\nContent-Length: 104857600\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 401 "), answer
 
 
 def test_the_token_command_makes_lists_and_revokes_while_the_daemon_runs(daemon, tmp_path):
