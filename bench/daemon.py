@@ -6,13 +6,16 @@ reactor-hold monitor (see L{bench.monitor}) on its own loopback port.
     python -m bench.daemon --port N --monitor-port N --data-dir DIR
                            [--slots N] [--threads N] [--backlog N]
                            [--access-log] [--workers-token-file FILE]
+                           [--authentication required|off]
 
 It listens with a backlog of 4096 (Twisted's default is 50), so that
 thousands of clients may connect at once.  With C{--workers-token-file} it
 takes remote workers (C{[workers] token_file}); with C{--slots 0} as well it
-is a pure dispatcher that runs nothing itself.  Its ini file is written in
-one place, L{write_config} from L{CONFIG}: a key the benchmark's daemon
-should have goes there.
+is a pure dispatcher that runs nothing itself.  Clients need a credential
+(the admin token the daemon makes in C{DATA_DIR/var/admin.token}), as
+they do by default, unless C{--authentication off}.  Its ini file is
+written in one place, L{write_config} from L{CONFIG}: a key the
+benchmark's daemon should have goes there.
 
 This is the only place of the benchmark that touches the global reactor.
 """
@@ -38,6 +41,9 @@ CONFIG = """\
 listen = tcp:{port}:interface=127.0.0.1:backlog={backlog}
 access_log = {access_log}
 
+[api]
+authentication = {authentication}
+
 [dispatcher]
 data_dir = {data_dir}
 shutdown_grace = 2
@@ -56,7 +62,7 @@ token_file = {token_file}
 
 
 def config_text(port, data_dir, slots, threads, backlog=4096, access_log=False,
-                workers_token_file=None) -> str:
+                workers_token_file=None, authentication=True) -> str:
     """
     The ini file the daemon is started from: L{CONFIG} filled in.
 
@@ -64,6 +70,9 @@ def config_text(port, data_dir, slots, threads, backlog=4096, access_log=False,
         by default; the benchmark turns it off but in (a')).
     @param workers_token_file: with a path, the daemon takes remote
         workers that send the token in that file.
+    @param authentication: whether clients need a credential (they do by
+        default; the benchmark turns it off in (j) alone, to measure its
+        cost).
     """
     return CONFIG.format(
         port=port,
@@ -72,6 +81,7 @@ def config_text(port, data_dir, slots, threads, backlog=4096, access_log=False,
         threads=threads,
         backlog=backlog,
         access_log="yes" if access_log else "no",
+        authentication="required" if authentication else "off",
         workers=(WORKERS.format(token_file=workers_token_file)
                  if workers_token_file else ""),
     )
@@ -94,6 +104,7 @@ def write_config(args) -> str:
             backlog=args.backlog,
             access_log=args.access_log,
             workers_token_file=args.workers_token_file,
+            authentication=args.authentication == "required",
         ))
     return config_path
 
@@ -110,6 +121,8 @@ def main(argv=None) -> None:
                         help="write the access log, as the daemon does by default")
     parser.add_argument("--workers-token-file", default=None,
                         help="take remote workers that send the token in this file")
+    parser.add_argument("--authentication", choices=("required", "off"), default="required",
+                        help="[api] authentication: whether clients need a credential")
     args = parser.parse_args(argv)
 
     config_path = write_config(args)

@@ -238,12 +238,17 @@ class Client:
     """
     Blocking JSON requests to one server, one persistent connection per
     calling thread.
+
+    @ivar token: the bearer token sent with every request, as a real
+        client sends its credential; C{None} sends none.
     """
 
-    def __init__(self, port: int, timeout: float = 30.0) -> None:
+    def __init__(self, port: int, timeout: float = 30.0,
+                 token: Optional[str] = None) -> None:
         self.port = port
         self._timeout = timeout
         self._local = threading.local()
+        self.token = token
 
     def _connection(self) -> http.client.HTTPConnection:
         conn = getattr(self._local, "conn", None)
@@ -258,6 +263,8 @@ class Client:
         """
         data = None if body is None else json.dumps(body).encode("utf-8")
         headers = {"Content-Type": "application/json"} if data is not None else {}
+        if self.token is not None:
+            headers["Authorization"] = f"Bearer {self.token}"
         for attempt in (1, 2):
             conn = self._connection()
             try:
@@ -322,15 +329,23 @@ class Server:
     The daemon (L{bench.daemon}) or the baseline (L{bench.baseline_server}),
     alone on core 0, with its reactor-hold monitor (L{bench.monitor}) on a
     second loopback port.
+
+    The daemon requires a credential, as it does by default: its L{client}
+    sends the admin token the daemon made, which is also L{token}, as a
+    real client sends its own.  With C{authentication} false (C{[api]
+    authentication = off}) it requires none, and none is sent.
     """
 
     def __init__(self, processes: Processes, kind: str, workdir: Path, slots: int = 8,
                  threads: int = 8, store: Optional[Path] = None,
-                 access_log: bool = False, workers_token: Optional[Path] = None) -> None:
+                 access_log: bool = False, workers_token: Optional[Path] = None,
+                 authentication: bool = True) -> None:
         self.processes = processes
         self.kind = kind
         self.access_log = access_log
         self.workers_token = workers_token
+        self.authentication = authentication
+        self.token: Optional[str] = None
         self.workdir = workdir
         self.slots = slots
         self.threads = threads
@@ -367,6 +382,8 @@ class Server:
                 argv.append("--access-log")
             if self.workers_token is not None:
                 argv += ["--workers-token-file", str(self.workers_token)]
+            if not self.authentication:
+                argv += ["--authentication", "off"]
         else:
             argv = ["-m", "bench.baseline_server", str(self.port),
                     "--monitor-port", str(self.monitor_port),
@@ -377,6 +394,10 @@ class Server:
             stderr=subprocess.STDOUT, env=child_environment())
         self._wait_ready()
         check_pinned(self.child, SERVER_CORE, f"the {self.kind}")
+        if self.kind == "daemon" and self.authentication:
+            # Made on the daemon's first start, before it listens.
+            self.token = (self.workdir / "var" / "admin.token").read_text().strip()
+            self.client.token = self.token
         return self
 
     def _wait_ready(self, timeout: float = 30.0) -> None:
@@ -835,16 +856,18 @@ def step(measures: dict[str, Any], name: str, take: Callable[[], dict[str, Any]]
 
 def in_rounds(measures: dict[str, Any], count: int,
               rows: list[tuple[str, Callable[[int], dict[str, Any]]]],
-              field: str) -> None:
+              field: str, alternate: bool = False) -> None:
     """
     Take each of C{rows} C{count} times, the rows in turn in each round,
     so that a slow spell of the machine hits all of them; each row keeps
     its median round by C{field} (L{median_round}), and every round goes
-    under C{measures["rounds"]}.
+    under C{measures["rounds"]}.  With C{alternate}, every second round
+    takes the rows in the reverse order, so that no row always comes
+    first (after a pause) or last (after the others' jobs).
     """
     runs: dict[str, list[dict[str, Any]]] = {}
     for n in range(count):
-        for name, take in rows:
+        for name, take in (rows[::-1] if alternate and n % 2 else rows):
             step(measures, f"{name} round {n + 1}", lambda: take(n))
             runs.setdefault(name, []).append(measures.pop(f"{name} round {n + 1}"))
     for name, taken in runs.items():
@@ -902,20 +925,21 @@ def poll(deadline: float, interval: float, what: str) -> Iterator[int]:
 # The load and the set-up
 
 
-def wrk(processes: Processes, port: int, connections: int, seconds: float) -> dict[str, Any]:
+def wrk(processes: Processes, port: int, connections: int, seconds: float,
+        token: Optional[str] = None) -> dict[str, Any]:
     """
     wrk on the load core, one thread and C{connections} connections,
-    POSTing C{{"command":["true"]}} to C{/v1/jobs} for C{seconds}; its
-    Lua script (bench/wrk_post.lua) counts the C{201} answers apart from
-    every other status.  Latencies are wrk's, not corrected for
-    coordinated omission.
+    POSTing C{{"command":["true"]}} to C{/v1/jobs} for C{seconds}, with
+    C{Authorization: Bearer <token>} when given a C{token}; its Lua script
+    (bench/wrk_post.lua) counts the C{201} answers apart from every other
+    status.  Latencies are wrk's, not corrected for coordinated omission.
     """
     argv = ["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "--latency",
             "--timeout", "10s", "-s", str(BENCH / "wrk_post.lua"),
             f"http://{HOST}:{port}/v1/jobs"]
     child = processes.start_pinned(
         LOAD_CORE, argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        env={**os.environ, "BENCH_BODY": '{"command":["true"]}'})
+        env={**os.environ, "BENCH_BODY": '{"command":["true"]}', "BENCH_TOKEN": token or ""})
     out, err = processes.communicate(child, seconds + 30, "wrk")
     text = out.decode("utf-8", "replace")
     match = re.search(r"^BENCH_JSON (.*)$", text, re.M)

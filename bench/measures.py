@@ -38,7 +38,7 @@ from bench.profiles import top_frames
 TERMINAL = ("succeeded", "failed", "cancelled")
 # The measures a run can be limited to (C{--only}), in the order it runs them.
 STEPS = ("submit", "batch", "noop", "noop_batch", "noop_small", "noop_idle", "noop_batch_idle",
-         "noop_remote", "commands", "commands_idle", "latency", "blocking", "claims")
+         "noop_remote", "commands", "commands_idle", "latency", "blocking", "claims", "auth")
 
 # The targets, set by the issue that asked for the measures; the report
 # judges each run against them (L{bench.report.targets}).
@@ -55,6 +55,7 @@ QUEUED_RSS_MB = 500  # (h) the daemon's peak RSS with a million jobs queued
 QUEUED_SUBMIT_RATIO = 0.5  # (h) submits with them, × an empty store
 QUEUED_CLAIM_RATIO = 0.5  # (h) claims with them, × a short queue
 QUEUED_READY_S = 5  # (h) from starting the daemon to its first answer
+AUTH_RATIO = 0.95  # (j) submits and no-op jobs with authentication, × without
 REACTOR_HOLD_MS = 50  # every measure: no callback holds the reactor longer
 
 
@@ -86,6 +87,7 @@ def settings(quick: bool, rounds: Optional[int] = None) -> dict[str, Any]:
         "seeded_jobs": 50_000 if quick else 400_000,
         "claims_seconds": 2 if quick else 10,
         "claims_rounds": rounds or (1 if quick else 3),
+        "auth_rounds": rounds or (1 if quick else 3),
     }
 
 
@@ -211,19 +213,21 @@ def measure_submit(run: Run, kind: str, connections: int, seconds: float,
                    profile: bool = False, round_: int = 0,
                    variant: Optional[str] = None, idle: int = 0,
                    store: Optional[Path] = None, store_jobs: int = 0,
-                   access_log: bool = False) -> dict[str, Any]:
+                   access_log: bool = False, authentication: bool = True) -> dict[str, Any]:
     """
     (a) Durable single-job submits a second: wrk POSTs C{{"command":
     ["true"]}} to C{/v1/jobs} on C{connections} connections for
     C{seconds}, against the daemon (C{kind} C{"daemon"}) with no slots, so
     the jobs stay queued and only submission is measured, or the stock
-    twisted.web baseline (C{"baseline"}).  The daemon must have stored at
-    least as many jobs as it acknowledged.
+    twisted.web baseline (C{"baseline"}).  Every request carries the
+    daemon's admin token, as a real client's carries its credential.  The
+    daemon must have stored at least as many jobs as it acknowledged.
 
     Variants: with the default access log on (a'); with C{idle} idle
     keep-alive connections open meanwhile (g); on a copy of a prepared
-    C{store} of C{store_jobs} queued jobs (h).  With C{profile}, cProfile
-    runs on the daemon's reactor thread.
+    C{store} of C{store_jobs} queued jobs (h); without C{authentication}
+    (C{[api] authentication = off}, no token sent) (j).  With C{profile},
+    cProfile runs on the daemon's reactor thread.
 
     Targets: at 50 connections, L{SUBMIT_TO_BASELINE} × the baseline's
     rate; with idle connections, L{IDLE_SUBMIT_RATIO} × the rate without
@@ -234,7 +238,7 @@ def measure_submit(run: Run, kind: str, connections: int, seconds: float,
     variant = variant or kind
     name = f"submit-{variant}-{connections}c-{round_}" + ("-profile" if profile else "")
     with Server(run.processes, kind, run.tmp / name, slots=0, store=store,
-                access_log=access_log) as server, \
+                access_log=access_log, authentication=authentication) as server, \
             IdleConnections(server.port, idle) as idlers:
         result: dict[str, Any] = {}
         if kind == "daemon":
@@ -243,7 +247,8 @@ def measure_submit(run: Run, kind: str, connections: int, seconds: float,
         if idle:
             result["idle"] = idlers.opened(server)
         with Window(run, server, name, cprofile=profile) as window:
-            result.update(wrk(run.processes, server.port, connections, seconds))
+            result.update(wrk(run.processes, server.port, connections, seconds,
+                              token=server.token))
         result.update(window.figures)
         if idle:
             result["idle"]["still_open_after"] = idlers.still_open()
@@ -382,7 +387,8 @@ def measure_claims(run: Run, name: str, store: Path, store_jobs: int,
 def measure_end_to_end(run: Run, name: str, body: Any, count: int,
                        slots: int, threads: int, concurrency: int = 50,
                        timeout: float = 180.0, idle: int = 0,
-                       workers: int = 0, batch: int = 0) -> dict[str, Any]:
+                       workers: int = 0, batch: int = 0,
+                       authentication: bool = True) -> dict[str, Any]:
     """
     (b, c) C{count} jobs C{body} from the first submit until the last one
     has succeeded, submitted from C{concurrency} client threads, each on
@@ -392,7 +398,8 @@ def measure_end_to_end(run: Run, name: str, body: Any, count: int,
     keep-alive connections are opened first and held throughout (g).  With
     C{workers}, the daemon is a pure dispatcher (C{slots = 0}) and that
     many L{RemoteWorkers} of C{slots} slots and task threads each run the
-    jobs (i).
+    jobs (i).  The clients send the daemon's admin token, unless
+    C{authentication} is off (j).
 
     Targets: no-op task jobs, L{NOOP_JOBS_PER_S} a second, one a request
     or in batches, with or without idle connections; C{true} command jobs,
@@ -407,7 +414,7 @@ def measure_end_to_end(run: Run, name: str, body: Any, count: int,
     with contextlib.ExitStack() as stack:
         server = stack.enter_context(Server(
             run.processes, "daemon", run.tmp / name, slots=0 if workers else slots,
-            threads=threads, workers_token=token))
+            threads=threads, workers_token=token, authentication=authentication))
         idlers = stack.enter_context(IdleConnections(server.port, idle))
         remote: Optional[RemoteWorkers] = None
         if workers:

@@ -57,7 +57,7 @@ cores and an open-file limit of at least $open_files (the run raises its
 soft limit to the hard one; the daemon inherits it):
 
 ```sh
-.venv/bin/python bench/run.py            # the full run, 6 to 10 minutes
+.venv/bin/python bench/run.py            # the full run, 8 to 13 minutes
 .venv/bin/python bench/run.py --quick    # a smoke run of about a minute
 ```
 
@@ -75,6 +75,12 @@ each measure's threads' shares and top frames, and keeps the raw stacks in
 `DIR/py-spy-<timestamp>/`; sampling takes time from the load core and
 the daemon, so a profiled run's numbers are not the ones to quote. Nothing here is part of
 the test suite.
+
+What authentication costs, (j) alone (2 to 3 minutes):
+
+```sh
+flock /tmp/bench.lock .venv/bin/python bench/run.py --only auth [--rounds N]
+```
 
 The code: `bench/run.py` runs the measures in order; `bench/harness.py`
 starts and stops the processes (servers, wrk, workers, py-spy), pins them
@@ -110,7 +116,13 @@ their reactor-hold monitor; `bench/seed_store.py` builds the long queues.
 $config
   ```
 
-  `access_log = yes` in (a') only; `[workers] token_file` in (i) only.
+  `access_log = yes` in (a') only; `[workers] token_file` in (i) only;
+  `authentication = off` in (j)'s rows without authentication only. The
+  daemon makes an admin token on its first start
+  (`DATA_DIR/var/admin.token`), and every client of the benchmark (wrk,
+  the harness's threads) sends it as `Authorization: Bearer <token>` on
+  every request, as a real client sends its credential; the idle
+  connections of (g) ask `GET /healthz`, which needs none.
   The backlog of 4096 lets thousands of clients connect at once (Twisted's
   default of 50 would refuse them). Every other key has its default, among
   them `[dispatcher] sync_interval = 1`: run-state changes (claims, starts,
@@ -258,6 +270,20 @@ The measures (sizes of a full run, `--quick`'s in brackets):
   many jobs each lease answer carried (from the worker's log line "N jobs
   leased in one answer"). The worker has no reactor-hold monitor; the
   column is the dispatcher's.
+- **(j) What authentication costs.** (a)'s submits at $auth_connections
+  connections and (b)'s no-op task jobs, each with authentication (the
+  admin token sent on every request, checked on every request's head:
+  the credentials file's `stat`, the token's SHA-256, the role against
+  the route) and with `[api] authentication = off` (no token sent; the
+  `Host` check and the route's lookup still run), in $auth_rounds rounds
+  whose order alternates, so that neither side always goes first. Each
+  side is its median round; the ratio is of the medians. Target: with
+  authentication, at least $auth_ratio × the rate without it. On a machine
+  shared with other work the rounds spread by more than the cost sought;
+  `bench/head_check.py` measures the head check alone in process, in CPU
+  time, which other processes disturb far less: microseconds of a core per
+  request through `dispatcher.http` with no head check, with
+  authentication off and with it on.
 
 """)
 
@@ -296,6 +322,9 @@ def method(steps: tuple[str, ...]) -> str:
         queued=both("queued_jobs"),
         seeded=both("seeded_jobs"),
         claims_seconds=both("claims_seconds", " s"),
+        auth_connections=max(full["connections"]),
+        auth_rounds=f"{full['auth_rounds']} ({quick['auth_rounds']})",
+        auth_ratio=f"{M.AUTH_RATIO:.2f}",
     )
 
 
@@ -411,6 +440,13 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     v = get("blocking_tasks", "elapsed_s")
     add(f"five blocking 1 s tasks <= {M.BLOCKING_S} s", v, f"{v:.3f} s" if v else "",
         v is not None and v <= M.BLOCKING_S)
+    for label, on_name, off_name, field, unit in auth_pairs(c):
+        on, off = get(on_name, field), get(off_name, field)
+        # Only in runs that measured it: earlier results have no such row.
+        if on is not None and off is not None:
+            v = on / off
+            add(f"{label} with authentication >= {M.AUTH_RATIO:.2f} x without it", v,
+                f"{v:.3f} x ({on:,.0f} against {off:,.0f} {unit})", v >= M.AUTH_RATIO)
     holds = all_holds(r)
     target = f"no callback holds the reactor over {M.REACTOR_HOLD_MS} ms"
     if holds:
@@ -420,6 +456,19 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     else:
         add(target, None, "", None)
     return rows
+
+
+def auth_pairs(connections: int) -> list[tuple[str, str, str, str, str]]:
+    """
+    (j)'s comparisons: what is measured, the measure with authentication
+    and the one without, the field compared and its unit.
+    """
+    return [
+        (f"single submits at {connections} connections", f"submit_auth_{connections}c",
+         f"submit_noauth_{connections}c", "requests_per_s", "requests/s"),
+        ("no-op task jobs end to end", "noop_tasks_auth", "noop_tasks_noauth",
+         "jobs_per_s", "jobs/s"),
+    ]
 
 
 def all_holds(measures: dict[str, Any]) -> list[tuple[str, float]]:
@@ -469,7 +518,10 @@ def ratios(results: dict[str, Any]) -> dict[str, Any]:
              ("noop_idle_to_noop", "noop_tasks_idle", "noop_tasks", "jobs_per_s"),
              ("noop_remote_to_noop", "noop_tasks_remote", "noop_tasks", "jobs_per_s"),
              ("commands_idle_to_commands", "true_commands_idle", "true_commands",
-              "jobs_per_s"))
+              "jobs_per_s"),
+             ("submit_auth_to_noauth", f"submit_auth_{c_max}c", f"submit_noauth_{c_max}c",
+              "requests_per_s"),
+             ("noop_auth_to_noauth", "noop_tasks_auth", "noop_tasks_noauth", "jobs_per_s"))
     for key, a, b, field in pairs:
         if a in measures and b in measures:
             out[key] = round(measures[a][field] / measures[b][field], 3)
@@ -755,7 +807,42 @@ def markdown(results: dict[str, Any]) -> str:
         "| --- | ---: | --- | --- | ---: |",
     ]
     lines += _scale_rows(results, goal)
+    lines += _auth_rows(results, goal)
     return "\n".join(lines) + "\n"
+
+
+def _auth_rows(results: dict[str, Any], goal: Any) -> list[str]:
+    """
+    The authentication table (j), if the run measured it: each side's
+    median round (the range of its rounds), and the ratio.
+    """
+    r = results["measures"]
+    c = max(results["settings"]["connections"])
+    pairs = [(label, r[on_name], r[off_name], field, unit)
+             for label, on_name, off_name, field, unit in auth_pairs(c)
+             if on_name in r and off_name in r]
+    if not pairs:
+        return []
+    lines = [
+        "",
+        "### Authentication (j)",
+        "",
+        "| Measure | With authentication | Without | Ratio | Target | "
+        "Reactor hold ms with: max (p99; longest GC) |",
+        "| --- | ---: | ---: | ---: | --- | ---: |",
+    ]
+
+    def shown(x: dict[str, Any], field: str, unit: str) -> str:
+        values = x.get(f"rounds_{field}", [])
+        spread = (f" ({min(values):,.0f}–{max(values):,.0f})" if len(values) > 1 else "")
+        return f"{x[field]:,.0f} {unit}{spread}"
+
+    for label, on, off, field, unit in pairs:
+        target = goal(f"{label} with authentication >=")
+        lines.append(
+            f"| (j) {label} | {shown(on, field, unit)} | {shown(off, field, unit)} | "
+            f"**{ratio(on[field], off[field])}** | {target} | {hold(on)} |")
+    return lines
 
 
 def _scale_rows(results: dict[str, Any], goal: Any) -> list[str]:

@@ -86,8 +86,9 @@ def parse_arguments(argv: Optional[list[str]]) -> argparse.Namespace:
                              "where its threads spend their time (does not touch docs/: "
                              "sampling slows what it measures)")
     parser.add_argument("--rounds", type=int, default=None,
-                        help="rounds of the submit and claim measures (default 3, 1 with "
-                             "--quick; another number does not touch docs/)")
+                        help="rounds of the submit, claim and authentication measures "
+                             "(default 3, 1 with --quick; another number does not touch "
+                             "docs/)")
     args = parser.parse_args(argv)
     args.limited = args.only is not None
     args.only = set(STEPS) if args.only is None else set(args.only.split(","))
@@ -191,6 +192,23 @@ def take_measures(run: Run, settings: dict[str, Any], only: set[str], profile: b
                 ("claims_seeded", seeded_store, settings["seeded_jobs"]),
                 ("claims_queued", queued_store, settings["queued_jobs"]))],
             "left_queued_per_s")
+    if "auth" in only:
+        # (j) The same submits and no-op jobs with authentication and
+        # without, in alternating rounds: what a credential costs.
+        rows = []
+        for authentication, label in ((True, "auth"), (False, "noauth")):
+            rows.append((f"submit_{label}_{c_max}c",
+                         lambda n, a=authentication, label=label: measure_submit(
+                             run, "daemon", c_max, settings["submit_seconds"], round_=n,
+                             variant=label, authentication=a)))
+        for authentication, label in ((True, "auth"), (False, "noauth")):
+            rows.append((f"noop_tasks_{label}",
+                         lambda n, a=authentication, label=label: measure_end_to_end(
+                             run, f"noop-tasks-{label}-{n}", {"task": "noop"},
+                             settings["noop_jobs"], slots=8, threads=8, authentication=a)))
+        in_rounds(measures, settings["auth_rounds"], rows[:2], "requests_per_s",
+                  alternate=True)
+        in_rounds(measures, settings["auth_rounds"], rows[2:], "jobs_per_s", alternate=True)
     if profile:
         step(measures, "profile_submit_daemon_50c", lambda: measure_submit(
             run, "daemon", 50, settings["submit_seconds"], profile=True))

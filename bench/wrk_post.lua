@@ -1,10 +1,15 @@
 -- POSTs one JSON body over and over; counts 201 answers apart from every
 -- other status, and prints one machine-readable line when done.
 --   BENCH_BODY (env) overrides the body.
+--   BENCH_TOKEN (env), if not empty, is sent as a bearer token.
 
 wrk.method = "POST"
 wrk.body = os.getenv("BENCH_BODY") or '{"command":["true"]}'
 wrk.headers["Content-Type"] = "application/json"
+local token = os.getenv("BENCH_TOKEN")
+if token and token ~= "" then
+  wrk.headers["Authorization"] = "Bearer " .. token
+end
 
 local threads = {}
 

@@ -4,15 +4,122 @@ C{SCHEMATHESIS_HOOKS}): they leave out the generated bodies whose answer
 depends on more than the document can express (each such rule is said in
 the field's description and in the operation's 400), each for a reason
 given below, and keep a lease request from long-polling.
+
+They also add a check, L{RolesEnforced}: each answer is the one the
+operation's C{security} and C{x-roles} promise to the run's caller
+(C{DISPATCHER_CONTRACT_CALLER}: a role, or C{none} for no credential,
+whose token is C{DISPATCHER_CONTRACT_TOKEN}).
 """
 
+import json
+import os
 import posixpath
+from typing import Optional
 
 import schemathesis
 from schemathesis.core import NOT_SET
+from schemathesis.core.parameters import ParameterLocation
 
 # [dispatcher] max_array of the daemon under test.
 MAX_ARRAY = 50
+# [server] max_body_bytes of the daemon under test (its default).
+MAX_BODY_BYTES = 1 << 20
+
+# Who the run calls as: the role of the credential it sends (admin,
+# submitter, reader, worker), or "none" when it sends none; and the
+# credential's token.
+CALLER = os.environ.get("DISPATCHER_CONTRACT_CALLER", "admin")
+TOKEN = os.environ.get("DISPATCHER_CONTRACT_TOKEN", "")
+NO_CREDENTIAL = "none"
+
+
+def role_verdict(caller: str, roles: Optional[list], status: int,
+                 field: Optional[str] = None) -> Optional[str]:
+    """
+    What is wrong with answering C{status} (an error naming C{field}) to
+    C{caller} (a role, or L{NO_CREDENTIAL}) on an operation that C{roles}
+    may call (its C{x-roles}; C{None} for an open one, C{security: []}),
+    or C{None}.
+
+    Without a credential a secured operation answers 401 and nothing else
+    (not its 404, nor a 400 for its body: the head is refused first); a
+    role it leaves out gets the head check's 403 (its field
+    C{Authorization}) and nothing else; a role it names is never refused
+    for who it is (401, or that 403), and an open operation refuses no
+    one.  Another 403 is no refusal of the role: a worker credential
+    naming a worker that is not its own (C{worker.name}), which the
+    operation documents.
+    """
+    for_role = status == 401 or (status == 403 and field == "Authorization")
+    if roles is None or (caller != NO_CREDENTIAL and caller in roles):
+        if for_role:
+            who = "anyone" if roles is None else f"{caller} (x-roles {', '.join(roles)})"
+            return f"refused {who} with {status} ({field})"
+        return None
+    if caller == NO_CREDENTIAL:
+        return None if status == 401 else f"answered {status} to no credential; expected 401"
+    if status != 403 or not for_role:
+        return (f"answered {status} ({field}) to {caller}, not in x-roles "
+                f"{', '.join(roles)}; expected 403 (Authorization)")
+    return None
+
+
+@schemathesis.check
+class RolesEnforced:
+    """
+    Every answer is what L{role_verdict} allows the run's L{CALLER}; and
+    every operation tried was judged at least once as the run's caller,
+    so that a run cannot pass by judging nothing.
+
+    A request is judged by the credential it really carried: schemathesis
+    sends some without the run's (the coverage phase leaves the
+    C{Authorization} the document declares out, or makes one up), and
+    those are judged as having none.  A role caller's case at another
+    method than its operation's (the coverage phase's) or with a path
+    parameter generated invalid is not judged: it may reach another route
+    or none.  Without a credential every path but the open ones is a 401,
+    so every such case is judged.
+    """
+
+    def __init__(self) -> None:
+        self.tested: set[str] = set()
+        self.judged: set[str] = set()
+
+    def after_response(self, ctx, response, case) -> None:
+        operation = case.operation
+        self.tested.add(operation.label)
+        sent = response.request.headers.get("Authorization")
+        caller = CALLER if TOKEN and sent == f"Bearer {TOKEN}" else NO_CREDENTIAL
+        if caller != NO_CREDENTIAL and (
+            case.method.upper() != operation.method.upper()
+            or (case.meta is not None and case.meta.is_negative_at(ParameterLocation.PATH))
+        ):
+            return
+        raw = operation.definition.raw
+        roles = None if raw.get("security") == [] else list(raw.get("x-roles", []))
+        problem = role_verdict(caller, roles, response.status_code, _error_field(response))
+        if problem is not None:
+            raise AssertionError(f"{operation.label} {problem}")
+        if caller == CALLER:
+            self.judged.add(operation.label)
+
+    def after_run(self, ctx) -> None:
+        missed = self.tested - self.judged
+        if missed:
+            raise AssertionError(
+                f"never judged for {CALLER}: {', '.join(sorted(missed))}"
+            )
+
+
+def _error_field(response) -> Optional[str]:
+    """
+    The C{field} of an error answer, if it is one.
+    """
+    try:
+        error = json.loads(response.content)["error"]
+        return error.get("field")
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return None
 
 
 def _input_paths_clash(inputs):
@@ -46,10 +153,15 @@ def filter_body(context, body):
     at most C{max_array} jobs in all, arrays counted (a sum over items);
     two inputs of a job may not go to one path, nor one to a directory of
     another's.  (C{args}/C{kwargs} nested more than 100 deep, the
-    fourth such rule, is never generated.)
+    fourth such rule, is never generated.)  A body over C{[server]
+    max_body_bytes} is refused with a 413 before it is read, whatever it
+    holds: one made to break a schema rule (a list of more than
+    C{maxItems} items) would not be read for it.
     """
     if not isinstance(body, dict):
         return True
+    if len(json.dumps(body).encode("utf-8", "surrogatepass")) > MAX_BODY_BYTES:
+        return False
     jobs = body.get("jobs") if isinstance(body.get("jobs"), list) else [body]
     for job in jobs:
         if isinstance(job, dict):
@@ -97,10 +209,16 @@ def before_call(context, case, kwargs):
             case.headers = {}
         if not any(name.lower() == "content-type" for name in case.headers):
             case.headers["Content-Type"] = "application/json"
-    if case.operation.path == "/v1/leases/log" and isinstance(case.query, dict):
-        offset = case.query.get("offset")
-        if _number(offset) and float(offset).is_integer() and offset >= 0:
-            case.query["offset"] = 0
+    if case.operation.path == "/v1/leases/log":
+        # A chunk goes at most at its stream's current size (a rule on the
+        # daemon's state, said in the operation's 400): a generated offset
+        # the schema takes is sent as 0, so that a lease token taken from a
+        # lease's answer writes rather than is refused for its offset.
+        query = case.query or {}
+        offset = query.get("offset")
+        if isinstance(offset, int) and not isinstance(offset, bool) and offset > 0:
+            query["offset"] = 0
+        return
     if case.operation.path != "/v1/leases" or not isinstance(case.body, dict):
         return
     body = case.body

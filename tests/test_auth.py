@@ -126,6 +126,10 @@ def test_no_100_continue_and_no_body_before_authentication(daemon):
     answer = raw(daemon, head + b"Authorization: Bearer %s\r\n\r\n" % daemon.token.encode(),
                  read_until_close=False)
     assert answer.startswith(b"HTTP/1.1 100 Continue"), answer
+    # A stranger learns nothing from the body's size either: 401, not 413.
+    answer = raw(daemon, b"POST /v1/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                 b"Content-Type: application/json\r\nContent-Length: 104857600\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 401 "), answer
 
 
 def test_the_token_command_makes_lists_and_revokes_while_the_daemon_runs(daemon, tmp_path):
@@ -204,6 +208,33 @@ def test_an_admin_makes_and_revokes_credentials_through_the_api(daemon):
     assert code == 404
 
 
+def test_a_percent_encoded_path_is_checked_as_the_route_it_reaches(daemon):
+    """A path spelled with percent-escapes (/v1/%63redentials) reaches its
+    route (an admin lists the credentials through it) and is checked as
+    that route: a submitter cannot make itself an admin, a reader cannot
+    submit, a worker cannot list jobs (403, nothing made), and no
+    credential is a 401."""
+    code, sub = daemon.request("POST", "/v1/credentials", {"name": "s", "role": "submitter"})
+    code, reader = daemon.request("POST", "/v1/credentials", {"name": "r", "role": "reader"})
+    code, worker = daemon.request("POST", "/v1/credentials", {"name": "w", "role": "worker"})
+    code, listed = daemon.request("GET", "/v1/%63redentials")
+    assert code == 200 and [c["name"] for c in listed["credentials"]] == ["admin", "s", "r", "w"]
+    code, answer = daemon.request("POST", "/v1/%63redentials", {"name": "evil", "role": "admin"},
+                                  token=sub["token"])
+    assert (code, answer["error"]["code"]) == (403, "forbidden")
+    code, answer = daemon.request("POST", "/v1/%6Aobs", {"command": ["id"]},
+                                  token=reader["token"])
+    assert (code, answer["error"]["code"]) == (403, "forbidden")
+    code, answer = daemon.request("GET", "/v1/j%6Fbs", token=worker["token"])
+    assert (code, answer["error"]["code"]) == (403, "forbidden")
+    code, answer = daemon.request("DELETE", "/v1/%63redentials/admin", token="")
+    assert (code, answer["error"]["code"]) == (401, "unauthorized")
+    code, listed = daemon.request("GET", "/v1/credentials")
+    assert [c["name"] for c in listed["credentials"]] == ["admin", "s", "r", "w"]
+    code, page = daemon.request("GET", "/v1/jobs")
+    assert page["jobs"] == []
+
+
 def test_token_files_keep_working_as_an_admin_and_a_worker(tmp_path):
     """[api] token_file's token is an admin's and [workers] token_file's a
     worker's that may use any worker name; with an admin configured no
@@ -276,6 +307,29 @@ def test_a_credential_file_change_is_seen_at_the_next_check(tmp_path):
     assert token not in (tmp_path / "credentials.json").read_text()
     command_side.revoke("w")
     assert daemon_side.authenticate(token.encode()) is None
+
+
+def test_a_remembered_token_is_forgotten_when_the_file_is_edited_in_place(tmp_path):
+    """A token that matched (and is remembered, so as not to hash it on
+    every request) stops matching at the next check once the credentials
+    file is edited in place to drop it, without the rename the command
+    makes."""
+    credentials = CredentialFile(str(tmp_path))
+    kept = credentials.create("kept", Role.READER)
+    dropped = credentials.create("dropped", Role.SUBMITTER)
+    for _ in range(2):
+        assert credentials.authenticate(dropped.encode()).name == "dropped"
+        assert credentials.authenticate(kept.encode()).name == "kept"
+    path = tmp_path / "credentials.json"
+    data = json.loads(path.read_text())
+    data["credentials"] = [c for c in data["credentials"] if c["name"] != "dropped"]
+    inode = path.stat().st_ino
+    with open(path, "r+") as f:
+        f.truncate(0)
+        f.write(json.dumps(data))
+    assert path.stat().st_ino == inode
+    assert credentials.authenticate(dropped.encode()) is None
+    assert credentials.authenticate(kept.encode()).name == "kept"
 
 
 def unix_call(path, url_path, user=None, token=None):

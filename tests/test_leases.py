@@ -24,6 +24,8 @@ from .conftest import TEST_TASKS, WORKER_TOKEN, run_clock
 
 TOKEN = WORKER_TOKEN
 API_TOKEN = "api-token-0123456789abc"
+# A lease token of the right form that the dispatcher never gave.
+STALE = "999999.AAAAAAAAAAAAAAAAAAAAAA"
 
 
 def worker(name, slots=2, cpus=2, memory_mb=1000, gpus=0, labels=None, tasks=()):
@@ -351,7 +353,7 @@ async def test_results_in_one_request_and_logs_shipped_by_offset(make_pure):
     response, body = await daemon.request("POST", path + "&offset=6", raw=b"world\n",
                                           headers=headers)
     assert response.code == 200
-    stale = path.replace(f"token={first['token']}", "token=999999")
+    stale = path.replace(f"token={first['token']}", f"token={STALE}")
     response, body = await daemon.request("POST", stale + "&offset=0", raw=b"x",
                                           headers=headers)
     assert response.code == 409
@@ -509,7 +511,7 @@ async def test_worker_endpoints_answer_as_the_openapi_document_says(make_pure):
     assert job["worker"] == "w" and job["requirements"] == {"site": "a"}
 
     granted = [by_id[full["id"]], by_id[task["id"]], by_id[plain["id"]]]
-    stale = {"job_id": plain["id"], "token": 999999}
+    stale = {"job_id": plain["id"], "token": STALE}
     code, answer = await documented_call(daemon, "/v1/leases/heartbeat", {
         "worker": who,
         "leases": [{"job_id": g["job_id"], "token": g["token"], "running": True}
@@ -524,7 +526,7 @@ async def test_worker_endpoints_answer_as_the_openapi_document_says(make_pure):
         (f"{granted[2]['token']}&offset=0", b"oops\n", 200),
         (f"{granted[2]['token']}&offset=9", b"x", 400),
         (f"{granted[2]['token']}&offset=-1", b"x", 400),
-        ("999999&offset=0", b"x", 409),
+        (f"{STALE}&offset=0", b"x", 409),
     ]:
         code, answer = await daemon.json("POST", log + query, raw=body, headers=headers)
         assert code == status, (query, answer)
@@ -591,7 +593,7 @@ async def test_unknown_or_missing_item_fields_are_400(make_pure):
     daemon = await make_pure()
     who = worker("w")
     code, answer = await call(daemon, "/v1/leases/heartbeat", {
-        "worker": who, "leases": [{"job_id": "x", "token": 1, "colour": "red"}]})
+        "worker": who, "leases": [{"job_id": "x", "token": STALE, "colour": "red"}]})
     assert code == 400 and answer["error"]["field"] == "leases[0].colour"
     code, answer = await call(daemon, "/v1/leases/results", {
         "worker": who, "results": [{"job_id": "x", "state": "succeeded"}]})
@@ -607,6 +609,7 @@ def test_a_worker_that_hangs_up_does_not_cancel_its_writes(path):
     from twisted.internet.defer import CancelledError, Deferred
 
     from dispatcher.api._workers import WorkerEndpoints
+    from dispatcher.wire._tokens import LeaseTokens, new_key
 
     cancelled = []
     writes = Deferred(lambda d: cancelled.append(d))
@@ -615,20 +618,20 @@ def test_a_worker_that_hangs_up_does_not_cancel_its_writes(path):
         lease_seconds = 30.0
         heartbeat_seconds = 10.0
 
-        def report(self, offer, results):
+        def report(self, offer, results, credential):
             return writes
 
-        def heartbeat(self, offer, items):
+        def heartbeat(self, offer, items, credential):
             return writes
 
-    endpoints = WorkerEndpoints(Hub(), TOKEN, None, None, None)
+    endpoints = WorkerEndpoints(Hub(), None, None, None, LeaseTokens(new_key()))
     if path.endswith("results"):
         handler = endpoints.results
         body = {"worker": worker("w"), "results": [
-            {"job_id": "j", "token": 1, "state": "succeeded", "exit_code": 0}]}
+            {"job_id": "j", "token": STALE, "state": "succeeded", "exit_code": 0}]}
     else:
         handler = endpoints.heartbeat
-        body = {"worker": worker("w"), "leases": [{"job_id": "j", "token": 1}]}
+        body = {"worker": worker("w"), "leases": [{"job_id": "j", "token": STALE}]}
     # The handler waits on the hub's writes (a body it could not read
     # would fail before it reached them, and prove nothing).
     answer = ensureDeferred(handler(None, json.dumps(body).encode()))
@@ -745,9 +748,10 @@ async def test_a_hostile_held_list_is_refused_and_changes_nothing(make_pure):
         ("nope", "held"),
         ([{"job_id": granted["job_id"], "token": 0}], "held[0].token"),
         ([{"job_id": granted["job_id"], "token": "1"}], "held[0].token"),
-        ([{"job_id": "\ud800", "token": 1}], None),
-        ([{"job_id": "a\x00b", "token": 1}], "held[0].job_id"),
-        ([{"job_id": "j", "token": 1}] * (MAX_ITEMS + 1), "held"),
+        ([{"job_id": granted["job_id"], "token": granted["token"] + "A"}], "held[0].token"),
+        ([{"job_id": "\ud800", "token": STALE}], None),
+        ([{"job_id": "a\x00b", "token": STALE}], "held[0].job_id"),
+        ([{"job_id": "j", "token": STALE}] * (MAX_ITEMS + 1), "held"),
     ]:
         code, answer = await call(
             daemon, "/v1/leases", {"worker": who, "wait": 0, "held": bad})

@@ -17,6 +17,7 @@ from dispatcher.api._routes import ROUTES, Router
 from dispatcher.model._jobs import Job, JobSpec, JobState, Lease
 from dispatcher.wire._forms import job_view, lease_from_grant, lease_grant
 from dispatcher.wire._json import encode
+from dispatcher.wire._tokens import LeaseTokens, new_key
 from dispatcher.wire._types import MAX_PRIORITY, MAX_SECONDS, JobView, LeaseGrant
 
 # The probe bodies of issue 13: each passed the hand-written JobSubmission
@@ -155,13 +156,15 @@ async def test_retry_refusals_are_documented(daemon):
 
 def test_a_lease_reads_back_as_it_was_granted():
     """A lease encoded for a worker and read back on the worker is the same
-    lease (its expiry on the worker's clock), with empty parts left out."""
+    lease (its expiry on the worker's clock, its token the text it was
+    given), with empty parts left out."""
     spec = JobSpec(task="add", args=(1, [2]), kwargs={"a": {"b": 2**70}}, name="n",
                    labels={"k": "v"}, timeout=3.0, array_id="arr", array_index=2)
     lease = Lease("job-1", 2, 77, "w", 123.5, spec)
-    grant = msgspec.json.decode(encode(lease_grant(lease)), type=LeaseGrant)
-    assert lease_from_grant(grant, 99.0) == Lease("job-1", 2, 77, "w", 99.0, spec)
-    wire = json.loads(encode(lease_grant(lease)))
+    token = LeaseTokens(new_key()).seal("job-1", 77)
+    grant = msgspec.json.decode(encode(lease_grant(lease, token)), type=LeaseGrant)
+    assert lease_from_grant(grant, 99.0) == Lease("job-1", 2, token, "w", 99.0, spec)
+    wire = json.loads(encode(lease_grant(lease, token)))
     assert not {"env", "inputs", "resources", "requirements"} & set(wire["spec"])
     assert wire["expires_at"] == "1970-01-01T00:02:03.500000Z"
 
@@ -373,6 +376,18 @@ def test_every_route_with_a_token_documents_its_401():
     readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
     errors = readme.split("### Errors", 1)[1].split("\n#", 1)[0]
     assert "`unauthorized`" in errors and "`401`" in errors
+
+
+def test_worker_names_with_another_role_is_refused_by_the_document_too():
+    """The document's CredentialRequest refuses worker_names with any role
+    but worker, as POST /v1/credentials does (400 worker_names), and takes
+    it with role worker, or null with any role."""
+    validator = _validator(openapi_document(), "CredentialRequest")
+    for role in ("admin", "submitter", "reader"):
+        assert list(validator.iter_errors({"name": "c", "role": role, "worker_names": ["w"]}))
+        validator.validate({"name": "c", "role": role, "worker_names": None})
+        validator.validate({"name": "c", "role": role})
+    validator.validate({"name": "c", "role": "worker", "worker_names": ["w", "w2"]})
 
 
 def test_whole_floats_are_made_integers_once_per_field_of_a_batch():

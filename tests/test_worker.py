@@ -221,7 +221,7 @@ class Harness:
         # dispatcher's do.
         self.heartbeat_seconds = heartbeat_seconds
         self.answer(self.one("/v1/leases"), LeaseAnswer(
-            [lease_grant(lease) for lease in leases], self.lease_seconds,
+            [lease_grant(lease, lease.token) for lease in leases], self.lease_seconds,
             heartbeat_seconds,
             self.fence_seconds if fence_seconds is None else fence_seconds))
 
@@ -244,23 +244,29 @@ class Harness:
             self.stub.flush()
 
 
+def tok(n):
+    """The token of job-n's lease: opaque to the worker, in the form the
+    dispatcher gives."""
+    return f"{100 + n}." + f"mac{n}".rjust(22, "0")
+
+
 def lease(n, command=("true",), **spec):
-    return Lease(f"job-{n}", 1, 100 + n, "w1", 0.0, JobSpec(command=command, **spec))
+    return Lease(f"job-{n}", 1, tok(n), "w1", 0.0, JobSpec(command=command, **spec))
 
 
 def current(n):
     """A heartbeat's answer for job-n's lease: still current, renewed."""
-    return LeaseStatus(f"job-{n}", 100 + n, True, expires_at="2026-11-25T13:00:15Z")
+    return LeaseStatus(f"job-{n}", tok(n), True, expires_at="2026-11-25T13:00:15Z")
 
 
 def recorded(n):
     """A report's answer for job-n's result: recorded."""
-    return LeaseStatus(f"job-{n}", 100 + n, True)
+    return LeaseStatus(f"job-{n}", tok(n), True)
 
 
 def refused(n, reason, token=None):
     """The answer for a lease of job-n that is no longer current."""
-    return LeaseStatus(f"job-{n}", token or 100 + n, False, status=409, reason=reason,
+    return LeaseStatus(f"job-{n}", token or tok(n), False, status=409, reason=reason,
                        message=REFUSALS[LeaseEnd(reason)])
 
 
@@ -391,9 +397,9 @@ def test_client_log_answers():
     h = Harness()
     results = []
     for _ in range(4):
-        h.client.append_log("job-1", 7, "stdout", 5, b"abc").addBoth(results.append)
+        h.client.append_log("job-1", tok(7), "stdout", 5, b"abc").addBoth(results.append)
     calls = h.pending("/v1/leases/log")
-    assert calls[0].query == {"job_id": "job-1", "token": "7", "stream": "stdout",
+    assert calls[0].query == {"job_id": "job-1", "token": tok(7), "stream": "stdout",
                               "offset": "5"}
     assert calls[0].body == b"abc"
     assert calls[0].headers["content-type"] == "application/octet-stream"
@@ -420,7 +426,7 @@ def test_client_refuses_an_answer_the_protocol_does_not_allow():
     h.client.heartbeat(offer, []).addErrback(errors.append)
     h.client.lease(offer, 1, 0.0).addErrback(errors.append)
     h.answer(h.one("/v1/leases/heartbeat"), {"leases": [], "lease_seconds": 15.0})
-    h.answer(h.one("/v1/leases"), {"leases": [{"job_id": "job-1", "token": 101}],
+    h.answer(h.one("/v1/leases"), {"leases": [{"job_id": "job-1", "token": tok(1)}],
                                    "lease_seconds": 15.0, "heartbeat_seconds": 5.0})
     assert [e.type for e in errors] == [DispatcherUnavailable, DispatcherUnavailable]
     assert "HeartbeatAnswer" in str(errors[0].value)
@@ -440,7 +446,7 @@ def test_long_poll_is_not_busy_and_several_jobs_come_at_once():
     h.grant(lease(1), lease(2, command=("echo", "hi"), env={"A": "1"}))
     assert sorted(h.executor.runs) == ["job-1", "job-2"]
     rebuilt = h.executor.runs["job-2"].lease
-    assert rebuilt.token == 102 and rebuilt.spec.command == ("echo", "hi")
+    assert rebuilt.token == tok(2) and rebuilt.spec.command == ("echo", "hi")
     assert rebuilt.spec.env == {"A": "1"}
     assert h.one("/v1/leases").json["max_jobs"] == 1
 
@@ -488,17 +494,17 @@ def test_each_lease_request_lists_the_leases_held():
     assert h.one("/v1/leases").json["held"] == []
     h.grant(lease(1), lease(2))
     assert h.one("/v1/leases").json["held"] == [
-        {"job_id": "job-1", "token": 101}, {"job_id": "job-2", "token": 102}]
+        {"job_id": "job-1", "token": tok(1)}, {"job_id": "job-2", "token": tok(2)}]
     # The answer to this one is lost on the way.
     unavailable(h, h.one("/v1/leases"))
     h.advance(0.6)
     h.executor.finish("job-1")
     assert h.one("/v1/leases").json["held"] == [
-        {"job_id": "job-1", "token": 101}, {"job_id": "job-2", "token": 102}]
+        {"job_id": "job-1", "token": tok(1)}, {"job_id": "job-2", "token": tok(2)}]
     h.results(h.one("/v1/leases/results"), recorded(1))
     h.answer(h.one("/v1/leases"), LeaseAnswer([], 30.0, 10.0))
     h.advance(1.0)
-    assert h.one("/v1/leases").json["held"] == [{"job_id": "job-2", "token": 102}]
+    assert h.one("/v1/leases").json["held"] == [{"job_id": "job-2", "token": tok(2)}]
 
 
 def test_a_dispatcher_that_does_not_know_held_is_asked_without_it():
@@ -538,13 +544,13 @@ def test_heartbeats_keep_leases_alive_and_tell_a_staged_start_at_once():
     h.advance(0.2)
     beat = h.one("/v1/leases/heartbeat")
     assert beat.json["worker"]["name"] == "w1"
-    assert beat.json["leases"] == [{"job_id": "job-1", "token": 101},
-                                   {"job_id": "job-2", "token": 102}]
+    assert beat.json["leases"] == [{"job_id": "job-1", "token": tok(1)},
+                                   {"job_id": "job-2", "token": tok(2)}]
     h.beat(beat, current(1), current(2))
     # job-1 finished staging: the dispatcher hears of it now, not in 5 s.
     h.executor.mark_running["job-1"](h.executor.runs["job-1"].lease)
     beat = h.one("/v1/leases/heartbeat")
-    assert beat.json["leases"][0] == {"job_id": "job-1", "token": 101, "running": True}
+    assert beat.json["leases"][0] == {"job_id": "job-1", "token": tok(1), "running": True}
     # That one fails; the next still says running.
     unavailable(h, beat)
     h.advance(0.5)
@@ -594,7 +600,7 @@ def test_a_refused_heartbeat_item_stops_the_job_and_drops_its_result():
     assert h.one("/v1/leases").json["max_jobs"] == 1
     h.advance(5.0)
     beat = h.one("/v1/leases/heartbeat")
-    assert beat.json["leases"] == [{"job_id": "job-2", "token": 102}]
+    assert beat.json["leases"] == [{"job_id": "job-2", "token": tok(2)}]
     h.beat(beat, current(2))
     h.advance(30, step=0.5)
     assert h.pending("/v1/leases/results") == []
@@ -609,7 +615,7 @@ def test_a_refused_item_for_another_token_changes_nothing():
     h.worker.startService()
     h.grant(lease(1))
     h.advance(5.0)
-    h.beat(h.one("/v1/leases/heartbeat"), refused(1, "superseded", token=99))
+    h.beat(h.one("/v1/leases/heartbeat"), refused(1, "superseded", token=tok(99)))
     assert h.executor.stopped == []
     assert "job-1" in h.worker.held
 
@@ -641,7 +647,7 @@ def test_logs_go_each_heartbeat_and_before_the_result():
     h.answer(log, LogWritten(5))
     report = h.one("/v1/leases/results")
     assert report.json["results"] == [{
-        "job_id": "job-1", "token": 101, "state": "succeeded", "exit_code": 0,
+        "job_id": "job-1", "token": tok(1), "state": "succeeded", "exit_code": 0,
         "result": None, "error": None, "stopped": False}]
 
 

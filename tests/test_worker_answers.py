@@ -16,6 +16,8 @@ from dispatcher.wire._json import encode
 from dispatcher.wire._types import LeaseStatus
 
 # 2026-11-30T00:53:20.123456Z on the dispatcher's clock.
+# The token of lease 7 as a worker sent it (the verdict holds its counter).
+SENT = "7.AAAAAAAAAAAAAAAAAAAAAA"
 WHEN = 1796000000.123456
 
 
@@ -36,18 +38,20 @@ def test_each_refusal_reads_as_the_protocol_says():
         LeaseEnd.SUPERSEDED: "this lease is no longer the job's current one; stop it",
     }
     for reason, message in messages.items():
-        assert wire(lease_status(LeaseVerdict("j", 7, reason))) == {
-            "job_id": "j", "token": 7, "ok": False, "status": 409,
+        assert wire(lease_status(LeaseVerdict("j", 7, reason), SENT)) == {
+            "job_id": "j", "token": SENT, "ok": False, "status": 409,
             "reason": reason.value, "message": message,
         }
 
 
 def test_an_accepted_item_says_only_ok_and_a_renewal_its_expiry():
     """An accepted report is C{ok} and nothing more; an accepted heartbeat
-    adds the new expiry as an RFC 3339 time with microseconds."""
-    assert wire(lease_status(LeaseVerdict("j", 7))) == {"job_id": "j", "token": 7, "ok": True}
-    assert wire(lease_status(LeaseVerdict("j", 7, None, WHEN))) == {
-        "job_id": "j", "token": 7, "ok": True, "expires_at": "2026-11-30T00:53:20.123456Z",
+    adds the new expiry as an RFC 3339 time with microseconds; each echoes
+    the token as the worker sent it."""
+    assert wire(lease_status(LeaseVerdict("j", 7), SENT)) == {
+        "job_id": "j", "token": SENT, "ok": True}
+    assert wire(lease_status(LeaseVerdict("j", 7, None, WHEN), SENT)) == {
+        "job_id": "j", "token": SENT, "ok": True, "expires_at": "2026-11-30T00:53:20.123456Z",
     }
 
 

@@ -24,7 +24,7 @@ from typing import Any, Mapping, Optional
 from twisted.logger import Logger
 
 from dispatcher.api._hosts import HostPolicy
-from dispatcher.api._routes import Router
+from dispatcher.api._routes import Router, path_segments
 from dispatcher.model._principals import ALLOWED, Access, Principal, Role
 from dispatcher.store._credentials import CredentialFile
 from dispatcher.wire._submission import ApiError
@@ -197,10 +197,7 @@ class Gate:
         return self.credentials.named(name)
 
     def _authorize(self, method: bytes, path: bytes, principal: Optional[Principal]) -> Principal:
-        segments = [s.decode("utf-8", "replace") for s in path[1:].split(b"/")]
-        if segments and segments[-1] == "" and len(segments) > 1:
-            segments = segments[:-1]
-        found = self._router.match(segments)
+        found = self._router.match(path_segments(path))
         if found is None:
             if principal is None:
                 # Not 404: a stranger learns nothing of what exists.

@@ -57,7 +57,7 @@ from dispatcher.model._jobs import InvalidTransition, JobState, PlainJobs, Store
 from dispatcher.model._principals import PRINCIPAL_NAME_RULE, valid_name
 from dispatcher.api._openapi import openapi_document
 from dispatcher.api._hosts import HostPolicy
-from dispatcher.api._routes import Route, Router
+from dispatcher.api._routes import Route, Router, path_segments
 from dispatcher.config._ini import QueueConfig
 from dispatcher.store._stored import request_digest
 from dispatcher.store._results import (
@@ -430,9 +430,9 @@ class DispatcherAPI(Resource):
                 ),
             )
             return NOT_DONE_YET
-        segments = [s.decode("utf-8", "replace") for s in request.postpath]
-        if segments and segments[-1] == "" and len(segments) > 1:
-            segments = segments[:-1]
+        # As the head check read it (L{path_segments}), so that both
+        # find one route.
+        segments = path_segments(request.path)
         method = request.method.decode("ascii", "replace").upper()
         try:
             route, allowed, args = self._route(segments, method)

@@ -8,6 +8,7 @@ OpenAPI document (L{dispatcher.api._openapi}).
 from __future__ import annotations
 
 from typing import Any, Mapping, Optional
+from urllib.parse import unquote_to_bytes
 
 import attrs
 import msgspec
@@ -20,7 +21,7 @@ from dispatcher.wire._types import (
     MAX_LIST_LIMIT,
     MAX_NAME,
     MAX_NESTING,
-    MAX_TOKEN,
+    LEASE_TOKEN,
     Batch,
     CredentialCreated,
     CredentialList,
@@ -168,6 +169,15 @@ INVALID_HOST = (
 FORBIDDEN_ORIGIN = (
     "forbidden_origin: the Origin header (a browser's page) is not the Host "
     "asked for, nor one of [server] allowed_hosts, or it is null."
+)
+# The worker protocol's refusals of a worker name (docs/worker-protocol.md).
+WORKER_NAME_FORBIDDEN = (
+    "forbidden: the credential may not act under worker.name; nothing was changed."
+)
+TOO_MANY_WORKER_NAMES = (
+    "too_many_worker_names: worker.name is new, and its credential (or the "
+    "dispatcher in all) has as many worker names connected as it may keep "
+    "([workers] max_names_per_credential, max_names); nothing was changed."
 )
 NOT_JSON = (
     "unsupported_media_type: the request (with a body or without) does not "
@@ -399,6 +409,8 @@ ROUTES: tuple[Route, ...] = (
             200: Response("The leases granted (maybe none).", LeaseAnswer),
             400: Response("A field is wrong; it is named (max_jobs: more than "
                           "worker.slots)."),
+            403: Response(WORKER_NAME_FORBIDDEN),
+            429: Response(TOO_MANY_WORKER_NAMES),
         },
         request=LeaseRequest,
     ),
@@ -407,7 +419,9 @@ ROUTES: tuple[Route, ...] = (
         "Renew leases, and hear which ones ended (a cancel, an expiry).", WORK,
         {
             200: Response("One answer per lease.", HeartbeatAnswer),
+            403: Response(WORKER_NAME_FORBIDDEN),
             409: Response("Every lease was refused.", HeartbeatAnswer),
+            429: Response(TOO_MANY_WORKER_NAMES),
         },
         request=HeartbeatRequest,
     ),
@@ -416,7 +430,9 @@ ROUTES: tuple[Route, ...] = (
         "Report how attempts ended; answered once the accepted ones are stored.", WORK,
         {
             200: Response("One answer per result.", ResultsAnswer),
+            403: Response(WORKER_NAME_FORBIDDEN),
             409: Response("Every result was refused.", ResultsAnswer),
+            429: Response(TOO_MANY_WORKER_NAMES),
         },
         request=ResultsRequest,
     ),
@@ -429,14 +445,16 @@ ROUTES: tuple[Route, ...] = (
             400: Response("A query parameter is wrong, or (offset_past_end) the offset "
                           "is past the end of the stream; the message says where to "
                           f"send from. {QUERY_RULES}"),
-            409: Response("stale_lease: the token is not the job's current lease."),
+            409: Response("stale_lease: the token is not the job's current lease, "
+                          "or the credential may not act as the worker that holds it."),
         },
         request=OCTETS,
         parameters=(
             {"name": "job_id", "in": "query", "required": True,
              "schema": {"type": "string", "minLength": 1, "maxLength": MAX_NAME}},
             {"name": "token", "in": "query", "required": True,
-             "schema": {"type": "integer", "minimum": 1, "maximum": MAX_TOKEN}},
+             "description": "The lease's token, as its grant gave it.",
+             "schema": {"type": "string", "pattern": LEASE_TOKEN}},
             {"name": "stream", "in": "query", "required": True,
              "schema": {"enum": ["stdout", "stderr"]}},
             {"name": "offset", "in": "query", "required": True,
@@ -484,9 +502,33 @@ ROUTES: tuple[Route, ...] = (
 )
 
 
+def path_segments(path: bytes) -> list[str]:
+    """
+    The segments of a request's path (its target without the query), as
+    the L{Router} matches them: each percent-decoded, then read as UTF-8,
+    one trailing empty segment dropped.
+
+    The head check (L{dispatcher.api._auth.Gate}) and the routing of the
+    handlers both read a path through this alone: a path that the check
+    read as unknown (and let through, to its 404) while the routing decoded
+    it into a route would skip the route's check (C{POST /v1/%63redentials}
+    by a submitter made an admin credential).
+    """
+    if b"%" in path:
+        segments = [unquote_to_bytes(s).decode("utf-8", "replace") for s in path[1:].split(b"/")]
+    else:
+        # The same segments (a "/" is never part of a UTF-8 sequence),
+        # without a call per segment: this runs on every request's head.
+        segments = path[1:].decode("utf-8", "replace").split("/")
+    if len(segments) > 1 and segments[-1] == "":
+        segments.pop()
+    return segments
+
+
 class Router:
     """
-    Finds the L{Route} of a request's method and path segments.
+    Finds the L{Route} of a request's method and path segments
+    (L{path_segments}).
     """
 
     def __init__(self, routes: tuple[Route, ...] = ROUTES) -> None:

@@ -1,28 +1,41 @@
 """
-The HTTP endpoints remote workers call (docs/worker-protocol.md), and the
-bearer-token checks of the whole API.
+The HTTP endpoints remote workers call (docs/worker-protocol.md); who may
+call them is the head check's (L{dispatcher.api._auth}), under which names
+is decided here.
 
 They are handlers of L{DispatcherAPI}, which routes to them; what they
 decide is the L{WorkerHub}'s, which answers with model values
 (L{LeaseVerdict}s); these handlers turn them into the protocol's wire
 types and choose the HTTP status.
+
+What is theirs: a worker credential acts only under its own worker names
+(C{403} otherwise, before anything changes), a log chunk is written only
+for a credential that may act as the lease's holder, and the lease tokens
+on the wire are sealed and opened here (L{LeaseTokens}): the hub and the
+store see only the fencing counters inside.
 """
 
 from __future__ import annotations
 
-import hmac
 import os
+import re
 from typing import Any, Mapping, Optional
 
 from msgspec import UNSET
 from twisted.internet.threads import deferToThreadPool
 
+from twisted.logger import Logger
+
 from dispatcher._deferreds import shielded
+from dispatcher._throttle import Throttle
 from dispatcher.model._jobs import JobState, Offer, Outcome, Resources
-from dispatcher.model._workers import LeaseVerdict
+from dispatcher.model._principals import Principal, Role
+from dispatcher.model._workers import LeaseEnd, LeaseVerdict, TooManyWorkerNames
 from dispatcher.wire._forms import REFUSALS, lease_grant, lease_status
 from dispatcher.wire._submission import ApiError, decode, invalid
+from dispatcher.wire._tokens import LeaseTokens
 from dispatcher.wire._types import (
+    LEASE_TOKEN,
     MAX_NAME,
     HeartbeatAnswer,
     HeartbeatRequest,
@@ -34,27 +47,44 @@ from dispatcher.wire._types import (
     WorkerOffer,
 )
 
+log = Logger()
+
 STREAMS = ("stdout", "stderr")
 
+# The principal of a request no authentication named (a handler called
+# without the API's head check): as the [workers] token_file token's, any
+# worker name.
+SHARED_WORKERS = Principal("workers-token-file", Role.WORKER)
 
-def check_token(request: Any, token: Optional[str], what: str) -> None:
+_LEASE_TOKEN = re.compile(LEASE_TOKEN)
+
+
+def principal_of(request: Any) -> Principal:
     """
-    Refuse (401) a request whose C{Authorization: Bearer} token is not
-    C{token}; compared in constant time.
+    Who sent C{request}: the principal the API's authentication set on
+    it, or else the shared workers' token's.
     """
-    assert token is not None
-    raw = request.getHeader(b"authorization") or b""
-    scheme, _, given = raw.partition(b" ")
-    if scheme.lower() != b"bearer" or not hmac.compare_digest(
-        given.strip(), token.encode("utf-8")
-    ):
-        request.setHeader(b"www-authenticate", b'Bearer realm="dispatcher"')
+    found = getattr(request, "principal", None)
+    return SHARED_WORKERS if found is None else found
+
+
+def _may_act_as(principal: Principal, name: str) -> None:
+    """
+    Refuse (403, nothing changed) a worker request under a worker name its
+    credential may not use.
+    """
+    if not principal.may_act_as(name):
         raise ApiError(
-            401,
-            "unauthorized",
-            f"send the {what} token as 'Authorization: Bearer <token>'",
-            "Authorization",
+            403,
+            "forbidden",
+            f"worker.name: credential {principal.name} may not act as worker "
+            f"{name!r}; use one of its own worker names",
+            "worker.name",
         )
+
+
+def _too_many_names(e: TooManyWorkerNames) -> ApiError:
+    return ApiError(429, "too_many_worker_names", str(e), "worker.name")
 
 
 def _string(value: Any, field: str) -> str:
@@ -92,41 +122,55 @@ class WorkerEndpoints:
     The worker endpoints.
 
     @param hub: the dispatcher's L{WorkerHub}.
-    @param token: the workers' bearer token, or C{None} (closed).
     @param log_path: C{(job_id, attempt, stream) -> path} of a log file.
     @param reactor: for file writes on C{io_pool}.
     @param io_pool: the pool that writes logs.
+    @param tokens: seals the leases' tokens and opens those workers send.
+    @param max_jobs_per_poll: the most leases one request for work gets.
     """
 
     def __init__(
-        self, hub: Any, token: Optional[str], log_path: Any, reactor: Any, io_pool: Any
+        self,
+        hub: Any,
+        log_path: Any,
+        reactor: Any,
+        io_pool: Any,
+        tokens: LeaseTokens,
+        max_jobs_per_poll: int = 64,
     ) -> None:
         self._hub = hub
-        self._token = token
         self._log_path = log_path
         self._reactor = reactor
         self._io_pool = io_pool
-
-    def authorize(self, request: Any) -> None:
-        if self._token is None:
-            raise ApiError(
-                403,
-                "workers_disabled",
-                "this dispatcher takes no remote workers; set [workers] token_file",
-            )
-        check_token(request, self._token, "workers'")
+        self._tokens = tokens
+        self._max_jobs_per_poll = max_jobs_per_poll
+        # Log chunks refused to a credential that may not act as the
+        # lease's holder: a warning at most once a minute.
+        self._foreign_logs = Throttle(reactor)
 
     async def lease(self, request: Any, raw: bytes) -> tuple[int, Any]:
         body = decode(raw, LeaseRequest)
+        principal = principal_of(request)
+        _may_act_as(principal, body.worker.name)
         offer = offer_of(body.worker)
         max_jobs = offer.slots if body.max_jobs is None else body.max_jobs
         if max_jobs > offer.slots:
             invalid("max_jobs", f"expected an integer from 1 to {offer.slots} (worker.slots)")
+        # A worker with more free slots asks again as soon as it has these.
+        max_jobs = min(max_jobs, self._max_jobs_per_poll)
         received = self._hub.now()
-        held = None if body.held is UNSET else [(h.job_id, h.token) for h in body.held]
-        leases = await self._hub.poll(offer, max_jobs, float(body.wait), held)
+        held = (
+            None
+            if body.held is UNSET
+            else [(h.job_id, self._tokens.open(h.job_id, h.token)) for h in body.held]
+        )
+        try:
+            poll = self._hub.poll(offer, max_jobs, float(body.wait), held, principal.name)
+        except TooManyWorkerNames as e:
+            raise _too_many_names(e)
+        leases = await poll
         return 200, LeaseAnswer(
-            [lease_grant(lease) for lease in leases],
+            [lease_grant(lease, self._tokens.seal(lease.job_id, lease.token)) for lease in leases],
             self._hub.lease_seconds,
             self._hub.heartbeat_seconds,
             self._hub.fence_after(received, [lease.job_id for lease in leases]),
@@ -134,14 +178,23 @@ class WorkerEndpoints:
 
     async def heartbeat(self, request: Any, raw: bytes) -> tuple[int, Any]:
         body = decode(raw, HeartbeatRequest)
+        principal = principal_of(request)
+        _may_act_as(principal, body.worker.name)
         offer = offer_of(body.worker)
-        parsed = [(item.job_id, item.token, item.running) for item in body.leases]
+        parsed = [
+            (item.job_id, self._tokens.open(item.job_id, item.token), item.running)
+            for item in body.leases
+        ]
         # A worker that hangs up must not cancel the writes this waits for
         # (a staged job marked running): the lease stopped staging in memory
         # already, and the store must hear it too.
-        verdicts = await shielded(self._hub.heartbeat(offer, parsed))
+        try:
+            beat = self._hub.heartbeat(offer, parsed, principal.name)
+        except TooManyWorkerNames as e:
+            raise _too_many_names(e)
+        verdicts = await shielded(beat)
         return _status(verdicts), HeartbeatAnswer(
-            [lease_status(v) for v in verdicts],
+            [lease_status(v, item.token) for v, item in zip(verdicts, body.leases)],
             self._hub.lease_seconds,
             self._hub.heartbeat_seconds,
             # Renewed at their receipt, to a full lease_seconds.
@@ -150,6 +203,8 @@ class WorkerEndpoints:
 
     async def results(self, request: Any, raw: bytes) -> tuple[int, Any]:
         body = decode(raw, ResultsRequest)
+        principal = principal_of(request)
+        _may_act_as(principal, body.worker.name)
         offer = offer_of(body.worker)
         parsed = []
         for item in body.results:
@@ -159,7 +214,7 @@ class WorkerEndpoints:
                 outcome = Outcome(
                     JobState(item.state), item.exit_code, item.result, item.error, item.stopped
                 )
-            parsed.append((item.job_id, item.token, outcome))
+            parsed.append((item.job_id, self._tokens.open(item.job_id, item.token), outcome))
         # Not cancelled with the request: the hub records each result
         # whatever becomes of this connection (a failed commit is written
         # again, and a lease ends in memory only once its end has
@@ -168,20 +223,46 @@ class WorkerEndpoints:
         # way the resend waits for the same write and is answered as this
         # would have been; once it has committed, the resend is refused as
         # reported.
-        verdicts = await shielded(self._hub.report(offer, parsed))
-        return _status(verdicts), ResultsAnswer([lease_status(v) for v in verdicts])
+        try:
+            report = self._hub.report(offer, parsed, principal.name)
+        except TooManyWorkerNames as e:
+            raise _too_many_names(e)
+        verdicts = await shielded(report)
+        return _status(verdicts), ResultsAnswer(
+            [lease_status(v, item.token) for v, item in zip(verdicts, body.results)]
+        )
 
     async def write_log(self, request: Any, query: Mapping[str, Optional[str]]) -> tuple[int, Any]:
         job_id = _string(query.get("job_id"), "job_id")
-        token = _query_integer(query.get("token"), "token")
+        text = query.get("token") or ""
+        if _LEASE_TOKEN.fullmatch(text) is None:
+            invalid("token", "not a lease token: send the token as the lease's grant gave it")
         offset = _query_integer(query.get("offset"), "offset", low=0)
         stream = query.get("stream")
         if stream not in STREAMS:
             invalid("stream", "expected stdout or stderr")
-        # The query names no worker: the token alone says whose it is.
+        # The query names no worker: the token says which lease, and the
+        # credential must be one that may act as its holder.
+        token = self._tokens.open(job_id, text)
         remote = self._hub.current(job_id, token)
         if remote is None:
             reason = self._hub.refusal(job_id, token)
+            raise ApiError(409, "stale_lease", f"token: {REFUSALS[reason]}", "token")
+        principal = principal_of(request)
+        if not principal.may_act_as(remote.lease.holder):
+            count = self._foreign_logs.happened()
+            if count is not None:
+                log.warn(
+                    "{count} log chunks refused: credential {credential} may not act "
+                    "as worker {holder}, which holds the lease of job {job_id}",
+                    count=count,
+                    credential=principal.name,
+                    holder=remote.lease.holder,
+                    job_id=job_id,
+                )
+            # Answered as a lease that is not current: the caller learns
+            # nothing of whose it is.
+            reason = LeaseEnd.SUPERSEDED
             raise ApiError(409, "stale_lease", f"token: {REFUSALS[reason]}", "token")
         path = self._log_path(job_id, remote.lease.attempt, stream)
         data = request.content.read()

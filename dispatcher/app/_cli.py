@@ -133,16 +133,7 @@ def store_main(argv: Sequence[str]) -> int:
         description=STORE_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    def command(name: str, help: str) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=help)
-        where = sub.add_mutually_exclusive_group()
-        where.add_argument(
-            "--data-dir", "-d", help="the data directory (default: the ini file's, or ./var)"
-        )
-        where.add_argument("--config", "-c", help="the ini file naming the data directory")
-        return sub
+    command = _subcommands(parser)
 
     check = command("check", "check the store")
     check.add_argument("--full", action="store_true", help="run integrity_check too")
@@ -215,16 +206,7 @@ def token_main(argv: Sequence[str]) -> int:
         description=TOKEN_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    def command(name: str, help: str) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=help)
-        where = sub.add_mutually_exclusive_group()
-        where.add_argument(
-            "--data-dir", "-d", help="the data directory (default: the ini file's, or ./var)"
-        )
-        where.add_argument("--config", "-c", help="the ini file naming the data directory")
-        return sub
+    command = _subcommands(parser)
 
     create = command("create", "make a credential")
     create.add_argument("name")
@@ -274,6 +256,25 @@ def token_main(argv: Sequence[str]) -> int:
         sys.stderr.write(f"dispatcher token {options.command}: {e}\n")
         return 1
     return 0
+
+
+def _subcommands(parser: Any) -> Any:
+    """
+    A maker of C{parser}'s subcommands, each of which works on a data
+    directory named by C{--data-dir} or by the C{--config} file's.
+    """
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, help: str) -> Any:
+        sub = commands.add_parser(name, help=help)
+        where = sub.add_mutually_exclusive_group()
+        where.add_argument(
+            "--data-dir", "-d", help="the data directory (default: the ini file's, or ./var)"
+        )
+        where.add_argument("--config", "-c", help="the ini file naming the data directory")
+        return sub
+
+    return command
 
 
 def _data_dir(data_dir: Optional[str], config: Optional[str]) -> str:

@@ -31,11 +31,14 @@ from dispatcher.execution._process import kill_group_if_ours
 from dispatcher.store._results import StoreUnusable
 from dispatcher.store._sqlite import SQLiteJobStore
 from dispatcher.api._workers import WorkerEndpoints
+from dispatcher.wire._tokens import KEY_BYTES, LeaseTokens, new_key
 
 log = Logger()
 
 DATABASE_NAME = "dispatcher.sqlite3"
 ACCESS_LOG_NAME = "access.log"
+# The secret key of the lease tokens workers are given (wire._tokens).
+LEASE_KEY_NAME = "lease.key"
 
 
 class CannotStart(Exception):
@@ -146,6 +149,8 @@ class DaemonService(MultiService):
             lease_seconds=config.workers.lease_seconds,
             fence_margin=config.workers.fence_margin,
             last_attempt_grace=config.workers.last_attempt_grace,
+            max_worker_names_per_credential=config.workers.max_names_per_credential,
+            max_worker_names=config.workers.max_names,
         )
         # Credentials: the data directory's named tokens, and the token
         # files' (an admin, and a worker that may use any worker name).
@@ -156,12 +161,15 @@ class DaemonService(MultiService):
             fixed.append((Principal("workers-token-file", Role.WORKER), config.workers.token))
         self.credentials = CredentialFile(data_dir, fixed)
         self._data_dir = data_dir
+        # Keyed at start, before the API accepts a request.
+        self.lease_tokens = LeaseTokens()
         workers = WorkerEndpoints(
             self.dispatcher.hub,
-            config.workers.token,
             executor.log_path,
             reactor,
             self.io_pool,
+            self.lease_tokens,
+            config.workers.max_jobs_per_poll,
         )
         self.api = api = DispatcherAPI(
             self.dispatcher,
@@ -206,6 +214,11 @@ class DaemonService(MultiService):
         self.host.start_pools()
         holder = await deferToThreadPool(
             self._reactor, self.io_pool, self._lock_data_dir
+        )
+        self.lease_tokens.use_key(
+            await deferToThreadPool(
+                self._reactor, self.io_pool, read_lease_key, self.config.dispatcher.data_dir
+            )
         )
         await deferToThreadPool(self._reactor, self.io_pool, self._first_credential)
         # The port is taken before the store opens and the last run's jobs
@@ -386,6 +399,73 @@ class DaemonService(MultiService):
             os.close(self._lock_fd)
             self._lock_fd = None
         log.info("dispatcher stopped")
+
+
+def read_lease_key(data_dir: str) -> bytes:
+    """
+    The key of the lease tokens workers are given (L{dispatcher.wire._tokens}),
+    from L{LEASE_KEY_NAME} in C{data_dir}; on the first start, a new random
+    one, written there with mode 0600.  Runs on the I/O pool, under the data
+    directory's lock.
+
+    Kept in a file of its own rather than in the store: the store's schema
+    and its backups stay as they are (a backup does not carry the key, so
+    whoever reads one cannot forge tokens for the running dispatcher), and
+    it sits beside the data directory's other secrets.  A store restored on
+    another host without it gets a new key: the leases outstanding then are
+    refused as stale, and their jobs run again, as after any lost lease.
+    """
+    path = os.path.join(data_dir, LEASE_KEY_NAME)
+    try:
+        with open(path, "rb") as f:
+            text = f.read(1024)
+            mode = os.fstat(f.fileno()).st_mode
+    except FileNotFoundError:
+        return _make_lease_key(data_dir, path)
+    except OSError as e:
+        raise DataDirUnusable(_unusable(data_dir, e)) from e
+    try:
+        key = bytes.fromhex(text.decode("ascii").strip())
+    except (UnicodeDecodeError, ValueError):
+        key = b""
+    if len(key) < KEY_BYTES:
+        raise CannotStart(
+            f"{path} does not hold a lease token key ({2 * KEY_BYTES} hexadecimal "
+            "digits or more); remove it and a new one is made at start (the leases "
+            "workers hold now are then refused, and their jobs run again)"
+        )
+    if mode & 0o077:
+        log.warn(
+            "{path} may be read by other users (mode {mode:o}): whoever reads it can "
+            "forge workers' lease tokens; chmod 600 it",
+            path=path,
+            mode=mode & 0o777,
+        )
+    return key
+
+
+def _make_lease_key(data_dir: str, path: str) -> bytes:
+    key = new_key()
+    new = path + ".new"
+    try:
+        fd = os.open(new, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            # (A leftover .new file keeps the mode it was made with.)
+            os.fchmod(fd, 0o600)
+            os.write(fd, key.hex().encode("ascii") + b"\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(new, path)
+        directory = os.open(data_dir, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+    except OSError as e:
+        raise DataDirUnusable(_unusable(data_dir, e)) from e
+    log.info("made the lease token key {path}", path=path)
+    return key
 
 
 @contextlib.contextmanager

@@ -132,6 +132,13 @@ class WorkersConfig:
     # worker's result before it is recorded lost; 0: none; None: the
     # dispatcher's default (a minute, or two leases if longer).
     last_attempt_grace: Optional[float] = None
+    # The most leases one request for work is granted, whatever the worker
+    # asks for.
+    max_jobs_per_poll: int = 64
+    # The most worker names one credential, and all of them together, may
+    # have connected at once; a new name beyond is refused (429).
+    max_names_per_credential: int = 256
+    max_names: int = 4096
 
 
 @attrs.frozen
@@ -386,6 +393,9 @@ _SECTIONS: Mapping[str, tuple[type, Mapping[str, Callable[[str], Any]]]] = {
             "lease_seconds": _seconds(1),
             "fence_margin": _optional_seconds,
             "last_attempt_grace": _optional_seconds_from_zero,
+            "max_jobs_per_poll": _integer(1),
+            "max_names_per_credential": _integer(1),
+            "max_names": _integer(1),
         },
     ),
     "api": (ApiConfig, {"token_file": _token_file, "authentication": _authentication}),

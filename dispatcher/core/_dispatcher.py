@@ -48,7 +48,7 @@ from dispatcher.store._results import (
     Written,
 )
 from dispatcher.wire._submission import Submission
-from dispatcher.core._hub import WorkerHub
+from dispatcher.core._hub import MAX_NAMES, MAX_NAMES_PER_CREDENTIAL, WorkerHub
 
 log = Logger()
 
@@ -90,6 +90,10 @@ class Dispatcher(Service):
         hears nothing has stopped the job (C{None}: the default).
     @param last_attempt_grace: how much longer a job's last attempt waits
         for its silent worker's result (C{None}: the default).
+    @param max_worker_names_per_credential: how many worker names one
+        credential may have connected at once.
+    @param max_worker_names: how many worker names may be connected at
+        once in all.
     """
 
     def __init__(
@@ -107,6 +111,8 @@ class Dispatcher(Service):
         lease_seconds: float = 30.0,
         fence_margin: Optional[float] = None,
         last_attempt_grace: Optional[float] = None,
+        max_worker_names_per_credential: int = MAX_NAMES_PER_CREDENTIAL,
+        max_worker_names: int = MAX_NAMES,
     ) -> None:
         self._reactor = reactor
         self._clock = clock if clock is not None else reactor
@@ -148,6 +154,8 @@ class Dispatcher(Service):
             self.capacity_changed,
             fence_margin,
             last_attempt_grace,
+            max_worker_names_per_credential,
+            max_worker_names,
         )
         self.events.subscribe(self._job_changed)
 

@@ -32,6 +32,7 @@ from twisted.internet.defer import Deferred, DeferredList, FirstError, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from dispatcher._throttle import Throttle
 from dispatcher.core._capacity import free_resources
 from dispatcher.core._reasons import silent_worker
 from dispatcher.core._recorder import Recorder
@@ -48,6 +49,7 @@ from dispatcher.model._workers import (
     ConnectedWorker,
     LeaseEnd,
     LeaseVerdict,
+    TooManyWorkerNames,
     default_fence_margin,
     default_last_attempt_grace,
 )
@@ -63,6 +65,15 @@ MAX_WAIT = 60.0
 
 # How often two processes sharing a worker name are logged, at most.
 DUPLICATE_LOG_INTERVAL = 60.0
+
+# The worker names kept at most, for one credential and in all (the daemon
+# reads them from [workers] max_names_per_credential and max_names).
+MAX_NAMES_PER_CREDENTIAL = 256
+MAX_NAMES = 4096
+
+# A worker name unheard from this many lease lives, with no lease and no
+# poll open, is forgotten.
+FORGET_AFTER_LEASES = 10
 
 # The period of the stall watchdog while leases are out (a quarter of
 # lease_seconds when that is shorter).  A timer of the hub that fires more
@@ -126,6 +137,9 @@ class Worker:
     # when that was last logged.
     shared_until: float = float("-inf")
     shared_logged: float = float("-inf")
+    # The name of the credential it calls with (None: not known yet, for a
+    # worker known only from the leases a restart resumed).
+    credential: Optional[str] = None
 
     @property
     def free_slots(self) -> int:
@@ -163,6 +177,11 @@ class WorkerHub:
     @param last_attempt_grace: how much longer than its lease a job's
         last attempt waits for its silent worker's result before it is
         recorded lost (C{None}: L{default_last_attempt_grace}).
+    @param max_names_per_credential: how many worker names one credential
+        may have connected at once; a new name beyond it is refused
+        (L{TooManyWorkerNames}).
+    @param max_names: how many worker names all credentials may have
+        connected at once.
     """
 
     def __init__(
@@ -174,6 +193,8 @@ class WorkerHub:
         capacity_changed: Callable[[], None],
         fence_margin: Optional[float] = None,
         last_attempt_grace: Optional[float] = None,
+        max_names_per_credential: int = MAX_NAMES_PER_CREDENTIAL,
+        max_names: int = MAX_NAMES,
     ) -> None:
         self._scheduler = scheduler
         self._clock = clock
@@ -192,6 +213,11 @@ class WorkerHub:
         self._recorder = recorder
         self._capacity_changed = capacity_changed
         self.workers: dict[str, Worker] = {}
+        # The names of self.workers by the credential they call with.
+        self._names: dict[Optional[str], set[str]] = {}
+        self.max_names_per_credential = max_names_per_credential
+        self.max_names = max_names
+        self._names_refused = Throttle(clock)
         self.leases: dict[str, RemoteLease] = {}
         # The leases of last attempts waiting for their silent workers (a
         # few, if any): what job reads look up, without a scan of them all.
@@ -227,6 +253,7 @@ class WorkerHub:
                 # Known only by name until it calls again.
                 worker = Worker(Offer(lease.holder, 0), now, heard=False)
                 self.workers[lease.holder] = worker
+                self._names.setdefault(None, set()).add(lease.holder)
             worker.jobs.add(lease.job_id)
         self._arm_reaper()
 
@@ -307,9 +334,12 @@ class WorkerHub:
 
     # What workers ask
 
-    def contact(self, offer: Offer) -> Worker:
+    def contact(self, offer: Offer, credential: Optional[str] = None) -> Worker:
         """
-        A worker called: remember what it offers and when.
+        A worker called, with the credential named C{credential}: remember
+        what it offers and when.  A name heard for the first time is
+        logged, and refused (L{TooManyWorkerNames}, nothing changed) when
+        its credential or the dispatcher has as many names as it may keep.
         """
         now = self._clock.seconds()
         worker = self.workers.get(offer.holder)
@@ -317,13 +347,59 @@ class WorkerHub:
             # A new name: a good moment to forget the long gone (the reaper
             # does too, but runs only while leases are out).
             self._forget_idle(now)
-            worker = self.workers[offer.holder] = Worker(offer, now)
+            self._admit(offer.holder, credential, now)
+            worker = self.workers[offer.holder] = Worker(offer, now, credential=credential)
+            self._names.setdefault(credential, set()).add(offer.holder)
+            log.info(
+                "worker {name} is heard from for the first time, with credential "
+                "{credential}",
+                name=offer.holder,
+                credential=credential,
+            )
         else:
             self._check_instance(worker, offer, now)
             worker.offer = offer
             worker.last_contact = now
             worker.heard = True
+            if worker.credential is None and credential is not None:
+                # Known from resumed leases until now: the name counts for
+                # the credential it calls with (over its limit, if need be:
+                # it holds leases already).
+                self._uncount(worker)
+                worker.credential = credential
+                self._names.setdefault(credential, set()).add(offer.holder)
         return worker
+
+    def _admit(self, name: str, credential: Optional[str], now: float) -> None:
+        """
+        Let the new worker name C{name} of C{credential} in, or refuse it
+        (L{TooManyWorkerNames}) when its credential, or the dispatcher in
+        all, keeps as many names as it may.  At a limit, names no longer
+        connected (no lease, no poll open, unheard from for a lease's life)
+        are forgotten first: a fleet whose workers restart under new names
+        (the default name has the pid in it) is not held up by its dead.
+        """
+        names = self._names.get(credential, ())
+        per_credential = len(names) >= self.max_names_per_credential
+        if per_credential or len(self.workers) >= self.max_names:
+            self._forget_idle(now, self.lease_seconds)
+            names = self._names.get(credential, ())
+            per_credential = len(names) >= self.max_names_per_credential
+            if not per_credential and len(self.workers) < self.max_names:
+                return
+            limit = self.max_names_per_credential if per_credential else self.max_names
+            refused = TooManyWorkerNames(name, credential, limit, per_credential)
+            count = self._names_refused.happened()
+            if count is not None:
+                log.warn(
+                    "{count} new worker names refused (the latest {name}, with "
+                    "credential {credential}): {why}",
+                    count=count,
+                    name=name,
+                    credential=credential,
+                    why=str(refused),
+                )
+            raise refused
 
     def _check_instance(self, worker: Worker, offer: Offer, now: float) -> None:
         """
@@ -360,6 +436,7 @@ class WorkerHub:
         max_jobs: int,
         wait: float,
         held: Optional[Iterable[tuple[str, int]]] = None,
+        credential: Optional[str] = None,
     ) -> Deferred:
         """
         A worker asks for up to C{max_jobs} jobs; fire with the leases it
@@ -368,9 +445,10 @@ class WorkerHub:
         claim still in flight brings.  C{held} lists the leases the worker
         process holds, as C{(job_id, token)} (C{None}: it does not say);
         those it was granted and does not list never reached it, and go
-        back to the queue unspent (L{_release_unheld}).
+        back to the queue unspent (L{_release_unheld}).  C{credential} names
+        the credential the worker calls with (see L{contact}).
         """
-        worker = self.contact(offer)
+        worker = self.contact(offer, credential)
         if held is not None and self.accepting:
             self._release_unheld(worker, offer.instance, held)
         if worker.poll is not None:
@@ -514,14 +592,20 @@ class WorkerHub:
         self._arm_reaper()
         self._end_poll(worker, leases)
 
-    def heartbeat(self, offer: Offer, items: list[tuple[str, int, bool]]) -> Deferred:
+    def heartbeat(
+        self,
+        offer: Offer,
+        items: list[tuple[str, int, bool]],
+        credential: Optional[str] = None,
+    ) -> Deferred:
         """
         Renew the leases a worker names, as C{(job_id, token, running)};
         fire with one L{LeaseVerdict} per item, carrying the new expiry.  A
         lease whose result is being recorded is still the worker's: it is
-        renewed as any other.
+        renewed as any other.  A lease held under another worker name is
+        refused, and left as it is.
         """
-        self.contact(offer)
+        self.contact(offer, credential)
         now = self._clock.seconds()
         answers: list[LeaseVerdict] = []
         writes: list[Deferred] = []
@@ -554,7 +638,10 @@ class WorkerHub:
         return d.addCallback(lambda _: answers)
 
     def report(
-        self, offer: Offer, results: list[tuple[str, int, Optional[Outcome]]]
+        self,
+        offer: Offer,
+        results: list[tuple[str, int, Optional[Outcome]]],
+        credential: Optional[str] = None,
     ) -> Deferred:
         """
         Record how attempts ended, as C{(job_id, token, outcome)}; an
@@ -566,9 +653,11 @@ class WorkerHub:
         its answer waits for that; a resent report of a result still being
         written waits for the same write (the first outcome is the one
         recorded).  Until the commit the lease stays current and holds its
-        slot; after it, a resend is refused as C{reported}.
+        slot; after it, a resend is refused as C{reported}.  A result for a
+        lease held under another worker name is refused, and changes
+        nothing.
         """
-        self.contact(offer)
+        self.contact(offer, credential)
         answers: list[Union[LeaseVerdict, Deferred]] = []
         waits: list[Deferred] = []
         for job_id, token, outcome in results:
@@ -910,14 +999,28 @@ class WorkerHub:
         self._arm_reaper()
         return True
 
-    def _forget_idle(self, now: float) -> None:
+    def _forget_idle(self, now: float, after: Optional[float] = None) -> None:
+        """
+        Forget the workers with no lease and no poll open that were last
+        heard from more than C{after} seconds ago (by default
+        L{FORGET_AFTER_LEASES} lease lives).
+        """
+        if after is None:
+            after = FORGET_AFTER_LEASES * self.lease_seconds
         for name, worker in list(self.workers.items()):
-            if (
-                worker.poll is None
-                and not worker.jobs
-                and now - worker.last_contact > 10 * self.lease_seconds
-            ):
+            if worker.poll is None and not worker.jobs and now - worker.last_contact > after:
                 del self.workers[name]
+                self._uncount(worker)
+
+    def _uncount(self, worker: Worker) -> None:
+        """
+        The name of C{worker} no longer counts for its credential.
+        """
+        names = self._names.get(worker.credential)
+        if names is not None:
+            names.discard(worker.offer.holder)
+            if not names:
+                del self._names[worker.credential]
 
     # What people see
 

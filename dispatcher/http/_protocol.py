@@ -800,6 +800,16 @@ class HTTPChannel(Protocol):
         url = self._url
         if url[:1] != b"/":
             self._url = self._origin_form(url)
+        check = self.factory.head_check
+        if check is not None:
+            # Before the body is read and a 100 Continue invites one: a
+            # caller without a credential sends nothing more (the
+            # refusal closes the connection), and a body's size says
+            # nothing to a stranger (401 before 413).
+            verdict = check(self, parser.get_method(), self._url, headers)
+            if isinstance(verdict, ApiError):
+                self._refuse_in_callback(_refusal_of(verdict))
+            self._verdict = verdict
         # Connection is read as a list of tokens, by llhttp.
         self._keep_alive = parser.should_keep_alive()
         coding = headers.get(b"transfer-encoding")
@@ -831,15 +841,6 @@ class HTTPChannel(Protocol):
             self._refuse_in_callback(_bad(
                 "a request that asks to switch protocols may not have a body"
             ))
-        check = self.factory.head_check
-        if check is not None:
-            # Before the body is read and a 100 Continue invites one: a
-            # caller without a credential sends nothing more (the
-            # refusal closes the connection).
-            verdict = check(self, parser.get_method(), self._url, headers)
-            if isinstance(verdict, ApiError):
-                self._refuse_in_callback(_refusal_of(verdict))
-            self._verdict = verdict
         if expected and version == "1.1" and (
             headers.get(b"expect", b"").lower() == b"100-continue"
         ):

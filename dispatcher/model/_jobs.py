@@ -13,7 +13,7 @@ import math
 import os
 import threading
 import time
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Union
 
 import attrs
 
@@ -283,12 +283,14 @@ class Lease:
 
     The fencing C{token} grows with every lease the store grants; a write
     that carries a token that is no longer the job's current one changes
-    nothing.
+    nothing.  A remote worker's lease carries instead the text the
+    dispatcher gave it, which it sends back as it is (the counter and a MAC
+    of it, L{dispatcher.wire._tokens}).
     """
 
     job_id: str
     attempt: int
-    token: int
+    token: Union[int, str]
     holder: str
     expires_at: float
     spec: JobSpec

@@ -94,3 +94,37 @@ class ConnectedWorker:
     waiting_for_work: bool
     last_contact: float
     name_shared: bool
+
+
+class TooManyWorkerNames(Exception):
+    """
+    A worker name heard for the first time is refused: its credential, or
+    the dispatcher in all, already keeps as many worker names as it may.
+    Names are kept while their workers are connected; the limit bounds the
+    dispatcher's memory against a credential that makes up names.
+
+    @ivar name: the name refused.
+    @ivar credential: the name of the credential it came with.
+    @ivar limit: the limit reached.
+    @ivar per_credential: whether it was the credential's limit (else the
+        dispatcher's in all).
+    """
+
+    def __init__(
+        self, name: str, credential: Optional[str], limit: int, per_credential: bool
+    ) -> None:
+        if per_credential:
+            what = f"credential {credential} already has {limit} worker names connected"
+            key = "max_names_per_credential"
+        else:
+            what = f"the dispatcher already has {limit} worker names connected"
+            key = "max_names"
+        super().__init__(
+            f"worker.name: {name!r} is refused: {what} ([workers] {key}); reuse a "
+            "name, or wait until a worker gone silent is forgotten (a lease's "
+            "life after its last contact)"
+        )
+        self.name = name
+        self.credential = credential
+        self.limit = limit
+        self.per_credential = per_credential

@@ -139,9 +139,10 @@ def job_summary(job: Job) -> JobSummary:
     return JobSummary(job.id, job.state, job.spec.array_id, job.spec.array_index)
 
 
-def lease_grant(lease: Lease) -> LeaseGrant:
+def lease_grant(lease: Lease, token: str) -> LeaseGrant:
     """
-    A lease as the dispatcher hands it to a remote worker.
+    A lease as the dispatcher hands it to a remote worker, with C{token},
+    the lease's token as the worker is given it (L{LeaseTokens.seal}).
     """
     spec = lease.spec
     wire = LeaseSpec(
@@ -157,29 +158,29 @@ def lease_grant(lease: Lease) -> LeaseGrant:
     if spec.requirements:
         wire.requirements = dict(spec.requirements)
     return LeaseGrant(
-        lease.job_id, lease.attempt, lease.token, lease.holder, format_time(lease.expires_at), wire
+        lease.job_id, lease.attempt, token, lease.holder, format_time(lease.expires_at), wire
     )
 
 
-def lease_status(verdict: LeaseVerdict) -> LeaseStatus:
+def lease_status(verdict: LeaseVerdict, token: str) -> LeaseStatus:
     """
     One item of the answer to a heartbeat or a report: C{ok} (with the new
     expiry, for a heartbeat), or refused with its reason and the message
-    the worker logs.
+    the worker logs; C{token} is the item's token as the worker sent it.
     """
     reason = verdict.refused
     if reason is not None:
         return LeaseStatus(
             verdict.job_id,
-            verdict.token,
+            token,
             False,
             status=409,
             reason=reason.value,
             message=REFUSALS[reason],
         )
     if verdict.expires is None:
-        return LeaseStatus(verdict.job_id, verdict.token, True)
-    return LeaseStatus(verdict.job_id, verdict.token, True, format_time(verdict.expires))
+        return LeaseStatus(verdict.job_id, token, True)
+    return LeaseStatus(verdict.job_id, token, True, format_time(verdict.expires))
 
 
 def worker_view(worker: ConnectedWorker) -> WorkerView:

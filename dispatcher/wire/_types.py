@@ -55,9 +55,20 @@ MAX_LABEL = 200
 # How deep a task's arguments may nest arrays and objects: what is taken in
 # must be written back out in answers, and decoders recurse.
 MAX_NESTING = 100
-MAX_SLOTS = 100_000
+# A worker runs at most this many jobs at once: a description beyond it is
+# refused (a credential that asked for 100,000 slots could hold as many
+# jobs, their env secrets with them).
+MAX_SLOTS = 10_000
+# A worker's description is kept in memory for every name heard (a few
+# thousand at most: [workers] max_names), so what one may hold is small.
+MAX_WORKER_LABELS = 64
+MAX_WORKER_TASKS = 256
+# As [tasks] names them (dispatcher.config): a longer name names no task.
+MAX_TASK_NAME = 100
 MAX_ITEMS = 10_000
-MAX_TOKEN = 2**63 - 1
+# The fencing counter a lease token carries (the store's, an SQLite
+# INTEGER).
+MAX_COUNTER = 2**63 - 1
 MAX_WAIT = 60.0
 DEFAULT_WAIT = 30.0
 MAX_EXIT_CODE = 255
@@ -78,6 +89,10 @@ INPUT_PATH = (
     r"^(?!/)(?!(?:.*/)?\.\.(?:/|$))(?=(?:.*/)?(?:[^/.]|\.[^/]))[^\x00]*[^/\x00]$"
 )
 # An RFC 3339 time with its zone (Z or an offset), from 1970 to 9998.
+# A lease token (dispatcher.wire._tokens): the lease's fencing counter, a
+# dot, and 128 bits of its MAC in base64url.  Workers send it back as they
+# were given it; they need not know its form.
+LEASE_TOKEN = r"^[1-9][0-9]{0,18}\.[A-Za-z0-9_-]{22}$"
 ZONED_TIME = (
     r"^(?:19[7-9]\d|[2-8]\d{3}|9[0-8]\d\d|99[0-8]\d|999[0-8])-(?:0[1-9]|1[0-2])"
     r"-(?:0[1-9]|[12]\d|3[01])[Tt ](?:[01]\d|2[0-3]):[0-5]\d:[0-5]\d(?:\.\d{1,6})?"
@@ -92,6 +107,7 @@ PATTERN_MESSAGES = {
     SHA256: "expected 64 hexadecimal digits",
     INPUT_PATH: "must be a relative path (no leading /) naming a file (not ending "
     "in /), with no '..' part",
+    LEASE_TOKEN: "not a lease token: send the token as the lease's grant gave it",
     ZONED_TIME: "expected an RFC 3339 time with its zone, such as "
     "2026-11-25T13:00:00Z or 2026-11-25T14:00:00+01:00 (1970 to 9998)",
 }
@@ -121,7 +137,15 @@ Priority = Annotated[int, Meta(ge=-MAX_PRIORITY, le=MAX_PRIORITY)]
 Cpus = Annotated[float, Meta(ge=0, le=MAX_CPUS, description="Fractions allowed.")]
 MemoryMb = Annotated[int, Meta(ge=0, le=MAX_MEMORY_MB, description="MiB.")]
 Gpus = Annotated[int, Meta(ge=0, le=MAX_GPUS)]
-Token = Annotated[int, Meta(ge=1, le=MAX_TOKEN, description="The lease's fencing token.")]
+Token = Annotated[
+    str,
+    Meta(
+        pattern=LEASE_TOKEN,
+        description="The lease's token: opaque to the worker, which sends it "
+        "back as it was given.  It cannot be guessed: a token the dispatcher did "
+        "not give is refused as a stale one is.",
+    ),
+]
 
 
 class _In(Struct, forbid_unknown_fields=True):
@@ -506,9 +530,13 @@ class WorkerOffer(_In):
     memory_mb: MemoryMb = 0
     gpus: Gpus = 0
     labels: Annotated[
-        dict[str, str], Meta(description="Matched against jobs' requirements.")
+        LabelMap,
+        Meta(max_length=MAX_WORKER_LABELS, description="Matched against jobs' requirements."),
     ] = {}
-    tasks: Annotated[list[str], Meta(description="The task names it can run.")] = []
+    tasks: Annotated[
+        list[Annotated[str, Meta(min_length=1, max_length=MAX_TASK_NAME, pattern=NO_NUL)]],
+        Meta(max_length=MAX_WORKER_TASKS, description="The task names it can run."),
+    ] = []
     instance: Optional[
         Annotated[ShortName, Meta(description="The worker process's own random id.")]
     ] = None
@@ -530,8 +558,9 @@ class LeaseRequest(_In):
 
     worker: WorkerOffer
     max_jobs: Optional[
-        Annotated[int, Meta(ge=1, description="How many jobs it can start now, up "
-                            "to its slots (the default).")]
+        Annotated[int, Meta(ge=1, le=MAX_SLOTS, description="How many jobs it can "
+                            "start now, up to its slots (the default).  A poll is "
+                            "granted at most [workers] max_jobs_per_poll.")]
     ] = None
     wait: Annotated[
         float, Meta(ge=0, le=MAX_WAIT, description="Seconds to hold the request "
@@ -668,7 +697,7 @@ class LeaseStatus(_Out, omit_defaults=True):
     """
 
     job_id: str
-    token: int
+    token: str
     ok: bool
     expires_at: Union[Time, UnsetType] = UNSET
     status: Union[Literal[409], UnsetType] = UNSET

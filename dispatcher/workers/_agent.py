@@ -544,11 +544,12 @@ class RemoteWorker(Service):
         if fence_at <= now:
             self._too_late(held, now)
             return
+        # (Its token is not logged: it is the lease's secret, which whoever
+        # reads the log could write the job's log and result with.)
         log.info(
-            "job {job_id} attempt {attempt} leased (token {token})",
+            "job {job_id} attempt {attempt} leased",
             job_id=lease.job_id,
             attempt=lease.attempt,
-            token=lease.token,
         )
 
         def mark_running(lease: Lease) -> Deferred:

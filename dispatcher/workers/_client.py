@@ -171,17 +171,18 @@ class DispatcherClient:
         return self._per_lease("results", ResultsRequest(worker, results), ResultsAnswer)
 
     def append_log(
-        self, job_id: str, token: int, stream: str, offset: int, data: bytes
+        self, job_id: str, token: str, stream: str, offset: int, data: bytes
     ) -> Deferred:
         """
-        Write C{data} at C{offset} of one stream of an attempt's log.  Fires
+        Write C{data} at C{offset} of one stream of an attempt's log, under
+        the lease's C{token} as the dispatcher gave it.  Fires
         with the stream's size afterwards; fails with L{LogOffsetMismatch}
         or L{LeaseGone}.
         """
         url = (
             self.url("v1", "leases", "log")
             .add("job_id", job_id)
-            .add("token", str(token))
+            .add("token", token)
             .add("stream", stream)
             .add("offset", str(offset))
         )
