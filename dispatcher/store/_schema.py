@@ -115,7 +115,12 @@ MIGRATIONS: Sequence[str] = (
     # (issue 15).  Jobs stored before have none (NULL, shown as null): no
     # one submitted them under a name, so only the principals that see
     # every job (admins, readers) see them, and no submitter does.  The
-    # index serves ?owner= and a submitter's own lists, in seq order.
+    # index serves ?owner= and a submitter's own lists, in seq order: a
+    # page of an owner of 100 jobs spread among 100,000 was read in 1.6 ms
+    # with it, 18 ms without (a scan in seq order), and of an owner of
+    # none in 0.01 ms against 15.  With the owner a plain batch's writer
+    # spends about half a microsecond more a job (4.5 against 4.0), the
+    # index about half of that.
     #
     # Idempotency keys are an owner's own: two owners' same key makes each
     # its own jobs.  The table is made again (a key was its primary key);
