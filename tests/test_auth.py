@@ -266,7 +266,7 @@ def test_refusals_are_logged_with_their_principal_and_rate_limited(tmp_path):
     the next window opens."""
     clock = Clock()
     credentials = CredentialFile(str(tmp_path))
-    token = credentials.create("rita", Role.READER)
+    token, _ = credentials.create("rita", Role.READER)
     gate = Gate(credentials, HostPolicy(), Router(), clock)
     events = []
     observer = events.append
@@ -300,7 +300,7 @@ def test_a_credential_file_change_is_seen_at_the_next_check(tmp_path):
     daemon_side = CredentialFile(str(tmp_path))
     command_side = CredentialFile(str(tmp_path))
     assert daemon_side.authenticate(b"dsp_x") is None
-    token = command_side.create("w", Role.WORKER, ["w-1", "w-2"])
+    token, _ = command_side.create("w", Role.WORKER, ["w-1", "w-2"])
     principal = daemon_side.authenticate(token.encode())
     assert principal == Principal("w", Role.WORKER, frozenset({"w-1", "w-2"}))
     assert principal.may_act_as("w-2") and not principal.may_act_as("w")
@@ -315,8 +315,8 @@ def test_a_remembered_token_is_forgotten_when_the_file_is_edited_in_place(tmp_pa
     file is edited in place to drop it, without the rename the command
     makes."""
     credentials = CredentialFile(str(tmp_path))
-    kept = credentials.create("kept", Role.READER)
-    dropped = credentials.create("dropped", Role.SUBMITTER)
+    kept, _ = credentials.create("kept", Role.READER)
+    dropped, _ = credentials.create("dropped", Role.SUBMITTER)
     for _ in range(2):
         assert credentials.authenticate(dropped.encode()).name == "dropped"
         assert credentials.authenticate(kept.encode()).name == "kept"

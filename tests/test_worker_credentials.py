@@ -52,7 +52,8 @@ def credential(daemon, name, *worker_names):
     """Make a worker credential of C{daemon} as C{dispatcher token create
     NAME --role worker --worker-name ...} does, and give its bearer token:
     the principal C{name}, which may act under C{worker_names} alone."""
-    return daemon.service.credentials.create(name, Role.WORKER, worker_names)
+    token, _ = daemon.service.credentials.create(name, Role.WORKER, worker_names)
+    return token
 
 
 @pytest.fixture

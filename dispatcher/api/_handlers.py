@@ -582,21 +582,17 @@ class DispatcherAPI(Resource):
             )
         credentials = self._credential_file()
         try:
-            token = await deferToThreadPool(
+            token, made = await deferToThreadPool(
                 self._reactor, self._io_pool, credentials.create,
                 body.name, body.role, body.worker_names,
             )
         except CredentialExists as e:
             raise ApiError(409, "conflict", f"name: {e}", "name")
-        made = credentials.named(body.name)
         log.info(
             "{principal} made the credential {name} ({role})",
             principal=request.principal.name, name=body.name, role=body.role.value,
         )
-        view = _credential_view(
-            next(c for c in credentials.credentials() if c.principal.name == body.name)
-        )
-        assert made is not None
+        view = _credential_view(made)
         return Answer(
             201,
             CredentialCreated(view.name, view.role, view.worker_names, view.created_at, token),

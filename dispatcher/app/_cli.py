@@ -227,7 +227,7 @@ def token_main(argv: Sequence[str]) -> int:
         if options.command == "create":
             role = check_role(options.role)
             os.makedirs(data_dir, mode=0o700, exist_ok=True)
-            token = credentials.create(options.name, role, options.worker_names)
+            token, _ = credentials.create(options.name, role, options.worker_names)
             sys.stdout.write(
                 f"made the credential {options.name} ({role.value}); its token, "
                 "shown this once:\n"

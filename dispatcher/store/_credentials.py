@@ -242,10 +242,10 @@ class CredentialFile:
 
     def create(
         self, name: str, role: Role, worker_names: Optional[Iterable[str]] = None
-    ) -> str:
+    ) -> tuple[str, Credential]:
         """
-        Make a credential and return its token (kept nowhere but in the
-        answer: only its hash is stored).
+        Make a credential; its token (kept nowhere but in the answer: only
+        its hash is stored) and the credential as kept.
 
         A worker credential acts under C{worker_names}, by default its own
         name alone.
@@ -277,11 +277,12 @@ class CredentialFile:
                 raise CredentialExists(
                     f"a credential named {name!r} exists; revoke it first, or choose another name"
                 )
-            credentials.append(
-                Credential(Principal(name, role, names), digest(token.encode("ascii")), time.time())
+            made = Credential(
+                Principal(name, role, names), digest(token.encode("ascii")), time.time()
             )
+            credentials.append(made)
             self._write(credentials)
-        return token
+        return token, made
 
     def revoke(self, name: str) -> bool:
         """
@@ -372,6 +373,6 @@ def make_admin_token(data_dir: str, credentials: CredentialFile) -> Optional[str
     if credentials.has_admin() or credentials.named("admin") is not None:
         return None
     path = os.path.join(data_dir, ADMIN_TOKEN_NAME)
-    token = credentials.create("admin", Role.ADMIN)
+    token, _ = credentials.create("admin", Role.ADMIN)
     write_private(path, (token + "\n").encode("ascii"))
     return path
