@@ -11,6 +11,8 @@ Requests::
     {"op": "spawn", "id": N, "argv": [...], "env": {...}, "cwd": "...",
      "stdout": "path", "stderr": "path"}
     {"op": "spawn", ..., "deadline": D}
+    {"op": "spawn", ..., "run_as": {"user": "nobody", "uid": U, "gid": G,
+                                    "groups": [G, ...]}}
     {"op": "signal", "id": N, "signal": 15}
     {"op": "deadline", "ids": [N, ...], "at": D}
 
@@ -34,7 +36,17 @@ them away.  Ids the helper no longer runs are ignored.  The daemon's own
 jobs have no deadline and cost nothing here.
 
 The working directory and the directories of the two output files are
-made if need be.  Each job leads its own session and process group.  When a job's leader
+made if need be (L{make_job_dirs}): the directories on the way to them
+with L{PASSAGE_MODE}, the output files' with L{LOGS_MODE}, the working
+directory with L{WORK_MODE}, given to the job's account.  The output files
+are opened here, never following a symbolic link, and handed to the job
+open; they belong to its account too, so that it may open them again
+(C{/dev/stdout}).
+
+With C{run_as}, the job runs as that account: its real, effective and
+saved user and group ids and its supplementary groups are the account's
+when it starts (L{_taking_ids}).  This process stays root.
+Each job leads its own session and process group.  When a job's leader
 exits, what is left of its group is killed before its exit is reported, so
 a job's stray background processes die with it.  C{C} is the exit status,
 or minus the signal that killed the leader.  When stdin closes, the daemon
@@ -54,9 +66,24 @@ import sys
 import time
 
 # How a job's stdout and stderr files are opened: appended to, so that the
-# output of an earlier attempt is kept.
-_OUTPUT_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_APPEND
-_OUTPUT_MODE = 0o644
+# output of an earlier attempt is kept; never through a symbolic link, and
+# never left open in another job.
+_OUTPUT_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
+
+# Who may enter what under the jobs directory (docs/security.md).  Every
+# directory on the way to a job's working directory (the jobs directory,
+# its buckets, the job's own directory) may be passed through by anyone
+# but listed by its owner alone: a job reaches its working directory by
+# its path, and finds no other's.
+PASSAGE_MODE = 0o711
+# A job's working directory: its account's alone.
+WORK_MODE = 0o700
+# The directory of an attempt's output files, and the files: the daemon's
+# (each file is given to the job's account, which writes it).  Nothing
+# the daemon reads or writes lies in a directory a job may change, so a
+# job cannot lead the daemon through a symbolic link.
+LOGS_MODE = 0o700
+LOG_MODE = 0o600
 
 # Field 22 of /proc/<pid>/stat, counted from 1: the start time.
 _START_TICKS = 21
@@ -122,6 +149,129 @@ class _Refused(Exception):
     """
 
 
+def make_passage(path):
+    """
+    Make C{path} and its missing parents with L{PASSAGE_MODE}.
+    """
+    try:
+        os.mkdir(path, PASSAGE_MODE)
+    except FileExistsError:
+        return
+    except FileNotFoundError:
+        make_passage(os.path.dirname(path))
+        try:
+            os.mkdir(path, PASSAGE_MODE)
+        except FileExistsError:
+            return
+    # The umask took the bits for others away.
+    os.chmod(path, PASSAGE_MODE)
+
+
+def _make_dir(path, mode):
+    """
+    Make C{path} with C{mode} (with no bits for group or others, which no
+    umask takes away), and its missing parents as passages; whether it was
+    made.
+    """
+    try:
+        os.mkdir(path, mode)
+    except FileExistsError:
+        return False
+    except FileNotFoundError:
+        make_passage(os.path.dirname(path))
+        try:
+            os.mkdir(path, mode)
+        except FileExistsError:
+            return False
+    return True
+
+
+def make_job_dirs(workdir=None, logs_dirs=(), owner=None):
+    """
+    Make a job's directories: C{workdir} (L{WORK_MODE}), each of
+    C{logs_dirs} (L{LOGS_MODE}) and the directories on the way to them
+    (L{PASSAGE_MODE}).  Blocking.
+
+    @param owner: C{(uid, gid)} the working directory is given to, made or
+        found (one an older version made, or of an account the job ran as
+        before); C{None}: it stays this process's.
+    """
+    for path in logs_dirs:
+        _make_dir(path, LOGS_MODE)
+    if workdir is None:
+        return
+    made = _make_dir(workdir, WORK_MODE)
+    if owner is None:
+        return
+    uid, gid = owner
+    if not made:
+        # Its parent is the daemon's: nobody else can have put a link here.
+        found = os.lstat(workdir)
+        if found.st_uid == uid and found.st_gid == gid:
+            return
+    os.chown(workdir, uid, gid, follow_symlinks=False)
+
+
+def _run_as(value):
+    """
+    The account of a spawn request's C{run_as}: C{(user, uid, gid,
+    groups)}, or C{None}.
+    """
+    if value is None:
+        return None
+    user, uid, gid, groups = value["user"], value["uid"], value["gid"], value["groups"]
+    if not (
+        isinstance(user, str)
+        and all(type(n) is int and n >= 0 for n in (uid, gid, *groups))
+    ):
+        raise _Refused(f"run_as must name a user and numeric ids, not {value!r}")
+    return user, uid, gid, groups
+
+
+# This process's own real ids and groups, which it takes back after each
+# spawn as another account.
+_OWN_IDS = None
+
+
+def _take_ids(run_as):
+    """
+    Take the account's ids as this process's *real* user and group ids and
+    its groups, the effective ids staying root's, for the moment of a
+    spawn: C{posix_spawn(..., resetids=True)} then sets the child's
+    effective ids to these real ones before it executes the program, and
+    the exec sets the saved ids to the effective ones.  So the job starts
+    with every id its account's, and with no capability (its ids are not
+    0), without a fork of this process (C{os.posix_spawn} is a C{vfork}).
+
+    While it holds them a process of that account may signal this one
+    (docs/security.md says what that allows); every signal it may catch is
+    ignored (L{main}).
+    """
+    _, uid, gid, groups = run_as
+    try:
+        os.setgroups(groups)
+        os.setresgid(gid, -1, -1)
+        os.setresuid(uid, -1, -1)
+    except OSError as e:
+        _give_back_ids()
+        raise _Refused(
+            f"cannot run as {run_as[0]} (uid {uid}, gid {gid}): {e.strerror}"
+            + ("; the process spawner helper is not root" if os.geteuid() != 0 else "")
+        )
+
+
+def _give_back_ids():
+    (ruid, _, _), (rgid, _, _), groups = _OWN_IDS
+    try:
+        os.setresuid(ruid, -1, -1)
+        os.setresgid(rgid, -1, -1)
+        os.setgroups(groups)
+    except OSError as e:
+        # Never serve on with a job's ids.
+        os.write(2, f"cannot take back this process's own ids: {e}\n".encode())
+        os._exit(70)
+
+
 def _resolve(name, env):
     """
     Find the program to run for C{argv[0]} as C{execvp} would, but in the
@@ -145,19 +295,18 @@ def _resolve(name, env):
     raise _Refused(f"no such file: {name} (not found in PATH={search})")
 
 
-def _explain(error, executable, stdout, stderr):
+def _explain(error, executable, run_as):
     """
     Say why C{posix_spawn} failed.  The error number alone does not tell
-    whether the program or one of the output files was at fault, so look.
+    whether the program or its interpreter was at fault, so look.  Called
+    while this process holds the job's ids, so that C{os.access} answers
+    for the job's account.
     """
     code = error.errno
-    outputs = (("stdout", stdout), ("stderr", stderr))
+    by = "" if run_as is None else f" by {run_as[0]}"
     if code == errno.ENOENT:
         if not os.path.lexists(executable):
             return f"no such file: {executable}"
-        for label, path in outputs:
-            if not os.path.isdir(os.path.dirname(path) or "."):
-                return f"no such directory for the {label} file: {path}"
         return (
             f"no such file: the interpreter or loader that {executable} "
             f"names (its #! line)"
@@ -166,20 +315,43 @@ def _explain(error, executable, stdout, stderr):
         if os.path.isdir(executable):
             return f"permission denied: {executable} is a directory"
         if not os.access(executable, os.X_OK):
-            return f"permission denied: {executable} is not executable"
+            return f"permission denied: {executable} is not executable{by}"
         return (
-            f"permission denied: cannot execute {executable} or open "
-            f"{stdout} or {stderr}"
+            f"permission denied: cannot execute {executable}{by} (a directory on "
+            "its way, or its interpreter, may not be open to it)"
         )
     if code == errno.ENOEXEC:
         return (
             f"not a program: {executable} is neither a binary for this system "
             f"nor a script with a #! line"
         )
-    for label, path in outputs:
-        if code == errno.EISDIR and os.path.isdir(path):
-            return f"the {label} file is a directory: {path}"
     return f"cannot start {executable}: {error.strerror}"
+
+
+def _open_output(label, path, owner):
+    """
+    Open a job's output file, never through a symbolic link, given to
+    C{owner} (C{(uid, gid)}, or C{None}); its descriptor.
+    """
+    try:
+        fd = os.open(path, _OUTPUT_FLAGS, LOG_MODE)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            why = "it is a symbolic link"
+        elif e.errno == errno.EISDIR:
+            why = "it is a directory"
+        else:
+            why = e.strerror
+        raise _Refused(f"cannot open the {label} file {path}: {why}")
+    except (ValueError, TypeError) as e:
+        raise _Refused(f"cannot open the {label} file {path!r}: {e}")
+    if owner is not None:
+        try:
+            os.fchown(fd, *owner)
+        except OSError as e:
+            os.close(fd)
+            raise _Refused(f"cannot give the {label} file {path} to uid {owner[0]}: {e.strerror}")
+    return fd
 
 
 class _Spawner:
@@ -248,49 +420,36 @@ class _Spawner:
         deadline = request.get("deadline")
         if deadline is not None:
             deadline = _deadline(deadline)
-        for directory in dict.fromkeys(
-            (cwd, os.path.dirname(stdout), os.path.dirname(stderr))
-        ):
+        run_as = _run_as(request.get("run_as"))
+        owner = None if run_as is None else run_as[1:3]
+        try:
             # Made here rather than by the daemon, which would have to hand
             # the work to a thread before every spawn.
-            try:
-                os.makedirs(directory, exist_ok=True)
-            except (OSError, ValueError, TypeError) as e:
-                raise _Refused(
-                    f"cannot make the directory {directory}: "
-                    f"{getattr(e, 'strerror', None) or e}"
-                )
-        try:
-            # posix_spawn has no working directory of its own: the job
-            # inherits ours.  The helper is single-threaded, so changing it
-            # for the moment of the spawn is safe.
-            os.chdir(cwd)
-        except (OSError, ValueError, TypeError) as e:
-            raise _Refused(f"bad cwd {cwd}: {getattr(e, 'strerror', None) or e}")
-        try:
-            executable = _resolve(argv[0], env)
-            pid = os.posix_spawn(
-                executable,
-                argv,
-                env,
-                file_actions=[
-                    (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
-                    (os.POSIX_SPAWN_OPEN, 1, stdout, _OUTPUT_FLAGS, _OUTPUT_MODE),
-                    (os.POSIX_SPAWN_OPEN, 2, stderr, _OUTPUT_FLAGS, _OUTPUT_MODE),
-                ],
-                # Its own session and so its own process group, which it
-                # leads: the group can be signalled as a whole, and a
-                # terminal's signals do not reach it.
-                setsid=True,
-                setsigdef=self._default_signals,
+            make_job_dirs(
+                cwd, dict.fromkeys((os.path.dirname(stdout), os.path.dirname(stderr))), owner
             )
-        except OSError as e:
-            raise _Refused(_explain(e, executable, stdout, stderr))
-        except (ValueError, TypeError) as e:
-            raise _Refused(f"cannot start {argv[0]}: {e}")
+        except (OSError, ValueError, TypeError) as e:
+            where = getattr(e, "filename", None) or cwd
+            raise _Refused(
+                f"cannot make the directory {where}: {getattr(e, 'strerror', None) or e}"
+            )
+        outputs = []
+        try:
+            outputs.append(_open_output("stdout", stdout, owner))
+            outputs.append(_open_output("stderr", stderr, owner))
+            try:
+                # posix_spawn has no working directory of its own: the job
+                # inherits ours.  The helper is single-threaded, so changing
+                # it for the moment of the spawn is safe.
+                os.chdir(cwd)
+            except (OSError, ValueError, TypeError) as e:
+                raise _Refused(f"bad cwd {cwd}: {getattr(e, 'strerror', None) or e}")
+            pid = self._start(argv, env, outputs, run_as)
         finally:
-            # Hold no job's directory busy.
+            # Hold no job's directory busy, nor its files open.
             os.chdir("/")
+            for fd in outputs:
+                os.close(fd)
         # Not yet reaped, so /proc still has it even if it has exited.
         start_ticks = int(read_stat(pid)[_START_TICKS])
         self._pid_of[job_id] = pid
@@ -306,6 +465,40 @@ class _Spawner:
             start_ticks=start_ticks,
             boot_id=self._boot_id,
         )
+
+    def _start(self, argv, env, outputs, run_as):
+        """
+        C{posix_spawn} the job, as C{run_as} if given; its pid.
+        """
+        if run_as is not None:
+            _take_ids(run_as)
+        try:
+            # The program is looked for with the job's ids, so that
+            # os.access answers for its account.
+            executable = _resolve(argv[0], env)
+            return os.posix_spawn(
+                executable,
+                argv,
+                env,
+                file_actions=[
+                    (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
+                    (os.POSIX_SPAWN_DUP2, outputs[0], 1),
+                    (os.POSIX_SPAWN_DUP2, outputs[1], 2),
+                ],
+                # Its own session and so its own process group, which it
+                # leads: the group can be signalled as a whole, and a
+                # terminal's signals do not reach it.
+                setsid=True,
+                setsigdef=self._default_signals,
+                resetids=run_as is not None,
+            )
+        except OSError as e:
+            raise _Refused(_explain(e, executable, run_as))
+        except (ValueError, TypeError) as e:
+            raise _Refused(f"cannot start {argv[0]}: {e}")
+        finally:
+            if run_as is not None:
+                _give_back_ids()
 
     def _signal(self, job_id, request):
         # Once the leader is reaped its pid may belong to someone else: only
@@ -442,10 +635,21 @@ def main(requests_fd=0, replies_fd=1):
     @param requests_fd: where requests are read from.
     @param replies_fd: where replies are written to.
     """
+    global _OWN_IDS
     os.chdir("/")
+    _OWN_IDS = (os.getresuid(), os.getresgid(), os.getgroups())
     # A Ctrl-C at the daemon's terminal reaches this process too; the
     # daemon then stops and closes our stdin, which is how we should end.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # And while it starts a job as another account, that account's
+    # processes may signal it (see _take_ids): every signal that can be
+    # ignored is, so that only SIGKILL and SIGSTOP remain to them.  (Jobs
+    # get the default of each: _Spawner._default_signals.)
+    for number in signal.valid_signals():
+        if number not in (signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD):
+            try:
+                signal.signal(number, signal.SIG_IGN)
+            except (OSError, ValueError):
+                pass
     spawner = _Spawner(replies_fd)
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_r, False)
