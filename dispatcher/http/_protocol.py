@@ -44,6 +44,7 @@ C{idle_timeout} seconds.
 from __future__ import annotations
 
 import io
+import os
 import socket
 import struct
 import sys
@@ -1121,6 +1122,9 @@ class HTTPFactory(Factory):
         self.log_file = open(
             self.access_log_path, "a", buffering=self.buffer_size, encoding="utf-8",
             newline="\n",
+            # Readable by the daemon's account alone, whatever the umask: it
+            # names clients and what they asked.
+            opener=lambda path, flags: os.open(path, flags | os.O_CLOEXEC, 0o600),
         )
         self._flusher = LoopingCall(self._flush_log)
         self._flusher.clock = self.reactor
