@@ -18,6 +18,8 @@ import twisted
 from twisted.application.service import IServiceMaker
 from twisted.plugin import getPlugins
 
+from .conftest import as_the_tests_account
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
 
@@ -47,7 +49,7 @@ class Twistd:
         self.listen = listen
         self.config = os.path.join(workdir, "dispatcher.ini")
         with open(self.config, "w") as f:
-            f.write(ini)
+            f.write(as_the_tests_account(ini))
         self.program = program
         self.process = None
         self.url = None
