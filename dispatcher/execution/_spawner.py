@@ -149,6 +149,18 @@ class _Refused(Exception):
     """
 
 
+# The umask of this helper, and so of the jobs it starts (the daemon's own
+# is 077): a job's files are its own business, and 022 is what jobs had
+# under a daemon of the usual umask.  Everything the helper makes has a
+# mode of its own.
+JOB_UMASK = 0o022
+
+# Whether a directory made with PASSAGE_MODE may lack bits for others (a
+# umask taking them away), to be given them: true but in the helper, whose
+# umask is JOB_UMASK.
+_passage_needs_chmod = True
+
+
 def make_passage(path):
     """
     Make C{path} and its missing parents with L{PASSAGE_MODE}.
@@ -163,8 +175,9 @@ def make_passage(path):
             os.mkdir(path, PASSAGE_MODE)
         except FileExistsError:
             return
-    # The umask took the bits for others away.
-    os.chmod(path, PASSAGE_MODE)
+    if _passage_needs_chmod:
+        # The umask took the bits for others away.
+        os.chmod(path, PASSAGE_MODE)
 
 
 def _make_dir(path, mode):
@@ -196,6 +209,10 @@ def make_job_dirs(workdir=None, logs_dirs=(), owner=None):
         found (one an older version made, or of an account the job ran as
         before); C{None}: it stays this process's.
     """
+    # The job's own directory first, so that the others are made at the
+    # first try (a mkdir costs more than a syscall on some disks).
+    for parent in {os.path.dirname(path) for path in (workdir, *logs_dirs) if path}:
+        make_passage(parent)
     for path in logs_dirs:
         _make_dir(path, LOGS_MODE)
     if workdir is None:
@@ -314,6 +331,10 @@ def _explain(error, executable, run_as):
     if code == errno.EACCES:
         if os.path.isdir(executable):
             return f"permission denied: {executable} is a directory"
+        closed = _closed_directory(executable)
+        if closed is not None:
+            who = "this process" if run_as is None else run_as[0]
+            return f"permission denied: {executable} lies in {closed}, which {who} may not enter"
         if not os.access(executable, os.X_OK):
             return f"permission denied: {executable} is not executable{by}"
         return (
@@ -326,6 +347,22 @@ def _explain(error, executable, run_as):
             f"nor a script with a #! line"
         )
     return f"cannot start {executable}: {error.strerror}"
+
+
+def _closed_directory(path):
+    """
+    The first directory on the way to C{path} that this process's real ids
+    may not pass through, or C{None}.
+    """
+    on_the_way = os.path.dirname(os.path.abspath(path))
+    closed = None
+    while True:
+        if not os.access(on_the_way, os.X_OK):
+            closed = on_the_way
+        parent = os.path.dirname(on_the_way)
+        if parent == on_the_way:
+            return closed
+        on_the_way = parent
 
 
 def _open_output(label, path, owner):
@@ -635,8 +672,10 @@ def main(requests_fd=0, replies_fd=1):
     @param requests_fd: where requests are read from.
     @param replies_fd: where replies are written to.
     """
-    global _OWN_IDS
+    global _OWN_IDS, _passage_needs_chmod
     os.chdir("/")
+    os.umask(JOB_UMASK)
+    _passage_needs_chmod = False
     _OWN_IDS = (os.getresuid(), os.getresgid(), os.getgroups())
     # A Ctrl-C at the daemon's terminal reaches this process too; the
     # daemon then stops and closes our stdin, which is how we should end.
@@ -645,7 +684,10 @@ def main(requests_fd=0, replies_fd=1):
     # ignored is, so that only SIGKILL and SIGSTOP remain to them.  (Jobs
     # get the default of each: _Spawner._default_signals.)
     for number in signal.valid_signals():
-        if number not in (signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD):
+        # (Between 31 and SIGRTMIN: the C library's own, left alone.)
+        if number not in (signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD) and (
+            number < 32 or number >= signal.SIGRTMIN
+        ):
             try:
                 signal.signal(number, signal.SIG_IGN)
             except (OSError, ValueError):
