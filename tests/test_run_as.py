@@ -559,6 +559,11 @@ def test_a_remote_worker_runs_each_owners_jobs_as_its_account(
             assert done["state"] == "succeeded", (done, worker.output())
         assert log_of(daemon, mine["id"]) == f"{accounts.uid(accounts.a)}\n"
         assert log_of(daemon, bobs["id"], token=bob) == f"{accounts.uid(accounts.b)}\n"
+        # The worker keeps its directories as the daemon does.
+        data = os.path.join(open_dir, "w-runas", "data")
+        assert mode(data) == 0o711 and mode(os.path.join(data, "jobs")) == 0o711
+        work = os.path.join(data, "jobs", job_path(bobs["id"]), "work")
+        assert mode(work) == 0o700 and os.stat(work).st_uid == accounts.uid(accounts.b)
     finally:
         worker.kill()
 

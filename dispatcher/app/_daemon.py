@@ -487,6 +487,9 @@ def read_lease_key(data_dir: str) -> bytes:
     it sits beside the data directory's other secrets.  A store restored on
     another host without it gets a new key: the leases outstanding then are
     refused as stale, and their jobs run again, as after any lost lease.
+
+    @raise UnsafeSecret: group or others may read or write it, or another
+        user owns it (L{check_secret}).
     """
     path = os.path.join(data_dir, LEASE_KEY_NAME)
     try:
@@ -508,7 +511,8 @@ def read_lease_key(data_dir: str) -> bytes:
             "workers hold now are then refused, and their jobs run again)"
         )
     if mode & 0o077:
-        # Whoever read it can forge workers' lease tokens.
+        # Whoever read it can forge workers' lease tokens.  (The start
+        # checks it first: L{DaemonService._secure_data_dir}.)
         check_secret(path, "the lease token key")
     return key
 
