@@ -259,25 +259,34 @@ def _take_ids(run_as):
     the exec sets the saved ids to the effective ones.  So the job starts
     with every id its account's, and with no capability (its ids are not
     0), without a fork of this process (C{os.posix_spawn} is a C{vfork}).
+    Nothing to do for C{None}.  L{_give_back_ids} ends it, whether this
+    succeeded or not.
 
     While it holds them a process of that account may signal this one
     (docs/security.md says what that allows); every signal it may catch is
     ignored (L{main}).
     """
-    _, uid, gid, groups = run_as
+    if run_as is None:
+        return
+    user, uid, gid, groups = run_as
     try:
         os.setgroups(groups)
         os.setresgid(gid, -1, -1)
         os.setresuid(uid, -1, -1)
     except OSError as e:
-        _give_back_ids()
         raise _Refused(
-            f"cannot run as {run_as[0]} (uid {uid}, gid {gid}): {e.strerror}"
+            f"cannot run as {user} (uid {uid}, gid {gid}): {e.strerror}"
             + ("; the process spawner helper is not root" if os.geteuid() != 0 else "")
         )
 
 
-def _give_back_ids():
+def _give_back_ids(run_as):
+    """
+    Take this process's own real ids and groups back after a spawn as
+    C{run_as} (nothing to do for C{None}).
+    """
+    if run_as is None:
+        return
     (ruid, _, _), (rgid, _, _), groups = _OWN_IDS
     try:
         os.setresuid(ruid, -1, -1)
@@ -470,50 +479,23 @@ class _Spawner:
             raise _Refused(
                 f"cannot make the directory {where}: {getattr(e, 'strerror', None) or e}"
             )
+        try:
+            # posix_spawn has no working directory of its own: the job
+            # inherits ours.  The helper is single-threaded, so changing it
+            # for the moment of the spawn is safe.
+            os.chdir(cwd)
+        except (OSError, ValueError, TypeError) as e:
+            raise _Refused(f"bad cwd {cwd}: {getattr(e, 'strerror', None) or e}")
         outputs = []
         try:
             outputs.append(_open_output("stdout", stdout, owner))
             outputs.append(_open_output("stderr", stderr, owner))
-            try:
-                # posix_spawn has no working directory of its own: the job
-                # inherits ours.  The helper is single-threaded, so changing
-                # it for the moment of the spawn is safe.
-                os.chdir(cwd)
-            except (OSError, ValueError, TypeError) as e:
-                raise _Refused(f"bad cwd {cwd}: {getattr(e, 'strerror', None) or e}")
-            pid = self._start(argv, env, outputs, run_as)
-        finally:
-            # Hold no job's directory busy, nor its files open.
-            os.chdir("/")
-            for fd in outputs:
-                os.close(fd)
-        # Not yet reaped, so /proc still has it even if it has exited.
-        start_ticks = int(read_stat(pid)[_START_TICKS])
-        self._pid_of[job_id] = pid
-        self._id_of[pid] = job_id
-        if deadline is not None:
-            # Kept from the moment the job exists: a worker frozen right
-            # after asking for it must not leave it without one.
-            self._deadlines[job_id] = deadline
-        self._reply(
-            op="spawned",
-            id=job_id,
-            pid=pid,
-            start_ticks=start_ticks,
-            boot_id=self._boot_id,
-        )
-
-    def _start(self, argv, env, outputs, run_as):
-        """
-        C{posix_spawn} the job, as C{run_as} if given; its pid.
-        """
-        if run_as is not None:
+            # From here to the end of the spawn, the job's account's ids as
+            # our real ids (_take_ids): the program is looked for, and a
+            # failure explained, as that account.
             _take_ids(run_as)
-        try:
-            # The program is looked for with the job's ids, so that
-            # os.access answers for its account.
             executable = _resolve(argv[0], env)
-            return os.posix_spawn(
+            pid = os.posix_spawn(
                 executable,
                 argv,
                 env,
@@ -534,8 +516,26 @@ class _Spawner:
         except (ValueError, TypeError) as e:
             raise _Refused(f"cannot start {argv[0]}: {e}")
         finally:
-            if run_as is not None:
-                _give_back_ids()
+            _give_back_ids(run_as)
+            # Hold no job's directory busy, nor its files open.
+            os.chdir("/")
+            for fd in outputs:
+                os.close(fd)
+        # Not yet reaped, so /proc still has it even if it has exited.
+        start_ticks = int(read_stat(pid)[_START_TICKS])
+        self._pid_of[job_id] = pid
+        self._id_of[pid] = job_id
+        if deadline is not None:
+            # Kept from the moment the job exists: a worker frozen right
+            # after asking for it must not leave it without one.
+            self._deadlines[job_id] = deadline
+        self._reply(
+            op="spawned",
+            id=job_id,
+            pid=pid,
+            start_ticks=start_ticks,
+            boot_id=self._boot_id,
+        )
 
     def _signal(self, job_id, request):
         # Once the leader is reaped its pid may belong to someone else: only
