@@ -14,8 +14,8 @@ Each round starts a fresh helper (with C{--pin}, on core 0 with its jobs,
 this driver on core 1), sends it C{--jobs} spawn requests with C{--window} in
 flight at once (the daemon's default of 8 slots), each job in its own
 directory laid out as the executor lays them out, and times them to their
-last exit.  It prints jobs/s (median and range of the rounds) and the
-helper's CPU time per job.  Run as root to measure the account change;
+last exit.  It prints jobs/s (median and range of the rounds), and the
+CPU time per job of the helper and of the job itself.  Run as root to measure the account change;
 otherwise only the helper's own account is measured.  The machine's other
 load shows in the figures: compare rows of one run only.
 """
@@ -49,19 +49,21 @@ def nobody() -> dict:
     )
 
 
-def cpu_seconds(pid: int) -> float:
-    """The CPU time of process C{pid} and its reaped children, in seconds."""
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """The CPU time of process C{pid}, and of its reaped children, in
+    seconds."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     # utime, stime, cutime, cstime: fields 14 to 17, counted from 1.
-    return sum(int(n) for n in fields[11:15]) / TICKS
+    own, children = fields[11:13], fields[13:15]
+    return sum(int(n) for n in own) / TICKS, sum(int(n) for n in children) / TICKS
 
 
 def one_round(helper: str, jobs: int, window: int, run_as: dict | None,
-              directory: str, pin: bool = False) -> tuple[float, float]:
+              directory: str, pin: bool = False) -> tuple[float, float, float]:
     """
     Start C{jobs} C{true} jobs through a fresh helper, C{window} at once;
-    (jobs per second, helper CPU seconds per job).
+    (jobs per second, the helper's CPU seconds per job, the jobs').
     """
     process = subprocess.Popen(
         [sys.executable, "-I", "-S", helper],
@@ -99,10 +101,14 @@ def one_round(helper: str, jobs: int, window: int, run_as: dict | None,
                 send(sent)
                 process.stdin.flush()
     elapsed = time.perf_counter() - started
-    cpu = cpu_seconds(process.pid) - cpu_before
+    cpu_after = cpu_seconds(process.pid)
     process.stdin.close()
     process.wait()
-    return jobs / elapsed, cpu / jobs
+    return (
+        jobs / elapsed,
+        (cpu_after[0] - cpu_before[0]) / jobs,
+        (cpu_after[1] - cpu_before[1]) / jobs,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -123,7 +129,9 @@ def main(argv: list[str] | None = None) -> None:
     variants.append(("now, as its own account", HELPER, None))
     if os.geteuid() == 0:
         variants.append(("now, as nobody (run_as)", HELPER, nobody()))
-    results: dict[str, list[tuple[float, float]]] = {name: [] for name, _, _ in variants}
+    results: dict[str, list[tuple[float, float, float]]] = {
+        name: [] for name, _, _ in variants
+    }
     for _ in range(args.rounds):
         for name, helper, run_as in variants:
             with tempfile.TemporaryDirectory(prefix="spawn-as-") as directory:
@@ -132,15 +140,17 @@ def main(argv: list[str] | None = None) -> None:
                 results[name].append(one_round(helper, args.jobs, args.window, run_as,
                                                directory, args.pin))
     print(f"{args.jobs} `true` jobs a round, {args.window} at once, {args.rounds} rounds "
-          f"(median, range; helper CPU per job):")
+          f"(median and range of the rounds; CPU per job, medians):")
     base = None
     for name, _, _ in variants:
-        rates = sorted(rate for rate, _ in results[name])
-        cpu = statistics.median(c for _, c in results[name])
+        rates = sorted(rate for rate, _, _ in results[name])
+        helper_cpu = statistics.median(c for _, c, _ in results[name])
+        jobs_cpu = statistics.median(c for _, _, c in results[name])
         median = statistics.median(rates)
         base = base or median
         print(f"  {name:28} {median:7,.0f} jobs/s ({rates[0]:,.0f}-{rates[-1]:,.0f}), "
-              f"{cpu * 1e6:5.0f} us CPU/job, {median / base:.3f} x the first row")
+              f"{median / base:.3f} x the first row; helper {helper_cpu * 1e6:4.0f} us, "
+              f"the job {jobs_cpu * 1e6:5.0f} us of CPU")
 
 
 if __name__ == "__main__":

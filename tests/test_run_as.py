@@ -26,8 +26,13 @@ import tempfile
 import threading
 import time
 
+import attrs
 import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.endpoints import serverFromString
 
+from dispatcher.app._daemon import CannotStart, DaemonService
 from dispatcher.config._ini import ConfigError, parse_config, run_as
 from dispatcher.execution._accounts import AccountRefused, job_accounts
 from dispatcher.execution._executor import job_path
@@ -691,3 +696,22 @@ def test_the_helper_ignores_the_signals_it_can(tmp_path):
         assert int(lines["SigIgn"], 16) & ~libc == 0 and int(lines["SigBlk"], 16) == 0
     finally:
         helper.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_daemon_told_an_account_it_cannot_use_does_not_start(tmp_path):
+    """A daemon whose [run_as] names an owner no credential can have (or,
+    not root, another account) refuses to start with one line saying which
+    key, before it takes up anything."""
+    config = parse_config("[run_as]\n-x = nobody\n", "t.ini")
+    config = attrs.evolve(config, dispatcher=attrs.evolve(
+        config.dispatcher, data_dir=str(tmp_path / "data")))
+    service = DaemonService(reactor, config, serverFromString(reactor, "tcp:0:interface=127.0.0.1"),
+                            stop_reactor=False)
+    service.startService()
+    with pytest.raises(CannotStart) as e:
+        await service.ready
+    assert str(e.value).startswith("t.ini: [run_as] -x = 'nobody:nogroup': an owner is a "
+                                   "credential's name")
+    assert not (tmp_path / "data").exists()
+    await service.stopService()
