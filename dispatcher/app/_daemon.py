@@ -411,6 +411,9 @@ class DaemonService(MultiService):
                 else "",
             )
         accounts = executor.accounts
+        if config.executor.slots == 0:
+            # It runs no job itself: who would run them is no matter.
+            return
         if accounts.note is not None:
             log.info(accounts.note)
         if accounts.default is not None or accounts.by_owner:
