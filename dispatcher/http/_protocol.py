@@ -44,6 +44,7 @@ C{idle_timeout} seconds.
 from __future__ import annotations
 
 import io
+import re
 import socket
 import struct
 import sys
@@ -384,7 +385,7 @@ class Request:
     def log_line(self, client: str, stamp: str) -> str:
         """
         The request's line in the Combined Log Format, as twisted.web
-        writes it.
+        writes it, its fields escaped as nginx escapes them (L{_quote}).
         """
         referrer = _quote(self.requestHeaders.get(b"referer", b"-"))
         agent = _quote(self.requestHeaders.get(b"user-agent", b"-"))
@@ -396,8 +397,23 @@ class Request:
 
 
 
+# The bytes a field of the access log shows as they are: printable ASCII
+# but the quote and the backslash.  Anything else is written \xHH, as nginx
+# writes its log (escape=default), so that no field can end early or forge
+# a line: a User-Agent of  x" 200 "y  or one with a backslash before a quote
+# could make a parser read fields the client chose.
+_LOG_UNSAFE = re.compile(rb"[^\x20\x21\x23-\x5b\x5d-\x7e]")
+_LOG_ESCAPES = {bytes([byte]): b"\\x%02X" % byte for byte in range(256)}
+
+
 def _quote(value: bytes) -> str:
-    return value.decode("ascii", "backslashreplace").replace('"', '\\"')
+    """
+    C{value} as a field of the access log: printable ASCII, with C{"},
+    C{\\}, control bytes and any byte above 0x7E as C{\\xHH}.
+    """
+    if _LOG_UNSAFE.search(value) is not None:
+        value = _LOG_UNSAFE.sub(lambda match: _LOG_ESCAPES[match[0]], value)
+    return value.decode("ascii")
 
 
 # Where the parse of the next request stands: no byte of it yet, its head
