@@ -76,6 +76,7 @@ from twisted.web.http import RESPONSES, parse_qs
 from zope.interface import implementer
 
 from dispatcher.http import _writethrough
+from dispatcher.http._trim import HeapTrimmer
 from dispatcher.wire._json import encode
 from dispatcher.wire._submission import ApiError
 
@@ -485,6 +486,10 @@ class HTTPChannel(Protocol):
     # A 100 Continue owed to the request being read, once those before it
     # are answered.
     _continue_due = False
+    # The largest body of the request being read, and the refusal past it
+    # when it is not the factory's (limit_body).
+    _body_limit = 0
+    _body_refusal: Optional[BadRequest] = None
 
     def __init__(self) -> None:
         self._parser = HttpRequestParser(self)
@@ -816,6 +821,9 @@ class HTTPChannel(Protocol):
         url = self._url
         if url[:1] != b"/":
             self._url = self._origin_form(url)
+        # The head check may lower it (limit_body).
+        self._body_limit = self.factory.max_body_bytes
+        self._body_refusal = None
         check = self.factory.head_check
         if check is not None:
             # Before the body is read and a 100 Continue invites one: a
@@ -846,11 +854,10 @@ class HTTPChannel(Protocol):
         else:
             length = headers.get(b"content-length")
             if length is not None:
-                limit = self.factory.max_body_bytes
                 # llhttp has checked that it is digits, and that there is
                 # one.
-                if len(length) > 18 or int(length) > limit:
-                    self._refuse_in_callback(_too_large(limit))
+                if len(length) > 18 or int(length) > self._body_limit:
+                    self._refuse_in_callback(self._too_large())
                 expected = length != b"0"
         if expected and parser.should_upgrade():
             # llhttp would take the body for the new protocol's bytes.
@@ -896,16 +903,42 @@ class HTTPChannel(Protocol):
         llhttp: a piece of the body, kept as a piece: joined once, at the
         end, so that a body in many small reads costs no more than one.
         """
-        self._body.append(data)
         self._body_size += len(data)
-        if self._body_size > self.factory.max_body_bytes:
-            self._refuse_in_callback(_too_large(self.factory.max_body_bytes))
+        if self._body_size > self._body_limit:
+            # Refused before it is kept: a chunked body past its limit
+            # holds no more than the limit.
+            self._refuse_in_callback(self._too_large())
+        self._body.append(data)
+
+    def _too_large(self) -> BadRequest:
+        """
+        The refusal of a body over the request's limit.
+        """
+        if self._body_refusal is not None:
+            return self._body_refusal
+        return _too_large(self.factory.max_body_bytes)
+
+    def limit_body(self, limit: int, refusal: ApiError) -> None:
+        """
+        For the head check: the body of the request whose head is being
+        checked may have C{limit} bytes at most (less than the factory's
+        C{max_body_bytes}); a longer one is answered with C{refusal} and
+        the connection closed, as soon as its head (a C{Content-Length})
+        or its bytes (chunked) say so, with no more of it kept.
+        """
+        if limit < self._body_limit:
+            self._body_limit = limit
+            self._body_refusal = _refusal_of(refusal)
 
     def on_message_complete(self) -> None:
         """
         llhttp: the end of the request: it waits its turn in C{_ready}.
         """
         body = self._body
+        if len(body) > 1:
+            # A body of more than one read: its pieces are freed now, the
+            # whole of it once the request is answered.
+            self.factory.heap.released(self._body_size)
         request = Request(
             self,
             self._parser.get_method(),
@@ -1033,6 +1066,12 @@ class HTTPChannel(Protocol):
         self._stopped = True
         self._held.clear()
         self._ready.clear()
+        if self._body:
+            # A body cut off: let it go now rather than with the channel,
+            # which its parser holds in a cycle that only the collector
+            # breaks, maybe much later.
+            self._body = []
+            self.factory.heap.released(self._body_size)
         self._producer = None
         for timer in (self._timer, self._abort_timer):
             if timer is not None and timer.active():
@@ -1079,7 +1118,8 @@ class HTTPFactory(Factory):
         the headers of each request once its head is read, before its body
         is (and before a C{100 Continue}): an L{ApiError} it returns is
         answered at once and the connection closed; anything else becomes
-        the request's C{principal}.
+        the request's C{principal}.  It may lower the body's limit for that
+        request (L{HTTPChannel.limit_body}).
     """
 
     protocol = HTTPChannel
@@ -1125,6 +1165,7 @@ class HTTPFactory(Factory):
             else _writethrough.write
         )
         self.access_log_path = access_log_path
+        self.heap = HeapTrimmer(reactor)
         self.clock = _Clock(reactor.seconds)
         self.log_file: Optional[Any] = None
         self._flush_interval = flush_interval
@@ -1177,6 +1218,7 @@ class HTTPFactory(Factory):
             )
 
     def stopFactory(self) -> None:
+        self.heap.stop()
         if self._flusher is not None and self._flusher.running:
             self._flusher.stop()
         self._flusher = None
