@@ -141,11 +141,15 @@ class Route:
         return dict(sorted(out.items()))
 
 
-# The answers every route may give while the daemon stops, and every route
-# that stores something while its disk is full.
+# The answers every route may give while the daemon stops (or when a
+# connection is over a limit), and every route that stores something while
+# its disk is full.
 SHUTTING_DOWN = (
     "shutting_down: the dispatcher is stopping (SIGTERM; it answers this until "
-    "its running jobs are handled, then stops listening); nothing was changed."
+    "its running jobs are handled, then stops listening); nothing was changed. "
+    "Or too_many_connections, before the request is read: the connection was "
+    "over [server] max_connections or max_connections_per_address; it is "
+    "closed, and Retry-After says when to try again."
 )
 INSUFFICIENT_STORAGE = (
     "insufficient_storage: the dispatcher's disk is full (or failed the write); "
