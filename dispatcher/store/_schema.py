@@ -148,10 +148,10 @@ MIGRATIONS: Sequence[Union[str, Callable[[sqlite3.Connection], None]]] = (
     ALTER TABLE idempotency_owned RENAME TO idempotency;
     CREATE INDEX idempotency_age ON idempotency (created_at);
     """,
-    # Text that cannot be served (a lone surrogate escape, NaN or Infinity
-    # in JSON that versions before the store's own form wrote; text that
-    # is not UTF-8) is repaired, and each job repaired says so in its error
-    # (issue 16; dispatcher/store/_repair.py).
+    # What cannot be served (a lone surrogate escape, NaN or Infinity in
+    # the JSON that versions before the store's own form wrote) is
+    # repaired, and each job repaired says so in its error (issue 16;
+    # dispatcher/store/_repair.py).
     repair_unservable,
 )
 

@@ -75,13 +75,6 @@ __all__ = ["SQLiteJobStore", "jittered_backoff"]
 
 log = Logger()
 
-# How sqlite3 says that a row's text is not UTF-8.
-_NOT_UTF8 = "Could not decode to UTF-8"
-
-
-def _replacing(data: bytes) -> str:
-    return data.decode("utf-8", "replace")
-
 
 @implementer(IJobStore)
 class SQLiteJobStore:
@@ -125,7 +118,6 @@ class SQLiteJobStore:
         clock: Any = None,
     ) -> None:
         self._path = path
-        self._reactor = reactor
         # Queue names and their limits of running jobs (0: none).
         self._limits: dict[str, int] = dict(queues or {"default": 0})
         self._limits.setdefault("default", 0)
@@ -279,35 +271,10 @@ class SQLiteJobStore:
             conn.execute("BEGIN")
             try:
                 return operation(conn, *args)
-            except sqlite3.OperationalError as e:
-                if not str(e).startswith(_NOT_UTF8):
-                    raise
-                return self._read_not_utf8(conn, operation, args, str(e))
             finally:
                 conn.execute("COMMIT")
         except (sqlite3.Error, OSError) as e:
             raise ReadFailed(str(e)) from e
-
-    def _read_not_utf8(
-        self, conn: sqlite3.Connection, operation: Callable[..., Any], args: tuple, error: str
-    ) -> Any:
-        """
-        Read again what a row whose text is not UTF-8 made fail, with
-        U+FFFD in place of such bytes: no dispatcher writes such text
-        (schema migration 6 repairs what was there), but one row of it must
-        not make every page that holds it fail.
-        """
-        self._reactor.callFromThread(
-            log.warn,
-            "the store holds text that is not UTF-8 ({error}); it is read with U+FFFD "
-            "in its place",
-            error=error,
-        )
-        conn.text_factory = _replacing
-        try:
-            return operation(conn, *args)
-        finally:
-            conn.text_factory = str
 
     # The interface
 
