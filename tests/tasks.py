@@ -48,8 +48,12 @@ def read_input(context, path):
 
 
 def give(context, kind):
-    """Return a value JSON cannot carry as it is, by name."""
+    """Return a value JSON cannot carry as it is, by name (or raise an
+    exception whose words hold a lone surrogate)."""
+    if kind == "raise":
+        raise ValueError("no \ud800 here")
     return {
+        "refuse": "refuse me",
         "surrogate": "\ud800",
         "surrogate_key": {"\udc00": 1},
         "colliding_keys": {1: "a", "1": "b"},

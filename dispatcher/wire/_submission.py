@@ -187,8 +187,20 @@ def decode(raw: bytes, kind: type[T], prefix: str = "") -> T:
                 error = e
     except RecursionError:
         raise _too_deep_body(raw, prefix) from None
-    load = (lambda: msgspec.json.decode(raw)) if value is _UNREAD else (lambda: value)
+    load = (lambda: _load_any(raw)) if value is _UNREAD else (lambda: value)
     raise refusal(str(error), load, kind, prefix) from None
+
+
+def _load_any(raw: bytes) -> Any:
+    """
+    A refused body's value, to find the field at fault: as msgspec reads
+    it, or, where it refuses a number out of range, as json does (1e400
+    as infinite).
+    """
+    try:
+        return msgspec.json.decode(raw)
+    except msgspec.ValidationError:
+        return _loose.decode(raw.decode("utf-8"))
 
 
 def _whole_float_path(message: str) -> Optional[list[Optional[str]]]:
@@ -485,6 +497,12 @@ def _find_entry(
                 msgspec.convert(item, value_type, strict=True)
             except msgspec.ValidationError as e:
                 return refusal(str(e), lambda: item, value_type, name)
+            if text == "Number out of range":
+                # (Read by json as infinite, which any value takes.)
+                try:
+                    storable(item, name)
+                except UnservableValue as e:
+                    return ApiError(400, "invalid_field", f"{e.where}: {_say(text)}", e.where)
     raise ValueError("no entry is at fault")
 
 
