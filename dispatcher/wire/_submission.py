@@ -502,7 +502,10 @@ def _find_entry(
                 try:
                     storable(item, name)
                 except UnservableValue as e:
-                    return ApiError(400, "invalid_field", f"{e.where}: {_say(text)}", e.where)
+                    if "not a JSON number" in e.why:
+                        return ApiError(
+                            400, "invalid_field", f"{e.where}: {_say(text)}", e.where
+                        )
     raise ValueError("no entry is at fault")
 
 
