@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any, Optional, Sequence
 
 from treq.client import HTTPClient
+from twisted.internet.defer import fail
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import (
     IHostnameResolver,
@@ -145,6 +146,19 @@ class AddressRefused(Exception):
         )
 
 
+class CredentialsInURL(Exception):
+    """
+    A URL to fetch an input from holds credentials (C{user:password@}):
+    they would never be sent, and are shown to nobody.
+    """
+
+    def __str__(self) -> str:
+        return (
+            "the URL holds credentials (user:password@, shown as ***), which are"
+            " never sent; fetch from a URL without them"
+        )
+
+
 def _same_address(host: str, address: Any) -> bool:
     # Whether the host is written as the address (::ffff:127.0.0.1 is
     # ::ffff:7f00:1), not a name that resolved to it.
@@ -274,6 +288,10 @@ class _PolicedEndpoint:
         Resolve the host, drop the refused addresses and connect to one of
         the rest, as L{HostnameEndpoint} does.
         """
+        if "@" in self._host:
+            # An Agent takes user:password@ for part of the host; only a
+            # redirect brings one here (the stager refuses such URLs).
+            return fail(CredentialsInURL())
         refused: list[Refusal] = []
         passed: list[Any] = []
         resolver = _PolicedResolver(self._resolver, self._policy, refused, passed)

@@ -52,7 +52,7 @@ from zope.interface import implementer
 
 from dispatcher.config._ini import FetchConfig
 from dispatcher._deferreds import shielded
-from dispatcher.execution._http_client import AddressRefused
+from dispatcher.execution._http_client import AddressRefused, CredentialsInURL
 from dispatcher.execution._interfaces import IInputStager
 from dispatcher.model._jobs import InputSpec
 
@@ -359,10 +359,7 @@ def _check_url(text: str) -> DecodedURL | str:
     The URL to fetch, or the reason it cannot be fetched.
     """
     if _userinfo(text) is not None:
-        return (
-            "the URL holds credentials (user:password@, shown as ***), which are"
-            " never sent; fetch from a URL without them"
-        )
+        return str(CredentialsInURL())
     try:
         url = DecodedURL.from_text(text)
     except Exception as e:
@@ -467,6 +464,12 @@ def _request_failed(e: Exception, url: DecodedURL) -> _TryFailed:
         redirected = e.host.strip("[]").lower() != _uri_host(url).lower()
         hop = "redirected to a refused address: " if redirected else ""
         return _TryFailed(f"{hop}{e}", retry=False)
+    if isinstance(e, CredentialsInURL):
+        return _TryFailed(
+            "redirected to a URL that holds credentials (user:password@), which"
+            " are never sent",
+            retry=False,
+        )
     if isinstance(e, DNSLookupError):
         return _TryFailed(f"cannot resolve the host name {url.host!r}", retry=True)
     if isinstance(e, ConnectionRefusedError):
