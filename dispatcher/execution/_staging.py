@@ -72,7 +72,7 @@ _RETRY_STATUSES = frozenset({408, 429})
 # The user:password@ of a URL: everything of its authority up to the last
 # "@" (an authority ends at the first "/", "?" or "#"; a backslash, which
 # browsers read as "/", is taken as part of it: more is hidden, not less).
-_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*:)?//([^/?#]*)@")
+_USERINFO = re.compile(r"^(\s*[A-Za-z][A-Za-z0-9+.\-]*:)?//([^/?#]*)@")
 
 
 def redact_url(text: str) -> str:
