@@ -87,7 +87,10 @@ NO_NUL = "^[^\x00]*$"
 ENV_NAME = "^[A-Za-z_][A-Za-z0-9_]*$"
 RESERVED_ENV = "DISPATCHER_"
 IDENTIFIER = "^[_A-Za-z][_A-Za-z0-9]*$"
-HTTP_URL = "^https?://[^\x00]*$"
+# An http(s) URL without credentials: no "@" before the authority ends (at
+# the first "/", "?" or "#").  The fetch would never send them, and they
+# would be kept with the job for whoever may read it.
+HTTP_URL = "^https?://[^/?#@\x00]*(?:[/?#][^\x00]*)?$"
 SHA256 = "^[0-9a-fA-F]{64}$"
 # A relative path (no leading /) naming a file (not ending in /, some part
 # neither empty nor "."), with no ".." part and no NUL.
@@ -109,7 +112,8 @@ PATTERN_MESSAGES = {
     NO_NUL: "must not contain a NUL character",
     ENV_NAME: "not a valid environment variable name",
     IDENTIFIER: "not a valid Python argument name (ASCII letters, digits, _)",
-    HTTP_URL: "only http:// and https:// URLs can be fetched",
+    HTTP_URL: "only http:// and https:// URLs without credentials (user:password@) "
+    "can be fetched",
     SHA256: "expected 64 hexadecimal digits",
     INPUT_PATH: "must be a relative path (no leading /) naming a file (not ending "
     "in /), with no '..' part",
