@@ -92,6 +92,23 @@ def test_keys_that_are_not_text_are_written_as_json_writes_them():
     assert storable(deep) is deep
 
 
+def test_subclasses_of_json_types_are_written_as_json_writes_them():
+    """A str enum, an int enum, a namedtuple and an OrderedDict are stored
+    as json.dumps writes them (a str enum's value, not its name)."""
+    import collections
+    import enum
+
+    class Colour(str, enum.Enum):
+        RED = "red"
+
+    class Size(enum.IntEnum):
+        BIG = 2
+
+    point = collections.namedtuple("point", "x y")
+    value = [Colour.RED, Size.BIG, point(1, 2.5), collections.OrderedDict(c=Colour.RED)]
+    assert storable(value) == json.loads(json.dumps(value)) == ["red", 2, [1, 2.5], {"c": "red"}]
+
+
 def test_error_text_keeps_its_surrogates_as_escapes():
     """An error message with a lone surrogate is stored with its escape in
     its place; text without one is the same object."""

@@ -161,10 +161,22 @@ def _storable(value: Any, level: int) -> Any:
         return _storable_object(value, level)
     # Subclasses (an IntEnum, a str enum, a namedtuple, an OrderedDict) are
     # written as their base: as json.dumps does.
-    for base in (bool, int, float, str, dict, list, tuple):
+    for base, plain in _BASES:
         if isinstance(value, base):
-            return _storable(base(value) if base is not tuple else list(value), level)
+            return _storable(plain(value), level)
     raise _Fault(f"{_a(value)} is not a JSON value")
+
+
+# Each JSON type, with how a subclass's value becomes the type's own (a str
+# enum's str() is its name, but json.dumps writes its value).
+_BASES = (
+    (int, int.__int__),
+    (float, float.__float__),
+    (str, str.__str__),
+    (dict, dict),
+    (list, list),
+    (tuple, list),
+)
 
 
 def _storable_object(value: dict, level: int) -> dict:
