@@ -10,7 +10,6 @@ Real daemons on loopback, a real `twistd` and real worker processes.
 """
 
 import json
-import math
 import os
 import shutil
 import sqlite3
@@ -30,7 +29,7 @@ from dispatcher.model._values import (
 from dispatcher.store._schema import MIGRATIONS, migrate
 from dispatcher.wire._types import MAX_CURSOR, MAX_OFFSET
 
-from .conftest import TEST_TASKS, WORKER_TOKEN, sleep
+from .conftest import TEST_TASKS, WORKER_TOKEN
 from .test_json import values
 from .test_remote import poll
 from .test_twistd import Twistd
