@@ -74,6 +74,11 @@ class ServerConfig:
     # The Host names the API answers to besides the loopback names and the
     # address it listens on ("*": any); None: those alone.
     allowed_hosts: Optional[tuple[str, ...]] = None
+    # The most client connections open at once, in all and from one
+    # address; None ("auto"): derived at start from the open-file limit
+    # (dispatcher.app._limits).  0 per address ("none"): no such limit.
+    max_connections: Optional[int] = None
+    max_connections_per_address: Optional[int] = None
 
 
 @attrs.frozen
@@ -250,6 +255,25 @@ def _optional_seconds_from_zero(text: str) -> Optional[float]:
     return _seconds(0)(text)
 
 
+def _connections(text: str) -> Optional[int]:
+    if text.strip().lower() in ("", "auto"):
+        return None
+    try:
+        return _integer(1)(text)
+    except ValueError:
+        raise ValueError("expected auto or an integer of at least 1")
+
+
+def _connections_per_address(text: str) -> Optional[int]:
+    value = text.strip().lower()
+    if value == "none":
+        return 0
+    try:
+        return _connections(text)
+    except ValueError:
+        raise ValueError("expected auto, none or an integer of at least 1")
+
+
 def _boolean(text: str) -> bool:
     lowered = text.strip().lower()
     if lowered in ("1", "yes", "true", "on"):
@@ -394,6 +418,8 @@ _SECTIONS: Mapping[str, tuple[type, Mapping[str, Callable[[str], Any]]]] = {
             "body_timeout": _seconds(0, above=True),
             "allowed_hosts": host_list,
             "socket_group": _group,
+            "max_connections": _connections,
+            "max_connections_per_address": _connections_per_address,
         },
     ),
     "dispatcher": (
