@@ -145,6 +145,20 @@ MIGRATIONS: Sequence[str] = (
     ALTER TABLE idempotency_owned RENAME TO idempotency;
     CREATE INDEX idempotency_age ON idempotency (created_at);
     """,
+    # Migration 8 (issue 16, retention; numbered 8 when merged after 6
+    # and 7).  Finished jobs are removed (dispatcher/store/_removal.py).
+    # A job's sequence number is the cursor of GET /v1/jobs, and the next
+    # job's is one past the greatest stored: once the newest job is
+    # removed, the next would get its number again, behind a client's
+    # cursor.  The greatest number removed is kept here, and new numbers
+    # start past it.
+    """
+    CREATE TABLE removed (
+        one INTEGER PRIMARY KEY CHECK (one = 1),
+        top_seq INTEGER NOT NULL
+    );
+    INSERT INTO removed (one, top_seq) VALUES (1, 0);
+    """,
 )
 
 
