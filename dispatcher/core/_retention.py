@@ -28,7 +28,7 @@ from twisted.python.failure import Failure
 
 from dispatcher.execution._job_dirs import WINDOW_DIGITS, JobDirectories, window_end
 from dispatcher.model._jobs import FINAL_STATES, StoreClosed
-from dispatcher.store._results import RemovalCursor, StoreSpace
+from dispatcher.store._results import CommitFailed, RemovalCursor, StoreSpace
 
 log = Logger()
 
@@ -176,7 +176,9 @@ class Retention:
         self._call = None
 
         def failed(failure: Failure) -> None:
-            if failure.check(StoreClosed):
+            if failure.check(StoreClosed, CommitFailed):
+                # A failed commit (a full disk) the store logs itself, once
+                # a minute.
                 return
             log.failure("removing finished jobs failed; trying again next pass", failure)
 

@@ -189,18 +189,23 @@ def remove_finished(
             return Written(
                 Removed(tuple(m[_ID] for m in doomed), cursor, excess, False)
             )
-    rows = conn.execute(_SCAN, (after, scan)).fetchall()
-    done = len(rows) < scan
     seen: set[str] = set()
     next_array: Optional[str] = None
+    # Read as it goes: a pass that stops at its first job reads one row.
+    looked = 0
+    done = True
+    rows = conn.execute(_SCAN, (after, scan))
     for row in rows:
         if len(doomed) >= limit:
             done = False
             break
         if excess <= 0 and (cutoff is None or row[_CREATED] >= cutoff):
-            done = True
             break
-        after = row[_SEQ]
+        looked += 1
+        if looked == scan:
+            # The last row of this step's look: the next step goes on.
+            done = False
+        after = max(after, row[_SEQ])
         if row[_STATE] not in _FINAL:
             continue
         array_id = row[_ARRAY]
@@ -231,6 +236,7 @@ def remove_finished(
         doomed.append(row)
         if by_count:
             excess -= 1
+    rows.close()
     _delete(writer, conn, doomed)
     return Written(
         Removed(
