@@ -415,8 +415,9 @@ def make_dirs(tmp_path, *job_ids):
 
 
 def test_the_interval_follows_the_age():
-    """A pass runs every tenth of the age, at least once a second and at
-    least once a minute; the count rule alone, once a minute."""
+    """A pass runs every tenth of the age, no more often than once a second
+    and no less often than once a minute; the count rule alone, once a
+    minute."""
     assert RetentionPolicy(max_age=86400.0 * 7).interval == MAX_INTERVAL
     assert RetentionPolicy(max_age=60.48).interval == pytest.approx(6.048)
     assert RetentionPolicy(max_age=0.5).interval == MIN_INTERVAL
