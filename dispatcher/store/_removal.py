@@ -26,7 +26,7 @@ be behind a client's cursor (L{MAX_SEQ}).
 from __future__ import annotations
 
 import sqlite3
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from dispatcher.model._jobs import FINAL_STATES, JobState, UnknownJob
 from dispatcher.store._results import (
@@ -37,11 +37,14 @@ from dispatcher.store._results import (
     StoreSpace,
     Written,
 )
+from dispatcher.store._stored import decode_stored
+
+if TYPE_CHECKING:
+    from dispatcher.store._operations import WriterState
 
 # PRAGMA auto_vacuum's value for INCREMENTAL: the store's files are made
 # so (see SQLiteJobStore._connect), and free pages can be given back.
 INCREMENTAL = 2
-from dispatcher.store._stored import decode_stored
 
 # The next job's sequence number is one past the greatest of the jobs
 # stored and those removed (SQLite would give the greatest again once its
@@ -54,15 +57,14 @@ MAX_SEQ = (
 _FINAL = frozenset(state.value for state in FINAL_STATES)
 _SUCCEEDED = JobState.SUCCEEDED.value
 
-# The columns a removal step reads of each job it looks at.
-_SCAN = (
-    "SELECT seq, id, state, created_at, finished_at, array_id, owner, labels FROM jobs"
-    " WHERE seq > ? ORDER BY seq LIMIT ?"
+# The columns a removal step reads of each job it looks at (a finished
+# job always has its finished_at; were one missing, its age would count
+# from its submission rather than fail every pass).
+_COLUMNS = (
+    "seq, id, state, created_at, COALESCE(finished_at, created_at), array_id, owner, labels"
 )
-_MEMBERS = (
-    "SELECT seq, id, state, created_at, finished_at, array_id, owner, labels FROM jobs"
-    " WHERE array_id = ?"
-)
+_SCAN = f"SELECT {_COLUMNS} FROM jobs WHERE seq > ? ORDER BY seq LIMIT ?"
+_MEMBERS = f"SELECT {_COLUMNS} FROM jobs WHERE array_id = ?"
 # A job that depends on this one and has not succeeded.
 _WAITING_DEPENDENT = (
     "SELECT dj.id, dj.state, dj.owner FROM dependencies d JOIN jobs dj ON dj.id = d.job_id"
@@ -85,7 +87,7 @@ def _key_owner(owner: Optional[str]) -> str:
     return "" if owner is None else owner
 
 
-def _kept_for_dependents(writer: Any, conn: sqlite3.Connection, job_id: str) -> bool:
+def _kept_for_dependents(writer: WriterState, conn: sqlite3.Connection, job_id: str) -> bool:
     return bool(writer.dependencies) and conn.execute(
         _WAITING_DEPENDENT, (job_id,)
     ).fetchone() is not None
@@ -97,7 +99,7 @@ def _kept_for_key(conn: sqlite3.Connection, row: Sequence[Any], live_from: float
     ).fetchone() is not None
 
 
-def _delete(writer: Any, conn: sqlite3.Connection, rows: Sequence[Sequence[Any]]) -> None:
+def _delete(writer: WriterState, conn: sqlite3.Connection, rows: Sequence[Sequence[Any]]) -> None:
     """
     Delete the jobs of C{rows} (rows of L{_SCAN}) with their attempts,
     labels and dependency rows, and keep their greatest sequence number
@@ -128,7 +130,7 @@ def _delete(writer: Any, conn: sqlite3.Connection, rows: Sequence[Sequence[Any]]
 
 
 def _array_removable(
-    writer: Any,
+    writer: WriterState,
     conn: sqlite3.Connection,
     members: list[Any],
     cutoff: Optional[float],
@@ -156,7 +158,7 @@ def _array_order(members: list[Any]) -> list[Any]:
 
 
 def remove_finished(
-    writer: Any,
+    writer: WriterState,
     conn: sqlite3.Connection,
     now: float,
     cutoff: Optional[float],
@@ -249,7 +251,7 @@ def remove_finished(
 
 
 def remove(
-    writer: Any,
+    writer: WriterState,
     conn: sqlite3.Connection,
     job_id: str,
     now: float,
@@ -262,11 +264,7 @@ def remove(
     L{HasDependents} while a job that depends on it has not succeeded
     (named if C{owner} may see it).  Its value is the job's id.
     """
-    row = conn.execute(
-        "SELECT seq, id, state, created_at, finished_at, array_id, owner, labels FROM jobs"
-        " WHERE id = ?",
-        (job_id,),
-    ).fetchone()
+    row = conn.execute(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
     if row is None or (owner is not None and row[_OWNER] != owner):
         raise UnknownJob(job_id)
     state = JobState(row[_STATE])
@@ -319,7 +317,7 @@ def space(conn: sqlite3.Connection) -> StoreSpace:
     return StoreSpace(pages * page_size, free * page_size, mode == INCREMENTAL)
 
 
-def shrink(writer: Any, conn: sqlite3.Connection, limit: int) -> Written:
+def shrink(writer: WriterState, conn: sqlite3.Connection, limit: int) -> Written:
     """
     Give free pages back to the file system, at most C{limit} bytes of
     them (L{Shrink}); its value is the free bytes left.  One page a
