@@ -566,6 +566,29 @@ async def test_a_steps_size_bounds_what_the_writer_holds(make_store, tmp_path):
     assert max(timings) < 0.25, timings
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_stop_ends_a_pass_after_its_step(make_store, tmp_path):
+    """A stop asked for during a pass lets its current step finish and takes
+    no further one, and fires once it has; no pass is scheduled after."""
+    store = await make_store()
+    await submit(store, *[command(i) for i in range(100)])
+    await run_all(store, 101.0)
+    clock = Clock()
+    clock.advance(1000.0)
+    retention, pool = make_retention(store, tmp_path, clock, max_age=10.0)
+    retention.batch = 10
+    try:
+        retention.start()
+        passing = retention.run_pass()
+        await retention.stop()
+        report = await passing
+    finally:
+        pool.stop()
+    assert report.removed == 10 and report.steps == 1
+    assert (await store.count_by_state())[JobState.SUCCEEDED] == 90
+    assert clock.getDelayedCalls() == []
+
+
 # The daemon, on a fake clock
 
 

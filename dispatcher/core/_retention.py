@@ -231,6 +231,9 @@ class Retention:
                 cursor, excess = step.cursor, step.excess
                 if step.done:
                     break
+        if self._stopping:
+            # The rest waits for the next start.
+            return PassReport(removed, steps)
         windows = await self._remove_windows(now)
         shrunk = await self._shrink()
         if removed or windows or shrunk:
