@@ -64,8 +64,10 @@ from dispatcher.config._ini import QueueConfig
 from dispatcher.store._stored import request_digest
 from dispatcher.store._results import (
     DependencyNotRetried,
+    HasDependents,
     IdempotencyConflict,
     IdempotencyKey,
+    NotFinished,
     StorageFull,
     Submitted,
     SubmittedIds,
@@ -932,6 +934,17 @@ class DispatcherAPI(Resource):
                  job_id=job_id)
         return Answer(200 if done else 202, job_view(job))
 
+    async def delete_job(self, request: Any, job_id: str) -> Answer:
+        try:
+            await self._dispatcher.remove(job_id, _own_only(request.principal))
+        except UnknownJob:
+            raise _no_such_job(job_id)
+        except (NotFinished, HasDependents) as e:
+            raise ApiError(409, "conflict", str(e), "id")
+        log.info("{principal} deleted {job_id}", principal=request.principal.name,
+                 job_id=job_id)
+        return Answer(204, b"")
+
     async def read_log(self, request: Any, job_id: str) -> Answer:
         _only_query(request, "stream", "offset")
         stream = _query(request, "stream") or "stdout"
@@ -1018,6 +1031,12 @@ def _file_size(path: str) -> int:
 
 
 def _read_region(path: str, offset: int, size: int) -> bytes:
-    with open(path, "rb") as f:
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        # The job was removed meanwhile (DELETE, retention): the answer
+        # ends short, as for a file that shrank.
+        return b""
+    with f:
         f.seek(offset)
         return f.read(size)

@@ -415,6 +415,23 @@ ROUTES: tuple[Route, ...] = (
         writes=True,
     ),
     Route(
+        "DELETE", "/v1/jobs/{id}", "deleteJob", "delete_job",
+        "Remove a finished job now, with its attempts, logs and working "
+        "directory, as retention does once [retention] finished_days have passed "
+        "(docs/security.md); idempotency keys that made it are forgotten.", SUBMIT,
+        {
+            204: Response("Removed: its id names no job from now on.", None),
+            404: _NO_SUCH_JOB,
+            409: Response(
+                "conflict: the job has not finished (the message names its state: "
+                "cancel it first, or wait for it to end), or a job that depends on it "
+                "has not succeeded and still needs its outcome (delete that one first)."
+            ),
+        },
+        parameters=(JOB_ID,),
+        writes=True,
+    ),
+    Route(
         "GET", "/v1/jobs/{id}/log", "readJobLog", "read_log",
         "The output of the job's latest attempt; works while it runs.", READ,
         {

@@ -26,6 +26,7 @@ from dispatcher.model._principals import Principal, Role
 from dispatcher.store._credentials import CredentialError, CredentialFile, make_admin_token
 from dispatcher.config._ini import Config
 from dispatcher.core._dispatcher import Dispatcher
+from dispatcher.core._retention import RetentionPolicy
 from dispatcher.execution._host import JobHost
 from dispatcher.http._protocol import HTTPFactory
 from dispatcher.execution._process import kill_group_if_ours
@@ -152,6 +153,9 @@ class DaemonService(MultiService):
             last_attempt_grace=config.workers.last_attempt_grace,
             max_worker_names_per_credential=config.workers.max_names_per_credential,
             max_worker_names=config.workers.max_names,
+            retention=RetentionPolicy.from_days(
+                config.retention.finished_days, config.retention.finished_count
+            ),
         )
         # Credentials: the data directory's named tokens, and the token
         # files' (an admin, and a worker that may use any worker name).
