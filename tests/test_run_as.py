@@ -527,7 +527,8 @@ def served(tmp_path):
 def test_inputs_belong_to_the_jobs_account(accounts, open_dir, daemons, served):
     """A root daemon stages a job's inputs (and the directories on their
     way) as its account's, so that the job reads and changes them."""
-    daemon = daemons(open_dir, f"[executor]\nrun_as = {accounts.a}\n")
+    daemon = daemons(open_dir, f"[executor]\nrun_as = {accounts.a}\n"
+                     "[fetch]\nallow = 127.0.0.0/8\n")
     daemon.start()
     code, job = daemon.request("POST", "/v1/jobs", {
         "command": ["sh", "-c", "cat in/sub/data.txt && echo more >> in/sub/data.txt"],

@@ -37,8 +37,10 @@ from dispatcher.wire._json import decode as decode_json, encode
 from dispatcher.wire._forms import job_summary, job_view, worker_view
 from dispatcher.wire._types import (
     DEFAULT_LIST_LIMIT,
+    MAX_CURSOR,
     MAX_IDEMPOTENCY_KEY,
     MAX_LIST_LIMIT,
+    MAX_OFFSET,
     Batch,
     CredentialCreated,
     CredentialList,
@@ -62,8 +64,10 @@ from dispatcher.config._ini import QueueConfig
 from dispatcher.store._stored import request_digest
 from dispatcher.store._results import (
     DependencyNotRetried,
+    HasDependents,
     IdempotencyConflict,
     IdempotencyKey,
+    NotFinished,
     StorageFull,
     Submitted,
     SubmittedIds,
@@ -78,8 +82,13 @@ from dispatcher.wire._submission import (
     parse_submission,
     plain_jobs,
 )
-from dispatcher.api._workers import WorkerEndpoints
-from dispatcher.api._auth import Gate
+from dispatcher.api._workers import WorkerEndpoints, query_integer
+from dispatcher.api._auth import (
+    ANONYMOUS,
+    ANONYMOUS_BODY_TOO_LARGE,
+    MAX_ANONYMOUS_BODY_BYTES,
+    Gate,
+)
 from dispatcher.model._principals import Principal, Role
 from dispatcher.store._credentials import CredentialExists, CredentialFile
 
@@ -397,8 +406,17 @@ class DispatcherAPI(Resource):
         """
         The HTTP server's head check (L{HTTPFactory}'s C{head_check}): the
         request's L{Principal}, or the L{ApiError} refusing it (a Host or
-        Origin not allowed, no valid credential, a role that may not).
+        Origin not allowed, no valid credential, a role that may not).  A
+        caller without a credential (of an open route) may send a body of
+        C{MAX_ANONYMOUS_BODY_BYTES} at most: none of those routes reads one,
+        and a stranger must not make the daemon hold megabytes.
         """
+        verdict = self._verdict(channel, method, uri, headers)
+        if verdict is ANONYMOUS:
+            channel.limit_body(MAX_ANONYMOUS_BODY_BYTES, ANONYMOUS_BODY_TOO_LARGE)
+        return verdict
+
+    def _verdict(self, channel: Any, method: bytes, uri: bytes, headers: Any) -> Any:
         try:
             return self._gate.check(
                 method, uri.partition(b"?")[0], headers, channel.peer_uid(), channel.client
@@ -411,8 +429,8 @@ class DispatcherAPI(Resource):
             # No head check ran (a server without one): the same checks,
             # before anything else, the unknown paths' 404 included, so that
             # a page that rebinds a name to this host learns nothing.
-            verdict = self.check_head(request.channel, request.method, request.uri,
-                                      request.requestHeaders)
+            verdict = self._verdict(request.channel, request.method, request.uri,
+                                    request.requestHeaders)
             if isinstance(verdict, ApiError):
                 for name, value in getattr(verdict, "headers", {}).items():
                     request.setHeader(name, value)
@@ -863,7 +881,10 @@ class DispatcherAPI(Resource):
                 )
         labels = []
         for raw in request.args.get(b"label", []):
-            label = raw.decode("utf-8", "replace")
+            try:
+                label = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ApiError(400, "invalid_query", "label: not UTF-8", "label")
             key, sep, value = label.partition("=")
             if not key:
                 raise ApiError(
@@ -873,25 +894,13 @@ class DispatcherAPI(Resource):
         limit = DEFAULT_LIST_LIMIT
         text = _query(request, "limit")
         if text is not None:
-            if not _decimal(text) or not 1 <= int(text) <= MAX_LIST_LIMIT:
-                raise ApiError(
-                    400,
-                    "invalid_query",
-                    f"limit: expected an integer from 1 to {MAX_LIST_LIMIT}",
-                    "limit",
-                )
-            limit = int(text)
+            limit = query_integer(text, "limit", 1, MAX_LIST_LIMIT)
         cursor = None
         text = _query(request, "cursor")
         if text is not None:
-            if not _decimal(text):
-                raise ApiError(
-                    400,
-                    "invalid_query",
-                    "cursor: not a cursor this server gave out",
-                    "cursor",
-                )
-            cursor = int(text)
+            cursor = query_integer(
+                text, "cursor", 0, MAX_CURSOR, "not a cursor this server gave out"
+            )
         owner = _query(request, "owner")
         if owner is not None and not valid_name(owner):
             raise ApiError(
@@ -925,6 +934,17 @@ class DispatcherAPI(Resource):
                  job_id=job_id)
         return Answer(200 if done else 202, job_view(job))
 
+    async def delete_job(self, request: Any, job_id: str) -> Answer:
+        try:
+            await self._dispatcher.remove(job_id, _own_only(request.principal))
+        except UnknownJob:
+            raise _no_such_job(job_id)
+        except (NotFinished, HasDependents) as e:
+            raise ApiError(409, "conflict", str(e), "id")
+        log.info("{principal} deleted {job_id}", principal=request.principal.name,
+                 job_id=job_id)
+        return Answer(204, b"")
+
     async def read_log(self, request: Any, job_id: str) -> Answer:
         _only_query(request, "stream", "offset")
         stream = _query(request, "stream") or "stdout"
@@ -932,12 +952,10 @@ class DispatcherAPI(Resource):
             raise ApiError(
                 400, "invalid_query", "stream: expected stdout or stderr", "stream"
             )
-        text = _query(request, "offset") or "0"
-        if not _decimal(text):
-            raise ApiError(
-                400, "invalid_query", "offset: expected a byte offset from 0 up", "offset"
-            )
-        offset = int(text)
+        offset = query_integer(
+            _query(request, "offset") or "0", "offset", 0, MAX_OFFSET,
+            f"expected a byte offset from 0 to {MAX_OFFSET}",
+        )
         job = await self._job(request, job_id)
         path = self._dispatcher.log_path(job, stream)
         size = 0
@@ -974,14 +992,6 @@ def _credential_view(credential: Any) -> CredentialView:
         None if names is None else sorted(names),
         format_time(credential.created),
     )
-
-
-def _decimal(text: str) -> bool:
-    """
-    Whether C{text} is ASCII decimal digits: C{str.isdigit} takes "²",
-    which C{int} refuses.
-    """
-    return text.isascii() and text.isdigit()
 
 
 def _insufficient_storage(error: str) -> ApiError:
@@ -1021,6 +1031,12 @@ def _file_size(path: str) -> int:
 
 
 def _read_region(path: str, offset: int, size: int) -> bytes:
-    with open(path, "rb") as f:
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        # The job was removed meanwhile (DELETE, retention): the answer
+        # ends short, as for a file that shrank.
+        return b""
+    with f:
         f.seek(offset)
         return f.read(size)

@@ -17,10 +17,12 @@ from dispatcher.model._jobs import JobState
 from dispatcher.model._principals import ALLOWED, Access
 from dispatcher.wire._types import (
     DEFAULT_LIST_LIMIT,
+    MAX_CURSOR,
     MAX_IDEMPOTENCY_KEY,
     MAX_LIST_LIMIT,
     MAX_NAME,
     MAX_NESTING,
+    MAX_OFFSET,
     LEASE_TOKEN,
     Batch,
     CredentialCreated,
@@ -126,7 +128,9 @@ class Route:
             out.setdefault(
                 400, Response(f"A query parameter is wrong; it is named. {QUERY_RULES}")
             )
-        if self.auth is not OPEN:
+        if self.auth is OPEN:
+            out.setdefault(413, Response(ANONYMOUS_BODY))
+        else:
             out[401] = _unauthorized(UNAUTHORIZED)
             roles = ", ".join(sorted(r.value for r in ALLOWED[self.auth]))
             out[403] = _also(out.get(403), FORBIDDEN.format(roles=roles))
@@ -139,15 +143,28 @@ class Route:
         return dict(sorted(out.items()))
 
 
-# The answers every route may give while the daemon stops, and every route
-# that stores something while its disk is full.
+# The answers every route may give while the daemon stops (or when a
+# connection is over a limit), and every route that stores something while
+# its disk is full.
 SHUTTING_DOWN = (
     "shutting_down: the dispatcher is stopping (SIGTERM; it answers this until "
-    "its running jobs are handled, then stops listening); nothing was changed."
+    "its running jobs are handled, then stops listening); nothing was changed. "
+    "Or too_many_connections, before the request is read: the connection was "
+    "over [server] max_connections or max_connections_per_address; it is "
+    "closed, and Retry-After says when to try again."
 )
 INSUFFICIENT_STORAGE = (
     "insufficient_storage: the dispatcher's disk is full (or failed the write); "
     "nothing was stored. Try again once it has room."
+)
+
+# The largest body a request without a credential may carry (the open
+# routes read none): a stranger's body is not held past it
+# (dispatcher.api._auth, on the request's head).
+MAX_ANONYMOUS_BODY_BYTES = 1024
+ANONYMOUS_BODY = (
+    f"body_too_large: a request without a credential may carry a body of at most "
+    f"{MAX_ANONYMOUS_BODY_BYTES} bytes."
 )
 
 # The refusals of every route that needs a credential (dispatcher.api._auth),
@@ -206,6 +223,24 @@ _SUBMISSION_400 = (
     "refused: args or kwargs nested more than {nesting} deep; two inputs to one "
     "path, or an input's path that is a directory of another's (inputs[i].path)"
 )
+
+
+def digits_at_most(high: int) -> str:
+    """
+    A pattern of the decimal numbers from 0 to C{high} (leading zeros
+    allowed), for a query parameter that is an integer in a string: the
+    check (L{dispatcher.api._workers.query_integer}) and the schema then
+    read one constant.
+    """
+    top = str(high)
+    size = len(top)
+    choices = [f"[0-9]{{1,{size - 1}}}"] if size > 1 else []
+    for i, digit in enumerate(top):
+        if digit != "0":
+            rest = f"[0-9]{{{size - i - 1}}}" if i < size - 1 else ""
+            choices.append(f"{top[:i]}[0-{int(digit) - 1}]{rest}")
+    choices.append(top)
+    return f"^0*(?:{'|'.join(choices)})$"
 
 
 def _unauthorized(description: str) -> Response:
@@ -318,8 +353,9 @@ ROUTES: tuple[Route, ...] = (
             {
                 "name": "cursor",
                 "in": "query",
-                "description": "next_cursor of the previous page.",
-                "schema": {"type": "string", "pattern": "^[0-9]+$"},
+                "description": "next_cursor of the previous page (decimal digits, "
+                f"at most {MAX_CURSOR}).",
+                "schema": {"type": "string", "pattern": digits_at_most(MAX_CURSOR)},
             },
         ),
     ),
@@ -379,6 +415,23 @@ ROUTES: tuple[Route, ...] = (
         writes=True,
     ),
     Route(
+        "DELETE", "/v1/jobs/{id}", "deleteJob", "delete_job",
+        "Remove a finished job now, with its attempts, logs and working "
+        "directory, as retention does once [retention] finished_days have passed "
+        "(docs/security.md); idempotency keys that made it are forgotten.", SUBMIT,
+        {
+            204: Response("Removed: its id names no job from now on.", None),
+            404: _NO_SUCH_JOB,
+            409: Response(
+                "conflict: the job has not finished (the message names its state: "
+                "cancel it first, or wait for it to end), or a job that depends on it "
+                "has not succeeded and still needs its outcome (delete that one first)."
+            ),
+        },
+        parameters=(JOB_ID,),
+        writes=True,
+    ),
+    Route(
         "GET", "/v1/jobs/{id}/log", "readJobLog", "read_log",
         "The output of the job's latest attempt; works while it runs.", READ,
         {
@@ -392,7 +445,8 @@ ROUTES: tuple[Route, ...] = (
             {"name": "offset", "in": "query",
              "description": "Skip this many bytes: poll with the size already read "
              "to follow a running job.",
-             "schema": {"type": "integer", "minimum": 0, "default": 0}},
+             "schema": {"type": "integer", "minimum": 0, "maximum": MAX_OFFSET,
+                        "default": 0}},
         ),
     ),
     Route(
@@ -430,6 +484,11 @@ ROUTES: tuple[Route, ...] = (
         "Report how attempts ended; answered once the accepted ones are stored.", WORK,
         {
             200: Response("One answer per result.", ResultsAnswer),
+            400: Response(
+                "A field is wrong; it is named. Besides what the schema states, "
+                f"refused: a result nested more than {MAX_NESTING} deep "
+                "(results[i].result)."
+            ),
             403: Response(WORKER_NAME_FORBIDDEN),
             409: Response("Every result was refused.", ResultsAnswer),
             429: Response(TOO_MANY_WORKER_NAMES),
@@ -459,7 +518,7 @@ ROUTES: tuple[Route, ...] = (
              "schema": {"enum": ["stdout", "stderr"]}},
             {"name": "offset", "in": "query", "required": True,
              "description": "Where the chunk goes in the stream; at most its current size.",
-             "schema": {"type": "integer", "minimum": 0}},
+             "schema": {"type": "integer", "minimum": 0, "maximum": MAX_OFFSET}},
         ),
         writes=True,
     ),

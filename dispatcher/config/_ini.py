@@ -11,6 +11,7 @@ from __future__ import annotations
 import configparser
 import grp
 import importlib
+import ipaddress
 import os
 import pwd
 import re
@@ -76,6 +77,11 @@ class ServerConfig:
     # The Host names the API answers to besides the loopback names and the
     # address it listens on ("*": any); None: those alone.
     allowed_hosts: Optional[tuple[str, ...]] = None
+    # The most client connections open at once, in all and from one
+    # address; None ("auto"): derived at start from the open-file limit
+    # (dispatcher.app._limits).  0 per address ("none"): no such limit.
+    max_connections: Optional[int] = None
+    max_connections_per_address: Optional[int] = None
 
 
 @attrs.frozen
@@ -190,13 +196,16 @@ class ExecutorConfig:
 @attrs.frozen
 class FetchConfig:
     """
-    C{[fetch]}: the limits on fetching a job's inputs.
+    C{[fetch]}: the limits on fetching a job's inputs, and the networks
+    (C{allow}) inputs may be fetched from although the fetch policy
+    (L{dispatcher.execution._fetch_policy}) refuses them by default.
     """
 
     timeout: float = 300.0
     retries: int = 3
     retry_delay: float = 1.0
     max_bytes: int = 1073741824
+    allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
 
 
 @attrs.frozen
@@ -241,6 +250,19 @@ class ApiConfig:
 
 
 @attrs.frozen
+class RetentionConfig:
+    """
+    C{[retention]}: how long finished jobs (with their attempts, logs and
+    working directories) are kept: C{finished_days} after they finished
+    (fractions allowed; C{None}: for ever), and at most C{finished_count}
+    of them (C{None}: no bound).
+    """
+
+    finished_days: Optional[float] = 7.0
+    finished_count: Optional[int] = None
+
+
+@attrs.frozen
 class QueueConfig:
     """
     C{[queue:NAME]}: a queue's limit of running jobs (0: none) and the
@@ -277,6 +299,7 @@ class Config:
     fetch: FetchConfig = FetchConfig()
     workers: WorkersConfig = WorkersConfig()
     api: ApiConfig = ApiConfig()
+    retention: RetentionConfig = RetentionConfig()
     tasks: Mapping[str, TaskRef] = attrs.field(factory=dict)
     queues: Mapping[str, QueueConfig] = attrs.field(
         factory=lambda: {"default": QueueConfig("default")}
@@ -333,6 +356,52 @@ def _optional_seconds_from_zero(text: str) -> Optional[float]:
     if not text.strip() or text.strip().lower() == "none":
         return None
     return _seconds(0)(text)
+
+
+def _connections(text: str) -> Optional[int]:
+    if text.strip().lower() in ("", "auto"):
+        return None
+    try:
+        return _integer(1)(text)
+    except ValueError:
+        raise ValueError("expected auto or an integer of at least 1")
+
+
+def _connections_per_address(text: str) -> Optional[int]:
+    value = text.strip().lower()
+    if value == "none":
+        return 0
+    try:
+        return _connections(text)
+    except ValueError:
+        raise ValueError("expected auto, none or an integer of at least 1")
+
+
+def _days(text: str) -> Optional[float]:
+    if text.strip().lower() in ("", "none"):
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise ValueError(
+            "expected a number of days above 0 (fractions allowed: 0.5 is 12 hours), "
+            "or none to keep finished jobs for ever"
+        )
+    return value
+
+
+def _count(text: str) -> Optional[int]:
+    if text.strip().lower() in ("", "none"):
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError("expected an integer of at least 1, or none for no bound")
+    return value
 
 
 def _boolean(text: str) -> bool:
@@ -429,6 +498,36 @@ def host_list(text: str) -> Optional[tuple[str, ...]]:
     return tuple(dict.fromkeys(entries))
 
 
+def network_list(text: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """
+    C{[fetch] allow}: networks in CIDR form (C{10.1.0.0/16}, C{fd00::/8};
+    an address alone is that one address), separated by commas or white
+    space; empty: none.  C{ValueError} names the first entry that is not
+    one, and says what it may have meant.
+    """
+    networks = []
+    for entry in (e for e in re.split(r"[,\s]+", text.strip()) if e):
+        try:
+            networks.append(ipaddress.ip_network(entry, strict=True))
+        except ValueError:
+            try:
+                # Host bits set (10.1.2.3/16): say which network holds it.
+                meant = ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise ValueError(
+                    f"{entry!r} is not a network in CIDR form; expected networks "
+                    "such as 127.0.0.0/8, 10.1.0.0/16 or fd00::/8 (an address "
+                    "alone is that address), separated by commas"
+                )
+            alone = ipaddress.ip_interface(entry).ip
+            raise ValueError(
+                f"{entry!r} has bits set beyond its /{meant.prefixlen} prefix; "
+                f"write the network as {meant}, or the address alone as "
+                f"{alone}/{alone.max_prefixlen}"
+            )
+    return tuple(dict.fromkeys(networks))
+
+
 def _directory(text: str) -> str:
     if not text.strip():
         raise ValueError("expected a directory path")
@@ -447,6 +546,8 @@ _SECTIONS: Mapping[str, tuple[type, Mapping[str, Callable[[str], Any]]]] = {
             "body_timeout": _seconds(0, above=True),
             "allowed_hosts": host_list,
             "socket_group": _group,
+            "max_connections": _connections,
+            "max_connections_per_address": _connections_per_address,
         },
     ),
     "dispatcher": (
@@ -476,6 +577,7 @@ _SECTIONS: Mapping[str, tuple[type, Mapping[str, Callable[[str], Any]]]] = {
             "retries": _integer(0),
             "retry_delay": _seconds(0),
             "max_bytes": _integer(1),
+            "allow": network_list,
         },
     ),
     "workers": (
@@ -491,6 +593,7 @@ _SECTIONS: Mapping[str, tuple[type, Mapping[str, Callable[[str], Any]]]] = {
         },
     ),
     "api": (ApiConfig, {"token_file": _token_file, "authentication": _authentication}),
+    "retention": (RetentionConfig, {"finished_days": _days, "finished_count": _count}),
 }
 
 _QUEUE_KEYS: Mapping[str, Callable[[str], Any]] = {

@@ -8,7 +8,6 @@ remote worker reuses it.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import stat
@@ -37,6 +36,7 @@ from dispatcher.execution._spawner import (
     make_passage,
 )
 from dispatcher.model._jobs import JobSpec, JobState, Lease, Outcome
+from dispatcher.model._values import UnservableValue, servable_text, storable
 from dispatcher._threads import TaskThreads
 
 log = Logger()
@@ -254,19 +254,23 @@ def _call_task(
     kwargs: Mapping[str, Any],
     stderr_path: str,
 ) -> Outcome:
-    # Runs in a task thread.  A result must survive the trip through JSON,
-    # so it is checked here, where a failure can still be told in words.
+    # Runs in a task thread.  A result must survive the trip through JSON
+    # and be served back, so it is checked here (not on the reactor
+    # thread), where a failure can still be told in words.
     try:
         value = function(context, *args, **kwargs)
-        json.dumps(value)
-    except TypeError as e:
-        if "JSON serializable" in str(e):
-            return Outcome(
-                JobState.FAILED,
-                error=f"the task returned a value that is not JSON: {e}",
-            )
-        return _task_exception(stderr_path)
     except BaseException:
+        return _task_exception(stderr_path)
+    try:
+        value = storable(value)
+    except UnservableValue as e:
+        return Outcome(
+            JobState.FAILED,
+            error=f"the task returned a value that is not JSON the dispatcher can "
+            f"store and serve: {e}",
+        )
+    except Exception:
+        # (A subclass of a JSON type whose conversion fails, say.)
         return _task_exception(stderr_path)
     return Outcome(JobState.SUCCEEDED, result=value)
 
@@ -278,11 +282,13 @@ def _task_exception(stderr_path: str) -> Outcome:
         fd = os.open(
             stderr_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, LOG_MODE
         )
-        with open(fd, "a", encoding="utf-8") as f:
+        with open(fd, "a", encoding="utf-8", errors="backslashreplace") as f:
             f.write(text)
     except OSError:
         pass
-    last = text.strip().splitlines()[-1]
+    # (An exception's words may hold a lone surrogate: they are stored as
+    # its escape.)
+    last = servable_text(text.strip().splitlines()[-1])
     return Outcome(JobState.FAILED, error=f"the task raised {last}")
 
 
@@ -352,6 +358,13 @@ class LocalExecutor:
         self.kill_grace = kill_grace
         self.running: dict[str, RunningJob] = {}
         self._lingering: dict[str, Deferred] = {}
+
+    @property
+    def jobs_dir(self) -> str:
+        """
+        C{data_dir/jobs}, where the jobs' directories are.
+        """
+        return self._jobs_dir
 
     def job_dir(self, job_id: str) -> str:
         """
