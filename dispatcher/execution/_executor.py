@@ -27,6 +27,7 @@ from twisted.python.threadpool import ThreadPool
 from dispatcher.config._ini import TaskRef
 from dispatcher._deferreds import shielded
 from dispatcher.model._jobs import JobSpec, JobState, Lease, Outcome
+from dispatcher.model._limits import MAX_RESULT_BYTES, result_size
 from dispatcher._threads import TaskThreads
 
 log = Logger()
@@ -197,7 +198,7 @@ def _call_task(
     # so it is checked here, where a failure can still be told in words.
     try:
         value = function(context, *args, **kwargs)
-        json.dumps(value)
+        text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
     except TypeError as e:
         if "JSON serializable" in str(e):
             return Outcome(
@@ -207,6 +208,16 @@ def _call_task(
         return _task_exception(stderr_path)
     except BaseException:
         return _task_exception(stderr_path)
+    # Bounded here, where the job can still fail in words: a result is
+    # stored whole and shown in every answer about its job.
+    size = result_size(text)
+    if size > MAX_RESULT_BYTES:
+        return Outcome(
+            JobState.FAILED,
+            error=f"the task's result is {size} bytes of JSON, more than the "
+            f"{MAX_RESULT_BYTES} a result may be; write a larger output to a file in "
+            "the job's working directory and return its name",
+        )
     return Outcome(JobState.SUCCEEDED, result=value)
 
 
