@@ -34,6 +34,7 @@ import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType
 
 from dispatcher.model._jobs import NO_RESOURCES, JobSpec, JobState
+from dispatcher.model._limits import MAX_RESULT_BYTES
 from dispatcher.model._principals import (
     MAX_PRINCIPAL_NAME,
     MAX_WORKER_NAMES,
@@ -75,6 +76,10 @@ MAX_EXIT_CODE = 255
 MAX_IDEMPOTENCY_KEY = 255
 MAX_LIST_LIMIT = 1000
 DEFAULT_LIST_LIMIT = 100
+# How many label= filters one list of jobs may give: each is a lookup in
+# the labels table, and 900 of them took 2.7 s a query (six at once held
+# every store reader, and GET /v1/queues waited 7 s).
+MAX_LABEL_FILTERS = 16
 
 # Patterns, each with what a person is told when a value does not match.
 NO_NUL = "^[^\x00]*$"
@@ -283,7 +288,12 @@ class JobSubmission(_In):
     ] = None
     array: Optional[
         Annotated[int, Meta(ge=1, description="Make this many jobs of the spec "
-                            "(at most [dispatcher] max_array).")]
+                            "(at most [dispatcher] max_array). Each member stores the "
+                            "whole spec: the members of one request's arrays store at "
+                            "most [dispatcher] max_stored_bytes in all, each counted as "
+                            "the job's JSON as submitted (compact, every field; not "
+                            "expressible in JSON Schema, refused with a 400 naming "
+                            "array, or jobs for a batch's total).")]
     ] = None
 
 
@@ -506,6 +516,11 @@ class ErrorDetail(_Out, omit_defaults=True):
                             "size; send from there.")],
         UnsetType,
     ] = UNSET
+    retry_after: Union[
+        Annotated[int, Meta(ge=1, description="A 429 only: seconds to wait before "
+                            "trying again, as its Retry-After header says.")],
+        UnsetType,
+    ] = UNSET
 
 
 class Error(_Out):
@@ -612,7 +627,12 @@ class ResultItem(_In):
     token: Token
     state: Literal["succeeded", "failed", "released"]
     exit_code: Optional[Annotated[int, Meta(ge=-MAX_EXIT_CODE, le=MAX_EXIT_CODE)]] = None
-    result: Annotated[Any, Meta(description="A task's return value.")] = None
+    result: Annotated[
+        Any,
+        Meta(description=f"A task's return value: at most {MAX_RESULT_BYTES} bytes as "
+             "JSON (compact, UTF-8); a larger one is refused with a 400 naming "
+             "results[i].result (the worker fails such a job itself)."),
+    ] = None
     error: Optional[str] = None
     stopped: Annotated[bool, Meta(description="The worker stopped it (a cancel).")] = False
 
