@@ -18,11 +18,13 @@ from dispatcher.model._limits import MAX_DEPENDENCY_LINKS, MAX_RESULT_BYTES
 from dispatcher.model._principals import ALLOWED, Access
 from dispatcher.wire._types import (
     DEFAULT_LIST_LIMIT,
+    MAX_CURSOR,
     MAX_IDEMPOTENCY_KEY,
     MAX_LABEL_FILTERS,
     MAX_LIST_LIMIT,
     MAX_NAME,
     MAX_NESTING,
+    MAX_OFFSET,
     LEASE_TOKEN,
     Batch,
     CredentialCreated,
@@ -237,6 +239,24 @@ _SUBMISSION_400 = (
 )
 
 
+def digits_at_most(high: int) -> str:
+    """
+    A pattern of the decimal numbers from 0 to C{high} (leading zeros
+    allowed), for a query parameter that is an integer in a string: the
+    check (L{dispatcher.api._workers.query_integer}) and the schema then
+    read one constant.
+    """
+    top = str(high)
+    size = len(top)
+    choices = [f"[0-9]{{1,{size - 1}}}"] if size > 1 else []
+    for i, digit in enumerate(top):
+        if digit != "0":
+            rest = f"[0-9]{{{size - i - 1}}}" if i < size - 1 else ""
+            choices.append(f"{top[:i]}[0-{int(digit) - 1}]{rest}")
+    choices.append(top)
+    return f"^0*(?:{'|'.join(choices)})$"
+
+
 def _unauthorized(description: str) -> Response:
     return Response(
         description, headers={"WWW-Authenticate": {"schema": {"const": 'Bearer realm="dispatcher"'}}}
@@ -352,8 +372,9 @@ ROUTES: tuple[Route, ...] = (
             {
                 "name": "cursor",
                 "in": "query",
-                "description": "next_cursor of the previous page.",
-                "schema": {"type": "string", "pattern": "^[0-9]+$"},
+                "description": "next_cursor of the previous page (decimal digits, "
+                f"at most {MAX_CURSOR}).",
+                "schema": {"type": "string", "pattern": digits_at_most(MAX_CURSOR)},
             },
         ),
     ),
@@ -431,7 +452,8 @@ ROUTES: tuple[Route, ...] = (
             {"name": "offset", "in": "query",
              "description": "Skip this many bytes: poll with the size already read "
              "to follow a running job.",
-             "schema": {"type": "integer", "minimum": 0, "default": 0}},
+             "schema": {"type": "integer", "minimum": 0, "maximum": MAX_OFFSET,
+                        "default": 0}},
         ),
     ),
     Route(
@@ -469,9 +491,12 @@ ROUTES: tuple[Route, ...] = (
         "Report how attempts ended; answered once the accepted ones are stored.", WORK,
         {
             200: Response("One answer per result.", ResultsAnswer),
-            400: Response("A field is wrong; it is named (results[i].result: a task's "
-                          f"result over {MAX_RESULT_BYTES} bytes of JSON); nothing of "
-                          "the report was recorded."),
+            400: Response(
+                "A field is wrong; it is named. Besides what the schema states, "
+                f"refused: a result nested more than {MAX_NESTING} deep, or over "
+                f"{MAX_RESULT_BYTES} bytes of JSON (results[i].result); nothing of "
+                "the report was recorded."
+            ),
             403: Response(WORKER_NAME_FORBIDDEN),
             409: Response("Every result was refused.", ResultsAnswer),
             429: Response(TOO_MANY_WORKER_NAMES),
@@ -501,7 +526,7 @@ ROUTES: tuple[Route, ...] = (
              "schema": {"enum": ["stdout", "stderr"]}},
             {"name": "offset", "in": "query", "required": True,
              "description": "Where the chunk goes in the stream; at most its current size.",
-             "schema": {"type": "integer", "minimum": 0}},
+             "schema": {"type": "integer", "minimum": 0, "maximum": MAX_OFFSET}},
         ),
         writes=True,
     ),

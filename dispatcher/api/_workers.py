@@ -31,6 +31,7 @@ from dispatcher._throttle import Throttle
 from dispatcher.model._jobs import JobState, Offer, Outcome, Resources
 from dispatcher.model._limits import MAX_RESULT_BYTES
 from dispatcher.model._principals import Principal, Role
+from dispatcher.model._values import UnservableValue, storable
 from dispatcher.model._workers import LeaseEnd, LeaseVerdict, TooManyWorkerNames
 from dispatcher.wire._forms import REFUSALS, lease_grant, lease_status
 from dispatcher.wire._json import encode
@@ -39,6 +40,7 @@ from dispatcher.wire._tokens import LeaseTokens
 from dispatcher.wire._types import (
     LEASE_TOKEN,
     MAX_NAME,
+    MAX_OFFSET,
     HeartbeatAnswer,
     HeartbeatRequest,
     LeaseAnswer,
@@ -210,13 +212,22 @@ class WorkerEndpoints:
         offer = offer_of(body.worker)
         parsed = []
         for i, item in enumerate(body.results):
-            if item.result is not None:
-                _check_result_size(item.result, f"results[{i}].result")
             if item.state == "released":
                 outcome = None
             else:
+                result = item.result
+                if result is not None and type(result) in (list, dict):
+                    # What the decoding did not check: how deep it nests (a
+                    # worker fails a job whose result nests deeper, rather
+                    # than report it).
+                    try:
+                        storable(result, f"results[{i}].result")
+                    except UnservableValue as e:
+                        invalid(e.where, e.why)
+                if result is not None:
+                    _check_result_size(result, f"results[{i}].result")
                 outcome = Outcome(
-                    JobState(item.state), item.exit_code, item.result, item.error, item.stopped
+                    JobState(item.state), item.exit_code, result, item.error, item.stopped
                 )
             parsed.append((item.job_id, self._tokens.open(item.job_id, item.token), outcome))
         # Not cancelled with the request: the hub records each result
@@ -241,7 +252,7 @@ class WorkerEndpoints:
         text = query.get("token") or ""
         if _LEASE_TOKEN.fullmatch(text) is None:
             invalid("token", "not a lease token: send the token as the lease's grant gave it")
-        offset = _query_integer(query.get("offset"), "offset", low=0)
+        offset = query_integer(query.get("offset"), "offset", 0, MAX_OFFSET)
         stream = query.get("stream")
         if stream not in STREAMS:
             invalid("stream", "expected stdout or stderr")
@@ -286,14 +297,30 @@ class WorkerEndpoints:
         return 200, LogWritten(size)
 
 
-def _query_integer(text: Optional[str], name: str, low: int = 1) -> int:
-    try:
-        value = int(text or "")
-    except ValueError:
-        invalid(name, f"expected an integer of at least {low}")
-    if value < low:
-        invalid(name, f"expected an integer of at least {low}")
-    return value
+def query_integer(
+    text: Optional[str], name: str, low: int, high: int, words: Optional[str] = None
+) -> int:
+    """
+    The integer a query parameter's C{text} gives: ASCII digits, from
+    C{low} to C{high} (a larger one would overflow what it is used as: a
+    400, not a 500).
+
+    @raise ApiError: a 400 C{invalid_query} naming it, saying C{words} (by
+        default, the range).
+    """
+    text = text or ""
+    # (int() takes "+1", " 1", "1_0" and other scripts' digits, and refuses
+    # more than 4,300 digits with a ValueError of its own.)
+    if (
+        not (text.isascii() and text.isdigit())
+        or len(text.lstrip("0")) > len(str(high))
+        or not low <= int(text) <= high
+    ):
+        raise ApiError(
+            400, "invalid_query",
+            f"{name}: {words or f'expected an integer from {low} to {high}'}", name,
+        )
+    return int(text)
 
 
 def _write_at(path: str, offset: int, data: bytes) -> Optional[int]:
