@@ -8,6 +8,7 @@ remote worker reuses it.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import threading
