@@ -361,7 +361,8 @@ def _check_result_size(value: Any, field: str) -> None:
     try:
         size = len(encode(value))
     except ValueError:
-        # Not encodable at all (a lone surrogate): not a question of size.
+        # Not JSON at all: refused before this as not storable (and by
+        # the body's decoding), not a question of size.
         return
     if size > MAX_RESULT_BYTES:
         invalid(
