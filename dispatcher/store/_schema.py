@@ -153,6 +153,20 @@ MIGRATIONS: Sequence[Union[str, Callable[[sqlite3.Connection], None]]] = (
     # repaired, and each job repaired says so in its error (issue 16;
     # dispatcher/store/_repair.py).
     repair_unservable,
+    # Migration 8 (issue 16, retention; the 7th here until another
+    # slice's migration 7 is merged before it).  Finished jobs are removed
+    # (dispatcher/store/_removal.py).  A job's sequence number is the cursor of GET /v1/jobs, and the next
+    # job's is one past the greatest stored: once the newest job is
+    # removed, the next would get its number again, behind a client's
+    # cursor.  The greatest number removed is kept here, and new numbers
+    # start past it.
+    """
+    CREATE TABLE removed (
+        one INTEGER PRIMARY KEY CHECK (one = 1),
+        top_seq INTEGER NOT NULL
+    );
+    INSERT INTO removed (one, top_seq) VALUES (1, 0);
+    """,
 )
 
 

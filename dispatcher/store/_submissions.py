@@ -23,6 +23,7 @@ import orjson
 from dispatcher.model._jobs import Job, JobSpec, JobState, PlainJobs
 from dispatcher.model._limits import MAX_DEPENDENCY_LINKS
 from dispatcher.store._queries import get_job
+from dispatcher.store._removal import MAX_SEQ
 from dispatcher.store._results import (
     IdempotencyConflict,
     IdempotencyKey,
@@ -72,7 +73,6 @@ def _insert_jobs(conn: sqlite3.Connection, rows: Sequence[tuple[Any, ...]]) -> N
 
 
 _INSERT_LABEL = "INSERT INTO job_labels (key, value, seq) VALUES (?, ?, ?)"
-_MAX_SEQ = "SELECT COALESCE(MAX(seq), 0) FROM jobs"
 
 
 def _add_job(
@@ -256,7 +256,7 @@ def submit(
     # write runs inside this transaction.
     rows: list[tuple[Any, ...]] = []
     label_rows: list[tuple[str, str, int]] = []
-    (seq,) = conn.execute(_MAX_SEQ).fetchone()
+    (seq,) = conn.execute(MAX_SEQ).fetchone()
     # The jobs this request's jobs depend on, in all: the writer's work for
     # one request is bounded by MAX_DEPENDENCY_LINKS.
     links = 0
@@ -345,7 +345,7 @@ def submit_plain(
     if replayed is not None:
         return replayed
     check_unfinished(writer, owner, len(ids), max_unfinished)
-    (seq,) = conn.execute(_MAX_SEQ).fetchone()
+    (seq,) = conn.execute(MAX_SEQ).fetchone()
     written = _add_plain_jobs(conn, seq, jobs, now, ids, stored, owner)
     writer.owners.add(owner, len(ids))
     _remember(conn, idempotency, ids, now, owner)
@@ -362,7 +362,7 @@ def submit_together(
     limit of unfinished jobs refuses raises L{Replay}: the group is then
     stored one write at a time, and that one alone is refused.
     """
-    (seq,) = conn.execute(_MAX_SEQ).fetchone()
+    (seq,) = conn.execute(MAX_SEQ).fetchone()
     rows: list[tuple[Any, ...]] = []
     label_rows: list[tuple[str, str, int]] = []
     written: list[Written] = []
