@@ -29,10 +29,12 @@ from twisted.logger import Logger
 from dispatcher._deferreds import shielded
 from dispatcher._throttle import Throttle
 from dispatcher.model._jobs import JobState, Offer, Outcome, Resources
+from dispatcher.model._limits import MAX_RESULT_BYTES
 from dispatcher.model._principals import Principal, Role
 from dispatcher.model._values import UnservableValue, storable
 from dispatcher.model._workers import LeaseEnd, LeaseVerdict, TooManyWorkerNames
 from dispatcher.wire._forms import REFUSALS, lease_grant, lease_status
+from dispatcher.wire._json import encode
 from dispatcher.wire._submission import ApiError, decode, invalid
 from dispatcher.wire._tokens import LeaseTokens
 from dispatcher.wire._types import (
@@ -224,6 +226,8 @@ class WorkerEndpoints:
                         storable(result, f"results[{i}].result")
                     except UnservableValue as e:
                         invalid(e.where, e.why)
+                if result is not None:
+                    _check_result_size(result, f"results[{i}].result")
                 outcome = Outcome(
                     JobState(item.state), item.exit_code, result, item.error, item.stopped
                 )
@@ -346,3 +350,27 @@ def _size(path: str) -> int:
         return os.stat(path).st_size
     except FileNotFoundError:
         return 0
+
+
+def _check_result_size(value: Any, field: str) -> None:
+    """
+    Refuse (400, naming C{field}) a task's result a worker reports that is
+    over L{MAX_RESULT_BYTES} as JSON: a worker of this version fails such a
+    job itself (its executor checks the same limit), so only another
+    worker sends one, and nothing of its report is recorded.
+    """
+    if not isinstance(value, (str, list, dict)):
+        # A number, a boolean: a few bytes.
+        return
+    try:
+        size = len(encode(value))
+    except ValueError:
+        # Not JSON at all: refused before this as not storable (and by
+        # the body's decoding), not a question of size.
+        return
+    if size > MAX_RESULT_BYTES:
+        invalid(
+            field,
+            f"the result is {size} bytes of JSON, more than the {MAX_RESULT_BYTES} "
+            "a task's result may be; nothing of this report was recorded",
+        )

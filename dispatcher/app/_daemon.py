@@ -198,6 +198,8 @@ class DaemonService(MultiService):
             self.io_pool,
             queues=config.queues,
             max_array=config.dispatcher.max_array,
+            max_stored_bytes=config.dispatcher.max_stored_bytes,
+            quotas=config.quotas,
             clock=clock,
             workers=workers,
             credentials=self.credentials,

@@ -12,6 +12,7 @@ import configparser
 import grp
 import importlib
 import ipaddress
+import math
 import os
 import pwd
 import re
@@ -88,14 +89,19 @@ class ServerConfig:
 class DispatcherConfig:
     """
     C{[dispatcher]}: where the data lives, how long a stop waits, how
-    soon a change of a job's run state reaches the disk, and whether
-    C{twistd dispatcher} freezes its heap out of the collector's sight.
+    soon a change of a job's run state reaches the disk, whether
+    C{twistd dispatcher} freezes its heap out of the collector's sight, and
+    how much one request may make.
     """
 
     data_dir: str = "var"
     shutdown_grace: float = 30.0
     idempotency_ttl: float = 86400.0
     max_array: int = 10000
+    # The most bytes the members of the arrays of one request may store in
+    # all, each counted as its spec's JSON (a plain job's request body
+    # bounds it): an array stores its spec once a member.
+    max_stored_bytes: int = 16 * 1024 * 1024
     sync_interval: float = 1.0
     gc_freeze: bool = False
 
@@ -275,6 +281,108 @@ class QueueConfig:
     timeout: Optional[float] = None
 
 
+class _Inherit:
+    """
+    The value of a quota key a section does not give: the next section
+    down decides (see L{Quotas.limits}).
+    """
+
+    def __repr__(self) -> str:
+        return "INHERIT"
+
+
+INHERIT: Any = _Inherit()
+
+# The roles a [quota:role=ROLE] section may name: dispatcher.model's Role
+# values (this package imports nothing of the package; a test checks that
+# they agree).
+ROLE_NAMES = ("admin", "submitter", "reader", "worker")
+# A principal's name, as dispatcher.model._principals has it (the same
+# test checks this too): what a [quota:owner=NAME] section names.
+OWNER_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.@-]{0,63}$")
+
+
+@attrs.frozen
+class QuotaConfig:
+    """
+    One quota section: C{[quota]} (the defaults of every principal but an
+    admin), C{[quota:role=ROLE]} or C{[quota:owner=NAME]}.
+
+    @ivar max_jobs: the most unfinished jobs (pending, queued, staging,
+        running) an owner may have; C{None}: no limit.
+    @ivar rate: jobs an owner may submit a second, on average; C{None}: no
+        limit.
+    @ivar burst: jobs it may submit at once after a quiet spell (the
+        bucket's size); C{None}: C{rate}, rounded up.
+
+    A key a section does not give is L{INHERIT}.
+    """
+
+    max_jobs: Any = INHERIT
+    rate: Any = INHERIT
+    burst: Any = INHERIT
+
+
+@attrs.frozen
+class QuotaLimits:
+    """
+    The quota of one principal, resolved (L{Quotas.limits}): C{None} is no
+    limit.  C{burst} is set whenever C{rate} is.
+    """
+
+    max_jobs: Optional[int] = None
+    rate: Optional[float] = None
+    burst: Optional[int] = None
+
+    @property
+    def unlimited(self) -> bool:
+        """
+        Whether neither limit applies.
+        """
+        return self.max_jobs is None and self.rate is None
+
+
+# What [quota] holds when the file does not say: a submitter's jobs are
+# bounded; an admin's are not (only [quota:role=admin] or an owner's
+# section bounds them).
+DEFAULT_QUOTA = QuotaConfig(max_jobs=50_000, rate=1000.0, burst=10_000)
+
+
+@attrs.frozen
+class Quotas:
+    """
+    Every quota section: C{[quota]} (L{DEFAULT_QUOTA} where it does not
+    say), and the C{[quota:role=ROLE]} and C{[quota:owner=NAME]} ones.
+    """
+
+    default: QuotaConfig = DEFAULT_QUOTA
+    roles: Mapping[str, QuotaConfig] = attrs.field(factory=dict)
+    owners: Mapping[str, QuotaConfig] = attrs.field(factory=dict)
+
+    def limits(self, name: str, role: str) -> QuotaLimits:
+        """
+        The quota of the principal C{name} of the role C{role}: each key
+        from the owner's section, else the role's, else (unless C{role} is
+        admin) C{[quota]}; a key none of them gives is no limit.
+        """
+        sections = [self.owners.get(name), self.roles.get(role)]
+        if role != "admin":
+            sections.append(self.default)
+        found = {}
+        for key in ("max_jobs", "rate", "burst"):
+            value = None
+            for section in sections:
+                if section is not None and getattr(section, key) is not INHERIT:
+                    value = getattr(section, key)
+                    break
+            found[key] = value
+        if found["rate"] is None:
+            found["burst"] = None
+        elif found["burst"] is None:
+            found["burst"] = max(1, math.ceil(found["rate"]))
+        return QuotaLimits(**found)
+
+
 @attrs.frozen
 class TaskRef:
     """
@@ -304,6 +412,7 @@ class Config:
     queues: Mapping[str, QueueConfig] = attrs.field(
         factory=lambda: {"default": QueueConfig("default")}
     )
+    quotas: Quotas = Quotas()
     # [run_as]: the account each owner's (credential's) command jobs run as,
     # where the dispatcher runs as root; an owner not here gets [executor]
     # run_as.
@@ -557,6 +666,7 @@ _SECTIONS: Mapping[str, tuple[type, Mapping[str, Callable[[str], Any]]]] = {
             "shutdown_grace": _seconds(0),
             "idempotency_ttl": _seconds(0, above=True),
             "max_array": _integer(1),
+            "max_stored_bytes": _integer(1024),
             "sync_interval": _seconds(0),
             "gc_freeze": _boolean,
         },
@@ -594,6 +704,34 @@ _SECTIONS: Mapping[str, tuple[type, Mapping[str, Callable[[str], Any]]]] = {
     ),
     "api": (ApiConfig, {"token_file": _token_file, "authentication": _authentication}),
     "retention": (RetentionConfig, {"finished_days": _days, "finished_count": _count}),
+}
+
+def _optional(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    def parse_or_none(text: str) -> Any:
+        if text.strip().lower() == "none":
+            return None
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise ValueError(f"{e}, or none (no limit)")
+
+    return parse_or_none
+
+
+def _rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (0 < value < float("inf")):
+        raise ValueError("expected a number of jobs a second above 0 (fractions allowed)")
+    return value
+
+
+_QUOTA_KEYS: Mapping[str, Callable[[str], Any]] = {
+    "max_jobs": _optional(_integer(1)),
+    "rate": _optional(_rate),
+    "burst": _integer(1),
 }
 
 _QUEUE_KEYS: Mapping[str, Callable[[str], Any]] = {
@@ -653,12 +791,38 @@ def parse_config(text: str, path: str = "<string>") -> Config:
     values: dict[str, Any] = {"path": path}
     tasks: dict[str, TaskRef] = {}
     queues: dict[str, QueueConfig] = {"default": QueueConfig("default")}
+    quota_default = DEFAULT_QUOTA
+    quota_roles: dict[str, QuotaConfig] = {}
+    quota_owners: dict[str, QuotaConfig] = {}
     by_owner: dict[str, RunAs] = {}
     for section in parser.sections():
+        if section == "quota":
+            quota_default = attrs.evolve(DEFAULT_QUOTA, **parse_keys(section, _QUOTA_KEYS))
+            continue
+        if section.startswith("quota:"):
+            kind, _, name = section[len("quota:"):].partition("=")
+            if kind == "role" and name in ROLE_NAMES:
+                quota_roles[name] = QuotaConfig(**parse_keys(section, _QUOTA_KEYS))
+            elif kind == "owner" and OWNER_NAME.match(name):
+                quota_owners[name] = QuotaConfig(**parse_keys(section, _QUOTA_KEYS))
+            else:
+                raise ConfigError(
+                    f"{path}: [{section}]: expected [quota:role=ROLE] (ROLE one of "
+                    f"{', '.join(ROLE_NAMES)}) or [quota:owner=NAME] (NAME a "
+                    "credential's name: letters, digits, _ . @ -, not starting with "
+                    ". @ or -)"
+                )
+            continue
         if section == "run_as":
-            # (Whether each owner is a principal's name is checked where the
-            # map is used: dispatcher.execution._accounts.)
             for owner, account in parser.items(section):
+                if not OWNER_NAME.match(owner):
+                    raise fail(
+                        section,
+                        owner,
+                        account,
+                        "an owner is a credential's name: letters, digits, _ . @ -, "
+                        "not starting with . @ or -",
+                    )
                 try:
                     by_owner[owner] = run_as(account)
                 except ValueError as e:
@@ -699,7 +863,10 @@ def parse_config(text: str, path: str = "<string>") -> Config:
             continue
         if section not in _SECTIONS:
             known = ", ".join(
-                f"[{s}]" for s in (*_SECTIONS, "tasks", "queue:NAME", "run_as")
+                f"[{s}]" for s in (
+                    *_SECTIONS, "tasks", "queue:NAME", "quota", "quota:role=ROLE",
+                    "quota:owner=NAME", "run_as",
+                )
             )
             raise ConfigError(f"{path}: [{section}]: unknown section; known: {known}")
         kind, keys = _SECTIONS[section]
@@ -712,7 +879,10 @@ def parse_config(text: str, path: str = "<string>") -> Config:
         values[section] = kind(**fields)
         if section == "workers":
             _check_fence_margin(values[section], parser, fail)
-    return Config(tasks=tasks, queues=queues, run_as_by_owner=by_owner, **values)
+    quotas = Quotas(quota_default, quota_roles, quota_owners)
+    return Config(
+        tasks=tasks, queues=queues, quotas=quotas, run_as_by_owner=by_owner, **values
+    )
 
 
 def _check_fence_margin(

@@ -24,7 +24,6 @@ from typing import Callable, Mapping, Optional
 import attrs
 
 from dispatcher.config._ini import DEFAULT_RUN_AS, Config, RunAs, run_as
-from dispatcher.model._principals import PRINCIPAL_NAME_RULE, valid_name
 
 
 class AccountRefused(Exception):
@@ -75,17 +74,10 @@ def job_accounts(
     one's by default) under C{config}.
 
     @raise AccountRefused: an account the process cannot switch to (it is
-        not root), or an owner in C{[run_as]} that cannot be a credential's
-        name.
+        not root), or C{nobody} is needed and missing.
     """
     euid = os.geteuid() if euid is None else euid
     where = config.path or "the configuration"
-    for owner, account in config.run_as_by_owner.items():
-        if not valid_name(owner):
-            raise AccountRefused(
-                f"{where}: [run_as] {owner} = {str(account)!r}: an owner is a "
-                f"credential's name: {PRINCIPAL_NAME_RULE}"
-            )
     if euid != 0:
         try:
             name = own_name(euid)

@@ -8,6 +8,7 @@ remote worker reuses it.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import stat
@@ -36,6 +37,7 @@ from dispatcher.execution._spawner import (
     make_passage,
 )
 from dispatcher.model._jobs import JobSpec, JobState, Lease, Outcome
+from dispatcher.model._limits import MAX_RESULT_BYTES, result_size
 from dispatcher.model._values import UnservableValue, servable_text, storable
 from dispatcher._threads import TaskThreads
 
@@ -272,6 +274,17 @@ def _call_task(
     except Exception:
         # (A subclass of a JSON type whose conversion fails, say.)
         return _task_exception(stderr_path)
+    # Bounded here too, where the job can still fail in words: a result is
+    # stored whole and shown in every answer about its job.
+    if type(value) in (list, dict, str):
+        size = result_size(json.dumps(value, separators=(",", ":"), ensure_ascii=False))
+        if size > MAX_RESULT_BYTES:
+            return Outcome(
+                JobState.FAILED,
+                error=f"the task's result is {size} bytes of JSON, more than the "
+                f"{MAX_RESULT_BYTES} a result may be; write a larger output to a file "
+                "in the job's working directory and return its name",
+            )
     return Outcome(JobState.SUCCEEDED, result=value)
 
 
