@@ -70,8 +70,10 @@ def served(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("contract")
     token_file = workdir / "worker.token"
     token_file.write_text(WORKER_TOKEN + "\n")
+    token_file.chmod(0o600)  # one others may read is refused
     admin_token_file = workdir / "admin.token"
     admin_token_file.write_text(ADMIN_TOKEN + "\n")
+    admin_token_file.chmod(0o600)  # one others may read is refused
     daemon = Twistd(str(workdir), INI.format(token_file=token_file,
                                              admin_token_file=admin_token_file))
     daemon.start()

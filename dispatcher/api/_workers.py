@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 from msgspec import UNSET
 from twisted.internet.threads import deferToThreadPool
@@ -137,6 +137,7 @@ class WorkerEndpoints:
         self,
         hub: Any,
         log_path: Any,
+        open_log: Any,
         reactor: Any,
         io_pool: Any,
         tokens: LeaseTokens,
@@ -144,6 +145,7 @@ class WorkerEndpoints:
     ) -> None:
         self._hub = hub
         self._log_path = log_path
+        self._open_log = open_log
         self._reactor = reactor
         self._io_pool = io_pool
         self._tokens = tokens
@@ -282,7 +284,7 @@ class WorkerEndpoints:
         path = self._log_path(job_id, remote.lease.attempt, stream)
         data = request.content.read()
         size = await deferToThreadPool(
-            self._reactor, self._io_pool, _write_at, path, offset, data
+            self._reactor, self._io_pool, _write_at, path, offset, data, self._open_log
         )
         if size is None:
             have = await deferToThreadPool(self._reactor, self._io_pool, _size, path)
@@ -323,13 +325,15 @@ def query_integer(
     return int(text)
 
 
-def _write_at(path: str, offset: int, data: bytes) -> Optional[int]:
+def _write_at(
+    path: str, offset: int, data: bytes, open_log: Callable[[str], int]
+) -> Optional[int]:
     """
-    Write C{data} at C{offset} of the file (made if need be); the size
-    afterwards, or C{None} if C{offset} is past the end.
+    Write C{data} at C{offset} of the log file at C{path}, opened (made if
+    need be) by C{open_log}; the size afterwards, or C{None} if C{offset}
+    is past the end.
     """
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = open_log(path)
     try:
         size = os.fstat(fd).st_size
         if offset > size:

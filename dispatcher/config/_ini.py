@@ -9,9 +9,12 @@ section, the key, the value and what is allowed.
 from __future__ import annotations
 
 import configparser
+import grp
 import importlib
 import ipaddress
 import math
+import os
+import pwd
 import re
 from typing import Any, Callable, Mapping, Optional
 
@@ -104,14 +107,96 @@ class DispatcherConfig:
 
 
 @attrs.frozen
+class RunAs:
+    """
+    A local account command jobs run as: a user, a group, and the
+    supplementary groups the user is in (as C{initgroups} would give them),
+    looked up when the configuration is read.
+    """
+
+    user: str
+    uid: int
+    group: str
+    gid: int
+    groups: tuple[int, ...]
+
+    def __str__(self) -> str:
+        return f"{self.user}:{self.group}"
+
+
+# The account a daemon running as root runs command jobs as when
+# [executor] run_as does not name one (as HTCondor falls back to nobody).
+DEFAULT_RUN_AS = "nobody"
+
+
+def run_as(text: str) -> RunAs:
+    """
+    C{USER[:GROUP]} (names, or numbers of this host's accounts) as a
+    L{RunAs}; without a group, the user's own.  Root, as the user or the
+    group, must be written out as C{root}: a number or another name of uid
+    or gid 0 is refused, so that jobs never run as root by a slip.
+
+    @raise ValueError: no such user or group, or root not written out.
+    """
+    user_text, _, group_text = text.strip().partition(":")
+    user_text, group_text = user_text.strip(), group_text.strip()
+    if not user_text:
+        raise ValueError("expected USER or USER:GROUP, an account of this host")
+    try:
+        entry = (
+            pwd.getpwuid(int(user_text)) if user_text.isdigit() else pwd.getpwnam(user_text)
+        )
+    except (KeyError, OverflowError):
+        raise ValueError(f"no user {user_text} on this host; expected USER or USER:GROUP")
+    if entry.pw_uid == 0 and user_text != "root":
+        raise ValueError(
+            f"{user_text} is uid 0, root: to run jobs as root, write run_as = root"
+        )
+    if group_text:
+        try:
+            group = (
+                grp.getgrgid(int(group_text))
+                if group_text.isdigit()
+                else grp.getgrnam(group_text)
+            )
+        except (KeyError, OverflowError):
+            raise ValueError(f"no group {group_text} on this host")
+        if group.gr_gid == 0 and group_text != "root":
+            raise ValueError(
+                f"{group_text} is gid 0, root's group: write USER:root to mean it"
+            )
+    else:
+        try:
+            group = grp.getgrgid(entry.pw_gid)
+        except KeyError:
+            raise ValueError(
+                f"the group of {entry.pw_name} (gid {entry.pw_gid}) is not in this "
+                "host's group database; give USER:GROUP"
+            )
+        if group.gr_gid == 0 and entry.pw_uid != 0:
+            raise ValueError(
+                f"the group of {entry.pw_name} is root's (gid 0): write "
+                f"{entry.pw_name}:root to mean it, or name another group"
+            )
+    groups = tuple(os.getgrouplist(entry.pw_name, group.gr_gid))
+    return RunAs(entry.pw_name, entry.pw_uid, group.gr_name, group.gr_gid, groups)
+
+
+def _optional_run_as(text: str) -> Optional[RunAs]:
+    return run_as(text) if text.strip() else None
+
+
+@attrs.frozen
 class ExecutorConfig:
     """
-    C{[executor]}: what runs on this host at once.
+    C{[executor]}: what runs on this host at once, and as whom command jobs
+    run (C{None}: see L{dispatcher.execution._accounts}).
     """
 
     slots: int = 8
     threads: int = 8
     kill_grace: float = 5.0
+    run_as: Optional[RunAs] = None
 
 
 @attrs.frozen
@@ -328,6 +413,10 @@ class Config:
         factory=lambda: {"default": QueueConfig("default")}
     )
     quotas: Quotas = Quotas()
+    # [run_as]: the account each owner's (credential's) command jobs run as,
+    # where the dispatcher runs as root; an owner not here gets [executor]
+    # run_as.
+    run_as_by_owner: Mapping[str, RunAs] = attrs.field(factory=dict)
 
 
 def _integer(minimum: int) -> Callable[[str], int]:
@@ -442,8 +531,6 @@ def _endpoint(text: str) -> str:
 
 
 def _group(text: str) -> Optional[int]:
-    import grp
-
     name = text.strip()
     if not name:
         return None
@@ -586,7 +673,12 @@ _SECTIONS: Mapping[str, tuple[type, Mapping[str, Callable[[str], Any]]]] = {
     ),
     "executor": (
         ExecutorConfig,
-        {"slots": _integer(0), "threads": _integer(1), "kill_grace": _seconds(0)},
+        {
+            "slots": _integer(0),
+            "threads": _integer(1),
+            "kill_grace": _seconds(0),
+            "run_as": _optional_run_as,
+        },
     ),
     "fetch": (
         FetchConfig,
@@ -702,6 +794,7 @@ def parse_config(text: str, path: str = "<string>") -> Config:
     quota_default = DEFAULT_QUOTA
     quota_roles: dict[str, QuotaConfig] = {}
     quota_owners: dict[str, QuotaConfig] = {}
+    by_owner: dict[str, RunAs] = {}
     for section in parser.sections():
         if section == "quota":
             quota_default = attrs.evolve(DEFAULT_QUOTA, **parse_keys(section, _QUOTA_KEYS))
@@ -719,6 +812,21 @@ def parse_config(text: str, path: str = "<string>") -> Config:
                     "credential's name: letters, digits, _ . @ -, not starting with "
                     ". @ or -)"
                 )
+            continue
+        if section == "run_as":
+            for owner, account in parser.items(section):
+                if not OWNER_NAME.match(owner):
+                    raise fail(
+                        section,
+                        owner,
+                        account,
+                        "an owner is a credential's name: letters, digits, _ . @ -, "
+                        "not starting with . @ or -",
+                    )
+                try:
+                    by_owner[owner] = run_as(account)
+                except ValueError as e:
+                    raise fail(section, owner, account, str(e))
             continue
         if section.startswith("queue:"):
             name = section[len("queue:"):]
@@ -757,7 +865,7 @@ def parse_config(text: str, path: str = "<string>") -> Config:
             known = ", ".join(
                 f"[{s}]" for s in (
                     *_SECTIONS, "tasks", "queue:NAME", "quota", "quota:role=ROLE",
-                    "quota:owner=NAME",
+                    "quota:owner=NAME", "run_as",
                 )
             )
             raise ConfigError(f"{path}: [{section}]: unknown section; known: {known}")
@@ -772,7 +880,9 @@ def parse_config(text: str, path: str = "<string>") -> Config:
         if section == "workers":
             _check_fence_margin(values[section], parser, fail)
     quotas = Quotas(quota_default, quota_roles, quota_owners)
-    return Config(tasks=tasks, queues=queues, quotas=quotas, **values)
+    return Config(
+        tasks=tasks, queues=queues, quotas=quotas, run_as_by_owner=by_owner, **values
+    )
 
 
 def _check_fence_margin(

@@ -169,7 +169,7 @@ class _Helper(ProcessProtocol):
         self.dead = False
         self.exited = Deferred()
 
-    def spawn(self, argv, env, cwd, stdout_path, stderr_path, deadline=None):
+    def spawn(self, argv, env, cwd, stdout_path, stderr_path, deadline=None, run_as=None):
         job_id = next(self._ids)
         try:
             request = dict(
@@ -185,6 +185,10 @@ class _Helper(ProcessProtocol):
             return fail(SpawnError(f"argv, env, cwd and paths must be strings: {e}"))
         if deadline is not None:
             request["deadline"] = deadline
+        if run_as is not None:
+            request["run_as"] = dict(
+                user=run_as.user, uid=run_as.uid, gid=run_as.gid, groups=list(run_as.groups)
+            )
 
         def cancel(d):
             # The request cannot be taken back; a process started for a
@@ -365,7 +369,7 @@ class ProcessSpawner(Service):
             return succeed(None)
         return self._helper.stop()
 
-    def spawn(self, argv, env, cwd, stdout_path, stderr_path, deadline=None):
+    def spawn(self, argv, env, cwd, stdout_path, stderr_path, deadline=None, run_as=None):
         """
         Start C{argv} (no shell) in its own session and process group.
 
@@ -380,6 +384,10 @@ class ProcessSpawner(Service):
             L{dispatcher.execution._spawner.deadline_clock} at which the
             helper kills the process group with C{SIGKILL}, whatever this
             process is doing then (L{set_deadline} moves it).
+        @param run_as: C{None}, or the L{dispatcher.config._ini.RunAs}
+            account it runs as (this process must then be root): its user
+            and group ids, real, effective and saved, and its groups.  The
+            working directory is given to it.
 
         @return: a Deferred that fires with a L{RunningProcess} once the
             program is running, or fails with L{SpawnError}.
@@ -392,7 +400,9 @@ class ProcessSpawner(Service):
                 self._start_helper()
             except OSError as e:
                 return fail(SpawnError(f"cannot start the process spawner helper: {e}"))
-        return self._helper.spawn(argv, env, cwd, stdout_path, stderr_path, deadline)
+        return self._helper.spawn(
+            argv, env, cwd, stdout_path, stderr_path, deadline, run_as
+        )
 
     def set_deadline(self, processes, at):
         """

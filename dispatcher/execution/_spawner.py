@@ -11,6 +11,8 @@ Requests::
     {"op": "spawn", "id": N, "argv": [...], "env": {...}, "cwd": "...",
      "stdout": "path", "stderr": "path"}
     {"op": "spawn", ..., "deadline": D}
+    {"op": "spawn", ..., "run_as": {"user": "nobody", "uid": U, "gid": G,
+                                    "groups": [G, ...]}}
     {"op": "signal", "id": N, "signal": 15}
     {"op": "deadline", "ids": [N, ...], "at": D}
 
@@ -34,7 +36,17 @@ them away.  Ids the helper no longer runs are ignored.  The daemon's own
 jobs have no deadline and cost nothing here.
 
 The working directory and the directories of the two output files are
-made if need be.  Each job leads its own session and process group.  When a job's leader
+made if need be (L{make_job_dirs}): the directories on the way to them
+with L{PASSAGE_MODE}, the output files' with L{LOGS_MODE}, the working
+directory with L{WORK_MODE}, given to the job's account.  The output files
+are opened here, never following a symbolic link, and handed to the job
+open; they belong to its account too, so that it may open them again
+(C{/dev/stdout}).
+
+With C{run_as}, the job runs as that account: its real, effective and
+saved user and group ids and its supplementary groups are the account's
+when it starts (L{_taking_ids}).  This process stays root.
+Each job leads its own session and process group.  When a job's leader
 exits, what is left of its group is killed before its exit is reported, so
 a job's stray background processes die with it.  C{C} is the exit status,
 or minus the signal that killed the leader.  When stdin closes, the daemon
@@ -54,9 +66,24 @@ import sys
 import time
 
 # How a job's stdout and stderr files are opened: appended to, so that the
-# output of an earlier attempt is kept.
-_OUTPUT_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_APPEND
-_OUTPUT_MODE = 0o644
+# output of an earlier attempt is kept; never through a symbolic link, and
+# never left open in another job.
+_OUTPUT_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
+
+# Who may enter what under the jobs directory (docs/security.md).  Every
+# directory on the way to a job's working directory (the jobs directory,
+# its buckets, the job's own directory) may be passed through by anyone
+# but listed by its owner alone: a job reaches its working directory by
+# its path, and finds no other's.
+PASSAGE_MODE = 0o711
+# A job's working directory: its account's alone.
+WORK_MODE = 0o700
+# The directory of an attempt's output files, and the files: the daemon's
+# (each file is given to the job's account, which writes it).  Nothing
+# the daemon reads or writes lies in a directory a job may change, so a
+# job cannot lead the daemon through a symbolic link.
+LOGS_MODE = 0o700
+LOG_MODE = 0o600
 
 # Field 22 of /proc/<pid>/stat, counted from 1: the start time.
 _START_TICKS = 21
@@ -122,6 +149,155 @@ class _Refused(Exception):
     """
 
 
+# The umask of this helper, and so of the jobs it starts (the daemon's own
+# is 077): a job's files are its own business, and 022 is what jobs had
+# under a daemon of the usual umask.  Everything the helper makes has a
+# mode of its own.
+JOB_UMASK = 0o022
+
+# Whether a directory made with PASSAGE_MODE may lack bits for others (a
+# umask taking them away), to be given them: true but in the helper, whose
+# umask is JOB_UMASK.
+_passage_needs_chmod = True
+
+
+def make_passage(path):
+    """
+    Make C{path} and its missing parents with L{PASSAGE_MODE}.
+    """
+    try:
+        os.mkdir(path, PASSAGE_MODE)
+    except FileExistsError:
+        return
+    except FileNotFoundError:
+        make_passage(os.path.dirname(path))
+        try:
+            os.mkdir(path, PASSAGE_MODE)
+        except FileExistsError:
+            return
+    if _passage_needs_chmod:
+        # The umask took the bits for others away.
+        os.chmod(path, PASSAGE_MODE)
+
+
+def _make_dir(path, mode):
+    """
+    Make C{path} with C{mode} (with no bits for group or others, which no
+    umask takes away), and its missing parents as passages; whether it was
+    made.
+    """
+    try:
+        os.mkdir(path, mode)
+    except FileExistsError:
+        return False
+    except FileNotFoundError:
+        make_passage(os.path.dirname(path))
+        try:
+            os.mkdir(path, mode)
+        except FileExistsError:
+            return False
+    return True
+
+
+def make_job_dirs(workdir=None, logs_dirs=(), owner=None):
+    """
+    Make a job's directories: C{workdir} (L{WORK_MODE}), each of
+    C{logs_dirs} (L{LOGS_MODE}) and the directories on the way to them
+    (L{PASSAGE_MODE}).  Blocking.
+
+    @param owner: C{(uid, gid)} the working directory is given to, made or
+        found (one an older version made, or of an account the job ran as
+        before); C{None}: it stays this process's.
+    """
+    # The job's own directory first, so that the others are made at the
+    # first try (a mkdir costs more than a syscall on some disks).
+    for parent in {os.path.dirname(path) for path in (workdir, *logs_dirs) if path}:
+        make_passage(parent)
+    for path in logs_dirs:
+        _make_dir(path, LOGS_MODE)
+    if workdir is None:
+        return
+    made = _make_dir(workdir, WORK_MODE)
+    if owner is None:
+        return
+    uid, gid = owner
+    if not made:
+        # Its parent is the daemon's: nobody else can have put a link here.
+        found = os.lstat(workdir)
+        if found.st_uid == uid and found.st_gid == gid:
+            return
+    os.chown(workdir, uid, gid, follow_symlinks=False)
+
+
+def _run_as(value):
+    """
+    The account of a spawn request's C{run_as}: C{(user, uid, gid,
+    groups)}, or C{None}.
+    """
+    if value is None:
+        return None
+    user, uid, gid, groups = value["user"], value["uid"], value["gid"], value["groups"]
+    if not (
+        isinstance(user, str)
+        and all(type(n) is int and n >= 0 for n in (uid, gid, *groups))
+    ):
+        raise _Refused(f"run_as must name a user and numeric ids, not {value!r}")
+    return user, uid, gid, groups
+
+
+# This process's own real ids and groups, which it takes back after each
+# spawn as another account.
+_OWN_IDS = None
+
+
+def _take_ids(run_as):
+    """
+    Take the account's ids as this process's *real* user and group ids and
+    its groups, the effective ids staying root's, for the moment of a
+    spawn: C{posix_spawn(..., resetids=True)} then sets the child's
+    effective ids to these real ones before it executes the program, and
+    the exec sets the saved ids to the effective ones.  So the job starts
+    with every id its account's, and with no capability (its ids are not
+    0), without a fork of this process (C{os.posix_spawn} is a C{vfork}).
+    Nothing to do for C{None}.  L{_give_back_ids} ends it, whether this
+    succeeded or not.
+
+    While it holds them a process of that account may signal this one
+    (docs/security.md says what that allows); every signal it may catch is
+    ignored (L{main}).
+    """
+    if run_as is None:
+        return
+    user, uid, gid, groups = run_as
+    try:
+        os.setgroups(groups)
+        os.setresgid(gid, -1, -1)
+        os.setresuid(uid, -1, -1)
+    except OSError as e:
+        raise _Refused(
+            f"cannot run as {user} (uid {uid}, gid {gid}): {e.strerror}"
+            + ("; the process spawner helper is not root" if os.geteuid() != 0 else "")
+        )
+
+
+def _give_back_ids(run_as):
+    """
+    Take this process's own real ids and groups back after a spawn as
+    C{run_as} (nothing to do for C{None}).
+    """
+    if run_as is None:
+        return
+    (ruid, _, _), (rgid, _, _), groups = _OWN_IDS
+    try:
+        os.setresuid(ruid, -1, -1)
+        os.setresgid(rgid, -1, -1)
+        os.setgroups(groups)
+    except OSError as e:
+        # Never serve on with a job's ids.
+        os.write(2, f"cannot take back this process's own ids: {e}\n".encode())
+        os._exit(70)
+
+
 def _resolve(name, env):
     """
     Find the program to run for C{argv[0]} as C{execvp} would, but in the
@@ -145,19 +321,18 @@ def _resolve(name, env):
     raise _Refused(f"no such file: {name} (not found in PATH={search})")
 
 
-def _explain(error, executable, stdout, stderr):
+def _explain(error, executable, run_as):
     """
     Say why C{posix_spawn} failed.  The error number alone does not tell
-    whether the program or one of the output files was at fault, so look.
+    whether the program or its interpreter was at fault, so look.  Called
+    while this process holds the job's ids, so that C{os.access} answers
+    for the job's account.
     """
     code = error.errno
-    outputs = (("stdout", stdout), ("stderr", stderr))
+    by = "" if run_as is None else f" by {run_as[0]}"
     if code == errno.ENOENT:
         if not os.path.lexists(executable):
             return f"no such file: {executable}"
-        for label, path in outputs:
-            if not os.path.isdir(os.path.dirname(path) or "."):
-                return f"no such directory for the {label} file: {path}"
         return (
             f"no such file: the interpreter or loader that {executable} "
             f"names (its #! line)"
@@ -165,21 +340,64 @@ def _explain(error, executable, stdout, stderr):
     if code == errno.EACCES:
         if os.path.isdir(executable):
             return f"permission denied: {executable} is a directory"
+        closed = _closed_directory(executable)
+        if closed is not None:
+            who = "this process" if run_as is None else run_as[0]
+            return f"permission denied: {executable} lies in {closed}, which {who} may not enter"
         if not os.access(executable, os.X_OK):
-            return f"permission denied: {executable} is not executable"
+            return f"permission denied: {executable} is not executable{by}"
         return (
-            f"permission denied: cannot execute {executable} or open "
-            f"{stdout} or {stderr}"
+            f"permission denied: cannot execute {executable}{by} (a directory on "
+            "its way, or its interpreter, may not be open to it)"
         )
     if code == errno.ENOEXEC:
         return (
             f"not a program: {executable} is neither a binary for this system "
             f"nor a script with a #! line"
         )
-    for label, path in outputs:
-        if code == errno.EISDIR and os.path.isdir(path):
-            return f"the {label} file is a directory: {path}"
     return f"cannot start {executable}: {error.strerror}"
+
+
+def _closed_directory(path):
+    """
+    The first directory on the way to C{path} that this process's real ids
+    may not pass through, or C{None}.
+    """
+    on_the_way = os.path.dirname(os.path.abspath(path))
+    closed = None
+    while True:
+        if not os.access(on_the_way, os.X_OK):
+            closed = on_the_way
+        parent = os.path.dirname(on_the_way)
+        if parent == on_the_way:
+            return closed
+        on_the_way = parent
+
+
+def _open_output(label, path, owner):
+    """
+    Open a job's output file, never through a symbolic link, given to
+    C{owner} (C{(uid, gid)}, or C{None}); its descriptor.
+    """
+    try:
+        fd = os.open(path, _OUTPUT_FLAGS, LOG_MODE)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            why = "it is a symbolic link"
+        elif e.errno == errno.EISDIR:
+            why = "it is a directory"
+        else:
+            why = e.strerror
+        raise _Refused(f"cannot open the {label} file {path}: {why}")
+    except (ValueError, TypeError) as e:
+        raise _Refused(f"cannot open the {label} file {path!r}: {e}")
+    if owner is not None:
+        try:
+            os.fchown(fd, *owner)
+        except OSError as e:
+            os.close(fd)
+            raise _Refused(f"cannot give the {label} file {path} to uid {owner[0]}: {e.strerror}")
+    return fd
 
 
 class _Spawner:
@@ -248,18 +466,19 @@ class _Spawner:
         deadline = request.get("deadline")
         if deadline is not None:
             deadline = _deadline(deadline)
-        for directory in dict.fromkeys(
-            (cwd, os.path.dirname(stdout), os.path.dirname(stderr))
-        ):
+        run_as = _run_as(request.get("run_as"))
+        owner = None if run_as is None else run_as[1:3]
+        try:
             # Made here rather than by the daemon, which would have to hand
             # the work to a thread before every spawn.
-            try:
-                os.makedirs(directory, exist_ok=True)
-            except (OSError, ValueError, TypeError) as e:
-                raise _Refused(
-                    f"cannot make the directory {directory}: "
-                    f"{getattr(e, 'strerror', None) or e}"
-                )
+            make_job_dirs(
+                cwd, dict.fromkeys((os.path.dirname(stdout), os.path.dirname(stderr))), owner
+            )
+        except (OSError, ValueError, TypeError) as e:
+            where = getattr(e, "filename", None) or cwd
+            raise _Refused(
+                f"cannot make the directory {where}: {getattr(e, 'strerror', None) or e}"
+            )
         try:
             # posix_spawn has no working directory of its own: the job
             # inherits ours.  The helper is single-threaded, so changing it
@@ -267,7 +486,14 @@ class _Spawner:
             os.chdir(cwd)
         except (OSError, ValueError, TypeError) as e:
             raise _Refused(f"bad cwd {cwd}: {getattr(e, 'strerror', None) or e}")
+        outputs = []
         try:
+            outputs.append(_open_output("stdout", stdout, owner))
+            outputs.append(_open_output("stderr", stderr, owner))
+            # From here to the end of the spawn, the job's account's ids as
+            # our real ids (_take_ids): the program is looked for, and a
+            # failure explained, as that account.
+            _take_ids(run_as)
             executable = _resolve(argv[0], env)
             pid = os.posix_spawn(
                 executable,
@@ -275,22 +501,26 @@ class _Spawner:
                 env,
                 file_actions=[
                     (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
-                    (os.POSIX_SPAWN_OPEN, 1, stdout, _OUTPUT_FLAGS, _OUTPUT_MODE),
-                    (os.POSIX_SPAWN_OPEN, 2, stderr, _OUTPUT_FLAGS, _OUTPUT_MODE),
+                    (os.POSIX_SPAWN_DUP2, outputs[0], 1),
+                    (os.POSIX_SPAWN_DUP2, outputs[1], 2),
                 ],
                 # Its own session and so its own process group, which it
                 # leads: the group can be signalled as a whole, and a
                 # terminal's signals do not reach it.
                 setsid=True,
                 setsigdef=self._default_signals,
+                resetids=run_as is not None,
             )
         except OSError as e:
-            raise _Refused(_explain(e, executable, stdout, stderr))
+            raise _Refused(_explain(e, executable, run_as))
         except (ValueError, TypeError) as e:
             raise _Refused(f"cannot start {argv[0]}: {e}")
         finally:
-            # Hold no job's directory busy.
+            _give_back_ids(run_as)
+            # Hold no job's directory busy, nor its files open.
             os.chdir("/")
+            for fd in outputs:
+                os.close(fd)
         # Not yet reaped, so /proc still has it even if it has exited.
         start_ticks = int(read_stat(pid)[_START_TICKS])
         self._pid_of[job_id] = pid
@@ -442,10 +672,26 @@ def main(requests_fd=0, replies_fd=1):
     @param requests_fd: where requests are read from.
     @param replies_fd: where replies are written to.
     """
+    global _OWN_IDS, _passage_needs_chmod
     os.chdir("/")
+    os.umask(JOB_UMASK)
+    _passage_needs_chmod = False
+    _OWN_IDS = (os.getresuid(), os.getresgid(), os.getgroups())
     # A Ctrl-C at the daemon's terminal reaches this process too; the
     # daemon then stops and closes our stdin, which is how we should end.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # And while it starts a job as another account, that account's
+    # processes may signal it (see _take_ids): every signal that can be
+    # ignored is, so that only SIGKILL and SIGSTOP remain to them.  (Jobs
+    # get the default of each: _Spawner._default_signals.)
+    for number in signal.valid_signals():
+        # (Between 31 and SIGRTMIN: the C library's own, left alone.)
+        if number not in (signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD) and (
+            number < 32 or number >= signal.SIGRTMIN
+        ):
+            try:
+                signal.signal(number, signal.SIG_IGN)
+            except (OSError, ValueError):
+                pass
     spawner = _Spawner(replies_fd)
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_r, False)

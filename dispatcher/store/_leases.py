@@ -81,9 +81,11 @@ def _check_lease(conn: sqlite3.Connection, lease: Lease) -> JobState:
     return JobState(_leased_row(conn, lease, _LEASE_STATE)[0])
 
 
-# A claim's candidate rows: seq, id, the spec's columns, attempt_count.
+# A claim's candidate rows: seq, id, the spec's columns, attempt_count,
+# owner.
 _CLAIMED_PRIORITY = operator.itemgetter(2 + spec_position("priority"))
 _CLAIMED_ATTEMPTS = 2 + SPEC_WIDTH
+_CLAIMED_OWNER = _CLAIMED_ATTEMPTS + 1
 
 
 def _claimed_spec(row: Sequence[Any]) -> JobSpec:
@@ -113,7 +115,7 @@ def claim(
     # hundred times slower with ten thousand queued.
     cursors = {
         queue: conn.execute(
-            f"SELECT seq, id, {SPEC_COLUMNS}, attempt_count"
+            f"SELECT seq, id, {SPEC_COLUMNS}, attempt_count, owner"
             " FROM jobs INDEXED BY jobs_queued"
             " WHERE state = 'queued' AND queue = ?"
             " ORDER BY priority DESC, seq",
@@ -146,7 +148,7 @@ def claim(
         else:
             updates.append(("running", number, token, holder, expires, now, seq))
         attempts.append((job_id, number, token, holder, now))
-        leases.append(Lease(job_id, number, token, holder, expires, spec))
+        leases.append(Lease(job_id, number, token, holder, expires, spec, row[_CLAIMED_OWNER]))
     if chosen:
         conn.executemany(
             "UPDATE jobs SET state = ?, attempt_count = ?, lease_token = ?,"

@@ -57,6 +57,7 @@ from dispatcher.store._mark import (
     check_commits,
     damaged,
     is_damage,
+    make_private,
     quick_check,
     start_marking,
 )
@@ -219,7 +220,11 @@ class SQLiteJobStore:
         path = self._path
         directory = os.path.dirname(os.path.abspath(path))
         try:
-            os.makedirs(directory, exist_ok=True)
+            os.makedirs(directory, 0o700, exist_ok=True)
+            # Made before SQLite makes it (with 0644 less the umask): it
+            # holds every job's env, and SQLite gives the write-ahead log
+            # and its index the database's mode.
+            make_private(path)
             conn = self._connect()
         except sqlite3.Error as e:
             if is_damage(e):

@@ -694,6 +694,12 @@ class LeaseGrant(_Out):
                    "every heartbeat_seconds instead of comparing clocks.")
     ]
     spec: LeaseSpec
+    owner: Annotated[
+        Optional[str],
+        Meta(description="The job's owner: a worker running as root runs its "
+             "command as the account its [run_as] map gives this owner. null: "
+             "stored before jobs had owners."),
+    ] = None
 
 
 FenceSeconds = Annotated[
