@@ -28,10 +28,17 @@ from twisted.logger import Logger
 
 from dispatcher._deferreds import shielded
 from dispatcher._throttle import Throttle
-from dispatcher.model._jobs import JobState, Offer, Outcome, Resources
+from dispatcher.model._jobs import (
+    LOG_STREAMS,
+    JobState,
+    Offer,
+    Outcome,
+    Resources,
+    log_cut_marker,
+)
 from dispatcher.model._principals import Principal, Role
 from dispatcher.model._workers import LeaseEnd, LeaseVerdict, TooManyWorkerNames
-from dispatcher.wire._forms import REFUSALS, lease_grant, lease_status
+from dispatcher.wire._forms import REFUSALS, lease_grant, lease_status, limits_of
 from dispatcher.wire._submission import ApiError, decode, invalid
 from dispatcher.wire._tokens import LeaseTokens
 from dispatcher.wire._types import (
@@ -49,7 +56,7 @@ from dispatcher.wire._types import (
 
 log = Logger()
 
-STREAMS = ("stdout", "stderr")
+STREAMS = LOG_STREAMS
 
 # The principal of a request no authentication named (a handler called
 # without the API's head check): as the [workers] token_file token's, any
@@ -127,6 +134,9 @@ class WorkerEndpoints:
     @param io_pool: the pool that writes logs.
     @param tokens: seals the leases' tokens and opens those workers send.
     @param max_jobs_per_poll: the most leases one request for work gets.
+    @param max_log_bytes: the most bytes of each stream of a remote job's
+        log kept here (0: no limit), whatever its worker keeps: the rest
+        is dropped with a marker, and its result says the log was cut.
     """
 
     def __init__(
@@ -137,8 +147,10 @@ class WorkerEndpoints:
         io_pool: Any,
         tokens: LeaseTokens,
         max_jobs_per_poll: int = 64,
+        max_log_bytes: int = 0,
     ) -> None:
         self._hub = hub
+        self._max_log_bytes = max_log_bytes
         self._log_path = log_path
         self._reactor = reactor
         self._io_pool = io_pool
@@ -208,13 +220,16 @@ class WorkerEndpoints:
         offer = offer_of(body.worker)
         parsed = []
         for item in body.results:
+            token = self._tokens.open(item.job_id, item.token)
             if item.state == "released":
                 outcome = None
             else:
                 outcome = Outcome(
-                    JobState(item.state), item.exit_code, item.result, item.error, item.stopped
+                    JobState(item.state), item.exit_code, item.result, item.error, item.stopped,
+                    None if item.limits is UNSET else limits_of(item.limits),
+                    () if item.log_cut is UNSET else tuple(dict.fromkeys(item.log_cut)),
                 )
-            parsed.append((item.job_id, self._tokens.open(item.job_id, item.token), outcome))
+            parsed.append((item.job_id, token, outcome))
         # Not cancelled with the request: the hub records each result
         # whatever becomes of this connection (a failed commit is written
         # again, and a lease ends in memory only once its end has
@@ -266,9 +281,14 @@ class WorkerEndpoints:
             raise ApiError(409, "stale_lease", f"token: {REFUSALS[reason]}", "token")
         path = self._log_path(job_id, remote.lease.attempt, stream)
         data = request.content.read()
-        size = await deferToThreadPool(
-            self._reactor, self._io_pool, _write_at, path, offset, data
+        written = await deferToThreadPool(
+            self._reactor, self._io_pool, _write_at, path, offset, data,
+            self._max_log_bytes,
+            log_cut_marker(stream, self._max_log_bytes) if self._max_log_bytes else "",
         )
+        size, cut = written if written is not None else (None, False)
+        if cut and stream not in remote.log_cut:
+            remote.log_cut = remote.log_cut | {stream}
         if size is None:
             have = await deferToThreadPool(self._reactor, self._io_pool, _size, path)
             raise ApiError(
@@ -292,20 +312,37 @@ def _query_integer(text: Optional[str], name: str, low: int = 1) -> int:
     return value
 
 
-def _write_at(path: str, offset: int, data: bytes) -> Optional[int]:
+def _write_at(
+    path: str, offset: int, data: bytes, limit: int = 0, marker: str = ""
+) -> Optional[tuple[int, bool]]:
     """
-    Write C{data} at C{offset} of the file (made if need be); the size
-    afterwards, or C{None} if C{offset} is past the end.
+    Write C{data} at C{offset} of the file (made if need be), keeping at
+    most C{limit} bytes of the stream (0: no limit): what would go past it
+    is dropped, and C{marker} written once at the limit.
+
+    @return: C{(size, cut)}: the stream's size afterwards (counting what
+        was dropped, which is what the worker sends from next), and whether
+        anything was dropped; or C{None} if C{offset} is past the end.
     """
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         size = os.fstat(fd).st_size
+        end = offset + len(data)
+        if limit and size >= limit and offset >= limit:
+            # Cut already: all of this goes past the limit.
+            return end, bool(data)
         if offset > size:
             return None
+        if limit and end > limit:
+            kept = data[: limit - offset]
+            if kept:
+                os.pwrite(fd, kept, offset)
+            os.pwrite(fd, marker.encode("utf-8"), limit)
+            return end, True
         if data:
             os.pwrite(fd, data, offset)
-        return max(size, offset + len(data))
+        return max(size, end), False
     finally:
         os.close(fd)
 

@@ -432,15 +432,15 @@ class LocalExecutor:
             self.log_path(lease.job_id, lease.attempt, "stderr"),
         )
         deadline = running.deadline
+        # Given only when there is one, as a spawner that takes neither need
+        # not know them.
+        extra: dict[str, Any] = {}
+        if deadline is not None:
+            extra["deadline"] = deadline
+        if spec.resources.memory_mb:
+            extra["memory_mb"] = spec.resources.memory_mb
         try:
-            if deadline is None:
-                process = await self._spawner.spawn(
-                    list(spec.command), env, workdir, *paths
-                )
-            else:
-                process = await self._spawner.spawn(
-                    list(spec.command), env, workdir, *paths, deadline=deadline
-                )
+            process = await self._spawner.spawn(list(spec.command), env, workdir, *paths, **extra)
         except Exception as e:
             return Outcome(JobState.FAILED, error=f"could not start the command: {e}")
         running.process = process
@@ -469,20 +469,23 @@ class LocalExecutor:
                 job_id=lease.job_id,
                 error=str(e) or type(e).__name__,
             )
+        limits = getattr(process, "limits", None)
         try:
             code = await process.ended
         except Exception as e:
-            return Outcome(JobState.FAILED, error=f"lost: {e}")
+            return Outcome(JobState.FAILED, error=f"lost: {e}", limits=limits)
         finally:
             if timer is not None and timer.active():
                 timer.cancel()
         if running.timed_out:
-            return Outcome(
+            outcome = Outcome(
                 JobState.FAILED,
                 exit_code=code,
                 error=f"timed out after {spec.timeout:g} s",
             )
-        return Outcome.from_exit_code(code)
+        else:
+            outcome = Outcome.from_exit_code(code)
+        return _with_limits(outcome, process)
 
     def _terminate(self, process: Any, grace: Optional[float] = None) -> None:
         d = process.terminate(self.kill_grace if grace is None else grace, self._clock)
@@ -592,6 +595,22 @@ class LocalExecutor:
             self._terminate(running.process, grace)
         elif running.context is not None:
             running.context.cancel()
+
+
+def _with_limits(outcome: Outcome, process: Any) -> Outcome:
+    """
+    C{outcome} of a command with what its process says: the limits it ran
+    under, the streams of its log that were cut, and an out-of-memory kill.
+    """
+    limits = getattr(process, "limits", None)
+    log_cut = tuple(getattr(process, "log_cut", ()))
+    if limits is None and not log_cut:
+        return outcome
+    outcome = attrs.evolve(outcome, limits=limits, log_cut=log_cut)
+    kills = getattr(process, "oom_kills", 0)
+    if kills:
+        outcome = outcome.out_of_memory(kills, limits.memory_mb if limits else None)
+    return outcome
 
 
 def _make_dirs(*paths: str) -> None:

@@ -145,7 +145,12 @@ class JobHost:
         self.fetch_pool = ThreadPool(1, 4, name=f"{prefix}-fetch")
         self.http_pool = HTTPConnectionPool(reactor, persistent=True)
         self.http = quiet_http_client(reactor, self.http_pool)
-        self.spawner = ProcessSpawner(reactor)
+        self.spawner = ProcessSpawner(
+            reactor,
+            max_processes=config.executor.max_processes,
+            max_log_bytes=config.executor.max_log_bytes,
+            cgroups=config.executor.cgroups,
+        )
         stager = InputStager(self.http, stager_clock, config.fetch, self.fetch_pool, reactor)
         self.executor = LocalExecutor(
             reactor,

@@ -9,16 +9,18 @@ from zope.interface import Attribute, Interface
 class IProcessSpawner(Interface):
     """
     Starts command jobs as processes, each in its own session and process
-    group, and tells when they end.
+    group (and cgroups, where the host allows), and tells when they end.
     """
 
-    def spawn(argv, env, cwd, stdout_path, stderr_path, deadline=None):
+    def spawn(argv, env, cwd, stdout_path, stderr_path, deadline=None, memory_mb=0):
         """
         Start C{argv} (no shell) in C{cwd} with exactly the environment
         C{env}, stdout and stderr to those files.  Fire with an
         L{IRunningProcess}.  With a C{deadline} (a time on
         L{dispatcher.execution._spawner.deadline_clock}), the process group
         is killed when it passes, by a process other than the caller's.
+        C{memory_mb} (0: none) is its memory limit, where it can be
+        enforced.
         """
 
     def set_deadline(processes, at):
@@ -43,6 +45,11 @@ class IRunningProcess(Interface):
     killed_at_deadline = Attribute(
         "Whether it was killed because its deadline passed."
     )
+    limits = Attribute("The Limits it runs under, or None if not known.")
+    oom_kills = Attribute(
+        "Once it has ended: how many of its processes the OOM killer killed."
+    )
+    log_cut = Attribute("Once it has ended: the streams of its log that were cut.")
 
     def signal_group(signum):
         """

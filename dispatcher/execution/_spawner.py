@@ -48,10 +48,20 @@ It imports only the standard library, to start fast and hold few files.
 import errno
 import json
 import os
-import selectors
+import select
 import signal
 import sys
 import time
+
+if __package__:
+    from dispatcher.execution._cgroups import JobCgroups
+    from dispatcher.execution._outputs import open_outputs
+else:
+    # Run as a file (python -I -S _spawner.py), which keeps this directory
+    # out of the path: its two stdlib-only siblings are imported from it.
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from _cgroups import JobCgroups
+    from _outputs import open_outputs
 
 # How a job's stdout and stderr files are opened: appended to, so that the
 # output of an earlier attempt is kept.
@@ -60,6 +70,15 @@ _OUTPUT_MODE = 0o644
 
 # Field 22 of /proc/<pid>/stat, counted from 1: the start time.
 _START_TICKS = 21
+
+# prctl's option to become a child subreaper (linux/prctl.h).
+_PR_SET_CHILD_SUBREAPER = 36
+
+# How long the end of a job waits, at most, for the processes killed in its
+# cgroup to be gone before it is reported.
+_LAST_PROCESS_WAIT = 5.0
+# How often, meanwhile, it looks whether they are.
+_ENDING_POLL = 0.05
 
 # The longest the helper sleeps while a job has a deadline.  poll() counts
 # its timeout on CLOCK_MONOTONIC, which stands still while the host is
@@ -114,6 +133,31 @@ def read_stat(pid):
     fields = [data[:open_paren], data[open_paren + 2 : close_paren]]
     fields.extend(data[close_paren + 2 :].split())
     return [field.decode("utf-8", "replace") for field in fields]
+
+
+def _start_ticks(pid):
+    """
+    Field 22 of C{/proc/<pid>/stat} (L{read_stat}), the start time, alone:
+    read at every spawn, where decoding every field was a tenth of the
+    helper's time.
+    """
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        data = f.read()
+    return int(data[data.rindex(b")") + 2 :].split(None, _START_TICKS - 1)[_START_TICKS - 2])
+
+
+def _make_directory(path):
+    """
+    Make the directory C{path} and its parents if need be: most often it
+    exists, or only it is missing, which one C{mkdir} settles (where
+    C{os.makedirs} looks first at its parent, and at an existing one after).
+    """
+    try:
+        os.mkdir(path)
+    except FileExistsError:
+        pass
+    except FileNotFoundError:
+        os.makedirs(path, exist_ok=True)
 
 
 class _Refused(Exception):
@@ -182,22 +226,73 @@ def _explain(error, executable, stdout, stderr):
     return f"cannot start {executable}: {error.strerror}"
 
 
+# What a helper is started with (a JSON object, its one argument); a key
+# not given has this value.  cgroups: "auto" (what the host allows), "off",
+# or "v1" (cgroup v1 only: for tests of the v1 freezer); max_processes: a
+# job's most processes and threads, 0 for no limit; max_log_bytes: the most
+# bytes of each stream a job's log file takes, 0 for no limit (the job then
+# writes its files itself); markers: per stream, the line (as text) written
+# where one is cut, needed with max_log_bytes.
+DEFAULT_SETTINGS = {"cgroups": "auto", "max_processes": 0, "max_log_bytes": 0, "markers": {}}
+
+
+class _Job:
+    """
+    A job started and not yet reaped: its leader, its cgroups (a
+    L{dispatcher.execution._cgroups.JobCgroup}) and its outputs (those the
+    helper reads; none when the job writes its files itself).
+    """
+
+    __slots__ = ("pid", "cgroup", "outputs", "code", "oom_kills", "report_by")
+
+    def __init__(self, pid, cgroup, outputs):
+        self.pid = pid
+        self.cgroup = cgroup
+        self.outputs = outputs
+        # Once its leader is reaped: its exit status, the OOM kills among
+        # its processes, and until when its report waits for the rest of
+        # its processes to be gone (0: they are).
+        self.code = None
+        self.oom_kills = 0
+        self.report_by = 0.0
+
+
 class _Spawner:
     """
     The helper's state: the jobs started and not yet reaped, and the
     replies not yet written.
     """
 
-    def __init__(self, replies_fd):
+    def __init__(self, replies_fd, settings=None):
+        settings = {**DEFAULT_SETTINGS, **(settings or {})}
         self._replies_fd = replies_fd
+        # What poll() watches: fd -> what it is ("requests", "children", or
+        # a job's Output).  poll, not epoll: a few descriptors, one fewer
+        # file, and it also takes a regular file or /dev/null as stdin.
+        self.poller = select.poll()
+        self.watched = {}
         self._replies = []
         self._pid_of = {}
         self._id_of = {}
+        # Job id -> _Job: started and not yet reaped; and reaped, not yet
+        # reported.
+        self._jobs = {}
+        self._ending = {}
+        # Cgroups of jobs reported before their killed processes were all
+        # gone, given back once they are.
+        self._lingering = []
         # Job id -> deadline, for the jobs that have one; and the ids killed
         # at theirs, until their exit is reported.
         self._deadlines = {}
         self._past_deadline = set()
         self._boot_id = read_boot_id()
+        self._max_log_bytes = int(settings["max_log_bytes"])
+        self._markers = {
+            stream: text.encode("utf-8") for stream, text in settings["markers"].items()
+        }
+        if self._max_log_bytes and set(self._markers) != {"stdout", "stderr"}:
+            raise ValueError("max_log_bytes needs a marker for stdout and for stderr")
+        self.cgroups = JobCgroups(settings["cgroups"], int(settings["max_processes"]))
         # Signals this helper ignores would stay ignored in its jobs across
         # exec (Python ignores SIGPIPE and SIGXFSZ); jobs get the defaults.
         self._default_signals = [
@@ -206,6 +301,22 @@ class _Spawner:
             if number not in (signal.SIGKILL, signal.SIGSTOP)
             and signal.getsignal(number) == signal.SIG_IGN
         ]
+
+    def start(self):
+        """
+        Become a child subreaper and find the cgroups jobs go in; reply
+        C{ready}, saying what holds for jobs.
+        """
+        subreaper = become_subreaper()
+        description = self.cgroups.start()
+        if subreaper:
+            description += (
+                "; the spawner helper is a child subreaper (a job's orphaned "
+                "processes become its children, not init's)"
+            )
+        else:
+            description += "; the spawner helper could not become a child subreaper"
+        self._reply(op="ready", id=None, description=description)
 
     def received(self, line):
         """
@@ -237,6 +348,7 @@ class _Spawner:
         cwd = request["cwd"]
         stdout = request["stdout"]
         stderr = request["stderr"]
+        memory_mb = request.get("memory_mb", 0)
         if not isinstance(job_id, int) or job_id in self._pid_of:
             raise _Refused(f"the id must be a new integer, not {job_id!r}")
         if not argv or not all(isinstance(arg, str) for arg in argv):
@@ -245,6 +357,8 @@ class _Spawner:
             isinstance(k, str) and isinstance(v, str) for k, v in env.items()
         ):
             raise _Refused("env must map strings to strings")
+        if isinstance(memory_mb, bool) or not isinstance(memory_mb, int) or memory_mb < 0:
+            raise _Refused(f"memory_mb must be an integer of at least 0, not {memory_mb!r}")
         deadline = request.get("deadline")
         if deadline is not None:
             deadline = _deadline(deadline)
@@ -254,7 +368,7 @@ class _Spawner:
             # Made here rather than by the daemon, which would have to hand
             # the work to a thread before every spawn.
             try:
-                os.makedirs(directory, exist_ok=True)
+                _make_directory(directory)
             except (OSError, ValueError, TypeError) as e:
                 raise _Refused(
                     f"cannot make the directory {directory}: "
@@ -269,32 +383,43 @@ class _Spawner:
             raise _Refused(f"bad cwd {cwd}: {getattr(e, 'strerror', None) or e}")
         try:
             executable = _resolve(argv[0], env)
-            pid = os.posix_spawn(
-                executable,
-                argv,
-                env,
-                file_actions=[
-                    (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
-                    (os.POSIX_SPAWN_OPEN, 1, stdout, _OUTPUT_FLAGS, _OUTPUT_MODE),
-                    (os.POSIX_SPAWN_OPEN, 2, stderr, _OUTPUT_FLAGS, _OUTPUT_MODE),
-                ],
-                # Its own session and so its own process group, which it
-                # leads: the group can be signalled as a whole, and a
-                # terminal's signals do not reach it.
-                setsid=True,
-                setsigdef=self._default_signals,
-            )
-        except OSError as e:
-            raise _Refused(_explain(e, executable, stdout, stderr))
-        except (ValueError, TypeError) as e:
-            raise _Refused(f"cannot start {argv[0]}: {e}")
+            outputs, file_actions = self._outputs(stdout, stderr)
+            # Likewise the helper steps into the job's cgroups for the
+            # moment of the spawn: the job is born in them, and so is all
+            # it forks.
+            cgroup = self.cgroups.enter(memory_mb)
+            try:
+                pid = os.posix_spawn(
+                    executable,
+                    argv,
+                    env,
+                    file_actions=file_actions,
+                    # Its own session and so its own process group, which it
+                    # leads: the group can be signalled as a whole, and a
+                    # terminal's signals do not reach it.
+                    setsid=True,
+                    setsigdef=self._default_signals,
+                )
+            except BaseException as e:
+                self.cgroups.leave(cgroup)
+                self.cgroups.end(cgroup)
+                _close_outputs(outputs, file_actions)
+                if isinstance(e, OSError):
+                    raise _Refused(_explain(e, executable, stdout, stderr))
+                if isinstance(e, (ValueError, TypeError)):
+                    raise _Refused(f"cannot start {argv[0]}: {e}")
+                raise
+            self.cgroups.leave(cgroup)
         finally:
             # Hold no job's directory busy.
             os.chdir("/")
+        for output in outputs:
+            self._watch(output.read_fd, output)
         # Not yet reaped, so /proc still has it even if it has exited.
-        start_ticks = int(read_stat(pid)[_START_TICKS])
+        start_ticks = _start_ticks(pid)
         self._pid_of[job_id] = pid
         self._id_of[pid] = job_id
+        self._jobs[job_id] = _Job(pid, cgroup, outputs)
         if deadline is not None:
             # Kept from the moment the job exists: a worker frozen right
             # after asking for it must not leave it without one.
@@ -305,7 +430,40 @@ class _Spawner:
             pid=pid,
             start_ticks=start_ticks,
             boot_id=self._boot_id,
+            limits=cgroup.limits,
         )
+
+    def _outputs(self, stdout, stderr):
+        """
+        How the job's stdout and stderr reach their files: C{(outputs,
+        file_actions)}.  With a limit, through pipes this process reads
+        (the L{Output}s); without, the job opens the files itself.
+        """
+        if not self._max_log_bytes:
+            return [], [
+                (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
+                (os.POSIX_SPAWN_OPEN, 1, stdout, _OUTPUT_FLAGS, _OUTPUT_MODE),
+                (os.POSIX_SPAWN_OPEN, 2, stderr, _OUTPUT_FLAGS, _OUTPUT_MODE),
+            ]
+        try:
+            outputs = open_outputs(
+                {"stdout": stdout, "stderr": stderr},
+                self._max_log_bytes,
+                self._markers,
+                _OUTPUT_FLAGS,
+                _OUTPUT_MODE,
+            )
+        except OSError as e:
+            path = e.filename or stdout
+            label = "stderr" if path == stderr else "stdout"
+            if e.errno == errno.EISDIR:
+                raise _Refused(f"the {label} file is a directory: {path}")
+            raise _Refused(f"cannot open the {label} file {path}: {e.strerror}")
+        return outputs, [
+            (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
+            (os.POSIX_SPAWN_DUP2, outputs[0].write_fd, 1),
+            (os.POSIX_SPAWN_DUP2, outputs[1].write_fd, 2),
+        ]
 
     def _signal(self, job_id, request):
         # Once the leader is reaped its pid may belong to someone else: only
@@ -313,12 +471,15 @@ class _Spawner:
         pid = self._pid_of.get(job_id)
         if pid is None:
             return
+        signum = request["signal"]
         try:
-            os.killpg(pid, request["signal"])
+            os.killpg(pid, signum)
         except ProcessLookupError:
             pass
         except (OSError, ValueError, OverflowError) as e:
-            raise _Refused(f"cannot send signal {request['signal']!r}: {e}")
+            raise _Refused(f"cannot send signal {signum!r}: {e}")
+        # And every process of its cgroup, those that left its group too.
+        self.cgroups.signal(self._jobs[job_id].cgroup, signum)
 
     def _set_deadlines(self, request):
         at = request["at"]
@@ -358,26 +519,36 @@ class _Spawner:
                 continue
             del self._deadlines[job_id]
             self._past_deadline.add(job_id)
-            try:
-                os.killpg(self._pid_of[job_id], signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            self._kill(job_id)
+
+    def _kill(self, job_id):
+        try:
+            os.killpg(self._pid_of[job_id], signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.cgroups.signal(self._jobs[job_id].cgroup, signal.SIGKILL)
 
     def kill_all(self):
         """
-        SIGKILL the group of every job whose leader is not reaped yet (so
-        its id cannot have been reused).
+        SIGKILL every job whose leader is not reaped yet (so its id cannot
+        have been reused): its group and its cgroup; and every other child
+        of this helper (a job's orphan, where jobs have no cgroups).
         """
-        for pid in self._pid_of.values():
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        for job_id in list(self._pid_of):
+            self._kill(job_id)
+        for pid in _children():
+            if pid not in self._id_of:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
 
     def reap(self):
         """
-        Report every job whose leader has exited, after killing what is left
-        of its process group.
+        Reap every job whose leader has exited, after killing what is left
+        of it (its process group, its cgroup), and report it once it has no
+        process left (L{report_ended}); reap the orphans that came to this
+        helper, a subreaper.
         """
         while True:
             try:
@@ -387,26 +558,119 @@ class _Spawner:
                     os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT
                 )
             except ChildProcessError:
-                return
+                break
             if info is None:
-                return
+                break
             pid = info.si_pid
+            job_id = self._id_of.pop(pid, None)
+            if job_id is None:
+                # An orphan of some job, or what is left of one: not a job.
+                os.waitpid(pid, 0)
+                continue
             try:
                 os.killpg(pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
+            job = self._jobs.pop(job_id)
+            oom, left = self.cgroups.end(job.cgroup)
             _, status = os.waitpid(pid, 0)
-            job_id = self._id_of.pop(pid, None)
-            if job_id is not None:
-                del self._pid_of[job_id]
-                code = os.waitstatus_to_exitcode(status)
-                if self._deadlines:
-                    self._deadlines.pop(job_id, None)
-                if job_id in self._past_deadline:
-                    self._past_deadline.discard(job_id)
-                    self._reply(op="exited", id=job_id, code=code, deadline=True)
+            del self._pid_of[job_id]
+            job.code = os.waitstatus_to_exitcode(status)
+            job.oom_kills = oom
+            # Its end is reported once the processes killed in its cgroup
+            # are gone too (and with them the last of its output), or after
+            # a while at most.
+            job.report_by = time.monotonic() + _LAST_PROCESS_WAIT if left else 0.0
+            self._ending[job_id] = job
+        self.report_ended()
+
+    def report_ended(self):
+        """
+        Report the jobs reaped whose cgroups are empty now, or have waited
+        long enough; after the last of their output.
+
+        @return: seconds until the processes left are looked for again, or
+            C{None} if none are waited for.
+        """
+        wait = None
+        now = None
+        for job_id, job in list(self._ending.items()):
+            if job.report_by:
+                if self.cgroups.populated(job.cgroup):
+                    if now is None:
+                        now = time.monotonic()
+                    if job.report_by > now:
+                        # Their exits wake this process (a subreaper): this
+                        # is only in case one does not.
+                        wait = _ENDING_POLL
+                        continue
+                    # Not gone in time (stuck in the kernel?): reported all
+                    # the same, its cgroups given back once empty.
+                    self._lingering.append(job.cgroup)
                 else:
-                    self._reply(op="exited", id=job_id, code=code)
+                    self.cgroups.release(job.cgroup)
+            del self._ending[job_id]
+            self._report(job_id, job)
+        if self._lingering:
+            self._lingering = [c for c in self._lingering if not self._released(c)]
+            if self._lingering and wait is None:
+                wait = _LONGEST_SLEEP
+        return wait
+
+    def _released(self, cgroup):
+        if self.cgroups.populated(cgroup):
+            return False
+        self.cgroups.release(cgroup)
+        return True
+
+    def _report(self, job_id, job):
+        cut = []
+        for output in job.outputs:
+            if not output.closed:
+                self._unwatch(output.read_fd)
+                output.finish()
+            if output.cut:
+                cut.append(output.stream)
+        ended = {"op": "exited", "id": job_id, "code": job.code}
+        if self._deadlines:
+            self._deadlines.pop(job_id, None)
+        if job_id in self._past_deadline:
+            self._past_deadline.discard(job_id)
+            ended["deadline"] = True
+        if job.oom_kills:
+            ended["oom_kills"] = job.oom_kills
+        if cut:
+            ended["cut"] = cut
+        self._reply(**ended)
+
+    def _watch(self, fd, what):
+        self.poller.register(fd, select.POLLIN)
+        self.watched[fd] = what
+
+    def _unwatch(self, fd):
+        self.poller.unregister(fd)
+        del self.watched[fd]
+
+    def output_ready(self, output):
+        """
+        Move what a job wrote since; at the end of its pipe (the job closed
+        it), close it.
+        """
+        if output.closed:
+            return
+        if output.pump() == 0:
+            self._unwatch(output.read_fd)
+            output.close()
+
+    def close(self):
+        """
+        Close what is left open (the outputs of jobs not reaped), and kill
+        and remove every job cgroup: this helper is exiting.
+        """
+        for job in self._jobs.values():
+            for output in job.outputs:
+                output.close()
+        self.cgroups.close()
 
     def _reply(self, **message):
         self._replies.append(json.dumps(message, separators=(",", ":")))
@@ -424,6 +688,41 @@ class _Spawner:
             view = view[os.write(self._replies_fd, view) :]
 
 
+def become_subreaper():
+    """
+    Make this process a child subreaper (Linux's C{PR_SET_CHILD_SUBREAPER}):
+    a descendant whose parent dies becomes its child, not init's, so that a
+    job's double-forked or C{setsid} processes stay in reach.
+
+    @return: whether it is one.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _children():
+    """
+    The pids of this process's children, from C{/proc}; none where it does
+    not say.
+    """
+    pid = os.getpid()
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except OSError:
+        return []
+
+
+def _close_outputs(outputs, file_actions):
+    for output in outputs:
+        output.close()
+
+
 def _deadline(value):
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
         raise _Refused(f"a deadline must be a number of seconds, not {value!r}")
@@ -435,36 +734,43 @@ def _wake(signum, frame):
     pass
 
 
-def main(requests_fd=0, replies_fd=1):
+def main(requests_fd=0, replies_fd=1, settings=None):
     """
     Serve requests from C{requests_fd} until it closes.
 
     @param requests_fd: where requests are read from.
     @param replies_fd: where replies are written to.
+    @param settings: the helper's settings (L{DEFAULT_SETTINGS}).
     """
     os.chdir("/")
     # A Ctrl-C at the daemon's terminal reaches this process too; the
     # daemon then stops and closes our stdin, which is how we should end.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    spawner = _Spawner(replies_fd)
+    spawner = _Spawner(replies_fd, settings)
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_r, False)
     os.set_blocking(wake_w, False)
     signal.signal(signal.SIGCHLD, _wake)
     signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
-    # poll, not epoll: two descriptors, one fewer file, and it also accepts
-    # a regular file or /dev/null as stdin.
-    selector = selectors.PollSelector()
-    selector.register(requests_fd, selectors.EVENT_READ, "requests")
-    selector.register(wake_r, selectors.EVENT_READ, "children")
+    spawner._watch(requests_fd, "requests")
+    spawner._watch(wake_r, "children")
     pending = b""
     try:
+        spawner.start()
+        spawner.flush()
         while True:
             timeout = spawner.next_deadline()
             if timeout is not None:
                 timeout = min(timeout, _LONGEST_SLEEP)
-            for key, _ in selector.select(timeout):
-                if key.data == "children":
+            # Killed processes not all gone are looked for again at least
+            # this often (their exits wake the helper first, most often).
+            waiting = spawner.report_ended()
+            if waiting is not None:
+                timeout = waiting if timeout is None else min(timeout, waiting)
+            spawner.flush()
+            for fd, _ in spawner.poller.poll(None if timeout is None else timeout * 1000):
+                what = spawner.watched.get(fd)
+                if what == "children":
                     while True:
                         try:
                             if not os.read(wake_r, 4096):
@@ -472,6 +778,10 @@ def main(requests_fd=0, replies_fd=1):
                         except BlockingIOError:
                             break
                     spawner.reap()
+                    continue
+                if what != "requests":
+                    if what is not None:
+                        spawner.output_ready(what)
                     continue
                 data = os.read(requests_fd, 65536)
                 if not data:
@@ -490,8 +800,11 @@ def main(requests_fd=0, replies_fd=1):
             spawner.flush()
     except BrokenPipeError:
         # The daemon is gone; so is anyone to report to.
+        spawner.kill_all()
         return
+    finally:
+        spawner.close()
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(settings=json.loads(sys.argv[1]) if len(sys.argv) > 1 else None))

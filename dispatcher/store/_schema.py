@@ -145,6 +145,16 @@ MIGRATIONS: Sequence[str] = (
     ALTER TABLE idempotency_owned RENAME TO idempotency;
     CREATE INDEX idempotency_age ON idempotency (created_at);
     """,
+    # Migration 7 (issue 16): the limits a command's attempt ran under, as
+    # JSON ({"memory_mb", "processes", "enforced"}), and the streams of its
+    # log that were cut at [executor] max_log_bytes ("stdout,stderr"); NULL
+    # for a task's attempt, one that never started, and every attempt
+    # before.  (Numbered 7: migration 6 is another change's; until it is
+    # merged this entry is the sixth.)
+    """
+    ALTER TABLE attempts ADD COLUMN limits TEXT;
+    ALTER TABLE attempts ADD COLUMN log_cut TEXT;
+    """,
 )
 
 
