@@ -411,6 +411,13 @@ class Hierarchy:
             os.write(self._procs[path], pid_text)
             self.inside = path
 
+    def holds(self, path, name, value):
+        """
+        Whether this helper last wrote C{value} to the file C{name} of the
+        job cgroup C{path}.
+        """
+        return self._written[path].get(name) == value
+
     def set(self, path, name, value):
         """
         Write C{value} to the file C{name} of the job cgroup C{path}, unless
@@ -823,14 +830,15 @@ class JobCgroups:
                 if hierarchy.swap_file:
                     hierarchy.set(path, "memory.swap.max", "0" if memory_mb else "max")
             else:
-                memsw = hierarchy.swap_file
                 limit = str(memory_mb << 20) if memory_mb else "-1"
-                if memsw:
-                    # memory and swap must stay at least memory's limit:
+                if hierarchy.holds(path, "memory.limit_in_bytes", limit):
+                    return
+                if hierarchy.swap_file:
+                    # Memory and swap must stay at least memory's limit:
                     # lifted first, set last.
                     hierarchy.set(path, "memory.memsw.limit_in_bytes", "-1")
                 hierarchy.set(path, "memory.limit_in_bytes", limit)
-                if memsw:
+                if hierarchy.swap_file:
                     hierarchy.set(path, "memory.memsw.limit_in_bytes", limit)
 
     def leave(self, job):

@@ -51,8 +51,8 @@ class Output:
     def __init__(self, stream, read_fd, write_fd, file_fd, left, marker):
         self.stream = stream
         self.read_fd = read_fd
-        # The helper holds the write end too until the job is over, so that
-        # the job's exit does not wake it once for each stream's end.
+        # For the job; the helper closes its copy once the job has it
+        # (L{close_write_end}), so that the pipe's end is the job's.
         self.write_fd = write_fd
         self.file_fd = file_fd
         self.left = left
@@ -146,9 +146,7 @@ class Output:
         """
         if self.closed:
             return
-        if self.write_fd is not None:
-            os.close(self.write_fd)
-            self.write_fd = None
+        self.close_write_end()
         poller = None
         while True:
             moved = self.pump()
@@ -166,14 +164,17 @@ class Output:
                     break
         self.close()
 
+    def close_write_end(self):
+        if self.write_fd is not None:
+            os.close(self.write_fd)
+            self.write_fd = None
+
     def close(self):
         if not self.closed:
             self.closed = True
             os.close(self.read_fd)
             os.close(self.file_fd)
-            if self.write_fd is not None:
-                os.close(self.write_fd)
-                self.write_fd = None
+            self.close_write_end()
 
 
 def open_outputs(paths, limit, markers, flags, mode):

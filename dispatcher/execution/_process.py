@@ -5,8 +5,9 @@ Starting a process from the daemon walks every open file descriptor in the
 reactor thread, and the daemon may hold thousands of sockets.  So the
 daemon starts one small helper (L{dispatcher.execution._spawner}) when the service
 starts and asks it, over a pipe, to start jobs: each in its own session and
-process group, with stray members of the group killed when the job's
-leader exits.
+process group, and its own cgroups where the host allows, with what is left
+of the group and of the cgroups killed when the job's leader exits.  The
+helper says once what holds for jobs on this host, which is logged.
 """
 
 import functools

@@ -4,27 +4,34 @@ The spawner helper: a small process that starts command jobs for the daemon.
 Starting a process from the daemon itself means walking every one of its
 open file descriptors (thousands of sockets) in the reactor thread.  This
 helper holds only a few, so it starts jobs quickly.  The daemon starts it
-once and talks to it over its stdin and stdout, one JSON object a line.
+once, with its settings (L{DEFAULT_SETTINGS}) as its one argument, and
+talks to it over its stdin and stdout, one JSON object a line.
 
 Requests::
 
     {"op": "spawn", "id": N, "argv": [...], "env": {...}, "cwd": "...",
      "stdout": "path", "stderr": "path"}
-    {"op": "spawn", ..., "deadline": D}
+    {"op": "spawn", ..., "deadline": D, "memory_mb": M}
     {"op": "signal", "id": N, "signal": 15}
     {"op": "deadline", "ids": [N, ...], "at": D}
 
 Replies::
 
-    {"op": "spawned", "id": N, "pid": P, "start_ticks": T, "boot_id": B}
+    {"op": "ready", "id": null, "description": "each job gets cgroups ..."}
+    {"op": "spawned", "id": N, "pid": P, "start_ticks": T, "boot_id": B,
+     "limits": {"memory_mb": M, "processes": P, "enforced": true}}
     {"op": "error", "id": N, "error": "no such file: foo"}
     {"op": "exited", "id": N, "code": C}
-    {"op": "exited", "id": N, "code": -9, "deadline": true}
+    {"op": "exited", "id": N, "code": -9, "deadline": true,
+     "oom_kills": 1, "cut": ["stdout"]}
+
+The first reply, once the helper has started, says in words what holds for
+jobs on this host (L{dispatcher.execution._cgroups}).
 
 A deadline is a time on L{deadline_clock} (C{CLOCK_BOOTTIME}, one clock for
 every process of the host, which also counts time the host spent
-suspended).  A job given one is killed, its whole process group with
-C{SIGKILL}, once the deadline passes, and its exit says so.  The remote
+suspended).  A job given one is killed, its whole process group and cgroup
+with C{SIGKILL}, once the deadline passes, and its exit says so.  The remote
 worker gives each job the time by which it must have stopped unless its
 lease is renewed, and moves it later at each renewal: the deadline holds
 even while the worker's own process is frozen, since this process keeps
@@ -34,15 +41,27 @@ them away.  Ids the helper no longer runs are ignored.  The daemon's own
 jobs have no deadline and cost nothing here.
 
 The working directory and the directories of the two output files are
-made if need be.  Each job leads its own session and process group.  When a job's leader
-exits, what is left of its group is killed before its exit is reported, so
-a job's stray background processes die with it.  C{C} is the exit status,
-or minus the signal that killed the leader.  When stdin closes, the daemon
-is gone (an orderly stop has ended every job before): the helper kills the
-process group of every job still running, so that none runs on unwatched
-while the daemon is down or its next start runs it again, and exits.
+made if need be.  Each job leads its own session and process group and,
+where the host allows, has cgroups of its own, which bound its processes
+(the setting C{max_processes}) and its memory (C{memory_mb}); it is born in
+them (L{dispatcher.execution._cgroups}).  When a job's leader exits, what
+is left of its group and of its cgroups is killed, and its exit is
+reported once none of its processes is left (a few seconds at most), so a
+job's stray background processes die with it, whatever session they moved
+to.  The helper is a child subreaper: a job's orphans become its children,
+and are reaped here, not reported.  C{C} is the exit status, or minus the
+signal that killed the leader; C{oom_kills} says how many of its processes
+the out-of-memory killer took, C{cut} which streams of its log were cut.
+With a C{max_log_bytes}, a job's stdout and stderr go through pipes the
+helper reads into the files, at most that many bytes of each
+(L{dispatcher.execution._outputs}); without, the job writes its files
+itself.  When stdin closes, the daemon is gone (an orderly stop has ended
+every job before): the helper kills every job still running, and the
+orphans it holds, so that none runs on unwatched while the daemon is down
+or its next start runs it again, and exits.
 
-It imports only the standard library, to start fast and hold few files.
+It imports only the standard library (and its two siblings, which do
+too), to start fast and hold few files.
 """
 
 import errno
@@ -414,6 +433,7 @@ class _Spawner:
             # Hold no job's directory busy.
             os.chdir("/")
         for output in outputs:
+            output.close_write_end()
             self._watch(output.read_fd, output)
         # Not yet reaped, so /proc still has it even if it has exited.
         start_ticks = _start_ticks(pid)
