@@ -104,6 +104,50 @@ def escapee(pidfile, ignore_term=True):
     return f"setsid sh -c '{trap}echo $$ > {pidfile}; while :; do sleep 1; done' &"
 
 
+# Finding the process's own cgroups
+
+def test_the_own_cgroups_are_found_from_mountinfo_and_proc_cgroup():
+    """A pure cgroup v2 host under systemd (the unit's cgroup), a hybrid
+    host, and a container whose mounts show only its part of a hierarchy:
+    each hierarchy the helper may use is found at the process's own cgroup,
+    and a mount that shows another part is passed over."""
+    from dispatcher.execution._cgroups import (
+        own_directories,
+        parse_mountinfo,
+        parse_proc_cgroup,
+    )
+
+    pure = own_directories(
+        parse_mountinfo(
+            "30 23 0:26 / /sys/fs/cgroup rw,nosuid shared:4 - cgroup2 cgroup2 "
+            "rw,nsdelegate,memory_recursiveprot\n"
+            "24 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw\n"),
+        parse_proc_cgroup("0::/system.slice/dispatcher.service\n"))
+    assert pure == {"cgroup2": "/sys/fs/cgroup/system.slice/dispatcher.service"}
+    hybrid = own_directories(
+        parse_mountinfo(
+            "31 25 0:27 / /sys/fs/cgroup/unified rw - cgroup2 cgroup2 rw\n"
+            "35 25 0:31 / /sys/fs/cgroup/pids rw - cgroup cgroup rw,pids\n"
+            "36 25 0:32 / /sys/fs/cgroup/cpu,cpuacct rw - cgroup cgroup rw,cpu,cpuacct\n"
+            "37 25 0:33 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n"
+            "38 25 0:34 / /sys/fs/cgroup/freezer rw - cgroup cgroup rw,freezer\n"),
+        parse_proc_cgroup("9:freezer:/\n8:memory:/user.slice\n4:pids:/user.slice/a\n"
+                          "2:cpu,cpuacct:/\n0::/user.slice/a\n"))
+    assert hybrid == {
+        "cgroup2": "/sys/fs/cgroup/unified/user.slice/a",
+        "pids": "/sys/fs/cgroup/pids/user.slice/a",
+        "memory": "/sys/fs/cgroup/memory/user.slice",
+        "freezer": "/sys/fs/cgroup/freezer",
+    }
+    container = own_directories(
+        parse_mountinfo(
+            "40 30 0:26 /docker/abc /sys/fs/cgroup ro - cgroup2 cgroup rw\n"
+            "41 30 0:26 /other /mnt/other rw - cgroup2 cgroup rw\n"
+            "42 30 0:26 /docker/abc/with\\040space /mnt/x rw - cgroup2 cgroup rw\n"),
+        parse_proc_cgroup("0::/docker/abc/job\n"))
+    assert container == {"cgroup2": "/sys/fs/cgroup/job"}
+
+
 # The helper: every process of a job dies with it
 
 @pytest.mark.parametrize("mode", MODES)

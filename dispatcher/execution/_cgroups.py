@@ -352,11 +352,12 @@ class Hierarchy:
         if self.inside == path:
             self.go_home(pid_text)
 
-    def take(self):
+    def take(self, new=False):
         """
-        An empty job cgroup: one from the pool, or a new one.
+        An empty job cgroup: one from the pool, or a new one (always, if
+        C{new}).
         """
-        if self._idle:
+        if self._idle and not new:
             return self._idle.pop()
         self._made += 1
         path = os.path.join(self.jobs, f"job-{self._made}")
@@ -374,13 +375,6 @@ class Hierarchy:
         if self.swap_file is None:
             name = "memory.swap.max" if self.v2 else "memory.memsw.limit_in_bytes"
             self.swap_file = os.path.exists(os.path.join(path, name))
-        if self.v2 and "memory" in self.controllers:
-            # An out-of-memory kill takes the whole job, not one process of
-            # it, which would leave the rest to go on without its part.
-            try:
-                _write(os.path.join(path, "memory.oom.group"), "1")
-            except OSError:
-                pass
         return path
 
     def give_back(self, path):
@@ -803,7 +797,16 @@ class JobCgroups:
                     hierarchy.go_home(self._pid_text)
             for hierarchy in wanted:
                 path = paths[hierarchy] = hierarchy.take()
-                self._set_limits(hierarchy, path, memory_mb)
+                try:
+                    self._set_limits(hierarchy, path, memory_mb)
+                except OSError:
+                    # A cgroup used before may refuse a lower limit (v1
+                    # memory still charged with its last job's cache): a
+                    # new one does not.
+                    del paths[hierarchy]
+                    hierarchy.remove(path)
+                    path = paths[hierarchy] = hierarchy.take(new=True)
+                    self._set_limits(hierarchy, path, memory_mb)
             oom_before = 0
             if memory_mb and self.memory is not None:
                 oom_before = self._oom_kills(self.memory, paths[self.memory])
@@ -826,6 +829,12 @@ class JobCgroups:
         if "memory" in hierarchy.controllers:
             if hierarchy.kind == _V2:
                 hierarchy.set(path, "memory.max", str(memory_mb << 20) if memory_mb else "max")
+                # Out of its memory, the whole job is killed, not one process
+                # of it, which would leave the rest to go on without its
+                # part.  Only then: a job without a limit may hold the helper
+                # for a while (L{leave}), which a kill of the whole cgroup
+                # would take too.
+                hierarchy.set(path, "memory.oom.group", "1" if memory_mb else "0")
                 # What a job is held to is its memory, not memory and swap.
                 if hierarchy.swap_file:
                     hierarchy.set(path, "memory.swap.max", "0" if memory_mb else "max")
