@@ -45,3 +45,27 @@ def not_json(context):
 def read_input(context, path):
     with open(os.path.join(context.workdir, path)) as f:
         return f.read()
+
+
+def give(context, kind):
+    """Return a value JSON cannot carry as it is, by name (or raise an
+    exception whose words hold a lone surrogate)."""
+    if kind == "raise":
+        raise ValueError("no \ud800 here")
+    return {
+        "refuse": "refuse me",
+        "surrogate": "\ud800",
+        "surrogate_key": {"\udc00": 1},
+        "colliding_keys": {1: "a", "1": "b"},
+        "int_keys": {1: "a", 2: "b"},
+        "nan": float("nan"),
+        "infinity": [float("inf")],
+        "deep": _nested(200),
+    }[kind]
+
+
+def _nested(depth):
+    value = []
+    for _ in range(depth):
+        value = [value]
+    return value

@@ -266,6 +266,11 @@ async def test_slots_bound_concurrency(make_daemon, tmp_path):
         assert int(out) <= 2
 
 
+# The test servers listen on 127.0.0.1, which inputs are not fetched from
+# unless [fetch] allow names it.
+ALLOW_LOOPBACK = "[fetch]\nallow = 127.0.0.0/8\n"
+
+
 @pytest.fixture
 def file_server(tmp_path):
     """A real local HTTP server of files, on an ephemeral port."""
@@ -280,9 +285,10 @@ def file_server(tmp_path):
 
 
 @pytest_twisted.ensureDeferred
-async def test_inputs_are_staged_before_the_job(daemon, file_server):
+async def test_inputs_are_staged_before_the_job(make_daemon, file_server):
     """Inputs are fetched into the job's working directory, checked, and the job
     then runs with them."""
+    daemon = await make_daemon(ALLOW_LOOPBACK)
     digest = hashlib.sha256(b"payload\n").hexdigest()
     job = await daemon.submit({
         "command": ["cat", "in/data.txt"],
@@ -300,9 +306,10 @@ async def test_inputs_are_staged_before_the_job(daemon, file_server):
 
 
 @pytest_twisted.ensureDeferred
-async def test_staging_failure_names_the_input(daemon, file_server):
+async def test_staging_failure_names_the_input(make_daemon, file_server):
     """A failed input fails the job, before it runs, with an error that names the
     input and says why."""
+    daemon = await make_daemon(ALLOW_LOOPBACK)
     job = await daemon.submit({
         "command": ["touch", "ran"],
         "inputs": [{"url": f"{file_server}/data.txt", "path": "a.txt"},
@@ -364,9 +371,10 @@ def hanging_server():
 
 
 @pytest_twisted.ensureDeferred
-async def test_cancel_during_staging(daemon, hanging_server):
+async def test_cancel_during_staging(make_daemon, hanging_server):
     """Cancelling a job while its inputs are fetched stops the fetch and the job
     never runs."""
+    daemon = await make_daemon(ALLOW_LOOPBACK)
     job = await daemon.submit({
         "command": ["touch", "ran"],
         "inputs": [{"url": f"{hanging_server}/slow", "path": "slow"}]})

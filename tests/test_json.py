@@ -68,13 +68,30 @@ def test_decode_reads_as_json_does(value):
         assert same(decode(text.encode("utf-8")), json.loads(text))
 
 
-@given(st.text(alphabet='[]{}",:0123456789.eE+- \\uaflnrst', max_size=40))
+def servable(value):
+    """Whether a value json.loads gave can be written back out as JSON: no
+    lone surrogate, no number that is not finite."""
+    try:
+        json.dumps(value, ensure_ascii=False, allow_nan=False).encode("utf-8")
+    except ValueError:
+        return False
+    return True
+
+
+@given(st.text(alphabet='[]{}",:0123456789.eE+- \\uaflnrstd', max_size=40))
 def test_decode_takes_what_json_takes(text):
-    """Near-JSON text: decode() refuses what json.loads refuses, and reads
-    what it reads as the same value, types included."""
+    """Near-JSON text: decode() refuses what json.loads refuses or reads as
+    what cannot be written back out (a lone surrogate escape, a number too
+    large for a float), and reads the rest as the same value, types
+    included."""
     try:
         expected = json.loads(text)
     except ValueError:
+        expected = None
+        ok = False
+    else:
+        ok = servable(expected)
+    if not ok:
         with pytest.raises(ValueError):
             decode(text.encode("utf-8"))
     else:
@@ -82,12 +99,15 @@ def test_decode_takes_what_json_takes(text):
 
 
 def test_decode_falls_back_to_json_where_orjson_refuses():
-    """Where orjson refuses or differs, json decides: a number too large for
-    a float is infinite, a lone surrogate escape is kept, and bad JSON is a
-    ValueError either way."""
-    assert decode(b"[1e400]") == [float("inf")]
-    assert decode(b'["\\ud800"]') == ["\ud800"]
+    """Where orjson refuses or differs, json decides, but what json would
+    read and no JSON can carry back out is refused: a number too large for
+    a float (json: infinite) and a lone surrogate escape (json: kept); a
+    huge integer stays exact; bad JSON is a ValueError either way."""
+    for text in (b"[1e400]", b'["\\ud800"]', b'{"\\udc00": 1}', b'[-1e999, 18446744073709551616]'):
+        with pytest.raises(ValueError, match="no JSON can carry"):
+            decode(text)
     assert decode(b"[18446744073709551616]") == [18446744073709551616]
+    assert decode(b'["\\ud83d\\ude00"]') == ["\U0001f600"]
     for text in (b"[1,]", b"{", b"\xff"):
         with pytest.raises(ValueError):
             decode(text)

@@ -14,7 +14,6 @@ from typing import Any, Callable, Optional
 import attrs
 import pytest
 import pytest_twisted
-from treq.client import HTTPClient
 from treq.testing import StubTreq
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred, succeed
@@ -28,7 +27,7 @@ from twisted.protocols.basic import FileSender
 from twisted.protocols.policies import WrappingFactory
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
+from twisted.web.client import HTTPConnectionPool, ResponseDone
 from twisted.web.iweb import UNKNOWN_LENGTH
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
@@ -36,7 +35,9 @@ from twisted.web.pages import notFound
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from dispatcher.config._ini import FetchConfig
+from dispatcher.config._ini import FetchConfig, network_list
+from dispatcher.execution._fetch_policy import FetchPolicy
+from dispatcher.execution._http_client import input_http_client
 from dispatcher.execution._interfaces import IInputStager
 from dispatcher.model._jobs import InputSpec
 from dispatcher.execution._staging import (
@@ -890,13 +891,20 @@ async def server(tmp_path):
 
 @pytest_twisted.async_yield_fixture
 async def http_client():
+    # The client a host fetches with, with [fetch] allow = 127.0.0.0/8: the
+    # test servers listen on 127.0.0.1, which the policy refuses otherwise.
     pool = HTTPConnectionPool(reactor, persistent=False)
-    yield HTTPClient(Agent(reactor, pool=pool))
+    yield input_http_client(reactor, pool, FetchPolicy(ALLOW_LOOPBACK))
     await pool.closeCachedConnections()
 
 
+ALLOW_LOOPBACK = network_list("127.0.0.0/8")
+
+
 def real(client, threads, clock=reactor, **config: Any) -> InputStager:
-    return InputStager(client, clock, FetchConfig(**config), threads, reactor)
+    return InputStager(
+        client, clock, FetchConfig(allow=ALLOW_LOOPBACK, **config), threads, reactor
+    )
 
 
 @pytest_twisted.ensureDeferred

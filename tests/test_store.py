@@ -15,7 +15,7 @@ from twisted.internet.defer import ensureDeferred, gatherResults
 from twisted.internet.task import Clock, deferLater
 
 from dispatcher.model._jobs import JobState, Limits, Offer, Outcome, PlainJobs, StaleLease
-from dispatcher.store import _sqlite, _submissions
+from dispatcher.store import _schema, _sqlite, _submissions
 from dispatcher.store._results import (
     CommitFailed,
     IdempotencyKey,
@@ -601,17 +601,15 @@ async def test_an_attempts_limits_and_cut_log_are_kept(store):
 
 
 @pytest_twisted.ensureDeferred
-async def test_migration_to_limits(tmp_path):
+async def test_migration_to_limits(tmp_path, monkeypatch):
     """A database from before attempts had limits gets the columns; its
     attempts read back with none, and new ends store theirs."""
     path = str(tmp_path / "old.sqlite3")
     conn = sqlite3.connect(path, isolation_level=None)
     before = len(MIGRATIONS) - 1
-    for migration in MIGRATIONS[:before]:
-        for statement in migration.split(";"):
-            if statement.strip():
-                conn.execute(statement)
-    conn.execute(f"PRAGMA user_version = {before}")
+    monkeypatch.setattr(_schema, "MIGRATIONS", MIGRATIONS[:before])
+    _schema.migrate(conn, path)
+    monkeypatch.undo()
     conn.execute(
         "INSERT INTO jobs (id, state, name, labels, spec, created_at, attempt_count)"
         " VALUES ('old', 'failed', NULL, '{}', '{\"command\":[\"true\"]}', 1.0, 1)")

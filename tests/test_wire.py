@@ -339,13 +339,14 @@ async def test_query_parameters_unknown_or_repeated_are_refused(make_daemon, tok
 
 @pytest_twisted.ensureDeferred
 async def test_a_lone_surrogate_escape_is_named_as_such(daemon):
-    """A string with a lone UTF-16 surrogate escape is malformed JSON with a
-    message that says so (msgspec calls it truncated), while a body that is
-    cut short is still called truncated."""
+    """A string with a lone UTF-16 surrogate escape is a 400 naming its
+    field, with a message that says so (msgspec calls it truncated), while
+    a body that is cut short is still called truncated."""
     response, content = await daemon.request(
         "POST", "/v1/jobs", raw=b'{"command": ["true"], "name": "\\ud800"}')
     error = json.loads(content)["error"]
-    assert response.code == 400 and error["code"] == "malformed_json"
+    assert response.code == 400 and error["code"] == "invalid_field"
+    assert error["field"] == "name"
     assert "truncated" not in error["message"] and "surrogate" in error["message"]
     response, content = await daemon.request(
         "POST", "/v1/jobs", raw=b'{"command": ["true"], "name": "\\\\ud800')

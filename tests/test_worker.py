@@ -1459,7 +1459,10 @@ async def test_a_worker_stages_inputs_on_its_own_host(
     the job's directory on its host, tells the dispatcher it runs, and the
     job reads them."""
     daemon = await remote_daemon(make_daemon, tmp_path, token_file)
-    worker = WorkerProcess(tmp_path, daemon.url, token_file, name="node-e")
+    # The file server is on 127.0.0.1: the worker's own [fetch] allow, not
+    # the dispatcher's, lets it fetch from there.
+    worker = WorkerProcess(tmp_path, daemon.url, token_file, name="node-e",
+                           ini=TEST_TASKS + "[fetch]\nallow = 127.0.0.0/8\n")
     workers.append(worker.start())
     digest = hashlib.sha256(b"payload\n").hexdigest()
     job = await daemon.submit({

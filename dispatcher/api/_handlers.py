@@ -37,8 +37,10 @@ from dispatcher.wire._json import decode as decode_json, encode
 from dispatcher.wire._forms import job_summary, job_view, worker_view
 from dispatcher.wire._types import (
     DEFAULT_LIST_LIMIT,
+    MAX_CURSOR,
     MAX_IDEMPOTENCY_KEY,
     MAX_LIST_LIMIT,
+    MAX_OFFSET,
     Batch,
     CredentialCreated,
     CredentialList,
@@ -78,7 +80,7 @@ from dispatcher.wire._submission import (
     parse_submission,
     plain_jobs,
 )
-from dispatcher.api._workers import WorkerEndpoints
+from dispatcher.api._workers import WorkerEndpoints, query_integer
 from dispatcher.api._auth import Gate
 from dispatcher.model._principals import Principal, Role
 from dispatcher.store._credentials import CredentialExists, CredentialFile
@@ -863,7 +865,10 @@ class DispatcherAPI(Resource):
                 )
         labels = []
         for raw in request.args.get(b"label", []):
-            label = raw.decode("utf-8", "replace")
+            try:
+                label = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ApiError(400, "invalid_query", "label: not UTF-8", "label")
             key, sep, value = label.partition("=")
             if not key:
                 raise ApiError(
@@ -873,25 +878,13 @@ class DispatcherAPI(Resource):
         limit = DEFAULT_LIST_LIMIT
         text = _query(request, "limit")
         if text is not None:
-            if not _decimal(text) or not 1 <= int(text) <= MAX_LIST_LIMIT:
-                raise ApiError(
-                    400,
-                    "invalid_query",
-                    f"limit: expected an integer from 1 to {MAX_LIST_LIMIT}",
-                    "limit",
-                )
-            limit = int(text)
+            limit = query_integer(text, "limit", 1, MAX_LIST_LIMIT)
         cursor = None
         text = _query(request, "cursor")
         if text is not None:
-            if not _decimal(text):
-                raise ApiError(
-                    400,
-                    "invalid_query",
-                    "cursor: not a cursor this server gave out",
-                    "cursor",
-                )
-            cursor = int(text)
+            cursor = query_integer(
+                text, "cursor", 0, MAX_CURSOR, "not a cursor this server gave out"
+            )
         owner = _query(request, "owner")
         if owner is not None and not valid_name(owner):
             raise ApiError(
@@ -932,12 +925,10 @@ class DispatcherAPI(Resource):
             raise ApiError(
                 400, "invalid_query", "stream: expected stdout or stderr", "stream"
             )
-        text = _query(request, "offset") or "0"
-        if not _decimal(text):
-            raise ApiError(
-                400, "invalid_query", "offset: expected a byte offset from 0 up", "offset"
-            )
-        offset = int(text)
+        offset = query_integer(
+            _query(request, "offset") or "0", "offset", 0, MAX_OFFSET,
+            f"expected a byte offset from 0 to {MAX_OFFSET}",
+        )
         job = await self._job(request, job_id)
         path = self._dispatcher.log_path(job, stream)
         size = 0
@@ -974,14 +965,6 @@ def _credential_view(credential: Any) -> CredentialView:
         None if names is None else sorted(names),
         format_time(credential.created),
     )
-
-
-def _decimal(text: str) -> bool:
-    """
-    Whether C{text} is ASCII decimal digits: C{str.isdigit} takes "²",
-    which C{int} refuses.
-    """
-    return text.isascii() and text.isdigit()
 
 
 def _insufficient_storage(error: str) -> ApiError:

@@ -17,10 +17,12 @@ from dispatcher.model._jobs import JobState
 from dispatcher.model._principals import ALLOWED, Access
 from dispatcher.wire._types import (
     DEFAULT_LIST_LIMIT,
+    MAX_CURSOR,
     MAX_IDEMPOTENCY_KEY,
     MAX_LIST_LIMIT,
     MAX_NAME,
     MAX_NESTING,
+    MAX_OFFSET,
     LEASE_TOKEN,
     Batch,
     CredentialCreated,
@@ -208,6 +210,24 @@ _SUBMISSION_400 = (
 )
 
 
+def digits_at_most(high: int) -> str:
+    """
+    A pattern of the decimal numbers from 0 to C{high} (leading zeros
+    allowed), for a query parameter that is an integer in a string: the
+    check (L{dispatcher.api._workers.query_integer}) and the schema then
+    read one constant.
+    """
+    top = str(high)
+    size = len(top)
+    choices = [f"[0-9]{{1,{size - 1}}}"] if size > 1 else []
+    for i, digit in enumerate(top):
+        if digit != "0":
+            rest = f"[0-9]{{{size - i - 1}}}" if i < size - 1 else ""
+            choices.append(f"{top[:i]}[0-{int(digit) - 1}]{rest}")
+    choices.append(top)
+    return f"^0*(?:{'|'.join(choices)})$"
+
+
 def _unauthorized(description: str) -> Response:
     return Response(
         description, headers={"WWW-Authenticate": {"schema": {"const": 'Bearer realm="dispatcher"'}}}
@@ -318,8 +338,9 @@ ROUTES: tuple[Route, ...] = (
             {
                 "name": "cursor",
                 "in": "query",
-                "description": "next_cursor of the previous page.",
-                "schema": {"type": "string", "pattern": "^[0-9]+$"},
+                "description": "next_cursor of the previous page (decimal digits, "
+                f"at most {MAX_CURSOR}).",
+                "schema": {"type": "string", "pattern": digits_at_most(MAX_CURSOR)},
             },
         ),
     ),
@@ -392,7 +413,8 @@ ROUTES: tuple[Route, ...] = (
             {"name": "offset", "in": "query",
              "description": "Skip this many bytes: poll with the size already read "
              "to follow a running job.",
-             "schema": {"type": "integer", "minimum": 0, "default": 0}},
+             "schema": {"type": "integer", "minimum": 0, "maximum": MAX_OFFSET,
+                        "default": 0}},
         ),
     ),
     Route(
@@ -430,6 +452,11 @@ ROUTES: tuple[Route, ...] = (
         "Report how attempts ended; answered once the accepted ones are stored.", WORK,
         {
             200: Response("One answer per result.", ResultsAnswer),
+            400: Response(
+                "A field is wrong; it is named. Besides what the schema states, "
+                f"refused: a result nested more than {MAX_NESTING} deep "
+                "(results[i].result)."
+            ),
             403: Response(WORKER_NAME_FORBIDDEN),
             409: Response("Every result was refused.", ResultsAnswer),
             429: Response(TOO_MANY_WORKER_NAMES),
@@ -459,7 +486,7 @@ ROUTES: tuple[Route, ...] = (
              "schema": {"enum": ["stdout", "stderr"]}},
             {"name": "offset", "in": "query", "required": True,
              "description": "Where the chunk goes in the stream; at most its current size.",
-             "schema": {"type": "integer", "minimum": 0}},
+             "schema": {"type": "integer", "minimum": 0, "maximum": MAX_OFFSET}},
         ),
         writes=True,
     ),

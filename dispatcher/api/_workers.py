@@ -37,6 +37,7 @@ from dispatcher.model._jobs import (
     log_cut_marker,
 )
 from dispatcher.model._principals import Principal, Role
+from dispatcher.model._values import UnservableValue, storable
 from dispatcher.model._workers import LeaseEnd, LeaseVerdict, TooManyWorkerNames
 from dispatcher.wire._forms import REFUSALS, lease_grant, lease_status, limits_of
 from dispatcher.wire._submission import ApiError, decode, invalid
@@ -44,6 +45,7 @@ from dispatcher.wire._tokens import LeaseTokens
 from dispatcher.wire._types import (
     LEASE_TOKEN,
     MAX_NAME,
+    MAX_OFFSET,
     HeartbeatAnswer,
     HeartbeatRequest,
     LeaseAnswer,
@@ -219,13 +221,22 @@ class WorkerEndpoints:
         _may_act_as(principal, body.worker.name)
         offer = offer_of(body.worker)
         parsed = []
-        for item in body.results:
+        for i, item in enumerate(body.results):
             token = self._tokens.open(item.job_id, item.token)
             if item.state == "released":
                 outcome = None
             else:
+                result = item.result
+                if result is not None and type(result) in (list, dict):
+                    # What the decoding did not check: how deep it nests (a
+                    # worker fails a job whose result nests deeper, rather
+                    # than report it).
+                    try:
+                        storable(result, f"results[{i}].result")
+                    except UnservableValue as e:
+                        invalid(e.where, e.why)
                 outcome = Outcome(
-                    JobState(item.state), item.exit_code, item.result, item.error, item.stopped,
+                    JobState(item.state), item.exit_code, result, item.error, item.stopped,
                     None if item.limits is UNSET else limits_of(item.limits),
                     () if item.log_cut is UNSET else tuple(dict.fromkeys(item.log_cut)),
                 )
@@ -252,7 +263,7 @@ class WorkerEndpoints:
         text = query.get("token") or ""
         if _LEASE_TOKEN.fullmatch(text) is None:
             invalid("token", "not a lease token: send the token as the lease's grant gave it")
-        offset = _query_integer(query.get("offset"), "offset", low=0)
+        offset = query_integer(query.get("offset"), "offset", 0, MAX_OFFSET)
         stream = query.get("stream")
         if stream not in STREAMS:
             invalid("stream", "expected stdout or stderr")
@@ -302,14 +313,30 @@ class WorkerEndpoints:
         return 200, LogWritten(size)
 
 
-def _query_integer(text: Optional[str], name: str, low: int = 1) -> int:
-    try:
-        value = int(text or "")
-    except ValueError:
-        invalid(name, f"expected an integer of at least {low}")
-    if value < low:
-        invalid(name, f"expected an integer of at least {low}")
-    return value
+def query_integer(
+    text: Optional[str], name: str, low: int, high: int, words: Optional[str] = None
+) -> int:
+    """
+    The integer a query parameter's C{text} gives: ASCII digits, from
+    C{low} to C{high} (a larger one would overflow what it is used as: a
+    400, not a 500).
+
+    @raise ApiError: a 400 C{invalid_query} naming it, saying C{words} (by
+        default, the range).
+    """
+    text = text or ""
+    # (int() takes "+1", " 1", "1_0" and other scripts' digits, and refuses
+    # more than 4,300 digits with a ValueError of its own.)
+    if (
+        not (text.isascii() and text.isdigit())
+        or len(text.lstrip("0")) > len(str(high))
+        or not low <= int(text) <= high
+    ):
+        raise ApiError(
+            400, "invalid_query",
+            f"{name}: {words or f'expected an integer from {low} to {high}'}", name,
+        )
+    return int(text)
 
 
 def _write_at(

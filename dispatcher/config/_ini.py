@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import configparser
 import importlib
+import ipaddress
 import re
 from typing import Any, Callable, Mapping, Optional
 
@@ -117,13 +118,16 @@ class ExecutorConfig:
 @attrs.frozen
 class FetchConfig:
     """
-    C{[fetch]}: the limits on fetching a job's inputs.
+    C{[fetch]}: the limits on fetching a job's inputs, and the networks
+    (C{allow}) inputs may be fetched from although the fetch policy
+    (L{dispatcher.execution._fetch_policy}) refuses them by default.
     """
 
     timeout: float = 300.0
     retries: int = 3
     retry_delay: float = 1.0
     max_bytes: int = 1073741824
+    allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
 
 
 @attrs.frozen
@@ -374,6 +378,36 @@ def host_list(text: str) -> Optional[tuple[str, ...]]:
     return tuple(dict.fromkeys(entries))
 
 
+def network_list(text: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """
+    C{[fetch] allow}: networks in CIDR form (C{10.1.0.0/16}, C{fd00::/8};
+    an address alone is that one address), separated by commas or white
+    space; empty: none.  C{ValueError} names the first entry that is not
+    one, and says what it may have meant.
+    """
+    networks = []
+    for entry in (e for e in re.split(r"[,\s]+", text.strip()) if e):
+        try:
+            networks.append(ipaddress.ip_network(entry, strict=True))
+        except ValueError:
+            try:
+                # Host bits set (10.1.2.3/16): say which network holds it.
+                meant = ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise ValueError(
+                    f"{entry!r} is not a network in CIDR form; expected networks "
+                    "such as 127.0.0.0/8, 10.1.0.0/16 or fd00::/8 (an address "
+                    "alone is that address), separated by commas"
+                )
+            alone = ipaddress.ip_interface(entry).ip
+            raise ValueError(
+                f"{entry!r} has bits set beyond its /{meant.prefixlen} prefix; "
+                f"write the network as {meant}, or the address alone as "
+                f"{alone}/{alone.max_prefixlen}"
+            )
+    return tuple(dict.fromkeys(networks))
+
+
 def _directory(text: str) -> str:
     if not text.strip():
         raise ValueError("expected a directory path")
@@ -423,6 +457,7 @@ _SECTIONS: Mapping[str, tuple[type, Mapping[str, Callable[[str], Any]]]] = {
             "retries": _integer(0),
             "retry_delay": _seconds(0),
             "max_bytes": _integer(1),
+            "allow": network_list,
         },
     ),
     "workers": (

@@ -663,7 +663,9 @@ class Dispatcher(Service):
         finish = self.recorder.finish
         for outcome, running, now in ending:
             lease = running.lease
-            d = finish(lease, outcome, now)
+            # (No one reports a local end again: one the store cannot
+            # write is written as a failure saying why.)
+            d = finish(lease, outcome, now, final=True)
             # The slot is free once the job has ended: the next claim goes
             # to the store behind the ends, so all share one commit.  (The
             # store orders the claim after them; and it takes only queued

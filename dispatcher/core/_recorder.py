@@ -10,7 +10,11 @@ lands: a result is never dropped because one commit failed.  Its holder
 keeps the attempt in memory until then (see L{Dispatcher} and
 L{WorkerHub}), so nothing is handed out or answered twice meanwhile, and
 the recorder keeps what waits (L{Recorder.unrecorded}) so that the job is
-shown waiting for it rather than running.
+shown waiting for it rather than running.  A local end the store cannot
+write as it is (a value it cannot encode, which the executor's check
+should have refused) is written as a failure saying why: a job is never
+left running for ever because its end could not be stored.  (A remote
+worker's report that fails so is answered 500, and the worker resends.)
 """
 
 from __future__ import annotations
@@ -24,8 +28,14 @@ from twisted.python.failure import Failure
 
 from dispatcher.core._reasons import end_not_recorded
 from dispatcher.model._jobs import JobState, Lease, Outcome, StaleLease, StoreClosed
+from dispatcher.model._values import lone_surrogate, servable_text
 
 log = Logger()
+
+# What a write raises for a value it cannot write (a lone surrogate, a
+# key orjson and json cannot sort, a nesting deeper than they follow);
+# UnicodeEncodeError is a ValueError.
+UNWRITABLE = (TypeError, ValueError, OverflowError, RecursionError)
 
 # How long after a failed commit an end is written again (doubling each
 # time, up to the most).
@@ -65,7 +75,7 @@ class _Write:
     the wait before it is tried again if it fails to commit.
     """
 
-    __slots__ = ("operation", "args", "lease", "delay", "ended", "at")
+    __slots__ = ("operation", "args", "lease", "delay", "ended", "at", "replaced")
 
     def __init__(
         self,
@@ -81,6 +91,9 @@ class _Write:
         self.delay: Optional[float] = None
         self.ended = ended
         self.at = at
+        # Whether an end the store could not write as it was is now
+        # written as failed instead (or may not be: it is not final).
+        self.replaced = False
 
 
 class Recorder:
@@ -150,19 +163,28 @@ class Recorder:
 
     # What holders ask
 
-    def finish(self, lease: Lease, outcome: Outcome, now: float) -> Deferred:
+    def finish(
+        self, lease: Lease, outcome: Outcome, now: float, final: bool = False
+    ) -> Deferred:
         """
         Record that the attempt of C{lease} ended with C{outcome} at C{now}.
         Fires with the L{Written} once it has committed and been applied;
         fails with L{StaleLease} if the lease is no longer current, with
         L{StoreClosed} if the dispatcher stopped first, or with a failure
         that is not the store's.
+
+        @param final: no one can report this end again (this host's
+            executor; a remote worker resends): an end the store cannot
+            write as it is (L{UNWRITABLE}) is written as a failure saying
+            why instead, rather than leave the job running for ever.
         """
+        error = outcome.error
+        if error is not None and lone_surrogate(error) is not None:
+            outcome = attrs.evolve(outcome, error=servable_text(error))
         write = self._store.finish
-        return self._follow(
-            write(lease, outcome, now),
-            _Write(write, (lease, outcome, now), lease, outcome.state, now),
-        )
+        ending = _Write(write, (lease, outcome, now), lease, outcome.state, now)
+        ending.replaced = not final
+        return self._follow(write(lease, outcome, now), ending)
 
     def release(self, lease: Lease, now: float, reason: str) -> Deferred:
         """
@@ -224,6 +246,30 @@ class Recorder:
                 attempt=lease.attempt,
             )
             return failure
+        if (
+            write.ended is not None
+            and not write.replaced
+            and self._running
+            and failure.check(*UNWRITABLE)
+            and not failure.check(*self._retry_on)
+        ):
+            # Not the store's trouble but the end's: a value it could not
+            # write (the executor checks a result before it gets here; this
+            # is the last line).  The attempt is recorded as failed, saying
+            # why, rather than the job left running for ever.
+            log.failure(
+                "job {job_id} attempt {attempt} ended {state}, which could not be "
+                "recorded; it is recorded as failed",
+                failure,
+                job_id=lease.job_id,
+                attempt=lease.attempt,
+                state=write.ended.value,
+            )
+            lease, outcome, now = write.args
+            write.args = (lease, _unrecordable(outcome, failure), now)
+            write.ended = JobState.FAILED
+            write.replaced = True
+            return self._follow(write.operation(*write.args), write)
         if not failure.check(*self._retry_on) or not self._running:
             log.failure(
                 "recording the end of job {job_id} attempt {attempt} failed",
@@ -261,3 +307,19 @@ class Recorder:
         if waiting is not None and waiting.attempt == write.lease.attempt:
             self.unrecorded[write.lease.job_id] = attrs.evolve(waiting, retry_at=None)
         write.operation(*write.args).chainDeferred(again)
+
+
+def _unrecordable(outcome: Outcome, failure: Failure) -> Outcome:
+    """
+    The failed outcome recorded for an end that could not be written as it
+    was, saying why.
+    """
+    return Outcome(
+        JobState.FAILED,
+        exit_code=outcome.exit_code,
+        error=servable_text(
+            f"its end ({outcome.state.value}) could not be recorded: "
+            f"{failure.type.__name__}: {failure.getErrorMessage()}"
+        ),
+        stopped=outcome.stopped,
+    )

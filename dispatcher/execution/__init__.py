@@ -1,6 +1,7 @@
 """
 Running one job on this host: the local executor, command processes and
-their spawner helper, input staging with treq, the task threads, and the
+their spawner helper, input staging with treq (through a client that
+connects only where the fetch policy allows), the task threads, and the
 host's resources.
 
 May import: L{dispatcher.model}, L{dispatcher.config}.

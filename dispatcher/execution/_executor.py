@@ -8,7 +8,6 @@ remote worker reuses it.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import threading
@@ -27,6 +26,7 @@ from twisted.python.threadpool import ThreadPool
 from dispatcher.config._ini import TaskRef
 from dispatcher._deferreds import shielded
 from dispatcher.model._jobs import JobSpec, JobState, Lease, Outcome
+from dispatcher.model._values import UnservableValue, servable_text, storable
 from dispatcher._threads import TaskThreads
 
 log = Logger()
@@ -193,19 +193,23 @@ def _call_task(
     kwargs: Mapping[str, Any],
     stderr_path: str,
 ) -> Outcome:
-    # Runs in a task thread.  A result must survive the trip through JSON,
-    # so it is checked here, where a failure can still be told in words.
+    # Runs in a task thread.  A result must survive the trip through JSON
+    # and be served back, so it is checked here (not on the reactor
+    # thread), where a failure can still be told in words.
     try:
         value = function(context, *args, **kwargs)
-        json.dumps(value)
-    except TypeError as e:
-        if "JSON serializable" in str(e):
-            return Outcome(
-                JobState.FAILED,
-                error=f"the task returned a value that is not JSON: {e}",
-            )
-        return _task_exception(stderr_path)
     except BaseException:
+        return _task_exception(stderr_path)
+    try:
+        value = storable(value)
+    except UnservableValue as e:
+        return Outcome(
+            JobState.FAILED,
+            error=f"the task returned a value that is not JSON the dispatcher can "
+            f"store and serve: {e}",
+        )
+    except Exception:
+        # (A subclass of a JSON type whose conversion fails, say.)
         return _task_exception(stderr_path)
     return Outcome(JobState.SUCCEEDED, result=value)
 
@@ -214,11 +218,13 @@ def _task_exception(stderr_path: str) -> Outcome:
     text = traceback.format_exc()
     try:
         os.makedirs(os.path.dirname(stderr_path), exist_ok=True)
-        with open(stderr_path, "a", encoding="utf-8") as f:
+        with open(stderr_path, "a", encoding="utf-8", errors="backslashreplace") as f:
             f.write(text)
     except OSError:
         pass
-    last = text.strip().splitlines()[-1]
+    # (An exception's words may hold a lone surrogate: they are stored as
+    # its escape.)
+    last = servable_text(text.strip().splitlines()[-1])
     return Outcome(JobState.FAILED, error=f"the task raised {last}")
 
 

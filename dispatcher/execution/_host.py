@@ -15,7 +15,8 @@ from twisted.python.threadpool import ThreadPool
 from twisted.web.client import HTTPConnectionPool
 
 from dispatcher.execution._executor import LocalExecutor
-from dispatcher.execution._http_client import quiet_http_client
+from dispatcher.execution._fetch_policy import FetchPolicy
+from dispatcher.execution._http_client import input_http_client
 from dispatcher.model._jobs import Resources
 from dispatcher.execution._process import ProcessSpawner
 from dispatcher.execution._staging import InputStager
@@ -117,7 +118,7 @@ class JobHost:
     """
     What runs jobs on this host, shared by the daemon and the remote
     worker: the I/O, task and fetch thread pools, the HTTP connection pool
-    inputs are fetched through, the spawner helper, the input stager and
+    and policed client inputs are fetched through, the spawner helper, the input stager and
     the L{LocalExecutor} that joins them.
 
     @param reactor: the reactor.
@@ -144,7 +145,11 @@ class JobHost:
         self.task_pool = TaskThreads(reactor, config.executor.threads, name=f"{prefix}-tasks")
         self.fetch_pool = ThreadPool(1, 4, name=f"{prefix}-fetch")
         self.http_pool = HTTPConnectionPool(reactor, persistent=True)
-        self.http = quiet_http_client(reactor, self.http_pool)
+        # Inputs come only from addresses [fetch] allow and the policy let
+        # through, on every redirect too.
+        self.http = input_http_client(
+            reactor, self.http_pool, FetchPolicy(config.fetch.allow)
+        )
         self.spawner = ProcessSpawner(
             reactor,
             max_processes=config.executor.max_processes,

@@ -8,18 +8,27 @@ memory; the file is renamed into place only when the whole body arrived,
 within the size limit and with the expected sha256.  Transient failures
 (connection errors, timeouts, 5xx, 408 and 429 answers) are retried with an
 exponential back-off.
+
+The client given connects only where the fetch policy allows
+(L{dispatcher.execution._http_client.input_http_client}); a refused
+address fails the input at once, saying which address and how to allow
+it.  A URL with credentials in it (C{user:password@}) is refused: they
+would never be sent, and they appear in no error and no log line (shown
+as C{***}).
 """
 
 from __future__ import annotations
 
 import errno
 import hashlib
+import ipaddress
 import os
 import random
+import re
 import secrets
 from typing import Any, Callable, Optional, Sequence
 
-from hyperlink import DecodedURL
+from hyperlink import DecodedURL, EncodedURL
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.error import ConnectError, ConnectionRefusedError, DNSLookupError
 from twisted.internet.error import TimeoutError as ConnectTimeoutError
@@ -43,6 +52,7 @@ from zope.interface import implementer
 
 from dispatcher.config._ini import FetchConfig
 from dispatcher._deferreds import shielded
+from dispatcher.execution._http_client import AddressRefused, CredentialsInURL
 from dispatcher.execution._interfaces import IInputStager
 from dispatcher.model._jobs import InputSpec
 
@@ -59,19 +69,39 @@ _HIGH_WATER_BYTES = 4 * _BATCH_BYTES
 # Statuses that say "try again later" rather than "this will never work".
 _RETRY_STATUSES = frozenset({408, 429})
 
+# The user:password@ of a URL: everything of its authority up to the last
+# "@" (an authority ends at the first "/", "?" or "#"; a backslash, which
+# browsers read as "/", is taken as part of it: more is hidden, not less).
+_USERINFO = re.compile(r"^(\s*[A-Za-z][A-Za-z0-9+.\-]*:)?//([^/?#]*)@")
+
+
+def redact_url(text: str) -> str:
+    """
+    C{text} with the credentials (C{user:password@}) of its URL shown as
+    C{***@}: what errors and log lines show of an input's URL.
+    """
+    return _USERINFO.sub(lambda m: f"{m.group(1) or ''}//***@", text, count=1)
+
+
+def _userinfo(text: str) -> Optional[str]:
+    match = _USERINFO.match(text)
+    return match.group(2) if match else None
+
 
 class StagingError(Exception):
     """
     An input could not be staged.
 
     @ivar index: the position of the input in the job's list of inputs.
-    @ivar url: the URL it was fetched from.
+    @ivar url: the URL it was fetched from, its credentials (if any)
+        shown as C{***}.
     @ivar path: where it was to be written, relative to the job's working
         directory.
     @ivar reason: what went wrong, in words a user can act on.
     """
 
     def __init__(self, index: int, url: str, path: str, reason: str) -> None:
+        url = redact_url(url)
         super().__init__(index, url, path, reason)
         self.index = index
         self.url = url
@@ -170,10 +200,11 @@ class InputStager:
 
         tries = self._config.retries + 1
         started = self._clock.seconds()
+        shown = redact_url(spec.url)
         log.info(
             "staging input {index} from {url} to {path}",
             index=index,
-            url=spec.url,
+            url=shown,
             path=spec.path,
         )
         for number in range(1, tries + 1):
@@ -203,7 +234,7 @@ class InputStager:
                     "input {index} ({url}): {reason}; retrying in {delay:.2f} s"
                     " (try {number} of {tries})",
                     index=index,
-                    url=spec.url,
+                    url=shown,
                     reason=e.reason,
                     delay=delay,
                     number=number,
@@ -213,7 +244,7 @@ class InputStager:
             except Exception as e:
                 # A bug of ours still fails as this input, not as a mystery.
                 log.failure(
-                    "input {index} ({url}): unexpected error", index=index, url=spec.url
+                    "input {index} ({url}): unexpected error", index=index, url=shown
                 )
                 raise error(f"unexpected error: {type(e).__name__}: {e}")
             else:
@@ -271,7 +302,7 @@ class InputStager:
                 raise _TryFailed(str(e), retry=False)
 
             try:
-                response = await self._client.get(url, unbuffered=True)
+                response = await self._client.get(_request_url(url), unbuffered=True)
             except Exception as e:
                 if _cancelled(e):
                     raise CancelledError() from e
@@ -327,6 +358,8 @@ def _check_url(text: str) -> DecodedURL | str:
     """
     The URL to fetch, or the reason it cannot be fetched.
     """
+    if _userinfo(text) is not None:
+        return str(CredentialsInURL())
     try:
         url = DecodedURL.from_text(text)
     except Exception as e:
@@ -339,6 +372,45 @@ def _check_url(text: str) -> DecodedURL | str:
     if not url.host:
         return "the URL has no host"
     return url.replace(scheme=scheme)
+
+
+class _URI(EncodedURL):
+    """
+    A URL already in URI form, which treq sends as it is.  treq makes a URI
+    of every URL it is given, and hyperlink does that by IDNA-encoding the
+    host, which fails for an IPv6 address (python-hyper/hyperlink#68 and
+    #188): C{http://[2001:db8::1]/x} could not be fetched at all.
+    """
+
+    def to_uri(self) -> "_URI":
+        return self
+
+
+def _is_ip_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.partition("%")[0])
+    except ValueError:
+        return False
+    return True
+
+
+def _uri_host(url: DecodedURL) -> str:
+    """
+    C{url}'s host as it goes on the wire: IDNA-encoded unless it is an IP
+    address.
+    """
+    return url.host if _is_ip_literal(url.host) else url.to_uri().host
+
+
+def _request_url(url: DecodedURL) -> Any:
+    """
+    What treq is given to fetch C{url}: C{url} itself, or, when its host
+    is an IP address, its URI form that treq does not make again.
+    """
+    if not _is_ip_literal(url.host):
+        return url
+    encoded = url.replace(host="ip.invalid").to_uri().replace(host=url.host)
+    return _URI.from_text(encoded.to_text())
 
 
 def _check_path(path: str) -> Optional[str]:
@@ -387,6 +459,17 @@ def _request_failed(e: Exception, url: DecodedURL) -> _TryFailed:
     Classify an error from the request (before the response headers).
     """
     where = f"{url.host}:{url.port}"
+    if isinstance(e, AddressRefused):
+        # The policy will not change before a retry.
+        redirected = e.host.strip("[]").lower() != _uri_host(url).lower()
+        hop = "redirected to a refused address: " if redirected else ""
+        return _TryFailed(f"{hop}{e}", retry=False)
+    if isinstance(e, CredentialsInURL):
+        return _TryFailed(
+            "redirected to a URL that holds credentials (user:password@), which"
+            " are never sent",
+            retry=False,
+        )
     if isinstance(e, DNSLookupError):
         return _TryFailed(f"cannot resolve the host name {url.host!r}", retry=True)
     if isinstance(e, ConnectionRefusedError):

@@ -1,15 +1,18 @@
 """
 The SQLite store's schema: its migrations, one a version, and the step
-that brings a database file up to the newest.
+that brings a database file up to the newest.  A migration is SQL, or a
+Python step (a function of the connection) where SQL cannot say it: each
+runs in its own transaction with the version it brings.
 """
 
 from __future__ import annotations
 
 import sqlite3
-from typing import Sequence
+from typing import Callable, Sequence, Union
 
 from twisted.logger import Logger
 
+from dispatcher.store._repair import repair_unservable
 from dispatcher.store._results import StoreVersionError
 
 log = Logger()
@@ -17,7 +20,7 @@ log = Logger()
 
 # Each entry is one schema version; a database at version N has had the
 # first N applied.  Never edit an entry that has shipped: add another.
-MIGRATIONS: Sequence[str] = (
+MIGRATIONS: Sequence[Union[str, Callable[[sqlite3.Connection], None]]] = (
     """
     CREATE TABLE jobs (
         seq INTEGER PRIMARY KEY,
@@ -145,12 +148,15 @@ MIGRATIONS: Sequence[str] = (
     ALTER TABLE idempotency_owned RENAME TO idempotency;
     CREATE INDEX idempotency_age ON idempotency (created_at);
     """,
-    # Migration 7 (issue 16): the limits a command's attempt ran under, as
-    # JSON ({"memory_mb", "processes", "enforced"}), and the streams of its
-    # log that were cut at [executor] max_log_bytes ("stdout,stderr"); NULL
-    # for a task's attempt, one that never started, and every attempt
-    # before.  (Numbered 7: migration 6 is another change's; until it is
-    # merged this entry is the sixth.)
+    # What cannot be served (a lone surrogate escape, NaN or Infinity in
+    # the JSON that versions before the store's own form wrote) is
+    # repaired, and each job repaired says so in its error (issue 16;
+    # dispatcher/store/_repair.py).
+    repair_unservable,
+    # 7: the limits a command's attempt ran under, as JSON ({"memory_mb",
+    # "processes", "enforced"}), and the streams of its log that were cut
+    # at [executor] max_log_bytes ("stdout,stderr"); NULL for a task's
+    # attempt, one that never started, and every attempt before (issue 16).
     """
     ALTER TABLE attempts ADD COLUMN limits TEXT;
     ALTER TABLE attempts ADD COLUMN log_cut TEXT;
@@ -172,8 +178,12 @@ def migrate(conn: sqlite3.Connection, path: str) -> None:
         )
     for number in range(version, len(MIGRATIONS)):
         conn.execute("BEGIN IMMEDIATE")
-        for statement in _statements(MIGRATIONS[number]):
-            conn.execute(statement)
+        migration = MIGRATIONS[number]
+        if callable(migration):
+            migration(conn)
+        else:
+            for statement in _statements(migration):
+                conn.execute(statement)
         conn.execute(f"PRAGMA user_version = {number + 1}")
         conn.execute("COMMIT")
         log.info(

@@ -45,9 +45,9 @@ _json_sorted = json.JSONEncoder(
 def encode_stored(value: Any) -> str:
     """
     C{value} as the text the store keeps: compact JSON, keys sorted,
-    non-ASCII characters as they are (not escaped).  A NaN or an infinity
-    (which only a local task's result can hold) is written as C{null},
-    which is what the API shows for it.
+    non-ASCII characters as they are (not escaped).  What JSON cannot
+    carry (a NaN, a lone surrogate) never gets here: it is refused where
+    it comes in (L{dispatcher.model._values}).
     """
     try:
         return _dumps(value, option=_SORTED).decode("utf-8")

@@ -13,17 +13,25 @@ in) as C{null}, where C{json} would write C{NaN}, which is not JSON.
 JSON in is read by orjson too, about four times faster, unless it may hold
 an integer orjson would make a float, or orjson refuses it: then C{json}
 reads it, so a value and every error are what C{json} gives.  L{decode}
-refuses C{NaN} and C{Infinity}.
+refuses C{NaN} and C{Infinity}, a number too large for a float (which
+C{json} makes infinite) and a lone surrogate escape (C{"\\ud800"}, which
+C{json} keeps): what it gives can be written back out.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import time
 from typing import Any
 
 import msgspec
 import orjson
+from twisted.logger import Logger
+
+from dispatcher.model._values import repaired
+
+log = Logger()
 
 _compact = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
@@ -38,7 +46,39 @@ def encode(value: Any) -> bytes:
     try:
         return _encode(value)
     except TypeError:
+        pass
+    except UnicodeEncodeError:
+        return _encode_repaired(value)
+    try:
         return _compact(value).encode("utf-8")
+    except UnicodeEncodeError:
+        return _encode_repaired(value)
+
+
+# When an answer with text no UTF-8 carries was last logged, and how many
+# since.
+_unservable = {"logged": float("-inf"), "count": 0}
+
+
+def _encode_repaired(value: Any) -> bytes:
+    """
+    C{value}, which holds a lone surrogate, with U+FFFD in its place; the
+    first such answer of a minute is logged with where it was.
+    """
+    fixed, faults = repaired(msgspec.to_builtins(value), "")
+    _unservable["count"] += 1
+    now = time.monotonic()
+    if now - _unservable["logged"] >= 60:
+        log.warn(
+            "{count} answers held text that cannot be written as UTF-8 (a lone "
+            "surrogate, stored before such text was refused) and were served with "
+            "U+FFFD in its place; the first: {where}",
+            count=_unservable["count"],
+            where="; ".join(faults[:3]),
+        )
+        _unservable["logged"] = now
+        _unservable["count"] = 0
+    return _compact(fixed).encode("utf-8")
 
 
 def _refuse_constant(name: str) -> Any:
@@ -69,7 +109,20 @@ def decode(data: bytes | str) -> Any:
         data = data.decode("utf-8")
     if data.startswith("\ufeff"):
         raise ValueError("a JSON text must not begin with a byte order mark")
-    return _decoder.decode(data)
+    value = _decoder.decode(data)
+    # Only what orjson refused or may misread gets here: json reads a
+    # number beyond a float as infinite and keeps a lone surrogate escape,
+    # neither of which can be written back out.
+    try:
+        _strict(value).encode("utf-8")
+    except ValueError as e:
+        raise ValueError(f"the JSON text holds what no JSON can carry back out: {e}") from None
+    return value
+
+
+# Refuses what the API cannot write back out: a number that is not finite
+# (ValueError), a lone surrogate (UnicodeEncodeError, a ValueError).
+_strict = json.JSONEncoder(ensure_ascii=False, allow_nan=False, check_circular=False).encode
 
 
 # A run of 19 digits or more may be an integer beyond 64 bits, which

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import datetime
 import functools
+import json
 import posixpath
 import re
 import types
@@ -33,6 +34,7 @@ import orjson
 from msgspec import UNSET
 
 from dispatcher.model._jobs import InputSpec, JobSpec, PlainJobs, Resources
+from dispatcher.model._values import UnservableValue, storable
 from dispatcher.wire._types import (
     MAX_NESTING,
     NO_NUL,
@@ -162,7 +164,9 @@ def decode(raw: bytes, kind: type[T], prefix: str = "") -> T:
     except msgspec.ValidationError as e:
         error = e
     except msgspec.DecodeError as e:
-        raise ApiError(400, "malformed_json", _malformed(raw, str(e)), None) from None
+        raise _not_text(raw, prefix) or ApiError(
+            400, "malformed_json", _malformed(raw, str(e)), None
+        ) from None
     except RecursionError:
         raise _too_deep_body(raw, prefix) from None
     # Only a body the strict decode refused gets here, so what follows
@@ -183,8 +187,20 @@ def decode(raw: bytes, kind: type[T], prefix: str = "") -> T:
                 error = e
     except RecursionError:
         raise _too_deep_body(raw, prefix) from None
-    load = (lambda: msgspec.json.decode(raw)) if value is _UNREAD else (lambda: value)
+    load = (lambda: _load_any(raw)) if value is _UNREAD else (lambda: value)
     raise refusal(str(error), load, kind, prefix) from None
+
+
+def _load_any(raw: bytes) -> Any:
+    """
+    A refused body's value, to find the field at fault: as msgspec reads
+    it, or, where it refuses a number out of range, as json does (1e400
+    as infinite).
+    """
+    try:
+        return msgspec.json.decode(raw)
+    except msgspec.ValidationError:
+        return _loose.decode(raw.decode("utf-8"))
 
 
 def _whole_float_path(message: str) -> Optional[list[Optional[str]]]:
@@ -247,13 +263,55 @@ def _malformed(raw: bytes, message: str) -> str:
     return f"the body is not valid JSON: {message}"
 
 
+# Reads what msgspec refused, to find the string at fault: lone surrogate
+# escapes are kept (as json does), and so are bytes that are not UTF-8
+# (decoded with surrogateescape, as U+DC80 to U+DCFF).
+_loose = json.JSONDecoder(parse_constant=lambda name: None)
+
+
+def _not_text(raw: bytes, prefix: str) -> Optional[ApiError]:
+    """
+    The 400 naming the field of a body that msgspec refused because a
+    string in it is not Unicode text: a lone UTF-16 surrogate escape
+    (C{"\\ud800"}), or bytes that are not UTF-8; C{None} if the body is
+    refused for another reason, which msgspec's words then say.
+    """
+    text = raw.decode("utf-8", "surrogateescape")
+    try:
+        value = _loose.decode(text)
+    except (ValueError, RecursionError):
+        return None
+    try:
+        storable(value, "")
+    except UnservableValue as e:
+        fault = e
+    except RecursionError:
+        return None
+    else:
+        return None
+    # (A key at fault is named by its object.)
+    if "surrogate" not in fault.why:
+        return None
+    try:
+        raw.decode("utf-8")
+        why = fault.why
+    except UnicodeDecodeError:
+        # (A lone surrogate escape in a body that also has bytes that are
+        # not UTF-8 is called the latter: either is refused.)
+        why = ("holds bytes that are not UTF-8" if "key" not in fault.why
+               else "a key holds bytes that are not UTF-8")
+        why += "; a body is UTF-8 text"
+    field = _field(prefix, list(fault.path)) or "body"
+    return ApiError(400, "invalid_field", f"{field}: {why}", field)
+
+
 def _too_deep_body(raw: bytes, prefix: str) -> ApiError:
     """
     The error for a body nested deeper than msgspec follows (which stops
     at the interpreter's recursion limit): orjson, which follows 1,024
     levels without recursing in Python, reads it, and the field whose
-    value nests too deep is named (the first C{args} or C{kwargs} on the
-    way down).
+    value nests too deep is named (the first C{args}, C{kwargs} or a
+    worker's C{result} on the way down).
     """
     try:
         value = orjson.loads(raw)
@@ -264,7 +322,7 @@ def _too_deep_body(raw: bytes, prefix: str) -> ApiError:
         item, path = stack.pop()
         if len(path) > MAX_NESTING:
             for i, token in enumerate(path):
-                if token in ("args", "kwargs"):
+                if token in ("args", "kwargs", "result"):
                     path = path[: i + 1]
                     break
             field = _field(prefix, path) or "body"
@@ -317,6 +375,9 @@ def _say(text: str) -> str:
     for pattern, message in PATTERN_MESSAGES.items():
         if f"'{pattern}'" in text or repr(pattern) in text:
             return message
+    if text == "Number out of range":
+        # (1e999: json would read it as infinite, and write it as null.)
+        return "number out of range: a number must be finite, within a 64-bit float's range"
     def words(match: "re.Match[str]") -> str:
         return " or ".join(_WORDS.get(part, part) for part in match.group(1).split(" | "))
 
@@ -436,6 +497,15 @@ def _find_entry(
                 msgspec.convert(item, value_type, strict=True)
             except msgspec.ValidationError as e:
                 return refusal(str(e), lambda: item, value_type, name)
+            if text == "Number out of range":
+                # (Read by json as infinite, which any value takes.)
+                try:
+                    storable(item, name)
+                except UnservableValue as e:
+                    if "not a JSON number" in e.why:
+                        return ApiError(
+                            400, "invalid_field", f"{e.where}: {_say(text)}", e.where
+                        )
     raise ValueError("no entry is at fault")
 
 

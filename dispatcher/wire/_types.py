@@ -34,6 +34,10 @@ import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType
 
 from dispatcher.model._jobs import NO_RESOURCES, JobSpec, JobState
+# How deep a task's arguments (and its result) may nest arrays and
+# objects is the model's rule, which a task's result is checked against
+# where it is made.
+from dispatcher.model._values import MAX_NESTING
 from dispatcher.model._principals import (
     MAX_PRINCIPAL_NAME,
     MAX_WORKER_NAMES,
@@ -52,9 +56,6 @@ MAX_DEPENDENCIES = 1000
 MAX_SECONDS = 366 * 86400.0
 MAX_NAME = 200
 MAX_LABEL = 200
-# How deep a task's arguments may nest arrays and objects: what is taken in
-# must be written back out in answers, and decoders recurse.
-MAX_NESTING = 100
 # A worker runs at most this many jobs at once: a description beyond it is
 # refused (a credential that asked for 100,000 slots could hold as many
 # jobs, their env secrets with them).
@@ -75,13 +76,21 @@ MAX_EXIT_CODE = 255
 MAX_IDEMPOTENCY_KEY = 255
 MAX_LIST_LIMIT = 1000
 DEFAULT_LIST_LIMIT = 100
+# A list's cursor is a job's place in the store (an SQLite INTEGER), and a
+# log's offset a file offset (a signed 64-bit off_t): a larger one is a
+# 400, not an overflow.
+MAX_CURSOR = 2**63 - 1
+MAX_OFFSET = 2**63 - 1
 
 # Patterns, each with what a person is told when a value does not match.
 NO_NUL = "^[^\x00]*$"
 ENV_NAME = "^[A-Za-z_][A-Za-z0-9_]*$"
 RESERVED_ENV = "DISPATCHER_"
 IDENTIFIER = "^[_A-Za-z][_A-Za-z0-9]*$"
-HTTP_URL = "^https?://[^\x00]*$"
+# An http(s) URL without credentials: no "@" before the authority ends (at
+# the first "/", "?" or "#").  The fetch would never send them, and they
+# would be kept with the job for whoever may read it.
+HTTP_URL = "^https?://[^/?#@\x00]*(?:[/?#][^\x00]*)?$"
 SHA256 = "^[0-9a-fA-F]{64}$"
 # A relative path (no leading /) naming a file (not ending in /, some part
 # neither empty nor "."), with no ".." part and no NUL.
@@ -103,7 +112,8 @@ PATTERN_MESSAGES = {
     NO_NUL: "must not contain a NUL character",
     ENV_NAME: "not a valid environment variable name",
     IDENTIFIER: "not a valid Python argument name (ASCII letters, digits, _)",
-    HTTP_URL: "only http:// and https:// URLs can be fetched",
+    HTTP_URL: "only http:// and https:// URLs without credentials (user:password@) "
+    "can be fetched",
     SHA256: "expected 64 hexadecimal digits",
     INPUT_PATH: "must be a relative path (no leading /) naming a file (not ending "
     "in /), with no '..' part",
@@ -651,7 +661,12 @@ class ResultItem(_In):
     token: Token
     state: Literal["succeeded", "failed", "released"]
     exit_code: Optional[Annotated[int, Meta(ge=-MAX_EXIT_CODE, le=MAX_EXIT_CODE)]] = None
-    result: Annotated[Any, Meta(description="A task's return value.")] = None
+    result: Annotated[
+        Any,
+        Meta(description=f"A task's return value. {_NESTING} A worker fails a job "
+             "whose result JSON cannot carry (NaN, a set, two keys written alike) "
+             "rather than report it."),
+    ] = None
     error: Optional[str] = None
     stopped: Annotated[bool, Meta(description="The worker stopped it (a cancel).")] = False
     # Left out rather than null when not known: a dispatcher older than the
