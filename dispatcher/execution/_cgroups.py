@@ -24,13 +24,16 @@ same cgroup, the second is this helper's (its pid and start time, so that
 a helper starting later can tell that its owner is dead, kill what is left
 in it and remove it).  A job's cgroup is taken from a pool of empty ones
 (made at first need, kept up to L{POOL_SIZE} per hierarchy) and given
-back once empty: making and removing a memory cgroup costs about 100 us,
-moving a process into one about 7.
+back once empty: making and removing a cgroup cost 30 to 100 us (a
+memory one the most), moving a process from one to another 7 to 20.
 
 Placing a job: the helper is single-threaded, so it moves itself into the
-job's cgroups right before C{posix_spawn} and back right after; the job is
-born inside them (a child inherits its parent's cgroups at fork), so
-nothing it forks, however early, is left outside.
+job's cgroups right before C{posix_spawn}; the job is born inside them (a
+child inherits its parent's cgroups at fork), so nothing it forks, however
+early, is left outside.  Right after, it moves back to its own cgroup
+where the job has a memory limit; elsewhere it stays until it next moves
+(L{JobCgroups.leave}), which halves the moves of a stream of jobs: each is
+a write to a C{cgroup.procs} file, the dearest part of a job's cgroups.
 """
 
 import errno
@@ -508,6 +511,8 @@ class JobCgroups:
         self.pids = None
         self.memory = None
         self.problems = []
+        # Why cgroup v2 gives no controllers, said only if v1 gives none.
+        self._controllers_problem = None
         self._pid_text = str(os.getpid()).encode("ascii")
 
     # Finding what the host allows
@@ -536,22 +541,30 @@ class JobCgroups:
         owns = own_directories(parse_mountinfo(mountinfo), parse_proc_cgroup(proc_cgroup))
         if self.mode == "v1":
             owns.pop(_V2, None)
-        if _V2 in owns:
-            self._start_v2(owns[_V2])
-        for kind in _V1:
-            needed = (
-                (kind == "pids" and self.pids is None)
-                or (kind == "memory" and self.memory is None)
-                or (kind == "freezer" and (self.tracker is None or self.tracker.kill is None))
-            )
-            if kind in owns and needed:
-                self._start_v1(kind, owns[kind])
-        if self.tracker is None:
-            # No v2 and no freezer: a job's pids or memory cgroup still
-            # lists its processes, to kill one by one.
-            self.tracker = self.pids or self.memory
-        for hierarchy in self.hierarchies:
-            hierarchy.open()
+        try:
+            if _V2 in owns:
+                self._start_v2(owns[_V2])
+            for kind in _V1:
+                needed = (
+                    (kind == "pids" and self.pids is None)
+                    or (kind == "memory" and self.memory is None)
+                    or (kind == "freezer" and (self.tracker is None or self.tracker.kill is None))
+                )
+                if kind in owns and needed:
+                    self._start_v1(kind, owns[kind])
+            if self.tracker is None:
+                # No v2 and no freezer: a job's pids or memory cgroup still
+                # lists its processes, to kill one by one.
+                self.tracker = self.pids or self.memory
+            for hierarchy in self.hierarchies:
+                hierarchy.open()
+        except OSError as e:
+            # Whatever went wrong, the helper runs on: its jobs without
+            # cgroups, saying why.
+            self.problems.append(f"cannot set up job cgroups ({e})")
+            self.close()
+            self.hierarchies = []
+            self.tracker = self.pids = self.memory = None
         return self.describe()
 
     def _jobs_directory(self, home, root=None):
@@ -603,10 +616,10 @@ class JobCgroups:
             return set()
         wanted = [c for c in ("memory", "pids") if c in available]
         if not wanted:
-            missing = "memory and pids controllers"
-            self.problems.append(
-                f"cgroup v2 at {root} has no {missing} to give its children (a systemd "
-                f"unit needs Delegate=yes)"
+            self._controllers_problem = (
+                f"cgroup v2 at {root} has neither the memory nor the pids controller to "
+                f"give its children (not delegated: a systemd unit needs Delegate=yes; or "
+                f"they belong to cgroup v1)"
             )
             return set()
         line = " ".join(f"+{c}" for c in wanted)
@@ -742,10 +755,13 @@ class JobCgroups:
             missing.append("no process limit (no pids controller)")
         if self.memory is None:
             missing.append("no memory limit (no memory controller)")
+        problems = list(self.problems)
         if missing:
             line += "; " + " and ".join(missing)
-        if self.problems:
-            line += " (" + "; ".join(self.problems) + ")"
+            if self._controllers_problem:
+                problems.append(self._controllers_problem)
+        if problems:
+            line += " (" + "; ".join(problems) + ")"
         return line
 
     def _without(self):
