@@ -324,11 +324,10 @@ class Hierarchy:
         self._home_fd = None
         self._idle = []
         self._made = 0
-        # Per job cgroup: its cgroup.procs open to be written, what tells
-        # whether it holds a process open to be read (cgroup.events in v2,
-        # cgroup.procs in v1), and the values last written to its limit
-        # files, so that a cgroup reused with the same limits costs no
-        # write.
+        # Per job cgroup: its cgroup.procs open to be written, its
+        # cgroup.events (v2) open to be read, and the values last written to
+        # its limit files, so that a cgroup reused with the same limits
+        # costs no write.
         self._procs = {}
         self._status = {}
         self._written = {}
@@ -367,10 +366,13 @@ class Hierarchy:
         os.mkdir(path)
         try:
             self._procs[path] = os.open(os.path.join(path, "cgroup.procs"), os.O_WRONLY)
-            self._status[path] = os.open(
-                os.path.join(path, "cgroup.events" if self.v2 else "cgroup.procs"),
-                os.O_RDONLY,
-            )
+            if self.v2:
+                # (Not v1's cgroup.procs: read again through one open file,
+                # it keeps showing the list it first made for as long as it
+                # is read more often than once a second.)
+                self._status[path] = os.open(
+                    os.path.join(path, "cgroup.events"), os.O_RDONLY
+                )
         except OSError:
             self.remove(path)
             raise
@@ -435,12 +437,9 @@ class Hierarchy:
         if fd is None:
             return populated(path, self.v2)
         try:
-            data = os.pread(fd, 4096, 0)
+            return b"populated 1" in os.pread(fd, 4096, 0)
         except OSError:
             return False
-        if self.v2:
-            return b"populated 1" in data
-        return bool(data.strip())
 
     def kill_all(self, path):
         kill_cgroup(path, self.kill)
