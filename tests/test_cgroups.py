@@ -543,3 +543,24 @@ async def test_the_served_document_declares_an_attempts_limits(make_daemon):
     assert done["attempts"][0]["limits"]["processes"] == 4096
     jsonschema.validate(done, {"$ref": "#/components/schemas/JobView",
                                "components": doc["components"]})
+
+
+def test_the_dispatcher_cuts_what_a_worker_sends_once(tmp_path):
+    """What a worker sends past the dispatcher's max_log_bytes is dropped
+    and the marker written once at the limit, whatever the chunks: one
+    crossing the limit, one sent again from below it, one wholly past it;
+    the size answered counts what was dropped, so the worker sends on from
+    there."""
+    from dispatcher.api._workers import _write_at
+
+    path = str(tmp_path / "attempt-1" / "stdout")
+    marker = log_cut_marker("stdout", 10)
+    assert _write_at(path, 0, b"01234", 10, marker) == (5, False)
+    assert _write_at(path, 5, b"56789abc", 10, marker) == (13, True)
+    assert _write_at(path, 13, b"def", 10, marker) == (16, True)
+    assert _write_at(path, 5, b"56789abc", 10, marker) == (13, True)
+    assert open(path).read() == "0123456789\n" + marker
+    # Below the limit, a gap is still refused: the worker must send from
+    # the end.
+    other = str(tmp_path / "attempt-1" / "stderr")
+    assert _write_at(other, 3, b"x", 10, marker) is None

@@ -345,7 +345,8 @@ def _write_at(
     """
     Write C{data} at C{offset} of the file (made if need be), keeping at
     most C{limit} bytes of the stream (0: no limit): what would go past it
-    is dropped, and C{marker} written once at the limit.
+    is dropped, and C{marker} written once at the limit, on a line of its
+    own.
 
     @return: C{(size, cut)}: the stream's size afterwards (counting what
         was dropped, which is what the worker sends from next), and whether
@@ -365,7 +366,11 @@ def _write_at(
             kept = data[: limit - offset]
             if kept:
                 os.pwrite(fd, kept, offset)
-            os.pwrite(fd, marker.encode("utf-8"), limit)
+            # On a line of its own, as the spawner helper writes it.
+            line = marker.encode("utf-8")
+            if os.pread(fd, 1, limit - 1) != b"\n":
+                line = b"\n" + line
+            os.pwrite(fd, line, limit)
             return end, True
         if data:
             os.pwrite(fd, data, offset)
