@@ -494,16 +494,11 @@ class JobCgroups:
         for tests of the v1 freezer) or C{"off"}.
     @param max_processes: the most processes (and threads) a job may
         have, 0 for no limit.
-    @param mountinfo: the text of C{/proc/self/mountinfo} (read if
-        C{None}).
-    @param proc_cgroup: the text of C{/proc/self/cgroup} (read if C{None}).
     """
 
-    def __init__(self, mode="auto", max_processes=0, mountinfo=None, proc_cgroup=None):
+    def __init__(self, mode="auto", max_processes=0):
         self.mode = mode
         self.max_processes = max_processes
-        self._mountinfo = mountinfo
-        self._proc_cgroup = proc_cgroup
         self.hierarchies = []
         # The hierarchy each role is served by, or None.
         self.tracker = None
@@ -526,14 +521,10 @@ class JobCgroups:
         if self.mode == "off":
             return self.describe()
         try:
-            mountinfo = self._mountinfo
-            if mountinfo is None:
-                with open("/proc/self/mountinfo") as f:
-                    mountinfo = f.read()
-            proc_cgroup = self._proc_cgroup
-            if proc_cgroup is None:
-                with open("/proc/self/cgroup") as f:
-                    proc_cgroup = f.read()
+            with open("/proc/self/mountinfo") as f:
+                mountinfo = f.read()
+            with open("/proc/self/cgroup") as f:
+                proc_cgroup = f.read()
         except OSError as e:
             self.problems.append(f"cannot read the process's cgroups ({e.strerror})")
             return self.describe()
