@@ -483,15 +483,21 @@ class LocalExecutor:
         finally:
             if timer is not None and timer.active():
                 timer.cancel()
+        log_cut = tuple(getattr(process, "log_cut", ()))
         if running.timed_out:
             outcome = Outcome(
                 JobState.FAILED,
                 exit_code=code,
                 error=f"timed out after {spec.timeout:g} s",
+                limits=limits,
+                log_cut=log_cut,
             )
         else:
-            outcome = Outcome.from_exit_code(code)
-        return _with_limits(outcome, process)
+            outcome = Outcome.from_exit_code(code, limits, log_cut)
+        kills = getattr(process, "oom_kills", 0)
+        if kills:
+            outcome = outcome.out_of_memory(kills, limits.memory_mb if limits else None)
+        return outcome
 
     def _terminate(self, process: Any, grace: Optional[float] = None) -> None:
         d = process.terminate(self.kill_grace if grace is None else grace, self._clock)
@@ -601,22 +607,6 @@ class LocalExecutor:
             self._terminate(running.process, grace)
         elif running.context is not None:
             running.context.cancel()
-
-
-def _with_limits(outcome: Outcome, process: Any) -> Outcome:
-    """
-    C{outcome} of a command with what its process says: the limits it ran
-    under, the streams of its log that were cut, and an out-of-memory kill.
-    """
-    limits = getattr(process, "limits", None)
-    log_cut = tuple(getattr(process, "log_cut", ()))
-    if limits is None and not log_cut:
-        return outcome
-    outcome = attrs.evolve(outcome, limits=limits, log_cut=log_cut)
-    kills = getattr(process, "oom_kills", 0)
-    if kills:
-        outcome = outcome.out_of_memory(kills, limits.memory_mb if limits else None)
-    return outcome
 
 
 def _make_dirs(*paths: str) -> None:

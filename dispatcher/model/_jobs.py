@@ -425,18 +425,21 @@ class Outcome:
     log_cut: tuple[str, ...] = ()
 
     @classmethod
-    def from_exit_code(cls, code: int) -> "Outcome":
+    def from_exit_code(
+        cls, code: int, limits: Optional[Limits] = None, log_cut: tuple[str, ...] = ()
+    ) -> "Outcome":
         """
         The outcome of a process that exited with C{code} (negative for a
-        signal, as Python's subprocess reports it).
+        signal, as Python's subprocess reports it), having run under
+        C{limits} with the streams C{log_cut} of its log cut.
         """
         if code == 0:
-            return cls(JobState.SUCCEEDED, exit_code=0)
+            return cls(JobState.SUCCEEDED, 0, None, None, False, limits, log_cut)
         if code < 0:
-            return cls(
-                JobState.FAILED, exit_code=code, error=f"killed by signal {-code}"
-            )
-        return cls(JobState.FAILED, exit_code=code, error=f"exited with code {code}")
+            error = f"killed by signal {-code}"
+        else:
+            error = f"exited with code {code}"
+        return cls(JobState.FAILED, code, None, error, False, limits, log_cut)
 
     def out_of_memory(self, kills: int, memory_mb: Optional[int]) -> "Outcome":
         """
