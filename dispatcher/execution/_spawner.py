@@ -671,14 +671,14 @@ class _Spawner:
         self.poller.unregister(fd)
         del self.watched[fd]
 
-    def output_ready(self, output):
+    def output_ready(self, output, events):
         """
-        Move what a job wrote since; at the end of its pipe (the job closed
-        it), close it.
+        Move what a job wrote since; at the end of its pipe (every writer
+        gone, nothing left in it: the end of most jobs), close it.
         """
         if output.closed:
             return
-        if output.pump() == 0:
+        if not events & select.POLLIN or output.pump() == 0:
             self._unwatch(output.read_fd)
             output.close()
 
@@ -788,8 +788,11 @@ def main(requests_fd=0, replies_fd=1, settings=None):
             if waiting is not None:
                 timeout = waiting if timeout is None else min(timeout, waiting)
             spawner.flush()
-            for fd, _ in spawner.poller.poll(None if timeout is None else timeout * 1000):
-                what = spawner.watched.get(fd)
+            ready = spawner.poller.poll(None if timeout is None else timeout * 1000)
+            # What each event is about, looked up before any is handled: a
+            # job's pipe closed by one (its end) may have its number taken
+            # by another's (a spawn) before the next is handled.
+            for what, events in [(spawner.watched.get(fd), events) for fd, events in ready]:
                 if what == "children":
                     while True:
                         try:
@@ -801,7 +804,7 @@ def main(requests_fd=0, replies_fd=1, settings=None):
                     continue
                 if what != "requests":
                     if what is not None:
-                        spawner.output_ready(what)
+                        spawner.output_ready(what, events)
                     continue
                 data = os.read(requests_fd, 65536)
                 if not data:
