@@ -6,11 +6,9 @@ processes in real cgroups; where the host gives no cgroups (or the tests do
 not run as root) the tests that need them skip, saying why.
 """
 
-import json
 import os
 import re
 import signal
-import subprocess
 import sys
 import time
 
@@ -19,7 +17,6 @@ import pytest_twisted
 
 from dispatcher.config._ini import ConfigError, parse_config
 from dispatcher.execution._cgroups import JOBS_DIRECTORY, JobCgroups
-from dispatcher.execution._process import _HELPER
 from dispatcher.model._jobs import LOG_STREAMS, log_cut_marker
 
 from .conftest import sleep
