@@ -8,6 +8,7 @@ hand-written parser this server had before (issue 13).
 """
 
 import json
+import re
 
 import pytest
 import pytest_twisted
@@ -28,6 +29,7 @@ from dispatcher.http._protocol import (
     MAX_HEAD_BYTES,
     MAX_READ_AHEAD,
     HTTPFactory,
+    Request,
 )
 
 
@@ -553,7 +555,59 @@ def test_access_log_line(tmp_path):
     (line,) = path.read_text().splitlines()
     length = len(responses(transport.value())[0][2])
     assert line == (f'"192.168.1.1" - - [01/Jan/1971:00:00:00 +0000] "GET /a?b=1 HTTP/1.1" 200 {length} '
-                    '"r" "t \\"q\\""')
+                    '"r" "t \\x22q\\x22"')
+
+
+# A line of the access log: every field but the time and the numbers is
+# quoted, and no field holds a quote of its own.
+ACCESS_LINE = re.compile(
+    r'^"(?P<client>[^"]*)" - - \[(?P<time>[^\]]*)\] "(?P<request>[^"]*)" (?P<status>\d+) '
+    r'(?P<size>\d+|-) "(?P<referrer>[^"]*)" "(?P<agent>[^"]*)"$'
+)
+
+
+def unescape(field):
+    """A field of the access log as the bytes the client sent."""
+    return re.sub(rb"\\x([0-9A-F]{2})", lambda m: bytes([int(m[1], 16)]), field.encode("ascii"))
+
+
+def test_access_log_fields_cannot_be_forged():
+    """A User-Agent holding a quote, a line feed and a backslash (and bytes
+    that are not UTF-8) stays one field of one line: quote, backslash,
+    control and non-ASCII bytes are written \\xHH, as nginx does, and
+    nothing else is."""
+    forged = b'x\\" 200 "-" "forged"\n"127.0.0.1" - - [x] "GET /admin HTTP/1.1" 200 1 "-" "\\'
+    channel, transport, clock = connect(Recorder())
+    request = Request(channel, b"GET", b'/a"b\\c', b"HTTP/1.1",
+                      {b"user-agent": forged + b"\t\xff\xc3\xa9", b"referer": b"r\\"}, b"")
+    line = request.log_line("127.0.0.1", "[01/Jan/1971:00:00:00 +0000]")
+    assert line.endswith("\n") and "\n" not in line[:-1] and line.isascii()
+    fields = ACCESS_LINE.match(line[:-1])
+    assert fields is not None, line
+    assert unescape(fields["agent"]) == forged + b"\t\xff\xc3\xa9"
+    assert unescape(fields["referrer"]) == b"r\\"
+    assert fields["request"] == 'GET /a\\x22b\\x5Cc HTTP/1.1'
+    assert fields["agent"].startswith("x\\x5C\\x22 200 \\x22-\\x22")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_forged_user_agent_stays_in_its_field_over_a_real_socket(tmp_path):
+    """Over a real connection, a User-Agent that closes its quote after a
+    backslash (the bytes a client may send: llhttp refuses control bytes
+    but a tab) is one escaped field of the access log's one line."""
+    path = tmp_path / "access.log"
+    agent = b'x\\" 200 "-" "forged\tby \\\xffclient'
+    raw = await exchange_over_tcp(
+        Recorder(),
+        b"GET /a HTTP/1.1\r\nHost: x\r\nUser-Agent: " + agent + b"\r\nConnection: close\r\n\r\n",
+        access_log_path=str(path),
+    )
+    assert responses(raw)[0][0] == 200
+    (line,) = path.read_text(encoding="ascii").splitlines()
+    fields = ACCESS_LINE.match(line)
+    assert fields is not None, line
+    assert (fields["request"], fields["status"]) == ("GET /a HTTP/1.1", "200")
+    assert unescape(fields["agent"]) == agent
 
 
 class _Exchange(Protocol):

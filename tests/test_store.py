@@ -606,7 +606,8 @@ async def test_migration_to_limits(tmp_path, monkeypatch):
     attempts read back with none, and new ends store theirs."""
     path = str(tmp_path / "old.sqlite3")
     conn = sqlite3.connect(path, isolation_level=None)
-    before = len(MIGRATIONS) - 1
+    before = next(i for i, m in enumerate(MIGRATIONS)
+                  if isinstance(m, str) and "COLUMN limits" in m)
     monkeypatch.setattr(_schema, "MIGRATIONS", MIGRATIONS[:before])
     _schema.migrate(conn, path)
     monkeypatch.undo()

@@ -42,9 +42,11 @@ class Twistd:
     """A `twistd -n dispatcher` process in a directory of its own."""
 
     def __init__(self, workdir, ini="", program="twistd",
-                 listen="tcp:0:interface=127.0.0.1"):
+                 listen="tcp:0:interface=127.0.0.1", preexec_fn=None):
         self.workdir = workdir
         self.listen = listen
+        # Run in the child before twistd starts (to set its limits, say).
+        self.preexec_fn = preexec_fn
         self.config = os.path.join(workdir, "dispatcher.ini")
         with open(self.config, "w") as f:
             f.write(ini)
@@ -67,7 +69,7 @@ class Twistd:
         self.log = open(logpath, "ab")
         self.process = subprocess.Popen(
             args, cwd=self.workdir, env=env, stdout=self.log, stderr=subprocess.STDOUT,
-            start_new_session=True)
+            start_new_session=True, preexec_fn=self.preexec_fn)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with open(logpath) as f:

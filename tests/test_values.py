@@ -487,7 +487,7 @@ def test_migration_6_repairs_what_older_versions_stored(tmp_path):
             "INSERT INTO jobs (id, state, name, labels, spec, created_at, result, error)"
             " VALUES (?, 'succeeded', NULL, '{}', ?, 1.0, ?, ?)", (job_id, spec, result, error))
     migrate(conn, path)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) >= 6
     got = {row[0]: row[1:] for row in conn.execute("SELECT id, spec, result, error FROM jobs")}
     assert got["a"] == (
         '{"args":["\ufffd"],"kwargs":{},"task":"t"}', '{"x":[null,1]}',
@@ -561,7 +561,7 @@ def test_a_data_directory_made_by_main_is_served_after_migration_6(tmp_path):
     assert jobs["waiting"]["state"] == "pending" and jobs["waiting"]["args"] == ["\ufffdlater"]
     assert jobs["failed"]["error"] == "the task raised ValueError: boom"
     conn = sqlite3.connect(str(data / "dispatcher.sqlite3"))
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) >= 6
     conn.close()
     log = open(tmp_path / "out.log").read()
     assert "schema migration 6 repaired 4 jobs" in log

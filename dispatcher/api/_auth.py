@@ -24,7 +24,7 @@ from typing import Any, Mapping, Optional
 from twisted.logger import Logger
 
 from dispatcher.api._hosts import HostPolicy
-from dispatcher.api._routes import Router, path_segments
+from dispatcher.api._routes import MAX_ANONYMOUS_BODY_BYTES, Router, path_segments
 from dispatcher.model._principals import ALLOWED, Access, Principal, Role
 from dispatcher.store._credentials import CredentialFile
 from dispatcher.wire._submission import ApiError
@@ -41,6 +41,18 @@ ANONYMOUS = Principal("anonymous", Role.READER)
 UNAUTHENTICATED_ADMIN = Principal("local", Role.ADMIN)
 
 CHALLENGE = b'Bearer realm="dispatcher"'
+
+# The refusal of a body over MAX_ANONYMOUS_BODY_BYTES from a caller without
+# a credential: 413, from the head when it has a Content-Length.  1,500
+# strangers' bodies of 1 MiB held open on /healthz took 1.5 GB before
+# (bench/body_flood.py).
+ANONYMOUS_BODY_TOO_LARGE = ApiError(
+    413,
+    "body_too_large",
+    f"a request without a credential may carry a body of at most "
+    f"{MAX_ANONYMOUS_BODY_BYTES} bytes; send 'Authorization: Bearer <token>'",
+    "Authorization",
+)
 
 
 class Refusal(ApiError):

@@ -64,8 +64,10 @@ from dispatcher.config._ini import QueueConfig
 from dispatcher.store._stored import request_digest
 from dispatcher.store._results import (
     DependencyNotRetried,
+    HasDependents,
     IdempotencyConflict,
     IdempotencyKey,
+    NotFinished,
     StorageFull,
     Submitted,
     SubmittedIds,
@@ -81,7 +83,12 @@ from dispatcher.wire._submission import (
     plain_jobs,
 )
 from dispatcher.api._workers import WorkerEndpoints, query_integer
-from dispatcher.api._auth import Gate
+from dispatcher.api._auth import (
+    ANONYMOUS,
+    ANONYMOUS_BODY_TOO_LARGE,
+    MAX_ANONYMOUS_BODY_BYTES,
+    Gate,
+)
 from dispatcher.model._principals import Principal, Role
 from dispatcher.store._credentials import CredentialExists, CredentialFile
 
@@ -399,8 +406,17 @@ class DispatcherAPI(Resource):
         """
         The HTTP server's head check (L{HTTPFactory}'s C{head_check}): the
         request's L{Principal}, or the L{ApiError} refusing it (a Host or
-        Origin not allowed, no valid credential, a role that may not).
+        Origin not allowed, no valid credential, a role that may not).  A
+        caller without a credential (of an open route) may send a body of
+        C{MAX_ANONYMOUS_BODY_BYTES} at most: none of those routes reads one,
+        and a stranger must not make the daemon hold megabytes.
         """
+        verdict = self._verdict(channel, method, uri, headers)
+        if verdict is ANONYMOUS:
+            channel.limit_body(MAX_ANONYMOUS_BODY_BYTES, ANONYMOUS_BODY_TOO_LARGE)
+        return verdict
+
+    def _verdict(self, channel: Any, method: bytes, uri: bytes, headers: Any) -> Any:
         try:
             return self._gate.check(
                 method, uri.partition(b"?")[0], headers, channel.peer_uid(), channel.client
@@ -413,8 +429,8 @@ class DispatcherAPI(Resource):
             # No head check ran (a server without one): the same checks,
             # before anything else, the unknown paths' 404 included, so that
             # a page that rebinds a name to this host learns nothing.
-            verdict = self.check_head(request.channel, request.method, request.uri,
-                                      request.requestHeaders)
+            verdict = self._verdict(request.channel, request.method, request.uri,
+                                    request.requestHeaders)
             if isinstance(verdict, ApiError):
                 for name, value in getattr(verdict, "headers", {}).items():
                     request.setHeader(name, value)
@@ -918,6 +934,17 @@ class DispatcherAPI(Resource):
                  job_id=job_id)
         return Answer(200 if done else 202, job_view(job))
 
+    async def delete_job(self, request: Any, job_id: str) -> Answer:
+        try:
+            await self._dispatcher.remove(job_id, _own_only(request.principal))
+        except UnknownJob:
+            raise _no_such_job(job_id)
+        except (NotFinished, HasDependents) as e:
+            raise ApiError(409, "conflict", str(e), "id")
+        log.info("{principal} deleted {job_id}", principal=request.principal.name,
+                 job_id=job_id)
+        return Answer(204, b"")
+
     async def read_log(self, request: Any, job_id: str) -> Answer:
         _only_query(request, "stream", "offset")
         stream = _query(request, "stream") or "stdout"
@@ -1004,6 +1031,12 @@ def _file_size(path: str) -> int:
 
 
 def _read_region(path: str, offset: int, size: int) -> bytes:
-    with open(path, "rb") as f:
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        # The job was removed meanwhile (DELETE, retention): the answer
+        # ends short, as for a file that shrank.
+        return b""
+    with f:
         f.seek(offset)
         return f.read(size)

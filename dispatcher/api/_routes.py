@@ -128,7 +128,9 @@ class Route:
             out.setdefault(
                 400, Response(f"A query parameter is wrong; it is named. {QUERY_RULES}")
             )
-        if self.auth is not OPEN:
+        if self.auth is OPEN:
+            out.setdefault(413, Response(ANONYMOUS_BODY))
+        else:
             out[401] = _unauthorized(UNAUTHORIZED)
             roles = ", ".join(sorted(r.value for r in ALLOWED[self.auth]))
             out[403] = _also(out.get(403), FORBIDDEN.format(roles=roles))
@@ -141,15 +143,28 @@ class Route:
         return dict(sorted(out.items()))
 
 
-# The answers every route may give while the daemon stops, and every route
-# that stores something while its disk is full.
+# The answers every route may give while the daemon stops (or when a
+# connection is over a limit), and every route that stores something while
+# its disk is full.
 SHUTTING_DOWN = (
     "shutting_down: the dispatcher is stopping (SIGTERM; it answers this until "
-    "its running jobs are handled, then stops listening); nothing was changed."
+    "its running jobs are handled, then stops listening); nothing was changed. "
+    "Or too_many_connections, before the request is read: the connection was "
+    "over [server] max_connections or max_connections_per_address; it is "
+    "closed, and Retry-After says when to try again."
 )
 INSUFFICIENT_STORAGE = (
     "insufficient_storage: the dispatcher's disk is full (or failed the write); "
     "nothing was stored. Try again once it has room."
+)
+
+# The largest body a request without a credential may carry (the open
+# routes read none): a stranger's body is not held past it
+# (dispatcher.api._auth, on the request's head).
+MAX_ANONYMOUS_BODY_BYTES = 1024
+ANONYMOUS_BODY = (
+    f"body_too_large: a request without a credential may carry a body of at most "
+    f"{MAX_ANONYMOUS_BODY_BYTES} bytes."
 )
 
 # The refusals of every route that needs a credential (dispatcher.api._auth),
@@ -396,6 +411,23 @@ ROUTES: tuple[Route, ...] = (
         },
         request=RetryRequest,
         request_required=False,
+        parameters=(JOB_ID,),
+        writes=True,
+    ),
+    Route(
+        "DELETE", "/v1/jobs/{id}", "deleteJob", "delete_job",
+        "Remove a finished job now, with its attempts, logs and working "
+        "directory, as retention does once [retention] finished_days have passed "
+        "(docs/security.md); idempotency keys that made it are forgotten.", SUBMIT,
+        {
+            204: Response("Removed: its id names no job from now on.", None),
+            404: _NO_SUCH_JOB,
+            409: Response(
+                "conflict: the job has not finished (the message names its state: "
+                "cancel it first, or wait for it to end), or a job that depends on it "
+                "has not succeeded and still needs its outcome (delete that one first)."
+            ),
+        },
         parameters=(JOB_ID,),
         writes=True,
     ),

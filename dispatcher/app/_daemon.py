@@ -21,10 +21,12 @@ from twisted.logger import Logger
 
 from dispatcher.api._handlers import DispatcherAPI
 from dispatcher.app._exposure import OpenToTheNetwork, check_exposure
+from dispatcher.app._limits import connection_limits, open_file_limit, raise_open_file_limit
 from dispatcher.model._principals import Principal, Role
 from dispatcher.store._credentials import CredentialError, CredentialFile, make_admin_token
 from dispatcher.config._ini import Config
 from dispatcher.core._dispatcher import Dispatcher
+from dispatcher.core._retention import RetentionPolicy
 from dispatcher.execution._host import JobHost
 from dispatcher.http._protocol import HTTPFactory
 from dispatcher.execution._process import kill_group_if_ours
@@ -151,6 +153,9 @@ class DaemonService(MultiService):
             last_attempt_grace=config.workers.last_attempt_grace,
             max_worker_names_per_credential=config.workers.max_names_per_credential,
             max_worker_names=config.workers.max_names,
+            retention=RetentionPolicy.from_days(
+                config.retention.finished_days, config.retention.finished_count
+            ),
         )
         # Credentials: the data directory's named tokens, and the token
         # files' (an admin, and a worker that may use any worker name).
@@ -186,6 +191,14 @@ class DaemonService(MultiService):
             max_body_bytes=config.server.max_body_bytes,
             allowed_hosts=config.server.allowed_hosts,
         )
+        descriptors = open_file_limit()[1]
+        # From the hard limit: the soft one is raised to it at start.
+        self.connection_limits = limits = connection_limits(
+            config.server.max_connections,
+            config.server.max_connections_per_address,
+            config.executor.slots,
+            descriptors,
+        )
         self.site = HTTPFactory(
             api.render,
             config.server.max_body_bytes,
@@ -200,6 +213,8 @@ class DaemonService(MultiService):
             # of reading Twisted's private API (dispatcher.http._writethrough).
             write_through=True,
             head_check=api.check_head,
+            max_connections=limits.total,
+            max_connections_per_address=limits.per_address,
         )
         self.port: Any = None
         self._lock_fd: Optional[int] = None
@@ -212,6 +227,7 @@ class DaemonService(MultiService):
         self._starting.addErrback(self._failed_to_start)
 
     async def _start(self) -> None:
+        self._raise_open_file_limit()
         self.host.start_pools()
         holder = await deferToThreadPool(
             self._reactor, self.io_pool, self._lock_data_dir
@@ -271,6 +287,30 @@ class DaemonService(MultiService):
             child.startService()
         log.info("dispatcher listening on {address}", address=_address(self.port))
         self.ready.callback(self.port)
+
+    def _raise_open_file_limit(self) -> None:
+        """
+        Raise the soft open-file limit to the hard one, for connections;
+        jobs keep the one the daemon started with.  Log the limits.
+        """
+        started_with = raise_open_file_limit()
+        self.spawner.child_open_files = started_with
+        limits = self.connection_limits
+        log.info(
+            "open files: {descriptors} (soft limit raised from {started_with}); at most "
+            "{total} client connections, {per_address} from one address ([server] "
+            "max_connections, max_connections_per_address)",
+            descriptors=limits.descriptors, started_with=started_with, total=limits.total,
+            per_address="any number" if limits.per_address is None else limits.per_address,
+        )
+        if limits.total > limits.room:
+            log.warn(
+                "[server] max_connections = {total} leaves fewer descriptors than the "
+                "daemon keeps for its store, logs and jobs ({room} of {descriptors} are "
+                "free for connections): at the limit, accepting a connection or opening "
+                "a file may fail; raise the open-file limit (LimitNOFILE=) or lower it",
+                total=limits.total, room=limits.room, descriptors=limits.descriptors,
+            )
 
     def _first_credential(self) -> None:
         """

@@ -74,6 +74,11 @@ class ServerConfig:
     # The Host names the API answers to besides the loopback names and the
     # address it listens on ("*": any); None: those alone.
     allowed_hosts: Optional[tuple[str, ...]] = None
+    # The most client connections open at once, in all and from one
+    # address; None ("auto"): derived at start from the open-file limit
+    # (dispatcher.app._limits).  0 per address ("none"): no such limit.
+    max_connections: Optional[int] = None
+    max_connections_per_address: Optional[int] = None
 
 
 @attrs.frozen
@@ -172,6 +177,19 @@ class ApiConfig:
 
 
 @attrs.frozen
+class RetentionConfig:
+    """
+    C{[retention]}: how long finished jobs (with their attempts, logs and
+    working directories) are kept: C{finished_days} after they finished
+    (fractions allowed; C{None}: for ever), and at most C{finished_count}
+    of them (C{None}: no bound).
+    """
+
+    finished_days: Optional[float] = 7.0
+    finished_count: Optional[int] = None
+
+
+@attrs.frozen
 class QueueConfig:
     """
     C{[queue:NAME]}: a queue's limit of running jobs (0: none) and the
@@ -208,6 +226,7 @@ class Config:
     fetch: FetchConfig = FetchConfig()
     workers: WorkersConfig = WorkersConfig()
     api: ApiConfig = ApiConfig()
+    retention: RetentionConfig = RetentionConfig()
     tasks: Mapping[str, TaskRef] = attrs.field(factory=dict)
     queues: Mapping[str, QueueConfig] = attrs.field(
         factory=lambda: {"default": QueueConfig("default")}
@@ -260,6 +279,52 @@ def _optional_seconds_from_zero(text: str) -> Optional[float]:
     if not text.strip() or text.strip().lower() == "none":
         return None
     return _seconds(0)(text)
+
+
+def _connections(text: str) -> Optional[int]:
+    if text.strip().lower() in ("", "auto"):
+        return None
+    try:
+        return _integer(1)(text)
+    except ValueError:
+        raise ValueError("expected auto or an integer of at least 1")
+
+
+def _connections_per_address(text: str) -> Optional[int]:
+    value = text.strip().lower()
+    if value == "none":
+        return 0
+    try:
+        return _connections(text)
+    except ValueError:
+        raise ValueError("expected auto, none or an integer of at least 1")
+
+
+def _days(text: str) -> Optional[float]:
+    if text.strip().lower() in ("", "none"):
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise ValueError(
+            "expected a number of days above 0 (fractions allowed: 0.5 is 12 hours), "
+            "or none to keep finished jobs for ever"
+        )
+    return value
+
+
+def _count(text: str) -> Optional[int]:
+    if text.strip().lower() in ("", "none"):
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError("expected an integer of at least 1, or none for no bound")
+    return value
 
 
 def _boolean(text: str) -> bool:
@@ -426,6 +491,8 @@ _SECTIONS: Mapping[str, tuple[type, Mapping[str, Callable[[str], Any]]]] = {
             "body_timeout": _seconds(0, above=True),
             "allowed_hosts": host_list,
             "socket_group": _group,
+            "max_connections": _connections,
+            "max_connections_per_address": _connections_per_address,
         },
     ),
     "dispatcher": (
@@ -473,6 +540,7 @@ _SECTIONS: Mapping[str, tuple[type, Mapping[str, Callable[[str], Any]]]] = {
         },
     ),
     "api": (ApiConfig, {"token_file": _token_file, "authentication": _authentication}),
+    "retention": (RetentionConfig, {"finished_days": _days, "finished_count": _count}),
 }
 
 _QUEUE_KEYS: Mapping[str, Callable[[str], Any]] = {

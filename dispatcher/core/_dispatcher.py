@@ -25,6 +25,7 @@ from dispatcher._deferreds import shielded
 from dispatcher.core._events import JobEvent, JobEvents
 from dispatcher.execution._executor import LocalExecutor, RunningJob
 from dispatcher.execution._host import detect_resources
+from dispatcher.execution._job_dirs import JobDirectories
 from dispatcher.model._jobs import (
     Job,
     JobIds,
@@ -39,6 +40,7 @@ from dispatcher.model._jobs import (
 from dispatcher.core._capacity import free_resources
 from dispatcher.core._reasons import explainer
 from dispatcher.core._recorder import Recorder
+from dispatcher.core._retention import Retention, RetentionPolicy
 from dispatcher.core._scheduler import Claim, Scheduler
 from dispatcher.store._results import (
     Claimed,
@@ -94,6 +96,8 @@ class Dispatcher(Service):
         credential may have connected at once.
     @param max_worker_names: how many worker names may be connected at
         once in all.
+    @param retention: how long finished jobs are kept (the
+        L{RetentionPolicy}; none: for ever).
     """
 
     def __init__(
@@ -113,6 +117,7 @@ class Dispatcher(Service):
         last_attempt_grace: Optional[float] = None,
         max_worker_names_per_credential: int = MAX_NAMES_PER_CREDENTIAL,
         max_worker_names: int = MAX_NAMES,
+        retention: Optional[RetentionPolicy] = None,
     ) -> None:
         self._reactor = reactor
         self._clock = clock if clock is not None else reactor
@@ -158,6 +163,14 @@ class Dispatcher(Service):
             max_worker_names,
         )
         self.events.subscribe(self._job_changed)
+        self.retention = Retention(
+            store,
+            JobDirectories(executor.jobs_dir),
+            reactor,
+            io_pool,
+            self._clock,
+            retention if retention is not None else RetentionPolicy(),
+        )
 
     @property
     def local_offer(self) -> Offer:
@@ -222,6 +235,7 @@ class Dispatcher(Service):
         self._accepting = True
         self._schedule_wake(await self.store.next_due())
         self._purge_call = self._clock.callLater(PURGE_INTERVAL, self._purge)
+        self.retention.start()
         self._apply(written)
         self._pump()
 
@@ -235,6 +249,9 @@ class Dispatcher(Service):
         # written again after a failed commit are given up.
         self._record_ends()
         self.recorder.stop()
+        # A removal pass under way ends after its step; waited for before
+        # the store closes.
+        retention_stopped = self.retention.stop()
         for call in (self._wake_call, self._purge_call):
             if call is not None and call.active():
                 call.cancel()
@@ -274,6 +291,7 @@ class Dispatcher(Service):
                     self.executor.stop(running.lease.job_id)
             waits.append(self._all_recorded())
             await DeferredList(waits)
+        await retention_stopped
         await self.store.close()
 
     # What the API asks
@@ -449,6 +467,15 @@ class Dispatcher(Service):
         """
         d = self.store.retry(job_id, self._clock.seconds(), dependents, owner)
         return shielded(d.addCallback(self._submitted))
+
+    def remove(self, job_id: str, owner: Optional[str] = None) -> Deferred:
+        """
+        Remove a finished job now, with its attempts, logs and working
+        directory; fires with its id once they are gone.  Given C{owner},
+        a job of another owner fails with L{UnknownJob}, as a missing one
+        does (see L{IJobStore.remove} for the other refusals).
+        """
+        return shielded(self.retention.remove(job_id, owner))
 
     async def queues(self, owner: Optional[str] = None) -> dict[str, Any]:
         """

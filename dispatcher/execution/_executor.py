@@ -291,6 +291,13 @@ class LocalExecutor:
         self.running: dict[str, RunningJob] = {}
         self._lingering: dict[str, Deferred] = {}
 
+    @property
+    def jobs_dir(self) -> str:
+        """
+        C{data_dir/jobs}, where the jobs' directories are.
+        """
+        return self._jobs_dir
+
     def job_dir(self, job_id: str) -> str:
         """
         The directory of one job: its working directory and its logs (see

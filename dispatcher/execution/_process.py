@@ -14,6 +14,7 @@ import functools
 import itertools
 import json
 import os
+import resource
 import signal
 import sys
 
@@ -355,9 +356,15 @@ class ProcessSpawner(Service):
     service.  If the helper dies, the spawns it had not answered fail, the
     processes it watched are killed and their L{RunningProcess.ended} fails
     with L{ProcessLost}, and a new helper is started at the next spawn.
+
+    @ivar child_open_files: the soft open-file limit the helper, and so
+        every job, is given (C{None}: this process's).  The daemon raises
+        its own to the hard limit for its connections and gives its jobs
+        the one it started with (see L{dispatcher.app._limits}).
     """
 
     _log = Logger()
+    child_open_files = None
 
     def __init__(self, reactor, max_processes=0, max_log_bytes=0, cgroups="auto"):
         """
@@ -451,7 +458,7 @@ class ProcessSpawner(Service):
 
     def _start_helper(self):
         helper = _Helper(self._helper_ended, self._helper_ready)
-        self._reactor.spawnProcess(
+        process = self._reactor.spawnProcess(
             helper,
             sys.executable,
             [sys.executable, "-I", "-S", _HELPER, json.dumps(self._settings)],
@@ -459,6 +466,19 @@ class ProcessSpawner(Service):
             childFDs={0: "w", 1: "r", 2: "r"},
         )
         self._helper = helper
+        if self.child_open_files is not None:
+            # Before it is asked for any job: requests come through the
+            # reactor, after this returns.
+            try:
+                _, hard = resource.prlimit(process.pid, resource.RLIMIT_NOFILE)
+                resource.prlimit(
+                    process.pid, resource.RLIMIT_NOFILE, (min(self.child_open_files, hard), hard)
+                )
+            except OSError as e:
+                self._log.warn(
+                    "cannot set the spawner helper's open-file limit to {limit}: {error}",
+                    limit=self.child_open_files, error=e,
+                )
 
     def _helper_ready(self, description):
         # Said once, and again only if a new helper finds otherwise.

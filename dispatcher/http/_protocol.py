@@ -32,18 +32,24 @@ know, lowercase ones included, bare CR or LF line ends, malformed chunk
 sizes and extensions, both C{Content-Length} and C{Transfer-Encoding}, two
 lengths: 400); an HTTP/1.1 request without one C{Host} (400); a head over
 C{MAX_HEAD_BYTES}, empty lines before it included, or with more than
-C{MAX_HEADERS} fields (431); a body over C{max_body_bytes}, or in more than
+C{MAX_HEADERS} fields (431); a body over C{max_body_bytes} (or over the
+lower limit a head check set for that request), or in more than
 C{max_body_bytes / MIN_CHUNK_BYTES} chunks, and never fewer than
 C{MAX_CHUNKS} (413); a transfer coding other than chunked (501);
 versions other than 1.0 and 1.1 (505); a head not whole within
 C{head_timeout} seconds of its first byte, a body not whole within
-C{body_timeout} seconds of its head (408).  Idle connections close after
-C{idle_timeout} seconds.
+C{body_timeout} seconds of its head, however the bytes trickle in (408).
+A connection over C{max_connections}, or over C{max_connections_per_address}
+from its address, is answered 503 before anything is read.  Idle
+connections close after C{idle_timeout} seconds, and one whose client
+takes none of what is sent to it for that long is cut off.
 """
 
 from __future__ import annotations
 
 import io
+import ipaddress
+import re
 import socket
 import struct
 import sys
@@ -66,6 +72,7 @@ from twisted.internet.interfaces import (
     IProtocolNegotiationFactory,
     IPushProducer,
     IReactorTime,
+    ISSLTransport,
 )
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import LoopingCall
@@ -74,7 +81,9 @@ from twisted.python.failure import Failure
 from twisted.web.http import RESPONSES, parse_qs
 from zope.interface import implementer
 
+from dispatcher._throttle import Throttle
 from dispatcher.http import _writethrough
+from dispatcher.http._trim import HeapTrimmer
 from dispatcher.wire._json import encode
 from dispatcher.wire._submission import ApiError
 
@@ -103,6 +112,15 @@ FEED_BYTES = 4096
 MAX_READ_AHEAD = 65536
 # Seconds a closing connection may take to send what it still holds.
 ABORT_TIMEOUT = 15.0
+# TLS connections refused over a connection limit whose 503 is still going
+# out, past which another is cut off at once, without one.  A refused
+# connection on plain TCP closes within the reactor's next turn, but behind
+# TLS its answer waits for a handshake the client may never make; this
+# bounds the descriptors they hold (dispatcher.app._limits keeps room for
+# them).
+MAX_REFUSING = 64
+# The seconds a client refused over a connection limit is told to wait.
+RETRY_AFTER = 1
 
 _STATUS_LINES: dict[tuple[bytes, int], bytes] = {}
 
@@ -384,7 +402,7 @@ class Request:
     def log_line(self, client: str, stamp: str) -> str:
         """
         The request's line in the Combined Log Format, as twisted.web
-        writes it.
+        writes it, its fields escaped as nginx escapes them (L{_quote}).
         """
         referrer = _quote(self.requestHeaders.get(b"referer", b"-"))
         agent = _quote(self.requestHeaders.get(b"user-agent", b"-"))
@@ -396,8 +414,23 @@ class Request:
 
 
 
+# The bytes a field of the access log shows as they are: printable ASCII
+# but the quote and the backslash.  Anything else is written \xHH, as nginx
+# writes its log (escape=default), so that no field can end early or forge
+# a line: a User-Agent of  x" 200 "y  or one with a backslash before a quote
+# could make a parser read fields the client chose.
+_LOG_UNSAFE = re.compile(rb"[^\x20\x21\x23-\x5b\x5d-\x7e]")
+_LOG_ESCAPES = {bytes([byte]): b"\\x%02X" % byte for byte in range(256)}
+
+
 def _quote(value: bytes) -> str:
-    return value.decode("ascii", "backslashreplace").replace('"', '\\"')
+    """
+    C{value} as a field of the access log: printable ASCII, with C{"},
+    C{\\}, control bytes and any byte above 0x7E as C{\\xHH}.
+    """
+    if _LOG_UNSAFE.search(value) is not None:
+        value = _LOG_UNSAFE.sub(lambda match: _LOG_ESCAPES[match[0]], value)
+    return value.decode("ascii")
 
 
 # Where the parse of the next request stands: no byte of it yet, its head
@@ -429,6 +462,32 @@ def _bad(message: str) -> BadRequest:
     return BadRequest(400, "bad_request", message)
 
 
+def _too_many(message: str) -> BadRequest:
+    return BadRequest(
+        503, "too_many_connections", message, headers=b"Retry-After: %d\r\n" % RETRY_AFTER
+    )
+
+
+def _address_key(channel: "HTTPChannel", peer: Any) -> Any:
+    """
+    What the per-address limit counts C{channel}'s connection under: its
+    IPv4 address; the /64 of an IPv6 one (a host is given a /64, and can
+    take any address in it); on a UNIX socket, the caller's account.
+    """
+    host = getattr(peer, "host", None)
+    if host is None:
+        return ("uid", channel.peer_uid())
+    if ":" not in host:
+        return host
+    if host.startswith("::ffff:") and "." in host:
+        # An IPv4 client of a dual-stack listener.
+        return host[7:]
+    try:
+        return ipaddress.IPv6Address(host).packed[:8]
+    except ValueError:
+        return host
+
+
 @implementer(IPushProducer)
 class HTTPChannel(Protocol):
     """
@@ -444,11 +503,16 @@ class HTTPChannel(Protocol):
     the transport's producer, and passes pauses on to an answer's own
     producer): a client that sends without reading gets nothing buffered
     for it beyond that.  A connection being closed is aborted if the
-    client has not taken what was written within C{ABORT_TIMEOUT} seconds.
+    client has not taken what was written within C{ABORT_TIMEOUT} seconds;
+    one whose send buffer stays full for C{idle_timeout} seconds is aborted
+    too (nginx's C{send_timeout}), a request in progress or not.
 
-    One timer per connection keeps the head, body and idle deadlines: it
-    is set once per timeout and, when it fires early, set again for the
-    rest, so a request costs no timer of its own.
+    One timer per connection keeps the head, body, idle and send
+    deadlines: it is set once per timeout and, when it fires early, set
+    again for the rest, so a request costs no timer of its own.  The head
+    and body deadlines count from the head's first byte and the head's
+    end, not from the last byte read (nginx's C{client_header_timeout},
+    not an idle timer that each byte resets).
     """
 
     factory: "HTTPFactory"
@@ -466,9 +530,15 @@ class HTTPChannel(Protocol):
     # paused (for that, or for read-ahead).
     _writes_paused = False
     _reads_paused = False
+    # When the send buffer last filled.
+    _paused_at = 0.0
     # A 100 Continue owed to the request being read, once those before it
     # are answered.
     _continue_due = False
+    # The largest body of the request being read, and the refusal past it
+    # when it is not the factory's (limit_body).
+    _body_limit = 0
+    _body_refusal: Optional[BadRequest] = None
 
     def __init__(self) -> None:
         self._parser = HttpRequestParser(self)
@@ -503,11 +573,40 @@ class HTTPChannel(Protocol):
         self._seconds = factory.reactor.seconds
         peer = self.transport.getPeer()
         self._client = str(getattr(peer, "host", "-"))
+        refusal = factory._admit(self, peer)
+        if refusal is not None:
+            self._refuse_connection(refusal)
+            return
         self.transport.registerProducer(self, True)
         self._last = self._seconds()
         step = factory._shortest_timeout
         if step is not None:
             self._timer = factory.reactor.callLater(step, self._check_time)
+
+    # What the connection counts against: the key of its address in the
+    # factory's count (None: not counted, not admitted); or, refused, that
+    # it waits for its 503 to go out.
+    _address: Any = None
+    _admitted = False
+    _refused = False
+
+    def _refuse_connection(self, refusal: BadRequest) -> None:
+        """
+        Answer a connection over a limit with C{refusal} and close it.  On
+        plain TCP or a UNIX socket the answer goes out and the connection
+        closes within the reactor's next turn; behind TLS the answer waits
+        for the client's handshake, so such connections are counted, and
+        past C{MAX_REFUSING} of them one more is cut off at once.
+        """
+        factory = self.factory
+        self._stopped = True
+        if ISSLTransport.providedBy(self.transport):
+            if factory._refusing >= MAX_REFUSING:
+                self.transport.abortConnection()
+                return
+            factory._refusing += 1
+            self._refused = True
+        self._refuse(refusal)
 
     _peer_uid: Any = False
 
@@ -565,7 +664,20 @@ class HTTPChannel(Protocol):
         factory = self.factory
         now = self._seconds()
         timeout = self._timeout_now()
-        if timeout is None:
+        idle = factory.idle_timeout
+        if self._writes_paused and idle is not None:
+            # A client that takes none of what was written for as long as
+            # a connection may idle is cut off (nginx's send_timeout): one
+            # that reads a byte now and then would hold the connection,
+            # its buffers and a pending answer for ever.
+            left = self._paused_at + idle - now
+            if left <= 0:
+                self._stopped = True
+                self.transport.abortConnection()
+                return
+            self._last = now
+            left = min(left, factory._shortest_timeout)
+        elif timeout is None:
             # Busy, or no timeout for this phase: look again later.  The
             # clock of what is read restarts when the answer is out.
             self._last = now
@@ -621,6 +733,8 @@ class HTTPChannel(Protocol):
     # The transport's producer
 
     def pauseProducing(self) -> None:
+        if not self._writes_paused:
+            self._paused_at = self._seconds()
         self._writes_paused = True
         if self._producer is not None:
             self._producer.pauseProducing()
@@ -800,6 +914,9 @@ class HTTPChannel(Protocol):
         url = self._url
         if url[:1] != b"/":
             self._url = self._origin_form(url)
+        # The head check may lower it (limit_body).
+        self._body_limit = self.factory.max_body_bytes
+        self._body_refusal = None
         check = self.factory.head_check
         if check is not None:
             # Before the body is read and a 100 Continue invites one: a
@@ -830,11 +947,10 @@ class HTTPChannel(Protocol):
         else:
             length = headers.get(b"content-length")
             if length is not None:
-                limit = self.factory.max_body_bytes
                 # llhttp has checked that it is digits, and that there is
                 # one.
-                if len(length) > 18 or int(length) > limit:
-                    self._refuse_in_callback(_too_large(limit))
+                if len(length) > 18 or int(length) > self._body_limit:
+                    self._refuse_in_callback(self._too_large())
                 expected = length != b"0"
         if expected and parser.should_upgrade():
             # llhttp would take the body for the new protocol's bytes.
@@ -880,16 +996,42 @@ class HTTPChannel(Protocol):
         llhttp: a piece of the body, kept as a piece: joined once, at the
         end, so that a body in many small reads costs no more than one.
         """
-        self._body.append(data)
         self._body_size += len(data)
-        if self._body_size > self.factory.max_body_bytes:
-            self._refuse_in_callback(_too_large(self.factory.max_body_bytes))
+        if self._body_size > self._body_limit:
+            # Refused before it is kept: a chunked body past its limit
+            # holds no more than the limit.
+            self._refuse_in_callback(self._too_large())
+        self._body.append(data)
+
+    def _too_large(self) -> BadRequest:
+        """
+        The refusal of a body over the request's limit.
+        """
+        if self._body_refusal is not None:
+            return self._body_refusal
+        return _too_large(self.factory.max_body_bytes)
+
+    def limit_body(self, limit: int, refusal: ApiError) -> None:
+        """
+        For the head check: the body of the request whose head is being
+        checked may have C{limit} bytes at most (less than the factory's
+        C{max_body_bytes}); a longer one is answered with C{refusal} and
+        the connection closed, as soon as its head (a C{Content-Length})
+        or its bytes (chunked) say so, with no more of it kept.
+        """
+        if limit < self._body_limit:
+            self._body_limit = limit
+            self._body_refusal = _refusal_of(refusal)
 
     def on_message_complete(self) -> None:
         """
         llhttp: the end of the request: it waits its turn in C{_ready}.
         """
         body = self._body
+        if len(body) > 1:
+            # A body of more than one read: its pieces are freed now, the
+            # whole of it once the request is answered.
+            self.factory.heap.released(self._body_size)
         request = Request(
             self,
             self._parser.get_method(),
@@ -1015,8 +1157,21 @@ class HTTPChannel(Protocol):
         if reason is None:
             reason = Failure(error.ConnectionDone("the connection closed"))
         self._stopped = True
+        factory = self.factory
+        if self._admitted:
+            self._admitted = False
+            factory._release(self._address)
+        elif self._refused:
+            self._refused = False
+            factory._refusing -= 1
         self._held.clear()
         self._ready.clear()
+        if self._body:
+            # A body cut off: let it go now rather than with the channel,
+            # which its parser holds in a cycle that only the collector
+            # breaks, maybe much later.
+            self._body = []
+            factory.heap.released(self._body_size)
         self._producer = None
         for timer in (self._timer, self._abort_timer):
             if timer is not None and timer.active():
@@ -1063,7 +1218,18 @@ class HTTPFactory(Factory):
         the headers of each request once its head is read, before its body
         is (and before a C{100 Continue}): an L{ApiError} it returns is
         answered at once and the connection closed; anything else becomes
-        the request's C{principal}.
+        the request's C{principal}.  It may lower the body's limit for that
+        request (L{HTTPChannel.limit_body}).
+    @param max_connections: the most connections open at once, or C{None}
+        for no limit.  One more is accepted, answered C{503
+        too_many_connections} and closed.
+    @param max_connections_per_address: the most connections open at once
+        from one address, or C{None} for no limit; over it, the same.  An
+        address is an IPv4 address, an IPv6 /64 (what one host is given),
+        or on a UNIX socket the caller's account.
+
+    Refused connections are logged at warning, at most one line a minute
+    for each limit, with how many were refused since the last.
     """
 
     protocol = HTTPChannel
@@ -1088,8 +1254,19 @@ class HTTPFactory(Factory):
         body_timeout: Optional[float] = 60.0,
         write_through: bool = False,
         head_check: Optional[Callable[["HTTPChannel", bytes, bytes, dict], Any]] = None,
+        max_connections: Optional[int] = None,
+        max_connections_per_address: Optional[int] = None,
     ) -> None:
         self.handler = handler
+        self.max_connections = max_connections
+        self.max_connections_per_address = max_connections_per_address
+        # Connections open and admitted, in all and by address; refused
+        # ones whose 503 is still going out.
+        self.connections = 0
+        self._by_address: dict[Any, int] = {}
+        self._refusing = 0
+        self._over_total = Throttle(reactor)
+        self._over_address = Throttle(reactor)
         self.head_check = head_check
         self.max_body_bytes = max_body_bytes
         self.reactor = reactor
@@ -1109,11 +1286,69 @@ class HTTPFactory(Factory):
             else _writethrough.write
         )
         self.access_log_path = access_log_path
+        self.heap = HeapTrimmer(reactor)
         self.clock = _Clock(reactor.seconds)
         self.log_file: Optional[Any] = None
         self._flush_interval = flush_interval
         self._flusher: Optional[LoopingCall] = None
         self._log_failed_at = float("-inf")
+
+    def _admit(self, channel: HTTPChannel, peer: Any) -> Optional[BadRequest]:
+        """
+        Count C{channel}'s connection from C{peer} in, or say why it may
+        not be: the 503 it gets.
+        """
+        limit = self.max_connections
+        if limit is not None and self.connections >= limit:
+            self._refused(
+                self._over_total, "[server] max_connections", channel.client,
+                f"{self.connections} connections are open",
+            )
+            return _too_many(
+                f"the dispatcher has {self.connections} connections open, the most "
+                "it takes ([server] max_connections); try again later"
+            )
+        per_address = self.max_connections_per_address
+        if per_address is not None:
+            key = _address_key(channel, peer)
+            count = self._by_address.get(key, 0)
+            if count >= per_address:
+                self._refused(
+                    self._over_address, "[server] max_connections_per_address",
+                    channel.client, f"{count} connections are open from its address",
+                )
+                return _too_many(
+                    f"this address has {count} connections open, the most the "
+                    "dispatcher takes from one ([server] max_connections_per_address); "
+                    "close some, or try again later"
+                )
+            self._by_address[key] = count + 1
+            channel._address = key
+        self.connections += 1
+        channel._admitted = True
+        return None
+
+    def _release(self, key: Any) -> None:
+        """
+        An admitted connection from the address of C{key} closed.
+        """
+        self.connections -= 1
+        if key is not None:
+            count = self._by_address[key] - 1
+            if count:
+                self._by_address[key] = count
+            else:
+                del self._by_address[key]
+
+    def _refused(self, throttle: Throttle, key: str, client: str, why: str) -> None:
+        count = throttle.happened()
+        if count is not None:
+            log.warn(
+                "refused a connection from {client} with 503: {why}, the most {key} "
+                "allows ({count} refused since the last line; logged at most once a "
+                "minute)",
+                client=client, why=why, key=key, count=count,
+            )
 
     def startFactory(self) -> None:
         if self.access_log_path is None:
@@ -1161,6 +1396,7 @@ class HTTPFactory(Factory):
             )
 
     def stopFactory(self) -> None:
+        self.heap.stop()
         if self._flusher is not None and self._flusher.running:
             self._flusher.stop()
         self._flusher = None

@@ -283,6 +283,56 @@ class IJobStore(Interface):
         a L{Written} whose value is how many were forgotten.
         """
 
+    def remove_finished(now, cutoff, excess, cursor, limit, scan):
+        """
+        One step of a removal pass over the finished jobs: look at the jobs
+        after C{cursor} (a L{RemovalCursor}; C{RemovalCursor()} begins a
+        pass) in submission order, at most C{scan} of them, and remove,
+        with their attempts, labels and dependency rows, at most C{limit}
+        finished jobs: those finished before C{cutoff} (C{None}: no age
+        rule), and the first C{excess} in submission order (the count
+        rule; 0: none).
+
+        Kept whatever the rules say: a job that a job which has not
+        succeeded depends on; a job that an idempotency key still live at
+        C{now} made.  An array goes whole, once every member is finished
+        and past the rules, over as many steps as it takes, its failed and
+        cancelled members last.  A removed job's sequence number is never
+        given again (a list's cursor stays valid).
+
+        @return: a Deferred firing with a L{Written} whose value is
+            L{Removed}: the ids removed, the cursor of the next step, how
+            many the count rule still wants, and whether the pass is done.
+        """
+
+    def remove(job_id, now, owner=None):
+        """
+        Remove one finished job now, durably, with what L{remove_finished}
+        removes of it and the idempotency keys that made it.  Fires with a
+        L{Written} whose value is its id.  Fails with L{UnknownJob} (given
+        C{owner}, for another owner's job as well), L{NotFinished} for a
+        job not finished, and L{HasDependents} while a job that depends on
+        it has not succeeded.
+        """
+
+    def windows_in_use(prefixes):
+        """
+        Fire with the C{frozenset} of those of C{prefixes} (leading hex
+        digits of job ids) that a stored job's id starts with.
+        """
+
+    def space():
+        """
+        Fire with the L{StoreSpace} of the store on disk.
+        """
+
+    def shrink(limit):
+        """
+        Give at most C{limit} bytes of free space back to the file system
+        (if L{StoreSpace.can_shrink}); fires with a L{Written} whose value
+        is the free bytes left.
+        """
+
     def recover(holder, now):
         """
         At start-up: every attempt that C{holder} (this dispatcher's own

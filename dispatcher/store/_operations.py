@@ -9,7 +9,8 @@ They run on the writer thread, inside the group's transaction
 (L{dispatcher.store._writer}).  Submissions are in
 L{dispatcher.store._submissions}, claims, ends and the other changes of
 an attempt in L{dispatcher.store._leases}, what a job waits for in
-L{dispatcher.store._waits}; cancels, retries, promotions and the purge of
+L{dispatcher.store._waits}, removals of finished jobs in
+L{dispatcher.store._removal}; cancels, retries, promotions and the purge of
 idempotency keys are here.
 """
 
@@ -34,6 +35,7 @@ from dispatcher.store._leases import (
     resume_leases,
 )
 from dispatcher.store._queries import get_job, next_due
+from dispatcher.store._removal import remove, remove_finished, shrink
 from dispatcher.store._results import Written
 from dispatcher.store._submissions import submit, submit_plain, submit_together
 from dispatcher.store._waits import QUEUED_REASON, after_final, requeue
@@ -48,7 +50,10 @@ from dispatcher.store._writes import (
     RecordProcess,
     Recover,
     Release,
+    Remove,
+    RemoveFinished,
     ResumeLeases,
+    Shrink,
     Retry,
     Submit,
     SubmitPlain,
@@ -244,6 +249,9 @@ OPERATIONS: Mapping[type, Callable[..., Any]] = {
     Retry: retry,
     PromoteDue: promote_due,
     PurgeIdempotency: purge_idempotency,
+    RemoveFinished: remove_finished,
+    Remove: remove,
+    Shrink: shrink,
     Recover: recover,
 }
 

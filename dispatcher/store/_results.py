@@ -132,6 +132,46 @@ class DependencyNotRetried(Exception):
         self.dependency = dependency
 
 
+class NotFinished(Exception):
+    """
+    Only a finished job (succeeded, failed, cancelled) can be removed.
+    """
+
+    def __init__(self, job_id: str, state: JobState) -> None:
+        super().__init__(
+            f"job {job_id} is {state.value}; only a finished job (succeeded, failed, "
+            "cancelled) can be deleted: cancel it first, or wait for it to end"
+        )
+        self.job_id = job_id
+        self.state = state
+
+
+class HasDependents(Exception):
+    """
+    A finished job cannot be removed while a job that depends on it has
+    not succeeded: that one still needs its outcome (to run, or to be
+    retried).
+
+    @ivar dependent: the id of one such job, or C{None} when the caller
+        may not see it (another owner's).
+    """
+
+    def __init__(
+        self, job_id: str, dependent: Optional[str], state: Optional[JobState]
+    ) -> None:
+        if dependent is None:
+            which = "a job that depends on it has not succeeded"
+        else:
+            assert state is not None
+            which = f"job {dependent}, which depends on it, is {state.value}"
+        super().__init__(
+            f"job {job_id} cannot be deleted: {which} and still needs its "
+            "outcome; delete that job first"
+        )
+        self.job_id = job_id
+        self.dependent = dependent
+
+
 # Values
 
 
@@ -225,3 +265,42 @@ class LostAttempt:
     pid: Optional[int]
     start_ticks: Optional[int]
     boot_id: Optional[str]
+
+
+@attrs.frozen
+class RemovalCursor:
+    """
+    Where a removal pass (L{IJobStore.remove_finished}) goes on from: after
+    the job of sequence number C{after} in submission order, and first the
+    rest of the array C{array}, which the last step began to remove.
+    """
+
+    after: int = 0
+    array: Optional[str] = None
+
+
+@attrs.frozen
+class Removed:
+    """
+    What one step of a removal pass removed: the finished jobs' ids, where
+    the next step goes on from, how many more the count rule still wants
+    removed, and whether the pass is done.
+    """
+
+    job_ids: tuple[str, ...]
+    cursor: RemovalCursor
+    excess: int
+    done: bool
+
+
+@attrs.frozen
+class StoreSpace:
+    """
+    The store's size on disk, in bytes: C{size} in all, of which C{free}
+    is free (freed by removals, reused by the next writes), and whether
+    free space can be given back to the file system (L{IJobStore.shrink}).
+    """
+
+    size: int
+    free: int
+    can_shrink: bool

