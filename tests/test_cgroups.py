@@ -181,6 +181,31 @@ def test_a_setsid_escapee_dies_when_its_job_is_cancelled(helper, tmp_path, mode)
 
 
 @needs_cgroups
+def test_a_signal_reaches_every_process_of_a_job_once(helper, tmp_path):
+    """A signal for a job (a cancel's SIGTERM) reaches each of its
+    processes once: those of its process group, and those that left it."""
+    raw = helper()
+    heard = tmp_path / "heard"
+    pidfile = tmp_path / "escapee"
+    raw.spawn(1, ["sh", "-c",
+                  f"setsid sh -c 'trap \"echo escapee >> {heard}\" TERM; echo $$ > {pidfile}; "
+                  f"while :; do sleep 0.05; done' & "
+                  f"trap 'echo leader >> {heard}' TERM; "
+                  f"while :; do sleep 0.05; done"])
+    wait_for_pid(pidfile)
+    raw.send(op="signal", id=1, signal=signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while not (heard.exists() and len(heard.read_text().split()) >= 2):
+        assert time.monotonic() < deadline, "the signal did not reach both"
+        time.sleep(0.02)
+    time.sleep(0.3)
+    assert sorted(heard.read_text().split()) == ["escapee", "leader"]
+    raw.send(op="signal", id=1, signal=signal.SIGKILL)
+    assert raw.exited(1)["code"] == -signal.SIGKILL
+    assert not alive(int(pidfile.read_text()))
+
+
+@needs_cgroups
 def test_a_double_forked_escapee_dies_at_its_jobs_deadline(helper, tmp_path):
     """At a job's deadline (a remote worker's fence) the helper kills all
     of its cgroup: a double-forked grandchild in a session of its own too."""

@@ -885,10 +885,12 @@ class JobCgroups:
                 return int(value)
         return 0
 
-    def signal(self, job, signum):
+    def signal(self, job, signum, group):
         """
-        Send C{signum} to every process of the job; SIGKILL through the
-        cgroup, which no fork escapes.
+        Send C{signum} to every process of the job that is not in its
+        process group C{group} (which the caller signals as a whole, so
+        that none gets it twice); SIGKILL to every one, through the cgroup,
+        which no fork escapes.
         """
         if self.tracker not in job.paths:
             return
@@ -896,8 +898,13 @@ class JobCgroups:
         self.tracker.step_out(path, self._pid_text)
         if signum == signal.SIGKILL:
             self.tracker.kill_all(path)
-        else:
-            signal_cgroup(path, signum)
+            return
+        for pid in processes_in(path):
+            try:
+                if os.getpgid(pid) != group:
+                    os.kill(pid, signum)
+            except (ProcessLookupError, PermissionError):
+                pass
 
     def end(self, job):
         """

@@ -498,8 +498,8 @@ class _Spawner:
             pass
         except (OSError, ValueError, OverflowError) as e:
             raise _Refused(f"cannot send signal {signum!r}: {e}")
-        # And every process of its cgroup, those that left its group too.
-        self.cgroups.signal(self._jobs[job_id].cgroup, signum)
+        # And the processes of its cgroup that left its group.
+        self.cgroups.signal(self._jobs[job_id].cgroup, signum, pid)
 
     def _set_deadlines(self, request):
         at = request["at"]
@@ -546,7 +546,7 @@ class _Spawner:
             os.killpg(self._pid_of[job_id], signal.SIGKILL)
         except ProcessLookupError:
             pass
-        self.cgroups.signal(self._jobs[job_id].cgroup, signal.SIGKILL)
+        self.cgroups.signal(self._jobs[job_id].cgroup, signal.SIGKILL, self._pid_of[job_id])
 
     def kill_all(self):
         """
