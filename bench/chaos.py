@@ -214,6 +214,12 @@ class Daemon(Managed):
         return self.process is not None and self.process.poll() is None
 
 
+# The chaos jobs keep their ledger in this suite's own directory, which
+# nobody (a root daemon's default account for jobs) cannot reach: the
+# daemon and the workers run them as root, said so.
+RUN_AS = "[executor]\nrun_as = root\n"
+
+
 class Worker(Managed):
     """A C{dispatcher worker} process, restartable under the same name."""
 
@@ -223,10 +229,13 @@ class Worker(Managed):
         self.dir.mkdir(parents=True, exist_ok=True)
         self.url = url
         self.token_file = token_file
+        self.config = self.dir / "worker.ini"
+        self.config.write_text(RUN_AS)
         self.process: Optional[subprocess.Popen] = None
 
     def start(self) -> None:
         args = [str(BIN / "dispatcher"), "worker", "--url", self.url,
+                "--config", str(self.config),
                 "--token-file", str(self.token_file), "--slots", str(WORKER_SLOTS),
                 "--name", self.name, "--data-dir", str(self.dir / "data"),
                 "--cpus", "2", "--memory", "1024", "--gpus", "0", "--grace", "2"]
@@ -407,6 +416,7 @@ class Rig:
         (self.chaos_dir / "ledger").touch()
         self.token_file = workdir / "worker.token"
         self.token_file.write_text(TOKEN + "\n")
+        self.token_file.chmod(0o600)
         self.data_dir = workdir / "data"
         self.data_dir.mkdir()
         self.tmpfs = False
@@ -414,7 +424,7 @@ class Rig:
             subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={tmpfs_mb}m", "tmpfs",
                             str(self.data_dir)], check=True)
             self.tmpfs = True
-        ini = (f"[executor]\nslots = {LOCAL_SLOTS}\nkill_grace = 1\n\n"
+        ini = (f"{RUN_AS}slots = {LOCAL_SLOTS}\nkill_grace = 1\n\n"
                f"[dispatcher]\nshutdown_grace = 2\n\n"
                f"[workers]\ntoken_file = {self.token_file}\nlease_seconds = {timing.lease:g}\n")
         self.daemon = Daemon(workdir, free_port(), self.data_dir, ini)

@@ -411,6 +411,7 @@ def measure_end_to_end(run: Run, name: str, body: Any, count: int,
         token = run.tmp / name / "worker.token"
         token.parent.mkdir(parents=True, exist_ok=True)
         token.write_text(WORKER_TOKEN + "\n", encoding="utf-8")
+        token.chmod(0o600)
     with contextlib.ExitStack() as stack:
         server = stack.enter_context(Server(
             run.processes, "daemon", run.tmp / name, slots=0 if workers else slots,

@@ -5,6 +5,7 @@ treq client with its own connection pool.
 
 import json
 import os
+import re
 
 import attrs
 import pytest
@@ -30,6 +31,19 @@ read_input = tests.tasks:read_input
 """
 
 
+def as_the_tests_account(ini):
+    """The ini text with [executor] run_as naming the account the tests run
+    as, unless it names one: most tests have their jobs write where the test
+    looks, and a daemon running as root would run them as nobody.  The
+    run-as tests (tests/test_run_as.py) say whom they mean."""
+    if os.geteuid() != 0 or re.search(r"^\s*run_as\s*=", ini, re.M):
+        return ini
+    if re.search(r"^\[executor\]", ini, re.M):
+        return re.sub(r"^\[executor\][^\n]*\n", "[executor]\nrun_as = root\n", ini,
+                      count=1, flags=re.M)
+    return ini + "\n[executor]\nrun_as = root\n"
+
+
 # The workers' bearer token of the tests that run remote workers.
 WORKER_TOKEN = "worker-token-0123456789"
 
@@ -39,6 +53,7 @@ def token_file(tmp_path):
     """The workers' token, as the dispatcher and the workers read it."""
     path = tmp_path / "worker.token"
     path.write_text(WORKER_TOKEN + "\n")
+    path.chmod(0o600)  # one others may read is refused
     return path
 
 
@@ -149,7 +164,7 @@ def make_daemon(tmp_path, client):
     services = []
 
     async def make(ini="", data_dir=None, clock=None):
-        config = parse_config(TEST_TASKS + ini, "test.ini")
+        config = parse_config(as_the_tests_account(TEST_TASKS + ini), "test.ini")
         config = attrs.evolve(
             config,
             dispatcher=attrs.evolve(
@@ -207,3 +222,14 @@ def pytest_unconfigure(config):
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(_EXIT_STATUS[0])
+
+
+@pytest.fixture(autouse=True)
+def _umask():
+    """Building twistd's service sets the process umask as the daemon does
+    (dispatcher.app.tap.makeService); every test starts from the one the
+    suite started with."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    yield
+    os.umask(mask)

@@ -42,6 +42,8 @@ from dispatcher.store._results import (
     ResumedLease,
     Submitted,
     SubmittedIds,
+    TooManyDependencies,
+    TooManyUnfinished,
     UnknownDependency,
     WriteRefused,
     Written,
@@ -999,3 +1001,146 @@ async def test_idempotency_keys_are_each_owners_own(store):
     replay = await store.submit_plain(plain, 4.0, [ids.new()], plain_key, owner="ann")
     assert [j.id for j in replay.value.jobs] == first.value.ids
     assert (await store.count_by_state())[JobState.QUEUED] == 5
+
+
+# Quotas: each owner's unfinished jobs, counted by the store.
+
+
+async def _unfinished(store, owner):
+    return (await store.unfinished_jobs()).get(owner, 0)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_submission_past_its_owners_limit_stores_nothing(store):
+    """A submission that would give its owner more unfinished jobs than
+    max_unfinished fails with TooManyUnfinished and stores nothing, by
+    either way of submitting, each job of it counted; another owner, or no
+    limit, is not held back."""
+    await store.submit([spec(0), spec(1)], 1.0, [ids.new(), ids.new()], owner="ann",
+                       max_unfinished=3)
+    before = await store.count_by_state()
+    with pytest.raises(TooManyUnfinished) as refused:
+        await store.submit([spec(2), spec(3)], 1.0, [ids.new(), ids.new()], owner="ann",
+                           max_unfinished=3)
+    assert (refused.value.owner, refused.value.unfinished, refused.value.jobs,
+            refused.value.limit) == ("ann", 2, 2, 3)
+    with pytest.raises(TooManyUnfinished):
+        await store.submit_plain(PlainJobs([["true"], ["true"]]), 1.0, [ids.new(), ids.new()],
+                                 owner="ann", max_unfinished=3)
+    assert await store.count_by_state() == before
+    assert await _unfinished(store, "ann") == 2
+    await store.submit_plain(PlainJobs([["true"]]), 1.0, [ids.new()], owner="ann",
+                             max_unfinished=3)
+    await store.submit([spec(4)] * 5, 1.0, [ids.new() for _ in range(5)], owner="bob",
+                       max_unfinished=5)
+    await store.submit([spec(5)] * 5, 1.0, [ids.new() for _ in range(5)], owner="ann")
+    assert await store.unfinished_jobs() == {"ann": 8, "bob": 5}
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_count_is_exact_under_concurrent_submissions(store):
+    """Of many submissions of one owner asked for at once (one group, by
+    either way of submitting), exactly as many as the limit allows are
+    stored, and the others fail with TooManyUnfinished."""
+    asked = []
+    for i in range(30):
+        if i % 2:
+            asked.append(store.submit([spec(i)], 1.0, [ids.new()], owner="ann",
+                                      max_unfinished=10))
+        else:
+            asked.append(store.submit_plain(PlainJobs([["true"]]), 1.0, [ids.new()],
+                                            owner="ann", max_unfinished=10))
+    stored = refused = 0
+    for d in asked:
+        try:
+            await d
+            stored += 1
+        except TooManyUnfinished:
+            refused += 1
+    assert (stored, refused) == (10, 20)
+    assert (await store.count_by_state())[JobState.QUEUED] == 10
+    assert await _unfinished(store, "ann") == 10
+
+
+@pytest_twisted.ensureDeferred
+async def test_finished_jobs_leave_the_count_and_retried_ones_come_back(store):
+    """A job leaves its owner's count when it succeeds, fails, is cancelled
+    (and so do the dependents cancelled with it), and comes back with a
+    retry, which the limit refuses like a submission."""
+    jobs = [j for j in (await store.submit(
+        [spec(0), spec(1), spec(2)], 1.0, [ids.new() for _ in range(3)], owner="ann",
+        max_unfinished=4)).value.jobs]
+    (dependent,) = (await store.submit([spec(3, depends_on=(jobs[2].id,))], 1.0,
+                                       [ids.new()], owner="ann")).value.jobs
+    assert await _unfinished(store, "ann") == 4
+    leases = await claim(store, "h", 2, 2.0)
+    await finish(store, leases[0], Outcome.from_exit_code(0), 3.0)
+    await finish(store, leases[1], Outcome.from_exit_code(1), 3.0)
+    assert await _unfinished(store, "ann") == 2
+    await store.cancel(jobs[2].id, 4.0)
+    assert (await store.get(dependent.id)).state is JobState.CANCELLED
+    assert await store.unfinished_jobs() == {}
+    await store.submit([spec(4), spec(5)], 5.0, [ids.new(), ids.new()], owner="ann")
+    with pytest.raises(TooManyUnfinished):
+        await store.retry(jobs[2].id, 6.0, True, max_unfinished=3)
+    assert (await store.get(jobs[2].id)).state is JobState.CANCELLED
+    await store.retry(jobs[2].id, 6.0, True, max_unfinished=4)
+    assert (await store.get(dependent.id)).state is JobState.PENDING
+    assert await _unfinished(store, "ann") == 4
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_count_survives_a_reopen(make_store):
+    """The count is read back from the jobs when the store opens again."""
+    store = await make_store()
+    await store.submit([spec(0), spec(1)], 1.0, [ids.new(), ids.new()], owner="ann")
+    await store.submit_plain(PlainJobs([["true"]]), 1.0, [ids.new()], owner="bob")
+    await store.submit([spec(2)], 1.0, [ids.new()])
+    (lease,) = await claim(store, "h", 1, 2.0)
+    await finish(store, lease, Outcome.from_exit_code(0), 3.0)
+    await store.close()
+    store = await make_store()
+    assert await store.unfinished_jobs() == {"ann": 1, "bob": 1}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_dependency_named_again_is_resolved_once(store):
+    """An id named many times in depends_on makes one dependency (an
+    array's members, once each) and is read once."""
+    array_id = ids.new()
+    members = [ids.new() for _ in range(20)]
+    await store.submit([spec(i, array_id=array_id, array_index=i) for i in range(20)],
+                       1.0, members)
+    (job,) = (await store.submit([spec(99, depends_on=(array_id,) * 500 + (members[0],))],
+                                 1.0, [ids.new()])).value.jobs
+    assert job.state is JobState.PENDING
+    assert job.wait_reason.startswith("waiting for 20 job(s) to succeed")
+    # Its members succeed: the job waits for the rest, then is queued.
+    leases = await claim(store, "h", 20, 2.0)
+    for lease in leases[:19]:
+        await store.finish(lease, Outcome.from_exit_code(0), 3.0)
+    assert (await store.get(job.id)).state is JobState.PENDING
+    await store.finish(leases[19], Outcome.from_exit_code(0), 3.0)
+    assert (await store.get(job.id)).state is JobState.QUEUED
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_submission_depending_on_too_many_jobs_stores_nothing(store, monkeypatch):
+    """With an entry of depends_on past MAX_DEPENDENCY_LINKS jobs in all
+    (an array counting as its members, across the jobs of one submission),
+    the submission fails with TooManyDependencies naming the job and the
+    entry, and stores nothing."""
+    monkeypatch.setattr("dispatcher.store._submissions.MAX_DEPENDENCY_LINKS", 50)
+    array_id = ids.new()
+    await store.submit([spec(i, array_id=array_id, array_index=i) for i in range(30)],
+                       1.0, [ids.new() for _ in range(30)])
+    before = await store.count_by_state()
+    with pytest.raises(TooManyDependencies) as refused:
+        await store.submit(
+            [spec(0, depends_on=(array_id,)), spec(1, depends_on=(array_id, array_id))],
+            1.0, [ids.new(), ids.new()])
+    assert (refused.value.job_index, refused.value.position) == (1, 0)
+    assert await store.count_by_state() == before
+    (job,) = (await store.submit([spec(2, depends_on=(array_id,) * 3)], 1.0,
+                                 [ids.new()])).value.jobs
+    assert job.state is JobState.PENDING

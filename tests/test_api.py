@@ -339,7 +339,9 @@ async def test_security_as_documented(make_daemon, tmp_path):
     is a 403 exactly when its x-roles leave the role out."""
     api_token, worker_token = "api-token-0123456789abc", "worker-token-0123456789"
     (tmp_path / "api.token").write_text(api_token)
+    (tmp_path / "api.token").chmod(0o600)  # one others may read is refused
     (tmp_path / "worker.token").write_text(worker_token)
+    (tmp_path / "worker.token").chmod(0o600)  # one others may read is refused
     daemon = await make_daemon(
         f"[executor]\nslots = 0\n[api]\ntoken_file = {tmp_path / 'api.token'}\n"
         f"[workers]\ntoken_file = {tmp_path / 'worker.token'}\n")

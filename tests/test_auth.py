@@ -240,7 +240,9 @@ def test_token_files_keep_working_as_an_admin_and_a_worker(tmp_path):
     worker's that may use any worker name; with an admin configured no
     admin.token is made."""
     (tmp_path / "api.token").write_text("api-token-0123456789abc\n")
+    (tmp_path / "api.token").chmod(0o600)  # one others may read is refused
     (tmp_path / "w.token").write_text("worker-token-0123456789\n")
+    (tmp_path / "w.token").chmod(0o600)  # one others may read is refused
     daemon = Twistd(str(tmp_path), f"[executor]\nslots = 0\n[api]\ntoken_file = "
                     f"{tmp_path / 'api.token'}\n[workers]\ntoken_file = {tmp_path / 'w.token'}\n")
     daemon.start()

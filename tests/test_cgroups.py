@@ -254,6 +254,30 @@ def test_a_job_is_born_in_its_own_cgroups(helper, tmp_path):
         assert other[kind] != second[kind]
 
 
+@needs_cgroups
+def test_a_job_run_as_another_account_cannot_leave_its_cgroups(helper, tmp_path):
+    """A job running as an unprivileged account cannot move itself out of
+    its cgroups (as one running as root could), and its escapee dies with
+    it all the same; its stdout, a pipe, is its own to open again."""
+    import pwd
+
+    nobody = pwd.getpwnam("nobody")
+    raw = helper(max_log_bytes=1000)
+    home = os.path.join(SUPPORT.tracker.home, "cgroup.procs")
+    # In its working directory, its account's (the test's is not open to it).
+    pidfile = tmp_path / "work" / "escapee"
+    raw.spawn(1, ["sh", "-c",
+                  f"(echo $$ > {home}) 2>/dev/null && echo left || echo stayed; "
+                  f"echo again > /dev/stdout; "
+                  + escapee("escapee") + " while [ ! -s escapee ]; do sleep 0.01; done"],
+              cwd=str(tmp_path / "work"),
+              run_as={"user": "nobody", "uid": nobody.pw_uid, "gid": nobody.pw_gid,
+                      "groups": [nobody.pw_gid]})
+    assert raw.exited(1)["code"] == 0
+    assert (tmp_path / "1.out").read_text() == "stayed\nagain\n"
+    assert not alive(int(pidfile.read_text()))
+
+
 @needs_pids
 def test_a_fork_bomb_is_bounded_by_max_processes(helper, tmp_path):
     """A job that forks without end gets at most [executor] max_processes
@@ -574,15 +598,19 @@ def test_the_dispatcher_cuts_what_a_worker_sends_once(tmp_path):
     the size answered counts what was dropped, so the worker sends on from
     there."""
     from dispatcher.api._workers import _write_at
+    from dispatcher.execution._executor import LocalExecutor
+
+    def write(path, offset, data):
+        return _write_at(path, offset, data, LocalExecutor.open_log, 10, marker)
 
     path = str(tmp_path / "attempt-1" / "stdout")
     marker = log_cut_marker("stdout", 10)
-    assert _write_at(path, 0, b"01234", 10, marker) == (5, False)
-    assert _write_at(path, 5, b"56789abc", 10, marker) == (13, True)
-    assert _write_at(path, 13, b"def", 10, marker) == (16, True)
-    assert _write_at(path, 5, b"56789abc", 10, marker) == (13, True)
+    assert write(path, 0, b"01234") == (5, False)
+    assert write(path, 5, b"56789abc") == (13, True)
+    assert write(path, 13, b"def") == (16, True)
+    assert write(path, 5, b"56789abc") == (13, True)
     assert open(path).read() == "0123456789\n" + marker
     # Below the limit, a gap is still refused: the worker must send from
     # the end.
     other = str(tmp_path / "attempt-1" / "stderr")
-    assert _write_at(other, 3, b"x", 10, marker) is None
+    assert write(other, 3, b"x") is None

@@ -36,6 +36,9 @@ def test_example_file_holds_the_defaults():
             assert f"{key} =" in text, (section, key)
     for key in _QUEUE_KEYS:
         assert f"{key} = " in text, key
+    from dispatcher.config._ini import _QUOTA_KEYS
+    for key in _QUOTA_KEYS:
+        assert f"\n{key} = " in text[text.index("[quota]"):], key
 
 
 def test_values_are_read():

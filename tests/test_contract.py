@@ -70,8 +70,10 @@ def served(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("contract")
     token_file = workdir / "worker.token"
     token_file.write_text(WORKER_TOKEN + "\n")
+    token_file.chmod(0o600)  # one others may read is refused
     admin_token_file = workdir / "admin.token"
     admin_token_file.write_text(ADMIN_TOKEN + "\n")
+    admin_token_file.chmod(0o600)  # one others may read is refused
     daemon = Twistd(str(workdir), INI.format(token_file=token_file,
                                              admin_token_file=admin_token_file))
     daemon.start()
@@ -94,6 +96,26 @@ def credential_of(daemon, caller):
                                  "role": caller}, token=ADMIN_TOKEN)
     assert code == 201, made
     return made["token"]
+
+
+def seed_retry(daemon, where):
+    """
+    Give the admin's run a job it can retry: one cancelled now, whose id
+    every generated retry names (schemathesis's config file in C{where},
+    its working directory).  With slots = 0 no job fails, and a retry
+    otherwise succeeded only when the ids schemathesis reused from earlier
+    answers happened to name a job its own cancels had cancelled: any
+    change to another operation's answers could leave every retry refused,
+    and the run then warned that its test data was missing.
+    """
+    code, job = daemon.request("POST", "/v1/jobs", {"command": ["true"]}, token=ADMIN_TOKEN)
+    assert code == 201, job
+    code, job = daemon.request("POST", f"/v1/jobs/{job['id']}/cancel", token=ADMIN_TOKEN)
+    assert (code, job["state"]) == (200, "cancelled"), job
+    (where / "schemathesis.toml").write_text(
+        '[[operations]]\ninclude-operation-id = "retryJob"\n'
+        f'parameters = {{ id = "{job["id"]}" }}\n'
+    )
 
 
 @pytest.mark.parametrize("caller", list(RUNS))
@@ -122,6 +144,8 @@ def test_the_server_and_its_document_agree(served, caller, tmp_path):
     ]
     if token is not None:
         args += ["--header", f"Authorization: Bearer {token}"]
+    if caller == "admin":
+        seed_retry(daemon, tmp_path)
     if caller != "admin":
         # Every warning but the one saying that some operations answered
         # only 401/403: for this caller they must.

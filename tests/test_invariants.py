@@ -76,8 +76,9 @@ class Scheduling(RuleBasedStateMachine):
         attempts=st.integers(1, 3),
         delay=st.sampled_from([0.0, 10.0]),
         deps=st.lists(st.integers(0, 50), max_size=2, unique=True),
+        owner=st.sampled_from([None, "ann", "bob"]),
     )
-    def submit(self, priority, wait, attempts, delay, deps):
+    def submit(self, priority, wait, attempts, delay, deps, owner):
         depends = tuple(self.jobs[d] for d in deps if d < len(self.jobs))
         spec = JobSpec(
             command=("true",),
@@ -88,7 +89,7 @@ class Scheduling(RuleBasedStateMachine):
             depends_on=depends,
         )
         job_id = ids.new()
-        (job,) = block(self.store.submit([spec], self.now, [job_id])).value.jobs
+        (job,) = block(self.store.submit([spec], self.now, [job_id], owner=owner)).value.jobs
         self.jobs.append(job_id)
         self.specs[job_id] = spec
         if job.state in FINAL_STATES:
@@ -185,6 +186,17 @@ class Scheduling(RuleBasedStateMachine):
     def finished_jobs_stay_finished(self):
         for job_id, state in self.final.items():
             assert self._job(job_id).state is state
+
+    @invariant()
+    def each_owners_unfinished_jobs_are_counted(self):
+        # What a quota of unfinished jobs is checked against, kept by the
+        # store at each change, is what the jobs' states say.
+        counted = {}
+        for job_id in self.jobs:
+            job = self._job(job_id)
+            if job.owner is not None and job.state not in FINAL_STATES:
+                counted[job.owner] = counted.get(job.owner, 0) + 1
+        assert block(self.store.unfinished_jobs()) == counted
 
     @invariant()
     def attempts_only_grow_and_one_lease_at_most(self):

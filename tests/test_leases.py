@@ -426,6 +426,7 @@ async def test_a_worker_that_hangs_up_loses_no_job(make_pure):
 async def test_api_token_guards_the_job_endpoints(make_daemon, tmp_path):
     path = tmp_path / "api.token"
     path.write_text(API_TOKEN)
+    path.chmod(0o600)  # one others may read is refused
     daemon = await make_daemon(f"[api]\ntoken_file = {path}\n")
     code, answer = await daemon.json("GET", "/v1/jobs")
     assert code == 401
@@ -624,7 +625,7 @@ def test_a_worker_that_hangs_up_does_not_cancel_its_writes(path):
         def heartbeat(self, offer, items, credential):
             return writes
 
-    endpoints = WorkerEndpoints(Hub(), None, None, None, LeaseTokens(new_key()))
+    endpoints = WorkerEndpoints(Hub(), None, None, None, None, LeaseTokens(new_key()))
     if path.endswith("results"):
         handler = endpoints.results
         body = {"worker": worker("w"), "results": [

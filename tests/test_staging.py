@@ -8,6 +8,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import os
+import pwd
 import tracemalloc
 from typing import Any, Callable, Optional
 
@@ -462,6 +463,20 @@ def test_refuses_symlink_out_of_workdir(tmp_path):
     e = failure_of(u.stage(InputSpec(URL, "link/y.csv")))
     assert "outside the working directory" in e.reason
     assert list(outside.iterdir()) == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving files to another account needs root")
+def test_inputs_are_given_to_the_jobs_account(tmp_path):
+    """With an owner, the input and the directories made on its way belong
+    to that account (the job's), and the file keeps its content."""
+    nobody = pwd.getpwnam("nobody")
+    owner = (nobody.pw_uid, nobody.pw_gid)
+    u = unit(tmp_path, Script(ok(b"x")))
+    result_of(u.stager.stage_inputs([InputSpec(URL, "a/b/y.csv")], u.workdir, owner))
+    for path in ("a", "a/b", "a/b/y.csv"):
+        found = os.stat(tmp_path / "work" / path)
+        assert (found.st_uid, found.st_gid) == owner, path
+    assert (tmp_path / "work/a/b/y.csv").read_bytes() == b"x"
 
 
 def test_unwritable_target(tmp_path):

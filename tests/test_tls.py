@@ -109,6 +109,7 @@ def tls_dispatcher(tmp_path_factory):
     directory = tmp_path_factory.mktemp("tls")
     token_file = directory / "worker.token"
     token_file.write_text(WORKER_TOKEN + "\n")
+    token_file.chmod(0o600)  # one others may read is refused
     dispatcher = TLSDispatcher(str(directory), token_file)
     dispatcher.token_file = token_file
     yield dispatcher

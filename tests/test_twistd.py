@@ -18,6 +18,8 @@ import twisted
 from twisted.application.service import IServiceMaker
 from twisted.plugin import getPlugins
 
+from .conftest import as_the_tests_account
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
 
@@ -42,14 +44,15 @@ class Twistd:
     """A `twistd -n dispatcher` process in a directory of its own."""
 
     def __init__(self, workdir, ini="", program="twistd",
-                 listen="tcp:0:interface=127.0.0.1", preexec_fn=None):
+                 listen="tcp:0:interface=127.0.0.1", preexec_fn=None, tests_account=True):
         self.workdir = workdir
         self.listen = listen
         # Run in the child before twistd starts (to set its limits, say).
         self.preexec_fn = preexec_fn
         self.config = os.path.join(workdir, "dispatcher.ini")
         with open(self.config, "w") as f:
-            f.write(ini)
+            # tests_account=False: the daemon's own choice of account.
+            f.write(as_the_tests_account(ini) if tests_account else ini)
         self.program = program
         self.process = None
         self.url = None
@@ -108,10 +111,10 @@ class Twistd:
         except urllib.error.HTTPError as e:
             return e.code, json.loads(e.read())
 
-    def wait(self, job_id, states, timeout=20):
+    def wait(self, job_id, states, timeout=20, token=None):
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            code, job = self.request("GET", f"/v1/jobs/{job_id}")
+            code, job = self.request("GET", f"/v1/jobs/{job_id}", token=token)
             if job["state"] in states:
                 return job
             time.sleep(0.05)

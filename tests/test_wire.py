@@ -157,7 +157,7 @@ async def test_retry_refusals_are_documented(daemon):
 def test_a_lease_reads_back_as_it_was_granted():
     """A lease encoded for a worker and read back on the worker is the same
     lease (its expiry on the worker's clock, its token the text it was
-    given), with empty parts left out."""
+    given, its owner), with empty parts left out."""
     spec = JobSpec(task="add", args=(1, [2]), kwargs={"a": {"b": 2**70}}, name="n",
                    labels={"k": "v"}, timeout=3.0, array_id="arr", array_index=2)
     lease = Lease("job-1", 2, 77, "w", 123.5, spec)
@@ -167,6 +167,11 @@ def test_a_lease_reads_back_as_it_was_granted():
     wire = json.loads(encode(lease_grant(lease, token)))
     assert not {"env", "inputs", "resources", "requirements"} & set(wire["spec"])
     assert wire["expires_at"] == "1970-01-01T00:02:03.500000Z"
+    # The owner travels with it (a worker running as root picks the job's
+    # account by it).
+    owned = Lease("job-1", 2, 77, "w", 123.5, spec, "alice")
+    grant = msgspec.json.decode(encode(lease_grant(owned, token)), type=LeaseGrant)
+    assert lease_from_grant(grant, 99.0).owner == "alice"
 
 
 def test_a_job_view_is_what_the_document_says():

@@ -59,7 +59,7 @@ from dispatcher.workers._client import (
 from dispatcher.execution._host import count_gpus, detect_cpus, detect_gpus, parse_meminfo
 from dispatcher.app.worker_tap import Options
 
-from .conftest import TEST_TASKS, sleep
+from .conftest import TEST_TASKS, as_the_tests_account, sleep
 
 TOKEN = "s3cret-token-0123456789"
 URL = "http://dispatcher.test:8080"
@@ -916,6 +916,7 @@ def test_cpus_are_the_affinity_mask():
 def token_file(tmp_path):
     path = tmp_path / "token"
     path.write_text(TOKEN + "\n")
+    path.chmod(0o600)  # one others may read is refused
     return str(path)
 
 
@@ -1227,7 +1228,7 @@ class WorkerProcess:
         self.dir = tmp_path / name
         self.dir.mkdir()
         self.config = self.dir / "worker.ini"
-        self.config.write_text(ini)
+        self.config.write_text(as_the_tests_account(ini))
         self.logfile = self.dir / "worker.log"
         self.name = name
         self.args = [
@@ -1426,6 +1427,7 @@ async def test_a_worker_with_a_wrong_token_runs_nothing(
     daemon = await remote_daemon(make_daemon, tmp_path, token_file)
     wrong = tmp_path / "wrong-token"
     wrong.write_text("not-the-right-token-at-all\n")
+    wrong.chmod(0o600)  # one others may read is refused
     worker = WorkerProcess(tmp_path, daemon.url, wrong, name="node-d")
     workers.append(worker.start())
     job = await daemon.submit({"command": ["true"]})

@@ -489,6 +489,7 @@ def make_worker_credential(daemon, tmp_path, name, *worker_names):
     assert made.returncode == 0, made.stderr
     path = tmp_path / f"{name}.token"
     path.write_text(made.stdout.splitlines()[-1] + "\n")
+    path.chmod(0o600)  # one others may read is refused
     return path
 
 

@@ -39,6 +39,7 @@ from dispatcher.wire._types import (
     DEFAULT_LIST_LIMIT,
     MAX_CURSOR,
     MAX_IDEMPOTENCY_KEY,
+    MAX_LABEL_FILTERS,
     MAX_LIST_LIMIT,
     MAX_OFFSET,
     Batch,
@@ -60,7 +61,7 @@ from dispatcher.model._principals import PRINCIPAL_NAME_RULE, valid_name
 from dispatcher.api._openapi import openapi_document
 from dispatcher.api._hosts import HostPolicy
 from dispatcher.api._routes import Route, Router, path_segments
-from dispatcher.config._ini import QueueConfig
+from dispatcher.config._ini import QueueConfig, QuotaConfig, Quotas
 from dispatcher.store._stored import request_digest
 from dispatcher.store._results import (
     DependencyNotRetried,
@@ -71,12 +72,15 @@ from dispatcher.store._results import (
     StorageFull,
     Submitted,
     SubmittedIds,
+    TooManyDependencies,
+    TooManyUnfinished,
     UnknownDependency,
 )
 from dispatcher.wire._submission import (
     ApiError,
     Submission,
     check_batch_size,
+    check_stored_bytes,
     decode,
     decode_batch,
     parse_submission,
@@ -89,6 +93,7 @@ from dispatcher.api._auth import (
     MAX_ANONYMOUS_BODY_BYTES,
     Gate,
 )
+from dispatcher.api._quotas import SubmissionRates, too_many_unfinished
 from dispatcher.model._principals import Principal, Role
 from dispatcher.store._credentials import CredentialExists, CredentialFile
 
@@ -96,6 +101,9 @@ log = Logger()
 
 # The errno values of a disk that takes no more (a log chunk a worker sent).
 NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+# The quotas of a daemon made without any: no principal is limited.
+NO_QUOTAS = Quotas(default=QuotaConfig())
 
 # Jobs of a batch checked in one go on the reactor thread (plain ones, see
 # plain_jobs, take a third of the time or less).
@@ -323,6 +331,10 @@ class DispatcherAPI(Resource):
     @param io_pool: the pool that reads logs.
     @param queues: the configured queues, by name.
     @param max_array: the most jobs one request may make.
+    @param max_stored_bytes: the most the arrays' members of one request
+        may store (C{None}: no limit).
+    @param quotas: each principal's quota (L{dispatcher.api._quotas});
+        C{None}: none.
     @param clock: the time C{delay} counts from.
     @param workers: the L{WorkerEndpoints}, or C{None} (no remote workers).
     @param credentials: the named credentials and the token files' (see
@@ -352,6 +364,8 @@ class DispatcherAPI(Resource):
         authentication_required: bool = True,
         max_body_bytes: Optional[int] = None,
         allowed_hosts: Optional[tuple[str, ...]] = None,
+        max_stored_bytes: Optional[int] = None,
+        quotas: Optional[Quotas] = None,
     ) -> None:
         Resource.__init__(self)
         self._hosts = HostPolicy(allowed_hosts)
@@ -360,7 +374,11 @@ class DispatcherAPI(Resource):
         self._tasks = tasks
         self._queues = queues if queues is not None else {"default": QueueConfig("default")}
         self._max_array = max_array
+        self._max_stored_bytes = max_stored_bytes
         self._clock = clock if clock is not None else reactor
+        self._rates = SubmissionRates(
+            quotas if quotas is not None else NO_QUOTAS, self._clock
+        )
         self._reactor = reactor
         self._io_pool = io_pool
         self.stopping = False
@@ -381,6 +399,7 @@ class DispatcherAPI(Resource):
             openapi_document(
                 max_array=max_array,
                 max_body_bytes=max_body_bytes,
+                max_stored_bytes=max_stored_bytes,
                 tasks=tasks,
                 queues=self._queues,
             )
@@ -432,8 +451,6 @@ class DispatcherAPI(Resource):
             verdict = self._verdict(request.channel, request.method, request.uri,
                                     request.requestHeaders)
             if isinstance(verdict, ApiError):
-                for name, value in getattr(verdict, "headers", {}).items():
-                    request.setHeader(name, value)
                 self._write_error(request, verdict)
                 return NOT_DONE_YET
             request.principal = verdict
@@ -531,6 +548,9 @@ class DispatcherAPI(Resource):
         request.finish()
 
     def _write_error(self, request: Any, error: ApiError) -> None:
+        # A refusal's own headers (WWW-Authenticate, Retry-After).
+        for name, value in getattr(error, "headers", {}).items():
+            request.setHeader(name, value)
         self._write_answer(Answer(error.status, error.to_json()), request)
 
     def _write_failure(self, failure: Failure, request: Any) -> None:
@@ -666,11 +686,24 @@ class DispatcherAPI(Resource):
         submissions: list[Submission] | PlainJobs,
         single: bool,
         full: bool,
+        jobs: int,
+        field: str,
     ) -> Deferred:
+        """
+        Store a request's C{jobs} jobs, within its principal's quota: its
+        rate first (here), then its unfinished jobs (the store's count); a
+        refusal of either is a 429 naming C{field}, and a request that
+        stores nothing gives back what it took of the rate.
+        """
         key = self._idempotency(request, body)
         principal = request.principal
+        limits = self._rates.limits(principal)
+        if not limits.unlimited:
+            self._rates.take(principal, limits, jobs, field)
 
         def answer(submitted: Submitted | SubmittedIds) -> Answer:
+            if isinstance(submitted, Submitted) and submitted.replayed:
+                self._rates.give_back(principal, limits, jobs)
             if isinstance(submitted, SubmittedIds):
                 _audit_submit(request, submitted.ids, False)
                 return Answer(201, _queued_summaries(submitted.ids))
@@ -690,22 +723,31 @@ class DispatcherAPI(Resource):
             return Answer(status, {"jobs": [job_summary(job) for job in submitted.jobs]})
 
         def refused(failure: Failure) -> Failure:
+            if not failure.check(CancelledError):
+                # Nothing was stored.  (A request its client left is
+                # stored all the same: what it took is kept.)
+                self._rates.give_back(principal, limits, jobs)
+            if failure.check(TooManyUnfinished):
+                raise too_many_unfinished(failure.value, field)
             if failure.check(IdempotencyConflict):
                 raise ApiError(
                     409, "idempotency_conflict", str(failure.value), "Idempotency-Key"
                 )
-            if failure.check(UnknownDependency):
+            if failure.check(UnknownDependency, TooManyDependencies):
                 e = failure.value
-                field = f"depends_on[{e.position}]"
+                entry = f"depends_on[{e.position}]"
                 if not single:
-                    field = f"jobs[{e.job_index}].{field}"
-                raise ApiError(400, "unknown_dependency", f"{field}: {e}", field)
+                    entry = f"jobs[{e.job_index}].{entry}"
+                code = "unknown_dependency" if isinstance(e, UnknownDependency) else "invalid_field"
+                raise ApiError(400, code, f"{entry}: {e}", entry)
             return failure
 
         # The key is the owner's own: the store looks it up among the
         # owner's keys.
         if isinstance(submissions, PlainJobs):
-            d = self._dispatcher.submit_plain(submissions, key, principal.name)
+            d = self._dispatcher.submit_plain(
+                submissions, key, principal.name, limits.max_jobs
+            )
         else:
             d = self._dispatcher.submit(
                 submissions,
@@ -713,6 +755,7 @@ class DispatcherAPI(Resource):
                 explain=single or full,
                 owner=principal.name,
                 sees_all=principal.sees_all,
+                max_unfinished=limits.max_jobs,
             )
         return d.addCallbacks(answer, refused)
 
@@ -725,6 +768,7 @@ class DispatcherAPI(Resource):
             self._max_array,
             prefix,
             index,
+            self._max_stored_bytes,
         )
 
     def submit(self, request: Any) -> Deferred:
@@ -736,6 +780,8 @@ class DispatcherAPI(Resource):
             [submission],
             submission.array is None,
             full=_wants_full_jobs(request),
+            jobs=submission.array or 1,
+            field="body" if submission.array is None else "array",
         )
 
     async def submit_batch(self, request: Any) -> Answer:
@@ -750,7 +796,10 @@ class DispatcherAPI(Resource):
         if not isinstance(batch, Batch):
             plain = await self._plain_jobs(jobs)
             if plain is not None:
-                return await self._store(request, raw, plain, single=False, full=False)
+                return await self._store(
+                    request, raw, plain, single=False, full=False, jobs=len(plain.work),
+                    field="jobs",
+                )
             # A plain job that a check refused: the full path names it.
             jobs = decode(raw, Batch).jobs
         submissions = []
@@ -770,7 +819,11 @@ class DispatcherAPI(Resource):
                 "([dispatcher] max_array)",
                 "jobs",
             )
-        return await self._store(request, raw, submissions, single=False, full=full)
+        if self._max_stored_bytes is not None:
+            check_stored_bytes(submissions, self._max_stored_bytes)
+        return await self._store(
+            request, raw, submissions, single=False, full=full, jobs=total, field="jobs"
+        )
 
     async def _plain_jobs(self, jobs: list[Any]) -> Optional[PlainJobs]:
         """
@@ -798,14 +851,19 @@ class DispatcherAPI(Resource):
         if request.content.read(1):
             request.content.seek(0)
             dependents = decode(_json_body(request), RetryRequest).dependents
+        limits = self._rates.limits(request.principal)
         try:
             job = await _transition(
                 job_id,
-                self._dispatcher.retry(job_id, dependents, _own_only(request.principal)),
+                self._dispatcher.retry(
+                    job_id, dependents, _own_only(request.principal), limits.max_jobs
+                ),
                 "{state}; only a failed or cancelled job can be retried",
             )
         except DependencyNotRetried as e:
             raise ApiError(409, "conflict", str(e), "id")
+        except TooManyUnfinished as e:
+            raise too_many_unfinished(e, "id")
         log.info("{principal} retried {job_id}", principal=request.principal.name,
                  job_id=job_id)
         return Answer(200, job_view(job))
@@ -879,8 +937,17 @@ class DispatcherAPI(Resource):
                 raise ApiError(
                     400, "invalid_query", f"state: {text!r} is not one of {allowed}", "state"
                 )
+        given = request.args.get(b"label", [])
+        if len(given) > MAX_LABEL_FILTERS:
+            raise ApiError(
+                400,
+                "invalid_query",
+                f"label: given {len(given)} times; at most {MAX_LABEL_FILTERS} label "
+                "filters in one query",
+                "label",
+            )
         labels = []
-        for raw in request.args.get(b"label", []):
+        for raw in given:
             try:
                 label = raw.decode("utf-8")
             except UnicodeDecodeError:

@@ -105,6 +105,7 @@ def openapi_document(
     tasks: Optional[Iterable[str]] = None,
     queues: Optional[Iterable[str]] = None,
     routes: tuple[Route, ...] = ROUTES,
+    max_stored_bytes: Optional[int] = None,
 ) -> dict[str, Any]:
     """
     The document, as a JSON-able dict.
@@ -114,12 +115,20 @@ def openapi_document(
     @param max_body_bytes: C{[server] max_body_bytes}.
     @param tasks: the configured task names (C{task} takes only these).
     @param queues: the configured queue names (C{queue} takes only these).
+    @param max_stored_bytes: C{[dispatcher] max_stored_bytes}: the most the
+        arrays' members of one request store.
     """
     schemas = _components(routes)
     for name in ("JobSubmission", "BatchJob"):
         properties = schemas[name]["properties"]
         if max_array is not None:
             _nullable_member(properties["array"])["maximum"] = max_array
+        if max_stored_bytes is not None:
+            array = _nullable_member(properties["array"])
+            array["description"] += f" Here: max_stored_bytes = {max_stored_bytes}."
+            if max_array is not None:
+                array["description"] += f" max_array = {max_array}."
+
         if tasks is not None:
             _nullable_member(properties["task"])["enum"] = sorted(tasks)
         if queues is not None:

@@ -14,11 +14,13 @@ import attrs
 import msgspec
 
 from dispatcher.model._jobs import JobState
+from dispatcher.model._limits import MAX_DEPENDENCY_LINKS, MAX_RESULT_BYTES
 from dispatcher.model._principals import ALLOWED, Access
 from dispatcher.wire._types import (
     DEFAULT_LIST_LIMIT,
     MAX_CURSOR,
     MAX_IDEMPOTENCY_KEY,
+    MAX_LABEL_FILTERS,
     MAX_LIST_LIMIT,
     MAX_NAME,
     MAX_NESTING,
@@ -196,6 +198,28 @@ TOO_MANY_WORKER_NAMES = (
     "dispatcher in all) has as many worker names connected as it may keep "
     "([workers] max_names_per_credential, max_names); nothing was changed."
 )
+# A submission or a retry over its owner's quota (dispatcher.api._quotas).
+_RETRY_AFTER = {
+    "Retry-After": {
+        "schema": {"type": "integer", "minimum": 1},
+        "description": "Seconds to wait before trying again.",
+    }
+}
+QUOTA_EXCEEDED = Response(
+    "The owner's quota ([quota], [quota:role=ROLE], [quota:owner=NAME]); nothing "
+    "was stored, a batch or an array refused whole. too_many_jobs: the jobs would "
+    "give the owner more unfinished (pending, queued, staging, running) jobs than "
+    "max_jobs, each job of the request counted. too_many_submissions: the owner "
+    "submits faster than its rate (jobs a second, a burst at once), counted by "
+    "this daemon in memory. The field is jobs (a batch), array, body (one job) or "
+    "id (a retry).",
+    headers=_RETRY_AFTER,
+)
+RETRY_QUOTA_EXCEEDED = Response(
+    "too_many_jobs: the jobs coming back would give the job's owner more "
+    "unfinished jobs than its quota's max_jobs; nothing changed (field id).",
+    headers=_RETRY_AFTER,
+)
 NOT_JSON = (
     "unsupported_media_type: the request (with a body or without) does not "
     "say Content-Type: application/json."
@@ -215,13 +239,18 @@ def _also(response: Optional[Response], refusal: str) -> Response:
 # others or a repeat): said in the 400 of every route that takes them.
 QUERY_RULES = (
     "A parameter not listed for the operation is refused (400 invalid_query), "
-    "and so is one given twice, unless it is an array (label)."
+    "and so is one given twice, unless it is an array (label, given at most "
+    f"{MAX_LABEL_FILTERS} times)."
 )
 # The rules of a submission the schema describes but cannot express.
 _SUBMISSION_400 = (
     "A field is wrong; it is named{where}. Besides what the schema states, "
     "refused: args or kwargs nested more than {nesting} deep; two inputs to one "
-    "path, or an input's path that is a directory of another's (inputs[i].path)"
+    "path, or an input's path that is a directory of another's (inputs[i].path); "
+    "arrays whose members would store more than [dispatcher] max_stored_bytes "
+    "(array{batch_total}); depends_on that makes the request's jobs depend on more "
+    "than {links} jobs in all, an array counting as its members "
+    "(depends_on[i], the entry that went past)"
 )
 
 
@@ -316,8 +345,11 @@ ROUTES: tuple[Route, ...] = (
                 _JOB_OR_JOBS,
                 headers={"Location": {"schema": {"type": "string"}, "description": "/v1/jobs/{id}"}},
             ),
-            400: Response(_SUBMISSION_400.format(where="", nesting=MAX_NESTING) + "."),
+            400: Response(_SUBMISSION_400.format(
+                where="", nesting=MAX_NESTING, batch_total="", links=MAX_DEPENDENCY_LINKS
+            ) + "."),
             409: _CONFLICT_KEY,
+            429: QUOTA_EXCEEDED,
         },
         request=JobSubmission,
         parameters=(IDEMPOTENCY_KEY, PREFER),
@@ -332,8 +364,10 @@ ROUTES: tuple[Route, ...] = (
             {
                 "name": "label",
                 "in": "query",
-                "description": "key=value (or key: has the label); repeat to AND.",
-                "schema": {"type": "array", "items": {"type": "string", "pattern": "^[^=]"}},
+                "description": "key=value (or key: has the label); repeat to AND, "
+                f"at most {MAX_LABEL_FILTERS} times.",
+                "schema": {"type": "array", "maxItems": MAX_LABEL_FILTERS,
+                           "items": {"type": "string", "pattern": "^[^=]"}},
                 "style": "form",
                 "explode": True,
             },
@@ -366,11 +400,15 @@ ROUTES: tuple[Route, ...] = (
             200: Response(_REPLAY, _ref("SubmittedJobs")),
             201: Response("The jobs.", _ref("SubmittedJobs")),
             400: Response(
-                _SUBMISSION_400.format(where=", as jobs[i].field", nesting=MAX_NESTING)
+                _SUBMISSION_400.format(
+                    where=", as jobs[i].field", nesting=MAX_NESTING,
+                    batch_total=", or jobs for the batch's total", links=MAX_DEPENDENCY_LINKS,
+                )
                 + "; jobs making more than [dispatcher] max_array jobs in all, a job "
                 "with array counting as that many (jobs)."
             ),
             409: _CONFLICT_KEY,
+            429: QUOTA_EXCEEDED,
         },
         request=Batch,
         parameters=(IDEMPOTENCY_KEY, PREFER),
@@ -408,6 +446,7 @@ ROUTES: tuple[Route, ...] = (
             404: _NO_SUCH_JOB,
             409: Response("The job is not failed or cancelled, or a job it depends "
                           "on must be retried first."),
+            429: RETRY_QUOTA_EXCEEDED,
         },
         request=RetryRequest,
         request_required=False,
@@ -486,8 +525,9 @@ ROUTES: tuple[Route, ...] = (
             200: Response("One answer per result.", ResultsAnswer),
             400: Response(
                 "A field is wrong; it is named. Besides what the schema states, "
-                f"refused: a result nested more than {MAX_NESTING} deep "
-                "(results[i].result)."
+                f"refused: a result nested more than {MAX_NESTING} deep, or over "
+                f"{MAX_RESULT_BYTES} bytes of JSON (results[i].result); nothing of "
+                "the report was recorded."
             ),
             403: Response(WORKER_NAME_FORBIDDEN),
             409: Response("Every result was refused.", ResultsAnswer),

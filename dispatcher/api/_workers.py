@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 from msgspec import UNSET
 from twisted.internet.threads import deferToThreadPool
@@ -36,10 +36,12 @@ from dispatcher.model._jobs import (
     Resources,
     log_cut_marker,
 )
+from dispatcher.model._limits import MAX_RESULT_BYTES
 from dispatcher.model._principals import Principal, Role
 from dispatcher.model._values import UnservableValue, storable
 from dispatcher.model._workers import LeaseEnd, LeaseVerdict, TooManyWorkerNames
 from dispatcher.wire._forms import REFUSALS, lease_grant, lease_status, limits_of
+from dispatcher.wire._json import encode
 from dispatcher.wire._submission import ApiError, decode, invalid
 from dispatcher.wire._tokens import LeaseTokens
 from dispatcher.wire._types import (
@@ -145,6 +147,7 @@ class WorkerEndpoints:
         self,
         hub: Any,
         log_path: Any,
+        open_log: Any,
         reactor: Any,
         io_pool: Any,
         tokens: LeaseTokens,
@@ -154,6 +157,7 @@ class WorkerEndpoints:
         self._hub = hub
         self._max_log_bytes = max_log_bytes
         self._log_path = log_path
+        self._open_log = open_log
         self._reactor = reactor
         self._io_pool = io_pool
         self._tokens = tokens
@@ -235,6 +239,8 @@ class WorkerEndpoints:
                         storable(result, f"results[{i}].result")
                     except UnservableValue as e:
                         invalid(e.where, e.why)
+                if result is not None:
+                    _check_result_size(result, f"results[{i}].result")
                 outcome = Outcome(
                     JobState(item.state), item.exit_code, result, item.error, item.stopped,
                     None if item.limits is UNSET else limits_of(item.limits),
@@ -293,7 +299,7 @@ class WorkerEndpoints:
         path = self._log_path(job_id, remote.lease.attempt, stream)
         data = request.content.read()
         written = await deferToThreadPool(
-            self._reactor, self._io_pool, _write_at, path, offset, data,
+            self._reactor, self._io_pool, _write_at, path, offset, data, self._open_log,
             self._max_log_bytes,
             log_cut_marker(stream, self._max_log_bytes) if self._max_log_bytes else "",
         )
@@ -340,20 +346,24 @@ def query_integer(
 
 
 def _write_at(
-    path: str, offset: int, data: bytes, limit: int = 0, marker: str = ""
+    path: str,
+    offset: int,
+    data: bytes,
+    open_log: Callable[[str], int],
+    limit: int = 0,
+    marker: str = "",
 ) -> Optional[tuple[int, bool]]:
     """
-    Write C{data} at C{offset} of the file (made if need be), keeping at
-    most C{limit} bytes of the stream (0: no limit): what would go past it
-    is dropped, and C{marker} written once at the limit, on a line of its
-    own.
+    Write C{data} at C{offset} of the log file at C{path}, opened (made if
+    need be) by C{open_log}, keeping at most C{limit} bytes of the stream
+    (0: no limit): what would go past it is dropped, and C{marker} written
+    once at the limit, on a line of its own.
 
     @return: C{(size, cut)}: the stream's size afterwards (counting what
         was dropped, which is what the worker sends from next), and whether
         anything was dropped; or C{None} if C{offset} is past the end.
     """
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = open_log(path)
     try:
         size = os.fstat(fd).st_size
         end = offset + len(data)
@@ -384,3 +394,27 @@ def _size(path: str) -> int:
         return os.stat(path).st_size
     except FileNotFoundError:
         return 0
+
+
+def _check_result_size(value: Any, field: str) -> None:
+    """
+    Refuse (400, naming C{field}) a task's result a worker reports that is
+    over L{MAX_RESULT_BYTES} as JSON: a worker of this version fails such a
+    job itself (its executor checks the same limit), so only another
+    worker sends one, and nothing of its report is recorded.
+    """
+    if not isinstance(value, (str, list, dict)):
+        # A number, a boolean: a few bytes.
+        return
+    try:
+        size = len(encode(value))
+    except ValueError:
+        # Not JSON at all: refused before this as not storable (and by
+        # the body's decoding), not a question of size.
+        return
+    if size > MAX_RESULT_BYTES:
+        invalid(
+            field,
+            f"the result is {size} bytes of JSON, more than the {MAX_RESULT_BYTES} "
+            "a task's result may be; nothing of this report was recorded",
+        )

@@ -35,6 +35,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     """
     The console script's entry point.
     """
+    from dispatcher.app._files import UMASK
+
+    # A backup, a token file, a worker's files: this account's alone.
+    os.umask(UMASK)
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help"):
         sys.stdout.write(USAGE)

@@ -21,9 +21,23 @@ from twisted.logger import Logger
 
 from dispatcher.api._handlers import DispatcherAPI
 from dispatcher.app._exposure import OpenToTheNetwork, check_exposure
+from dispatcher.app._files import (
+    JOBS_DIR_NAME,
+    UnsafeSecret,
+    check_secret,
+    closed_on_the_way,
+    open_own_file,
+    secure_data_dir,
+)
 from dispatcher.app._limits import connection_limits, open_file_limit, raise_open_file_limit
 from dispatcher.model._principals import Principal, Role
-from dispatcher.store._credentials import CredentialError, CredentialFile, make_admin_token
+from dispatcher.store._credentials import (
+    ADMIN_TOKEN_NAME,
+    CREDENTIALS_NAME,
+    CredentialError,
+    CredentialFile,
+    make_admin_token,
+)
 from dispatcher.config._ini import Config
 from dispatcher.core._dispatcher import Dispatcher
 from dispatcher.core._retention import RetentionPolicy
@@ -65,7 +79,7 @@ class DataDirUnusable(CannotStart):
 
 # The causes of a failed start that their message explains in full; any
 # other exception is a defect, and its traceback is logged.
-EXPLAINED = (CannotStart, OpenToTheNetwork, StoreUnusable)
+EXPLAINED = (CannotStart, OpenToTheNetwork, StoreUnusable, UnsafeSecret)
 
 
 class DaemonService(MultiService):
@@ -171,6 +185,7 @@ class DaemonService(MultiService):
         workers = WorkerEndpoints(
             self.dispatcher.hub,
             executor.log_path,
+            executor.open_log,
             reactor,
             self.io_pool,
             self.lease_tokens,
@@ -184,6 +199,8 @@ class DaemonService(MultiService):
             self.io_pool,
             queues=config.queues,
             max_array=config.dispatcher.max_array,
+            max_stored_bytes=config.dispatcher.max_stored_bytes,
+            quotas=config.quotas,
             clock=clock,
             workers=workers,
             credentials=self.credentials,
@@ -227,11 +244,14 @@ class DaemonService(MultiService):
         self._starting.addErrback(self._failed_to_start)
 
     async def _start(self) -> None:
+        if self.host.accounts_refused is not None:
+            raise CannotStart(self.host.accounts_refused)
         self._raise_open_file_limit()
         self.host.start_pools()
         holder = await deferToThreadPool(
             self._reactor, self.io_pool, self._lock_data_dir
         )
+        await deferToThreadPool(self._reactor, self.io_pool, self._secure_data_dir)
         self.lease_tokens.use_key(
             await deferToThreadPool(
                 self._reactor, self.io_pool, read_lease_key, self.config.dispatcher.data_dir
@@ -357,8 +377,8 @@ class DaemonService(MultiService):
         """
         data_dir = self.config.dispatcher.data_dir
         try:
-            os.makedirs(data_dir, exist_ok=True)
-            fd = os.open(os.path.join(data_dir, "lock"), os.O_RDWR | os.O_CREAT, 0o644)
+            os.makedirs(data_dir, 0o700, exist_ok=True)
+            fd = open_own_file(os.path.join(data_dir, "lock"), os.O_RDWR | os.O_CREAT)
         except OSError as e:
             raise DataDirUnusable(_unusable(data_dir, e)) from e
         try:
@@ -384,7 +404,8 @@ class DaemonService(MultiService):
             raise DataDirUnusable(_unusable(data_dir, e)) from e
         holder = f"local@{socket.gethostname()}"
         try:
-            with open(path + ".new", "w", encoding="utf-8") as f:
+            new = open_own_file(path + ".new", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+            with open(new, "w", encoding="utf-8") as f:
                 f.write(holder + "\n")
                 f.flush()
                 os.fsync(f.fileno())
@@ -392,6 +413,63 @@ class DaemonService(MultiService):
         except OSError as e:
             raise DataDirUnusable(_unusable(data_dir, e)) from e
         return holder
+
+    def _secure_data_dir(self) -> None:
+        """
+        Refuse secrets that others could have read or changed, narrow the
+        modes an older version (or a wider umask) left in the data
+        directory, and say so; say too when jobs running as another
+        account cannot reach their working directories by path.  Runs on
+        the I/O pool, under the data directory's lock, before anything
+        reads a secret or runs a job.
+        """
+        config = self.config
+        for path, what in (
+            (config.api.token_file, "[api] token_file"),
+            (config.workers.token_file, "[workers] token_file"),
+            (os.path.join(self._data_dir, CREDENTIALS_NAME), "the credentials"),
+            (os.path.join(self._data_dir, ADMIN_TOKEN_NAME), "the first admin token"),
+            (os.path.join(self._data_dir, LEASE_KEY_NAME), "the lease token key"),
+        ):
+            if path is not None:
+                check_secret(path, what)
+        executor = self.dispatcher.executor
+        try:
+            changed = secure_data_dir(
+                self._data_dir, (CREDENTIALS_NAME, ADMIN_TOKEN_NAME, LEASE_KEY_NAME)
+            )
+            executor.make_jobs_dir()
+            tightened = executor.tighten_job_dirs()
+        except OSError as e:
+            raise DataDirUnusable(_unusable(self._data_dir, e)) from e
+        if changed or tightened:
+            log.warn(
+                "narrowed the modes of {count} files and directories in {data_dir} that "
+                "group or others could enter or read (made by an older version or under "
+                "a wider umask){names}",
+                count=len(changed) + tightened,
+                data_dir=self._data_dir,
+                names=f": {', '.join(changed[:5])}{' ...' if len(changed) > 5 else ''}"
+                if changed
+                else "",
+            )
+        accounts = executor.accounts
+        if config.executor.slots == 0:
+            # It runs no job itself: who would run them is no matter.
+            return
+        if accounts.note is not None:
+            log.info(accounts.note)
+        if accounts.default is not None or accounts.by_owner:
+            closed = closed_on_the_way(os.path.join(self._data_dir, JOBS_DIR_NAME))
+            if closed is not None:
+                log.warn(
+                    "{closed} is closed to others, so jobs running as another account "
+                    "cannot reach their working directories under {data_dir} by path "
+                    "(their HOME); they still start in them. Put the data directory "
+                    "where others may pass, or chmod o+x {closed}",
+                    closed=closed,
+                    data_dir=self._data_dir,
+                )
 
     def _failed_to_start(self, failure: Any) -> None:
         if failure.check(*EXPLAINED):
@@ -455,6 +533,9 @@ def read_lease_key(data_dir: str) -> bytes:
     it sits beside the data directory's other secrets.  A store restored on
     another host without it gets a new key: the leases outstanding then are
     refused as stale, and their jobs run again, as after any lost lease.
+
+    @raise UnsafeSecret: group or others may read or write it, or another
+        user owns it (L{check_secret}).
     """
     path = os.path.join(data_dir, LEASE_KEY_NAME)
     try:
@@ -476,12 +557,9 @@ def read_lease_key(data_dir: str) -> bytes:
             "workers hold now are then refused, and their jobs run again)"
         )
     if mode & 0o077:
-        log.warn(
-            "{path} may be read by other users (mode {mode:o}): whoever reads it can "
-            "forge workers' lease tokens; chmod 600 it",
-            path=path,
-            mode=mode & 0o777,
-        )
+        # Whoever read it can forge workers' lease tokens.  (The start
+        # checks it first: L{DaemonService._secure_data_dir}.)
+        check_secret(path, "the lease token key")
     return key
 
 
@@ -519,7 +597,7 @@ def hold_data_dir(data_dir: str) -> Iterator[None]:
     @raise DataDirUnusable: it is not a directory this process may write in.
     """
     try:
-        fd = os.open(os.path.join(data_dir, "lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        fd = open_own_file(os.path.join(data_dir, "lock"), os.O_RDWR | os.O_CREAT)
     except OSError as e:
         raise DataDirUnusable(_unusable(data_dir, e)) from e
     try:

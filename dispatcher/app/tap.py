@@ -5,6 +5,7 @@ the global reactor.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import attrs
@@ -69,8 +70,13 @@ def makeService(options: Options) -> Any:
 
     from dispatcher.app._daemon import DaemonService
     from dispatcher.app._exit import ExitStatus
+    from dispatcher.app._files import UMASK
     from dispatcher.app._heap import HeapFreezer
 
+    # Whatever the daemon makes without a mode of its own (a file SQLite or
+    # a library makes) is its own alone.  (twistd's --umask, applied
+    # later, overrides it.)
+    os.umask(UMASK)
     config = options.config
     try:
         endpoint = serverFromString(reactor, config.server.listen)

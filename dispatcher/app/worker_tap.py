@@ -13,7 +13,9 @@ from typing import Any, Callable, Optional
 from hyperlink import DecodedURL
 from twisted.python import usage
 
+from dispatcher.app._files import UMASK, UnsafeSecret, check_secret
 from dispatcher.config._ini import Config, ConfigError, load_config, read_token
+from dispatcher.execution._accounts import AccountRefused, job_accounts
 from dispatcher.execution._host import detect_cpus, detect_gpus, detect_memory_mb
 from dispatcher.workers._agent import WorkerDescription
 from dispatcher.workers._service import WorkerSettings, default_name
@@ -26,12 +28,16 @@ def read_token_file(path: str) -> str:
     The bearer token in the file at C{path}, read as the dispatcher reads
     its own copy.
 
-    @raise usage.UsageError: the file cannot be read or holds no token.
+    @raise usage.UsageError: the file cannot be read or holds no token, or
+        another user than this process's owns it, or group or others may
+        read or write it.
     """
     try:
-        return read_token(path)
-    except ValueError as e:
+        token = read_token(path)
+        check_secret(path, "--token-file")
+    except (ValueError, UnsafeSecret) as e:
         raise usage.UsageError(f"--token-file {path}: {e}")
+    return token
 
 
 def _number(
@@ -188,7 +194,8 @@ class Options(usage.Options):
         grace = _number("grace", self["grace"], float, 0, "a number of seconds of at least 0")
         try:
             config = load_config(self["config"]) if self["config"] else Config()
-        except ConfigError as e:
+            job_accounts(config)
+        except (ConfigError, AccountRefused) as e:
             raise usage.UsageError(str(e))
         name = self["name"] if self["name"] is not None else default_name()
         if not name.strip() or any(c.isspace() for c in name):
@@ -242,4 +249,6 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> Any:
 
     from dispatcher.workers._service import WorkerService
 
+    # Whatever the worker makes without a mode of its own is its alone.
+    os.umask(UMASK)
     return WorkerService(reactor, options.settings)

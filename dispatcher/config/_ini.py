@@ -9,8 +9,12 @@ section, the key, the value and what is allowed.
 from __future__ import annotations
 
 import configparser
+import grp
 import importlib
 import ipaddress
+import math
+import os
+import pwd
 import re
 from typing import Any, Callable, Mapping, Optional
 
@@ -85,14 +89,19 @@ class ServerConfig:
 class DispatcherConfig:
     """
     C{[dispatcher]}: where the data lives, how long a stop waits, how
-    soon a change of a job's run state reaches the disk, and whether
-    C{twistd dispatcher} freezes its heap out of the collector's sight.
+    soon a change of a job's run state reaches the disk, whether
+    C{twistd dispatcher} freezes its heap out of the collector's sight, and
+    how much one request may make.
     """
 
     data_dir: str = "var"
     shutdown_grace: float = 30.0
     idempotency_ttl: float = 86400.0
     max_array: int = 10000
+    # The most bytes the members of the arrays of one request may store in
+    # all, each counted as its spec's JSON (a plain job's request body
+    # bounds it): an array stores its spec once a member.
+    max_stored_bytes: int = 16 * 1024 * 1024
     sync_interval: float = 1.0
     gc_freeze: bool = False
 
@@ -104,17 +113,99 @@ DEFAULT_MAX_PROCESSES = 4096
 
 
 @attrs.frozen
+class RunAs:
+    """
+    A local account command jobs run as: a user, a group, and the
+    supplementary groups the user is in (as C{initgroups} would give them),
+    looked up when the configuration is read.
+    """
+
+    user: str
+    uid: int
+    group: str
+    gid: int
+    groups: tuple[int, ...]
+
+    def __str__(self) -> str:
+        return f"{self.user}:{self.group}"
+
+
+# The account a daemon running as root runs command jobs as when
+# [executor] run_as does not name one (as HTCondor falls back to nobody).
+DEFAULT_RUN_AS = "nobody"
+
+
+def run_as(text: str) -> RunAs:
+    """
+    C{USER[:GROUP]} (names, or numbers of this host's accounts) as a
+    L{RunAs}; without a group, the user's own.  Root, as the user or the
+    group, must be written out as C{root}: a number or another name of uid
+    or gid 0 is refused, so that jobs never run as root by a slip.
+
+    @raise ValueError: no such user or group, or root not written out.
+    """
+    user_text, _, group_text = text.strip().partition(":")
+    user_text, group_text = user_text.strip(), group_text.strip()
+    if not user_text:
+        raise ValueError("expected USER or USER:GROUP, an account of this host")
+    try:
+        entry = (
+            pwd.getpwuid(int(user_text)) if user_text.isdigit() else pwd.getpwnam(user_text)
+        )
+    except (KeyError, OverflowError):
+        raise ValueError(f"no user {user_text} on this host; expected USER or USER:GROUP")
+    if entry.pw_uid == 0 and user_text != "root":
+        raise ValueError(
+            f"{user_text} is uid 0, root: to run jobs as root, write run_as = root"
+        )
+    if group_text:
+        try:
+            group = (
+                grp.getgrgid(int(group_text))
+                if group_text.isdigit()
+                else grp.getgrnam(group_text)
+            )
+        except (KeyError, OverflowError):
+            raise ValueError(f"no group {group_text} on this host")
+        if group.gr_gid == 0 and group_text != "root":
+            raise ValueError(
+                f"{group_text} is gid 0, root's group: write USER:root to mean it"
+            )
+    else:
+        try:
+            group = grp.getgrgid(entry.pw_gid)
+        except KeyError:
+            raise ValueError(
+                f"the group of {entry.pw_name} (gid {entry.pw_gid}) is not in this "
+                "host's group database; give USER:GROUP"
+            )
+        if group.gr_gid == 0 and entry.pw_uid != 0:
+            raise ValueError(
+                f"the group of {entry.pw_name} is root's (gid 0): write "
+                f"{entry.pw_name}:root to mean it, or name another group"
+            )
+    groups = tuple(os.getgrouplist(entry.pw_name, group.gr_gid))
+    return RunAs(entry.pw_name, entry.pw_uid, group.gr_name, group.gr_gid, groups)
+
+
+def _optional_run_as(text: str) -> Optional[RunAs]:
+    return run_as(text) if text.strip() else None
+
+
+@attrs.frozen
 class ExecutorConfig:
     """
-    C{[executor]}: what runs on this host at once, and what bounds a
+    C{[executor]}: what runs on this host at once; as whom command jobs
+    run (C{None}: see L{dispatcher.execution._accounts}); and what bounds a
     command job: its processes (and threads) and the bytes of each stream
-    of its log kept (0: no limit); whether jobs go in cgroups of their own
-    (C{auto}: where the host allows, C{off}: never).
+    of its log kept (0: no limit), and whether jobs go in cgroups of their
+    own (C{auto}: where the host allows, C{off}: never).
     """
 
     slots: int = 8
     threads: int = 8
     kill_grace: float = 5.0
+    run_as: Optional[RunAs] = None
     max_processes: int = DEFAULT_MAX_PROCESSES
     max_log_bytes: int = DEFAULT_MAX_LOG_BYTES
     cgroups: str = "auto"
@@ -202,6 +293,108 @@ class QueueConfig:
     timeout: Optional[float] = None
 
 
+class _Inherit:
+    """
+    The value of a quota key a section does not give: the next section
+    down decides (see L{Quotas.limits}).
+    """
+
+    def __repr__(self) -> str:
+        return "INHERIT"
+
+
+INHERIT: Any = _Inherit()
+
+# The roles a [quota:role=ROLE] section may name: dispatcher.model's Role
+# values (this package imports nothing of the package; a test checks that
+# they agree).
+ROLE_NAMES = ("admin", "submitter", "reader", "worker")
+# A principal's name, as dispatcher.model._principals has it (the same
+# test checks this too): what a [quota:owner=NAME] section names.
+OWNER_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.@-]{0,63}$")
+
+
+@attrs.frozen
+class QuotaConfig:
+    """
+    One quota section: C{[quota]} (the defaults of every principal but an
+    admin), C{[quota:role=ROLE]} or C{[quota:owner=NAME]}.
+
+    @ivar max_jobs: the most unfinished jobs (pending, queued, staging,
+        running) an owner may have; C{None}: no limit.
+    @ivar rate: jobs an owner may submit a second, on average; C{None}: no
+        limit.
+    @ivar burst: jobs it may submit at once after a quiet spell (the
+        bucket's size); C{None}: C{rate}, rounded up.
+
+    A key a section does not give is L{INHERIT}.
+    """
+
+    max_jobs: Any = INHERIT
+    rate: Any = INHERIT
+    burst: Any = INHERIT
+
+
+@attrs.frozen
+class QuotaLimits:
+    """
+    The quota of one principal, resolved (L{Quotas.limits}): C{None} is no
+    limit.  C{burst} is set whenever C{rate} is.
+    """
+
+    max_jobs: Optional[int] = None
+    rate: Optional[float] = None
+    burst: Optional[int] = None
+
+    @property
+    def unlimited(self) -> bool:
+        """
+        Whether neither limit applies.
+        """
+        return self.max_jobs is None and self.rate is None
+
+
+# What [quota] holds when the file does not say: a submitter's jobs are
+# bounded; an admin's are not (only [quota:role=admin] or an owner's
+# section bounds them).
+DEFAULT_QUOTA = QuotaConfig(max_jobs=50_000, rate=1000.0, burst=10_000)
+
+
+@attrs.frozen
+class Quotas:
+    """
+    Every quota section: C{[quota]} (L{DEFAULT_QUOTA} where it does not
+    say), and the C{[quota:role=ROLE]} and C{[quota:owner=NAME]} ones.
+    """
+
+    default: QuotaConfig = DEFAULT_QUOTA
+    roles: Mapping[str, QuotaConfig] = attrs.field(factory=dict)
+    owners: Mapping[str, QuotaConfig] = attrs.field(factory=dict)
+
+    def limits(self, name: str, role: str) -> QuotaLimits:
+        """
+        The quota of the principal C{name} of the role C{role}: each key
+        from the owner's section, else the role's, else (unless C{role} is
+        admin) C{[quota]}; a key none of them gives is no limit.
+        """
+        sections = [self.owners.get(name), self.roles.get(role)]
+        if role != "admin":
+            sections.append(self.default)
+        found = {}
+        for key in ("max_jobs", "rate", "burst"):
+            value = None
+            for section in sections:
+                if section is not None and getattr(section, key) is not INHERIT:
+                    value = getattr(section, key)
+                    break
+            found[key] = value
+        if found["rate"] is None:
+            found["burst"] = None
+        elif found["burst"] is None:
+            found["burst"] = max(1, math.ceil(found["rate"]))
+        return QuotaLimits(**found)
+
+
 @attrs.frozen
 class TaskRef:
     """
@@ -231,6 +424,11 @@ class Config:
     queues: Mapping[str, QueueConfig] = attrs.field(
         factory=lambda: {"default": QueueConfig("default")}
     )
+    quotas: Quotas = Quotas()
+    # [run_as]: the account each owner's (credential's) command jobs run as,
+    # where the dispatcher runs as root; an owner not here gets [executor]
+    # run_as.
+    run_as_by_owner: Mapping[str, RunAs] = attrs.field(factory=dict)
 
 
 def _integer(minimum: int) -> Callable[[str], int]:
@@ -345,8 +543,6 @@ def _endpoint(text: str) -> str:
 
 
 def _group(text: str) -> Optional[int]:
-    import grp
-
     name = text.strip()
     if not name:
         return None
@@ -502,6 +698,7 @@ _SECTIONS: Mapping[str, tuple[type, Mapping[str, Callable[[str], Any]]]] = {
             "shutdown_grace": _seconds(0),
             "idempotency_ttl": _seconds(0, above=True),
             "max_array": _integer(1),
+            "max_stored_bytes": _integer(1024),
             "sync_interval": _seconds(0),
             "gc_freeze": _boolean,
         },
@@ -512,6 +709,7 @@ _SECTIONS: Mapping[str, tuple[type, Mapping[str, Callable[[str], Any]]]] = {
             "slots": _integer(0),
             "threads": _integer(1),
             "kill_grace": _seconds(0),
+            "run_as": _optional_run_as,
             "max_processes": _process_limit,
             "max_log_bytes": _integer(0),
             "cgroups": _cgroups,
@@ -541,6 +739,34 @@ _SECTIONS: Mapping[str, tuple[type, Mapping[str, Callable[[str], Any]]]] = {
     ),
     "api": (ApiConfig, {"token_file": _token_file, "authentication": _authentication}),
     "retention": (RetentionConfig, {"finished_days": _days, "finished_count": _count}),
+}
+
+def _optional(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    def parse_or_none(text: str) -> Any:
+        if text.strip().lower() == "none":
+            return None
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise ValueError(f"{e}, or none (no limit)")
+
+    return parse_or_none
+
+
+def _rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (0 < value < float("inf")):
+        raise ValueError("expected a number of jobs a second above 0 (fractions allowed)")
+    return value
+
+
+_QUOTA_KEYS: Mapping[str, Callable[[str], Any]] = {
+    "max_jobs": _optional(_integer(1)),
+    "rate": _optional(_rate),
+    "burst": _integer(1),
 }
 
 _QUEUE_KEYS: Mapping[str, Callable[[str], Any]] = {
@@ -600,7 +826,43 @@ def parse_config(text: str, path: str = "<string>") -> Config:
     values: dict[str, Any] = {"path": path}
     tasks: dict[str, TaskRef] = {}
     queues: dict[str, QueueConfig] = {"default": QueueConfig("default")}
+    quota_default = DEFAULT_QUOTA
+    quota_roles: dict[str, QuotaConfig] = {}
+    quota_owners: dict[str, QuotaConfig] = {}
+    by_owner: dict[str, RunAs] = {}
     for section in parser.sections():
+        if section == "quota":
+            quota_default = attrs.evolve(DEFAULT_QUOTA, **parse_keys(section, _QUOTA_KEYS))
+            continue
+        if section.startswith("quota:"):
+            kind, _, name = section[len("quota:"):].partition("=")
+            if kind == "role" and name in ROLE_NAMES:
+                quota_roles[name] = QuotaConfig(**parse_keys(section, _QUOTA_KEYS))
+            elif kind == "owner" and OWNER_NAME.match(name):
+                quota_owners[name] = QuotaConfig(**parse_keys(section, _QUOTA_KEYS))
+            else:
+                raise ConfigError(
+                    f"{path}: [{section}]: expected [quota:role=ROLE] (ROLE one of "
+                    f"{', '.join(ROLE_NAMES)}) or [quota:owner=NAME] (NAME a "
+                    "credential's name: letters, digits, _ . @ -, not starting with "
+                    ". @ or -)"
+                )
+            continue
+        if section == "run_as":
+            for owner, account in parser.items(section):
+                if not OWNER_NAME.match(owner):
+                    raise fail(
+                        section,
+                        owner,
+                        account,
+                        "an owner is a credential's name: letters, digits, _ . @ -, "
+                        "not starting with . @ or -",
+                    )
+                try:
+                    by_owner[owner] = run_as(account)
+                except ValueError as e:
+                    raise fail(section, owner, account, str(e))
+            continue
         if section.startswith("queue:"):
             name = section[len("queue:"):]
             if not QUEUE_NAME.match(name):
@@ -635,7 +897,12 @@ def parse_config(text: str, path: str = "<string>") -> Config:
                 tasks[name] = TaskRef(name, target, function)
             continue
         if section not in _SECTIONS:
-            known = ", ".join(f"[{s}]" for s in (*_SECTIONS, "tasks", "queue:NAME"))
+            known = ", ".join(
+                f"[{s}]" for s in (
+                    *_SECTIONS, "tasks", "queue:NAME", "quota", "quota:role=ROLE",
+                    "quota:owner=NAME", "run_as",
+                )
+            )
             raise ConfigError(f"{path}: [{section}]: unknown section; known: {known}")
         kind, keys = _SECTIONS[section]
         fields = parse_keys(section, keys)
@@ -647,7 +914,10 @@ def parse_config(text: str, path: str = "<string>") -> Config:
         values[section] = kind(**fields)
         if section == "workers":
             _check_fence_margin(values[section], parser, fail)
-    return Config(tasks=tasks, queues=queues, **values)
+    quotas = Quotas(quota_default, quota_roles, quota_owners)
+    return Config(
+        tasks=tasks, queues=queues, quotas=quotas, run_as_by_owner=by_owner, **values
+    )
 
 
 def _check_fence_margin(

@@ -303,6 +303,7 @@ class Dispatcher(Service):
         explain: bool = True,
         owner: Optional[str] = None,
         sees_all: bool = True,
+        max_unfinished: Optional[int] = None,
     ) -> Deferred:
         """
         Store the jobs of one request, all or nothing, owned by C{owner};
@@ -311,7 +312,8 @@ class Dispatcher(Service):
         durable, their wait reasons as the holders connected now see them
         unless C{explain} is false (an answer that shows no wait reason
         need not pay for them).  Unless C{sees_all}, C{depends_on} may name
-        only C{owner}'s jobs (see L{IJobStore.submit}).
+        only C{owner}'s jobs; C{max_unfinished} bounds C{owner}'s
+        unfinished jobs (see L{IJobStore.submit}).
         """
         specs = []
         ids = []
@@ -334,7 +336,9 @@ class Dispatcher(Service):
                     specs.append(attrs.evolve(spec, array_id=array_id, array_index=index))
                     ids.append(self.ids.new())
                 names.append(array_id)
-        d = self.store.submit(specs, self._clock.seconds(), ids, idempotency, owner, sees_all)
+        d = self.store.submit(
+            specs, self._clock.seconds(), ids, idempotency, owner, sees_all, max_unfinished
+        )
         ready = sum(1 for spec in specs if not spec.depends_on and spec.not_before is None)
         if ready:
             # Claim for them now: the claim joins the submission's commit
@@ -352,15 +356,19 @@ class Dispatcher(Service):
         jobs: PlainJobs,
         idempotency: Optional[IdempotencyKey] = None,
         owner: Optional[str] = None,
+        max_unfinished: Optional[int] = None,
     ) -> Deferred:
         """
         Store L{PlainJobs}, all or nothing, owned by C{owner}; fires with
         their L{dispatcher.store._results.SubmittedIds} once they are
         durable (or with the L{Submitted} jobs of an earlier request of the
-        same owner with the same idempotency key).
+        same owner with the same idempotency key).  C{max_unfinished} is as
+        for L{submit}.
         """
         ids = self.ids.new_many(len(jobs))
-        d = self.store.submit_plain(jobs, self._clock.seconds(), ids, idempotency, owner)
+        d = self.store.submit_plain(
+            jobs, self._clock.seconds(), ids, idempotency, owner, max_unfinished
+        )
         # Claimed for at once, as submit() does.
         self.scheduler.jobs_queued(len(ids))
         self._pump()
@@ -459,13 +467,23 @@ class Dispatcher(Service):
 
         return shielded(d.addCallback(cancelled))
 
-    def retry(self, job_id: str, dependents: bool, owner: Optional[str] = None) -> Deferred:
+    def retry(
+        self,
+        job_id: str,
+        dependents: bool,
+        owner: Optional[str] = None,
+        max_unfinished: Optional[int] = None,
+    ) -> Deferred:
         """
         Put a failed or cancelled job back in line with a fresh budget.
         Given C{owner}, a job of another owner fails with L{UnknownJob}, and
-        only C{owner}'s dependents come back with it.
+        only C{owner}'s dependents come back with it; given
+        C{max_unfinished}, only while the job's owner then has at most that
+        many unfinished jobs.
         """
-        d = self.store.retry(job_id, self._clock.seconds(), dependents, owner)
+        d = self.store.retry(
+            job_id, self._clock.seconds(), dependents, owner, max_unfinished
+        )
         return shielded(d.addCallback(self._submitted))
 
     def remove(self, job_id: str, owner: Optional[str] = None) -> Deferred:

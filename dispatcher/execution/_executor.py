@@ -8,8 +8,10 @@ remote worker reuses it.
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import stat
 import threading
 import traceback
 from typing import Any, Callable, Mapping, Optional
@@ -25,7 +27,17 @@ from twisted.python.threadpool import ThreadPool
 
 from dispatcher.config._ini import TaskRef
 from dispatcher._deferreds import shielded
+from dispatcher.execution._accounts import AS_THE_DISPATCHER, JobAccounts
+from dispatcher.execution._spawner import (
+    LOG_MODE,
+    LOGS_MODE,
+    PASSAGE_MODE,
+    WORK_MODE,
+    make_job_dirs,
+    make_passage,
+)
 from dispatcher.model._jobs import JobSpec, JobState, Lease, Outcome
+from dispatcher.model._limits import MAX_RESULT_BYTES, result_size
 from dispatcher.model._values import UnservableValue, servable_text, storable
 from dispatcher._threads import TaskThreads
 
@@ -92,7 +104,7 @@ def move_old_job_dirs(jobs_dir: str) -> int:
             target = os.path.join(jobs_dir, job_path(name))
             parent = os.path.dirname(target)
             if parent not in made:
-                os.makedirs(parent, exist_ok=True)
+                make_passage(parent)
                 made.add(parent)
             try:
                 os.rename(os.path.join(bucket, name), target)
@@ -111,6 +123,57 @@ def move_old_job_dirs(jobs_dir: str) -> int:
         except OSError:
             pass
     return moved
+
+
+def tighten_job_dirs(jobs_dir: str) -> int:
+    """
+    Give everything under C{jobs_dir} the mode it is made with now, where
+    an older version (or a wider umask) left group or others more: the
+    jobs directory, its buckets and each job's directory L{PASSAGE_MODE},
+    attempts' directories L{LOGS_MODE} and their files L{LOG_MODE}, working
+    directories L{WORK_MODE} (not what is in them: that is the job's).
+    The number of entries changed.  Blocking: run at start-up, before any
+    job runs; a jobs directory that already has its mode is taken as done
+    (it is given it last), so the walk is made once.
+
+    Symbolic links are left alone, and nothing below a working directory
+    is entered.
+    """
+    try:
+        top = os.lstat(jobs_dir)
+    except FileNotFoundError:
+        return 0
+    if stat.S_IMODE(top.st_mode) == PASSAGE_MODE:
+        return 0
+    changed = 0
+
+    def give(path: str, found: os.stat_result, mode: int) -> None:
+        nonlocal changed
+        if stat.S_IMODE(found.st_mode) != mode:
+            os.chmod(path, mode)
+            changed += 1
+
+    def walk(directory: str) -> None:
+        for entry in os.scandir(directory):
+            if entry.is_symlink():
+                continue
+            found = entry.stat(follow_symlinks=False)
+            if entry.name == "work" and entry.is_dir():
+                give(entry.path, found, WORK_MODE)
+            elif entry.name.startswith("attempt-") and entry.is_dir():
+                give(entry.path, found, LOGS_MODE)
+                for log_file in os.scandir(entry.path):
+                    if log_file.is_file(follow_symlinks=False):
+                        give(log_file.path, log_file.stat(follow_symlinks=False), LOG_MODE)
+            elif entry.is_dir():
+                give(entry.path, found, PASSAGE_MODE)
+                walk(entry.path)
+            elif stat.S_IMODE(found.st_mode) & 0o077:
+                give(entry.path, found, stat.S_IMODE(found.st_mode) & 0o700)
+
+    walk(jobs_dir)
+    os.chmod(jobs_dir, PASSAGE_MODE)
+    return changed + 1
 
 
 class TaskContext:
@@ -149,7 +212,7 @@ class TaskContext:
 
     @property
     def workdir(self) -> str:
-        os.makedirs(self._workdir, exist_ok=True)
+        make_job_dirs(self._workdir)
         return self._workdir
 
     @property
@@ -211,14 +274,28 @@ def _call_task(
     except Exception:
         # (A subclass of a JSON type whose conversion fails, say.)
         return _task_exception(stderr_path)
+    # Bounded here too, where the job can still fail in words: a result is
+    # stored whole and shown in every answer about its job.
+    if type(value) in (list, dict, str):
+        size = result_size(json.dumps(value, separators=(",", ":"), ensure_ascii=False))
+        if size > MAX_RESULT_BYTES:
+            return Outcome(
+                JobState.FAILED,
+                error=f"the task's result is {size} bytes of JSON, more than the "
+                f"{MAX_RESULT_BYTES} a result may be; write a larger output to a file "
+                "in the job's working directory and return its name",
+            )
     return Outcome(JobState.SUCCEEDED, result=value)
 
 
 def _task_exception(stderr_path: str) -> Outcome:
     text = traceback.format_exc()
     try:
-        os.makedirs(os.path.dirname(stderr_path), exist_ok=True)
-        with open(stderr_path, "a", encoding="utf-8", errors="backslashreplace") as f:
+        make_job_dirs(logs_dirs=[os.path.dirname(stderr_path)])
+        fd = os.open(
+            stderr_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, LOG_MODE
+        )
+        with open(fd, "a", encoding="utf-8", errors="backslashreplace") as f:
             f.write(text)
     except OSError:
         pass
@@ -263,6 +340,8 @@ class LocalExecutor:
     @param io_pool: the pool for file-system work.
     @param clock: the C{IReactorTime} of timeouts and kill grace periods.
     @param kill_grace: seconds between SIGTERM and SIGKILL.
+    @param accounts: the L{JobAccounts} command jobs run as (by default,
+        the dispatcher's own account).
     """
 
     def __init__(
@@ -277,8 +356,10 @@ class LocalExecutor:
         io_pool: ThreadPool,
         kill_grace: float = 5.0,
         clock: Any = None,
+        accounts: JobAccounts = AS_THE_DISPATCHER,
     ) -> None:
         self._reactor = reactor
+        self.accounts = accounts
         self._clock = clock if clock is not None else reactor
         self.holder = holder
         self._jobs_dir = os.path.join(data_dir, "jobs")
@@ -312,11 +393,54 @@ class LocalExecutor:
         """
         return move_old_job_dirs(self._jobs_dir)
 
+    def tighten_job_dirs(self) -> int:
+        """
+        Narrow the modes an older version left under the jobs directory
+        (L{tighten_job_dirs}); blocking, for start-up.
+        """
+        return tighten_job_dirs(self._jobs_dir)
+
+    def make_jobs_dir(self) -> None:
+        """
+        Make the jobs directory (a passage); blocking.
+        """
+        make_passage(self._jobs_dir)
+
+    def make_data_dir(self, data_dir: str) -> int:
+        """
+        Make a remote worker's data directory, which holds the jobs
+        directory alone, and the jobs directory, as passages, narrowing
+        what an older version left open (L{tighten_job_dirs}); the number
+        of entries whose modes were narrowed.  Blocking, for start-up.
+        """
+        os.makedirs(data_dir, WORK_MODE, exist_ok=True)
+        mode = stat.S_IMODE(os.stat(data_dir).st_mode)
+        narrowed = 0
+        if mode != PASSAGE_MODE:
+            os.chmod(data_dir, PASSAGE_MODE)
+            # Opening a 0700 directory to passers-by is not narrowing.
+            narrowed = 1 if mode & ~PASSAGE_MODE else 0
+        narrowed += self.tighten_job_dirs()
+        self.make_jobs_dir()
+        return narrowed
+
     def workdir(self, job_id: str) -> str:
         """
         Where a job's process runs and its inputs land.
         """
         return f"{self.job_dir(job_id)}/work"
+
+    @staticmethod
+    def open_log(log_path: str) -> int:
+        """
+        Open a log file (L{log_path}) for reading and writing, made if need
+        be as the spawner makes a local job's; its descriptor.  Blocking.
+        For the logs remote workers send.
+        """
+        make_job_dirs(logs_dirs=[os.path.dirname(log_path)])
+        return os.open(
+            log_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, LOG_MODE
+        )
 
     def log_path(self, job_id: str, attempt: int, stream: str) -> str:
         """
@@ -387,12 +511,20 @@ class LocalExecutor:
             attempt_dir = os.path.dirname(self.log_path(lease.job_id, lease.attempt, "x"))
             # The spawner makes a command's directories as it starts it;
             # inputs need the working directory before that.
+            run_as = (
+                self.accounts.for_owner(lease.owner) if spec.command is not None else None
+            )
+            owner = None if run_as is None else (run_as.uid, run_as.gid)
             if spec.inputs:
                 await deferToThreadPool(
-                    self._reactor, self._io_pool, _make_dirs, workdir, attempt_dir
+                    self._reactor, self._io_pool, make_job_dirs, workdir, [attempt_dir], owner
                 )
             if spec.inputs and not running.stopping:
-                staging = self._stager.stage_inputs(spec.inputs, workdir)
+                staging = (
+                    self._stager.stage_inputs(spec.inputs, workdir)
+                    if owner is None
+                    else self._stager.stage_inputs(spec.inputs, workdir, owner)
+                )
                 running.staging = staging
                 # A stop ends the wait at once, whatever the fetch in flight
                 # does with its cancellation.
@@ -445,15 +577,19 @@ class LocalExecutor:
             self.log_path(lease.job_id, lease.attempt, "stderr"),
         )
         deadline = running.deadline
-        # Given only when there is one, as a spawner that takes neither need
-        # not know them.
-        extra: dict[str, Any] = {}
+        # Left out when not used: an IProcessSpawner of before takes none.
+        options: dict[str, Any] = {}
         if deadline is not None:
-            extra["deadline"] = deadline
+            options["deadline"] = deadline
+        run_as = self.accounts.for_owner(lease.owner)
+        if run_as is not None:
+            options["run_as"] = run_as
         if spec.resources.memory_mb:
-            extra["memory_mb"] = spec.resources.memory_mb
+            options["memory_mb"] = spec.resources.memory_mb
         try:
-            process = await self._spawner.spawn(list(spec.command), env, workdir, *paths, **extra)
+            process = await self._spawner.spawn(
+                list(spec.command), env, workdir, *paths, **options
+            )
         except Exception as e:
             return Outcome(JobState.FAILED, error=f"could not start the command: {e}")
         running.process = process
@@ -615,7 +751,3 @@ class LocalExecutor:
         elif running.context is not None:
             running.context.cancel()
 
-
-def _make_dirs(*paths: str) -> None:
-    for path in paths:
-        os.makedirs(path, exist_ok=True)

@@ -14,6 +14,7 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 from twisted.web.client import HTTPConnectionPool
 
+from dispatcher.execution._accounts import AccountRefused, JobAccounts, job_accounts
 from dispatcher.execution._executor import LocalExecutor
 from dispatcher.execution._fetch_policy import FetchPolicy
 from dispatcher.execution._http_client import input_http_client
@@ -129,6 +130,10 @@ class JobHost:
     @param clock: the C{IReactorTime} of timeouts and kill grace periods.
     @param stager_clock: the C{IReactorTime} of fetch timeouts and retries.
     @param prefix: the start of the thread pools' names.
+
+    @ivar accounts_refused: why command jobs cannot run as the
+        configuration says (L{job_accounts}), or C{None}; the daemon and
+        the worker refuse to start with it.
     """
 
     def __init__(
@@ -157,6 +162,13 @@ class JobHost:
             cgroups=config.executor.cgroups,
         )
         stager = InputStager(self.http, stager_clock, config.fetch, self.fetch_pool, reactor)
+        self.accounts_refused: Optional[str] = None
+        try:
+            accounts = job_accounts(config)
+        except AccountRefused as e:
+            self.accounts_refused = str(e)
+            # Never used: the daemon and the worker do not start.
+            accounts = JobAccounts(note=None)
         self.executor = LocalExecutor(
             reactor,
             holder,
@@ -168,6 +180,7 @@ class JobHost:
             self.io_pool,
             kill_grace=config.executor.kill_grace,
             clock=clock,
+            accounts=accounts,
         )
 
     def start_pools(self) -> None:

@@ -12,13 +12,16 @@ class IProcessSpawner(Interface):
     group (and cgroups, where the host allows), and tells when they end.
     """
 
-    def spawn(argv, env, cwd, stdout_path, stderr_path, deadline=None, memory_mb=0):
+    def spawn(argv, env, cwd, stdout_path, stderr_path, deadline=None, run_as=None,
+              memory_mb=0):
         """
         Start C{argv} (no shell) in C{cwd} with exactly the environment
         C{env}, stdout and stderr to those files.  Fire with an
         L{IRunningProcess}.  With a C{deadline} (a time on
         L{dispatcher.execution._spawner.deadline_clock}), the process group
         is killed when it passes, by a process other than the caller's.
+        With C{run_as} (a L{dispatcher.config._ini.RunAs}), it runs as that
+        account, which C{cwd} is given to.
         C{memory_mb} (0: none) is its memory limit, where it can be
         enforced.
         """
@@ -62,8 +65,10 @@ class IInputStager(Interface):
     Fetches a job's inputs before it runs.
     """
 
-    def stage_inputs(inputs, workdir):
+    def stage_inputs(inputs, workdir, owner=None):
         """
         Fetch every L{InputSpec} into C{workdir}; fire with C{None}, or
-        fail with L{StagingError} naming the input and why.
+        fail with L{StagingError} naming the input and why.  With C{owner}
+        (C{(uid, gid)}), the files and directories made belong to it, and
+        no symbolic link is followed on the way.
         """

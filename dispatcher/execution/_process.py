@@ -186,7 +186,9 @@ class _Helper(ProcessProtocol):
         self.dead = False
         self.exited = Deferred()
 
-    def spawn(self, argv, env, cwd, stdout_path, stderr_path, deadline=None, memory_mb=0):
+    def spawn(
+        self, argv, env, cwd, stdout_path, stderr_path, deadline=None, run_as=None, memory_mb=0
+    ):
         job_id = next(self._ids)
         try:
             request = dict(
@@ -202,6 +204,10 @@ class _Helper(ProcessProtocol):
             return fail(SpawnError(f"argv, env, cwd and paths must be strings: {e}"))
         if deadline is not None:
             request["deadline"] = deadline
+        if run_as is not None:
+            request["run_as"] = dict(
+                user=run_as.user, uid=run_as.uid, gid=run_as.gid, groups=list(run_as.groups)
+            )
         if memory_mb:
             request["memory_mb"] = memory_mb
 
@@ -409,7 +415,9 @@ class ProcessSpawner(Service):
             return succeed(None)
         return self._helper.stop()
 
-    def spawn(self, argv, env, cwd, stdout_path, stderr_path, deadline=None, memory_mb=0):
+    def spawn(
+        self, argv, env, cwd, stdout_path, stderr_path, deadline=None, run_as=None, memory_mb=0
+    ):
         """
         Start C{argv} (no shell) in its own session and process group, and
         its own cgroups where the host allows.
@@ -425,6 +433,10 @@ class ProcessSpawner(Service):
             L{dispatcher.execution._spawner.deadline_clock} at which the
             helper kills the process group with C{SIGKILL}, whatever this
             process is doing then (L{set_deadline} moves it).
+        @param run_as: C{None}, or the L{dispatcher.config._ini.RunAs}
+            account it runs as (this process must then be root): its user
+            and group ids, real, effective and saved, and its groups.  The
+            working directory is given to it.
         @param memory_mb: its memory limit in MiB (0: none), enforced where
             jobs get cgroups.
 
@@ -440,7 +452,7 @@ class ProcessSpawner(Service):
             except OSError as e:
                 return fail(SpawnError(f"cannot start the process spawner helper: {e}"))
         return self._helper.spawn(
-            argv, env, cwd, stdout_path, stderr_path, deadline, memory_mb
+            argv, env, cwd, stdout_path, stderr_path, deadline, run_as, memory_mb
         )
 
     def set_deadline(self, processes, at):

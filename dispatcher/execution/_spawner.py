@@ -12,6 +12,8 @@ Requests::
     {"op": "spawn", "id": N, "argv": [...], "env": {...}, "cwd": "...",
      "stdout": "path", "stderr": "path"}
     {"op": "spawn", ..., "deadline": D, "memory_mb": M}
+    {"op": "spawn", ..., "run_as": {"user": "nobody", "uid": U, "gid": G,
+                                    "groups": [G, ...]}}
     {"op": "signal", "id": N, "signal": 15}
     {"op": "deadline", "ids": [N, ...], "at": D}
 
@@ -41,7 +43,19 @@ them away.  Ids the helper no longer runs are ignored.  The daemon's own
 jobs have no deadline and cost nothing here.
 
 The working directory and the directories of the two output files are
-made if need be.  Each job leads its own session and process group and,
+made if need be (L{make_job_dirs}): the directories on the way to them
+with L{PASSAGE_MODE}, the output files' with L{LOGS_MODE}, the working
+directory with L{WORK_MODE}, given to the job's account.  The output files
+are opened here, never following a symbolic link.  Without a
+C{max_log_bytes} they are handed to the job open, and belong to its
+account too, so that it may open them again (C{/dev/stdout}); with one,
+the job writes pipes, and the files stay this process's.
+
+With C{run_as}, the job runs as that account: its real, effective and
+saved user and group ids and its supplementary groups are the account's
+when it starts (L{_take_ids}).  This process stays root.
+
+Each job leads its own session and process group and,
 where the host allows, has cgroups of its own, which bound its processes
 (the setting C{max_processes}) and its memory (C{memory_mb}); it is born in
 them (L{dispatcher.execution._cgroups}).  When a job's leader exits, what
@@ -83,9 +97,25 @@ else:
     from _outputs import open_outputs
 
 # How a job's stdout and stderr files are opened: appended to, so that the
-# output of an earlier attempt is kept.
-_OUTPUT_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_APPEND
-_OUTPUT_MODE = 0o644
+# output of an earlier attempt is kept; never through a symbolic link, and
+# never left open in another job.
+_OUTPUT_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
+
+# Who may enter what under the jobs directory (docs/security.md).  Every
+# directory on the way to a job's working directory (the jobs directory,
+# its buckets, the job's own directory) may be passed through by anyone
+# but listed by its owner alone: a job reaches its working directory by
+# its path, and finds no other's.
+PASSAGE_MODE = 0o711
+# A job's working directory: its account's alone.
+WORK_MODE = 0o700
+# The directory of an attempt's output files, and the files: the daemon's
+# (each file is given to the job's account, which writes it).  Nothing
+# the daemon reads or writes lies in a directory a job may change, so a
+# job cannot lead the daemon through a symbolic link.
+LOGS_MODE = 0o700
+LOG_MODE = 0o600
+
 
 # Field 22 of /proc/<pid>/stat, counted from 1: the start time.
 _START_TICKS = 21
@@ -165,24 +195,159 @@ def _start_ticks(pid):
     return int(data[data.rindex(b")") + 2 :].split(None, _START_TICKS - 1)[_START_TICKS - 2])
 
 
-def _make_directory(path):
-    """
-    Make the directory C{path} and its parents if need be: most often it
-    exists, or only it is missing, which one C{mkdir} settles (where
-    C{os.makedirs} looks first at its parent, and at an existing one after).
-    """
-    try:
-        os.mkdir(path)
-    except FileExistsError:
-        pass
-    except FileNotFoundError:
-        os.makedirs(path, exist_ok=True)
-
-
 class _Refused(Exception):
     """
     A request cannot be carried out; the message says why, in words.
     """
+
+
+# The umask of this helper, and so of the jobs it starts (the daemon's own
+# is 077): a job's files are its own business, and 022 is what jobs had
+# under a daemon of the usual umask.  Everything the helper makes has a
+# mode of its own.
+JOB_UMASK = 0o022
+
+# Whether a directory made with PASSAGE_MODE may lack bits for others (a
+# umask taking them away), to be given them: true but in the helper, whose
+# umask is JOB_UMASK.
+_passage_needs_chmod = True
+
+
+def make_passage(path):
+    """
+    Make C{path} and its missing parents with L{PASSAGE_MODE}.
+    """
+    try:
+        os.mkdir(path, PASSAGE_MODE)
+    except FileExistsError:
+        return
+    except FileNotFoundError:
+        make_passage(os.path.dirname(path))
+        try:
+            os.mkdir(path, PASSAGE_MODE)
+        except FileExistsError:
+            return
+    if _passage_needs_chmod:
+        # The umask took the bits for others away.
+        os.chmod(path, PASSAGE_MODE)
+
+
+def _make_dir(path, mode):
+    """
+    Make C{path} with C{mode} (with no bits for group or others, which no
+    umask takes away), and its missing parents as passages; whether it was
+    made.
+    """
+    try:
+        os.mkdir(path, mode)
+    except FileExistsError:
+        return False
+    except FileNotFoundError:
+        make_passage(os.path.dirname(path))
+        try:
+            os.mkdir(path, mode)
+        except FileExistsError:
+            return False
+    return True
+
+
+def make_job_dirs(workdir=None, logs_dirs=(), owner=None):
+    """
+    Make a job's directories: C{workdir} (L{WORK_MODE}), each of
+    C{logs_dirs} (L{LOGS_MODE}) and the directories on the way to them
+    (L{PASSAGE_MODE}).  Blocking.
+
+    @param owner: C{(uid, gid)} the working directory is given to, made or
+        found (one an older version made, or of an account the job ran as
+        before); C{None}: it stays this process's.
+    """
+    # The job's own directory first, so that the others are made at the
+    # first try (a mkdir costs more than a syscall on some disks).
+    for parent in {os.path.dirname(path) for path in (workdir, *logs_dirs) if path}:
+        make_passage(parent)
+    for path in logs_dirs:
+        _make_dir(path, LOGS_MODE)
+    if workdir is None:
+        return
+    made = _make_dir(workdir, WORK_MODE)
+    if owner is None:
+        return
+    uid, gid = owner
+    if not made:
+        # Its parent is the daemon's: nobody else can have put a link here.
+        found = os.lstat(workdir)
+        if found.st_uid == uid and found.st_gid == gid:
+            return
+    os.chown(workdir, uid, gid, follow_symlinks=False)
+
+
+def _run_as(value):
+    """
+    The account of a spawn request's C{run_as}: C{(user, uid, gid,
+    groups)}, or C{None}.
+    """
+    if value is None:
+        return None
+    user, uid, gid, groups = value["user"], value["uid"], value["gid"], value["groups"]
+    if not (
+        isinstance(user, str)
+        and all(type(n) is int and n >= 0 for n in (uid, gid, *groups))
+    ):
+        raise _Refused(f"run_as must name a user and numeric ids, not {value!r}")
+    return user, uid, gid, groups
+
+
+# This process's own real ids and groups, which it takes back after each
+# spawn as another account.
+_OWN_IDS = None
+
+
+def _take_ids(run_as):
+    """
+    Take the account's ids as this process's *real* user and group ids and
+    its groups, the effective ids staying root's, for the moment of a
+    spawn: C{posix_spawn(..., resetids=True)} then sets the child's
+    effective ids to these real ones before it executes the program, and
+    the exec sets the saved ids to the effective ones.  So the job starts
+    with every id its account's, and with no capability (its ids are not
+    0), without a fork of this process (C{os.posix_spawn} is a C{vfork}).
+    Nothing to do for C{None}.  L{_give_back_ids} ends it, whether this
+    succeeded or not.
+
+    While it holds them a process of that account may signal this one
+    (docs/security.md says what that allows); every signal it may catch is
+    ignored (L{main}).
+    """
+    if run_as is None:
+        return
+    user, uid, gid, groups = run_as
+    try:
+        os.setgroups(groups)
+        os.setresgid(gid, -1, -1)
+        os.setresuid(uid, -1, -1)
+    except OSError as e:
+        raise _Refused(
+            f"cannot run as {user} (uid {uid}, gid {gid}): {e.strerror}"
+            + ("; the process spawner helper is not root" if os.geteuid() != 0 else "")
+        )
+
+
+def _give_back_ids(run_as):
+    """
+    Take this process's own real ids and groups back after a spawn as
+    C{run_as} (nothing to do for C{None}).
+    """
+    if run_as is None:
+        return
+    (ruid, _, _), (rgid, _, _), groups = _OWN_IDS
+    try:
+        os.setresuid(ruid, -1, -1)
+        os.setresgid(rgid, -1, -1)
+        os.setgroups(groups)
+    except OSError as e:
+        # Never serve on with a job's ids.
+        os.write(2, f"cannot take back this process's own ids: {e}\n".encode())
+        os._exit(70)
 
 
 def _resolve(name, env):
@@ -208,19 +373,18 @@ def _resolve(name, env):
     raise _Refused(f"no such file: {name} (not found in PATH={search})")
 
 
-def _explain(error, executable, stdout, stderr):
+def _explain(error, executable, run_as):
     """
     Say why C{posix_spawn} failed.  The error number alone does not tell
-    whether the program or one of the output files was at fault, so look.
+    whether the program or its interpreter was at fault, so look.  Called
+    while this process holds the job's ids, so that C{os.access} answers
+    for the job's account.
     """
     code = error.errno
-    outputs = (("stdout", stdout), ("stderr", stderr))
+    by = "" if run_as is None else f" by {run_as[0]}"
     if code == errno.ENOENT:
         if not os.path.lexists(executable):
             return f"no such file: {executable}"
-        for label, path in outputs:
-            if not os.path.isdir(os.path.dirname(path) or "."):
-                return f"no such directory for the {label} file: {path}"
         return (
             f"no such file: the interpreter or loader that {executable} "
             f"names (its #! line)"
@@ -228,21 +392,64 @@ def _explain(error, executable, stdout, stderr):
     if code == errno.EACCES:
         if os.path.isdir(executable):
             return f"permission denied: {executable} is a directory"
+        closed = _closed_directory(executable)
+        if closed is not None:
+            who = "this process" if run_as is None else run_as[0]
+            return f"permission denied: {executable} lies in {closed}, which {who} may not enter"
         if not os.access(executable, os.X_OK):
-            return f"permission denied: {executable} is not executable"
+            return f"permission denied: {executable} is not executable{by}"
         return (
-            f"permission denied: cannot execute {executable} or open "
-            f"{stdout} or {stderr}"
+            f"permission denied: cannot execute {executable}{by} (a directory on "
+            "its way, or its interpreter, may not be open to it)"
         )
     if code == errno.ENOEXEC:
         return (
             f"not a program: {executable} is neither a binary for this system "
             f"nor a script with a #! line"
         )
-    for label, path in outputs:
-        if code == errno.EISDIR and os.path.isdir(path):
-            return f"the {label} file is a directory: {path}"
     return f"cannot start {executable}: {error.strerror}"
+
+
+def _closed_directory(path):
+    """
+    The first directory on the way to C{path} that this process's real ids
+    may not pass through, or C{None}.
+    """
+    on_the_way = os.path.dirname(os.path.abspath(path))
+    closed = None
+    while True:
+        if not os.access(on_the_way, os.X_OK):
+            closed = on_the_way
+        parent = os.path.dirname(on_the_way)
+        if parent == on_the_way:
+            return closed
+        on_the_way = parent
+
+
+def _open_output(label, path, owner):
+    """
+    Open a job's output file, never through a symbolic link, given to
+    C{owner} (C{(uid, gid)}, or C{None}); its descriptor.
+    """
+    try:
+        fd = os.open(path, _OUTPUT_FLAGS, LOG_MODE)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            why = "it is a symbolic link"
+        elif e.errno == errno.EISDIR:
+            why = "it is a directory"
+        else:
+            why = e.strerror
+        raise _Refused(f"cannot open the {label} file {path}: {why}")
+    except (ValueError, TypeError) as e:
+        raise _Refused(f"cannot open the {label} file {path!r}: {e}")
+    if owner is not None:
+        try:
+            os.fchown(fd, *owner)
+        except OSError as e:
+            os.close(fd)
+            raise _Refused(f"cannot give the {label} file {path} to uid {owner[0]}: {e.strerror}")
+    return fd
 
 
 # What a helper is started with (a JSON object, its one argument); a key
@@ -381,18 +588,19 @@ class _Spawner:
         deadline = request.get("deadline")
         if deadline is not None:
             deadline = _deadline(deadline)
-        for directory in dict.fromkeys(
-            (cwd, os.path.dirname(stdout), os.path.dirname(stderr))
-        ):
+        run_as = _run_as(request.get("run_as"))
+        owner = None if run_as is None else run_as[1:3]
+        try:
             # Made here rather than by the daemon, which would have to hand
             # the work to a thread before every spawn.
-            try:
-                _make_directory(directory)
-            except (OSError, ValueError, TypeError) as e:
-                raise _Refused(
-                    f"cannot make the directory {directory}: "
-                    f"{getattr(e, 'strerror', None) or e}"
-                )
+            make_job_dirs(
+                cwd, dict.fromkeys((os.path.dirname(stdout), os.path.dirname(stderr))), owner
+            )
+        except (OSError, ValueError, TypeError) as e:
+            where = getattr(e, "filename", None) or cwd
+            raise _Refused(
+                f"cannot make the directory {where}: {getattr(e, 'strerror', None) or e}"
+            )
         try:
             # posix_spawn has no working directory of its own: the job
             # inherits ours.  The helper is single-threaded, so changing it
@@ -400,40 +608,57 @@ class _Spawner:
             os.chdir(cwd)
         except (OSError, ValueError, TypeError) as e:
             raise _Refused(f"bad cwd {cwd}: {getattr(e, 'strerror', None) or e}")
+        outputs, handed = [], []
+        cgroup = None
+        started = False
         try:
-            executable = _resolve(argv[0], env)
-            outputs, file_actions = self._outputs(stdout, stderr)
+            outputs, handed = self._outputs(stdout, stderr, owner)
             # Likewise the helper steps into the job's cgroups for the
-            # moment of the spawn: the job is born in them, and so is all
-            # it forks.
+            # moment of the spawn, with its own ids: the job is born in
+            # them, and so is all it forks.
             cgroup = self.cgroups.enter(memory_mb)
-            try:
-                pid = os.posix_spawn(
-                    executable,
-                    argv,
-                    env,
-                    file_actions=file_actions,
-                    # Its own session and so its own process group, which it
-                    # leads: the group can be signalled as a whole, and a
-                    # terminal's signals do not reach it.
-                    setsid=True,
-                    setsigdef=self._default_signals,
-                )
-            except BaseException as e:
-                self.cgroups.leave(cgroup)
-                self.cgroups.end(cgroup)
-                _close_outputs(outputs, file_actions)
-                if isinstance(e, OSError):
-                    raise _Refused(_explain(e, executable, stdout, stderr))
-                if isinstance(e, (ValueError, TypeError)):
-                    raise _Refused(f"cannot start {argv[0]}: {e}")
-                raise
-            self.cgroups.leave(cgroup)
+            # From here to the end of the spawn, the job's account's ids as
+            # our real ids (_take_ids): the program is looked for, and a
+            # failure explained, as that account.
+            _take_ids(run_as)
+            executable = _resolve(argv[0], env)
+            pid = os.posix_spawn(
+                executable,
+                argv,
+                env,
+                file_actions=[
+                    (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
+                    (os.POSIX_SPAWN_DUP2, handed[0], 1),
+                    (os.POSIX_SPAWN_DUP2, handed[1], 2),
+                ],
+                # Its own session and so its own process group, which it
+                # leads: the group can be signalled as a whole, and a
+                # terminal's signals do not reach it.
+                setsid=True,
+                setsigdef=self._default_signals,
+                resetids=run_as is not None,
+            )
+            started = True
+        except OSError as e:
+            raise _Refused(_explain(e, executable, run_as))
+        except (ValueError, TypeError) as e:
+            raise _Refused(f"cannot start {argv[0]}: {e}")
         finally:
-            # Hold no job's directory busy.
+            _give_back_ids(run_as)
+            if cgroup is not None:
+                self.cgroups.leave(cgroup)
+                if not started:
+                    self.cgroups.end(cgroup)
+            # Hold no job's directory busy, nor what is the job's open.
             os.chdir("/")
+            for fd in handed:
+                os.close(fd)
+            for output in outputs:
+                # (Its write end was among those handed.)
+                output.write_fd = None
+                if not started:
+                    output.close()
         for output in outputs:
-            output.close_write_end()
             self._watch(output.read_fd, output)
         # Not yet reaped, so /proc still has it even if it has exited.
         start_ticks = _start_ticks(pid)
@@ -453,37 +678,53 @@ class _Spawner:
             limits=cgroup.limits,
         )
 
-    def _outputs(self, stdout, stderr):
+    def _outputs(self, stdout, stderr, owner):
         """
         How the job's stdout and stderr reach their files: C{(outputs,
-        file_actions)}.  With a limit, through pipes this process reads
-        (the L{Output}s); without, the job opens the files itself.
+        handed)}, the L{Output}s this process reads and the two descriptors
+        the job gets as its stdout and stderr (closed here once it has
+        them).  With a limit, pipes this process reads into the files (which
+        stay its own, the pipes given to C{owner}); without, the files
+        themselves, given to C{owner}.
         """
         if not self._max_log_bytes:
-            return [], [
-                (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
-                (os.POSIX_SPAWN_OPEN, 1, stdout, _OUTPUT_FLAGS, _OUTPUT_MODE),
-                (os.POSIX_SPAWN_OPEN, 2, stderr, _OUTPUT_FLAGS, _OUTPUT_MODE),
-            ]
+            handed = [_open_output("stdout", stdout, owner)]
+            try:
+                handed.append(_open_output("stderr", stderr, owner))
+            except _Refused:
+                os.close(handed[0])
+                raise
+            return [], handed
         try:
             outputs = open_outputs(
                 {"stdout": stdout, "stderr": stderr},
                 self._max_log_bytes,
                 self._markers,
                 _OUTPUT_FLAGS,
-                _OUTPUT_MODE,
+                LOG_MODE,
             )
         except OSError as e:
             path = e.filename or stdout
             label = "stderr" if path == stderr else "stdout"
-            if e.errno == errno.EISDIR:
-                raise _Refused(f"the {label} file is a directory: {path}")
-            raise _Refused(f"cannot open the {label} file {path}: {e.strerror}")
-        return outputs, [
-            (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
-            (os.POSIX_SPAWN_DUP2, outputs[0].write_fd, 1),
-            (os.POSIX_SPAWN_DUP2, outputs[1].write_fd, 2),
-        ]
+            if e.errno == errno.ELOOP:
+                why = "it is a symbolic link"
+            elif e.errno == errno.EISDIR:
+                why = "it is a directory"
+            else:
+                why = e.strerror
+            raise _Refused(f"cannot open the {label} file {path}: {why}")
+        handed = [output.write_fd for output in outputs]
+        if owner is not None:
+            # The job's account may open its pipes again (/dev/stdout), as
+            # it may a file of its own.
+            try:
+                for fd in handed:
+                    os.fchown(fd, *owner)
+            except OSError as e:
+                for output in outputs:
+                    output.close()
+                raise _Refused(f"cannot give the job's pipes to uid {owner[0]}: {e.strerror}")
+        return outputs, handed
 
     def _signal(self, job_id, request):
         # Once the leader is reaped its pid may belong to someone else: only
@@ -738,11 +979,6 @@ def _children():
         return []
 
 
-def _close_outputs(outputs, file_actions):
-    for output in outputs:
-        output.close()
-
-
 def _deadline(value):
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
         raise _Refused(f"a deadline must be a number of seconds, not {value!r}")
@@ -762,10 +998,26 @@ def main(requests_fd=0, replies_fd=1, settings=None):
     @param replies_fd: where replies are written to.
     @param settings: the helper's settings (L{DEFAULT_SETTINGS}).
     """
+    global _OWN_IDS, _passage_needs_chmod
     os.chdir("/")
+    os.umask(JOB_UMASK)
+    _passage_needs_chmod = False
+    _OWN_IDS = (os.getresuid(), os.getresgid(), os.getgroups())
     # A Ctrl-C at the daemon's terminal reaches this process too; the
     # daemon then stops and closes our stdin, which is how we should end.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # And while it starts a job as another account, that account's
+    # processes may signal it (see _take_ids): every signal that can be
+    # ignored is, so that only SIGKILL and SIGSTOP remain to them.  (Jobs
+    # get the default of each: _Spawner._default_signals.)
+    for number in signal.valid_signals():
+        # (Between 31 and SIGRTMIN: the C library's own, left alone.)
+        if number not in (signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD) and (
+            number < 32 or number >= signal.SIGRTMIN
+        ):
+            try:
+                signal.signal(number, signal.SIG_IGN)
+            except (OSError, ValueError):
+                pass
     spawner = _Spawner(replies_fd, settings)
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_r, False)

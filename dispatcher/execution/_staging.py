@@ -156,20 +156,30 @@ class InputStager:
         self._reactor = reactor
         self._random = random.Random()
 
-    def stage_inputs(self, inputs: Sequence[InputSpec], workdir: str) -> Deferred:
+    def stage_inputs(
+        self,
+        inputs: Sequence[InputSpec],
+        workdir: str,
+        owner: Optional[tuple[int, int]] = None,
+    ) -> Deferred:
         """
         Fetch every input into C{workdir}, one after the other.
 
         @param inputs: the L{InputSpec}s of a job.
         @param workdir: the job's working directory; each input lands at
-            C{workdir/path}, with its parent directories created.
+            C{workdir/path}, with its parent directories created, never
+            through a symbolic link.
+        @param owner: C{(uid, gid)} of the job's account, which the files
+            and directories made are given to; C{None}: this process's.
         @return: a L{Deferred} that fires with C{None} when every input is in
             place, or fails with L{StagingError} for the first input that
             could not be fetched.  Cancelling it stops the fetch in progress
             and removes its temporary file.
         """
         stopped: list[bool] = []
-        inner = Deferred.fromCoroutine(self._stage_all(list(inputs), workdir, stopped))
+        inner = Deferred.fromCoroutine(
+            self._stage_all(list(inputs), workdir, stopped, owner)
+        )
 
         def cancel(outer: Deferred) -> None:
             # Also stop between tries: a cancelled try may look like a
@@ -180,13 +190,22 @@ class InputStager:
         return shielded(inner, cancel)
 
     async def _stage_all(
-        self, inputs: list[InputSpec], workdir: str, stopped: list[bool]
+        self,
+        inputs: list[InputSpec],
+        workdir: str,
+        stopped: list[bool],
+        owner: Optional[tuple[int, int]] = None,
     ) -> None:
         for index, spec in enumerate(inputs):
-            await self._stage_one(index, spec, workdir, stopped)
+            await self._stage_one(index, spec, workdir, stopped, owner)
 
     async def _stage_one(
-        self, index: int, spec: InputSpec, workdir: str, stopped: list[bool] = []
+        self,
+        index: int,
+        spec: InputSpec,
+        workdir: str,
+        stopped: list[bool] = [],
+        owner: Optional[tuple[int, int]] = None,
     ) -> None:
         def error(reason: str) -> StagingError:
             return StagingError(index, spec.url, spec.path, reason)
@@ -211,7 +230,7 @@ class InputStager:
             if stopped:
                 raise CancelledError()
             try:
-                size = await self._try_with_timeout(url, spec, workdir)
+                size = await self._try_with_timeout(url, spec, workdir, owner)
             except CancelledError:
                 log.info("staging input {index} cancelled", index=index)
                 raise
@@ -258,12 +277,16 @@ class InputStager:
                 return
 
     async def _try_with_timeout(
-        self, url: DecodedURL, spec: InputSpec, workdir: str
+        self,
+        url: DecodedURL,
+        spec: InputSpec,
+        workdir: str,
+        owner: Optional[tuple[int, int]] = None,
     ) -> int:
         """
         One try, cancelled if it takes longer than C{[fetch] timeout}.
         """
-        attempt = Deferred.fromCoroutine(self._try_once(url, spec, workdir))
+        attempt = Deferred.fromCoroutine(self._try_once(url, spec, workdir, owner))
         timed_out = False
 
         def time_out() -> None:
@@ -287,12 +310,18 @@ class InputStager:
             if timer.active():
                 timer.cancel()
 
-    async def _try_once(self, url: DecodedURL, spec: InputSpec, workdir: str) -> int:
+    async def _try_once(
+        self,
+        url: DecodedURL,
+        spec: InputSpec,
+        workdir: str,
+        owner: Optional[tuple[int, int]] = None,
+    ) -> int:
         """
         Fetch the body once into a temporary file and rename it into place;
         fire with the number of bytes, or fail with L{_TryFailed}.
         """
-        part = _PartFile(self._in_thread, workdir, spec.path)
+        part = _PartFile(self._in_thread, workdir, spec.path, owner)
         try:
             try:
                 await part.open()
@@ -526,9 +555,15 @@ def _drop_body(response: Any) -> None:
 
 class _OutsideWorkdir(Exception):
     """
-    The target of an input resolves (through a symbolic link) to a place
+    The target of an input lies through a symbolic link, which could lead
     outside the working directory.
     """
+
+
+# How the directories on the way to an input are opened: never through a
+# symbolic link (a job of the same account may have put one there, and this
+# process may be root).
+_WALK_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 class _PartFile:
@@ -540,15 +575,27 @@ class _PartFile:
     still in a thread waits for that write.  The sha256 of what was written
     is computed in the same thread as the writes.
 
+    The target's directory is found from the working directory one name at
+    a time, each opened without following a symbolic link, and every later
+    call is relative to it: a link put on the way while a body is fetched
+    (by a job running as the same account) cannot send the file elsewhere.
+    What is made belongs to C{owner} when given.
+
     @ivar size: the number of bytes written.
     """
 
     def __init__(
-        self, run: Callable[..., Deferred], workdir: str, path: str
+        self,
+        run: Callable[..., Deferred],
+        workdir: str,
+        path: str,
+        owner: Optional[tuple[int, int]] = None,
     ) -> None:
         self._run = run
         self._workdir = workdir
-        self._target = os.path.join(workdir, os.path.normpath(path))
+        self._path = os.path.normpath(path)
+        self._owner = owner
+        self._dir_fd: Optional[int] = None
         self._temp: Optional[str] = None
         self._file: Any = None
         self._sha256 = hashlib.sha256()
@@ -602,28 +649,54 @@ class _PartFile:
 
     # The methods below run in the thread pool.
 
+    def _open_workdir(self) -> int:
+        try:
+            return os.open(self._workdir, _WALK_FLAGS)
+        except FileNotFoundError:
+            os.makedirs(self._workdir, 0o700, exist_ok=True)
+            return os.open(self._workdir, _WALK_FLAGS)
+
     def _open(self) -> None:
-        root = os.path.realpath(self._workdir)
-        parent = os.path.dirname(self._target)
-
-        def check() -> None:
-            # The text of the path was checked; a symbolic link on the way
-            # could still lead out of the working directory.
-            real = os.path.realpath(parent)
-            if os.path.commonpath([root, real]) != root:
-                raise _OutsideWorkdir(
-                    "the path leads outside the working directory"
-                    " through a symbolic link"
-                )
-
-        check()
-        os.makedirs(parent, exist_ok=True)
-        check()
-        name = f".{os.path.basename(self._target)}.{secrets.token_hex(6)}.part"
-        temp = os.path.join(parent, name)
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
-        self._temp = temp
-        self._file = os.fdopen(fd, "wb")
+        fd = self._open_workdir()
+        try:
+            *parents, _ = self._path.split(os.sep)
+            for depth, name in enumerate(parents):
+                try:
+                    os.mkdir(name, 0o700, dir_fd=fd)
+                except FileExistsError:
+                    pass
+                else:
+                    if self._owner is not None:
+                        os.chown(name, *self._owner, dir_fd=fd, follow_symlinks=False)
+                try:
+                    inner = os.open(name, _WALK_FLAGS, dir_fd=fd)
+                except OSError as e:
+                    if e.errno not in (errno.ELOOP, errno.ENOTDIR):
+                        raise
+                    on_the_way = os.sep.join(parents[: depth + 1])
+                    if not os.path.islink(os.path.join(self._workdir, on_the_way)):
+                        raise
+                    raise _OutsideWorkdir(
+                        f"{on_the_way} is a symbolic link, which could lead outside the "
+                        "working directory: inputs are written through directories only"
+                    )
+                os.close(fd)
+                fd = inner
+            name = f".{os.path.basename(self._path)}.{secrets.token_hex(6)}.part"
+            temp = os.open(
+                name,
+                os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                0o666,
+                dir_fd=fd,
+            )
+        except BaseException:
+            os.close(fd)
+            raise
+        self._dir_fd = fd
+        self._temp = name
+        self._file = os.fdopen(temp, "wb")
+        if self._owner is not None:
+            os.fchown(temp, *self._owner)
 
     def _write(self, chunks: list[bytes]) -> None:
         for chunk in chunks:
@@ -636,17 +709,27 @@ class _PartFile:
         os.fsync(self._file.fileno())
         self._file.close()
         self._file = None
-        os.replace(self._temp, self._target)
+        fd = self._dir_fd
+        assert fd is not None and self._temp is not None
+        # Within the directory opened: a name in it that is a link is
+        # replaced, never followed.
+        os.replace(
+            self._temp, os.path.basename(self._path), src_dir_fd=fd, dst_dir_fd=fd
+        )
         self._temp = None
         # The rename is durable only once its directory is.
-        fd = os.open(os.path.dirname(self._target), os.O_RDONLY | os.O_DIRECTORY)
         try:
             os.fsync(fd)
         except OSError as e:
             if e.errno not in (errno.EINVAL, errno.EROFS):
                 raise
         finally:
-            os.close(fd)
+            self._close_dir()
+
+    def _close_dir(self) -> None:
+        if self._dir_fd is not None:
+            os.close(self._dir_fd)
+            self._dir_fd = None
 
     def _discard(self) -> None:
         if self._file is not None:
@@ -657,10 +740,11 @@ class _PartFile:
             self._file = None
         if self._temp is not None:
             try:
-                os.unlink(self._temp)
+                os.unlink(self._temp, dir_fd=self._dir_fd)
             except FileNotFoundError:
                 pass
             self._temp = None
+        self._close_dir()
 
 
 def _settle(result: Any, d: Deferred) -> None:

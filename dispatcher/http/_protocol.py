@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import io
 import ipaddress
+import os
 import re
 import socket
 import struct
@@ -1356,6 +1357,9 @@ class HTTPFactory(Factory):
         self.log_file = open(
             self.access_log_path, "a", buffering=self.buffer_size, encoding="utf-8",
             newline="\n",
+            # Readable by the daemon's account alone, whatever the umask: it
+            # names clients and what they asked.
+            opener=lambda path, flags: os.open(path, flags | os.O_CLOEXEC, 0o600),
         )
         self._flusher = LoopingCall(self._flush_log)
         self._flusher.clock = self.reactor

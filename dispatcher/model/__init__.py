@@ -3,7 +3,8 @@ The domain's values: job states and their transitions, job specs, jobs,
 attempts, leases, outcomes, resources, worker offers and job ids; what the
 dispatcher decides about remote workers' leases and shows of the workers
 (C{_workers}); and the claim policy (C{_claims}): which queued jobs a
-holder gets.
+holder gets; and the limits every layer checks alike (C{_limits}: a
+task's result, the dependencies of one request).
 
 Pure values and the rules on them, with no I/O and no reactor.  May import: nothing of the package.
 """

@@ -319,6 +319,9 @@ class Lease:
     nothing.  A remote worker's lease carries instead the text the
     dispatcher gave it, which it sends back as it is (the counter and a MAC
     of it, L{dispatcher.wire._tokens}).
+
+    C{owner} is the job's owner where the holder needs it (to choose the
+    account a command runs as), else C{None}.
     """
 
     job_id: str
@@ -327,6 +330,7 @@ class Lease:
     holder: str
     expires_at: float
     spec: JobSpec
+    owner: Optional[str] = None
 
 
 @attrs.frozen

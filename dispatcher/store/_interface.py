@@ -65,7 +65,8 @@ class IJobStore(Interface):
 
     # Submissions
 
-    def submit(specs, now, ids, idempotency=None, owner=None, sees_all=True):
+    def submit(specs, now, ids, idempotency=None, owner=None, sees_all=True,
+               max_unfinished=None):
         """
         Store new jobs, all or nothing, and fire once they are durable.
 
@@ -88,18 +89,28 @@ class IJobStore(Interface):
         @param sees_all: whether C{depends_on} may name any owner's jobs;
             if not, an entry naming a job or an array of another owner
             fails as one that names nothing does.
+        @param max_unfinished: the most unfinished jobs (pending, queued,
+            staging, running) C{owner} may have once they are stored, each
+            of C{specs} counted; more fails with L{TooManyUnfinished} and
+            stores nothing (a replay of an idempotency key is answered
+            whatever the count).  C{None}: no limit.  The count is exact
+            under any concurrency (L{unfinished_jobs}).
         @return: a Deferred firing with a L{Written} whose value is
             L{Submitted} (its jobs in the order of C{specs}; C{replayed}
             for a replay) and whose C{wake_at} is the earliest future
             C{not_before}.  Fails with L{UnknownDependency} (naming the
-            job and the entry) when a C{depends_on} entry names nothing.
+            job and the entry) when a C{depends_on} entry names nothing,
+            and with L{TooManyDependencies} (the same) when with an entry
+            the jobs would depend on more than L{MAX_DEPENDENCY_LINKS} jobs
+            in all; each id is resolved once however often it is named.
         """
 
-    def submit_plain(jobs, now, ids, idempotency=None, owner=None):
+    def submit_plain(jobs, now, ids, idempotency=None, owner=None, max_unfinished=None):
         """
         Store L{PlainJobs} (checked jobs of one queue with no dependencies
         and no C{not_before}: all queued) with their new ids, all or
-        nothing, as L{submit} would store their specs.
+        nothing, as L{submit} would store their specs (C{max_unfinished}
+        too).
 
         @return: a Deferred firing once they are durable with a L{Written}
             whose value is L{SubmittedIds}, or, for a replayed
@@ -131,6 +142,13 @@ class IJobStore(Interface):
         """
         Fire with the C{frozenset} of those of C{job_ids} whose owner is
         C{owner} (ids of no job are left out).
+        """
+
+    def unfinished_jobs():
+        """
+        Fire with C{{owner: number of unfinished jobs}} (pending, queued,
+        staging or running; owners with none left out) as last committed:
+        what C{max_unfinished} is checked against.
         """
 
     def count_by_state():
@@ -251,7 +269,7 @@ class IJobStore(Interface):
         L{UnknownJob} for a job of another owner as well, changing nothing.
         """
 
-    def retry(job_id, now, dependents, owner=None):
+    def retry(job_id, now, dependents, owner=None, max_unfinished=None):
         """
         Put a failed or cancelled job back in line, durably, with a fresh
         budget of attempts (its attempts stay in its history): queued, or
@@ -259,7 +277,9 @@ class IJobStore(Interface):
         C{dependents}, the jobs cancelled because of it (and theirs) come
         back too.  Given C{owner}, a job of another owner fails with
         L{UnknownJob}, changing nothing, and only C{owner}'s dependents
-        come back.
+        come back.  Given C{max_unfinished}, if the jobs coming back would
+        give the job's owner more unfinished jobs than that, it fails with
+        L{TooManyUnfinished}, changing nothing.
 
         @return: a Deferred firing with a L{Written} whose value is the
             job's L{Job}.  Fails with L{UnknownJob}, L{InvalidTransition}

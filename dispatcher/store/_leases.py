@@ -61,7 +61,7 @@ _END_JOB = (
 # What an end reads of the job, after its state and lease token.
 _ENDING = (
     "SELECT state, lease_token, cancel_requested, attempts_spent, max_attempts,"
-    " retry_delay FROM jobs WHERE id = ?"
+    " retry_delay, owner FROM jobs WHERE id = ?"
 )
 _LEASE_STATE = "SELECT state, lease_token FROM jobs WHERE id = ?"
 
@@ -84,9 +84,11 @@ def _check_lease(conn: sqlite3.Connection, lease: Lease) -> JobState:
     return JobState(_leased_row(conn, lease, _LEASE_STATE)[0])
 
 
-# A claim's candidate rows: seq, id, the spec's columns, attempt_count.
+# A claim's candidate rows: seq, id, the spec's columns, attempt_count,
+# owner.
 _CLAIMED_PRIORITY = operator.itemgetter(2 + spec_position("priority"))
 _CLAIMED_ATTEMPTS = 2 + SPEC_WIDTH
+_CLAIMED_OWNER = _CLAIMED_ATTEMPTS + 1
 
 
 def _claimed_spec(row: Sequence[Any]) -> JobSpec:
@@ -116,7 +118,7 @@ def claim(
     # hundred times slower with ten thousand queued.
     cursors = {
         queue: conn.execute(
-            f"SELECT seq, id, {SPEC_COLUMNS}, attempt_count"
+            f"SELECT seq, id, {SPEC_COLUMNS}, attempt_count, owner"
             " FROM jobs INDEXED BY jobs_queued"
             " WHERE state = 'queued' AND queue = ?"
             " ORDER BY priority DESC, seq",
@@ -149,7 +151,7 @@ def claim(
         else:
             updates.append(("running", number, token, holder, expires, now, seq))
         attempts.append((job_id, number, token, holder, now))
-        leases.append(Lease(job_id, number, token, holder, expires, spec))
+        leases.append(Lease(job_id, number, token, holder, expires, spec, row[_CLAIMED_OWNER]))
     if chosen:
         conn.executemany(
             "UPDATE jobs SET state = ?, attempt_count = ?, lease_token = ?,"
@@ -252,7 +254,7 @@ def finish(
     """
     row = _leased_row(conn, lease, _ENDING)
     state = JobState(row[0])
-    cancel_requested, spent, max_attempts, retry_delay = row[2:]
+    cancel_requested, spent, max_attempts, retry_delay, owner = row[2:]
     error = outcome.error
     result = None if outcome.result is None else encode_stored(outcome.result)
     if cancel_requested and (outcome.stopped or outcome.state is not JobState.SUCCEEDED):
@@ -281,11 +283,12 @@ def finish(
         _END_JOB,
         (target.value, now, outcome.exit_code, result, error, spent, lease.job_id),
     )
+    writer.owners.add(owner, -1)
     changed = [(lease.job_id, target)]
     # Until a job has depended on another, no job has dependents to
     # free or cancel (the query was a twentieth of a no-op job's time).
     wake = (
-        after_final(conn, lease.job_id, target, now, changed)
+        after_final(conn, lease.job_id, target, now, changed, writer.owners)
         if writer.dependencies
         else None
     )
@@ -337,7 +340,7 @@ def finish_together(
     rows = {
         row[0]: row[1:]
         for row in conn.execute(
-            f"SELECT id, state, lease_token, cancel_requested, attempts_spent"
+            f"SELECT id, state, lease_token, cancel_requested, attempts_spent, owner"
             f" FROM jobs WHERE id IN ({marks})",
             [lease.job_id for lease in leases],
         )
@@ -345,6 +348,7 @@ def finish_together(
     attempts = []
     jobs = []
     written = []
+    owners = writer.owners
     for write in work:
         lease, outcome, now = write.lease, write.outcome, write.now
         row = rows.pop(lease.job_id, None)
@@ -365,6 +369,7 @@ def finish_together(
              lease.job_id)
         )
         written.append(Written(None, ((lease.job_id, JobState.SUCCEEDED),)))
+        owners.add(row[4], -1)
     conn.executemany(_END_ATTEMPT, attempts)
     conn.executemany(_END_JOB, jobs)
     return written
@@ -378,8 +383,8 @@ def release(
     again, or cancelled if a cancel was asked for.
     """
     state = _check_lease(conn, lease)
-    (cancel_requested,) = conn.execute(
-        "SELECT cancel_requested FROM jobs WHERE id = ?", (lease.job_id,)
+    cancel_requested, owner = conn.execute(
+        "SELECT cancel_requested, owner FROM jobs WHERE id = ?", (lease.job_id,)
     ).fetchone()
     conn.execute(
         "UPDATE attempts SET finished_at = ?, error = ? WHERE token = ?",
@@ -402,7 +407,8 @@ def release(
     changed = [(lease.job_id, target)]
     wake = None
     if target is JobState.CANCELLED:
-        wake = after_final(conn, lease.job_id, target, now, changed)
+        writer.owners.add(owner, -1)
+        wake = after_final(conn, lease.job_id, target, now, changed, writer.owners)
     return Written(None, tuple(changed), wake)
 
 

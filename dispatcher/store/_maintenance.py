@@ -25,6 +25,7 @@ from dispatcher.store._mark import (
     database_mark,
     describe,
     is_damage,
+    make_private,
     quick_check,
     start_marking,
 )
@@ -135,6 +136,7 @@ def backup_store(path: str, target: str) -> StoreReport:
     partial = f"{target}.partial-{os.getpid()}"
     source = _open(path)
     try:
+        make_private(partial)
         copy = sqlite3.connect(partial, isolation_level=None)
         try:
             try:
@@ -178,6 +180,7 @@ def restore_store(path: str, backup: str) -> StoreReport:
     partial = f"{path}.restoring-{os.getpid()}"
     source = _open(backup)
     try:
+        make_private(partial)
         copy = sqlite3.connect(partial, isolation_level=None)
         try:
             source.backup(copy)

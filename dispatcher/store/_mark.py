@@ -41,6 +41,20 @@ import attrs
 
 from dispatcher.store._results import CommitsLost, StoreDamaged
 
+# The mode of every file of the store (the database, whose mode SQLite
+# gives its write-ahead log and index too, the mark, a backup): the jobs'
+# env values may be secrets.
+PRIVATE_MODE = 0o600
+
+
+def make_private(path: str) -> None:
+    """
+    Make the file at C{path}, empty, with L{PRIVATE_MODE}, unless it
+    exists: for SQLite to open, which would make it with 0644 less the
+    umask.
+    """
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, PRIVATE_MODE))
+
 # The mark file's name is the database's with this added.
 MARK_SUFFIX = ".mark"
 # One fixed-size record at the start of the file: a write of it never
@@ -132,7 +146,7 @@ class MarkFile:
         """
         if mark != self._written:
             if self._fd is None:
-                self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+                self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, PRIVATE_MODE)
             os.pwrite(self._fd, mark.encode(), 0)
             self._written = mark
         if sync and self._synced != self._written and self._fd is not None:

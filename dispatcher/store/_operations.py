@@ -24,6 +24,7 @@ from typing import Any, Callable, Mapping, Optional
 import attrs
 
 from dispatcher.model._jobs import InvalidTransition, JobState, Lease, UnknownJob
+from dispatcher.store._counts import OwnerCounts
 from dispatcher.store._leases import (
     claim,
     finish,
@@ -37,7 +38,12 @@ from dispatcher.store._leases import (
 from dispatcher.store._queries import get_job, next_due
 from dispatcher.store._removal import remove, remove_finished, shrink
 from dispatcher.store._results import Written
-from dispatcher.store._submissions import submit, submit_plain, submit_together
+from dispatcher.store._submissions import (
+    check_unfinished,
+    submit,
+    submit_plain,
+    submit_together,
+)
 from dispatcher.store._waits import QUEUED_REASON, after_final, requeue
 from dispatcher.store._writer import SharedPath
 from dispatcher.store._writes import (
@@ -86,6 +92,7 @@ class WriterState:
     @ivar turn: whose turn it is among C{queues}, for the next claim.
     @ivar next_token: the next lease token.
     @ivar dependencies: whether any job may have dependents.
+    @ivar owners: each owner's unfinished jobs (L{OwnerCounts}).
     """
 
     limits: Mapping[str, int]
@@ -96,6 +103,7 @@ class WriterState:
     turn: int = 0
     next_token: int = 1
     dependencies: bool = True
+    owners: OwnerCounts = attrs.field(factory=OwnerCounts)
 
     def __attrs_post_init__(self) -> None:
         self.queues = sorted(self.limits)
@@ -103,14 +111,15 @@ class WriterState:
 
     def load(self, conn: sqlite3.Connection) -> None:
         """
-        Take the next lease token, and whether any job has dependents,
-        from the database on C{conn}.
+        Take the next lease token, whether any job has dependents, and
+        each owner's unfinished jobs, from the database on C{conn}.
         """
         (top,) = conn.execute("SELECT COALESCE(MAX(token), 0) FROM attempts").fetchone()
         self.next_token = top + 1
         (self.dependencies,) = conn.execute(
             "SELECT EXISTS (SELECT 1 FROM dependencies)"
         ).fetchone()
+        self.owners.load(conn)
 
 
 def _not_owned(row_owner: Optional[str], owner: Optional[str]) -> bool:
@@ -154,8 +163,9 @@ def cancel(
         " error = 'cancelled before it ran' WHERE id = ?",
         (now, job_id),
     )
+    writer.owners.add(row[5], -1)
     changed = [(job_id, JobState.CANCELLED)]
-    wake = after_final(conn, job_id, JobState.CANCELLED, now, changed)
+    wake = after_final(conn, job_id, JobState.CANCELLED, now, changed, writer.owners)
     return Written((get_job(conn, job_id, writer.limits), None), tuple(changed), wake)
 
 
@@ -166,12 +176,15 @@ def retry(
     now: float,
     dependents: bool,
     owner: Optional[str] = None,
+    max_unfinished: Optional[int] = None,
 ) -> Written:
     """
     Put a failed or cancelled job back in line (L{Retry}), and with
     C{dependents} the jobs cancelled because of it.  If C{owner} is given,
     another owner's job is L{UnknownJob}, and only that owner's dependents
-    come back (the others stay cancelled).
+    come back (the others stay cancelled).  If the jobs coming back would
+    make the job's owner's unfinished jobs more than C{max_unfinished},
+    nothing comes back (L{TooManyUnfinished}).
     """
     row = conn.execute("SELECT state, owner FROM jobs WHERE id = ?", (job_id,)).fetchone()
     if row is None or _not_owned(row[1], owner):
@@ -196,8 +209,9 @@ def retry(
                     continue
                 returning.append(dependent)
                 stack.append(dependent)
+    check_unfinished(writer, row[1], len(returning), max_unfinished)
     coming_back = frozenset(returning)
-    wakes = [requeue(conn, j, now, changed, coming_back) for j in returning]
+    wakes = [requeue(conn, j, now, changed, writer.owners, coming_back) for j in returning]
     due = [w for w in wakes if w is not None]
     return Written(
         get_job(conn, job_id, writer.limits), tuple(changed), min(due) if due else None

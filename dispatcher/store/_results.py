@@ -14,6 +14,7 @@ from typing import Any, Optional
 import attrs
 
 from dispatcher.model._jobs import Job, JobState, Lease
+from dispatcher.model._limits import MAX_DEPENDENCY_LINKS
 
 
 # Errors
@@ -115,6 +116,53 @@ class UnknownDependency(Exception):
         self.job_index = job_index
         self.position = position
         self.name = name
+
+
+class TooManyDependencies(Exception):
+    """
+    With a C{depends_on} entry, the jobs of a submission would depend on
+    more than L{MAX_DEPENDENCY_LINKS} jobs in all, an array counting as its
+    members.
+
+    @ivar job_index: which job of the submission (from 0).
+    @ivar position: which entry of its C{depends_on} (from 0).
+    @ivar name: the id it gave.
+    """
+
+    def __init__(
+        self, job_index: int, position: int, name: str, limit: int = MAX_DEPENDENCY_LINKS
+    ) -> None:
+        super().__init__(
+            f"with {name!r} the jobs of this request would depend on more than "
+            f"{limit} jobs in all (an array counts as its members); depend on "
+            "fewer, or on a job that itself waits for the others"
+        )
+        self.job_index = job_index
+        self.position = position
+        self.name = name
+
+
+class TooManyUnfinished(Exception):
+    """
+    A submission (or a retry) would give its owner more unfinished jobs
+    (pending, queued, staging or running) than its limit: nothing of it
+    was stored.
+
+    @ivar owner: whose jobs.
+    @ivar unfinished: how many it has.
+    @ivar jobs: how many more the request would make unfinished.
+    @ivar limit: the most it may have.
+    """
+
+    def __init__(self, owner: str, unfinished: int, jobs: int, limit: int) -> None:
+        super().__init__(
+            f"{owner} has {unfinished} unfinished jobs (pending, queued, staging or "
+            f"running), and {jobs} more would pass its limit of {limit}"
+        )
+        self.owner = owner
+        self.unfinished = unfinished
+        self.jobs = jobs
+        self.limit = limit
 
 
 class DependencyNotRetried(Exception):

@@ -57,6 +57,7 @@ from dispatcher.store._mark import (
     check_commits,
     damaged,
     is_damage,
+    make_private,
     quick_check,
     start_marking,
 )
@@ -138,6 +139,7 @@ class SQLiteJobStore:
             sync_interval,
             clock if clock is not None else reactor,
             mark=MarkFile(path),
+            journal=self._state.owners,
         )
         self._write = self._writer.write
         self._reader_pool = TaskThreads(reactor, readers, name="store-reader")
@@ -218,7 +220,11 @@ class SQLiteJobStore:
         path = self._path
         directory = os.path.dirname(os.path.abspath(path))
         try:
-            os.makedirs(directory, exist_ok=True)
+            os.makedirs(directory, 0o700, exist_ok=True)
+            # Made before SQLite makes it (with 0644 less the umask): it
+            # holds every job's env, and SQLite gives the write-ahead log
+            # and its index the database's mode.
+            make_private(path)
             conn = self._connect()
         except sqlite3.Error as e:
             if is_damage(e):
@@ -295,9 +301,12 @@ class SQLiteJobStore:
         idempotency: Optional[IdempotencyKey] = None,
         owner: Optional[str] = None,
         sees_all: bool = True,
+        max_unfinished: Optional[int] = None,
     ) -> Deferred:
         return self._write(
-            writes.Submit(list(specs), now, list(ids), idempotency, owner, sees_all)
+            writes.Submit(
+                list(specs), now, list(ids), idempotency, owner, sees_all, max_unfinished
+            )
         )
 
     def submit_plain(
@@ -307,6 +316,7 @@ class SQLiteJobStore:
         ids: Sequence[str],
         idempotency: Optional[IdempotencyKey] = None,
         owner: Optional[str] = None,
+        max_unfinished: Optional[int] = None,
     ) -> Deferred:
         """
         Store L{PlainJobs} with their new ids, all or nothing; fires with
@@ -314,7 +324,9 @@ class SQLiteJobStore:
         with the same idempotency key.
         """
         return self._write(
-            writes.SubmitPlain(jobs, now, list(ids), idempotency, plain_stored(jobs), owner)
+            writes.SubmitPlain(
+                jobs, now, list(ids), idempotency, plain_stored(jobs), owner, max_unfinished
+            )
         )
 
     def get(self, job_id: str) -> Deferred:
@@ -334,6 +346,12 @@ class SQLiteJobStore:
 
     def owned(self, job_ids: Sequence[str], owner: str) -> Deferred:
         return self._read(owned, list(job_ids), owner)
+
+    def unfinished_jobs(self) -> Deferred:
+        # On the writer thread, between groups: the count as committed.
+        if self._writer.closing:
+            return fail(StoreClosed("the dispatcher is stopping"))
+        return self._writer.run(self._state.owners.committed)
 
     def count_by_state(self) -> Deferred:
         return self._read(count_by_state)
@@ -403,14 +421,19 @@ class SQLiteJobStore:
         return self._write(writes.Cancel(job_id, now, owner))
 
     def retry(
-        self, job_id: str, now: float, dependents: bool, owner: Optional[str] = None
+        self,
+        job_id: str,
+        now: float,
+        dependents: bool,
+        owner: Optional[str] = None,
+        max_unfinished: Optional[int] = None,
     ) -> Deferred:
         """
         Put a failed or cancelled job back in line with a fresh budget of
         attempts (and, with C{dependents}, the jobs cancelled because of
         it); its attempts stay in its history.
         """
-        return self._write(writes.Retry(job_id, now, dependents, owner))
+        return self._write(writes.Retry(job_id, now, dependents, owner, max_unfinished))
 
     def promote_due(self, now: float) -> Deferred:
         """

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 import orjson
 
 from dispatcher.model._jobs import Job, JobSpec, JobState, PlainJobs
+from dispatcher.model._limits import MAX_DEPENDENCY_LINKS
 from dispatcher.store._queries import get_job
 from dispatcher.store._removal import MAX_SEQ
 from dispatcher.store._results import (
@@ -28,11 +29,13 @@ from dispatcher.store._results import (
     IdempotencyKey,
     Submitted,
     SubmittedIds,
+    TooManyUnfinished,
     Written,
 )
 from dispatcher.store._rows import INSERTED_COLUMNS, new_job
 from dispatcher.store._stored import decode_stored, encode_stored
 from dispatcher.store._waits import QUEUED_REASON, resolve_dependencies, waiting
+from dispatcher.store._writer import Replay
 from dispatcher.store._writes import Submit, SubmitPlain
 
 if TYPE_CHECKING:
@@ -203,6 +206,22 @@ def _add_plain_jobs(
     )
 
 
+def check_unfinished(
+    writer: WriterState, owner: Optional[str], jobs: int, limit: Optional[int]
+) -> None:
+    """
+    Refuse (L{TooManyUnfinished}) C{jobs} more unfinished jobs of C{owner}
+    if it would then have more than C{limit} (C{None}: no limit).  The
+    count is the writer's own (L{OwnerCounts}): exact, since every change
+    of it goes through this thread, and free of any scan.
+    """
+    if limit is None:
+        return
+    unfinished = writer.owners.unfinished(owner)
+    if unfinished + jobs > limit:
+        raise TooManyUnfinished(owner or "", unfinished, jobs, limit)
+
+
 def submit(
     writer: WriterState,
     conn: sqlite3.Connection,
@@ -212,6 +231,7 @@ def submit(
     idempotency: Optional[IdempotencyKey],
     owner: Optional[str] = None,
     sees_all: bool = True,
+    max_unfinished: Optional[int] = None,
 ) -> Written:
     """
     Store new jobs from their specs, all or nothing (L{Submit}), owned by
@@ -219,11 +239,14 @@ def submit(
     cancelled at once for a dependency that failed; or answer what an
     earlier request of the same owner with the same idempotency key made.
     Unless C{sees_all}, a C{depends_on} entry naming another owner's job
-    is refused as one naming no job is.
+    is refused as one naming no job is.  If C{owner} would then have more
+    than C{max_unfinished} unfinished jobs (every job of the request
+    counted), nothing is stored (L{TooManyUnfinished}).
     """
     replayed = _replayed(writer, conn, idempotency, now, owner)
     if replayed is not None:
         return replayed
+    check_unfinished(writer, owner, len(specs), max_unfinished)
     changed: list[tuple[str, JobState]] = []
     in_batch: dict[str, JobState] = {}
     jobs: list[Job] = []
@@ -234,6 +257,11 @@ def submit(
     rows: list[tuple[Any, ...]] = []
     label_rows: list[tuple[str, str, int]] = []
     (seq,) = conn.execute(MAX_SEQ).fetchone()
+    # The jobs this request's jobs depend on, in all: the writer's work for
+    # one request is bounded by MAX_DEPENDENCY_LINKS.
+    links = 0
+    # The jobs it stores unfinished (not cancelled at once).
+    unfinished = 0
 
     def insert_rows() -> None:
         if rows:
@@ -251,8 +279,10 @@ def submit(
             # query: its members must be in the table first.
             insert_rows()
             deps = resolve_dependencies(
-                conn, spec, index, in_batch, None if sees_all else owner
+                conn, spec, index, in_batch, None if sees_all else owner,
+                MAX_DEPENDENCY_LINKS - links, MAX_DEPENDENCY_LINKS,
             )
+            links += len(deps)
             unmet = [d for d, st in deps.items() if st is not JobState.SUCCEEDED]
             dead = next(
                 (d for d, st in deps.items()
@@ -285,7 +315,10 @@ def submit(
             )
         in_batch[job_id] = state
         changed.append((job_id, state))
+        if dead is None:
+            unfinished += 1
     insert_rows()
+    writer.owners.add(owner, unfinished)
     _remember(conn, idempotency, ids, now, owner)
     wake = [s.not_before for s in specs if s.not_before is not None and s.not_before > now]
     return Written(Submitted(jobs, replayed=False), tuple(changed),
@@ -301,17 +334,20 @@ def submit_plain(
     idempotency: Optional[IdempotencyKey],
     stored: Sequence[str],
     owner: Optional[str] = None,
+    max_unfinished: Optional[int] = None,
 ) -> Written:
     """
     Store L{PlainJobs}, queued, all or nothing (L{SubmitPlain}), owned by
     C{owner}; or answer what an earlier request of the same owner with the
-    same idempotency key made.
+    same idempotency key made.  C{max_unfinished} is as for L{submit}.
     """
     replayed = _replayed(writer, conn, idempotency, now, owner)
     if replayed is not None:
         return replayed
+    check_unfinished(writer, owner, len(ids), max_unfinished)
     (seq,) = conn.execute(MAX_SEQ).fetchone()
     written = _add_plain_jobs(conn, seq, jobs, now, ids, stored, owner)
+    writer.owners.add(owner, len(ids))
     _remember(conn, idempotency, ids, now, owner)
     return written
 
@@ -322,14 +358,23 @@ def submit_together(
     """
     Store several plain submissions with one sequence query and one
     insert (a one-row insert, a query and a savepoint for each were a
-    third of the writer's time per submission).
+    third of the writer's time per submission).  One that its owner's
+    limit of unfinished jobs refuses raises L{Replay}: the group is then
+    stored one write at a time, and that one alone is refused.
     """
     (seq,) = conn.execute(MAX_SEQ).fetchone()
     rows: list[tuple[Any, ...]] = []
     label_rows: list[tuple[str, str, int]] = []
     written: list[Written] = []
+    owners = writer.owners
     for write in work:
         now, ids = write.now, write.ids
+        if write.max_unfinished is not None and (
+            owners.unfinished(write.owner) + len(ids) > write.max_unfinished
+        ):
+            raise Replay()
+        # Counted as it goes: the next write of the same owner sees these.
+        owners.add(write.owner, len(ids))
         if type(write) is SubmitPlain:
             written.append(
                 _add_plain_jobs(conn, seq, write.jobs, now, ids, write.stored, write.owner)

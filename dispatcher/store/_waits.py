@@ -8,13 +8,24 @@ write operations.
 from __future__ import annotations
 
 import sqlite3
-from typing import Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Mapping, Optional, Sequence
 
 from dispatcher.model._jobs import JobSpec, JobState, format_time
-from dispatcher.store._results import DependencyNotRetried, UnknownDependency
+from dispatcher.model._limits import MAX_DEPENDENCY_LINKS
+from dispatcher.store._results import (
+    DependencyNotRetried,
+    TooManyDependencies,
+    UnknownDependency,
+)
+
+if TYPE_CHECKING:
+    from dispatcher.store._counts import OwnerCounts
 
 
 QUEUED_REASON = "waiting for a free slot"
+
+# A pending job's wait reason names the jobs it waits for, up to this many.
+_NAMED = 3
 
 
 def waiting(
@@ -25,7 +36,8 @@ def waiting(
     waits for jobs or a time, else queued.
     """
     if unmet:
-        shown = ", ".join(unmet[:3]) + (f" and {len(unmet) - 3} more" if len(unmet) > 3 else "")
+        shown = ", ".join(unmet[:_NAMED]) + (
+            f" and {len(unmet) - _NAMED} more" if len(unmet) > _NAMED else "")
         return JobState.PENDING, f"waiting for {len(unmet)} job(s) to succeed: {shown}"
     if not_before is not None and not_before > now:
         return JobState.PENDING, f"waiting until {format_time(not_before)}"
@@ -38,34 +50,59 @@ def resolve_dependencies(
     index: int,
     in_batch: Mapping[str, JobState],
     owner: Optional[str] = None,
+    budget: int = MAX_DEPENDENCY_LINKS,
+    limit: int = MAX_DEPENDENCY_LINKS,
 ) -> dict[str, JobState]:
     """
     The jobs a new job depends on, with their states: job ids, earlier jobs
-    of the same request, or array ids (all their members).  If C{owner} is
-    given, only that owner's jobs count: another's job or array is
-    L{UnknownDependency}, as a name that names nothing is, so that its
-    existence does not show.
+    of the same request, or array ids (all their members), each resolved
+    once however often it is named.  If C{owner} is given, only that
+    owner's jobs count: another's job or array is L{UnknownDependency}, as
+    a name that names nothing is, so that its existence does not show.
+    More than C{budget} jobs in all is L{TooManyDependencies} (saying the
+    request's C{limit}), naming the entry that went past it, found without
+    reading further.
     """
     found: dict[str, JobState] = {}
+    named: set[str] = set()
     for position, name in enumerate(spec.depends_on):
+        if name in named:
+            # Named again: it was resolved at its first entry (an array
+            # named a thousand times was read a thousand times).
+            continue
+        named.add(name)
         if name in in_batch:
             found[name] = in_batch[name]
+            _count(found, budget, limit, index, position, name)
             continue
         row = conn.execute("SELECT state, owner FROM jobs WHERE id = ?", (name,)).fetchone()
         if row is not None:
             if owner is not None and row[1] != owner:
                 raise UnknownDependency(index, position, name)
             found[name] = JobState(row[0])
+            _count(found, budget, limit, index, position, name)
             continue
-        # An array's members all have the owner that submitted it.
+        # An array's members all have the owner that submitted it.  Read
+        # no further than the budget allows: one row past it is enough to
+        # refuse the request.
         members = conn.execute(
-            "SELECT id, state, owner FROM jobs WHERE array_id = ?", (name,)
+            "SELECT id, state, owner FROM jobs WHERE array_id = ? LIMIT ?",
+            (name, budget - len(found) + 1),
         ).fetchall()
         if not members or (owner is not None and members[0][2] != owner):
             raise UnknownDependency(index, position, name)
         for member, state, _ in members:
             found[member] = JobState(state)
+        _count(found, budget, limit, index, position, name)
     return found
+
+
+def _count(
+    found: Mapping[str, JobState], budget: int, limit: int, index: int, position: int,
+    name: str,
+) -> None:
+    if len(found) > budget:
+        raise TooManyDependencies(index, position, name, limit)
 
 
 def after_final(
@@ -74,11 +111,13 @@ def after_final(
     state: JobState,
     now: float,
     changed: list[tuple[str, JobState]],
+    owners: OwnerCounts,
 ) -> Optional[float]:
     """
     A job reached a final state: its pending dependents either move on (it
-    succeeded) or are cancelled, and theirs in turn (it did not).  Returns
-    the earliest time a dependent it freed becomes due.
+    succeeded) or are cancelled, and theirs in turn (it did not), each
+    cancelled one counted off its owner's unfinished jobs in C{owners}.
+    Returns the earliest time a dependent it freed becomes due.
     """
     if state is JobState.SUCCEEDED:
         wakes = []
@@ -89,7 +128,14 @@ def after_final(
             (job_id,),
         ).fetchall():
             waiting_on -= 1
-            if waiting_on > 0:
+            if waiting_on > _NAMED:
+                # Which jobs it still waits for is a read of every job it
+                # depends on: done at each end, a job that depends on an
+                # array of 10,000 read its 10,000 rows at each of their
+                # ends.  It names them again once a few are left.
+                target = JobState.PENDING
+                reason = f"waiting for {waiting_on} job(s) to succeed"
+            elif waiting_on > 0:
                 unmet = [
                     r[0] for r in conn.execute(
                         "SELECT d.depends_on FROM dependencies d JOIN jobs j"
@@ -113,11 +159,12 @@ def after_final(
     stack = [(job_id, "failed" if state is JobState.FAILED else "was cancelled")]
     while stack:
         cause, verb = stack.pop()
-        for (dependent,) in conn.execute(
-            "SELECT j.id FROM dependencies d JOIN jobs j ON j.id = d.job_id"
+        for dependent, owner in conn.execute(
+            "SELECT j.id, j.owner FROM dependencies d JOIN jobs j ON j.id = d.job_id"
             " WHERE d.depends_on = ? AND j.state = 'pending'",
             (cause,),
         ).fetchall():
+            owners.add(owner, -1)
             conn.execute(
                 "UPDATE jobs SET state = 'cancelled', finished_at = ?, error = ?,"
                 " wait_reason = NULL, cancelled_by = ? WHERE id = ?",
@@ -134,12 +181,14 @@ def requeue(
     job_id: str,
     now: float,
     changed: list[tuple[str, JobState]],
+    owners: OwnerCounts,
     coming_back: frozenset[str] = frozenset(),
 ) -> Optional[float]:
     """
     Put a finished job back in line with a fresh budget: queued, or pending
-    while jobs it depends on have not succeeded.  A dependency that failed
-    or was cancelled must be retried first.
+    while jobs it depends on have not succeeded; counted among its owner's
+    unfinished jobs in C{owners}.  A dependency that failed or was
+    cancelled must be retried first.
     """
     unmet = []
     for dependency, state in conn.execute(
@@ -156,9 +205,10 @@ def requeue(
             unmet.append(dependency)
     # A job cancelled before its not_before still waits for it; a job that
     # ran is past its not_before (or its last back-off) already.
-    (not_before,) = conn.execute(
-        "SELECT not_before FROM jobs WHERE id = ?", (job_id,)
+    not_before, owner = conn.execute(
+        "SELECT not_before, owner FROM jobs WHERE id = ?", (job_id,)
     ).fetchone()
+    owners.add(owner, 1)
     target, reason = waiting(unmet, not_before, now)
     conn.execute(
         "UPDATE jobs SET state = ?, wait_reason = ?, waiting_on = ?,"

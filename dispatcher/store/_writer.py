@@ -33,7 +33,7 @@ import errno
 import os
 import sqlite3
 import time
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Protocol, Sequence
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import LoopingCall
@@ -119,6 +119,40 @@ def _busy(error: sqlite3.Error) -> bool:
     return str(error) == "database is locked"
 
 
+class Journal(Protocol):
+    """
+    What the operations keep in memory that must follow the database's
+    transactions (L{dispatcher.store._counts.OwnerCounts}): told where a
+    write's savepoint begins and whether it was rolled back, and whether
+    the group's transaction committed or was rolled back.
+    """
+
+    def savepoint(self) -> int: ...
+
+    def rollback_to(self, mark: int) -> None: ...
+
+    def commit(self) -> None: ...
+
+    def rollback(self) -> None: ...
+
+
+class _NoJournal:
+    def savepoint(self) -> int:
+        return 0
+
+    def rollback_to(self, mark: int) -> None:
+        pass
+
+    def commit(self) -> None:
+        pass
+
+    def rollback(self) -> None:
+        pass
+
+
+_NO_JOURNAL = _NoJournal()
+
+
 class Replay(Exception):
     """
     A group's shared path met a case it leaves to the writes one by one.
@@ -164,6 +198,9 @@ class GroupWriter:
         against at the next start (see L{dispatcher.store._mark}); none,
         no numbering.
     @param fsync: what syncs the write-ahead log's file descriptor.
+    @param journal: what the operations keep in memory alongside the
+        database and must follow its transactions (L{Journal}), or
+        C{None}.
     @ivar fsync: the same, which a test may replace.
     @ivar lock_warning: seconds a commit waits for the write lock before
         it is logged (L{LOCK_WARNING}).
@@ -190,8 +227,10 @@ class GroupWriter:
         clock: Any,
         mark: Optional[MarkFile] = None,
         fsync: Callable[[int], None] = os.fsync,
+        journal: Optional[Journal] = None,
     ) -> None:
         self._path = path
+        self._journal: Journal = journal if journal is not None else _NO_JOURNAL
         self.fsync = fsync
         self.lock_warning = LOCK_WARNING
         self.lock_timeout = LOCK_TIMEOUT
@@ -502,6 +541,7 @@ class GroupWriter:
                     # the queues' turn on.)
                     if conn.in_transaction:
                         conn.execute("ROLLBACK")
+                    self._journal.rollback()
                     self._begin(conn)
                     results = [self._apply_one(conn, write) for write in work]
                 if self.mark is not None:
@@ -511,9 +551,11 @@ class GroupWriter:
             except BaseException:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
+                self._journal.rollback()
                 raise
         except (sqlite3.Error, OSError) as e:
             raise store_error(e) from e
+        self._journal.commit()
         self._commit_wrote = conn.total_changes != changes
         self.unsynced = not durable
         self.batches += 1
@@ -575,11 +617,13 @@ class GroupWriter:
         undone and the rest of its group goes on.
         """
         conn.execute("SAVEPOINT operation")
+        mark = self._journal.savepoint()
         try:
             value = self._operations[type(write)](conn, *write)
         except Exception as e:
             conn.execute("ROLLBACK TO operation")
             conn.execute("RELEASE operation")
+            self._journal.rollback_to(mark)
             if isinstance(e, (sqlite3.Error, OSError)):
                 return (False, Failure(store_error(e)))
             return (False, Failure())

@@ -22,7 +22,9 @@ from dispatcher.store._results import IdempotencyKey, RemovalCursor
 class Submit(NamedTuple):
     """
     Store new jobs from their specs, all or nothing, owned by C{owner};
-    unless C{sees_all}, their C{depends_on} may name only C{owner}'s jobs.
+    unless C{sees_all}, their C{depends_on} may name only C{owner}'s jobs;
+    if C{max_unfinished} is given, only while C{owner} then has at most
+    that many unfinished jobs.
     """
 
     specs: Sequence[JobSpec]
@@ -31,6 +33,7 @@ class Submit(NamedTuple):
     idempotency: Optional[IdempotencyKey]
     owner: Optional[str] = None
     sees_all: bool = True
+    max_unfinished: Optional[int] = None
 
     @property
     def plain(self) -> bool:
@@ -45,7 +48,8 @@ class SubmitPlain(NamedTuple):
     """
     Store L{PlainJobs}, all or nothing, owned by C{owner}, with their
     specs' stored texts (made before the write is queued, so that the one
-    writer thread does not spend its time encoding them).
+    writer thread does not spend its time encoding them); with
+    C{max_unfinished}, as L{Submit}.
     """
 
     jobs: PlainJobs
@@ -54,6 +58,7 @@ class SubmitPlain(NamedTuple):
     idempotency: Optional[IdempotencyKey]
     stored: Sequence[str]
     owner: Optional[str] = None
+    max_unfinished: Optional[int] = None
 
 
 class Claim(NamedTuple):
@@ -139,13 +144,16 @@ class Cancel(NamedTuple):
 class Retry(NamedTuple):
     """
     Put a failed or cancelled job back in line; if C{owner} is given, only
-    a job of that owner, and only its dependents of that owner with it.
+    a job of that owner, and only its dependents of that owner with it; if
+    C{max_unfinished} is given, only while the job's owner then has at most
+    that many unfinished jobs.
     """
 
     job_id: str
     now: float
     dependents: bool
     owner: Optional[str] = None
+    max_unfinished: Optional[int] = None
 
 
 class PromoteDue(NamedTuple):

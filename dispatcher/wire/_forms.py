@@ -179,7 +179,13 @@ def lease_grant(lease: Lease, token: str) -> LeaseGrant:
     if spec.requirements:
         wire.requirements = dict(spec.requirements)
     return LeaseGrant(
-        lease.job_id, lease.attempt, token, lease.holder, format_time(lease.expires_at), wire
+        lease.job_id,
+        lease.attempt,
+        token,
+        lease.holder,
+        format_time(lease.expires_at),
+        wire,
+        lease.owner,
     )
 
 
@@ -255,4 +261,6 @@ def lease_from_grant(grant: LeaseGrant, expires_at: float) -> Lease:
         array_id=wire.array_id,
         array_index=wire.array_index,
     )
-    return Lease(grant.job_id, grant.attempt, grant.token, grant.holder, expires_at, spec)
+    return Lease(
+        grant.job_id, grant.attempt, grant.token, grant.holder, expires_at, spec, grant.owner
+    )

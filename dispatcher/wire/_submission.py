@@ -516,12 +516,15 @@ class Submission:
     """
     One validated job of a request: its spec, and how many jobs to make of
     it (C{array}, or C{None} for one plain job).  C{depends_on} entries that
-    are integers name earlier jobs of the same batch.
+    are integers name earlier jobs of the same batch.  C{stored_bytes} is
+    what an array's members store in all (L{array_bytes}); 0 for a plain
+    job, which its request's body bounds.
     """
 
     spec: JobSpec
     array: Optional[int] = None
     batch_dependencies: tuple[tuple[int, int], ...] = ()
+    stored_bytes: int = 0
 
 
 def _too_deep(value: Any) -> bool:
@@ -648,6 +651,7 @@ def parse_submission(
     max_array: int,
     prefix: str = "",
     batch_index: Optional[int] = None,
+    max_stored_bytes: Optional[int] = None,
 ) -> Submission:
     """
     Check one submitted job and build its L{Submission}.
@@ -660,6 +664,8 @@ def parse_submission(
     @param prefix: put before field names (for jobs inside a batch).
     @param batch_index: this job's place in a batch, or C{None} outside one
         (where C{depends_on} may not hold integers).
+    @param max_stored_bytes: the most an array's members may store in all
+        (L{array_bytes}); C{None}: no limit.
     @raise ApiError: naming the first field at fault.
     """
     if not isinstance(body, JobSubmission):
@@ -723,12 +729,51 @@ def parse_submission(
                 depends.append(item)
         fields["depends_on"] = tuple(depends)
     array = body.array
-    if array is not None and array > max_array:
-        invalid(
-            f"{prefix}array",
-            f"expected an integer from 1 to {max_array} ([dispatcher] max_array), got {array}",
+    stored = 0
+    if array is not None:
+        if array > max_array:
+            invalid(
+                f"{prefix}array",
+                f"expected an integer from 1 to {max_array} ([dispatcher] max_array), "
+                f"got {array}",
+            )
+        stored = array_bytes(body, array)
+        if max_stored_bytes is not None and stored > max_stored_bytes:
+            each = stored // array
+            invalid(
+                f"{prefix}array",
+                f"{array} jobs of {each} bytes each would store {stored} bytes, more "
+                f"than the {max_stored_bytes} one request may store ([dispatcher] "
+                f"max_stored_bytes): at most {max(1, max_stored_bytes // each)} jobs "
+                "of this size",
+            )
+    return Submission(JobSpec(**fields), array, tuple(batch_deps), stored)
+
+
+def array_bytes(body: JobSubmission, array: int) -> int:
+    """
+    What the C{array} members of the submitted job C{body} store, as
+    C{[dispatcher] max_stored_bytes} counts it: each stores the whole spec,
+    counted as the job's JSON as submitted (compact, every field).
+    """
+    return array * len(msgspec.json.encode(body))
+
+
+def check_stored_bytes(submissions: list[Submission], max_stored_bytes: int) -> None:
+    """
+    Refuse a batch whose arrays' members store more than
+    C{max_stored_bytes} in all (each array alone was checked as it was
+    parsed).
+    """
+    total = sum(s.stored_bytes for s in submissions)
+    if total > max_stored_bytes:
+        raise ApiError(
+            400,
+            "invalid_field",
+            f"jobs: the arrays of this batch would store {total} bytes, more than the "
+            f"{max_stored_bytes} one request may store ([dispatcher] max_stored_bytes)",
+            "jobs",
         )
-    return Submission(JobSpec(**fields), array, tuple(batch_deps))
 
 
 def check_batch_size(count: int, max_array: int) -> None:

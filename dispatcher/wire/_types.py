@@ -34,6 +34,7 @@ import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType
 
 from dispatcher.model._jobs import NO_RESOURCES, JobSpec, JobState
+from dispatcher.model._limits import MAX_RESULT_BYTES
 # How deep a task's arguments (and its result) may nest arrays and
 # objects is the model's rule, which a task's result is checked against
 # where it is made.
@@ -81,6 +82,10 @@ DEFAULT_LIST_LIMIT = 100
 # 400, not an overflow.
 MAX_CURSOR = 2**63 - 1
 MAX_OFFSET = 2**63 - 1
+# How many label= filters one list of jobs may give: each is a lookup in
+# the labels table, and 900 of them took 2.7 s a query (six at once held
+# every store reader, and GET /v1/queues waited 7 s).
+MAX_LABEL_FILTERS = 16
 
 # Patterns, each with what a person is told when a value does not match.
 NO_NUL = "^[^\x00]*$"
@@ -293,7 +298,12 @@ class JobSubmission(_In):
     ] = None
     array: Optional[
         Annotated[int, Meta(ge=1, description="Make this many jobs of the spec "
-                            "(at most [dispatcher] max_array).")]
+                            "(at most [dispatcher] max_array). Each member stores the "
+                            "whole spec: the members of one request's arrays store at "
+                            "most [dispatcher] max_stored_bytes in all, each counted as "
+                            "the job's JSON as submitted (compact, every field; not "
+                            "expressible in JSON Schema, refused with a 400 naming "
+                            "array, or jobs for a batch's total).")]
     ] = None
 
 
@@ -555,6 +565,11 @@ class ErrorDetail(_Out, omit_defaults=True):
                             "size; send from there.")],
         UnsetType,
     ] = UNSET
+    retry_after: Union[
+        Annotated[int, Meta(ge=1, description="A 429 only: seconds to wait before "
+                            "trying again, as its Retry-After header says.")],
+        UnsetType,
+    ] = UNSET
 
 
 class Error(_Out):
@@ -663,8 +678,10 @@ class ResultItem(_In):
     exit_code: Optional[Annotated[int, Meta(ge=-MAX_EXIT_CODE, le=MAX_EXIT_CODE)]] = None
     result: Annotated[
         Any,
-        Meta(description=f"A task's return value. {_NESTING} A worker fails a job "
-             "whose result JSON cannot carry (NaN, a set, two keys written alike) "
+        Meta(description=f"A task's return value: at most {MAX_RESULT_BYTES} bytes "
+             f"as JSON (compact, UTF-8), a larger one refused with a 400 naming "
+             f"results[i].result. {_NESTING} A worker fails a job whose result JSON "
+             "cannot carry (NaN, a set, two keys written alike), or that is larger, "
              "rather than report it."),
     ] = None
     error: Optional[str] = None
@@ -723,6 +740,12 @@ class LeaseGrant(_Out):
                    "every heartbeat_seconds instead of comparing clocks.")
     ]
     spec: LeaseSpec
+    owner: Annotated[
+        Optional[str],
+        Meta(description="The job's owner: a worker running as root runs its "
+             "command as the account its [run_as] map gives this owner. null: "
+             "stored before jobs had owners."),
+    ] = None
 
 
 FenceSeconds = Annotated[

@@ -14,6 +14,7 @@ from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.ssl import Certificate, trustRootFromCertificates
 from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
 from twisted.web.client import BrowserLikePolicyForHTTPS, HTTPConnectionPool
 
 from dispatcher.config._ini import Config
@@ -23,6 +24,8 @@ from dispatcher.execution._spawner import deadline_clock
 from dispatcher.workers._agent import RemoteWorker, WorkerDescription
 from dispatcher.workers._client import DispatcherClient
 from dispatcher.workers._logs import read_chunks_blocking
+
+log = Logger()
 
 
 def dispatcher_tls_policy(
@@ -140,9 +143,22 @@ class WorkerService(MultiService):
         )
 
     def startService(self) -> None:
+        if self.host.accounts_refused is not None:
+            # The options refuse it first (dispatcher.app.worker_tap).
+            raise RuntimeError(self.host.accounts_refused)
         Service.startService(self)
         self.host.start_pools()
-        os.makedirs(self.settings.data_dir, exist_ok=True)
+        tightened = self.executor.make_data_dir(self.settings.data_dir)
+        if tightened:
+            log.warn(
+                "narrowed the modes of {count} directories and files in {data_dir} "
+                "that group or others could enter or read (made by an older version "
+                "or under a wider umask)",
+                count=tightened,
+                data_dir=self.settings.data_dir,
+            )
+        if self.executor.accounts.note is not None:
+            log.info(self.executor.accounts.note)
         self.host.start_spawner()
         self.worker.startService()
 
