@@ -466,25 +466,31 @@ class RawHelper:
     not a reactor in the process that asked for it.
     """
 
-    def __init__(self, directory):
+    def __init__(self, directory, settings=None):
         self.directory = directory
         self.process = subprocess.Popen(
-            [sys.executable, "-I", "-S", _HELPER],
+            [sys.executable, "-I", "-S", _HELPER]
+            + ([json.dumps(settings)] if settings is not None else []),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             env={},
         )
         self.replies = []
+        self._pending = b""
+        # Its first word says what holds for jobs.
+        self.ready = self.reply(lambda r: r["op"] == "ready")
 
     def send(self, **request):
         self.process.stdin.write(json.dumps(request).encode() + b"\n")
         self.process.stdin.flush()
 
     def spawn(self, job_id, argv, **extra):
-        self.send(
+        request = dict(
             op="spawn", id=job_id, argv=argv, env=PATH, cwd=str(self.directory),
             stdout=str(self.directory / f"{job_id}.out"),
-            stderr=str(self.directory / f"{job_id}.err"), **extra)
+            stderr=str(self.directory / f"{job_id}.err"))
+        request.update(extra)
+        self.send(**request)
         return self.reply(lambda r: r["id"] == job_id and r["op"] == "spawned")
 
     def reply(self, match, timeout=10.0):
@@ -499,9 +505,13 @@ class RawHelper:
             assert left > 0, f"no matching reply; got {self.replies}"
             ready, _, _ = select.select([self.process.stdout], [], [], left)
             if ready:
-                line = self.process.stdout.readline()
-                assert line, "the helper exited"
-                self.replies.append(json.loads(line))
+                # Unbuffered: a line left in a file object's buffer would
+                # never wake the select.
+                data = os.read(self.process.stdout.fileno(), 65536)
+                assert data, "the helper exited"
+                lines = (self._pending + data).split(b"\n")
+                self._pending = lines.pop()
+                self.replies.extend(json.loads(line) for line in lines)
 
     def exited(self, job_id, timeout=10.0):
         return self.reply(lambda r: r["id"] == job_id and r["op"] == "exited", timeout)

@@ -14,8 +14,8 @@ from twisted.internet import reactor
 from twisted.internet.defer import ensureDeferred, gatherResults
 from twisted.internet.task import Clock, deferLater
 
-from dispatcher.model._jobs import JobState, Offer, Outcome, PlainJobs, StaleLease
-from dispatcher.store import _sqlite, _submissions
+from dispatcher.model._jobs import JobState, Limits, Offer, Outcome, PlainJobs, StaleLease
+from dispatcher.store import _schema, _sqlite, _submissions
 from dispatcher.store._results import (
     CommitFailed,
     IdempotencyKey,
@@ -573,4 +573,56 @@ def test_the_column_table_is_the_schema_and_a_job_reads_back_as_made(tmp_path):
     assert _rows.job_from_row(view_row, (), {}) == job
     assert job.cancelled_by == "d" and job.finished_at == 2.0 and job.spec is made
     assert job.owner == "ann"
+    conn.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_attempts_limits_and_cut_log_are_kept(store):
+    """The limits an attempt ran under and the streams of its log that were
+    cut are stored with its end and read back, on the one-by-one path and
+    on the path of successes recorded together; an attempt that says
+    nothing of them reads back with none."""
+    await submit(store, spec(1), spec(2), spec(3))
+    a, b, c = (await store.claim(Offer("h", 3), 3, 200.0, 60)).leases
+    limits = Limits(512, 4096, True)
+    done = [
+        store.finish(a, Outcome(JobState.FAILED, exit_code=-9, error="out of memory",
+                                limits=limits, log_cut=("stdout", "stderr")), 201.0),
+        store.finish(b, Outcome(JobState.SUCCEEDED, exit_code=0,
+                                limits=Limits(None, None, False)), 201.0),
+        store.finish(c, Outcome(JobState.SUCCEEDED, exit_code=0), 201.0),
+    ]
+    for d in done:
+        await d
+    first, second, third = [(await store.get(lease.job_id)).attempts[-1] for lease in (a, b, c)]
+    assert (first.limits, first.log_cut) == (limits, ("stdout", "stderr"))
+    assert (second.limits, second.log_cut) == (Limits(None, None, False), ())
+    assert (third.limits, third.log_cut) == (None, ())
+
+
+@pytest_twisted.ensureDeferred
+async def test_migration_to_limits(tmp_path, monkeypatch):
+    """A database from before attempts had limits gets the columns; its
+    attempts read back with none, and new ends store theirs."""
+    path = str(tmp_path / "old.sqlite3")
+    conn = sqlite3.connect(path, isolation_level=None)
+    before = next(i for i, m in enumerate(MIGRATIONS)
+                  if isinstance(m, str) and "COLUMN limits" in m)
+    monkeypatch.setattr(_schema, "MIGRATIONS", MIGRATIONS[:before])
+    _schema.migrate(conn, path)
+    monkeypatch.undo()
+    conn.execute(
+        "INSERT INTO jobs (id, state, name, labels, spec, created_at, attempt_count)"
+        " VALUES ('old', 'failed', NULL, '{}', '{\"command\":[\"true\"]}', 1.0, 1)")
+    conn.execute(
+        "INSERT INTO attempts (job_id, number, token, holder, started_at, finished_at,"
+        " exit_code) VALUES ('old', 1, 1, 'h', 1.0, 2.0, 1)")
+    conn.close()
+    store = SQLiteJobStore(path, reactor)
+    await store.open()
+    (attempt,) = (await store.get("old")).attempts
+    assert (attempt.exit_code, attempt.limits, attempt.log_cut) == (1, None, ())
+    await store.close()
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
     conn.close()

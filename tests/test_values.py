@@ -529,7 +529,7 @@ def test_a_data_directory_made_by_main_is_served_after_migration_6(tmp_path):
     cc4f8ae: tests/data/schema5/make.py) holding what older versions stored
     starts under this one: every page and every job is served (main
     answered 500 for the list and for three of the jobs), each repaired
-    job's error says what was replaced, and the database is at version 6."""
+    job's error says what was replaced, and the database is at the newest version."""
     data = tmp_path / "data"
     data.mkdir()
     for name in ("dispatcher.sqlite3", "dispatcher.sqlite3.mark"):

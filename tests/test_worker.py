@@ -32,7 +32,7 @@ from twisted.web.server import NOT_DONE_YET, Site
 from twisted.web.static import File
 
 from dispatcher.execution._executor import RunningJob
-from dispatcher.model._jobs import JobSpec, JobState, Lease, Outcome
+from dispatcher.model._jobs import JobSpec, JobState, Lease, Limits, Outcome
 from dispatcher.model._workers import LeaseEnd
 from dispatcher.wire._forms import REFUSALS, lease_grant
 from dispatcher.wire._json import encode
@@ -649,6 +649,31 @@ def test_logs_go_each_heartbeat_and_before_the_result():
     assert report.json["results"] == [{
         "job_id": "job-1", "token": tok(1), "state": "succeeded", "exit_code": 0,
         "result": None, "error": None, "stopped": False}]
+
+
+def test_a_result_says_its_limits_and_cut_log_unless_the_dispatcher_predates_them():
+    """A command's result carries the limits it ran under and the streams
+    of its log that were cut; a dispatcher from before those fields refuses
+    them as unknown, and the worker says so once and reports again without
+    them, as it does from then on."""
+    h = Harness(slots=2)
+    h.worker.startService()
+    h.grant(lease(1), lease(2))
+    limits = Limits(512, 4096, True)
+    h.executor.finish("job-1", Outcome(JobState.FAILED, exit_code=-9, error="out of memory",
+                                       limits=limits, log_cut=("stderr",)))
+    report = h.one("/v1/leases/results")
+    assert report.json["results"][0]["limits"] == {
+        "memory_mb": 512, "processes": 4096, "enforced": True}
+    assert report.json["results"][0]["log_cut"] == ["stderr"]
+    h.answer(report, error(
+        "unknown_field", "results[0].limits: unknown field", "results[0].limits"), code=400)
+    again = h.one("/v1/leases/results")
+    assert "limits" not in again.json["results"][0]
+    assert "log_cut" not in again.json["results"][0]
+    h.results(again, recorded(1))
+    h.executor.finish("job-2", Outcome(JobState.SUCCEEDED, exit_code=0, limits=limits))
+    assert "limits" not in h.one("/v1/leases/results").json["results"][0]
 
 
 def test_a_job_without_output_reads_both_streams_in_one_trip():

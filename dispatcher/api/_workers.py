@@ -28,12 +28,19 @@ from twisted.logger import Logger
 
 from dispatcher._deferreds import shielded
 from dispatcher._throttle import Throttle
-from dispatcher.model._jobs import JobState, Offer, Outcome, Resources
+from dispatcher.model._jobs import (
+    LOG_STREAMS,
+    JobState,
+    Offer,
+    Outcome,
+    Resources,
+    log_cut_marker,
+)
 from dispatcher.model._limits import MAX_RESULT_BYTES
 from dispatcher.model._principals import Principal, Role
 from dispatcher.model._values import UnservableValue, storable
 from dispatcher.model._workers import LeaseEnd, LeaseVerdict, TooManyWorkerNames
-from dispatcher.wire._forms import REFUSALS, lease_grant, lease_status
+from dispatcher.wire._forms import REFUSALS, lease_grant, lease_status, limits_of
 from dispatcher.wire._json import encode
 from dispatcher.wire._submission import ApiError, decode, invalid
 from dispatcher.wire._tokens import LeaseTokens
@@ -53,7 +60,7 @@ from dispatcher.wire._types import (
 
 log = Logger()
 
-STREAMS = ("stdout", "stderr")
+STREAMS = LOG_STREAMS
 
 # The principal of a request no authentication named (a handler called
 # without the API's head check): as the [workers] token_file token's, any
@@ -131,6 +138,9 @@ class WorkerEndpoints:
     @param io_pool: the pool that writes logs.
     @param tokens: seals the leases' tokens and opens those workers send.
     @param max_jobs_per_poll: the most leases one request for work gets.
+    @param max_log_bytes: the most bytes of each stream of a remote job's
+        log kept here (0: no limit), whatever its worker keeps: the rest
+        is dropped with a marker, and its result says the log was cut.
     """
 
     def __init__(
@@ -142,8 +152,10 @@ class WorkerEndpoints:
         io_pool: Any,
         tokens: LeaseTokens,
         max_jobs_per_poll: int = 64,
+        max_log_bytes: int = 0,
     ) -> None:
         self._hub = hub
+        self._max_log_bytes = max_log_bytes
         self._log_path = log_path
         self._open_log = open_log
         self._reactor = reactor
@@ -214,6 +226,7 @@ class WorkerEndpoints:
         offer = offer_of(body.worker)
         parsed = []
         for i, item in enumerate(body.results):
+            token = self._tokens.open(item.job_id, item.token)
             if item.state == "released":
                 outcome = None
             else:
@@ -229,9 +242,11 @@ class WorkerEndpoints:
                 if result is not None:
                     _check_result_size(result, f"results[{i}].result")
                 outcome = Outcome(
-                    JobState(item.state), item.exit_code, result, item.error, item.stopped
+                    JobState(item.state), item.exit_code, result, item.error, item.stopped,
+                    None if item.limits is UNSET else limits_of(item.limits),
+                    () if item.log_cut is UNSET else tuple(dict.fromkeys(item.log_cut)),
                 )
-            parsed.append((item.job_id, self._tokens.open(item.job_id, item.token), outcome))
+            parsed.append((item.job_id, token, outcome))
         # Not cancelled with the request: the hub records each result
         # whatever becomes of this connection (a failed commit is written
         # again, and a lease ends in memory only once its end has
@@ -283,9 +298,14 @@ class WorkerEndpoints:
             raise ApiError(409, "stale_lease", f"token: {REFUSALS[reason]}", "token")
         path = self._log_path(job_id, remote.lease.attempt, stream)
         data = request.content.read()
-        size = await deferToThreadPool(
-            self._reactor, self._io_pool, _write_at, path, offset, data, self._open_log
+        written = await deferToThreadPool(
+            self._reactor, self._io_pool, _write_at, path, offset, data, self._open_log,
+            self._max_log_bytes,
+            log_cut_marker(stream, self._max_log_bytes) if self._max_log_bytes else "",
         )
+        size, cut = written if written is not None else (None, False)
+        if cut and stream not in remote.log_cut:
+            remote.log_cut = remote.log_cut | {stream}
         if size is None:
             have = await deferToThreadPool(self._reactor, self._io_pool, _size, path)
             raise ApiError(
@@ -326,21 +346,45 @@ def query_integer(
 
 
 def _write_at(
-    path: str, offset: int, data: bytes, open_log: Callable[[str], int]
-) -> Optional[int]:
+    path: str,
+    offset: int,
+    data: bytes,
+    open_log: Callable[[str], int],
+    limit: int = 0,
+    marker: str = "",
+) -> Optional[tuple[int, bool]]:
     """
     Write C{data} at C{offset} of the log file at C{path}, opened (made if
-    need be) by C{open_log}; the size afterwards, or C{None} if C{offset}
-    is past the end.
+    need be) by C{open_log}, keeping at most C{limit} bytes of the stream
+    (0: no limit): what would go past it is dropped, and C{marker} written
+    once at the limit, on a line of its own.
+
+    @return: C{(size, cut)}: the stream's size afterwards (counting what
+        was dropped, which is what the worker sends from next), and whether
+        anything was dropped; or C{None} if C{offset} is past the end.
     """
     fd = open_log(path)
     try:
         size = os.fstat(fd).st_size
+        end = offset + len(data)
+        if limit and size >= limit and offset >= limit:
+            # Cut already: all of this goes past the limit.
+            return end, bool(data)
         if offset > size:
             return None
+        if limit and end > limit:
+            kept = data[: limit - offset]
+            if kept:
+                os.pwrite(fd, kept, offset)
+            # On a line of its own, as the spawner helper writes it.
+            line = marker.encode("utf-8")
+            if os.pread(fd, 1, limit - 1) != b"\n":
+                line = b"\n" + line
+            os.pwrite(fd, line, limit)
+            return end, True
         if data:
             os.pwrite(fd, data, offset)
-        return max(size, offset + len(data))
+        return max(size, end), False
     finally:
         os.close(fd)
 

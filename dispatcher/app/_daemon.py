@@ -190,6 +190,7 @@ class DaemonService(MultiService):
             self.io_pool,
             self.lease_tokens,
             config.workers.max_jobs_per_poll,
+            config.executor.max_log_bytes,
         )
         self.api = api = DispatcherAPI(
             self.dispatcher,

@@ -154,7 +154,8 @@ class Options(usage.Options):
         ["token-file", None, None, "A file holding the dispatcher's [workers] token (required)."],
         ["slots", None, None, "How many jobs to run at once (required)."],
         ["config", "c", None, "An ini file in the daemon's format; a worker reads [tasks], "
-         "[fetch] and [executor] threads and kill_grace from it."],
+         "[fetch] and [executor] threads, kill_grace, cgroups, max_processes and "
+         "max_log_bytes from it."],
         ["name", None, None, "This worker's name, unique among the workers (default: host name and process id)."],
         ["cpus", None, None, "CPUs offered (default: those this process may run on)."],
         ["memory", None, None, "Memory offered, in MiB (default: MemTotal of /proc/meminfo)."],

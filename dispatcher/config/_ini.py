@@ -106,6 +106,12 @@ class DispatcherConfig:
     gc_freeze: bool = False
 
 
+# [executor] max_log_bytes by default: 64 MiB of each stream of a job.
+DEFAULT_MAX_LOG_BYTES = 64 << 20
+# [executor] max_processes by default: a job's processes and threads.
+DEFAULT_MAX_PROCESSES = 4096
+
+
 @attrs.frozen
 class RunAs:
     """
@@ -189,14 +195,20 @@ def _optional_run_as(text: str) -> Optional[RunAs]:
 @attrs.frozen
 class ExecutorConfig:
     """
-    C{[executor]}: what runs on this host at once, and as whom command jobs
-    run (C{None}: see L{dispatcher.execution._accounts}).
+    C{[executor]}: what runs on this host at once; as whom command jobs
+    run (C{None}: see L{dispatcher.execution._accounts}); and what bounds a
+    command job: its processes (and threads) and the bytes of each stream
+    of its log kept (0: no limit), and whether jobs go in cgroups of their
+    own (C{auto}: where the host allows, C{off}: never).
     """
 
     slots: int = 8
     threads: int = 8
     kill_grace: float = 5.0
     run_as: Optional[RunAs] = None
+    max_processes: int = DEFAULT_MAX_PROCESSES
+    max_log_bytes: int = DEFAULT_MAX_LOG_BYTES
+    cgroups: str = "auto"
 
 
 @attrs.frozen
@@ -542,6 +554,26 @@ def _group(text: str) -> Optional[int]:
         raise ValueError("expected the name (or number) of a group of this host")
 
 
+def _process_limit(text: str) -> int:
+    # A job is started from inside its cgroups by the spawner helper, which
+    # counts there for that moment: a limit needs room for both.
+    allowed = "expected 0 (no limit) or an integer of at least 2"
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(allowed)
+    if value != 0 and value < 2:
+        raise ValueError(allowed)
+    return value
+
+
+def _cgroups(text: str) -> str:
+    value = text.strip().lower()
+    if value not in ("auto", "off"):
+        raise ValueError("expected auto (cgroups where the host allows them) or off")
+    return value
+
+
 def _authentication(text: str) -> bool:
     value = text.strip().lower()
     if value == "required":
@@ -678,6 +710,9 @@ _SECTIONS: Mapping[str, tuple[type, Mapping[str, Callable[[str], Any]]]] = {
             "threads": _integer(1),
             "kill_grace": _seconds(0),
             "run_as": _optional_run_as,
+            "max_processes": _process_limit,
+            "max_log_bytes": _integer(0),
+            "cgroups": _cgroups,
         },
     ),
     "fetch": (

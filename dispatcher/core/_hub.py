@@ -37,6 +37,7 @@ from dispatcher.core._capacity import free_resources
 from dispatcher.core._reasons import silent_worker
 from dispatcher.core._recorder import Recorder
 from dispatcher.model._jobs import (
+    LOG_STREAMS,
     JobState,
     Lease,
     Offer,
@@ -104,6 +105,9 @@ class RemoteLease:
     # A last attempt whose lease ran out waits for its worker's word until
     # C{expires} again (see WorkerHub._reap): since when it is silent.
     silent_since: Optional[float] = None
+    # The streams of its log the dispatcher cut at its own
+    # [executor] max_log_bytes, for its result to say.
+    log_cut: frozenset[str] = frozenset()
 
 
 @attrs.define(eq=False)
@@ -667,6 +671,12 @@ class WorkerHub:
                 continue
             d: Deferred = Deferred()
             if remote.ending is None:
+                if outcome is not None and not remote.log_cut <= set(outcome.log_cut):
+                    # Cut here too, at this dispatcher's own limit.
+                    cut = set(outcome.log_cut) | remote.log_cut
+                    outcome = attrs.evolve(
+                        outcome, log_cut=tuple(s for s in LOG_STREAMS if s in cut)
+                    )
                 self._end(remote, LeaseEnd.REPORTED, outcome, d)
             else:
                 assert remote.waiting is not None

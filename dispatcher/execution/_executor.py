@@ -577,13 +577,15 @@ class LocalExecutor:
             self.log_path(lease.job_id, lease.attempt, "stderr"),
         )
         deadline = running.deadline
-        # Left out when not used: an IProcessSpawner of before takes neither.
+        # Left out when not used: an IProcessSpawner of before takes none.
         options: dict[str, Any] = {}
         if deadline is not None:
             options["deadline"] = deadline
         run_as = self.accounts.for_owner(lease.owner)
         if run_as is not None:
             options["run_as"] = run_as
+        if spec.resources.memory_mb:
+            options["memory_mb"] = spec.resources.memory_mb
         try:
             process = await self._spawner.spawn(
                 list(spec.command), env, workdir, *paths, **options
@@ -616,20 +618,29 @@ class LocalExecutor:
                 job_id=lease.job_id,
                 error=str(e) or type(e).__name__,
             )
+        limits = getattr(process, "limits", None)
         try:
             code = await process.ended
         except Exception as e:
-            return Outcome(JobState.FAILED, error=f"lost: {e}")
+            return Outcome(JobState.FAILED, error=f"lost: {e}", limits=limits)
         finally:
             if timer is not None and timer.active():
                 timer.cancel()
+        log_cut = tuple(getattr(process, "log_cut", ()))
         if running.timed_out:
-            return Outcome(
+            outcome = Outcome(
                 JobState.FAILED,
                 exit_code=code,
                 error=f"timed out after {spec.timeout:g} s",
+                limits=limits,
+                log_cut=log_cut,
             )
-        return Outcome.from_exit_code(code)
+        else:
+            outcome = Outcome.from_exit_code(code, limits, log_cut)
+        kills = getattr(process, "oom_kills", 0)
+        if kills:
+            outcome = outcome.out_of_memory(kills, limits.memory_mb if limits else None)
+        return outcome
 
     def _terminate(self, process: Any, grace: Optional[float] = None) -> None:
         d = process.terminate(self.kill_grace if grace is None else grace, self._clock)

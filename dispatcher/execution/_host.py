@@ -155,7 +155,12 @@ class JobHost:
         self.http = input_http_client(
             reactor, self.http_pool, FetchPolicy(config.fetch.allow)
         )
-        self.spawner = ProcessSpawner(reactor)
+        self.spawner = ProcessSpawner(
+            reactor,
+            max_processes=config.executor.max_processes,
+            max_log_bytes=config.executor.max_log_bytes,
+            cgroups=config.executor.cgroups,
+        )
         stager = InputStager(self.http, stager_clock, config.fetch, self.fetch_pool, reactor)
         self.accounts_refused: Optional[str] = None
         try:

@@ -9,10 +9,11 @@ from zope.interface import Attribute, Interface
 class IProcessSpawner(Interface):
     """
     Starts command jobs as processes, each in its own session and process
-    group, and tells when they end.
+    group (and cgroups, where the host allows), and tells when they end.
     """
 
-    def spawn(argv, env, cwd, stdout_path, stderr_path, deadline=None, run_as=None):
+    def spawn(argv, env, cwd, stdout_path, stderr_path, deadline=None, run_as=None,
+              memory_mb=0):
         """
         Start C{argv} (no shell) in C{cwd} with exactly the environment
         C{env}, stdout and stderr to those files.  Fire with an
@@ -21,6 +22,8 @@ class IProcessSpawner(Interface):
         is killed when it passes, by a process other than the caller's.
         With C{run_as} (a L{dispatcher.config._ini.RunAs}), it runs as that
         account, which C{cwd} is given to.
+        C{memory_mb} (0: none) is its memory limit, where it can be
+        enforced.
         """
 
     def set_deadline(processes, at):
@@ -45,6 +48,11 @@ class IRunningProcess(Interface):
     killed_at_deadline = Attribute(
         "Whether it was killed because its deadline passed."
     )
+    limits = Attribute("The Limits it runs under, or None if not known.")
+    oom_kills = Attribute(
+        "Once it has ended: how many of its processes the OOM killer killed."
+    )
+    log_cut = Attribute("Once it has ended: the streams of its log that were cut.")
 
     def signal_group(signum):
         """

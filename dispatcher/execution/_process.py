@@ -5,10 +5,12 @@ Starting a process from the daemon walks every open file descriptor in the
 reactor thread, and the daemon may hold thousands of sockets.  So the
 daemon starts one small helper (L{dispatcher.execution._spawner}) when the service
 starts and asks it, over a pipe, to start jobs: each in its own session and
-process group, with stray members of the group killed when the job's
-leader exits.
+process group, and its own cgroups where the host allows, with what is left
+of the group and of the cgroups killed when the job's leader exits.  The
+helper says once what holds for jobs on this host, which is logged.
 """
 
+import functools
 import itertools
 import json
 import os
@@ -25,6 +27,7 @@ from zope.interface import implementer
 
 from dispatcher.execution._interfaces import IProcessSpawner, IRunningProcess
 from dispatcher.execution._spawner import read_boot_id, read_stat
+from dispatcher.model._jobs import LOG_STREAMS, Limits, log_cut_marker
 
 # The helper is run as a file, not with -m: -m would import the dispatcher
 # package, and with it Twisted, into a process that needs only the standard
@@ -35,6 +38,12 @@ _HELPER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_spawner.py"
 # Indices in the fields of /proc/<pid>/stat (see read_stat).
 _START_TICKS = 21
 _PROCESS_GROUP = 4
+
+
+@functools.lru_cache(maxsize=64)
+def _limits(memory_mb, processes, enforced):
+    # Most jobs run under the same few: each is made once.
+    return Limits(memory_mb, processes, enforced)
 
 
 class SpawnError(Exception):
@@ -66,11 +75,18 @@ class RunningProcess:
         rest of its group has been killed; or fails with L{ProcessLost}.
     @ivar killed_at_deadline: the helper killed it because its deadline
         (L{ProcessSpawner.set_deadline}) passed.
+    @ivar limits: the L{Limits} it runs under.
+    @ivar oom_kills: once it has ended, how many of its processes the
+        out-of-memory killer killed.
+    @ivar log_cut: once it has ended, the streams of its log that were cut.
     """
 
     killed_at_deadline = False
     # The helper's id of the process.
     spawn_id = None
+    limits = None
+    oom_kills = 0
+    log_cut = ()
 
     def __init__(self, pid, start_ticks, boot_id, send_signal):
         """
@@ -159,8 +175,9 @@ class _Helper(ProcessProtocol):
 
     _log = Logger()
 
-    def __init__(self, on_end):
+    def __init__(self, on_end, on_ready):
         self._on_end = on_end
+        self._on_ready = on_ready
         self._ids = itertools.count(1)
         self._spawning = {}
         self._running = {}
@@ -169,7 +186,9 @@ class _Helper(ProcessProtocol):
         self.dead = False
         self.exited = Deferred()
 
-    def spawn(self, argv, env, cwd, stdout_path, stderr_path, deadline=None, run_as=None):
+    def spawn(
+        self, argv, env, cwd, stdout_path, stderr_path, deadline=None, run_as=None, memory_mb=0
+    ):
         job_id = next(self._ids)
         try:
             request = dict(
@@ -189,6 +208,8 @@ class _Helper(ProcessProtocol):
             request["run_as"] = dict(
                 user=run_as.user, uid=run_as.uid, gid=run_as.gid, groups=list(run_as.groups)
             )
+        if memory_mb:
+            request["memory_mb"] = memory_mb
 
         def cancel(d):
             # The request cannot be taken back; a process started for a
@@ -261,7 +282,11 @@ class _Helper(ProcessProtocol):
             if process is not None:
                 if reply.get("deadline"):
                     process.killed_at_deadline = True
+                process.oom_kills = reply.get("oom_kills", 0)
+                process.log_cut = tuple(reply.get("cut", ()))
                 process._end(reply["code"])
+        elif op == "ready":
+            self._on_ready(reply["description"])
         elif op == "error":
             if job_id in self._spawning:
                 spawned = self._spawning.pop(job_id)
@@ -283,6 +308,11 @@ class _Helper(ProcessProtocol):
             lambda signum: self._send(dict(op="signal", id=job_id, signal=signum)),
         )
         process.spawn_id = job_id
+        limits = reply.get("limits")
+        if limits is not None:
+            process.limits = _limits(
+                limits["memory_mb"], limits["processes"], limits["enforced"]
+            )
         self._running[job_id] = process
         if spawned is None:
             process.signal_group(signal.SIGKILL)
@@ -342,12 +372,28 @@ class ProcessSpawner(Service):
     _log = Logger()
     child_open_files = None
 
-    def __init__(self, reactor):
+    def __init__(self, reactor, max_processes=0, max_log_bytes=0, cgroups="auto"):
         """
         @param reactor: an L{IReactorProcess}, to start the helper with.
+        @param max_processes: the most processes (and threads) of a job, 0
+            for no limit; enforced where jobs get cgroups.
+        @param max_log_bytes: the most bytes of each stream of a job its
+            log file keeps, 0 for no limit.
+        @param cgroups: C{"auto"}: each job in cgroups of its own where the
+            host allows; C{"off"}: never.
         """
         self._reactor = reactor
         self._helper = None
+        self._settings = {
+            "cgroups": cgroups,
+            "max_processes": max_processes,
+            "max_log_bytes": max_log_bytes,
+            "markers": {
+                stream: log_cut_marker(stream, max_log_bytes) for stream in LOG_STREAMS
+            },
+        }
+        # What the helper said holds for jobs, as it last said it.
+        self.description = None
 
     def startService(self):
         """
@@ -369,9 +415,12 @@ class ProcessSpawner(Service):
             return succeed(None)
         return self._helper.stop()
 
-    def spawn(self, argv, env, cwd, stdout_path, stderr_path, deadline=None, run_as=None):
+    def spawn(
+        self, argv, env, cwd, stdout_path, stderr_path, deadline=None, run_as=None, memory_mb=0
+    ):
         """
-        Start C{argv} (no shell) in its own session and process group.
+        Start C{argv} (no shell) in its own session and process group, and
+        its own cgroups where the host allows.
 
         @param argv: the program and its arguments; a program name with no
             C{/} is looked for in C{env}'s C{PATH}.
@@ -388,6 +437,8 @@ class ProcessSpawner(Service):
             account it runs as (this process must then be root): its user
             and group ids, real, effective and saved, and its groups.  The
             working directory is given to it.
+        @param memory_mb: its memory limit in MiB (0: none), enforced where
+            jobs get cgroups.
 
         @return: a Deferred that fires with a L{RunningProcess} once the
             program is running, or fails with L{SpawnError}.
@@ -401,7 +452,7 @@ class ProcessSpawner(Service):
             except OSError as e:
                 return fail(SpawnError(f"cannot start the process spawner helper: {e}"))
         return self._helper.spawn(
-            argv, env, cwd, stdout_path, stderr_path, deadline, run_as
+            argv, env, cwd, stdout_path, stderr_path, deadline, run_as, memory_mb
         )
 
     def set_deadline(self, processes, at):
@@ -418,11 +469,11 @@ class ProcessSpawner(Service):
             self._helper.set_deadline(processes, at)
 
     def _start_helper(self):
-        helper = _Helper(self._helper_ended)
+        helper = _Helper(self._helper_ended, self._helper_ready)
         process = self._reactor.spawnProcess(
             helper,
             sys.executable,
-            [sys.executable, "-I", "-S", _HELPER],
+            [sys.executable, "-I", "-S", _HELPER, json.dumps(self._settings)],
             env={},
             childFDs={0: "w", 1: "r", 2: "r"},
         )
@@ -440,6 +491,12 @@ class ProcessSpawner(Service):
                     "cannot set the spawner helper's open-file limit to {limit}: {error}",
                     limit=self.child_open_files, error=e,
                 )
+
+    def _helper_ready(self, description):
+        # Said once, and again only if a new helper finds otherwise.
+        if description != self.description:
+            self.description = description
+            self._log.info("process spawner: {description}", description=description)
 
     def _helper_ended(self, helper):
         if helper is self._helper:

@@ -4,13 +4,14 @@ The spawner helper: a small process that starts command jobs for the daemon.
 Starting a process from the daemon itself means walking every one of its
 open file descriptors (thousands of sockets) in the reactor thread.  This
 helper holds only a few, so it starts jobs quickly.  The daemon starts it
-once and talks to it over its stdin and stdout, one JSON object a line.
+once, with its settings (L{DEFAULT_SETTINGS}) as its one argument, and
+talks to it over its stdin and stdout, one JSON object a line.
 
 Requests::
 
     {"op": "spawn", "id": N, "argv": [...], "env": {...}, "cwd": "...",
      "stdout": "path", "stderr": "path"}
-    {"op": "spawn", ..., "deadline": D}
+    {"op": "spawn", ..., "deadline": D, "memory_mb": M}
     {"op": "spawn", ..., "run_as": {"user": "nobody", "uid": U, "gid": G,
                                     "groups": [G, ...]}}
     {"op": "signal", "id": N, "signal": 15}
@@ -18,15 +19,21 @@ Requests::
 
 Replies::
 
-    {"op": "spawned", "id": N, "pid": P, "start_ticks": T, "boot_id": B}
+    {"op": "ready", "id": null, "description": "each job gets cgroups ..."}
+    {"op": "spawned", "id": N, "pid": P, "start_ticks": T, "boot_id": B,
+     "limits": {"memory_mb": M, "processes": P, "enforced": true}}
     {"op": "error", "id": N, "error": "no such file: foo"}
     {"op": "exited", "id": N, "code": C}
-    {"op": "exited", "id": N, "code": -9, "deadline": true}
+    {"op": "exited", "id": N, "code": -9, "deadline": true,
+     "oom_kills": 1, "cut": ["stdout"]}
+
+The first reply, once the helper has started, says in words what holds for
+jobs on this host (L{dispatcher.execution._cgroups}).
 
 A deadline is a time on L{deadline_clock} (C{CLOCK_BOOTTIME}, one clock for
 every process of the host, which also counts time the host spent
-suspended).  A job given one is killed, its whole process group with
-C{SIGKILL}, once the deadline passes, and its exit says so.  The remote
+suspended).  A job given one is killed, its whole process group and cgroup
+with C{SIGKILL}, once the deadline passes, and its exit says so.  The remote
 worker gives each job the time by which it must have stopped unless its
 lease is renewed, and moves it later at each renewal: the deadline holds
 even while the worker's own process is frozen, since this process keeps
@@ -39,31 +46,55 @@ The working directory and the directories of the two output files are
 made if need be (L{make_job_dirs}): the directories on the way to them
 with L{PASSAGE_MODE}, the output files' with L{LOGS_MODE}, the working
 directory with L{WORK_MODE}, given to the job's account.  The output files
-are opened here, never following a symbolic link, and handed to the job
-open; they belong to its account too, so that it may open them again
-(C{/dev/stdout}).
+are opened here, never following a symbolic link.  Without a
+C{max_log_bytes} they are handed to the job open, and belong to its
+account too, so that it may open them again (C{/dev/stdout}); with one,
+the job writes pipes, and the files stay this process's.
 
 With C{run_as}, the job runs as that account: its real, effective and
 saved user and group ids and its supplementary groups are the account's
-when it starts (L{_taking_ids}).  This process stays root.
-Each job leads its own session and process group.  When a job's leader
-exits, what is left of its group is killed before its exit is reported, so
-a job's stray background processes die with it.  C{C} is the exit status,
-or minus the signal that killed the leader.  When stdin closes, the daemon
-is gone (an orderly stop has ended every job before): the helper kills the
-process group of every job still running, so that none runs on unwatched
-while the daemon is down or its next start runs it again, and exits.
+when it starts (L{_take_ids}).  This process stays root.
 
-It imports only the standard library, to start fast and hold few files.
+Each job leads its own session and process group and,
+where the host allows, has cgroups of its own, which bound its processes
+(the setting C{max_processes}) and its memory (C{memory_mb}); it is born in
+them (L{dispatcher.execution._cgroups}).  When a job's leader exits, what
+is left of its group and of its cgroups is killed, and its exit is
+reported once none of its processes is left (a few seconds at most), so a
+job's stray background processes die with it, whatever session they moved
+to.  The helper is a child subreaper: a job's orphans become its children,
+and are reaped here, not reported.  C{C} is the exit status, or minus the
+signal that killed the leader; C{oom_kills} says how many of its processes
+the out-of-memory killer took, C{cut} which streams of its log were cut.
+With a C{max_log_bytes}, a job's stdout and stderr go through pipes the
+helper reads into the files, at most that many bytes of each
+(L{dispatcher.execution._outputs}); without, the job writes its files
+itself.  When stdin closes, the daemon is gone (an orderly stop has ended
+every job before): the helper kills every job still running, and the
+orphans it holds, so that none runs on unwatched while the daemon is down
+or its next start runs it again, and exits.
+
+It imports only the standard library (and its two siblings, which do
+too), to start fast and hold few files.
 """
 
 import errno
 import json
 import os
-import selectors
+import select
 import signal
 import sys
 import time
+
+if __package__:
+    from dispatcher.execution._cgroups import JobCgroups
+    from dispatcher.execution._outputs import open_outputs
+else:
+    # Run as a file (python -I -S _spawner.py), which keeps this directory
+    # out of the path: its two stdlib-only siblings are imported from it.
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from _cgroups import JobCgroups
+    from _outputs import open_outputs
 
 # How a job's stdout and stderr files are opened: appended to, so that the
 # output of an earlier attempt is kept; never through a symbolic link, and
@@ -85,8 +116,18 @@ WORK_MODE = 0o700
 LOGS_MODE = 0o700
 LOG_MODE = 0o600
 
+
 # Field 22 of /proc/<pid>/stat, counted from 1: the start time.
 _START_TICKS = 21
+
+# prctl's option to become a child subreaper (linux/prctl.h).
+_PR_SET_CHILD_SUBREAPER = 36
+
+# How long the end of a job waits, at most, for the processes killed in its
+# cgroup to be gone before it is reported.
+_LAST_PROCESS_WAIT = 5.0
+# How often, meanwhile, it looks whether they are.
+_ENDING_POLL = 0.05
 
 # The longest the helper sleeps while a job has a deadline.  poll() counts
 # its timeout on CLOCK_MONOTONIC, which stands still while the host is
@@ -141,6 +182,17 @@ def read_stat(pid):
     fields = [data[:open_paren], data[open_paren + 2 : close_paren]]
     fields.extend(data[close_paren + 2 :].split())
     return [field.decode("utf-8", "replace") for field in fields]
+
+
+def _start_ticks(pid):
+    """
+    Field 22 of C{/proc/<pid>/stat} (L{read_stat}), the start time, alone:
+    read at every spawn, where decoding every field was a tenth of the
+    helper's time.
+    """
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        data = f.read()
+    return int(data[data.rindex(b")") + 2 :].split(None, _START_TICKS - 1)[_START_TICKS - 2])
 
 
 class _Refused(Exception):
@@ -400,22 +452,73 @@ def _open_output(label, path, owner):
     return fd
 
 
+# What a helper is started with (a JSON object, its one argument); a key
+# not given has this value.  cgroups: "auto" (what the host allows), "off",
+# or "v1" (cgroup v1 only: for tests of the v1 freezer); max_processes: a
+# job's most processes and threads, 0 for no limit; max_log_bytes: the most
+# bytes of each stream a job's log file takes, 0 for no limit (the job then
+# writes its files itself); markers: per stream, the line (as text) written
+# where one is cut, needed with max_log_bytes.
+DEFAULT_SETTINGS = {"cgroups": "auto", "max_processes": 0, "max_log_bytes": 0, "markers": {}}
+
+
+class _Job:
+    """
+    A job started and not yet reaped: its leader, its cgroups (a
+    L{dispatcher.execution._cgroups.JobCgroup}) and its outputs (those the
+    helper reads; none when the job writes its files itself).
+    """
+
+    __slots__ = ("pid", "cgroup", "outputs", "code", "oom_kills", "report_by")
+
+    def __init__(self, pid, cgroup, outputs):
+        self.pid = pid
+        self.cgroup = cgroup
+        self.outputs = outputs
+        # Once its leader is reaped: its exit status, the OOM kills among
+        # its processes, and until when its report waits for the rest of
+        # its processes to be gone (0: they are).
+        self.code = None
+        self.oom_kills = 0
+        self.report_by = 0.0
+
+
 class _Spawner:
     """
     The helper's state: the jobs started and not yet reaped, and the
     replies not yet written.
     """
 
-    def __init__(self, replies_fd):
+    def __init__(self, replies_fd, settings=None):
+        settings = {**DEFAULT_SETTINGS, **(settings or {})}
         self._replies_fd = replies_fd
+        # What poll() watches: fd -> what it is ("requests", "children", or
+        # a job's Output).  poll, not epoll: a few descriptors, one fewer
+        # file, and it also takes a regular file or /dev/null as stdin.
+        self.poller = select.poll()
+        self.watched = {}
         self._replies = []
         self._pid_of = {}
         self._id_of = {}
+        # Job id -> _Job: started and not yet reaped; and reaped, not yet
+        # reported.
+        self._jobs = {}
+        self._ending = {}
+        # Cgroups of jobs reported before their killed processes were all
+        # gone, given back once they are.
+        self._lingering = []
         # Job id -> deadline, for the jobs that have one; and the ids killed
         # at theirs, until their exit is reported.
         self._deadlines = {}
         self._past_deadline = set()
         self._boot_id = read_boot_id()
+        self._max_log_bytes = int(settings["max_log_bytes"])
+        self._markers = {
+            stream: text.encode("utf-8") for stream, text in settings["markers"].items()
+        }
+        if self._max_log_bytes and set(self._markers) != {"stdout", "stderr"}:
+            raise ValueError("max_log_bytes needs a marker for stdout and for stderr")
+        self.cgroups = JobCgroups(settings["cgroups"], int(settings["max_processes"]))
         # Signals this helper ignores would stay ignored in its jobs across
         # exec (Python ignores SIGPIPE and SIGXFSZ); jobs get the defaults.
         self._default_signals = [
@@ -424,6 +527,22 @@ class _Spawner:
             if number not in (signal.SIGKILL, signal.SIGSTOP)
             and signal.getsignal(number) == signal.SIG_IGN
         ]
+
+    def start(self):
+        """
+        Become a child subreaper and find the cgroups jobs go in; reply
+        C{ready}, saying what holds for jobs.
+        """
+        subreaper = become_subreaper()
+        description = self.cgroups.start()
+        if subreaper:
+            description += (
+                "; the spawner helper is a child subreaper (a job's orphaned "
+                "processes become its children, not init's)"
+            )
+        else:
+            description += "; the spawner helper could not become a child subreaper"
+        self._reply(op="ready", id=None, description=description)
 
     def received(self, line):
         """
@@ -455,6 +574,7 @@ class _Spawner:
         cwd = request["cwd"]
         stdout = request["stdout"]
         stderr = request["stderr"]
+        memory_mb = request.get("memory_mb", 0)
         if not isinstance(job_id, int) or job_id in self._pid_of:
             raise _Refused(f"the id must be a new integer, not {job_id!r}")
         if not argv or not all(isinstance(arg, str) for arg in argv):
@@ -463,6 +583,8 @@ class _Spawner:
             isinstance(k, str) and isinstance(v, str) for k, v in env.items()
         ):
             raise _Refused("env must map strings to strings")
+        if isinstance(memory_mb, bool) or not isinstance(memory_mb, int) or memory_mb < 0:
+            raise _Refused(f"memory_mb must be an integer of at least 0, not {memory_mb!r}")
         deadline = request.get("deadline")
         if deadline is not None:
             deadline = _deadline(deadline)
@@ -486,10 +608,15 @@ class _Spawner:
             os.chdir(cwd)
         except (OSError, ValueError, TypeError) as e:
             raise _Refused(f"bad cwd {cwd}: {getattr(e, 'strerror', None) or e}")
-        outputs = []
+        outputs, handed = [], []
+        cgroup = None
+        started = False
         try:
-            outputs.append(_open_output("stdout", stdout, owner))
-            outputs.append(_open_output("stderr", stderr, owner))
+            outputs, handed = self._outputs(stdout, stderr, owner)
+            # Likewise the helper steps into the job's cgroups for the
+            # moment of the spawn, with its own ids: the job is born in
+            # them, and so is all it forks.
+            cgroup = self.cgroups.enter(memory_mb)
             # From here to the end of the spawn, the job's account's ids as
             # our real ids (_take_ids): the program is looked for, and a
             # failure explained, as that account.
@@ -501,8 +628,8 @@ class _Spawner:
                 env,
                 file_actions=[
                     (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
-                    (os.POSIX_SPAWN_DUP2, outputs[0], 1),
-                    (os.POSIX_SPAWN_DUP2, outputs[1], 2),
+                    (os.POSIX_SPAWN_DUP2, handed[0], 1),
+                    (os.POSIX_SPAWN_DUP2, handed[1], 2),
                 ],
                 # Its own session and so its own process group, which it
                 # leads: the group can be signalled as a whole, and a
@@ -511,20 +638,33 @@ class _Spawner:
                 setsigdef=self._default_signals,
                 resetids=run_as is not None,
             )
+            started = True
         except OSError as e:
             raise _Refused(_explain(e, executable, run_as))
         except (ValueError, TypeError) as e:
             raise _Refused(f"cannot start {argv[0]}: {e}")
         finally:
             _give_back_ids(run_as)
-            # Hold no job's directory busy, nor its files open.
+            if cgroup is not None:
+                self.cgroups.leave(cgroup)
+                if not started:
+                    self.cgroups.end(cgroup)
+            # Hold no job's directory busy, nor what is the job's open.
             os.chdir("/")
-            for fd in outputs:
+            for fd in handed:
                 os.close(fd)
+            for output in outputs:
+                # (Its write end was among those handed.)
+                output.write_fd = None
+                if not started:
+                    output.close()
+        for output in outputs:
+            self._watch(output.read_fd, output)
         # Not yet reaped, so /proc still has it even if it has exited.
-        start_ticks = int(read_stat(pid)[_START_TICKS])
+        start_ticks = _start_ticks(pid)
         self._pid_of[job_id] = pid
         self._id_of[pid] = job_id
+        self._jobs[job_id] = _Job(pid, cgroup, outputs)
         if deadline is not None:
             # Kept from the moment the job exists: a worker frozen right
             # after asking for it must not leave it without one.
@@ -535,7 +675,56 @@ class _Spawner:
             pid=pid,
             start_ticks=start_ticks,
             boot_id=self._boot_id,
+            limits=cgroup.limits,
         )
+
+    def _outputs(self, stdout, stderr, owner):
+        """
+        How the job's stdout and stderr reach their files: C{(outputs,
+        handed)}, the L{Output}s this process reads and the two descriptors
+        the job gets as its stdout and stderr (closed here once it has
+        them).  With a limit, pipes this process reads into the files (which
+        stay its own, the pipes given to C{owner}); without, the files
+        themselves, given to C{owner}.
+        """
+        if not self._max_log_bytes:
+            handed = [_open_output("stdout", stdout, owner)]
+            try:
+                handed.append(_open_output("stderr", stderr, owner))
+            except _Refused:
+                os.close(handed[0])
+                raise
+            return [], handed
+        try:
+            outputs = open_outputs(
+                {"stdout": stdout, "stderr": stderr},
+                self._max_log_bytes,
+                self._markers,
+                _OUTPUT_FLAGS,
+                LOG_MODE,
+            )
+        except OSError as e:
+            path = e.filename or stdout
+            label = "stderr" if path == stderr else "stdout"
+            if e.errno == errno.ELOOP:
+                why = "it is a symbolic link"
+            elif e.errno == errno.EISDIR:
+                why = "it is a directory"
+            else:
+                why = e.strerror
+            raise _Refused(f"cannot open the {label} file {path}: {why}")
+        handed = [output.write_fd for output in outputs]
+        if owner is not None:
+            # The job's account may open its pipes again (/dev/stdout), as
+            # it may a file of its own.
+            try:
+                for fd in handed:
+                    os.fchown(fd, *owner)
+            except OSError as e:
+                for output in outputs:
+                    output.close()
+                raise _Refused(f"cannot give the job's pipes to uid {owner[0]}: {e.strerror}")
+        return outputs, handed
 
     def _signal(self, job_id, request):
         # Once the leader is reaped its pid may belong to someone else: only
@@ -543,12 +732,15 @@ class _Spawner:
         pid = self._pid_of.get(job_id)
         if pid is None:
             return
+        signum = request["signal"]
         try:
-            os.killpg(pid, request["signal"])
+            os.killpg(pid, signum)
         except ProcessLookupError:
             pass
         except (OSError, ValueError, OverflowError) as e:
-            raise _Refused(f"cannot send signal {request['signal']!r}: {e}")
+            raise _Refused(f"cannot send signal {signum!r}: {e}")
+        # And the processes of its cgroup that left its group.
+        self.cgroups.signal(self._jobs[job_id].cgroup, signum, pid)
 
     def _set_deadlines(self, request):
         at = request["at"]
@@ -588,26 +780,36 @@ class _Spawner:
                 continue
             del self._deadlines[job_id]
             self._past_deadline.add(job_id)
-            try:
-                os.killpg(self._pid_of[job_id], signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            self._kill(job_id)
+
+    def _kill(self, job_id):
+        try:
+            os.killpg(self._pid_of[job_id], signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.cgroups.signal(self._jobs[job_id].cgroup, signal.SIGKILL, self._pid_of[job_id])
 
     def kill_all(self):
         """
-        SIGKILL the group of every job whose leader is not reaped yet (so
-        its id cannot have been reused).
+        SIGKILL every job whose leader is not reaped yet (so its id cannot
+        have been reused): its group and its cgroup; and every other child
+        of this helper (a job's orphan, where jobs have no cgroups).
         """
-        for pid in self._pid_of.values():
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        for job_id in list(self._pid_of):
+            self._kill(job_id)
+        for pid in _children():
+            if pid not in self._id_of:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
 
     def reap(self):
         """
-        Report every job whose leader has exited, after killing what is left
-        of its process group.
+        Reap every job whose leader has exited, after killing what is left
+        of it (its process group, its cgroup), and report it once it has no
+        process left (L{report_ended}); reap the orphans that came to this
+        helper, a subreaper.
         """
         while True:
             try:
@@ -617,26 +819,119 @@ class _Spawner:
                     os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT
                 )
             except ChildProcessError:
-                return
+                break
             if info is None:
-                return
+                break
             pid = info.si_pid
+            job_id = self._id_of.pop(pid, None)
+            if job_id is None:
+                # An orphan of some job, or what is left of one: not a job.
+                os.waitpid(pid, 0)
+                continue
             try:
                 os.killpg(pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
+            job = self._jobs.pop(job_id)
+            oom, left = self.cgroups.end(job.cgroup)
             _, status = os.waitpid(pid, 0)
-            job_id = self._id_of.pop(pid, None)
-            if job_id is not None:
-                del self._pid_of[job_id]
-                code = os.waitstatus_to_exitcode(status)
-                if self._deadlines:
-                    self._deadlines.pop(job_id, None)
-                if job_id in self._past_deadline:
-                    self._past_deadline.discard(job_id)
-                    self._reply(op="exited", id=job_id, code=code, deadline=True)
+            del self._pid_of[job_id]
+            job.code = os.waitstatus_to_exitcode(status)
+            job.oom_kills = oom
+            # Its end is reported once the processes killed in its cgroup
+            # are gone too (and with them the last of its output), or after
+            # a while at most.
+            job.report_by = time.monotonic() + _LAST_PROCESS_WAIT if left else 0.0
+            self._ending[job_id] = job
+        self.report_ended()
+
+    def report_ended(self):
+        """
+        Report the jobs reaped whose cgroups are empty now, or have waited
+        long enough; after the last of their output.
+
+        @return: seconds until the processes left are looked for again, or
+            C{None} if none are waited for.
+        """
+        wait = None
+        now = None
+        for job_id, job in list(self._ending.items()):
+            if job.report_by:
+                if self.cgroups.populated(job.cgroup):
+                    if now is None:
+                        now = time.monotonic()
+                    if job.report_by > now:
+                        # Their exits wake this process (a subreaper): this
+                        # is only in case one does not.
+                        wait = _ENDING_POLL
+                        continue
+                    # Not gone in time (stuck in the kernel?): reported all
+                    # the same, its cgroups given back once empty.
+                    self._lingering.append(job.cgroup)
                 else:
-                    self._reply(op="exited", id=job_id, code=code)
+                    self.cgroups.release(job.cgroup)
+            del self._ending[job_id]
+            self._report(job_id, job)
+        if self._lingering:
+            self._lingering = [c for c in self._lingering if not self._released(c)]
+            if self._lingering and wait is None:
+                wait = _LONGEST_SLEEP
+        return wait
+
+    def _released(self, cgroup):
+        if self.cgroups.populated(cgroup):
+            return False
+        self.cgroups.release(cgroup)
+        return True
+
+    def _report(self, job_id, job):
+        cut = []
+        for output in job.outputs:
+            if not output.closed:
+                self._unwatch(output.read_fd)
+                output.finish()
+            if output.cut:
+                cut.append(output.stream)
+        ended = {"op": "exited", "id": job_id, "code": job.code}
+        if self._deadlines:
+            self._deadlines.pop(job_id, None)
+        if job_id in self._past_deadline:
+            self._past_deadline.discard(job_id)
+            ended["deadline"] = True
+        if job.oom_kills:
+            ended["oom_kills"] = job.oom_kills
+        if cut:
+            ended["cut"] = cut
+        self._reply(**ended)
+
+    def _watch(self, fd, what):
+        self.poller.register(fd, select.POLLIN)
+        self.watched[fd] = what
+
+    def _unwatch(self, fd):
+        self.poller.unregister(fd)
+        del self.watched[fd]
+
+    def output_ready(self, output, events):
+        """
+        Move what a job wrote since; at the end of its pipe (every writer
+        gone, nothing left in it: the end of most jobs), close it.
+        """
+        if output.closed:
+            return
+        if not events & select.POLLIN or output.pump() == 0:
+            self._unwatch(output.read_fd)
+            output.close()
+
+    def close(self):
+        """
+        Close what is left open (the outputs of jobs not reaped), and kill
+        and remove every job cgroup: this helper is exiting.
+        """
+        for job in self._jobs.values():
+            for output in job.outputs:
+                output.close()
+        self.cgroups.close()
 
     def _reply(self, **message):
         self._replies.append(json.dumps(message, separators=(",", ":")))
@@ -654,6 +949,36 @@ class _Spawner:
             view = view[os.write(self._replies_fd, view) :]
 
 
+def become_subreaper():
+    """
+    Make this process a child subreaper (Linux's C{PR_SET_CHILD_SUBREAPER}):
+    a descendant whose parent dies becomes its child, not init's, so that a
+    job's double-forked or C{setsid} processes stay in reach.
+
+    @return: whether it is one.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _children():
+    """
+    The pids of this process's children, from C{/proc}; none where it does
+    not say.
+    """
+    pid = os.getpid()
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except OSError:
+        return []
+
+
 def _deadline(value):
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
         raise _Refused(f"a deadline must be a number of seconds, not {value!r}")
@@ -665,12 +990,13 @@ def _wake(signum, frame):
     pass
 
 
-def main(requests_fd=0, replies_fd=1):
+def main(requests_fd=0, replies_fd=1, settings=None):
     """
     Serve requests from C{requests_fd} until it closes.
 
     @param requests_fd: where requests are read from.
     @param replies_fd: where replies are written to.
+    @param settings: the helper's settings (L{DEFAULT_SETTINGS}).
     """
     global _OWN_IDS, _passage_needs_chmod
     os.chdir("/")
@@ -692,25 +1018,34 @@ def main(requests_fd=0, replies_fd=1):
                 signal.signal(number, signal.SIG_IGN)
             except (OSError, ValueError):
                 pass
-    spawner = _Spawner(replies_fd)
+    spawner = _Spawner(replies_fd, settings)
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_r, False)
     os.set_blocking(wake_w, False)
     signal.signal(signal.SIGCHLD, _wake)
     signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
-    # poll, not epoll: two descriptors, one fewer file, and it also accepts
-    # a regular file or /dev/null as stdin.
-    selector = selectors.PollSelector()
-    selector.register(requests_fd, selectors.EVENT_READ, "requests")
-    selector.register(wake_r, selectors.EVENT_READ, "children")
+    spawner._watch(requests_fd, "requests")
+    spawner._watch(wake_r, "children")
     pending = b""
     try:
+        spawner.start()
+        spawner.flush()
         while True:
             timeout = spawner.next_deadline()
             if timeout is not None:
                 timeout = min(timeout, _LONGEST_SLEEP)
-            for key, _ in selector.select(timeout):
-                if key.data == "children":
+            # Killed processes not all gone are looked for again at least
+            # this often (their exits wake the helper first, most often).
+            waiting = spawner.report_ended()
+            if waiting is not None:
+                timeout = waiting if timeout is None else min(timeout, waiting)
+            spawner.flush()
+            ready = spawner.poller.poll(None if timeout is None else timeout * 1000)
+            # What each event is about, looked up before any is handled: a
+            # job's pipe closed by one (its end) may have its number taken
+            # by another's (a spawn) before the next is handled.
+            for what, events in [(spawner.watched.get(fd), events) for fd, events in ready]:
+                if what == "children":
                     while True:
                         try:
                             if not os.read(wake_r, 4096):
@@ -718,6 +1053,10 @@ def main(requests_fd=0, replies_fd=1):
                         except BlockingIOError:
                             break
                     spawner.reap()
+                    continue
+                if what != "requests":
+                    if what is not None:
+                        spawner.output_ready(what, events)
                     continue
                 data = os.read(requests_fd, 65536)
                 if not data:
@@ -736,8 +1075,11 @@ def main(requests_fd=0, replies_fd=1):
             spawner.flush()
     except BrokenPipeError:
         # The daemon is gone; so is anyone to report to.
+        spawner.kill_all()
         return
+    finally:
+        spawner.close()
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(settings=json.loads(sys.argv[1]) if len(sys.argv) > 1 else None))

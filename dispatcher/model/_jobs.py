@@ -263,10 +263,41 @@ class PlainJobs:
         ]
 
 
+# The streams of a command job's log.
+LOG_STREAMS = ("stdout", "stderr")
+
+
+def log_cut_marker(stream: str, limit: int) -> str:
+    """
+    The line written where a job's log stream is cut at C{limit} bytes
+    (C{[executor] max_log_bytes}), by the spawner helper or by the
+    dispatcher for a remote worker's log.
+    """
+    return (
+        f"[dispatcher: {stream} cut at {limit} bytes ([executor] max_log_bytes); "
+        f"the rest was dropped]\n"
+    )
+
+
+@attrs.frozen
+class Limits:
+    """
+    The limits an attempt of a command job ran under: its memory (MiB) and
+    its processes, each C{None} for none; and whether they were enforced,
+    through cgroups of its own, which also killed every process it left
+    at its end.
+    """
+
+    memory_mb: Optional[int]
+    processes: Optional[int]
+    enforced: bool
+
+
 @attrs.frozen
 class Attempt:
     """
-    One try at running a job, by one holder.
+    One try at running a job, by one holder; C{limits} and C{log_cut} for
+    a command that ran (the streams of its log that were cut).
     """
 
     number: int
@@ -275,6 +306,8 @@ class Attempt:
     finished_at: Optional[float] = None
     exit_code: Optional[int] = None
     error: Optional[str] = None
+    limits: Optional[Limits] = None
+    log_cut: tuple[str, ...] = ()
 
 @attrs.frozen
 class Lease:
@@ -383,7 +416,8 @@ class Outcome:
     """
     How an attempt ended, as its holder reports it; C{stopped} says the
     holder stopped it (a cancel, a shutdown) rather than it ending on its
-    own.
+    own.  A command that ran has the L{Limits} it ran under, and the
+    streams of its log that were cut.
     """
 
     state: JobState
@@ -391,20 +425,38 @@ class Outcome:
     result: Any = None
     error: Optional[str] = None
     stopped: bool = False
+    limits: Optional[Limits] = None
+    log_cut: tuple[str, ...] = ()
 
     @classmethod
-    def from_exit_code(cls, code: int) -> "Outcome":
+    def from_exit_code(
+        cls, code: int, limits: Optional[Limits] = None, log_cut: tuple[str, ...] = ()
+    ) -> "Outcome":
         """
         The outcome of a process that exited with C{code} (negative for a
-        signal, as Python's subprocess reports it).
+        signal, as Python's subprocess reports it), having run under
+        C{limits} with the streams C{log_cut} of its log cut.
         """
         if code == 0:
-            return cls(JobState.SUCCEEDED, exit_code=0)
+            return cls(JobState.SUCCEEDED, 0, None, None, False, limits, log_cut)
         if code < 0:
-            return cls(
-                JobState.FAILED, exit_code=code, error=f"killed by signal {-code}"
-            )
-        return cls(JobState.FAILED, exit_code=code, error=f"exited with code {code}")
+            error = f"killed by signal {-code}"
+        else:
+            error = f"exited with code {code}"
+        return cls(JobState.FAILED, code, None, error, False, limits, log_cut)
+
+    def out_of_memory(self, kills: int, memory_mb: Optional[int]) -> "Outcome":
+        """
+        This outcome of a command whose processes the out-of-memory killer
+        killed C{kills} of, over its memory limit: failed, and saying so.
+        """
+        limit = f" of {memory_mb} MiB (resources.memory_mb)" if memory_mb else ""
+        why = (
+            f"out of memory: the OOM killer killed {kills} of its processes, over its "
+            f"memory limit{limit}"
+        )
+        error = why if self.error is None else f"{why} ({self.error})"
+        return attrs.evolve(self, state=JobState.FAILED, error=error)
 
 
 # The last whole second format_time formatted, and its text: every job a

@@ -34,7 +34,7 @@ from dispatcher.store._rows import (
     spec_from_row,
     spec_position,
 )
-from dispatcher.store._stored import encode_stored
+from dispatcher.store._stored import encode_stored, limits_to_stored, log_cut_to_stored
 from dispatcher.store._waits import QUEUED_REASON, after_final
 from dispatcher.store._writer import Replay
 from dispatcher.store._writes import Finish
@@ -47,7 +47,10 @@ if TYPE_CHECKING:
 _LEASED = "state IN ('staging', 'running') AND lease_token IS NOT NULL"
 
 # An attempt's end, and a job's at its final state.
-_END_ATTEMPT = "UPDATE attempts SET finished_at = ?, exit_code = ?, error = ? WHERE token = ?"
+_END_ATTEMPT = (
+    "UPDATE attempts SET finished_at = ?, exit_code = ?, error = ?, limits = ?,"
+    " log_cut = ? WHERE token = ?"
+)
 _END_JOB = (
     "UPDATE jobs SET state = ?, finished_at = ?, exit_code = ?, result = ?,"
     " error = ?, attempts_spent = ?, wait_reason = NULL, lease_token = NULL,"
@@ -266,7 +269,11 @@ def finish(
     retried = target is JobState.FAILED and spent + 1 < max_attempts
     if not may_transition(state, JobState.QUEUED if retried else target):
         raise InvalidTransition(lease.job_id, state, target)
-    conn.execute(_END_ATTEMPT, (now, outcome.exit_code, error, lease.token))
+    conn.execute(
+        _END_ATTEMPT,
+        (now, outcome.exit_code, error, limits_to_stored(outcome.limits),
+         log_cut_to_stored(outcome.log_cut), lease.token),
+    )
     spent += 1
     if retried:
         return _retry_later(writer, conn, lease.job_id, state, spent, retry_delay, now, error,
@@ -353,7 +360,10 @@ def finish_together(
         ):
             raise Replay()
         result = None if outcome.result is None else encode_stored(outcome.result)
-        attempts.append((now, outcome.exit_code, outcome.error, lease.token))
+        attempts.append(
+            (now, outcome.exit_code, outcome.error, limits_to_stored(outcome.limits),
+             log_cut_to_stored(outcome.log_cut), lease.token)
+        )
         jobs.append(
             ("succeeded", now, outcome.exit_code, result, outcome.error, row[3] + 1,
              lease.job_id)

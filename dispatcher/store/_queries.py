@@ -14,6 +14,7 @@ from dispatcher.model._claims import queues_at_limit
 from dispatcher.model._jobs import Attempt, Job, JobState, UnknownJob
 from dispatcher.store._rows import (
     ATTEMPT_COLUMNS,
+    attempt_from_row,
     VIEW_COLUMNS,
     VIEW_ID,
     VIEW_SEQ,
@@ -54,7 +55,7 @@ def _attempts_of(
         f" FROM attempts WHERE job_id IN ({marks}) ORDER BY job_id, number",
         tuple(job_ids),
     ):
-        found[row[0]].append(Attempt(*row[1:]))
+        found[row[0]].append(attempt_from_row(row[1:]))
     return found
 
 

@@ -25,6 +25,8 @@ from dispatcher.model._jobs import Attempt, Job, JobSpec, JobState
 from dispatcher.store._stored import (
     decode_stored,
     encode_stored,
+    limits_from_stored,
+    log_cut_from_stored,
     spec_from_stored,
     spec_to_stored,
 )
@@ -134,8 +136,17 @@ SPEC_WIDTH = len(_SPEC_PART)
 VIEW_COLUMNS = ", ".join(c.name for c in _VIEWED)
 # The columns of a new job's row (L{new_job}), in its order.
 INSERTED_COLUMNS: tuple[str, ...] = tuple(c.name for c in _INSERTED)
-# The columns an attempt is read back with, in L{Attempt}'s order.
+# The columns an attempt is read back with, in L{Attempt}'s order
+# (L{attempt_from_row}).
 ATTEMPT_COLUMNS = ", ".join(f.name for f in attrs.fields(Attempt))
+
+
+def attempt_from_row(row: Sequence[Any]) -> Attempt:
+    """
+    The L{Attempt} of a row of L{ATTEMPT_COLUMNS}.
+    """
+    *plain, limits, log_cut = row
+    return Attempt(*plain, limits_from_stored(limits), log_cut_from_stored(log_cut))
 
 
 def spec_position(name: str) -> int:

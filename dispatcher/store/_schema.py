@@ -153,8 +153,16 @@ MIGRATIONS: Sequence[Union[str, Callable[[sqlite3.Connection], None]]] = (
     # repaired, and each job repaired says so in its error (issue 16;
     # dispatcher/store/_repair.py).
     repair_unservable,
-    # Migration 8 (issue 16, retention; the 7th here until another
-    # slice's migration 7 is merged before it).  Finished jobs are removed
+    # Migration 7 (issue 16, a job's limits): the limits a command's
+    # attempt ran under, as JSON ({"memory_mb", "processes", "enforced"}),
+    # and the streams of its log that were cut at [executor] max_log_bytes
+    # ("stdout,stderr"); NULL for a task's attempt, one that never started,
+    # and every attempt before.
+    """
+    ALTER TABLE attempts ADD COLUMN limits TEXT;
+    ALTER TABLE attempts ADD COLUMN log_cut TEXT;
+    """,
+    # Migration 8 (issue 16, retention).  Finished jobs are removed
     # (dispatcher/store/_removal.py).  A job's sequence number is the cursor of GET /v1/jobs, and the next
     # job's is one past the greatest stored: once the newest job is
     # removed, the next would get its number again, behind a client's

@@ -3,8 +3,9 @@ What the store keeps as JSON, defined here and nowhere else: the one
 text a JSON value is stored as (L{encode_stored}) and how it is read back
 (L{decode_stored}); a spec's fields that have no column
 (L{spec_to_stored}, L{spec_from_stored}) and the texts of L{PlainJobs}
-(L{plain_stored}); and the digest of a request an idempotency key is
-remembered with (L{request_digest}).
+(L{plain_stored}); an attempt's limits and the streams of its log that
+were cut (L{limits_to_stored}, L{log_cut_to_stored}); and the digest of
+a request an idempotency key is remembered with (L{request_digest}).
 
 The API's forms are the wire package's; this one is the store's own, so a
 change to the API contract cannot change a stored row.  What a database
@@ -14,14 +15,22 @@ standard library's form (C{\\u} escapes, C{NaN}), read back the same.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import orjson
 
-from dispatcher.model._jobs import NO_RESOURCES, InputSpec, JobSpec, PlainJobs, Resources
+from dispatcher.model._jobs import (
+    NO_RESOURCES,
+    InputSpec,
+    JobSpec,
+    Limits,
+    PlainJobs,
+    Resources,
+)
 
 _SORTED = orjson.OPT_SORT_KEYS
 _dumps = orjson.dumps
@@ -64,6 +73,47 @@ def decode_stored(text: str) -> Any:
         except orjson.JSONDecodeError:
             pass
     return json.loads(text)
+
+
+@functools.lru_cache(maxsize=64)
+def _limits_text(limits: Limits) -> str:
+    return encode_stored(
+        {"memory_mb": limits.memory_mb, "processes": limits.processes,
+         "enforced": limits.enforced}
+    )
+
+
+def limits_to_stored(limits: Optional[Limits]) -> Optional[str]:
+    """
+    The text an attempt's L{Limits} are kept as (C{None}: none known).
+    Most attempts of a host run under the same few: each text is made once.
+    """
+    return None if limits is None else _limits_text(limits)
+
+
+def limits_from_stored(text: Optional[str]) -> Optional[Limits]:
+    """
+    The L{Limits} of L{limits_to_stored}'s text.
+    """
+    if text is None:
+        return None
+    data = decode_stored(text)
+    return Limits(data["memory_mb"], data["processes"], data["enforced"])
+
+
+def log_cut_to_stored(streams: tuple[str, ...]) -> Optional[str]:
+    """
+    The streams of an attempt's log that were cut, as kept: their names
+    joined by commas, C{None} for none.
+    """
+    return ",".join(streams) if streams else None
+
+
+def log_cut_from_stored(text: Optional[str]) -> tuple[str, ...]:
+    """
+    The streams of L{log_cut_to_stored}'s text.
+    """
+    return tuple(text.split(",")) if text else ()
 
 
 def request_digest(path: str, value: Any) -> str:

@@ -23,6 +23,7 @@ from dispatcher.model._jobs import (
     Resources,
     format_time,
 )
+from dispatcher.model._jobs import Limits as ModelLimits
 from dispatcher.model._workers import ConnectedWorker, LeaseEnd, LeaseVerdict
 from dispatcher.wire._types import (
     AttemptView,
@@ -33,6 +34,7 @@ from dispatcher.wire._types import (
     LeaseGrant,
     LeaseSpec,
     LeaseStatus,
+    Limits,
     ResourcesView,
     WorkerView,
 )
@@ -56,8 +58,22 @@ def _resources_view(resources: Resources) -> ResourcesView:
     return ResourcesView(resources.cpus, resources.memory_mb, resources.gpus)
 
 
+def limits_form(limits: ModelLimits) -> Limits:
+    """
+    The wire form of an attempt's L{ModelLimits}.
+    """
+    return Limits(limits.memory_mb, limits.processes, limits.enforced)
+
+
+def limits_of(form: Limits) -> ModelLimits:
+    """
+    The model's L{ModelLimits} of their wire form.
+    """
+    return ModelLimits(form.memory_mb, form.processes, form.enforced)
+
+
 def _attempt_view(attempt: Attempt) -> AttemptView:
-    return AttemptView(
+    view = AttemptView(
         attempt.number,
         attempt.holder,
         format_time(attempt.started_at),
@@ -65,6 +81,11 @@ def _attempt_view(attempt: Attempt) -> AttemptView:
         attempt.exit_code,
         attempt.error,
     )
+    if attempt.limits is not None:
+        view.limits = limits_form(attempt.limits)
+    if attempt.log_cut:
+        view.log_cut = list(attempt.log_cut)
+    return view
 
 
 def _set_work(target: Any, spec: JobSpec, always_env: bool) -> None:

@@ -391,6 +391,39 @@ class InputView(_Out, omit_defaults=True):
     sha256: Union[str, UnsetType] = UNSET
 
 
+class Limits(_In):
+    """
+    The limits a command's attempt ran under, as its holder reports them
+    and as the attempt shows them.
+    """
+
+    memory_mb: Annotated[
+        Optional[Annotated[int, Meta(ge=1, le=MAX_MEMORY_MB)]],
+        Meta(description="Its memory limit in MiB (resources.memory_mb); null: none."),
+    ]
+    processes: Annotated[
+        Optional[Annotated[int, Meta(ge=1)]],
+        Meta(description="The most processes and threads it could have "
+             "([executor] max_processes of its holder); null: none."),
+    ]
+    enforced: Annotated[
+        bool,
+        Meta(description="Whether these limits held: the attempt ran in cgroups of "
+             "its own, which bounded them and killed every process it left at its "
+             "end (exit, cancel, timeout).  False on a host that does not allow "
+             "it (README, 'What a job is held to')."),
+    ]
+
+
+# The streams of a job's log.
+LogStream = Literal["stdout", "stderr"]
+LogCut = Annotated[
+    list[LogStream],
+    Meta(description="The streams of its log cut at [executor] max_log_bytes: the "
+         "rest was dropped, and a marker line in the log says where."),
+]
+
+
 class AttemptView(_Out):
     """
     One try at running a job.
@@ -402,6 +435,12 @@ class AttemptView(_Out):
     finished_at: Optional[Time]
     exit_code: Optional[int]
     error: Optional[str]
+    limits: Annotated[
+        Optional[Limits],
+        Meta(description="A command's attempt that ran: the limits it ran under; "
+             "null otherwise."),
+    ] = None
+    log_cut: LogCut = msgspec.field(default_factory=list)
 
 
 _SPEC = attrs.fields(JobSpec)
@@ -647,6 +686,13 @@ class ResultItem(_In):
     ] = None
     error: Optional[str] = None
     stopped: Annotated[bool, Meta(description="The worker stopped it (a cancel).")] = False
+    # Left out rather than null when not known: a dispatcher older than the
+    # fields refuses them by name, and the worker then reports without.
+    limits: Union[
+        Annotated[Limits, Meta(description="A command: the limits it ran under.")],
+        UnsetType,
+    ] = UNSET
+    log_cut: Union[LogCut, UnsetType] = UNSET
 
 
 class ResultsRequest(_In):

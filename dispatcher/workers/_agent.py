@@ -11,6 +11,7 @@ service with it.
 from __future__ import annotations
 
 import random
+import re
 import secrets
 from typing import Any, Callable, Mapping, Optional, Union
 
@@ -24,7 +25,7 @@ from twisted.python.failure import Failure
 from dispatcher.execution._executor import RunningJob
 from dispatcher.model._jobs import JobState, Lease, Outcome
 from dispatcher.model._workers import default_fence_margin
-from dispatcher.wire._forms import lease_from_grant
+from dispatcher.wire._forms import lease_from_grant, limits_form
 from dispatcher.wire._types import (
     HeartbeatAnswer,
     HeartbeatItem,
@@ -265,6 +266,9 @@ class RemoteWorker(Service):
         # Whether requests for work list the leases held (a dispatcher older
         # than that field refuses it; then they go without).
         self._send_held = True
+        # Whether results say the limits a command ran under and whether
+        # its log was cut (likewise refused by an older dispatcher).
+        self._send_limits = True
 
     # Starting and stopping
 
@@ -585,7 +589,11 @@ class RemoteWorker(Service):
             self._fence(held)
         if held.fenced and outcome.state is not JobState.SUCCEEDED:
             outcome = Outcome(
-                JobState.FAILED, exit_code=outcome.exit_code, error=_fence_error(held)
+                JobState.FAILED,
+                exit_code=outcome.exit_code,
+                error=_fence_error(held),
+                limits=outcome.limits,
+                log_cut=outcome.log_cut,
             )
         log.info(
             "job {job_id} attempt {attempt} ended: {state}{error}",
@@ -907,9 +915,17 @@ class RemoteWorker(Service):
             batch = list(self.unreported.values())
             try:
                 answer = await self._client.report(
-                    self._offer, [_result_item(h) for h in batch]
+                    self._offer, [_result_item(h, self._send_limits) for h in batch]
                 )
             except DispatcherError as e:
+                if self._send_limits and _refuses_limits(e):
+                    log.warn(
+                        "the dispatcher does not know the limits and log_cut fields of "
+                        "a result: reporting without them (the jobs' records will not "
+                        "say what limits they ran under; upgrade the dispatcher)"
+                    )
+                    self._send_limits = False
+                    continue
                 delay = self._report_backoff.next_delay()
                 _log_error(e, "reporting results", delay)
                 await self._sleep(delay)
@@ -964,6 +980,23 @@ def _refuses_held(error: Exception) -> bool:
     )
 
 
+# The fields of a result a dispatcher older than them refuses.
+_LIMIT_FIELDS = re.compile(r"results\[\d+\]\.(limits|log_cut)")
+
+
+def _refuses_limits(error: Exception) -> bool:
+    """
+    Whether C{error} is a dispatcher's refusal of a result's C{limits} or
+    C{log_cut} field (it predates them).
+    """
+    return (
+        isinstance(error, DispatcherRefused)
+        and error.code == "unknown_field"
+        and error.field is not None
+        and _LIMIT_FIELDS.fullmatch(error.field) is not None
+    )
+
+
 def _refusal(status: LeaseStatus) -> str:
     """
     Why the dispatcher refused a lease, as its answer says.
@@ -982,10 +1015,10 @@ def _fence_error(held: HeldLease) -> str:
     )
 
 
-def _result_item(held: HeldLease) -> ResultItem:
+def _result_item(held: HeldLease, with_limits: bool = True) -> ResultItem:
     outcome = held.outcome
     assert outcome is not None
-    return ResultItem(
+    item = ResultItem(
         held.job_id,
         held.lease.token,
         # A job the worker's own shutdown stopped goes back to the queue,
@@ -996,6 +1029,12 @@ def _result_item(held: HeldLease) -> ResultItem:
         outcome.error,
         outcome.stopped,
     )
+    if with_limits:
+        if outcome.limits is not None:
+            item.limits = limits_form(outcome.limits)
+        if outcome.log_cut:
+            item.log_cut = list(outcome.log_cut)
+    return item
 
 
 def _log_error(error: Exception, what: str, delay: float) -> None:
