@@ -426,6 +426,20 @@ def _closed_directory(path):
         on_the_way = parent
 
 
+def _cannot_open(label, path, error):
+    """
+    The refusal of a job's C{label} output file C{path}, which C{error}
+    (an C{OSError}) kept from opening, in words.
+    """
+    if error.errno == errno.ELOOP:
+        why = "it is a symbolic link"
+    elif error.errno == errno.EISDIR:
+        why = "it is a directory"
+    else:
+        why = error.strerror
+    return _Refused(f"cannot open the {label} file {path}: {why}")
+
+
 def _open_output(label, path, owner):
     """
     Open a job's output file, never through a symbolic link, given to
@@ -434,13 +448,7 @@ def _open_output(label, path, owner):
     try:
         fd = os.open(path, _OUTPUT_FLAGS, LOG_MODE)
     except OSError as e:
-        if e.errno == errno.ELOOP:
-            why = "it is a symbolic link"
-        elif e.errno == errno.EISDIR:
-            why = "it is a directory"
-        else:
-            why = e.strerror
-        raise _Refused(f"cannot open the {label} file {path}: {why}")
+        raise _cannot_open(label, path, e)
     except (ValueError, TypeError) as e:
         raise _Refused(f"cannot open the {label} file {path!r}: {e}")
     if owner is not None:
@@ -705,14 +713,7 @@ class _Spawner:
             )
         except OSError as e:
             path = e.filename or stdout
-            label = "stderr" if path == stderr else "stdout"
-            if e.errno == errno.ELOOP:
-                why = "it is a symbolic link"
-            elif e.errno == errno.EISDIR:
-                why = "it is a directory"
-            else:
-                why = e.strerror
-            raise _Refused(f"cannot open the {label} file {path}: {why}")
+            raise _cannot_open("stderr" if path == stderr else "stdout", path, e)
         handed = [output.write_fd for output in outputs]
         if owner is not None:
             # The job's account may open its pipes again (/dev/stdout), as
