@@ -26,6 +26,7 @@ from dispatcher.execution._executor import RunningJob
 from dispatcher.model._jobs import JobState, Lease, Outcome
 from dispatcher.model._workers import default_fence_margin
 from dispatcher.wire._forms import lease_from_grant, limits_form
+from dispatcher.wire._json import encode
 from dispatcher.wire._types import (
     HeartbeatAnswer,
     HeartbeatItem,
@@ -157,6 +158,8 @@ class HeldLease:
         that last renewed it.
     @ivar fenced: the worker stopped its job at C{fence_at}, having heard
         nothing: it is renewed no more, and its result says so.
+    @ivar unsendable: its own result could not be sent, and was replaced
+        by a failed one saying why.
     """
 
     lease: Lease
@@ -169,6 +172,7 @@ class HeldLease:
     fence_at: float = float("inf")
     fence_seconds: float = 0.0
     fenced: bool = False
+    unsendable: bool = False
 
     @property
     def job_id(self) -> str:
@@ -915,8 +919,10 @@ class RemoteWorker(Service):
             batch = list(self.unreported.values())
             try:
                 answer = await self._client.report(
-                    self._offer, [_result_item(h, self._send_limits) for h in batch]
+                    self._offer, [self._result_item(h) for h in batch]
                 )
+            except CancelledError:
+                raise
             except DispatcherError as e:
                 if self._send_limits and _refuses_limits(e):
                     log.warn(
@@ -926,8 +932,22 @@ class RemoteWorker(Service):
                     )
                     self._send_limits = False
                     continue
+                if self._replace_refused(e, batch):
+                    continue
                 delay = self._report_backoff.next_delay()
                 _log_error(e, "reporting results", delay)
+                await self._sleep(delay)
+                continue
+            except Exception:
+                # Not the dispatcher's answer but ours: a result that cannot
+                # be written as JSON fails only its own job, never the
+                # reports of the others (all go in one request).
+                if self._replace_unsendable(batch):
+                    continue
+                delay = self._report_backoff.next_delay()
+                log.failure(
+                    "reporting results failed; trying again in {delay:.1f} s", delay=delay
+                )
                 await self._sleep(delay)
                 continue
             self._report_backoff.reset()
@@ -958,6 +978,99 @@ class RemoteWorker(Service):
                 dropped = True
             if dropped:
                 self._slots_freed()
+
+
+    def _result_item(self, held: HeldLease) -> ResultItem:
+        """
+        C{held}'s result as the report carries it; a failed result saying
+        why, if its own cannot be made.
+        """
+        try:
+            return _result_item(held, self._send_limits)
+        except Exception as e:
+            self._fail_unsendable(held, f"{type(e).__name__}: {e}")
+            return _result_item(held, self._send_limits)
+
+    def _replace_unsendable(self, batch: list[HeldLease]) -> bool:
+        """
+        Find the results of C{batch} that cannot be written as JSON, and
+        replace each with a failed result saying why; whether there was
+        one.
+        """
+        found = False
+        for held in batch:
+            try:
+                encode(_result_item(held, self._send_limits))
+            except Exception as e:
+                self._fail_unsendable(held, f"{type(e).__name__}: {e}")
+                found = True
+        return found
+
+    def _replace_refused(self, error: DispatcherError, batch: list[HeldLease]) -> bool:
+        """
+        If C{error} is the dispatcher's refusal of one result's field
+        (C{results[i].result}, C{results[i].exit_code}...), replace that
+        result with a failed one saying why, and say so: sent again as it
+        was, it would be refused again, with every result beside it.
+        """
+        if not isinstance(error, DispatcherRefused) or error.status != 400:
+            return False
+        match = _RESULT_FIELD.match(error.field or "")
+        if match is None or int(match.group(1)) >= len(batch):
+            return False
+        self._fail_unsendable(batch[int(match.group(1))], f"the dispatcher refused it: {error}")
+        return True
+
+    def _fail_unsendable(self, held: HeldLease, reason: str) -> None:
+        """
+        C{held}'s result cannot be sent: it becomes a failed one saying
+        why, so that its job fails and the other results go on.  One that
+        cannot be sent even so is dropped (its lease runs out, and the
+        dispatcher fails or retries the attempt).
+        """
+        outcome = held.outcome
+        assert outcome is not None
+        reason = _clip(reason)
+        if held.unsendable:
+            log.error(
+                "job {job_id} attempt {attempt}: not even a failed result can be "
+                "sent ({reason}); it is dropped, and the job's lease runs out",
+                job_id=held.job_id,
+                attempt=held.lease.attempt,
+                reason=reason,
+            )
+            held.forgotten = True
+            self._drop(held)
+            return
+        log.error(
+            "job {job_id} attempt {attempt}: its result cannot be sent ({reason}); "
+            "it is reported failed",
+            job_id=held.job_id,
+            attempt=held.lease.attempt,
+            reason=reason,
+        )
+        held.unsendable = True
+        held.outcome = Outcome(
+            JobState.FAILED,
+            exit_code=outcome.exit_code,
+            error=f"the worker could not send the job's result: {reason}",
+            stopped=outcome.stopped,
+            log_cut=outcome.log_cut,
+        )
+
+
+# A refused field of one result of a report, and the result's index.
+_RESULT_FIELD = re.compile(r"results\[(\d+)\](\.|$)")
+
+# How much of an error's text a failed result quotes.
+_ERROR_TEXT = 500
+
+
+def _clip(text: str) -> str:
+    """
+    C{text}, cut to L{_ERROR_TEXT} characters.
+    """
+    return text if len(text) <= _ERROR_TEXT else text[: _ERROR_TEXT - 3] + "..."
 
 
 def _naming(held: list[HeldLease]) -> dict[str, Any]:
