@@ -44,6 +44,7 @@ from dispatcher.workers._client import (
     DispatcherRefused,
 )
 from dispatcher.workers._logs import LogShipper, ShippedLog
+from dispatcher.workers._sweep import JobDirectorySweeper
 
 log = Logger()
 
@@ -220,6 +221,9 @@ class RemoteWorker(Service):
         helper keeps deadlines on
         (L{dispatcher.execution._spawner.deadline_clock}); C{clock}'s
         C{seconds} by default.
+    @param sweeper: the L{JobDirectorySweeper} that removes the
+        directories of the jobs it let go of, started and stopped with it;
+        C{None}: they are kept.
     """
 
     def __init__(
@@ -234,8 +238,10 @@ class RemoteWorker(Service):
         rng: Optional[random.Random] = None,
         poll_wait: float = POLL_WAIT_SECONDS,
         fence_clock: Optional[Callable[[], float]] = None,
+        sweeper: Optional[JobDirectorySweeper] = None,
     ) -> None:
         self._client = client
+        self._sweeper = sweeper
         self._fence_clock = fence_clock if fence_clock is not None else clock.seconds
         self._fence_call: Any = None
         self._fence_due = float("inf")
@@ -293,6 +299,8 @@ class RemoteWorker(Service):
             tasks=list(self.description.tasks),
         )
         self._asking = self._guard(self._ask_for_work(), "asking for work")
+        if self._sweeper is not None:
+            self._sweeper.start()
 
     def stopService(self) -> Deferred:
         """
@@ -320,6 +328,10 @@ class RemoteWorker(Service):
             # connection that is gone goes back unspent.
             if d is not None and not d.called:
                 d.cancel()
+        if self._sweeper is not None:
+            # Its step under way ends first: a job it holds back starts
+            # (or is given back) before the jobs are counted.
+            await self._sweeper.stop()
         running = self._running()
         if running:
             log.info(
@@ -559,6 +571,40 @@ class RemoteWorker(Service):
             job_id=lease.job_id,
             attempt=lease.attempt,
         )
+        busy = self._sweeper.busy(lease.job_id) if self._sweeper is not None else None
+        if busy is not None:
+            # Its directory (or one on the way to it) is being removed: it
+            # starts once that is done, a step of at most a hundred
+            # directories.
+            busy.addCallback(lambda _: self._run_later(held, fence_at))
+            self._ensure_heartbeats()
+            return
+        self._run(held, fence_at)
+
+    def _run_later(self, held: HeldLease, fence_at: float) -> None:
+        """
+        Run C{held}'s job, which waited for its directory's removal, unless
+        its lease ended meanwhile, the worker is stopping (it is given back
+        unstarted) or its fence has passed.
+        """
+        if held.forgotten:
+            self._drop(held)
+            return
+        now = self._fence_clock()
+        if not self._accepting or fence_at <= now:
+            if fence_at <= now:
+                self._too_late(held, now)
+                return
+            held.abandoned = True
+            held.outcome = Outcome(JobState.FAILED, error="never started: its worker stopped")
+            self._guard(self._finish(held), f"giving back job {held.job_id}")
+            return
+        self._run(held, fence_at)
+
+    def _run(self, held: HeldLease, fence_at: float) -> None:
+        """
+        Hand C{held}'s job to the executor.
+        """
 
         def mark_running(lease: Lease) -> Deferred:
             # The job goes on at once; the dispatcher hears of it in a
@@ -576,7 +622,7 @@ class RemoteWorker(Service):
             return succeed(None)
 
         held.running = self._executor.run(
-            lease, mark_running, record_process, deadline=fence_at
+            held.lease, mark_running, record_process, deadline=fence_at
         )
         held.running.done.addCallback(self._ended, held)
         self._ensure_heartbeats()
@@ -639,6 +685,8 @@ class RemoteWorker(Service):
         """
         if self.held.get(held.job_id) is held:
             del self.held[held.job_id]
+            if self._sweeper is not None:
+                self._sweeper.finished(held.job_id)
         if self.unreported.get(held.job_id) is held:
             del self.unreported[held.job_id]
         if wake:
