@@ -263,11 +263,12 @@ class JobDirectorySweeper:
         A pass now, or the end of the one under way; fires with whether it
         left work for the next.
         """
-        if self._pass is None:
-            self._pass = ensureDeferred(self._run_pass())
-            self._pass.addBoth(self._passed)
         d: Deferred = Deferred()
         self._pass_waiters.append(d)
+        if self._pass is None:
+            # (It may end before this returns.)
+            self._pass = Deferred()
+            ensureDeferred(self._run_pass()).addBoth(self._passed)
         return d
 
     def _passed(self, result: Any) -> None:
