@@ -1014,7 +1014,29 @@ def test_options_build_the_settings(token_file, tmp_path):
     assert detected.data_dir == os.path.abspath("dispatcher-worker-data")
 
 
+def test_keep_days_default_to_the_configs_retention_and_take_zero_and_none(
+        token_file, tmp_path):
+    """--keep-days is the [retention] finished_days of --config unless
+    given (7 days without one); 0 (at once) and none (for ever) are
+    taken."""
+    base = ["--url", "https://h", "--token-file", token_file, "--slots", "1"]
+    assert parse(*base).settings.keep_seconds == 7 * 86400
+    ini = tmp_path / "worker.ini"
+    ini.write_text("[retention]\nfinished_days = 0.5\n")
+    assert parse(*base, "--config", str(ini)).settings.keep_seconds == 43200
+    ini.write_text("[retention]\nfinished_days = none\n")
+    assert parse(*base, "--config", str(ini)).settings.keep_seconds is None
+    assert parse(*base, "--config", str(ini), "--keep-days", "2").settings.keep_seconds \
+        == 2 * 86400
+    assert parse(*base, "--keep-days", "0").settings.keep_seconds == 0
+    assert parse(*base, "--keep-days", "None").settings.keep_seconds is None
+
+
 @pytest.mark.parametrize("args, message", [
+    (["--url", "https://h", "--token-file", "TOKEN", "--slots", "1", "--keep-days", "-1"],
+     "--keep-days: expected a number of days of at least 0"),
+    (["--url", "https://h", "--token-file", "TOKEN", "--slots", "1", "--keep-days", "week"],
+     "--keep-days: expected a number of days of at least 0"),
     ([], "--url is required"),
     (["--url", "https://h"], "--token-file is required"),
     (["--url", "https://h", "--token-file", "TOKEN"], "--slots is required"),
