@@ -393,6 +393,7 @@ def test_a_worker_removes_its_jobs_directories_once_old_after_a_restart_too(
     try:
         assert second.process.wait(timeout=60) != 0
         assert f"the data directory {data} is in use by another worker" in second.output()
+        assert "Traceback" not in second.output()
     finally:
         second.kill()
     poll(lambda: not left.exists(), timeout=20, what="the earlier run's directory to go")
