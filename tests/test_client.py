@@ -7,6 +7,7 @@ wait that long-polls, a followed log resumed where it was cut; and a client
 generated from the served OpenAPI document by a stock generator.
 """
 
+import datetime
 import json
 import os
 import re
@@ -217,6 +218,73 @@ def test_arrays_and_batches_answer_their_jobs(client):
     ended = client.wait([j.id for j in batch.jobs], timeout=30)
     assert [j.id for j in ended] == [j.id for j in batch.jobs]
     assert [j.state.value for j in ended] == ["succeeded", "failed", "succeeded"]
+
+
+def test_arrays_and_batches_as_wholes(client):
+    """An array and a batch are read, waited for, cancelled and retried as
+    wholes (JobGroup); a cancel of one whose members have all finished is
+    a Conflict, and so is a retry of one with none to retry."""
+    labels = _label()
+    made = client.submit(["sleep", "60"], array=3, labels=labels)
+    array_id = made.jobs[0].array_id
+    group = client.array(array_id)
+    assert (group.id, group.kind, group.size, group.final) == (array_id, "array", 3, False)
+    client.cancel_array(array_id)
+    group = client.array(array_id, wait=30)
+    assert group.final and not group.succeeded and group.counts[JobState.CANCELLED] == 3
+    assert not client.retry_array(array_id).final
+    client.cancel_array(array_id)
+    assert client.array(array_id, wait=30).final
+    with pytest.raises(Conflict):
+        client.cancel_array(array_id)
+    batch = client.submit_batch([{"command": ["true"], "labels": labels},
+                                 {"command": ["true"], "labels": labels}])
+    assert batch.batch_id is not None
+    group = client.batch(batch.batch_id, wait=30)
+    assert (group.kind, group.size, group.final, group.succeeded) == ("batch", 2, True, True)
+    with pytest.raises(Conflict):
+        client.retry_batch(batch.batch_id)
+    with pytest.raises(Conflict):
+        client.cancel_batch(batch.batch_id)
+    with pytest.raises(NotFound):
+        client.array(batch.batch_id)
+    assert [j.id for j in client.jobs(array=array_id)] == [j.id for j in made.jobs]
+    assert [j.id for j in client.jobs(batch=batch.batch_id)] == [j.id for j in batch.jobs]
+
+
+def test_job_filters_reach_the_daemon(client):
+    """jobs() passes its filters as the daemon reads them: several states,
+    newest first, a time range from an aware datetime or epoch seconds,
+    a name."""
+    labels = _label()
+    ok = client.submit(["true"], labels=labels, name="ok")
+    bad = client.submit(["false"], labels=labels)
+    client.wait([ok.id, bad.id], timeout=30)
+    running = client.submit(["sleep", "60"], labels=labels)
+    ids = [ok.id, bad.id, running.id]
+    assert [j.id for j in client.jobs(label=labels, order="newest")] == ids[::-1]
+    assert [j.id for j in client.jobs(label=labels, state=["failed", "succeeded"])] == ids[:2]
+    assert [j.id for j in client.jobs(label=labels, name="ok")] == [ok.id]
+    now = datetime.datetime.now(datetime.timezone.utc)
+    assert list(client.jobs(label=labels, created_after=now + datetime.timedelta(hours=1))) == []
+    assert [j.id for j in client.jobs(label=labels, created_before=time.time() + 3600)] == ids
+    client.cancel(running.id)
+
+
+def test_wait_is_one_long_poll(served, client):
+    """wait() asks once with ?wait= and is answered when the job ends, not
+    by polling."""
+    job = client.submit(["sleep", "1.5"], labels=_label())
+    proxy = AnswerCutter(int(served.url.rsplit(":", 1)[1]), cuts=0)
+    try:
+        with Client(proxy.url, served.token) as c:
+            started = time.monotonic()
+            assert c.wait(job.id, timeout=60).state is JobState.SUCCEEDED
+            assert time.monotonic() - started < 10
+        asked = re.findall(rb"GET (\S+) HTTP", b"".join(proxy.requests))
+        assert len(asked) == 1 and b"wait=60" in asked[0]
+    finally:
+        proxy.close()
 
 
 def test_jobs_follows_every_page(client):
@@ -448,6 +516,10 @@ async def test_twisted_client_submits_waits_and_lists(twisted_client):
     other = await twisted_client.submit(["true"], labels=labels)
     listed = [j.id async for j in twisted_client.jobs(label=labels, page_size=1)]
     assert listed == [job.id, other.id]
+    assert (await twisted_client.wait([job.id, other.id]))[1].state is JobState.SUCCEEDED
+    made = await twisted_client.submit(["true"], array=2, labels=labels)
+    group = await twisted_client.array(made.jobs[0].array_id, wait=30)
+    assert (group.size, group.final, group.succeeded) == (2, True, True)
     assert (await twisted_client.me()).name == "admin"
     assert "default" in await twisted_client.queues()
     assert await twisted_client.workers() == []
