@@ -158,15 +158,17 @@ def test_an_event_of_another_shape_is_an_error_and_an_unknown_type_is_kept():
 
 def test_answers_that_grow_are_read():
     """A job whose answer has fields this client does not know, in the job
-    and in an attempt's limits, decodes into JobView all the same."""
+    and in an attempt, decodes into JobView all the same.  (Not in an
+    attempt's limits: they are the Limits a worker sends, declared once,
+    which refuses a field it does not know.)"""
     body = json.dumps({
         "id": "j", "state": "succeeded", "name": None, "labels": {}, "created_at": "t",
         "started_at": None, "finished_at": None, "exit_code": 0, "result": None,
         "error": None, "wait_reason": None, "worker": None, "owner": None, "new": 1,
         "attempts": [{"number": 1, "holder": "h", "started_at": None, "finished_at": None,
                       "exit_code": 0, "error": None, "new": 2,
-                      "limits": {"memory_mb": None, "processes": None, "enforced": False,
-                                 "new": 3}}]}).encode()
+                      "limits": {"memory_mb": None, "processes": None, "enforced": False}}]}
+    ).encode()
     job = read_answer(job_call("j"), 200, {}, body)
     assert isinstance(job, JobView) and job.attempts[0].limits.enforced is False
 
