@@ -5,18 +5,15 @@ daemons (an in-process one, real `twistd -n dispatcher` processes and a
 real `dispatcher worker`) for the promises users rely on.
 """
 
-import os
 import re
 import signal
 import socket
-import subprocess
-import threading
 import time
 import urllib.request
 
 import pytest
 import pytest_twisted
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import fail, succeed
 from twisted.internet.task import Clock
 
 from dispatcher.api._follow import (
@@ -28,7 +25,7 @@ from dispatcher.api._follow import (
 from dispatcher.model._jobs import Attempt, Job, JobSpec, JobState, UnknownJob
 from dispatcher.wire._submission import ApiError
 
-from .conftest import TEST_TASKS, sleep, until
+from .conftest import until
 from .test_remote import pure_twistd, start_worker  # noqa: F401 (a fixture)
 from .test_twistd import Twistd
 

@@ -47,9 +47,9 @@ from dispatcher.wire._types import (
     MAX_LIST_LIMIT,
     MAX_NAME,
     MAX_OFFSET,
-    MAX_ATTEMPT_NUMBER,
     MAX_STATE_FILTERS,
     ZONED_TIME,
+    MAX_ATTEMPT_NUMBER,
     Batch,
     CredentialCreated,
     CredentialList,
@@ -471,13 +471,13 @@ class DispatcherAPI(Resource):
         Answer every request from now on C{503 shutting_down}, and close
         its connection after the answer: the daemon is stopping, and keeps
         listening (so that clients hear why, rather than have their
-        connections refused) until its running jobs are handled.  Log
-        follows end now (L{LogFollowers.stop}); a request that waits
-        (C{?wait=}) is answered so now: no wait holds the stop.
+        connections refused) until its running jobs are handled.  A
+        request that waits (C{?wait=}) is answered so now: no wait holds
+        the stop.  Log follows end now (L{LogFollowers.stop}).
         """
         self.stopping = True
-        self._followers.stop()
         self._dispatcher.waits.stop()
+        self._followers.stop()
 
     def check_head(self, channel: Any, method: bytes, uri: bytes, headers: Any) -> Any:
         """

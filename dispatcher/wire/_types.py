@@ -82,15 +82,15 @@ DEFAULT_LIST_LIMIT = 100
 # 400, not an overflow.
 MAX_CURSOR = 2**63 - 1
 MAX_OFFSET = 2**63 - 1
-# An attempt's number (they grow across retries, without a bound of their
-# own): a stored SQLite INTEGER, as a cursor is.
-MAX_ATTEMPT_NUMBER = 2**63 - 1
 # The longest a request may wait (?wait=SECONDS) for a job, an array or a
 # batch to be final (issue 17).
 MAX_CLIENT_WAIT = 300.0
 # How many state= filters one list of jobs may give (there are seven
 # states; a state given again is the same filter).
 MAX_STATE_FILTERS = 16
+# An attempt's number (they grow across retries, without a bound of their
+# own): a stored SQLite INTEGER, as a cursor is.
+MAX_ATTEMPT_NUMBER = 2**63 - 1
 # How many label= filters one list of jobs may give: each is a lookup in
 # the labels table, and 900 of them took 2.7 s a query (six at once held
 # every store reader, and GET /v1/queues waited 7 s).
