@@ -554,6 +554,72 @@ class JobGroup(_Out):
     succeeded: Annotated[bool, Meta(description="Whether every member succeeded.")]
 
 
+class SubmittedJobs(_Out):
+    """
+    The jobs a batch (or an array) made, in order, as the client reads
+    them: each one's id and state and its place in its array.  The served
+    document's C{SubmittedJobs} also allows each job whole (C{Prefer:
+    return=representation}); a whole job has every field read here.
+    """
+
+    jobs: list[JobSummary]
+    batch_id: Annotated[
+        Optional[str], Meta(description="A batch's id (null for an array).")
+    ] = None
+
+
+# The events of GET /v1/events (the data of each Server-Sent Event).
+
+class JobEvent(_Out):
+    """
+    A job's committed change of state (event type C{job}).
+    """
+
+    id: int
+    at: Time
+    job_id: str
+    state: JobState
+    previous: Optional[JobState]
+    owner: Optional[str]
+    queue: str
+    name: Optional[str]
+    array_id: Optional[str] = None
+    batch_id: Optional[str] = None
+    attempt: Optional[int] = None
+    exit_code: Optional[int] = None
+    error: Optional[str] = None
+
+
+class WorkerEvent(_Out):
+    """
+    A remote worker connected or left (event type C{worker}).
+    """
+
+    id: int
+    at: Time
+    worker: str
+    change: Literal["connected", "left"]
+
+
+class EventsDropped(_Out):
+    """
+    The subscriber fell too far behind and its stream ends (event type
+    C{dropped}): it resumes after C{id}.
+    """
+
+    id: int
+    reason: str
+
+
+class EventsReset(_Out):
+    """
+    The events asked for are older than those kept (event type C{reset},
+    sent first): the oldest kept is C{oldest}; re-list to catch up.
+    """
+
+    oldest: int
+
+
 class JobPage(_Out):
     """
     A page of jobs.
