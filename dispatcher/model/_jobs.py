@@ -185,6 +185,19 @@ NO_RESOURCES = Resources()
 
 
 @attrs.frozen
+class Notify:
+    """
+    Where a job's changes of state are posted (a webhook), and which of
+    its states are: by default the final ones.  The URL is an http(s) URL
+    without credentials, checked against the address policy where it comes
+    in and again where it is sent.
+    """
+
+    url: str
+    events: frozenset[JobState] = FINAL_STATES
+
+
+@attrs.frozen
 class JobSpec:
     """
     What a client asked for: a command (argv) or a task name with its
@@ -211,6 +224,7 @@ class JobSpec:
     array_index: Optional[int] = None
     resources: Resources = NO_RESOURCES
     requirements: Mapping[str, str] = attrs.field(factory=dict)
+    notify: Optional[Notify] = None
 
     @property
     def kind(self) -> str:

@@ -10,7 +10,8 @@ They run on the writer thread, inside the group's transaction
 L{dispatcher.store._submissions}, claims, ends and the other changes of
 an attempt in L{dispatcher.store._leases}, what a job waits for in
 L{dispatcher.store._waits}, removals of finished jobs in
-L{dispatcher.store._removal}; cancels, retries, promotions and the purge of
+L{dispatcher.store._removal}, what became of webhook deliveries in
+L{dispatcher.store._deliveries}; cancels, retries, promotions and the purge of
 idempotency keys are here.
 """
 
@@ -25,6 +26,7 @@ import attrs
 
 from dispatcher.model._jobs import InvalidTransition, JobState, Lease, UnknownJob
 from dispatcher.store._counts import OwnerCounts
+from dispatcher.store._deliveries import record_deliveries
 from dispatcher.store._leases import (
     claim,
     finish,
@@ -53,6 +55,7 @@ from dispatcher.store._writes import (
     MarkRunning,
     PromoteDue,
     PurgeIdempotency,
+    RecordDeliveries,
     RecordProcess,
     Recover,
     Release,
@@ -267,6 +270,7 @@ OPERATIONS: Mapping[type, Callable[..., Any]] = {
     Remove: remove,
     Shrink: shrink,
     Recover: recover,
+    RecordDeliveries: record_deliveries,
 }
 
 
