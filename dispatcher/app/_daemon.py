@@ -265,7 +265,9 @@ class DaemonService(MultiService):
         pool.maxPersistentPerHost = settings.concurrency
         webhooks = WebhookDeliveries(
             self.store,
-            input_http_client(reactor, pool, FetchPolicy(config.fetch.allow)),
+            input_http_client(
+                reactor, pool, FetchPolicy(config.fetch.allow), purpose="webhook"
+            ),
             pool,
             reactor,
             settings.secret.encode("utf-8"),
