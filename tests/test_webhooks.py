@@ -466,17 +466,24 @@ def test_a_failed_record_holds_its_deliveries_until_written():
     ("http://169.254.169.254/latest", "169.254.169.254 is the cloud metadata service"),
     ("http://10.1.2.3/x", "10.1.2.3 is in 10.0.0.0/8 (private, RFC 1918)"),
     ("http:///x", "the URL has no host"),
+    ("http://2130706433/x", "127.0.0.1 is in 127.0.0.0/8 (loopback)"),
+    ("http://0x7f.1/x", "127.0.0.1 is in 127.0.0.0/8 (loopback)"),
+    ("http://a b/x", "'a b' is neither an IP address nor a host name"),
+    ("http://\x01/x", "'\x01' is neither an IP address nor a host name"),
+    ("http://hooks.example:0/x", "the URL's port must be from 1 to 65535"),
+    ("http://bücher.example/x", None),
 ])
 def test_a_url_giving_a_refused_address_is_refused(url, refused):
-    """A URL whose host is an address the fetch policy refuses is refused,
-    saying what it is and what lets it through; a name passes."""
+    """A URL whose host is an address the fetch policy refuses, in any form
+    the resolver reads, is refused, saying what it is and what lets it
+    through; so is one whose host or port cannot be connected to; a name
+    passes."""
     said = notify_url_refusal(FetchPolicy(), url)
     if refused is None:
         assert said is None
     else:
         assert said is not None and said.startswith(refused), said
-        if "no host" not in refused:
-            assert "[fetch] allow" in said
+        assert ("[fetch] allow" in said) == (" is " in refused and "neither" not in refused)
 
 
 def test_an_allowed_network_lets_a_url_through():

@@ -33,7 +33,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import random
+import re
+import socket
 from typing import Any, Callable, Optional, Sequence
 
 import attrs
@@ -53,7 +56,7 @@ from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 
 from dispatcher._throttle import Throttle
-from dispatcher.execution._fetch_policy import FetchPolicy, Refusal, parse_address
+from dispatcher.execution._fetch_policy import Address, FetchPolicy, Refusal, parse_address
 from dispatcher.execution._http_client import AddressRefused
 from dispatcher.model._deliveries import Delivery
 from dispatcher.model._jobs import StoreClosed
@@ -100,13 +103,34 @@ def _policy_words(refusals: Sequence[Refusal]) -> str:
     )
 
 
+# A host name, as DNS takes it (IDNA-encoded).
+_HOST_NAME = re.compile(r"^[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*\.?$")
+
+
+def _host_address(host: str) -> Optional[Address]:
+    """
+    The address a URL's host is written as, or C{None} for a name: an IP
+    address, or an IPv4 address in a form the resolver reads as one
+    (C{2130706433}, C{0x7f.1}, C{0177.0.0.1}).
+    """
+    try:
+        return parse_address(host)
+    except ValueError:
+        pass
+    try:
+        return ipaddress.IPv4Address(socket.inet_aton(host))
+    except (OSError, ValueError, UnicodeError):
+        return None
+
+
 def notify_url_refusal(policy: FetchPolicy, url: str) -> Optional[str]:
     """
     Why a webhook may not be posted to C{url} (a job's C{notify.url}, of
     the form the wire type checks), or C{None} when it may be: a URL that
-    cannot be read, has no host or port, or gives an address C{policy}
-    refuses.  A host given by name passes: its addresses are checked when
-    it is posted to.
+    cannot be read, whose host is neither an address nor a host name, has
+    no port, or gives an address C{policy} refuses (in any form the
+    resolver reads as one).  A host given by name passes: its addresses
+    are checked when it is posted to.
     """
     try:
         parsed = hyperlink.DecodedURL.from_text(url)
@@ -118,9 +142,14 @@ def notify_url_refusal(policy: FetchPolicy, url: str) -> Optional[str]:
         return "the URL has no host"
     if port is None or not 0 < port < 65536:
         return "the URL's port must be from 1 to 65535"
-    try:
-        address = parse_address(host)
-    except ValueError:
+    address = _host_address(host)
+    if address is None:
+        try:
+            ascii_host = host.encode("idna").decode("ascii")
+        except UnicodeError:
+            ascii_host = ""
+        if not _HOST_NAME.match(ascii_host):
+            return f"{host!r} is neither an IP address nor a host name"
         return None
     refusal = policy.refusal(address)
     return None if refusal is None else _policy_words([refusal])

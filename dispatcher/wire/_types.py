@@ -264,7 +264,8 @@ class Notify(_In):
             "(loopback, private, link-local networks and the like, unless "
             "[fetch] allow names them) is refused with a 400 naming notify.url "
             "when the URL gives it, and never connected to when its name "
-            "resolves to it.",
+            "resolves to it; so is a URL that names no host, or a port "
+            "beyond 65535 (not expressible in JSON Schema).",
         ),
     ]
     events: Annotated[
