@@ -469,7 +469,7 @@ def test_a_failed_record_holds_its_deliveries_until_written():
     ("http://2130706433/x", "127.0.0.1 is in 127.0.0.0/8 (loopback)"),
     ("http://0x7f.1/x", "127.0.0.1 is in 127.0.0.0/8 (loopback)"),
     ("http://a b/x", "'a b' is neither an IP address nor a host name"),
-    ("http://\x01/x", "'\x01' is neither an IP address nor a host name"),
+    ("http://\x01/x", r"'\x01' is neither an IP address nor a host name"),
     ("http://hooks.example:0/x", "the URL's port must be from 1 to 65535"),
     ("http://bücher.example/x", None),
 ])
