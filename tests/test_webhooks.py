@@ -116,6 +116,12 @@ class Receiver(Resource):
             self.hanging.append(request)
             return NOT_DONE_YET
         code, body, headers = answer
+        if headers.get("stall"):
+            # The status and a first part of the body, and then nothing.
+            request.setResponseCode(code)
+            request.write(body)
+            self.hanging.append(request)
+            return NOT_DONE_YET
         request.setResponseCode(code)
         for name, value in headers.items():
             request.setHeader(name, value)
@@ -360,6 +366,22 @@ def test_a_try_without_an_answer_times_out_and_is_tried_again():
     u.run(10.0)
     assert len(receiver.posts) == 2
     assert u.outbox.rows == {}
+    u.service.stopService()
+
+
+def test_a_2xx_whose_body_never_ends_is_delivered():
+    """A receiver that answers 200 and then stalls in its body has the
+    delivery all the same when the try's time runs out: it is not posted
+    again."""
+    receiver = Receiver((200, b"ok so far", {"stall": "yes"}))
+    u = unit(receiver, delivery(10), timeout=5.0)
+    u.service.startService()
+    u.run()
+    assert u.outbox.writes == []
+    u.run(5.0)
+    assert u.outbox.writes == [([10], [])]
+    u.run(60.0)
+    assert len(receiver.posts) == 1
     u.service.stopService()
 
 

@@ -446,7 +446,14 @@ class WebhookDeliveries(Service):
         status = response.code
         # Read (a little of) the body: what a failed try's log line shows,
         # and what lets the connection serve the next delivery.
-        answer = await _read_some(response, MAX_ANSWER_BYTES)
+        try:
+            answer = await _read_some(response, MAX_ANSWER_BYTES)
+        except CancelledError:
+            if 200 <= status < 300:
+                # Its body never ended (the timeout, or the stop): the
+                # receiver said it has the delivery all the same.
+                return _Tried(status)
+            raise
         if 200 <= status < 300:
             return _Tried(status)
         said = answer.decode("utf-8", "replace").strip()
