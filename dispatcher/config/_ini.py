@@ -265,6 +265,9 @@ class ApiConfig:
     token_file: Optional[str] = None
     token: Optional[str] = attrs.field(default=None, repr=False)
     authentication: bool = True
+    # How many requests may wait (?wait=SECONDS) at once; more are answered
+    # 503 too_many_waits.  Each holds a connection and a little memory.
+    max_waits: int = 1000
 
 
 @attrs.frozen
@@ -763,7 +766,11 @@ _SECTIONS: Mapping[str, tuple[type, Mapping[str, Callable[[str], Any]]]] = {
             "max_names": _integer(1),
         },
     ),
-    "api": (ApiConfig, {"token_file": _token_file, "authentication": _authentication}),
+    "api": (
+        ApiConfig,
+        {"token_file": _token_file, "authentication": _authentication,
+         "max_waits": _integer(1)},
+    ),
     "retention": (RetentionConfig, {"finished_days": _days, "finished_count": _count}),
     "webhooks": (
         WebhooksConfig,

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 _DUE = (
     "SELECT id, job_id, url, at, state, previous, owner, queue, name, array_id,"
-    " attempt, exit_code, error, tries FROM deliveries INDEXED BY deliveries_due"
+    " batch_id, attempt, exit_code, error, tries FROM deliveries INDEXED BY deliveries_due"
     " WHERE due <= ? ORDER BY due, id LIMIT ?"
 )
 
@@ -33,12 +33,12 @@ def due_deliveries(conn: sqlite3.Connection, now: float, limit: int) -> list[Del
     """
     out = []
     for row in conn.execute(_DUE, (now, limit)):
-        (id, job_id, url, at, state, previous, owner, queue, name, array_id, attempt,
-         exit_code, error, tries) = row
+        (id, job_id, url, at, state, previous, owner, queue, name, array_id, batch_id,
+         attempt, exit_code, error, tries) = row
         out.append(Delivery(
             id, job_id, url, at, JobState(state),
             None if previous is None else JobState(previous),
-            owner, queue, name, array_id, None, attempt, exit_code, error, tries,
+            owner, queue, name, array_id, batch_id, attempt, exit_code, error, tries,
         ))
     return out
 

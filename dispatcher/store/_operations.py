@@ -10,7 +10,8 @@ They run on the writer thread, inside the group's transaction
 L{dispatcher.store._submissions}, claims, ends and the other changes of
 an attempt in L{dispatcher.store._leases}, what a job waits for in
 L{dispatcher.store._waits}, removals of finished jobs in
-L{dispatcher.store._removal}, what became of webhook deliveries in
+L{dispatcher.store._removal}, the cancel and the retry of a whole array or
+batch in L{dispatcher.store._groups}, what became of webhook deliveries in
 L{dispatcher.store._deliveries}; cancels, retries, promotions and the purge of
 idempotency keys are here.
 """
@@ -26,6 +27,7 @@ import attrs
 
 from dispatcher.model._jobs import InvalidTransition, JobState, Lease, UnknownJob
 from dispatcher.store._counts import OwnerCounts
+from dispatcher.store._groups import cancel_group, retry_group
 from dispatcher.store._deliveries import record_deliveries
 from dispatcher.store._leases import (
     claim,
@@ -50,6 +52,7 @@ from dispatcher.store._waits import QUEUED_REASON, after_final, requeue
 from dispatcher.store._writer import SharedPath
 from dispatcher.store._writes import (
     Cancel,
+    CancelGroup,
     Claim,
     Finish,
     MarkRunning,
@@ -64,6 +67,7 @@ from dispatcher.store._writes import (
     ResumeLeases,
     Shrink,
     Retry,
+    RetryGroup,
     Submit,
     SubmitPlain,
     Write,
@@ -270,6 +274,8 @@ OPERATIONS: Mapping[type, Callable[..., Any]] = {
     Remove: remove,
     Shrink: shrink,
     Recover: recover,
+    CancelGroup: cancel_group,
+    RetryGroup: retry_group,
     RecordDeliveries: record_deliveries,
 }
 

@@ -112,6 +112,7 @@ JOB_COLUMNS: tuple[Column, ...] = (
     Column("not_before", SPEC),
     Column("array_id", SPEC),
     Column("array_index", SPEC),
+    Column("batch_id", SPEC),
     # Its webhook (store/_stored.py): read by the triggers that write its
     # deliveries (store/_schema.py).  Last of the spec's columns, which
     # are read as one run.

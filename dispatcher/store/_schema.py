@@ -46,8 +46,8 @@ log = Logger()
 # failed try puts it later, so that a new delivery is due at once,
 # whatever clock the reader asks with.
 _DELIVERY_COLUMNS = (
-    "job_id, url, at, state, previous, owner, queue, name, array_id, attempt,"
-    " exit_code, error"
+    "job_id, url, at, state, previous, owner, queue, name, array_id, batch_id,"
+    " attempt, exit_code, error"
 )
 
 
@@ -56,7 +56,7 @@ def _delivery_values(previous: str) -> str:
     return (
         "NEW.id, substr(NEW.notify, instr(NEW.notify, ' ') + 1),"
         " (julianday('now') - 2440587.5) * 86400.0, NEW.state, "
-        f"{previous}, NEW.owner, NEW.queue, NEW.name, NEW.array_id,"
+        f"{previous}, NEW.owner, NEW.queue, NEW.name, NEW.array_id, NEW.batch_id,"
         " NULLIF(NEW.attempt_count, 0), NEW.exit_code, NEW.error"
     )
 
@@ -82,6 +82,7 @@ WEBHOOK_OUTBOX = (
         queue TEXT NOT NULL,
         name TEXT,
         array_id TEXT,
+        batch_id TEXT,
         attempt INTEGER,
         exit_code INTEGER,
         error TEXT,
@@ -296,8 +297,21 @@ MIGRATIONS: Sequence[Union[str, Callable[[sqlite3.Connection], None]]] = (
     );
     INSERT INTO removed (one, top_seq) VALUES (1, 0);
     """,
-    # Migration 11 (issue 17, webhooks; 9 and 10 are the events' and the
-    # batches'): the webhook outbox and the jobs' notify column
+    # Migration 9 (issue 17, arrays and batches as things, strict lists).
+    # A batch (POST /v1/jobs/batch) is known by an id stored on each of its
+    # jobs, NULL for the rest: a partial index finds a batch's members (its
+    # counts, GET /v1/jobs?batch=) as jobs_array finds an array's, and costs
+    # the jobs submitted one at a time nothing.  Jobs are listed by name
+    # (?name=) along a partial index too: an unnamed job (a plain batch's)
+    # is not in it.  Both hold the row's seq, so a page reads them in
+    # submission order, either way.
+    """
+    ALTER TABLE jobs ADD COLUMN batch_id TEXT;
+    CREATE INDEX jobs_batch ON jobs (batch_id) WHERE batch_id IS NOT NULL;
+    CREATE INDEX jobs_name ON jobs (name) WHERE name IS NOT NULL;
+    """,
+    # Migration 11 (issue 17, webhooks; 9 is the batches', 10 the
+    # events'): the webhook outbox and the jobs' notify column
     # (WEBHOOK_OUTBOX above; its triggers come with the first job that
     # names notify).
     webhook_outbox,
