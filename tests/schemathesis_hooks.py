@@ -14,11 +14,14 @@ whose token is C{DISPATCHER_CONTRACT_TOKEN}).
 import json
 import os
 import posixpath
+import re
 from typing import Optional
 
 import schemathesis
 from schemathesis.core import NOT_SET
 from schemathesis.core.parameters import ParameterLocation
+
+from dispatcher.wire._types import HTTP_URL, MAX_URL
 
 # [dispatcher] max_array of the daemon under test.
 MAX_ARRAY = 50
@@ -207,6 +210,13 @@ def before_call(context, case, kwargs):
     A C{wait} the schema takes is made a hundredth of a second (a job
     queued here never ends; see the code).
 
+    A job's C{notify.url} the schema takes is made L{WEBHOOK_URL}: whether
+    a URL may be posted to depends on the address its host gives and on
+    the configuration (the fetch policy and its C{allow}: a rule the
+    field's description and the operation's 400 state, which the schema
+    cannot express), and a generated URL would have the daemon post to
+    whatever host the generator made up.
+
     A log chunk's C{offset} the schema takes is made 0: past the end of
     what the stream holds, it is a 400 C{offset_past_end} (the
     operation's 400 says so), which depends on what was written before;
@@ -228,6 +238,10 @@ def before_call(context, case, kwargs):
             case.headers = {}
         if not any(name.lower() == "content-type" for name in case.headers):
             case.headers["Content-Type"] = "application/json"
+    if (case.operation.method.upper() == "POST"
+            and case.operation.path in ("/v1/jobs", "/v1/jobs/batch")):
+        _harmless_webhooks(case.body)
+        return
     query = case.query or {}
     wait = query.get("wait")
     if case.operation.method.upper() == "GET" and wait is not None:
@@ -266,6 +280,29 @@ def before_call(context, case, kwargs):
     if (isinstance(worker, dict) and _number(worker.get("slots")) and _number(max_jobs)
             and float(max_jobs).is_integer() and max_jobs > worker["slots"] >= 1):
         body["max_jobs"] = worker["slots"]
+
+
+# What every generated webhook URL the schema takes is made: an address the
+# contract daemon's [fetch] allow lets through, where nothing listens (the
+# daemon's posts there fail at once, and are put off).
+WEBHOOK_URL = "http://127.0.0.1:9/contract-hook"
+_HTTP_URL = re.compile(HTTP_URL)
+
+
+def _harmless_webhooks(body):
+    """
+    Make each schema-valid C{notify.url} of a submission's body (a job or
+    a batch) L{WEBHOOK_URL}; leave an invalid one as it is, so that a
+    refused body stays refused.
+    """
+    if not isinstance(body, dict):
+        return
+    jobs = body.get("jobs") if isinstance(body.get("jobs"), list) else [body]
+    for job in jobs:
+        notify = job.get("notify") if isinstance(job, dict) else None
+        url = notify.get("url") if isinstance(notify, dict) else None
+        if isinstance(url, str) and 1 <= len(url) <= MAX_URL and _HTTP_URL.match(url):
+            notify["url"] = WEBHOOK_URL
 
 
 def _finished_job(case):

@@ -1342,3 +1342,145 @@ async def test_a_page_examines_a_bounded_number_of_jobs(store):
                 break
         expected = [jobs[1].id, jobs[7].id]
         assert found == (expected[::-1] if newest else expected)
+
+
+# The webhook outbox
+
+# Every delivery is due at once until a try puts it later: read "now" as
+# any time at all.
+LATER = 10.0**12
+
+
+def notified(i=0, *states, url="https://example.com/hook?k=a b", **kw):
+    """A command job whose webhook names C{states} (by default the final
+    ones)."""
+    from dispatcher.model._jobs import Notify
+
+    notify = Notify(url) if not states else Notify(url, frozenset(states))
+    return spec(i, notify=notify, **kw)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_job_with_notify_shows_it(store):
+    """A job's notify is stored with its spec and read back as given,
+    its URL whole (a space and a query included)."""
+    (job,) = await submit(store, notified(1, JobState.QUEUED, JobState.FAILED))
+    got = await store.get(job.id)
+    assert got.spec.notify.url == "https://example.com/hook?k=a b"
+    assert got.spec.notify.events == {JobState.QUEUED, JobState.FAILED}
+    assert (await store.get((await submit(store, spec(2)))[0].id)).spec.notify is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_each_change_to_a_named_state_writes_one_delivery(store):
+    """A delivery is written for each change of a job's state that its
+    notify names, its making included, with the state before it and the
+    job's fields as they were; a job without notify, and states not
+    named, write none."""
+    (job,) = await submit(
+        store,
+        notified(1, JobState.QUEUED, JobState.RUNNING, JobState.FAILED),
+    )
+    await submit(store, spec(2))
+    (lease,) = await claim(store, "h", 1, 200.0)
+    await finish(store, lease, Outcome(JobState.FAILED, exit_code=3, error="exited with code 3"),
+                 300.0)
+    due = await store.due_deliveries(LATER, 10)
+    assert [(d.job_id, d.state, d.previous) for d in due] == [
+        (job.id, JobState.QUEUED, None),
+        (job.id, JobState.RUNNING, JobState.QUEUED),
+        (job.id, JobState.FAILED, JobState.RUNNING),
+    ]
+    assert [(d.attempt, d.exit_code, d.error) for d in due] == [
+        (None, None, None), (1, None, None), (1, 3, "exited with code 3")
+    ]
+    assert {(d.url, d.queue, d.tries) for d in due} == {
+        ("https://example.com/hook?k=a b", "default", 0)
+    }
+    assert due[0].id < due[1].id < due[2].id
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_default_states_are_the_final_ones(store):
+    """Without states named, only the final state is delivered, however it
+    is reached: a cancel before the job ran, or a dependency's failure."""
+    (first,) = await submit(store, notified(1))
+    (third,) = await submit(store, spec(3))
+    (dependent,) = await submit(store, notified(4, depends_on=(third.id,)))
+    await store.cancel(first.id, 150.0)
+    leases = await claim(store, "h", 5, 200.0)
+    lease = next(l for l in leases if l.job_id == third.id)
+    await finish(store, lease, Outcome(JobState.FAILED, exit_code=1), 300.0)
+    due = await store.due_deliveries(LATER, 10)
+    assert [(d.job_id, d.state) for d in due] == [
+        (first.id, JobState.CANCELLED),
+        (dependent.id, JobState.CANCELLED),
+    ]
+    assert due[1].previous is JobState.PENDING
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failed_write_writes_no_delivery(store):
+    """A write that fails (here a finish with a stale lease) writes no
+    delivery: it is made with the change or not at all."""
+    (job,) = await submit(store, notified(1, JobState.SUCCEEDED))
+    (lease,) = await claim(store, "h", 1, 200.0)
+    stale = attrs.evolve(lease, token=lease.token + 100)
+    with pytest.raises(StaleLease):
+        await store.finish(stale, Outcome(JobState.SUCCEEDED, exit_code=0), 300.0)
+    assert await store.due_deliveries(LATER, 10) == []
+    await store.finish(lease, Outcome(JobState.SUCCEEDED, exit_code=0), 300.0)
+    assert [d.state for d in await store.due_deliveries(LATER, 10)] == [JobState.SUCCEEDED]
+
+
+@pytest_twisted.ensureDeferred
+async def test_recorded_deliveries_go_or_wait(store):
+    """A delivery recorded done is gone; one put later has a try counted
+    and is not due before its time, and comes after those due sooner."""
+    jobs = await submit(store, notified(1, JobState.QUEUED), notified(2, JobState.QUEUED),
+                        notified(3, JobState.QUEUED))
+    first, second, third = await store.due_deliveries(LATER, 10)
+    assert [d.job_id for d in (first, second, third)] == [j.id for j in jobs]
+    await store.record_deliveries([first.id], [(second.id, 500.0)])
+    assert [d.id for d in await store.due_deliveries(499.0, 10)] == [third.id]
+    due = await store.due_deliveries(500.0, 10)
+    assert [(d.id, d.tries) for d in due] == [(third.id, 0), (second.id, 1)]
+    assert [d.id for d in await store.due_deliveries(500.0, 1)] == [third.id]
+    # An id no longer there is passed over.
+    await store.record_deliveries([first.id], [(first.id, 600.0)])
+    assert len(await store.due_deliveries(LATER, 10)) == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_deliveries_survive_a_reopen_and_go_with_their_job(make_store):
+    """The outbox is durable (a reopened store still holds its
+    deliveries); a removed job's deliveries are removed with it; and an
+    id is never given twice, even after the newest delivery is gone."""
+    first = await make_store()
+    (job,) = await submit(first, notified(1))
+    await first.cancel(job.id, 150.0)
+    (kept,) = await first.due_deliveries(LATER, 10)
+    await first.close()
+    again = await make_store()
+    assert [d.id for d in await again.due_deliveries(LATER, 10)] == [kept.id]
+    await again.remove(job.id, 200.0)
+    assert await again.due_deliveries(LATER, 10) == []
+    (other,) = await submit(again, notified(2))
+    await again.cancel(other.id, 250.0)
+    (made,) = await again.due_deliveries(LATER, 10)
+    assert made.id > kept.id
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_delivery_carries_the_jobs_array_and_batch(store):
+    """A delivery tells which array and batch its job belongs to, and its
+    name and owner, as the job's row has them."""
+    written = await store.submit(
+        [notified(1, JobState.QUEUED, name="member", array_id="arr-1", array_index=0,
+                  batch_id="batch-1")],
+        100.0, [ids.new()], owner="alice",
+    )
+    (job,) = written.value.jobs
+    (delivery,) = await store.due_deliveries(LATER, 10)
+    assert (delivery.job_id, delivery.name, delivery.owner, delivery.array_id,
+            delivery.batch_id) == (job.id, "member", "alice", "arr-1", "batch-1")

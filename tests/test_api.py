@@ -304,7 +304,7 @@ async def test_cancel_queued(make_daemon):
 @pytest_twisted.ensureDeferred
 async def test_health_and_openapi(daemon):
     """/healthz answers ok, and /v1/openapi.json is a valid OpenAPI 3.1 document
-    listing every route the server serves."""
+    listing every route the server serves, and what a job's webhook posts."""
     code, health = await daemon.json("GET", "/healthz")
     assert code == 200 and health == {"status": "ok"}
     code, doc = await daemon.json("GET", "/v1/openapi.json")
@@ -321,6 +321,15 @@ async def test_health_and_openapi(daemon):
         "/v1/batches/{id}", "/v1/batches/{id}/cancel", "/v1/batches/{id}/retry",
     }
     assert doc["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+    schemas = doc["components"]["schemas"]
+    for name in ("JobSubmission", "BatchJob", "JobView"):
+        assert "#/components/schemas/Notify" in json.dumps(
+            schemas[name]["properties"]["notify"]), name
+    (hook,) = doc["webhooks"].values()
+    assert hook["post"]["requestBody"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/JobEvent"}
+    assert {"id", "job_id", "state", "previous", "batch_id"} <= set(
+        schemas["JobEvent"]["properties"])
     # Every documented operation is served (not 404 or 405).
     for path, operations in doc["paths"].items():
         for method in operations:

@@ -201,3 +201,41 @@ def test_the_shipped_configuration_loads_its_example_task():
     config = load_config(os.path.abspath("etc/dispatcher.ini"))
     assert set(config.tasks) == {"wordcount"}
     assert config.task_path == (os.path.abspath("etc/tasks"),)
+def test_webhooks_are_read_with_their_secret(tmp_path):
+    """[webhooks] reads its secret from secret_file (white space around it
+    stripped) and its sending rules; without the file there is no secret."""
+    secret = tmp_path / "hook.secret"
+    secret.write_text("  0123456789abcdef0123\n")
+    config = parse_config(
+        f"[webhooks]\nsecret_file = {secret}\nconcurrency = 2\ntimeout = 1.5\n"
+        "retry_delay = 0.2\nmax_delay = 4\nmax_attempts = 3\nmax_age = 60\n"
+        "poll_interval = 0.1\n",
+        "x.ini",
+    )
+    hooks = config.webhooks
+    assert hooks.secret == "0123456789abcdef0123"
+    assert (hooks.concurrency, hooks.timeout, hooks.retry_delay, hooks.max_delay,
+            hooks.max_attempts, hooks.max_age, hooks.poll_interval) == (
+        2, 1.5, 0.2, 4.0, 3, 60.0, 0.1)
+    assert "0123456789abcdef0123" not in repr(config)
+    assert Config().webhooks.secret is None
+
+
+@pytest.mark.parametrize("text, message", [
+    ("secret_file = {short}", "the secret file must hold a secret of at least 16 characters"),
+    ("secret_file = {missing}", "cannot read the secret file: No such file or directory"),
+    ("concurrency = 0", "expected an integer of at least 1"),
+    ("retry_delay = 0", "expected a number of seconds above 0"),
+    ("max_attempts = many", "expected an integer of at least 1"),
+    ("url = https://x", "unknown key; known: secret_file, concurrency"),
+])
+def test_a_wrong_webhooks_key_names_itself(tmp_path, text, message):
+    """A wrong [webhooks] key or value is one error naming the file, the
+    section, the key, the value and what is allowed."""
+    short = tmp_path / "short"
+    short.write_text("abc\n")
+    text = text.format(short=short, missing=tmp_path / "missing")
+    key, _, value = text.partition(" = ")
+    with pytest.raises(ConfigError) as info:
+        parse_config(f"[webhooks]\n{text}\n", "x.ini")
+    assert str(info.value).startswith(f"x.ini: [webhooks] {key} = {value!r}: {message}")

@@ -34,6 +34,10 @@ add = tests.tasks:add
 token_file = {{admin_token_file}}
 [workers]
 token_file = {{token_file}}
+[webhooks]
+secret_file = {{secret_file}}
+[fetch]
+allow = 127.0.0.1/32
 """
 # The admin's token: a token file's, which the API cannot revoke, so that
 # the admin's run, which revokes the credentials it finds listed, keeps
@@ -74,8 +78,12 @@ def served(tmp_path_factory):
     admin_token_file = workdir / "admin.token"
     admin_token_file.write_text(ADMIN_TOKEN + "\n")
     admin_token_file.chmod(0o600)  # one others may read is refused
+    secret_file = workdir / "webhook.secret"
+    secret_file.write_text("contract-webhook-secret-0123456789\n")
+    secret_file.chmod(0o600)
     daemon = Twistd(str(workdir), INI.format(token_file=token_file,
-                                             admin_token_file=admin_token_file))
+                                             admin_token_file=admin_token_file,
+                                             secret_file=secret_file))
     daemon.start()
     try:
         yield daemon

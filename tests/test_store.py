@@ -626,3 +626,39 @@ async def test_migration_to_limits(tmp_path, monkeypatch):
     conn = sqlite3.connect(path)
     assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
     conn.close()
+
+
+def _triggers(path):
+    conn = sqlite3.connect(path)
+    try:
+        return sorted(r[0] for r in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'trigger'"))
+    finally:
+        conn.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_webhook_triggers_come_with_the_first_job_that_names_notify(make_store, tmp_path):
+    """The triggers that write webhook deliveries cost every job's changes
+    of state: a store whose jobs never named notify has none; the first
+    submission of one makes them in its own transaction, so that one
+    refused (and rolled back) leaves none behind and the next makes them
+    again."""
+    from dispatcher.model._jobs import Notify
+    from dispatcher.store._results import UnknownDependency
+
+    store = await make_store()
+    path = str(tmp_path / "db.sqlite3")
+    await submit(store, spec(1))
+    await store.submit_plain(PlainJobs([["true"]]), 1.0, [ids.new()])
+    assert _triggers(path) == []
+    hooked = spec(2, notify=Notify("https://hooks.example/x"))
+    with pytest.raises(UnknownDependency):
+        await submit(store, attrs.evolve(hooked, depends_on=("no-such-job",)))
+    assert _triggers(path) == []
+    (job,) = await submit(store, hooked)
+    assert _triggers(path) == [
+        "jobs_notify_changed", "jobs_notify_made", "jobs_notify_removed"]
+    await store.cancel(job.id, 200.0)
+    (delivery,) = await store.due_deliveries(10.0**12, 10)
+    assert (delivery.job_id, delivery.state) == (job.id, JobState.CANCELLED)

@@ -22,7 +22,7 @@ import math
 import os
 import re
 from inspect import iscoroutine
-from typing import Any, Awaitable, Mapping, Optional
+from typing import Any, Awaitable, Callable, Mapping, Optional
 
 import attrs
 from twisted.internet.defer import CancelledError, Deferred, fail
@@ -385,6 +385,10 @@ class DispatcherAPI(Resource):
         the address the daemon listens on is added by L{listening_on}.
     @param max_log_followers: C{[api] max_log_followers}: the most log
         follows at once (L{LogFollowers}).
+    @param notify_refusal: why a webhook may not be sent to a URL (a
+        submission's C{notify.url}), or C{None} when it may; C{None} when
+        the dispatcher sends no webhooks (it has no secret to sign them
+        with), and a submission with C{notify} is then refused.
     @ivar stopping: whether the daemon is stopping: every new request is
         then answered C{503 shutting_down} (see L{stop_serving}).
     """
@@ -408,8 +412,10 @@ class DispatcherAPI(Resource):
         max_stored_bytes: Optional[int] = None,
         quotas: Optional[Quotas] = None,
         max_log_followers: int = 4096,
+        notify_refusal: Optional[Callable[[str], Optional[str]]] = None,
     ) -> None:
         Resource.__init__(self)
+        self._notify_refusal = notify_refusal
         self._hosts = HostPolicy(allowed_hosts)
         self._workers = workers
         self._dispatcher = dispatcher
@@ -864,7 +870,7 @@ class DispatcherAPI(Resource):
         return d.addCallbacks(answer, refused)
 
     def _submission(self, body: Any, prefix: str = "", index: Optional[int] = None) -> Submission:
-        return parse_submission(
+        submission = parse_submission(
             body,
             self._tasks,
             self._queues,
@@ -874,6 +880,28 @@ class DispatcherAPI(Resource):
             index,
             self._max_stored_bytes,
         )
+        if submission.spec.notify is not None:
+            self._check_notify(submission.spec.notify.url, f"{prefix}notify")
+        return submission
+
+    def _check_notify(self, url: str, field: str) -> None:
+        """
+        Refuse a job's webhook that this dispatcher cannot send: it has no
+        secret to sign it with, or the URL gives an address the fetch
+        policy refuses (a name is resolved, and its addresses checked,
+        when it is posted to).
+        """
+        if self._notify_refusal is None:
+            raise ApiError(
+                400,
+                "invalid_field",
+                f"{field}: this dispatcher sends no webhooks: it has no secret to sign "
+                "them with; its operator sets [webhooks] secret_file (docs/webhooks.md)",
+                field,
+            )
+        refusal = self._notify_refusal(url)
+        if refusal is not None:
+            raise ApiError(400, "invalid_field", f"{field}.url: {refusal}", f"{field}.url")
 
     def submit(self, request: Any) -> Deferred:
         raw = _json_body(request)

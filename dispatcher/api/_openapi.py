@@ -18,6 +18,7 @@ import msgspec
 from dispatcher.api._routes import OCTETS, OPEN, ROUTES, SUBMITTED_JOBS, Route, types_of
 from dispatcher.model._principals import ALLOWED
 from dispatcher.wire._submission import SUBMISSION_RULES
+from dispatcher.wire._types import JobEvent
 
 _REF = "#/components/schemas/{name}"
 
@@ -96,7 +97,10 @@ def _explicit_items(value: Any) -> None:
 
 
 def _components(routes: Iterable[Route]) -> dict[str, Any]:
-    _, schemas = msgspec.json.schema_components(list(types_of(tuple(routes))), ref_template=_REF)
+    # The routes' types, and what a webhook posts (the document's webhooks).
+    _, schemas = msgspec.json.schema_components(
+        [*types_of(tuple(routes)), JobEvent], ref_template=_REF
+    )
     _plain_descriptions(schemas)
     for name, rules in SUBMISSION_RULES.items():
         if name in schemas:
@@ -104,6 +108,48 @@ def _components(routes: Iterable[Route]) -> dict[str, Any]:
     schemas["SubmittedJobs"] = copy.deepcopy(SUBMITTED_JOBS)
     _explicit_items(schemas)
     return schemas
+
+
+# What a job's webhook is posted (OpenAPI 3.1's webhooks: the requests the
+# dispatcher makes, which a receiver serves; docs/webhooks.md).
+WEBHOOKS: dict[str, Any] = {
+    "jobStateChanged": {
+        "post": {
+            "summary": "A job that names notify reached one of its notify.events",
+            "description": "Posted to the job's notify.url; tried again, with "
+            "back-off, until a 2xx answer, and sent at least once (drop repeats by "
+            "Dispatcher-Event-Id). Check Dispatcher-Signature before anything else "
+            "(docs/webhooks.md).",
+            "parameters": [
+                {
+                    "name": "Dispatcher-Event-Id",
+                    "in": "header",
+                    "required": True,
+                    "description": "The event's id, the same for every try.",
+                    "schema": {"type": "string", "pattern": "^[1-9][0-9]*$"},
+                },
+                {
+                    "name": "Dispatcher-Signature",
+                    "in": "header",
+                    "required": True,
+                    "description": "t=<unix seconds>,v1=<hex HMAC-SHA256 of "
+                    "'<t>.<body>' keyed with the [webhooks] secret>.",
+                    "schema": {"type": "string", "pattern": "^t=[0-9]+,v1=[0-9a-f]{64}$"},
+                },
+            ],
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": {"$ref": _REF.format(name="JobEvent")}}},
+            },
+            "responses": {
+                "2XX": {"description": "Delivered."},
+                "410": {"description": "Gone: not sent again."},
+                "default": {"description": "Tried again later, up to [webhooks] "
+                            "max_attempts and max_age."},
+            },
+        }
+    }
+}
 
 
 def _nullable_member(schema: dict[str, Any]) -> dict[str, Any]:
@@ -182,6 +228,7 @@ def openapi_document(
         # that tools that want an entry find one.
         "servers": [{"url": "/", "description": "This daemon, where this document was served."}],
         "paths": paths,
+        "webhooks": copy.deepcopy(WEBHOOKS),
         "components": {
             "securitySchemes": {
                 "bearer": {

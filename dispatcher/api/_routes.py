@@ -288,7 +288,9 @@ _SUBMISSION_400 = (
     "arrays whose members would store more than [dispatcher] max_stored_bytes "
     "(array{batch_total}); depends_on that makes the request's jobs depend on more "
     "than {links} jobs in all, an array counting as its members "
-    "(depends_on[i], the entry that went past)"
+    "(depends_on[i], the entry that went past); notify while the dispatcher has no "
+    "[webhooks] secret_file (notify), or whose URL names no host or port, or "
+    "gives an address the fetch policy refuses (notify.url)"
 )
 
 

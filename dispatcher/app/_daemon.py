@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import os
 import socket
 from typing import Any, Callable, Iterator, Optional
@@ -18,6 +19,7 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.web.client import HTTPConnectionPool
 
 from dispatcher.api._handlers import DispatcherAPI
 from dispatcher.app._exposure import OpenToTheNetwork, check_exposure
@@ -41,6 +43,9 @@ from dispatcher.store._credentials import (
 from dispatcher.config._ini import Config
 from dispatcher.core._dispatcher import Dispatcher
 from dispatcher.core._retention import RetentionPolicy
+from dispatcher.core._webhooks import DeliveryRules, WebhookDeliveries, notify_url_refusal
+from dispatcher.execution._fetch_policy import FetchPolicy
+from dispatcher.execution._http_client import input_http_client
 from dispatcher.execution._host import JobHost
 from dispatcher.http._protocol import HTTPFactory
 from dispatcher.execution._process import kill_group_if_ours
@@ -85,7 +90,9 @@ EXPLAINED = (CannotStart, OpenToTheNetwork, StoreUnusable, UnsafeSecret)
 class DaemonService(MultiService):
     """
     A whole dispatcher: store, executor, spawner, input stager and the HTTP
-    API, started in that order and stopped in reverse.  The API's port is
+    API, started in that order and stopped in reverse; and, with a
+    C{[webhooks] secret_file}, the webhook deliveries, started once the
+    API listens and stopped first.  The API's port is
     bound first, after the data directory's lock, so that a daemon that
     cannot serve takes up none of the last run's jobs; it accepts
     connections only once the store is open and the previous run's
@@ -181,6 +188,7 @@ class DaemonService(MultiService):
             fixed.append((Principal("workers-token-file", Role.WORKER), config.workers.token))
         self.credentials = CredentialFile(data_dir, fixed)
         self._data_dir = data_dir
+        self.webhooks = self._webhooks(reactor, config)
         # Keyed at start, before the API accepts a request.
         self.lease_tokens = LeaseTokens()
         workers = WorkerEndpoints(
@@ -209,6 +217,9 @@ class DaemonService(MultiService):
             max_body_bytes=config.server.max_body_bytes,
             allowed_hosts=config.server.allowed_hosts,
             max_log_followers=config.api.max_log_followers,
+            notify_refusal=None
+            if self.webhooks is None
+            else functools.partial(notify_url_refusal, FetchPolicy(config.fetch.allow)),
         )
         descriptors = open_file_limit()[1]
         # From the hard limit: the soft one is raised to it at start.
@@ -239,6 +250,41 @@ class DaemonService(MultiService):
         self._lock_fd: Optional[int] = None
         self.ready: Deferred = Deferred()
         self._starting: Optional[Deferred] = None
+
+    def _webhooks(self, reactor: Any, config: Config) -> Optional[WebhookDeliveries]:
+        """
+        The service that sends jobs' webhooks, started and stopped with the
+        daemon's other services; C{None} without a C{[webhooks]
+        secret_file}, when no job may name C{notify}.  Its deliveries go
+        through a client of their own, with their own connections, only
+        to addresses the fetch policy allows.  It runs on the reactor's
+        time, as staging does: a test clock must not stall a real post.
+        """
+        settings = config.webhooks
+        if settings.secret is None:
+            return None
+        pool = HTTPConnectionPool(reactor, persistent=True)
+        pool.maxPersistentPerHost = settings.concurrency
+        webhooks = WebhookDeliveries(
+            self.store,
+            input_http_client(
+                reactor, pool, FetchPolicy(config.fetch.allow), purpose="webhook"
+            ),
+            pool,
+            reactor,
+            settings.secret.encode("utf-8"),
+            DeliveryRules(
+                concurrency=settings.concurrency,
+                timeout=settings.timeout,
+                retry_delay=settings.retry_delay,
+                max_delay=settings.max_delay,
+                max_attempts=settings.max_attempts,
+                max_age=settings.max_age,
+                poll_interval=settings.poll_interval,
+            ),
+        )
+        webhooks.setServiceParent(self)
+        return webhooks
 
     def startService(self) -> None:
         Service.startService(self)
@@ -429,6 +475,7 @@ class DaemonService(MultiService):
         for path, what in (
             (config.api.token_file, "[api] token_file"),
             (config.workers.token_file, "[workers] token_file"),
+            (config.webhooks.secret_file, "[webhooks] secret_file"),
             (os.path.join(self._data_dir, CREDENTIALS_NAME), "the credentials"),
             (os.path.join(self._data_dir, ADMIN_TOKEN_NAME), "the first admin token"),
             (os.path.join(self._data_dir, LEASE_KEY_NAME), "the lease token key"),

@@ -275,6 +275,30 @@ class ApiConfig:
 
 
 @attrs.frozen
+class WebhooksConfig:
+    """
+    C{[webhooks]}: the secret a job's webhook deliveries are signed with
+    (read from C{secret_file}; without one, a job may not name
+    C{notify}), and how they are sent: at most C{concurrency} at once,
+    each given C{timeout} seconds; one that fails is tried again after
+    C{retry_delay} seconds, doubled at each failure up to C{max_delay}
+    (each wait drawn between half and one and a half times that), and
+    given up after C{max_attempts} tries or C{max_age} seconds after its
+    change; the outbox is read every C{poll_interval} seconds.
+    """
+
+    secret_file: Optional[str] = None
+    secret: Optional[str] = attrs.field(default=None, repr=False)
+    concurrency: int = 8
+    timeout: float = 10.0
+    retry_delay: float = 10.0
+    max_delay: float = 3600.0
+    max_attempts: int = 12
+    max_age: float = 86400.0
+    poll_interval: float = 1.0
+
+
+@attrs.frozen
 class RetentionConfig:
     """
     C{[retention]}: how long finished jobs (with their attempts, logs and
@@ -427,6 +451,7 @@ class Config:
     workers: WorkersConfig = WorkersConfig()
     api: ApiConfig = ApiConfig()
     retention: RetentionConfig = RetentionConfig()
+    webhooks: WebhooksConfig = WebhooksConfig()
     tasks: Mapping[str, TaskRef] = attrs.field(factory=dict)
     queues: Mapping[str, QueueConfig] = attrs.field(
         factory=lambda: {"default": QueueConfig("default")}
@@ -622,22 +647,23 @@ def _token_file(text: str) -> Optional[str]:
     return text.strip() or None
 
 
-def read_token(path: str) -> str:
+def read_token(path: str, what: str = "token") -> str:
     """
-    The bearer token in the file at C{path} (surrounding white space
-    stripped); C{ValueError} saying why it cannot serve as one.
+    The bearer token (or, as C{what} says, another secret) in the file at
+    C{path} (surrounding white space stripped); C{ValueError} saying why
+    it cannot serve as one.
     """
     try:
         with open(path, encoding="utf-8") as f:
             token = f.read().strip()
     except OSError as e:
-        raise ValueError(f"cannot read the token file: {e.strerror}")
+        raise ValueError(f"cannot read the {what} file: {e.strerror}")
     except UnicodeDecodeError:
-        raise ValueError("the token file is not UTF-8 text")
+        raise ValueError(f"the {what} file is not UTF-8 text")
     if len(token) < 16:
-        raise ValueError("the token file must hold a token of at least 16 characters")
+        raise ValueError(f"the {what} file must hold a {what} of at least 16 characters")
     if any(c.isspace() for c in token):
-        raise ValueError("the token must not contain white space")
+        raise ValueError(f"the {what} must not contain white space")
     return token
 
 
@@ -781,6 +807,19 @@ _SECTIONS: Mapping[str, tuple[type, Mapping[str, Callable[[str], Any]]]] = {
         },
     ),
     "retention": (RetentionConfig, {"finished_days": _days, "finished_count": _count}),
+    "webhooks": (
+        WebhooksConfig,
+        {
+            "secret_file": _token_file,
+            "concurrency": _integer(1),
+            "timeout": _seconds(0, above=True),
+            "retry_delay": _seconds(0, above=True),
+            "max_delay": _seconds(0, above=True),
+            "max_attempts": _integer(1),
+            "max_age": _seconds(0, above=True),
+            "poll_interval": _seconds(0, above=True),
+        },
+    ),
 }
 
 def _optional(parse: Callable[[str], Any]) -> Callable[[str], Any]:
@@ -967,6 +1006,11 @@ def parse_config(text: str, path: str = "<string>") -> Config:
                 fields["token"] = read_token(fields["token_file"])
             except ValueError as e:
                 raise fail(section, "token_file", fields["token_file"], str(e))
+        if fields.get("secret_file"):
+            try:
+                fields["secret"] = read_token(fields["secret_file"], "secret")
+            except ValueError as e:
+                raise fail(section, "secret_file", fields["secret_file"], str(e))
         values[section] = kind(**fields)
         if section == "workers":
             _check_fence_margin(values[section], parser, fail)

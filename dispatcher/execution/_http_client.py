@@ -188,7 +188,9 @@ class _PolicedReceiver:
         host: str,
         refused: list[Refusal],
         passed: list[Any],
+        purpose: str = "input",
     ) -> None:
+        self._purpose = purpose
         self._receiver = receiver
         self._policy = policy
         self._host = host
@@ -206,8 +208,9 @@ class _PolicedReceiver:
             return
         if refusal is not None:
             log.info(
-                "not connecting to {address} for the input host {host}: {what}",
+                "not connecting to {address} for the {purpose} host {host}: {what}",
                 address=address.host,
+                purpose=self._purpose,
                 host=self._host,
                 what=refusal.what,
             )
@@ -226,7 +229,11 @@ class _PolicedResolver:
     A resolver that gives only the addresses the policy allows.
     """
 
-    def __init__(self, resolver: Any, policy: FetchPolicy, refused: list, passed: list) -> None:
+    def __init__(
+        self, resolver: Any, policy: FetchPolicy, refused: list, passed: list,
+        purpose: str = "input",
+    ) -> None:
+        self._purpose = purpose
         self._resolver = resolver
         self._policy = policy
         self._refused = refused
@@ -241,7 +248,8 @@ class _PolicedResolver:
         transportSemantics: str = "TCP",
     ) -> Any:
         receiver = _PolicedReceiver(
-            resolutionReceiver, self._policy, _shown_host(hostName), self._refused, self._passed
+            resolutionReceiver, self._policy, _shown_host(hostName), self._refused, self._passed,
+            self._purpose,
         )
         return self._resolver.resolveHostName(
             receiver, hostName, portNumber, addressTypes, transportSemantics
@@ -275,8 +283,10 @@ class _PolicedEndpoint:
     """
 
     def __init__(
-        self, reactor: Any, resolver: Any, policy: FetchPolicy, host: str, port: int
+        self, reactor: Any, resolver: Any, policy: FetchPolicy, host: str, port: int,
+        purpose: str = "input",
     ) -> None:
+        self._purpose = purpose
         self._reactor = reactor
         self._resolver = resolver
         self._policy = policy
@@ -294,7 +304,9 @@ class _PolicedEndpoint:
             return fail(CredentialsInURL())
         refused: list[Refusal] = []
         passed: list[Any] = []
-        resolver = _PolicedResolver(self._resolver, self._policy, refused, passed)
+        resolver = _PolicedResolver(
+            self._resolver, self._policy, refused, passed, self._purpose
+        )
         endpoint = HostnameEndpoint(
             _ResolvingReactor(self._reactor, resolver), self._host, self._port
         )
@@ -328,17 +340,23 @@ class PolicedEndpointFactory(QuietEndpointFactory):
     @param policy: the L{FetchPolicy}.
     @param resolver: the C{IHostnameResolver} names are resolved with; the
         reactor's by default.
+    @param purpose: what the connections are for, as a log line of a
+        refused address says it (C{"input"}, C{"webhook"}).
     """
 
     def __init__(
-        self, reactor: Any, policy: FetchPolicy, resolver: Optional[Any] = None
+        self, reactor: Any, policy: FetchPolicy, resolver: Optional[Any] = None,
+        purpose: str = "input",
     ) -> None:
         super().__init__(reactor)
+        self._purpose = purpose
         self._policy = policy
         self._resolver = resolver if resolver is not None else reactor.nameResolver
 
     def _tcp_endpoint(self, host: str, port: int) -> Any:
-        return _PolicedEndpoint(self._reactor, self._resolver, self._policy, host, port)
+        return _PolicedEndpoint(
+            self._reactor, self._resolver, self._policy, host, port, self._purpose
+        )
 
 
 def input_http_client(
@@ -346,6 +364,7 @@ def input_http_client(
     pool: HTTPConnectionPool,
     policy: FetchPolicy,
     resolver: Optional[Any] = None,
+    purpose: str = "input",
 ) -> HTTPClient:
     """
     The treq L{HTTPClient} inputs are fetched with: its connections come
@@ -355,6 +374,8 @@ def input_http_client(
 
     @param resolver: the C{IHostnameResolver} names are resolved with; the
         reactor's by default.
+    @param purpose: what the connections are for, as the log says
+        (webhooks are posted through such a client too).
     """
-    factory = PolicedEndpointFactory(reactor, policy, resolver)
+    factory = PolicedEndpointFactory(reactor, policy, resolver, purpose)
     return HTTPClient(Agent.usingEndpointFactory(reactor, factory, pool))

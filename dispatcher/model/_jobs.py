@@ -185,6 +185,19 @@ NO_RESOURCES = Resources()
 
 
 @attrs.frozen
+class Notify:
+    """
+    Where a job's changes of state are posted (a webhook), and which of
+    its states are: by default the final ones.  The URL is an http(s) URL
+    without credentials, checked against the address policy where it comes
+    in and again where it is sent.
+    """
+
+    url: str
+    events: frozenset[JobState] = FINAL_STATES
+
+
+@attrs.frozen
 class JobSpec:
     """
     What a client asked for: a command (argv) or a task name with its
@@ -213,6 +226,7 @@ class JobSpec:
     requirements: Mapping[str, str] = attrs.field(factory=dict)
     # The batch (POST /v1/jobs/batch) it was submitted in, if any.
     batch_id: Optional[str] = None
+    notify: Optional[Notify] = None
 
     @property
     def kind(self) -> str:

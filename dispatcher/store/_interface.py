@@ -40,6 +40,12 @@ class IJobStore(Interface):
     state it changed, for the event stream, and C{wake_at} the earliest
     time a pending job it made or freed becomes due, for the dispatcher's
     timer.
+
+    A job whose spec names C{notify} has a webhook delivery (a
+    L{Delivery}) written in the same transaction as each change of its
+    state to one of C{notify.events}, its making included, whatever write
+    makes the change: committed with the change, never without it.  Its
+    deliveries are removed with the job.
     """
 
     queue_limits = Attribute(
@@ -406,6 +412,24 @@ class IJobStore(Interface):
         Give at most C{limit} bytes of free space back to the file system
         (if L{StoreSpace.can_shrink}); fires with a L{Written} whose value
         is the free bytes left.
+        """
+
+    def due_deliveries(now, limit):
+        """
+        Fire with at most C{limit} webhook deliveries (L{Delivery}) due at
+        C{now}: those never tried, then those whose retry is due, the
+        longest due first; among the never tried, in the order they were
+        made.
+        """
+
+    def record_deliveries(done, later):
+        """
+        Record what became of deliveries tried: each id of C{done}
+        (delivered, or given up) is removed; each C{(id, due)} of C{later}
+        has one more try counted and is due again at C{due}.  An id no
+        longer stored (its job was removed) is passed over.  Not durable
+        at once: a power cut within the sync interval may have a delivery
+        sent again.  Fires with a L{Written}.
         """
 
     def recover(holder, now):

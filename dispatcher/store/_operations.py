@@ -11,7 +11,8 @@ L{dispatcher.store._submissions}, claims, ends and the other changes of
 an attempt in L{dispatcher.store._leases}, what a job waits for in
 L{dispatcher.store._waits}, removals of finished jobs in
 L{dispatcher.store._removal}, the cancel and the retry of a whole array or
-batch in L{dispatcher.store._groups}; cancels, retries, promotions and the purge of
+batch in L{dispatcher.store._groups}, what became of webhook deliveries in
+L{dispatcher.store._deliveries}; cancels, retries, promotions and the purge of
 idempotency keys are here.
 """
 
@@ -27,6 +28,7 @@ import attrs
 from dispatcher.model._jobs import InvalidTransition, JobState, Lease, UnknownJob
 from dispatcher.store._counts import OwnerCounts
 from dispatcher.store._groups import cancel_group, retry_group
+from dispatcher.store._deliveries import record_deliveries
 from dispatcher.store._leases import (
     claim,
     finish,
@@ -56,6 +58,7 @@ from dispatcher.store._writes import (
     MarkRunning,
     PromoteDue,
     PurgeIdempotency,
+    RecordDeliveries,
     RecordProcess,
     Recover,
     Release,
@@ -273,6 +276,7 @@ OPERATIONS: Mapping[type, Callable[..., Any]] = {
     Recover: recover,
     CancelGroup: cancel_group,
     RetryGroup: retry_group,
+    RecordDeliveries: record_deliveries,
 }
 
 

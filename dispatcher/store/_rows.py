@@ -27,6 +27,8 @@ from dispatcher.store._stored import (
     encode_stored,
     limits_from_stored,
     log_cut_from_stored,
+    notify_from_stored,
+    notify_to_stored,
     spec_from_stored,
     spec_to_stored,
 )
@@ -76,6 +78,8 @@ _NAMES: dict[str, Any] = {
     "decode_stored": decode_stored,
     "encode_stored": encode_stored,
     "spec_to_stored": spec_to_stored,
+    "notify_to_stored": notify_to_stored,
+    "notify_from_stored": notify_from_stored,
 }
 
 
@@ -109,6 +113,15 @@ JOB_COLUMNS: tuple[Column, ...] = (
     Column("array_id", SPEC),
     Column("array_index", SPEC),
     Column("batch_id", SPEC),
+    # Its webhook (store/_stored.py): read by the triggers that write its
+    # deliveries (store/_schema.py).  Last of the spec's columns, which
+    # are read as one run.
+    Column(
+        "notify",
+        SPEC,
+        to_stored="(None if {0} is None else notify_to_stored({0}))",
+        from_stored="(None if {0} is None else notify_from_stored({0}))",
+    ),
     Column("created_at", JOB),
     Column("started_at", JOB, inserted=False),
     Column("finished_at", JOB),

@@ -64,6 +64,7 @@ from dispatcher.store._mark import (
     quick_check,
     start_marking,
 )
+from dispatcher.store._deliveries import due_deliveries
 from dispatcher.store._removal import space, windows_in_use
 from dispatcher.store._results import (
     Claimed,
@@ -532,3 +533,21 @@ class SQLiteJobStore:
 
     def recover(self, holder: str, now: float) -> Deferred:
         return self._write(writes.Recover(holder, now))
+
+    # The webhook outbox
+
+    def due_deliveries(self, now: float, limit: int) -> Deferred:
+        """
+        Fire with at most C{limit} webhook deliveries due at C{now}: see
+        L{IJobStore.due_deliveries}.
+        """
+        return self._read(due_deliveries, now, limit)
+
+    def record_deliveries(
+        self, done: Sequence[int], later: Sequence[tuple[int, float]]
+    ) -> Deferred:
+        """
+        Record what became of tried deliveries: see
+        L{IJobStore.record_deliveries}.
+        """
+        return self._write(writes.RecordDeliveries(tuple(done), tuple(later)))

@@ -4,7 +4,8 @@ text a JSON value is stored as (L{encode_stored}) and how it is read back
 (L{decode_stored}); a spec's fields that have no column
 (L{spec_to_stored}, L{spec_from_stored}) and the texts of L{PlainJobs}
 (L{plain_stored}); an attempt's limits and the streams of its log that
-were cut (L{limits_to_stored}, L{log_cut_to_stored}); and the digest of
+were cut (L{limits_to_stored}, L{log_cut_to_stored}); a job's webhook
+(L{notify_to_stored}); and the digest of
 a request an idempotency key is remembered with (L{request_digest}).
 
 The API's forms are the wire package's; this one is the store's own, so a
@@ -27,7 +28,9 @@ from dispatcher.model._jobs import (
     NO_RESOURCES,
     InputSpec,
     JobSpec,
+    JobState,
     Limits,
+    Notify,
     PlainJobs,
     Resources,
 )
@@ -114,6 +117,29 @@ def log_cut_from_stored(text: Optional[str]) -> tuple[str, ...]:
     The streams of L{log_cut_to_stored}'s text.
     """
     return tuple(text.split(",")) if text else ()
+
+
+def notify_to_stored(notify: Notify) -> str:
+    """
+    The text a job's L{Notify} is kept as in its C{notify} column: its
+    states between commas (sorted), a space, and the URL:
+    C{",failed,succeeded, https://example.com/hook"}.  Plain text, not
+    JSON, so that the store's triggers (L{dispatcher.store._schema}, which
+    write the deliveries) read it without SQLite's JSON functions: a state
+    is named when C{",STATE,"} is found before the first space, and the URL
+    is what follows it (the states hold no space).
+    """
+    states = ",".join(sorted(state.value for state in notify.events))
+    return f",{states}, {notify.url}"
+
+
+@functools.lru_cache(maxsize=256)
+def notify_from_stored(text: str) -> Notify:
+    """
+    The L{Notify} of L{notify_to_stored}'s text.
+    """
+    states, _, url = text.partition(" ")
+    return Notify(url, frozenset(JobState(s) for s in states.split(",") if s))
 
 
 def request_digest(path: str, value: Any) -> str:

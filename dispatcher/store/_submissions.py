@@ -33,6 +33,7 @@ from dispatcher.store._results import (
     Written,
 )
 from dispatcher.store._rows import INSERTED_COLUMNS, new_job
+from dispatcher.store._schema import install_webhook_triggers
 from dispatcher.store._stored import decode_stored, encode_stored
 from dispatcher.store._waits import QUEUED_REASON, resolve_dependencies, waiting
 from dispatcher.store._writer import Replay
@@ -235,6 +236,7 @@ def submit(
     if replayed is not None:
         return replayed
     check_unfinished(writer, owner, len(specs), max_unfinished)
+    _watch(conn, specs)
     changed: list[tuple[str, JobState]] = []
     in_batch: dict[str, JobState] = {}
     jobs: list[Job] = []
@@ -370,6 +372,7 @@ def submit_together(
             seq += len(ids)
             continue
         specs = write.specs  # type: ignore[union-attr]
+        _watch(conn, specs)
         owner = write.owner
         changed = []
         jobs = []
@@ -392,6 +395,18 @@ def submit_together(
     if label_rows:
         conn.executemany(_INSERT_LABEL, label_rows)
     return written
+
+
+def _watch(conn: sqlite3.Connection, specs: Sequence[JobSpec]) -> None:
+    """
+    Make the triggers that write webhook deliveries, if a job of C{specs}
+    names notify (L{install_webhook_triggers}): before its row is
+    inserted.
+    """
+    for spec in specs:
+        if spec.notify is not None:
+            install_webhook_triggers(conn)
+            return
 
 
 def _replayed(

@@ -208,6 +208,17 @@ class Shrink(NamedTuple):
     limit: int
 
 
+class RecordDeliveries(NamedTuple):
+    """
+    What the delivery service did with the webhook deliveries it tried:
+    the ids C{done} (delivered, or given up) go; each of C{later} (an id
+    and when it is due again) has one more try counted.
+    """
+
+    done: Sequence[int]
+    later: Sequence[tuple[int, float]]
+
+
 class Recover(NamedTuple):
     """
     Record the attempts a holder left running as lost.
@@ -247,13 +258,14 @@ class RetryGroup(NamedTuple):
 # The writes a client is told are done (submissions, cancels, retries, a
 # removal asked for): their commit syncs to the disk before they are
 # answered.  The others change run state alone (or remove what retention
-# removes: undone by a power cut, it is removed again), and may reach the
-# disk within the store's sync interval.
+# removes: undone by a power cut, it is removed again; or record webhook
+# deliveries: undone, a delivery is sent again, which its receiver tells
+# by its id), and may reach the disk within the store's sync interval.
 DURABLE = frozenset({Submit, SubmitPlain, Cancel, Retry, Remove, CancelGroup, RetryGroup})
 
 # Any of the commands.
 Write = Union[
     Submit, SubmitPlain, Claim, ResumeLeases, RecordProcess, MarkRunning, Finish, Release,
     Cancel, Retry, PromoteDue, PurgeIdempotency, RemoveFinished, Remove, Shrink,
-    Recover, CancelGroup, RetryGroup,
+    Recover, CancelGroup, RetryGroup, RecordDeliveries,
 ]

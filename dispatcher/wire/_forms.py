@@ -2,7 +2,7 @@
 The API's forms of the model's values: a job as the API shows it, a lease
 as a worker gets it, the verdict on a worker's heartbeat or report item, a
 worker as C{GET /v1/workers} shows it, resources as a worker's description
-shows them.  The model has no JSON; these functions are the one place its
+shows them, a webhook delivery as it is posted.  The model has no JSON; these functions are the one place its
 values meet the wire types of L{dispatcher.wire._types}.  (What the store
 keeps is the store's own form, L{dispatcher.store._stored}.)
 """
@@ -20,16 +20,20 @@ from dispatcher.model._jobs import (
     InputSpec,
     Job,
     JobSpec,
+    JobState,
     Lease,
     Resources,
     format_time,
 )
+from dispatcher.model._deliveries import Delivery
 from dispatcher.model._jobs import Limits as ModelLimits
+from dispatcher.model._jobs import Notify as ModelNotify
 from dispatcher.model._workers import ConnectedWorker, LeaseEnd, LeaseVerdict
 from dispatcher.wire._types import (
     AttemptView,
     FreeCapacity,
     InputView,
+    JobEvent,
     JobGroup,
     JobSummary,
     JobView,
@@ -37,6 +41,7 @@ from dispatcher.wire._types import (
     LeaseSpec,
     LeaseStatus,
     Limits,
+    Notify,
     ResourcesView,
     WorkerView,
 )
@@ -151,7 +156,38 @@ def job_view(job: Job) -> JobView:
         view.resources = ResourcesView(resources.cpus, resources.memory_mb, resources.gpus)
     if spec.requirements:
         view.requirements = dict(spec.requirements)
+    if spec.notify is not None:
+        view.notify = notify_view(spec.notify)
     return view
+
+
+def notify_view(notify: ModelNotify) -> Notify:
+    """
+    A job's webhook as the API shows it: its states in the order the job
+    states are declared.
+    """
+    return Notify(notify.url, [state for state in JobState if state in notify.events])
+
+
+def job_event(delivery: Delivery) -> JobEvent:
+    """
+    The L{JobEvent} a webhook delivery posts.
+    """
+    return JobEvent(
+        delivery.id,
+        format_time(delivery.at),
+        delivery.job_id,
+        delivery.state,
+        delivery.previous,
+        delivery.owner,
+        delivery.queue,
+        delivery.name,
+        delivery.array_id,
+        delivery.batch_id,
+        delivery.attempt,
+        delivery.exit_code,
+        delivery.error,
+    )
 
 
 def job_summary(job: Job) -> JobSummary:

@@ -33,7 +33,7 @@ import msgspec
 import orjson
 from msgspec import UNSET
 
-from dispatcher.model._jobs import InputSpec, JobSpec, PlainJobs, Resources
+from dispatcher.model._jobs import InputSpec, JobSpec, Notify, PlainJobs, Resources
 from dispatcher.model._values import UnservableValue, storable
 from dispatcher.wire._types import (
     MAX_NESTING,
@@ -640,6 +640,10 @@ def _job_fields(body: JobSubmission, tasks: Mapping[str, Any], prefix: str = "")
         spec["resources"] = Resources(float(r.cpus), r.memory_mb, r.gpus)
     if body.requirements:
         spec["requirements"] = body.requirements
+    if body.notify is not None:
+        # Whether the dispatcher may send it (a secret, the address
+        # policy) is the API's to say (it knows the configuration).
+        spec["notify"] = Notify(body.notify.url, frozenset(body.notify.events))
     return spec
 
 

@@ -33,7 +33,7 @@ import attrs
 import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType
 
-from dispatcher.model._jobs import NO_RESOURCES, JobSpec, JobState
+from dispatcher.model._jobs import FINAL_STATES, NO_RESOURCES, JobSpec, JobState
 from dispatcher.model._limits import MAX_RESULT_BYTES
 # How deep a task's arguments (and its result) may nest arrays and
 # objects is the model's rule, which a task's result is checked against
@@ -91,6 +91,8 @@ MAX_STATE_FILTERS = 16
 # An attempt's number (they grow across retries, without a bound of their
 # own): a stored SQLite INTEGER, as a cursor is.
 MAX_ATTEMPT_NUMBER = 2**63 - 1
+# The longest URL a job's notify may name.
+MAX_URL = 2048
 # How many label= filters one list of jobs may give: each is a lookup in
 # the labels table, and 900 of them took 2.7 s a query (six at once held
 # every store reader, and GET /v1/queues waited 7 s).
@@ -127,7 +129,7 @@ PATTERN_MESSAGES = {
     ENV_NAME: "not a valid environment variable name",
     IDENTIFIER: "not a valid Python argument name (ASCII letters, digits, _)",
     HTTP_URL: "only http:// and https:// URLs without credentials (user:password@) "
-    "can be fetched",
+    "are allowed",
     SHA256: "expected 64 hexadecimal digits",
     INPUT_PATH: "must be a relative path (no leading /) naming a file (not ending "
     "in /), with no '..' part",
@@ -248,6 +250,44 @@ TaskKwargs = Annotated[
 TaskName = Annotated[str, Meta(min_length=1, pattern=NO_NUL, description="A name from [tasks].")]
 
 
+# The states a job's webhook is told of when it names none: the final ones,
+# in the order the job states are declared.
+DEFAULT_NOTIFY_EVENTS = [state for state in JobState if state in FINAL_STATES]
+
+
+class Notify(_In):
+    """
+    A job's webhook: each change of the job's state to one of C{events} is
+    posted to C{url} as JSON (a L{JobEvent}), signed with the dispatcher's
+    secret (docs/webhooks.md).
+    """
+
+    url: Annotated[
+        str,
+        Meta(
+            min_length=1,
+            max_length=MAX_URL,
+            pattern=HTTP_URL,
+            description="An http:// or https:// URL without credentials, posted "
+            "to from the dispatcher's host; an address the fetch policy refuses "
+            "(loopback, private, link-local networks and the like, unless "
+            "[fetch] allow names them) is refused with a 400 naming notify.url "
+            "when the URL gives it, and never connected to when its name "
+            "resolves to it; so is a URL that names no host, or a port "
+            "beyond 65535 (not expressible in JSON Schema).",
+        ),
+    ]
+    events: Annotated[
+        list[JobState],
+        Meta(
+            min_length=1,
+            max_length=len(JobState),
+            description="The states whose reaching is posted; by default the "
+            "final ones: succeeded, failed, cancelled.",
+        ),
+    ] = msgspec.field(default_factory=lambda: list(DEFAULT_NOTIFY_EVENTS))
+
+
 class JobSubmission(_In):
     """
     One job as a client submits it: exactly one of C{command} or C{task},
@@ -313,6 +353,12 @@ class JobSubmission(_In):
                             "the job's JSON as submitted (compact, every field; not "
                             "expressible in JSON Schema, refused with a 400 naming "
                             "array, or jobs for a batch's total).")]
+    ] = None
+    notify: Annotated[
+        Optional[Notify],
+        Meta(description="A webhook: where to post the job's changes of state. "
+             "Refused with a 400 naming notify while the dispatcher has no "
+             "[webhooks] secret_file to sign them with."),
     ] = None
 
 
@@ -513,6 +559,7 @@ class JobView(_Out):
         )
     )
     requirements: dict[str, str] = msgspec.field(default_factory=dict)
+    notify: Optional[Notify] = None
 
 
 class JobSummary(_Out, omit_defaults=True):
@@ -658,6 +705,36 @@ class QueueList(_Out):
     """
 
     queues: dict[str, QueueView]
+
+
+class JobEvent(_Out):
+    """
+    A change of a job's state, as committed: what a webhook is posted
+    (and the C{job} event's data).
+    """
+
+    id: Annotated[
+        int,
+        Meta(ge=1, description="The event's own number, increasing; a webhook's "
+             "Dispatcher-Event-Id, the same for each try of one delivery."),
+    ]
+    at: Annotated[Time, Meta(description="When the change was committed.")]
+    job_id: str
+    state: JobState
+    previous: Annotated[
+        Optional[JobState], Meta(description="The state before; null: the job was made.")
+    ]
+    owner: Optional[str]
+    queue: str
+    name: Optional[str]
+    array_id: Optional[str]
+    batch_id: Optional[str]
+    attempt: Annotated[
+        Optional[int],
+        Meta(description="The number of the job's latest attempt; null: none yet."),
+    ]
+    exit_code: Optional[int]
+    error: Optional[str]
 
 
 class ErrorDetail(_Out, omit_defaults=True):
