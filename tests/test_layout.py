@@ -27,7 +27,9 @@ ALLOWED = {
     "http": {"wire"},
     "api": {"model", "config", "wire", "store"},
     "workers": {"model", "config", "wire", "execution"},
-    "app": {"model", "config", "wire", "store", "execution", "core", "http", "api", "workers"},
+    "cli": {"model", "wire", "client"},
+    "app": {"model", "config", "wire", "store", "execution", "core", "http", "api", "workers",
+            "cli"},
 }
 
 SHARED = {"_deferreds", "_threads", "_throttle"}

@@ -1,0 +1,108 @@
+"""
+Where the commands find their dispatcher and their credential, and how a
+failure to reach it or a refusal becomes the one line a person reads.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import attrs
+
+DEFAULT_URL = "http://127.0.0.1:8080"
+
+
+@attrs.define
+class Settings:
+    """
+    What every API command is told: where the dispatcher is, the file
+    holding the credential, and whether to answer in JSON.  Given to the
+    group (C{dispatcher --url U ls}) or to the command (C{dispatcher ls
+    --url U}); the command's wins.
+    """
+
+    url: Optional[str] = None
+    token_file: Optional[str] = None
+    json: bool = False
+
+    def where(self) -> str:
+        """
+        The URL the client will reach, as the client chooses it: C{--url},
+        else C{DISPATCHER_URL}, else the default.
+        """
+        return self.url or os.environ.get("DISPATCHER_URL") or DEFAULT_URL
+
+
+class CommandFailed(Exception):
+    """
+    A command that could not do what it was asked: the message is the one
+    line it prints on stderr before it exits 1.
+    """
+
+
+def read_token_file(path: str) -> str:
+    """
+    The token in C{path} (its first line, without spaces).
+
+    @raise CommandFailed: the file cannot be read, or is empty.
+    """
+    try:
+        with open(path) as f:
+            token = f.read().strip()
+    except OSError as e:
+        raise CommandFailed(f"--token-file {path}: cannot read it: {e.strerror}") from None
+    if not token:
+        raise CommandFailed(f"--token-file {path}: the file is empty")
+    return token
+
+
+def connect(settings: Settings) -> Any:
+    """
+    A blocking L{dispatcher.client.Client} for C{settings}: the token of
+    C{--token-file} when one is given, else the client's own choice
+    (C{DISPATCHER_TOKEN}, C{DISPATCHER_TOKEN_FILE}, C{./var/admin.token}).
+    """
+    from dispatcher.client import Client
+
+    token = read_token_file(settings.token_file) if settings.token_file else None
+    return Client(settings.where(), token)
+
+
+def explain(error: BaseException, settings: Settings) -> Optional[str]:
+    """
+    The one line that says what went wrong in C{error}, or C{None} for an
+    exception that is no failure of the dispatcher or of reaching it (a
+    defect, to be shown whole).
+    """
+    import httpx
+
+    from dispatcher.client import DispatcherError
+
+    if isinstance(error, DispatcherError):
+        status = getattr(error, "status", None)
+        code = getattr(error, "code", None)
+        field = getattr(error, "field", None)
+        message = getattr(error, "message", None) or str(error)
+        if status is None:
+            return message
+        text = f"{message} ({status} {code}"
+        if field:
+            text += f", field {field}"
+        text += ")"
+        if status == 401:
+            text += ("; give a credential: --token-file FILE, DISPATCHER_TOKEN or "
+                     "DISPATCHER_TOKEN_FILE")
+        retry_after = getattr(error, "retry_after", None)
+        if retry_after:
+            text += f"; try again in {retry_after} s"
+        return text
+    if isinstance(error, httpx.TimeoutException):
+        return f"the dispatcher at {settings.where()} did not answer in time"
+    if isinstance(error, httpx.TransportError):
+        reason = str(error) or type(error).__name__
+        return (f"cannot reach the dispatcher at {settings.where()} ({reason}); is it "
+                "running?  (--url or DISPATCHER_URL says where it is)")
+    if isinstance(error, CommandFailed):
+        return str(error)
+    return None
