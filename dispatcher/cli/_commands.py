@@ -108,7 +108,7 @@ def api_command(name: Optional[str] = None, **attrs: Any) -> Callable[..., click
                 ctx.exit(INTERRUPTED)
             except SubmissionError as e:
                 raise click.UsageError(str(e), ctx) from None
-            except click.exceptions.Exit:
+            except (click.exceptions.Exit, click.ClickException):
                 raise
             except Exception as e:
                 line = explain(e, settings)
@@ -208,24 +208,23 @@ def submit(settings: Settings, command: Sequence[str], file_: Optional[str],
       dispatcher submit --file jobs.jsonl
     """
     fields = job_fields(command=command, **options)
-    client = connect(settings)
     if file_ is not None:
         if command or options["task"]:
             raise SubmissionError("--file: the jobs come from the file: no command, no --task")
         jobs, is_batch = read_jobs(file_, _read(file_))
         jobs = [merge(job, fields) for job in jobs]
-        if is_batch:
-            answer = client.submit_batch(jobs)
-            made = render.get(answer, "jobs") or []
-            handle = render.get(answer, "batch_id")
-            kind = "batch"
-        else:
-            answer, handle, kind, made = _submit_one(client, jobs[0])
+    elif command or options["task"]:
+        jobs, is_batch = [fields], False
     else:
-        if not command and not options["task"]:
-            raise SubmissionError(
-                "nothing to run: give a command after '--', --task NAME or --file FILE")
-        answer, handle, kind, made = _submit_one(client, fields)
+        raise SubmissionError(
+            "nothing to run: give a command after '--', --task NAME or --file FILE")
+    client = connect(settings)
+    if is_batch:
+        answer = client.submit_batch(jobs)
+        made = render.get(answer, "jobs") or []
+        handle, kind = render.get(answer, "batch_id"), "batch"
+    else:
+        answer, handle, kind, made = _submit_one(client, jobs[0])
     if not wait_:
         if settings.json:
             render.write_json(answer)

@@ -75,34 +75,26 @@ def explain(error: BaseException, settings: Settings) -> Optional[str]:
     exception that is no failure of the dispatcher or of reaching it (a
     defect, to be shown whole).
     """
-    import httpx
-
     from dispatcher.client import DispatcherError
 
-    if isinstance(error, DispatcherError):
-        status = getattr(error, "status", None)
-        code = getattr(error, "code", None)
-        field = getattr(error, "field", None)
-        message = getattr(error, "message", None) or str(error)
-        if status is None:
-            return message
-        text = f"{message} ({status} {code}"
-        if field:
-            text += f", field {field}"
-        text += ")"
-        if status == 401:
-            text += ("; give a credential: --token-file FILE, DISPATCHER_TOKEN or "
-                     "DISPATCHER_TOKEN_FILE")
-        retry_after = getattr(error, "retry_after", None)
-        if retry_after:
-            text += f"; try again in {retry_after} s"
-        return text
-    if isinstance(error, httpx.TimeoutException):
-        return f"the dispatcher at {settings.where()} did not answer in time"
-    if isinstance(error, httpx.TransportError):
-        reason = str(error) or type(error).__name__
-        return (f"cannot reach the dispatcher at {settings.where()} ({reason}); is it "
-                "running?  (--url or DISPATCHER_URL says where it is)")
     if isinstance(error, CommandFailed):
         return str(error)
-    return None
+    if isinstance(error, OSError):
+        # DISPATCHER_TOKEN_FILE naming a file that cannot be read.
+        return str(error)
+    if not isinstance(error, DispatcherError):
+        return None
+    if error.status is None:
+        reason = error.message.removeprefix(f"{getattr(error, 'url', '')}: ")
+        return (f"cannot reach the dispatcher at {settings.where()} ({reason}); is it "
+                "running?  (--url or DISPATCHER_URL says where it is)")
+    text = f"{error.message} ({error.status} {error.code}"
+    if error.field:
+        text += f", field {error.field}"
+    text += ")"
+    if error.status == 401:
+        text += ("; give a credential: --token-file FILE, DISPATCHER_TOKEN or "
+                 "DISPATCHER_TOKEN_FILE")
+    if error.retry_after:
+        text += f"; try again in {error.retry_after:g} s"
+    return text
