@@ -42,6 +42,7 @@ from dispatcher.wire._types import (
     MAX_LABEL_FILTERS,
     MAX_LIST_LIMIT,
     MAX_OFFSET,
+    MAX_ATTEMPT_NUMBER,
     Batch,
     CredentialCreated,
     CredentialList,
@@ -87,6 +88,7 @@ from dispatcher.wire._submission import (
     plain_jobs,
 )
 from dispatcher.api._workers import WorkerEndpoints, query_integer
+from dispatcher.api._follow import LogFollowers, file_size, read_region
 from dispatcher.api._auth import (
     ANONYMOUS,
     ANONYMOUS_BODY_TOO_LARGE,
@@ -143,6 +145,21 @@ class FileAnswer(Answer):
         self.size = size
 
 
+class FollowAnswer(Answer):
+    """
+    A 200 answer that follows a log as it is written (L{LogFollowers}):
+    C{stream} of C{job}'s attempt C{attempt} (C{None}: the latest, or the
+    first once it starts) from C{offset}.
+    """
+
+    def __init__(self, job: Any, attempt: Optional[int], stream: str, offset: int) -> None:
+        Answer.__init__(self, 200, b"", content_type="text/plain; charset=utf-8")
+        self.job = job
+        self.attempt = attempt
+        self.stream = stream
+        self.offset = offset
+
+
 @implementer(IPushProducer)
 class _FileProducer:
     """
@@ -178,7 +195,7 @@ class _FileProducer:
         self._reading = True
         size = min(self.chunk, self._end - self._offset)
         d = deferToThreadPool(
-            self._reactor, self._pool, _read_region, self._path, self._offset, size
+            self._reactor, self._pool, read_region, self._path, self._offset, size
         )
         d.addCallbacks(self._read, self._failed)
 
@@ -344,6 +361,8 @@ class DispatcherAPI(Resource):
     @param max_body_bytes: C{[server] max_body_bytes}, for the document.
     @param allowed_hosts: C{[server] allowed_hosts} (see L{HostPolicy});
         the address the daemon listens on is added by L{listening_on}.
+    @param max_log_followers: C{[api] max_log_followers}: the most log
+        follows at once (L{LogFollowers}).
     @ivar stopping: whether the daemon is stopping: every new request is
         then answered C{503 shutting_down} (see L{stop_serving}).
     """
@@ -366,6 +385,7 @@ class DispatcherAPI(Resource):
         allowed_hosts: Optional[tuple[str, ...]] = None,
         max_stored_bytes: Optional[int] = None,
         quotas: Optional[Quotas] = None,
+        max_log_followers: int = 4096,
     ) -> None:
         Resource.__init__(self)
         self._hosts = HostPolicy(allowed_hosts)
@@ -387,6 +407,18 @@ class DispatcherAPI(Resource):
         self._disk_trouble = Throttle(reactor)
         self._router = Router()
         self._credentials = credentials
+        # Log follows: their files read on the I/O pool, their ends told
+        # by the job events; a worker's chunks reach them as written.
+        self._followers = LogFollowers(
+            lambda f, *args: deferToThreadPool(reactor, io_pool, f, *args),
+            self._clock,
+            lambda callback: dispatcher.events.subscribe(callback),
+            dispatcher.get,
+            dispatcher.executor.log_path,
+            max_log_followers,
+        )
+        if workers is not None:
+            workers.log_written = self._followers.written
         self._gate = Gate(
             credentials if credentials is not None else CredentialFile(None),
             self._hosts,
@@ -417,9 +449,11 @@ class DispatcherAPI(Resource):
         Answer every request from now on C{503 shutting_down}, and close
         its connection after the answer: the daemon is stopping, and keeps
         listening (so that clients hear why, rather than have their
-        connections refused) until its running jobs are handled.
+        connections refused) until its running jobs are handled.  Log
+        follows end now (L{LogFollowers.stop}).
         """
         self.stopping = True
+        self._followers.stop()
 
     def check_head(self, channel: Any, method: bytes, uri: bytes, headers: Any) -> Any:
         """
@@ -523,6 +557,16 @@ class DispatcherAPI(Resource):
 
     def _write_answer(self, answer: Answer, request: Any) -> None:
         if request.finished or request._disconnected:
+            return
+        if isinstance(answer, FollowAnswer):
+            if request.method == b"HEAD":
+                request.setHeader(b"content-type", answer.content_type.encode("ascii"))
+                request.finish()
+                return
+            self._followers.follow(
+                request, answer.job, answer.attempt, answer.stream, answer.offset,
+                request.principal.name,
+            )
             return
         if isinstance(answer, FileAnswer):
             request.setHeader(b"content-type", answer.content_type.encode("ascii"))
@@ -1013,7 +1057,7 @@ class DispatcherAPI(Resource):
         return Answer(204, b"")
 
     async def read_log(self, request: Any, job_id: str) -> Answer:
-        _only_query(request, "stream", "offset")
+        _only_query(request, "stream", "offset", "attempt", "follow")
         stream = _query(request, "stream") or "stdout"
         if stream not in ("stdout", "stderr"):
             raise ApiError(
@@ -1023,12 +1067,35 @@ class DispatcherAPI(Resource):
             _query(request, "offset") or "0", "offset", 0, MAX_OFFSET,
             f"expected a byte offset from 0 to {MAX_OFFSET}",
         )
+        number = _query(request, "attempt")
+        attempt = None if number is None else query_integer(
+            number, "attempt", 1, MAX_ATTEMPT_NUMBER,
+            f"expected an attempt's number from 1 to {MAX_ATTEMPT_NUMBER}",
+        )
+        follow = _query(request, "follow") or "false"
+        if follow not in ("true", "false"):
+            raise ApiError(400, "invalid_query", "follow: expected true or false", "follow")
+        if follow == "true":
+            # Refused before the job is read: a bound that costs nothing.
+            self._followers.check_room(request.principal.name)
         job = await self._job(request, job_id)
-        path = self._dispatcher.log_path(job, stream)
+        if attempt is not None and not any(a.number == attempt for a in job.attempts):
+            numbers = ", ".join(str(a.number) for a in job.attempts) or "none yet"
+            raise ApiError(
+                404, "not_found",
+                f"attempt: job {job_id} has no attempt {attempt} (its attempts: {numbers})",
+                "attempt",
+            )
+        if follow == "true":
+            return FollowAnswer(job, attempt, stream, offset)
+        if attempt is None and job.attempts:
+            attempt = job.attempts[-1].number
         size = 0
-        if path is not None:
+        path = None
+        if attempt is not None:
+            path = self._followers.log_path(job.id, attempt, stream)
             size = await deferToThreadPool(
-                self._reactor, self._io_pool, _file_size, path
+                self._reactor, self._io_pool, file_size, path
             )
         return FileAnswer(path, offset, max(0, size - offset))
 
@@ -1088,22 +1155,3 @@ async def _transition(job_id: str, change: Awaitable[Any], refusal: str) -> Any:
         raise ApiError(
             409, "conflict", f"job {job_id} is {refusal.format(state=e.source.value)}", "id"
         )
-
-
-def _file_size(path: str) -> int:
-    try:
-        return os.stat(path).st_size
-    except FileNotFoundError:
-        return 0
-
-
-def _read_region(path: str, offset: int, size: int) -> bytes:
-    try:
-        f = open(path, "rb")
-    except FileNotFoundError:
-        # The job was removed meanwhile (DELETE, retention): the answer
-        # ends short, as for a file that shrank.
-        return b""
-    with f:
-        f.seek(offset)
-        return f.read(size)

@@ -25,6 +25,7 @@ from dispatcher.wire._types import (
     MAX_NAME,
     MAX_NESTING,
     MAX_OFFSET,
+    MAX_ATTEMPT_NUMBER,
     LEASE_TOKEN,
     Batch,
     CredentialCreated,
@@ -219,6 +220,12 @@ RETRY_QUOTA_EXCEEDED = Response(
     "too_many_jobs: the jobs coming back would give the job's owner more "
     "unfinished jobs than its quota's max_jobs; nothing changed (field id).",
     headers=_RETRY_AFTER,
+)
+# A log follow over [api] max_log_followers (dispatcher.api._follow).
+FOLLOWERS_FULL = (
+    "the dispatcher serves [api] max_log_followers follows already, or the "
+    "credential a quarter of them; Retry-After says when to try again (or read "
+    "without follow, with offset)."
 )
 NOT_JSON = (
     "unsupported_media_type: the request (with a body or without) does not "
@@ -472,20 +479,44 @@ ROUTES: tuple[Route, ...] = (
     ),
     Route(
         "GET", "/v1/jobs/{id}/log", "readJobLog", "read_log",
-        "The output of the job's latest attempt; works while it runs.", READ,
+        "The output of one attempt of the job (by default its latest); works while "
+        "it runs, and with follow=true streams it as it is written.", READ,
         {
-            200: Response("The text so far.", {"type": "string"}, "text/plain"),
-            404: _NO_SUCH_JOB,
+            200: Response(
+                "The text so far, from offset; with follow=true (Transfer-Encoding: "
+                "chunked) the text as it is written, the answer ending once the "
+                "attempt has ended and its last byte is sent. A follow that ends "
+                "without the last chunk (the connection closed: the daemon stopped, "
+                "the job was removed) did not reach the attempt's end: ask again with "
+                "offset = the bytes received.",
+                {"type": "string"}, "text/plain",
+            ),
+            404: Response(
+                "No such job (or another's, to a submitter); or (field attempt) the "
+                "job has no such attempt."
+            ),
+            503: Response(f"too_many_followers: {FOLLOWERS_FULL} Or {SHUTTING_DOWN}",
+                          headers=_RETRY_AFTER),
         },
         parameters=(
             JOB_ID,
             {"name": "stream", "in": "query",
              "schema": {"enum": ["stdout", "stderr"], "default": "stdout"}},
             {"name": "offset", "in": "query",
-             "description": "Skip this many bytes: poll with the size already read "
-             "to follow a running job.",
+             "description": "Skip this many bytes: the size already read, to go on "
+             "where an earlier answer (or a cut follow) stopped. Past the end: "
+             "nothing (a follow waits for the file to reach it).",
              "schema": {"type": "integer", "minimum": 0, "maximum": MAX_OFFSET,
                         "default": 0}},
+            {"name": "attempt", "in": "query",
+             "description": "The attempt's number (attempts[].number; they grow "
+             "across retries); default the latest. A follow of a job that has no "
+             "attempt yet waits for its first.",
+             "schema": {"type": "integer", "minimum": 1, "maximum": MAX_ATTEMPT_NUMBER}},
+            {"name": "follow", "in": "query",
+             "description": "true: keep the answer open and send the bytes as they "
+             "are written, until the attempt has ended.",
+             "schema": {"type": "boolean", "default": False}},
         ),
     ),
     Route(

@@ -207,6 +207,7 @@ class DaemonService(MultiService):
             authentication_required=config.api.authentication,
             max_body_bytes=config.server.max_body_bytes,
             allowed_hosts=config.server.allowed_hosts,
+            max_log_followers=config.api.max_log_followers,
         )
         descriptors = open_file_limit()[1]
         # From the hard limit: the soft one is raised to it at start.

@@ -265,6 +265,9 @@ class ApiConfig:
     token_file: Optional[str] = None
     token: Optional[str] = attrs.field(default=None, repr=False)
     authentication: bool = True
+    # The most log follows (GET /v1/jobs/{id}/log?follow=true) open at
+    # once; a credential may hold a quarter of them.
+    max_log_followers: int = 4096
 
 
 @attrs.frozen
@@ -737,7 +740,14 @@ _SECTIONS: Mapping[str, tuple[type, Mapping[str, Callable[[str], Any]]]] = {
             "max_names": _integer(1),
         },
     ),
-    "api": (ApiConfig, {"token_file": _token_file, "authentication": _authentication}),
+    "api": (
+        ApiConfig,
+        {
+            "token_file": _token_file,
+            "authentication": _authentication,
+            "max_log_followers": _integer(1),
+        },
+    ),
     "retention": (RetentionConfig, {"finished_days": _days, "finished_count": _count}),
 }
 

@@ -82,6 +82,9 @@ DEFAULT_LIST_LIMIT = 100
 # 400, not an overflow.
 MAX_CURSOR = 2**63 - 1
 MAX_OFFSET = 2**63 - 1
+# An attempt's number (they grow across retries, without a bound of their
+# own): a stored SQLite INTEGER, as a cursor is.
+MAX_ATTEMPT_NUMBER = 2**63 - 1
 # How many label= filters one list of jobs may give: each is a lookup in
 # the labels table, and 900 of them took 2.7 s a query (six at once held
 # every store reader, and GET /v1/queues waited 7 s).
