@@ -231,3 +231,282 @@ def test_the_completion_command_prints_the_shells_script(shell, marker):
     done = run("completion", shell)
     assert done.returncode == 0
     assert marker in done.stdout and "_DISPATCHER_COMPLETE" in done.stdout
+
+
+# Against a real twistd
+
+UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[0-9a-f]{4}-[0-9a-f]{12}$")
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory):
+    """One real `twistd -n dispatcher` for the module's tests, each of which
+    finds its own jobs again by a label or a name of its own."""
+    from .conftest import TEST_TASKS
+
+    workdir = tmp_path_factory.mktemp("cli")
+    daemon = Twistd(str(workdir), "[executor]\nslots = 8\n" + TEST_TASKS)
+    daemon.start()
+    daemon.env = dict(os.environ, PYTHONPATH=ROOT, DISPATCHER_URL=daemon.url,
+                      DISPATCHER_TOKEN_FILE=os.path.join(workdir, "data", "admin.token"),
+                      TERM="xterm", COLUMNS="160", LINES="40")
+    daemon.env.pop("DISPATCHER_TOKEN", None)
+    yield daemon
+    daemon.stop()
+
+
+def cli(daemon, *args, ok=True, **kwargs):
+    """The dispatcher command against the module's daemon, as a script runs
+    it; with ok, it must have succeeded."""
+    done = run(*args, env=daemon.env, **kwargs)
+    if ok:
+        assert done.returncode == 0, done
+    return done
+
+
+def submitted(daemon, *args):
+    """Submit; the id it printed, alone on stdout."""
+    done = cli(daemon, "submit", *args)
+    assert UUID.match(done.stdout.strip()), done.stdout
+    return done.stdout.strip()
+
+
+def test_submit_show_ls_and_logs_for_a_person_and_for_a_script(daemon):
+    """submit prints the new job's id alone; wait exits 0 once it
+    succeeded; show, ls and logs show it to a person (a table, its output
+    as written) and to a script (--json documents that parse, holding the
+    same job); ls's filters find it and only it."""
+    job_id = submitted(daemon, "--name", "greet-1", "--label", "case=round-trip",
+                       "--", "sh", "-c", "echo hello; echo oops >&2")
+    waited = cli(daemon, "wait", job_id, "--json")
+    job = json.loads(waited.stdout)
+    assert (job["id"], job["state"], job["exit_code"]) == (job_id, "succeeded", 0)
+    assert job["name"] == "greet-1" and job["labels"] == {"case": "round-trip"}
+    shown = cli(daemon, "show", job_id)
+    assert re.search(r"^state\s+succeeded$", shown.stdout, re.M), shown.stdout
+    assert re.search(r"^runs\s+sh -c 'echo hello; echo oops >&2'$", shown.stdout, re.M)
+    assert json.loads(cli(daemon, "show", job_id, "--json").stdout)["id"] == job_id
+    listed = cli(daemon, "ls", "--label", "case=round-trip")
+    header, *rows = listed.stdout.splitlines()
+    assert header.split()[:4] == ["ID", "STATE", "NAME", "QUEUE"]
+    assert [row.split()[:3] for row in rows] == [[job_id, "succeeded", "greet-1"]]
+    assert [j["id"] for j in json.loads(
+        cli(daemon, "ls", "--name", "greet-1", "--json").stdout)] == [job_id]
+    assert json.loads(cli(daemon, "ls", "--label", "case=round-trip", "--state", "failed",
+                          "--json").stdout) == []
+    assert cli(daemon, "logs", job_id).stdout == "hello\n"
+    assert cli(daemon, "logs", job_id, "--stderr").stdout == "oops\n"
+    assert cli(daemon, "logs", job_id, "--attempt", "1", "--offset", "2").stdout == "llo\n"
+    piece = json.loads(cli(daemon, "logs", job_id, "--json").stdout)
+    assert piece == {"job_id": job_id, "stream": "stdout", "offset": 0, "text": "hello\n"}
+
+
+def test_ls_lists_newest_first_and_says_when_there_are_more(daemon):
+    """ls --newest reverses the order; --limit shows that many and says on
+    stderr, not in the table, that there are more."""
+    ids = [submitted(daemon, "--label", "case=order", "--", "true") for _ in range(3)]
+    listed = cli(daemon, "ls", "--label", "case=order", "--json")
+    assert [j["id"] for j in json.loads(listed.stdout)] == ids
+    listed = cli(daemon, "ls", "--label", "case=order", "--newest", "--limit", "2")
+    assert [row.split()[0] for row in listed.stdout.splitlines()[1:]] == ids[::-1][:2]
+    assert "more than 2 jobs" in listed.stderr
+
+
+def test_a_task_job_with_its_arguments(daemon):
+    """submit --task with --args runs a task; submit --wait --json prints
+    the finished job, with the task's result."""
+    done = cli(daemon, "submit", "--task", "add", "--args", "[2, 3]", "--wait", "--json")
+    job = json.loads(done.stdout)
+    assert (job["state"], job["result"], job["task"]) == ("succeeded", 5, "add")
+
+
+def test_wait_exits_with_how_the_jobs_ended(daemon):
+    """wait exits 1 for a failed job, 3 when its --timeout runs out first
+    (saying so), 1 for a cancelled one, and 1 when any of several jobs
+    did not succeed; cancel, retry and rm say what became of each job."""
+    failed = submitted(daemon, "--", "sh", "-c", "exit 3")
+    done = cli(daemon, "wait", failed, "--json", ok=False)
+    assert done.returncode == 1 and json.loads(done.stdout)["exit_code"] == 3
+    slow = submitted(daemon, "--", "sleep", "60")
+    started = time.monotonic()
+    done = cli(daemon, "wait", slow, "--timeout", "0.5", ok=False)
+    assert done.returncode == 3 and "not finished after 0.5 s" in done.stderr
+    assert time.monotonic() - started < 10
+    done = cli(daemon, "cancel", slow)
+    assert done.stdout.startswith(("cancelled " + slow, "cancelling " + slow))
+    ok = submitted(daemon, "--", "true")
+    done = cli(daemon, "wait", ok, slow, failed, "--json", ok=False)
+    assert done.returncode == 1
+    assert [j["state"] for j in json.loads(done.stdout)] == ["succeeded", "cancelled", "failed"]
+    assert cli(daemon, "wait", ok, "--quiet").stdout == ""
+    done = cli(daemon, "retry", failed)
+    assert done.stdout == f"retrying {failed} (queued)\n" or failed in done.stdout
+    assert cli(daemon, "wait", failed, ok=False).returncode == 1
+    done = cli(daemon, "rm", failed, "--json")
+    assert json.loads(done.stdout) == {"id": failed}
+    done = cli(daemon, "show", failed, ok=False)
+    assert done.returncode == 1
+    assert done.stderr.startswith(f"dispatcher show: ") and "404 not_found" in done.stderr
+    assert done.stderr.count("\n") == 1
+
+
+def test_the_dispatchers_refusals_are_one_line_naming_the_field(daemon, tmp_path):
+    """A refusal is one line on stderr with the server's message, status,
+    code and field, and exit 1; with several ids, the others are still
+    done; a wrong credential says how to give one."""
+    done = cli(daemon, "submit", "--priority", "99999999", "--", "true", ok=False)
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr.count("\n") == 1
+    assert "(400 invalid_field, field priority)" in done.stderr
+    unknown = "0193a1c2-5b7e-7c41-9d2e-3f1a2b4c5d6e"
+    doomed = submitted(daemon, "--", "sleep", "60")
+    done = cli(daemon, "cancel", unknown, doomed, ok=False)
+    assert done.returncode == 1
+    assert done.stderr.startswith(f"dispatcher cancel {unknown}: ")
+    assert doomed in done.stdout
+    wrong = tmp_path / "wrong.token"
+    wrong.write_text("dsp_not-a-token-of-this-dispatcher\n")
+    done = cli(daemon, "ls", "--token-file", str(wrong), ok=False)
+    assert done.returncode == 1 and "(401 unauthorized)" in done.stderr
+    assert "--token-file" in done.stderr
+    done = cli(daemon, "--token-file", str(tmp_path / "none"), "me", ok=False)
+    assert done.returncode == 1 and "cannot read it" in done.stderr
+
+
+def test_queues_workers_and_me(daemon):
+    """queues, workers and me answer a table or a line for a person and
+    JSON that parses for a script."""
+    assert cli(daemon, "me").stdout.startswith(f"admin (admin) at {daemon.url}")
+    assert json.loads(cli(daemon, "me", "--json").stdout)["role"] == "admin"
+    queues = json.loads(cli(daemon, "queues", "--json").stdout)
+    assert "default" in queues["queues"]
+    assert re.search(r"^default\s", cli(daemon, "queues").stdout, re.M)
+    assert json.loads(cli(daemon, "workers", "--json").stdout)["workers"] == []
+    assert cli(daemon, "workers").stdout.split() == [
+        "NAME", "SLOTS", "RUNNING", "CPUS", "MEMORY", "MB", "GPUS", "LABELS", "LAST",
+        "CONTACT"]
+
+
+def test_arrays_and_batches_are_submitted_waited_for_and_listed(daemon, tmp_path):
+    """submit --array prints the array's id, and --file with JSON lines the
+    batch's; wait --array/--batch exits 0 once all succeeded, with the
+    group's JSON; ls --array lists the members; show tells a group's
+    counts; cancel --array and retry --array act on the members."""
+    array_id = submitted(daemon, "--array", "3", "--label", "case=array", "--",
+                         "sh", "-c", "echo $DISPATCHER_ARRAY_INDEX")
+    group = json.loads(cli(daemon, "wait", "--array", array_id, "--json").stdout)
+    assert (group["kind"], group["size"], group["final"], group["succeeded"]) == (
+        "array", 3, True, True)
+    members = json.loads(cli(daemon, "ls", "--array", array_id, "--json").stdout)
+    assert sorted(j["array_index"] for j in members) == [0, 1, 2]
+    assert re.search(r"^finished\s+3 of 3$", cli(daemon, "show", array_id).stdout, re.M)
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text('{"command": ["true"], "name": "one"}\n'
+                    '{"command": ["sh", "-c", "exit 1"], "name": "two"}\n')
+    batch_id = submitted(daemon, "--file", str(jobs), "--label", "case=batch")
+    done = cli(daemon, "wait", "--batch", batch_id, ok=False)
+    assert done.returncode == 1
+    members = json.loads(cli(daemon, "ls", "--batch", batch_id, "--json").stdout)
+    assert [(j["name"], j["state"], j["labels"]) for j in members] == [
+        ("one", "succeeded", {"case": "batch"}), ("two", "failed", {"case": "batch"})]
+    slow = submitted(daemon, "--array", "2", "--", "sleep", "60")
+    done = cli(daemon, "cancel", "--array", slow)
+    assert done.stdout.startswith(f"cancelling array {slow}")
+    assert cli(daemon, "wait", "--array", slow, ok=False).returncode == 1
+    assert cli(daemon, "retry", "--array", slow).stdout == f"retrying array {slow}\n"
+    cli(daemon, "cancel", "--array", slow)
+
+
+def test_events_prints_the_stream_with_its_filters(daemon):
+    """events --job ID --after 0 --count N prints that job's state changes
+    from the start, as lines for a person and JSON lines for a script."""
+    job_id = submitted(daemon, "--", "true")
+    cli(daemon, "wait", job_id)
+    done = cli(daemon, "events", "--job", job_id, "--after", "0", "--count", "2", "--json",
+               timeout=30)
+    events = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [e["type"] for e in events] == ["job", "job"]
+    assert {e["data"]["job_id"] for e in events} == {job_id}
+    assert events[0]["id"] < events[1]["id"]
+    done = cli(daemon, "events", "--job", job_id, "--after", "0", "--count", "1", timeout=30)
+    assert f"job {job_id}" in done.stdout
+
+
+def test_job_ids_complete_from_the_dispatcher(daemon):
+    """Completing an id asks the dispatcher for the newest jobs and offers
+    those that start with what was typed, with their state as help."""
+    job_id = submitted(daemon, "--name", "completed-one", "--", "true")
+    env = dict(daemon.env, _DISPATCHER_COMPLETE="zsh_complete",
+               COMP_WORDS=f"dispatcher show {job_id[:20]}", COMP_CWORD="2")
+    done = subprocess.run([DISPATCHER], env=env, capture_output=True, text=True, timeout=60)
+    assert job_id in done.stdout.splitlines()
+
+
+# In a real terminal
+
+pexpect = pytest.importorskip("pexpect")
+
+
+def terminal(daemon, *args, timeout=30):
+    """The dispatcher command in a pseudo-terminal, as a person runs it."""
+    return pexpect.spawn(DISPATCHER, list(args), env=daemon.env, timeout=timeout,
+                         dimensions=(40, 160), encoding="utf-8")
+
+
+def test_wait_draws_a_progress_bar_that_ends_at_100_percent(daemon):
+    """In a terminal, wait draws a progress bar on stderr while the job
+    runs (0 of 1 done), ends it at 1 of 1, 100%, then shows the job and
+    exits 0."""
+    job_id = submitted(daemon, "--", "sleep", "2")
+    child = terminal(daemon, "wait", job_id)
+    child.expect(rf"job {job_id}.*0/1\s+0%")
+    child.expect(r"1/1\s+100%")
+    child.expect(rf"{job_id}\s+succeeded")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
+def test_wait_for_an_array_counts_its_members_in_the_bar(daemon):
+    """wait --array in a terminal counts finished members out of the
+    array's size, up to 3/3 100%, and exits 1 when one failed."""
+    array_id = submitted(daemon, "--array", "3", "--", "sh", "-c",
+                         "sleep $DISPATCHER_ARRAY_INDEX; exit $DISPATCHER_ARRAY_INDEX")
+    child = terminal(daemon, "wait", "--array", array_id)
+    child.expect(rf"array {array_id}")
+    child.expect(r"3/3\s+100%")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 1
+
+
+def test_logs_follow_prints_output_as_it_is_written(daemon):
+    """logs -f in a terminal prints each line as the job writes it, while
+    the job still runs, and exits 0 when the attempt ends."""
+    job_id = submitted(daemon, "--", "sh", "-c",
+                       "echo one; sleep 1; echo two; sleep 1; echo three")
+    child = terminal(daemon, "logs", "-f", job_id)
+    child.expect("one")
+    code, job = daemon.request("GET", f"/v1/jobs/{job_id}")
+    assert job["state"] == "running"
+    child.expect("two")
+    child.expect("three")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
+def test_ls_watch_redraws_when_a_job_changes(daemon):
+    """ls --watch in a terminal draws the table, redraws it when a job of
+    its filter is submitted and when it finishes, and Ctrl-C ends it with
+    status 130."""
+    child = terminal(daemon, "ls", "--watch", "--label", "case=watch")
+    child.expect("ID")
+    child.expect("Ctrl-C ends")
+    job_id = submitted(daemon, "--label", "case=watch", "--", "sh", "-c", "sleep 1")
+    child.expect(job_id)
+    child.expect(rf"{job_id}\s+succeeded")
+    child.sendintr()
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 130 or child.signalstatus is not None

@@ -10,7 +10,7 @@ as members finish; a group costs one request a second however large.
 from __future__ import annotations
 
 import time
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from dispatcher.cli._render import FINAL_STATES, get
 
@@ -109,6 +109,20 @@ def _step(deadline: Optional[float], step: float = STEP) -> float:
     return round(min(step, left), 2) if left >= 0.01 else 0.0
 
 
+def _waited(ask: Callable[[], Any], step: float, final: Callable[[Any], bool]) -> Any:
+    """
+    C{ask()}'s answer, given no sooner than C{step} seconds after asking
+    unless it is final: a dispatcher that answers a wait at once (one
+    that does not know C{?wait=}) is then asked once a step, not in a
+    tight loop.
+    """
+    started = time.monotonic()
+    answer = ask()
+    if not final(answer):
+        time.sleep(max(0.0, step - (time.monotonic() - started)))
+    return answer
+
+
 def wait_for_jobs(
     client: Any, ids: Sequence[str], timeout: Optional[float],
     progress: Progress,
@@ -140,7 +154,8 @@ def wait_for_jobs(
         if step <= 0:
             break
         waited = pending[0]
-        seen[waited] = client.job(waited, wait=step)
+        seen[waited] = _waited(lambda: client.job(waited, wait=step), step,
+                               lambda job: state_of(job) in FINAL_STATES)
     return [seen[i] for i in ids]
 
 
@@ -165,7 +180,8 @@ def wait_for_group(
         step = _step(deadline)
         if step <= 0:
             return group
-        group = fetch(group_id, wait=step)
+        group = _waited(lambda: fetch(group_id, wait=step), step,
+                        lambda group: bool(get(group, "final")))
 
 
 def group_outcome(group: Any) -> int:
