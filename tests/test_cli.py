@@ -379,9 +379,9 @@ def test_queues_workers_and_me(daemon):
     assert cli(daemon, "me").stdout.startswith(f"admin (admin) at {daemon.url}")
     assert json.loads(cli(daemon, "me", "--json").stdout)["role"] == "admin"
     queues = json.loads(cli(daemon, "queues", "--json").stdout)
-    assert "default" in queues["queues"]
+    assert queues["default"]["counts"]["succeeded"] >= 0
     assert re.search(r"^default\s", cli(daemon, "queues").stdout, re.M)
-    assert json.loads(cli(daemon, "workers", "--json").stdout)["workers"] == []
+    assert json.loads(cli(daemon, "workers", "--json").stdout) == []
     assert cli(daemon, "workers").stdout.split() == [
         "NAME", "SLOTS", "RUNNING", "CPUS", "MEMORY", "MB", "GPUS", "LABELS", "LAST",
         "CONTACT"]

@@ -47,6 +47,12 @@ WATCH_COALESCE_SECONDS = 0.2
 
 INTERRUPTED = 130
 
+# Seconds a TAB waits for the dispatcher to list the ids it completes.
+COMPLETION_TIMEOUT = 2.0
+
+# The most jobs the API answers in one page (its limit's bound).
+MAX_PAGE = 1000
+
 
 # The options every API command takes, both before the command name
 # (dispatcher --url U ls) and after it (dispatcher ls --url U).
@@ -132,9 +138,10 @@ def _complete_job_ids(ctx: click.Context, param: click.Parameter,
     from click.shell_completion import CompletionItem
 
     try:
-        client = connect(_settings(ctx))
+        # A TAB must not hang: one quick try.
+        client = connect(_settings(ctx), retries=0, timeout=COMPLETION_TIMEOUT)
         found = []
-        for job in client.jobs(order="newest", limit=50):
+        for job in client.jobs(order="newest", page_size=50):
             if len(found) >= 50:
                 break
             if render.get(job, "id", "").startswith(incomplete):
@@ -218,7 +225,7 @@ def submit(settings: Settings, command: Sequence[str], file_: Optional[str],
     else:
         raise SubmissionError(
             "nothing to run: give a command after '--', --task NAME or --file FILE")
-    client = connect(settings)
+    client = connect(settings, patient=wait_)
     if is_batch:
         answer = client.submit_batch(jobs)
         made = render.get(answer, "jobs") or []
@@ -293,11 +300,11 @@ def ls(settings: Settings, states: Sequence[str], labels: Sequence[str],
         query["label"] = list(labels)
     query["order"] = "newest" if newest else "oldest"
     limit = limit or DEFAULT_LIST_LIMIT
-    client = connect(settings)
+    client = connect(settings, patient=watch)
 
     def listing() -> tuple[list[Any], bool]:
         jobs = []
-        for job in client.jobs(limit=min(limit + 1, 1000), **query):
+        for job in client.jobs(page_size=min(limit + 1, MAX_PAGE), **query):
             jobs.append(job)
             if len(jobs) > limit:
                 return jobs[:limit], True
@@ -407,7 +414,7 @@ def logs(settings: Settings, job_id: str, follow: bool, attempt: Optional[int],
     wrote it; with -f, go on as it writes more.  --json: each piece as a
     JSON line {"job_id", "stream", "offset", "text"}.
     """
-    client = connect(settings)
+    client = connect(settings, patient=follow)
     kwargs: dict[str, Any] = {"stream": stream, "offset": offset}
     if attempt is not None:
         kwargs["attempt"] = attempt
@@ -416,6 +423,8 @@ def logs(settings: Settings, job_id: str, follow: bool, attempt: Optional[int],
     at = offset
     out = sys.stdout.buffer
     for piece in pieces:
+        if not piece:
+            continue
         if settings.json:
             render.write_json({"job_id": job_id, "stream": stream, "offset": at,
                                "text": piece.decode("utf-8", "replace")}, lines=True)
@@ -450,7 +459,7 @@ def wait(settings: Settings, ids: Sequence[str], array: Optional[str],
     given = sum(1 for g in (ids, array, batch) if g)
     if given != 1:
         raise click.UsageError("wait for jobs (ID...), --array ID or --batch ID: one of them")
-    client = connect(settings)
+    client = connect(settings, patient=True)
     if array or batch:
         kind, handle, members = ("array", array, []) if array else ("batch", batch, [])
     else:
@@ -592,20 +601,18 @@ def rm(settings: Settings, ids: Sequence[str]) -> None:
 def queues(settings: Settings) -> None:
     """
     The queues: how many jobs are in each state, how many run, the limit.
+    --json: an object of the queues by name.
     """
-    answer = connect(settings).queues()
-    found = render.get(answer, "queues", answer)
-    _show(answer, lambda _: render.queue_table(found), settings)
+    _show(connect(settings).queues(), render.queue_table, settings)
 
 
 @api_command()
 def workers(settings: Settings) -> None:
     """
     The connected remote workers: capacity, labels, jobs held, last contact.
+    --json: an array of the workers.
     """
-    answer = connect(settings).workers()
-    found = render.get(answer, "workers", answer)
-    _show(answer, lambda _: render.worker_table(found), settings)
+    _show(connect(settings).workers(), render.worker_table, settings)
 
 
 @api_command()
@@ -652,11 +659,11 @@ def events(settings: Settings, labels: Sequence[str], states: Sequence[str],
     for key, values in (("label", labels), ("state", states), ("type", types)):
         if values:
             query[key] = list(values)
-    client = connect(settings)
+    client = connect(settings, patient=True)
     seen = 0
     for event in client.events(after=after, **query):
-        kind = render.get(event, "type") or render.get(event, "event")
-        data = render.plain(render.get(event, "data") or {})
+        kind = render.get(event, "type")
+        data = render.plain(render.get(event, "data"))
         if settings.json:
             render.write_json({"id": render.get(event, "id"), "type": kind, "data": data},
                               lines=True)

@@ -12,6 +12,12 @@ import attrs
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 
+# Tries after the first when a request finds no dispatcher (or a 503):
+# a person at a prompt learns within about a second and a half that it
+# is not there.  The commands that run on (wait, logs -f, events, ls
+# --watch) keep the client's own count, which rides out a restart.
+QUICK_RETRIES = 2
+
 
 @attrs.define
 class Settings:
@@ -57,16 +63,22 @@ def read_token_file(path: str) -> str:
     return token
 
 
-def connect(settings: Settings) -> Any:
+def connect(settings: Settings, patient: bool = False, **options: Any) -> Any:
     """
     A blocking L{dispatcher.client.Client} for C{settings}: the token of
     C{--token-file} when one is given, else the client's own choice
     (C{DISPATCHER_TOKEN}, C{DISPATCHER_TOKEN_FILE}, C{./var/admin.token}).
+
+    @param patient: keep trying as long as the client does by default (a
+        command that runs on), rather than L{QUICK_RETRIES} times.
+    @param options: the client's other options (C{retries}, C{timeout}).
     """
     from dispatcher.client import Client
 
     token = read_token_file(settings.token_file) if settings.token_file else None
-    return Client(settings.where(), token)
+    if not patient:
+        options.setdefault("retries", QUICK_RETRIES)
+    return Client(settings.where(), token, **options)
 
 
 def explain(error: BaseException, settings: Settings) -> Optional[str]:
