@@ -27,9 +27,12 @@ ALLOWED = {
     "http": {"wire"},
     "api": {"model", "config", "wire", "store"},
     "workers": {"model", "config", "wire", "execution"},
-    "cli": {"model", "wire", "client"},
     "app": {"model", "config", "wire", "store", "execution", "core", "http", "api", "workers",
             "cli"},
+    # The Python client speaks to the dispatcher over HTTP alone.
+    "client": {"model", "wire"},
+    # The dispatcher command's API commands: the client, and no server.
+    "cli": {"model", "wire", "client"},
 }
 
 SHARED = {"_deferreds", "_threads", "_throttle"}
@@ -141,6 +144,26 @@ def test_worker_process_imports_no_server_code():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout.split()
     assert [m for m in loaded if _layer(m) in ("api", "store", "core", "http")] == []
+
+
+def test_client_imports_no_server_code():
+    """
+    The Python client (and everything it imports) loads nothing of the
+    server: a script that uses it needs no API, store, core or execution
+    code, nor the daemon's configuration.
+    """
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, dispatcher.client;"
+        "print('\\n'.join(m for m in sys.modules if m.startswith('dispatcher.')))"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert "dispatcher.client._twisted" in loaded
+    assert sorted({_layer(m) for m in loaded}) == ["client", "model", "wire"]
 
 
 def test_only_the_store_imports_sqlite3():

@@ -78,6 +78,23 @@ def _plain_descriptions(value: Any) -> None:
             _plain_descriptions(item)
 
 
+def _explicit_items(value: Any) -> None:
+    """
+    Give every array schema without C{items} (nor C{prefixItems}) an
+    C{items: {}}: the same meaning (any item), said outright, since stock
+    generators (openapi-python-client) drop a schema that leaves it out,
+    and every operation whose body or answer refers to it.
+    """
+    if isinstance(value, dict):
+        if value.get("type") == "array" and "items" not in value and "prefixItems" not in value:
+            value["items"] = {}
+        for item in value.values():
+            _explicit_items(item)
+    elif isinstance(value, list):
+        for item in value:
+            _explicit_items(item)
+
+
 def _components(routes: Iterable[Route]) -> dict[str, Any]:
     _, schemas = msgspec.json.schema_components(list(types_of(tuple(routes))), ref_template=_REF)
     _plain_descriptions(schemas)
@@ -85,6 +102,7 @@ def _components(routes: Iterable[Route]) -> dict[str, Any]:
         if name in schemas:
             schemas[name].update(copy.deepcopy(rules))
     schemas["SubmittedJobs"] = copy.deepcopy(SUBMITTED_JOBS)
+    _explicit_items(schemas)
     return schemas
 
 
@@ -156,6 +174,13 @@ def openapi_document(
             "roles that may call it (docs/security.md). Errors are {\"error\": {\"code\", \"message\", "
             "\"field\"}}; a 400 names the field at fault, as jobs[3].env.X.",
         },
+        # Relative: the URL the document was fetched from, whatever name,
+        # port, TLS or proxy the caller reached the daemon through.  The
+        # listen address itself is often not one a caller can use (a
+        # wildcard 0.0.0.0, a unix: socket, a port a proxy maps).  "/" is
+        # also what OpenAPI assumes without a servers entry; said here so
+        # that tools that want an entry find one.
+        "servers": [{"url": "/", "description": "This daemon, where this document was served."}],
         "paths": paths,
         "components": {
             "securitySchemes": {

@@ -73,6 +73,9 @@ MAX_ITEMS = 10_000
 MAX_COUNTER = 2**63 - 1
 MAX_WAIT = 60.0
 DEFAULT_WAIT = 30.0
+# The longest a client's GET of a job, an array or a batch may wait for it
+# to end (?wait=SECONDS): the client asks again after it.
+MAX_CLIENT_WAIT = 300.0
 MAX_EXIT_CODE = 255
 MAX_IDEMPOTENCY_KEY = 255
 MAX_LIST_LIMIT = 1000
@@ -418,6 +421,15 @@ class Limits(_In):
     ]
 
 
+class LimitsView(Limits, forbid_unknown_fields=False):
+    """
+    The limits an attempt ran under, as an attempt shows them: those of
+    L{Limits}, which a worker sends and which refuses a field it does not
+    know, read here as every answer is (L{_Out}), so that a client reads
+    an attempt that shows more.
+    """
+
+
 # The streams of a job's log.
 LogStream = Literal["stdout", "stderr"]
 LogCut = Annotated[
@@ -439,7 +451,7 @@ class AttemptView(_Out):
     exit_code: Optional[int]
     error: Optional[str]
     limits: Annotated[
-        Optional[Limits],
+        Optional[LimitsView],
         Meta(description="A command's attempt that ran: the limits it ran under; "
              "null otherwise."),
     ] = None
@@ -515,6 +527,89 @@ class JobSummary(_Out, omit_defaults=True):
     state: JobState
     array_id: Union[str, UnsetType] = UNSET
     array_index: Union[int, UnsetType] = UNSET
+
+
+class SubmittedJobs(_Out):
+    """
+    The jobs a batch (or an array) made, in order, as the client reads
+    them: each one's id and state and its place in its array.  The served
+    document's C{SubmittedJobs} also allows each job whole (C{Prefer:
+    return=representation}); a whole job has every field read here.
+    """
+
+    jobs: list[JobSummary]
+    batch_id: Annotated[
+        Optional[str], Meta(description="A batch's id (null for an array).")
+    ] = None
+
+
+class JobGroup(_Out):
+    """
+    An array or a batch as a whole: its members by state and whether they
+    have all ended.
+    """
+
+    id: str
+    kind: Literal["array", "batch"]
+    owner: Optional[str]
+    created_at: Time
+    size: Annotated[int, Meta(ge=0, description="How many jobs it has.")]
+    counts: Annotated[dict[str, int], Meta(description="Its jobs by state, every state.")]
+    finished: Annotated[int, Meta(ge=0, description="How many have a final state.")]
+    final: Annotated[bool, Meta(description="Every job has a final state.")]
+    succeeded: Annotated[bool, Meta(description="Every job succeeded.")]
+
+
+# The events of GET /v1/events (the data of each Server-Sent Event).
+
+class JobEvent(_Out):
+    """
+    A job's committed change of state (event type C{job}).
+    """
+
+    id: int
+    at: Time
+    job_id: str
+    state: JobState
+    previous: Optional[JobState]
+    owner: Optional[str]
+    queue: str
+    name: Optional[str]
+    array_id: Optional[str] = None
+    batch_id: Optional[str] = None
+    attempt: Optional[int] = None
+    exit_code: Optional[int] = None
+    error: Optional[str] = None
+
+
+class WorkerEvent(_Out):
+    """
+    A remote worker connected or left (event type C{worker}).
+    """
+
+    id: int
+    at: Time
+    worker: str
+    change: Literal["connected", "left"]
+
+
+class EventsDropped(_Out):
+    """
+    The subscriber fell too far behind and its stream ends (event type
+    C{dropped}): it resumes after C{id}.
+    """
+
+    id: int
+    reason: str
+
+
+class EventsReset(_Out):
+    """
+    The events asked for are older than those kept (event type C{reset},
+    sent first): the oldest kept is C{oldest}; re-list to catch up.
+    """
+
+    oldest: int
 
 
 class JobPage(_Out):
