@@ -367,7 +367,7 @@ def test_the_dispatchers_refusals_are_one_line_naming_the_field(daemon, tmp_path
     wrong = tmp_path / "wrong.token"
     wrong.write_text("dsp_not-a-token-of-this-dispatcher\n")
     done = cli(daemon, "ls", "--token-file", str(wrong), ok=False)
-    assert done.returncode == 1 and "(401 unauthorized)" in done.stderr
+    assert done.returncode == 1 and "(401 unauthorized" in done.stderr
     assert "--token-file" in done.stderr
     done = cli(daemon, "--token-file", str(tmp_path / "none"), "me", ok=False)
     assert done.returncode == 1 and "cannot read it" in done.stderr
@@ -449,7 +449,10 @@ pexpect = pytest.importorskip("pexpect")
 
 def terminal(daemon, *args, timeout=30):
     """The dispatcher command in a pseudo-terminal, as a person runs it."""
-    return pexpect.spawn(DISPATCHER, list(args), env=daemon.env, timeout=timeout,
+    # NO_COLOR: rich draws the same, without colours between the words
+    # the test looks for.
+    return pexpect.spawn(DISPATCHER, list(args), env=dict(daemon.env, NO_COLOR="1"),
+                         timeout=timeout,
                          dimensions=(40, 160), encoding="utf-8")
 
 

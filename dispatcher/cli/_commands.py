@@ -157,7 +157,7 @@ def _show(value: Any, draw: Callable[[Any], Any], settings: Settings) -> None:
     if settings.json:
         render.write_json(value)
     else:
-        render.console().print(draw(value))
+        render.show(draw(value))
 
 
 # submit
@@ -298,7 +298,10 @@ def ls(settings: Settings, states: Sequence[str], labels: Sequence[str],
         query["state"] = list(states)
     if labels:
         query["label"] = list(labels)
-    query["order"] = "newest" if newest else "oldest"
+    if newest:
+        # (oldest first is the API's default: not said, so that a
+        # dispatcher older than the order parameter lists too.)
+        query["order"] = "newest"
     limit = limit or DEFAULT_LIST_LIMIT
     client = connect(settings, patient=watch)
 
@@ -317,7 +320,7 @@ def ls(settings: Settings, states: Sequence[str], labels: Sequence[str],
     if settings.json:
         render.write_json(jobs)
     else:
-        render.console().print(render.job_table(jobs))
+        render.show(render.job_table(jobs))
     if more:
         click.echo(f"(more than {limit} jobs: --limit N shows more)", err=True)
 
@@ -483,7 +486,7 @@ def _wait_and_exit(client: Any, settings: Settings, kind: str, handle: Optional[
         if settings.json:
             render.write_json(jobs[0] if len(jobs) == 1 else jobs)
         elif not quiet:
-            render.console().print(render.job_table(jobs))
+            render.show(render.job_table(jobs))
     else:
         with Progress(f"{kind} {handle}", 0, show_bar) as progress:
             group = wait_for_group(client, kind, handle, timeout, progress)
@@ -491,7 +494,7 @@ def _wait_and_exit(client: Any, settings: Settings, kind: str, handle: Optional[
         if settings.json:
             render.write_json(group)
         elif not quiet:
-            render.console().print(render.group_detail(group))
+            render.show(render.group_detail(group))
     if status == 3 and not settings.json:
         click.echo(f"dispatcher {ctx.info_name}: not finished after {timeout} s", err=True)
     ctx.exit(status)
@@ -625,7 +628,7 @@ def me(settings: Settings) -> None:
         render.write_json(answer)
         return
     names = render.get(answer, "worker_names")
-    click.echo(f"{render.get(answer, 'name')} ({render.get(answer, 'role')})"
+    click.echo(f"{render.get(answer, 'name')} ({render.text(render.get(answer, 'role'))})"
                + (f", worker names {', '.join(names)}" if names else "")
                + f" at {settings.where()}")
 

@@ -62,6 +62,33 @@ def console(stderr: bool = False) -> Any:
                    soft_wrap=True)
 
 
+def show(renderable: Any) -> None:
+    """
+    Print C{renderable} (a table, a listing) on stdout: as rich draws it on
+    a terminal; in a pipe as plain lines without the padding that rich
+    gives the last column, so that a script's C{grep}, C{awk} or C{cut}
+    reads what it expects.
+    """
+    out = console()
+    if sys.stdout.isatty():
+        out.print(renderable)
+        return
+    with out.capture() as captured:
+        out.print(renderable)
+    sys.stdout.write("".join(line.rstrip() + "\n" for line in captured.get().splitlines()))
+    sys.stdout.flush()
+
+
+def text(value: Any) -> str:
+    """
+    A value of an answer as a person reads it: an enum (a state, a role)
+    as its value, nothing as C{"-"}.
+    """
+    if value is None:
+        return "-"
+    return str(getattr(value, "value", value))
+
+
 def get(item: Any, key: str, default: Any = None) -> Any:
     """
     A field of a job (a Struct or a dict), or C{default}.
@@ -171,15 +198,19 @@ def job_detail(job: Any) -> Any:
     """
     from rich.console import Group
     from rich.table import Table
+    from rich.text import Text
 
     fields = Table.grid(padding=(0, 2))
     fields.add_column(style="bold")
     fields.add_column()
 
     def row(key: str, value: Any) -> None:
-        if value not in (None, "", [], {}):
-            fields.add_row(key, value if not isinstance(value, (dict, list)) else
-                           msgspec.json.encode(plain(value)).decode())
+        if value in (None, "", [], {}):
+            return
+        if not isinstance(value, str):
+            # A task's result, its arguments: as JSON, which says what they are.
+            value = msgspec.json.encode(plain(value)).decode()
+        fields.add_row(key, Text(value))
 
     row("id", get(job, "id"))
     fields.add_row("state", state_text(get(job, "state")))
