@@ -170,6 +170,7 @@ class DaemonService(MultiService):
             retention=RetentionPolicy.from_days(
                 config.retention.finished_days, config.retention.finished_count
             ),
+            max_waits=config.api.max_waits,
         )
         # Credentials: the data directory's named tokens, and the token
         # files' (an admin, and a worker that may use any worker name).

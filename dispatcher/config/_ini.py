@@ -268,6 +268,9 @@ class ApiConfig:
     # The most log follows (GET /v1/jobs/{id}/log?follow=true) open at
     # once; a credential may hold a quarter of them.
     max_log_followers: int = 4096
+    # How many requests may wait (?wait=SECONDS) at once; more are answered
+    # 503 too_many_waits.  Each holds a connection and a little memory.
+    max_waits: int = 1000
 
 
 @attrs.frozen
@@ -746,6 +749,7 @@ _SECTIONS: Mapping[str, tuple[type, Mapping[str, Callable[[str], Any]]]] = {
             "token_file": _token_file,
             "authentication": _authentication,
             "max_log_followers": _integer(1),
+            "max_waits": _integer(1),
         },
     ),
     "retention": (RetentionConfig, {"finished_days": _days, "finished_count": _count}),

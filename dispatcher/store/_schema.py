@@ -175,6 +175,19 @@ MIGRATIONS: Sequence[Union[str, Callable[[sqlite3.Connection], None]]] = (
     );
     INSERT INTO removed (one, top_seq) VALUES (1, 0);
     """,
+    # Migration 9 (issue 17, arrays and batches as things, strict lists).
+    # A batch (POST /v1/jobs/batch) is known by an id stored on each of its
+    # jobs, NULL for the rest: a partial index finds a batch's members (its
+    # counts, GET /v1/jobs?batch=) as jobs_array finds an array's, and costs
+    # the jobs submitted one at a time nothing.  Jobs are listed by name
+    # (?name=) along a partial index too: an unnamed job (a plain batch's)
+    # is not in it.  Both hold the row's seq, so a page reads them in
+    # submission order, either way.
+    """
+    ALTER TABLE jobs ADD COLUMN batch_id TEXT;
+    CREATE INDEX jobs_batch ON jobs (batch_id) WHERE batch_id IS NOT NULL;
+    CREATE INDEX jobs_name ON jobs (name) WHERE name IS NOT NULL;
+    """,
 )
 
 

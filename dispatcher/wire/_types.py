@@ -73,9 +73,6 @@ MAX_ITEMS = 10_000
 MAX_COUNTER = 2**63 - 1
 MAX_WAIT = 60.0
 DEFAULT_WAIT = 30.0
-# The longest a client's GET of a job, an array or a batch may wait for it
-# to end (?wait=SECONDS): the client asks again after it.
-MAX_CLIENT_WAIT = 300.0
 MAX_EXIT_CODE = 255
 MAX_IDEMPOTENCY_KEY = 255
 MAX_LIST_LIMIT = 1000
@@ -88,6 +85,12 @@ MAX_OFFSET = 2**63 - 1
 # An attempt's number (they grow across retries, without a bound of their
 # own): a stored SQLite INTEGER, as a cursor is.
 MAX_ATTEMPT_NUMBER = 2**63 - 1
+# The longest a request may wait (?wait=SECONDS) for a job, an array or a
+# batch to be final (issue 17).
+MAX_CLIENT_WAIT = 300.0
+# How many state= filters one list of jobs may give (there are seven
+# states; a state given again is the same filter).
+MAX_STATE_FILTERS = 16
 # How many label= filters one list of jobs may give: each is a lookup in
 # the labels table, and 900 of them took 2.7 s a query (six at once held
 # every store reader, and GET /v1/queues waited 7 s).
@@ -509,6 +512,10 @@ class JobView(_Out):
     depends_on: list[str] = msgspec.field(default_factory=list)
     array_id: Optional[str] = _SPEC.array_id.default
     array_index: Optional[int] = _SPEC.array_index.default
+    batch_id: Optional[
+        Annotated[str, Meta(description="The batch (POST /v1/jobs/batch) it was "
+                            "submitted in; GET /v1/batches/{id} shows it whole.")]
+    ] = _SPEC.batch_id.default
     resources: ResourcesView = msgspec.field(
         default_factory=lambda: ResourcesView(
             NO_RESOURCES.cpus, NO_RESOURCES.memory_mb, NO_RESOURCES.gpus
@@ -527,6 +534,33 @@ class JobSummary(_Out, omit_defaults=True):
     state: JobState
     array_id: Union[str, UnsetType] = UNSET
     array_index: Union[int, UnsetType] = UNSET
+    batch_id: Union[str, UnsetType] = UNSET
+
+
+class JobGroup(_Out):
+    """
+    An array (the members one submission's C{array} made) or a batch (the
+    jobs of one C{POST /v1/jobs/batch}), as its members stand.
+    """
+
+    id: str
+    kind: Literal["array", "batch"]
+    owner: Optional[
+        Annotated[str, Meta(description="The principal that submitted it; null for "
+                            "jobs stored before jobs had owners.")]
+    ]
+    created_at: Time
+    size: Annotated[int, Meta(ge=1, description="How many members it has.")]
+    counts: Annotated[
+        dict[JobState, Annotated[int, Meta(ge=0)]],
+        Meta(description="Every state, with its number of members."),
+    ]
+    finished: Annotated[
+        int, Meta(ge=0, description="How many members are final (succeeded, failed, "
+                  "cancelled).")
+    ]
+    final: Annotated[bool, Meta(description="Whether every member is final.")]
+    succeeded: Annotated[bool, Meta(description="Whether every member succeeded.")]
 
 
 class SubmittedJobs(_Out):
@@ -541,23 +575,6 @@ class SubmittedJobs(_Out):
     batch_id: Annotated[
         Optional[str], Meta(description="A batch's id (null for an array).")
     ] = None
-
-
-class JobGroup(_Out):
-    """
-    An array or a batch as a whole: its members by state and whether they
-    have all ended.
-    """
-
-    id: str
-    kind: Literal["array", "batch"]
-    owner: Optional[str]
-    created_at: Time
-    size: Annotated[int, Meta(ge=0, description="How many jobs it has.")]
-    counts: Annotated[dict[str, int], Meta(description="Its jobs by state, every state.")]
-    finished: Annotated[int, Meta(ge=0, description="How many have a final state.")]
-    final: Annotated[bool, Meta(description="Every job has a final state.")]
-    succeeded: Annotated[bool, Meta(description="Every job succeeded.")]
 
 
 # The events of GET /v1/events (the data of each Server-Sent Event).
@@ -619,7 +636,10 @@ class JobPage(_Out):
 
     jobs: list[JobView]
     next_cursor: Annotated[
-        Optional[str], Meta(description="Give it as cursor for the next page.")
+        Optional[str],
+        Meta(description="Give it as cursor for the next page; null on the last. A "
+             "page with filters may hold fewer jobs than limit, even none, and still "
+             "give one: follow it until it is null."),
     ]
 
 
