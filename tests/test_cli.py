@@ -399,7 +399,9 @@ def test_arrays_and_batches_are_submitted_waited_for_and_listed(daemon, tmp_path
         "array", 3, True, True)
     members = json.loads(cli(daemon, "ls", "--array", array_id, "--json").stdout)
     assert sorted(j["array_index"] for j in members) == [0, 1, 2]
-    assert re.search(r"^finished\s+3 of 3$", cli(daemon, "show", array_id).stdout, re.M)
+    shown = cli(daemon, "show", array_id).stdout
+    assert re.search(r"^finished\s+3 of 3$", shown, re.M)
+    assert re.search(r"^states\s+succeeded 3$", shown, re.M), shown
     jobs = tmp_path / "jobs.jsonl"
     jobs.write_text('{"command": ["true"], "name": "one"}\n'
                     '{"command": ["sh", "-c", "exit 1"], "name": "two"}\n')

@@ -273,7 +273,7 @@ def group_detail(group: Any) -> Any:
     fields.add_row("created", get(group, "created_at") or "-")
     fields.add_row("finished", f"{get(group, 'finished')} of {get(group, 'size')}")
     counts = get(group, "counts") or {}
-    fields.add_row("states", ", ".join(f"{state} {n}" for state, n in counts.items() if n)
+    fields.add_row("states", ", ".join(f"{text(state)} {n}" for state, n in counts.items() if n)
                    or "-")
     return fields
 

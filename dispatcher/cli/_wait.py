@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from typing import Any, Callable, Optional, Sequence
 
-from dispatcher.cli._render import FINAL_STATES, get
+from dispatcher.cli._render import FINAL_STATES, get, text
 
 # Exit statuses of wait (and of submit --wait), as the README lists them.
 SUCCEEDED = 0
@@ -174,7 +174,8 @@ def wait_for_group(
         progress.total = get(group, "size")
         if progress.bar is not None:
             progress.bar.update(progress.task, total=progress.total)
-        progress.update(get(group, "finished"), dict(get(group, "counts") or {}))
+        counts = {text(state): n for state, n in (get(group, "counts") or {}).items()}
+        progress.update(get(group, "finished"), counts)
         if get(group, "final"):
             return group
         step = _step(deadline)
