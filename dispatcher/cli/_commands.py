@@ -77,21 +77,23 @@ def connection_options(command: Callable[..., Any]) -> Callable[..., Any]:
     the L{Settings} that every command reads, overriding what was given
     before the command's name.
     """
-    for option in reversed((
-        click.option("--url", metavar="URL", expose_value=False,
-                     callback=_set("url"),
+    options = [
+        click.Option(["--url"], metavar="URL", expose_value=False, callback=_set("url"),
                      help="The dispatcher (default: $DISPATCHER_URL, else "
                           "http://127.0.0.1:8080)."),
-        click.option("--token-file", metavar="FILE", expose_value=False,
+        click.Option(["--token-file"], metavar="FILE", expose_value=False,
                      callback=_set("token_file"),
                      help="A file holding the token (default: $DISPATCHER_TOKEN, the file "
                           "$DISPATCHER_TOKEN_FILE names, or ./var/admin.token)."),
-        click.option("--json", "json_", is_flag=True, expose_value=False,
+        click.Option(["--json", "json_"], is_flag=True, expose_value=False,
                      callback=_set("json"),
                      help="Answer in JSON: one document, or one line per item of a "
                           "stream."),
-    )):
-        command = option(command)
+    ]
+    # click lists a command's parameters in the reverse of this list: put
+    # first here, they are listed last, after the command's own.
+    command.__click_params__ = [  # type: ignore[attr-defined]
+        *reversed(options), *getattr(command, "__click_params__", [])]
     return command
 
 
@@ -272,7 +274,8 @@ def _read(name: str) -> str:
 
 @api_command("ls")
 @click.option("--state", "-s", "states", multiple=True, type=click.Choice(STATES),
-              help="Only jobs in this state (repeat: any of them).")
+              metavar="STATE", help=f"Only jobs in this state (repeat: any of them): "
+                                    f"{', '.join(STATES)}.")
 @click.option("--label", "-l", "labels", multiple=True, metavar="KEY[=VALUE]",
               help="Only jobs with this label (repeat: all of them).")
 @click.option("--array", metavar="ID", help="Only this array's jobs.")
@@ -280,6 +283,11 @@ def _read(name: str) -> str:
 @click.option("--owner", help="Only this owner's jobs.")
 @click.option("--queue", "-q", help="Only this queue's jobs.")
 @click.option("--name", "-n", help="Only jobs of this name.")
+@click.option("--worker", help="Only jobs whose latest attempt this worker holds or held.")
+@click.option("--since", "created_after", metavar="TIME",
+              help="Only jobs made after TIME (RFC 3339, or epoch seconds).")
+@click.option("--until", "created_before", metavar="TIME",
+              help="Only jobs made before TIME (RFC 3339, or epoch seconds).")
 @click.option("--newest", is_flag=True, help="Newest first (default oldest first).")
 @click.option("--limit", type=click.IntRange(min=1), metavar="N",
               help=f"Show at most N jobs (default {DEFAULT_LIST_LIMIT}).")
@@ -378,24 +386,34 @@ def show(settings: Settings, ids: Sequence[str]) -> None:
     """
     Show jobs whole: state, attempts, exit code, result, error.  An array's
     or a batch's id shows how many of its jobs finished, by state.
+    --json: the job (or group), or an array of them for several ids.
     """
     from dispatcher.client import NotFound
 
     client = connect(settings)
-    for job_id in ids:
+    found = []
+    for item in ids:
         try:
-            _show(client.job(job_id), render.job_detail, settings)
+            found.append((client.job(item), render.job_detail))
             continue
         except NotFound as e:
             missing = e
         for fetch in (client.array, client.batch):
             try:
-                _show(fetch(job_id), render.group_detail, settings)
+                found.append((fetch(item), render.group_detail))
                 break
             except NotFound:
                 pass
         else:
             raise missing
+    if settings.json:
+        answers = [answer for answer, _ in found]
+        render.write_json(answers[0] if len(answers) == 1 else answers)
+        return
+    for number, (answer, draw) in enumerate(found):
+        if number:
+            click.echo()
+        render.show(draw(answer))
 
 
 # logs
@@ -488,7 +506,7 @@ def _wait_and_exit(client: Any, settings: Settings, kind: str, handle: Optional[
         elif not quiet:
             render.show(render.job_table(jobs))
     else:
-        with Progress(f"{kind} {handle}", 0, show_bar) as progress:
+        with Progress(f"{kind} {handle}", None, show_bar) as progress:
             group = wait_for_group(client, kind, handle, timeout, progress)
         status = group_outcome(group)
         if settings.json:
@@ -643,7 +661,7 @@ def me(settings: Settings) -> None:
               help="Only jobs with this label (repeat: all of them).")
 @click.option("--owner", help="Only this owner's jobs.")
 @click.option("--state", "-s", "states", multiple=True, type=click.Choice(STATES),
-              help="Only changes to this state (repeat: any of them).")
+              metavar="STATE", help="Only changes to this state (repeat: any of them).")
 @click.option("--type", "types", multiple=True, type=click.Choice(("job", "worker")),
               help="Only events of this type (repeat).")
 @click.option("--after", type=click.IntRange(min=0), metavar="EVENT_ID",

@@ -53,7 +53,7 @@ class Progress:
     answer.
     """
 
-    def __init__(self, description: str, total: int, enabled: bool) -> None:
+    def __init__(self, description: str, total: Optional[int], enabled: bool) -> None:
         self.description = description
         self.total = total
         self.bar: Any = None
