@@ -515,3 +515,12 @@ def test_ls_watch_redraws_when_a_job_changes(daemon):
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 130 or child.signalstatus is not None
+
+
+def test_the_cli_package_exports_the_command_group_alone():
+    """dispatcher.cli's public surface is the maker of the command group."""
+    import dispatcher.cli
+
+    assert dispatcher.cli.__all__ == ["api_commands"]
+    group = dispatcher.cli.api_commands()
+    assert list(group.commands)[:3] == ["submit", "ls", "show"]
