@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 
+import pexpect
 import pytest
 
 from dispatcher.cli._submit import (
@@ -445,9 +446,6 @@ def test_job_ids_complete_from_the_dispatcher(daemon):
 
 
 # In a real terminal
-
-pexpect = pytest.importorskip("pexpect")
-
 
 def terminal(daemon, *args, timeout=30):
     """The dispatcher command in a pseudo-terminal, as a person runs it."""
