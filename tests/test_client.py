@@ -7,6 +7,7 @@ wait that long-polls, a followed log resumed where it was cut; and a client
 generated from the served OpenAPI document by a stock generator.
 """
 
+import datetime
 import json
 import os
 import re
@@ -23,6 +24,7 @@ import msgspec
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import Clock, deferLater
 from twisted.logger import globalLogPublisher
 from twisted.web.resource import Resource
@@ -217,6 +219,73 @@ def test_arrays_and_batches_answer_their_jobs(client):
     ended = client.wait([j.id for j in batch.jobs], timeout=30)
     assert [j.id for j in ended] == [j.id for j in batch.jobs]
     assert [j.state.value for j in ended] == ["succeeded", "failed", "succeeded"]
+
+
+def test_arrays_and_batches_as_wholes(client):
+    """An array and a batch are read, waited for, cancelled and retried as
+    wholes (JobGroup); a cancel of one whose members have all finished is
+    a Conflict, and so is a retry of one with none to retry."""
+    labels = _label()
+    made = client.submit(["sleep", "60"], array=3, labels=labels)
+    array_id = made.jobs[0].array_id
+    group = client.array(array_id)
+    assert (group.id, group.kind, group.size, group.final) == (array_id, "array", 3, False)
+    client.cancel_array(array_id)
+    group = client.array(array_id, wait=30)
+    assert group.final and not group.succeeded and group.counts[JobState.CANCELLED] == 3
+    assert not client.retry_array(array_id).final
+    client.cancel_array(array_id)
+    assert client.array(array_id, wait=30).final
+    with pytest.raises(Conflict):
+        client.cancel_array(array_id)
+    batch = client.submit_batch([{"command": ["true"], "labels": labels},
+                                 {"command": ["true"], "labels": labels}])
+    assert batch.batch_id is not None
+    group = client.batch(batch.batch_id, wait=30)
+    assert (group.kind, group.size, group.final, group.succeeded) == ("batch", 2, True, True)
+    with pytest.raises(Conflict):
+        client.retry_batch(batch.batch_id)
+    with pytest.raises(Conflict):
+        client.cancel_batch(batch.batch_id)
+    with pytest.raises(NotFound):
+        client.array(batch.batch_id)
+    assert [j.id for j in client.jobs(array=array_id)] == [j.id for j in made.jobs]
+    assert [j.id for j in client.jobs(batch=batch.batch_id)] == [j.id for j in batch.jobs]
+
+
+def test_job_filters_reach_the_daemon(client):
+    """jobs() passes its filters as the daemon reads them: several states,
+    newest first, a time range from an aware datetime or epoch seconds,
+    a name."""
+    labels = _label()
+    ok = client.submit(["true"], labels=labels, name="ok")
+    bad = client.submit(["false"], labels=labels)
+    client.wait([ok.id, bad.id], timeout=30)
+    running = client.submit(["sleep", "60"], labels=labels)
+    ids = [ok.id, bad.id, running.id]
+    assert [j.id for j in client.jobs(label=labels, order="newest")] == ids[::-1]
+    assert [j.id for j in client.jobs(label=labels, state=["failed", "succeeded"])] == ids[:2]
+    assert [j.id for j in client.jobs(label=labels, name="ok")] == [ok.id]
+    now = datetime.datetime.now(datetime.timezone.utc)
+    assert list(client.jobs(label=labels, created_after=now + datetime.timedelta(hours=1))) == []
+    assert [j.id for j in client.jobs(label=labels, created_before=time.time() + 3600)] == ids
+    client.cancel(running.id)
+
+
+def test_wait_is_one_long_poll(served, client):
+    """wait() asks once with ?wait= and is answered when the job ends, not
+    by polling."""
+    job = client.submit(["sleep", "1.5"], labels=_label())
+    proxy = AnswerCutter(int(served.url.rsplit(":", 1)[1]), cuts=0)
+    try:
+        with Client(proxy.url, served.token) as c:
+            started = time.monotonic()
+            assert c.wait(job.id, timeout=60).state is JobState.SUCCEEDED
+            assert time.monotonic() - started < 10
+        asked = re.findall(rb"GET (\S+) HTTP", b"".join(proxy.requests))
+        assert len(asked) == 1 and b"wait=60" in asked[0]
+    finally:
+        proxy.close()
 
 
 def test_jobs_follows_every_page(client):
@@ -448,6 +517,10 @@ async def test_twisted_client_submits_waits_and_lists(twisted_client):
     other = await twisted_client.submit(["true"], labels=labels)
     listed = [j.id async for j in twisted_client.jobs(label=labels, page_size=1)]
     assert listed == [job.id, other.id]
+    assert (await twisted_client.wait([job.id, other.id]))[1].state is JobState.SUCCEEDED
+    made = await twisted_client.submit(["true"], array=2, labels=labels)
+    group = await twisted_client.array(made.jobs[0].array_id, wait=30)
+    assert (group.size, group.final, group.succeeded) == (2, True, True)
     assert (await twisted_client.me()).name == "admin"
     assert "default" in await twisted_client.queues()
     assert await twisted_client.workers() == []
@@ -577,3 +650,128 @@ def test_a_stock_generator_makes_a_working_client(served, tmp_path):
         sys.path.remove(str(tmp_path))
         for name in [m for m in sys.modules if m.startswith("generated_dispatcher")]:
             del sys.modules[name]
+
+
+# Events, against a scripted event stream: the wire as GET /v1/events
+# writes it (issue 17's contract), cut and ended where a daemon's would be.
+
+def _sse(event_id, kind, data):
+    return f"id: {event_id}\nevent: {kind}\ndata: {json.dumps(data)}\n\n".encode()
+
+
+def _job_event(event_id, state):
+    return _sse(event_id, "job", {
+        "id": event_id, "at": "2026-12-07T09:00:00Z", "job_id": f"j{event_id}",
+        "state": state, "previous": None, "owner": "admin", "queue": "default",
+        "name": None, "array_id": None, "batch_id": None, "attempt": None,
+        "exit_code": None, "error": None})
+
+
+class ScriptedEvents:
+    """
+    An HTTP server on loopback (a thread) that answers each connection's
+    request with the next of its scripts: an event stream sent in chunks,
+    then either cut (the connection closed without the last chunk, as a
+    failed network or a killed daemon leaves it), ended (the last chunk,
+    as after a dropped event), or held open until the client leaves.  It
+    keeps each request's head.
+    """
+
+    def __init__(self, scripts):
+        self.scripts = list(scripts)
+        self.heads = []
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while self.scripts:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            chunks, end = self.scripts.pop(0)
+            threading.Thread(target=self._serve, args=(conn, chunks, end), daemon=True).start()
+
+    def _serve(self, conn, chunks, end):
+        with conn:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += conn.recv(4096)
+            self.heads.append(head.decode())
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                         b"Transfer-Encoding: chunked\r\n\r\n")
+            for chunk in chunks:
+                conn.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            if end == "ended":
+                conn.sendall(b"0\r\n\r\n")
+                conn.recv(1)  # until the client closes
+            elif end == "held":
+                conn.recv(1)
+
+    def close(self):
+        self.listener.close()
+
+
+def _scripted():
+    first, second = _job_event(1, "queued"), _job_event(2, "running")
+    return ScriptedEvents([
+        # A heartbeat and two events, split mid-event, then cut.
+        ([b": keep-alive\n\n" + first + second[:10], second[10:]], "cut"),
+        # The reconnection time, an event, then dropped: the stream ends.
+        ([b"retry: 10\n\n" + _job_event(3, "succeeded"),
+          b'event: dropped\ndata: {"id": 3, "reason": "too_far_behind"}\n\n'], "ended"),
+        ([_sse(4, "worker", {"id": 4, "at": "2026-12-07T09:00:01Z", "worker": "w1",
+                             "change": "connected"})], "held"),
+    ])
+
+
+def _check_resumed(server, events):
+    assert [(e.id, e.type) for e in events] == [(1, "job"), (2, "job"), (3, "job"), (4, "worker")]
+    assert events[2].data.state is JobState.SUCCEEDED and events[3].data.worker == "w1"
+    first, *resumed = server.heads
+    assert first.startswith("GET /v1/events?type=job&type=worker&after=0 ")
+    assert "last-event-id" not in first.lower()
+    assert [re.search(r"(?i)last-event-id: (\S+)", h).group(1) for h in resumed] == ["2", "3"]
+    assert all("after=" not in h.split("\r\n")[0] for h in resumed)
+
+
+def test_events_resume_after_a_cut_and_a_drop():
+    """events() gives each event typed, skipping heartbeats, and resumes
+    after the last event read (Last-Event-ID): after a cut connection and
+    after a dropped event ends the stream, with no event lost or twice."""
+    import itertools
+
+    server = _scripted()
+    try:
+        with Client(server.url, "t") as c:
+            events = list(itertools.islice(c.events(after=0, type=["job", "worker"]), 4))
+        _check_resumed(server, events)
+    finally:
+        server.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_twisted_events_resume_after_a_cut_and_a_drop():
+    """The Twisted client's events() calls back with the same events, resumed
+    the same way, until its Deferred is cancelled."""
+    server = _scripted()
+    c = TwistedClient(server.url, "t", reactor=reactor)
+    events = []
+    got_four = Deferred()
+
+    def received(event):
+        events.append(event)
+        if len(events) == 4:
+            got_four.callback(None)
+
+    try:
+        following = c.events(received, after=0, type=["job", "worker"])
+        await got_four.addTimeout(20, reactor)
+        following.cancel()
+        with pytest.raises(CancelledError):
+            await following
+        _check_resumed(server, events)
+    finally:
+        server.close()
+        await c.close()

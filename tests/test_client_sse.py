@@ -9,8 +9,11 @@ import pytest
 from dispatcher.client._plans import Answer
 from dispatcher.client._sse import EventStreamParser, ServerSentEvent
 from dispatcher.client._streams import EventFollower, LogFollower
-from dispatcher.client import NotFound, Unreachable
-from dispatcher.wire._types import JobEvent, WorkerEvent
+import json
+
+from dispatcher.client import DispatcherError, NotFound, Unreachable
+from dispatcher.client._calls import job_call, read_answer
+from dispatcher.wire._types import JobEvent, JobView, WorkerEvent
 
 
 def _all(stream: bytes, pieces=None):
@@ -139,3 +142,48 @@ def test_the_log_follower_resumes_at_the_bytes_read():
     follower.lost("reset")
     assert dict(follower.call().query) == {
         "stream": "stderr", "offset": "15", "attempt": "2", "follow": "true"}
+
+
+def test_an_event_of_another_shape_is_an_error_and_an_unknown_type_is_kept():
+    """An event whose data is not its type's shape is a DispatcherError
+    saying so; an event of a type this client does not know is given with
+    its plain JSON data, so that the stream may gain types."""
+    follower = EventFollower((), None, "http://d")
+    follower.call()
+    with pytest.raises(DispatcherError, match="event job"):
+        follower.feed(b'id: 1\nevent: job\ndata: {"id": "x"}\n\n')
+    (event,) = follower.feed(b'id: 2\nevent: queue\ndata: {"name": "q"}\n\n')
+    assert (event.id, event.type, event.data) == (2, "queue", {"name": "q"})
+
+
+def test_answers_that_grow_are_read():
+    """A job whose answer has fields this client does not know, in the job
+    and in an attempt, decodes into JobView all the same.  (Not in an
+    attempt's limits: they are the Limits a worker sends, declared once,
+    which refuses a field it does not know.)"""
+    body = json.dumps({
+        "id": "j", "state": "succeeded", "name": None, "labels": {}, "created_at": "t",
+        "started_at": None, "finished_at": None, "exit_code": 0, "result": None,
+        "error": None, "wait_reason": None, "worker": None, "owner": None, "new": 1,
+        "attempts": [{"number": 1, "holder": "h", "started_at": None, "finished_at": None,
+                      "exit_code": 0, "error": None, "new": 2,
+                      "limits": {"memory_mb": None, "processes": None, "enforced": False}}]}
+    ).encode()
+    job = read_answer(job_call("j"), 200, {}, body)
+    assert isinstance(job, JobView) and job.attempts[0].limits.enforced is False
+
+
+def test_the_public_names():
+    """dispatcher.client exports the clients, their errors and the wire types
+    a caller builds or reads, each from where it is defined."""
+    import dispatcher.client as client
+
+    assert set(client.__all__) == {
+        "Client", "TwistedClient", "BadRequest", "Conflict", "DispatcherError", "Forbidden",
+        "NotFound", "QuotaExceeded", "Unauthorized", "Unavailable", "Unreachable",
+        "WaitTimeout", "BatchJob", "Event", "EventsReset", "Identity", "InputFile", "JobEvent",
+        "JobGroup", "JobState", "JobSubmission", "JobSummary", "JobView", "QueueView",
+        "Resources", "SubmittedJobs", "WorkerEvent", "WorkerView"}
+    for name in client.__all__:
+        home = getattr(client, name).__module__
+        assert home.startswith(("dispatcher.client.", "dispatcher.wire.", "dispatcher.model.")), name

@@ -107,6 +107,14 @@ def read_region(path: str, offset: int, size: int) -> bytes:
         return f.read(size)
 
 
+def read_regions(pieces: list[tuple[str, int, int]]) -> list[bytes]:
+    """
+    L{read_region} of each C{(path, offset, size)}, in one trip to the I/O
+    pool.
+    """
+    return [read_region(path, offset, size) for path, offset, size in pieces]
+
+
 def too_many_followers(limit: int, mine: bool) -> ApiError:
     """
     The 503 of a follow over the bound: all of it (C{[api]
@@ -292,11 +300,31 @@ class LogFollowers:
         self._polling = True
         d = self._run(file_sizes, paths)
 
-        def looked(sizes: list[int]) -> None:
+        def looked(sizes: list[int]) -> Optional[Deferred]:
+            # What the files gained is read in one more trip for all the
+            # followers it concerns, not a trip each.
             by_path = dict(zip(paths, sizes))
+            reads = []
             for follower in waiting:
-                if follower.path in by_path:
-                    follower.grew(by_path[follower.path])
+                size = by_path.get(follower.path, 0)
+                if size > follower.size:
+                    follower.size = size
+                    wanted = follower.take_read()
+                    if wanted is not None:
+                        reads.append((follower, wanted))
+            if not reads:
+                return None
+            got = self._run(read_regions, [piece for _, piece in reads])
+
+            def deliver(chunks: list[bytes]) -> None:
+                for (follower, _), data in zip(reads, chunks):
+                    follower.got(data)
+
+            def failed_reads(failure: Failure) -> None:
+                for follower, _ in reads:
+                    follower.failed(failure)
+
+            return got.addCallbacks(deliver, failed_reads)
 
         def failed(failure: Failure) -> None:
             log.failure("looking at the sizes of followed logs failed", failure)
@@ -468,7 +496,7 @@ class LogFollower:
             self.size = max(self.size, size)
             self._step()
 
-        d.addCallbacks(sized, self._failed)
+        d.addCallbacks(sized, self.failed)
 
     def _step(self) -> None:
         """
@@ -481,22 +509,35 @@ class LogFollower:
             if self._ended:
                 self._finish()
             return
-        end = self.size if self.end is None else min(self.size, self.end)
-        if self.offset < end:
-            self._followers._unwait(self)
-            self._read(min(CHUNK, end - self.offset))
-        elif self.end is not None:
+        wanted = self.take_read()
+        if wanted is not None:
+            d = self._followers._run(read_region, *wanted)
+            d.addCallbacks(self.got, self.failed)
+            return
+        if self.end is not None:
             self._finish()
         elif not self._ended:
             self._followers._wait(self)
 
-    def _read(self, size: int) -> None:
-        assert self.path is not None
+    def take_read(self) -> Optional[tuple[str, int, int]]:
+        """
+        The read to make now, C{(path, offset, size)}, if there is one
+        (the file holds more than was sent, and the client takes it); the
+        follower is busy until L{got} or L{failed}.
+        """
+        if self.done or self._busy or self._paused or self.path is None:
+            return None
+        end = self.size if self.end is None else min(self.size, self.end)
+        if self.offset >= end:
+            return None
         self._busy = True
-        d = self._followers._run(read_region, self.path, self.offset, size)
-        d.addCallbacks(self._got, self._failed)
+        self._followers._unwait(self)
+        return self.path, self.offset, min(CHUNK, end - self.offset)
 
-    def _got(self, data: bytes) -> None:
+    def got(self, data: bytes) -> None:
+        """
+        The bytes a read (L{take_read}) gave: send them, and go on.
+        """
         self._busy = False
         if self.done:
             return
@@ -515,7 +556,10 @@ class LogFollower:
         self._request.write(data)
         self._step()
 
-    def _failed(self, failure: Failure) -> None:
+    def failed(self, failure: Failure) -> None:
+        """
+        A read failed: say so, and end the follow (its connection closed).
+        """
         self._busy = False
         log.failure("following the log {path} failed", failure, path=self.path)
         self.abort()

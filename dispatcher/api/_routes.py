@@ -25,6 +25,7 @@ from dispatcher.wire._types import (
     MAX_LIST_LIMIT,
     MAX_NAME,
     MAX_STATE_FILTERS,
+    NO_NUL,
     ZONED_TIME,
     MAX_NESTING,
     MAX_OFFSET,
@@ -460,21 +461,22 @@ _TIME_QUERY = {
         {"type": "string", "pattern": r"^[0-9]{1,12}(?:\.[0-9]{1,6})?$"},
     ],
 }
+_FILTER_TEXT = {"type": "string", "minLength": 1, "maxLength": MAX_NAME, "pattern": NO_NUL}
 LIST_FILTERS: tuple[Mapping[str, Any], ...] = (
     {"name": "array", "in": "query",
      "description": "Only the members of this array (its id).",
-     "schema": {"type": "string", "minLength": 1, "maxLength": MAX_NAME}},
+     "schema": _FILTER_TEXT},
     {"name": "batch", "in": "query",
      "description": "Only the jobs of this batch (its id).",
-     "schema": {"type": "string", "minLength": 1, "maxLength": MAX_NAME}},
+     "schema": _FILTER_TEXT},
     {"name": "name", "in": "query", "description": "Only the jobs of this name, exactly.",
-     "schema": {"type": "string", "maxLength": MAX_NAME}},
+     "schema": {**_FILTER_TEXT, "minLength": 0}},
     {"name": "queue", "in": "query", "description": "Only the jobs of this queue.",
-     "schema": {"type": "string", "minLength": 1, "maxLength": MAX_NAME}},
+     "schema": _FILTER_TEXT},
     {"name": "worker", "in": "query",
      "description": "Only the jobs whose latest attempt this holder (a worker's name, "
      "or this dispatcher's own executor) holds or held.",
-     "schema": {"type": "string", "minLength": 1, "maxLength": MAX_NAME}},
+     "schema": _FILTER_TEXT},
     {"name": "created_after", "in": "query",
      "description": "Only the jobs submitted after this time: RFC 3339 with its zone, "
      "or seconds since 1970.", "schema": _TIME_QUERY},

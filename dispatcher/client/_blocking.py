@@ -308,7 +308,9 @@ class Client:
         """
         A job's log as it is written, in pieces as they come, until its
         attempt has ended and the last byte is read.  A connection that
-        fails meanwhile is opened again at the byte read up to.
+        fails meanwhile is opened again at the byte read up to (give
+        C{attempt} to be sure the same attempt is resumed: without it, the
+        latest is, which a retry between the two may have changed).
         """
         follower = LogFollower(job_id, stream, attempt, offset, self.url, self._retries)
         while True:

@@ -211,8 +211,11 @@ def _time(value: Union[str, float, int, datetime.datetime]) -> str:
         if value.tzinfo is None:
             raise ValueError(f"{value!r}: give a time with its zone (tzinfo)")
         return value.isoformat()
-    if isinstance(value, (int, float)):
-        return f"{value:g}" if isinstance(value, float) else str(value)
+    if isinstance(value, float):
+        # Decimal digits, never an exponent (1.79e+09).
+        return f"{value:.6f}".rstrip("0").rstrip(".")
+    if isinstance(value, int):
+        return str(value)
     return value
 
 

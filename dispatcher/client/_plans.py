@@ -21,7 +21,7 @@ from dispatcher.wire._types import MAX_CLIENT_WAIT, JobView
 log = Logger()
 
 # Tries after the first, by default: with the back-off below, a call keeps
-# trying for about 15 seconds, long enough for a dispatcher to restart.
+# trying for 10 to 15 seconds, long enough for a dispatcher to restart.
 RETRIES = 5
 FIRST_BACKOFF = 0.5
 MAX_BACKOFF = 8.0

@@ -13,7 +13,7 @@ import msgspec
 from twisted.logger import Logger
 
 from dispatcher.client._calls import Call, Query, events_call, log_call
-from dispatcher.client._errors import Unreachable, error_from_answer
+from dispatcher.client._errors import Unreachable, answer_mismatch, error_from_answer
 from dispatcher.client._plans import RETRIES, Answer, backoff
 from dispatcher.client._sse import EventStreamParser, ServerSentEvent
 from dispatcher.wire._types import EventsDropped, EventsReset, JobEvent, WorkerEvent
@@ -53,12 +53,14 @@ def decode_event(sse: ServerSentEvent) -> Event:
     client does not know keeps its data as plain JSON (and the stream's
     id), so that the stream may gain types.
     """
-    kind = EVENT_DATA.get(sse.type)
-    if kind is None:
-        data = msgspec.json.decode(sse.data)
+    kind = EVENT_DATA.get(sse.type, Any)
+    try:
+        data = msgspec.json.decode(sse.data, type=kind)
+    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        raise answer_mismatch(200, kind, f"event {sse.type}: {e}") from None
+    if kind is Any:
         event_id = int(sse.last_event_id) if sse.last_event_id.isdigit() else None
         return Event(event_id, sse.type, data)
-    data = msgspec.json.decode(sse.data, type=kind)
     return Event(getattr(data, "id", None), sse.type, data)
 
 

@@ -30,7 +30,10 @@ MAX_DEPENDENCY_LINKS = 20_000
 # one index (the most selective filter's) and the other filters checked on
 # the rows it gives, so a page whose other filters match little ends short
 # (even empty) with a cursor to go on from, rather than reading a million
-# rows for nothing (issue 17; docs/benchmarks.md has the figures).
+# rows for nothing (issue 17).  Measured with bench/list_filters.py on a
+# store of a million jobs: a page whose filters match nothing took at most
+# 50 ms (two states and a queue), 11 ms for queue= or created_after= alone,
+# where reading the million for queue= took 1.3 s.
 MAX_LIST_EXAMINED = 10_000
 
 

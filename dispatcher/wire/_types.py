@@ -424,15 +424,6 @@ class Limits(_In):
     ]
 
 
-class LimitsView(Limits, forbid_unknown_fields=False):
-    """
-    The limits an attempt ran under, as an attempt shows them: those of
-    L{Limits}, which a worker sends and which refuses a field it does not
-    know, read here as every answer is (L{_Out}), so that a client reads
-    an attempt that shows more.
-    """
-
-
 # The streams of a job's log.
 LogStream = Literal["stdout", "stderr"]
 LogCut = Annotated[
@@ -454,7 +445,7 @@ class AttemptView(_Out):
     exit_code: Optional[int]
     error: Optional[str]
     limits: Annotated[
-        Optional[LimitsView],
+        Optional[Limits],
         Meta(description="A command's attempt that ran: the limits it ran under; "
              "null otherwise."),
     ] = None
