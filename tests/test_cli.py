@@ -347,7 +347,7 @@ def test_wait_exits_with_how_the_jobs_ended(daemon):
     assert json.loads(done.stdout) == {"id": failed}
     done = cli(daemon, "show", failed, ok=False)
     assert done.returncode == 1
-    assert done.stderr.startswith(f"dispatcher show: ") and "404 not_found" in done.stderr
+    assert done.stderr.startswith("dispatcher show: ") and "404 not_found" in done.stderr
     assert done.stderr.count("\n") == 1
 
 

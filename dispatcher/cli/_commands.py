@@ -12,18 +12,16 @@ cancelled; 2 a usage error; 3 C{wait}'s time ran out; 130 interrupted
 from __future__ import annotations
 
 import functools
-import os
 import sys
 import threading
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import click
 
 from dispatcher.cli import _render as render
-from dispatcher.cli._connect import CommandFailed, Settings, connect, explain
+from dispatcher.cli._connect import Settings, connect, explain
 from dispatcher.cli._submit import SubmissionError, job_fields, merge, read_jobs
 from dispatcher.cli._wait import (
-    FAILED,
     Progress,
     group_outcome,
     outcome,
@@ -31,8 +29,9 @@ from dispatcher.cli._wait import (
     wait_for_group,
     wait_for_jobs,
 )
+from dispatcher.model._jobs import JobState
 
-STATES = ("pending", "queued", "staging", "running", "succeeded", "failed", "cancelled")
+STATES = tuple(state.value for state in JobState)
 
 # What `ls` shows when not told --limit: a screenful or two, and a note
 # on stderr when there are more.
@@ -71,13 +70,12 @@ def _set(name: str) -> Callable[[click.Context, click.Parameter, Any], None]:
     return callback
 
 
-def connection_options(command: Callable[..., Any]) -> Callable[..., Any]:
+def _connection_options() -> list[click.Option]:
     """
-    Add C{--url}, C{--token-file} and C{--json} to C{command}: they fill
-    the L{Settings} that every command reads, overriding what was given
-    before the command's name.
+    C{--url}, C{--token-file} and C{--json}: each fills the L{Settings}
+    that every command reads, a command's overriding the group's.
     """
-    options = [
+    return [
         click.Option(["--url"], metavar="URL", expose_value=False, callback=_set("url"),
                      help="The dispatcher (default: $DISPATCHER_URL, else "
                           "http://127.0.0.1:8080)."),
@@ -90,10 +88,17 @@ def connection_options(command: Callable[..., Any]) -> Callable[..., Any]:
                      help="Answer in JSON: one document, or one line per item of a "
                           "stream."),
     ]
+
+
+def connection_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """
+    Add the connection options (L{_connection_options}) to C{command},
+    listed after its own.
+    """
     # click lists a command's parameters in the reverse of this list: put
-    # first here, they are listed last, after the command's own.
+    # first here, they are listed last.
     command.__click_params__ = [  # type: ignore[attr-defined]
-        *reversed(options), *getattr(command, "__click_params__", [])]
+        *reversed(_connection_options()), *getattr(command, "__click_params__", [])]
     return command
 
 
@@ -745,16 +750,7 @@ def api_commands(local: Sequence[click.Command] = (), epilog: Optional[str] = No
         context_settings={"help_option_names": ["-h", "--help"]},
         no_args_is_help=True,
     )
-    for option in (
-        click.Option(["--url"], metavar="URL", expose_value=False,
-                     callback=_set("url"), help="The dispatcher (default: $DISPATCHER_URL, "
-                     "else http://127.0.0.1:8080)."),
-        click.Option(["--token-file"], metavar="FILE", expose_value=False,
-                     callback=_set("token_file"), help="A file holding the token."),
-        click.Option(["--json", "json_"], is_flag=True, expose_value=False,
-                     callback=_set("json"), help="Answer in JSON."),
-    ):
-        group.params.append(option)
+    group.params.extend(_connection_options())
     for command in (*API_COMMANDS, *local):
         group.add_command(command)
     return group
