@@ -103,7 +103,7 @@ from dispatcher.api._auth import (
     MAX_ANONYMOUS_BODY_BYTES,
     Gate,
 )
-from dispatcher.api._quotas import SubmissionRates, too_many_unfinished
+from dispatcher.api._quotas import QuotaExceeded, SubmissionRates, too_many_unfinished
 from dispatcher.model._principals import Principal, Role
 from dispatcher.store._credentials import CredentialExists, CredentialFile
 
@@ -774,15 +774,31 @@ class DispatcherAPI(Resource):
         refusal of either is a 429 naming C{field}, and a request that
         stores nothing gives back what it took of the rate.  A batch's
         answer says its C{batch_id} (a replay's, the original's).
+
+        A request past the rate that carries an C{Idempotency-Key} still
+        goes to the store, allowed no new job: a replay of a request that
+        was stored (its client lost the answer) is answered with its jobs,
+        since it stores nothing; a 429 saying nothing was stored would
+        have its client submit again under a new key, and make the jobs
+        twice.  Anything else is the rate's 429.
         """
         key = self._idempotency(request, body)
         principal = request.principal
         limits = self._rates.limits(principal)
+        max_unfinished = limits.max_jobs
+        over_rate: Optional[QuotaExceeded] = None
         if not limits.unlimited:
-            self._rates.take(principal, limits, jobs, field)
+            try:
+                self._rates.take(principal, limits, jobs, field)
+            except QuotaExceeded as e:
+                if key is None:
+                    raise
+                # The store answers a replay before it counts, and with
+                # no more unfinished jobs allowed refuses anything new.
+                over_rate, max_unfinished = e, 0
 
         def answer(submitted: Submitted | SubmittedIds) -> Answer:
-            if isinstance(submitted, Submitted) and submitted.replayed:
+            if isinstance(submitted, Submitted) and submitted.replayed and over_rate is None:
                 self._rates.give_back(principal, limits, jobs)
             if isinstance(submitted, SubmittedIds):
                 _audit_submit(request, submitted.ids, False)
@@ -806,7 +822,12 @@ class DispatcherAPI(Resource):
             return Answer(status, answer)
 
         def refused(failure: Failure) -> Failure:
-            if not failure.check(CancelledError):
+            if over_rate is not None:
+                # It took nothing of the rate; not a replay, the rate
+                # refuses it.
+                if failure.check(TooManyUnfinished):
+                    raise over_rate
+            elif not failure.check(CancelledError):
                 # Nothing was stored.  (A request its client left is
                 # stored all the same: what it took is kept.)
                 self._rates.give_back(principal, limits, jobs)
@@ -829,7 +850,7 @@ class DispatcherAPI(Resource):
         # owner's keys.
         if isinstance(submissions, PlainJobs):
             d = self._dispatcher.submit_plain(
-                submissions, key, principal.name, limits.max_jobs
+                submissions, key, principal.name, max_unfinished
             )
         else:
             d = self._dispatcher.submit(
@@ -838,7 +859,7 @@ class DispatcherAPI(Resource):
                 explain=single or full,
                 owner=principal.name,
                 sees_all=principal.sees_all,
-                max_unfinished=limits.max_jobs,
+                max_unfinished=max_unfinished,
             )
         return d.addCallbacks(answer, refused)
 
