@@ -27,9 +27,12 @@ ALLOWED = {
     "http": {"wire"},
     "api": {"model", "config", "wire", "store"},
     "workers": {"model", "config", "wire", "execution"},
-    "app": {"model", "config", "wire", "store", "execution", "core", "http", "api", "workers"},
+    "app": {"model", "config", "wire", "store", "execution", "core", "http", "api", "workers",
+            "cli"},
     # The Python client speaks to the dispatcher over HTTP alone.
     "client": {"model", "wire"},
+    # The dispatcher command's API commands: the client, and no server.
+    "cli": {"model", "wire", "client"},
 }
 
 SHARED = {"_deferreds", "_threads", "_throttle"}

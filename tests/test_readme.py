@@ -17,6 +17,7 @@ import http.server
 import os
 import re
 import subprocess
+import sys
 import threading
 import uuid
 
@@ -110,7 +111,8 @@ def test_the_readme_walkthrough_runs_as_written(tmp_path, input_url):
     daemon.start()
     try:
         env = {
-            "PATH": os.environ["PATH"],
+            # As `. .venv/bin/activate` does: the dispatcher command first.
+            "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
             "HOME": str(tmp_path),
             "LANG": "C.UTF-8",
             "DISPATCHER_URL": daemon.url,

@@ -1,8 +1,10 @@
 """
-The C{dispatcher} command: C{dispatcher worker ...} runs a remote worker in
-the foreground, logging text to stderr, as C{twistd -n dispatcher-worker}
-does with its own log options; C{dispatcher store ...} checks, backs up and
-restores a dispatcher's store.
+The C{dispatcher} command: the API commands of L{dispatcher.cli}
+(C{submit}, C{ls}, C{wait}, ...), and the commands that work on this host:
+C{dispatcher worker ...} runs a remote worker in the foreground, logging
+text to stderr, as C{twistd -n dispatcher-worker} does with its own log
+options; C{dispatcher store ...} checks, backs up and restores a
+dispatcher's store; C{dispatcher token ...} makes its credentials.
 """
 
 from __future__ import annotations
@@ -11,23 +13,10 @@ import os
 import sys
 from typing import Any, Optional, Sequence
 
-from twisted.internet.defer import Deferred
-from twisted.python import usage
-
-USAGE = """\
-Usage: dispatcher worker --url URL --token-file FILE --slots N [options]
-       dispatcher store check|backup|restore|reset-mark [--data-dir DIR] ...
-       dispatcher token create|ls|revoke [--config FILE | --data-dir DIR] ...
-
-Commands:
-  worker   Pull jobs from a dispatcher over HTTP and run them on this host.
-           'dispatcher worker --help' lists its options.
-  store    Check a store, back it up (while the dispatcher runs), restore a
-           backup.  'dispatcher store --help' tells more.
-  token    Make, list and revoke the credentials callers send, while the
-           dispatcher runs.  'dispatcher token --help' tells more.
-
+LOCAL_COMMANDS = """\b
+worker, store and token work on this host; each has its own --help.
 The dispatcher itself runs with 'twistd -n dispatcher' (or 'twist dispatcher').
+Shell completion: eval "$(dispatcher completion bash)" (or zsh, fish).
 """
 
 
@@ -40,30 +29,62 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     # A backup, a token file, a worker's files: this account's alone.
     os.umask(UMASK)
     args = list(sys.argv[1:] if argv is None else argv)
-    if not args or args[0] in ("-h", "--help"):
-        sys.stdout.write(USAGE)
-        raise SystemExit(0 if args else 2)
-    command, rest = args[0], args[1:]
-    if command == "store":
-        raise SystemExit(store_main(rest))
-    if command == "token":
-        raise SystemExit(token_main(rest))
-    if command != "worker":
-        sys.stderr.write(f"dispatcher: unknown command {command!r}\n\n{USAGE}")
-        raise SystemExit(2)
+    command(args).main(args, prog_name="dispatcher")
+
+
+def command(args: Sequence[str] = ()) -> Any:
+    """
+    The C{dispatcher} click group: the API commands and the local ones.
+    The local ones hand their arguments, C{--help} included, to their own
+    parsers as they are, so that their options, messages and exit statuses
+    stay what they were before the group was click's.
+    """
+    import click
+
+    from dispatcher.cli import api_commands
+
+    def local(name: str, run: Any, summary: str) -> click.Command:
+        @click.command(
+            name, help=summary, add_help_option=False,
+            context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+        )
+        @click.argument("rest", nargs=-1, type=click.UNPROCESSED)
+        def handed_on(rest: Sequence[str]) -> None:
+            raise SystemExit(run(list(rest)))
+
+        return handed_on
+
+    return api_commands(
+        local=[
+            local("worker", worker_main, "Run a worker: jobs pulled over HTTP, run here."),
+            local("store", store_main, "Check, back up and restore a dispatcher's store."),
+            local("token", token_main, "Make, list and revoke credentials."),
+        ],
+        epilog=LOCAL_COMMANDS,
+    )
+
+
+def worker_main(rest: Sequence[str]) -> int:
+    """
+    C{dispatcher worker ...}: runs the worker until a signal stops it;
+    returns 2 on a usage error, before any reactor starts.
+    """
+    from twisted.python import usage
+
     from dispatcher.app.worker_tap import Options
 
     # The options are checked before any reactor or log starts, so that a
     # mistake is one clear line.
     options = Options()
     try:
-        options.parseOptions(rest)
+        options.parseOptions(list(rest))
     except usage.UsageError as e:
         sys.stderr.write(
             f"dispatcher worker: {e}\nRun 'dispatcher worker --help' for the options.\n"
         )
-        raise SystemExit(2)
+        return 2
     run_worker(options)
+    return 0
 
 
 def run_worker(options: Any) -> None:
@@ -75,6 +96,7 @@ def run_worker(options: Any) -> None:
     level info and above to stderr, start the service, and stop it (waiting
     for its Deferred) before the reactor shuts down.
     """
+    from twisted.internet.defer import Deferred
     from twisted.logger import (
         FilteringLogObserver,
         LogLevel,
