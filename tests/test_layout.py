@@ -156,7 +156,7 @@ def test_client_imports_no_server_code():
     import sys
 
     code = (
-        "import sys, dispatcher.client;"
+        "import sys, dispatcher.client; dispatcher.client.TwistedClient;"
         "print('\\n'.join(m for m in sys.modules if m.startswith('dispatcher.')))"
     )
     loaded = subprocess.run(
@@ -164,6 +164,26 @@ def test_client_imports_no_server_code():
     ).stdout.split()
     assert "dispatcher.client._twisted" in loaded
     assert sorted({_layer(m) for m in loaded}) == ["client", "model", "wire"]
+
+
+def test_the_blocking_client_imports_no_twisted_client():
+    """
+    The blocking client (the dispatcher command's, at every call and every
+    completion) does not import the Twisted one, treq or Twisted's HTTP
+    client: they are loaded at the first use of TwistedClient.
+    """
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, dispatcher.client; dispatcher.client.Client;"
+        "print('\\n'.join(sys.modules))"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert "dispatcher.client._twisted" not in loaded
+    assert "treq" not in loaded
 
 
 def test_only_the_store_imports_sqlite3():

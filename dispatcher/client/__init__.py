@@ -16,6 +16,9 @@ It speaks to the dispatcher over HTTP alone.  May import:
 L{dispatcher.wire} and L{dispatcher.model}; nothing of the server.
 """
 
+from importlib import import_module
+from typing import Any
+
 from dispatcher.client._blocking import Client
 from dispatcher.client._errors import (
     BadRequest,
@@ -30,7 +33,6 @@ from dispatcher.client._errors import (
     WaitTimeout,
 )
 from dispatcher.client._streams import Event
-from dispatcher.client._twisted import TwistedClient
 # The wire types a caller builds or reads, from where the server declares
 # them.
 from dispatcher.model._jobs import JobState
@@ -84,3 +86,18 @@ __all__ = [
     "WorkerEvent",
     "WorkerView",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # TwistedClient is imported at its first use: treq and Twisted's HTTP
+    # client cost the blocking client's users (the dispatcher command, at
+    # every call and every completion) about 120 ms to import.
+    if name != "TwistedClient":
+        raise AttributeError(f"module 'dispatcher.client' has no attribute {name!r}")
+    value = import_module("dispatcher.client._twisted").TwistedClient
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
