@@ -105,6 +105,23 @@ def test_every_route_refuses_a_query_parameter_it_does_not_take(daemon):
     assert code == 200 and still["state"] != "cancelled"
 
 
+def test_a_query_parameter_given_empty_is_refused_not_defaulted(daemon):
+    """A parameter with a default, given empty (?stream=), is refused as
+    the value it is (400 naming it), not taken for its default: its schema
+    (an enum, an integer) does not allow the empty value."""
+    code, job = daemon.request("POST", "/v1/jobs", {"command": ["true"]})
+    assert code == 201
+    for path, field in [
+        (f"/v1/jobs/{job['id']}/log?stream=", "stream"),
+        (f"/v1/jobs/{job['id']}/log?offset=", "offset"),
+        (f"/v1/jobs/{job['id']}/log?follow=", "follow"),
+        ("/v1/jobs?order=", "order"),
+    ]:
+        code, error, _ = ask(daemon, "GET", path)
+        assert code == 400, (path, error)
+        assert error["error"]["field"] == field, (path, error)
+
+
 def test_a_wait_answers_when_the_job_finishes(daemon):
     """GET /v1/jobs/ID?wait=30 answers as soon as the job has succeeded, not
     at the wait's end."""

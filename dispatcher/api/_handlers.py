@@ -1126,7 +1126,7 @@ class DispatcherAPI(Resource):
             name: _bounded_query(request, name, 0 if name == "name" else 1)
             for name in ("array", "batch", "name", "queue", "worker")
         }
-        order = _query(request, "order") or "oldest"
+        order = _query_or(request, "order", "oldest")
         if order not in ("oldest", "newest"):
             raise ApiError(
                 400, "invalid_query", "order: expected oldest or newest", "order"
@@ -1245,13 +1245,13 @@ class DispatcherAPI(Resource):
         return Answer(204, b"")
 
     async def read_log(self, request: Any, job_id: str) -> Answer:
-        stream = _query(request, "stream") or "stdout"
+        stream = _query_or(request, "stream", "stdout")
         if stream not in ("stdout", "stderr"):
             raise ApiError(
                 400, "invalid_query", "stream: expected stdout or stderr", "stream"
             )
         offset = query_integer(
-            _query(request, "offset") or "0", "offset", 0, MAX_OFFSET,
+            _query_or(request, "offset", "0"), "offset", 0, MAX_OFFSET,
             f"expected a byte offset from 0 to {MAX_OFFSET}",
         )
         number = _query(request, "attempt")
@@ -1259,7 +1259,7 @@ class DispatcherAPI(Resource):
             number, "attempt", 1, MAX_ATTEMPT_NUMBER,
             f"expected an attempt's number from 1 to {MAX_ATTEMPT_NUMBER}",
         )
-        follow = _query(request, "follow") or "false"
+        follow = _query_or(request, "follow", "false")
         if follow not in ("true", "false"):
             raise ApiError(400, "invalid_query", "follow: expected true or false", "follow")
         if follow == "true":
@@ -1371,6 +1371,16 @@ def _bounded_query(request: Any, name: str, shortest: int) -> Optional[str]:
             f"{name}: expected {shortest} to {MAX_NAME} characters, no NUL", name,
         )
     return text
+
+
+def _query_or(request: Any, name: str, default: str) -> str:
+    """
+    The one value of the query parameter C{name}, or C{default} when it is
+    not given: given empty (C{?stream=}) it is that empty value, which the
+    caller refuses as the value it is, not taken for the default.
+    """
+    value = _query(request, name)
+    return default if value is None else value
 
 
 def _query_time(request: Any, name: str) -> Optional[float]:
