@@ -58,6 +58,7 @@ from dispatcher.wire._types import (
 from dispatcher.model._jobs import format_time
 from dispatcher.model._jobs import InvalidTransition, JobState, PlainJobs, StoreClosed, UnknownJob
 from dispatcher.model._principals import PRINCIPAL_NAME_RULE, valid_name
+from dispatcher.api._events import EventStreamAnswer, EventStreams, parse_event_query
 from dispatcher.api._openapi import openapi_document
 from dispatcher.api._hosts import HostPolicy
 from dispatcher.api._routes import Route, Router, path_segments
@@ -321,6 +322,35 @@ def _query(request: Any, name: str) -> Optional[str]:
         raise ApiError(400, "invalid_query", f"{name}: not UTF-8", name)
 
 
+def parse_labels(request: Any) -> list[tuple[str, Optional[str]]]:
+    """
+    The C{label} filters of a query (C{key=value}, or C{key}: has the
+    label), at most L{MAX_LABEL_FILTERS}; a 400 naming C{label} otherwise.
+    """
+    given = request.args.get(b"label", [])
+    if len(given) > MAX_LABEL_FILTERS:
+        raise ApiError(
+            400,
+            "invalid_query",
+            f"label: given {len(given)} times; at most {MAX_LABEL_FILTERS} label "
+            "filters in one query",
+            "label",
+        )
+    labels = []
+    for raw in given:
+        try:
+            label = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ApiError(400, "invalid_query", "label: not UTF-8", "label")
+        key, sep, value = label.partition("=")
+        if not key:
+            raise ApiError(
+                400, "invalid_query", "label: expected key=value or key", "label"
+            )
+        labels.append((key, value if sep else None))
+    return labels
+
+
 class DispatcherAPI(Resource):
     """
     The whole API.
@@ -344,6 +374,8 @@ class DispatcherAPI(Resource):
     @param max_body_bytes: C{[server] max_body_bytes}, for the document.
     @param allowed_hosts: C{[server] allowed_hosts} (see L{HostPolicy});
         the address the daemon listens on is added by L{listening_on}.
+    @param events: the L{EventStreams} of C{GET /v1/events}; by default,
+        streams of the dispatcher's events with the default bounds.
     @ivar stopping: whether the daemon is stopping: every new request is
         then answered C{503 shutting_down} (see L{stop_serving}).
     """
@@ -366,8 +398,15 @@ class DispatcherAPI(Resource):
         allowed_hosts: Optional[tuple[str, ...]] = None,
         max_stored_bytes: Optional[int] = None,
         quotas: Optional[Quotas] = None,
+        events: Optional[EventStreams] = None,
     ) -> None:
         Resource.__init__(self)
+        if events is None:
+            events = EventStreams(
+                dispatcher.events, dispatcher.store, clock if clock is not None else reactor
+            )
+        self.events = events
+        events.start_following()
         self._hosts = HostPolicy(allowed_hosts)
         self._workers = workers
         self._dispatcher = dispatcher
@@ -417,9 +456,12 @@ class DispatcherAPI(Resource):
         Answer every request from now on C{503 shutting_down}, and close
         its connection after the answer: the daemon is stopping, and keeps
         listening (so that clients hear why, rather than have their
-        connections refused) until its running jobs are handled.
+        connections refused) until its running jobs are handled.  Event
+        streams end now: their clients resume after the restart
+        (C{Last-Event-ID}), and meanwhile hear 503.
         """
         self.stopping = True
+        self.events.stop()
 
     def check_head(self, channel: Any, method: bytes, uri: bytes, headers: Any) -> Any:
         """
@@ -523,6 +565,9 @@ class DispatcherAPI(Resource):
 
     def _write_answer(self, answer: Answer, request: Any) -> None:
         if request.finished or request._disconnected:
+            return
+        if isinstance(answer, EventStreamAnswer):
+            answer.start(request)
             return
         if isinstance(answer, FileAnswer):
             request.setHeader(b"content-type", answer.content_type.encode("ascii"))
@@ -937,27 +982,7 @@ class DispatcherAPI(Resource):
                 raise ApiError(
                     400, "invalid_query", f"state: {text!r} is not one of {allowed}", "state"
                 )
-        given = request.args.get(b"label", [])
-        if len(given) > MAX_LABEL_FILTERS:
-            raise ApiError(
-                400,
-                "invalid_query",
-                f"label: given {len(given)} times; at most {MAX_LABEL_FILTERS} label "
-                "filters in one query",
-                "label",
-            )
-        labels = []
-        for raw in given:
-            try:
-                label = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise ApiError(400, "invalid_query", "label: not UTF-8", "label")
-            key, sep, value = label.partition("=")
-            if not key:
-                raise ApiError(
-                    400, "invalid_query", "label: expected key=value or key", "label"
-                )
-            labels.append((key, value if sep else None))
+        labels = parse_labels(request)
         limit = DEFAULT_LIST_LIMIT
         text = _query(request, "limit")
         if text is not None:
@@ -1011,6 +1036,11 @@ class DispatcherAPI(Resource):
         log.info("{principal} deleted {job_id}", principal=request.principal.name,
                  job_id=job_id)
         return Answer(204, b"")
+
+    async def stream_events(self, request: Any) -> EventStreamAnswer:
+        filter, after = parse_event_query(request)
+        self.events.check_room()
+        return EventStreamAnswer(self.events, filter, after)
 
     async def read_log(self, request: Any, job_id: str) -> Answer:
         _only_query(request, "stream", "offset")

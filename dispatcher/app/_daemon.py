@@ -20,6 +20,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from dispatcher.api._handlers import DispatcherAPI
+from dispatcher.api._events import EventStreams
 from dispatcher.app._exposure import OpenToTheNetwork, check_exposure
 from dispatcher.app._files import (
     JOBS_DIR_NAME,
@@ -170,6 +171,7 @@ class DaemonService(MultiService):
             retention=RetentionPolicy.from_days(
                 config.retention.finished_days, config.retention.finished_count
             ),
+            events_retention=config.events.retention,
         )
         # Credentials: the data directory's named tokens, and the token
         # files' (an admin, and a worker that may use any worker name).
@@ -207,6 +209,14 @@ class DaemonService(MultiService):
             authentication_required=config.api.authentication,
             max_body_bytes=config.server.max_body_bytes,
             allowed_hosts=config.server.allowed_hosts,
+            events=EventStreams(
+                self.dispatcher.events,
+                self.store,
+                clock if clock is not None else reactor,
+                heartbeat=config.events.heartbeat,
+                buffer=config.events.buffer,
+                max_subscribers=config.events.max_subscribers,
+            ),
         )
         descriptors = open_file_limit()[1]
         # From the hard limit: the soft one is raised to it at start.

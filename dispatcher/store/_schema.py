@@ -175,6 +175,28 @@ MIGRATIONS: Sequence[Union[str, Callable[[sqlite3.Connection], None]]] = (
     );
     INSERT INTO removed (one, top_seq) VALUES (1, 0);
     """,
+    # Migration 10 (issue 17, events; 9 is the batch id): every committed
+    # change of a job's state, and every remote worker's coming and going,
+    # is a row here, written in the transaction of the change
+    # (dispatcher/store/_events.py).  The id is what GET /v1/events gives
+    # and resumes after.  A row is kept small: what the job is (owner,
+    # name, queue, labels, array) is read from its row when the event is
+    # read.  A worker's event has no job: its state is the change
+    # (connected, left), and worker its name.  Old rows are removed by
+    # retention ([events] retention), never the newest.
+    """
+    CREATE TABLE events (
+        id INTEGER PRIMARY KEY,
+        at REAL NOT NULL,
+        job_id TEXT,
+        state TEXT NOT NULL,
+        previous TEXT,
+        attempt INTEGER,
+        exit_code INTEGER,
+        error TEXT,
+        worker TEXT
+    );
+    """,
 )
 
 

@@ -25,6 +25,7 @@ from dispatcher.model._limits import MAX_DEPENDENCY_LINKS
 from dispatcher.store._queries import get_job
 from dispatcher.store._removal import MAX_SEQ
 from dispatcher.store._results import (
+    Change,
     IdempotencyConflict,
     IdempotencyKey,
     Submitted,
@@ -247,7 +248,7 @@ def submit(
     if replayed is not None:
         return replayed
     check_unfinished(writer, owner, len(specs), max_unfinished)
-    changed: list[tuple[str, JobState]] = []
+    changed: list[Change] = []
     in_batch: dict[str, JobState] = {}
     jobs: list[Job] = []
     # Rows are gathered and inserted with executemany (one statement per
@@ -314,7 +315,9 @@ def submit(
                 [(d, job_id) for d in deps],
             )
         in_batch[job_id] = state
-        changed.append((job_id, state))
+        changed.append(
+            (job_id, state) if error is None else (job_id, state, None, None, None, error)
+        )
         if dead is None:
             unfinished += 1
     insert_rows()

@@ -216,6 +216,27 @@ class Recover(NamedTuple):
     now: float
 
 
+class RecordPresence(NamedTuple):
+    """
+    A remote worker connected or left: stored as an event
+    (L{dispatcher.store._events}).
+    """
+
+    worker: str
+    change: str
+    now: float
+
+
+class RemoveEvents(NamedTuple):
+    """
+    One step of removing old events: at most C{limit} of those older than
+    C{cutoff}.
+    """
+
+    cutoff: float
+    limit: int
+
+
 # The writes a client is told are done (submissions, cancels, retries, a
 # removal asked for): their commit syncs to the disk before they are
 # answered.  The others change run state alone (or remove what retention
@@ -227,5 +248,5 @@ DURABLE = frozenset({Submit, SubmitPlain, Cancel, Retry, Remove})
 Write = Union[
     Submit, SubmitPlain, Claim, ResumeLeases, RecordProcess, MarkRunning, Finish, Release,
     Cancel, Retry, PromoteDue, PurgeIdempotency, RemoveFinished, Remove, Shrink,
-    Recover,
+    Recover, RecordPresence, RemoveEvents,
 ]
