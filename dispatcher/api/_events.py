@@ -416,7 +416,9 @@ class EventStream:
         self._out: list[bytes] = []
         self._out_last = 0
         self._backlog: list[tuple[int, bytes]] = []
-        self._wrote = False
+        self._clock = streams._clock
+        # When bytes were last written, which the keep-alive counts from.
+        self._last_write = 0.0
         self._beat: Any = None
         self._resumed: Optional[Deferred] = None
 
@@ -559,7 +561,7 @@ class EventStream:
         self.end(finish=True)
 
     def _write(self, data: bytes) -> None:
-        self._wrote = True
+        self._last_write = self._clock.seconds()
         self._request.write(data)
 
     # The connection's pauses
@@ -584,15 +586,20 @@ class EventStream:
     # Keep-alive
 
     def _arm_heartbeat(self) -> None:
-        self._beat = self._streams._clock.callLater(self._streams.heartbeat, self._heartbeat)
+        # Due a heartbeat after the last bytes written.
+        delay = self._last_write + self._streams.heartbeat - self._clock.seconds()
+        self._beat = self._clock.callLater(max(0.0, delay), self._heartbeat)
 
     def _heartbeat(self) -> None:
         self._beat = None
         if self.ended:
             return
-        if not self._wrote and not self._paused:
-            self._request.write(KEEP_ALIVE)
-        self._wrote = False
+        if self._clock.seconds() >= self._last_write + self._streams.heartbeat:
+            if self._paused:
+                # Nothing is taken: a comment would only wait in the buffer.
+                self._last_write = self._clock.seconds()
+            else:
+                self._write(KEEP_ALIVE)
         self._arm_heartbeat()
 
     # The end

@@ -212,7 +212,7 @@ class DaemonService(MultiService):
             events=EventStreams(
                 self.dispatcher.events,
                 self.store,
-                clock if clock is not None else reactor,
+                clock,
                 heartbeat=config.events.heartbeat,
                 buffer=config.events.buffer,
                 max_subscribers=config.events.max_subscribers,
