@@ -276,6 +276,12 @@ class EventStreams:
         if self._unfollow is not None:
             self._unfollow()
             self._unfollow = None
+        self.end_all()
+
+    def end_all(self) -> None:
+        """
+        End every stream open now.
+        """
         for stream in list(self.streams):
             stream.end()
 
