@@ -146,22 +146,19 @@ def parse_event_query(request: Any) -> tuple[EventFilter, Optional[int]]:
     from dispatcher.api._workers import query_integer
 
     _only_query(request, *EVENT_PARAMETERS)
+    words = f"expected an event id this server gave (decimal digits, at most {MAX_EVENT_ID})"
     after = None
+    text = _query(request, "after")
+    if text is not None:
+        after = query_integer(text, "after", 0, MAX_EVENT_ID, words)
+    # An EventSource that reconnects sends the last id it saw, and the URL
+    # it first opened (with its after): the header is the newer word.
     header = request.getHeader(b"last-event-id")
-    if header is not None and header.strip():
+    if header is not None:
+        # (An EventSource that saw no id sends none: an empty one is wrong.)
         after = query_integer(
-            header.strip().decode("ascii", "replace"), "Last-Event-ID", 0, MAX_EVENT_ID,
-            f"expected an event id this server gave (decimal digits, at most "
-            f"{MAX_EVENT_ID})",
+            header.decode("ascii", "replace"), "Last-Event-ID", 0, MAX_EVENT_ID, words
         )
-    else:
-        text = _query(request, "after")
-        if text is not None:
-            after = query_integer(
-                text, "after", 0, MAX_EVENT_ID,
-                f"expected an event id this server gave (decimal digits, at most "
-                f"{MAX_EVENT_ID})",
-            )
     states = None
     given = _repeated(request, "state", MAX_STATE_FILTERS)
     if given:

@@ -332,17 +332,30 @@ _CONFLICT_KEY = Response("The Idempotency-Key was used with another body.")
 
 # GET /v1/events: its answer, and the id it resumes after.
 _EVENT_STREAM = {
-    "type": "string",
-    "description": "Server-Sent Events (text/event-stream), one event after "
-    "another, each an id: line (durable and increasing), an event: line (job, "
-    "worker, dropped, reset) and a data: line of one JSON object "
+    "type": "object",
+    "description": "Server-Sent Events (text/event-stream): this schema is each "
+    "event's, as OpenAPI 3.1 reads one: an id: line (durable and increasing), an "
+    "event: line (job, worker, dropped, reset) and a data: line of one JSON object "
     "(JobEventData, WorkerEventData, DroppedEventData, ResetEventData), then a "
-    "blank line; and a ': keep-alive' comment every [events] heartbeat seconds "
+    "blank line. A ': keep-alive' comment comes every [events] heartbeat seconds "
     "while nothing else is sent. A subscriber more than [events] buffer events "
-    "behind gets a last dropped event and the stream ends: resume with after "
-    "= its id. A reset event comes first when after is older than the events "
-    "kept ([events] retention) or newer than any: re-list to catch up; the "
-    "stream goes on from the oldest kept.",
+    "behind gets a last dropped event and the stream ends: resume with after = "
+    "its id. A reset event (no id) comes first when after is older than the "
+    "events kept ([events] retention) or newer than any: re-list to catch up; "
+    "the stream goes on from the oldest kept.",
+    "required": ["event", "data"],
+    "properties": {
+        "id": {"type": "string", "pattern": "^[0-9]+$"},
+        "event": {"enum": ["job", "worker", "dropped", "reset"]},
+        "data": {
+            "type": "string",
+            "contentMediaType": "application/json",
+            "contentSchema": {"anyOf": [
+                _ref("JobEventData"), _ref("WorkerEventData"), _ref("DroppedEventData"),
+                _ref("ResetEventData"),
+            ]},
+        },
+    },
 }
 _EVENT_ID = {"type": "string", "pattern": digits_at_most(MAX_EVENT_ID)}
 
