@@ -19,6 +19,7 @@ import pytest_twisted
 from twisted.internet.defer import ensureDeferred
 from zope.interface.verify import verifyObject
 
+from dispatcher.model._groups import GroupKind, JobGroup, NothingToChange, UnknownGroup
 from dispatcher.model._jobs import (
     InputSpec,
     InvalidTransition,
@@ -1150,3 +1151,200 @@ async def test_a_submission_depending_on_too_many_jobs_stores_nothing(store, mon
     (job,) = (await store.submit([spec(2, depends_on=(array_id,) * 3)], 1.0,
                                  [ids.new()])).value.jobs
     assert job.state is JobState.PENDING
+
+
+# Arrays and batches (issue 17)
+
+ARRAY, BATCH = GroupKind.ARRAY, GroupKind.BATCH
+
+
+def members(array_id, count, **kw):
+    """The specs of an array of C{count} members."""
+    return [spec(i, array_id=array_id, array_index=i, **kw) for i in range(count)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_group_counts_its_members_by_state(store):
+    """An array and a batch are read with their owner, creation time and
+    every state's count of members, as their members change; an id no job
+    carries is UnknownGroup, an array's id is no batch's."""
+    array_id, batch_id = ids.new(), ids.new()
+    written = await store.submit(
+        members(array_id, 3, batch_id=batch_id) + [spec(9, batch_id=batch_id)], 50.0,
+        [ids.new() for _ in range(4)], owner="ann")
+    group = await store.group(ARRAY, array_id)
+    assert isinstance(group, JobGroup)
+    assert (group.id, group.kind, group.owner, group.created_at) == (array_id, ARRAY, "ann", 50.0)
+    assert group.counts == {**{s: 0 for s in JobState}, JobState.QUEUED: 3}
+    assert (group.size, group.finished, group.final, group.succeeded) == (3, 0, False, False)
+    batch = await store.group(BATCH, batch_id)
+    assert batch.size == 4 and batch.owner == "ann"
+    (lease,) = await claim(store, "h", 1, 51.0)
+    await finish(store, lease, Outcome(JobState.SUCCEEDED, 0), 52.0)
+    group = await store.group(ARRAY, array_id)
+    assert group.counts[JobState.SUCCEEDED] == 1 and group.counts[JobState.QUEUED] == 2
+    assert group.finished == 1
+    assert sorted(await store.unfinished_members(ARRAY, array_id)) == sorted(
+        j.id for j in written.value.jobs[1:3])
+    for kind, missing in [(ARRAY, "nothing"), (BATCH, array_id), (ARRAY, batch_id)]:
+        with pytest.raises(UnknownGroup):
+            await store.group(kind, missing)
+    assert await store.unfinished_members(ARRAY, "nothing") == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_plain_jobs_carry_their_batch_id(store):
+    """Plain jobs stored with a batch id show it, and are a batch."""
+    batch_id = ids.new()
+    made = [ids.new(), ids.new()]
+    await store.submit_plain(PlainJobs([["true"], ["false"]], batch_id=batch_id), 7.0, made)
+    assert [(await store.get(i)).spec.batch_id for i in made] == [batch_id, batch_id]
+    assert (await store.group(BATCH, batch_id)).size == 2
+    await store.submit_plain(PlainJobs([["true"]]), 8.0, [ids.new()])
+    page, _ = await store.list_jobs(batch=batch_id)
+    assert [j.id for j in page] == made
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_group_cancel_is_one_write(store):
+    """Cancelling a group cancels its pending and queued members at once
+    (and their dependents outside it), asks the holders of its running ones
+    to stop them (their leases are the answer), and leaves its finished
+    ones; a second cancel of a group all final changes nothing; another
+    owner's group is unknown to a cancel limited to an owner."""
+    array_id = ids.new()
+    jobs = await submit(store, *members(array_id, 4))
+    outside = (await submit(store, spec(8, depends_on=(array_id,))))[0]
+    (lease,) = await claim(store, "h", 1, 101.0)
+    assert lease.job_id == jobs[0].id
+    with pytest.raises(UnknownGroup):
+        await store.cancel_group(ARRAY, array_id, 102.0, owner="bob")
+    written = await store.cancel_group(ARRAY, array_id, 102.0)
+    group, leases = written.value
+    assert [l.job_id for l in leases] == [jobs[0].id]
+    assert group.counts[JobState.CANCELLED] == 3 and group.counts[JobState.RUNNING] == 1
+    assert set(moved(written)) == {
+        *((j.id, JobState.CANCELLED) for j in jobs[1:]), (outside.id, JobState.CANCELLED)}
+    assert (await store.get(outside.id)).state is JobState.CANCELLED
+    await finish(store, lease, Outcome(JobState.FAILED, 1, stopped=True), 103.0)
+    assert (await store.group(ARRAY, array_id)).counts[JobState.CANCELLED] == 4
+    with pytest.raises(NothingToChange):
+        await store.cancel_group(ARRAY, array_id, 104.0)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_group_retry_brings_back_every_failed_or_cancelled_member(store):
+    """Retrying a batch puts its failed and cancelled members back in line
+    in one write (a member waiting on another that comes back is pending),
+    leaves its succeeded ones, is refused with nothing changed past the
+    owner's limit (every member coming back counted) and when no member can
+    come back, and a retry limited to an owner sees only its groups."""
+    batch_id = ids.new()
+    first = (await store.submit([spec(0, batch_id=batch_id)], 1.0, [ids.new()],
+                                owner="ann")).value.jobs[0]
+    later = await store.submit(
+        [spec(1, batch_id=batch_id, depends_on=(first.id,)), spec(2, batch_id=batch_id)],
+        1.0, [ids.new(), ids.new()], owner="ann")
+    dependent, third = later.value.jobs
+    leases = await claim(store, "h", 2, 2.0)
+    by_id = {l.job_id: l for l in leases}
+    await finish(store, by_id[first.id], Outcome(JobState.FAILED, 1), 3.0)
+    await finish(store, by_id[third.id], Outcome(JobState.SUCCEEDED, 0), 3.0)
+    assert (await store.get(dependent.id)).state is JobState.CANCELLED
+    with pytest.raises(TooManyUnfinished):
+        await store.retry_group(BATCH, batch_id, 4.0, max_unfinished=1)
+    assert (await store.get(first.id)).state is JobState.FAILED
+    with pytest.raises(UnknownGroup):
+        await store.retry_group(BATCH, batch_id, 4.0, owner="bob")
+    written = await store.retry_group(BATCH, batch_id, 4.0, owner="ann", max_unfinished=2)
+    group = written.value
+    assert group.counts[JobState.QUEUED] == 1 and group.counts[JobState.PENDING] == 1
+    assert group.counts[JobState.SUCCEEDED] == 1
+    assert dict(moved(written)) == {first.id: JobState.QUEUED, dependent.id: JobState.PENDING}
+    assert (await store.get(first.id)).attempts[0].number == 1
+    with pytest.raises(NothingToChange):
+        await store.retry_group(BATCH, batch_id, 5.0)
+    assert await _unfinished(store, "ann") == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_list_jobs_filters_of_issue_17(store):
+    """The list filters by any of several states, array, batch, exact name,
+    queue, the holder of the latest attempt and creation time, each alone
+    and together, newest first with a cursor that goes on that way."""
+    array_id, batch_id = ids.new(), ids.new()
+    arr = await submit(store, *members(array_id, 3), now=10.0)
+    named = (await store.submit([spec(5, name="nightly", batch_id=batch_id),
+                                 spec(6, name="other", batch_id=batch_id)],
+                                20.0, [ids.new(), ids.new()])).value.jobs
+    (lease,) = await claim(store, "worker-1", 1, 21.0)
+    assert lease.job_id == arr[0].id
+    await finish(store, lease, Outcome(JobState.FAILED, 1), 22.0)
+    everyone = [*arr, *named]
+
+    async def listed(**kw):
+        page, cursor = await store.list_jobs(**kw)
+        return [j.id for j in page]
+
+    assert await listed(array=array_id) == [j.id for j in arr]
+    assert await listed(batch=batch_id) == [j.id for j in named]
+    assert await listed(name="nightly") == [named[0].id]
+    assert await listed(name="nope") == []
+    assert await listed(states=[JobState.FAILED, JobState.QUEUED]) == [j.id for j in everyone]
+    assert await listed(states=[JobState.FAILED]) == [arr[0].id]
+    assert await listed(states=[JobState.QUEUED], array=array_id) == [arr[1].id, arr[2].id]
+    assert await listed(queue="default", name="other") == [named[1].id]
+    assert await listed(queue="elsewhere") == []
+    assert await listed(worker="worker-1") == [arr[0].id]
+    assert await listed(worker="worker-2", array=array_id) == []
+    assert await listed(created_after=15.0) == [j.id for j in named]
+    assert await listed(created_before=15.0, states=[JobState.QUEUED]) == [
+        arr[1].id, arr[2].id]
+    assert await listed(created_after=10.0, created_before=20.0) == []
+    assert await listed(newest=True) == [j.id for j in reversed(everyone)]
+    page, cursor = await store.list_jobs(newest=True, limit=2)
+    assert [j.id for j in page] == [named[1].id, named[0].id]
+    page, cursor = await store.list_jobs(newest=True, limit=2, cursor=cursor)
+    assert [j.id for j in page] == [arr[2].id, arr[1].id] and cursor is not None
+    page, cursor = await store.list_jobs(newest=True, limit=2, cursor=cursor)
+    assert [j.id for j in page] == [arr[0].id] and cursor is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_page_examines_a_bounded_number_of_jobs(store):
+    """A page reads at most its bound of jobs along the index it chose: a
+    filter that matches little ends pages short, even empty, with a cursor
+    that goes on, and following the cursors finds every match once, either
+    way."""
+    jobs = await submit(store, *[spec(i, name="n" if i in (1, 7) else None)
+                                 for i in range(10)])
+    found, cursor, pages = [], None, 0
+    while True:
+        page, cursor = await store.list_jobs(
+            queue="default", labels=[], created_after=0.0, limit=5, cursor=cursor,
+            examine=3, name=None, states=[], worker=None)
+        pages += 1
+        found += [j.id for j in page]
+        if cursor is None:
+            break
+    # Three jobs a page at most, though the limit is five.
+    assert found == [j.id for j in jobs] and pages == 4
+    found, cursor, pages = [], None, 0
+    while True:
+        page, cursor = await store.list_jobs(created_before=0.0, examine=3, cursor=cursor)
+        assert page == []
+        pages += 1
+        if cursor is None:
+            break
+    assert pages == 4
+    for newest in (False, True):
+        found, cursor = [], None
+        while True:
+            page, cursor = await store.list_jobs(
+                name="n", states=[JobState.QUEUED, JobState.PENDING], examine=1, limit=1,
+                cursor=cursor, newest=newest)
+            found += [j.id for j in page]
+            if cursor is None:
+                break
+        expected = [jobs[1].id, jobs[7].id]
+        assert found == (expected[::-1] if newest else expected)

@@ -61,6 +61,11 @@ def give(context, kind):
         "nan": float("nan"),
         "infinity": [float("inf")],
         "deep": _nested(200),
+        # More digits than Python writes or reads as text (4300 by
+        # default): no JSON encoder here can send or store it.
+        "huge_int": 10 ** 5000,
+        "huge_int_in_list": [1, 10 ** 5000],
+        "huge_int_key": {10 ** 5000: "a"},
     }[kind]
 
 

@@ -316,7 +316,10 @@ async def test_health_and_openapi(daemon):
         "/v1/jobs/{id}/cancel", "/v1/jobs/{id}/log", "/v1/jobs/batch",
         "/v1/jobs/{id}/retry", "/v1/queues", "/v1/workers", "/v1/leases",
         "/v1/leases/heartbeat", "/v1/leases/results", "/v1/leases/log",
-        "/v1/me", "/v1/credentials", "/v1/credentials/{name}", "/v1/events",
+        "/v1/me", "/v1/credentials", "/v1/credentials/{name}",
+        "/v1/arrays/{id}", "/v1/arrays/{id}/cancel", "/v1/arrays/{id}/retry",
+        "/v1/batches/{id}", "/v1/batches/{id}/cancel", "/v1/batches/{id}/retry",
+        "/v1/events",
     }
     assert doc["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
     # Every documented operation is served (not 404 or 405).

@@ -3,6 +3,7 @@ Reading the ini file: defaults, every key, and errors that name the file,
 section, key and value.
 """
 
+import os
 import re
 
 import pytest
@@ -160,3 +161,43 @@ def test_missing_file(tmp_path):
     """A file that cannot be read is an error naming it."""
     with pytest.raises(ConfigError, match="nope.ini: cannot read"):
         load_config(str(tmp_path / "nope.ini"))
+
+
+def test_tasks_path_adds_directories_after_the_import_path(tmp_path):
+    """[tasks] path names directories of task modules, relative to the
+    configuration file: they go at the end of sys.path before the tasks
+    load, so a task module there loads and a module there named as one the
+    daemon uses (json) does not stand in for it; a path that is not a
+    directory stops start-up naming it."""
+    import json
+    import sys
+
+    code = tmp_path / "conf" / "my_tasks"
+    code.mkdir(parents=True)
+    (code / "readme_path_tasks.py").write_text("def double(context, x):\n    return 2 * x\n")
+    (code / "json.py").write_text("raise RuntimeError('not the real json')\n")
+    ini = tmp_path / "conf" / "d.ini"
+    ini.write_text("[tasks]\ndouble = readme_path_tasks:double\npath = my_tasks\n")
+    try:
+        config = load_config(str(ini))
+        assert config.task_path == (str(code),)
+        assert config.tasks["double"].function(None, 21) == 42
+        # The standard library's directory comes first: json stays its own.
+        stdlib = os.path.dirname(os.path.dirname(json.__file__))
+        assert sys.path.index(str(code)) > sys.path.index(stdlib)
+        assert sys.path[-1] == str(code)
+        assert "path" not in config.tasks
+    finally:
+        sys.path.remove(str(code))
+    with pytest.raises(ConfigError) as e:
+        parse_config("[tasks]\npath = nowhere\n", str(tmp_path / "x.ini"))
+    assert str(e.value).startswith(
+        f"{tmp_path}/x.ini: [tasks] path = 'nowhere': {tmp_path}/nowhere is not a directory")
+
+
+def test_the_shipped_configuration_loads_its_example_task():
+    """etc/dispatcher.ini configures the README's example task, from
+    etc/tasks, wherever the daemon starts."""
+    config = load_config(os.path.abspath("etc/dispatcher.ini"))
+    assert set(config.tasks) == {"wordcount"}
+    assert config.task_path == (os.path.abspath("etc/tasks"),)

@@ -101,8 +101,8 @@ def credential_of(daemon, caller):
 def seed_retry(daemon, where):
     """
     Give the admin's run a job it can retry: one cancelled now, whose id
-    every generated retry names (schemathesis's config file in C{where},
-    its working directory).  With slots = 0 no job fails, and a retry
+    every generated retry names (the text of schemathesis's config file,
+    which goes in C{where}, its working directory).  With slots = 0 no job fails, and a retry
     otherwise succeeded only when the ids schemathesis reused from earlier
     answers happened to name a job its own cancels had cancelled: any
     change to another operation's answers could leave every retry refused,
@@ -112,10 +112,44 @@ def seed_retry(daemon, where):
     assert code == 201, job
     code, job = daemon.request("POST", f"/v1/jobs/{job['id']}/cancel", token=ADMIN_TOKEN)
     assert (code, job["state"]) == (200, "cancelled"), job
-    (where / "schemathesis.toml").write_text(
+    return (
         '[[operations]]\ninclude-operation-id = "retryJob"\n'
         f'parameters = {{ id = "{job["id"]}" }}\n'
     )
+
+
+def seed_groups(daemon, token):
+    """
+    Give a run an array and a batch to read, cancel and retry (issue 17):
+    each made by C{token}'s caller (the admin's, for a caller that cannot
+    submit) and cancelled now, named by every generated request of their
+    operations.  A generated id names no group, and every answer would be
+    a 404.
+    """
+    if token is None or token == WORKER_TOKEN:
+        token = ADMIN_TOKEN
+    code, made = daemon.request("POST", "/v1/jobs", {"command": ["true"], "array": 1},
+                                token=token)
+    if code == 403:
+        token = ADMIN_TOKEN
+        code, made = daemon.request("POST", "/v1/jobs", {"command": ["true"], "array": 1},
+                                    token=token)
+    assert code == 201, made
+    array_id = made["jobs"][0]["array_id"]
+    code, batch = daemon.request("POST", "/v1/jobs/batch", {"jobs": [{"command": ["true"]}]},
+                                 token=token)
+    assert code == 201, batch
+    text = ""
+    for kind, group_id in (("Array", array_id), ("Batch", batch["batch_id"])):
+        plural = "arrays" if kind == "Array" else "batches"
+        code, _ = daemon.request("POST", f"/v1/{plural}/{group_id}/cancel", token=token)
+        assert code == 200
+        for operation in ("get", "cancel", "retry"):
+            text += (
+                f'[[operations]]\ninclude-operation-id = "{operation}{kind}"\n'
+                f'parameters = {{ id = "{group_id}" }}\n'
+            )
+    return text
 
 
 @pytest.mark.parametrize("caller", list(RUNS))
@@ -144,8 +178,10 @@ def test_the_server_and_its_document_agree(served, caller, tmp_path):
     ]
     if token is not None:
         args += ["--header", f"Authorization: Bearer {token}"]
+    seeds = seed_groups(daemon, token)
     if caller == "admin":
-        seed_retry(daemon, tmp_path)
+        seeds += seed_retry(daemon, tmp_path)
+    (tmp_path / "schemathesis.toml").write_text(seeds)
     if caller != "admin":
         # Every warning but the one saying that some operations answered
         # only 401/403: for this caller they must.

@@ -242,6 +242,8 @@ def test_filters(twistd):
     array_id = arr["jobs"][0]["array_id"]
     code, _ = daemon.request("POST", f"/v1/jobs/{b['id']}/cancel")
     assert code == 200
+    code, batch = daemon.request("POST", "/v1/jobs/batch", {"jobs": [{"command": ["true"]}]})
+    assert code == 201
 
     def ids(query):
         reader = EventReader(daemon.url, daemon.token, query)
@@ -258,6 +260,7 @@ def test_filters(twistd):
         (a["id"], "queued"), (b["id"], "queued"), (b["id"], "cancelled")]
     assert sorted(ids(f"?after=0&array={array_id}")) == sorted(
         (j["id"], "queued") for j in arr["jobs"])
+    assert ids(f"?after=0&batch={batch['batch_id']}") == [(batch["jobs"][0]["id"], "queued")]
     assert ids("?after=0&owner=admin&job=" + a["id"]) == [(a["id"], "queued")]
     assert ids("?after=0&owner=someone") == []
     assert ids("?after=0&type=worker") == []

@@ -154,6 +154,55 @@ def test_allow_lets_named_networks_through():
         assert allowed.refusal(address(text)) is not None, text
 
 
+@pytest.mark.parametrize(
+    "allow, text",
+    [
+        ("::/0", "::ffff:127.0.0.1"),
+        ("::/0", "::127.0.0.1"),
+        ("::/0", "::ffff:0:127.0.0.1"),
+        ("::/0", "64:ff9b::127.0.0.1"),
+        ("::/0", "2002:7f00:1::"),
+        ("2002::/16", "2002:7f00:1::1"),
+        ("2002::/16", "2002:a00:1::"),
+        ("64:ff9b::/96", "64:ff9b::127.0.0.1"),
+        ("64:ff9b::/96", "64:ff9b::192.168.1.1"),
+        ("::ffff:0:0/96", "::ffff:127.0.0.1"),
+        ("::ffff:0:0/96", "::ffff:10.0.0.1"),
+        ("::ffff:127.0.0.1/128", "::ffff:127.0.0.1"),
+        ("::ffff:0:0/96", "::ffff:169.254.169.254"),
+        ("::/0", "::ffff:169.254.169.254"),
+    ],
+)
+def test_ipv6_allow_does_not_open_carried_ipv4(allow, text):
+    """
+    An IPv6 allow entry that holds an IPv4-carrying form (C{::/0},
+    C{2002::/16}, C{64:ff9b::/96}, C{::ffff:0:0/96}) does not let through
+    the refused IPv4 address the form carries, loopback included: the
+    carried address meets the IPv4 rules alone, and the refusal names it.
+    """
+    refusal = policy(allow).refusal(address(text))
+    assert refusal is not None
+    carried = refusal.judged
+    assert carried.version == 4 and carried != refusal.address
+    assert refusal.describe().startswith(f"{address(text)} carries {carried}, which")
+    assert refusal.allow_entry() == f"{carried}/32"
+
+
+def test_ipv6_allow_still_opens_ipv6_and_ipv4_entries_open_carried():
+    """
+    A broad IPv6 allow entry still opens the plain IPv6 addresses it holds;
+    a carried IPv4 address is let through by an IPv4 entry holding it, and
+    a public one passes as before.
+    """
+    broad = policy("::/0")
+    for text in ["::1", "fd00:1::5", "fe80::1", "2001:db8::1", "::ffff:8.8.8.8"]:
+        assert broad.refusal(address(text)) is None, text
+    both = policy("::/0, 127.0.0.0/8")
+    for text in ["::ffff:127.0.0.1", "64:ff9b::127.0.0.1", "2002:7f00:1::"]:
+        assert both.refusal(address(text)) is None, text
+    assert both.refusal(address("::ffff:10.0.0.1")) is not None
+
+
 def test_allow_config():
     """
     C{[fetch] allow} reads networks in CIDR form separated by commas or
@@ -400,6 +449,23 @@ async def test_loopback_spellings_refused(tmp_path, servers, stager, host, allow
     await fetch(stager(allow), url, tmp_path / "ok")
     assert (tmp_path / "ok/in/file").read_bytes() == BODY
     assert served.connections == 1
+
+
+@pytest.mark.parametrize("allow", ["::/0", "::ffff:0:0/96"])
+@pytest_twisted.ensureDeferred
+async def test_broad_ipv6_allow_keeps_mapped_loopback_refused(tmp_path, servers, stager, allow):
+    """
+    With an IPv6 network that holds the IPv4-mapped forms allowed, a URL to
+    C{[::ffff:127.0.0.1]} is still refused before any connection, as
+    carrying 127.0.0.1; allowing 127.0.0.1 itself lets it through.
+    """
+    served = await servers()
+    url = f"http://[::ffff:127.0.0.1]:{served.number}/file"
+    error = await refused(stager(allow), url, tmp_path / "w")
+    assert "carries 127.0.0.1, which is in 127.0.0.0/8 (loopback)" in error.reason
+    assert served.connections == 0
+    await fetch(stager(f"{allow}, 127.0.0.1"), url, tmp_path / "ok")
+    assert (tmp_path / "ok/in/file").read_bytes() == BODY
 
 
 @pytest.mark.parametrize("host", ["0", "0.0.0.0"])

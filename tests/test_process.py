@@ -26,6 +26,7 @@ from dispatcher.execution._process import (
     process_identity,
 )
 from dispatcher.execution._spawner import deadline_clock, read_boot_id, read_stat
+from .test_remote import poll
 
 PATH = {"PATH": "/usr/bin:/bin"}
 
@@ -484,13 +485,23 @@ class RawHelper:
         self.process.stdin.write(json.dumps(request).encode() + b"\n")
         self.process.stdin.flush()
 
-    def spawn(self, job_id, argv, **extra):
+    def send_together(self, *requests):
+        """Send C{requests} in one write, which the helper reads at once
+        (a pipe write below PIPE_BUF is atomic)."""
+        data = b"".join(json.dumps(request).encode() + b"\n" for request in requests)
+        assert len(data) < select.PIPE_BUF
+        os.write(self.process.stdin.fileno(), data)
+
+    def spawn_request(self, job_id, argv, **extra):
         request = dict(
             op="spawn", id=job_id, argv=argv, env=PATH, cwd=str(self.directory),
             stdout=str(self.directory / f"{job_id}.out"),
             stderr=str(self.directory / f"{job_id}.err"))
         request.update(extra)
-        self.send(**request)
+        return request
+
+    def spawn(self, job_id, argv, **extra):
+        self.send(**self.spawn_request(job_id, argv, **extra))
         return self.reply(lambda r: r["id"] == job_id and r["op"] == "spawned")
 
     def reply(self, match, timeout=10.0):
@@ -537,9 +548,13 @@ def test_a_job_past_its_deadline_is_killed_and_reported(raw_helper):
     """
     start = deadline_clock()
     fenced = raw_helper.spawn(1, ["sleep", "30"], deadline=start + 0.5)
-    extended = raw_helper.spawn(2, ["sleep", "30"], deadline=start + 0.5)
+    # Spawned and moved in one read: a busy host must not let its first
+    # deadline pass between the two.
+    raw_helper.send_together(
+        raw_helper.spawn_request(2, ["sleep", "30"], deadline=start + 0.5),
+        dict(op="deadline", ids=[2, 99], at=start + 60))
+    extended = raw_helper.reply(lambda r: r["id"] == 2 and r["op"] == "spawned")
     free = raw_helper.spawn(3, ["sleep", "30"])
-    raw_helper.send(op="deadline", ids=[2, 99], at=start + 60)
     exited = raw_helper.exited(1)
     assert exited == {"op": "exited", "id": 1, "code": -signal.SIGKILL, "deadline": True}
     assert deadline_clock() >= start + 0.5
@@ -558,16 +573,27 @@ def test_a_deadline_taken_away_kills_nothing(raw_helper):
     left in its group dies with it at its deadline.
     """
     start = deadline_clock()
-    kept = raw_helper.spawn(1, ["sleep", "30"], deadline=start + 0.3)
-    raw_helper.send(op="deadline", ids=[1], at=None)
+    # The spawn and the deadline taken away arrive in one read: on a busy
+    # host the test's own turn between them could take longer than the
+    # deadline, which would then (rightly) kill the job first.
+    raw_helper.send_together(
+        raw_helper.spawn_request(1, ["sleep", "30"], deadline=start + 0.3),
+        dict(op="deadline", ids=[1], at=None))
+    kept = raw_helper.reply(lambda r: r["id"] == 1 and r["op"] == "spawned")
     stray_file = raw_helper.directory / "stray.pid"
     group = raw_helper.spawn(
-        2, ["sh", "-c", f"sleep 30 & echo $! > {stray_file}; wait"],
-        deadline=start + 0.6)
+        2, ["sh", "-c", f"sleep 30 & echo $! > {stray_file}.new; "
+            f"mv {stray_file}.new {stray_file}; wait"],
+        deadline=start + 60)
+    # Its deadline is brought to now once its stray is known, and past
+    # the first job's old one: the helper looks at deadlines after that
+    # request, so it would have killed the first job had it kept its own.
+    poll(stray_file.exists, what="the stray's pid")
+    time.sleep(max(0.0, start + 0.4 - deadline_clock()))
+    raw_helper.send(op="deadline", ids=[2], at=deadline_clock())
     assert raw_helper.exited(2)["deadline"] is True
     stray = int(stray_file.read_text())
     assert not is_alive(stray) and not is_alive(group["pid"])
-    time.sleep(0.2)
     assert is_alive(kept["pid"])
     raw_helper.send(op="signal", id=1, signal=signal.SIGKILL)
     assert "deadline" not in raw_helper.exited(1)

@@ -167,6 +167,41 @@ async def test_a_refused_request_gives_back_its_share_of_the_rate(make_daemon):
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_replay_is_answered_whatever_the_rate(make_daemon):
+    """
+    A request sent again with its Idempotency-Key (its client lost the
+    answer) is answered with the jobs it made, 200, even when its owner's
+    rate has run out since: it stores nothing.  A 429 saying "nothing was
+    stored" would have its client submit again, under a new key, and make
+    the jobs twice.  A new key past the rate is still refused, and storing
+    nothing.
+    """
+    clock = Clock()
+    clock.advance(1_000_000)
+    daemon = await quota_daemon(
+        make_daemon, "[quota:owner=ann]\nrate = 1\nburst = 2\n", clock=clock)
+    key = {"Idempotency-Key": ["k1"]}
+    code, first = await call(daemon, "ann", "POST", "/v1/jobs/batch",
+                             {"jobs": [{"command": ["true"]}] * 2}, headers=key)
+    assert code == 201, first
+    code, again = await call(daemon, "ann", "POST", "/v1/jobs/batch",
+                             {"jobs": [{"command": ["true"]}] * 2}, headers=key)
+    assert code == 200, again
+    assert [j["id"] for j in again["jobs"]] == [j["id"] for j in first["jobs"]]
+    response, content = await daemon.request(
+        "POST", "/v1/jobs", {"command": ["true"]},
+        headers={"Authorization": [f"Bearer {daemon.tokens['ann']}"],
+                 "Idempotency-Key": ["k2"]})
+    assert response.code == 429, content
+    assert json.loads(content)["error"]["code"] == "too_many_submissions"
+    assert len(await jobs_of(daemon, "ann")) == 2
+    # The replay took nothing of the rate: one second gives one job.
+    clock.advance(1)
+    code, job = await call(daemon, "ann", "POST", "/v1/jobs", {"command": ["true"]})
+    assert code == 201, job
+
+
+@pytest_twisted.ensureDeferred
 async def test_admins_are_unlimited_unless_a_section_says(make_daemon, tmp_path):
     """
     [quota] bounds every principal but admins; [quota:role=admin] (or an

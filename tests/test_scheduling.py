@@ -258,9 +258,9 @@ async def test_batch_all_or_nothing_with_indexes(daemon):
 
 @pytest_twisted.ensureDeferred
 async def test_batch_answers_ids_unless_asked_for_more(make_daemon):
-    """A batch answers each job's id and state (and place in its array) in
-    order; with Prefer: return=representation it answers each job whole, as
-    GET shows it."""
+    """A batch answers each job's id, state and batch id (and place in its
+    array) in order; with Prefer: return=representation it answers each job
+    whole, as GET shows it."""
     daemon = await make_daemon("[executor]\nslots = 0\n")
     jobs = await daemon.batch([
         {"command": ["true"], "labels": {"n": "0"}},
@@ -268,8 +268,9 @@ async def test_batch_answers_ids_unless_asked_for_more(make_daemon):
         {"command": ["true"], "delay": 3600},
     ])
     assert [sorted(j) for j in jobs] == [
-        ["id", "state"], ["array_id", "array_index", "id", "state"],
-        ["array_id", "array_index", "id", "state"], ["id", "state"]]
+        ["batch_id", "id", "state"], ["array_id", "array_index", "batch_id", "id", "state"],
+        ["array_id", "array_index", "batch_id", "id", "state"], ["batch_id", "id", "state"]]
+    assert len({j["batch_id"] for j in jobs}) == 1
     assert [j["state"] for j in jobs] == ["queued", "queued", "queued", "pending"]
     assert [j.get("array_index") for j in jobs] == [None, 0, 1, None]
     code, first = await daemon.json("GET", f"/v1/jobs/{jobs[0]['id']}")
@@ -373,7 +374,7 @@ async def test_plain_batches_are_stored_as_any_other(make_daemon):
     daemon = await make_daemon(
         "[executor]\nslots = 0\n[queue:default]\npriority = 3\ntimeout = 50\n")
     plain = await daemon.batch(PLAIN * 2)
-    assert [sorted(job) for job in plain] == [["id", "state"]] * 8
+    assert [sorted(job) for job in plain] == [["batch_id", "id", "state"]] * 8
     assert {job["state"] for job in plain} == {"queued"}
     whole = await daemon.batch(PLAIN * 2, full=True)
     ids = [job["id"] for job in plain + whole]
@@ -382,7 +383,8 @@ async def test_plain_batches_are_stored_as_any_other(make_daemon):
         code, stored = await daemon.json("GET", f"/v1/jobs/{short['id']}")
         assert code == 200
         assert (stored["priority"], stored["timeout"]) == (3, 50.0)
-        for key in ("id", "created_at"):
+        assert stored["batch_id"] == short["batch_id"] != general["batch_id"]
+        for key in ("id", "created_at", "batch_id"):
             del stored[key], general[key]
         assert stored == general
     for body, field in [

@@ -20,6 +20,7 @@ from hypothesis import given
 
 from dispatcher.api._routes import digits_at_most
 from dispatcher.model._values import (
+    MAX_INTEGER_DIGITS,
     MAX_NESTING,
     UnservableValue,
     repaired,
@@ -71,6 +72,13 @@ def test_every_json_value_is_storable_as_it_is(value):
     ({(1, 2): 3}, "result", "a key that is a tuple is not text"),
     (nested(MAX_NESTING + 1), "result", f"nested more than {MAX_NESTING} deep"),
     ({"a": nested(MAX_NESTING)}, "result", f"nested more than {MAX_NESTING} deep"),
+    # (Named: pytest cannot write such an integer in a test's id either.)
+    pytest.param(10 ** MAX_INTEGER_DIGITS, "result", f"more than {MAX_INTEGER_DIGITS} digits",
+                 id="huge-int"),
+    pytest.param([0, -10 ** 5000], "result[1]", f"more than {MAX_INTEGER_DIGITS} digits",
+                 id="huge-int-in-list"),
+    pytest.param({"n": {10 ** 5000: 1}}, "result.n", "a key that is an integer of more than",
+                 id="huge-int-key"),
 ])
 def test_what_cannot_be_stored_is_named(value, where, why):
     """A lone surrogate (in text or a key), NaN or an infinity, two keys
@@ -79,6 +87,14 @@ def test_what_cannot_be_stored_is_named(value, where, why):
     with pytest.raises(UnservableValue) as caught:
         storable(value)
     assert caught.value.where == where and why in caught.value.why, caught.value
+
+
+def test_integers_of_the_most_digits_are_storable():
+    """An integer of MAX_INTEGER_DIGITS digits, the most the store writes
+    and reads back, is storable as it is, in a list and as a key too."""
+    largest = 10 ** MAX_INTEGER_DIGITS - 1
+    assert storable(largest) == largest and storable([-largest]) == [-largest]
+    assert storable({largest: 1}) == {str(largest): 1}
 
 
 def test_keys_that_are_not_text_are_written_as_json_writes_them():
@@ -379,6 +395,9 @@ async def test_a_task_result_that_cannot_be_stored_fails_its_job(make_daemon):
         ("nan", "result: nan is not a JSON number"),
         ("infinity", "result[0]: inf is not a JSON number"),
         ("deep", f"result: arrays and objects nested more than {MAX_NESTING} deep"),
+        ("huge_int", f"result: an integer of more than {MAX_INTEGER_DIGITS} digits"),
+        ("huge_int_in_list", f"result[1]: an integer of more than {MAX_INTEGER_DIGITS}"),
+        ("huge_int_key", f"result: a key that is an integer of more than {MAX_INTEGER_DIGITS}"),
     ]:
         job = await daemon.submit({"task": "give", "args": [kind]})
         done = await ended(daemon, job["id"])
@@ -393,7 +412,7 @@ async def test_a_task_result_that_cannot_be_stored_fails_its_job(make_daemon):
     done = await ended(daemon, job["id"])
     assert done["state"] == "succeeded" and done["result"] == {"1": "a", "2": "b"}
     code, page = await daemon.json("GET", "/v1/jobs")
-    assert code == 200 and len(page["jobs"]) == 8
+    assert code == 200 and len(page["jobs"]) == 11
     assert not [j for j in page["jobs"] if j["state"] == "running"]
 
 
@@ -452,6 +471,11 @@ def test_a_remote_task_result_that_cannot_be_stored_fails_its_job(remote):
         ("surrogate", "a lone UTF-16 surrogate (\\ud800)"),
         ("colliding_keys", "two keys, 1 and '1', are both written '1'"),
         ("nan", "nan is not a JSON number"),
+        # A number no JSON encoder writes: it once failed the worker's
+        # whole report, this job's and every later one's, and left them
+        # all running for ever.
+        ("huge_int", f"an integer of more than {MAX_INTEGER_DIGITS} digits"),
+        ("huge_int_in_list", f"an integer of more than {MAX_INTEGER_DIGITS} digits"),
     ]:
         code, job = daemon.request("POST", "/v1/jobs", {"task": "give", "args": [kind]})
         assert code == 201, job
@@ -459,6 +483,11 @@ def test_a_remote_task_result_that_cannot_be_stored_fails_its_job(remote):
             daemon.request("GET", f"/v1/jobs/{job['id']}")[1]), what=f"{kind} to end")
         assert done["state"] == "failed" and words in done["error"], (kind, done)
         assert done["worker"] == "w"
+    # And the worker reports on: a job after them succeeds.
+    code, job = daemon.request("POST", "/v1/jobs", {"task": "give", "args": ["int_keys"]})
+    done = poll(lambda: (lambda j: j if j["state"] in ("succeeded", "failed") else None)(
+        daemon.request("GET", f"/v1/jobs/{job['id']}")[1]), what="a later job to end")
+    assert done["state"] == "succeeded", done
 
 
 # What older versions stored

@@ -309,8 +309,8 @@ def test_rules_the_schema_cannot_express_are_described():
 @pytest_twisted.ensureDeferred
 async def test_query_parameters_unknown_or_repeated_are_refused(make_daemon, token_file):
     """An unknown query parameter, or a single-valued one given twice, is a
-    400 naming it on every route with query parameters (label may repeat),
-    and the 400 of each such route says so."""
+    400 naming it on every route, those that take none included (label and
+    state may repeat), and the 400 of each route says so."""
     daemon = await make_daemon(f"[executor]\nslots = 0\n[workers]\ntoken_file = {token_file}\n")
     job = await daemon.submit({"command": ["true"], "labels": {"a": "1", "b": "2"}})
     worker = {"Authorization": [f"Bearer {token_file.read_text().strip()}"],
@@ -318,7 +318,11 @@ async def test_query_parameters_unknown_or_repeated_are_refused(make_daemon, tok
     log = "/v1/leases/log?job_id=j&token=1&stream=stdout&offset=0"
     for method, path, field, headers in [
         ("GET", "/v1/jobs?foo=1", "foo", None),
-        ("GET", "/v1/jobs?state=queued&state=running", "state", None),
+        ("GET", "/v1/jobs?order=oldest&order=newest", "order", None),
+        ("GET", f"/v1/jobs/{job['id']}?wait=1&wait=2", "wait", None),
+        ("GET", f"/v1/jobs/{job['id']}?wiat=1", "wiat", None),
+        ("GET", "/v1/queues?x=1", "x", None),
+        ("POST", f"/v1/jobs/{job['id']}/cancel?x=1", "x", None),
         ("GET", "/v1/jobs?limit=1&limit=2", "limit", None),
         ("GET", "/v1/jobs?cursor=1&cursor=1", "cursor", None),
         ("GET", f"/v1/jobs/{job['id']}/log?stream=stdout&stream=stderr", "stream", None),
@@ -333,13 +337,19 @@ async def test_query_parameters_unknown_or_repeated_are_refused(make_daemon, tok
         assert error["error"]["code"] == "invalid_query"
     code, page = await daemon.json("GET", "/v1/jobs?label=a%3D1&label=b%3D2")
     assert code == 200 and [j["id"] for j in page["jobs"]] == [job["id"]]
+    code, page = await daemon.json("GET", "/v1/jobs?state=queued&state=running")
+    assert code == 200 and [j["id"] for j in page["jobs"]] == [job["id"]]
+    code, same = await daemon.json("GET", f"/v1/jobs/{job['id']}")
+    assert code == 200 and same["state"] == "queued"
     document = openapi_document()
     for path, operations in document["paths"].items():
         for operation in operations.values():
+            text = operation["responses"]["400"]["description"]
             if any(p["in"] == "query" for p in operation.get("parameters", ())):
-                text = operation["responses"]["400"]["description"]
                 assert "not listed for the operation is refused" in text, path
                 assert "given twice" in text, path
+            else:
+                assert "takes no query parameter" in text, path
 
 
 @pytest_twisted.ensureDeferred

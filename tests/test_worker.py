@@ -755,6 +755,68 @@ def test_a_heartbeat_saying_reported_acknowledges_a_result():
     assert h.pending("/v1/leases/results") == []
 
 
+def test_a_result_that_cannot_be_written_fails_its_job_alone():
+    """A result that cannot be written as JSON (a task returned an object)
+    is replaced by a failed result saying why, and goes with the others,
+    which are reported as they are: one bad result never holds up the
+    reports of the jobs beside it or after it."""
+    h = Harness(slots=3)
+    h.worker.startService()
+    h.grant(lease(1), lease(2), lease(3))
+    h.executor.finish("job-1")
+    first = h.one("/v1/leases/results")
+    h.executor.finish("job-2", Outcome(JobState.SUCCEEDED, result={"x": object()}))
+    h.executor.finish("job-3", Outcome(JobState.SUCCEEDED, result={"n": 3}))
+    unavailable(h, first)
+    h.advance(0.5)
+    again = h.one("/v1/leases/results")
+    items = {r["job_id"]: r for r in again.json["results"]}
+    assert list(items) == ["job-1", "job-2", "job-3"]
+    assert items["job-1"]["state"] == "succeeded"
+    assert items["job-3"]["state"] == "succeeded" and items["job-3"]["result"] == {"n": 3}
+    assert items["job-2"]["state"] == "failed"
+    assert items["job-2"].get("result") is None
+    assert items["job-2"]["error"].startswith(
+        "the worker could not send the job's result: TypeError")
+    h.results(again, recorded(1), recorded(2), recorded(3))
+    assert h.worker.held == {}
+    # The slots are free again: one request for all three.
+    assert h.one("/v1/leases").json["max_jobs"] == 3
+
+
+def test_a_result_the_dispatcher_refuses_by_its_field_fails_its_job_alone():
+    """A report refused with a 400 naming one result's field (a value the
+    dispatcher does not store) is sent again at once with that result
+    replaced by a failed one quoting the refusal, the others unchanged; a
+    replacement refused again is dropped rather than retried for ever."""
+    h = Harness(slots=3)
+    h.worker.startService()
+    h.grant(lease(1), lease(2), lease(3))
+    h.executor.finish("job-1")
+    first = h.one("/v1/leases/results")
+    h.executor.finish("job-2", Outcome(JobState.SUCCEEDED, result={"big": 10 ** 30}))
+    h.executor.finish("job-3", Outcome(JobState.FAILED, exit_code=1, error="exited with code 1"))
+    unavailable(h, first)
+    h.advance(0.5)
+    again = h.one("/v1/leases/results")
+    assert [r["job_id"] for r in again.json["results"]] == ["job-1", "job-2", "job-3"]
+    h.answer(again, error("invalid_value", "an integer beyond 64 bits is not stored",
+                          "results[1].result"), code=400)
+    # No back-off: the request that was refused is not the one sent next.
+    third = h.one("/v1/leases/results")
+    items = [(r["job_id"], r["state"], r.get("result"), r.get("error"))
+             for r in third.json["results"]]
+    assert items[0] == ("job-1", "succeeded", None, None)
+    assert items[2] == ("job-3", "failed", None, "exited with code 1")
+    assert items[1][:3] == ("job-2", "failed", None)
+    assert "the dispatcher refused it: 400 invalid_value: an integer beyond 64 bits" in items[1][3]
+    h.answer(third, error("invalid_value", "still refused", "results[1].error"), code=400)
+    fourth = h.one("/v1/leases/results")
+    assert [r["job_id"] for r in fourth.json["results"]] == ["job-1", "job-3"]
+    h.results(fourth, recorded(1), recorded(3))
+    assert h.worker.held == {}
+
+
 def test_results_refused_as_a_whole_are_dropped():
     """A 409 answer (every item refused) is read item by item like a 200:
     the refused results are dropped, not retried."""
@@ -952,7 +1014,29 @@ def test_options_build_the_settings(token_file, tmp_path):
     assert detected.data_dir == os.path.abspath("dispatcher-worker-data")
 
 
+def test_keep_days_default_to_the_configs_retention_and_take_zero_and_none(
+        token_file, tmp_path):
+    """--keep-days is the [retention] finished_days of --config unless
+    given (7 days without one); 0 (at once) and none (for ever) are
+    taken."""
+    base = ["--url", "https://h", "--token-file", token_file, "--slots", "1"]
+    assert parse(*base).settings.keep_seconds == 7 * 86400
+    ini = tmp_path / "worker.ini"
+    ini.write_text("[retention]\nfinished_days = 0.5\n")
+    assert parse(*base, "--config", str(ini)).settings.keep_seconds == 43200
+    ini.write_text("[retention]\nfinished_days = none\n")
+    assert parse(*base, "--config", str(ini)).settings.keep_seconds is None
+    assert parse(*base, "--config", str(ini), "--keep-days", "2").settings.keep_seconds \
+        == 2 * 86400
+    assert parse(*base, "--keep-days", "0").settings.keep_seconds == 0
+    assert parse(*base, "--keep-days", "None").settings.keep_seconds is None
+
+
 @pytest.mark.parametrize("args, message", [
+    (["--url", "https://h", "--token-file", "TOKEN", "--slots", "1", "--keep-days", "-1"],
+     "--keep-days: expected a number of days of at least 0"),
+    (["--url", "https://h", "--token-file", "TOKEN", "--slots", "1", "--keep-days", "week"],
+     "--keep-days: expected a number of days of at least 0"),
     ([], "--url is required"),
     (["--url", "https://h"], "--token-file is required"),
     (["--url", "https://h", "--token-file", "TOKEN"], "--slots is required"),

@@ -73,8 +73,6 @@ RETRY_AFTER = 5
 # The comment that keeps an idle stream open through proxies.
 KEEP_ALIVE = b": keep-alive\n\n"
 
-# The query parameters of GET /v1/events.
-EVENT_PARAMETERS = ("after", "job", "array", "batch", "label", "owner", "state", "type")
 
 
 def frame(event: Event) -> bytes:
@@ -98,7 +96,7 @@ def frame(event: Event) -> bytes:
             None if spec is None else spec.queue,
             None if spec is None else spec.name,
             None if spec is None else spec.array_id,
-            event.batch_id,
+            None if spec is None else spec.batch_id,
             event.attempt,
             event.exit_code,
             event.error,
@@ -142,10 +140,11 @@ def parse_event_query(request: Any) -> tuple[EventFilter, Optional[int]]:
     live events alone), or a 400 naming what is wrong.
     """
     # (Imported here: the handlers import this module.)
-    from dispatcher.api._handlers import _only_query, _query, parse_labels
+    # (Unknown and repeated parameters are refused before, from the
+    # route's declaration: dispatcher.api._handlers.check_query.)
+    from dispatcher.api._handlers import _query, parse_labels
     from dispatcher.api._workers import query_integer
 
-    _only_query(request, *EVENT_PARAMETERS)
     words = f"expected an event id this server gave (decimal digits, at most {MAX_EVENT_ID})"
     after = None
     text = _query(request, "after")
@@ -375,8 +374,8 @@ class EventStreams:
                     found = by_array.get(event.spec.array_id)
                     if found:
                         buckets.append(found)
-                if by_batch and event.batch_id is not None:
-                    found = by_batch.get(event.batch_id)
+                if by_batch and event.spec is not None and event.spec.batch_id is not None:
+                    found = by_batch.get(event.spec.batch_id)
                     if found:
                         buckets.append(found)
             encoded = None

@@ -16,8 +16,11 @@ show, and its lists and queue counts hold its own jobs only.
 
 from __future__ import annotations
 
+import datetime
 import errno
+import math
 import os
+import re
 from inspect import iscoroutine
 from typing import Any, Awaitable, Mapping, Optional
 
@@ -34,14 +37,19 @@ from zope.interface import implementer
 
 from dispatcher._throttle import Throttle
 from dispatcher.wire._json import decode as decode_json, encode
-from dispatcher.wire._forms import job_summary, job_view, worker_view
+from dispatcher.wire._forms import group_view, job_summary, job_view, worker_view
 from dispatcher.wire._types import (
     DEFAULT_LIST_LIMIT,
+    MAX_CLIENT_WAIT,
     MAX_CURSOR,
     MAX_IDEMPOTENCY_KEY,
     MAX_LABEL_FILTERS,
     MAX_LIST_LIMIT,
+    MAX_NAME,
     MAX_OFFSET,
+    MAX_STATE_FILTERS,
+    ZONED_TIME,
+    MAX_ATTEMPT_NUMBER,
     Batch,
     CredentialCreated,
     CredentialList,
@@ -55,6 +63,7 @@ from dispatcher.wire._types import (
     RetryRequest,
     WorkerList,
 )
+from dispatcher.model._groups import GroupKind, NothingToChange, TooManyWaits, UnknownGroup
 from dispatcher.model._jobs import format_time
 from dispatcher.model._jobs import InvalidTransition, JobState, PlainJobs, StoreClosed, UnknownJob
 from dispatcher.model._principals import PRINCIPAL_NAME_RULE, valid_name
@@ -88,13 +97,14 @@ from dispatcher.wire._submission import (
     plain_jobs,
 )
 from dispatcher.api._workers import WorkerEndpoints, query_integer
+from dispatcher.api._follow import LogFollowers, file_size, read_region
 from dispatcher.api._auth import (
     ANONYMOUS,
     ANONYMOUS_BODY_TOO_LARGE,
     MAX_ANONYMOUS_BODY_BYTES,
     Gate,
 )
-from dispatcher.api._quotas import SubmissionRates, too_many_unfinished
+from dispatcher.api._quotas import QuotaExceeded, SubmissionRates, too_many_unfinished
 from dispatcher.model._principals import Principal, Role
 from dispatcher.store._credentials import CredentialExists, CredentialFile
 
@@ -144,6 +154,21 @@ class FileAnswer(Answer):
         self.size = size
 
 
+class FollowAnswer(Answer):
+    """
+    A 200 answer that follows a log as it is written (L{LogFollowers}):
+    C{stream} of C{job}'s attempt C{attempt} (C{None}: the latest, or the
+    first once it starts) from C{offset}.
+    """
+
+    def __init__(self, job: Any, attempt: Optional[int], stream: str, offset: int) -> None:
+        Answer.__init__(self, 200, b"", content_type="text/plain; charset=utf-8")
+        self.job = job
+        self.attempt = attempt
+        self.stream = stream
+        self.offset = offset
+
+
 @implementer(IPushProducer)
 class _FileProducer:
     """
@@ -179,7 +204,7 @@ class _FileProducer:
         self._reading = True
         size = min(self.chunk, self._end - self._offset)
         d = deferToThreadPool(
-            self._reactor, self._pool, _read_region, self._path, self._offset, size
+            self._reactor, self._pool, read_region, self._path, self._offset, size
         )
         d.addCallbacks(self._read, self._failed)
 
@@ -234,20 +259,22 @@ def _wants_full_jobs(request: Any) -> bool:
     return False
 
 
-def _queued_summaries(ids: list[str]) -> bytes:
+def _queued_summaries(ids: list[str], batch_id: Optional[str] = None) -> bytes:
     """
-    C{{"jobs": [{"id": ..., "state": "queued"}, ...]}} for these ids, as
-    JSON: written with one join (ids need no escaping), where a dict for
-    each job and their encoding were a tenth of a plain batch's time on the
-    reactor thread.
+    C{{"jobs": [{"id": ..., "state": "queued"}, ...]}} for these ids (with
+    the batch's C{batch_id}, and each job's, if given), as JSON: written
+    with one join (ids need no escaping), where a dict for each job and
+    their encoding were a tenth of a plain batch's time on the reactor
+    thread.
     """
+    head, tail = '{"jobs":[', "]}"
+    each = '","state":"queued"}'
+    if batch_id is not None:
+        head = f'{{"batch_id":"{batch_id}","jobs":['
+        each = f'","state":"queued","batch_id":"{batch_id}"}}'
     if not ids:
-        return b'{"jobs":[]}'
-    return (
-        '{"jobs":[{"id":"'
-        + '","state":"queued"},{"id":"'.join(ids)
-        + '","state":"queued"}]}'
-    ).encode("ascii")
+        return (head + tail).encode("ascii")
+    return (head + '{"id":"' + (each + ',{"id":"').join(ids) + each + tail).encode("ascii")
 
 
 def _check_json(request: Any) -> None:
@@ -288,19 +315,31 @@ def _own_only(principal: Principal) -> Optional[str]:
     return None if principal.sees_all else principal.name
 
 
-def _only_query(request: Any, *allowed: str) -> None:
+def check_query(request: Any, route: Route) -> None:
     """
-    Refuse a query parameter the route does not take (the 400 of every
-    route with query parameters says so: L{QUERY_RULES}).
+    Refuse (400 C{invalid_query}, naming it) a query parameter the route
+    does not declare, and one it declares given more than once unless it
+    is an array (L{Route.query}): on every route, so that a misspelt or
+    misplaced parameter (C{GET /v1/jobs/{id}?wiat=10}) is never silently
+    ignored.  The routes' 400s say so (L{QUERY_RULES}).
     """
-    for name in request.args:
+    if not request.args:
+        return
+    allowed = route.query
+    for name, values in request.args.items():
         key = name.decode("utf-8", "replace")
-        if key not in allowed:
+        repeatable = allowed.get(key)
+        if repeatable is None:
+            takes = (
+                f"allowed: {', '.join(allowed)}" if allowed
+                else "this operation takes no query parameter"
+            )
             raise ApiError(
-                400,
-                "invalid_query",
-                f"{key}: unknown query parameter; allowed: {', '.join(allowed)}",
-                key,
+                400, "invalid_query", f"{key}: unknown query parameter; {takes}", key
+            )
+        if len(values) > 1 and not repeatable:
+            raise ApiError(
+                400, "invalid_query", f"{key}: given {len(values)} times; give it once", key
             )
 
 
@@ -376,6 +415,8 @@ class DispatcherAPI(Resource):
         the address the daemon listens on is added by L{listening_on}.
     @param events: the L{EventStreams} of C{GET /v1/events}; by default,
         streams of the dispatcher's events with the default bounds.
+    @param max_log_followers: C{[api] max_log_followers}: the most log
+        follows at once (L{LogFollowers}).
     @ivar stopping: whether the daemon is stopping: every new request is
         then answered C{503 shutting_down} (see L{stop_serving}).
     """
@@ -399,6 +440,7 @@ class DispatcherAPI(Resource):
         max_stored_bytes: Optional[int] = None,
         quotas: Optional[Quotas] = None,
         events: Optional[EventStreams] = None,
+        max_log_followers: int = 4096,
     ) -> None:
         Resource.__init__(self)
         if events is None:
@@ -426,6 +468,18 @@ class DispatcherAPI(Resource):
         self._disk_trouble = Throttle(reactor)
         self._router = Router()
         self._credentials = credentials
+        # Log follows: their files read on the I/O pool, their ends told
+        # by the job events; a worker's chunks reach them as written.
+        self._followers = LogFollowers(
+            lambda f, *args: deferToThreadPool(reactor, io_pool, f, *args),
+            self._clock,
+            lambda callback: dispatcher.events.subscribe(callback),
+            dispatcher.get,
+            dispatcher.executor.log_path,
+            max_log_followers,
+        )
+        if workers is not None:
+            workers.log_written = self._followers.written
         self._gate = Gate(
             credentials if credentials is not None else CredentialFile(None),
             self._hosts,
@@ -456,11 +510,16 @@ class DispatcherAPI(Resource):
         Answer every request from now on C{503 shutting_down}, and close
         its connection after the answer: the daemon is stopping, and keeps
         listening (so that clients hear why, rather than have their
-        connections refused) until its running jobs are handled.  Event
-        streams end now: their clients resume after the restart
-        (C{Last-Event-ID}), and meanwhile hear 503.
+        connections refused) until its running jobs are handled.  A
+        request that waits (C{?wait=}) is answered so now: no wait holds
+        the stop.  Log follows and event streams end
+        now (L{LogFollowers.stop}, L{EventStreams.stop}).
         """
         self.stopping = True
+        self._dispatcher.waits.stop()
+        self._followers.stop()
+        # Event streams end now: their clients resume after the restart
+        # (Last-Event-ID), and meanwhile hear 503.
         self.events.stop()
 
     def check_head(self, channel: Any, method: bytes, uri: bytes, headers: Any) -> Any:
@@ -530,6 +589,11 @@ class DispatcherAPI(Resource):
             )
             return NOT_DONE_YET
         try:
+            check_query(request, route)
+        except ApiError as e:
+            self._write_error(request, e)
+            return NOT_DONE_YET
+        try:
             result = getattr(self, route.handler)(request, *args)
         except Exception:
             d = fail()
@@ -568,6 +632,16 @@ class DispatcherAPI(Resource):
             return
         if isinstance(answer, EventStreamAnswer):
             answer.start(request)
+            return
+        if isinstance(answer, FollowAnswer):
+            if request.method == b"HEAD":
+                request.setHeader(b"content-type", answer.content_type.encode("ascii"))
+                request.finish()
+                return
+            self._followers.follow(
+                request, answer.job, answer.attempt, answer.stream, answer.offset,
+                request.principal.name,
+            )
             return
         if isinstance(answer, FileAnswer):
             request.setHeader(b"content-type", answer.content_type.encode("ascii"))
@@ -609,6 +683,11 @@ class DispatcherAPI(Resource):
                 request,
                 ApiError(503, "shutting_down", "the dispatcher is stopping; try again"),
             )
+            return
+        if failure.check(TooManyWaits):
+            error = ApiError(503, "too_many_waits", str(failure.value), "wait")
+            error.headers = {b"retry-after": b"1"}
+            self._write_error(request, error)
             return
         if failure.check(StorageFull):
             # The store logs it, once a minute with how many failed.
@@ -733,42 +812,68 @@ class DispatcherAPI(Resource):
         full: bool,
         jobs: int,
         field: str,
+        batch_id: Optional[str] = None,
     ) -> Deferred:
         """
         Store a request's C{jobs} jobs, within its principal's quota: its
         rate first (here), then its unfinished jobs (the store's count); a
         refusal of either is a 429 naming C{field}, and a request that
-        stores nothing gives back what it took of the rate.
+        stores nothing gives back what it took of the rate.  A batch's
+        answer says its C{batch_id} (a replay's, the original's).
+
+        A request past the rate that carries an C{Idempotency-Key} still
+        goes to the store, allowed no new job: a replay of a request that
+        was stored (its client lost the answer) is answered with its jobs,
+        since it stores nothing; a 429 saying nothing was stored would
+        have its client submit again under a new key, and make the jobs
+        twice.  Anything else is the rate's 429.
         """
         key = self._idempotency(request, body)
         principal = request.principal
         limits = self._rates.limits(principal)
+        max_unfinished = limits.max_jobs
+        over_rate: Optional[QuotaExceeded] = None
         if not limits.unlimited:
-            self._rates.take(principal, limits, jobs, field)
+            try:
+                self._rates.take(principal, limits, jobs, field)
+            except QuotaExceeded as e:
+                if key is None:
+                    raise
+                # The store answers a replay before it counts, and with
+                # no more unfinished jobs allowed refuses anything new.
+                over_rate, max_unfinished = e, 0
 
         def answer(submitted: Submitted | SubmittedIds) -> Answer:
-            if isinstance(submitted, Submitted) and submitted.replayed:
+            if isinstance(submitted, Submitted) and submitted.replayed and over_rate is None:
                 self._rates.give_back(principal, limits, jobs)
             if isinstance(submitted, SubmittedIds):
                 _audit_submit(request, submitted.ids, False)
-                return Answer(201, _queued_summaries(submitted.ids))
+                return Answer(201, _queued_summaries(submitted.ids, batch_id))
             _audit_submit(request, [job.id for job in submitted.jobs], submitted.replayed)
             status = 200 if submitted.replayed else 201
             if single:
                 (job,) = submitted.jobs
                 return Answer(status, job_view(job), {"Location": f"/v1/jobs/{job.id}"})
+            answer: dict[str, Any] = {}
+            if batch_id is not None and submitted.jobs:
+                # A replay's jobs carry the batch id the original request
+                # was given, not the one made for this one.
+                answer["batch_id"] = submitted.jobs[0].spec.batch_id
             if full:
-                return Answer(
-                    status,
-                    {"jobs": [job_view(job) for job in submitted.jobs]},
-                    {"Preference-Applied": "return=representation"},
-                )
+                answer["jobs"] = [job_view(job) for job in submitted.jobs]
+                return Answer(status, answer, {"Preference-Applied": "return=representation"})
             # Showing every job whole was most of a large batch's time, on
             # the reactor thread, and the client has the specs it sent.
-            return Answer(status, {"jobs": [job_summary(job) for job in submitted.jobs]})
+            answer["jobs"] = [job_summary(job) for job in submitted.jobs]
+            return Answer(status, answer)
 
         def refused(failure: Failure) -> Failure:
-            if not failure.check(CancelledError):
+            if over_rate is not None:
+                # It took nothing of the rate; not a replay, the rate
+                # refuses it.
+                if failure.check(TooManyUnfinished):
+                    raise over_rate
+            elif not failure.check(CancelledError):
                 # Nothing was stored.  (A request its client left is
                 # stored all the same: what it took is kept.)
                 self._rates.give_back(principal, limits, jobs)
@@ -791,7 +896,7 @@ class DispatcherAPI(Resource):
         # owner's keys.
         if isinstance(submissions, PlainJobs):
             d = self._dispatcher.submit_plain(
-                submissions, key, principal.name, limits.max_jobs
+                submissions, key, principal.name, max_unfinished
             )
         else:
             d = self._dispatcher.submit(
@@ -800,7 +905,7 @@ class DispatcherAPI(Resource):
                 explain=single or full,
                 owner=principal.name,
                 sees_all=principal.sees_all,
-                max_unfinished=limits.max_jobs,
+                max_unfinished=max_unfinished,
             )
         return d.addCallbacks(answer, refused)
 
@@ -838,12 +943,14 @@ class DispatcherAPI(Resource):
         batch = decode(raw, Batch) if full else decode_batch(raw)
         jobs = batch.jobs
         check_batch_size(len(jobs), self._max_array)
+        # Every job of the batch (an array's members too) carries its id.
+        batch_id = self._dispatcher.ids.new()
         if not isinstance(batch, Batch):
             plain = await self._plain_jobs(jobs)
             if plain is not None:
                 return await self._store(
-                    request, raw, plain, single=False, full=False, jobs=len(plain.work),
-                    field="jobs",
+                    request, raw, attrs.evolve(plain, batch_id=batch_id), single=False,
+                    full=False, jobs=len(plain.work), field="jobs", batch_id=batch_id,
                 )
             # A plain job that a check refused: the full path names it.
             jobs = decode(raw, Batch).jobs
@@ -854,7 +961,10 @@ class DispatcherAPI(Resource):
                 # requests and timers run in between: checking 10,000 jobs
                 # at once would hold the reactor for a tenth of a second.
                 await deferLater(self._reactor, 0)
-            submissions.append(self._submission(item, f"jobs[{i}].", i))
+            submission = self._submission(item, f"jobs[{i}].", i)
+            submissions.append(
+                attrs.evolve(submission, spec=attrs.evolve(submission.spec, batch_id=batch_id))
+            )
         total = sum(s.array or 1 for s in submissions)
         if total > self._max_array:
             raise ApiError(
@@ -867,7 +977,8 @@ class DispatcherAPI(Resource):
         if self._max_stored_bytes is not None:
             check_stored_bytes(submissions, self._max_stored_bytes)
         return await self._store(
-            request, raw, submissions, single=False, full=full, jobs=total, field="jobs"
+            request, raw, submissions, single=False, full=full, jobs=total, field="jobs",
+            batch_id=batch_id,
         )
 
     async def _plain_jobs(self, jobs: list[Any]) -> Optional[PlainJobs]:
@@ -943,7 +1054,6 @@ class DispatcherAPI(Resource):
 
     async def write_log(self, request: Any) -> Answer:
         assert self._workers is not None
-        _only_query(request, "job_id", "token", "stream", "offset")
         query = {
             name: _query(request, name) for name in ("job_id", "token", "stream", "offset")
         }
@@ -967,21 +1077,32 @@ class DispatcherAPI(Resource):
         return job
 
     async def get_job(self, request: Any, job_id: str) -> Answer:
+        wait = _wait(request)
         job = await self._job(request, job_id)
+        if wait is not None and not job.state.final:
+            try:
+                job = await self._dispatcher.wait_for_job(job_id, wait)
+            except UnknownJob:
+                # Removed while waited for (DELETE, retention).
+                raise _no_such_job(job_id)
         return Answer(200, job_view(job))
 
     async def list_jobs(self, request: Any) -> Answer:
-        _only_query(request, "state", "label", "owner", "limit", "cursor")
-        state = None
-        text = _query(request, "state")
-        if text is not None:
+        states = []
+        for raw in request.args.get(b"state", []):
+            text = raw.decode("utf-8", "replace")
             try:
-                state = JobState(text)
+                states.append(JobState(text))
             except ValueError:
                 allowed = ", ".join(s.value for s in JobState)
                 raise ApiError(
                     400, "invalid_query", f"state: {text!r} is not one of {allowed}", "state"
                 )
+        if len(states) > MAX_STATE_FILTERS:
+            raise ApiError(
+                400, "invalid_query",
+                f"state: given {len(states)} times; at most {MAX_STATE_FILTERS}", "state",
+            )
         labels = parse_labels(request)
         limit = DEFAULT_LIST_LIMIT
         text = _query(request, "limit")
@@ -999,6 +1120,15 @@ class DispatcherAPI(Resource):
                 400, "invalid_query", f"owner: expected a principal's name: {PRINCIPAL_NAME_RULE}",
                 "owner",
             )
+        filters = {
+            name: _bounded_query(request, name, 0 if name == "name" else 1)
+            for name in ("array", "batch", "name", "queue", "worker")
+        }
+        order = _query(request, "order") or "oldest"
+        if order not in ("oldest", "newest"):
+            raise ApiError(
+                400, "invalid_query", "order: expected oldest or newest", "order"
+            )
         mine = _own_only(request.principal)
         if mine is not None:
             if owner is not None and owner != mine:
@@ -1006,7 +1136,10 @@ class DispatcherAPI(Resource):
                 return Answer(200, JobPage([], None))
             owner = mine
         jobs, next_cursor = await self._dispatcher.list_jobs(
-            state=state, labels=labels, limit=limit, cursor=cursor, owner=owner
+            states=states, labels=labels, limit=limit, cursor=cursor, owner=owner,
+            created_after=_query_time(request, "created_after"),
+            created_before=_query_time(request, "created_before"),
+            newest=order == "newest", **filters,
         )
         return Answer(
             200,
@@ -1015,6 +1148,78 @@ class DispatcherAPI(Resource):
                 None if next_cursor is None else str(next_cursor),
             ),
         )
+
+    # Arrays and batches
+
+    async def _group(self, request: Any, kind: GroupKind, group_id: str) -> Any:
+        """
+        The group C{group_id}, if the request's principal may see it; a 404
+        for another owner's group, as for a missing one.
+        """
+        try:
+            group = await self._dispatcher.group(kind, group_id)
+        except UnknownGroup as e:
+            raise _no_such_group(e)
+        if not request.principal.owns(group.owner):
+            raise _no_such_group(UnknownGroup(kind, group_id))
+        return group
+
+    async def _get_group(self, request: Any, kind: GroupKind, group_id: str) -> Answer:
+        wait = _wait(request)
+        group = await self._group(request, kind, group_id)
+        if wait is not None and not group.final:
+            try:
+                group = await self._dispatcher.wait_for_group(kind, group_id, wait)
+            except UnknownGroup as e:
+                raise _no_such_group(e)
+        return Answer(200, group_view(group))
+
+    async def _cancel_group(self, request: Any, kind: GroupKind, group_id: str) -> Answer:
+        try:
+            group, done = await self._dispatcher.cancel_group(
+                kind, group_id, _own_only(request.principal)
+            )
+        except UnknownGroup as e:
+            raise _no_such_group(e)
+        except NothingToChange as e:
+            raise ApiError(409, "conflict", str(e), "id")
+        log.info("{principal} cancelled {kind} {group_id}", principal=request.principal.name,
+                 kind=kind.value, group_id=group_id)
+        return Answer(200 if done else 202, group_view(group))
+
+    async def _retry_group(self, request: Any, kind: GroupKind, group_id: str) -> Answer:
+        limits = self._rates.limits(request.principal)
+        try:
+            group = await self._dispatcher.retry_group(
+                kind, group_id, _own_only(request.principal), limits.max_jobs
+            )
+        except UnknownGroup as e:
+            raise _no_such_group(e)
+        except (NothingToChange, DependencyNotRetried) as e:
+            raise ApiError(409, "conflict", str(e), "id")
+        except TooManyUnfinished as e:
+            raise too_many_unfinished(e, "id")
+        log.info("{principal} retried {kind} {group_id}", principal=request.principal.name,
+                 kind=kind.value, group_id=group_id)
+        return Answer(200, group_view(group))
+
+    def get_array(self, request: Any, array_id: str) -> Awaitable[Answer]:
+        return self._get_group(request, GroupKind.ARRAY, array_id)
+
+    def cancel_array(self, request: Any, array_id: str) -> Awaitable[Answer]:
+        return self._cancel_group(request, GroupKind.ARRAY, array_id)
+
+    def retry_array(self, request: Any, array_id: str) -> Awaitable[Answer]:
+        return self._retry_group(request, GroupKind.ARRAY, array_id)
+
+    def get_batch(self, request: Any, batch_id: str) -> Awaitable[Answer]:
+        return self._get_group(request, GroupKind.BATCH, batch_id)
+
+    def cancel_batch(self, request: Any, batch_id: str) -> Awaitable[Answer]:
+        return self._cancel_group(request, GroupKind.BATCH, batch_id)
+
+    def retry_batch(self, request: Any, batch_id: str) -> Awaitable[Answer]:
+        return self._retry_group(request, GroupKind.BATCH, batch_id)
 
     async def cancel(self, request: Any, job_id: str) -> Answer:
         job, done = await _transition(
@@ -1043,7 +1248,6 @@ class DispatcherAPI(Resource):
         return EventStreamAnswer(self.events, filter, after)
 
     async def read_log(self, request: Any, job_id: str) -> Answer:
-        _only_query(request, "stream", "offset")
         stream = _query(request, "stream") or "stdout"
         if stream not in ("stdout", "stderr"):
             raise ApiError(
@@ -1053,12 +1257,35 @@ class DispatcherAPI(Resource):
             _query(request, "offset") or "0", "offset", 0, MAX_OFFSET,
             f"expected a byte offset from 0 to {MAX_OFFSET}",
         )
+        number = _query(request, "attempt")
+        attempt = None if number is None else query_integer(
+            number, "attempt", 1, MAX_ATTEMPT_NUMBER,
+            f"expected an attempt's number from 1 to {MAX_ATTEMPT_NUMBER}",
+        )
+        follow = _query(request, "follow") or "false"
+        if follow not in ("true", "false"):
+            raise ApiError(400, "invalid_query", "follow: expected true or false", "follow")
+        if follow == "true":
+            # Refused before the job is read: a bound that costs nothing.
+            self._followers.check_room(request.principal.name)
         job = await self._job(request, job_id)
-        path = self._dispatcher.log_path(job, stream)
+        if attempt is not None and not any(a.number == attempt for a in job.attempts):
+            numbers = ", ".join(str(a.number) for a in job.attempts) or "none yet"
+            raise ApiError(
+                404, "not_found",
+                f"attempt: job {job_id} has no attempt {attempt} (its attempts: {numbers})",
+                "attempt",
+            )
+        if follow == "true":
+            return FollowAnswer(job, attempt, stream, offset)
+        if attempt is None and job.attempts:
+            attempt = job.attempts[-1].number
         size = 0
-        if path is not None:
+        path = None
+        if attempt is not None:
+            path = self._followers.log_path(job.id, attempt, stream)
             size = await deferToThreadPool(
-                self._reactor, self._io_pool, _file_size, path
+                self._reactor, self._io_pool, file_size, path
             )
         return FileAnswer(path, offset, max(0, size - offset))
 
@@ -1104,6 +1331,78 @@ def _no_such_job(job_id: str) -> ApiError:
     return ApiError(404, "not_found", f"no job has the id {job_id!r}", "id")
 
 
+def _no_such_group(error: UnknownGroup) -> ApiError:
+    return ApiError(404, "not_found", str(error), "id")
+
+
+# A number as a query string may write it (wait=2, wait=0.5, wait=1e-3).
+_NUMBER = re.compile(r"^(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?$")
+# Seconds since 1970 as a time filter may give them.
+_EPOCH = re.compile(r"^[0-9]{1,12}(?:\.[0-9]{1,6})?$")
+_ZONED = re.compile(ZONED_TIME)
+# The latest time ZONED_TIME allows: the end of 9998.
+_LAST_TIME = datetime.datetime(9999, 1, 1, tzinfo=datetime.timezone.utc).timestamp()
+
+
+def _wait(request: Any) -> Optional[float]:
+    """
+    The seconds of C{?wait=}, or C{None}: a number more than 0 and at most
+    L{MAX_CLIENT_WAIT}.
+    """
+    text = _query(request, "wait")
+    if text is None:
+        return None
+    seconds = float(text) if _NUMBER.match(text) else math.nan
+    if not 0 < seconds <= MAX_CLIENT_WAIT:
+        raise ApiError(
+            400, "invalid_query",
+            f"wait: expected seconds, a number more than 0 and at most {MAX_CLIENT_WAIT:g}",
+            "wait",
+        )
+    return seconds
+
+
+def _bounded_query(request: Any, name: str, shortest: int) -> Optional[str]:
+    """
+    The query parameter C{name}, of C{shortest} to L{MAX_NAME} characters
+    without NUL, or C{None}.
+    """
+    text = _query(request, name)
+    if text is not None and (not shortest <= len(text) <= MAX_NAME or "\x00" in text):
+        raise ApiError(
+            400, "invalid_query",
+            f"{name}: expected {shortest} to {MAX_NAME} characters, no NUL", name,
+        )
+    return text
+
+
+def _query_time(request: Any, name: str) -> Optional[float]:
+    """
+    The time of the query parameter C{name} (RFC 3339 with its zone, or
+    seconds since 1970), as seconds, or C{None}.
+    """
+    text = _query(request, name)
+    if text is None:
+        return None
+    if _EPOCH.match(text):
+        seconds = float(text)
+        if seconds < _LAST_TIME:
+            return seconds
+    elif _ZONED.match(text):
+        try:
+            return datetime.datetime.fromisoformat(
+                text.replace("z", "Z").replace("t", "T").replace(" ", "T")
+            ).timestamp()
+        except ValueError:
+            pass
+    raise ApiError(
+        400, "invalid_query",
+        f"{name}: expected an RFC 3339 time with its zone, such as 2026-11-25T13:00:00Z, "
+        "or seconds since 1970 (to 9998)",
+        name,
+    )
+
+
 async def _transition(job_id: str, change: Awaitable[Any], refusal: str) -> Any:
     """
     What C{change}, a transition of job C{job_id}, gives: a 404 if there is
@@ -1118,22 +1417,3 @@ async def _transition(job_id: str, change: Awaitable[Any], refusal: str) -> Any:
         raise ApiError(
             409, "conflict", f"job {job_id} is {refusal.format(state=e.source.value)}", "id"
         )
-
-
-def _file_size(path: str) -> int:
-    try:
-        return os.stat(path).st_size
-    except FileNotFoundError:
-        return 0
-
-
-def _read_region(path: str, offset: int, size: int) -> bytes:
-    try:
-        f = open(path, "rb")
-    except FileNotFoundError:
-        # The job was removed meanwhile (DELETE, retention): the answer
-        # ends short, as for a file that shrank.
-        return b""
-    with f:
-        f.seek(offset)
-        return f.read(size)

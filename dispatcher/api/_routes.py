@@ -14,18 +14,23 @@ import attrs
 import msgspec
 
 from dispatcher.model._jobs import JobState
-from dispatcher.model._limits import MAX_DEPENDENCY_LINKS, MAX_RESULT_BYTES
+from dispatcher.model._limits import MAX_DEPENDENCY_LINKS, MAX_LIST_EXAMINED, MAX_RESULT_BYTES
 from dispatcher.model._principals import ALLOWED, Access
 from dispatcher.wire._types import (
     DEFAULT_LIST_LIMIT,
     MAX_CURSOR,
     MAX_EVENT_ID,
     MAX_IDEMPOTENCY_KEY,
+    MAX_CLIENT_WAIT,
     MAX_LABEL_FILTERS,
     MAX_LIST_LIMIT,
     MAX_NAME,
+    MAX_STATE_FILTERS,
+    NO_NUL,
+    ZONED_TIME,
     MAX_NESTING,
     MAX_OFFSET,
+    MAX_ATTEMPT_NUMBER,
     LEASE_TOKEN,
     Batch,
     CredentialCreated,
@@ -38,6 +43,7 @@ from dispatcher.wire._types import (
     HeartbeatRequest,
     Identity,
     JobEventData,
+    JobGroup,
     JobPage,
     JobSubmission,
     JobSummary,
@@ -114,6 +120,18 @@ class Route:
         return self.method == "POST" and self.request is not OCTETS
 
     @property
+    def query(self) -> dict[str, bool]:
+        """
+        The query parameters it takes, each with whether it may be given
+        more than once (an array, C{explode}: C{label=a&label=b}).  Any
+        other is refused, on every route, and so is one of the others
+        given twice (L{QUERY_RULES}).
+        """
+        return {
+            p["name"]: bool(p.get("explode")) for p in self.parameters if p["in"] == "query"
+        }
+
+    @property
     def segments(self) -> tuple[str, ...]:
         """
         The path's segments; C{{name}} ones are parameters.
@@ -131,10 +149,12 @@ class Route:
             out.setdefault(413, Response("The body is over [server] max_body_bytes."))
         if self.json_post:
             out.setdefault(415, Response(NOT_JSON))
-        if self.parameters and any(p["in"] == "query" for p in self.parameters):
+        if self.query:
             out.setdefault(
                 400, Response(f"A query parameter is wrong; it is named. {QUERY_RULES}")
             )
+        else:
+            out[400] = _also(out.get(400), NO_QUERY)
         if self.auth is OPEN:
             out.setdefault(413, Response(ANONYMOUS_BODY))
         else:
@@ -225,6 +245,12 @@ RETRY_QUOTA_EXCEEDED = Response(
     "unfinished jobs than its quota's max_jobs; nothing changed (field id).",
     headers=_RETRY_AFTER,
 )
+# A log follow over [api] max_log_followers (dispatcher.api._follow).
+FOLLOWERS_FULL = (
+    "the dispatcher serves [api] max_log_followers follows already, or the "
+    "credential a quarter of them; Retry-After says when to try again (or read "
+    "without follow, with offset)."
+)
 NOT_JSON = (
     "unsupported_media_type: the request (with a body or without) does not "
     "say Content-Type: application/json."
@@ -241,11 +267,23 @@ def _also(response: Optional[Response], refusal: str) -> Response:
 
 
 # What OpenAPI cannot say of query parameters (it has no way to forbid
-# others or a repeat): said in the 400 of every route that takes them.
+# others or a repeat): said in the 400 of every route that takes them, and
+# of every route that takes none.
 QUERY_RULES = (
     "A parameter not listed for the operation is refused (400 invalid_query), "
     "and so is one given twice, unless it is an array (label, given at most "
-    f"{MAX_LABEL_FILTERS} times)."
+    f"{MAX_LABEL_FILTERS} times; state, at most {MAX_STATE_FILTERS})."
+)
+NO_QUERY = (
+    "invalid_query: the operation takes no query parameter; one was given (it is "
+    "named)."
+)
+# A wait past what the dispatcher keeps (dispatcher.core._waits).
+TOO_MANY_WAITS = (
+    "too_many_waits: as many requests wait (wait=) as the dispatcher keeps at once "
+    "([api] max_waits); nothing was waited for. Ask without wait, or again after "
+    "Retry-After. Or shutting_down: the dispatcher stops, and a request that "
+    "waited is answered so at once (ask again once it is back)."
 )
 # The rules of a submission the schema describes but cannot express.
 _SUBMISSION_400 = (
@@ -293,7 +331,15 @@ SUBMITTED_JOBS = {
     "required": ["jobs"],
     "description": "The jobs, in order: each one's id and state, or each whole "
     "with Prefer: return=representation.",
-    "properties": {"jobs": {"type": "array", "items": {"anyOf": [_ref("JobSummary"), _ref("JobView")]}}},
+    "properties": {
+        "jobs": {"type": "array", "items": {"anyOf": [_ref("JobSummary"), _ref("JobView")]}},
+        "batch_id": {
+            "type": "string",
+            "description": "POST /v1/jobs/batch only: the batch's id, which each of its "
+            "jobs shows as batch_id (GET /v1/batches/{id}); a replay answers the "
+            "original's.",
+        },
+    },
 }
 _JOB_OR_JOBS = {"oneOf": [_ref("JobView"), _ref("SubmittedJobs")]}
 
@@ -325,6 +371,127 @@ IDEMPOTENCY_KEY = {
 }
 _NO_SUCH_JOB = Response(
     "No such job; or another's, to a submitter, which sees its own jobs alone."
+)
+WAIT = {
+    "name": "wait",
+    "in": "query",
+    "required": False,
+    "description": "Seconds to wait (a number, more than 0, at most "
+    f"{MAX_CLIENT_WAIT:g}): the answer comes as soon as it is final (every member, "
+    "for a group: succeeded, failed or cancelled), or when the time runs out, as it "
+    "is then. Without it, at once.",
+    "schema": {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_CLIENT_WAIT},
+}
+_WAITED = Response(f"{SHUTTING_DOWN} Or {TOO_MANY_WAITS}", headers={
+    "Retry-After": {"schema": {"type": "integer", "minimum": 1},
+                    "description": "Seconds to wait before trying again."},
+})
+
+
+def _group_id(kind: str) -> dict[str, Any]:
+    return {
+        "name": "id",
+        "in": "path",
+        "required": True,
+        "schema": {"type": "string"},
+        "description": f"The {kind}'s id (a UUIDv7; array_id or batch_id of its jobs).",
+    }
+
+
+def _no_such_group(kind: str) -> Response:
+    return Response(
+        f"No such {kind} (its jobs were all removed, or never were); or another's, "
+        "to a submitter, which sees its own jobs alone."
+    )
+
+
+def _group_routes(kind: str, plural: str, name: str) -> tuple[Route, ...]:
+    """
+    The routes of an array or a batch: read it (waiting, if asked), cancel
+    or retry every member it may.
+    """
+    path = f"/v1/{plural}/{{id}}"
+    return (
+        Route(
+            "GET", path, f"get{name}", f"get_{kind}",
+            f"A{'n' if kind == 'array' else ''} {kind}: its members' counts by state, "
+            "and whether all are final; with wait, once they are.", READ,
+            {200: Response(f"The {kind}.", JobGroup), 404: _no_such_group(kind),
+             503: _WAITED},
+            parameters=(_group_id(kind), WAIT),
+        ),
+        Route(
+            "POST", f"{path}/cancel", f"cancel{name}", f"cancel_{kind}",
+            f"Cancel every unfinished member of the {kind}, in one write: each as a "
+            "job's cancel does (a running one's process is killed with its process "
+            "group).", SUBMIT,
+            {
+                200: Response("Every member is cancelled.", JobGroup),
+                202: Response("Some ran: they are being stopped.", JobGroup),
+                404: _no_such_group(kind),
+                409: Response(f"conflict: every member of the {kind} has finished."),
+            },
+            parameters=(_group_id(kind),),
+            writes=True,
+        ),
+        Route(
+            "POST", f"{path}/retry", f"retry{name}", f"retry_{kind}",
+            f"Put every failed or cancelled member of the {kind} back in line, in one "
+            "write: each as a job's retry does, with a fresh budget of attempts (a "
+            "member waiting for another that comes back is pending).", SUBMIT,
+            {
+                200: Response("The members, queued (or pending).", JobGroup),
+                404: _no_such_group(kind),
+                409: Response(
+                    f"conflict: no member of the {kind} failed or was cancelled; or a "
+                    "member depends on a job outside it that must be retried first."
+                ),
+                429: Response(
+                    "too_many_jobs: the members coming back, every one counted, would "
+                    "give the owner more unfinished jobs than its quota's max_jobs; "
+                    "nothing changed (field id).",
+                    headers=_RETRY_AFTER,
+                ),
+            },
+            parameters=(_group_id(kind),),
+            writes=True,
+        ),
+    )
+
+
+# The filters of GET /v1/jobs beyond state, label and owner (issue 17).
+_TIME_QUERY = {
+    "anyOf": [
+        {"type": "string", "pattern": ZONED_TIME},
+        {"type": "string", "pattern": r"^[0-9]{1,12}(?:\.[0-9]{1,6})?$"},
+    ],
+}
+_FILTER_TEXT = {"type": "string", "minLength": 1, "maxLength": MAX_NAME, "pattern": NO_NUL}
+LIST_FILTERS: tuple[Mapping[str, Any], ...] = (
+    {"name": "array", "in": "query",
+     "description": "Only the members of this array (its id).",
+     "schema": _FILTER_TEXT},
+    {"name": "batch", "in": "query",
+     "description": "Only the jobs of this batch (its id).",
+     "schema": _FILTER_TEXT},
+    {"name": "name", "in": "query", "description": "Only the jobs of this name, exactly.",
+     "schema": {**_FILTER_TEXT, "minLength": 0}},
+    {"name": "queue", "in": "query", "description": "Only the jobs of this queue.",
+     "schema": _FILTER_TEXT},
+    {"name": "worker", "in": "query",
+     "description": "Only the jobs whose latest attempt this holder (a worker's name, "
+     "or this dispatcher's own executor) holds or held.",
+     "schema": _FILTER_TEXT},
+    {"name": "created_after", "in": "query",
+     "description": "Only the jobs submitted after this time: RFC 3339 with its zone, "
+     "or seconds since 1970.", "schema": _TIME_QUERY},
+    {"name": "created_before", "in": "query",
+     "description": "Only the jobs submitted before this time (as created_after).",
+     "schema": _TIME_QUERY},
+    {"name": "order", "in": "query",
+     "description": "oldest: in submission order; newest: the newest first. A cursor "
+     "goes on in the order of the page that gave it.",
+     "schema": {"enum": ["oldest", "newest"], "default": "oldest"}},
 )
 _REPLAY = "A replay of an earlier request with the same Idempotency-Key."
 _CONFLICT_KEY = Response("The Idempotency-Key was used with another body.")
@@ -403,10 +570,22 @@ ROUTES: tuple[Route, ...] = (
     ),
     Route(
         "GET", "/v1/jobs", "listJobs", "list_jobs",
-        "List jobs in submission order, a page at a time (a submitter's own alone).", READ,
+        "List jobs in submission order (or the newest first), a page at a time (a "
+        "submitter's own alone), with filters that all must match. A page examines "
+        f"at most {MAX_LIST_EXAMINED} jobs: with filters it may hold fewer than limit, "
+        "even none, and a next_cursor still; follow it until it is null.", READ,
         {200: Response("A page of jobs.", JobPage)},
         parameters=(
-            {"name": "state", "in": "query", "schema": {"enum": [s.value for s in JobState]}},
+            {
+                "name": "state",
+                "in": "query",
+                "description": "Repeat for any of several states, at most "
+                f"{MAX_STATE_FILTERS} times.",
+                "schema": {"type": "array", "maxItems": MAX_STATE_FILTERS,
+                           "items": {"enum": [s.value for s in JobState]}},
+                "style": "form",
+                "explode": True,
+            },
             {
                 "name": "label",
                 "in": "query",
@@ -437,6 +616,7 @@ ROUTES: tuple[Route, ...] = (
                 f"at most {MAX_CURSOR}).",
                 "schema": {"type": "string", "pattern": digits_at_most(MAX_CURSOR)},
             },
+            *LIST_FILTERS,
         ),
     ),
     Route(
@@ -467,9 +647,10 @@ ROUTES: tuple[Route, ...] = (
         {200: Response("The queues.", QueueList)},
     ),
     Route(
-        "GET", "/v1/jobs/{id}", "getJob", "get_job", "One job.", READ,
-        {200: Response("The job.", JobView), 404: _NO_SUCH_JOB},
-        parameters=(JOB_ID,),
+        "GET", "/v1/jobs/{id}", "getJob", "get_job",
+        "One job; with wait, once it is final.", READ,
+        {200: Response("The job.", JobView), 404: _NO_SUCH_JOB, 503: _WAITED},
+        parameters=(JOB_ID, WAIT),
     ),
     Route(
         "POST", "/v1/jobs/{id}/cancel", "cancelJob", "cancel",
@@ -518,20 +699,44 @@ ROUTES: tuple[Route, ...] = (
     ),
     Route(
         "GET", "/v1/jobs/{id}/log", "readJobLog", "read_log",
-        "The output of the job's latest attempt; works while it runs.", READ,
+        "The output of one attempt of the job (by default its latest); works while "
+        "it runs, and with follow=true streams it as it is written.", READ,
         {
-            200: Response("The text so far.", {"type": "string"}, "text/plain"),
-            404: _NO_SUCH_JOB,
+            200: Response(
+                "The text so far, from offset; with follow=true (Transfer-Encoding: "
+                "chunked) the text as it is written, the answer ending once the "
+                "attempt has ended and its last byte is sent. A follow that ends "
+                "without the last chunk (the connection closed: the daemon stopped, "
+                "the job was removed) did not reach the attempt's end: ask again with "
+                "offset = the bytes received.",
+                {"type": "string"}, "text/plain",
+            ),
+            404: Response(
+                "No such job (or another's, to a submitter); or (field attempt) the "
+                "job has no such attempt."
+            ),
+            503: Response(f"too_many_followers: {FOLLOWERS_FULL} Or {SHUTTING_DOWN}",
+                          headers=_RETRY_AFTER),
         },
         parameters=(
             JOB_ID,
             {"name": "stream", "in": "query",
              "schema": {"enum": ["stdout", "stderr"], "default": "stdout"}},
             {"name": "offset", "in": "query",
-             "description": "Skip this many bytes: poll with the size already read "
-             "to follow a running job.",
+             "description": "Skip this many bytes: the size already read, to go on "
+             "where an earlier answer (or a cut follow) stopped. Past the end: "
+             "nothing (a follow waits for the file to reach it).",
              "schema": {"type": "integer", "minimum": 0, "maximum": MAX_OFFSET,
                         "default": 0}},
+            {"name": "attempt", "in": "query",
+             "description": "The attempt's number (attempts[].number; they grow "
+             "across retries); default the latest. A follow of a job that has no "
+             "attempt yet waits for its first.",
+             "schema": {"type": "integer", "minimum": 1, "maximum": MAX_ATTEMPT_NUMBER}},
+            {"name": "follow", "in": "query",
+             "description": "true: keep the answer open and send the bytes as they "
+             "are written, until the attempt has ended.",
+             "schema": {"type": "boolean", "default": False}},
         ),
     ),
     Route(
@@ -692,6 +897,9 @@ ROUTES: tuple[Route, ...] = (
         ),
         writes=True,
     ),
+    # Arrays and batches as things (issue 17).
+    *_group_routes("array", "arrays", "Array"),
+    *_group_routes("batch", "batches", "Batch"),
 )
 
 

@@ -165,6 +165,9 @@ class WorkerEndpoints:
         # Log chunks refused to a credential that may not act as the
         # lease's holder: a warning at most once a minute.
         self._foreign_logs = Throttle(reactor)
+        # Told (job_id, attempt, stream, size) after each chunk is written:
+        # the API's log follows (dispatcher.api._follow) send it at once.
+        self.log_written: Optional[Callable[[str, int, str, int], None]] = None
 
     async def lease(self, request: Any, raw: bytes) -> tuple[int, Any]:
         body = decode(raw, LeaseRequest)
@@ -316,6 +319,8 @@ class WorkerEndpoints:
                 "offset",
                 {"size": have},
             )
+        if self.log_written is not None:
+            self.log_written(job_id, remote.lease.attempt, stream, size)
         return 200, LogWritten(size)
 
 

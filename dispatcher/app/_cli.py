@@ -96,9 +96,17 @@ def run_worker(options: Any) -> None:
         ]
     )
 
+    from dispatcher.workers._service import DataDirInUse
+
     def start(reactor: Any) -> Deferred:
         service = makeService(options, reactor)
-        service.startService()
+        try:
+            service.startService()
+        except DataDirInUse as e:
+            # One line, as the daemon says it, not a traceback: react ends
+            # with a SystemExit's code.
+            sys.stderr.write(f"dispatcher worker: {e}\n")
+            raise SystemExit(1)
         reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
         # Never fires: the worker runs until a signal stops the reactor.
         return Deferred()

@@ -172,6 +172,7 @@ class DaemonService(MultiService):
                 config.retention.finished_days, config.retention.finished_count
             ),
             events_retention=config.events.retention,
+            max_waits=config.api.max_waits,
         )
         # Credentials: the data directory's named tokens, and the token
         # files' (an admin, and a worker that may use any worker name).
@@ -217,6 +218,7 @@ class DaemonService(MultiService):
                 buffer=config.events.buffer,
                 max_subscribers=config.events.max_subscribers,
             ),
+            max_log_followers=config.api.max_log_followers,
         )
         descriptors = open_file_limit()[1]
         # From the hard limit: the soft one is raised to it at start.

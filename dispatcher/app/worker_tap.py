@@ -52,6 +52,22 @@ def _number(
     return value
 
 
+def _keep_days(text: str) -> Optional[float]:
+    """
+    C{--keep-days}: a number of days of at least 0, or C{none} (for ever).
+    """
+    if text.strip().lower() == "none":
+        return None
+    return _number(
+        "keep-days",
+        text,
+        float,
+        0,
+        "a number of days of at least 0 (fractions allowed: 0.5 is 12 hours; 0 removes "
+        "a job's directory as soon as its result is accepted), or none to keep them",
+    )
+
+
 def _url(text: str) -> str:
     try:
         url = DecodedURL.from_text(text)
@@ -141,7 +157,7 @@ class Options(usage.Options):
     synopsis = (
         "Usage: dispatcher worker (or twistd -n dispatcher-worker) --url URL --token-file FILE --slots N [--config FILE] [--name NAME] "
         "[--cpus N] [--memory MIB] [--gpus N] [--label KEY=VALUE ...] "
-        "[--data-dir DIR] [--grace SECONDS] [--ca-file FILE] [--insecure]"
+        "[--data-dir DIR] [--keep-days DAYS] [--grace SECONDS] [--ca-file FILE] [--insecure]"
     )
 
     optFlags = [
@@ -161,6 +177,9 @@ class Options(usage.Options):
         ["memory", None, None, "Memory offered, in MiB (default: MemTotal of /proc/meminfo)."],
         ["gpus", None, None, "GPUs offered (default: the count of nvidia-smi -L, 0 without it)."],
         ["data-dir", "d", DEFAULT_DATA_DIR, "Where job working directories and logs are kept."],
+        ["keep-days", None, None, "Days a job's directory is kept after the dispatcher "
+         "accepted its result (fractions allowed; 0: removed at once; none: kept for "
+         "ever; default: [retention] finished_days of --config, 7 without it)."],
         ["grace", None, "30", "Seconds a stop (SIGTERM) waits for running jobs before stopping them."],
         ["ca-file", None, None, "PEM certificates to trust for an https:// --url instead of "
          "the system's CAs (a private CA, or the dispatcher's self-signed certificate)."],
@@ -197,6 +216,11 @@ class Options(usage.Options):
             job_accounts(config)
         except (ConfigError, AccountRefused) as e:
             raise usage.UsageError(str(e))
+        keep_days = (
+            _keep_days(self["keep-days"])
+            if self["keep-days"] is not None
+            else config.retention.finished_days
+        )
         name = self["name"] if self["name"] is not None else default_name()
         if not name.strip() or any(c.isspace() for c in name):
             raise usage.UsageError(f"--name: expected a name without white space, not {name!r}")
@@ -237,6 +261,7 @@ class Options(usage.Options):
             config=config,
             grace=grace,
             ca_certificates=ca_certificates,
+            keep_seconds=None if keep_days is None else keep_days * 86400.0,
         )
 
 

@@ -16,6 +16,7 @@ import math
 import os
 import pwd
 import re
+import sys
 from typing import Any, Callable, Mapping, Optional
 
 import attrs
@@ -265,6 +266,12 @@ class ApiConfig:
     token_file: Optional[str] = None
     token: Optional[str] = attrs.field(default=None, repr=False)
     authentication: bool = True
+    # How many requests may wait (?wait=SECONDS) at once; more are answered
+    # 503 too_many_waits.  Each holds a connection and a little memory.
+    max_waits: int = 1000
+    # The most log follows (GET /v1/jobs/{id}/log?follow=true) open at
+    # once; a credential may hold a quarter of them.
+    max_log_followers: int = 4096
 
 
 @attrs.frozen
@@ -462,6 +469,33 @@ class Config:
     # where the dispatcher runs as root; an owner not here gets [executor]
     # run_as.
     run_as_by_owner: Mapping[str, RunAs] = attrs.field(factory=dict)
+    # [tasks] path: the directories task modules are imported from, besides
+    # the interpreter's own path (added to the end of sys.path at start).
+    task_path: tuple[str, ...] = ()
+
+
+def task_directories(text: str, base: str) -> tuple[str, ...]:
+    """
+    C{[tasks] path}: directories separated by C{:} (as C{PYTHONPATH}
+    separates them), each relative to C{base} (the directory of the
+    configuration file) unless absolute.  C{ValueError} names one that is
+    not a directory.
+    """
+    found = []
+    for entry in (e.strip() for e in text.split(":")):
+        if not entry:
+            continue
+        directory = os.path.normpath(os.path.join(base, os.path.expanduser(entry)))
+        if not os.path.isdir(directory):
+            raise ValueError(
+                f"{directory} is not a directory; expected directories of task "
+                "modules separated by ':', relative to the configuration file's "
+                "directory unless absolute"
+            )
+        found.append(directory)
+    if not found:
+        raise ValueError("expected one or more directories separated by ':'")
+    return tuple(dict.fromkeys(found))
 
 
 def _integer(minimum: int) -> Callable[[str], int]:
@@ -770,7 +804,15 @@ _SECTIONS: Mapping[str, tuple[type, Mapping[str, Callable[[str], Any]]]] = {
             "max_names": _integer(1),
         },
     ),
-    "api": (ApiConfig, {"token_file": _token_file, "authentication": _authentication}),
+    "api": (
+        ApiConfig,
+        {
+            "token_file": _token_file,
+            "authentication": _authentication,
+            "max_waits": _integer(1),
+            "max_log_followers": _integer(1),
+        },
+    ),
     "retention": (RetentionConfig, {"finished_days": _days, "finished_count": _count}),
     "events": (
         EventsConfig,
@@ -915,7 +957,21 @@ def parse_config(text: str, path: str = "<string>") -> Config:
             queues[name] = QueueConfig(name, **parse_keys(section, _QUEUE_KEYS))
             continue
         if section == "tasks":
-            for name, target in parser.items(section):
+            entries = dict(parser.items(section))
+            if "path" in entries:
+                raw = entries.pop("path")
+                try:
+                    task_path = task_directories(raw, os.path.dirname(os.path.abspath(path)))
+                except ValueError as e:
+                    raise fail(section, "path", raw, str(e))
+                # Before the tasks are loaded, and after everything else
+                # on sys.path: a file there named as a module the daemon
+                # uses (json.py, twisted/) cannot take its place.
+                for directory in task_path:
+                    if directory not in sys.path:
+                        sys.path.append(directory)
+                values["task_path"] = task_path
+            for name, target in entries.items():
                 if not _TASK_NAME.match(name):
                     raise fail(
                         section,

@@ -8,7 +8,8 @@ Its parts, by role: L{_dispatcher} (the one path of a job), L{_scheduler}
 free), L{_recorder} (the one writer of ends), L{_hub} (remote workers and
 their leases), L{_reasons} (why a queued job waits for a holder),
 L{_events} (who is told of changes), L{_retention} (finished jobs
-removed once old).
+removed once old), L{_waits} (requests that wait for a job or a group to
+be final).
 
 May import: L{dispatcher.model}, L{dispatcher.wire}, L{dispatcher.store},
 L{dispatcher.execution}.

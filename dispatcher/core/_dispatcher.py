@@ -23,9 +23,11 @@ from twisted.python.failure import Failure
 
 from dispatcher._deferreds import shielded
 from dispatcher.core._events import JobEvent, JobEvents
+from dispatcher.core._waits import MAX_WAITS, Waits
 from dispatcher.execution._executor import LocalExecutor, RunningJob
 from dispatcher.execution._host import detect_resources
 from dispatcher.execution._job_dirs import JobDirectories
+from dispatcher.model._groups import GroupKind, JobGroup
 from dispatcher.model._jobs import (
     Job,
     JobIds,
@@ -99,6 +101,8 @@ class Dispatcher(Service):
     @param retention: how long finished jobs are kept (the
         L{RetentionPolicy}; none: for ever).
     @param events_retention: seconds events are kept (none: for ever).
+    @param max_waits: how many requests may wait for a job or a group to
+        be final at once (L{Waits}).
     """
 
     def __init__(
@@ -120,6 +124,7 @@ class Dispatcher(Service):
         max_worker_names: int = MAX_NAMES,
         retention: Optional[RetentionPolicy] = None,
         events_retention: Optional[float] = EVENTS_RETENTION,
+        max_waits: int = MAX_WAITS,
     ) -> None:
         self._reactor = reactor
         self._clock = clock if clock is not None else reactor
@@ -170,6 +175,7 @@ class Dispatcher(Service):
         # (before its writes are answered): the one publication of every
         # change, in id order.
         store.follow_events(self.events.publish_committed)
+        self.waits = Waits(self.events, store, self._clock, max_waits)
         self.retention = Retention(
             store,
             JobDirectories(executor.jobs_dir),
@@ -253,6 +259,8 @@ class Dispatcher(Service):
 
     async def _stop(self) -> None:
         self._accepting = False
+        # A request waiting for a job hears now that the dispatcher stops.
+        self.waits.stop()
         # Ends waiting for company are recorded now; ends waiting to be
         # written again after a failed commit are given up.
         self._record_ends()
@@ -467,13 +475,19 @@ class Dispatcher(Service):
             job, lease = written.value
             if lease is None:
                 return job, True
-            if lease.holder == self.executor.holder:
-                self.executor.stop(job_id)
-            else:
-                self.hub.cancel_requested(job_id)
+            self._stop_held(lease)
             return job, False
 
         return shielded(d.addCallback(cancelled))
+
+    def _stop_held(self, lease: Lease) -> None:
+        """
+        Have the holder of C{lease} stop its job, whose cancel is stored.
+        """
+        if lease.holder == self.executor.holder:
+            self.executor.stop(lease.job_id)
+        else:
+            self.hub.cancel_requested(lease.job_id)
 
     def retry(
         self,
@@ -493,6 +507,74 @@ class Dispatcher(Service):
             job_id, self._clock.seconds(), dependents, owner, max_unfinished
         )
         return shielded(d.addCallback(self._submitted))
+
+    # Arrays and batches
+
+    def group(self, kind: GroupKind, group_id: str) -> Deferred:
+        """
+        Fire with the L{JobGroup} of an array or a batch, or fail with
+        L{UnknownGroup}.
+        """
+        return self.store.group(kind, group_id)
+
+    def cancel_group(
+        self, kind: GroupKind, group_id: str, owner: Optional[str] = None
+    ) -> Deferred:
+        """
+        Cancel every unfinished member of an array or a batch, in one
+        write; fires with the L{JobGroup} and whether every member it
+        cancelled is cancelled already (C{False}: some ran, and their
+        holders are stopping them now).  Given C{owner}, another owner's
+        group fails with L{UnknownGroup}, as a missing one does.
+        """
+        d = self.store.cancel_group(kind, group_id, self._clock.seconds(), owner)
+
+        def cancelled(written: Written) -> tuple[JobGroup, bool]:
+            self._apply(written)
+            group, leases = written.value
+            for lease in leases:
+                self._stop_held(lease)
+            return group, not leases
+
+        return shielded(d.addCallback(cancelled))
+
+    def retry_group(
+        self,
+        kind: GroupKind,
+        group_id: str,
+        owner: Optional[str] = None,
+        max_unfinished: Optional[int] = None,
+    ) -> Deferred:
+        """
+        Put every failed or cancelled member of an array or a batch back in
+        line, in one write; fires with the L{JobGroup}.  C{owner} and
+        C{max_unfinished} are as for L{retry}, every member coming back
+        counted.
+        """
+        d = self.store.retry_group(
+            kind, group_id, self._clock.seconds(), owner, max_unfinished
+        )
+
+        def retried(written: Written) -> JobGroup:
+            self._apply(written)
+            return written.value
+
+        return shielded(d.addCallback(retried))
+
+    def wait_for_job(self, job_id: str, seconds: float) -> Deferred:
+        """
+        Fire with the job C{job_id} once it is final, or as it is after
+        C{seconds} (see L{Waits.job}).
+        """
+        d = Deferred.fromCoroutine(self.waits.job(job_id, seconds))
+        return d.addCallback(lambda job: self._explainer()(job))
+
+    def wait_for_group(self, kind: GroupKind, group_id: str, seconds: float) -> Deferred:
+        """
+        Fire with the L{JobGroup} of an array or a batch once every member
+        is final, or as it is after C{seconds} (see L{Waits.group}).
+        """
+        return Deferred.fromCoroutine(self.waits.group(kind, group_id, seconds))
 
     def remove(self, job_id: str, owner: Optional[str] = None) -> Deferred:
         """

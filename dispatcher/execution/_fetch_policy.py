@@ -14,7 +14,8 @@ of an address (C{2130706433}, C{0177.0.0.1}, C{[::ffff:127.0.0.1]}), a
 name that resolves to a refused address (C{localhost}, DNS rebinding) and
 every redirect hop meet the same check.  An IPv6 address that carries an
 IPv4 one (IPv4-mapped, IPv4-compatible, SIIT, NAT64 and 6to4 forms) is
-judged as that IPv4 address too.
+judged as that IPv4 address alone: an IPv6 allow entry holding the form
+does not let it through.
 """
 
 from __future__ import annotations
@@ -184,20 +185,23 @@ class FetchPolicy:
         """
         Why inputs may not be fetched from C{address}, or C{None} when
         they may.  An IPv6 form that carries an IPv4 address is judged as
-        that address: it is where a connection to it goes.
+        that address alone, by the IPv4 allow entries and refusals: it is
+        where a connection to it goes.
         """
         carried = embedded_ipv4(address)
-        forms: tuple[Address, ...] = (address,) if carried is None else (address, carried)
-        judged = forms[-1]
-        for form in forms:
-            for metadata, what in METADATA_ADDRESSES:
-                if form == metadata and not any(
-                    net.num_addresses == 1 and net.network_address == form
-                    for net in self.allow
-                ):
-                    network = ipaddress.ip_network(form)
-                    return Refusal(address, form, what, network, True)
-        if any(form in net for form in forms for net in self.allow):
+        # A form that carries an IPv4 address connects to that address, so
+        # it meets the IPv4 rules alone: an IPv6 allow entry that holds the
+        # form (::/0, 2002::/16, 64:ff9b::/96, ::ffff:0:0/96) says nothing
+        # of where the connection goes, and must not open 127.0.0.1.
+        judged: Address = address if carried is None else carried
+        for metadata, what in METADATA_ADDRESSES:
+            if judged == metadata and not any(
+                net.num_addresses == 1 and net.network_address == judged
+                for net in self.allow
+            ):
+                network = ipaddress.ip_network(judged)
+                return Refusal(address, judged, what, network, True)
+        if any(judged in net for net in self.allow):
             return None
         for network, what in REFUSED_NETWORKS:
             if judged in network:

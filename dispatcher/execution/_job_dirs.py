@@ -1,7 +1,9 @@
 """
 The job directories under C{DATA_DIR/jobs} as retention removes them: a
 removed job's directory, and the directories of id windows that no longer
-hold a stored job.
+hold a stored job; on a remote worker, the directories of the jobs it ran,
+once they are old (L{JobDirectories.remove_unwritten_since}), and those an
+earlier run of it left (L{JobDirectories.walk_jobs}).
 
 Everything here blocks on the file system: run it on the I/O pool, never
 on the reactor thread.
@@ -24,7 +26,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
-from typing import Iterable
+from typing import Iterable, Iterator, Optional
 
 from twisted.logger import Logger
 
@@ -121,6 +123,129 @@ class JobDirectories:
             (f"{self.jobs_dir}/{window_path(prefix)}" for prefix in prefixes),
             "window directories",
         )
+
+
+    def last_written(self, job_id: str) -> Optional[float]:
+        """
+        When a job's directory was last written (the latest modification
+        time of the directory, of what it holds, and of what its attempts'
+        directories hold: its logs), or C{None} if it has none.  Deeper
+        files of the working directory are not looked at: a job's
+        directory is read for age once its job has ended.
+        """
+        path = f"{self.jobs_dir}/{job_path(job_id)}"
+        try:
+            latest = os.lstat(path).st_mtime
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        for inner in _entries(path):
+            latest = max(latest, inner.stat(follow_symlinks=False).st_mtime)
+            if inner.name.startswith("attempt-") and inner.is_dir(follow_symlinks=False):
+                for log in _entries(inner.path):
+                    latest = max(latest, log.stat(follow_symlinks=False).st_mtime)
+        return latest
+
+    def remove_unwritten_since(
+        self, job_ids: Iterable[str], before: float
+    ) -> tuple[int, list[tuple[str, float]]]:
+        """
+        Remove the directory of each of C{job_ids} last written before
+        C{before} (L{last_written}), and then each directory on the way to
+        it that is left empty; how many were removed, and the jobs (with
+        when they were written) whose directories were written since.
+
+        A remote worker removes its jobs' directories this way.  An emptied
+        window directory goes at once (unlike retention's, L{remove_windows}):
+        a worker cannot know which ids the dispatcher will lease it, so no
+        window's time is ever over for it.  Its caller starts no job whose
+        directory is in a window under way (L{dispatcher.workers._sweep}),
+        and a directory made in another process finds its parent gone only
+        if one is removed between two of its tries
+        (L{dispatcher.execution._spawner.make_passage}).
+        """
+        removed = 0
+        written: list[tuple[str, float]] = []
+        failed = 0
+        first = ""
+        for job_id in job_ids:
+            try:
+                last = self.last_written(job_id)
+            except OSError as e:
+                last, failed = None, failed + 1
+                first = first or f"{e.filename}: {e.strerror or e}"
+            if last is None:
+                continue
+            if last >= before:
+                written.append((job_id, last))
+                continue
+            path = f"{self.jobs_dir}/{job_path(job_id)}"
+            try:
+                shutil.rmtree(path)
+            except FileNotFoundError:
+                continue
+            except OSError as e:
+                failed += 1
+                first = first or f"{e.filename or path}: {e.strerror or e}"
+                continue
+            removed += 1
+            parent = os.path.dirname(path)
+            while parent != self.jobs_dir:
+                try:
+                    os.rmdir(parent)
+                except OSError:
+                    # Not empty (or made again meanwhile): so are those
+                    # holding it.
+                    break
+                parent = os.path.dirname(parent)
+        if failed:
+            log.warn(
+                "could not remove {count} job directories (the first: {first}); "
+                "they are left where they are",
+                count=failed,
+                first=first,
+            )
+        return removed, written
+
+    def walk_jobs(self) -> Iterator[str]:
+        """
+        The ids of the job directories under C{jobs}, in order, each read
+        from the directory it is in when the walk gets there; only the
+        directories where L{job_path} puts their name.  Blocking at each
+        step: advance it on the I/O pool.
+        """
+        for top in _names(self.jobs_dir, 4):
+            for middle in _names(f"{self.jobs_dir}/{top}", 2):
+                for low in _names(f"{self.jobs_dir}/{top}/{middle}", 2):
+                    window = f"{self.jobs_dir}/{top}/{middle}/{low}"
+                    for tail in _names(window, 2):
+                        for name in _names(f"{window}/{tail}", None):
+                            if job_path(name) == f"{top}/{middle}/{low}/{tail}/{name}":
+                                yield name
+
+
+def _entries(path: str) -> list[os.DirEntry]:
+    """
+    The entries of the directory C{path}; none if it is gone.
+    """
+    try:
+        with os.scandir(path) as entries:
+            return list(entries)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+def _names(path: str, width: Optional[int]) -> list[str]:
+    """
+    The sorted names in the directory C{path} (none if it is gone): those of
+    C{width} hex digits, or all of them.
+    """
+    try:
+        names = os.listdir(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    if width is not None:
+        names = [n for n in names if len(n) == width and _HEX.fullmatch(n)]
+    return sorted(names)
 
 
 def _remove_trees(paths: Iterable[str], what: str) -> int:

@@ -46,10 +46,9 @@ class JobEvent(NamedTuple):
     @ivar owner: the job's owner (C{None} when it has none, or when the job
         was removed before a stored event was read).
     @ivar spec: what of the job's spec an event shows and is filtered on
-        (name, queue, labels, array): the job's own spec, or a spec made of
-        those fields alone; C{None} when the job was removed before a
-        stored event was read.
-    @ivar batch_id: the batch the job was submitted in, if any.
+        (name, queue, labels, array, batch): the job's own spec, or a spec
+        made of those fields alone; C{None} when the job was removed before
+        a stored event was read.
     """
 
     job_id: str
@@ -63,7 +62,6 @@ class JobEvent(NamedTuple):
     error: Optional[str] = None
     owner: Optional[str] = None
     spec: Optional[JobSpec] = None
-    batch_id: Optional[str] = None
 
     @property
     def type(self) -> str:
@@ -144,13 +142,13 @@ class EventFilter:
             return False
         if self.states is not None and event.state not in self.states:
             return False
-        if self.batch_id is not None and event.batch_id != self.batch_id:
-            return False
-        if self.array_id is not None or self.labels:
+        if self.array_id is not None or self.batch_id is not None or self.labels:
             spec = event.spec
             if spec is None:
                 return False
             if self.array_id is not None and spec.array_id != self.array_id:
+                return False
+            if self.batch_id is not None and spec.batch_id != self.batch_id:
                 return False
             return _has_labels(spec.labels, self.labels)
         return True

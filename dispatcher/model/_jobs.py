@@ -211,6 +211,8 @@ class JobSpec:
     array_index: Optional[int] = None
     resources: Resources = NO_RESOURCES
     requirements: Mapping[str, str] = attrs.field(factory=dict)
+    # The batch (POST /v1/jobs/batch) it was submitted in, if any.
+    batch_id: Optional[str] = None
 
     @property
     def kind(self) -> str:
@@ -240,6 +242,8 @@ class PlainJobs:
     queue: str = attrs.fields(JobSpec).queue.default
     max_attempts: int = attrs.fields(JobSpec).max_attempts.default
     retry_delay: float = attrs.fields(JobSpec).retry_delay.default
+    # The batch they were submitted as, if any (one id for all).
+    batch_id: Optional[str] = None
 
     def __len__(self) -> int:
         return len(self.work)
@@ -254,6 +258,7 @@ class PlainJobs:
             "queue": self.queue,
             "max_attempts": self.max_attempts,
             "retry_delay": self.retry_delay,
+            "batch_id": self.batch_id,
         }
         return [
             JobSpec(command=tuple(job), **columns)

@@ -3,7 +3,9 @@ What a value must be for the store to keep it and the API to serve it:
 JSON's values as every reader takes them (RFC 8259 read with the I-JSON
 profile, RFC 7493).  Text is Unicode: no code point of a UTF-16 surrogate
 (U+D800 to U+DFFF, which no UTF-8 encoder writes); numbers are finite
-(JSON has no NaN or Infinity, and the codecs write them as C{null}); an
+(JSON has no NaN or Infinity, and the codecs write them as C{null}) and
+integers have at most L{MAX_INTEGER_DIGITS} digits (no codec here writes
+more); an
 object's keys are text; arrays and objects nest at most L{MAX_NESTING}
 deep, since what is taken in is written back out by encoders and read by
 decoders that recurse.
@@ -26,6 +28,14 @@ from typing import Any, Optional
 # How deep a value may nest arrays and objects: a task's arguments and its
 # result alike.
 MAX_NESTING = 100
+# The most decimal digits an integer may have: Python's own limit on
+# turning an integer into text and back (sys.int_info.default_max_str_digits),
+# past which json, msgspec and the store cannot write it at all.  A task
+# returning 10 ** 5000 failed a remote worker's every report, its own and
+# every later job's, and left them running for ever.
+MAX_INTEGER_DIGITS = 4300
+# An integer at least this large, or this small negated, has too many.
+_INTEGER_BOUND = 10**MAX_INTEGER_DIGITS
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
 # The JSON text of a key that is not text, as json.dumps writes it (and so
@@ -113,9 +123,9 @@ def storable(value: Any, where: str = "result") -> Any:
 
     @param where: what the value is, to name it in a refusal.
     @raise UnservableValue: the value holds something JSON cannot carry
-        (a set, a lone surrogate, NaN or an infinity, two keys written
-        alike, such as C{1} and C{"1"}), or nests more than
-        L{MAX_NESTING} deep.
+        (a set, a lone surrogate, NaN or an infinity, an integer of more
+        than L{MAX_INTEGER_DIGITS} digits, two keys written alike, such as
+        C{1} and C{"1"}), or nests more than L{MAX_NESTING} deep.
     """
     try:
         return _storable(value, 1)
@@ -131,7 +141,11 @@ def _storable(value: Any, level: int) -> Any:
         if found is not None:
             raise _Fault(not_text(found))
         return value
-    if kind is int or kind is bool or value is None:
+    if kind is bool or value is None:
+        return value
+    if kind is int:
+        if not -_INTEGER_BOUND < value < _INTEGER_BOUND:
+            raise _Fault(_too_many_digits())
         return value
     if kind is float:
         if not math.isfinite(value):
@@ -143,7 +157,9 @@ def _storable(value: Any, level: int) -> Any:
         changed = None
         for i, item in enumerate(value):
             kind = type(item)
-            if kind is int or kind is bool or item is None:
+            if kind is bool or item is None or (
+                kind is int and -_INTEGER_BOUND < item < _INTEGER_BOUND
+            ):
                 continue
             try:
                 new = _storable(item, level + 1)
@@ -192,7 +208,9 @@ def _storable_object(value: dict, level: int) -> dict:
             name = _key_text(key)
             text_keys = False
         kind = type(item)
-        if kind is int or kind is bool or item is None:
+        if kind is bool or item is None or (
+            kind is int and -_INTEGER_BOUND < item < _INTEGER_BOUND
+        ):
             continue
         try:
             new = _storable(item, level + 1)
@@ -229,6 +247,8 @@ def _key_text(key: Any) -> str:
     if key is None or isinstance(key, bool):
         return _KEY_WORDS[key]
     if isinstance(key, int):
+        if not -_INTEGER_BOUND < key < _INTEGER_BOUND:
+            raise _Fault(f"a key that is {_too_many_digits()}")
         return int.__repr__(key)
     if isinstance(key, float):
         if not math.isfinite(key):
@@ -240,6 +260,13 @@ def _key_text(key: Any) -> str:
             raise _Fault(not_text(found, key=True))
         return str.__str__(key)
     raise _Fault(f"a key that is {_a(key)} is not text")
+
+
+def _too_many_digits() -> str:
+    return (
+        f"an integer of more than {MAX_INTEGER_DIGITS} digits, more than JSON here"
+        " can carry"
+    )
 
 
 def _a(value: Any) -> str:

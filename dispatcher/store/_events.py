@@ -109,23 +109,28 @@ def _lookup(
     ids = list(dict.fromkeys(job_ids))
     for start in range(0, len(ids), _LOOKUP_CHUNK):
         chunk = ids[start:start + _LOOKUP_CHUNK]
-        for job_id, owner, name, queue, labels, array_id in conn.execute(
-            "SELECT id, owner, name, queue, labels, array_id FROM jobs"
+        for job_id, owner, name, queue, labels, array_id, batch_id in conn.execute(
+            "SELECT id, owner, name, queue, labels, array_id, batch_id FROM jobs"
             f" WHERE id IN ({','.join('?' * len(chunk))})",
             chunk,
         ):
-            found[job_id] = (owner, _shown_spec(name, queue, labels, array_id))
+            found[job_id] = (owner, _shown_spec(name, queue, labels, array_id, batch_id))
     return found
 
 
 def _shown_spec(
-    name: Optional[str], queue: str, labels: Optional[str], array_id: Optional[str]
+    name: Optional[str],
+    queue: str,
+    labels: Optional[str],
+    array_id: Optional[str],
+    batch_id: Optional[str],
 ) -> JobSpec:
     return JobSpec(
         name=name,
         queue=queue,
         labels=decode_stored(labels) if labels and labels != "{}" else {},
         array_id=array_id,
+        batch_id=batch_id,
     )
 
 
@@ -148,8 +153,11 @@ def _known(write: Write, value: Any) -> Any:
     kind = type(write)
     if kind is SubmitPlain:
         # The same for every job of the request (plain jobs have no name,
-        # labels or array).
-        return (write.owner, _queue_spec(write.jobs.queue))  # type: ignore[union-attr]
+        # labels or array; a batch's share its id).
+        jobs, owner = write.jobs, write.owner  # type: ignore[union-attr]
+        if jobs.batch_id is not None:
+            return (owner, JobSpec(queue=jobs.queue, batch_id=jobs.batch_id))
+        return (owner, _queue_spec(jobs.queue))
     if kind is Submit:
         return {job.id: (job.owner, job.spec) for job in value.jobs}
     if kind is MarkRunning or kind is Finish or kind is Release:
@@ -262,12 +270,16 @@ def record_events(
     if not next_id:
         return by_write
     if unknown:
-        found = _lookup(conn, (events[i].job_id for events, i in unknown))  # type: ignore[union-attr]
+        found = _lookup(
+            conn, (events[i].job_id for events, i in unknown)  # type: ignore[union-attr]
+        )
         for events, i in unknown:
             event = events[i]
             facts = found.get(event.job_id)  # type: ignore[union-attr]
             if facts is not None:
-                events[i] = event._replace(owner=facts[0], spec=facts[1])  # type: ignore[union-attr]
+                events[i] = event._replace(  # type: ignore[union-attr]
+                    owner=facts[0], spec=facts[1]
+                )
     for shape, rows in shapes.items():
         conn.executemany(_insert_statement(shape), rows)
     if worker_rows:
@@ -298,7 +310,7 @@ _QUEUED_VALUE = JobState.QUEUED.value
 # still says (nothing, for a job removed since).
 _READ = (
     "SELECT e.id, e.at, e.job_id, e.state, e.previous, e.attempt, e.exit_code,"
-    " e.error, e.worker, j.owner, j.name, j.queue, j.labels, j.array_id"
+    " e.error, e.worker, j.owner, j.name, j.queue, j.labels, j.array_id, j.batch_id"
     " FROM events e LEFT JOIN jobs j ON j.id = e.job_id"
     " WHERE e.id > ? ORDER BY e.id LIMIT ?"
 )
@@ -315,12 +327,12 @@ def read_events(conn: sqlite3.Connection, after: int, limit: int) -> EventPage:
     events: list[Event] = []
     for row in conn.execute(_READ, (after, limit)):
         (event_id, at, job_id, state, previous, attempt, exit_code, error, worker,
-         owner, name, queue, labels, array_id) = row
+         owner, name, queue, labels, array_id, batch_id) = row
         if job_id is None:
             events.append(WorkerEvent(event_id, at, worker, state))
             continue
         # A job removed since: what its row said is gone.
-        spec = None if queue is None else _shown_spec(name, queue, labels, array_id)
+        spec = None if queue is None else _shown_spec(name, queue, labels, array_id, batch_id)
         events.append(
             JobEvent(
                 job_id, _STATES[state], None, event_id, at,

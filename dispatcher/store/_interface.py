@@ -11,6 +11,8 @@ C{tests/store_contract.py}.
 
 from zope.interface import Attribute, Interface
 
+from dispatcher.model._limits import MAX_LIST_EXAMINED
+
 
 class IJobStore(Interface):
     """
@@ -132,14 +134,41 @@ class IJobStore(Interface):
         L{UnknownJob}.
         """
 
-    def list_jobs(state=None, labels=(), limit=100, cursor=None, owner=None):
+    def list_jobs(state=None, labels=(), limit=100, cursor=None, owner=None, states=(),
+                  array=None, batch=None, name=None, queue=None, worker=None,
+                  created_after=None, created_before=None, newest=False,
+                  examine=MAX_LIST_EXAMINED):
         """
         Fire with C{(jobs, next_cursor)}: up to C{limit} L{Job}s in
-        submission order after C{cursor}, filtered by C{state} (a
-        L{JobState} or C{None}), by C{labels} (C{(key, value)} pairs, all
-        of which must match, a value of C{None} meaning the key is
-        present) and by C{owner} (a principal's name, or C{None}: any).  C{next_cursor} is C{None} on the last page; a cursor
-        stays valid while jobs are added.
+        submission order after C{cursor} (C{newest}: newest first, before
+        C{cursor}), that match every filter given: a state among C{states}
+        and C{state} (L{JobState}s; none given: any), C{labels} (C{(key,
+        value)} pairs, all of which must match, a value of C{None} meaning
+        the key is present), C{owner} (a principal's name), C{array} and
+        C{batch} (a group's id), C{name} (exact), C{queue}, C{worker} (the
+        holder of its latest attempt), C{created_after} and
+        C{created_before} (times, strictly).  C{next_cursor} is C{None} on
+        the last page; a cursor stays valid while jobs are added or
+        removed.
+
+        No page examines more than C{examine} jobs: when the filters leave
+        few of the jobs the store reads for them, a page may hold fewer
+        than C{limit}, or none, and still give a C{next_cursor} to go on
+        from.  Whatever the filters, the cost of a page is bounded.
+        """
+
+    def group(kind, group_id):
+        """
+        Fire with the L{JobGroup} of the array or batch (a L{GroupKind})
+        C{group_id}: its owner, when it was made, its members' counts by
+        state; or fail with L{UnknownGroup}.  Read along an index of the
+        group's members, never a scan of the jobs.
+        """
+
+    def unfinished_members(kind, group_id):
+        """
+        Fire with the ids of the members of the array or batch C{group_id}
+        that are not final (none for a group that does not exist).
         """
 
     def owned(job_ids, owner):
@@ -290,6 +319,32 @@ class IJobStore(Interface):
             for a job that is not failed or cancelled, and
             L{DependencyNotRetried} when a job it depends on failed or was
             cancelled and does not come back with it.
+        """
+
+    def cancel_group(kind, group_id, now, owner=None):
+        """
+        Cancel every unfinished member of an array or batch, durably, in
+        one write, each as L{cancel} would.  Fire with a L{Written} whose
+        value is C{(group, leases)}: the L{JobGroup} after the write, and
+        the L{Lease}s of the members staging or running, whose holders
+        must now stop them.  Fails with L{UnknownGroup} (given C{owner},
+        for another owner's group as well) and L{NothingToChange} when
+        every member is final, changing nothing.
+        """
+
+    def retry_group(kind, group_id, now, owner=None, max_unfinished=None):
+        """
+        Put every failed or cancelled member of an array or batch back in
+        line, durably, in one write, each as L{retry} would (a member that
+        depends on another coming back waits for it).  Fire with a
+        L{Written} whose value is the L{JobGroup} after the write.  Fails,
+        changing nothing, with L{UnknownGroup} (given C{owner}, for
+        another owner's group as well), L{NothingToChange} when no member
+        failed or was cancelled, L{TooManyUnfinished} when the members
+        coming back, every one counted, would give the group's owner more
+        than C{max_unfinished} unfinished jobs, and L{DependencyNotRetried}
+        when a member depends on a job outside the group that failed or
+        was cancelled.
         """
 
     # Housekeeping

@@ -10,7 +10,8 @@ They run on the writer thread, inside the group's transaction
 L{dispatcher.store._submissions}, claims, ends and the other changes of
 an attempt in L{dispatcher.store._leases}, what a job waits for in
 L{dispatcher.store._waits}, removals of finished jobs in
-L{dispatcher.store._removal}; cancels, retries, promotions and the purge of
+L{dispatcher.store._removal}, the cancel and the retry of a whole array or
+batch in L{dispatcher.store._groups}; cancels, retries, promotions and the purge of
 idempotency keys are here.
 """
 
@@ -26,6 +27,7 @@ import attrs
 from dispatcher.model._jobs import InvalidTransition, JobState, Lease, UnknownJob
 from dispatcher.store._counts import OwnerCounts
 from dispatcher.store._events import record_presence, remove_events
+from dispatcher.store._groups import cancel_group, retry_group
 from dispatcher.store._leases import (
     claim,
     finish,
@@ -49,6 +51,7 @@ from dispatcher.store._waits import QUEUED_REASON, after_final, requeue
 from dispatcher.store._writer import SharedPath
 from dispatcher.store._writes import (
     Cancel,
+    CancelGroup,
     Claim,
     Finish,
     MarkRunning,
@@ -64,6 +67,7 @@ from dispatcher.store._writes import (
     ResumeLeases,
     Shrink,
     Retry,
+    RetryGroup,
     Submit,
     SubmitPlain,
     Write,
@@ -274,6 +278,8 @@ OPERATIONS: Mapping[type, Callable[..., Any]] = {
     Recover: recover,
     RecordPresence: record_presence,
     RemoveEvents: remove_events,
+    CancelGroup: cancel_group,
+    RetryGroup: retry_group,
 }
 
 

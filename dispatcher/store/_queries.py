@@ -10,7 +10,10 @@ from __future__ import annotations
 import sqlite3
 from typing import Any, Mapping, Optional, Sequence
 
+import attrs
+
 from dispatcher.model._claims import queues_at_limit
+from dispatcher.model._limits import MAX_LIST_EXAMINED
 from dispatcher.model._jobs import Attempt, Job, JobState, UnknownJob
 from dispatcher.store._rows import (
     ATTEMPT_COLUMNS,
@@ -76,51 +79,201 @@ def get_job(
     return job_from_row(row, tuple(_attempts_of(conn, [job_id])[job_id]), full)
 
 
+def _has_json_functions() -> bool:
+    # Built in from SQLite 3.38; before, and in a build that leaves them
+    # out, only if compiled in.
+    conn = sqlite3.connect(":memory:")
+    try:
+        conn.execute("SELECT json_extract(value, '$[0]') FROM json_each('[[1]]')")
+    except sqlite3.OperationalError:
+        return False
+    finally:
+        conn.close()
+    return True
+
+
+# Whether this SQLite has its JSON functions (a plain batch's rows are read
+# with them, store/_submissions.py; a label key is looked for in a row's
+# labels with them).
+JSON_ROWS = _has_json_functions()
+
+
+@attrs.frozen
+class _Source:
+    """
+    Where a page's jobs come from, in submission order: the seqs of one
+    index's entries that match (C{sql} and its C{params}, with the
+    placeholder C{{after}} for the cursor's condition), or of several (C{parts}, merged: the states of
+    C{state=a&state=b}).
+    """
+
+    sql: str = ""
+    params: tuple[Any, ...] = ()
+    parts: tuple["_Source", ...] = ()
+
+
+def _source_sql(
+    source: _Source, cursor: Optional[int], newest: bool, rows: int
+) -> tuple[str, list[Any]]:
+    """
+    The SELECT of the first C{rows} seqs of C{source} past C{cursor}, in
+    the page's order.
+    """
+    order = "DESC" if newest else "ASC"
+    if source.parts:
+        arms = []
+        params: list[Any] = []
+        for part in source.parts:
+            sql, more = _source_sql(part, cursor, newest, rows)
+            arms.append(f"SELECT seq FROM ({sql})")
+            params.extend(more)
+        # Each part read no further than the page's rows: their first
+        # rows, merged, are the first rows of all of them.
+        return (
+            f"SELECT seq FROM ({' UNION ALL '.join(arms)}) ORDER BY seq {order} LIMIT ?",
+            params + [rows],
+        )
+    after = ""
+    params = list(source.params)
+    if cursor is not None:
+        after = f" AND seq {'<' if newest else '>'} ?"
+        params.append(cursor)
+    return (
+        source.sql.format(after=after) + f" ORDER BY seq {order} LIMIT ?",
+        params + [rows],
+    )
+
+
+def _index_source(index: Optional[str], where: str, *params: Any) -> _Source:
+    """
+    The seqs of the jobs that match C{where}, read along C{index} (none:
+    in the table's order).
+    """
+    indexed = f" INDEXED BY {index}" if index else ""
+    return _Source(f"SELECT seq FROM jobs{indexed} WHERE {where}{{after}}", params)
+
+
 def list_jobs(
     conn: sqlite3.Connection,
-    state: Optional[JobState],
+    states: tuple[JobState, ...],
     labels: tuple[tuple[str, Optional[str]], ...],
     limit: int,
     cursor: Optional[int],
     limits: Mapping[str, int],
     owner: Optional[str] = None,
+    array: Optional[str] = None,
+    batch: Optional[str] = None,
+    name: Optional[str] = None,
+    queue: Optional[str] = None,
+    worker: Optional[str] = None,
+    created_after: Optional[float] = None,
+    created_before: Optional[float] = None,
+    newest: bool = False,
+    examine: int = MAX_LIST_EXAMINED,
 ) -> tuple[list[Job], Optional[int]]:
     """
-    A page of at most C{limit} jobs after the cursor C{cursor}, in the
-    order they were submitted, of the state C{state}, with every label
-    C{labels} names (a key, or a key and its value) and of the owner
-    C{owner} (if given); and the cursor of the next page, if there is one.
+    A page of at most C{limit} jobs past the cursor C{cursor}, in the
+    order they were submitted (C{newest}: the other way), that match every
+    filter given: a state among C{states}, every label C{labels} names (a
+    key, or a key and its value), the owner, the array, the batch, the
+    name, the queue, the holder of its latest attempt (C{worker}), created
+    after and before; and the cursor of the next page, if there is one.
+
+    The jobs are read along one index (the most selective filter's: an
+    array's, a batch's, a name's, a label's, an owner's, the states'; else
+    submission order) and the other filters are checked on the rows it
+    gives, at most C{examine} of them for one page.  A page whose other
+    filters match few of those rows may so end short, even empty, with a
+    cursor to go on from: no page costs more than C{examine} rows,
+    whatever matches.
     """
-    where = ["seq > ?"]
-    params: list[Any] = [cursor or 0]
-    if owner is not None:
-        # Read along jobs_owner (owner, seq): the owner's jobs in order.
-        where.append("owner = ?")
-        params.append(owner)
-    if state is not None:
-        where.append("state = ?")
-        params.append(state.value)
+    # Each filter: the source its index gives (or None), and its condition
+    # on a row; in the order a source is chosen, the most selective first.
+    filters: list[tuple[Optional[_Source], str, tuple[Any, ...]]] = []
+    if array is not None:
+        filters.append((_index_source("jobs_array", "array_id = ?", array),
+                        "array_id = ?", (array,)))
+    if batch is not None:
+        filters.append((_index_source("jobs_batch", "batch_id = ?", batch),
+                        "batch_id = ?", (batch,)))
+    if name is not None:
+        filters.append((_index_source("jobs_name", "name = ?", name), "name = ?", (name,)))
     for key, value in labels:
-        if value is None:
-            where.append("seq IN (SELECT seq FROM job_labels WHERE key = ?)")
-            params.append(key)
-        else:
-            where.append(
-                "seq IN (SELECT seq FROM job_labels WHERE key = ? AND value = ?)"
+        if value is not None:
+            # Read along job_labels' key (key, value, seq), in seq order.
+            filters.append((
+                _Source("SELECT seq FROM job_labels WHERE key = ? AND value = ?{after}",
+                        (key, value)),
+                "EXISTS (SELECT 1 FROM job_labels WHERE key = ? AND value = ?"
+                " AND seq = jobs.seq)",
+                (key, value),
+            ))
+        elif JSON_ROWS:
+            # A key alone: job_labels is ordered by key and value, so
+            # looking a key up for one job there reads every job's entry
+            # of that key; the row's own labels are at hand.
+            filters.append(
+                (None, "EXISTS (SELECT 1 FROM json_each(jobs.labels) WHERE key = ?)", (key,))
             )
-            params.extend((key, value))
-    params.append(limit + 1)
+        else:
+            filters.append(
+                (None, "EXISTS (SELECT 1 FROM job_labels WHERE key = ? AND seq = jobs.seq)",
+                 (key,))
+            )
+    if owner is not None:
+        filters.append((_index_source("jobs_owner", "owner = ?", owner), "owner = ?", (owner,)))
+    wanted = tuple(dict.fromkeys(states))
+    if len(wanted) == 1:
+        filters.append((_index_source("jobs_state", "state = ?", wanted[0].value),
+                        "state = ?", (wanted[0].value,)))
+    elif 1 < len(wanted) < len(JobState):
+        filters.append((
+            _Source(parts=tuple(
+                _index_source("jobs_state", "state = ?", state.value) for state in wanted
+            )),
+            f"state IN ({', '.join('?' * len(wanted))})",
+            tuple(state.value for state in wanted),
+        ))
+    for given, sql, value in (
+        (queue, "queue = ?", queue),
+        (created_after, "created_at > ?", created_after),
+        (created_before, "created_at < ?", created_before),
+        (worker, "(SELECT holder FROM attempts WHERE job_id = jobs.id"
+                 " ORDER BY number DESC LIMIT 1) = ?", worker),
+    ):
+        if given is not None:
+            filters.append((None, sql, (value,)))
+    # The first filter with an index is read along; the others are
+    # checked on the rows it gives.
+    chosen = next((f for f in filters if f[0] is not None), None)
+    others = [f for f in filters if f is not chosen]
+    residual = [sql for _, sql, _ in others]
+    params = [value for _, _, values in others for value in values]
+    source = chosen[0] if chosen is not None else _index_source(None, "1")
+    order = "DESC" if newest else "ASC"
+    window = examine if residual else limit + 1
+    source_sql, source_params = _source_sql(source, cursor, newest, window)
+    where = " AND ".join([f"seq IN ({source_sql})", *residual])
     rows = conn.execute(
-        f"SELECT {VIEW_COLUMNS} FROM jobs WHERE {' AND '.join(where)}"
-        " ORDER BY seq LIMIT ?",
-        params,
+        f"SELECT {VIEW_COLUMNS} FROM jobs WHERE {where} ORDER BY seq {order} LIMIT ?",
+        [*source_params, *params, limit + 1],
     ).fetchall()
     more = len(rows) > limit
     rows = rows[:limit]
+    next_cursor = rows[-1][VIEW_SEQ] if more else None
+    if not more and residual:
+        # The page ends short: the rows examined may not be all there are.
+        # The next page goes on from the last one examined.
+        sql, more_params = _source_sql(source, cursor, newest, examine)
+        last = conn.execute(
+            f"SELECT seq FROM ({sql}) ORDER BY seq {order} LIMIT 1 OFFSET ?",
+            [*more_params, examine - 1],
+        ).fetchone()
+        if last is not None:
+            next_cursor = last[0]
     attempts = _attempts_of(conn, [row[VIEW_ID] for row in rows])
     full = _full_queues(conn, limits)
     jobs = [job_from_row(row, tuple(attempts[row[VIEW_ID]]), full) for row in rows]
-    next_cursor = rows[-1][VIEW_SEQ] if more else None
     return jobs, next_cursor
 
 

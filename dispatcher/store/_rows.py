@@ -108,6 +108,7 @@ JOB_COLUMNS: tuple[Column, ...] = (
     Column("not_before", SPEC),
     Column("array_id", SPEC),
     Column("array_index", SPEC),
+    Column("batch_id", SPEC),
     Column("created_at", JOB),
     Column("started_at", JOB, inserted=False),
     Column("finished_at", JOB),

@@ -175,12 +175,25 @@ MIGRATIONS: Sequence[Union[str, Callable[[sqlite3.Connection], None]]] = (
     );
     INSERT INTO removed (one, top_seq) VALUES (1, 0);
     """,
-    # Migration 10 (issue 17, events; 9 is the batch id): every committed
+    # Migration 9 (issue 17, arrays and batches as things, strict lists).
+    # A batch (POST /v1/jobs/batch) is known by an id stored on each of its
+    # jobs, NULL for the rest: a partial index finds a batch's members (its
+    # counts, GET /v1/jobs?batch=) as jobs_array finds an array's, and costs
+    # the jobs submitted one at a time nothing.  Jobs are listed by name
+    # (?name=) along a partial index too: an unnamed job (a plain batch's)
+    # is not in it.  Both hold the row's seq, so a page reads them in
+    # submission order, either way.
+    """
+    ALTER TABLE jobs ADD COLUMN batch_id TEXT;
+    CREATE INDEX jobs_batch ON jobs (batch_id) WHERE batch_id IS NOT NULL;
+    CREATE INDEX jobs_name ON jobs (name) WHERE name IS NOT NULL;
+    """,
+    # Migration 10 (issue 17, events): every committed
     # change of a job's state, and every remote worker's coming and going,
     # is a row here, written in the transaction of the change
     # (dispatcher/store/_events.py).  The id is what GET /v1/events gives
     # and resumes after.  A row is kept small: what the job is (owner,
-    # name, queue, labels, array) is read from its row when the event is
+    # name, queue, labels, array, batch) is read from its row when the event is
     # read.  A worker's event has no job: its state is the change
     # (connected, left), and worker its name.  Old rows are removed by
     # retention ([events] retention), never the newest.

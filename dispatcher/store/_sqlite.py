@@ -25,6 +25,8 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from dispatcher._threads import TaskThreads
+from dispatcher.model._groups import GroupKind
+from dispatcher.model._limits import MAX_LIST_EXAMINED
 from dispatcher.model._jobs import (
     JobSpec,
     JobState,
@@ -36,6 +38,7 @@ from dispatcher.model._jobs import (
     StoreClosed,
 )
 from dispatcher.store import _writes as writes
+from dispatcher.store._groups import group, unfinished_members
 from dispatcher.store._interface import IJobStore
 from dispatcher.store._operations import (
     OPERATIONS,
@@ -345,10 +348,46 @@ class SQLiteJobStore:
         limit: int = 100,
         cursor: Optional[int] = None,
         owner: Optional[str] = None,
+        states: Iterable[JobState] = (),
+        array: Optional[str] = None,
+        batch: Optional[str] = None,
+        name: Optional[str] = None,
+        queue: Optional[str] = None,
+        worker: Optional[str] = None,
+        created_after: Optional[float] = None,
+        created_before: Optional[float] = None,
+        newest: bool = False,
+        examine: int = MAX_LIST_EXAMINED,
     ) -> Deferred:
+        wanted = tuple(states) + ((state,) if state is not None else ())
         return self._read(
-            list_jobs, state, tuple(labels), limit, cursor, self._limits, owner
+            list_jobs, wanted, tuple(labels), limit, cursor, self._limits, owner,
+            array, batch, name, queue, worker, created_after, created_before, newest,
+            examine,
         )
+
+    # Arrays and batches
+
+    def group(self, kind: GroupKind, group_id: str) -> Deferred:
+        return self._read(group, kind, group_id)
+
+    def unfinished_members(self, kind: GroupKind, group_id: str) -> Deferred:
+        return self._read(unfinished_members, kind, group_id)
+
+    def cancel_group(
+        self, kind: GroupKind, group_id: str, now: float, owner: Optional[str] = None
+    ) -> Deferred:
+        return self._write(writes.CancelGroup(kind, group_id, now, owner))
+
+    def retry_group(
+        self,
+        kind: GroupKind,
+        group_id: str,
+        now: float,
+        owner: Optional[str] = None,
+        max_unfinished: Optional[int] = None,
+    ) -> Deferred:
+        return self._write(writes.RetryGroup(kind, group_id, now, owner, max_unfinished))
 
     def owned(self, job_ids: Sequence[str], owner: str) -> Deferred:
         return self._read(owned, list(job_ids), owner)

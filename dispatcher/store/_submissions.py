@@ -22,7 +22,7 @@ import orjson
 
 from dispatcher.model._jobs import Job, JobSpec, JobState, PlainJobs
 from dispatcher.model._limits import MAX_DEPENDENCY_LINKS
-from dispatcher.store._queries import get_job
+from dispatcher.store._queries import JSON_ROWS, get_job
 from dispatcher.store._removal import MAX_SEQ
 from dispatcher.store._results import (
     Change,
@@ -114,40 +114,23 @@ def _add_job(
     return job
 
 
-def _has_json_functions() -> bool:
-    # Built in from SQLite 3.38; before, and in a build that leaves them
-    # out, only if compiled in.
-    conn = sqlite3.connect(":memory:")
-    try:
-        conn.execute("SELECT json_extract(value, '$[0]') FROM json_each('[[1]]')")
-    except sqlite3.OperationalError:
-        return False
-    finally:
-        conn.close()
-    return True
-
-
-# Whether this SQLite has the JSON functions _add_plain_jobs reads rows with.
-JSON_ROWS = _has_json_functions()
-
-
 # What a plain job's row holds besides its number, id and stored spec: the
 # same for all the jobs of a request (the L{PlainJobs} fields have columns
-# of their names, and the owner is the request's), and a timeout only
-# where their queue has one.
+# of their names, and the owner is the request's), and a timeout and a
+# batch id only where their queue has one and they were sent as a batch.
 _PLAIN_SHARED = (
     "state", "labels", "created_at", "wait_reason", "priority", "queue", "max_attempts",
-    "retry_delay", "owner", "timeout",
+    "retry_delay", "owner",
 )
 
 
-def _plain_insert(timeout: bool, json_rows: bool) -> str:
+def _plain_insert(timeout: bool, batch: bool, json_rows: bool) -> str:
     """
     The statement that inserts plain jobs: from a JSON array of [id, stored
     spec] pairs (?2), numbered after ?1, or one row at a time; the columns
     all share come next (?3 on).
     """
-    shared = _PLAIN_SHARED if timeout else _PLAIN_SHARED[:-1]
+    shared = _PLAIN_SHARED + ("timeout",) * timeout + ("batch_id",) * batch
     columns = ", ".join(("seq", "id", "spec", *shared))
     if json_rows:
         values = ", ".join(f"?{3 + i}" for i in range(len(shared)))
@@ -159,10 +142,12 @@ def _plain_insert(timeout: bool, json_rows: bool) -> str:
     return f"INSERT INTO jobs ({columns}) VALUES ({', '.join('?' * (3 + len(shared)))})"
 
 
-# By whether the jobs have a timeout, then whether rows are read from JSON.
+# By whether the jobs have a timeout, a batch id, then whether rows are
+# read from JSON.
 _INSERT_PLAIN = {
-    (timeout, json_rows): _plain_insert(timeout, json_rows)
+    (timeout, batch, json_rows): _plain_insert(timeout, batch, json_rows)
     for timeout in (False, True)
+    for batch in (False, True)
     for json_rows in (False, True)
 }
 
@@ -184,6 +169,7 @@ def _add_plain_jobs(
     one C{executemany} of rows).
     """
     timeout = jobs.timeout is not None
+    batch = jobs.batch_id is not None
     # In _PLAIN_SHARED order.
     shared: tuple[Any, ...] = (
         JobState.QUEUED.value, "{}", now, QUEUED_REASON, jobs.priority, jobs.queue,
@@ -191,17 +177,19 @@ def _add_plain_jobs(
     )
     if timeout:
         shared += (jobs.timeout,)
+    if batch:
+        shared += (jobs.batch_id,)
     if JSON_ROWS:
         # Binding a row's eleven values from Python was a third of the
         # writer's time for a plain batch; SQLite reads the JSON faster.
         pairs = orjson.dumps(list(zip(ids, stored))).decode()
-        conn.execute(_INSERT_PLAIN[timeout, True], (seq, pairs, *shared))
+        conn.execute(_INSERT_PLAIN[timeout, batch, True], (seq, pairs, *shared))
     else:
         rows = [
             (number, job_id, text, *shared)
             for number, job_id, text in zip(itertools.count(seq + 1), ids, stored)
         ]
-        conn.executemany(_INSERT_PLAIN[timeout, False], rows)
+        conn.executemany(_INSERT_PLAIN[timeout, batch, False], rows)
     return Written(
         SubmittedIds(ids), tuple(zip(ids, itertools.repeat(JobState.QUEUED)))
     )

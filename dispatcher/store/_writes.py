@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import NamedTuple, Optional, Sequence, Union
 
+from dispatcher.model._groups import GroupKind
 from dispatcher.model._jobs import JobSpec, JobState, Lease, Offer, Outcome, PlainJobs, Resources
 from dispatcher.store._results import IdempotencyKey, RemovalCursor
 
@@ -237,16 +238,43 @@ class RemoveEvents(NamedTuple):
     limit: int
 
 
+class CancelGroup(NamedTuple):
+    """
+    Cancel every unfinished member of an array or a batch; if C{owner} is
+    given, only a group of that owner.
+    """
+
+    kind: GroupKind
+    group_id: str
+    now: float
+    owner: Optional[str] = None
+
+
+class RetryGroup(NamedTuple):
+    """
+    Put every failed or cancelled member of an array or a batch back in
+    line; if C{owner} is given, only a group of that owner; if
+    C{max_unfinished} is given, only while the group's owner then has at
+    most that many unfinished jobs.
+    """
+
+    kind: GroupKind
+    group_id: str
+    now: float
+    owner: Optional[str] = None
+    max_unfinished: Optional[int] = None
+
+
 # The writes a client is told are done (submissions, cancels, retries, a
 # removal asked for): their commit syncs to the disk before they are
 # answered.  The others change run state alone (or remove what retention
 # removes: undone by a power cut, it is removed again), and may reach the
 # disk within the store's sync interval.
-DURABLE = frozenset({Submit, SubmitPlain, Cancel, Retry, Remove})
+DURABLE = frozenset({Submit, SubmitPlain, Cancel, Retry, Remove, CancelGroup, RetryGroup})
 
 # Any of the commands.
 Write = Union[
     Submit, SubmitPlain, Claim, ResumeLeases, RecordProcess, MarkRunning, Finish, Release,
     Cancel, Retry, PromoteDue, PurgeIdempotency, RemoveFinished, Remove, Shrink,
-    Recover, RecordPresence, RemoveEvents,
+    Recover, RecordPresence, RemoveEvents, CancelGroup, RetryGroup,
 ]

@@ -13,6 +13,7 @@ from typing import Any
 
 from msgspec import UNSET
 
+from dispatcher.model._groups import JobGroup as Group
 from dispatcher.model._jobs import (
     NO_RESOURCES,
     Attempt,
@@ -29,6 +30,7 @@ from dispatcher.wire._types import (
     AttemptView,
     FreeCapacity,
     InputView,
+    JobGroup,
     JobSummary,
     JobView,
     LeaseGrant,
@@ -142,6 +144,8 @@ def job_view(job: Job) -> JobView:
         view.depends_on = list(spec.depends_on)
     view.array_id = spec.array_id
     view.array_index = spec.array_index
+    if spec.batch_id is not None:
+        view.batch_id = spec.batch_id
     resources = spec.resources
     if resources is not NO_RESOURCES:
         view.resources = ResourcesView(resources.cpus, resources.memory_mb, resources.gpus)
@@ -155,9 +159,32 @@ def job_summary(job: Job) -> JobSummary:
     What a request that makes several jobs answers for each unless asked
     for more: its id and state, and its place in an array if it has one.
     """
-    if job.spec.array_id is None:
-        return JobSummary(job.id, job.state)
-    return JobSummary(job.id, job.state, job.spec.array_id, job.spec.array_index)
+    spec = job.spec
+    if spec.array_id is None:
+        summary = JobSummary(job.id, job.state)
+    else:
+        summary = JobSummary(job.id, job.state, spec.array_id, spec.array_index)
+    if spec.batch_id is not None:
+        summary.batch_id = spec.batch_id
+    return summary
+
+
+def group_view(group: Group) -> JobGroup:
+    """
+    An array or a batch as C{GET /v1/arrays/{id}} and
+    C{GET /v1/batches/{id}} show it.
+    """
+    return JobGroup(
+        group.id,
+        group.kind.value,
+        group.owner,
+        format_time(group.created_at),
+        group.size,
+        dict(group.counts),
+        group.finished,
+        group.final,
+        group.succeeded,
+    )
 
 
 def lease_grant(lease: Lease, token: str) -> LeaseGrant:

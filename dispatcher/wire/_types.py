@@ -85,6 +85,15 @@ MAX_OFFSET = 2**63 - 1
 # The largest event id a client may resume after (?after=, Last-Event-ID):
 # SQLite's largest integer key.
 MAX_EVENT_ID = 2**63 - 1
+# The longest a request may wait (?wait=SECONDS) for a job, an array or a
+# batch to be final (issue 17).
+MAX_CLIENT_WAIT = 300.0
+# How many state= filters one list of jobs may give (there are seven
+# states; a state given again is the same filter).
+MAX_STATE_FILTERS = 16
+# An attempt's number (they grow across retries, without a bound of their
+# own): a stored SQLite INTEGER, as a cursor is.
+MAX_ATTEMPT_NUMBER = 2**63 - 1
 # How many label= filters one list of jobs may give: each is a lookup in
 # the labels table, and 900 of them took 2.7 s a query (six at once held
 # every store reader, and GET /v1/queues waited 7 s).
@@ -497,6 +506,10 @@ class JobView(_Out):
     depends_on: list[str] = msgspec.field(default_factory=list)
     array_id: Optional[str] = _SPEC.array_id.default
     array_index: Optional[int] = _SPEC.array_index.default
+    batch_id: Optional[
+        Annotated[str, Meta(description="The batch (POST /v1/jobs/batch) it was "
+                            "submitted in; GET /v1/batches/{id} shows it whole.")]
+    ] = _SPEC.batch_id.default
     resources: ResourcesView = msgspec.field(
         default_factory=lambda: ResourcesView(
             NO_RESOURCES.cpus, NO_RESOURCES.memory_mb, NO_RESOURCES.gpus
@@ -515,6 +528,33 @@ class JobSummary(_Out, omit_defaults=True):
     state: JobState
     array_id: Union[str, UnsetType] = UNSET
     array_index: Union[int, UnsetType] = UNSET
+    batch_id: Union[str, UnsetType] = UNSET
+
+
+class JobGroup(_Out):
+    """
+    An array (the members one submission's C{array} made) or a batch (the
+    jobs of one C{POST /v1/jobs/batch}), as its members stand.
+    """
+
+    id: str
+    kind: Literal["array", "batch"]
+    owner: Optional[
+        Annotated[str, Meta(description="The principal that submitted it; null for "
+                            "jobs stored before jobs had owners.")]
+    ]
+    created_at: Time
+    size: Annotated[int, Meta(ge=1, description="How many members it has.")]
+    counts: Annotated[
+        dict[JobState, Annotated[int, Meta(ge=0)]],
+        Meta(description="Every state, with its number of members."),
+    ]
+    finished: Annotated[
+        int, Meta(ge=0, description="How many members are final (succeeded, failed, "
+                  "cancelled).")
+    ]
+    final: Annotated[bool, Meta(description="Whether every member is final.")]
+    succeeded: Annotated[bool, Meta(description="Whether every member succeeded.")]
 
 
 class JobPage(_Out):
@@ -524,7 +564,10 @@ class JobPage(_Out):
 
     jobs: list[JobView]
     next_cursor: Annotated[
-        Optional[str], Meta(description="Give it as cursor for the next page.")
+        Optional[str],
+        Meta(description="Give it as cursor for the next page; null on the last. A "
+             "page with filters may hold fewer jobs than limit, even none, and still "
+             "give one: follow it until it is null."),
     ]
 
 

@@ -26,6 +26,7 @@ from dispatcher.execution._executor import RunningJob
 from dispatcher.model._jobs import JobState, Lease, Outcome
 from dispatcher.model._workers import default_fence_margin
 from dispatcher.wire._forms import lease_from_grant, limits_form
+from dispatcher.wire._json import encode
 from dispatcher.wire._types import (
     HeartbeatAnswer,
     HeartbeatItem,
@@ -43,6 +44,7 @@ from dispatcher.workers._client import (
     DispatcherRefused,
 )
 from dispatcher.workers._logs import LogShipper, ShippedLog
+from dispatcher.workers._sweep import JobDirectorySweeper
 
 log = Logger()
 
@@ -157,6 +159,8 @@ class HeldLease:
         that last renewed it.
     @ivar fenced: the worker stopped its job at C{fence_at}, having heard
         nothing: it is renewed no more, and its result says so.
+    @ivar unsendable: its own result could not be sent, and was replaced
+        by a failed one saying why.
     """
 
     lease: Lease
@@ -169,6 +173,7 @@ class HeldLease:
     fence_at: float = float("inf")
     fence_seconds: float = 0.0
     fenced: bool = False
+    unsendable: bool = False
 
     @property
     def job_id(self) -> str:
@@ -216,6 +221,9 @@ class RemoteWorker(Service):
         helper keeps deadlines on
         (L{dispatcher.execution._spawner.deadline_clock}); C{clock}'s
         C{seconds} by default.
+    @param sweeper: the L{JobDirectorySweeper} that removes the
+        directories of the jobs it let go of, started and stopped with it;
+        C{None}: they are kept.
     """
 
     def __init__(
@@ -230,8 +238,10 @@ class RemoteWorker(Service):
         rng: Optional[random.Random] = None,
         poll_wait: float = POLL_WAIT_SECONDS,
         fence_clock: Optional[Callable[[], float]] = None,
+        sweeper: Optional[JobDirectorySweeper] = None,
     ) -> None:
         self._client = client
+        self._sweeper = sweeper
         self._fence_clock = fence_clock if fence_clock is not None else clock.seconds
         self._fence_call: Any = None
         self._fence_due = float("inf")
@@ -289,6 +299,8 @@ class RemoteWorker(Service):
             tasks=list(self.description.tasks),
         )
         self._asking = self._guard(self._ask_for_work(), "asking for work")
+        if self._sweeper is not None:
+            self._sweeper.start()
 
     def stopService(self) -> Deferred:
         """
@@ -316,6 +328,10 @@ class RemoteWorker(Service):
             # connection that is gone goes back unspent.
             if d is not None and not d.called:
                 d.cancel()
+        if self._sweeper is not None:
+            # Its step under way ends first: a job it holds back starts
+            # (or is given back) before the jobs are counted.
+            await self._sweeper.stop()
         running = self._running()
         if running:
             log.info(
@@ -555,6 +571,40 @@ class RemoteWorker(Service):
             job_id=lease.job_id,
             attempt=lease.attempt,
         )
+        busy = self._sweeper.busy(lease.job_id) if self._sweeper is not None else None
+        if busy is not None:
+            # Its directory (or one on the way to it) is being removed: it
+            # starts once that is done, a step of at most a hundred
+            # directories.
+            busy.addCallback(lambda _: self._run_later(held, fence_at))
+            self._ensure_heartbeats()
+            return
+        self._run(held, fence_at)
+
+    def _run_later(self, held: HeldLease, fence_at: float) -> None:
+        """
+        Run C{held}'s job, which waited for its directory's removal, unless
+        its lease ended meanwhile, the worker is stopping (it is given back
+        unstarted) or its fence has passed.
+        """
+        if held.forgotten:
+            self._drop(held)
+            return
+        now = self._fence_clock()
+        if not self._accepting or fence_at <= now:
+            if fence_at <= now:
+                self._too_late(held, now)
+                return
+            held.abandoned = True
+            held.outcome = Outcome(JobState.FAILED, error="never started: its worker stopped")
+            self._guard(self._finish(held), f"giving back job {held.job_id}")
+            return
+        self._run(held, fence_at)
+
+    def _run(self, held: HeldLease, fence_at: float) -> None:
+        """
+        Hand C{held}'s job to the executor.
+        """
 
         def mark_running(lease: Lease) -> Deferred:
             # The job goes on at once; the dispatcher hears of it in a
@@ -572,7 +622,7 @@ class RemoteWorker(Service):
             return succeed(None)
 
         held.running = self._executor.run(
-            lease, mark_running, record_process, deadline=fence_at
+            held.lease, mark_running, record_process, deadline=fence_at
         )
         held.running.done.addCallback(self._ended, held)
         self._ensure_heartbeats()
@@ -635,6 +685,8 @@ class RemoteWorker(Service):
         """
         if self.held.get(held.job_id) is held:
             del self.held[held.job_id]
+            if self._sweeper is not None:
+                self._sweeper.finished(held.job_id)
         if self.unreported.get(held.job_id) is held:
             del self.unreported[held.job_id]
         if wake:
@@ -915,8 +967,10 @@ class RemoteWorker(Service):
             batch = list(self.unreported.values())
             try:
                 answer = await self._client.report(
-                    self._offer, [_result_item(h, self._send_limits) for h in batch]
+                    self._offer, [self._result_item(h) for h in batch]
                 )
+            except CancelledError:
+                raise
             except DispatcherError as e:
                 if self._send_limits and _refuses_limits(e):
                     log.warn(
@@ -926,8 +980,22 @@ class RemoteWorker(Service):
                     )
                     self._send_limits = False
                     continue
+                if self._replace_refused(e, batch):
+                    continue
                 delay = self._report_backoff.next_delay()
                 _log_error(e, "reporting results", delay)
+                await self._sleep(delay)
+                continue
+            except Exception:
+                # Not the dispatcher's answer but ours: a result that cannot
+                # be written as JSON fails only its own job, never the
+                # reports of the others (all go in one request).
+                if self._replace_unsendable(batch):
+                    continue
+                delay = self._report_backoff.next_delay()
+                log.failure(
+                    "reporting results failed; trying again in {delay:.1f} s", delay=delay
+                )
                 await self._sleep(delay)
                 continue
             self._report_backoff.reset()
@@ -958,6 +1026,99 @@ class RemoteWorker(Service):
                 dropped = True
             if dropped:
                 self._slots_freed()
+
+
+    def _result_item(self, held: HeldLease) -> ResultItem:
+        """
+        C{held}'s result as the report carries it; a failed result saying
+        why, if its own cannot be made.
+        """
+        try:
+            return _result_item(held, self._send_limits)
+        except Exception as e:
+            self._fail_unsendable(held, f"{type(e).__name__}: {e}")
+            return _result_item(held, self._send_limits)
+
+    def _replace_unsendable(self, batch: list[HeldLease]) -> bool:
+        """
+        Find the results of C{batch} that cannot be written as JSON, and
+        replace each with a failed result saying why; whether there was
+        one.
+        """
+        found = False
+        for held in batch:
+            try:
+                encode(_result_item(held, self._send_limits))
+            except Exception as e:
+                self._fail_unsendable(held, f"{type(e).__name__}: {e}")
+                found = True
+        return found
+
+    def _replace_refused(self, error: DispatcherError, batch: list[HeldLease]) -> bool:
+        """
+        If C{error} is the dispatcher's refusal of one result's field
+        (C{results[i].result}, C{results[i].exit_code}...), replace that
+        result with a failed one saying why, and say so: sent again as it
+        was, it would be refused again, with every result beside it.
+        """
+        if not isinstance(error, DispatcherRefused) or error.status != 400:
+            return False
+        match = _RESULT_FIELD.match(error.field or "")
+        if match is None or int(match.group(1)) >= len(batch):
+            return False
+        self._fail_unsendable(batch[int(match.group(1))], f"the dispatcher refused it: {error}")
+        return True
+
+    def _fail_unsendable(self, held: HeldLease, reason: str) -> None:
+        """
+        C{held}'s result cannot be sent: it becomes a failed one saying
+        why, so that its job fails and the other results go on.  One that
+        cannot be sent even so is dropped (its lease runs out, and the
+        dispatcher fails or retries the attempt).
+        """
+        outcome = held.outcome
+        assert outcome is not None
+        reason = _clip(reason)
+        if held.unsendable:
+            log.error(
+                "job {job_id} attempt {attempt}: not even a failed result can be "
+                "sent ({reason}); it is dropped, and the job's lease runs out",
+                job_id=held.job_id,
+                attempt=held.lease.attempt,
+                reason=reason,
+            )
+            held.forgotten = True
+            self._drop(held)
+            return
+        log.error(
+            "job {job_id} attempt {attempt}: its result cannot be sent ({reason}); "
+            "it is reported failed",
+            job_id=held.job_id,
+            attempt=held.lease.attempt,
+            reason=reason,
+        )
+        held.unsendable = True
+        held.outcome = Outcome(
+            JobState.FAILED,
+            exit_code=outcome.exit_code,
+            error=f"the worker could not send the job's result: {reason}",
+            stopped=outcome.stopped,
+            log_cut=outcome.log_cut,
+        )
+
+
+# A refused field of one result of a report, and the result's index.
+_RESULT_FIELD = re.compile(r"results\[(\d+)\](\.|$)")
+
+# How much of an error's text a failed result quotes.
+_ERROR_TEXT = 500
+
+
+def _clip(text: str) -> str:
+    """
+    C{text}, cut to L{_ERROR_TEXT} characters.
+    """
+    return text if len(text) <= _ERROR_TEXT else text[: _ERROR_TEXT - 3] + "..."
 
 
 def _naming(held: list[HeldLease]) -> dict[str, Any]:

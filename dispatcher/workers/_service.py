@@ -5,6 +5,7 @@ spawner helper, input stager, executor and agent it is made of.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import socket
 from typing import Any, Optional
@@ -19,11 +20,13 @@ from twisted.web.client import BrowserLikePolicyForHTTPS, HTTPConnectionPool
 
 from dispatcher.config._ini import Config
 from dispatcher.execution._host import JobHost
+from dispatcher.execution._job_dirs import JobDirectories
 from dispatcher.execution._http_client import quiet_http_client
 from dispatcher.execution._spawner import deadline_clock
 from dispatcher.workers._agent import RemoteWorker, WorkerDescription
 from dispatcher.workers._client import DispatcherClient
 from dispatcher.workers._logs import read_chunks_blocking
+from dispatcher.workers._sweep import JobDirectorySweeper
 
 log = Logger()
 
@@ -67,6 +70,9 @@ class WorkerSettings:
     @ivar ca_certificates: the PEM certificates an C{https} dispatcher's
         certificate is checked against instead of the system's trusted
         CAs, or C{None} for those.
+    @ivar keep_seconds: how long a job's directory is kept once the
+        dispatcher accepted its result (0: removed at once); C{None}: for
+        ever.
     """
 
     url: str
@@ -76,6 +82,45 @@ class WorkerSettings:
     config: Config = Config()
     grace: float = 30.0
     ca_certificates: Optional[tuple[bytes, ...]] = None
+    keep_seconds: Optional[float] = 7 * 86400.0
+
+
+class DataDirInUse(Exception):
+    """
+    Another worker process uses this worker's data directory.
+    """
+
+
+def lock_data_dir(data_dir: str) -> int:
+    """
+    Take the lock of a worker's data directory (C{data_dir/lock}, held
+    until the process ends, even by SIGKILL) and write this process's id
+    in it; its descriptor.  Blocking, for start-up.
+
+    A worker removes the job directories it finds there that none of its
+    leases holds (the ones an earlier run left): a second worker on the
+    same directory would have its running jobs' directories taken for
+    those.
+
+    @raise DataDirInUse: another process holds it.
+    """
+    fd = os.open(
+        os.path.join(data_dir, "lock"),
+        os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+        0o600,
+    )
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        other = os.read(fd, 100).decode("ascii", "replace").strip()
+        os.close(fd)
+        raise DataDirInUse(
+            f"the data directory {data_dir} is in use by another worker "
+            f"(pid {other or 'unknown'}); stop it, or give this one another --data-dir"
+        )
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode("ascii"))
+    return fd
 
 
 class WorkerService(MultiService):
@@ -132,6 +177,16 @@ class WorkerService(MultiService):
         def read_chunks(pieces: list[tuple[str, int, int]]) -> Deferred:
             return deferToThreadPool(reactor, self.io_pool, read_chunks_blocking, pieces)
 
+        # The directories of the jobs the worker let go of (and those an
+        # earlier run left) go after keep_seconds, never a held one's.
+        self.sweeper = JobDirectorySweeper(
+            JobDirectories(self.executor.jobs_dir),
+            clock,
+            lambda function, *args: deferToThreadPool(reactor, self.io_pool, function, *args),
+            settings.keep_seconds,
+            lambda job_id: job_id in self.worker.held,
+        )
+        self._lock_fd: Optional[int] = None
         self.worker = RemoteWorker(
             DispatcherClient(http, settings.url, settings.token, clock),
             self.executor,
@@ -140,15 +195,18 @@ class WorkerService(MultiService):
             read_chunks,
             grace=settings.grace,
             fence_clock=fence_clock,
+            sweeper=self.sweeper,
         )
 
     def startService(self) -> None:
         if self.host.accounts_refused is not None:
             # The options refuse it first (dispatcher.app.worker_tap).
             raise RuntimeError(self.host.accounts_refused)
+        tightened = self.executor.make_data_dir(self.settings.data_dir)
+        if self._lock_fd is None:
+            self._lock_fd = lock_data_dir(self.settings.data_dir)
         Service.startService(self)
         self.host.start_pools()
-        tightened = self.executor.make_data_dir(self.settings.data_dir)
         if tightened:
             log.warn(
                 "narrowed the modes of {count} directories and files in {data_dir} "
@@ -170,3 +228,6 @@ class WorkerService(MultiService):
         await self.worker.stopService()
         await self.dispatcher_pool.closeCachedConnections()
         await self.host.stop()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
