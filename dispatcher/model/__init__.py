@@ -5,7 +5,8 @@ dispatcher decides about remote workers' leases and shows of the workers
 (C{_workers}); and the claim policy (C{_claims}): which queued jobs a
 holder gets; and the limits every layer checks alike (C{_limits}: a
 task's result, the dependencies of one request); arrays and batches as
-groups of jobs, and the refusals of a wait (C{_groups}).
+groups of jobs, and the refusals of a wait (C{_groups}); the events a
+client follows and what one subscriber sees of them (C{_events}).
 
 Pure values and the rules on them, with no I/O and no reactor.  May import: nothing of the package.
 """
