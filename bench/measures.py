@@ -38,7 +38,8 @@ from bench.profiles import top_frames
 TERMINAL = ("succeeded", "failed", "cancelled")
 # The measures a run can be limited to (C{--only}), in the order it runs them.
 STEPS = ("submit", "batch", "noop", "noop_batch", "noop_small", "noop_idle", "noop_batch_idle",
-         "noop_remote", "commands", "commands_idle", "latency", "blocking", "claims", "auth")
+         "noop_remote", "commands", "commands_idle", "latency", "blocking", "claims", "auth",
+         "events")
 
 # The targets, set by the issue that asked for the measures; the report
 # judges each run against them (L{bench.report.targets}).
@@ -88,6 +89,13 @@ def settings(quick: bool, rounds: Optional[int] = None) -> dict[str, Any]:
         "claims_seconds": 2 if quick else 10,
         "claims_rounds": rounds or (1 if quick else 3),
         "auth_rounds": rounds or (1 if quick else 3),
+        # (k) the event stream (bench/event_measures.py).
+        "event_jobs": 2_000 if quick else 20_000,
+        "event_rounds": rounds or (1 if quick else 3),
+        "idle_subscribers": 2_000 if quick else 10_000,
+        "busy_subscribers": 100 if quick else 1_000,
+        "delivery_jobs": 500 if quick else 5_000,
+        "event_latency_jobs": 50 if quick else 300,
     }
 
 

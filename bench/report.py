@@ -25,6 +25,7 @@ if not __package__:  # run as a file: make "bench" importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench import measures as M
+from bench import event_measures as E
 from bench.daemon import config_text
 from bench.harness import LOAD_CORE, ROOT, SERVER_CORE, median
 from bench.machine import MKDIR_SLOW_US
@@ -284,6 +285,23 @@ The measures (sizes of a full run, `--quick`'s in brackets):
   time, which other processes disturb far less: microseconds of a core per
   request through `dispatcher.http` with no head check, with
   authentication off and with it on.
+- **(k) The event stream** (`GET /v1/events`, `bench/event_measures.py`).
+  The subscribers are raw sockets of the harness, on core $load_core,
+  read by one thread through a selector that counts the job events in
+  what arrives. (k1) (b)'s $event_jobs no-op task jobs with
+  $idle_subscribers event streams open, each following a job that never
+  exists (`?job=<a random id>`: clients waiting on their own jobs), in
+  $event_rounds rounds alternating with the same run without them; target:
+  at least $idle_subscribers_ratio × the rate without them. (k2) $delivery_jobs
+  no-op task jobs (three events each: queued, running, succeeded) while 1
+  and $busy_subscribers unfiltered streams are open: job events read a
+  second, in all and by each stream, from the first submit to the last
+  event read, and how many streams were dropped for falling behind; no
+  target. (k3) $event_latency_jobs no-op task jobs submitted one at a time, each
+  once the one before has succeeded, while one stream is open: the time
+  from sending the submit to reading the job's `queued` event (published
+  just before the submit's answer) and its `succeeded` event, p50 and p99;
+  no target.
 
 """)
 
@@ -325,6 +343,13 @@ def method(steps: tuple[str, ...]) -> str:
         auth_connections=max(full["connections"]),
         auth_rounds=f"{full['auth_rounds']} ({quick['auth_rounds']})",
         auth_ratio=f"{M.AUTH_RATIO:.2f}",
+        event_jobs=both("event_jobs"),
+        idle_subscribers=both("idle_subscribers"),
+        event_rounds=f"{full['event_rounds']} ({quick['event_rounds']})",
+        idle_subscribers_ratio=f"{E.IDLE_SUBSCRIBERS_RATIO:.1f}",
+        delivery_jobs=both("delivery_jobs"),
+        busy_subscribers=both("busy_subscribers"),
+        event_latency_jobs=both("event_latency_jobs"),
     )
 
 
@@ -447,6 +472,34 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             v = on / off
             add(f"{label} with authentication >= {M.AUTH_RATIO:.2f} x without it", v,
                 f"{v:.3f} x ({on:,.0f} against {off:,.0f} {unit})", v >= M.AUTH_RATIO)
+    n, i = (get("noop_tasks_subscribers_none", "jobs_per_s"),
+            get("noop_tasks_subscribers_idle", "jobs_per_s"))
+    v = ratio_of(i, n)
+    if "idle_subscribers" in s:
+        # (Runs from before the event stream have no such row.)
+        add(f"{s['idle_subscribers']:,} idle event subscribers: no-op task jobs >= "
+            f"{E.IDLE_SUBSCRIBERS_RATIO:.1f} x the rate without them", v,
+            f"{v:.2f} x ({i:,.0f} against {n:,.0f} jobs/s)" if v else "",
+            v is not None and v >= E.IDLE_SUBSCRIBERS_RATIO)
+    for name in sorted(k for k in r if k.startswith("events_delivered_")):
+        x = r[name]
+        rows.append({
+            "target": f"job events delivered to {x['subscribers']:,} subscriber"
+                      f"{'s' if x['subscribers'] > 1 else ''} while no-op task jobs run",
+            "value": x["events_per_s"],
+            "measured": f"{x['events_per_s']:,.0f} events/s in all "
+                        f"({x['events_per_s_each_median']:,.0f} each, median; "
+                        f"{x['dropped']} dropped; jobs {x['jobs_per_s']:,.0f}/s)",
+            "met": None, "no_target": True})
+    if "events_latency" in r:
+        x = r["events_latency"]
+        rows.append({
+            "target": "submit to its event (queued; succeeded), p50 / p99",
+            "value": x["to_queued_ms"]["p50"],
+            "measured": f"{x['to_queued_ms']['p50']:.1f} / {x['to_queued_ms']['p99']:.1f} ms; "
+                        f"{x['to_succeeded_ms']['p50']:.1f} / "
+                        f"{x['to_succeeded_ms']['p99']:.1f} ms",
+            "met": None, "no_target": True})
     holds = all_holds(r)
     target = f"no callback holds the reactor over {M.REACTOR_HOLD_MS} ms"
     if holds:

@@ -53,6 +53,7 @@ from bench.machine import (
     raise_open_file_limit,
     settled_directory_cost,
 )
+from bench.event_measures import take_event_measures
 from bench.measures import (
     STEPS,
     measure_batch,
@@ -209,6 +210,9 @@ def take_measures(run: Run, settings: dict[str, Any], only: set[str], profile: b
         in_rounds(measures, settings["auth_rounds"], rows[:2], "requests_per_s",
                   alternate=True)
         in_rounds(measures, settings["auth_rounds"], rows[2:], "jobs_per_s", alternate=True)
+    if "events" in only:
+        # (k) The event stream: idle subscribers' cost, delivery, latency.
+        take_event_measures(run, settings, measures)
     if profile:
         step(measures, "profile_submit_daemon_50c", lambda: measure_submit(
             run, "daemon", 50, settings["submit_seconds"], profile=True))

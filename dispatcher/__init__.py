@@ -25,7 +25,7 @@ _HOMES = {
     "InputStager": "dispatcher.execution._staging",
     "InvalidTransition": "dispatcher.model._jobs",
     "Job": "dispatcher.model._jobs",
-    "JobEvent": "dispatcher.core._events",
+    "JobEvent": "dispatcher.model._events",
     "JobEvents": "dispatcher.core._events",
     "JobSpec": "dispatcher.model._jobs",
     "JobState": "dispatcher.model._jobs",

@@ -25,7 +25,7 @@ from hypothesis.stateful import (
 from dispatcher.model._jobs import FINAL_STATES, JobIds, JobSpec, JobState, Offer, Outcome
 from dispatcher.model._jobs import InvalidTransition, StaleLease
 from dispatcher.store._results import DependencyNotRetried
-from tests.store_contract import no_jitter
+from tests.store_contract import moved, no_jitter
 from tests.test_store_contract import STORES, sqlite_store
 
 HOLDER = "local@test"
@@ -154,7 +154,7 @@ class Scheduling(RuleBasedStateMachine):
             written = block(self.store.retry(job_id, self.now, dependents))
         except (InvalidTransition, DependencyNotRetried):
             return
-        for changed_id, state in written.changed:
+        for changed_id, state in moved(written):
             self.final.pop(changed_id, None)
 
     @rule(seconds=st.sampled_from([1.0, 5.0, 20.0, 60.0]))

@@ -26,7 +26,7 @@ from dispatcher.store._results import (
 )
 from dispatcher.store._schema import MIGRATIONS
 from dispatcher.store._sqlite import SQLiteJobStore
-from tests.store_contract import claim, ids, no_jitter, spec, submit
+from tests.store_contract import claim, ids, moved, no_jitter, spec, submit
 
 
 @pytest.fixture
@@ -158,7 +158,7 @@ async def test_plain_jobs_join_the_submissions_stored_together(store, monkeypatc
     results = [await d.addErrback(lambda f: [f]) for d in asked]
     assert store.batches - before == 1 and len(replayed) == 4
     assert results[1].value == SubmittedIds(plain_ids)
-    assert results[1].changed == tuple((i, JobState.QUEUED) for i in plain_ids)
+    assert moved(results[1]) == tuple((i, JobState.QUEUED) for i in plain_ids)
     assert results[3][0].check(WriteRefused)
     page, _ = await store.list_jobs()
     page = page[5:]
@@ -224,7 +224,7 @@ async def test_successes_of_a_group_are_recorded_together(store):
     ]
     written = [await d for d in done]
     assert store.batches - before == 1 and together == [2]
-    assert [w.changed for w in written] == [((a.job_id, JobState.SUCCEEDED),),
+    assert [moved(w) for w in written] == [((a.job_id, JobState.SUCCEEDED),),
                                             ((b.job_id, JobState.SUCCEEDED),)]
     job = await store.get(a.job_id)
     assert job.state is JobState.SUCCEEDED and job.result == {"n": 1}
@@ -239,7 +239,7 @@ async def test_successes_of_a_group_are_recorded_together(store):
         store.finish(stale, Outcome(JobState.SUCCEEDED, exit_code=0), 204.0),
     ]
     results = [await d.addErrback(lambda f: [f]) for d in done]
-    assert results[0].changed == ((c.job_id, JobState.SUCCEEDED),)
+    assert moved(results[0]) == ((c.job_id, JobState.SUCCEEDED),)
     assert results[1][0].check(StaleLease)
     assert (await store.get(c.job_id)).state is JobState.SUCCEEDED
 

@@ -30,9 +30,9 @@ def store(tmp_path):
 
 
 def publish(events, written):
-    """Tell the events what a write changed, as the dispatcher does."""
-    for job_id, state in written.changed:
-        events.publish(JobEvent(job_id, state))
+    """Tell the events what a write changed, as the store's commit does."""
+    for change in written.changed:
+        events.publish(JobEvent(change[0], change[1]))
 
 
 @pytest_twisted.ensureDeferred

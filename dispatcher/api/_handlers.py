@@ -67,6 +67,7 @@ from dispatcher.model._groups import GroupKind, NothingToChange, TooManyWaits, U
 from dispatcher.model._jobs import format_time
 from dispatcher.model._jobs import InvalidTransition, JobState, PlainJobs, StoreClosed, UnknownJob
 from dispatcher.model._principals import PRINCIPAL_NAME_RULE, valid_name
+from dispatcher.api._events import EventStreamAnswer, EventStreams, parse_event_query
 from dispatcher.api._openapi import openapi_document
 from dispatcher.api._hosts import HostPolicy
 from dispatcher.api._routes import Route, Router, path_segments
@@ -360,6 +361,35 @@ def _query(request: Any, name: str) -> Optional[str]:
         raise ApiError(400, "invalid_query", f"{name}: not UTF-8", name)
 
 
+def parse_labels(request: Any) -> list[tuple[str, Optional[str]]]:
+    """
+    The C{label} filters of a query (C{key=value}, or C{key}: has the
+    label), at most L{MAX_LABEL_FILTERS}; a 400 naming C{label} otherwise.
+    """
+    given = request.args.get(b"label", [])
+    if len(given) > MAX_LABEL_FILTERS:
+        raise ApiError(
+            400,
+            "invalid_query",
+            f"label: given {len(given)} times; at most {MAX_LABEL_FILTERS} label "
+            "filters in one query",
+            "label",
+        )
+    labels = []
+    for raw in given:
+        try:
+            label = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ApiError(400, "invalid_query", "label: not UTF-8", "label")
+        key, sep, value = label.partition("=")
+        if not key:
+            raise ApiError(
+                400, "invalid_query", "label: expected key=value or key", "label"
+            )
+        labels.append((key, value if sep else None))
+    return labels
+
+
 class DispatcherAPI(Resource):
     """
     The whole API.
@@ -383,6 +413,8 @@ class DispatcherAPI(Resource):
     @param max_body_bytes: C{[server] max_body_bytes}, for the document.
     @param allowed_hosts: C{[server] allowed_hosts} (see L{HostPolicy});
         the address the daemon listens on is added by L{listening_on}.
+    @param events: the L{EventStreams} of C{GET /v1/events}; by default,
+        streams of the dispatcher's events with the default bounds.
     @param max_log_followers: C{[api] max_log_followers}: the most log
         follows at once (L{LogFollowers}).
     @param notify_refusal: why a webhook may not be sent to a URL (a
@@ -411,11 +443,18 @@ class DispatcherAPI(Resource):
         allowed_hosts: Optional[tuple[str, ...]] = None,
         max_stored_bytes: Optional[int] = None,
         quotas: Optional[Quotas] = None,
+        events: Optional[EventStreams] = None,
         max_log_followers: int = 4096,
         notify_refusal: Optional[Callable[[str], Optional[str]]] = None,
     ) -> None:
         Resource.__init__(self)
         self._notify_refusal = notify_refusal
+        if events is None:
+            events = EventStreams(
+                dispatcher.events, dispatcher.store, clock if clock is not None else reactor
+            )
+        self.events = events
+        events.start_following()
         self._hosts = HostPolicy(allowed_hosts)
         self._workers = workers
         self._dispatcher = dispatcher
@@ -479,11 +518,15 @@ class DispatcherAPI(Resource):
         listening (so that clients hear why, rather than have their
         connections refused) until its running jobs are handled.  A
         request that waits (C{?wait=}) is answered so now: no wait holds
-        the stop.  Log follows end now (L{LogFollowers.stop}).
+        the stop.  Log follows and event streams end
+        now (L{LogFollowers.stop}, L{EventStreams.stop}).
         """
         self.stopping = True
         self._dispatcher.waits.stop()
         self._followers.stop()
+        # Event streams end now: their clients resume after the restart
+        # (Last-Event-ID), and meanwhile hear 503.
+        self.events.stop()
 
     def check_head(self, channel: Any, method: bytes, uri: bytes, headers: Any) -> Any:
         """
@@ -592,6 +635,9 @@ class DispatcherAPI(Resource):
 
     def _write_answer(self, answer: Answer, request: Any) -> None:
         if request.finished or request._disconnected:
+            return
+        if isinstance(answer, EventStreamAnswer):
+            answer.start(request)
             return
         if isinstance(answer, FollowAnswer):
             if request.method == b"HEAD":
@@ -1085,27 +1131,7 @@ class DispatcherAPI(Resource):
                 400, "invalid_query",
                 f"state: given {len(states)} times; at most {MAX_STATE_FILTERS}", "state",
             )
-        given = request.args.get(b"label", [])
-        if len(given) > MAX_LABEL_FILTERS:
-            raise ApiError(
-                400,
-                "invalid_query",
-                f"label: given {len(given)} times; at most {MAX_LABEL_FILTERS} label "
-                "filters in one query",
-                "label",
-            )
-        labels = []
-        for raw in given:
-            try:
-                label = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise ApiError(400, "invalid_query", "label: not UTF-8", "label")
-            key, sep, value = label.partition("=")
-            if not key:
-                raise ApiError(
-                    400, "invalid_query", "label: expected key=value or key", "label"
-                )
-            labels.append((key, value if sep else None))
+        labels = parse_labels(request)
         limit = DEFAULT_LIST_LIMIT
         text = _query(request, "limit")
         if text is not None:
@@ -1243,6 +1269,11 @@ class DispatcherAPI(Resource):
         log.info("{principal} deleted {job_id}", principal=request.principal.name,
                  job_id=job_id)
         return Answer(204, b"")
+
+    async def stream_events(self, request: Any) -> EventStreamAnswer:
+        filter, after = parse_event_query(request)
+        self.events.check_room()
+        return EventStreamAnswer(self.events, filter, after)
 
     async def read_log(self, request: Any, job_id: str) -> Answer:
         stream = _query_or(request, "stream", "stdout")

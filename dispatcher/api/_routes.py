@@ -19,6 +19,7 @@ from dispatcher.model._principals import ALLOWED, Access
 from dispatcher.wire._types import (
     DEFAULT_LIST_LIMIT,
     MAX_CURSOR,
+    MAX_EVENT_ID,
     MAX_IDEMPOTENCY_KEY,
     MAX_CLIENT_WAIT,
     MAX_LABEL_FILTERS,
@@ -35,11 +36,13 @@ from dispatcher.wire._types import (
     CredentialCreated,
     CredentialList,
     CredentialRequest,
+    DroppedEventData,
     Error,
     Health,
     HeartbeatAnswer,
     HeartbeatRequest,
     Identity,
+    JobEventData,
     JobGroup,
     JobPage,
     JobSubmission,
@@ -50,9 +53,11 @@ from dispatcher.wire._types import (
     LogWritten,
     PrincipalName,
     QueueList,
+    ResetEventData,
     ResultsAnswer,
     ResultsRequest,
     RetryRequest,
+    WorkerEventData,
     WorkerList,
 )
 
@@ -494,6 +499,47 @@ _REPLAY = "A replay of an earlier request with the same Idempotency-Key."
 _CONFLICT_KEY = Response("The Idempotency-Key was used with another body.")
 
 
+# GET /v1/events: its answer, and the id it resumes after.
+_EVENT_STREAM = {
+    "type": "object",
+    "description": "Server-Sent Events (text/event-stream): this schema is each "
+    "event's, as OpenAPI 3.1 reads one: an id: line (durable and increasing), an "
+    "event: line (job, worker, dropped, reset) and a data: line of one JSON object "
+    "(JobEventData, WorkerEventData, DroppedEventData, ResetEventData), then a "
+    "blank line. A ': keep-alive' comment comes every [events] heartbeat seconds "
+    "while nothing else is sent. A subscriber more than [events] buffer events "
+    "behind gets a last dropped event and the stream ends: resume with after = "
+    "its id. A reset event (no id) comes first when after is older than the "
+    "events kept ([events] retention) or newer than any: re-list to catch up; "
+    "the stream goes on from the oldest kept.",
+    "required": ["event", "data"],
+    "properties": {
+        "id": {"type": "string", "pattern": "^[0-9]+$"},
+        "event": {"enum": ["job", "worker", "dropped", "reset"]},
+        "data": {
+            "type": "string",
+            "contentMediaType": "application/json",
+            "contentSchema": {"anyOf": [
+                _ref("JobEventData"), _ref("WorkerEventData"), _ref("DroppedEventData"),
+                _ref("ResetEventData"),
+            ]},
+        },
+    },
+}
+_EVENT_ID = {"type": "string", "pattern": digits_at_most(MAX_EVENT_ID)}
+
+
+def _repeatable(name: str, values: list[str], description: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": "query",
+        "description": description,
+        "schema": {"type": "array", "maxItems": len(values), "items": {"enum": values}},
+        "style": "form",
+        "explode": True,
+    }
+
+
 ROUTES: tuple[Route, ...] = (
     Route(
         "GET", "/healthz", "health", "health", "Whether the daemon serves.", OPEN,
@@ -770,6 +816,54 @@ ROUTES: tuple[Route, ...] = (
         writes=True,
     ),
     Route(
+        "GET", "/v1/events", "streamEvents", "stream_events",
+        "Follow job state changes and workers' comings and goings as they are "
+        "committed (Server-Sent Events); resume after an id without a gap (a "
+        "submitter sees its own jobs' events alone, and no worker events).", READ,
+        {
+            200: Response("The stream: it stays open.", _EVENT_STREAM, "text/event-stream"),
+            503: Response(
+                "too_many_subscribers: as many streams are open as [events] "
+                "max_subscribers allows; Retry-After says when to try again. Or "
+                + SHUTTING_DOWN,
+                headers=_RETRY_AFTER,
+            ),
+        },
+        parameters=(
+            {"name": "Last-Event-ID", "in": "header", "required": False,
+             "description": "Resume after this event id (what an EventSource sends "
+             "when it reconnects); takes precedence over after.",
+             "schema": _EVENT_ID},
+            {"name": "after", "in": "query",
+             "description": "Resume after this event id: every event kept after it "
+             "comes first, then the live ones. Without it, live events alone.",
+             "schema": _EVENT_ID},
+            {"name": "job", "in": "query", "description": "One job's events alone.",
+             "schema": {"type": "string", "minLength": 1, "maxLength": MAX_NAME}},
+            {"name": "array", "in": "query", "description": "One array's members' alone.",
+             "schema": {"type": "string", "minLength": 1, "maxLength": MAX_NAME}},
+            {"name": "batch", "in": "query", "description": "One batch's members' alone.",
+             "schema": {"type": "string", "minLength": 1, "maxLength": MAX_NAME}},
+            {
+                "name": "label",
+                "in": "query",
+                "description": "key=value (or key: has the label); repeat to AND, "
+                f"at most {MAX_LABEL_FILTERS} times.",
+                "schema": {"type": "array", "maxItems": MAX_LABEL_FILTERS,
+                           "items": {"type": "string", "pattern": "^[^=]"}},
+                "style": "form",
+                "explode": True,
+            },
+            {"name": "owner", "in": "query",
+             "description": "Only the jobs this principal submitted (a submitter's "
+             "own alone: another name gives nothing).",
+             "schema": msgspec.json.schema(PrincipalName)},
+            _repeatable("state", [s.value for s in JobState],
+                        "Only changes to these states (any of them)."),
+            _repeatable("type", ["job", "worker"], "Only these types of event."),
+        ),
+    ),
+    Route(
         "GET", "/v1/me", "whoAmI", "who_am_i",
         "Who the caller is to this dispatcher: its name (the owner of the jobs it "
         "submits) and role.", IDENTIFIED,
@@ -876,7 +970,12 @@ def types_of(routes: tuple[Route, ...] = ROUTES) -> list[Any]:
     The wire types the routes take and answer, for the document's
     components.
     """
-    found: list[Any] = [JobSummary, JobView, Error]
+    # (The events' data travel inside text/event-stream: named here so
+    # that a client finds their schemas.)
+    found: list[Any] = [
+        JobSummary, JobView, Error, JobEventData, WorkerEventData, DroppedEventData,
+        ResetEventData,
+    ]
     for route in routes:
         if isinstance(route.request, type):
             found.append(route.request)

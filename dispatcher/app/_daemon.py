@@ -22,6 +22,7 @@ from twisted.logger import Logger
 from twisted.web.client import HTTPConnectionPool
 
 from dispatcher.api._handlers import DispatcherAPI
+from dispatcher.api._events import EventStreams
 from dispatcher.app._exposure import OpenToTheNetwork, check_exposure
 from dispatcher.app._files import (
     JOBS_DIR_NAME,
@@ -177,6 +178,7 @@ class DaemonService(MultiService):
             retention=RetentionPolicy.from_days(
                 config.retention.finished_days, config.retention.finished_count
             ),
+            events_retention=config.events.retention,
             max_waits=config.api.max_waits,
         )
         # Credentials: the data directory's named tokens, and the token
@@ -216,6 +218,14 @@ class DaemonService(MultiService):
             authentication_required=config.api.authentication,
             max_body_bytes=config.server.max_body_bytes,
             allowed_hosts=config.server.allowed_hosts,
+            events=EventStreams(
+                self.dispatcher.events,
+                self.store,
+                clock,
+                heartbeat=config.events.heartbeat,
+                buffer=config.events.buffer,
+                max_subscribers=config.events.max_subscribers,
+            ),
             max_log_followers=config.api.max_log_followers,
             notify_refusal=None
             if self.webhooks is None

@@ -311,6 +311,38 @@ class RetentionConfig:
     finished_count: Optional[int] = None
 
 
+# [events] max_subscribers by default.  The benchmark holds 10,000 idle
+# subscribers, as a fleet of clients each following its own jobs would; a
+# quarter more leaves room for their reconnects (a stream that ends is
+# resumed on a new connection before the old one is seen gone).  An idle
+# subscriber costs about 5 KiB of memory (its connection and its place in
+# the fan-out), so 12,500 of them some 60 MiB; an event costs a dictionary
+# look-up per filter kind, not one per subscriber.
+DEFAULT_MAX_SUBSCRIBERS = 12_500
+# [events] buffer by default: the events a subscriber whose connection
+# does not take them may be behind by before it is dropped.  Each is a
+# reference to the frame every subscriber shares (8 bytes a subscriber),
+# so a stalled subscriber holds at most 32 KiB of its own, and a burst of
+# 4,096 events (a batch's queued events, under load a few hundred
+# milliseconds of changes) passes a reader that keeps up.
+DEFAULT_EVENT_BUFFER = 4096
+
+
+@attrs.frozen
+class EventsConfig:
+    """
+    C{[events]}: how long the events of C{GET /v1/events} are kept (the
+    longest a client may be away and resume without a gap), how often an
+    idle stream gets a keep-alive comment, how far a subscriber may fall
+    behind before it is dropped, and how many may subscribe at once.
+    """
+
+    retention: float = 86400.0
+    heartbeat: float = 15.0
+    buffer: int = DEFAULT_EVENT_BUFFER
+    max_subscribers: int = DEFAULT_MAX_SUBSCRIBERS
+
+
 @attrs.frozen
 class QueueConfig:
     """
@@ -452,6 +484,7 @@ class Config:
     api: ApiConfig = ApiConfig()
     retention: RetentionConfig = RetentionConfig()
     webhooks: WebhooksConfig = WebhooksConfig()
+    events: EventsConfig = EventsConfig()
     tasks: Mapping[str, TaskRef] = attrs.field(factory=dict)
     queues: Mapping[str, QueueConfig] = attrs.field(
         factory=lambda: {"default": QueueConfig("default")}
@@ -818,6 +851,15 @@ _SECTIONS: Mapping[str, tuple[type, Mapping[str, Callable[[str], Any]]]] = {
             "max_attempts": _integer(1),
             "max_age": _seconds(0, above=True),
             "poll_interval": _seconds(0, above=True),
+        },
+    ),
+    "events": (
+        EventsConfig,
+        {
+            "retention": _seconds(60),
+            "heartbeat": _seconds(0.1),
+            "buffer": _integer(16),
+            "max_subscribers": _integer(0),
         },
     ),
 }

@@ -42,7 +42,7 @@ from dispatcher.model._jobs import (
 from dispatcher.core._capacity import free_resources
 from dispatcher.core._reasons import explainer
 from dispatcher.core._recorder import Recorder
-from dispatcher.core._retention import Retention, RetentionPolicy
+from dispatcher.core._retention import EVENTS_RETENTION, Retention, RetentionPolicy
 from dispatcher.core._scheduler import Claim, Scheduler
 from dispatcher.store._results import (
     Claimed,
@@ -100,6 +100,7 @@ class Dispatcher(Service):
         once in all.
     @param retention: how long finished jobs are kept (the
         L{RetentionPolicy}; none: for ever).
+    @param events_retention: seconds events are kept (none: for ever).
     @param max_waits: how many requests may wait for a job or a group to
         be final at once (L{Waits}).
     """
@@ -122,6 +123,7 @@ class Dispatcher(Service):
         max_worker_names_per_credential: int = MAX_NAMES_PER_CREDENTIAL,
         max_worker_names: int = MAX_NAMES,
         retention: Optional[RetentionPolicy] = None,
+        events_retention: Optional[float] = EVENTS_RETENTION,
         max_waits: int = MAX_WAITS,
     ) -> None:
         self._reactor = reactor
@@ -166,8 +168,13 @@ class Dispatcher(Service):
             last_attempt_grace,
             max_worker_names_per_credential,
             max_worker_names,
+            presence=self._worker_presence,
         )
         self.events.subscribe(self._job_changed)
+        # Every commit's events, with their ids, as the store commits them
+        # (before its writes are answered): the one publication of every
+        # change, in id order.
+        store.follow_events(self.events.publish_committed)
         self.waits = Waits(self.events, store, self._clock, max_waits)
         self.retention = Retention(
             store,
@@ -176,6 +183,7 @@ class Dispatcher(Service):
             io_pool,
             self._clock,
             retention if retention is not None else RetentionPolicy(),
+            events_age=events_retention,
         )
 
     @property
@@ -606,14 +614,13 @@ class Dispatcher(Service):
 
     def _apply(self, written: Written) -> None:
         """
-        Tell the event stream what a write changed, and wake up when the
-        next pending job it touched becomes due.
+        Claim for what a write queued, and wake up when the next pending job
+        it touched becomes due.  (Its events were published as it
+        committed: L{IJobStore.follow_events}.)
         """
-        for job_id, state in written.changed:
-            self.events.publish(JobEvent(job_id, state))
         # One pump for the whole write, not one per job it queued (a batch
         # queues thousands): every queued event comes through here.
-        if any(state is JobState.QUEUED for _, state in written.changed):
+        if any(change[1] is JobState.QUEUED for change in written.changed):
             self._pump()
         self._schedule_wake(written.wake_at)
 
@@ -652,6 +659,21 @@ class Dispatcher(Service):
         work): claim queued jobs for every holder that has room now.
         """
         self._pump()
+
+    def _worker_presence(self, name: str, change: str) -> None:
+        """
+        A remote worker connected or left: store it as an event (published
+        as it commits).
+        """
+        d = self.store.record_presence(name, change, self._clock.seconds())
+
+        def failed(failure: Failure) -> None:
+            if not failure.check(StoreClosed, CommitFailed):
+                # A failed commit (a full disk) the store logs itself.
+                log.failure("recording that worker {name} {change} failed", failure,
+                            name=name, change=change)
+
+        d.addCallbacks(lambda _: None, failed)
 
     def _job_changed(self, event: JobEvent) -> None:
         # _apply, which publishes every queued event, pumps once after them.
@@ -706,9 +728,6 @@ class Dispatcher(Service):
         self.scheduler.claimed(
             claim, len(claimed.leases), claimed.blocked, claimed.skipped, claimed.drained
         )
-        for lease in claimed.leases:
-            state = JobState.STAGING if lease.spec.inputs else JobState.RUNNING
-            self.events.publish(JobEvent(lease.job_id, state))
         if claim.holder != self.executor.holder:
             self.hub.claimed(claim.holder, claimed.leases)
             self._pump()

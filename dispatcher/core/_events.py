@@ -2,30 +2,28 @@
 The internal stream of job events: every change of a job's state is
 published here once it is committed, and the scheduler (later the workers'
 long-polls and clients' live updates) subscribe to it.
+
+The store hands over the events of each write as it commits, each with
+its durable id (L{publish_committed}), just before the write is answered:
+job subscribers (L{subscribe}) hear of each job event; followers
+(L{follow}: the API's event streams) get the write's whole list, job and
+worker events in id order, and never read the store for them.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Sequence, Union
 
-import attrs
 from twisted.logger import Logger
 
-from dispatcher.model._jobs import Job, JobState
+from dispatcher.model._events import JobEvent, WorkerEvent
+from dispatcher.model._jobs import Job
+
+__all__ = ["JobEvent", "JobEvents"]
 
 log = Logger()
 
-
-@attrs.frozen
-class JobEvent:
-    """
-    A job reached a new state, as committed; C{job} is the whole job where
-    the change produced it (a claim produces only leases).
-    """
-
-    job_id: str
-    state: JobState
-    job: Optional[Job] = None
+Event = Union[JobEvent, WorkerEvent]
 
 
 class JobEvents:
@@ -37,6 +35,7 @@ class JobEvents:
 
     def __init__(self) -> None:
         self._subscribers: list[Callable[[JobEvent], None]] = []
+        self._followers: list[Callable[[Sequence[Event]], None]] = []
 
     def publish_job(self, job: Job) -> None:
         """
@@ -46,8 +45,8 @@ class JobEvents:
 
     def subscribe(self, subscriber: Callable[[JobEvent], None]) -> Callable[[], None]:
         """
-        Call C{subscriber} with every later event; returns a function that
-        ends the subscription.
+        Call C{subscriber} with every later job event; returns a function
+        that ends the subscription.
         """
         self._subscribers.append(subscriber)
 
@@ -56,6 +55,20 @@ class JobEvents:
                 self._subscribers.remove(subscriber)
 
         return unsubscribe
+
+    def follow(self, follower: Callable[[Sequence[Event]], None]) -> Callable[[], None]:
+        """
+        Call C{follower} with the events of every later write that made any
+        (a list, in id order, job and worker events), in the order of their
+        commits; returns a function that ends it.
+        """
+        self._followers.append(follower)
+
+        def unfollow() -> None:
+            if follower in self._followers:
+                self._followers.remove(follower)
+
+        return unfollow
 
     def publish(self, event: JobEvent) -> None:
         """
@@ -67,3 +80,18 @@ class JobEvents:
             except Exception:
                 log.failure("job event subscriber {subscriber!r} failed",
                             subscriber=subscriber)
+
+    def publish_committed(self, events: Sequence[Event]) -> None:
+        """
+        Tell every subscriber of each job event of one write, and every
+        follower of all of them.
+        """
+        if self._subscribers:
+            for event in events:
+                if type(event) is JobEvent:
+                    self.publish(event)
+        for follower in list(self._followers):
+            try:
+                follower(events)
+            except Exception:
+                log.failure("event follower {follower!r} failed", follower=follower)

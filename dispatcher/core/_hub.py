@@ -20,6 +20,11 @@ or cancelled one is refused with its reason, and no expiry runs on it.
 
 The hub answers with model values (L{LeaseVerdict}, L{ConnectedWorker});
 the API turns them into the protocol's wire types and HTTP statuses.
+
+It also says when a worker connects (is heard from while it was not
+connected) and leaves (has no request open and has not been heard from
+for a lease's life, as C{GET /v1/workers} stops showing it), for the
+event stream.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from dispatcher._throttle import Throttle
 from dispatcher.core._capacity import free_resources
 from dispatcher.core._reasons import silent_worker
 from dispatcher.core._recorder import Recorder
+from dispatcher.model._events import CONNECTED, LEFT
 from dispatcher.model._jobs import (
     LOG_STREAMS,
     JobState,
@@ -186,6 +192,8 @@ class WorkerHub:
         (L{TooManyWorkerNames}).
     @param max_names: how many worker names all credentials may have
         connected at once.
+    @param presence: told C{(name, CONNECTED)} when a worker connects and
+        C{(name, LEFT)} when it leaves; C{None}: no one.
     """
 
     def __init__(
@@ -199,8 +207,14 @@ class WorkerHub:
         last_attempt_grace: Optional[float] = None,
         max_names_per_credential: int = MAX_NAMES_PER_CREDENTIAL,
         max_names: int = MAX_NAMES,
+        presence: Optional[Callable[[str, str], None]] = None,
     ) -> None:
         self._scheduler = scheduler
+        self._presence = presence
+        # The names told connected and not yet left, and the timer that
+        # looks for those that left.
+        self._present: set[str] = set()
+        self._presence_timer: Any = None
         self._clock = clock
         self.lease_seconds = lease_seconds
         self.heartbeat_seconds = lease_seconds / 3.0
@@ -328,7 +342,7 @@ class WorkerHub:
         in flight.
         """
         self.accepting = False
-        for timer in (self._reaper, self._watchdog):
+        for timer in (self._reaper, self._watchdog, self._presence_timer):
             if timer is not None and timer.active():
                 timer.cancel()
         for worker in self.workers.values():
@@ -372,7 +386,61 @@ class WorkerHub:
                 self._uncount(worker)
                 worker.credential = credential
                 self._names.setdefault(credential, set()).add(offer.holder)
+        if offer.holder not in self._present:
+            self._present.add(offer.holder)
+            self._tell(offer.holder, CONNECTED)
+            if self.accepting:
+                self._arm_presence()
         return worker
+
+    # Presence
+
+    def _tell(self, name: str, change: str) -> None:
+        if self._presence is not None:
+            try:
+                self._presence(name, change)
+            except Exception:
+                log.failure("telling that worker {name} {change} failed",
+                            name=name, change=change)
+
+    def _arm_presence(self) -> None:
+        """
+        Wake when the first worker told connected that has no request open
+        would have gone unheard for a lease's life.
+        """
+        if self._presence_timer is not None and self._presence_timer.active():
+            return
+        due = None
+        for name in self._present:
+            worker = self.workers.get(name)
+            if worker is None:
+                due = self._clock.seconds()
+                break
+            if worker.poll is None:
+                left_at = worker.last_contact + self.lease_seconds
+                if due is None or left_at < due:
+                    due = left_at
+        if due is not None:
+            self._presence_timer = self._clock.callLater(
+                max(0.0, due - self._clock.seconds()), self._look_for_leavers
+            )
+
+    def _look_for_leavers(self) -> None:
+        """
+        Tell of the workers that left: forgotten, or with no request open
+        and unheard from for a lease's life.
+        """
+        self._presence_timer = None
+        now = self._clock.seconds()
+        for name in sorted(self._present):
+            worker = self.workers.get(name)
+            if worker is None or (
+                worker.poll is None and now - worker.last_contact >= self.lease_seconds
+            ):
+                self._present.discard(name)
+                self._tell(name, LEFT)
+        if self.accepting:
+            self._arm_presence()
 
     def _admit(self, name: str, credential: Optional[str], now: float) -> None:
         """
@@ -557,6 +625,8 @@ class WorkerHub:
         self._scheduler.remove_holder(worker.offer.holder)
         if poll is not None and poll.timer is not None and poll.timer.active():
             poll.timer.cancel()
+        if self.accepting:
+            self._arm_presence()
 
     def _end_poll(self, worker: Worker, leases: list[Lease]) -> None:
         poll = worker.poll

@@ -14,6 +14,10 @@ step at a time.  What the store keeps whatever the rules say (a job that
 a job which has not succeeded depends on; a job an idempotency key still
 names; an array until it can go whole) is its own rule
 (L{dispatcher.store._removal}).
+
+The same passes remove the events older than C{[events] retention}
+(L{dispatcher.store._events}), in steps of L{EVENTS_BATCH}; they run
+whether finished jobs are ever removed or not.
 """
 
 from __future__ import annotations
@@ -53,6 +57,11 @@ WINDOW_MARGIN = 65.536
 # of what is in use, and at least KEEP_FREE.
 SHRINK_STEP = 1024 * 1024
 KEEP_FREE = 4 * 1024 * 1024
+# The most events one step removes: an event's row is small, and they go
+# as one range of ids (5,000 took about 2 ms of the writer).
+EVENTS_BATCH = 5000
+# How long events are kept by default ([events] retention): a day.
+EVENTS_RETENTION = 86400.0
 
 
 @attrs.frozen
@@ -106,6 +115,7 @@ class PassReport:
     steps: int = 0
     windows: int = 0
     shrunk: int = 0
+    events: int = 0
 
 
 class Retention:
@@ -121,6 +131,9 @@ class Retention:
     @param policy: the L{RetentionPolicy}.
     @param batch: the most jobs a step removes (L{BATCH}).
     @param scan: the most jobs a step looks at (L{SCAN}).
+    @param events_age: seconds events are kept (L{EVENTS_RETENTION});
+        C{None}: for ever.
+    @ivar events_batch: the most events a step removes (L{EVENTS_BATCH}).
     """
 
     def __init__(
@@ -133,8 +146,11 @@ class Retention:
         policy: RetentionPolicy,
         batch: int = BATCH,
         scan: int = SCAN,
+        events_age: Optional[float] = EVENTS_RETENTION,
     ) -> None:
         self._store = store
+        self.events_age = events_age
+        self.events_batch = EVENTS_BATCH
         self.directories = directories
         self._reactor = reactor
         self._io_pool = io_pool
@@ -155,8 +171,19 @@ class Retention:
         nothing.
         """
         self._stopping = False
-        if self.policy.active:
-            self._call = self._clock.callLater(self.policy.interval, self._tick)
+        if self.policy.active or self.events_age is not None:
+            self._call = self._clock.callLater(self.interval, self._tick)
+
+    @property
+    def interval(self) -> float:
+        """
+        Seconds between passes: the policy's, or a tenth of the events'
+        age within the same bounds if that is sooner.
+        """
+        interval = self.policy.interval if self.policy.active else MAX_INTERVAL
+        if self.events_age is not None:
+            interval = min(interval, max(MIN_INTERVAL, self.events_age / 10.0))
+        return interval
 
     def stop(self) -> Deferred:
         """
@@ -185,7 +212,7 @@ class Retention:
 
         def again(_: Any) -> None:
             if not self._stopping:
-                self._call = self._clock.callLater(self.policy.interval, self._tick)
+                self._call = self._clock.callLater(self.interval, self._tick)
 
         self.run_pass().addErrback(failed).addBoth(again)
 
@@ -231,22 +258,32 @@ class Retention:
                 cursor, excess = step.cursor, step.excess
                 if step.done:
                     break
+        events = 0
+        if self.events_age is not None:
+            events_cutoff = now - self.events_age
+            while not self._stopping:
+                written = await self._store.remove_events(events_cutoff, self.events_batch)
+                events += written.value.removed
+                if written.value.done:
+                    break
         if self._stopping:
             # The rest waits for the next start.
-            return PassReport(removed, steps)
-        windows = await self._remove_windows(now)
+            return PassReport(removed, steps, events=events)
+        # (Job directories are looked at only where jobs are removed.)
+        windows = await self._remove_windows(now) if policy.active else 0
         shrunk = await self._shrink()
         if removed or windows or shrunk:
             log.info(
                 "retention removed {removed} finished jobs in {steps} steps, "
-                "{windows} emptied job directory windows, and gave {shrunk} KiB of the "
-                "store back to the file system",
+                "{windows} emptied job directory windows and {events} old events, "
+                "and gave {shrunk} KiB of the store back to the file system",
                 removed=removed,
                 steps=steps,
                 windows=windows,
+                events=events,
                 shrunk=shrunk // 1024,
             )
-        return PassReport(removed, steps, windows, shrunk)
+        return PassReport(removed, steps, windows, shrunk, events)
 
     def _in_thread(self, function: Any, *args: Any) -> Deferred:
         return deferToThreadPool(self._reactor, self._io_pool, function, *args)

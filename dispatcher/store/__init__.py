@@ -7,7 +7,9 @@ typed write commands (C{_writes}), the write operations (C{_operations}:
 submissions in C{_submissions}, claims and ends in C{_leases}, what a job
 waits for in C{_waits}, removals of finished jobs in C{_removal}, arrays
 and batches: counts, cancels and retries in C{_groups}, the webhook
-outbox's reads and writes in C{_deliveries}), each
+outbox's reads and writes in C{_deliveries}), the events of
+every change, stored in its commit, read back and removed when old
+(C{_events}), each
 owner's unfinished jobs as the writer counts them (C{_counts}), the
 reads (C{_queries}), the jobs table's
 columns with how a row maps to and from a job (C{_rows}), and what the

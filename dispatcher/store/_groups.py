@@ -24,7 +24,7 @@ from dispatcher.model._groups import (
 from dispatcher.model._jobs import FINAL_STATES, JobState, Lease
 from dispatcher.store._counts import UNFINISHED
 from dispatcher.store._queries import get_job
-from dispatcher.store._results import Written
+from dispatcher.store._results import Change, Written
 from dispatcher.store._submissions import check_unfinished
 from dispatcher.store._waits import after_final, requeue
 
@@ -118,7 +118,7 @@ def cancel_group(
             f"every member of {kind.value} {group_id} has finished; only unfinished "
             "members can be cancelled"
         )
-    changed: list[tuple[str, JobState]] = []
+    changed: list[Change] = []
     # Every member first, then what their ends do to dependents: a member
     # that depends on another is then cancelled already, not cancelled
     # again (and counted off its owner twice) as the other's dependent.
@@ -129,7 +129,9 @@ def cancel_group(
     )
     for row in waiting:
         writer.owners.add(row[6], -1)
-        changed.append((row[0], JobState.CANCELLED))
+        changed.append(
+            (row[0], JobState.CANCELLED, JobState(row[1]), None, None, "cancelled before it ran")
+        )
     for row in waiting:
         after_final(conn, row[0], JobState.CANCELLED, now, changed, writer.owners)
     leases = []
@@ -171,7 +173,7 @@ def retry_group(
             "can be retried"
         )
     check_unfinished(writer, rows[0][2], len(returning), max_unfinished)
-    changed: list[tuple[str, JobState]] = []
+    changed: list[Change] = []
     coming_back = frozenset(returning)
     wakes = [requeue(conn, j, now, changed, writer.owners, coming_back) for j in returning]
     due = [w for w in wakes if w is not None]

@@ -36,10 +36,14 @@ class IJobStore(Interface):
         again later may succeed).
 
     Most writes fire with a L{Written}: its C{value} is the write's answer
-    (said below), C{changed} the C{(job id, state)} of every job whose
-    state it changed, for the event stream, and C{wake_at} the earliest
-    time a pending job it made or freed becomes due, for the dispatcher's
-    timer.
+    (said below), C{changed} the L{Change} of every job whose state it
+    changed, and C{wake_at} the earliest time a pending job it made or
+    freed becomes due, for the dispatcher's timer.
+
+    Every change of a job's state is also stored as an event
+    (L{dispatcher.model._events.JobEvent}), in the transaction that makes
+    the change, with an id one past the greatest stored: ids never go
+    back and have no gaps.  See L{follow_events} and L{read_events}.
 
     A job whose spec names C{notify} has a webhook delivery (a
     L{Delivery}) written in the same transaction as each change of its
@@ -439,4 +443,39 @@ class IJobStore(Interface):
         each as failed and lost (retried if it has attempts left, as
         L{finish} does), and fire with a L{Written} whose value is the
         list of L{LostAttempt}s, with their process identities.
+        """
+
+    # Events
+
+    def follow_events(listener):
+        """
+        Call C{listener} (C{None}: no one) in the reactor thread with the
+        list of events (L{JobEvent}s and L{WorkerEvent}s) of each write
+        that made any, in id order, once its commit is done and just before
+        the write fires: a caller told its write is done finds its events
+        already told.  A live event carries what its job is (owner, spec)
+        as the write knew it.
+        """
+
+    def read_events(after, limit):
+        """
+        Fire with an L{EventPage}: at most C{limit} stored events whose ids
+        are above C{after}, in id order, each with what its job's row still
+        says (no owner and no spec for a job removed since); and the oldest
+        and newest ids stored (C{None} when none is).
+        """
+
+    def record_presence(worker, change, now):
+        """
+        Store the event of the remote worker C{worker} that connected or
+        left (C{change}: L{CONNECTED} or L{LEFT}) at C{now}; fires with a
+        L{Written} once it has committed.
+        """
+
+    def remove_events(cutoff, limit):
+        """
+        One step of removing old events: the oldest, at most C{limit} of
+        them, as long as they are older than C{cutoff}; never the newest.
+        Fires with a L{Written} whose value is a L{RemovedEvents} (how many,
+        and whether none older is left).
         """

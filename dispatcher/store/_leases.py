@@ -27,7 +27,7 @@ from dispatcher.model._jobs import (
     may_transition,
 )
 from dispatcher.store._queries import running_by_queue
-from dispatcher.store._results import Claimed, LostAttempt, ResumedLease, Written
+from dispatcher.store._results import Change, Claimed, LostAttempt, ResumedLease, Written
 from dispatcher.store._rows import (
     SPEC_COLUMNS,
     SPEC_WIDTH,
@@ -242,7 +242,7 @@ def mark_running(
         "UPDATE jobs SET state = 'running', started_at = ? WHERE id = ?",
         (now, lease.job_id),
     )
-    return Written(None, ((lease.job_id, JobState.RUNNING),))
+    return Written(None, ((lease.job_id, JobState.RUNNING, state, lease.attempt),))
 
 
 def finish(
@@ -277,14 +277,16 @@ def finish(
     spent += 1
     if retried:
         return _retry_later(writer, conn, lease.job_id, state, spent, retry_delay, now, error,
-            outcome.exit_code, result,
+            outcome.exit_code, result, lease.attempt,
         )
     conn.execute(
         _END_JOB,
         (target.value, now, outcome.exit_code, result, error, spent, lease.job_id),
     )
     writer.owners.add(owner, -1)
-    changed = [(lease.job_id, target)]
+    changed: list[Change] = [
+        (lease.job_id, target, state, lease.attempt, outcome.exit_code, error)
+    ]
     # Until a job has depended on another, no job has dependents to
     # free or cancel (the query was a twentieth of a no-op job's time).
     wake = (
@@ -306,6 +308,7 @@ def _retry_later(
     error: Optional[str],
     exit_code: Optional[int],
     result: Optional[str],
+    attempt: Optional[int] = None,
 ) -> Written:
     delay = writer.backoff(retry_delay, spent)
     if delay > 0:
@@ -323,7 +326,7 @@ def _retry_later(
         " WHERE id = ?",
         (target.value, due, reason, error, exit_code, result, spent, job_id),
     )
-    return Written(None, ((job_id, target),), due)
+    return Written(None, ((job_id, target, state, attempt, exit_code, error),), due)
 
 
 def finish_together(
@@ -368,7 +371,10 @@ def finish_together(
             ("succeeded", now, outcome.exit_code, result, outcome.error, row[3] + 1,
              lease.job_id)
         )
-        written.append(Written(None, ((lease.job_id, JobState.SUCCEEDED),)))
+        written.append(Written(None, ((
+            lease.job_id, JobState.SUCCEEDED, JobState(row[0]), lease.attempt,
+            outcome.exit_code, outcome.error,
+        ),)))
         owners.add(row[4], -1)
     conn.executemany(_END_ATTEMPT, attempts)
     conn.executemany(_END_JOB, jobs)
@@ -404,7 +410,7 @@ def release(
         " lease_expires = NULL WHERE id = ?",
         (target.value, wait_reason, finished, lease.job_id),
     )
-    changed = [(lease.job_id, target)]
+    changed: list[Change] = [(lease.job_id, target, state, lease.attempt)]
     wake = None
     if target is JobState.CANCELLED:
         writer.owners.add(owner, -1)
@@ -424,7 +430,7 @@ def recover(writer: WriterState, conn: sqlite3.Connection, holder: str, now: flo
     ).fetchall()
     lost = [LostAttempt(*row) for row in rows]
     reason = "lost: the dispatcher stopped while this attempt ran"
-    changed: list[tuple[str, JobState]] = []
+    changed: list[Change] = []
     wakes = []
     for attempt in lost:
         lease = Lease(attempt.job_id, attempt.attempt, attempt.token, holder, 0.0,

@@ -27,6 +27,7 @@ import attrs
 
 from dispatcher.model._jobs import InvalidTransition, JobState, Lease, UnknownJob
 from dispatcher.store._counts import OwnerCounts
+from dispatcher.store._events import record_presence, remove_events
 from dispatcher.store._groups import cancel_group, retry_group
 from dispatcher.store._deliveries import record_deliveries
 from dispatcher.store._leases import (
@@ -41,7 +42,7 @@ from dispatcher.store._leases import (
 )
 from dispatcher.store._queries import get_job, next_due
 from dispatcher.store._removal import remove, remove_finished, shrink
-from dispatcher.store._results import Written
+from dispatcher.store._results import Change, Written
 from dispatcher.store._submissions import (
     check_unfinished,
     submit,
@@ -60,8 +61,10 @@ from dispatcher.store._writes import (
     PurgeIdempotency,
     RecordDeliveries,
     RecordProcess,
+    RecordPresence,
     Recover,
     Release,
+    RemoveEvents,
     Remove,
     RemoveFinished,
     ResumeLeases,
@@ -171,7 +174,9 @@ def cancel(
         (now, job_id),
     )
     writer.owners.add(row[5], -1)
-    changed = [(job_id, JobState.CANCELLED)]
+    changed: list[Change] = [
+        (job_id, JobState.CANCELLED, state, None, None, "cancelled before it ran")
+    ]
     wake = after_final(conn, job_id, JobState.CANCELLED, now, changed, writer.owners)
     return Written((get_job(conn, job_id, writer.limits), None), tuple(changed), wake)
 
@@ -199,7 +204,7 @@ def retry(
     state = JobState(row[0])
     if state not in (JobState.FAILED, JobState.CANCELLED):
         raise InvalidTransition(job_id, state, JobState.QUEUED)
-    changed: list[tuple[str, JobState]] = []
+    changed: list[Change] = []
     # Everything coming back, first: a dependent may also wait on
     # another job that comes back with it, which then counts as unmet
     # rather than as failed.
@@ -240,7 +245,7 @@ def promote_due(writer: WriterState, conn: sqlite3.Connection, now: float) -> Wr
             "UPDATE jobs SET state = 'queued', wait_reason = ? WHERE id = ?",
             (QUEUED_REASON, job_id),
         )
-        changed.append((job_id, JobState.QUEUED))
+        changed.append((job_id, JobState.QUEUED, JobState.PENDING))
     return Written(None, tuple(changed), next_due(conn))
 
 
@@ -274,6 +279,8 @@ OPERATIONS: Mapping[type, Callable[..., Any]] = {
     Remove: remove,
     Shrink: shrink,
     Recover: recover,
+    RecordPresence: record_presence,
+    RemoveEvents: remove_events,
     CancelGroup: cancel_group,
     RetryGroup: retry_group,
     RecordDeliveries: record_deliveries,

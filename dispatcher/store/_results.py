@@ -9,7 +9,7 @@ when its disk took no more), L{WriteRefused} or L{ReadFailed}.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import attrs
 
@@ -233,6 +233,19 @@ class IdempotencyKey:
     digest: str
 
 
+# A change of a job's state, as a write reports it: C{(job id, new state)},
+# and what else it knows, in this order: C{previous state, attempt, exit
+# code, error}; what it leaves off is C{None}.  A plain tuple, not a
+# class: a plain batch reports a thousand at once, and the store's
+# event recorder (dispatcher.store._events) reads them by position.
+Change = Union[
+    tuple[str, JobState],
+    tuple[str, JobState, Optional[JobState]],
+    tuple[str, JobState, Optional[JobState], Optional[int]],
+    tuple[str, JobState, Optional[JobState], Optional[int], Optional[int], Optional[str]],
+]
+
+
 @attrs.frozen
 class Written:
     """
@@ -241,14 +254,15 @@ class Written:
     due.
 
     @ivar value: the answer (each write's own: see L{IJobStore}).
-    @ivar changed: C{(job id, new state)} for every job whose state the
-        write changed, in the order they changed.
+    @ivar changed: a L{Change} for every job whose state the write
+        changed, in the order they changed; each becomes an event, stored
+        in the same commit (L{dispatcher.store._events}).
     @ivar wake_at: when the earliest pending job this write made or freed
         becomes due (C{None}: none does), for the dispatcher's timer.
     """
 
     value: Any
-    changed: tuple[tuple[str, JobState], ...] = ()
+    changed: tuple[Change, ...] = ()
     wake_at: Optional[float] = None
 
 

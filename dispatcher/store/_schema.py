@@ -310,6 +310,28 @@ MIGRATIONS: Sequence[Union[str, Callable[[sqlite3.Connection], None]]] = (
     CREATE INDEX jobs_batch ON jobs (batch_id) WHERE batch_id IS NOT NULL;
     CREATE INDEX jobs_name ON jobs (name) WHERE name IS NOT NULL;
     """,
+    # Migration 10 (issue 17, events): every committed
+    # change of a job's state, and every remote worker's coming and going,
+    # is a row here, written in the transaction of the change
+    # (dispatcher/store/_events.py).  The id is what GET /v1/events gives
+    # and resumes after.  A row is kept small: what the job is (owner,
+    # name, queue, labels, array, batch) is read from its row when the event is
+    # read.  A worker's event has no job: its state is the change
+    # (connected, left), and worker its name.  Old rows are removed by
+    # retention ([events] retention), never the newest.
+    """
+    CREATE TABLE events (
+        id INTEGER PRIMARY KEY,
+        at REAL NOT NULL,
+        job_id TEXT,
+        state TEXT NOT NULL,
+        previous TEXT,
+        attempt INTEGER,
+        exit_code INTEGER,
+        error TEXT,
+        worker TEXT
+    );
+    """,
     # Migration 11 (issue 17, webhooks; 9 is the batches', 10 the
     # events'): the webhook outbox and the jobs' notify column
     # (WEBHOOK_OUTBOX above; its triggers come with the first job that

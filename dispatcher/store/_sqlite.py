@@ -65,6 +65,7 @@ from dispatcher.store._mark import (
     start_marking,
 )
 from dispatcher.store._deliveries import due_deliveries
+from dispatcher.store._events import read_events, record_events
 from dispatcher.store._removal import space, windows_in_use
 from dispatcher.store._results import (
     Claimed,
@@ -144,6 +145,7 @@ class SQLiteJobStore:
             clock if clock is not None else reactor,
             mark=MarkFile(path),
             journal=self._state.owners,
+            record=functools.partial(record_events, self._state),
         )
         self._write = self._writer.write
         self._reader_pool = TaskThreads(reactor, readers, name="store-reader")
@@ -551,3 +553,35 @@ class SQLiteJobStore:
         L{IJobStore.record_deliveries}.
         """
         return self._write(writes.RecordDeliveries(tuple(done), tuple(later)))
+
+    # Events
+
+    def follow_events(self, listener: Optional[Callable[[list], None]]) -> None:
+        """
+        Call C{listener} in the reactor thread with the events of each
+        write, in id order, just before the write is answered (C{None}: no
+        one); see L{IJobStore.follow_events}.
+        """
+        self._writer.committed = listener
+
+    def read_events(self, after: int, limit: int) -> Deferred:
+        """
+        Fire with an L{EventPage}: at most C{limit} stored events after the
+        id C{after}, and the oldest and newest ids stored.
+        """
+        return self._read(read_events, after, limit)
+
+    def record_presence(self, worker: str, change: str, now: float) -> Deferred:
+        """
+        Store the event of a worker that connected or left; fires once it
+        has committed (and been published).
+        """
+        return self._write(writes.RecordPresence(worker, change, now))
+
+    def remove_events(self, cutoff: float, limit: int) -> Deferred:
+        """
+        One step of removing old events: at most C{limit} of those older
+        than C{cutoff}, never the newest; fires with a L{Written} whose
+        value is the L{RemovedEvents}.
+        """
+        return self._write(writes.RemoveEvents(cutoff, limit))

@@ -25,6 +25,7 @@ from dispatcher.model._limits import MAX_DEPENDENCY_LINKS
 from dispatcher.store._queries import JSON_ROWS, get_job
 from dispatcher.store._removal import MAX_SEQ
 from dispatcher.store._results import (
+    Change,
     IdempotencyConflict,
     IdempotencyKey,
     Submitted,
@@ -237,7 +238,7 @@ def submit(
         return replayed
     check_unfinished(writer, owner, len(specs), max_unfinished)
     _watch(conn, specs)
-    changed: list[tuple[str, JobState]] = []
+    changed: list[Change] = []
     in_batch: dict[str, JobState] = {}
     jobs: list[Job] = []
     # Rows are gathered and inserted with executemany (one statement per
@@ -304,7 +305,9 @@ def submit(
                 [(d, job_id) for d in deps],
             )
         in_batch[job_id] = state
-        changed.append((job_id, state))
+        changed.append(
+            (job_id, state) if error is None else (job_id, state, None, None, None, error)
+        )
         if dead is None:
             unfinished += 1
     insert_rows()

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Mapping, Optional, Sequence
 from dispatcher.model._jobs import JobSpec, JobState, format_time
 from dispatcher.model._limits import MAX_DEPENDENCY_LINKS
 from dispatcher.store._results import (
+    Change,
     DependencyNotRetried,
     TooManyDependencies,
     UnknownDependency,
@@ -110,7 +111,7 @@ def after_final(
     job_id: str,
     state: JobState,
     now: float,
-    changed: list[tuple[str, JobState]],
+    changed: list[Change],
     owners: OwnerCounts,
 ) -> Optional[float]:
     """
@@ -152,7 +153,7 @@ def after_final(
                 (waiting_on, target.value, reason, dependent),
             )
             if target is JobState.QUEUED:
-                changed.append((dependent, target))
+                changed.append((dependent, target, JobState.PENDING))
             elif waiting_on == 0 and not_before is not None:
                 wakes.append(not_before)
         return min(wakes) if wakes else None
@@ -165,13 +166,15 @@ def after_final(
             (cause,),
         ).fetchall():
             owners.add(owner, -1)
+            error = f"cancelled because its dependency {cause} {verb}"
             conn.execute(
                 "UPDATE jobs SET state = 'cancelled', finished_at = ?, error = ?,"
                 " wait_reason = NULL, cancelled_by = ? WHERE id = ?",
-                (now, f"cancelled because its dependency {cause} {verb}", cause,
-                 dependent),
+                (now, error, cause, dependent),
             )
-            changed.append((dependent, JobState.CANCELLED))
+            changed.append(
+                (dependent, JobState.CANCELLED, JobState.PENDING, None, None, error)
+            )
             stack.append((dependent, "was cancelled"))
     return None
 
@@ -180,7 +183,7 @@ def requeue(
     conn: sqlite3.Connection,
     job_id: str,
     now: float,
-    changed: list[tuple[str, JobState]],
+    changed: list[Change],
     owners: OwnerCounts,
     coming_back: frozenset[str] = frozenset(),
 ) -> Optional[float]:
@@ -205,8 +208,8 @@ def requeue(
             unmet.append(dependency)
     # A job cancelled before its not_before still waits for it; a job that
     # ran is past its not_before (or its last back-off) already.
-    not_before, owner = conn.execute(
-        "SELECT not_before, owner FROM jobs WHERE id = ?", (job_id,)
+    not_before, owner, previous = conn.execute(
+        "SELECT not_before, owner, state FROM jobs WHERE id = ?", (job_id,)
     ).fetchone()
     owners.add(owner, 1)
     target, reason = waiting(unmet, not_before, now)
@@ -217,7 +220,7 @@ def requeue(
         " error = NULL WHERE id = ?",
         (target.value, reason, len(unmet), job_id),
     )
-    changed.append((job_id, target))
+    changed.append((job_id, target, JobState(previous)))
     if target is JobState.PENDING and not unmet and not_before is not None:
         return not_before
     return None

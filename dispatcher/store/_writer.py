@@ -24,7 +24,14 @@ commit that waits more than C{lock_warning} seconds for the database's
 write lock (another process holds it) says so.
 
 The writer knows commands and connections, not jobs: what a command does
-is the operation it is given for the command's class.
+is the operation it is given for the command's class.  What a group
+changed is stored as events by the recorder it is given, after the
+group's writes and in its transaction; once the group has committed, each
+write's events go to whoever L{GroupWriter.committed} names just before
+that write is answered: in the order of their ids, and each where its
+change was told before events had ids (a claim that took every queued job
+is answered before the submissions after it in its group are, and the
+scheduler counts those as queued after the claim).
 """
 
 from __future__ import annotations
@@ -55,6 +62,9 @@ Operation = Callable[..., Any]
 # A shared path: which writes it takes (a run of them next to each other),
 # and what stores such a run at once, with an answer for each.
 SharedPath = tuple[Callable[[Write], bool], Callable[[sqlite3.Connection, list], list]]
+# What stores a group's events: the connection, the group's writes and
+# their results (C{(ok, value)} each) in, each write's events stored out.
+EventRecorder = Callable[[sqlite3.Connection, list, list], list]
 
 
 # The write-ahead log's size past which the sync loop checkpoints it itself
@@ -201,6 +211,11 @@ class GroupWriter:
     @param journal: what the operations keep in memory alongside the
         database and must follow its transactions (L{Journal}), or
         C{None}.
+    @param record: what stores the events of a group (L{EventRecorder}),
+        or C{None}.
+    @ivar committed: called in the reactor thread with the events of each
+        write of a group that committed (never an empty list), in order,
+        each just before the write's answer; C{None}: no one.
     @ivar fsync: the same, which a test may replace.
     @ivar lock_warning: seconds a commit waits for the write lock before
         it is logged (L{LOCK_WARNING}).
@@ -228,8 +243,11 @@ class GroupWriter:
         mark: Optional[MarkFile] = None,
         fsync: Callable[[int], None] = os.fsync,
         journal: Optional[Journal] = None,
+        record: Optional[EventRecorder] = None,
     ) -> None:
         self._path = path
+        self._record = record
+        self.committed: Optional[Callable[[list], None]] = None
         self._journal: Journal = journal if journal is not None else _NO_JOURNAL
         self.fsync = fsync
         self.lock_warning = LOCK_WARNING
@@ -511,10 +529,13 @@ class GroupWriter:
         d = self._threads.defer(self._commit, work, durable)
         d.addBoth(self._flushed, [deferred for _, deferred in batch])
 
-    def _commit(self, work: list[Write], durable: bool = True) -> list[tuple[bool, Any]]:
+    def _commit(
+        self, work: list[Write], durable: bool = True
+    ) -> tuple[list[tuple[bool, Any]], list]:
         conn = self.connection
         assert conn is not None
         results: list[tuple[bool, Any]] = []
+        events: list = [()] * len(work)
         try:
             if durable != self._synchronous_full:
                 # In WAL mode FULL syncs the log at every commit; NORMAL
@@ -544,6 +565,11 @@ class GroupWriter:
                     self._journal.rollback()
                     self._begin(conn)
                     results = [self._apply_one(conn, write) for write in work]
+                if self._record is not None:
+                    # After every write of the group, so that each change
+                    # is seen once, in order; a failure here fails the
+                    # commit, as a failed write of the group's would.
+                    events = self._record(conn, work, results)
                 if self.mark is not None:
                     made = Mark(self.last_commit.seq + 1, self._clock.seconds())
                     conn.execute(BUMP, (made.seq, made.at))
@@ -574,7 +600,7 @@ class GroupWriter:
                         path=self.mark.path,
                         error=e,
                     )
-        return results
+        return results, events
 
     def _begin(self, conn: sqlite3.Connection) -> None:
         """
@@ -670,6 +696,7 @@ class GroupWriter:
             for d in deferreds:
                 d.errback(outcome)
         else:
+            outcome, events = outcome
             failed: Optional[Failure] = None
             count = 0
             for _, value in outcome:
@@ -680,7 +707,15 @@ class GroupWriter:
                 self._commit_failed(failed, count)
             elif self._commit_wrote:
                 self._commits_again()
-            for d, (ok, value) in zip(deferreds, outcome):
+            committed = self.committed
+            for d, (ok, value), told in zip(deferreds, outcome, events):
+                if told and committed is not None:
+                    # Just before its answer: a caller told its write is
+                    # done finds its events published.
+                    try:
+                        committed(told)
+                    except Exception:
+                        log.failure("publishing the events of a commit failed")
                 if ok:
                     d.callback(value)
                 else:

@@ -228,6 +228,27 @@ class Recover(NamedTuple):
     now: float
 
 
+class RecordPresence(NamedTuple):
+    """
+    A remote worker connected or left: stored as an event
+    (L{dispatcher.store._events}).
+    """
+
+    worker: str
+    change: str
+    now: float
+
+
+class RemoveEvents(NamedTuple):
+    """
+    One step of removing old events: at most C{limit} of those older than
+    C{cutoff}.
+    """
+
+    cutoff: float
+    limit: int
+
+
 class CancelGroup(NamedTuple):
     """
     Cancel every unfinished member of an array or a batch; if C{owner} is
@@ -267,5 +288,5 @@ DURABLE = frozenset({Submit, SubmitPlain, Cancel, Retry, Remove, CancelGroup, Re
 Write = Union[
     Submit, SubmitPlain, Claim, ResumeLeases, RecordProcess, MarkRunning, Finish, Release,
     Cancel, Retry, PromoteDue, PurgeIdempotency, RemoveFinished, Remove, Shrink,
-    Recover, CancelGroup, RetryGroup, RecordDeliveries,
+    Recover, RecordPresence, RemoveEvents, CancelGroup, RetryGroup, RecordDeliveries,
 ]

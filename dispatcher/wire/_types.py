@@ -82,6 +82,9 @@ DEFAULT_LIST_LIMIT = 100
 # 400, not an overflow.
 MAX_CURSOR = 2**63 - 1
 MAX_OFFSET = 2**63 - 1
+# The largest event id a client may resume after (?after=, Last-Event-ID):
+# SQLite's largest integer key.
+MAX_EVENT_ID = 2**63 - 1
 # The longest a request may wait (?wait=SECONDS) for a job, an array or a
 # batch to be final (issue 17).
 MAX_CLIENT_WAIT = 300.0
@@ -1115,3 +1118,68 @@ class Identity(_Out):
     name: str
     role: Role
     worker_names: Optional[list[str]]
+
+
+# Events (GET /v1/events): each event's data, one JSON line.
+
+class JobEventData(_Out):
+    """
+    The data of a C{job} event: a job's committed change of state.
+    C{owner}, C{queue}, C{name}, C{array_id} and C{batch_id} are null for
+    a job removed before a stored event was read.
+    """
+
+    id: Annotated[int, Meta(description="The event's id, as its id: line says.")]
+    at: Time
+    job_id: str
+    state: JobState
+    previous: Optional[
+        Annotated[JobState, Meta(description="The state it left; null for a new job.")]
+    ]
+    owner: Optional[str]
+    queue: Optional[str]
+    name: Optional[str]
+    array_id: Optional[str]
+    batch_id: Optional[str]
+    attempt: Optional[
+        Annotated[int, Meta(description="The attempt a claim, a start or an end "
+                            "belongs to.")]
+    ]
+    exit_code: Optional[int]
+    error: Optional[str]
+
+
+class WorkerEventData(_Out):
+    """
+    The data of a C{worker} event: a remote worker connected (heard from
+    while it was not) or left (no request open, and none for a lease's
+    life).
+    """
+
+    id: int
+    at: Time
+    worker: str
+    change: Literal["connected", "left"]
+
+
+class DroppedEventData(_Out):
+    """
+    The data of a C{dropped} event, the stream's last: the subscriber fell
+    too far behind ([events] buffer); it resumes with after = C{id}, the
+    last id it was sent.
+    """
+
+    id: int
+    reason: Literal["too_far_behind"]
+
+
+class ResetEventData(_Out):
+    """
+    The data of a C{reset} event, sent first when the id resumed after is
+    older than the events kept ([events] retention), or newer than any:
+    events were missed, so re-list the jobs to catch up.  The stream goes
+    on from C{oldest}, the oldest event kept.
+    """
+
+    oldest: int
+
