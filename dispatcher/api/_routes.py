@@ -352,6 +352,18 @@ JOB_ID = {
     "schema": {"type": "string"},
     "description": "The job's id (a UUIDv7).",
 }
+# The label= filter of the job list and of the events stream: key=value
+# (or key alone), repeated to AND.
+LABEL_FILTER = {
+    "name": "label",
+    "in": "query",
+    "description": "key=value (or key: has the label); repeat to AND, "
+    f"at most {MAX_LABEL_FILTERS} times.",
+    "schema": {"type": "array", "maxItems": MAX_LABEL_FILTERS,
+               "items": {"type": "string", "pattern": "^[^=]"}},
+    "style": "form",
+    "explode": True,
+}
 PREFER = {
     "name": "Prefer",
     "in": "header",
@@ -588,16 +600,7 @@ ROUTES: tuple[Route, ...] = (
                 "style": "form",
                 "explode": True,
             },
-            {
-                "name": "label",
-                "in": "query",
-                "description": "key=value (or key: has the label); repeat to AND, "
-                f"at most {MAX_LABEL_FILTERS} times.",
-                "schema": {"type": "array", "maxItems": MAX_LABEL_FILTERS,
-                           "items": {"type": "string", "pattern": "^[^=]"}},
-                "style": "form",
-                "explode": True,
-            },
+            LABEL_FILTER,
             {
                 "name": "owner",
                 "in": "query",
@@ -844,16 +847,7 @@ ROUTES: tuple[Route, ...] = (
              "schema": {"type": "string", "minLength": 1, "maxLength": MAX_NAME}},
             {"name": "batch", "in": "query", "description": "One batch's members' alone.",
              "schema": {"type": "string", "minLength": 1, "maxLength": MAX_NAME}},
-            {
-                "name": "label",
-                "in": "query",
-                "description": "key=value (or key: has the label); repeat to AND, "
-                f"at most {MAX_LABEL_FILTERS} times.",
-                "schema": {"type": "array", "maxItems": MAX_LABEL_FILTERS,
-                           "items": {"type": "string", "pattern": "^[^=]"}},
-                "style": "form",
-                "explode": True,
-            },
+            LABEL_FILTER,
             {"name": "owner", "in": "query",
              "description": "Only the jobs this principal submitted (a submitter's "
              "own alone: another name gives nothing).",
