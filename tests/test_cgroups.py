@@ -9,6 +9,7 @@ not run as root) the tests that need them skip, saying why.
 import os
 import re
 import signal
+import stat
 import sys
 import time
 
@@ -50,11 +51,15 @@ needs_v1_freezer = pytest.mark.skipif(
     os.geteuid() != 0 or not os.path.isdir("/sys/fs/cgroup/freezer"),
     reason="no cgroup v1 freezer hierarchy at /sys/fs/cgroup/freezer (or not root)")
 
-# The ways of killing a job's processes this host can be tested with: what
-# the helper picks (cgroup v2's cgroup.kill here), and the v1 freezer.
+# The ways of killing a job's processes this host can be tested with, as
+# (mode, max_processes): what the helper picks with a process limit (here,
+# a hybrid host, the v1 pids cgroup that limits them, forks stopped first;
+# cgroup.kill on a pure v2 host), what it picks without one (cgroup v2's
+# cgroup.kill), and the v1 freezer.
 MODES = [
-    pytest.param("auto", marks=needs_cgroups),
-    pytest.param("v1", marks=needs_v1_freezer),
+    pytest.param(("auto", 64), marks=needs_cgroups, id="auto"),
+    pytest.param(("auto", 0), marks=needs_cgroups, id="auto-unlimited"),
+    pytest.param(("v1", 0), marks=needs_v1_freezer, id="v1-freezer"),
 ]
 
 MARKERS = {stream: log_cut_marker(stream, 1000) for stream in LOG_STREAMS}
@@ -154,12 +159,14 @@ def test_a_setsid_escapee_dies_when_its_job_exits(helper, tmp_path, mode):
     job runs once its end is known.  The report comes as soon as it is gone
     (well before the 5 s the helper waits at most for a process that will
     not die)."""
-    raw = helper(mode=mode)
+    mode, max_processes = mode
+    raw = helper(mode=mode, max_processes=max_processes)
     pidfile = tmp_path / "escapee"
     spawned = raw.spawn(1, ["sh", "-c", escapee(pidfile) + f" while [ ! -s {pidfile} ]; "
                                                    "do sleep 0.01; done"])
     started = time.monotonic()
-    assert spawned["limits"] == {"memory_mb": None, "processes": 64, "enforced": True}
+    assert spawned["limits"] == {
+        "memory_mb": None, "processes": max_processes or None, "enforced": True}
     assert raw.exited(1)["code"] == 0
     assert time.monotonic() - started < 3
     pid = int(pidfile.read_text())
@@ -171,7 +178,8 @@ def test_a_setsid_escapee_dies_when_its_job_is_cancelled(helper, tmp_path, mode)
     """A cancel (SIGTERM to the job) ends the job's leader; its escapee,
     which ignores SIGTERM and is in no group of the job's, is killed with
     the rest of its cgroup before the end is reported."""
-    raw = helper(mode=mode)
+    mode, max_processes = mode
+    raw = helper(mode=mode, max_processes=max_processes)
     pidfile = tmp_path / "escapee"
     raw.spawn(1, ["sh", "-c", escapee(pidfile) + " wait"])
     pid = wait_for_pid(pidfile)
@@ -382,6 +390,27 @@ def test_a_log_file_that_has_output_is_written_on_from_its_end(helper, tmp_path)
     assert raw.exited(1)["cut"] == ["stdout"]
     assert (tmp_path / "1.out").read_text() == (
         "x" * 990 + "0123456789\n" + MARKERS["stdout"])
+
+
+def test_a_stream_gets_its_file_at_its_first_byte(helper, tmp_path):
+    """A capped stream's file is made when its first byte arrives, 0600:
+    a quiet job leaves none, a job writing only to stderr no stdout file,
+    and a stream that ends without a byte costs no file even when the job
+    lingers."""
+    raw = helper(max_log_bytes=1000)
+    raw.spawn(1, ["true"])
+    assert raw.exited(1) == {"op": "exited", "id": 1, "code": 0}
+    assert not (tmp_path / "1.out").exists() and not (tmp_path / "1.err").exists()
+    raw.spawn(2, ["sh", "-c", "exec >&-; sleep 0.3; echo late >&2"])
+    assert raw.exited(2)["code"] == 0
+    assert not (tmp_path / "2.out").exists()
+    assert (tmp_path / "2.err").read_text() == "late\n"
+    assert stat.S_IMODE(os.stat(tmp_path / "2.err").st_mode) == 0o600
+    # A link planted where a file is not yet made is refused at spawn.
+    os.symlink("/etc/hostname", tmp_path / "3.err")
+    raw.send(**raw.spawn_request(3, ["true"]))
+    reply = raw.reply(lambda r: r["id"] == 3)
+    assert reply["op"] == "error" and "symbolic link" in reply["error"], reply
 
 
 def test_a_job_writing_a_gigabyte_neither_fills_the_disk_nor_blocks(helper, tmp_path):

@@ -302,7 +302,8 @@ def test_files_are_the_daemons_alone_whatever_the_umask(open_dir, daemons, umask
     daemon = daemons(open_dir)
     daemon.start()
     code, job = daemon.request("POST", "/v1/jobs", {
-        "command": ["sh", "-c", "id -u; echo made > made.txt; echo again > /dev/stdout"]})
+        "command": ["sh", "-c",
+                    "id -u; echo made > made.txt; echo again > /dev/stdout; echo err >&2"]})
     assert code == 201
     done = daemon.wait(job["id"], ("succeeded", "failed"))
     assert done["state"] == "succeeded", done

@@ -17,6 +17,9 @@ What is used, found once when the helper starts:
   - cgroup v1 hierarchies for what v2 does not give: C{pids} (the process
     limit), C{memory} (the memory limit) and, without a v2 kill,
     C{freezer} (freeze, kill, thaw).  This is how a hybrid host runs.
+    There, a v1 pids cgroup that limits a job's processes also tracks and
+    kills them (its forks stopped with C{pids.max} 0), and a v2 cgroup
+    with no controller to give is not used: one move fewer a job.
 
 Job cgroups live under C{<own>/dispatcher-jobs/helper-<pid>-<ticks>/} in
 each hierarchy: the first directory is shared by every helper under the
@@ -186,13 +189,15 @@ def kill_method(path):
     """
     How every process of the cgroup C{path} is killed, by the files it
     has: C{"kill"} (v2 C{cgroup.kill}, Linux 5.14), C{"freeze"} (v2
-    C{cgroup.freeze}, 5.2), C{"freezer"} (the v1 freezer), or C{None} (one
-    by one, again while new ones appear).
+    C{cgroup.freeze}, 5.2), C{"freezer"} (the v1 freezer), C{"pids"} (a
+    v1 pids cgroup: forks stopped with C{pids.max} 0, then one by one), or
+    C{None} (one by one, again while new ones appear).
     """
     for name, method in (
         ("cgroup.kill", "kill"),
         ("cgroup.freeze", "freeze"),
         ("freezer.state", "freezer"),
+        ("pids.max", "pids"),
     ):
         if os.path.exists(os.path.join(path, name)):
             return method
@@ -254,6 +259,13 @@ def kill_cgroup(path, method):
     elif method == "freezer":
         _freeze_and_kill(path, "freezer.state", "FROZEN", "THAWED", "freezer.state", b"FROZEN")
     else:
+        if method == "pids":
+            # None of them can fork from now: the rounds below end.  (The
+            # limit is written again before the cgroup's next job.)
+            try:
+                _write(os.path.join(path, "pids.max"), "0")
+            except OSError:
+                pass
         signal_cgroup(path, signal.SIGKILL)
 
 
@@ -442,6 +454,9 @@ class Hierarchy:
             return False
 
     def kill_all(self, path):
+        if self.kill == "pids":
+            # (Its limit, now 0, is written again for its next job.)
+            self._written.get(path, {}).pop("pids.max", None)
         kill_cgroup(path, self.kill)
 
     def close(self):
@@ -546,6 +561,7 @@ class JobCgroups:
                 # No v2 and no freezer: a job's pids or memory cgroup still
                 # lists its processes, to kill one by one.
                 self.tracker = self.pids or self.memory
+            self._track_with_pids()
             for hierarchy in self.hierarchies:
                 hierarchy.open()
         except OSError as e:
@@ -556,6 +572,27 @@ class JobCgroups:
             self.hierarchies = []
             self.tracker = self.pids = self.memory = None
         return self.describe()
+
+    def _track_with_pids(self):
+        """
+        Where a job's processes are limited by a v1 pids cgroup, let it
+        track them too: with C{pids.max} set to 0 none of them can fork, so
+        killing every one it lists, again until it lists none, kills them
+        all, as surely as v2's C{cgroup.kill}.  A v2 cgroup kept only to
+        track them (a hybrid host, whose v2 hierarchy has no controllers),
+        or a v1 freezer, is then not used: each hierarchy a job is in costs
+        a move of the helper at each spawn, the dearest part of a job's
+        cgroups.
+        """
+        pids = self.pids
+        if pids is None or pids.v2 or not self.max_processes or self.tracker is pids:
+            return
+        tracker = self.tracker
+        pids.kill = "pids"
+        self.tracker = pids
+        if tracker is not self.memory:
+            self.hierarchies.remove(tracker)
+            tracker.close()
 
     def _jobs_directory(self, home, root=None):
         base = os.path.join(root or home, JOBS_DIRECTORY)
@@ -727,6 +764,7 @@ class JobCgroups:
                     "kill": "every process killed at the end with cgroup.kill",
                     "freeze": "every process killed at the end, frozen first",
                     "freezer": "every process killed at the end, frozen first",
+                    "pids": "every process killed at the end, its forks stopped first",
                     None: "every process killed at the end, one by one",
                 }[hierarchy.kill])
             if hierarchy is self.pids:

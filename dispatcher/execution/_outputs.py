@@ -10,6 +10,12 @@ the kernel without a copy through this process.  C{splice} refuses a file
 opened with C{O_APPEND}, so the file is opened without it and written from
 its end (the helper is its only writer).  A file system that cannot
 C{splice} gets the bytes by C{read} and C{write}.
+
+A stream's file is made when the first of its bytes arrives: most jobs
+write nothing to one of their streams, and many to both, and a file made
+is an inode taken, which costs more than the rest of a quiet stream.  One
+found at the start (an earlier attempt's) is written from its end.  A
+stream that never wrote has no file, which readers take as empty.
 """
 
 import errno
@@ -45,10 +51,11 @@ class Output:
 
     __slots__ = (
         "stream", "read_fd", "write_fd", "file_fd", "left", "cut", "closed", "_marker",
-        "_splice",
+        "_splice", "_path", "_flags", "_mode",
     )
 
-    def __init__(self, stream, read_fd, write_fd, file_fd, left, marker):
+    def __init__(self, stream, read_fd, write_fd, file_fd, left, marker, path=None,
+                 flags=0, mode=0):
         self.stream = stream
         self.read_fd = read_fd
         # For the job; the helper closes its copy once the job has it
@@ -60,6 +67,10 @@ class Output:
         self.closed = False
         self._marker = marker
         self._splice = True
+        # With no C{file_fd}: where it is made, at the first byte.
+        self._path = path
+        self._flags = flags
+        self._mode = mode
 
     def pump(self):
         """
@@ -105,6 +116,8 @@ class Output:
         return os.read(self.read_fd, count)
 
     def _to_file(self, count):
+        if self.file_fd is None and not self._make_file():
+            return 0
         if self._splice:
             try:
                 return os.splice(self.read_fd, self.file_fd, count, flags=_FLAGS)
@@ -118,6 +131,24 @@ class Output:
         while view:
             view = view[os.write(self.file_fd, view) :]
         return len(data)
+
+    def _make_file(self):
+        """
+        Make the file, if the pipe holds a byte for it: whether it did.
+        C{BlockingIOError} if the pipe holds nothing but has a writer; an
+        C{OSError} if the file cannot be made.
+        """
+        poller = select.poll()
+        poller.register(self.read_fd, select.POLLIN)
+        events = poller.poll(0)
+        if not events or not events[0][1] & select.POLLIN:
+            if events and events[0][1] & (select.POLLHUP | select.POLLERR):
+                return False
+            raise BlockingIOError(errno.EAGAIN, "nothing to read")
+        self.file_fd = os.open(self._path, self._flags | os.O_CREAT, self._mode)
+        # (Made meanwhile by another: written from its end.)
+        self.left = max(0, self.left - os.lseek(self.file_fd, 0, os.SEEK_END))
+        return True
 
     def _lose(self, error):
         # The file cannot be written (a full disk): the rest is dropped, as
@@ -173,7 +204,8 @@ class Output:
         if not self.closed:
             self.closed = True
             os.close(self.read_fd)
-            os.close(self.file_fd)
+            if self.file_fd is not None:
+                os.close(self.file_fd)
             self.close_write_end()
 
 
@@ -181,8 +213,8 @@ def open_outputs(paths, limit, markers, flags, mode):
     """
     The pipes and files of a job's streams.
 
-    @param paths: C{{stream: path}} of the log files, made if need be and
-        written from their end.
+    @param paths: C{{stream: path}} of the log files, written from their
+        end, made at their first byte (L{Output._make_file}).
     @param limit: the most bytes of each stream the file takes.
     @param markers: C{{stream: bytes}}: the line written where a stream is
         cut.
@@ -192,22 +224,29 @@ def open_outputs(paths, limit, markers, flags, mode):
 
     @return: the L{Output}s, in the order of C{paths}; each one's
         C{write_fd} is for the job.
-    @raise OSError: a file cannot be opened (nothing is left open).
+    @raise OSError: a file there cannot be opened (a symbolic link, with
+        C{O_NOFOLLOW}); nothing is left open.
     """
+    # Readable too: where a stream is cut, its last byte says whether the
+    # marker starts a line of its own.
+    flags = (flags & ~(os.O_APPEND | os.O_WRONLY | os.O_CREAT)) | os.O_RDWR
     outputs = []
     opened = []
     try:
         for stream, path in paths.items():
-            # Readable too: where a stream is cut, its last byte says
-            # whether the marker starts a line of its own.
-            file_fd = os.open(path, (flags & ~(os.O_APPEND | os.O_WRONLY)) | os.O_RDWR, mode)
-            opened.append(file_fd)
-            size = os.lseek(file_fd, 0, os.SEEK_END)
+            try:
+                file_fd = os.open(path, flags)
+            except FileNotFoundError:
+                file_fd, size = None, 0
+            else:
+                opened.append(file_fd)
+                size = os.lseek(file_fd, 0, os.SEEK_END)
             read_fd, write_fd = os.pipe()
             opened.extend((read_fd, write_fd))
-            outputs.append(
-                Output(stream, read_fd, write_fd, file_fd, max(0, limit - size), markers[stream])
-            )
+            outputs.append(Output(
+                stream, read_fd, write_fd, file_fd, max(0, limit - size), markers[stream],
+                path, flags, mode,
+            ))
     except OSError:
         for fd in opened:
             os.close(fd)
