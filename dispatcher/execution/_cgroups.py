@@ -385,6 +385,10 @@ class Hierarchy:
                 self._status[path] = os.open(
                     os.path.join(path, "cgroup.events"), os.O_RDONLY
                 )
+            elif self.kind == "pids":
+                self._status[path] = os.open(
+                    os.path.join(path, "pids.current"), os.O_RDONLY
+                )
         except OSError:
             self.remove(path)
             raise
@@ -441,17 +445,26 @@ class Hierarchy:
         _write(os.path.join(path, name), value)
         written[name] = value
 
-    def populated(self, path):
+    def populated(self, path, leader=False):
         """
-        Whether any process is in the job cgroup C{path}.
+        Whether any process is in the job cgroup C{path}; with C{leader},
+        any but the job's leader, a zombie not yet reaped.
         """
         fd = self._status.get(path)
         if fd is None:
             return populated(path, self.v2)
         try:
-            return b"populated 1" in os.pread(fd, 4096, 0)
+            data = os.pread(fd, 4096, 0)
         except OSError:
             return False
+        if self.v2:
+            return b"populated 1" in data
+        # A v1 pids cgroup counts a task until it is reaped, so the leader
+        # too: no more than it, and none is left, at the cost of one read
+        # (most jobs); more may be zombies alone, which the list leaves out.
+        if int(data) <= leader:
+            return False
+        return populated(path, False)
 
     def kill_all(self, path):
         if self.kill == "pids":
@@ -956,22 +969,23 @@ class JobCgroups:
         oom = 0
         if job.memory is not None:
             oom = self._oom_kills(job.memory, job.paths[job.memory]) - job.oom_before
-        if self.populated(job):
+        if self.populated(job, leader=True):
             self.tracker.kill_all(job.paths[self.tracker])
             return oom, True
         self.release(job)
         return oom, False
 
-    def populated(self, job):
+    def populated(self, job, leader=False):
         """
-        Whether any process of the job is left.  The tracker holds every
-        one (each was born in all the job's cgroups), so it alone is asked.
+        Whether any process of the job is left (with C{leader}: but its
+        leader, a zombie not yet reaped).  The tracker holds every one
+        (each was born in all the job's cgroups), so it alone is asked.
         """
         path = job.paths.get(self.tracker)
         if path is None:
             return False
         self.tracker.step_out(path, self._pid_text)
-        return self.tracker.populated(path)
+        return self.tracker.populated(path, leader)
 
     def release(self, job):
         """

@@ -209,7 +209,7 @@ class Output:
             self.close_write_end()
 
 
-def open_outputs(paths, limit, markers, flags, mode):
+def open_outputs(paths, limit, markers, flags, mode, new=False):
     """
     The pipes and files of a job's streams.
 
@@ -221,6 +221,8 @@ def open_outputs(paths, limit, markers, flags, mode):
     @param flags: the flags the files are opened with, but read and
         written, and without C{O_APPEND} (which C{splice} refuses).
     @param mode: the mode of a file made.
+    @param new: whether the files' directories were just made, so that
+        none of them is there to be opened.
 
     @return: the L{Output}s, in the order of C{paths}; each one's
         C{write_fd} is for the job.
@@ -235,6 +237,8 @@ def open_outputs(paths, limit, markers, flags, mode):
     try:
         for stream, path in paths.items():
             try:
+                if new:
+                    raise FileNotFoundError
                 file_fd = os.open(path, flags)
             except FileNotFoundError:
                 file_fd, size = None, 0

@@ -260,25 +260,29 @@ def make_job_dirs(workdir=None, logs_dirs=(), owner=None):
     @param owner: C{(uid, gid)} the working directory is given to, made or
         found (one an older version made, or of an account the job ran as
         before); C{None}: it stays this process's.
+    @return: whether every one of C{logs_dirs} was made now (and so holds
+        no file yet).
     """
     # The job's own directory first, so that the others are made at the
     # first try (a mkdir costs more than a syscall on some disks).
     for parent in {os.path.dirname(path) for path in (workdir, *logs_dirs) if path}:
         make_passage(parent)
+    new_logs = True
     for path in logs_dirs:
-        _make_dir(path, LOGS_MODE)
+        new_logs = _make_dir(path, LOGS_MODE) and new_logs
     if workdir is None:
-        return
+        return new_logs
     made = _make_dir(workdir, WORK_MODE)
     if owner is None:
-        return
+        return new_logs
     uid, gid = owner
     if not made:
         # Its parent is the daemon's: nobody else can have put a link here.
         found = os.lstat(workdir)
         if found.st_uid == uid and found.st_gid == gid:
-            return
+            return new_logs
     os.chown(workdir, uid, gid, follow_symlinks=False)
+    return new_logs
 
 
 def _run_as(value):
@@ -601,7 +605,7 @@ class _Spawner:
         try:
             # Made here rather than by the daemon, which would have to hand
             # the work to a thread before every spawn.
-            make_job_dirs(
+            new_logs = make_job_dirs(
                 cwd, dict.fromkeys((os.path.dirname(stdout), os.path.dirname(stderr))), owner
             )
         except (OSError, ValueError, TypeError) as e:
@@ -620,7 +624,7 @@ class _Spawner:
         cgroup = None
         started = False
         try:
-            outputs, handed = self._outputs(stdout, stderr, owner)
+            outputs, handed = self._outputs(stdout, stderr, owner, new_logs)
             # Likewise the helper steps into the job's cgroups for the
             # moment of the spawn, with its own ids: the job is born in
             # them, and so is all it forks.
@@ -686,14 +690,15 @@ class _Spawner:
             limits=cgroup.limits,
         )
 
-    def _outputs(self, stdout, stderr, owner):
+    def _outputs(self, stdout, stderr, owner, new_logs=False):
         """
         How the job's stdout and stderr reach their files: C{(outputs,
         handed)}, the L{Output}s this process reads and the two descriptors
         the job gets as its stdout and stderr (closed here once it has
         them).  With a limit, pipes this process reads into the files (which
         stay its own, the pipes given to C{owner}); without, the files
-        themselves, given to C{owner}.
+        themselves, given to C{owner}.  C{new_logs}: their directories were
+        made for this spawn, so no file is there yet.
         """
         if not self._max_log_bytes:
             handed = [_open_output("stdout", stdout, owner)]
@@ -710,6 +715,7 @@ class _Spawner:
                 self._markers,
                 _OUTPUT_FLAGS,
                 LOG_MODE,
+                new_logs,
             )
         except OSError as e:
             path = e.filename or stdout

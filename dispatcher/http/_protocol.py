@@ -279,7 +279,8 @@ class Request:
     @property
     def args(self) -> dict[bytes, list[bytes]]:
         if self._args is None:
-            self._args = parse_qs(self._query, 1)
+            # (Most requests have no query: nothing to parse.)
+            self._args = parse_qs(self._query, 1) if self._query else {}
         return self._args
 
     def getHeader(self, name: bytes) -> Optional[bytes]:
