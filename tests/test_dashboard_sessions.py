@@ -16,6 +16,10 @@ from twisted.internet.task import Clock
 
 from dispatcher.api._dashboard import (
     CONTENT_SECURITY_POLICY,
+    MAX_SESSIONS,
+    MAX_SESSIONS_PER_CREDENTIAL,
+    SESSION_IDLE,
+    SESSION_LIFETIME,
     Sessions,
     TooManySessions,
     session_id,
@@ -23,7 +27,7 @@ from dispatcher.api._dashboard import (
 from dispatcher.model._principals import Principal, Role
 
 from .test_tls import self_signed
-from .test_twistd import Twistd
+from .test_twistd import ROOT, Twistd
 
 
 @pytest.fixture(scope="module")
@@ -321,3 +325,49 @@ def test_the_cookie_is_read_under_its_connections_name_alone():
     assert session_id(b"dispatcher-session=abc", True) is None
     assert session_id(b"dispatcher-session=" + b"x" * 65, False) is None
     assert session_id(None, False) is None
+
+
+def test_the_docs_give_the_sessions_bounds_the_code_has():
+    """README and docs/security.md state the sessions' idle time, lifetime
+    and bounds as the constants are."""
+    for name in ("README.md", "docs/security.md"):
+        with open(f"{ROOT}/{name}") as f:
+            text = " ".join(f.read().split())
+        assert f"{SESSION_IDLE / 3600:g} hours unused" in text, name
+        assert f"{SESSION_LIFETIME / 3600:g} hours after its login" in text, name
+        assert f"{MAX_SESSIONS:,}" in text and f"{MAX_SESSIONS_PER_CREDENTIAL} " in text, name
+
+
+def test_the_wheel_ships_the_dashboards_files(tmp_path):
+    """A wheel built from the checkout holds every file of the dashboard
+    (package data): an installed daemon serves /ui/ with no build step."""
+    import os
+    import subprocess
+    import sys
+    import zipfile
+
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
+         "-w", str(tmp_path), ROOT],
+        check=True, capture_output=True, timeout=300)
+    [wheel] = [p for p in os.listdir(tmp_path) if p.endswith(".whl")]
+    names = set(zipfile.ZipFile(tmp_path / wheel).namelist())
+    shipped = {n.rsplit("/", 1)[1] for n in names if n.startswith("dispatcher/api/dashboard/")}
+    assert shipped == set(os.listdir(f"{ROOT}/dispatcher/api/dashboard"))
+    assert {"index.html", "app.js", "style.css"} <= shipped
+
+
+def test_with_authentication_off_the_dashboard_needs_no_login(tmp_path):
+    """With [api] authentication = off, GET /ui/session answers the local
+    admin without a session (no CSRF token: there is no cookie to guard),
+    so the page opens without a login."""
+    daemon = Twistd(str(tmp_path), "[executor]\nslots = 0\n\n[api]\nauthentication = off\n")
+    daemon.start()
+    try:
+        with httpx.Client(base_url=daemon.url) as client:
+            answer = client.get("/ui/session")
+            assert answer.status_code == 200
+            assert answer.json() == {"name": "local", "role": "admin", "csrf_token": None,
+                                     "expires_at": None, "authentication": False}
+    finally:
+        daemon.stop()
