@@ -217,6 +217,21 @@ def test_a_job_is_cancelled_and_retried_from_the_page(page, dashboard):
     expect(page.locator("#job-message")).to_have_text("")
 
 
+def test_after_a_retry_the_log_follows_the_new_attempt(page, dashboard):
+    """A failed job retried from its page: the log shown (the latest
+    attempt's) becomes the new attempt's as soon as it starts."""
+    job = submit(dashboard, {"command": ["sh", "-c", 'echo "attempt $DISPATCHER_ATTEMPT"; exit 3']})
+    assert dashboard.wait(job["id"], ("failed",))["state"] == "failed"
+    logged_in(page, dashboard)
+    go(page, f"#/jobs/{job['id']}")
+    expect(page.locator("#log")).to_have_text("attempt 1\n", timeout=LIVE)
+    page.click("#retry")
+    expect(page.locator("#log")).to_have_text("attempt 2\n", timeout=LIVE)
+    expect(page.locator("#log-attempt option")).to_have_count(3)
+    page.select_option("#log-attempt", "1")
+    expect(page.locator("#log")).to_have_text("attempt 1\n", timeout=LIVE)
+
+
 def test_an_arrays_progress_moves_live(page, dashboard, tmp_path):
     """An array's page shows how many of its members are final, and the
     number grows as each one ends; the list of groups shows it too."""

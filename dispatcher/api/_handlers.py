@@ -747,9 +747,16 @@ class DispatcherAPI(Resource):
     # The dashboard (dispatcher.api._dashboard)
 
     async def dashboard_page(self, request: Any) -> Answer:
+        """
+        The dashboard's page (C{GET /ui/}).
+        """
         return self._dashboard_file_answer(INDEX)
 
     async def dashboard_file(self, request: Any, name: str) -> Answer:
+        """
+        One of the dashboard's files, by its name alone (no path on disk
+        comes from the request).
+        """
         return self._dashboard_file_answer(name)
 
     def _dashboard_file_answer(self, name: str) -> Answer:
@@ -768,6 +775,9 @@ class DispatcherAPI(Resource):
         )
 
     async def log_in(self, request: Any) -> Answer:
+        """
+        Open a dashboard session with a token: its cookie and CSRF token.
+        """
         body = decode(_json_body(request), LoginRequest)
         token = body.token.encode("utf-8")
         principal = self._gate.credentials.authenticate(token)
@@ -806,6 +816,10 @@ class DispatcherAPI(Resource):
         return Answer(200, self._session_view(principal, session), headers)
 
     async def session(self, request: Any) -> Answer:
+        """
+        Who the caller is, with its session's CSRF token when the cookie
+        authenticated it.
+        """
         found = self._gate.session_of(request.requestHeaders, is_tls(request.channel))
         if request.getHeader(b"authorization") is not None:
             # A bearer token is who the caller is, whatever cookie comes.
@@ -813,6 +827,9 @@ class DispatcherAPI(Resource):
         return Answer(200, self._session_view(request.principal, found), SESSION_HEADERS)
 
     async def log_out(self, request: Any) -> Answer:
+        """
+        End the cookie's session, and clear the cookie.
+        """
         secure = is_tls(request.channel)
         found = self._gate.session_of(request.requestHeaders, secure)
         if found is not None and request.getHeader(b"authorization") is None:

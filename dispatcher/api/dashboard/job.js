@@ -144,7 +144,7 @@ export function jobView(main, id) {
         job.attempts.map((a) => h("option", {value: String(a.number), selected: String(a.number) === chosen}, `#${a.number}`)));
       // A new attempt (a retry): the latest log is its.
       const latest = job.attempts.length ? job.attempts[job.attempts.length - 1].number : undefined;
-      if (!chosen && latest !== undefined && loggedAttempt !== undefined && loggedAttempt !== null && latest !== loggedAttempt && pre.dataset.done) {
+      if (!chosen && latest !== undefined && latest !== loggedAttempt && pre.dataset.done) {
         startLog();
       }
     }
