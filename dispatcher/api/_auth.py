@@ -7,7 +7,11 @@ A caller is identified by its bearer token (a named credential of
 L{dispatcher.store._credentials}, or a C{token_file}'s), or, on a UNIX
 socket, by the account the kernel says it runs as (C{SO_PEERCRED}): root
 and the daemon's own account are admins, any other account is the
-credential of its name, if there is one.  The route table
+credential of its name, if there is one; or, from a browser, by the
+dashboard's session cookie (L{dispatcher.api._dashboard}), whose writes
+(any method but GET and HEAD) must also send the session's CSRF token as
+C{X-CSRF-Token}.  A bearer token comes first: a request that has one is
+judged by it alone, whatever cookie it carries.  The route table
 (L{dispatcher.api._routes}) says what each route needs; the role's rules
 are L{dispatcher.model._principals}'.
 
@@ -23,6 +27,7 @@ from typing import Any, Mapping, Optional
 
 from twisted.logger import Logger
 
+from dispatcher.api._dashboard import CSRF_HEADER, SAFE_METHODS, Session, Sessions, session_id
 from dispatcher.api._hosts import HostPolicy
 from dispatcher.api._routes import MAX_ANONYMOUS_BODY_BYTES, Router, path_segments
 from dispatcher.model._principals import ALLOWED, Access, Principal, Role
@@ -125,6 +130,8 @@ class Gate:
         authentication = required}); when it is not, every caller is an
         admin named C{local}.
     @param own_uid: the daemon's account, an admin on a UNIX socket.
+    @param sessions: the dashboard's sessions, which a request's cookie
+        may name; none when C{None}.
     """
 
     def __init__(
@@ -135,8 +142,10 @@ class Gate:
         clock: Any,
         required: bool = True,
         own_uid: Optional[int] = None,
+        sessions: Optional[Sessions] = None,
     ) -> None:
         self.credentials = credentials
+        self.sessions = sessions
         self.hosts = hosts
         self._router = router
         self.required = required
@@ -150,33 +159,46 @@ class Gate:
         headers: Mapping[bytes, bytes],
         peer_uid: Optional[int] = None,
         client: str = "-",
+        secure: bool = False,
     ) -> Principal:
         """
         The principal of a request, if it may go on to its handler.
 
         @param path: the request's path, without its query.
         @param peer_uid: the caller's account, on a UNIX socket.
+        @param secure: whether the request came over TLS (which session
+            cookie counts: L{dispatcher.api._dashboard.session_id}).
         @raise Refusal: it may not: a C{Host} or C{Origin} not allowed
             (400, 403), no valid credential for a route that needs one or
             for a path that does not exist (401), a role that may not call
-            the route (403).
+            the route (403), a write authenticated by the session cookie
+            without its CSRF token (403).
         """
         principal: Optional[Principal] = None
         try:
             self.hosts.check_headers(headers)
-            principal = self._identify(headers, peer_uid)
-            return self._authorize(method, path, principal)
+            principal, session = self._identify(headers, peer_uid, secure)
+            return self._authorize(method, path, principal, session, headers)
         except ApiError as e:
             self.audit.refused(
                 e, method, path, principal.name if principal else "no credential", client
             )
             raise
 
+    def session_of(self, headers: Mapping[bytes, bytes], secure: bool) -> Optional[Session]:
+        """
+        The live dashboard session a request's cookie names, or C{None}.
+        """
+        if self.sessions is None:
+            return None
+        found = session_id(headers.get(b"cookie"), secure)
+        return None if found is None else self.sessions.find(found)
+
     def _identify(
-        self, headers: Mapping[bytes, bytes], peer_uid: Optional[int]
-    ) -> Optional[Principal]:
+        self, headers: Mapping[bytes, bytes], peer_uid: Optional[int], secure: bool
+    ) -> tuple[Optional[Principal], Optional[Session]]:
         if not self.required:
-            return UNAUTHENTICATED_ADMIN
+            return UNAUTHENTICATED_ADMIN, None
         raw = headers.get(b"authorization")
         if raw is not None:
             scheme, _, token = raw.partition(b" ")
@@ -191,10 +213,20 @@ class Gate:
                     "the bearer token is not one this dispatcher knows (revoked, "
                     "mistyped, or of another dispatcher)"
                 )
-            return principal
+            return principal, None
+        if b"cookie" in headers:
+            session = self.session_of(headers, secure)
+            if session is not None:
+                # The token again, at each request: a revoked credential's
+                # sessions end with it.
+                principal = self.credentials.authenticate(session.token)
+                if principal is not None:
+                    return principal, session
+                assert self.sessions is not None
+                self.sessions.end(session.id)
         if peer_uid is not None:
-            return self._local(peer_uid)
-        return None
+            return self._local(peer_uid), None
+        return None, None
 
     def _local(self, uid: int) -> Optional[Principal]:
         """
@@ -208,12 +240,21 @@ class Gate:
             return Principal(name, Role.ADMIN)
         return self.credentials.named(name)
 
-    def _authorize(self, method: bytes, path: bytes, principal: Optional[Principal]) -> Principal:
+    def _authorize(
+        self,
+        method: bytes,
+        path: bytes,
+        principal: Optional[Principal],
+        session: Optional[Session],
+        headers: Mapping[bytes, bytes],
+    ) -> Principal:
         found = self._router.match(path_segments(path))
         if found is None:
             if principal is None:
                 # Not 404: a stranger learns nothing of what exists.
                 raise _unauthorized("this dispatcher needs a credential: send 'Authorization: Bearer <token>'")
+            if session is not None:
+                _check_csrf(method, session, headers)
             return principal
         routes, _ = found
         name = method.decode("ascii", "replace").upper()
@@ -221,7 +262,10 @@ class Gate:
             name = "GET"
         route = routes.get(name) or next(iter(routes.values()))
         if route.auth is Access.OPEN:
+            # An open route acts for no one: the cookie grants it nothing.
             return principal or ANONYMOUS
+        if session is not None:
+            _check_csrf(method, session, headers)
         if principal is None:
             raise _unauthorized(
                 f"{route.method} {route.path} needs a credential: send "
@@ -237,3 +281,22 @@ class Gate:
                 "Authorization",
             )
         return principal
+
+
+def _check_csrf(method: bytes, session: Session, headers: Mapping[bytes, bytes]) -> None:
+    """
+    Refuse (403 C{csrf_failed}) a write that the session cookie
+    authenticates without the session's CSRF token in C{X-CSRF-Token}: a
+    page of another site cannot read the token, so it cannot have sent it.
+    """
+    if method.upper() in SAFE_METHODS:
+        return
+    if not session.csrf_matches(headers.get(CSRF_HEADER)):
+        raise Refusal(
+            403,
+            "csrf_failed",
+            "a request authenticated by the dashboard's session cookie that "
+            "changes something must send the session's CSRF token as "
+            "X-CSRF-Token (GET /ui/session gives it)",
+            "X-CSRF-Token",
+        )

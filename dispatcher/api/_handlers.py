@@ -59,7 +59,9 @@ from dispatcher.wire._types import (
     Identity,
     JobPage,
     JobSubmission,
+    LoginRequest,
     QueueList,
+    SessionView,
     RetryRequest,
     WorkerList,
 )
@@ -70,7 +72,18 @@ from dispatcher.model._principals import PRINCIPAL_NAME_RULE, valid_name
 from dispatcher.api._events import EventStreamAnswer, EventStreams, parse_event_query
 from dispatcher.api._openapi import openapi_document
 from dispatcher.api._hosts import HostPolicy
-from dispatcher.api._routes import Route, Router, path_segments
+from dispatcher.api._routes import DASHBOARD_ROUTES, ROUTES, Route, Router, path_segments
+from dispatcher.api._dashboard import (
+    INDEX,
+    PAGE_HEADERS,
+    SESSION_HEADERS,
+    Sessions,
+    TooManySessions,
+    clear_cookie,
+    is_tls,
+    load_files,
+    set_cookie,
+)
 from dispatcher.config._ini import QueueConfig, QuotaConfig, Quotas
 from dispatcher.store._stored import request_digest
 from dispatcher.store._results import (
@@ -421,6 +434,8 @@ class DispatcherAPI(Resource):
         submission's C{notify.url}), or C{None} when it may; C{None} when
         the dispatcher sends no webhooks (it has no secret to sign them
         with), and a submission with C{notify} is then refused.
+    @param sessions: the dashboard's sessions (L{dispatcher.api._dashboard});
+        by default, new ones on C{clock} with the default bounds.
     @ivar stopping: whether the daemon is stopping: every new request is
         then answered C{503 shutting_down} (see L{stop_serving}).
     """
@@ -446,6 +461,7 @@ class DispatcherAPI(Resource):
         events: Optional[EventStreams] = None,
         max_log_followers: int = 4096,
         notify_refusal: Optional[Callable[[str], Optional[str]]] = None,
+        sessions: Optional[Sessions] = None,
     ) -> None:
         Resource.__init__(self)
         self._notify_refusal = notify_refusal
@@ -472,7 +488,10 @@ class DispatcherAPI(Resource):
         # 507s for a full disk that the store did not log (a log chunk
         # that could not be written), logged at most once a minute.
         self._disk_trouble = Throttle(reactor)
-        self._router = Router()
+        # The API's routes and the dashboard's, routed and checked alike.
+        self._router = Router(ROUTES + DASHBOARD_ROUTES)
+        self.sessions = sessions if sessions is not None else Sessions(self._clock)
+        self._dashboard_files = load_files()
         self._credentials = credentials
         # Log follows: their files read on the I/O pool, their ends told
         # by the job events; a worker's chunks reach them as written.
@@ -493,6 +512,7 @@ class DispatcherAPI(Resource):
             reactor,
             required=authentication_required,
             own_uid=os.getuid(),
+            sessions=self.sessions,
         )
         self._openapi = encode(
             openapi_document(
@@ -545,7 +565,9 @@ class DispatcherAPI(Resource):
     def _verdict(self, channel: Any, method: bytes, uri: bytes, headers: Any) -> Any:
         try:
             return self._gate.check(
-                method, uri.partition(b"?")[0], headers, channel.peer_uid(), channel.client
+                method, uri.partition(b"?")[0], headers, channel.peer_uid(), channel.client,
+                # Which session cookie counts; read only when one may.
+                secure=b"cookie" in headers and is_tls(channel),
             )
         except ApiError as e:
             return e
@@ -659,6 +681,8 @@ class DispatcherAPI(Resource):
             return
         if answer.status == 204:
             request.setResponseCode(204)
+            for name, value in answer.headers.items():
+                request.setHeader(name.encode("ascii"), value.encode("utf-8"))
             request.finish()
             return
         # Encoded first: if it fails, nothing of this answer is set.
@@ -719,6 +743,104 @@ class DispatcherAPI(Resource):
         )
 
     # Handlers
+
+    # The dashboard (dispatcher.api._dashboard)
+
+    async def dashboard_page(self, request: Any) -> Answer:
+        """
+        The dashboard's page (C{GET /ui/}).
+        """
+        return self._dashboard_file_answer(INDEX)
+
+    async def dashboard_file(self, request: Any, name: str) -> Answer:
+        """
+        One of the dashboard's files, by its name alone (no path on disk
+        comes from the request).
+        """
+        return self._dashboard_file_answer(name)
+
+    def _dashboard_file_answer(self, name: str) -> Answer:
+        found = self._dashboard_files.get(name)
+        if found is None:
+            raise ApiError(404, "not_found", f"no such file of the dashboard: {name}", "file")
+        return Answer(200, found.body, PAGE_HEADERS, found.content_type)
+
+    def _session_view(self, principal: Principal, session: Any) -> SessionView:
+        return SessionView(
+            principal.name,
+            principal.role,
+            None if session is None else session.csrf,
+            None if session is None else format_time(self.sessions.expires_at(session)),
+            self._gate.required,
+        )
+
+    async def log_in(self, request: Any) -> Answer:
+        """
+        Open a dashboard session with a token: its cookie and CSRF token.
+        """
+        body = decode(_json_body(request), LoginRequest)
+        token = body.token.encode("utf-8")
+        principal = self._gate.credentials.authenticate(token)
+        if principal is None:
+            error = ApiError(
+                401, "unauthorized",
+                "token: not a token this dispatcher knows (revoked, mistyped, or "
+                "of another dispatcher)",
+                "token",
+            )
+            self._gate.audit.refused(error, request.method, request.path, "no credential",
+                                     request.channel.client)
+            raise error
+        secure = is_tls(request.channel)
+        # A login replaces the session the browser had: an id that another
+        # page set for it (a fixation) does not survive it.
+        old = self._gate.session_of(request.requestHeaders, secure)
+        if old is not None:
+            self.sessions.end(old.id)
+        try:
+            session = self.sessions.open(token, principal)
+        except TooManySessions:
+            error = ApiError(
+                503, "too_many_sessions",
+                f"the dispatcher keeps {len(self.sessions)} dashboard sessions, as "
+                "many as it may; try again once one has ended",
+            )
+            error.headers = {b"retry-after": b"60"}
+            raise error
+        log.info(
+            "{principal} logged in to the dashboard from {client}",
+            principal=principal.name, client=request.channel.client,
+        )
+        headers = dict(SESSION_HEADERS)
+        headers["Set-Cookie"] = set_cookie(session, secure, self.sessions.lifetime)
+        return Answer(200, self._session_view(principal, session), headers)
+
+    async def session(self, request: Any) -> Answer:
+        """
+        Who the caller is, with its session's CSRF token when the cookie
+        authenticated it.
+        """
+        found = self._gate.session_of(request.requestHeaders, is_tls(request.channel))
+        if request.getHeader(b"authorization") is not None:
+            # A bearer token is who the caller is, whatever cookie comes.
+            found = None
+        return Answer(200, self._session_view(request.principal, found), SESSION_HEADERS)
+
+    async def log_out(self, request: Any) -> Answer:
+        """
+        End the cookie's session, and clear the cookie.
+        """
+        secure = is_tls(request.channel)
+        found = self._gate.session_of(request.requestHeaders, secure)
+        if found is not None and request.getHeader(b"authorization") is None:
+            self.sessions.end(found.id)
+            log.info(
+                "{principal} logged out of the dashboard from {client}",
+                principal=request.principal.name, client=request.channel.client,
+            )
+        headers = dict(SESSION_HEADERS)
+        headers["Set-Cookie"] = clear_cookie(secure)
+        return Answer(204, None, headers)
 
     async def who_am_i(self, request: Any) -> Answer:
         principal = request.principal

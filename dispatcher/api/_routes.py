@@ -57,6 +57,8 @@ from dispatcher.wire._types import (
     ResultsAnswer,
     ResultsRequest,
     RetryRequest,
+    LoginRequest,
+    SessionView,
     WorkerEventData,
     WorkerList,
 )
@@ -898,6 +900,45 @@ ROUTES: tuple[Route, ...] = (
     *_group_routes("batch", "batches", "Batch"),
 )
 
+
+# The dashboard (dispatcher.api._dashboard): its pages and its sessions.
+# Routed and authenticated as the API's routes are, but not part of the
+# API's document: they answer a browser, not a client.
+DASHBOARD_ROUTES: tuple[Route, ...] = (
+    Route(
+        "GET", "/ui", "dashboard", "dashboard_page",
+        "The dashboard's page (its login, when no session cookie comes).", OPEN,
+        {200: Response("The page.", {"type": "string"}, "text/html")},
+    ),
+    Route(
+        "GET", "/ui/{file}", "dashboardFile", "dashboard_file",
+        "One of the dashboard's scripts and style sheets.", OPEN,
+        {200: Response("The file.", {"type": "string"}, "text/javascript"),
+         404: Response("No such file.")},
+        parameters=({"name": "file", "in": "path", "required": True,
+                     "schema": {"type": "string"}},),
+    ),
+    Route(
+        "POST", "/ui/session", "login", "log_in",
+        "Log in with a token: answered with the session cookie and its CSRF token.",
+        OPEN,
+        {200: Response("Logged in.", SessionView),
+         401: Response("unauthorized: the token is not one this dispatcher knows."),
+         503: Response("too_many_sessions: as many sessions are open as the "
+                       "dispatcher keeps; try again later.")},
+        request=LoginRequest,
+    ),
+    Route(
+        "GET", "/ui/session", "session", "session",
+        "Who the caller is, and its session's CSRF token.", IDENTIFIED,
+        {200: Response("The caller.", SessionView)},
+    ),
+    Route(
+        "DELETE", "/ui/session", "logout", "log_out",
+        "End the session and clear its cookie.", IDENTIFIED,
+        {204: Response("Logged out.", None)},
+    ),
+)
 
 def path_segments(path: bytes) -> list[str]:
     """

@@ -1120,6 +1120,45 @@ class Identity(_Out):
     worker_names: Optional[list[str]]
 
 
+# The dashboard's sessions (/ui/session, dispatcher.api._dashboard).
+
+# The longest token a login may carry: a credential's is 47 characters; a
+# token file's may be longer, and no credential is near this.
+MAX_LOGIN_TOKEN = 512
+
+
+class LoginRequest(_In):
+    """
+    A login to the dashboard: a credential's token, as C{Authorization:
+    Bearer} would carry it.
+    """
+
+    token: Annotated[str, Meta(min_length=1, max_length=MAX_LOGIN_TOKEN)]
+
+
+class SessionView(_Out):
+    """
+    Who a dashboard's caller is, and the CSRF token its writes must send
+    (C{X-CSRF-Token}) while its session cookie authenticates them.
+    """
+
+    name: str
+    role: Role
+    csrf_token: Annotated[
+        Optional[str],
+        Meta(description="The session's CSRF token; null when the caller is "
+             "not authenticated by the session cookie (a bearer token, or "
+             "authentication off)."),
+    ]
+    expires_at: Annotated[
+        Optional[Time],
+        Meta(description="When the session ends at the latest; null without one."),
+    ]
+    authentication: Annotated[
+        bool, Meta(description="Whether the dispatcher needs a credential at all.")
+    ]
+
+
 # Events (GET /v1/events): each event's data, one JSON line.
 
 class JobEventData(_Out):
