@@ -626,14 +626,19 @@ class DaemonService(MultiService):
         now = [key for key in found if applies(key)]
         later = [key for key in found if not applies(key)]
         if now:
-            self.daemon_log.set_level(new.log.level)
-            self.job_log.quiet = not self.daemon_log.keeps(LogLevel.info)
             self.job_log.lines_per_second = new.log.job_lines
             self.credentials.set_fixed(_fixed_credentials(new))
             self.api.reconfigure(
                 new.dispatcher.max_array, new.dispatcher.max_stored_bytes, new.quotas
             )
             self.config = applied(old, new)
+        # What the reload did is written at the lower of the two levels, so
+        # that a reload that raises the level still says so.
+        level = new.log.level
+        if LogLevel.levelWithName(level) > LogLevel.levelWithName(old.log.level):
+            self.daemon_log.set_level(old.log.level)
+        else:
+            self.daemon_log.set_level(level)
         log.info(
             "configuration {path} reloaded: {what}",
             path=path,
@@ -648,6 +653,8 @@ class DaemonService(MultiService):
                 keys=", ".join(later),
                 not_applied=later,
             )
+        self.daemon_log.set_level(level)
+        self.job_log.quiet = not self.daemon_log.keeps(LogLevel.info)
 
     def _checked_config(self) -> Config:
         """
