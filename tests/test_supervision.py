@@ -62,8 +62,8 @@ def status_with(daemon, token):
 def test_sighup_reloads_tokens_limits_and_level_and_names_the_rest(twistd, tmp_path):
     """SIGHUP while a job runs: the job runs on; a new [api] token_file's
     token works and the old one is refused, max_array and the log level
-    apply, and a changed listen address or slot count is named as waiting
-    for a restart; the daemon keeps serving."""
+    apply, and a changed idle timeout is named as waiting for a restart; the
+    daemon keeps serving, and at the new level writes no job lines."""
     token = tmp_path / "api.token"
     token.write_text("first-token-0123456789\n")
     token.chmod(0o600)
