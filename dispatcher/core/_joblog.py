@@ -11,7 +11,7 @@ Every line is a C{twisted.logger} event at info with keyword fields
 shows the sentence, the JSON log (C{[log] format = json}) the fields.
 
 A line costs the reactor thread about 50 microseconds once an observer
-renders it (measured: docs/benchmarks.md, "Job lines in the log"), and a
+renders it (measured: bench/job_lines.py, figures in the README), and a
 no-op job makes three: at thousands of jobs a second the log would take
 more of the one core than the jobs do.  So these lines are bounded: at
 most C{lines_per_second} a second (C{[log] job_lines}); beyond that, what
