@@ -478,6 +478,7 @@ class DispatcherAPI(Resource):
         self._queues = queues if queues is not None else {"default": QueueConfig("default")}
         self._max_array = max_array
         self._max_stored_bytes = max_stored_bytes
+        self._max_body_bytes = max_body_bytes
         self._clock = clock if clock is not None else reactor
         self._rates = SubmissionRates(
             quotas if quotas is not None else NO_QUOTAS, self._clock
@@ -520,6 +521,28 @@ class DispatcherAPI(Resource):
                 max_body_bytes=max_body_bytes,
                 max_stored_bytes=max_stored_bytes,
                 tasks=tasks,
+                queues=self._queues,
+            )
+        )
+
+    def reconfigure(
+        self, max_array: int, max_stored_bytes: Optional[int], quotas: Quotas
+    ) -> None:
+        """
+        Take new limits from now on (a reload of the configuration): the
+        most jobs a request may make, the most its stored specs may hold,
+        and each principal's quota (the owners' buckets start full); the
+        served OpenAPI document says the new limits.
+        """
+        self._max_array = max_array
+        self._max_stored_bytes = max_stored_bytes
+        self._rates = SubmissionRates(quotas, self._clock)
+        self._openapi = encode(
+            openapi_document(
+                max_array=max_array,
+                max_body_bytes=self._max_body_bytes,
+                max_stored_bytes=max_stored_bytes,
+                tasks=self._tasks,
                 queues=self._queues,
             )
         )
@@ -1443,17 +1466,26 @@ class DispatcherAPI(Resource):
 def _audit_submit(request: Any, ids: list[str], replayed: bool) -> None:
     """
     One info line per submission, naming its principal and its jobs (the
-    first and how many, for a batch or an array).
+    first and how many, for a batch or an array): one line a request, not
+    one a job, since a batch of ten thousand would cost the reactor half a
+    second in lines that say nothing more.  Its fields: C{owner} (the
+    principal, who owns the jobs), C{job_id} for one job, C{first_job_id}
+    and C{last_job_id} for many.
     """
     if not ids:
         return
+    one = len(ids) == 1
     log.info(
         "{principal} submitted {what}{replay}",
         principal=request.principal.name,
-        what=ids[0] if len(ids) == 1 else f"{len(ids)} jobs ({ids[0]}...{ids[-1]})",
+        what=ids[0] if one else f"{len(ids)} jobs ({ids[0]}...{ids[-1]})",
         replay=" (a replay: nothing new)" if replayed else "",
-        job_ids=ids if len(ids) == 1 else None,
+        job_ids=ids if one else None,
         count=len(ids),
+        owner=request.principal.name,
+        job_id=ids[0] if one else None,
+        first_job_id=None if one else ids[0],
+        last_job_id=None if one else ids[-1],
     )
 
 

@@ -18,7 +18,7 @@ from twisted.internet.address import UNIXAddress
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.threads import deferToThreadPool
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.web.client import HTTPConnectionPool
 
 from dispatcher.api._handlers import DispatcherAPI
@@ -33,6 +33,8 @@ from dispatcher.app._files import (
     secure_data_dir,
 )
 from dispatcher.app._limits import connection_limits, open_file_limit, raise_open_file_limit
+from dispatcher.app._logging import DaemonLog
+from dispatcher.app._version import dispatcher_version
 from dispatcher.model._principals import Principal, Role
 from dispatcher.store._credentials import (
     ADMIN_TOKEN_NAME,
@@ -41,8 +43,10 @@ from dispatcher.store._credentials import (
     CredentialFile,
     make_admin_token,
 )
-from dispatcher.config._ini import Config
+from dispatcher.app._reload import applied, applies, changes
+from dispatcher.config._ini import Config, ConfigError
 from dispatcher.core._dispatcher import Dispatcher
+from dispatcher.core._joblog import JobLog
 from dispatcher.core._retention import RetentionPolicy
 from dispatcher.core._webhooks import DeliveryRules, WebhookDeliveries, notify_url_refusal
 from dispatcher.execution._fetch_policy import FetchPolicy
@@ -118,6 +122,10 @@ class DaemonService(MultiService):
     @param on_failed_start: called (before the reactor stops) when the
         start fails; C{twistd}'s service sets the process's exit status
         with it (see L{dispatcher.app._exit}).
+    @param daemon_log: the log's level and format as twistd set them up
+        (L{DaemonLog}); one that twistd does not use by default.
+    @param read_config: reads the configuration again for L{reload}, on
+        the I/O pool (C{None}: there is no file to read).
     """
 
     def __init__(
@@ -128,8 +136,12 @@ class DaemonService(MultiService):
         clock: Any = None,
         stop_reactor: bool = True,
         on_failed_start: Optional[Callable[[], None]] = None,
+        daemon_log: Optional[DaemonLog] = None,
+        read_config: Optional[Callable[[], Config]] = None,
     ) -> None:
         MultiService.__init__(self)
+        self.daemon_log = daemon_log if daemon_log is not None else DaemonLog(config.log)
+        self._read_config = read_config
         self._reactor = reactor
         clock = clock if clock is not None else reactor
         self._stop_reactor = stop_reactor
@@ -181,14 +193,13 @@ class DaemonService(MultiService):
             events_retention=config.events.retention,
             max_waits=config.api.max_waits,
         )
+        # Each job's life in the log, from the committed events.
+        self.job_log = JobLog(clock, config.log.job_lines)
+        self.job_log.quiet = not self.daemon_log.keeps(LogLevel.info)
+        self.dispatcher.events.follow(self.job_log.write)
         # Credentials: the data directory's named tokens, and the token
         # files' (an admin, and a worker that may use any worker name).
-        fixed = []
-        if config.api.token is not None:
-            fixed.append((Principal("api-token-file", Role.ADMIN), config.api.token))
-        if config.workers.token is not None:
-            fixed.append((Principal("workers-token-file", Role.WORKER), config.workers.token))
-        self.credentials = CredentialFile(data_dir, fixed)
+        self.credentials = CredentialFile(data_dir, _fixed_credentials(config))
         self._data_dir = data_dir
         self.webhooks = self._webhooks(reactor, config)
         # Keyed at start, before the API accepts a request.
@@ -256,6 +267,9 @@ class DaemonService(MultiService):
             max_connections=limits.total,
             max_connections_per_address=limits.per_address,
         )
+        # Its start and stop say nothing the daemon's own lines do not,
+        # and name the object's address.
+        self.site.noisy = False
         self.port: Any = None
         self._lock_fd: Optional[int] = None
         self.ready: Deferred = Deferred()
@@ -302,6 +316,14 @@ class DaemonService(MultiService):
         self._starting.addErrback(self._failed_to_start)
 
     async def _start(self) -> None:
+        config = self.config
+        log.info(
+            "dispatcher {version} starting: configuration {config_file}, data "
+            "directory {data_dir}",
+            version=dispatcher_version(),
+            config_file=config.path or "none (the built-in defaults)",
+            data_dir=self._data_dir,
+        )
         if self.host.accounts_refused is not None:
             raise CannotStart(self.host.accounts_refused)
         self._raise_open_file_limit()
@@ -363,8 +385,30 @@ class DaemonService(MultiService):
             paused.resumeProducing()
         for child in list(self):
             child.startService()
-        log.info("dispatcher listening on {address}", address=_address(self.port))
+        self._log_ready()
         self.ready.callback(self.port)
+
+    def _log_ready(self) -> None:
+        """
+        Say, in one line, that the daemon serves, where, and with what.
+        """
+        config = self.config
+        tasks = sorted(config.tasks)
+        queues = sorted(config.queues)
+        log.info(
+            "dispatcher listening on {address}: {slots} slots, {threads} task threads; "
+            "{task_count} tasks ({tasks}); {queue_count} queues ({queues}); "
+            "credentials {credentials}",
+            address=_address(self.port),
+            slots=config.executor.slots,
+            threads=config.executor.threads,
+            task_count=len(tasks),
+            tasks=", ".join(tasks) or "none",
+            queue_count=len(queues),
+            queues=", ".join(queues),
+            credentials="required" if config.api.authentication else "NOT required",
+            version=dispatcher_version(),
+        )
 
     def _raise_open_file_limit(self) -> None:
         """
@@ -549,6 +593,91 @@ class DaemonService(MultiService):
             else:
                 self._reactor.callWhenRunning(self._reactor.stop)
 
+    def reload(self) -> Deferred:
+        """
+        Read the configuration file again and apply what can change while
+        the daemon runs (L{dispatcher.app._reload}); log what changed, and
+        what waits for a restart.  A configuration that does not load
+        changes nothing, and is told in one line.  Fires when done.
+        """
+        return ensureDeferred(self._reload())
+
+    async def _reload(self) -> None:
+        if self._read_config is None:
+            log.warn(
+                "SIGHUP: nothing to reload (the daemon was started without --config)"
+            )
+            return
+        if not self.running or not self.ready.called:
+            log.warn("SIGHUP: not reloaded while the daemon starts or stops")
+            return
+        path = self.config.path
+        try:
+            new = await deferToThreadPool(self._reactor, self.io_pool, self._checked_config)
+        except (ConfigError, UnsafeSecret) as e:
+            log.warn(
+                "configuration not reloaded, the daemon keeps the one it runs with: "
+                "{error}",
+                error=str(e),
+            )
+            return
+        old = self.config
+        found = changes(old, new)
+        now = [key for key in found if applies(key)]
+        later = [key for key in found if not applies(key)]
+        if now:
+            self.job_log.lines_per_second = new.log.job_lines
+            self.credentials.set_fixed(_fixed_credentials(new))
+            self.api.reconfigure(
+                new.dispatcher.max_array, new.dispatcher.max_stored_bytes, new.quotas
+            )
+            self.config = applied(old, new)
+        # What the reload did is written at the lower of the two levels, so
+        # that a reload that raises the level still says so.
+        level = new.log.level
+        if LogLevel.levelWithName(level) > LogLevel.levelWithName(old.log.level):
+            self.daemon_log.set_level(old.log.level)
+        else:
+            self.daemon_log.set_level(level)
+        log.info(
+            "configuration {path} reloaded: {what}",
+            path=path,
+            what=f"applied {', '.join(now)}" if now else "nothing to apply",
+            applied=now,
+        )
+        if later:
+            log.warn(
+                "configuration {path}: {keys} changed, which only a restart applies; "
+                "the daemon runs on with the values it started with",
+                path=path,
+                keys=", ".join(later),
+                not_applied=later,
+            )
+        self.daemon_log.set_level(level)
+        self.job_log.quiet = not self.daemon_log.keeps(LogLevel.info)
+
+    def _checked_config(self) -> Config:
+        """
+        The configuration read again, its token files checked as at start.
+        Runs on the I/O pool.
+        """
+        assert self._read_config is not None
+        config = self._read_config()
+        for path, what in (
+            (config.api.token_file, "[api] token_file"),
+            (config.workers.token_file, "[workers] token_file"),
+        ):
+            if path is not None:
+                check_secret(path, what)
+        return config
+
+    def end_grace(self) -> None:
+        """
+        Stop waiting for running jobs (a second SIGTERM or SIGINT): they
+        are stopped at once and go back to the queue.
+        """
+        self.dispatcher.end_grace()
+
     def stopService(self) -> Deferred:
         Service.stopService(self)
         return ensureDeferred(self._stop())
@@ -573,10 +702,24 @@ class DaemonService(MultiService):
             # Last: the running jobs are handled and the store closed.
             await self.port.stopListening()
         await self.host.stop()
+        self.job_log.stop()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
         log.info("dispatcher stopped")
+
+
+def _fixed_credentials(config: Config) -> list[tuple[Principal, str]]:
+    """
+    The credentials of the token files: an admin's and a worker's that may
+    use any worker name.
+    """
+    fixed = []
+    if config.api.token is not None:
+        fixed.append((Principal("api-token-file", Role.ADMIN), config.api.token))
+    if config.workers.token is not None:
+        fixed.append((Principal("workers-token-file", Role.WORKER), config.workers.token))
+    return fixed
 
 
 def read_lease_key(data_dir: str) -> bytes:

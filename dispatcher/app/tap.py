@@ -12,6 +12,8 @@ import attrs
 from twisted.python import usage
 
 from dispatcher.app._exposure import OpenToTheNetwork, check_exposure, planned_interface
+from dispatcher.app._logging import DaemonLog
+from dispatcher.app._version import version_line
 from dispatcher.config._ini import Config, ConfigError, load_config
 
 
@@ -27,20 +29,18 @@ class Options(usage.Options):
         ["data-dir", "d", None, "Where jobs and logs are kept; overrides [dispatcher] data_dir."],
     ]
 
+    def opt_version(self) -> None:
+        """
+        Print the dispatcher's version (and Twisted's and Python's) and exit.
+        """
+        print(version_line("dispatcher"))
+        raise SystemExit(0)
+
     def postOptions(self) -> None:
         try:
-            config = load_config(self["config"]) if self["config"] else Config()
+            config = self.read_config()
         except ConfigError as e:
             raise usage.UsageError(str(e))
-        if self["listen"]:
-            config = attrs.evolve(
-                config, server=attrs.evolve(config.server, listen=self["listen"])
-            )
-        if self["data-dir"]:
-            config = attrs.evolve(
-                config,
-                dispatcher=attrs.evolve(config.dispatcher, data_dir=self["data-dir"]),
-            )
         self.where = (
             f"{config.path}: [server] listen"
             if config.path and not self["listen"]
@@ -59,6 +59,30 @@ class Options(usage.Options):
         except OpenToTheNetwork as e:
             raise usage.UsageError(f"{self.where} = {listen!r}: {e}")
         self.config = config
+        # twistd makes its log observer once these options are parsed: it
+        # makes ours ([log] format and level), unless told otherwise.
+        self.daemon_log = DaemonLog(config.log)
+        self.daemon_log.install(getattr(self, "parent", None))
+
+    def read_config(self) -> Config:
+        """
+        The configuration: the C{--config} file (the built-in defaults
+        without one), with C{--listen} and C{--data-dir} over it.  Read at
+        start and again at each reload (SIGHUP).
+
+        @raise ConfigError: the file does not load.
+        """
+        config = load_config(self["config"]) if self["config"] else Config()
+        if self["listen"]:
+            config = attrs.evolve(
+                config, server=attrs.evolve(config.server, listen=self["listen"])
+            )
+        if self["data-dir"]:
+            config = attrs.evolve(
+                config,
+                dispatcher=attrs.evolve(config.dispatcher, data_dir=self["data-dir"]),
+            )
+        return config
 
 
 def makeService(options: Options) -> Any:
@@ -72,6 +96,7 @@ def makeService(options: Options) -> Any:
     from dispatcher.app._exit import ExitStatus
     from dispatcher.app._files import UMASK
     from dispatcher.app._heap import HeapFreezer
+    from dispatcher.app._signals import Signals
 
     # Whatever the daemon makes without a mode of its own (a file SQLite or
     # a library makes) is its own alone.  (twistd's --umask, applied
@@ -87,7 +112,17 @@ def makeService(options: Options) -> Any:
     # A start that fails stops the reactor and makes twistd (or twist)
     # exit 1 rather than 0, so that a supervisor or a script sees it.
     exit_status = ExitStatus()
-    service = DaemonService(reactor, config, endpoint, on_failed_start=exit_status.fail)
+    options.daemon_log.reactor = reactor
+    service = DaemonService(
+        reactor,
+        config,
+        endpoint,
+        on_failed_start=exit_status.fail,
+        daemon_log=options.daemon_log,
+        read_config=options.read_config if options["config"] else None,
+    )
+    # SIGHUP reloads; a second SIGINT or SIGTERM cuts the stop short.
+    Signals(reactor, service.reload, service.end_grace).install()
     if config.dispatcher.gc_freeze:
         # Only here: the process is the dispatcher alone.
         HeapFreezer(reactor).setServiceParent(service)

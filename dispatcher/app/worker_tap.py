@@ -160,6 +160,15 @@ class Options(usage.Options):
         "[--data-dir DIR] [--keep-days DAYS] [--grace SECONDS] [--ca-file FILE] [--insecure]"
     )
 
+    def opt_version(self) -> None:
+        """
+        Print the dispatcher's version (and Twisted's and Python's) and exit.
+        """
+        from dispatcher.app._version import version_line
+
+        print(version_line("dispatcher-worker"))
+        raise SystemExit(0)
+
     optFlags = [
         ["insecure", None, "Allow an http:// --url to another host (the token and "
          "the jobs then travel in clear)."],

@@ -343,6 +343,32 @@ class EventsConfig:
     max_subscribers: int = DEFAULT_MAX_SUBSCRIBERS
 
 
+# The most lines a second the daemon's log gives jobs' lives, by default
+# ([log] job_lines; see dispatcher.core._joblog for why they are bounded).
+DEFAULT_JOB_LINES = 200
+
+# The log's formats ([log] format) and levels ([log] level), as
+# twisted.logger names them.
+LOG_FORMATS = ("text", "json")
+LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
+
+
+@attrs.frozen
+class LogConfig:
+    """
+    C{[log]}: how the daemon's log is written under C{twistd} (C{text}, or
+    C{json}: one JSON object a line, as twisted.logger's
+    C{jsonFileLogObserver} writes them and C{eventsFromJSONLogFile} reads
+    them), the least level written, and how many per-job lines a second it
+    may hold (C{None}: no bound).  Where it goes is twistd's to say
+    (C{--logfile}, C{--nodaemon}).
+    """
+
+    format: str = "text"
+    level: str = "info"
+    job_lines: Optional[int] = DEFAULT_JOB_LINES
+
+
 @attrs.frozen
 class QueueConfig:
     """
@@ -485,6 +511,7 @@ class Config:
     retention: RetentionConfig = RetentionConfig()
     webhooks: WebhooksConfig = WebhooksConfig()
     events: EventsConfig = EventsConfig()
+    log: LogConfig = LogConfig()
     tasks: Mapping[str, TaskRef] = attrs.field(factory=dict)
     queues: Mapping[str, QueueConfig] = attrs.field(
         factory=lambda: {"default": QueueConfig("default")}
@@ -762,6 +789,31 @@ def network_list(text: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Netwo
     return tuple(dict.fromkeys(networks))
 
 
+def _choice(allowed: tuple[str, ...]) -> Callable[[str], str]:
+    def one_of(text: str) -> str:
+        value = text.strip().lower()
+        if value not in allowed:
+            raise ValueError(f"expected one of {', '.join(allowed)}")
+        return value
+
+    return one_of
+
+
+def _job_lines(text: str) -> Optional[int]:
+    if text.strip().lower() == "none":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ValueError(
+            "expected a number of lines a second, 0 or more (0: no line for any "
+            "job), or none (every job's lines, at about 50 microseconds each)"
+        )
+    return value
+
+
 def _directory(text: str) -> str:
     if not text.strip():
         raise ValueError("expected a directory path")
@@ -851,6 +903,14 @@ _SECTIONS: Mapping[str, tuple[type, Mapping[str, Callable[[str], Any]]]] = {
             "max_attempts": _integer(1),
             "max_age": _seconds(0, above=True),
             "poll_interval": _seconds(0, above=True),
+        },
+    ),
+    "log": (
+        LogConfig,
+        {
+            "format": _choice(LOG_FORMATS),
+            "level": _choice(LOG_LEVELS),
+            "job_lines": _job_lines,
         },
     ),
     "events": (

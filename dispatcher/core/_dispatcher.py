@@ -152,6 +152,9 @@ class Dispatcher(Service):
         self.recorder = Recorder(store, self._clock, self._apply, (CommitFailed,))
         self._local_explainer: Optional[tuple[Any, Callable[[Job], Job]]] = None
         self._accepting = False
+        # The stop's wait for running jobs, and whether it is cut short.
+        self._grace_timer: Optional[Deferred] = None
+        self._grace_ended = False
         self._wake_call: Any = None
         self._purge_call: Any = None
         self._claims: set[Deferred] = set()
@@ -278,15 +281,16 @@ class Dispatcher(Service):
         await DeferredList(list(self._claims), consumeErrors=True)
         await self.hub.stop()
         await DeferredList(self._releases, consumeErrors=True)
-        if self._running:
+        if self._running and not self._grace_ended:
             log.info(
                 "waiting up to {grace} s for {count} running jobs",
                 grace=self._grace,
                 count=len(self._running),
             )
-            timer: Deferred = Deferred()
+            timer = self._grace_timer = Deferred()
             call = self._clock.callLater(self._grace, timer.callback, None)
             await DeferredList([self._all_recorded(), timer], fireOnOneCallback=True)
+            self._grace_timer = None
             if call.active():
                 call.cancel()
         if self._running:
@@ -309,6 +313,18 @@ class Dispatcher(Service):
             await DeferredList(waits)
         await retention_stopped
         await self.store.close()
+
+    def end_grace(self) -> None:
+        """
+        Stop waiting for running jobs now (a second SIGTERM): a stop under
+        way, or the next one, stops them at once and puts them back in the
+        queue, their attempts not counted, as at the end of the grace
+        period.
+        """
+        self._grace_ended = True
+        timer = self._grace_timer
+        if timer is not None and not timer.called:
+            timer.callback(None)
 
     # What the API asks
 

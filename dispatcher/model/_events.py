@@ -49,6 +49,11 @@ class JobEvent(NamedTuple):
         (name, queue, labels, array, batch): the job's own spec, or a spec
         made of those fields alone; C{None} when the job was removed before
         a stored event was read.
+    @ivar holder: where the attempt runs or ran (the local executor's
+        holder name, or a remote worker's), for the changes a lease made (a
+        claim, a start, an end, a release) as they are published; C{None}
+        for others, and for every stored event read back (the daemon's log
+        tells it, L{dispatcher.core._joblog}; the event stream does not).
     """
 
     job_id: str
@@ -62,6 +67,7 @@ class JobEvent(NamedTuple):
     error: Optional[str] = None
     owner: Optional[str] = None
     spec: Optional[JobSpec] = None
+    holder: Optional[str] = None
 
     @property
     def type(self) -> str:

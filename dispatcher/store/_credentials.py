@@ -162,6 +162,16 @@ class CredentialFile:
         # per credential at most (a token that matched none is not kept).
         self._matched: dict[bytes, Principal] = {}
 
+    def set_fixed(self, fixed: Iterable[tuple[Principal, str]]) -> None:
+        """
+        Take C{fixed} as the principals that are not in the file from now
+        on (a reload of C{[api] token_file}, C{[workers] token_file}): a
+        token dropped is refused at its next request.
+        """
+        self._fixed = {digest(token.encode("utf-8")): principal for principal, token in fixed}
+        # Built again from the new ones at the next read.
+        self._seen = (-1, -1, -1)
+
     # Reading
 
     def _refresh(self) -> None:

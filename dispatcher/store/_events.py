@@ -216,7 +216,7 @@ def record_events(
                     unknown.append((events, len(events)))
                 events.append(JobEvent(lease.job_id, state, None, next_id, now,
                                        JobState.QUEUED, lease.attempt, None, None,
-                                       lease.owner, lease.spec))
+                                       lease.owner, lease.spec, lease.holder))
                 next_id += 1
             by_write[place] = events
             continue
@@ -234,6 +234,7 @@ def record_events(
             next_id = _next_id(conn)
         now = write.now  # type: ignore[union-attr]
         known = _known(write, value.value)
+        holder = write.lease.holder if kind in _LEASED else None  # type: ignore[union-attr]
         events = []
         shared = known if type(known) is tuple else None
         for change in value.changed:
@@ -264,7 +265,7 @@ def record_events(
                 unknown.append((events, len(events)))
                 facts = (None, None)
             events.append(JobEvent(job_id, state, None, next_id, now, previous, attempt,
-                                   exit_code, error, facts[0], facts[1]))
+                                   exit_code, error, facts[0], facts[1], holder))
             next_id += 1
         by_write[place] = events
     if not next_id:
@@ -304,6 +305,8 @@ _NOTHING = (False, False, False, False)
 _PADDING = (None, None, None, None)
 _CLAIMED = (True, True, False, False)
 _QUEUED_VALUE = JobState.QUEUED.value
+# The writes made for a lease, whose events carry its holder.
+_LEASED = (MarkRunning, Finish, Release)
 
 
 # What a read of stored events selects: the event's row, and what its job

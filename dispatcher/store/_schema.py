@@ -343,7 +343,8 @@ MIGRATIONS: Sequence[Union[str, Callable[[sqlite3.Connection], None]]] = (
 def migrate(conn: sqlite3.Connection, path: str) -> None:
     """
     Apply to the database on C{conn} (the file C{path}) every migration it
-    has not had yet, each in its own transaction.  Fails with
+    has not had yet, each in its own transaction, and log each step of a
+    store that had a version (one line for a new one).  Fails with
     L{StoreVersionError} if a newer dispatcher wrote it.
     """
     (version,) = conn.execute("PRAGMA user_version").fetchone()
@@ -362,10 +363,19 @@ def migrate(conn: sqlite3.Connection, path: str) -> None:
                 conn.execute(statement)
         conn.execute(f"PRAGMA user_version = {number + 1}")
         conn.execute("COMMIT")
+        if version:
+            # A new store is made, not migrated: only a store that held
+            # data is worth a line for each step.
+            log.info(
+                "store {path} migrated to schema version {version}",
+                path=path,
+                version=number + 1,
+            )
+    if not version:
         log.info(
-            "store {path} migrated to schema version {version}",
+            "made a new store {path} (schema version {version})",
             path=path,
-            version=number + 1,
+            version=len(MIGRATIONS),
         )
 
 
