@@ -15,7 +15,9 @@ depends on the job before it (cancelled when that one failed).  They are
 submitted at C{--rate} a second from one client thread, and the daemon runs
 them on its 8 slots.  Retention removes finished jobs C{--finished-days}
 after they end (0.0007 days, about a minute, by default): the data
-directory then holds about a minute of jobs, whatever the run's length.
+directory then holds about a minute of jobs, whatever the run's length;
+the event log (C{[events] retention}) is held to the same age (a minute
+at least), where it would keep a day by default.
 
 Flat means: after the warm-up (three times the age plus two id windows of
 65.5 s, at most half the run), the mean of the last third of the samples
@@ -60,6 +62,11 @@ access_log = no
 
 [retention]
 finished_days = {finished_days}
+
+[events]
+# The event log keeps a day by default (a client may resume that far
+# back): held to the jobs' age here, as a site keeping few jobs would.
+retention = {events_retention:g}
 """
 
 # A job's command: ~22 KB of base64 on stdout, a line on stderr; fails
@@ -181,7 +188,10 @@ class Daemon:
         self.workdir = workdir
         self.data_dir = workdir / "data"
         self.config = workdir / "dispatcher.ini"
-        self.config.write_text(CONFIG.format(finished_days=finished_days))
+        self.config.write_text(CONFIG.format(
+            finished_days=finished_days,
+            # (Its least: a minute.)
+            events_retention=max(60.0, finished_days * 86400.0)))
         (self.port,) = free_ports(1)
         self.log = workdir / "twistd.log"
         self.child: Optional[subprocess.Popen] = None
