@@ -174,6 +174,14 @@ class SQLiteJobStore:
         """
         return self._writer.durable_batches
 
+    def observe_commits(self, observer: Optional[Callable[[float, int], None]]) -> None:
+        """
+        Call C{observer} in the reactor thread after each group of writes
+        that committed, with the seconds its commit took and how many
+        writes it held (the metrics'); C{None}: no one.
+        """
+        self._writer.observe_commit = observer
+
     @property
     def syncs(self) -> int:
         """
