@@ -18,7 +18,9 @@ and worst round trip in milliseconds (target: under 5 ms).
 client connections, slots = threads = 8), by this tree's daemon and by
 REF's (default: where this branch left main, its merge base), ROUNDS
 rounds alternating which goes first; the medians of the jobs a second,
-and this one's over REF's (target: at least 0.95).
+and this one's over REF's (target: at least 0.95); and of the daemon's
+CPU time a job (all its threads, over the measured window), which the
+machine's other load disturbs less.
 
 Prints one line of JSON with every figure.
 """
@@ -125,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
                 results[name] = answer_times(server, path, args.requests)
         other = export_tree(args.against, tmp / "against")
         rates: dict[str, list[float]] = {"this": [], "against": []}
+        # The daemon's CPU a job (all its threads, over the measured
+        # window): what the rate costs, less the machine's other load.
+        cpu: dict[str, list[float]] = {"this": [], "against": []}
         for n in range(args.rounds):
             order = [("this", None), ("against", other)]
             for label, code in (order[::-1] if n % 2 else order):
@@ -132,14 +137,21 @@ def main(argv: list[str] | None = None) -> int:
                     run, f"noop-{label}-{n}", {"task": "noop"}, args.noop_jobs,
                     slots=8, threads=8, code=code)
                 rates[label].append(result["jobs_per_s"])
+                cpu[label].append(round(
+                    result["cpu"]["server_process_pct"] / 100 * result["seen_done_s"]
+                    / args.noop_jobs * 1e6, 1))
         medians = {label: statistics.median(r) for label, r in rates.items()}
         ratio = medians["this"] / medians["against"]
+        cpu_medians = {label: statistics.median(c) for label, c in cpu.items()}
         results["noop"] = {
             "jobs": args.noop_jobs,
             "against": args.against,
             "rounds_jobs_per_s": rates,
             "median_jobs_per_s": medians,
             "this_over_against": round(ratio, 3),
+            "rounds_cpu_us_per_job": cpu,
+            "median_cpu_us_per_job": cpu_medians,
+            "cpu_this_over_against": round(cpu_medians["this"] / cpu_medians["against"], 3),
             "met": ratio >= TARGET_RATIO,
         }
     finally:

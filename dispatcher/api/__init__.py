@@ -1,7 +1,8 @@
 """
 The HTTP API: routes, handlers, authentication, quotas per owner, the
-worker endpoints, log follows, the event streams (C{_events}) and the
-OpenAPI document.  It parses requests with L{dispatcher.wire}, calls
+worker endpoints, log follows, the event streams (C{_events}), the
+metrics (C{_metrics}, written by C{prometheus_client}) and the OpenAPI
+document.  It parses requests with L{dispatcher.wire}, calls
 the dispatcher and the worker hub of L{dispatcher.core} it is given, and
 answers through the request objects of L{dispatcher.http} it is handed
 (it needs neither module itself).
