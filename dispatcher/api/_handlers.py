@@ -463,9 +463,9 @@ class DispatcherAPI(Resource):
         self._tasks = tasks
         self._queues = queues if queues is not None else {"default": QueueConfig("default")}
         if metrics is None:
-            metrics = DispatcherMetrics.of_dispatcher(
-                dispatcher, sorted(self._queues), clock if clock is not None else reactor
-            )
+            # The reactor watch times the reactor itself, whatever clock the
+            # jobs' times run on.
+            metrics = DispatcherMetrics.of_dispatcher(dispatcher, sorted(self._queues), reactor)
         self.metrics = metrics
         metrics.add_gauge(
             "dispatcher_event_subscribers",

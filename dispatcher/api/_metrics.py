@@ -164,7 +164,8 @@ class DispatcherMetrics:
     @param store: the L{IJobStore} whose counts give the jobs by state.
     @param queues: the configured queues' names: each is shown, with zeros,
         before it holds a job.
-    @param clock: the C{IReactorTime} of the reactor watch.
+    @param clock: the C{IReactorTime} of the reactor watch: the reactor
+        itself, whose holds it measures.
     @ivar registry: the daemon's own C{CollectorRegistry}.
     @ivar watch: the L{ReactorWatch} (a service: the daemon starts it).
     @ivar gauges: C{(name, help, read)} of each gauge read at a scrape
