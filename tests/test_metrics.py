@@ -234,6 +234,8 @@ def test_observed_events_count_submissions_ends_and_run_times():
     metrics.observe_events([
         JobEvent("a", JobState.QUEUED, at=10.0, spec=gpu),
         JobEvent("b", JobState.QUEUED, at=10.0, spec=gpu),
+        JobEvent("d", JobState.PENDING, at=10.0, spec=JobSpec()),
+        JobEvent("e", JobState.QUEUED, at=10.0, spec=gpu),
     ])
     metrics.observe_events([
         JobEvent("a", JobState.RUNNING, at=11.0, previous=JobState.QUEUED, spec=gpu)])
@@ -244,7 +246,8 @@ def test_observed_events_count_submissions_ends_and_run_times():
     metrics.observe_claimed([("gpu", 1.0), ("default", 0.25)])
     metrics.observe_commit(0.002, 7)
     found = samples(metrics.render().decode())
-    assert value(found, "dispatcher_jobs_submitted_total", queue="gpu") == 2
+    assert value(found, "dispatcher_jobs_submitted_total", queue="gpu") == 3
+    assert value(found, "dispatcher_jobs_submitted_total", queue="default") == 1
     assert value(found, "dispatcher_jobs_ended_total", queue="gpu", outcome="succeeded") == 1
     assert value(found, "dispatcher_jobs_ended_total", queue="gpu", outcome="failed") == 1
     assert value(found, "dispatcher_job_run_seconds_count", queue="gpu") == 1

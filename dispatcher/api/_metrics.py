@@ -295,6 +295,9 @@ class DispatcherMetrics:
         L{dispatcher.core.JobEvents}): count new jobs and ends, and time
         attempts from running to their end.
         """
+        # New jobs of one queue in a row (a batch's) are counted at once.
+        new_queue: Optional[str] = None
+        new = 0
         for event in events:
             if type(event) is not JobEvent:
                 continue
@@ -306,10 +309,11 @@ class DispatcherMetrics:
             state = event.state
             previous = event.previous
             if previous is None:
-                child = self._submitted.get(queue)
-                if child is None:
-                    child = self._submitted[queue] = self.submitted.labels(queue)
-                child.inc()
+                if queue != new_queue:
+                    if new:
+                        self._count_submitted(new_queue, new)
+                    new_queue, new = queue, 0
+                new += 1
             if state is _RUNNING:
                 self._running[event.job_id] = event.at
             elif previous is _RUNNING:
@@ -325,6 +329,14 @@ class DispatcherMetrics:
                 if ended is None:
                     ended = self._ended[key] = self.ended.labels(queue, state.value)
                 ended.inc()
+        if new:
+            self._count_submitted(new_queue, new)
+
+    def _count_submitted(self, queue: Any, jobs: int) -> None:
+        child = self._submitted.get(queue)
+        if child is None:
+            child = self._submitted[queue] = self.submitted.labels(queue)
+        child.inc(jobs)
 
     def observe_claimed(self, waited: Sequence[tuple[str, float]]) -> None:
         """
