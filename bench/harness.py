@@ -51,13 +51,13 @@ class BenchError(Exception):
     """
 
 
-def child_environment() -> dict[str, str]:
+def child_environment(code: Optional[Path] = None) -> dict[str, str]:
     """
     The environment of every Python child of the run: this one's, with the
-    repository on C{PYTHONPATH} so that C{-m bench.daemon} and the like
-    import.
+    repository (or C{code}, another version's tree) on C{PYTHONPATH} so
+    that C{-m bench.daemon} and the like import.
     """
-    return {**os.environ, "PYTHONPATH": str(ROOT)}
+    return {**os.environ, "PYTHONPATH": str(code or ROOT)}
 
 
 # Processes
@@ -339,8 +339,11 @@ class Server:
     def __init__(self, processes: Processes, kind: str, workdir: Path, slots: int = 8,
                  threads: int = 8, store: Optional[Path] = None,
                  access_log: bool = False, workers_token: Optional[Path] = None,
-                 authentication: bool = True) -> None:
+                 authentication: bool = True, code: Optional[Path] = None) -> None:
         self.processes = processes
+        # Another version's tree (its dispatcher/ and bench/) to run, for a
+        # same-run comparison (bench/metrics.py); None: this one.
+        self.code = code
         self.kind = kind
         self.access_log = access_log
         self.workers_token = workers_token
@@ -390,8 +393,8 @@ class Server:
                     "--log", str(self.workdir / "baseline.log")]
         self._started_at = time.monotonic()
         self.child = self.processes.start_pinned(
-            SERVER_CORE, [PYTHON, *argv], cwd=ROOT, stdout=self.output,
-            stderr=subprocess.STDOUT, env=child_environment())
+            SERVER_CORE, [PYTHON, *argv], cwd=self.code or ROOT, stdout=self.output,
+            stderr=subprocess.STDOUT, env=child_environment(self.code))
         self._wait_ready()
         check_pinned(self.child, SERVER_CORE, f"the {self.kind}")
         if self.kind == "daemon" and self.authentication:

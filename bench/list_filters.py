@@ -57,6 +57,10 @@ def shape(path: str) -> None:
                      " seq < ?", (f"array-{g}", first, first, first + GROUP))
         conn.execute("UPDATE jobs SET batch_id = ? WHERE seq >= ? AND seq < ?",
                      (f"batch-{g}", first + GROUP, first + 2 * GROUP))
+    # The counts the writer keeps, made again from the rows changed here.
+    from bench.seed_store import recount
+
+    recount(conn)
     conn.execute("COMMIT")
     conn.execute("ANALYZE")
     conn.close()

@@ -396,7 +396,8 @@ def measure_end_to_end(run: Run, name: str, body: Any, count: int,
                        slots: int, threads: int, concurrency: int = 50,
                        timeout: float = 180.0, idle: int = 0,
                        workers: int = 0, batch: int = 0,
-                       authentication: bool = True) -> dict[str, Any]:
+                       authentication: bool = True,
+                       code: Optional[Path] = None) -> dict[str, Any]:
     """
     (b, c) C{count} jobs C{body} from the first submit until the last one
     has succeeded, submitted from C{concurrency} client threads, each on
@@ -407,7 +408,8 @@ def measure_end_to_end(run: Run, name: str, body: Any, count: int,
     C{workers}, the daemon is a pure dispatcher (C{slots = 0}) and that
     many L{RemoteWorkers} of C{slots} slots and task threads each run the
     jobs (i).  The clients send the daemon's admin token, unless
-    C{authentication} is off (j).
+    C{authentication} is off (j).  With C{code}, the daemon is that tree's
+    version (bench/metrics.py runs main's against this one).
 
     Targets: no-op task jobs, L{NOOP_JOBS_PER_S} a second, one a request
     or in batches, with or without idle connections; C{true} command jobs,
@@ -423,7 +425,8 @@ def measure_end_to_end(run: Run, name: str, body: Any, count: int,
     with contextlib.ExitStack() as stack:
         server = stack.enter_context(Server(
             run.processes, "daemon", run.tmp / name, slots=0 if workers else slots,
-            threads=threads, workers_token=token, authentication=authentication))
+            threads=threads, workers_token=token, authentication=authentication,
+            code=code))
         idlers = stack.enter_context(IdleConnections(server.port, idle))
         remote: Optional[RemoteWorkers] = None
         if workers:

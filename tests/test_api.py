@@ -312,7 +312,7 @@ async def test_health_and_openapi(daemon):
     validate(doc)
     assert doc["openapi"] == "3.1.0"
     assert set(doc["paths"]) == {
-        "/healthz", "/v1/openapi.json", "/v1/jobs", "/v1/jobs/{id}",
+        "/healthz", "/v1/openapi.json", "/metrics", "/v1/jobs", "/v1/jobs/{id}",
         "/v1/jobs/{id}/cancel", "/v1/jobs/{id}/log", "/v1/jobs/batch",
         "/v1/jobs/{id}/retry", "/v1/queues", "/v1/workers", "/v1/leases",
         "/v1/leases/heartbeat", "/v1/leases/results", "/v1/leases/log",

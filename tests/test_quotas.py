@@ -286,7 +286,7 @@ def test_quota_sections_resolve_key_by_key():
     [
         ("[quota:role=boss]\nrate = 1\n",
          "x.ini: [quota:role=boss]: expected [quota:role=ROLE] (ROLE one of admin, "
-         "submitter, reader, worker) or [quota:owner=NAME]"),
+         "submitter, reader, worker, metrics) or [quota:owner=NAME]"),
         ("[quota:ann]\nrate = 1\n", "x.ini: [quota:ann]: expected [quota:role=ROLE]"),
         ("[quota:owner=-x]\nrate = 1\n", "x.ini: [quota:owner=-x]: expected"),
         ("[quota]\nmax_jobs = 0\n",

@@ -70,6 +70,7 @@ from dispatcher.model._jobs import format_time
 from dispatcher.model._jobs import InvalidTransition, JobState, PlainJobs, StoreClosed, UnknownJob
 from dispatcher.model._principals import PRINCIPAL_NAME_RULE, valid_name
 from dispatcher.api._events import EventStreamAnswer, EventStreams, parse_event_query
+from dispatcher.api._metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, DispatcherMetrics
 from dispatcher.api._openapi import openapi_document
 from dispatcher.api._hosts import HostPolicy
 from dispatcher.api._routes import DASHBOARD_ROUTES, ROUTES, Route, Router, path_segments
@@ -462,6 +463,7 @@ class DispatcherAPI(Resource):
         max_log_followers: int = 4096,
         notify_refusal: Optional[Callable[[str], Optional[str]]] = None,
         sessions: Optional[Sessions] = None,
+        metrics: Optional[DispatcherMetrics] = None,
     ) -> None:
         Resource.__init__(self)
         self._notify_refusal = notify_refusal
@@ -476,6 +478,16 @@ class DispatcherAPI(Resource):
         self._dispatcher = dispatcher
         self._tasks = tasks
         self._queues = queues if queues is not None else {"default": QueueConfig("default")}
+        if metrics is None:
+            # The reactor watch times the reactor itself, whatever clock the
+            # jobs' times run on.
+            metrics = DispatcherMetrics.of_dispatcher(dispatcher, sorted(self._queues), reactor)
+        self.metrics = metrics
+        metrics.add_gauge(
+            "dispatcher_event_subscribers",
+            "Clients following the event stream (GET /v1/events).",
+            lambda: len(self.events.streams),
+        )
         self._max_array = max_array
         self._max_stored_bytes = max_stored_bytes
         self._max_body_bytes = max_body_bytes
@@ -926,6 +938,11 @@ class DispatcherAPI(Resource):
 
     async def health(self, request: Any) -> Answer:
         return Answer(200, Health("ok"))
+
+    async def read_metrics(self, request: Any) -> Answer:
+        # Written on the reactor thread: every value is in memory (the
+        # jobs' counts too), a scrape takes about a millisecond.
+        return Answer(200, self.metrics.render(), content_type=METRICS_CONTENT_TYPE)
 
     async def openapi(self, request: Any) -> Answer:
         return Answer(200, self._openapi)

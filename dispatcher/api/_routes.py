@@ -70,6 +70,7 @@ READ = Access.READ
 SUBMIT = Access.SUBMIT
 WORK = Access.WORK
 ADMINISTER = Access.ADMINISTER
+METRICS = Access.METRICS
 
 # A request body of raw bytes rather than JSON.
 OCTETS = "application/octet-stream"
@@ -562,6 +563,14 @@ ROUTES: tuple[Route, ...] = (
     Route(
         "GET", "/v1/openapi.json", "openapi", "openapi", "This document.", OPEN,
         {200: Response("The OpenAPI document.", {"type": "object"})},
+    ),
+    Route(
+        "GET", "/metrics", "getMetrics", "read_metrics",
+        "The daemon's metrics in the Prometheus text format (version 0.0.4): jobs by "
+        "queue and state, submissions, ends, waits and run times, store commits, the "
+        "reactor's longest hold, connections, subscribers, workers, leases expired, "
+        "staging. For the roles metrics, reader and admin.", METRICS,
+        {200: Response("The metrics.", {"type": "string"}, "text/plain")},
     ),
     Route(
         "POST", "/v1/jobs", "submitJob", "submit",

@@ -219,7 +219,8 @@ request on.
               (shown this once; only its hash is kept).  Roles: admin
               (everything), submitter (submit; see, cancel and retry its own
               jobs), reader (see every job), worker (the worker protocol,
-              under its worker names: --worker-name, by default NAME).
+              under its worker names: --worker-name, by default NAME),
+              metrics (GET /metrics alone: a Prometheus scraper's).
   ls          List the credentials: name, role, worker names, when made.
   revoke NAME Revoke a credential: its token is refused from now on.
 """
@@ -245,7 +246,7 @@ def token_main(argv: Sequence[str]) -> int:
     create = command("create", "make a credential")
     create.add_argument("name")
     create.add_argument("--role", "-r", required=True,
-                        help="admin, submitter, reader or worker")
+                        help="admin, submitter, reader, worker or metrics")
     create.add_argument("--worker-name", "-w", action="append", dest="worker_names",
                         help="a worker name it may act under (workers; repeat)")
     command("ls", "list the credentials")

@@ -270,10 +270,42 @@ class DaemonService(MultiService):
         # Its start and stop say nothing the daemon's own lines do not,
         # and name the object's address.
         self.site.noisy = False
+        self._add_metrics(api.metrics)
         self.port: Any = None
         self._lock_fd: Optional[int] = None
         self.ready: Deferred = Deferred()
         self._starting: Optional[Deferred] = None
+
+    def _add_metrics(self, metrics: Any) -> None:
+        """
+        What the daemon adds to the API's metrics: the open connections,
+        the local executor's staging totals, and the reactor watch (a
+        service of the daemon's, started once the API listens).
+        """
+        site = self.site
+        metrics.add_gauge(
+            "dispatcher_http_connections",
+            "HTTP connections open to the API.",
+            lambda: site.connections,
+        )
+        stager = self.host.stager
+        metrics.add_total(
+            "dispatcher_staging_bytes",
+            "Bytes of job inputs staged by this host's executor.",
+            lambda: stager.staged_bytes,
+        )
+        metrics.add_total(
+            "dispatcher_staging_inputs",
+            "Job inputs staged by this host's executor.",
+            lambda: stager.staged_inputs,
+        )
+        metrics.add_total(
+            "dispatcher_staging_failures",
+            "Job inputs this host's executor could not stage (each failed its "
+            "attempt).",
+            lambda: stager.failed_inputs,
+        )
+        metrics.watch.setServiceParent(self)
 
     def _webhooks(self, reactor: Any, config: Config) -> Optional[WebhookDeliveries]:
         """

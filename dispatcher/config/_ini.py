@@ -397,7 +397,7 @@ INHERIT: Any = _Inherit()
 # The roles a [quota:role=ROLE] section may name: dispatcher.model's Role
 # values (this package imports nothing of the package; a test checks that
 # they agree).
-ROLE_NAMES = ("admin", "submitter", "reader", "worker")
+ROLE_NAMES = ("admin", "submitter", "reader", "worker", "metrics")
 # A principal's name, as dispatcher.model._principals has it (the same
 # test checks this too): what a [quota:owner=NAME] section names.
 OWNER_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.@-]{0,63}$")

@@ -135,6 +135,9 @@ class Dispatcher(Service):
         self._grace = shutdown_grace
         self._process_killer = process_killer
         self.events = JobEvents()
+        # Told of each claim's first attempts' waits since submission (the
+        # metrics'): C{(queue, seconds)} each.
+        self.observe_claimed: Optional[Callable[[Sequence[tuple[str, float]]], None]] = None
         self.scheduler = Scheduler(self._clock)
         self.ids = JobIds(self._clock.seconds)
         # Local jobs running, until their end (or release) goes to the
@@ -741,6 +744,8 @@ class Dispatcher(Service):
         self._clock.callLater(1.0, self._pump)
 
     def _claimed(self, claimed: Claimed, claim: Claim) -> None:
+        if claimed.waited and self.observe_claimed is not None:
+            self.observe_claimed(claimed.waited)
         self.scheduler.claimed(
             claim, len(claimed.leases), claimed.blocked, claimed.skipped, claimed.drained
         )

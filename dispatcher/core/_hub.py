@@ -194,6 +194,7 @@ class WorkerHub:
         connected at once.
     @param presence: told C{(name, CONNECTED)} when a worker connects and
         C{(name, LEFT)} when it leaves; C{None}: no one.
+    @ivar leases_expired: how many leases ran out without a heartbeat.
     """
 
     def __init__(
@@ -231,6 +232,8 @@ class WorkerHub:
         self._recorder = recorder
         self._capacity_changed = capacity_changed
         self.workers: dict[str, Worker] = {}
+        # How many remote leases ran out without a heartbeat (the metrics').
+        self.leases_expired = 0
         # The names of self.workers by the credential they call with.
         self._names: dict[Optional[str], set[str]] = {}
         self.max_names_per_credential = max_names_per_credential
@@ -935,6 +938,7 @@ class WorkerHub:
             lease = remote.lease
             if self._wait_for_silent(remote, now):
                 continue
+            self.leases_expired += 1
             log.warn(
                 "the lease of job {job_id} attempt {attempt} on worker {holder} "
                 "expired: no heartbeat for {seconds:g} s",

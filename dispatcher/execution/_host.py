@@ -130,6 +130,7 @@ class JobHost:
     @param clock: the C{IReactorTime} of timeouts and kill grace periods.
     @param stager_clock: the C{IReactorTime} of fetch timeouts and retries.
     @param prefix: the start of the thread pools' names.
+    @ivar stager: the L{InputStager} (its totals are the daemon's metrics').
 
     @ivar accounts_refused: why command jobs cannot run as the
         configuration says (L{job_accounts}), or C{None}; the daemon and
@@ -161,7 +162,9 @@ class JobHost:
             max_log_bytes=config.executor.max_log_bytes,
             cgroups=config.executor.cgroups,
         )
-        stager = InputStager(self.http, stager_clock, config.fetch, self.fetch_pool, reactor)
+        self.stager = stager = InputStager(
+            self.http, stager_clock, config.fetch, self.fetch_pool, reactor
+        )
         self.accounts_refused: Optional[str] = None
         try:
             accounts = job_accounts(config)

@@ -139,6 +139,10 @@ class InputStager:
         the first back-off C{retry_delay}, and C{max_bytes} per input.
     @param threadpool: the L{ThreadPool} every file-system call runs in.
     @param reactor: the reactor the thread pool reports back to.
+    @ivar staged_bytes: the bytes of every input staged so far.
+    @ivar staged_inputs: how many inputs were staged.
+    @ivar failed_inputs: how many inputs could not be staged (each fails
+        its job's attempt); a cancelled one is neither.
     """
 
     def __init__(
@@ -155,6 +159,9 @@ class InputStager:
         self._threadpool = threadpool
         self._reactor = reactor
         self._random = random.Random()
+        self.staged_bytes = 0
+        self.staged_inputs = 0
+        self.failed_inputs = 0
 
     def stage_inputs(
         self,
@@ -197,7 +204,11 @@ class InputStager:
         owner: Optional[tuple[int, int]] = None,
     ) -> None:
         for index, spec in enumerate(inputs):
-            await self._stage_one(index, spec, workdir, stopped, owner)
+            try:
+                await self._stage_one(index, spec, workdir, stopped, owner)
+            except StagingError:
+                self.failed_inputs += 1
+                raise
 
     async def _stage_one(
         self,
@@ -267,6 +278,8 @@ class InputStager:
                 )
                 raise error(f"unexpected error: {type(e).__name__}: {e}")
             else:
+                self.staged_bytes += size
+                self.staged_inputs += 1
                 log.info(
                     "staged input {index} to {path}: {size} bytes in {seconds:.3f} s",
                     index=index,

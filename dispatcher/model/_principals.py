@@ -30,6 +30,9 @@ class Role(str, enum.Enum):
     READER = "reader"
     # The worker protocol only, under its own worker names.
     WORKER = "worker"
+    # The metrics alone (GET /metrics): a scraper's token, which reads no
+    # job.
+    METRICS = "metrics"
 
 
 class Access(str, enum.Enum):
@@ -49,6 +52,8 @@ class Access(str, enum.Enum):
     WORK = "work"
     # Credentials.
     ADMINISTER = "administer"
+    # The metrics (counts, latencies: no job's contents).
+    METRICS = "metrics"
 
 
 # The roles each access allows.
@@ -59,6 +64,7 @@ ALLOWED: dict[Access, frozenset[Role]] = {
     Access.SUBMIT: frozenset({Role.ADMIN, Role.SUBMITTER}),
     Access.WORK: frozenset({Role.ADMIN, Role.WORKER}),
     Access.ADMINISTER: frozenset({Role.ADMIN}),
+    Access.METRICS: frozenset({Role.ADMIN, Role.READER, Role.METRICS}),
 }
 
 # A principal's name: what a job's owner and a credential are called.

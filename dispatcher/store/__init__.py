@@ -10,7 +10,8 @@ and batches: counts, cancels and retries in C{_groups}, the webhook
 outbox's reads and writes in C{_deliveries}), the events of
 every change, stored in its commit, read back and removed when old
 (C{_events}), each
-owner's unfinished jobs as the writer counts them (C{_counts}), the
+owner's unfinished jobs and every job by queue and state as the writer
+counts them (C{_counts}), the
 reads (C{_queries}), the jobs table's
 columns with how a row maps to and from a job (C{_rows}), and what the
 store keeps as JSON, its own form and not the API's (C{_stored}).

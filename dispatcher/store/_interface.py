@@ -190,6 +190,15 @@ class IJobStore(Interface):
         what C{max_unfinished} is checked against.
         """
 
+    def job_counts(owner=None):
+        """
+        C{{queue: {JobState: count}}} as last committed, for every queue
+        that holds jobs (states without jobs left out); only the jobs of
+        C{owner}, if it is given.  Answered at once, without a Deferred or
+        a read of the database: the store keeps the counts at each change
+        (what the metrics read at every scrape).
+        """
+
     def count_by_state():
         """
         Fire with a dict mapping every L{JobState} to its number of jobs.

@@ -89,6 +89,7 @@ def _check_lease(conn: sqlite3.Connection, lease: Lease) -> JobState:
 _CLAIMED_PRIORITY = operator.itemgetter(2 + spec_position("priority"))
 _CLAIMED_ATTEMPTS = 2 + SPEC_WIDTH
 _CLAIMED_OWNER = _CLAIMED_ATTEMPTS + 1
+_CLAIMED_CREATED = _CLAIMED_OWNER + 1
 
 
 def _claimed_spec(row: Sequence[Any]) -> JobSpec:
@@ -118,7 +119,7 @@ def claim(
     # hundred times slower with ten thousand queued.
     cursors = {
         queue: conn.execute(
-            f"SELECT seq, id, {SPEC_COLUMNS}, attempt_count, owner"
+            f"SELECT seq, id, {SPEC_COLUMNS}, attempt_count, owner, created_at"
             " FROM jobs INDEXED BY jobs_queued"
             " WHERE state = 'queued' AND queue = ?"
             " ORDER BY priority DESC, seq",
@@ -141,11 +142,14 @@ def claim(
     holder = offer.holder
     updates = []
     attempts = []
+    waited = []
     for row, spec in chosen:
         seq, job_id = row[0], row[1]
         token = writer.next_token
         writer.next_token += 1
         number = row[_CLAIMED_ATTEMPTS] + 1
+        if number == 1:
+            waited.append((spec.queue, now - row[_CLAIMED_CREATED]))
         if spec.inputs:
             updates.append(("staging", number, token, holder, expires, None, seq))
         else:
@@ -173,7 +177,7 @@ def claim(
                 (queue,),
             ).fetchone():
                 blocked = True
-    return Claimed(leases, blocked, choice.skipped, choice.drained)
+    return Claimed(leases, blocked, choice.skipped, choice.drained, tuple(waited))
 
 
 def resume_leases(

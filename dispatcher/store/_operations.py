@@ -21,13 +21,13 @@ from __future__ import annotations
 import functools
 import random
 import sqlite3
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import attrs
 
 from dispatcher.model._jobs import InvalidTransition, JobState, Lease, UnknownJob
-from dispatcher.store._counts import OwnerCounts
-from dispatcher.store._events import record_presence, remove_events
+from dispatcher.store._counts import OwnerCounts, StateCounts
+from dispatcher.store._events import record_events, record_presence, remove_events
 from dispatcher.store._groups import cancel_group, retry_group
 from dispatcher.store._deliveries import record_deliveries
 from dispatcher.store._leases import (
@@ -103,6 +103,7 @@ class WriterState:
     @ivar next_token: the next lease token.
     @ivar dependencies: whether any job may have dependents.
     @ivar owners: each owner's unfinished jobs (L{OwnerCounts}).
+    @ivar counts: every job by queue, state and owner (L{StateCounts}).
     """
 
     limits: Mapping[str, int]
@@ -114,6 +115,7 @@ class WriterState:
     next_token: int = 1
     dependencies: bool = True
     owners: OwnerCounts = attrs.field(factory=OwnerCounts)
+    counts: StateCounts = attrs.field(factory=StateCounts)
 
     def __attrs_post_init__(self) -> None:
         self.queues = sorted(self.limits)
@@ -121,8 +123,9 @@ class WriterState:
 
     def load(self, conn: sqlite3.Connection) -> None:
         """
-        Take the next lease token, whether any job has dependents, and
-        each owner's unfinished jobs, from the database on C{conn}.
+        Take the next lease token, whether any job has dependents, each
+        owner's unfinished jobs and the counts of jobs by queue and state,
+        from the database on C{conn}.
         """
         (top,) = conn.execute("SELECT COALESCE(MAX(token), 0) FROM attempts").fetchone()
         self.next_token = top + 1
@@ -130,6 +133,24 @@ class WriterState:
             "SELECT EXISTS (SELECT 1 FROM dependencies)"
         ).fetchone()
         self.owners.load(conn)
+        self.counts.load(conn)
+
+
+def record_changes(
+    writer: WriterState,
+    conn: sqlite3.Connection,
+    work: Sequence[Write],
+    results: Sequence[tuple[bool, Any]],
+) -> list[Sequence[Any]]:
+    """
+    What the writer runs once a group, after its writes and in its
+    transaction: store the events of every change
+    (L{dispatcher.store._events.record_events}), and count the changes
+    by queue and state from them (L{StateCounts.count_events}).
+    """
+    events = record_events(writer, conn, work, results)
+    writer.counts.count_events(conn, events)
+    return events
 
 
 def _not_owned(row_owner: Optional[str], owner: Optional[str]) -> bool:

@@ -299,38 +299,6 @@ def owned(conn: sqlite3.Connection, job_ids: Sequence[str], owner: str) -> froze
     return frozenset(found)
 
 
-def count_by_state(conn: sqlite3.Connection) -> dict[JobState, int]:
-    """
-    How many jobs are in each state.
-    """
-    counts = {state: 0 for state in JobState}
-    for state, count in conn.execute(
-        "SELECT state, COUNT(*) FROM jobs GROUP BY state"
-    ):
-        counts[JobState(state)] = count
-    return counts
-
-
-def queue_counts(
-    conn: sqlite3.Connection, queues: Sequence[str], owner: Optional[str] = None
-) -> dict[str, dict[JobState, int]]:
-    """
-    C{{queue: {state: count}}} for every queue of C{queues}, and for any
-    other queue that holds jobs; only C{owner}'s jobs, if it is given.
-    """
-    counts = {q: {state: 0 for state in JobState} for q in queues}
-    if owner is None:
-        rows = conn.execute("SELECT queue, state, COUNT(*) FROM jobs GROUP BY queue, state")
-    else:
-        rows = conn.execute(
-            "SELECT queue, state, COUNT(*) FROM jobs WHERE owner = ? GROUP BY queue, state",
-            (owner,),
-        )
-    for queue, state, count in rows:
-        counts.setdefault(queue, {s: 0 for s in JobState})[JobState(state)] = count
-    return counts
-
-
 def unconfigured_queues(
     conn: sqlite3.Connection, configured: frozenset[str]
 ) -> dict[str, int]:

@@ -61,7 +61,8 @@ _SUCCEEDED = JobState.SUCCEEDED.value
 # job always has its finished_at; were one missing, its age would count
 # from its submission rather than fail every pass).
 _COLUMNS = (
-    "seq, id, state, created_at, COALESCE(finished_at, created_at), array_id, owner, labels"
+    "seq, id, state, created_at, COALESCE(finished_at, created_at), array_id, owner, labels,"
+    " queue"
 )
 _SCAN = f"SELECT {_COLUMNS} FROM jobs WHERE seq > ? ORDER BY seq LIMIT ?"
 _MEMBERS = f"SELECT {_COLUMNS} FROM jobs WHERE array_id = ?"
@@ -78,7 +79,7 @@ _LIVE_KEY = (
 )
 
 # A row of _SCAN and _MEMBERS.
-_SEQ, _ID, _STATE, _CREATED, _FINISHED, _ARRAY, _OWNER, _LABELS = range(8)
+_SEQ, _ID, _STATE, _CREATED, _FINISHED, _ARRAY, _OWNER, _LABELS, _QUEUE = range(9)
 
 
 def _key_owner(owner: Optional[str]) -> str:
@@ -123,6 +124,9 @@ def _delete(writer: WriterState, conn: sqlite3.Connection, rows: Sequence[Sequen
         conn.executemany("DELETE FROM dependencies WHERE job_id = ?", ids)
         conn.executemany("DELETE FROM dependencies WHERE depends_on = ?", ids)
     conn.executemany("DELETE FROM jobs WHERE seq = ?", [(row[_SEQ],) for row in rows])
+    counts = writer.counts
+    for row in rows:
+        counts.removed(row[_ID], row[_QUEUE], row[_OWNER], row[_STATE])
     conn.execute(
         "UPDATE removed SET top_seq = MAX(top_seq, ?) WHERE one = 1",
         (max(row[_SEQ] for row in rows),),

@@ -292,14 +292,18 @@ class Claimed:
     """
     The leases a claim got, whether queued jobs wait behind a queue's limit
     of running jobs, how many queued jobs it passed over because they did
-    not fit the holder, and whether it saw the end of every queue it read
-    (C{drained}: no job was left queued there when it committed).
+    not fit the holder, whether it saw the end of every queue it read
+    (C{drained}: no job was left queued there when it committed), and how
+    long each job whose first attempt it began had waited since it was
+    submitted (C{waited}: its queue and the seconds, the metrics'
+    submit-to-start time).
     """
 
     leases: list[Lease]
     blocked: bool = False
     skipped: int = 0
     drained: bool = False
+    waited: tuple[tuple[str, float], ...] = ()
 
 
 @attrs.frozen

@@ -337,6 +337,23 @@ MIGRATIONS: Sequence[Union[str, Callable[[sqlite3.Connection], None]]] = (
     # (WEBHOOK_OUTBOX above; its triggers come with the first job that
     # names notify).
     webhook_outbox,
+    # Migration 12 (issue 18, metrics): every job counted by queue, state
+    # and owner ('' for none), kept by the writer in the transaction of
+    # each change (dispatcher/store/_counts.py: StateCounts), so that
+    # GET /v1/queues and the metrics read a few rows rather than count a
+    # million.  Counted once here from the jobs stored.
+    """
+    CREATE TABLE job_counts (
+        queue TEXT NOT NULL,
+        state TEXT NOT NULL,
+        owner TEXT NOT NULL,
+        jobs INTEGER NOT NULL,
+        PRIMARY KEY (queue, state, owner)
+    ) WITHOUT ROWID;
+    INSERT INTO job_counts (queue, state, owner, jobs)
+        SELECT queue, state, COALESCE(owner, ''), COUNT(*) FROM jobs
+        GROUP BY queue, state, COALESCE(owner, '');
+    """,
 )
 
 

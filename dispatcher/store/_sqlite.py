@@ -40,19 +40,19 @@ from dispatcher.model._jobs import (
 from dispatcher.store import _writes as writes
 from dispatcher.store._groups import group, unfinished_members
 from dispatcher.store._interface import IJobStore
+from dispatcher.store._counts import Journals
 from dispatcher.store._operations import (
     OPERATIONS,
     WriterState,
     jittered_backoff,
+    record_changes,
     shared_paths,
 )
 from dispatcher.store._queries import (
-    count_by_state,
     get_job,
     list_jobs,
     next_due,
     owned,
-    queue_counts,
     unconfigured_queues,
 )
 from dispatcher.store._mark import (
@@ -65,7 +65,7 @@ from dispatcher.store._mark import (
     start_marking,
 )
 from dispatcher.store._deliveries import due_deliveries
-from dispatcher.store._events import read_events, record_events
+from dispatcher.store._events import read_events
 from dispatcher.store._removal import space, windows_in_use
 from dispatcher.store._results import (
     Claimed,
@@ -144,8 +144,8 @@ class SQLiteJobStore:
             sync_interval,
             clock if clock is not None else reactor,
             mark=MarkFile(path),
-            journal=self._state.owners,
-            record=functools.partial(record_events, self._state),
+            journal=Journals(self._state.owners, self._state.counts),
+            record=functools.partial(record_changes, self._state),
         )
         self._write = self._writer.write
         self._reader_pool = TaskThreads(reactor, readers, name="store-reader")
@@ -173,6 +173,14 @@ class SQLiteJobStore:
         How many of those commits synced the disk.
         """
         return self._writer.durable_batches
+
+    def observe_commits(self, observer: Optional[Callable[[float, int], None]]) -> None:
+        """
+        Call C{observer} in the reactor thread after each group of writes
+        that committed, with the seconds its commit took and how many
+        writes it held (the metrics'); C{None}: no one.
+        """
+        self._writer.observe_commit = observer
 
     @property
     def syncs(self) -> int:
@@ -399,14 +407,28 @@ class SQLiteJobStore:
             return fail(StoreClosed("the dispatcher is stopping"))
         return self._writer.run(self._state.owners.committed)
 
+    def job_counts(self, owner: Optional[str] = None) -> dict[str, dict[JobState, int]]:
+        # Kept by the writer at each change (StateCounts): no read of the
+        # database, on any thread.
+        return self._state.counts.by_queue(owner)
+
     def count_by_state(self) -> Deferred:
-        return self._read(count_by_state)
+        counts = {state: 0 for state in JobState}
+        for states in self._state.counts.by_queue().values():
+            for state, jobs in states.items():
+                counts[state] += jobs
+        return succeed(counts)
 
     def queue_counts(self, owner: Optional[str] = None) -> Deferred:
         """
-        Fire with C{{queue: {state: count}}} for every configured queue.
+        Fire with C{{queue: {state: count}}} for every configured queue,
+        and any other that holds jobs: from the counts the writer keeps
+        (L{job_counts}), at once.
         """
-        return self._read(queue_counts, tuple(self._state.queues), owner)
+        counts = {queue: {state: 0 for state in JobState} for queue in self._state.queues}
+        for queue, states in self._state.counts.by_queue(owner).items():
+            counts.setdefault(queue, {state: 0 for state in JobState}).update(states)
+        return succeed(counts)
 
     def unconfigured_queues(self) -> Deferred:
         """

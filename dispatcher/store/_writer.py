@@ -216,6 +216,11 @@ class GroupWriter:
     @ivar committed: called in the reactor thread with the events of each
         write of a group that committed (never an empty list), in order,
         each just before the write's answer; C{None}: no one.
+    @ivar observe_commit: called in the reactor thread after each group
+        that committed, before its answers, with the seconds its commit
+        took on the writer thread (from its C{BEGIN} to its C{COMMIT},
+        its sync included) and how many writes it held; C{None}: no one
+        (the metrics' commit latency and group size).
     @ivar fsync: the same, which a test may replace.
     @ivar lock_warning: seconds a commit waits for the write lock before
         it is logged (L{LOCK_WARNING}).
@@ -248,6 +253,10 @@ class GroupWriter:
         self._path = path
         self._record = record
         self.committed: Optional[Callable[[list], None]] = None
+        self.observe_commit: Optional[Callable[[float, int], None]] = None
+        # The writer thread's, read once the group is back: how long the
+        # last commit took.
+        self._commit_seconds = 0.0
         self._journal: Journal = journal if journal is not None else _NO_JOURNAL
         self.fsync = fsync
         self.lock_warning = LOCK_WARNING
@@ -536,6 +545,7 @@ class GroupWriter:
         assert conn is not None
         results: list[tuple[bool, Any]] = []
         events: list = [()] * len(work)
+        began = time.perf_counter()
         try:
             if durable != self._synchronous_full:
                 # In WAL mode FULL syncs the log at every commit; NORMAL
@@ -582,6 +592,7 @@ class GroupWriter:
         except (sqlite3.Error, OSError) as e:
             raise store_error(e) from e
         self._journal.commit()
+        self._commit_seconds = time.perf_counter() - began
         self._commit_wrote = conn.total_changes != changes
         self.unsynced = not durable
         self.batches += 1
@@ -707,6 +718,11 @@ class GroupWriter:
                 self._commit_failed(failed, count)
             elif self._commit_wrote:
                 self._commits_again()
+            if self.observe_commit is not None:
+                try:
+                    self.observe_commit(self._commit_seconds, len(deferreds))
+                except Exception:
+                    log.failure("observing a commit failed")
             committed = self.committed
             for d, (ok, value), told in zip(deferreds, outcome, events):
                 if told and committed is not None:

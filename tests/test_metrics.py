@@ -1,0 +1,262 @@
+"""
+GET /metrics: the Prometheus text format written by prometheus_client,
+read back by its own parser from a real twistd; who may read it; the
+values after jobs ran, after a kill -9 and a restart; and, with a Clock,
+the reactor watch and the observations that feed the histograms.
+"""
+
+import os
+import signal
+import sqlite3
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet.task import Clock
+
+from dispatcher.api._metrics import DispatcherMetrics, ReactorWatch
+from dispatcher.model._events import JobEvent
+from dispatcher.model._jobs import JobSpec, JobState
+from tests.test_twistd import twistd  # noqa: F401 (the fixture)
+
+
+def scrape(daemon, token=None):
+    """The status, content type and text of GET /metrics."""
+    token = daemon.token if token is None else token
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    request = urllib.request.Request(daemon.url + "/metrics", headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, response.headers["Content-Type"], response.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers["Content-Type"], e.read().decode()
+
+
+def samples(text):
+    """C{{(sample name, sorted labels): value}} of every sample of C{text},
+    as prometheus_client's parser reads it."""
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return found
+
+
+def value(found, name, **labels):
+    return found.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def jobs_in(found, state, queue="default"):
+    return value(found, "dispatcher_jobs", queue=queue, state=state)
+
+
+def fresh_group_by(data_dir):
+    """The jobs by queue and state, counted now from the store's rows."""
+    conn = sqlite3.connect(os.path.join(data_dir, "dispatcher.sqlite3"))
+    try:
+        return {
+            (q, s): n
+            for q, s, n in conn.execute("SELECT queue, state, COUNT(*) FROM jobs GROUP BY 1, 2")
+        }
+    finally:
+        conn.close()
+
+
+def until_scraped(daemon, condition, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        status, _, text = scrape(daemon)
+        assert status == 200, text
+        found = samples(text)
+        if condition(found) or time.monotonic() > deadline:
+            return found
+        time.sleep(0.05)
+
+
+def test_a_real_daemon_s_metrics_follow_its_jobs(twistd, tmp_path):  # noqa: F811
+    """A twistd's /metrics parses with prometheus_client's own parser; after
+    jobs run, the counts by state, the submissions and ends, the waits' and
+    run times' histograms and the commits' say so; the counts are what a
+    GROUP BY says, and stay so after a kill -9 and a restart, as
+    GET /v1/queues does."""
+    daemon = twistd("[executor]\nslots = 2\n[queue:batch]\nmax_running = 1\n")
+    daemon.start()
+    status, content_type, text = scrape(daemon)
+    assert status == 200
+    assert content_type.startswith("text/plain")
+    before = samples(text)
+    for state in JobState:
+        assert jobs_in(before, state.value) == 0
+        assert jobs_in(before, state.value, "batch") == 0
+    assert value(before, "dispatcher_jobs_submitted_total", queue="default") == 0
+    assert value(before, "dispatcher_http_connections") >= 1
+    assert ("dispatcher_reactor_longest_hold_seconds", ()) in before
+
+    ids = []
+    for command in (["true"], ["true"], ["false"]):
+        code, job = daemon.request("POST", "/v1/jobs", {"command": command})
+        assert code == 201
+        ids.append(job["id"])
+    code, batch = daemon.request("POST", "/v1/jobs/batch", {
+        "jobs": [{"command": ["true"], "queue": "batch"} for _ in range(4)]})
+    assert code == 201, batch
+    ids += [j["id"] for j in batch["jobs"]]
+    for job_id in ids:
+        daemon.wait(job_id, ("succeeded", "failed"))
+
+    found = until_scraped(
+        daemon, lambda f: value(f, "dispatcher_jobs_ended_total", queue="batch",
+                                outcome="succeeded") == 4)
+    assert jobs_in(found, "succeeded") == 2
+    assert jobs_in(found, "failed") == 1
+    assert jobs_in(found, "succeeded", "batch") == 4
+    assert jobs_in(found, "queued") == jobs_in(found, "running") == 0
+    assert value(found, "dispatcher_jobs_submitted_total", queue="default") == 3
+    assert value(found, "dispatcher_jobs_submitted_total", queue="batch") == 4
+    assert value(found, "dispatcher_jobs_ended_total", queue="default",
+                 outcome="succeeded") == 2
+    assert value(found, "dispatcher_jobs_ended_total", queue="default", outcome="failed") == 1
+    assert value(found, "dispatcher_job_wait_seconds_count", queue="default") == 3
+    assert value(found, "dispatcher_job_wait_seconds_count", queue="batch") == 4
+    assert value(found, "dispatcher_job_run_seconds_count", queue="default") == 3
+    assert value(found, "dispatcher_job_run_seconds_count", queue="batch") == 4
+    assert value(found, "dispatcher_job_run_seconds_sum", queue="batch") > 0
+    commits = value(found, "dispatcher_store_commit_seconds_count")
+    assert commits >= 4
+    assert value(found, "dispatcher_store_commit_writes_count") == commits
+    assert value(found, "dispatcher_store_commit_writes_sum") >= 3 * 7
+    # Every scrape reads the counts the writer keeps: what a scan says.
+    data_dir = os.path.join(str(tmp_path), "data")
+    assert {
+        (q, s): n for (name, labels), n in found.items() if name == "dispatcher_jobs" and n
+        for q, s in [(dict(labels)["queue"], dict(labels)["state"])]
+    } == fresh_group_by(data_dir)
+
+    # Jobs left queued and running, then a kill -9.
+    code, sleeper = daemon.request("POST", "/v1/jobs", {"command": ["sleep", "300"],
+                                                        "queue": "batch"})
+    daemon.wait(sleeper["id"], ("running",))
+    for _ in range(3):
+        assert daemon.request("POST", "/v1/jobs", {"command": ["true"],
+                                                   "queue": "batch"})[0] == 201
+    assert daemon.kill(signal.SIGKILL) == -signal.SIGKILL
+    daemon.start()
+    lost = daemon.wait(sleeper["id"], ("failed",))
+    assert "lost" in lost["error"]
+    for _ in range(200):
+        code, answer = daemon.request("GET", "/v1/queues")
+        queues = answer["queues"]
+        if queues["batch"]["counts"]["succeeded"] == 7:
+            break
+        time.sleep(0.05)
+    found = until_scraped(daemon, lambda f: jobs_in(f, "succeeded", "batch") == 7)
+    expected = fresh_group_by(data_dir)
+    assert expected[("batch", "failed")] == 1
+    for queue in ("default", "batch"):
+        for state in JobState:
+            n = expected.get((queue, state.value), 0)
+            assert jobs_in(found, state.value, queue) == n
+            assert queues[queue]["counts"][state.value] == n
+    # The events' counters begin again with the process; the counts do not.
+    assert value(found, "dispatcher_jobs_submitted_total", queue="default") == 0
+
+
+def test_who_may_read_the_metrics(twistd):  # noqa: F811
+    """A scrape without a credential is 401 as any route's; a submitter's is
+    403; a metrics credential reads the metrics and no job; readers and
+    admins read them too."""
+    daemon = twistd("[executor]\nslots = 0\n")
+    daemon.start()
+    status, _, text = scrape(daemon, token="")
+    assert status == 401, text
+    assert '"unauthorized"' in text
+    tokens = {}
+    for name, role in (("scraper", "metrics"), ("sue", "submitter"), ("rita", "reader")):
+        code, made = daemon.request("POST", "/v1/credentials", {"name": name, "role": role})
+        assert code == 201, made
+        tokens[role] = made["token"]
+    status, _, text = scrape(daemon, tokens["submitter"])
+    assert status == 403
+    assert "metrics" in text
+    for role in ("metrics", "reader"):
+        status, _, text = scrape(daemon, tokens[role])
+        assert status == 200
+        assert "dispatcher_jobs" in samples_names(text)
+    code, answer = daemon.request("GET", "/v1/jobs", token=tokens["metrics"])
+    assert code == 403
+    code, answer = daemon.request("GET", "/v1/queues", token=tokens["metrics"])
+    assert code == 403
+    code, me = daemon.request("GET", "/v1/me", token=tokens["metrics"])
+    assert (code, me["role"]) == (200, "metrics")
+
+
+def samples_names(text):
+    return {family.name for family in text_string_to_metric_families(text)}
+
+
+def test_reactor_watch_keeps_the_longest_hold_of_two_windows():
+    """The watch's timer notes how late it fires; the longest lateness of
+    the window under way and the one before is shown, and older ones go."""
+    clock = Clock()
+    watch = ReactorWatch(clock, interval=0.1, window=10.0)
+    watch.startService()
+    clock.advance(0.1)
+    assert watch.longest == 0.0
+    # The reactor held for 2.1 s: the timer due at 0.2 fires at 2.3.
+    clock.advance(2.1)
+    assert watch.longest == pytest.approx(2.0)
+    for _ in range(100):
+        clock.advance(0.1)
+    assert watch.longest == pytest.approx(2.0)
+    for _ in range(200):
+        clock.advance(0.1)
+    assert watch.longest == pytest.approx(0.0, abs=1e-6)
+    watch.stopService()
+    assert clock.getDelayedCalls() == []
+
+
+class _Store:
+    def __init__(self):
+        self.counts = {}
+
+    def job_counts(self, owner=None):
+        return self.counts
+
+
+def test_observed_events_count_submissions_ends_and_run_times():
+    """A new job counts as submitted, a final state as an end by outcome, and
+    the time from running to the end is a run time, each by queue; a job
+    whose start was never seen is not timed, and nothing is kept of it."""
+    metrics = DispatcherMetrics(_Store(), ["default", "gpu"], Clock())
+    gpu = JobSpec(queue="gpu")
+    metrics.observe_events([
+        JobEvent("a", JobState.QUEUED, at=10.0, spec=gpu),
+        JobEvent("b", JobState.QUEUED, at=10.0, spec=gpu),
+        JobEvent("d", JobState.PENDING, at=10.0, spec=JobSpec()),
+        JobEvent("e", JobState.QUEUED, at=10.0, spec=gpu),
+    ])
+    metrics.observe_events([
+        JobEvent("a", JobState.RUNNING, at=11.0, previous=JobState.QUEUED, spec=gpu)])
+    metrics.observe_events([
+        JobEvent("a", JobState.SUCCEEDED, at=14.5, previous=JobState.RUNNING, spec=gpu),
+        JobEvent("c", JobState.FAILED, at=15.0, previous=JobState.RUNNING, spec=gpu),
+    ])
+    metrics.observe_claimed([("gpu", 1.0), ("default", 0.25)])
+    metrics.observe_commit(0.002, 7)
+    found = samples(metrics.render().decode())
+    assert value(found, "dispatcher_jobs_submitted_total", queue="gpu") == 3
+    assert value(found, "dispatcher_jobs_submitted_total", queue="default") == 1
+    assert value(found, "dispatcher_jobs_ended_total", queue="gpu", outcome="succeeded") == 1
+    assert value(found, "dispatcher_jobs_ended_total", queue="gpu", outcome="failed") == 1
+    assert value(found, "dispatcher_job_run_seconds_count", queue="gpu") == 1
+    assert value(found, "dispatcher_job_run_seconds_sum", queue="gpu") == 3.5
+    assert value(found, "dispatcher_job_wait_seconds_sum", queue="default") == 0.25
+    assert value(found, "dispatcher_store_commit_writes_sum") == 7
+    assert value(found, "dispatcher_store_commit_writes_bucket", le="5.0") == 0
+    assert value(found, "dispatcher_store_commit_writes_bucket", le="10.0") == 1
+    assert metrics._running == {}
+    # Every configured queue shows every state, zeros included.
+    assert jobs_in(found, "queued", "gpu") == 0
+    assert ("dispatcher_jobs", (("queue", "gpu"), ("state", "pending"))) in found
