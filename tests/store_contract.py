@@ -352,6 +352,36 @@ async def test_queue_limit_blocks_only_its_queue(make_store):
 
 
 @pytest_twisted.ensureDeferred
+async def test_new_queue_limits_hold_from_the_next_claim(make_store):
+    """Queue limits set anew (a reload) hold from the next claim: a lowered
+    limit starts nothing more while its running jobs run on, a raised one
+    starts more, a queue added is claimed from, and one removed is not
+    (its jobs wait, and say why)."""
+    store = await make_store(queues={"default": 0, "gpu": 2})
+    gpu = await submit(store, *[spec(i, queue="gpu") for i in range(4)])
+    late = await submit(store, spec(9, queue="new"))
+    first = await claim(store, "h", 8, 1.0)
+    assert sorted(l.job_id for l in first) == sorted([gpu[0].id, gpu[1].id])
+    await store.set_queue_limits({"gpu": 1, "new": 0})
+    assert store.queue_limits == {"default": 0, "gpu": 1, "new": 0}
+    (new_lease,) = await claim(store, "h", 8, 2.0)
+    assert new_lease.job_id == late[0].id
+    await finish(store, first[0], Outcome.from_exit_code(0), 3.0)
+    # Two ran under a limit now one: the one left running still fills it.
+    assert await claim(store, "h", 8, 4.0) == []
+    waiting = await store.get(gpu[2].id)
+    assert waiting.wait_reason == "queue gpu is at its limit of 1 running jobs"
+    await store.set_queue_limits({"gpu": 3})
+    assert len(await claim(store, "h", 8, 5.0)) == 2
+    await store.set_queue_limits({})
+    assert store.queue_limits == {"default": 0}
+    others = await submit(store, spec(10, queue="gpu"), spec(11))
+    (plain,) = await claim(store, "h", 8, 6.0)
+    assert plain.job_id == others[1].id
+    assert (await store.get(others[0].id)).state is JobState.QUEUED
+
+
+@pytest_twisted.ensureDeferred
 async def test_queues_take_turns(make_store):
     """Among jobs of equal priority the queues take turns, so a busy queue
     cannot starve another."""

@@ -102,6 +102,47 @@ def test_sighup_reloads_tokens_limits_and_level_and_names_the_rest(twistd, tmp_p
     assert daemon.process.poll() is None
 
 
+def test_sighup_reloads_the_queues(twistd):
+    """SIGHUP applies the queues: a limit raised starts the jobs waiting
+    behind it at once, a queue added takes submissions (with its
+    defaults) and shows in GET /v1/queues, and one removed refuses them;
+    the job already running runs on."""
+    daemon = twistd("[executor]\nslots = 4\n[queue:gpu]\nmax_running = 1\n")
+    daemon.start()
+    jobs = [daemon.request("POST", "/v1/jobs", {"command": ["sleep", "300"], "queue": "gpu"})[1]
+            for _ in range(3)]
+    daemon.wait(jobs[0]["id"], ("running",))
+    code, waiting = daemon.request("GET", f"/v1/jobs/{jobs[1]['id']}")
+    assert waiting["state"] == "queued" and "limit of 1" in waiting["wait_reason"]
+    code, refused = daemon.request("POST", "/v1/jobs", {"command": ["true"], "queue": "cpu"})
+    assert code == 400, refused
+    with open(daemon.config, "w") as f:
+        f.write("[executor]\nslots = 4\n[queue:gpu]\nmax_running = 3\n"
+                "[queue:cpu]\npriority = 7\n")
+    offset = log_size(daemon)
+    daemon.process.send_signal(signal.SIGHUP)
+    text = log_after(daemon, offset, "reloaded")
+    assert "applied [queue:cpu], [queue:gpu]" in text, text
+    for job in jobs:
+        daemon.wait(job["id"], ("running",))
+    code, queues = daemon.request("GET", "/v1/queues")
+    queues = queues["queues"]
+    assert queues["gpu"]["max_running"] == 3 and queues["gpu"]["running"] == 3, queues
+    assert "cpu" in queues, queues
+    code, cpu = daemon.request("POST", "/v1/jobs", {"command": ["true"], "queue": "cpu"})
+    assert code == 201 and cpu["priority"] == 7, cpu
+    assert daemon.wait(cpu["id"], ("succeeded",))["state"] == "succeeded"
+    with open(daemon.config, "w") as f:
+        f.write("[executor]\nslots = 4\n[queue:gpu]\nmax_running = 3\n")
+    offset = log_size(daemon)
+    daemon.process.send_signal(signal.SIGHUP)
+    log_after(daemon, offset, "reloaded")
+    code, refused = daemon.request("POST", "/v1/jobs", {"command": ["true"], "queue": "cpu"})
+    assert code == 400 and "cpu" in refused["error"]["message"], refused
+    code, first = daemon.request("GET", f"/v1/jobs/{jobs[0]['id']}")
+    assert first["state"] == "running" and len(first["attempts"]) == 1
+
+
 def test_a_bad_file_on_reload_keeps_the_running_configuration(twistd):
     """A configuration that no longer loads is one warning line on SIGHUP,
     and the daemon runs on as it was."""

@@ -538,17 +538,25 @@ class DispatcherAPI(Resource):
         )
 
     def reconfigure(
-        self, max_array: int, max_stored_bytes: Optional[int], quotas: Quotas
+        self,
+        max_array: int,
+        max_stored_bytes: Optional[int],
+        quotas: Quotas,
+        queues: Optional[Mapping[str, Any]] = None,
     ) -> None:
         """
         Take new limits from now on (a reload of the configuration): the
         most jobs a request may make, the most its stored specs may hold,
-        and each principal's quota (the owners' buckets start full); the
-        served OpenAPI document says the new limits.
+        each principal's quota (the owners' buckets start full) and, if
+        given, the queues a job may name, with their defaults; the served
+        OpenAPI document says the new limits.
         """
         self._max_array = max_array
         self._max_stored_bytes = max_stored_bytes
         self._rates = SubmissionRates(quotas, self._clock)
+        if queues is not None:
+            self._queues = queues
+            self.metrics.queues = tuple(sorted(queues))
         self._openapi = encode(
             openapi_document(
                 max_array=max_array,

@@ -660,8 +660,13 @@ class DaemonService(MultiService):
         if now:
             self.job_log.lines_per_second = new.log.job_lines
             self.credentials.set_fixed(_fixed_credentials(new))
+            if new.queues != old.queues:
+                await self.dispatcher.set_queue_limits(
+                    {name: q.max_running for name, q in new.queues.items()}
+                )
             self.api.reconfigure(
-                new.dispatcher.max_array, new.dispatcher.max_stored_bytes, new.quotas
+                new.dispatcher.max_array, new.dispatcher.max_stored_bytes, new.quotas,
+                new.queues,
             )
             self.config = applied(old, new)
         # What the reload did is written at the lower of the two levels, so

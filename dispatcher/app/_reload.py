@@ -5,10 +5,12 @@ daemon, and what differs between two configurations, key by key.
 A reload applies what the daemon reads afresh at each use: the log's
 level and its job lines' bound, the fixed tokens (C{[api] token_file},
 C{[workers] token_file}), the request limits (C{[dispatcher] max_array},
-C{max_stored_bytes}) and the quotas.  Anything else (the listen address,
-the data directory, slots, threads, tasks, queues, ...) is built into
-running parts (a bound port, a store's writer, thread pools, imported
-tasks) and waits for a restart: the reload says which.
+C{max_stored_bytes}), the quotas and the queues (C{[queue:NAME]}: a
+queue added, removed, or with a new limit or new defaults for the jobs
+submitted from then on).  Anything else (the listen address, the data
+directory, slots, threads, tasks, ...) is built into running parts (a
+bound port, thread pools, imported tasks) and waits for a restart: the
+reload says which.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ def applies(key: str) -> bool:
     Whether a reload applies the key C{key} ("[section] key", or a quota
     section's name).
     """
-    return key in RELOADABLE or key.startswith("[quota")
+    return key in RELOADABLE or key.startswith(("[quota", "[queue:"))
 
 
 def changes(old: Config, new: Config) -> list[str]:
@@ -107,4 +109,5 @@ def applied(old: Config, new: Config) -> Config:
             max_stored_bytes=new.dispatcher.max_stored_bytes,
         ),
         quotas=new.quotas,
+        queues=new.queues,
     )

@@ -12,7 +12,7 @@ back-offs run on it.
 from __future__ import annotations
 
 import operator
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import attrs
 from twisted.application.service import Service
@@ -671,6 +671,15 @@ class Dispatcher(Service):
         d.addErrback(lambda f: log.failure("purging idempotency keys failed", f))
         if self._accepting:
             self._purge_call = self._clock.callLater(PURGE_INTERVAL, self._purge)
+
+    async def set_queue_limits(self, queues: Mapping[str, int]) -> None:
+        """
+        Take new queue limits (a reload of the configuration) from the
+        next claim on, and claim what they let start now.
+        """
+        await self.store.set_queue_limits(queues)
+        self.scheduler.queues_changed()
+        self._pump()
 
     def capacity_changed(self) -> None:
         """

@@ -105,6 +105,15 @@ class Scheduler:
             # have been one of that queue's: look again.
             self._queued = max(self._queued, 1)
 
+    def queues_changed(self) -> None:
+        """
+        The queues or their limits changed (a reload): jobs held behind a
+        limit, or in a queue just configured, may be claimable now; look
+        again, for as many as the holders have room for.
+        """
+        self._queued = max(self._queued, sum(self._free.values()), 1)
+        self._dry.clear()
+
     def next_claims(self) -> list[Claim]:
         """
         What to claim now; the slots and jobs named are reserved until

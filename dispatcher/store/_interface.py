@@ -474,6 +474,16 @@ class IJobStore(Interface):
         and newest ids stored (C{None} when none is).
         """
 
+    def set_queue_limits(queues):
+        """
+        Take C{queues} (a mapping of queue name to its limit of jobs
+        staging or running at once, 0 for none) as the configured queues
+        from now on (a reload of the configuration): claims after this
+        fires respect them, and L{queue_limits} says them.  Jobs running
+        past a lowered limit run on; jobs of a queue no longer configured
+        stay queued until it is again.
+        """
+
     def record_presence(worker, change, now):
         """
         Store the event of the remote worker C{worker} that connected or

@@ -62,6 +62,7 @@ from dispatcher.store._writes import (
     RecordDeliveries,
     RecordProcess,
     RecordPresence,
+    SetQueueLimits,
     Recover,
     Release,
     RemoveEvents,
@@ -121,6 +122,17 @@ class WriterState:
         self.queues = sorted(self.limits)
         self.limited = any(self.limits.values())
 
+    def set_limits(self, limits: Mapping[str, int]) -> None:
+        """
+        Take C{limits} as the queues and their limits from the next claim
+        on; the queue whose turn it was keeps it if it is still there.
+        """
+        turn = self.queues[self.turn] if self.turn < len(self.queues) else None
+        self.limits = dict(limits)
+        self.queues = sorted(self.limits)
+        self.limited = any(self.limits.values())
+        self.turn = self.queues.index(turn) if turn in self.limits else 0
+
     def load(self, conn: sqlite3.Connection) -> None:
         """
         Take the next lease token, whether any job has dependents, each
@@ -151,6 +163,18 @@ def record_changes(
     events = record_events(writer, conn, work, results)
     writer.counts.count_events(conn, events)
     return events
+
+
+def set_queue_limits(
+    writer: WriterState, conn: sqlite3.Connection, limits: Mapping[str, int]
+) -> Written:
+    """
+    Take new queue limits (L{SetQueueLimits}): the writer's alone, nothing
+    stored.  Jobs already running past a lowered limit run on; no more
+    start in that queue until it has room.
+    """
+    writer.set_limits(limits)
+    return Written(None)
 
 
 def _not_owned(row_owner: Optional[str], owner: Optional[str]) -> bool:
@@ -305,6 +329,7 @@ OPERATIONS: Mapping[type, Callable[..., Any]] = {
     CancelGroup: cancel_group,
     RetryGroup: retry_group,
     RecordDeliveries: record_deliveries,
+    SetQueueLimits: set_queue_limits,
 }
 
 

@@ -593,6 +593,23 @@ class SQLiteJobStore:
         """
         return self._read(read_events, after, limit)
 
+    def set_queue_limits(self, queues: Mapping[str, int]) -> Deferred:
+        """
+        Take C{queues} (each queue's limit of running jobs, 0 for none;
+        C{default} is added if missing) as the configured queues from now
+        on; fires once the writer has them, and L{queue_limits} says so.
+        """
+        limits = dict(queues)
+        limits.setdefault("default", 0)
+
+        def taken(written: Any) -> Any:
+            # Also when the group's commit failed: the writer took them
+            # (they are its own, not stored).
+            self._limits = limits
+            return written
+
+        return self._write(writes.SetQueueLimits(dict(limits))).addBoth(taken)
+
     def record_presence(self, worker: str, change: str, now: float) -> Deferred:
         """
         Store the event of a worker that connected or left; fires once it

@@ -13,7 +13,7 @@ its operation's arguments: the writer applies thousands a second.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Sequence, Union
+from typing import Mapping, NamedTuple, Optional, Sequence, Union
 
 from dispatcher.model._groups import GroupKind
 from dispatcher.model._jobs import JobSpec, JobState, Lease, Offer, Outcome, PlainJobs, Resources
@@ -239,6 +239,15 @@ class RecordPresence(NamedTuple):
     now: float
 
 
+class SetQueueLimits(NamedTuple):
+    """
+    Take each queue's limit of running jobs from now on (a reload of the
+    configuration): the queues' names and limits, C{default} among them.
+    """
+
+    limits: Mapping[str, int]
+
+
 class RemoveEvents(NamedTuple):
     """
     One step of removing old events: at most C{limit} of those older than
@@ -289,4 +298,5 @@ Write = Union[
     Submit, SubmitPlain, Claim, ResumeLeases, RecordProcess, MarkRunning, Finish, Release,
     Cancel, Retry, PromoteDue, PurgeIdempotency, RemoveFinished, Remove, Shrink,
     Recover, RecordPresence, RemoveEvents, CancelGroup, RetryGroup, RecordDeliveries,
+    SetQueueLimits,
 ]
