@@ -515,6 +515,34 @@ def test_ls_watch_redraws_when_a_job_changes(daemon):
     assert child.exitstatus == 130 or child.signalstatus is not None
 
 
+# tgkill(2): a signal to one thread of a process.
+TGKILL = {"x86_64": 234, "aarch64": 131}.get(os.uname().machine)
+
+
+@pytest.mark.skipif(TGKILL is None, reason=f"no tgkill number known for {os.uname().machine}")
+def test_ls_watch_ends_on_a_ctrl_c_that_reaches_its_events_thread(daemon):
+    """A Ctrl-C the kernel hands to the thread that reads the events (any
+    thread of the process may take it) still ends ls --watch, though no
+    event comes to wake the main thread, where Python raises it."""
+    import ctypes
+    import signal
+
+    child = terminal(daemon, "ls", "--watch", "--label", "case=quiet")
+    child.expect("Ctrl-C ends")
+    threads = []
+    deadline = time.monotonic() + 10
+    while len(threads) < 2:
+        assert time.monotonic() < deadline, "no events thread"
+        threads = sorted(int(t) for t in os.listdir(f"/proc/{child.pid}/task"))
+        time.sleep(0.05)
+    events_thread = [t for t in threads if t != child.pid][0]
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.syscall(TGKILL, child.pid, events_thread, signal.SIGINT) == 0
+    child.expect(pexpect.EOF, timeout=10)
+    child.close()
+    assert child.exitstatus == 130 or child.signalstatus is not None
+
+
 def test_the_cli_package_exports_the_command_group_alone():
     """dispatcher.cli's public surface is the maker of the command group."""
     import dispatcher.cli

@@ -44,6 +44,12 @@ WATCH_POLL_SECONDS = 2.0
 # are drawn together, so that a burst costs one listing.
 WATCH_COALESCE_SECONDS = 0.2
 
+# The longest the main thread waits at once.  A Ctrl-C may be delivered to
+# the thread that reads the events; Python runs its handler (the
+# KeyboardInterrupt) in the main thread only, once that thread wakes: a
+# wait without end would keep it from ever running.
+WATCH_WAKE_SECONDS = 0.25
+
 INTERRUPTED = 130
 
 # Seconds a TAB waits for the dispatcher to list the ids it completes.
@@ -376,7 +382,13 @@ def _watch(client: Any, listing: Callable[[], tuple[list[Any], bool]],
     with Live(frame(), console=render.console(), auto_refresh=False,
               redirect_stdout=False) as live:
         while True:
-            if changed.wait(WATCH_POLL_SECONDS if source["how"] == "polling" else None):
+            waited = 0.0
+            while not changed.is_set():
+                if source["how"] == "polling" and waited >= WATCH_POLL_SECONDS:
+                    break
+                changed.wait(WATCH_WAKE_SECONDS)
+                waited += WATCH_WAKE_SECONDS
+            if changed.is_set():
                 changed.wait(WATCH_COALESCE_SECONDS)
             changed.clear()
             live.update(frame(), refresh=True)
