@@ -9,6 +9,7 @@ and logs -f in a real terminal (a pty).
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -447,12 +448,19 @@ def test_job_ids_complete_from_the_dispatcher(daemon):
 
 # In a real terminal
 
+def _as_in_a_shell():
+    # A person's shell runs a command in the foreground with SIGINT at its
+    # default, whatever it was here: a suite started in the background of
+    # a script has it ignored (POSIX), which the command would inherit.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def terminal(daemon, *args, timeout=30):
     """The dispatcher command in a pseudo-terminal, as a person runs it."""
     # NO_COLOR: rich draws the same, without colours between the words
     # the test looks for.
     return pexpect.spawn(DISPATCHER, list(args), env=dict(daemon.env, NO_COLOR="1"),
-                         timeout=timeout,
+                         timeout=timeout, preexec_fn=_as_in_a_shell,
                          dimensions=(40, 160), encoding="utf-8")
 
 
@@ -525,7 +533,6 @@ def test_ls_watch_ends_on_a_ctrl_c_that_reaches_its_events_thread(daemon):
     thread of the process may take it) still ends ls --watch, though no
     event comes to wake the main thread, where Python raises it."""
     import ctypes
-    import signal
 
     child = terminal(daemon, "ls", "--watch", "--label", "case=quiet")
     child.expect("Ctrl-C ends")
