@@ -385,7 +385,8 @@ def test_a_worker_removes_its_jobs_directories_once_old_after_a_restart_too(
     # Restarted with 2.6 s.
     worker.args[worker.args.index("none")] = "0.00003"
     worker.start()
-    poll(lambda: "asks" in worker.output().split("stopped")[-1], what="the restart")
+    poll(lambda: "asks" in worker.output().split("worker node-a stopped")[-1],
+         what="the restart")
     second = WorkerProcess(tmp_path, dispatcher.url, worker.args[
         worker.args.index("--token-file") + 1], name="node-b")
     second.args += ["--data-dir", str(data)]
