@@ -14,8 +14,9 @@ from twisted.internet import reactor
 from twisted.internet.defer import ensureDeferred, gatherResults
 from twisted.internet.task import Clock, deferLater
 
-from dispatcher.model._jobs import JobState, Limits, Offer, Outcome, PlainJobs, StaleLease
-from dispatcher.store import _schema, _sqlite, _submissions
+from dispatcher.model._events import JobEvent
+from dispatcher.model._jobs import JobSpec, JobState, Limits, Offer, Outcome, PlainJobs, StaleLease
+from dispatcher.store import _events, _schema, _sqlite, _submissions
 from dispatcher.store._results import (
     CommitFailed,
     IdempotencyKey,
@@ -118,10 +119,11 @@ async def test_plain_jobs_join_the_submissions_stored_together(store, monkeypatc
     refused insert fails only its own; with an idempotency key they are
     stored alone, and a replay answers the jobs first made.  The same with
     rows read from JSON by SQLite and with rows bound from Python (for an
-    SQLite without JSON functions)."""
+    SQLite without JSON functions), the jobs' events too."""
     if json_rows and not _submissions.JSON_ROWS:
         pytest.skip(f"SQLite {sqlite3.sqlite_version} has no JSON functions built in")
     monkeypatch.setattr(_submissions, "JSON_ROWS", json_rows)
+    monkeypatch.setattr(_events, "JSON_ROWS", json_rows)
     first, plain_ids, last = ids.new(), [ids.new(), ids.new()], ids.new()
     plain = PlainJobs([["true", "p0"], ["true", "p1"]],
                       priority=2, timeout=9.0)
@@ -148,6 +150,12 @@ async def test_plain_jobs_join_the_submissions_stored_together(store, monkeypatc
     seqs = store._writer.connection.execute(
         "SELECT seq FROM jobs ORDER BY seq").fetchall()
     assert [seq for (seq,) in seqs] == [1, 2, 3, 4, 5]
+    # Each job's event, queued and new, numbered in the order submitted,
+    # as stored and as published.
+    stored_events = (await store.read_events(0, 100)).events
+    assert [(e.id, e.job_id, e.state, e.previous) for e in stored_events] == [
+        (n, job_id, JobState.QUEUED, None) for n, job_id in enumerate(
+            [together[0], *together[1], together[2], *together[3]], 1)]
     asked = [
         store.submit([spec(1)], 1.0, [first]),
         store.submit_plain(plain, 1.0, plain_ids),
@@ -662,3 +670,22 @@ async def test_webhook_triggers_come_with_the_first_job_that_names_notify(make_s
     await store.cancel(job.id, 200.0)
     (delivery,) = await store.due_deliveries(10.0**12, 10)
     assert (delivery.job_id, delivery.state) == (job.id, JobState.CANCELLED)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_plain_batch_publishes_an_event_for_each_of_its_jobs(store):
+    """A plain batch's jobs are published as they are stored: one event a
+    job, in order, new and queued, with the owner and what of the spec an
+    event shows (its queue and batch), numbered after the events before."""
+    published = []
+    store.follow_events(published.extend)
+    await submit(store, spec(0))
+    made = [ids.new() for _ in range(3)]
+    jobs = PlainJobs([["true", "a"], ["true", "b"], ["true", "c"]], batch_id="b-1")
+    await store.submit_plain(jobs, 7.5, made, owner="ann")
+    assert len(published) == 4
+    assert published[1:] == [
+        JobEvent(job_id, JobState.QUEUED, None, n, 7.5, None, None, None, None, "ann",
+                 JobSpec(queue="default", batch_id="b-1"), None)
+        for n, job_id in enumerate(made, published[0].id + 1)]
+    assert all(type(event) is JobEvent for event in published)
