@@ -30,6 +30,7 @@ from typing import Any, Optional, Sequence
 
 from dispatcher.model._events import JobEvent
 from dispatcher.model._jobs import FINAL_STATES, JobState
+from dispatcher.store._events import SameChange
 
 # The states of an unfinished job, as the jobs table writes them.
 UNFINISHED = tuple(s.value for s in JobState if s not in FINAL_STATES)
@@ -224,6 +225,14 @@ class StateCounts:
         pending = self._pending
         removed = self._removed
         for events in events_by_write:
+            if type(events) is SameChange and events:
+                # Counted at once (a batch's jobs, new and queued).
+                event = events[0]
+                queue = event.spec.queue
+                owner = NO_OWNER if event.owner is None else event.owner
+                key = (queue, owner, event.state._value_)
+                pending[key] = pending.get(key, 0) + len(events)
+                continue
             for event in events:
                 spec = event.spec if type(event) is JobEvent else _NOT_A_JOB
                 if spec is _NOT_A_JOB:

@@ -90,6 +90,17 @@ class RemovedEvents:
     done: bool
 
 
+class SameChange(list):
+    """
+    The events of a write that made the same change to every job it
+    changed, all of one queue and owner (a plain submission's: new and
+    queued, none with a state it left), so that they are counted at once
+    (L{dispatcher.store._counts.StateCounts.count_events}).
+    """
+
+    __slots__ = ()
+
+
 @functools.lru_cache(maxsize=32)
 def _insert_statement(present: tuple[bool, ...]) -> str:
     columns = ["id", "at", "job_id", "state", *itertools.compress(_OPTIONAL, present)]
@@ -257,7 +268,7 @@ def record_events(
                     zip(numbers, repeat(now), ids, repeat(_QUEUED_VALUE))
                 )
             owner, spec = known  # type: ignore[misc]
-            by_write[place] = list(map(_new_tuple, repeat(JobEvent), zip(
+            by_write[place] = SameChange(map(_new_tuple, repeat(JobEvent), zip(
                 ids, repeat(JobState.QUEUED), repeat(None), numbers, repeat(now),
                 repeat(None), repeat(None), repeat(None), repeat(None), repeat(owner),
                 repeat(spec), repeat(None),
