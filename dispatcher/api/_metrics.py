@@ -34,7 +34,7 @@ from prometheus_client.registry import Collector
 from twisted.application.service import Service
 from twisted.internet.interfaces import IDelayedCall
 
-from dispatcher.model._events import JobEvent
+from dispatcher.model._events import JobEvent, SameChange
 from dispatcher.model._jobs import FINAL_STATES, JobState
 
 # What a scrape is answered with: the classic text format, which every
@@ -295,7 +295,13 @@ class DispatcherMetrics:
         L{dispatcher.core.JobEvents}): count new jobs and ends, and time
         attempts from running to their end.
         """
-        # New jobs of one queue in a row (a batch's) are counted at once.
+        if type(events) is SameChange and events:
+            # New jobs of one queue and owner (a batch's): counted at once.
+            spec = events[0].spec
+            if spec is not None:
+                self._count_submitted(spec.queue, len(events))
+            return
+        # New jobs of one queue in a row are counted at once.
         new_queue: Optional[str] = None
         new = 0
         for event in events:

@@ -86,10 +86,17 @@ class JobEvents:
         Tell every subscriber of each job event of one write, and every
         follower of all of them.
         """
-        if self._subscribers:
+        subscribers = list(self._subscribers)
+        if subscribers:
+            # publish() inlined: this runs for every event of every job.
             for event in events:
                 if type(event) is JobEvent:
-                    self.publish(event)
+                    for subscriber in subscribers:
+                        try:
+                            subscriber(event)
+                        except Exception:
+                            log.failure("job event subscriber {subscriber!r} failed",
+                                        subscriber=subscriber)
         for follower in list(self._followers):
             try:
                 follower(events)

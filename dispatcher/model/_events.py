@@ -167,3 +167,15 @@ def _has_labels(
         if key not in labels or (value is not None and labels[key] != value):
             return False
     return True
+
+
+class SameChange(list):
+    """
+    The events of one write that made the same change to every job it
+    changed, all of one queue and owner (a plain submission's: new and
+    queued, none with a state it left), so that whoever counts them may
+    count them at once (L{dispatcher.store._counts.StateCounts.count_events},
+    the metrics' count of submissions).
+    """
+
+    __slots__ = ()

@@ -28,9 +28,8 @@ import sqlite3
 import threading
 from typing import Any, Optional, Sequence
 
-from dispatcher.model._events import JobEvent
+from dispatcher.model._events import JobEvent, SameChange
 from dispatcher.model._jobs import FINAL_STATES, JobState
-from dispatcher.store._events import SameChange
 
 # The states of an unfinished job, as the jobs table writes them.
 UNFINISHED = tuple(s.value for s in JobState if s not in FINAL_STATES)

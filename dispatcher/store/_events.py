@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence, Union
 import attrs
 import orjson
 
-from dispatcher.model._events import JobEvent, WorkerEvent
+from dispatcher.model._events import JobEvent, SameChange, WorkerEvent
 from dispatcher.model._jobs import JobSpec, JobState
 from dispatcher.store._queries import JSON_ROWS
 from dispatcher.store._results import Written
@@ -88,17 +88,6 @@ class RemovedEvents:
 
     removed: int
     done: bool
-
-
-class SameChange(list):
-    """
-    The events of a write that made the same change to every job it
-    changed, all of one queue and owner (a plain submission's: new and
-    queued, none with a state it left), so that they are counted at once
-    (L{dispatcher.store._counts.StateCounts.count_events}).
-    """
-
-    __slots__ = ()
 
 
 @functools.lru_cache(maxsize=32)
