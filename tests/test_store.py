@@ -14,7 +14,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import ensureDeferred, gatherResults
 from twisted.internet.task import Clock, deferLater
 
-from dispatcher.model._events import JobEvent
+from dispatcher.model._events import JobEvent, SameChange
 from dispatcher.model._jobs import JobSpec, JobState, Limits, Offer, Outcome, PlainJobs, StaleLease
 from dispatcher.store import _events, _schema, _sqlite, _submissions
 from dispatcher.store._results import (
@@ -689,3 +689,19 @@ async def test_a_plain_batch_publishes_an_event_for_each_of_its_jobs(store):
                  JobSpec(queue="default", batch_id="b-1"), None)
         for n, job_id in enumerate(made, published[0].id + 1)]
     assert all(type(event) is JobEvent for event in published)
+
+
+def test_same_change_reads_as_the_events_it_stands_for():
+    """A SameChange is the sequence of its events: iterated, indexed from
+    either end, sliced, compared, counted."""
+    spec = JobSpec(queue="q", batch_id="b")
+    events = SameChange(["j1", "j2", "j3"], 10, 2.5, JobState.QUEUED, "ann", spec)
+    expected = [JobEvent(job_id, JobState.QUEUED, None, n, 2.5, owner="ann", spec=spec)
+                for n, job_id in enumerate(["j1", "j2", "j3"], 10)]
+    assert list(events) == expected and events == expected and len(events) == 3
+    assert [type(event) for event in events] == [JobEvent] * 3
+    assert events[0] == expected[0] and events[-1] == expected[-1]
+    assert events[1:] == expected[1:]
+    assert bool(events) and not SameChange([], 1, 0.0, JobState.QUEUED, None, spec)
+    with pytest.raises(IndexError):
+        events[3]

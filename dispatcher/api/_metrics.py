@@ -295,11 +295,10 @@ class DispatcherMetrics:
         L{dispatcher.core.JobEvents}): count new jobs and ends, and time
         attempts from running to their end.
         """
-        if type(events) is SameChange and events:
+        if type(events) is SameChange:
             # New jobs of one queue and owner (a batch's): counted at once.
-            spec = events[0].spec
-            if spec is not None:
-                self._count_submitted(spec.queue, len(events))
+            if events.spec is not None and len(events):
+                self._count_submitted(events.spec.queue, len(events))
             return
         # New jobs of one queue in a row are counted at once.
         new_queue: Optional[str] = None

@@ -24,7 +24,7 @@ from typing import Any, Optional, Sequence, Union
 
 from twisted.logger import Logger
 
-from dispatcher.model._events import CONNECTED, JobEvent, WorkerEvent
+from dispatcher.model._events import CONNECTED, JobEvent, SameChange, WorkerEvent
 from dispatcher.model._jobs import JobState
 
 __all__ = ["JobLog"]
@@ -70,7 +70,8 @@ class JobLog:
         """
         Log what one committed write changed (a follower of L{JobEvents}).
         """
-        if self.quiet:
+        if self.quiet or type(events) is SameChange:
+            # (New jobs are told by the API's line for their request.)
             return
         for event in events:
             if type(event) is WorkerEvent:

@@ -224,12 +224,10 @@ class StateCounts:
         pending = self._pending
         removed = self._removed
         for events in events_by_write:
-            if type(events) is SameChange and events:
+            if type(events) is SameChange:
                 # Counted at once (a batch's jobs, new and queued).
-                event = events[0]
-                queue = event.spec.queue
-                owner = NO_OWNER if event.owner is None else event.owner
-                key = (queue, owner, event.state._value_)
+                owner = NO_OWNER if events.owner is None else events.owner
+                key = (events.spec.queue, owner, events.state._value_)
                 pending[key] = pending.get(key, 0) + len(events)
                 continue
             for event in events:

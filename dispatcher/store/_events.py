@@ -242,9 +242,10 @@ def record_events(
         known = _known(write, value.value)
         if kind is SubmitPlain:
             # Every job of the request new and queued, with the same owner
-            # and shown spec: rows and events made in C, by zip and map (a
-            # loop here was half the writer's time for a batch of plain
-            # jobs, past the inserts of the jobs themselves).
+            # and shown spec: the rows made by SQLite or in C, the events
+            # made only as they are read (SameChange), on the reactor
+            # thread (a loop here was half the writer's time for a batch
+            # of plain jobs, past the inserts of the jobs themselves).
             ids = value.value.ids
             numbers = range(next_id, next_id + len(ids))
             if JSON_ROWS:
@@ -257,11 +258,7 @@ def record_events(
                     zip(numbers, repeat(now), ids, repeat(_QUEUED_VALUE))
                 )
             owner, spec = known  # type: ignore[misc]
-            by_write[place] = SameChange(map(_new_tuple, repeat(JobEvent), zip(
-                ids, repeat(JobState.QUEUED), repeat(None), numbers, repeat(now),
-                repeat(None), repeat(None), repeat(None), repeat(None), repeat(owner),
-                repeat(spec), repeat(None),
-            )))
+            by_write[place] = SameChange(ids, next_id, now, JobState.QUEUED, owner, spec)
             next_id += len(ids)
             continue
         holder = write.lease.holder if kind in _LEASED else None  # type: ignore[union-attr]
@@ -337,9 +334,6 @@ _NOTHING = (False, False, False, False)
 _PADDING = (None, None, None, None)
 _CLAIMED = (True, True, False, False)
 _QUEUED_VALUE = JobState.QUEUED.value
-# A JobEvent from a tuple of all its fields, in their order, without the
-# call of its Python __new__.
-_new_tuple = tuple.__new__
 # The events of a plain submission's jobs, new and queued: their ids from a
 # JSON array, numbered from the first id given.
 _INSERT_QUEUED = (
