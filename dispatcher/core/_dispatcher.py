@@ -23,6 +23,7 @@ from twisted.python.failure import Failure
 
 from dispatcher._deferreds import shielded
 from dispatcher.core._events import JobEvent, JobEvents
+from dispatcher.model._events import SameChange
 from dispatcher.core._waits import MAX_WAITS, Waits
 from dispatcher.execution._executor import LocalExecutor, RunningJob
 from dispatcher.execution._host import detect_resources
@@ -176,7 +177,7 @@ class Dispatcher(Service):
             max_worker_names,
             presence=self._worker_presence,
         )
-        self.events.subscribe(self._job_changed)
+        self.events.follow(self._jobs_changed)
         # Every commit's events, with their ids, as the store commits them
         # (before its writes are answered): the one publication of every
         # change, in id order.
@@ -703,10 +704,22 @@ class Dispatcher(Service):
 
         d.addCallbacks(lambda _: None, failed)
 
-    def _job_changed(self, event: JobEvent) -> None:
-        # _apply, which publishes every queued event, pumps once after them.
-        if event.state is JobState.QUEUED:
-            self.scheduler.jobs_queued(1)
+    def _jobs_changed(self, events: Sequence[Any]) -> None:
+        """
+        The events of one committed write: count the jobs it queued for
+        the scheduler (L{_apply}, which runs after, pumps once for them).
+        """
+        if type(events) is SameChange:
+            # A batch's jobs, all new and queued: counted at once.
+            if events.state is JobState.QUEUED:
+                self.scheduler.jobs_queued(len(events))
+            return
+        queued = 0
+        for event in events:
+            if type(event) is JobEvent and event.state is JobState.QUEUED:
+                queued += 1
+        if queued:
+            self.scheduler.jobs_queued(queued)
 
     def _pump(self) -> None:
         if not self._accepting:
