@@ -19,7 +19,10 @@ event is read, and taken from what the write had in hand for the events
 it publishes live (a claim's lease, a submission's jobs), so that the
 no-op path reads nothing more.  A column without a value is left out of
 the statement (SQLite binds a Python C{None} several times slower than a
-number).
+number).  The events of a plain submission's jobs (a batch of commands or
+tasks: all new, queued, of one owner) are one row: C{jobs} of them, their
+ids a JSON array in C{job_ids}, numbered from the row's id on, read back
+one event a job.
 """
 
 from __future__ import annotations
@@ -27,7 +30,6 @@ from __future__ import annotations
 import functools
 import itertools
 import sqlite3
-from itertools import repeat
 from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence, Union
 
 import attrs
@@ -35,7 +37,6 @@ import orjson
 
 from dispatcher.model._events import JobEvent, SameChange, WorkerEvent
 from dispatcher.model._jobs import JobSpec, JobState
-from dispatcher.store._queries import JSON_ROWS
 from dispatcher.store._results import Written
 from dispatcher.store._stored import decode_stored
 from dispatcher.store._writes import (
@@ -195,9 +196,9 @@ def record_events(
     # Rows by the optional columns they have (see _insert_statement).
     shapes: dict[tuple[bool, ...], list[Any]] = {}
     worker_rows: list[tuple[int, float, str, str]] = []
-    # Plain submissions' events where SQLite reads JSON: the first id, the
-    # time and the jobs' ids as a JSON array, one a write.
-    plain_rows: list[tuple[int, float, str]] = []
+    # Plain submissions' events, one row a write: the first id, the time,
+    # how many jobs and their ids as a JSON array.
+    plain_rows: list[tuple[int, float, int, str]] = []
     # Events whose job's owner and spec are to be read from its row.
     unknown: list[tuple[list[Event], int]] = []
     next_id = 0
@@ -242,21 +243,14 @@ def record_events(
         known = _known(write, value.value)
         if kind is SubmitPlain:
             # Every job of the request new and queued, with the same owner
-            # and shown spec: the rows made by SQLite or in C, the events
-            # made only as they are read (SameChange), on the reactor
-            # thread (a loop here was half the writer's time for a batch
-            # of plain jobs, past the inserts of the jobs themselves).
+            # and shown spec: one row, and the events made only as they
+            # are read (SameChange), on the reactor thread (a loop here was
+            # half the writer's time for a batch of plain jobs, past the
+            # inserts of the jobs themselves).
             ids = value.value.ids
-            numbers = range(next_id, next_id + len(ids))
-            if JSON_ROWS:
-                # One statement that reads the ids from a JSON array, as
-                # the jobs' own insert does: binding four values a row
-                # from Python cost more than SQLite's reading them.
-                plain_rows.append((next_id, now, orjson.dumps(ids).decode()))
-            else:
-                shapes.setdefault(_NOTHING, []).extend(
-                    zip(numbers, repeat(now), ids, repeat(_QUEUED_VALUE))
-                )
+            # One row for all (a row a job cost a batch a sixth of its
+            # rate): the ids as a JSON array, numbered from the row's id.
+            plain_rows.append((next_id, now, len(ids), orjson.dumps(ids).decode()))
             owner, spec = known  # type: ignore[misc]
             by_write[place] = SameChange(ids, next_id, now, JobState.QUEUED, owner, spec)
             next_id += len(ids)
@@ -310,8 +304,8 @@ def record_events(
                 )
     for shape, rows in shapes.items():
         conn.executemany(_insert_statement(shape), rows)
-    for row in plain_rows:
-        conn.execute(_INSERT_QUEUED, row)
+    if plain_rows:
+        conn.executemany(_INSERT_QUEUED, plain_rows)
     if worker_rows:
         conn.executemany(
             "INSERT INTO events (id, at, state, worker) VALUES (?, ?, ?, ?)", worker_rows
@@ -322,10 +316,11 @@ def record_events(
 def _next_id(conn: sqlite3.Connection) -> int:
     """
     The next event's id: one past the greatest stored (one seek to the end
-    of the table's key).
+    of the table's key; a row of several jobs' events holds the ids from
+    its own on).
     """
-    (top,) = conn.execute("SELECT MAX(id) FROM events").fetchone()
-    return (top or 0) + 1
+    found = conn.execute(_NEXT).fetchone()
+    return 1 if found is None else found[0]
 
 
 # The shapes of the commonest rows: no optional column (a new job), and a
@@ -334,26 +329,34 @@ _NOTHING = (False, False, False, False)
 _PADDING = (None, None, None, None)
 _CLAIMED = (True, True, False, False)
 _QUEUED_VALUE = JobState.QUEUED.value
-# The events of a plain submission's jobs, new and queued: their ids from a
-# JSON array, numbered from the first id given.
+# The events of a plain submission's jobs, new and queued: one row, their
+# ids a JSON array, numbered from the row's id.
 _INSERT_QUEUED = (
-    "INSERT INTO events (id, at, job_id, state)"
-    f" SELECT ? + key, ?, value, '{_QUEUED_VALUE}' FROM json_each(?)"
+    f"INSERT INTO events (id, at, state, jobs, job_ids) VALUES (?, ?, '{_QUEUED_VALUE}', ?, ?)"
 )
 # The writes made for a lease, whose events carry its holder.
 _LEASED = (MarkRunning, Finish, Release)
 
 
 # What a read of stored events selects: the event's row, and what its job
-# still says (nothing, for a job removed since).
+# still says (nothing, for a job removed since; a row of several jobs'
+# events looks its jobs up after).  From the row that holds the first
+# event after the id asked for (a row of several may begin before it).
 _READ = (
     "SELECT e.id, e.at, e.job_id, e.state, e.previous, e.attempt, e.exit_code,"
-    " e.error, e.worker, j.owner, j.name, j.queue, j.labels, j.array_id, j.batch_id"
+    " e.error, e.worker, e.jobs, e.job_ids,"
+    " j.owner, j.name, j.queue, j.labels, j.array_id, j.batch_id"
     " FROM events e LEFT JOIN jobs j ON j.id = e.job_id"
-    " WHERE e.id > ? ORDER BY e.id LIMIT ?"
+    " WHERE e.id >= (SELECT COALESCE(MAX(id), 0) FROM events WHERE id <= ?)"
+    " ORDER BY e.id LIMIT ?"
 )
-# Each on its own, so that SQLite reads one end of the index for each.
-_BOUNDS = "SELECT (SELECT MIN(id) FROM events), (SELECT MAX(id) FROM events)"
+# The id after the newest event: the last row's, past its jobs.
+_NEXT = "SELECT id + COALESCE(jobs, 1) FROM events ORDER BY id DESC LIMIT 1"
+# The oldest and newest ids, each read at one end of the key.
+_BOUNDS = (
+    "SELECT (SELECT MIN(id) FROM events),"
+    " (SELECT id + COALESCE(jobs, 1) - 1 FROM events ORDER BY id DESC LIMIT 1)"
+)
 
 
 def read_events(conn: sqlite3.Connection, after: int, limit: int) -> EventPage:
@@ -363,21 +366,45 @@ def read_events(conn: sqlite3.Connection, after: int, limit: int) -> EventPage:
     """
     oldest, newest = conn.execute(_BOUNDS).fetchone()
     events: list[Event] = []
-    for row in conn.execute(_READ, (after, limit)):
+    # The events of rows of several jobs, whose owner and spec are read
+    # from the jobs' rows once the page is made.
+    unknown: list[int] = []
+    # Each row holds one event at least: one more row than events asked
+    # for covers a first row that ends at or before after.
+    for row in conn.execute(_READ, (after + 1, limit + 1)):
         (event_id, at, job_id, state, previous, attempt, exit_code, error, worker,
-         owner, name, queue, labels, array_id, batch_id) = row
-        if job_id is None:
-            events.append(WorkerEvent(event_id, at, worker, state))
+         jobs, job_ids, owner, name, queue, labels, array_id, batch_id) = row
+        if job_ids is not None:
+            ids = orjson.loads(job_ids)
+            skip = max(0, after + 1 - event_id)
+            for number, new_id in enumerate(ids[skip:skip + limit - len(events)],
+                                            event_id + skip):
+                unknown.append(len(events))
+                events.append(JobEvent(new_id, _STATES[state], None, number, at))
+        elif event_id <= after:
             continue
-        # A job removed since: what its row said is gone.
-        spec = None if queue is None else _shown_spec(name, queue, labels, array_id, batch_id)
-        events.append(
-            JobEvent(
-                job_id, _STATES[state], None, event_id, at,
-                None if previous is None else _STATES[previous], attempt, exit_code,
-                error, owner, spec,
+        elif job_id is None:
+            events.append(WorkerEvent(event_id, at, worker, state))
+        else:
+            # A job removed since: what its row said is gone.
+            spec = None if queue is None else _shown_spec(
+                name, queue, labels, array_id, batch_id)
+            events.append(
+                JobEvent(
+                    job_id, _STATES[state], None, event_id, at,
+                    None if previous is None else _STATES[previous], attempt, exit_code,
+                    error, owner, spec,
+                )
             )
-        )
+        if len(events) >= limit:
+            break
+    if unknown:
+        found = _lookup(conn, (events[i].job_id for i in unknown))  # type: ignore[union-attr]
+        for i in unknown:
+            event = events[i]
+            facts = found.get(event.job_id)  # type: ignore[union-attr]
+            if facts is not None:
+                events[i] = event._replace(owner=facts[0], spec=facts[1])  # type: ignore[union-attr]
     return EventPage(events, oldest, newest)
 
 
@@ -391,21 +418,25 @@ def remove_events(
     together, so the first event not older than C{cutoff} ends the pass.
     """
     rows = conn.execute(
-        "SELECT id, at FROM events ORDER BY id LIMIT ?", (limit + 1,)
+        "SELECT id, at, jobs FROM events ORDER BY id LIMIT ?", (limit + 1,)
     ).fetchall()
     (newest,) = conn.execute("SELECT MAX(id) FROM events").fetchone()
     last = None
     done = True
-    for i, (event_id, at) in enumerate(rows):
+    removed = 0
+    for i, (event_id, at, jobs) in enumerate(rows):
         if at >= cutoff or event_id == newest:
             break
         if i == limit:
             done = False
             break
         last = event_id
+        # (A row of several jobs' events is removed whole, and counted as
+        # the events it held.)
+        removed += jobs or 1
     if last is None:
         return Written(RemovedEvents(0, True))
-    removed = conn.execute("DELETE FROM events WHERE id <= ?", (last,)).rowcount
+    conn.execute("DELETE FROM events WHERE id <= ?", (last,))
     return Written(RemovedEvents(removed, done))
 
 

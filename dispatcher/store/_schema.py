@@ -354,6 +354,16 @@ MIGRATIONS: Sequence[Union[str, Callable[[sqlite3.Connection], None]]] = (
         SELECT queue, state, COALESCE(owner, ''), COUNT(*) FROM jobs
         GROUP BY queue, state, COALESCE(owner, '');
     """,
+    # Migration 13 (issue 16, the batch path's speed): the events of a
+    # plain submission's jobs (a batch of commands or tasks, all new and
+    # queued) are one row, not one a job: their ids as a JSON array in
+    # job_ids, jobs of them, numbered from the row's id
+    # (dispatcher/store/_events.py).  A row a job cost a batch a sixth of
+    # its rate.
+    """
+    ALTER TABLE events ADD COLUMN jobs INTEGER;
+    ALTER TABLE events ADD COLUMN job_ids TEXT;
+    """,
 )
 
 
