@@ -454,9 +454,15 @@ def measure_end_to_end(run: Run, name: str, body: Any, count: int,
             polls = wait_all_finished(client, deadline, 0.1)
             seen_done = time.time()
         figures = window.figures
+        # The dispatcher's CPU a job costs, submission included: the whole
+        # window's, over the jobs.
+        figures["cpu"]["server_cpu_us_per_job"] = round(
+            1e6 * figures["cpu"]["server_cpu_s"] / count, 1)
         if remote is not None:
+            worker_cpu = remote.cpu_seconds() - worker_cpu0
             figures["cpu"]["workers_process_pct"] = round(
-                100 * (remote.cpu_seconds() - worker_cpu0) / (time.monotonic() - t0), 1)
+                100 * worker_cpu / (time.monotonic() - t0), 1)
+            figures["cpu"]["workers_cpu_us_per_job"] = round(1e6 * worker_cpu / count, 1)
         if idle:
             idle_info["still_open_after"] = idlers.still_open()
         memory = server.memory()

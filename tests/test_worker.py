@@ -175,6 +175,9 @@ class Harness:
     made = []
 
     def __init__(self, slots=2, **kwargs):
+        # Each end is reported as it comes (the tests of the gathering of
+        # ends, which waits on the clock, give their own).
+        kwargs.setdefault("report_gather", 0.0)
         self.made.append(self)
         self.clock = Clock()
         self.dispatcher = FakeDispatcher(self.clock)
@@ -749,8 +752,12 @@ def test_a_heartbeat_saying_reported_acknowledges_a_result():
     h.advance(5.0)
     h.beat(h.one("/v1/leases/heartbeat"), refused(1, "reported"))
     assert h.worker.held == {}
-    assert h.one("/v1/leases").json["max_jobs"] == 1
+    # The report under way asked for work for the slot: no other request
+    # for work goes until it is answered or given up on.
+    assert report.json["max_jobs"] == 1
+    assert h.pending("/v1/leases") == []
     unavailable(h, report)
+    assert h.one("/v1/leases").json["max_jobs"] == 1
     h.advance(30, step=0.5)
     assert h.pending("/v1/leases/results") == []
 
@@ -1320,7 +1327,9 @@ class WorkerProcess:
             "--token-file", str(token_file), "--slots", str(slots),
             "--config", str(self.config), "--name", name,
             "--data-dir", str(self.dir / "data"), "--cpus", "2", "--memory", "1024",
-            "--gpus", "0", "--grace", "5"]
+            "--gpus", "0", "--grace", "5",
+            # The tests read the lines of each job's lease, end and result.
+            "--log-level", "debug"]
         self.process = None
 
     def start(self):
