@@ -237,6 +237,10 @@ class RemoteWorker(Service):
     @param report_gather: seconds the first job to end waits for those
         still running before the results are reported (L{REPORT_GATHER});
         0 reports each end as it comes.
+    @param job_lines: whether the lines of each job's lease, end and
+        recorded result (at debug) are made at all: a line that no observer
+        keeps still costs microseconds to make and drop, a tenth of a
+        remote no-op job's cost on its worker.
     @ivar lease_answers: how many answers granted how many leases (the
         number of leases: the number of answers), told in the line the
         worker logs when it stops.
@@ -256,8 +260,10 @@ class RemoteWorker(Service):
         fence_clock: Optional[Callable[[], float]] = None,
         sweeper: Optional[JobDirectorySweeper] = None,
         report_gather: float = REPORT_GATHER,
+        job_lines: bool = True,
     ) -> None:
         self._client = client
+        self._job_lines = job_lines
         self._report_gather = report_gather
         # The jobs that ended and wait for the others still running (at
         # most report_gather) before their logs and results go, how many
@@ -550,11 +556,12 @@ class RemoteWorker(Service):
         if leases:
             count = len(leases)
             self.lease_answers[count] = self.lease_answers.get(count, 0) + 1
-            log.debug(
-                "{count} {jobs} leased in one answer",
-                count=count,
-                jobs="job" if count == 1 else "jobs",
-            )
+            if self._job_lines:
+                log.debug(
+                    "{count} {jobs} leased in one answer",
+                    count=count,
+                    jobs="job" if count == 1 else "jobs",
+                )
         if answer.fence_seconds <= 0:
             # A dispatcher that does not say counts nothing for the
             # wait: from now is the best guess left.
@@ -563,7 +570,9 @@ class RemoteWorker(Service):
         for item in leases:
             self._start(item, fence_at)
 
-    def _held_items(self) -> Optional[list[LeaseHeld]]:
+    def _held_items(
+        self, exclude: Mapping[str, HeldLease] = {}
+    ) -> Optional[list[LeaseHeld]]:
         """
         Every lease this process holds, for a request for work.  The
         requests for work go one at a time, each after the answer to the one
@@ -573,7 +582,11 @@ class RemoteWorker(Service):
         """
         if not self._send_held:
             return None
-        return [LeaseHeld(h.job_id, h.lease.token) for h in self.held.values()]
+        return [
+            LeaseHeld(h.job_id, h.lease.token)
+            for h in self.held.values()
+            if exclude.get(h.job_id) is not h
+        ]
 
     def _learn_timing(
         self, answer: Union[LeaseAnswer, HeartbeatAnswer, ResultsAnswer]
@@ -629,11 +642,12 @@ class RemoteWorker(Service):
             return
         # (Its token is not logged: it is the lease's secret, which whoever
         # reads the log could write the job's log and result with.)
-        log.debug(
-            "job {job_id} attempt {attempt} leased",
-            job_id=lease.job_id,
-            attempt=lease.attempt,
-        )
+        if self._job_lines:
+            log.debug(
+                "job {job_id} attempt {attempt} leased",
+                job_id=lease.job_id,
+                attempt=lease.attempt,
+            )
         busy = self._sweeper.busy(lease.job_id) if self._sweeper is not None else None
         if busy is not None:
             # Its directory (or one on the way to it) is being removed: it
@@ -710,13 +724,14 @@ class RemoteWorker(Service):
                 limits=outcome.limits,
                 log_cut=outcome.log_cut,
             )
-        log.debug(
-            "job {job_id} attempt {attempt} ended: {state}{error}",
-            job_id=held.job_id,
-            attempt=held.lease.attempt,
-            state=outcome.state.value,
-            error=f" ({outcome.error})" if outcome.error else "",
-        )
+        if self._job_lines:
+            log.debug(
+                "job {job_id} attempt {attempt} ended: {state}{error}",
+                job_id=held.job_id,
+                attempt=held.lease.attempt,
+                state=outcome.state.value,
+                error=f" ({outcome.error})" if outcome.error else "",
+            )
         if held.forgotten:
             self._drop(held)
             return
@@ -750,15 +765,20 @@ class RemoteWorker(Service):
         L{_finish} for each of C{batch}, in one shipment of their logs and
         one report.
         """
+        # A task that succeeded has no log to ship: the executor writes a
+        # task's log only when it raised (its traceback).  Not looking
+        # saves a trip off the reactor thread on every report of such jobs.
+        shipping = [h for h in batch if not _no_log(h)]
         try:
-            shipped = await self._logs.ship_many(batch)
+            shipped = dict(zip(map(id, shipping), await self._logs.ship_many(shipping)))
         except CancelledError:
             return
         except Exception:
             log.failure("reading the logs of {count} jobs failed; each is tried "
                         "again on its own", count=len(batch))
-            shipped = [False] * len(batch)
-        for held, done in zip(batch, shipped):
+            shipped = dict.fromkeys(map(id, shipping), False)
+        for held in batch:
+            done = shipped.get(id(held), True)
             if held.forgotten:
                 self._drop(held)
             elif done:
@@ -1075,7 +1095,8 @@ class RemoteWorker(Service):
         while self.unreported:
             batch = list(self.unreported.values())
             asked = self._report_ask(batch)
-            held = self._held_items() if asked else None
+            # The leases these results end need not be listed as held too.
+            held = self._held_items(exclude=self.unreported) if asked else None
             sent = self._fence_clock()
             try:
                 answer = await self._client.report(
@@ -1128,11 +1149,12 @@ class RemoteWorker(Service):
                 if held is None or self.unreported.get(held.job_id) is not held:
                     continue
                 if result.ok:
-                    log.debug(
-                        "job {job_id} attempt {attempt}: result recorded",
-                        job_id=held.job_id,
-                        attempt=held.lease.attempt,
-                    )
+                    if self._job_lines:
+                        log.debug(
+                            "job {job_id} attempt {attempt}: result recorded",
+                            job_id=held.job_id,
+                            attempt=held.lease.attempt,
+                        )
                 else:
                     log.info(
                         "job {job_id} attempt {attempt}: result refused "
@@ -1280,6 +1302,20 @@ def _naming(held: list[HeldLease]) -> dict[str, Any]:
     sorted C{job_ids}.
     """
     return {"count": len(held), "job_ids": sorted(h.job_id for h in held)}
+
+
+def _no_log(held: HeldLease) -> bool:
+    """
+    Whether C{held}'s attempt has no log for certain: a task that
+    succeeded (the executor writes a task attempt's log only with the
+    traceback of an exception it raised).
+    """
+    outcome = held.outcome
+    return (
+        held.lease.spec.task is not None
+        and outcome is not None
+        and outcome.state is JobState.SUCCEEDED
+    )
 
 
 def _refuses_field(error: Exception, field: str) -> bool:

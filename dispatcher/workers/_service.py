@@ -199,6 +199,7 @@ class WorkerService(MultiService):
             grace=settings.grace,
             fence_clock=fence_clock,
             sweeper=self.sweeper,
+            job_lines=settings.log_level == "debug",
         )
 
     def startService(self) -> None:
