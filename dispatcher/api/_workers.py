@@ -238,7 +238,7 @@ class WorkerEndpoints:
             if body.held is UNSET
             else [(h.job_id, self._tokens.open(h.job_id, h.token)) for h in body.held]
         )
-        received = self._hub.now()
+        received = self._hub.now() if asking else 0.0
         parsed = []
         for i, item in enumerate(body.results):
             token = self._tokens.open(item.job_id, item.token)

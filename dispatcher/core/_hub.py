@@ -565,15 +565,20 @@ class WorkerHub:
 
         poll = Poll(Deferred(hung_up), count, instance=offer.instance)
         worker.poll = poll
-        poll.timer = self._clock.callLater(
-            min(wait, MAX_WAIT), self._poll_timed_out, worker, poll
-        )
+        if wait > 0:
+            poll.timer = self._clock.callLater(
+                min(wait, MAX_WAIT), self._poll_timed_out, worker, poll
+            )
         if not self.accepting:
             self._end_poll(worker, [])
             return poll.answer
         if count > 0:
             self._scheduler.set_free(offer.holder, count)
             self._capacity_changed()
+        if wait <= 0 and worker.poll is poll:
+            # Not held open: answered with what the claim just made brings
+            # (its answer ends the poll), or at once with nothing.
+            self._poll_timed_out(worker, poll)
         return poll.answer
 
     def _release_unheld(
