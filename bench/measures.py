@@ -47,6 +47,10 @@ SUBMIT_TO_BASELINE = 1.0  # (a) single submits at 50 connections, × the stock s
 BATCH_JOBS_PER_S = 100_000  # (f)
 NOOP_JOBS_PER_S = 5_000  # (b), (b''), and both with idle connections (g)
 COMMAND_JOBS_PER_S = 500  # (c), and with idle connections (g)
+# (i) no-op task jobs through one remote worker on the other core, at
+# least this many times (b)'s rate of the same run (issue 19: the remote
+# path costs a round trip, not a second dispatcher core).
+REMOTE_TO_LOCAL = 0.8
 START_P50_MS = 2  # (d)
 START_P99_MS = 20  # (d)
 BLOCKING_S = 1.1  # (e) five blocking 1 s tasks, all done
