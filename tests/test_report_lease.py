@@ -176,21 +176,25 @@ async def test_a_hostile_entry_refuses_the_whole_report_and_changes_nothing(make
 
 
 @pytest_twisted.ensureDeferred
-async def test_max_jobs_and_held_of_a_report_are_checked(make_pure):
-    """max_jobs above the worker's slots, or a held list without max_jobs,
-    is a 400 naming the field, and changes nothing."""
+async def test_max_jobs_of_a_report_is_checked_and_held_needs_it(make_pure):
+    """max_jobs above the worker's slots (or below 1) is a 400 naming it, and
+    changes nothing; a held list without max_jobs is ignored: a report that
+    does not ask for work releases no lease it leaves out."""
     daemon = await make_pure()
-    who = worker("w", slots=2, tasks=("add",))
+    who = {**worker("w", slots=2, tasks=("add",)), "instance": "a" * 16}
     job_id = (await daemon.submit({"task": "add", "args": [1, 2]}))["id"]
-    for body, field in [
-        ({"worker": who, "results": [], "max_jobs": 3}, "max_jobs"),
-        ({"worker": who, "results": [], "max_jobs": 0}, "max_jobs"),
-        ({"worker": who, "results": [], "held": []}, "held"),
-    ]:
+    for body in [{"worker": who, "results": [], "max_jobs": 3},
+                 {"worker": who, "results": [], "max_jobs": 0}]:
         code, answer = await call(daemon, RESULTS, body)
         assert code == 400, answer
-        assert answer["error"]["field"] == field
+        assert answer["error"]["field"] == "max_jobs"
     assert (await job(daemon, job_id))["state"] == "queued"
+    (granted,) = await lease(daemon, who)
+    code, answer = await call(daemon, RESULTS, {"worker": who, "results": [], "held": []})
+    assert code == 200 and answer["leases"] == []
+    assert (await job(daemon, job_id))["state"] == "running"
+    code, beat = await heartbeat(daemon, who, [granted])
+    assert code == 200 and beat["leases"][0]["ok"]
 
 
 @pytest_twisted.ensureDeferred

@@ -230,12 +230,11 @@ class WorkerEndpoints:
         asking = body.max_jobs is not UNSET
         if asking and body.max_jobs > offer.slots:
             invalid("max_jobs", f"expected an integer from 1 to {offer.slots} (worker.slots)")
-        if body.held is not UNSET and not asking:
-            invalid("held", "a report lists the leases held only when it asks for work "
-                    "(max_jobs)")
+        # (held without max_jobs is ignored: only a request for work
+        # releases the leases it does not list.)
         held = (
             None
-            if body.held is UNSET
+            if body.held is UNSET or not asking
             else [(h.job_id, self._tokens.open(h.job_id, h.token)) for h in body.held]
         )
         received = self._hub.now() if asking else 0.0

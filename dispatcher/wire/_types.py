@@ -912,7 +912,7 @@ class ResultsRequest(_In):
                 max_length=MAX_ITEMS,
                 description="With max_jobs: every lease the worker process holds, "
                 "as in a request for work (these results' leases may be listed "
-                "or not).",
+                "or not).  Ignored without max_jobs.",
             ),
         ],
         UnsetType,
