@@ -11,6 +11,7 @@ is reported (L{bench.report}).
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import http.client
 import json
@@ -225,6 +226,7 @@ class CpuUse:
         user, system = process_cpu_seconds(self._pid)
         out["server_process_pct"] = round(
             100 * (user + system - sum(self._split0)) / wall, 1)
+        out["server_cpu_s"] = round(user + system - sum(self._split0), 3)
         out["server_user_pct"] = round(100 * (user - self._split0[0]) / wall, 1)
         out["server_system_pct"] = round(100 * (system - self._split0[1]) / wall, 1)
         out["harness_pct"] = round(100 * (time.process_time() - self._self0) / wall, 1)
@@ -614,7 +616,9 @@ def _read_one_response(s: socket.socket) -> None:
 # Remote workers
 
 WORKER_CONFIG = "[executor]\nthreads = {threads}\n\n" + TASKS_SECTION
-LEASE_ANSWER = re.compile(r"\] (\d+) jobs? leased in one answer")
+# The line a worker logs as it stops: how many answers granted how many
+# leases ({size: answers, ...}).
+LEASE_ANSWERS = re.compile(r"\(leases in an answer: answers (\{[0-9:, ]*\})\)")
 
 
 class RemoteWorkers:
@@ -624,7 +628,8 @@ class RemoteWorkers:
     each with C{slots} slots and as many task threads, pulling jobs from
     C{server} (which must take workers: see L{Server}'s C{workers_token}),
     pinned to L{WORKER_CORE}.  Each logs to its own file, where
-    L{lease_answers} finds how many jobs each lease answer carried.
+    L{lease_answers} finds how many jobs each lease answer carried (in the
+    line it logs as it stops).
     """
 
     def __init__(self, processes: Processes, server: Server, token: Path, workdir: Path,
@@ -705,7 +710,9 @@ class RemoteWorkers:
         """
         sizes = []
         for text in self._logs:
-            sizes += [int(m.group(1)) for m in LEASE_ANSWER.finditer(text)]
+            for m in LEASE_ANSWERS.finditer(text):
+                for size, count in ast.literal_eval(m.group(1)).items():
+                    sizes += [int(size)] * int(count)
         return sizes
 
     def __exit__(self, *exc: Any) -> None:

@@ -47,6 +47,10 @@ SUBMIT_TO_BASELINE = 1.0  # (a) single submits at 50 connections, × the stock s
 BATCH_JOBS_PER_S = 100_000  # (f)
 NOOP_JOBS_PER_S = 5_000  # (b), (b''), and both with idle connections (g)
 COMMAND_JOBS_PER_S = 500  # (c), and with idle connections (g)
+# (i) no-op task jobs through one remote worker on the other core, at
+# least this many times (b)'s rate of the same run (issue 19: the remote
+# path costs a round trip, not a second dispatcher core).
+REMOTE_TO_LOCAL = 0.8
 START_P50_MS = 2  # (d)
 START_P99_MS = 20  # (d)
 BLOCKING_S = 1.1  # (e) five blocking 1 s tasks, all done
@@ -454,9 +458,15 @@ def measure_end_to_end(run: Run, name: str, body: Any, count: int,
             polls = wait_all_finished(client, deadline, 0.1)
             seen_done = time.time()
         figures = window.figures
+        # The dispatcher's CPU a job costs, submission included: the whole
+        # window's, over the jobs.
+        figures["cpu"]["server_cpu_us_per_job"] = round(
+            1e6 * figures["cpu"]["server_cpu_s"] / count, 1)
         if remote is not None:
+            worker_cpu = remote.cpu_seconds() - worker_cpu0
             figures["cpu"]["workers_process_pct"] = round(
-                100 * (remote.cpu_seconds() - worker_cpu0) / (time.monotonic() - t0), 1)
+                100 * worker_cpu / (time.monotonic() - t0), 1)
+            figures["cpu"]["workers_cpu_us_per_job"] = round(1e6 * worker_cpu / count, 1)
         if idle:
             idle_info["still_open_after"] = idlers.still_open()
         memory = server.memory()

@@ -195,7 +195,8 @@ def before_call(context, case, kwargs):
     that a refused body stays refused.  A C{max_jobs} over
     C{worker.slots} (one field against another: a rule the 400 of the
     operation describes, which the schema cannot express) is lowered to
-    the slots; the coverage phase does not pass through L{filter_body}.
+    the slots, in a request for work and in a report that asks for work;
+    the coverage phase does not pass through L{filter_body}.
 
     A POST without a body (a cancel, a retry) says C{Content-Type:
     application/json} as its 415 requires: OpenAPI describes no body's
@@ -277,12 +278,14 @@ def before_call(context, case, kwargs):
         if isinstance(offset, int) and not isinstance(offset, bool) and offset > 0:
             query["offset"] = 0
         return
-    if case.operation.path != "/v1/leases" or not isinstance(case.body, dict):
+    if (case.operation.path not in ("/v1/leases", "/v1/leases/results")
+            or not isinstance(case.body, dict)):
         return
     body = case.body
-    wait = body.get("wait", 0)
-    if _number(wait) and 0 <= wait <= 60:
-        body["wait"] = 0
+    if case.operation.path == "/v1/leases":
+        wait = body.get("wait", 0)
+        if _number(wait) and 0 <= wait <= 60:
+            body["wait"] = 0
     worker = body.get("worker")
     max_jobs = body.get("max_jobs")
     if (isinstance(worker, dict) and _number(worker.get("slots")) and _number(max_jobs)

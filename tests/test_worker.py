@@ -175,6 +175,9 @@ class Harness:
     made = []
 
     def __init__(self, slots=2, **kwargs):
+        # Each end is reported as it comes (the tests of the gathering of
+        # ends, which waits on the clock, give their own).
+        kwargs.setdefault("report_gather", 0.0)
         self.made.append(self)
         self.clock = Clock()
         self.dispatcher = FakeDispatcher(self.clock)
@@ -464,6 +467,126 @@ def test_a_full_worker_does_not_ask_until_a_slot_is_free():
     assert h.one("/v1/leases").json["max_jobs"] == 1
 
 
+def report_granting(h, call, statuses, *leases, fence_seconds=20.0):
+    """Answer a report that asked for work: one status per result, and the
+    leases granted."""
+    h.answer(call, ResultsAnswer(
+        list(statuses), [lease_grant(l, l.token) for l in leases], h.lease_seconds,
+        h.heartbeat_seconds, fence_seconds))
+
+
+def test_a_report_asks_for_every_slot_its_results_free():
+    """The report of jobs that ended asks for work in the same request, for
+    every slot free once it is recorded, listing the leases held but those it
+    ends; no request for work goes meanwhile, and the leases its answer
+    grants run at once."""
+    h = Harness(slots=3)
+    h.worker.startService()
+    h.grant(lease(1), lease(2), lease(3))
+    h.executor.finish("job-1")
+    h.executor.finish("job-2")
+    first = h.one("/v1/leases/results")
+    # Sent at the first end (report_gather is 0 here); the second waits.
+    assert first.json["max_jobs"] == 1
+    assert first.json["held"] == [{"job_id": "job-2", "token": tok(2)},
+                                  {"job_id": "job-3", "token": tok(3)}]
+    report_granting(h, first, [recorded(1)], lease(4))
+    second = h.one("/v1/leases/results")
+    assert [r["job_id"] for r in second.json["results"]] == ["job-2"]
+    assert second.json["max_jobs"] == 1
+    assert h.pending("/v1/leases") == []
+    assert set(h.executor.runs) == {"job-1", "job-2", "job-3", "job-4"}
+    assert h.executor.deadlines["job-4"] is not None
+    report_granting(h, second, [recorded(2)], lease(5))
+    assert h.pending("/v1/leases") == []
+    assert h.worker.free_slots == 0
+    assert h.worker.lease_answers == {3: 1, 1: 2}
+
+
+def test_a_report_answer_that_fills_fewer_slots_opens_a_long_poll():
+    """When a report's answer grants fewer leases than it asked for (nothing
+    more was queued), the worker waits for work with a long-poll for the
+    slots still free; while that poll is open, reports do not ask."""
+    h = Harness(slots=3)
+    h.worker.startService()
+    h.grant(lease(1), lease(2), lease(3))
+    for n in (1, 2, 3):
+        h.executor.finish(f"job-{n}")
+    first = h.one("/v1/leases/results")
+    report_granting(h, first, [recorded(1)], lease(4))
+    second = h.one("/v1/leases/results")
+    assert second.json["max_jobs"] == 2
+    report_granting(h, second, [recorded(2), recorded(3)])
+    assert h.one("/v1/leases").json["max_jobs"] == 2
+    h.executor.finish("job-4")
+    third = h.one("/v1/leases/results")
+    assert "max_jobs" not in third.json and "held" not in third.json
+
+
+def test_a_dispatcher_that_refuses_max_jobs_in_a_report_is_asked_apart():
+    """A dispatcher older than a report's max_jobs refuses it by name: the
+    worker sends the same results again without it, from then on, and asks
+    for work with a request of its own, as before."""
+    h = Harness(slots=1)
+    h.worker.startService()
+    h.grant(lease(1))
+    h.executor.finish("job-1")
+    call = h.one("/v1/leases/results")
+    assert call.json["max_jobs"] == 1
+    h.answer(call, error("unknown_field", "max_jobs: not a field of this request",
+                         "max_jobs"), code=400)
+    again = h.one("/v1/leases/results")
+    assert "max_jobs" not in again.json and "held" not in again.json
+    assert again.json["results"] == call.json["results"]
+    h.results(again, recorded(1))
+    h.grant(lease(2))
+    h.executor.finish("job-2")
+    assert "max_jobs" not in h.one("/v1/leases/results").json
+
+
+def test_the_ends_of_jobs_that_run_together_are_reported_together():
+    """A job that ends waits for the others still running, up to the
+    gathering time, so that their results go in one report; once none runs
+    the report goes at once."""
+    h = Harness(slots=3, report_gather=0.001)
+    h.worker.startService()
+    h.grant(lease(1), lease(2), lease(3))
+    h.executor.finish("job-1")
+    h.executor.finish("job-2")
+    assert h.pending("/v1/leases/results") == []
+    h.executor.finish("job-3")
+    call = h.one("/v1/leases/results")
+    assert [r["job_id"] for r in call.json["results"]] == ["job-1", "job-2", "job-3"]
+    assert call.json["max_jobs"] == 3 and call.json["held"] == []
+    report_granting(h, call, [recorded(1), recorded(2), recorded(3)], lease(4), lease(5))
+    h.executor.finish("job-4")
+    assert h.pending("/v1/leases/results") == []
+    # job-5 runs on: job-4 waits no longer than the gathering time.
+    h.advance(0.001, step=0.0005)
+    call = h.one("/v1/leases/results")
+    assert [r["job_id"] for r in call.json["results"]] == ["job-4"]
+
+
+def test_leases_a_report_brings_to_a_stopping_worker_go_back_unstarted():
+    """A report that asked for work is answered while the worker stops: the
+    leases it grants are not started, and are given back as released."""
+    h = Harness(slots=1)
+    h.worker.startService()
+    h.grant(lease(1))
+    h.executor.finish("job-1")
+    call = h.one("/v1/leases/results")
+    stopped = h.worker.stopService()
+    report_granting(h, call, [recorded(1)], lease(2))
+    assert "job-2" not in h.executor.runs
+    back = h.one("/v1/leases/results")
+    assert back.json["results"][0]["job_id"] == "job-2"
+    assert back.json["results"][0]["state"] == "released"
+    assert "max_jobs" not in back.json
+    h.results(back, recorded(2))
+    h.advance(1.0)
+    assert stopped.called
+
+
 def test_one_report_answer_frees_all_its_slots_before_the_next_ask():
     """When one answer acknowledges several results, the next lease request
     asks for every slot it freed, not for the first one alone."""
@@ -749,8 +872,12 @@ def test_a_heartbeat_saying_reported_acknowledges_a_result():
     h.advance(5.0)
     h.beat(h.one("/v1/leases/heartbeat"), refused(1, "reported"))
     assert h.worker.held == {}
-    assert h.one("/v1/leases").json["max_jobs"] == 1
+    # The report under way asked for work for the slot: no other request
+    # for work goes until it is answered or given up on.
+    assert report.json["max_jobs"] == 1
+    assert h.pending("/v1/leases") == []
     unavailable(h, report)
+    assert h.one("/v1/leases").json["max_jobs"] == 1
     h.advance(30, step=0.5)
     assert h.pending("/v1/leases/results") == []
 
@@ -1032,6 +1159,18 @@ def test_keep_days_default_to_the_configs_retention_and_take_zero_and_none(
     assert parse(*base, "--keep-days", "None").settings.keep_seconds is None
 
 
+def test_log_level_defaults_to_the_configs_and_takes_the_option(token_file, tmp_path):
+    """The worker's log level is --log-level, else [log] level of --config,
+    else info."""
+    base = ["--url", "https://h", "--token-file", token_file, "--slots", "1"]
+    assert parse(*base).settings.log_level == "info"
+    ini = tmp_path / "worker.ini"
+    ini.write_text("[log]\nlevel = warn\n")
+    assert parse(*base, "--config", str(ini)).settings.log_level == "warn"
+    assert parse(*base, "--config", str(ini), "--log-level", "debug").settings.log_level \
+        == "debug"
+
+
 @pytest.mark.parametrize("args, message", [
     (["--url", "https://h", "--token-file", "TOKEN", "--slots", "1", "--keep-days", "-1"],
      "--keep-days: expected a number of days of at least 0"),
@@ -1058,6 +1197,8 @@ def test_keep_days_default_to_the_configs_retention_and_take_zero_and_none(
       "--label", "a=1", "--label", "a=2"], "--label: a is given twice"),
     (["--url", "https://h", "--token-file", "/nonexistent/token", "--slots", "1"],
      "--token-file /nonexistent/token: cannot read the token file: No such file or directory"),
+    (["--url", "https://h", "--token-file", "TOKEN", "--slots", "1", "--log-level", "loud"],
+     "--log-level: expected one of debug, info, warn, error, critical, not 'loud'"),
 ])
 def test_option_errors_say_what_is_wrong(token_file, args, message):
     """Each mistake is a UsageError naming the option, the value and what
@@ -1308,7 +1449,7 @@ class WorkerProcess:
     """A `dispatcher worker` process, logging to a file."""
 
     def __init__(self, tmp_path, url, token_file, slots=2, name="w-e2e",
-                 ini=TEST_TASKS, program=("dispatcher", "worker")):
+                 ini=TEST_TASKS, program=("dispatcher", "worker"), log_level="debug"):
         self.dir = tmp_path / name
         self.dir.mkdir()
         self.config = self.dir / "worker.ini"
@@ -1321,6 +1462,9 @@ class WorkerProcess:
             "--config", str(self.config), "--name", name,
             "--data-dir", str(self.dir / "data"), "--cpus", "2", "--memory", "1024",
             "--gpus", "0", "--grace", "5"]
+        if log_level is not None:
+            # The tests read the lines of each job's lease, end and result.
+            self.args += ["--log-level", log_level]
         self.process = None
 
     def start(self):
@@ -1476,6 +1620,28 @@ async def test_a_task_that_fails_on_a_worker_shows_its_traceback(
         "GET", f"/v1/jobs/{job['id']}/log?stream=stderr")
     assert "Traceback" in content.decode() and "no luck" in content.decode()
     await worker.stop_async()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_worker_logs_no_line_a_job_by_default(
+        make_daemon, tmp_path, token_file, workers):
+    """Without --log-level, a worker logs its start and its stop (with how
+    many leases came in how many answers), not a line for each job's
+    lease, end or result; the jobs run as ever."""
+    daemon = await remote_daemon(make_daemon, tmp_path, token_file)
+    jobs = await daemon.batch([{"task": "add", "args": [n, 1]} for n in range(6)])
+    worker = WorkerProcess(tmp_path, daemon.url, token_file, slots=3, name="node-q",
+                           log_level=None)
+    workers.append(worker.start())
+    for job in jobs:
+        assert (await daemon.wait(job["id"]))["state"] == "succeeded", worker.output()
+    assert await worker.stop_async() == 0
+    said = worker.output()
+    assert "worker node-q asks" in said
+    assert "worker node-q stopped; it was granted 6 leases in " in said
+    for per_job in ("leased", "ended:", "result recorded"):
+        assert not any(per_job in line for line in said.splitlines()
+                       if "node-q stopped" not in line), said
 
 
 @pytest_twisted.ensureDeferred

@@ -787,17 +787,21 @@ ROUTES: tuple[Route, ...] = (
     ),
     Route(
         "POST", "/v1/leases/results", "reportResults", "report_results",
-        "Report how attempts ended; answered once the accepted ones are stored.", WORK,
+        "Report how attempts ended; answered once the accepted ones are stored. With "
+        "max_jobs, ask for work too: the answer grants leases for the slots the "
+        "results free, claimed in the same commit, without waiting.", WORK,
         {
-            200: Response("One answer per result.", ResultsAnswer),
+            200: Response("One answer per result, and the leases granted (with "
+                          "max_jobs; maybe none).", ResultsAnswer),
             400: Response(
                 "A field is wrong; it is named. Besides what the schema states, "
                 f"refused: a result nested more than {MAX_NESTING} deep, or over "
-                f"{MAX_RESULT_BYTES} bytes of JSON (results[i].result); nothing of "
-                "the report was recorded."
+                f"{MAX_RESULT_BYTES} bytes of JSON (results[i].result); max_jobs "
+                "more than worker.slots. Nothing of the report was recorded, and no "
+                "lease granted."
             ),
             403: Response(WORKER_NAME_FORBIDDEN),
-            409: Response("Every result was refused.", ResultsAnswer),
+            409: Response("Every result was refused, and no lease granted.", ResultsAnswer),
             429: Response(TOO_MANY_WORKER_NAMES),
         },
         request=ResultsRequest,

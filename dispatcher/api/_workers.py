@@ -227,6 +227,17 @@ class WorkerEndpoints:
         principal = principal_of(request)
         _may_act_as(principal, body.worker.name)
         offer = offer_of(body.worker)
+        asking = body.max_jobs is not UNSET
+        if asking and body.max_jobs > offer.slots:
+            invalid("max_jobs", f"expected an integer from 1 to {offer.slots} (worker.slots)")
+        # (held without max_jobs is ignored: only a request for work
+        # releases the leases it does not list.)
+        held = (
+            None
+            if body.held is UNSET or not asking
+            else [(h.job_id, self._tokens.open(h.job_id, h.token)) for h in body.held]
+        )
+        received = self._hub.now() if asking else 0.0
         parsed = []
         for i, item in enumerate(body.results):
             token = self._tokens.open(item.job_id, item.token)
@@ -262,9 +273,38 @@ class WorkerEndpoints:
             report = self._hub.report(offer, parsed, principal.name)
         except TooManyWorkerNames as e:
             raise _too_many_names(e)
-        verdicts = await shielded(report)
-        return _status(verdicts), ResultsAnswer(
-            [lease_status(v, item.token) for v, item in zip(verdicts, body.results)]
+        # Asked for work too: the claim for the slots these results free
+        # goes to the store behind them, in the same commit, and the answer
+        # is not held open (wait 0) beyond it.
+        poll = (
+            self._hub.poll(
+                offer,
+                min(body.max_jobs, self._max_jobs_per_poll),
+                0.0,
+                held,
+                principal.name,
+                after_report=True,
+            )
+            if asking
+            else None
+        )
+        try:
+            verdicts = await shielded(report)
+        except BaseException:
+            if poll is not None:
+                # Unanswered: whatever its claim brings goes back unspent.
+                poll.cancel()
+            raise
+        statuses = [lease_status(v, item.token) for v, item in zip(verdicts, body.results)]
+        if poll is None:
+            return _status(verdicts), ResultsAnswer(statuses)
+        leases = await poll
+        return 200 if leases else _status(verdicts), ResultsAnswer(
+            statuses,
+            [lease_grant(lease, self._tokens.seal(lease.job_id, lease.token)) for lease in leases],
+            self._hub.lease_seconds,
+            self._hub.heartbeat_seconds,
+            self._hub.fence_after(received, [lease.job_id for lease in leases]),
         )
 
     async def write_log(self, request: Any, query: Mapping[str, Optional[str]]) -> tuple[int, Any]:

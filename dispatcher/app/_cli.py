@@ -113,7 +113,11 @@ def run_worker(options: Any) -> None:
         [
             FilteringLogObserver(
                 textFileLogObserver(sys.stderr),
-                [LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)],
+                [
+                    LogLevelFilterPredicate(
+                        defaultLogLevel=LogLevel.levelWithName(options.settings.log_level)
+                    )
+                ],
             )
         ]
     )

@@ -10,11 +10,13 @@ import os
 import re
 from typing import Any, Callable, Optional
 
+import attrs
 from hyperlink import DecodedURL
 from twisted.python import usage
 
 from dispatcher.app._files import UMASK, UnsafeSecret, check_secret
-from dispatcher.config._ini import Config, ConfigError, load_config, read_token
+from dispatcher.app._logging import DaemonLog
+from dispatcher.config._ini import LOG_LEVELS, Config, ConfigError, load_config, read_token
 from dispatcher.execution._accounts import AccountRefused, job_accounts
 from dispatcher.execution._host import detect_cpus, detect_gpus, detect_memory_mb
 from dispatcher.workers._agent import WorkerDescription
@@ -157,7 +159,8 @@ class Options(usage.Options):
     synopsis = (
         "Usage: dispatcher worker (or twistd -n dispatcher-worker) --url URL --token-file FILE --slots N [--config FILE] [--name NAME] "
         "[--cpus N] [--memory MIB] [--gpus N] [--label KEY=VALUE ...] "
-        "[--data-dir DIR] [--keep-days DAYS] [--grace SECONDS] [--ca-file FILE] [--insecure]"
+        "[--data-dir DIR] [--keep-days DAYS] [--grace SECONDS] [--ca-file FILE] [--insecure] "
+        "[--log-level LEVEL]"
     )
 
     def opt_version(self) -> None:
@@ -192,6 +195,10 @@ class Options(usage.Options):
         ["grace", None, "30", "Seconds a stop (SIGTERM) waits for running jobs before stopping them."],
         ["ca-file", None, None, "PEM certificates to trust for an https:// --url instead of "
          "the system's CAs (a private CA, or the dispatcher's self-signed certificate)."],
+        ["log-level", None, None, "The least level logged: debug (a line for each job's "
+         "lease, end and recorded result), info (its start and stop, connection losses, "
+         "refusals), warn, error or critical (default: [log] level of --config, info "
+         "without it)."],
     ]
 
     def __init__(self) -> None:
@@ -225,6 +232,11 @@ class Options(usage.Options):
             job_accounts(config)
         except (ConfigError, AccountRefused) as e:
             raise usage.UsageError(str(e))
+        level = self["log-level"] if self["log-level"] is not None else config.log.level
+        if level not in LOG_LEVELS:
+            raise usage.UsageError(
+                f"--log-level: expected one of {', '.join(LOG_LEVELS)}, not {level!r}"
+            )
         keep_days = (
             _keep_days(self["keep-days"])
             if self["keep-days"] is not None
@@ -271,7 +283,13 @@ class Options(usage.Options):
             grace=grace,
             ca_certificates=ca_certificates,
             keep_seconds=None if keep_days is None else keep_days * 86400.0,
+            log_level=level,
         )
+        # Under twistd, its log observer is made once these options are
+        # parsed: ours keeps the level (and [log] format) as the daemon's
+        # does, unless the command line names its own.
+        self.worker_log = DaemonLog(attrs.evolve(config.log, level=level))
+        self.worker_log.install(getattr(self, "parent", None))
 
 
 def makeService(options: Options, reactor: Optional[Any] = None) -> Any:

@@ -159,13 +159,29 @@ class Worker:
         """
         return max(0, self.offer.slots - len(self.jobs))
 
+    def free_after_reports(self, leases: Mapping[str, RemoteLease]) -> int:
+        """
+        L{free_slots}, counting free the slots of the jobs whose results
+        are being recorded: the worker that asks for work in the report
+        that carries them counts them free once that report is answered,
+        and the answer comes after their commit.
+        """
+        busy = 0
+        for job_id in self.jobs:
+            remote = leases.get(job_id)
+            if remote is None or remote.ending is not LeaseEnd.REPORTED:
+                busy += 1
+        return max(0, self.offer.slots - busy)
+
     def held(self, leases: Mapping[str, RemoteLease]) -> Iterator[Lease]:
         """
-        The leases of C{leases} that this worker holds.
+        The leases of C{leases} that this worker holds and whose jobs may
+        still run: a job whose result is being recorded has ended on its
+        worker, and what it asked for is free there.
         """
         for job_id in self.jobs:
             remote = leases.get(job_id)
-            if remote is not None:
+            if remote is not None and remote.ending is not LeaseEnd.REPORTED:
                 yield remote.lease
 
 
@@ -512,6 +528,7 @@ class WorkerHub:
         wait: float,
         held: Optional[Iterable[tuple[str, int]]] = None,
         credential: Optional[str] = None,
+        after_report: bool = False,
     ) -> Deferred:
         """
         A worker asks for up to C{max_jobs} jobs; fire with the leases it
@@ -522,6 +539,16 @@ class WorkerHub:
         those it was granted and does not list never reached it, and go
         back to the queue unspent (L{_release_unheld}).  C{credential} names
         the credential the worker calls with (see L{contact}).
+
+        With C{after_report}, the request for work rides on a report just
+        given to L{report}: the slots of the results being recorded count
+        free (L{Worker.free_after_reports}), and the claim made now goes to
+        the store behind their ends, in the same commit, as the local
+        executor's claims do.  (It takes only queued jobs, so a job whose
+        end is still being written is never handed out.  A report answered
+        with an error delivers no leases: those the claim granted then are
+        the worker process's, and its next request for work, which does not
+        list them, gives them back unspent.)
         """
         worker = self.contact(offer, credential)
         if held is not None and self.accepting:
@@ -529,7 +556,8 @@ class WorkerHub:
         if worker.poll is not None:
             # A worker has one poll open: the new one replaces the old.
             self._end_poll(worker, [])
-        count = max(0, min(max_jobs, worker.free_slots))
+        free = worker.free_after_reports(self.leases) if after_report else worker.free_slots
+        count = max(0, min(max_jobs, free))
 
         def hung_up(_: Deferred) -> None:
             if worker.poll is poll:
@@ -537,15 +565,20 @@ class WorkerHub:
 
         poll = Poll(Deferred(hung_up), count, instance=offer.instance)
         worker.poll = poll
-        poll.timer = self._clock.callLater(
-            min(wait, MAX_WAIT), self._poll_timed_out, worker, poll
-        )
+        if wait > 0:
+            poll.timer = self._clock.callLater(
+                min(wait, MAX_WAIT), self._poll_timed_out, worker, poll
+            )
         if not self.accepting:
             self._end_poll(worker, [])
             return poll.answer
         if count > 0:
             self._scheduler.set_free(offer.holder, count)
             self._capacity_changed()
+        if wait <= 0 and worker.poll is poll:
+            # Not held open: answered with what the claim just made brings
+            # (its answer ends the poll), or at once with nothing.
+            self._poll_timed_out(worker, poll)
         return poll.answer
 
     def _release_unheld(

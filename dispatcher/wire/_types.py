@@ -886,11 +886,37 @@ class ResultItem(_In):
 
 class ResultsRequest(_In):
     """
-    Report how attempts ended.
+    Report how attempts ended, and (with C{max_jobs}) ask for more work in
+    the same round trip: the answer then grants leases as a request for
+    work's does, once the results have been recorded, without waiting.
     """
 
     worker: WorkerOffer
     results: Annotated[list[ResultItem], Meta(max_length=MAX_ITEMS)]
+    # Left out rather than null when not asking: a dispatcher older than
+    # the field refuses it by name, and the worker then asks apart.
+    max_jobs: Union[
+        Annotated[int, Meta(ge=1, le=MAX_SLOTS, description="Ask for up to this "
+                            "many new leases once these results are recorded (its "
+                            "slots free then, these results' included; at most "
+                            "worker.slots).  The answer is not held open: it grants "
+                            "what is queued for the worker, maybe nothing.  A "
+                            "request for work, like one to /v1/leases: the worker "
+                            "has no other open at the same time.")],
+        UnsetType,
+    ] = UNSET
+    held: Union[
+        Annotated[
+            list[LeaseHeld],
+            Meta(
+                max_length=MAX_ITEMS,
+                description="With max_jobs: every lease the worker process holds, "
+                "as in a request for work (these results' leases may be listed "
+                "or not).  Ignored without max_jobs.",
+            ),
+        ],
+        UnsetType,
+    ] = UNSET
 
 
 class LeaseSpec(_Out):
@@ -991,10 +1017,16 @@ class HeartbeatAnswer(_Out):
 
 class ResultsAnswer(_Out):
     """
-    One answer per result sent, in order.
+    One answer per result sent, in order; with the request's C{max_jobs},
+    the leases granted (maybe none) and the timing to keep, as a
+    L{LeaseAnswer}'s.
     """
 
     results: list[LeaseStatus]
+    leases: list[LeaseGrant] = []
+    lease_seconds: float = 0.0
+    heartbeat_seconds: float = 0.0
+    fence_seconds: FenceSeconds = 0.0
 
 
 class LogWritten(_Out):

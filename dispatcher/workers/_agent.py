@@ -35,6 +35,7 @@ from dispatcher.wire._types import (
     LeaseHeld,
     LeaseStatus,
     ResultItem,
+    ResultsAnswer,
     WorkerOffer,
 )
 from dispatcher.workers._client import (
@@ -52,6 +53,15 @@ log = Logger()
 # (the protocol's defaults).
 DEFAULT_LEASE_SECONDS = 30.0
 DEFAULT_HEARTBEAT_SECONDS = 10.0
+
+# How long the first of the jobs that ended waits for the others still
+# running before their results are reported (the daemon's END_GATHER, for
+# the same reason): jobs leased together mostly end close together, and
+# reported as they came in, the first went alone and the rest waited for
+# its answer to make the next report, so that a worker of eight slots sent
+# a report (and asked for work) every three jobs.  A report waits for no
+# more once no job runs.
+REPORT_GATHER = 0.001
 
 
 # What the worker offers
@@ -224,6 +234,16 @@ class RemoteWorker(Service):
     @param sweeper: the L{JobDirectorySweeper} that removes the
         directories of the jobs it let go of, started and stopped with it;
         C{None}: they are kept.
+    @param report_gather: seconds the first job to end waits for those
+        still running before the results are reported (L{REPORT_GATHER});
+        0 reports each end as it comes.
+    @param job_lines: whether the lines of each job's lease, end and
+        recorded result (at debug) are made at all: a line that no observer
+        keeps still costs microseconds to make and drop, a tenth of a
+        remote no-op job's cost on its worker.
+    @ivar lease_answers: how many answers granted how many leases (the
+        number of leases: the number of answers), told in the line the
+        worker logs when it stops.
     """
 
     def __init__(
@@ -239,8 +259,22 @@ class RemoteWorker(Service):
         poll_wait: float = POLL_WAIT_SECONDS,
         fence_clock: Optional[Callable[[], float]] = None,
         sweeper: Optional[JobDirectorySweeper] = None,
+        report_gather: float = REPORT_GATHER,
+        job_lines: bool = True,
     ) -> None:
         self._client = client
+        self._job_lines = job_lines
+        self._report_gather = report_gather
+        # The jobs that ended and wait for the others still running (at
+        # most report_gather) before their logs and results go, how many
+        # jobs run, and the timer that ends the wait.
+        self._ending: list[HeldLease] = []
+        self._running_count = 0
+        self._gather_call: Any = None
+        # A report asks for work too (max_jobs) while it is under way: no
+        # other request for work is made meanwhile.
+        self._report_asks = False
+        self.lease_answers: dict[int, int] = {}
         self._sweeper = sweeper
         self._fence_clock = fence_clock if fence_clock is not None else clock.seconds
         self._fence_call: Any = None
@@ -279,6 +313,9 @@ class RemoteWorker(Service):
         # Whether results say the limits a command ran under and whether
         # its log was cut (likewise refused by an older dispatcher).
         self._send_limits = True
+        # Whether reports ask for work (max_jobs; likewise refused by an
+        # older dispatcher, and then work is asked for apart).
+        self._ask_in_reports = True
 
     # Starting and stopping
 
@@ -366,8 +403,9 @@ class RemoteWorker(Service):
                 **_naming(pending),
             )
         self._stopped = True
-        if self._beat_call is not None and self._beat_call.active():
-            self._beat_call.cancel()
+        for call in (self._beat_call, self._gather_call):
+            if call is not None and call.active():
+                call.cancel()
         if self._fence_call is not None and self._fence_call.active():
             self._fence_call.cancel()
         for d in [*self._sleeps, self._beating, self._reporting]:
@@ -375,7 +413,14 @@ class RemoteWorker(Service):
                 d.cancel()
         if self._asking is not None:
             await self._asking
-        log.info("worker {name} stopped", name=self.description.name)
+        log.info(
+            "worker {name} stopped; it was granted {jobs} leases in {answers} "
+            "answers (leases in an answer: answers {sizes})",
+            name=self.description.name,
+            jobs=sum(size * count for size, count in self.lease_answers.items()),
+            answers=sum(self.lease_answers.values()),
+            sizes=dict(sorted(self.lease_answers.items())),
+        )
 
     def _running(self) -> list[HeldLease]:
         return [h for h in self.held.values() if h.running is not None and not h.ended]
@@ -454,7 +499,8 @@ class RemoteWorker(Service):
     async def _ask_for_work(self) -> None:
         while self._accepting:
             free = self.free_slots
-            if free <= 0:
+            if free <= 0 or self._report_asks:
+                # (A report under way asks for work: its answer wakes this.)
                 self._slot_waiter = Deferred()
                 try:
                     await self._slot_waiter
@@ -494,25 +540,39 @@ class RemoteWorker(Service):
             self._poll_backoff.reset()
             self._learn_timing(answer)
             leases = answer.leases
-            if leases:
-                log.info(
-                    "{count} {jobs} leased in one answer",
-                    count=len(leases),
-                    jobs="job" if len(leases) == 1 else "jobs",
-                )
-            if answer.fence_seconds <= 0:
-                # A dispatcher that does not say counts nothing for the
-                # wait: from now is the best guess left.
-                sent = self._fence_clock()
-            fence_at = sent + self._fence_seconds(answer)
-            for item in leases:
-                self._start(item, fence_at)
+            self._take(leases, answer, sent)
             if not leases and self._clock.seconds() - asked_at < 1.0:
                 # An empty answer should come only when the wait ends;
                 # one that comes at once must not turn into a busy loop.
                 await self._sleep(self._random.uniform(0.5, 1.0))
 
-    def _held_items(self) -> Optional[list[LeaseHeld]]:
+    def _take(
+        self, leases: list[LeaseGrant], answer: Union[LeaseAnswer, ResultsAnswer], sent: float
+    ) -> None:
+        """
+        Start the jobs of the C{leases} an answer granted to a request for
+        work sent at C{sent} (on the fence clock).
+        """
+        if leases:
+            count = len(leases)
+            self.lease_answers[count] = self.lease_answers.get(count, 0) + 1
+            if self._job_lines:
+                log.debug(
+                    "{count} {jobs} leased in one answer",
+                    count=count,
+                    jobs="job" if count == 1 else "jobs",
+                )
+        if answer.fence_seconds <= 0:
+            # A dispatcher that does not say counts nothing for the
+            # wait: from now is the best guess left.
+            sent = self._fence_clock()
+        fence_at = sent + self._fence_seconds(answer)
+        for item in leases:
+            self._start(item, fence_at)
+
+    def _held_items(
+        self, exclude: Mapping[str, HeldLease] = {}
+    ) -> Optional[list[LeaseHeld]]:
         """
         Every lease this process holds, for a request for work.  The
         requests for work go one at a time, each after the answer to the one
@@ -522,15 +582,23 @@ class RemoteWorker(Service):
         """
         if not self._send_held:
             return None
-        return [LeaseHeld(h.job_id, h.lease.token) for h in self.held.values()]
+        return [
+            LeaseHeld(h.job_id, h.lease.token)
+            for h in self.held.values()
+            if exclude.get(h.job_id) is not h
+        ]
 
-    def _learn_timing(self, answer: Union[LeaseAnswer, HeartbeatAnswer]) -> None:
+    def _learn_timing(
+        self, answer: Union[LeaseAnswer, HeartbeatAnswer, ResultsAnswer]
+    ) -> None:
         if answer.lease_seconds > 0:
             self.lease_seconds = answer.lease_seconds
         if answer.heartbeat_seconds > 0:
             self.heartbeat_seconds = answer.heartbeat_seconds
 
-    def _fence_seconds(self, answer: Union[LeaseAnswer, HeartbeatAnswer]) -> float:
+    def _fence_seconds(
+        self, answer: Union[LeaseAnswer, HeartbeatAnswer, ResultsAnswer]
+    ) -> float:
         """
         The answer's C{fence_seconds}; from a dispatcher that gives none,
         the lease less the default margin.
@@ -564,13 +632,22 @@ class RemoteWorker(Service):
         if fence_at <= now:
             self._too_late(held, now)
             return
+        if not self._accepting:
+            # Granted by the answer to a report that asked for work as the
+            # worker began to stop: given back unstarted, its attempt not
+            # spent.
+            held.abandoned = True
+            held.outcome = Outcome(JobState.FAILED, error="never started: its worker stopped")
+            self._guard(self._finish(held), f"giving back job {held.job_id}")
+            return
         # (Its token is not logged: it is the lease's secret, which whoever
         # reads the log could write the job's log and result with.)
-        log.info(
-            "job {job_id} attempt {attempt} leased",
-            job_id=lease.job_id,
-            attempt=lease.attempt,
-        )
+        if self._job_lines:
+            log.debug(
+                "job {job_id} attempt {attempt} leased",
+                job_id=lease.job_id,
+                attempt=lease.attempt,
+            )
         busy = self._sweeper.busy(lease.job_id) if self._sweeper is not None else None
         if busy is not None:
             # Its directory (or one on the way to it) is being removed: it
@@ -621,6 +698,7 @@ class RemoteWorker(Service):
             # worker dies.
             return succeed(None)
 
+        self._running_count += 1
         held.running = self._executor.run(
             held.lease, mark_running, record_process, deadline=fence_at
         )
@@ -629,6 +707,7 @@ class RemoteWorker(Service):
         self._arm_fence(fence_at - self._stop_grace(held))
 
     def _ended(self, outcome: Outcome, held: HeldLease) -> None:
+        self._running_count -= 1
         process = held.running.process if held.running is not None else None
         if not held.fenced and not held.forgotten and (
             self._fence_clock() >= held.fence_at
@@ -645,13 +724,14 @@ class RemoteWorker(Service):
                 limits=outcome.limits,
                 log_cut=outcome.log_cut,
             )
-        log.info(
-            "job {job_id} attempt {attempt} ended: {state}{error}",
-            job_id=held.job_id,
-            attempt=held.lease.attempt,
-            state=outcome.state.value,
-            error=f" ({outcome.error})" if outcome.error else "",
-        )
+        if self._job_lines:
+            log.debug(
+                "job {job_id} attempt {attempt} ended: {state}{error}",
+                job_id=held.job_id,
+                attempt=held.lease.attempt,
+                state=outcome.state.value,
+                error=f" ({outcome.error})" if outcome.error else "",
+            )
         if held.forgotten:
             self._drop(held)
             return
@@ -661,7 +741,53 @@ class RemoteWorker(Service):
             held.abandoned = False
             outcome = attrs.evolve(outcome, stopped=False)
         held.outcome = outcome
-        self._guard(self._finish(held), f"finishing job {held.job_id}")
+        self._ending.append(held)
+        if self._running_count <= 0 or self._report_gather <= 0:
+            self._gathered()
+        elif self._gather_call is None:
+            self._gather_call = self._clock.callLater(self._report_gather, self._gathered)
+
+    def _gathered(self) -> None:
+        """
+        Every job running has ended, or the first of those that ended has
+        waited long enough: ship their logs (read in one trip) and report
+        them together.
+        """
+        if self._gather_call is not None and self._gather_call.active():
+            self._gather_call.cancel()
+        self._gather_call = None
+        ending, self._ending = self._ending, []
+        if ending:
+            self._guard(self._finish_many(ending), f"finishing {len(ending)} jobs")
+
+    async def _finish_many(self, batch: list[HeldLease]) -> None:
+        """
+        L{_finish} for each of C{batch}, in one shipment of their logs and
+        one report.
+        """
+        # A task that succeeded has no log to ship: the executor writes a
+        # task's log only when it raised (its traceback).  Not looking
+        # saves a trip off the reactor thread on every report of such jobs.
+        shipping = [h for h in batch if not _no_log(h)]
+        try:
+            shipped = dict(zip(map(id, shipping), await self._logs.ship_many(shipping)))
+        except CancelledError:
+            return
+        except Exception:
+            log.failure("reading the logs of {count} jobs failed; each is tried "
+                        "again on its own", count=len(batch))
+            shipped = dict.fromkeys(map(id, shipping), False)
+        for held in batch:
+            done = shipped.get(id(held), True)
+            if held.forgotten:
+                self._drop(held)
+            elif done:
+                self.unreported[held.job_id] = held
+            else:
+                # Shipped again after a pause, on its own (a dispatcher that
+                # did not answer, a log file that could not be read).
+                self._guard(self._finish(held), f"finishing job {held.job_id}")
+        self._report()
 
     async def _finish(self, held: HeldLease) -> None:
         # The last log bytes go first: once the result is recorded the
@@ -871,11 +997,14 @@ class RemoteWorker(Service):
         if not live:
             return None
         told = {h.job_id for h in live if h.tell_running}
-        items = []
-        for held in live:
-            items.append(HeartbeatItem(held.job_id, held.lease.token, held.job_id in told))
-            if not held.ended:
-                self._guard(self._logs.ship(held), f"shipping job {held.job_id}'s log")
+        items = [
+            HeartbeatItem(held.job_id, held.lease.token, held.job_id in told) for held in live
+        ]
+        shipping = [held for held in live if not held.ended]
+        if shipping:
+            self._guard(
+                self._logs.ship_many(shipping), f"shipping the logs of {len(shipping)} jobs"
+            )
         sent = self._fence_clock()
         try:
             # A heartbeat not answered within half a period (the dispatcher
@@ -965,13 +1094,27 @@ class RemoteWorker(Service):
     async def _send_results(self) -> None:
         while self.unreported:
             batch = list(self.unreported.values())
+            asked = self._report_ask(batch)
+            # The leases these results end need not be listed as held too.
+            held = self._held_items(exclude=self.unreported) if asked else None
+            sent = self._fence_clock()
             try:
                 answer = await self._client.report(
-                    self._offer, [self._result_item(h) for h in batch]
+                    self._offer, [self._result_item(h) for h in batch], asked, held
                 )
             except CancelledError:
+                self._report_asked()
                 raise
             except DispatcherError as e:
+                self._report_asked()
+                if asked and _refuses_field(e, "max_jobs"):
+                    log.warn(
+                        "the dispatcher does not take a request for work in a report "
+                        "(max_jobs): asking for work apart (a round trip more every "
+                        "few jobs; upgrade the dispatcher)"
+                    )
+                    self._ask_in_reports = False
+                    continue
                 if self._send_limits and _refuses_limits(e):
                     log.warn(
                         "the dispatcher does not know the limits and log_cut fields of "
@@ -987,6 +1130,7 @@ class RemoteWorker(Service):
                 await self._sleep(delay)
                 continue
             except Exception:
+                self._report_asked()
                 # Not the dispatcher's answer but ours: a result that cannot
                 # be written as JSON fails only its own job, never the
                 # reports of the others (all go in one request).
@@ -1005,11 +1149,12 @@ class RemoteWorker(Service):
                 if held is None or self.unreported.get(held.job_id) is not held:
                     continue
                 if result.ok:
-                    log.info(
-                        "job {job_id} attempt {attempt}: result recorded",
-                        job_id=held.job_id,
-                        attempt=held.lease.attempt,
-                    )
+                    if self._job_lines:
+                        log.debug(
+                            "job {job_id} attempt {attempt}: result recorded",
+                            job_id=held.job_id,
+                            attempt=held.lease.attempt,
+                        )
                 else:
                     log.info(
                         "job {job_id} attempt {attempt}: result refused "
@@ -1024,9 +1169,39 @@ class RemoteWorker(Service):
                 # and hold the others idle until that answer came back.
                 self._drop(held, wake=False)
                 dropped = True
-            if dropped:
+            if asked:
+                self._learn_timing(answer)
+                self._take(answer.leases, answer, sent)
+                # The lease loop looks again: at the slots the answer freed
+                # and did not fill, it asks for work with a long-poll.
+                self._report_asked()
+            elif dropped:
                 self._slots_freed()
 
+    def _report_ask(self, batch: list[HeldLease]) -> Optional[int]:
+        """
+        How many jobs a report of C{batch} asks for (C{None}: it does not
+        ask): every slot free once the dispatcher has recorded it, when the
+        worker takes work and no other request for work is under way.  (The
+        requests for work go one at a time, each listing the leases held:
+        see L{_held_items}.)
+        """
+        if not (self._ask_in_reports and self._accepting) or self._polling is not None:
+            return None
+        free = min(self.description.slots, self.free_slots + len(batch))
+        if free <= 0:
+            return None
+        self._report_asks = True
+        return free
+
+    def _report_asked(self) -> None:
+        """
+        A report that asked for work, if this one did, was answered or
+        given up on: the lease loop may ask again.
+        """
+        if self._report_asks:
+            self._report_asks = False
+            self._slots_freed()
 
     def _result_item(self, held: HeldLease) -> ResultItem:
         """
@@ -1129,16 +1304,38 @@ def _naming(held: list[HeldLease]) -> dict[str, Any]:
     return {"count": len(held), "job_ids": sorted(h.job_id for h in held)}
 
 
+def _no_log(held: HeldLease) -> bool:
+    """
+    Whether C{held}'s attempt has no log for certain: a task that
+    succeeded (the executor writes a task attempt's log only with the
+    traceback of an exception it raised).
+    """
+    outcome = held.outcome
+    return (
+        held.lease.spec.task is not None
+        and outcome is not None
+        and outcome.state is JobState.SUCCEEDED
+    )
+
+
+def _refuses_field(error: Exception, field: str) -> bool:
+    """
+    Whether C{error} is a dispatcher's refusal of a request's C{field}
+    as unknown (it predates the field).
+    """
+    return (
+        isinstance(error, DispatcherRefused)
+        and error.code == "unknown_field"
+        and error.field == field
+    )
+
+
 def _refuses_held(error: Exception) -> bool:
     """
     Whether C{error} is a dispatcher's refusal of a request for work's
     C{held} field (it predates the field).
     """
-    return (
-        isinstance(error, DispatcherRefused)
-        and error.code == "unknown_field"
-        and error.field == "held"
-    )
+    return _refuses_field(error, "held")
 
 
 # The fields of a result a dispatcher older than them refuses.

@@ -163,12 +163,27 @@ class DispatcherClient:
             "heartbeat", HeartbeatRequest(worker, items), HeartbeatAnswer, timeout
         )
 
-    def report(self, worker: WorkerOffer, results: list[ResultItem]) -> Deferred:
+    def report(
+        self,
+        worker: WorkerOffer,
+        results: list[ResultItem],
+        max_jobs: Optional[int] = None,
+        held: Optional[list[LeaseHeld]] = None,
+    ) -> Deferred:
         """
-        Report how attempts ended; fires with the L{ResultsAnswer}, whose
-        C{results} say for each item whether it was recorded.
+        Report how attempts ended, and with C{max_jobs} ask for up to that
+        many leases in the same request, listing the leases the worker holds
+        (C{held}); fires with the L{ResultsAnswer}, whose C{results} say for
+        each item whether it was recorded, and whose C{leases} are those
+        granted.
         """
-        return self._per_lease("results", ResultsRequest(worker, results), ResultsAnswer)
+        body = ResultsRequest(
+            worker,
+            results,
+            msgspec.UNSET if max_jobs is None else max_jobs,
+            msgspec.UNSET if max_jobs is None or held is None else held,
+        )
+        return self._per_lease("results", body, ResultsAnswer)
 
     def append_log(
         self, job_id: str, token: str, stream: str, offset: int, data: bytes

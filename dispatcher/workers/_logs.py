@@ -104,11 +104,7 @@ class LogShipper:
             return True
         await held.shipped.lock.acquire()
         try:
-            streams = [s for s in STREAMS if s not in held.shipped.given_up]
-            paths = {
-                stream: self._log_path(held.job_id, held.lease.attempt, stream)
-                for stream in streams
-            }
+            streams, paths = self._streams(held)
             # Every stream's next piece in one trip off the reactor thread:
             # most attempts (every task that did not fail) have no log, and
             # a trip for each stream, at every heartbeat and at every end,
@@ -116,51 +112,113 @@ class LogShipper:
             firsts = await self._read_chunks(
                 [(paths[stream], held.shipped.offsets[stream], LOG_CHUNK_BYTES) for stream in streams]
             )
-            for stream, chunk in zip(streams, firsts):
-                path = paths[stream]
-                while chunk and not held.forgotten and stream not in held.shipped.given_up:
-                    offset = held.shipped.offsets[stream]
-                    try:
-                        await self._client.append_log(
-                            held.job_id, held.lease.token, stream, offset, chunk
-                        )
-                    except LogOffsetMismatch as e:
-                        if e.size >= offset:
-                            log.warn(
-                                "job {job_id}: the dispatcher refused {stream} at "
-                                "{offset} but has {size} bytes",
-                                job_id=held.job_id, stream=stream, offset=offset,
-                                size=e.size,
-                            )
-                            return False
-                        held.shipped.offsets[stream] = e.size
-                        chunk = await self._read_chunk(path, e.size)
-                        continue
-                    except LeaseGone as e:
-                        self._forget(held, "stale_lease", str(e))
-                        return True
-                    except DispatcherRefused as e:
-                        # Retrying what the dispatcher refuses would hold the
-                        # result up for ever: the rest of this stream is lost.
-                        log.error(
-                            "job {job_id}: the dispatcher refused its {stream} at "
-                            "{offset} ({error}); the rest of it is not sent",
-                            job_id=held.job_id, stream=stream, offset=offset, error=e,
-                        )
-                        held.shipped.given_up.add(stream)
-                        break
-                    except DispatcherError as e:
-                        log.info(
-                            "job {job_id}: shipping its {stream} failed ({error})",
-                            job_id=held.job_id,
-                            stream=stream,
-                            error=e,
-                        )
-                        return False
-                    held.shipped.offsets[stream] = offset + len(chunk)
-                    if len(chunk) < LOG_CHUNK_BYTES:
-                        break
-                    chunk = await self._read_chunk(path, held.shipped.offsets[stream])
-            return True
+            return await self._send(held, streams, paths, firsts)
         finally:
             held.shipped.lock.release()
+
+    async def ship_many(self, batch: list[HeldLease]) -> list[bool]:
+        """
+        L{ship} for each of C{batch}, their logs' next pieces read in one
+        trip off the reactor thread for them all: the jobs that ended
+        together (or the leases of one heartbeat) cost one trip, not one
+        each, which was the largest part of a remote no-op job on its
+        worker.  A lease whose shipment is under way waits for it, as with
+        L{ship}.
+        """
+        free = [h for h in batch if not h.shipped.lock.locked]
+        shipped: dict[int, bool] = {}
+        for held in free:
+            # Unlocked: taken at once.
+            held.shipped.lock.acquire()
+        try:
+            plans = [self._streams(held) for held in free]
+            pieces = [
+                (paths[stream], held.shipped.offsets[stream], LOG_CHUNK_BYTES)
+                for held, (streams, paths) in zip(free, plans)
+                for stream in streams
+            ]
+            chunks = await self._read_chunks(pieces) if pieces else []
+            at = 0
+            for held, (streams, paths) in zip(free, plans):
+                firsts = chunks[at : at + len(streams)]
+                at += len(streams)
+                if any(firsts):
+                    shipped[id(held)] = await self._send(held, streams, paths, firsts)
+                else:
+                    shipped[id(held)] = True
+        finally:
+            for held in free:
+                held.shipped.lock.release()
+        for held in batch:
+            if id(held) not in shipped:
+                shipped[id(held)] = await self.ship(held)
+        return [shipped[id(held)] for held in batch]
+
+    def _streams(self, held: HeldLease) -> tuple[list[str], dict[str, str]]:
+        """
+        The streams of C{held}'s log still shipped, and their files.
+        """
+        streams = [s for s in STREAMS if s not in held.shipped.given_up]
+        paths = {
+            stream: self._log_path(held.job_id, held.lease.attempt, stream)
+            for stream in streams
+        }
+        return streams, paths
+
+    async def _send(
+        self,
+        held: HeldLease,
+        streams: list[str],
+        paths: dict[str, str],
+        firsts: list[bytes],
+    ) -> bool:
+        """
+        Send C{firsts} (each stream's next piece, read already) and what
+        follows them; the caller holds C{held}'s shipping lock.
+        """
+        for stream, chunk in zip(streams, firsts):
+            path = paths[stream]
+            while chunk and not held.forgotten and stream not in held.shipped.given_up:
+                offset = held.shipped.offsets[stream]
+                try:
+                    await self._client.append_log(
+                        held.job_id, held.lease.token, stream, offset, chunk
+                    )
+                except LogOffsetMismatch as e:
+                    if e.size >= offset:
+                        log.warn(
+                            "job {job_id}: the dispatcher refused {stream} at "
+                            "{offset} but has {size} bytes",
+                            job_id=held.job_id, stream=stream, offset=offset,
+                            size=e.size,
+                        )
+                        return False
+                    held.shipped.offsets[stream] = e.size
+                    chunk = await self._read_chunk(path, e.size)
+                    continue
+                except LeaseGone as e:
+                    self._forget(held, "stale_lease", str(e))
+                    return True
+                except DispatcherRefused as e:
+                    # Retrying what the dispatcher refuses would hold the
+                    # result up for ever: the rest of this stream is lost.
+                    log.error(
+                        "job {job_id}: the dispatcher refused its {stream} at "
+                        "{offset} ({error}); the rest of it is not sent",
+                        job_id=held.job_id, stream=stream, offset=offset, error=e,
+                    )
+                    held.shipped.given_up.add(stream)
+                    break
+                except DispatcherError as e:
+                    log.info(
+                        "job {job_id}: shipping its {stream} failed ({error})",
+                        job_id=held.job_id,
+                        stream=stream,
+                        error=e,
+                    )
+                    return False
+                held.shipped.offsets[stream] = offset + len(chunk)
+                if len(chunk) < LOG_CHUNK_BYTES:
+                    break
+                chunk = await self._read_chunk(path, held.shipped.offsets[stream])
+        return True

@@ -73,6 +73,8 @@ class WorkerSettings:
     @ivar keep_seconds: how long a job's directory is kept once the
         dispatcher accepted its result (0: removed at once); C{None}: for
         ever.
+    @ivar log_level: the least level its log writes (C{--log-level}): the
+        lines of each job's lease, end and result are at debug.
     """
 
     url: str
@@ -83,6 +85,7 @@ class WorkerSettings:
     grace: float = 30.0
     ca_certificates: Optional[tuple[bytes, ...]] = None
     keep_seconds: Optional[float] = 7 * 86400.0
+    log_level: str = "info"
 
 
 class DataDirInUse(Exception):
@@ -196,6 +199,7 @@ class WorkerService(MultiService):
             grace=settings.grace,
             fence_clock=fence_clock,
             sweeper=self.sweeper,
+            job_lines=settings.log_level == "debug",
         )
 
     def startService(self) -> None:
