@@ -14,11 +14,12 @@ then it fails.
 import atexit
 import os
 import secrets
+import urllib.parse
 from typing import Optional
 
 import psycopg
 import pytest
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.conninfo import conninfo_to_dict
 
 ADMIN_URL = os.environ.get(
     "DISPATCHER_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test"
@@ -77,7 +78,7 @@ def url_of(name: str) -> str:
     """
     The URL of the database C{name} on the tests' server.
     """
-    return make_conninfo(ADMIN_URL, dbname=name)
+    return urllib.parse.urlunsplit(urllib.parse.urlsplit(ADMIN_URL)._replace(path=f"/{name}"))
 
 
 def drop_database(url: str) -> None:

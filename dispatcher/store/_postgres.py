@@ -637,6 +637,7 @@ class PostgresJobStore(SQLiteJobStore):
         )
         self._write = self._writer.write
         self._readers = readers
+        self._reactor = reactor
         self._reader_pool = TaskThreads(reactor, readers, name="store-reader")
         self._pool: Optional[ConnectionPool] = None
         self._pool_lock = threading.Lock()
@@ -713,15 +714,28 @@ class PostgresJobStore(SQLiteJobStore):
 
     def close(self) -> Deferred:
         """
-        Finish the writes already asked for, then close every connection.
+        Finish the writes already asked for, then close every connection
+        (the readers' pool on a thread of its own: closing it waits for
+        its connections to close).
         """
-        return self._writer.close(self._close_readers)
+        d = self._writer.close(self._reader_pool.stop)
+        return d.addCallback(lambda _: self._close_pool())
 
-    def _close_readers(self) -> None:
-        self._reader_pool.stop()
-        if self._pool is not None:
-            self._pool.close()
-            self._pool = None
+    def _close_pool(self) -> Deferred:
+        pool, self._pool = self._pool, None
+        closed: Deferred = Deferred()
+        if pool is None:
+            closed.callback(None)
+            return closed
+
+        def close() -> None:
+            try:
+                pool.close()
+            finally:
+                self._reactor.callFromThread(closed.callback, None)
+
+        threading.Thread(target=close, name="store-pool-close").start()
+        return closed
 
     # Reads
 
