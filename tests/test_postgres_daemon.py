@@ -109,3 +109,20 @@ def test_an_unreachable_database_stops_start_up_in_one_line(tmp_path):
     assert "secret" not in text
     assert "Traceback" not in text
     assert sys.executable  # the daemon ran under the suite's interpreter
+
+
+def test_the_store_commands_say_they_are_sqlites(tmp_path):
+    """dispatcher store check (backup, restore) on a configuration that keeps
+    jobs in PostgreSQL says in one line that they are the SQLite file's and
+    what to use instead, and checks no file."""
+    config = tmp_path / "dispatcher.ini"
+    config.write_text("[store]\nurl = postgresql://postgres@127.0.0.1/whatever\n")
+    result = subprocess.run(
+        [os.path.join(BIN, "dispatcher"), "store", "check", "--config", str(config)],
+        capture_output=True, text=True, timeout=60,
+        env=dict(os.environ, PYTHONPATH=ROOT),
+    )
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1
+    assert "keeps jobs in PostgreSQL ([store] url)" in result.stderr
+    assert "pg_dump" in result.stderr
