@@ -327,9 +327,10 @@ def _store_url(config: Optional[str]) -> Optional[str]:
     if not config:
         return None
     try:
-        return load_config(config).store.url
+        section = load_config(config).store
     except ConfigError as e:
         raise ValueError(str(e))
+    return section.url
 
 
 def _data_dir(data_dir: Optional[str], config: Optional[str]) -> str:

@@ -70,12 +70,14 @@ def _make_store(config: Config, data_dir: str, reactor: Any) -> Any:
     or (none given) the SQLite file in the data directory.
     """
     queues = {name: q.max_running for name, q in config.queues.items()}
-    if config.store.url is not None:
+    # (Not config.store.url: "store" names a job store everywhere else.)
+    section = config.store
+    if section.url is not None:
         # Imported only here: psycopg is needed only by those who use it.
         from dispatcher.store._postgres import PostgresJobStore
 
         return PostgresJobStore(
-            config.store.url,
+            section.url,
             reactor,
             queues=queues,
             idempotency_ttl=config.dispatcher.idempotency_ttl,
