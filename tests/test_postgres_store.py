@@ -195,3 +195,31 @@ async def test_counts_by_queue_are_reread_from_the_database(databases, stores):
     # it is done.
     await two.purge_idempotency(100.0)
     assert two.job_counts() == {"default": {JobState.QUEUED: 1}}
+
+
+def test_rows_written_at_once_do_what_one_at_a_time_does(databases):
+    """The PostgreSQL store writes a group's many rows with one statement
+    (arrays unnested) where the SQLite store runs one a row: the same rows
+    result, a time given as an int among floats included, and an update
+    that names one row twice still ends with the last of them."""
+    from dispatcher.store._postgres import ColumnTypes, PgConnection, connect, migrate
+
+    url = databases.url("db")
+    raw = connect(url)
+    try:
+        migrate(raw, "db")
+        conn = PgConnection(raw, ColumnTypes(raw))
+        conn.executemany(
+            "INSERT INTO events (id, at, job_id, state) VALUES (?, ?, ?, ?)",
+            [(1, 1, "a", "queued"), (2, 2.5, None, "running"), (3, 3.0, "c", "queued")],
+        )
+        conn.executemany(
+            "UPDATE events SET state = ?, error = NULL WHERE id = ?",
+            [("x", 1), ("y", 1), ("z", 2)],
+        )
+        conn.executemany("DELETE FROM events WHERE id = ?", [(3,), (4,)])
+        assert rows(url, "SELECT id, at, job_id, state FROM events ORDER BY id") == [
+            (1, 1.0, "a", "y"), (2, 2.5, None, "z"),
+        ]
+    finally:
+        raw.close()

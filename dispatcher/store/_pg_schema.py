@@ -56,7 +56,7 @@ CREATE TABLE IF NOT EXISTS schema_version (
 
 # The webhook outbox's rows, written by the triggers on the jobs table
 # (the same rows SQLite's triggers write: dispatcher/store/_schema.py).
-_DELIVERY_FUNCTIONS = f"""
+_DELIVERY_FUNCTIONS = """
 CREATE FUNCTION jobs_notify_made() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     INSERT INTO deliveries (job_id, url, at, state, previous, owner, queue, name,

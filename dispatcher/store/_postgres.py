@@ -23,7 +23,11 @@ It is the SQLite store's own logic on another engine, not a copy of it:
     L{dispatcher.store._queries} and the rest), their SQL rewritten for
     PostgreSQL by L{dispatcher.store._dialect}, through L{PgConnection},
     which gives a psycopg connection the face of C{sqlite3}'s; where a
-    statement must differ, its module holds both texts side by side.
+    statement must differ, its module holds both texts side by side.  The
+    rows of a group that SQLite writes one statement a row (a claim's
+    leases, a run of ends, the events) go to PostgreSQL as one statement
+    over arrays (C{unnest}: L{ColumnTypes}), and a plain batch as one
+    C{INSERT ... SELECT} over its JSON.
   - Reads on a pool of connections (psycopg_pool), each read one
     C{REPEATABLE READ} read-only transaction, on reader threads.  No
     database call runs on the reactor thread.
@@ -82,15 +86,17 @@ from __future__ import annotations
 
 import functools
 import itertools
+import re
 import threading
 import time
 from typing import Any, Callable, Mapping, Optional, Sequence
 
-import attrs
 import psycopg
 import psycopg.errors
+import attrs
 from psycopg_pool import ConnectionPool
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -195,9 +201,10 @@ class PgConnection:
     the rows read, L{CLAIM_FETCH} at a time.
     """
 
-    def __init__(self, raw: psycopg.Connection) -> None:
+    def __init__(self, raw: psycopg.Connection, types: Optional["ColumnTypes"] = None) -> None:
         self.raw = raw
         self._names = itertools.count()
+        self._types = types
 
     def execute(self, statement: str, params: Sequence[Any] = ()) -> Any:
         text = postgres_text(statement)
@@ -216,9 +223,17 @@ class PgConnection:
         if text is None:
             return
         rows = list(rows)
-        if rows:
-            with self.raw.cursor() as cursor:
-                cursor.executemany(text, rows)
+        if not rows:
+            return
+        if len(rows) > 1 and self._types is not None:
+            bulk = self._types.bulk(statement)
+            if bulk is not None:
+                columns = bulk.columns(rows)
+                if columns is not None:
+                    self.raw.execute(bulk.text, columns)
+                    return
+        with self.raw.cursor() as cursor:
+            cursor.executemany(text, rows)
 
     @property
     def in_transaction(self) -> bool:
@@ -226,6 +241,132 @@ class PgConnection:
 
     def close(self) -> None:
         self.raw.close()
+
+
+@attrs.frozen
+class Bulk:
+    """
+    One statement that does what an C{executemany} of a row-at-a-time
+    statement does, reading its rows from one array a column
+    (C{unnest}): one statement for a group's hundreds of rows, where
+    the pipelined C{executemany} was a statement each (seven a no-op
+    job).
+
+    @ivar text: the statement, one array parameter a column.
+    @ivar floats: the columns whose values go as doubles (an int among
+        floats would make psycopg refuse the array).
+    @ivar key: for an update or a delete, the column of the key each row
+        names (rows must name distinct keys: an update of the same row
+        twice in one statement takes one of them, not the last).
+    """
+
+    text: str
+    floats: tuple[int, ...]
+    key: Optional[int] = None
+
+    def columns(self, rows: list) -> Optional[list]:
+        """
+        The arrays to bind, or C{None} if these rows cannot go at once.
+        """
+        columns = [list(column) for column in zip(*rows)]
+        if self.key is not None and len(set(columns[self.key])) != len(rows):
+            return None
+        for i in self.floats:
+            columns[i] = [None if v is None else float(v) for v in columns[i]]
+        return columns
+
+
+_BULK_INSERT = re.compile(r"INSERT INTO (\w+) \(([\w, ]+)\) VALUES \(([?, ]+)\)")
+_BULK_UPDATE = re.compile(r"UPDATE (\w+) SET ([\w, =?'.]+) WHERE (\w+) = \?")
+_BULK_DELETE = re.compile(r"DELETE FROM (\w+) WHERE (\w+) = \?")
+_ASSIGNMENT = re.compile(r"(\w+) = (.+)")
+
+
+class ColumnTypes:
+    """
+    The type of each column of the store's tables (read from the catalog
+    once a connection), and the bulk form (L{Bulk}) of each statement an
+    C{executemany} runs that has one: an C{INSERT ... VALUES} of
+    placeholders alone, an C{UPDATE ... SET} of columns to placeholders
+    or constants C{WHERE} one column is a placeholder, a C{DELETE ...
+    WHERE} one column is.  Any other statement runs row by row.
+    """
+
+    def __init__(self, conn: psycopg.Connection) -> None:
+        self._types: dict[tuple[str, str], str] = {
+            (table, column): kind
+            for table, column, kind in conn.execute(
+                "SELECT table_name, column_name, data_type FROM information_schema.columns"
+                " WHERE table_schema = current_schema()"
+            )
+        }
+        self._bulk: dict[str, Optional[Bulk]] = {}
+
+    def bulk(self, statement: str) -> Optional[Bulk]:
+        try:
+            return self._bulk[statement]
+        except KeyError:
+            made = self._bulk[statement] = self._make(statement)
+            return made
+
+    def _array(self, table: str, column: str) -> tuple[str, bool]:
+        kind = self._types[table, column]
+        return f"%s::{kind}[]", kind == "double precision"
+
+    def _make(self, statement: str) -> Optional[Bulk]:
+        if type(statement) is not str or postgres_text(statement) is None:
+            return None
+        try:
+            found = _BULK_INSERT.fullmatch(statement)
+            if found:
+                table, names = found[1], [n.strip() for n in found[2].split(",")]
+                if found[3].count("?") != len(names):
+                    return None
+                arrays = [self._array(table, name) for name in names]
+                return Bulk(
+                    f"INSERT INTO {table} ({', '.join(names)})"
+                    f" SELECT * FROM unnest({', '.join(a for a, _ in arrays)})",
+                    tuple(i for i, (_, floats) in enumerate(arrays) if floats),
+                )
+            found = _BULK_UPDATE.fullmatch(statement)
+            if found:
+                table, key = found[1], found[3]
+                bound: list[str] = []
+                assignments = []
+                for part in found[2].split(","):
+                    matched = _ASSIGNMENT.fullmatch(part.strip())
+                    if matched is None:
+                        return None
+                    column, value = matched[1], matched[2]
+                    if value == "?":
+                        bound.append(column)
+                        assignments.append(f"{column} = given.{column}")
+                    elif "?" not in value:
+                        assignments.append(f"{column} = {value}")
+                    else:
+                        return None
+                names = bound + [key]
+                arrays = [self._array(table, name) for name in names]
+                return Bulk(
+                    f"UPDATE {table} SET {', '.join(assignments)}"
+                    f" FROM unnest({', '.join(a for a, _ in arrays)})"
+                    f" AS given({', '.join(names)})"
+                    f" WHERE {table}.{key} = given.{key}",
+                    tuple(i for i, (_, floats) in enumerate(arrays) if floats),
+                    key=len(names) - 1,
+                )
+            found = _BULK_DELETE.fullmatch(statement)
+            if found:
+                table, key = found[1], found[2]
+                array, floats = self._array(table, key)
+                return Bulk(
+                    f"DELETE FROM {table} WHERE {key} = ANY({array})",
+                    (0,) if floats else (),
+                )
+        except KeyError:
+            # A column the catalog does not know: left to run row by row.
+            return None
+        return None
 
 
 def connect(url: str, application: str = "dispatcher") -> psycopg.Connection:
@@ -410,8 +551,8 @@ class PostgresGroupWriter(GroupWriter):
     server broke is made again at the next group.
 
     @param connect: makes the writer's connection.
-    @param begun: called with the connection at the start of each group's
-        transaction, after its lock is taken.
+    @param begun: called at the start of each group's transaction, after
+        its lock is taken, with whether any job has dependents.
     @param refresh: called with the connection on the writer thread
         between groups, every C{interval} seconds.
     """
@@ -425,7 +566,7 @@ class PostgresGroupWriter(GroupWriter):
         interval: float,
         clock: Any,
         connect: Callable[[], PgConnection],
-        begun: Callable[[PgConnection], None],
+        begun: Callable[[bool], None],
         refresh: Callable[[PgConnection], None],
         journal: Any = None,
         record: Any = None,
@@ -446,8 +587,6 @@ class PostgresGroupWriter(GroupWriter):
         self._threads.start()
 
         def opened(conn: PgConnection) -> None:
-            from twisted.internet.task import LoopingCall
-
             self.connection = conn
             self._syncer = LoopingCall(self._watch)
             self._syncer.clock = self._clock
@@ -459,8 +598,6 @@ class PostgresGroupWriter(GroupWriter):
         """
         Every commit is already durable: nothing to do.
         """
-        from twisted.internet.defer import succeed
-
         return succeed(None)
 
     def _sync_in_thread(self) -> None:
@@ -502,9 +639,12 @@ class PostgresGroupWriter(GroupWriter):
         return conn
 
     def _begin(self, conn: Any) -> None:
-        conn.execute("BEGIN")
-        conn.execute("SELECT pg_advisory_xact_lock(?)", (WRITE_LOCK,))
-        self._begun(conn)
+        # One round trip: the transaction, its lock, and what the group
+        # must know of what others committed.
+        cursor = conn.raw.execute(_BEGIN)
+        cursor.nextset()
+        _, dependencies = cursor.fetchone()
+        self._begun(dependencies)
 
     def _commit(
         self, work: list[Write], durable: bool = True
@@ -562,6 +702,15 @@ class PostgresGroupWriter(GroupWriter):
             return (False, Failure())
         conn.raw.execute("RELEASE SAVEPOINT operation")
         return (True, value)
+
+
+# What begins a group: its transaction, the lock that makes the groups of
+# every dispatcher on the database commit one at a time (see the module's
+# docstring), and whether any job has dependents.
+_BEGIN = (
+    f"BEGIN; SELECT pg_advisory_xact_lock({WRITE_LOCK}),"
+    " EXISTS (SELECT 1 FROM dependencies)"
+)
 
 
 def _space(conn: PgConnection) -> StoreSpace:
@@ -649,7 +798,8 @@ class PostgresJobStore(SQLiteJobStore):
         return self._writer.start(self._open_in_thread)
 
     def _connect_writer(self) -> PgConnection:
-        conn = PgConnection(connect(self._url, "dispatcher store writer"))
+        raw = connect(self._url, "dispatcher store writer")
+        conn = PgConnection(raw, ColumnTypes(raw))
         self._state.owners.load(conn)  # type: ignore[arg-type]
         self._state.connection = conn
         return conn
@@ -667,7 +817,7 @@ class PostgresJobStore(SQLiteJobStore):
             ) from e
         try:
             migrate(raw, self._where)
-            conn = PgConnection(raw)
+            conn = PgConnection(raw, ColumnTypes(raw))
             self._state.load(conn)
         except psycopg.Error as e:
             raw.close()
@@ -691,12 +841,9 @@ class PostgresJobStore(SQLiteJobStore):
         )
         return conn
 
-    def _group_begun(self, conn: PgConnection) -> None:
+    def _group_begun(self, dependencies: bool) -> None:
         # Another dispatcher may have stored the first dependency.
-        if not self._state.dependencies:
-            (self._state.dependencies,) = conn.execute(
-                "SELECT EXISTS (SELECT 1 FROM dependencies)"
-            ).fetchone()
+        self._state.dependencies = self._state.dependencies or dependencies
 
     def _refresh(self, conn: PgConnection) -> None:
         # Between groups: the counts as committed, by every dispatcher.
