@@ -23,8 +23,9 @@ The workloads:
 
 The store alone: no HTTP, no daemon, no process per job.  The SQLite
 store syncs submissions before their answer and claims and ends within a
-second (its default C{sync_interval}); PostgreSQL commits every group
-with C{synchronous_commit = on}.  The server, this script and anything
+second (its default C{sync_interval}); "synced" is the same with every
+commit synced (C{sync_interval = 0}); PostgreSQL commits every group with
+C{synchronous_commit = on}, which is what "synced" does.  The server, this script and anything
 else share the machine's cores: compare the ratios, not the rates.
 """
 
@@ -127,6 +128,11 @@ async def noops(store: Any) -> float:
 
 WORKLOADS = {"submit": submits, "batch": batches, "noop": noops}
 
+# The SQLite store as the daemon runs it (claims and ends synced within a
+# second), the same with every commit synced (sync_interval = 0: what
+# PostgreSQL's synchronous_commit does), and the PostgreSQL store.
+ENGINES = ("sqlite", "sqlite-synced", "postgresql")
+
 
 def admin(url: str) -> psycopg.Connection:
     return psycopg.connect(url, autocommit=True)
@@ -139,8 +145,11 @@ async def one_round(reactor: Any, engine: str, url: str, workload: str) -> float
     place = tempfile.mkdtemp(prefix="store-engines-", dir=os.path.expanduser("~"))
     database = None
     try:
-        if engine == "sqlite":
-            store: Any = SQLiteJobStore(os.path.join(place, "db.sqlite3"), reactor)
+        if engine.startswith("sqlite"):
+            store: Any = SQLiteJobStore(
+                os.path.join(place, "db.sqlite3"), reactor,
+                sync_interval=0.0 if engine == "sqlite-synced" else 1.0,
+            )
         else:
             database = f"dispatcher_bench_{secrets.token_hex(4)}"
             with admin(url) as conn:
@@ -176,16 +185,21 @@ async def main(reactor: Any, argv: list[str]) -> None:
     with admin(args.url) as conn:
         (version,) = conn.execute("SHOW server_version").fetchone()
     print(f"PostgreSQL {version}; {os.cpu_count()} cores; rounds: {args.rounds}")
-    print(f"{'workload':<8} {'SQLite jobs/s':>14} {'PostgreSQL jobs/s':>18} {'PG / SQLite':>12}")
+    print(
+        f"{'workload':<8} {'SQLite':>9} {'synced':>9} {'PostgreSQL':>11}"
+        f" {'PG/SQLite':>10} {'PG/synced':>10}   (jobs a second, medians)"
+    )
     for workload in args.only.split(","):
-        figures: dict[str, list[float]] = {"sqlite": [], "postgresql": []}
+        figures: dict[str, list[float]] = {engine: [] for engine in ENGINES}
         for _ in range(args.rounds):
-            # Alternating, so that a change of the machine's load meets both.
-            for engine in ("sqlite", "postgresql"):
+            # Alternating, so that a change of the machine's load meets all.
+            for engine in ENGINES:
                 figures[engine].append(await one_round(reactor, engine, args.url, workload))
-        sqlite = statistics.median(figures["sqlite"])
-        postgresql = statistics.median(figures["postgresql"])
-        print(f"{workload:<8} {sqlite:>14,.0f} {postgresql:>18,.0f} {postgresql / sqlite:>12.2f}")
+        sqlite, synced, postgresql = (statistics.median(figures[e]) for e in ENGINES)
+        print(
+            f"{workload:<8} {sqlite:>9,.0f} {synced:>9,.0f} {postgresql:>11,.0f}"
+            f" {postgresql / sqlite:>10.2f} {postgresql / synced:>10.2f}"
+        )
         sys.stdout.flush()
 
 
