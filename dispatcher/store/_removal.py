@@ -29,6 +29,7 @@ import sqlite3
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from dispatcher.model._jobs import FINAL_STATES, JobState, UnknownJob
+from dispatcher.store._dialect import differs
 from dispatcher.store._results import (
     HasDependents,
     NotFinished,
@@ -37,7 +38,6 @@ from dispatcher.store._results import (
     StoreSpace,
     Written,
 )
-from dispatcher.store._dialect import differs
 from dispatcher.store._stored import decode_stored
 
 if TYPE_CHECKING:
