@@ -92,8 +92,8 @@ import time
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import psycopg
-import psycopg.errors
 import attrs
+import psycopg.errors
 from psycopg_pool import ConnectionPool
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import LoopingCall
@@ -207,6 +207,10 @@ class PgConnection:
         self._types = types
 
     def execute(self, statement: str, params: Sequence[Any] = ()) -> Any:
+        """
+        Run C{statement} (SQLite's text) with C{params}; the cursor to read
+        its rows from.
+        """
         text = postgres_text(statement)
         if text is None:
             return _NO_ROWS
@@ -219,6 +223,11 @@ class PgConnection:
         return cursor
 
     def executemany(self, statement: str, rows: Any) -> None:
+        """
+        Run C{statement} (SQLite's text) for each of C{rows}: as one
+        statement over arrays where it has a bulk form (L{ColumnTypes}),
+        else pipelined, a statement a row.
+        """
         text = postgres_text(statement)
         if text is None:
             return
@@ -237,9 +246,15 @@ class PgConnection:
 
     @property
     def in_transaction(self) -> bool:
+        """
+        Whether a transaction is open (or the connection is in doubt).
+        """
         return self.raw.info.transaction_status != psycopg.pq.TransactionStatus.IDLE
 
     def close(self) -> None:
+        """
+        Close the connection.
+        """
         self.raw.close()
 
 
@@ -303,6 +318,9 @@ class ColumnTypes:
         self._bulk: dict[str, Optional[Bulk]] = {}
 
     def bulk(self, statement: str) -> Optional[Bulk]:
+        """
+        The bulk form of C{statement} (SQLite's text), or C{None}.
+        """
         try:
             return self._bulk[statement]
         except KeyError:
@@ -460,12 +478,19 @@ class DatabaseOwnerCounts(OwnerCounts):
         self._read: dict[str, int] = {}
 
     def load(self, conn: Any) -> None:
+        """
+        Read from the database on C{conn} from now on.
+        """
         self.connection = conn
         self._pending.clear()
         self._journal.clear()
         self._read.clear()
 
     def unfinished(self, owner: Optional[str]) -> int:
+        """
+        C{owner}'s unfinished jobs: the table's, and the open
+        transaction's changes.
+        """
         if owner is None:
             return 0
         stored = self._read.get(owner)
@@ -481,15 +506,25 @@ class DatabaseOwnerCounts(OwnerCounts):
         return int(count)
 
     def committed(self) -> dict[str, int]:
+        """
+        Each owner's unfinished jobs, as the table holds them.
+        """
         assert self.connection is not None
         return _unfinished_by_owner(self.connection)
 
     def commit(self) -> None:
+        """
+        The transaction ended: its changes are the table's now (or gone),
+        and the next reads the table again.
+        """
         self._pending.clear()
         self._journal.clear()
         self._read.clear()
 
     def rollback(self) -> None:
+        """
+        The same as L{commit}: memory holds nothing the table does not.
+        """
         self.commit()
 
 
@@ -518,6 +553,10 @@ class DatabaseWriterState(WriterState):
 
     @property  # type: ignore[override]
     def next_token(self) -> int:
+        """
+        The next lease token: the next of the block taken, or the first of
+        a new block from the sequence.
+        """
         if not (self._block <= self._token < self._block + TOKEN_BLOCK) or not self._block:
             assert self.connection is not None
             (self._block,) = self.connection.execute(
@@ -531,6 +570,10 @@ class DatabaseWriterState(WriterState):
         self._token = value
 
     def load(self, conn: Any) -> None:
+        """
+        Read what the operations need from the database on C{conn}: whether
+        any job has dependents, and the counts.
+        """
         self.connection = conn
         self._block = 0
         (self.dependencies,) = conn.execute(
@@ -794,6 +837,12 @@ class PostgresJobStore(SQLiteJobStore):
     # Life cycle
 
     def open(self) -> Deferred:
+        """
+        Connect, bring the schema up to date (under the migrations' lock)
+        and start the writer and the readers; fires once open, or with
+        L{StoreUnusable} (one line, naming the database without its
+        password).
+        """
         self._reader_pool.start()
         return self._writer.start(self._open_in_thread)
 
@@ -857,6 +906,9 @@ class PostgresJobStore(SQLiteJobStore):
         return False
 
     def sync(self) -> Deferred:
+        """
+        Nothing to sync: fires at once.
+        """
         return self._writer.sync()
 
     def close(self) -> Deferred:
@@ -897,6 +949,10 @@ class PostgresJobStore(SQLiteJobStore):
             raise ReadFailed(str(e).strip()) from e
 
     def unfinished_jobs(self) -> Deferred:
+        """
+        Fire with each owner's unfinished jobs as committed, read from the
+        counts table (every dispatcher's).
+        """
         if self._writer.closing:
             return fail(StoreClosed("the dispatcher is stopping"))
         return self._read(_unfinished_by_owner)
