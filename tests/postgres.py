@@ -142,3 +142,13 @@ def drop_databases(place) -> None:
     databases = _by_place.pop(str(place), None)
     if databases is not None:
         databases.drop()
+
+
+def sqlite_file_only() -> None:
+    """
+    Skip a daemon test that reads or damages the SQLite file itself when
+    the daemon tests run on PostgreSQL (C{DISPATCHER_TEST_STORE=postgresql},
+    tests/conftest.py): it has no such file there.
+    """
+    if os.environ.get("DISPATCHER_TEST_STORE") == "postgresql":
+        pytest.skip("reads or damages the SQLite file itself; the daemon runs on PostgreSQL")
