@@ -1,6 +1,10 @@
 """
 Fixtures shared by the tests: a real daemon on an ephemeral port, and a
 treq client with its own connection pool.
+
+DISPATCHER_TEST_STORE=postgresql runs the daemons of make_daemon on the
+PostgreSQL store (a database of the test's own for each data directory):
+the API's tests on the other store, on demand.
 """
 
 import json
@@ -16,8 +20,9 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.web.client import Agent, HTTPConnectionPool
 
-from dispatcher.config._ini import parse_config
+from dispatcher.config._ini import StoreConfig, parse_config
 from dispatcher.app._daemon import DaemonService
+from tests.postgres import database_for, drop_databases
 
 TEST_TASKS = """
 [tasks]
@@ -165,13 +170,18 @@ def make_daemon(tmp_path, client):
 
     async def make(ini="", data_dir=None, clock=None):
         config = parse_config(as_the_tests_account(TEST_TASKS + ini), "test.ini")
+        data_dir = str(data_dir or tmp_path / "data")
         config = attrs.evolve(
             config,
-            dispatcher=attrs.evolve(
-                config.dispatcher,
-                data_dir=str(data_dir or tmp_path / "data"),
-            ),
+            dispatcher=attrs.evolve(config.dispatcher, data_dir=data_dir),
         )
+        if os.environ.get("DISPATCHER_TEST_STORE") == "postgresql" and config.store.url is None:
+            # The daemon tests on the PostgreSQL store: a database for each
+            # data directory (the same one after a restart), dropped with
+            # the test's others.
+            config = attrs.evolve(
+                config, store=StoreConfig(url=database_for(tmp_path, data_dir))
+            )
         endpoint = serverFromString(reactor, "tcp:0:interface=127.0.0.1")
         service = DaemonService(reactor, config, endpoint, clock=clock)
         service.startService()
@@ -189,6 +199,7 @@ def make_daemon(tmp_path, client):
                 clock.advance(60)
                 pytest_twisted.blockon(sleep(0.01))
             pytest_twisted.blockon(stopped)
+    drop_databases(tmp_path)
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ import pathlib
 import shutil
 import sqlite3
 
+import psycopg
 import pytest_twisted
 from hypothesis import strategies as st
 from hypothesis.stateful import invariant, precondition, rule
@@ -34,6 +35,7 @@ from dispatcher.store._results import (
     RemovalCursor,
 )
 from dispatcher.store._sqlite import SQLiteJobStore
+from tests.postgres import database_for
 from tests.store_contract import no_jitter
 from tests.test_invariants import HOLDER, SETTINGS, SQLiteScheduling, block, ids
 
@@ -218,6 +220,11 @@ class CountedScheduling(SQLiteScheduling):
     def counts_are_a_fresh_group_by(self):
         scanned, kept = fresh_counts(self._path())
         assert kept == scanned
+        self._counts_answered(scanned)
+
+    def _counts_answered(self, scanned):
+        """The counts the store answers with are those C{scanned} from its
+        rows."""
         for owner in ("ann", "bob"):
             assert {
                 (queue, state.value): n
@@ -241,6 +248,85 @@ class CountedScheduling(SQLiteScheduling):
 
 TestCountedScheduling = CountedScheduling.TestCase
 TestCountedScheduling.settings = SETTINGS
+
+
+def counted_postgresql_store(place, name, **options):
+    """A PostgreSQL store with the same three queues, in a database of the
+    test's own (tests/postgres.py)."""
+    from dispatcher.store._postgres import PostgresJobStore
+
+    return PostgresJobStore(database_for(place, name), reactor, queues=QUEUES, **options)
+
+
+def _postgresql_rows(url, query, params=()):
+    with psycopg.connect(url, autocommit=True) as conn:
+        return conn.execute(query, params).fetchall()
+
+
+class PostgresCountedScheduling(CountedScheduling):
+    """The same machine on the PostgreSQL store: its counts table and the
+    counts it answers from are what a GROUP BY of its rows says."""
+
+    factory = staticmethod(counted_postgresql_store)
+
+    def _url(self):
+        return database_for(self.dir, self.name)
+
+    def _cancel_asked(self, job_id):
+        ((asked,),) = _postgresql_rows(
+            self._url(), "SELECT cancel_requested FROM jobs WHERE id = %s", (job_id,)
+        )
+        return bool(asked)
+
+    @rule()
+    def kill(self):
+        """The daemon is killed with SIGKILL between two commits: what
+        PostgreSQL committed is all there is, and a new store opens on it."""
+        block(self.store.close())
+        self.store = self._open()
+        block(self.store.recover(HOLDER, self.now))
+        self.leases.clear()
+        self._note_finished()
+
+    @invariant()
+    def only_staging_and_running_jobs_hold_a_lease(self):
+        for state, token, holder in _postgresql_rows(
+            self._url(), "SELECT state, lease_token, lease_holder FROM jobs"
+        ):
+            leased = state in ("staging", "running")
+            assert (token is not None) == leased, (state, token)
+            assert (holder is not None) == leased, (state, holder)
+
+    @invariant()
+    def counts_are_a_fresh_group_by(self):
+        url = self._url()
+        scanned = {
+            (q, s, o): n
+            for q, s, o, n in _postgresql_rows(
+                url,
+                "SELECT queue, state, COALESCE(owner, ''), COUNT(*) FROM jobs"
+                " GROUP BY queue, state, COALESCE(owner, '')",
+            )
+        }
+        kept = {
+            (q, s, o): n
+            for q, s, o, n in _postgresql_rows(
+                url, "SELECT queue, state, owner, jobs FROM job_counts WHERE jobs != 0"
+            )
+        }
+        assert kept == scanned
+        self._counts_answered(scanned)
+        # The quota's count is the table's.
+        unfinished = block(self.store.unfinished_jobs())
+        expected = {}
+        for (_, state, owner), n in scanned.items():
+            if owner and state in ("pending", "queued", "staging", "running"):
+                expected[owner] = expected.get(owner, 0) + n
+        assert unfinished == expected
+
+
+TestPostgresCountedScheduling = PostgresCountedScheduling.TestCase
+TestPostgresCountedScheduling.settings = SETTINGS
 
 
 @pytest_twisted.ensureDeferred

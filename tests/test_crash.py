@@ -1,7 +1,8 @@
 """
 The real daemon under load from several clients while it is killed with
 SIGKILL and restarted three times: every acknowledged job is kept and
-succeeds, none is lost, none ever runs twice at once.
+succeeds, none is lost, none ever runs twice at once; on each store (the
+SQLite file, and PostgreSQL in a database of the test's own).
 """
 
 import json
@@ -12,6 +13,9 @@ import time
 import urllib.error
 import urllib.request
 
+import pytest
+
+from .postgres import Databases
 from .test_twistd import Twistd
 
 JOBS = 2000
@@ -52,13 +56,24 @@ def get(url, token):
         return json.loads(response.read())
 
 
-def test_acknowledged_jobs_survive_kill_and_restart(tmp_path):
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_ini(request):
+    """The [store] section of the store under test (none: SQLite's file)."""
+    if request.param == "sqlite":
+        yield ""
+        return
+    databases = Databases()
+    yield f"[store]\nurl = {databases.url('db')}\n"
+    databases.drop()
+
+
+def test_acknowledged_jobs_survive_kill_and_restart(tmp_path, store_ini):
     """2,000 jobs from 8 clients, 3 SIGKILLs with restarts: all acknowledged
     jobs present and succeeded, none lost, none ran twice at once."""
     locks = tmp_path / "locks"
     locks.mkdir()
     port = free_port()
-    daemon = Twistd(str(tmp_path), "[executor]\nslots = 8\nkill_grace = 1\n",
+    daemon = Twistd(str(tmp_path), "[executor]\nslots = 8\nkill_grace = 1\n" + store_ini,
                     listen=f"tcp:{port}:interface=127.0.0.1")
     daemon.start()
     token = daemon.token

@@ -26,6 +26,7 @@ from dispatcher.model._jobs import FINAL_STATES, JobIds, JobSpec, JobState, Offe
 from dispatcher.model._jobs import InvalidTransition, StaleLease
 from dispatcher.store._results import DependencyNotRetried
 from tests.store_contract import moved, no_jitter
+from tests.postgres import drop_databases
 from tests.test_store_contract import STORES, sqlite_store
 
 HOLDER = "local@test"
@@ -64,6 +65,8 @@ class Scheduling(RuleBasedStateMachine):
         for name in os.listdir(self.dir):
             os.unlink(os.path.join(self.dir, name))
         os.rmdir(self.dir)
+        # A PostgreSQL store's databases (none for SQLite's).
+        drop_databases(self.dir)
 
     def _job(self, job_id):
         return block(self.store.get(job_id))

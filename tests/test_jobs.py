@@ -16,6 +16,7 @@ from twisted.web.static import File
 from twisted.internet.defer import ensureDeferred, gatherResults
 
 from .conftest import sleep, until
+from .postgres import sqlite_file_only
 
 
 @pytest_twisted.ensureDeferred
@@ -504,6 +505,7 @@ async def test_a_submission_whose_commit_fails_for_a_full_disk_is_a_507(daemon):
     """A COMMIT that fails because the disk is full answers the submission
     507 insufficient_storage and leaves no job behind; one that fails
     otherwise (an I/O error) is a 500; the next commit works as ever."""
+    sqlite_file_only()
     import sqlite3
 
     store = daemon.service.store

@@ -202,3 +202,22 @@ def test_only_the_store_imports_sqlite3():
             if any(name.split(".")[0] == "sqlite3" for name in names):
                 found.append(str(path.relative_to(PACKAGE)))
     assert found == []
+
+
+def test_only_the_postgresql_store_imports_psycopg():
+    """Only the PostgreSQL store's module imports psycopg (or its pool):
+    no SQL driver outside the store, and the SQLite store and every shared
+    store module run without psycopg installed."""
+    found = []
+    for path in PACKAGE.rglob("*.py"):
+        if path.relative_to(PACKAGE).parts == ("store", "_postgres.py"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                names = [node.module or ""]
+            if any(name.split(".")[0] in ("psycopg", "psycopg_pool") for name in names):
+                found.append(str(path.relative_to(PACKAGE)))
+    assert found == []

@@ -20,6 +20,7 @@ from dispatcher.store._sqlite import SQLiteJobStore
 from dispatcher.wire._types import MAX_LABEL_FILTERS
 
 from .test_leases import lease, report, worker
+from .postgres import sqlite_file_only
 
 ids = JobIds()
 
@@ -188,6 +189,7 @@ async def test_a_dependency_named_a_thousand_times_is_read_once(daemon):
     The writer resolves an array named a thousand times in depends_on once:
     it reads the array's members one time, not a thousand.
     """
+    sqlite_file_only()
     code, array = await daemon.json("POST", "/v1/jobs", {"command": ["true"], "array": 500})
     array_id = array["jobs"][0]["array_id"]
     reads = []

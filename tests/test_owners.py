@@ -16,6 +16,7 @@ from twisted.internet.defer import Deferred
 from dispatcher.store._schema import MIGRATIONS
 
 from .test_leases import lease, worker
+from .postgres import sqlite_file_only
 
 # The credentials these tests make, by name: two submitters and a reader.
 # "admin" is the daemon's own, made on its first start.
@@ -253,6 +254,7 @@ async def test_a_submitter_sees_the_jobs_workers_hold_of_its_own(make_daemon, to
 async def test_jobs_stored_before_owners_have_none(make_daemon, tmp_path):
     """A data directory of schema version 4 starts, its jobs show owner
     null, and only a principal that sees every job sees them."""
+    sqlite_file_only()
     data = tmp_path / "old"
     data.mkdir()
     conn = sqlite3.connect(str(data / "dispatcher.sqlite3"), isolation_level=None)

@@ -35,6 +35,7 @@ from .test_json import values
 from .test_remote import poll
 from .test_twistd import Twistd
 from .test_worker import WorkerProcess
+from .postgres import sqlite_file_only
 
 DATA = os.path.join(os.path.dirname(__file__), "data", "schema5")
 GIVE = "give = tests.tasks:give\n"
@@ -602,6 +603,7 @@ async def test_a_row_that_cannot_be_served_does_not_fail_its_pages(make_daemon, 
     written behind the daemon's back, as an older version wrote it) does
     not make the pages and the job that show it fail: they are served with
     U+FFFD in its place, and the other jobs with them."""
+    sqlite_file_only()
     daemon = await make_daemon()
     first = await daemon.submit({"command": ["true"], "name": "before"})
     job = await daemon.submit({"command": ["true"], "name": "bad"})

@@ -191,8 +191,16 @@ def store_main(argv: Sequence[str]) -> int:
 
     try:
         data_dir = _data_dir(options.data_dir, options.config)
+        postgresql = _store_url(options.config)
     except Exception as e:
         sys.stderr.write(f"dispatcher store {options.command}: {e}\n")
+        return 2
+    if postgresql:
+        sys.stderr.write(
+            f"dispatcher store {options.command}: {options.config} keeps jobs in "
+            "PostgreSQL ([store] url): these commands are the SQLite file's; use "
+            "PostgreSQL's own tools (pg_dump, pg_basebackup, amcheck)\n"
+        )
         return 2
     path = os.path.join(data_dir, DATABASE_NAME)
     try:
@@ -314,6 +322,19 @@ def _subcommands(parser: Any) -> Any:
         return sub
 
     return command
+
+
+def _store_url(config: Optional[str]) -> Optional[str]:
+    # The [store] url of the configuration file, if any names one.
+    from dispatcher.config._ini import ConfigError, load_config
+
+    if not config:
+        return None
+    try:
+        section = load_config(config).store
+    except ConfigError as e:
+        raise ValueError(str(e))
+    return section.url
 
 
 def _data_dir(data_dir: Optional[str], config: Optional[str]) -> str:

@@ -62,6 +62,33 @@ from dispatcher.wire._tokens import KEY_BYTES, LeaseTokens, new_key
 log = Logger()
 
 DATABASE_NAME = "dispatcher.sqlite3"
+
+
+def _make_store(config: Config, data_dir: str, reactor: Any) -> Any:
+    """
+    The job store C{[store]} names: the PostgreSQL database of its C{url},
+    or (none given) the SQLite file in the data directory.
+    """
+    queues = {name: q.max_running for name, q in config.queues.items()}
+    # (Not config.store.url: "store" names a job store everywhere else.)
+    section = config.store
+    if section.url is not None:
+        # Imported only here: psycopg is needed only by those who use it.
+        from dispatcher.store._postgres import PostgresJobStore
+
+        return PostgresJobStore(
+            section.url,
+            reactor,
+            queues=queues,
+            idempotency_ttl=config.dispatcher.idempotency_ttl,
+        )
+    return SQLiteJobStore(
+        os.path.join(data_dir, DATABASE_NAME),
+        reactor,
+        queues=queues,
+        idempotency_ttl=config.dispatcher.idempotency_ttl,
+        sync_interval=config.dispatcher.sync_interval,
+    )
 ACCESS_LOG_NAME = "access.log"
 # The secret key of the lease tokens workers are given (wire._tokens).
 LEASE_KEY_NAME = "lease.key"
@@ -165,13 +192,7 @@ class DaemonService(MultiService):
         self.io_pool = self.host.io_pool
         self.spawner = self.host.spawner
         executor = self.host.executor
-        self.store = SQLiteJobStore(
-            os.path.join(data_dir, DATABASE_NAME),
-            reactor,
-            queues={name: q.max_running for name, q in config.queues.items()},
-            idempotency_ttl=config.dispatcher.idempotency_ttl,
-            sync_interval=config.dispatcher.sync_interval,
-        )
+        self.store = _make_store(config, data_dir, reactor)
         self.dispatcher = Dispatcher(
             reactor,
             self.store,

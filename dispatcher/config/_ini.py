@@ -11,12 +11,14 @@ from __future__ import annotations
 import configparser
 import grp
 import importlib
+import importlib.util
 import ipaddress
 import math
 import os
 import pwd
 import re
 import sys
+import urllib.parse
 from typing import Any, Callable, Mapping, Optional
 
 import attrs
@@ -105,6 +107,49 @@ class DispatcherConfig:
     max_stored_bytes: int = 16 * 1024 * 1024
     sync_interval: float = 1.0
     gc_freeze: bool = False
+
+
+@attrs.frozen
+class StoreConfig:
+    """
+    C{[store]}: where jobs are stored.  No C{url} (the default): the
+    embedded SQLite file in the data directory.  A C{postgresql://} URL
+    (libpq's form): that PostgreSQL database
+    (L{dispatcher.store._postgres}).
+    """
+
+    url: Optional[str] = None
+
+
+# The schemes of a PostgreSQL URL, as libpq reads them.
+POSTGRESQL_SCHEMES = ("postgresql", "postgres")
+
+
+def _store_url(text: str) -> Optional[str]:
+    url = text.strip()
+    if not url:
+        return None
+    expected = (
+        "expected a PostgreSQL URL, postgresql://USER[:PASSWORD]@HOST[:PORT]/DATABASE"
+        " (or nothing: the SQLite file in the data directory)"
+    )
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # a port that is not a number raises
+    except ValueError:
+        raise ValueError(expected)
+    if parts.scheme not in POSTGRESQL_SCHEMES or not parts.path.strip("/") and not parts.query:
+        raise ValueError(expected)
+    if importlib.util.find_spec("psycopg") is None:
+        raise ValueError(
+            "the PostgreSQL store needs psycopg: pip install 'dispatcher[postgresql]'"
+        )
+    return url
+
+
+def _without_password(text: str) -> str:
+    # A URL's password is not written into an error message or a log.
+    return re.sub(r"(://[^:/@\s]*:)[^@/\s]*@", r"\1***@", text)
 
 
 # [executor] max_log_bytes by default: 64 MiB of each stream of a job.
@@ -512,6 +557,7 @@ class Config:
     webhooks: WebhooksConfig = WebhooksConfig()
     events: EventsConfig = EventsConfig()
     log: LogConfig = LogConfig()
+    store: StoreConfig = StoreConfig()
     tasks: Mapping[str, TaskRef] = attrs.field(factory=dict)
     queues: Mapping[str, QueueConfig] = attrs.field(
         factory=lambda: {"default": QueueConfig("default")}
@@ -892,6 +938,7 @@ _SECTIONS: Mapping[str, tuple[type, Mapping[str, Callable[[str], Any]]]] = {
         },
     ),
     "retention": (RetentionConfig, {"finished_days": _days, "finished_count": _count}),
+    "store": (StoreConfig, {"url": _store_url}),
     "webhooks": (
         WebhooksConfig,
         {
@@ -991,7 +1038,9 @@ def parse_config(text: str, path: str = "<string>") -> Config:
         raise ConfigError(f"{path}: {' '.join(str(e).split())}")
 
     def fail(section: str, key: str, value: str, allowed: str) -> ConfigError:
-        return ConfigError(f"{path}: [{section}] {key} = {value!r}: {allowed}")
+        return ConfigError(
+            f"{path}: [{section}] {key} = {_without_password(value)!r}: {allowed}"
+        )
 
     def parse_keys(
         section: str, keys: Mapping[str, Callable[[str], Any]]

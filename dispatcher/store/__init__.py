@@ -18,7 +18,13 @@ store keeps as JSON, its own form and not the API's (C{_stored}).
 Which jobs a claim takes is the model's claim policy
 (L{dispatcher.model._claims}), which every store applies.
 
-The only package that speaks SQL or imports C{sqlite3}.  May import:
+The PostgreSQL store (C{_postgres}, chosen by C{[store] url}) runs the
+same operations and reads on PostgreSQL, their SQL rewritten by the
+dialect layer (C{_dialect}), with its own schema and migrations
+(C{_pg_schema}).
+
+The only package that speaks SQL or imports C{sqlite3} or C{psycopg}
+(which only C{_postgres} imports).  May import:
 L{dispatcher.model}: the form a job is stored in is the store's own
 (C{_stored}), not the API's.
 """

@@ -134,7 +134,7 @@ class OwnerCounts:
 NO_OWNER = ""
 _ADD_TO_COUNT = (
     "INSERT INTO job_counts (queue, state, owner, jobs) VALUES (?, ?, ?, ?)"
-    " ON CONFLICT (queue, state, owner) DO UPDATE SET jobs = jobs + excluded.jobs"
+    " ON CONFLICT (queue, state, owner) DO UPDATE SET jobs = job_counts.jobs + excluded.jobs"
 )
 _STATES = {state.value: state for state in JobState}
 

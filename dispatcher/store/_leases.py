@@ -26,6 +26,7 @@ from dispatcher.model._jobs import (
     format_time,
     may_transition,
 )
+from dispatcher.store._dialect import differs
 from dispatcher.store._queries import running_by_queue
 from dispatcher.store._results import Change, Claimed, LostAttempt, ResumedLease, Written
 from dispatcher.store._rows import (
@@ -92,6 +93,20 @@ _CLAIMED_OWNER = _CLAIMED_ATTEMPTS + 1
 _CLAIMED_CREATED = _CLAIMED_OWNER + 1
 
 
+# A queue's queued jobs, in the order a claim takes them.  On PostgreSQL
+# each row read is locked, and a row another transaction holds (another
+# dispatcher's claim, say) is passed over: never one job to two holders.
+_QUEUED_IN = differs(
+    f"SELECT seq, id, {SPEC_COLUMNS}, attempt_count, owner, created_at"
+    " FROM jobs INDEXED BY jobs_queued"
+    " WHERE state = 'queued' AND queue = ?"
+    " ORDER BY priority DESC, seq",
+    f"SELECT seq, id, {SPEC_COLUMNS}, attempt_count, owner, created_at"
+    " FROM jobs WHERE state = 'queued' AND queue = %s"
+    " ORDER BY priority DESC, seq FOR UPDATE SKIP LOCKED",
+)
+
+
 def _claimed_spec(row: Sequence[Any]) -> JobSpec:
     return spec_from_row(row[2:_CLAIMED_ATTEMPTS])
 
@@ -118,13 +133,7 @@ def claim(
     # statistics, may walk the state index and sort every queued job: a
     # hundred times slower with ten thousand queued.
     cursors = {
-        queue: conn.execute(
-            f"SELECT seq, id, {SPEC_COLUMNS}, attempt_count, owner, created_at"
-            " FROM jobs INDEXED BY jobs_queued"
-            " WHERE state = 'queued' AND queue = ?"
-            " ORDER BY priority DESC, seq",
-            (queue,),
-        )
+        queue: conn.execute(_QUEUED_IN, (queue,))
         for queue in writer.queues
         if room[queue] > 0
     }

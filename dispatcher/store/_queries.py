@@ -15,6 +15,7 @@ import attrs
 from dispatcher.model._claims import queues_at_limit
 from dispatcher.model._limits import MAX_LIST_EXAMINED
 from dispatcher.model._jobs import Attempt, Job, JobState, UnknownJob
+from dispatcher.store._dialect import fragment
 from dispatcher.store._rows import (
     ATTEMPT_COLUMNS,
     attempt_from_row,
@@ -98,6 +99,13 @@ def _has_json_functions() -> bool:
 JSON_ROWS = _has_json_functions()
 
 
+# Whether a job's labels (its row's JSON) have a key.
+_HAS_LABEL_KEY = fragment(
+    "EXISTS (SELECT 1 FROM json_each(jobs.labels) WHERE key = ?)",
+    "jsonb_exists(jobs.labels::jsonb, ?)",
+)
+
+
 @attrs.frozen
 class _Source:
     """
@@ -125,12 +133,12 @@ def _source_sql(
         params: list[Any] = []
         for part in source.parts:
             sql, more = _source_sql(part, cursor, newest, rows)
-            arms.append(f"SELECT seq FROM ({sql})")
+            arms.append(f"SELECT seq FROM ({sql}) AS part")
             params.extend(more)
         # Each part read no further than the page's rows: their first
         # rows, merged, are the first rows of all of them.
         return (
-            f"SELECT seq FROM ({' UNION ALL '.join(arms)}) ORDER BY seq {order} LIMIT ?",
+            f"SELECT seq FROM ({' UNION ALL '.join(arms)}) AS parts ORDER BY seq {order} LIMIT ?",
             params + [rows],
         )
     after = ""
@@ -212,9 +220,7 @@ def list_jobs(
             # A key alone: job_labels is ordered by key and value, so
             # looking a key up for one job there reads every job's entry
             # of that key; the row's own labels are at hand.
-            filters.append(
-                (None, "EXISTS (SELECT 1 FROM json_each(jobs.labels) WHERE key = ?)", (key,))
-            )
+            filters.append((None, _HAS_LABEL_KEY, (key,)))
         else:
             filters.append(
                 (None, "EXISTS (SELECT 1 FROM job_labels WHERE key = ? AND seq = jobs.seq)",
@@ -249,7 +255,7 @@ def list_jobs(
     others = [f for f in filters if f is not chosen]
     residual = [sql for _, sql, _ in others]
     params = [value for _, _, values in others for value in values]
-    source = chosen[0] if chosen is not None else _index_source(None, "1")
+    source = chosen[0] if chosen is not None else _index_source(None, "1 = 1")
     order = "DESC" if newest else "ASC"
     window = examine if residual else limit + 1
     source_sql, source_params = _source_sql(source, cursor, newest, window)
@@ -266,7 +272,7 @@ def list_jobs(
         # The next page goes on from the last one examined.
         sql, more_params = _source_sql(source, cursor, newest, examine)
         last = conn.execute(
-            f"SELECT seq FROM ({sql}) ORDER BY seq {order} LIMIT 1 OFFSET ?",
+            f"SELECT seq FROM ({sql}) AS page ORDER BY seq {order} LIMIT 1 OFFSET ?",
             [*more_params, examine - 1],
         ).fetchone()
         if last is not None:

@@ -29,6 +29,7 @@ import sqlite3
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from dispatcher.model._jobs import FINAL_STATES, JobState, UnknownJob
+from dispatcher.store._dialect import differs
 from dispatcher.store._results import (
     HasDependents,
     NotFinished,
@@ -49,9 +50,11 @@ INCREMENTAL = 2
 # The next job's sequence number is one past the greatest of the jobs
 # stored and those removed (SQLite would give the greatest again once its
 # job is gone).
-MAX_SEQ = (
+MAX_SEQ = differs(
     "SELECT MAX(COALESCE((SELECT MAX(seq) FROM jobs), 0),"
-    " (SELECT top_seq FROM removed WHERE one = 1))"
+    " (SELECT top_seq FROM removed WHERE one = 1))",
+    "SELECT GREATEST(COALESCE((SELECT MAX(seq) FROM jobs), 0),"
+    " (SELECT top_seq FROM removed WHERE one = 1))",
 )
 
 _FINAL = frozenset(state.value for state in FINAL_STATES)
@@ -76,6 +79,12 @@ _WAITING_DEPENDENT = (
 _LIVE_KEY = (
     "SELECT 1 FROM idempotency WHERE created_at = ? AND created_at >= ? AND owner = ?"
     " AND instr(job_ids, ?) > 0 LIMIT 1"
+)
+
+# The greatest sequence number removed, kept.
+_KEEP_TOP_SEQ = differs(
+    "UPDATE removed SET top_seq = MAX(top_seq, ?) WHERE one = 1",
+    "UPDATE removed SET top_seq = GREATEST(top_seq, %s) WHERE one = 1",
 )
 
 # A row of _SCAN and _MEMBERS.
@@ -128,7 +137,7 @@ def _delete(writer: WriterState, conn: sqlite3.Connection, rows: Sequence[Sequen
     for row in rows:
         counts.removed(row[_ID], row[_QUEUE], row[_OWNER], row[_STATE])
     conn.execute(
-        "UPDATE removed SET top_seq = MAX(top_seq, ?) WHERE one = 1",
+        _KEEP_TOP_SEQ,
         (max(row[_SEQ] for row in rows),),
     )
 

@@ -12,6 +12,7 @@ from typing import Callable, Sequence, Union
 
 from twisted.logger import Logger
 
+from dispatcher.store._dialect import differs
 from dispatcher.store._repair import repair_unservable
 from dispatcher.store._results import StoreVersionError
 
@@ -95,8 +96,9 @@ WEBHOOK_OUTBOX = (
 )
 
 # The triggers that write the deliveries (and remove them with their job),
-# made once a job names notify (see above).
-WEBHOOK_TRIGGERS = (
+# made once a job names notify (see above); PostgreSQL's are made by its
+# schema (dispatcher/store/_pg_schema.py).
+WEBHOOK_TRIGGERS = tuple(differs(statement, None) for statement in (
     f"""
     CREATE TRIGGER IF NOT EXISTS jobs_notify_made AFTER INSERT ON jobs WHEN {_NAMES_STATE}
     BEGIN
@@ -116,7 +118,7 @@ WEBHOOK_TRIGGERS = (
         DELETE FROM deliveries WHERE job_id = OLD.id;
     END
     """,
-)
+))
 
 
 def webhook_outbox(conn: sqlite3.Connection) -> None:

@@ -22,6 +22,7 @@ import orjson
 
 from dispatcher.model._jobs import Job, JobSpec, JobState, PlainJobs
 from dispatcher.model._limits import MAX_DEPENDENCY_LINKS
+from dispatcher.store._dialect import differs
 from dispatcher.store._queries import JSON_ROWS, get_job
 from dispatcher.store._removal import MAX_SEQ
 from dispatcher.store._results import (
@@ -135,10 +136,17 @@ def _plain_insert(timeout: bool, batch: bool, json_rows: bool) -> str:
     columns = ", ".join(("seq", "id", "spec", *shared))
     if json_rows:
         values = ", ".join(f"?{3 + i}" for i in range(len(shared)))
-        return (
+        return differs(
             f"INSERT INTO jobs ({columns})"
             " SELECT ?1 + 1 + key, json_extract(value, '$[0]'), json_extract(value, '$[1]'),"
-            f" {values} FROM json_each(?2)"
+            f" {values} FROM json_each(?2)",
+            # The same, in the order the values are given: the first
+            # number, the JSON, the shared columns.
+            f"WITH given AS (SELECT %s::bigint AS base, %s::jsonb AS pairs)"
+            f" INSERT INTO jobs ({columns})"
+            " SELECT given.base + t.n, t.pair->>0, t.pair->>1,"
+            f" {', '.join(['%s'] * len(shared))}"
+            " FROM given, jsonb_array_elements(given.pairs) WITH ORDINALITY AS t(pair, n)",
         )
     return f"INSERT INTO jobs ({columns}) VALUES ({', '.join('?' * (3 + len(shared)))})"
 

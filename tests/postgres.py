@@ -1,0 +1,154 @@
+"""
+The real PostgreSQL the tests that need one use: the server at
+C{DISPATCHER_TEST_POSTGRES} (default C{postgresql://postgres@127.0.0.1:5432/test}:
+trust auth, database C{test}).  Each test makes databases of its own
+(C{dispatcher_<random hex>}, made from a connection to C{test}, dropped
+when the test is done), never tables in C{test} itself, so that suites
+running at once on the same server never meet.
+
+Where the server cannot be reached a test that needs it skips, saying
+why; unless C{DISPATCHER_REQUIRE_POSTGRES=1} (which C{.ci/run} sets):
+then it fails.
+"""
+
+import atexit
+import os
+import secrets
+import urllib.parse
+from typing import Optional
+
+import psycopg
+import pytest
+from psycopg.conninfo import conninfo_to_dict
+
+ADMIN_URL = os.environ.get(
+    "DISPATCHER_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test"
+)
+
+_unreachable: Optional[str] = None
+_checked = False
+# Every database made and not dropped yet.
+_made: set[str] = set()
+
+
+def _admin() -> psycopg.Connection:
+    return psycopg.connect(ADMIN_URL, autocommit=True, connect_timeout=5)
+
+
+def unreachable() -> Optional[str]:
+    """
+    Why the tests' PostgreSQL cannot be used, or C{None} if it can.
+    """
+    global _unreachable, _checked
+    if not _checked:
+        _checked = True
+        try:
+            _admin().close()
+        except psycopg.Error as e:
+            _unreachable = f"PostgreSQL at {ADMIN_URL} cannot be reached: {str(e).strip()}"
+    return _unreachable
+
+
+def require_postgres() -> None:
+    """
+    Skip the test (fail it, under C{DISPATCHER_REQUIRE_POSTGRES=1}) if the
+    tests' PostgreSQL cannot be reached.
+    """
+    why = unreachable()
+    if why is None:
+        return
+    if os.environ.get("DISPATCHER_REQUIRE_POSTGRES") == "1":
+        pytest.fail(f"{why} (DISPATCHER_REQUIRE_POSTGRES=1: it must be)")
+    pytest.skip(why)
+
+
+def make_database() -> str:
+    """
+    Make a new, empty database of the tests' own and return its URL.
+    """
+    require_postgres()
+    name = f"dispatcher_{secrets.token_hex(6)}"
+    with _admin() as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    _made.add(name)
+    return url_of(name)
+
+
+def url_of(name: str) -> str:
+    """
+    The URL of the database C{name} on the tests' server.
+    """
+    return urllib.parse.urlunsplit(urllib.parse.urlsplit(ADMIN_URL)._replace(path=f"/{name}"))
+
+
+def drop_database(url: str) -> None:
+    """
+    Drop the database at C{url} (made by L{make_database}), whoever is
+    still connected to it.
+    """
+    name = conninfo_to_dict(url)["dbname"]
+    with _admin() as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    _made.discard(name)
+
+
+@atexit.register
+def _drop_left() -> None:
+    # What a test could not drop (a failure before its teardown).
+    for name in list(_made):
+        try:
+            drop_database(url_of(name))
+        except psycopg.Error:
+            pass
+
+
+class Databases:
+    """
+    The databases of one test, one for each name it asks for (the same
+    name: the same database), all dropped by L{drop}.
+    """
+
+    def __init__(self) -> None:
+        self.urls: dict[str, str] = {}
+
+    def url(self, name: str) -> str:
+        if name not in self.urls:
+            self.urls[name] = make_database()
+        return self.urls[name]
+
+    def drop(self) -> None:
+        for url in self.urls.values():
+            drop_database(url)
+        self.urls.clear()
+
+
+# The databases of each directory a store factory was given (a test's
+# own, or a state machine's), dropped by drop_databases(directory).
+_by_place: dict[str, Databases] = {}
+
+
+def database_for(place, name: str) -> str:
+    """
+    The URL of the database of C{name} for the test whose directory is
+    C{place}: made at the first ask, the same one after.
+    """
+    return _by_place.setdefault(str(place), Databases()).url(name)
+
+
+def drop_databases(place) -> None:
+    """
+    Drop the databases made for C{place}.
+    """
+    databases = _by_place.pop(str(place), None)
+    if databases is not None:
+        databases.drop()
+
+
+def sqlite_file_only() -> None:
+    """
+    Skip a daemon test that reads or damages the SQLite file itself when
+    the daemon tests run on PostgreSQL (C{DISPATCHER_TEST_STORE=postgresql},
+    tests/conftest.py): it has no such file there.
+    """
+    if os.environ.get("DISPATCHER_TEST_STORE") == "postgresql":
+        pytest.skip("reads or damages the SQLite file itself; the daemon runs on PostgreSQL")
