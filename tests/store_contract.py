@@ -19,6 +19,7 @@ import pytest_twisted
 from twisted.internet.defer import ensureDeferred
 from zope.interface.verify import verifyObject
 
+from dispatcher.model._events import JobEvent
 from dispatcher.model._groups import GroupKind, JobGroup, NothingToChange, UnknownGroup
 from dispatcher.model._jobs import (
     InputSpec,
@@ -1520,3 +1521,43 @@ async def test_a_delivery_carries_the_jobs_array_and_batch(store):
     (delivery,) = await store.due_deliveries(LATER, 10)
     assert (delivery.job_id, delivery.name, delivery.owner, delivery.array_id,
             delivery.batch_id) == (job.id, "member", "alice", "arr-1", "batch-1")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_plain_batchs_events_are_one_row_read_as_one_event_a_job(store):
+    """A plain batch's events are read back one event a job (stored as one
+    row), numbered in order: from its first id, from the middle of it
+    (a page that begins or ends inside it), with the ids after it going on
+    from its last; a job removed since is read without owner or spec;
+    removing old events takes the row whole and counts its events."""
+    (first,) = [job.id for job in await submit(store, spec(0), now=1.0)]
+    made = [ids.new() for _ in range(5)]
+    jobs = PlainJobs([["true", str(i)] for i in range(5)], batch_id="b-1")
+    await store.submit_plain(jobs, 2.0, made, owner="ann")
+    (last,) = [job.id for job in await submit(store, spec(1), now=3.0)]
+    page = await store.read_events(0, 100)
+    assert (page.oldest, page.newest) == (1, 7)
+    assert [(e.id, e.job_id) for e in page.events] == list(enumerate([first, *made, last], 1))
+    shown = JobSpec(queue="default", batch_id="b-1")
+    assert page.events[1:6] == [
+        JobEvent(job_id, JobState.QUEUED, None, n, 2.0, owner="ann", spec=shown)
+        for n, job_id in enumerate(made, 2)]
+    # Pages that begin and end inside the batch's row.
+    assert [e.id for e in (await store.read_events(2, 2)).events] == [3, 4]
+    assert [e.id for e in (await store.read_events(5, 10)).events] == [6, 7]
+    assert [e.id for e in (await store.read_events(1, 1)).events] == [2]
+    assert [e.id for e in (await store.read_events(7, 10)).events] == []
+    # A job of the batch cancelled and removed: its event 8, then read
+    # without what its row said.
+    await store.cancel(made[2], 4.0)
+    await store.remove(made[2], 4.5)
+    page = await store.read_events(3, 2)
+    assert [(e.id, e.job_id, e.owner, e.spec) for e in page.events] == [
+        (4, made[2], None, None), (5, made[3], "ann", shown)]
+    assert (await store.read_events(0, 100)).newest == 8
+    # Removing what is older than 2.5 takes the first job's row and the
+    # batch's whole: six events.
+    removed = (await store.remove_events(2.5, 100)).value
+    assert (removed.removed, removed.done) == (6, True)
+    page = await store.read_events(0, 100)
+    assert page.oldest == 7 and [e.id for e in page.events] == [7, 8]

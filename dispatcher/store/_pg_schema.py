@@ -2,7 +2,7 @@
 The PostgreSQL store's schema: its migrations, one a version, kept apart
 from SQLite's (L{dispatcher.store._schema}) since the two engines number
 their histories apart.  Version 1 is what SQLite's schema is at its
-migration 12, in PostgreSQL's types: the same tables, columns and
+migration 12, in PostgreSQL's types (and version 2 its migration 13): the same tables, columns and
 indexes, so that the store's operations and reads run on both
 (L{dispatcher.store._dialect}).  What differs:
 
@@ -223,6 +223,13 @@ MIGRATIONS: Sequence[str] = (
     """
     + _DELIVERY_FUNCTIONS
     + _DELIVERY_TRIGGERS,
+    # Version 2: SQLite's migration 13, a plain batch's events as one row
+    # (their ids a JSON array in job_ids, jobs of them, numbered from the
+    # row's id: dispatcher/store/_events.py).
+    """
+    ALTER TABLE events ADD COLUMN jobs BIGINT;
+    ALTER TABLE events ADD COLUMN job_ids TEXT;
+    """,
 )
 
 assert f"INCREMENT BY {TOKEN_BLOCK};" in MIGRATIONS[0]
