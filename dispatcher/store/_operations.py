@@ -89,6 +89,16 @@ def jittered_backoff(delay: float, spent: int) -> float:
     return base * random.uniform(0.5, 1.5)
 
 
+def queue_limits(queues: Optional[Mapping[str, int]]) -> dict[str, int]:
+    """
+    The configured queues and their limits of running jobs (0: none), as
+    every store keeps them: C{default} is always among them.
+    """
+    limits = dict(queues or {})
+    limits.setdefault("default", 0)
+    return limits
+
+
 @attrs.define
 class WriterState:
     """

@@ -111,6 +111,7 @@ from dispatcher.store._operations import (
     OPERATIONS,
     WriterState,
     jittered_backoff,
+    queue_limits,
     record_changes,
     shared_paths,
 )
@@ -804,8 +805,7 @@ class PostgresJobStore(SQLiteJobStore):
         self._url = url
         self._where = describe_url(url)
         self._path = self._where
-        self._limits: dict[str, int] = dict(queues or {"default": 0})
-        self._limits.setdefault("default", 0)
+        self._limits = queue_limits(queues)
         self._state = DatabaseWriterState(self._limits, idempotency_ttl, backoff)
         self._state.owners = DatabaseOwnerCounts()
         operations = dict(OPERATIONS)

@@ -45,6 +45,7 @@ from dispatcher.store._operations import (
     OPERATIONS,
     WriterState,
     jittered_backoff,
+    queue_limits,
     record_changes,
     shared_paths,
 )
@@ -127,8 +128,7 @@ class SQLiteJobStore:
     ) -> None:
         self._path = path
         # Queue names and their limits of running jobs (0: none).
-        self._limits: dict[str, int] = dict(queues or {"default": 0})
-        self._limits.setdefault("default", 0)
+        self._limits = queue_limits(queues)
         self._state = WriterState(self._limits, idempotency_ttl, backoff)
         # The operation that applies each kind of write, with the
         # connection and the write's fields as its arguments.
@@ -599,8 +599,7 @@ class SQLiteJobStore:
         C{default} is added if missing) as the configured queues from now
         on; fires once the writer has them, and L{queue_limits} says so.
         """
-        limits = dict(queues)
-        limits.setdefault("default", 0)
+        limits = queue_limits(queues)
 
         def taken(written: Any) -> Any:
             # Also when the group's commit failed: the writer took them
