@@ -86,17 +86,10 @@ class JobEvents:
         Tell every subscriber of each job event of one write, and every
         follower of all of them.
         """
-        subscribers = list(self._subscribers)
-        if subscribers:
-            # publish() inlined: this runs for every event of every job.
+        if self._subscribers:
             for event in events:
                 if type(event) is JobEvent:
-                    for subscriber in subscribers:
-                        try:
-                            subscriber(event)
-                        except Exception:
-                            log.failure("job event subscriber {subscriber!r} failed",
-                                        subscriber=subscriber)
+                    self.publish(event)
         for follower in list(self._followers):
             try:
                 follower(events)

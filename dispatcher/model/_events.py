@@ -170,7 +170,6 @@ def _has_labels(
     return True
 
 
-
 class SameChange(Sequence[JobEvent]):
     """
     The events of one write that made the same change to every job it

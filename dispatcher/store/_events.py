@@ -243,13 +243,12 @@ def record_events(
         known = _known(write, value.value)
         if kind is SubmitPlain:
             # Every job of the request new and queued, with the same owner
-            # and shown spec: one row, and the events made only as they
-            # are read (SameChange), on the reactor thread (a loop here was
-            # half the writer's time for a batch of plain jobs, past the
-            # inserts of the jobs themselves).
+            # and shown spec: one row for all, the ids a JSON array
+            # numbered from the row's id (a row a job cost a batch a sixth
+            # of its rate), and the events made only as they are read
+            # (SameChange), on the reactor thread (a loop here was half the
+            # writer's time for a batch of plain jobs).
             ids = value.value.ids
-            # One row for all (a row a job cost a batch a sixth of its
-            # rate): the ids as a JSON array, numbered from the row's id.
             plain_rows.append((next_id, now, len(ids), orjson.dumps(ids).decode()))
             owner, spec = known  # type: ignore[misc]
             by_write[place] = SameChange(ids, next_id, now, JobState.QUEUED, owner, spec)
@@ -344,7 +343,7 @@ _LEASED = (MarkRunning, Finish, Release)
 # event after the id asked for (a row of several may begin before it).
 _READ = (
     "SELECT e.id, e.at, e.job_id, e.state, e.previous, e.attempt, e.exit_code,"
-    " e.error, e.worker, e.jobs, e.job_ids,"
+    " e.error, e.worker, e.job_ids,"
     " j.owner, j.name, j.queue, j.labels, j.array_id, j.batch_id"
     " FROM events e LEFT JOIN jobs j ON j.id = e.job_id"
     " WHERE e.id >= (SELECT COALESCE(MAX(id), 0) FROM events WHERE id <= ?)"
@@ -373,14 +372,17 @@ def read_events(conn: sqlite3.Connection, after: int, limit: int) -> EventPage:
     # for covers a first row that ends at or before after.
     for row in conn.execute(_READ, (after + 1, limit + 1)):
         (event_id, at, job_id, state, previous, attempt, exit_code, error, worker,
-         jobs, job_ids, owner, name, queue, labels, array_id, batch_id) = row
+         job_ids, owner, name, queue, labels, array_id, batch_id) = row
         if job_ids is not None:
-            ids = orjson.loads(job_ids)
+            # A row of several jobs' events: those after `after`, as many
+            # as the page has room for.
+            members = orjson.loads(job_ids)
             skip = max(0, after + 1 - event_id)
-            for number, new_id in enumerate(ids[skip:skip + limit - len(events)],
-                                            event_id + skip):
+            for member_event_id, member in enumerate(
+                members[skip:skip + limit - len(events)], event_id + skip
+            ):
                 unknown.append(len(events))
-                events.append(JobEvent(new_id, _STATES[state], None, number, at))
+                events.append(JobEvent(member, _STATES[state], None, member_event_id, at))
         elif event_id <= after:
             continue
         elif job_id is None:
