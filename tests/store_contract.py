@@ -1547,6 +1547,9 @@ async def test_a_plain_batchs_events_are_one_row_read_as_one_event_a_job(store):
     assert [e.id for e in (await store.read_events(5, 10)).events] == [6, 7]
     assert [e.id for e in (await store.read_events(1, 1)).events] == [2]
     assert [e.id for e in (await store.read_events(7, 10)).events] == []
+    # The greatest id a client may name: nothing after it, and no error.
+    page = await store.read_events(2**63 - 1, 10)
+    assert (page.events, page.oldest, page.newest) == ([], 1, 7)
     # A job of the batch cancelled and removed: its event 8, then read
     # without what its row said.
     await store.cancel(made[2], 4.0)

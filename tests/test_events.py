@@ -557,3 +557,18 @@ async def test_every_kind_of_change_is_an_event_with_what_changed(tmp_path):
         assert all(isinstance(e, JobEvent) for e in live)
     finally:
         await store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stream_after_the_greatest_id_a_client_may_name_is_reset(make_daemon):
+    """A stream resuming after the greatest id the API takes (2**63 - 1,
+    past anything stored) gets a reset to what is kept and goes on live:
+    the store's read of the events after it is no error."""
+    daemon = await make_daemon("[executor]\nslots = 0\n")
+    await daemon.submit({"command": ["true"]})
+    chunks, response, done = await _stream(daemon, f"?after={2**63 - 1}")
+    await _wait_for(chunks, "event: reset")
+    later = await daemon.submit({"command": ["true"]})
+    await _wait_for(chunks, later["id"])
+    daemon.service.api.events.stop()
+    await done

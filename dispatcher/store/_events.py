@@ -339,8 +339,9 @@ _LEASED = (MarkRunning, Finish, Release)
 
 # What a read of stored events selects: the event's row, and what its job
 # still says (nothing, for a job removed since; a row of several jobs'
-# events looks its jobs up after).  From the row that holds the first
-# event after the id asked for (a row of several may begin before it).
+# events looks its jobs up after).  From the last row that begins at or
+# before the id asked for (a row of several may hold the events after
+# it); the rows after it follow.
 _READ = (
     "SELECT e.id, e.at, e.job_id, e.state, e.previous, e.attempt, e.exit_code,"
     " e.error, e.worker, e.job_ids,"
@@ -370,7 +371,7 @@ def read_events(conn: sqlite3.Connection, after: int, limit: int) -> EventPage:
     unknown: list[int] = []
     # Each row holds one event at least: one more row than events asked
     # for covers a first row that ends at or before after.
-    for row in conn.execute(_READ, (after + 1, limit + 1)):
+    for row in conn.execute(_READ, (after, limit + 1)):
         (event_id, at, job_id, state, previous, attempt, exit_code, error, worker,
          job_ids, owner, name, queue, labels, array_id, batch_id) = row
         if job_ids is not None:
