@@ -1237,6 +1237,35 @@ async def test_plain_jobs_carry_their_batch_id(store):
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_batch_is_its_members_alone_whatever_is_numbered_among_them(store):
+    """A batch's members are the jobs that carry its id, though jobs of
+    other requests were stored between two writes of it: its counts, its
+    listing (both orders, by cursor) and its cancel see them alone, and a
+    plain write and a full one add to the same batch."""
+    batch_id = ids.new()
+    first = (await store.submit([spec(0, batch_id=batch_id)], 1.0, [ids.new()])).value.jobs
+    between = await submit(store, spec(1), spec(2, batch_id=ids.new()))
+    plain = [ids.new(), ids.new()]
+    await store.submit_plain(PlainJobs([["true"], ["false"]], batch_id=batch_id), 2.0, plain)
+    after = await submit(store, spec(3))
+    members = [first[0].id, *plain]
+    assert (await store.group(BATCH, batch_id)).size == 3
+    page, cursor = await store.list_jobs(batch=batch_id, limit=2)
+    assert [j.id for j in page] == members[:2] and cursor is not None
+    rest, end = await store.list_jobs(batch=batch_id, limit=2, cursor=cursor)
+    assert [j.id for j in rest] == members[2:] and end is None
+    newest, _ = await store.list_jobs(batch=batch_id, newest=True)
+    assert [j.id for j in newest] == members[::-1]
+    listed, _ = await store.list_jobs(batch=batch_id, states=(JobState.QUEUED,))
+    assert [j.id for j in listed] == members
+    assert sorted(await store.unfinished_members(BATCH, batch_id)) == sorted(members)
+    written = await store.cancel_group(BATCH, batch_id, 3.0)
+    assert sorted(moved(written)) == sorted((j, JobState.CANCELLED) for j in members)
+    for job in [*between, *after]:
+        assert (await store.get(job.id)).state is JobState.QUEUED
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_group_cancel_is_one_write(store):
     """Cancelling a group cancels its pending and queued members at once
     (and their dependents outside it), asks the holders of its running ones

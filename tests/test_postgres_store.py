@@ -89,6 +89,35 @@ async def test_a_newer_schema_is_refused(databases, stores):
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_database_from_before_batch_ranges_gets_them(databases, stores, monkeypatch):
+    """A database at version 2 (batches found along their index) gets a
+    range for each batch stored, others numbered among them, and loses the
+    index; its batches read back whole."""
+    from dispatcher.model._groups import GroupKind
+    from dispatcher.store import _postgres
+
+    url = databases.url("db")
+    before = next(i for i, m in enumerate(MIGRATIONS) if "CREATE TABLE batches" in m)
+    monkeypatch.setattr(_postgres, "MIGRATIONS", MIGRATIONS[:before])
+    store = await stores(url)
+    await store.close()
+    monkeypatch.undo()
+    with psycopg.connect(url, autocommit=True) as conn:
+        for seq, batch in enumerate(["a", None, "b", "a", "b", None], start=1):
+            conn.execute(
+                "INSERT INTO jobs (seq, id, state, labels, spec, created_at, batch_id)"
+                " VALUES (%s, %s, 'queued', '{}', '{\"command\":[\"true\"]}', 1.0, %s)",
+                (seq, f"j{seq}", batch))
+    store = await stores(url)
+    assert (await store.group(GroupKind.BATCH, "a")).size == 2
+    page, _ = await store.list_jobs(batch="b")
+    assert [j.id for j in page] == ["j3", "j5"]
+    assert sorted(rows(url, "SELECT * FROM batches")) == [("a", 1, 4), ("b", 3, 5)]
+    assert rows(url, "SELECT 1 FROM pg_indexes WHERE indexname = 'jobs_batch'") == []
+    assert rows(url, "SELECT version FROM schema_version") == [(len(MIGRATIONS),)]
+
+
+@pytest_twisted.ensureDeferred
 async def test_an_unreachable_database_is_one_line(stores):
     """A database that cannot be reached fails the open with one line that
     names it, without its password."""

@@ -301,6 +301,40 @@ async def test_a_removed_jobs_number_is_never_given_again(make_store):
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_batchs_range_goes_with_its_last_member(make_store, tmp_path):
+    """A batch's range of numbers (what finds its members) stays while a
+    member is stored, whichever goes first, and goes with the last one,
+    removed by a pass or by a DELETE; the batch is then unknown."""
+    from dispatcher.model._groups import GroupKind, UnknownGroup
+
+    store = await make_store()
+    batch, other = ids.new(), ids.new()
+    jobs = await submit(store, *(command(i, batch_id=batch) for i in range(3)))
+    await submit(store, command(9, batch_id=other))
+    await run_all(store, 101.0)
+
+    def ranges():
+        conn = sqlite3.connect(str(tmp_path / "db.sqlite3"))
+        try:
+            return dict(conn.execute("SELECT batch, last_seq - first_seq + 1 FROM batches"))
+        finally:
+            conn.close()
+
+    assert ranges() == {batch: 3, other: 1}
+    await store.remove(jobs[1].id, 102.0)
+    await store.remove(jobs[0].id, 102.0)
+    assert ranges() == {batch: 3, other: 1}
+    assert (await store.group(GroupKind.BATCH, batch)).size == 1
+    await store.remove(jobs[2].id, 102.0)
+    assert ranges() == {other: 1}
+    with pytest.raises(UnknownGroup):
+        await store.group(GroupKind.BATCH, batch)
+    removed, _ = await sweep(store, 200.0, cutoff=150.0)
+    assert len(removed) == 1
+    assert ranges() == {}
+
+
+@pytest_twisted.ensureDeferred
 async def test_remove_refuses_what_may_not_go(make_store):
     """Removing a job that has not finished says its state; another owner's
     job is unknown to an owner, as a missing one is; a dependent of another

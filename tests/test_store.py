@@ -635,6 +635,43 @@ async def test_migration_to_limits(tmp_path, monkeypatch):
     conn.close()
 
 
+@pytest_twisted.ensureDeferred
+async def test_migration_to_batch_ranges(tmp_path, monkeypatch):
+    """A database from before batches had ranges gets one for each batch
+    stored (from its members' numbers, others numbered among them) and
+    loses the index it replaces; its batches read back whole."""
+    from dispatcher.model._groups import GroupKind
+
+    path = str(tmp_path / "old.sqlite3")
+    conn = sqlite3.connect(path, isolation_level=None)
+    before = next(i for i, m in enumerate(MIGRATIONS)
+                  if isinstance(m, str) and "CREATE TABLE batches" in m)
+    monkeypatch.setattr(_schema, "MIGRATIONS", MIGRATIONS[:before])
+    _schema.migrate(conn, path)
+    monkeypatch.undo()
+    for seq, batch in enumerate(["a", None, "b", "a", "b", None], start=1):
+        conn.execute(
+            "INSERT INTO jobs (seq, id, state, labels, spec, created_at, batch_id)"
+            " VALUES (?, ?, 'queued', '{}', '{\"command\":[\"true\"]}', 1.0, ?)",
+            (seq, f"j{seq}", batch))
+    conn.close()
+    store = SQLiteJobStore(path, reactor)
+    await store.open()
+    try:
+        assert (await store.group(GroupKind.BATCH, "a")).size == 2
+        page, _ = await store.list_jobs(batch="b")
+        assert [j.id for j in page] == ["j3", "j5"]
+    finally:
+        await store.close()
+    conn = sqlite3.connect(path)
+    try:
+        assert sorted(conn.execute("SELECT * FROM batches")) == [("a", 1, 4), ("b", 3, 5)]
+        assert conn.execute(
+            "SELECT name FROM sqlite_master WHERE name = 'jobs_batch'").fetchall() == []
+    finally:
+        conn.close()
+
+
 def _triggers(path):
     conn = sqlite3.connect(path)
     try:

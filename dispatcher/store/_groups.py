@@ -3,10 +3,13 @@ Arrays and batches in the SQLite store: a group's counts by state and its
 unfinished members (reads), and the cancel and the retry of every member
 of a group in one write each.
 
-A group's members are found along its partial index (C{jobs_array} on
-C{array_id}, C{jobs_batch} on C{batch_id}, migration 9): a read or a write
-of a group touches its members' rows alone, never a scan of the jobs.  A
-group is as large as one request may make (C{[dispatcher] max_array}).
+An array's members are found along its partial index (C{jobs_array} on
+C{array_id}, migration 9); a batch's in the range of sequence numbers its
+one write gave them (C{batches}, migration 14), those of the range whose
+C{batch_id} is the batch's: a read or a write of a group touches its
+members' rows alone (and, for a batch, any others numbered among them),
+never a scan of the jobs.  A group is as large as one request may make
+(C{[dispatcher] max_array}).
 """
 
 from __future__ import annotations
@@ -31,10 +34,16 @@ from dispatcher.store._waits import after_final, requeue
 if TYPE_CHECKING:
     from dispatcher.store._operations import WriterState
 
-# Each kind's column, and the index that finds its members.
+# Each kind's FROM and WHERE of a group's members, its one parameter the
+# group's id.  A batch's row is read first (CROSS JOIN keeps SQLite's
+# planner to that order), then the jobs of its range, by their key.
 _MEMBERS = {
-    GroupKind.ARRAY: ("array_id", "jobs_array"),
-    GroupKind.BATCH: ("batch_id", "jobs_batch"),
+    GroupKind.ARRAY: "FROM jobs INDEXED BY jobs_array WHERE array_id = ?",
+    GroupKind.BATCH: (
+        "FROM batches CROSS JOIN jobs WHERE batches.batch = ?"
+        " AND jobs.seq BETWEEN batches.first_seq AND batches.last_seq"
+        " AND jobs.batch_id = batches.batch"
+    ),
 }
 
 _FINAL = frozenset(state.value for state in FINAL_STATES)
@@ -46,8 +55,7 @@ def _members(kind: GroupKind) -> str:
     """
     The FROM and WHERE of a group's members (one parameter: its id).
     """
-    column, index = _MEMBERS[kind]
-    return f"FROM jobs INDEXED BY {index} WHERE {column} = ?"
+    return _MEMBERS[kind]
 
 
 def group(conn: sqlite3.Connection, kind: GroupKind, group_id: str) -> JobGroup:

@@ -2,9 +2,9 @@
 The PostgreSQL store's schema: its migrations, one a version, kept apart
 from SQLite's (L{dispatcher.store._schema}) since the two engines number
 their histories apart.  Version 1 is what SQLite's schema is at its
-migration 12, in PostgreSQL's types (and version 2 its migration 13): the same tables, columns and
-indexes, so that the store's operations and reads run on both
-(L{dispatcher.store._dialect}).  What differs:
+migration 12, in PostgreSQL's types (version 2 its migration 13, version
+3 its 14): the same tables, columns and indexes, so that the store's
+operations and reads run on both (L{dispatcher.store._dialect}).  What differs:
 
   - C{BIGINT} for every integer (SQLite's are all 64-bit), C{DOUBLE
     PRECISION} for every time; a flag (C{cancel_requested}) stays an
@@ -229,6 +229,19 @@ MIGRATIONS: Sequence[str] = (
     """
     ALTER TABLE events ADD COLUMN jobs BIGINT;
     ALTER TABLE events ADD COLUMN job_ids TEXT;
+    """,
+    # Version 3: SQLite's migration 14, a batch's members found from the
+    # range of sequence numbers they were given, not along jobs_batch.
+    """
+    CREATE TABLE batches (
+        batch TEXT PRIMARY KEY,
+        first_seq BIGINT NOT NULL,
+        last_seq BIGINT NOT NULL
+    );
+    INSERT INTO batches (batch, first_seq, last_seq)
+        SELECT batch_id, MIN(seq), MAX(seq) FROM jobs WHERE batch_id IS NOT NULL
+        GROUP BY batch_id;
+    DROP INDEX jobs_batch;
     """,
 )
 

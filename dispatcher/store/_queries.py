@@ -152,6 +152,15 @@ def _source_sql(
     )
 
 
+# The seqs of a batch's members (one parameter, its id): those of its
+# range (dispatcher/store/_groups.py) whose batch_id is its.
+_BATCH_SOURCE = (
+    "SELECT jobs.seq AS seq FROM batches CROSS JOIN jobs WHERE batches.batch = ?"
+    " AND jobs.seq BETWEEN batches.first_seq AND batches.last_seq"
+    " AND jobs.batch_id = batches.batch{after}"
+)
+
+
 def _index_source(index: Optional[str], where: str, *params: Any) -> _Source:
     """
     The seqs of the jobs that match C{where}, read along C{index} (none:
@@ -202,8 +211,9 @@ def list_jobs(
         filters.append((_index_source("jobs_array", "array_id = ?", array),
                         "array_id = ?", (array,)))
     if batch is not None:
-        filters.append((_index_source("jobs_batch", "batch_id = ?", batch),
-                        "batch_id = ?", (batch,)))
+        # The batch's range of sequence numbers (migration 14), read by
+        # the table's key.
+        filters.append((_Source(_BATCH_SOURCE, (batch,)), "batch_id = ?", (batch,)))
     if name is not None:
         filters.append((_index_source("jobs_name", "name = ?", name), "name = ?", (name,)))
     for key, value in labels:

@@ -65,7 +65,7 @@ _SUCCEEDED = JobState.SUCCEEDED.value
 # from its submission rather than fail every pass).
 _COLUMNS = (
     "seq, id, state, created_at, COALESCE(finished_at, created_at), array_id, owner, labels,"
-    " queue"
+    " queue, batch_id"
 )
 _SCAN = f"SELECT {_COLUMNS} FROM jobs WHERE seq > ? ORDER BY seq LIMIT ?"
 _MEMBERS = f"SELECT {_COLUMNS} FROM jobs WHERE array_id = ?"
@@ -88,7 +88,14 @@ _KEEP_TOP_SEQ = differs(
 )
 
 # A row of _SCAN and _MEMBERS.
-_SEQ, _ID, _STATE, _CREATED, _FINISHED, _ARRAY, _OWNER, _LABELS, _QUEUE = range(9)
+_SEQ, _ID, _STATE, _CREATED, _FINISHED, _ARRAY, _OWNER, _LABELS, _QUEUE, _BATCH = range(10)
+
+# A batch's range (migration 14) once no member of it is left.
+_FORGET_BATCH = (
+    "DELETE FROM batches WHERE batch = ? AND NOT EXISTS (SELECT 1 FROM jobs"
+    " WHERE jobs.seq BETWEEN batches.first_seq AND batches.last_seq"
+    " AND jobs.batch_id = batches.batch)"
+)
 
 
 def _key_owner(owner: Optional[str]) -> str:
@@ -133,6 +140,9 @@ def _delete(writer: WriterState, conn: sqlite3.Connection, rows: Sequence[Sequen
         conn.executemany("DELETE FROM dependencies WHERE job_id = ?", ids)
         conn.executemany("DELETE FROM dependencies WHERE depends_on = ?", ids)
     conn.executemany("DELETE FROM jobs WHERE seq = ?", [(row[_SEQ],) for row in rows])
+    batches = {row[_BATCH] for row in rows if row[_BATCH] is not None}
+    if batches:
+        conn.executemany(_FORGET_BATCH, [(batch,) for batch in batches])
     counts = writer.counts
     for row in rows:
         counts.removed(row[_ID], row[_QUEUE], row[_OWNER], row[_STATE])

@@ -16,7 +16,7 @@ import functools
 import itertools
 import operator
 import sqlite3
-from typing import TYPE_CHECKING, Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence
 
 import orjson
 
@@ -199,9 +199,42 @@ def _add_plain_jobs(
             for number, job_id, text in zip(itertools.count(seq + 1), ids, stored)
         ]
         conn.executemany(_INSERT_PLAIN[timeout, batch, False], rows)
+    if batch:
+        conn.execute(_INSERT_BATCH, (jobs.batch_id, seq + 1, seq + len(ids)))
     return Written(
         SubmittedIds(ids), tuple(zip(ids, itertools.repeat(JobState.QUEUED)))
     )
+
+
+# A batch's range of sequence numbers, which finds its members (migration
+# 14, dispatcher/store/_groups.py).  A batch is one request's jobs, and so
+# one write's, but a range a write finds kept already grows to hold both.
+_INSERT_BATCH = differs(
+    "INSERT INTO batches (batch, first_seq, last_seq) VALUES (?, ?, ?)"
+    " ON CONFLICT (batch) DO UPDATE SET first_seq = MIN(first_seq, excluded.first_seq),"
+    " last_seq = MAX(last_seq, excluded.last_seq)",
+    "INSERT INTO batches (batch, first_seq, last_seq) VALUES (%s, %s, %s)"
+    " ON CONFLICT (batch) DO UPDATE SET"
+    " first_seq = LEAST(batches.first_seq, excluded.first_seq),"
+    " last_seq = GREATEST(batches.last_seq, excluded.last_seq)",
+)
+
+
+def _record_batches(conn: sqlite3.Connection, jobs: Iterable[tuple[int, JobSpec]]) -> None:
+    """
+    Keep the range of sequence numbers of each batch among C{jobs} (each a
+    job's number and spec), if any: a batch's jobs are all of one write.
+    """
+    ranges: dict[str, tuple[int, int]] = {}
+    for seq, spec in jobs:
+        batch_id = spec.batch_id
+        if batch_id is not None:
+            first, last = ranges.get(batch_id, (seq, seq))
+            ranges[batch_id] = (min(first, seq), max(last, seq))
+    if ranges:
+        conn.executemany(
+            _INSERT_BATCH, [(batch_id, first, last) for batch_id, (first, last) in ranges.items()]
+        )
 
 
 def check_unfinished(
@@ -256,6 +289,7 @@ def submit(
     rows: list[tuple[Any, ...]] = []
     label_rows: list[tuple[str, str, int]] = []
     (seq,) = conn.execute(MAX_SEQ).fetchone()
+    first = seq + 1
     # The jobs this request's jobs depend on, in all: the writer's work for
     # one request is bounded by MAX_DEPENDENCY_LINKS.
     links = 0
@@ -319,6 +353,7 @@ def submit(
         if dead is None:
             unfinished += 1
     insert_rows()
+    _record_batches(conn, zip(itertools.count(first), specs))
     writer.owners.add(owner, unfinished)
     _remember(conn, idempotency, ids, now, owner)
     wake = [s.not_before for s in specs if s.not_before is not None and s.not_before > now]
@@ -383,6 +418,7 @@ def submit_together(
             seq += len(ids)
             continue
         specs = write.specs  # type: ignore[union-attr]
+        _record_batches(conn, zip(itertools.count(seq + 1), specs))
         _watch(conn, specs)
         owner = write.owner
         changed = []
