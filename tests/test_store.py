@@ -607,17 +607,23 @@ async def test_an_attempts_limits_and_cut_log_are_kept(store):
     assert (third.limits, third.log_cut) == (None, ())
 
 
+def _made_before(tmp_path, monkeypatch, says):
+    """A database (its path, and a connection to it) made by the migrations
+    before the first that says C{says}."""
+    path = str(tmp_path / "old.sqlite3")
+    conn = sqlite3.connect(path, isolation_level=None)
+    before = next(i for i, m in enumerate(MIGRATIONS) if isinstance(m, str) and says in m)
+    monkeypatch.setattr(_schema, "MIGRATIONS", MIGRATIONS[:before])
+    _schema.migrate(conn, path)
+    monkeypatch.undo()
+    return path, conn
+
+
 @pytest_twisted.ensureDeferred
 async def test_migration_to_limits(tmp_path, monkeypatch):
     """A database from before attempts had limits gets the columns; its
     attempts read back with none, and new ends store theirs."""
-    path = str(tmp_path / "old.sqlite3")
-    conn = sqlite3.connect(path, isolation_level=None)
-    before = next(i for i, m in enumerate(MIGRATIONS)
-                  if isinstance(m, str) and "COLUMN limits" in m)
-    monkeypatch.setattr(_schema, "MIGRATIONS", MIGRATIONS[:before])
-    _schema.migrate(conn, path)
-    monkeypatch.undo()
+    path, conn = _made_before(tmp_path, monkeypatch, "COLUMN limits")
     conn.execute(
         "INSERT INTO jobs (id, state, name, labels, spec, created_at, attempt_count)"
         " VALUES ('old', 'failed', NULL, '{}', '{\"command\":[\"true\"]}', 1.0, 1)")
@@ -642,13 +648,7 @@ async def test_migration_to_batch_ranges(tmp_path, monkeypatch):
     loses the index it replaces; its batches read back whole."""
     from dispatcher.model._groups import GroupKind
 
-    path = str(tmp_path / "old.sqlite3")
-    conn = sqlite3.connect(path, isolation_level=None)
-    before = next(i for i, m in enumerate(MIGRATIONS)
-                  if isinstance(m, str) and "CREATE TABLE batches" in m)
-    monkeypatch.setattr(_schema, "MIGRATIONS", MIGRATIONS[:before])
-    _schema.migrate(conn, path)
-    monkeypatch.undo()
+    path, conn = _made_before(tmp_path, monkeypatch, "CREATE TABLE batches")
     for seq, batch in enumerate(["a", None, "b", "a", "b", None], start=1):
         conn.execute(
             "INSERT INTO jobs (seq, id, state, labels, spec, created_at, batch_id)"
