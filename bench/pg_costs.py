@@ -244,3 +244,49 @@ def per_job(before: dict[str, Any], after: dict[str, Any], jobs: int,
         out["per_job"]["server_processes_cpu_us"] = round(
             1e6 * cpu["server_processes_cpu_s"] / jobs, 1)
     return out
+
+
+def server_primitives(url: str, round_trips: int = 2000, commits: int = 300) -> dict[str, Any]:
+    """
+    The server's costs a dispatcher's group is made of, measured from
+    this process in a database of its own (made and dropped here): a
+    round trip (C{SELECT 1}, median and 99th percentile of
+    C{round_trips}), an uncontended C{pg_advisory_xact_lock} in its
+    transaction, and a one-row commit with C{synchronous_commit} on (the
+    WAL flushed to disk before the answer, as every commit of the
+    dispatcher) and off (not waiting for the flush): their difference is
+    what waiting for the disk costs a commit.
+    """
+    from bench.pg_peers import drop_database, make_database, with_database
+
+    def timed(conn: Any, statement: str, count: int) -> list[float]:
+        times = []
+        for _ in range(count):
+            t0 = time.perf_counter()
+            conn.execute(statement)
+            times.append(time.perf_counter() - t0)
+        return sorted(times)
+
+    def figures(times: list[float]) -> dict[str, float]:
+        return {"p50_us": round(1e6 * times[len(times) // 2], 1),
+                "p99_us": round(1e6 * times[int(0.99 * (len(times) - 1))], 1)}
+
+    name = make_database(url, "dispatcher_bench_primitives")
+    try:
+        with admin_connection(with_database(url, name)) as conn:
+            conn.execute("CREATE TABLE one (x BIGINT)")
+            out = {"round_trip": figures(timed(conn, "SELECT 1", round_trips))}
+            lock = []
+            for _ in range(commits):
+                t0 = time.perf_counter()
+                with conn.transaction():
+                    conn.execute("SELECT pg_advisory_xact_lock(42)")
+                lock.append(time.perf_counter() - t0)
+            out["advisory_lock_transaction"] = figures(sorted(lock))
+            for setting in ("on", "off"):
+                conn.execute(f"SET synchronous_commit = {setting}")
+                out[f"commit_synchronous_{setting}"] = figures(
+                    timed(conn, "INSERT INTO one VALUES (1)", commits))
+        return out
+    finally:
+        drop_database(url, name)

@@ -29,6 +29,9 @@ The measures:
     finish.  Each has a holder name of its own.
   - the peers: pgqueuer and Procrastinate, the same jobs the same way
     (L{bench.pg_peers.measure_peer}).
+  - the server's primitives, before the section and after it
+    (L{bench.pg_costs.server_primitives}): a round trip, a commit that
+    waits for the disk and one that does not.
 
 What a job cost (L{bench.pg_costs}): the dispatcher's CPU (its process,
 all threads, C{/proc/PID/stat}) and its round trips to PostgreSQL and
@@ -55,6 +58,7 @@ from bench.harness import (
     Window,
     in_rounds,
     in_threads,
+    step,
 )
 from bench.measures import (
     jobs_in_state,
@@ -64,7 +68,7 @@ from bench.measures import (
     wait_all_finished,
 )
 from bench.pg_costs import BackendCpu, admin_connection, database_stats, per_job, \
-    wait_no_backends
+    server_primitives, wait_no_backends
 from bench import pg_peers
 
 DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432/test"
@@ -295,6 +299,10 @@ def take_pg_measures(run: Run, settings: dict[str, Any], measures: dict[str, Any
     url = bench_url()
     rounds = settings["pg_rounds"]
     c = max(settings["connections"])
+    # What a group is made of on this server (a round trip, a commit
+    # waiting for the disk), before the section and after it.
+    primitives = measures["pg_server_primitives"] = {}
+    step(primitives, "before", lambda: server_primitives(url))
 
     def on(engine: Optional[str], take: Callable[[Optional[str]], dict[str, Any]],
            jobs: Callable[[dict[str, Any]], int]) -> dict[str, Any]:
@@ -335,6 +343,7 @@ def take_pg_measures(run: Run, settings: dict[str, Any], measures: dict[str, Any
     for key, peer in PEER_ROWS.items():
         rows.append((key, lambda n, peer=peer: peer_round(peer, url, count)))
     in_rounds(measures, rounds, rows, "jobs_per_s", alternate=True)
+    step(primitives, "after", lambda: server_primitives(url))
 
 
 def peer_round(peer: str, url: str, count: int) -> dict[str, Any]:

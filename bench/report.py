@@ -1144,6 +1144,17 @@ def pg_rows(results: dict[str, Any], goal: Any) -> list[str]:
         if key in r:
             lines.append(f"| {peer} | {rate(key, 'jobs_per_s')} | "
                          f"{ratio_to(key, 'pg_noop_postgresql', 'jobs_per_s')} | one worker |")
+    primitives = r.get("pg_server_primitives", {})
+    if primitives:
+        lines += ["", "The server's primitives, from the harness (p50 / p99 µs), "
+                  + "; ".join(
+                      f"{when} the section: round trip {x['round_trip']['p50_us']:.0f} / "
+                      f"{x['round_trip']['p99_us']:.0f}, one-row commit waiting for the disk "
+                      f"{x['commit_synchronous_on']['p50_us']:.0f} / "
+                      f"{x['commit_synchronous_on']['p99_us']:.0f}, not waiting "
+                      f"{x['commit_synchronous_off']['p50_us']:.0f} / "
+                      f"{x['commit_synchronous_off']['p99_us']:.0f}"
+                      for when, x in primitives.items()) + "."]
     target = goal(f"no-op task jobs on PostgreSQL >= {M.PG_NOOP_TO_PEER:.0f} x")
     if target:
         lines += ["", f"Target, one dispatcher on PostgreSQL ≥ {M.PG_NOOP_TO_PEER:.0f} × the "
@@ -1154,9 +1165,10 @@ def pg_rows(results: dict[str, Any], goal: Any) -> list[str]:
         "whole server's, with other databases' commits meanwhile in the last column):",
         "",
         "| Measure | Dispatcher (worker) CPU µs | Round trips | Writer commits | "
+        "Group ms (of it waiting for BEGIN and the lock) | "
         "Transactions | Rows written (ins/upd/del) | WAL bytes | WAL syncs | "
         "Backend CPU µs | Other databases' commits |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     names = [(f"pg_submit_{e}_{c}c", f"(a) single submits, {e}") for e in ("sqlite", "postgresql")]
     names += [(f"pg_batch_{e}", f"(f) batch submits, {e}") for e in ("sqlite", "postgresql")]
@@ -1176,7 +1188,10 @@ def pg_rows(results: dict[str, Any], goal: Any) -> list[str]:
         other = r[key].get("postgresql", {}).get("other_databases_commits")
         lines.append(
             f"| {label} | {cpu:,.0f} | {cell(j, 'round_trips', '.2f')} | "
-            f"{cell(j, 'writer_commits', '.3f')} | {cell(j, 'transactions', '.3f')} | {rows} | "
+            f"{cell(j, 'writer_commits', '.3f')} | "
+            + (f"{j['group_ms']:.2f} ({j['group_begin_ms']:.2f}) | " if "group_ms" in j
+               else "– | ")
+            + f"{cell(j, 'transactions', '.3f')} | {rows} | "
             f"{cell(j, 'wal_bytes', ',.0f')} | {cell(j, 'wal_syncs', '.3f')} | "
             f"{cell(j, 'backend_cpu_us', ',.0f')} | {'–' if other is None else f'{other:,}'} |")
     return lines
