@@ -189,11 +189,12 @@ class Spread:
 
 def measure_noop(run: Run, name: str, count: int, batch: int, concurrency: int,
                  store_url: Optional[str], cores: tuple[int, ...],
-                 timeout: float = 300.0) -> dict[str, Any]:
+                 timeout: float = 300.0, slots: int = 8) -> dict[str, Any]:
     """
     (l-b'') C{count} no-op task jobs, C{batch} a request from
     C{concurrency} client threads, through one dispatcher or several
-    (one on each of C{cores}, each with C{slots = threads = 8}, on the
+    (one on each of C{cores}, each with C{slots = threads}, 8 unless
+    given, on the
     store C{store_url} or each on its own SQLite file), from the first
     submit until the last job's own C{finished_at}.  With several, the
     batches go to each dispatcher in turn, and each dispatcher has a
@@ -205,7 +206,8 @@ def measure_noop(run: Run, name: str, count: int, batch: int, concurrency: int,
     body = {"task": "noop"}
     with contextlib.ExitStack() as stack:
         servers = [stack.enter_context(Server(
-            run.processes, "daemon", run.tmp / f"{name}-{i + 1}", slots=8, threads=8,
+            run.processes, "daemon", run.tmp / f"{name}-{i + 1}", slots=slots,
+            threads=slots,
             store_url=store_url, holder=f"local@bench-{i + 1}", core=core))
             for i, core in enumerate(cores)]
         clients = [server.client for server in servers]
@@ -253,8 +255,8 @@ def measure_noop(run: Run, name: str, count: int, batch: int, concurrency: int,
         "jobs": count,
         "dispatchers": len(servers),
         "cores": list(cores),
-        "slots": 8,
-        "threads": 8,
+        "slots": slots,
+        "threads": slots,
         "batch": batch,
         "client_concurrency": concurrency,
         "submit_statuses": {str(k): v for k, v in sorted(statuses.items())},
@@ -366,3 +368,75 @@ def best_peer(measures: dict[str, Any]) -> Optional[tuple[str, float]]:
     found = [(peer, measures[key]["jobs_per_s"]) for key, peer in PEER_ROWS.items()
              if key in measures]
     return max(found, key=lambda x: x[1]) if found else None
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """
+    (l-b'') alone, with the dispatcher's slots as a parameter (the jobs a
+    claim can take, so the jobs in the writer's groups): C{--engines}
+    each in C{--rounds} alternating rounds, printed and written to
+    C{bench/results/pg-noop-STAMP.json}.  docs/scaling.md uses it.
+    """
+    import argparse
+    import datetime
+    import json
+    import sys
+    import tempfile
+    import shutil
+    from pathlib import Path
+
+    from bench.harness import BENCH, Processes
+
+    parser = argparse.ArgumentParser(description=main.__doc__.strip().splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=20_000)
+    parser.add_argument("--slots", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rows", default="pg_noop_sqlite,pg_noop_postgresql",
+                        help=f"of {', '.join(NOOP_ROWS)}")
+    args = parser.parse_args(argv)
+    os.sched_setaffinity(0, {LOAD_CORE})
+    url = bench_url()
+    tmp = Path(tempfile.mkdtemp(prefix="dispatcher-bench-pg-"))
+    run = Run(Processes(), tmp)
+    measures: dict[str, Any] = {}
+    rows = []
+    for key in args.rows.split(","):
+        _, engine, cores = NOOP_ROWS[key]
+
+        def take(n: int, key: str = key, engine: Optional[str] = engine,
+                 cores: tuple[int, ...] = cores) -> dict[str, Any]:
+            def noop(store_url: Optional[str]) -> dict[str, Any]:
+                return measure_noop(run, f"{key}-{n}".replace("_", "-"), args.jobs, 1000, 4,
+                                    store_url, cores, slots=args.slots)
+            if engine is None:
+                return with_per_job(noop(None), args.jobs)
+            with run_database(url) as (name, database_url):
+                return with_per_job(costs(url, name, lambda: noop(database_url),
+                                          lambda r: r["jobs"]), args.jobs)
+
+        rows.append((f"{key}_{args.slots}_slots", take))
+    try:
+        in_rounds(measures, args.rounds, rows, "jobs_per_s", alternate=True)
+    except BenchError as e:
+        print(f"bench: {e}", file=sys.stderr)
+        return 1
+    finally:
+        run.processes.stop_all()
+        shutil.rmtree(tmp, ignore_errors=True)
+    for name, x in measures.items():
+        if name == "rounds":
+            continue
+        print(f"{name}: {x['jobs_per_s']:,.0f} jobs/s (rounds "
+              f"{', '.join(f'{v:,.0f}' for v in x['rounds_jobs_per_s'])}); per job "
+              f"{json.dumps(x['per_job'])}")
+    out = BENCH / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"pg-noop-{datetime.datetime.now():%Y%m%dT%H%M%S}.json"
+    path.write_text(json.dumps({"jobs": args.jobs, "slots": args.slots,
+                                "measures": measures}, indent=2) + "\n", encoding="utf-8")
+    print(f"bench: wrote {path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
