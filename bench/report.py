@@ -84,7 +84,7 @@ What authentication costs, (j) alone (2 to 3 minutes):
 flock /tmp/bench.lock .venv/bin/python bench/run.py --only auth [--rounds N]
 ```
 
-The PostgreSQL section, (l) alone (about $pg_minutes minutes; `pip install -e '.[bench]'`
+The PostgreSQL section, (l) alone (about $pg_minutes; `pip install -e '.[bench]'`
 for the peers; the server of `DISPATCHER_BENCH_DSN`, default
 `postgresql://postgres@127.0.0.1:5432/test`, where each measure makes a
 database of its own and drops it):
@@ -400,7 +400,7 @@ def method(steps: tuple[str, ...]) -> str:
         pg_rounds=f"{full['pg_rounds']} ({quick['pg_rounds']})",
         pg_noop_jobs=both("pg_noop_jobs"),
         pg_to_peer=f"{M.PG_NOOP_TO_PEER:.0f}",
-        pg_minutes="6 to 8",
+        pg_minutes="13 minutes, most of them Procrastinate's rounds",
     )
 
 
