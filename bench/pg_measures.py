@@ -198,8 +198,9 @@ def measure_noop(run: Run, name: str, count: int, batch: int, concurrency: int,
     store C{store_url} or each on its own SQLite file), from the first
     submit until the last job's own C{finished_at}.  With several, the
     batches go to each dispatcher in turn, and each dispatcher has a
-    holder name of its own; every job must have succeeded, and how many
-    each dispatcher ran is read from the attempts' holders.
+    holder name of its own; every job must have succeeded, with one
+    attempt (none ran twice), and how many each dispatcher ran is read
+    from the attempts' holders.
     """
     if store_url is None and len(cores) > 1:
         raise BenchError("several dispatchers need one PostgreSQL store")
@@ -245,6 +246,9 @@ def measure_noop(run: Run, name: str, count: int, batch: int, concurrency: int,
     if len(succeeded) != count:
         raise BenchError(f"{name}: {len(succeeded)} of {count} succeeded ({failed} failed)")
     ran_by = ran_by_holder(store_url) if store_url is not None else {}
+    if ran_by and sum(ran_by.values()) != count:
+        # One attempt a job: none was run twice, by one dispatcher or two.
+        raise BenchError(f"{name}: {sum(ran_by.values())} attempts for {count} jobs: {ran_by}")
     elapsed = max(succeeded) - first_submit
     cpu_s = sum(f["cpu"]["server_cpu_s"] for f in windows_figures)
     counters: dict[str, int] = {}

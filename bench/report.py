@@ -329,8 +329,9 @@ The measures (sizes of a full run, `--quick`'s in brackets):
   $load_core ("two") or both on core $server_core ("two on one core").
   The two do not yet hear each other's commits (no `LISTEN/NOTIFY`):
   each is woken by the jobs submitted to it and claims whatever is
-  queued (`FOR UPDATE SKIP LOCKED`), so each runs jobs and all finish;
-  the run records how many each ran (the attempts' holders). In the same
+  queued (`FOR UPDATE SKIP LOCKED`), so each runs jobs and all finish,
+  each once (one attempt a job, or the run stops); the run records how
+  many each ran (the attempts' holders). In the same
   rounds, the same no-op jobs through pgqueuer and Procrastinate, each
   in a database of its own on the same server (`bench/pg_peers.py`'s
   docstring says how each is set up). PostgreSQL itself is not pinned:
