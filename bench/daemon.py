@@ -7,6 +7,7 @@ reactor-hold monitor (see L{bench.monitor}) on its own loopback port.
                            [--slots N] [--threads N] [--backlog N]
                            [--access-log] [--workers-token-file FILE]
                            [--authentication required|off]
+                           [--store-url postgresql://...]
 
 It listens with a backlog of 4096 (Twisted's default is 50), so that
 thousands of clients may connect at once.  With C{--workers-token-file} it
@@ -16,6 +17,17 @@ is a pure dispatcher that runs nothing itself.  Clients need a credential
 they do by default, unless C{--authentication off}.  Its ini file is
 written in one place, L{write_config} from L{CONFIG}: a key the
 benchmark's daemon should have goes there.
+
+With C{--store-url} its jobs live in that PostgreSQL database (C{[store]
+url}), and every exchange with the server that a psycopg connection of
+the daemon waits for (a statement, a commit, a fetch of a cursor: a
+round trip) is counted, bench-only, by wrapping C{psycopg.Connection.wait}
+in this process (L{count_round_trips}); the monitor reports the total as
+C{pg_round_trips}, and the store's commits as C{store_commits}.  The
+PostgreSQL writer's groups are timed the same way (L{time_groups}): the
+microseconds its groups took from their C{BEGIN} to their commit's answer
+(C{pg_group_us}), and of that their first round trip, which waits for the
+write lock that every dispatcher's groups take in turn (C{pg_begin_us}).
 
 This is the only place of the benchmark that touches the global reactor.
 """
@@ -56,16 +68,21 @@ gc_freeze = yes
 slots = {slots}
 threads = {threads}
 
-""" + TASKS_SECTION + "{workers}"
+""" + TASKS_SECTION + "{workers}{store}"
 
 WORKERS = """
 [workers]
 token_file = {token_file}
 """
 
+STORE = """
+[store]
+url = {url}
+"""
+
 
 def config_text(port, data_dir, slots, threads, backlog=4096, access_log=False,
-                workers_token_file=None, authentication=True) -> str:
+                workers_token_file=None, authentication=True, store_url=None) -> str:
     """
     The ini file the daemon is started from: L{CONFIG} filled in.
 
@@ -76,6 +93,8 @@ def config_text(port, data_dir, slots, threads, backlog=4096, access_log=False,
     @param authentication: whether clients need a credential (they do by
         default; the benchmark turns it off in (j) alone, to measure its
         cost).
+    @param store_url: with a PostgreSQL URL, the daemon's store (the
+        benchmark's PostgreSQL section, L{bench.pg_measures}).
     """
     return CONFIG.format(
         port=port,
@@ -87,6 +106,7 @@ def config_text(port, data_dir, slots, threads, backlog=4096, access_log=False,
         authentication="required" if authentication else "off",
         workers=(WORKERS.format(token_file=workers_token_file)
                  if workers_token_file else ""),
+        store=STORE.format(url=store_url) if store_url else "",
     )
 
 
@@ -108,8 +128,68 @@ def write_config(args) -> str:
             access_log=args.access_log,
             workers_token_file=args.workers_token_file,
             authentication=args.authentication == "required",
+            store_url=args.store_url,
         ))
     return config_path
+
+
+def count_round_trips():
+    """
+    Count every wait of a psycopg connection of this process for the
+    server from now on (each statement, commit, rollback and fetch of a
+    server-side cursor waits once: a round trip; a pipelined
+    C{executemany} waits once for its whole pipeline); returns a function
+    that reads the count.  Bench-only: the dispatcher does not count its
+    round trips, and the cost here (one Python call a round trip) is small
+    beside the round trip itself.
+    """
+    import threading
+
+    import psycopg
+
+    lock = threading.Lock()
+    seen = [0]
+    wait = psycopg.Connection.wait
+
+    def counted(self, *args, **kwargs):
+        # The writer's thread and the readers' count into one total.
+        with lock:
+            seen[0] += 1
+        return wait(self, *args, **kwargs)
+
+    psycopg.Connection.wait = counted
+    return lambda: seen[0]
+
+
+def time_groups():
+    """
+    Time the PostgreSQL writer's groups (C{PostgresGroupWriter._commit}:
+    from the group's start to its commit's answer) and their first round
+    trip (C{_begin}: the transaction and the write lock), in total
+    microseconds; returns the counters' readers by name (none if the
+    writer has no such methods).  Bench-only, as L{count_round_trips}.
+    """
+    import time
+
+    from dispatcher.store import _postgres
+
+    writer = getattr(_postgres, "PostgresGroupWriter", None)
+    totals = {"pg_group_us": 0, "pg_begin_us": 0}
+    for name, key in (("_commit", "pg_group_us"), ("_begin", "pg_begin_us")):
+        method = getattr(writer, name, None)
+        if method is None:
+            return {}
+
+        def timed(self, *args, _method=method, _key=key, **kwargs):
+            # One writer thread: no lock needed.
+            began = time.perf_counter()
+            try:
+                return _method(self, *args, **kwargs)
+            finally:
+                totals[_key] += int(1e6 * (time.perf_counter() - began))
+
+        setattr(writer, name, timed)
+    return {key: (lambda key=key: totals[key]) for key in totals}
 
 
 def main(argv=None) -> None:
@@ -126,6 +206,8 @@ def main(argv=None) -> None:
                         help="take remote workers that send the token in this file")
     parser.add_argument("--authentication", choices=("required", "off"), default="required",
                         help="[api] authentication: whether clients need a credential")
+    parser.add_argument("--store-url", default=None,
+                        help="[store] url: keep the jobs in this PostgreSQL database")
     args = parser.parse_args(argv)
 
     config_path = write_config(args)
@@ -149,6 +231,9 @@ def main(argv=None) -> None:
     # holds is what the writer thread's cost per job turns on.
     monitor.counters["store_commits"] = lambda: service.store.batches
     monitor.counters["store_durable_commits"] = lambda: service.store.durable_batches
+    if args.store_url:
+        monitor.counters["pg_round_trips"] = count_round_trips()
+        monitor.counters.update(time_groups())
     service.privilegedStartService()
     service.startService()
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)

@@ -336,12 +336,22 @@ class Server:
     sends the admin token the daemon made, which is also L{token}, as a
     real client sends its own.  With C{authentication} false (C{[api]
     authentication = off}) it requires none, and none is sent.
+
+    With C{store_url}, the daemon keeps its jobs in that PostgreSQL
+    database (C{[store] url}) instead of its SQLite file; with C{holder},
+    its local leases carry that holder name (written to its data
+    directory before it starts, where it keeps its name), so that two
+    daemons on one host and one database have names of their own.
+    C{core} is the core it runs on (another than L{SERVER_CORE} only for
+    a second dispatcher: see L{bench.pg_measures}).
     """
 
     def __init__(self, processes: Processes, kind: str, workdir: Path, slots: int = 8,
                  threads: int = 8, store: Optional[Path] = None,
                  access_log: bool = False, workers_token: Optional[Path] = None,
-                 authentication: bool = True, code: Optional[Path] = None) -> None:
+                 authentication: bool = True, code: Optional[Path] = None,
+                 store_url: Optional[str] = None, holder: Optional[str] = None,
+                 core: int = SERVER_CORE) -> None:
         self.processes = processes
         # Another version's tree (its dispatcher/ and bench/) to run, for a
         # same-run comparison (bench/metrics.py); None: this one.
@@ -355,6 +365,9 @@ class Server:
         self.slots = slots
         self.threads = threads
         self.store = store
+        self.store_url = store_url
+        self.holder = holder
+        self.core = core
         self.port, self.monitor_port = free_ports(2)
         self.child: Optional[subprocess.Popen] = None
         self.client = Client(self.port)
@@ -389,16 +402,22 @@ class Server:
                 argv += ["--workers-token-file", str(self.workers_token)]
             if not self.authentication:
                 argv += ["--authentication", "off"]
+            if self.store_url is not None:
+                argv += ["--store-url", self.store_url]
+            if self.holder is not None:
+                var = self.workdir / "var"
+                var.mkdir(mode=0o700, parents=True, exist_ok=True)
+                (var / "holder").write_text(self.holder + "\n", encoding="utf-8")
         else:
             argv = ["-m", "bench.baseline_server", str(self.port),
                     "--monitor-port", str(self.monitor_port),
                     "--log", str(self.workdir / "baseline.log")]
         self._started_at = time.monotonic()
         self.child = self.processes.start_pinned(
-            SERVER_CORE, [PYTHON, *argv], cwd=self.code or ROOT, stdout=self.output,
+            self.core, [PYTHON, *argv], cwd=self.code or ROOT, stdout=self.output,
             stderr=subprocess.STDOUT, env=child_environment(self.code))
         self._wait_ready()
-        check_pinned(self.child, SERVER_CORE, f"the {self.kind}")
+        check_pinned(self.child, self.core, f"the {self.kind}")
         if self.kind == "daemon" and self.authentication:
             # Made on the daemon's first start, before it listens.
             self.token = (self.workdir / "var" / "admin.token").read_text().strip()
@@ -804,6 +823,9 @@ class Window:
 
     @ivar extra_spies: more L{PySpy}s (of remote workers) the block
         started; their summaries go under C{py_spy_workers}, by name.
+
+    The daemon's counters (L{COUNTERS}: its store's commits, its round
+    trips to PostgreSQL) go under C{counters}, as what the window added.
     """
 
     def __init__(self, run: Run, server: Server, name: str,
@@ -818,7 +840,7 @@ class Window:
         self.extra_spies: dict[str, PySpy] = {}
 
     def __enter__(self) -> "Window":
-        self.server.monitor("reset")
+        self._counters0 = self.server.monitor("reset")
         if self.cprofile:
             self.server.monitor("profile_start")
         self.cpu = CpuUse(self.server.child.pid).start()
@@ -843,12 +865,30 @@ class Window:
             return
         self.figures["cpu"] = self.cpu.stop()
         self.figures["reactor_hold"] = self.server.monitor("read")
+        counters = counter_deltas(self._counters0, self.figures["reactor_hold"])
+        if counters:
+            self.figures["counters"] = counters
         if self._spy is not None and self._spy.summary:
             self.figures["py_spy"] = self._spy.summary
         workers = {name: spy.summary for name, spy in self.extra_spies.items()
                    if spy.summary}
         if workers:
             self.figures["py_spy_workers"] = workers
+
+
+# The daemon's counters its monitor reports (bench/daemon.py), each a
+# running total since it started.
+COUNTERS = ("store_commits", "store_durable_commits", "pg_round_trips", "pg_group_us",
+            "pg_begin_us")
+
+
+def counter_deltas(before: dict[str, Any], after: dict[str, Any]) -> dict[str, int]:
+    """
+    What each of L{COUNTERS} that both monitor readings carry added
+    between them.
+    """
+    return {name: after[name] - before[name] for name in COUNTERS
+            if isinstance(after.get(name), int) and isinstance(before.get(name), int)}
 
 
 # Rounds and statistics

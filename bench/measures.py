@@ -39,7 +39,7 @@ TERMINAL = ("succeeded", "failed", "cancelled")
 # The measures a run can be limited to (C{--only}), in the order it runs them.
 STEPS = ("submit", "batch", "noop", "noop_batch", "noop_small", "noop_idle", "noop_batch_idle",
          "noop_remote", "commands", "commands_idle", "latency", "blocking", "claims", "auth",
-         "events")
+         "events", "pg")
 
 # The targets, set by the issue that asked for the measures; the report
 # judges each run against them (L{bench.report.targets}).
@@ -61,6 +61,10 @@ QUEUED_SUBMIT_RATIO = 0.5  # (h) submits with them, × an empty store
 QUEUED_CLAIM_RATIO = 0.5  # (h) claims with them, × a short queue
 QUEUED_READY_S = 5  # (h) from starting the daemon to its first answer
 AUTH_RATIO = 0.95  # (j) submits and no-op jobs with authentication, × without
+# (l) no-op task jobs submitted in batches through one dispatcher on
+# PostgreSQL, at least this many times the faster of pgqueuer and
+# Procrastinate running the same jobs on the same server (issue 19).
+PG_NOOP_TO_PEER = 2.0
 REACTOR_HOLD_MS = 50  # every measure: no callback holds the reactor longer
 
 
@@ -100,7 +104,25 @@ def settings(quick: bool, rounds: Optional[int] = None) -> dict[str, Any]:
         "busy_subscribers": 100 if quick else 1_000,
         "delivery_jobs": 500 if quick else 5_000,
         "event_latency_jobs": 50 if quick else 300,
+        # (l) the PostgreSQL section (bench/pg_measures.py).
+        "pg_server": pg_server(),
+        "pg_rounds": rounds or (1 if quick else 3),
+        "pg_submit_seconds": 3 if quick else 10,
+        "pg_batch_seconds": 3 if quick else 10,
+        "pg_noop_jobs": 2_000 if quick else 20_000,
     }
+
+
+def pg_server() -> str:
+    """
+    The PostgreSQL server of (l) as the results may show it: the URL of
+    the database it connects to (L{bench.pg_measures.bench_url}) without
+    its password.
+    """
+    from bench.pg_measures import bench_url
+    from dispatcher.store._postgres import describe_url
+
+    return describe_url(bench_url())
 
 
 # Asking the dispatcher
@@ -225,7 +247,8 @@ def measure_submit(run: Run, kind: str, connections: int, seconds: float,
                    profile: bool = False, round_: int = 0,
                    variant: Optional[str] = None, idle: int = 0,
                    store: Optional[Path] = None, store_jobs: int = 0,
-                   access_log: bool = False, authentication: bool = True) -> dict[str, Any]:
+                   access_log: bool = False, authentication: bool = True,
+                   store_url: Optional[str] = None) -> dict[str, Any]:
     """
     (a) Durable single-job submits a second: wrk POSTs C{{"command":
     ["true"]}} to C{/v1/jobs} on C{connections} connections for
@@ -238,8 +261,9 @@ def measure_submit(run: Run, kind: str, connections: int, seconds: float,
     Variants: with the default access log on (a'); with C{idle} idle
     keep-alive connections open meanwhile (g); on a copy of a prepared
     C{store} of C{store_jobs} queued jobs (h); without C{authentication}
-    (C{[api] authentication = off}, no token sent) (j).  With C{profile},
-    cProfile runs on the daemon's reactor thread.
+    (C{[api] authentication = off}, no token sent) (j); on the
+    PostgreSQL database C{store_url} (l).  With C{profile}, cProfile runs
+    on the daemon's reactor thread.
 
     Targets: at 50 connections, L{SUBMIT_TO_BASELINE} × the baseline's
     rate; with idle connections, L{IDLE_SUBMIT_RATIO} × the rate without
@@ -250,7 +274,8 @@ def measure_submit(run: Run, kind: str, connections: int, seconds: float,
     variant = variant or kind
     name = f"submit-{variant}-{connections}c-{round_}" + ("-profile" if profile else "")
     with Server(run.processes, kind, run.tmp / name, slots=0, store=store,
-                access_log=access_log, authentication=authentication) as server, \
+                access_log=access_log, authentication=authentication,
+                store_url=store_url) as server, \
             IdleConnections(server.port, idle) as idlers:
         result: dict[str, Any] = {}
         if kind == "daemon":
@@ -281,7 +306,8 @@ def measure_submit(run: Run, kind: str, connections: int, seconds: float,
 
 
 def measure_batch(run: Run, seconds: float, batch_size: int = 1000,
-                  concurrency: int = 4, max_batches: int = 2000) -> dict[str, Any]:
+                  concurrency: int = 4, max_batches: int = 2000,
+                  store_url: Optional[str] = None, name: str = "batch") -> dict[str, Any]:
     """
     (f) Batch submission: C{concurrency} clients, each on its own
     keep-alive connection, POST C{{"jobs": [...]}} of C{batch_size}
@@ -290,11 +316,13 @@ def measure_batch(run: Run, seconds: float, batch_size: int = 1000,
     jobs of C{201} answers over the time from the first request sent to the
     last answer received; every answer's ids must be distinct, and at the
     end the store must hold exactly as many queued jobs, counted through
-    the API.
+    the API.  With C{store_url}, on that PostgreSQL database (l); C{name}
+    is the daemon's directory under the run's.
 
     Target: L{BATCH_JOBS_PER_S} jobs a second.
     """
-    with Server(run.processes, "daemon", run.tmp / "batch", slots=0) as server:
+    with Server(run.processes, "daemon", run.tmp / name, slots=0,
+                store_url=store_url) as server:
         client = server.client
         lock = threading.Lock()
         latencies: list[float] = []
@@ -318,7 +346,7 @@ def measure_batch(run: Run, seconds: float, batch_size: int = 1000,
                 ids.update(job["id"] for job in answer["jobs"])
                 marks["last_received"] = max(marks.get("last_received", 0.0), received)
 
-        with Window(run, server, "batch") as window:
+        with Window(run, server, name) as window:
             try:
                 in_threads(client, concurrency, iter(range(max_batches)), send,
                            time.monotonic() + seconds, grace=60)

@@ -26,9 +26,16 @@ C{concurrency} L{PROCRASTINATE_CONCURRENCY} (as the dispatcher's 8 slots)
 and LISTEN/NOTIFY on (its default).  Both with the PostgreSQL driver they
 default to (pgqueuer: asyncpg; Procrastinate: psycopg 3).
 
+Each run also says what a job cost (L{bench.pg_costs}): the worker
+process's CPU from its start of work to its last job, and the server's
+side, its transactions, rows written, WAL and backend CPU, as the
+dispatcher's are read in the benchmark's PostgreSQL section.
+
 Prints one line per run and the median of each peer, and writes the JSON to
 C{bench/results/pg-peers-STAMP.json}; L{measure_peers} gives the same for
-another script of the benchmark to report next to its own figures.
+another script of the benchmark to report next to its own figures
+(bench/run.py's C{--only pg} runs them through L{measure_peer}, in its
+own rounds).
 """
 
 from __future__ import annotations
@@ -47,6 +54,11 @@ import warnings
 from pathlib import Path
 from typing import Any, Optional
 from urllib.parse import urlsplit, urlunsplit
+
+if not __package__:  # run as a file: make "bench" importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.pg_costs import BackendCpu, database_stats, per_job, wait_no_backends
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -115,11 +127,14 @@ async def _pgqueuer_worker(dsn: str, jobs: int) -> dict[str, Any]:
         done["count"] += 1
         if done["count"] >= jobs:
             done["last"] = time.time()
+            done["cpu"] = time.process_time()
             pgq.shutdown.set()
 
     print(json.dumps({"ready": True}), flush=True)
+    cpu0 = time.process_time()
     await pgq.run(batch_size=PGQUEUER_BATCH)
-    return {"done": done["count"], "last_done": done["last"]}
+    return {"done": done["count"], "last_done": done["last"],
+            "cpu_s": done.get("cpu", cpu0) - cpu0}
 
 
 async def _procrastinate_worker(dsn: str, jobs: int) -> dict[str, Any]:
@@ -134,9 +149,11 @@ async def _procrastinate_worker(dsn: str, jobs: int) -> dict[str, Any]:
         done["count"] += 1
         if done["count"] >= jobs:
             done["last"] = time.time()
+            done["cpu"] = time.process_time()
             finished.set()
 
     async with app.open_async():
+        cpu0 = time.process_time()
         worker = asyncio.create_task(app.run_worker_async(
             concurrency=PROCRASTINATE_CONCURRENCY, wait=True, install_signal_handlers=False))
         print(json.dumps({"ready": True}), flush=True)
@@ -146,7 +163,8 @@ async def _procrastinate_worker(dsn: str, jobs: int) -> dict[str, Any]:
             await worker
         except (asyncio.CancelledError, Exception):
             pass
-    return {"done": done["count"], "last_done": done["last"]}
+    return {"done": done["count"], "last_done": done["last"],
+            "cpu_s": done.get("cpu", cpu0) - cpu0}
 
 
 def _quiet() -> None:
@@ -237,27 +255,35 @@ async def _enqueue(peer: str, dsn: str, jobs: int) -> float:
 def measure_peer(peer: str, dsn: str, jobs: int) -> dict[str, Any]:
     """
     One run of C{peer}: a database of its own, its schema, its worker on
-    core 0, C{jobs} jobs enqueued from core 1; the rate and the CPU the
-    worker process spent a job.
+    core 0, C{jobs} jobs enqueued from core 1; the rate, the CPU the
+    worker process spent a job, and what a job cost the server
+    (L{bench.pg_costs.per_job}, from the schema's install to the last
+    connection's end).
     """
     name = make_database(dsn, f"bench_{peer}")
     run_dsn = with_database(dsn, name)
     try:
         asyncio.run(_install(peer, run_dsn))
-        worker = subprocess.Popen(
-            ["taskset", "-c", str(SERVER_CORE), sys.executable, __file__,
-             "--worker", peer, run_dsn, str(jobs)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        try:
-            ready = worker.stdout.readline()  # type: ignore[union-attr]
-            if not ready:
-                raise RuntimeError(f"{peer} worker did not start: {worker.stderr.read()[-2000:]}")
-            started = asyncio.run(_enqueue(peer, run_dsn, jobs))
-            out, err = worker.communicate(timeout=RUN_TIMEOUT)
-        finally:
-            if worker.poll() is None:
-                worker.kill()
-                worker.wait()
+        wait_no_backends(dsn, name)
+        before = database_stats(dsn, name)
+        with BackendCpu(dsn, name) as backends:
+            worker = subprocess.Popen(
+                ["taskset", "-c", str(SERVER_CORE), sys.executable, __file__,
+                 "--worker", peer, run_dsn, str(jobs)],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            try:
+                ready = worker.stdout.readline()  # type: ignore[union-attr]
+                if not ready:
+                    raise RuntimeError(
+                        f"{peer} worker did not start: {worker.stderr.read()[-2000:]}")
+                started = asyncio.run(_enqueue(peer, run_dsn, jobs))
+                out, err = worker.communicate(timeout=RUN_TIMEOUT)
+            finally:
+                if worker.poll() is None:
+                    worker.kill()
+                    worker.wait()
+        wait_no_backends(dsn, name)
+        costs = per_job(before, database_stats(dsn, name), jobs, backends.figures)
         lines = [line for line in out.splitlines() if line.startswith("{")]
         if worker.returncode != 0 or not lines:
             raise RuntimeError(f"{peer} worker failed ({worker.returncode}): {err[-2000:]}")
@@ -265,8 +291,10 @@ def measure_peer(peer: str, dsn: str, jobs: int) -> dict[str, Any]:
         if result["done"] < jobs:
             raise RuntimeError(f"{peer}: {result['done']} of {jobs} jobs done")
         elapsed = result["last_done"] - started
+        costs["per_job"]["worker_cpu_us"] = round(1e6 * result["cpu_s"] / jobs, 1)
         return {"peer": peer, "jobs": jobs, "elapsed_s": round(elapsed, 3),
-                "jobs_per_s": round(jobs / elapsed, 1)}
+                "jobs_per_s": round(jobs / elapsed, 1), "worker_cpu_s": round(result["cpu_s"], 3),
+                "postgresql": costs}
     finally:
         drop_database(dsn, name)
 

@@ -29,6 +29,7 @@ from bench import event_measures as E
 from bench.daemon import config_text
 from bench.harness import LOAD_CORE, ROOT, SERVER_CORE, median
 from bench.machine import MKDIR_SLOW_US
+from bench.pg_measures import NOOP_ROWS, PEER_ROWS, best_peer
 
 DOCS = ROOT / "docs" / "benchmarks.md"
 DOCS_JSON = ROOT / "docs" / "benchmarks.json"
@@ -81,6 +82,15 @@ What authentication costs, (j) alone (2 to 3 minutes):
 
 ```sh
 flock /tmp/bench.lock .venv/bin/python bench/run.py --only auth [--rounds N]
+```
+
+The PostgreSQL section, (l) alone (about $pg_minutes; `pip install -e '.[bench]'`
+for the peers; the server of `DISPATCHER_BENCH_DSN`, default
+`postgresql://postgres@127.0.0.1:5432/test`, where each measure makes a
+database of its own and drops it):
+
+```sh
+flock /tmp/bench.lock .venv/bin/python bench/run.py --only pg [--rounds N]
 ```
 
 The code: `bench/run.py` runs the measures in order; `bench/harness.py`
@@ -305,6 +315,40 @@ The measures (sizes of a full run, `--quick`'s in brackets):
   from sending the submit to reading the job's `queued` event (published
   just before the submit's answer) and its `succeeded` event, p50 and p99;
   no target.
+- **(l) PostgreSQL** (`bench/pg_measures.py`, `bench/pg_peers.py`,
+  `bench/pg_costs.py`; docs/scaling.md reads its figures). The daemon
+  with `[store] url` naming a database made for the measure (the
+  dispatcher's schema made in it before the daemon starts; dropped
+  after) next to the daemon on its SQLite file, in $pg_rounds rounds
+  whose order alternates: (a)'s single submits at 50 connections; (f)'s
+  batch submits; (b'')'s $pg_noop_jobs no-op task jobs in batches of
+  $batch_size from $batch_concurrency connections, through one
+  dispatcher, and through two `bench/daemon.py` processes (each
+  `slots = threads = 8`, a holder name of its own) on one database, the
+  clients' batches going to each in turn, the second dispatcher on core
+  $load_core ("two") or both on core $server_core ("two on one core").
+  The two do not yet hear each other's commits (no `LISTEN/NOTIFY`):
+  each is woken by the jobs submitted to it and claims whatever is
+  queued (`FOR UPDATE SKIP LOCKED`), so each runs jobs and all finish,
+  each once (one attempt a job, or the run stops); the run records how
+  many each ran (the attempts' holders). In the same
+  rounds, the same no-op jobs through pgqueuer and Procrastinate, each
+  in a database of its own on the same server (`bench/pg_peers.py`'s
+  docstring says how each is set up). PostgreSQL itself is not pinned:
+  its backends run on either core. Target, from issue 19: no-op jobs
+  through one dispatcher on PostgreSQL at least $pg_to_peer × the faster
+  peer's rate of the same run. What a job cost: the dispatcher's CPU (its
+  process, over the window), its round trips to PostgreSQL (every wait of
+  a psycopg connection for the server, counted in the bench daemon) and
+  its writer's commits; from the server, the database's transactions and
+  rows inserted, updated and deleted (`pg_stat_database`, read with no
+  backend of the database left, from before the daemon started to after
+  it stopped, so its start, its stop and the harness's polls are in
+  them), the server's WAL bytes and syncs (the whole server's: the other
+  databases' commits meanwhile are recorded beside them) and the CPU of
+  the database's backends (`/proc/PID/stat`, read every 0.1 s).
+  `pg_stat_statements` would count statements, but it must be preloaded
+  at the server's start, and the run does not restart a shared server.
 
 """)
 
@@ -354,6 +398,10 @@ def method(steps: tuple[str, ...]) -> str:
         delivery_jobs=both("delivery_jobs"),
         busy_subscribers=both("busy_subscribers"),
         event_latency_jobs=both("event_latency_jobs"),
+        pg_rounds=f"{full['pg_rounds']} ({quick['pg_rounds']})",
+        pg_noop_jobs=both("pg_noop_jobs"),
+        pg_to_peer=f"{M.PG_NOOP_TO_PEER:.0f}",
+        pg_minutes="13 minutes, most of them Procrastinate's rounds",
     )
 
 
@@ -502,6 +550,14 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                         f"{x['to_succeeded_ms']['p50']:.1f} / "
                         f"{x['to_succeeded_ms']['p99']:.1f} ms",
             "met": None, "no_target": True})
+    if "pg_noop_postgresql" in r:
+        peer = best_peer(r)
+        d = get("pg_noop_postgresql", "jobs_per_s")
+        v = ratio_of(d, peer[1] if peer else None)
+        add(f"no-op task jobs on PostgreSQL >= {M.PG_NOOP_TO_PEER:.0f} x the faster of "
+            "pgqueuer and Procrastinate", v,
+            f"{v:.2f} x ({d:,.0f} against {peer[0]}'s {peer[1]:,.0f} jobs/s)" if v and peer
+            else "", v is not None and v >= M.PG_NOOP_TO_PEER)
     holds = all_holds(r)
     target = f"no callback holds the reactor over {M.REACTOR_HOLD_MS} ms"
     if holds:
@@ -539,7 +595,8 @@ def all_holds(measures: dict[str, Any]) -> list[tuple[str, float]]:
         if "baseline" in name:
             continue
         for i, run in enumerate(runs):
-            out.append((f"{name} round {i + 1}", run["reactor_hold"]["max_ms"]))
+            if "reactor_hold" in run:  # not the peers of (l)
+                out.append((f"{name} round {i + 1}", run["reactor_hold"]["max_ms"]))
     return out
 
 
@@ -576,10 +633,21 @@ def ratios(results: dict[str, Any]) -> dict[str, Any]:
               "jobs_per_s"),
              ("submit_auth_to_noauth", f"submit_auth_{c_max}c", f"submit_noauth_{c_max}c",
               "requests_per_s"),
-             ("noop_auth_to_noauth", "noop_tasks_auth", "noop_tasks_noauth", "jobs_per_s"))
+             ("noop_auth_to_noauth", "noop_tasks_auth", "noop_tasks_noauth", "jobs_per_s"),
+             ("pg_submit_to_sqlite", f"pg_submit_postgresql_{c_max}c",
+              f"pg_submit_sqlite_{c_max}c", "requests_per_s"),
+             ("pg_batch_to_sqlite", "pg_batch_postgresql", "pg_batch_sqlite", "jobs_per_s"),
+             ("pg_noop_to_sqlite", "pg_noop_postgresql", "pg_noop_sqlite", "jobs_per_s"),
+             ("pg_two_to_one", "pg_noop_postgresql_two", "pg_noop_postgresql", "jobs_per_s"),
+             ("pg_two_one_core_to_one", "pg_noop_postgresql_two_one_core",
+              "pg_noop_postgresql", "jobs_per_s"))
     for key, a, b, field in pairs:
         if a in measures and b in measures:
             out[key] = round(measures[a][field] / measures[b][field], 3)
+    peer = best_peer(measures)
+    if peer is not None and "pg_noop_postgresql" in measures:
+        out["pg_noop_to_best_peer"] = round(
+            measures["pg_noop_postgresql"]["jobs_per_s"] / peer[1], 3)
     return out
 
 
@@ -884,6 +952,7 @@ def markdown(results: dict[str, Any]) -> str:
     ]
     lines += _scale_rows(results, goal)
     lines += _auth_rows(results, goal)
+    lines += pg_rows(results, goal)
     return "\n".join(lines) + "\n"
 
 
@@ -1015,6 +1084,117 @@ def _scale_rows(results: dict[str, Any], goal: Any) -> list[str]:
             f"{max(mb(x['memory']['vmhwm_kib']) for x in runs_s):,.0f} MB); dispatcher "
             f"process {cq['cpu']['server_process_pct']:.0f} % of a core (against "
             f"{cs['cpu']['server_process_pct']:.0f} %) | {hold(cq)} |")
+    return lines
+
+
+def pg_rows(results: dict[str, Any], goal: Any) -> list[str]:
+    """
+    (l)'s tables, if the run measured it: the rates on each engine and
+    of the peers (median round, the range of the rounds), their ratios,
+    and what a job cost on each side (of the median round).
+    """
+    r = results["measures"]
+    c = max(results["settings"]["connections"])
+    if not any(key.startswith("pg_") for key in r):
+        return []
+
+    def spread(x: dict[str, Any], field: str) -> str:
+        values = x.get(f"rounds_{field}", [])
+        return f" ({min(values):,.0f}–{max(values):,.0f})" if len(values) > 1 else ""
+
+    def rate(name: str, field: str) -> str:
+        x = r.get(name)
+        return f"{x[field]:,.0f}{spread(x, field)}" if x else "–"
+
+    def ratio_to(a: str, b: str, field: str) -> str:
+        return ratio(r[a][field], r[b][field]) if a in r and b in r else "–"
+
+    lines = [
+        "",
+        "### PostgreSQL (l)",
+        "",
+        f"Each figure is the median of {results['settings']['pg_rounds']} alternating "
+        "round(s) (the range of the rounds in brackets).",
+        "",
+        "| Measure | SQLite | PostgreSQL | PostgreSQL / SQLite |",
+        "| --- | ---: | ---: | ---: |",
+        f"| (a) single submits/s, {c} connections | {rate(f'pg_submit_sqlite_{c}c', 'requests_per_s')} "
+        f"| {rate(f'pg_submit_postgresql_{c}c', 'requests_per_s')} | "
+        f"**{ratio_to(f'pg_submit_postgresql_{c}c', f'pg_submit_sqlite_{c}c', 'requests_per_s')}** |",
+        f"| (f) batch submission, jobs/s | {rate('pg_batch_sqlite', 'jobs_per_s')} | "
+        f"{rate('pg_batch_postgresql', 'jobs_per_s')} | "
+        f"**{ratio_to('pg_batch_postgresql', 'pg_batch_sqlite', 'jobs_per_s')}** |",
+        f"| (b'') no-op task jobs/s, one dispatcher | {rate('pg_noop_sqlite', 'jobs_per_s')} | "
+        f"{rate('pg_noop_postgresql', 'jobs_per_s')} | "
+        f"**{ratio_to('pg_noop_postgresql', 'pg_noop_sqlite', 'jobs_per_s')}** |",
+        "",
+        "| No-op task jobs, batches of 1,000 | Jobs/s | × one dispatcher on PostgreSQL | "
+        "Jobs each ran (submitted to each) |",
+        "| --- | ---: | ---: | --- |",
+    ]
+    for key, (label, engine, cores) in NOOP_ROWS.items():
+        if key not in r or engine is None:
+            continue
+        x = r[key]
+        ran = ", ".join(f"{n:,}" for n in x.get("ran_by", {}).values())
+        lines.append(f"| {label} (cores {', '.join(map(str, cores))}) | "
+                     f"{rate(key, 'jobs_per_s')} | "
+                     f"{ratio_to(key, 'pg_noop_postgresql', 'jobs_per_s')} | "
+                     f"{ran} ({', '.join(f'{n:,}' for n in x['submitted_to'])}) |")
+    for key, peer in PEER_ROWS.items():
+        if key in r:
+            lines.append(f"| {peer} | {rate(key, 'jobs_per_s')} | "
+                         f"{ratio_to(key, 'pg_noop_postgresql', 'jobs_per_s')} | one worker |")
+    primitives = r.get("pg_server_primitives", {})
+    if primitives:
+        lines += ["", "The server's primitives, from the harness (p50 / p99 µs), "
+                  + "; ".join(
+                      f"{when} the section: round trip {x['round_trip']['p50_us']:.0f} / "
+                      f"{x['round_trip']['p99_us']:.0f}, one-row commit waiting for the disk "
+                      f"{x['commit_synchronous_on']['p50_us']:.0f} / "
+                      f"{x['commit_synchronous_on']['p99_us']:.0f}, not waiting "
+                      f"{x['commit_synchronous_off']['p50_us']:.0f} / "
+                      f"{x['commit_synchronous_off']['p99_us']:.0f}"
+                      for when, x in primitives.items()) + "."]
+    target = goal(f"no-op task jobs on PostgreSQL >= {M.PG_NOOP_TO_PEER:.0f} x")
+    if target:
+        lines += ["", f"Target, one dispatcher on PostgreSQL ≥ {M.PG_NOOP_TO_PEER:.0f} × the "
+                  f"faster peer: {target}."]
+    lines += [
+        "",
+        "What a job cost (the median round of each; a submit is a job; the WAL is the "
+        "whole server's, with other databases' commits meanwhile in the last column):",
+        "",
+        "| Measure | Dispatcher (worker) CPU µs | Round trips | Writer commits | "
+        "Group ms (of it waiting for BEGIN and the lock) | "
+        "Transactions | Rows written (ins/upd/del) | WAL bytes | WAL syncs | "
+        "Backend CPU µs | Other databases' commits |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    names = [(f"pg_submit_{e}_{c}c", f"(a) single submits, {e}") for e in ("sqlite", "postgresql")]
+    names += [(f"pg_batch_{e}", f"(f) batch submits, {e}") for e in ("sqlite", "postgresql")]
+    names += [(key, f"(b'') {label}") for key, (label, _, _) in NOOP_ROWS.items()]
+    names += [(key, f"(b'') {peer}") for key, peer in PEER_ROWS.items()]
+
+    def cell(d: dict[str, Any], key: str, form: str) -> str:
+        return format(d[key], form) if key in d else "–"
+
+    for key, label in names:
+        if key not in r:
+            continue
+        j = r[key].get("per_job", {})
+        cpu = j.get("dispatcher_cpu_us", j.get("worker_cpu_us"))
+        rows = (f"{j['rows_written']:.2f} ({j['rows_inserted']:.2f}/{j['rows_updated']:.2f}/"
+                f"{j['rows_deleted']:.2f})" if "rows_written" in j else "–")
+        other = r[key].get("postgresql", {}).get("other_databases_commits")
+        lines.append(
+            f"| {label} | {cpu:,.0f} | {cell(j, 'round_trips', '.2f')} | "
+            f"{cell(j, 'writer_commits', '.3f')} | "
+            + (f"{j['group_ms']:.2f} ({j['group_begin_ms']:.2f}) | " if "group_ms" in j
+               else "– | ")
+            + f"{cell(j, 'transactions', '.3f')} | {rows} | "
+            f"{cell(j, 'wal_bytes', ',.0f')} | {cell(j, 'wal_syncs', '.3f')} | "
+            f"{cell(j, 'backend_cpu_us', ',.0f')} | {'–' if other is None else f'{other:,}'} |")
     return lines
 
 

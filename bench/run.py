@@ -54,6 +54,7 @@ from bench.machine import (
     settled_directory_cost,
 )
 from bench.event_measures import take_event_measures
+from bench.pg_measures import take_pg_measures
 from bench.measures import (
     STEPS,
     measure_batch,
@@ -213,6 +214,10 @@ def take_measures(run: Run, settings: dict[str, Any], only: set[str], profile: b
     if "events" in only:
         # (k) The event stream: idle subscribers' cost, delivery, latency.
         take_event_measures(run, settings, measures)
+    if "pg" in only:
+        # (l) PostgreSQL beside SQLite, one dispatcher and two on one
+        # database, and the peers on the same server.
+        take_pg_measures(run, settings, measures)
     if profile:
         step(measures, "profile_submit_daemon_50c", lambda: measure_submit(
             run, "daemon", 50, settings["submit_seconds"], profile=True))
