@@ -128,6 +128,7 @@ from dispatcher.store._results import (
     StorageFull,
     StoreError,
     StoreSpace,
+    StoreUnreachable,
     StoreUnusable,
     StoreVersionError,
     WriteRefused,
@@ -149,6 +150,23 @@ CLAIM_FETCH = 32
 
 # Seconds a connection attempt waits for the server before it fails.
 CONNECT_TIMEOUT = 10
+
+# Seconds a read waits for a connection of the readers' pool (all busy, or
+# the database away) before it fails.
+READ_CONNECT_TIMEOUT = 5.0
+
+# What libpq is told about a connection whose server goes silent (a
+# network cut, a host that died): TCP keepalives after 5 s idle, every 2 s,
+# given up after 3 unanswered; and data unacknowledged for 10 s ends it.
+# Without them a statement sent into a cut network waits for the
+# kernel's TCP timeout, many minutes.
+KEEPALIVES = {
+    "keepalives": 1,
+    "keepalives_idle": 5,
+    "keepalives_interval": 2,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 10_000,
+}
 
 
 def describe_url(url: str) -> str:
@@ -396,9 +414,23 @@ def connect(url: str, application: str = "dispatcher") -> psycopg.Connection:
     disk.
     """
     raw = psycopg.connect(
-        url, autocommit=True, connect_timeout=CONNECT_TIMEOUT, application_name=application
+        url,
+        autocommit=True,
+        connect_timeout=CONNECT_TIMEOUT,
+        application_name=application,
+        **KEEPALIVES,
     )
     raw.execute("SET synchronous_commit = on")
+    # The server's side of a cut: a dispatcher that vanishes within a
+    # group must not hold the groups' lock (and every other dispatcher's
+    # writes) until the server's TCP timeout, hours by default.  A group
+    # never waits between its statements, so 10 s idle inside one is a
+    # client gone.
+    raw.execute(
+        "SET idle_in_transaction_session_timeout = '10s';"
+        " SET tcp_keepalives_idle = 5; SET tcp_keepalives_interval = 2;"
+        " SET tcp_keepalives_count = 3; SET tcp_user_timeout = 10000"
+    )
     return raw
 
 
@@ -444,15 +476,36 @@ def migrate(raw: psycopg.Connection, where: str) -> None:
         raw.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK,))
 
 
+# The SQLSTATEs of a server that is going away or not taking connections
+# (besides class 08, connection exceptions): shut down by an
+# administrator, crashed, starting up or shutting down.
+_SERVER_GONE = frozenset({"57P01", "57P02", "57P03", "57P05"})
+
+
+def unreachable(error: Exception) -> bool:
+    """
+    Whether C{error} says the database cannot be reached (the connection
+    was refused, broken, timed out, or the server is going away) rather
+    than that it refused what was asked.
+    """
+    if not isinstance(error, psycopg.OperationalError):
+        return False
+    state = getattr(error, "sqlstate", None)
+    return state is None or state.startswith("08") or state in _SERVER_GONE
+
+
 def store_error(error: Exception) -> StoreError:
     """
     The store's own error for what PostgreSQL raised while writing:
+    L{StoreUnreachable} when the database cannot be reached,
     L{WriteRefused} for a broken constraint (the same write would be
     refused again), L{StorageFull} when its disk took no more, else
     L{CommitFailed}.
     """
     kind: type[StoreError]
-    if isinstance(error, psycopg.errors.IntegrityError):
+    if unreachable(error):
+        kind = StoreUnreachable
+    elif isinstance(error, psycopg.errors.IntegrityError):
         kind = WriteRefused
     elif isinstance(error, psycopg.errors.DiskFull):
         kind = StorageFull
@@ -883,7 +936,11 @@ class PostgresJobStore(SQLiteJobStore):
             kwargs={
                 "connect_timeout": CONNECT_TIMEOUT,
                 "application_name": "dispatcher store reader",
+                **KEEPALIVES,
             },
+            # A connection the server broke (the database went away and
+            # came back) is replaced at its next use, not handed out.
+            check=ConnectionPool.check_connection,
             configure=_configure_reader,
             name="dispatcher-readers",
             open=True,
@@ -943,9 +1000,11 @@ class PostgresJobStore(SQLiteJobStore):
         if pool is None:
             raise StoreClosed("the dispatcher is stopping")
         try:
-            with pool.connection() as raw:
+            with pool.connection(timeout=READ_CONNECT_TIMEOUT) as raw:
                 return operation(PgConnection(raw), *args)
         except psycopg.Error as e:
+            if unreachable(e):
+                raise StoreUnreachable(str(e).strip()) from e
             raise ReadFailed(str(e).strip()) from e
 
     def unfinished_jobs(self) -> Deferred:
