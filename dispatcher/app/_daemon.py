@@ -90,6 +90,18 @@ def _make_store(config: Config, data_dir: str, reactor: Any) -> Any:
         idempotency_ttl=config.dispatcher.idempotency_ttl,
         sync_interval=config.dispatcher.sync_interval,
     )
+
+
+def _shared_lease_seconds(config: Config) -> Optional[float]:
+    """
+    The life of a local lease on a database other dispatchers may share
+    (PostgreSQL's C{[store] lease_seconds}), or C{None} on SQLite's file.
+    """
+    # (Not config.store.url: "store" names a job store everywhere else.)
+    section = config.store
+    return section.lease_seconds if section.url is not None else None
+
+
 ACCESS_LOG_NAME = "access.log"
 # The secret key of the lease tokens workers are given (wire._tokens).
 LEASE_KEY_NAME = "lease.key"
@@ -214,9 +226,7 @@ class DaemonService(MultiService):
             ),
             events_retention=config.events.retention,
             max_waits=config.api.max_waits,
-            shared_lease_seconds=(
-                config.store.lease_seconds if config.store.url is not None else None
-            ),
+            shared_lease_seconds=_shared_lease_seconds(config),
         )
         # Each job's life in the log, from the committed events.
         self.job_log = JobLog(clock, config.log.job_lines)
@@ -562,7 +572,7 @@ class DaemonService(MultiService):
         # dispatchers, a name unique to this one (HOST-<random>) in "node".
         # [dispatcher] name, if given, wins; a name kept that differs is
         # returned too, for its jobs to be recovered.
-        shared = self.config.store.url is not None
+        shared = _shared_lease_seconds(self.config) is not None
         configured = self.config.dispatcher.name
         path = os.path.join(data_dir, "node" if shared else "holder")
         kept = None

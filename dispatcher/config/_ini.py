@@ -133,8 +133,10 @@ class StoreConfig:
 DISPATCHER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,99}")
 
 
-def _dispatcher_name(text: str) -> str:
+def _dispatcher_name(text: str) -> Optional[str]:
     name = text.strip()
+    if not name:
+        return None
     if not DISPATCHER_NAME.fullmatch(name):
         raise ValueError(
             "expected a name of 1 to 100 letters, digits, '.', '_', ':' or '-', "
