@@ -333,7 +333,7 @@ async def test_renewal_moves_a_holders_leases_and_named_tokens(store):
     mine = await claim(store, "local@a", 2, 1.0, seconds=10)
     (remote,) = await claim(store, "worker", 1, 1.0, seconds=10)
     (other,) = await claim(store, "local@b", 1, 1.0, seconds=10)
-    held = (await store.renew_leases("local@a", [remote.token], 8.0, 10)).value
+    held = (await store.renew_leases("local@a", [remote.token], 8.0, 10, 20)).value
     assert held == frozenset(lease.token for lease in mine)
     # At 12 only local@b's lease (expiry 11) has run out.
     swept = (await store.expire_leases(12.0, "local@z", [], 1000)).value
@@ -345,6 +345,10 @@ async def test_renewal_moves_a_holders_leases_and_named_tokens(store):
     assert job.attempts[0].error.startswith("lost: its lease expired")
     for lease in mine + [remote]:
         assert (await store.get(lease.job_id)).state is JobState.RUNNING
+    # The holder's leases run to 18, the worker's (renewed for 20 s) to 28.
+    swept = (await store.expire_leases(19.0, "local@z", [], 1000)).value
+    assert sorted(e.token for e in swept) == sorted(lease.token for lease in mine)
+    assert (await store.get(remote.job_id)).state is JobState.RUNNING
 
 
 @pytest_twisted.ensureDeferred

@@ -190,6 +190,7 @@ class Dispatcher(Service):
                 self._unfence,
                 self._lost_leases,
                 self._leases_recovered,
+                remote_seconds=lease_seconds,
             )
         self.hub = WorkerHub(
             self.scheduler,
@@ -798,14 +799,15 @@ class Dispatcher(Service):
             self._stop_local(lost)
 
     def _leases_recovered(self, written: Written) -> None:
-        for expired in written.value:
-            log.warn(
-                "job {job_id} attempt {attempt} held by {holder} is recorded lost: "
-                "its lease expired without being renewed",
-                job_id=expired.job_id,
-                attempt=expired.attempt,
-                holder=expired.holder,
-            )
+        # Each job's line comes from its event (the job log); this one says
+        # whose leases they were.
+        holders = sorted({expired.holder for expired in written.value})
+        log.warn(
+            "recorded {count} attempts lost whose leases expired without being "
+            "renewed, of {holders}",
+            count=len(written.value),
+            holders=", ".join(holders),
+        )
         self._apply(written)
 
     def capacity_changed(self) -> None:

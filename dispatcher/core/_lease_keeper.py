@@ -67,6 +67,10 @@ class LeaseKeeper:
     @param remote_tokens: gives the tokens of the remote workers' leases
         this dispatcher serves (renewed with the local ones, never swept
         by it).
+    @param remote_seconds: how long a remote worker's lease is renewed
+        for: past its worker's own fence, which counts from the worker's
+        last heartbeat (C{[workers] lease_seconds} less the fence margin),
+        however long before this dispatcher's death its last renewal came.
     @param fence: called with why, when the dispatcher must kill its
         local jobs and claim none.
     @param unfence: called when a renewal commits after a fence.
@@ -88,12 +92,16 @@ class LeaseKeeper:
         unfence: Callable[[], None],
         taken: Callable[[frozenset], None],
         recovered: Callable[[Written], None],
+        remote_seconds: Optional[float] = None,
     ) -> None:
         self._store = store
         self._clock = clock
         self.lease_seconds = lease_seconds
         self.renew_interval = lease_seconds / 6.0
         self.fence_after = lease_seconds / 2.0
+        self.remote_seconds = (
+            lease_seconds if remote_seconds is None else remote_seconds
+        ) + self.renew_interval
         self._holder = holder
         self._remote_tokens = remote_tokens
         self._fence = fence
@@ -149,7 +157,9 @@ class LeaseKeeper:
             return
         now = self._clock.seconds()
         remote = sorted(self._remote_tokens())
-        d = self._store.renew_leases(self._holder(), remote, now, self.lease_seconds)
+        d = self._store.renew_leases(
+            self._holder(), remote, now, self.lease_seconds, self.remote_seconds
+        )
         self._renewing = d
         d.addCallbacks(self._renewed, self._failed, callbackArgs=(now, remote))
         d.addBoth(self._done)

@@ -454,11 +454,12 @@ class IJobStore(Interface):
         list of L{LostAttempt}s, with their process identities.
         """
 
-    def renew_leases(holder, tokens, now, lease_seconds):
+    def renew_leases(holder, tokens, now, lease_seconds, token_seconds=None):
         """
         Move the expiry of every lease C{holder} holds (a dispatcher's own
-        local executor), and of each live lease of C{tokens} (the remote
-        workers' it serves), to C{now + lease_seconds}, in one write: what
+        local executor) to C{now + lease_seconds}, and of each live lease
+        of C{tokens} (the remote workers' it serves) to C{now +
+        token_seconds} (C{lease_seconds} if not given), in one write: what
         a dispatcher sharing its database with others does every few
         seconds, so that theirs recover only the leases of a dispatcher
         that stopped renewing.  Fires with a L{Written} whose value is the

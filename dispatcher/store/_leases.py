@@ -474,12 +474,13 @@ def renew_leases(
     tokens: Sequence[int],
     now: float,
     lease_seconds: float,
+    token_seconds: float,
 ) -> Written:
     """
     Move the expiry of every lease C{holder} has (a dispatcher's local
-    executor: one statement, however many) and of each live lease of
-    C{tokens} (its remote workers') to C{now + lease_seconds}
-    (L{RenewLeases}).  Fires with the tokens C{holder} still holds: a
+    executor: one statement, however many) to C{now + lease_seconds}, and
+    of each live lease of C{tokens} (its remote workers') to C{now +
+    token_seconds} (L{RenewLeases}).  Fires with the tokens C{holder} still holds: a
     lease of its own missing from them was taken from it (its expiry
     passed and another dispatcher recovered it), and its job must stop.
     """
@@ -499,7 +500,9 @@ def renew_leases(
             (expires, holder),
         )
     if tokens:
-        conn.execute(_RENEW_TOKENS, (expires, json.dumps(sorted(set(tokens)))))
+        conn.execute(
+            _RENEW_TOKENS, (now + token_seconds, json.dumps(sorted(set(tokens))))
+        )
     return Written(frozenset(held))
 
 

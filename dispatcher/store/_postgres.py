@@ -34,8 +34,7 @@ It is the SQLite store's own logic on another engine, not a copy of it:
   - Its own schema and migrations (L{dispatcher.store._pg_schema}), run at
     open under an advisory lock.
 
-Made for several dispatchers on one database, though this version runs
-one (the README says so):
+Made for several dispatchers on one database:
 
   - Lease tokens come from a sequence (a block of
     L{dispatcher.store._pg_schema.TOKEN_BLOCK} at a time): never the same
@@ -51,9 +50,29 @@ one (the README says so):
     turn of the writer's loop.  A queue's running jobs (its
     C{max_running}) are counted in the database at each claim.
   - Whether any job has dependents is read at the start of each group.
+  - Each dispatcher's local holder is its own (C{local@NAME}: C{[dispatcher]
+    name}, or a name made once and kept in its data directory), and its
+    local leases expire: it renews them, with the leases of the workers it
+    serves, in one write every sixth of C{[store] lease_seconds}; after each
+    renewal it records lost the attempts whose leases expired, whoever held
+    them; and it fences itself (kills its local jobs) when no renewal has
+    landed for half a lease (L{dispatcher.core._lease_keeper}).  A
+    restarted dispatcher does not take up the workers' leases the store
+    holds (L{IJobStore.resume_leases} is SQLite's): it cannot tell its own
+    from another's.
+  - A database that cannot be reached fails a write or a read with
+    L{StoreUnreachable} (L{unreachable}: a refused, broken or timed-out
+    connection, a server going away), which the API answers C{503
+    store_unavailable}; while renewals fail so, the API answers so at once.
+    The writer connects again at its next group, the readers' pool checks
+    each connection before it lends it.  libpq's keepalives and
+    C{tcp_user_timeout} end a connection into a silent network within
+    about 10 s, and the server ends a session idle inside a transaction
+    after 10 s, so a dispatcher that vanished mid-group does not hold the
+    groups' lock.
 
-What one dispatcher may keep in memory and several may not, for the next
-step (issue 19's N dispatchers):
+What one dispatcher may keep in memory and several may not, left for the
+next steps (issue 19's N dispatchers):
 
   - Each group holds a transaction-level advisory lock
     (L{dispatcher.store._pg_schema.WRITE_LOCK}) from its start to its
@@ -71,15 +90,12 @@ step (issue 19's N dispatchers):
     (C{WriterState.turn}); the configured queues and limits are each
     dispatcher's configuration and must agree.
   - A dispatcher hears only its own commits: its scheduler is woken by
-    its own events.  Another's submissions need C{LISTEN/NOTIFY}
-    wake-ups, with a polling fallback.
-  - The local holder's leases never expire here; at start-up a
-    dispatcher records its own holder's running attempts as lost.  With
-    several, local leases must expire and another dispatcher recover
-    them; holder names must be unique to a dispatcher.
-  - A database that stops answering fails the writes of the groups
-    under way (L{CommitFailed}) and the writer connects again at the
-    next group; nothing yet answers 503 while it is away.
+    its own events (a sweep's requeued jobs are its own events too).
+    Another's submissions need C{LISTEN/NOTIFY} wake-ups, with a polling
+    fallback.
+  - The hosts' clocks must agree to well within half a lease: an expiry
+    is written on the renewing dispatcher's clock and read on the
+    sweeping one's.
 """
 
 from __future__ import annotations

@@ -559,13 +559,21 @@ class SQLiteJobStore:
         return self._write(writes.Recover(holder, now))
 
     def renew_leases(
-        self, holder: str, tokens: Sequence[int], now: float, lease_seconds: float
+        self,
+        holder: str,
+        tokens: Sequence[int],
+        now: float,
+        lease_seconds: float,
+        token_seconds: Optional[float] = None,
     ) -> Deferred:
         """
         Renew every lease of C{holder} and the leases of C{tokens}: see
         L{IJobStore.renew_leases}.
         """
-        return self._write(writes.RenewLeases(holder, tuple(tokens), now, lease_seconds))
+        return self._write(writes.RenewLeases(
+            holder, tuple(tokens), now, lease_seconds,
+            lease_seconds if token_seconds is None else token_seconds,
+        ))
 
     def expire_leases(
         self, now: float, keep_holder: str, keep_tokens: Sequence[int], limit: int = 1000

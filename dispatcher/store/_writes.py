@@ -230,14 +230,16 @@ class Recover(NamedTuple):
 
 class RenewLeases(NamedTuple):
     """
-    Move the expiry of every lease C{holder} has, and of the leases of
-    C{tokens}, to C{now + lease_seconds}.
+    Move the expiry of every lease C{holder} has to C{now +
+    lease_seconds}, and of the leases of C{tokens} to C{now +
+    token_seconds}.
     """
 
     holder: str
     tokens: Sequence[int]
     now: float
     lease_seconds: float
+    token_seconds: float
 
 
 class ExpireLeases(NamedTuple):
