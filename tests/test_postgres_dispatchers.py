@@ -19,7 +19,7 @@ import urllib.request
 
 import pytest
 
-from tests.postgres import Databases
+from tests.postgres import Databases, Proxy, target, through
 from tests.test_twistd import Twistd
 
 # Each attempt appends "start TIME PID" and "end TIME PID" to a file of
@@ -245,77 +245,6 @@ def test_kill_one_of_two_dispatchers_under_load(tmp_path, database):
         b.stop()
 
 
-class Proxy:
-    """A TCP proxy between one dispatcher and PostgreSQL that the test can
-    cut (every connection closed, new ones closed at once) and restore."""
-
-    def __init__(self, target):
-        self.target = target
-        self.cut = False
-        self.pairs = []
-        self.lock = threading.Lock()
-        self.listener = socket.socket()
-        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(64)
-        self.port = self.listener.getsockname()[1]
-        self.running = True
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self):
-        while self.running:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            if self.cut:
-                client.close()
-                continue
-            try:
-                server = socket.create_connection(self.target)
-            except OSError:
-                client.close()
-                continue
-            with self.lock:
-                self.pairs.append((client, server))
-            for a, b in ((client, server), (server, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
-
-    def _pipe(self, source, sink):
-        try:
-            while True:
-                data = source.recv(65536)
-                if not data or self.cut:
-                    break
-                sink.sendall(data)
-        except OSError:
-            pass
-        for s in (source, sink):
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            s.close()
-
-    def set_cut(self, cut):
-        self.cut = cut
-        if cut:
-            with self.lock:
-                pairs, self.pairs = self.pairs, []
-            for pair in pairs:
-                for s in pair:
-                    try:
-                        s.shutdown(socket.SHUT_RDWR)
-                    except OSError:
-                        pass
-                    s.close()
-
-    def close(self):
-        self.running = False
-        self.set_cut(True)
-        self.listener.close()
-
-
 def alive(pid):
     try:
         os.kill(int(pid), 0)
@@ -331,16 +260,12 @@ def test_a_dispatcher_cut_from_the_database_fences_and_recovers(tmp_path, databa
     dispatcher recovers them once their leases expire and runs them to
     success; once the cut ends the first serves again, without a restart,
     and no job ran twice at once."""
-    import urllib.parse
-
     records = str(tmp_path / "records")
     os.mkdir(records)
     token_file, token = shared_token(tmp_path)
-    parts = urllib.parse.urlsplit(database)
-    proxy = Proxy((parts.hostname or "127.0.0.1", parts.port or 5432))
-    through = urllib.parse.urlunsplit(parts._replace(
-        netloc=f"{parts.username + '@' if parts.username else ''}127.0.0.1:{proxy.port}"))
-    a = dispatcher(str(tmp_path), "a", through, free_port(), token_file=token_file)
+    proxy = Proxy(target(database))
+    a = dispatcher(str(tmp_path), "a", through(database, proxy.port), free_port(),
+                   token_file=token_file)
     b = dispatcher(str(tmp_path), "b", database, free_port(), token_file=token_file)
     body = {"command": ["sh", "-c", SCRIPT],
             "env": {"RECORDS": records, "SECONDS_TO_RUN": "6"},
