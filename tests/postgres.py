@@ -163,6 +163,16 @@ def drop_databases(place) -> None:
         databases.drop()
 
 
+def one_dispatcher_only(why: str) -> None:
+    """
+    Skip a daemon test of what only a dispatcher alone on its store does
+    when the daemon tests run on PostgreSQL (C{DISPATCHER_TEST_STORE=postgresql}),
+    where a dispatcher may share its database with others: C{why}.
+    """
+    if os.environ.get("DISPATCHER_TEST_STORE") == "postgresql":
+        pytest.skip(f"{why}; the daemon runs on PostgreSQL, shared by several dispatchers")
+
+
 def sqlite_file_only() -> None:
     """
     Skip a daemon test that reads or damages the SQLite file itself when

@@ -331,3 +331,34 @@ def test_a_dispatcher_cut_from_the_database_fences_and_recovers(tmp_path, databa
         a.stop()
         b.stop()
         proxy.close()
+
+
+def test_a_new_name_still_recovers_the_last_runs_jobs(tmp_path):
+    """On SQLite, a dispatcher killed while a job ran and restarted under a
+    [dispatcher] name it did not have records the attempt of its old holder
+    (local@HOST, kept in data_dir/holder) lost, and runs the job again as
+    local@NAME."""
+    records = str(tmp_path / "records")
+    os.mkdir(records)
+    port = free_port()
+    daemon = Twistd(str(tmp_path), "[executor]\nslots = 1\n",
+                    listen=f"tcp:{port}:interface=127.0.0.1")
+    try:
+        daemon.start()
+        code, job = daemon.request("POST", "/v1/jobs", {
+            "command": ["sh", "-c", SCRIPT], "max_attempts": 2, "retry_delay": 0,
+            "env": {"RECORDS": records, "SECONDS_TO_RUN": "30"}})
+        assert code == 201, job
+        daemon.wait(job["id"], ("running",))
+        daemon.kill(signal.SIGKILL)
+        with open(daemon.config, "a") as f:
+            f.write("[dispatcher]\nname = renamed\n")
+        daemon.start()
+        code, again = daemon.request("GET", f"/v1/jobs/{job['id']}")
+        first, second = again["attempts"]
+        assert first["holder"] == f"local@{socket.gethostname()}"
+        assert first["error"].startswith("lost: the dispatcher stopped")
+        assert second["holder"] == "local@renamed"
+        assert open(os.path.join(str(tmp_path), "data", "holder")).read() == "local@renamed\n"
+    finally:
+        daemon.stop()

@@ -731,9 +731,9 @@ class Dispatcher(Service):
     @property
     def store_trouble(self) -> Optional[str]:
         """
-        Why the store cannot serve now (its database cannot be reached, or
-        this dispatcher is fenced), or C{None}: the API answers requests
-        that need the store C{503 store_unavailable} meanwhile.
+        Why the store cannot serve now (its database cannot be reached), or
+        C{None}: the API answers requests that need the store C{503
+        store_unavailable} meanwhile.
         """
         keeper = self.lease_keeper
         return None if keeper is None else keeper.trouble

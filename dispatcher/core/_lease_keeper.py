@@ -27,7 +27,7 @@ do that for itself, so its local leases expire like a worker's:
     lease is left for the kill, and for the hosts' clocks to disagree)
     and claims nothing for itself until a renewal commits again.
   - B{Availability}: while renewals fail because the database cannot be
-    reached, L{trouble} says why, and the API answers requests that need
+    reached (not merely while they are slow), L{trouble} says why, and the API answers requests that need
     the store C{503 store_unavailable} at once rather than letting each
     wait for its own connection to fail.
 
@@ -237,9 +237,9 @@ class LeaseKeeper:
         if silent < self.fence_after:
             self._arm_fence()
             return
+        # (The API goes on serving while the store answers, however slowly:
+        # only a store that cannot be reached is a trouble to answer 503.)
         self.fenced = True
-        if self.trouble is None:
-            self.trouble = "this dispatcher could not renew its leases"
         why = (
             f"no lease renewal has landed for {silent:.1f} s (half of [store] "
             f"lease_seconds = {self.lease_seconds:g}): another dispatcher may take "
