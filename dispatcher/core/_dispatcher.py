@@ -191,6 +191,7 @@ class Dispatcher(Service):
                 self._lost_leases,
                 self._leases_recovered,
                 remote_seconds=lease_seconds,
+                returned=lambda: self.recorder.write_waiting_now(),
             )
         self.hub = WorkerHub(
             self.scheduler,

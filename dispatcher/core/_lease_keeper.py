@@ -74,6 +74,8 @@ class LeaseKeeper:
     @param fence: called with why, when the dispatcher must kill its
         local jobs and claim none.
     @param unfence: called when a renewal commits after a fence.
+    @param returned: called when a renewal commits after renewals failed
+        (before C{unfence}): the store answers again.
     @param taken: called with the tokens this dispatcher's holder still
         holds, after each renewal: a local job whose token is not among
         them must stop.
@@ -93,6 +95,7 @@ class LeaseKeeper:
         taken: Callable[[frozenset], None],
         recovered: Callable[[Written], None],
         remote_seconds: Optional[float] = None,
+        returned: Optional[Callable[[], None]] = None,
     ) -> None:
         self._store = store
         self._clock = clock
@@ -108,6 +111,7 @@ class LeaseKeeper:
         self._unfence = unfence
         self._taken = taken
         self._recovered = recovered
+        self._returned = returned
         # The issue time of the latest renewal that committed.
         self.confirmed_at = 0.0
         self.fenced = False
@@ -171,13 +175,15 @@ class LeaseKeeper:
     def _renewed(self, written: Written, issued: float, remote: list[int]) -> Deferred:
         self.renewals += 1
         self.confirmed_at = max(self.confirmed_at, issued)
-        if self.trouble is not None or self._failures.on:
+        if self.trouble is not None or self._failures.on or self.fenced:
             count = self._failures.cleared()
             log.info(
                 "the store answers again: this dispatcher's leases are renewed "
-                "({count} renewals failed)",
+                "({count} renewals failed since the last line)",
                 count=count if count is not None else 0,
             )
+            if self._returned is not None:
+                self._returned()
         self.trouble = None
         if self.fenced:
             self.fenced = False
