@@ -14,6 +14,7 @@ from dispatcher.model._jobs import StoreClosed
 from dispatcher.store._results import CommitFailed
 
 from .conftest import until
+from .postgres import one_dispatcher_only
 from .test_leases import (  # noqa: F401 (make_pure is a fixture)
     heartbeat,
     lease,
@@ -124,6 +125,7 @@ async def test_a_remote_result_still_unwritten_at_a_stop_is_taken_at_the_next_st
     """A stop gives up a result it is writing again: the report is answered
     503, the lease outlives the stop, and the worker's resend to the next
     start records the result."""
+    one_dispatcher_only("a restart resumes the workers' leases only on a store of its own")
     clock = Clock()
     clock.advance(1_800_000_000)
     data = tmp_path / "keep"
