@@ -14,6 +14,8 @@ then it fails.
 import atexit
 import os
 import secrets
+import socket
+import threading
 import urllib.parse
 from typing import Optional
 
@@ -72,6 +74,23 @@ def make_database() -> str:
         conn.execute(f'CREATE DATABASE "{name}"')
     _made.add(name)
     return url_of(name)
+
+
+def through(url: str, port: int) -> str:
+    """
+    C{url} with its host and port those of a local proxy (L{Proxy}).
+    """
+    parts = urllib.parse.urlsplit(url)
+    user = f"{parts.username}@" if parts.username else ""
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}127.0.0.1:{port}"))
+
+
+def target(url: str) -> tuple:
+    """
+    The host and port of the server at C{url}.
+    """
+    parts = urllib.parse.urlsplit(url)
+    return parts.hostname or "127.0.0.1", parts.port or 5432
 
 
 def url_of(name: str) -> str:
@@ -144,6 +163,16 @@ def drop_databases(place) -> None:
         databases.drop()
 
 
+def one_dispatcher_only(why: str) -> None:
+    """
+    Skip a daemon test of what only a dispatcher alone on its store does
+    when the daemon tests run on PostgreSQL (C{DISPATCHER_TEST_STORE=postgresql}),
+    where a dispatcher may share its database with others: C{why}.
+    """
+    if os.environ.get("DISPATCHER_TEST_STORE") == "postgresql":
+        pytest.skip(f"{why}; the daemon runs on PostgreSQL, shared by several dispatchers")
+
+
 def sqlite_file_only() -> None:
     """
     Skip a daemon test that reads or damages the SQLite file itself when
@@ -152,3 +181,78 @@ def sqlite_file_only() -> None:
     """
     if os.environ.get("DISPATCHER_TEST_STORE") == "postgresql":
         pytest.skip("reads or damages the SQLite file itself; the daemon runs on PostgreSQL")
+
+
+class Proxy:
+    """
+    A TCP proxy on 127.0.0.1 (C{port}) to C{target} that a test can cut
+    (L{set_cut}: every connection closed, new ones closed as they come)
+    and restore: a database that goes away and comes back, for one
+    client alone.
+    """
+
+    def __init__(self, target):
+        self.target = target
+        self.cut = False
+        self.pairs = []
+        self.lock = threading.Lock()
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(64)
+        self.port = self.listener.getsockname()[1]
+        self.running = True
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while self.running:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            if self.cut:
+                client.close()
+                continue
+            try:
+                server = socket.create_connection(self.target)
+            except OSError:
+                client.close()
+                continue
+            with self.lock:
+                self.pairs.append((client, server))
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    def _pipe(self, source, sink):
+        try:
+            while True:
+                data = source.recv(65536)
+                if not data or self.cut:
+                    break
+                sink.sendall(data)
+        except OSError:
+            pass
+        for s in (source, sink):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+
+    def set_cut(self, cut):
+        self.cut = cut
+        if cut:
+            with self.lock:
+                pairs, self.pairs = self.pairs, []
+            for pair in pairs:
+                for s in pair:
+                    try:
+                        s.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+                    s.close()
+
+    def close(self):
+        self.running = False
+        self.set_cut(True)
+        self.listener.close()

@@ -325,6 +325,70 @@ async def test_recover(store):
 
 
 @pytest_twisted.ensureDeferred
+async def test_renewal_moves_a_holders_leases_and_named_tokens(store):
+    """A renewal moves the expiry of every lease of the holder and of the
+    tokens named, answers the holder's tokens still held, and leaves other
+    leases alone: a sweep then recovers only the lease nobody renewed."""
+    await submit(store, spec(0), spec(1), spec(2), spec(3))
+    mine = await claim(store, "local@a", 2, 1.0, seconds=10)
+    (remote,) = await claim(store, "worker", 1, 1.0, seconds=10)
+    (other,) = await claim(store, "local@b", 1, 1.0, seconds=10)
+    held = (await store.renew_leases("local@a", [remote.token], 8.0, 10, 20)).value
+    assert held == frozenset(lease.token for lease in mine)
+    # At 12 only local@b's lease (expiry 11) has run out.
+    swept = (await store.expire_leases(12.0, "local@z", [], 1000)).value
+    assert [(e.job_id, e.token, e.holder, e.expired_at) for e in swept] == [
+        (other.job_id, other.token, "local@b", 11.0)
+    ]
+    job = await store.get(other.job_id)
+    assert job.state is JobState.FAILED
+    assert job.attempts[0].error.startswith("lost: its lease expired")
+    for lease in mine + [remote]:
+        assert (await store.get(lease.job_id)).state is JobState.RUNNING
+    # The holder's leases run to 18, the worker's (renewed for 20 s) to 28.
+    swept = (await store.expire_leases(19.0, "local@z", [], 1000)).value
+    assert sorted(e.token for e in swept) == sorted(lease.token for lease in mine)
+    assert (await store.get(remote.job_id)).state is JobState.RUNNING
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_expired_lease_is_fenced_and_its_job_retried(store):
+    """A lease recovered after its expiry is no longer the job's: the job is
+    queued again if attempts remain, a late result of the old holder is
+    refused (StaleLease) and changes nothing, and the renewal of the old
+    holder no longer names it; the sweeper's own holder and the tokens it
+    keeps are never swept."""
+    (job, kept) = await submit(
+        store, spec(0, max_attempts=2, retry_delay=0.0), spec(1)
+    )
+    (dead, mine) = await claim(store, "local@dead", 2, 1.0, seconds=5)
+    assert (await store.expire_leases(7.0, "local@dead", [], 1000)).value == []
+    assert (await store.expire_leases(7.0, "local@z", [mine.token], 1000)).value != []
+    assert (await store.get(job.id)).state is JobState.QUEUED
+    assert (await store.get(kept.id)).state is JobState.RUNNING
+    with pytest.raises(StaleLease):
+        await store.finish(dead, Outcome(JobState.SUCCEEDED, exit_code=0), 8.0)
+    assert (await store.renew_leases("local@dead", [], 8.0, 5)).value == frozenset(
+        {mine.token}
+    )
+    (again,) = await claim(store, "local@b", 1, 9.0)
+    assert again.job_id == job.id and again.attempt == 2 and again.token != dead.token
+    assert (await finish(store, again, Outcome(JobState.SUCCEEDED, exit_code=0), 10.0)
+            ).state is JobState.SUCCEEDED
+
+
+@pytest_twisted.ensureDeferred
+async def test_resume_leaves_every_local_holders_leases(store):
+    """A start resumes the workers' leases alone: no dispatcher's local
+    holder (local@...) is taken for a worker."""
+    await submit(store, spec(0), spec(1))
+    await claim(store, "local@other", 1, 1.0)
+    (remote,) = await claim(store, "worker", 1, 1.0)
+    resumed = (await store.resume_leases("local@me", 2.0, 30)).value
+    assert [r.lease.token for r in resumed] == [remote.token]
+
+
+@pytest_twisted.ensureDeferred
 async def test_priority_then_fifo(store):
     """Higher priority is claimed first; within a priority, first in first out."""
     jobs = await submit(store, spec(0), spec(1, priority=5), spec(2), spec(3, priority=5))

@@ -16,6 +16,7 @@ from dispatcher.model._jobs import JobSpec, JobState, Lease, Offer, Outcome
 from dispatcher.store._results import ResumedLease
 
 from .conftest import run_clock
+from .postgres import one_dispatcher_only
 from .test_leases import call, lease, make_pure, worker  # noqa: F401 (a fixture)
 
 LEASE_SECONDS = 30.0
@@ -298,6 +299,7 @@ async def test_a_claim_whose_answer_a_crash_lost_is_released_after_the_restart(
     reached the worker resumes the lease at its restart; the worker's first
     request for work does not list it, so the job goes back to the queue
     unspent, and with max_attempts = 1 it is leased again and succeeds."""
+    one_dispatcher_only("a restart resumes the workers' leases only on a store of its own")
     clock = Clock()
     clock.advance(1000)
     data = tmp_path / "keep"

@@ -21,6 +21,7 @@ from dispatcher.api._openapi import openapi_document
 from dispatcher.wire._types import MAX_ITEMS
 
 from .conftest import TEST_TASKS, WORKER_TOKEN, run_clock
+from .postgres import one_dispatcher_only
 
 TOKEN = WORKER_TOKEN
 API_TOKEN = "api-token-0123456789abc"
@@ -388,6 +389,7 @@ async def test_staged_jobs_become_running_on_the_workers_word(make_pure):
 
 @pytest_twisted.ensureDeferred
 async def test_a_restart_keeps_remote_leases_alive(make_pure, tmp_path):
+    one_dispatcher_only("a restart resumes the workers' leases only on a store of its own")
     clock = Clock()
     clock.advance(1000)
     data = tmp_path / "keep"

@@ -14,6 +14,7 @@ from dispatcher.model._jobs import StoreClosed
 from dispatcher.store._results import CommitFailed
 
 from .conftest import until
+from .postgres import one_dispatcher_only
 from .test_leases import (  # noqa: F401 (make_pure is a fixture)
     heartbeat,
     lease,
@@ -124,6 +125,7 @@ async def test_a_remote_result_still_unwritten_at_a_stop_is_taken_at_the_next_st
     """A stop gives up a result it is writing again: the report is answered
     503, the lease outlives the stop, and the worker's resend to the next
     start records the result."""
+    one_dispatcher_only("a restart resumes the workers' leases only on a store of its own")
     clock = Clock()
     clock.advance(1_800_000_000)
     data = tmp_path / "keep"
@@ -257,3 +259,42 @@ def test_an_end_waiting_to_be_written_is_kept_with_why_until_it_lands():
     recorder.stop()
     assert recorder.unrecorded == {}
     assert not clock.getDelayedCalls()
+
+
+def test_ends_waiting_to_be_written_are_written_at_once_when_the_store_answers():
+    """Ends whose commits failed, each waiting out its back-off, are all
+    written again at once when the dispatcher hears that the store answers
+    again (Recorder.write_waiting_now), not at the end of their waits."""
+    from dispatcher.core._recorder import Recorder
+    from dispatcher.model._jobs import JobSpec, Lease, Outcome
+
+    clock = Clock()
+    writes = []
+
+    class Store:
+        """Fails a job's first three writes with a full disk, then lands."""
+
+        def finish(self, lease, outcome, now):
+            writes.append((lease.job_id, clock.seconds()))
+            if sum(1 for w in writes if w[0] == lease.job_id) <= 3:
+                return full_disk()
+            return ensureDeferred(_written())
+
+    async def _written():
+        return "written"
+
+    recorder = Recorder(Store(), clock, lambda written: None, (CommitFailed,))
+    landed = []
+    for n in range(2):
+        lease = Lease(f"job-{n}", 1, n, "local", 0.0, JobSpec(command=("true",)))
+        recorder.finish(lease, Outcome.from_exit_code(0), 0.0).addCallback(landed.append)
+    clock.advance(1)
+    clock.advance(2)
+    # Both failed three times and wait 4 s more; the store answers at 3.5.
+    clock.advance(0.5)
+    assert landed == [] and recorder.waiting == 2
+    recorder.write_waiting_now()
+    clock.advance(0)
+    assert landed == ["written", "written"]
+    assert [at for job, at in writes[-2:]] == [3.5, 3.5]
+    assert recorder.unrecorded == {} and not clock.getDelayedCalls()

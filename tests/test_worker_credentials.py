@@ -38,6 +38,7 @@ from dispatcher.wire._types import (
 from bench import name_flood
 
 from .conftest import run_clock
+from .postgres import one_dispatcher_only
 from .test_hub import FakeRecorder, FakeScheduler
 from .test_leases import TOKEN, call, lease, make_pure, result, worker  # noqa: F401
 from .test_remote import get, log_of, poll, submit
@@ -288,6 +289,7 @@ async def test_the_key_is_made_once_and_kept_private(make_pure, tmp_path):
     its own user alone, keeps it across restarts (a lease's token still
     verifies), and refuses to start with a damaged one, saying which file
     to remove."""
+    one_dispatcher_only("a restart resumes the workers' leases only on a store of its own")
     clock = Clock()
     clock.advance(1000)
     data = tmp_path / "keep"

@@ -94,6 +94,7 @@ from dispatcher.store._results import (
     IdempotencyKey,
     NotFinished,
     StorageFull,
+    StoreUnreachable,
     Submitted,
     SubmittedIds,
     TooManyDependencies,
@@ -664,6 +665,13 @@ class DispatcherAPI(Resource):
         except ApiError as e:
             self._write_error(request, e)
             return NOT_DONE_YET
+        if route.handler not in WITHOUT_STORE:
+            # A dispatcher that lost its database says so at once, rather
+            # than let each request wait for a connection to fail.
+            trouble = self._dispatcher.store_trouble
+            if trouble is not None:
+                self._write_error(request, store_unavailable(trouble))
+                return NOT_DONE_YET
         try:
             result = getattr(self, route.handler)(request, *args)
         except Exception:
@@ -761,6 +769,14 @@ class DispatcherAPI(Resource):
             error = ApiError(503, "too_many_waits", str(failure.value), "wait")
             error.headers = {b"retry-after": b"1"}
             self._write_error(request, error)
+            return
+        if failure.check(StoreUnreachable):
+            self._write_error(
+                request,
+                store_unavailable(
+                    f"the database cannot be reached: {failure.getErrorMessage()}"
+                ),
+            )
             return
         if failure.check(StorageFull):
             # The store logs it, once a minute with how many failed.
@@ -1523,6 +1539,37 @@ def _credential_view(credential: Any) -> CredentialView:
         None if names is None else sorted(names),
         format_time(credential.created),
     )
+
+
+# The routes that answer without the store (its database may be away):
+# every other answers 503 store_unavailable while it is (/healthz too, so
+# that a load balancer sends requests to another dispatcher).
+WITHOUT_STORE = frozenset({
+    "openapi", "read_metrics", "who_am_i", "list_credentials", "create_credential",
+    "revoke_credential", "dashboard_page", "dashboard_file", "log_in", "session",
+    "log_out", "list_workers",
+})
+
+# Seconds a client is told to wait before it asks again while the store's
+# database is away.
+STORE_RETRY_AFTER = 5
+
+
+def store_unavailable(why: str) -> ApiError:
+    """
+    The answer to a request that needs the store while its database cannot
+    be reached: C{503 store_unavailable}, with C{Retry-After}.
+    """
+    error = ApiError(
+        503,
+        "store_unavailable",
+        f"this dispatcher cannot reach its store ({why}); nothing was done; try "
+        f"again in {STORE_RETRY_AFTER} s, or at another dispatcher of the same database",
+        None,
+        {"retry_after": STORE_RETRY_AFTER},
+    )
+    error.headers = {b"retry-after": str(STORE_RETRY_AFTER).encode("ascii")}
+    return error
 
 
 def _insufficient_storage(error: str) -> ApiError:

@@ -181,7 +181,10 @@ SHUTTING_DOWN = (
     "its running jobs are handled, then stops listening); nothing was changed. "
     "Or too_many_connections, before the request is read: the connection was "
     "over [server] max_connections or max_connections_per_address; it is "
-    "closed, and Retry-After says when to try again."
+    "closed, and Retry-After says when to try again. Or store_unavailable, on "
+    "a route that needs the store: the dispatcher cannot reach its PostgreSQL "
+    "database; nothing was done; Retry-After says when to try again (or ask "
+    "another dispatcher of the same database)."
 )
 INSUFFICIENT_STORAGE = (
     "insufficient_storage: the dispatcher's disk is full (or failed the write); "

@@ -9,6 +9,7 @@ import contextlib
 import fcntl
 import functools
 import os
+import secrets
 import socket
 from typing import Any, Callable, Iterator, Optional
 
@@ -89,6 +90,18 @@ def _make_store(config: Config, data_dir: str, reactor: Any) -> Any:
         idempotency_ttl=config.dispatcher.idempotency_ttl,
         sync_interval=config.dispatcher.sync_interval,
     )
+
+
+def _shared_lease_seconds(config: Config) -> Optional[float]:
+    """
+    The life of a local lease on a database other dispatchers may share
+    (PostgreSQL's C{[store] lease_seconds}), or C{None} on SQLite's file.
+    """
+    # (Not config.store.url: "store" names a job store everywhere else.)
+    section = config.store
+    return section.lease_seconds if section.url is not None else None
+
+
 ACCESS_LOG_NAME = "access.log"
 # The secret key of the lease tokens workers are given (wire._tokens).
 LEASE_KEY_NAME = "lease.key"
@@ -213,6 +226,7 @@ class DaemonService(MultiService):
             ),
             events_retention=config.events.retention,
             max_waits=config.api.max_waits,
+            shared_lease_seconds=_shared_lease_seconds(config),
         )
         # Each job's life in the log, from the committed events.
         self.job_log = JobLog(clock, config.log.job_lines)
@@ -381,7 +395,7 @@ class DaemonService(MultiService):
             raise CannotStart(self.host.accounts_refused)
         self._raise_open_file_limit()
         self.host.start_pools()
-        holder = await deferToThreadPool(
+        holder, former = await deferToThreadPool(
             self._reactor, self.io_pool, self._lock_data_dir
         )
         await deferToThreadPool(self._reactor, self.io_pool, self._secure_data_dir)
@@ -431,6 +445,7 @@ class DaemonService(MultiService):
                 ) from e
         self.api.listening_on(getattr(bound, "host", None), getattr(bound, "port", None))
         self.dispatcher.executor.holder = holder
+        self.dispatcher.former_holders = former
         self.host.start_spawner()
         await self.dispatcher.start()
         self.dispatcher.startService()
@@ -519,10 +534,13 @@ class DaemonService(MultiService):
                 files=" and token files" if self.config.api.token or self.config.workers.token else "",
             )
 
-    def _lock_data_dir(self) -> str:
+    def _lock_data_dir(self) -> tuple[str, list[str]]:
         """
         Take the data directory for this daemon alone, and return the
-        holder name its local leases carry.  Runs on the I/O pool.
+        holder name its local leases carry (C{local@} and C{[dispatcher]
+        name}, or the name kept in the data directory), with the holder
+        names of earlier runs whose jobs it recovers.  Runs on the I/O
+        pool.
 
         Two daemons on one data directory would each take the other's
         running jobs for lost; the lock (held until the process ends, even
@@ -549,25 +567,43 @@ class DaemonService(MultiService):
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode("ascii"))
         self._lock_fd = fd
-        path = os.path.join(data_dir, "holder")
+        # The name is kept in the data directory: the SQLite store's
+        # holder (local@HOST) in "holder"; on a database shared with other
+        # dispatchers, a name unique to this one (HOST-<random>) in "node".
+        # [dispatcher] name, if given, wins; a name kept that differs is
+        # returned too, for its jobs to be recovered.
+        shared = _shared_lease_seconds(self.config) is not None
+        configured = self.config.dispatcher.name
+        path = os.path.join(data_dir, "node" if shared else "holder")
+        kept = None
         try:
             with open(path, encoding="utf-8") as f:
-                return f.read().strip()
+                kept = f.read().strip() or None
         except FileNotFoundError:
             pass
         except OSError as e:
             raise DataDirUnusable(_unusable(data_dir, e)) from e
-        holder = f"local@{socket.gethostname()}"
-        try:
-            new = open_own_file(path + ".new", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-            with open(new, "w", encoding="utf-8") as f:
-                f.write(holder + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(path + ".new", path)
-        except OSError as e:
-            raise DataDirUnusable(_unusable(data_dir, e)) from e
-        return holder
+        if shared and kept is not None:
+            kept = f"local@{kept}"
+        if configured is not None:
+            holder = f"local@{configured}"
+        elif kept is not None:
+            return kept, []
+        elif shared:
+            holder = f"local@{socket.gethostname()}-{secrets.token_hex(4)}"
+        else:
+            holder = f"local@{socket.gethostname()}"
+        if kept != holder:
+            try:
+                new = open_own_file(path + ".new", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+                with open(new, "w", encoding="utf-8") as f:
+                    f.write((holder[len("local@"):] if shared else holder) + "\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(path + ".new", path)
+            except OSError as e:
+                raise DataDirUnusable(_unusable(data_dir, e)) from e
+        return holder, [kept] if kept is not None and kept != holder else []
 
     def _secure_data_dir(self) -> None:
         """

@@ -107,6 +107,9 @@ class DispatcherConfig:
     max_stored_bytes: int = 16 * 1024 * 1024
     sync_interval: float = 1.0
     gc_freeze: bool = False
+    # This dispatcher's name: its local jobs' holder is local@NAME.  None:
+    # the data directory's (see DaemonService), made at the first start.
+    name: Optional[str] = None
 
 
 @attrs.frozen
@@ -119,6 +122,28 @@ class StoreConfig:
     """
 
     url: Optional[str] = None
+    # With a PostgreSQL url: seconds a local job's lease lives unless its
+    # dispatcher renews it (every sixth of it); one that cannot renew for
+    # half of it kills its local jobs (see dispatcher.core._lease_keeper).
+    lease_seconds: float = 30.0
+
+
+# A dispatcher's name ([dispatcher] name): what a holder name and a log
+# line can carry without quoting.
+DISPATCHER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,99}")
+
+
+def _dispatcher_name(text: str) -> Optional[str]:
+    name = text.strip()
+    if not name:
+        return None
+    if not DISPATCHER_NAME.fullmatch(name):
+        raise ValueError(
+            "expected a name of 1 to 100 letters, digits, '.', '_', ':' or '-', "
+            "starting with a letter or a digit, unique among the dispatchers of "
+            "one database"
+        )
+    return name
 
 
 # The schemes of a PostgreSQL URL, as libpq reads them.
@@ -892,6 +917,7 @@ _SECTIONS: Mapping[str, tuple[type, Mapping[str, Callable[[str], Any]]]] = {
             "max_stored_bytes": _integer(1024),
             "sync_interval": _seconds(0),
             "gc_freeze": _boolean,
+            "name": _dispatcher_name,
         },
     ),
     "executor": (
@@ -938,7 +964,7 @@ _SECTIONS: Mapping[str, tuple[type, Mapping[str, Callable[[str], Any]]]] = {
         },
     ),
     "retention": (RetentionConfig, {"finished_days": _days, "finished_count": _count}),
-    "store": (StoreConfig, {"url": _store_url}),
+    "store": (StoreConfig, {"url": _store_url, "lease_seconds": _seconds(1)}),
     "webhooks": (
         WebhooksConfig,
         {

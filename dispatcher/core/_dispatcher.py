@@ -54,11 +54,14 @@ from dispatcher.store._results import (
 )
 from dispatcher.wire._submission import Submission
 from dispatcher.core._hub import MAX_NAMES, MAX_NAMES_PER_CREDENTIAL, WorkerHub
+from dispatcher.core._lease_keeper import LeaseKeeper
 
 log = Logger()
 
-# Local leases are recovered at restart rather than by expiry, so their
-# expiry only has to outlast any job; it is renewed by nothing.
+# On a store of its own, local leases are recovered at restart rather than
+# by expiry, so their expiry only has to outlast any job; it is renewed by
+# nothing.  (On a database shared with other dispatchers they expire:
+# L{LeaseKeeper}.)
 LOCAL_LEASE_SECONDS = 365 * 24 * 3600.0
 
 # The longest a local job's end waits for the ends of the others running
@@ -104,6 +107,10 @@ class Dispatcher(Service):
     @param events_retention: seconds events are kept (none: for ever).
     @param max_waits: how many requests may wait for a job or a group to
         be final at once (L{Waits}).
+    @param shared_lease_seconds: on a database shared with other
+        dispatchers (PostgreSQL), the life of a local lease, which a
+        L{LeaseKeeper} renews; C{None} (a store of its own): local leases
+        never expire, and a start recovers what the last run left.
     """
 
     def __init__(
@@ -126,6 +133,7 @@ class Dispatcher(Service):
         retention: Optional[RetentionPolicy] = None,
         events_retention: Optional[float] = EVENTS_RETENTION,
         max_waits: int = MAX_WAITS,
+        shared_lease_seconds: Optional[float] = None,
     ) -> None:
         self._reactor = reactor
         self._clock = clock if clock is not None else reactor
@@ -165,6 +173,26 @@ class Dispatcher(Service):
         self._releases: list[Deferred] = []
         self._resources = resources if resources is not None else detect_resources()
         self._tasks = tasks
+        # Holder names of earlier runs (another [dispatcher] name) whose
+        # jobs a start recovers too.
+        self.former_holders: Sequence[str] = ()
+        self.lease_keeper: Optional[LeaseKeeper] = None
+        self._local_lease_seconds = LOCAL_LEASE_SECONDS
+        if shared_lease_seconds is not None:
+            self._local_lease_seconds = shared_lease_seconds
+            self.lease_keeper = LeaseKeeper(
+                store,
+                self._clock,
+                shared_lease_seconds,
+                lambda: self.executor.holder,
+                lambda: [remote.lease.token for remote in self.hub.leases.values()],
+                self._fence,
+                self._unfence,
+                self._lost_leases,
+                self._leases_recovered,
+                remote_seconds=lease_seconds,
+                returned=lambda: self.recorder.write_waiting_now(),
+            )
         self.hub = WorkerHub(
             self.scheduler,
             self._clock,
@@ -219,6 +247,14 @@ class Dispatcher(Service):
             )
         await self.store.open()
         written = await self.store.recover(self.executor.holder, self._clock.seconds())
+        for former in self.former_holders:
+            more = await self.store.recover(former, self._clock.seconds())
+            written = Written(
+                list(written.value) + list(more.value),
+                tuple(written.changed) + tuple(more.changed),
+                min((w for w in (written.wake_at, more.wake_at) if w is not None),
+                    default=None),
+            )
         for attempt in written.value:
             killed = False
             if self._process_killer is not None and attempt.pid is not None:
@@ -237,10 +273,15 @@ class Dispatcher(Service):
                 attempt=attempt.attempt,
                 what="were killed" if killed else "were gone",
             )
-        resumed = await self.store.resume_leases(
-            self.executor.holder, self._clock.seconds(), self.hub.lease_seconds
-        )
-        self.hub.resume(resumed.value)
+        if self.lease_keeper is None:
+            resumed = await self.store.resume_leases(
+                self.executor.holder, self._clock.seconds(), self.hub.lease_seconds
+            )
+            self.hub.resume(resumed.value)
+        # (On a shared database the workers' leases the last run granted
+        # are not taken up: this dispatcher cannot tell them from those
+        # another one serves.  Their workers' writes are refused, they
+        # stop those jobs, and the leases expire and are recovered.)
         counts = await self.store.count_by_state()
         self.scheduler.jobs_queued(counts[JobState.QUEUED])
         for queue, waiting in sorted((await self.store.unconfigured_queues()).items()):
@@ -257,6 +298,8 @@ class Dispatcher(Service):
         self._schedule_wake(await self.store.next_due())
         self._purge_call = self._clock.callLater(PURGE_INTERVAL, self._purge)
         self.retention.start()
+        if self.lease_keeper is not None:
+            self.lease_keeper.start()
         self._apply(written)
         self._pump()
 
@@ -316,6 +359,8 @@ class Dispatcher(Service):
             waits.append(self._all_recorded())
             await DeferredList(waits)
         await retention_stopped
+        if self.lease_keeper is not None:
+            await self.lease_keeper.stop()
         await self.store.close()
 
     def end_grace(self) -> None:
@@ -682,6 +727,90 @@ class Dispatcher(Service):
         self.scheduler.queues_changed()
         self._pump()
 
+    # A database shared with other dispatchers (see LeaseKeeper)
+
+    @property
+    def store_trouble(self) -> Optional[str]:
+        """
+        Why the store cannot serve now (its database cannot be reached), or
+        C{None}: the API answers requests that need the store C{503
+        store_unavailable} meanwhile.
+        """
+        keeper = self.lease_keeper
+        return None if keeper is None else keeper.trouble
+
+    def _fence(self, why: str) -> None:
+        """
+        This dispatcher could not renew its leases for half a lease: kill
+        every local job now, before another dispatcher may take it, and
+        claim nothing for this host until a renewal lands.  Each job goes
+        back to the queue unspent once the store answers (or is found
+        recovered elsewhere by then, and its release changes nothing).
+        """
+        holder = self.executor.holder
+        running = list(self.executor.running.values())
+        log.error(
+            "fenced: {why}; stopping {count} local jobs and claiming none until "
+            "the store answers again",
+            why=why,
+            count=len(running),
+        )
+        self.scheduler.remove_holder(holder)
+        self._stop_local(running)
+
+    def _stop_local(self, running: Sequence[RunningJob]) -> None:
+        for job in running:
+            job.interrupted = True
+            if job.context is not None:
+                # A task thread cannot be killed: its lease is given back,
+                # its late result falls on a stale lease.
+                job.context.cancel()
+                self._release(job)
+            else:
+                self.executor.stop(job.lease.job_id, grace=0.0)
+
+    def _unfence(self) -> None:
+        holder = self.executor.holder
+        log.info("a lease renewal landed: this dispatcher runs jobs again")
+        # Slots held by jobs whose ends (or releases) are not recorded yet
+        # come back as they are.
+        self.scheduler.add_holder(
+            holder, max(0, self._slots - len(self._running) - self._recording)
+        )
+        self._pump()
+
+    def _lost_leases(self, held: frozenset) -> None:
+        """
+        A renewal found which of this host's leases the store still gives
+        it: a local job whose lease is gone (recovered by another
+        dispatcher after it expired) is stopped.
+        """
+        lost = [
+            job
+            for job in self.executor.running.values()
+            if job.lease.token not in held and not job.interrupted
+            and job.lease.job_id in self._running
+        ]
+        if lost:
+            log.error(
+                "{count} local jobs lost their leases to another dispatcher "
+                "(their leases expired); stopping them",
+                count=len(lost),
+            )
+            self._stop_local(lost)
+
+    def _leases_recovered(self, written: Written) -> None:
+        # Each job's line comes from its event (the job log); this one says
+        # whose leases they were.
+        holders = sorted({expired.holder for expired in written.value})
+        log.warn(
+            "recorded {count} attempts lost whose leases expired without being "
+            "renewed, of {holders}",
+            count=len(written.value),
+            holders=", ".join(holders),
+        )
+        self._apply(written)
+
     def capacity_changed(self) -> None:
         """
         A holder's free capacity changed (a slot freed, a worker asked for
@@ -735,7 +864,11 @@ class Dispatcher(Service):
                     if running
                     else offer.resources
                 )
-                lease_seconds = LOCAL_LEASE_SECONDS
+                if self.lease_keeper is not None and self.lease_keeper.fenced:
+                    # Fenced: nothing runs here until a renewal lands.
+                    self.scheduler.claim_failed(claim)
+                    continue
+                lease_seconds = self._local_lease_seconds
             else:
                 found = self.hub.offer(claim.holder)
                 if found is None:
@@ -775,9 +908,11 @@ class Dispatcher(Service):
             self.hub.claimed(claim.holder, claimed.leases)
             self._pump()
             return
-        if not self._accepting:
-            # The claim committed as the stop began: give the jobs back
-            # unspent rather than start them behind the stop's back.
+        fenced = self.lease_keeper is not None and self.lease_keeper.fenced
+        if not self._accepting or fenced:
+            # The claim committed as the stop began (or as this dispatcher
+            # lost its database): give the jobs back unspent rather than
+            # start them behind the stop's back.
             for lease in claimed.leases:
                 d = self.recorder.release(
                     lease,

@@ -175,9 +175,12 @@ class JobLog:
             return
         if previous in _ACTIVE and state in (_QUEUED, _PENDING):
             if self._room("requeued"):
+                # (A lease recovered after its expiry names its holder in
+                # its error: the sweep's write holds several holders'.)
                 log.info(
-                    "job {job_id} attempt {attempt} on {holder} ended without a "
-                    "result ({error}); the job is {state} again",
+                    "job {job_id} attempt {attempt}"
+                    + (" on {holder}" if event.holder is not None else "")
+                    + " ended without a result ({error}); the job is {state} again",
                     job_id=event.job_id,
                     owner=event.owner,
                     attempt=event.attempt,

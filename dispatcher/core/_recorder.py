@@ -161,6 +161,17 @@ class Recorder:
             call.cancel()
             again.errback(StoreClosed("the dispatcher stopped before the end was recorded"))
 
+    def write_waiting_now(self) -> None:
+        """
+        Write every end that waits to be written again now, not at the end
+        of its back-off: the store answers again (the dispatcher's lease
+        renewal landed after failing), and a killed job's slot should not
+        wait up to a minute for its release to land.
+        """
+        for call in list(self._waits.values()):
+            if call.active():
+                call.reset(0)
+
     # What holders ask
 
     def finish(

@@ -45,6 +45,7 @@ from dispatcher.store._writes import (
     Finish,
     MarkRunning,
     RecordPresence,
+    Recover,
     Release,
     Retry,
     Submit,
@@ -254,7 +255,12 @@ def record_events(
             by_write[place] = SameChange(ids, next_id, now, JobState.QUEUED, owner, spec)
             next_id += len(ids)
             continue
-        holder = write.lease.holder if kind in _LEASED else None  # type: ignore[union-attr]
+        if kind in _LEASED:
+            holder = write.lease.holder  # type: ignore[union-attr]
+        elif kind is Recover:
+            holder = write.holder  # type: ignore[union-attr]
+        else:
+            holder = None
         events = []
         shared = known if type(known) is tuple else None
         for change in value.changed:

@@ -454,6 +454,30 @@ class IJobStore(Interface):
         list of L{LostAttempt}s, with their process identities.
         """
 
+    def renew_leases(holder, tokens, now, lease_seconds, token_seconds=None):
+        """
+        Move the expiry of every lease C{holder} holds (a dispatcher's own
+        local executor) to C{now + lease_seconds}, and of each live lease
+        of C{tokens} (the remote workers' it serves) to C{now +
+        token_seconds} (C{lease_seconds} if not given), in one write: what
+        a dispatcher sharing its database with others does every few
+        seconds, so that theirs recover only the leases of a dispatcher
+        that stopped renewing.  Fires with a L{Written} whose value is the
+        frozenset of tokens C{holder} still holds (one missing was
+        recovered elsewhere: its job must stop).
+        """
+
+    def expire_leases(now, keep_holder, keep_tokens, limit=1000):
+        """
+        Record as lost every attempt whose lease expired before C{now},
+        whatever its holder, but C{keep_holder}'s and those of
+        C{keep_tokens}: each is retried if it has attempts left and failed
+        otherwise (as L{finish} does), and the lease's token is no longer
+        the job's, so a late write of its old holder changes nothing.  At
+        most C{limit} a call.  Fires with a L{Written} whose value is the
+        list of L{ExpiredLease}s.
+        """
+
     # Events
 
     def follow_events(listener):

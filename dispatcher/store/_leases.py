@@ -2,12 +2,14 @@
 The SQLite store's operations on leases and attempts: a claim (which jobs
 it takes is the model's claim policy), a lease resumed at start-up, an
 attempt's process and start, its end (L{finish}, and a run of plain
-successes at once: L{finish_together}), an attempt given up, and the
-attempts a holder lost.
+successes at once: L{finish_together}), an attempt given up, the
+attempts a holder lost, the renewal of a holder's leases, and the
+recovery of leases that expired (several dispatchers on one database).
 """
 
 from __future__ import annotations
 
+import json
 import operator
 import sqlite3
 from typing import TYPE_CHECKING, Any, Optional, Sequence
@@ -28,7 +30,14 @@ from dispatcher.model._jobs import (
 )
 from dispatcher.store._dialect import differs
 from dispatcher.store._queries import running_by_queue
-from dispatcher.store._results import Change, Claimed, LostAttempt, ResumedLease, Written
+from dispatcher.store._results import (
+    Change,
+    Claimed,
+    ExpiredLease,
+    LostAttempt,
+    ResumedLease,
+    Written,
+)
 from dispatcher.store._rows import (
     SPEC_COLUMNS,
     SPEC_WIDTH,
@@ -201,15 +210,17 @@ def resume_leases(
     lease_seconds} (L{ResumeLeases}).
     """
     expires = now + lease_seconds
+    # Every dispatcher's local holder is local@NAME: another dispatcher's
+    # local jobs (on a shared database) are not a worker's to resume.
     rows = conn.execute(
         f"SELECT id, {SPEC_COLUMNS}, attempt_count, lease_token,"
         " lease_holder, state, cancel_requested FROM jobs INDEXED BY jobs_state"
-        f" WHERE {_LEASED} AND lease_holder != ?",
+        f" WHERE {_LEASED} AND lease_holder != ? AND lease_holder NOT LIKE 'local@%'",
         (local_holder,),
     ).fetchall()
     conn.execute(
         "UPDATE jobs INDEXED BY jobs_state SET lease_expires = ?"
-        f" WHERE {_LEASED} AND lease_holder != ?",
+        f" WHERE {_LEASED} AND lease_holder != ? AND lease_holder NOT LIKE 'local@%'",
         (expires, local_holder),
     )
     resumed = []
@@ -454,3 +465,102 @@ def recover(writer: WriterState, conn: sqlite3.Connection, holder: str, now: flo
         if written.wake_at is not None:
             wakes.append(written.wake_at)
     return Written(lost, tuple(changed), min(wakes) if wakes else None)
+
+
+def renew_leases(
+    writer: WriterState,
+    conn: sqlite3.Connection,
+    holder: str,
+    tokens: Sequence[int],
+    now: float,
+    lease_seconds: float,
+    token_seconds: float,
+) -> Written:
+    """
+    Move the expiry of every lease C{holder} has (a dispatcher's local
+    executor: one statement, however many) to C{now + lease_seconds}, and
+    of each live lease of C{tokens} (its remote workers') to C{now +
+    token_seconds} (L{RenewLeases}).  Fires with the tokens C{holder} still holds: a
+    lease of its own missing from them was taken from it (its expiry
+    passed and another dispatcher recovered it), and its job must stop.
+    """
+    expires = now + lease_seconds
+    held = [
+        token
+        for (token,) in conn.execute(
+            f"SELECT lease_token FROM jobs INDEXED BY jobs_state"
+            f" WHERE {_LEASED} AND lease_holder = ?",
+            (holder,),
+        )
+    ]
+    if held:
+        conn.execute(
+            "UPDATE jobs INDEXED BY jobs_state SET lease_expires = ?"
+            f" WHERE {_LEASED} AND lease_holder = ?",
+            (expires, holder),
+        )
+    if tokens:
+        conn.execute(
+            _RENEW_TOKENS, (now + token_seconds, json.dumps(sorted(set(tokens))))
+        )
+    return Written(frozenset(held))
+
+
+# The leases of a list of tokens (a JSON array), found along the index of
+# states (no index has the tokens).
+_RENEW_TOKENS = differs(
+    "UPDATE jobs INDEXED BY jobs_state SET lease_expires = ?"
+    f" WHERE {_LEASED} AND lease_token IN (SELECT value FROM json_each(?))",
+    "UPDATE jobs SET lease_expires = %s"
+    f" WHERE {_LEASED} AND lease_token IN"
+    " (SELECT value::bigint FROM json_array_elements_text(%s::json))",
+)
+
+
+# The attempts whose leases ran out, oldest expiry first.
+_EXPIRED = (
+    "SELECT a.job_id, a.number, a.token, j.lease_holder, j.lease_expires"
+    " FROM jobs j INDEXED BY jobs_state JOIN attempts a ON a.token = j.lease_token"
+    f" WHERE {_LEASED} AND j.lease_expires < ? AND j.lease_holder != ?"
+    " ORDER BY j.lease_expires LIMIT ?"
+)
+
+
+def expire_leases(
+    writer: WriterState,
+    conn: sqlite3.Connection,
+    now: float,
+    keep_holder: str,
+    keep_tokens: Sequence[int],
+    limit: int,
+) -> Written:
+    """
+    Record as lost the attempts whose leases expired before C{now} (their
+    holder stopped renewing them: a dispatcher that died or lost the
+    database, a worker that fell silent), but C{keep_holder}'s and those
+    of C{keep_tokens} (the caller's own, which it renews itself): each is
+    retried if it has attempts left and failed otherwise, as L{finish}
+    does; its token is no longer the job's, so a late result of the old
+    holder changes nothing (L{ExpireLeases}).  At most C{limit} a call.
+    """
+    keep = set(keep_tokens)
+    rows = [
+        row
+        for row in conn.execute(_EXPIRED, (now, keep_holder, limit + len(keep))).fetchall()
+        if row[2] not in keep
+    ][:limit]
+    expired = []
+    changed: list[Change] = []
+    wakes = []
+    for job_id, number, token, holder, expires in rows:
+        reason = (
+            f"lost: its lease expired at {format_time(expires)} without being renewed "
+            f"by its holder {holder}"
+        )
+        lease = Lease(job_id, number, token, holder, 0.0, JobSpec())
+        written = finish(writer, conn, lease, Outcome(JobState.FAILED, error=reason), now)
+        expired.append(ExpiredLease(job_id, number, token, holder, expires))
+        changed.extend(written.changed)
+        if written.wake_at is not None:
+            wakes.append(written.wake_at)
+    return Written(expired, tuple(changed), min(wakes) if wakes else None)

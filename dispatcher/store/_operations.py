@@ -32,12 +32,14 @@ from dispatcher.store._groups import cancel_group, retry_group
 from dispatcher.store._deliveries import record_deliveries
 from dispatcher.store._leases import (
     claim,
+    expire_leases,
     finish,
     finish_together,
     mark_running,
     record_process,
     recover,
     release,
+    renew_leases,
     resume_leases,
 )
 from dispatcher.store._queries import get_job, next_due
@@ -55,6 +57,7 @@ from dispatcher.store._writes import (
     Cancel,
     CancelGroup,
     Claim,
+    ExpireLeases,
     Finish,
     MarkRunning,
     PromoteDue,
@@ -65,6 +68,7 @@ from dispatcher.store._writes import (
     SetQueueLimits,
     Recover,
     Release,
+    RenewLeases,
     RemoveEvents,
     Remove,
     RemoveFinished,
@@ -334,6 +338,8 @@ OPERATIONS: Mapping[type, Callable[..., Any]] = {
     Remove: remove,
     Shrink: shrink,
     Recover: recover,
+    RenewLeases: renew_leases,
+    ExpireLeases: expire_leases,
     RecordPresence: record_presence,
     RemoveEvents: remove_events,
     CancelGroup: cancel_group,

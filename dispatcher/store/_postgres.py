@@ -34,8 +34,7 @@ It is the SQLite store's own logic on another engine, not a copy of it:
   - Its own schema and migrations (L{dispatcher.store._pg_schema}), run at
     open under an advisory lock.
 
-Made for several dispatchers on one database, though this version runs
-one (the README says so):
+Made for several dispatchers on one database:
 
   - Lease tokens come from a sequence (a block of
     L{dispatcher.store._pg_schema.TOKEN_BLOCK} at a time): never the same
@@ -51,9 +50,29 @@ one (the README says so):
     turn of the writer's loop.  A queue's running jobs (its
     C{max_running}) are counted in the database at each claim.
   - Whether any job has dependents is read at the start of each group.
+  - Each dispatcher's local holder is its own (C{local@NAME}: C{[dispatcher]
+    name}, or a name made once and kept in its data directory), and its
+    local leases expire: it renews them, with the leases of the workers it
+    serves, in one write every sixth of C{[store] lease_seconds}; after each
+    renewal it records lost the attempts whose leases expired, whoever held
+    them; and it fences itself (kills its local jobs) when no renewal has
+    landed for half a lease (L{dispatcher.core._lease_keeper}).  A
+    restarted dispatcher does not take up the workers' leases the store
+    holds (L{IJobStore.resume_leases} is SQLite's): it cannot tell its own
+    from another's.
+  - A database that cannot be reached fails a write or a read with
+    L{StoreUnreachable} (L{unreachable}: a refused, broken or timed-out
+    connection, a server going away), which the API answers C{503
+    store_unavailable}; while renewals fail so, the API answers so at once.
+    The writer connects again at its next group, the readers' pool checks
+    each connection before it lends it.  libpq's keepalives and
+    C{tcp_user_timeout} end a connection into a silent network within
+    about 10 s, and the server ends a session idle inside a transaction
+    after 10 s, so a dispatcher that vanished mid-group does not hold the
+    groups' lock.
 
-What one dispatcher may keep in memory and several may not, for the next
-step (issue 19's N dispatchers):
+What one dispatcher may keep in memory and several may not, left for the
+next steps (issue 19's N dispatchers):
 
   - Each group holds a transaction-level advisory lock
     (L{dispatcher.store._pg_schema.WRITE_LOCK}) from its start to its
@@ -71,15 +90,12 @@ step (issue 19's N dispatchers):
     (C{WriterState.turn}); the configured queues and limits are each
     dispatcher's configuration and must agree.
   - A dispatcher hears only its own commits: its scheduler is woken by
-    its own events.  Another's submissions need C{LISTEN/NOTIFY}
-    wake-ups, with a polling fallback.
-  - The local holder's leases never expire here; at start-up a
-    dispatcher records its own holder's running attempts as lost.  With
-    several, local leases must expire and another dispatcher recover
-    them; holder names must be unique to a dispatcher.
-  - A database that stops answering fails the writes of the groups
-    under way (L{CommitFailed}) and the writer connects again at the
-    next group; nothing yet answers 503 while it is away.
+    its own events (a sweep's requeued jobs are its own events too).
+    Another's submissions need C{LISTEN/NOTIFY} wake-ups, with a polling
+    fallback.
+  - The hosts' clocks must agree to well within half a lease: an expiry
+    is written on the renewing dispatcher's clock and read on the
+    sweeping one's.
 """
 
 from __future__ import annotations
@@ -128,6 +144,7 @@ from dispatcher.store._results import (
     StorageFull,
     StoreError,
     StoreSpace,
+    StoreUnreachable,
     StoreUnusable,
     StoreVersionError,
     WriteRefused,
@@ -149,6 +166,23 @@ CLAIM_FETCH = 32
 
 # Seconds a connection attempt waits for the server before it fails.
 CONNECT_TIMEOUT = 10
+
+# Seconds a read waits for a connection of the readers' pool (all busy, or
+# the database away) before it fails.
+READ_CONNECT_TIMEOUT = 5.0
+
+# What libpq is told about a connection whose server goes silent (a
+# network cut, a host that died): TCP keepalives after 5 s idle, every 2 s,
+# given up after 3 unanswered; and data unacknowledged for 10 s ends it.
+# Without them a statement sent into a cut network waits for the
+# kernel's TCP timeout, many minutes.
+KEEPALIVES = {
+    "keepalives": 1,
+    "keepalives_idle": 5,
+    "keepalives_interval": 2,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 10_000,
+}
 
 
 def describe_url(url: str) -> str:
@@ -396,9 +430,23 @@ def connect(url: str, application: str = "dispatcher") -> psycopg.Connection:
     disk.
     """
     raw = psycopg.connect(
-        url, autocommit=True, connect_timeout=CONNECT_TIMEOUT, application_name=application
+        url,
+        autocommit=True,
+        connect_timeout=CONNECT_TIMEOUT,
+        application_name=application,
+        **KEEPALIVES,
     )
     raw.execute("SET synchronous_commit = on")
+    # The server's side of a cut: a dispatcher that vanishes within a
+    # group must not hold the groups' lock (and every other dispatcher's
+    # writes) until the server's TCP timeout, hours by default.  A group
+    # never waits between its statements, so 10 s idle inside one is a
+    # client gone.
+    raw.execute(
+        "SET idle_in_transaction_session_timeout = '10s';"
+        " SET tcp_keepalives_idle = 5; SET tcp_keepalives_interval = 2;"
+        " SET tcp_keepalives_count = 3; SET tcp_user_timeout = 10000"
+    )
     return raw
 
 
@@ -444,15 +492,36 @@ def migrate(raw: psycopg.Connection, where: str) -> None:
         raw.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK,))
 
 
+# The SQLSTATEs of a server that is going away or not taking connections
+# (besides class 08, connection exceptions): shut down by an
+# administrator, crashed, starting up or shutting down.
+_SERVER_GONE = frozenset({"57P01", "57P02", "57P03", "57P05"})
+
+
+def unreachable(error: Exception) -> bool:
+    """
+    Whether C{error} says the database cannot be reached (the connection
+    was refused, broken, timed out, or the server is going away) rather
+    than that it refused what was asked.
+    """
+    if not isinstance(error, psycopg.OperationalError):
+        return False
+    state = getattr(error, "sqlstate", None)
+    return state is None or state.startswith("08") or state in _SERVER_GONE
+
+
 def store_error(error: Exception) -> StoreError:
     """
     The store's own error for what PostgreSQL raised while writing:
+    L{StoreUnreachable} when the database cannot be reached,
     L{WriteRefused} for a broken constraint (the same write would be
     refused again), L{StorageFull} when its disk took no more, else
     L{CommitFailed}.
     """
     kind: type[StoreError]
-    if isinstance(error, psycopg.errors.IntegrityError):
+    if unreachable(error):
+        kind = StoreUnreachable
+    elif isinstance(error, psycopg.errors.IntegrityError):
         kind = WriteRefused
     elif isinstance(error, psycopg.errors.DiskFull):
         kind = StorageFull
@@ -883,7 +952,11 @@ class PostgresJobStore(SQLiteJobStore):
             kwargs={
                 "connect_timeout": CONNECT_TIMEOUT,
                 "application_name": "dispatcher store reader",
+                **KEEPALIVES,
             },
+            # A connection the server broke (the database went away and
+            # came back) is replaced at its next use, not handed out.
+            check=ConnectionPool.check_connection,
             configure=_configure_reader,
             name="dispatcher-readers",
             open=True,
@@ -943,9 +1016,11 @@ class PostgresJobStore(SQLiteJobStore):
         if pool is None:
             raise StoreClosed("the dispatcher is stopping")
         try:
-            with pool.connection() as raw:
+            with pool.connection(timeout=READ_CONNECT_TIMEOUT) as raw:
                 return operation(PgConnection(raw), *args)
         except psycopg.Error as e:
+            if unreachable(e):
+                raise StoreUnreachable(str(e).strip()) from e
             raise ReadFailed(str(e).strip()) from e
 
     def unfinished_jobs(self) -> Deferred:

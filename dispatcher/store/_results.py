@@ -56,6 +56,15 @@ class ReadFailed(StoreError):
     """
 
 
+class StoreUnreachable(CommitFailed, ReadFailed):
+    """
+    The store's database cannot be reached (PostgreSQL: the connection
+    was refused, broken or timed out): the write or the read was not
+    done, and may be once the database answers again.  The API answers
+    it C{503 store_unavailable} with C{Retry-After}.
+    """
+
+
 class WriteRefused(StoreError):
     """
     The store's own rules refused a write (a job id already taken): nothing
@@ -331,6 +340,21 @@ class LostAttempt:
     pid: Optional[int]
     start_ticks: Optional[int]
     boot_id: Optional[str]
+
+
+@attrs.frozen
+class ExpiredLease:
+    """
+    An attempt whose lease ran out without being renewed (its holder, a
+    dispatcher or a worker, stopped renewing it), recorded as lost by
+    L{IJobStore.expire_leases}.
+    """
+
+    job_id: str
+    attempt: int
+    token: int
+    holder: str
+    expired_at: float
 
 
 @attrs.frozen

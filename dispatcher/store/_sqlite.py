@@ -558,6 +558,32 @@ class SQLiteJobStore:
     def recover(self, holder: str, now: float) -> Deferred:
         return self._write(writes.Recover(holder, now))
 
+    def renew_leases(
+        self,
+        holder: str,
+        tokens: Sequence[int],
+        now: float,
+        lease_seconds: float,
+        token_seconds: Optional[float] = None,
+    ) -> Deferred:
+        """
+        Renew every lease of C{holder} and the leases of C{tokens}: see
+        L{IJobStore.renew_leases}.
+        """
+        return self._write(writes.RenewLeases(
+            holder, tuple(tokens), now, lease_seconds,
+            lease_seconds if token_seconds is None else token_seconds,
+        ))
+
+    def expire_leases(
+        self, now: float, keep_holder: str, keep_tokens: Sequence[int], limit: int = 1000
+    ) -> Deferred:
+        """
+        Record as lost the attempts whose leases expired: see
+        L{IJobStore.expire_leases}.
+        """
+        return self._write(writes.ExpireLeases(now, keep_holder, tuple(keep_tokens), limit))
+
     # The webhook outbox
 
     def due_deliveries(self, now: float, limit: int) -> Deferred:

@@ -228,6 +228,32 @@ class Recover(NamedTuple):
     now: float
 
 
+class RenewLeases(NamedTuple):
+    """
+    Move the expiry of every lease C{holder} has to C{now +
+    lease_seconds}, and of the leases of C{tokens} to C{now +
+    token_seconds}.
+    """
+
+    holder: str
+    tokens: Sequence[int]
+    now: float
+    lease_seconds: float
+    token_seconds: float
+
+
+class ExpireLeases(NamedTuple):
+    """
+    Record as lost the attempts whose leases expired before C{now}, but
+    C{keep_holder}'s and those of C{keep_tokens}; at most C{limit}.
+    """
+
+    now: float
+    keep_holder: str
+    keep_tokens: Sequence[int]
+    limit: int
+
+
 class RecordPresence(NamedTuple):
     """
     A remote worker connected or left: stored as an event
@@ -297,6 +323,7 @@ DURABLE = frozenset({Submit, SubmitPlain, Cancel, Retry, Remove, CancelGroup, Re
 Write = Union[
     Submit, SubmitPlain, Claim, ResumeLeases, RecordProcess, MarkRunning, Finish, Release,
     Cancel, Retry, PromoteDue, PurgeIdempotency, RemoveFinished, Remove, Shrink,
-    Recover, RecordPresence, RemoveEvents, CancelGroup, RetryGroup, RecordDeliveries,
+    Recover, RenewLeases, ExpireLeases, RecordPresence, RemoveEvents, CancelGroup,
+    RetryGroup, RecordDeliveries,
     SetQueueLimits,
 ]
