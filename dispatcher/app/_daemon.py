@@ -44,7 +44,10 @@ from dispatcher.store._credentials import (
     make_admin_token,
 )
 from dispatcher.app._reload import applied, applies, changes
+from dispatcher.backends._pilots import PilotService
+from dispatcher.backends._slurm import SlurmCommands
 from dispatcher.config._ini import Config, ConfigError
+from dispatcher.model._routing import Routing
 from dispatcher.core._dispatcher import Dispatcher
 from dispatcher.core._joblog import JobLog
 from dispatcher.core._retention import RetentionPolicy
@@ -222,6 +225,22 @@ class DaemonService(MultiService):
         # files' (an admin, and a worker that may use any worker name).
         self.credentials = CredentialFile(data_dir, _fixed_credentials(config))
         self._data_dir = data_dir
+        # The queues that run on a backend, and each backend's pilots.
+        self.dispatcher.hub.routing = queue_routing(config)
+        self.backends = {
+            name: PilotService(
+                backend,
+                SlurmCommands(reactor, backend.slurm_bin),
+                self.dispatcher,
+                self.credentials,
+                reactor,
+                self.io_pool,
+                clock,
+            )
+            for name, backend in config.backends.items()
+        }
+        for service in self.backends.values():
+            service.setServiceParent(self)
         self.webhooks = self._webhooks(reactor, config)
         # Keyed at start, before the API accepts a request.
         self.lease_tokens = LeaseTokens()
@@ -685,6 +704,9 @@ class DaemonService(MultiService):
                 await self.dispatcher.set_queue_limits(
                     {name: q.max_running for name, q in new.queues.items()}
                 )
+                routing = queue_routing(new)
+                if routing != self.dispatcher.routing:
+                    self.dispatcher.set_routing(routing)
             self.api.reconfigure(
                 new.dispatcher.max_array, new.dispatcher.max_stored_bytes, new.quotas,
                 new.queues,
@@ -765,6 +787,15 @@ class DaemonService(MultiService):
             os.close(self._lock_fd)
             self._lock_fd = None
         log.info("dispatcher stopped")
+
+
+def queue_routing(config: Config) -> Routing:
+    """
+    Which queues run on which backend, as C{config}'s queues say.
+    """
+    return Routing({
+        name: queue.backend for name, queue in config.queues.items() if queue.backend
+    })
 
 
 def _fixed_credentials(config: Config) -> list[tuple[Principal, str]]:

@@ -29,6 +29,7 @@ from dispatcher.execution._executor import LocalExecutor, RunningJob
 from dispatcher.execution._host import detect_resources
 from dispatcher.execution._job_dirs import JobDirectories
 from dispatcher.model._groups import GroupKind, JobGroup
+from dispatcher.model._routing import Routing
 from dispatcher.model._jobs import (
     Job,
     JobIds,
@@ -199,7 +200,27 @@ class Dispatcher(Service):
         What the local executor offers, under its holder name (which start-up
         may read from the data directory).
         """
-        return Offer(self.executor.holder, self._slots, self._resources, {}, self._tasks)
+        offer = Offer(self.executor.holder, self._slots, self._resources, {}, self._tasks)
+        return self.routing.local(offer)
+
+    @property
+    def routing(self) -> Routing:
+        """
+        Which holders take which queues' jobs (L{Routing}).
+        """
+        return self.hub.routing
+
+    def set_routing(self, routing: Routing) -> None:
+        """
+        Take C{routing} from the next claim on (at start, and at a reload
+        that changed a queue's backend), and claim what it lets start now.
+        """
+        self.hub.routing = routing
+        for worker in self.hub.workers.values():
+            worker.offer = routing.remote(worker.offer, worker.credential)
+        self._local_explainer = None
+        self.scheduler.queues_changed()
+        self._pump()
 
     # Life cycle
 
@@ -480,7 +501,7 @@ class Dispatcher(Service):
 
     def _make_explainer(self, remote: list[Offer]) -> Callable[[Job], Job]:
         offers = ([self.local_offer] if self._slots > 0 else []) + remote
-        return explainer(offers, self.store.queue_limits)
+        return explainer(offers, self.store.queue_limits, self.routing.backends)
 
     def cancel(self, job_id: str, owner: Optional[str] = None) -> Deferred:
         """

@@ -42,6 +42,7 @@ from dispatcher.core._capacity import free_resources
 from dispatcher.core._reasons import silent_worker
 from dispatcher.core._recorder import Recorder
 from dispatcher.model._events import CONNECTED, LEFT
+from dispatcher.model._routing import Routing
 from dispatcher.model._jobs import (
     LOG_STREAMS,
     JobState,
@@ -247,6 +248,8 @@ class WorkerHub:
         self.last_attempt_grace = last_attempt_grace
         self._recorder = recorder
         self._capacity_changed = capacity_changed
+        # Which queues each worker takes (the dispatcher sets it).
+        self.routing = Routing()
         self.workers: dict[str, Worker] = {}
         # How many remote leases ran out without a heartbeat (the metrics').
         self.leases_expired = 0
@@ -379,6 +382,8 @@ class WorkerHub:
         its credential or the dispatcher has as many names as it may keep.
         """
         now = self._clock.seconds()
+        # Which queues it takes: a backend's pilot its backend's alone.
+        offer = self.routing.remote(offer, credential)
         worker = self.workers.get(offer.holder)
         if worker is None:
             # A new name: a good moment to forget the long gone (the reaper
