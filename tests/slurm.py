@@ -236,8 +236,13 @@ def slurm_cluster() -> Iterator[SlurmCluster]:
     try:
         yield cluster
     finally:
-        for job_id, state, _ in cluster.jobs() if cluster.processes else []:
-            if state in ("PENDING", "RUNNING"):
-                cluster.run("scancel", job_id, check=False)
+        # Jobs outlive slurmd (their slurmstepd runs on): end them first.
+        live = ("PENDING", "RUNNING", "COMPLETING", "SUSPENDED")
+        for job_id, state, _ in cluster.jobs():
+            if state in live:
+                cluster.run("scancel", "--signal=KILL", "--full", job_id, check=False)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and any(j[1] in live for j in cluster.jobs()):
+            time.sleep(0.2)
         cluster.stop()
         shutil.rmtree(directory, ignore_errors=True)
