@@ -117,6 +117,8 @@ class SlurmCluster:
         """
         Every job Slurm shows: id, state, comment.
         """
+        if "slurmctld" not in self.processes:
+            return []
         out = self.run("squeue", "--noheader", "--states=all", "--format=%i|%T|%k")
         return [tuple(line.split("|", 2)) for line in out.splitlines() if line.strip()]  # type: ignore[misc]
 
@@ -127,16 +129,35 @@ class SlurmCluster:
         except OSError:
             return ""
 
+    def start_daemon(self, name: str) -> None:
+        """
+        Start C{slurmctld} or C{slurmd} (again), in the foreground of a
+        process of its own.
+        """
+        out = open(os.path.join(self.directory, "log", f"{name}.out"), "ab")
+        self.processes[name] = subprocess.Popen(
+            [_sbin(name), "-D", "-f", self.conf], stdout=out, stderr=subprocess.STDOUT,
+            env=self.env, start_new_session=True,
+        )
+        out.close()
+
+    def stop_daemon(self, name: str) -> None:
+        """
+        Stop C{slurmctld} or C{slurmd} with SIGTERM, as its service would
+        (the jobs run on; a controller saves its state first).
+        """
+        process = self.processes.pop(name, None)
+        if process is not None and process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
     def stop(self) -> None:
         for name in ("slurmd", "slurmctld"):
-            process = self.processes.pop(name, None)
-            if process is not None and process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-                try:
-                    process.wait(15)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
+            self.stop_daemon(name)
         if self.munged_pid is not None:
             try:
                 os.kill(self.munged_pid, signal.SIGTERM)
@@ -206,12 +227,7 @@ PartitionName=debug Nodes={node} Default=YES MaxTime=INFINITE State=UP OverSubsc
         )
     cluster = SlurmCluster(directory, conf, node, cpus, munged_pid=munged_pid)
     for name in ("slurmctld", "slurmd"):
-        out = open(os.path.join(directory, "log", f"{name}.out"), "wb")
-        cluster.processes[name] = subprocess.Popen(
-            [_sbin(name), "-D", "-f", conf], stdout=out, stderr=subprocess.STDOUT,
-            env=cluster.env, start_new_session=True,
-        )
-        out.close()
+        cluster.start_daemon(name)
     deadline = time.monotonic() + START_TIMEOUT
     while cluster.node_state() != "idle":
         if time.monotonic() > deadline:

@@ -39,17 +39,17 @@ def free_port():
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def pilots(tmp_path, slurm_cluster, monkeypatch):  # noqa: F811
-    """A twistd dispatcher that runs the default queue's jobs itself and
-    the queue hpc's on pilots of the backend slurm (at most 2, one slot
-    each); killed at teardown, after the cluster's jobs are cancelled."""
-    monkeypatch.setenv("SLURM_CONF", slurm_cluster.conf)
+def pilot_dispatcher(tmp_path, cluster, worker_command=None):
+    """A started twistd dispatcher that runs the default queue's jobs
+    itself and the queue hpc's on pilots of the backend slurm (at most 2,
+    one slot each)."""
     port = free_port()
     worker_ini = tmp_path / "worker.ini"
     # The pilots run as root (the submitting user): their jobs too, so
     # that they write where the test looks.
     worker_ini.write_text("[executor]\nrun_as = root\n")
+    if worker_command is None:
+        worker_command = f"{os.path.join(BIN, 'dispatcher')} worker --config {worker_ini}"
     ini = f"""
 [executor]
 slots = 2
@@ -71,12 +71,18 @@ max_pilots = 2
 slots = 1
 idle_timeout = 5
 poll_interval = 1
-worker_command = {os.path.join(BIN, 'dispatcher')} worker --config {worker_ini}
+worker_command = {worker_command}
 pilot_dir = {tmp_path}/pilots
+sbatch_options = --output={tmp_path}/pilot-%j.out
 """
     daemon = Twistd(str(tmp_path), ini, listen=f"tcp:{port}:interface=127.0.0.1")
     daemon.start()
-    yield daemon
+    return daemon
+
+
+def end_all(daemon, slurm_cluster):  # noqa: F811
+    """Kill every job of the cluster and wait for them to end, then kill
+    the dispatcher if it runs."""
     for job_id, state, _ in slurm_cluster.jobs():
         if state in ("PENDING", "RUNNING", "COMPLETING"):
             slurm_cluster.run("scancel", "--signal=KILL", "--full", job_id, check=False)
@@ -84,6 +90,16 @@ pilot_dir = {tmp_path}/pilots
          30, "the pilots to end")
     if daemon.process is not None and daemon.process.poll() is None:
         daemon.kill(signal.SIGKILL)
+
+
+@pytest.fixture
+def pilots(tmp_path, slurm_cluster, monkeypatch):  # noqa: F811
+    """A dispatcher with pilots (L{pilot_dispatcher}); killed at teardown,
+    after the cluster's jobs are."""
+    monkeypatch.setenv("SLURM_CONF", slurm_cluster.conf)
+    daemon = pilot_dispatcher(tmp_path, slurm_cluster)
+    yield daemon
+    end_all(daemon, slurm_cluster)
 
 
 def submit(daemon, body):
@@ -197,3 +213,52 @@ def test_a_restarted_dispatcher_finds_its_pilots(pilots, slurm_cluster):  # noqa
     after = {j[0] for j in pilot_jobs(slurm_cluster)
              if j[1] in ("PENDING", "RUNNING") or j[0] in before}
     assert after == before, (before, slurm_cluster.jobs())
+
+
+def test_pilots_that_never_call_hold_further_pilots_back(
+        tmp_path, slurm_cluster, monkeypatch):  # noqa: F811
+    """Pilots that end without ever calling the dispatcher (here their
+    worker command fails at once) are not submitted again and again: each
+    such end doubles the wait before the next sbatch, and the log says
+    what to look at; the job waits, saying why."""
+    monkeypatch.setenv("SLURM_CONF", slurm_cluster.conf)
+    daemon = pilot_dispatcher(tmp_path, slurm_cluster, worker_command="/bin/false")
+    try:
+        job = submit(daemon, {"command": ["true"], "queue": "hpc"})
+        poll(lambda: log_text(daemon).count("without ever calling") >= 2, 60,
+             "two pilots to fail")
+        time.sleep(4)
+        # 2 at first (max_pilots), then one after 2 s, 4 s, 8 s...: in
+        # about ten seconds a storm would have made dozens.
+        submitted = log_text(daemon).count("submitted as Slurm job")
+        assert 2 <= submitted <= 5, log_text(daemon)
+        waiting = get(daemon, job["id"])
+        assert waiting["state"] == "queued"
+        assert "runs on backend slurm" in waiting["wait_reason"], waiting
+    finally:
+        end_all(daemon, slurm_cluster)
+
+
+def test_slurmctld_restarted_loses_no_pilot(pilots, slurm_cluster):  # noqa: F811
+    """While slurmctld is down, squeue fails and no pilot is taken for lost
+    (their credentials stay, their jobs run); once it is back, the
+    same pilots run the jobs submitted meanwhile, and no other is
+    submitted."""
+    first = submit(pilots, {"command": ["true"], "queue": "hpc"})
+    assert pilots.wait(first["id"], ("succeeded", "failed"), 90)["state"] == "succeeded"
+    before = {j[0] for j in pilot_jobs(slurm_cluster) if j[1] == "RUNNING"}
+    assert before
+    slurm_cluster.stop_daemon("slurmctld")
+    poll(lambda: "squeue failed" in log_text(pilots), 30, "squeue to fail")
+    during = [submit(pilots, {"command": ["sleep", "1"], "queue": "hpc"}) for _ in range(3)]
+    for job in during:
+        done = pilots.wait(job["id"], ("succeeded", "failed"), 60)
+        assert done["state"] == "succeeded", done
+    assert "has ended" not in log_text(pilots)
+    slurm_cluster.start_daemon("slurmctld")
+    poll(lambda: "squeue works again" in log_text(pilots), 60, "squeue to work again")
+    after = [submit(pilots, {"command": ["true"], "queue": "hpc"}) for _ in range(2)]
+    for job in after:
+        assert pilots.wait(job["id"], ("succeeded", "failed"), 60)["state"] == "succeeded"
+    assert {j[0] for j in pilot_jobs(slurm_cluster)} <= before
+    assert log_text(pilots).count("submitted as Slurm job") == len(before)

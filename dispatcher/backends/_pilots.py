@@ -64,6 +64,11 @@ MAX_SUBMITS_PER_ROUND = 16
 # Slurm's time limit ends it.
 STOP_MARGIN = 10.0
 
+# Pilots that end without ever calling (a worker_command that does not
+# run, a URL the nodes cannot reach) hold further submissions back: 2 s
+# after the first, doubled with each, up to this.
+MAX_SUBMIT_BACKOFF = 300.0
+
 
 @attrs.define
 class Pilot:
@@ -86,6 +91,7 @@ class Pilot:
     state: str = "PENDING"
     draining: bool = False
     idle_since: Optional[float] = None
+    connected: bool = False
 
 
 def batch_script(backend: SlurmBackend, name: str, token: str) -> str:
@@ -209,6 +215,10 @@ class PilotService(Service):
         # and the tests').
         self.submitted = 0
         self.ended = 0
+        # Pilots in a row that ended without ever calling, and the time
+        # before which no pilot is submitted because of them.
+        self.failures = 0
+        self.hold_until = float("-inf")
 
     # Life cycle
 
@@ -324,6 +334,25 @@ class PilotService(Service):
     async def _ended(self, pilot: Pilot, state: Optional[str]) -> None:
         self.pilots.pop(pilot.name, None)
         self.ended += 1
+        if not pilot.connected and not pilot.draining and pilot.job_id is not None:
+            # It never called: submitting the next at once would make a
+            # storm of pilots that fail the same way.
+            self.failures += 1
+            delay = min(MAX_SUBMIT_BACKOFF, 2.0 ** self.failures)
+            self.hold_until = self._clock.seconds() + delay
+            log.warn(
+                "backend {backend}: pilot {name} (Slurm job {job_id}) ended ({state}) "
+                "without ever calling the dispatcher at {url}; no pilot is submitted "
+                "for {delay:g} s ({failures} such in a row). Look at its output "
+                "(sbatch_options = --output=PATH) and at worker_command and url",
+                backend=self.backend.name,
+                name=pilot.name,
+                job_id=pilot.job_id,
+                state=state or "no longer in squeue",
+                url=self.backend.url,
+                delay=delay,
+                failures=self.failures,
+            )
         log.info(
             "backend {backend}: pilot {name} (Slurm job {job_id}) has ended ({state}); "
             "its credential is revoked{jobs}",
@@ -376,9 +405,16 @@ class PilotService(Service):
         """
         waiting, running = await self._demand()
         backend = self.backend
+        workers = self._dispatcher.hub.workers
+        for pilot in self.pilots.values():
+            if not pilot.connected and pilot.name in workers and workers[pilot.name].heard:
+                pilot.connected = True
+                self.failures = 0
         live = [p for p in self.pilots.values() if not p.draining]
         want = min(backend.max_pilots, math.ceil((waiting + running) / backend.slots))
         missing = min(want - len(live), MAX_SUBMITS_PER_ROUND)
+        if self._clock.seconds() < self.hold_until:
+            missing = 0
         for _ in range(missing):
             if not self.running:
                 return
