@@ -11,6 +11,7 @@ import subprocess
 import pytest
 
 from dispatcher.backends._pilots import batch_script, sbatch_options
+from dispatcher.backends._slurm import parse_time
 from dispatcher.config._backends import SlurmBackend
 from dispatcher.config._ini import ConfigError, parse_config
 from dispatcher.core._reasons import explainer
@@ -188,3 +189,31 @@ def test_a_pilot_is_submitted_to_drain_before_its_time_limit():
                      "--ca-file /etc/ca.pem", "--label backend=cluster"):
         assert expected in last
     assert "dsp_se'\"'\"'cret" in script
+
+
+def test_a_pilot_takes_no_job_that_would_outlast_it():
+    """A holder with little time left refuses a job whose timeout is
+    longer, saying so (the claim passes the job over, and its wait reason
+    tells why); a job without a timeout, or a shorter one, fits."""
+    pilot = Offer("p", 1, time_left=100.0)
+    long = JobSpec(command=("true",), timeout=3600)
+    assert pilot.refuses(long) == (
+        "ends in 100 s (its Slurm time limit), before the job's timeout of 3600 s")
+    assert pilot.refuses(JobSpec(command=("true",), timeout=50)) is None
+    assert pilot.refuses(JobSpec(command=("true",))) is None
+    choice = choose(pilot, {"default": [(0, "long", long)]})
+    assert choice.chosen == [] and choice.skipped == 1
+    job = Job("j", JobState.QUEUED, long, 0.0)
+    explained = explainer([pilot], {"default"}, {"other": "cluster"})(job)
+    assert "ends in 100 s" in explained.wait_reason
+
+
+@pytest.mark.parametrize("text, seconds", [
+    ("59", 59.0), ("10:05", 605.0), ("1:00:00", 3600.0), ("2-03:04:05", 183845.0),
+    ("UNLIMITED", None), ("NOT_SET", None), ("INVALID", None), ("", None), ("1:x", None),
+    ("a-01:00", None),
+])
+def test_slurm_durations_are_read(text, seconds):
+    """squeue's durations read as seconds; the words it writes for none
+    read as none."""
+    assert parse_time(text) == seconds

@@ -262,3 +262,16 @@ def test_slurmctld_restarted_loses_no_pilot(pilots, slurm_cluster):  # noqa: F81
         assert pilots.wait(job["id"], ("succeeded", "failed"), 60)["state"] == "succeeded"
     assert {j[0] for j in pilot_jobs(slurm_cluster)} <= before
     assert log_text(pilots).count("submitted as Slurm job") == len(before)
+
+
+def test_a_job_that_would_outlast_the_pilots_waits_saying_so(pilots):
+    """A job whose timeout is longer than a pilot's time limit (600 s here)
+    is never given to it, and waits saying why; a job that fits runs."""
+    long = submit(pilots, {"command": ["true"], "queue": "hpc", "timeout": 3600})
+    short = submit(pilots, {"command": ["true"], "queue": "hpc", "timeout": 30})
+    done = pilots.wait(short["id"], ("succeeded", "failed"), timeout=90)
+    assert done["state"] == "succeeded", done
+    waiting = poll(lambda: (lambda j: "time limit" in (j["wait_reason"] or "") and j)(
+        get(pilots, long["id"])), 30, "the long job's wait reason")
+    assert waiting["state"] == "queued"
+    assert "before the job's timeout of 3600 s" in waiting["wait_reason"], waiting

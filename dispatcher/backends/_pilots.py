@@ -16,8 +16,16 @@ exits.
 
 Scaling, every second: as many pilots as the backend's waiting and running
 jobs fill (C{slots} each), up to C{max_pilots}, counting those still
-pending in Slurm; when no job waits, a pilot that has held no job for
+pending in Slurm and not those past their drain point (another replaces
+each); when no job waits, a pilot that has held no job for
 C{idle_timeout} is drained.
+
+Time limits: each pilot has a deadline in the hub (L{WorkerHub.deadlines}),
+its Slurm end less L{STOP_MARGIN}: at first its submission plus its time
+limit (it cannot end sooner), then what C{squeue} says is left.  A job
+whose C{timeout} would run past it is not given to that pilot, and waits
+saying so; a job without a timeout may be, and is stopped and given back
+if the pilot's drain outlasts it.
 
 Finding the dead: one C{squeue} for all pilots every C{poll_interval}
 seconds.  A pilot whose Slurm job is gone or over (scancel, time limit,
@@ -205,6 +213,8 @@ class PilotService(Service):
         self._io_pool = io_pool
         self._clock = clock if clock is not None else reactor
         self.pilots: dict[str, Pilot] = {}
+        # When each pilot's jobs must have ended (the hub's, shared).
+        self._deadlines: dict[str, float] = dispatcher.hub.deadlines
         self._prefix = f"{PILOT_PREFIX}{backend.name}."
         self._timer: Any = None
         self._round: Optional[Deferred] = None
@@ -231,6 +241,9 @@ class PilotService(Service):
                 # Left by an earlier run: its job id comes from the next
                 # squeue, or it is revoked when that shows no such pilot.
                 self.pilots[name] = Pilot(name, None, now, "UNKNOWN")
+                # Its end is unknown until squeue says: no job with a
+                # timeout goes to it meanwhile.
+                self._deadlines[name] = now
         if self.pilots:
             log.info(
                 "backend {backend}: {count} pilots of an earlier run to find in Slurm",
@@ -327,12 +340,16 @@ class PilotService(Service):
                     state=job.state,
                 )
             pilot.state = job.state
+            if job.time_left is not None:
+                # From when squeue began: an end no later than the truth.
+                self._deadlines[pilot.name] = began + job.time_left - STOP_MARGIN
         for pilot, state in gone:
             await self._ended(pilot, state)
         return True
 
     async def _ended(self, pilot: Pilot, state: Optional[str]) -> None:
         self.pilots.pop(pilot.name, None)
+        self._deadlines.pop(pilot.name, None)
         self.ended += 1
         if not pilot.connected and not pilot.draining and pilot.job_id is not None:
             # It never called: submitting the next at once would make a
@@ -410,10 +427,21 @@ class PilotService(Service):
             if not pilot.connected and pilot.name in workers and workers[pilot.name].heard:
                 pilot.connected = True
                 self.failures = 0
-        live = [p for p in self.pilots.values() if not p.draining]
+        now = self._clock.seconds()
+        # A pilot past its drain point (Slurm's SIGTERM before its time
+        # limit) takes nothing more: another replaces it.
+        drain_margin = backend.drain_before - STOP_MARGIN
+        live = [
+            p for p in self.pilots.values()
+            if not p.draining
+            and not (
+                p.state == "RUNNING"
+                and self._deadlines.get(p.name, float("inf")) - drain_margin <= now
+            )
+        ]
         want = min(backend.max_pilots, math.ceil((waiting + running) / backend.slots))
         missing = min(want - len(live), MAX_SUBMITS_PER_ROUND)
-        if self._clock.seconds() < self.hold_until:
+        if now < self.hold_until:
             missing = 0
         for _ in range(missing):
             if not self.running:
@@ -452,7 +480,11 @@ class PilotService(Service):
             # without a credential, and it stops at its first call.
             await self._revoke(name)
             return False
-        self.pilots[name] = Pilot(name, job_id, self._clock.seconds())
+        submitted = self._clock.seconds()
+        self.pilots[name] = Pilot(name, job_id, submitted)
+        # It cannot end before its time limit counted from now: a bound
+        # below the truth until squeue tells how long it has left.
+        self._deadlines[name] = submitted + self.backend.time_limit - STOP_MARGIN
         self.submitted += 1
         log.info(
             "backend {backend}: pilot {name} submitted as Slurm job {job_id} "

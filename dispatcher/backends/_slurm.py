@@ -43,6 +43,27 @@ ENDED_STATES = frozenset({
 })
 
 
+def parse_time(text: str) -> Optional[float]:
+    """
+    Seconds of a Slurm duration as squeue writes it (C{[D-][[H:]M:]S}),
+    or C{None} for one it does not give (C{UNLIMITED}, C{NOT_SET},
+    C{INVALID}, anything else).
+    """
+    days = 0
+    if "-" in text:
+        head, _, text = text.partition("-")
+        if not head.isdigit():
+            return None
+        days = int(head)
+    parts = text.split(":")
+    if not 1 <= len(parts) <= 3 or not all(p.isdigit() for p in parts):
+        return None
+    seconds = 0
+    for part in parts:
+        seconds = seconds * 60 + int(part)
+    return float(days * 86400 + seconds)
+
+
 class SlurmError(Exception):
     """
     A Slurm command failed: it could not start, exited non-zero, was
@@ -60,6 +81,8 @@ class SlurmJob:
     job_id: str
     state: str
     comment: str
+    # Seconds before its time limit ends it, when it runs and has one.
+    time_left: Optional[float] = None
 
     @property
     def ended(self) -> bool:
@@ -197,16 +220,18 @@ class SlurmCommands:
         out = await self.run(
             "squeue",
             ["--noheader", "--me", f"--name={name}", "--states=all",
-             "--format=%i|%T|%k"],
+             "--format=%i|%T|%L|%k"],
         )
         found = []
         for line in out.decode("utf-8", "replace").splitlines():
             if not line.strip():
                 continue
-            parts = line.split("|", 2)
-            if len(parts) != 3 or not parts[0].strip().replace("_", "").isdigit():
+            parts = line.split("|", 3)
+            if len(parts) != 4 or not parts[0].strip().replace("_", "").isdigit():
                 raise SlurmError(f"squeue wrote a line it should not have: {line[:200]!r}")
-            found.append(SlurmJob(parts[0].strip(), parts[1].strip(), parts[2].strip()))
+            state = parts[1].strip()
+            left = parse_time(parts[2].strip()) if state == "RUNNING" else None
+            found.append(SlurmJob(parts[0].strip(), state, parts[3].strip(), left))
         return found
 
     async def cancel(self, job_id: str) -> None:

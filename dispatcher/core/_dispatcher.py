@@ -472,7 +472,10 @@ class Dispatcher(Service):
                 self._local_explainer = (key, self._make_explainer([]))
             explain = self._local_explainer[1]
         else:
-            explain = self._make_explainer([worker.offer for worker in self.hub.connected()])
+            offer = self.hub.offer
+            explain = self._make_explainer(
+                [offer(worker.offer.holder) or worker.offer for worker in self.hub.connected()]
+            )
         # Running jobs the store cannot tell about: an end whose commit
         # failed (a full disk) and is written again, and a last attempt
         # that waits for its silent worker.  By job id: attempt, reason.

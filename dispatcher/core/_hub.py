@@ -250,6 +250,11 @@ class WorkerHub:
         self._capacity_changed = capacity_changed
         # Which queues each worker takes (the dispatcher sets it).
         self.routing = Routing()
+        # The time (dispatcher clock) by which a worker's jobs must have
+        # ended, by its name: a Slurm pilot's end less its stop margin,
+        # which its backend keeps up to date.  A job whose timeout would
+        # run past it is not given to that worker.
+        self.deadlines: dict[str, float] = {}
         self.workers: dict[str, Worker] = {}
         # How many remote leases ran out without a heartbeat (the metrics').
         self.leases_expired = 0
@@ -298,8 +303,17 @@ class WorkerHub:
         self._arm_reaper()
 
     def offer(self, holder: str) -> Optional[Offer]:
+        """
+        What the worker C{holder} offers now: a worker with a deadline
+        (L{deadlines}) offers the time left until it.
+        """
         worker = self.workers.get(holder)
-        return None if worker is None else worker.offer
+        if worker is None:
+            return None
+        deadline = self.deadlines.get(holder)
+        if deadline is None:
+            return worker.offer
+        return attrs.evolve(worker.offer, time_left=deadline - self._clock.seconds())
 
     def free(self, holder: str) -> Resources:
         """

@@ -137,7 +137,7 @@ def explainer(
             return job.waiting(unconfigured_queue(spec.queue))
         needs = (
             spec.task, spec.resources, tuple(sorted(spec.requirements.items())),
-            spec.queue if backends else None,
+            (spec.queue, spec.timeout) if backends else None,
         )
         reason = verdicts.get(needs, False)
         if reason is False:

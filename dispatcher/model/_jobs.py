@@ -377,6 +377,9 @@ class Offer:
     # queues are kept from every other holder (dispatcher.model._routing).
     queues: Optional[frozenset[str]] = None
     excluded: frozenset[str] = frozenset()
+    # Seconds a job may still run on it before it ends (a Slurm pilot's
+    # time limit), as of the claim or the look it is made for; None: no end.
+    time_left: Optional[float] = None
 
     def takes(self, queue: str) -> bool:
         """
@@ -391,6 +394,15 @@ class Offer:
         """
         if (self.queues is not None or self.excluded) and not self.takes(spec.queue):
             return f"takes no job of queue {spec.queue}"
+        if (
+            self.time_left is not None
+            and spec.timeout is not None
+            and spec.timeout > self.time_left
+        ):
+            return (
+                f"ends in {max(0.0, self.time_left):.0f} s (its Slurm time limit), "
+                f"before the job's timeout of {spec.timeout:g} s"
+            )
         if spec.task is not None and self.tasks is not None and spec.task not in self.tasks:
             return f"does not know the task {spec.task!r}"
         for key, value in spec.requirements.items():
