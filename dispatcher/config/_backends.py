@@ -70,7 +70,7 @@ class SlurmBackend:
     account: Optional[str] = None
     qos: Optional[str] = None
     time_limit: float = 3600.0
-    drain_before: float = 120.0
+    drain_before: float = 30.0
     sbatch_options: tuple[str, ...] = ()
     max_pilots: int = 4
     slots: int = 1
