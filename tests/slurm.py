@@ -161,9 +161,25 @@ class SlurmCluster:
         if self.munged_pid is not None:
             try:
                 os.kill(self.munged_pid, signal.SIGTERM)
+                # It writes its seed file as it exits: wait, so that the
+                # directory is removed after.
+                deadline = time.monotonic() + 10
+                while time.monotonic() < deadline and _alive(self.munged_pid):
+                    time.sleep(0.05)
             except ProcessLookupError:
                 pass
             self.munged_pid = None
+
+
+def _alive(pid: int) -> bool:
+    """
+    Whether C{pid} runs (a zombie no longer does).
+    """
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def start_cluster(directory: str) -> SlurmCluster:
