@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import time
+import urllib.request
 
 import pytest
 
@@ -118,6 +119,13 @@ def pilot_jobs(cluster):
     return [j for j in cluster.jobs() if j[2].startswith("pilot.slurm.")]
 
 
+def metrics_text(daemon):
+    request = urllib.request.Request(f"{daemon.url}/metrics",
+                                     headers={"Authorization": f"Bearer {daemon.token}"})
+    with urllib.request.urlopen(request, timeout=10) as r:
+        return r.read().decode()
+
+
 def log_text(daemon):
     with open(os.path.join(daemon.workdir, "out.log")) as f:
         return f.read()
@@ -149,6 +157,9 @@ def test_a_backends_queue_runs_on_its_pilots_alone(pilots, slurm_cluster):  # no
         assert done["state"] == "succeeded", done
         assert done["attempts"][-1]["holder"].startswith("pilot.slurm."), done
     assert len(pilot_jobs(slurm_cluster)) <= 2
+    metrics = metrics_text(pilots)
+    submitted = len(pilot_jobs(slurm_cluster))
+    assert f"dispatcher_slurm_pilots_submitted_total {submitted}" in metrics, metrics
     # Nothing waits: the idle pilots are drained, end, and lose their
     # credentials.
     poll(lambda: all(j[1] not in ("PENDING", "RUNNING") for j in pilot_jobs(slurm_cluster)),
@@ -161,6 +172,9 @@ def test_a_backends_queue_runs_on_its_pilots_alone(pilots, slurm_cluster):  # no
         return [c["name"] for c in listing["credentials"] if c["name"].startswith("pilot.")]
 
     poll(lambda: not pilot_credentials(), 30, "the pilots' credentials to be revoked")
+    metrics = metrics_text(pilots)
+    assert "dispatcher_slurm_pilots 0" in metrics, metrics
+    assert f"dispatcher_slurm_pilots_ended_total {submitted}" in metrics, metrics
 
 
 def test_a_pilot_cancelled_mid_job_loses_the_job_to_another(

@@ -345,6 +345,23 @@ class DaemonService(MultiService):
             "attempt).",
             lambda: stager.failed_inputs,
         )
+        if self.backends:
+            services = list(self.backends.values())
+            metrics.add_gauge(
+                "dispatcher_slurm_pilots",
+                "Slurm pilots submitted and not yet seen ended, all backends.",
+                lambda: sum(len(s.pilots) for s in services),
+            )
+            metrics.add_total(
+                "dispatcher_slurm_pilots_submitted",
+                "Slurm pilots submitted by this run, all backends.",
+                lambda: sum(s.submitted for s in services),
+            )
+            metrics.add_total(
+                "dispatcher_slurm_pilots_ended",
+                "Slurm pilots this run saw end, all backends.",
+                lambda: sum(s.ended for s in services),
+            )
         metrics.watch.setServiceParent(self)
 
     def _webhooks(self, reactor: Any, config: Config) -> Optional[WebhookDeliveries]:
