@@ -17,7 +17,8 @@ from dispatcher.config._ini import ConfigError, parse_config
 from dispatcher.core._reasons import explainer
 from dispatcher.model._claims import choose_jobs
 from dispatcher.model._jobs import Job, JobSpec, JobState, Offer
-from dispatcher.model._routing import Routing, pilot_backend, pilot_name
+from dispatcher.model._jobs import Resources
+from dispatcher.model._routing import PilotShape, Routing, pilot_backend, pilot_name
 
 BACKEND = """
 [queue:hpc]
@@ -217,3 +218,25 @@ def test_slurm_durations_are_read(text, seconds):
     """squeue's durations read as seconds; the words it writes for none
     read as none."""
     assert parse_time(text) == seconds
+
+
+def test_a_job_no_pilot_could_fit_waits_saying_so():
+    """A job of a backend's queue that asks for more CPUs or memory than
+    the backend's pilots are given waits with a reason naming the key to
+    change, whether or not pilots are connected; one that fits waits for a
+    pilot."""
+    routing = Routing({"hpc": "cluster"}, {"cluster": PilotShape("cluster", 2, 4000)})
+    explain = explainer([], {"default", "hpc"}, routing.backends, shapes=routing.shapes)
+
+    def waiting(**resources):
+        spec = JobSpec(command=("true",), queue="hpc", resources=Resources(**resources))
+        return explain(Job("j", JobState.QUEUED, spec, 0.0)).wait_reason
+
+    assert waiting(cpus=4) == (
+        "no pilot of backend cluster can run it: it asks for 4 CPUs and a pilot of "
+        "backend cluster has 2 ([backend:cluster] cpus); none is submitted for it")
+    assert "([backend:cluster] memory)" in waiting(memory_mb=8000)
+    assert "runs on backend cluster" in waiting(cpus=2, memory_mb=4000)
+    # Memory not given: a pilot has its node's, which is not known.
+    assert PilotShape("c", 1).refuses(
+        JobSpec(command=("true",), resources=Resources(memory_mb=10 ** 6))) is None

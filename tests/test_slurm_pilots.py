@@ -289,3 +289,19 @@ def test_a_job_that_would_outlast_the_pilots_waits_saying_so(pilots):
         get(pilots, long["id"])), 30, "the long job's wait reason")
     assert waiting["state"] == "queued"
     assert "before the job's timeout of 3600 s" in waiting["wait_reason"], waiting
+
+
+def test_a_job_no_pilot_could_fit_calls_for_no_pilot(pilots, slurm_cluster):  # noqa: F811
+    """A job asking for more CPUs than a pilot has (1 here) waits saying
+    so, and no pilot is submitted for it; a job that fits still gets one."""
+    big = submit(pilots, {"command": ["true"], "queue": "hpc", "resources": {"cpus": 8}})
+    time.sleep(3)
+    assert pilot_jobs(slurm_cluster) == []
+    waiting = get(pilots, big["id"])
+    assert waiting["state"] == "queued"
+    assert waiting["wait_reason"].startswith("no pilot of backend slurm can run it: it asks "
+                                             "for 8 CPUs"), waiting
+    small = submit(pilots, {"command": ["true"], "queue": "hpc"})
+    assert pilots.wait(small["id"], ("succeeded", "failed"), 90)["state"] == "succeeded"
+    assert len(pilot_jobs(slurm_cluster)) == 1
+    assert get(pilots, big["id"])["state"] == "queued"

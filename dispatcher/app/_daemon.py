@@ -47,7 +47,7 @@ from dispatcher.app._reload import applied, applies, changes
 from dispatcher.backends._pilots import PilotService
 from dispatcher.backends._slurm import SlurmCommands
 from dispatcher.config._ini import Config, ConfigError
-from dispatcher.model._routing import Routing
+from dispatcher.model._routing import PilotShape, Routing
 from dispatcher.core._dispatcher import Dispatcher
 from dispatcher.core._joblog import JobLog
 from dispatcher.core._retention import RetentionPolicy
@@ -810,9 +810,13 @@ def queue_routing(config: Config) -> Routing:
     """
     Which queues run on which backend, as C{config}'s queues say.
     """
-    return Routing({
-        name: queue.backend for name, queue in config.queues.items() if queue.backend
-    })
+    return Routing(
+        {name: queue.backend for name, queue in config.queues.items() if queue.backend},
+        {
+            name: PilotShape(name, backend.pilot_cpus, backend.memory_mb)
+            for name, backend in config.backends.items()
+        },
+    )
 
 
 def _fixed_credentials(config: Config) -> list[tuple[Principal, str]]:

@@ -400,21 +400,45 @@ class PilotService(Service):
 
     async def _demand(self) -> tuple[int, int]:
         """
-        How many jobs of the backend's queues wait (queued) and run
-        (staging or running).
+        How many jobs of the backend's queues wait (queued) that a pilot
+        could run, and how many run (staging or running).
         """
-        queues = self._dispatcher.routing.queues_of(self.backend.name)
+        routing = self._dispatcher.routing
+        queues = routing.queues_of(self.backend.name)
         if not queues:
             return 0, 0
-        counts = await self._dispatcher.store.queue_counts(None)
+        store = self._dispatcher.store
+        counts = await store.queue_counts(None)
         waiting = running = 0
-        for queue in queues:
+        shape = routing.shapes.get(self.backend.name)
+        for queue in sorted(queues):
             states = counts.get(queue)
             if states is None:
                 continue
-            waiting += states[JobState.QUEUED]
+            queued = states[JobState.QUEUED]
             running += states[JobState.RUNNING] + states[JobState.STAGING]
+            if queued and shape is not None:
+                queued = await self._fitting(queue, queued, shape)
+            waiting += queued
         return waiting, running
+
+    async def _fitting(self, queue: str, queued: int, shape: Any) -> int:
+        """
+        Of the C{queued} jobs of C{queue}, how many a pilot could run: a
+        sample of the oldest (enough to fill every pilot) is looked at, and
+        its share that fits stands for the rest.  Jobs no pilot could run
+        call for none (they wait, saying why).
+        """
+        sample = max(1, self.backend.max_pilots * self.backend.slots)
+        jobs, _ = await self._dispatcher.store.list_jobs(
+            state=JobState.QUEUED, queue=queue, limit=sample
+        )
+        if not jobs:
+            return queued
+        fit = sum(1 for job in jobs if shape.refuses(job.spec) is None)
+        if len(jobs) >= queued or not fit:
+            return fit
+        return max(fit, round(queued * fit / len(jobs)))
 
     async def scale(self) -> None:
         """

@@ -504,7 +504,10 @@ class Dispatcher(Service):
 
     def _make_explainer(self, remote: list[Offer]) -> Callable[[Job], Job]:
         offers = ([self.local_offer] if self._slots > 0 else []) + remote
-        return explainer(offers, self.store.queue_limits, self.routing.backends)
+        routing = self.routing
+        return explainer(
+            offers, self.store.queue_limits, routing.backends, shapes=routing.shapes
+        )
 
     def cancel(self, job_id: str, owner: Optional[str] = None) -> Deferred:
         """

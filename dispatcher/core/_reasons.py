@@ -107,11 +107,20 @@ def waits_for_pilot(queue: str, backend: str) -> str:
     )
 
 
+def fits_no_pilot(backend: str, why: str) -> str:
+    """
+    The wait reason of a job of a backend's queue that no pilot of that
+    backend could run (C{why}: what it asks for that they lack).
+    """
+    return f"no pilot of backend {backend} can run it: {why}; none is submitted for it"
+
+
 def explainer(
     offers: Sequence[Offer],
     queues: Container[str],
     backends: Optional[Mapping[str, str]] = None,
     max_reasons: int = MAX_REASONS,
+    shapes: Optional[Mapping[str, Any]] = None,
 ) -> Callable[[Job], Job]:
     """
     A function that gives a queued job the wait reason the holders in
@@ -145,7 +154,11 @@ def explainer(
                 verdicts.clear()
             backend = backends.get(spec.queue) if backends else None
             taking = [o for o in offers if o.takes(spec.queue)] if backends else offers
-            if backend is not None and not taking:
+            shape = shapes.get(backend) if shapes and backend is not None else None
+            why = shape.refuses(spec) if shape is not None else None
+            if why is not None:
+                reason = fits_no_pilot(backend, why)  # type: ignore[arg-type]
+            elif backend is not None and not taking:
                 reason = waits_for_pilot(spec.queue, backend)
             else:
                 reason = unplaceable(spec, taking)

@@ -16,7 +16,7 @@ from typing import Mapping, Optional
 
 import attrs
 
-from dispatcher.model._jobs import Offer
+from dispatcher.model._jobs import JobSpec, Offer
 
 PILOT_PREFIX = "pilot."
 
@@ -40,12 +40,45 @@ def pilot_backend(name: Optional[str]) -> Optional[str]:
 
 
 @attrs.frozen
+class PilotShape:
+    """
+    What every pilot of a backend offers, as far as the dispatcher knows
+    before it calls: its CPUs and memory (C{None}: its node's, unknown).
+    Its labels, tasks and GPUs depend on its node and its worker command:
+    a pilot that calls says them.
+    """
+
+    backend: str
+    cpus: float
+    memory_mb: Optional[int] = None
+
+    def refuses(self, spec: JobSpec) -> Optional[str]:
+        """
+        Why no pilot of the backend could ever run C{spec}, or C{None}.
+        """
+        need = spec.resources
+        if need.cpus > self.cpus + 1e-9:
+            return (
+                f"it asks for {need.cpus:g} CPUs and a pilot of backend {self.backend} "
+                f"has {self.cpus:g} ([backend:{self.backend}] cpus)"
+            )
+        if self.memory_mb is not None and need.memory_mb > self.memory_mb:
+            return (
+                f"it asks for {need.memory_mb} MiB of memory and a pilot of backend "
+                f"{self.backend} has {self.memory_mb} ([backend:{self.backend}] memory)"
+            )
+        return None
+
+
+@attrs.frozen
 class Routing:
     """
-    The queues that run on a backend, by queue name.
+    The queues that run on a backend, by queue name, and the shape of each
+    backend's pilots, by backend name.
     """
 
     backends: Mapping[str, str] = attrs.field(factory=dict)
+    shapes: Mapping[str, PilotShape] = attrs.field(factory=dict)
     reserved: frozenset[str] = attrs.field(init=False)
 
     @reserved.default
