@@ -72,6 +72,10 @@ MAX_SUBMITS_PER_ROUND = 16
 # Slurm's time limit ends it.
 STOP_MARGIN = 10.0
 
+# How many revoked pilots' names are remembered, to cancel a Slurm job
+# still running under one.
+MAX_REVOKED = 10_000
+
 # Pilots that end without ever calling (a worker_command that does not
 # run, a URL the nodes cannot reach) hold further submissions back: 2 s
 # after the first, doubled with each, up to this.
@@ -225,6 +229,10 @@ class PilotService(Service):
         # and the tests').
         self.submitted = 0
         self.ended = 0
+        # The names whose credentials this run revoked (the last
+        # MAX_REVOKED): a Slurm job that still runs under one (an sbatch
+        # that timed out but went through) is cancelled when seen.
+        self._revoked: dict[str, None] = {}
         # Pilots in a row that ended without ever calling, and the time
         # before which no pilot is submitted because of them.
         self.failures = 0
@@ -318,6 +326,21 @@ class PilotService(Service):
             log.info("backend {backend}: squeue works again", backend=self.backend.name)
             self._looks_failing = False
         by_name = {job.comment: job for job in jobs if job.comment.startswith(self._prefix)}
+        for name, job in by_name.items():
+            if name in self._revoked and name not in self.pilots and not job.ended:
+                # Its credential is gone, so it can do nothing but retry
+                # until its time limit: free its allocation.
+                try:
+                    await self.commands.cancel(job.job_id)
+                except SlurmError as e:
+                    log.warn("backend {backend}: cancelling Slurm job {job_id}, a pilot "
+                             "without a credential, failed: {error}",
+                             backend=self.backend.name, job_id=job.job_id, error=str(e))
+                else:
+                    self._revoked.pop(name, None)
+                    log.warn("backend {backend}: Slurm job {job_id} runs pilot {name}, "
+                             "whose credential was revoked: cancelled",
+                             backend=self.backend.name, job_id=job.job_id, name=name)
         gone = []
         for pilot in list(self.pilots.values()):
             if pilot.submitted > began:
@@ -384,6 +407,9 @@ class PilotService(Service):
         await self._revoke(pilot.name)
 
     async def _revoke(self, name: str) -> None:
+        self._revoked[name] = None
+        while len(self._revoked) > MAX_REVOKED:
+            del self._revoked[next(iter(self._revoked))]
         try:
             await deferToThreadPool(
                 self._reactor, self._io_pool, self._credentials.revoke, name
