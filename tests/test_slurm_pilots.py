@@ -305,3 +305,27 @@ def test_a_job_no_pilot_could_fit_calls_for_no_pilot(pilots, slurm_cluster):  # 
     assert pilots.wait(small["id"], ("succeeded", "failed"), 90)["state"] == "succeeded"
     assert len(pilot_jobs(slurm_cluster)) == 1
     assert get(pilots, big["id"])["state"] == "queued"
+
+
+def test_sighup_moves_a_queue_off_its_backend(pilots):
+    """A reload that takes a queue off its backend applies at once: its
+    next jobs run on this host; a change to the backend's own section
+    waits for a restart, and says so."""
+    with open(pilots.config) as f:
+        text = f.read()
+    assert "[queue:hpc]\nbackend = slurm\n" in text
+    text = text.replace("[queue:hpc]\nbackend = slurm\n", "[queue:hpc]\n")
+    text = text.replace("max_pilots = 2", "max_pilots = 3")
+    with open(pilots.config, "w") as f:
+        f.write(text)
+    before = len(log_text(pilots))
+    pilots.process.send_signal(signal.SIGHUP)
+    poll(lambda: "reloaded" in log_text(pilots)[before:], 20, "the reload")
+    said = log_text(pilots)[before:]
+    assert "applied [queue:hpc]" in said, said
+    poll(lambda: "[backend:slurm] changed, which only a restart applies" in
+         log_text(pilots)[before:], 20, "the restart warning")
+    job = submit(pilots, {"command": ["true"], "queue": "hpc"})
+    done = pilots.wait(job["id"], ("succeeded", "failed"), timeout=30)
+    assert done["state"] == "succeeded"
+    assert done["attempts"][-1]["holder"].startswith("local@"), done
