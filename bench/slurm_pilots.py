@@ -82,6 +82,7 @@ def free_port():
 
 def pilot_dispatcher(directory, pilots, slots):
     port = free_port()
+    os.makedirs(directory, exist_ok=True)
     worker_ini = os.path.join(directory, "worker.ini")
     with open(worker_ini, "w") as f:
         f.write("[executor]\nrun_as = root\n[log]\nlevel = warn\n")
@@ -141,6 +142,7 @@ def main():
         results["sbatch_loop_jobs_per_s"] = round(args.jobs / seconds, 2)
         results["sbatch_latency_median_s"] = round(
             statistics.median(sbatch_latency(cluster, directory, args.latency_jobs)), 3)
+        print(json.dumps(results), flush=True)
         daemon = pilot_dispatcher(os.path.join(directory, "dispatcher"), args.pilots,
                                   args.slots)
         code, cold = daemon.request("POST", "/v1/jobs", {"command": ["true"], "queue": "hpc"})
