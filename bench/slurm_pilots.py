@@ -102,6 +102,9 @@ url = http://127.0.0.1:{port}
 time_limit = 3600
 max_pilots = {pilots}
 slots = {slots}
+# One CPU asked of Slurm a pilot whatever its slots: `true` jobs use none,
+# and the test node has two.
+cpus = 1
 idle_timeout = 600
 poll_interval = 5
 worker_command = {os.path.join(BIN, 'dispatcher')} worker --config {worker_ini}
@@ -130,6 +133,9 @@ def main():
     why = unavailable()
     if why:
         raise SystemExit(why)
+    # SIGTERM (and SIGINT, which a background job ignores) end the run
+    # through the cleanup below.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     directory = tempfile.mkdtemp(prefix="dispatcher-slurm-bench-")
     os.chmod(directory, 0o755)
     cluster = start_cluster(os.path.join(directory, "slurm"))
