@@ -6,10 +6,11 @@ The Slurm backend's figures against a real one-node Slurm on this host
   the first submission until Slurm shows none pending or running;
 - the same N `true` jobs through the dispatcher's pilots (warm: the pilots
   already run), submitted as one array, until all succeeded;
-- submit→start latency: single `true` jobs one after another, through a
-  plain `sbatch` (until the job's own `date` ran) and through a warm pilot
-  (the job's started_at less its created_at); and the cold start (no pilot
-  yet: the first job's start, a pilot's sbatch and worker start included).
+- submit→start latency: single jobs one after another, from the
+  submission to the job's own first command (`date`), through a plain
+  `sbatch` and through a warm pilot; and the cold start (no pilot yet: the
+  first job's started_at less its created_at, a pilot's sbatch, its start
+  in Slurm and its worker's start included).
 
     flock /tmp/bench.lock .venv/bin/python bench/slurm_pilots.py [--jobs N] [--pilots P]
 """
@@ -17,6 +18,7 @@ The Slurm backend's figures against a real one-node Slurm on this host
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import shutil
@@ -115,8 +117,13 @@ pilot_dir = {directory}/pilots
     return daemon
 
 
+def _time(text):
+    return datetime.datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(
+        tzinfo=datetime.timezone.utc).timestamp()
+
+
 def job_latency(job):
-    return job["started_at"] - job["created_at"]
+    return _time(job["started_at"]) - _time(job["created_at"])
 
 
 def finished(daemon, job_id):
@@ -160,19 +167,24 @@ def main():
         assert code == 201, warm
         wait_until(lambda: len(daemon.request("GET", "/v1/workers")[1]["workers"])
                    >= args.pilots, 300, "the pilots to connect")
-        wait_until(lambda: daemon.request("GET", "/v1/queues")[1]["hpc"]["counts"]
+        wait_until(lambda: daemon.request("GET", "/v1/queues")[1]["queues"]["hpc"]["counts"]
                    ["succeeded"] >= 1 + args.pilots * args.slots, 300, "the warm-up")
+        # As for sbatch: from the submission to the job's own first command.
         latencies = []
-        for _ in range(args.latency_jobs):
-            code, job = daemon.request("POST", "/v1/jobs", {"command": ["true"], "queue": "hpc"})
-            latencies.append(job_latency(finished(daemon, job["id"])))
+        for i in range(args.latency_jobs):
+            mark = os.path.join(directory, f"pilot-started-{i}")
+            began = time.time()
+            code, job = daemon.request("POST", "/v1/jobs", {
+                "command": ["sh", "-c", f"date +%s.%N > {mark}"], "queue": "hpc"})
+            finished(daemon, job["id"])
+            latencies.append(float(open(mark).read()) - began)
         results["pilot_latency_median_s"] = round(statistics.median(latencies), 3)
-        done_before = daemon.request("GET", "/v1/queues")[1]["hpc"]["counts"]["succeeded"]
+        done_before = daemon.request("GET", "/v1/queues")[1]["queues"]["hpc"]["counts"]["succeeded"]
         began = time.monotonic()
         code, array = daemon.request("POST", "/v1/jobs", {
             "command": ["true"], "queue": "hpc", "array": args.jobs})
         assert code == 201, array
-        wait_until(lambda: daemon.request("GET", "/v1/queues")[1]["hpc"]["counts"]
+        wait_until(lambda: daemon.request("GET", "/v1/queues")[1]["queues"]["hpc"]["counts"]
                    ["succeeded"] >= done_before + args.jobs, 3600, "the pilots' jobs")
         seconds = time.monotonic() - began
         results["pilot_jobs_per_s"] = round(args.jobs / seconds, 1)
