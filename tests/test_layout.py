@@ -27,8 +27,9 @@ ALLOWED = {
     "http": {"wire"},
     "api": {"model", "config", "wire", "store"},
     "workers": {"model", "config", "wire", "execution"},
+    "backends": {"model", "config", "store", "core"},
     "app": {"model", "config", "wire", "store", "execution", "core", "http", "api", "workers",
-            "cli"},
+            "cli", "backends"},
     # The Python client speaks to the dispatcher over HTTP alone.
     "client": {"model", "wire"},
     # The dispatcher command's API commands: the client, and no server.

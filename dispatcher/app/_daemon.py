@@ -45,7 +45,10 @@ from dispatcher.store._credentials import (
     make_admin_token,
 )
 from dispatcher.app._reload import applied, applies, changes
+from dispatcher.backends._pilots import PilotService
+from dispatcher.backends._slurm import SlurmCommands
 from dispatcher.config._ini import Config, ConfigError
+from dispatcher.model._routing import PilotShape, Routing
 from dispatcher.core._dispatcher import Dispatcher
 from dispatcher.core._joblog import JobLog
 from dispatcher.core._retention import RetentionPolicy
@@ -236,6 +239,22 @@ class DaemonService(MultiService):
         # files' (an admin, and a worker that may use any worker name).
         self.credentials = CredentialFile(data_dir, _fixed_credentials(config))
         self._data_dir = data_dir
+        # The queues that run on a backend, and each backend's pilots.
+        self.dispatcher.hub.routing = queue_routing(config)
+        self.backends = {
+            name: PilotService(
+                backend,
+                SlurmCommands(reactor, backend.slurm_bin),
+                self.dispatcher,
+                self.credentials,
+                reactor,
+                self.io_pool,
+                clock,
+            )
+            for name, backend in config.backends.items()
+        }
+        for service in self.backends.values():
+            service.setServiceParent(self)
         self.webhooks = self._webhooks(reactor, config)
         # Keyed at start, before the API accepts a request.
         self.lease_tokens = LeaseTokens()
@@ -340,6 +359,23 @@ class DaemonService(MultiService):
             "attempt).",
             lambda: stager.failed_inputs,
         )
+        if self.backends:
+            services = list(self.backends.values())
+            metrics.add_gauge(
+                "dispatcher_slurm_pilots",
+                "Slurm pilots submitted and not yet seen ended, all backends.",
+                lambda: sum(len(s.pilots) for s in services),
+            )
+            metrics.add_total(
+                "dispatcher_slurm_pilots_submitted",
+                "Slurm pilots submitted by this run, all backends.",
+                lambda: sum(s.submitted for s in services),
+            )
+            metrics.add_total(
+                "dispatcher_slurm_pilots_ended",
+                "Slurm pilots this run saw end, all backends.",
+                lambda: sum(s.ended for s in services),
+            )
         metrics.watch.setServiceParent(self)
 
     def _webhooks(self, reactor: Any, config: Config) -> Optional[WebhookDeliveries]:
@@ -721,6 +757,9 @@ class DaemonService(MultiService):
                 await self.dispatcher.set_queue_limits(
                     {name: q.max_running for name, q in new.queues.items()}
                 )
+                routing = queue_routing(new)
+                if routing != self.dispatcher.routing:
+                    self.dispatcher.set_routing(routing)
             self.api.reconfigure(
                 new.dispatcher.max_array, new.dispatcher.max_stored_bytes, new.quotas,
                 new.queues,
@@ -801,6 +840,19 @@ class DaemonService(MultiService):
             os.close(self._lock_fd)
             self._lock_fd = None
         log.info("dispatcher stopped")
+
+
+def queue_routing(config: Config) -> Routing:
+    """
+    Which queues run on which backend, as C{config}'s queues say.
+    """
+    return Routing(
+        {name: queue.backend for name, queue in config.queues.items() if queue.backend},
+        {
+            name: PilotShape(name, backend.pilot_cpus, backend.memory_mb)
+            for name, backend in config.backends.items()
+        },
+    )
 
 
 def _fixed_credentials(config: Config) -> list[tuple[Principal, str]]:

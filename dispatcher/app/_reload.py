@@ -64,6 +64,7 @@ def changes(old: Config, new: Config) -> list[str]:
             if key not in found:
                 found.append(key)
     found += _mapping("queue:", old.queues, new.queues)
+    found += _mapping("backend:", old.backends, new.backends)
     if old.quotas.default != new.quotas.default:
         found.append("[quota]")
     found += _mapping("quota:role=", old.quotas.roles, new.quotas.roles)

@@ -23,6 +23,8 @@ from typing import Any, Callable, Mapping, Optional
 
 import attrs
 
+from dispatcher.config._backends import BACKEND_NAME, SlurmBackend, parse_backend
+
 
 class ConfigError(Exception):
     """
@@ -450,6 +452,9 @@ class QueueConfig:
     max_running: int = 0
     priority: int = 0
     timeout: Optional[float] = None
+    # [queue:NAME] backend: the [backend:NAME] its jobs run on (None: this
+    # host and the plain remote workers).
+    backend: Optional[str] = None
 
 
 class _Inherit:
@@ -588,6 +593,8 @@ class Config:
         factory=lambda: {"default": QueueConfig("default")}
     )
     quotas: Quotas = Quotas()
+    # [backend:NAME] sections, by name (dispatcher.config._backends).
+    backends: Mapping[str, SlurmBackend] = attrs.field(factory=dict)
     # [run_as]: the account each owner's (credential's) command jobs run as,
     # where the dispatcher runs as root; an owner not here gets [executor]
     # run_as.
@@ -1009,6 +1016,15 @@ def _optional(parse: Callable[[str], Any]) -> Callable[[str], Any]:
     return parse_or_none
 
 
+def _optional_name(text: str) -> Optional[str]:
+    text = text.strip()
+    if not text or text.lower() == "none":
+        return None
+    if not BACKEND_NAME.match(text):
+        raise ValueError("expected the name of a [backend:NAME] section, or none")
+    return text
+
+
 def _rate(text: str) -> float:
     try:
         value = float(text)
@@ -1029,6 +1045,7 @@ _QUEUE_KEYS: Mapping[str, Callable[[str], Any]] = {
     "max_running": _integer(0),
     "priority": _any_integer,
     "timeout": _optional_seconds,
+    "backend": _optional_name,
 }
 QUEUE_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,100}$")
 
@@ -1088,7 +1105,26 @@ def parse_config(text: str, path: str = "<string>") -> Config:
     quota_roles: dict[str, QuotaConfig] = {}
     quota_owners: dict[str, QuotaConfig] = {}
     by_owner: dict[str, RunAs] = {}
+    backends: dict[str, SlurmBackend] = {}
     for section in parser.sections():
+        if section.startswith("backend:"):
+            name = section[len("backend:"):]
+            if not BACKEND_NAME.match(name):
+                raise ConfigError(
+                    f"{path}: [{section}]: a backend name may hold letters, digits, "
+                    "'_' and '-' (at most 63, not starting with '-')"
+                )
+
+            def backend_fail(key: str, value: str, allowed: str, section: str = section) -> ConfigError:
+                return fail(section, key, value, allowed)
+
+            def backend_missing(key: str, what: str, section: str = section) -> ConfigError:
+                return ConfigError(f"{path}: [{section}] {key}: missing; expected {what}")
+
+            backends[name] = parse_backend(
+                name, parser.items(section), backend_fail, backend_missing
+            )
+            continue
         if section == "quota":
             quota_default = attrs.evolve(DEFAULT_QUOTA, **parse_keys(section, _QUOTA_KEYS))
             continue
@@ -1171,8 +1207,8 @@ def parse_config(text: str, path: str = "<string>") -> Config:
         if section not in _SECTIONS:
             known = ", ".join(
                 f"[{s}]" for s in (
-                    *_SECTIONS, "tasks", "queue:NAME", "quota", "quota:role=ROLE",
-                    "quota:owner=NAME", "run_as",
+                    *_SECTIONS, "tasks", "queue:NAME", "backend:NAME", "quota",
+                    "quota:role=ROLE", "quota:owner=NAME", "run_as",
                 )
             )
             raise ConfigError(f"{path}: [{section}]: unknown section; known: {known}")
@@ -1191,9 +1227,17 @@ def parse_config(text: str, path: str = "<string>") -> Config:
         values[section] = kind(**fields)
         if section == "workers":
             _check_fence_margin(values[section], parser, fail)
+    for queue in queues.values():
+        if queue.backend is not None and queue.backend not in backends:
+            raise fail(
+                f"queue:{queue.name}", "backend", queue.backend,
+                "no [backend:" + queue.backend + "] section names it; known: "
+                + (", ".join(sorted(backends)) or "none"),
+            )
     quotas = Quotas(quota_default, quota_roles, quota_owners)
     return Config(
-        tasks=tasks, queues=queues, quotas=quotas, run_as_by_owner=by_owner, **values
+        tasks=tasks, queues=queues, quotas=quotas, run_as_by_owner=by_owner,
+        backends=backends, **values
     )
 
 

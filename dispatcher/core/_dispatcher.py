@@ -29,6 +29,7 @@ from dispatcher.execution._executor import LocalExecutor, RunningJob
 from dispatcher.execution._host import detect_resources
 from dispatcher.execution._job_dirs import JobDirectories
 from dispatcher.model._groups import GroupKind, JobGroup
+from dispatcher.model._routing import Routing
 from dispatcher.model._jobs import (
     Job,
     JobIds,
@@ -227,7 +228,27 @@ class Dispatcher(Service):
         What the local executor offers, under its holder name (which start-up
         may read from the data directory).
         """
-        return Offer(self.executor.holder, self._slots, self._resources, {}, self._tasks)
+        offer = Offer(self.executor.holder, self._slots, self._resources, {}, self._tasks)
+        return self.routing.local(offer)
+
+    @property
+    def routing(self) -> Routing:
+        """
+        Which holders take which queues' jobs (L{Routing}).
+        """
+        return self.hub.routing
+
+    def set_routing(self, routing: Routing) -> None:
+        """
+        Take C{routing} from the next claim on (at start, and at a reload
+        that changed a queue's backend), and claim what it lets start now.
+        """
+        self.hub.routing = routing
+        for worker in self.hub.workers.values():
+            worker.offer = routing.remote(worker.offer, worker.credential)
+        self._local_explainer = None
+        self.scheduler.queues_changed()
+        self._pump()
 
     # Life cycle
 
@@ -496,7 +517,10 @@ class Dispatcher(Service):
                 self._local_explainer = (key, self._make_explainer([]))
             explain = self._local_explainer[1]
         else:
-            explain = self._make_explainer([worker.offer for worker in self.hub.connected()])
+            offer = self.hub.offer
+            explain = self._make_explainer(
+                [offer(worker.offer.holder) or worker.offer for worker in self.hub.connected()]
+            )
         # Running jobs the store cannot tell about: an end whose commit
         # failed (a full disk) and is written again, and a last attempt
         # that waits for its silent worker.  By job id: attempt, reason.
@@ -525,7 +549,10 @@ class Dispatcher(Service):
 
     def _make_explainer(self, remote: list[Offer]) -> Callable[[Job], Job]:
         offers = ([self.local_offer] if self._slots > 0 else []) + remote
-        return explainer(offers, self.store.queue_limits)
+        routing = self.routing
+        return explainer(
+            offers, self.store.queue_limits, routing.backends, shapes=routing.shapes
+        )
 
     def cancel(self, job_id: str, owner: Optional[str] = None) -> Deferred:
         """

@@ -42,6 +42,7 @@ from dispatcher.core._capacity import free_resources
 from dispatcher.core._reasons import silent_worker
 from dispatcher.core._recorder import Recorder
 from dispatcher.model._events import CONNECTED, LEFT
+from dispatcher.model._routing import Routing
 from dispatcher.model._jobs import (
     LOG_STREAMS,
     JobState,
@@ -247,6 +248,13 @@ class WorkerHub:
         self.last_attempt_grace = last_attempt_grace
         self._recorder = recorder
         self._capacity_changed = capacity_changed
+        # Which queues each worker takes (the dispatcher sets it).
+        self.routing = Routing()
+        # The time (dispatcher clock) by which a worker's jobs must have
+        # ended, by its name: a Slurm pilot's end less its stop margin,
+        # which its backend keeps up to date.  A job whose timeout would
+        # run past it is not given to that worker.
+        self.deadlines: dict[str, float] = {}
         self.workers: dict[str, Worker] = {}
         # How many remote leases ran out without a heartbeat (the metrics').
         self.leases_expired = 0
@@ -295,8 +303,17 @@ class WorkerHub:
         self._arm_reaper()
 
     def offer(self, holder: str) -> Optional[Offer]:
+        """
+        What the worker C{holder} offers now: a worker with a deadline
+        (L{deadlines}) offers the time left until it.
+        """
         worker = self.workers.get(holder)
-        return None if worker is None else worker.offer
+        if worker is None:
+            return None
+        deadline = self.deadlines.get(holder)
+        if deadline is None:
+            return worker.offer
+        return attrs.evolve(worker.offer, time_left=deadline - self._clock.seconds())
 
     def free(self, holder: str) -> Resources:
         """
@@ -379,6 +396,8 @@ class WorkerHub:
         its credential or the dispatcher has as many names as it may keep.
         """
         now = self._clock.seconds()
+        # Which queues it takes: a backend's pilot its backend's alone.
+        offer = self.routing.remote(offer, credential)
         worker = self.workers.get(offer.holder)
         if worker is None:
             # A new name: a good moment to forget the long gone (the reaper

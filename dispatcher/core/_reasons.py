@@ -19,7 +19,7 @@ no I/O, no reactor.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Container, Optional, Sequence
+from typing import Any, Callable, Container, Mapping, Optional, Sequence
 
 from dispatcher.model._jobs import Job, JobSpec, JobState, Offer, format_time
 
@@ -96,10 +96,31 @@ def unconfigured_queue(queue: str) -> str:
     )
 
 
+def waits_for_pilot(queue: str, backend: str) -> str:
+    """
+    The wait reason of a job of a queue that runs on a backend none of
+    whose pilots is connected now.
+    """
+    return (
+        f"its queue {queue} runs on backend {backend}, and none of its pilots "
+        "is connected yet: one is submitted while jobs wait (up to max_pilots)"
+    )
+
+
+def fits_no_pilot(backend: str, why: str) -> str:
+    """
+    The wait reason of a job of a backend's queue that no pilot of that
+    backend could run (C{why}: what it asks for that they lack).
+    """
+    return f"no pilot of backend {backend} can run it: {why}; none is submitted for it"
+
+
 def explainer(
     offers: Sequence[Offer],
     queues: Container[str],
+    backends: Optional[Mapping[str, str]] = None,
     max_reasons: int = MAX_REASONS,
+    shapes: Optional[Mapping[str, Any]] = None,
 ) -> Callable[[Job], Job]:
     """
     A function that gives a queued job the wait reason the holders in
@@ -123,12 +144,25 @@ def explainer(
         spec = job.spec
         if spec.queue not in queues:
             return job.waiting(unconfigured_queue(spec.queue))
-        needs = (spec.task, spec.resources, tuple(sorted(spec.requirements.items())))
+        needs = (
+            spec.task, spec.resources, tuple(sorted(spec.requirements.items())),
+            (spec.queue, spec.timeout) if backends else None,
+        )
         reason = verdicts.get(needs, False)
         if reason is False:
             if len(verdicts) >= max_reasons:
                 verdicts.clear()
-            reason = verdicts[needs] = unplaceable(spec, offers)
+            backend = backends.get(spec.queue) if backends else None
+            taking = [o for o in offers if o.takes(spec.queue)] if backends else offers
+            shape = shapes.get(backend) if shapes and backend is not None else None
+            why = shape.refuses(spec) if shape is not None else None
+            if why is not None:
+                reason = fits_no_pilot(backend, why)  # type: ignore[arg-type]
+            elif backend is not None and not taking:
+                reason = waits_for_pilot(spec.queue, backend)
+            else:
+                reason = unplaceable(spec, taking)
+            verdicts[needs] = reason
         if reason is None or reason == job.wait_reason:
             return job
         return job.waiting(reason)

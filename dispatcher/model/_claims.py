@@ -114,10 +114,19 @@ def choose_jobs(
         before the claim gives up.
     """
     heads: dict[str, Row] = {}
+    # A queue the holder does not take from (it belongs to a backend, or
+    # the holder is a backend's pilot) is looked into for one job alone:
+    # one there counts as passed over, so that the holder rests and the
+    # job waits for a holder that takes it.
+    others = 0
+    restricted = offer.queues is not None or bool(offer.excluded)
     for queue, rows in queued.items():
         row = next(rows, None)
         if row is not None:
-            heads[queue] = row
+            if restricted and not offer.takes(queue):
+                others += 1
+            else:
+                heads[queue] = row
     order = [*queues[turn:], *queues[:turn]]
     chosen: list[tuple[Row, JobSpec]] = []
     taken: dict[str, int] = {}
@@ -151,5 +160,6 @@ def choose_jobs(
             # Among equal priorities the next turn is the next queue's.
             turn = (queues.index(queue) + 1) % len(queues)
             order = [*queues[turn:], *queues[:turn]]
+    skipped += others
     drained = not heads and not left and not skipped
     return Choice(chosen, taken, skipped, drained, turn)

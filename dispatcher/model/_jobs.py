@@ -372,12 +372,37 @@ class Offer:
     # A remote worker process's own random id, when it sends one: two
     # processes under one holder name tell themselves apart by it.
     instance: Optional[str] = None
+    # The only queues it takes jobs from (None: any), and queues it never
+    # takes jobs from: a backend's pilots take its queues alone, and those
+    # queues are kept from every other holder (dispatcher.model._routing).
+    queues: Optional[frozenset[str]] = None
+    excluded: frozenset[str] = frozenset()
+    # Seconds a job may still run on it before it ends (a Slurm pilot's
+    # time limit), as of the claim or the look it is made for; None: no end.
+    time_left: Optional[float] = None
+
+    def takes(self, queue: str) -> bool:
+        """
+        Whether this holder takes jobs of C{queue}.
+        """
+        return (self.queues is None or queue in self.queues) and queue not in self.excluded
 
     def refuses(self, spec: JobSpec) -> Optional[str]:
         """
         Why this holder could never run C{spec}, even idle; C{None} if it
         could.
         """
+        if (self.queues is not None or self.excluded) and not self.takes(spec.queue):
+            return f"takes no job of queue {spec.queue}"
+        if (
+            self.time_left is not None
+            and spec.timeout is not None
+            and spec.timeout > self.time_left
+        ):
+            return (
+                f"ends in {max(0.0, self.time_left):.0f} s (its Slurm time limit), "
+                f"before the job's timeout of {spec.timeout:g} s"
+            )
         if spec.task is not None and self.tasks is not None and spec.task not in self.tasks:
             return f"does not know the task {spec.task!r}"
         for key, value in spec.requirements.items():
