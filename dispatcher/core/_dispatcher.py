@@ -69,6 +69,9 @@ END_GATHER = 0.001
 PURGE_INTERVAL = 3600.0
 
 _LEASE = operator.attrgetter("lease")
+# The states of a job a holder has: one that leaves them frees a place
+# under its queue's limit.
+_HELD = (JobState.RUNNING, JobState.STAGING)
 
 
 class Dispatcher(Service):
@@ -182,6 +185,9 @@ class Dispatcher(Service):
         # (before its writes are answered): the one publication of every
         # change, in id order.
         store.follow_events(self.events.publish_committed)
+        # And those of other dispatchers on the same store, in their place.
+        store.follow_others(self._others_committed)
+        self._reading_due = False
         self.waits = Waits(self.events, store, self._clock, max_waits)
         self.retention = Retention(
             store,
@@ -720,6 +726,50 @@ class Dispatcher(Service):
                 queued += 1
         if queued:
             self.scheduler.jobs_queued(queued)
+
+    def _others_committed(self, events: Sequence[Any]) -> None:
+        """
+        Events other dispatchers on the store committed: publish them, and
+        claim what they queued (or what a queue's limit let go when their
+        jobs ended); a job they made pending is woken when due here too
+        (its dispatcher may be gone by then).
+        """
+        self.events.publish_others(events)
+        queued = 0
+        ended = pending = False
+        for event in events:
+            if type(event) is not JobEvent:
+                continue
+            state = event.state
+            if state is JobState.QUEUED:
+                queued += 1
+            elif state is JobState.PENDING:
+                pending = True
+            if event.previous in _HELD:
+                ended = True
+        if queued:
+            self.scheduler.jobs_queued(queued)
+        if ended:
+            self.scheduler.ended_elsewhere()
+        if pending:
+            self._read_next_due()
+        self._pump()
+
+    def _read_next_due(self) -> None:
+        if self._reading_due or not self._accepting:
+            return
+        self._reading_due = True
+
+        def read(when: Optional[float]) -> None:
+            self._reading_due = False
+            self._schedule_wake(when)
+
+        def failed(failure: Failure) -> None:
+            self._reading_due = False
+            if not failure.check(StoreClosed):
+                log.failure("reading when the next pending job is due failed", failure)
+
+        self.store.next_due().addCallbacks(read, failed)
 
     def _pump(self) -> None:
         if not self._accepting:

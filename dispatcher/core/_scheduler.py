@@ -105,6 +105,15 @@ class Scheduler:
             # have been one of that queue's: look again.
             self._queued = max(self._queued, 1)
 
+    def ended_elsewhere(self) -> None:
+        """
+        Another dispatcher's job left a queue's running jobs: if jobs wait
+        behind a queue's limit, look again (a queue's limit counts every
+        dispatcher's).
+        """
+        if self._blocked:
+            self._queued = max(self._queued, 1)
+
     def queues_changed(self) -> None:
         """
         The queues or their limits changed (a reload): jobs held behind a

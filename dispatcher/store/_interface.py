@@ -466,6 +466,16 @@ class IJobStore(Interface):
         as the write knew it.
         """
 
+    def follow_others(listener):
+        """
+        Call C{listener} (C{None}: no one) in the reactor thread with the
+        events other dispatchers sharing the store committed, a list at a
+        time, each list in id order and told in its place among this
+        store's own (L{follow_events}): every event once, none skipped.
+        A store no other dispatcher shares (the SQLite file) never calls
+        it.  Given before the store opens.
+        """
+
     def read_events(after, limit):
         """
         Fire with an L{EventPage}: at most C{limit} stored events whose ids

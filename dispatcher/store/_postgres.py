@@ -115,6 +115,15 @@ from dispatcher.store._operations import (
     record_changes,
     shared_paths,
 )
+from dispatcher.store._events import read_events
+from dispatcher.store._pg_events import (
+    PAGE as FEED_PAGE,
+    EventFeed,
+    NotifyListener,
+    first_id,
+    last_id,
+    notify_statement,
+)
 from dispatcher.store._pg_schema import (
     MIGRATION_LOCK,
     MIGRATIONS,
@@ -529,6 +538,13 @@ class DatabaseOwnerCounts(OwnerCounts):
         self.commit()
 
 
+# The greatest event id stored (0: none), as _NEXT in store._events
+# reads the next.
+_NEWEST_EVENT = (
+    "SELECT COALESCE((SELECT id + COALESCE(jobs, 1) - 1 FROM events"
+    " ORDER BY id DESC LIMIT 1), 0)"
+)
+
 # An owner's unfinished jobs, and every owner's (but those of no owner),
 # as the counts table holds them.
 _OWNER_UNFINISHED = (
@@ -621,6 +637,13 @@ class PostgresGroupWriter(GroupWriter):
         self._connect = connect
         self._begun = begun
         self._refresh = refresh
+        # The feed of other dispatchers' events, and whether groups notify
+        # them; the others' events a group read, for its answers.
+        self.feed: Optional[EventFeed] = None
+        self.notify = True
+        self._foreign: list = []
+        # How many groups read others' events numbered before their own.
+        self.foreign_reads = 0
 
     def start(self, open_connection: Callable[[], Any]) -> Deferred:
         """
@@ -711,7 +734,7 @@ class PostgresGroupWriter(GroupWriter):
                     results = [self._apply_one(conn, write) for write in work]
                 if self._record is not None:
                     events = self._record(conn, work, results)
-                conn.raw.execute("COMMIT")
+                conn.raw.execute(self._end_group(conn, events))
             except BaseException:
                 if not conn.raw.closed and conn.in_transaction:
                     try:
@@ -728,6 +751,42 @@ class PostgresGroupWriter(GroupWriter):
         self.batches += 1
         self.durable_batches += 1
         return results, events
+
+    def _end_group(self, conn: PgConnection, events: list) -> str:
+        """
+        What commits the group: with events, a notification to the other
+        dispatchers first (sent only if the group commits), and the
+        others' events numbered before the group's own read for the feed
+        to publish first (L{dispatcher.store._pg_events}).  On the writer
+        thread, in the group's transaction.
+        """
+        feed = self.feed
+        if feed is None or not feed.following:
+            return "COMMIT"
+        written = [told for told in events if told]
+        if not written:
+            return "COMMIT"
+        first = first_id(written[0])
+        if first - 1 > feed.delivered:
+            self._foreign = _events_between(conn, feed.delivered, first)
+            self.foreign_reads += 1
+        if not self.notify:
+            return "COMMIT"
+        return f"{notify_statement(feed.token, last_id(written[-1]))}; COMMIT"
+
+    def _flush(self) -> None:
+        if self.feed is not None:
+            self.feed.group_starting()
+        super()._flush()
+
+    def _flushed(self, outcome: Any, deferreds: list[Deferred]) -> None:
+        foreign, self._foreign = self._foreign, []
+        if foreign and self.feed is not None and not isinstance(outcome, Failure):
+            # Numbered before the group's own: published first.
+            self.feed.publish(foreign)
+        super()._flushed(outcome, deferreds)
+        if not self._flushing and self.feed is not None:
+            self.feed.group_answered()
 
     def _apply_one(self, conn: Any, write: Write) -> tuple[bool, Any]:
         conn.raw.execute("SAVEPOINT operation")
@@ -755,6 +814,24 @@ _BEGIN = (
     f"BEGIN; SELECT pg_advisory_xact_lock({WRITE_LOCK}),"
     " EXISTS (SELECT 1 FROM dependencies)"
 )
+
+
+def _events_between(conn: PgConnection, after: int, before: int) -> list:
+    """
+    The stored events with ids above C{after} and below C{before}, in id
+    order (what other dispatchers committed before a group took the write
+    lock).
+    """
+    found: list = []
+    while True:
+        page = read_events(conn, after, FEED_PAGE)  # type: ignore[arg-type]
+        for event in page.events:
+            if event.id >= before:
+                return found
+            found.append(event)
+        if len(page.events) < FEED_PAGE or not page.events:
+            return found
+        after = page.events[-1].id
 
 
 def _space(conn: PgConnection) -> StoreSpace:
@@ -789,6 +866,11 @@ class PostgresJobStore(SQLiteJobStore):
         jobs by queue and state (what other dispatchers changed).
     @param clock: the clock that times those re-reads (the reactor's if
         not given).
+    @param poll_interval: seconds between reads of the events other
+        dispatchers committed, whatever was heard of them (the fallback
+        of the notifications: L{dispatcher.store._pg_events}).
+    @param notify: whether groups notify the other dispatchers and this
+        one listens for theirs (C{False}: the polls alone).
     """
 
     def __init__(
@@ -801,6 +883,8 @@ class PostgresJobStore(SQLiteJobStore):
         backoff: Callable[[float, int], float] = jittered_backoff,
         refresh_interval: float = 1.0,
         clock: Any = None,
+        poll_interval: float = 1.0,
+        notify: bool = True,
     ) -> None:
         self._url = url
         self._where = describe_url(url)
@@ -827,6 +911,14 @@ class PostgresJobStore(SQLiteJobStore):
             journal=Journals(self._state.owners, self._state.counts),
             record=functools.partial(record_changes, self._state),
         )
+        self._feed = EventFeed(self.read_events, clock if clock is not None else reactor,
+                               poll_interval)
+        self._writer.feed = self._feed
+        self._writer.committed = self._feed.committed
+        self._writer.notify = notify
+        self._notify = notify
+        # The greatest event id stored when the store opened.
+        self._newest_at_open = 0
         self._write = self._writer.write
         self._readers = readers
         self._reactor = reactor
@@ -844,7 +936,20 @@ class PostgresJobStore(SQLiteJobStore):
         password).
         """
         self._reader_pool.start()
-        return self._writer.start(self._open_in_thread)
+        d = self._writer.start(self._open_in_thread)
+        return d.addCallback(self._start_feed)
+
+    def _start_feed(self, _: Any) -> None:
+        listener = None
+        if self._notify:
+            listener = NotifyListener(
+                self._reactor,
+                lambda: connect(self._url, "dispatcher store listener"),
+                self._feed.token,
+                self._feed.heard,
+                self._feed._clock,
+            )
+        self._feed.start(self._newest_at_open, listener)
 
     def _connect_writer(self) -> PgConnection:
         raw = connect(self._url, "dispatcher store writer")
@@ -868,6 +973,8 @@ class PostgresJobStore(SQLiteJobStore):
             migrate(raw, self._where)
             conn = PgConnection(raw, ColumnTypes(raw))
             self._state.load(conn)
+            (newest,) = conn.execute(_NEWEST_EVENT).fetchone()
+            self._newest_at_open = int(newest)
         except psycopg.Error as e:
             raw.close()
             raise StoreUnusable(
@@ -917,7 +1024,11 @@ class PostgresJobStore(SQLiteJobStore):
         (the readers' pool on a thread of its own: closing it waits for
         its connections to close).
         """
+        # The feed reads no more from now on (its listener stops beside the
+        # writer's last groups).
+        listener_stopped = self._feed.stop()
         d = self._writer.close(self._reader_pool.stop)
+        d.addCallback(lambda _: listener_stopped)
         return d.addCallback(lambda _: self._close_pool())
 
     def _close_pool(self) -> Deferred:
@@ -935,6 +1046,34 @@ class PostgresJobStore(SQLiteJobStore):
 
         threading.Thread(target=close, name="store-pool-close").start()
         return closed
+
+    # Events
+
+    def follow_events(self, listener: Optional[Callable[[list], None]]) -> None:
+        """
+        Call C{listener} in the reactor thread with the events of each of
+        this store's writes, in id order, just before the write is
+        answered (see L{IJobStore.follow_events}); the events of other
+        dispatchers on the database that come before them go to
+        L{follow_others}'s listener first.
+        """
+        self._feed.own = listener
+
+    def follow_others(self, listener: Optional[Callable[[list], None]]) -> None:
+        """
+        Call C{listener} in the reactor thread with the events other
+        dispatchers on the database committed, a list at a time, in id
+        order and in their place among this store's own (see
+        L{IJobStore.follow_others}); given before L{open}.
+        """
+        self._feed.others = listener
+
+    @property
+    def feed(self) -> EventFeed:
+        """
+        The feed of other dispatchers' events (for tests and metrics).
+        """
+        return self._feed
 
     # Reads
 

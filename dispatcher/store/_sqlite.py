@@ -586,6 +586,12 @@ class SQLiteJobStore:
         """
         self._writer.committed = listener
 
+    def follow_others(self, listener: Optional[Callable[[list], None]]) -> None:
+        """
+        No other dispatcher writes to the SQLite file: C{listener} is never
+        called (see L{IJobStore.follow_others}).
+        """
+
     def read_events(self, after: int, limit: int) -> Deferred:
         """
         Fire with an L{EventPage}: at most C{limit} stored events after the
