@@ -85,23 +85,24 @@ def first_id(events: Sequence[Any]) -> int:
     return events[0].id
 
 
-def notify_statement(token: str, last: int) -> str:
+def notify_statement(token: str, last: int, cancel: bool = False) -> str:
     """
     The statement that tells the listeners a group committed events up to
     C{last} (C{token}: who sent it; both are the feed's own, never a
-    client's).
+    client's), and, with C{cancel}, a client's cancel of a running job.
     """
-    return f"NOTIFY {CHANNEL}, '{token} {int(last)}'"
+    return f"NOTIFY {CHANNEL}, '{token} {int(last)}{' cancel' if cancel else ''}'"
 
 
 class NotifyListener:
     """
     A thread of its own, with a connection of its own, that C{LISTEN}s on
     L{CHANNEL} and calls C{heard} in the reactor thread with the greatest
-    event id another dispatcher said it committed (at most one call
-    waiting at a time: notifications that come meanwhile are folded into
-    it).  A connection lost is made again, after a back-off; each new
-    connection calls C{heard} with C{None} (what was said while none was
+    event id another dispatcher said it committed, and whether one said
+    it stored a cancel of a running job (at most one call waiting at a
+    time: notifications that come meanwhile are folded into it).  A
+    connection lost is made again, after a back-off; each new connection
+    calls C{heard} with C{None} and C{True} (what was said while none was
     listening is unknown).
 
     @param connect: makes the listening connection (autocommit).
@@ -114,7 +115,7 @@ class NotifyListener:
         reactor: Any,
         connect: Callable[[], psycopg.Connection],
         token: str,
-        heard: Callable[[Optional[int]], None],
+        heard: Callable[[Optional[int], bool], None],
         clock: Any,
     ) -> None:
         self._reactor = reactor
@@ -129,6 +130,7 @@ class NotifyListener:
         # on its way to the reactor.
         self._newest: Optional[int] = None
         self._unknown = False
+        self._cancel = False
         self._telling = False
         self._trouble = Throttle(clock)
         self.connections = 0
@@ -180,23 +182,24 @@ class NotifyListener:
             self._reactor.callFromThread(self._stopped.callback, None)  # type: ignore[union-attr]
 
     def _notified(self, payload: str) -> None:
-        token, _, last = payload.partition(" ")
-        if token == self._token:
+        words = payload.split(" ")
+        if words[0] == self._token:
             return
         try:
-            newest: Optional[int] = int(last)
-        except ValueError:
+            newest: Optional[int] = int(words[1])
+        except (IndexError, ValueError):
             # Not a dispatcher's: read what is there.
             newest = None
-        self._tell(newest)
+        self._tell(newest, words[2:] == ["cancel"] or newest is None)
 
-    def _tell(self, newest: Optional[int]) -> None:
+    def _tell(self, newest: Optional[int], cancel: bool = True) -> None:
         # On the listener's thread: fold into the call on its way, if any.
         with self._lock:
             if newest is None:
                 self._unknown = True
             elif self._newest is None or newest > self._newest:
                 self._newest = newest
+            self._cancel = self._cancel or cancel
             if self._telling:
                 return
             self._telling = True
@@ -204,9 +207,10 @@ class NotifyListener:
 
     def _told(self) -> None:
         with self._lock:
-            newest, unknown = self._newest, self._unknown
-            self._newest, self._unknown, self._telling = None, False, False
-        self._heard(None if unknown else newest)
+            newest, unknown, cancel = self._newest, self._unknown, self._cancel
+            self._newest, self._unknown, self._cancel = None, False, False
+            self._telling = False
+        self._heard(None if unknown else newest, cancel)
 
     def _failed(self, error: Exception) -> None:
         count = self._trouble.happened()
@@ -240,6 +244,9 @@ class EventFeed:
         C{follow_events} listener).
     @ivar others: told the others' events, a list at a time (the store's
         C{follow_others} listener); none: the feed does not run.
+    @ivar cancels: told (no arguments) when another dispatcher may have
+        stored a cancel of a running job (the store's C{follow_cancels}
+        listener): on its notification, and at every poll.
     @ivar delivered: the greatest event id published.
     @ivar token: this dispatcher's, in its notifications.
     """
@@ -255,6 +262,7 @@ class EventFeed:
         self.poll_interval = poll_interval
         self.own: Optional[Callable[[Sequence[Any]], None]] = None
         self.others: Optional[Callable[[list], None]] = None
+        self.cancels: Optional[Callable[[], None]] = None
         self.delivered = 0
         self.token = secrets.token_hex(8)
         self.listener: Optional[NotifyListener] = None
@@ -287,7 +295,7 @@ class EventFeed:
             return
         self.delivered = delivered
         self.running = True
-        self._poll = LoopingCall(self.heard, None)
+        self._poll = LoopingCall(self.heard, None, True)
         self._poll.clock = self._clock
         self._poll.start(self.poll_interval, now=False)
         self.listener = listener
@@ -376,13 +384,19 @@ class EventFeed:
 
     # Reads
 
-    def heard(self, newest: Optional[int]) -> None:
+    def heard(self, newest: Optional[int], cancel: bool = False) -> None:
         """
         Another dispatcher committed events up to C{newest} (C{None}: may
-        have): read them unless they are published already.
+        have): read them unless they are published already; and, with
+        C{cancel}, may have stored a cancel of a running job.
         """
         if not self.running:
             return
+        if cancel and self.cancels is not None:
+            try:
+                self.cancels()
+            except Exception:
+                log.failure("telling of others' cancels failed")
         if newest is not None and newest <= self.delivered:
             return
         if self._parked:

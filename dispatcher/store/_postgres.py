@@ -734,7 +734,7 @@ class PostgresGroupWriter(GroupWriter):
                     results = [self._apply_one(conn, write) for write in work]
                 if self._record is not None:
                     events = self._record(conn, work, results)
-                conn.raw.execute(self._end_group(conn, events))
+                conn.raw.execute(self._end_group(conn, work, results, events))
             except BaseException:
                 if not conn.raw.closed and conn.in_transaction:
                     try:
@@ -752,9 +752,10 @@ class PostgresGroupWriter(GroupWriter):
         self.durable_batches += 1
         return results, events
 
-    def _end_group(self, conn: PgConnection, events: list) -> str:
+    def _end_group(self, conn: PgConnection, work: list, results: list, events: list) -> str:
         """
-        What commits the group: with events, a notification to the other
+        What commits the group: with events (or a cancel that asks a
+        running job's holder to stop it), a notification to the other
         dispatchers first (sent only if the group commits), and the
         others' events numbered before the group's own read for the feed
         to publish first (L{dispatcher.store._pg_events}).  On the writer
@@ -764,15 +765,19 @@ class PostgresGroupWriter(GroupWriter):
         if feed is None or not feed.following:
             return "COMMIT"
         written = [told for told in events if told]
-        if not written:
+        asked = self.notify and _asks_holders(work, results)
+        if not written and not asked:
             return "COMMIT"
-        first = first_id(written[0])
-        if first - 1 > feed.delivered:
-            self._foreign = _events_between(conn, feed.delivered, first)
-            self.foreign_reads += 1
+        last = 0
+        if written:
+            first = first_id(written[0])
+            if first - 1 > feed.delivered:
+                self._foreign = _events_between(conn, feed.delivered, first)
+                self.foreign_reads += 1
+            last = last_id(written[-1])
         if not self.notify:
             return "COMMIT"
-        return f"{notify_statement(feed.token, last_id(written[-1]))}; COMMIT"
+        return f"{notify_statement(feed.token, last, asked)}; COMMIT"
 
     def _flush(self) -> None:
         if self.feed is not None:
@@ -814,6 +819,22 @@ _BEGIN = (
     f"BEGIN; SELECT pg_advisory_xact_lock({WRITE_LOCK}),"
     " EXISTS (SELECT 1 FROM dependencies)"
 )
+
+
+def _asks_holders(work: list, results: list) -> bool:
+    """
+    Whether a write of the group stored a cancel of a running job, which
+    its holder (perhaps another dispatcher's) is to hear of.
+    """
+    for write, (ok, value) in zip(work, results):
+        if not ok:
+            continue
+        kind = type(write)
+        if kind is writes.Cancel and value.value[1] is not None:
+            return True
+        if kind is writes.CancelGroup and value.value[1]:
+            return True
+    return False
 
 
 def _events_between(conn: PgConnection, after: int, before: int) -> list:
@@ -1067,6 +1088,15 @@ class PostgresJobStore(SQLiteJobStore):
         L{IJobStore.follow_others}); given before L{open}.
         """
         self._feed.others = listener
+
+    def follow_cancels(self, listener: Optional[Callable[[], None]]) -> None:
+        """
+        Call C{listener} in the reactor thread whenever another dispatcher
+        on the database may have stored a cancel of a running job: when
+        its notification comes, and at every poll (see
+        L{IJobStore.follow_cancels}); given before L{open}.
+        """
+        self._feed.cancels = listener
 
     @property
     def feed(self) -> EventFeed:
