@@ -14,10 +14,12 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
-from twisted.internet.task import deferLater
+from twisted.internet.task import Clock, deferLater
 
-from dispatcher.model._events import SameChange
+from dispatcher.model._events import SameChange, WorkerEvent
 from dispatcher.model._jobs import JobIds, JobSpec, JobState, Offer, Outcome, PlainJobs
+from dispatcher.store._events import EventPage
+from dispatcher.store._pg_events import EventFeed
 from dispatcher.store._postgres import PostgresJobStore
 from tests.postgres import Databases
 from tests.store_contract import no_jitter
@@ -211,3 +213,48 @@ async def test_every_store_publishes_every_event_once_in_id_order(databases, sto
     # Each store's own events are the other's others.
     assert sorted(heard_a.own) == sorted(e.id for e in heard_b.others)
     assert sorted(heard_b.own) == sorted(e.id for e in heard_a.others)
+
+
+def worker_event(number):
+    return WorkerEvent(number, 1.0, "w", "connected")
+
+
+def test_a_read_that_comes_back_during_a_group_waits_for_its_answers():
+    """The feed's read of the others' events that comes back while a group
+    of the store's own is in flight (it may hold that group's events) is
+    published only after the group's own, less what they published; a
+    notification of what is published already reads nothing, and the
+    polls read on the clock.  (No database: the feed alone.)"""
+    reads = []
+
+    def read(after, limit):
+        d = Deferred()
+        reads.append((after, d))
+        return d
+
+    clock = Clock()
+    feed = EventFeed(read, clock, 1.0)
+    published = []
+    feed.own = lambda events: published.append(("own", [e.id for e in events]))
+    feed.others = lambda events: published.append(("others", [e.id for e in events]))
+    feed.start(10, None)
+    feed.heard(12)
+    assert [after for after, _ in reads] == [10]
+    feed.group_starting()
+    # Read while the group committed 13 and 14 and before its answers.
+    reads[0][1].callback(EventPage([worker_event(n) for n in (11, 12, 13, 14)], 1, 14))
+    assert published == []
+    # The group read 11 and 12 inside its transaction: published first.
+    feed.publish([worker_event(11), worker_event(12)])
+    feed.committed([worker_event(13), worker_event(14)])
+    feed.group_answered()
+    assert published == [("others", [11, 12]), ("own", [13, 14])]
+    feed.heard(14)
+    assert len(reads) == 1
+    clock.advance(1.0)
+    assert [after for after, _ in reads] == [10, 14]
+    reads[1][1].callback(EventPage([worker_event(15)], 1, 15))
+    assert published[-1] == ("others", [15])
+    assert feed.delivered == 15
+    feed.stop()
+    assert clock.getDelayedCalls() == []

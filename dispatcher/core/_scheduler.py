@@ -9,7 +9,9 @@ passed over jobs that did not fit that holder, that the holder has nothing
 to take until a job is queued or one of its own slots frees.  Each holder
 has at most one claim in flight, so a claim always sees what the holder's
 earlier claims took.  Nothing polls: a job becoming queued and a slot
-becoming free are the only events that lead to a claim.
+becoming free are the only events that lead to a claim (and, where
+several dispatchers share a store, another's job queued or ended: the
+store tells of them).
 """
 
 from __future__ import annotations

@@ -34,8 +34,7 @@ It is the SQLite store's own logic on another engine, not a copy of it:
   - Its own schema and migrations (L{dispatcher.store._pg_schema}), run at
     open under an advisory lock.
 
-Made for several dispatchers on one database, though this version runs
-one (the README says so):
+Made for several dispatchers on one database:
 
   - Lease tokens come from a sequence (a block of
     L{dispatcher.store._pg_schema.TOKEN_BLOCK} at a time): never the same
@@ -48,12 +47,26 @@ one (the README says so):
     table (L{DatabaseOwnerCounts}), memory holding only the open
     transaction's own changes; the counts by queue and state that the
     API reads without a query are a copy re-read from the table at every
-    turn of the writer's loop.  A queue's running jobs (its
-    C{max_running}) are counted in the database at each claim.
+    turn of the writer's loop (C{refresh_interval}, a second: C{GET
+    /v1/queues} on one dispatcher counts another's jobs within it).  A
+    queue's running jobs (its C{max_running}) are counted in the database
+    at each claim, under the write lock: the limit is global.
   - Whether any job has dependents is read at the start of each group.
+  - The dispatchers hear each other (L{dispatcher.store._pg_events}):
+    each group that stores events sends one C{NOTIFY} as it commits; each
+    store listens on a connection and a thread of its own (made again
+    when lost) and reads the others' events after the last it published,
+    and reads them every C{poll_interval} seconds whatever it heard.
+    Every event is published once by every dispatcher, in id order,
+    whoever committed it (L{follow_events} and L{follow_others}): the
+    scheduler claims what others queued, a wait or an event stream on
+    one sees the others' changes.  A client's cancel of a job another
+    dispatcher runs changes no state until its holder stops it: it is
+    notified too, and each poll reads the cancels asked of the jobs held
+    here (L{follow_cancels}).
 
 What one dispatcher may keep in memory and several may not, for the next
-step (issue 19's N dispatchers):
+steps (issue 19's N dispatchers):
 
   - Each group holds a transaction-level advisory lock
     (L{dispatcher.store._pg_schema.WRITE_LOCK}) from its start to its
@@ -62,17 +75,17 @@ step (issue 19's N dispatchers):
     event's id) unique and in commit order, which the list cursor and
     the event stream rely on (a reader resumes after the greatest id it
     saw; ids from a sequence could commit out of order and be skipped),
-    and makes the quota check and the queue limit exact across
-    dispatchers.  With several dispatchers it also makes their writes
-    take turns; the next step narrows it to the group's tail (numbering
-    the events and committing), with sequences for C{seq}, so that
-    claims run side by side (C{SKIP LOCKED} is already there for that).
+    lets a group read the others' events numbered before its own, and
+    makes the quota check and the queue limit exact across dispatchers.
+    It also makes their writes take turns; the next step narrows it to
+    the group's tail (numbering the events and committing), with
+    sequences for C{seq}, so that claims run side by side (C{SKIP
+    LOCKED} is already there for that).
   - The queues' turn (fairness) is each dispatcher's own
     (C{WriterState.turn}); the configured queues and limits are each
-    dispatcher's configuration and must agree.
-  - A dispatcher hears only its own commits: its scheduler is woken by
-    its own events.  Another's submissions need C{LISTEN/NOTIFY}
-    wake-ups, with a polling fallback.
+    dispatcher's configuration and must agree.  Whoever frees a place
+    under a queue's limit mostly takes it (its claim joins the end's
+    commit): nothing shares the places out between dispatchers.
   - The local holder's leases never expire here; at start-up a
     dispatcher records its own holder's running attempts as lost.  With
     several, local leases must expire and another dispatcher recover
@@ -80,6 +93,9 @@ step (issue 19's N dispatchers):
   - A database that stops answering fails the writes of the groups
     under way (L{CommitFailed}) and the writer connects again at the
     next group; nothing yet answers 503 while it is away.
+  - Webhook deliveries are read from the outbox by every dispatcher: a
+    delivery due may be tried by two at once (the receiver drops the
+    repeat by its event id, as after a restart).
 """
 
 from __future__ import annotations
