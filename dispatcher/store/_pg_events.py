@@ -238,7 +238,8 @@ class EventFeed:
 
     @param read: C{(after, limit) -> Deferred} firing with an
         L{dispatcher.store._events.EventPage} (the store's read).
-    @param clock: the clock of the polls.
+    @param clock: the clock of the polls (and of the listener's log
+        lines): the C{clock} attribute.
     @param poll_interval: seconds between reads whatever was heard.
     @ivar own: told each write's own events (the store's
         C{follow_events} listener).
@@ -258,7 +259,7 @@ class EventFeed:
         poll_interval: float,
     ) -> None:
         self._read = read
-        self._clock = clock
+        self.clock = clock
         self.poll_interval = poll_interval
         self.own: Optional[Callable[[Sequence[Any]], None]] = None
         self.others: Optional[Callable[[list], None]] = None
@@ -276,6 +277,7 @@ class EventFeed:
         self._again = False
         self._poll: Optional[LoopingCall] = None
         self._trouble = Throttle(clock)
+        # How many reads of the others' events were made.
         self.reads = 0
 
     @property
@@ -296,7 +298,7 @@ class EventFeed:
         self.delivered = delivered
         self.running = True
         self._poll = LoopingCall(self.heard, None, True)
-        self._poll.clock = self._clock
+        self._poll.clock = self.clock
         self._poll.start(self.poll_interval, now=False)
         self.listener = listener
         if listener is not None:

@@ -984,7 +984,7 @@ class PostgresJobStore(SQLiteJobStore):
                 lambda: connect(self._url, "dispatcher store listener"),
                 self._feed.token,
                 self._feed.heard,
-                self._feed._clock,
+                self._feed.clock,
             )
         self._feed.start(self._newest_at_open, listener)
 
