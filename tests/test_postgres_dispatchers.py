@@ -218,13 +218,15 @@ def test_a_dispatcher_held_by_a_queues_limit_starts_as_the_others_job_ends(pair)
     assert done["attempts"][-1]["finished_at"] <= after["attempts"][-1]["started_at"]
 
 
-def test_a_cancel_on_one_dispatcher_stops_the_job_the_other_runs(pair, tmp_path):
+@pytest.mark.parametrize("store", ["poll_interval = 30\n", "poll_interval = 0.5\nnotify = no\n"])
+def test_a_cancel_on_one_dispatcher_stops_the_job_the_other_runs(pair, tmp_path, store):
     """A job running on one dispatcher, cancelled through the other, is
-    stopped at once by the one that runs it (the polls are 30 s apart), and
-    the place it held under its queue's limit goes to the job waiting."""
+    stopped by the one that runs it, at once (the polls are 30 s apart) or
+    at its next poll (no notifications); and the place it held under its
+    queue's limit goes to the job waiting."""
     queue = "[queue:one]\nmax_running = 1\n"
     a, b = pair(f"[executor]\nslots = 1\n{queue}", f"[executor]\nslots = 1\n{queue}",
-                store="poll_interval = 30\n")
+                store=store)
     marker = tmp_path / "ran-to-the-end"
     first = submit(a, ["sh", "-c", f"sleep 10; touch {marker}"], queue="one")
     a.wait(first["id"], ("running",))
