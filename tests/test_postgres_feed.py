@@ -258,3 +258,29 @@ def test_a_read_that_comes_back_during_a_group_waits_for_its_answers():
     assert feed.delivered == 15
     feed.stop()
     assert clock.getDelayedCalls() == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_store_notifies_only_while_another_listens(databases, stores):
+    """A store that found no other dispatcher listening at its last poll
+    sends no notification with its commits; one that starts listening
+    says so, and the store notifies again at once."""
+    url = databases.url("db")
+    probe = psycopg.connect(url, autocommit=True, application_name="probe")
+    try:
+        probe.execute("LISTEN dispatcher_events")
+        a, _ = await stores(url, poll_interval=0.1)
+        await until(lambda: not a.feed.others_listening, what="a poll that finds no one")
+        # (What a's listener said as it began.)
+        assert [n.payload.split()[1:] for n in probe.notifies(timeout=0.1)] == [["0", "listening"]]
+        await submit(a, JobSpec(command=("true",)))
+        assert list(probe.notifies(timeout=0.3)) == []
+        b, heard = await stores(url, poll_interval=60.0)
+        await until(lambda: a.feed.others_listening, what="the new listener's word")
+        (job,) = await submit(a, JobSpec(command=("true",)))
+        said = [n.payload for n in probe.notifies(timeout=0.3)]
+        assert said[-1] == f"{a.feed.token} {newest(url)}", said
+        await until(lambda: [e.job_id for e in heard.others][-1:] == [job.id],
+                    what="the event")
+    finally:
+        probe.close()

@@ -7,9 +7,13 @@ notification or a lost listening connection strands nothing.
 Every group that stores events sends one notification as it commits
 (C{NOTIFY dispatcher_events}, in the group's transaction: delivered only
 if it commits), its payload the sender's token and the group's last
-event id.  Each dispatcher's listener hears the others' and asks its
-feed to read the stored events after the last it published; the feed
-also reads them every C{poll_interval} seconds whatever it heard.
+event id (and C{cancel} if it stored a client's cancel of a running job,
+which changes no state until its holder stops it).  Each dispatcher's
+listener hears the others' and asks its feed to read the stored events
+after the last it published; the feed also reads them every
+C{poll_interval} seconds whatever it heard.  A dispatcher alone sends no
+notification: each poll counts the others' listening connections, and a
+listener that begins says so at once (C{listening}).
 
 Each dispatcher publishes every committed event once, in id order, with
 no gap, whoever committed it: its own as its writer commits them
@@ -133,7 +137,10 @@ class NotifyListener:
         self._cancel = False
         self._telling = False
         self._trouble = Throttle(clock)
+        # How many connections listened, and the server's process of the
+        # last (none yet: 0).
         self.connections = 0
+        self.backend = 0
 
     def start(self) -> None:
         """
@@ -165,6 +172,10 @@ class NotifyListener:
                     continue
                 try:
                     conn.execute(f"LISTEN {CHANNEL}")
+                    # Said to the others, who notify only while someone
+                    # listens (EventFeed.others_listening).
+                    conn.execute(f"NOTIFY {CHANNEL}, '{self._token} 0 listening'")
+                    self.backend = conn.info.backend_pid
                     self.connections += 1
                     wait = RECONNECT_FIRST
                     self._reactor.callFromThread(self._listening)
@@ -241,6 +252,10 @@ class EventFeed:
     @param clock: the clock of the polls (and of the listener's log
         lines): the C{clock} attribute.
     @param poll_interval: seconds between reads whatever was heard.
+    @param count_listeners: C{(backend) -> Deferred} firing with how many
+        dispatchers listen on the database other than the listening
+        connection C{backend} (0: none); read at every poll, for
+        L{others_listening}.
     @ivar own: told each write's own events (the store's
         C{follow_events} listener).
     @ivar others: told the others' events, a list at a time (the store's
@@ -250,6 +265,8 @@ class EventFeed:
         listener): on its notification, and at every poll.
     @ivar delivered: the greatest event id published.
     @ivar token: this dispatcher's, in its notifications.
+    @ivar others_listening: whether another dispatcher listened at the
+        last poll (groups notify only then; read by the writer thread).
     """
 
     def __init__(
@@ -257,8 +274,14 @@ class EventFeed:
         read: Callable[[int, int], Deferred],
         clock: Any,
         poll_interval: float,
+        count_listeners: Optional[Callable[[int], Deferred]] = None,
     ) -> None:
         self._read = read
+        self._count_listeners = count_listeners
+        # Whether another dispatcher listens (as of the last poll): none,
+        # and groups notify no one (the other polls at its start anyway).
+        self.others_listening = True
+        self._counting = False
         self.clock = clock
         self.poll_interval = poll_interval
         self.own: Optional[Callable[[Sequence[Any]], None]] = None
@@ -297,12 +320,29 @@ class EventFeed:
             return
         self.delivered = delivered
         self.running = True
-        self._poll = LoopingCall(self.heard, None, True)
+        self._poll = LoopingCall(self._polled)
         self._poll.clock = self.clock
         self._poll.start(self.poll_interval, now=False)
         self.listener = listener
         if listener is not None:
             listener.start()
+
+    def _polled(self) -> None:
+        self.heard(None, True)
+        if self.listener is None or self._count_listeners is None or self._counting:
+            return
+        self._counting = True
+
+        def counted(count: int) -> None:
+            self._counting = False
+            self.others_listening = count > 0
+
+        def failed(failure: Failure) -> None:
+            # Notified meanwhile, as if someone listened.
+            self._counting = False
+            self.others_listening = True
+
+        self._count_listeners(self.listener.backend).addCallbacks(counted, failed)
 
     def stop(self) -> Deferred:
         """
@@ -316,6 +356,14 @@ class EventFeed:
         return succeed(None)
 
     # What the writer tells
+
+    def notified(self, newest: Optional[int], cancel: bool) -> None:
+        """
+        The listener heard another dispatcher (see L{heard}): someone
+        listens, at least the one that just said so.
+        """
+        self.others_listening = True
+        self.heard(newest, cancel)
 
     def committed(self, events: Sequence[Any]) -> None:
         """

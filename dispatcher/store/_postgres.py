@@ -175,6 +175,10 @@ CLAIM_FETCH = 32
 # Seconds a connection attempt waits for the server before it fails.
 CONNECT_TIMEOUT = 10
 
+# The application name of a store's listening connection: how the others
+# find out whether anyone listens.
+LISTENER_NAME = "dispatcher store listener"
+
 
 def describe_url(url: str) -> str:
     """
@@ -791,7 +795,9 @@ class PostgresGroupWriter(GroupWriter):
                 self._foreign = _events_between(conn, feed.delivered, first)
                 self.foreign_reads += 1
             last = last_id(written[-1])
-        if not self.notify:
+        if not self.notify or not feed.others_listening:
+            # No one to tell (a dispatcher that starts reads what it
+            # missed; one that starts listening is seen at the next poll).
             return "COMMIT"
         return f"{notify_statement(feed.token, last, asked)}; COMMIT"
 
@@ -871,6 +877,19 @@ def _events_between(conn: PgConnection, after: int, before: int) -> list:
         after = page.events[-1].id
 
 
+def _other_listeners(conn: PgConnection, backend: int) -> int:
+    """
+    How many dispatchers' listening connections the database has, but the
+    one whose server process is C{backend}.
+    """
+    (count,) = conn.execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+        " AND application_name = ? AND pid <> ?",
+        (LISTENER_NAME, backend),
+    ).fetchone()
+    return int(count)
+
+
 def _space(conn: PgConnection) -> StoreSpace:
     (size,) = conn.execute("SELECT pg_database_size(current_database())").fetchone()
     # PostgreSQL reuses the space removals free (autovacuum); giving it
@@ -948,8 +967,12 @@ class PostgresJobStore(SQLiteJobStore):
             journal=Journals(self._state.owners, self._state.counts),
             record=functools.partial(record_changes, self._state),
         )
-        self._feed = EventFeed(self.read_events, clock if clock is not None else reactor,
-                               poll_interval)
+        self._feed = EventFeed(
+            self.read_events,
+            clock if clock is not None else reactor,
+            poll_interval,
+            lambda backend: self._read(_other_listeners, backend),
+        )
         self._writer.feed = self._feed
         self._writer.committed = self._feed.committed
         self._writer.notify = notify
@@ -981,9 +1004,9 @@ class PostgresJobStore(SQLiteJobStore):
         if self._notify:
             listener = NotifyListener(
                 self._reactor,
-                lambda: connect(self._url, "dispatcher store listener"),
+                lambda: connect(self._url, LISTENER_NAME),
                 self._feed.token,
-                self._feed.heard,
+                self._feed.notified,
                 self._feed.clock,
             )
         self._feed.start(self._newest_at_open, listener)
