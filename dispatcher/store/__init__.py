@@ -25,7 +25,7 @@ dialect layer (C{_dialect}), with its own schema and migrations
 commits through C{_pg_events} (C{LISTEN/NOTIFY}, with polls).
 
 The only package that speaks SQL or imports C{sqlite3} or C{psycopg}
-(which only C{_postgres} and C{_pg_events} import).  May import:
+(which only C{_postgres} imports).  May import:
 L{dispatcher.model}: the form a job is stored in is the store's own
 (C{_stored}), not the API's.
 """

@@ -41,7 +41,6 @@ import secrets
 import threading
 from typing import Any, Callable, Optional, Sequence
 
-import psycopg
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -109,7 +108,8 @@ class NotifyListener:
     calls C{heard} with C{None} and C{True} (what was said while none was
     listening is unknown).
 
-    @param connect: makes the listening connection (autocommit).
+    @param connect: makes the listening connection (a psycopg one, in
+        autocommit mode).
     @param token: this dispatcher's own token: its notifications are not
         told.
     """
@@ -117,7 +117,7 @@ class NotifyListener:
     def __init__(
         self,
         reactor: Any,
-        connect: Callable[[], psycopg.Connection],
+        connect: Callable[[], Any],
         token: str,
         heard: Callable[[Optional[int], bool], None],
         clock: Any,
@@ -165,7 +165,8 @@ class NotifyListener:
             while not self._stopping.is_set():
                 try:
                     conn = self._connect()
-                except psycopg.Error as e:
+                except Exception as e:
+                    # (Whatever it was, the polls go on meanwhile.)
                     self._reactor.callFromThread(self._failed, e)
                     self._stopping.wait(wait)
                     wait = min(wait * 2, RECONNECT_MOST)
@@ -183,7 +184,7 @@ class NotifyListener:
                     while not self._stopping.is_set():
                         for notify in conn.notifies(timeout=LISTEN_TURN):
                             self._notified(notify.payload)
-                except psycopg.Error as e:
+                except Exception as e:
                     self._reactor.callFromThread(self._failed, e)
                     self._stopping.wait(wait)
                     wait = min(wait * 2, RECONNECT_MOST)
