@@ -296,7 +296,8 @@ class EventFeed:
         # answers: reads wait for its events to be published.
         self.writing = False
         self._parked: list[Any] = []
-        self._parked_more = False
+        self._parked_again = False
+        self._parked_full = False
         self._reading = False
         self._again = False
         self._poll: Optional[LoopingCall] = None
@@ -377,16 +378,16 @@ class EventFeed:
         if self.own is not None:
             self.own(events)
 
-    def publish(self, events: Sequence[Any]) -> None:
+    def publish(self, events: Sequence[Any]) -> int:
         """
         Publish the others' C{events} (in id order) that are past
-        L{delivered}.
+        L{delivered}; how many that was.
         """
         if not events or self.others is None:
-            return
+            return 0
         delivered = self.delivered
         if events[-1].id <= delivered:
-            return
+            return 0
         start = delivered
         fresh = []
         for event in events:
@@ -405,6 +406,7 @@ class EventFeed:
             )
         self.delivered = delivered
         self.others(fresh)
+        return len(fresh)
 
     def group_starting(self) -> None:
         """
@@ -428,9 +430,15 @@ class EventFeed:
         if not self._parked:
             return
         parked, self._parked = self._parked, []
-        more, self._parked_more = self._parked_more, False
-        self.publish(parked)
-        if more:
+        again, self._parked_again = self._parked_again, False
+        full, self._parked_full = self._parked_full, False
+        self._published(self.publish(parked), again, full)
+
+    def _published(self, count: int, again: bool, full: bool) -> None:
+        # Read again if asked to meanwhile, or if a full page brought the
+        # others' events (not if it held only this store's own, which a
+        # lone dispatcher's big groups would make a chain of reads).
+        if again or (full and count):
             self.heard(None)
 
     # Reads
@@ -452,7 +460,7 @@ class EventFeed:
             return
         if self._parked:
             # A read waits for a group's answers: read again after them.
-            self._parked_more = True
+            self._parked_again = True
             return
         if self._reading:
             self._again = True
@@ -464,16 +472,15 @@ class EventFeed:
 
     def _got(self, page: Any) -> None:
         self._reading = False
-        more = self._again or len(page.events) >= PAGE
+        again, full = self._again, len(page.events) >= PAGE
         self._again = False
         self._trouble_cleared()
         if self.writing:
             self._parked.extend(page.events)
-            self._parked_more = self._parked_more or more
+            self._parked_again = self._parked_again or again
+            self._parked_full = self._parked_full or full
             return
-        self.publish(page.events)
-        if more:
-            self.heard(None)
+        self._published(self.publish(page.events), again, full)
 
     def _failed(self, failure: Failure) -> None:
         self._reading = False
