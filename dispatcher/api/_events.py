@@ -263,7 +263,8 @@ class EventStreams:
         Follow the dispatcher's events from now on.
         """
         if self._unfollow is None:
-            self._unfollow = self._events.follow(self._published)
+            # Every dispatcher's on the store, in id order.
+            self._unfollow = self._events.follow(self._published, others=True)
 
     def stop(self) -> None:
         """

@@ -85,6 +85,8 @@ def _make_store(config: Config, data_dir: str, reactor: Any) -> Any:
             reactor,
             queues=queues,
             idempotency_ttl=config.dispatcher.idempotency_ttl,
+            poll_interval=section.poll_interval,
+            notify=section.notify,
         )
     return SQLiteJobStore(
         os.path.join(data_dir, DATABASE_NAME),

@@ -120,7 +120,10 @@ class StoreConfig:
     C{[store]}: where jobs are stored.  No C{url} (the default): the
     embedded SQLite file in the data directory.  A C{postgresql://} URL
     (libpq's form): that PostgreSQL database
-    (L{dispatcher.store._postgres}).
+    (L{dispatcher.store._postgres}).  Several dispatchers on one database
+    wake each other with C{LISTEN/NOTIFY} (C{notify}, on by default) and
+    read each other's events every C{poll_interval} seconds whatever they
+    heard (L{dispatcher.store._pg_events}); both are PostgreSQL's alone.
     """
 
     url: Optional[str] = None
@@ -128,6 +131,8 @@ class StoreConfig:
     # dispatcher renews it (every sixth of it); one that cannot renew for
     # half of it kills its local jobs (see dispatcher.core._lease_keeper).
     lease_seconds: float = 30.0
+    poll_interval: float = 1.0
+    notify: bool = True
 
 
 # A dispatcher's name ([dispatcher] name): what a holder name and a log
@@ -146,6 +151,22 @@ def _dispatcher_name(text: str) -> Optional[str]:
             "one database"
         )
     return name
+
+
+# The longest [store] poll_interval: a lost notification (or a lost
+# listening connection) leaves a job waiting at most this long.
+MAX_POLL_INTERVAL = 60.0
+
+
+def _poll_interval(text: str) -> float:
+    expected = f"expected a number of seconds above 0 and at most {MAX_POLL_INTERVAL:g}"
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(expected)
+    if not 0 < value <= MAX_POLL_INTERVAL:
+        raise ValueError(expected)
+    return value
 
 
 # The schemes of a PostgreSQL URL, as libpq reads them.
@@ -971,7 +992,15 @@ _SECTIONS: Mapping[str, tuple[type, Mapping[str, Callable[[str], Any]]]] = {
         },
     ),
     "retention": (RetentionConfig, {"finished_days": _days, "finished_count": _count}),
-    "store": (StoreConfig, {"url": _store_url, "lease_seconds": _seconds(1)}),
+    "store": (
+        StoreConfig,
+        {
+            "url": _store_url,
+            "lease_seconds": _seconds(1),
+            "poll_interval": _poll_interval,
+            "notify": _boolean,
+        },
+    ),
     "webhooks": (
         WebhooksConfig,
         {

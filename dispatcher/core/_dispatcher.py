@@ -49,6 +49,7 @@ from dispatcher.core._scheduler import Claim, Scheduler
 from dispatcher.store._results import (
     Claimed,
     CommitFailed,
+    ReadFailed,
     IdempotencyKey,
     Submitted,
     Written,
@@ -73,6 +74,9 @@ END_GATHER = 0.001
 PURGE_INTERVAL = 3600.0
 
 _LEASE = operator.attrgetter("lease")
+# The states of a job a holder has: one that leaves them frees a place
+# under its queue's limit.
+_HELD = (JobState.RUNNING, JobState.STAGING)
 
 
 class Dispatcher(Service):
@@ -211,6 +215,12 @@ class Dispatcher(Service):
         # (before its writes are answered): the one publication of every
         # change, in id order.
         store.follow_events(self.events.publish_committed)
+        # And those of other dispatchers on the same store, in their place.
+        store.follow_others(self._others_committed)
+        # And their clients' cancels of the jobs held here.
+        store.follow_cancels(self._cancels_maybe)
+        self._reading_due = False
+        self._reading_cancels = False
         self.waits = Waits(self.events, store, self._clock, max_waits)
         self.retention = Retention(
             store,
@@ -579,7 +589,19 @@ class Dispatcher(Service):
         if lease.holder == self.executor.holder:
             self.executor.stop(lease.job_id)
         else:
+            # (A holder of another dispatcher on the store hears of it from
+            # there: IJobStore.follow_cancels.)
             self.hub.cancel_requested(lease.job_id)
+
+    def _stop_held_here(self, job_id: str) -> None:
+        """
+        Have this dispatcher's holder of C{job_id} (the local executor or a
+        worker) stop it: its attempt was ended elsewhere.
+        """
+        if job_id in self.executor.running:
+            self.executor.stop(job_id)
+        else:
+            self.hub.cancel_requested(job_id)
 
     def retry(
         self,
@@ -876,6 +898,86 @@ class Dispatcher(Service):
                 queued += 1
         if queued:
             self.scheduler.jobs_queued(queued)
+
+    def _others_committed(self, events: Sequence[Any]) -> None:
+        """
+        Events other dispatchers on the store committed: publish them, and
+        claim what they queued (or what a queue's limit let go when their
+        jobs ended); a job they made pending is woken when due here too
+        (its dispatcher may be gone by then).
+        """
+        self.events.publish_others(events)
+        queued = 0
+        ended = pending = False
+        running = self.executor.running
+        leases = self.hub.leases
+        for event in events:
+            if type(event) is not JobEvent:
+                continue
+            state = event.state
+            if state is JobState.QUEUED:
+                queued += 1
+            elif state is JobState.PENDING:
+                pending = True
+            if event.previous in _HELD:
+                ended = True
+                job_id = event.job_id
+                if state not in _HELD and (job_id in running or job_id in leases):
+                    # Another dispatcher ended an attempt held here (a
+                    # client's cancel there): its holder stops it.  (Every
+                    # event before this one's id was published before, so
+                    # the attempt it ended is the one held here.)
+                    self._stop_held_here(job_id)
+        if queued:
+            self.scheduler.jobs_queued(queued)
+        if ended:
+            self.scheduler.ended_elsewhere()
+        if pending:
+            self._read_next_due()
+        self._pump()
+
+    def _cancels_maybe(self) -> None:
+        """
+        Another dispatcher may have stored a client's cancel of a job held
+        here: read which of them, and have their holders stop them.
+        """
+        if self._reading_cancels or not self._accepting:
+            return
+        running = self.executor.running
+        held = [job_id for job_id, job in running.items() if not job.stopping]
+        held.extend(job_id for job_id, lease in self.hub.leases.items() if not lease.cancel)
+        if not held:
+            return
+        self._reading_cancels = True
+
+        def read(asked: list[str]) -> None:
+            self._reading_cancels = False
+            for job_id in asked:
+                self._stop_held_here(job_id)
+
+        def failed(failure: Failure) -> None:
+            # Asked again at the next poll.
+            self._reading_cancels = False
+            if not failure.check(StoreClosed, ReadFailed):
+                log.failure("reading the cancels asked of held jobs failed", failure)
+
+        self.store.cancels_asked(held).addCallbacks(read, failed)
+
+    def _read_next_due(self) -> None:
+        if self._reading_due or not self._accepting:
+            return
+        self._reading_due = True
+
+        def read(when: Optional[float]) -> None:
+            self._reading_due = False
+            self._schedule_wake(when)
+
+        def failed(failure: Failure) -> None:
+            self._reading_due = False
+            if not failure.check(StoreClosed):
+                log.failure("reading when the next pending job is due failed", failure)
+
+        self.store.next_due().addCallbacks(read, failed)
 
     def _pump(self) -> None:
         if not self._accepting:

@@ -8,6 +8,12 @@ its durable id (L{publish_committed}), just before the write is answered:
 job subscribers (L{subscribe}) hear of each job event; followers
 (L{follow}: the API's event streams) get the write's whole list, job and
 worker events in id order, and never read the store for them.
+
+Where other dispatchers share the store (PostgreSQL), the events they
+commit come too, in their place in id order (L{publish_others}): every
+subscriber hears them (a wait, a follow), and the followers that ask
+for them (the event streams); those that count what this dispatcher did
+(its metrics, its job log) do not.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ class JobEvents:
     def __init__(self) -> None:
         self._subscribers: list[Callable[[JobEvent], None]] = []
         self._followers: list[Callable[[Sequence[Event]], None]] = []
+        self._others_followers: list[Callable[[Sequence[Event]], None]] = []
 
     def publish_job(self, job: Job) -> None:
         """
@@ -56,17 +63,25 @@ class JobEvents:
 
         return unsubscribe
 
-    def follow(self, follower: Callable[[Sequence[Event]], None]) -> Callable[[], None]:
+    def follow(
+        self, follower: Callable[[Sequence[Event]], None], others: bool = False
+    ) -> Callable[[], None]:
         """
         Call C{follower} with the events of every later write that made any
         (a list, in id order, job and worker events), in the order of their
-        commits; returns a function that ends it.
+        commits; and, if C{others}, with those other dispatchers committed
+        too, in their place; returns a function that ends it.
         """
-        self._followers.append(follower)
+        lists = [self._followers]
+        if others:
+            lists.append(self._others_followers)
+        for followers in lists:
+            followers.append(follower)
 
         def unfollow() -> None:
-            if follower in self._followers:
-                self._followers.remove(follower)
+            for followers in lists:
+                if follower in followers:
+                    followers.remove(follower)
 
         return unfollow
 
@@ -91,6 +106,22 @@ class JobEvents:
                 if type(event) is JobEvent:
                     self.publish(event)
         for follower in list(self._followers):
+            try:
+                follower(events)
+            except Exception:
+                log.failure("event follower {follower!r} failed", follower=follower)
+
+    def publish_others(self, events: Sequence[Event]) -> None:
+        """
+        Tell every subscriber of each job event other dispatchers
+        committed, and the followers that follow theirs of all of them
+        (in id order, in their place among this dispatcher's own).
+        """
+        if self._subscribers:
+            for event in events:
+                if type(event) is JobEvent:
+                    self.publish(event)
+        for follower in list(self._others_followers):
             try:
                 follower(events)
             except Exception:

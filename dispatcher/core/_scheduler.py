@@ -9,7 +9,9 @@ passed over jobs that did not fit that holder, that the holder has nothing
 to take until a job is queued or one of its own slots frees.  Each holder
 has at most one claim in flight, so a claim always sees what the holder's
 earlier claims took.  Nothing polls: a job becoming queued and a slot
-becoming free are the only events that lead to a claim.
+becoming free are the only events that lead to a claim (and, where
+several dispatchers share a store, another's job queued or ended: the
+store tells of them).
 """
 
 from __future__ import annotations
@@ -103,6 +105,15 @@ class Scheduler:
         if self._blocked:
             # Jobs wait behind a queue's limit, and the job that ended may
             # have been one of that queue's: look again.
+            self._queued = max(self._queued, 1)
+
+    def ended_elsewhere(self) -> None:
+        """
+        Another dispatcher's job left a queue's running jobs: if jobs wait
+        behind a queue's limit, look again (a queue's limit counts every
+        dispatcher's).
+        """
+        if self._blocked:
             self._queued = max(self._queued, 1)
 
     def queues_changed(self) -> None:

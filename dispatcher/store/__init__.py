@@ -21,7 +21,8 @@ Which jobs a claim takes is the model's claim policy
 The PostgreSQL store (C{_postgres}, chosen by C{[store] url}) runs the
 same operations and reads on PostgreSQL, their SQL rewritten by the
 dialect layer (C{_dialect}), with its own schema and migrations
-(C{_pg_schema}).
+(C{_pg_schema}); several dispatchers on one database hear each other's
+commits through C{_pg_events} (C{LISTEN/NOTIFY}, with polls).
 
 The only package that speaks SQL or imports C{sqlite3} or C{psycopg}
 (which only C{_postgres} imports).  May import:

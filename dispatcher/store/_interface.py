@@ -490,6 +490,32 @@ class IJobStore(Interface):
         as the write knew it.
         """
 
+    def follow_others(listener):
+        """
+        Call C{listener} (C{None}: no one) in the reactor thread with the
+        events other dispatchers sharing the store committed, a list at a
+        time, each list in id order and told in its place among this
+        store's own (L{follow_events}): every event once, none skipped.
+        A store no other dispatcher shares (the SQLite file) never calls
+        it.  Given before the store opens.
+        """
+
+    def follow_cancels(listener):
+        """
+        Call C{listener} (C{None}: no one) in the reactor thread, with no
+        arguments, whenever another dispatcher sharing the store may have
+        stored a client's cancel of a running job (which changes no state
+        until its holder stops it): at once when one commits, and at
+        every poll of the others' events.  A store no other dispatcher
+        shares never calls it.  Given before the store opens.
+        """
+
+    def cancels_asked(job_ids):
+        """
+        Fire with the list of those of C{job_ids} (jobs this dispatcher's
+        holders run) whose cancel a client asked for while they ran.
+        """
+
     def read_events(after, limit):
         """
         Fire with an L{EventPage}: at most C{limit} stored events whose ids

@@ -47,8 +47,10 @@ Made for several dispatchers on one database:
     table (L{DatabaseOwnerCounts}), memory holding only the open
     transaction's own changes; the counts by queue and state that the
     API reads without a query are a copy re-read from the table at every
-    turn of the writer's loop.  A queue's running jobs (its
-    C{max_running}) are counted in the database at each claim.
+    turn of the writer's loop (C{refresh_interval}, a second: C{GET
+    /v1/queues} on one dispatcher counts another's jobs within it).  A
+    queue's running jobs (its C{max_running}) are counted in the database
+    at each claim, under the write lock: the limit is global.
   - Whether any job has dependents is read at the start of each group.
   - Each dispatcher's local holder is its own (C{local@NAME}: C{[dispatcher]
     name}, or a name made once and kept in its data directory), and its
@@ -70,6 +72,18 @@ Made for several dispatchers on one database:
     about 10 s, and the server ends a session idle inside a transaction
     after 10 s, so a dispatcher that vanished mid-group does not hold the
     groups' lock.
+  - The dispatchers hear each other (L{dispatcher.store._pg_events}):
+    each group that stores events sends one C{NOTIFY} as it commits; each
+    store listens on a connection and a thread of its own (made again
+    when lost) and reads the others' events after the last it published,
+    and reads them every C{poll_interval} seconds whatever it heard.
+    Every event is published once by every dispatcher, in id order,
+    whoever committed it (L{follow_events} and L{follow_others}): the
+    scheduler claims what others queued, a wait or an event stream on
+    one sees the others' changes.  A client's cancel of a job another
+    dispatcher runs changes no state until its holder stops it: it is
+    notified too, and each poll reads the cancels asked of the jobs held
+    here (L{follow_cancels}).
 
 What one dispatcher may keep in memory and several may not, left for the
 next steps (issue 19's N dispatchers):
@@ -81,21 +95,23 @@ next steps (issue 19's N dispatchers):
     event's id) unique and in commit order, which the list cursor and
     the event stream rely on (a reader resumes after the greatest id it
     saw; ids from a sequence could commit out of order and be skipped),
-    and makes the quota check and the queue limit exact across
-    dispatchers.  With several dispatchers it also makes their writes
-    take turns; the next step narrows it to the group's tail (numbering
-    the events and committing), with sequences for C{seq}, so that
-    claims run side by side (C{SKIP LOCKED} is already there for that).
+    lets a group read the others' events numbered before its own, and
+    makes the quota check and the queue limit exact across dispatchers.
+    It also makes their writes take turns; the next step narrows it to
+    the group's tail (numbering the events and committing), with
+    sequences for C{seq}, so that claims run side by side (C{SKIP
+    LOCKED} is already there for that).
   - The queues' turn (fairness) is each dispatcher's own
     (C{WriterState.turn}); the configured queues and limits are each
-    dispatcher's configuration and must agree.
-  - A dispatcher hears only its own commits: its scheduler is woken by
-    its own events (a sweep's requeued jobs are its own events too).
-    Another's submissions need C{LISTEN/NOTIFY} wake-ups, with a polling
-    fallback.
+    dispatcher's configuration and must agree.  Whoever frees a place
+    under a queue's limit mostly takes it (its claim joins the end's
+    commit): nothing shares the places out between dispatchers.
   - The hosts' clocks must agree to well within half a lease: an expiry
     is written on the renewing dispatcher's clock and read on the
     sweeping one's.
+  - Webhook deliveries are read from the outbox by every dispatcher: a
+    delivery due may be tried by two at once (the receiver drops the
+    repeat by its event id, as after a restart).
 """
 
 from __future__ import annotations
@@ -130,6 +146,15 @@ from dispatcher.store._operations import (
     queue_limits,
     record_changes,
     shared_paths,
+)
+from dispatcher.store._events import read_events
+from dispatcher.store._pg_events import (
+    PAGE as FEED_PAGE,
+    EventFeed,
+    NotifyListener,
+    first_id,
+    last_id,
+    notify_statement,
 )
 from dispatcher.store._pg_schema import (
     MIGRATION_LOCK,
@@ -183,6 +208,10 @@ KEEPALIVES = {
     "keepalives_count": 3,
     "tcp_user_timeout": 10_000,
 }
+
+# The application name of a store's listening connection: how the others
+# find out whether anyone listens.
+LISTENER_NAME = "dispatcher store listener"
 
 
 def describe_url(url: str) -> str:
@@ -598,6 +627,13 @@ class DatabaseOwnerCounts(OwnerCounts):
         self.commit()
 
 
+# The greatest event id stored (0: none), as _NEXT in store._events
+# reads the next.
+_NEWEST_EVENT = (
+    "SELECT COALESCE((SELECT id + COALESCE(jobs, 1) - 1 FROM events"
+    " ORDER BY id DESC LIMIT 1), 0)"
+)
+
 # An owner's unfinished jobs, and every owner's (but those of no owner),
 # as the counts table holds them.
 _OWNER_UNFINISHED = (
@@ -690,6 +726,13 @@ class PostgresGroupWriter(GroupWriter):
         self._connect = connect
         self._begun = begun
         self._refresh = refresh
+        # The feed of other dispatchers' events, and whether groups notify
+        # them; the others' events a group read, for its answers.
+        self.feed: Optional[EventFeed] = None
+        self.notify = True
+        self._foreign: list = []
+        # How many groups read others' events numbered before their own.
+        self.foreign_reads = 0
 
     def start(self, open_connection: Callable[[], Any]) -> Deferred:
         """
@@ -780,7 +823,7 @@ class PostgresGroupWriter(GroupWriter):
                     results = [self._apply_one(conn, write) for write in work]
                 if self._record is not None:
                     events = self._record(conn, work, results)
-                conn.raw.execute("COMMIT")
+                conn.raw.execute(self._end_group(conn, work, results, events))
             except BaseException:
                 if not conn.raw.closed and conn.in_transaction:
                     try:
@@ -797,6 +840,49 @@ class PostgresGroupWriter(GroupWriter):
         self.batches += 1
         self.durable_batches += 1
         return results, events
+
+    def _end_group(self, conn: PgConnection, work: list, results: list, events: list) -> str:
+        """
+        What commits the group: with events (or a cancel that asks a
+        running job's holder to stop it), a notification to the other
+        dispatchers first (sent only if the group commits), and the
+        others' events numbered before the group's own read for the feed
+        to publish first (L{dispatcher.store._pg_events}).  On the writer
+        thread, in the group's transaction.
+        """
+        feed = self.feed
+        if feed is None or not feed.following:
+            return "COMMIT"
+        written = [told for told in events if told]
+        asked = self.notify and _asks_holders(work, results)
+        if not written and not asked:
+            return "COMMIT"
+        last = 0
+        if written:
+            first = first_id(written[0])
+            if first - 1 > feed.delivered:
+                self._foreign = _events_between(conn, feed.delivered, first)
+                self.foreign_reads += 1
+            last = last_id(written[-1])
+        if not self.notify or not feed.others_listening:
+            # No one to tell (a dispatcher that starts reads what it
+            # missed; one that starts listening is seen at the next poll).
+            return "COMMIT"
+        return f"{notify_statement(feed.token, last, asked)}; COMMIT"
+
+    def _flush(self) -> None:
+        if self.feed is not None:
+            self.feed.group_starting()
+        super()._flush()
+
+    def _flushed(self, outcome: Any, deferreds: list[Deferred]) -> None:
+        foreign, self._foreign = self._foreign, []
+        if foreign and self.feed is not None and not isinstance(outcome, Failure):
+            # Numbered before the group's own: published first.
+            self.feed.publish(foreign)
+        super()._flushed(outcome, deferreds)
+        if not self._flushing and self.feed is not None:
+            self.feed.group_answered()
 
     def _apply_one(self, conn: Any, write: Write) -> tuple[bool, Any]:
         conn.raw.execute("SAVEPOINT operation")
@@ -824,6 +910,53 @@ _BEGIN = (
     f"BEGIN; SELECT pg_advisory_xact_lock({WRITE_LOCK}),"
     " EXISTS (SELECT 1 FROM dependencies)"
 )
+
+
+def _asks_holders(work: list, results: list) -> bool:
+    """
+    Whether a write of the group stored a cancel of a running job, which
+    its holder (perhaps another dispatcher's) is to hear of.
+    """
+    for write, (ok, value) in zip(work, results):
+        if not ok:
+            continue
+        kind = type(write)
+        if kind is writes.Cancel and value.value[1] is not None:
+            return True
+        if kind is writes.CancelGroup and value.value[1]:
+            return True
+    return False
+
+
+def _events_between(conn: PgConnection, after: int, before: int) -> list:
+    """
+    The stored events with ids above C{after} and below C{before}, in id
+    order (what other dispatchers committed before a group took the write
+    lock).
+    """
+    found: list = []
+    while True:
+        page = read_events(conn, after, FEED_PAGE)  # type: ignore[arg-type]
+        for event in page.events:
+            if event.id >= before:
+                return found
+            found.append(event)
+        if len(page.events) < FEED_PAGE or not page.events:
+            return found
+        after = page.events[-1].id
+
+
+def _other_listeners(conn: PgConnection, backend: int) -> int:
+    """
+    How many dispatchers' listening connections the database has, but the
+    one whose server process is C{backend}.
+    """
+    (count,) = conn.execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+        " AND application_name = ? AND pid <> ?",
+        (LISTENER_NAME, backend),
+    ).fetchone()
+    return int(count)
 
 
 def _space(conn: PgConnection) -> StoreSpace:
@@ -858,6 +991,11 @@ class PostgresJobStore(SQLiteJobStore):
         jobs by queue and state (what other dispatchers changed).
     @param clock: the clock that times those re-reads (the reactor's if
         not given).
+    @param poll_interval: seconds between reads of the events other
+        dispatchers committed, whatever was heard of them (the fallback
+        of the notifications: L{dispatcher.store._pg_events}).
+    @param notify: whether groups notify the other dispatchers and this
+        one listens for theirs (C{False}: the polls alone).
     """
 
     def __init__(
@@ -870,6 +1008,8 @@ class PostgresJobStore(SQLiteJobStore):
         backoff: Callable[[float, int], float] = jittered_backoff,
         refresh_interval: float = 1.0,
         clock: Any = None,
+        poll_interval: float = 1.0,
+        notify: bool = True,
     ) -> None:
         self._url = url
         self._where = describe_url(url)
@@ -896,6 +1036,18 @@ class PostgresJobStore(SQLiteJobStore):
             journal=Journals(self._state.owners, self._state.counts),
             record=functools.partial(record_changes, self._state),
         )
+        self._feed = EventFeed(
+            self.read_events,
+            clock if clock is not None else reactor,
+            poll_interval,
+            lambda backend: self._read(_other_listeners, backend),
+        )
+        self._writer.feed = self._feed
+        self._writer.committed = self._feed.committed
+        self._writer.notify = notify
+        self._notify = notify
+        # The greatest event id stored when the store opened.
+        self._newest_at_open = 0
         self._write = self._writer.write
         self._readers = readers
         self._reactor = reactor
@@ -913,7 +1065,20 @@ class PostgresJobStore(SQLiteJobStore):
         password).
         """
         self._reader_pool.start()
-        return self._writer.start(self._open_in_thread)
+        d = self._writer.start(self._open_in_thread)
+        return d.addCallback(self._start_feed)
+
+    def _start_feed(self, _: Any) -> None:
+        listener = None
+        if self._notify:
+            listener = NotifyListener(
+                self._reactor,
+                lambda: connect(self._url, LISTENER_NAME),
+                self._feed.token,
+                self._feed.notified,
+                self._feed.clock,
+            )
+        self._feed.start(self._newest_at_open, listener)
 
     def _connect_writer(self) -> PgConnection:
         raw = connect(self._url, "dispatcher store writer")
@@ -937,6 +1102,8 @@ class PostgresJobStore(SQLiteJobStore):
             migrate(raw, self._where)
             conn = PgConnection(raw, ColumnTypes(raw))
             self._state.load(conn)
+            (newest,) = conn.execute(_NEWEST_EVENT).fetchone()
+            self._newest_at_open = int(newest)
         except psycopg.Error as e:
             raw.close()
             raise StoreUnusable(
@@ -990,7 +1157,11 @@ class PostgresJobStore(SQLiteJobStore):
         (the readers' pool on a thread of its own: closing it waits for
         its connections to close).
         """
+        # The feed reads no more from now on (its listener stops beside the
+        # writer's last groups).
+        listener_stopped = self._feed.stop()
         d = self._writer.close(self._reader_pool.stop)
+        d.addCallback(lambda _: listener_stopped)
         return d.addCallback(lambda _: self._close_pool())
 
     def _close_pool(self) -> Deferred:
@@ -1008,6 +1179,43 @@ class PostgresJobStore(SQLiteJobStore):
 
         threading.Thread(target=close, name="store-pool-close").start()
         return closed
+
+    # Events
+
+    def follow_events(self, listener: Optional[Callable[[list], None]]) -> None:
+        """
+        Call C{listener} in the reactor thread with the events of each of
+        this store's writes, in id order, just before the write is
+        answered (see L{IJobStore.follow_events}); the events of other
+        dispatchers on the database that come before them go to
+        L{follow_others}'s listener first.
+        """
+        self._feed.own = listener
+
+    def follow_others(self, listener: Optional[Callable[[list], None]]) -> None:
+        """
+        Call C{listener} in the reactor thread with the events other
+        dispatchers on the database committed, a list at a time, in id
+        order and in their place among this store's own (see
+        L{IJobStore.follow_others}); given before L{open}.
+        """
+        self._feed.others = listener
+
+    def follow_cancels(self, listener: Optional[Callable[[], None]]) -> None:
+        """
+        Call C{listener} in the reactor thread whenever another dispatcher
+        on the database may have stored a cancel of a running job: when
+        its notification comes, and at every poll (see
+        L{IJobStore.follow_cancels}); given before L{open}.
+        """
+        self._feed.cancels = listener
+
+    @property
+    def feed(self) -> EventFeed:
+        """
+        The feed of other dispatchers' events (for tests and metrics).
+        """
+        return self._feed
 
     # Reads
 

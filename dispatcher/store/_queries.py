@@ -352,3 +352,26 @@ def next_due(conn: sqlite3.Connection) -> Optional[float]:
         " WHERE state = 'pending' AND waiting_on = 0"
     ).fetchone()
     return due
+
+# The most ids in one IN (...) list of cancels_asked (SQLite allows 32,766
+# variables; a shorter list keeps each statement small).
+_CANCEL_CHUNK = 500
+
+
+def cancels_asked(conn: sqlite3.Connection, job_ids: Sequence[str]) -> list[str]:
+    """
+    Of C{job_ids} (jobs a holder of this dispatcher runs), those whose
+    cancel a client asked for while they ran, in the order given.
+    """
+    asked: set[str] = set()
+    for start in range(0, len(job_ids), _CANCEL_CHUNK):
+        chunk = list(job_ids[start:start + _CANCEL_CHUNK])
+        asked.update(
+            job_id
+            for (job_id,) in conn.execute(
+                "SELECT id FROM jobs WHERE cancel_requested = 1"
+                f" AND id IN ({','.join('?' * len(chunk))})",
+                chunk,
+            )
+        )
+    return [job_id for job_id in job_ids if job_id in asked]

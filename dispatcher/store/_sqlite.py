@@ -50,6 +50,7 @@ from dispatcher.store._operations import (
     shared_paths,
 )
 from dispatcher.store._queries import (
+    cancels_asked,
     get_job,
     list_jobs,
     next_due,
@@ -611,6 +612,25 @@ class SQLiteJobStore:
         one); see L{IJobStore.follow_events}.
         """
         self._writer.committed = listener
+
+    def follow_others(self, listener: Optional[Callable[[list], None]]) -> None:
+        """
+        No other dispatcher writes to the SQLite file: C{listener} is never
+        called (see L{IJobStore.follow_others}).
+        """
+
+    def follow_cancels(self, listener: Optional[Callable[[], None]]) -> None:
+        """
+        No other dispatcher writes to the SQLite file: C{listener} is never
+        called (see L{IJobStore.follow_cancels}).
+        """
+
+    def cancels_asked(self, job_ids: Sequence[str]) -> Deferred:
+        """
+        Fire with those of C{job_ids} whose cancel was asked for while
+        they ran (see L{IJobStore.cancels_asked}).
+        """
+        return self._read(cancels_asked, list(job_ids))
 
     def read_events(self, after: int, limit: int) -> Deferred:
         """
