@@ -408,6 +408,11 @@ class Server:
                 var = self.workdir / "var"
                 var.mkdir(mode=0o700, parents=True, exist_ok=True)
                 (var / "holder").write_text(self.holder + "\n", encoding="utf-8")
+                if self.store_url is not None:
+                    # On a shared database the daemon's name is kept in
+                    # "node", without the "local@" of its holder.
+                    (var / "node").write_text(
+                        self.holder.removeprefix("local@") + "\n", encoding="utf-8")
         else:
             argv = ["-m", "bench.baseline_server", str(self.port),
                     "--monitor-port", str(self.monitor_port),

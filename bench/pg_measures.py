@@ -22,11 +22,11 @@ The measures:
     connections, as (b'') (L{measure_noop}): on SQLite; on PostgreSQL
     with one dispatcher; with two dispatchers on one database, the
     second on the load's core ("two") or both on the server's core
-    ("two, one core"), the clients' batches going to each in turn.  The
-    two do not hear each other's commits yet (no C{LISTEN/NOTIFY}), so
-    each is woken by the jobs submitted to it, and takes whatever is
-    queued (C{SKIP LOCKED}): each runs its share, and the jobs of both
-    finish.  Each has a holder name of its own.
+    ("two, one core"), the clients' batches going to each in turn.  Each
+    is woken by the jobs submitted to it and by the other's commits
+    (C{LISTEN/NOTIFY}), and takes whatever is queued (C{SKIP LOCKED}):
+    each runs its share, and the jobs of both finish.  Each has a holder
+    name of its own.
   - the peers: pgqueuer and Procrastinate, the same jobs the same way
     (L{bench.pg_peers.measure_peer}).
   - the server's primitives, before the section and after it

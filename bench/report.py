@@ -327,8 +327,8 @@ The measures (sizes of a full run, `--quick`'s in brackets):
   `slots = threads = 8`, a holder name of its own) on one database, the
   clients' batches going to each in turn, the second dispatcher on core
   $load_core ("two") or both on core $server_core ("two on one core").
-  The two do not yet hear each other's commits (no `LISTEN/NOTIFY`):
-  each is woken by the jobs submitted to it and claims whatever is
+  Each is woken by the jobs submitted to it (and by the other's commits,
+  `LISTEN/NOTIFY`) and claims whatever is
   queued (`FOR UPDATE SKIP LOCKED`), so each runs jobs and all finish,
   each once (one attempt a job, or the run stops); the run records how
   many each ran (the attempts' holders). In the same
