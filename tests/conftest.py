@@ -10,6 +10,8 @@ the API's tests on the other store, on demand.
 import json
 import os
 import re
+import socket
+import time
 
 import attrs
 import pytest
@@ -89,6 +91,26 @@ async def until(condition, timeout=10.0):
         assert waited < timeout, "timed out waiting for the condition"
         await sleep(0.002)
         waited += 0.002
+
+
+def poll(condition, timeout=15.0, what="the condition"):
+    """Call condition() until it returns something true, for what another
+    process does (a real twistd, a worker, Slurm); return that.  Blocks:
+    for tests that do not run on the reactor."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def free_port():
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def admin_token(data_dir):

@@ -7,7 +7,6 @@ SQLite file, and PostgreSQL in a database of the test's own).
 
 import json
 import signal
-import socket
 import threading
 import time
 import urllib.error
@@ -15,6 +14,7 @@ import urllib.request
 
 import pytest
 
+from .conftest import free_port
 from .postgres import Databases
 from .test_twistd import Twistd
 
@@ -30,11 +30,6 @@ SCRIPT = (
     "sleep 0.01"
 )
 
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def post(url, body, key, token):

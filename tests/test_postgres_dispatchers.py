@@ -19,6 +19,7 @@ import urllib.request
 
 import pytest
 
+from tests.conftest import free_port
 from tests.postgres import Databases, Proxy, target, through
 from tests.test_twistd import Twistd
 
@@ -42,11 +43,6 @@ def database():
     yield made.url("db")
     made.drop()
 
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def call(url, method, path, token, body=None, key=None, timeout=10):

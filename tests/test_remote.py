@@ -14,23 +14,13 @@ import urllib.request
 
 import pytest
 
-from .conftest import TEST_TASKS, WORKER_TOKEN
+from .conftest import TEST_TASKS, WORKER_TOKEN, poll
 from .test_twistd import Twistd, alive
 from .test_worker import WorkerProcess
 
 TOKEN = WORKER_TOKEN
 LEASE_SECONDS = 2
 
-
-def poll(condition, timeout=15.0, what="the condition"):
-    """Call condition() until it returns something true; return that."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def pure_twistd(tmp_path, token_file, workers):

@@ -11,12 +11,12 @@ comes back within seconds; every wait polls a condition under a deadline.
 
 import os
 import signal
-import socket
 import time
 import urllib.request
 
 import pytest
 
+from .conftest import poll as poll_for, free_port
 from .slurm import slurm_cluster  # noqa: F401 (a fixture)
 from .test_twistd import BIN, Twistd
 
@@ -24,20 +24,9 @@ LEASE_SECONDS = 3
 
 
 def poll(condition, timeout=60.0, what="the condition"):
-    """Call condition() until it returns something true; return that."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
+    """As conftest's, a minute by default: Slurm's jobs start slowly."""
+    return poll_for(condition, timeout, what)
 
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def pilot_dispatcher(tmp_path, cluster, worker_command=None):
