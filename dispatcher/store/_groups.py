@@ -26,7 +26,7 @@ from dispatcher.model._groups import (
 )
 from dispatcher.model._jobs import FINAL_STATES, JobState, Lease
 from dispatcher.store._counts import UNFINISHED
-from dispatcher.store._queries import get_job
+from dispatcher.store._queries import BATCH_MEMBER, get_job
 from dispatcher.store._results import Change, Written
 from dispatcher.store._submissions import check_unfinished
 from dispatcher.store._waits import after_final, requeue
@@ -39,11 +39,7 @@ if TYPE_CHECKING:
 # planner to that order), then the jobs of its range, by their key.
 _MEMBERS = {
     GroupKind.ARRAY: "FROM jobs INDEXED BY jobs_array WHERE array_id = ?",
-    GroupKind.BATCH: (
-        "FROM batches CROSS JOIN jobs WHERE batches.batch = ?"
-        " AND jobs.seq BETWEEN batches.first_seq AND batches.last_seq"
-        " AND jobs.batch_id = batches.batch"
-    ),
+    GroupKind.BATCH: f"FROM batches CROSS JOIN jobs WHERE batches.batch = ? AND {BATCH_MEMBER}",
 }
 
 _FINAL = frozenset(state.value for state in FINAL_STATES)

@@ -152,12 +152,17 @@ def _source_sql(
     )
 
 
-# The seqs of a batch's members (one parameter, its id): those of its
-# range (dispatcher/store/_groups.py) whose batch_id is its.
+# That a row of jobs is a member of the row of batches beside it: a job
+# of its range of numbers (migration 14) whose batch_id is its.
+BATCH_MEMBER = (
+    "jobs.seq BETWEEN batches.first_seq AND batches.last_seq"
+    " AND jobs.batch_id = batches.batch"
+)
+
+# The seqs of a batch's members (one parameter, its id).
 _BATCH_SOURCE = (
     "SELECT jobs.seq AS seq FROM batches CROSS JOIN jobs WHERE batches.batch = ?"
-    " AND jobs.seq BETWEEN batches.first_seq AND batches.last_seq"
-    " AND jobs.batch_id = batches.batch{after}"
+    f" AND {BATCH_MEMBER}{{after}}"
 )
 
 

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from dispatcher.model._jobs import FINAL_STATES, JobState, UnknownJob
 from dispatcher.store._dialect import differs
+from dispatcher.store._queries import BATCH_MEMBER
 from dispatcher.store._results import (
     HasDependents,
     NotFinished,
@@ -92,9 +93,7 @@ _SEQ, _ID, _STATE, _CREATED, _FINISHED, _ARRAY, _OWNER, _LABELS, _QUEUE, _BATCH 
 
 # A batch's range (migration 14) once no member of it is left.
 _FORGET_BATCH = (
-    "DELETE FROM batches WHERE batch = ? AND NOT EXISTS (SELECT 1 FROM jobs"
-    " WHERE jobs.seq BETWEEN batches.first_seq AND batches.last_seq"
-    " AND jobs.batch_id = batches.batch)"
+    f"DELETE FROM batches WHERE batch = ? AND NOT EXISTS (SELECT 1 FROM jobs WHERE {BATCH_MEMBER})"
 )
 
 
