@@ -319,7 +319,9 @@ class WorkerEndpoints:
         # The query names no worker: the token says which lease, and the
         # credential must be one that may act as its holder.
         token = self._tokens.open(job_id, text)
-        remote = self._hub.current(job_id, token)
+        # (A worker that moved here from another dispatcher on the same
+        # database may send a chunk before its first heartbeat here.)
+        remote = await self._hub.current_here(job_id, token)
         if remote is None:
             reason = self._hub.refusal(job_id, token)
             raise ApiError(409, "stale_lease", f"token: {REFUSALS[reason]}", "token")

@@ -209,6 +209,8 @@ class Dispatcher(Service):
             max_worker_names_per_credential,
             max_worker_names,
             presence=self._worker_presence,
+            adopt=self._adopt_leases if self.lease_keeper is not None else None,
+            server=(lambda: self.executor.holder) if self.lease_keeper is not None else None,
         )
         self.events.follow(self._jobs_changed)
         # Every commit's events, with their ids, as the store commits them
@@ -309,10 +311,9 @@ class Dispatcher(Service):
                 self.executor.holder, self._clock.seconds(), self.hub.lease_seconds
             )
             self.hub.resume(resumed.value)
-        # (On a shared database the workers' leases the last run granted
-        # are not taken up: this dispatcher cannot tell them from those
-        # another one serves.  Their workers' writes are refused, they
-        # stop those jobs, and the leases expire and are recovered.)
+        # (On a shared database the workers' leases are taken up as their
+        # workers call, here or after a move from another dispatcher:
+        # WorkerHub.take_up.)
         counts = await self.store.count_by_state()
         self.scheduler.jobs_queued(counts[JobState.QUEUED])
         for queue, waiting in sorted((await self.store.unconfigured_queues()).items()):
@@ -787,6 +788,18 @@ class Dispatcher(Service):
         """
         keeper = self.lease_keeper
         return None if keeper is None else keeper.trouble
+
+    def _adopt_leases(self, holder: Optional[str], items: list[tuple[str, int]]) -> Deferred:
+        """
+        Take up from the shared store the live leases of C{items} that the
+        worker C{holder} holds, for this dispatcher: renewed as long as its
+        others are (L{LeaseKeeper.remote_seconds}).
+        """
+        assert self.lease_keeper is not None
+        return self.store.adopt_leases(
+            holder, items, self.executor.holder, self._clock.seconds(),
+            self.lease_keeper.remote_seconds,
+        )
 
     def _fence(self, why: str) -> None:
         """

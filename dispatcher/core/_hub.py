@@ -18,6 +18,18 @@ keeps the lease and its slot: a reported lease stays current (a heartbeat
 is answered C{ok}, a resent report waits for the same write), an expired
 or cancelled one is refused with its reason, and no expiry runs on it.
 
+On a database shared with other dispatchers (PostgreSQL), a worker may
+move from one dispatcher to another (its own went away, or stopped
+answering) with its jobs running.  Its leases are the store's, fenced by
+their tokens: the dispatcher it moves to takes them up from the store
+(L{IJobStore.adopt_leases}) at its first heartbeat, report or log chunk
+there, and at every heartbeat after, so that the store always names the
+dispatcher its worker last renewed them with.  Only that dispatcher may
+record one expired (L{IJobStore.finish_served}): the one it left keeps
+its copy in memory until that copy runs out, and then forgets it, its
+expiry refused.  A restarted dispatcher takes its workers' leases up the
+same way.
+
 The hub answers with model values (L{LeaseVerdict}, L{ConnectedWorker});
 the API turns them into the protocol's wire types and HTTP statuses.
 
@@ -211,6 +223,13 @@ class WorkerHub:
         connected at once.
     @param presence: told C{(name, CONNECTED)} when a worker connects and
         C{(name, LEFT)} when it leaves; C{None}: no one.
+    @param adopt: on a database shared with other dispatchers, C{(holder,
+        items) -> Deferred}: take up from the store the live leases of
+        C{items} (C{(job_id, token)}) that C{holder} holds (C{None}: any),
+        firing with the L{Written} of their L{ResumedLease}s; C{None}: a
+        store of its own, whose leases no other dispatcher serves.
+    @param server: with C{adopt}, gives this dispatcher's name in the
+        store; its expiries are written only where it serves the lease.
     @ivar leases_expired: how many leases ran out without a heartbeat.
     """
 
@@ -226,8 +245,15 @@ class WorkerHub:
         max_names_per_credential: int = MAX_NAMES_PER_CREDENTIAL,
         max_names: int = MAX_NAMES,
         presence: Optional[Callable[[str, str], None]] = None,
+        adopt: Optional[Callable[[Optional[str], list[tuple[str, int]]], Deferred]] = None,
+        server: Optional[Callable[[], str]] = None,
     ) -> None:
         self._scheduler = scheduler
+        # On a database shared with other dispatchers: takes leases up from
+        # the store for this one (holder, [(job_id, token)]), and gives the
+        # name that the store says serves them (see the module docstring).
+        self._adopt = adopt
+        self._server = server
         self._presence = presence
         # The names told connected and not yet left, and the timer that
         # looks for those that left.
@@ -301,6 +327,78 @@ class WorkerHub:
                 self._names.setdefault(None, set()).add(lease.holder)
             worker.jobs.add(lease.job_id)
         self._arm_reaper()
+
+    @property
+    def shared(self) -> bool:
+        """
+        Whether other dispatchers may serve these workers too (a shared
+        database): leases are taken up from the store.
+        """
+        return self._adopt is not None
+
+    def take_up(
+        self,
+        holder: Optional[str],
+        items: list[tuple[str, int]],
+        instance: Optional[str] = None,
+    ) -> Deferred:
+        """
+        Take up from the store the live leases of C{items} (C{(job_id,
+        token)}) that C{holder} holds (C{None}: whoever does): this
+        dispatcher serves them from now on.  A lease already here under the
+        same token is renewed; one the store gives that is not here (its
+        worker moved here from another dispatcher, or this one restarted)
+        is kept from now on, for the worker process C{instance}.  Fires
+        with the set of C{(job_id, token)} taken up; the others are not
+        current.
+        """
+        assert self._adopt is not None
+        d = self._adopt(holder, items)
+
+        def adopted(written: Any) -> set[tuple[str, int]]:
+            now = self._clock.seconds()
+            taken = set()
+            for item in written.value:
+                lease = item.lease
+                taken.add((lease.job_id, lease.token))
+                remote = self.leases.get(lease.job_id)
+                if remote is not None and remote.lease.token == lease.token:
+                    if remote.ending is None:
+                        remote.expires = max(remote.expires, now + self.lease_seconds)
+                    continue
+                if remote is not None:
+                    # An older lease of the job, ended elsewhere.
+                    old = self.workers.get(remote.lease.holder)
+                    if old is not None:
+                        old.jobs.discard(lease.job_id)
+                    if self._silent.get(lease.job_id) is remote:
+                        del self._silent[lease.job_id]
+                log.info(
+                    "job {job_id} attempt {attempt}: worker {holder} goes on with its "
+                    "lease here (taken up from the store)",
+                    job_id=lease.job_id,
+                    attempt=lease.attempt,
+                    holder=lease.holder,
+                )
+                self.leases[lease.job_id] = RemoteLease(
+                    lease,
+                    now + self.lease_seconds,
+                    item.state is JobState.STAGING,
+                    cancel=item.cancel_requested,
+                    instance=instance,
+                )
+                worker = self.workers.get(lease.holder)
+                if worker is None:
+                    # Known only by name until it calls.
+                    worker = Worker(Offer(lease.holder, 0), now, heard=False)
+                    self.workers[lease.holder] = worker
+                    self._names.setdefault(None, set()).add(lease.holder)
+                worker.jobs.add(lease.job_id)
+            if taken and self.accepting:
+                self._arm_reaper()
+            return taken
+
+        return d.addCallback(adopted)
 
     def offer(self, holder: str) -> Optional[Offer]:
         """
@@ -733,8 +831,32 @@ class WorkerHub:
         lease whose result is being recorded is still the worker's: it is
         renewed as any other.  A lease held under another worker name is
         refused, and left as it is.
+
+        On a shared database every heartbeat takes its leases up from the
+        store first (L{take_up}): this dispatcher serves them from now on,
+        and one the store no longer gives is refused.
         """
         self.contact(offer, credential)
+        if self._adopt is None or not items:
+            return self._beat(offer, items)
+        d = self.take_up(offer.holder, [(j, t) for j, t, _ in items], offer.instance)
+
+        def taken_up(taken: set[tuple[str, int]]) -> Deferred:
+            for job_id, token, _ in items:
+                if (job_id, token) in taken:
+                    continue
+                remote = self.current(job_id, token, offer.holder)
+                if remote is not None and remote.ending is None:
+                    # Ended elsewhere (recovered once its expiry passed).
+                    self._forget(remote, LeaseEnd.SUPERSEDED, None)
+            return self._beat(offer, items)
+
+        return d.addCallback(taken_up)
+
+    def _beat(self, offer: Offer, items: list[tuple[str, int, bool]]) -> Deferred:
+        """
+        The heartbeat of L{heartbeat}, once its worker is heard.
+        """
         now = self._clock.seconds()
         answers: list[LeaseVerdict] = []
         writes: list[Deferred] = []
@@ -784,9 +906,28 @@ class WorkerHub:
         recorded).  Until the commit the lease stays current and holds its
         slot; after it, a resend is refused as C{reported}.  A result for a
         lease held under another worker name is refused, and changes
-        nothing.
+        nothing.  On a shared database, a result for a lease not kept here
+        takes it up from the store first (its worker moved here).
         """
         self.contact(offer, credential)
+        if self._adopt is not None:
+            unknown = [
+                (job_id, token)
+                for job_id, token, _ in results
+                if job_id not in self.leases or self.leases[job_id].lease.token != token
+            ]
+            if unknown:
+                d = self.take_up(offer.holder, unknown, offer.instance)
+                return d.addCallback(lambda _: self._report(offer, results))
+        return self._report(offer, results)
+
+    def _report(
+        self, offer: Offer, results: list[tuple[str, int, Optional[Outcome]]]
+    ) -> Deferred:
+        """
+        The report of L{report}, once its worker is heard and its leases
+        are here.
+        """
         answers: list[Union[LeaseVerdict, Deferred]] = []
         waits: list[Deferred] = []
         for job_id, token, outcome in results:
@@ -836,6 +977,22 @@ class WorkerHub:
             return None
         return remote
 
+    def current_here(self, job_id: str, token: int) -> Deferred:
+        """
+        L{current}, on a shared database after taking the lease up from the
+        store if it is not kept here (a log chunk of a worker that moved
+        here): fires with the L{RemoteLease} or C{None}.
+        """
+        remote = self.current(job_id, token)
+        if remote is not None or self._adopt is None:
+            return succeed(remote)
+        known = self.leases.get(job_id)
+        if known is not None and known.lease.token == token:
+            # Kept here and ended: refused as it is.
+            return succeed(None)
+        d = self.take_up(None, [(job_id, token)])
+        return d.addCallback(lambda _: self.current(job_id, token))
+
     def refusal(self, job_id: str, token: int) -> LeaseEnd:
         """
         Why a write whose lease is not current (L{current} gave C{None}) is
@@ -860,13 +1017,16 @@ class WorkerHub:
         outcome: Optional[Outcome],
         waiter: Optional[Deferred] = None,
         released: Optional[str] = None,
+        served: bool = False,
     ) -> None:
         """
         The lease of C{remote} ended, for C{reason}, with C{outcome}
         (C{None}: given back unspent, C{released} saying why when it is not
         the worker's own stop): record it through the recorder; the lease
         is forgotten and its slot freed once that has committed, and
-        C{waiter} then fires with the report's L{LeaseVerdict}.
+        C{waiter} then fires with the report's L{LeaseVerdict}.  With
+        C{served} (an expiry), on a shared database, it is written only if
+        this dispatcher still serves the lease (L{IJobStore.finish_served}).
         """
         remote.ending = reason
         remote.waiting = [] if waiter is None else [waiter]
@@ -878,6 +1038,8 @@ class WorkerHub:
                 now,
                 released or f"its worker {lease.holder} stopped; the job goes back to the queue",
             )
+        elif served and self._server is not None:
+            d = self._recorder.finish(lease, outcome, now, server=self._server())
         else:
             d = self._recorder.finish(lease, outcome, now)
         d.addCallbacks(
@@ -1014,6 +1176,7 @@ class WorkerHub:
                     error=f"lost: its worker {lease.holder} sent no heartbeat for "
                     f"{self.lease_seconds:g} s",
                 ),
+                served=True,
             )
         self._forget_idle(now)
         self._arm_reaper()

@@ -19,6 +19,8 @@ worker's report that fails so is answered 500, and the worker resends.)
 
 from __future__ import annotations
 
+import functools
+
 from typing import Any, Callable, Optional
 
 import attrs
@@ -175,7 +177,12 @@ class Recorder:
     # What holders ask
 
     def finish(
-        self, lease: Lease, outcome: Outcome, now: float, final: bool = False
+        self,
+        lease: Lease,
+        outcome: Outcome,
+        now: float,
+        final: bool = False,
+        server: Optional[str] = None,
     ) -> Deferred:
         """
         Record that the attempt of C{lease} ended with C{outcome} at C{now}.
@@ -188,11 +195,16 @@ class Recorder:
             executor; a remote worker resends): an end the store cannot
             write as it is (L{UNWRITABLE}) is written as a failure saying
             why instead, rather than leave the job running for ever.
+        @param server: written only if this dispatcher (its holder name)
+            still serves the lease (L{IJobStore.finish_served}): a remote
+            lease's expiry on a database shared with other dispatchers.
         """
         error = outcome.error
         if error is not None and lone_surrogate(error) is not None:
             outcome = attrs.evolve(outcome, error=servable_text(error))
         write = self._store.finish
+        if server is not None:
+            write = functools.partial(self._store.finish_served, server=server)
         ending = _Write(write, (lease, outcome, now), lease, outcome.state, now)
         ending.replaced = not final
         return self._follow(write(lease, outcome, now), ending)

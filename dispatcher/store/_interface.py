@@ -295,6 +295,30 @@ class IJobStore(Interface):
             L{UnknownJob}, or L{InvalidTransition}.
         """
 
+    def adopt_leases(holder, items, server, now, seconds):
+        """
+        Several dispatchers on one database: take up, for the dispatcher
+        C{server}, the leases of C{items} (C{(job_id, token)}) that the
+        remote worker C{holder} holds and that are live (their expiry has
+        not passed): a worker that moved to C{server} from another
+        dispatcher (or one that restarted) goes on with them there.  Their
+        expiry moves to C{now + seconds}, and from then on only C{server}
+        may record them expired (L{finish_served}), until another takes
+        them up in turn.
+
+        @return: a Deferred firing with a L{Written} whose value is the
+            list of L{ResumedLease}s taken up; a lease of C{items} not
+            among them is not current.
+        """
+
+    def finish_served(lease, outcome, now, server):
+        """
+        L{finish}, if the dispatcher C{server} serves the lease: it granted
+        it and no other took it up since (L{adopt_leases}), or it took it
+        up last.  Fails with L{StaleLease} otherwise: the worker holding it
+        moved to another dispatcher, which decides when it expires.
+        """
+
     def release(lease, now, reason):
         """
         Give an attempt up without spending it: the attempt is recorded as

@@ -64,7 +64,7 @@ _END_ATTEMPT = (
 _END_JOB = (
     "UPDATE jobs SET state = ?, finished_at = ?, exit_code = ?, result = ?,"
     " error = ?, attempts_spent = ?, wait_reason = NULL, lease_token = NULL,"
-    " lease_holder = NULL, lease_expires = NULL WHERE id = ?"
+    " lease_holder = NULL, lease_expires = NULL, lease_server = NULL WHERE id = ?"
 )
 
 
@@ -235,6 +235,72 @@ def resume_leases(
     return Written(resumed)
 
 
+def adopt_leases(
+    writer: WriterState,
+    conn: sqlite3.Connection,
+    holder: Optional[str],
+    items: Sequence[tuple[str, int]],
+    server: str,
+    now: float,
+    seconds: float,
+) -> Written:
+    """
+    Take up, for the dispatcher C{server}, those of the leases C{items}
+    (C{(job_id, token)}) that are live and C{holder}'s (C{None}: anyone's):
+    each one's job holds that token, C{holder} holds it, and its expiry
+    has not passed
+    (L{AdoptLeases}).  Their expiry moves to C{now + seconds}, and
+    C{server} is written as the one that serves them: from then on only
+    it may record them expired (L{finish_served}).  Fires with the
+    L{ResumedLease}s taken up; a lease not among them is not current.
+    """
+    expires = now + seconds
+    adopted = []
+    for job_id, token in items:
+        row = conn.execute(
+            f"SELECT id, {SPEC_COLUMNS}, attempt_count, lease_token, lease_holder,"
+            f" state, cancel_requested FROM jobs WHERE id = ? AND {_LEASED}"
+            " AND lease_token = ? AND lease_expires >= ?",
+            (job_id, token, now),
+        ).fetchone()
+        if row is None or holder is not None and row[-3] != holder:
+            continue
+        conn.execute(
+            "UPDATE jobs SET lease_server = ?, lease_expires = ? WHERE id = ?",
+            (server, expires, job_id),
+        )
+        attempt, token, holder, state, cancel_requested = row[1 + SPEC_WIDTH:]
+        adopted.append(ResumedLease(
+            Lease(row[0], attempt, token, holder, expires,
+                  spec_from_row(row[1:1 + SPEC_WIDTH])),
+            JobState(state),
+            bool(cancel_requested),
+        ))
+    return Written(adopted)
+
+
+def finish_served(
+    writer: WriterState,
+    conn: sqlite3.Connection,
+    lease: Lease,
+    outcome: Outcome,
+    now: float,
+    server: str,
+) -> Written:
+    """
+    Record how an attempt ended, as L{finish} does, if the dispatcher
+    C{server} serves its lease: it granted it and none took it up since,
+    or it took it up last (L{FinishServed}).  Else L{StaleLease}: another
+    dispatcher serves the worker that holds it now.
+    """
+    row = _leased_row(
+        conn, lease, "SELECT state, lease_token, lease_server FROM jobs WHERE id = ?"
+    )
+    if row[2] is not None and row[2] != server:
+        raise StaleLease(lease.job_id, lease.token)
+    return finish(writer, conn, lease, outcome, now)
+
+
 def record_process(
     writer: WriterState,
     conn: sqlite3.Connection,
@@ -346,8 +412,8 @@ def _retry_later(
     conn.execute(
         "UPDATE jobs SET state = ?, not_before = ?, wait_reason = ?, error = ?,"
         " exit_code = ?, result = ?, attempts_spent = ?, started_at = NULL,"
-        " lease_token = NULL, lease_holder = NULL, lease_expires = NULL"
-        " WHERE id = ?",
+        " lease_token = NULL, lease_holder = NULL, lease_expires = NULL,"
+        " lease_server = NULL WHERE id = ?",
         (target.value, due, reason, error, exit_code, result, spent, job_id),
     )
     return Written(None, ((job_id, target, state, attempt, exit_code, error),), due)
@@ -431,7 +497,7 @@ def release(
     conn.execute(
         "UPDATE jobs SET state = ?, wait_reason = ?, started_at = NULL,"
         " finished_at = ?, lease_token = NULL, lease_holder = NULL,"
-        " lease_expires = NULL WHERE id = ?",
+        " lease_expires = NULL, lease_server = NULL WHERE id = ?",
         (target.value, wait_reason, finished, lease.job_id),
     )
     changed: list[Change] = [(lease.job_id, target, state, lease.attempt)]

@@ -31,9 +31,11 @@ from dispatcher.store._events import record_events, record_presence, remove_even
 from dispatcher.store._groups import cancel_group, retry_group
 from dispatcher.store._deliveries import record_deliveries
 from dispatcher.store._leases import (
+    adopt_leases,
     claim,
     expire_leases,
     finish,
+    finish_served,
     finish_together,
     mark_running,
     record_process,
@@ -54,11 +56,13 @@ from dispatcher.store._submissions import (
 from dispatcher.store._waits import QUEUED_REASON, after_final, requeue
 from dispatcher.store._writer import SharedPath
 from dispatcher.store._writes import (
+    AdoptLeases,
     Cancel,
     CancelGroup,
     Claim,
     ExpireLeases,
     Finish,
+    FinishServed,
     MarkRunning,
     PromoteDue,
     PurgeIdempotency,
@@ -329,6 +333,8 @@ OPERATIONS: Mapping[type, Callable[..., Any]] = {
     RecordProcess: record_process,
     MarkRunning: mark_running,
     Finish: finish,
+    FinishServed: finish_served,
+    AdoptLeases: adopt_leases,
     Release: release,
     Cancel: cancel,
     Retry: retry,

@@ -3,7 +3,7 @@ The PostgreSQL store's schema: its migrations, one a version, kept apart
 from SQLite's (L{dispatcher.store._schema}) since the two engines number
 their histories apart.  Version 1 is what SQLite's schema is at its
 migration 12, in PostgreSQL's types (version 2 its migration 13, version
-3 its 14): the same tables, columns and indexes, so that the store's
+3 its 14, version 4 its 15): the same tables, columns and indexes, so that the store's
 operations and reads run on both (L{dispatcher.store._dialect}).  What differs:
 
   - C{BIGINT} for every integer (SQLite's are all 64-bit), C{DOUBLE
@@ -243,6 +243,9 @@ MIGRATIONS: Sequence[str] = (
         GROUP BY batch_id;
     DROP INDEX jobs_batch;
     """,
+    # Version 4: SQLite's migration 15, the dispatcher that last took up a
+    # remote worker's lease (a worker that moved to it from another).
+    "ALTER TABLE jobs ADD COLUMN lease_server TEXT;",
 )
 
 assert f"INCREMENT BY {TOKEN_BLOCK};" in MIGRATIONS[0]

@@ -386,6 +386,12 @@ MIGRATIONS: Sequence[Union[str, Callable[[sqlite3.Connection], None]]] = (
         GROUP BY batch_id;
     DROP INDEX jobs_batch;
     """,
+    # Migration 15 (issue 19, workers that move between dispatchers on one
+    # database): the dispatcher a remote worker's lease was last taken up
+    # by (its [dispatcher] name), NULL while the one that granted it serves
+    # it.  Only that dispatcher may record the lease expired: another that
+    # its worker moved away from must not end a job that runs on.
+    "ALTER TABLE jobs ADD COLUMN lease_server TEXT;",
 )
 
 

@@ -486,6 +486,27 @@ class SQLiteJobStore:
     def release(self, lease: Lease, now: float, reason: str) -> Deferred:
         return self._write(writes.Release(lease, now, reason))
 
+    def adopt_leases(
+        self,
+        holder: Optional[str],
+        items: Sequence[tuple[str, int]],
+        server: str,
+        now: float,
+        seconds: float,
+    ) -> Deferred:
+        """
+        Take up the live leases of C{items} that C{holder} holds: see
+        L{IJobStore.adopt_leases}.
+        """
+        return self._write(writes.AdoptLeases(holder, tuple(items), server, now, seconds))
+
+    def finish_served(self, lease: Lease, outcome: Outcome, now: float, server: str) -> Deferred:
+        """
+        L{finish}, if C{server} serves the lease: see
+        L{IJobStore.finish_served}.
+        """
+        return self._write(writes.FinishServed(lease, outcome, now, server))
+
     def cancel(self, job_id: str, now: float, owner: Optional[str] = None) -> Deferred:
         return self._write(writes.Cancel(job_id, now, owner))
 

@@ -242,6 +242,32 @@ class RenewLeases(NamedTuple):
     token_seconds: float
 
 
+class AdoptLeases(NamedTuple):
+    """
+    Take up the live leases of C{items} (C{(job_id, token)}) that the
+    remote worker C{holder} holds, for the dispatcher C{server}: their
+    expiry moves to C{now + seconds}.
+    """
+
+    holder: Optional[str]
+    items: Sequence[tuple[str, int]]
+    server: str
+    now: float
+    seconds: float
+
+
+class FinishServed(NamedTuple):
+    """
+    Record how an attempt ended, as L{Finish}, if the dispatcher C{server}
+    still serves its lease (no other took it up since).
+    """
+
+    lease: Lease
+    outcome: Outcome
+    now: float
+    server: str
+
+
 class ExpireLeases(NamedTuple):
     """
     Record as lost the attempts whose leases expired before C{now}, but
@@ -323,7 +349,8 @@ DURABLE = frozenset({Submit, SubmitPlain, Cancel, Retry, Remove, CancelGroup, Re
 Write = Union[
     Submit, SubmitPlain, Claim, ResumeLeases, RecordProcess, MarkRunning, Finish, Release,
     Cancel, Retry, PromoteDue, PurgeIdempotency, RemoveFinished, Remove, Shrink,
-    Recover, RenewLeases, ExpireLeases, RecordPresence, RemoveEvents, CancelGroup,
+    Recover, RenewLeases, ExpireLeases, AdoptLeases, FinishServed, RecordPresence,
+    RemoveEvents, CancelGroup,
     RetryGroup, RecordDeliveries,
     SetQueueLimits,
 ]
