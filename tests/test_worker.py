@@ -394,6 +394,80 @@ def test_client_maps_connection_errors_and_timeouts():
     assert "no answer within 30 s" in str(errors[1].value)
 
 
+def test_client_moves_to_the_next_dispatcher_when_one_is_unavailable():
+    """A client given several dispatchers sends every request to one; a
+    timeout, a refused connection or a 503 from it moves the requests after
+    to the next, in turn and back to the first; a refusal of the request
+    itself (a 409) or a request that another already moved past moves
+    nothing."""
+    clock = Clock()
+    sent = []
+    answers = {}
+
+    class Dispatchers:
+        def request(self, method, url, **kwargs):
+            host = url.host
+            sent.append(host)
+            return answers[host]()
+
+    def silent():
+        return Deferred()
+
+    def refused():
+        return fail(ConnectionRefusedError())
+
+    class Response:
+        def __init__(self, code, body):
+            self.code, self._body = code, body
+
+        def content(self):
+            return succeed(self._body)
+
+    def unavailable():
+        return succeed(Response(503, encode(error("store_unavailable", "no database"))))
+
+    def stale():
+        return succeed(Response(409, encode(error("stale_lease", "gone", "token"))))
+
+    client = DispatcherClient(Dispatchers(), "http://a:1", TOKEN, clock,
+                              ("http://b:2", "http://c:3"))
+    desc = WorkerDescription("w", 1, 1.0, 1, 0).offer()
+    errors = []
+    answers.update(a=silent, b=refused, c=unavailable)
+    # Two requests under way at a: one timeout moves on, the other's (a
+    # request to a dispatcher already left) does not move again.
+    client.heartbeat(desc, [], timeout=5).addErrback(errors.append)
+    client.heartbeat(desc, [], timeout=6).addErrback(errors.append)
+    clock.advance(5)
+    assert client.urls == ["http://b:2", "http://c:3", "http://a:1"]
+    clock.advance(1)
+    assert client.urls[0] == "http://b:2" and client.moves == 1
+    client.heartbeat(desc, []).addErrback(errors.append)
+    assert client.urls[0] == "http://c:3"
+    client.heartbeat(desc, []).addErrback(errors.append)
+    assert client.urls[0] == "http://a:1" and client.moves == 3
+    assert sent == ["a", "a", "b", "c"]
+    assert all(e.check(DispatcherUnavailable) for e in errors) and len(errors) == 4
+    # A dispatcher that answers, even with a refusal, is kept.
+    answers["a"] = stale
+    client.append_log("job-1", tok(7), "stdout", 0, b"x").addErrback(errors.append)
+    assert errors[-1].check(LeaseGone)
+    assert client.urls[0] == "http://a:1" and client.moves == 3
+    assert not clock.getDelayedCalls()
+
+
+def test_worker_takes_several_urls():
+    """--url is repeatable: the first is the dispatcher asked first, the
+    others follow in order; each must be a URL, none given twice."""
+    base = ["--token-file", "t", "--slots", "1"]
+    options = Options()
+    with pytest.raises(usage.UsageError, match="--url: expected"):
+        options.parseOptions(["--url", "ftp://x"] + base)
+    with pytest.raises(usage.UsageError, match="given twice"):
+        Options().parseOptions(["--url", "http://127.0.0.1:1", "--url",
+                                "http://127.0.0.1:1"] + base)
+
+
 def test_client_log_answers():
     """append_log sends raw bytes with its query; a 400 with size is a
     LogOffsetMismatch, a 409 a LeaseGone, a 403 a DispatcherRefused."""

@@ -157,7 +157,7 @@ class Options(usage.Options):
     """
 
     synopsis = (
-        "Usage: dispatcher worker (or twistd -n dispatcher-worker) --url URL --token-file FILE --slots N [--config FILE] [--name NAME] "
+        "Usage: dispatcher worker (or twistd -n dispatcher-worker) --url URL [--url URL ...] --token-file FILE --slots N [--config FILE] [--name NAME] "
         "[--cpus N] [--memory MIB] [--gpus N] [--label KEY=VALUE ...] "
         "[--data-dir DIR] [--keep-days DAYS] [--grace SECONDS] [--ca-file FILE] [--insecure] "
         "[--log-level LEVEL]"
@@ -178,7 +178,6 @@ class Options(usage.Options):
     ]
 
     optParameters = [
-        ["url", None, None, "The dispatcher's base URL, such as https://dispatch.example:8443 (required; http:// to another host needs --insecure)."],
         ["token-file", None, None, "A file holding the dispatcher's [workers] token (required)."],
         ["slots", None, None, "How many jobs to run at once (required)."],
         ["config", "c", None, "An ini file in the daemon's format; a worker reads [tasks], "
@@ -204,6 +203,21 @@ class Options(usage.Options):
     def __init__(self) -> None:
         usage.Options.__init__(self)
         self["labels"] = {}
+        self["url"] = None
+        self["urls"] = []
+
+    def opt_url(self, value: str) -> None:
+        """
+        The dispatcher's base URL, such as https://dispatch.example:8443
+        (required; http:// to another host needs --insecure).  Repeatable:
+        dispatchers on one PostgreSQL database, tried in turn when the one
+        in use does not answer.
+        """
+        url = _url(value)
+        if url in self["urls"]:
+            raise usage.UsageError(f"--url: {url} is given twice")
+        self["urls"].append(url)
+        self["url"] = self["urls"][0]
 
     def opt_label(self, value: str) -> None:
         """
@@ -221,8 +235,9 @@ class Options(usage.Options):
         for required in ("url", "token-file", "slots"):
             if not self[required]:
                 raise usage.UsageError(f"--{required} is required")
-        url = _url(self["url"])
-        _check_transport(url, bool(self["insecure"]))
+        url = self["url"]
+        for each in self["urls"]:
+            _check_transport(each, bool(self["insecure"]))
         ca_certificates = read_ca_file(self["ca-file"]) if self["ca-file"] else None
         token = read_token_file(self["token-file"])
         slots = _number("slots", self["slots"], int, 1, "an integer of at least 1")
@@ -275,6 +290,7 @@ class Options(usage.Options):
         )
         self.settings = WorkerSettings(
             url=url,
+            other_urls=tuple(self["urls"][1:]),
             token=token,
             description=description,
             # Absolute: the spawner helper runs from /.

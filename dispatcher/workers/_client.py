@@ -2,6 +2,10 @@
 The worker's client of the worker protocol (docs/worker-protocol.md): one
 method per endpoint, the request and the answer each a wire type of
 L{dispatcher.wire._types}, every failure one of the L{DispatcherError}s.
+
+A worker may be given several dispatchers (on one PostgreSQL database):
+it talks to one at a time, and moves to the next when the one it talks to
+does not answer (L{DispatcherClient.urls}).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from OpenSSL import SSL
 from service_identity import VerificationError
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.defer import TimeoutError as DeferredTimeout
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from dispatcher.wire._json import encode
@@ -42,6 +47,8 @@ POLL_MARGIN_SECONDS = 15.0
 REQUEST_TIMEOUT_SECONDS = 30.0
 
 Answer = TypeVar("Answer")
+
+log = Logger()
 
 
 class DispatcherError(Exception):
@@ -109,24 +116,65 @@ class DispatcherClient:
     firing with the endpoint's answer as its wire type, every failure one
     of the L{DispatcherError}s.
 
+    With several base URLs (dispatchers sharing one database), every
+    request goes to the current one; a request to it that finds it
+    unavailable (L{DispatcherUnavailable}: refused or broken connections,
+    no answer in time, a server error such as C{503 store_unavailable})
+    makes the next one current, in turn, for the requests after it.  The
+    failure is the caller's as before (it retries after its back-off), and
+    the leases the worker holds go on: the dispatcher it moves to takes
+    them up from the shared store.
+
     @param http: a C{treq.client.HTTPClient} (or C{treq.testing.StubTreq}).
     @param url: the dispatcher's base URL, such as C{http://host:8080}.
     @param token: the bearer token of C{[workers] token_file}.
     @param clock: the C{IReactorTime} that times requests out.
+    @param other_urls: the base URLs of other dispatchers on the same
+        database, tried in turn after C{url}.
+    @ivar moves: how many times the worker moved to another dispatcher.
     """
 
-    def __init__(self, http: Any, url: str, token: str, clock: Any) -> None:
+    def __init__(
+        self, http: Any, url: str, token: str, clock: Any, other_urls: tuple[str, ...] = ()
+    ) -> None:
         self._http = http
-        self._base = DecodedURL.from_text(url)
+        self._bases = [DecodedURL.from_text(u) for u in (url, *other_urls)]
+        self._current = 0
         self._token = token
         self._clock = clock
+        self.moves = 0
+
+    @property
+    def urls(self) -> list[str]:
+        """
+        Every base URL, the current one first.
+        """
+        n = len(self._bases)
+        return [self._bases[(self._current + i) % n].to_text() for i in range(n)]
+
+    def _unavailable(self, used: int, why: DispatcherUnavailable) -> None:
+        """
+        A request to the base URL C{used} found its dispatcher unavailable:
+        move to the next one, unless another request moved already.
+        """
+        if len(self._bases) < 2 or used != self._current:
+            return
+        self._current = (used + 1) % len(self._bases)
+        self.moves += 1
+        log.warn(
+            "the dispatcher at {left} is unavailable ({why}); moving to {url} "
+            "(running jobs go on)",
+            left=self._bases[used].to_text(),
+            why=str(why),
+            url=self._bases[self._current].to_text(),
+        )
 
     def url(self, *segments: str) -> DecodedURL:
         """
-        The URL of an endpoint under the base URL (which may have a path of
-        its own, behind a proxy).
+        The URL of an endpoint under the current base URL (which may have
+        a path of its own, behind a proxy).
         """
-        base = self._base
+        base = self._bases[self._current]
         if base.path and base.path[-1] == "":
             base = base.replace(path=base.path[:-1])
         return base.child(*segments)
@@ -262,6 +310,9 @@ class DispatcherClient:
         return self._timed(send(), timeout)
 
     def _timed(self, coroutine: Any, timeout: float) -> Deferred:
+        # (Every request's URL was made from the current base when it was
+        # asked for, just before this.)
+        used = self._current
         d = Deferred.fromCoroutine(coroutine)
         d.addTimeout(timeout, self._clock)
 
@@ -269,7 +320,12 @@ class DispatcherClient:
             failure.trap(DeferredTimeout)
             raise DispatcherUnavailable(f"no answer within {timeout:g} s")
 
-        return d.addErrback(timed_out)
+        def unavailable(failure: Failure) -> Failure:
+            if failure.check(DispatcherUnavailable):
+                self._unavailable(used, failure.value)
+            return failure
+
+        return d.addErrback(timed_out).addErrback(unavailable)
 
     async def _post(self, url: DecodedURL, data: bytes, content_type: str) -> tuple[int, bytes]:
         headers = {

@@ -61,6 +61,8 @@ class WorkerSettings:
     Everything a worker process is made from, as its options give it.
 
     @ivar url: the dispatcher's base URL.
+    @ivar other_urls: the base URLs of other dispatchers on the same
+        database, moved to in turn when the current one does not answer.
     @ivar token: the bearer token.
     @ivar description: what the worker offers.
     @ivar data_dir: where job working directories and logs live.
@@ -81,6 +83,7 @@ class WorkerSettings:
     token: str = attrs.field(repr=False)
     description: WorkerDescription
     data_dir: str
+    other_urls: tuple[str, ...] = ()
     config: Config = Config()
     grace: float = 30.0
     ca_certificates: Optional[tuple[bytes, ...]] = None
@@ -191,7 +194,7 @@ class WorkerService(MultiService):
         )
         self._lock_fd: Optional[int] = None
         self.worker = RemoteWorker(
-            DispatcherClient(http, settings.url, settings.token, clock),
+            DispatcherClient(http, settings.url, settings.token, clock, settings.other_urls),
             self.executor,
             settings.description,
             clock,
