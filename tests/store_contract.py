@@ -378,6 +378,55 @@ async def test_an_expired_lease_is_fenced_and_its_job_retried(store):
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_worker_that_moves_takes_its_leases_to_the_other_dispatcher(store):
+    """A dispatcher takes up a worker's live leases by job and token (its
+    holder's alone, unexpired, current), their expiry moved on; from then on
+    only it may record one expired, the one that granted them is refused
+    (StaleLease) and changes nothing, until it takes them up again; the
+    worker's own result is taken from either, and a new attempt of the job
+    is served by its granter again."""
+    (job, other) = await submit(store, spec(0, max_attempts=2, retry_delay=0.0), spec(1))
+    (lease, second) = await claim(store, "mover", 2, 1.0, seconds=10)
+    lost = Outcome(JobState.FAILED, error="lost: no heartbeat")
+    # Not the holder's, not the current token, expired: nothing taken up.
+    assert (await store.adopt_leases("someone", [(job.id, lease.token)], "local@b",
+                                     2.0, 30)).value == []
+    assert (await store.adopt_leases("mover", [(job.id, lease.token + 1000)], "local@b",
+                                     2.0, 30)).value == []
+    assert (await store.adopt_leases("mover", [(job.id, lease.token)], "local@b",
+                                     12.0, 30)).value == []
+    taken = (await store.adopt_leases(
+        "mover", [(job.id, lease.token), (other.id, second.token)], "local@b", 2.0, 30)
+    ).value
+    assert [(t.lease.job_id, t.lease.token, t.lease.holder, t.lease.expires_at, t.state)
+            for t in taken] == [
+        (job.id, lease.token, "mover", 32.0, JobState.RUNNING),
+        (other.id, second.token, "mover", 32.0, JobState.RUNNING)]
+    assert taken[0].lease.spec == spec(0, max_attempts=2, retry_delay=0.0)
+    # Past the granter's expiry (11) no sweep takes them: b renewed them.
+    assert (await store.expire_leases(20.0, "local@z", [], 1000)).value == []
+    # The granter's expiry is refused; b's is written.
+    with pytest.raises(StaleLease):
+        await store.finish_served(lease, lost, 20.0, "local@a")
+    assert (await store.get(job.id)).state is JobState.RUNNING
+    # Taken up by a again: then b's expiry is refused.
+    assert len((await store.adopt_leases(None, [(other.id, second.token)], "local@a",
+                                         20.0, 30)).value) == 1
+    with pytest.raises(StaleLease):
+        await store.finish_served(second, lost, 21.0, "local@b")
+    await store.finish_served(lease, lost, 21.0, "local@b")
+    assert (await store.get(job.id)).state is JobState.QUEUED
+    # The worker's own result goes through any dispatcher.
+    await store.finish(second, Outcome(JobState.SUCCEEDED, exit_code=0), 22.0)
+    assert (await store.get(other.id)).state is JobState.SUCCEEDED
+    # The next attempt is served by the one that granted it.
+    (again,) = await claim(store, "mover", 1, 23.0)
+    assert again.job_id == job.id and again.attempt == 2
+    await store.finish_served(again, lost, 24.0, "local@c")
+    assert (await store.get(job.id)).state is JobState.FAILED
+
+
+@pytest_twisted.ensureDeferred
 async def test_resume_leaves_every_local_holders_leases(store):
     """A start resumes the workers' leases alone: no dispatcher's local
     holder (local@...) is taken for a worker."""

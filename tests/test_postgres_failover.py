@@ -1,0 +1,192 @@
+"""
+Remote workers that move between real dispatchers (`twistd -n dispatcher`)
+on one real PostgreSQL database (issue 19): a real `dispatcher worker`
+given both dispatchers' URLs keeps its running jobs when the one it talks
+to is killed with SIGKILL, or restarted; the other takes its leases up
+from the store, and each job is recorded once, its one attempt succeeded.
+Each attempt keeps a record (its pid, start and end) and an exclusive lock
+while it runs, as in tests/test_postgres_dispatchers.py, so that two
+copies running at once show.
+"""
+
+import os
+import secrets
+import signal
+import time
+
+import pytest
+
+from tests.conftest import TEST_TASKS, free_port, poll
+from tests.postgres import Databases
+from tests.test_postgres_dispatchers import (
+    SCRIPT,
+    all_jobs,
+    attempts_of,
+    call,
+    check_no_overlap,
+    shared_token,
+)
+from tests.test_twistd import Twistd
+from tests.test_worker import WorkerProcess
+
+# A worker unheard for 8 s loses its leases (its fence comes 1 s before);
+# it heartbeats every 8/3 s.
+WORKER_LEASE_SECONDS = 8
+
+
+@pytest.fixture
+def database():
+    made = Databases()
+    yield made.url("db")
+    made.drop()
+
+
+@pytest.fixture
+def lease_key():
+    """The lease token key every dispatcher on the database is given (the
+    file lease.key of each data directory): a token one sealed, another
+    opens."""
+    return secrets.token_bytes(32).hex() + "\n"
+
+
+def dispatcher(root, name, url, admin_token_file, worker_token_file, key, port=None):
+    """A twistd dispatcher named C{name} on the database C{url} that runs
+    nothing itself and serves workers, with the shared lease token key."""
+    ini = (
+        "[executor]\nslots = 0\nkill_grace = 1\n"
+        f"[dispatcher]\nname = {name}\n"
+        f"[store]\nurl = {url}\nlease_seconds = 3\n"
+        f"[api]\ntoken_file = {admin_token_file}\n"
+        f"[workers]\ntoken_file = {worker_token_file}\n"
+        f"lease_seconds = {WORKER_LEASE_SECONDS}\nfence_margin = 1\n"
+    )
+    workdir = os.path.join(root, name)
+    data = os.path.join(workdir, "data")
+    os.makedirs(data, mode=0o700)
+    path = os.path.join(data, "lease.key")
+    with open(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
+        f.write(key)
+    return Twistd(workdir, ini, listen=f"tcp:{port or free_port()}:interface=127.0.0.1")
+
+
+def job_body(records, seconds):
+    return {"command": ["sh", "-c", SCRIPT],
+            "env": {"RECORDS": records, "SECONDS_TO_RUN": str(seconds)}}
+
+
+def running_on(url, token, job_ids, worker):
+    """Whether every job of C{job_ids} runs on C{worker}."""
+    for job_id in job_ids:
+        _, _, job = call(url, "GET", f"/v1/jobs/{job_id}", token)
+        if job["state"] != "running" or job.get("worker") != worker:
+            return False
+    return True
+
+
+def test_a_worker_moves_to_the_other_dispatcher_when_its_own_is_killed(
+        tmp_path, database, token_file, lease_key):
+    """A worker given two dispatchers' URLs runs four jobs from the first;
+    the first is killed with SIGKILL: the worker moves to the second, which
+    takes its leases up, and the four jobs finish there, each succeeded
+    with its one attempt, none run twice at once; new jobs keep flowing to
+    the worker through the second."""
+    records = str(tmp_path / "records")
+    os.mkdir(records)
+    admin_file, token = shared_token(tmp_path)
+    a = dispatcher(str(tmp_path), "a", database, admin_file, token_file, lease_key)
+    b = dispatcher(str(tmp_path), "b", database, admin_file, token_file, lease_key)
+    a.start()
+    b.start()
+    worker = WorkerProcess(tmp_path, a.url, token_file, slots=4, name="mover",
+                           ini=TEST_TASKS + "\n[executor]\nkill_grace = 0.5\n")
+    worker.args += ["--url", b.url]
+    worker.start()
+    try:
+        first = []
+        for _ in range(4):
+            code, _, job = call(a.url, "POST", "/v1/jobs", token, job_body(records, 6))
+            assert code == 201, job
+            first.append(job["id"])
+        poll(lambda: running_on(b.url, token, first, "mover"),
+             what="the four jobs running on the worker", timeout=30)
+        # The worker talks to a (its first URL): it granted the leases.
+        assert a.kill(signal.SIGKILL) == -signal.SIGKILL
+        killed = time.monotonic()
+        for job_id in first:
+            done = b.wait(job_id, ("succeeded", "failed", "cancelled"), timeout=60,
+                          token=token)
+            assert done["state"] == "succeeded", (done, worker.output())
+            assert [(x["holder"], x["exit_code"], x["error"]) for x in done["attempts"]] == [
+                ("mover", 0, None)], done
+            assert len(attempts_of(records, job_id)) == 1
+        # They ran on past the kill, not again from the start.
+        assert time.monotonic() - killed < 20
+        output = worker.output()
+        assert f"the dispatcher at {a.url} is unavailable" in output
+        assert f"moving to {b.url}" in output
+        assert "stopped by its worker" not in output
+        with open(os.path.join(b.workdir, "out.log")) as f:
+            taken = f.read()
+        for job_id in first:
+            assert f"job {job_id} attempt 1: worker mover goes on with its lease here" in taken
+        # New jobs flow to the worker through b.
+        more = []
+        for _ in range(6):
+            code, _, job = call(b.url, "POST", "/v1/jobs", token, job_body(records, 0.2))
+            assert code == 201, job
+            more.append(job["id"])
+        for job_id in more:
+            done = b.wait(job_id, ("succeeded", "failed", "cancelled"), timeout=60,
+                          token=token)
+            assert (done["state"], done["worker"], len(done["attempts"])) == (
+                "succeeded", "mover", 1), done
+        jobs = all_jobs(b.url, token)
+        assert sorted(jobs) == sorted(first + more)
+        check_no_overlap(records, first + more)
+    finally:
+        worker.kill()
+        a.stop()
+        b.stop()
+
+
+def test_a_restarted_dispatcher_takes_its_workers_leases_up(
+        tmp_path, database, token_file, lease_key):
+    """A dispatcher on PostgreSQL killed with SIGKILL while its worker runs
+    two jobs, one of which ends while it is down, and restarted (same name,
+    data directory and port) before the worker's fence: both results are
+    accepted, each job succeeded with its one attempt."""
+    records = str(tmp_path / "records")
+    os.mkdir(records)
+    admin_file, token = shared_token(tmp_path)
+    port = free_port()
+    a = dispatcher(str(tmp_path), "a", database, admin_file, token_file, lease_key, port)
+    a.start()
+    worker = WorkerProcess(tmp_path, a.url, token_file, slots=2, name="stayer",
+                           ini=TEST_TASKS + "\n[executor]\nkill_grace = 0.5\n")
+    worker.start()
+    try:
+        short_ = call(a.url, "POST", "/v1/jobs", token, job_body(records, 1.5))[2]["id"]
+        long_ = call(a.url, "POST", "/v1/jobs", token, job_body(records, 5))[2]["id"]
+        poll(lambda: running_on(a.url, token, [short_, long_], "stayer")
+             and all(os.path.exists(os.path.join(records, j)) for j in (short_, long_)),
+             what="both jobs running on the worker", timeout=30)
+        assert a.kill(signal.SIGKILL) == -signal.SIGKILL
+        # The short one ends while the dispatcher is down.
+        poll(lambda: len(attempts_of(records, short_)) == 1
+             and attempts_of(records, short_)[0][2] is not None,
+             what="the short job's end", timeout=10)
+        a.start()
+        for job_id in (short_, long_):
+            done = a.wait(job_id, ("succeeded", "failed", "cancelled"), timeout=30,
+                          token=token)
+            assert done["state"] == "succeeded", (done, worker.output())
+            assert [x["holder"] for x in done["attempts"]] == ["stayer"], done
+            assert len(attempts_of(records, job_id)) == 1
+        check_no_overlap(records, [short_, long_])
+        # And the worker takes new work from it.
+        code, _, after = call(a.url, "POST", "/v1/jobs", token, {"command": ["true"]})
+        done = a.wait(after["id"], ("succeeded", "failed", "cancelled"), token=token)
+        assert (done["state"], done["worker"]) == ("succeeded", "stayer"), worker.output()
+    finally:
+        worker.kill()
+        a.stop()
