@@ -15,9 +15,10 @@ import signal
 import time
 
 import pytest
+import pytest_twisted
 
-from tests.conftest import TEST_TASKS, free_port, poll
-from tests.postgres import Databases
+from tests.conftest import TEST_TASKS, free_port, poll, sleep
+from tests.postgres import Databases, database_for
 from tests.test_postgres_dispatchers import (
     SCRIPT,
     all_jobs,
@@ -190,3 +191,70 @@ def test_a_restarted_dispatcher_takes_its_workers_leases_up(
     finally:
         worker.kill()
         a.stop()
+
+
+@pytest.fixture
+def two_on_one_database(make_daemon, token_file, tmp_path, lease_key):
+    """Make in-process dispatchers on one PostgreSQL database that serve
+    workers, each with its own data directory and the shared lease key."""
+    async def make(name, worker_lease_seconds):
+        data = tmp_path / name
+        data.mkdir(mode=0o700)
+        key = data / "lease.key"
+        key.write_text(lease_key)
+        key.chmod(0o600)
+        # (Dropped with the test's other databases, once its daemons stop.)
+        url = database_for(tmp_path, "shared")
+        ini = (f"[executor]\nslots = 0\n[store]\nurl = {url}\n"
+               f"[workers]\ntoken_file = {token_file}\n"
+               f"lease_seconds = {worker_lease_seconds}\nfence_margin = 0.5\n")
+        return await make_daemon(ini, data_dir=data)
+
+    return make
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_dispatcher_a_worker_left_does_not_expire_its_lease(
+        two_on_one_database):
+    """A worker leased a job from dispatcher a and then heartbeats b alone
+    (it moved): b takes the lease up, and when a's copy runs out (a's
+    leases live 2 s) a's expiry is refused, changes nothing and is
+    forgotten; the job runs on, its result through b is recorded, its one
+    attempt succeeded.  Then the worker moves back to a: b's copy is the
+    stale one, refused in turn."""
+    from tests.test_leases import heartbeat, lease, report, result, worker
+
+    a = await two_on_one_database("a", 2)
+    b = await two_on_one_database("b", 30)
+    who = worker("mover", slots=2)
+    # (Not its last attempt: a last one waits longer for a silent worker.)
+    first = await a.submit({"command": ["sleep", "100"], "max_attempts": 2})
+    (granted,) = await lease(a, who)
+    assert granted["job_id"] == first["id"]
+    code, answer = await heartbeat(b, who, [granted], running=True)
+    assert code == 200 and answer["leases"][0]["ok"] is True, answer
+    hub_a = a.service.dispatcher.hub
+    assert first["id"] in b.service.dispatcher.hub.leases
+    deadline = time.monotonic() + 15
+    while first["id"] in hub_a.leases:
+        assert time.monotonic() < deadline, "a never let go of its copy"
+        await sleep(0.1)
+    assert hub_a.leases_expired == 1
+    code, job = await b.json("GET", f"/v1/jobs/{first['id']}")
+    assert (job["state"], len(job["attempts"])) == ("running", 1), job
+    code, answer = await report(b, who, [result(granted)])
+    assert code == 200, answer
+    code, job = await a.json("GET", f"/v1/jobs/{first['id']}")
+    assert job["state"] == "succeeded" and len(job["attempts"]) == 1, job
+    assert job["attempts"][0]["error"] is None
+    # And the other way: a lease b granted, the worker moved to a, which
+    # takes it up at the heartbeat and records the result.
+    second = await b.submit({"command": ["sleep", "100"], "max_attempts": 1})
+    (again,) = await lease(b, who)
+    code, answer = await heartbeat(a, who, [again], running=True)
+    assert code == 200 and answer["leases"][0]["ok"] is True, answer
+    assert second["id"] in hub_a.leases
+    code, answer = await report(a, who, [result(again)])
+    assert code == 200, answer
+    code, job = await b.json("GET", f"/v1/jobs/{second['id']}")
+    assert job["state"] == "succeeded" and len(job["attempts"]) == 1, job
