@@ -258,3 +258,91 @@ async def test_the_dispatcher_a_worker_left_does_not_expire_its_lease(
     assert code == 200, answer
     code, job = await b.json("GET", f"/v1/jobs/{second['id']}")
     assert job["state"] == "succeeded" and len(job["attempts"]) == 1, job
+
+
+class SlowReceiver:
+    """A real HTTP server on 127.0.0.1 that takes half a second to answer
+    each post (200) and counts the posts of each event id: two dispatchers
+    that read one delivery at once would both be trying it meanwhile."""
+
+    def __init__(self):
+        import http.server
+        import threading
+
+        self.posts = {}
+        self.lock = threading.Lock()
+        receiver = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                time.sleep(0.5)
+                with receiver.lock:
+                    event = self.headers["Dispatcher-Event-Id"]
+                    receiver.posts[event] = receiver.posts.get(event, 0) + 1
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def counts(self):
+        with self.lock:
+            return dict(self.posts)
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_two_dispatchers_send_each_webhook_once(tmp_path, database):
+    """Two dispatchers on one database both read the webhook outbox every
+    50 ms; each delivery is claimed in the store by the one that reads it,
+    so each job's final state is posted once, never by both (the receiver
+    takes half a second a post: a delivery read by both would be posted
+    twice)."""
+    from tests.test_webhooks_daemon import FAST
+
+    secret = tmp_path / "webhook.secret"
+    secret.write_text("integration-webhook-secret-0123456789\n")
+    secret.chmod(0o600)
+    admin_file, token = shared_token(tmp_path)
+    receiver = SlowReceiver()
+    daemons = []
+    try:
+        for name in ("a", "b"):
+            ini = (FAST.format(secret=secret)
+                   + "[fetch]\nallow = 127.0.0.1/32\n[executor]\nslots = 4\n"
+                   + f"[dispatcher]\nname = {name}\n"
+                   + f"[store]\nurl = {database}\nlease_seconds = 3\n"
+                   + f"[api]\ntoken_file = {admin_file}\n")
+            workdir = tmp_path / name
+            workdir.mkdir()
+            daemon = Twistd(str(workdir), ini)
+            daemons.append(daemon)
+            daemon.start()
+        jobs = []
+        for i in range(16):
+            code, _, job = call(daemons[i % 2].url, "POST", "/v1/jobs", token,
+                                {"command": ["true"], "notify": {"url": receiver.url}})
+            assert code == 201, job
+            jobs.append(job["id"])
+        for job_id in jobs:
+            daemons[0].wait(job_id, ("succeeded",), token=token)
+        poll(lambda: len(receiver.counts()) == len(jobs), timeout=30,
+             what="a post of every job's final state")
+        # Long enough for a second reader's repeat to arrive.
+        time.sleep(1.5)
+        counts = receiver.counts()
+        assert len(counts) == len(jobs)
+        assert set(counts.values()) == {1}, counts
+    finally:
+        for daemon in daemons:
+            daemon.stop()
+        receiver.close()

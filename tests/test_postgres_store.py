@@ -174,6 +174,30 @@ async def test_two_stores_on_one_database_never_share_a_token(databases, stores)
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_delivery_read_with_a_hold_is_the_readers_alone(databases, stores):
+    """Two stores on one database (two dispatchers) read the webhook
+    outbox: what one reads with a hold, the other is not given until the
+    hold has passed (then it is, as after its reader's death); the ids a
+    reader excludes (its own, being tried) are passed over; a read without
+    a hold claims nothing."""
+    from tests.store_contract import notified
+
+    url = databases.url("db")
+    one = await stores(url)
+    two = await stores(url)
+    await submit(one, *[notified(i, JobState.QUEUED) for i in range(3)])
+    free = await two.due_deliveries(200.0, 10)
+    assert len(free) == 3
+    first = await one.due_deliveries(200.0, 2, 20.0)
+    assert [d.id for d in first] == [d.id for d in free[:2]]
+    assert [d.id for d in await two.due_deliveries(200.0, 10, 20.0)] == [free[2].id]
+    assert await one.due_deliveries(210.0, 10, 20.0) == []
+    assert await two.due_deliveries(210.0, 10, 20.0, exclude=[free[2].id]) == []
+    again = await two.due_deliveries(221.0, 10, 20.0, exclude=[free[2].id])
+    assert [d.id for d in again] == [d.id for d in first]
+
+
+@pytest_twisted.ensureDeferred
 async def test_the_quota_counts_what_another_store_committed(databases, stores):
     """An owner's limit of unfinished jobs is checked against the counts the
     database keeps: jobs submitted through another store (another

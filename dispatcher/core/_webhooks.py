@@ -26,7 +26,12 @@ gives the delivery up at once.  A URL that gives a refused address is
 refused at submission already (L{notify_url_refusal}).
 
 A delivery is sent at least once: one whose try was under way when the
-daemon stopped (or died) is sent again after the restart.
+daemon stopped (or died) is sent again after the restart.  Dispatchers
+on one PostgreSQL database share the outbox: each delivery read is
+claimed in the store for the one that read it (L{IJobStore.due_deliveries}
+with a hold of a try's C{timeout} and L{CLAIM_MARGIN}), so that one
+delivery is not tried by two at once; one whose dispatcher died is due
+again once the hold has passed.
 """
 
 from __future__ import annotations
@@ -68,6 +73,10 @@ log = Logger()
 # The most of an answer's body read (for the log line of a failed try):
 # a receiver's answer is not the dispatcher's to hold.
 MAX_ANSWER_BYTES = 1024
+# Seconds beyond a try's timeout that a delivery read from a database
+# shared with other dispatchers stays this one's: time for its record to
+# be written.
+CLAIM_MARGIN = 10.0
 # The headers a delivery carries.
 EVENT_ID_HEADER = "Dispatcher-Event-Id"
 SIGNATURE_HEADER = "Dispatcher-Signature"
@@ -372,10 +381,15 @@ class WebhookDeliveries(Service):
         if room <= 0:
             return
         self._reading = True
-        # Those held may be among the first due: ask for enough that room
-        # is filled all the same.
-        limit = room + len(self._held)
-        d = self._store.due_deliveries(self._clock.seconds(), limit)
+        # Those held are not given again.  On a database shared with other
+        # dispatchers, those given are this one's alone for a try's time
+        # and a margin (a try takes timeout at most; its record, written
+        # after, puts the delivery later or removes it).
+        limit = room
+        d = self._store.due_deliveries(
+            self._clock.seconds(), limit, self._rules.timeout + CLAIM_MARGIN,
+            tuple(self._held),
+        )
         d.addCallbacks(self._read, self._read_failed, callbackArgs=(room, limit))
 
     def _read(self, deliveries: list[Delivery], room: int, limit: int) -> None:

@@ -26,13 +26,18 @@ _DUE = (
 )
 
 
-def due_deliveries(conn: sqlite3.Connection, now: float, limit: int) -> list[Delivery]:
+def due_deliveries(
+    conn: sqlite3.Connection, now: float, limit: int, exclude: Sequence[int] = ()
+) -> list[Delivery]:
     """
     At most C{limit} deliveries due at C{now}, the longest due first (then
-    in the order they were made).
+    in the order they were made), but those of C{exclude}.
     """
     out = []
-    for row in conn.execute(_DUE, (now, limit)):
+    skip = set(exclude)
+    for row in conn.execute(_DUE, (now, limit + len(skip))):
+        if row[0] in skip:
+            continue
         (id, job_id, url, at, state, previous, owner, queue, name, array_id, batch_id,
          attempt, exit_code, error, tries) = row
         out.append(Delivery(
@@ -40,7 +45,33 @@ def due_deliveries(conn: sqlite3.Connection, now: float, limit: int) -> list[Del
             None if previous is None else JobState(previous),
             owner, queue, name, array_id, batch_id, attempt, exit_code, error, tries,
         ))
-    return out
+    return out[:limit]
+
+
+def claim_deliveries(
+    writer: WriterState,
+    conn: sqlite3.Connection,
+    now: float,
+    limit: int,
+    hold: float,
+    exclude: Sequence[int],
+) -> Written:
+    """
+    Take at most C{limit} deliveries due at C{now} (but those of
+    C{exclude}) for the caller alone (L{dispatcher.store._writes.ClaimDeliveries}):
+    each is due again only at C{now + hold}, so that no other dispatcher on
+    the database reads it meanwhile; the caller's record of its try puts
+    it later or removes it, and one whose caller died is due again then.
+    Groups of writes commit one at a time (the write lock), so two claims
+    never take one delivery.
+    """
+    claimed = due_deliveries(conn, now, limit, exclude)
+    if claimed:
+        conn.executemany(
+            "UPDATE deliveries SET due = ? WHERE id = ?",
+            [(now + hold, delivery.id) for delivery in claimed],
+        )
+    return Written(claimed)
 
 
 def record_deliveries(

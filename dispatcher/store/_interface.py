@@ -451,12 +451,17 @@ class IJobStore(Interface):
         is the free bytes left.
         """
 
-    def due_deliveries(now, limit):
+    def due_deliveries(now, limit, hold=0.0, exclude=()):
         """
         Fire with at most C{limit} webhook deliveries (L{Delivery}) due at
-        C{now}: those never tried, then those whose retry is due, the
+        C{now}, but those whose ids are in C{exclude} (the caller's own,
+        being tried): those never tried, then those whose retry is due, the
         longest due first; among the never tried, in the order they were
-        made.
+        made.  On a database shared with other dispatchers, with C{hold}
+        above 0, the deliveries given are the caller's alone: none is given
+        to another caller before C{now + hold} (unless its record puts it
+        earlier), so that one delivery is not tried by two dispatchers at
+        once.
         """
 
     def record_deliveries(done, later):

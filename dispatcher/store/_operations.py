@@ -29,7 +29,7 @@ from dispatcher.model._jobs import InvalidTransition, JobState, Lease, UnknownJo
 from dispatcher.store._counts import OwnerCounts, StateCounts
 from dispatcher.store._events import record_events, record_presence, remove_events
 from dispatcher.store._groups import cancel_group, retry_group
-from dispatcher.store._deliveries import record_deliveries
+from dispatcher.store._deliveries import claim_deliveries, record_deliveries
 from dispatcher.store._leases import (
     adopt_leases,
     claim,
@@ -67,6 +67,7 @@ from dispatcher.store._writes import (
     PromoteDue,
     PurgeIdempotency,
     RecordDeliveries,
+    ClaimDeliveries,
     RecordProcess,
     RecordPresence,
     SetQueueLimits,
@@ -351,6 +352,7 @@ OPERATIONS: Mapping[type, Callable[..., Any]] = {
     CancelGroup: cancel_group,
     RetryGroup: retry_group,
     RecordDeliveries: record_deliveries,
+    ClaimDeliveries: claim_deliveries,
     SetQueueLimits: set_queue_limits,
 }
 

@@ -109,9 +109,6 @@ next steps (issue 19's N dispatchers):
   - The hosts' clocks must agree to well within half a lease: an expiry
     is written on the renewing dispatcher's clock and read on the
     sweeping one's.
-  - Webhook deliveries are read from the outbox by every dispatcher: a
-    delivery due may be tried by two at once (the receiver drops the
-    repeat by its event id, as after a restart).
 """
 
 from __future__ import annotations
@@ -1239,6 +1236,28 @@ class PostgresJobStore(SQLiteJobStore):
         if self._writer.closing:
             return fail(StoreClosed("the dispatcher is stopping"))
         return self._read(_unfinished_by_owner)
+
+    def due_deliveries(
+        self, now: float, limit: int, hold: float = 0.0, exclude: Sequence[int] = ()
+    ) -> Deferred:
+        """
+        Fire with at most C{limit} webhook deliveries due at C{now} (see
+        L{IJobStore.due_deliveries}); with C{hold}, claimed for this
+        dispatcher alone until C{now + hold}, so that no other on the
+        database tries them meanwhile.  A read finds whether any is due
+        first: an outbox with nothing due costs no write.
+        """
+        d = super().due_deliveries(now, limit, 0.0, exclude)
+        if hold <= 0:
+            return d
+
+        def claim(due: list) -> Any:
+            if not due:
+                return due
+            claimed = self._write(writes.ClaimDeliveries(now, limit, hold, tuple(exclude)))
+            return claimed.addCallback(lambda written: written.value)
+
+        return d.addCallback(claim)
 
     def space(self) -> Deferred:
         """

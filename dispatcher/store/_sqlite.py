@@ -608,12 +608,15 @@ class SQLiteJobStore:
 
     # The webhook outbox
 
-    def due_deliveries(self, now: float, limit: int) -> Deferred:
+    def due_deliveries(
+        self, now: float, limit: int, hold: float = 0.0, exclude: Sequence[int] = ()
+    ) -> Deferred:
         """
         Fire with at most C{limit} webhook deliveries due at C{now}: see
-        L{IJobStore.due_deliveries}.
+        L{IJobStore.due_deliveries}.  (A store of its own has one reader of
+        its outbox: C{hold} claims nothing.)
         """
-        return self._read(due_deliveries, now, limit)
+        return self._read(due_deliveries, now, limit, tuple(exclude))
 
     def record_deliveries(
         self, done: Sequence[int], later: Sequence[tuple[int, float]]

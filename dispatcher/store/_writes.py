@@ -208,6 +208,18 @@ class Shrink(NamedTuple):
     limit: int
 
 
+class ClaimDeliveries(NamedTuple):
+    """
+    Take at most C{limit} webhook deliveries due at C{now}, but those of
+    C{exclude}, for this dispatcher alone until C{now + hold}.
+    """
+
+    now: float
+    limit: int
+    hold: float
+    exclude: Sequence[int]
+
+
 class RecordDeliveries(NamedTuple):
     """
     What the delivery service did with the webhook deliveries it tried:
@@ -351,6 +363,6 @@ Write = Union[
     Cancel, Retry, PromoteDue, PurgeIdempotency, RemoveFinished, Remove, Shrink,
     Recover, RenewLeases, ExpireLeases, AdoptLeases, FinishServed, RecordPresence,
     RemoveEvents, CancelGroup,
-    RetryGroup, RecordDeliveries,
+    RetryGroup, RecordDeliveries, ClaimDeliveries,
     SetQueueLimits,
 ]
