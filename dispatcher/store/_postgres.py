@@ -59,9 +59,16 @@ Made for several dispatchers on one database:
     renewal it records lost the attempts whose leases expired, whoever held
     them; and it fences itself (kills its local jobs) when no renewal has
     landed for half a lease (L{dispatcher.core._lease_keeper}).  A
-    restarted dispatcher does not take up the workers' leases the store
-    holds (L{IJobStore.resume_leases} is SQLite's): it cannot tell its own
-    from another's.
+    restarted dispatcher does not resume the workers' leases the store
+    holds at its start (L{IJobStore.resume_leases} is SQLite's): it
+    cannot tell its own from another's.  It takes each up as its worker
+    calls (L{IJobStore.adopt_leases}), as any dispatcher a worker moves
+    to does; C{jobs.lease_server} names the one that took it up last,
+    the only one that may record it expired (L{IJobStore.finish_served}).
+  - The webhook outbox is read by every dispatcher; the deliveries one
+    reads are claimed for it in the same write for a try's time
+    (L{IJobStore.due_deliveries} with a hold), so no other tries them
+    meanwhile.
   - A database that cannot be reached fails a write or a read with
     L{StoreUnreachable} (L{unreachable}: a refused, broken or timed-out
     connection, a server going away), which the API answers C{503
