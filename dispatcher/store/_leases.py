@@ -255,27 +255,42 @@ def adopt_leases(
     L{ResumedLease}s taken up; a lease not among them is not current.
     """
     expires = now + seconds
+    wanted = dict(items)
+    if not wanted:
+        return Written([])
+    # Two statements however many leases: a heartbeat takes its worker's
+    # leases up every time.
+    marks = ",".join("?" * len(wanted))
     adopted = []
-    for job_id, token in items:
-        row = conn.execute(
-            f"SELECT id, {SPEC_COLUMNS}, attempt_count, lease_token, lease_holder,"
-            f" state, cancel_requested FROM jobs WHERE id = ? AND {_LEASED}"
-            " AND lease_token = ? AND lease_expires >= ?",
-            (job_id, token, now),
-        ).fetchone()
-        if row is None or holder is not None and row[-3] != holder:
+    for row in conn.execute(
+        f"SELECT id, {SPEC_COLUMNS}, attempt_count, lease_token, lease_holder,"
+        f" state, cancel_requested, lease_expires FROM jobs WHERE id IN ({marks})"
+        f" AND {_LEASED}",
+        list(wanted),
+    ).fetchall():
+        attempt, token, lease_holder, state, cancel_requested, lease_expires = row[
+            1 + SPEC_WIDTH:
+        ]
+        if (
+            token != wanted[row[0]]
+            or holder is not None and lease_holder != holder
+            or lease_expires is None or lease_expires < now
+        ):
             continue
-        conn.execute(
-            "UPDATE jobs SET lease_server = ?, lease_expires = ? WHERE id = ?",
-            (server, expires, job_id),
-        )
-        attempt, token, holder, state, cancel_requested = row[1 + SPEC_WIDTH:]
         adopted.append(ResumedLease(
-            Lease(row[0], attempt, token, holder, expires,
+            Lease(row[0], attempt, token, lease_holder, expires,
                   spec_from_row(row[1:1 + SPEC_WIDTH])),
             JobState(state),
             bool(cancel_requested),
         ))
+    if adopted:
+        order = {job_id: i for i, job_id in enumerate(wanted)}
+        adopted.sort(key=lambda item: order[item.lease.job_id])
+        marks = ",".join("?" * len(adopted))
+        conn.execute(
+            f"UPDATE jobs SET lease_server = ?, lease_expires = ? WHERE id IN ({marks})",
+            [server, expires, *(item.lease.job_id for item in adopted)],
+        )
     return Written(adopted)
 
 
