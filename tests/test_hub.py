@@ -13,7 +13,7 @@ from twisted.logger import globalLogPublisher
 
 from dispatcher.core._hub import WorkerHub
 from dispatcher.model._jobs import JobSpec, JobState, Lease, Offer, Outcome
-from dispatcher.store._results import ResumedLease
+from dispatcher.store._results import ResumedLease, Written
 
 from .conftest import run_clock
 from .postgres import one_dispatcher_only
@@ -49,9 +49,11 @@ class FakeRecorder:
         self.finished = []
         self.released = []
         self.finishing = None
+        self.servers = []
 
-    def finish(self, lease, outcome, now):
+    def finish(self, lease, outcome, now, server=None):
         self.finished.append((lease, outcome, now))
+        self.servers.append(server)
         return self.finishing if self.finishing is not None else succeed(None)
 
     def release(self, lease, now, reason):
@@ -370,3 +372,69 @@ def test_a_last_attempt_whose_worker_stays_silent_is_lost_after_the_grace():
     h.grant("now", max_attempts=1)
     run_clock(h.clock, 31)
     assert h.expired() == ["now"]
+
+
+class SharedStore:
+    """The leases a shared database holds, by job: what a take-up finds
+    (live ones, a worker's own), and who took each up last."""
+
+    def __init__(self):
+        self.leases = {}
+        self.server = {}
+        self.asked = []
+
+    def adopt(self, holder, items):
+        self.asked.append((holder, list(items)))
+        taken = []
+        for job_id, token in items:
+            lease = self.leases.get(job_id)
+            if lease is not None and lease.token == token and holder in (None, lease.holder):
+                self.server[job_id] = "local@b"
+                taken.append(ResumedLease(lease, JobState.RUNNING, False))
+        return succeed(Written(taken))
+
+
+def test_a_worker_that_moved_here_goes_on_with_its_leases():
+    """On a shared database a heartbeat of leases not kept here takes them
+    up from the store (its worker moved here): the live one is renewed and
+    kept from then on, one the store no longer gives is refused; every
+    heartbeat takes its leases up again; a report of a lease not kept here
+    takes it up first and records it; and an expiry here is written only
+    where this dispatcher serves the lease (its name given to the
+    recorder)."""
+    clock = Clock()
+    clock.advance(1000)
+    recorder = FakeRecorder()
+    store = SharedStore()
+    hub = WorkerHub(FakeScheduler(), clock, LEASE_SECONDS, recorder, lambda: None,
+                    adopt=store.adopt, server=lambda: "local@b")
+    hub.accepting = True
+    spec = JobSpec(command=("true",), max_attempts=3)
+    moved = Lease("moved", 1, 7, "w", 0.0, spec)
+    ended = Lease("ended", 1, 8, "w", 0.0, spec)
+    store.leases["moved"] = moved
+    offer = Offer("w", 2, instance="a" * 16)
+    d = hub.heartbeat(offer, [("moved", 7, True), ("ended", 8, True)])
+    assert [(v.job_id, v.ok) for v in d.result] == [("moved", True), ("ended", False)]
+    assert store.asked == [("w", [("moved", 7), ("ended", 8)])]
+    assert set(hub.leases) == {"moved"} and hub.workers["w"].jobs == {"moved"}
+    # Every heartbeat takes them up again: the store names this dispatcher.
+    hub.heartbeat(offer, [("moved", 7, True)])
+    assert store.asked[-1] == ("w", [("moved", 7)])
+    # Unheard for a lease: its expiry is written as this dispatcher's.
+    run_clock(clock, LEASE_SECONDS + 1)
+    assert [lease.job_id for lease, _, _ in recorder.finished] == ["moved"]
+    assert recorder.servers == ["local@b"]
+    # A report of a lease not kept here takes it up first, then records it.
+    late = Lease("late", 1, 9, "w", 0.0, spec)
+    store.leases["late"] = late
+    d = hub.report(offer, [("late", 9, Outcome(JobState.SUCCEEDED, exit_code=0))])
+    assert [(v.job_id, v.ok) for v in d.result] == [("late", True)]
+    assert recorder.finished[-1][0] == late and recorder.servers[-1] is None
+    assert store.asked[-1] == ("w", [("late", 9)])
+    # A lease the worker names that another worker holds is not taken up.
+    store.leases["other"] = Lease("other", 1, 10, "x", 0.0, spec)
+    d = hub.heartbeat(offer, [("other", 10, True)])
+    assert [v.ok for v in d.result] == [False] and "other" not in hub.leases
+    hub.stop()
+    assert not clock.getDelayedCalls()
