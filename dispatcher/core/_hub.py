@@ -328,14 +328,6 @@ class WorkerHub:
             worker.jobs.add(lease.job_id)
         self._arm_reaper()
 
-    @property
-    def shared(self) -> bool:
-        """
-        Whether other dispatchers may serve these workers too (a shared
-        database): leases are taken up from the store.
-        """
-        return self._adopt is not None
-
     def take_up(
         self,
         holder: Optional[str],
