@@ -28,6 +28,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from dispatcher.core._webhooks import (
+    CLAIM_MARGIN,
     MAX_ANSWER_BYTES,
     DeliveryRules,
     WebhookDeliveries,
@@ -66,15 +67,21 @@ class Outbox:
     rows: dict[int, tuple[float, Delivery]] = attrs.field(factory=dict)
     writes: list[tuple[list[int], list[tuple[int, float]]]] = attrs.field(factory=list)
     reads: int = 0
+    holds: list[float] = attrs.field(factory=list)
     # Whether a record fails, as one on a full disk does.
     failing: bool = False
 
     def add(self, item: Delivery, due: float = 0.0) -> None:
         self.rows[item.id] = (due, item)
 
-    def due_deliveries(self, now: float, limit: int) -> Deferred:
+    def due_deliveries(self, now: float, limit: int, hold: float = 0.0,
+                       exclude=()) -> Deferred:
+        # (A store of its own: the hold claims nothing; tests/
+        # test_postgres_store.py has a shared database's claims.)
         self.reads += 1
-        due = sorted((d, i) for i, (d, _) in self.rows.items() if d <= now)
+        self.holds.append(hold)
+        due = sorted((d, i) for i, (d, _) in self.rows.items()
+                     if d <= now and i not in exclude)
         return succeed([self.rows[i][1] for _, i in due[:limit]])
 
     def record_deliveries(self, done, later) -> Deferred:
@@ -251,6 +258,9 @@ def test_a_delivery_is_posted_once_signed_and_then_gone():
     assert post["path"] == "/job?token=private"
     assert u.outbox.rows == {}
     assert u.outbox.writes == [([7], [])]
+    # Each read asks for what it gets to be its own for a try's timeout
+    # and a margin (on a database shared with other dispatchers).
+    assert set(u.outbox.holds) == {u.service._rules.timeout + CLAIM_MARGIN}
     u.run(60)
     assert len(receiver.posts) == 1
     assert u.service.delivered == 1
