@@ -1147,11 +1147,15 @@ class WorkerHub:
             self.leases_expired += 1
             log.warn(
                 "the lease of job {job_id} attempt {attempt} on worker {holder} "
-                "expired: no heartbeat for {seconds:g} s",
+                "expired: no heartbeat for {seconds:g} s{elsewhere}",
                 job_id=lease.job_id,
                 attempt=lease.attempt,
                 holder=lease.holder,
                 seconds=self.lease_seconds,
+                elsewhere=""
+                if self._adopt is None
+                else " here (if its worker moved to another dispatcher, that one "
+                "serves it now, and this expiry is refused)",
             )
             worker = self.workers.get(lease.holder)
             if worker is not None and worker.poll is not None:
