@@ -456,9 +456,20 @@ def test_client_moves_to_the_next_dispatcher_when_one_is_unavailable():
     assert not clock.getDelayedCalls()
 
 
-def test_worker_takes_several_urls():
+def test_worker_takes_several_urls(token_file, tmp_path):
     """--url is repeatable: the first is the dispatcher asked first, the
     others follow in order; each must be a URL, none given twice."""
+    options = Options()
+    options.parseOptions([
+        "--url", "http://127.0.0.1:1", "--url", "http://localhost:2/prefix",
+        "--token-file", str(token_file), "--slots", "1", "--data-dir",
+        str(tmp_path / "data"), "--cpus", "1", "--memory", "64", "--gpus", "0"])
+    assert options.settings.url == "http://127.0.0.1:1"
+    assert options.settings.other_urls == ("http://localhost:2/prefix",)
+    with pytest.raises(usage.UsageError, match="--url http://10.0.0.1:3: http://"):
+        Options().parseOptions([
+            "--url", "http://127.0.0.1:1", "--url", "http://10.0.0.1:3",
+            "--token-file", str(token_file), "--slots", "1"])
     base = ["--token-file", "t", "--slots", "1"]
     options = Options()
     with pytest.raises(usage.UsageError, match="--url: expected"):
