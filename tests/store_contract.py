@@ -395,8 +395,11 @@ async def test_a_worker_that_moves_takes_its_leases_to_the_other_dispatcher(stor
                                      2.0, 30)).value == []
     assert (await store.adopt_leases("mover", [(job.id, lease.token)], "local@b",
                                      12.0, 30)).value == []
+    # (A job named twice, once with a token not its own, is taken up by
+    # the right one.)
     taken = (await store.adopt_leases(
-        "mover", [(job.id, lease.token), (other.id, second.token)], "local@b", 2.0, 30)
+        "mover", [(job.id, lease.token), (other.id, second.token),
+                  (other.id, second.token + 1000)], "local@b", 2.0, 30)
     ).value
     assert [(t.lease.job_id, t.lease.token, t.lease.holder, t.lease.expires_at, t.state)
             for t in taken] == [

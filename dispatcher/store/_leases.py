@@ -255,7 +255,10 @@ def adopt_leases(
     L{ResumedLease}s taken up; a lease not among them is not current.
     """
     expires = now + seconds
-    wanted = dict(items)
+    # (One job may be named twice, once with a token that is not its own.)
+    wanted: dict[str, set[int]] = {}
+    for job_id, token in items:
+        wanted.setdefault(job_id, set()).add(token)
     if not wanted:
         return Written([])
     # Two statements however many leases: a heartbeat takes its worker's
@@ -272,7 +275,7 @@ def adopt_leases(
             1 + SPEC_WIDTH:
         ]
         if (
-            token != wanted[row[0]]
+            token not in wanted[row[0]]
             or holder is not None and lease_holder != holder
             or lease_expires is None or lease_expires < now
         ):
