@@ -346,3 +346,67 @@ def test_two_dispatchers_send_each_webhook_once(tmp_path, database):
         for daemon in daemons:
             daemon.stop()
         receiver.close()
+
+
+def test_a_worker_that_reaches_no_dispatcher_past_its_fence_stops_its_jobs(
+        tmp_path, database, token_file, lease_key):
+    """A worker given two dispatchers loses both: the one it talks to is
+    killed with SIGKILL, and the other is cut off from it (a TCP proxy the
+    test holds) for longer than its fence.  It stops its jobs at its fence;
+    the other dispatcher records their attempts lost once their leases
+    expire and queues them again; when the cut ends the worker moves there,
+    its late word about the old attempts is refused, and it runs the next
+    attempts: each job succeeds on its second attempt, and no attempt of a
+    job overlapped another."""
+    from tests.postgres import Proxy
+
+    records = str(tmp_path / "records")
+    os.mkdir(records)
+    admin_file, token = shared_token(tmp_path)
+    a = dispatcher(str(tmp_path), "a", database, admin_file, token_file, lease_key)
+    b = dispatcher(str(tmp_path), "b", database, admin_file, token_file, lease_key)
+    a.start()
+    b.start()
+    proxy = Proxy(("127.0.0.1", int(b.url.rsplit(":", 1)[1])))
+    worker = WorkerProcess(tmp_path, a.url, token_file, slots=2, name="cutoff",
+                           ini=TEST_TASKS + "\n[executor]\nkill_grace = 0.5\n")
+    worker.args += ["--url", f"http://127.0.0.1:{proxy.port}"]
+    worker.start()
+    try:
+        jobs = []
+        for _ in range(2):
+            body = dict(job_body(records, 12), max_attempts=3, retry_delay=0)
+            code, _, job = call(a.url, "POST", "/v1/jobs", token, body)
+            assert code == 201, job
+            jobs.append(job["id"])
+        poll(lambda: running_on(b.url, token, jobs, "cutoff")
+             and all(os.path.exists(os.path.join(records, j)) for j in jobs),
+             what="both jobs running on the worker", timeout=30)
+        proxy.set_cut(True)
+        assert a.kill(signal.SIGKILL) == -signal.SIGKILL
+        # Stopped at its fence (7 s after its last acknowledged heartbeat),
+        # while no dispatcher hears from it.
+        poll(lambda: worker.output().count("no heartbeat was acknowledged") >= 2,
+             what="the worker's fence", timeout=20)
+        # b records the attempts lost once their leases expire, and queues
+        # the jobs again; only then does the worker get through.
+        for job_id in jobs:
+            poll(lambda: call(b.url, "GET", f"/v1/jobs/{job_id}", token)[2]["state"]
+                 == "queued", what="the lost attempt's job queued again", timeout=30)
+        proxy.set_cut(False)
+        for job_id in jobs:
+            done = b.wait(job_id, ("succeeded", "failed", "cancelled"), timeout=60,
+                          token=token)
+            assert done["state"] == "succeeded", (done, worker.output())
+            assert [x["holder"] for x in done["attempts"]] == ["cutoff", "cutoff"]
+            assert done["attempts"][0]["error"].startswith("lost: its lease expired")
+            runs = sorted(attempts_of(records, job_id), key=lambda run: run[1])
+            # The first killed at the fence (it never wrote its end), the
+            # second whole.
+            assert [end is None for _, _, end in runs] == [True, False], runs
+        check_no_overlap(records, jobs)
+    finally:
+        worker.kill()
+        proxy.close()
+        a.stop()
+        b.stop()
