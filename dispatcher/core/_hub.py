@@ -1018,6 +1018,36 @@ class WorkerHub:
         self._forget_idle(now)
         self._arm_reaper()
 
+    def holder_lost(self, holder: str, error: str) -> list[str]:
+        """
+        The worker C{holder} is known to be gone, with everything it ran
+        (its backend saw the batch job it ran in end): its leases end now,
+        each attempt failed with C{error} (and retried by its job's rules),
+        instead of when they run out.  The ids of the jobs whose leases
+        ended.
+        """
+        ended = []
+        for remote in list(self.leases.values()):
+            lease = remote.lease
+            if lease.holder != holder or remote.ending is not None:
+                continue
+            if self._silent.get(lease.job_id) is remote:
+                del self._silent[lease.job_id]
+            self.leases_expired += 1
+            log.warn(
+                "job {job_id} attempt {attempt} on worker {holder} is lost: {error}",
+                job_id=lease.job_id,
+                attempt=lease.attempt,
+                holder=holder,
+                error=error,
+            )
+            ended.append(lease.job_id)
+            self._end(remote, LeaseEnd.EXPIRED, Outcome(JobState.FAILED, error=error))
+        worker = self.workers.get(holder)
+        if ended and worker is not None and worker.poll is not None:
+            self._end_poll(worker, [])
+        return ended
+
     def _wait_for_silent(self, remote: RemoteLease, now: float) -> bool:
         """
         Whether the lease of C{remote}, which ran out now, waits longer for

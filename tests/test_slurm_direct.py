@@ -1,0 +1,159 @@
+"""
+The Slurm backend's direct mode against a real Slurm (tests/slurm.py): a
+real `twistd -n dispatcher` gives each job of the queue hpc a Slurm job of
+its own with a real sbatch (an array for jobs submitted together), each
+runs `dispatcher worker --one-job` on this host's one node and calls back
+over loopback; the tests cancel, scancel, stop slurmctld and restart the
+dispatcher with real signals.
+
+Leases last 3 s and squeue runs every second here, so a lost Slurm job's
+attempt fails within seconds; every wait polls a condition under a
+deadline.
+"""
+
+import json
+import os
+import signal
+import time
+
+import pytest
+
+from .conftest import free_port
+from .slurm import slurm_cluster  # noqa: F401 (a fixture)
+from .test_slurm_pilots import get, log_text, metrics_text, poll, submit
+from .test_twistd import BIN, Twistd
+
+LEASE_SECONDS = 3
+LIVE = ("PENDING", "RUNNING", "COMPLETING", "CONFIGURING")
+
+
+def direct_dispatcher(tmp_path, time_limit=600, max_jobs=20):
+    """A started twistd dispatcher that runs the default queue's jobs
+    itself and gives each job of the queue hpc a Slurm job of its own on
+    the backend slurm."""
+    port = free_port()
+    worker_ini = tmp_path / "worker.ini"
+    # The workers run as root (the submitting user): their jobs too, so
+    # that they write where the test looks.
+    worker_ini.write_text("[executor]\nrun_as = root\n")
+    ini = f"""
+[executor]
+slots = 2
+
+[workers]
+lease_seconds = {LEASE_SECONDS}
+
+[queue:hpc]
+backend = slurm
+
+[backend:slurm]
+type = slurm
+mode = direct
+url = http://127.0.0.1:{port}
+partition = debug
+time_limit = {time_limit}
+max_jobs = {max_jobs}
+poll_interval = 1
+worker_command = {os.path.join(BIN, 'dispatcher')} worker --config {worker_ini}
+pilot_dir = {tmp_path}/nodes
+sbatch_options = --output={tmp_path}/slurm-%A_%a.out
+"""
+    daemon = Twistd(str(tmp_path), ini, listen=f"tcp:{port}:interface=127.0.0.1")
+    daemon.start()
+    return daemon
+
+
+def slurm_jobs(cluster):
+    """Every direct-mode Slurm job (array tasks one a line): id, state,
+    comment."""
+    if "slurmctld" not in cluster.processes:
+        return []
+    out = cluster.run("squeue", "--noheader", "--states=all", "--array",
+                      "--name=dispatcher-direct", "--format=%i|%T|%k")
+    return [tuple(line.split("|", 2)) for line in out.splitlines() if line.strip()]
+
+
+def end_all(daemon, cluster):
+    for job_id, state, _ in cluster.jobs():
+        if state in LIVE:
+            cluster.run("scancel", "--signal=KILL", "--full", job_id, check=False)
+    poll(lambda: not [j for j in cluster.jobs() if j[1] in ("RUNNING", "COMPLETING")],
+         30, "the Slurm jobs to end")
+    if daemon.process is not None and daemon.process.poll() is None:
+        daemon.kill(signal.SIGKILL)
+
+
+@pytest.fixture
+def direct(tmp_path, slurm_cluster, monkeypatch):  # noqa: F811
+    """A dispatcher with a direct-mode backend; killed at teardown, after
+    the cluster's jobs are."""
+    monkeypatch.setenv("SLURM_CONF", slurm_cluster.conf)
+    daemon = direct_dispatcher(tmp_path)
+    yield daemon
+    end_all(daemon, slurm_cluster)
+
+
+def finished(daemon, job_id, timeout=90):
+    return daemon.wait(job_id, ("succeeded", "failed", "cancelled"), timeout=timeout)
+
+
+def direct_credentials(daemon):
+    code, listing = daemon.request("GET", "/v1/credentials")
+    assert code == 200, listing
+    return [c["name"] for c in listing["credentials"] if c["name"].startswith("direct.")]
+
+
+def test_each_job_runs_in_a_slurm_job_of_its_own(direct, slurm_cluster):  # noqa: F811
+    """Jobs of the direct queue each run in a Slurm job of their own (the
+    job sees its SLURM_JOB_ID), under a worker named for that job alone,
+    with their own exit code; the default queue's jobs run on this host;
+    its worker shows in GET /v1/workers with its Slurm job's id; once the
+    Slurm jobs end their credentials are revoked."""
+    ok = submit(direct, {"command": ["sh", "-c", "sleep 1"], "queue": "hpc"})
+    bad = submit(direct, {"command": ["sh", "-c", "exit 3"], "queue": "hpc",
+                          "max_attempts": 1})
+    local = submit(direct, {"command": ["true"]})
+    waiting = get(direct, ok["id"])
+    if waiting["state"] == "queued":
+        assert "a Slurm job each" in waiting["wait_reason"], waiting
+    assert finished(direct, local["id"], 30)["attempts"][-1]["holder"].startswith("local@")
+    workers = poll(lambda: direct.request("GET", "/v1/workers")[1]["workers"], 60,
+                   "a Slurm job's worker to call")
+    assert workers[0]["name"].startswith("direct."), workers
+    assert workers[0]["labels"]["backend"] == "slurm"
+    assert workers[0]["labels"]["slurm_job_id"] in {j[0] for j in slurm_jobs(slurm_cluster)}
+    done = finished(direct, ok["id"])
+    assert done["state"] == "succeeded", done
+    holder = done["attempts"][-1]["holder"]
+    assert holder.startswith(f"direct.{ok['id']}."), done
+    failed = finished(direct, bad["id"])
+    assert failed["state"] == "failed" and failed["exit_code"] == 3, failed
+    assert len(failed["attempts"]) == 1
+    slurm_ids = {j[0] for j in slurm_jobs(slurm_cluster)}
+    assert len(slurm_ids) == 2, slurm_jobs(slurm_cluster)
+    poll(lambda: all(j[1] not in LIVE for j in slurm_jobs(slurm_cluster)), 60,
+         "the Slurm jobs to end")
+    poll(lambda: not direct_credentials(direct), 30, "the credentials to be revoked")
+    metrics = metrics_text(direct)
+    assert "dispatcher_slurm_direct_submitted_total 2" in metrics, metrics
+    assert "dispatcher_slurm_direct_jobs 0" in metrics, metrics
+
+
+def test_an_array_is_one_slurm_job_array(direct, slurm_cluster, tmp_path):  # noqa: F811
+    """An array of jobs submitted at once is one sbatch: a Slurm job array
+    with a task for each job, each task running its own job once."""
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    array = submit(direct, {"command": ["sh", "-c", f"echo x >> {marks}/$DISPATCHER_JOB_ID"],
+                            "queue": "hpc", "array": 4})
+    ids = [j["id"] for j in array["jobs"]]
+    assert len(ids) == 4
+    for job_id in ids:
+        done = finished(direct, job_id)
+        assert done["state"] == "succeeded" and len(done["attempts"]) == 1, done
+        assert (marks / job_id).read_text() == "x\n"
+    tasks = slurm_jobs(slurm_cluster)
+    assert len({split[0].split("_")[0] for split in tasks}) == 1, tasks
+    assert sorted(t[0].split("_")[1] for t in tasks) == ["0", "1", "2", "3"], tasks
+    assert log_text(direct).count("submitted as Slurm job") == 1
+    assert "(an array of 4)" in log_text(direct)
