@@ -157,3 +157,137 @@ def test_an_array_is_one_slurm_job_array(direct, slurm_cluster, tmp_path):  # no
     assert sorted(t[0].split("_")[1] for t in tasks) == ["0", "1", "2", "3"], tasks
     assert log_text(direct).count("submitted as Slurm job") == 1
     assert "(an array of 4)" in log_text(direct)
+
+
+def test_cancel_reaches_a_job_pending_in_slurm_and_a_running_one(
+        direct, slurm_cluster, tmp_path):  # noqa: F811
+    """A job whose Slurm job waits in Slurm's queue (the node's CPUs all
+    taken) is cancelled through the API and its Slurm job is scancelled;
+    a running one is stopped by its worker, whose Slurm job then ends."""
+    started = tmp_path / "started"
+    big = submit(direct, {"command": ["sh", "-c", f"touch {started}; sleep 120"],
+                          "queue": "hpc", "resources": {"cpus": slurm_cluster.cpus}})
+    poll(lambda: started.exists(), 90, "the big job to start")
+    small = submit(direct, {"command": ["true"], "queue": "hpc"})
+    pending = poll(lambda: [j for j in slurm_jobs(slurm_cluster) if j[1] == "PENDING"], 30,
+                   "the small job's Slurm job to wait in Slurm")
+    code, _ = direct.request("POST", f"/v1/jobs/{small['id']}/cancel")
+    assert code == 200
+    assert finished(direct, small["id"])["state"] == "cancelled"
+    poll(lambda: [j for j in slurm_jobs(slurm_cluster) if j[0] == pending[0][0]
+                  and j[1] == "CANCELLED"], 30, "its Slurm job to be cancelled")
+    running = [j for j in slurm_jobs(slurm_cluster) if j[1] == "RUNNING"]
+    assert len(running) == 1
+    code, _ = direct.request("POST", f"/v1/jobs/{big['id']}/cancel")
+    # Accepted: its worker stops it.
+    assert code == 202
+    done = finished(direct, big["id"], 30)
+    assert done["state"] == "cancelled", done
+    poll(lambda: [j for j in slurm_jobs(slurm_cluster) if j[0] == running[0][0]
+                  and j[1] not in LIVE], 30, "the running Slurm job to end")
+    assert "is lost" not in log_text(direct)
+
+
+def test_a_failing_jobs_exit_code_and_signal_are_its_own(direct):
+    """A job that exits 7, and one killed by a signal, end failed with that
+    exit code and that signal, as the worker saw them, not Slurm's view of
+    its batch job (which ends 0)."""
+    code7 = submit(direct, {"command": ["sh", "-c", "exit 7"], "queue": "hpc",
+                            "max_attempts": 1})
+    killed = submit(direct, {"command": ["sh", "-c", "kill -SEGV $$"], "queue": "hpc",
+                             "max_attempts": 1})
+    done = finished(direct, code7["id"])
+    assert done["state"] == "failed" and done["exit_code"] == 7, done
+    done = finished(direct, killed["id"])
+    assert done["state"] == "failed" and done["exit_code"] == -signal.SIGSEGV, done
+    assert len(done["attempts"]) == 1
+
+
+def test_a_slurm_job_cancelled_mid_job_fails_the_attempt_and_retries(
+        direct, slurm_cluster, tmp_path):  # noqa: F811
+    """A job whose Slurm job is scancelled while it runs: the attempt fails
+    with an error saying so, the job runs again in another Slurm job, and
+    its two runs never overlap."""
+    trace = tmp_path / "trace"
+    script = (f"echo start $(date +%s.%N) >> {trace}; sleep 6; "
+              f"echo end $(date +%s.%N) >> {trace}")
+    job = submit(direct, {"command": ["sh", "-c", script], "queue": "hpc",
+                          "max_attempts": 3})
+    poll(lambda: trace.exists() and "start" in trace.read_text(), 90, "the job to start")
+    first = [j for j in slurm_jobs(slurm_cluster) if j[1] == "RUNNING"]
+    assert len(first) == 1
+    slurm_cluster.run("scancel", first[0][0])
+    done = finished(direct, job["id"], 120)
+    assert done["state"] == "succeeded", done
+    assert len(done["attempts"]) == 2, done
+    error = done["attempts"][0]["error"]
+    assert f"Slurm job {first[0][0]}" in error, done
+    lines = [line.split() for line in trace.read_text().splitlines()]
+    starts = [float(t) for what, t in lines if what == "start"]
+    ends = [float(t) for what, t in lines if what == "end"]
+    assert len(starts) == 2 and len(ends) == 1, lines
+    assert ends[0] > starts[1] > starts[0]
+    ids = {j[0] for j in slurm_jobs(slurm_cluster)}
+    assert len(ids) == 2 and first[0][0] in ids
+
+
+def test_a_job_past_its_slurm_time_limit_fails_saying_so(
+        tmp_path, slurm_cluster, monkeypatch):  # noqa: F811
+    """A job without a timeout that outlasts the backend's Slurm time limit
+    (a minute here) is ended by Slurm, and its attempt fails with an error
+    that names the time limit."""
+    monkeypatch.setenv("SLURM_CONF", slurm_cluster.conf)
+    daemon = direct_dispatcher(tmp_path, time_limit=60)
+    try:
+        job = submit(daemon, {"command": ["sleep", "600"], "queue": "hpc", "max_attempts": 1})
+        done = finished(daemon, job["id"], 240)
+        assert done["state"] == "failed", done
+        assert "time limit" in done["error"], done
+        assert "0-00:01:00" in done["error"] or "TIMEOUT" in done["error"], done
+    finally:
+        end_all(daemon, slurm_cluster)
+
+
+def test_a_restarted_dispatcher_finds_its_slurm_jobs(direct, slurm_cluster):  # noqa: F811
+    """The dispatcher stopped and started again while direct jobs run (and
+    one waits in Slurm's queue) finds their Slurm jobs by their comments:
+    it submits none again, every job succeeds with one attempt, and the
+    jobs submitted after the restart get Slurm jobs of their own."""
+    jobs = [submit(direct, {"command": ["sleep", "5"], "queue": "hpc"}) for _ in range(3)]
+    poll(lambda: len([j for j in slurm_jobs(slurm_cluster) if j[1] == "RUNNING"]) == 2,
+         90, "two Slurm jobs to run (the node has two CPUs)")
+    before = {j[0] for j in slurm_jobs(slurm_cluster)}
+    assert len(before) == 3, slurm_jobs(slurm_cluster)
+    direct.kill(signal.SIGTERM)
+    direct.start()
+    poll(lambda: "of an earlier run found" in log_text(direct), 30,
+         "the restarted dispatcher to find its Slurm jobs")
+    later = [submit(direct, {"command": ["true"], "queue": "hpc"})]
+    for job in jobs + later:
+        done = finished(direct, job["id"], 120)
+        assert done["state"] == "succeeded", done
+        assert len(done["attempts"]) == 1, done
+    after = {j[0] for j in slurm_jobs(slurm_cluster)}
+    assert before < after and len(after) == 4, (before, slurm_jobs(slurm_cluster))
+    assert "is lost" not in log_text(direct)
+
+
+def test_a_failed_squeue_declares_nothing_lost(direct, slurm_cluster):  # noqa: F811
+    """While slurmctld is down, squeue fails and no Slurm job is taken for
+    lost: the jobs running in Slurm finish with one attempt each; once it
+    is back, new jobs get Slurm jobs again."""
+    jobs = [submit(direct, {"command": ["sleep", "6"], "queue": "hpc"}) for _ in range(2)]
+    poll(lambda: len([j for j in slurm_jobs(slurm_cluster) if j[1] == "RUNNING"]) == 2,
+         90, "both to run")
+    slurm_cluster.stop_daemon("slurmctld")
+    poll(lambda: "squeue failed" in log_text(direct), 30, "squeue to fail")
+    for job in jobs:
+        done = finished(direct, job["id"], 60)
+        assert done["state"] == "succeeded" and len(done["attempts"]) == 1, done
+    assert "is lost" not in log_text(direct)
+    assert "ended before its worker" not in log_text(direct)
+    slurm_cluster.start_daemon("slurmctld")
+    poll(lambda: "squeue works again" in log_text(direct), 60, "squeue to work again")
+    after = submit(direct, {"command": ["true"], "queue": "hpc"})
+    assert finished(direct, after["id"])["state"] == "succeeded"
+    assert "is lost" not in log_text(direct)
