@@ -27,7 +27,7 @@ LEASE_SECONDS = 3
 LIVE = ("PENDING", "RUNNING", "COMPLETING", "CONFIGURING")
 
 
-def direct_dispatcher(tmp_path, time_limit=600, max_jobs=20):
+def direct_dispatcher(tmp_path, time_limit=600, max_jobs=20, lease_seconds=LEASE_SECONDS):
     """A started twistd dispatcher that runs the default queue's jobs
     itself and gives each job of the queue hpc a Slurm job of its own on
     the backend slurm."""
@@ -41,7 +41,7 @@ def direct_dispatcher(tmp_path, time_limit=600, max_jobs=20):
 slots = 2
 
 [workers]
-lease_seconds = {LEASE_SECONDS}
+lease_seconds = {lease_seconds}
 
 [queue:hpc]
 backend = slurm
@@ -291,3 +291,46 @@ def test_a_failed_squeue_declares_nothing_lost(direct, slurm_cluster):  # noqa: 
     after = submit(direct, {"command": ["true"], "queue": "hpc"})
     assert finished(direct, after["id"])["state"] == "succeeded"
     assert "is lost" not in log_text(direct)
+
+
+def test_a_batch_written_before_a_crash_that_never_reached_sbatch_is_submitted_once(
+        tmp_path, slurm_cluster, monkeypatch):  # noqa: F811
+    """The dispatcher killed (SIGKILL) after writing a batch down and
+    before its sbatch (here: the batch added to its file while it is
+    down): restarted, it finds no Slurm job with the batch's comment, and
+    gives the job one Slurm job, which runs it once; the Slurm job that was
+    running meanwhile is found, not submitted again."""
+    monkeypatch.setenv("SLURM_CONF", slurm_cluster.conf)
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    # Leases of a minute: the running job's worker must not fence it while
+    # the dispatcher is down.
+    daemon = direct_dispatcher(tmp_path, max_jobs=1, lease_seconds=60)
+    try:
+        command = ["sh", "-c", f"sleep 4; echo x >> {marks}/$DISPATCHER_JOB_ID"]
+        first = submit(daemon, {"command": command, "queue": "hpc"})
+        poll(lambda: [j for j in slurm_jobs(slurm_cluster) if j[1] == "RUNNING"], 90,
+             "the first job's Slurm job to run")
+        # max_jobs = 1: the second waits unbound.
+        second = submit(daemon, {"command": command, "queue": "hpc"})
+        time.sleep(1.5)
+        assert len(slurm_jobs(slurm_cluster)) == 1
+        daemon.kill(signal.SIGKILL)
+        path = tmp_path / "data" / "slurm-direct-slurm.json"
+        stored = json.loads(path.read_text())
+        assert [b["jobs"] for b in stored["batches"]] == [
+            [[first["id"], stored["batches"][0]["jobs"][0][1]]]]
+        stored["batches"].append({"tag": "0badc0de", "array": False, "slurm_id": None,
+                                  "jobs": [[second["id"], f"direct.{second['id']}.0badc0de"]]})
+        path.write_text(json.dumps(stored))
+        daemon.start()
+        for job in (first, second):
+            done = finished(daemon, job["id"], 120)
+            assert done["state"] == "succeeded", done
+            assert len(done["attempts"]) == 1, done
+            assert (marks / job["id"]).read_text() == "x\n"
+        assert len(slurm_jobs(slurm_cluster)) == 2, slurm_jobs(slurm_cluster)
+        assert "of an earlier run found" in log_text(daemon)
+        assert "never reached sbatch" in log_text(daemon)
+    finally:
+        end_all(daemon, slurm_cluster)

@@ -634,6 +634,17 @@ class DirectService(Service):
             return
         if job.state.final or job.state.active:
             return
+        if binding.batch.slurm_id is None:
+            # Written down, and Slurm has no job of its comment: the
+            # dispatcher stopped before its sbatch.
+            log.info(
+                "backend {backend}: job {job_id}'s batch {tag} of an earlier run never "
+                "reached sbatch (Slurm has no job with its comment): it is submitted now",
+                backend=self.backend.name,
+                job_id=binding.job_id,
+                tag=binding.batch.tag,
+            )
+            return
         # It ended before its worker took the job: the job waits for another.
         self.failures += 1
         delay = min(MAX_SUBMIT_BACKOFF, 2.0 ** self.failures)
