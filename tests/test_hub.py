@@ -370,3 +370,28 @@ def test_a_last_attempt_whose_worker_stays_silent_is_lost_after_the_grace():
     h.grant("now", max_attempts=1)
     run_clock(h.clock, 31)
     assert h.expired() == ["now"]
+
+
+def test_a_holder_known_lost_fails_its_leases_at_once():
+    """A worker its backend saw die (the Slurm job it ran in ended) has its
+    leases ended now, each attempt failed with the error given, not when
+    they run out; its later heartbeat and report are refused; and another
+    holder's leases, or a lease whose report is being recorded, are not
+    touched."""
+    h = Hub()
+    running = h.grant("a")
+    reported = h.grant("b")
+    h.recorder.finishing = Deferred()
+    waiting = h.hub.report(h.offer(), [("b", reported.token,
+                                        Outcome(JobState.SUCCEEDED, exit_code=0))])
+    assert not waiting.called
+    assert h.hub.holder_lost("someone-else", "gone") == []
+    assert h.hub.holder_lost("w", "its Slurm job 7 was preempted (PREEMPTED)") == ["a"]
+    ((lease, outcome, _), (other, _, _)) = h.recorder.finished[1:] + h.recorder.finished[:1]
+    assert lease.job_id == "a" and outcome.state is JobState.FAILED
+    assert outcome.error == "its Slurm job 7 was preempted (PREEMPTED)"
+    assert other.job_id == "b"
+    assert h.beat(running) == [False]
+    assert h.hub.holder_lost("w", "again") == []
+    h.recorder.finishing.callback(None)
+    assert [v.ok for v in waiting.result] == [True]
