@@ -56,7 +56,7 @@ from twisted.logger import Logger
 from dispatcher.backends._slurm import SlurmCommands, SlurmError, SlurmJob
 from dispatcher.config._backends import SlurmBackend
 from dispatcher.model._events import JobEvent
-from dispatcher.model._jobs import Job, JobState
+from dispatcher.model._jobs import Job, JobState, UnknownJob
 from dispatcher.model._routing import direct_name
 from dispatcher.store._credentials import CredentialError, write_private
 
@@ -626,7 +626,11 @@ class DirectService(Service):
         the attempt its worker holds, or, if its worker never took the
         job, let the job have another.
         """
-        job = await self._dispatcher.store.get(binding.job_id)
+        try:
+            job = await self._dispatcher.store.get(binding.job_id)
+        except UnknownJob:
+            # Removed meanwhile: nothing is left to fail or to run.
+            return
         error = slurm_error(binding.task, state, exit_code)
         if job.state.active and job.attempts and job.attempts[-1].holder == binding.name:
             self.lost += 1
@@ -677,9 +681,12 @@ class DirectService(Service):
         ]
         if not unwanted:
             return
-        if await self._scancel([b.task for b in unwanted], "whose jobs no longer need them"):
-            for binding in unwanted:
-                binding.cancel = False
+        # Asked once: a scancel that failed (one of them ended meanwhile,
+        # say) is asked again only if the next look finds one still pending
+        # or lingering.
+        for binding in unwanted:
+            binding.cancel = False
+        await self._scancel([b.task for b in unwanted], "whose jobs no longer need them")
 
     async def _scancel(self, tasks: list[str], why: str) -> bool:
         try:
