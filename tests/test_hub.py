@@ -395,3 +395,15 @@ def test_a_holder_known_lost_fails_its_leases_at_once():
     assert h.hub.holder_lost("w", "again") == []
     h.recorder.finishing.callback(None)
     assert [v.ok for v in waiting.result] == [True]
+
+
+def test_a_worker_known_gone_is_forgotten_unless_it_holds_something():
+    """A worker its backend saw end is forgotten at once, its name no longer
+    shown nor counted, unless it still holds a lease or has a poll open."""
+    h = Hub()
+    lease = h.grant("a")
+    assert not h.hub.forget_worker("w")
+    assert h.reported(lease, Outcome(JobState.SUCCEEDED, exit_code=0)) == [True]
+    assert "w" in h.hub.workers
+    assert h.hub.forget_worker("w")
+    assert "w" not in h.hub.workers and not h.hub.forget_worker("w")

@@ -595,6 +595,8 @@ class DirectService(Service):
             if binding.done_at is None:
                 await self._lost(binding, state, exit_code)
                 self._unbind(binding, now)
+            # Its worker is gone with it: its name counts no more.
+            self._dispatcher.hub.forget_worker(binding.name)
             batch = binding.batch
             batch.jobs.pop(binding.index, None)
             if not batch.jobs:

@@ -1178,6 +1178,20 @@ class WorkerHub:
                 del self.workers[name]
                 self._uncount(worker)
 
+    def forget_worker(self, name: str) -> bool:
+        """
+        Forget the worker C{name} now, if it holds no lease and has no poll
+        open (its backend saw the batch job it ran in end, and its
+        credential is revoked): its name no longer counts against
+        C{max_names}.  Whether it was forgotten.
+        """
+        worker = self.workers.get(name)
+        if worker is None or worker.poll is not None or worker.jobs:
+            return False
+        del self.workers[name]
+        self._uncount(worker)
+        return True
+
     def _uncount(self, worker: Worker) -> None:
         """
         The name of C{worker} no longer counts for its credential.
