@@ -2,8 +2,11 @@
 The Slurm backend without Slurm: its configuration (a wrong value is one
 line naming the file, the section and the key), the routing of a
 backend's queues to its pilots alone (the claim policy, the wait reasons),
-and what a pilot is submitted with (its sbatch options and batch script).
-The backend against a real Slurm: tests/test_slurm_pilots.py.
+and what a pilot is submitted with (its sbatch options and batch script);
+in direct mode, its keys, the one job a Slurm job's worker may take, what
+a batch of jobs is submitted with and the errors Slurm's ends become.
+The backend against a real Slurm: tests/test_slurm_pilots.py and
+tests/test_slurm_direct.py.
 """
 
 import subprocess
