@@ -334,3 +334,29 @@ def test_a_batch_written_before_a_crash_that_never_reached_sbatch_is_submitted_o
         assert "never reached sbatch" in log_text(daemon)
     finally:
         end_all(daemon, slurm_cluster)
+
+
+def test_a_slurm_job_cancelled_while_pending_spends_an_attempt(
+        direct, slurm_cluster):  # noqa: F811
+    """A job whose Slurm job is scancelled while it waits in Slurm's queue
+    (its worker never started): the job's attempt fails, counted, with an
+    error saying Slurm cancelled it, and the job gets another Slurm job,
+    which runs it once the node is free."""
+    big = submit(direct, {"command": ["sleep", "120"], "queue": "hpc",
+                          "resources": {"cpus": slurm_cluster.cpus}})
+    poll(lambda: [j for j in slurm_jobs(slurm_cluster) if j[1] == "RUNNING"], 90,
+         "the big job's Slurm job to run")
+    small = submit(direct, {"command": ["true"], "queue": "hpc", "max_attempts": 2})
+    pending = poll(lambda: [j for j in slurm_jobs(slurm_cluster) if j[1] == "PENDING"], 30,
+                   "the small job's Slurm job to wait in Slurm")
+    slurm_cluster.run("scancel", pending[0][0])
+    retried = poll(lambda: (lambda j: j["attempts"] and j["attempts"][0]["error"] and j)(
+        get(direct, small["id"])), 30, "the failed attempt to be recorded")
+    error = retried["attempts"][0]["error"]
+    assert error.startswith(f"its Slurm job {pending[0][0]} was cancelled in Slurm"), retried
+    poll(lambda: len([j for j in slurm_jobs(slurm_cluster) if j[1] == "PENDING"]) == 1, 60,
+         "another Slurm job for the small job")
+    code, _ = direct.request("POST", f"/v1/jobs/{big['id']}/cancel")
+    assert code == 202
+    done = finished(direct, small["id"], 120)
+    assert done["state"] == "succeeded" and len(done["attempts"]) == 2, done

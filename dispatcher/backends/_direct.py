@@ -29,9 +29,11 @@ Slurm job gone or over whose job its worker still holds: the attempt fails
 at once with what Slurm says (its time limit, a cancel, its node's
 failure, out of memory, preemption: from C{squeue}'s last state or
 C{sacct}, else "ended without reporting"), and the job's retries decide
-the rest.  One that ended before its worker took the job: the job, still
-queued, gets another (submissions are held back, doubling, while Slurm
-jobs end so).  A C{squeue} that fails declares nothing lost.
+the rest.  One that ended before its worker took the job (cancelled or
+failed while pending, a worker that could not start) fails an attempt of
+the job just so, recorded under its worker's name, and submissions are
+held back, doubling, while Slurm jobs end so.  A C{squeue} that fails
+declares nothing lost.
 
 Cancelling: a job cancelled (or ended) before its worker took it has its
 Slurm job cancelled (C{scancel}) within a second; a running one is
@@ -56,7 +58,7 @@ from twisted.logger import Logger
 from dispatcher.backends._slurm import SlurmCommands, SlurmError, SlurmJob
 from dispatcher.config._backends import SlurmBackend
 from dispatcher.model._events import JobEvent
-from dispatcher.model._jobs import Job, JobState, UnknownJob
+from dispatcher.model._jobs import Job, JobState, Offer, Outcome, UnknownJob
 from dispatcher.model._routing import direct_name
 from dispatcher.store._credentials import CredentialError, write_private
 
@@ -651,15 +653,19 @@ class DirectService(Service):
                 tag=binding.batch.tag,
             )
             return
-        # It ended before its worker took the job: the job waits for another.
+        # It ended before its worker took the job: that is the job's attempt
+        # too (a Slurm job cancelled or failed while pending, a worker
+        # that could not start), failed saying why, and its retries
+        # decide; more such ends in a row hold further submissions back.
+        await self._fail_unstarted(binding, job, error)
         self.failures += 1
         delay = min(MAX_SUBMIT_BACKOFF, 2.0 ** self.failures)
         self.hold_until = self._clock.seconds() + delay
         log.warn(
             "backend {backend}: job {job_id}'s Slurm job {task} ended before its worker "
-            "took the job ({error}); another is submitted, no sooner than in {delay:g} s "
-            "({failures} such in a row). Look at its output (sbatch_options = "
-            "--output=PATH) and at worker_command and url",
+            "took the job ({error}): its attempt failed, and no Slurm job is submitted "
+            "for {delay:g} s ({failures} such in a row). Look at its output "
+            "(sbatch_options = --output=PATH) and at worker_command and url",
             backend=self.backend.name,
             job_id=binding.job_id,
             task=binding.task,
@@ -667,6 +673,26 @@ class DirectService(Service):
             delay=delay,
             failures=self.failures,
         )
+
+    async def _fail_unstarted(self, binding: Binding, job: Job, error: str) -> None:
+        """
+        Record an attempt of the queued C{job}, under its Slurm job's worker
+        name, failed with C{error} (the attempt counted, the job retried by
+        its rules), as if its worker had taken it and lost it.
+        """
+        store = self._dispatcher.store
+        spec = job.spec
+        offer = Offer(binding.name, 1, spec.resources, dict(spec.requirements),
+                      queues=frozenset(), job=job.id)
+        now = self._clock.seconds()
+        claimed = await store.claim(offer, 1, now, 60.0)
+        for lease in claimed.leases:
+            self.lost += 1
+            # Through the recorder, as any attempt's end: the retry's wake
+            # is scheduled from what it wrote.
+            await self._dispatcher.recorder.finish(
+                lease, Outcome(JobState.FAILED, error=error), self._clock.seconds()
+            )
 
     # Cancelling
 
