@@ -10,7 +10,8 @@ no other), takes the job under the same fenced lease as any worker, runs
 it, reports it and exits.  So the job's outcome (its exit code, signal,
 output) comes through the worker protocol, never from Slurm's view.
 
-Submitting, every second: the queued jobs of the backend's queues that
+Submitting, every second and L{BATCH_WINDOW} after a job of the backend's
+queues is queued: the queued jobs of the backend's queues that
 have no Slurm job yet (up to C{max_jobs} bound at once) are grouped by
 what they ask of Slurm (CPUs, memory, GPUs, time limit, requirements), and
 each group is one C{sbatch}: a job array (C{--array=0-N}) when it holds
@@ -36,7 +37,7 @@ held back, doubling, while Slurm jobs end so.  A C{squeue} that fails
 declares nothing lost.
 
 Cancelling: a job cancelled (or ended) before its worker took it has its
-Slurm job cancelled (C{scancel}) within a second; a running one is
+Slurm job cancelled (C{scancel}) within L{BATCH_WINDOW}; a running one is
 stopped by its worker, told in its heartbeat's answer, as on any worker.
 """
 
@@ -69,6 +70,11 @@ DIRECT_JOB_NAME = "dispatcher-direct"
 
 # Seconds between two rounds (submissions, cancels).
 ROUND_INTERVAL = 1.0
+
+# Seconds a round waits, once a job of the backend's queues is queued or
+# cancelled, for others to come with it: jobs queued within it go in one
+# sbatch (an array) when they are of one shape.
+BATCH_WINDOW = 0.2
 
 # How many sbatch one round runs at most, and the most jobs in one array.
 MAX_SUBMITS_PER_ROUND = 8
@@ -401,6 +407,17 @@ class DirectService(Service):
         if self.running:
             self._timer = self._clock.callLater(delay, self._tick)
 
+    def _soon(self) -> None:
+        """
+        Run the next round within L{BATCH_WINDOW}, not at its time: a job
+        queued waits no longer than that for its sbatch, nor a cancel for
+        its scancel.
+        """
+        timer = self._timer
+        if timer is not None and timer.active():
+            if timer.getTime() - self._clock.seconds() > BATCH_WINDOW:
+                timer.reset(BATCH_WINDOW)
+
     def _tick(self) -> None:
         self._timer = None
         self._round = ensureDeferred(self._one_round())
@@ -410,7 +427,13 @@ class DirectService(Service):
             if result is not None and hasattr(result, "getTraceback"):
                 log.failure("backend {backend}: a round failed", result,
                             backend=self.backend.name)
-            self._schedule(ROUND_INTERVAL)
+            # Jobs queued while the round ran go after the batch window.
+            eager = (
+                self._dirty
+                and len(self.bound) < self.backend.max_jobs
+                and self._clock.seconds() >= self.hold_until
+            )
+            self._schedule(BATCH_WINDOW if eager else ROUND_INTERVAL)
 
         self._round.addBoth(done)
 
@@ -487,6 +510,7 @@ class DirectService(Service):
                     event.spec is None or event.spec.queue in queues
                 ):
                     self._dirty = True
+                    self._soon()
                 continue
             state = event.state
             if event.holder == binding.name and not binding.claimed:
@@ -500,6 +524,7 @@ class DirectService(Service):
                 self._unbind(binding, now)
                 if not binding.claimed:
                     binding.cancel = True
+                    self._soon()
                 if state is JobState.QUEUED:
                     self._dirty = True
 
@@ -768,12 +793,22 @@ class DirectService(Service):
         for shape, members in groups.items():
             for start in range(0, len(members), MAX_ARRAY):
                 if submits >= MAX_SUBMITS_PER_ROUND or not self.running:
+                    # The rest in a round's time: at most so many sbatch a
+                    # second.
                     self._dirty = True
+                    self._rest(ROUND_INTERVAL)
                     return
                 submits += 1
                 if not await self._submit(shape, members[start:start + MAX_ARRAY]):
                     self._dirty = True
+                    self._rest(ROUND_INTERVAL)
                     return
+
+    def _rest(self, seconds: float) -> None:
+        """
+        Submit nothing for C{seconds} (or longer, if held longer already).
+        """
+        self.hold_until = max(self.hold_until, self._clock.seconds() + seconds)
 
     async def _submit(self, shape: SlurmShape, jobs: list[Job]) -> bool:
         """
