@@ -58,7 +58,7 @@ from twisted.logger import Logger
 
 from dispatcher.backends._slurm import SlurmCommands, SlurmError, SlurmJob
 from dispatcher.config._backends import SlurmBackend
-from dispatcher.model._events import JobEvent
+from dispatcher.model._events import JobEvent, SameChange
 from dispatcher.model._jobs import Job, JobState, Offer, Outcome, UnknownJob
 from dispatcher.model._routing import direct_name
 from dispatcher.store._credentials import CredentialError, write_private
@@ -319,6 +319,9 @@ class Binding:
 
     @property
     def task(self) -> str:
+        """
+        Slurm's id of its Slurm job (C{ID_INDEX} in an array).
+        """
         return self.batch.task(self.index)
 
 
@@ -500,6 +503,15 @@ class DirectService(Service):
 
     def _events(self, events: Sequence[Any]) -> None:
         queues = self._dispatcher.routing.queues_of(self.backend.name)
+        if type(events) is SameChange:
+            # A submission's new jobs, all alike: none is bound yet, and a
+            # batch of a hundred thousand is not walked job by job.
+            if events.state is JobState.QUEUED and (
+                events.spec is None or events.spec.queue in queues
+            ):
+                self._dirty = True
+                self._soon()
+            return
         now = self._clock.seconds()
         for event in events:
             if not isinstance(event, JobEvent):
