@@ -1779,12 +1779,18 @@ def test_a_one_job_worker_takes_one_job_and_is_finished_once_it_is_delivered():
 
 def test_a_one_job_workers_stop_fails_its_job_saying_why():
     """A one-job worker stopped (its Slurm job signalled) while its job
-    runs stops the job and reports it failed with its stop reason, its
-    attempt spent, not released unspent as a plain worker's stop would."""
+    runs stops the job and reports it failed with its stop reason and how
+    long after its start (a time limit told from a cancel), its attempt
+    spent, not released unspent as a plain worker's stop would."""
     h = Harness(slots=1, one_job=True, grace=0.0,
                 stop_reason="its Slurm job 7 was ended by Slurm")
     h.worker.startService()
     h.grant(lease(1))
+    for _ in range(42):
+        h.advance(1)
+        for call in h.pending("/v1/leases/heartbeat"):
+            h.beat(call, current(1))
+    assert h.executor.stopped == []
     stopped = h.worker.stopService()
     h.advance(0.1)
     assert h.executor.stopped == ["job-1"]
@@ -1792,7 +1798,7 @@ def test_a_one_job_workers_stop_fails_its_job_saying_why():
     report = h.one("/v1/leases/results")
     (result,) = report.json["results"]
     assert result["state"] == "failed"
-    assert result["error"] == "its Slurm job 7 was ended by Slurm"
+    assert result["error"] == "its Slurm job 7 was ended by Slurm, 42 s after its start"
     h.results(report, recorded(1))
     h.advance(1.0)
     assert stopped.called and h.worker.finished.called

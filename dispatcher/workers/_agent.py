@@ -280,6 +280,7 @@ class RemoteWorker(Service):
         self._stop_reason = stop_reason or "stopped: its worker was told to stop"
         # A one-job worker asks no more once its job is granted.
         self._asked_enough = False
+        self._began = 0.0
         self.finished: Deferred = Deferred()
         self._job_lines = job_lines
         self._report_gather = report_gather
@@ -339,6 +340,7 @@ class RemoteWorker(Service):
 
     def startService(self) -> None:
         Service.startService(self)
+        self._began = self._clock.seconds()
         self._accepting = True
         self._stopped = False
         log.info(
@@ -402,9 +404,12 @@ class RemoteWorker(Service):
                 "{job_ids}; they are given back to the dispatcher's queue",
                 **_naming(still),
             )
+            # How long its batch job had run tells a time limit from a
+            # cancel (a one-job worker starts with its batch job).
+            ran = self._clock.seconds() - self._began
             for held in still:
                 if self._one_job:
-                    held.stop_error = self._stop_reason
+                    held.stop_error = f"{self._stop_reason}, {ran:.0f} s after its start"
                 else:
                     held.abandoned = True
                 self._executor.stop(held.job_id)
