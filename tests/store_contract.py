@@ -167,6 +167,32 @@ async def test_claim_says_when_it_drained_the_queue(store):
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_claim_for_one_job_takes_that_job_alone(make_store):
+    """A holder that may take one job alone (a direct-mode Slurm job's
+    worker, Offer.job) gets that job, whatever its queue and the older and
+    higher jobs before it, and only while it is queued and its queue has
+    room; its claim never says the queues drained, and a miss counts as
+    one passed over, so that this holder alone rests."""
+    store = await make_store(queues={"default": 0, "hpc": 1})
+    older = await submit(store, spec(0, queue="hpc", priority=9), spec(1))
+    (mine,) = await submit(store, spec(2, queue="hpc"))
+    offer = Offer("direct.x", 1, queues=frozenset(), job=mine.id)
+    got = await store.claim(offer, 1, 200.0, 60)
+    assert [l.job_id for l in got.leases] == [mine.id] and not got.drained
+    assert got.leases[0].holder == "direct.x" and got.skipped == 0
+    again = await store.claim(offer, 1, 201.0, 60)
+    assert again.leases == [] and again.skipped == 1 and not again.drained
+    # Its queue at its limit (hpc's one running job is mine): none.
+    other = Offer("direct.y", 1, queues=frozenset(), job=older[0].id)
+    held = await store.claim(other, 1, 202.0, 60)
+    assert held.leases == [] and held.skipped == 1
+    await finish(store, got.leases[0], Outcome.from_exit_code(0), 203.0)
+    freed = await store.claim(other, 1, 204.0, 60)
+    assert [l.job_id for l in freed.leases] == [older[0].id]
+    assert (await store.get(older[1].id)).state is JobState.QUEUED
+
+
+@pytest_twisted.ensureDeferred
 async def test_failed_write_changes_nothing_beside_others(store):
     """A write that fails inside a group rolls back alone; its neighbours commit."""
     job_id = ids.new()

@@ -2,14 +2,22 @@
 The Slurm backend without Slurm: its configuration (a wrong value is one
 line naming the file, the section and the key), the routing of a
 backend's queues to its pilots alone (the claim policy, the wait reasons),
-and what a pilot is submitted with (its sbatch options and batch script).
-The backend against a real Slurm: tests/test_slurm_pilots.py.
+and what a pilot is submitted with (its sbatch options and batch script);
+in direct mode, its keys, the one job a Slurm job's worker may take, what
+a batch of jobs is submitted with and the errors Slurm's ends become.
+The backend against a real Slurm: tests/test_slurm_pilots.py and
+tests/test_slurm_direct.py.
 """
 
 import subprocess
 
+import attrs
 import pytest
 
+from dispatcher.app._daemon import queue_routing
+from dispatcher.backends._direct import SlurmShape, slurm_error, split_task
+from dispatcher.backends._direct import batch_script as direct_batch_script
+from dispatcher.backends._direct import sbatch_options as direct_sbatch_options
 from dispatcher.backends._pilots import batch_script, sbatch_options
 from dispatcher.backends._slurm import parse_time
 from dispatcher.config._backends import SlurmBackend
@@ -18,7 +26,14 @@ from dispatcher.core._reasons import explainer
 from dispatcher.model._claims import choose_jobs
 from dispatcher.model._jobs import Job, JobSpec, JobState, Offer
 from dispatcher.model._jobs import Resources
-from dispatcher.model._routing import PilotShape, Routing, pilot_backend, pilot_name
+from dispatcher.model._routing import (
+    PilotShape,
+    Routing,
+    direct_job,
+    direct_name,
+    pilot_backend,
+    pilot_name,
+)
 
 BACKEND = """
 [queue:hpc]
@@ -59,8 +74,16 @@ worker_command = /opt/venv/bin/dispatcher worker --config /etc/w.ini
 
 @pytest.mark.parametrize("extra, message", [
     ("max_pilots = -1", "d.ini: [backend:cluster] max_pilots = '-1': expected an integer"),
-    ("mode = direct", "d.ini: [backend:cluster] mode = 'direct': mode = direct (a Slurm "
-                      "job a job) is not built yet; use pilot"),
+    ("max_jobs = 10", "d.ini: [backend:cluster] max_jobs = '10': only for mode = direct"),
+    ("mode = direct\nmax_pilots = 3", "d.ini: [backend:cluster] max_pilots = '3': only for "
+                                      "mode = pilot (in direct mode each Slurm job is sized "
+                                      "to its job's resources)"),
+    ("mode = direct\nmemory = 4000", "d.ini: [backend:cluster] memory = '4000': only for "
+                                     "mode = pilot"),
+    ("mode = direct\nmax_jobs = 0", "d.ini: [backend:cluster] max_jobs = '0': expected an "
+                                    "integer of at least 1"),
+    ("mode = direct\ngpu_option = cuda", "d.ini: [backend:cluster] gpu_option = 'cuda': "
+                                         "expected one of gres, gpus"),
     ("mode = other", "d.ini: [backend:cluster] mode = 'other': expected one of pilot, direct"),
     ("partition = a b", "d.ini: [backend:cluster] partition = 'a b': expected a Slurm name"),
     ("time_limit = 10", "d.ini: [backend:cluster] time_limit = '10': expected a number of "
@@ -240,3 +263,122 @@ def test_a_job_no_pilot_could_fit_waits_saying_so():
     # Memory not given: a pilot has its node's, which is not known.
     assert PilotShape("c", 1).refuses(
         JobSpec(command=("true",), resources=Resources(memory_mb=10 ** 6))) is None
+
+
+def test_a_direct_backend_section_is_read():
+    """mode = direct reads its own keys (max_jobs, gpu_option) beside the
+    shared ones, and its backend is routed as direct: its queue's jobs wait
+    for a Slurm job of their own, saying so, and no pilot shape applies to
+    them."""
+    config = parse_config(BACKEND + """mode = direct
+partition = debug
+time_limit = 600
+max_jobs = 50
+gpu_option = gpus
+poll_interval = 10
+""", "d.ini")
+    backend = config.backends["cluster"]
+    assert backend == SlurmBackend(
+        "cluster", "https://dispatch.example:8443", mode="direct", partition="debug",
+        time_limit=600.0, max_jobs=50, gpu_option="gpus", poll_interval=10.0,
+    )
+    routing = queue_routing(config)
+    assert routing.direct == frozenset({"cluster"})
+    assert routing.shapes == {}
+    explain = explainer([], {"default", "hpc"}, routing.backends, shapes=routing.shapes,
+                        direct=routing.direct)
+    spec = JobSpec(command=("true",), queue="hpc", resources=Resources(cpus=64))
+    assert explain(Job("j", JobState.QUEUED, spec, 0.0)).wait_reason == (
+        "its queue hpc runs on backend cluster, a Slurm job each: it waits for its own "
+        "Slurm job to be submitted and to start")
+
+
+def test_a_direct_jobs_worker_takes_its_one_job_alone():
+    """The worker of a direct-mode Slurm job, known by its credential's
+    name, takes no queue at all (its claims read its one job), and names
+    of other shapes are no direct worker's."""
+    routing = Routing({"hpc": "cluster"}, direct=frozenset({"cluster"}))
+    name = direct_name("0190c3e4-aaaa-7bbb-8ccc-dddddddddddd", "ab12cd34")
+    assert direct_job(name) == "0190c3e4-aaaa-7bbb-8ccc-dddddddddddd"
+    assert len(name) <= 64
+    offer = routing.remote(Offer(name, 1), name)
+    assert offer.job == "0190c3e4-aaaa-7bbb-8ccc-dddddddddddd"
+    assert offer.queues == frozenset() and not offer.takes("hpc")
+    assert direct_job("direct.") is None and direct_job("alice") is None
+    assert direct_job(None) is None
+    # A plain worker still takes every queue but the backend's.
+    assert routing.remote(Offer("w", 1), "alice").excluded == frozenset({"hpc"})
+
+
+def test_a_direct_batch_is_one_sbatch_sized_to_its_jobs():
+    """A batch of jobs of one shape is one sbatch: an array of as many tasks
+    as jobs, sized to the jobs' CPUs, memory and GPUs, with a time limit of
+    their timeout and a minute (the backend's without one), the site's
+    choices and the backend's options last; its script is valid shell in
+    which each array task runs a one-job worker under its own job's name
+    and token, and a task of no job exits."""
+    backend = SlurmBackend("cluster", "https://d:8443", mode="direct", partition="debug",
+                           sbatch_options=("--constraint=avx2",), time_limit=7200)
+    spec = JobSpec(command=("true",), queue="hpc", timeout=100,
+                   resources=Resources(cpus=1.5, memory_mb=2000, gpus=1),
+                   requirements={"os": "el9"})
+    shape = SlurmShape.of(Job("j", JobState.QUEUED, spec, 0.0), backend)
+    options = direct_sbatch_options(backend, shape, "t1", 3)
+    for expected in ("--job-name=dispatcher-direct", "--comment=direct.cluster.t1",
+                     "--cpus-per-task=2", "--time=0-00:02:40", "--array=0-2",
+                     "--mem=2000", "--gres=gpu:1", "--partition=debug", "--no-requeue"):
+        assert expected in options, (expected, options)
+    assert options[-1] == "--constraint=avx2"
+    plain = SlurmShape.of(Job("j", JobState.QUEUED, JobSpec(command=("true",)), 0.0), backend)
+    one = direct_sbatch_options(attrs.evolve(backend, gpu_option="gpus"), plain, "t2", 1)
+    assert "--time=0-02:00:00" in one and "--cpus-per-task=1" in one
+    assert not [o for o in one if o.startswith(("--array", "--mem", "--gres", "--gpus"))]
+    names = [direct_name(f"job{i}", "t1") for i in range(3)]
+    script = direct_batch_script(backend, shape, names, ["dsp_a", "dsp_b", "dsp_c'"])
+    subprocess.run(["sh", "-n"], input=script.encode(), check=True)
+    last = script.strip().splitlines()[-1]
+    for expected in ("--one-job", "--slots 1", "--cpus 1.5", "--memory 2000", "--gpus 1",
+                     "--label os=el9", "--label backend=cluster", "--grace 0"):
+        assert expected in last, (expected, last)
+
+    def run(task):
+        # The script up to its exec, then what it would run.
+        body = script.replace("exec dispatcher worker", "echo \"$name $(cat \"$dir/token\")\" #")
+        env = {"SLURM_JOB_ID": "77", "SLURM_ARRAY_JOB_ID": "70", "TMPDIR": tmp,
+               "PATH": "/usr/bin:/bin"}
+        if task is not None:
+            env["SLURM_ARRAY_TASK_ID"] = str(task)
+        return subprocess.run(["sh"], input=body.encode(), env=env, capture_output=True)
+
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        assert run(1).stdout.decode().split() == [names[1], "dsp_b"]
+        assert run(2).stdout.decode().split() == [names[2], "dsp_c'"]
+        refused = run(7)
+        assert refused.returncode == 1 and b"no job for array task 7" in refused.stderr
+
+
+@pytest.mark.parametrize("state, code, error", [
+    ("TIMEOUT", None, "its Slurm job 5_1 reached its Slurm time limit (TIMEOUT), and its "
+                      "worker did not report"),
+    ("OUT_OF_MEMORY", "0:125", "its Slurm job 5_1 ran out of memory (OUT_OF_MEMORY, exit "
+                               "code 0:125), and its worker did not report"),
+    ("NODE_FAIL", None, "its Slurm job 5_1 ended in a failure of its node (NODE_FAIL)"),
+    ("CANCELLED by 0", None, "its Slurm job 5_1 was cancelled in Slurm"),
+    ("PREEMPTED", None, "its Slurm job 5_1 was preempted (PREEMPTED)"),
+    ("FAILED", "1:0", "its Slurm job 5_1 ended (FAILED, exit code 1:0) without its worker "
+                      "reporting"),
+    (None, None, "Slurm job 5_1 ended without reporting"),
+])
+def test_slurms_end_of_a_direct_job_is_a_clear_error(state, code, error):
+    """Slurm's final state of a direct job's Slurm job (squeue's last or
+    sacct's) becomes an error that says what Slurm did."""
+    assert slurm_error("5_1", state, code).startswith(error)
+
+
+def test_squeue_ids_of_array_tasks_are_split():
+    """An array task's id reads as its array's job id and its index; a
+    plain job's, or a pending array's collapsed range, as its job id."""
+    assert split_task("123_4") == ("123", 4)
+    assert split_task("123") == ("123", None)
+    assert split_task("123_[0-3]") == ("123", None)

@@ -438,3 +438,40 @@ def test_a_worker_that_moved_here_goes_on_with_its_leases():
     assert [v.ok for v in d.result] == [False] and "other" not in hub.leases
     hub.stop()
     assert not clock.getDelayedCalls()
+
+
+def test_a_holder_known_lost_fails_its_leases_at_once():
+    """A worker its backend saw die (the Slurm job it ran in ended) has its
+    leases ended now, each attempt failed with the error given, not when
+    they run out; its later heartbeat and report are refused; and another
+    holder's leases, or a lease whose report is being recorded, are not
+    touched."""
+    h = Hub()
+    running = h.grant("a")
+    reported = h.grant("b")
+    h.recorder.finishing = Deferred()
+    waiting = h.hub.report(h.offer(), [("b", reported.token,
+                                        Outcome(JobState.SUCCEEDED, exit_code=0))])
+    assert not waiting.called
+    assert h.hub.holder_lost("someone-else", "gone") == []
+    assert h.hub.holder_lost("w", "its Slurm job 7 was preempted (PREEMPTED)") == ["a"]
+    ((lease, outcome, _), (other, _, _)) = h.recorder.finished[1:] + h.recorder.finished[:1]
+    assert lease.job_id == "a" and outcome.state is JobState.FAILED
+    assert outcome.error == "its Slurm job 7 was preempted (PREEMPTED)"
+    assert other.job_id == "b"
+    assert h.beat(running) == [False]
+    assert h.hub.holder_lost("w", "again") == []
+    h.recorder.finishing.callback(None)
+    assert [v.ok for v in waiting.result] == [True]
+
+
+def test_a_worker_known_gone_is_forgotten_unless_it_holds_something():
+    """A worker its backend saw end is forgotten at once, its name no longer
+    shown nor counted, unless it still holds a lease or has a poll open."""
+    h = Hub()
+    lease = h.grant("a")
+    assert not h.hub.forget_worker("w")
+    assert h.reported(lease, Outcome(JobState.SUCCEEDED, exit_code=0)) == [True]
+    assert "w" in h.hub.workers
+    assert h.hub.forget_worker("w")
+    assert "w" not in h.hub.workers and not h.hub.forget_worker("w")

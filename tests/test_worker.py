@@ -1841,3 +1841,49 @@ async def test_a_remote_jobs_output_shows_while_it_runs(
     done = await daemon.wait(job["id"])
     assert done["state"] == "cancelled", (done, worker.output())
     await worker.stop_async()
+
+
+def test_a_one_job_worker_takes_one_job_and_is_finished_once_it_is_delivered():
+    """With one_job, the worker asks for one job, asks for nothing more once
+    it is granted (its report asks for no work), and fires finished once
+    the dispatcher has its result."""
+    h = Harness(slots=1, one_job=True)
+    h.worker.startService()
+    assert h.one("/v1/leases").json["max_jobs"] == 1
+    h.grant(lease(1))
+    h.executor.finish("job-1", Outcome(JobState.FAILED, exit_code=3))
+    report = h.one("/v1/leases/results")
+    assert "max_jobs" not in report.json
+    assert report.json["results"][0]["exit_code"] == 3
+    assert not h.worker.finished.called
+    h.results(report, recorded(1))
+    assert h.worker.finished.called
+    h.advance(60, step=1)
+    assert h.pending("/v1/leases") == []
+
+
+def test_a_one_job_workers_stop_fails_its_job_saying_why():
+    """A one-job worker stopped (its Slurm job signalled) while its job
+    runs stops the job and reports it failed with its stop reason and how
+    long after its start (a time limit told from a cancel), its attempt
+    spent, not released unspent as a plain worker's stop would."""
+    h = Harness(slots=1, one_job=True, grace=0.0,
+                stop_reason="its Slurm job 7 was ended by Slurm")
+    h.worker.startService()
+    h.grant(lease(1))
+    for _ in range(42):
+        h.advance(1)
+        for call in h.pending("/v1/leases/heartbeat"):
+            h.beat(call, current(1))
+    assert h.executor.stopped == []
+    stopped = h.worker.stopService()
+    h.advance(0.1)
+    assert h.executor.stopped == ["job-1"]
+    h.executor.finish("job-1", Outcome(JobState.FAILED, exit_code=-15, stopped=True))
+    report = h.one("/v1/leases/results")
+    (result,) = report.json["results"]
+    assert result["state"] == "failed"
+    assert result["error"] == "its Slurm job 7 was ended by Slurm, 42 s after its start"
+    h.results(report, recorded(1))
+    h.advance(1.0)
+    assert stopped.called and h.worker.finished.called

@@ -134,6 +134,10 @@ def run_worker(options: Any) -> None:
             sys.stderr.write(f"dispatcher worker: {e}\n")
             raise SystemExit(1)
         reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
+        if options.settings.one_job:
+            # Fires once its one job is delivered: the reactor stops (the
+            # service with it) and the process exits 0.
+            return service.worker.finished
         # Never fires: the worker runs until a signal stops the reactor.
         return Deferred()
 

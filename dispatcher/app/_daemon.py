@@ -45,6 +45,7 @@ from dispatcher.store._credentials import (
     make_admin_token,
 )
 from dispatcher.app._reload import applied, applies, changes
+from dispatcher.backends._direct import DirectService
 from dispatcher.backends._pilots import PilotService
 from dispatcher.backends._slurm import SlurmCommands
 from dispatcher.config._ini import Config, ConfigError
@@ -243,18 +244,19 @@ class DaemonService(MultiService):
         self._data_dir = data_dir
         # The queues that run on a backend, and each backend's pilots.
         self.dispatcher.hub.routing = queue_routing(config)
-        self.backends = {
-            name: PilotService(
-                backend,
-                SlurmCommands(reactor, backend.slurm_bin),
-                self.dispatcher,
-                self.credentials,
-                reactor,
-                self.io_pool,
-                clock,
-            )
-            for name, backend in config.backends.items()
-        }
+        self.backends: dict[str, Any] = {}
+        for name, backend in config.backends.items():
+            commands = SlurmCommands(reactor, backend.slurm_bin)
+            if backend.mode == "direct":
+                self.backends[name] = DirectService(
+                    backend, commands, self.dispatcher, self.credentials, reactor,
+                    self.io_pool, data_dir, clock,
+                )
+            else:
+                self.backends[name] = PilotService(
+                    backend, commands, self.dispatcher, self.credentials, reactor,
+                    self.io_pool, clock,
+                )
         for service in self.backends.values():
             service.setServiceParent(self)
         self.webhooks = self._webhooks(reactor, config)
@@ -361,8 +363,32 @@ class DaemonService(MultiService):
             "attempt).",
             lambda: stager.failed_inputs,
         )
-        if self.backends:
-            services = list(self.backends.values())
+        directs = [s for s in self.backends.values() if isinstance(s, DirectService)]
+        if directs:
+            metrics.add_gauge(
+                "dispatcher_slurm_direct_jobs",
+                "Jobs of direct-mode Slurm backends bound to a Slurm job of their own.",
+                lambda: sum(len(s.bound) for s in directs),
+            )
+            metrics.add_total(
+                "dispatcher_slurm_direct_submitted",
+                "Jobs this run gave a Slurm job of their own, all direct-mode backends.",
+                lambda: sum(s.submitted for s in directs),
+            )
+            metrics.add_total(
+                "dispatcher_slurm_direct_sbatch",
+                "sbatch calls (each a Slurm job or array) of direct-mode backends.",
+                lambda: sum(s.submissions for s in directs),
+            )
+            metrics.add_total(
+                "dispatcher_slurm_direct_lost",
+                "Attempts failed because their Slurm job ended before its worker "
+                "reported, all direct-mode backends.",
+                lambda: sum(s.lost for s in directs),
+            )
+        pilots = [s for s in self.backends.values() if isinstance(s, PilotService)]
+        if pilots:
+            services = pilots
             metrics.add_gauge(
                 "dispatcher_slurm_pilots",
                 "Slurm pilots submitted and not yet seen ended, all backends.",
@@ -853,7 +879,9 @@ def queue_routing(config: Config) -> Routing:
         {
             name: PilotShape(name, backend.pilot_cpus, backend.memory_mb)
             for name, backend in config.backends.items()
+            if backend.mode == "pilot"
         },
+        frozenset(name for name, backend in config.backends.items() if backend.mode == "direct"),
     )
 
 

@@ -160,6 +160,7 @@ class Options(usage.Options):
         "Usage: dispatcher worker (or twistd -n dispatcher-worker) --url URL [--url URL ...] --token-file FILE --slots N [--config FILE] [--name NAME] "
         "[--cpus N] [--memory MIB] [--gpus N] [--label KEY=VALUE ...] "
         "[--data-dir DIR] [--keep-days DAYS] [--grace SECONDS] [--ca-file FILE] [--insecure] "
+        "[--one-job [--stop-reason TEXT]] "
         "[--log-level LEVEL]"
     )
 
@@ -175,6 +176,9 @@ class Options(usage.Options):
     optFlags = [
         ["insecure", None, "Allow an http:// --url to another host (the token and "
          "the jobs then travel in clear)."],
+        ["one-job", None, "Take one job, and exit once its result is delivered; a stop "
+         "(SIGTERM) fails the job, with --stop-reason, instead of giving it back "
+         "(what a Slurm job of a direct-mode backend runs)."],
     ]
 
     optParameters = [
@@ -194,6 +198,7 @@ class Options(usage.Options):
         ["grace", None, "30", "Seconds a stop (SIGTERM) waits for running jobs before stopping them."],
         ["ca-file", None, None, "PEM certificates to trust for an https:// --url instead of "
          "the system's CAs (a private CA, or the dispatcher's self-signed certificate)."],
+        ["stop-reason", None, None, "With --one-job: the error of the job a stop ends."],
         ["log-level", None, None, "The least level logged: debug (a line for each job's "
          "lease, end and recorded result), info (its start and stop, connection losses, "
          "refusals), warn, error or critical (default: [log] level of --config, info "
@@ -300,6 +305,8 @@ class Options(usage.Options):
             ca_certificates=ca_certificates,
             keep_seconds=None if keep_days is None else keep_days * 86400.0,
             log_level=level,
+            one_job=bool(self["one-job"]),
+            stop_reason=self["stop-reason"],
         )
         # Under twistd, its log observer is made once these options are
         # parsed: ours keeps the level (and [log] format) as the daemon's

@@ -212,15 +212,16 @@ class SlurmCommands:
             raise SlurmError(f"sbatch answered {out[:200]!r}, not a job id")
         return job_id
 
-    async def jobs(self, name: str) -> list[SlurmJob]:
+    async def jobs(self, name: str, arrays: bool = False) -> list[SlurmJob]:
         """
         The jobs of this user named C{name}, in every state Slurm still
-        shows (one C{squeue} for them all).
+        shows (one C{squeue} for them all); with C{arrays}, each task of a
+        job array on a line of its own (C{ID_INDEX}), pending ones too.
         """
         out = await self.run(
             "squeue",
             ["--noheader", "--me", f"--name={name}", "--states=all",
-             "--format=%i|%T|%L|%k"],
+             *(["--array"] if arrays else []), "--format=%i|%T|%L|%k"],
         )
         found = []
         for line in out.decode("utf-8", "replace").splitlines():
@@ -240,6 +241,32 @@ class SlurmCommands:
         then everything SIGKILL after the cluster's C{KillWait}.
         """
         await self.run("scancel", [job_id])
+
+    async def cancel_many(self, job_ids: Sequence[str]) -> None:
+        """
+        End the jobs (or array tasks, C{ID_INDEX}) C{job_ids}, in one
+        C{scancel}.
+        """
+        await self.run("scancel", list(job_ids))
+
+    async def accounting(self, job_ids: Sequence[str]) -> dict[str, tuple[str, str]]:
+        """
+        The state and exit code (C{CODE:SIGNAL}) C{sacct} keeps of each of
+        C{job_ids} that it knows, in one call.
+
+        @raise SlurmError: C{sacct} failed (a cluster without accounting).
+        """
+        out = await self.run(
+            "sacct",
+            ["--noheader", "--parsable2", "--allocations", "--format=JobID,State,ExitCode",
+             f"--jobs={','.join(job_ids)}"],
+        )
+        found = {}
+        for line in out.decode("utf-8", "replace").splitlines():
+            parts = line.split("|")
+            if len(parts) == 3 and parts[1].strip():
+                found[parts[0].strip()] = (parts[1].strip(), parts[2].strip())
+        return found
 
     async def signal_batch(self, job_id: str, signal: str = "TERM") -> None:
         """

@@ -5,8 +5,9 @@ the plain remote workers.
 
 One type exists: C{slurm}, in C{mode = pilot} (the dispatcher keeps
 C{dispatcher worker} pilots running as Slurm jobs and gives them the
-queue's jobs).  C{mode = direct} (a Slurm job a job) is named but not built
-yet: it is refused with a line saying so.
+queue's jobs) or C{mode = direct} (each job gets a Slurm job of its own,
+sized to its resources, which runs a worker for that job alone).  A key
+that means something in one mode alone is refused in the other.
 """
 
 from __future__ import annotations
@@ -23,6 +24,12 @@ _SLURM_NAME = re.compile(r"^[A-Za-z0-9_.,:+\-]{1,200}$")
 
 BACKEND_TYPES = ("slurm",)
 BACKEND_MODES = ("pilot", "direct")
+# How a direct-mode job's GPUs are asked of Slurm.
+GPU_OPTIONS = ("gres", "gpus")
+
+# The keys of one mode alone.
+PILOT_KEYS = ("drain_before", "max_pilots", "slots", "cpus", "memory", "idle_timeout")
+DIRECT_KEYS = ("max_jobs", "gpu_option")
 
 # Slurm's --signal=B:TERM@N takes N up to 65535 s.
 MAX_DRAIN = 65535.0
@@ -35,12 +42,14 @@ class SlurmBackend:
     each offers.
 
     @ivar name: the backend's name (the section's).
-    @ivar mode: C{pilot} (only it is built).
+    @ivar mode: C{pilot} or C{direct}.
     @ivar url: the dispatcher's URL as the pilots reach it from their nodes.
     @ivar partition: C{sbatch --partition}; C{None}: the cluster's default.
     @ivar account: C{sbatch --account}.
     @ivar qos: C{sbatch --qos}.
-    @ivar time_limit: a pilot's Slurm time limit, in seconds.
+    @ivar time_limit: a pilot's Slurm time limit, in seconds; in direct
+        mode, that of a job without a C{timeout} (one with a timeout gets
+        its timeout and a minute).
     @ivar drain_before: seconds before the time limit that a pilot is told
         to stop taking jobs (C{--signal=B:TERM@N}); it lets its running jobs
         finish for up to this less ten seconds, then stops them and gives
@@ -61,6 +70,10 @@ class SlurmBackend:
         C{$TMPDIR} (or C{/tmp}) C{/dispatcher-pilot-JOBID}.
     @ivar slurm_bin: the directory of C{sbatch}, C{squeue} and C{scancel};
         C{None}: found on C{PATH}.
+    @ivar max_jobs: in direct mode, the most Slurm jobs submitted and not
+        yet seen ended at once (the rest wait in the dispatcher's queue).
+    @ivar gpu_option: in direct mode, how a job's GPUs are asked for:
+        C{gres} (C{--gres=gpu:N}) or C{gpus} (C{--gpus=N}).
     """
 
     name: str
@@ -82,6 +95,8 @@ class SlurmBackend:
     ca_file: Optional[str] = None
     pilot_dir: Optional[str] = None
     slurm_bin: Optional[str] = None
+    max_jobs: int = 1000
+    gpu_option: str = "gres"
 
     @property
     def pilot_cpus(self) -> float:
@@ -215,6 +230,8 @@ _SLURM_KEYS: Mapping[str, Callable[[str], Any]] = {
     "ca_file": _path,
     "pilot_dir": _path,
     "slurm_bin": _path,
+    "max_jobs": _positive_int(1),
+    "gpu_option": _choice(GPU_OPTIONS),
 }
 
 _FIELDS = {"memory": "memory_mb"}
@@ -246,11 +263,14 @@ def parse_backend(
     if "type" not in fields:
         raise missing("type", "the backend's type: slurm")
     del fields["type"]
-    if fields.get("mode") == "direct":
-        raise fail(
-            "mode", raw["mode"],
-            "mode = direct (a Slurm job a job) is not built yet; use pilot",
-        )
+    mode = fields.get("mode", "pilot")
+    for key in PILOT_KEYS if mode == "direct" else DIRECT_KEYS:
+        if key in raw:
+            raise fail(
+                key, raw[key],
+                "only for mode = pilot (in direct mode each Slurm job is sized to "
+                "its job's resources)" if mode == "direct" else "only for mode = direct",
+            )
     if "url" not in fields:
         raise missing("url", "the dispatcher's URL as the pilots reach it from their nodes")
     backend = SlurmBackend(name, **{_FIELDS.get(k, k): v for k, v in fields.items()})

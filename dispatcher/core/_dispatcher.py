@@ -562,7 +562,8 @@ class Dispatcher(Service):
         offers = ([self.local_offer] if self._slots > 0 else []) + remote
         routing = self.routing
         return explainer(
-            offers, self.store.queue_limits, routing.backends, shapes=routing.shapes
+            offers, self.store.queue_limits, routing.backends, shapes=routing.shapes,
+            direct=routing.direct,
         )
 
     def cancel(self, job_id: str, owner: Optional[str] = None) -> Deferred:

@@ -1177,6 +1177,36 @@ class WorkerHub:
         self._forget_idle(now)
         self._arm_reaper()
 
+    def holder_lost(self, holder: str, error: str) -> list[str]:
+        """
+        The worker C{holder} is known to be gone, with everything it ran
+        (its backend saw the batch job it ran in end): its leases end now,
+        each attempt failed with C{error} (and retried by its job's rules),
+        instead of when they run out.  The ids of the jobs whose leases
+        ended.
+        """
+        ended = []
+        for remote in list(self.leases.values()):
+            lease = remote.lease
+            if lease.holder != holder or remote.ending is not None:
+                continue
+            if self._silent.get(lease.job_id) is remote:
+                del self._silent[lease.job_id]
+            self.leases_expired += 1
+            log.warn(
+                "job {job_id} attempt {attempt} on worker {holder} is lost: {error}",
+                job_id=lease.job_id,
+                attempt=lease.attempt,
+                holder=holder,
+                error=error,
+            )
+            ended.append(lease.job_id)
+            self._end(remote, LeaseEnd.EXPIRED, Outcome(JobState.FAILED, error=error))
+        worker = self.workers.get(holder)
+        if ended and worker is not None and worker.poll is not None:
+            self._end_poll(worker, [])
+        return ended
+
     def _wait_for_silent(self, remote: RemoteLease, now: float) -> bool:
         """
         Whether the lease of C{remote}, which ran out now, waits longer for
@@ -1306,6 +1336,20 @@ class WorkerHub:
             if worker.poll is None and not worker.jobs and now - worker.last_contact > after:
                 del self.workers[name]
                 self._uncount(worker)
+
+    def forget_worker(self, name: str) -> bool:
+        """
+        Forget the worker C{name} now, if it holds no lease and has no poll
+        open (its backend saw the batch job it ran in end, and its
+        credential is revoked): its name no longer counts against
+        C{max_names}.  Whether it was forgotten.
+        """
+        worker = self.workers.get(name)
+        if worker is None or worker.poll is not None or worker.jobs:
+            return False
+        del self.workers[name]
+        self._uncount(worker)
+        return True
 
     def _uncount(self, worker: Worker) -> None:
         """

@@ -107,6 +107,17 @@ def waits_for_pilot(queue: str, backend: str) -> str:
     )
 
 
+def waits_for_slurm_job(queue: str, backend: str) -> str:
+    """
+    The wait reason of a job of a queue that runs on a backend in direct
+    mode, until the Slurm job made for it starts and takes it.
+    """
+    return (
+        f"its queue {queue} runs on backend {backend}, a Slurm job each: it waits "
+        "for its own Slurm job to be submitted and to start"
+    )
+
+
 def fits_no_pilot(backend: str, why: str) -> str:
     """
     The wait reason of a job of a backend's queue that no pilot of that
@@ -121,6 +132,7 @@ def explainer(
     backends: Optional[Mapping[str, str]] = None,
     max_reasons: int = MAX_REASONS,
     shapes: Optional[Mapping[str, Any]] = None,
+    direct: Container[str] = frozenset(),
 ) -> Callable[[Job], Job]:
     """
     A function that gives a queued job the wait reason the holders in
@@ -156,7 +168,9 @@ def explainer(
             taking = [o for o in offers if o.takes(spec.queue)] if backends else offers
             shape = shapes.get(backend) if shapes and backend is not None else None
             why = shape.refuses(spec) if shape is not None else None
-            if why is not None:
+            if backend is not None and backend in direct:
+                reason = waits_for_slurm_job(spec.queue, backend)
+            elif why is not None:
                 reason = fits_no_pilot(backend, why)  # type: ignore[arg-type]
             elif backend is not None and not taking:
                 reason = waits_for_pilot(spec.queue, backend)

@@ -380,6 +380,10 @@ class Offer:
     # Seconds a job may still run on it before it ends (a Slurm pilot's
     # time limit), as of the claim or the look it is made for; None: no end.
     time_left: Optional[float] = None
+    # The one job it may take (a Slurm job of a direct-mode backend, which
+    # runs a worker for that job alone): its claims read that job and no
+    # other, whatever its queues say.  None: any job of its queues.
+    job: Optional[str] = None
 
     def takes(self, queue: str) -> bool:
         """

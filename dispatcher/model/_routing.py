@@ -3,7 +3,9 @@ Which holders take the jobs of which queues.
 
 A queue that names a backend (C{[queue:NAME] backend = B}) gives its jobs
 to that backend's pilots alone: never to this host's executor nor to a
-plain remote worker.  A pilot is known by the credential it calls with,
+plain remote worker.  On a backend in direct mode each job has a Slurm job
+of its own, whose worker calls with a credential named C{direct.JOB.TAG}
+(L{direct_name}): it takes that job and no other.  A pilot is known by the credential it calls with,
 which the backend made for it: its name is C{pilot.B.TAG}
 (L{pilot_name}), so that a restarted dispatcher, which reads it from the
 credentials file, still knows whose pilot it is before the pilot's next
@@ -19,6 +21,7 @@ import attrs
 from dispatcher.model._jobs import JobSpec, Offer
 
 PILOT_PREFIX = "pilot."
+DIRECT_PREFIX = "direct."
 
 
 def pilot_name(backend: str, tag: str) -> str:
@@ -37,6 +40,24 @@ def pilot_backend(name: Optional[str]) -> Optional[str]:
         return None
     backend, _, tag = name[len(PILOT_PREFIX):].rpartition(".")
     return backend if backend and tag else None
+
+
+def direct_name(job_id: str, tag: str) -> str:
+    """
+    The name (of its credential and of the worker) of the Slurm job C{tag}
+    made for the job C{job_id} alone.
+    """
+    return f"{DIRECT_PREFIX}{job_id}.{tag}"
+
+
+def direct_job(name: Optional[str]) -> Optional[str]:
+    """
+    The job whose Slurm job's credential C{name} is, or C{None}.
+    """
+    if name is None or not name.startswith(DIRECT_PREFIX):
+        return None
+    job_id, _, tag = name[len(DIRECT_PREFIX):].rpartition(".")
+    return job_id if job_id and tag else None
 
 
 @attrs.frozen
@@ -79,6 +100,8 @@ class Routing:
 
     backends: Mapping[str, str] = attrs.field(factory=dict)
     shapes: Mapping[str, PilotShape] = attrs.field(factory=dict)
+    # The backends in direct mode (a Slurm job a job), by name.
+    direct: frozenset[str] = frozenset()
     reserved: frozenset[str] = attrs.field(init=False)
 
     @reserved.default
@@ -102,8 +125,13 @@ class Routing:
     def remote(self, offer: Offer, credential: Optional[str]) -> Offer:
         """
         C{offer} of a remote worker calling with the credential named
-        C{credential}: a backend's pilot takes its backend's queues alone.
+        C{credential}: a backend's pilot takes its backend's queues alone,
+        a direct-mode Slurm job's worker its one job (and no queue: it
+        stands for no holder of any other job).
         """
+        job = direct_job(credential)
+        if job is not None:
+            return attrs.evolve(offer, queues=frozenset(), excluded=frozenset(), job=job)
         backend = pilot_backend(credential)
         if backend is None:
             return self.local(offer)

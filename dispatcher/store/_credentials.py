@@ -294,6 +294,56 @@ class CredentialFile:
             self._write(credentials)
         return token, made
 
+    def create_workers(self, names: Iterable[str]) -> list[str]:
+        """
+        Make a worker credential for each of C{names} (each acting under
+        its own name alone), in one write of the file; their tokens, in
+        order.  All are made or none.
+
+        @raise CredentialError: a name is taken or invalid, or the file
+            cannot be written.
+        """
+        names = list(names)
+        for name in names:
+            check_name(name)
+        tokens = [new_token() for _ in names]
+        now = time.time()
+        with self._locked():
+            credentials = self._read()
+            taken = {c.principal.name for c in credentials}
+            taken.update(p.name for p in self._fixed.values())
+            for name in names:
+                if name in taken:
+                    raise CredentialExists(
+                        f"a credential named {name!r} exists; revoke it first, or "
+                        "choose another name"
+                    )
+                taken.add(name)
+            credentials.extend(
+                Credential(
+                    Principal(name, Role.WORKER, frozenset({name})),
+                    digest(token.encode("ascii")),
+                    now,
+                )
+                for name, token in zip(names, tokens)
+            )
+            self._write(credentials)
+        return tokens
+
+    def revoke_many(self, names: Iterable[str]) -> int:
+        """
+        Remove the credentials named in C{names}, in one write of the file
+        (none if none of them is there); how many there were.
+        """
+        gone = set(names)
+        with self._locked():
+            credentials = self._read()
+            kept = [c for c in credentials if c.principal.name not in gone]
+            if len(kept) == len(credentials):
+                return 0
+            self._write(kept)
+        return len(credentials) - len(kept)
+
     def revoke(self, name: str) -> bool:
         """
         Remove the credential C{name}; whether there was one.

@@ -14,6 +14,8 @@ import operator
 import sqlite3
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
+import attrs
+
 from dispatcher.model._claims import choose_jobs, queues_at_limit, room_in_queues
 from dispatcher.model._jobs import (
     InvalidTransition,
@@ -116,6 +118,16 @@ _QUEUED_IN = differs(
 )
 
 
+# The one job a job-scoped offer may take (Offer.job), if it is queued.
+_QUEUED_ONE = differs(
+    f"SELECT seq, id, {SPEC_COLUMNS}, attempt_count, owner, created_at"
+    " FROM jobs WHERE id = ? AND state = 'queued'",
+    f"SELECT seq, id, {SPEC_COLUMNS}, attempt_count, owner, created_at"
+    " FROM jobs WHERE id = %s AND state = 'queued' FOR UPDATE SKIP LOCKED",
+)
+_CLAIMED_QUEUE = 2 + spec_position("queue")
+
+
 def _claimed_spec(row: Sequence[Any]) -> JobSpec:
     return spec_from_row(row[2:_CLAIMED_ATTEMPTS])
 
@@ -136,6 +148,8 @@ def claim(
     # Running jobs count only against a queue's limit.
     running = running_by_queue(conn) if writer.limited else {}
     room = room_in_queues(writer.queues, writer.limits, running, capacity)
+    if offer.job is not None:
+        return _claim_one(writer, conn, offer, free, now, lease_seconds, room, running)
     # Each queue's queued jobs, read lazily in priority order: jobs that
     # do not fit this holder are passed over, so how far to read is not
     # known in advance.  Without INDEXED BY the planner, lacking
@@ -153,8 +167,56 @@ def claim(
     writer.turn = choice.turn
     for cursor in cursors.values():
         cursor.close()
-    chosen = choice.chosen
-    taken = choice.taken
+    return _lease_chosen(writer, conn, offer, choice.chosen, choice.taken, running, now,
+                         lease_seconds, choice.skipped, choice.drained)
+
+
+def _claim_one(
+    writer: WriterState,
+    conn: sqlite3.Connection,
+    offer: Offer,
+    free: Resources,
+    now: float,
+    lease_seconds: float,
+    room: dict[str, int],
+    running: dict[str, int],
+) -> Claimed:
+    """
+    The claim of a holder that may take one job alone (C{offer.job}): that
+    job, read by its id, if it is queued, its queue has room and it fits.
+    Whatever it gets, it says nothing of the other queued jobs (not
+    drained, and a miss counts as one passed over, so that this holder
+    alone rests until a job is queued or it asks again).
+    """
+    row = conn.execute(_QUEUED_ONE, (offer.job,)).fetchone()
+    queue = row[_CLAIMED_QUEUE] if row is not None else None
+    if row is None or room.get(queue, 0) <= 0:
+        return Claimed([], False, 1, False, ())
+    # The one job's own queue alone, as any holder of it would see it.
+    plain = attrs.evolve(offer, queues=None, excluded=frozenset(), job=None)
+    choice = choose_jobs(
+        {queue: iter([row])}, room, [queue], 0, plain, free, 1,
+        _CLAIMED_PRIORITY, _claimed_spec,
+    )
+    return _lease_chosen(writer, conn, offer, choice.chosen, choice.taken, running, now,
+                         lease_seconds, 0 if choice.chosen else 1, False)
+
+
+def _lease_chosen(
+    writer: WriterState,
+    conn: sqlite3.Connection,
+    offer: Offer,
+    chosen: list[tuple[Any, JobSpec]],
+    taken: dict[str, int],
+    running: dict[str, int],
+    now: float,
+    lease_seconds: float,
+    skipped: int,
+    drained: bool,
+) -> Claimed:
+    """
+    Lease C{chosen} (rows of a claim's queries) to C{offer.holder}.
+    """
     leases = []
     expires = now + lease_seconds
     holder = offer.holder
@@ -195,7 +257,7 @@ def claim(
                 (queue,),
             ).fetchone():
                 blocked = True
-    return Claimed(leases, blocked, choice.skipped, choice.drained, tuple(waited))
+    return Claimed(leases, blocked, skipped, drained, tuple(waited))
 
 
 def resume_leases(

@@ -162,6 +162,9 @@ class HeldLease:
         is sent about it.
     @ivar abandoned: stopped by the worker's own shutdown: it is reported
         as C{released}, its attempt unspent.
+    @ivar stop_error: stopped by the shutdown of a one-job worker: it is
+        reported failed, with this error, its attempt spent (the batch job
+        it ran in was ended: it runs again only as its retries allow).
     @ivar fence_at: when its job must have stopped unless a heartbeat sent
         before then renews the lease, on the worker's fence clock (the
         spawner helper's deadline clock).
@@ -180,6 +183,7 @@ class HeldLease:
     outcome: Optional[Outcome] = None
     forgotten: bool = False
     abandoned: bool = False
+    stop_error: Optional[str] = None
     fence_at: float = float("inf")
     fence_seconds: float = 0.0
     fenced: bool = False
@@ -241,6 +245,13 @@ class RemoteWorker(Service):
         recorded result (at debug) are made at all: a line that no observer
         keeps still costs microseconds to make and drop, a tenth of a
         remote no-op job's cost on its worker.
+    @param one_job: take one job, and stop asking for work once it is
+        granted; L{finished} fires once that job's result is delivered (a
+        Slurm job of a direct-mode backend, which runs one job's worker).
+        Its stop reports a job still running as failed, with
+        C{stop_reason}, not as released.
+    @param stop_reason: the error of a job a one-job worker's stop ended.
+    @ivar finished: fires once a one-job worker has let go of its job.
     @ivar lease_answers: how many answers granted how many leases (the
         number of leases: the number of answers), told in the line the
         worker logs when it stops.
@@ -261,8 +272,16 @@ class RemoteWorker(Service):
         sweeper: Optional[JobDirectorySweeper] = None,
         report_gather: float = REPORT_GATHER,
         job_lines: bool = True,
+        one_job: bool = False,
+        stop_reason: Optional[str] = None,
     ) -> None:
         self._client = client
+        self._one_job = one_job
+        self._stop_reason = stop_reason or "stopped: its worker was told to stop"
+        # A one-job worker asks no more once its job is granted.
+        self._asked_enough = False
+        self._began = 0.0
+        self.finished: Deferred = Deferred()
         self._job_lines = job_lines
         self._report_gather = report_gather
         # The jobs that ended and wait for the others still running (at
@@ -321,6 +340,7 @@ class RemoteWorker(Service):
 
     def startService(self) -> None:
         Service.startService(self)
+        self._began = self._clock.seconds()
         self._accepting = True
         self._stopped = False
         log.info(
@@ -384,8 +404,14 @@ class RemoteWorker(Service):
                 "{job_ids}; they are given back to the dispatcher's queue",
                 **_naming(still),
             )
+            # How long its batch job had run tells a time limit from a
+            # cancel (a one-job worker starts with its batch job).
+            ran = self._clock.seconds() - self._began
             for held in still:
-                held.abandoned = True
+                if self._one_job:
+                    held.stop_error = f"{self._stop_reason}, {ran:.0f} s after its start"
+                else:
+                    held.abandoned = True
                 self._executor.stop(held.job_id)
             # Processes get SIGKILL after the executor's kill grace; a task
             # that ignores its cancel may never return, so this is bounded.
@@ -497,7 +523,7 @@ class RemoteWorker(Service):
         return self.description.slots - len(self.held)
 
     async def _ask_for_work(self) -> None:
-        while self._accepting:
+        while self._accepting and not self._asked_enough:
             free = self.free_slots
             if free <= 0 or self._report_asks:
                 # (A report under way asks for work: its answer wakes this.)
@@ -556,6 +582,8 @@ class RemoteWorker(Service):
         if leases:
             count = len(leases)
             self.lease_answers[count] = self.lease_answers.get(count, 0) + 1
+            if self._one_job:
+                self._asked_enough = True
             if self._job_lines:
                 log.debug(
                     "{count} {jobs} leased in one answer",
@@ -735,6 +763,14 @@ class RemoteWorker(Service):
         if held.forgotten:
             self._drop(held)
             return
+        if held.stop_error is not None and outcome.state is not JobState.SUCCEEDED:
+            outcome = Outcome(
+                JobState.FAILED,
+                exit_code=outcome.exit_code,
+                error=held.stop_error,
+                limits=outcome.limits,
+                log_cut=outcome.log_cut,
+            )
         if held.abandoned and outcome.state is JobState.SUCCEEDED:
             # It finished on its own before the stop reached it: the work is
             # done, and is reported like any other (the stop was no cancel).
@@ -817,6 +853,8 @@ class RemoteWorker(Service):
             del self.unreported[held.job_id]
         if wake:
             self._slots_freed()
+        if self._asked_enough and not self.held and not self.finished.called:
+            self.finished.callback(None)
 
     def _slots_freed(self) -> None:
         # The lease loop resumes inside this call and asks at once for
@@ -1186,7 +1224,11 @@ class RemoteWorker(Service):
         requests for work go one at a time, each listing the leases held:
         see L{_held_items}.)
         """
-        if not (self._ask_in_reports and self._accepting) or self._polling is not None:
+        if (
+            not (self._ask_in_reports and self._accepting)
+            or self._polling is not None
+            or self._asked_enough
+        ):
             return None
         free = min(self.description.slots, self.free_slots + len(batch))
         if free <= 0:

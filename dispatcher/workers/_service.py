@@ -77,6 +77,8 @@ class WorkerSettings:
         ever.
     @ivar log_level: the least level its log writes (C{--log-level}): the
         lines of each job's lease, end and result are at debug.
+    @ivar one_job: take one job and stop once it is delivered
+        (C{--one-job}); C{stop_reason}: the error of the job a stop ends.
     """
 
     url: str
@@ -89,6 +91,8 @@ class WorkerSettings:
     ca_certificates: Optional[tuple[bytes, ...]] = None
     keep_seconds: Optional[float] = 7 * 86400.0
     log_level: str = "info"
+    one_job: bool = False
+    stop_reason: Optional[str] = None
 
 
 class DataDirInUse(Exception):
@@ -203,6 +207,8 @@ class WorkerService(MultiService):
             fence_clock=fence_clock,
             sweeper=self.sweeper,
             job_lines=settings.log_level == "debug",
+            one_job=settings.one_job,
+            stop_reason=settings.stop_reason,
         )
 
     def startService(self) -> None:
