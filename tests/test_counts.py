@@ -344,13 +344,15 @@ async def test_migration_counts_the_jobs_stored(tmp_path):
     conn = sqlite3.connect(path)
     # Back to schema 11: without the counts, and without what the
     # migrations after 12 added (13: the events' rows of several jobs;
-    # 14: the batches' ranges for the index they replaced).
+    # 14: the batches' ranges for the index they replaced; 15: the
+    # dispatcher serving a remote worker's lease).
     conn.execute("DROP TABLE job_counts")
     conn.execute("ALTER TABLE events DROP COLUMN jobs")
     conn.execute("ALTER TABLE events DROP COLUMN job_ids")
     conn.execute("DROP TABLE batches")
     conn.execute("CREATE INDEX jobs_batch ON jobs (batch_id) WHERE batch_id IS NOT NULL")
-    assert len(MIGRATIONS) == 14
+    conn.execute("ALTER TABLE jobs DROP COLUMN lease_server")
+    assert len(MIGRATIONS) == 15
     conn.execute("PRAGMA user_version = 11")
     conn.commit()
     migrate(conn, path)
