@@ -380,6 +380,16 @@ class Offer:
     # Seconds a job may still run on it before it ends (a Slurm pilot's
     # time limit), as of the claim or the look it is made for; None: no end.
     time_left: Optional[float] = None
+    # Leases a remote worker may hold beyond its slots, their jobs started
+    # on it as its slots free (docs/worker-protocol.md, "Prefetch").
+    prefetch: int = 0
+
+    @property
+    def capacity(self) -> int:
+        """
+        How many leases it may hold at once: its slots and its prefetch.
+        """
+        return self.slots + self.prefetch
 
     def takes(self, queue: str) -> bool:
         """
