@@ -755,6 +755,45 @@ def test_a_long_job_turns_the_prefetch_off_until_a_short_one_ends():
     assert h.one("/v1/leases/results").json["max_jobs"] == 3
 
 
+def test_results_that_came_during_a_report_wait_for_the_jobs_its_answer_started():
+    """The results of jobs that ended while a report was under way wait, at
+    most the gathering time, for the jobs that report's answer started, and
+    go with theirs in one report asking for every place they free: a worker
+    of two slots and a prefetch of two exchanges four jobs a round trip."""
+    h = Harness(slots=2, prefetch=2, report_gather=0.001)
+    h.worker.startService()
+    h.grant(lease(1), lease(2))
+    h.executor.finish("job-1")
+    h.executor.finish("job-2")
+    first = h.one("/v1/leases/results")
+    assert first.json["max_jobs"] == 4
+    report_granting(h, first, [recorded(1), recorded(2)], *[lease(n) for n in (3, 4, 5, 6)])
+    for n in (3, 4):
+        h.executor.finish(f"job-{n}")
+    # job-5 and job-6 started as job-3 and job-4 ended, and run past the
+    # gathering time; their report is under way when they end.
+    assert running_now(h) == ["job-5", "job-6"]
+    h.advance(0.001, step=0.0005)
+    second = h.one("/v1/leases/results")
+    assert [r["job_id"] for r in second.json["results"]] == ["job-3", "job-4"]
+    h.executor.finish("job-5")
+    h.executor.finish("job-6")
+    report_granting(h, second, [recorded(3), recorded(4)], lease(7), lease(8))
+    # job-5's and job-6's results wait for job-7 and job-8.
+    assert h.pending("/v1/leases/results") == []
+    h.executor.finish("job-7")
+    h.executor.finish("job-8")
+    third = h.one("/v1/leases/results")
+    assert [r["job_id"] for r in third.json["results"]] == [f"job-{n}" for n in (5, 6, 7, 8)]
+    assert third.json["max_jobs"] == 4
+    # Jobs that run on past the gathering time do not hold them longer.
+    report_granting(h, third, [recorded(n) for n in (5, 6, 7, 8)], lease(9), lease(10))
+    h.executor.finish("job-9")
+    assert h.pending("/v1/leases/results") == []
+    h.advance(0.001, step=0.0005)
+    assert [r["job_id"] for r in h.one("/v1/leases/results").json["results"]] == ["job-9"]
+
+
 def test_a_dispatcher_that_does_not_know_prefetch_is_asked_without_it():
     """A dispatcher older than the description's prefetch refuses it by
     name: the worker asks again without it, from then on, and holds no

@@ -882,6 +882,10 @@ class RemoteWorker(Service):
         ending, self._ending = self._ending, []
         if ending:
             self._guard(self._finish_many(ending), f"finishing {len(ending)} jobs")
+        else:
+            # Results held back for the jobs a report's answer started
+            # (L{_hold_report}) go now.
+            self._report()
 
     async def _finish_many(self, batch: list[HeldLease]) -> None:
         """
@@ -1306,8 +1310,26 @@ class RemoteWorker(Service):
                 # The lease loop looks again: at the slots the answer freed
                 # and did not fill, it asks for work with a long-poll.
                 self._report_asked()
+                if answer.leases and self.unreported and self._hold_report():
+                    return
             elif dropped:
                 self._slots_freed()
+
+    def _hold_report(self) -> bool:
+        """
+        Whether the results that ended while a report was under way wait
+        for the jobs its answer just started, as the first end waits for
+        the others still running (at most C{report_gather}): sent at once,
+        they would ask for the slots they free alone, and the jobs just
+        started would end meanwhile and wait a whole round trip for the
+        report after, so that a worker of short jobs would exchange half
+        the leases it may hold in each round trip.
+        """
+        if self._report_gather <= 0 or self._running_count <= 0 or not self._accepting:
+            return False
+        if self._gather_call is None:
+            self._gather_call = self._clock.callLater(self._report_gather, self._gathered)
+        return True
 
     def _report_ask(self, batch: list[HeldLease]) -> Optional[int]:
         """
