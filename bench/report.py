@@ -268,7 +268,9 @@ The measures (sizes of a full run, `--quick`'s in brackets):
   (`bench/daemon.py --slots 0 --workers-token-file FILE`). One real worker
   process, started as an operator starts it, `dispatcher worker --url ...
   --token-file ... --slots 8 --config FILE --name bench-worker-1` with
-  `[executor] threads = 8` and the same `[tasks]`, runs on core
+  `[executor] threads = 8` and the same `[tasks]` (its `--prefetch` the
+  default, as many as its slots: while the jobs are short it holds up to 16
+  leases, 8 of them waiting to start as running jobs end), runs on core
   $load_core: it stands for another host, so it takes nothing from the
   dispatcher's core, but shares core $load_core with the 50 client
   threads while they submit (the local executor's task threads of (b), by
@@ -281,7 +283,10 @@ The measures (sizes of a full run, `--quick`'s in brackets):
   many jobs each lease answer carried (a report's answer that grants
   leases counts as one; from the line the worker logs as it stops), and
   the dispatcher's and the worker's CPU a job (each process's CPU over the
-  window, submission included for the dispatcher, over the jobs). The
+  window, submission included for the dispatcher, over the jobs), and from
+  the dispatcher's CPU a job of (b) and (i) the ratio per dispatcher core
+  (the jobs one core of the dispatcher serves a second through the worker,
+  over those it serves running them itself). The
   target, from issue 19: at least $remote_to_local × (b) of the same run.
   The worker has no reactor-hold monitor; the column is the dispatcher's.
 - **(j) What authentication costs.** (a)'s submits at $auth_connections
@@ -681,7 +686,9 @@ def cpu_per_job(remote: dict[str, Any], local: Optional[dict[str, Any]]) -> str:
         return ""
     text = f"dispatcher CPU {cpu['server_cpu_us_per_job']:,.0f} µs a job"
     if local is not None and "server_cpu_us_per_job" in local.get("cpu", {}):
-        text += f" ({local['cpu']['server_cpu_us_per_job']:,.0f} µs in (b))"
+        here = local["cpu"]["server_cpu_us_per_job"]
+        text += (f" ({here:,.0f} µs in (b): per dispatcher core "
+                 f"{ratio(here, cpu['server_cpu_us_per_job'])} × (b))")
     if "workers_cpu_us_per_job" in cpu:
         text += f", worker {cpu['workers_cpu_us_per_job']:,.0f} µs"
     return text + "; "

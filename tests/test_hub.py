@@ -475,3 +475,33 @@ def test_a_worker_known_gone_is_forgotten_unless_it_holds_something():
     assert "w" in h.hub.workers
     assert h.hub.forget_worker("w")
     assert "w" not in h.hub.workers and not h.hub.forget_worker("w")
+
+
+def test_a_workers_prefetch_counts_as_capacity_and_its_leases_as_held():
+    """A worker that offers a prefetch is asked work for its slots and its
+    prefetch, less every lease it holds, started or not: it is never given
+    more leases than both together; a lease beyond its slots expires,
+    is renewed and ends as any other."""
+    h = Hub()
+    offer = Offer("w", 2, instance="a" * 16, prefetch=3)
+    h.hub.poll(offer, 5, 30)
+    assert h.scheduler.free == {"w": 5}
+    spec = JobSpec(command=("true",), max_attempts=3)
+    leases = [Lease(f"j{n}", 1, next(h.tokens), "w", 0.0, spec) for n in range(4)]
+    h.hub.claimed("w", leases)
+    assert h.hub.workers["w"].free_slots == 1
+    # Asking for more than is free is cut to what is free.
+    h.hub.poll(offer, 5, 30, [(l.job_id, l.token) for l in leases])
+    assert h.scheduler.free == {"w": 1}
+    # Without the prefetch (an older worker) it holds more than its slots
+    # and gets nothing more.
+    h.hub.poll(Offer("w", 2, instance="a" * 16), 2, 30, [(l.job_id, l.token) for l in leases])
+    assert h.scheduler.free == {} and h.hub.workers["w"].free_slots == 0
+    # The leases beyond the slots are leases like the others: renewed by
+    # a heartbeat, and expired without one.
+    run_clock(h.clock, 20)
+    d = h.hub.heartbeat(offer, [(l.job_id, l.token, False) for l in leases[:3]])
+    assert [v.ok for v in d.result] == [True, True, True]
+    run_clock(h.clock, 11)
+    assert h.expired() == ["j3"]
+    assert h.hub.workers["w"].free_slots == 2

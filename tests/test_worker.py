@@ -174,7 +174,7 @@ class Harness:
 
     made = []
 
-    def __init__(self, slots=2, **kwargs):
+    def __init__(self, slots=2, prefetch=0, **kwargs):
         # Each end is reported as it comes (the tests of the gathering of
         # ends, which waits on the clock, give their own).
         kwargs.setdefault("report_gather", 0.0)
@@ -186,7 +186,7 @@ class Harness:
         self.executor = FakeExecutor()
         self.logs = {}
         self.description = WorkerDescription(
-            "w1", slots, 4.0, 2048, 0, {"site": "a"}, ("add",))
+            "w1", slots, 4.0, 2048, 0, {"site": "a"}, ("add",), prefetch=prefetch)
         self.worker = RemoteWorker(
             self.client, self.executor, self.description, self.clock,
             self.read_chunks, rng=random.Random(3), **kwargs)
@@ -690,6 +690,210 @@ def test_one_report_answer_frees_all_its_slots_before_the_next_ask():
     assert h.pending("/v1/leases") == []
     h.results(second, recorded(2), recorded(3))
     assert h.one("/v1/leases").json["max_jobs"] == 2
+
+
+# Prefetch
+
+def running_now(h):
+    """The jobs the fake executor runs now (started and not ended)."""
+    return sorted(job_id for job_id, r in h.executor.runs.items() if not r.done.called)
+
+
+def test_a_prefetching_worker_holds_leases_beyond_its_slots_and_runs_its_slots_alone():
+    """With a prefetch, once a short job has ended, a report asks for the
+    slots it frees and the prefetch too; the leases beyond the slots wait
+    unstarted, in the order granted, and each starts the moment a running
+    job ends, before that end is reported: never more jobs run than the
+    slots."""
+    h = Harness(slots=2, prefetch=2)
+    h.worker.startService()
+    first = h.one("/v1/leases")
+    # No job has ended yet, so none is known short: slots alone.
+    assert first.json["max_jobs"] == 2 and first.json["worker"]["prefetch"] == 2
+    h.grant(lease(1), lease(2))
+    h.executor.finish("job-1")
+    report = h.one("/v1/leases/results")
+    assert report.json["max_jobs"] == 3
+    report_granting(h, report, [recorded(1)], lease(3), lease(4), lease(5))
+    assert running_now(h) == ["job-2", "job-3"]
+    assert h.worker.free_slots == 0 and len(h.worker.held) == 4
+    assert h.pending("/v1/leases") == []
+    h.executor.finish("job-2")
+    # job-4 started at once, before anything was sent about job-2's end.
+    assert running_now(h) == ["job-3", "job-4"]
+    report = h.one("/v1/leases/results")
+    assert [r["job_id"] for r in report.json["results"]] == ["job-2"]
+    assert report.json["max_jobs"] == 1
+    assert report.json["held"] == [{"job_id": f"job-{n}", "token": tok(n)} for n in (3, 4, 5)]
+    h.executor.finish("job-3")
+    assert running_now(h) == ["job-4", "job-5"]
+    report_granting(h, report, [recorded(2)], lease(6))
+    assert running_now(h) == ["job-4", "job-5"]
+    for n in (4, 5, 6):
+        h.executor.finish(f"job-{n}")
+        assert len(running_now(h)) <= 2
+    assert sorted(h.executor.runs) == [f"job-{n}" for n in range(1, 7)]
+
+
+def test_prefetched_leases_are_renewed_and_start_with_their_renewed_fence():
+    """A heartbeat names the prefetched leases too, and renews them; a
+    prefetched job starts with its latest fence as its deadline."""
+    h = Harness(slots=1, prefetch=1)
+    h.fence_seconds = 10.0
+    h.worker.startService()
+    h.grant(lease(1), heartbeat_seconds=5.0)
+    h.executor.finish("job-1")
+    report_granting(h, h.one("/v1/leases/results"), [recorded(1)], lease(2), lease(3),
+                    fence_seconds=10.0)
+    assert running_now(h) == ["job-2"]
+    h.advance(5.0)
+    beat = h.one("/v1/leases/heartbeat")
+    assert [i["job_id"] for i in beat.json["leases"]] == ["job-2", "job-3"]
+    h.beat(beat, current(2), current(3))
+    renewed = h.executor.deadlines["job-2"]
+    assert renewed == pytest.approx(h.clock.seconds() + 10.0, abs=0.02)
+    h.advance(1.0)
+    h.executor.finish("job-2")
+    assert running_now(h) == ["job-3"]
+    assert h.executor.deadlines["job-3"] == renewed
+
+
+def test_a_cancelled_prefetched_lease_is_dropped_unstarted():
+    """A heartbeat's answer that a prefetched lease is cancelled drops it:
+    its job never starts, nothing is reported for it, nothing is stopped,
+    and its place is free at once."""
+    h = Harness(slots=1, prefetch=2)
+    h.worker.startService()
+    h.grant(lease(1))
+    h.executor.finish("job-1")
+    report_granting(h, h.one("/v1/leases/results"), [recorded(1)],
+                    lease(2), lease(3), lease(4))
+    assert running_now(h) == ["job-2"] and h.worker.free_slots == 0
+    h.advance(h.heartbeat_seconds)
+    h.beat(h.one("/v1/leases/heartbeat"), current(2), refused(3, "cancelled"), current(4))
+    assert "job-3" not in h.worker.held and h.worker.free_slots == 1
+    assert h.executor.stopped == []
+    h.executor.finish("job-2")
+    assert running_now(h) == ["job-4"]
+    assert "job-3" not in h.executor.runs
+    results = [r for c in h.dispatcher.calls if c.path == "/v1/leases/results"
+               for r in c.json["results"]]
+    assert "job-3" not in [r["job_id"] for r in results]
+
+
+def test_stop_gives_prefetched_leases_back_unstarted():
+    """A stopping worker gives its prefetched leases back as released at
+    once, unstarted, while its running job gets its grace."""
+    h = Harness(slots=1, prefetch=2, grace=30.0)
+    h.worker.startService()
+    h.grant(lease(1))
+    h.executor.finish("job-1")
+    report_granting(h, h.one("/v1/leases/results"), [recorded(1)],
+                    lease(2), lease(3), lease(4))
+    stopped = h.worker.stopService()
+    back = h.one("/v1/leases/results")
+    assert [(r["job_id"], r["state"]) for r in back.json["results"]] == [
+        ("job-3", "released"), ("job-4", "released")]
+    assert "max_jobs" not in back.json
+    h.results(back, recorded(3), recorded(4))
+    assert running_now(h) == ["job-2"] and not stopped.called
+    h.executor.finish("job-2")
+    h.results(h.one("/v1/leases/results"), recorded(2))
+    h.advance(1.0)
+    assert stopped.called
+    assert sorted(h.executor.runs) == ["job-1", "job-2"]
+
+
+def test_a_prefetched_lease_whose_fence_passed_is_given_back_unstarted():
+    """A prefetched lease whose fence passed while it waited (no heartbeat
+    got through) is not started when a slot frees: it is given back."""
+    h = Harness(slots=1, prefetch=1)
+    h.fence_seconds = 10.0
+    h.worker.startService()
+    h.grant(lease(1))
+    h.executor.finish("job-1")
+    report_granting(h, h.one("/v1/leases/results"), [recorded(1)], lease(2), lease(3),
+                    fence_seconds=10.0)
+    # The heartbeats go unanswered past the fence; job-2 is fenced, then
+    # ends.
+    h.advance(11.0, step=0.5)
+    assert "job-2" in h.executor.stopped
+    h.executor.finish("job-2", Outcome(JobState.FAILED, exit_code=-9))
+    assert "job-3" not in h.executor.runs
+    report = h.one("/v1/leases/results")
+    states = {r["job_id"]: r["state"] for r in report.json["results"]}
+    assert states["job-3"] == "released"
+
+
+def test_a_long_job_turns_the_prefetch_off_until_a_short_one_ends():
+    """Prefetch is used only while the last job to end ran under
+    prefetch_below: after a long one, a report asks for its slots alone."""
+    h = Harness(slots=2, prefetch=2, prefetch_below=1.0)
+    h.worker.startService()
+    h.grant(lease(1), lease(2))
+    h.advance(1.5, step=0.5)
+    h.executor.finish("job-1")
+    report = h.one("/v1/leases/results")
+    assert report.json["max_jobs"] == 1
+    report_granting(h, report, [recorded(1)], lease(3))
+    h.executor.finish("job-3")
+    assert h.one("/v1/leases/results").json["max_jobs"] == 3
+
+
+def test_results_that_came_during_a_report_wait_for_the_jobs_its_answer_started():
+    """The results of jobs that ended while a report was under way wait, at
+    most the gathering time, for the jobs that report's answer started, and
+    go with theirs in one report asking for every place they free: a worker
+    of two slots and a prefetch of two exchanges four jobs a round trip."""
+    h = Harness(slots=2, prefetch=2, report_gather=0.001)
+    h.worker.startService()
+    h.grant(lease(1), lease(2))
+    h.executor.finish("job-1")
+    h.executor.finish("job-2")
+    first = h.one("/v1/leases/results")
+    assert first.json["max_jobs"] == 4
+    report_granting(h, first, [recorded(1), recorded(2)], *[lease(n) for n in (3, 4, 5, 6)])
+    for n in (3, 4):
+        h.executor.finish(f"job-{n}")
+    # job-5 and job-6 started as job-3 and job-4 ended, and run past the
+    # gathering time; their report is under way when they end.
+    assert running_now(h) == ["job-5", "job-6"]
+    h.advance(0.001, step=0.0005)
+    second = h.one("/v1/leases/results")
+    assert [r["job_id"] for r in second.json["results"]] == ["job-3", "job-4"]
+    h.executor.finish("job-5")
+    h.executor.finish("job-6")
+    report_granting(h, second, [recorded(3), recorded(4)], lease(7), lease(8))
+    # job-5's and job-6's results wait for job-7 and job-8.
+    assert h.pending("/v1/leases/results") == []
+    h.executor.finish("job-7")
+    h.executor.finish("job-8")
+    third = h.one("/v1/leases/results")
+    assert [r["job_id"] for r in third.json["results"]] == [f"job-{n}" for n in (5, 6, 7, 8)]
+    assert third.json["max_jobs"] == 4
+    # Jobs that run on past the gathering time do not hold them longer.
+    report_granting(h, third, [recorded(n) for n in (5, 6, 7, 8)], lease(9), lease(10))
+    h.executor.finish("job-9")
+    assert h.pending("/v1/leases/results") == []
+    h.advance(0.001, step=0.0005)
+    assert [r["job_id"] for r in h.one("/v1/leases/results").json["results"]] == ["job-9"]
+
+
+def test_a_dispatcher_that_does_not_know_prefetch_is_asked_without_it():
+    """A dispatcher older than the description's prefetch refuses it by
+    name: the worker asks again without it, from then on, and holds no
+    lease beyond its slots."""
+    h = Harness(slots=2, prefetch=2)
+    h.worker.startService()
+    call = h.one("/v1/leases")
+    h.answer(call, error("unknown_field", "worker.prefetch: unknown field",
+                         "worker.prefetch"), code=400)
+    again = h.one("/v1/leases")
+    assert "prefetch" not in again.json["worker"]
+    h.grant(lease(1), lease(2))
+    h.executor.finish("job-1")
+    report = h.one("/v1/leases/results")
+    assert report.json["max_jobs"] == 1 and "prefetch" not in report.json["worker"]
 
 
 def test_each_lease_request_lists_the_leases_held():
@@ -1213,8 +1417,9 @@ def test_options_build_the_settings(token_file, tmp_path):
     settings = options.settings
     assert settings.token == TOKEN
     assert settings.url == "https://10.0.0.1:8443"
+    # The prefetch is as many as the slots unless given.
     assert settings.description == WorkerDescription(
-        "node7", 3, 2.5, 1000, 1, {"site": "a", "disk": "ssd"}, ("add",))
+        "node7", 3, 2.5, 1000, 1, {"site": "a", "disk": "ssd"}, ("add",), prefetch=3)
     assert settings.config.fetch.timeout == 7
     assert settings.data_dir == str(tmp_path / "wd")
     detected = parse("--url", "https://h", "--token-file", token_file,
@@ -1224,6 +1429,19 @@ def test_options_build_the_settings(token_file, tmp_path):
     assert detected.description.name.endswith(f"-{__import__('os').getpid()}")
     # Made absolute (the spawner helper works from /).
     assert detected.data_dir == os.path.abspath("dispatcher-worker-data")
+
+
+def test_prefetch_is_given_or_as_many_as_the_slots_and_a_bad_one_is_refused(token_file):
+    """--prefetch sets the leases held beyond the slots (0: none), as many
+    as the slots by default; a negative or non-integer one is a usage error
+    naming the option."""
+    base = ["--url", "https://h", "--token-file", token_file, "--slots", "4"]
+    assert parse(*base).settings.description.prefetch == 4
+    assert parse(*base, "--prefetch", "0").settings.description.prefetch == 0
+    assert parse(*base, "--prefetch", "16").settings.description.prefetch == 16
+    for bad in ("-1", "x", "1.5", "10001"):
+        with pytest.raises(usage.UsageError, match="--prefetch"):
+            parse(*base, "--prefetch", bad)
 
 
 def test_keep_days_default_to_the_configs_retention_and_take_zero_and_none(

@@ -75,8 +75,9 @@ def test_the_whole_answer_is_409_only_when_every_item_is_refused():
 def test_a_connected_worker_shows_what_it_offers_and_has_free():
     """A worker is shown with its offer, its free slots and resources
     (below nothing when it now offers less than it holds), the jobs it
-    holds, and its last contact as a wire time."""
-    offer = Offer("w", 3, Resources(2.5, 900, 1), {"site": "a"}, frozenset({"b", "a"}), "i")
+    holds, its last contact as a wire time, and its prefetch."""
+    offer = Offer("w", 3, Resources(2.5, 900, 1), {"site": "a"}, frozenset({"b", "a"}), "i",
+                  prefetch=2)
     shown = ConnectedWorker(offer, 1, Resources(-0.5, 100, 0), ("j1", "j2"), True, WHEN, True)
     assert wire(worker_view(shown)) == {
         "name": "w", "slots": 3,
@@ -85,6 +86,7 @@ def test_a_connected_worker_shows_what_it_offers_and_has_free():
         "free": {"slots": 1, "cpus": -0.5, "memory_mb": 100, "gpus": 0},
         "running": ["j1", "j2"], "waiting_for_work": True,
         "last_contact": "2026-11-30T00:53:20.123456Z", "name_shared": True,
+        "prefetch": 2,
     }
     # A worker known only from a resumed lease offers nothing yet.
     resumed = ConnectedWorker(Offer("r", 0), 0, Resources(), (), False, WHEN, False)

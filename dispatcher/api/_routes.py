@@ -771,7 +771,7 @@ ROUTES: tuple[Route, ...] = (
         {
             200: Response("The leases granted (maybe none).", LeaseAnswer),
             400: Response("A field is wrong; it is named (max_jobs: more than "
-                          "worker.slots)."),
+                          "worker.slots and worker.prefetch)."),
             403: Response(WORKER_NAME_FORBIDDEN),
             429: Response(TOO_MANY_WORKER_NAMES),
         },
@@ -800,8 +800,8 @@ ROUTES: tuple[Route, ...] = (
                 "A field is wrong; it is named. Besides what the schema states, "
                 f"refused: a result nested more than {MAX_NESTING} deep, or over "
                 f"{MAX_RESULT_BYTES} bytes of JSON (results[i].result); max_jobs "
-                "more than worker.slots. Nothing of the report was recorded, and no "
-                "lease granted."
+                "more than worker.slots and worker.prefetch. Nothing of the report was "
+                "recorded, and no lease granted."
             ),
             403: Response(WORKER_NAME_FORBIDDEN),
             409: Response("Every result was refused, and no lease granted.", ResultsAnswer),

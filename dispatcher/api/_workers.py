@@ -115,7 +115,20 @@ def offer_of(worker: WorkerOffer) -> Offer:
         worker.labels,
         frozenset(worker.tasks),
         worker.instance,
+        prefetch=0 if worker.prefetch is UNSET else worker.prefetch,
     )
+
+
+def _max_jobs_expected(offer: Offer) -> str:
+    """
+    What a request for work's C{max_jobs} may be, for the worker C{offer}.
+    """
+    if offer.prefetch:
+        return (
+            f"expected an integer from 1 to {offer.capacity} (worker.slots and "
+            "worker.prefetch)"
+        )
+    return f"expected an integer from 1 to {offer.slots} (worker.slots)"
 
 
 def _status(verdicts: list[LeaseVerdict]) -> int:
@@ -175,8 +188,8 @@ class WorkerEndpoints:
         _may_act_as(principal, body.worker.name)
         offer = offer_of(body.worker)
         max_jobs = offer.slots if body.max_jobs is None else body.max_jobs
-        if max_jobs > offer.slots:
-            invalid("max_jobs", f"expected an integer from 1 to {offer.slots} (worker.slots)")
+        if max_jobs > offer.capacity:
+            invalid("max_jobs", _max_jobs_expected(offer))
         # A worker with more free slots asks again as soon as it has these.
         max_jobs = min(max_jobs, self._max_jobs_per_poll)
         received = self._hub.now()
@@ -228,8 +241,8 @@ class WorkerEndpoints:
         _may_act_as(principal, body.worker.name)
         offer = offer_of(body.worker)
         asking = body.max_jobs is not UNSET
-        if asking and body.max_jobs > offer.slots:
-            invalid("max_jobs", f"expected an integer from 1 to {offer.slots} (worker.slots)")
+        if asking and body.max_jobs > offer.capacity:
+            invalid("max_jobs", _max_jobs_expected(offer))
         # (held without max_jobs is ignored: only a request for work
         # releases the leases it does not list.)
         held = (

@@ -19,6 +19,7 @@ from dispatcher.app._logging import DaemonLog
 from dispatcher.config._ini import LOG_LEVELS, Config, ConfigError, load_config, read_token
 from dispatcher.execution._accounts import AccountRefused, job_accounts
 from dispatcher.execution._host import detect_cpus, detect_gpus, detect_memory_mb
+from dispatcher.wire._types import MAX_SLOTS
 from dispatcher.workers._agent import WorkerDescription
 from dispatcher.workers._service import WorkerSettings, default_name
 
@@ -158,7 +159,7 @@ class Options(usage.Options):
 
     synopsis = (
         "Usage: dispatcher worker (or twistd -n dispatcher-worker) --url URL [--url URL ...] --token-file FILE --slots N [--config FILE] [--name NAME] "
-        "[--cpus N] [--memory MIB] [--gpus N] [--label KEY=VALUE ...] "
+        "[--prefetch N] [--cpus N] [--memory MIB] [--gpus N] [--label KEY=VALUE ...] "
         "[--data-dir DIR] [--keep-days DAYS] [--grace SECONDS] [--ca-file FILE] [--insecure] "
         "[--one-job [--stop-reason TEXT]] "
         "[--log-level LEVEL]"
@@ -184,6 +185,10 @@ class Options(usage.Options):
     optParameters = [
         ["token-file", None, None, "A file holding the dispatcher's [workers] token (required)."],
         ["slots", None, None, "How many jobs to run at once (required)."],
+        ["prefetch", None, None, "How many leases to hold beyond the slots while the "
+         "jobs run for under a second, their jobs started as slots free, so that one "
+         "job's end and the next one's start have no round trip between (default: "
+         "as many as the slots; 0: none)."],
         ["config", "c", None, "An ini file in the daemon's format; a worker reads [tasks], "
          "[fetch] and [executor] threads, kill_grace, cgroups, max_processes and "
          "max_log_bytes from it."],
@@ -246,6 +251,16 @@ class Options(usage.Options):
         ca_certificates = read_ca_file(self["ca-file"]) if self["ca-file"] else None
         token = read_token_file(self["token-file"])
         slots = _number("slots", self["slots"], int, 1, "an integer of at least 1")
+        prefetch = (
+            _number("prefetch", self["prefetch"], int, 0, "an integer of at least 0")
+            if self["prefetch"] is not None
+            # A one-job worker takes its one job and no more.
+            else (0 if self["one-job"] else slots)
+        )
+        if prefetch > MAX_SLOTS:
+            raise usage.UsageError(
+                f"--prefetch: expected an integer from 0 to {MAX_SLOTS}, not {prefetch}"
+            )
         grace = _number("grace", self["grace"], float, 0, "a number of seconds of at least 0")
         try:
             config = load_config(self["config"]) if self["config"] else Config()
@@ -292,6 +307,7 @@ class Options(usage.Options):
             gpus=gpus,
             labels=dict(self["labels"]),
             tasks=tuple(sorted(config.tasks)),
+            prefetch=prefetch,
         )
         self.settings = WorkerSettings(
             url=url,

@@ -167,10 +167,13 @@ class Worker:
     @property
     def free_slots(self) -> int:
         """
-        How many more jobs it could take: its slots less the jobs it holds
-        (none, if it now offers fewer than it holds).
+        How many more jobs it could take: its slots and its prefetch less
+        the jobs it holds (none, if it now offers fewer than it holds).  A
+        prefetched lease is a lease like any other (fenced, renewed by
+        heartbeats, run out, cancelled, listed as held): only where its job
+        waits for a slot, on the worker, is it any different.
         """
-        return max(0, self.offer.slots - len(self.jobs))
+        return max(0, self.offer.capacity - len(self.jobs))
 
     def free_after_reports(self, leases: Mapping[str, RemoteLease]) -> int:
         """
@@ -184,7 +187,7 @@ class Worker:
             remote = leases.get(job_id)
             if remote is None or remote.ending is not LeaseEnd.REPORTED:
                 busy += 1
-        return max(0, self.offer.slots - busy)
+        return max(0, self.offer.capacity - busy)
 
     def held(self, leases: Mapping[str, RemoteLease]) -> Iterator[Lease]:
         """

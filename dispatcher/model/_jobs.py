@@ -384,6 +384,16 @@ class Offer:
     # runs a worker for that job alone): its claims read that job and no
     # other, whatever its queues say.  None: any job of its queues.
     job: Optional[str] = None
+    # Leases a remote worker may hold beyond its slots, their jobs started
+    # on it as its slots free (docs/worker-protocol.md, "Prefetch").
+    prefetch: int = 0
+
+    @property
+    def capacity(self) -> int:
+        """
+        How many leases it may hold at once: its slots and its prefetch.
+        """
+        return self.slots + self.prefetch
 
     def takes(self, queue: str) -> bool:
         """

@@ -290,6 +290,7 @@ def worker_view(worker: ConnectedWorker) -> WorkerView:
         worker.waiting_for_work,
         format_time(worker.last_contact),
         worker.name_shared,
+        offer.prefetch,
     )
 
 

@@ -793,6 +793,20 @@ class WorkerOffer(_In):
     instance: Optional[
         Annotated[ShortName, Meta(description="The worker process's own random id.")]
     ] = None
+    # Left out rather than sent as 0: a dispatcher older than the field
+    # refuses it by name, and the worker then goes without.
+    prefetch: Union[
+        Annotated[
+            int,
+            Meta(
+                ge=0,
+                le=MAX_SLOTS,
+                description="Leases it may hold beyond its slots, their jobs "
+                "started as slots free (absent: none).",
+            ),
+        ],
+        UnsetType,
+    ] = UNSET
 
 
 class LeaseHeld(_In):
@@ -812,7 +826,8 @@ class LeaseRequest(_In):
     worker: WorkerOffer
     max_jobs: Optional[
         Annotated[int, Meta(ge=1, le=MAX_SLOTS, description="How many jobs it can "
-                            "start now, up to its slots (the default).  A poll is "
+                            "take now, up to its slots and prefetch (its slots the "
+                            "default).  A poll is "
                             "granted at most [workers] max_jobs_per_poll.")]
     ] = None
     wait: Annotated[
@@ -899,7 +914,7 @@ class ResultsRequest(_In):
         Annotated[int, Meta(ge=1, le=MAX_SLOTS, description="Ask for up to this "
                             "many new leases once these results are recorded (its "
                             "slots free then, these results' included; at most "
-                            "worker.slots).  The answer is not held open: it grants "
+                            "worker.slots and worker.prefetch).  The answer is not held open: it grants "
                             "what is queued for the worker, maybe nothing.  A "
                             "request for work, like one to /v1/leases: the worker "
                             "has no other open at the same time.")],
@@ -1067,6 +1082,10 @@ class WorkerView(_Out):
         bool, Meta(description="Another process called under this name within "
                    "lease_seconds: give each its own name.")
     ]
+    prefetch: Annotated[
+        int, Meta(description="Leases it may hold beyond its slots (the free "
+                  "slots count them).")
+    ] = 0
 
 
 class WorkerList(_Out):

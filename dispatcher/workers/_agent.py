@@ -13,9 +13,11 @@ from __future__ import annotations
 import random
 import re
 import secrets
+from collections import deque
 from typing import Any, Callable, Mapping, Optional, Union
 
 import attrs
+import msgspec
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, succeed
 from twisted.internet.task import deferLater
@@ -28,6 +30,7 @@ from dispatcher.model._workers import default_fence_margin
 from dispatcher.wire._forms import lease_from_grant, limits_form
 from dispatcher.wire._json import encode
 from dispatcher.wire._types import (
+    MAX_SLOTS,
     HeartbeatAnswer,
     HeartbeatItem,
     LeaseAnswer,
@@ -63,6 +66,15 @@ DEFAULT_HEARTBEAT_SECONDS = 10.0
 # more once no job runs.
 REPORT_GATHER = 0.001
 
+# A worker uses its prefetch (leases held beyond its slots, their jobs
+# started as slots free) only while the jobs it runs are this short: the
+# last one to end ran for less than this many seconds.  Prefetch saves a
+# round trip between one job's end and the next one's start, which counts
+# only against jobs of a few round trips; a prefetched job waits for a
+# slot meanwhile, when another worker might have had a slot free for it,
+# at most the time of the short jobs ahead of it.
+PREFETCH_BELOW = 1.0
+
 
 # What the worker offers
 
@@ -80,6 +92,8 @@ class WorkerDescription:
     @ivar tasks: the task names its configuration knows.
     @ivar instance: this process's own random id, so that the dispatcher
         can tell two processes given the same name apart.
+    @ivar prefetch: leases it may hold beyond its slots, their jobs started
+        as slots free.
     """
 
     name: str
@@ -90,10 +104,12 @@ class WorkerDescription:
     labels: Mapping[str, str] = attrs.field(factory=dict)
     tasks: tuple[str, ...] = ()
     instance: str = attrs.field(factory=lambda: secrets.token_hex(8), eq=False)
+    prefetch: int = 0
 
     def offer(self) -> WorkerOffer:
         """
-        The description as the protocol's C{"worker"} object.
+        The description as the protocol's C{"worker"} object (C{prefetch}
+        left out when none, as a dispatcher older than it needs).
         """
         return WorkerOffer(
             name=self.name,
@@ -104,6 +120,7 @@ class WorkerDescription:
             labels=dict(self.labels),
             tasks=list(self.tasks),
             instance=self.instance,
+            prefetch=self.prefetch if self.prefetch > 0 else msgspec.UNSET,
         )
 
 
@@ -174,6 +191,8 @@ class HeldLease:
         nothing: it is renewed no more, and its result says so.
     @ivar unsendable: its own result could not be sent, and was replaced
         by a failed one saying why.
+    @ivar started: when its job was handed to the executor (the worker's
+        clock), or C{None} before.
     """
 
     lease: Lease
@@ -188,6 +207,7 @@ class HeldLease:
     fence_seconds: float = 0.0
     fenced: bool = False
     unsendable: bool = False
+    started: Optional[float] = None
 
     @property
     def job_id(self) -> str:
@@ -213,7 +233,13 @@ class RemoteWorker(Service):
 
     A slot is taken from the lease's grant until its result is acknowledged
     (or its lease is gone and its job has stopped): the dispatcher counts
-    the worker's leases the same way.
+    the worker's leases the same way.  With a prefetch, the worker holds up
+    to that many leases more while its jobs are short (L{PREFETCH_BELOW}):
+    their jobs wait, in the order granted, and start as running jobs end,
+    so that a job ends and the next starts without a round trip between.
+    A prefetched lease is a lease like any other: heartbeats renew it, a
+    cancel forgets it, its fence passed it is given back unstarted, and a
+    stop gives it back.  No more than C{slots} jobs ever run at once.
 
     @param client: a L{DispatcherClient}.
     @param executor: a L{LocalExecutor} (or an object with its C{run},
@@ -252,6 +278,8 @@ class RemoteWorker(Service):
         C{stop_reason}, not as released.
     @param stop_reason: the error of a job a one-job worker's stop ended.
     @ivar finished: fires once a one-job worker has let go of its job.
+    @param prefetch_below: the longest a job may have run for the worker
+        to use its prefetch (L{PREFETCH_BELOW}).
     @ivar lease_answers: how many answers granted how many leases (the
         number of leases: the number of answers), told in the line the
         worker logs when it stops.
@@ -274,6 +302,7 @@ class RemoteWorker(Service):
         job_lines: bool = True,
         one_job: bool = False,
         stop_reason: Optional[str] = None,
+        prefetch_below: float = PREFETCH_BELOW,
     ) -> None:
         self._client = client
         self._one_job = one_job
@@ -286,9 +315,16 @@ class RemoteWorker(Service):
         self._report_gather = report_gather
         # The jobs that ended and wait for the others still running (at
         # most report_gather) before their logs and results go, how many
-        # jobs run, and the timer that ends the wait.
+        # jobs hold a slot (run, or wait for their directory's removal to
+        # run), and the timer that ends the wait.
         self._ending: list[HeldLease] = []
         self._running_count = 0
+        # The leases held beyond the slots, their jobs waiting for a slot in
+        # the order granted; whether the worker uses its prefetch now (the
+        # last job to end was short), and how short that is.
+        self._prefetched: deque[HeldLease] = deque()
+        self._prefetching = False
+        self._prefetch_below = prefetch_below
         self._gather_call: Any = None
         # A report asks for work too (max_jobs) while it is under way: no
         # other request for work is made meanwhile.
@@ -385,6 +421,16 @@ class RemoteWorker(Service):
             # connection that is gone goes back unspent.
             if d is not None and not d.called:
                 d.cancel()
+        # The prefetched jobs never started: given back at once, their
+        # attempts unspent, in one report.
+        if self._prefetched:
+            waiting = list(self._prefetched)
+            self._prefetched.clear()
+            for held in waiting:
+                self._abandon(held)
+            self._guard(
+                self._finish_many(waiting), f"giving back {len(waiting)} prefetched jobs"
+            )
         if self._sweeper is not None:
             # Its step under way ends first: a job it holds back starts
             # (or is given back) before the jobs are counted.
@@ -516,11 +562,22 @@ class RemoteWorker(Service):
     # Asking for work
 
     @property
+    def room(self) -> int:
+        """
+        How many leases the worker holds at most now: its slots, and its
+        prefetch while the jobs it runs are short.
+        """
+        if self._prefetching:
+            return min(MAX_SLOTS, self.description.slots + self.description.prefetch)
+        return self.description.slots
+
+    @property
     def free_slots(self) -> int:
         """
-        Slots not taken by a lease the worker holds.
+        Slots (and, while it prefetches, places for prefetched leases) not
+        taken by a lease the worker holds.
         """
-        return self.description.slots - len(self.held)
+        return self.room - len(self.held)
 
     async def _ask_for_work(self) -> None:
         while self._accepting and not self._asked_enough:
@@ -547,6 +604,8 @@ class RemoteWorker(Service):
             except DispatcherError as e:
                 if not self._accepting:
                     return
+                if self._refuses_prefetch(e):
+                    continue
                 if self._send_held and _refuses_held(e):
                     log.warn(
                         "the dispatcher does not know the held field: asking for "
@@ -616,6 +675,24 @@ class RemoteWorker(Service):
             if exclude.get(h.job_id) is not h
         ]
 
+    def _refuses_prefetch(self, error: Exception) -> bool:
+        """
+        Whether C{error} is a dispatcher's refusal of the description's
+        C{prefetch} (it predates the field, and counts only slots): if so,
+        the worker goes on without a prefetch, and says so once.
+        """
+        if self.description.prefetch <= 0 or not _refuses_field(error, "worker.prefetch"):
+            return False
+        log.warn(
+            "the dispatcher does not know the prefetch field: holding no lease "
+            "beyond the {slots} slots (a round trip between one job's end and the "
+            "next one's start; upgrade the dispatcher)",
+            slots=self.description.slots,
+        )
+        self.description = attrs.evolve(self.description, prefetch=0)
+        self._prefetching = False
+        return True
+
     def _learn_timing(
         self, answer: Union[LeaseAnswer, HeartbeatAnswer, ResultsAnswer]
     ) -> None:
@@ -664,9 +741,7 @@ class RemoteWorker(Service):
             # Granted by the answer to a report that asked for work as the
             # worker began to stop: given back unstarted, its attempt not
             # spent.
-            held.abandoned = True
-            held.outcome = Outcome(JobState.FAILED, error="never started: its worker stopped")
-            self._guard(self._finish(held), f"giving back job {held.job_id}")
+            self._give_back(held)
             return
         # (Its token is not logged: it is the lease's secret, which whoever
         # reads the log could write the job's log and result with.)
@@ -676,35 +751,76 @@ class RemoteWorker(Service):
                 job_id=lease.job_id,
                 attempt=lease.attempt,
             )
-        busy = self._sweeper.busy(lease.job_id) if self._sweeper is not None else None
+        if self._running_count >= self.description.slots:
+            # Prefetched: it starts as a slot frees; heartbeats renew its
+            # lease meanwhile.
+            self._prefetched.append(held)
+            self._ensure_heartbeats()
+            return
+        self._occupy(held)
+
+    def _give_back(self, held: HeldLease) -> None:
+        """
+        Give C{held} back unstarted (the worker stops), its attempt unspent.
+        """
+        self._abandon(held)
+        self._guard(self._finish(held), f"giving back job {held.job_id}")
+
+    def _abandon(self, held: HeldLease) -> None:
+        held.abandoned = True
+        held.outcome = Outcome(JobState.FAILED, error="never started: its worker stopped")
+
+    def _occupy(self, held: HeldLease) -> None:
+        """
+        C{held}'s job takes a slot: run it, once its directory is free.
+        """
+        self._running_count += 1
+        busy = self._sweeper.busy(held.job_id) if self._sweeper is not None else None
         if busy is not None:
             # Its directory (or one on the way to it) is being removed: it
             # starts once that is done, a step of at most a hundred
             # directories.
-            busy.addCallback(lambda _: self._run_later(held, fence_at))
+            busy.addCallback(lambda _: self._run_later(held))
             self._ensure_heartbeats()
             return
-        self._run(held, fence_at)
+        self._run(held, held.fence_at)
 
-    def _run_later(self, held: HeldLease, fence_at: float) -> None:
+    def _start_prefetched(self) -> None:
+        """
+        Start prefetched jobs while slots are free: those whose lease was
+        forgotten meanwhile are dropped, those whose fence passed are given
+        back unstarted.
+        """
+        while self._prefetched and self._running_count < self.description.slots:
+            held = self._prefetched.popleft()
+            if held.forgotten:
+                self._drop(held)
+                continue
+            now = self._fence_clock()
+            if held.fence_at <= now:
+                self._too_late(held, now)
+                continue
+            self._occupy(held)
+
+    def _run_later(self, held: HeldLease) -> None:
         """
         Run C{held}'s job, which waited for its directory's removal, unless
         its lease ended meanwhile, the worker is stopping (it is given back
         unstarted) or its fence has passed.
         """
-        if held.forgotten:
-            self._drop(held)
-            return
         now = self._fence_clock()
-        if not self._accepting or fence_at <= now:
-            if fence_at <= now:
+        if held.forgotten or not self._accepting or held.fence_at <= now:
+            # The slot it took is free again.
+            self._running_count -= 1
+            if held.forgotten:
+                self._drop(held)
+            elif held.fence_at <= now:
                 self._too_late(held, now)
-                return
-            held.abandoned = True
-            held.outcome = Outcome(JobState.FAILED, error="never started: its worker stopped")
-            self._guard(self._finish(held), f"giving back job {held.job_id}")
+            else:
+                self._give_back(held)
+            self._start_prefetched()
             return
-        self._run(held, fence_at)
+        self._run(held, held.fence_at)
 
     def _run(self, held: HeldLease, fence_at: float) -> None:
         """
@@ -726,7 +842,7 @@ class RemoteWorker(Service):
             # worker dies.
             return succeed(None)
 
-        self._running_count += 1
+        held.started = self._clock.seconds()
         held.running = self._executor.run(
             held.lease, mark_running, record_process, deadline=fence_at
         )
@@ -736,6 +852,13 @@ class RemoteWorker(Service):
 
     def _ended(self, outcome: Outcome, held: HeldLease) -> None:
         self._running_count -= 1
+        if held.started is not None:
+            self._prefetching = (
+                self.description.prefetch > 0
+                and self._clock.seconds() - held.started < self._prefetch_below
+            )
+        # The next job starts before this one's end is dealt with.
+        self._start_prefetched()
         process = held.running.process if held.running is not None else None
         if not held.fenced and not held.forgotten and (
             self._fence_clock() >= held.fence_at
@@ -795,6 +918,10 @@ class RemoteWorker(Service):
         ending, self._ending = self._ending, []
         if ending:
             self._guard(self._finish_many(ending), f"finishing {len(ending)} jobs")
+        else:
+            # Results held back for the jobs a report's answer started
+            # (L{_hold_report}) go now.
+            self._report()
 
     async def _finish_many(self, batch: list[HeldLease]) -> None:
         """
@@ -882,7 +1009,11 @@ class RemoteWorker(Service):
             reason=reason,
             message=f": {message}" if message else "",
         )
-        if not held.ended:
+        if held.running is None and held in self._prefetched:
+            # Never started: its slot is free at once.
+            self._prefetched.remove(held)
+            self._drop(held)
+        elif not held.ended:
             self._executor.stop(held.job_id)
         elif not held.shipped.lock.locked:
             # Otherwise _finish drops it when its shipping returns.
@@ -1038,7 +1169,7 @@ class RemoteWorker(Service):
         items = [
             HeartbeatItem(held.job_id, held.lease.token, held.job_id in told) for held in live
         ]
-        shipping = [held for held in live if not held.ended]
+        shipping = [held for held in live if held.running is not None and not held.ended]
         if shipping:
             self._guard(
                 self._logs.ship_many(shipping), f"shipping the logs of {len(shipping)} jobs"
@@ -1054,6 +1185,8 @@ class RemoteWorker(Service):
                 self._offer, items, timeout=max(1.0, self.heartbeat_seconds / 2)
             )
         except DispatcherError as e:
+            if self._refuses_prefetch(e):
+                return 0.0
             # Never longer than a heartbeat period: a dispatcher that
             # comes back must hear from this worker before its leases
             # run out.
@@ -1105,7 +1238,7 @@ class RemoteWorker(Service):
             if at > held.fence_at:
                 held.fence_at = at
                 held.fence_seconds = fence
-                if not held.ended:
+                if held.running is not None and not held.ended:
                     renewed.append(held.job_id)
         if renewed:
             self._executor.set_deadline(renewed, at)
@@ -1145,6 +1278,8 @@ class RemoteWorker(Service):
                 raise
             except DispatcherError as e:
                 self._report_asked()
+                if self._refuses_prefetch(e):
+                    continue
                 if asked and _refuses_field(e, "max_jobs"):
                     log.warn(
                         "the dispatcher does not take a request for work in a report "
@@ -1213,8 +1348,26 @@ class RemoteWorker(Service):
                 # The lease loop looks again: at the slots the answer freed
                 # and did not fill, it asks for work with a long-poll.
                 self._report_asked()
+                if answer.leases and self.unreported and self._hold_report():
+                    return
             elif dropped:
                 self._slots_freed()
+
+    def _hold_report(self) -> bool:
+        """
+        Whether the results that ended while a report was under way wait
+        for the jobs its answer just started, as the first end waits for
+        the others still running (at most C{report_gather}): sent at once,
+        they would ask for the slots they free alone, and the jobs just
+        started would end meanwhile and wait a whole round trip for the
+        report after, so that a worker of short jobs would exchange half
+        the leases it may hold in each round trip.
+        """
+        if self._report_gather <= 0 or self._running_count <= 0 or not self._accepting:
+            return False
+        if self._gather_call is None:
+            self._gather_call = self._clock.callLater(self._report_gather, self._gathered)
+        return True
 
     def _report_ask(self, batch: list[HeldLease]) -> Optional[int]:
         """
@@ -1230,7 +1383,7 @@ class RemoteWorker(Service):
             or self._asked_enough
         ):
             return None
-        free = min(self.description.slots, self.free_slots + len(batch))
+        free = min(self.room, self.free_slots + len(batch))
         if free <= 0:
             return None
         self._report_asks = True
