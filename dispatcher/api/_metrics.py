@@ -74,7 +74,8 @@ class Histogram(Collector):
     counts in plain numbers, without a lock: C{prometheus_client}'s
     C{observe} takes a lock for the sum and for the bucket, and a no-op
     job is observed twice, each of its commits twice more, about 3 us
-    each (0.4 here).  Observed on the reactor thread only.
+    each (0.65 here, timeit of one labelled observe, the same run).  Observed
+    on the reactor thread only.
 
     @param name: the metric's name (its samples add C{_bucket}, ...).
     @param buckets: the upper bounds, ascending (C{+Inf} is added).
