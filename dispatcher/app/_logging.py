@@ -13,7 +13,7 @@ they always do.
 
 Its text lines are twisted.logger's classic ones (C{textFileLogObserver}),
 made by L{text_observer} for less: a submission of one job writes one
-line, and the stock formatter took about a tenth of a no-op job's CPU.
+line, and the stock formatter took a good part of a no-op job's CPU.
 """
 
 from __future__ import annotations
@@ -132,9 +132,10 @@ def text_observer(out: Any) -> ILogObserver:
     event goes through twisted.logger's own formatter.  (A no-op job's two
     job lines took 119, 139 and 114 us of CPU with the stock observer, 39,
     45 and 32 with this one: C{bench/job_lines.py text|daemon none}, three
-    alternating runs; a no-op job's CPU in the benchmark's daemon, which
-    logs its submission too, went down by a tenth: bench/cpu_ab.py.
-    tests/test_daemon_log.py checks that the two write the same.)
+    alternating runs.  The benchmark's daemon, which logs each no-op job's
+    submission too: 920 against 828 us of CPU a no-op job, medians of 6
+    alternating rounds of bench/cpu_ab.py on a shared machine.)
+    tests/test_daemon_log.py checks that the two write the same.
     """
     second: list[Any] = [None, "-"]
 
