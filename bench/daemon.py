@@ -29,6 +29,10 @@ microseconds its groups took from their C{BEGIN} to their commit's answer
 (C{pg_group_us}), and of that their first round trip, which waits for the
 write lock that every dispatcher's groups take in turn (C{pg_begin_us}).
 
+Its log (C{DATA_DIR/daemon.log}) is written by the observer the daemon's
+text log uses under twistd (L{dispatcher.app._logging.text_observer}),
+at every level.
+
 This is the only place of the benchmark that touches the global reactor.
 """
 
@@ -41,9 +45,10 @@ import sys
 if not __package__:  # run as a file: make "bench" importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from twisted.logger import globalLogBeginner, textFileLogObserver
+from twisted.logger import globalLogBeginner
 
 from bench.tasks import TASKS_SECTION
+from dispatcher.app._logging import text_observer
 
 # The daemon's whole configuration in the benchmark: every key the
 # benchmark sets is here, and nowhere else (L{write_config} writes it; the
@@ -213,7 +218,7 @@ def main(argv=None) -> None:
     config_path = write_config(args)
     log_file = open(os.path.join(args.data_dir, "daemon.log"), "a", encoding="utf-8")
     globalLogBeginner.beginLoggingTo(
-        [textFileLogObserver(log_file)], redirectStandardIO=False
+        [text_observer(log_file)], redirectStandardIO=False
     )
 
     from twisted.internet import reactor

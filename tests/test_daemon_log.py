@@ -17,11 +17,17 @@ import urllib.request
 import pytest
 from twisted.internet.task import Clock
 from twisted.logger import (
+    Logger,
     LogLevel,
+    LogPublisher,
     eventsFromJSONLogFile,
     formatEvent,
     globalLogPublisher,
+    textFileLogObserver,
 )
+from twisted.python.failure import Failure
+
+from dispatcher.app._logging import text_observer
 
 from dispatcher.core._joblog import JobLog
 from dispatcher.model._events import JobEvent, WorkerEvent
@@ -88,6 +94,61 @@ def test_start_and_end_lines_carry_their_fields(captured):
             start["state"]) == ("j1", "alice", 2, "worker-a", "running")
     assert captured[1]["exit_code"] == 3 and captured[1]["log_level"] is LogLevel.info
     assert captured[3]["holder"] is None and captured[3]["error"] == "cancelled by alice"
+
+
+class _Shown:
+    """A value with an attribute, an item, a repr and a method, for formats."""
+
+    size = 7
+
+    def __getitem__(self, key):
+        return f"item {key}"
+
+    def __repr__(self):
+        return "<shown>"
+
+    def name(self):
+        return "called"
+
+
+def test_text_observer_writes_what_twisteds_text_observer_writes(monkeypatch):
+    """The daemon's text observer writes, for every kind of event, the very
+    lines twisted.logger's textFileLogObserver writes: plain fields, format
+    specs, conversions, attributes and items, a call in the format, a field
+    missing, a traceback, a system, no time, no namespace or level, a
+    newline in the text, an empty or absent format, and times in the same
+    and in following seconds, in another UTC offset too."""
+    monkeypatch.setenv("TZ", "America/St_Johns")
+    time.tzset()
+    try:
+        stock, ours = io.StringIO(), io.StringIO()
+        publisher = LogPublisher(textFileLogObserver(stock), text_observer(ours))
+        log = Logger(namespace="dispatcher.test", observer=publisher)
+        shown = _Shown()
+        log.info("{principal} submitted {what}{replay}", principal="alice", what="j1",
+                 replay="")
+        log.warn("{n:>5} {f:.2f} {r!r} {s!s} {a!a}", n=3, f=1.0 / 3, r="x", s=b"y", a="é")
+        log.error("{v.size} {v[key]} {v.name()} {v}", v=shown)
+        log.info("{missing} is not given", present=1)
+        log.info("two\nlines {x}", x="and\nmore")
+        log.info("")
+        log.info("positional {}")
+        log.info("{x}", x=None, log_system="a system")
+        log.info("{x}", x=1, log_system=shown)
+        log.failure("it broke {why}", Failure(ValueError("no")), why="because")
+        publisher({"log_format": "no level, no namespace", "log_time": 1.5})
+        publisher({"log_format": "no time {x}", "x": 1})
+        publisher({"message": "no format", "log_time": 2.0})
+        publisher({"log_format": b"bytes {x}", "x": 2, "log_time": 3.0})
+        for when in (1_700_000_000.0, 1_700_000_000.9, 1_700_000_001.2, 1_700_003_600.5,
+                     -0.5, 0.0):
+            publisher({"log_format": "at {w}", "w": when, "log_time": when,
+                       "log_namespace": "n", "log_level": LogLevel.debug})
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    assert ours.getvalue() == stock.getvalue()
+    assert ours.getvalue().count("\n") > 20 and "Traceback" in ours.getvalue()
 
 
 def test_lines_past_the_bound_are_counted_and_told_once_a_second(captured):

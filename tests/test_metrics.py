@@ -12,11 +12,15 @@ import time
 import urllib.error
 import urllib.request
 
+import re
+
+import prometheus_client
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.task import Clock
 
-from dispatcher.api._metrics import DispatcherMetrics, ReactorWatch
+from dispatcher.api._metrics import RUN_BUCKETS, DispatcherMetrics, Histogram, ReactorWatch
 from dispatcher.model._events import JobEvent
 from dispatcher.model._jobs import JobSpec, JobState
 from tests.test_twistd import twistd  # noqa: F401 (the fixture)
@@ -215,6 +219,33 @@ def test_reactor_watch_keeps_the_longest_hold_of_two_windows():
     assert watch.longest == pytest.approx(0.0, abs=1e-6)
     watch.stopService()
     assert clock.getDelayedCalls() == []
+
+
+def test_histogram_writes_what_prometheus_clients_writes():
+    """The metrics' own histogram, labelled or not, with the same
+    observations (on bounds, between them, past the last, zero, negative,
+    NaN and infinite), writes the very text of prometheus_client's
+    Histogram, but for the _created times, which are each one's own."""
+    texts = []
+    for kind in (prometheus_client.Histogram, Histogram):
+        registry = CollectorRegistry(auto_describe=False)
+        by_queue = kind("wait_seconds", "Waits, by queue.", ["queue"], buckets=RUN_BUCKETS,
+                        registry=registry)
+        plain = kind("writes", "Writes.", buckets=(1, 2, 5, 10), registry=registry)
+        kind("unused", "Never observed.", ["queue"], buckets=(1,), registry=registry)
+        for amount in (0.0, 0.001, 0.0011, 0.3, 5.0, 86400.0, 1e9, -1.0, float("nan"),
+                       float("inf"), 3.25):
+            by_queue.labels("gpu").observe(amount)
+            plain.observe(amount)
+        by_queue.labels("default").observe(2.0)
+        plain.observe(7)
+        texts.append(generate_latest(registry).decode())
+    stock, ours = (re.sub(r"(?m)^(\w+_created(\{[^}]*\})?) \S+$", r"\1 T", t)
+                     for t in texts)
+    assert ours == stock
+    assert 'wait_seconds_bucket{le="0.001",queue="gpu"} 3.0' in ours
+    assert "writes_count 11.0" in ours and "# TYPE unused histogram" in ours
+    assert ours.count(" T\n") == 3
 
 
 class _Store:

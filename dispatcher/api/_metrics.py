@@ -10,8 +10,9 @@ stream's subscribers, the remote workers connected, and the running totals
 other parts keep as plain integers (leases expired, inputs staged and
 failed, their bytes), so that those parts pay an integer's addition and
 import nothing of this.  And what is observed as it happens, in
-C{prometheus_client}'s own L{Counter}s and L{Histogram}s: jobs submitted
-and ended (from the events of every commit, L{observe_events}), how long
+C{prometheus_client}'s own L{Counter}s, and in L{Histogram}s of our own
+that write what C{prometheus_client}'s would: jobs submitted and ended
+(from the events of every commit, L{observe_events}), how long
 a job waited from its submission to its first attempt (from each claim,
 L{observe_claimed}), how long it ran, each store commit's time and how
 many writes it held (L{observe_commit}), and the longest the reactor
@@ -25,11 +26,15 @@ that two daemons in one process (the tests) keep theirs apart.
 
 from __future__ import annotations
 
+import bisect
+import math
+import time
 from typing import Any, Callable, Iterable, Optional, Sequence
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client import exposition
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.utils import floatToGoString
 from prometheus_client.registry import Collector
 from twisted.application.service import Service
 from twisted.internet.interfaces import IDelayedCall
@@ -59,6 +64,98 @@ WATCH_WINDOW = 10.0
 _STATES = tuple(JobState)
 _ENDS = frozenset(FINAL_STATES)
 _RUNNING = JobState.RUNNING
+
+
+class Histogram(Collector):
+    """
+    A histogram that writes the samples C{prometheus_client}'s C{Histogram}
+    of the same name, help, labels and buckets writes, in its order (each
+    label set's buckets, C{_count}, C{_sum}, C{_created}), but keeps its
+    counts in plain numbers, without a lock: C{prometheus_client}'s
+    C{observe} takes a lock for the sum and for the bucket, and a no-op
+    job is observed twice, each of its commits twice more, about 3 us
+    each (0.65 here, timeit of one labelled observe, the same run).  Observed
+    on the reactor thread only.
+
+    @param name: the metric's name (its samples add C{_bucket}, ...).
+    @param buckets: the upper bounds, ascending (C{+Inf} is added).
+    @param registry: the registry that collects it.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str] = (),
+        buckets: Sequence[float] = (),
+        registry: Optional[CollectorRegistry] = None,
+    ) -> None:
+        self._name = name
+        self._documentation = documentation
+        self._labelnames = tuple(labelnames)
+        self._bounds = tuple(float(b) for b in buckets) + (math.inf,)
+        self._le = tuple(floatToGoString(b) for b in self._bounds)
+        self._children: dict[tuple[str, ...], _Observed] = {}
+        self._root = None if self._labelnames else self.labels()
+        if registry is not None:
+            registry.register(self)
+
+    def labels(self, *values: Any) -> "_Observed":
+        """
+        The histogram of these label values, made the first time.
+        """
+        key = tuple(str(v) for v in values)
+        child = self._children.get(key)
+        if child is None:
+            if len(key) != len(self._labelnames):
+                raise ValueError(f"{self._name} takes the labels {self._labelnames}")
+            child = self._children[key] = _Observed(self._bounds)
+        return child
+
+    def observe(self, amount: float) -> None:
+        """
+        Observe C{amount} (of a histogram without labels).
+        """
+        assert self._root is not None, "a histogram with labels observes through labels()"
+        self._root.observe(amount)
+
+    def collect(self) -> Iterable[Metric]:
+        name = self._name
+        metric = Metric(name, self._documentation, "histogram")
+        for key, child in list(self._children.items()):
+            labels = dict(zip(self._labelnames, key))
+            counted = 0.0
+            for le, count in zip(self._le, list(child.counts)):
+                counted += count
+                metric.add_sample(name + "_bucket", {**labels, "le": le}, counted)
+            metric.add_sample(name + "_count", labels, counted)
+            if self._bounds[0] >= 0:
+                metric.add_sample(name + "_sum", labels, child.total)
+            metric.add_sample(name + "_created", labels, child.created)
+        return [metric]
+
+
+class _Observed:
+    """
+    One label set's counts of a L{Histogram}.
+    """
+
+    __slots__ = ("_bounds", "counts", "total", "created")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self._bounds = bounds
+        self.counts = [0] * len(bounds)
+        self.total = 0.0
+        self.created = time.time()
+
+    def observe(self, amount: float) -> None:
+        """
+        Count C{amount} in the first bucket whose bound it does not pass
+        (none, for a NaN, as C{prometheus_client} does).
+        """
+        self.total += amount
+        if amount <= math.inf:
+            self.counts[bisect.bisect_left(self._bounds, amount)] += 1
 
 
 class ReactorWatch(Service):
