@@ -322,14 +322,20 @@ class WorkerHub:
                 cancel=item.cancel_requested,
                 resumed=True,
             )
-            worker = self.workers.get(lease.holder)
-            if worker is None:
-                # Known only by name until it calls again.
-                worker = Worker(Offer(lease.holder, 0), now, heard=False)
-                self.workers[lease.holder] = worker
-                self._names.setdefault(None, set()).add(lease.holder)
-            worker.jobs.add(lease.job_id)
+            self._held_by(lease, now)
         self._arm_reaper()
+
+    def _held_by(self, lease: Lease, now: float) -> None:
+        """
+        Count C{lease}'s job among its holder's, a worker known only by
+        name until it calls again if none is here.
+        """
+        worker = self.workers.get(lease.holder)
+        if worker is None:
+            worker = Worker(Offer(lease.holder, 0), now, heard=False)
+            self.workers[lease.holder] = worker
+            self._names.setdefault(None, set()).add(lease.holder)
+        worker.jobs.add(lease.job_id)
 
     def take_up(
         self,
@@ -382,13 +388,7 @@ class WorkerHub:
                     cancel=item.cancel_requested,
                     instance=instance,
                 )
-                worker = self.workers.get(lease.holder)
-                if worker is None:
-                    # Known only by name until it calls.
-                    worker = Worker(Offer(lease.holder, 0), now, heard=False)
-                    self.workers[lease.holder] = worker
-                    self._names.setdefault(None, set()).add(lease.holder)
-                worker.jobs.add(lease.job_id)
+                self._held_by(lease, now)
             if taken and self.accepting:
                 self._arm_reaper()
             return taken
