@@ -6,6 +6,7 @@ the no-op job rate, against main's code in the same run.
 
     flock /tmp/bench.lock .venv/bin/python bench/metrics.py [--quick]
         [--jobs N] [--requests N] [--rounds N] [--noop-jobs N] [--against REF]
+        [--counts-off]
 
 (1) A store of JOBS jobs (bench/seed_store.py, then shaped as a long-lived
 dispatcher's by bench/list_filters.py: nine in ten succeeded, ten owners,
@@ -17,10 +18,18 @@ and worst round trip in milliseconds (target: under 5 ms).
 (2) NOOP_JOBS no-op task jobs end to end (bench/measures.py's (b): 50
 client connections, slots = threads = 8), by this tree's daemon and by
 REF's (default: where this branch left main, its merge base), ROUNDS
-rounds alternating which goes first; the medians of the jobs a second,
-and this one's over REF's (target: at least 0.95); and of the daemon's
-CPU time a job (all its threads, over the measured window), which the
-machine's other load disturbs less.
+rounds alternating which goes first (none with --rounds 0); the medians
+of the jobs a second, and this one's over REF's (target: at least 0.95);
+and of the daemon's CPU time a job (all its threads, over the measured
+window), which the machine's other load disturbs less.
+
+With --counts-off, REF's tree keeps no counts of jobs by queue and state:
+its L{dispatcher.store._counts.StateCounts} counts no change (C{removed}
+and C{count_events} do nothing, so C{commit} has nothing to add), the rest
+of the code as it is.  Against C{--against HEAD}, the ratio is then what
+keeping the counts costs the no-op rate, before and after in one run, on
+the code as it is now; against main's merge base alone, once main holds
+the counts, the two daemons would run the same code.
 
 Prints one line of JSON with every figure.
 """
@@ -69,6 +78,32 @@ def export_tree(ref: str, where: Path) -> Path:
     return where
 
 
+# Appended to the exported tree's dispatcher/store/_counts.py by
+# --counts-off: the writer tells StateCounts its changes and they are
+# dropped, so no row of job_counts is written and nothing is added at a
+# commit.  (Its GET /v1/queues answers nothing of the jobs changed since
+# it started; the no-op measure never asks.)
+COUNTS_OFF = """
+
+def _count_nothing(self, *args, **kwargs):
+    return None
+
+
+StateCounts.removed = _count_nothing
+StateCounts.count_events = _count_nothing
+"""
+
+
+def counts_off(tree: Path) -> None:
+    """
+    Make the tree at C{tree} keep no counts of jobs by queue and state.
+    """
+    counts = tree / "dispatcher" / "store" / "_counts.py"
+    text = counts.read_text()
+    assert "class StateCounts" in text and "def count_events" in text, counts
+    counts.write_text(text + COUNTS_OFF)
+
+
 def answer_times(server: Server, path: str, count: int) -> dict[str, Any]:
     """
     The round trips of C{count} C{GET path}s, one after the other.
@@ -94,6 +129,43 @@ def answer_times(server: Server, path: str, count: int) -> dict[str, Any]:
     }
 
 
+def noop_rates(run: Run, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    """
+    Measure (2): the no-op job rate of this tree's daemon and of REF's.
+    """
+    other = export_tree(args.against, tmp / "against")
+    if args.counts_off:
+        counts_off(other)
+    rates: dict[str, list[float]] = {"this": [], "against": []}
+    # The daemon's CPU a job (all its threads, over the measured
+    # window): what the rate costs, less the machine's other load.
+    cpu: dict[str, list[float]] = {"this": [], "against": []}
+    for n in range(args.rounds):
+        order = [("this", None), ("against", other)]
+        for label, code in (order[::-1] if n % 2 else order):
+            result = measure_end_to_end(
+                run, f"noop-{label}-{n}", {"task": "noop"}, args.noop_jobs,
+                slots=8, threads=8, code=code)
+            rates[label].append(result["jobs_per_s"])
+            cpu[label].append(round(
+                result["cpu"]["server_process_pct"] / 100 * result["seen_done_s"]
+                / args.noop_jobs * 1e6, 1))
+    medians = {label: statistics.median(r) for label, r in rates.items()}
+    ratio = medians["this"] / medians["against"]
+    cpu_medians = {label: statistics.median(c) for label, c in cpu.items()}
+    return {
+        "jobs": args.noop_jobs,
+        "against": args.against + (" (counts off)" if args.counts_off else ""),
+        "rounds_jobs_per_s": rates,
+        "median_jobs_per_s": medians,
+        "this_over_against": round(ratio, 3),
+        "rounds_cpu_us_per_job": cpu,
+        "median_cpu_us_per_job": cpu_medians,
+        "cpu_this_over_against": round(cpu_medians["this"] / cpu_medians["against"], 3),
+        "met": ratio >= TARGET_RATIO,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     """
     Take both measures; print them as JSON.
@@ -106,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--noop-jobs", type=int, default=20_000)
     parser.add_argument("--against", default="main")
+    parser.add_argument("--counts-off", action="store_true",
+                        help="REF's daemon keeps no counts of jobs by queue and state")
     args = parser.parse_args(argv)
     if args.quick:
         args.jobs, args.rounds, args.noop_jobs = 100_000, 2, 5_000
@@ -125,35 +199,8 @@ def main(argv: list[str] | None = None) -> int:
             results["serving_after_s"] = round(server.ready_s or 0.0, 2)
             for name, path in (("queues", "/v1/queues"), ("metrics", "/metrics")):
                 results[name] = answer_times(server, path, args.requests)
-        other = export_tree(args.against, tmp / "against")
-        rates: dict[str, list[float]] = {"this": [], "against": []}
-        # The daemon's CPU a job (all its threads, over the measured
-        # window): what the rate costs, less the machine's other load.
-        cpu: dict[str, list[float]] = {"this": [], "against": []}
-        for n in range(args.rounds):
-            order = [("this", None), ("against", other)]
-            for label, code in (order[::-1] if n % 2 else order):
-                result = measure_end_to_end(
-                    run, f"noop-{label}-{n}", {"task": "noop"}, args.noop_jobs,
-                    slots=8, threads=8, code=code)
-                rates[label].append(result["jobs_per_s"])
-                cpu[label].append(round(
-                    result["cpu"]["server_process_pct"] / 100 * result["seen_done_s"]
-                    / args.noop_jobs * 1e6, 1))
-        medians = {label: statistics.median(r) for label, r in rates.items()}
-        ratio = medians["this"] / medians["against"]
-        cpu_medians = {label: statistics.median(c) for label, c in cpu.items()}
-        results["noop"] = {
-            "jobs": args.noop_jobs,
-            "against": args.against,
-            "rounds_jobs_per_s": rates,
-            "median_jobs_per_s": medians,
-            "this_over_against": round(ratio, 3),
-            "rounds_cpu_us_per_job": cpu,
-            "median_cpu_us_per_job": cpu_medians,
-            "cpu_this_over_against": round(cpu_medians["this"] / cpu_medians["against"], 3),
-            "met": ratio >= TARGET_RATIO,
-        }
+        if args.rounds > 0:
+            results["noop"] = noop_rates(run, args, tmp)
     finally:
         run.processes.stop_all()
         shutil.rmtree(tmp, ignore_errors=True)
