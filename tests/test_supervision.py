@@ -1,7 +1,8 @@
 """
 The daemon under a supervisor, against a real twistd: SIGHUP reloads what
 can change and says what cannot, a bad file on reload keeps the running
-configuration, and a second SIGTERM stops at once without a traceback.
+configuration, and a second SIGINT or SIGTERM stops at once without a
+traceback.
 """
 
 import json
@@ -20,8 +21,8 @@ from .test_twistd import Twistd
 def twistd(tmp_path):
     made = []
 
-    def make(ini="", program="twistd"):
-        daemon = Twistd(str(tmp_path), ini, program)
+    def make(ini="", program="twistd", preexec_fn=None):
+        daemon = Twistd(str(tmp_path), ini, program, preexec_fn=preexec_fn)
         made.append(daemon)
         return daemon
 
@@ -161,27 +162,38 @@ def test_a_bad_file_on_reload_keeps_the_running_configuration(twistd):
     assert daemon.wait(job["id"], ("succeeded",))["state"] == "succeeded"
 
 
-def test_a_second_sigterm_stops_at_once_without_a_traceback(twistd):
+def interrupt_at_its_default():
+    """In the daemon's child before it starts: SIGINT at its default, as a
+    shell starts a command in the foreground (the reactor takes over SIGINT
+    only from Python's own handler, never from an inherited SIG_IGN)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_second_signal_stops_at_once_without_a_traceback(twistd, signum):
     """While a stop waits out the grace period for a running job, a second
-    SIGTERM stops it at once: the job goes back to the queue, its attempt not
-    counted, the process exits well within the grace period, and nothing
-    prints a traceback."""
+    SIGTERM (a supervisor's) or SIGINT (Ctrl-C at a terminal) stops it at
+    once: the job goes back to the queue, its attempt not counted, the
+    process exits well within the grace period, and nothing prints a
+    traceback (a second Ctrl-C used to print ReactorNotRunning)."""
     daemon = twistd("[dispatcher]\nshutdown_grace = 120\n[executor]\nslots = 1\n"
-                    "kill_grace = 1\n")
+                    "kill_grace = 1\n", preexec_fn=interrupt_at_its_default)
     daemon.start()
     code, job = daemon.request("POST", "/v1/jobs", {"command": ["sleep", "300"]})
     daemon.wait(job["id"], ("running",))
     offset = log_size(daemon)
-    daemon.process.send_signal(signal.SIGTERM)
+    daemon.process.send_signal(signum)
     log_after(daemon, offset, "waiting up to 120.0 s for 1 running jobs")
     started = time.monotonic()
-    daemon.process.send_signal(signal.SIGTERM)
+    daemon.process.send_signal(signum)
     daemon.process.wait(timeout=30)
     assert time.monotonic() - started < 15
     daemon.log.close()
     with open(os.path.join(daemon.workdir, "out.log"), encoding="utf-8") as f:
         text = f.read()[offset:]
-    assert "SIGTERM again: not waiting for running jobs" in text
+    name = signal.Signals(signum).name
+    assert f"Received {name}, shutting down." in text
+    assert f"{name} again: not waiting for running jobs" in text
     assert "Traceback" not in text and "ReactorNotRunning" not in text
     assert "dispatcher stopped" in text
     again = twistd("[executor]\nslots = 0\n", program="twist")
