@@ -5,9 +5,12 @@ values after jobs ran, after a kill -9 and a restart; and, with a Clock,
 the reactor watch and the observations that feed the histograms.
 """
 
+import functools
+import http.server
 import os
 import signal
 import sqlite3
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -194,6 +197,53 @@ def test_who_may_read_the_metrics(twistd):  # noqa: F811
     assert code == 403
     code, me = daemon.request("GET", "/v1/me", token=tokens["metrics"])
     assert (code, me["role"]) == (200, "metrics")
+
+
+def test_a_real_daemon_s_subscribers_and_staging(twistd, tmp_path):  # noqa: F811
+    """A twistd's /metrics counts the clients following GET /v1/events while
+    they follow, and the inputs its executor staged: the bytes and inputs
+    of one fetched, and one it could not fetch (its job failed)."""
+    files = tmp_path / "files"
+    files.mkdir()
+    (files / "in.txt").write_bytes(b"twelve bytes")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(files))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    files_url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        daemon = twistd("[executor]\nslots = 2\n[fetch]\nallow = 127.0.0.0/8\n")
+        daemon.start()
+        found = samples(scrape(daemon)[2])
+        for name in ("dispatcher_event_subscribers", "dispatcher_staging_bytes_total",
+                     "dispatcher_staging_inputs_total", "dispatcher_staging_failures_total",
+                     "dispatcher_workers_connected", "dispatcher_leases_expired_total"):
+            assert (name, ()) in found and value(found, name) == 0, name
+        request = urllib.request.Request(daemon.url + "/v1/events", headers={
+            "Authorization": f"Bearer {daemon.token}", "Accept": "text/event-stream"})
+        with urllib.request.urlopen(request, timeout=10) as stream:
+            assert stream.status == 200
+            until_scraped(daemon, lambda f: value(f, "dispatcher_event_subscribers") == 1)
+            found = samples(scrape(daemon)[2])
+            assert value(found, "dispatcher_event_subscribers") == 1
+        found = until_scraped(daemon, lambda f: value(f, "dispatcher_event_subscribers") == 0)
+        assert value(found, "dispatcher_event_subscribers") == 0
+        code, fetched = daemon.request("POST", "/v1/jobs", {
+            "command": ["cat", "in.txt"], "max_attempts": 1,
+            "inputs": [{"url": files_url + "/in.txt", "path": "in.txt"}]})
+        assert code == 201, fetched
+        code, missing = daemon.request("POST", "/v1/jobs", {
+            "command": ["true"], "max_attempts": 1,
+            "inputs": [{"url": files_url + "/missing.txt", "path": "missing.txt"}]})
+        assert code == 201, missing
+        assert daemon.wait(fetched["id"], ("succeeded", "failed"))["state"] == "succeeded"
+        assert daemon.wait(missing["id"], ("succeeded", "failed"))["state"] == "failed"
+        found = samples(scrape(daemon)[2])
+        assert value(found, "dispatcher_staging_bytes_total") == len(b"twelve bytes")
+        assert value(found, "dispatcher_staging_inputs_total") == 1
+        assert value(found, "dispatcher_staging_failures_total") == 1
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def samples_names(text):
