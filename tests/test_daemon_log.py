@@ -1,7 +1,8 @@
 """
 The daemon's log: each job's start and end from the committed events (with
 a Clock), and a real twistd's text and JSON logs (start-up lines, a job's
-life with its keyword fields, no migration or factory noise, --version).
+life with its keyword fields, no migration or factory noise, --version; a
+real worker's arrival, its lease's expiry and its leaving).
 """
 
 import io
@@ -33,7 +34,9 @@ from dispatcher.core._joblog import JobLog
 from dispatcher.model._events import JobEvent, WorkerEvent
 from dispatcher.model._jobs import JobState
 
-from .conftest import as_the_tests_account
+from .conftest import as_the_tests_account, poll
+from .test_metrics import samples, scrape, value
+from .test_remote import dispatcher, get, start_worker, submit  # noqa: F401 (fixtures)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
@@ -327,3 +330,49 @@ def test_text_start_up_says_what_it_runs_and_nothing_else(daemons, tmp_path):
     assert f"made a new store {data_dir}/dispatcher.sqlite3 (schema version " in text
     assert "migrated to schema version" not in text
     assert " object at 0x" not in text and "Starting factory" not in text
+
+
+def test_a_workers_arrival_lease_expiry_and_leaving_are_logged(
+        dispatcher, start_worker, tmp_path):  # noqa: F811
+    """A real twistd's log tells a real worker's arrival, its job's start on
+    it, the expiry of its lease once it is stopped (SIGSTOP) past
+    lease_seconds, the attempt ended without a result, and the worker's
+    leaving (once, unheard for a lease's life): each line naming the worker
+    and the job; and
+    /metrics counts the worker connected, then the lease expired, then no
+    worker."""
+    worker = start_worker(dispatcher.url, "w-logged", 1)
+    job = submit(dispatcher, {"command": ["sleep", "300"], "max_attempts": 2})
+    dispatcher.wait(job["id"], ("running",))
+    poll(lambda: "attempt 1 leased" in worker.output(), what="the lease")
+    found = samples(scrape(dispatcher)[2])
+    assert value(found, "dispatcher_workers_connected") == 1
+    assert value(found, "dispatcher_leases_expired_total") == 0
+    worker.process.send_signal(signal.SIGSTOP)
+    try:
+        poll(lambda: get(dispatcher, job["id"])["state"] == "queued", timeout=30,
+             what="the lease to expire")
+    finally:
+        worker.process.send_signal(signal.SIGCONT)
+    worker.kill()
+    out = tmp_path / "out.log"
+    poll(lambda: "worker w-logged left" in out.read_text(), timeout=30,
+         what="the worker to be told gone")
+    found = samples(scrape(dispatcher)[2])
+    assert value(found, "dispatcher_workers_connected") == 0
+    assert value(found, "dispatcher_leases_expired_total") == 1
+    text = out.read_text()
+    job_id = job["id"]
+    lines = [
+        "worker w-logged connected",
+        f"job {job_id} attempt 1 started on w-logged",
+        f"the lease of job {job_id} attempt 1 on worker w-logged expired: no heartbeat",
+        f"job {job_id} attempt 1 on w-logged ended without a result",
+    ]
+    at = [text.find(line) for line in lines]
+    assert -1 not in at and at == sorted(at), (lines, at, text)
+    # Unheard for a lease's life with no request open, it left as its
+    # lease ran out (either line may come first).
+    assert text.count("worker w-logged left") == 1
+    assert text.find("worker w-logged left") > at[1]
+    assert "Traceback" not in text
