@@ -85,9 +85,9 @@ def until_scraped(daemon, condition, timeout=20.0):
 def test_a_real_daemon_s_metrics_follow_its_jobs(twistd, tmp_path):  # noqa: F811
     """A twistd's /metrics parses with prometheus_client's own parser; after
     jobs run, the counts by state, the submissions and ends, the waits' and
-    run times' histograms and the commits' say so; the counts are what a
-    GROUP BY says, and stay so after a kill -9 and a restart, as
-    GET /v1/queues does."""
+    run times' histograms and the commits' say so; no label names a job or
+    an owner; the counts are what a GROUP BY says, and stay so after a
+    kill -9 and a restart, as GET /v1/queues does."""
     daemon = twistd("[executor]\nslots = 2\n[queue:batch]\nmax_running = 1\n")
     daemon.start()
     status, content_type, text = scrape(daemon)
@@ -119,6 +119,16 @@ def test_a_real_daemon_s_metrics_follow_its_jobs(twistd, tmp_path):  # noqa: F81
     assert jobs_in(found, "succeeded") == 2
     assert jobs_in(found, "failed") == 1
     assert jobs_in(found, "succeeded", "batch") == 4
+    # Bounded labels: the queues configured, states, outcomes and buckets,
+    # never a job, an owner or a worker.
+    states = {state.value for state in JobState}
+    allowed = {"queue": {"default", "batch"}, "state": states, "outcome": states}
+    for (name, labels), _ in found.items():
+        for label, label_value in labels:
+            assert label == "le" or label_value in allowed[label], (name, label, label_value)
+    text = scrape(daemon)[2]
+    assert not [job_id for job_id in ids if job_id in text]
+    assert "admin" not in text
     assert jobs_in(found, "queued") == jobs_in(found, "running") == 0
     assert value(found, "dispatcher_jobs_submitted_total", queue="default") == 3
     assert value(found, "dispatcher_jobs_submitted_total", queue="batch") == 4
