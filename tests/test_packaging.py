@@ -145,6 +145,20 @@ def test_the_wheel_installs_twistd_dispatcher_the_cli_and_package_data(tmp_path)
     assert "dispatcher stopped" in out.read_text()
 
 
+def test_what_a_daemon_leaves_in_a_checkout_is_ignored():
+    """A daemon started from the checkout (twistd -n dispatcher, as the
+    README's walk-through does) leaves its pid file, its log and its data
+    directory (./var) there: git ignores them all, and nothing tracked
+    lives under them."""
+    left = ["twistd.pid", "twistd.log", "twistd.log.1", "var/dispatcher.sqlite3",
+            "var/admin.token"]
+    ignored = subprocess.run(["git", "check-ignore", "--no-index", *left], cwd=ROOT,
+                             capture_output=True, text=True, timeout=60)
+    assert ignored.stdout.split() == left, ignored.stdout + ignored.stderr
+    assert [name for name in tracked_files()
+            if name.startswith("var/") or name.startswith("twistd.")] == []
+
+
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None,
                     reason="systemd-analyze is missing: .ci/run installs the systemd "
                            "package, which provides it (it reads unit files without "
