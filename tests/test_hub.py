@@ -505,3 +505,38 @@ def test_a_workers_prefetch_counts_as_capacity_and_its_leases_as_held():
     run_clock(h.clock, 11)
     assert h.expired() == ["j3"]
     assert h.hub.workers["w"].free_slots == 2
+
+
+def test_a_reports_results_make_one_scheduler_pass_as_the_last_ends():
+    """The results of one report make the scheduler look for free capacity
+    once, as the last of them is recorded, not once each; a result whose
+    write fails for good still lets the others' pass happen."""
+    h = Hub()
+    passes = []
+    h.hub._capacity_changed = lambda: passes.append(h.clock.seconds())
+    leases = [h.grant(job_id, slots=4) for job_id in "abc"]
+    passes.clear()
+    writes = [Deferred() for _ in leases]
+    first, second, third = writes
+    h.recorder.finish = lambda lease, outcome, now, server=None: writes.pop(0)
+    ok = Outcome(JobState.SUCCEEDED, exit_code=0)
+    d = h.hub.report(h.offer(slots=4), [(l.job_id, l.token, ok) for l in leases])
+    first.callback(None)
+    second.callback(None)
+    assert passes == [] and not d.called
+    third.callback(None)
+    assert len(passes) == 1 and [v.ok for v in d.result] == [True, True, True]
+    # A report whose one result is not written (the store gave up): the
+    # other's end still makes its pass, once.
+    leases = [h.grant(job_id, slots=4) for job_id in "de"]
+    passes.clear()
+    writes = [Deferred() for _ in leases]
+    first, second = writes
+    h.recorder.finish = lambda lease, outcome, now, server=None: writes.pop(0)
+    d = h.hub.report(h.offer(slots=4), [(l.job_id, l.token, ok) for l in leases])
+    first.callback(None)
+    second.errback(RuntimeError("the store gave up"))
+    assert len(passes) == 1
+    assert d.called and isinstance(d.result.value, RuntimeError)
+    d.addErrback(lambda _: None)
+    assert h.hub.current("e", leases[1].token) is not None

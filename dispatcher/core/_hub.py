@@ -127,6 +127,19 @@ class RemoteLease:
     # The streams of its log the dispatcher cut at its own
     # [executor] max_log_bytes, for its result to say.
     log_cut: frozenset[str] = frozenset()
+    # The report whose result it is being recorded for, until that ends.
+    report: Optional["Report"] = None
+
+
+@attrs.define(eq=False)
+class Report:
+    """
+    The results of one report being recorded: how many have not ended
+    yet.  The scheduler looks again for free capacity once, as the last of
+    them ends, not once for each.
+    """
+
+    pending: int = 0
 
 
 @attrs.define(eq=False)
@@ -925,6 +938,7 @@ class WorkerHub:
         """
         answers: list[Union[LeaseVerdict, Deferred]] = []
         waits: list[Deferred] = []
+        batch = Report()
         for job_id, token, outcome in results:
             remote = self.current(job_id, token, offer.holder)
             if remote is None:
@@ -938,6 +952,8 @@ class WorkerHub:
                     outcome = attrs.evolve(
                         outcome, log_cut=tuple(s for s in LOG_STREAMS if s in cut)
                     )
+                remote.report = batch
+                batch.pending += 1
                 self._end(remote, LeaseEnd.REPORTED, outcome, d)
             else:
                 assert remote.waiting is not None
@@ -1061,6 +1077,10 @@ class WorkerHub:
         # The result is not recorded (the dispatcher is stopping, or the
         # store failed in a way it does not write again): the lease stays
         # the worker's, with a fresh life, and a resend writes it again.
+        if self._report_ended(remote):
+            # (The others of its report that did end freed their slots.)
+            self._scheduler.slots_freed(remote.lease.holder, 0)
+            self._capacity_changed()
         remote.ending = None
         waiting, remote.waiting = remote.waiting or [], None
         remote.expires = self._clock.seconds() + self.lease_seconds
@@ -1095,8 +1115,24 @@ class WorkerHub:
             answer = LeaseVerdict(lease.job_id, lease.token, refused)
         for d in waiting:
             d.callback(answer)
-        self._scheduler.slots_freed(lease.holder, 0)
-        self._capacity_changed()
+        if self._report_ended(remote):
+            self._scheduler.slots_freed(lease.holder, 0)
+            self._capacity_changed()
+
+    def _report_ended(self, remote: RemoteLease) -> bool:
+        """
+        The end of C{remote} is settled: whether the scheduler should look
+        for free capacity now.  The results of one report commit together,
+        and the scheduler looks once, at the last of them: a report of
+        sixteen results made sixteen passes over the holders, where one
+        does (the report's own request for work claimed for its slots
+        already).
+        """
+        batch, remote.report = remote.report, None
+        if batch is None:
+            return True
+        batch.pending -= 1
+        return batch.pending <= 0
 
     def _mark_running(self, lease: Lease) -> Deferred:
         d = self._recorder.mark_running(lease, self._clock.seconds())
