@@ -22,9 +22,13 @@ On a database shared with other dispatchers (PostgreSQL), a worker may
 move from one dispatcher to another (its own went away, or stopped
 answering) with its jobs running.  Its leases are the store's, fenced by
 their tokens: the dispatcher it moves to takes them up from the store
-(L{IJobStore.adopt_leases}) at its first heartbeat, report or log chunk
-there, and at every heartbeat after, so that the store always names the
-dispatcher its worker last renewed them with.  Only that dispatcher may
+(L{IJobStore.adopt_leases}) at its first heartbeat, report, request for
+work or log chunk there, and at every heartbeat after, so that the store
+always names the dispatcher its worker last renewed them with.  (A
+heartbeat's take-up is not skipped for leases this dispatcher granted or
+took up itself: a worker that moved away and back has been taken up by
+the other meanwhile, which would then record them expired.)  Only that
+dispatcher may
 record one expired (L{IJobStore.finish_served}): the one it left keeps
 its copy in memory until that copy runs out, and then forgets it, its
 expiry refused.  A restarted dispatcher takes its workers' leases up the
@@ -674,8 +678,87 @@ class WorkerHub:
         with an error delivers no leases: those the claim granted then are
         the worker process's, and its next request for work, which does not
         list them, gives them back unspent.)
+
+        On a shared database, the leases C{held} lists that are not kept
+        here are taken up from the store first (L{take_up}: its worker
+        moved here with them), so that they count against its slots: else
+        it would be granted a lease for each of them too many until its
+        first heartbeat here.
         """
         worker = self.contact(offer, credential)
+        if self._adopt is not None and held and self.accepting:
+            held = list(held)
+            leases = self.leases
+            unknown = [
+                (job_id, token)
+                for job_id, token in held
+                if job_id not in leases or leases[job_id].lease.token != token
+            ]
+            if unknown:
+                return self._poll_after_take_up(
+                    worker, offer, max_jobs, wait, held, after_report, unknown
+                )
+        return self._open_poll(worker, offer, max_jobs, wait, held, after_report)
+
+    def _poll_after_take_up(
+        self,
+        worker: Worker,
+        offer: Offer,
+        max_jobs: int,
+        wait: float,
+        held: list[tuple[str, int]],
+        after_report: bool,
+        unknown: list[tuple[str, int]],
+    ) -> Deferred:
+        """
+        L{poll}, once the leases C{unknown} of C{held} are taken up.
+        Cancelling the result meanwhile opens no poll; a take-up that fails
+        (the store cannot be reached) fails the request.
+        """
+        opened: list[Deferred] = []
+
+        def hung_up(_: Deferred) -> None:
+            if opened:
+                opened[0].cancel()
+
+        answer: Deferred = Deferred(hung_up)
+
+        def taken(_: Any) -> None:
+            if answer.called:
+                return
+            d = self._open_poll(worker, offer, max_jobs, wait, held, after_report)
+            opened.append(d)
+
+            def answered(result: Any) -> None:
+                if not answer.called:
+                    answer.callback(result)
+
+            def failed(failure: Failure) -> None:
+                if not answer.called:
+                    answer.errback(failure)
+
+            d.addCallbacks(answered, failed)
+
+        def not_taken(failure: Failure) -> None:
+            if not answer.called:
+                answer.errback(failure)
+
+        self.take_up(offer.holder, unknown, offer.instance).addCallbacks(taken, not_taken)
+        return answer
+
+    def _open_poll(
+        self,
+        worker: Worker,
+        offer: Offer,
+        max_jobs: int,
+        wait: float,
+        held: Optional[Iterable[tuple[str, int]]],
+        after_report: bool,
+    ) -> Deferred:
+        """
+        The request for work of L{poll}, once its worker is heard and the
+        leases it lists are here.
+        """
         if held is not None and self.accepting:
             self._release_unheld(worker, offer.instance, held)
         if worker.poll is not None:
