@@ -71,7 +71,8 @@ figures in brackets below) and one round, so its figures say little about
 the targets. `--only NAMES` runs only the named measures (comma-separated,
 of $steps) and `--rounds N` changes the number of rounds. `--profile` adds one more 50-connection
 submit run with cProfile on the daemon's reactor thread and prints its top
-functions. `--py-spy` samples the daemon (and in (i) the remote worker)
+functions (and, with `noop_remote`, one more (i) run profiled so; the whole
+profiles are kept in the output directory, for `python -m pstats`). `--py-spy` samples the daemon (and in (i) the remote worker)
 with py-spy (`.venv/bin/pip install py-spy`) during each measure, prints
 each measure's threads' shares and top frames, and keeps the raw stacks in
 `DIR/py-spy-<timestamp>/`; sampling takes time from the load core and
@@ -288,6 +289,8 @@ The measures (sizes of a full run, `--quick`'s in brackets):
   (the jobs one core of the dispatcher serves a second through the worker,
   over those it serves running them itself). The
   target, from issue 19: at least $remote_to_local × (b) of the same run.
+  (i') is (i) again with the worker's `--prefetch 0`, so that a run shows
+  what holding leases beyond the slots gains or costs.
   The worker has no reactor-hold monitor; the column is the dispatcher's.
 - **(j) What authentication costs.** (a)'s submits at $auth_connections
   connections and (b)'s no-op task jobs, each with authentication (the
