@@ -653,17 +653,19 @@ class RemoteWorkers:
     C{server} (which must take workers: see L{Server}'s C{workers_token}),
     pinned to L{WORKER_CORE}.  Each logs to its own file, where
     L{lease_answers} finds how many jobs each lease answer carried (in the
-    line it logs as it stops).
+    line it logs as it stops).  C{prefetch}, if given, is each worker's
+    C{--prefetch} (else its default, as many as its slots).
     """
 
     def __init__(self, processes: Processes, server: Server, token: Path, workdir: Path,
-                 count: int, slots: int) -> None:
+                 count: int, slots: int, prefetch: Optional[int] = None) -> None:
         self.processes = processes
         self.server = server
         self.token = token
         self.workdir = workdir
         self.count = count
         self.slots = slots
+        self.prefetch = prefetch
         self.children: list[subprocess.Popen] = []
         self.names: list[str] = []
         self._outputs: list[Any] = []
@@ -689,7 +691,8 @@ class RemoteWorkers:
                 [*command, "worker", "--url", f"http://{HOST}:{self.server.port}",
                  "--token-file", str(self.token), "--slots", str(self.slots),
                  "--config", str(config), "--name", name,
-                 "--data-dir", str(home / "data"), "--grace", "5"],
+                 "--data-dir", str(home / "data"), "--grace", "5",
+                 *(() if self.prefetch is None else ("--prefetch", str(self.prefetch)))],
                 cwd=ROOT, stdout=output, stderr=subprocess.STDOUT,
                 env=child_environment()))
         self._wait_connected()

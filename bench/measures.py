@@ -38,8 +38,8 @@ from bench.profiles import top_frames
 TERMINAL = ("succeeded", "failed", "cancelled")
 # The measures a run can be limited to (C{--only}), in the order it runs them.
 STEPS = ("submit", "batch", "noop", "noop_batch", "noop_small", "noop_idle", "noop_batch_idle",
-         "noop_remote", "commands", "commands_idle", "latency", "blocking", "claims", "auth",
-         "events", "pg")
+         "noop_remote", "noop_remote_noprefetch", "commands", "commands_idle", "latency",
+         "blocking", "claims", "auth", "events", "pg")
 
 # The targets, set by the issue that asked for the measures; the report
 # judges each run against them (L{bench.report.targets}).
@@ -429,7 +429,9 @@ def measure_end_to_end(run: Run, name: str, body: Any, count: int,
                        timeout: float = 180.0, idle: int = 0,
                        workers: int = 0, batch: int = 0,
                        authentication: bool = True,
-                       code: Optional[Path] = None) -> dict[str, Any]:
+                       code: Optional[Path] = None,
+                       prefetch: Optional[int] = None,
+                       profile: bool = False) -> dict[str, Any]:
     """
     (b, c) C{count} jobs C{body} from the first submit until the last one
     has succeeded, submitted from C{concurrency} client threads, each on
@@ -439,9 +441,12 @@ def measure_end_to_end(run: Run, name: str, body: Any, count: int,
     keep-alive connections are opened first and held throughout (g).  With
     C{workers}, the daemon is a pure dispatcher (C{slots = 0}) and that
     many L{RemoteWorkers} of C{slots} slots and task threads each run the
-    jobs (i).  The clients send the daemon's admin token, unless
+    jobs (i), each with C{--prefetch} C{prefetch} if given (its default,
+    as many as its slots, otherwise).  The clients send the daemon's admin token, unless
     C{authentication} is off (j).  With C{code}, the daemon is that tree's
-    version (bench/metrics.py runs main's against this one).
+    version (bench/metrics.py runs main's against this one).  With
+    C{profile}, the daemon's reactor thread is cProfiled over the window
+    (C{profile_top}).
 
     Targets: no-op task jobs, L{NOOP_JOBS_PER_S} a second, one a request
     or in batches, with or without idle connections; C{true} command jobs,
@@ -464,10 +469,10 @@ def measure_end_to_end(run: Run, name: str, body: Any, count: int,
         if workers:
             assert token is not None
             remote = stack.enter_context(RemoteWorkers(
-                run.processes, server, token, run.tmp / name, workers, slots))
+                run.processes, server, token, run.tmp / name, workers, slots, prefetch))
         client = server.client
         idle_info = idlers.opened(server)
-        with Window(run, server, name) as window:
+        with Window(run, server, name, cprofile=profile) as window:
             deadline = time.monotonic() + timeout
             worker_cpu0 = remote.cpu_seconds() if remote else 0.0
             if remote is not None:
@@ -486,6 +491,10 @@ def measure_end_to_end(run: Run, name: str, body: Any, count: int,
             polls = wait_all_finished(client, deadline, 0.1)
             seen_done = time.time()
         figures = window.figures
+        if profile:
+            stats_path = run.tmp / name / "profile.pstats"
+            server.monitor(f"profile_stop {stats_path}")
+            figures["profile_top"] = top_frames(stats_path)
         # The dispatcher's CPU a job costs, submission included: the whole
         # window's, over the jobs.
         figures["cpu"]["server_cpu_us_per_job"] = round(
@@ -541,6 +550,7 @@ def measure_end_to_end(run: Run, name: str, body: Any, count: int,
             "workers": workers,
             "worker_slots": slots,
             "worker_threads": slots,
+            "worker_prefetch": slots if prefetch is None else prefetch,
             "worker_core": WORKER_CORE,
             "workers_ready_s": round(remote.ready_s or 0.0, 3),
             "lease_answers": len(answers),

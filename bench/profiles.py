@@ -99,13 +99,11 @@ def top_frames(stats_path: Path, limit: int = 25) -> list[dict[str, Any]]:
     return rows[:limit]
 
 
-def print_top_frames(rows: list[dict[str, Any]]) -> None:
+def print_top_frames(rows: list[dict[str, Any]], load: str = "50-connection submits") -> None:
     """
-    L{top_frames} of the daemon's reactor thread under the 50-connection
-    submits (C{--profile}).
+    L{top_frames} of the daemon's reactor thread under C{load} (C{--profile}).
     """
-    print("cProfile of the daemon's reactor thread, 50-connection submits, "
-          "by own time:")
+    print(f"cProfile of the daemon's reactor thread, {load}, by own time:")
     for row in rows:
         print(f"  {row['tottime_s']:8.3f}s {row['cumtime_s']:8.3f}s "
               f"{row['calls']:>9} {row['function']}")

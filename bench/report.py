@@ -71,7 +71,8 @@ figures in brackets below) and one round, so its figures say little about
 the targets. `--only NAMES` runs only the named measures (comma-separated,
 of $steps) and `--rounds N` changes the number of rounds. `--profile` adds one more 50-connection
 submit run with cProfile on the daemon's reactor thread and prints its top
-functions. `--py-spy` samples the daemon (and in (i) the remote worker)
+functions (and, with `noop_remote`, one more (i) run profiled so; the whole
+profiles are kept in the output directory, for `python -m pstats`). `--py-spy` samples the daemon (and in (i) the remote worker)
 with py-spy (`.venv/bin/pip install py-spy`) during each measure, prints
 each measure's threads' shares and top frames, and keeps the raw stacks in
 `DIR/py-spy-<timestamp>/`; sampling takes time from the load core and
@@ -288,6 +289,8 @@ The measures (sizes of a full run, `--quick`'s in brackets):
   (the jobs one core of the dispatcher serves a second through the worker,
   over those it serves running them itself). The
   target, from issue 19: at least $remote_to_local × (b) of the same run.
+  (i') is (i) again with the worker's `--prefetch 0`, so that a run shows
+  what holding leases beyond the slots gains or costs.
   The worker has no reactor-hold monitor; the column is the dispatcher's.
 - **(j) What authentication costs.** (a)'s submits at $auth_connections
   connections and (b)'s no-op task jobs, each with authentication (the
@@ -634,6 +637,8 @@ def ratios(results: dict[str, Any]) -> dict[str, Any]:
               "left_queued_per_s"),
              ("noop_idle_to_noop", "noop_tasks_idle", "noop_tasks", "jobs_per_s"),
              ("noop_remote_to_noop", "noop_tasks_remote", "noop_tasks", "jobs_per_s"),
+             ("noop_remote_noprefetch_to_noop", "noop_tasks_remote_noprefetch", "noop_tasks",
+              "jobs_per_s"),
              ("commands_idle_to_commands", "true_commands_idle", "true_commands",
               "jobs_per_s"),
              ("submit_auth_to_noauth", f"submit_auth_{c_max}c", f"submit_noauth_{c_max}c",
@@ -649,6 +654,13 @@ def ratios(results: dict[str, Any]) -> dict[str, Any]:
     for key, a, b, field in pairs:
         if a in measures and b in measures:
             out[key] = round(measures[a][field] / measures[b][field], 3)
+    # Per dispatcher core: the dispatcher's CPU a job of (b) over (i)'s.
+    for key, remote in (("noop_remote_per_core", "noop_tasks_remote"),
+                        ("noop_remote_noprefetch_per_core", "noop_tasks_remote_noprefetch")):
+        here = measures.get("noop_tasks", {}).get("cpu", {}).get("server_cpu_us_per_job")
+        there = measures.get(remote, {}).get("cpu", {}).get("server_cpu_us_per_job")
+        if here and there:
+            out[key] = round(here / there, 3)
     peer = best_peer(measures)
     if peer is not None and "pg_noop_postgresql" in measures:
         out["pg_noop_to_best_peer"] = round(
@@ -890,20 +902,25 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append(
             f"| (b') the same with {x['jobs']:,} jobs | **{x['jobs_per_s']:,.0f} jobs/s** | | "
             f"{x['elapsed_s']:.1f} s; submitting took {x['submit_s']:.1f} s | {hold(x)} |")
-    if "noop_tasks_remote" in r:
-        x = r["noop_tasks_remote"]
+    for key, what in (("noop_tasks_remote", "(i) the same as (b)"),
+                      ("noop_tasks_remote_noprefetch", "(i') the same as (i), `--prefetch 0`")):
+        if key not in r:
+            continue
+        x = r[key]
         w = x["remote"]
         local = r["noop_tasks"]["jobs_per_s"] if "noop_tasks" in r else None
         vs = (f"≥ {M.REMOTE_TO_LOCAL} × (b): "
               f"{'met' if x['jobs_per_s'] >= M.REMOTE_TO_LOCAL * local else '**missed**'}, "
               f"{ratio(x['jobs_per_s'], local)} × (b) of this run"
-              if local else "")
+              if local and key == "noop_tasks_remote" else
+              f"{ratio(x['jobs_per_s'], local)} × (b) of this run" if local else "")
         sizes = ", ".join(f"{n}: {k:,}" for n, k in sorted(
             w["lease_answer_sizes"].items(), key=lambda kv: int(kv[0])))
         lines.append(
-            f"| (i) the same as (b) through {w['workers']} remote worker"
+            f"| {what} through {w['workers']} remote worker"
             f"{'s' if w['workers'] > 1 else ''} (`dispatcher worker --slots "
-            f"{w['worker_slots']}`, {w['worker_threads']} task threads, on core "
+            f"{w['worker_slots']}`, {w['worker_threads']} task threads, prefetch "
+            f"{w.get('worker_prefetch', w['worker_slots'])}, on core "
             f"{w['worker_core']}), the dispatcher with `slots = 0` | "
             f"**{x['jobs_per_s']:,.0f} jobs/s** | {vs} | "
             f"{x['elapsed_s']:.1f} s; submitting took {x['submit_s']:.1f} s "

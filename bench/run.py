@@ -79,7 +79,8 @@ def parse_arguments(argv: Optional[list[str]]) -> argparse.Namespace:
                         help="where the JSON results go (default: bench/results)")
     parser.add_argument("--profile", action="store_true",
                         help="also cProfile the daemon's reactor thread under the "
-                             "50-connection submit load and print its top functions")
+                             "50-connection submit load (and, with noop_remote, the "
+                             "remote worker's jobs) and print its top functions")
     parser.add_argument("--only", default=None,
                         help=f"run only these measures, comma-separated, of: "
                              f"{', '.join(STEPS)} (does not touch docs/)")
@@ -159,6 +160,9 @@ def take_measures(run: Run, settings: dict[str, Any], only: set[str], profile: b
     noop, batch = {"task": "noop"}, {"concurrency": settings["batch_concurrency"],
                                      "batch": settings["batch_size"]}
     idle = {"idle": settings["idle_connections"]}
+    remote = {"slots": settings["remote_worker_slots"],
+              "threads": settings["remote_worker_slots"],
+              "workers": settings["remote_workers"], "timeout": 600.0}
     end_to_end = [
         ("noop", "noop_tasks", noop, settings["noop_jobs"], {}),
         ("noop_batch", "noop_tasks_batched", noop, settings["noop_jobs"], batch),
@@ -168,9 +172,11 @@ def take_measures(run: Run, settings: dict[str, Any], only: set[str], profile: b
          {**batch, **idle}),
         # The same jobs, submitted the same way, as (b), so that the ratio
         # to (b) is the cost of the remote path.
-        ("noop_remote", "noop_tasks_remote", noop, settings["noop_jobs"],
-         {"slots": settings["remote_worker_slots"], "threads": settings["remote_worker_slots"],
-          "workers": settings["remote_workers"], "timeout": 600.0}),
+        ("noop_remote", "noop_tasks_remote", noop, settings["noop_jobs"], remote),
+        # And with the worker's prefetch off: what holding leases beyond
+        # the slots gains.
+        ("noop_remote_noprefetch", "noop_tasks_remote_noprefetch", noop, settings["noop_jobs"],
+         {**remote, "prefetch": 0}),
         ("commands", "true_commands", {"command": ["true"]}, settings["true_jobs"], {}),
         ("commands_idle", "true_commands_idle", {"command": ["true"]},
          settings["true_jobs"], idle),
@@ -221,6 +227,10 @@ def take_measures(run: Run, settings: dict[str, Any], only: set[str], profile: b
     if profile:
         step(measures, "profile_submit_daemon_50c", lambda: measure_submit(
             run, "daemon", 50, settings["submit_seconds"], profile=True))
+        if "noop_remote" in only:
+            step(measures, "profile_noop_tasks_remote", lambda: measure_end_to_end(
+                run, "profile-noop-tasks-remote", noop, settings["noop_jobs"],
+                **{"slots": 8, "threads": 8, **remote}, profile=True))
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -259,6 +269,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         py_spy_dir.mkdir()
     run = Run(Processes(), tmp, py_spy_dir)
     started = time.monotonic()
+    started_at = datetime.datetime.now()
     results: dict[str, Any] = {"machine": machine(), "code": code_version(),
                                "settings": settings, "measures": {},
                                "open_files": open_files, "seeds": {}}
@@ -293,6 +304,13 @@ def main(argv: Optional[list[str]] = None) -> int:
             kept = Path(args.out) / f"py-spy-{datetime.datetime.now():%Y%m%dT%H%M%S}"
             shutil.copytree(py_spy_dir, kept)
             print(f"bench: py-spy's raw stacks are in {kept}", file=sys.stderr)
+        if args.profile:
+            # The whole profiles, for a closer look (python -m pstats).
+            for stats in tmp.glob("*/profile.pstats"):
+                kept = Path(args.out) / f"{stats.parent.name}-{started_at:%Y%m%dT%H%M%S}.pstats"
+                kept.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(stats, kept)
+                print(f"bench: the profile is in {kept}", file=sys.stderr)
         shutil.rmtree(tmp, ignore_errors=True)
 
     results["ratios"] = report.ratios(results)
@@ -313,6 +331,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(report.markdown(results))
     if args.profile:
         print_top_frames(results["measures"]["profile_submit_daemon_50c"]["profile_top"])
+        if "profile_noop_tasks_remote" in results["measures"]:
+            print_top_frames(results["measures"]["profile_noop_tasks_remote"]["profile_top"],
+                             "no-op task jobs through a remote worker (i)")
     if args.py_spy:
         print_profiles(results["measures"])
     if not quick and not args.limited and not args.py_spy and args.rounds in (None, 3):

@@ -505,3 +505,84 @@ def test_a_workers_prefetch_counts_as_capacity_and_its_leases_as_held():
     run_clock(h.clock, 11)
     assert h.expired() == ["j3"]
     assert h.hub.workers["w"].free_slots == 2
+
+
+def test_a_reports_results_make_one_scheduler_pass_as_the_last_ends():
+    """The results of one report make the scheduler look for free capacity
+    once, as the last of them is recorded, not once each; a result whose
+    write fails for good still lets the others' pass happen."""
+    h = Hub()
+    passes = []
+    h.hub._capacity_changed = lambda: passes.append(h.clock.seconds())
+    leases = [h.grant(job_id, slots=4) for job_id in "abc"]
+    passes.clear()
+    writes = [Deferred() for _ in leases]
+    first, second, third = writes
+    h.recorder.finish = lambda lease, outcome, now, server=None: writes.pop(0)
+    ok = Outcome(JobState.SUCCEEDED, exit_code=0)
+    d = h.hub.report(h.offer(slots=4), [(l.job_id, l.token, ok) for l in leases])
+    first.callback(None)
+    second.callback(None)
+    assert passes == [] and not d.called
+    third.callback(None)
+    assert len(passes) == 1 and [v.ok for v in d.result] == [True, True, True]
+    # A report whose one result is not written (the store gave up): the
+    # other's end still makes its pass, once.
+    leases = [h.grant(job_id, slots=4) for job_id in "de"]
+    passes.clear()
+    writes = [Deferred() for _ in leases]
+    first, second = writes
+    h.recorder.finish = lambda lease, outcome, now, server=None: writes.pop(0)
+    d = h.hub.report(h.offer(slots=4), [(l.job_id, l.token, ok) for l in leases])
+    first.callback(None)
+    second.errback(RuntimeError("the store gave up"))
+    assert len(passes) == 1
+    assert d.called and isinstance(d.result.value, RuntimeError)
+    d.addErrback(lambda _: None)
+    assert h.hub.current("e", leases[1].token) is not None
+
+
+def test_a_request_for_work_takes_up_the_leases_it_lists_first():
+    """On a shared database a request for work that lists leases not kept
+    here (its worker moved here with them running) takes them up from the
+    store before it counts the worker's free slots: a worker of three
+    slots that holds two is asked work for one, not three, and its leases
+    are kept here from then on; a lease the store no longer gives does not
+    count; the same request again asks the store nothing; a request
+    cancelled while the store answers opens no poll."""
+    clock = Clock()
+    clock.advance(1000)
+    store = SharedStore()
+    scheduler = FakeScheduler()
+    hub = WorkerHub(scheduler, clock, LEASE_SECONDS, FakeRecorder(), lambda: None,
+                    adopt=store.adopt, server=lambda: "local@b")
+    hub.accepting = True
+    spec = JobSpec(command=("true",), max_attempts=3)
+    for job_id, token in (("a", 7), ("b", 8)):
+        store.leases[job_id] = Lease(job_id, 1, token, "w", 0.0, spec)
+    offer = Offer("w", 3, instance="a" * 16)
+    held = [("a", 7), ("b", 8), ("gone", 9)]
+    answer = hub.poll(offer, 3, 30, held)
+    assert store.asked == [("w", held)]
+    assert scheduler.free == {"w": 1}
+    assert hub.workers["w"].jobs == {"a", "b"} and set(hub.leases) == {"a", "b"}
+    assert not answer.called
+    # Asked again, listing only what is kept here: no take-up.
+    hub.poll(offer, 3, 30, held[:2])
+    assert len(store.asked) == 1 and scheduler.free == {"w": 1}
+    assert answer.called and answer.result == []
+    # A request cancelled while its take-up is under way opens nothing.
+    store.leases["c"] = Lease("c", 1, 10, "w", 0.0, spec)
+    pending = Deferred()
+    store.adopt = lambda holder, items: pending
+    hub._adopt = store.adopt
+    scheduler.free.clear()
+    hub._end_poll(hub.workers["w"], [])
+    cancelled = hub.poll(offer, 3, 30, held[:2] + [("c", 10)])
+    cancelled.cancel()
+    cancelled.addErrback(lambda _: None)
+    pending.callback(Written([ResumedLease(store.leases["c"], JobState.RUNNING, False)]))
+    assert hub.workers["w"].poll is None and scheduler.free == {}
+    assert "c" in hub.leases
+    hub.stop()
+    assert not clock.getDelayedCalls()

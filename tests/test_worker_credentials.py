@@ -26,6 +26,7 @@ from dispatcher.core._hub import WorkerHub
 from dispatcher.model._jobs import Offer
 from dispatcher.model._principals import Role
 from dispatcher.model._workers import TooManyWorkerNames
+from dispatcher.wire import _tokens
 from dispatcher.wire._tokens import KEY_BYTES, MAC_BYTES, NO_TOKEN, LeaseTokens, new_key
 from dispatcher.wire._types import (
     MAX_LABEL,
@@ -281,6 +282,29 @@ def test_a_token_opens_only_for_its_job_under_its_key():
     assert len(set(macs)) == 1000
     with pytest.raises(RuntimeError):
         LeaseTokens().seal("job-1", 1)
+
+
+def test_tokens_remembered_open_as_their_mac_does(monkeypatch):
+    """A token sealed or opened lately opens again without a MAC, to the
+    same counter, for its own job alone; a token changed in any character
+    is still refused; a new key forgets every one; and no more than
+    REMEMBERED_TOKENS are kept, the oldest forgotten (and opened by MAC
+    again)."""
+    monkeypatch.setattr(_tokens, "REMEMBERED_TOKENS", 3)
+    tokens = LeaseTokens(new_key())
+    sealed = [tokens.seal(f"job-{n}", n + 10) for n in range(5)]
+    macs = []
+    monkeypatch.setattr(tokens, "_mac", lambda job_id, counter: macs.append(job_id) or "x")
+    # The last three sealed open by lookup; the first two are forgotten.
+    assert [tokens.open(f"job-{n}", sealed[n]) for n in (2, 3, 4)] == [12, 13, 14]
+    assert macs == []
+    assert tokens.open("job-2", sealed[3]) == NO_TOKEN and macs == ["job-2"]
+    for i in range(3, len(sealed[4])):
+        changed = sealed[4][:i] + ("A" if sealed[4][i] != "A" else "B") + sealed[4][i + 1:]
+        assert tokens.open("job-4", changed) == NO_TOKEN, changed
+    monkeypatch.undo()
+    tokens.use_key(new_key())
+    assert tokens.open("job-4", sealed[4]) == NO_TOKEN
 
 
 @pytest_twisted.ensureDeferred

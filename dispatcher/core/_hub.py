@@ -22,9 +22,13 @@ On a database shared with other dispatchers (PostgreSQL), a worker may
 move from one dispatcher to another (its own went away, or stopped
 answering) with its jobs running.  Its leases are the store's, fenced by
 their tokens: the dispatcher it moves to takes them up from the store
-(L{IJobStore.adopt_leases}) at its first heartbeat, report or log chunk
-there, and at every heartbeat after, so that the store always names the
-dispatcher its worker last renewed them with.  Only that dispatcher may
+(L{IJobStore.adopt_leases}) at its first heartbeat, report, request for
+work or log chunk there, and at every heartbeat after, so that the store
+always names the dispatcher its worker last renewed them with.  (A
+heartbeat's take-up is not skipped for leases this dispatcher granted or
+took up itself: a worker that moved away and back has been taken up by
+the other meanwhile, which would then record them expired.)  Only that
+dispatcher may
 record one expired (L{IJobStore.finish_served}): the one it left keeps
 its copy in memory until that copy runs out, and then forgets it, its
 expiry refused.  A restarted dispatcher takes its workers' leases up the
@@ -127,6 +131,19 @@ class RemoteLease:
     # The streams of its log the dispatcher cut at its own
     # [executor] max_log_bytes, for its result to say.
     log_cut: frozenset[str] = frozenset()
+    # The report whose result it is being recorded for, until that ends.
+    report: Optional["Report"] = None
+
+
+@attrs.define(eq=False)
+class Report:
+    """
+    The results of one report being recorded: how many have not ended
+    yet.  The scheduler looks again for free capacity once, as the last of
+    them ends, not once for each.
+    """
+
+    pending: int = 0
 
 
 @attrs.define(eq=False)
@@ -661,8 +678,87 @@ class WorkerHub:
         with an error delivers no leases: those the claim granted then are
         the worker process's, and its next request for work, which does not
         list them, gives them back unspent.)
+
+        On a shared database, the leases C{held} lists that are not kept
+        here are taken up from the store first (L{take_up}: its worker
+        moved here with them), so that they count against its slots: else
+        it would be granted a lease for each of them too many until its
+        first heartbeat here.
         """
         worker = self.contact(offer, credential)
+        if self._adopt is not None and held and self.accepting:
+            held = list(held)
+            leases = self.leases
+            unknown = [
+                (job_id, token)
+                for job_id, token in held
+                if job_id not in leases or leases[job_id].lease.token != token
+            ]
+            if unknown:
+                return self._poll_after_take_up(
+                    worker, offer, max_jobs, wait, held, after_report, unknown
+                )
+        return self._open_poll(worker, offer, max_jobs, wait, held, after_report)
+
+    def _poll_after_take_up(
+        self,
+        worker: Worker,
+        offer: Offer,
+        max_jobs: int,
+        wait: float,
+        held: list[tuple[str, int]],
+        after_report: bool,
+        unknown: list[tuple[str, int]],
+    ) -> Deferred:
+        """
+        L{poll}, once the leases C{unknown} of C{held} are taken up.
+        Cancelling the result meanwhile opens no poll; a take-up that fails
+        (the store cannot be reached) fails the request.
+        """
+        opened: list[Deferred] = []
+
+        def hung_up(_: Deferred) -> None:
+            if opened:
+                opened[0].cancel()
+
+        answer: Deferred = Deferred(hung_up)
+
+        def taken(_: Any) -> None:
+            if answer.called:
+                return
+            d = self._open_poll(worker, offer, max_jobs, wait, held, after_report)
+            opened.append(d)
+
+            def answered(result: Any) -> None:
+                if not answer.called:
+                    answer.callback(result)
+
+            def failed(failure: Failure) -> None:
+                if not answer.called:
+                    answer.errback(failure)
+
+            d.addCallbacks(answered, failed)
+
+        def not_taken(failure: Failure) -> None:
+            if not answer.called:
+                answer.errback(failure)
+
+        self.take_up(offer.holder, unknown, offer.instance).addCallbacks(taken, not_taken)
+        return answer
+
+    def _open_poll(
+        self,
+        worker: Worker,
+        offer: Offer,
+        max_jobs: int,
+        wait: float,
+        held: Optional[Iterable[tuple[str, int]]],
+        after_report: bool,
+    ) -> Deferred:
+        """
+        The request for work of L{poll}, once its worker is heard and the
+        leases it lists are here.
+        """
         if held is not None and self.accepting:
             self._release_unheld(worker, offer.instance, held)
         if worker.poll is not None:
@@ -925,6 +1021,7 @@ class WorkerHub:
         """
         answers: list[Union[LeaseVerdict, Deferred]] = []
         waits: list[Deferred] = []
+        batch = Report()
         for job_id, token, outcome in results:
             remote = self.current(job_id, token, offer.holder)
             if remote is None:
@@ -938,6 +1035,8 @@ class WorkerHub:
                     outcome = attrs.evolve(
                         outcome, log_cut=tuple(s for s in LOG_STREAMS if s in cut)
                     )
+                remote.report = batch
+                batch.pending += 1
                 self._end(remote, LeaseEnd.REPORTED, outcome, d)
             else:
                 assert remote.waiting is not None
@@ -1061,6 +1160,10 @@ class WorkerHub:
         # The result is not recorded (the dispatcher is stopping, or the
         # store failed in a way it does not write again): the lease stays
         # the worker's, with a fresh life, and a resend writes it again.
+        if self._report_ended(remote):
+            # (The others of its report that did end freed their slots.)
+            self._scheduler.slots_freed(remote.lease.holder, 0)
+            self._capacity_changed()
         remote.ending = None
         waiting, remote.waiting = remote.waiting or [], None
         remote.expires = self._clock.seconds() + self.lease_seconds
@@ -1095,8 +1198,24 @@ class WorkerHub:
             answer = LeaseVerdict(lease.job_id, lease.token, refused)
         for d in waiting:
             d.callback(answer)
-        self._scheduler.slots_freed(lease.holder, 0)
-        self._capacity_changed()
+        if self._report_ended(remote):
+            self._scheduler.slots_freed(lease.holder, 0)
+            self._capacity_changed()
+
+    def _report_ended(self, remote: RemoteLease) -> bool:
+        """
+        The end of C{remote} is settled: whether the scheduler should look
+        for free capacity now.  The results of one report commit together,
+        and the scheduler looks once, at the last of them: a report of
+        sixteen results made sixteen passes over the holders, where one
+        does (the report's own request for work claimed for its slots
+        already).
+        """
+        batch, remote.report = remote.report, None
+        if batch is None:
+            return True
+        batch.pending -= 1
+        return batch.pending <= 0
 
     def _mark_running(self, lease: Lease) -> Deferred:
         d = self._recorder.mark_running(lease, self._clock.seconds())

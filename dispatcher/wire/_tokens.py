@@ -45,6 +45,10 @@ _FORM = re.compile(LEASE_TOKEN)
 # Written before every MAC: a MAC made for something else never opens.
 _PURPOSE = b"dispatcher lease token\x00"
 
+# How many tokens sealed or opened lately are remembered, so that opening
+# one of them again costs a lookup, not a MAC (see LeaseTokens.open).
+REMEMBERED_TOKENS = 65_536
+
 
 def new_key() -> bytes:
     """
@@ -64,6 +68,12 @@ class LeaseTokens:
 
     def __init__(self, key: Optional[bytes] = None) -> None:
         self._key: Optional[bytes] = None
+        # The counters of the tokens sealed or opened lately, by job id and
+        # token: each remote job's token is sealed once and opened in its
+        # result, and in every request for work of its worker while it
+        # holds the lease (a worker of 16 leases lists them all in each),
+        # about four MACs a job otherwise.  The oldest are forgotten first.
+        self._known: dict[tuple[str, str], int] = {}
         if key is not None:
             self.use_key(key)
 
@@ -74,6 +84,14 @@ class LeaseTokens:
         if len(key) < KEY_BYTES:
             raise ValueError(f"a lease token key has at least {KEY_BYTES} bytes")
         self._key = key
+        self._known.clear()
+
+    def _remember(self, job_id: str, token: str, counter: int) -> None:
+        known = self._known
+        known[(job_id, token)] = counter
+        if len(known) > REMEMBERED_TOKENS:
+            # Dicts keep their order: the first is the oldest.
+            del known[next(iter(known))]
 
     def _mac(self, job_id: str, counter: int) -> str:
         if self._key is None:
@@ -87,14 +105,26 @@ class LeaseTokens:
         The token of the lease of C{job_id} whose fencing counter is
         C{counter}.
         """
-        return f"{counter}.{self._mac(job_id, counter)}"
+        token = f"{counter}.{self._mac(job_id, counter)}"
+        self._remember(job_id, token, counter)
+        return token
 
     def open(self, job_id: str, token: str) -> int:
         """
         The fencing counter of C{token} if this dispatcher gave it for
         C{job_id}; L{NO_TOKEN} otherwise (a token it did not give, or gave
         for another job).  The MAC is compared in constant time.
+
+        A token this dispatcher sealed or opened lately is found by
+        lookup, whole, without a MAC: only a token equal to one it gave
+        can be found so (a dict compares the whole string once its hash,
+        keyed at random per process, matches), and any other is checked as
+        above.
         """
+        if type(token) is str:
+            counter = self._known.get((job_id, token))
+            if counter is not None:
+                return counter
         if not isinstance(token, str) or _FORM.fullmatch(token) is None:
             return NO_TOKEN
         digits, _, mac = token.partition(".")
@@ -104,4 +134,5 @@ class LeaseTokens:
         expected = self._mac(job_id, counter)
         if not hmac.compare_digest(mac.encode("ascii"), expected.encode("ascii")):
             return NO_TOKEN
+        self._remember(job_id, token, counter)
         return counter
