@@ -104,10 +104,15 @@ next steps (issue 19's N dispatchers):
     saw; ids from a sequence could commit out of order and be skipped),
     lets a group read the others' events numbered before its own, and
     makes the quota check and the queue limit exact across dispatchers.
-    It also makes their writes take turns; the next step narrows it to
-    the group's tail (numbering the events and committing), with
-    sequences for C{seq}, so that claims run side by side (C{SKIP
-    LOCKED} is already there for that).
+    A group of claims and ends alone (no queue with a limit, no job with
+    dependents) takes it only for its tail, numbering its events and
+    committing (L{PostgresGroupWriter._group_late}): its claims lock the
+    rows they read (C{SKIP LOCKED}), its ends lock their job's row as
+    they read it, so that such groups of several dispatchers run side by
+    side; one that fails, meets a deadlock, finds a dependency stored
+    meanwhile, or claimed short while others committed, runs again with
+    the lock from its start.  Every other group holds it throughout, as
+    a job's C{seq} is still numbered from the table's greatest.
   - The queues' turn (fairness) is each dispatcher's own
     (C{WriterState.turn}); the configured queues and limits are each
     dispatcher's configuration and must agree.  Whoever frees a place
