@@ -12,10 +12,12 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import gatherResults
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
 
-from dispatcher.model._jobs import JobIds, JobSpec, Offer, Outcome, JobState
-from dispatcher.store._pg_schema import MIGRATIONS
-from dispatcher.store._postgres import PostgresJobStore, describe_url
+from dispatcher.model._jobs import JobIds, JobSpec, Offer, Outcome, JobState, StaleLease
+from dispatcher.store._pg_schema import MIGRATIONS, WRITE_LOCK
+from dispatcher.store._postgres import CLAIM_FETCH, PostgresJobStore, describe_url
 from dispatcher.store._results import StoreUnusable, StoreVersionError, TooManyUnfinished
 from tests.postgres import Databases, url_of
 from tests.store_contract import no_jitter
@@ -276,3 +278,79 @@ def test_rows_written_at_once_do_what_one_at_a_time_does(databases):
         ]
     finally:
         raw.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_claim_reads_on_past_a_page_in_claim_order(databases, stores):
+    """A claim reads the queued jobs a page at a time, each page after the
+    last row read: one that takes more than a page gets every job once,
+    by priority and then in the order they were queued, across the
+    pages' edges (equal priorities and lower ones)."""
+    url = databases.url("db")
+    store = await stores(url)
+    count = CLAIM_FETCH * 2 + 5
+    jobs = await submit(store, *[JobSpec(command=("true",), priority=i % 3) for i in range(count)])
+    claimed = await store.claim(Offer("a", count + 1), count + 1, 101.0, 60)
+    order = sorted(range(count), key=lambda i: (-(i % 3), i))
+    assert [lease.job_id for lease in claimed.leases] == [jobs[i].id for i in order]
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_end_sees_what_another_dispatcher_committed_on_its_job(databases, stores):
+    """An end (whose group takes the groups' lock only at its tail) reads
+    its job's row locked: a write of another dispatcher under way on that
+    job (here its lease taken away) is waited for, and the end then finds
+    its lease stale, instead of writing over what the other committed."""
+    url = databases.url("db")
+    store = await stores(url)
+    (job,) = await submit(store, JobSpec(command=("true",)))
+    (lease,) = (await store.claim(Offer("a", 1), 1, 101.0, 60)).leases
+    with psycopg.connect(url) as other:
+        other.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
+        other.execute(
+            "UPDATE jobs SET state = 'queued', lease_token = NULL, lease_holder = NULL"
+            " WHERE id = %s",
+            (job.id,),
+        )
+        ended = store.finish(lease, Outcome(JobState.SUCCEEDED), 102.0)
+        # The end is under way, waiting for the other's row or lock.
+        await deferLater(reactor, 0.3, lambda: None)
+        assert not ended.called
+        other.commit()
+    with pytest.raises(StaleLease):
+        await ended
+    assert rows(url, "SELECT state FROM jobs WHERE id = %s", (job.id,)) == [("queued",)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_group_in_a_deadlock_with_another_dispatcher_runs_again(databases, stores):
+    """A group of ends holds its job's row and waits for the groups' lock
+    while another dispatcher's group holds that lock and waits for the
+    row: the server ends one of them, and the store's runs again: the end
+    is written, and the other's write too if it was not the one ended."""
+    url = databases.url("db")
+    store = await stores(url)
+    (job,) = await submit(store, JobSpec(command=("true",)))
+    (lease,) = (await store.claim(Offer("a", 1), 1, 101.0, 60)).leases
+    retries = store._writer.late_retries
+    with psycopg.connect(url) as other:
+        other.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
+        ended = store.finish(lease, Outcome(JobState.SUCCEEDED), 102.0)
+        # The end holds the row and waits for the lock.
+        await deferLater(reactor, 0.3, lambda: None)
+
+        def cancel():
+            try:
+                other.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = %s", (job.id,))
+            except psycopg.errors.DeadlockDetected:
+                other.rollback()
+                return False
+            other.commit()
+            return True
+
+        cancelled = await deferToThread(cancel)
+        await ended
+    assert store._writer.late_retries - retries == (1 if cancelled else 0)
+    assert rows(url, "SELECT state, cancel_requested FROM jobs WHERE id = %s", (job.id,)) == [
+        ("succeeded", 1 if cancelled else 0)
+    ]

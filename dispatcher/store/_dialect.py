@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import functools
 import re
-from typing import Optional
+from typing import Any, Callable, Optional, Sequence
 
 
 class SQL(str):
@@ -39,6 +39,39 @@ class SQL(str):
         made = super().__new__(cls, sqlite)
         made.postgres = postgres
         return made
+
+
+class PagedSQL(SQL):
+    """
+    A statement whose rows PostgreSQL reads a page at a time, each page
+    one statement (C{postgres} with C{LIMIT} added), the next page after
+    the last row read: C{after}, the same statement with the condition
+    that continues it, which binds what C{key} takes of the last row read
+    after the statement's own parameters.  (A page a statement is one
+    round trip; a server-side cursor took four: its declaration, its
+    description, a fetch and its close.)
+    """
+
+    after: str
+    key: Callable[[Sequence[Any]], tuple]
+
+    def __new__(
+        cls, sqlite: str, postgres: str, after: str, key: Callable[[Sequence[Any]], tuple]
+    ) -> "PagedSQL":
+        made = super().__new__(cls, sqlite, postgres)
+        made.after = after
+        made.key = key
+        return made
+
+
+def paged(
+    sqlite: str, postgres: str, after: str, key: Callable[[Sequence[Any]], tuple]
+) -> PagedSQL:
+    """
+    A statement written in each dialect whose rows PostgreSQL reads a page
+    at a time (L{PagedSQL}).
+    """
+    return PagedSQL(sqlite, postgres, after, key)
 
 
 def differs(sqlite: str, postgres: Optional[str]) -> SQL:
@@ -76,7 +109,7 @@ def postgres_text(statement: str) -> Optional[str]:
     C{None} if it runs nothing there.  Kept for each statement text: the
     store's statements are a few hundred fixed strings.
     """
-    if type(statement) is SQL:
+    if isinstance(statement, SQL):
         return statement.postgres  # type: ignore[attr-defined]
     text = statement
     for sqlite, postgres in _FRAGMENTS.items():

@@ -9,6 +9,7 @@ recovery of leases that expired (several dispatchers on one database).
 
 from __future__ import annotations
 
+import functools
 import json
 import operator
 import sqlite3
@@ -30,7 +31,7 @@ from dispatcher.model._jobs import (
     format_time,
     may_transition,
 )
-from dispatcher.store._dialect import differs
+from dispatcher.store._dialect import SQL, differs, paged
 from dispatcher.store._queries import running_by_queue
 from dispatcher.store._results import (
     Change,
@@ -70,11 +71,34 @@ _END_JOB = (
 )
 
 
-# What an end reads of the job, after its state and lease token.
-_ENDING = (
+# What an end reads of the job, after its state and lease token.  On
+# PostgreSQL the row is locked as it is read: a group of ends and claims
+# takes the groups' lock only to number its events and commit (see
+# dispatcher/store/_postgres.py), so another dispatcher's write (a lease
+# it expires, a cancel) could otherwise change the row between this read
+# and the end's update; locked, that write waits, or the read waits for
+# it and sees what it committed.
+_ENDING = differs(
     "SELECT state, lease_token, cancel_requested, attempts_spent, max_attempts,"
-    " retry_delay, owner FROM jobs WHERE id = ?"
+    " retry_delay, owner FROM jobs WHERE id = ?",
+    "SELECT state, lease_token, cancel_requested, attempts_spent, max_attempts,"
+    " retry_delay, owner FROM jobs WHERE id = %s FOR UPDATE",
 )
+
+
+@functools.lru_cache(maxsize=64)
+def _ending_together(count: int) -> SQL:
+    """
+    A run of C{count} plain successes' read of their jobs (on PostgreSQL
+    locked as L{_ENDING}'s row is).
+    """
+    text = (
+        "SELECT id, state, lease_token, cancel_requested, attempts_spent, owner"
+        f" FROM jobs WHERE id IN ({','.join('?' * count)})"
+    )
+    return differs(text, text.replace("?", "%s") + " FOR UPDATE")
+
+
 _LEASE_STATE = "SELECT state, lease_token FROM jobs WHERE id = ?"
 
 
@@ -98,7 +122,8 @@ def _check_lease(conn: sqlite3.Connection, lease: Lease) -> JobState:
 
 # A claim's candidate rows: seq, id, the spec's columns, attempt_count,
 # owner.
-_CLAIMED_PRIORITY = operator.itemgetter(2 + spec_position("priority"))
+_CLAIMED_PRIORITY_AT = 2 + spec_position("priority")
+_CLAIMED_PRIORITY = operator.itemgetter(_CLAIMED_PRIORITY_AT)
 _CLAIMED_ATTEMPTS = 2 + SPEC_WIDTH
 _CLAIMED_OWNER = _CLAIMED_ATTEMPTS + 1
 _CLAIMED_CREATED = _CLAIMED_OWNER + 1
@@ -107,14 +132,22 @@ _CLAIMED_CREATED = _CLAIMED_OWNER + 1
 # A queue's queued jobs, in the order a claim takes them.  On PostgreSQL
 # each row read is locked, and a row another transaction holds (another
 # dispatcher's claim, say) is passed over: never one job to two holders.
-_QUEUED_IN = differs(
+# It reads them a page at a time (PagedSQL), each page after the last row
+# read (its priority and seq), so that it locks only about the rows a
+# claim reads.
+_QUEUED_IN = paged(
     f"SELECT seq, id, {SPEC_COLUMNS}, attempt_count, owner, created_at"
     " FROM jobs INDEXED BY jobs_queued"
     " WHERE state = 'queued' AND queue = ?"
     " ORDER BY priority DESC, seq",
     f"SELECT seq, id, {SPEC_COLUMNS}, attempt_count, owner, created_at"
     " FROM jobs WHERE state = 'queued' AND queue = %s"
-    " ORDER BY priority DESC, seq FOR UPDATE SKIP LOCKED",
+    " ORDER BY priority DESC, seq LIMIT {page} FOR UPDATE SKIP LOCKED",
+    f"SELECT seq, id, {SPEC_COLUMNS}, attempt_count, owner, created_at"
+    " FROM jobs WHERE state = 'queued' AND queue = %s"
+    " AND (priority < %s OR (priority = %s AND seq > %s))"
+    " ORDER BY priority DESC, seq LIMIT {page} FOR UPDATE SKIP LOCKED",
+    lambda row: (row[_CLAIMED_PRIORITY_AT], row[_CLAIMED_PRIORITY_AT], row[0]),
 )
 
 
@@ -509,13 +542,10 @@ def finish_together(
     L{Replay}, and the group is replayed one write at a time.
     """
     leases = [write.lease for write in work]
-    marks = ",".join("?" * len(leases))
     rows = {
         row[0]: row[1:]
         for row in conn.execute(
-            f"SELECT id, state, lease_token, cancel_requested, attempts_spent, owner"
-            f" FROM jobs WHERE id IN ({marks})",
-            [lease.job_id for lease in leases],
+            _ending_together(len(leases)), [lease.job_id for lease in leases]
         )
     }
     attempts = []

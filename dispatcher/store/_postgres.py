@@ -104,10 +104,15 @@ next steps (issue 19's N dispatchers):
     saw; ids from a sequence could commit out of order and be skipped),
     lets a group read the others' events numbered before its own, and
     makes the quota check and the queue limit exact across dispatchers.
-    It also makes their writes take turns; the next step narrows it to
-    the group's tail (numbering the events and committing), with
-    sequences for C{seq}, so that claims run side by side (C{SKIP
-    LOCKED} is already there for that).
+    A group of claims and ends alone (no queue with a limit, no job with
+    dependents) takes it only for its tail, numbering its events and
+    committing (L{PostgresGroupWriter._group_late}): its claims lock the
+    rows they read (C{SKIP LOCKED}), its ends lock their job's row as
+    they read it, so that such groups of several dispatchers run side by
+    side; one that fails, meets a deadlock, finds a dependency stored
+    meanwhile, or claimed short while others committed, runs again with
+    the lock from its start.  Every other group holds it throughout, as
+    a job's C{seq} is still numbered from the table's greatest.
   - The queues' turn (fairness) is each dispatcher's own
     (C{WriterState.turn}); the configured queues and limits are each
     dispatcher's configuration and must agree.  Whoever frees a place
@@ -121,7 +126,6 @@ next steps (issue 19's N dispatchers):
 from __future__ import annotations
 
 import functools
-import itertools
 import re
 import threading
 import time
@@ -141,7 +145,7 @@ from dispatcher._threads import TaskThreads
 from dispatcher.model._jobs import StoreClosed
 from dispatcher.store import _writes as writes
 from dispatcher.store._counts import UNFINISHED, Journals, NO_OWNER, OwnerCounts
-from dispatcher.store._dialect import postgres_text
+from dispatcher.store._dialect import PagedSQL, postgres_text
 from dispatcher.store._interface import IJobStore
 from dispatcher.store._operations import (
     OPERATIONS,
@@ -264,14 +268,14 @@ class PgConnection:
     fetch, iterate, count rows and close): each statement's text is
     rewritten for PostgreSQL (L{dispatcher.store._dialect.postgres_text}).
 
-    A statement that locks what it reads (C{FOR UPDATE}: a claim) runs on
-    a server-side cursor, read as the caller goes, so that it locks only
-    the rows read, L{CLAIM_FETCH} at a time.
+    A statement read a page at a time (L{PagedSQL}: a claim, which locks
+    what it reads and passes over what another holds) is read as the
+    caller goes, so that it locks only about the rows read, L{CLAIM_FETCH}
+    at a time.
     """
 
     def __init__(self, raw: psycopg.Connection, types: Optional["ColumnTypes"] = None) -> None:
         self.raw = raw
-        self._names = itertools.count()
         self._types = types
 
     def execute(self, statement: str, params: Sequence[Any] = ()) -> Any:
@@ -279,14 +283,12 @@ class PgConnection:
         Run C{statement} (SQLite's text) with C{params}; the cursor to read
         its rows from.
         """
+        if type(statement) is PagedSQL:
+            return _Pages(self.raw, statement, tuple(params))  # type: ignore[arg-type]
         text = postgres_text(statement)
         if text is None:
             return _NO_ROWS
-        if "FOR UPDATE" in text:
-            cursor: Any = self.raw.cursor(name=f"claim{next(self._names)}")
-            cursor.itersize = CLAIM_FETCH
-        else:
-            cursor = self.raw.cursor()
+        cursor = self.raw.cursor()
         cursor.execute(text, tuple(params))
         return cursor
 
@@ -324,6 +326,50 @@ class PgConnection:
         Close the connection.
         """
         self.raw.close()
+
+
+class _Pages:
+    """
+    The rows of a L{PagedSQL} statement, read a page of L{CLAIM_FETCH} at
+    a time as the caller iterates, each page after the last row read.
+    """
+
+    def __init__(self, raw: psycopg.Connection, statement: PagedSQL, params: tuple) -> None:
+        self._raw = raw
+        self._statement = statement
+        self._params = params
+        self._rows = self._read()
+
+    def _read(self) -> Any:
+        statement = self._statement
+        rows = self._raw.execute(_page_text(statement.postgres), self._params).fetchall()
+        while True:
+            yield from rows
+            if len(rows) < CLAIM_FETCH:
+                return
+            rows = self._raw.execute(
+                _page_text(statement.after), self._params + statement.key(rows[-1])
+            ).fetchall()
+
+    def __iter__(self) -> "_Pages":
+        return self
+
+    def __next__(self) -> Any:
+        return next(self._rows)
+
+    def fetchone(self) -> Any:
+        return next(self._rows, None)
+
+    def fetchall(self) -> list:
+        return list(self._rows)
+
+    def close(self) -> None:
+        self._rows.close()
+
+
+@functools.lru_cache(maxsize=16)
+def _page_text(text: str) -> str:
+    return text.replace("{page}", str(CLAIM_FETCH))
 
 
 @attrs.frozen
@@ -708,6 +754,9 @@ class PostgresGroupWriter(GroupWriter):
         its lock is taken, with whether any job has dependents.
     @param refresh: called with the connection on the writer thread
         between groups, every C{interval} seconds.
+    @param late: whether a group of claims and ends alone may take the
+        groups' lock at its tail (no queue has a limit, no job has
+        dependents); never, if not given.
     """
 
     def __init__(
@@ -723,10 +772,16 @@ class PostgresGroupWriter(GroupWriter):
         refresh: Callable[[PgConnection], None],
         journal: Any = None,
         record: Any = None,
+        late: Optional[Callable[[], bool]] = None,
     ) -> None:
         super().__init__(
             where, reactor, operations, shared, interval, clock, journal=journal, record=record
         )
+        self._late = late
+        # Groups that took the lock at their tail, and groups run again
+        # (from a tail-locked try, or after a deadlock).
+        self.late_groups = 0
+        self.late_retries = 0
         self._connect = connect
         self._begun = begun
         self._refresh = refresh
@@ -809,33 +864,46 @@ class PostgresGroupWriter(GroupWriter):
     def _commit(
         self, work: list[Write], durable: bool = True
     ) -> tuple[list[tuple[bool, Any]], list]:
-        results: list[tuple[bool, Any]] = []
-        events: list = [()] * len(work)
         began = time.perf_counter()
         try:
             conn = self._usable()
-            try:
-                self._begin(conn)
+            late = self._late is not None and self._late() and _lockable_late(work)
+            tries = 0
+            while True:
+                tries += 1
                 try:
-                    results = self._run_together(conn, work)
-                except Exception:
-                    # As the SQLite writer does: undo the group, and run
-                    # each write in its own savepoint.
-                    conn.raw.execute("ROLLBACK")
+                    if late:
+                        results, events = self._group_late(conn, work)
+                    else:
+                        results, events = self._group_early(conn, work)
+                    break
+                except BaseException as e:
+                    if not conn.raw.closed and conn.in_transaction:
+                        try:
+                            conn.raw.execute("ROLLBACK")
+                        except psycopg.Error:
+                            pass
                     self._journal.rollback()
-                    self._begin(conn)
-                    results = [self._apply_one(conn, write) for write in work]
-                if self._record is not None:
-                    events = self._record(conn, work, results)
-                conn.raw.execute(self._end_group(conn, work, results, events))
-            except BaseException:
-                if not conn.raw.closed and conn.in_transaction:
-                    try:
-                        conn.raw.execute("ROLLBACK")
-                    except psycopg.Error:
-                        pass
-                self._journal.rollback()
-                raise
+                    self._foreign = []
+                    if late and isinstance(e, Exception) and (
+                        not isinstance(e, psycopg.OperationalError) or _rolled_back(e)
+                    ):
+                        # Whatever went wrong without the lock (a write that
+                        # failed, a shared path's Replay, a deadlock with a
+                        # group that held it, a dependency stored meanwhile)
+                        # is done again from the start under it, as every
+                        # group was before: one write's failure is then its
+                        # own alone.
+                        late = False
+                        self.late_retries += 1
+                        continue
+                    if _rolled_back(e) and tries < GROUP_TRIES:
+                        # The server ended the group to break a deadlock
+                        # with another dispatcher's group: nothing of it
+                        # was written; again.
+                        self.late_retries += 1
+                        continue
+                    raise
         except psycopg.Error as e:
             raise store_error(e) from e
         self._journal.commit()
@@ -844,6 +912,75 @@ class PostgresGroupWriter(GroupWriter):
         self.batches += 1
         self.durable_batches += 1
         return results, events
+
+    def _group_early(self, conn: PgConnection, work: list[Write]) -> tuple[list, list]:
+        """
+        One group's transaction with the groups' lock taken at its start
+        (any write but claims and ends, or a database whose queues have
+        limits or whose jobs have dependents): every write sees what every
+        other dispatcher committed before it, and nothing they commit
+        until it has.
+        """
+        events: list = [()] * len(work)
+        self._begin(conn)
+        try:
+            results = self._run_together(conn, work)
+        except Exception as e:
+            if _rolled_back(e):
+                raise
+            # As the SQLite writer does: undo the group, and run each
+            # write in its own savepoint.
+            conn.raw.execute("ROLLBACK")
+            self._journal.rollback()
+            self._begin(conn)
+            results = [self._apply_one(conn, write) for write in work]
+        if self._record is not None:
+            events = self._record(conn, work, results)
+        conn.raw.execute(self._end_group(conn, work, results, events))
+        return results, events
+
+    def _group_late(self, conn: PgConnection, work: list[Write]) -> tuple[list, list]:
+        """
+        One group of claims and ends alone, with the groups' lock taken
+        only for its tail: its writes run beside other dispatchers'
+        groups (the jobs a claim reads are locked as read and those
+        another claim holds are passed over; an end locks its job's row
+        as it reads it), and under the lock it numbers its events and
+        commits, so that ids still commit in their order.  Whatever fails
+        here raises, and the group runs again with the lock from its
+        start (L{_group_early}); so does one that finds, once it holds
+        the lock, that a job now has dependents while it ended jobs (their
+        dependents would wait for ends that did not look for them).
+        """
+        events: list = [()] * len(work)
+        conn.raw.execute("BEGIN")
+        results = self._run_together(conn, work)
+        cursor = conn.raw.execute(_TAIL_LOCK)
+        cursor.nextset()
+        dependencies, newest = cursor.fetchone()
+        if dependencies and any(type(write) is writes.Finish for write in work):
+            raise _LockEarly()
+        if self._others_before(newest) and _claimed_short(work, results):
+            # A claim that got fewer jobs than it asked for (or saw none
+            # left) tells the scheduler that no job was queued when it
+            # committed; but it did not see what others committed while it
+            # ran, whose events come before its own.  Under the lock from
+            # the start it does.
+            raise _LockEarly()
+        self._begun(dependencies)
+        self.late_groups += 1
+        if self._record is not None:
+            events = self._record(conn, work, results)
+        conn.raw.execute(self._end_group(conn, work, results, events))
+        return results, events
+
+    def _others_before(self, newest: int) -> bool:
+        """
+        Whether events up to C{newest} may hold some this store has not
+        published (other dispatchers', committed before the group's own).
+        """
+        feed = self.feed
+        return feed is None or not feed.following or newest > feed.delivered
 
     def _end_group(self, conn: PgConnection, work: list, results: list, events: list) -> str:
         """
@@ -914,6 +1051,65 @@ _BEGIN = (
     f"BEGIN; SELECT pg_advisory_xact_lock({WRITE_LOCK}),"
     " EXISTS (SELECT 1 FROM dependencies)"
 )
+
+# What a group of claims and ends alone runs before it numbers its events
+# (L{PostgresGroupWriter._group_late}): the same lock, and then, in a
+# statement of its own so that it sees what was committed while it
+# waited, whether any job has dependents and the greatest event id stored
+# (as _NEWEST_EVENT reads it).
+_TAIL_LOCK = (
+    f"SELECT pg_advisory_xact_lock({WRITE_LOCK});"
+    " SELECT EXISTS (SELECT 1 FROM dependencies),"
+    " COALESCE((SELECT id + COALESCE(jobs, 1) - 1 FROM events ORDER BY id DESC LIMIT 1), 0)"
+)
+
+# The writes a group may be made of and still take the lock at its tail:
+# a claim (its jobs locked as read, SKIP LOCKED) and an end (its job's row
+# locked as read: dispatcher/store/_leases.py).  Any other write may read
+# what it must see whole (a quota, a queue's running jobs, a lease another
+# holds) or number what it stores (a job's seq).
+_LATE_WRITES = frozenset({writes.Claim, writes.Finish})
+
+# How many times a group the server ended to break a deadlock (with
+# another dispatcher's) is run again before its writes fail.
+GROUP_TRIES = 5
+
+
+class _LockEarly(Exception):
+    """
+    A group that took the lock at its tail must run again with it taken
+    at its start.
+    """
+
+
+def _rolled_back(error: BaseException) -> bool:
+    """
+    Whether the server ended the transaction to break a deadlock or a
+    serialization failure (SQLSTATE class 40: psycopg's DeadlockDetected
+    and SerializationFailure are not TransactionRollback's subclasses),
+    so that it may simply be run again.
+    """
+    return isinstance(error, psycopg.Error) and (error.sqlstate or "").startswith("40")
+
+
+def _claimed_short(work: list, results: list) -> bool:
+    """
+    Whether a claim of C{work} got fewer jobs than it asked for, or saw no
+    job left queued.
+    """
+    for write, (ok, value) in zip(work, results):
+        if type(write) is writes.Claim and ok and (
+            value.drained or len(value.leases) < write.capacity
+        ):
+            return True
+    return False
+
+
+def _lockable_late(work: list) -> bool:
+    """
+    Whether C{work} is made of claims and ends alone.
+    """
+    return all(type(write) in _LATE_WRITES for write in work)
 
 
 def _asks_holders(work: list, results: list) -> bool:
@@ -1039,6 +1235,7 @@ class PostgresJobStore(SQLiteJobStore):
             refresh=self._refresh,
             journal=Journals(self._state.owners, self._state.counts),
             record=functools.partial(record_changes, self._state),
+            late=self._may_lock_late,
         )
         self._feed = EventFeed(
             self.read_events,
@@ -1133,6 +1330,12 @@ class PostgresJobStore(SQLiteJobStore):
             open=True,
         )
         return conn
+
+    def _may_lock_late(self) -> bool:
+        # A queue's limit is counted in the database at each claim and
+        # must be exact across dispatchers; an end of a job with
+        # dependents reads and frees them (see _group_late).
+        return not self._state.limited and not self._state.dependencies
 
     def _group_begun(self, dependencies: bool) -> None:
         # Another dispatcher may have stored the first dependency.
