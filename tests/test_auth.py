@@ -13,6 +13,7 @@ import socket
 import stat
 import subprocess
 import sys
+import time
 
 import pytest
 from twisted.internet.task import Clock
@@ -135,8 +136,8 @@ def test_no_100_continue_and_no_body_before_authentication(daemon):
 def test_the_token_command_makes_lists_and_revokes_while_the_daemon_runs(daemon, tmp_path):
     """dispatcher token create prints the new token alone on its last line
     and it works at once; the file keeps only its hash; ls lists it; a
-    reader may read but not submit (403); revoke takes effect at the next
-    request, without a restart."""
+    reader may read but not submit (403); revoke takes effect within a
+    second, without a restart."""
     data = str(tmp_path / "data")
     made = token_command("create", "carol", "--role", "reader", "--data-dir", data)
     assert made.returncode == 0, made.stderr
@@ -163,7 +164,12 @@ def test_the_token_command_makes_lists_and_revokes_while_the_daemon_runs(daemon,
     assert bad.returncode == 1 and "unknown role" in bad.stderr
     revoked = token_command("revoke", "carol", "--data-dir", data)
     assert revoked.returncode == 0, revoked.stderr
-    code, answer = daemon.request("GET", "/v1/jobs", token=token)
+    # The daemon looks at the file once a second at most: refused within it.
+    for _ in range(100):
+        code, answer = daemon.request("GET", "/v1/jobs", token=token)
+        if code != 200:
+            break
+        time.sleep(0.05)
     assert (code, answer["error"]["code"]) == (401, "unauthorized")
     again = token_command("revoke", "carol", "--data-dir", data)
     assert again.returncode == 1
@@ -309,6 +315,50 @@ def test_a_credential_file_change_is_seen_at_the_next_check(tmp_path):
     assert token not in (tmp_path / "credentials.json").read_text()
     command_side.revoke("w")
     assert daemon_side.authenticate(token.encode()) is None
+
+
+def test_a_recheck_trusts_the_last_look_that_long_but_never_for_a_stranger(
+    tmp_path, monkeypatch
+):
+    """With a recheck (the daemon's: 1 s), a credential the command revokes
+    still passes until the recheck is over and is refused from the first
+    check after; one revoked through the daemon's own object is refused at
+    once; a token made by the command works at its first check; a token
+    unknown costs a look each time, and one known none within the
+    recheck."""
+    clock = Clock()
+    daemon_side = CredentialFile(str(tmp_path), recheck=1.0, now=clock.seconds)
+    command_side = CredentialFile(str(tmp_path))
+    assert daemon_side.authenticate(b"dsp_x") is None
+    # Made by the other process: found at once, though the last look is fresh.
+    token, _ = command_side.create("w", Role.WORKER)
+    assert daemon_side.authenticate(token.encode()).name == "w"
+    looks = []
+    real_stat = os.stat
+
+    def counted(path, *args, **kwargs):
+        looks.append(path)
+        return real_stat(path, *args, **kwargs)
+
+    command_side.revoke("w")
+    monkeypatch.setattr(os, "stat", counted)
+    clock.advance(0.9)
+    assert daemon_side.authenticate(token.encode()).name == "w"
+    assert looks == []
+    clock.advance(0.1)
+    assert daemon_side.authenticate(token.encode()) is None
+    assert len(looks) == 1
+    assert daemon_side.authenticate(b"dsp_unknown") is None
+    assert len(looks) == 2
+    monkeypatch.undo()
+    # Revoked through this very object: refused at the next check.
+    other, _ = daemon_side.create("v", Role.READER)
+    assert daemon_side.authenticate(other.encode()).name == "v"
+    daemon_side.revoke("v")
+    assert daemon_side.authenticate(other.encode()) is None
+    assert daemon_side.named("v") is None
+    made, _ = command_side.create("u", Role.READER)
+    assert daemon_side.named("u").name == "u"
 
 
 def test_a_remembered_token_is_forgotten_when_the_file_is_edited_in_place(tmp_path):

@@ -23,7 +23,13 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.task import Clock
 
-from dispatcher.api._metrics import RUN_BUCKETS, DispatcherMetrics, Histogram, ReactorWatch
+from dispatcher.api._metrics import (
+    RUN_BUCKETS,
+    Counter,
+    DispatcherMetrics,
+    Histogram,
+    ReactorWatch,
+)
 from dispatcher.model._events import JobEvent
 from dispatcher.model._jobs import JobSpec, JobState
 from tests.test_twistd import twistd  # noqa: F401 (the fixture)
@@ -305,6 +311,34 @@ def test_histogram_writes_what_prometheus_clients_writes():
     assert ours == stock
     assert 'wait_seconds_bucket{le="0.001",queue="gpu"} 3.0' in ours
     assert "writes_count 11.0" in ours and "# TYPE unused histogram" in ours
+    assert ours.count(" T\n") == 3
+
+
+def test_counter_writes_what_prometheus_clients_writes():
+    """The metrics' own counter, labelled or not, with the same additions
+    (one, several, a fraction, zero), writes the very text of
+    prometheus_client's Counter, but for the _created times, which are each
+    one's own; and refuses a negative amount, as that one does."""
+    texts = []
+    for kind in (prometheus_client.Counter, Counter):
+        registry = CollectorRegistry(auto_describe=False)
+        by_outcome = kind("jobs_ended", "Jobs ended, by queue and outcome.",
+                          ["queue", "outcome"], registry=registry)
+        plain = kind("commits", "Commits.", registry=registry)
+        kind("unused", "Never counted.", ["queue"], registry=registry)
+        for amount in (1, 1, 3, 0.5, 0):
+            by_outcome.labels("gpu", "failed").inc(amount)
+            plain.inc(amount)
+        by_outcome.labels("default", "succeeded").inc()
+        plain.inc()
+        with pytest.raises(ValueError):
+            by_outcome.labels("gpu", "failed").inc(-1)
+        texts.append(generate_latest(registry).decode())
+    stock, ours = (re.sub(r"(?m)^(\w+_created(\{[^}]*\})?) \S+$", r"\1 T", t)
+                     for t in texts)
+    assert ours == stock
+    assert 'jobs_ended_total{outcome="failed",queue="gpu"} 5.5' in ours
+    assert "commits_total 6.5" in ours and "# TYPE unused_total counter" in ours
     assert ours.count(" T\n") == 3
 
 

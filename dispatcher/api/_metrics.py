@@ -10,8 +10,8 @@ stream's subscribers, the remote workers connected, and the running totals
 other parts keep as plain integers (leases expired, inputs staged and
 failed, their bytes), so that those parts pay an integer's addition and
 import nothing of this.  And what is observed as it happens, in
-C{prometheus_client}'s own L{Counter}s, and in L{Histogram}s of our own
-that write what C{prometheus_client}'s would: jobs submitted and ended
+L{Counter}s and L{Histogram}s of our own that write what
+C{prometheus_client}'s would: jobs submitted and ended
 (from the events of every commit, L{observe_events}), how long
 a job waited from its submission to its first attempt (from each claim,
 L{observe_claimed}), how long it ran, each store commit's time and how
@@ -31,7 +31,7 @@ import math
 import time
 from typing import Any, Callable, Iterable, Optional, Sequence
 
-from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client import exposition
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.utils import floatToGoString
@@ -64,6 +64,85 @@ WATCH_WINDOW = 10.0
 _STATES = tuple(JobState)
 _ENDS = frozenset(FINAL_STATES)
 _RUNNING = JobState.RUNNING
+
+
+class Counter(Collector):
+    """
+    A counter that writes the samples C{prometheus_client}'s C{Counter} of
+    the same name, help and labels writes, in its order (each label set's
+    C{_total}, then its C{_created}), but keeps each label set's count in a
+    plain number, without a lock: C{prometheus_client}'s C{inc} checks
+    that the metric may be observed, takes a lock and looks for an
+    exemplar, and a no-op job is counted twice (submitted, ended).
+    Counted on the reactor thread only.
+
+    @param name: the metric's name, without C{_total} (its samples add
+        C{_total} and C{_created}).
+    @param registry: the registry that collects it.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str] = (),
+        registry: Optional[CollectorRegistry] = None,
+    ) -> None:
+        self._name = name
+        self._documentation = documentation
+        self._labelnames = tuple(labelnames)
+        self._children: dict[tuple[str, ...], _Counted] = {}
+        self._root = None if self._labelnames else self.labels()
+        if registry is not None:
+            registry.register(self)
+
+    def labels(self, *values: Any) -> "_Counted":
+        """
+        The counter of these label values, made the first time.
+        """
+        key = tuple(str(v) for v in values)
+        child = self._children.get(key)
+        if child is None:
+            if len(key) != len(self._labelnames):
+                raise ValueError(f"{self._name} takes the labels {self._labelnames}")
+            child = self._children[key] = _Counted()
+        return child
+
+    def inc(self, amount: float = 1) -> None:
+        """
+        Add C{amount} (to a counter without labels).
+        """
+        assert self._root is not None, "a counter with labels counts through labels()"
+        self._root.inc(amount)
+
+    def collect(self) -> Iterable[Metric]:
+        name = self._name
+        metric = Metric(name, self._documentation, "counter")
+        for key, child in list(self._children.items()):
+            labels = dict(zip(self._labelnames, key))
+            metric.add_sample(name + "_total", labels, child.value)
+            metric.add_sample(name + "_created", labels, child.created)
+        return [metric]
+
+
+class _Counted:
+    """
+    One label set's count of a L{Counter}.
+    """
+
+    __slots__ = ("value", "created")
+
+    def __init__(self) -> None:
+        self.value = 0.0
+        self.created = time.time()
+
+    def inc(self, amount: float = 1) -> None:
+        """
+        Add C{amount}, which may not be negative (a counter only grows).
+        """
+        if amount < 0:
+            raise ValueError("a counter is only added to, by amounts of 0 or more")
+        self.value += amount
 
 
 class Histogram(Collector):

@@ -112,6 +112,11 @@ ACCESS_LOG_NAME = "access.log"
 # The secret key of the lease tokens workers are given (wire._tokens).
 LEASE_KEY_NAME = "lease.key"
 
+# The longest, in seconds, that the daemon trusts its last look at the
+# credentials file (CredentialFile's recheck): a change the command makes
+# (dispatcher token revoke) holds within it.
+CREDENTIALS_RECHECK = 1.0
+
 
 class CannotStart(Exception):
     """
@@ -239,8 +244,12 @@ class DaemonService(MultiService):
         self.job_log.quiet = not self.daemon_log.keeps(LogLevel.info)
         self.dispatcher.events.follow(self.job_log.write)
         # Credentials: the data directory's named tokens, and the token
-        # files' (an admin, and a worker that may use any worker name).
-        self.credentials = CredentialFile(data_dir, _fixed_credentials(config))
+        # files' (an admin, and a worker that may use any worker name).  The
+        # file is looked at once a second at most (what the command
+        # changes holds within the second, what the API changes at once).
+        self.credentials = CredentialFile(
+            data_dir, _fixed_credentials(config), recheck=CREDENTIALS_RECHECK
+        )
         self._data_dir = data_dir
         # The queues that run on a backend, and each backend's pilots.
         self.dispatcher.hub.routing = queue_routing(config)
