@@ -11,7 +11,7 @@ import psycopg
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.defer import gatherResults
+from twisted.internet.defer import ensureDeferred, gatherResults
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 
@@ -354,3 +354,32 @@ async def test_a_group_in_a_deadlock_with_another_dispatcher_runs_again(database
     assert rows(url, "SELECT state, cancel_requested FROM jobs WHERE id = %s", (job.id,)) == [
         ("succeeded", 1 if cancelled else 0)
     ]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_group_waiting_for_the_lock_sees_a_first_dependency_stored_meanwhile(
+    databases, stores
+):
+    """A group that takes the groups' lock from its start asks, once it
+    holds it, whether any job has dependents: a first dependency another
+    dispatcher committed while the group waited for the lock is seen, so
+    this dispatcher's later ends of the jobs depended on free their
+    dependents (a check read in the lock's own statement would see the
+    database as it was before the wait)."""
+    url = databases.url("db")
+    store = await stores(url)
+    (job,) = await submit(store, JobSpec(command=("true",)))
+    assert store._state.dependencies is False
+    with psycopg.connect(url) as other:
+        other.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
+        submitted = ensureDeferred(submit(store, JobSpec(command=("true",))))
+        # The submission's group waits for the lock the other holds.
+        await deferLater(reactor, 0.3, lambda: None)
+        assert not submitted.called
+        other.execute(
+            "INSERT INTO dependencies (depends_on, job_id) VALUES (%s, %s)",
+            (job.id, "elsewhere"),
+        )
+        other.commit()
+    await submitted
+    assert store._state.dependencies is True

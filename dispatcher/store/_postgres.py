@@ -858,7 +858,8 @@ class PostgresGroupWriter(GroupWriter):
         # must know of what others committed.
         cursor = conn.raw.execute(_BEGIN)
         cursor.nextset()
-        _, dependencies = cursor.fetchone()
+        cursor.nextset()
+        (dependencies,) = cursor.fetchone()
         self._begun(dependencies)
 
     def _commit(
@@ -1047,9 +1048,12 @@ class PostgresGroupWriter(GroupWriter):
 # What begins a group: its transaction, the lock that makes the groups of
 # every dispatcher on the database commit one at a time (see the module's
 # docstring), and whether any job has dependents.
+# The check is a statement of its own: one beside the lock would read the
+# snapshot taken when that statement began, before the wait, and miss a
+# first dependency another dispatcher committed meanwhile.
 _BEGIN = (
-    f"BEGIN; SELECT pg_advisory_xact_lock({WRITE_LOCK}),"
-    " EXISTS (SELECT 1 FROM dependencies)"
+    f"BEGIN; SELECT pg_advisory_xact_lock({WRITE_LOCK});"
+    " SELECT EXISTS (SELECT 1 FROM dependencies)"
 )
 
 # What a group of claims and ends alone runs before it numbers its events
