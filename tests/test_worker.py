@@ -1908,6 +1908,54 @@ async def test_command_and_task_jobs_run_on_a_worker(
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_one_job_worker_process_runs_one_job_and_exits_0(
+        make_daemon, tmp_path, token_file, workers):
+    """A `dispatcher worker --one-job` process takes one job of the two
+    queued, runs it, and exits 0 by itself once its result is recorded,
+    its log written out to its stop line before it exits; the
+    other job stays queued."""
+    daemon = await remote_daemon(make_daemon, tmp_path, token_file)
+    first, second = await daemon.batch([
+        {"command": ["sh", "-c", "exit 0"]}, {"command": ["sh", "-c", "exit 0"]}])
+    worker = WorkerProcess(tmp_path, daemon.url, token_file, slots=1, name="node-one")
+    worker.args += ["--one-job"]
+    workers.append(worker.start())
+    waited = 0.0
+    while worker.process.poll() is None:
+        assert waited < 30, worker.output()
+        await sleep(0.05)
+        waited += 0.05
+    assert worker.process.returncode == 0, worker.output()
+    jobs = [await daemon.wait(job["id"], states=("succeeded", "queued"))
+            for job in (first, second)]
+    assert sorted(job["state"] for job in jobs) == ["queued", "succeeded"], jobs
+    [done] = [job for job in jobs if job["state"] == "succeeded"]
+    assert done["worker"] == "node-one"
+    assert "worker node-one stopped; it was granted 1 leases in 1 answers" in (
+        worker.output()), worker.output()
+
+
+def test_dispatcher_worker_starts_without_the_api_commands():
+    """`dispatcher worker` goes to the worker's own parser without the
+    click group of the API commands (a one-job worker starts for each
+    job of a direct-mode Slurm backend): neither click nor dispatcher.cli
+    is imported, and its options work as before."""
+    done = subprocess.run(
+        [sys.executable, "-c",
+         "import sys\n"
+         "from dispatcher.app._cli import main\n"
+         "try:\n"
+         "    main(['worker', '--version'])\n"
+         "except SystemExit as e:\n"
+         "    print(e.code, 'click' in sys.modules, 'dispatcher.cli' in sys.modules)\n"],
+        capture_output=True, text=True, timeout=60, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert done.returncode == 0, done.stderr
+    version, said = done.stdout.splitlines()
+    assert version.startswith("dispatcher-worker ")
+    assert said == "0 False False"
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_task_that_fails_on_a_worker_shows_its_traceback(
         make_daemon, tmp_path, token_file, workers):
     """A task that raises fails with the exception in its error, and its
