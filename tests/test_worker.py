@@ -1431,6 +1431,23 @@ def test_options_build_the_settings(token_file, tmp_path):
     assert detected.data_dir == os.path.abspath("dispatcher-worker-data")
 
 
+def test_slurm_environment_gives_the_jobs_the_workers_slurm_variables(
+        token_file, monkeypatch):
+    """--slurm-environment gives each command job the SLURM_* variables of
+    the worker's environment, and no other of its variables; without it
+    the jobs get none of them."""
+    for key in list(os.environ):
+        if key.startswith("SLURM_"):
+            monkeypatch.delenv(key)
+    monkeypatch.setenv("SLURM_JOB_ID", "12")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
+    monkeypatch.setenv("NOT_SLURM_JOB_ID", "x")
+    base = ["--url", "https://h", "--token-file", token_file, "--slots", "1"]
+    assert parse(*base).settings.job_environment == {}
+    assert parse(*base, "--one-job", "--slurm-environment").settings.job_environment == {
+        "SLURM_JOB_ID": "12", "SLURM_ARRAY_TASK_ID": "3"}
+
+
 def test_prefetch_is_given_or_as_many_as_the_slots_and_a_bad_one_is_refused(token_file):
     """--prefetch sets the leases held beyond the slots (0: none), as many
     as the slots by default; a negative or non-integer one is a usage error
