@@ -1952,6 +1952,18 @@ async def test_a_one_job_worker_process_runs_one_job_and_exits_0(
         worker.output()), worker.output()
 
 
+def test_a_one_job_workers_exit_status_is_what_its_system_exit_says(capsys):
+    """A one-job worker leaves by os._exit with the status a SystemExit
+    would have given: None is 0, an integer itself (as the OS keeps it),
+    a message 1, written to stderr."""
+    from dispatcher.app._cli import exit_status
+
+    assert exit_status(None) == 0
+    assert exit_status(0) == 0 and exit_status(3) == 3 and exit_status(-15) == 241
+    assert exit_status("dispatcher worker: no luck") == 1
+    assert capsys.readouterr().err == "dispatcher worker: no luck\n"
+
+
 def test_dispatcher_worker_starts_without_the_api_commands():
     """`dispatcher worker` goes to the worker's own parser without the
     click group of the API commands (a one-job worker starts for each
