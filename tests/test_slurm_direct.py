@@ -141,20 +141,30 @@ def test_each_job_runs_in_a_slurm_job_of_its_own(direct, slurm_cluster):  # noqa
 
 def test_an_array_is_one_slurm_job_array(direct, slurm_cluster, tmp_path):  # noqa: F811
     """An array of jobs submitted at once is one sbatch: a Slurm job array
-    with a task for each job, each task running its own job once."""
+    with a task for each job, each task running its own job once; each job
+    sees the SLURM_* variables of its own Slurm job (its array task's ids,
+    its CPUs), as a Slurm job's own script would."""
     marks = tmp_path / "marks"
     marks.mkdir()
-    array = submit(direct, {"command": ["sh", "-c", f"echo x >> {marks}/$DISPATCHER_JOB_ID"],
-                            "queue": "hpc", "array": 4})
+    said = ('x ${SLURM_ARRAY_JOB_ID}_$SLURM_ARRAY_TASK_ID $SLURM_JOB_ID '
+            '$SLURM_CPUS_PER_TASK $SLURM_JOB_NAME')
+    array = submit(direct, {"command": ["sh", "-c", f"echo {said} >> {marks}/$DISPATCHER_JOB_ID"],
+                            "queue": "hpc", "array": 4, "env": {"SLURM_JOB_NAME": "mine"}})
     ids = [j["id"] for j in array["jobs"]]
     assert len(ids) == 4
+    seen = []
     for job_id in ids:
         done = finished(direct, job_id)
         assert done["state"] == "succeeded" and len(done["attempts"]) == 1, done
-        assert (marks / job_id).read_text() == "x\n"
+        x, task, slurm_job_id, cpus, name = (marks / job_id).read_text().split()
+        assert x == "x" and slurm_job_id.isdigit() and cpus == "1"
+        # The job's own env wins over Slurm's.
+        assert name == "mine"
+        seen.append(task)
     tasks = slurm_jobs(slurm_cluster)
     assert len({split[0].split("_")[0] for split in tasks}) == 1, tasks
     assert sorted(t[0].split("_")[1] for t in tasks) == ["0", "1", "2", "3"], tasks
+    assert sorted(seen) == sorted(t[0] for t in tasks)
     assert log_text(direct).count("submitted as Slurm job") == 1
     assert "(an array of 4)" in log_text(direct)
 

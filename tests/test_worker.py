@@ -1431,6 +1431,23 @@ def test_options_build_the_settings(token_file, tmp_path):
     assert detected.data_dir == os.path.abspath("dispatcher-worker-data")
 
 
+def test_slurm_environment_gives_the_jobs_the_workers_slurm_variables(
+        token_file, monkeypatch):
+    """--slurm-environment gives each command job the SLURM_* variables of
+    the worker's environment, and no other of its variables; without it
+    the jobs get none of them."""
+    for key in list(os.environ):
+        if key.startswith("SLURM_"):
+            monkeypatch.delenv(key)
+    monkeypatch.setenv("SLURM_JOB_ID", "12")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
+    monkeypatch.setenv("NOT_SLURM_JOB_ID", "x")
+    base = ["--url", "https://h", "--token-file", token_file, "--slots", "1"]
+    assert parse(*base).settings.job_environment == {}
+    assert parse(*base, "--one-job", "--slurm-environment").settings.job_environment == {
+        "SLURM_JOB_ID": "12", "SLURM_ARRAY_TASK_ID": "3"}
+
+
 def test_prefetch_is_given_or_as_many_as_the_slots_and_a_bad_one_is_refused(token_file):
     """--prefetch sets the leases held beyond the slots (0: none), as many
     as the slots by default; a negative or non-integer one is a usage error
@@ -1905,6 +1922,66 @@ async def test_command_and_task_jobs_run_on_a_worker(
     assert "add" in described["tasks"]
     assert await worker.stop_async() in (0, -signal.SIGTERM)
     assert "worker node-a stopped" in worker.output()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_one_job_worker_process_runs_one_job_and_exits_0(
+        make_daemon, tmp_path, token_file, workers):
+    """A `dispatcher worker --one-job` process takes one job of the two
+    queued, runs it, and exits 0 by itself once its result is recorded,
+    its log written out to its stop line before it exits; the
+    other job stays queued."""
+    daemon = await remote_daemon(make_daemon, tmp_path, token_file)
+    first, second = await daemon.batch([
+        {"command": ["sh", "-c", "exit 0"]}, {"command": ["sh", "-c", "exit 0"]}])
+    worker = WorkerProcess(tmp_path, daemon.url, token_file, slots=1, name="node-one")
+    worker.args += ["--one-job"]
+    workers.append(worker.start())
+    waited = 0.0
+    while worker.process.poll() is None:
+        assert waited < 30, worker.output()
+        await sleep(0.05)
+        waited += 0.05
+    assert worker.process.returncode == 0, worker.output()
+    jobs = [await daemon.wait(job["id"], states=("succeeded", "queued"))
+            for job in (first, second)]
+    assert sorted(job["state"] for job in jobs) == ["queued", "succeeded"], jobs
+    [done] = [job for job in jobs if job["state"] == "succeeded"]
+    assert done["worker"] == "node-one"
+    assert "worker node-one stopped; it was granted 1 leases in 1 answers" in (
+        worker.output()), worker.output()
+
+
+def test_a_one_job_workers_exit_status_is_what_its_system_exit_says(capsys):
+    """A one-job worker leaves by os._exit with the status a SystemExit
+    would have given: None is 0, an integer itself (as the OS keeps it),
+    a message 1, written to stderr."""
+    from dispatcher.app._cli import exit_status
+
+    assert exit_status(None) == 0
+    assert exit_status(0) == 0 and exit_status(3) == 3 and exit_status(-15) == 241
+    assert exit_status("dispatcher worker: no luck") == 1
+    assert capsys.readouterr().err == "dispatcher worker: no luck\n"
+
+
+def test_dispatcher_worker_starts_without_the_api_commands():
+    """`dispatcher worker` goes to the worker's own parser without the
+    click group of the API commands (a one-job worker starts for each
+    job of a direct-mode Slurm backend): neither click nor dispatcher.cli
+    is imported, and its options work as before."""
+    done = subprocess.run(
+        [sys.executable, "-c",
+         "import sys\n"
+         "from dispatcher.app._cli import main\n"
+         "try:\n"
+         "    main(['worker', '--version'])\n"
+         "except SystemExit as e:\n"
+         "    print(e.code, 'click' in sys.modules, 'dispatcher.cli' in sys.modules)\n"],
+        capture_output=True, text=True, timeout=60, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert done.returncode == 0, done.stderr
+    version, said = done.stdout.splitlines()
+    assert version.startswith("dispatcher-worker ")
+    assert said == "0 False False"
 
 
 @pytest_twisted.ensureDeferred

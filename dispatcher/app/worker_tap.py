@@ -8,7 +8,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import attrs
 from hyperlink import DecodedURL
@@ -149,6 +149,14 @@ def read_ca_file(path: str) -> tuple[bytes, ...]:
     return tuple(blocks)
 
 
+def slurm_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """
+    The C{SLURM_*} variables of C{environ}: what Slurm tells its job
+    (C{SLURM_JOB_ID}, C{SLURM_ARRAY_TASK_ID}, C{SLURM_CPUS_PER_TASK}...).
+    """
+    return {key: value for key, value in environ.items() if key.startswith("SLURM_")}
+
+
 class Options(usage.Options):
     """
     C{twistd dispatcher-worker} (and C{dispatcher worker}) options.
@@ -161,7 +169,7 @@ class Options(usage.Options):
         "Usage: dispatcher worker (or twistd -n dispatcher-worker) --url URL [--url URL ...] --token-file FILE --slots N [--config FILE] [--name NAME] "
         "[--prefetch N] [--cpus N] [--memory MIB] [--gpus N] [--label KEY=VALUE ...] "
         "[--data-dir DIR] [--keep-days DAYS] [--grace SECONDS] [--ca-file FILE] [--insecure] "
-        "[--one-job [--stop-reason TEXT]] "
+        "[--one-job [--stop-reason TEXT]] [--slurm-environment] "
         "[--log-level LEVEL]"
     )
 
@@ -180,6 +188,9 @@ class Options(usage.Options):
         ["one-job", None, "Take one job, and exit once its result is delivered; a stop "
          "(SIGTERM) fails the job, with --stop-reason, instead of giving it back "
          "(what a Slurm job of a direct-mode backend runs)."],
+        ["slurm-environment", None, "Give each command job the SLURM_* variables of "
+         "this worker's environment, under the job's own env (what a direct-mode "
+         "Slurm job's worker does: that Slurm job is its one job's own)."],
     ]
 
     optParameters = [
@@ -323,6 +334,7 @@ class Options(usage.Options):
             log_level=level,
             one_job=bool(self["one-job"]),
             stop_reason=self["stop-reason"],
+            job_environment=slurm_environment(os.environ) if self["slurm-environment"] else {},
         )
         # Under twistd, its log observer is made once these options are
         # parsed: ours keeps the level (and [log] format) as the daemon's

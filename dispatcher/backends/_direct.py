@@ -235,6 +235,9 @@ def batch_script(
         "--label", f"backend={backend.name}",
         "--label", "slurm_job_id=@TASK@",
         "--stop-reason", "@STOP@",
+        # The job sees its Slurm job's SLURM_* variables, as a batch
+        # script's own commands would.
+        "--slurm-environment",
     ]
     if shape.memory_mb:
         worker += ["--memory", str(shape.memory_mb)]

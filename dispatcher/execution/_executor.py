@@ -342,6 +342,10 @@ class LocalExecutor:
     @param kill_grace: seconds between SIGTERM and SIGKILL.
     @param accounts: the L{JobAccounts} command jobs run as (by default,
         the dispatcher's own account).
+    @param environment: variables each command job gets over
+        L{BASE_ENVIRONMENT} and under its own C{env} (a direct-mode Slurm
+        job's worker gives its jobs the C{SLURM_*} variables of their
+        Slurm job).
     """
 
     def __init__(
@@ -357,8 +361,10 @@ class LocalExecutor:
         kill_grace: float = 5.0,
         clock: Any = None,
         accounts: JobAccounts = AS_THE_DISPATCHER,
+        environment: Mapping[str, str] = {},
     ) -> None:
         self._reactor = reactor
+        self.environment = dict(environment)
         self.accounts = accounts
         self._clock = clock if clock is not None else reactor
         self.holder = holder
@@ -564,6 +570,7 @@ class LocalExecutor:
     ) -> Outcome:
         lease = running.lease
         env = dict(BASE_ENVIRONMENT)
+        env.update(self.environment)
         env["HOME"] = workdir
         env.update(spec.env)
         env["DISPATCHER_JOB_ID"] = lease.job_id

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Mapping, Optional
 
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
@@ -130,6 +130,8 @@ class JobHost:
     @param clock: the C{IReactorTime} of timeouts and kill grace periods.
     @param stager_clock: the C{IReactorTime} of fetch timeouts and retries.
     @param prefix: the start of the thread pools' names.
+    @param environment: variables every command job gets under its own
+        C{env} (L{LocalExecutor}).
     @ivar stager: the L{InputStager} (its totals are the daemon's metrics').
 
     @ivar accounts_refused: why command jobs cannot run as the
@@ -146,6 +148,7 @@ class JobHost:
         clock: Any,
         stager_clock: Any,
         prefix: str,
+        environment: Mapping[str, str] = {},
     ) -> None:
         self.io_pool = ThreadPool(1, 4, name=f"{prefix}-io")
         self.task_pool = TaskThreads(reactor, config.executor.threads, name=f"{prefix}-tasks")
@@ -184,6 +187,7 @@ class JobHost:
             kill_grace=config.executor.kill_grace,
             clock=clock,
             accounts=accounts,
+            environment=environment,
         )
 
     def start_pools(self) -> None:

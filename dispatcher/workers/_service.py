@@ -8,7 +8,7 @@ from __future__ import annotations
 import fcntl
 import os
 import socket
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import attrs
 from twisted.application.service import MultiService, Service
@@ -79,6 +79,9 @@ class WorkerSettings:
         lines of each job's lease, end and result are at debug.
     @ivar one_job: take one job and stop once it is delivered
         (C{--one-job}); C{stop_reason}: the error of the job a stop ends.
+    @ivar job_environment: variables each command job gets under its own
+        C{env} (C{--slurm-environment}: the C{SLURM_*} variables of the
+        worker's own environment).
     """
 
     url: str
@@ -93,6 +96,7 @@ class WorkerSettings:
     log_level: str = "info"
     one_job: bool = False
     stop_reason: Optional[str] = None
+    job_environment: Mapping[str, str] = attrs.field(factory=dict)
 
 
 class DataDirInUse(Exception):
@@ -168,6 +172,7 @@ class WorkerService(MultiService):
             clock,
             clock,
             "worker",
+            settings.job_environment,
         )
         self.io_pool = self.host.io_pool
         # The dispatcher's connections have a pool of their own: they are
