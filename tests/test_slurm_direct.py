@@ -282,22 +282,29 @@ def test_a_restarted_dispatcher_finds_its_slurm_jobs(direct, slurm_cluster):  # 
     assert "is lost" not in log_text(direct)
 
 
-def test_a_failed_squeue_declares_nothing_lost(direct, slurm_cluster):  # noqa: F811
+def test_a_failed_squeue_declares_nothing_lost(direct, slurm_cluster, tmp_path):  # noqa: F811
     """While slurmctld is down, squeue fails and no Slurm job is taken for
-    lost: the jobs running in Slurm finish with one attempt each; once it
-    is back, new jobs get Slurm jobs again."""
-    jobs = [submit(direct, {"command": ["sleep", "6"], "queue": "hpc"}) for _ in range(2)]
+    lost; slurmctld restarted while the jobs still run in Slurm finds
+    them again (none submitted again), and they finish with one attempt
+    each; new jobs get Slurm jobs again."""
+    go = tmp_path / "go"
+    # The jobs run until the test says so: across slurmctld's restart.
+    command = ["sh", "-c", f"while [ ! -e {go} ]; do sleep 0.2; done"]
+    jobs = [submit(direct, {"command": command, "queue": "hpc"}) for _ in range(2)]
     poll(lambda: len([j for j in slurm_jobs(slurm_cluster) if j[1] == "RUNNING"]) == 2,
          90, "both to run")
+    running = {j[0] for j in slurm_jobs(slurm_cluster)}
     slurm_cluster.stop_daemon("slurmctld")
     poll(lambda: "squeue failed" in log_text(direct), 30, "squeue to fail")
+    slurm_cluster.start_daemon("slurmctld")
+    poll(lambda: "squeue works again" in log_text(direct), 60, "squeue to work again")
+    assert {j[0] for j in slurm_jobs(slurm_cluster) if j[1] == "RUNNING"} == running
+    go.touch()
     for job in jobs:
         done = finished(direct, job["id"], 60)
         assert done["state"] == "succeeded" and len(done["attempts"]) == 1, done
     assert "is lost" not in log_text(direct)
     assert "ended before its worker" not in log_text(direct)
-    slurm_cluster.start_daemon("slurmctld")
-    poll(lambda: "squeue works again" in log_text(direct), 60, "squeue to work again")
     after = submit(direct, {"command": ["true"], "queue": "hpc"})
     assert finished(direct, after["id"])["state"] == "succeeded"
     assert "is lost" not in log_text(direct)
