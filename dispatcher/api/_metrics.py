@@ -66,7 +66,61 @@ _ENDS = frozenset(FINAL_STATES)
 _RUNNING = JobState.RUNNING
 
 
-class Counter(Collector):
+class _Labelled(Collector):
+    """
+    What L{Counter} and L{Histogram} share: a name, help and label names,
+    a child of plain numbers for each label set (made by L{_child} the
+    first time its values are named), and, without labels, the one child
+    counted through the metric itself.
+    """
+
+    _kind = ""
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str] = (),
+        registry: Optional[CollectorRegistry] = None,
+    ) -> None:
+        self._name = name
+        self._documentation = documentation
+        self._labelnames = tuple(labelnames)
+        self._children: dict[tuple[str, ...], Any] = {}
+        self._root = None if self._labelnames else self.labels()
+        if registry is not None:
+            registry.register(self)
+
+    def _child(self) -> Any:
+        raise NotImplementedError
+
+    def labels(self, *values: Any) -> Any:
+        """
+        The child of these label values, made the first time.
+        """
+        key = tuple(str(v) for v in values)
+        child = self._children.get(key)
+        if child is None:
+            if len(key) != len(self._labelnames):
+                raise ValueError(f"{self._name} takes the labels {self._labelnames}")
+            child = self._children[key] = self._child()
+        return child
+
+    def _unlabelled(self) -> Any:
+        assert self._root is not None, f"a {self._kind} with labels is used through labels()"
+        return self._root
+
+    def collect(self) -> Iterable[Metric]:
+        metric = Metric(self._name, self._documentation, self._kind)
+        for key, child in list(self._children.items()):
+            self._samples(metric, dict(zip(self._labelnames, key)), child)
+        return [metric]
+
+    def _samples(self, metric: Metric, labels: dict[str, str], child: Any) -> None:
+        raise NotImplementedError
+
+
+class Counter(_Labelled):
     """
     A counter that writes the samples C{prometheus_client}'s C{Counter} of
     the same name, help and labels writes, in its order (each label set's
@@ -81,48 +135,20 @@ class Counter(Collector):
     @param registry: the registry that collects it.
     """
 
-    def __init__(
-        self,
-        name: str,
-        documentation: str,
-        labelnames: Sequence[str] = (),
-        registry: Optional[CollectorRegistry] = None,
-    ) -> None:
-        self._name = name
-        self._documentation = documentation
-        self._labelnames = tuple(labelnames)
-        self._children: dict[tuple[str, ...], _Counted] = {}
-        self._root = None if self._labelnames else self.labels()
-        if registry is not None:
-            registry.register(self)
+    _kind = "counter"
 
-    def labels(self, *values: Any) -> "_Counted":
-        """
-        The counter of these label values, made the first time.
-        """
-        key = tuple(str(v) for v in values)
-        child = self._children.get(key)
-        if child is None:
-            if len(key) != len(self._labelnames):
-                raise ValueError(f"{self._name} takes the labels {self._labelnames}")
-            child = self._children[key] = _Counted()
-        return child
+    def _child(self) -> "_Counted":
+        return _Counted()
 
     def inc(self, amount: float = 1) -> None:
         """
         Add C{amount} (to a counter without labels).
         """
-        assert self._root is not None, "a counter with labels counts through labels()"
-        self._root.inc(amount)
+        self._unlabelled().inc(amount)
 
-    def collect(self) -> Iterable[Metric]:
-        name = self._name
-        metric = Metric(name, self._documentation, "counter")
-        for key, child in list(self._children.items()):
-            labels = dict(zip(self._labelnames, key))
-            metric.add_sample(name + "_total", labels, child.value)
-            metric.add_sample(name + "_created", labels, child.created)
-        return [metric]
+    def _samples(self, metric: Metric, labels: dict[str, str], child: Any) -> None:
+        metric.add_sample(self._name + "_total", labels, child.value)
+        metric.add_sample(self._name + "_created", labels, child.created)
 
 
 class _Counted:
@@ -145,7 +171,7 @@ class _Counted:
         self.value += amount
 
 
-class Histogram(Collector):
+class Histogram(_Labelled):
     """
     A histogram that writes the samples C{prometheus_client}'s C{Histogram}
     of the same name, help, labels and buckets writes, in its order (each
@@ -161,6 +187,8 @@ class Histogram(Collector):
     @param registry: the registry that collects it.
     """
 
+    _kind = "histogram"
+
     def __init__(
         self,
         name: str,
@@ -169,49 +197,29 @@ class Histogram(Collector):
         buckets: Sequence[float] = (),
         registry: Optional[CollectorRegistry] = None,
     ) -> None:
-        self._name = name
-        self._documentation = documentation
-        self._labelnames = tuple(labelnames)
         self._bounds = tuple(float(b) for b in buckets) + (math.inf,)
         self._le = tuple(floatToGoString(b) for b in self._bounds)
-        self._children: dict[tuple[str, ...], _Observed] = {}
-        self._root = None if self._labelnames else self.labels()
-        if registry is not None:
-            registry.register(self)
+        super().__init__(name, documentation, labelnames, registry)
 
-    def labels(self, *values: Any) -> "_Observed":
-        """
-        The histogram of these label values, made the first time.
-        """
-        key = tuple(str(v) for v in values)
-        child = self._children.get(key)
-        if child is None:
-            if len(key) != len(self._labelnames):
-                raise ValueError(f"{self._name} takes the labels {self._labelnames}")
-            child = self._children[key] = _Observed(self._bounds)
-        return child
+    def _child(self) -> "_Observed":
+        return _Observed(self._bounds)
 
     def observe(self, amount: float) -> None:
         """
         Observe C{amount} (of a histogram without labels).
         """
-        assert self._root is not None, "a histogram with labels observes through labels()"
-        self._root.observe(amount)
+        self._unlabelled().observe(amount)
 
-    def collect(self) -> Iterable[Metric]:
+    def _samples(self, metric: Metric, labels: dict[str, str], child: Any) -> None:
         name = self._name
-        metric = Metric(name, self._documentation, "histogram")
-        for key, child in list(self._children.items()):
-            labels = dict(zip(self._labelnames, key))
-            counted = 0.0
-            for le, count in zip(self._le, list(child.counts)):
-                counted += count
-                metric.add_sample(name + "_bucket", {**labels, "le": le}, counted)
-            metric.add_sample(name + "_count", labels, counted)
-            if self._bounds[0] >= 0:
-                metric.add_sample(name + "_sum", labels, child.total)
-            metric.add_sample(name + "_created", labels, child.created)
-        return [metric]
+        counted = 0.0
+        for le, count in zip(self._le, list(child.counts)):
+            counted += count
+            metric.add_sample(name + "_bucket", {**labels, "le": le}, counted)
+        metric.add_sample(name + "_count", labels, counted)
+        if self._bounds[0] >= 0:
+            metric.add_sample(name + "_sum", labels, child.total)
+        metric.add_sample(name + "_created", labels, child.created)
 
 
 class _Observed:
