@@ -71,12 +71,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def session_ticks(session: int) -> int:
+def session_stats(session: int):
     """
-    The CPU ticks of every live process of C{session}, with their reaped
-    children's.
+    The fields of C{/proc/PID/stat} after the command's name (the state
+    first) of every process of C{session} (zombies included).
     """
-    total = 0
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
@@ -86,25 +85,22 @@ def session_ticks(session: int) -> int:
         except OSError:
             continue
         if int(fields[3]) == session:
-            total += sum(int(x) for x in fields[11:15])
-    return total
+            yield fields
+
+
+def session_ticks(session: int) -> int:
+    """
+    The CPU ticks of every live process of C{session}, with their reaped
+    children's.
+    """
+    return sum(sum(int(x) for x in fields[11:15]) for fields in session_stats(session))
 
 
 def session_alive(session: int) -> bool:
     """
     Whether any process of C{session} is left.
     """
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[3]) == session and fields[0] != "Z":
-            return True
-    return False
+    return any(fields[0] != "Z" for fields in session_stats(session))
 
 
 class Daemon:
