@@ -66,6 +66,17 @@ DEFAULT_HEARTBEAT_SECONDS = 10.0
 # more once no job runs.
 REPORT_GATHER = 0.001
 
+# How young the jobs still running must be for the first end to wait for
+# them longer than REPORT_GATHER: until the oldest of them has run this
+# long.  A worker of short jobs otherwise locks into a cycle: the jobs one
+# report's answer started end while the report of the few that ended
+# during its round trip is under way, so that its leases come back in two
+# answers (one and seven of eight slots), two round trips for each eight
+# jobs, and never merge again.  A job this young is still likely to end
+# within a round trip; one older is a long job, and the slots free beside
+# it are asked for after REPORT_GATHER as before (never later than this).
+REPORT_YOUNG = 0.010
+
 # A worker uses its prefetch (leases held beyond its slots, their jobs
 # started as slots free) only while the jobs it runs are this short: the
 # last one to end ran for less than this many seconds.  Prefetch saves a
@@ -267,6 +278,9 @@ class RemoteWorker(Service):
     @param report_gather: seconds the first job to end waits for those
         still running before the results are reported (L{REPORT_GATHER});
         0 reports each end as it comes.
+    @param report_young: how long the first end waits at most for jobs
+        still running that all started lately (L{REPORT_YOUNG}); 0: no
+        longer than C{report_gather}.
     @param job_lines: whether the lines of each job's lease, end and
         recorded result (at debug) are made at all: a line that no observer
         keeps still costs microseconds to make and drop, a tenth of a
@@ -299,6 +313,7 @@ class RemoteWorker(Service):
         fence_clock: Optional[Callable[[], float]] = None,
         sweeper: Optional[JobDirectorySweeper] = None,
         report_gather: float = REPORT_GATHER,
+        report_young: float = REPORT_YOUNG,
         job_lines: bool = True,
         one_job: bool = False,
         stop_reason: Optional[str] = None,
@@ -313,6 +328,7 @@ class RemoteWorker(Service):
         self.finished: Deferred = Deferred()
         self._job_lines = job_lines
         self._report_gather = report_gather
+        self._report_young = report_young
         # The jobs that ended and wait for the others still running (at
         # most report_gather) before their logs and results go, how many
         # jobs hold a slot (run, or wait for their directory's removal to
@@ -904,7 +920,23 @@ class RemoteWorker(Service):
         if self._running_count <= 0 or self._report_gather <= 0:
             self._gathered()
         elif self._gather_call is None:
-            self._gather_call = self._clock.callLater(self._report_gather, self._gathered)
+            self._gather_call = self._clock.callLater(self._gather_delay(), self._gathered)
+
+    def _gather_delay(self) -> float:
+        """
+        How long the results that ended wait for the jobs still running:
+        C{report_gather}, or longer while every job running started lately,
+        until the oldest of them has run for C{report_young} (see
+        L{REPORT_YOUNG}); never longer than C{report_young} from now.
+        """
+        if self._report_young <= self._report_gather:
+            return self._report_gather
+        starts = [h.started for h in self._running() if h.started is not None]
+        if not starts:
+            return self._report_gather
+        return max(
+            self._report_gather, min(starts) + self._report_young - self._clock.seconds()
+        )
 
     def _gathered(self) -> None:
         """
@@ -1366,7 +1398,7 @@ class RemoteWorker(Service):
         if self._report_gather <= 0 or self._running_count <= 0 or not self._accepting:
             return False
         if self._gather_call is None:
-            self._gather_call = self._clock.callLater(self._report_gather, self._gathered)
+            self._gather_call = self._clock.callLater(self._gather_delay(), self._gathered)
         return True
 
     def _report_ask(self, batch: list[HeldLease]) -> Optional[int]:
