@@ -653,56 +653,55 @@ def test_the_ends_of_jobs_that_run_together_are_reported_together():
     assert [r["job_id"] for r in call.json["results"]] == ["job-4"]
 
 
-def test_ends_wait_for_jobs_started_lately_so_their_leases_come_in_one_answer():
-    """Eight short jobs leased together that end a few milliseconds apart
-    (more than the gathering time) go in one report asking for all eight
-    slots, not in two reports that split the next leases in two answers."""
+def test_a_slot_freed_beside_young_jobs_is_asked_for_with_their_ends():
+    """A slot a report frees and its answer does not fill, while the jobs
+    still running all started lately, is not asked for in a request of its
+    own: the report of those jobs' ends asks for every slot in one request,
+    so that the leases come in one answer, not split in two."""
     h = Harness(slots=8, report_gather=0.001, report_young=0.01)
     h.worker.startService()
     h.grant(*(lease(n) for n in range(1, 9)))
-    for n in range(1, 8):
-        h.executor.finish(f"job-{n}")
-    # Past the gathering time: job-8 started lately, and is waited for.
-    h.advance(0.004, step=0.0005)
-    assert h.pending("/v1/leases/results") == []
-    h.executor.finish("job-8")
+    h.executor.finish("job-1")
+    h.advance(0.001, step=0.0005)
     call = h.one("/v1/leases/results")
-    assert [r["job_id"] for r in call.json["results"]] == [f"job-{n}" for n in range(1, 9)]
+    assert call.json["max_jobs"] == 1
+    report_granting(h, call, [recorded(1)])
+    h.advance(0.002, step=0.0005)
+    assert h.pending("/v1/leases") == []
+    for n in range(2, 9):
+        h.executor.finish(f"job-{n}")
+    call = h.one("/v1/leases/results")
+    assert [r["job_id"] for r in call.json["results"]] == [f"job-{n}" for n in range(2, 9)]
     assert call.json["max_jobs"] == 8
     assert h.pending("/v1/leases") == []
 
 
-def test_a_young_job_holds_back_free_slots_no_longer_than_report_young():
-    """A job that ends beside one that started with it but runs on is
-    reported, its slot asked for, once the one running has run for
-    report_young, not later."""
-    h = Harness(slots=2, report_gather=0.001, report_young=0.01)
+def test_a_young_job_holds_back_a_free_slot_no_longer_than_report_young():
+    """A free slot beside a job that runs on is asked for once that job has
+    run for report_young, not later."""
+    h = Harness(slots=2, report_young=0.01)
     h.worker.startService()
     h.grant(lease(1), lease(2))
     h.advance(0.002, step=0.0005)
     h.executor.finish("job-1")
+    report_granting(h, h.one("/v1/leases/results"), [recorded(1)])
     h.advance(0.0075, step=0.0005)
-    assert h.pending("/v1/leases/results") == []
+    assert h.pending("/v1/leases") == []
     h.advance(0.0005, step=0.0005)
-    call = h.one("/v1/leases/results")
-    assert [r["job_id"] for r in call.json["results"]] == ["job-1"]
-    assert call.json["max_jobs"] == 1
+    assert h.one("/v1/leases").json["max_jobs"] == 1
     assert "job-2" in running_now(h)
 
 
-def test_a_long_job_does_not_hold_back_the_slots_free_beside_it():
-    """A job that ends beside a long job (one that has run past
-    report_young) is reported after the gathering time alone."""
-    h = Harness(slots=2, report_gather=0.001, report_young=0.01)
+def test_a_long_job_does_not_hold_back_the_slot_free_beside_it():
+    """A slot freed beside a long job (one that has run past report_young)
+    is asked for at once."""
+    h = Harness(slots=2, report_young=0.01)
     h.worker.startService()
     h.grant(lease(1), lease(2))
     h.advance(1.0, step=0.05)
     h.executor.finish("job-2")
-    assert h.pending("/v1/leases/results") == []
-    h.advance(0.001, step=0.0005)
-    call = h.one("/v1/leases/results")
-    assert [r["job_id"] for r in call.json["results"]] == ["job-2"]
-    assert call.json["max_jobs"] == 1
+    report_granting(h, h.one("/v1/leases/results"), [recorded(2)])
+    assert h.one("/v1/leases").json["max_jobs"] == 1
     assert "job-1" in running_now(h)
 
 

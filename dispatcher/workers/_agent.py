@@ -66,15 +66,16 @@ DEFAULT_HEARTBEAT_SECONDS = 10.0
 # more once no job runs.
 REPORT_GATHER = 0.001
 
-# How young the jobs still running must be for the first end to wait for
-# them longer than REPORT_GATHER: until the oldest of them has run this
-# long.  A worker of short jobs otherwise locks into a cycle: the jobs one
-# report's answer started end while the report of the few that ended
-# during its round trip is under way, so that its leases come back in two
-# answers (one and seven of eight slots), two round trips for each eight
-# jobs, and never merge again.  A job this young is still likely to end
-# within a round trip; one older is a long job, and the slots free beside
-# it are asked for after REPORT_GATHER as before (never later than this).
+# How long the lease loop leaves free slots unasked for while every job
+# still running started less than this many seconds ago: the report of
+# their ends asks for those slots with its own.  Asked for at once, a slot
+# or two of a worker of short jobs went in a long-poll that the queue
+# answered at once, the report of the jobs ending meanwhile asked for none
+# (one request for work at a time), and the worker locked into a cycle of
+# leases granted in two answers (1 and 7 of 8 slots): two round trips for
+# every eight jobs, never merging again.  A job older than this is a long
+# job, and the slots free beside it are asked for at once; none waits
+# longer than this.
 REPORT_YOUNG = 0.010
 
 # A worker uses its prefetch (leases held beyond its slots, their jobs
@@ -278,9 +279,9 @@ class RemoteWorker(Service):
     @param report_gather: seconds the first job to end waits for those
         still running before the results are reported (L{REPORT_GATHER});
         0 reports each end as it comes.
-    @param report_young: how long the first end waits at most for jobs
-        still running that all started lately (L{REPORT_YOUNG}); 0: no
-        longer than C{report_gather}.
+    @param report_young: how long at most free slots wait to be asked for
+        with the ends of the jobs still running, while all of those started
+        lately (L{REPORT_YOUNG}); 0: they are asked for at once.
     @param job_lines: whether the lines of each job's lease, end and
         recorded result (at debug) are made at all: a line that no observer
         keeps still costs microseconds to make and drop, a tenth of a
@@ -608,6 +609,20 @@ class RemoteWorker(Service):
                 finally:
                     self._slot_waiter = None
                 continue
+            young = self._young_for()
+            if young > 0:
+                # (The report of their ends, or this wait's end, wakes this.)
+                self._slot_waiter = Deferred()
+                wake = self._clock.callLater(young, self._wake_lease_loop)
+                try:
+                    await self._slot_waiter
+                except CancelledError:
+                    return
+                finally:
+                    self._slot_waiter = None
+                    if wake.active():
+                        wake.cancel()
+                continue
             asked_at = self._clock.seconds()
             sent = self._fence_clock()
             self._polling = self._client.lease(
@@ -646,6 +661,23 @@ class RemoteWorker(Service):
                 # An empty answer should come only when the wait ends;
                 # one that comes at once must not turn into a busy loop.
                 await self._sleep(self._random.uniform(0.5, 1.0))
+
+    def _young_for(self) -> float:
+        """
+        How much longer the lease loop leaves the free slots to the report
+        of the jobs running (see L{REPORT_YOUNG}): until the oldest of them
+        has run for C{report_young}; 0 when none runs.
+        """
+        if self._report_young <= 0:
+            return 0.0
+        starts = [h.started for h in self._running() if h.started is not None]
+        if not starts:
+            return 0.0
+        return min(starts) + self._report_young - self._clock.seconds()
+
+    def _wake_lease_loop(self) -> None:
+        if self._slot_waiter is not None and not self._slot_waiter.called:
+            self._slot_waiter.callback(None)
 
     def _take(
         self, leases: list[LeaseGrant], answer: Union[LeaseAnswer, ResultsAnswer], sent: float
@@ -920,23 +952,7 @@ class RemoteWorker(Service):
         if self._running_count <= 0 or self._report_gather <= 0:
             self._gathered()
         elif self._gather_call is None:
-            self._gather_call = self._clock.callLater(self._gather_delay(), self._gathered)
-
-    def _gather_delay(self) -> float:
-        """
-        How long the results that ended wait for the jobs still running:
-        C{report_gather}, or longer while every job running started lately,
-        until the oldest of them has run for C{report_young} (see
-        L{REPORT_YOUNG}); never longer than C{report_young} from now.
-        """
-        if self._report_young <= self._report_gather:
-            return self._report_gather
-        starts = [h.started for h in self._running() if h.started is not None]
-        if not starts:
-            return self._report_gather
-        return max(
-            self._report_gather, min(starts) + self._report_young - self._clock.seconds()
-        )
+            self._gather_call = self._clock.callLater(self._report_gather, self._gathered)
 
     def _gathered(self) -> None:
         """
@@ -1398,7 +1414,7 @@ class RemoteWorker(Service):
         if self._report_gather <= 0 or self._running_count <= 0 or not self._accepting:
             return False
         if self._gather_call is None:
-            self._gather_call = self._clock.callLater(self._gather_delay(), self._gathered)
+            self._gather_call = self._clock.callLater(self._report_gather, self._gathered)
         return True
 
     def _report_ask(self, batch: list[HeldLease]) -> Optional[int]:
