@@ -178,6 +178,7 @@ class Harness:
         # Each end is reported as it comes (the tests of the gathering of
         # ends, which waits on the clock, give their own).
         kwargs.setdefault("report_gather", 0.0)
+        kwargs.setdefault("report_young", 0.0)
         self.made.append(self)
         self.clock = Clock()
         self.dispatcher = FakeDispatcher(self.clock)
@@ -650,6 +651,58 @@ def test_the_ends_of_jobs_that_run_together_are_reported_together():
     h.advance(0.001, step=0.0005)
     call = h.one("/v1/leases/results")
     assert [r["job_id"] for r in call.json["results"]] == ["job-4"]
+
+
+def test_a_slot_freed_beside_young_jobs_is_asked_for_with_their_ends():
+    """A slot a report frees and its answer does not fill, while the jobs
+    still running all started lately, is not asked for in a request of its
+    own: the report of those jobs' ends asks for every slot in one request,
+    so that the leases come in one answer, not split in two."""
+    h = Harness(slots=8, report_gather=0.001, report_young=0.01)
+    h.worker.startService()
+    h.grant(*(lease(n) for n in range(1, 9)))
+    h.executor.finish("job-1")
+    h.advance(0.001, step=0.0005)
+    call = h.one("/v1/leases/results")
+    assert call.json["max_jobs"] == 1
+    report_granting(h, call, [recorded(1)])
+    h.advance(0.002, step=0.0005)
+    assert h.pending("/v1/leases") == []
+    for n in range(2, 9):
+        h.executor.finish(f"job-{n}")
+    call = h.one("/v1/leases/results")
+    assert [r["job_id"] for r in call.json["results"]] == [f"job-{n}" for n in range(2, 9)]
+    assert call.json["max_jobs"] == 8
+    assert h.pending("/v1/leases") == []
+
+
+def test_a_young_job_holds_back_a_free_slot_no_longer_than_report_young():
+    """A free slot beside a job that runs on is asked for once that job has
+    run for report_young, not later."""
+    h = Harness(slots=2, report_young=0.01)
+    h.worker.startService()
+    h.grant(lease(1), lease(2))
+    h.advance(0.002, step=0.0005)
+    h.executor.finish("job-1")
+    report_granting(h, h.one("/v1/leases/results"), [recorded(1)])
+    h.advance(0.0075, step=0.0005)
+    assert h.pending("/v1/leases") == []
+    h.advance(0.0005, step=0.0005)
+    assert h.one("/v1/leases").json["max_jobs"] == 1
+    assert "job-2" in running_now(h)
+
+
+def test_a_long_job_does_not_hold_back_the_slot_free_beside_it():
+    """A slot freed beside a long job (one that has run past report_young)
+    is asked for at once."""
+    h = Harness(slots=2, report_young=0.01)
+    h.worker.startService()
+    h.grant(lease(1), lease(2))
+    h.advance(1.0, step=0.05)
+    h.executor.finish("job-2")
+    report_granting(h, h.one("/v1/leases/results"), [recorded(2)])
+    assert h.one("/v1/leases").json["max_jobs"] == 1
+    assert "job-1" in running_now(h)
 
 
 def test_leases_a_report_brings_to_a_stopping_worker_go_back_unstarted():

@@ -66,6 +66,18 @@ DEFAULT_HEARTBEAT_SECONDS = 10.0
 # more once no job runs.
 REPORT_GATHER = 0.001
 
+# How long the lease loop leaves free slots unasked for while every job
+# still running started less than this many seconds ago: the report of
+# their ends asks for those slots with its own.  Asked for at once, a slot
+# or two of a worker of short jobs went in a long-poll that the queue
+# answered at once, the report of the jobs ending meanwhile asked for none
+# (one request for work at a time), and the worker locked into a cycle of
+# leases granted in two answers (1 and 7 of 8 slots): two round trips for
+# every eight jobs, never merging again.  A job older than this is a long
+# job, and the slots free beside it are asked for at once; none waits
+# longer than this.
+REPORT_YOUNG = 0.010
+
 # A worker uses its prefetch (leases held beyond its slots, their jobs
 # started as slots free) only while the jobs it runs are this short: the
 # last one to end ran for less than this many seconds.  Prefetch saves a
@@ -267,6 +279,9 @@ class RemoteWorker(Service):
     @param report_gather: seconds the first job to end waits for those
         still running before the results are reported (L{REPORT_GATHER});
         0 reports each end as it comes.
+    @param report_young: how long at most free slots wait to be asked for
+        with the ends of the jobs still running, while all of those started
+        lately (L{REPORT_YOUNG}); 0: they are asked for at once.
     @param job_lines: whether the lines of each job's lease, end and
         recorded result (at debug) are made at all: a line that no observer
         keeps still costs microseconds to make and drop, a tenth of a
@@ -299,6 +314,7 @@ class RemoteWorker(Service):
         fence_clock: Optional[Callable[[], float]] = None,
         sweeper: Optional[JobDirectorySweeper] = None,
         report_gather: float = REPORT_GATHER,
+        report_young: float = REPORT_YOUNG,
         job_lines: bool = True,
         one_job: bool = False,
         stop_reason: Optional[str] = None,
@@ -313,6 +329,7 @@ class RemoteWorker(Service):
         self.finished: Deferred = Deferred()
         self._job_lines = job_lines
         self._report_gather = report_gather
+        self._report_young = report_young
         # The jobs that ended and wait for the others still running (at
         # most report_gather) before their logs and results go, how many
         # jobs hold a slot (run, or wait for their directory's removal to
@@ -592,6 +609,20 @@ class RemoteWorker(Service):
                 finally:
                     self._slot_waiter = None
                 continue
+            young = self._young_for()
+            if young > 0:
+                # (The report of their ends, or this wait's end, wakes this.)
+                self._slot_waiter = Deferred()
+                wake = self._clock.callLater(young, self._wake_lease_loop)
+                try:
+                    await self._slot_waiter
+                except CancelledError:
+                    return
+                finally:
+                    self._slot_waiter = None
+                    if wake.active():
+                        wake.cancel()
+                continue
             asked_at = self._clock.seconds()
             sent = self._fence_clock()
             self._polling = self._client.lease(
@@ -630,6 +661,23 @@ class RemoteWorker(Service):
                 # An empty answer should come only when the wait ends;
                 # one that comes at once must not turn into a busy loop.
                 await self._sleep(self._random.uniform(0.5, 1.0))
+
+    def _young_for(self) -> float:
+        """
+        How much longer the lease loop leaves the free slots to the report
+        of the jobs running (see L{REPORT_YOUNG}): until the oldest of them
+        has run for C{report_young}; 0 when none runs.
+        """
+        if self._report_young <= 0:
+            return 0.0
+        starts = [h.started for h in self._running() if h.started is not None]
+        if not starts:
+            return 0.0
+        return min(starts) + self._report_young - self._clock.seconds()
+
+    def _wake_lease_loop(self) -> None:
+        if self._slot_waiter is not None and not self._slot_waiter.called:
+            self._slot_waiter.callback(None)
 
     def _take(
         self, leases: list[LeaseGrant], answer: Union[LeaseAnswer, ResultsAnswer], sent: float
