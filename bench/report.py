@@ -919,8 +919,9 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append(
             f"| {what} through {w['workers']} remote worker"
             f"{'s' if w['workers'] > 1 else ''} (`dispatcher worker --slots "
-            f"{w['worker_slots']}`, {w['worker_threads']} task threads, prefetch "
-            f"{w.get('worker_prefetch', w['worker_slots'])}, on core "
+            f"{w['worker_slots']}`, {w['worker_threads']} task threads, "
+            # A run from before prefetch records none, and had none.
+            f"{'prefetch %d, ' % w['worker_prefetch'] if 'worker_prefetch' in w else ''}on core "
             f"{w['worker_core']}), the dispatcher with `slots = 0` | "
             f"**{x['jobs_per_s']:,.0f} jobs/s** | {vs} | "
             f"{x['elapsed_s']:.1f} s; submitting took {x['submit_s']:.1f} s "
