@@ -320,7 +320,11 @@ def test_a_dispatcher_cut_from_the_database_fences_and_recovers(tmp_path, databa
         code, _, job = call(a.url, "POST", "/v1/jobs", token,
                             dict(body, env={"RECORDS": records, "SECONDS_TO_RUN": "0"}))
         assert code == 201, job
-        done = a.wait(job["id"], ("succeeded", "failed"), timeout=15, token=token)
+        # Reads go through the readers' pool (psycopg_pool), whose attempts
+        # to reconnect back off exponentially while the database is away:
+        # a read may answer 503 for some seconds after /healthz (the
+        # writer) says 200 (seen once in CI).
+        done = a.wait(job["id"], ("succeeded", "failed"), timeout=30, token=token)
         assert done["state"] == "succeeded", done
         check_no_overlap(records, on_a + on_b + [job["id"]])
     finally:

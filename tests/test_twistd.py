@@ -115,10 +115,12 @@ class Twistd:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             code, job = self.request("GET", f"/v1/jobs/{job_id}", token=token)
-            if job["state"] in states:
+            # An error answer (a 503 while the store comes back) is not
+            # yet an answer: asked again until the deadline.
+            if code == 200 and job["state"] in states:
                 return job
             time.sleep(0.05)
-        raise AssertionError(f"job stayed {job['state']}")
+        raise AssertionError(f"job stayed {job.get('state', job)} ({code})")
 
     def kill(self, signum):
         self.process.send_signal(signum)
