@@ -601,27 +601,14 @@ class RemoteWorker(Service):
             free = self.free_slots
             if free <= 0 or self._report_asks:
                 # (A report under way asks for work: its answer wakes this.)
-                self._slot_waiter = Deferred()
-                try:
-                    await self._slot_waiter
-                except CancelledError:
+                if not await self._wait_for_slots():
                     return
-                finally:
-                    self._slot_waiter = None
                 continue
             young = self._young_for()
             if young > 0:
                 # (The report of their ends, or this wait's end, wakes this.)
-                self._slot_waiter = Deferred()
-                wake = self._clock.callLater(young, self._wake_lease_loop)
-                try:
-                    await self._slot_waiter
-                except CancelledError:
+                if not await self._wait_for_slots(young):
                     return
-                finally:
-                    self._slot_waiter = None
-                    if wake.active():
-                        wake.cancel()
                 continue
             asked_at = self._clock.seconds()
             sent = self._fence_clock()
@@ -674,6 +661,25 @@ class RemoteWorker(Service):
         if not starts:
             return 0.0
         return min(starts) + self._report_young - self._clock.seconds()
+
+    async def _wait_for_slots(self, at_most: Optional[float] = None) -> bool:
+        """
+        Wait until slots free (L{_slots_freed}) or a report's answer wakes
+        the lease loop, or for C{at_most} seconds if given.
+
+        @return: whether the loop goes on (C{False}: cancelled, it stops).
+        """
+        self._slot_waiter = Deferred()
+        wake = None if at_most is None else self._clock.callLater(at_most, self._wake_lease_loop)
+        try:
+            await self._slot_waiter
+        except CancelledError:
+            return False
+        finally:
+            self._slot_waiter = None
+            if wake is not None and wake.active():
+                wake.cancel()
+        return True
 
     def _wake_lease_loop(self) -> None:
         if self._slot_waiter is not None and not self._slot_waiter.called:
@@ -1034,8 +1040,7 @@ class RemoteWorker(Service):
     def _slots_freed(self) -> None:
         # The lease loop resumes inside this call and asks at once for
         # every slot free by then.
-        if self._slot_waiter is not None and not self._slot_waiter.called:
-            self._slot_waiter.callback(None)
+        self._wake_lease_loop()
         waiters, self._settled_waiters = self._settled_waiters, []
         for waiter in waiters:
             waiter.callback(None)
